@@ -1,0 +1,201 @@
+"""The Z-Image-Turbo computation, stage by stage, with each component on its own device.
+
+``ZImagePipeline.__call__`` runs everything on one execution device. A split placement needs the three stages
+apart (text encoder on one GPU, transformer on another, VAE on a third), and stage overlap needs to call them
+separately, so this module runs the same steps as the diffusers pipeline (tokenize with the chat template ->
+``hidden_states[-2]`` masked -> flow-matching Euler loop -> ``latents / scaling + shift`` -> VAE decode) and moves
+prompt embeddings and latents between devices. ``tests/test_engine.py`` checks it against ``ZImagePipeline``
+itself, output for output.
+
+Noise is drawn per request on the CPU from the request's own seed, so an image depends only on its own request:
+not on its batch-mates, and not on which replica or device ran it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from orchestrator.messages import StageTimes
+
+log = logging.getLogger(__name__)
+
+LATENT_CHANNELS = 16
+
+
+def _calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15):
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + base_shift - m * base_seq_len
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    module = module.to(device)
+    if next(module.parameters()).dtype != dtype:  # loaded weights already come in the right dtype
+        module = module.to(dtype)
+    return module
+
+
+@dataclass
+class EncodedPrompts:
+    positive: list[torch.Tensor]
+    negative: list[torch.Tensor]  # empty unless guidance > 0
+
+
+class ZImageEngine:
+    """Holds the components and runs encode / denoise / decode. Not thread-safe per stage: callers run at most
+    one call of each stage at a time (stages on different devices may run concurrently)."""
+
+    def __init__(self, components: dict, devices: dict[str, str], dtype: torch.dtype):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.image_processor import VaeImageProcessor
+
+        self.devices = {k: torch.device(v) for k, v in devices.items()}
+        self.dtype = dtype
+        self.tokenizer = components["tokenizer"]
+        self.text_encoder = _place(components["text_encoder"], self.devices["text_encoder"], dtype)
+        self.transformer = _place(components["transformer"], self.devices["transformer"], dtype)
+        self.vae = _place(components["vae"], self.devices["vae"], dtype)
+        self._scheduler_config = components["scheduler"].config
+        self._scheduler_cls = FlowMatchEulerDiscreteScheduler
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+
+    # ---- stage 1: text ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str | None] | None = None, guidance: float = 0.0,
+        max_sequence_length: int = 512,
+    ) -> EncodedPrompts:
+        positive = self._encode(list(prompts), max_sequence_length)
+        negative: list[torch.Tensor] = []
+        if guidance > 0:
+            negs = [n or "" for n in (negative_prompts or [None] * len(prompts))]
+            negative = self._encode(negs, max_sequence_length)
+        return EncodedPrompts(positive, negative)
+
+    def _encode(self, prompts: list[str], max_sequence_length: int) -> list[torch.Tensor]:
+        device = self.devices["text_encoder"]
+        texts = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+            )
+            for p in prompts
+        ]
+        inputs = self.tokenizer(
+            texts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+        )
+        ids = inputs.input_ids.to(device)
+        mask = inputs.attention_mask.to(device).bool()
+        hidden = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        return [hidden[i][mask[i]] for i in range(len(hidden))]
+
+    # ---- stage 2: denoise ------------------------------------------------------------------------------
+    def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+        h = 2 * (int(height) // (self.vae_scale_factor * 2))
+        w = 2 * (int(width) // (self.vae_scale_factor * 2))
+        noise = [
+            torch.randn((1, LATENT_CHANNELS, h, w), generator=torch.Generator("cpu").manual_seed(int(s)),
+                        dtype=torch.float32)
+            for s in seeds
+        ]
+        return torch.cat(noise, dim=0).to(self.devices["transformer"])
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        prompts: EncodedPrompts,
+        latents: torch.Tensor,
+        num_inference_steps: int,
+        guidance_scale: float = 0.0,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        device = self.devices["transformer"]
+        positive = [p.to(device, non_blocking=True) for p in prompts.positive]
+        negative = [p.to(device, non_blocking=True) for p in prompts.negative]
+        scheduler = self._scheduler_cls.from_config(self._scheduler_config)
+        batch = latents.shape[0]
+        image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
+        cfg = scheduler.config
+        mu = _calculate_shift(
+            image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
+        )
+        sigmas = torch.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
+        scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+        scheduler.set_begin_index(0)
+        apply_cfg = guidance_scale > 0
+        for i, t in enumerate(scheduler.timesteps):
+            timestep = (1000 - t.expand(batch)) / 1000
+            x = latents.to(self.transformer.dtype)
+            embeds = positive
+            if apply_cfg:
+                x = x.repeat(2, 1, 1, 1)
+                embeds = positive + negative
+                timestep = timestep.repeat(2)
+            out = self.transformer(list(x.unsqueeze(2).unbind(dim=0)), timestep, embeds, return_dict=False)[0]
+            if apply_cfg:
+                pos = torch.stack([o.float() for o in out[:batch]])
+                neg = torch.stack([o.float() for o in out[batch:]])
+                noise_pred = pos + guidance_scale * (pos - neg)
+            else:
+                noise_pred = torch.stack([o.float() for o in out], dim=0)
+            noise_pred = -noise_pred.squeeze(2)
+            latents = scheduler.step(noise_pred.to(torch.float32), t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step(i + 1, num_inference_steps)
+        return latents
+
+    # ---- stage 3: decode -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> uint8 images [B, H, W, 3]."""
+        latents = latents.to(self.devices["vae"], self.vae.dtype)
+        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        image = self.vae.decode(latents, return_dict=False)[0]
+        return self.decode_to_float(image)
+
+    def decode_to_float(self, image: torch.Tensor) -> np.ndarray:
+        arr = self.image_processor.postprocess(image, output_type="np")
+        return (arr * 255).round().clip(0, 255).astype(np.uint8)
+
+    # ---- all three -------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float = 0.0,
+        negative_prompts: Sequence[str | None] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> tuple[np.ndarray, StageTimes]:
+        """One pipeline call for a batch: returns uint8 images [B, H, W, 3] and the stage times."""
+        self.check_size(height, width)
+        t0 = time.perf_counter()
+        enc = self.encode(prompts, negative_prompts, guidance_scale)
+        _sync(self.devices["text_encoder"])
+        t1 = time.perf_counter()
+        latents = self.initial_latents(seeds, height, width)
+        latents = self.denoise(enc, latents, num_inference_steps, guidance_scale, on_step)
+        _sync(self.devices["transformer"])
+        t2 = time.perf_counter()
+        images = self.decode(latents)
+        t3 = time.perf_counter()
+        return images, StageTimes(encode_s=t1 - t0, denoise_s=t2 - t1, decode_s=t3 - t2, total_s=t3 - t0)
+
+    def check_size(self, height: int, width: int) -> None:
+        multiple = self.vae_scale_factor * 2
+        for name, v in (("height", height), ("width", width)):
+            if v <= 0 or v % multiple:
+                raise ValueError(f"{name} must be a positive multiple of {multiple} (got {v})")

@@ -1,0 +1,165 @@
+"""Model loading: find the weights (ModelScope, the Hugging Face cache, a local path, or the toy model) and load
+them through diffusers' ``from_pretrained``, with the settings users otherwise tune by hand.
+
+A cached snapshot is loaded without network access, and the log says it was a cache hit and where. A missing
+snapshot on an offline machine fails with the directories searched and the command that fetches the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.config import ModelConfig
+from orchestrator.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE = Path(os.environ.get("ZIMAGE_CACHE", Path.home() / ".cache" / "zimage-orchestrator"))
+
+
+class ModelNotFoundError(ConfigError):
+    """The weights are not where the config says and cannot be fetched."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path | None  # None for random-full (nothing on disk)
+    source: str
+    cache_hit: bool
+    detail: str
+
+
+def resolve_model(cfg: ModelConfig) -> ResolvedModel:
+    """Return the local directory holding the model in the diffusers layout, fetching it only when allowed."""
+    if cfg.source == "random-full":
+        return ResolvedModel(None, cfg.source, False, "full-size random weights built in place")
+    if cfg.source == "local":
+        return _resolve_local(Path(cfg.local_path).expanduser())
+    if cfg.source == "tiny":
+        return _resolve_tiny(cfg)
+    if cfg.source == "modelscope":
+        return _resolve_modelscope(cfg)
+    if cfg.source == "huggingface":
+        return _resolve_huggingface(cfg)
+    raise ConfigError(f"model.source: unknown source {cfg.source!r}")
+
+
+def _resolve_local(path: Path) -> ResolvedModel:
+    if not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"model.local_path: {path} does not hold a diffusers pipeline (no model_index.json). Point it at "
+            f"the directory you downloaded, e.g. `modelscope download --model Tongyi-MAI/Z-Image-Turbo "
+            f"--local_dir {path}`."
+        )
+    return ResolvedModel(path, "local", True, f"local directory {path}")
+
+
+def _resolve_tiny(cfg: ModelConfig) -> ResolvedModel:
+    from .models import save_tiny_model
+
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else DEFAULT_CACHE
+    path = root / f"tiny-zimage-seed{cfg.seed}"
+    if (path / "model_index.json").is_file():
+        log.info("tiny model: cache hit at %s", path)
+        return ResolvedModel(path, "tiny", True, f"cache hit {path}")
+    # Build into a temporary sibling and rename, so concurrent replicas never load a half-written model.
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    save_tiny_model(tmp, seed=cfg.seed)
+    try:
+        tmp.rename(path)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; its copy is identical
+    log.info("tiny model: built and saved to %s", path)
+    return ResolvedModel(path, "tiny", False, f"built {path}")
+
+
+def _fetch_hint(cfg: ModelConfig) -> str:
+    if cfg.source == "modelscope":
+        return f"`modelscope download --model {cfg.model_id}` (or set model.source: local with local_path)"
+    return f"`huggingface-cli download {cfg.model_id}` (or set model.source: local with local_path)"
+
+
+def _resolve_modelscope(cfg: ModelConfig) -> ResolvedModel:
+    from modelscope import snapshot_download
+
+    cache_dir = str(Path(cfg.cache_dir).expanduser()) if cfg.cache_dir else None
+    searched = cache_dir or os.environ.get("MODELSCOPE_CACHE") or str(Path.home() / ".cache" / "modelscope")
+    try:
+        path = snapshot_download(cfg.model_id, revision=cfg.revision, cache_dir=cache_dir, local_files_only=True)
+        log.info("modelscope %s: cache hit at %s (no network used)", cfg.model_id, path)
+        return ResolvedModel(Path(path), "modelscope", True, f"cache hit {path}")
+    except Exception as miss:  # modelscope raises its own types for a cache miss
+        if cfg.is_offline():
+            raise ModelNotFoundError(
+                f"model: {cfg.model_id} is not in the ModelScope cache and the machine is offline. Searched "
+                f"{searched} (model.cache_dir / MODELSCOPE_CACHE). Fetch it on a connected machine with "
+                f"{_fetch_hint(cfg)}, then copy the cache. ({miss})"
+            ) from None
+    log.info("modelscope %s: not cached under %s; downloading", cfg.model_id, searched)
+    path = snapshot_download(cfg.model_id, revision=cfg.revision, cache_dir=cache_dir)
+    return ResolvedModel(Path(path), "modelscope", False, f"downloaded to {path}")
+
+
+def _resolve_huggingface(cfg: ModelConfig) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    cache_dir = str(Path(cfg.cache_dir).expanduser()) if cfg.cache_dir else None
+    searched = cache_dir or HF_HUB_CACHE
+    try:
+        path = snapshot_download(cfg.model_id, revision=cfg.revision, cache_dir=cache_dir, local_files_only=True)
+        log.info("huggingface %s: cache hit at %s (no network used)", cfg.model_id, path)
+        return ResolvedModel(Path(path), "huggingface", True, f"cache hit {path}")
+    except Exception as miss:
+        if cfg.is_offline():
+            raise ModelNotFoundError(
+                f"model: {cfg.model_id} is not in the Hugging Face cache and the machine is offline. Searched "
+                f"{searched} (model.cache_dir / HF_HUB_CACHE / HF_HOME). Fetch it with {_fetch_hint(cfg)}. "
+                f"({type(miss).__name__})"
+            ) from None
+    log.info("huggingface %s: not cached under %s; downloading", cfg.model_id, searched)
+    path = snapshot_download(cfg.model_id, revision=cfg.revision, cache_dir=cache_dir)
+    return ResolvedModel(Path(path), "huggingface", False, f"downloaded to {path}")
+
+
+def resolve_dtype(requested: str, device: str):
+    """The dtype to run in on ``device``: the requested one, or a warned fallback where the device lacks it."""
+    import torch
+
+    want = getattr(torch, requested)
+    if device.startswith("cuda"):
+        if want == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            log.warning("%s has no bfloat16 support; falling back to float16", device)
+            return torch.float16
+        return want
+    if want != torch.float32:
+        log.warning("running on %s: %s is slow or unsupported there; falling back to float32", device, requested)
+    return torch.float32
+
+
+def load_components(cfg: ModelConfig, dtype, devices: dict[str, str]) -> tuple[dict, ResolvedModel, float]:
+    """Load the five pipeline components on the CPU (random-full: build each directly on its device in
+    ``devices``, so no full-size copy ever exists in RAM or on the wrong GPU).
+
+    Returns the components, where they came from, and the load time in seconds.
+    """
+    t0 = time.perf_counter()
+    resolved = resolve_model(cfg)
+    if resolved.path is None:
+        from .models import build_components
+
+        comps = build_components("full", device=devices, dtype=dtype, seed=cfg.seed)
+    else:
+        from diffusers import ZImagePipeline
+
+        pipe = ZImagePipeline.from_pretrained(
+            str(resolved.path), dtype=dtype, low_cpu_mem_usage=cfg.low_cpu_mem_usage, local_files_only=True
+        )
+        comps = dict(pipe.components)
+    return comps, resolved, time.perf_counter() - t0

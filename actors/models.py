@@ -1,0 +1,216 @@
+"""Z-Image-Turbo component definitions: the real configs, a toy-size variant, and builders.
+
+The real configs are the ones published with ``Tongyi-MAI/Z-Image-Turbo`` (see ../shared/REFERENCE.md).
+The toy-size variant keeps every structural property the orchestrator relies on (same classes, a VAE with
+four blocks so the 16-pixel size rule is the same, a chat-templated Qwen2 tokenizer, variable-length
+caption embeddings) so that the CPU tests exercise the real code paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Parameter counts of the real components (REFERENCE.md), used by the meta-device test and the planner.
+FULL_PARAM_COUNTS = {
+    "transformer": 6_154_908_736,
+    "text_encoder": 4_022_468_096,
+    "vae": 83_819_683,
+}
+
+FULL_TRANSFORMER_CONFIG: dict[str, Any] = {}  # ZImageTransformer2DModel's defaults are the real config.
+
+FULL_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "hidden_size": 2560,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 9728,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+    "rope_theta": 1_000_000.0,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "attention_bias": False,
+    "hidden_act": "silu",
+}
+
+FULL_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "force_upcast": True,
+}
+
+SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
+
+TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "dim": 64,
+    "n_layers": 2,
+    "n_refiner_layers": 1,
+    "n_heads": 2,
+    "n_kv_heads": 2,
+    "cap_feat_dim": 32,
+    "axes_dims": [8, 12, 12],
+    "axes_lens": [1024, 512, 512],
+}
+
+TINY_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    **FULL_TEXT_ENCODER_CONFIG,
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "intermediate_size": 64,
+    "max_position_embeddings": 1024,
+    # vocab_size is filled in from the tokenizer.
+}
+
+TINY_VAE_CONFIG: dict[str, Any] = {
+    **FULL_VAE_CONFIG,
+    "block_out_channels": [8, 8, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "sample_size": 64,
+}
+
+# Qwen3's chat template, reduced to what ZImagePipeline uses (user turn, generation prompt, thinking switch).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def build_tokenizer():
+    """A byte-level Qwen2 tokenizer built offline: 256 byte tokens, Qwen's special tokens, Qwen3's chat template.
+
+    The real tokenizer cannot be downloaded here. This one has the same class, special tokens, padding
+    behaviour and template, so the pipeline's text path runs unchanged; it just splits text into more tokens.
+    """
+    from transformers import Qwen2TokenizerFast
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in sorted(alphabet):
+        vocab.setdefault(ch, len(vocab))
+    tok = Qwen2TokenizerFast(vocab=vocab, merges=[], model_max_length=131072)
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _counted_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_components(size: str, device: str | dict[str, str] = "cpu", dtype=None, seed: int = 0) -> dict[str, Any]:
+    """Build the five pipeline components from the real classes, random weights.
+
+    ``size`` is ``"tiny"`` or ``"full"``. Construction happens directly on ``device`` in ``dtype``
+    (the default dtype is switched while constructing, so a full-size model never has an fp32 copy).
+    ``device="meta"`` builds without memory, for counting parameters. ``device`` may also map each of
+    transformer / text_encoder / vae to its own device (a split placement never stages through one GPU).
+    """
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    if size not in ("tiny", "full"):
+        raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
+    dtype = dtype or torch.float32
+    tokenizer = build_tokenizer()
+    if size == "tiny":
+        t_cfg, te_cfg, vae_cfg = TINY_TRANSFORMER_CONFIG, dict(TINY_TEXT_ENCODER_CONFIG), TINY_VAE_CONFIG
+        te_cfg["vocab_size"] = len(tokenizer)
+    else:
+        t_cfg, te_cfg, vae_cfg = FULL_TRANSFORMER_CONFIG, FULL_TEXT_ENCODER_CONFIG, FULL_VAE_CONFIG
+
+    devices = device if isinstance(device, dict) else dict.fromkeys(("transformer", "text_encoder", "vae"), device)
+    if "meta" not in devices.values():
+        torch.manual_seed(seed)
+    with _default_dtype(dtype):
+        with torch.device(devices["transformer"]):
+            transformer = ZImageTransformer2DModel(**t_cfg)
+        with torch.device(devices["text_encoder"]):
+            text_encoder = Qwen3Model(Qwen3Config(**te_cfg))
+        with torch.device(devices["vae"]):
+            vae = AutoencoderKL(**vae_cfg)
+    if size == "tiny" and devices["transformer"] != "meta":
+        _reinit_tiny(transformer, seed)
+    for m in (transformer, text_encoder, vae):
+        m.eval()
+        m.requires_grad_(False)
+    return {
+        "transformer": transformer,
+        "text_encoder": text_encoder,
+        "vae": vae,
+        "tokenizer": tokenizer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+    }
+
+
+def _reinit_tiny(transformer, seed: int) -> None:
+    """Z-Image zero-initialises its final layer and modulations; give the toy model non-zero outputs so that
+    tests comparing images actually compare something that depends on the prompt and the noise."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if p.abs().sum() == 0 and p.dim() >= 1:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * 0.02)
+
+
+def build_pipeline(size: str, device: str = "cpu", dtype=None, seed: int = 0):
+    from diffusers import ZImagePipeline
+
+    return ZImagePipeline(**build_components(size, device=device, dtype=dtype, seed=seed))
+
+
+def save_tiny_model(path: Path, seed: int = 0) -> Path:
+    """Build the toy-size pipeline and ``save_pretrained`` it in the real repository layout."""
+    path = Path(path)
+    pipe = build_pipeline("tiny", seed=seed)
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    (path / "zimage_orchestrator.json").write_text(json.dumps({"kind": "tiny", "seed": seed}))
+    return path

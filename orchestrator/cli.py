@@ -1,0 +1,271 @@
+"""``zimage-orch``: demo, generate, validate, plan, serve, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import Config, load_config
+from .errors import ZImageError
+
+log = logging.getLogger("zimage")
+
+DEMO_PROMPTS = [
+    "a red fox in fresh snow, morning light",
+    "a lighthouse on a cliff during a storm",
+    "a bowl of ramen, studio photograph",
+    "an astronaut reading a newspaper on the moon",
+    "a watercolor map of an imaginary island",
+    "a steam train crossing a stone bridge",
+    "a cat wearing a tiny wizard hat",
+    "neon street market at night, rain",
+    "a field of sunflowers under a purple sky",
+    "a paper boat on a puddle, macro photo",
+    "an old library with floating books",
+    "a robot gardener watering tomatoes",
+    "a snowy mountain cabin with warm windows",
+    "a koi pond seen from above",
+    "a hot air balloon over a desert canyon",
+    "a sketch of a hummingbird in flight",
+]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("urllib3", "httpx", "filelock", "asyncio", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+# ---- demo / generate -------------------------------------------------------------------------------------------
+async def _run_prompts(config: Config, prompts: list[str], out: Path, params: dict, label: str) -> dict:
+    from tqdm import tqdm
+
+    from .deployment import Deployment
+
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    dep = await Deployment.start(config)
+    t_ready = time.perf_counter()
+    try:
+        requests = [r for p in prompts for r in dep.requests_for(p, **params)]
+        results = []
+        t0 = time.perf_counter()
+        with tqdm(total=len(requests), desc=label, unit="img") as bar:
+
+            async def one(req):
+                res = await dep.submit(req)
+                bar.update(1)
+                return res
+
+            results = await asyncio.gather(*(one(r) for r in requests))
+        elapsed = time.perf_counter() - t0
+    finally:
+        await dep.shutdown()
+    failures = [r for r in results if not r.ok]
+    for i, r in enumerate(results):
+        if r.ok:
+            (out / f"{i:03d}-seed{r.seed}.png").write_bytes(r.png)
+    ok = [r for r in results if r.ok]
+    batches = {}
+    for r in ok:
+        batches[r.batch_id] = (r.batch_size, r.replica_id)
+    per_replica: dict[str, int] = {}
+    for r in ok:
+        per_replica[r.replica_id] = per_replica.get(r.replica_id, 0) + 1
+    summary = {
+        "images": len(ok),
+        "failed": len(failures),
+        "errors": sorted({f"{r.error_type}: {r.error}" for r in failures})[:10],
+        "replicas_used": sorted(per_replica),
+        "images_per_replica": per_replica,
+        "batches": len(batches),
+        "batch_sizes": sorted((s for s, _ in batches.values()), reverse=True),
+        "throughput_img_s": round(len(ok) / elapsed, 3) if elapsed > 0 else 0.0,
+        "latency_p50_s": round(percentile([r.latency_s for r in ok], 0.5), 4),
+        "latency_p95_s": round(percentile([r.latency_s for r in ok], 0.95), 4),
+        "queue_p50_s": round(percentile([r.queue_s for r in ok], 0.5), 4),
+        "elapsed_s": round(elapsed, 3),
+        "startup_s": round(t_ready - t_start, 3),
+        "size": f"{requests[0].width}x{requests[0].height}" if requests else None,
+        "num_inference_steps": requests[0].num_inference_steps if requests else None,
+        "model_source": config.model.source,
+        "plan": dep.plan.to_dict() if dep.plan else None,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def cmd_demo(args) -> int:
+    config = load_config(args.config)
+    prompts = (DEMO_PROMPTS * ((args.images + len(DEMO_PROMPTS) - 1) // len(DEMO_PROMPTS)))[: args.images]
+    summary = asyncio.run(_run_prompts(config, prompts, Path(args.out), {"seed": args.seed}, "demo"))
+    _print_summary(summary, Path(args.out))
+    return 0 if summary["failed"] == 0 else 1
+
+
+def cmd_generate(args) -> int:
+    config = load_config(args.config)
+    from .requests import parse_size
+
+    width, height = parse_size(args.size, config.defaults)
+    params = {"n": args.n, "width": width, "height": height, "seed": args.seed,
+              "num_inference_steps": args.steps, "guidance_scale": args.guidance,
+              "negative_prompt": args.negative_prompt}
+    summary = asyncio.run(_run_prompts(config, list(args.prompt), Path(args.out), params, "generate"))
+    _print_summary(summary, Path(args.out))
+    return 0 if summary["failed"] == 0 else 1
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    print(
+        f"\n{summary['images']} image(s) in {summary['elapsed_s']:.2f}s "
+        f"({summary['throughput_img_s']:.2f} img/s), p50 latency {summary['latency_p50_s']:.2f}s, "
+        f"replicas used {summary['replicas_used']}, batch sizes {summary['batch_sizes']}"
+    )
+    if summary["failed"]:
+        print(f"{summary['failed']} request(s) failed: {summary['errors']}", file=sys.stderr)
+    print(f"images and summary.json in {out}/")
+
+
+# ---- validate / plan -------------------------------------------------------------------------------------------
+def cmd_validate(args) -> int:
+    for path in args.paths:
+        try:
+            cfg = load_config(path)
+            from .deployment import declared_inventory, plan_for
+
+            inv = declared_inventory(cfg)
+            if inv is not None:
+                plan_for(cfg, inv)
+        except (ZImageError, ValueError) as e:
+            print(f"INVALID {e}", file=sys.stderr)
+            return 1
+        print(f"ok      {path}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from placement import Inventory, PlacementError
+
+    from .deployment import declared_inventory, plan_for
+
+    cfg = load_config(args.config)
+    inv = declared_inventory(cfg)
+    if inv is None:
+        if cfg.cluster.num_gpus:
+            mem = cfg.cluster.gpu_memory_gib or 24.0
+            inv = Inventory.from_nodes([("local", cfg.cluster.num_gpus, mem)])
+        else:
+            print(f"{args.config}: cluster.nodes (or cluster.num_gpus) must be set to plan without Ray",
+                  file=sys.stderr)
+            return 2
+    try:
+        p = plan_for(cfg, inv)
+    except PlacementError as e:
+        print(f"{args.config}: cannot place: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(p.to_dict(), indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"{args.config}: mode {p.mode}, {p.model} at {p.width}x{p.height}")
+    for col in ("node", "gpu", "components", "est. peak GiB", "capacity GiB"):
+        t.add_column(col)
+    for g in p.gpus:
+        t.add_row(g.node, str(g.gpu), ", ".join(g.components) or "-", f"{g.estimated_peak_gib:.1f}",
+                  f"{g.capacity_gib:.1f}")
+    console.print(t)
+    t = Table(title="replicas")
+    for col in ("replica", "node", "gpus", "device map", "max batch", "largest image"):
+        t.add_column(col)
+    for r in p.replicas:
+        side = int(r.max_pixels**0.5) // 16 * 16
+        t.add_row(r.replica_id, r.node, str(list(r.gpus)),
+                  ", ".join(f"{c}->{i}" for c, i in r.device_map.items()), str(r.max_batch_size),
+                  f"{r.max_pixels / 1e6:.1f} MP (~{side}x{side})")
+    console.print(t)
+    for n in p.notes:
+        console.print(f"note: {n}")
+    return 0
+
+
+# ---- entry point -----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="zimage-orch", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("demo", help="serve a set of prompts through two replicas of the tiny model on a local Ray")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--config", default=None, help="config file (default: the embedded local-CPU default)")
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--seed", type=int, default=1234)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("generate", help="generate images for prompts with a config")
+    p.add_argument("--config", default=None)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the config's defaults)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("validate", help="validate config files; exit non-zero on the first bad one")
+    p.add_argument("paths", nargs="+")
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("plan", help="print the placement plan of a config (no Ray, no GPU needed)")
+    p.add_argument("config")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_plan)
+
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    _quiet_libraries()
+    try:
+        return args.fn(args)
+    except ZImageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

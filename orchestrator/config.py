@@ -1,0 +1,341 @@
+"""Validated configuration: one small pydantic model per concern, loaded from YAML.
+
+Every field has bounds and a description; unknown keys are rejected; any error (YAML syntax or validation)
+becomes one ``ConfigError`` that names the file and the dotted path of the field, e.g.
+``clusters/x.yaml: router.max_batch_size: Input should be less than or equal to 64 (got 100)``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DEFAULT_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
+COMPONENTS = ("text_encoder", "transformer", "vae")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class NodeSpec(_Strict):
+    """One node of the inventory the planner places onto."""
+
+    name: str = Field(description="Node name used in plans and errors (a Ray node id or a label you choose).")
+    gpus: int = Field(ge=0, le=64, description="Number of GPUs on the node.")
+    gpu_memory_gib: float = Field(gt=0, le=1024, description="Usable memory of each GPU, GiB.")
+    gpu_type: str = Field(default="", description="Free-form GPU model name, shown in plans.")
+
+
+class ClusterConfig(_Strict):
+    """Where Ray runs: join an existing cluster (``address``) or start a local one."""
+
+    address: str | None = Field(
+        default=None,
+        description="Ray address to join ('auto', 'ray://host:10001', 'host:6379'). None starts a local Ray.",
+    )
+    namespace: str = Field(default="zimage", description="Ray namespace for the deployment's actors.")
+    num_cpus: int | None = Field(default=None, ge=1, le=4096, description="Local Ray only: CPUs to declare.")
+    num_gpus: int | None = Field(
+        default=None,
+        ge=0,
+        le=1024,
+        description="Local Ray only: GPUs to declare. On a CPU-only machine these are logical GPUs, which lets "
+        "placement run without CUDA.",
+    )
+    nodes: list[NodeSpec] | None = Field(
+        default=None,
+        description="The inventory `zimage-orch plan` plans for without Ray; at start-up the plan is made on the "
+        "live cluster (this one is still checked first, so an impossible config fails before any GPU work).",
+    )
+    gpu_memory_gib: float | None = Field(
+        default=None,
+        gt=0,
+        le=1024,
+        description="Memory per GPU to plan the live cluster with. None: probe each node with torch "
+        "(logical GPUs without CUDA count as 24 GiB).",
+    )
+
+    @model_validator(mode="after")
+    def _local_only_fields(self) -> "ClusterConfig":
+        if self.address is not None and (self.num_cpus is not None or self.num_gpus is not None):
+            raise ValueError(
+                f"num_cpus/num_gpus declare resources of a local Ray; they cannot be set when joining "
+                f"address={self.address!r}. Remove them, or remove address to start a local Ray."
+            )
+        return self
+
+
+class ModelConfig(_Strict):
+    """Which weights to load and how."""
+
+    source: Literal["modelscope", "huggingface", "local", "tiny", "random-full"] = Field(
+        default="modelscope",
+        description="modelscope / huggingface: a snapshot of model_id in that hub's cache (downloaded if missing "
+        "and online). local: local_path in the diffusers layout. tiny: a toy-size model built from the real "
+        "classes, saved and loaded back like real weights (CPU demo, tests). random-full: the real architecture "
+        "at full size with random weights, built on the GPU (timing without weights).",
+    )
+    model_id: str = Field(default=DEFAULT_MODEL_ID, description="Repository id on ModelScope / Hugging Face.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit); None = default.")
+    local_path: Path | None = Field(default=None, description="source=local: directory with model_index.json.")
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Persistent model cache. None: the hub's own (MODELSCOPE_CACHE, HF_HUB_CACHE / HF_HOME); "
+        "for source=tiny, ~/.cache/zimage-orchestrator.",
+    )
+    offline: bool | None = Field(
+        default=None,
+        description="Never touch the network. None: offline when HF_HUB_OFFLINE=1 or MODELSCOPE_OFFLINE=1. "
+        "A cached snapshot is always loaded without network access either way.",
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16",
+        description="Weights dtype. Where the device lacks it, fall back with a warning (fp16 on pre-Ampere "
+        "GPUs, fp32 on CPU).",
+    )
+    low_cpu_mem_usage: bool = Field(default=True, description="Load weights without a full fp32 copy in RAM.")
+    attention_backend: str | None = Field(
+        default=None,
+        description="diffusers attention backend for the transformer ('native', 'flash', '_flash_3', "
+        "'_native_cudnn', ...). None keeps the default (PyTorch SDPA).",
+    )
+    compile: bool = Field(
+        default=False,
+        description="Regional torch.compile of the transformer's repeated blocks (GPU only; first call slow).",
+    )
+    compile_cache_dir: Path | None = Field(
+        default=None,
+        description="Persistent compile cache (TORCHINDUCTOR_CACHE_DIR); None: ~/.cache/zimage-orchestrator/inductor.",
+    )
+    seed: int = Field(default=0, ge=0, description="Weight seed for source=tiny and random-full.")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "ModelConfig":
+        if self.source == "local" and self.local_path is None:
+            raise ValueError("source='local' needs local_path: the directory that holds model_index.json")
+        if self.source != "local" and self.local_path is not None:
+            raise ValueError(f"local_path is only used with source='local' (source is {self.source!r})")
+        return self
+
+    def is_offline(self) -> bool:
+        if self.offline is not None:
+            return self.offline
+        env = lambda k: os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")  # noqa: E731
+        return env("HF_HUB_OFFLINE") or env("MODELSCOPE_OFFLINE")
+
+
+class DeploymentConfig(_Strict):
+    """How many replicas and where their components live."""
+
+    mode: Literal["replicate", "split", "auto"] = Field(
+        default="replicate",
+        description="replicate: one whole pipeline per GPU. split: each replica spans gpus_per_replica GPUs "
+        "with the device_map below. auto: the planner chooses.",
+    )
+    replicas: int | None = Field(
+        default=None, ge=1, le=4096, description="Number of replicas. None: as many as the inventory fits."
+    )
+    gpus_per_replica: int = Field(default=1, ge=1, le=8, description="GPUs each replica holds (split mode).")
+    device_map: dict[str, int] | None = Field(
+        default=None,
+        description="split mode: component -> GPU index within the replica, e.g. "
+        "{text_encoder: 0, transformer: 1, vae: 1}.",
+    )
+    cpu_per_replica: float = Field(default=1.0, ge=0, le=256, description="Ray CPUs reserved per replica.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, le=256, description="torch.set_num_threads inside a CPU replica; None: torch's default."
+    )
+    warmup: bool = Field(
+        default=True, description="Run one generation at the default size before reporting ready (compiles)."
+    )
+    start_timeout_s: float = Field(
+        default=1800.0, gt=0, le=86_400, description="Longest a replica may take to load and warm up."
+    )
+    gpu_memory_limit_gib: float | None = Field(
+        default=None,
+        gt=0,
+        le=1024,
+        description="Cap each replica's allocator at this many GiB per GPU (plans with it too), e.g. 23.5 to "
+        "emulate 24 GB cards on an 80 GB GPU.",
+    )
+    max_inflight_batches: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="Batches the router keeps queued at one replica. 2 hides the dispatch gap between batches.",
+    )
+
+    @field_validator("device_map")
+    @classmethod
+    def _known_components(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        if v is None:
+            return v
+        unknown = sorted(set(v) - set(COMPONENTS))
+        if unknown:
+            raise ValueError(f"unknown component(s) {unknown}; allowed: {list(COMPONENTS)}")
+        missing = sorted(set(COMPONENTS) - set(v))
+        if missing:
+            raise ValueError(f"device_map must place every component; missing {missing}")
+        bad = {k: i for k, i in v.items() if i < 0}
+        if bad:
+            raise ValueError(f"GPU indices must be >= 0, got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> "DeploymentConfig":
+        if self.mode == "replicate":
+            if self.gpus_per_replica != 1:
+                raise ValueError(
+                    f"mode 'replicate' runs one whole pipeline per GPU (gpus_per_replica must be 1, got "
+                    f"{self.gpus_per_replica}); use mode 'split' for replicas that span GPUs"
+                )
+            if self.device_map is not None:
+                raise ValueError("device_map is only used with mode 'split'")
+        if self.mode == "split" and self.device_map is not None:
+            top = max(self.device_map.values())
+            if top >= self.gpus_per_replica:
+                raise ValueError(
+                    f"device_map uses GPU index {top} but gpus_per_replica is {self.gpus_per_replica}; "
+                    f"indices are 0..{self.gpus_per_replica - 1}"
+                )
+        return self
+
+
+class RouterConfig(_Strict):
+    """Dynamic batching and admission control."""
+
+    max_batch_size: int = Field(default=4, ge=1, le=64, description="Most requests in one pipeline call.")
+    max_wait_ms: float = Field(
+        default=10.0,
+        ge=0,
+        le=60_000,
+        description="How long the oldest request may wait for batch-mates while a replica is free.",
+    )
+    queue_limit: int = Field(default=256, ge=1, le=1_000_000, description="Requests waiting before 429.")
+    request_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="Queue + run time limit.")
+    max_attempts: int = Field(
+        default=3, ge=1, le=10, description="Tries per request when its replica dies (seeded, so idempotent)."
+    )
+
+
+class RequestDefaults(_Strict):
+    """Generation parameters used when a request does not set them (Z-Image-Turbo's recipe)."""
+
+    width: int = Field(default=1024, ge=16, le=4096, multiple_of=16, description="Image width, multiple of 16.")
+    height: int = Field(default=1024, ge=16, le=4096, multiple_of=16, description="Image height, multiple of 16.")
+    num_inference_steps: int = Field(default=9, ge=1, le=100, description="Denoising steps (Turbo: 9).")
+    guidance_scale: float = Field(default=0.0, ge=0, le=20, description="CFG scale; > 0 doubles transformer work.")
+    negative_prompt: str | None = Field(default=None, description="Used only when guidance_scale > 0.")
+
+
+class LimitsConfig(_Strict):
+    """Request limits enforced before anything is queued."""
+
+    max_prompt_chars: int = Field(default=4000, ge=1, le=100_000, description="Longest prompt accepted.")
+    max_n: int = Field(default=8, ge=1, le=128, description="Most images per API request.")
+    max_pixels: int = Field(
+        default=2048 * 2048, ge=256, le=4096 * 4096, description="Most pixels (width*height) per image."
+    )
+    max_steps: int = Field(default=50, ge=1, le=200, description="Most denoising steps per request.")
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, le=100_000_000, description="Largest HTTP body.")
+
+
+class ServerConfig(_Strict):
+    host: str = Field(default="127.0.0.1", description="Bind address. Loopback by default; 0.0.0.0 exposes it.")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Accepted Bearer keys. Empty and ZIMAGE_API_KEYS unset: no authentication.",
+    )
+    served_model_name: str = Field(default="z-image-turbo", description="Model name in /v1/models.")
+    drain_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="SIGTERM: wait this long.")
+
+
+class Config(_Strict):
+    """The whole deployment."""
+
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    defaults: RequestDefaults = Field(default_factory=RequestDefaults)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        d, lim = self.defaults, self.limits
+        if d.width * d.height > lim.max_pixels:
+            raise ValueError(
+                f"defaults.width*height = {d.width}x{d.height} = {d.width * d.height} pixels exceeds "
+                f"limits.max_pixels = {lim.max_pixels}; lower the default size or raise the limit"
+            )
+        if d.num_inference_steps > lim.max_steps:
+            raise ValueError(
+                f"defaults.num_inference_steps = {d.num_inference_steps} exceeds limits.max_steps = {lim.max_steps}"
+            )
+        return self
+
+
+# The embedded default the demo runs on: a tiny model on the CPU under a local Ray with two logical GPUs.
+# clusters/local-cpu.yaml spells out the same thing (a test keeps them equal).
+LOCAL_CPU_DEFAULT: dict[str, Any] = {
+    "cluster": {"num_cpus": 2, "num_gpus": 2},
+    "model": {"source": "tiny", "dtype": "float32"},
+    "deployment": {"mode": "replicate", "replicas": 2, "cpu_per_replica": 1, "torch_threads": 1},
+    "router": {"max_batch_size": 4, "max_wait_ms": 50, "queue_limit": 256, "request_timeout_s": 120},
+    "defaults": {"width": 128, "height": 128, "num_inference_steps": 4, "guidance_scale": 0.0},
+}
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        path = _dotted(e["loc"])
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the config reference in README.md)"
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{source}: {path}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(source, e)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate a YAML config. ``None`` gives the embedded local-CPU default."""
+    if path is None:
+        return config_from_dict(LOCAL_CPU_DEFAULT, "<embedded local-cpu default>")
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    return config_from_dict(data, str(p))

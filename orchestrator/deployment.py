@@ -1,0 +1,256 @@
+"""The Python API: start a deployment from a config, generate images, shut down.
+
+    async with await Deployment.start(load_config("clusters/local-cpu.yaml")) as dep:
+        results = await dep.generate(["a red fox", "a lighthouse"], seed=7)
+
+    with ZImageClient(load_config()) as client:          # the same, synchronously
+        images = client.generate_images("a red fox", n=2)
+
+Start-up order: validate the config and compute the plan before any GPU work (errors name the file and field),
+connect to Ray, read the live inventory, plan, create one actor per replica, wait until every replica has loaded
+and warmed up, then start the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from placement import DeploymentSpec, Inventory, PlacementPlan, model_spec, plan
+
+from .config import Config
+from .errors import NotReadyError, ZImageError
+from .messages import ImageRequest, ImageResult, ReplicaHealth
+from .requests import build_requests
+from .router import Router, RouterObserver
+
+log = logging.getLogger(__name__)
+
+
+def deployment_spec(config: Config) -> DeploymentSpec:
+    d = config.deployment
+    return DeploymentSpec(
+        mode=d.mode,
+        replicas=d.replicas,
+        gpus_per_replica=d.gpus_per_replica,
+        device_map=d.device_map,
+        width=config.defaults.width,
+        height=config.defaults.height,
+        max_batch_size=config.router.max_batch_size,
+    )
+
+
+def plan_for(config: Config, inventory: Inventory) -> PlacementPlan:
+    """The placement plan of ``config`` on ``inventory`` (GPU memory capped by deployment.gpu_memory_limit_gib)."""
+    cap = config.deployment.gpu_memory_limit_gib
+    if cap is not None:
+        inventory = Inventory(tuple(type(g)(g.node, g.index, min(g.memory_gib, cap)) for g in inventory.gpus))
+    return plan(model_spec(config.model.source, config.model.dtype), inventory, deployment_spec(config))
+
+
+def declared_inventory(config: Config) -> Inventory | None:
+    nodes = config.cluster.nodes
+    if nodes is None:
+        return None
+    return Inventory.from_nodes([(n.name, n.gpus, n.gpu_memory_gib) for n in nodes])
+
+
+class Deployment:
+    """A running deployment. Also the router's replica pool: it knows which replicas are live."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.plan: PlacementPlan | None = None
+        self.replicas: dict[str, object] = {}
+        self._down: set[str] = set()
+        self._restarts: dict[str, asyncio.Task] = {}
+        self.router: Router | None = None
+        self.health: dict[str, ReplicaHealth] = {}
+        self.started_at = time.time()
+        self.ready = False
+
+    # ---- start / stop ----------------------------------------------------------------------------------
+    @classmethod
+    async def start(cls, config: Config, observer: RouterObserver | None = None,
+                    on_replica_ready: Callable[[ReplicaHealth], None] | None = None) -> "Deployment":
+        self = cls(config)
+        await self._start(observer, on_replica_ready)
+        return self
+
+    async def _start(self, observer, on_replica_ready) -> None:
+        from actors.worker import WarmupSpec
+
+        from . import ray_backend as rb
+
+        cfg = self.config
+        declared = declared_inventory(cfg)
+        if declared is not None:
+            plan_for(cfg, declared)  # fail on an impossible config before touching Ray or a GPU
+        rb.connect(cfg.cluster)
+        nodes = rb.live_nodes()
+        if not nodes:
+            raise NotReadyError("the Ray cluster has no GPUs (declare cluster.num_gpus for a local Ray, or join "
+                                "a cluster whose nodes have GPUs)")
+        mem = {}
+        for node in nodes:
+            mem[node.name] = cfg.cluster.gpu_memory_gib or rb.probe_gpu_memory_gib(node)
+        inventory = Inventory.from_nodes([(n.name, n.gpus, mem[n.name]) for n in nodes])
+        self.plan = plan_for(cfg, inventory)
+        by_name = {n.name: n for n in nodes}
+        d = cfg.deployment
+        warmup = None
+        if d.warmup:
+            warmup = WarmupSpec(cfg.defaults.width, cfg.defaults.height, min(2, cfg.defaults.num_inference_steps))
+        for rp in self.plan.replicas:
+            fraction = None
+            if d.gpu_memory_limit_gib is not None:
+                fraction = d.gpu_memory_limit_gib / mem[rp.node]
+            self.replicas[rp.replica_id] = rb.RayReplica(
+                rp.replica_id, by_name[rp.node], len(rp.gpus), d.cpu_per_replica, rp.max_pixels,
+                rp.max_batch_pixels,
+                worker_kwargs=dict(model=cfg.model, device_map=rp.device_map, warmup=warmup,
+                                   torch_threads=d.torch_threads, memory_fraction=fraction),
+            )
+        log.info("placing %d replica(s): %s", len(self.replicas),
+                 ", ".join(f"{r.replica_id}@{r.node}:{list(r.gpus)}" for r in self.plan.replicas))
+
+        async def start_one(rid, replica):
+            h = await replica.start(d.start_timeout_s)
+            self.health[rid] = h
+            if on_replica_ready:
+                on_replica_ready(h)
+
+        try:
+            await asyncio.gather(*(start_one(rid, r) for rid, r in self.replicas.items()))
+        except BaseException:
+            await self.shutdown()
+            raise
+        self.router = Router(self, cfg.router, observer=observer, max_inflight_batches=d.max_inflight_batches)
+        self.router.start()
+        self.ready = True
+
+    async def shutdown(self, drain_timeout_s: float | None = 0) -> None:
+        """Stop the router (after draining for up to ``drain_timeout_s``), then remove every actor."""
+        self.ready = False
+        for t in self._restarts.values():
+            t.cancel()
+        if self.router is not None:
+            if drain_timeout_s:
+                await self.router.drain(drain_timeout_s)
+            await self.router.stop()
+        for r in self.replicas.values():
+            r.close()
+
+    async def __aenter__(self) -> "Deployment":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.shutdown()
+
+    # ---- the router's replica pool ---------------------------------------------------------------------
+    def live(self):
+        return [r for rid, r in self.replicas.items() if rid not in self._down]
+
+    def report_failure(self, replica_id: str, error: BaseException) -> None:
+        """A replica's process died: take it out of rotation and bring it back once Ray has restarted it."""
+        if replica_id in self._down:
+            return
+        log.warning("replica %s is down (%s); waiting for Ray to restart it", replica_id, error)
+        self._down.add(replica_id)
+        self._restarts[replica_id] = asyncio.get_running_loop().create_task(self._recover(replica_id))
+
+    async def _recover(self, replica_id: str) -> None:
+        from .errors import ReplicaUnavailableError
+
+        replica = self.replicas[replica_id]
+        deadline = time.monotonic() + self.config.deployment.start_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self.health[replica_id] = await replica.start(self.config.deployment.start_timeout_s)
+            except (ReplicaUnavailableError, NotReadyError) as e:
+                log.debug("replica %s not back yet: %s", replica_id, e)
+                await asyncio.sleep(0.5)
+                continue
+            except ZImageError as e:
+                log.error("replica %s failed to restart: %s", replica_id, e)
+                break
+            log.info("replica %s is back", replica_id)
+            self._down.discard(replica_id)
+            self._restarts.pop(replica_id, None)
+            if self.router is not None:
+                self.router.wake()
+            return
+        log.error("replica %s did not come back within deployment.start_timeout_s", replica_id)
+
+    # ---- generation ------------------------------------------------------------------------------------
+    def requests_for(self, prompt: str, **params) -> list[ImageRequest]:
+        return build_requests(prompt, defaults=self.config.defaults, limits=self.config.limits, **params)
+
+    async def submit(self, request: ImageRequest, timeout_s: float | None = None) -> ImageResult:
+        if self.router is None:
+            raise NotReadyError("the deployment has not started")
+        return await self.router.submit(request, timeout_s)
+
+    async def generate(self, prompts: str | Sequence[str], **params) -> list[ImageResult]:
+        """Generate images for one prompt or many (each fanned out ``n`` times). Parameters: n, width, height,
+        num_inference_steps, guidance_scale, seed, negative_prompt. Results come back in prompt order; a failed
+        request is a result with ``ok=False`` and its reason."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        requests = [r for p in prompts for r in self.requests_for(p, **params)]
+        return list(await asyncio.gather(*(self.submit(r) for r in requests)))
+
+    async def replica_health(self) -> dict[str, ReplicaHealth | str]:
+        out: dict[str, ReplicaHealth | str] = {}
+        for rid, r in self.replicas.items():
+            if rid in self._down:
+                out[rid] = "down"
+                continue
+            try:
+                out[rid] = await asyncio.wait_for(r.health(), 10)
+            except Exception as e:  # noqa: BLE001 - report, don't raise
+                out[rid] = f"unreachable: {e}"
+        return out
+
+
+class ZImageClient:
+    """Synchronous wrapper: runs a deployment on a private event loop thread."""
+
+    def __init__(self, config: Config):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="zimage-client", daemon=True)
+        self._thread.start()
+        self.deployment: Deployment = self._call(Deployment.start(config))
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def generate(self, prompts: str | Sequence[str], **params) -> list[ImageResult]:
+        return self._call(self.deployment.generate(prompts, **params))
+
+    def generate_images(self, prompts: str | Sequence[str], **params):
+        """Like ``generate`` but returns PIL images, raising on the first failed request."""
+        from PIL import Image
+
+        images = []
+        for r in self.generate(prompts, **params):
+            if not r.ok:
+                raise ZImageError(f"request {r.request_id} failed: {r.error}")
+            images.append(Image.open(io.BytesIO(r.png)))
+        return images
+
+    def close(self) -> None:
+        try:
+            self._call(self.deployment.shutdown())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> "ZImageClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

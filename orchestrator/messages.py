@@ -1,0 +1,118 @@
+"""Every message that crosses a process boundary, as small frozen types (no torch, no ray).
+
+One request is one prompt and one image; batching is the router's job. A result always comes back as data,
+with ``ok`` and a reason, never as an exception through the router loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class BatchKey(NamedTuple):
+    """Everything that must match for requests to share one pipeline call."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}/{self.num_inference_steps}steps/g{self.guidance_scale:g}"
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One prompt -> one image. ``seed`` is always set (the router draws one when the caller did not)."""
+
+    request_id: str
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    negative_prompt: str | None = None
+
+    @property
+    def key(self) -> BatchKey:
+        return BatchKey(self.width, self.height, self.num_inference_steps, self.guidance_scale)
+
+
+@dataclass(frozen=True)
+class Batch:
+    batch_id: int
+    requests: tuple[ImageRequest, ...]
+
+    @property
+    def key(self) -> BatchKey:
+        return self.requests[0].key
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """Seconds spent in each stage of one batch, measured inside the replica."""
+
+    encode_s: float = 0.0
+    denoise_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The outcome for one request. ``png`` is set when ``ok``; ``error``/``error_type`` when not."""
+
+    request_id: str
+    ok: bool
+    replica_id: str = ""
+    batch_id: int = -1
+    batch_size: int = 0
+    seed: int = 0
+    width: int = 0
+    height: int = 0
+    png: bytes | None = None
+    error: str | None = None
+    error_type: str | None = None
+    stage_times: StageTimes = field(default_factory=StageTimes)
+    queue_s: float = 0.0
+    latency_s: float = 0.0
+    attempts: int = 1
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    batch_id: int
+    replica_id: str
+    results: tuple[ImageResult, ...]
+    stage_times: StageTimes = field(default_factory=StageTimes)
+
+
+@dataclass(frozen=True)
+class ReplicaHealth:
+    replica_id: str
+    ready: bool
+    device_map: dict[str, str]
+    dtype: str
+    batches_run: int = 0
+    images_run: int = 0
+    check_s: float = 0.0
+    memory_allocated_bytes: dict[str, int] = field(default_factory=dict)
+    peak_memory_bytes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """Per-step progress of a running batch, for streaming clients."""
+
+    batch_id: int
+    step: int
+    total_steps: int

@@ -1,0 +1,169 @@
+"""Every Ray call of the project lives here, behind small wrappers, so that the router and the deployment logic
+are tested with fakes and the Ray-specific behaviour is in one place.
+
+- ``connect``: join a cluster (``address``) or start a local Ray with declared (possibly logical) GPUs.
+- ``live_inventory``: the nodes and GPUs of the running cluster, for the planner.
+- ``RayReplica``: one replica actor in its own placement group (a bundle ``{"GPU": n}`` on one node,
+  STRICT_PACK), pinned to the node the plan chose; Ray sets CUDA_VISIBLE_DEVICES, so the actor sees cuda:0..n-1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.worker import PipelineWorker, WarmupSpec
+
+from .config import ClusterConfig, ModelConfig
+from .errors import NotReadyError, ReplicaError, ReplicaUnavailableError
+from .messages import Batch, BatchResult, ReplicaHealth
+
+log = logging.getLogger(__name__)
+
+NODE_ID_LABEL = "ray.io/node-id"
+LOGICAL_GPU_MEMORY_GIB = 24.0  # what a GPU without CUDA (a logical GPU on a CPU machine) is planned as
+
+
+def connect(cluster: ClusterConfig) -> None:
+    """Join ``cluster.address`` or start a local Ray. Idempotent within a process."""
+    if ray.is_initialized():
+        return
+    common = {"namespace": cluster.namespace, "logging_level": logging.WARNING, "log_to_driver": True}
+    if cluster.address is not None:
+        log.info("joining Ray cluster at %s", cluster.address)
+        ray.init(address=cluster.address, **common)
+    else:
+        log.info("starting a local Ray (num_cpus=%s, num_gpus=%s)", cluster.num_cpus, cluster.num_gpus)
+        ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus, include_dashboard=False, **common)
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@dataclass(frozen=True)
+class RayNode:
+    name: str
+    node_id: str
+    gpus: int
+
+
+def live_nodes() -> list[RayNode]:
+    """Alive nodes with at least one GPU (logical or real), named ``<ip>/<node-id prefix>``."""
+    out = []
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        gpus = int(n.get("Resources", {}).get("GPU", 0))
+        if gpus:
+            out.append(RayNode(f"{n['NodeManagerAddress']}/{n['NodeID'][:6]}", n["NodeID"], gpus))
+    return sorted(out, key=lambda n: n.name)
+
+
+@ray.remote(num_cpus=0)
+def _probe_gpu_memory() -> float | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / 1024**3
+    except Exception:  # noqa: BLE001 - a node without torch/CUDA is planned as logical
+        pass
+    return None
+
+
+def probe_gpu_memory_gib(node: RayNode, timeout_s: float = 120.0) -> float:
+    """Total memory of one GPU of ``node``; logical GPUs (no CUDA) count as LOGICAL_GPU_MEMORY_GIB."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ref = _probe_gpu_memory.options(
+        num_gpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)
+    ).remote()
+    try:
+        mem = ray.get(ref, timeout=timeout_s)
+    except GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise NotReadyError(f"could not probe GPU memory on {node.name} within {timeout_s:.0f}s (GPUs busy?); "
+                            f"set cluster.gpu_memory_gib") from None
+    return mem if mem is not None else LOGICAL_GPU_MEMORY_GIB
+
+
+class RayReplica:
+    """A replica actor plus its placement group, satisfying the router's ``Replica`` protocol."""
+
+    def __init__(self, replica_id: str, node: RayNode, n_gpus: int, cpus: float, max_pixels: int,
+                 max_batch_pixels: int, worker_kwargs: dict, max_restarts: int = -1):
+        self.replica_id = replica_id
+        self.node = node
+        self.max_pixels = max_pixels
+        self.max_batch_pixels = max_batch_pixels
+        self._pg = placement_group(
+            [{"GPU": n_gpus, "CPU": cpus}] if cpus else [{"GPU": n_gpus}],
+            strategy="STRICT_PACK",
+            name=f"zimage-{replica_id}",
+            bundle_label_selector=[{NODE_ID_LABEL: node.node_id}],
+        )
+        actor_cls = ray.remote(PipelineWorker)
+        self.actor = actor_cls.options(
+            name=f"zimage-{replica_id}",
+            num_gpus=n_gpus,
+            num_cpus=cpus,
+            max_restarts=max_restarts,
+            max_task_retries=0,  # the router re-dispatches; Ray must not run a batch twice on its own
+            max_concurrency=2,  # run_batch and health checks do not queue behind each other
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=0),
+        ).remote(replica_id=replica_id, **worker_kwargs)
+
+    async def start(self, timeout_s: float) -> ReplicaHealth:
+        try:
+            return await asyncio.wait_for(_await(self.actor.start.remote()), timeout_s)
+        except asyncio.TimeoutError:
+            raise NotReadyError(f"replica {self.replica_id} did not become ready within {timeout_s:.0f}s "
+                                f"(is a GPU free on {self.node.name}?)") from None
+
+    async def run(self, batch: Batch) -> BatchResult:
+        return await _await(self.actor.run_batch.remote(batch))
+
+    async def health(self) -> ReplicaHealth:
+        return await _await(self.actor.health.remote())
+
+    async def call(self, method: str, *args, **kwargs):
+        return await _await(getattr(self.actor, method).remote(*args, **kwargs))
+
+    def kill(self, no_restart: bool = False) -> None:
+        ray.kill(self.actor, no_restart=no_restart)
+
+    def close(self) -> None:
+        try:
+            ray.kill(self.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        try:
+            remove_placement_group(self._pg)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+async def _await(ref):
+    """Await an actor call, translating Ray's exceptions into the project's."""
+    try:
+        return await ref
+    except RayActorError as e:
+        raise ReplicaUnavailableError(_first_line(e)) from None
+    except RayTaskError as e:
+        raise ReplicaError(_first_line(e)) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[-1] if text else type(e).__name__
+
+
+__all__ = ["RayReplica", "WarmupSpec", "connect", "live_nodes", "probe_gpu_memory_gib", "shutdown"]

@@ -1,0 +1,109 @@
+"""Turning what a caller asked for into validated ``ImageRequest`` s, with errors that name the field and the fix.
+
+Shared by the Python API, the CLI and the HTTP server, so every entry point accepts and rejects the same things.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import uuid
+
+from .config import LimitsConfig, RequestDefaults
+from .errors import InvalidRequestError
+from .messages import ImageRequest
+
+SEED_MAX = 2**63 - 1
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+
+
+def parse_size(size: str | None, defaults: RequestDefaults) -> tuple[int, int]:
+    """'WxH' -> (width, height); None/'auto' -> the defaults."""
+    if size is None or size == "auto":
+        return defaults.width, defaults.height
+    if not isinstance(size, str):
+        raise InvalidRequestError(f"size must be a string 'WIDTHxHEIGHT', e.g. '1024x1024' (got {size!r})",
+                                  param="size")
+    m = _SIZE_RE.match(size)
+    if not m:
+        raise InvalidRequestError(f"size must look like '1024x1024' (WIDTHxHEIGHT in pixels), got {size!r}",
+                                  param="size")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _check_int(name: str, v, lo: int, hi: int, hint: str = "") -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidRequestError(f"{name} must be an integer, got {v!r}", param=name)
+    if not lo <= v <= hi:
+        raise InvalidRequestError(f"{name} must be between {lo} and {hi}, got {v}{hint}", param=name)
+    return v
+
+
+def build_requests(
+    prompt,
+    *,
+    defaults: RequestDefaults,
+    limits: LimitsConfig,
+    n: int = 1,
+    width: int | None = None,
+    height: int | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int | None = None,
+    negative_prompt: str | None = None,
+    request_id: str | None = None,
+) -> list[ImageRequest]:
+    """Validate one prompt's parameters and fan ``n`` out into ``n`` requests with seeds seed, seed+1, ..."""
+    if not isinstance(prompt, str):
+        raise InvalidRequestError(f"prompt must be a string, got {type(prompt).__name__}", param="prompt")
+    if not prompt.strip():
+        raise InvalidRequestError("prompt must not be empty", param="prompt")
+    if len(prompt) > limits.max_prompt_chars:
+        raise InvalidRequestError(
+            f"prompt is {len(prompt)} characters; the limit is {limits.max_prompt_chars} "
+            f"(limits.max_prompt_chars)", param="prompt")
+    n = _check_int("n", n, 1, limits.max_n)
+    width = defaults.width if width is None else _check_int("width", width, 1, 1 << 16)
+    height = defaults.height if height is None else _check_int("height", height, 1, 1 << 16)
+    for name, v in (("width", width), ("height", height)):
+        if v % 16:
+            raise InvalidRequestError(
+                f"{name} must be a multiple of 16 (got {v}); try {max(16, round(v / 16) * 16)}", param="size")
+    if width * height > limits.max_pixels:
+        raise InvalidRequestError(
+            f"size {width}x{height} is {width * height} pixels; the limit is {limits.max_pixels} "
+            f"(limits.max_pixels)", param="size")
+    steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+    steps = _check_int("num_inference_steps", steps, 1, limits.max_steps)
+    guidance = defaults.guidance_scale if guidance_scale is None else guidance_scale
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance != guidance:
+        raise InvalidRequestError(f"guidance_scale must be a number, got {guidance!r}", param="guidance_scale")
+    if not 0.0 <= guidance <= 20.0:
+        raise InvalidRequestError(f"guidance_scale must be between 0 and 20, got {guidance}",
+                                  param="guidance_scale")
+    if negative_prompt is None:
+        negative_prompt = defaults.negative_prompt
+    if negative_prompt is not None:
+        if not isinstance(negative_prompt, str):
+            raise InvalidRequestError("negative_prompt must be a string", param="negative_prompt")
+        if len(negative_prompt) > limits.max_prompt_chars:
+            raise InvalidRequestError(f"negative_prompt is longer than {limits.max_prompt_chars} characters",
+                                      param="negative_prompt")
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    else:
+        seed = _check_int("seed", seed, 0, SEED_MAX - limits.max_n)
+    base = request_id or uuid.uuid4().hex[:16]
+    return [
+        ImageRequest(
+            request_id=base if n == 1 else f"{base}-{i}",
+            prompt=prompt,
+            seed=seed + i,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            guidance_scale=float(guidance),
+            negative_prompt=negative_prompt if guidance > 0 else None,
+        )
+        for i in range(n)
+    ]

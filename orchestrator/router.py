@@ -1,0 +1,349 @@
+"""The router: one queue for the whole deployment, dynamic batching, dispatch to free replicas, results back.
+
+The loop reads like the policy: expire what timed out, let the scheduler form batches for free replicas,
+dispatch them, wait for something to change. The clock and the replica pool are passed in, so tests run it
+with fakes and a manual clock; the batching decision itself lives in ``scheduler.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from .config import RouterConfig
+from .errors import NotReadyError, ReplicaUnavailableError
+from .messages import Batch, BatchResult, ImageRequest, ImageResult
+from .scheduler import BatchScheduler, Pending, ReplicaCapacity
+
+log = logging.getLogger(__name__)
+
+
+# ---- what the router needs from the outside world ----------------------------------------------------------
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class MonotonicClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+
+class ManualClock:
+    """A clock that moves only when a test calls ``advance``."""
+
+    def __init__(self, start: float = 0.0):
+        self._t = start
+        self._sleepers: list[tuple[float, asyncio.Future]] = []
+
+    def now(self) -> float:
+        return self._t
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self._t + seconds, fut))
+        await fut
+
+    async def advance(self, seconds: float) -> None:
+        self._t += seconds
+        due = [f for t, f in self._sleepers if t <= self._t]
+        self._sleepers = [(t, f) for t, f in self._sleepers if t > self._t]
+        for f in due:
+            if not f.done():
+                f.set_result(None)
+        for _ in range(5):  # let the woken tasks run
+            await asyncio.sleep(0)
+
+
+class Replica(Protocol):
+    """A handle the router dispatches to. ``run`` raises ``ReplicaUnavailableError`` when the replica's process
+    is gone; every other outcome comes back inside the ``BatchResult``."""
+
+    replica_id: str
+    max_pixels: int
+    max_batch_pixels: int
+
+    async def run(self, batch: Batch) -> BatchResult: ...
+
+
+class ReplicaPool(Protocol):
+    def live(self) -> Sequence[Replica]: ...
+
+    def report_failure(self, replica_id: str, error: BaseException) -> None: ...
+
+
+class RouterObserver:
+    """Hooks for metrics and logs; the default does nothing."""
+
+    def queued(self, n_waiting: int) -> None: ...
+
+    def dispatched(self, replica_id: str, batch: Batch, queue_times: list[float]) -> None: ...
+
+    def replica_done(self, replica_id: str) -> None: ...
+
+    def finished(self, result: ImageResult) -> None: ...
+
+    def rejected(self, error_type: str) -> None: ...
+
+
+# ---- the router --------------------------------------------------------------------------------------------
+class Router:
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        config: RouterConfig,
+        clock: Clock | None = None,
+        observer: RouterObserver | None = None,
+        max_inflight_batches: int = 1,
+    ):
+        self.pool = pool
+        self.config = config
+        self.clock = clock or MonotonicClock()
+        self.observer = observer or RouterObserver()
+        self.max_inflight = max_inflight_batches
+        self.scheduler = BatchScheduler(config.max_batch_size, config.max_wait_ms / 1000.0, config.queue_limit)
+        self._outstanding: dict[str, int] = {}
+        self._running: dict[str, Pending] = {}  # request_id -> pending, dispatched and not yet answered
+        self._batch_ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._inflight_tasks: set[asyncio.Task] = set()
+        self._accepting = True
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="zimage-router")
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Stop accepting; wait until queued and running requests are answered. True if all were."""
+        self._accepting = False
+        t_end = None if timeout_s is None else time.monotonic() + timeout_s
+        while len(self.scheduler) or self._running:
+            if t_end is not None and time.monotonic() > t_end:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def stop(self) -> None:
+        self._accepting = False
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for t in list(self._inflight_tasks):
+            t.cancel()
+        for p in self.scheduler.expire(float("inf")) + list(self._running.values()):
+            self._finish(p, self._error_result(p, "the deployment shut down", "not_ready"))
+
+    def wake(self) -> None:
+        """Something changed outside (a replica came back): reconsider dispatch now."""
+        self._wake.set()
+
+    @property
+    def waiting(self) -> int:
+        return len(self.scheduler)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # ---- the public entry point ------------------------------------------------------------------------
+    async def submit(self, request: ImageRequest, timeout_s: float | None = None) -> ImageResult:
+        """Queue one request and wait for its result. Raises on admission (queue full, not servable, not
+        accepting); after admission every outcome, failures and timeouts included, is an ``ImageResult``.
+        Cancelling the awaiting task drops the request if it has not been dispatched yet."""
+        if not self._accepting:
+            self.observer.rejected("not_ready")
+            raise NotReadyError("the deployment is shutting down and accepts no new requests")
+        live = self._capacities()
+        if not live:
+            self.observer.rejected("not_ready")
+            raise NotReadyError("no replica is ready yet; retry shortly")
+        try:
+            self.scheduler.check_servable(request.key, live)
+        except Exception as e:
+            self.observer.rejected(getattr(e, "error_type", "invalid_request_error"))
+            raise
+        now = self.clock.now()
+        timeout = timeout_s if timeout_s is not None else self.config.request_timeout_s
+        p = Pending(request, enqueued_at=now, deadline=now + timeout)
+        p.ticket = asyncio.get_running_loop().create_future()
+        try:
+            self.scheduler.add(p)
+        except Exception as e:
+            self.observer.rejected(getattr(e, "error_type", "rate_limit_error"))
+            raise
+        self.observer.queued(len(self.scheduler))
+        self._wake.set()
+        try:
+            return await asyncio.shield(p.ticket)
+        except asyncio.CancelledError:
+            if self.scheduler.remove(p):
+                log.info("request %s cancelled by its caller before it ran", request.request_id)
+                self.observer.finished(self._error_result(p, "cancelled by the client", "cancelled"))
+            raise
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                now = self.clock.now()
+                self._expire(now)
+                for replica_id, pendings in self.scheduler.schedule(now, self._free()):
+                    self._dispatch(replica_id, pendings, now)
+                self.observer.queued(len(self.scheduler))
+                deadline = self._next_deadline()
+            except Exception:  # noqa: BLE001 - a bug here must not silently stop all serving
+                log.exception("router loop error; continuing")
+                deadline = self.clock.now() + 0.1
+            await self._wait_for_change(deadline)
+
+    def _expire(self, now: float) -> None:
+        for p in self.scheduler.expire(now):
+            self._finish(p, self._timeout_result(p, now, "while queued"))
+        for rid, p in list(self._running.items()):
+            if p.deadline <= now:
+                self._finish(p, self._timeout_result(p, now, "while running"))
+
+    def _dispatch(self, replica_id: str, pendings: list[Pending], now: float) -> None:
+        replica = self._replica(replica_id)
+        batch = Batch(next(self._batch_ids), tuple(p.request for p in pendings))
+        for p in pendings:
+            p.attempts += 1
+            self._running[p.request.request_id] = p
+        self._outstanding[replica_id] = self._outstanding.get(replica_id, 0) + 1
+        self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings])
+        log.debug("batch %d: %d x %s -> %s", batch.batch_id, len(batch), batch.key, replica_id)
+        task = asyncio.get_running_loop().create_task(self._run(replica, batch, pendings))
+        self._inflight_tasks.add(task)
+        task.add_done_callback(self._inflight_tasks.discard)
+
+    async def _run(self, replica: Replica, batch: Batch, pendings: list[Pending]) -> None:
+        try:
+            try:
+                out = await replica.run(batch)
+            except ReplicaUnavailableError as e:
+                log.warning("replica %s lost during batch %d (%s); re-dispatching %d request(s)",
+                            replica.replica_id, batch.batch_id, e, len(pendings))
+                self.pool.report_failure(replica.replica_id, e)
+                for p in pendings:
+                    self._retry_or_fail(p, f"replica {replica.replica_id} died: {e}", "replica_lost")
+                return
+            except Exception as e:  # noqa: BLE001 - a transport bug must fail the requests, not hang them
+                log.exception("batch %d on %s: unexpected error", batch.batch_id, replica.replica_id)
+                for p in pendings:
+                    self._finish(p, self._error_result(p, f"{type(e).__name__}: {e}", "replica_error"))
+                return
+            self._deliver(batch, pendings, out)
+        finally:
+            self._outstanding[replica.replica_id] = max(0, self._outstanding.get(replica.replica_id, 1) - 1)
+            self.observer.replica_done(replica.replica_id)
+            self._wake.set()
+
+    def _deliver(self, batch: Batch, pendings: list[Pending], out: BatchResult) -> None:
+        by_id = {r.request_id: r for r in out.results}
+        now = self.clock.now()
+        for p in pendings:
+            r = by_id.get(p.request.request_id)
+            if r is None:
+                self._finish(p, self._error_result(p, "the replica returned no result for it", "replica_error"))
+            elif r.ok:
+                self._finish(p, _with_times(r, p, now))
+            elif r.error_type == "out_of_memory" and len(batch) > 1:
+                # Split: retry each request in batches of at most half this size.
+                p.max_batch = max(1, len(batch) // 2)
+                p.attempts -= 1  # a split is not a failed attempt
+                self._requeue(p)
+            elif r.error_type == "out_of_memory":
+                self._finish(p, _with_times(r, p, now, error=(
+                    f"out of GPU memory for a single {p.request.width}x{p.request.height} image on replica "
+                    f"{r.replica_id}: {r.error}. Use a smaller size or a placement with more memory per replica.")))
+            else:
+                self._finish(p, _with_times(r, p, now))
+
+    def _retry_or_fail(self, p: Pending, reason: str, kind: str) -> None:
+        if p.attempts < self.config.max_attempts and self.clock.now() < p.deadline:
+            self._requeue(p)
+        else:
+            self._finish(p, self._error_result(p, f"{reason} (after {p.attempts} attempt(s))", kind))
+
+    def _requeue(self, p: Pending) -> None:
+        if self._running.pop(p.request.request_id, None) is None or p.ticket.done():
+            return  # already answered (timed out meanwhile)
+        self.scheduler.add(p, front=True)
+
+    def _finish(self, p: Pending, result: ImageResult) -> None:
+        if self._running.get(p.request.request_id) is p:
+            del self._running[p.request.request_id]
+        if p.ticket is not None and not p.ticket.done():
+            p.ticket.set_result(result)
+            self.observer.finished(result)
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def _replica(self, replica_id: str) -> Replica:
+        for r in self.pool.live():
+            if r.replica_id == replica_id:
+                return r
+        raise KeyError(replica_id)
+
+    def _capacities(self) -> list[ReplicaCapacity]:
+        return [
+            ReplicaCapacity(r.replica_id, r.max_pixels, r.max_batch_pixels, self._outstanding.get(r.replica_id, 0))
+            for r in self.pool.live()
+        ]
+
+    def _free(self) -> list[ReplicaCapacity]:
+        return [c for c in self._capacities() if c.outstanding < self.max_inflight]
+
+    def _next_deadline(self) -> float | None:
+        times = [p.deadline for p in self._running.values()]
+        d = self.scheduler.next_deadline(self._free())
+        if d is not None:
+            times.append(d)
+        return min(times) if times else None
+
+    async def _wait_for_change(self, deadline: float | None) -> None:
+        waiters = [asyncio.ensure_future(self._wake.wait())]
+        if deadline is not None:
+            waiters.append(asyncio.ensure_future(self.clock.sleep(deadline - self.clock.now())))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    def _error_result(self, p: Pending, message: str, kind: str) -> ImageResult:
+        now = self.clock.now()
+        r = p.request
+        return ImageResult(request_id=r.request_id, ok=False, seed=r.seed, width=r.width, height=r.height,
+                           error=message, error_type=kind, latency_s=now - p.enqueued_at, attempts=p.attempts)
+
+    def _timeout_result(self, p: Pending, now: float, where: str) -> ImageResult:
+        return self._error_result(
+            p, f"request timed out {where} after {now - p.enqueued_at:.1f}s "
+               f"(router.request_timeout_s or the request's timeout)", "timeout")
+
+
+def _with_times(r: ImageResult, p: Pending, now: float, error: str | None = None) -> ImageResult:
+    from dataclasses import replace
+
+    latency = now - p.enqueued_at
+    queue = max(0.0, latency - r.stage_times.total_s)
+    return replace(r, queue_s=queue, latency_s=latency, attempts=p.attempts,
+                   **({"error": error} if error is not None else {}))

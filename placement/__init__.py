@@ -1,0 +1,31 @@
+"""Placement planning: which component of Z-Image lives on which GPU of which node.
+
+Pure Python: no ray, no torch. ``plan(model, inventory, deployment)`` is a deterministic function of its inputs,
+so a plan is computed and tested in milliseconds and printed by ``zimage-orch plan`` on any machine.
+"""
+
+from .memory import ComponentSpec, ModelSpec, model_spec
+from .planner import (
+    GPU,
+    DeploymentSpec,
+    GPUPlan,
+    Inventory,
+    PlacementError,
+    PlacementPlan,
+    ReplicaPlan,
+    plan,
+)
+
+__all__ = [
+    "GPU",
+    "ComponentSpec",
+    "DeploymentSpec",
+    "GPUPlan",
+    "Inventory",
+    "ModelSpec",
+    "PlacementError",
+    "PlacementPlan",
+    "ReplicaPlan",
+    "model_spec",
+    "plan",
+]

@@ -1,0 +1,291 @@
+"""``plan(model, inventory, deployment) -> PlacementPlan``: deterministic, pure, and loud when nothing fits.
+
+Modes:
+- ``replicate``: one whole pipeline per GPU.
+- ``split``: each replica holds ``gpus_per_replica`` GPUs of one node, components placed by its device map.
+- ``auto``: as many replicas as fit: a whole pipeline on every GPU that holds one at the target size, and the
+  GPUs that cannot are paired into split replicas (text encoder on one, transformer + VAE on the other).
+
+Ties are broken by node name, then GPU index. Every plan says, per replica, the largest batch and image it can
+serve, and the router never sends a replica more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .memory import ModelSpec
+
+COMPONENTS = ("text_encoder", "transformer", "vae")
+
+
+class PlacementError(ValueError):
+    """Nothing fits, or the request contradicts the inventory. The message carries the numbers."""
+
+
+@dataclass(frozen=True)
+class GPU:
+    node: str
+    index: int
+    memory_gib: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.node}:{self.index}"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    gpus: tuple[GPU, ...]
+
+    @classmethod
+    def from_nodes(cls, nodes: list[tuple[str, int, float]]) -> "Inventory":
+        return cls(tuple(GPU(name, i, mem) for name, n, mem in nodes for i in range(n)))
+
+    def by_node(self) -> dict[str, list[GPU]]:
+        out: dict[str, list[GPU]] = {}
+        for g in sorted(self.gpus, key=lambda g: (g.node, g.index)):
+            out.setdefault(g.node, []).append(g)
+        return out
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    mode: Literal["replicate", "split", "auto"] = "replicate"
+    replicas: int | None = None
+    gpus_per_replica: int = 1
+    device_map: dict[str, int] | None = None
+    width: int = 1024
+    height: int = 1024
+    max_batch_size: int = 4
+    headroom_gib: float = 0.5  # CUDA context and allocator slack kept free on every GPU
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    replica_id: str
+    node: str
+    gpus: tuple[int, ...]  # GPU indices on the node, in replica-local order (cuda:0, cuda:1, ...)
+    device_map: dict[str, int]  # component -> replica-local GPU index
+    max_batch_size: int  # at the deployment's target size
+    max_pixels: int  # largest single image
+    max_batch_pixels: int  # most images x pixels in one batch
+
+    @property
+    def components(self) -> dict[str, dict[str, object]]:
+        return {c: {"node": self.node, "gpu": self.gpus[i]} for c, i in self.device_map.items()}
+
+    def batch_limit(self, pixels: int) -> int:
+        """Largest batch of images of ``pixels`` this replica's memory holds (0: not even one)."""
+        return self.max_batch_pixels // max(1, pixels)
+
+
+@dataclass(frozen=True)
+class GPUPlan:
+    node: str
+    gpu: int
+    capacity_gib: float
+    components: tuple[str, ...]  # "r0.transformer", ...
+    estimated_peak_gib: float
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    mode: str
+    model: str
+    width: int
+    height: int
+    replicas: tuple[ReplicaPlan, ...]
+    gpus: tuple[GPUPlan, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "model": self.model,
+            "target_size": f"{self.width}x{self.height}",
+            "replicas": [
+                {
+                    "replica_id": r.replica_id,
+                    "node": r.node,
+                    "gpus": list(r.gpus),
+                    "device_map": dict(r.device_map),
+                    "components": r.components,
+                    "max_batch_size": r.max_batch_size,
+                    "max_pixels": r.max_pixels,
+                    "max_batch_pixels": r.max_batch_pixels,
+                }
+                for r in self.replicas
+            ],
+            "gpus": [
+                {
+                    "node": g.node,
+                    "gpu": g.gpu,
+                    "capacity_gib": round(g.capacity_gib, 2),
+                    "components": list(g.components),
+                    "estimated_peak_gib": round(g.estimated_peak_gib, 2),
+                }
+                for g in self.gpus
+            ],
+            "notes": list(self.notes),
+        }
+
+
+def default_device_map(gpus_per_replica: int) -> dict[str, int]:
+    if gpus_per_replica == 1:
+        return dict.fromkeys(COMPONENTS, 0)
+    if gpus_per_replica == 2:
+        return {"text_encoder": 0, "transformer": 1, "vae": 1}
+    return {"text_encoder": 0, "transformer": 1, "vae": 2}
+
+
+# ---- the planner ----------------------------------------------------------------------------------------------
+def plan(model: ModelSpec, inventory: Inventory, deployment: DeploymentSpec) -> PlacementPlan:
+    d = deployment
+    if d.width <= 0 or d.height <= 0:
+        raise PlacementError(f"target size must be positive, got {d.width}x{d.height}")
+    if not inventory.gpus:
+        raise PlacementError("the inventory has no GPUs: declare cluster.num_gpus (local Ray) or cluster.nodes")
+    pixels = d.width * d.height
+    if d.mode == "replicate":
+        groups = _replicate_groups(model, inventory, d, pixels, strict=True)
+    elif d.mode == "split":
+        groups = _split_groups(model, inventory, d, pixels)
+    elif d.mode == "auto":
+        groups = _auto_groups(model, inventory, d, pixels)
+    else:
+        raise PlacementError(f"unknown mode {d.mode!r}; use replicate, split or auto")
+    if d.replicas is not None:
+        if len(groups) < d.replicas:
+            raise PlacementError(
+                f"deployment.replicas = {d.replicas} but only {len(groups)} replica(s) fit this inventory in mode "
+                f"{d.mode!r} at {d.width}x{d.height} ({_inventory_summary(inventory)}); lower replicas or add GPUs"
+            )
+        groups = groups[: d.replicas]
+    return _assemble(model, inventory, d, pixels, groups)
+
+
+def _fits(model: ModelSpec, names, gpu: GPU, pixels: int, batch: int, headroom: float) -> bool:
+    return model.peak_gib(names, pixels, batch) <= gpu.memory_gib - headroom
+
+
+def _largest(inventory: Inventory) -> GPU:
+    return sorted(inventory.gpus, key=lambda g: (-g.memory_gib, g.node, g.index))[0]
+
+
+def _inventory_summary(inventory: Inventory) -> str:
+    parts = [f"{node}: {len(gs)} GPU(s) of {', '.join(sorted({f'{g.memory_gib:g}' for g in gs}))} GiB"
+             for node, gs in inventory.by_node().items()]
+    return "; ".join(parts)
+
+
+def _replicate_groups(model, inventory, d, pixels, strict):
+    groups = []
+    for node, gpus in inventory.by_node().items():
+        for g in gpus:
+            if _fits(model, COMPONENTS, g, pixels, 1, d.headroom_gib):
+                groups.append((node, (g,), dict.fromkeys(COMPONENTS, 0)))
+    if not groups and strict:
+        need = model.peak_gib(COMPONENTS, pixels, 1)
+        big = _largest(inventory)
+        raise PlacementError(
+            f"the whole pipeline needs {need:.1f} GiB at {d.width}x{d.height} batch 1 (+{d.headroom_gib:g} GiB "
+            f"headroom); the largest GPU is {big.label} with {big.memory_gib:.1f} GiB. Use mode 'split' or "
+            f"'auto', or a smaller default size"
+        )
+    return groups
+
+
+def _split_groups(model, inventory, d, pixels):
+    dmap = d.device_map or default_device_map(d.gpus_per_replica)
+    n = d.gpus_per_replica
+    groups = []
+    for node, gpus in inventory.by_node().items():
+        for start in range(0, len(gpus) - n + 1, n):
+            chunk = tuple(gpus[start : start + n])
+            problem = _split_problem(model, chunk, dmap, pixels, d)
+            if problem is None:
+                groups.append((node, chunk, dict(dmap)))
+    if not groups:
+        chunk = tuple(sorted(inventory.gpus, key=lambda g: (-g.memory_gib, g.node, g.index))[:n])
+        if len(chunk) < n:
+            raise PlacementError(
+                f"split replicas need {n} GPUs on one node; the largest node has "
+                f"{max(len(g) for g in inventory.by_node().values())}"
+            )
+        raise PlacementError(_split_problem(model, chunk, dmap, pixels, d) or "no node has enough GPUs")
+    return groups
+
+
+def _split_problem(model, chunk, dmap, pixels, d) -> str | None:
+    for i, g in enumerate(chunk):
+        names = [c for c, gi in dmap.items() if gi == i]
+        if not _fits(model, names, g, pixels, 1, d.headroom_gib):
+            need = model.peak_gib(names, pixels, 1)
+            return (
+                f"{' + '.join(names)} need(s) {need:.1f} GiB at {d.width}x{d.height} batch 1 (+{d.headroom_gib:g} "
+                f"GiB headroom) on replica-local GPU {i}; {g.label} has {g.memory_gib:.1f} GiB. Change the "
+                f"device_map or use bigger GPUs"
+            )
+    return None
+
+
+def _auto_groups(model, inventory, d, pixels):
+    groups = []
+    split_map = default_device_map(2)
+    for node, gpus in inventory.by_node().items():
+        leftovers = []
+        for g in gpus:
+            if _fits(model, COMPONENTS, g, pixels, 1, d.headroom_gib):
+                groups.append((node, (g,), dict.fromkeys(COMPONENTS, 0)))
+            else:
+                leftovers.append(g)
+        # Pair the GPUs that cannot hold a whole pipeline: the larger takes transformer + VAE.
+        leftovers.sort(key=lambda g: (g.memory_gib, g.index))
+        while len(leftovers) >= 2:
+            small, large = leftovers.pop(0), leftovers.pop(-1)
+            chunk = (small, large)
+            if _split_problem(model, chunk, split_map, pixels, d) is None:
+                groups.append((node, chunk, dict(split_map)))
+    if not groups:
+        t_need = model.peak_gib(["transformer", "vae"], pixels, 1)
+        big = _largest(inventory)
+        raise PlacementError(
+            f"nothing fits: transformer + vae need {t_need:.1f} GiB at {d.width}x{d.height} batch 1 "
+            f"(+{d.headroom_gib:g} GiB headroom) and a whole pipeline {model.peak_gib(COMPONENTS, pixels, 1):.1f} "
+            f"GiB; the largest GPU is {big.label} with {big.memory_gib:.1f} GiB"
+        )
+    groups.sort(key=lambda grp: (grp[0], grp[1][0].index))
+    return groups
+
+
+def _assemble(model, inventory, d, pixels, groups) -> PlacementPlan:
+    replicas, used = [], {}
+    for i, (node, chunk, dmap) in enumerate(groups):
+        rid = f"r{i}"
+        budgets = []
+        for li, g in enumerate(chunk):
+            names = [c for c, gi in dmap.items() if gi == li]
+            if names:
+                budgets.append(model.max_batch_pixels(names, g.memory_gib - d.headroom_gib))
+            used[(g.node, g.index)] = [f"{rid}.{c}" for c in COMPONENTS if c in names]
+        max_batch_pixels = min(budgets)
+        max_batch = max(1, min(d.max_batch_size, max_batch_pixels // pixels))
+        replicas.append(ReplicaPlan(rid, node, tuple(g.index for g in chunk), dict(dmap), max_batch,
+                                    max_batch_pixels, max_batch_pixels))
+    rep_by_gpu = {(r.node, r.gpus[li]): (r, li) for r in replicas for li in range(len(r.gpus))}
+    gpu_plans = []
+    for g in sorted(inventory.gpus, key=lambda g: (g.node, g.index)):
+        comps = tuple(used.get((g.node, g.index), ()))
+        peak = 0.0
+        if (g.node, g.index) in rep_by_gpu:
+            r, li = rep_by_gpu[(g.node, g.index)]
+            names = [c for c, gi in r.device_map.items() if gi == li]
+            peak = model.peak_gib(names, pixels, r.max_batch_size)
+        gpu_plans.append(GPUPlan(g.node, g.index, g.memory_gib, comps, peak))
+    notes = []
+    idle = [gp for gp in gpu_plans if not gp.components]
+    if idle:
+        notes.append(f"{len(idle)} GPU(s) unused: " + ", ".join(f"{gp.node}:{gp.gpu}" for gp in idle))
+    return PlacementPlan(d.mode, model.name, d.width, d.height, tuple(replicas), tuple(gpu_plans), tuple(notes))
