@@ -259,6 +259,12 @@ class Router:
     def _deliver(self, batch: Batch, pendings: list[Pending], out: BatchResult) -> None:
         by_id = {r.request_id: r for r in out.results}
         now = self.clock.now()
+        if out.results and all(r.error_type == "not_ready" for r in out.results):
+            # A restarted actor that has not loaded its model yet: the same as a lost replica.
+            self.pool.report_failure(out.replica_id, RuntimeError(out.results[0].error))
+            for p in pendings:
+                self._retry_or_fail(p, f"replica {out.replica_id} is not ready", "replica_lost")
+            return
         for p in pendings:
             r = by_id.get(p.request.request_id)
             if r is None:

@@ -1,0 +1,43 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """A model cache directory shared by the session; the tiny model is built into it once."""
+    return tmp_path_factory.mktemp("zimage-cache")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for every integration test of the session: 4 logical GPUs on the CPU."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, namespace="zimage-tests",
+                 logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def tiny_config(cache: Path, **sections):
+    """A config for the tiny model on logical GPUs; sections override (dicts merged one level deep)."""
+    from orchestrator.config import config_from_dict
+
+    base = {
+        "model": {"source": "tiny", "dtype": "float32", "cache_dir": str(cache)},
+        "deployment": {"mode": "replicate", "replicas": 2, "cpu_per_replica": 0, "torch_threads": 1},
+        "router": {"max_batch_size": 4, "max_wait_ms": 30, "request_timeout_s": 120},
+        "defaults": {"width": 64, "height": 64, "num_inference_steps": 3},
+        "cluster": {"gpu_memory_gib": 24},
+    }
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v}
+    return config_from_dict(base)

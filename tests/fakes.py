@@ -1,0 +1,69 @@
+"""Fake replicas and pools for router tests: no Ray, no torch, completion under the test's control."""
+
+import asyncio
+
+from orchestrator.errors import ReplicaUnavailableError
+from orchestrator.messages import BatchResult, ImageResult, StageTimes
+
+
+class FakeReplica:
+    def __init__(self, replica_id, max_pixels=1 << 40, max_batch_pixels=1 << 40, manual=False):
+        self.replica_id = replica_id
+        self.max_pixels = max_pixels
+        self.max_batch_pixels = max_batch_pixels
+        self.manual = manual  # when True, each batch waits until release() is called
+        self.batches = []
+        self._gates = []
+        self.fail_with = None  # an exception to raise from run
+        self.error_type = None  # or make every result fail with this error type
+        self.oom_above = None
+
+    async def run(self, batch):
+        self.batches.append(batch)
+        if self.manual:
+            gate = asyncio.get_running_loop().create_future()
+            self._gates.append(gate)
+            await gate
+        else:
+            await asyncio.sleep(0)
+        if self.fail_with is not None:
+            raise self.fail_with
+        results = []
+        for r in batch.requests:
+            kind = self.error_type
+            if self.oom_above is not None and len(batch) > self.oom_above:
+                kind = "out_of_memory"
+            results.append(ImageResult(
+                request_id=r.request_id, ok=kind is None, replica_id=self.replica_id, batch_id=batch.batch_id,
+                batch_size=len(batch), seed=r.seed, width=r.width, height=r.height,
+                png=f"{r.prompt}|{r.seed}".encode() if kind is None else None,
+                error=None if kind is None else f"fake {kind}", error_type=kind,
+                stage_times=StageTimes(total_s=0.0)))
+        return BatchResult(batch.batch_id, self.replica_id, tuple(results))
+
+    def release(self, n=1):
+        for _ in range(n):
+            gate = self._gates.pop(0)
+            gate.set_result(None)
+
+    @property
+    def waiting(self):
+        return len(self._gates)
+
+
+class FakePool:
+    def __init__(self, *replicas):
+        self.replicas = list(replicas)
+        self.down = set()
+        self.failures = []
+
+    def live(self):
+        return [r for r in self.replicas if r.replica_id not in self.down]
+
+    def report_failure(self, replica_id, error):
+        self.failures.append(replica_id)
+        self.down.add(replica_id)
+
+
+def lost():
+    return ReplicaUnavailableError("actor died")

@@ -1,0 +1,90 @@
+"""Config validation: every shipped file validates; broken ones name the file and the dotted field path."""
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main as cli_main
+from orchestrator.config import LOCAL_CPU_DEFAULT, Config, config_from_dict, load_config
+from orchestrator.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "clusters").glob("*.yaml"))
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in SHIPPED}
+    assert "local-cpu.yaml" in names
+    assert any("dual" in n for n in names)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cli_main(["validate", str(path)]) == 0
+
+
+def test_local_cpu_yaml_is_the_embedded_default():
+    assert load_config(ROOT / "clusters" / "local-cpu.yaml") == load_config(None)
+    assert load_config(None) == config_from_dict(LOCAL_CPU_DEFAULT)
+
+
+def test_safe_defaults():
+    cfg = Config()
+    assert cfg.model.dtype == "bfloat16"
+    assert cfg.model.low_cpu_mem_usage is True
+    assert (cfg.defaults.width, cfg.defaults.height, cfg.defaults.num_inference_steps) == (1024, 1024, 9)
+    assert cfg.defaults.guidance_scale == 0.0
+    assert cfg.server.host == "127.0.0.1"
+
+
+BAD = [
+    ("router:\n  max_batch_size: 0\n", "router.max_batch_size", "greater than or equal to 1"),
+    ("router:\n  max_batchsize: 4\n", "router.max_batchsize", "unknown key"),
+    ("surprise: 1\n", "surprise", "unknown key"),
+    ("deployment:\n  replicas: 0\n", "deployment.replicas", "got 0"),
+    ("defaults:\n  width: 1000\n", "defaults.width", "multiple of 16"),
+    ("deployment:\n  mode: sideways\n", "deployment.mode", "replicate"),
+    ("model:\n  source: local\n", "model", "local_path"),
+    ("model:\n  dtype: int8\n", "model.dtype", "bfloat16"),
+    ("deployment:\n  mode: split\n  gpus_per_replica: 2\n  device_map: {text_encoder: 0, transformer: 2, vae: 1}\n",
+     "deployment", "gpus_per_replica is 2"),
+    ("deployment:\n  mode: split\n  gpus_per_replica: 2\n  device_map: {text_encoder: 0, unet: 1}\n",
+     "deployment.device_map", "unknown component"),
+    ("cluster:\n  address: auto\n  num_gpus: 2\n", "cluster", "cannot be set when joining"),
+    ("defaults:\n  width: 4096\n  height: 4096\n", "(top level)", "limits.max_pixels"),
+    ("router: [1, 2]\n", "router", "valid dictionary"),
+]
+
+
+@pytest.mark.parametrize("text,path,fragment", BAD, ids=[b[1] + ":" + b[2][:12] for b in BAD])
+def test_bad_config_names_file_and_field(tmp_path, text, path, fragment):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: {path}:"), msg
+    assert fragment in msg, msg
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("router:\n  max_batch_size: [4\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: invalid YAML at line \d+"):
+        load_config(f)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_validate_cli_stops_at_first_bad(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("router:\n  queue_limit: -1\n")
+    good = ROOT / "clusters" / "local-cpu.yaml"
+    assert cli_main(["validate", str(good), str(bad), str(good)]) == 1
+    err = capsys.readouterr().err
+    assert "router.queue_limit" in err and str(bad) in err

@@ -1,0 +1,114 @@
+"""Placement tables: pure logic, no Ray, no torch."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from placement import DeploymentSpec, Inventory, PlacementError, model_spec, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+Z = model_spec("modelscope", "bfloat16")
+
+
+def inv(*nodes):
+    return Inventory.from_nodes(list(nodes))
+
+
+def test_placement_imports_neither_ray_nor_torch():
+    import subprocess
+
+    code = "import sys, placement; print(any(m in sys.modules for m in ('torch', 'ray')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("px,batch,expected", [(1024 * 1024, 1, 21.6), (1024 * 1024, 2, 24.0),
+                                               (1024 * 1024, 4, 28.7), (1280 * 1280, 1, 22.9)])
+def test_memory_model_matches_measured_peaks(px, batch, expected):
+    est = Z.peak_gib(("text_encoder", "transformer", "vae"), px, batch)
+    assert abs(est - expected) / expected < 0.05, est
+
+
+def test_replicate_one_per_gpu_with_limits():
+    p = plan(Z, inv(("n0", 2, 23.5)), DeploymentSpec("replicate", width=1024, height=1024, max_batch_size=4))
+    assert [r.gpus for r in p.replicas] == [(0,), (1,)]
+    assert all(r.max_batch_size == 1 for r in p.replicas)  # 24 GB cards: batch 1 at 1024^2
+    assert all(1024 * 1024 <= r.max_pixels < 1536 * 1536 for r in p.replicas)
+    assert p.gpus[0].components == ("r0.text_encoder", "r0.transformer", "r0.vae")
+
+
+def test_replicate_error_carries_numbers():
+    with pytest.raises(PlacementError) as e:
+        plan(Z, inv(("n0", 2, 16.0)), DeploymentSpec("replicate"))
+    msg = str(e.value)
+    assert "whole pipeline needs 21.6 GiB at 1024x1024" in msg and "n0:0 with 16.0 GiB" in msg and "split" in msg
+
+
+def test_split_places_components_by_device_map():
+    d = DeploymentSpec("split", gpus_per_replica=2, device_map={"text_encoder": 0, "transformer": 1, "vae": 1},
+                       width=2048, height=2048)
+    p = plan(Z, inv(("n0", 2, 23.5)), d)
+    (r,) = p.replicas
+    assert r.components == {"text_encoder": {"node": "n0", "gpu": 0}, "transformer": {"node": "n0", "gpu": 1},
+                            "vae": {"node": "n0", "gpu": 1}}
+    assert r.max_pixels >= 2048 * 2048
+    te, dit = p.gpus
+    assert te.estimated_peak_gib < 9 and dit.estimated_peak_gib < 23.5
+
+
+def test_split_error_names_component_and_gpu():
+    d = DeploymentSpec("split", gpus_per_replica=2, device_map={"text_encoder": 0, "transformer": 0, "vae": 1})
+    with pytest.raises(PlacementError, match=r"text_encoder \+ transformer need\(s\) .* GiB at 1024x1024"):
+        plan(Z, inv(("n0", 2, 16.0)), d)
+
+
+def test_auto_replicates_where_whole_pipeline_fits_and_pairs_the_rest():
+    p = plan(Z, inv(("a", 2, 79.0), ("b", 4, 16.0)), DeploymentSpec("auto"))
+    assert [(r.node, r.gpus) for r in p.replicas] == [("a", (0,)), ("a", (1,)), ("b", (0, 3)), ("b", (1, 2))]
+    split = p.replicas[2]
+    assert split.device_map == {"text_encoder": 0, "transformer": 1, "vae": 1}
+
+
+def test_auto_at_large_size_splits_24gb_cards():
+    p = plan(Z, inv(("n0", 2, 23.5)), DeploymentSpec("auto", width=1536, height=1536))
+    assert len(p.replicas) == 1 and p.replicas[0].gpus == (0, 1)
+
+
+def test_replicas_count_is_checked():
+    with pytest.raises(PlacementError, match="replicas = 3 but only 2"):
+        plan(Z, inv(("n0", 2, 80.0)), DeploymentSpec("replicate", replicas=3))
+
+
+def test_deterministic_and_ordered():
+    i = inv(("b", 2, 80.0), ("a", 2, 80.0))
+    p1 = plan(Z, i, DeploymentSpec("replicate"))
+    p2 = plan(Z, Inventory(tuple(reversed(i.gpus))), DeploymentSpec("replicate"))
+    assert p1 == p2 and [r.node for r in p1.replicas] == ["a", "a", "b", "b"]
+
+
+def test_plan_cli_json_for_every_shipped_config(capsys):
+    from orchestrator.cli import main
+
+    for path in sorted((ROOT / "clusters").glob("*.yaml")):
+        assert main(["plan", str(path), "--json"]) == 0, path
+        data = json.loads(capsys.readouterr().out)
+        assert data["replicas"], path
+        for r in data["replicas"]:
+            assert set(r["components"]) == {"text_encoder", "transformer", "vae"}
+            assert all({"node", "gpu"} <= set(c) for c in r["components"].values())
+        for g in data["gpus"]:
+            assert {"node", "gpu", "capacity_gib", "estimated_peak_gib"} <= set(g)
+
+
+def test_plan_cli_reports_what_cannot_fit(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    bad = tmp_path / "small.yaml"
+    bad.write_text("cluster:\n  nodes: [{name: tiny-node, gpus: 2, gpu_memory_gib: 12}]\n"
+                   "deployment:\n  mode: replicate\n")
+    assert main(["plan", str(bad)]) == 1
+    assert "tiny-node:0 with 12.0 GiB" in capsys.readouterr().err
+    assert main(["plan", str(ROOT / "clusters" / "dual-4090d-replicate.yaml")]) == 0
+    assert "r1" in capsys.readouterr().out

@@ -1,0 +1,241 @@
+"""The router with fake replicas and a manual clock: batching, waiting, limits, failures, timeouts."""
+
+import asyncio
+
+import pytest
+from fakes import FakePool, FakeReplica, lost
+
+from orchestrator.config import RouterConfig
+from orchestrator.errors import NotReadyError, QueueFullError
+from orchestrator.messages import ImageRequest
+from orchestrator.router import ManualClock, Router
+
+
+def req(i, size=64, steps=4, prompt=None):
+    return ImageRequest(f"q{i}", prompt or f"prompt {i}", 1000 + i, size, size, steps, 0.0)
+
+
+async def settle(n=10):
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+def clock():
+    return ManualClock()
+
+
+def make_router(pool, clock, **cfg):
+    base = dict(max_batch_size=4, max_wait_ms=100, queue_limit=100, request_timeout_s=60, max_attempts=3)
+    base.update(cfg)
+    r = Router(pool, RouterConfig(**base), clock=clock)
+    r.start()
+    return r
+
+
+async def test_each_caller_gets_its_own_result(clock):
+    a, b = FakeReplica("a"), FakeReplica("b")
+    router = make_router(FakePool(a, b), clock)
+    tasks = [asyncio.create_task(router.submit(req(i))) for i in range(8)]
+    results = await asyncio.gather(*tasks)
+    assert [r.request_id for r in results] == [f"q{i}" for i in range(8)]
+    assert all(r.ok and r.png == f"prompt {i}|{1000 + i}".encode() for i, r in enumerate(results))
+    assert {r.replica_id for r in results} == {"a", "b"}
+    assert sorted(len(bt) for bt in a.batches + b.batches) == [4, 4]
+    await router.stop()
+
+
+async def test_partial_batch_waits_max_wait_then_goes(clock):
+    a = FakeReplica("a")
+    router = make_router(FakePool(a), clock, max_wait_ms=100)
+    t = asyncio.create_task(router.submit(req(0)))
+    await settle()
+    assert a.batches == []  # free replica, but the batch may still grow
+    await clock.advance(0.05)
+    t2 = asyncio.create_task(router.submit(req(1)))
+    await settle()
+    assert a.batches == []
+    await clock.advance(0.06)  # 110 ms after the first request
+    await asyncio.gather(t, t2)
+    assert [len(b) for b in a.batches] == [2]
+    await router.stop()
+
+
+async def test_no_idle_replica_while_work_waits(clock):
+    a, b = FakeReplica("a", manual=True), FakeReplica("b", manual=True)
+    router = make_router(FakePool(a, b), clock, max_batch_size=2, max_wait_ms=0)
+    tasks = [asyncio.create_task(router.submit(req(i))) for i in range(6)]
+    await settle()
+    assert a.waiting == 1 and b.waiting == 1  # both busy, two requests still queued
+    assert router.waiting == 2
+    a.release()
+    await settle()
+    assert a.waiting == 1 and router.waiting == 0  # a took the rest as soon as it was free
+    a.release()
+    b.release()
+    await asyncio.gather(*tasks)
+    await router.stop()
+
+
+async def test_queue_limit_rejects_at_once(clock):
+    a = FakeReplica("a", manual=True)
+    router = make_router(FakePool(a), clock, max_batch_size=1, max_wait_ms=0, queue_limit=2)
+    running = asyncio.create_task(router.submit(req(0)))
+    await settle()
+    queued = [asyncio.create_task(router.submit(req(i))) for i in (1, 2)]
+    await settle()
+    with pytest.raises(QueueFullError):
+        await router.submit(req(3))
+    for _ in range(3):
+        a.release()
+        await settle()
+    await asyncio.gather(running, *queued)
+    await router.stop()
+
+
+async def test_fifo_dispatch_order(clock):
+    a = FakeReplica("a")
+    router = make_router(FakePool(a), clock, max_batch_size=1, max_wait_ms=0)
+    await asyncio.gather(*(router.submit(req(i)) for i in range(5)))
+    assert [b.requests[0].request_id for b in a.batches] == [f"q{i}" for i in range(5)]
+    await router.stop()
+
+
+async def test_replica_error_fails_its_requests_without_hanging(clock):
+    a = FakeReplica("a")
+    a.error_type = "replica_error"
+    router = make_router(FakePool(a), clock, max_wait_ms=0)
+    results = await asyncio.wait_for(asyncio.gather(*(router.submit(req(i)) for i in range(3))), 5)
+    assert all(not r.ok and r.error_type == "replica_error" for r in results)
+    await router.stop()
+
+
+async def test_transport_exception_fails_requests(clock):
+    a = FakeReplica("a")
+    a.fail_with = RuntimeError("bad pickle")
+    router = make_router(FakePool(a), clock, max_wait_ms=0)
+    r = await asyncio.wait_for(router.submit(req(0)), 5)
+    assert not r.ok and "bad pickle" in r.error
+    await router.stop()
+
+
+async def test_lost_replica_requests_are_redispatched(clock):
+    a, b = FakeReplica("a"), FakeReplica("b", manual=True)
+    a.fail_with = lost()
+    pool = FakePool(a, b)
+    router = make_router(pool, clock, max_batch_size=2, max_wait_ms=0)
+    tasks = [asyncio.create_task(router.submit(req(i))) for i in range(4)]
+    await settle(30)
+    assert pool.failures == ["a"]
+    while b.waiting:
+        b.release()
+        await settle()
+    results = await asyncio.gather(*tasks)
+    assert all(r.ok and r.replica_id == "b" for r in results)
+    assert max(r.attempts for r in results) == 2
+    await router.stop()
+
+
+async def test_attempts_are_bounded(clock):
+    a = FakeReplica("a")
+    a.fail_with = lost()
+
+    class StubbornPool(FakePool):
+        def report_failure(self, replica_id, error):
+            self.failures.append(replica_id)  # never takes it out: every attempt fails
+
+    router = make_router(StubbornPool(a), clock, max_wait_ms=0, max_attempts=3)
+    r = await asyncio.wait_for(router.submit(req(0)), 5)
+    assert not r.ok and r.error_type == "replica_lost" and r.attempts == 3
+    await router.stop()
+
+
+async def test_oom_splits_the_batch(clock):
+    a = FakeReplica("a")
+    a.oom_above = 1
+    router = make_router(FakePool(a), clock, max_batch_size=4, max_wait_ms=0)
+    results = await asyncio.gather(*(router.submit(req(i)) for i in range(4)))
+    assert all(r.ok for r in results)
+    sizes = [len(b) for b in a.batches]
+    assert sizes[0] == 4 and max(sizes[1:]) == 2  # halved, then halved again (batches of 2 also OOM here)
+    assert all(r.batch_size == 1 and r.attempts == 1 for r in results)  # a split is not a failed attempt
+    await router.stop()
+
+
+async def test_oom_on_single_request_is_a_clear_error(clock):
+    a = FakeReplica("a")
+    a.oom_above = 0
+    router = make_router(FakePool(a), clock, max_wait_ms=0)
+    r = await router.submit(req(0))
+    assert not r.ok and r.error_type == "out_of_memory" and "single 64x64 image" in r.error
+    await router.stop()
+
+
+async def test_timeout_while_queued(clock):
+    a = FakeReplica("a", manual=True)
+    router = make_router(FakePool(a), clock, max_batch_size=1, max_wait_ms=0, request_timeout_s=5)
+    first = asyncio.create_task(router.submit(req(0)))
+    await settle()
+    second = asyncio.create_task(router.submit(req(1)))
+    await settle()
+    await clock.advance(6)
+    r0, r1 = await asyncio.gather(first, second)
+    assert r1.error_type == "timeout" and "while queued" in r1.error
+    assert r0.error_type == "timeout" and "while running" in r0.error
+    assert router.waiting == 0
+    a.release()
+    await router.stop()
+
+
+async def test_cancelled_request_is_dropped_before_running(clock):
+    a = FakeReplica("a", manual=True)
+    router = make_router(FakePool(a), clock, max_batch_size=1, max_wait_ms=0)
+    first = asyncio.create_task(router.submit(req(0)))
+    await settle()
+    doomed = asyncio.create_task(router.submit(req(1)))
+    await settle()
+    doomed.cancel()
+    await settle()
+    assert router.waiting == 0
+    a.release()
+    await first
+    await settle()
+    assert [b.requests[0].request_id for b in a.batches] == ["q0"]
+    await router.stop()
+
+
+async def test_no_replicas_means_not_ready(clock):
+    router = make_router(FakePool(), clock)
+    with pytest.raises(NotReadyError):
+        await router.submit(req(0))
+    await router.stop()
+
+
+async def test_router_respects_replica_limits(clock):
+    small = FakeReplica("small", max_pixels=64 * 64, max_batch_pixels=64 * 64 * 2)
+    big = FakeReplica("big", manual=True)
+    router = make_router(FakePool(small, big), clock, max_batch_size=8, max_wait_ms=0)
+    large = asyncio.create_task(router.submit(req(0, size=128)))
+    await settle()
+    smalls = [asyncio.create_task(router.submit(req(i))) for i in range(1, 5)]
+    await asyncio.gather(*smalls)
+    assert all(len(b) <= 2 and b.key.width == 64 for b in small.batches)
+    big.release()
+    assert (await large).replica_id == "big"
+    await router.stop()
+
+
+async def test_drain_waits_for_inflight(clock):
+    a = FakeReplica("a", manual=True)
+    router = make_router(FakePool(a), clock, max_wait_ms=0)
+    t = asyncio.create_task(router.submit(req(0)))
+    await settle()
+    drain = asyncio.create_task(router.drain(5))
+    await settle()
+    with pytest.raises(NotReadyError):
+        await router.submit(req(1))
+    assert not drain.done()
+    a.release()
+    assert await drain is True
+    assert (await t).ok
+    await router.stop()

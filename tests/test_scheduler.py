@@ -1,0 +1,139 @@
+"""The batching decision as pure logic with hand-written times."""
+
+import pytest
+
+from orchestrator.errors import CapacityError, QueueFullError
+from orchestrator.messages import ImageRequest
+from orchestrator.scheduler import BatchScheduler, Pending, ReplicaCapacity
+
+BIG = 1 << 40
+
+
+def rep(rid, outstanding=0, max_pixels=BIG, max_batch_pixels=BIG):
+    return ReplicaCapacity(rid, max_pixels, max_batch_pixels, outstanding)
+
+
+def pend(i, t, size=64, steps=4, guidance=0.0, deadline=1e9):
+    return Pending(ImageRequest(f"q{i}", "p", i, size, size, steps, guidance), enqueued_at=t, deadline=deadline)
+
+
+def ids(decision):
+    return [p.request.request_id for p in decision[1]]
+
+
+def test_full_batch_goes_at_once():
+    s = BatchScheduler(max_batch_size=2, max_wait_s=1.0, queue_limit=10)
+    for i in range(3):
+        s.add(pend(i, 0.0))
+    d = s.schedule(0.0, [rep("a")])
+    assert len(d) == 1 and ids(d[0]) == ["q0", "q1"]
+    assert len(s) == 1
+
+
+def test_partial_batch_waits_for_max_wait():
+    s = BatchScheduler(max_batch_size=4, max_wait_s=0.5, queue_limit=10)
+    s.add(pend(0, 10.0))
+    assert s.schedule(10.2, [rep("a")]) == []
+    assert s.next_deadline([rep("a")]) == pytest.approx(10.5)
+    d = s.schedule(10.5, [rep("a")])
+    assert ids(d[0]) == ["q0"]
+
+
+def test_batches_only_share_a_key():
+    s = BatchScheduler(max_batch_size=4, max_wait_s=0.0, queue_limit=10)
+    s.add(pend(0, 0.0, size=64))
+    s.add(pend(1, 0.1, size=128))
+    s.add(pend(2, 0.2, size=64))
+    s.add(pend(3, 0.3, size=64, steps=8))
+    s.add(pend(4, 0.4, size=64, guidance=2.0))
+    d = s.schedule(1.0, [rep("a"), rep("b"), rep("c"), rep("d")])
+    got = sorted(tuple(ids(x)) for x in d)
+    assert got == [("q0", "q2"), ("q1",), ("q3",), ("q4",)]
+
+
+def test_oldest_key_first_and_fifo_within_key():
+    s = BatchScheduler(max_batch_size=2, max_wait_s=0.0, queue_limit=10)
+    s.add(pend(0, 0.0, size=128))
+    s.add(pend(1, 0.1, size=64))
+    s.add(pend(2, 0.2, size=128))
+    s.add(pend(3, 0.3, size=128))
+    d = s.schedule(1.0, [rep("a")])
+    assert ids(d[0]) == ["q0", "q2"]
+    d = s.schedule(1.0, [rep("a")])
+    assert ids(d[0]) == ["q1"]  # key of q1 is now the oldest
+
+
+def test_full_group_of_other_key_does_not_wait_behind_partial():
+    s = BatchScheduler(max_batch_size=2, max_wait_s=5.0, queue_limit=10)
+    s.add(pend(0, 0.0, size=128))  # alone, not yet due
+    s.add(pend(1, 0.1, size=64))
+    s.add(pend(2, 0.2, size=64))  # full pair
+    d = s.schedule(0.3, [rep("a")])
+    assert ids(d[0]) == ["q1", "q2"]
+
+
+def test_least_outstanding_replica_first():
+    s = BatchScheduler(max_batch_size=1, max_wait_s=0.0, queue_limit=10)
+    s.add(pend(0, 0.0))
+    d = s.schedule(0.0, [rep("a", outstanding=1), rep("b", outstanding=0)])
+    assert d[0][0] == "b"
+
+
+def test_every_free_replica_gets_work_while_work_waits():
+    s = BatchScheduler(max_batch_size=2, max_wait_s=0.0, queue_limit=10)
+    for i in range(5):
+        s.add(pend(i, 0.0))
+    d = s.schedule(0.0, [rep("a"), rep("b"), rep("c")])
+    assert [x[0] for x in d] == ["a", "b", "c"] and [len(x[1]) for x in d] == [2, 2, 1]
+
+
+def test_replica_memory_limits_batch_and_size():
+    s = BatchScheduler(max_batch_size=8, max_wait_s=0.0, queue_limit=10)
+    for i in range(4):
+        s.add(pend(i, 0.0, size=64))
+    s.add(pend(9, 0.0, size=256))
+    small = rep("small", max_pixels=64 * 64, max_batch_pixels=2 * 64 * 64)
+    d = s.schedule(0.0, [small])
+    assert ids(d[0]) == ["q0", "q1"]  # two 64x64 images fill its budget
+    d = s.schedule(0.0, [small])
+    assert ids(d[0]) == ["q2", "q3"]
+    assert s.schedule(0.0, [small]) == []  # the 256x256 request never goes to it
+    assert ids(s.schedule(0.0, [rep("big")])[0]) == ["q9"]
+
+
+def test_capacity_error_when_no_replica_fits():
+    s = BatchScheduler(max_batch_size=8, max_wait_s=0.0, queue_limit=10)
+    with pytest.raises(CapacityError, match="256x256"):
+        s.check_servable(pend(0, 0, size=256).request.key, [rep("a", max_pixels=128 * 128)])
+
+
+def test_queue_limit_and_retries_bypass_it():
+    s = BatchScheduler(max_batch_size=8, max_wait_s=0.0, queue_limit=2)
+    s.add(pend(0, 0))
+    s.add(pend(1, 0))
+    with pytest.raises(QueueFullError, match="queue_limit=2"):
+        s.add(pend(2, 0))
+    s.add(pend(3, 0), front=True)  # a retry of accepted work is never rejected
+    assert len(s) == 3
+    assert ids(s.schedule(0, [rep("a")])[0])[0] == "q3"
+
+
+def test_expire_and_remove():
+    s = BatchScheduler(max_batch_size=8, max_wait_s=10, queue_limit=10)
+    a, b = pend(0, 0, deadline=5), pend(1, 0, deadline=50)
+    s.add(a)
+    s.add(b)
+    assert s.next_deadline([]) == 5
+    assert s.expire(6) == [a]
+    assert s.remove(b) and not s.remove(b)
+    assert len(s) == 0 and s.next_deadline([rep("a")]) is None
+
+
+def test_split_cap_after_oom():
+    s = BatchScheduler(max_batch_size=8, max_wait_s=0, queue_limit=10)
+    for i in range(4):
+        p = pend(i, 0)
+        p.max_batch = 2
+        s.add(p)
+    d = s.schedule(0, [rep("a")])
+    assert len(d[0][1]) == 2

@@ -1,0 +1,69 @@
+"""The replica class without Ray: start, run batches, failures as data."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from actors.worker import PipelineWorker, WarmupSpec
+from orchestrator.config import ModelConfig
+from orchestrator.messages import Batch, ImageRequest
+
+
+def req(i, prompt="a cat", seed=None, size=64):
+    return ImageRequest(f"q{i}", prompt, seed if seed is not None else i, size, size, 2, 0.0)
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_cache):
+    w = PipelineWorker("r0", ModelConfig(source="tiny", dtype="float32", cache_dir=tiny_cache),
+                       warmup=WarmupSpec(32, 32, 1), torch_threads=1)
+    health = w.start()
+    assert health.ready and health.device_map["transformer"] == "cpu" and health.dtype == "float32"
+    return w
+
+
+def test_run_batch_returns_pngs(worker):
+    out = worker.run_batch(Batch(7, (req(1), req(2, "a dog"))))
+    assert [r.request_id for r in out.results] == ["q1", "q2"]
+    for r in out.results:
+        assert r.ok and r.batch_id == 7 and r.batch_size == 2 and r.replica_id == "r0"
+        img = Image.open(io.BytesIO(r.png))
+        assert img.size == (64, 64)
+    assert out.stage_times.denoise_s > 0
+
+
+def test_same_seed_same_image_in_any_batch(worker):
+    alone = worker.run_batch(Batch(1, (req(5, "a fox", seed=42),))).results[0]
+    mixed = worker.run_batch(Batch(2, (req(6, "other", seed=1), req(7, "a fox", seed=42)))).results[1]
+    a = np.asarray(Image.open(io.BytesIO(alone.png)), dtype=int)
+    b = np.asarray(Image.open(io.BytesIO(mixed.png)), dtype=int)
+    assert np.abs(a - b).max() <= 1  # fp32 batched vs single differ below 1e-5 before quantisation
+
+
+def test_failure_comes_back_as_data(worker):
+    worker.inject_fault("raise", message="boom")
+    try:
+        out = worker.run_batch(Batch(3, (req(1), req(2))))
+    finally:
+        worker.inject_fault(None)
+    assert all(not r.ok and r.error_type == "replica_error" and "boom" in r.error for r in out.results)
+    assert worker.run_batch(Batch(4, (req(1),))).results[0].ok  # still serving
+
+
+def test_oom_is_classified(worker):
+    worker.inject_fault("oom_above", max_batch=1)
+    try:
+        out = worker.run_batch(Batch(5, (req(1), req(2))))
+        single = worker.run_batch(Batch(6, (req(1),)))
+    finally:
+        worker.inject_fault(None)
+    assert {r.error_type for r in out.results} == {"out_of_memory"}
+    assert single.results[0].ok
+
+
+def test_not_started_worker_fails_requests():
+    w = PipelineWorker("rx", ModelConfig(source="tiny"))
+    out = w.run_batch(Batch(0, (req(1),)))
+    assert out.results[0].error_type == "not_ready"
