@@ -10,11 +10,13 @@ from __future__ import annotations
 import io
 import logging
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass
 
 from orchestrator.config import COMPONENTS, ModelConfig
-from orchestrator.messages import Batch, BatchResult, ImageResult, ReplicaHealth, StageTimes
+from orchestrator.messages import Batch, BatchResult, ImageResult, ReplicaHealth, StageTimes, StepProgress
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,28 @@ class PipelineWorker:
 
     # ---- serving ---------------------------------------------------------------------------------------
     def run_batch(self, batch: Batch) -> BatchResult:
+        return self._run(batch)
+
+    def run_batch_stream(self, batch: Batch):
+        """Like ``run_batch``, but first yields a ``StepProgress`` after every denoising step (Ray streams each
+        item to the router as it is produced), then the ``BatchResult``."""
+        events: queue.Queue = queue.Queue()
+        out: list[BatchResult] = []
+
+        def work() -> None:
+            try:
+                out.append(self._run(batch, lambda i, n: events.put(StepProgress(batch.batch_id, i, n))))
+            finally:
+                events.put(None)
+
+        t = threading.Thread(target=work, name=f"batch-{batch.batch_id}", daemon=True)
+        t.start()
+        while (event := events.get()) is not None:
+            yield event
+        t.join()
+        yield out[0]
+
+    def _run(self, batch: Batch, on_step=None) -> BatchResult:
         if self.engine is None:
             return self._failed(batch, "replica is not started", "not_ready")
         key = batch.key
@@ -158,6 +182,7 @@ class PipelineWorker:
                 key.num_inference_steps,
                 key.guidance_scale,
                 [r.negative_prompt for r in batch.requests],
+                on_step,
             )
         except Exception as e:  # noqa: BLE001 - every failure becomes data for the router
             kind = "out_of_memory" if _is_oom(e) else "replica_error"

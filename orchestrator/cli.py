@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_plan)
 
+    from . import server
+
+    server.add_parser(sub)
     return ap
 
 

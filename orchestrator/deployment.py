@@ -190,10 +190,10 @@ class Deployment:
     def requests_for(self, prompt: str, **params) -> list[ImageRequest]:
         return build_requests(prompt, defaults=self.config.defaults, limits=self.config.limits, **params)
 
-    async def submit(self, request: ImageRequest, timeout_s: float | None = None) -> ImageResult:
+    async def submit(self, request: ImageRequest, timeout_s: float | None = None, on_progress=None) -> ImageResult:
         if self.router is None:
             raise NotReadyError("the deployment has not started")
-        return await self.router.submit(request, timeout_s)
+        return await self.router.submit(request, timeout_s, on_progress)
 
     async def generate(self, prompts: str | Sequence[str], **params) -> list[ImageResult]:
         """Generate images for one prompt or many (each fanned out ``n`` times). Parameters: n, width, height,

@@ -22,7 +22,7 @@ from actors.worker import PipelineWorker, WarmupSpec
 
 from .config import ClusterConfig, ModelConfig
 from .errors import NotReadyError, ReplicaError, ReplicaUnavailableError
-from .messages import Batch, BatchResult, ReplicaHealth
+from .messages import Batch, BatchResult, ReplicaHealth, StepProgress
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,23 @@ class RayReplica:
             raise NotReadyError(f"replica {self.replica_id} did not become ready within {timeout_s:.0f}s "
                                 f"(is a GPU free on {self.node.name}?)") from None
 
-    async def run(self, batch: Batch) -> BatchResult:
-        return await _await(self.actor.run_batch.remote(batch))
+    async def run(self, batch: Batch, on_progress=None) -> BatchResult:
+        if on_progress is None:
+            return await _await(self.actor.run_batch.remote(batch))
+        stream = self.actor.run_batch_stream.options(num_returns="streaming").remote(batch)
+        result = None
+        try:
+            async for ref in stream:
+                item = await _await(ref)
+                if isinstance(item, StepProgress):
+                    on_progress(item)
+                else:
+                    result = item
+        except (RayActorError, RayTaskError) as e:
+            raise ReplicaUnavailableError(_first_line(e)) from None
+        if result is None:
+            raise ReplicaError(f"replica {self.replica_id} ended batch {batch.batch_id} without a result")
+        return result
 
     async def health(self) -> ReplicaHealth:
         return await _await(self.actor.health.remote())

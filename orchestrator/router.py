@@ -11,12 +11,12 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from .config import RouterConfig
 from .errors import NotReadyError, ReplicaUnavailableError
-from .messages import Batch, BatchResult, ImageRequest, ImageResult
+from .messages import Batch, BatchResult, ImageRequest, ImageResult, StepProgress
 from .scheduler import BatchScheduler, Pending, ReplicaCapacity
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class Replica(Protocol):
     max_pixels: int
     max_batch_pixels: int
 
-    async def run(self, batch: Batch) -> BatchResult: ...
+    async def run(self, batch: Batch, on_progress: Callable[[StepProgress], None] | None = None) -> BatchResult:
+        ...
 
 
 class ReplicaPool(Protocol):
@@ -84,13 +85,11 @@ class ReplicaPool(Protocol):
 
 
 class RouterObserver:
-    """Hooks for metrics and logs; the default does nothing."""
-
-    def queued(self, n_waiting: int) -> None: ...
+    """Hooks for metrics and logs; the default does nothing. Queue depths are read from the router itself."""
 
     def dispatched(self, replica_id: str, batch: Batch, queue_times: list[float]) -> None: ...
 
-    def replica_done(self, replica_id: str) -> None: ...
+    def batch_done(self, replica_id: str, out: BatchResult | None) -> None: ...
 
     def finished(self, result: ImageResult) -> None: ...
 
@@ -163,10 +162,16 @@ class Router:
         return len(self._running)
 
     # ---- the public entry point ------------------------------------------------------------------------
-    async def submit(self, request: ImageRequest, timeout_s: float | None = None) -> ImageResult:
+    async def submit(
+        self,
+        request: ImageRequest,
+        timeout_s: float | None = None,
+        on_progress: Callable[[StepProgress], None] | None = None,
+    ) -> ImageResult:
         """Queue one request and wait for its result. Raises on admission (queue full, not servable, not
         accepting); after admission every outcome, failures and timeouts included, is an ``ImageResult``.
-        Cancelling the awaiting task drops the request if it has not been dispatched yet."""
+        Cancelling the awaiting task drops the request if it has not been dispatched yet. ``on_progress`` is
+        called after every denoising step of the batch that runs the request."""
         if not self._accepting:
             self.observer.rejected("not_ready")
             raise NotReadyError("the deployment is shutting down and accepts no new requests")
@@ -181,14 +186,13 @@ class Router:
             raise
         now = self.clock.now()
         timeout = timeout_s if timeout_s is not None else self.config.request_timeout_s
-        p = Pending(request, enqueued_at=now, deadline=now + timeout)
+        p = Pending(request, enqueued_at=now, deadline=now + timeout, progress=on_progress)
         p.ticket = asyncio.get_running_loop().create_future()
         try:
             self.scheduler.add(p)
         except Exception as e:
             self.observer.rejected(getattr(e, "error_type", "rate_limit_error"))
             raise
-        self.observer.queued(len(self.scheduler))
         self._wake.set()
         try:
             return await asyncio.shield(p.ticket)
@@ -207,7 +211,6 @@ class Router:
                 self._expire(now)
                 for replica_id, pendings in self.scheduler.schedule(now, self._free()):
                     self._dispatch(replica_id, pendings, now)
-                self.observer.queued(len(self.scheduler))
                 deadline = self._next_deadline()
             except Exception:  # noqa: BLE001 - a bug here must not silently stop all serving
                 log.exception("router loop error; continuing")
@@ -235,9 +238,14 @@ class Router:
         task.add_done_callback(self._inflight_tasks.discard)
 
     async def _run(self, replica: Replica, batch: Batch, pendings: list[Pending]) -> None:
+        out = None
         try:
             try:
-                out = await replica.run(batch)
+                listeners = [p.progress for p in pendings if p.progress is not None]
+                if listeners:
+                    out = await replica.run(batch, on_progress=lambda ev: [f(ev) for f in listeners])
+                else:
+                    out = await replica.run(batch)
             except ReplicaUnavailableError as e:
                 log.warning("replica %s lost during batch %d (%s); re-dispatching %d request(s)",
                             replica.replica_id, batch.batch_id, e, len(pendings))
@@ -253,7 +261,7 @@ class Router:
             self._deliver(batch, pendings, out)
         finally:
             self._outstanding[replica.replica_id] = max(0, self._outstanding.get(replica.replica_id, 1) - 1)
-            self.observer.replica_done(replica.replica_id)
+            self.observer.batch_done(replica.replica_id, out)
             self._wake.set()
 
     def _deliver(self, batch: Batch, pendings: list[Pending], out: BatchResult) -> None:

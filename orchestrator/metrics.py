@@ -1,0 +1,88 @@
+"""Prometheus metrics (prefix ``zimage_``, base units, ``_total`` on counters, no per-prompt labels).
+
+``PrometheusObserver`` plugs into the router's observer hooks; the HTTP server exposes its registry on /metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .messages import Batch, BatchResult, ImageResult, ReplicaHealth
+from .router import RouterObserver
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 30, 60, 120, 300, 600)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class PrometheusObserver(RouterObserver):
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.waiting = Gauge("zimage_requests_waiting", "Requests queued in the router.", registry=r)
+        self.running = Gauge("zimage_requests_running", "Requests dispatched to a replica, not yet answered.",
+                             registry=r)
+        self.queue_time = Histogram("zimage_queue_time_seconds", "Time from arrival to dispatch.",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("zimage_request_latency_seconds", "End-to-end latency of successful requests.",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("zimage_batch_size", "Requests per pipeline call.", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.images = Counter("zimage_images_generated_total", "Images generated successfully.", registry=r)
+        self.requests = Counter("zimage_requests_total", "Requests answered, by outcome.", ["outcome"], registry=r)
+        self.errors = Counter("zimage_request_errors_total", "Failed or rejected requests, by error type.",
+                              ["type"], registry=r)
+        self.busy = Gauge("zimage_replica_busy", "Batches in flight at the replica (0 = idle).", ["replica"],
+                          registry=r)
+        self.replica_up = Gauge("zimage_replica_up", "1 when the replica is live and serving.", ["replica"],
+                                registry=r)
+        self.gpu_memory = Gauge("zimage_gpu_memory_bytes", "Allocated GPU memory per replica device.",
+                                ["replica", "device"], registry=r)
+        self.gpu_memory_peak = Gauge("zimage_gpu_memory_peak_bytes", "Peak allocated GPU memory per replica device.",
+                                     ["replica", "device"], registry=r)
+        self.stage = Histogram("zimage_stage_seconds", "Seconds per pipeline stage per batch.", ["stage"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self._inflight: dict[str, int] = {}
+
+    def bind(self, router) -> None:
+        """Read queue depths from the router at scrape time (always exact, no bookkeeping here)."""
+        self.waiting.set_function(lambda: router.waiting)
+        self.running.set_function(lambda: router.running)
+
+    # ---- router hooks ----------------------------------------------------------------------------------
+    def dispatched(self, replica_id: str, batch: Batch, queue_times: list[float]) -> None:
+        self.batch_size.observe(len(batch))
+        for q in queue_times:
+            self.queue_time.observe(q)
+        self._inflight[replica_id] = self._inflight.get(replica_id, 0) + 1
+        self.busy.labels(replica_id).set(self._inflight[replica_id])
+
+    def batch_done(self, replica_id: str, out: BatchResult | None) -> None:
+        self._inflight[replica_id] = max(0, self._inflight.get(replica_id, 1) - 1)
+        self.busy.labels(replica_id).set(self._inflight[replica_id])
+        if out is not None and out.stage_times.total_s > 0:
+            st = out.stage_times
+            self.stage.labels("encode").observe(st.encode_s)
+            self.stage.labels("denoise").observe(st.denoise_s)
+            self.stage.labels("decode").observe(st.decode_s)
+
+    def finished(self, result: ImageResult) -> None:
+        if result.ok:
+            self.images.inc()
+            self.latency.observe(result.latency_s)
+            self.requests.labels("ok").inc()
+        else:
+            self.requests.labels("error").inc()
+            self.errors.labels(result.error_type or "unknown").inc()
+
+    def rejected(self, error_type: str) -> None:
+        self.requests.labels("rejected").inc()
+        self.errors.labels(error_type).inc()
+
+    # ---- replica state ---------------------------------------------------------------------------------
+    def replica_state(self, replica_id: str, up: bool, health: ReplicaHealth | None = None) -> None:
+        self.replica_up.labels(replica_id).set(1 if up else 0)
+        if health is not None:
+            for dev, b in health.memory_allocated_bytes.items():
+                self.gpu_memory.labels(replica_id, dev).set(b)
+            for dev, b in health.peak_memory_bytes.items():
+                self.gpu_memory_peak.labels(replica_id, dev).set(b)
