@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -330,6 +331,13 @@ def cmd_serve(args) -> int:
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the API is reachable beyond this machine%s", host,
                     "" if config.server.api_keys or os.environ.get("ZIMAGE_API_KEYS") else " and has NO API key")
+    from . import ray_backend
+
+    # Ray installs a SIGTERM handler that exits at once; connect first so that uvicorn's graceful handler is
+    # the one in force while serving, and make the handler uvicorn restores (and re-raises into) a no-op, so a
+    # drained shutdown exits 0.
+    ray_backend.connect(config.cluster)
+    signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: drained, exiting"))
     app = create_app(config)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False,
                 timeout_graceful_shutdown=int(config.server.drain_timeout_s))
