@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from orchestrator.config import COMPONENTS, ModelConfig
@@ -78,6 +79,11 @@ class PipelineWorker:
         self.load_s = 0.0
         self.warmup_s = 0.0
         self._fault = None  # test hook: see inject_fault
+        self.numerics: dict = {}  # fp8 against the unquantized model, measured at start-up
+        # One batch at a time on the devices; a second run_batch (Ray max_concurrency=2) waits here, so its GPU
+        # work starts the moment this one's ends, while this one's PNGs are still being encoded on the CPU.
+        self._device_lock = threading.Lock()
+        self._png_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="png")
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> ReplicaHealth:
@@ -114,6 +120,13 @@ class PipelineWorker:
         cfg, transformer = self.model_cfg, self.engine.transformer
         if cfg.attention_backend:
             transformer.set_attention_backend(cfg.attention_backend)
+        if cfg.quantization == "fp8":
+            from .quantize import compare, quantize_fp8, reference_output
+
+            reference = reference_output(self.engine)
+            quantize_fp8(transformer)
+            self.numerics = compare(reference, reference_output(self.engine))
+            log.info("replica %s: fp8 vs %s: %s", self.replica_id, self.engine.dtype, self.numerics)
         if cfg.compile and self.engine.devices["transformer"].type == "cuda":
             from .compile_cache import enable_compile_cache
 
@@ -139,6 +152,9 @@ class PipelineWorker:
             check_s=time.perf_counter() - t0,
             memory_allocated_bytes=alloc,
             peak_memory_bytes=peak,
+            load_s=self.load_s,
+            warmup_s=self.warmup_s,
+            numerics=dict(self.numerics),
         )
 
     def pid(self) -> int:
@@ -172,18 +188,19 @@ class PipelineWorker:
             return self._failed(batch, "replica is not started", "not_ready")
         key = batch.key
         try:
-            if self._fault is not None:
-                self._fault(batch)
-            images, times = self.engine.generate(
-                [r.prompt for r in batch.requests],
-                [r.seed for r in batch.requests],
-                key.height,
-                key.width,
-                key.num_inference_steps,
-                key.guidance_scale,
-                [r.negative_prompt for r in batch.requests],
-                on_step,
-            )
+            with self._device_lock:
+                if self._fault is not None:
+                    self._fault(batch)
+                images, times = self.engine.generate(
+                    [r.prompt for r in batch.requests],
+                    [r.seed for r in batch.requests],
+                    key.height,
+                    key.width,
+                    key.num_inference_steps,
+                    key.guidance_scale,
+                    [r.negative_prompt for r in batch.requests],
+                    on_step,
+                )
         except Exception as e:  # noqa: BLE001 - every failure becomes data for the router
             kind = "out_of_memory" if _is_oom(e) else "replica_error"
             log.exception("replica %s: batch %d (%d x %s) failed", self.replica_id, batch.batch_id, len(batch), key)
@@ -192,13 +209,14 @@ class PipelineWorker:
             return self._failed(batch, f"{type(e).__name__}: {e}", kind)
         self.batches_run += 1
         self.images_run += len(batch)
+        pngs = list(self._png_pool.map(encode_png, images))  # zlib releases the GIL: images encode in parallel
         results = tuple(
             ImageResult(
                 request_id=r.request_id, ok=True, replica_id=self.replica_id, batch_id=batch.batch_id,
-                batch_size=len(batch), seed=r.seed, width=key.width, height=key.height, png=encode_png(img),
+                batch_size=len(batch), seed=r.seed, width=key.width, height=key.height, png=png,
                 stage_times=times,
             )
-            for r, img in zip(batch.requests, images)
+            for r, png in zip(batch.requests, pngs)
         )
         return BatchResult(batch.batch_id, self.replica_id, results, times)
 

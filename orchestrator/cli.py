@@ -258,9 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_plan)
 
-    from . import server
+    from . import bench, server
 
     server.add_parser(sub)
+    bench.add_parser(sub)
     return ap
 
 

@@ -110,6 +110,11 @@ class ModelConfig(_Strict):
         default=False,
         description="Regional torch.compile of the transformer's repeated blocks (GPU only; first call slow).",
     )
+    quantization: Literal["none", "fp8"] = Field(
+        default="none",
+        description="fp8: dynamic per-row float8 of the transformer blocks' linear layers (torchao; Ada/Hopper "
+        "GPUs). The replica checks its output against bf16 at start-up and reports the error.",
+    )
     compile_cache_dir: Path | None = Field(
         default=None,
         description="Persistent compile cache (TORCHINDUCTOR_CACHE_DIR); None: ~/.cache/zimage-orchestrator/inductor.",
@@ -321,10 +326,32 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(_format_validation_error(source, e)) from None
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load and validate a YAML config. ``None`` gives the embedded local-CPU default."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """``["model.compile=true", "router.max_batch_size=8"]`` -> a copy of ``data`` with those fields set.
+    Values are parsed as YAML scalars, so ``true``, ``8`` and ``[1, 2]`` get their natural types."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        if not sep or not path.strip():
+            raise ConfigError(f"{source}: --set {item!r}: expected dotted.path=value, e.g. model.compile=true")
+        node = out
+        parts = path.strip().split(".")
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: --set {item!r}: {p} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Load and validate a YAML config (``None``: the embedded local-CPU default), with ``--set`` overrides."""
     if path is None:
-        return config_from_dict(LOCAL_CPU_DEFAULT, "<embedded local-cpu default>")
+        source = "<embedded local-cpu default>"
+        return config_from_dict(apply_overrides(LOCAL_CPU_DEFAULT, overrides or [], source), source)
     p = Path(path)
     try:
         text = p.read_text()
@@ -338,4 +365,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"{p}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
     if data is None:
         data = {}
+    if overrides:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+        data = apply_overrides(data, overrides, str(p))
     return config_from_dict(data, str(p))

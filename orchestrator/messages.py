@@ -107,6 +107,9 @@ class ReplicaHealth:
     check_s: float = 0.0
     memory_allocated_bytes: dict[str, int] = field(default_factory=dict)
     peak_memory_bytes: dict[str, int] = field(default_factory=dict)
+    load_s: float = 0.0
+    warmup_s: float = 0.0
+    numerics: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,7 @@ class Router:
         self.max_inflight = max_inflight_batches
         self.scheduler = BatchScheduler(config.max_batch_size, config.max_wait_ms / 1000.0, config.queue_limit)
         self._outstanding: dict[str, int] = {}
+        self._last_used: dict[str, int] = {}
         self._running: dict[str, Pending] = {}  # request_id -> pending, dispatched and not yet answered
         self._batch_ids = itertools.count()
         self._wake = asyncio.Event()
@@ -231,6 +232,7 @@ class Router:
             p.attempts += 1
             self._running[p.request.request_id] = p
         self._outstanding[replica_id] = self._outstanding.get(replica_id, 0) + 1
+        self._last_used[replica_id] = batch.batch_id
         self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings])
         log.debug("batch %d: %d x %s -> %s", batch.batch_id, len(batch), batch.key, replica_id)
         task = asyncio.get_running_loop().create_task(self._run(replica, batch, pendings))
@@ -318,7 +320,8 @@ class Router:
 
     def _capacities(self) -> list[ReplicaCapacity]:
         return [
-            ReplicaCapacity(r.replica_id, r.max_pixels, r.max_batch_pixels, self._outstanding.get(r.replica_id, 0))
+            ReplicaCapacity(r.replica_id, r.max_pixels, r.max_batch_pixels, self._outstanding.get(r.replica_id, 0),
+                            self._last_used.get(r.replica_id, -1))
             for r in self.pool.live()
         ]
 

@@ -10,6 +10,9 @@ Policy:
 - A free replica takes the oldest ready group it can serve (its plan's batch and pixel limits); if no group is
   ready, it waits until the earliest one will be (``next_deadline``). So no replica idles past max_wait while
   work it can serve is queued.
+- Waiting work is shared among the free replicas: 4 requests and 2 free replicas make two batches of 2, not
+  one of 4 and an idle replica (batching buys a GPU little; a second replica halves the latency).
+- Replicas are taken least-outstanding first, then longest-idle first, so load spreads evenly.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class ReplicaCapacity:
     max_pixels: int  # largest single image
     max_batch_pixels: int  # most images x pixels in one batch (the plan's memory budget)
     outstanding: int = 0  # batches dispatched and not yet returned
+    last_used: int = -1  # dispatch sequence number of its latest batch (ties go to the longest idle)
 
     def fits(self, key: BatchKey) -> bool:
         return key.pixels <= self.max_pixels
@@ -122,12 +126,15 @@ class BatchScheduler:
         """Form batches for the free replicas (least outstanding first, ties by id). Returns
         ``[(replica_id, requests)]`` and removes those requests from the queue."""
         decisions = []
-        for replica in sorted(free, key=lambda r: (r.outstanding, r.replica_id)):
+        order = sorted(free, key=lambda r: (r.outstanding, r.last_used, r.replica_id))
+        for n, replica in enumerate(order):
             for key, group in self._ordered_groups():
                 if not replica.fits(key):
                     continue
                 limit = self._limit(key, group, replica)
                 if len(group) >= limit or now - group[0].enqueued_at >= self.max_wait_s:
+                    sharing = sum(1 for r in order[n:] if r.fits(key))
+                    limit = min(limit, -(-len(group) // sharing))
                     taken = []
                     while group and len(taken) < limit:
                         if group[0].max_batch and len(taken) >= group[0].max_batch:

@@ -319,13 +319,14 @@ def add_parser(sub) -> None:
     p.add_argument("config", nargs="?", default=None, help="config file (default: the embedded local-CPU one)")
     p.add_argument("--host", default=None, help="bind address (default: server.host, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: server.port, 8000)")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
     p.set_defaults(fn=cmd_serve)
 
 
 def cmd_serve(args) -> int:
     import uvicorn
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -46,9 +46,25 @@ def test_batches_only_share_a_key():
     s.add(pend(2, 0.2, size=64))
     s.add(pend(3, 0.3, size=64, steps=8))
     s.add(pend(4, 0.4, size=64, guidance=2.0))
-    d = s.schedule(1.0, [rep("a"), rep("b"), rep("c"), rep("d")])
-    got = sorted(tuple(ids(x)) for x in d)
+    got = [tuple(ids(s.schedule(1.0, [rep("a")])[0])) for _ in range(4)]
     assert got == [("q0", "q2"), ("q1",), ("q3",), ("q4",)]
+    assert len(s) == 0
+
+
+def test_waiting_work_is_shared_among_free_replicas():
+    s = BatchScheduler(max_batch_size=4, max_wait_s=0.0, queue_limit=10)
+    for i in range(5):
+        s.add(pend(i, 0.0))
+    d = s.schedule(0.0, [rep("a"), rep("b")])
+    assert [ids(x) for x in d] == [["q0", "q1", "q2"], ["q3", "q4"]]
+
+
+def test_ties_go_to_the_longest_idle_replica():
+    s = BatchScheduler(max_batch_size=4, max_wait_s=0.0, queue_limit=10)
+    s.add(pend(0, 0.0))
+    a = ReplicaCapacity("a", BIG, BIG, 0, last_used=7)
+    b = ReplicaCapacity("b", BIG, BIG, 0, last_used=3)
+    assert s.schedule(0.0, [a, b])[0][0] == "b"
 
 
 def test_oldest_key_first_and_fifo_within_key():

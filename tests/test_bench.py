@@ -1,0 +1,44 @@
+"""The benchmark harness on the CPU: tiny model, short run, JSON and plot produced, baseline side by side."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_cpu_short_run(tmp_path, tiny_cache):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "bench", "--set", f"model.cache_dir={tiny_cache}",
+           "--set", "defaults.width=64", "--set", "defaults.height=64", "--concurrency", "1,4",
+           "--requests", "8", "--warmup", "2", "--baseline", "--baseline-requests", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["card"] == "cpu" and report["sizes"] == ["64x64"]
+    assert report["baseline"]["sizes"]["64x64"]["images"] == 2
+    c1, c4 = report["runs"]
+    assert (c1["concurrency"], c4["concurrency"]) == (1, 4)
+    for run in (c1, c4):
+        assert run["images"] == 8 and run["failed"] == 0 and run["throughput_vs_baseline"] > 0
+        assert run["latency_p50_s"] <= run["latency_p95_s"] <= run["latency_p99_s"]
+        assert set(run["stage_p50_s"]) == {"encode_s", "denoise_s", "decode_s", "total_s"}
+    assert max(int(k) for k in c4["batch_sizes"]) > 1
+    assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_mixed_sizes_and_summary_math():
+    from orchestrator.bench import percentile, summarize
+    from orchestrator.messages import ImageResult, StageTimes
+
+    rs = [ImageResult(f"q{i}", True, replica_id="r0" if i < 2 else "r1", batch_id=i // 2, batch_size=2,
+                      latency_s=float(i + 1), queue_s=0.5, stage_times=StageTimes(1, 2, 3, 6)) for i in range(4)]
+    rs.append(ImageResult("bad", False, error="x", error_type="timeout"))
+    s = summarize("t", rs, elapsed=12.0, concurrency=2)
+    assert s.images == 4 and s.failed == 1 and s.throughput_img_s == pytest.approx(4 / 12, abs=1e-4)
+    assert s.batch_sizes == {"2": 2} and s.replica_busy_fraction == {"r0": 0.5, "r1": 0.5}
+    assert percentile([1, 2, 3, 4], 0.5) == 2.5 and s.latency_p50_s == 2.5
