@@ -357,27 +357,6 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark a deployment (and plain diffusers side by side)")
-    p.add_argument("config", nargs="?", default=None)
-    p.add_argument("--concurrency", default="1,4", help="closed-loop concurrencies, comma-separated")
-    p.add_argument("--rate", type=float, default=None, help="open loop: requests per second (Poisson)")
-    p.add_argument("--duration", type=float, default=30.0, help="open loop: seconds")
-    p.add_argument("--requests", type=int, default=16, help="closed loop: requests per concurrency level")
-    p.add_argument("--warmup", type=int, default=4, help="requests sent first and not counted")
-    p.add_argument("--sizes", default=None, help="WxH[,WxH...]: one size, or a mix drawn at random")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
-    p.add_argument("--baseline", action="store_true", help="also time plain diffusers, batch 1, in-process")
-    p.add_argument("--baseline-requests", type=int, default=5)
-    p.add_argument("--http", default=None, help="benchmark a running server at this URL instead")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png")
-    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
-                   help="override a config field, e.g. --set model.compile=true (repeatable)")
-    p.add_argument("--label", default=None, help="a name for this run in the report")
-    p.set_defaults(fn=cmd_bench)
-
-
 def cmd_bench(args) -> int:
     import sys
 

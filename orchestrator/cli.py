@@ -121,7 +121,7 @@ async def _run_prompts(config: Config, prompts: list[str], out: Path, params: di
 
 
 def cmd_demo(args) -> int:
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     prompts = (DEMO_PROMPTS * ((args.images + len(DEMO_PROMPTS) - 1) // len(DEMO_PROMPTS)))[: args.images]
     summary = asyncio.run(_run_prompts(config, prompts, Path(args.out), {"seed": args.seed}, "demo"))
     _print_summary(summary, Path(args.out))
@@ -129,7 +129,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     from .requests import parse_size
 
     width, height = parse_size(args.size, config.defaults)
@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="config file (default: the embedded local-CPU default)")
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("generate", help="generate images for prompts with a config")
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--out", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("validate", help="validate config files; exit non-zero on the first bad one")
@@ -258,11 +260,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_plan)
 
-    from . import bench, server
+    p = sub.add_parser("serve", help="start the deployment and the OpenAI-compatible HTTP server")
+    p.add_argument("config", nargs="?", default=None, help="config file (default: the embedded local-CPU one)")
+    p.add_argument("--host", default=None, help="bind address (default: server.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: server.port, 8000)")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
+    p.set_defaults(fn=lambda a: _lazy("server").cmd_serve(a))
 
-    server.add_parser(sub)
-    bench.add_parser(sub)
+    p = sub.add_parser("bench", help="benchmark a deployment (and plain diffusers side by side)")
+    p.add_argument("config", nargs="?", default=None)
+    p.add_argument("--concurrency", default="1,4", help="closed-loop concurrencies, comma-separated")
+    p.add_argument("--rate", type=float, default=None, help="open loop: requests per second (Poisson)")
+    p.add_argument("--duration", type=float, default=30.0, help="open loop: seconds")
+    p.add_argument("--requests", type=int, default=16, help="closed loop: requests per concurrency level")
+    p.add_argument("--warmup", type=int, default=4, help="requests sent first and not counted")
+    p.add_argument("--sizes", default=None, help="WxH[,WxH...]: one size, or a mix drawn at random")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
+    p.add_argument("--baseline", action="store_true", help="also time plain diffusers, batch 1, in-process")
+    p.add_argument("--baseline-requests", type=int, default=5)
+    p.add_argument("--http", default=None, help="benchmark a running server at this URL instead")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a config field, e.g. --set model.compile=true (repeatable)")
+    p.add_argument("--label", default=None, help="a name for this run in the report")
+    p.set_defaults(fn=lambda a: _lazy("bench").cmd_bench(a))
     return ap
+
+
+def _lazy(name: str):
+    import importlib
+
+    return importlib.import_module(f"orchestrator.{name}")
 
 
 def main(argv: list[str] | None = None) -> int:

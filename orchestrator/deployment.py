@@ -14,7 +14,6 @@ and warmed up, then start the router.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import threading
 import time
@@ -233,13 +232,11 @@ class ZImageClient:
 
     def generate_images(self, prompts: str | Sequence[str], **params):
         """Like ``generate`` but returns PIL images, raising on the first failed request."""
-        from PIL import Image
-
         images = []
         for r in self.generate(prompts, **params):
             if not r.ok:
                 raise ZImageError(f"request {r.request_id} failed: {r.error}")
-            images.append(Image.open(io.BytesIO(r.png)))
+            images.append(r.pil())
         return images
 
     def close(self) -> None:

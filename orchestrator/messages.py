@@ -6,8 +6,10 @@ with ``ok`` and a reason, never as an exception through the router loop.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from functools import cached_property
+from typing import Any, NamedTuple
 
 
 class BatchKey(NamedTuple):
@@ -67,9 +69,21 @@ class StageTimes:
     total_s: float = 0.0
 
 
+def encode_png(image) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes. Compression level 1: several times faster than the default for a file
+    a little larger, the trade a serving path wants."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
 @dataclass(frozen=True)
 class ImageResult:
-    """The outcome for one request. ``png`` is set when ``ok``; ``error``/``error_type`` when not."""
+    """The outcome for one request. ``image`` (uint8 [H, W, 3]) is set when ``ok``; ``error``/``error_type`` when
+    not. The replica returns raw pixels, so PNG encoding never holds a GPU replica: ``png`` encodes on first use,
+    wherever the caller is (the HTTP server does it in a thread pool)."""
 
     request_id: str
     ok: bool
@@ -79,13 +93,22 @@ class ImageResult:
     seed: int = 0
     width: int = 0
     height: int = 0
-    png: bytes | None = None
+    image: Any = None  # numpy uint8 [H, W, 3]
     error: str | None = None
     error_type: str | None = None
     stage_times: StageTimes = field(default_factory=StageTimes)
     queue_s: float = 0.0
     latency_s: float = 0.0
     attempts: int = 1
+
+    @cached_property
+    def png(self) -> bytes | None:
+        return None if self.image is None else encode_png(self.image)
+
+    def pil(self):
+        from PIL import Image
+
+        return None if self.image is None else Image.fromarray(self.image)
 
 
 @dataclass(frozen=True)

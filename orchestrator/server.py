@@ -260,12 +260,18 @@ async def _generate(service: Service, request: Request, requests: list[ImageRequ
             return error_response(500, f"{type(o).__name__}: {o}", "server_error")
         if not o.ok:
             return _from_result(o)
+    b64 = await asyncio.gather(*(_b64_png(o) for o in outcomes))
     return JSONResponse({
         "created": int(time.time()),
-        "data": [{"b64_json": base64.b64encode(o.png).decode(), "revised_prompt": None, "seed": o.seed}
-                 for o in outcomes],
+        "data": [{"b64_json": b, "revised_prompt": None, "seed": o.seed} for b, o in zip(b64, outcomes)],
         "usage": {"images": len(outcomes)},
     })
+
+
+async def _b64_png(result: ImageResult) -> str:
+    """PNG-encode in a worker thread: zlib releases the GIL, so images encode in parallel off the event loop."""
+    png = await asyncio.get_running_loop().run_in_executor(None, lambda: result.png)
+    return base64.b64encode(png).decode()
 
 
 def _sse(event: str, data: dict) -> bytes:
@@ -289,7 +295,7 @@ async def _stream(service: Service, requests: list[ImageRequest]):
             return
         if r.ok:
             events.put_nowait(_sse("image_generation.completed", {
-                "type": "image_generation.completed", "index": index, "b64_json": base64.b64encode(r.png).decode(),
+                "type": "image_generation.completed", "index": index, "b64_json": await _b64_png(r),
                 "created_at": int(time.time()), "size": f"{r.width}x{r.height}", "output_format": "png",
                 "seed": r.seed}))
         else:
@@ -313,16 +319,7 @@ async def _stream(service: Service, requests: list[ImageRequest]):
             t.cancel()  # the client went away: drop what has not run
 
 
-# ---- CLI -------------------------------------------------------------------------------------------------------
-def add_parser(sub) -> None:
-    p = sub.add_parser("serve", help="start the deployment and the OpenAI-compatible HTTP server")
-    p.add_argument("config", nargs="?", default=None, help="config file (default: the embedded local-CPU one)")
-    p.add_argument("--host", default=None, help="bind address (default: server.host, 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port (default: server.port, 8000)")
-    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
-    p.set_defaults(fn=cmd_serve)
-
-
+# ---- CLI (arguments are declared in cli.py, so `zimage-orch --help` imports no web stack) -----------------
 def cmd_serve(args) -> int:
     import uvicorn
 

@@ -2,8 +2,15 @@
 
 import asyncio
 
+import numpy as np
+
 from orchestrator.errors import ReplicaUnavailableError
 from orchestrator.messages import BatchResult, ImageResult, StageTimes
+
+
+def fake_image(r):
+    """A tiny image whose pixels encode the request, so tests can tell whose image a caller got."""
+    return np.full((2, 2, 3), (r.seed % 256, len(r.prompt) % 256, 7), dtype=np.uint8)
 
 
 class FakeReplica:
@@ -36,7 +43,7 @@ class FakeReplica:
             results.append(ImageResult(
                 request_id=r.request_id, ok=kind is None, replica_id=self.replica_id, batch_id=batch.batch_id,
                 batch_size=len(batch), seed=r.seed, width=r.width, height=r.height,
-                png=f"{r.prompt}|{r.seed}".encode() if kind is None else None,
+                image=fake_image(r) if kind is None else None,
                 error=None if kind is None else f"fake {kind}", error_type=kind,
                 stage_times=StageTimes(total_s=0.0)))
         return BatchResult(batch.batch_id, self.replica_id, tuple(results))

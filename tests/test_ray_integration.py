@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def pixels(result):
-    return np.asarray(Image.open(io.BytesIO(result.png)), dtype=np.int16)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(result.png))), result.image)  # PNG is lossless
+    return result.image.astype(np.int16)
 
 
 @pytest.fixture(scope="module")

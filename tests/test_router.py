@@ -3,7 +3,7 @@
 import asyncio
 
 import pytest
-from fakes import FakePool, FakeReplica, lost
+from fakes import FakePool, FakeReplica, fake_image, lost
 
 from orchestrator.config import RouterConfig
 from orchestrator.errors import NotReadyError, QueueFullError
@@ -36,10 +36,10 @@ def make_router(pool, clock, **cfg):
 async def test_each_caller_gets_its_own_result(clock):
     a, b = FakeReplica("a"), FakeReplica("b")
     router = make_router(FakePool(a, b), clock)
-    tasks = [asyncio.create_task(router.submit(req(i))) for i in range(8)]
-    results = await asyncio.gather(*tasks)
+    reqs = [req(i, prompt="p" * i) for i in range(8)]
+    results = await asyncio.gather(*(router.submit(q) for q in reqs))
     assert [r.request_id for r in results] == [f"q{i}" for i in range(8)]
-    assert all(r.ok and r.png == f"prompt {i}|{1000 + i}".encode() for i, r in enumerate(results))
+    assert all(r.ok and (r.image == fake_image(reqs[i])).all() for i, r in enumerate(results))
     assert {r.replica_id for r in results} == {"a", "b"}
     assert sorted(len(bt) for bt in a.batches + b.batches) == [4, 4]
     await router.stop()

@@ -29,16 +29,15 @@ def test_run_batch_returns_pngs(worker):
     assert [r.request_id for r in out.results] == ["q1", "q2"]
     for r in out.results:
         assert r.ok and r.batch_id == 7 and r.batch_size == 2 and r.replica_id == "r0"
-        img = Image.open(io.BytesIO(r.png))
-        assert img.size == (64, 64)
+        assert r.image.shape == (64, 64, 3) and r.image.dtype == np.uint8
+        assert Image.open(io.BytesIO(r.png)).size == (64, 64)
     assert out.stage_times.denoise_s > 0
 
 
 def test_same_seed_same_image_in_any_batch(worker):
     alone = worker.run_batch(Batch(1, (req(5, "a fox", seed=42),))).results[0]
     mixed = worker.run_batch(Batch(2, (req(6, "other", seed=1), req(7, "a fox", seed=42)))).results[1]
-    a = np.asarray(Image.open(io.BytesIO(alone.png)), dtype=int)
-    b = np.asarray(Image.open(io.BytesIO(mixed.png)), dtype=int)
+    a, b = alone.image.astype(int), mixed.image.astype(int)
     assert np.abs(a - b).max() <= 1  # fp32 batched vs single differ below 1e-5 before quantisation
 
 
