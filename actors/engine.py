@@ -13,6 +13,7 @@ not on its batch-mates, and not on which replica or device ran it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -34,8 +35,15 @@ def _calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shi
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for this thread's current stream on ``device`` only: stages of other batches may be running on
+    other streams of the same GPU, and a device-wide synchronize would wait for them too."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
+
+
+@contextlib.contextmanager
+def _no_guard(stage: str):
+    yield
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -179,20 +187,33 @@ class ZImageEngine:
         guidance_scale: float = 0.0,
         negative_prompts: Sequence[str | None] | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        stage_guard: Callable[[str], contextlib.AbstractContextManager] | None = None,
     ) -> tuple[np.ndarray, StageTimes]:
-        """One pipeline call for a batch: returns uint8 images [B, H, W, 3] and the stage times."""
+        """One pipeline call for a batch: returns uint8 images [B, H, W, 3] and the stage times (compute time of
+        each stage; waiting for a guard is not counted). ``stage_guard(stage)`` wraps each of "encode",
+        "denoise", "decode": the worker uses it to pipeline stages of consecutive batches (a lock and a CUDA
+        stream per stage). Each stage ends by waiting for its own stream, so the next stage, on another stream
+        or device, reads finished tensors."""
         self.check_size(height, width)
-        t0 = time.perf_counter()
-        enc = self.encode(prompts, negative_prompts, guidance_scale)
-        _sync(self.devices["text_encoder"])
-        t1 = time.perf_counter()
-        latents = self.initial_latents(seeds, height, width)
-        latents = self.denoise(enc, latents, num_inference_steps, guidance_scale, on_step)
-        _sync(self.devices["transformer"])
-        t2 = time.perf_counter()
-        images = self.decode(latents)
-        t3 = time.perf_counter()
-        return images, StageTimes(encode_s=t1 - t0, denoise_s=t2 - t1, decode_s=t3 - t2, total_s=t3 - t0)
+        guard = stage_guard or _no_guard
+        with guard("encode"):
+            t0 = time.perf_counter()
+            enc = self.encode(prompts, negative_prompts, guidance_scale)
+            _sync(self.devices["text_encoder"])
+            encode_s = time.perf_counter() - t0
+        with guard("denoise"):
+            t0 = time.perf_counter()
+            latents = self.initial_latents(seeds, height, width)
+            latents = self.denoise(enc, latents, num_inference_steps, guidance_scale, on_step)
+            _sync(self.devices["transformer"])
+            denoise_s = time.perf_counter() - t0
+        del enc
+        with guard("decode"):
+            t0 = time.perf_counter()
+            images = self.decode(latents)
+            decode_s = time.perf_counter() - t0
+        return images, StageTimes(encode_s=encode_s, denoise_s=denoise_s, decode_s=decode_s,
+                                  total_s=encode_s + denoise_s + decode_s)
 
     def check_size(self, height: int, width: int) -> None:
         multiple = self.vae_scale_factor * 2

@@ -7,6 +7,7 @@ without Ray. Every outcome of ``run_batch`` comes back as data: a failed batch r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -54,6 +55,7 @@ class PipelineWorker:
         warmup: WarmupSpec | None = None,
         torch_threads: int | None = None,
         memory_fraction: float | None = None,
+        pipeline_stages: bool = False,
     ):
         self.replica_id = replica_id
         self.model_cfg = model
@@ -61,6 +63,9 @@ class PipelineWorker:
         self.warmup_spec = warmup
         self.torch_threads = torch_threads
         self.memory_fraction = memory_fraction
+        self.pipeline_stages = pipeline_stages
+        self._stage_locks = {s: threading.Lock() for s in ("encode", "denoise", "decode")}
+        self._stage_streams: dict = {}
         self.engine = None
         self.batches_run = 0
         self.images_run = 0
@@ -92,6 +97,10 @@ class PipelineWorker:
         log.info("replica %s: model from %s (%s) in %.1fs", self.replica_id, resolved.source, resolved.detail,
                  self.load_s)
         self.engine = ZImageEngine(comps, devices, dtype)
+        if self.pipeline_stages and torch.cuda.is_available():
+            stage_device = {"encode": devices["text_encoder"], "denoise": devices["transformer"],
+                            "decode": devices["vae"]}
+            self._stage_streams = {s: torch.cuda.Stream(torch.device(d)) for s, d in stage_device.items()}
         self._apply_speed_options()
         if self.warmup_spec is not None:
             t0 = time.perf_counter()
@@ -176,20 +185,19 @@ class PipelineWorker:
         if self.engine is None:
             return self._failed(batch, "replica is not started", "not_ready")
         key = batch.key
+        args = ([r.prompt for r in batch.requests], [r.seed for r in batch.requests], key.height, key.width,
+                key.num_inference_steps, key.guidance_scale, [r.negative_prompt for r in batch.requests], on_step)
         try:
-            with self._device_lock:
+            if self.pipeline_stages:
+                # Stage pipelining: batch k+1 encodes while batch k denoises and batch k-1 decodes.
                 if self._fault is not None:
                     self._fault(batch)
-                images, times = self.engine.generate(
-                    [r.prompt for r in batch.requests],
-                    [r.seed for r in batch.requests],
-                    key.height,
-                    key.width,
-                    key.num_inference_steps,
-                    key.guidance_scale,
-                    [r.negative_prompt for r in batch.requests],
-                    on_step,
-                )
+                images, times = self.engine.generate(*args, stage_guard=self._stage_guard)
+            else:
+                with self._device_lock:
+                    if self._fault is not None:
+                        self._fault(batch)
+                    images, times = self.engine.generate(*args)
         except Exception as e:  # noqa: BLE001 - every failure becomes data for the router
             kind = "out_of_memory" if _is_oom(e) else "replica_error"
             log.exception("replica %s: batch %d (%d x %s) failed", self.replica_id, batch.batch_id, len(batch), key)
@@ -207,6 +215,18 @@ class PipelineWorker:
             for r, img in zip(batch.requests, images)
         )
         return BatchResult(batch.batch_id, self.replica_id, results, times)
+
+    @contextlib.contextmanager
+    def _stage_guard(self, stage: str):
+        with self._stage_locks[stage]:
+            stream = self._stage_streams.get(stage)
+            if stream is None:
+                yield
+            else:
+                import torch
+
+                with torch.cuda.stream(stream):
+                    yield
 
     def _failed(self, batch: Batch, reason: str, kind: str) -> BatchResult:
         results = tuple(

@@ -174,7 +174,14 @@ class DeploymentConfig(_Strict):
         default=1,
         ge=1,
         le=8,
-        description="Batches the router keeps queued at one replica. 2 hides the dispatch gap between batches.",
+        description="Batches the router keeps at one replica. 2 hides the dispatch gap between batches; with "
+        "pipeline_stages, 3 keeps encode, denoise and decode of three batches going at once.",
+    )
+    pipeline_stages: bool = Field(
+        default=False,
+        description="Run encode, denoise and decode of consecutive batches concurrently (a lock and a CUDA "
+        "stream per stage). Pays off most in split replicas, where the stages sit on different GPUs; costs "
+        "the activation memory of the overlapping stages (the planner counts it).",
     )
 
     @field_validator("device_map")

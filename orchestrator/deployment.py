@@ -40,6 +40,7 @@ def deployment_spec(config: Config) -> DeploymentSpec:
         width=config.defaults.width,
         height=config.defaults.height,
         max_batch_size=config.router.max_batch_size,
+        pipeline_stages=d.pipeline_stages,
     )
 
 
@@ -112,7 +113,9 @@ class Deployment:
                 rp.replica_id, by_name[rp.node], len(rp.gpus), d.cpu_per_replica, rp.max_pixels,
                 rp.max_batch_pixels,
                 worker_kwargs=dict(model=cfg.model, device_map=rp.device_map, warmup=warmup,
-                                   torch_threads=d.torch_threads, memory_fraction=fraction),
+                                   torch_threads=d.torch_threads, memory_fraction=fraction,
+                                   pipeline_stages=d.pipeline_stages),
+                max_concurrency=d.max_inflight_batches + 1,
             )
         log.info("placing %d replica(s): %s", len(self.replicas),
                  ", ".join(f"{r.replica_id}@{r.node}:{list(r.gpus)}" for r in self.plan.replicas))

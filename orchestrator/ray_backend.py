@@ -99,7 +99,7 @@ class RayReplica:
     """A replica actor plus its placement group, satisfying the router's ``Replica`` protocol."""
 
     def __init__(self, replica_id: str, node: RayNode, n_gpus: int, cpus: float, max_pixels: int,
-                 max_batch_pixels: int, worker_kwargs: dict, max_restarts: int = -1):
+                 max_batch_pixels: int, worker_kwargs: dict, max_restarts: int = -1, max_concurrency: int = 2):
         self.replica_id = replica_id
         self.node = node
         self.max_pixels = max_pixels
@@ -117,7 +117,7 @@ class RayReplica:
             num_cpus=cpus,
             max_restarts=max_restarts,
             max_task_retries=0,  # the router re-dispatches; Ray must not run a batch twice on its own
-            max_concurrency=2,  # run_batch and health checks do not queue behind each other
+            max_concurrency=max_concurrency,  # in-flight batches + health checks, none queued behind another
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=0),
         ).remote(replica_id=replica_id, **worker_kwargs)
 

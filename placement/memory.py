@@ -40,20 +40,30 @@ class ModelSpec:
     def weights_gib(self, names) -> float:
         return sum(self.components[n].weights_gib(self.dtype) for n in names)
 
-    def peak_gib(self, names, pixels: int, batch: int) -> float:
-        """Estimated peak GiB on one device holding ``names``, for a batch of ``batch`` images of ``pixels``."""
+    def peak_gib(self, names, pixels: int, batch: int, overlap: bool = False) -> float:
+        """Estimated peak GiB on one device holding ``names``, for a batch of ``batch`` images of ``pixels``.
+        Stages run one after another on a device (the largest activation counts) unless ``overlap`` (stage
+        pipelining), when their activations coexist and add up."""
         names = list(names)
         if not names:
             return 0.0
-        return self.weights_gib(names) + max(self.components[n].activation_gib(pixels, batch) for n in names)
+        acts = [self.components[n].activation_gib(pixels, batch) for n in names]
+        return self.weights_gib(names) + (sum(acts) if overlap else max(acts))
 
-    def max_batch_pixels(self, names, capacity_gib: float) -> int:
-        """The most (images x pixels) a device of ``capacity_gib`` holding ``names`` runs in one batch,
-        bounded by the size-dependent part of each component (fixed parts are charged once)."""
+    def max_batch_pixels(self, names, capacity_gib: float, overlap: bool = False) -> int:
+        """The most (images x pixels) a device of ``capacity_gib`` holding ``names`` runs in one batch.
+        Per-image fixed costs are charged as for one image (the bound is for the pixel budget)."""
+        names = list(names)
         free = capacity_gib - self.weights_gib(names)
+        comps = [self.components[n] for n in names]
+        if overlap:  # all stages' activations at once: one combined linear budget
+            room = free - sum(c.act_gib_fixed + c.act_gib_per_image for c in comps)
+            rate = sum(c.act_gib_per_mpix_image for c in comps)
+            if room < 0:
+                return 0
+            return int(room / rate * MPIX) if rate > 0 else 1 << 40
         best = None
-        for n in names:
-            c = self.components[n]
+        for c in comps:
             room = free - c.act_gib_fixed - c.act_gib_per_image
             if room < 0:
                 return 0

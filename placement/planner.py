@@ -60,6 +60,7 @@ class DeploymentSpec:
     height: int = 1024
     max_batch_size: int = 4
     headroom_gib: float = 0.5  # CUDA context and allocator slack kept free on every GPU
+    pipeline_stages: bool = False  # stages of consecutive batches overlap: co-located activations add up
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,8 @@ def plan(model: ModelSpec, inventory: Inventory, deployment: DeploymentSpec) -> 
     return _assemble(model, inventory, d, pixels, groups)
 
 
-def _fits(model: ModelSpec, names, gpu: GPU, pixels: int, batch: int, headroom: float) -> bool:
-    return model.peak_gib(names, pixels, batch) <= gpu.memory_gib - headroom
+def _fits(model: ModelSpec, names, gpu: GPU, pixels: int, batch: int, d: DeploymentSpec) -> bool:
+    return model.peak_gib(names, pixels, batch, d.pipeline_stages) <= gpu.memory_gib - d.headroom_gib
 
 
 def _largest(inventory: Inventory) -> GPU:
@@ -184,7 +185,7 @@ def _replicate_groups(model, inventory, d, pixels, strict):
     groups = []
     for node, gpus in inventory.by_node().items():
         for g in gpus:
-            if _fits(model, COMPONENTS, g, pixels, 1, d.headroom_gib):
+            if _fits(model, COMPONENTS, g, pixels, 1, d):
                 groups.append((node, (g,), dict.fromkeys(COMPONENTS, 0)))
     if not groups and strict:
         need = model.peak_gib(COMPONENTS, pixels, 1)
@@ -221,8 +222,8 @@ def _split_groups(model, inventory, d, pixels):
 def _split_problem(model, chunk, dmap, pixels, d) -> str | None:
     for i, g in enumerate(chunk):
         names = [c for c, gi in dmap.items() if gi == i]
-        if not _fits(model, names, g, pixels, 1, d.headroom_gib):
-            need = model.peak_gib(names, pixels, 1)
+        if not _fits(model, names, g, pixels, 1, d):
+            need = model.peak_gib(names, pixels, 1, d.pipeline_stages)
             return (
                 f"{' + '.join(names)} need(s) {need:.1f} GiB at {d.width}x{d.height} batch 1 (+{d.headroom_gib:g} "
                 f"GiB headroom) on replica-local GPU {i}; {g.label} has {g.memory_gib:.1f} GiB. Change the "
@@ -237,7 +238,7 @@ def _auto_groups(model, inventory, d, pixels):
     for node, gpus in inventory.by_node().items():
         leftovers = []
         for g in gpus:
-            if _fits(model, COMPONENTS, g, pixels, 1, d.headroom_gib):
+            if _fits(model, COMPONENTS, g, pixels, 1, d):
                 groups.append((node, (g,), dict.fromkeys(COMPONENTS, 0)))
             else:
                 leftovers.append(g)
@@ -268,7 +269,7 @@ def _assemble(model, inventory, d, pixels, groups) -> PlacementPlan:
         for li, g in enumerate(chunk):
             names = [c for c, gi in dmap.items() if gi == li]
             if names:
-                budgets.append(model.max_batch_pixels(names, g.memory_gib - d.headroom_gib))
+                budgets.append(model.max_batch_pixels(names, g.memory_gib - d.headroom_gib, d.pipeline_stages))
             used[(g.node, g.index)] = [f"{rid}.{c}" for c in COMPONENTS if c in names]
         max_batch_pixels = min(budgets)
         max_batch = max(1, min(d.max_batch_size, max_batch_pixels // pixels))
@@ -282,7 +283,7 @@ def _assemble(model, inventory, d, pixels, groups) -> PlacementPlan:
         if (g.node, g.index) in rep_by_gpu:
             r, li = rep_by_gpu[(g.node, g.index)]
             names = [c for c, gi in r.device_map.items() if gi == li]
-            peak = model.peak_gib(names, pixels, r.max_batch_size)
+            peak = model.peak_gib(names, pixels, r.max_batch_size, d.pipeline_stages)
         gpu_plans.append(GPUPlan(g.node, g.index, g.memory_gib, comps, peak))
     notes = []
     idle = [gp for gp in gpu_plans if not gp.components]

@@ -62,6 +62,21 @@ def test_oom_is_classified(worker):
     assert single.results[0].ok
 
 
+def test_pipelined_stages_give_the_same_images(tiny_cache):
+    from concurrent.futures import ThreadPoolExecutor
+
+    w = PipelineWorker("rp", ModelConfig(source="tiny", dtype="float32", cache_dir=tiny_cache), torch_threads=1,
+                       pipeline_stages=True)
+    w.start()
+    batches = [Batch(i, (req(2 * i, f"prompt {i}"), req(2 * i + 1, f"other {i}"))) for i in range(4)]
+    with ThreadPoolExecutor(3) as pool:  # three batches in flight, as the router sends them
+        concurrent = list(pool.map(w.run_batch, batches))
+    for b, out in zip(batches, concurrent):
+        alone = w.run_batch(b)
+        for x, y in zip(out.results, alone.results):
+            assert x.ok and np.array_equal(x.image, y.image)
+
+
 def test_not_started_worker_fails_requests():
     w = PipelineWorker("rx", ModelConfig(source="tiny"))
     out = w.run_batch(Batch(0, (req(1),)))

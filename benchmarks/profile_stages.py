@@ -1,0 +1,51 @@
+"""Stage micro-benchmarks on one GPU with the full-size random-weight model: where a batch's time goes, and
+what the VAE decode gains from channels_last and torch.compile. Prints a table; writes JSON to argv[1]."""
+
+import json
+import sys
+import time
+
+import torch
+
+from actors.engine import ZImageEngine
+from actors.models import build_components
+
+
+def timed(fn, reps=5):
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return sorted(out)[len(out) // 2]
+
+
+def main(path):
+    torch.backends.cudnn.benchmark = True
+    comps = build_components("full", device="cuda", dtype=torch.bfloat16)
+    eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cuda"), torch.bfloat16)
+    res = {"card": torch.cuda.get_device_name(0)}
+    for b in (1, 4):
+        lat = eng.initial_latents(list(range(b)), 1024, 1024)
+        enc = eng.encode(["a photograph of an astronaut riding a horse on mars, cinematic lighting"] * b)
+        res[f"encode_bs{b}_s"] = timed(lambda: eng.encode(["a photograph of an astronaut"] * b))
+        res[f"denoise_1step_bs{b}_s"] = timed(lambda: eng.denoise(enc, lat, 1), reps=3)
+        res[f"decode_bs{b}_s"] = timed(lambda: eng.decode(lat))
+    lat4 = eng.initial_latents(list(range(4)), 1024, 1024)
+    eng.vae.to(memory_format=torch.channels_last)
+    res["decode_bs4_channels_last_s"] = timed(lambda: eng.decode(lat4))
+    eng.vae.decoder = torch.compile(eng.vae.decoder)
+    t0 = time.perf_counter()
+    eng.decode(lat4)
+    res["decode_compile_first_call_s"] = time.perf_counter() - t0
+    res["decode_bs4_channels_last_compiled_s"] = timed(lambda: eng.decode(lat4))
+    for k, v in res.items():
+        print(f"{k:40s} {v if isinstance(v, str) else round(v, 4)}")
+    json.dump(res, open(path, "w"), indent=2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
