@@ -21,6 +21,11 @@ from orchestrator.messages import Batch, BatchResult, ImageResult, ReplicaHealth
 log = logging.getLogger(__name__)
 
 
+# A prompt of typical length, so warm-up compiles for the caption lengths real requests bring.
+WARMUP_PROMPT = ("a detailed photograph of a quiet harbor town at dawn, fishing boats, soft pastel light, "
+                 "mist over the water, seagulls, wide angle lens")
+
+
 @dataclass(frozen=True)
 class WarmupSpec:
     width: int
@@ -52,7 +57,7 @@ class PipelineWorker:
         replica_id: str,
         model: ModelConfig,
         device_map: dict[str, int] | None = None,
-        warmup: WarmupSpec | None = None,
+        warmup: WarmupSpec | list[WarmupSpec] | None = None,
         torch_threads: int | None = None,
         memory_fraction: float | None = None,
         pipeline_stages: bool = False,
@@ -102,11 +107,13 @@ class PipelineWorker:
                             "decode": devices["vae"]}
             self._stage_streams = {s: torch.cuda.Stream(torch.device(d)) for s, d in stage_device.items()}
         self._apply_speed_options()
-        if self.warmup_spec is not None:
+        specs = self.warmup_spec if isinstance(self.warmup_spec, list) else [self.warmup_spec] * bool(
+            self.warmup_spec)
+        if specs:
             t0 = time.perf_counter()
-            w = self.warmup_spec
-            self.engine.generate(["warm-up"] * w.batch_size, list(range(w.batch_size)), w.height, w.width,
-                                 w.num_inference_steps)
+            for w in specs:
+                self.engine.generate([WARMUP_PROMPT] * w.batch_size, list(range(w.batch_size)), w.height, w.width,
+                                     w.num_inference_steps)
             self.warmup_s = time.perf_counter() - t0
             log.info("replica %s: warmed up in %.1fs", self.replica_id, self.warmup_s)
         if torch.cuda.is_available():

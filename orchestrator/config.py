@@ -160,6 +160,11 @@ class DeploymentConfig(_Strict):
     warmup: bool = Field(
         default=True, description="Run one generation at the default size before reporting ready (compiles)."
     )
+    warmup_batch_sizes: list[int] = Field(
+        default_factory=lambda: [1],
+        description="Batch sizes to warm up (each compiles its own kernels with model.compile): add the router's "
+        "max_batch_size for throughput deployments, so the first full batch does not pay for compilation.",
+    )
     start_timeout_s: float = Field(
         default=1800.0, gt=0, le=86_400, description="Longest a replica may take to load and warm up."
     )

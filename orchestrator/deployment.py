@@ -104,7 +104,8 @@ class Deployment:
         d = cfg.deployment
         warmup = None
         if d.warmup:
-            warmup = WarmupSpec(cfg.defaults.width, cfg.defaults.height, min(2, cfg.defaults.num_inference_steps))
+            warmup = [WarmupSpec(cfg.defaults.width, cfg.defaults.height, min(2, cfg.defaults.num_inference_steps), b)
+                      for b in d.warmup_batch_sizes]
         for rp in self.plan.replicas:
             fraction = None
             if d.gpu_memory_limit_gib is not None:
