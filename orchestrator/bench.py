@@ -234,7 +234,9 @@ def _environment() -> dict:
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        env["commit"] = None
+        import os
+
+        env["commit"] = os.environ.get("ZIMAGE_COMMIT")  # a copied tree without .git (the GPU machine)
     try:
         import torch
 
