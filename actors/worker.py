@@ -81,9 +81,20 @@ class PipelineWorker:
         # One batch at a time on the devices; a second run_batch (Ray max_concurrency=2) waits here, so its GPU
         # work starts the moment this one's ends, while this one's result is still being shipped to the router.
         self._device_lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._ready = False
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> ReplicaHealth:
+        """Load and warm up. Idempotent: a second call (the deployment re-asking after a timeout) waits for the
+        first and returns the same health."""
+        with self._start_lock:
+            if not self._ready:
+                self._start()
+                self._ready = True
+            return self.health()
+
+    def _start(self) -> None:
         import torch
 
         from .engine import ZImageEngine
@@ -119,7 +130,6 @@ class PipelineWorker:
         if torch.cuda.is_available():
             for d in set(devices.values()):
                 torch.cuda.reset_peak_memory_stats(torch.device(d))
-        return self.health()
 
     def _apply_speed_options(self) -> None:
         cfg, transformer = self.model_cfg, self.engine.transformer
@@ -156,7 +166,7 @@ class PipelineWorker:
                 peak[str(d)] = torch.cuda.max_memory_allocated(d)
         return ReplicaHealth(
             replica_id=self.replica_id,
-            ready=self.engine is not None,
+            ready=self._ready,
             device_map={k: str(v) for k, v in (self.engine.devices.items() if self.engine else [])},
             dtype=str(self.engine.dtype).removeprefix("torch.") if self.engine else "",
             batches_run=self.batches_run,
@@ -171,6 +181,24 @@ class PipelineWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def check(self) -> float:
+        """A real small forward on every device of the replica (text encoder on a short prompt, the
+        transformer's timestep embedder), without the batch lock: a wedged GPU or process fails it, a long
+        batch does not. Returns the seconds it took."""
+        import torch
+
+        if not self._ready:
+            raise RuntimeError("replica is not started")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            enc = self.engine.encode(["health check"], max_sequence_length=32)
+            dev = self.engine.devices["transformer"]
+            emb = self.engine.transformer.t_embedder(torch.full((1,), 0.5, device=dev))
+            ok = all(bool(torch.isfinite(t).all()) for t in (enc.positive[0], emb))
+        if not ok:
+            raise RuntimeError("health forward produced non-finite values")
+        return time.perf_counter() - t0
 
     # ---- serving ---------------------------------------------------------------------------------------
     def run_batch(self, batch: Batch) -> BatchResult:
@@ -196,7 +224,7 @@ class PipelineWorker:
         yield out[0]
 
     def _run(self, batch: Batch, on_step=None) -> BatchResult:
-        if self.engine is None:
+        if not self._ready:
             return self._failed(batch, "replica is not started", "not_ready")
         key = batch.key
         args = ([r.prompt for r in batch.requests], [r.seed for r in batch.requests], key.height, key.width,

@@ -168,6 +168,12 @@ class DeploymentConfig(_Strict):
     start_timeout_s: float = Field(
         default=1800.0, gt=0, le=86_400, description="Longest a replica may take to load and warm up."
     )
+    health_interval_s: float = Field(
+        default=15.0, gt=0, le=3600, description="Seconds between health checks (a real small forward) per replica."
+    )
+    health_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="A health check slower than this marks the replica hung."
+    )
     gpu_memory_limit_gib: float | None = Field(
         default=None,
         gt=0,
@@ -239,6 +245,19 @@ class RouterConfig(_Strict):
     request_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="Queue + run time limit.")
     max_attempts: int = Field(
         default=3, ge=1, le=10, description="Tries per request when its replica dies (seeded, so idempotent)."
+    )
+    hang_factor: float = Field(
+        default=5.0, gt=1, le=100,
+        description="A batch running this many times longer than expected (learned per replica from the time "
+        "per image-pixel-step of its finished batches) counts as hung: its requests are re-dispatched and the "
+        "replica is recycled.",
+    )
+    hang_min_s: float = Field(
+        default=180.0, gt=0, le=86_400,
+        description="Never call a batch hung before this many seconds (covers compiling a new shape).",
+    )
+    first_batch_timeout_s: float = Field(
+        default=900.0, gt=0, le=86_400, description="Hang limit for a replica's batches before it has history."
     )
 
 

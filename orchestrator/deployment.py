@@ -68,6 +68,8 @@ class Deployment:
         self.replicas: dict[str, object] = {}
         self._down: set[str] = set()
         self._restarts: dict[str, asyncio.Task] = {}
+        self._health_task: asyncio.Task | None = None
+        self.events: list[tuple[float, str, str]] = []  # (time, replica, what happened): faults and recoveries
         self.router: Router | None = None
         self.health: dict[str, ReplicaHealth] = {}
         self.started_at = time.time()
@@ -134,13 +136,15 @@ class Deployment:
             raise
         self.router = Router(self, cfg.router, observer=observer, max_inflight_batches=d.max_inflight_batches)
         self.router.start()
+        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
         self.ready = True
 
     async def shutdown(self, drain_timeout_s: float | None = 0) -> None:
         """Stop the router (after draining for up to ``drain_timeout_s``), then remove every actor."""
         self.ready = False
-        for t in self._restarts.values():
-            t.cancel()
+        for t in [*self._restarts.values(), self._health_task]:
+            if t is not None:
+                t.cancel()
         if self.router is not None:
             if drain_timeout_s:
                 await self.router.drain(drain_timeout_s)
@@ -159,21 +163,65 @@ class Deployment:
         return [r for rid, r in self.replicas.items() if rid not in self._down]
 
     def report_failure(self, replica_id: str, error: BaseException) -> None:
-        """A replica's process died: take it out of rotation and bring it back once Ray has restarted it."""
-        if replica_id in self._down:
+        """A replica died or hung: take it out of rotation, recycle it if it hung, and bring it back once Ray has
+        restarted it (or drop it if its node is gone)."""
+        from .errors import ReplicaHungError
+
+        if replica_id in self._down or replica_id not in self.replicas:
             return
-        log.warning("replica %s is down (%s); waiting for Ray to restart it", replica_id, error)
+        hung = isinstance(error, ReplicaHungError)
+        log.warning("replica %s is %s (%s); %s", replica_id, "hung" if hung else "down", error,
+                    "recycling it" if hung else "waiting for Ray to restart it")
+        self._event(replica_id, f"{'hung' if hung else 'lost'}: {error}")
         self._down.add(replica_id)
+        if hung:
+            self.replicas[replica_id].kill(no_restart=False)  # Ray restarts the process fresh
         self._restarts[replica_id] = asyncio.get_running_loop().create_task(self._recover(replica_id))
 
+    def _event(self, replica_id: str, what: str) -> None:
+        self.events.append((time.time(), replica_id, what))
+
+    async def _health_loop(self) -> None:
+        from .errors import ReplicaHungError
+
+        d = self.config.deployment
+        while True:
+            await asyncio.sleep(d.health_interval_s)
+            for rid, replica in list(self.replicas.items()):
+                if rid in self._down:
+                    continue
+                try:
+                    await asyncio.wait_for(replica.call("check"), d.health_timeout_s)
+                except asyncio.TimeoutError:
+                    self.report_failure(rid, ReplicaHungError(f"health check took over {d.health_timeout_s:.0f}s"))
+                except Exception as e:  # noqa: BLE001
+                    self.report_failure(rid, ReplicaHungError(f"health check failed: {e}"))
+
+    def _drop(self, replica_id: str, reason: str) -> None:
+        """Remove a replica for good (its node is gone) and log the plan for the survivors."""
+        replica = self.replicas.pop(replica_id)
+        self._down.discard(replica_id)
+        replica.close()
+        self._event(replica_id, f"dropped: {reason}")
+        log.error("replica %s dropped: %s; serving with %d replica(s): %s", replica_id, reason,
+                  len(self.replicas), sorted(self.replicas))
+        if self.router is not None:
+            self.router.wake()
+
     async def _recover(self, replica_id: str) -> None:
+        from . import ray_backend as rb
         from .errors import ReplicaUnavailableError
 
         replica = self.replicas[replica_id]
         deadline = time.monotonic() + self.config.deployment.start_timeout_s
         while time.monotonic() < deadline:
+            if not rb.node_alive(replica.node.node_id):
+                self._restarts.pop(replica_id, None)
+                self._drop(replica_id, f"its node {replica.node.name} left the cluster")
+                return
             try:
-                self.health[replica_id] = await replica.start(self.config.deployment.start_timeout_s)
+                # Short waits, so a lost node is noticed; start() is idempotent, so asking again is safe.
+                self.health[replica_id] = await replica.start(min(20.0, self.config.deployment.start_timeout_s))
             except (ReplicaUnavailableError, NotReadyError) as e:
                 log.debug("replica %s not back yet: %s", replica_id, e)
                 await asyncio.sleep(0.5)
@@ -182,6 +230,7 @@ class Deployment:
                 log.error("replica %s failed to restart: %s", replica_id, e)
                 break
             log.info("replica %s is back", replica_id)
+            self._event(replica_id, "back")
             self._down.discard(replica_id)
             self._restarts.pop(replica_id, None)
             if self.router is not None:

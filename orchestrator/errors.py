@@ -90,6 +90,10 @@ class ReplicaUnavailableError(ReplicaError):
     error_type = "service_unavailable"
 
 
+class ReplicaHungError(ReplicaUnavailableError):
+    """A batch ran far past its expected time, or a health check did not answer: the replica is recycled."""
+
+
 class OutOfMemoryError(ReplicaError):
     """The device ran out of memory for a batch. The router splits the batch and retries smaller pieces."""
 

@@ -43,6 +43,10 @@ def connect(cluster: ClusterConfig) -> None:
         ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus, include_dashboard=False, **common)
 
 
+def node_alive(node_id: str) -> bool:
+    return any(n["NodeID"] == node_id and n.get("Alive") for n in ray.nodes())
+
+
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()

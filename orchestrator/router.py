@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from .config import RouterConfig
-from .errors import NotReadyError, ReplicaUnavailableError
+from .errors import NotReadyError, ReplicaHungError, ReplicaUnavailableError
 from .messages import Batch, BatchResult, ImageRequest, ImageResult, StepProgress
 from .scheduler import BatchScheduler, Pending, ReplicaCapacity
 
@@ -96,6 +96,33 @@ class RouterObserver:
     def rejected(self, error_type: str) -> None: ...
 
 
+class BatchTimer:
+    """How long a batch may run before it counts as hung: ``hang_factor`` times the expected time, learned per
+    replica as seconds per (images x pixels x steps) of its finished batches, never under ``hang_min_s``."""
+
+    def __init__(self, config: RouterConfig):
+        self.factor = config.hang_factor
+        self.floor = config.hang_min_s
+        self.first = config.first_batch_timeout_s
+        self._rate: dict[str, float] = {}
+
+    @staticmethod
+    def work(batch: Batch) -> float:
+        k = batch.key
+        return len(batch) * k.pixels * k.num_inference_steps * (2 if k.guidance_scale > 0 else 1)
+
+    def limit(self, replica_id: str, batch: Batch) -> float:
+        rate = self._rate.get(replica_id)
+        if rate is None:
+            return self.first
+        return max(self.floor, self.factor * rate * self.work(batch))
+
+    def observe(self, replica_id: str, batch: Batch, seconds: float) -> None:
+        rate = seconds / max(1.0, self.work(batch))
+        old = self._rate.get(replica_id)
+        self._rate[replica_id] = rate if old is None else 0.8 * old + 0.2 * rate
+
+
 # ---- the router --------------------------------------------------------------------------------------------
 class Router:
     def __init__(
@@ -112,6 +139,7 @@ class Router:
         self.observer = observer or RouterObserver()
         self.max_inflight = max_inflight_batches
         self.scheduler = BatchScheduler(config.max_batch_size, config.max_wait_ms / 1000.0, config.queue_limit)
+        self.timer = BatchTimer(config)
         self._outstanding: dict[str, int] = {}
         self._last_used: dict[str, int] = {}
         self._running: dict[str, Pending] = {}  # request_id -> pending, dispatched and not yet answered
@@ -243,11 +271,7 @@ class Router:
         out = None
         try:
             try:
-                listeners = [p.progress for p in pendings if p.progress is not None]
-                if listeners:
-                    out = await replica.run(batch, on_progress=lambda ev: [f(ev) for f in listeners])
-                else:
-                    out = await replica.run(batch)
+                out = await self._run_watched(replica, batch, pendings)
             except ReplicaUnavailableError as e:
                 log.warning("replica %s lost during batch %d (%s); re-dispatching %d request(s)",
                             replica.replica_id, batch.batch_id, e, len(pendings))
@@ -265,6 +289,30 @@ class Router:
             self._outstanding[replica.replica_id] = max(0, self._outstanding.get(replica.replica_id, 1) - 1)
             self.observer.batch_done(replica.replica_id, out)
             self._wake.set()
+
+    async def _run_watched(self, replica: Replica, batch: Batch, pendings: list[Pending]) -> BatchResult:
+        """Run the batch; raise ``ReplicaHungError`` if it outlives the hang limit."""
+        listeners = [p.progress for p in pendings if p.progress is not None]
+        if listeners:
+            call = replica.run(batch, on_progress=lambda ev: [f(ev) for f in listeners])
+        else:
+            call = replica.run(batch)
+        run = asyncio.ensure_future(call)
+        limit = self.timer.limit(replica.replica_id, batch)
+        started = self.clock.now()
+        alarm = asyncio.ensure_future(self.clock.sleep(limit))
+        try:
+            await asyncio.wait({run, alarm}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            alarm.cancel()
+        if not run.done():
+            run.cancel()
+            raise ReplicaHungError(f"batch {batch.batch_id} ran {limit:.0f}s, past its hang limit "
+                                   f"(router.hang_factor x expected, at least router.hang_min_s)")
+        out = run.result()
+        if out.results and all(r.ok for r in out.results):
+            self.timer.observe(replica.replica_id, batch, out.stage_times.total_s or self.clock.now() - started)
+        return out
 
     def _deliver(self, batch: Batch, pendings: list[Pending], out: BatchResult) -> None:
         by_id = {r.request_id: r for r in out.results}

@@ -149,16 +149,17 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
     app.state.service = service
     limits = config.limits
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and not service.authorized(request):
+    def guard(request: Request) -> JSONResponse | None:
+        """Key and body-size checks for /v1 endpoints. (A function, not an HTTP middleware: Starlette's
+        BaseHTTPMiddleware hides client disconnects from the endpoint, and we cancel work on those.)"""
+        if not service.authorized(request):
             return error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                                   "invalid_request_error", code="invalid_api_key")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
             return error_response(413, f"request body is {length} bytes; the limit is {limits.max_body_bytes} "
                                        f"(limits.max_body_bytes)", "invalid_request_error")
-        return await call_next(request)
+        return None
 
     @app.get("/healthz")
     async def healthz():
@@ -178,12 +179,16 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         return Response(generate_latest(service.observer.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        if (denied := guard(request)) is not None:
+            return denied
         return {"object": "list", "data": [{"id": config.server.served_model_name, "object": "model",
                                              "created": 0, "owned_by": "zimage-orchestrator"}]}
 
     @app.post("/v1/images/generations")
     async def generations(request: Request):
+        if (denied := guard(request)) is not None:
+            return denied
         body = await request.body()
         if len(body) > limits.max_body_bytes:
             return error_response(413, f"request body is larger than {limits.max_body_bytes} bytes "

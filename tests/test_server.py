@@ -9,33 +9,12 @@ import time
 
 import httpx
 import pytest
-from conftest import tiny_config
+from conftest import ServerThread, tiny_config
 from PIL import Image
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 KEY = "sk-test-key"
-
-
-class ServerThread:
-    def __init__(self, app):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
 
 
 @pytest.fixture(scope="module")

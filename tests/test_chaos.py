@@ -1,0 +1,99 @@
+"""Chaos through the HTTP service: concurrent load while replica processes are killed several times."""
+
+import threading
+import time
+
+import httpx
+import pytest
+import ray
+from conftest import ServerThread, tiny_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_cache):
+    from orchestrator.server import create_app
+
+    cfg = tiny_config(tiny_cache, router={"max_batch_size": 2, "max_wait_ms": 5, "request_timeout_s": 90,
+                                          "max_attempts": 5, "queue_limit": 500},
+                      deployment={"health_interval_s": 1.0})
+    app = create_app(cfg)
+    with ServerThread(app) as s:
+        deadline = time.time() + 120
+        while httpx.get(f"{s.url}/readyz").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.2)
+        s.service = app.state.service
+        yield s
+
+
+def test_chaos_kills_lose_no_request(server):
+    url = f"{server.url}/v1/images/generations"
+    results, errors = {}, {}
+
+    def client(i):
+        try:
+            results[i] = httpx.post(url, json={"prompt": f"chaos {i}", "size": "64x64", "seed": i,
+                                               "num_inference_steps": 4}, timeout=120)
+        except Exception as e:  # noqa: BLE001 - a hang or transport failure would land here
+            errors[i] = repr(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(60)]
+    for i, t in enumerate(threads):
+        t.start()
+        if i % 20 == 10:  # three kills spread over the load
+            victim = ray.get_actor(f"zimage-r{(i // 20) % 2}", namespace="zimage-tests")
+            ray.kill(victim, no_restart=False)
+        time.sleep(0.05)
+    for t in threads:
+        t.join(timeout=180)
+    assert not errors, errors
+    assert len(results) == 60
+    codes = {}
+    for r in results.values():
+        codes[r.status_code] = codes.get(r.status_code, 0) + 1
+        if r.status_code != 200:  # allowed only as a clear error in the OpenAI envelope
+            assert r.json()["error"]["message"], r.text
+    assert codes.get(200, 0) >= 55, codes  # re-dispatch saves (nearly) everything
+    # back to full strength
+    dep = server.service.deployment
+    deadline = time.time() + 90
+    while len(dep.live()) < 2:
+        assert time.time() < deadline, dep.events
+        time.sleep(0.3)
+    body = httpx.get(f"{server.url}/readyz").json()
+    assert body["status"] == "ready" and body["down"] == []
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'zimage_replica_up{replica="r0"} 1.0' in metrics or "zimage_replica_up" in metrics
+    assert any(what.startswith("lost") for _, _, what in dep.events)
+
+
+def test_disconnected_client_has_its_queued_request_cancelled(server):
+    dep = server.service.deployment
+    loop = dep.router._task.get_loop()
+    import asyncio
+
+    async def stall(kind, **kw):
+        for r in dep.replicas.values():
+            await r.call("inject_fault", kind, **kw)
+
+    asyncio.run_coroutine_threadsafe(stall("stall", seconds=4), loop).result(30)
+    try:
+        url = f"{server.url}/v1/images/generations"
+        busy = [threading.Thread(target=lambda i=i: httpx.post(url, json={"prompt": f"b{i}", "size": "64x64"},
+                                                               timeout=60)) for i in range(2)]
+        for t in busy:
+            t.start()
+        time.sleep(0.5)
+        before = dep.router.waiting
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json={"prompt": "impatient", "size": "64x64"}, timeout=1.0)
+        time.sleep(1.0)  # the server notices the disconnect within 0.25 s
+        assert dep.router.waiting == before
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'zimage_request_errors_total{type="cancelled"}' in metrics
+        for t in busy:
+            t.join(timeout=60)
+    finally:
+        asyncio.run_coroutine_threadsafe(stall(None), loop).result(30)
