@@ -71,6 +71,7 @@ class Deployment:
         self._health_task: asyncio.Task | None = None
         self.events: list[tuple[float, str, str]] = []  # (time, replica, what happened): faults and recoveries
         self.router: Router | None = None
+        self.observer: RouterObserver = RouterObserver()
         self.health: dict[str, ReplicaHealth] = {}
         self.started_at = time.time()
         self.ready = False
@@ -80,7 +81,8 @@ class Deployment:
     async def start(cls, config: Config, observer: RouterObserver | None = None,
                     on_replica_ready: Callable[[ReplicaHealth], None] | None = None) -> "Deployment":
         self = cls(config)
-        await self._start(observer, on_replica_ready)
+        self.observer = observer or RouterObserver()
+        await self._start(self.observer, on_replica_ready)
         return self
 
     async def _start(self, observer, on_replica_ready) -> None:
@@ -99,7 +101,7 @@ class Deployment:
                                 "a cluster whose nodes have GPUs)")
         mem = {}
         for node in nodes:
-            mem[node.name] = cfg.cluster.gpu_memory_gib or rb.probe_gpu_memory_gib(node)
+            mem[node.name] = cfg.cluster.gpu_memory_gib or await asyncio.to_thread(rb.probe_gpu_memory_gib, node)
         inventory = Inventory.from_nodes([(n.name, n.gpus, mem[n.name]) for n in nodes])
         self.plan = plan_for(cfg, inventory)
         by_name = {n.name: n for n in nodes}
@@ -180,6 +182,7 @@ class Deployment:
 
     def _event(self, replica_id: str, what: str) -> None:
         self.events.append((time.time(), replica_id, what))
+        self.observer.replica_event(replica_id, what.split(":")[0])
 
     async def _health_loop(self) -> None:
         from .errors import ReplicaHungError
@@ -202,6 +205,17 @@ class Deployment:
         replica = self.replicas.pop(replica_id)
         self._down.discard(replica_id)
         replica.close()
+        if self.plan is not None:  # the plan for the survivors: the lost replica and its GPUs leave it
+            from dataclasses import replace
+
+            lost = next((r for r in self.plan.replicas if r.replica_id == replica_id), None)
+            gone = {(lost.node, g) for g in lost.gpus} if lost else set()
+            self.plan = replace(
+                self.plan,
+                replicas=tuple(r for r in self.plan.replicas if r.replica_id != replica_id),
+                gpus=tuple(g for g in self.plan.gpus if (g.node, g.gpu) not in gone),
+                notes=(*self.plan.notes, f"{replica_id} dropped: {reason}"),
+            )
         self._event(replica_id, f"dropped: {reason}")
         log.error("replica %s dropped: %s; serving with %d replica(s): %s", replica_id, reason,
                   len(self.replicas), sorted(self.replicas))

@@ -41,6 +41,9 @@ class PrometheusObserver(RouterObserver):
                                      ["replica", "device"], registry=r)
         self.stage = Histogram("zimage_stage_seconds", "Seconds per pipeline stage per batch.", ["stage"],
                                buckets=LATENCY_BUCKETS, registry=r)
+        self.replica_events = Counter("zimage_replica_events_total",
+                                      "Replica lifecycle events: lost, hung, back, dropped.", ["replica", "event"],
+                                      registry=r)
         self._inflight: dict[str, int] = {}
 
     def bind(self, router) -> None:
@@ -77,6 +80,13 @@ class PrometheusObserver(RouterObserver):
     def rejected(self, error_type: str) -> None:
         self.requests.labels("rejected").inc()
         self.errors.labels(error_type).inc()
+
+    def replica_event(self, replica_id: str, event: str) -> None:
+        self.replica_events.labels(replica_id, event).inc()
+        if event in ("lost", "hung", "dropped"):
+            self.replica_up.labels(replica_id).set(0)
+        elif event == "back":
+            self.replica_up.labels(replica_id).set(1)
 
     # ---- replica state ---------------------------------------------------------------------------------
     def replica_state(self, replica_id: str, up: bool, health: ReplicaHealth | None = None) -> None:

@@ -95,6 +95,9 @@ class RouterObserver:
 
     def rejected(self, error_type: str) -> None: ...
 
+    def replica_event(self, replica_id: str, event: str) -> None:
+        """A replica was lost, hung, came back or was dropped (the deployment reports these)."""
+
 
 class BatchTimer:
     """How long a batch may run before it counts as hung: ``hang_factor`` times the expected time, learned per

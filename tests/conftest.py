@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 import threading
@@ -64,3 +65,15 @@ class ServerThread:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=60)
+
+
+@contextlib.asynccontextmanager
+async def injected(dep, kind, **kw):
+    """Inject a fault into every replica of a deployment for the duration of the block."""
+    for r in dep.replicas.values():
+        await r.call("inject_fault", kind, **kw)
+    try:
+        yield
+    finally:
+        for r in dep.replicas.values():
+            await r.call("inject_fault", None)

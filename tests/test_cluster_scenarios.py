@@ -27,6 +27,7 @@ def test_two_nodes_then_node_loss(tiny_cache):
     assert out["second_ok"] == 16, out  # the removed node's work was re-dispatched
     survivor = out["survivor"]
     assert out["replicas_after"] == [survivor], out  # the lost node's replica was dropped: reduced capacity
+    assert out["plan_after"] == [survivor], out
     assert any(e.startswith("dropped") for e in out["events"]), out
     assert out["third_ok"] and out["third_replicas"] == [survivor]
 

@@ -5,7 +5,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import injected, tiny_config
 from PIL import Image
 
 from orchestrator.deployment import Deployment
@@ -69,13 +69,8 @@ def test_replica_error_reaches_the_caller(deployment):
     dep, loop = deployment
 
     async def go():
-        for r in dep.replicas.values():
-            await r.call("inject_fault", "raise", message="injected boom")
-        try:
+        async with injected(dep, "raise", message="injected boom"):
             return await dep.generate("x", seed=1)
-        finally:
-            for r in dep.replicas.values():
-                await r.call("inject_fault", None)
 
     (res,) = loop.run_until_complete(asyncio.wait_for(go(), 60))
     assert not res.ok and "injected boom" in res.error

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 import ray
-from conftest import tiny_config
+from conftest import injected, tiny_config
 
 from orchestrator.deployment import Deployment
 
@@ -75,13 +75,8 @@ def test_out_of_memory_batch_is_split(dep):
     d, loop = dep
 
     async def go():
-        for r in d.replicas.values():
-            await r.call("inject_fault", "oom_above", max_batch=1)
-        try:
+        async with injected(d, "oom_above", max_batch=1):
             return await d.generate([f"m{i}" for i in range(6)], seed=9)
-        finally:
-            for r in d.replicas.values():
-                await r.call("inject_fault", None)
 
     results = loop.run_until_complete(asyncio.wait_for(go(), 120))
     assert all(r.ok and r.batch_size == 1 for r in results), [(r.batch_size, r.error) for r in results]
@@ -92,13 +87,8 @@ def test_single_request_oom_is_a_clear_error_and_replica_stays(dep):
     d, loop = dep
 
     async def go():
-        for r in d.replicas.values():
-            await r.call("inject_fault", "oom_above", max_batch=0)
-        try:
+        async with injected(d, "oom_above", max_batch=0):
             return await d.generate("too big", seed=1)
-        finally:
-            for r in d.replicas.values():
-                await r.call("inject_fault", None)
 
     (res,) = loop.run_until_complete(asyncio.wait_for(go(), 60))
     assert not res.ok and res.error_type == "out_of_memory" and "smaller size" in res.error

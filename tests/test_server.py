@@ -197,3 +197,32 @@ def test_metrics_parse_and_move(server):
     for name in ("zimage_requests_waiting{}", "zimage_requests_running{}", 'zimage_replica_busy{"replica": "r0"}',
                  "zimage_batch_size_count{}", "zimage_queue_time_seconds_count{}"):
         assert name in after, name
+
+
+def test_not_ready_is_503_until_the_deployment_starts(tiny_cache):
+    """Before every replica has warmed up: /healthz answers, /readyz and generations say 503."""
+    import asyncio as aio
+
+    from orchestrator.config import config_from_dict
+    from orchestrator.server import create_app
+
+    gate = threading.Event()
+
+    async def slow_factory(config, observer=None):
+        while not gate.is_set():
+            await aio.sleep(0.05)
+        raise RuntimeError("replica r0 failed to load: injected")
+
+    app = create_app(config_from_dict({}), deployment_factory=slow_factory)
+    with ServerThread(app) as s:
+        assert httpx.get(f"{s.url}/healthz").status_code == 200
+        r = httpx.get(f"{s.url}/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "starting"
+        r = httpx.post(f"{s.url}/v1/images/generations", json={"prompt": "x"})
+        assert r.status_code == 503 and r.headers["Retry-After"] and r.json()["error"]["type"] == "service_unavailable"
+        gate.set()
+        time.sleep(0.3)
+        r = httpx.get(f"{s.url}/readyz")
+        assert r.status_code == 503 and "injected" in r.json()["error"]
+        r = httpx.post(f"{s.url}/v1/images/generations", json={"prompt": "x"})
+        assert r.status_code == 503 and "failed to start" in r.json()["error"]["message"]

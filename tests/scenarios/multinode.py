@@ -44,6 +44,7 @@ async def main(cache: str) -> dict:
             break
         await asyncio.sleep(0.5)
     out["replicas_after"] = sorted(dep.replicas)
+    out["plan_after"] = sorted(r.replica_id for r in dep.plan.replicas)
     out["events"] = [what for _, _, what in dep.events]
     third = await dep.generate([f"c{i}" for i in range(4)], seed=3)
     out["third_ok"] = all(r.ok for r in third)
