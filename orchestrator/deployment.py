@@ -164,6 +164,9 @@ class Deployment:
     def live(self):
         return [r for rid, r in self.replicas.items() if rid not in self._down]
 
+    def members(self):
+        return list(self.replicas.values())
+
     def report_failure(self, replica_id: str, error: BaseException) -> None:
         """A replica died or hung: take it out of rotation, recycle it if it hung, and bring it back once Ray has
         restarted it (or drop it if its node is gone)."""

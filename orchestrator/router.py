@@ -79,7 +79,11 @@ class Replica(Protocol):
 
 
 class ReplicaPool(Protocol):
-    def live(self) -> Sequence[Replica]: ...
+    def live(self) -> Sequence[Replica]:
+        """Replicas in rotation now."""
+
+    def members(self) -> Sequence[Replica]:
+        """Every replica of the deployment, live or recovering (not those dropped for good)."""
 
     def report_failure(self, replica_id: str, error: BaseException) -> None: ...
 
@@ -207,12 +211,14 @@ class Router:
         if not self._accepting:
             self.observer.rejected("not_ready")
             raise NotReadyError("the deployment is shutting down and accepts no new requests")
-        live = self._capacities()
-        if not live:
+        # Admission looks at every member, live or recovering: while a replica restarts, requests wait in the
+        # queue for it (up to their timeout) rather than being turned away.
+        members = [ReplicaCapacity(r.replica_id, r.max_pixels, r.max_batch_pixels) for r in self.pool.members()]
+        if not members:
             self.observer.rejected("not_ready")
-            raise NotReadyError("no replica is ready yet; retry shortly")
+            raise NotReadyError("the deployment has no replicas; retry shortly")
         try:
-            self.scheduler.check_servable(request.key, live)
+            self.scheduler.check_servable(request.key, members)
         except Exception as e:
             self.observer.rejected(getattr(e, "error_type", "invalid_request_error"))
             raise

@@ -122,8 +122,14 @@ class Service:
             await asyncio.sleep(5)
 
     @property
+    def accepting(self) -> bool:
+        """Started, with replicas: requests are queued even while every replica is restarting."""
+        return self.deployment is not None and self.deployment.ready and bool(self.deployment.members())
+
+    @property
     def ready(self) -> bool:
-        return self.deployment is not None and self.deployment.ready and bool(self.deployment.live())
+        """For /readyz (load balancers): at least one replica is serving right now."""
+        return self.accepting and bool(self.deployment.live())
 
     def authorized(self, request: Request) -> bool:
         if not self.api_keys:
@@ -171,8 +177,8 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         if service.ready:
             down = sorted(set(dep.replicas) - {r.replica_id for r in dep.live()})
             return {"status": "ready", "replicas": len(dep.replicas), "down": down}
-        body = {"status": "failed" if service.start_error else "starting", "error": service.start_error}
-        return JSONResponse(body, status_code=503)
+        status = "failed" if service.start_error else "recovering" if service.accepting else "starting"
+        return JSONResponse({"status": status, "error": service.start_error}, status_code=503)
 
     @app.get("/metrics")
     async def metrics():
@@ -197,7 +203,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             payload = json.loads(body or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return error_response(400, f"request body is not valid JSON: {e}", "invalid_request_error")
-        if not service.ready:
+        if not service.accepting:
             msg = f"the deployment failed to start: {service.start_error}" if service.start_error else \
                 "the deployment is starting; retry shortly"
             return error_response(503, msg, "service_unavailable", headers={"Retry-After": "5"})

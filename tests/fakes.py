@@ -67,6 +67,9 @@ class FakePool:
     def live(self):
         return [r for r in self.replicas if r.replica_id not in self.down]
 
+    def members(self):
+        return list(self.replicas)
+
     def report_failure(self, replica_id, error):
         self.failures.append(replica_id)
         self.down.add(replica_id)

@@ -239,3 +239,17 @@ async def test_drain_waits_for_inflight(clock):
     assert await drain is True
     assert (await t).ok
     await router.stop()
+
+
+async def test_requests_wait_for_a_recovering_replica(clock):
+    a = FakeReplica("a")
+    pool = FakePool(a)
+    pool.down.add("a")  # restarting: a member, not live
+    router = make_router(pool, clock, max_wait_ms=0)
+    t = asyncio.create_task(router.submit(req(0)))
+    await settle()
+    assert not t.done() and router.waiting == 1
+    pool.down.clear()
+    router.wake()
+    assert (await t).ok
+    await router.stop()
