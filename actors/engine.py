@@ -63,14 +63,21 @@ class ZImageEngine:
     """Holds the components and runs encode / denoise / decode. Not thread-safe per stage: callers run at most
     one call of each stage at a time (stages on different devices may run concurrently)."""
 
-    def __init__(self, components: dict, devices: dict[str, str], dtype: torch.dtype):
+    def __init__(self, components: dict, devices: dict[str, str], dtype: torch.dtype, remote_encode=None):
+        """``devices`` maps each component this engine holds to its device. Without a text encoder, the encode
+        stage calls ``remote_encode(prompts, negative_prompts, guidance)`` (another replica's encoder)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.image_processor import VaeImageProcessor
 
         self.devices = {k: torch.device(v) for k, v in devices.items()}
         self.dtype = dtype
-        self.tokenizer = components["tokenizer"]
-        self.text_encoder = _place(components["text_encoder"], self.devices["text_encoder"], dtype)
+        self.remote_encode = remote_encode
+        self.tokenizer = components.get("tokenizer")
+        self.text_encoder = None
+        if "text_encoder" in devices:
+            self.text_encoder = _place(components["text_encoder"], self.devices["text_encoder"], dtype)
+        elif remote_encode is None:
+            raise ValueError("an engine without a text encoder needs remote_encode")
         self.transformer = _place(components["transformer"], self.devices["transformer"], dtype)
         self.vae = _place(components["vae"], self.devices["vae"], dtype)
         self._scheduler_config = components["scheduler"].config
@@ -84,6 +91,8 @@ class ZImageEngine:
         self, prompts: Sequence[str], negative_prompts: Sequence[str | None] | None = None, guidance: float = 0.0,
         max_sequence_length: int = 512,
     ) -> EncodedPrompts:
+        if self.text_encoder is None:
+            return self.remote_encode(list(prompts), list(negative_prompts or [None] * len(prompts)), guidance)
         positive = self._encode(list(prompts), max_sequence_length)
         negative: list[torch.Tensor] = []
         if guidance > 0:
@@ -199,7 +208,8 @@ class ZImageEngine:
         with guard("encode"):
             t0 = time.perf_counter()
             enc = self.encode(prompts, negative_prompts, guidance_scale)
-            _sync(self.devices["text_encoder"])
+            if self.text_encoder is not None:
+                _sync(self.devices["text_encoder"])
             encode_s = time.perf_counter() - t0
         with guard("denoise"):
             t0 = time.perf_counter()

@@ -155,11 +155,34 @@ def load_components(cfg: ModelConfig, dtype, devices: dict[str, str]) -> tuple[d
         from .models import build_components
 
         comps = build_components("full", device=devices, dtype=dtype, seed=cfg.seed)
-    else:
+    elif set(devices) >= {"transformer", "text_encoder", "vae"}:
         from diffusers import ZImagePipeline
 
         pipe = ZImagePipeline.from_pretrained(
             str(resolved.path), dtype=dtype, low_cpu_mem_usage=cfg.low_cpu_mem_usage, local_files_only=True
         )
         comps = dict(pipe.components)
+    else:
+        comps = _load_some(resolved.path, cfg, dtype, set(devices))
     return comps, resolved, time.perf_counter() - t0
+
+
+def _load_some(path: Path, cfg: ModelConfig, dtype, names: set[str]) -> dict:
+    """Load only the named components from the repository layout (a replica that borrows another replica's
+    text encoder never reads the 7.5 GiB of encoder weights)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+
+    common = {"local_files_only": True, "low_cpu_mem_usage": cfg.low_cpu_mem_usage}
+    out: dict = {"scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(str(path), subfolder="scheduler")}
+    if "transformer" in names:
+        out["transformer"] = ZImageTransformer2DModel.from_pretrained(str(path), subfolder="transformer",
+                                                                      torch_dtype=dtype, **common)
+    if "vae" in names:
+        out["vae"] = AutoencoderKL.from_pretrained(str(path), subfolder="vae", torch_dtype=dtype, **common)
+    if "text_encoder" in names:
+        from transformers import AutoTokenizer, Qwen3Model
+
+        out["text_encoder"] = Qwen3Model.from_pretrained(str(path), subfolder="text_encoder", dtype=dtype,
+                                                         local_files_only=True)
+        out["tokenizer"] = AutoTokenizer.from_pretrained(str(path), subfolder="tokenizer", local_files_only=True)
+    return out

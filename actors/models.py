@@ -167,25 +167,20 @@ def build_components(size: str, device: str | dict[str, str] = "cpu", dtype=None
     devices = device if isinstance(device, dict) else dict.fromkeys(("transformer", "text_encoder", "vae"), device)
     if "meta" not in devices.values():
         torch.manual_seed(seed)
-    with _default_dtype(dtype):
-        with torch.device(devices["transformer"]):
-            transformer = ZImageTransformer2DModel(**t_cfg)
-        with torch.device(devices["text_encoder"]):
-            text_encoder = Qwen3Model(Qwen3Config(**te_cfg))
-        with torch.device(devices["vae"]):
-            vae = AutoencoderKL(**vae_cfg)
-    if size == "tiny" and devices["transformer"] != "meta":
-        _reinit_tiny(transformer, seed)
-    for m in (transformer, text_encoder, vae):
-        m.eval()
-        m.requires_grad_(False)
-    return {
-        "transformer": transformer,
-        "text_encoder": text_encoder,
-        "vae": vae,
-        "tokenizer": tokenizer,
-        "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+    builders = {
+        "transformer": lambda: ZImageTransformer2DModel(**t_cfg),
+        "text_encoder": lambda: Qwen3Model(Qwen3Config(**te_cfg)),
+        "vae": lambda: AutoencoderKL(**vae_cfg),
     }
+    out: dict[str, Any] = {"tokenizer": tokenizer, "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)}
+    with _default_dtype(dtype):
+        for name, build in builders.items():
+            if name in devices:  # a replica that borrows another's text encoder builds none of its own
+                with torch.device(devices[name]):
+                    out[name] = build().eval().requires_grad_(False)
+    if size == "tiny" and devices.get("transformer", "meta") != "meta":
+        _reinit_tiny(out["transformer"], seed)
+    return out
 
 
 def _reinit_tiny(transformer, seed: int) -> None:

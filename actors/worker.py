@@ -35,18 +35,19 @@ class WarmupSpec:
 
 
 def choose_devices(device_map: dict[str, int] | None) -> dict[str, str]:
-    """Component -> torch device string. GPU indices are local to the replica (Ray sets CUDA_VISIBLE_DEVICES);
-    without CUDA (CPU machines, logical GPUs) every component runs on the CPU."""
+    """Component -> torch device string, for the components this replica holds (a replica that borrows a
+    shared text encoder has none of its own). GPU indices are local to the replica (Ray sets
+    CUDA_VISIBLE_DEVICES); without CUDA (CPU machines, logical GPUs) every component runs on the CPU."""
     import torch
 
     device_map = device_map or dict.fromkeys(COMPONENTS, 0)
     if not torch.cuda.is_available():
-        return dict.fromkeys(COMPONENTS, "cpu")
+        return dict.fromkeys(device_map, "cpu")
     n = torch.cuda.device_count()
     bad = {c: i for c, i in device_map.items() if i >= n}
     if bad:
         raise ValueError(f"device_map {bad} names GPUs this replica does not have (it sees {n})")
-    return {c: f"cuda:{device_map[c]}" for c in COMPONENTS}
+    return {c: f"cuda:{i}" for c, i in device_map.items()}
 
 
 class PipelineWorker:
@@ -61,7 +62,11 @@ class PipelineWorker:
         torch_threads: int | None = None,
         memory_fraction: float | None = None,
         pipeline_stages: bool = False,
+        encoder=None,
     ):
+        """``encoder``: for a replica without a text encoder of its own (component replication), a callable
+        ``(prompts, negative_prompts, guidance) -> EncodedPrompts`` that asks the replica hosting the shared
+        encoder."""
         self.replica_id = replica_id
         self.model_cfg = model
         self.device_map = device_map
@@ -69,6 +74,8 @@ class PipelineWorker:
         self.torch_threads = torch_threads
         self.memory_fraction = memory_fraction
         self.pipeline_stages = pipeline_stages
+        self.encoder = encoder
+        self.encodes_served = 0
         self._stage_locks = {s: threading.Lock() for s in ("encode", "denoise", "decode")}
         self._stage_streams: dict = {}
         self.engine = None
@@ -112,11 +119,13 @@ class PipelineWorker:
         comps, resolved, self.load_s = load_components(self.model_cfg, dtype, devices)
         log.info("replica %s: model from %s (%s) in %.1fs", self.replica_id, resolved.source, resolved.detail,
                  self.load_s)
-        self.engine = ZImageEngine(comps, devices, dtype)
-        if self.pipeline_stages and torch.cuda.is_available():
-            stage_device = {"encode": devices["text_encoder"], "denoise": devices["transformer"],
+        self.engine = ZImageEngine(comps, devices, dtype, remote_encode=self.encoder)
+        if torch.cuda.is_available():
+            stage_device = {"encode": devices.get("text_encoder"), "denoise": devices["transformer"],
                             "decode": devices["vae"]}
-            self._stage_streams = {s: torch.cuda.Stream(torch.device(d)) for s, d in stage_device.items()}
+            if not self.pipeline_stages:  # only the encode stream, for serving other replicas' encodes
+                stage_device = {"encode": stage_device["encode"]}
+            self._stage_streams = {s: torch.cuda.Stream(torch.device(d)) for s, d in stage_device.items() if d}
         self._apply_speed_options()
         specs = self.warmup_spec if isinstance(self.warmup_spec, list) else [self.warmup_spec] * bool(
             self.warmup_spec)
@@ -175,6 +184,7 @@ class PipelineWorker:
             memory_allocated_bytes=alloc,
             peak_memory_bytes=peak,
             load_s=self.load_s,
+            encodes_served=self.encodes_served,
             warmup_s=self.warmup_s,
             numerics=dict(self.numerics),
         )
@@ -239,9 +249,11 @@ class PipelineWorker:
                 with self._device_lock:
                     if self._fault is not None:
                         self._fault(batch)
-                    images, times = self.engine.generate(*args)
+                    images, times = self.engine.generate(*args, stage_guard=self._encode_guard)
         except Exception as e:  # noqa: BLE001 - every failure becomes data for the router
             kind = "out_of_memory" if _is_oom(e) else "replica_error"
+            if getattr(e, "encoder_unavailable", False):
+                kind = "replica_lost"  # the shared encoder's replica is gone: the router retries elsewhere
             log.exception("replica %s: batch %d (%d x %s) failed", self.replica_id, batch.batch_id, len(batch), key)
             if kind == "out_of_memory":
                 _free_cuda_cache()
@@ -257,6 +269,27 @@ class PipelineWorker:
             for r, img in zip(batch.requests, images)
         )
         return BatchResult(batch.batch_id, self.replica_id, results, times)
+
+    @contextlib.contextmanager
+    def _encode_guard(self, stage: str):
+        """Without stage pipelining only the encode stage is guarded: other replicas' encodes (a shared text
+        encoder) may run beside this replica's batch, never at the same time as its own encode."""
+        if stage == "encode":
+            with self._stage_guard(stage):
+                yield
+        else:
+            yield
+
+    def encode(self, prompts: list[str], negative_prompts: list[str | None], guidance: float):
+        """Serve another replica's encode (component replication): embeddings come back on the CPU."""
+        from actors.engine import EncodedPrompts
+
+        if not self._ready:
+            raise RuntimeError(f"replica {self.replica_id} (shared text encoder) is not started")
+        with self._stage_guard("encode"):
+            enc = self.engine.encode(prompts, negative_prompts, guidance)
+            self.encodes_served += 1
+            return EncodedPrompts([t.cpu() for t in enc.positive], [t.cpu() for t in enc.negative])
 
     @contextlib.contextmanager
     def _stage_guard(self, stage: str):

@@ -209,7 +209,8 @@ def cmd_plan(args) -> int:
     for r in p.replicas:
         side = int(r.max_pixels**0.5) // 16 * 16
         t.add_row(r.replica_id, r.node, str(list(r.gpus)),
-                  _device_map_text(r.device_map), str(r.max_batch_size),
+                  _device_map_text(r.device_map) + (f" (te shared from {r.encoder_replica})"
+                                                     if r.encoder_replica else ""), str(r.max_batch_size),
                   f"{r.max_pixels / 1e6:.1f} MP (~{side}x{side})")
     console.print(t)
     for n in p.notes:
@@ -218,7 +219,7 @@ def cmd_plan(args) -> int:
 
 
 def _device_map_text(device_map: dict[str, int]) -> str:
-    if len(set(device_map.values())) == 1:
+    if len(device_map) == 3 and len(set(device_map.values())) == 1:
         return f"all on {next(iter(device_map.values()))}"
     short = {"text_encoder": "te", "transformer": "dit", "vae": "vae"}
     return " ".join(f"{short[c]}:{i}" for c, i in device_map.items())

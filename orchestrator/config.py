@@ -139,10 +139,11 @@ class ModelConfig(_Strict):
 class DeploymentConfig(_Strict):
     """How many replicas and where their components live."""
 
-    mode: Literal["replicate", "split", "auto"] = Field(
+    mode: Literal["replicate", "split", "auto", "shared-encoder"] = Field(
         default="replicate",
         description="replicate: one whole pipeline per GPU. split: each replica spans gpus_per_replica GPUs "
-        "with the device_map below. auto: the planner chooses.",
+        "with the device_map below. auto: the planner chooses. shared-encoder: one text encoder per node, in "
+        "a whole pipeline on its first GPU, serves transformer + VAE replicas on the node's other GPUs.",
     )
     replicas: int | None = Field(
         default=None, ge=1, le=4096, description="Number of replicas. None: as many as the inventory fits."

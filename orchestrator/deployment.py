@@ -110,17 +110,24 @@ class Deployment:
         if d.warmup:
             warmup = [WarmupSpec(cfg.defaults.width, cfg.defaults.height, min(2, cfg.defaults.num_inference_steps), b)
                       for b in d.warmup_batch_sizes]
+        borrowers = {}
         for rp in self.plan.replicas:
+            if rp.encoder_replica:
+                borrowers[rp.encoder_replica] = borrowers.get(rp.encoder_replica, 0) + 1
+        for rp in self.plan.replicas:  # hosts of a shared text encoder come before the replicas that borrow it
             fraction = None
             if d.gpu_memory_limit_gib is not None:
                 fraction = d.gpu_memory_limit_gib / mem[rp.node]
+            encoder = None
+            if rp.encoder_replica:
+                encoder = rb.RemoteEncoder(self.replicas[rp.encoder_replica].actor, rp.encoder_replica)
             self.replicas[rp.replica_id] = rb.RayReplica(
                 rp.replica_id, by_name[rp.node], len(rp.gpus), d.cpu_per_replica, rp.max_pixels,
                 rp.max_batch_pixels,
                 worker_kwargs=dict(model=cfg.model, device_map=rp.device_map, warmup=warmup,
                                    torch_threads=d.torch_threads, memory_fraction=fraction,
-                                   pipeline_stages=d.pipeline_stages),
-                max_concurrency=d.max_inflight_batches + 1,
+                                   pipeline_stages=d.pipeline_stages, encoder=encoder),
+                max_concurrency=d.max_inflight_batches + 1 + borrowers.get(rp.replica_id, 0),
             )
         log.info("placing %d replica(s): %s", len(self.replicas),
                  ", ".join(f"{r.replica_id}@{r.node}:{list(r.gpus)}" for r in self.plan.replicas))

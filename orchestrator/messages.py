@@ -131,6 +131,7 @@ class ReplicaHealth:
     memory_allocated_bytes: dict[str, int] = field(default_factory=dict)
     peak_memory_bytes: dict[str, int] = field(default_factory=dict)
     load_s: float = 0.0
+    encodes_served: int = 0  # encodes done for other replicas (a shared text encoder)
     warmup_s: float = 0.0
     numerics: dict = field(default_factory=dict)
 

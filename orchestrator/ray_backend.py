@@ -99,6 +99,33 @@ def probe_gpu_memory_gib(node: RayNode, timeout_s: float = 120.0) -> float:
     return mem if mem is not None else LOGICAL_GPU_MEMORY_GIB
 
 
+class EncoderUnavailable(RuntimeError):
+    encoder_unavailable = True
+
+
+class RemoteEncoder:
+    """The callable a replica without its own text encoder uses to borrow the shared one (another replica's
+    actor). Picklable: it travels to the borrowing actor. Waits out a restart of the host for ``wait_s``."""
+
+    def __init__(self, actor, host_id: str, wait_s: float = 60.0):
+        self.actor = actor
+        self.host_id = host_id
+        self.wait_s = wait_s
+
+    def __call__(self, prompts, negative_prompts, guidance):
+        import time
+
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                return ray.get(self.actor.encode.remote(prompts, negative_prompts, guidance))
+            except (RayActorError, RayTaskError) as e:
+                if time.monotonic() > deadline:
+                    raise EncoderUnavailable(f"shared text encoder on {self.host_id} unavailable: "
+                                             f"{_first_line(e)}") from None
+                time.sleep(0.5)
+
+
 class RayReplica:
     """A replica actor plus its placement group, satisfying the router's ``Replica`` protocol."""
 

@@ -343,6 +343,8 @@ class Router:
                 p.max_batch = max(1, len(batch) // 2)
                 p.attempts -= 1  # a split is not a failed attempt
                 self._requeue(p)
+            elif r.error_type == "replica_lost":
+                self._retry_or_fail(p, r.error or "a replica it depends on was lost", "replica_lost")
             elif r.error_type == "out_of_memory":
                 self._finish(p, _with_times(r, p, now, error=(
                     f"out of GPU memory for a single {p.request.width}x{p.request.height} image on replica "

@@ -5,6 +5,10 @@ Modes:
 - ``split``: each replica holds ``gpus_per_replica`` GPUs of one node, components placed by its device map.
 - ``auto``: as many replicas as fit: a whole pipeline on every GPU that holds one at the target size, and the
   GPUs that cannot are paired into split replicas (text encoder on one, transformer + VAE on the other).
+- ``shared-encoder`` (component replication): the text encoder is replicated less than the transformer. On each
+  node the first GPU holds a whole pipeline whose text encoder also serves every other GPU of the node, which
+  holds transformer + VAE only, so it has 7.5 GiB more for batches and sizes. Two 24 GB cards then run two
+  denoisers with one encoder, where a plain split runs one and leaves the encoder's GPU idle most of the time.
 
 Ties are broken by node name, then GPU index. Every plan says, per replica, the largest batch and image it can
 serve, and the router never sends a replica more.
@@ -52,7 +56,7 @@ class Inventory:
 
 @dataclass(frozen=True)
 class DeploymentSpec:
-    mode: Literal["replicate", "split", "auto"] = "replicate"
+    mode: Literal["replicate", "split", "auto", "shared-encoder"] = "replicate"
     replicas: int | None = None
     gpus_per_replica: int = 1
     device_map: dict[str, int] | None = None
@@ -72,10 +76,17 @@ class ReplicaPlan:
     max_batch_size: int  # at the deployment's target size
     max_pixels: int  # largest single image
     max_batch_pixels: int  # most images x pixels in one batch
+    encoder_replica: str | None = None  # the replica whose text encoder this one borrows (shared-encoder mode)
+    encoder_gpu: tuple[str, int] | None = None  # where that text encoder lives
 
     @property
     def components(self) -> dict[str, dict[str, object]]:
-        return {c: {"node": self.node, "gpu": self.gpus[i]} for c, i in self.device_map.items()}
+        out: dict[str, dict[str, object]] = {c: {"node": self.node, "gpu": self.gpus[i]}
+                                             for c, i in self.device_map.items()}
+        if self.encoder_gpu is not None:
+            out["text_encoder"] = {"node": self.encoder_gpu[0], "gpu": self.encoder_gpu[1],
+                                   "shared_from": self.encoder_replica}
+        return out
 
     def batch_limit(self, pixels: int) -> int:
         """Largest batch of images of ``pixels`` this replica's memory holds (0: not even one)."""
@@ -116,6 +127,7 @@ class PlacementPlan:
                     "max_batch_size": r.max_batch_size,
                     "max_pixels": r.max_pixels,
                     "max_batch_pixels": r.max_batch_pixels,
+                    "encoder_replica": r.encoder_replica,
                 }
                 for r in self.replicas
             ],
@@ -155,9 +167,11 @@ def plan(model: ModelSpec, inventory: Inventory, deployment: DeploymentSpec) -> 
         groups = _split_groups(model, inventory, d, pixels)
     elif d.mode == "auto":
         groups = _auto_groups(model, inventory, d, pixels)
+    elif d.mode == "shared-encoder":
+        groups = _shared_encoder_groups(model, inventory, d, pixels)
     else:
         raise PlacementError(f"unknown mode {d.mode!r}; use replicate, split or auto")
-    if d.replicas is not None:
+    if d.replicas is not None:  # (shared-encoder lists each host before the replicas borrowing from it)
         if len(groups) < d.replicas:
             raise PlacementError(
                 f"deployment.replicas = {d.replicas} but only {len(groups)} replica(s) fit this inventory in mode "
@@ -261,9 +275,29 @@ def _auto_groups(model, inventory, d, pixels):
     return groups
 
 
+def _shared_encoder_groups(model, inventory, d, pixels):
+    groups = []
+    for node, gpus in inventory.by_node().items():
+        order = sorted(gpus, key=lambda g: (-g.memory_gib, g.index))
+        host = order[0]
+        if not _fits(model, COMPONENTS, host, pixels, 1, d):
+            need = model.peak_gib(COMPONENTS, pixels, 1, d.pipeline_stages)
+            raise PlacementError(
+                f"shared-encoder mode hosts the text encoder in a whole pipeline, which needs {need:.1f} GiB at "
+                f"{d.width}x{d.height} batch 1; {host.label} has {host.memory_gib:.1f} GiB. Use mode 'split' "
+                f"or 'auto'"
+            )
+        host_at = len(groups)
+        groups.append((node, (host,), dict.fromkeys(COMPONENTS, 0)))
+        for g in sorted(order[1:], key=lambda g: g.index):
+            if _fits(model, ("transformer", "vae"), g, pixels, 1, d):
+                groups.append((node, (g,), {"transformer": 0, "vae": 0}, host_at))
+    return groups
+
+
 def _assemble(model, inventory, d, pixels, groups) -> PlacementPlan:
     replicas, used = [], {}
-    for i, (node, chunk, dmap) in enumerate(groups):
+    for i, (node, chunk, dmap, *borrow) in enumerate(groups):
         rid = f"r{i}"
         budgets = []
         for li, g in enumerate(chunk):
@@ -273,8 +307,12 @@ def _assemble(model, inventory, d, pixels, groups) -> PlacementPlan:
             used[(g.node, g.index)] = [f"{rid}.{c}" for c in COMPONENTS if c in names]
         max_batch_pixels = min(budgets)
         max_batch = max(1, min(d.max_batch_size, max_batch_pixels // pixels))
+        encoder_replica = encoder_gpu = None
+        if borrow:
+            host = replicas[borrow[0]]
+            encoder_replica, encoder_gpu = host.replica_id, (host.node, host.gpus[host.device_map["text_encoder"]])
         replicas.append(ReplicaPlan(rid, node, tuple(g.index for g in chunk), dict(dmap), max_batch,
-                                    max_batch_pixels, max_batch_pixels))
+                                    max_batch_pixels, max_batch_pixels, encoder_replica, encoder_gpu))
     rep_by_gpu = {(r.node, r.gpus[li]): (r, li) for r in replicas for li in range(len(r.gpus))}
     gpu_plans = []
     for g in sorted(inventory.gpus, key=lambda g: (g.node, g.index)):
