@@ -3,8 +3,10 @@
 Modes:
 - ``replicate``: one whole pipeline per GPU.
 - ``split``: each replica holds ``gpus_per_replica`` GPUs of one node, components placed by its device map.
-- ``auto``: as many replicas as fit: a whole pipeline on every GPU that holds one at the target size, and the
-  GPUs that cannot are paired into split replicas (text encoder on one, transformer + VAE on the other).
+- ``auto``: as many replicas as fit: a whole pipeline on every GPU that holds one at the target size; a GPU that
+  cannot but holds transformer + VAE borrows the text encoder of a whole pipeline on its node (component
+  replication, below); the rest are paired into split replicas (text encoder on one, transformer + VAE on the
+  other).
 - ``shared-encoder`` (component replication): the text encoder is replicated less than the transformer. On each
   node the first GPU holds a whole pipeline whose text encoder also serves every other GPU of the node, which
   holds transformer + VAE only, so it has 7.5 GiB more for batches and sizes. Two 24 GB cards then run two
@@ -250,12 +252,18 @@ def _auto_groups(model, inventory, d, pixels):
     groups = []
     split_map = default_device_map(2)
     for node, gpus in inventory.by_node().items():
-        leftovers = []
+        leftovers, host = [], None
         for g in gpus:
             if _fits(model, COMPONENTS, g, pixels, 1, d):
+                host = len(groups) if host is None else host
                 groups.append((node, (g,), dict.fromkeys(COMPONENTS, 0)))
             else:
                 leftovers.append(g)
+        if host is not None:  # a denoiser per leftover GPU beats a split pair per two of them
+            for g in list(leftovers):
+                if _fits(model, ("transformer", "vae"), g, pixels, 1, d):
+                    groups.append((node, (g,), {"transformer": 0, "vae": 0}, host))
+                    leftovers.remove(g)
         # Pair the GPUs that cannot hold a whole pipeline: the larger takes transformer + VAE.
         leftovers.sort(key=lambda g: (g.memory_gib, g.index))
         while len(leftovers) >= 2:
@@ -271,7 +279,6 @@ def _auto_groups(model, inventory, d, pixels):
             f"(+{d.headroom_gib:g} GiB headroom) and a whole pipeline {model.peak_gib(COMPONENTS, pixels, 1):.1f} "
             f"GiB; the largest GPU is {big.label} with {big.memory_gib:.1f} GiB"
         )
-    groups.sort(key=lambda grp: (grp[0], grp[1][0].index))
     return groups
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from placement import DeploymentSpec, Inventory, PlacementError, model_spec, plan
+from placement import GPU, DeploymentSpec, Inventory, PlacementError, model_spec, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 Z = model_spec("modelscope", "bfloat16")
@@ -69,6 +69,14 @@ def test_auto_replicates_where_whole_pipeline_fits_and_pairs_the_rest():
     assert [(r.node, r.gpus) for r in p.replicas] == [("a", (0,)), ("a", (1,)), ("b", (0, 3)), ("b", (1, 2))]
     split = p.replicas[2]
     assert split.device_map == {"text_encoder": 0, "transformer": 1, "vae": 1}
+
+
+def test_auto_lets_small_gpus_borrow_a_text_encoder():
+    # 1024^2: a whole pipeline fits the 40 GiB card, only transformer + VAE the 16 GiB ones. Borrowing the
+    # big card's encoder gives three denoisers; pairing the small cards into a split would give two.
+    gpus = Inventory((GPU("n", 0, 40.0), GPU("n", 1, 16.0), GPU("n", 2, 16.0)))
+    p = plan(Z, gpus, DeploymentSpec("auto"))
+    assert [(r.gpus, r.encoder_replica) for r in p.replicas] == [((0,), None), ((1,), "r0"), ((2,), "r0")]
 
 
 def test_auto_at_large_size_splits_24gb_cards():
