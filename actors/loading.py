@@ -176,9 +176,9 @@ def _load_some(path: Path, cfg: ModelConfig, dtype, names: set[str]) -> dict:
     out: dict = {"scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(str(path), subfolder="scheduler")}
     if "transformer" in names:
         out["transformer"] = ZImageTransformer2DModel.from_pretrained(str(path), subfolder="transformer",
-                                                                      torch_dtype=dtype, **common)
+                                                                      dtype=dtype, **common)
     if "vae" in names:
-        out["vae"] = AutoencoderKL.from_pretrained(str(path), subfolder="vae", torch_dtype=dtype, **common)
+        out["vae"] = AutoencoderKL.from_pretrained(str(path), subfolder="vae", dtype=dtype, **common)
     if "text_encoder" in names:
         from transformers import AutoTokenizer, Qwen3Model
 
