@@ -184,13 +184,13 @@ def build_components(size: str, device: str | dict[str, str] = "cpu", dtype=None
 
 
 def _reinit_tiny(transformer, seed: int) -> None:
-    """Z-Image zero-initialises its final layer and modulations; give the toy model non-zero outputs so that
-    tests comparing images actually compare something that depends on the prompt and the noise."""
+    """Give the parameters the transformer initialises to zero (its image and caption pad-token embeddings) small
+    random values, so padding is not a silent no-op in the toy model's outputs that tests compare."""
     import torch
 
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in transformer.named_parameters():
+        for p in transformer.parameters():
             if p.abs().sum() == 0 and p.dim() >= 1:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * 0.02)
 

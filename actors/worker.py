@@ -170,7 +170,7 @@ class PipelineWorker:
         t0 = time.perf_counter()
         alloc, peak = {}, {}
         if self.engine is not None and torch.cuda.is_available():
-            for name, d in self.engine.devices.items():
+            for d in set(self.engine.devices.values()):
                 alloc[str(d)] = torch.cuda.memory_allocated(d)
                 peak[str(d)] = torch.cuda.max_memory_allocated(d)
         return ReplicaHealth(

@@ -220,7 +220,7 @@ def run_baseline(config: Config, sizes: list[tuple[int, int]], n: int, warmup: i
                 "images": n, "latency_p50_s": round(percentile(times, 0.5), 4),
                 "throughput_img_s": round(n / sum(times), 4), "peak_memory_gib": round(peak, 2) if peak else None}
     finally:
-        del pipe, comps
+        pipe = comps = None  # noqa: F841 - drop the references so the memory can go
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

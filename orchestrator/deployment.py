@@ -17,6 +17,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 
 from placement import DeploymentSpec, Inventory, PlacementPlan, model_spec, plan
@@ -74,6 +75,8 @@ class Deployment:
         self.observer: RouterObserver = RouterObserver()
         self.health: dict[str, ReplicaHealth] = {}
         self.started_at = time.time()
+        # Ray names (actors, placement groups) carry this, so deployments sharing a namespace never collide.
+        self.deployment_id = uuid.uuid4().hex[:8]
         self.ready = False
 
     # ---- start / stop ----------------------------------------------------------------------------------
@@ -128,6 +131,7 @@ class Deployment:
                                    torch_threads=d.torch_threads, memory_fraction=fraction,
                                    pipeline_stages=d.pipeline_stages, encoder=encoder),
                 max_concurrency=d.max_inflight_batches + 1 + borrowers.get(rp.replica_id, 0),
+                deployment_id=self.deployment_id,
             )
         log.info("placing %d replica(s): %s", len(self.replicas),
                  ", ".join(f"{r.replica_id}@{r.node}:{list(r.gpus)}" for r in self.plan.replicas))

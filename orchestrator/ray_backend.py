@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.worker import PipelineWorker, WarmupSpec
 
-from .config import ClusterConfig, ModelConfig
+from .config import ClusterConfig
 from .errors import NotReadyError, ReplicaError, ReplicaUnavailableError
 from .messages import Batch, BatchResult, ReplicaHealth, StepProgress
 
@@ -130,7 +130,8 @@ class RayReplica:
     """A replica actor plus its placement group, satisfying the router's ``Replica`` protocol."""
 
     def __init__(self, replica_id: str, node: RayNode, n_gpus: int, cpus: float, max_pixels: int,
-                 max_batch_pixels: int, worker_kwargs: dict, max_restarts: int = -1, max_concurrency: int = 2):
+                 max_batch_pixels: int, worker_kwargs: dict, max_restarts: int = -1, max_concurrency: int = 2,
+                 deployment_id: str = ""):
         self.replica_id = replica_id
         self.node = node
         self.max_pixels = max_pixels
@@ -138,12 +139,12 @@ class RayReplica:
         self._pg = placement_group(
             [{"GPU": n_gpus, "CPU": cpus}] if cpus else [{"GPU": n_gpus}],
             strategy="STRICT_PACK",
-            name=f"zimage-{replica_id}",
+            name=f"zimage-{deployment_id}-{replica_id}",
             bundle_label_selector=[{NODE_ID_LABEL: node.node_id}],
         )
         actor_cls = ray.remote(PipelineWorker)
         self.actor = actor_cls.options(
-            name=f"zimage-{replica_id}",
+            name=f"zimage-{deployment_id}-{replica_id}",
             num_gpus=n_gpus,
             num_cpus=cpus,
             max_restarts=max_restarts,

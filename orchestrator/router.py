@@ -258,7 +258,7 @@ class Router:
     def _expire(self, now: float) -> None:
         for p in self.scheduler.expire(now):
             self._finish(p, self._timeout_result(p, now, "while queued"))
-        for rid, p in list(self._running.items()):
+        for p in list(self._running.values()):
             if p.deadline <= now:
                 self._finish(p, self._timeout_result(p, now, "while running"))
 

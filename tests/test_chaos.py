@@ -43,7 +43,7 @@ def test_chaos_kills_lose_no_request(server):
     for i, t in enumerate(threads):
         t.start()
         if i % 20 == 10:  # three kills spread over the load
-            victim = ray.get_actor(f"zimage-r{(i // 20) % 2}", namespace="zimage-tests")
+            victim = server.service.deployment.replicas[f"r{(i // 20) % 2}"].actor
             ray.kill(victim, no_restart=False)
         time.sleep(0.05)
     for t in threads:

@@ -75,3 +75,26 @@ def test_replica_error_reaches_the_caller(deployment):
     (res,) = loop.run_until_complete(asyncio.wait_for(go(), 60))
     assert not res.ok and "injected boom" in res.error
     assert loop.run_until_complete(dep.generate("x", seed=1))[0].ok
+
+
+def test_sync_client_and_generate_cli(ray_cluster, tiny_cache, tmp_path):
+    """The synchronous Python API and `zimage-orch generate` (both join the session's Ray)."""
+    import json
+
+    import yaml
+
+    from orchestrator.cli import main
+    from orchestrator.deployment import ZImageClient
+
+    cfg = tiny_config(tiny_cache, deployment={"replicas": 1})
+    with ZImageClient(cfg) as client:
+        images = client.generate_images("a red fox", n=2, seed=4)
+    assert [im.size for im in images] == [(64, 64), (64, 64)]
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True)))
+    out = tmp_path / "gen"
+    assert main(["generate", "--config", str(path), "--prompt", "a fox", "--prompt", "a cat", "--n", "2",
+                 "--size", "64x96", "--seed", "7", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 4 and summary["size"] == "64x96"
+    assert len(list(out.glob("*.png"))) == 4
