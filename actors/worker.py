@@ -185,6 +185,7 @@ class PipelineWorker:
             peak_memory_bytes=peak,
             load_s=self.load_s,
             encodes_served=self.encodes_served,
+            pid=os.getpid(),
             warmup_s=self.warmup_s,
             numerics=dict(self.numerics),
         )

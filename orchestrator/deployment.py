@@ -241,6 +241,11 @@ class Deployment:
         from .errors import ReplicaUnavailableError
 
         replica = self.replicas[replica_id]
+        # Every path here follows a process death or a kill (which Ray carries out asynchronously): only a
+        # new process counts as back, never the old one answering before it goes.
+        old = self.health.get(replica_id)
+        old_pid = old.pid if old is not None else None
+        same_process_since = None
         deadline = time.monotonic() + self.config.deployment.start_timeout_s
         while time.monotonic() < deadline:
             if not rb.node_alive(replica.node.node_id):
@@ -257,6 +262,13 @@ class Deployment:
             except ZImageError as e:
                 log.error("replica %s failed to restart: %s", replica_id, e)
                 break
+            if old_pid is not None and self.health[replica_id].pid == old_pid:
+                # The old process still answers: a kill not yet carried out, or an error that was transient
+                # after all. Give a kill 10 s to land; after that, the replica never went away.
+                same_process_since = same_process_since or time.monotonic()
+                if time.monotonic() - same_process_since < 10.0:
+                    await asyncio.sleep(0.5)
+                    continue
             log.info("replica %s is back", replica_id)
             self._event(replica_id, "back")
             self._down.discard(replica_id)

@@ -132,6 +132,7 @@ class ReplicaHealth:
     peak_memory_bytes: dict[str, int] = field(default_factory=dict)
     load_s: float = 0.0
     encodes_served: int = 0  # encodes done for other replicas (a shared text encoder)
+    pid: int = 0  # the replica's process: a restarted replica has a new one
     warmup_s: float = 0.0
     numerics: dict = field(default_factory=dict)
 
