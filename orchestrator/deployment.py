@@ -142,8 +142,12 @@ class Deployment:
             if on_replica_ready:
                 on_replica_ready(h)
 
+        # Replicas that host a shared text encoder warm up first: the ones borrowing it encode through them.
+        borrowing = {rp.replica_id for rp in self.plan.replicas if rp.encoder_replica}
         try:
-            await asyncio.gather(*(start_one(rid, r) for rid, r in self.replicas.items()))
+            for phase in (False, True):
+                await asyncio.gather(*(start_one(rid, r) for rid, r in self.replicas.items()
+                                       if (rid in borrowing) == phase))
         except BaseException:
             await self.shutdown()
             raise
