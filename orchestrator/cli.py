@@ -52,15 +52,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 # ---- demo / generate -------------------------------------------------------------------------------------------
 async def _run_prompts(config: Config, prompts: list[str], out: Path, params: dict, label: str) -> dict:
     from tqdm import tqdm
@@ -86,30 +77,29 @@ async def _run_prompts(config: Config, prompts: list[str], out: Path, params: di
         elapsed = time.perf_counter() - t0
     finally:
         await dep.shutdown()
-    failures = [r for r in results if not r.ok]
+    from .bench import summarize
+
     for i, r in enumerate(results):
         if r.ok:
             (out / f"{i:03d}-seed{r.seed}.png").write_bytes(r.png)
-    ok = [r for r in results if r.ok]
-    batches = {}
-    for r in ok:
-        batches[r.batch_id] = (r.batch_size, r.replica_id)
+    stats = summarize(label, results, elapsed)
     per_replica: dict[str, int] = {}
-    for r in ok:
-        per_replica[r.replica_id] = per_replica.get(r.replica_id, 0) + 1
+    for r in results:
+        if r.ok:
+            per_replica[r.replica_id] = per_replica.get(r.replica_id, 0) + 1
     summary = {
-        "images": len(ok),
-        "failed": len(failures),
-        "errors": sorted({f"{r.error_type}: {r.error}" for r in failures})[:10],
+        "images": stats.images,
+        "failed": stats.failed,
+        "errors": stats.errors,
         "replicas_used": sorted(per_replica),
         "images_per_replica": per_replica,
-        "batches": len(batches),
-        "batch_sizes": sorted((s for s, _ in batches.values()), reverse=True),
-        "throughput_img_s": round(len(ok) / elapsed, 3) if elapsed > 0 else 0.0,
-        "latency_p50_s": round(percentile([r.latency_s for r in ok], 0.5), 4),
-        "latency_p95_s": round(percentile([r.latency_s for r in ok], 0.95), 4),
-        "queue_p50_s": round(percentile([r.queue_s for r in ok], 0.5), 4),
-        "elapsed_s": round(elapsed, 3),
+        "batches": sum(stats.batch_sizes.values()),
+        "batch_sizes": sorted((int(s) for s, n in stats.batch_sizes.items() for _ in range(n)), reverse=True),
+        "throughput_img_s": stats.throughput_img_s,
+        "latency_p50_s": stats.latency_p50_s,
+        "latency_p95_s": stats.latency_p95_s,
+        "queue_p50_s": stats.queue_p50_s,
+        "elapsed_s": stats.elapsed_s,
         "startup_s": round(t_ready - t_start, 3),
         "size": f"{requests[0].width}x{requests[0].height}" if requests else None,
         "num_inference_steps": requests[0].num_inference_steps if requests else None,

@@ -249,7 +249,7 @@ class Router:
                 self._expire(now)
                 for replica_id, pendings in self.scheduler.schedule(now, self._free()):
                     self._dispatch(replica_id, pendings, now)
-                deadline = self._next_deadline()
+                deadline = self._next_deadline(self._free())  # after dispatching: who is still free
             except Exception:  # noqa: BLE001 - a bug here must not silently stop all serving
                 log.exception("router loop error; continuing")
                 deadline = self.clock.now() + 0.1
@@ -387,9 +387,9 @@ class Router:
     def _free(self) -> list[ReplicaCapacity]:
         return [c for c in self._capacities() if c.outstanding < self.max_inflight]
 
-    def _next_deadline(self) -> float | None:
+    def _next_deadline(self, free: list[ReplicaCapacity]) -> float | None:
         times = [p.deadline for p in self._running.values()]
-        d = self.scheduler.next_deadline(self._free())
+        d = self.scheduler.next_deadline(free)
         if d is not None:
             times.append(d)
         return min(times) if times else None
