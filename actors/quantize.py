@@ -1,5 +1,14 @@
-"""Opt-in fp8 for the transformer: dynamic per-row float8 activations and weights (torchao) on the linear layers
-of its repeated blocks, plus the numerical check the benchmark reports (output against bf16, same seed)."""
+"""Opt-in fp8 for the transformer: dynamic per-row float8 activations and weights on the linear layers of its
+repeated blocks, plus the numerical check the benchmark reports (output against bf16, same seed).
+
+Two implementations of the same scheme (weights: float8_e4m3 with one scale per output row, computed once;
+activations: float8_e4m3 with one scale per token, computed on every call; matmul: ``torch._scaled_mm`` with
+row-wise scales into bf16):
+
+- ``native``: a small ``Fp8Linear`` module holding plain tensors. Under ``torch.compile`` the activation
+  quantization fuses into the neighbouring kernels and nothing but ordinary tensors reaches the compiler.
+- ``torchao``: torchao's ``Float8DynamicActivationFloat8WeightConfig(PerRow())`` (a tensor subclass).
+"""
 
 from __future__ import annotations
 
@@ -14,12 +23,60 @@ BLOCK_PREFIXES = ("layers.", "noise_refiner.", "context_refiner.")
 CHECK_PROMPT = "a lighthouse on a rocky coast at sunset, detailed photograph"
 
 
-def quantize_fp8(transformer: torch.nn.Module) -> int:
-    """Swap the blocks' nn.Linear weights for float8 (per-row scales) in place. Returns how many were swapped."""
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def _rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8 values and float32 scales (one per row) of a 2-D tensor, so that ``q * scale`` ~= ``x``."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class Fp8Linear(torch.nn.Module):
+    """``nn.Linear`` with a float8 weight (per-output-row scale) and dynamically per-token-quantized input."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w, w_scale = _rowwise(linear.weight.detach())
+        self.register_buffer("weight", w)  # (out, in), row-major: its .t() is the column-major operand
+        self.register_buffer("weight_scale", w_scale.reshape(1, -1).contiguous())  # (1, out)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xq, x_scale = _rowwise(x.reshape(-1, self.in_features))
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                               out_dtype=x.dtype, use_fast_accum=True)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _quantizable(module: torch.nn.Module, fqn: str) -> bool:
+    return isinstance(module, torch.nn.Linear) and fqn.startswith(BLOCK_PREFIXES) \
+        and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def quantize_fp8(transformer: torch.nn.Module, backend: str = "native") -> int:
+    """Swap the blocks' nn.Linear layers for float8 ones (per-row scales) in place. Returns how many."""
     device = next(transformer.parameters()).device
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise RuntimeError(f"model.quantization 'fp8' needs an NVIDIA GPU of compute capability 8.9+ (Ada, Hopper); "
                            f"the transformer is on {device}")
+    if backend == "native":
+        targets = [(fqn, m) for fqn, m in transformer.named_modules() if _quantizable(m, fqn)]
+        for fqn, m in targets:
+            parent_name, _, child = fqn.rpartition(".")
+            setattr(transformer.get_submodule(parent_name), child, Fp8Linear(m))
+        log.info("fp8 (native): quantized %d linear layers of the transformer blocks", len(targets))
+        return len(targets)
+    if backend != "torchao":
+        raise ValueError(f"unknown fp8 backend {backend!r}: use 'native' or 'torchao'")
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
     except ImportError as e:
@@ -28,14 +85,13 @@ def quantize_fp8(transformer: torch.nn.Module) -> int:
     names = []
 
     def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
-        ok = isinstance(module, torch.nn.Linear) and fqn.startswith(BLOCK_PREFIXES) \
-            and module.in_features % 16 == 0 and module.out_features % 16 == 0
+        ok = _quantizable(module, fqn)
         if ok:
             names.append(fqn)
         return ok
 
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=in_blocks)
-    log.info("fp8: quantized %d linear layers of the transformer blocks", len(names))
+    log.info("fp8 (torchao): quantized %d linear layers of the transformer blocks", len(names))
     return len(names)
 
 

@@ -148,7 +148,7 @@ class PipelineWorker:
             from .quantize import compare, quantize_fp8, reference_output
 
             reference = reference_output(self.engine)
-            quantize_fp8(transformer)
+            quantize_fp8(transformer, cfg.fp8_backend)
             self.numerics = compare(reference, reference_output(self.engine))
             log.info("replica %s: fp8 vs %s: %s", self.replica_id, self.engine.dtype, self.numerics)
         if cfg.compile and self.engine.devices["transformer"].type == "cuda":

@@ -112,8 +112,14 @@ class ModelConfig(_Strict):
     )
     quantization: Literal["none", "fp8"] = Field(
         default="none",
-        description="fp8: dynamic per-row float8 of the transformer blocks' linear layers (torchao; Ada/Hopper "
-        "GPUs). The replica checks its output against bf16 at start-up and reports the error.",
+        description="fp8: dynamic per-row float8 of the transformer blocks' linear layers (Ada/Hopper GPUs). "
+        "The replica checks its output against bf16 at start-up and reports the error.",
+    )
+    fp8_backend: Literal["native", "torchao"] = Field(
+        default="native",
+        description="How fp8 is done. native: plain-tensor float8 linears on torch._scaled_mm (compiles in seconds). "
+        "torchao: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) (needs the [fp8] extra; its first "
+        "compile took 194 s on an H100).",
     )
     compile_cache_dir: Path | None = Field(
         default=None,

@@ -22,8 +22,9 @@ def engine(pipe):
 
 @pytest.mark.parametrize("guidance", [0.0, 3.0])
 def test_engine_equals_zimage_pipeline(pipe, engine, guidance):
-    prompts, seeds = ["a red fox in snow", "a lighthouse"], [11, 12]
-    negs = ["blurry", None]
+    """Bit for bit, where the batch's captions pad to one length (mixed lengths: the next tests)."""
+    prompts, seeds = ["a red fox in snow", "a lighthouse at dusk"], [11, 12]
+    negs = ["blurry and low quality", "oversaturated colors"]
     ours, times = engine.generate(prompts, seeds, 64, 96, 3, guidance, negs)
     ref = pipe(
         prompts, height=64, width=96, num_inference_steps=3, guidance_scale=guidance,
@@ -64,3 +65,24 @@ def test_step_callback(engine):
     seen = []
     engine.generate(["a"], [1], 32, 32, 4, on_step=lambda i, n: seen.append((i, n)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_captions_of_different_padded_lengths_run_unmasked_groups(pipe, engine, monkeypatch, guidance):
+    """A batch whose captions pad to different lengths runs one transformer call per length (no padding mask),
+    and gives what diffusers' masked batch gives."""
+    prompts = ["a cat", "a much longer prompt about a dog on a hill at sunset, with mountains behind it", "x"]
+    negs = ["blurry", None, None]
+    seeds = [1, 2, 3]
+    lengths = {-(-e.shape[0] // 32) for e in engine.encode(prompts).positive}
+    assert len(lengths) == 2, lengths  # the test needs two padded lengths
+    calls = []
+    real = engine.transformer.forward
+    monkeypatch.setattr(engine.transformer, "forward", lambda x, *a, **k: calls.append(len(x)) or real(x, *a, **k))
+    ours, _ = engine.generate(prompts, seeds, 32, 32, 2, guidance, negs)
+    assert len(calls) == 4 and sum(calls) == 2 * len(prompts) * (2 if guidance else 1)  # two groups a step
+    ref = pipe(prompts, height=32, width=32, num_inference_steps=2, guidance_scale=guidance, output_type="np",
+               negative_prompt=[n or "" for n in negs] if guidance else None,
+               generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    ref = (ref * 255).round().clip(0, 255).astype(np.uint8)
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1

@@ -1,0 +1,50 @@
+"""fp8 pieces that run on the CPU: the native float8 linear against the bf16 one, the swap, and the errors."""
+
+import pytest
+import torch
+
+from actors.models import build_components
+from actors.quantize import Fp8Linear, _quantizable, compare, quantize_fp8
+
+
+def test_fp8_linear_matches_linear_within_fp8_precision():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96).to(torch.bfloat16)
+    x = torch.randn(2, 7, 256, dtype=torch.bfloat16)
+    q = Fp8Linear(lin)
+    assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.shape == (1, 96)
+    with torch.no_grad():
+        ref, out = lin(x).float(), q(x)
+    assert out.shape == (2, 7, 96) and out.dtype == torch.bfloat16
+    rel = float((out.float() - ref).norm() / ref.norm())
+    assert 0 < rel < 0.06  # e4m3 keeps 3 mantissa bits: a few percent, never exact
+    # A row of zeros (a padded token) stays zeros instead of 0/0.
+    zero = q(torch.zeros(1, 256, dtype=torch.bfloat16))
+    assert torch.isfinite(zero).all() and torch.allclose(zero.float(), lin.bias.float()[None])
+
+
+def test_only_the_blocks_linear_layers_are_chosen():
+    tr = build_components("tiny", device={"transformer": "cpu"})["transformer"]
+    chosen = [fqn for fqn, m in tr.named_modules() if _quantizable(m, fqn)]
+    assert chosen and all(fqn.startswith(("layers.", "noise_refiner.", "context_refiner.")) for fqn in chosen)
+    assert not any(fqn.startswith(("t_embedder", "cap_embedder", "all_final_layer", "all_x_embedder"))
+                   for fqn in chosen)
+
+
+def test_fp8_needs_a_recent_gpu_and_names_the_setting():
+    tr = build_components("tiny", device={"transformer": "cpu"})["transformer"]
+    with pytest.raises(RuntimeError, match="model.quantization 'fp8' needs an NVIDIA GPU"):
+        quantize_fp8(tr)
+
+
+def test_compare_reports_error_nonfinite_share_and_psnr():
+    import numpy as np
+
+    ref = (torch.ones(4, 4), np.zeros((8, 8, 3), np.uint8))
+    same = compare(ref, ref)
+    assert same["forward_rel_l2"] == 0 and same["nonfinite_fraction"] == 0 and same["image_psnr_db"] == float("inf")
+    bad = torch.ones(4, 4)
+    bad[0, 0] = float("nan")
+    out = compare(ref, (bad * 1.1, np.full((8, 8, 3), 1, np.uint8)))
+    assert out["nonfinite_fraction"] == pytest.approx(1 / 16, abs=1e-4)
+    assert out["forward_rel_l2"] == pytest.approx(0.1, abs=1e-3) and out["image_psnr_db"] == pytest.approx(48.13, 0.01)
