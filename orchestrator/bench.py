@@ -230,13 +230,16 @@ def run_baseline(config: Config, sizes: list[tuple[int, int]], n: int, warmup: i
 # ---- the command -----------------------------------------------------------------------------------------------
 def _environment() -> dict:
     env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        import os
+    import os
 
-        env["commit"] = os.environ.get("ZIMAGE_COMMIT")  # a copied tree without .git (the GPU machine)
+    # ZIMAGE_COMMIT first: a copied tree (the GPU machine's) may carry a stale .git or none.
+    env["commit"] = os.environ.get("ZIMAGE_COMMIT")
+    if not env["commit"]:
+        try:
+            env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                           check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            env["commit"] = None
     try:
         import torch
 
