@@ -1,6 +1,9 @@
-"""Where one compiled denoising step's GPU time goes (bf16, then native fp8), full-size random weights, batch 4 at
-1024^2 with the bench's prompts: CUDA kernel time from torch.profiler, grouped into matmul / attention / fused
-Triton kernels (norms, RoPE, modulation, fp8 quantization) / other. Writes JSON to argv[1]."""
+"""Where one compiled denoising step's GPU time goes (bf16, then native fp8), full-size random weights, the
+bench's prompts: CUDA kernel time from torch.profiler, grouped into fused Triton kernels (norms, RoPE,
+modulation, fp8 quantization) / attention / matmul / other, plus the top kernels by name.
+``python benchmarks/profile_step.py OUT.json [SIZE] [BATCH]`` (default 1024 4). Writes JSON to OUT.json.
+(The first run, s2call5, checked "matmul" before "triton": its Triton kernels fused into an fp8 matmul's input,
+named ``triton_..._scaled_mm_...``, were counted as matmul there; its top-kernel list has them apart.)"""
 
 import json
 import sys
@@ -14,9 +17,9 @@ from actors.models import build_components
 from actors.quantize import quantize_fp8
 from orchestrator.bench import PROMPTS
 
-CATEGORIES = (("attention", ("cudnn", "fmha", "flash", "attention", "sdpa")),
-              ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "scaled_mm", "cublas", "sm90")),
-              ("triton", ("triton",)))
+CATEGORIES = (("triton", ("triton",)),
+              ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa")),
+              ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "scaled_mm", "cublas", "sm90")))
 
 
 def category(name: str) -> str:
@@ -55,13 +58,13 @@ def measure(eng, enc, lat, label, res, path):
     json.dump(res, open(path, "w"), indent=2)
 
 
-def main(path):
+def main(path, size=1024, batch=4):
     torch.backends.cudnn.benchmark = True
-    res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "batch": 4, "size": "1024x1024"}
+    res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "batch": batch, "size": f"{size}x{size}"}
     comps = build_components("full", device="cuda", dtype=torch.bfloat16)
     eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cuda"), torch.bfloat16)
-    lat = eng.initial_latents(list(range(4)), 1024, 1024)
-    enc = eng.encode(PROMPTS[:4])
+    lat = eng.initial_latents(list(range(batch)), size, size)
+    enc = eng.encode([PROMPTS[i % len(PROMPTS)] for i in range(batch)])
     eng.transformer.compile_repeated_blocks(fullgraph=True)
     measure(eng, enc, lat, "bf16_compiled", res, path)
     torch._dynamo.reset()
@@ -71,4 +74,4 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *map(int, sys.argv[2:4]))
