@@ -90,7 +90,10 @@ def quantize_fp8(transformer: torch.nn.Module, backend: str = "native") -> int:
             names.append(fqn)
         return ok
 
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=in_blocks)
+    # activation_value_lb: an all-zero row (a zero pad-token embedding) would otherwise get scale 0 and turn into
+    # 0/0 = NaN, as the first probe on random weights showed (torchao's default lower bound is None).
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=1e-12)
+    quantize_(transformer, config, filter_fn=in_blocks)
     log.info("fp8 (torchao): quantized %d linear layers of the transformer blocks", len(names))
     return len(names)
 
