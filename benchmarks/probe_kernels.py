@@ -27,7 +27,8 @@ RES: dict = {}
 def record(path, key, value):
     RES[key] = value
     print(f"{key:48s} {round(value, 5) if isinstance(value, float) else value}", flush=True)
-    json.dump(RES, open(path, "w"), indent=2)
+    with open(path, "w") as f:
+        json.dump(RES, f, indent=2)
 
 
 def timed(fn, reps=5):
@@ -59,8 +60,8 @@ def attention_probe(path):
                     continue
                 try:
                     with sdpa_kernel(backend):
-                        t = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
-                            q, k, v, attn_mask=mask if masked else None), reps=10)
+                        t = timed(lambda q=q, k=k, v=v, m=mask if masked else None:
+                                  torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m), reps=10)
                     record(path, f"attn_bs{b}_{name}{'_mask' if masked else ''}_TFLOPs", flops / t / 1e12)
                 except RuntimeError as e:
                     record(path, f"attn_bs{b}_{name}{'_mask' if masked else ''}_error", str(e)[:160])
@@ -78,7 +79,7 @@ def main(path):
     lat = eng.initial_latents(list(range(4)), 1024, 1024)
     enc = eng.encode(PROMPTS[:4])
     RES["caption_tokens"] = [int(e.shape[0]) for e in enc.positive]
-    step = lambda: eng.denoise(enc, lat, 1)  # noqa: E731
+    step = lambda: eng.denoise(enc, lat, 1)
     x = list(lat.to(torch.bfloat16).unsqueeze(2).unbind(0))
     t = torch.full((4,), 0.5, device="cuda")
     with torch.no_grad():

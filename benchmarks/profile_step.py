@@ -28,7 +28,7 @@ def category(name: str) -> str:
 
 
 def measure(eng, enc, lat, label, res, path):
-    step = lambda: eng.denoise(enc, lat, 1)  # noqa: E731
+    step = lambda: eng.denoise(enc, lat, 1)
     t0 = time.perf_counter()
     step()
     torch.cuda.synchronize()
@@ -55,7 +55,8 @@ def measure(eng, enc, lat, label, res, path):
     res[f"{label}_kernel_s"] = {k: round(v, 4) for k, v in sorted(sums.items())} | {"total": round(total, 4)}
     res[f"{label}_top_kernels"] = {k: round(v, 4) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]}
     print(label, res[f"{label}_step_s"], res[f"{label}_kernel_s"], flush=True)
-    json.dump(res, open(path, "w"), indent=2)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
 
 
 def main(path, size=1024, batch=4):
