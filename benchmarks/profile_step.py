@@ -1,7 +1,8 @@
 """Where one compiled denoising step's GPU time goes (bf16, then native fp8), full-size random weights, the
 bench's prompts: CUDA kernel time from torch.profiler, grouped into fused Triton kernels (norms, RoPE,
 modulation, fp8 quantization) / attention / matmul / other, plus the top kernels by name.
-``python benchmarks/profile_step.py OUT.json [SIZE] [BATCH]`` (default 1024 4). Writes JSON to OUT.json.
+``python benchmarks/profile_step.py OUT.json [SIZE] [BATCH] [FP8_BACKEND]`` (default 1024 4 native). Also records
+the fp8 transformer's relative L2 error against bf16 for one forward and its share of non-finite outputs.
 (The first run, s2call5, checked "matmul" before "triton": its Triton kernels fused into an fp8 matmul's input,
 named ``triton_..._scaled_mm_...``, were counted as matmul there; its top-kernel list has them apart.)"""
 
@@ -59,7 +60,14 @@ def measure(eng, enc, lat, label, res, path):
         json.dump(res, f, indent=2)
 
 
-def main(path, size=1024, batch=4):
+def forward(eng, enc, lat):
+    x = list(lat.to(torch.bfloat16).unsqueeze(2).unbind(0))
+    t = torch.full((lat.shape[0],), 0.5, device="cuda")
+    with torch.no_grad():
+        return torch.stack(eng.transformer_forward(x, t, enc.positive)).float()
+
+
+def main(path, size=1024, batch=4, fp8_backend="native"):
     torch.backends.cudnn.benchmark = True
     res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "batch": batch, "size": f"{size}x{size}"}
     comps = build_components("full", device="cuda", dtype=torch.bfloat16)
@@ -68,11 +76,20 @@ def main(path, size=1024, batch=4):
     enc = eng.encode([PROMPTS[i % len(PROMPTS)] for i in range(batch)])
     eng.transformer.compile_repeated_blocks(fullgraph=True)
     measure(eng, enc, lat, "bf16_compiled", res, path)
+    ref = forward(eng, enc, lat)
     torch._dynamo.reset()
-    quantize_fp8(eng.transformer, "native")
+    quantize_fp8(eng.transformer, fp8_backend)
     eng.transformer.compile_repeated_blocks(fullgraph=True)
+    res["fp8_backend"] = fp8_backend
     measure(eng, enc, lat, "fp8_compiled", res, path)
+    out = forward(eng, enc, lat)
+    finite = torch.isfinite(out)
+    res["fp8_nonfinite_fraction"] = float(1 - finite.float().mean())
+    res["fp8_forward_rel_l2"] = float((out[finite] - ref[finite]).norm() / ref[finite].norm())
+    print({k: res[k] for k in ("fp8_nonfinite_fraction", "fp8_forward_rel_l2")}, flush=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *map(int, sys.argv[2:4]))
+    main(sys.argv[1], *map(int, sys.argv[2:4]), *sys.argv[4:5])
