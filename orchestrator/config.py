@@ -117,7 +117,8 @@ class ModelConfig(_Strict):
     )
     fp8_backend: Literal["native", "torchao"] = Field(
         default="native",
-        description="How fp8 is done. native: plain-tensor float8 linears on torch._scaled_mm (compiles in seconds). "
+        description="How fp8 is done. native: plain-tensor float8 linears on torch._scaled_mm (first compile about "
+        "25 s on an H100). "
         "torchao: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) (needs the [fp8] extra; its first "
         "compile took 194 s on an H100).",
     )
