@@ -180,7 +180,8 @@ class ZImageEngine:
         The transformer pads each caption to a multiple of ``SEQ_MULTI_OF`` tokens; a batch whose captions pad to
         different lengths gets a key-padding mask, and a masked attention kernel runs far slower than an unmasked
         one (cuDNN on an H100: 390 against 610 TFLOP/s, ``benchmarks/probe_kernels.py``). Each group needs no mask,
-        and each sample attends to exactly what it would alone: the same result, computed faster."""
+        and each sample attends to exactly what it would alone: the same result up to floating-point rounding, computed
+        faster."""
         groups: dict[int, list[int]] = {}
         for i, e in enumerate(embeds):
             groups.setdefault(-(-e.shape[0] // SEQ_MULTI_OF), []).append(i)
