@@ -146,7 +146,7 @@ def _print_summary(summary: dict, out: Path) -> None:
 def cmd_validate(args) -> int:
     for path in args.paths:
         try:
-            cfg = load_config(path)
+            cfg = load_config(path, args.set)
             from .deployment import declared_inventory, plan_for
 
             inv = declared_inventory(cfg)
@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="validate config files; exit non-zero on the first bad one")
     p.add_argument("paths", nargs="+")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a config field in every file before checking it (as serve and bench take it)")
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("plan", help="print the placement plan of a config (no Ray, no GPU needed)")

@@ -88,3 +88,10 @@ def test_validate_cli_stops_at_first_bad(tmp_path, capsys):
     assert cli_main(["validate", str(good), str(bad), str(good)]) == 1
     err = capsys.readouterr().err
     assert "router.queue_limit" in err and str(bad) in err
+
+
+def test_validate_cli_checks_overrides(capsys):
+    good = str(ROOT / "clusters" / "local-cpu.yaml")
+    assert cli_main(["validate", good, "--set", "model.fp8_backend=torchao"]) == 0
+    assert cli_main(["validate", good, "--set", "model.fp8_backend=fast"]) == 1
+    assert "model.fp8_backend: Input should be 'native' or 'torchao'" in capsys.readouterr().err
