@@ -42,6 +42,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
+def caption_groups(embeds: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of the samples, grouped by the length their caption pads to (the transformer's SEQ_MULTI_OF)."""
+    groups: dict[int, list[int]] = {}
+    for i, e in enumerate(embeds):
+        groups.setdefault(-(-e.shape[0] // SEQ_MULTI_OF), []).append(i)
+    return list(groups.values())
+
+
 @contextlib.contextmanager
 def _no_guard(stage: str):
     yield
@@ -152,15 +160,13 @@ class ZImageEngine:
         scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
         scheduler.set_begin_index(0)
         apply_cfg = guidance_scale > 0
+        embeds = positive + negative if apply_cfg else positive
+        groups = caption_groups(embeds)  # once per batch: the captions do not change between steps
         for i, t in enumerate(scheduler.timesteps):
-            timestep = (1000 - t.expand(batch)) / 1000
             x = latents.to(self.transformer.dtype)
-            embeds = positive
             if apply_cfg:
                 x = x.repeat(2, 1, 1, 1)
-                embeds = positive + negative
-                timestep = timestep.repeat(2)
-            out = self.transformer_forward(list(x.unsqueeze(2).unbind(dim=0)), timestep, embeds)
+            out = self.transformer_forward(list(x.unsqueeze(2).unbind(dim=0)), (1000 - t) / 1000, embeds, groups)
             if apply_cfg:
                 pos = torch.stack([o.float() for o in out[:batch]])
                 neg = torch.stack([o.float() for o in out[batch:]])
@@ -173,23 +179,23 @@ class ZImageEngine:
                 on_step(i + 1, num_inference_steps)
         return latents
 
-    def transformer_forward(self, x: list[torch.Tensor], timestep: torch.Tensor,
-                            embeds: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The transformer on a batch, one call per group of samples whose captions pad to the same length.
+    def transformer_forward(self, x: list[torch.Tensor], timestep: torch.Tensor, embeds: list[torch.Tensor],
+                            groups: list[list[int]] | None = None) -> list[torch.Tensor]:
+        """The transformer on a batch at one (0-d) timestep, one call per group of samples whose captions pad to
+        the same length (``caption_groups``).
 
         The transformer pads each caption to a multiple of ``SEQ_MULTI_OF`` tokens; a batch whose captions pad to
         different lengths gets a key-padding mask, and a masked attention kernel runs far slower than an unmasked
         one (cuDNN on an H100: 390 against 610 TFLOP/s, ``benchmarks/probe_kernels.py``). Each group needs no mask,
-        and each sample attends to exactly what it would alone: the same result up to floating-point rounding, computed
-        faster."""
-        groups: dict[int, list[int]] = {}
-        for i, e in enumerate(embeds):
-            groups.setdefault(-(-e.shape[0] // SEQ_MULTI_OF), []).append(i)
+        and each sample attends to exactly what it would alone: the same result up to floating-point rounding,
+        computed faster."""
+        groups = caption_groups(embeds) if groups is None else groups
         if len(groups) == 1:
-            return self.transformer(x, timestep, embeds, return_dict=False)[0]
+            return self.transformer(x, timestep.repeat(len(x)), embeds, return_dict=False)[0]
         out: list = [None] * len(embeds)
-        for idx in groups.values():
-            part = self.transformer([x[i] for i in idx], timestep[idx], [embeds[i] for i in idx], return_dict=False)[0]
+        for idx in groups:
+            part = self.transformer([x[i] for i in idx], timestep.repeat(len(idx)), [embeds[i] for i in idx],
+                                    return_dict=False)[0]
             for i, o in zip(idx, part):
                 out[i] = o
         return out

@@ -112,13 +112,19 @@ def reference_output(engine, size: int = 512, steps: int = 9, seed: int = 1234):
     return one, engine.decode(lat)[0]
 
 
+def forward_error(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
+    """Relative L2 error of ``out`` against ``ref`` over the values finite in both, and the share that is not."""
+    finite = torch.isfinite(ref) & torch.isfinite(out)
+    rel = float((out[finite] - ref[finite]).norm() / ref[finite].norm().clamp_min(1e-12))
+    return rel, float(1 - finite.float().mean())
+
+
 def compare(reference, candidate) -> dict:
     """fp8 against the unquantized model: relative L2 error of one transformer forward, the share of
     non-finite values in the reference (random weights can overflow), and the final image's PSNR."""
     (ref_out, ref_img), (out, img) = reference, candidate
-    finite = torch.isfinite(ref_out) & torch.isfinite(out)
-    rel = float((out[finite] - ref_out[finite]).norm() / ref_out[finite].norm().clamp_min(1e-12))
+    rel, nonfinite = forward_error(ref_out, out)
     mse = float(np.mean((img.astype(np.float64) - ref_img.astype(np.float64)) ** 2))
     psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-    return {"forward_rel_l2": round(rel, 5), "nonfinite_fraction": round(float(1 - finite.float().mean()), 5),
+    return {"forward_rel_l2": round(rel, 5), "nonfinite_fraction": round(nonfinite, 5),
             "image_psnr_db": round(psnr, 2), "probe": "512x512, seed 1234: 1 forward at t=0.5; image after 9 steps"}

@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
 # Device call (two H100s, each capped at 23.5 GiB): 1024^2 throughput of the shipped dual-24GB configs side by
 # side: shared-encoder (component replication), split, replicate. Eager bf16, full-size random weights.
-set -uo pipefail
-O=${OUT:-/tmp/out}; mkdir -p "$O"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=1 HF_HUB_DISABLE_PROGRESS_BARS=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source benchmarks/common.sh
 CAP=(--set cluster.address=null --set model.source=random-full --set deployment.gpu_memory_limit_gib=23.5
      --set cluster.num_cpus=8 --concurrency 4 --requests 8 --warmup 2)
 for m in shared-encoder split replicate; do

@@ -12,9 +12,9 @@ Prints as it goes and rewrites the JSON at argv[1] after every measurement (a ti
 
 import json
 import sys
-import time
 
 import torch
+from gpu_timing import first_call_s, timed, uncompile
 
 from actors.engine import ZImageEngine
 from actors.models import build_components
@@ -29,18 +29,6 @@ def record(path, key, value):
     print(f"{key:48s} {round(value, 5) if isinstance(value, float) else value}", flush=True)
     with open(path, "w") as f:
         json.dump(RES, f, indent=2)
-
-
-def timed(fn, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return sorted(out)[len(out) // 2]
 
 
 def attention_probe(path):
@@ -95,31 +83,28 @@ def main(path):
         record(path, f"step_bs4_eager_{backend}_s", timed(step, reps=3))
         record(path, f"rel_err_eager_{backend}", rel_err())
 
+    def compile_and_time(prefix, infix=""):
+        tr.compile_repeated_blocks(fullgraph=True)
+        record(path, f"{prefix}compile_first_step{infix}_s", first_call_s(step))
+        record(path, f"{prefix}step_bs4_compiled{infix}_s", timed(step, reps=3))
+
     for backend in ("native", "_native_cudnn"):
         torch._dynamo.reset()
+        uncompile(tr)
         tr.set_attention_backend(backend)
-        tr.compile_repeated_blocks(fullgraph=True)
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        record(path, f"compile_first_step_{backend}_s", time.perf_counter() - t0)
-        record(path, f"step_bs4_compiled_{backend}_s", timed(step, reps=3))
+        compile_and_time("", f"_{backend}")
 
     best = min(("native", "_native_cudnn"), key=lambda b: RES[f"step_bs4_compiled_{b}_s"])
     RES["fp8_attention_backend"] = best
     for fp8 in ("native", "torchao"):
         torch._dynamo.reset()
+        uncompile(tr)  # the "eager" fp8 numbers below are eager (s2-1 ran without this: native's were compiled)
         n = quantize_fp8(tr, fp8)
         tr.set_attention_backend(best)
         record(path, f"fp8_{fp8}_layers", n)
         record(path, f"fp8_{fp8}_rel_err_eager", rel_err())
         record(path, f"fp8_{fp8}_step_bs4_eager_s", timed(step, reps=2))
-        tr.compile_repeated_blocks(fullgraph=True)
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        record(path, f"fp8_{fp8}_compile_first_step_s", time.perf_counter() - t0)
-        record(path, f"fp8_{fp8}_step_bs4_compiled_s", timed(step, reps=3))
+        compile_and_time(f"fp8_{fp8}_")
         record(path, f"fp8_{fp8}_rel_err_compiled", rel_err())
         if fp8 == "native":  # a fresh bf16 transformer for torchao: same seed, so the same weights as ``ref``'s
             comps["transformer"] = eng.transformer = tr = None

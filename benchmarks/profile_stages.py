@@ -3,24 +3,12 @@ what the VAE decode gains from channels_last and torch.compile. Prints a table; 
 
 import json
 import sys
-import time
 
 import torch
+from gpu_timing import first_call_s, timed
 
 from actors.engine import ZImageEngine
 from actors.models import build_components
-
-
-def timed(fn, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return sorted(out)[len(out) // 2]
 
 
 def main(path):
@@ -38,9 +26,7 @@ def main(path):
     eng.vae.to(memory_format=torch.channels_last)
     res["decode_bs4_channels_last_s"] = timed(lambda: eng.decode(lat4))
     eng.vae.decoder = torch.compile(eng.vae.decoder)
-    t0 = time.perf_counter()
-    eng.decode(lat4)
-    res["decode_compile_first_call_s"] = time.perf_counter() - t0
+    res["decode_compile_first_call_s"] = first_call_s(lambda: eng.decode(lat4))
     res["decode_bs4_channels_last_compiled_s"] = timed(lambda: eng.decode(lat4))
     for k, v in res.items():
         print(f"{k:40s} {v if isinstance(v, str) else round(v, 4)}")

@@ -14,6 +14,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import random
 import subprocess
 import time
@@ -230,8 +231,6 @@ def run_baseline(config: Config, sizes: list[tuple[int, int]], n: int, warmup: i
 # ---- the command -----------------------------------------------------------------------------------------------
 def _environment() -> dict:
     env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    import os
-
     # ZIMAGE_COMMIT first: a copied tree (the GPU machine's) may carry a stale .git or none.
     env["commit"] = os.environ.get("ZIMAGE_COMMIT")
     if not env["commit"]:
