@@ -88,7 +88,7 @@ class ZImageEngine:
     one call of each stage at a time (stages on different devices may run concurrently)."""
 
     def __init__(self, components: dict, devices: dict[str, str], dtype: torch.dtype, remote_encode=None,
-                 attention: str = "auto"):
+                 attention: str = "runs"):
         """``devices`` maps each component this engine holds to its device. Without a text encoder, the encode
         stage calls ``remote_encode(prompts, negative_prompts, guidance)`` (another replica's encoder)."""
         from diffusers import FlowMatchEulerDiscreteScheduler

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 SEQ_MULTI_OF = 32  # the transformer pads captions and image tokens to a multiple of this (diffusers' constant)
-ATTENTION_IMPLS = ("auto", "segments", "varlen", "cudnn", "flex", "dense")
+ATTENTION_IMPLS = ("runs", "varlen", "flex")
 
 
 def _round_up(n: int, m: int = SEQ_MULTI_OF) -> int:
@@ -40,12 +40,13 @@ def _round_up(n: int, m: int = SEQ_MULTI_OF) -> int:
 
 @dataclass
 class Segments:
-    """Per-sample boundaries of one packed sequence."""
+    """Per-sample boundaries of one packed sequence (in packing order)."""
 
     lens: list[int]
     cu: torch.Tensor  # int32 [B+1] on the device
-    seg: torch.Tensor  # int64 [T]: the sample each token belongs to
+    seg: torch.Tensor  # int64 [T]: the sample (in the caller's order) each token belongs to
     freqs: torch.Tensor  # complex64 [1, T, head_dim/2]: RoPE per token
+    runs: torch.Tensor  # int64 [R, 3] on the CPU: runs of consecutive equal lengths (``equal_runs``)
 
     @property
     def total(self) -> int:
@@ -55,25 +56,24 @@ class Segments:
     def max_len(self) -> int:
         return max(self.lens)
 
-    @property
-    def uniform(self) -> bool:
-        return len(set(self.lens)) == 1
-
 
 @dataclass
 class PackedLayout:
-    """Everything about a packed batch that depends only on its shapes (built once, used at every step)."""
+    """Everything about a packed batch that depends only on its shapes (built once, used at every step).
 
-    sizes: list[tuple[int, int, int]]  # per sample latent (F, H, W)
-    x_ori: list[int]  # image tokens per sample before padding
-    cap_ori: list[int]  # caption tokens per sample before padding
+    Samples are packed longest first, so samples of equal length sit next to each other and attention runs one
+    dense call per run of them; ``order`` maps packing position -> the caller's sample index."""
+
+    order: list[int]
+    sizes: list[tuple[int, int, int]]  # per sample (caller's order) latent (F, H, W)
+    x_ori: list[int]  # image tokens per sample (caller's order) before padding
     x: Segments
     cap: Segments
     uni: Segments
     x_pad: torch.Tensor  # bool [Tx, 1]
     cap_pad: torch.Tensor  # bool [Tc, 1]
     uni_index: torch.Tensor  # int64 [Tu]: rows of cat([x, cap]) in unified order ([image_i, caption_i] per sample)
-    out_starts: list[int]  # where each sample's image tokens start in the unified sequence
+    out_starts: list[int]  # per sample (caller's order): where its image tokens start in the unified sequence
     caption_cache: torch.Tensor | None = field(default=None)  # context-refined captions [1, Tc, D]
 
     @property
@@ -89,12 +89,11 @@ def packed_tokens(image_tokens: int, caption_tokens: int) -> int:
 class PackedTransformer:
     """Runs ``transformer`` (a ``ZImageTransformer2DModel``, possibly with fp8 linears) on packed batches.
 
-    ``attention``: ``segments`` (one SDPA call per sample; the reference, and the CPU path), ``varlen`` (torch's
-    variable-length flash attention), ``cudnn`` (cuDNN's ragged SDPA), ``flex`` (flex_attention with a document
-    mask), ``dense`` (SDPA over ``[B, L]`` when every sample has the same length, else ``varlen``), or ``auto``
-    (``dense`` for equal lengths and ``varlen`` otherwise on CUDA; ``segments`` on the CPU)."""
+    ``attention``: ``runs`` (the default: one dense SDPA call per run of equal-length samples, ``run_attention``),
+    ``varlen`` (torch's variable-length flash attention) or ``flex`` (flex_attention with a document mask); the
+    last two are kept for measurement (``benchmarks/probe_packed.py``)."""
 
-    def __init__(self, transformer, attention: str = "auto", patch_size: int = 2, f_patch_size: int = 1):
+    def __init__(self, transformer, attention: str = "runs", patch_size: int = 2, f_patch_size: int = 1):
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
         self.model = transformer
@@ -110,71 +109,64 @@ class PackedTransformer:
         return self.model.x_pad_token.device
 
     # ---- layout -----------------------------------------------------------------------------------------
-    def _segments(self, pos_ids: list[torch.Tensor], lens: list[int]) -> Segments:
+    def _segments(self, pos_ids: list[torch.Tensor], lens: list[int], order: list[int]) -> Segments:
         device = self.device
         cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
-        seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+        seg = torch.repeat_interleave(torch.tensor(order), torch.tensor(lens))
         freqs = self.model.rope_embedder(torch.cat(pos_ids, dim=0).to(device)).unsqueeze(0)
-        return Segments(lens, cu.to(device), seg.to(device), freqs)
+        return Segments(lens, cu.to(device), seg.to(device), freqs, equal_runs(lens))
 
     def layout(self, latent_shapes: list[tuple[int, int, int]], caption_lens: list[int]) -> PackedLayout:
         """``latent_shapes``: per sample (F, H, W) of its latent; ``caption_lens``: its caption's token count."""
         pH = pW = self.patch
         pF = self.f_patch
         grid = self.model.create_coordinate_grid
-        x_pos, cap_pos, x_lens, cap_lens, x_ori = [], [], [], [], []
-        x_pad, cap_pad = [], []
-        for (f, h, w), c in zip(latent_shapes, caption_lens):
-            c_len = _round_up(c)
+        n_img = [(f // pF) * (h // pH) * (w // pW) for f, h, w in latent_shapes]
+        order = sorted(range(len(n_img)), key=lambda i: (-(_round_up(n_img[i]) + _round_up(caption_lens[i])),
+                                                         -_round_up(n_img[i]), i))
+        x_pos, cap_pos, x_lens, cap_lens, x_pad, cap_pad = [], [], [], [], [], []
+        for i in order:
+            (f, h, w), c, n = latent_shapes[i], caption_lens[i], n_img[i]
+            c_len, n_pad = _round_up(c), _round_up(n)
             # positions exactly as ZImageTransformer2DModel.patchify_and_embed / _pad_with_ids build them
             cap_pos.append(grid((c_len, 1, 1), (1, 0, 0)).flatten(0, 2))
             cap_pad.append(torch.arange(c_len) >= c)
-            ft, ht, wt = f // pF, h // pH, w // pW
-            n = ft * ht * wt
-            n_pad = _round_up(n)
-            ids = grid((ft, ht, wt), (c_len + 1, 0, 0)).flatten(0, 2)
+            ids = grid((f // pF, h // pH, w // pW), (c_len + 1, 0, 0)).flatten(0, 2)
             if n_pad > n:
                 ids = torch.cat([ids, grid((1, 1, 1), (0, 0, 0)).flatten(0, 2).repeat(n_pad - n, 1)])
             x_pos.append(ids)
             x_pad.append(torch.arange(n_pad) >= n)
             x_lens.append(n_pad)
             cap_lens.append(c_len)
-            x_ori.append(n)
         tx = sum(x_lens)
-        # unified order: [image_0, caption_0, image_1, caption_1, ...] as rows of cat([x, cap])
-        index, out_starts, xo, co, pos = [], [], 0, 0, 0
-        for xl, cl in zip(x_lens, cap_lens):
-            out_starts.append(pos)
+        # unified order: [image, caption] per sample, as rows of cat([x, cap])
+        index, out_starts, xo, co, pos = [], [0] * len(order), 0, 0, 0
+        for k, (xl, cl) in enumerate(zip(x_lens, cap_lens)):
+            out_starts[order[k]] = pos
             index.append(torch.arange(xo, xo + xl))
             index.append(torch.arange(tx + co, tx + co + cl))
             xo, co, pos = xo + xl, co + cl, pos + xl + cl
         uni_pos = [torch.cat([a, b]) for a, b in zip(x_pos, cap_pos)]
         device = self.device
         return PackedLayout(
-            sizes=list(latent_shapes), x_ori=x_ori, cap_ori=list(caption_lens),
-            x=self._segments(x_pos, x_lens), cap=self._segments(cap_pos, cap_lens),
-            uni=self._segments(uni_pos, [a + b for a, b in zip(x_lens, cap_lens)]),
+            order=order, sizes=list(latent_shapes), x_ori=n_img,
+            x=self._segments(x_pos, x_lens, order), cap=self._segments(cap_pos, cap_lens, order),
+            uni=self._segments(uni_pos, [a + b for a, b in zip(x_lens, cap_lens)], order),
             x_pad=torch.cat(x_pad).unsqueeze(-1).to(device), cap_pad=torch.cat(cap_pad).unsqueeze(-1).to(device),
             uni_index=torch.cat(index).to(device), out_starts=out_starts,
         )
 
     # ---- forward -----------------------------------------------------------------------------------------
-    def _impl(self, segs: Segments) -> str:
-        impl = self.attention
-        if impl == "auto":
-            impl = "dense" if self.device.type == "cuda" else "segments"
-        if impl == "dense" and not segs.uniform:
-            impl = "varlen" if self.device.type == "cuda" else "segments"
-        return impl
-
     def _blocks(self, blocks, x, adaln, segs: Segments):
-        impl = self._impl(segs)
-        lens = segs.lens if impl == "segments" else None
-        mask = _flex_mask(segs) if impl == "flex" else None
+        mask = _flex_mask(segs) if self.attention == "flex" else None
+        args = (segs.runs, segs.cu, segs.max_len, mask)
+        if self.compiled:  # no graph specialized for one sample or one run: sizes of 1 are ordinary sizes
+            torch._dynamo.decorators.mark_unbacked(segs.runs, 0)
+            if adaln is not None:
+                torch._dynamo.decorators.mark_unbacked(adaln, 0)
         for block in blocks:
-            x = self.block_fn(block, x, segs.seg, adaln, segs.freqs, segs.cu, segs.max_len, len(segs.lens), impl,
-                              lens, mask)
+            x = self.block_fn(block, x, segs.seg, adaln, segs.freqs, args, self.attention)
         return x
 
     def captions(self, layout: PackedLayout, cap_feats: list[torch.Tensor]) -> torch.Tensor:
@@ -182,8 +174,10 @@ class PackedTransformer:
         if layout.caption_cache is None:
             m = self.model
             dim = cap_feats[0].shape[-1]
-            padded = [torch.cat([c, c.new_zeros(cl - len(c), dim)]) if cl > len(c) else c
-                      for c, cl in zip(cap_feats, layout.cap.lens)]
+            padded = []
+            for i, cl in zip(layout.order, layout.cap.lens):
+                c = cap_feats[i]
+                padded.append(torch.cat([c, c.new_zeros(cl - len(c), dim)]) if cl > len(c) else c)
             cap = m.cap_embedder(torch.cat(padded, dim=0))
             cap = torch.where(layout.cap_pad, m.cap_pad_token, cap).unsqueeze(0)
             layout.caption_cache = self._blocks(m.context_refiner, cap, None, layout.cap)
@@ -193,7 +187,8 @@ class PackedTransformer:
         pH = pW = self.patch
         pF = self.f_patch
         parts = []
-        for img, n, n_pad in zip(latents, layout.x_ori, layout.x.lens):
+        for i, n_pad in zip(layout.order, layout.x.lens):
+            img, n = latents[i], layout.x_ori[i]
             c, f, h, w = img.shape
             p = img.view(c, f // pF, pF, h // pH, pH, w // pW, pW).permute(1, 3, 5, 2, 4, 6, 0).reshape(n, -1)
             parts.append(p)
@@ -232,9 +227,17 @@ class PackedTransformer:
     # ---- compile -----------------------------------------------------------------------------------------
     def compile(self, **kw) -> None:
         """Compile the block function once for every block (the blocks share code; parameters are inputs) with
-        dynamic shapes, so any packed length runs the same graphs."""
+        dynamic shapes, so any packed length runs the same graphs: a modulated and an unmodulated block, each
+        for one sample and for several (dynamo specializes sizes of 1)."""
+        import torch._dynamo
+        import torch.fx.experimental._config
+
         kw.setdefault("fullgraph", True)
         kw.setdefault("dynamic", True)
+        torch.fx.experimental._config.use_duck_shape = False  # unrelated sizes that happen to be equal stay apart
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 1024)
         self.block_fn = torch.compile(_block_forward, **kw)
         self.compiled = True
 
@@ -245,32 +248,57 @@ def _rope(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(x * freqs_cis.unsqueeze(2)).flatten(3).type_as(x_in)
 
 
-def _attend(q, k, v, cu, max_len: int, n: int, impl: str, lens, mask):
+@torch.library.custom_op("zimage::run_attention", mutates_args=())
+def run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor) -> torch.Tensor:
+    """Attention within each sample of a packed ``[1, T, H, d]`` sequence, one dense SDPA call per run of
+    consecutive samples of equal length (``runs``: a CPU int64 tensor of rows ``(start, samples, length)``).
+
+    Measured on an H200 (``benchmarks/probe_packed.py``): dense SDPA (cuDNN) per run keeps the unmasked kernel's
+    speed (675 TFLOP/s on 4 equal samples, 535 on four different ones) where torch's varlen flash attention reaches
+    341-350, flex_attention 309-399 and a padded, masked batch 268. An opaque op, so ``torch.compile`` neither
+    specializes on the lengths nor recompiles for new ones: the lengths are data read on the CPU."""
+    out = torch.empty_like(q)
+    for start, count, length in runs.tolist():
+        end = start + count * length
+        qs, ks, vs = (t[0, start:end].view(count, length, *t.shape[2:]).transpose(1, 2) for t in (q, k, v))
+        out[0, start:end] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(end - start,
+                                                                                              *q.shape[2:])
+    return out
+
+
+@run_attention.register_fake
+def _(q, k, v, runs):
+    return torch.empty_like(q)
+
+
+def equal_runs(lens: list[int]) -> torch.Tensor:
+    """``(start, samples, length)`` rows for the runs of consecutive equal lengths in ``lens``."""
+    rows: list[list[int]] = []
+    start = 0
+    for n in lens:
+        if rows and rows[-1][2] == n:
+            rows[-1][1] += 1
+        else:
+            rows.append([start, 1, n])
+        start += n
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def _attend(q, k, v, segs_args, impl: str):
     """q, k, v: [1, T, H, d] -> [1, T, H, d]; attention within each sample's segment."""
-    if impl == "dense":  # every segment has the same length: [B, L] without a mask
-        b = n
-        qd, kd, vd = (t.reshape(b, -1, *t.shape[2:]).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(qd, kd, vd).transpose(1, 2).reshape(q.shape)
+    runs, cu, max_len, mask = segs_args
+    if impl == "runs":
+        return run_attention(q, k, v, runs)
     if impl == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 
         return varlen_attn(q[0], k[0], v[0], cu, cu, max_len, max_len).unsqueeze(0)
-    if impl == "cudnn":
-        out = torch.ops.aten._cudnn_attention_forward(q[0], k[0], v[0], None, cu, cu, max_len, max_len, False, 0.0,
-                                                      False, False)[0]
-        return out.unsqueeze(0)
     if impl == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
         return flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                               block_mask=mask).transpose(1, 2)
-    # segments: one SDPA per sample (exactly a solo run's attention)
-    outs, s = [], 0
-    for n_tok in lens:
-        qs, ks, vs = (t[:, s:s + n_tok].transpose(1, 2) for t in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2))
-        s += n_tok
-    return torch.cat(outs, dim=1)
+    raise ValueError(f"unknown attention implementation {impl!r}")
 
 
 def _flex_mask(segs: Segments):
@@ -284,7 +312,7 @@ def _flex_mask(segs: Segments):
     return create_block_mask(same_sample, None, None, segs.total, segs.total, device=seg.device)
 
 
-def _attention(attn, x, freqs, cu, max_len, n, impl, lens, mask):
+def _attention(attn, x, freqs, segs_args, impl):
     q = attn.to_q(x).unflatten(-1, (attn.heads, -1))
     k = attn.to_k(x).unflatten(-1, (attn.heads, -1))
     v = attn.to_v(x).unflatten(-1, (attn.heads, -1))
@@ -295,20 +323,19 @@ def _attention(attn, x, freqs, cu, max_len, n, impl, lens, mask):
     if freqs is not None:
         q, k = _rope(q, freqs), _rope(k, freqs)
     dtype = q.dtype
-    out = _attend(q, k.to(dtype), v, cu, max_len, n, impl, lens, mask).flatten(2, 3).to(dtype)
+    out = _attend(q, k.to(dtype), v, segs_args, impl).flatten(2, 3).to(dtype)
     return attn.to_out[0](out)
 
 
-def _block_forward(block, x, seg, adaln, freqs, cu, max_len: int, n: int, impl: str, lens, mask):
+def _block_forward(block, x, seg, adaln, freqs, segs_args, impl: str):
     if block.modulation:
         mod = block.adaLN_modulation(adaln)  # [B, 4D]: per sample
         scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
         scale_msa, gate_msa = (1.0 + scale_msa)[seg], gate_msa.tanh()[seg]
         scale_mlp, gate_mlp = (1.0 + scale_mlp)[seg], gate_mlp.tanh()[seg]
-        attn_out = _attention(block.attention, block.attention_norm1(x) * scale_msa, freqs, cu, max_len, n, impl,
-                              lens, mask)
+        attn_out = _attention(block.attention, block.attention_norm1(x) * scale_msa, freqs, segs_args, impl)
         x = x + gate_msa * block.attention_norm2(attn_out)
         return x + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(x) * scale_mlp))
-    attn_out = _attention(block.attention, block.attention_norm1(x), freqs, cu, max_len, n, impl, lens, mask)
+    attn_out = _attention(block.attention, block.attention_norm1(x), freqs, segs_args, impl)
     x = x + block.attention_norm2(attn_out)
     return x + block.ffn_norm2(block.feed_forward(block.ffn_norm1(x)))

@@ -49,7 +49,7 @@ MIXED = [4096 + 64, 3072 + 224, 4032 + 96, 1024 + 160]
 
 
 def attention_probe():
-    from actors.packed import _attend, _flex_mask, Segments
+    from actors.packed import _attend, _flex_mask, Segments, equal_runs
 
     heads, dim = 30, 128
     for name, lens in (("uniform", UNIFORM), ("mixed", MIXED)):
@@ -57,19 +57,21 @@ def attention_probe():
         q, k, v = (torch.randn(1, total, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         cu = torch.tensor([0] + lens, device="cuda", dtype=torch.int32).cumsum(0).to(torch.int32)
         seg = torch.repeat_interleave(torch.arange(len(lens), device="cuda"), torch.tensor(lens, device="cuda"))
-        segs = Segments(lens, cu, seg, None)
+        segs = Segments(lens, cu, seg, None, equal_runs(lens))
         flops = sum(4 * heads * n * n * dim for n in lens)
-        ref = _attend(q, k, v, cu, max(lens), len(lens), "segments", lens, None)
-        impls = ["segments", "varlen", "cudnn", "flex"] + (["dense"] if name == "uniform" else [])
-        for impl in impls:
+        solo = [(q[:, s:s + n].transpose(1, 2), k[:, s:s + n].transpose(1, 2), v[:, s:s + n].transpose(1, 2))
+                for s, n in zip(cu.tolist(), lens)]
+        ref = torch.cat([F.scaled_dot_product_attention(*a).transpose(1, 2) for a in solo], dim=1)
+        record(f"attn_{name}_per_sample_ms",
+               timed(lambda: [F.scaled_dot_product_attention(*a) for a in solo], reps=10) * 1e3)
+        for impl in ("runs", "varlen", "flex"):
             def run(impl=impl):
                 mask = _flex_mask(segs) if impl == "flex" else None
-                fn = _attend
-                if impl == "flex":
-                    fn = torch.compile(_attend, fullgraph=True, dynamic=False)
-                out = fn(q, k, v, cu, max(lens), len(lens), impl, lens, mask)
+                args = (segs.runs, cu, max(lens), mask)
+                fn = torch.compile(_attend, fullgraph=True, dynamic=False) if impl == "flex" else _attend
+                out = fn(q, k, v, args, impl)
                 record(f"attn_{name}_{impl}_maxerr", float((out.float() - ref.float()).abs().max()))
-                t = timed(lambda: fn(q, k, v, cu, max(lens), len(lens), impl, lens, mask), reps=10)
+                t = timed(lambda: fn(q, k, v, args, impl), reps=10)
                 record(f"attn_{name}_{impl}_ms", t * 1e3)
                 record(f"attn_{name}_{impl}_TFLOPs", flops / t / 1e12)
             guarded(f"attn_{name}_{impl}", run)
@@ -112,7 +114,7 @@ def error_probe(eng):
     lat, cap, layout = batch(eng, sizes, caps)
     t = torch.tensor([0.3, 0.6, 0.9], device="cuda")
     with torch.no_grad():
-        for impl in ("varlen", "cudnn", "segments"):
+        for impl in ("runs", "varlen"):
             def run(impl=impl):
                 eng.packed.attention = impl
                 layout.caption_cache = None
@@ -123,7 +125,17 @@ def error_probe(eng):
                     errs.append(float((out[i].float() - ref).norm() / ref.norm()))
                 record(f"packed_vs_diffusers_{impl}_rel_l2", errs)
             guarded(f"packed_vs_diffusers_{impl}", run)
-    eng.packed.attention = "auto"
+
+        def floor():  # diffusers against itself: the same sample alone and beside a copy of itself
+            errs = []
+            for i in range(len(sizes)):
+                one = eng.transformer([lat[i]], t[i:i + 1], [cap[i]], return_dict=False)[0][0].float()
+                two = eng.transformer([lat[i], lat[i]], t[i:i + 1].repeat(2), [cap[i], cap[i][:-7]],
+                                      return_dict=False)[0][0].float()
+                errs.append(float((two - one).norm() / one.norm()))
+            record("diffusers_solo_vs_batched_rel_l2", errs)
+        guarded("diffusers_noise_floor", floor)
+    eng.packed.attention = "runs"
 
 
 def graphs():
@@ -183,7 +195,7 @@ def step_probe(eng, impls):
                 record(f"packed_{impl}_graphs_after_warmup", graphs() - g1)
             guarded(f"packed_{impl}", run)
             eng.packed.block_fn = __import__("actors.packed", fromlist=["x"])._block_forward
-    eng.packed.attention = "auto"
+    eng.packed.attention = "runs"
 
 
 def memory_probe(eng):
@@ -216,7 +228,7 @@ def main():
     global PATH
     PATH = sys.argv[1]
     sections = (sys.argv[2] if len(sys.argv) > 2 else "attn,err,step,mem").split(",")
-    impls = (sys.argv[3] if len(sys.argv) > 3 else "dense,varlen,cudnn").split(",")
+    impls = (sys.argv[3] if len(sys.argv) > 3 else "runs").split(",")
     torch.backends.cudnn.benchmark = True
     RES["card"] = torch.cuda.get_device_name(0)
     RES["torch"] = torch.__version__
