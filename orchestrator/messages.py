@@ -11,21 +11,17 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NamedTuple
 
+from placement.memory import caption_tokens_bound, sample_tokens
+
 
 class BatchKey(NamedTuple):
-    """Everything that must match for requests to share one pipeline call."""
+    """What must match for requests to share one pipeline call: the number of denoising steps. Sizes, prompt
+    lengths and guidance scales may differ: the replica packs them into one transformer call per step."""
 
-    width: int
-    height: int
     num_inference_steps: int
-    guidance_scale: float
-
-    @property
-    def pixels(self) -> int:
-        return self.width * self.height
 
     def __str__(self) -> str:
-        return f"{self.width}x{self.height}/{self.num_inference_steps}steps/g{self.guidance_scale:g}"
+        return f"{self.num_inference_steps}steps"
 
 
 @dataclass(frozen=True)
@@ -43,7 +39,18 @@ class ImageRequest:
 
     @property
     def key(self) -> BatchKey:
-        return BatchKey(self.width, self.height, self.num_inference_steps, self.guidance_scale)
+        return BatchKey(self.num_inference_steps)
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def tokens(self) -> int:
+        """An upper bound of the tokens this request adds to a packed transformer call (the router's budget unit):
+        its image tokens and caption tokens, both padded, twice with guidance (the negative pass)."""
+        return sample_tokens(self.width, self.height, caption_tokens_bound(len(self.prompt.encode())),
+                             self.guidance_scale > 0, caption_tokens_bound(len((self.negative_prompt or "").encode())))
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,14 @@ class Batch:
     @property
     def key(self) -> BatchKey:
         return self.requests[0].key
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.requests)
+
+    @property
+    def pixels(self) -> int:
+        return sum(r.pixels for r in self.requests)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -135,6 +150,8 @@ class ReplicaHealth:
     pid: int = 0  # the replica's process: a restarted replica has a new one
     warmup_s: float = 0.0
     numerics: dict = field(default_factory=dict)
+    compiles_warmup: int = 0  # graphs torch.compile built before ready
+    compiles_after_ready: int = 0  # graphs built while serving (the goal is none)
 
 
 @dataclass(frozen=True)
