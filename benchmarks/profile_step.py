@@ -13,7 +13,7 @@ import torch
 from gpu_timing import first_call_s, timed
 from torch.profiler import ProfilerActivity, profile
 
-from actors.engine import ZImageEngine
+from actors.engine import Sample, ZImageEngine
 from actors.models import build_components
 from actors.quantize import forward_error, quantize_fp8
 from orchestrator.bench import PROMPTS
@@ -52,10 +52,11 @@ def measure(eng, enc, lat, label, res, path):
 
 
 def forward(eng, enc, lat):
-    x = list(lat.to(torch.bfloat16).unsqueeze(2).unbind(0))
-    t = torch.tensor(0.5, device="cuda")
+    x = [y.to(torch.bfloat16).unsqueeze(1) for y in lat]
+    t = torch.full((len(x),), 0.5, device="cuda")
+    layout = eng.packed.layout([(1, *y.shape[-2:]) for y in lat], [len(e) for e in enc.positive])
     with torch.no_grad():
-        return torch.stack(eng.transformer_forward(x, t, enc.positive)).float()
+        return torch.stack(eng.packed(x, t, enc.positive, layout)).float()
 
 
 def main(path, size=1024, batch=4, fp8_backend="native"):
@@ -63,14 +64,15 @@ def main(path, size=1024, batch=4, fp8_backend="native"):
     res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "batch": batch, "size": f"{size}x{size}"}
     comps = build_components("full", device="cuda", dtype=torch.bfloat16)
     eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cuda"), torch.bfloat16)
-    lat = eng.initial_latents(list(range(batch)), size, size)
-    enc = eng.encode([PROMPTS[i % len(PROMPTS)] for i in range(batch)])
-    eng.transformer.compile_repeated_blocks(fullgraph=True)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    lat = eng.initial_latents([Sample(p, i, size, size) for i, p in enumerate(prompts)])
+    enc = eng.encode(prompts)
+    eng.packed.compile()
     measure(eng, enc, lat, "bf16_compiled", res, path)
     ref = forward(eng, enc, lat)
     torch._dynamo.reset()
     quantize_fp8(eng.transformer, fp8_backend)
-    eng.transformer.compile_repeated_blocks(fullgraph=True)
+    eng.packed.compile()
     res["fp8_backend"] = fp8_backend
     measure(eng, enc, lat, "fp8_compiled", res, path)
     res["fp8_forward_rel_l2"], res["fp8_nonfinite_fraction"] = forward_error(ref, forward(eng, enc, lat))

@@ -444,6 +444,13 @@ def plot(report: dict, path: Path) -> None:
 def cmd_bench(args) -> int:
     import sys
 
+    if args.matrix:
+        from .matrix import list_matrix, run_matrix
+
+        if args.list or not args.run:
+            return list_matrix(args.matrix)
+        return run_matrix(args.matrix, args.run, args.out, dry_run=args.dry_run)
+
     args.argv = sys.argv[2:] if len(sys.argv) > 2 else []
     config = load_config(args.config, args.set)
     report = asyncio.run(_bench(args, config))

@@ -282,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="override a config field, e.g. --set model.compile=true (repeatable)")
     p.add_argument("--label", default=None, help="a name for this run in the report")
+    p.add_argument("--matrix", default=None, metavar="FILE",
+                   help="run entries of a benchmark matrix (benchmarks/matrix.yaml) instead: see --run, --list")
+    p.add_argument("--run", default=None, metavar="NAMES", help="with --matrix: runs or groups, comma-separated")
+    p.add_argument("--list", action="store_true", help="with --matrix: list its runs and groups")
+    p.add_argument("--dry-run", action="store_true", help="with --matrix: print the commands only")
     p.set_defaults(fn=lambda a: _lazy("bench").cmd_bench(a))
     return ap
 

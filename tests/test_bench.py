@@ -42,3 +42,59 @@ def test_mixed_sizes_and_summary_math():
     assert s.images == 4 and s.failed == 1 and s.throughput_img_s == pytest.approx(4 / 12, abs=1e-4)
     assert s.batch_sizes == {"2": 2} and s.replica_busy_fraction == {"r0": 0.5, "r1": 0.5}
     assert percentile([1, 2, 3, 4], 0.5) == 2.5 and s.latency_p50_s == 2.5
+
+
+@pytest.mark.slow
+def test_matrix_runs_entries_and_groups(tmp_path, tiny_cache):
+    """A matrix file's entries run one process each, reports land under OUT/NAME, a group selects entries."""
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text(f"""
+runs:
+  cpu-short:
+    machine: cpu
+    timeout_s: 240
+    bench: --set model.cache_dir={tiny_cache} --set defaults.width=64 --set defaults.height=64
+      --workload uniform,mixed --sizes 64x64,32x48 --concurrency 2 --requests 4 --warmup 1
+  hello:
+    timeout_s: 30
+    script: -c "import sys, pathlib; pathlib.Path('{{out}}/hi.txt').write_text('ok')"
+groups:
+  both: [cpu-short, hello]
+""")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "bench", "--matrix", str(matrix), "--run", "both", "--out",
+           str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "cpu-short" / "bench.json").read_text())
+    assert report["label"] == "cpu-short" and [r["workload"] for r in report["runs"]] == ["uniform", "mixed"]
+    assert all(r["failed"] == 0 and r["megapixels_s"] > 0 for r in report["runs"])
+    assert (out / "hello" / "hi.txt").read_text() == "ok" and "summary:" in proc.stdout
+
+
+def test_matrix_rejects_unknown_names(tmp_path):
+    from orchestrator.matrix import load_matrix, select
+
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text("runs:\n  a: {bench: --requests 1}\ngroups:\n  g: [a]\n")
+    entries, groups = load_matrix(matrix)
+    assert [e.name for e in select(entries, groups, "g,a")] == ["a"]
+    with pytest.raises(ValueError, match="neither a run nor a group"):
+        select(entries, groups, "nope")
+    matrix.write_text("runs:\n  a: {bench: x, script: y}\n")
+    with pytest.raises(ValueError, match="exactly one of"):
+        load_matrix(matrix)
+
+
+def test_shipped_matrix_is_valid():
+    from orchestrator.matrix import load_matrix
+
+    entries, groups = load_matrix(ROOT / "benchmarks" / "matrix.yaml")
+    assert "traffic" in groups and all(e.timeout_s <= 600 for e in entries.values())
+    for e in entries.values():  # every bench entry parses with the real argument parser
+        if e.bench:
+            import shlex
+
+            from orchestrator.cli import build_parser
+
+            build_parser().parse_args(["bench", *shlex.split(e.bench)])

@@ -1,0 +1,125 @@
+"""``zimage-orch bench --matrix benchmarks/matrix.yaml --run NAME``: the project's GPU runs, defined once.
+
+A matrix file names every benchmark the project runs on a GPU machine: each entry is either a ``zimage-orch bench``
+argument list (``bench:``) or a probe script with its arguments (``script:``), with the machine it needs and a time
+limit. Groups name the entries that belong in one device call. The runner executes the chosen entries one after
+another, each in its own process (a deployment's Ray and GPU memory are gone when it ends), writes
+``OUT/NAME/bench.json`` (or the script's JSON) and ``OUT/NAME.log``, and prints one summary line per entry.
+
+    zimage-orch bench --matrix benchmarks/matrix.yaml --list
+    zimage-orch bench --matrix benchmarks/matrix.yaml --run traffic --out /tmp/out      # a group
+    zimage-orch bench --matrix benchmarks/matrix.yaml --run bf16-traffic,eager-mixed    # entries
+
+``{out}`` in an entry's arguments is replaced by the entry's output folder. ``ZIMAGE_COMMIT`` passes through to
+the reports (a copied tree's ``.git`` may be stale).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    bench: str | None
+    script: str | None
+    machine: str
+    timeout_s: float
+    note: str = ""
+
+
+def load_matrix(path: str | Path) -> tuple[dict[str, Entry], dict[str, list[str]]]:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    entries: dict[str, Entry] = {}
+    for name, e in (data.get("runs") or {}).items():
+        if not isinstance(e, dict) or bool(e.get("bench")) == bool(e.get("script")):
+            raise ValueError(f"{path}: runs.{name}: give exactly one of 'bench' (zimage-orch bench arguments) or "
+                             f"'script' (a probe script and its arguments)")
+        entries[name] = Entry(name, e.get("bench"), e.get("script"), str(e.get("machine", "nvidia-h100-x1")),
+                              float(e.get("timeout_s", 600)), str(e.get("note", "")))
+    groups = {k: list(v) for k, v in (data.get("groups") or {}).items()}
+    for g, names in groups.items():
+        unknown = [n for n in names if n not in entries]
+        if unknown:
+            raise ValueError(f"{path}: groups.{g}: unknown run(s) {unknown}")
+    return entries, groups
+
+
+def select(entries: dict[str, Entry], groups: dict[str, list[str]], spec: str) -> list[Entry]:
+    names: list[str] = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item in groups:
+            names += groups[item]
+        elif item in entries:
+            names.append(item)
+        else:
+            raise ValueError(f"--run: {item!r} is neither a run nor a group of the matrix; "
+                             f"see --list")
+    return [entries[n] for n in dict.fromkeys(names)]
+
+
+def command(entry: Entry, out: Path) -> list[str]:
+    args = shlex.split((entry.bench or entry.script).replace("{out}", str(out)))
+    if entry.bench:
+        return [sys.executable, "-m", "orchestrator.cli", "bench", *args, "--label", entry.name, "--out", str(out)]
+    return [sys.executable, *args]
+
+
+def summary_line(entry: Entry, out: Path, rc: int, seconds: float) -> str:
+    head = f"{entry.name:28s} rc={rc:<4d} {seconds:6.0f}s"
+    report = out / "bench.json"
+    if not report.exists():
+        return head + "  (no bench.json)" if entry.bench else head
+    r = json.loads(report.read_text())
+    runs = "; ".join(f"{x['label']} {x['throughput_img_s']:.3f} img/s {x.get('megapixels_s', 0):.3f} MP/s "
+                     f"p95 {x['latency_p95_s']:.2f}s" for x in r.get("runs", []))
+    return f"{head}  {r.get('card')}  {runs}"
+
+
+def run_matrix(path: str, spec: str, out_dir: str, dry_run: bool = False) -> int:
+    entries, groups = load_matrix(path)
+    chosen = select(entries, groups, spec)
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    worst = 0
+    lines = []
+    for e in chosen:
+        out = root / e.name
+        cmd = command(e, out)
+        print("+", shlex.join(cmd), flush=True)
+        if dry_run:
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with open(root / f"{e.name}.log", "w") as log:
+            try:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=e.timeout_s,
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1")).returncode
+            except subprocess.TimeoutExpired:
+                rc = 124
+        line = summary_line(e, out, rc, time.perf_counter() - t0)
+        lines.append(line)
+        print(line, flush=True)
+        worst = max(worst, rc)
+    if lines:
+        print("\n".join(["", "summary:", *lines]))
+    return 1 if worst else 0
+
+
+def list_matrix(path: str) -> int:
+    entries, groups = load_matrix(path)
+    for e in entries.values():
+        print(f"{e.name:28s} {e.machine:16s} {e.timeout_s:5.0f}s  {e.note}")
+    for g, names in groups.items():
+        print(f"group {g}: {', '.join(names)}")
+    return 0
