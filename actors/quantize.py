@@ -133,3 +133,67 @@ def compare(reference, candidate) -> dict:
     psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
     return {"forward_rel_l2": round(rel, 5), "nonfinite_fraction": round(nonfinite, 5),
             "image_psnr_db": round(psnr, 2), "probe": "512x512, seed 1234: 1 forward at t=0.5; image after 9 steps"}
+
+
+# ---- weight-only quantization of the text encoder -------------------------------------------------------------
+class WeightOnlyLinear(torch.nn.Module):
+    """``nn.Linear`` with its weight stored in one byte (int8 or float8_e4m3, one scale per output row) and
+    dequantized to the activation dtype on every call. Halves the weight memory; the text encoder runs once per
+    batch, so the dequantization costs little time."""
+
+    def __init__(self, linear: torch.nn.Linear, mode: str):
+        super().__init__()
+        w = linear.weight.detach().float()
+        amax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+        if mode == "int8":
+            scale = amax / 127.0
+            q = (w / scale).round().clamp(-127, 127).to(torch.int8)
+        elif mode == "fp8":
+            scale = amax / FP8_MAX
+            q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        else:
+            raise ValueError(f"weight-only mode must be 'int8' or 'fp8', got {mode!r}")
+        self.mode = mode
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", q)
+        self.register_buffer("weight_scale", scale.to(linear.weight.dtype))
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) * self.weight_scale.to(x.dtype)
+        return torch.nn.functional.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+
+def quantize_weight_only(module: torch.nn.Module, mode: str) -> int:
+    """Swap every ``nn.Linear`` of ``module`` (the text encoder's attention and MLP projections; its embedding
+    stays) for a ``WeightOnlyLinear``, in place. Returns how many."""
+    targets = [(fqn, m) for fqn, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    for fqn, m in targets:
+        parent_name, _, child = fqn.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, child, WeightOnlyLinear(m, mode))
+    log.info("text encoder: %d linear layers quantized weight-only (%s)", len(targets), mode)
+    return len(targets)
+
+
+@torch.no_grad()
+def encoder_error(engine, quantize, size: int = 512, steps: int = 9, seed: int = 1234) -> dict:
+    """The text encoder's error against its unquantized self: ``quantize()`` runs between two runs of the check
+    prompt. Relative L2 of the caption embeddings (what the transformer sees) and the PSNR of the final image
+    (``size``, ``steps``, same seed) against the unquantized encoder's."""
+    from .engine import Sample
+
+    sample = [Sample(CHECK_PROMPT, seed, size, size)]
+    ref = engine.encode([CHECK_PROMPT]).positive[0].float().cpu()
+    ref_img = engine.generate(sample, steps)[0][0]
+    quantize()
+    out = engine.encode([CHECK_PROMPT]).positive[0].float().cpu()
+    img = engine.generate(sample, steps)[0][0]
+    rel, nonfinite = forward_error(ref, out)
+    mse = float(np.mean((img.astype(np.float64) - ref_img.astype(np.float64)) ** 2))
+    psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+    return {"text_encoder_embed_rel_l2": round(rel, 5), "text_encoder_nonfinite_fraction": round(nonfinite, 5),
+            "text_encoder_image_psnr_db": round(psnr, 2),
+            "text_encoder_probe": f"{size}x{size}, seed {seed}, {steps} steps, against the unquantized encoder"}

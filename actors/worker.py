@@ -182,12 +182,19 @@ class PipelineWorker:
 
     def _apply_speed_options(self) -> None:
         cfg, transformer = self.model_cfg, self.engine.transformer
+        if cfg.text_encoder_quantization in ("int8", "fp8") and self.engine.text_encoder is not None:
+            from .quantize import encoder_error, quantize_weight_only
+
+            te, mode = self.engine.text_encoder, cfg.text_encoder_quantization
+            self.numerics.update(encoder_error(self.engine, lambda: quantize_weight_only(te, mode)))
+            log.info("replica %s: text encoder %s vs %s: %s", self.replica_id, cfg.text_encoder_quantization,
+                     self.engine.dtype, self.numerics)
         if cfg.quantization == "fp8":
             from .quantize import compare, quantize_fp8, reference_output
 
             reference = reference_output(self.engine)
             quantize_fp8(transformer, cfg.fp8_backend)
-            self.numerics = compare(reference, reference_output(self.engine))
+            self.numerics.update(compare(reference, reference_output(self.engine)))
             log.info("replica %s: fp8 vs %s: %s", self.replica_id, self.engine.dtype, self.numerics)
         if cfg.compile and self.engine.devices["transformer"].type == "cuda":
             import torch

@@ -189,8 +189,10 @@ def cmd_plan(args) -> int:
     t = Table(title=f"{args.config}: mode {p.mode}, {p.model} at {p.width}x{p.height}")
     for col in ("node", "gpu", "components", "est. peak GiB", "capacity GiB"):
         t.add_column(col)
+    precision = dict(p.precisions)
     for g in p.gpus:
-        t.add_row(g.node, str(g.gpu), ", ".join(g.components) or "-", f"{g.estimated_peak_gib:.1f}",
+        comps = [f"{c} ({precision.get(c.split('.', 1)[1], '?')})" for c in g.components]
+        t.add_row(g.node, str(g.gpu), ", ".join(comps) or "-", f"{g.estimated_peak_gib:.1f}",
                   f"{g.capacity_gib:.1f}")
     console.print(t)
     t = Table(title="replicas")

@@ -20,9 +20,9 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
-from placement import DeploymentSpec, Inventory, PlacementPlan, model_spec, plan
+from placement import DeploymentSpec, Inventory, PlacementPlan, model_spec, plan, plan_best
 
-from .config import Config
+from .config import Config, ModelConfig
 from .errors import NotReadyError, ZImageError
 from .messages import ImageRequest, ImageResult, ReplicaHealth
 from .requests import build_requests, parse_size
@@ -47,11 +47,28 @@ def deployment_spec(config: Config) -> DeploymentSpec:
 
 
 def plan_for(config: Config, inventory: Inventory) -> PlacementPlan:
-    """The placement plan of ``config`` on ``inventory`` (GPU memory capped by deployment.gpu_memory_limit_gib)."""
+    """The placement plan of ``config`` on ``inventory`` (GPU memory capped by deployment.gpu_memory_limit_gib).
+    With ``model.quantization`` or ``model.text_encoder_quantization`` set to ``auto``, the planner weighs the
+    precisions as a placement choice and keeps the plan it estimates fastest (its notes say why)."""
     cap = config.deployment.gpu_memory_limit_gib
     if cap is not None:
         inventory = Inventory(tuple(type(g)(g.node, g.index, min(g.memory_gib, cap)) for g in inventory.gpus))
-    return plan(model_spec(config.model.source, config.model.dtype), inventory, deployment_spec(config))
+    m = config.model
+    transformer = ["none", "fp8"] if m.quantization == "auto" else [m.quantization]
+    text_encoder = ["none", "int8"] if m.text_encoder_quantization == "auto" else [m.text_encoder_quantization]
+    options = [model_spec(m.source, m.dtype, t, te) for te in text_encoder for t in transformer]
+    if len(options) == 1:
+        return plan(options[0], inventory, deployment_spec(config))
+    return plan_best(options, inventory, deployment_spec(config))
+
+
+def model_for_plan(model: ModelConfig, placement: PlacementPlan) -> ModelConfig:
+    """The model config a replica loads: ``auto`` precisions replaced by what the plan chose."""
+    p = dict(placement.precisions)
+    return model.model_copy(update={
+        "quantization": "fp8" if p.get("transformer") == "fp8" else "none",
+        "text_encoder_quantization": p.get("text_encoder") if p.get("text_encoder") in ("int8", "fp8") else "none",
+    })
 
 
 def declared_inventory(config: Config) -> Inventory | None:
@@ -126,7 +143,7 @@ class Deployment:
             self.replicas[rp.replica_id] = rb.RayReplica(
                 rp.replica_id, by_name[rp.node], len(rp.gpus), d.cpu_per_replica, rp.max_pixels,
                 rp.max_batch_tokens,
-                worker_kwargs=dict(model=cfg.model, device_map=rp.device_map,
+                worker_kwargs=dict(model=model_for_plan(cfg.model, self.plan), device_map=rp.device_map,
                                    warmup=WarmupSpec(tuple(sizes), min(2, cfg.defaults.num_inference_steps),
                                                      rp.max_pixels, rp.max_batch_tokens) if d.warmup else None,
                                    torch_threads=d.torch_threads, memory_fraction=fraction,

@@ -14,6 +14,7 @@ from .planner import (
     PlacementPlan,
     ReplicaPlan,
     plan,
+    plan_best,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "ReplicaPlan",
     "model_spec",
     "plan",
+    "plan_best",
 ]

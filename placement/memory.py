@@ -19,6 +19,8 @@ from dataclasses import dataclass
 GIB = 1024**3
 MPIX = 1024 * 1024
 BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1}
+# Quantized precisions: the quantizable linears take 1 byte a weight, everything else stays in 16 bits.
+QUANTIZED = ("fp8", "int8")
 
 # ---- tokens: what one image adds to a packed transformer call (the same rules as the transformer's) -------------
 SIZE_MULTIPLE = 16  # VAE downsampling (8) x the transformer's 2x2 patches: one image token per 16x16 pixels
@@ -56,12 +58,18 @@ def sample_tokens(width: int, height: int, caption_tokens: int = TYPICAL_CAPTION
 class ComponentSpec:
     name: str
     params: int
+    quantizable_params: int = 0  # weights of the linears quantization applies to (actors/quantize.py)
     act_gib_fixed: float = 0.0  # workspace independent of the batch
     act_gib_per_token: float = 0.0  # per token of the packed batch (transformer)
     act_gib_per_mpix: float = 0.0  # per megapixel of the largest image (VAE: one image at a time)
     act_gib_per_prompt: float = 0.0  # per prompt of the batch (text encoder)
 
-    def weights_gib(self, dtype: str) -> float:
+    def weights_gib(self, dtype: str, base: str = "bfloat16") -> float:
+        """``dtype`` a torch dtype name, or 'fp8'/'int8' (the quantizable linears in one byte, the rest in
+        ``base``)."""
+        if dtype in QUANTIZED:
+            rest = self.params - self.quantizable_params
+            return (self.quantizable_params + rest * BYTES_PER_PARAM[base]) / GIB
         return self.params * BYTES_PER_PARAM[dtype] / GIB
 
     def activation_gib(self, tokens: int, largest_pixels: int, prompts: int) -> float:
@@ -74,9 +82,17 @@ class ModelSpec:
     name: str
     dtype: str
     components: dict[str, ComponentSpec]
+    quantized: tuple[tuple[str, str], ...] = ()  # (component, "fp8" | "int8"): weights in 1 byte where quantizable
+
+    def precision(self, name: str) -> str:
+        return dict(self.quantized).get(name, self.dtype)
+
+    @property
+    def precisions(self) -> dict[str, str]:
+        return {n: self.precision(n) for n in self.components}
 
     def weights_gib(self, names) -> float:
-        return sum(self.components[n].weights_gib(self.dtype) for n in names)
+        return sum(self.components[n].weights_gib(self.precision(n), self.dtype) for n in names)
 
     def batch_peak_gib(self, names, tokens: int, largest_pixels: int, prompts: int, overlap: bool = False) -> float:
         """Estimated peak GiB on one device holding ``names`` for one packed batch."""
@@ -131,8 +147,9 @@ class ModelSpec:
 # The full-size model (weights exact; activations measured, see the module docstring). The text encoder's figure is
 # per prompt padded to the longest of the batch (at most 512 tokens).
 _Z_IMAGE_TURBO = {
-    "transformer": ComponentSpec("transformer", 6_154_908_736, act_gib_per_token=155 / 2**20),
-    "text_encoder": ComponentSpec("text_encoder", 4_022_468_096, act_gib_fixed=0.05, act_gib_per_prompt=0.12),
+    "transformer": ComponentSpec("transformer", 6_154_908_736, 6_016_204_800, act_gib_per_token=155 / 2**20),
+    "text_encoder": ComponentSpec("text_encoder", 4_022_468_096, 3_633_315_840, act_gib_fixed=0.05,
+                                  act_gib_per_prompt=0.12),
     "vae": ComponentSpec("vae", 83_819_683, act_gib_per_mpix=2.375),
 }
 
@@ -144,10 +161,31 @@ _TINY = {
 }
 
 
-def model_spec(source: str, dtype: str = "bfloat16") -> ModelSpec:
-    """The memory model for a model source: 'tiny' is the toy model; every other source is Z-Image-Turbo."""
+def model_spec(source: str, dtype: str = "bfloat16", transformer: str = "none",
+               text_encoder: str = "none") -> ModelSpec:
+    """The memory model for a model source: 'tiny' is the toy model; every other source is Z-Image-Turbo.
+    ``transformer`` ('none' | 'fp8') and ``text_encoder`` ('none' | 'int8' | 'fp8') quantize those components'
+    linear weights to one byte (the transformer's blocks; the text encoder's layers, weight-only)."""
     if dtype not in BYTES_PER_PARAM:
         raise ValueError(f"dtype must be one of {sorted(BYTES_PER_PARAM)}, got {dtype!r}")
+    if transformer not in ("none", "fp8") or text_encoder not in ("none", *QUANTIZED):
+        raise ValueError(f"quantization: transformer none|fp8, text_encoder none|int8|fp8; got {transformer!r}, "
+                         f"{text_encoder!r}")
+    quantized = tuple((c, q) for c, q in (("transformer", transformer), ("text_encoder", text_encoder)) if q != "none")
     if source == "tiny":
-        return ModelSpec("tiny-z-image", "float32", dict(_TINY))
-    return ModelSpec("Z-Image-Turbo", dtype, dict(_Z_IMAGE_TURBO))
+        return ModelSpec("tiny-z-image", "float32", dict(_TINY), quantized)
+    return ModelSpec("Z-Image-Turbo", dtype, dict(_Z_IMAGE_TURBO), quantized)
+
+
+# Relative throughput of a replica, for choosing among plans that fit (planner: ``choose_precision``).
+# fp8 transformer against bf16: 1.323 / 0.986 img/s, compiled, uniform 1024^2 traffic at concurrency 8 on one H100
+# (docs/benchmarks.md, session 3 calls s3-3 and s3-4). Batch size: a batch of one image ran at 0.914 of a batch of
+# four (compiled, 1024^2, 0.866 at concurrency 1 vs 0.947 img/s at concurrency 8, session 1 call 3); 2 and 3 are
+# interpolated, not measured. Text-encoder quantization changes memory, not speed (encoding is ~2% of a batch).
+FP8_TRANSFORMER_SPEEDUP = 1.323 / 0.986
+BATCH_EFFICIENCY = {1: 0.914, 2: 0.943, 3: 0.971}
+
+
+def relative_throughput(spec: ModelSpec, batch: int) -> float:
+    speed = FP8_TRANSFORMER_SPEEDUP if spec.precision("transformer") == "fp8" else 1.0
+    return speed * BATCH_EFFICIENCY.get(batch, 1.0)

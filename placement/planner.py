@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .memory import ModelSpec, sample_tokens
+from .memory import ModelSpec, relative_throughput, sample_tokens
 
 COMPONENTS = ("text_encoder", "transformer", "vae")
 
@@ -111,6 +111,13 @@ class PlacementPlan:
     replicas: tuple[ReplicaPlan, ...]
     gpus: tuple[GPUPlan, ...]
     notes: tuple[str, ...] = field(default=())
+    precisions: tuple[tuple[str, str], ...] = ()  # component -> weight precision of every replica
+
+    @property
+    def relative_throughput(self) -> float:
+        """Estimated throughput at the target size, in bf16 replicas running full batches (for comparing plans)."""
+        return round(sum(relative_throughput(_PrecisionView(dict(self.precisions)), r.max_batch_size)
+                         for r in self.replicas), 3)
 
     def to_dict(self) -> dict:
         return {
@@ -142,7 +149,49 @@ class PlacementPlan:
                 for g in self.gpus
             ],
             "notes": list(self.notes),
+            "precisions": dict(self.precisions),
+            "relative_throughput": self.relative_throughput,
         }
+
+
+class _PrecisionView:
+    """What ``relative_throughput`` reads of a model: the precision per component."""
+
+    def __init__(self, precisions: dict[str, str]):
+        self._p = precisions
+
+    def precision(self, name: str) -> str:
+        return self._p.get(name, "bfloat16")
+
+
+def plan_best(options: list[ModelSpec], inventory: Inventory, deployment: DeploymentSpec) -> PlacementPlan:
+    """Plan with each of ``options`` (the same model at different precisions; the first is the unquantized one)
+    and keep the plan with the most estimated throughput (``PlacementPlan.relative_throughput``); ties go to the
+    earlier option, so quantization is chosen only when it buys something. The plan's notes say why."""
+    from dataclasses import replace
+
+    tried, errors = [], []
+    for spec in options:
+        try:
+            tried.append((spec, plan(spec, inventory, deployment)))
+        except PlacementError as e:
+            errors.append((spec, str(e)))
+    if not tried:
+        raise PlacementError("; ".join(f"[{_precision_text(s)}] {e}" for s, e in errors))
+    best_spec, best = max(tried, key=lambda sp: sp[1].relative_throughput)  # max keeps the first of equals
+    why = [f"precision chosen: {_precision_text(best_spec)}, estimated {best.relative_throughput:g} bf16-replica "
+           f"equivalents at {deployment.width}x{deployment.height}"]
+    for spec, p in tried:
+        if spec is not best_spec:
+            why.append(f"  vs {_precision_text(spec)}: {p.relative_throughput:g} "
+                       f"(batches {[r.max_batch_size for r in p.replicas]})")
+    why += [f"  vs {_precision_text(s)}: does not fit ({e[:120]})" for s, e in errors]
+    return replace(best, notes=best.notes + tuple(why))
+
+
+def _precision_text(spec: ModelSpec) -> str:
+    q = dict(spec.quantized)
+    return ", ".join(f"{c} {q.get(c, spec.dtype)}" for c in ("transformer", "text_encoder"))
 
 
 def default_device_map(gpus_per_replica: int) -> dict[str, int]:
@@ -338,4 +387,5 @@ def _assemble(model, inventory, d, pixels, groups) -> PlacementPlan:
     idle = [gp for gp in gpu_plans if not gp.components]
     if idle:
         notes.append(f"{len(idle)} GPU(s) unused: " + ", ".join(f"{gp.node}:{gp.gpu}" for gp in idle))
-    return PlacementPlan(d.mode, model.name, d.width, d.height, tuple(replicas), tuple(gpu_plans), tuple(notes))
+    return PlacementPlan(d.mode, model.name, d.width, d.height, tuple(replicas), tuple(gpu_plans), tuple(notes),
+                         tuple(model.precisions.items()))

@@ -146,3 +146,51 @@ def test_plan_cli_reports_what_cannot_fit(tmp_path, capsys):
     assert "tiny-node:0 with 12.0 GiB" in capsys.readouterr().err
     assert main(["plan", str(ROOT / "clusters" / "dual-4090d-replicate.yaml")]) == 0
     assert "r1" in capsys.readouterr().out
+
+
+def test_quantized_components_weigh_what_they_hold():
+    bf16 = model_spec("modelscope")
+    fp8 = model_spec("modelscope", transformer="fp8")
+    te8 = model_spec("modelscope", transformer="fp8", text_encoder="int8")
+    assert bf16.weights_gib(["transformer"]) == pytest.approx(11.46, abs=0.01)
+    assert fp8.weights_gib(["transformer"]) == pytest.approx(5.86, abs=0.01)  # blocks' linears 1 byte, rest bf16
+    assert bf16.weights_gib(["text_encoder"]) == pytest.approx(7.49, abs=0.01)
+    assert te8.weights_gib(["text_encoder"]) == pytest.approx(4.11, abs=0.01)
+    assert fp8.precisions == {"transformer": "fp8", "text_encoder": "bfloat16", "vae": "bfloat16"}
+
+
+@pytest.mark.parametrize("spec,measured", [(dict(), 21.47), (dict(transformer="fp8"), 15.77)])
+def test_serving_peaks_within_five_percent(spec, measured):
+    """Peaks of the whole pipeline measured while serving mixed traffic on one H100 (session 3, s3-3 bf16 and s3-4
+    fp8: batches of up to 5 at 1024^2-class sizes, within the default 18,432-token budget), against the model's
+    estimate at that budget and the largest size of that traffic (1344x768)."""
+    m = model_spec("modelscope", **spec)
+    est = m.batch_peak_gib(("text_encoder", "transformer", "vae"), 18_432, 1344 * 768, 5)
+    assert abs(est - measured) / measured < 0.05, est
+
+
+def test_auto_precision_picks_the_faster_plan_that_fits_and_says_why():
+    from placement import plan_best
+
+    d = DeploymentSpec("replicate", width=1024, height=1024, max_batch_size=16, max_batch_tokens=18_432)
+    options = [model_spec("modelscope", transformer=t) for t in ("none", "fp8")]
+    p = plan_best(options, inv(("n0", 2, 23.5)), d)
+    assert dict(p.precisions)["transformer"] == "fp8"
+    assert any("precision chosen: transformer fp8" in n for n in p.notes), p.notes
+    assert any("vs transformer bfloat16" in n for n in p.notes)
+    # the text encoder in int8 buys nothing where bf16 already reaches the token budget: not chosen
+    te = [model_spec("modelscope", text_encoder=q) for q in ("none", "int8")]
+    assert dict(plan_best(te, inv(("n0", 2, 23.5)), d).precisions)["text_encoder"] == "bfloat16"
+    # ...but it is where it makes the whole pipeline fit at all (16 GiB cards)
+    small = plan_best([model_spec("modelscope", transformer="fp8", text_encoder=q) for q in ("none", "int8")],
+                      inv(("n0", 1, 14.0)), DeploymentSpec("replicate", width=1024, height=1024))
+    assert dict(small.precisions)["text_encoder"] == "int8"
+    assert any("does not fit" in n for n in small.notes)
+
+
+def test_fp8_plan_shows_more_room_than_bf16_on_24gb():
+    d = DeploymentSpec("replicate", width=1024, height=1024, max_batch_size=16)
+    bf16 = plan(model_spec("modelscope"), inv(("n0", 1, 23.5)), d)
+    fp8 = plan(model_spec("modelscope", transformer="fp8"), inv(("n0", 1, 23.5)), d)
+    assert fp8.replicas[0].max_batch_tokens > bf16.replicas[0].max_batch_tokens + 30_000
+    assert (bf16.replicas[0].max_batch_size, fp8.replicas[0].max_batch_size) == (6, 15)

@@ -106,3 +106,27 @@ def test_not_started_worker_fails_requests():
     w = PipelineWorker("rx", ModelConfig(source="tiny"))
     out = w.run_batch(Batch(0, (req(1),)))
     assert out.results[0].error_type == "not_ready"
+
+
+def test_text_encoder_quantization_is_applied_and_measured_at_start(tiny_cache):
+    from actors.quantize import WeightOnlyLinear
+
+    w = PipelineWorker("rq", ModelConfig(source="tiny", dtype="float32", cache_dir=tiny_cache,
+                                         text_encoder_quantization="int8"), torch_threads=1)
+    h = w.start()
+    assert any(isinstance(m, WeightOnlyLinear) for m in w.engine.text_encoder.modules())
+    assert 0 < h.numerics["text_encoder_embed_rel_l2"] < 0.01 and h.numerics["text_encoder_image_psnr_db"] > 40
+    assert w.run_batch(Batch(1, (req(1),))).results[0].ok
+
+
+def test_auto_precision_reaches_the_replicas_as_the_plan_chose():
+    from orchestrator.config import load_config
+    from orchestrator.deployment import model_for_plan, plan_for
+    from placement import Inventory
+
+    cfg = load_config(None, ["model.source=modelscope", "model.dtype=bfloat16", "deployment.replicas=1",
+                             "model.quantization=auto",
+                             "model.text_encoder_quantization=auto", "cluster.num_gpus=1"])
+    p = plan_for(cfg, Inventory.from_nodes([("n", 1, 23.5)]))
+    m = model_for_plan(cfg.model, p)
+    assert (m.quantization, m.text_encoder_quantization) == ("fp8", "none")
