@@ -50,6 +50,13 @@ def caption_groups(embeds: Sequence[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
+def _clean_estimate(latents: torch.Tensor, velocity: torch.Tensor, sigma_next: torch.Tensor):
+    """The flow-matching estimate of the clean latents after a step, as a thunk: x_sigma = x0 + sigma * v with
+    v = noise - x0 (what the Euler step integrates), so x0 = x_next - sigma_next * v (exact at the last step,
+    where sigma_next = 0)."""
+    return lambda: latents - sigma_next.to(latents.device, torch.float32) * velocity.to(torch.float32)
+
+
 @contextlib.contextmanager
 def _no_guard(stage: str):
     yield
@@ -143,8 +150,10 @@ class ZImageEngine:
         latents: torch.Tensor,
         num_inference_steps: int,
         guidance_scale: float = 0.0,
-        on_step: Callable[[int, int], None] | None = None,
+        on_step: Callable[[int, int, Callable[[], torch.Tensor]], None] | None = None,
     ) -> torch.Tensor:
+        """``on_step(step, total, denoised)`` runs after every step; ``denoised()`` computes the current estimate
+        of the clean latents (for previews and per-sample checks; nothing is computed unless it is called)."""
         device = self.devices["transformer"]
         positive = [p.to(device, non_blocking=True) for p in prompts.positive]
         negative = [p.to(device, non_blocking=True) for p in prompts.negative]
@@ -176,7 +185,7 @@ class ZImageEngine:
             noise_pred = -noise_pred.squeeze(2)
             latents = scheduler.step(noise_pred.to(torch.float32), t, latents, return_dict=False)[0]
             if on_step is not None:
-                on_step(i + 1, num_inference_steps)
+                on_step(i + 1, num_inference_steps, _clean_estimate(latents, noise_pred, scheduler.sigmas[i + 1]))
         return latents
 
     def transformer_forward(self, x: list[torch.Tensor], timestep: torch.Tensor, embeds: list[torch.Tensor],
@@ -223,7 +232,7 @@ class ZImageEngine:
         num_inference_steps: int,
         guidance_scale: float = 0.0,
         negative_prompts: Sequence[str | None] | None = None,
-        on_step: Callable[[int, int], None] | None = None,
+        on_step: Callable[[int, int, Callable[[], torch.Tensor]], None] | None = None,
         stage_guard: Callable[[str], contextlib.AbstractContextManager] | None = None,
     ) -> tuple[np.ndarray, StageTimes]:
         """One pipeline call for a batch: returns uint8 images [B, H, W, 3] and the stage times (compute time of
