@@ -1,11 +1,20 @@
-"""The Z-Image-Turbo computation, stage by stage, with each component on its own device.
+"""The Z-Image-Turbo computation, stage by stage, with each component on its own device, for batches that mix
+image sizes, caption lengths and guidance scales.
 
-``ZImagePipeline.__call__`` runs everything on one execution device. A split placement needs the three stages
-apart (text encoder on one GPU, transformer on another, VAE on a third), and stage overlap needs to call them
-separately, so this module runs the same steps as the diffusers pipeline (tokenize with the chat template ->
-``hidden_states[-2]`` masked -> flow-matching Euler loop -> ``latents / scaling + shift`` -> VAE decode) and moves
-prompt embeddings and latents between devices. ``tests/test_engine.py`` checks it against ``ZImagePipeline``
-itself, output for output.
+This mirrors ``diffusers.ZImagePipeline.__call__`` (diffusers 0.42: tokenize with the chat template ->
+``hidden_states[-2]`` masked -> flow-matching Euler loop with the image-size-dependent shift ``mu`` ->
+``latents / scaling + shift`` -> VAE decode) with three differences of structure, none of math:
+
+- the stages are separate calls (a split placement puts the text encoder, transformer and VAE on different
+  GPUs; stage pipelining overlaps stages of consecutive batches);
+- a batch is a list of samples, each with its own size, seed, guidance and negative prompt: the transformer runs
+  once per step on all of them packed into one sequence (``actors/packed.py``), each sample with its own sigma
+  schedule (``mu`` depends on its token count) and its own timestep;
+- the VAE decodes one image at a time (its activations dominate a replica's peak memory; per image they no longer
+  grow with the batch).
+
+``tests/test_engine.py`` checks it against ``ZImagePipeline`` itself: bit for bit on a single-size batch, and each
+sample of a mixed batch against its solo run.
 
 Noise is drawn per request on the CPU from the request's own seed, so an image depends only on its own request:
 not on its batch-mates, and not on which replica or device ran it.
@@ -24,13 +33,15 @@ import torch
 
 from orchestrator.messages import StageTimes
 
+from .packed import PackedTransformer
+
 log = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16
-SEQ_MULTI_OF = 32  # the transformer pads captions (and image tokens) to a multiple of this many tokens
 
 
 def _calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15):
+    """diffusers.pipelines.z_image.pipeline_z_image.calculate_shift (copied from Flux there too)."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * m + base_shift - m * base_seq_len
 
@@ -42,19 +53,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-def caption_groups(embeds: Sequence[torch.Tensor]) -> list[list[int]]:
-    """Indices of the samples, grouped by the length their caption pads to (the transformer's SEQ_MULTI_OF)."""
-    groups: dict[int, list[int]] = {}
-    for i, e in enumerate(embeds):
-        groups.setdefault(-(-e.shape[0] // SEQ_MULTI_OF), []).append(i)
-    return list(groups.values())
-
-
-def _clean_estimate(latents: torch.Tensor, velocity: torch.Tensor, sigma_next: torch.Tensor):
-    """The flow-matching estimate of the clean latents after a step, as a thunk: x_sigma = x0 + sigma * v with
-    v = noise - x0 (what the Euler step integrates), so x0 = x_next - sigma_next * v (exact at the last step,
+def _clean_estimates(latents: list[torch.Tensor], velocities: list[torch.Tensor], sigmas_next: list[torch.Tensor]):
+    """The flow-matching estimate of each sample's clean latents after a step, as a thunk: x_sigma = x0 + sigma * v
+    with v = noise - x0 (what the Euler step integrates), so x0 = x_next - sigma_next * v (exact at the last step,
     where sigma_next = 0)."""
-    return lambda: latents - sigma_next.to(latents.device, torch.float32) * velocity.to(torch.float32)
+    return lambda: [lat - s.to(lat.device, torch.float32) * v for lat, v, s in zip(latents, velocities, sigmas_next)]
 
 
 @contextlib.contextmanager
@@ -69,17 +72,30 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     return module
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One image of a batch."""
+
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    guidance_scale: float = 0.0
+    negative_prompt: str | None = None
+
+
 @dataclass
 class EncodedPrompts:
-    positive: list[torch.Tensor]
-    negative: list[torch.Tensor]  # empty unless guidance > 0
+    positive: list[torch.Tensor]  # one per sample
+    negative: list[torch.Tensor]  # one per sample with guidance > 0, in sample order
 
 
 class ZImageEngine:
     """Holds the components and runs encode / denoise / decode. Not thread-safe per stage: callers run at most
     one call of each stage at a time (stages on different devices may run concurrently)."""
 
-    def __init__(self, components: dict, devices: dict[str, str], dtype: torch.dtype, remote_encode=None):
+    def __init__(self, components: dict, devices: dict[str, str], dtype: torch.dtype, remote_encode=None,
+                 attention: str = "runs"):
         """``devices`` maps each component this engine holds to its device. Without a text encoder, the encode
         stage calls ``remote_encode(prompts, negative_prompts, guidance)`` (another replica's encoder)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -95,26 +111,34 @@ class ZImageEngine:
         elif remote_encode is None:
             raise ValueError("an engine without a text encoder needs remote_encode")
         self.transformer = _place(components["transformer"], self.devices["transformer"], dtype)
+        self.packed = PackedTransformer(self.transformer, attention=attention)
         self.vae = _place(components["vae"], self.devices["vae"], dtype)
         self._scheduler_config = components["scheduler"].config
         self._scheduler_cls = FlowMatchEulerDiscreteScheduler
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE downsampling x the transformer's 2x2 patches)."""
+        return self.vae_scale_factor * 2
+
     # ---- stage 1: text ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(
-        self, prompts: Sequence[str], negative_prompts: Sequence[str | None] | None = None, guidance: float = 0.0,
-        max_sequence_length: int = 512,
+        self, prompts: Sequence[str], negative_prompts: Sequence[str | None] | None = None,
+        guidance: float | Sequence[float] = 0.0, max_sequence_length: int = 512,
     ) -> EncodedPrompts:
+        """Caption embeddings of every prompt, and of the negative prompt (``""`` when none) of every sample whose
+        guidance is above 0, in one text-encoder call."""
+        n = len(prompts)
+        guidance = [float(guidance)] * n if isinstance(guidance, (int, float)) else [float(g) for g in guidance]
         if self.text_encoder is None:
-            return self.remote_encode(list(prompts), list(negative_prompts or [None] * len(prompts)), guidance)
-        positive = self._encode(list(prompts), max_sequence_length)
-        negative: list[torch.Tensor] = []
-        if guidance > 0:
-            negs = [n or "" for n in (negative_prompts or [None] * len(prompts))]
-            negative = self._encode(negs, max_sequence_length)
-        return EncodedPrompts(positive, negative)
+            return self.remote_encode(list(prompts), list(negative_prompts or [None] * n), guidance)
+        negs = list(negative_prompts or [None] * n)
+        cfg = [i for i, g in enumerate(guidance) if g > 0]
+        out = self._encode(list(prompts) + [negs[i] or "" for i in cfg], max_sequence_length)
+        return EncodedPrompts(out[:n], out[n:])
 
     def _encode(self, prompts: list[str], max_sequence_length: int) -> list[torch.Tensor]:
         device = self.devices["text_encoder"]
@@ -124,8 +148,10 @@ class ZImageEngine:
             )
             for p in prompts
         ]
+        # Right padding to the longest prompt, not to max_sequence_length as diffusers does: the encoder is causal,
+        # so a token's hidden state does not depend on the padding after it, and short prompts cost less.
         inputs = self.tokenizer(
-            texts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+            texts, padding="longest", max_length=max_sequence_length, truncation=True, return_tensors="pt"
         )
         ids = inputs.input_ids.to(device)
         mask = inputs.attention_mask.to(device).bool()
@@ -133,125 +159,121 @@ class ZImageEngine:
         return [hidden[i][mask[i]] for i in range(len(hidden))]
 
     # ---- stage 2: denoise ------------------------------------------------------------------------------
-    def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
-        h = 2 * (int(height) // (self.vae_scale_factor * 2))
-        w = 2 * (int(width) // (self.vae_scale_factor * 2))
-        noise = [
-            torch.randn((1, LATENT_CHANNELS, h, w), generator=torch.Generator("cpu").manual_seed(int(s)),
-                        dtype=torch.float32)
-            for s in seeds
-        ]
-        return torch.cat(noise, dim=0).to(self.devices["transformer"])
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        return 2 * (int(height) // self.size_multiple), 2 * (int(width) // self.size_multiple)
+
+    def initial_latents(self, samples: Sequence[Sample]) -> list[torch.Tensor]:
+        """Per sample ``[16, h, w]`` float32 noise from its own seed (drawn on the CPU, as diffusers' pipeline
+        does with a CPU generator), on the transformer's device."""
+        out = []
+        for s in samples:
+            h, w = self.latent_size(s.height, s.width)
+            g = torch.Generator("cpu").manual_seed(int(s.seed))
+            out.append(torch.randn((1, LATENT_CHANNELS, h, w), generator=g, dtype=torch.float32)[0])
+        return [x.to(self.devices["transformer"]) for x in out]
+
+    def _schedulers(self, latents: list[torch.Tensor], num_inference_steps: int, device):
+        """One flow-matching scheduler per sample: its ``mu`` depends on its own image token count."""
+        sigmas = torch.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
+        out = []
+        for lat in latents:
+            scheduler = self._scheduler_cls.from_config(self._scheduler_config)
+            cfg = scheduler.config
+            mu = _calculate_shift(
+                (lat.shape[-2] // 2) * (lat.shape[-1] // 2), cfg.get("base_image_seq_len", 256),
+                cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
+            )
+            scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+            scheduler.set_begin_index(0)
+            out.append(scheduler)
+        return out
 
     @torch.no_grad()
     def denoise(
         self,
         prompts: EncodedPrompts,
-        latents: torch.Tensor,
+        latents: list[torch.Tensor],
         num_inference_steps: int,
-        guidance_scale: float = 0.0,
-        on_step: Callable[[int, int, Callable[[], torch.Tensor]], None] | None = None,
-    ) -> torch.Tensor:
-        """``on_step(step, total, denoised)`` runs after every step; ``denoised()`` computes the current estimate
-        of the clean latents (for previews and per-sample checks; nothing is computed unless it is called)."""
+        guidance: float | Sequence[float] = 0.0,
+        on_step: Callable[[int, int, Callable[[], list[torch.Tensor]]], None] | None = None,
+    ) -> list[torch.Tensor]:
+        """The Euler loop over a packed batch. ``latents``: per sample ``[16, h, w]`` float32 (sizes may differ);
+        ``guidance`` per sample (a sample with guidance > 0 runs a second, negative-caption pass, as diffusers
+        does). Returns the final latents per sample. ``on_step(step, total, denoised)`` runs after every step;
+        ``denoised()`` computes each sample's current estimate of its clean latents (for previews and per-sample
+        checks; nothing is computed unless it is called)."""
         device = self.devices["transformer"]
-        positive = [p.to(device, non_blocking=True) for p in prompts.positive]
-        negative = [p.to(device, non_blocking=True) for p in prompts.negative]
-        scheduler = self._scheduler_cls.from_config(self._scheduler_config)
-        batch = latents.shape[0]
-        image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
-        cfg = scheduler.config
-        mu = _calculate_shift(
-            image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
-        )
-        sigmas = torch.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
-        scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
-        scheduler.set_begin_index(0)
-        apply_cfg = guidance_scale > 0
-        embeds = positive + negative if apply_cfg else positive
-        groups = caption_groups(embeds)  # once per batch: the captions do not change between steps
-        for i, t in enumerate(scheduler.timesteps):
-            x = latents.to(self.transformer.dtype)
-            if apply_cfg:
-                x = x.repeat(2, 1, 1, 1)
-            out = self.transformer_forward(list(x.unsqueeze(2).unbind(dim=0)), (1000 - t) / 1000, embeds, groups)
-            if apply_cfg:
-                pos = torch.stack([o.float() for o in out[:batch]])
-                neg = torch.stack([o.float() for o in out[batch:]])
-                noise_pred = pos + guidance_scale * (pos - neg)
-            else:
-                noise_pred = torch.stack([o.float() for o in out], dim=0)
-            noise_pred = -noise_pred.squeeze(2)
-            latents = scheduler.step(noise_pred.to(torch.float32), t, latents, return_dict=False)[0]
+        n = len(latents)
+        guidance = [float(guidance)] * n if isinstance(guidance, (int, float)) else [float(g) for g in guidance]
+        cfg = [i for i, g in enumerate(guidance) if g > 0]
+        if len(prompts.negative) != len(cfg):
+            raise ValueError(f"{len(cfg)} samples use guidance but {len(prompts.negative)} negative captions came")
+        embeds = [p.to(device, non_blocking=True) for p in prompts.positive + prompts.negative]
+        latents = [lat.to(device) for lat in latents]
+        shapes = [(1, lat.shape[-2], lat.shape[-1]) for lat in latents]
+        layout = self.packed.layout(shapes + [shapes[i] for i in cfg], [len(e) for e in embeds])
+        schedulers = self._schedulers(latents, num_inference_steps, device)
+        timesteps = torch.stack([s.timesteps for s in schedulers])  # [n, steps]
+        order = list(range(n)) + cfg
+        dtype = self.transformer.dtype
+        for i in range(num_inference_steps):
+            t = timesteps[:, i]
+            t_in = ((1000 - t) / 1000)[order] if cfg else (1000 - t) / 1000
+            x = [latents[j].to(dtype).unsqueeze(1) for j in order]
+            out = self.packed(x, t_in, embeds, layout)
+            preds = []
+            for j in range(n):
+                pred = out[j].float()
+                if guidance[j] > 0:
+                    pred = pred + guidance[j] * (pred - out[n + cfg.index(j)].float())
+                pred = -pred.squeeze(1)
+                preds.append(pred)
+                latents[j] = schedulers[j].step(pred.unsqueeze(0), timesteps[j, i], latents[j].unsqueeze(0),
+                                                return_dict=False)[0][0]
             if on_step is not None:
-                on_step(i + 1, num_inference_steps, _clean_estimate(latents, noise_pred, scheduler.sigmas[i + 1]))
+                on_step(i + 1, num_inference_steps,
+                        _clean_estimates(list(latents), preds, [s.sigmas[i + 1] for s in schedulers]))
         return latents
-
-    def transformer_forward(self, x: list[torch.Tensor], timestep: torch.Tensor, embeds: list[torch.Tensor],
-                            groups: list[list[int]] | None = None) -> list[torch.Tensor]:
-        """The transformer on a batch at one (0-d) timestep, one call per group of samples whose captions pad to
-        the same length (``caption_groups``).
-
-        The transformer pads each caption to a multiple of ``SEQ_MULTI_OF`` tokens; a batch whose captions pad to
-        different lengths gets a key-padding mask, and a masked attention kernel runs far slower than an unmasked
-        one (cuDNN on an H100: 390 against 610 TFLOP/s, ``benchmarks/probe_kernels.py``). Each group needs no mask,
-        and each sample attends to exactly what it would alone: the same result up to floating-point rounding,
-        computed faster."""
-        groups = caption_groups(embeds) if groups is None else groups
-        if len(groups) == 1:
-            return self.transformer(x, timestep.repeat(len(x)), embeds, return_dict=False)[0]
-        out: list = [None] * len(embeds)
-        for idx in groups:
-            part = self.transformer([x[i] for i in idx], timestep.repeat(len(idx)), [embeds[i] for i in idx],
-                                    return_dict=False)[0]
-            for i, o in zip(idx, part):
-                out[i] = o
-        return out
 
     # ---- stage 3: decode -------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents -> uint8 images [B, H, W, 3]."""
-        latents = latents.to(self.devices["vae"], self.vae.dtype)
-        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        image = self.vae.decode(latents, return_dict=False)[0]
-        return self.decode_to_float(image)
+    def decode(self, latents: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        """Per sample latents ``[16, h, w]`` -> uint8 images ``[H, W, 3]``, one VAE call per image."""
+        return [self.decode_one(lat) for lat in latents]
 
-    def decode_to_float(self, image: torch.Tensor) -> np.ndarray:
+    def decode_one(self, latent: torch.Tensor) -> np.ndarray:
+        lat = latent.unsqueeze(0).to(self.devices["vae"], self.vae.dtype)
+        lat = lat / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        image = self.vae.decode(lat, return_dict=False)[0]
         arr = self.image_processor.postprocess(image, output_type="np")
-        return (arr * 255).round().clip(0, 255).astype(np.uint8)
+        return (arr * 255).round().clip(0, 255).astype(np.uint8)[0]
 
     # ---- all three -------------------------------------------------------------------------------------
     def generate(
         self,
-        prompts: Sequence[str],
-        seeds: Sequence[int],
-        height: int,
-        width: int,
+        samples: Sequence[Sample],
         num_inference_steps: int,
-        guidance_scale: float = 0.0,
-        negative_prompts: Sequence[str | None] | None = None,
-        on_step: Callable[[int, int, Callable[[], torch.Tensor]], None] | None = None,
+        on_step: Callable[[int, int, Callable[[], list[torch.Tensor]]], None] | None = None,
         stage_guard: Callable[[str], contextlib.AbstractContextManager] | None = None,
-    ) -> tuple[np.ndarray, StageTimes]:
-        """One pipeline call for a batch: returns uint8 images [B, H, W, 3] and the stage times (compute time of
-        each stage; waiting for a guard is not counted). ``stage_guard(stage)`` wraps each of "encode",
-        "denoise", "decode": the worker uses it to pipeline stages of consecutive batches (a lock and a CUDA
-        stream per stage). Each stage ends by waiting for its own stream, so the next stage, on another stream
-        or device, reads finished tensors."""
-        self.check_size(height, width)
+    ) -> tuple[list[np.ndarray], StageTimes]:
+        """One pipeline call for a batch: returns a uint8 image ``[H, W, 3]`` per sample (each of its own size)
+        and the stage times (compute time of each stage; waiting for a guard is not counted).
+        ``stage_guard(stage)`` wraps each of "encode", "denoise", "decode": the worker uses it to pipeline stages
+        of consecutive batches (a lock and a CUDA stream per stage). Each stage ends by waiting for its own
+        stream, so the next stage, on another stream or device, reads finished tensors."""
+        for s in samples:
+            self.check_size(s.height, s.width)
         guard = stage_guard or _no_guard
+        guidance = [s.guidance_scale for s in samples]
         with guard("encode"):
             t0 = time.perf_counter()
-            enc = self.encode(prompts, negative_prompts, guidance_scale)
+            enc = self.encode([s.prompt for s in samples], [s.negative_prompt for s in samples], guidance)
             if self.text_encoder is not None:
                 _sync(self.devices["text_encoder"])
             encode_s = time.perf_counter() - t0
         with guard("denoise"):
             t0 = time.perf_counter()
-            latents = self.initial_latents(seeds, height, width)
-            latents = self.denoise(enc, latents, num_inference_steps, guidance_scale, on_step)
+            latents = self.denoise(enc, self.initial_latents(samples), num_inference_steps, guidance, on_step)
             _sync(self.devices["transformer"])
             denoise_s = time.perf_counter() - t0
         del enc
@@ -263,7 +285,7 @@ class ZImageEngine:
                                   total_s=encode_s + denoise_s + decode_s)
 
     def check_size(self, height: int, width: int) -> None:
-        multiple = self.vae_scale_factor * 2
+        multiple = self.size_multiple
         for name, v in (("height", height), ("width", width)):
             if v <= 0 or v % multiple:
                 raise ValueError(f"{name} must be a positive multiple of {multiple} (got {v})")

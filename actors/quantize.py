@@ -102,10 +102,12 @@ def quantize_fp8(transformer: torch.nn.Module, backend: str = "native") -> int:
 def reference_output(engine, size: int = 512, steps: int = 9, seed: int = 1234):
     """The numerical check's probe for a fixed prompt and seed: the transformer's output for one forward
     (meaningful even for random weights) and the final image after ``steps`` steps (meaningful for real ones)."""
+    from .engine import Sample
+
     enc = engine.encode([CHECK_PROMPT])
-    lat0 = engine.initial_latents([seed], size, size)
+    lat0 = engine.initial_latents([Sample(CHECK_PROMPT, seed, size, size)])
     device = engine.devices["transformer"]
-    x = list(lat0.to(engine.transformer.dtype).unsqueeze(2).unbind(0))
+    x = [lat0[0].to(engine.transformer.dtype).unsqueeze(1)]
     t = torch.full((1,), 0.5, device=device)
     one = engine.transformer(x, t, [e.to(device) for e in enc.positive], return_dict=False)[0][0].float().cpu()
     lat = engine.denoise(enc, lat0, steps)

@@ -70,29 +70,33 @@ class Screened:
     runnable: tuple[ImageRequest, ...]
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # request_id -> (message, param)
     prompt_tokens: dict[str, int] = field(default_factory=dict)
-    image_tokens: int | None = None  # per image of this batch's size
+    image_tokens: dict[str, int] = field(default_factory=dict)
+
+
+def size_error(engine, width: int, height: int) -> str | None:
+    """Why the model cannot make a ``width`` x ``height`` image, or None."""
+    unit = image_token_side(engine)
+    limit = max_image_side(engine)
+    if width <= 0 or height <= 0 or width % unit or height % unit:
+        return f"width and height must be positive multiples of {unit} (got {width}x{height})"
+    if limit and max(width, height) > limit:
+        return f"size {width}x{height}: the model places at most {limit} pixels per side (its position table)"
+    return None
 
 
 def screen(engine, batch: Batch) -> Screened:
-    """Validate each request of ``batch`` on its own. The size is common to the batch (it is in its key)."""
-    key = batch.key
+    """Validate each request of ``batch`` on its own: its size, its prompt (and negative prompt when its guidance
+    uses one) through the tokenizer."""
+    out = Screened(runnable=())
     unit = image_token_side(engine)
-    limit = max_image_side(engine)
-    size_error = None
-    if key.width <= 0 or key.height <= 0 or key.width % unit or key.height % unit:
-        size_error = f"width and height must be positive multiples of {unit} (got {key.width}x{key.height})"
-    elif limit and max(key.width, key.height) > limit:
-        size_error = (f"size {key.width}x{key.height}: the model places at most {limit} pixels per side "
-                      f"(its position table)")
-    out = Screened(runnable=(), image_tokens=(key.width // unit) * (key.height // unit) if not size_error else None)
     runnable = []
     for r in batch.requests:
-        if size_error:
-            out.failed[r.request_id] = (size_error, "size")
+        if (why := size_error(engine, r.width, r.height)) is not None:
+            out.failed[r.request_id] = (why, "size")
             continue
         try:
             tokens = validate_prompt(engine.tokenizer, r.prompt, "prompt")
-            if key.guidance_scale > 0 and r.negative_prompt:
+            if r.guidance_scale > 0 and r.negative_prompt:
                 neg = validate_prompt(engine.tokenizer, r.negative_prompt, "negative_prompt")
                 tokens = None if tokens is None or neg is None else tokens + neg
         except InputError as e:
@@ -100,6 +104,7 @@ def screen(engine, batch: Batch) -> Screened:
             continue
         if tokens is not None:
             out.prompt_tokens[r.request_id] = tokens
+        out.image_tokens[r.request_id] = (r.width // unit) * (r.height // unit)
         runnable.append(r)
     out.runnable = tuple(runnable)
     return out
@@ -119,8 +124,9 @@ def preview_steps(total_steps: int, partial_images: int) -> list[int]:
 
 class StepHook:
     """The engine's ``on_step(step, total, denoised)`` for one batch: emits progress (with previews) to ``emit``
-    and records which samples ended non-finite. ``denoised()`` returns the engine's current estimate of the clean
-    latents [B, C, h, w] (exact at the last step); it is only computed when a preview or the final check needs it."""
+    and records which samples ended non-finite. ``denoised()`` returns the engine's current estimate of each
+    sample's clean latents (``[C, h, w]`` each, sizes may differ; exact at the last step); it is only computed
+    when a preview or the final check needs it."""
 
     def __init__(self, engine, batch: Batch, emit: Callable[[StepProgress], None] | None = None,
                  decode_lock: threading.Lock | None = None):
@@ -142,15 +148,17 @@ class StepHook:
         import torch
 
         previews: tuple = ()
+        estimates = None
         if step == total and denoised is not None:
-            ok = torch.isfinite(denoised()).flatten(1).all(dim=1).tolist()
+            estimates = denoised()
+            ok = [bool(torch.isfinite(x).all()) for x in estimates]
             self.nonfinite = {r.request_id for r, good in zip(self.batch.requests, ok) if not good}
         wanted = self._plan.get(step)
         if wanted and denoised is not None:
             t0 = time.perf_counter()
-            rows = [row for row, _, _ in wanted]
+            estimates = denoised() if estimates is None else estimates
             with self.decode_lock:
-                images = self.engine.decode(denoised()[rows])
+                images = self.engine.decode([estimates[row] for row, _, _ in wanted])
             previews = tuple((rid, k, img) for (_, rid, k), img in zip(wanted, images))
             self.preview_s += time.perf_counter() - t0
         if self.emit is not None:

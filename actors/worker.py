@@ -21,17 +21,45 @@ from orchestrator.messages import Batch, BatchResult, ImageResult, ReplicaHealth
 log = logging.getLogger(__name__)
 
 
-# A prompt of typical length, so warm-up compiles for the caption lengths real requests bring.
+# Prompts of different lengths, so warm-up runs batches whose captions differ (several attention runs).
 WARMUP_PROMPT = ("a detailed photograph of a quiet harbor town at dawn, fishing boats, soft pastel light, "
                  "mist over the water, seagulls, wide angle lens")
+WARMUP_PROMPTS = ("a red fox", WARMUP_PROMPT, WARMUP_PROMPT + ", " + WARMUP_PROMPT.replace("dawn", "dusk") * 2)
 
 
 @dataclass(frozen=True)
 class WarmupSpec:
-    width: int
-    height: int
-    num_inference_steps: int
-    batch_size: int = 1
+    """What a replica runs before it reports ready: batches that compile every graph serving will need (one image
+    alone; several of one size; several of mixed sizes and prompt lengths), and one decode per size in ``sizes``
+    (the VAE decoder is compiled per size). Sizes above ``max_pixels`` (the replica's plan) are skipped, and
+    batches stay within ``max_batch_tokens``."""
+
+    sizes: tuple[tuple[int, int], ...]  # (width, height); the first is the deployment's default size
+    num_inference_steps: int = 2
+    max_pixels: int = 1 << 40
+    max_batch_tokens: int = 1 << 40
+
+    def batches(self) -> list[list[tuple[int, int, str]]]:
+        """The warm-up batches as lists of (width, height, prompt)."""
+        from orchestrator.messages import ImageRequest
+
+        sizes = [s for s in self.sizes if s[0] * s[1] <= self.max_pixels] or [self.sizes[0]]
+        first = sizes[0]
+        plan = [[(*first, WARMUP_PROMPTS[1])], [(*first, WARMUP_PROMPTS[1])] * 2]
+        mixed = [(w, h, WARMUP_PROMPTS[i % len(WARMUP_PROMPTS)]) for i, (w, h) in enumerate(sizes)]
+        plan.append(mixed)
+        out = []
+        for batch in plan:  # split what would exceed the token budget
+            cur, tokens = [], 0
+            for w, h, p in batch:
+                t = ImageRequest("warmup", p, 0, w, h, self.num_inference_steps, 0.0).tokens
+                if cur and tokens + t > self.max_batch_tokens:
+                    out.append(cur)
+                    cur, tokens = [], 0
+                cur.append((w, h, p))
+                tokens += t
+            out.append(cur)
+        return out
 
 
 def choose_devices(device_map: dict[str, int] | None) -> dict[str, str]:
@@ -58,7 +86,7 @@ class PipelineWorker:
         replica_id: str,
         model: ModelConfig,
         device_map: dict[str, int] | None = None,
-        warmup: WarmupSpec | list[WarmupSpec] | None = None,
+        warmup: WarmupSpec | None = None,
         torch_threads: int | None = None,
         memory_fraction: float | None = None,
         pipeline_stages: bool = False,
@@ -85,6 +113,8 @@ class PipelineWorker:
         self.warmup_s = 0.0
         self._fault = None  # test hook: see inject_fault
         self.numerics: dict = {}  # fp8 against the unquantized model, measured at start-up
+        self.compiles_warmup = 0  # graphs compiled before ready
+        self._compiles_at_ready = 0
         # One batch at a time on the devices; a second run_batch (Ray max_concurrency=2) waits here, so its GPU
         # work starts the moment this one's ends, while this one's result is still being shipped to the router.
         self._device_lock = threading.Lock()
@@ -119,7 +149,8 @@ class PipelineWorker:
         comps, resolved, self.load_s = load_components(self.model_cfg, dtype, devices)
         log.info("replica %s: model from %s (%s) in %.1fs", self.replica_id, resolved.source, resolved.detail,
                  self.load_s)
-        self.engine = ZImageEngine(comps, devices, dtype, remote_encode=self.encoder)
+        self.engine = ZImageEngine(comps, devices, dtype, remote_encode=self.encoder,
+                                   attention=self.model_cfg.attention)
         if torch.cuda.is_available():
             stage_device = {"encode": devices.get("text_encoder"), "denoise": devices["transformer"],
                             "decode": devices["vae"]}
@@ -127,23 +158,30 @@ class PipelineWorker:
                 stage_device = {"encode": stage_device["encode"]}
             self._stage_streams = {s: torch.cuda.Stream(torch.device(d)) for s, d in stage_device.items() if d}
         self._apply_speed_options()
-        specs = self.warmup_spec if isinstance(self.warmup_spec, list) else [self.warmup_spec] * bool(
-            self.warmup_spec)
-        if specs:
+        if self.warmup_spec is not None:
+            from .engine import Sample
+
             t0 = time.perf_counter()
-            for w in specs:
-                self.engine.generate([WARMUP_PROMPT] * w.batch_size, list(range(w.batch_size)), w.height, w.width,
-                                     w.num_inference_steps)
+            spec = self.warmup_spec
+            batches = spec.batches()
+            if not (self.model_cfg.compile and torch.cuda.is_available()):
+                batches = batches[:1]  # nothing to compile: one image shows the replica works
+            for batch in batches:
+                self.engine.generate([Sample(p, i, w, h) for i, (w, h, p) in enumerate(batch)],
+                                     spec.num_inference_steps)
             self.warmup_s = time.perf_counter() - t0
-            log.info("replica %s: warmed up in %.1fs", self.replica_id, self.warmup_s)
+            log.info("replica %s: warmed up in %.1fs (%d batches)", self.replica_id, self.warmup_s, len(batches))
+        self.compiles_warmup = _graphs_compiled()
+        if self.model_cfg.compile and torch.cuda.is_available():
+            # Nothing compiles after ready: a shape the warm-up did not cover runs eager instead of stalling.
+            torch.compiler.set_stance("eager_on_recompile")
+        self._compiles_at_ready = _graphs_compiled()
         if torch.cuda.is_available():
             for d in set(devices.values()):
                 torch.cuda.reset_peak_memory_stats(torch.device(d))
 
     def _apply_speed_options(self) -> None:
         cfg, transformer = self.model_cfg, self.engine.transformer
-        if cfg.attention_backend:
-            transformer.set_attention_backend(cfg.attention_backend)
         if cfg.quantization == "fp8":
             from .quantize import compare, quantize_fp8, reference_output
 
@@ -157,12 +195,12 @@ class PipelineWorker:
             from .compile_cache import enable_compile_cache
 
             enable_compile_cache(cfg.compile_cache_dir)
-            transformer.compile_repeated_blocks(fullgraph=True)
+            self.engine.packed.compile()  # dynamic shapes: three graphs cover every packed batch
             # The VAE decoder, channels-last and compiled, decodes 4 images at 1024^2 in 0.22 s instead of
-            # 0.41 s on an H100 (benchmarks/profile_stages.py); shapes recompile once per (size, batch).
+            # 0.41 s on an H100 (benchmarks/profile_stages.py); one static graph per size of the warm-up.
             vae = self.engine.vae
             vae.to(memory_format=torch.channels_last)
-            vae.decoder = torch.compile(vae.decoder)
+            vae.decoder = torch.compile(vae.decoder, dynamic=False)
 
     def health(self) -> ReplicaHealth:
         import torch
@@ -190,6 +228,8 @@ class PipelineWorker:
             pid=os.getpid(),
             warmup_s=self.warmup_s,
             numerics=dict(self.numerics),
+            compiles_warmup=self.compiles_warmup,
+            compiles_after_ready=_graphs_compiled() - self._compiles_at_ready if self._ready else 0,
             max_side=max_image_side(self.engine) if self.engine is not None else 0,
         )
 
@@ -263,7 +303,7 @@ class PipelineWorker:
                     r = replace(r, ok=False, image=None, error="the image came out non-finite (NaN or inf)",
                                 error_type="request_error")
                 by_id[r.request_id] = replace(r, prompt_tokens=checked.prompt_tokens.get(r.request_id),
-                                              image_tokens=checked.image_tokens)
+                                              image_tokens=checked.image_tokens.get(r.request_id))
         for r in batch.requests:
             if r.request_id in checked.failed:
                 message, param = checked.failed[r.request_id]
@@ -278,25 +318,28 @@ class PipelineWorker:
     def _run(self, batch: Batch, on_step=None) -> BatchResult:
         if not self._ready:
             return self._failed(batch, "replica is not started", "not_ready")
-        key = batch.key
-        args = ([r.prompt for r in batch.requests], [r.seed for r in batch.requests], key.height, key.width,
-                key.num_inference_steps, key.guidance_scale, [r.negative_prompt for r in batch.requests], on_step)
+        from .engine import Sample
+
+        samples = [Sample(r.prompt, r.seed, r.width, r.height, r.guidance_scale, r.negative_prompt)
+                   for r in batch.requests]
+        steps = batch.key.num_inference_steps
         try:
             if self.pipeline_stages:
                 # Stage pipelining: batch k+1 encodes while batch k denoises and batch k-1 decodes.
                 if self._fault is not None:
                     self._fault(batch)
-                images, times = self.engine.generate(*args, stage_guard=self._stage_guard)
+                images, times = self.engine.generate(samples, steps, on_step, stage_guard=self._stage_guard)
             else:
                 with self._device_lock:
                     if self._fault is not None:
                         self._fault(batch)
-                    images, times = self.engine.generate(*args, stage_guard=self._encode_guard)
+                    images, times = self.engine.generate(samples, steps, on_step, stage_guard=self._encode_guard)
         except Exception as e:  # noqa: BLE001 - every failure becomes data for the router
             kind = "out_of_memory" if _is_oom(e) else "replica_error"
             if getattr(e, "encoder_unavailable", False):
                 kind = "replica_lost"  # the shared encoder's replica is gone: the router retries elsewhere
-            log.exception("replica %s: batch %d (%d x %s) failed", self.replica_id, batch.batch_id, len(batch), key)
+            log.exception("replica %s: batch %d (%d images, %s) failed", self.replica_id, batch.batch_id, len(batch),
+                          batch.key)
             if kind == "out_of_memory":
                 _free_cuda_cache()
             return self._failed(batch, f"{type(e).__name__}: {e}", kind)
@@ -305,7 +348,7 @@ class PipelineWorker:
         results = tuple(
             ImageResult(
                 request_id=r.request_id, ok=True, replica_id=self.replica_id, batch_id=batch.batch_id,
-                batch_size=len(batch), seed=r.seed, width=key.width, height=key.height, image=img,
+                batch_size=len(batch), seed=r.seed, width=r.width, height=r.height, image=img,
                 stage_times=times,
             )
             for r, img in zip(batch.requests, images)
@@ -361,6 +404,16 @@ class PipelineWorker:
         from .faults import make_fault
 
         self._fault = make_fault(kind, **kw)
+
+
+def _graphs_compiled() -> int:
+    """Graphs torch.compile has compiled in this process so far."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except (ImportError, KeyError):
+        return 0
 
 
 def _is_oom(e: Exception) -> bool:

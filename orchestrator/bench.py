@@ -2,10 +2,14 @@
 
 - Closed loop at each concurrency C (C clients, each sending its next request when the last returns), or an open
   loop at a fixed request rate (Poisson arrivals); fixed or mixed sizes; N requests or T seconds; warm-up excluded.
+- Workloads (``--workload``, each a phase on the same warm deployment): ``uniform`` (the short bench prompts at
+  ``--sizes``), ``varied`` (prompts of 3 to 160 words at ``--sizes``), ``mixed`` (prompts of 3 to 160 words and
+  five common sizes: 512x512, 1024x1024, 1024x768, 768x1344, 1344x768) - what real users send.
 - Through the Python API (the deployment runs in this process's Ray driver) or through HTTP (``--http URL``).
 - ``--baseline``: the seed's recipe in the same run: a plain diffusers ``ZImagePipeline`` in this process on one
   device, batch 1, sequential, same model source and prompts. Every result is also reported as a ratio to it.
-- Reports images/s, p50/p95/p99 latency, queue time, batch sizes, per-replica busy fraction, peak memory per device.
+- Reports images/s and megapixels/s, p50/p95/p99 latency, queue time, batch sizes, per-replica busy fraction, peak
+  memory per device, and the graphs each replica compiled after it became ready (the goal is none).
 """
 
 from __future__ import annotations
@@ -38,6 +42,23 @@ PROMPTS = [
 ]
 
 
+REALISTIC_SIZES = [(512, 512), (1024, 1024), (1024, 768), (768, 1344), (1344, 768)]
+WORKLOADS = ("uniform", "varied", "mixed")
+_WORDS = ("a cinematic photograph of an old lighthouse keeper standing on wet rocks at dawn with waves crashing "
+          "below soft golden light fog rolling in from the sea gulls circling overhead detailed texture on the "
+          "weathered stone walls rusted iron railings a small red boat tied to the pier reflections in shallow "
+          "tide pools distant mountains under pastel clouds shot on medium format film shallow depth of field "
+          "natural colors high dynamic range wide angle composition leading lines towards the horizon quiet "
+          "peaceful mood an illustration in the style of a vintage travel poster bold shapes limited palette").split()
+
+
+def varied_prompt(rng: random.Random, lo: int = 3, hi: int = 160) -> str:
+    """A prompt of ``lo`` to ``hi`` words (uniform), as real users write them: from three words to a paragraph."""
+    n = rng.randint(lo, hi)
+    start = rng.randrange(len(_WORDS))
+    return " ".join(_WORDS[(start + k) % len(_WORDS)] for k in range(n))
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -58,6 +79,7 @@ class RunStats:
     failed: int
     elapsed_s: float
     throughput_img_s: float
+    megapixels_s: float
     latency_p50_s: float
     latency_p95_s: float
     latency_p99_s: float
@@ -67,9 +89,11 @@ class RunStats:
     replica_busy_fraction: dict[str, float] = field(default_factory=dict)
     stage_p50_s: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    workload: str = "uniform"
 
 
-def summarize(label: str, results: list[ImageResult], elapsed: float, concurrency=None, rate=None) -> RunStats:
+def summarize(label: str, results: list[ImageResult], elapsed: float, concurrency=None, rate=None,
+              workload: str = "uniform") -> RunStats:
     ok = [r for r in results if r.ok]
     lat = [r.latency_s for r in ok]
     queue = [r.queue_s for r in ok]
@@ -89,6 +113,7 @@ def summarize(label: str, results: list[ImageResult], elapsed: float, concurrenc
         label=label, concurrency=concurrency, rate_rps=rate, requests=len(results), images=len(ok),
         failed=len(results) - len(ok), elapsed_s=round(elapsed, 3),
         throughput_img_s=round(len(ok) / elapsed, 4) if elapsed > 0 else 0.0,
+        megapixels_s=round(sum(r.width * r.height for r in ok) / 1e6 / elapsed, 4) if elapsed > 0 else 0.0,
         latency_p50_s=round(percentile(lat, 0.5), 4), latency_p95_s=round(percentile(lat, 0.95), 4),
         latency_p99_s=round(percentile(lat, 0.99), 4), queue_p50_s=round(percentile(queue, 0.5), 4),
         queue_p95_s=round(percentile(queue, 0.95), 4),
@@ -96,25 +121,37 @@ def summarize(label: str, results: list[ImageResult], elapsed: float, concurrenc
         replica_busy_fraction={k: round(v / elapsed, 3) for k, v in sorted(busy.items())} if elapsed else {},
         stage_p50_s=stage,
         errors=sorted({f"{r.error_type}: {r.error}" for r in results if not r.ok})[:5],
+        workload=workload,
     )
 
 
 # ---- load generators -------------------------------------------------------------------------------------------
 class RequestMaker:
-    """Deterministic request stream: prompt i, seed i, size drawn from ``sizes`` (mixed when several)."""
+    """Deterministic request stream: seed i, size drawn from ``sizes`` (mixed when several), prompt i of the
+    bench prompts, or with ``varied`` a prompt of 3 to 160 words."""
 
-    def __init__(self, config: Config, sizes: list[tuple[int, int]], steps: int | None, seed: int = 0):
+    def __init__(self, config: Config | None, sizes: list[tuple[int, int]] | None, steps: int | None, seed: int = 0,
+                 varied: bool = False):
         self.config = config
-        self.sizes = sizes
+        self.sizes = sizes  # None: let the server choose (its default size)
         self.steps = steps
+        self.varied = varied
         self.rng = random.Random(seed)
         self.i = 0
 
+    @classmethod
+    def for_workload(cls, workload: str, config, sizes, steps, seed: int = 0) -> "RequestMaker":
+        if workload == "mixed":
+            return cls(config, sizes if sizes and len(sizes) > 1 else REALISTIC_SIZES, steps, seed, varied=True)
+        return cls(config, sizes, steps, seed, varied=workload == "varied")
+
     def params(self) -> dict:
-        w, h = self.sizes[0] if len(self.sizes) == 1 else self.rng.choice(self.sizes)
+        w = h = None
+        if self.sizes:
+            w, h = self.sizes[0] if len(self.sizes) == 1 else self.rng.choice(self.sizes)
         self.i += 1
-        return {"prompt": PROMPTS[self.i % len(PROMPTS)], "width": w, "height": h, "seed": self.i,
-                "num_inference_steps": self.steps}
+        prompt = varied_prompt(self.rng) if self.varied else PROMPTS[self.i % len(PROMPTS)]
+        return {"prompt": prompt, "width": w, "height": h, "seed": self.i, "num_inference_steps": self.steps}
 
 
 async def closed_loop(send, maker: RequestMaker, concurrency: int, n: int, bar=None) -> tuple[list, float]:
@@ -163,7 +200,9 @@ def http_sender(client, url: str, api_key: str | None):
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def send(p: dict) -> ImageResult:
-        body = {"prompt": p["prompt"], "size": f"{p['width']}x{p['height']}", "seed": p["seed"]}
+        body = {"prompt": p["prompt"], "seed": p["seed"]}
+        if p["width"]:  # else the server's default size
+            body["size"] = f"{p['width']}x{p['height']}"
         if p["num_inference_steps"]:
             body["num_inference_steps"] = p["num_inference_steps"]
         t0 = time.perf_counter()
@@ -174,9 +213,21 @@ def http_sender(client, url: str, api_key: str | None):
         lat = time.perf_counter() - t0
         if r.status_code != 200:
             return ImageResult("http", ok=False, error=r.text[:200], error_type=str(r.status_code), latency_s=lat)
-        return ImageResult("http", ok=True, batch_id=-1, latency_s=lat)
+        w, h = _png_size(r.json()["data"][0].get("b64_json") or "")
+        return ImageResult("http", ok=True, batch_id=-1, latency_s=lat, width=w, height=h)
 
     return send
+
+
+def _png_size(b64: str) -> tuple[int, int]:
+    """(width, height) from a base64 PNG's header (IHDR), without decoding the image."""
+    import base64
+    import struct
+
+    head = base64.b64decode(b64[:44] + "=" * (-len(b64[:44]) % 4))
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n":
+        return 0, 0
+    return struct.unpack(">II", head[16:24])
 
 
 # ---- baseline: the seed's recipe -------------------------------------------------------------------------------
@@ -264,13 +315,21 @@ def parse_sizes(text: str | None, config: Config) -> list[tuple[int, int]]:
 async def _bench(args, config: Config) -> dict:
     from tqdm import tqdm
 
-    sizes = parse_sizes(args.sizes, config)
+    server_defaults = bool(args.http and not args.config and not args.sizes)
+    sizes = None if server_defaults else parse_sizes(args.sizes, config)
+    workloads = [w.strip() for w in (args.workload or "uniform").split(",")]
+    bad = [w for w in workloads if w not in WORKLOADS]
+    if bad:
+        raise SystemExit(f"--workload: unknown {bad}; choose from {', '.join(WORKLOADS)}")
     conc = [int(c) for c in args.concurrency.split(",")] if args.concurrency else [1]
+    makers = {w: RequestMaker.for_workload(w, config, sizes, args.steps, seed=i) for i, w in enumerate(workloads)}
+    all_sizes = sorted({s for m in makers.values() for s in (m.sizes or [])})
     report: dict = {"command": "zimage-orch " + " ".join(args.argv), "config": args.config, **_environment(),
-                    "sizes": [f"{w}x{h}" for w, h in sizes], "runs": []}
+                    "sizes": [f"{w}x{h}" for w, h in all_sizes] or ["server default"], "workloads": workloads,
+                    "runs": []}
     if args.baseline:
         log.info("baseline: plain ZImagePipeline, batch 1, sequential, %d image(s) per size", args.baseline_requests)
-        report["baseline"] = run_baseline(config, sizes, args.baseline_requests, 1, args.steps)
+        report["baseline"] = run_baseline(config, all_sizes, args.baseline_requests, 1, args.steps)
 
     dep = None
     client = None
@@ -287,48 +346,66 @@ async def _bench(args, config: Config) -> dict:
         report["startup_s"] = round(time.perf_counter() - t0, 2)
         report["plan"] = dep.plan.to_dict()
         report["replicas"] = {rid: {"device_map": h.device_map, "dtype": h.dtype, "load_s": round(h.load_s, 2),
-                                    "warmup_s": round(h.warmup_s, 2), "numerics": h.numerics}
+                                    "warmup_s": round(h.warmup_s, 2), "numerics": h.numerics,
+                                    "compiles_warmup": h.compiles_warmup}
                               for rid, h in dep.health.items()}
         send = api_sender(dep)
     try:
-        maker = RequestMaker(config, sizes, args.steps)
-        if args.warmup:
-            await closed_loop(send, maker, max(conc), args.warmup)
+        if args.warmup:  # the last workload's traffic: the widest mix when mixed is among them
+            await closed_loop(send, RequestMaker.for_workload(workloads[-1], config, sizes, args.steps, seed=99),
+                              max(conc), args.warmup)
         runs = [("rate", args.rate)] if args.rate else [("concurrency", c) for c in conc]
-        for kind, value in runs:
-            n = args.requests if kind == "concurrency" else None
-            with tqdm(total=n, desc=f"{kind} {value}", unit="img") as bar:
-                if kind == "concurrency":
-                    results, elapsed = await closed_loop(send, maker, value, args.requests, bar)
-                    stats = summarize(f"c{value}", results, elapsed, concurrency=value)
-                else:
-                    results, elapsed = await open_loop(send, maker, value, args.duration, bar)
-                    stats = summarize(f"rate{value}", results, elapsed, rate=value)
-            report["runs"].append(asdict(stats))
-            log.info("%s: %.3f img/s, p50 %.3fs, p95 %.3fs, batches %s", stats.label, stats.throughput_img_s,
-                     stats.latency_p50_s, stats.latency_p95_s, stats.batch_sizes)
+        for workload in workloads:
+            maker = makers[workload]
+            for kind, value in runs:
+                n = args.requests if kind == "concurrency" else None
+                label = f"{workload}-{'c' if kind == 'concurrency' else 'rate'}{value}"
+                with tqdm(total=n, desc=label, unit="img") as bar:
+                    if kind == "concurrency":
+                        results, elapsed = await closed_loop(send, maker, value, args.requests, bar)
+                        stats = summarize(label, results, elapsed, concurrency=value, workload=workload)
+                    else:
+                        results, elapsed = await open_loop(send, maker, value, args.duration, bar)
+                        stats = summarize(label, results, elapsed, rate=value, workload=workload)
+                report["runs"].append(asdict(stats))
+                log.info("%s: %.3f img/s, %.3f MP/s, p50 %.3fs, p95 %.3fs, p99 %.3fs, batches %s", stats.label,
+                         stats.throughput_img_s, stats.megapixels_s, stats.latency_p50_s, stats.latency_p95_s,
+                         stats.latency_p99_s, stats.batch_sizes)
         if dep is not None:
             health = await dep.replica_health()
             report["peak_memory_gib"] = {
                 rid: {d: round(b / 2**30, 2) for d, b in h.peak_memory_bytes.items()}
                 for rid, h in health.items() if not isinstance(h, str)}
+            report["compiles_after_ready"] = {rid: h.compiles_after_ready for rid, h in health.items()
+                                              if not isinstance(h, str)}
     finally:
         if dep is not None:
             await dep.shutdown()
         if client is not None:
             await client.aclose()
-    _ratios(report)
+    _ratios(report, makers)
     return report
 
 
-def _ratios(report: dict) -> None:
+def _ratios(report: dict, makers: dict | None = None) -> None:
+    """Each run against plain diffusers on the same traffic: the baseline's time per image at each size, weighted
+    by the sizes the run's workload draws (one size: that size's baseline)."""
     base = report.get("baseline", {}).get("sizes", {})
-    if not base or len(report["sizes"]) != 1:
+    if not base:
         return
-    b = base[report["sizes"][0]]
     for run in report["runs"]:
-        run["throughput_vs_baseline"] = round(run["throughput_img_s"] / b["throughput_img_s"], 3)
-        run["latency_p50_vs_baseline"] = round(run["latency_p50_s"] / b["latency_p50_s"], 3)
+        maker = (makers or {}).get(run.get("workload", "uniform"))
+        sizes = [f"{w}x{h}" for w, h in (maker.sizes if maker and maker.sizes else [])] or report["sizes"]
+        if not all(s in base for s in sizes):
+            continue
+        per_img = sum(1 / base[s]["throughput_img_s"] for s in sizes) / len(sizes)
+        mpix = sum(int(s.split("x")[0]) * int(s.split("x")[1]) for s in sizes) / len(sizes) / 1e6
+        run["baseline_img_s"] = round(1 / per_img, 4)
+        run["baseline_megapixels_s"] = round(mpix / per_img, 4)
+        run["throughput_vs_baseline"] = round(run["throughput_img_s"] * per_img, 3)
+        run["megapixels_vs_baseline"] = round(run["megapixels_s"] / (mpix / per_img), 3)
+        if len(sizes) == 1:
+            run["latency_p50_vs_baseline"] = round(run["latency_p50_s"] / base[sizes[0]]["latency_p50_s"], 3)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -339,18 +416,21 @@ def plot(report: dict, path: Path) -> None:
 
     runs = [r for r in report["runs"] if r["concurrency"] is not None]
     fig, ax1 = plt.subplots(figsize=(7, 4.5))
-    xs = [r["concurrency"] for r in runs]
-    ax1.plot(xs, [r["throughput_img_s"] for r in runs], "o-", color="tab:blue", label="orchestrator img/s")
+    ax2 = ax1.twinx()
+    for k, workload in enumerate(dict.fromkeys(r.get("workload", "uniform") for r in runs)):
+        rs = [r for r in runs if r.get("workload", "uniform") == workload]
+        xs = [r["concurrency"] for r in rs]
+        marks = "osd^v"[k % 5]
+        ax1.plot(xs, [r["megapixels_s"] for r in rs], marks + "-", color="tab:blue", label=f"{workload} MP/s")
+        ax2.plot(xs, [r["latency_p95_s"] for r in rs], marks + ":", color="tab:red", label=f"{workload} p95")
     base = report.get("baseline", {}).get("sizes", {})
     if base and len(report["sizes"]) == 1:
-        ax1.axhline(base[report["sizes"][0]]["throughput_img_s"], color="tab:blue", ls="--",
-                    label="plain diffusers bs1 img/s")
+        w, h = (int(v) for v in report["sizes"][0].split("x"))
+        ax1.axhline(base[report["sizes"][0]]["throughput_img_s"] * w * h / 1e6, color="tab:blue", ls="--",
+                    label="plain diffusers bs1 MP/s")
     ax1.set_xlabel("concurrency (closed loop)")
-    ax1.set_ylabel("images / s", color="tab:blue")
-    ax2 = ax1.twinx()
-    ax2.plot(xs, [r["latency_p50_s"] for r in runs], "s-", color="tab:red", label="p50 latency")
-    ax2.plot(xs, [r["latency_p95_s"] for r in runs], "^:", color="tab:red", label="p95 latency")
-    ax2.set_ylabel("latency (s)", color="tab:red")
+    ax1.set_ylabel("megapixels / s", color="tab:blue")
+    ax2.set_ylabel("p95 latency (s)", color="tab:red")
     h1, l1 = ax1.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax1.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
@@ -383,13 +463,14 @@ def _print_table(report: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"{report.get('card')} · {', '.join(report['sizes'])} · commit {report.get('commit')}")
-    for col in ("run", "img/s", "x baseline", "p50 s", "p95 s", "queue p50 s", "batches", "busy"):
+    for col in ("run", "img/s", "MP/s", "x baseline", "p50 s", "p95 s", "p99 s", "queue p50 s", "batches", "busy"):
         t.add_column(col)
     for size, b in report.get("baseline", {}).get("sizes", {}).items():
-        t.add_row(f"diffusers bs1 {size}", f"{b['throughput_img_s']:.3f}", "1.00", f"{b['latency_p50_s']:.3f}",
-                  "", "", "", "")
+        t.add_row(f"diffusers bs1 {size}", f"{b['throughput_img_s']:.3f}", "", "1.00", f"{b['latency_p50_s']:.3f}",
+                  "", "", "", "", "")
     for r in report["runs"]:
-        t.add_row(r["label"], f"{r['throughput_img_s']:.3f}", f"{r.get('throughput_vs_baseline', '')}",
-                  f"{r['latency_p50_s']:.3f}", f"{r['latency_p95_s']:.3f}", f"{r['queue_p50_s']:.3f}",
+        t.add_row(r["label"], f"{r['throughput_img_s']:.3f}", f"{r['megapixels_s']:.3f}",
+                  f"{r.get('throughput_vs_baseline', '')}", f"{r['latency_p50_s']:.3f}", f"{r['latency_p95_s']:.3f}",
+                  f"{r['latency_p99_s']:.3f}", f"{r['queue_p50_s']:.3f}",
                   json.dumps(r["batch_sizes"]), json.dumps(r["replica_busy_fraction"]))
     Console(width=160).print(t)

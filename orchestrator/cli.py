@@ -267,7 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=30.0, help="open loop: seconds")
     p.add_argument("--requests", type=int, default=16, help="closed loop: requests per concurrency level")
     p.add_argument("--warmup", type=int, default=4, help="requests sent first and not counted")
-    p.add_argument("--sizes", default=None, help="WxH[,WxH...]: one size, or a mix drawn at random")
+    p.add_argument("--sizes", default=None, help="WxH[,WxH...]: one size, or a mix drawn at random (default: the "
+                   "config's default size; with --http and no config, the server's)")
+    p.add_argument("--workload", default=None,
+                   help="phases on the same deployment, comma-separated: uniform (short bench prompts), varied "
+                   "(prompts of 3-160 words), mixed (3-160 words and five common sizes); default uniform")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
     p.add_argument("--baseline", action="store_true", help="also time plain diffusers, batch 1, in-process")
     p.add_argument("--baseline-requests", type=int, default=5)

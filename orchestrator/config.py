@@ -101,14 +101,16 @@ class ModelConfig(_Strict):
         "GPUs, fp32 on CPU).",
     )
     low_cpu_mem_usage: bool = Field(default=True, description="Load weights without a full fp32 copy in RAM.")
-    attention_backend: str | None = Field(
-        default=None,
-        description="diffusers attention backend for the transformer ('native', 'flash', '_flash_3', "
-        "'_native_cudnn', ...). None keeps the default (PyTorch SDPA).",
+    attention: Literal["runs", "varlen", "flex"] = Field(
+        default="runs",
+        description="Attention over a packed batch. runs: one dense SDPA call (cuDNN on Hopper) per run of "
+        "equal-length samples, no mask; varlen: torch's variable-length flash attention; flex: flex_attention "
+        "with a per-sample mask. runs measured fastest on an H200 (docs/benchmarks.md).",
     )
     compile: bool = Field(
         default=False,
-        description="Regional torch.compile of the transformer's repeated blocks (GPU only; first call slow).",
+        description="torch.compile of the transformer blocks with dynamic shapes (GPU only): every graph is "
+        "compiled during warm-up, none after ready.",
     )
     quantization: Literal["none", "fp8"] = Field(
         default="none",
@@ -166,12 +168,15 @@ class DeploymentConfig(_Strict):
         default=None, ge=1, le=256, description="torch.set_num_threads inside a CPU replica; None: torch's default."
     )
     warmup: bool = Field(
-        default=True, description="Run one generation at the default size before reporting ready (compiles)."
+        default=True,
+        description="Before reporting ready, run the batches that compile every graph serving needs (model.compile): "
+        "one image alone, several of one size, several of mixed sizes and prompt lengths, and a VAE decode per "
+        "size in warmup_sizes. After ready nothing compiles: a shape outside them runs eager.",
     )
-    warmup_batch_sizes: list[int] = Field(
-        default_factory=lambda: [1],
-        description="Batch sizes to warm up (each compiles its own kernels with model.compile): add the router's "
-        "max_batch_size for throughput deployments, so the first full batch does not pay for compilation.",
+    warmup_sizes: list[str] = Field(
+        default_factory=lambda: ["512x512", "1024x1024", "768x1344", "1344x768", "1024x768"],
+        description="Image sizes (WxH) the VAE decoder is compiled for during warm-up (the transformer's graphs "
+        "cover every size). Sizes larger than a replica's plan allows are skipped.",
     )
     start_timeout_s: float = Field(
         default=1800.0, gt=0, le=86_400, description="Longest a replica may take to load and warm up."
@@ -202,6 +207,16 @@ class DeploymentConfig(_Strict):
         "stream per stage). Pays off most in split replicas, where the stages sit on different GPUs; costs "
         "the activation memory of the overlapping stages (the planner counts it).",
     )
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _sizes(cls, v: list[str]) -> list[str]:
+        for size in v:
+            parts = size.lower().split("x")
+            if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 and int(p) % 16 == 0 for p in parts):
+                raise ValueError(f"{size!r} is not WIDTHxHEIGHT with both sides positive multiples of 16, "
+                                 f"e.g. '1024x768'")
+        return v
 
     @field_validator("device_map")
     @classmethod
@@ -242,7 +257,14 @@ class DeploymentConfig(_Strict):
 class RouterConfig(_Strict):
     """Dynamic batching and admission control."""
 
-    max_batch_size: int = Field(default=4, ge=1, le=64, description="Most requests in one pipeline call.")
+    max_batch_size: int = Field(default=16, ge=1, le=256, description="Most images in one pipeline call.")
+    max_batch_tokens: int = Field(
+        default=18_432, ge=64, le=1_000_000,
+        description="Token budget of one packed batch (image tokens + caption tokens, twice with guidance; a "
+        "1024x1024 image is 4,096 image tokens). Batches fill up to it whatever their mix of sizes; the plan's "
+        "memory budget lowers it where a GPU holds less. The default, about four 1024x1024 images with long "
+        "prompts, is where a step's time on an H100 grows in proportion to its tokens.",
+    )
     max_wait_ms: float = Field(
         default=10.0,
         ge=0,
@@ -257,7 +279,7 @@ class RouterConfig(_Strict):
     hang_factor: float = Field(
         default=5.0, gt=1, le=100,
         description="A batch running this many times longer than expected (learned per replica from the time "
-        "per image-pixel-step of its finished batches) counts as hung: its requests are re-dispatched and the "
+        "per token-step of its finished batches) counts as hung: its requests are re-dispatched and the "
         "replica is recycled.",
     )
     hang_min_s: float = Field(

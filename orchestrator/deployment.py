@@ -25,7 +25,7 @@ from placement import DeploymentSpec, Inventory, PlacementPlan, model_spec, plan
 from .config import Config
 from .errors import NotReadyError, ZImageError
 from .messages import ImageRequest, ImageResult, ReplicaHealth
-from .requests import build_requests
+from .requests import build_requests, parse_size
 from .router import Router, RouterObserver
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ def deployment_spec(config: Config) -> DeploymentSpec:
         width=config.defaults.width,
         height=config.defaults.height,
         max_batch_size=config.router.max_batch_size,
+        max_batch_tokens=config.router.max_batch_tokens,
         pipeline_stages=d.pipeline_stages,
     )
 
@@ -109,10 +110,8 @@ class Deployment:
         self.plan = plan_for(cfg, inventory)
         by_name = {n.name: n for n in nodes}
         d = cfg.deployment
-        warmup = None
-        if d.warmup:
-            warmup = [WarmupSpec(cfg.defaults.width, cfg.defaults.height, min(2, cfg.defaults.num_inference_steps), b)
-                      for b in d.warmup_batch_sizes]
+        sizes = [(cfg.defaults.width, cfg.defaults.height)]
+        sizes += [s for s in (parse_size(x, cfg.defaults) for x in d.warmup_sizes) if s not in sizes]
         borrowers = {}
         for rp in self.plan.replicas:
             if rp.encoder_replica:
@@ -126,8 +125,10 @@ class Deployment:
                 encoder = rb.RemoteEncoder(self.replicas[rp.encoder_replica].actor, rp.encoder_replica)
             self.replicas[rp.replica_id] = rb.RayReplica(
                 rp.replica_id, by_name[rp.node], len(rp.gpus), d.cpu_per_replica, rp.max_pixels,
-                rp.max_batch_pixels,
-                worker_kwargs=dict(model=cfg.model, device_map=rp.device_map, warmup=warmup,
+                rp.max_batch_tokens,
+                worker_kwargs=dict(model=cfg.model, device_map=rp.device_map,
+                                   warmup=WarmupSpec(tuple(sizes), min(2, cfg.defaults.num_inference_steps),
+                                                     rp.max_pixels, rp.max_batch_tokens) if d.warmup else None,
                                    torch_threads=d.torch_threads, memory_fraction=fraction,
                                    pipeline_stages=d.pipeline_stages, encoder=encoder),
                 max_concurrency=d.max_inflight_batches + 1 + borrowers.get(rp.replica_id, 0),

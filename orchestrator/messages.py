@@ -11,21 +11,21 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NamedTuple
 
+from placement.memory import caption_tokens_bound, sample_tokens
+
 
 class BatchKey(NamedTuple):
-    """Everything that must match for requests to share one pipeline call."""
+    """What must match for requests to share one pipeline call: the number of denoising steps. Sizes, prompt
+    lengths and guidance scales may differ: the replica packs them into one transformer call per step."""
 
-    width: int
-    height: int
     num_inference_steps: int
-    guidance_scale: float
-
-    @property
-    def pixels(self) -> int:
-        return self.width * self.height
 
     def __str__(self) -> str:
-        return f"{self.width}x{self.height}/{self.num_inference_steps}steps/g{self.guidance_scale:g}"
+        return f"{self.num_inference_steps}steps"
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,20 @@ class ImageRequest:
 
     @property
     def key(self) -> BatchKey:
-        return BatchKey(self.width, self.height, self.num_inference_steps, self.guidance_scale)
+        return BatchKey(self.num_inference_steps)
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def tokens(self) -> int:
+        """An upper bound of the tokens this request adds to a packed transformer call (the router's budget unit):
+        its image tokens and caption tokens, both padded, twice with guidance (the negative pass)."""
+        # surrogatepass: a prompt with a lone surrogate (legal in JSON) must still be counted, not raise here, in
+        # admission or the router loop; the replica refuses it alone (actors/screening.py).
+        return sample_tokens(self.width, self.height, caption_tokens_bound(_utf8_len(self.prompt)),
+                             self.guidance_scale > 0, caption_tokens_bound(_utf8_len(self.negative_prompt or "")))
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,14 @@ class Batch:
     @property
     def key(self) -> BatchKey:
         return self.requests[0].key
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.requests)
+
+    @property
+    def pixels(self) -> int:
+        return sum(r.pixels for r in self.requests)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -152,6 +173,8 @@ class ReplicaHealth:
     pid: int = 0  # the replica's process: a restarted replica has a new one
     warmup_s: float = 0.0
     numerics: dict = field(default_factory=dict)
+    compiles_warmup: int = 0  # graphs torch.compile built before ready
+    compiles_after_ready: int = 0  # graphs built while serving (the goal is none)
     max_side: int = 0  # longest image side the model's position table can place, in pixels (0: unknown)
 
 

@@ -135,12 +135,12 @@ class RayReplica:
     """A replica actor plus its placement group, satisfying the router's ``Replica`` protocol."""
 
     def __init__(self, replica_id: str, node: RayNode, n_gpus: int, cpus: float, max_pixels: int,
-                 max_batch_pixels: int, worker_kwargs: dict, max_restarts: int = -1, max_concurrency: int = 2,
+                 max_batch_tokens: int, worker_kwargs: dict, max_restarts: int = -1, max_concurrency: int = 2,
                  deployment_id: str = ""):
         self.replica_id = replica_id
         self.node = node
         self.max_pixels = max_pixels
-        self.max_batch_pixels = max_batch_pixels
+        self.max_batch_tokens = max_batch_tokens
         self._pg = placement_group(
             [{"GPU": n_gpus, "CPU": cpus}] if cpus else [{"GPU": n_gpus}],
             strategy="STRICT_PACK",

@@ -72,7 +72,7 @@ class Replica(Protocol):
 
     replica_id: str
     max_pixels: int
-    max_batch_pixels: int
+    max_batch_tokens: int
 
     async def run(self, batch: Batch, on_progress: Callable[[StepProgress], None] | None = None) -> BatchResult:
         ...
@@ -105,7 +105,7 @@ class RouterObserver:
 
 class BatchTimer:
     """How long a batch may run before it counts as hung: ``hang_factor`` times the expected time, learned per
-    replica as seconds per (images x pixels x steps) of its finished batches, never under ``hang_min_s``."""
+    replica as seconds per (tokens x steps) of its finished batches, never under ``hang_min_s``."""
 
     def __init__(self, config: RouterConfig):
         self.factor = config.hang_factor
@@ -115,8 +115,7 @@ class BatchTimer:
 
     @staticmethod
     def work(batch: Batch) -> float:
-        k = batch.key
-        return len(batch) * k.pixels * k.num_inference_steps * (2 if k.guidance_scale > 0 else 1)
+        return batch.tokens * batch.key.num_inference_steps
 
     def limit(self, replica_id: str, batch: Batch) -> float:
         rate = self._rate.get(replica_id)
@@ -226,13 +225,13 @@ class Router:
             raise NotReadyError("the deployment is shutting down and accepts no new requests")
         # Admission looks at every member, live or recovering: while a replica restarts, requests wait in the
         # queue for it (up to their timeout) rather than being turned away.
-        members = [ReplicaCapacity(r.replica_id, r.max_pixels, r.max_batch_pixels) for r in self.pool.members()]
+        members = [ReplicaCapacity(r.replica_id, r.max_pixels, r.max_batch_tokens) for r in self.pool.members()]
         if not members:
             self.observer.rejected("not_ready")
             raise NotReadyError("the deployment has no replicas; retry shortly")
         try:
             for request in requests:
-                self.scheduler.check_servable(request.key, members)
+                self.scheduler.check_servable(request, members)
         except Exception as e:
             self.observer.rejected(getattr(e, "error_type", "invalid_request_error"))
             raise
@@ -295,7 +294,8 @@ class Router:
         self._outstanding[replica_id] = self._outstanding.get(replica_id, 0) + 1
         self._last_used[replica_id] = batch.batch_id
         self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings])
-        log.debug("batch %d: %d x %s -> %s", batch.batch_id, len(batch), batch.key, replica_id)
+        log.debug("batch %d: %d images, %d tokens, %s -> %s", batch.batch_id, len(batch), batch.tokens, batch.key,
+                  replica_id)
         task = asyncio.get_running_loop().create_task(self._run(replica, batch, pendings))
         self._inflight_tasks.add(task)
         task.add_done_callback(self._inflight_tasks.discard)
@@ -413,7 +413,7 @@ class Router:
 
     def _capacities(self) -> list[ReplicaCapacity]:
         return [
-            ReplicaCapacity(r.replica_id, r.max_pixels, r.max_batch_pixels, self._outstanding.get(r.replica_id, 0),
+            ReplicaCapacity(r.replica_id, r.max_pixels, r.max_batch_tokens, self._outstanding.get(r.replica_id, 0),
                             self._last_used.get(r.replica_id, -1))
             for r in self.pool.live()
         ]

@@ -4,12 +4,17 @@ No clock, no asyncio, no Ray: the router passes ``now`` and the free replicas in
 it with hand-written times.
 
 Policy:
-- Requests that share a ``BatchKey`` (size, steps, guidance) may share a batch. Within a key, first come first
-  served; across keys, the key whose oldest request is oldest goes first.
-- A group is *ready* when it fills a replica's batch, or its oldest request has waited ``max_wait_s``.
-- A free replica takes the oldest ready group it can serve (its plan's batch and pixel limits); if no group is
-  ready, it waits until the earliest one will be (``next_deadline``). So no replica idles past max_wait while
-  work it can serve is queued.
+- Requests that share a ``BatchKey`` (the step count) may share a batch, whatever their sizes, prompt lengths and
+  guidance: the replica packs them into one transformer call per step. Within a key, first come first served;
+  across keys, the key whose oldest request is oldest goes first.
+- A batch is filled up to the replica's token budget (``max_batch_tokens``, each request counted by
+  ``ImageRequest.tokens``) and ``max_batch_size`` images, in arrival order; a request that would overflow the
+  budget waits for the next batch while later, smaller ones may still fill this one (the oldest request always
+  leads the next batch, so nothing starves).
+- A group is *ready* when it fills a replica's budget, or its oldest request has waited ``max_wait_s``.
+- A free replica takes the oldest ready group it can serve (its plan's largest image and token budget); if no
+  group is ready, it waits until the earliest one will be (``next_deadline``). So no replica idles past max_wait
+  while work it can serve is queued.
 - Waiting work is shared among the free replicas: 4 requests and 2 free replicas make two batches of 2, not
   one of 4 and an idle replica (batching buys a GPU little; a second replica halves the latency).
 - Replicas are taken least-outstanding first, then longest-idle first, so load spreads evenly.
@@ -31,15 +36,12 @@ class ReplicaCapacity:
 
     replica_id: str
     max_pixels: int  # largest single image
-    max_batch_pixels: int  # most images x pixels in one batch (the plan's memory budget)
+    max_batch_tokens: int  # most tokens in one packed batch (the plan's memory budget, or the router's)
     outstanding: int = 0  # batches dispatched and not yet returned
     last_used: int = -1  # dispatch sequence number of its latest batch (ties go to the longest idle)
 
-    def fits(self, key: BatchKey) -> bool:
-        return key.pixels <= self.max_pixels
-
-    def batch_limit(self, key: BatchKey) -> int:
-        return max(1, self.max_batch_pixels // key.pixels)
+    def fits(self, request: ImageRequest) -> bool:
+        return request.pixels <= self.max_pixels and request.tokens <= self.max_batch_tokens
 
 
 @dataclass
@@ -82,14 +84,16 @@ class BatchScheduler:
             group.append(p)
         self._size += 1
 
-    def check_servable(self, key: BatchKey, replicas: list[ReplicaCapacity]) -> None:
-        """Raise ``CapacityError`` when no replica of the deployment could ever run this size."""
-        if replicas and not any(r.fits(key) for r in replicas):
+    def check_servable(self, request: ImageRequest, replicas: list[ReplicaCapacity]) -> None:
+        """Raise ``CapacityError`` when no replica of the deployment could ever run this request."""
+        if replicas and not any(r.fits(request) for r in replicas):
             best = max(r.max_pixels for r in replicas)
+            budget = max(r.max_batch_tokens for r in replicas)
             raise CapacityError(
-                f"size {key.width}x{key.height} ({key.pixels} pixels) is larger than any replica of this "
-                f"deployment can serve (largest: {best} pixels per image); use a smaller size or a placement "
-                f"with more GPU memory per replica",
+                f"size {request.width}x{request.height} ({request.pixels} pixels, about {request.tokens} tokens "
+                f"with its prompt) is larger than any replica of this deployment can serve (largest: {best} pixels "
+                f"per image, {budget} tokens per batch); use a smaller size or a placement with more GPU memory "
+                f"per replica",
                 param="size",
             )
 
@@ -117,10 +121,24 @@ class BatchScheduler:
     def _ordered_groups(self) -> list[tuple[BatchKey, deque[Pending]]]:
         return sorted(self._groups.items(), key=lambda kv: kv[1][0].enqueued_at)
 
-    def _limit(self, key: BatchKey, group: deque[Pending], replica: ReplicaCapacity) -> int:
-        limit = min(self.max_batch_size, replica.batch_limit(key))
-        head_cap = group[0].max_batch
-        return min(limit, head_cap) if head_cap else limit
+    def _fill(self, group: deque[Pending], replica: ReplicaCapacity, limit: int) -> list[Pending]:
+        """The requests of ``group`` a batch for ``replica`` takes: in arrival order, within its token budget and
+        ``limit`` images, and within any request's own cap after an out-of-memory split."""
+        taken: list[Pending] = []
+        tokens = 0
+        for p in group:
+            if len(taken) >= limit:
+                break
+            if not replica.fits(p.request):
+                continue
+            cap = min([q.max_batch for q in taken + [p] if q.max_batch] or [limit])
+            if len(taken) + 1 > cap or tokens + p.request.tokens > replica.max_batch_tokens:
+                if not taken:  # the head always runs, alone if it must
+                    return [p]
+                continue
+            taken.append(p)
+            tokens += p.request.tokens
+        return taken
 
     def schedule(self, now: float, free: list[ReplicaCapacity]) -> list[tuple[str, list[Pending]]]:
         """Form batches for the free replicas (least outstanding first, ties by id). Returns
@@ -129,17 +147,16 @@ class BatchScheduler:
         order = sorted(free, key=lambda r: (r.outstanding, r.last_used, r.replica_id))
         for n, replica in enumerate(order):
             for key, group in self._ordered_groups():
-                if not replica.fits(key):
+                fitting = [p for p in group if replica.fits(p.request)]
+                if not fitting:
                     continue
-                limit = self._limit(key, group, replica)
-                if len(group) >= limit or now - group[0].enqueued_at >= self.max_wait_s:
-                    sharing = sum(1 for r in order[n:] if r.fits(key))
-                    limit = min(limit, -(-len(group) // sharing))
-                    taken = []
-                    while group and len(taken) < limit:
-                        if group[0].max_batch and len(taken) >= group[0].max_batch:
-                            break
-                        taken.append(group.popleft())
+                full = self._fill(group, replica, self.max_batch_size)
+                waited = now - fitting[0].enqueued_at >= self.max_wait_s
+                if len(full) < len(fitting) or len(full) >= self.max_batch_size or waited:
+                    sharing = sum(1 for r in order[n:] if r.fits(fitting[0].request))
+                    taken = self._fill(group, replica, min(self.max_batch_size, -(-len(fitting) // sharing)))
+                    for p in taken:
+                        group.remove(p)
                     self._size -= len(taken)
                     if not group:
                         del self._groups[key]
@@ -152,5 +169,6 @@ class BatchScheduler:
         request times out; None when nothing is queued."""
         times = [p.deadline for g in self._groups.values() for p in g]
         if free:
-            times += [g[0].enqueued_at + self.max_wait_s for k, g in self._groups.items() if any(r.fits(k) for r in free)]
+            times += [p.enqueued_at + self.max_wait_s for g in self._groups.values()
+                      for p in [next((q for q in g if any(r.fits(q.request) for r in free)), None)] if p is not None]
         return min(times) if times else None

@@ -1,10 +1,15 @@
-"""Memory model of Z-Image-Turbo per component: weights by dtype plus activations by resolution and batch.
+"""Memory model of Z-Image-Turbo per component: weights by dtype plus activations by what a batch holds.
 
-Weights are exact (parameter counts of the real classes at the real configs, ../shared/REFERENCE.md).
-Activations are linear in (images x megapixels) per component, plus a fixed part; the peak on a GPU is its
-weights plus the largest activation among its components, because one replica runs its stages one after another
-on a given device. The coefficients are calibrated against peaks measured on an H100 (torch's max allocated
-memory, docs/benchmarks.md): whole pipeline at 1024^2 21.6 GiB (bs1), 24.0 (bs2), 28.7 (bs4), 1280^2 bs1 22.9.
+Weights are exact (parameter counts of the real classes at the real configs). A batch is packed: the transformer
+runs all of its samples as one token sequence, so its activations grow with the batch's tokens (image tokens plus
+caption tokens, each padded to 32, twice for a sample with guidance), whatever the mix of sizes; the VAE decodes
+one image at a time, so its activations grow with the largest image's pixels, not with the batch; the text
+encoder's grow with the number of prompts. The peak on a GPU is its weights plus the largest activation among its
+components (one replica runs its stages one after another on a device), or their sum with stage pipelining.
+
+Coefficients measured on an H200 with the full-size model in bf16 (``benchmarks/probe_packed.py``, session 3 call
+1, torch's max allocated memory above the weights): one packed transformer forward 155 KiB per token, flat from
+4,224 to 33,792 tokens; one VAE decode 2.38 GiB at 1024^2, 0.60 at 512^2, 9.5 at 2048^2 (2.37 GiB per megapixel).
 """
 
 from __future__ import annotations
@@ -15,20 +20,53 @@ GIB = 1024**3
 MPIX = 1024 * 1024
 BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1}
 
+# ---- tokens: what one image adds to a packed transformer call (the same rules as the transformer's) -------------
+SIZE_MULTIPLE = 16  # VAE downsampling (8) x the transformer's 2x2 patches: one image token per 16x16 pixels
+SEQ_MULTI_OF = 32  # the transformer pads image and caption tokens to a multiple of this
+MAX_CAPTION_TOKENS = 512  # the pipeline's max_sequence_length
+CAPTION_OVERHEAD_TOKENS = 24  # the chat template around a prompt (at most, in byte-level tokens)
+TYPICAL_CAPTION_TOKENS = 128  # for plans stated as "a batch of N images at the target size"
+
+
+def _round_up(n: int, m: int = SEQ_MULTI_OF) -> int:
+    return -(-n // m) * m
+
+
+def image_tokens(width: int, height: int) -> int:
+    return (width // SIZE_MULTIPLE) * (height // SIZE_MULTIPLE)
+
+
+def caption_tokens_bound(prompt_bytes: int) -> int:
+    """An upper bound of a prompt's caption tokens without its tokenizer: a byte-level BPE token covers at least
+    one byte, and the caption is truncated at MAX_CAPTION_TOKENS."""
+    return min(MAX_CAPTION_TOKENS, prompt_bytes + CAPTION_OVERHEAD_TOKENS)
+
+
+def sample_tokens(width: int, height: int, caption_tokens: int = TYPICAL_CAPTION_TOKENS, cfg: bool = False,
+                  negative_caption_tokens: int = CAPTION_OVERHEAD_TOKENS) -> int:
+    """Tokens one image adds to the packed main-layer sequence (a second, negative pass with guidance)."""
+    img = _round_up(image_tokens(width, height))
+    n = img + _round_up(max(1, caption_tokens))
+    if cfg:
+        n += img + _round_up(max(1, negative_caption_tokens))
+    return n
+
 
 @dataclass(frozen=True)
 class ComponentSpec:
     name: str
     params: int
-    act_gib_per_mpix_image: float  # activation GiB per image per megapixel of output
-    act_gib_per_image: float  # activation GiB per image independent of size (text encoder)
-    act_gib_fixed: float  # workspace independent of batch and size
+    act_gib_fixed: float = 0.0  # workspace independent of the batch
+    act_gib_per_token: float = 0.0  # per token of the packed batch (transformer)
+    act_gib_per_mpix: float = 0.0  # per megapixel of the largest image (VAE: one image at a time)
+    act_gib_per_prompt: float = 0.0  # per prompt of the batch (text encoder)
 
     def weights_gib(self, dtype: str) -> float:
         return self.params * BYTES_PER_PARAM[dtype] / GIB
 
-    def activation_gib(self, pixels: int, batch: int) -> float:
-        return self.act_gib_fixed + batch * (self.act_gib_per_image + self.act_gib_per_mpix_image * pixels / MPIX)
+    def activation_gib(self, tokens: int, largest_pixels: int, prompts: int) -> float:
+        return (self.act_gib_fixed + tokens * self.act_gib_per_token + largest_pixels / MPIX * self.act_gib_per_mpix
+                + prompts * self.act_gib_per_prompt)
 
 
 @dataclass(frozen=True)
@@ -40,52 +78,69 @@ class ModelSpec:
     def weights_gib(self, names) -> float:
         return sum(self.components[n].weights_gib(self.dtype) for n in names)
 
-    def peak_gib(self, names, pixels: int, batch: int, overlap: bool = False) -> float:
-        """Estimated peak GiB on one device holding ``names``, for a batch of ``batch`` images of ``pixels``.
-        Stages run one after another on a device (the largest activation counts) unless ``overlap`` (stage
-        pipelining), when their activations coexist and add up."""
+    def batch_peak_gib(self, names, tokens: int, largest_pixels: int, prompts: int, overlap: bool = False) -> float:
+        """Estimated peak GiB on one device holding ``names`` for one packed batch."""
         names = list(names)
         if not names:
             return 0.0
-        acts = [self.components[n].activation_gib(pixels, batch) for n in names]
+        acts = [self.components[n].activation_gib(tokens, largest_pixels, prompts) for n in names]
         return self.weights_gib(names) + (sum(acts) if overlap else max(acts))
 
-    def max_batch_pixels(self, names, capacity_gib: float, overlap: bool = False) -> int:
-        """The most (images x pixels) a device of ``capacity_gib`` holding ``names`` runs in one batch.
-        Per-image fixed costs are charged as for one image (the bound is for the pixel budget)."""
+    def peak_gib(self, names, pixels: int, batch: int, overlap: bool = False) -> float:
+        """The peak for ``batch`` images of ``pixels`` (square-ish, typical captions)."""
+        side = int(pixels**0.5)
+        return self.batch_peak_gib(names, batch * sample_tokens(side, pixels // max(1, side)), pixels, batch,
+                                   overlap)
+
+    def max_batch_tokens(self, names, capacity_gib: float, largest_pixels: int, prompts: int,
+                         overlap: bool = False) -> int:
+        """The most packed tokens a device of ``capacity_gib`` holding ``names`` runs in one batch (very large
+        when no component there grows with tokens; 0 when not even the rest fits)."""
         names = list(names)
         free = capacity_gib - self.weights_gib(names)
         comps = [self.components[n] for n in names]
-        if overlap:  # all stages' activations at once: one combined linear budget
-            room = free - sum(c.act_gib_fixed + c.act_gib_per_image for c in comps)
-            rate = sum(c.act_gib_per_mpix_image for c in comps)
-            if room < 0:
+        others = [c.activation_gib(0, largest_pixels, prompts) for c in comps]
+        if overlap:
+            room = free - sum(others)
+            rate = sum(c.act_gib_per_token for c in comps)
+        else:
+            if any(o > free for o in others):
                 return 0
-            return int(room / rate * MPIX) if rate > 0 else 1 << 40
-        best = None
-        for c in comps:
-            room = free - c.act_gib_fixed - c.act_gib_per_image
-            if room < 0:
-                return 0
-            if c.act_gib_per_mpix_image > 0:
-                px = int(room / c.act_gib_per_mpix_image * MPIX)
-                best = px if best is None else min(best, px)
-        return best if best is not None else 1 << 40
+            growing = [c for c in comps if c.act_gib_per_token > 0]
+            room = min((free - c.act_gib_fixed - largest_pixels / MPIX * c.act_gib_per_mpix
+                        - prompts * c.act_gib_per_prompt for c in growing), default=free)
+            rate = max((c.act_gib_per_token for c in growing), default=0.0)
+        if room < 0:
+            return 0
+        return int(room / rate) if rate > 0 else 1 << 40
+
+    def max_image_pixels(self, names, capacity_gib: float, overlap: bool = False) -> int:
+        """The largest single image a device holding ``names`` can take part in (alone in its batch)."""
+        lo, hi = 0, 1 << 26  # 64 megapixels: far beyond the model's position table
+        while lo < hi:  # every component's need grows with pixels: bisect
+            mid = (lo + hi + 1) // 2
+            side = int(mid**0.5)
+            tokens = sample_tokens(side, mid // max(1, side), MAX_CAPTION_TOKENS)
+            if self.batch_peak_gib(names, tokens, mid, 1, overlap) <= capacity_gib:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
 
-# Calibrated to the REFERENCE peaks: whole pipeline 19.11 GiB of bf16 weights, the VAE decode dominates
-# activations at ~2.4 GiB per megapixel-image; transformer and text-encoder activations are far smaller.
+# The full-size model (weights exact; activations measured, see the module docstring). The text encoder's figure is
+# per prompt padded to the longest of the batch (at most 512 tokens).
 _Z_IMAGE_TURBO = {
-    "transformer": ComponentSpec("transformer", 6_154_908_736, 0.45, 0.0, 0.15),
-    "text_encoder": ComponentSpec("text_encoder", 4_022_468_096, 0.0, 0.12, 0.05),
-    "vae": ComponentSpec("vae", 83_819_683, 2.35, 0.0, 0.12),
+    "transformer": ComponentSpec("transformer", 6_154_908_736, act_gib_per_token=155 / 2**20),
+    "text_encoder": ComponentSpec("text_encoder", 4_022_468_096, act_gib_fixed=0.05, act_gib_per_prompt=0.12),
+    "vae": ComponentSpec("vae", 83_819_683, act_gib_per_mpix=2.375),
 }
 
 # The toy model of the CPU demo and tests: a few MB, so any logical GPU fits it.
 _TINY = {
-    "transformer": ComponentSpec("transformer", 200_000, 0.01, 0.0, 0.0),
-    "text_encoder": ComponentSpec("text_encoder", 40_000, 0.0, 0.001, 0.0),
-    "vae": ComponentSpec("vae", 60_000, 0.02, 0.0, 0.0),
+    "transformer": ComponentSpec("transformer", 200_000, act_gib_per_token=1e-6),
+    "text_encoder": ComponentSpec("text_encoder", 40_000, act_gib_per_prompt=0.001),
+    "vae": ComponentSpec("vae", 60_000, act_gib_per_mpix=0.02),
 }
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .memory import ModelSpec
+from .memory import ModelSpec, sample_tokens
 
 COMPONENTS = ("text_encoder", "transformer", "vae")
 
@@ -64,7 +64,8 @@ class DeploymentSpec:
     device_map: dict[str, int] | None = None
     width: int = 1024
     height: int = 1024
-    max_batch_size: int = 4
+    max_batch_size: int = 16  # most images in one batch (the router's cap)
+    max_batch_tokens: int | None = None  # the router's token budget (None: memory alone decides)
     headroom_gib: float = 0.5  # CUDA context and allocator slack kept free on every GPU
     pipeline_stages: bool = False  # stages of consecutive batches overlap: co-located activations add up
 
@@ -75,9 +76,9 @@ class ReplicaPlan:
     node: str
     gpus: tuple[int, ...]  # GPU indices on the node, in replica-local order (cuda:0, cuda:1, ...)
     device_map: dict[str, int]  # component -> replica-local GPU index
-    max_batch_size: int  # at the deployment's target size
+    max_batch_size: int  # images of the deployment's target size in one batch
     max_pixels: int  # largest single image
-    max_batch_pixels: int  # most images x pixels in one batch
+    max_batch_tokens: int  # most tokens in one packed batch (memory, and the router's budget if lower)
     encoder_replica: str | None = None  # the replica whose text encoder this one borrows (shared-encoder mode)
     encoder_gpu: tuple[str, int] | None = None  # where that text encoder lives
 
@@ -90,9 +91,6 @@ class ReplicaPlan:
                                    "shared_from": self.encoder_replica}
         return out
 
-    def batch_limit(self, pixels: int) -> int:
-        """Largest batch of images of ``pixels`` this replica's memory holds (0: not even one)."""
-        return self.max_batch_pixels // max(1, pixels)
 
 
 @dataclass(frozen=True)
@@ -128,7 +126,7 @@ class PlacementPlan:
                     "components": r.components,
                     "max_batch_size": r.max_batch_size,
                     "max_pixels": r.max_pixels,
-                    "max_batch_pixels": r.max_batch_pixels,
+                    "max_batch_tokens": r.max_batch_tokens,
                     "encoder_replica": r.encoder_replica,
                 }
                 for r in self.replicas
@@ -304,22 +302,28 @@ def _shared_encoder_groups(model, inventory, d, pixels):
 
 def _assemble(model, inventory, d, pixels, groups) -> PlacementPlan:
     replicas, used = [], {}
+    side = int(pixels**0.5)
+    per_image = sample_tokens(side, pixels // max(1, side))
     for i, (node, chunk, dmap, *borrow) in enumerate(groups):
         rid = f"r{i}"
-        budgets = []
+        tokens, px = [], []
         for li, g in enumerate(chunk):
             names = [c for c, gi in dmap.items() if gi == li]
             if names:
-                budgets.append(model.max_batch_pixels(names, g.memory_gib - d.headroom_gib, d.pipeline_stages))
+                cap = g.memory_gib - d.headroom_gib
+                tokens.append(model.max_batch_tokens(names, cap, pixels, d.max_batch_size, d.pipeline_stages))
+                px.append(model.max_image_pixels(names, cap, d.pipeline_stages))
             used[(g.node, g.index)] = [f"{rid}.{c}" for c in COMPONENTS if c in names]
-        max_batch_pixels = min(budgets)
-        max_batch = max(1, min(d.max_batch_size, max_batch_pixels // pixels))
+        max_tokens = min(tokens)
+        if d.max_batch_tokens is not None:
+            max_tokens = min(max_tokens, max(d.max_batch_tokens, per_image))
+        max_batch = max(1, min(d.max_batch_size, max_tokens // per_image))
         encoder_replica = encoder_gpu = None
         if borrow:
             host = replicas[borrow[0]]
             encoder_replica, encoder_gpu = host.replica_id, (host.node, host.gpus[host.device_map["text_encoder"]])
         replicas.append(ReplicaPlan(rid, node, tuple(g.index for g in chunk), dict(dmap), max_batch,
-                                    max_batch_pixels, max_batch_pixels, encoder_replica, encoder_gpu))
+                                    min(px), max_tokens, encoder_replica, encoder_gpu))
     rep_by_gpu = {(r.node, r.gpus[li]): (r, li) for r in replicas for li in range(len(r.gpus))}
     gpu_plans = []
     for g in sorted(inventory.gpus, key=lambda g: (g.node, g.index)):

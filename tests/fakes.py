@@ -14,10 +14,10 @@ def fake_image(r):
 
 
 class FakeReplica:
-    def __init__(self, replica_id, max_pixels=1 << 40, max_batch_pixels=1 << 40, manual=False):
+    def __init__(self, replica_id, max_pixels=1 << 40, max_batch_tokens=1 << 40, manual=False):
         self.replica_id = replica_id
         self.max_pixels = max_pixels
-        self.max_batch_pixels = max_batch_pixels
+        self.max_batch_tokens = max_batch_tokens
         self.manual = manual  # when True, each batch waits until release() is called
         self.batches = []
         self._gates = []

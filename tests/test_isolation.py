@@ -91,7 +91,7 @@ async def test_admission_is_all_or_nothing():
 @pytest.fixture(scope="module")
 def worker(tiny_cache):
     w = PipelineWorker("r0", ModelConfig(source="tiny", dtype="float32", cache_dir=tiny_cache),
-                       warmup=WarmupSpec(32, 32, 1), torch_threads=1)
+                       warmup=WarmupSpec(((32, 32),), 1), torch_threads=1)
     w.start()
     return w
 
@@ -126,9 +126,10 @@ def test_bad_prompt_in_a_batch_fails_alone(worker):
 def test_size_past_the_position_table_is_refused_per_request(worker):
     side = worker.health().max_side
     assert side == 512 * 16  # the tiny transformer's axes_lens [1024, 512, 512], 16 pixels per image token
-    batch = Batch(3, (ImageRequest("big", "x", 1, side + 16, 16, 1, 0.0),))
-    r = worker.run_batch(batch).results[0]
+    batch = Batch(3, (ImageRequest("big", "x", 1, side + 16, 16, 1, 0.0), ImageRequest("ok", "y", 2, 48, 32, 1, 0.0)))
+    r, ok = worker.run_batch(batch).results  # batches mix sizes: the one too long fails, its batch-mate runs
     assert not r.ok and r.error_type == "invalid_request" and r.param == "size" and str(side) in r.error
+    assert ok.ok and ok.image.shape == (32, 48, 3) and ok.image_tokens == 6
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast")
@@ -136,9 +137,9 @@ def test_non_finite_sample_fails_alone(worker, monkeypatch):
     engine = worker.engine
     original = engine.initial_latents
 
-    def poisoned(seeds, height, width):
-        latents = original(seeds, height, width)
-        latents[list(seeds).index(666)] = float("nan")
+    def poisoned(samples):
+        latents = original(samples)
+        latents[[s.seed for s in samples].index(666)] = torch.full_like(latents[0], float("nan"))
         return latents
 
     monkeypatch.setattr(engine, "initial_latents", poisoned)
@@ -163,9 +164,11 @@ def test_stream_yields_real_previews_for_those_who_asked(worker):
         assert img.shape == (64, 64, 3) and img.dtype == np.uint8 and img.std() > 0
     assert all(r.ok for r in result.results)
     # The last estimate of the clean latents is the final latents: a preview at the last step would equal it.
+    from actors.engine import Sample
+
     hook_images = []
     hook = StepHook(worker.engine, Batch(6, (req(0, steps=2),)))
-    worker.engine.generate(["prompt 0"], [100], 64, 64, 2,
+    worker.engine.generate([Sample("prompt 0", 100, 64, 64)], 2,
                            on_step=lambda i, n, d: (hook(i, n, d), hook_images.append(worker.engine.decode(d()))))
     final = worker.run_batch(Batch(7, (req(0, steps=2),))).results[0].image
     assert np.abs(hook_images[-1][0].astype(int) - final.astype(int)).max() <= 1
@@ -181,7 +184,18 @@ def test_screen_without_tokenizer_still_refuses_surrogates(worker, monkeypatch):
 def test_step_hook_flags_non_finite_rows():
     batch = Batch(9, (req(0), req(1), req(2)))
     hook = StepHook(None, batch)
-    lat = torch.zeros(3, 16, 4, 4)
-    lat[2, 0, 0, 0] = float("inf")
+    lat = [torch.zeros(16, 4, 4), torch.zeros(16, 8, 2), torch.zeros(16, 4, 4)]  # sizes may differ
+    lat[2][0, 0, 0] = float("inf")
     hook(2, 2, lambda: lat)
     assert hook.nonfinite == {"q2"}
+
+
+async def test_router_admits_and_schedules_an_unencodable_prompt_without_raising():
+    """The router counts tokens of every request it queues: a lone surrogate must not raise there (it would fail the
+    caller with a 500, or the router loop for everyone); the replica refuses the request alone."""
+    replica = FakeReplica("a")
+    router = Router(FakePool(replica), RouterConfig(max_batch_size=4, max_wait_ms=0), clock=ManualClock())
+    router.start()
+    results = await asyncio.wait_for(asyncio.gather(*router.admit([req(0), req(1, BAD)])), 5)
+    assert [r.request_id for r in results] == ["q0", "q1"] and len(replica.batches) == 1
+    await router.stop()

@@ -212,14 +212,14 @@ async def test_no_replicas_means_not_ready(clock):
 
 
 async def test_router_respects_replica_limits(clock):
-    small = FakeReplica("small", max_pixels=64 * 64, max_batch_pixels=64 * 64 * 2)
+    small = FakeReplica("small", max_pixels=64 * 64, max_batch_tokens=2 * 64)
     big = FakeReplica("big", manual=True)
     router = make_router(FakePool(small, big), clock, max_batch_size=8, max_wait_ms=0)
     large = asyncio.create_task(router.submit(req(0, size=128)))
     await settle()
     smalls = [asyncio.create_task(router.submit(req(i))) for i in range(1, 5)]
     await asyncio.gather(*smalls)
-    assert all(len(b) <= 2 and b.key.width == 64 for b in small.batches)
+    assert all(len(b) <= 2 and all(r.width == 64 for r in b.requests) for b in small.batches)
     big.release()
     assert (await large).replica_id == "big"
     await router.stop()

@@ -9,8 +9,8 @@ from orchestrator.scheduler import BatchScheduler, Pending, ReplicaCapacity
 BIG = 1 << 40
 
 
-def rep(rid, outstanding=0, max_pixels=BIG, max_batch_pixels=BIG):
-    return ReplicaCapacity(rid, max_pixels, max_batch_pixels, outstanding)
+def rep(rid, outstanding=0, max_pixels=BIG, max_batch_tokens=BIG):
+    return ReplicaCapacity(rid, max_pixels, max_batch_tokens, outstanding)
 
 
 def pend(i, t, size=64, steps=4, guidance=0.0, deadline=1e9):
@@ -39,16 +39,38 @@ def test_partial_batch_waits_for_max_wait():
     assert ids(d[0]) == ["q0"]
 
 
-def test_batches_only_share_a_key():
-    s = BatchScheduler(max_batch_size=4, max_wait_s=0.0, queue_limit=10)
+def test_sizes_and_guidance_share_batches_steps_do_not():
+    """A packed batch takes any mix of sizes, prompt lengths and guidance; only the step count must match."""
+    s = BatchScheduler(max_batch_size=8, max_wait_s=0.0, queue_limit=10)
     s.add(pend(0, 0.0, size=64))
     s.add(pend(1, 0.1, size=128))
-    s.add(pend(2, 0.2, size=64))
+    s.add(pend(2, 0.2, size=64, guidance=2.0))
     s.add(pend(3, 0.3, size=64, steps=8))
-    s.add(pend(4, 0.4, size=64, guidance=2.0))
-    got = [tuple(ids(s.schedule(1.0, [rep("a")])[0])) for _ in range(4)]
-    assert got == [("q0", "q2"), ("q1",), ("q3",), ("q4",)]
+    s.add(pend(4, 0.4, size=96))
+    got = [tuple(ids(s.schedule(1.0, [rep("a")])[0])) for _ in range(2)]
+    assert got == [("q0", "q1", "q2", "q4"), ("q3",)]
     assert len(s) == 0
+
+
+def test_token_budget_fills_in_arrival_order_and_the_skipped_request_leads_next():
+    s = BatchScheduler(max_batch_size=16, max_wait_s=0.0, queue_limit=10)
+    big, small = pend(1, 0.1, size=256), pend(2, 0.2, size=64)  # 288 and 64 tokens
+    for p in (pend(0, 0.0, size=256), big, small, pend(3, 0.3, size=64)):
+        s.add(p)
+    budget = rep("a", max_batch_tokens=288 + 2 * 64)
+    assert ids(s.schedule(1.0, [budget])[0]) == ["q0", "q2", "q3"]  # q1 would overflow: the small ones fill
+    assert ids(s.schedule(1.0, [budget])[0]) == ["q1"]
+
+
+def test_a_full_token_budget_is_ready_before_max_wait():
+    s = BatchScheduler(max_batch_size=16, max_wait_s=5.0, queue_limit=10)
+    for i in range(4):
+        s.add(pend(i, 0.0, size=256))  # 288 tokens each
+    d = s.schedule(0.1, [rep("a", max_batch_tokens=1000)])  # the fourth does not fit: the budget is full
+    assert ids(d[0]) == ["q0", "q1", "q2"]
+    s2 = BatchScheduler(max_batch_size=16, max_wait_s=5.0, queue_limit=10)
+    s2.add(pend(0, 0.0, size=256))
+    assert s2.schedule(0.1, [rep("a", max_batch_tokens=1000)]) == []  # room left: waits for batch-mates
 
 
 def test_waiting_work_is_shared_among_free_replicas():
@@ -69,10 +91,10 @@ def test_ties_go_to_the_longest_idle_replica():
 
 def test_oldest_key_first_and_fifo_within_key():
     s = BatchScheduler(max_batch_size=2, max_wait_s=0.0, queue_limit=10)
-    s.add(pend(0, 0.0, size=128))
-    s.add(pend(1, 0.1, size=64))
-    s.add(pend(2, 0.2, size=128))
-    s.add(pend(3, 0.3, size=128))
+    s.add(pend(0, 0.0, steps=8))
+    s.add(pend(1, 0.1, steps=4))
+    s.add(pend(2, 0.2, steps=8))
+    s.add(pend(3, 0.3, steps=8))
     d = s.schedule(1.0, [rep("a")])
     assert ids(d[0]) == ["q0", "q2"]
     d = s.schedule(1.0, [rep("a")])
@@ -81,9 +103,9 @@ def test_oldest_key_first_and_fifo_within_key():
 
 def test_full_group_of_other_key_does_not_wait_behind_partial():
     s = BatchScheduler(max_batch_size=2, max_wait_s=5.0, queue_limit=10)
-    s.add(pend(0, 0.0, size=128))  # alone, not yet due
-    s.add(pend(1, 0.1, size=64))
-    s.add(pend(2, 0.2, size=64))  # full pair
+    s.add(pend(0, 0.0, steps=8))  # alone, not yet due
+    s.add(pend(1, 0.1, steps=4))
+    s.add(pend(2, 0.2, steps=4))  # full pair
     d = s.schedule(0.3, [rep("a")])
     assert ids(d[0]) == ["q1", "q2"]
 
@@ -108,9 +130,9 @@ def test_replica_memory_limits_batch_and_size():
     for i in range(4):
         s.add(pend(i, 0.0, size=64))
     s.add(pend(9, 0.0, size=256))
-    small = rep("small", max_pixels=64 * 64, max_batch_pixels=2 * 64 * 64)
+    small = rep("small", max_pixels=64 * 64, max_batch_tokens=2 * 64)  # a 64x64 request with prompt "p": 64 tokens
     d = s.schedule(0.0, [small])
-    assert ids(d[0]) == ["q0", "q1"]  # two 64x64 images fill its budget
+    assert ids(d[0]) == ["q0", "q1"]  # two 64x64 images fill its token budget
     d = s.schedule(0.0, [small])
     assert ids(d[0]) == ["q2", "q3"]
     assert s.schedule(0.0, [small]) == []  # the 256x256 request never goes to it
@@ -120,7 +142,7 @@ def test_replica_memory_limits_batch_and_size():
 def test_capacity_error_when_no_replica_fits():
     s = BatchScheduler(max_batch_size=8, max_wait_s=0.0, queue_limit=10)
     with pytest.raises(CapacityError, match="256x256"):
-        s.check_servable(pend(0, 0, size=256).request.key, [rep("a", max_pixels=128 * 128)])
+        s.check_servable(pend(0, 0, size=256).request, [rep("a", max_pixels=128 * 128)])
 
 
 def test_queue_limit_and_retries_bypass_it():

@@ -18,7 +18,7 @@ def req(i, prompt="a cat", seed=None, size=64):
 @pytest.fixture(scope="module")
 def worker(tiny_cache):
     w = PipelineWorker("r0", ModelConfig(source="tiny", dtype="float32", cache_dir=tiny_cache),
-                       warmup=WarmupSpec(32, 32, 1), torch_threads=1)
+                       warmup=WarmupSpec(((32, 32),), 1), torch_threads=1)
     health = w.start()
     assert health.ready and health.device_map["transformer"] == "cpu" and health.dtype == "float32"
     return w
@@ -39,6 +39,31 @@ def test_same_seed_same_image_in_any_batch(worker):
     mixed = worker.run_batch(Batch(2, (req(6, "other", seed=1), req(7, "a fox", seed=42)))).results[1]
     a, b = alone.image.astype(int), mixed.image.astype(int)
     assert np.abs(a - b).max() <= 1  # fp32 batched vs single differ below 1e-5 before quantisation
+
+
+def test_mixed_sizes_share_a_batch_and_equal_solo_runs(worker):
+    """One batch, three sizes and prompt lengths: each image has its request's size and equals its solo run."""
+    reqs = (ImageRequest("m1", "a fox", 3, 64, 32, 2, 0.0), ImageRequest("m2", "a much longer prompt " * 5, 4, 32, 96,
+                                                                          2, 0.0),
+            ImageRequest("m3", "x", 5, 48, 48, 2, 2.5, "blurry"))
+    out = worker.run_batch(Batch(9, reqs))
+    for r, q in zip(out.results, reqs):
+        assert r.ok and r.image.shape == (q.height, q.width, 3) and r.batch_size == 3
+        solo = worker.run_batch(Batch(10, (q,))).results[0]
+        assert np.abs(r.image.astype(int) - solo.image.astype(int)).max() <= 1
+
+
+def test_warmup_plan_covers_one_several_and_mixed_within_limits():
+    spec = WarmupSpec(((1024, 1024), (512, 512), (2048, 2048), (768, 1344)), 2, max_pixels=1536 * 1536,
+                      max_batch_tokens=10_000)
+    batches = spec.batches()
+    assert batches[0] == [(1024, 1024, batches[0][0][2])]  # one image alone
+    assert len(batches[1]) == 2 and batches[1][0] == batches[1][1]  # two of one size, one prompt
+    mixed = [b for b in batches[2:]]
+    sizes = {(w, h) for b in mixed for w, h, _ in b}
+    assert sizes == {(1024, 1024), (512, 512), (768, 1344)}  # 2048^2 is past this replica's plan
+    assert len({p for b in mixed for _, _, p in b}) > 1  # different prompt lengths
+    assert all(sum(ImageRequest("w", p, 0, w, h, 2, 0.0).tokens for w, h, p in b) <= 10_000 for b in mixed)
 
 
 def test_failure_comes_back_as_data(worker):
