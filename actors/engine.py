@@ -31,19 +31,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+
 from orchestrator.messages import StageTimes
 
 from .packed import PackedTransformer
 
 log = logging.getLogger(__name__)
 
-LATENT_CHANNELS = 16
-
-
-def _calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15):
-    """diffusers.pipelines.z_image.pipeline_z_image.calculate_shift (copied from Flux there too)."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * m + base_shift - m * base_seq_len
 
 
 def _sync(device: torch.device) -> None:
@@ -169,17 +164,18 @@ class ZImageEngine:
         for s in samples:
             h, w = self.latent_size(s.height, s.width)
             g = torch.Generator("cpu").manual_seed(int(s.seed))
-            out.append(torch.randn((1, LATENT_CHANNELS, h, w), generator=g, dtype=torch.float32)[0])
+            channels = self.transformer.config.in_channels
+            out.append(torch.randn((1, channels, h, w), generator=g, dtype=torch.float32)[0])
         return [x.to(self.devices["transformer"]) for x in out]
 
     def _schedulers(self, latents: list[torch.Tensor], num_inference_steps: int, device):
         """One flow-matching scheduler per sample: its ``mu`` depends on its own image token count."""
-        sigmas = torch.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
+        sigmas = get_default_z_image_sigmas(num_inference_steps)
         out = []
         for lat in latents:
             scheduler = self._scheduler_cls.from_config(self._scheduler_config)
             cfg = scheduler.config
-            mu = _calculate_shift(
+            mu = calculate_shift(
                 (lat.shape[-2] // 2) * (lat.shape[-1] // 2), cfg.get("base_image_seq_len", 256),
                 cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
             )

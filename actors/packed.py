@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-SEQ_MULTI_OF = 32  # the transformer pads captions and image tokens to a multiple of this (diffusers' constant)
+from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF  # padding multiple of both parts
 ATTENTION_IMPLS = ("runs", "varlen", "flex")
 
 
@@ -79,11 +79,6 @@ class PackedLayout:
     @property
     def tokens(self) -> int:
         return self.uni.total
-
-
-def packed_tokens(image_tokens: int, caption_tokens: int) -> int:
-    """Tokens one sample adds to the packed main-layer sequence (both parts padded to SEQ_MULTI_OF)."""
-    return _round_up(image_tokens) + _round_up(caption_tokens)
 
 
 class PackedTransformer:

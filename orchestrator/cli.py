@@ -194,13 +194,14 @@ def cmd_plan(args) -> int:
                   f"{g.capacity_gib:.1f}")
     console.print(t)
     t = Table(title="replicas")
-    for col in ("replica", "node", "gpus", "device map", "max batch", "largest image"):
+    for col in ("replica", "node", "gpus", "device map", "token budget", "max batch", "largest image"):
         t.add_column(col)
     for r in p.replicas:
         side = int(r.max_pixels**0.5) // 16 * 16
         t.add_row(r.replica_id, r.node, str(list(r.gpus)),
                   _device_map_text(r.device_map) + (f" (te shared from {r.encoder_replica})"
-                                                     if r.encoder_replica else ""), str(r.max_batch_size),
+                                                     if r.encoder_replica else ""), f"{r.max_batch_tokens:,}",
+                  f"{r.max_batch_size} at {p.width}x{p.height}",
                   f"{r.max_pixels / 1e6:.1f} MP (~{side}x{side})")
     console.print(t)
     for n in p.notes:

@@ -151,7 +151,8 @@ class DeploymentConfig(_Strict):
     mode: Literal["replicate", "split", "auto", "shared-encoder"] = Field(
         default="replicate",
         description="replicate: one whole pipeline per GPU. split: each replica spans gpus_per_replica GPUs "
-        "with the device_map below. auto: the planner chooses. shared-encoder: one text encoder per node, in "
+        "with the device_map below. auto: the planner chooses. shared-encoder (experimental: slower than replicate "
+        "where measured, see docs/benchmarks.md): one text encoder per node, in "
         "a whole pipeline on its first GPU, serves transformer + VAE replicas on the node's other GPUs.",
     )
     replicas: int | None = Field(
@@ -203,7 +204,8 @@ class DeploymentConfig(_Strict):
     )
     pipeline_stages: bool = Field(
         default=False,
-        description="Run encode, denoise and decode of consecutive batches concurrently (a lock and a CUDA "
+        description="Experimental (at most +2% measured, on one GPU). "
+        "Run encode, denoise and decode of consecutive batches concurrently (a lock and a CUDA "
         "stream per stage). Pays off most in split replicas, where the stages sit on different GPUs; costs "
         "the activation memory of the overlapping stages (the planner counts it).",
     )

@@ -12,6 +12,7 @@ from .router import RouterObserver
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 30, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+TOKEN_BUCKETS = (1024, 2048, 4096, 8192, 12288, 16384, 20480, 24576, 32768, 49152, 65536)
 
 
 class PrometheusObserver(RouterObserver):
@@ -27,6 +28,13 @@ class PrometheusObserver(RouterObserver):
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("zimage_batch_size", "Requests per pipeline call.", buckets=BATCH_BUCKETS,
                                     registry=r)
+        self.batch_tokens = Histogram("zimage_batch_tokens", "Tokens per packed batch (the router's budget unit: "
+                                      "image and caption tokens, an upper bound).", buckets=TOKEN_BUCKETS,
+                                      registry=r)
+        self.compilations = Counter("zimage_compilations_total", "Graphs torch.compile built in a replica, by phase: "
+                                    "warmup (before ready) or serving (after ready; the goal is none).",
+                                    ["replica", "phase"], registry=r)
+        self._compiles_seen: dict[tuple[str, str], int] = {}
         self.images = Counter("zimage_images_generated_total", "Images generated successfully.", registry=r)
         self.requests = Counter("zimage_requests_total", "Requests answered, by outcome.", ["outcome"], registry=r)
         self.errors = Counter("zimage_request_errors_total", "Failed or rejected requests, by error type.",
@@ -56,6 +64,7 @@ class PrometheusObserver(RouterObserver):
     # ---- router hooks ----------------------------------------------------------------------------------
     def dispatched(self, replica_id: str, batch: Batch, queue_times: list[float]) -> None:
         self.batch_size.observe(len(batch))
+        self.batch_tokens.observe(batch.tokens)
         for q in queue_times:
             self.queue_time.observe(q)
         self._inflight[replica_id] = self._inflight.get(replica_id, 0) + 1
@@ -101,3 +110,9 @@ class PrometheusObserver(RouterObserver):
                 self.gpu_memory.labels(replica_id, dev).set(b)
             for dev, b in health.peak_memory_bytes.items():
                 self.gpu_memory_peak.labels(replica_id, dev).set(b)
+            for phase, n in (("warmup", health.compiles_warmup), ("serving", health.compiles_after_ready)):
+                last = self._compiles_seen.get((replica_id, phase), 0)
+                if n != last or (replica_id, phase) not in self._compiles_seen:
+                    # a restarted replica counts from zero again: add what it reports beyond what was seen
+                    self.compilations.labels(replica_id, phase).inc(n - last if n >= last else n)
+                    self._compiles_seen[(replica_id, phase)] = n

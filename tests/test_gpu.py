@@ -33,3 +33,49 @@ def test_short_benchmark_on_gpu(tmp_path):
     assert report["card"] != "cpu" and report["baseline"]["sizes"]["512x512"]["throughput_img_s"] > 0
     assert all(r["failed"] == 0 and r["throughput_img_s"] > 0 for r in report["runs"])
     assert (out / "bench.png").stat().st_size > 0
+
+
+def test_packed_mixed_batch_equals_solo_runs_on_gpu():
+    """One packed call over three sizes and caption lengths against diffusers' own forward on each sample alone.
+    bf16 differs run to run with the batch around a sample: the bound is diffusers against itself (a sample alone
+    and beside a copy of itself), measured in the same test. Then compiled: after the warm-up shapes, new sizes,
+    caption lengths and batch sizes compile nothing."""
+    from actors.engine import ZImageEngine
+    from actors.models import build_components
+
+    comps = build_components("full", device="cuda", dtype=torch.bfloat16)
+    eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cuda"), torch.bfloat16)
+    g = torch.Generator("cpu").manual_seed(0)
+
+    def batch(sizes, caps):
+        lat = [torch.randn(16, 1, h // 8, w // 8, generator=g).to("cuda", torch.bfloat16) for h, w in sizes]
+        cap = [torch.randn(n, 2560, generator=g).to("cuda", torch.bfloat16) for n in caps]
+        return lat, cap, eng.packed.layout([(1, h // 8, w // 8) for h, w in sizes], caps)
+
+    lat, cap, layout = batch([(1024, 1024), (512, 512), (768, 1344)], [40, 150, 90])
+    t = torch.tensor([0.3, 0.6, 0.9], device="cuda")
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    with torch.no_grad():
+        out = eng.packed(lat, t, cap, layout)
+        errs, floor = [], []
+        for i in range(3):
+            one = eng.transformer([lat[i]], t[i:i + 1], [cap[i]], return_dict=False)[0][0]
+            two = eng.transformer([lat[i], lat[i]], t[i:i + 1].repeat(2), [cap[i], cap[i][:-7]],
+                                  return_dict=False)[0][0]
+            errs.append(rel(out[i], one))
+            floor.append(rel(two, one))
+        assert max(errs) <= 1.25 * max(floor) + 2e-3, (errs, floor)
+
+        eng.packed.compile()
+        for sizes, caps in (([(1024, 1024)] * 2, [77, 77]), ([(1024, 1024), (512, 512), (768, 1344)], [40, 150, 90]),
+                            ([(1024, 1024)], [12])):
+            lat, cap, layout = batch(sizes, caps)
+            eng.packed(lat, torch.rand(len(sizes), device="cuda"), cap, layout)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for sizes, caps in (([(512, 512)] * 5, [20, 40, 60, 300, 500]), ([(1344, 768), (256, 256)], [3, 33]),
+                                ([(640, 640)], [250])):
+                lat, cap, layout = batch(sizes, caps)
+                eng.packed(lat, torch.rand(len(sizes), device="cuda"), cap, layout)

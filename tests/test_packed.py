@@ -1,0 +1,47 @@
+"""The packed transformer against diffusers' own forward, and the constants the planner shares with diffusers."""
+
+import pytest
+import torch
+
+from actors.models import build_components
+from actors.packed import PackedTransformer, equal_runs
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    return build_components("tiny", device="cpu", dtype=torch.float32, seed=5)["transformer"]
+
+
+def test_each_packed_sample_equals_diffusers_forward_alone(transformer):
+    """Three sizes (one with image tokens that need padding) and three caption lengths, one call."""
+    packed = PackedTransformer(transformer)
+    g = torch.Generator().manual_seed(0)
+    sizes = [(8, 12), (2, 2), (6, 10)]  # latent h, w: 24, 1 (padded to 32) and 15 image tokens
+    caps = [torch.randn(n, 32, generator=g) for n in (5, 40, 33)]
+    lat = [torch.randn(16, 1, h, w, generator=g) for h, w in sizes]
+    t = torch.tensor([0.3, 0.7, 0.5])
+    layout = packed.layout([(1, h, w) for h, w in sizes], [len(c) for c in caps])
+    with torch.no_grad():
+        out = packed(lat, t, caps, layout)
+        for i in range(3):
+            ref = transformer([lat[i]], t[i:i + 1], [caps[i]], return_dict=False)[0][0]
+            assert out[i].shape == ref.shape
+            assert torch.allclose(out[i], ref, atol=1e-5), float((out[i] - ref).abs().max())
+    assert layout.order == [2, 1, 0] or layout.uni.lens == sorted(layout.uni.lens, reverse=True)
+
+
+def test_equal_lengths_run_as_one_dense_call():
+    assert equal_runs([64, 64, 64]).tolist() == [[0, 3, 64]]
+    assert equal_runs([96, 64, 64, 32]).tolist() == [[0, 1, 96], [96, 2, 64], [224, 1, 32]]
+
+
+def test_planner_token_rules_match_diffusers():
+    """placement/ is pure (no torch, no diffusers), so it states the transformer's rules itself: check them."""
+    from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+
+    from actors.models import FULL_VAE_CONFIG
+    from placement import memory
+
+    assert memory.SEQ_MULTI_OF == SEQ_MULTI_OF
+    assert memory.SIZE_MULTIPLE == 2 ** (len(FULL_VAE_CONFIG["block_out_channels"]) - 1) * 2  # VAE x 2x2 patches
+    assert memory.image_tokens(1024, 768) == (1024 // 16) * (768 // 16)
