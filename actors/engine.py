@@ -48,6 +48,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
+def _clean_estimates(latents: list[torch.Tensor], velocities: list[torch.Tensor], sigmas_next: list[torch.Tensor]):
+    """The flow-matching estimate of each sample's clean latents after a step, as a thunk: x_sigma = x0 + sigma * v
+    with v = noise - x0 (what the Euler step integrates), so x0 = x_next - sigma_next * v (exact at the last step,
+    where sigma_next = 0)."""
+    return lambda: [lat - s.to(lat.device, torch.float32) * v for lat, v, s in zip(latents, velocities, sigmas_next)]
+
+
 @contextlib.contextmanager
 def _no_guard(stage: str):
     yield
@@ -184,11 +191,13 @@ class ZImageEngine:
         latents: list[torch.Tensor],
         num_inference_steps: int,
         guidance: float | Sequence[float] = 0.0,
-        on_step: Callable[[int, int], None] | None = None,
+        on_step: Callable[[int, int, Callable[[], list[torch.Tensor]]], None] | None = None,
     ) -> list[torch.Tensor]:
         """The Euler loop over a packed batch. ``latents``: per sample ``[16, h, w]`` float32 (sizes may differ);
         ``guidance`` per sample (a sample with guidance > 0 runs a second, negative-caption pass, as diffusers
-        does). Returns the final latents per sample."""
+        does). Returns the final latents per sample. ``on_step(step, total, denoised)`` runs after every step;
+        ``denoised()`` computes each sample's current estimate of its clean latents (for previews and per-sample
+        checks; nothing is computed unless it is called)."""
         device = self.devices["transformer"]
         n = len(latents)
         guidance = [float(guidance)] * n if isinstance(guidance, (int, float)) else [float(g) for g in guidance]
@@ -208,15 +217,18 @@ class ZImageEngine:
             t_in = ((1000 - t) / 1000)[order] if cfg else (1000 - t) / 1000
             x = [latents[j].to(dtype).unsqueeze(1) for j in order]
             out = self.packed(x, t_in, embeds, layout)
+            preds = []
             for j in range(n):
                 pred = out[j].float()
                 if guidance[j] > 0:
                     pred = pred + guidance[j] * (pred - out[n + cfg.index(j)].float())
                 pred = -pred.squeeze(1)
+                preds.append(pred)
                 latents[j] = schedulers[j].step(pred.unsqueeze(0), timesteps[j, i], latents[j].unsqueeze(0),
                                                 return_dict=False)[0][0]
             if on_step is not None:
-                on_step(i + 1, num_inference_steps)
+                on_step(i + 1, num_inference_steps,
+                        _clean_estimates(list(latents), preds, [s.sigmas[i + 1] for s in schedulers]))
         return latents
 
     # ---- stage 3: decode -------------------------------------------------------------------------------
@@ -237,7 +249,7 @@ class ZImageEngine:
         self,
         samples: Sequence[Sample],
         num_inference_steps: int,
-        on_step: Callable[[int, int], None] | None = None,
+        on_step: Callable[[int, int, Callable[[], list[torch.Tensor]]], None] | None = None,
         stage_guard: Callable[[str], contextlib.AbstractContextManager] | None = None,
     ) -> tuple[list[np.ndarray], StageTimes]:
         """One pipeline call for a batch: returns a uint8 image ``[H, W, 3]`` per sample (each of its own size)

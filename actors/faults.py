@@ -29,6 +29,15 @@ def make_fault(kind: str | None, **kw) -> Callable[[Batch], None] | None:
             if len(batch) > max_batch:
                 raise InjectedOutOfMemory(f"CUDA out of memory (injected: batch {len(batch)} > {max_batch})")
 
+    elif kind == "poison":
+        marker = kw["marker"]
+
+        def fault(batch: Batch) -> None:
+            # A failure only one request's content causes, and that no per-request check catches: the whole batch
+            # raises, as a model bug triggered by one input would.
+            if any(marker in r.prompt for r in batch.requests):
+                raise RuntimeError(f"injected failure caused by a prompt containing {marker!r}")
+
     elif kind == "stall":
         seconds, fired = float(kw["seconds"]), []
 

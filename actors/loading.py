@@ -179,10 +179,14 @@ def _load_some(path: Path, cfg: ModelConfig, dtype, names: set[str]) -> dict:
                                                                       dtype=dtype, **common)
     if "vae" in names:
         out["vae"] = AutoencoderKL.from_pretrained(str(path), subfolder="vae", dtype=dtype, **common)
+    from transformers import AutoTokenizer
+
     if "text_encoder" in names:
-        from transformers import AutoTokenizer, Qwen3Model
+        from transformers import Qwen3Model
 
         out["text_encoder"] = Qwen3Model.from_pretrained(str(path), subfolder="text_encoder", dtype=dtype,
                                                          local_files_only=True)
-        out["tokenizer"] = AutoTokenizer.from_pretrained(str(path), subfolder="tokenizer", local_files_only=True)
+    # Always the tokenizer (a few MB): a replica that borrows another's encoder still checks and counts each of
+    # its prompts itself, so one bad prompt never reaches the shared encoder's batch.
+    out["tokenizer"] = AutoTokenizer.from_pretrained(str(path), subfolder="tokenizer", local_files_only=True)
     return out

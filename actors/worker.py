@@ -13,10 +13,10 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from orchestrator.config import COMPONENTS, ModelConfig
-from orchestrator.messages import Batch, BatchResult, ImageResult, ReplicaHealth, StageTimes, StepProgress
+from orchestrator.messages import Batch, BatchResult, ImageResult, ReplicaHealth, StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,8 @@ class PipelineWorker:
     def health(self) -> ReplicaHealth:
         import torch
 
+        from .screening import max_image_side
+
         t0 = time.perf_counter()
         alloc, peak = {}, {}
         if self.engine is not None and torch.cuda.is_available():
@@ -235,6 +237,7 @@ class PipelineWorker:
             numerics=dict(self.numerics),
             compiles_warmup=self.compiles_warmup,
             compiles_after_ready=_graphs_compiled() - self._compiles_at_ready if self._ready else 0,
+            max_side=max_image_side(self.engine) if self.engine is not None else 0,
         )
 
     def pid(self) -> int:
@@ -260,17 +263,18 @@ class PipelineWorker:
 
     # ---- serving ---------------------------------------------------------------------------------------
     def run_batch(self, batch: Batch) -> BatchResult:
-        return self._run(batch)
+        return self._serve(batch)
 
     def run_batch_stream(self, batch: Batch):
         """Like ``run_batch``, but first yields a ``StepProgress`` after every denoising step (Ray streams each
-        item to the router as it is produced), then the ``BatchResult``."""
+        item to the router as it is produced), with the preview images of requests that asked for
+        ``partial_images``, then the ``BatchResult``."""
         events: queue.Queue = queue.Queue()
         out: list[BatchResult] = []
 
         def work() -> None:
             try:
-                out.append(self._run(batch, lambda i, n: events.put(StepProgress(batch.batch_id, i, n))))
+                out.append(self._serve(batch, events.put))
             finally:
                 events.put(None)
 
@@ -280,6 +284,43 @@ class PipelineWorker:
             yield event
         t.join()
         yield out[0]
+
+    def _serve(self, batch: Batch, emit=None) -> BatchResult:
+        """Isolation around ``_run``: each request is screened on its own first (``actors/screening.py``), so a
+        prompt the tokenizer cannot encode or a size the model cannot place fails alone (``invalid_request``)
+        while the rest run as one batch; a sample whose latents end non-finite fails alone (``request_error``).
+        Results carry the token counts the HTTP layer reports as ``usage``."""
+        from .screening import StepHook, screen
+
+        if not self._ready or self.engine is None:
+            return self._run(batch)
+        checked = screen(self.engine, batch)
+        by_id: dict[str, ImageResult] = {}
+        out = None
+        if checked.runnable:
+            run = batch if len(checked.runnable) == len(batch) else replace(batch, requests=checked.runnable)
+            hook = StepHook(self.engine, run, emit, self._stage_locks["decode"])
+            out = self._run(run, hook)
+            if hook.preview_s:
+                log.info("replica %s: batch %d: previews decoded in %.3fs", self.replica_id, batch.batch_id,
+                         hook.preview_s)
+            for r in out.results:
+                if r.ok and r.request_id in hook.nonfinite:
+                    log.error("replica %s: request %s came out non-finite", self.replica_id, r.request_id)
+                    r = replace(r, ok=False, image=None, error="the image came out non-finite (NaN or inf)",
+                                error_type="request_error")
+                by_id[r.request_id] = replace(r, prompt_tokens=checked.prompt_tokens.get(r.request_id),
+                                              image_tokens=checked.image_tokens.get(r.request_id))
+        for r in batch.requests:
+            if r.request_id in checked.failed:
+                message, param = checked.failed[r.request_id]
+                by_id[r.request_id] = ImageResult(
+                    request_id=r.request_id, ok=False, replica_id=self.replica_id, batch_id=batch.batch_id,
+                    batch_size=len(batch), seed=r.seed, width=r.width, height=r.height, error=message,
+                    error_type="invalid_request", param=param)
+        times = out.stage_times if out is not None else StageTimes()
+        return BatchResult(batch.batch_id, self.replica_id, tuple(by_id[r.request_id] for r in batch.requests),
+                           times)
 
     def _run(self, batch: Batch, on_step=None) -> BatchResult:
         if not self._ready:
@@ -365,7 +406,8 @@ class PipelineWorker:
     # ---- fault injection (tests and chaos drills) ------------------------------------------------------
     def inject_fault(self, kind: str | None, **kw) -> None:
         """``kind``: None (clear), 'raise', 'oom_above' (batches larger than ``max_batch`` raise an OOM),
-        'stall' (sleep ``seconds`` once), 'exit' (the process dies mid-batch)."""
+        'stall' (sleep ``seconds`` once), 'exit' (the process dies mid-batch), 'poison' (a batch holding a
+        prompt that contains ``marker`` raises as a whole)."""
         from .faults import make_fault
 
         self._fault = make_fault(kind, **kw)

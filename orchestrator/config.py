@@ -308,6 +308,22 @@ class RequestDefaults(_Strict):
     num_inference_steps: int = Field(default=9, ge=1, le=100, description="Denoising steps (Turbo: 9).")
     guidance_scale: float = Field(default=0.0, ge=0, le=20, description="CFG scale; > 0 doubles transformer work.")
     negative_prompt: str | None = Field(default=None, description="Used only when guidance_scale > 0.")
+    quality_steps: dict[Literal["low", "medium", "high"], int] = Field(
+        default_factory=lambda: {"low": 4, "medium": 6, "high": 9},
+        description="Denoising steps for the API's `quality` low / medium / high (`hd` counts as high; `auto`, "
+        "`standard` and no quality use num_inference_steps). A request's own num_inference_steps wins.",
+    )
+
+    @field_validator("quality_steps")
+    @classmethod
+    def _all_qualities(cls, v: dict) -> dict:
+        missing = {"low", "medium", "high"} - set(v)
+        if missing:
+            raise ValueError(f"quality_steps needs low, medium and high (missing {sorted(missing)})")
+        bad = {k: n for k, n in v.items() if not 1 <= n <= 100}
+        if bad:
+            raise ValueError(f"quality_steps must be between 1 and 100 steps (got {bad})")
+        return v
 
 
 class LimitsConfig(_Strict):
@@ -331,6 +347,11 @@ class ServerConfig(_Strict):
     )
     served_model_name: str = Field(default="z-image-turbo", description="Model name in /v1/models.")
     drain_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="SIGTERM: wait this long.")
+    docs: bool = Field(
+        default=False,
+        description="Serve FastAPI's /docs, /redoc and /openapi.json (the generated pages; Swagger UI loads from a "
+        "CDN). Off: those paths answer 404 like any unknown path.",
+    )
 
 
 class Config(_Strict):
@@ -356,6 +377,9 @@ class Config(_Strict):
             raise ValueError(
                 f"defaults.num_inference_steps = {d.num_inference_steps} exceeds limits.max_steps = {lim.max_steps}"
             )
+        over = {q: n for q, n in d.quality_steps.items() if n > lim.max_steps}
+        if over:
+            raise ValueError(f"defaults.quality_steps {over} exceed limits.max_steps = {lim.max_steps}")
         return self
 
 

@@ -301,13 +301,27 @@ class Deployment:
         log.error("replica %s did not come back within deployment.start_timeout_s", replica_id)
 
     # ---- generation ------------------------------------------------------------------------------------
+    @property
+    def max_side(self) -> int | None:
+        """The longest image side every replica's model can place (its transformer's position table), as the
+        replicas reported it at start-up; None when none reported one."""
+        sides = [h.max_side for h in self.health.values() if h.max_side]
+        return min(sides) if sides else None
+
     def requests_for(self, prompt: str, **params) -> list[ImageRequest]:
-        return build_requests(prompt, defaults=self.config.defaults, limits=self.config.limits, **params)
+        return build_requests(prompt, defaults=self.config.defaults, limits=self.config.limits,
+                              max_side=self.max_side, **params)
 
     async def submit(self, request: ImageRequest, timeout_s: float | None = None, on_progress=None) -> ImageResult:
         if self.router is None:
             raise NotReadyError("the deployment has not started")
         return await self.router.submit(request, timeout_s, on_progress)
+
+    def admit(self, requests: Sequence[ImageRequest], timeout_s: float | None = None, on_progress=None):
+        """Queue all of ``requests`` or none (``Router.admit``); returns one awaitable result per request."""
+        if self.router is None:
+            raise NotReadyError("the deployment has not started")
+        return self.router.admit(requests, timeout_s, on_progress)
 
     async def generate(self, prompts: str | Sequence[str], **params) -> list[ImageResult]:
         """Generate images for one prompt or many (each fanned out ``n`` times). Parameters: n, width, height,
@@ -315,7 +329,7 @@ class Deployment:
         request is a result with ``ok=False`` and its reason."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         requests = [r for p in prompts for r in self.requests_for(p, **params)]
-        return list(await asyncio.gather(*(self.submit(r) for r in requests)))
+        return list(await asyncio.gather(*self.admit(requests)))
 
     async def replica_health(self) -> dict[str, ReplicaHealth | str]:
         out: dict[str, ReplicaHealth | str] = {}

@@ -24,6 +24,10 @@ class BatchKey(NamedTuple):
         return f"{self.num_inference_steps}steps"
 
 
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 @dataclass(frozen=True)
 class ImageRequest:
     """One prompt -> one image. ``seed`` is always set (the router draws one when the caller did not)."""
@@ -36,6 +40,7 @@ class ImageRequest:
     num_inference_steps: int
     guidance_scale: float
     negative_prompt: str | None = None
+    partial_images: int = 0  # preview images wanted while streaming (decoded from intermediate latents)
 
     @property
     def key(self) -> BatchKey:
@@ -49,8 +54,10 @@ class ImageRequest:
     def tokens(self) -> int:
         """An upper bound of the tokens this request adds to a packed transformer call (the router's budget unit):
         its image tokens and caption tokens, both padded, twice with guidance (the negative pass)."""
-        return sample_tokens(self.width, self.height, caption_tokens_bound(len(self.prompt.encode())),
-                             self.guidance_scale > 0, caption_tokens_bound(len((self.negative_prompt or "").encode())))
+        # surrogatepass: a prompt with a lone surrogate (legal in JSON) must still be counted, not raise here, in
+        # admission or the router loop; the replica refuses it alone (actors/screening.py).
+        return sample_tokens(self.width, self.height, caption_tokens_bound(_utf8_len(self.prompt)),
+                             self.guidance_scale > 0, caption_tokens_bound(_utf8_len(self.negative_prompt or "")))
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,19 @@ def encode_png(image) -> bytes:
     return buf.getvalue()
 
 
+# Why a result failed (``ImageResult.error_type``). The router and the HTTP layer act on these:
+FAILURE_KINDS = {
+    "invalid_request": "the request's own input cannot be run (found by the replica); HTTP 400, never retried",
+    "request_error": "a fault attributed to this request alone (e.g. non-finite output); HTTP 500, not retried",
+    "replica_error": "the whole batch failed; the router bisects it so only the culprit fails; HTTP 500",
+    "out_of_memory": "the batch did not fit; the router splits it; a single image that does not fit: HTTP 507",
+    "replica_lost": "the replica died under it; retried elsewhere; HTTP 503 when attempts run out",
+    "not_ready": "the replica has not loaded yet; retried; HTTP 503",
+    "timeout": "over its deadline; HTTP 504",
+    "cancelled": "the caller went away",
+}
+
+
 @dataclass(frozen=True)
 class ImageResult:
     """The outcome for one request. ``image`` (uint8 [H, W, 3]) is set when ``ok``; ``error``/``error_type`` when
@@ -110,11 +130,14 @@ class ImageResult:
     height: int = 0
     image: Any = None  # numpy uint8 [H, W, 3]
     error: str | None = None
-    error_type: str | None = None
+    error_type: str | None = None  # see FAILURE_KINDS
+    param: str | None = None  # for error_type "invalid_request": the request field at fault
     stage_times: StageTimes = field(default_factory=StageTimes)
     queue_s: float = 0.0
     latency_s: float = 0.0
     attempts: int = 1
+    prompt_tokens: int | None = None  # text tokens the encoder saw (chat template included), as the replica counted
+    image_tokens: int | None = None  # image tokens the transformer generated ((H/16) x (W/16))
 
     @cached_property
     def png(self) -> bytes | None:
@@ -152,12 +175,16 @@ class ReplicaHealth:
     numerics: dict = field(default_factory=dict)
     compiles_warmup: int = 0  # graphs torch.compile built before ready
     compiles_after_ready: int = 0  # graphs built while serving (the goal is none)
+    max_side: int = 0  # longest image side the model's position table can place, in pixels (0: unknown)
 
 
 @dataclass(frozen=True)
 class StepProgress:
-    """Per-step progress of a running batch, for streaming clients."""
+    """Per-step progress of a running batch, for streaming clients. ``previews`` holds the preview images decoded
+    at this step for the requests that asked for them (``partial_images``): ``(request_id, partial_index, image)``
+    with ``image`` a uint8 [H, W, 3] array."""
 
     batch_id: int
     step: int
     total_steps: int
+    previews: tuple = ()

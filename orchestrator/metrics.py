@@ -52,6 +52,8 @@ class PrometheusObserver(RouterObserver):
         self.replica_events = Counter("zimage_replica_events_total",
                                       "Replica lifecycle events: lost, hung, back, dropped.", ["replica", "event"],
                                       registry=r)
+        self.http = Counter("zimage_http_responses_total", "HTTP responses by status code (5xx: server faults).",
+                            ["status"], registry=r)
         self._inflight: dict[str, int] = {}
 
     def bind(self, router) -> None:
@@ -89,6 +91,9 @@ class PrometheusObserver(RouterObserver):
     def rejected(self, error_type: str) -> None:
         self.requests.labels("rejected").inc()
         self.errors.labels(error_type).inc()
+
+    def http_response(self, status: int) -> None:
+        self.http.labels(str(status)).inc()
 
     def replica_event(self, replica_id: str, event: str) -> None:
         self.replica_events.labels(replica_id, event).inc()

@@ -1,7 +1,8 @@
 """Every Ray call of the project lives here, behind small wrappers, so that the router and the deployment logic
 are tested with fakes and the Ray-specific behaviour is in one place.
 
-- ``connect``: join a cluster (``address``) or start a local Ray with declared (possibly logical) GPUs.
+- ``connect``: join a cluster (``address``) or start a local Ray with declared (possibly logical) GPUs, never
+  joining a cluster by accident (``RAY_ADDRESS``, a stale current-cluster file).
 - ``live_inventory``: the nodes and GPUs of the running cluster, for the planner.
 - ``RayReplica``: one replica actor in its own placement group (a bundle ``{"GPU": n}`` on one node,
   STRICT_PACK), pinned to the node the plan chose; Ray sets CUDA_VISIBLE_DEVICES, so the actor sees cuda:0..n-1.
@@ -39,8 +40,12 @@ def connect(cluster: ClusterConfig) -> None:
         log.info("joining Ray cluster at %s", cluster.address)
         ray.init(address=cluster.address, **common)
     else:
+        # address="local", not None: with None, ray.init joins whatever RAY_ADDRESS or the current-cluster file
+        # (<ray temp dir>/ray_current_cluster, left behind by a cluster that died without `ray stop`) points at,
+        # and then refuses num_cpus/num_gpus. A local start always starts its own Ray.
         log.info("starting a local Ray (num_cpus=%s, num_gpus=%s)", cluster.num_cpus, cluster.num_gpus)
-        ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus, include_dashboard=False, **common)
+        ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus, include_dashboard=False,
+                 **common)
 
 
 def node_alive(node_id: str) -> bool:

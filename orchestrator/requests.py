@@ -14,7 +14,33 @@ from .errors import InvalidRequestError
 from .messages import ImageRequest
 
 SEED_MAX = 2**63 - 1
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+MAX_SIDE = 1 << 16  # a hard ceiling whatever the model: the model's own limit (max_side) is usually lower
+_SIZE_RE = re.compile(r"^\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*$")
+
+
+def shown(value, limit: int = 60) -> str:
+    """A caller's value for an error message: repr'd, cut to ``limit`` characters, surrogates escaped, so that
+    echoing it never makes a response huge or unencodable."""
+    if isinstance(value, (list, dict)):  # never repr a caller's structure: it may be huge or nested too deeply
+        return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's digit limit for str()
+        return "<a number with too many digits>"
+    if len(text) > limit:
+        text = text[: limit - 5] + "...'" if text[:1] in "'\"" else text[: limit - 3] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_text(name: str, text: str) -> None:
+    """Text the model will read must be valid Unicode: JSON can carry lone surrogates (``"\\ud800"``) that no
+    UTF-8 tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            f"{name} is not valid Unicode text: it holds a lone surrogate (U+{ord(text[e.start]):04X}) at "
+            f"character {e.start}; send UTF-8 text", param=name) from None
 
 
 def parse_size(size: str | None, defaults: RequestDefaults) -> tuple[int, int]:
@@ -22,20 +48,21 @@ def parse_size(size: str | None, defaults: RequestDefaults) -> tuple[int, int]:
     if size is None or size == "auto":
         return defaults.width, defaults.height
     if not isinstance(size, str):
-        raise InvalidRequestError(f"size must be a string 'WIDTHxHEIGHT', e.g. '1024x1024' (got {size!r})",
+        raise InvalidRequestError(f"size must be a string 'WIDTHxHEIGHT', e.g. '1024x1024' (got {shown(size)})",
                                   param="size")
     m = _SIZE_RE.match(size)
     if not m:
-        raise InvalidRequestError(f"size must look like '1024x1024' (WIDTHxHEIGHT in pixels), got {size!r}",
+        raise InvalidRequestError(f"size must look like '1024x1024' (WIDTHxHEIGHT in pixels), got {shown(size)}",
                                   param="size")
     return int(m.group(1)), int(m.group(2))
 
 
-def _check_int(name: str, v, lo: int, hi: int, hint: str = "") -> int:
+def _check_int(name: str, v, lo: int, hi: int, hint: str = "", param: str | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise InvalidRequestError(f"{name} must be an integer, got {v!r}", param=name)
+        raise InvalidRequestError(f"{name} must be an integer, got {shown(v)}", param=param or name)
     if not lo <= v <= hi:
-        raise InvalidRequestError(f"{name} must be between {lo} and {hi}, got {v}{hint}", param=name)
+        raise InvalidRequestError(f"{name} must be between {lo} and {hi}, got {shown(v)}{hint}",
+                                  param=param or name)
     return v
 
 
@@ -52,8 +79,12 @@ def build_requests(
     seed: int | None = None,
     negative_prompt: str | None = None,
     request_id: str | None = None,
+    max_side: int | None = None,
+    partial_images: int | None = None,
 ) -> list[ImageRequest]:
-    """Validate one prompt's parameters and fan ``n`` out into ``n`` requests with seeds seed, seed+1, ..."""
+    """Validate one prompt's parameters and fan ``n`` out into ``n`` requests with seeds seed, seed+1, ...
+    ``None`` means the default for every parameter. ``max_side``: the longest side the model can place
+    (``Deployment.max_side``); ``partial_images``: preview images per request while streaming (0-3)."""
     if not isinstance(prompt, str):
         raise InvalidRequestError(f"prompt must be a string, got {type(prompt).__name__}", param="prompt")
     if not prompt.strip():
@@ -62,9 +93,12 @@ def build_requests(
         raise InvalidRequestError(
             f"prompt is {len(prompt)} characters; the limit is {limits.max_prompt_chars} "
             f"(limits.max_prompt_chars)", param="prompt")
-    n = _check_int("n", n, 1, limits.max_n)
-    width = defaults.width if width is None else _check_int("width", width, 1, 1 << 16)
-    height = defaults.height if height is None else _check_int("height", height, 1, 1 << 16)
+    check_text("prompt", prompt)
+    n = 1 if n is None else _check_int("n", n, 1, limits.max_n)
+    side = min(MAX_SIDE, max_side or MAX_SIDE)
+    hint = f" (the model places at most {side} pixels per side)" if max_side else ""
+    width = defaults.width if width is None else _check_int("width", width, 1, side, hint, param="size")
+    height = defaults.height if height is None else _check_int("height", height, 1, side, hint, param="size")
     for name, v in (("width", width), ("height", height)):
         if v % 16:
             raise InvalidRequestError(
@@ -77,9 +111,10 @@ def build_requests(
     steps = _check_int("num_inference_steps", steps, 1, limits.max_steps)
     guidance = defaults.guidance_scale if guidance_scale is None else guidance_scale
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance != guidance:
-        raise InvalidRequestError(f"guidance_scale must be a number, got {guidance!r}", param="guidance_scale")
+        raise InvalidRequestError(f"guidance_scale must be a number, got {shown(guidance)}",
+                                  param="guidance_scale")
     if not 0.0 <= guidance <= 20.0:
-        raise InvalidRequestError(f"guidance_scale must be between 0 and 20, got {guidance}",
+        raise InvalidRequestError(f"guidance_scale must be between 0 and 20, got {shown(guidance)}",
                                   param="guidance_scale")
     if negative_prompt is None:
         negative_prompt = defaults.negative_prompt
@@ -89,10 +124,12 @@ def build_requests(
         if len(negative_prompt) > limits.max_prompt_chars:
             raise InvalidRequestError(f"negative_prompt is longer than {limits.max_prompt_chars} characters",
                                       param="negative_prompt")
+        check_text("negative_prompt", negative_prompt)
     if seed is None:
         seed = secrets.randbelow(2**31)
     else:
         seed = _check_int("seed", seed, 0, SEED_MAX - limits.max_n)
+    partial_images = 0 if partial_images is None else _check_int("partial_images", partial_images, 0, 3)
     base = request_id or uuid.uuid4().hex[:16]
     return [
         ImageRequest(
@@ -104,6 +141,7 @@ def build_requests(
             num_inference_steps=steps,
             guidance_scale=float(guidance),
             negative_prompt=negative_prompt if guidance > 0 else None,
+            partial_images=partial_images,
         )
         for i in range(n)
     ]

@@ -11,11 +11,11 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from .config import RouterConfig
-from .errors import NotReadyError, ReplicaHungError, ReplicaUnavailableError
+from .errors import NotReadyError, QueueFullError, ReplicaHungError, ReplicaUnavailableError
 from .messages import Batch, BatchResult, ImageRequest, ImageResult, StepProgress
 from .scheduler import BatchScheduler, Pending, ReplicaCapacity
 
@@ -207,6 +207,19 @@ class Router:
         accepting); after admission every outcome, failures and timeouts included, is an ``ImageResult``.
         Cancelling the awaiting task drops the request if it has not been dispatched yet. ``on_progress`` is
         called after every denoising step of the batch that runs the request."""
+        (waiter,) = self.admit([request], timeout_s, [on_progress])
+        return await waiter
+
+    def admit(
+        self,
+        requests: Sequence[ImageRequest],
+        timeout_s: float | None = None,
+        on_progress: Sequence[Callable[[StepProgress], None] | None] | None = None,
+    ) -> list[Awaitable[ImageResult]]:
+        """Queue several requests (one API call's ``n`` images) all or nothing: either every one is queued and
+        an awaitable of its result comes back for each, or none is and the reason is raised (queue full, not
+        servable, not accepting). Nothing is computed for a refused call. Await every returned awaitable;
+        cancelling one drops its request if it has not been dispatched yet."""
         if not self._accepting:
             self.observer.rejected("not_ready")
             raise NotReadyError("the deployment is shutting down and accepts no new requests")
@@ -217,25 +230,36 @@ class Router:
             self.observer.rejected("not_ready")
             raise NotReadyError("the deployment has no replicas; retry shortly")
         try:
-            self.scheduler.check_servable(request, members)
+            for request in requests:
+                self.scheduler.check_servable(request, members)
         except Exception as e:
             self.observer.rejected(getattr(e, "error_type", "invalid_request_error"))
             raise
+        room = self.config.queue_limit - len(self.scheduler)
+        if len(requests) > room:
+            self.observer.rejected("rate_limit_error")
+            raise QueueFullError(
+                f"the queue has room for {max(0, room)} more request(s) and this call needs {len(requests)} "
+                f"({len(self.scheduler)} waiting, router.queue_limit={self.config.queue_limit}); retry later")
         now = self.clock.now()
         timeout = timeout_s if timeout_s is not None else self.config.request_timeout_s
-        p = Pending(request, enqueued_at=now, deadline=now + timeout, progress=on_progress)
-        p.ticket = asyncio.get_running_loop().create_future()
-        try:
+        progress = list(on_progress) if on_progress is not None else [None] * len(requests)
+        pendings = []
+        for request, listener in zip(requests, progress):
+            p = Pending(request, enqueued_at=now, deadline=now + timeout, progress=listener)
+            p.ticket = asyncio.get_running_loop().create_future()
+            pendings.append(p)
+        for p in pendings:  # no await in between: the room checked above is still there
             self.scheduler.add(p)
-        except Exception as e:
-            self.observer.rejected(getattr(e, "error_type", "rate_limit_error"))
-            raise
         self._wake.set()
+        return [self._result_of(p) for p in pendings]
+
+    async def _result_of(self, p: Pending) -> ImageResult:
         try:
             return await asyncio.shield(p.ticket)
         except asyncio.CancelledError:
             if self.scheduler.remove(p):
-                log.info("request %s cancelled by its caller before it ran", request.request_id)
+                log.info("request %s cancelled by its caller before it ran", p.request.request_id)
                 self.observer.finished(self._error_result(p, "cancelled by the client", "cancelled"))
             raise
 
@@ -290,8 +314,9 @@ class Router:
                 return
             except Exception as e:  # noqa: BLE001 - a transport bug must fail the requests, not hang them
                 log.exception("batch %d on %s: unexpected error", batch.batch_id, replica.replica_id)
-                for p in pendings:
-                    self._finish(p, self._error_result(p, f"{type(e).__name__}: {e}", "replica_error"))
+                # As data, so that _deliver bisects it like any whole-batch failure (it may be one request's).
+                self._deliver(batch, pendings, BatchResult(batch.batch_id, replica.replica_id, tuple(
+                    self._error_result(p, f"{type(e).__name__}: {e}", "replica_error") for p in pendings)))
                 return
             self._deliver(batch, pendings, out)
         finally:
@@ -342,6 +367,15 @@ class Router:
                 # Split: retry each request in batches of at most half this size.
                 p.max_batch = max(1, len(batch) // 2)
                 p.attempts -= 1  # a split is not a failed attempt
+                self._requeue(p)
+            elif r.error_type == "replica_error" and len(batch) > 1:
+                # Isolation: the whole batch failed, and it may be one member's fault (an input no per-request
+                # check caught). Bisect as for out of memory: each half runs again without counting an attempt,
+                # down to single requests, so the innocent members succeed and only the culprit fails.
+                log.info("batch %d failed as a whole (%s); bisecting %s", batch.batch_id, r.error,
+                         p.request.request_id)
+                p.max_batch = max(1, len(batch) // 2)
+                p.attempts -= 1
                 self._requeue(p)
             elif r.error_type == "replica_lost":
                 self._retry_or_fail(p, r.error or "a replica it depends on was lost", "replica_lost")

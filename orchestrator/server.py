@@ -3,14 +3,18 @@
     zimage-orch serve clusters/local-cpu.yaml            # 127.0.0.1:8000 unless --host/--port say otherwise
 
 Endpoints:
-- ``POST /v1/images/generations``: OpenAI's request and response shapes (``model``, ``prompt``, ``n``, ``size``,
-  ``response_format`` = ``b64_json``, ``user``), plus ``seed``, ``num_inference_steps``, ``guidance_scale``,
-  ``negative_prompt``. ``"stream": true`` answers with server-sent events: ``image_generation.progress`` after
-  every denoising step, ``image_generation.completed`` with each image, ``error`` on failure.
-- ``GET /v1/models``, ``GET /healthz`` (alive), ``GET /readyz`` (503 until every replica has warmed up),
-  ``GET /metrics`` (Prometheus text).
-Errors use OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``: 400 invalid input (naming the
-field), 401 bad or missing key, 413 body too large, 429 queue full (with ``Retry-After``), 503 not ready, 504 timeout.
+- ``POST /v1/images/generations``: OpenAI's request and response shapes as published (``images_api.py`` says
+  what each field does), plus ``seed``, ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``.
+  ``"stream": true`` answers with server-sent events: ``image_generation.partial_image`` (``partial_images``
+  previews), ``image_generation.completed`` with each image, ``error`` on failure; per-step progress travels as
+  SSE comment lines (``: image_generation.progress {...}``), which SSE clients, the official one included, skip.
+- ``GET /v1/models``, ``GET|HEAD /healthz`` (alive), ``GET|HEAD /readyz`` (503 until every replica has warmed
+  up), ``GET /metrics`` (Prometheus text). ``/docs``, ``/redoc``, ``/openapi.json`` only with ``server.docs``.
+Every error, 404 and 405 included, uses OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``:
+400 invalid input (naming the field), 401 bad or missing key, 413 body too large (checked while reading), 429
+queue full (with ``Retry-After``, before a stream starts, for all ``n`` images or none), 503 not ready, 504
+timeout, 507 a single image larger than GPU memory; 500 only for server faults, with no internal text (the
+cause goes to the log; ``zimage_http_responses_total{status}`` counts them).
 SIGTERM stops accepting connections, lets the requests in flight finish, then shuts the deployment down and exits 0.
 """
 
@@ -28,24 +32,24 @@ from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import Config, load_config
 from .errors import InvalidRequestError, QueueFullError, ZImageError
+from .images_api import ImageCall, completed_event, encode_image, images_response, parse_generation, \
+    partial_image_event
 from .messages import ImageRequest, ImageResult, StepProgress
 from .metrics import PrometheusObserver
-from .requests import build_requests, parse_size
+from .requests import shown
 
 log = logging.getLogger(__name__)
 
-# Fields of OpenAI's images API that a client may send and that we accept (some only with their default).
-_ACCEPTED = {"model", "prompt", "n", "size", "response_format", "user", "seed", "num_inference_steps",
-             "guidance_scale", "negative_prompt", "stream", "quality", "style", "output_format", "background",
-             "moderation", "output_compression", "partial_images"}
-
 # How failed results map onto HTTP statuses and OpenAI error types.
 _RESULT_STATUS = {
+    "invalid_request": (400, "invalid_request_error"),
     "timeout": (504, "timeout"),
     "cancelled": (499, "cancelled"),
     "not_ready": (503, "service_unavailable"),
@@ -54,23 +58,127 @@ _RESULT_STATUS = {
 }
 
 
+class _JSON(JSONResponse):
+    """JSON with every non-ASCII character escaped: whatever a caller sent (lone surrogates included) and we
+    echo in a message can always be encoded, so an error response never turns into a 500 itself."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 def error_response(status: int, message: str, type_: str, param: str | None = None,
                    code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+    return _JSON(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
 def _from_exception(e: ZImageError) -> JSONResponse:
     headers = None
     if isinstance(e, QueueFullError):
         headers = {"Retry-After": str(max(1, int(round(e.retry_after_s))))}
+    elif e.http_status == 503:
+        headers = {"Retry-After": "1"}
+    if e.http_status >= 500 and e.http_status not in (503, 504):
+        log.error("request failed: %s: %s", type(e).__name__, e.message)
+        return error_response(e.http_status, "the server failed to handle this request; the cause is in its log",
+                              "server_error")
     return error_response(e.http_status, e.message, e.error_type, e.param, headers=headers)
 
 
-def _from_result(r: ImageResult) -> JSONResponse:
+def _result_error(r: ImageResult) -> tuple[int, dict]:
+    """Status and envelope for a failed result. Server-side failures are described without internal text (the
+    replica's exception goes to this process's log with the request id)."""
     status, type_ = _RESULT_STATUS.get(r.error_type or "", (500, "server_error"))
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return error_response(status, r.error or "generation failed", type_, code=r.error_type, headers=headers)
+    if status == 400:
+        return status, error_body(r.error or "invalid request", type_, r.param, r.error_type)
+    if status >= 500:
+        log.error("request %s failed (%s) on replica %s: %s", r.request_id, r.error_type, r.replica_id or "-",
+                  r.error)
+    if status == 504:
+        message = r.error or "the request timed out"
+    elif status == 503:
+        message = "no replica could run this request (a replica was lost or is restarting); retry shortly"
+    elif status == 507:
+        message = (f"out of GPU memory for a single {r.width}x{r.height} image; use a smaller size or a placement "
+                   f"with more memory per replica")
+    elif status == 499:
+        message = "cancelled: the client went away"
+    else:
+        message = f"the server failed to generate this image (request {r.request_id}); the cause is in its log"
+    return status, error_body(message, type_, None, r.error_type)
+
+
+def _from_result(r: ImageResult) -> JSONResponse:
+    status, body = _result_error(r)
+    return _JSON(body, status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, read chunk by chunk and abandoned at ``limit`` bytes: a chunked body (no
+    Content-Length) is never held whole past the limit."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge()
+    return bytes(body)
+
+
+def _no_constant(name: str):
+    raise InvalidRequestError(f"request body is not valid JSON: {name} is not a JSON value")
+
+
+def parse_json(body: bytes):
+    """Decode a request body, every failure a 400: syntax, encoding, nesting too deep for the decoder, numbers
+    with more digits than Python converts, NaN/Infinity (not JSON)."""
+    if not body.strip():
+        raise InvalidRequestError("request body is empty; send a JSON object")
+    try:
+        return json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidRequestError("request body is nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})")\
+            from None
+    except UnicodeDecodeError:
+        raise InvalidRequestError("request body is not valid JSON: it is not UTF-8 text") from None
+    except ValueError as e:  # int(): "Exceeds the limit (4300 digits) for integer string conversion"
+        if "digits" in str(e):
+            raise InvalidRequestError("request body is not valid JSON here: a number has too many digits") from None
+        raise InvalidRequestError("request body is not valid JSON") from None
+
+
+class ResponseCounter:
+    """ASGI middleware counting responses by status (``zimage_http_responses_total``), 5xx included. A pure
+    ASGI wrapper, not Starlette's BaseHTTPMiddleware, which would hide client disconnects from the endpoints."""
+
+    def __init__(self, app, observer: PrometheusObserver):
+        self.app = app
+        self.observer = observer
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status: list[int] = []
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        except BaseException:
+            self.observer.http_response(status[0] if status else 500)
+            raise
+        self.observer.http_response(status[0] if status else 500)
 
 
 class Service:
@@ -151,9 +259,33 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         log.info("shutting down: draining in-flight requests")
         await service.stop()
 
-    app = FastAPI(title="zimage-orchestrator", version="0.1.0", lifespan=lifespan)
+    docs = config.server.docs
+    app = FastAPI(title="zimage-orchestrator", version="0.1.0", lifespan=lifespan,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.service = service
+    app.add_middleware(ResponseCounter, observer=service.observer)
     limits = config.limits
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        where = shown(request.url.path, 80)
+        message, code = {
+            404: (f"no such endpoint: {where}", "not_found"),
+            405: (f"method {request.method} is not allowed on {where}", "method_not_allowed"),
+        }.get(exc.status_code, (str(exc.detail), None))
+        return error_response(exc.status_code, message, "invalid_request_error", code=code,
+                              headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return error_response(400, "invalid request", "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "the server failed to handle this request; the cause is in its log",
+                              "server_error")
 
     def guard(request: Request) -> JSONResponse | None:
         """Key and body-size checks for /v1 endpoints. (A function, not an HTTP middleware: Starlette's
@@ -163,7 +295,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
                                   "invalid_request_error", code="invalid_api_key")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            return error_response(413, f"request body is {length} bytes; the limit is {limits.max_body_bytes} "
+            return error_response(413, f"request body is {int(length)} bytes; the limit is {limits.max_body_bytes} "
                                        f"(limits.max_body_bytes)", "invalid_request_error")
         return None
 
@@ -180,6 +312,9 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         status = "failed" if service.start_error else "recovering" if service.accepting else "starting"
         return JSONResponse({"status": status, "error": service.start_error}, status_code=503)
 
+    for path, endpoint in (("/healthz", healthz), ("/readyz", readyz)):  # HEAD for load balancers' probes
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/metrics")
     async def metrics():
         return Response(generate_latest(service.observer.registry), media_type=CONTENT_TYPE_LATEST)
@@ -195,72 +330,55 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
     async def generations(request: Request):
         if (denied := guard(request)) is not None:
             return denied
-        body = await request.body()
-        if len(body) > limits.max_body_bytes:
+        try:
+            body = await read_body(request, limits.max_body_bytes)
+        except BodyTooLarge:
+            service.observer.rejected("invalid_request_error")
             return error_response(413, f"request body is larger than {limits.max_body_bytes} bytes "
                                        f"(limits.max_body_bytes)", "invalid_request_error")
         try:
-            payload = json.loads(body or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error_response(400, f"request body is not valid JSON: {e}", "invalid_request_error")
+            payload = parse_json(body)
+        except InvalidRequestError as e:
+            service.observer.rejected(e.error_type)
+            return _from_exception(e)
         if not service.accepting:
-            msg = f"the deployment failed to start: {service.start_error}" if service.start_error else \
+            msg = "the deployment failed to start; see /readyz and the server log" if service.start_error else \
                 "the deployment is starting; retry shortly"
             return error_response(503, msg, "service_unavailable", headers={"Retry-After": "5"})
+        dep = service.deployment
         try:
-            requests, stream = _parse(payload, config)
+            call = parse_generation(payload, config, getattr(dep, "max_side", None))
         except ZImageError as e:
             service.observer.rejected(e.error_type)
             return _from_exception(e)
-        if stream:
-            return StreamingResponse(_stream(service, requests), media_type="text/event-stream",
+        if call.user is not None or call.safety_identifier is not None:
+            log.info("request %s: user=%s safety_identifier=%s", call.requests[0].request_id,
+                     shown(call.user), shown(call.safety_identifier))
+        if call.stream:
+            stream = _Stream(call)
+            try:  # admission before the stream starts: a refusal is a plain HTTP status, for all n or none
+                waiters = dep.admit(call.requests, on_progress=stream.listeners)
+            except ZImageError as e:
+                return _from_exception(e)
+            return StreamingResponse(stream.events(waiters), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await _generate(service, request, requests)
+        try:
+            waiters = dep.admit(call.requests)
+        except ZImageError as e:
+            return _from_exception(e)
+        return await _generate(request, call, waiters)
 
     return app
 
 
-def _parse(payload, config: Config) -> tuple[list[ImageRequest], bool]:
-    if not isinstance(payload, dict):
-        raise InvalidRequestError("request body must be a JSON object")
-    unknown = sorted(set(payload) - _ACCEPTED)
-    if unknown:
-        raise InvalidRequestError(f"unknown field(s) {unknown}; accepted: {sorted(_ACCEPTED)}", param=unknown[0])
-    if "prompt" not in payload:
-        raise InvalidRequestError("prompt is required", param="prompt")
-    model = payload.get("model")
-    if model is not None and model != config.server.served_model_name:
-        raise InvalidRequestError(f"model {model!r} is not served here; use {config.server.served_model_name!r}",
-                                  param="model")
-    fmt = payload.get("response_format") or "b64_json"
-    if fmt != "b64_json":
-        raise InvalidRequestError(f"response_format {fmt!r} is not supported; use 'b64_json'",
-                                  param="response_format")
-    out_fmt = payload.get("output_format")
-    if out_fmt not in (None, "png"):
-        raise InvalidRequestError(f"output_format {out_fmt!r} is not supported; use 'png'", param="output_format")
-    stream = payload.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidRequestError("stream must be true or false", param="stream")
-    width, height = parse_size(payload.get("size"), config.defaults)
-    requests = build_requests(
-        payload["prompt"], defaults=config.defaults, limits=config.limits, n=payload.get("n", 1),
-        width=width, height=height, num_inference_steps=payload.get("num_inference_steps"),
-        guidance_scale=payload.get("guidance_scale"), seed=payload.get("seed"),
-        negative_prompt=payload.get("negative_prompt"),
-    )
-    return requests, stream
-
-
-async def _generate(service: Service, request: Request, requests: list[ImageRequest]) -> Response:
-    dep = service.deployment
-    work = asyncio.ensure_future(asyncio.gather(*(dep.submit(r) for r in requests), return_exceptions=True))
+async def _generate(request: Request, call: ImageCall, waiters: list[Awaitable[ImageResult]]) -> Response:
+    work = asyncio.ensure_future(asyncio.gather(*waiters, return_exceptions=True))
     # A client that goes away has its queued requests cancelled rather than computed.
     while not work.done():
         done, _ = await asyncio.wait({work}, timeout=0.25)
         if not done and await request.is_disconnected():
             work.cancel()
-            log.info("client disconnected; cancelled %d request(s)", len(requests))
+            log.info("client disconnected; cancelled %d request(s)", len(call.requests))
             return Response(status_code=499)
     outcomes = work.result()
     for o in outcomes:
@@ -268,66 +386,86 @@ async def _generate(service: Service, request: Request, requests: list[ImageRequ
             return _from_exception(o)
         if isinstance(o, BaseException):
             log.error("unexpected error: %r", o)
-            return error_response(500, f"{type(o).__name__}: {o}", "server_error")
+            return error_response(500, "the server failed to handle this request; the cause is in its log",
+                                  "server_error")
         if not o.ok:
             return _from_result(o)
-    b64 = await asyncio.gather(*(_b64_png(o) for o in outcomes))
-    return JSONResponse({
-        "created": int(time.time()),
-        "data": [{"b64_json": b, "revised_prompt": None, "seed": o.seed} for b, o in zip(b64, outcomes)],
-        "usage": {"images": len(outcomes)},
-    })
+    b64 = await asyncio.gather(*(_b64(o.image, call) for o in outcomes))
+    return _JSON(images_response(call, outcomes, b64, int(time.time())))
 
 
-async def _b64_png(result: ImageResult) -> str:
-    """PNG-encode in a worker thread: zlib releases the GIL, so images encode in parallel off the event loop."""
-    png = await asyncio.get_running_loop().run_in_executor(None, lambda: result.png)
-    return base64.b64encode(png).decode()
+async def _b64(image, call: ImageCall) -> str:
+    """Encode in a worker thread: zlib and libjpeg/libwebp release the GIL, so images encode in parallel off the
+    event loop."""
+    data = await asyncio.get_running_loop().run_in_executor(
+        None, encode_image, image, call.output_format, call.output_compression)
+    return base64.b64encode(data).decode()
 
 
 def _sse(event: str, data: dict) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=True)}\n\n".encode()
 
 
-async def _stream(service: Service, requests: list[ImageRequest]):
-    events: asyncio.Queue = asyncio.Queue()
+def _sse_comment(data: dict) -> bytes:
+    """Progress as an SSE comment line: SSE clients skip comments (the official openai client turns every
+    ``data:`` event into an image event, and an event without data into a JSON error), so it reaches only the
+    clients that look for it."""
+    return f": image_generation.progress {json.dumps(data)}\n\n".encode()
 
-    async def one(index: int, req: ImageRequest) -> None:
-        def progress(ev: StepProgress) -> None:
-            events.put_nowait(_sse("image_generation.progress", {
-                "type": "image_generation.progress", "index": index, "step": ev.step,
-                "total_steps": ev.total_steps}))
 
+class _Stream:
+    """One streaming call: per-request progress listeners feed a queue that ``events`` turns into SSE bytes."""
+
+    def __init__(self, call: ImageCall):
+        self.call = call
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.listeners = [self._listener(i, r) for i, r in enumerate(call.requests)]
+
+    def _listener(self, index: int, req: ImageRequest) -> Callable[[StepProgress], None]:
+        def on_progress(ev: StepProgress) -> None:
+            # The router hands every request of a batch every event: keep this request's previews only.
+            self.queue.put_nowait(_sse_comment({"index": index, "step": ev.step, "total_steps": ev.total_steps}))
+            for request_id, k, image in ev.previews:
+                if request_id == req.request_id:
+                    self.queue.put_nowait((index, req, k, image))
+
+        return on_progress
+
+    async def _one(self, index: int, waiter: Awaitable[ImageResult]) -> None:
         try:
-            r = await service.deployment.submit(req, on_progress=progress)
+            r = await waiter
         except ZImageError as e:
-            events.put_nowait(_sse("error", {"error": {"message": e.message, "type": e.error_type,
-                                                       "param": e.param, "code": None}}))
+            self.queue.put_nowait(_sse("error", error_body(e.message, e.error_type, e.param)))
             return
         if r.ok:
-            events.put_nowait(_sse("image_generation.completed", {
-                "type": "image_generation.completed", "index": index, "b64_json": await _b64_png(r),
-                "created_at": int(time.time()), "size": f"{r.width}x{r.height}", "output_format": "png",
-                "seed": r.seed}))
+            b64 = await _b64(r.image, self.call)
+            self.queue.put_nowait(_sse("image_generation.completed",
+                                       completed_event(self.call, index, r, b64, int(time.time()))))
         else:
-            status, type_ = _RESULT_STATUS.get(r.error_type or "", (500, "server_error"))
-            events.put_nowait(_sse("error", {"index": index, "error": {"message": r.error, "type": type_,
-                                                                       "param": None, "code": r.error_type}}))
+            _, body = _result_error(r)
+            self.queue.put_nowait(_sse("error", {**body, "index": index}))
 
-    tasks = [asyncio.ensure_future(one(i, r)) for i, r in enumerate(requests)]
-    waiter = asyncio.ensure_future(asyncio.gather(*tasks))
-    try:
-        while not (waiter.done() and events.empty()):
-            getter = asyncio.ensure_future(events.get())
-            done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                yield getter.result()
-            else:
-                getter.cancel()
-        yield b"data: [DONE]\n\n"
-    finally:
-        for t in tasks:
-            t.cancel()  # the client went away: drop what has not run
+    async def events(self, waiters: list[Awaitable[ImageResult]]):
+        tasks = [asyncio.ensure_future(self._one(i, w)) for i, w in enumerate(waiters)]
+        waiter = asyncio.ensure_future(asyncio.gather(*tasks))
+        try:
+            while not (waiter.done() and self.queue.empty()):
+                getter = asyncio.ensure_future(self.queue.get())
+                done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    continue
+                item = getter.result()
+                if isinstance(item, tuple):  # a preview: encoded here, in order, before its image's completion
+                    index, req, k, image = item
+                    b64 = await _b64(image, self.call)
+                    item = _sse("image_generation.partial_image",
+                                partial_image_event(self.call, index, req, k, b64, int(time.time())))
+                yield item
+            yield b"data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()  # the client went away: drop what has not run
 
 
 # ---- CLI (arguments are declared in cli.py, so `zimage-orch --help` imports no web stack) -----------------

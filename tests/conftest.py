@@ -24,7 +24,7 @@ def ray_cluster():
     """One local Ray for every integration test of the session: 4 logical GPUs on the CPU."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, namespace="zimage-tests",
+        ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, namespace="zimage-tests",
                  logging_level="WARNING")
     yield ray
     ray.shutdown()

@@ -89,7 +89,7 @@ def test_bad_size_is_a_clear_error(engine):
 
 def test_step_callback(engine):
     seen = []
-    engine.generate([Sample("a", 1, 32, 32)], 4, on_step=lambda i, n: seen.append((i, n)))
+    engine.generate([Sample("a", 1, 32, 32)], 4, on_step=lambda i, n, denoised: seen.append((i, n)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 

@@ -1,0 +1,201 @@
+"""One request's trouble stays its own (issue 11): per-request screening in the replica, bisection of batches that
+fail as a whole in the router, per-sample checks while a batch runs. Fakes for the router; the tiny model for the
+replica."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from fakes import FakePool, FakeReplica
+
+from actors.screening import StepHook, preview_steps, screen, validate_prompt
+from actors.worker import PipelineWorker, WarmupSpec
+from orchestrator.config import ModelConfig, RouterConfig
+from orchestrator.messages import Batch, BatchResult, ImageRequest, ImageResult
+from orchestrator.router import ManualClock, Router
+
+BAD = "a fox \ud800 in snow"  # a lone surrogate: valid in JSON ("\ud800"), unencodable by any UTF-8 tokenizer
+
+
+def req(i, prompt=None, size=64, seed=None, steps=2, partial_images=0):
+    return ImageRequest(f"q{i}", prompt or f"prompt {i}", 100 + i if seed is None else seed, size, size, steps, 0.0,
+                        partial_images=partial_images)
+
+
+# ---- the router: a batch that fails as a whole is bisected -----------------------------------------------
+class PoisonReplica(FakeReplica):
+    """Fails every batch that holds a prompt with 'poison' in it, as a whole (as a model bug one input
+    triggers would), either as data (replica_error results) or by raising (a transport-level failure)."""
+
+    def __init__(self, *a, raise_=False, **kw):
+        super().__init__(*a, **kw)
+        self.raise_ = raise_
+
+    async def run(self, batch):
+        if any("poison" in r.prompt for r in batch.requests):
+            self.batches.append(batch)
+            await asyncio.sleep(0)
+            if self.raise_:
+                raise RuntimeError("transport broke on this batch")
+            return BatchResult(batch.batch_id, self.replica_id, tuple(
+                ImageResult(request_id=r.request_id, ok=False, replica_id=self.replica_id, batch_id=batch.batch_id,
+                            seed=r.seed, error="TypeError: internal", error_type="replica_error")
+                for r in batch.requests))
+        return await super().run(batch)
+
+
+@pytest.mark.parametrize("raise_", [False, True], ids=["as-data", "raised"])
+async def test_router_bisects_a_failed_batch_so_only_the_culprit_fails(raise_):
+    replica = PoisonReplica("a", raise_=raise_)
+    router = Router(FakePool(replica), RouterConfig(max_batch_size=4, max_wait_ms=0, max_attempts=1),
+                    clock=ManualClock())
+    router.start()
+    reqs = [req(0), req(1), req(2, "poison pill"), req(3)]
+    results = await asyncio.wait_for(asyncio.gather(*router.admit(reqs)), 5)
+    by_id = {r.request_id: r for r in results}
+    assert [by_id[f"q{i}"].ok for i in range(4)] == [True, True, False, True]
+    assert by_id["q2"].error_type == "replica_error"
+    # 4 -> halves of 2 -> the poisoned half split into singles; max_attempts=1 was never used up by the splits.
+    assert [len(b) for b in replica.batches][0] == 4 and max(len(b) for b in replica.batches[1:]) <= 2
+    assert all(by_id[f"q{i}"].attempts == 1 for i in (0, 1, 3))
+    await router.stop()
+
+
+async def test_admission_is_all_or_nothing():
+    from orchestrator.errors import QueueFullError
+
+    replica = FakeReplica("a", manual=True)
+    router = Router(FakePool(replica), RouterConfig(max_batch_size=1, max_wait_ms=0, queue_limit=3),
+                    clock=ManualClock())
+    router.start()
+    first = asyncio.ensure_future(asyncio.gather(*router.admit([req(0), req(1), req(2)])))
+    await asyncio.sleep(0.01)  # q0 runs (held by the fake), q1 and q2 wait: room for one more
+    assert router.waiting == 2
+    with pytest.raises(QueueFullError, match="room for 1 more"):
+        router.admit([req(3), req(4)])
+    assert router.waiting == 2  # nothing of the refused call was queued
+    later = router.admit([req(5)])  # the one that fits still does
+    assert router.waiting == 3
+    for _ in range(4):
+        while not replica.waiting:
+            await asyncio.sleep(0.001)
+        replica.release()
+    results = await asyncio.wait_for(first, 5) + await asyncio.wait_for(asyncio.gather(*later), 5)
+    assert [r.request_id for r in results] == ["q0", "q1", "q2", "q5"] and all(r.ok for r in results)
+    assert sorted(r.request_id for b in replica.batches for r in b.requests) == ["q0", "q1", "q2", "q5"]
+    await router.stop()
+
+
+# ---- the replica: per-request screening --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def worker(tiny_cache):
+    w = PipelineWorker("r0", ModelConfig(source="tiny", dtype="float32", cache_dir=tiny_cache),
+                       warmup=WarmupSpec(((32, 32),), 1), torch_threads=1)
+    w.start()
+    return w
+
+
+def test_validate_prompt_counts_and_refuses(worker):
+    tok = worker.engine.tokenizer
+    n = validate_prompt(tok, "a red fox")
+    templated = tok.apply_chat_template([{"role": "user", "content": "a red fox"}], tokenize=False,
+                                        add_generation_prompt=True, enable_thinking=True)
+    assert n == len(tok(templated)["input_ids"]) and n > len("a red fox")
+    assert validate_prompt(tok, "x" * 5000) == 512  # truncated as the engine truncates
+    with pytest.raises(ValueError, match="lone surrogate"):
+        validate_prompt(tok, BAD)
+
+
+def test_bad_prompt_in_a_batch_fails_alone(worker):
+    """The issue's reproduction at the replica: one prompt the tokenizer cannot encode among three valid ones.
+    Before, the whole batch raised in the tokenizer and all four failed."""
+    reqs = [req(0, "a red fox", seed=1), req(1, BAD), req(2, "a lighthouse", seed=2), req(3, "a cat", seed=3)]
+    out = worker.run_batch(Batch(1, tuple(reqs)))
+    by_id = {r.request_id: r for r in out.results}
+    assert [r.request_id for r in out.results] == ["q0", "q1", "q2", "q3"]
+    bad = by_id["q1"]
+    assert not bad.ok and bad.error_type == "invalid_request" and bad.param == "prompt"
+    assert "lone surrogate" in bad.error
+    for i in (0, 2, 3):
+        assert by_id[f"q{i}"].ok and by_id[f"q{i}"].prompt_tokens > 0 and by_id[f"q{i}"].image_tokens == 16
+    alone = worker.run_batch(Batch(2, (reqs[2],))).results[0]
+    assert np.abs(alone.image.astype(int) - by_id["q2"].image.astype(int)).max() <= 1  # same image as alone
+
+
+def test_size_past_the_position_table_is_refused_per_request(worker):
+    side = worker.health().max_side
+    assert side == 512 * 16  # the tiny transformer's axes_lens [1024, 512, 512], 16 pixels per image token
+    batch = Batch(3, (ImageRequest("big", "x", 1, side + 16, 16, 1, 0.0), ImageRequest("ok", "y", 2, 48, 32, 1, 0.0)))
+    r, ok = worker.run_batch(batch).results  # batches mix sizes: the one too long fails, its batch-mate runs
+    assert not r.ok and r.error_type == "invalid_request" and r.param == "size" and str(side) in r.error
+    assert ok.ok and ok.image.shape == (32, 48, 3) and ok.image_tokens == 6
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast")
+def test_non_finite_sample_fails_alone(worker, monkeypatch):
+    engine = worker.engine
+    original = engine.initial_latents
+
+    def poisoned(samples):
+        latents = original(samples)
+        latents[[s.seed for s in samples].index(666)] = torch.full_like(latents[0], float("nan"))
+        return latents
+
+    monkeypatch.setattr(engine, "initial_latents", poisoned)
+    out = worker.run_batch(Batch(4, (req(0, seed=1), req(1, seed=666), req(2, seed=2))))
+    assert [r.ok for r in out.results] == [True, False, True]
+    assert out.results[1].error_type == "request_error" and "non-finite" in out.results[1].error
+
+
+def test_preview_steps_spread_and_never_final():
+    assert preview_steps(9, 1) == [5] and preview_steps(9, 3) == [2, 5, 7]
+    assert preview_steps(3, 3) == [1, 2] and preview_steps(1, 2) == [] and preview_steps(9, 0) == []
+
+
+def test_stream_yields_real_previews_for_those_who_asked(worker):
+    batch = Batch(5, (req(0, steps=4, partial_images=2), req(1, steps=4)))
+    items = list(worker.run_batch_stream(batch))
+    progress, result = items[:-1], items[-1]
+    assert [p.step for p in progress] == [1, 2, 3, 4]
+    previews = [(p.step, rid, k, img) for p in progress for rid, k, img in p.previews]
+    assert [(s, rid, k) for s, rid, k, _ in previews] == [(1, "q0", 0), (3, "q0", 1)]
+    for *_, img in previews:
+        assert img.shape == (64, 64, 3) and img.dtype == np.uint8 and img.std() > 0
+    assert all(r.ok for r in result.results)
+    # The last estimate of the clean latents is the final latents: a preview at the last step would equal it.
+    from actors.engine import Sample
+
+    hook_images = []
+    hook = StepHook(worker.engine, Batch(6, (req(0, steps=2),)))
+    worker.engine.generate([Sample("prompt 0", 100, 64, 64)], 2,
+                           on_step=lambda i, n, d: (hook(i, n, d), hook_images.append(worker.engine.decode(d()))))
+    final = worker.run_batch(Batch(7, (req(0, steps=2),))).results[0].image
+    assert np.abs(hook_images[-1][0].astype(int) - final.astype(int)).max() <= 1
+
+
+def test_screen_without_tokenizer_still_refuses_surrogates(worker, monkeypatch):
+    monkeypatch.setattr(worker.engine, "tokenizer", None)
+    s = screen(worker.engine, Batch(8, (req(0), req(1, BAD))))
+    assert [r.request_id for r in s.runnable] == ["q0"] and s.failed["q1"][1] == "prompt"
+    assert s.prompt_tokens == {}
+
+
+def test_step_hook_flags_non_finite_rows():
+    batch = Batch(9, (req(0), req(1), req(2)))
+    hook = StepHook(None, batch)
+    lat = [torch.zeros(16, 4, 4), torch.zeros(16, 8, 2), torch.zeros(16, 4, 4)]  # sizes may differ
+    lat[2][0, 0, 0] = float("inf")
+    hook(2, 2, lambda: lat)
+    assert hook.nonfinite == {"q2"}
+
+
+async def test_router_admits_and_schedules_an_unencodable_prompt_without_raising():
+    """The router counts tokens of every request it queues: a lone surrogate must not raise there (it would fail the
+    caller with a 500, or the router loop for everyone); the replica refuses the request alone."""
+    replica = FakeReplica("a")
+    router = Router(FakePool(replica), RouterConfig(max_batch_size=4, max_wait_ms=0), clock=ManualClock())
+    router.start()
+    results = await asyncio.wait_for(asyncio.gather(*router.admit([req(0), req(1, BAD)])), 5)
+    assert [r.request_id for r in results] == ["q0", "q1"] and len(replica.batches) == 1
+    await router.stop()
