@@ -40,6 +40,7 @@ class ImageRequest:
     num_inference_steps: int
     guidance_scale: float
     negative_prompt: str | None = None
+    trace_id: str = ""  # the X-Request-ID of the HTTP request it came from (shared by its n images); for log lines
 
     @property
     def key(self) -> BatchKey:

@@ -22,6 +22,7 @@ from actors.worker import PipelineWorker, WarmupSpec
 
 from .config import ClusterConfig
 from .errors import NotReadyError, ReplicaError, ReplicaUnavailableError
+from .logging_setup import replica_env
 from .messages import Batch, BatchResult, ReplicaHealth, StepProgress
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,8 @@ class RayReplica:
             max_restarts=max_restarts,
             max_task_retries=0,  # the router re-dispatches; Ray must not run a batch twice on its own
             max_concurrency=max_concurrency,  # in-flight batches + health checks, none queued behind another
+            # No progress bars from the first import on; log lines in the driver's format, naming the replica.
+            runtime_env={"env_vars": replica_env()},
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=0),
         ).remote(replica_id=replica_id, **worker_kwargs)
 

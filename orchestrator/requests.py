@@ -52,8 +52,10 @@ def build_requests(
     seed: int | None = None,
     negative_prompt: str | None = None,
     request_id: str | None = None,
+    trace_id: str | None = None,
 ) -> list[ImageRequest]:
-    """Validate one prompt's parameters and fan ``n`` out into ``n`` requests with seeds seed, seed+1, ..."""
+    """Validate one prompt's parameters and fan ``n`` out into ``n`` requests with seeds seed, seed+1, ...
+    ``trace_id`` (the HTTP request's X-Request-ID) goes on every one of them, for log lines."""
     if not isinstance(prompt, str):
         raise InvalidRequestError(f"prompt must be a string, got {type(prompt).__name__}", param="prompt")
     if not prompt.strip():
@@ -104,6 +106,7 @@ def build_requests(
             num_inference_steps=steps,
             guidance_scale=float(guidance),
             negative_prompt=negative_prompt if guidance > 0 else None,
+            trace_id=trace_id or "",
         )
         for i in range(n)
     ]

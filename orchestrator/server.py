@@ -34,7 +34,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .config import Config, load_config
 from .errors import InvalidRequestError, QueueFullError, ZImageError
 from .messages import ImageRequest, ImageResult, StepProgress
+from .logging_setup import current_request_id
 from .metrics import PrometheusObserver
+from .request_id import RequestIdMiddleware
 from .requests import build_requests, parse_size
 
 log = logging.getLogger(__name__)
@@ -153,6 +155,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
 
     app = FastAPI(title="zimage-orchestrator", version="0.1.0", lifespan=lifespan)
     app.state.service = service
+    app.add_middleware(RequestIdMiddleware)  # X-Request-ID on every response and log line (request_id.py)
     limits = config.limits
 
     def guard(request: Request) -> JSONResponse | None:
@@ -247,7 +250,7 @@ def _parse(payload, config: Config) -> tuple[list[ImageRequest], bool]:
         payload["prompt"], defaults=config.defaults, limits=config.limits, n=payload.get("n", 1),
         width=width, height=height, num_inference_steps=payload.get("num_inference_steps"),
         guidance_scale=payload.get("guidance_scale"), seed=payload.get("seed"),
-        negative_prompt=payload.get("negative_prompt"),
+        negative_prompt=payload.get("negative_prompt"), trace_id=current_request_id(),
     )
     return requests, stream
 
@@ -348,7 +351,7 @@ def cmd_serve(args) -> int:
     ray_backend.connect(config.cluster)
     signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: drained, exiting"))
     app = create_app(config)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False,
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, log_config=None,  # our format
                 timeout_graceful_shutdown=int(config.server.drain_timeout_s))
     return 0
 
