@@ -72,6 +72,28 @@ def live_nodes() -> list[RayNode]:
     return sorted(out, key=lambda n: n.name)
 
 
+async def wait_for_gpus(n: int, timeout_s: float, poll_s: float = 2.0) -> list[RayNode]:
+    """The live GPU nodes once they hold at least ``n`` GPUs in all (nodes join after the head: KubeRay worker
+    pods, ``ray start --address`` elsewhere). Raises NotReadyError naming what joined if ``timeout_s`` passes."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    seen = None
+    while True:
+        nodes = live_nodes()
+        have = sum(node.gpus for node in nodes)
+        if have >= n:
+            return nodes
+        if have != seen:
+            log.info("waiting for GPUs (cluster.wait_for_gpus): %d of %d on %d node(s)", have, n, len(nodes))
+            seen = have
+        if time.monotonic() >= deadline:
+            raise NotReadyError(f"only {have} of {n} GPUs (cluster.wait_for_gpus) joined the Ray cluster within "
+                                f"{timeout_s:.0f}s (cluster.wait_timeout_s): "
+                                f"{[f'{x.name}: {x.gpus}' for x in nodes] or 'no GPU nodes'}")
+        await asyncio.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
 @ray.remote(num_cpus=0)
 def _probe_gpu_memory() -> float | None:
     try:
