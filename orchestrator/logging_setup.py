@@ -150,6 +150,15 @@ def configure(fmt: str = "text", level: int = logging.INFO, stream=None) -> None
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def adopt_logger(name: str) -> None:
+    """Send a library logger that has handlers of its own (Ray's ``ray``) through ours instead: in JSON mode every
+    line of the process is then one JSON object."""
+    lg = logging.getLogger(name)
+    for h in list(lg.handlers):
+        lg.removeHandler(h)
+    lg.propagate = True
+
+
 def current_format() -> str:
     """The format this process logs in (what replicas are told to use)."""
     return _state["format"]

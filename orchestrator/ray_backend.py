@@ -22,7 +22,7 @@ from actors.worker import PipelineWorker, WarmupSpec
 
 from .config import ClusterConfig
 from .errors import NotReadyError, ReplicaError, ReplicaUnavailableError
-from .logging_setup import replica_env
+from .logging_setup import adopt_logger, current_format, replica_env
 from .messages import Batch, BatchResult, ReplicaHealth, StepProgress
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ def connect(cluster: ClusterConfig) -> None:
     if ray.is_initialized():
         return
     common = {"namespace": cluster.namespace, "logging_level": logging.WARNING, "log_to_driver": True}
+    if current_format() == "json":
+        adopt_logger("ray")  # Ray's own warnings as JSON lines too (it keeps the WARNING level set here)
     if cluster.address is not None:
         log.info("joining Ray cluster at %s", cluster.address)
         ray.init(address=cluster.address, **common)

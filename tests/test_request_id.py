@@ -305,3 +305,22 @@ def test_streamed_response_has_the_header(server):
                       json={"prompt": "a fox", "size": "64x64", "stream": True, "num_inference_steps": 2}) as r:
         body = b"".join(r.iter_bytes())
     assert r.status_code == 200 and GENERATED.match(r.headers["x-request-id"]) and body.endswith(b"[DONE]\n\n")
+
+
+def test_adopted_library_logger_writes_through_ours():
+    """JSON mode routes Ray's own logger (which has a handler of its own) through ours: every line is JSON."""
+    from orchestrator.logging_setup import adopt_logger
+
+    own, ours = io.StringIO(), io.StringIO()
+    lib = logging.getLogger("zimage.test.library")
+    lib.addHandler(logging.StreamHandler(own))
+    lib.propagate = False
+    parent = logging.getLogger("zimage.test")
+    h = make_handler("json", ours)
+    parent.addHandler(h)
+    try:
+        adopt_logger("zimage.test.library")
+        lib.warning("from the library")
+    finally:
+        parent.removeHandler(h)
+    assert own.getvalue() == "" and json.loads(ours.getvalue())["message"] == "from the library"
