@@ -226,7 +226,8 @@ def _device_map_text(device_map: dict[str, int]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="zimage-orch", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true")
-    ap.add_argument("--log-format", choices=("text", "json"), default=(os.environ.get("ZIMAGE_LOG_FORMAT") or "text").lower(),
+    ap.add_argument("--log-format", choices=("text", "json"),
+                    default=(os.environ.get("ZIMAGE_LOG_FORMAT") or "text").lower(),
                     help="log lines as text or as one JSON object per line, replicas included (default: "
                          "$ZIMAGE_LOG_FORMAT or text)")
     sub = ap.add_subparsers(dest="cmd", required=True)

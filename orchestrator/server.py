@@ -33,8 +33,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .config import Config, load_config
 from .errors import InvalidRequestError, QueueFullError, ZImageError
-from .messages import ImageRequest, ImageResult, StepProgress
 from .logging_setup import current_request_id
+from .messages import ImageRequest, ImageResult, StepProgress
 from .metrics import PrometheusObserver
 from .request_id import RequestIdMiddleware
 from .requests import build_requests, parse_size
