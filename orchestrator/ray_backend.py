@@ -43,7 +43,10 @@ def connect(cluster: ClusterConfig) -> None:
         ray.init(address=cluster.address, **common)
     else:
         log.info("starting a local Ray (num_cpus=%s, num_gpus=%s)", cluster.num_cpus, cluster.num_gpus)
-        ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus, include_dashboard=False, **common)
+        # address="local": always a new local Ray. Without it, ray.init() joins whatever cluster the last `ray start`
+        # (or a test's ray.cluster_utils) on this machine recorded in /tmp/ray/ray_current_cluster.
+        ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus, include_dashboard=False,
+                 **common)
 
 
 def node_alive(node_id: str) -> bool:
