@@ -64,7 +64,7 @@ def _resolve_tiny(cfg: ModelConfig) -> ResolvedModel:
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else DEFAULT_CACHE
     path = root / f"tiny-zimage-seed{cfg.seed}"
     if (path / "model_index.json").is_file():
-        log.info("tiny model: cache hit at %s", path)
+        log.debug("tiny model: cache hit at %s", path)  # the replica logs its load once, with this detail
         return ResolvedModel(path, "tiny", True, f"cache hit {path}")
     # Build into a temporary sibling and rename, so concurrent replicas never load a half-written model.
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -92,7 +92,7 @@ def _resolve_modelscope(cfg: ModelConfig) -> ResolvedModel:
     searched = cache_dir or os.environ.get("MODELSCOPE_CACHE") or str(Path.home() / ".cache" / "modelscope")
     try:
         path = snapshot_download(cfg.model_id, revision=cfg.revision, cache_dir=cache_dir, local_files_only=True)
-        log.info("modelscope %s: cache hit at %s (no network used)", cfg.model_id, path)
+        log.debug("modelscope %s: cache hit at %s (no network used)", cfg.model_id, path)
         return ResolvedModel(Path(path), "modelscope", True, f"cache hit {path}")
     except Exception as miss:  # modelscope raises its own types for a cache miss
         if cfg.is_offline():
@@ -114,7 +114,7 @@ def _resolve_huggingface(cfg: ModelConfig) -> ResolvedModel:
     searched = cache_dir or HF_HUB_CACHE
     try:
         path = snapshot_download(cfg.model_id, revision=cfg.revision, cache_dir=cache_dir, local_files_only=True)
-        log.info("huggingface %s: cache hit at %s (no network used)", cfg.model_id, path)
+        log.debug("huggingface %s: cache hit at %s (no network used)", cfg.model_id, path)
         return ResolvedModel(Path(path), "huggingface", True, f"cache hit {path}")
     except Exception as miss:
         if cfg.is_offline():

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, replace
 
 from orchestrator.config import COMPONENTS, ModelConfig
+from orchestrator.logging_setup import logs_batch, setup_replica_process
 from orchestrator.messages import Batch, BatchResult, ImageResult, ReplicaHealth, StageTimes
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class PipelineWorker:
         """``encoder``: for a replica without a text encoder of its own (component replication), a callable
         ``(prompts, negative_prompts, guidance) -> EncodedPrompts`` that asks the replica hosting the shared
         encoder."""
+        setup_replica_process(replica_id)  # no progress bars; in a Ray actor, log lines name the replica
         self.replica_id = replica_id
         self.model_cfg = model
         self.device_map = device_map
@@ -285,6 +287,7 @@ class PipelineWorker:
         t.join()
         yield out[0]
 
+    @logs_batch  # every log line about the batch carries its requests' ids
     def _serve(self, batch: Batch, emit=None) -> BatchResult:
         """Isolation around ``_run``: each request is screened on its own first (``actors/screening.py``), so a
         prompt the tokenizer cannot encode or a size the model cannot place fails alone (``invalid_request``)

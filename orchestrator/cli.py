@@ -36,18 +36,25 @@ DEMO_PROMPTS = [
 ]
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("urllib3", "httpx", "filelock", "asyncio", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _setup_logging(verbose: bool, log_format: str = "text") -> None:
+    """Every line carries the request id it is about (and, from replicas, the replica); ``json``: one object per
+    line. Replicas log in the same format (orchestrator/logging_setup.py)."""
+    from .logging_setup import configure
+
+    configure(log_format, logging.DEBUG if verbose else logging.INFO)
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(log_format: str = "text") -> None:
+    """Environment for Ray and the model libraries; set before Ray is imported (Ray reads these at import)."""
+    from .logging_setup import RAY_DEDUP_ALLOW
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray's deduplication of worker lines would merge different replicas' lines (and lose request ids): never for
+    # our lines.
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", RAY_DEDUP_ALLOW)
+    if log_format == "json":
+        # Forwarded replica lines without Ray's "(PipelineWorker pid=...)" prefix, so each line is one JSON object.
+        os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -222,6 +229,10 @@ def _device_map_text(device_map: dict[str, int]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="zimage-orch", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--log-format", choices=("text", "json"),
+                    default=(os.environ.get("ZIMAGE_LOG_FORMAT") or "text").lower(),
+                    help="log lines as text or as one JSON object per line, replicas included (default: "
+                         "$ZIMAGE_LOG_FORMAT or text)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("demo", help="serve a set of prompts through two replicas of the tiny model on a local Ray")
@@ -300,9 +311,12 @@ def _lazy(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
-    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log_format not in ("text", "json"):
+        parser.error(f"ZIMAGE_LOG_FORMAT={args.log_format!r}: use text or json")
+    _setup_logging(args.verbose, args.log_format)
+    _quiet_libraries(args.log_format)
     try:
         return args.fn(args)
     except ZImageError as e:

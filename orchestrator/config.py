@@ -61,6 +61,17 @@ class ClusterConfig(_Strict):
         description="Memory per GPU to plan the live cluster with. None: probe each node with torch "
         "(logical GPUs without CUDA count as 24 GiB).",
     )
+    wait_for_gpus: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="At start-up, wait until the cluster's live nodes have at least this many GPUs before "
+        "planning (nodes that join after the head: KubeRay worker pods, `ray start` on other machines). None: "
+        "plan on the GPUs present when the deployment starts.",
+    )
+    wait_timeout_s: float = Field(
+        default=900.0, gt=0, le=86_400, description="How long to wait for wait_for_gpus before start-up fails."
+    )
 
     @model_validator(mode="after")
     def _local_only_fields(self) -> "ClusterConfig":

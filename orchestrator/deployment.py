@@ -116,7 +116,10 @@ class Deployment:
         if declared is not None:
             plan_for(cfg, declared)  # fail on an impossible config before touching Ray or a GPU
         rb.connect(cfg.cluster)
-        nodes = rb.live_nodes()
+        if cfg.cluster.wait_for_gpus:
+            nodes = await rb.wait_for_gpus(cfg.cluster.wait_for_gpus, cfg.cluster.wait_timeout_s)
+        else:
+            nodes = rb.live_nodes()
         if not nodes:
             raise NotReadyError("the Ray cluster has no GPUs (declare cluster.num_gpus for a local Ray, or join "
                                 "a cluster whose nodes have GPUs)")

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from .config import Config
 from .errors import InvalidRequestError
 from .messages import ImageRequest, ImageResult
+from .logging_setup import current_request_id
 from .requests import build_requests, check_text, parse_size, shown
 
 SPEC_FIELDS = ("prompt", "model", "n", "quality", "response_format", "output_format", "output_compression",
@@ -135,6 +136,7 @@ def parse_generation(payload, config: Config, max_side: int | None = None) -> Im
         guidance_scale=payload.get("guidance_scale"), seed=payload.get("seed"),
         negative_prompt=payload.get("negative_prompt"), max_side=max_side,
         partial_images=payload.get("partial_images") if stream else _partials_unused(payload),
+        trace_id=current_request_id(),
     )
     return ImageCall(requests, stream, output_format, compression, quality,
                      _identifier(payload, "user"), _identifier(payload, "safety_identifier"))

@@ -41,6 +41,7 @@ class ImageRequest:
     guidance_scale: float
     negative_prompt: str | None = None
     partial_images: int = 0  # preview images wanted while streaming (decoded from intermediate latents)
+    trace_id: str = ""  # the X-Request-ID of the HTTP request it came from (shared by its n images); for log lines
 
     @property
     def key(self) -> BatchKey:

@@ -23,6 +23,7 @@ from actors.worker import PipelineWorker, WarmupSpec
 
 from .config import ClusterConfig
 from .errors import NotReadyError, ReplicaError, ReplicaUnavailableError
+from .logging_setup import adopt_logger, current_format, replica_env
 from .messages import Batch, BatchResult, ReplicaHealth, StepProgress
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ def connect(cluster: ClusterConfig) -> None:
     if ray.is_initialized():
         return
     common = {"namespace": cluster.namespace, "logging_level": logging.WARNING, "log_to_driver": True}
+    if current_format() == "json":
+        adopt_logger("ray")  # Ray's own warnings as JSON lines too (it keeps the WARNING level set here)
     if cluster.address is not None:
         log.info("joining Ray cluster at %s", cluster.address)
         ray.init(address=cluster.address, **common)
@@ -74,6 +77,28 @@ def live_nodes() -> list[RayNode]:
         if gpus:
             out.append(RayNode(f"{n['NodeManagerAddress']}/{n['NodeID'][:6]}", n["NodeID"], gpus))
     return sorted(out, key=lambda n: n.name)
+
+
+async def wait_for_gpus(n: int, timeout_s: float, poll_s: float = 2.0) -> list[RayNode]:
+    """The live GPU nodes once they hold at least ``n`` GPUs in all (nodes join after the head: KubeRay worker
+    pods, ``ray start --address`` elsewhere). Raises NotReadyError naming what joined if ``timeout_s`` passes."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    seen = None
+    while True:
+        nodes = live_nodes()
+        have = sum(node.gpus for node in nodes)
+        if have >= n:
+            return nodes
+        if have != seen:
+            log.info("waiting for GPUs (cluster.wait_for_gpus): %d of %d on %d node(s)", have, n, len(nodes))
+            seen = have
+        if time.monotonic() >= deadline:
+            raise NotReadyError(f"only {have} of {n} GPUs (cluster.wait_for_gpus) joined the Ray cluster within "
+                                f"{timeout_s:.0f}s (cluster.wait_timeout_s): "
+                                f"{[f'{x.name}: {x.gpus}' for x in nodes] or 'no GPU nodes'}")
+        await asyncio.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 
 @ray.remote(num_cpus=0)
@@ -155,6 +180,8 @@ class RayReplica:
             max_restarts=max_restarts,
             max_task_retries=0,  # the router re-dispatches; Ray must not run a batch twice on its own
             max_concurrency=max_concurrency,  # in-flight batches + health checks, none queued behind another
+            # No progress bars from the first import on; log lines in the driver's format, naming the replica.
+            runtime_env={"env_vars": replica_env()},
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=0),
         ).remote(replica_id=replica_id, **worker_kwargs)
 

@@ -81,10 +81,12 @@ def build_requests(
     request_id: str | None = None,
     max_side: int | None = None,
     partial_images: int | None = None,
+    trace_id: str | None = None,
 ) -> list[ImageRequest]:
     """Validate one prompt's parameters and fan ``n`` out into ``n`` requests with seeds seed, seed+1, ...
     ``None`` means the default for every parameter. ``max_side``: the longest side the model can place
-    (``Deployment.max_side``); ``partial_images``: preview images per request while streaming (0-3)."""
+    (``Deployment.max_side``); ``partial_images``: preview images per request while streaming (0-3);
+    ``trace_id`` (the HTTP request's X-Request-ID) goes on every one of them, for log lines."""
     if not isinstance(prompt, str):
         raise InvalidRequestError(f"prompt must be a string, got {type(prompt).__name__}", param="prompt")
     if not prompt.strip():
@@ -142,6 +144,7 @@ def build_requests(
             guidance_scale=float(guidance),
             negative_prompt=negative_prompt if guidance > 0 else None,
             partial_images=partial_images,
+            trace_id=trace_id or "",
         )
         for i in range(n)
     ]

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from .config import RouterConfig
 from .errors import NotReadyError, QueueFullError, ReplicaHungError, ReplicaUnavailableError
+from .logging_setup import batch_log_context
 from .messages import Batch, BatchResult, ImageRequest, ImageResult, StepProgress
 from .scheduler import BatchScheduler, Pending, ReplicaCapacity
 
@@ -294,9 +295,10 @@ class Router:
         self._outstanding[replica_id] = self._outstanding.get(replica_id, 0) + 1
         self._last_used[replica_id] = batch.batch_id
         self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings])
-        log.debug("batch %d: %d images, %d tokens, %s -> %s", batch.batch_id, len(batch), batch.tokens, batch.key,
-                  replica_id)
-        task = asyncio.get_running_loop().create_task(self._run(replica, batch, pendings))
+        with batch_log_context(batch):  # the batch task's log lines carry its requests' ids
+            log.debug("batch %d: %d images, %d tokens, %s -> %s", batch.batch_id, len(batch), batch.tokens,
+                      batch.key, replica_id)
+            task = asyncio.get_running_loop().create_task(self._run(replica, batch, pendings))
         self._inflight_tasks.add(task)
         task.add_done_callback(self._inflight_tasks.discard)
 

@@ -43,6 +43,7 @@ from .images_api import ImageCall, completed_event, encode_image, images_respons
     partial_image_event
 from .messages import ImageRequest, ImageResult, StepProgress
 from .metrics import PrometheusObserver
+from .request_id import RequestIdMiddleware
 from .requests import shown
 
 log = logging.getLogger(__name__)
@@ -265,6 +266,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
                   openapi_url="/openapi.json" if docs else None)
     app.state.service = service
     app.add_middleware(ResponseCounter, observer=service.observer)
+    app.add_middleware(RequestIdMiddleware)  # X-Request-ID on every response and log line (request_id.py)
     limits = config.limits
 
     @app.exception_handler(StarletteHTTPException)
@@ -486,7 +488,7 @@ def cmd_serve(args) -> int:
     ray_backend.connect(config.cluster)
     signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: drained, exiting"))
     app = create_app(config)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False,
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, log_config=None,  # our format
                 timeout_graceful_shutdown=int(config.server.drain_timeout_s))
     return 0
 

@@ -36,3 +36,13 @@ def test_eight_gpu_node_end_to_end(tiny_cache):
     out = run_scenario("eight_gpus", tiny_cache)
     assert out["replicas"] == 8 and out["gpus"] == list(range(8))
     assert out["ok"] == 32 and len(out["replicas_used"]) == 8
+
+
+def test_workers_that_join_after_the_head(tiny_cache):
+    """KubeRay's order: the head (no GPU) starts the service before the GPU worker pods exist; with
+    cluster.wait_for_gpus the deployment waits for them, then places one replica on each."""
+    out = run_scenario("late_workers", tiny_cache)
+    assert "only 0 of 2 GPUs (cluster.wait_for_gpus)" in out["timeout_error"], out
+    assert 1.5 <= out["timeout_waited_s"] < 10, out
+    assert out["replicas"] == 2 and out["distinct_nodes"] == 2 and out["on_joined_nodes"] == [True], out
+    assert out["ok"] == 4, out
