@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 from .config import Config
 from .errors import InvalidRequestError
-from .messages import ImageRequest, ImageResult
 from .logging_setup import current_request_id
+from .messages import ImageRequest, ImageResult
 from .requests import build_requests, check_text, parse_size, shown
 
 SPEC_FIELDS = ("prompt", "model", "n", "quality", "response_format", "output_format", "output_compression",

@@ -26,7 +26,7 @@ import sys
 from actors.worker import PipelineWorker, WarmupSpec
 from orchestrator.config import ModelConfig
 w = PipelineWorker("r7", ModelConfig(source="tiny", dtype="float32", cache_dir=sys.argv[1]),
-                   warmup=WarmupSpec(32, 32, 1), torch_threads=1)
+                   warmup=WarmupSpec(((32, 32),), 1), torch_threads=1)
 assert w.start().ready
 """
 
