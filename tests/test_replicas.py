@@ -190,9 +190,10 @@ async def test_old_process_answering_past_the_grace_counts_as_back():
     """An error that was transient after all (the process never went away) does not keep the replica out."""
     rs, (r0, _), _, clock, _ = await started_set()  # the clock starts at 0.0
     rs.report_failure("r0", lost())
+    await settle()  # the old process answers at once, at t=0
     await run_for(clock, OLD_PROCESS_GRACE_S - 0.5)
     assert rs.state("r0") is RECOVERING
-    await run_for(clock, 1)
+    await run_for(clock, 0.5)  # the grace counts from that first answer
     assert rs.state("r0") is LIVE and rs.health["r0"].pid == 1000
 
 
