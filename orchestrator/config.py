@@ -204,7 +204,14 @@ class DeploymentConfig(_Strict):
         default=15.0, gt=0, le=3600, description="Seconds between health checks (a real small forward) per replica."
     )
     health_timeout_s: float = Field(
-        default=60.0, gt=0, le=3600, description="A health check slower than this marks the replica hung."
+        default=60.0, gt=0, le=3600, description="A health check slower than this counts as a failed check."
+    )
+    health_failures_before_restart: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Failed (or timed-out) health checks in a row before a replica counts as hung and is "
+        "recycled. A check that cannot reach the replica's process takes it out of rotation at once.",
     )
     gpu_memory_limit_gib: float | None = Field(
         default=None,

@@ -19,14 +19,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from placement import DeploymentSpec, Inventory, PlacementPlan, model_spec, plan, plan_best
 
 from .config import Config, ModelConfig
 from .errors import NotReadyError, ZImageError
 from .messages import ImageRequest, ImageResult, ReplicaHealth
+from .replicas import Backend, ReplicaHandle, ReplicaSet, ReplicaSpec, ReplicaState
 from .requests import build_requests, parse_size
-from .router import Router, RouterObserver
+from .router import Clock, MonotonicClock, Router, RouterObserver
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +80,26 @@ def declared_inventory(config: Config) -> Inventory | None:
     return Inventory.from_nodes([(n.name, n.gpus, n.gpu_memory_gib) for n in nodes])
 
 
-class Deployment:
-    """A running deployment. Also the router's replica pool: it knows which replicas are live."""
+def _ray_backend() -> Backend:
+    from .ray_backend import RayBackend  # imports Ray: only when a deployment runs on it
 
-    def __init__(self, config: Config):
+    return RayBackend()
+
+
+class Deployment:
+    """A running deployment: its config, placement plan, router and replica set (which owns the replicas'
+    lifecycle, see ``replicas.py``). The backend (Ray unless given) and the clock are injected for tests."""
+
+    def __init__(self, config: Config, backend: Backend | None = None, clock: Clock | None = None,
+                 observer: RouterObserver | None = None):
         self.config = config
         self.plan: PlacementPlan | None = None
-        self.replicas: dict[str, object] = {}
-        self._down: set[str] = set()
-        self._restarts: dict[str, asyncio.Task] = {}
-        self._health_task: asyncio.Task | None = None
-        self.events: list[tuple[float, str, str]] = []  # (time, replica, what happened): faults and recoveries
+        self.backend: Backend = backend if backend is not None else _ray_backend()
+        self.clock: Clock = clock or MonotonicClock()
+        self.observer: RouterObserver = observer or RouterObserver()
+        self.replica_set = ReplicaSet(self.backend, config.deployment, self.clock, self.observer,
+                                      on_change=self._replica_changed)
         self.router: Router | None = None
-        self.observer: RouterObserver = RouterObserver()
-        self.health: dict[str, ReplicaHealth] = {}
         self.started_at = time.time()
         # Ray names (actors, placement groups) carry this, so deployments sharing a namespace never collide.
         self.deployment_id = uuid.uuid4().hex[:8]
@@ -100,32 +108,29 @@ class Deployment:
     # ---- start / stop ----------------------------------------------------------------------------------
     @classmethod
     async def start(cls, config: Config, observer: RouterObserver | None = None,
-                    on_replica_ready: Callable[[ReplicaHealth], None] | None = None) -> "Deployment":
-        self = cls(config)
-        self.observer = observer or RouterObserver()
-        await self._start(self.observer, on_replica_ready)
+                    on_replica_ready: Callable[[ReplicaHealth], None] | None = None, *,
+                    backend: Backend | None = None, clock: Clock | None = None) -> "Deployment":
+        self = cls(config, backend=backend, clock=clock, observer=observer)
+        await self._start(on_replica_ready)
         return self
 
-    async def _start(self, observer, on_replica_ready) -> None:
-        from actors.worker import WarmupSpec
-
-        from . import ray_backend as rb
-
-        cfg = self.config
+    async def _start(self, on_replica_ready) -> None:
+        cfg, backend = self.config, self.backend
         declared = declared_inventory(cfg)
         if declared is not None:
             plan_for(cfg, declared)  # fail on an impossible config before touching Ray or a GPU
-        rb.connect(cfg.cluster)
+        backend.connect(cfg.cluster)
         if cfg.cluster.wait_for_gpus:
-            nodes = await rb.wait_for_gpus(cfg.cluster.wait_for_gpus, cfg.cluster.wait_timeout_s)
+            nodes = await backend.wait_for_gpus(cfg.cluster.wait_for_gpus, cfg.cluster.wait_timeout_s)
         else:
-            nodes = rb.live_nodes()
+            nodes = backend.live_nodes()
         if not nodes:
             raise NotReadyError("the Ray cluster has no GPUs (declare cluster.num_gpus for a local Ray, or join "
                                 "a cluster whose nodes have GPUs)")
         mem = {}
         for node in nodes:
-            mem[node.name] = cfg.cluster.gpu_memory_gib or await asyncio.to_thread(rb.probe_gpu_memory_gib, node)
+            mem[node.name] = cfg.cluster.gpu_memory_gib or await asyncio.to_thread(backend.probe_gpu_memory_gib,
+                                                                                    node)
         inventory = Inventory.from_nodes([(n.name, n.gpus, mem[n.name]) for n in nodes])
         self.plan = plan_for(cfg, inventory)
         by_name = {n.name: n for n in nodes}
@@ -136,30 +141,25 @@ class Deployment:
         for rp in self.plan.replicas:
             if rp.encoder_replica:
                 borrowers[rp.encoder_replica] = borrowers.get(rp.encoder_replica, 0) + 1
+        replicas = self.replica_set
         for rp in self.plan.replicas:  # hosts of a shared text encoder come before the replicas that borrow it
-            fraction = None
-            if d.gpu_memory_limit_gib is not None:
-                fraction = d.gpu_memory_limit_gib / mem[rp.node]
-            encoder = None
-            if rp.encoder_replica:
-                encoder = rb.RemoteEncoder(self.replicas[rp.encoder_replica].actor, rp.encoder_replica)
-            self.replicas[rp.replica_id] = rb.RayReplica(
-                rp.replica_id, by_name[rp.node], len(rp.gpus), d.cpu_per_replica, rp.max_pixels,
-                rp.max_batch_tokens,
-                worker_kwargs=dict(model=model_for_plan(cfg.model, self.plan), device_map=rp.device_map,
-                                   warmup=WarmupSpec(tuple(sizes), min(2, cfg.defaults.num_inference_steps),
-                                                     rp.max_pixels, rp.max_batch_tokens) if d.warmup else None,
-                                   torch_threads=d.torch_threads, memory_fraction=fraction,
-                                   pipeline_stages=d.pipeline_stages, encoder=encoder),
+            spec = ReplicaSpec(
+                replica_id=rp.replica_id, node=by_name[rp.node], n_gpus=len(rp.gpus), cpus=d.cpu_per_replica,
+                max_pixels=rp.max_pixels, max_batch_tokens=rp.max_batch_tokens,
                 max_concurrency=d.max_inflight_batches + 1 + borrowers.get(rp.replica_id, 0),
-                deployment_id=self.deployment_id,
+                deployment_id=self.deployment_id, model=model_for_plan(cfg.model, self.plan), device_map=rp.device_map,
+                warmup_sizes=tuple(sizes) if d.warmup else None,
+                warmup_steps=min(2, cfg.defaults.num_inference_steps), torch_threads=d.torch_threads,
+                memory_fraction=d.gpu_memory_limit_gib / mem[rp.node] if d.gpu_memory_limit_gib is not None else None,
+                pipeline_stages=d.pipeline_stages, encoder_replica=rp.encoder_replica,
             )
-        log.info("placing %d replica(s): %s", len(self.replicas),
+            host = replicas.replicas[rp.encoder_replica] if rp.encoder_replica else None
+            replicas.add(backend.make_replica(spec, encoder_host=host))
+        log.info("placing %d replica(s): %s", len(replicas.replicas),
                  ", ".join(f"{r.replica_id}@{r.node}:{list(r.gpus)}" for r in self.plan.replicas))
 
-        async def start_one(rid, replica):
-            h = await replica.start(d.start_timeout_s)
-            self.health[rid] = h
+        async def start_one(rid):
+            h = await replicas.start_replica(rid, d.start_timeout_s)
             if on_replica_ready:
                 on_replica_ready(h)
 
@@ -167,28 +167,24 @@ class Deployment:
         borrowing = {rp.replica_id for rp in self.plan.replicas if rp.encoder_replica}
         try:
             for phase in (False, True):
-                await asyncio.gather(*(start_one(rid, r) for rid, r in self.replicas.items()
-                                       if (rid in borrowing) == phase))
+                await asyncio.gather(*(start_one(rid) for rid in replicas.replicas if (rid in borrowing) == phase))
         except BaseException:
             await self.shutdown()
             raise
-        self.router = Router(self, cfg.router, observer=observer, max_inflight_batches=d.max_inflight_batches)
+        self.router = Router(replicas, cfg.router, clock=self.clock, observer=self.observer,
+                             max_inflight_batches=d.max_inflight_batches)
         self.router.start()
-        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+        replicas.start_health_checks()
         self.ready = True
 
     async def shutdown(self, drain_timeout_s: float | None = 0) -> None:
-        """Stop the router (after draining for up to ``drain_timeout_s``), then remove every actor."""
+        """Stop the router (after draining for up to ``drain_timeout_s``), then remove every replica."""
         self.ready = False
-        for t in [*self._restarts.values(), self._health_task]:
-            if t is not None:
-                t.cancel()
         if self.router is not None:
             if drain_timeout_s:
                 await self.router.drain(drain_timeout_s)
             await self.router.stop()
-        for r in self.replicas.values():
-            r.close()
+        await self.replica_set.close()
 
     async def __aenter__(self) -> "Deployment":
         return self
@@ -196,112 +192,42 @@ class Deployment:
     async def __aexit__(self, *exc) -> None:
         await self.shutdown()
 
-    # ---- the router's replica pool ---------------------------------------------------------------------
-    def live(self):
-        return [r for rid, r in self.replicas.items() if rid not in self._down]
+    # ---- the replicas (owned by the replica set) -------------------------------------------------------
+    @property
+    def replicas(self) -> dict[str, ReplicaHandle]:
+        """Every replica not dropped: live, recovering or failed."""
+        return self.replica_set.replicas
 
-    def members(self):
-        return list(self.replicas.values())
+    @property
+    def health(self) -> dict[str, ReplicaHealth]:
+        return self.replica_set.health
+
+    @property
+    def events(self) -> list[tuple[float, str, str]]:
+        return self.replica_set.events
+
+    def live(self) -> list[ReplicaHandle]:
+        return self.replica_set.live()
+
+    def members(self) -> list[ReplicaHandle]:
+        return self.replica_set.members()
 
     def report_failure(self, replica_id: str, error: BaseException) -> None:
-        """A replica died or hung: take it out of rotation, recycle it if it hung, and bring it back once Ray has
-        restarted it (or drop it if its node is gone)."""
-        from .errors import ReplicaHungError
+        self.replica_set.report_failure(replica_id, error)
 
-        if replica_id in self._down or replica_id not in self.replicas:
-            return
-        hung = isinstance(error, ReplicaHungError)
-        log.warning("replica %s is %s (%s); %s", replica_id, "hung" if hung else "down", error,
-                    "recycling it" if hung else "waiting for Ray to restart it")
-        self._event(replica_id, f"{'hung' if hung else 'lost'}: {error}")
-        self._down.add(replica_id)
-        if hung:
-            self.replicas[replica_id].kill(no_restart=False)  # Ray restarts the process fresh
-        self._restarts[replica_id] = asyncio.get_running_loop().create_task(self._recover(replica_id))
-
-    def _event(self, replica_id: str, what: str) -> None:
-        self.events.append((time.time(), replica_id, what))
-        self.observer.replica_event(replica_id, what.split(":")[0])
-
-    async def _health_loop(self) -> None:
-        from .errors import ReplicaHungError
-
-        d = self.config.deployment
-        while True:
-            await asyncio.sleep(d.health_interval_s)
-            for rid, replica in list(self.replicas.items()):
-                if rid in self._down:
-                    continue
-                try:
-                    await asyncio.wait_for(replica.call("check"), d.health_timeout_s)
-                except asyncio.TimeoutError:
-                    self.report_failure(rid, ReplicaHungError(f"health check took over {d.health_timeout_s:.0f}s"))
-                except Exception as e:  # noqa: BLE001
-                    self.report_failure(rid, ReplicaHungError(f"health check failed: {e}"))
-
-    def _drop(self, replica_id: str, reason: str) -> None:
-        """Remove a replica for good (its node is gone) and log the plan for the survivors."""
-        replica = self.replicas.pop(replica_id)
-        self._down.discard(replica_id)
-        replica.close()
-        if self.plan is not None:  # the plan for the survivors: the lost replica and its GPUs leave it
-            from dataclasses import replace
-
+    def _replica_changed(self, replica_id: str, state: ReplicaState, reason: str) -> None:
+        if state is ReplicaState.DROPPED and self.plan is not None:
+            # The plan for the survivors: the lost replica and its GPUs leave it.
             lost = next((r for r in self.plan.replicas if r.replica_id == replica_id), None)
             gone = {(lost.node, g) for g in lost.gpus} if lost else set()
             self.plan = replace(
                 self.plan,
                 replicas=tuple(r for r in self.plan.replicas if r.replica_id != replica_id),
                 gpus=tuple(g for g in self.plan.gpus if (g.node, g.gpu) not in gone),
-                notes=(*self.plan.notes, f"{replica_id} dropped: {reason}"),
+                notes=(*self.plan.notes, f"{replica_id} {reason}"),
             )
-        self._event(replica_id, f"dropped: {reason}")
-        log.error("replica %s dropped: %s; serving with %d replica(s): %s", replica_id, reason,
-                  len(self.replicas), sorted(self.replicas))
         if self.router is not None:
-            self.router.wake()
-
-    async def _recover(self, replica_id: str) -> None:
-        from . import ray_backend as rb
-        from .errors import ReplicaUnavailableError
-
-        replica = self.replicas[replica_id]
-        # Every path here follows a process death or a kill (which Ray carries out asynchronously): only a
-        # new process counts as back, never the old one answering before it goes.
-        old = self.health.get(replica_id)
-        old_pid = old.pid if old is not None else None
-        same_process_since = None
-        deadline = time.monotonic() + self.config.deployment.start_timeout_s
-        while time.monotonic() < deadline:
-            if not rb.node_alive(replica.node.node_id):
-                self._restarts.pop(replica_id, None)
-                self._drop(replica_id, f"its node {replica.node.name} left the cluster")
-                return
-            try:
-                # Short waits, so a lost node is noticed; start() is idempotent, so asking again is safe.
-                self.health[replica_id] = await replica.start(min(20.0, self.config.deployment.start_timeout_s))
-            except (ReplicaUnavailableError, NotReadyError) as e:
-                log.debug("replica %s not back yet: %s", replica_id, e)
-                await asyncio.sleep(0.5)
-                continue
-            except ZImageError as e:
-                log.error("replica %s failed to restart: %s", replica_id, e)
-                break
-            if old_pid is not None and self.health[replica_id].pid == old_pid:
-                # The old process still answers: a kill not yet carried out, or an error that was transient
-                # after all. Give a kill 10 s to land; after that, the replica never went away.
-                same_process_since = same_process_since or time.monotonic()
-                if time.monotonic() - same_process_since < 10.0:
-                    await asyncio.sleep(0.5)
-                    continue
-            log.info("replica %s is back", replica_id)
-            self._event(replica_id, "back")
-            self._down.discard(replica_id)
-            self._restarts.pop(replica_id, None)
-            if self.router is not None:
-                self.router.wake()
-            return
-        log.error("replica %s did not come back within deployment.start_timeout_s", replica_id)
+            self.router.wake()  # a replica came back or left: reconsider dispatch now
 
     # ---- generation ------------------------------------------------------------------------------------
     @property
@@ -337,7 +263,7 @@ class Deployment:
     async def replica_health(self) -> dict[str, ReplicaHealth | str]:
         out: dict[str, ReplicaHealth | str] = {}
         for rid, r in self.replicas.items():
-            if rid in self._down:
+            if self.replica_set.state(rid) is not ReplicaState.LIVE:
                 out[rid] = "down"
                 continue
             try:

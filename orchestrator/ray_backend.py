@@ -6,6 +6,7 @@ are tested with fakes and the Ray-specific behaviour is in one place.
 - ``live_inventory``: the nodes and GPUs of the running cluster, for the planner.
 - ``RayReplica``: one replica actor in its own placement group (a bundle ``{"GPU": n}`` on one node,
   STRICT_PACK), pinned to the node the plan chose; Ray sets CUDA_VISIBLE_DEVICES, so the actor sees cuda:0..n-1.
+- ``RayBackend``: all of the above as the ``replicas.Backend`` the deployment and its replica set are given.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .config import ClusterConfig
 from .errors import NotReadyError, ReplicaError, ReplicaUnavailableError
 from .logging_setup import adopt_logger, current_format, replica_env
 from .messages import Batch, BatchResult, ReplicaHealth, StepProgress
+from .replicas import ReplicaSpec
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +215,10 @@ class RayReplica:
     async def health(self) -> ReplicaHealth:
         return await _await(self.actor.health.remote())
 
+    async def check(self) -> float:
+        """The replica's health check (a real small forward on every device)."""
+        return await self.call("check")
+
     async def call(self, method: str, *args, **kwargs):
         return await _await(getattr(self.actor, method).remote(*args, **kwargs))
 
@@ -230,6 +236,41 @@ class RayReplica:
             pass
 
 
+class RayBackend:
+    """The Ray cluster as the deployment's ``replicas.Backend``."""
+
+    def connect(self, cluster: ClusterConfig) -> None:
+        connect(cluster)
+
+    def live_nodes(self) -> list[RayNode]:
+        return live_nodes()
+
+    async def wait_for_gpus(self, n: int, timeout_s: float) -> list[RayNode]:
+        return await wait_for_gpus(n, timeout_s)
+
+    def probe_gpu_memory_gib(self, node: RayNode) -> float:
+        return probe_gpu_memory_gib(node)
+
+    def node_alive(self, node_id: str) -> bool:
+        return node_alive(node_id)
+
+    def make_replica(self, spec: ReplicaSpec, encoder_host: RayReplica | None = None) -> RayReplica:
+        warmup = None
+        if spec.warmup_sizes is not None:
+            warmup = WarmupSpec(spec.warmup_sizes, spec.warmup_steps, spec.max_pixels, spec.max_batch_tokens)
+        encoder = None
+        if encoder_host is not None:
+            encoder = RemoteEncoder(encoder_host.actor, encoder_host.replica_id)
+        return RayReplica(
+            spec.replica_id, spec.node, spec.n_gpus, spec.cpus, spec.max_pixels, spec.max_batch_tokens,
+            worker_kwargs=dict(model=spec.model, device_map=spec.device_map, warmup=warmup,
+                               torch_threads=spec.torch_threads, memory_fraction=spec.memory_fraction,
+                               pipeline_stages=spec.pipeline_stages, encoder=encoder),
+            max_concurrency=spec.max_concurrency,
+            deployment_id=spec.deployment_id,
+        )
+
+
 async def _await(ref):
     """Await an actor call, translating Ray's exceptions into the project's."""
     try:
@@ -245,4 +286,4 @@ def _first_line(e: BaseException) -> str:
     return text[-1] if text else type(e).__name__
 
 
-__all__ = ["RayReplica", "WarmupSpec", "connect", "live_nodes", "probe_gpu_memory_gib", "shutdown"]
+__all__ = ["RayBackend", "RayReplica", "WarmupSpec", "connect", "live_nodes", "probe_gpu_memory_gib", "shutdown"]

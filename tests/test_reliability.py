@@ -29,7 +29,7 @@ def wait_full_strength(d, loop, timeout=90):
     async def go():
         t0 = time.monotonic()
         while len(d.live()) < len(d.replicas):
-            assert time.monotonic() - t0 < timeout, f"replicas still down: {d._down} events={d.events}"
+            assert time.monotonic() - t0 < timeout, f"replicas still down: {d.replica_set.states()} events={d.events}"
             await asyncio.sleep(0.2)
     loop.run_until_complete(go())
 
