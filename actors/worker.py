@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 
 from orchestrator.config import COMPONENTS, ModelConfig
 from orchestrator.logging_setup import logs_batch, setup_replica_process
-from orchestrator.messages import Batch, BatchResult, ImageResult, ReplicaHealth, StageTimes
+from orchestrator.errors import ReplicaUnavailableError
+from orchestrator.messages import Batch, BatchResult, FailureKind, ImageResult, ReplicaHealth, StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +312,7 @@ class PipelineWorker:
                 if r.ok and r.request_id in hook.nonfinite:
                     log.error("replica %s: request %s came out non-finite", self.replica_id, r.request_id)
                     r = replace(r, ok=False, image=None, error="the image came out non-finite (NaN or inf)",
-                                error_type="request_error")
+                                error_type=FailureKind.REQUEST_ERROR)
                 by_id[r.request_id] = replace(r, prompt_tokens=checked.prompt_tokens.get(r.request_id),
                                               image_tokens=checked.image_tokens.get(r.request_id))
         for r in batch.requests:
@@ -320,14 +321,14 @@ class PipelineWorker:
                 by_id[r.request_id] = ImageResult(
                     request_id=r.request_id, ok=False, replica_id=self.replica_id, batch_id=batch.batch_id,
                     batch_size=len(batch), seed=r.seed, width=r.width, height=r.height, error=message,
-                    error_type="invalid_request", param=param)
+                    error_type=FailureKind.INVALID_REQUEST, param=param)
         times = out.stage_times if out is not None else StageTimes()
         return BatchResult(batch.batch_id, self.replica_id, tuple(by_id[r.request_id] for r in batch.requests),
                            times)
 
     def _run(self, batch: Batch, on_step=None) -> BatchResult:
         if not self._ready:
-            return self._failed(batch, "replica is not started", "not_ready")
+            return self._failed(batch, "replica is not started", FailureKind.NOT_READY)
         from .engine import Sample
 
         samples = [Sample(r.prompt, r.seed, r.width, r.height, r.guidance_scale, r.negative_prompt)
@@ -345,12 +346,12 @@ class PipelineWorker:
                         self._fault(batch)
                     images, times = self.engine.generate(samples, steps, on_step, stage_guard=self._encode_guard)
         except Exception as e:  # noqa: BLE001 - every failure becomes data for the router
-            kind = "out_of_memory" if _is_oom(e) else "replica_error"
-            if getattr(e, "encoder_unavailable", False):
-                kind = "replica_lost"  # the shared encoder's replica is gone: the router retries elsewhere
+            kind = FailureKind.OUT_OF_MEMORY if _is_oom(e) else FailureKind.REPLICA_ERROR
+            if isinstance(e, ReplicaUnavailableError):
+                kind = FailureKind.REPLICA_LOST  # the shared encoder's replica is gone: the router retries elsewhere
             log.exception("replica %s: batch %d (%d images, %s) failed", self.replica_id, batch.batch_id, len(batch),
                           batch.key)
-            if kind == "out_of_memory":
+            if kind == FailureKind.OUT_OF_MEMORY:
                 _free_cuda_cache()
             return self._failed(batch, f"{type(e).__name__}: {e}", kind)
         self.batches_run += 1

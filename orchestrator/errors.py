@@ -1,18 +1,20 @@
 """Every error the orchestrator raises on purpose, in one place.
 
-Each type says whether the caller may retry (``retryable``) and which HTTP status and OpenAI error type it maps to,
-so the router, the HTTP layer and the Python API agree on what a failure means.
+Each type names its ``FailureKind``; the table ``messages.FAILURES`` says whether the caller may retry and which
+HTTP status and OpenAI error type it maps to, so the router, the HTTP layer, the metrics and the Python API agree on
+what a failure means.
 """
 
 from __future__ import annotations
 
+from .messages import FAILURES, FailureKind
+
 
 class ZImageError(Exception):
-    """Base class. ``retryable`` tells a client whether the same request may succeed later."""
+    """Base class. ``kind`` (a ``FailureKind``) decides the HTTP status, the OpenAI error type and whether the caller
+    may retry, through ``messages.FAILURES``: one table for the router, the HTTP layer and the metrics."""
 
-    retryable = False
-    http_status = 500
-    error_type = "server_error"
+    kind = FailureKind.REPLICA_ERROR
     param: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None):
@@ -21,19 +23,32 @@ class ZImageError(Exception):
         if param is not None:
             self.param = param
 
+    @property
+    def http_status(self) -> int:
+        return FAILURES[self.kind].http_status
+
+    @property
+    def error_type(self) -> str:
+        return FAILURES[self.kind].openai_type
+
+    @property
+    def retryable(self) -> bool:
+        return FAILURES[self.kind].retryable
+
 
 class ConfigError(ZImageError):
-    """A config file is unreadable or invalid. The message names the file and the dotted field path."""
+    """A config file is unreadable or invalid. The message names the file and the dotted field path. Raised at
+    start-up, never for a request."""
 
     http_status = 500
     error_type = "config_error"
+    retryable = False
 
 
 class InvalidRequestError(ZImageError):
     """The request itself is wrong (bad size, steps, prompt...). ``param`` names the field."""
 
-    http_status = 400
-    error_type = "invalid_request_error"
+    kind = FailureKind.INVALID_REQUEST
 
 
 class CapacityError(InvalidRequestError):
@@ -43,9 +58,7 @@ class CapacityError(InvalidRequestError):
 class QueueFullError(ZImageError):
     """The router's queue is at its limit; retry after ``retry_after_s``."""
 
-    retryable = True
-    http_status = 429
-    error_type = "rate_limit_error"
+    kind = FailureKind.QUEUE_FULL
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0):
         super().__init__(message)
@@ -55,46 +68,21 @@ class QueueFullError(ZImageError):
 class NotReadyError(ZImageError):
     """The deployment is starting, draining or has no live replica."""
 
-    retryable = True
-    http_status = 503
-    error_type = "service_unavailable"
-
-
-class RequestTimeoutError(ZImageError):
-    """The request did not finish within its timeout (queue time included)."""
-
-    retryable = True
-    http_status = 504
-    error_type = "timeout"
-
-
-class RequestCancelledError(ZImageError):
-    """The caller went away; the request was dropped before it ran."""
-
-    http_status = 499
-    error_type = "cancelled"
+    kind = FailureKind.NOT_READY
 
 
 class ReplicaError(ZImageError):
     """A replica raised while running a batch; the message carries the replica's reason."""
 
-    http_status = 500
-    error_type = "server_error"
+    kind = FailureKind.REPLICA_ERROR
 
 
 class ReplicaUnavailableError(ReplicaError):
-    """The replica process died or is unreachable. Seeded requests are idempotent, so the router retries them."""
+    """The replica process died or is unreachable (or, for a replica that borrows a text encoder, the encoder's).
+    Seeded requests are idempotent, so the router retries them elsewhere."""
 
-    retryable = True
-    http_status = 503
-    error_type = "service_unavailable"
+    kind = FailureKind.REPLICA_LOST
 
 
 class ReplicaHungError(ReplicaUnavailableError):
     """A batch ran far past its expected time, or a health check did not answer: the replica is recycled."""
-
-
-class OutOfMemoryError(ReplicaError):
-    """The device ran out of memory for a batch. The router splits the batch and retries smaller pieces."""
-
-    retryable = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import cached_property
 from typing import Any, NamedTuple
 
@@ -103,16 +104,62 @@ def encode_png(image) -> bytes:
 
 
 # Why a result failed (``ImageResult.error_type``). The router and the HTTP layer act on these:
-FAILURE_KINDS = {
-    "invalid_request": "the request's own input cannot be run (found by the replica); HTTP 400, never retried",
-    "request_error": "a fault attributed to this request alone (e.g. non-finite output); HTTP 500, not retried",
-    "replica_error": "the whole batch failed; the router bisects it so only the culprit fails; HTTP 500",
-    "out_of_memory": "the batch did not fit; the router splits it; a single image that does not fit: HTTP 507",
-    "replica_lost": "the replica died under it; retried elsewhere; HTTP 503 when attempts run out",
-    "not_ready": "the replica has not loaded yet; retried; HTTP 503",
-    "timeout": "over its deadline; HTTP 504",
-    "cancelled": "the caller went away",
+class FailureKind(str, Enum):
+    """Why a request failed or was refused: one vocabulary for the replica, the router, the HTTP layer and the
+    metrics (``zimage_request_errors_total{type}``). Results carry it as ``ImageResult.error_type``; errors raised at
+    admission carry it as ``ZImageError.kind``. ``FAILURES`` maps each to its HTTP status, OpenAI error type and
+    retryability."""
+
+    INVALID_REQUEST = "invalid_request"
+    REQUEST_ERROR = "request_error"
+    REPLICA_ERROR = "replica_error"
+    OUT_OF_MEMORY = "out_of_memory"
+    REPLICA_LOST = "replica_lost"
+    NOT_READY = "not_ready"
+    QUEUE_FULL = "queue_full"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+
+    __str__ = str.__str__  # the value, in log lines and metric labels
+
+
+@dataclass(frozen=True)
+class Failure:
+    http_status: int
+    openai_type: str  # the ``error.type`` of OpenAI's envelope
+    retryable: bool  # whether the same request may succeed if sent again later
+    meaning: str
+
+
+FAILURES: dict[FailureKind, Failure] = {
+    FailureKind.INVALID_REQUEST: Failure(400, "invalid_request_error", False,
+                                         "the request's own input cannot be run (at admission or found by the "
+                                         "replica); never retried"),
+    FailureKind.REQUEST_ERROR: Failure(500, "server_error", False,
+                                       "a fault attributed to this request alone (e.g. non-finite output)"),
+    FailureKind.REPLICA_ERROR: Failure(500, "server_error", False,
+                                       "the whole batch failed; the router bisects it so only the culprit fails"),
+    FailureKind.OUT_OF_MEMORY: Failure(507, "insufficient_memory", False,
+                                       "the batch did not fit: the router splits it; a lone image that does not fit "
+                                       "fails"),
+    FailureKind.REPLICA_LOST: Failure(503, "service_unavailable", True,
+                                      "the replica died or hung under it; retried elsewhere up to "
+                                      "router.max_attempts"),
+    FailureKind.NOT_READY: Failure(503, "service_unavailable", True,
+                                   "no replica is ready (starting, draining, restarting)"),
+    FailureKind.QUEUE_FULL: Failure(429, "rate_limit_error", True, "the queue is at router.queue_limit"),
+    FailureKind.TIMEOUT: Failure(504, "timeout", True, "over its deadline (router.request_timeout_s)"),
+    FailureKind.CANCELLED: Failure(499, "cancelled", False, "the caller went away before it ran"),
 }
+
+
+def failure(kind: str | None) -> Failure:
+    """The table's entry for a failure kind (an unknown one counts as a replica error)."""
+    try:
+        return FAILURES[FailureKind(kind)]
+    except ValueError:
+        return FAILURES[FailureKind.REPLICA_ERROR]
+
 
 
 @dataclass(frozen=True)
@@ -131,7 +178,7 @@ class ImageResult:
     height: int = 0
     image: Any = None  # numpy uint8 [H, W, 3]
     error: str | None = None
-    error_type: str | None = None  # see FAILURE_KINDS
+    error_type: str | None = None  # a FailureKind
     param: str | None = None  # for error_type "invalid_request": the request field at fault
     stage_times: StageTimes = field(default_factory=StageTimes)
     queue_s: float = 0.0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .messages import Batch, BatchResult, ImageResult, ReplicaHealth
+from .messages import Batch, BatchResult, FailureKind, ImageResult, ReplicaHealth
 from .router import RouterObserver
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 30, 60, 120, 300, 600)
@@ -86,11 +86,11 @@ class PrometheusObserver(RouterObserver):
             self.requests.labels("ok").inc()
         else:
             self.requests.labels("error").inc()
-            self.errors.labels(result.error_type or "unknown").inc()
+            self.errors.labels(str(result.error_type or FailureKind.REPLICA_ERROR)).inc()
 
-    def rejected(self, error_type: str) -> None:
+    def rejected(self, kind: FailureKind) -> None:
         self.requests.labels("rejected").inc()
-        self.errors.labels(error_type).inc()
+        self.errors.labels(str(kind)).inc()
 
     def http_response(self, status: int) -> None:
         self.http.labels(str(status)).inc()

@@ -131,8 +131,8 @@ def probe_gpu_memory_gib(node: RayNode, timeout_s: float = 120.0) -> float:
     return mem if mem is not None else LOGICAL_GPU_MEMORY_GIB
 
 
-class EncoderUnavailable(RuntimeError):
-    encoder_unavailable = True
+class EncoderUnavailable(ReplicaUnavailableError):
+    """The replica whose text encoder this one borrows is gone: its batch is retried elsewhere."""
 
 
 class RemoteEncoder:

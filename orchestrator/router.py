@@ -17,7 +17,7 @@ from typing import Protocol
 from .config import RouterConfig
 from .errors import NotReadyError, QueueFullError, ReplicaHungError, ReplicaUnavailableError
 from .logging_setup import batch_log_context
-from .messages import Batch, BatchResult, ImageRequest, ImageResult, StepProgress
+from .messages import Batch, BatchResult, FailureKind, ImageRequest, ImageResult, StepProgress
 from .scheduler import BatchScheduler, Pending, ReplicaCapacity
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class RouterObserver:
 
     def finished(self, result: ImageResult) -> None: ...
 
-    def rejected(self, error_type: str) -> None: ...
+    def rejected(self, kind: FailureKind) -> None: ...
 
     def replica_event(self, replica_id: str, event: str) -> None:
         """A replica was lost, hung, came back or was dropped (the deployment reports these)."""
@@ -183,7 +183,7 @@ class Router:
         for t in list(self._inflight_tasks):
             t.cancel()
         for p in self.scheduler.expire(float("inf")) + list(self._running.values()):
-            self._finish(p, self._error_result(p, "the deployment shut down", "not_ready"))
+            self._finish(p, self._error_result(p, "the deployment shut down", FailureKind.NOT_READY))
 
     def wake(self) -> None:
         """Something changed outside (a replica came back): reconsider dispatch now."""
@@ -222,23 +222,23 @@ class Router:
         servable, not accepting). Nothing is computed for a refused call. Await every returned awaitable;
         cancelling one drops its request if it has not been dispatched yet."""
         if not self._accepting:
-            self.observer.rejected("not_ready")
+            self.observer.rejected(FailureKind.NOT_READY)
             raise NotReadyError("the deployment is shutting down and accepts no new requests")
         # Admission looks at every member, live or recovering: while a replica restarts, requests wait in the
         # queue for it (up to their timeout) rather than being turned away.
         members = [ReplicaCapacity(r.replica_id, r.max_pixels, r.max_batch_tokens) for r in self.pool.members()]
         if not members:
-            self.observer.rejected("not_ready")
+            self.observer.rejected(FailureKind.NOT_READY)
             raise NotReadyError("the deployment has no replicas; retry shortly")
         try:
             for request in requests:
                 self.scheduler.check_servable(request, members)
         except Exception as e:
-            self.observer.rejected(getattr(e, "error_type", "invalid_request_error"))
+            self.observer.rejected(getattr(e, "kind", FailureKind.INVALID_REQUEST))
             raise
         room = self.config.queue_limit - len(self.scheduler)
         if len(requests) > room:
-            self.observer.rejected("rate_limit_error")
+            self.observer.rejected(FailureKind.QUEUE_FULL)
             raise QueueFullError(
                 f"the queue has room for {max(0, room)} more request(s) and this call needs {len(requests)} "
                 f"({len(self.scheduler)} waiting, router.queue_limit={self.config.queue_limit}); retry later")
@@ -261,7 +261,7 @@ class Router:
         except asyncio.CancelledError:
             if self.scheduler.remove(p):
                 log.info("request %s cancelled by its caller before it ran", p.request.request_id)
-                self.observer.finished(self._error_result(p, "cancelled by the client", "cancelled"))
+                self.observer.finished(self._error_result(p, "cancelled by the client", FailureKind.CANCELLED))
             raise
 
     # ---- the loop ----------------------------------------------------------------------------------------
@@ -312,13 +312,13 @@ class Router:
                             replica.replica_id, batch.batch_id, e, len(pendings))
                 self.pool.report_failure(replica.replica_id, e)
                 for p in pendings:
-                    self._retry_or_fail(p, f"replica {replica.replica_id} died: {e}", "replica_lost")
+                    self._retry_or_fail(p, f"replica {replica.replica_id} died: {e}", FailureKind.REPLICA_LOST)
                 return
             except Exception as e:  # noqa: BLE001 - a transport bug must fail the requests, not hang them
                 log.exception("batch %d on %s: unexpected error", batch.batch_id, replica.replica_id)
                 # As data, so that _deliver bisects it like any whole-batch failure (it may be one request's).
                 self._deliver(batch, pendings, BatchResult(batch.batch_id, replica.replica_id, tuple(
-                    self._error_result(p, f"{type(e).__name__}: {e}", "replica_error") for p in pendings)))
+                    self._error_result(p, f"{type(e).__name__}: {e}", FailureKind.REPLICA_ERROR) for p in pendings)))
                 return
             self._deliver(batch, pendings, out)
         finally:
@@ -353,24 +353,24 @@ class Router:
     def _deliver(self, batch: Batch, pendings: list[Pending], out: BatchResult) -> None:
         by_id = {r.request_id: r for r in out.results}
         now = self.clock.now()
-        if out.results and all(r.error_type == "not_ready" for r in out.results):
+        if out.results and all(r.error_type == FailureKind.NOT_READY for r in out.results):
             # A restarted actor that has not loaded its model yet: the same as a lost replica.
             self.pool.report_failure(out.replica_id, RuntimeError(out.results[0].error))
             for p in pendings:
-                self._retry_or_fail(p, f"replica {out.replica_id} is not ready", "replica_lost")
+                self._retry_or_fail(p, f"replica {out.replica_id} is not ready", FailureKind.REPLICA_LOST)
             return
         for p in pendings:
             r = by_id.get(p.request.request_id)
             if r is None:
-                self._finish(p, self._error_result(p, "the replica returned no result for it", "replica_error"))
+                self._finish(p, self._error_result(p, "the replica returned no result for it", FailureKind.REPLICA_ERROR))
             elif r.ok:
                 self._finish(p, _with_times(r, p, now))
-            elif r.error_type == "out_of_memory" and len(batch) > 1:
+            elif r.error_type == FailureKind.OUT_OF_MEMORY and len(batch) > 1:
                 # Split: retry each request in batches of at most half this size.
                 p.max_batch = max(1, len(batch) // 2)
                 p.attempts -= 1  # a split is not a failed attempt
                 self._requeue(p)
-            elif r.error_type == "replica_error" and len(batch) > 1:
+            elif r.error_type == FailureKind.REPLICA_ERROR and len(batch) > 1:
                 # Isolation: the whole batch failed, and it may be one member's fault (an input no per-request
                 # check caught). Bisect as for out of memory: each half runs again without counting an attempt,
                 # down to single requests, so the innocent members succeed and only the culprit fails.
@@ -379,9 +379,9 @@ class Router:
                 p.max_batch = max(1, len(batch) // 2)
                 p.attempts -= 1
                 self._requeue(p)
-            elif r.error_type == "replica_lost":
-                self._retry_or_fail(p, r.error or "a replica it depends on was lost", "replica_lost")
-            elif r.error_type == "out_of_memory":
+            elif r.error_type == FailureKind.REPLICA_LOST:
+                self._retry_or_fail(p, r.error or "a replica it depends on was lost", FailureKind.REPLICA_LOST)
+            elif r.error_type == FailureKind.OUT_OF_MEMORY:
                 self._finish(p, _with_times(r, p, now, error=(
                     f"out of GPU memory for a single {p.request.width}x{p.request.height} image on replica "
                     f"{r.replica_id}: {r.error}. Use a smaller size or a placement with more memory per replica.")))
@@ -449,7 +449,7 @@ class Router:
     def _timeout_result(self, p: Pending, now: float, where: str) -> ImageResult:
         return self._error_result(
             p, f"request timed out {where} after {now - p.enqueued_at:.1f}s "
-               f"(router.request_timeout_s or the request's timeout)", "timeout")
+               f"(router.request_timeout_s or the request's timeout)", FailureKind.TIMEOUT)
 
 
 def _with_times(r: ImageResult, p: Pending, now: float, error: str | None = None) -> ImageResult:

@@ -41,7 +41,7 @@ from .config import Config, load_config
 from .errors import InvalidRequestError, QueueFullError, ZImageError
 from .images_api import ImageCall, completed_event, encode_image, images_response, parse_generation, \
     partial_image_event
-from .messages import ImageRequest, ImageResult, StepProgress
+from .messages import FailureKind, ImageRequest, ImageResult, StepProgress, failure
 from .metrics import PrometheusObserver
 from .request_id import RequestIdMiddleware
 from .requests import shown
@@ -49,14 +49,6 @@ from .requests import shown
 log = logging.getLogger(__name__)
 
 # How failed results map onto HTTP statuses and OpenAI error types.
-_RESULT_STATUS = {
-    "invalid_request": (400, "invalid_request_error"),
-    "timeout": (504, "timeout"),
-    "cancelled": (499, "cancelled"),
-    "not_ready": (503, "service_unavailable"),
-    "replica_lost": (503, "service_unavailable"),
-    "out_of_memory": (507, "insufficient_memory"),
-}
 
 
 class _JSON(JSONResponse):
@@ -92,7 +84,8 @@ def _from_exception(e: ZImageError) -> JSONResponse:
 def _result_error(r: ImageResult) -> tuple[int, dict]:
     """Status and envelope for a failed result. Server-side failures are described without internal text (the
     replica's exception goes to this process's log with the request id)."""
-    status, type_ = _RESULT_STATUS.get(r.error_type or "", (500, "server_error"))
+    f = failure(r.error_type)
+    status, type_ = f.http_status, f.openai_type
     if status == 400:
         return status, error_body(r.error or "invalid request", type_, r.param, r.error_type)
     if status >= 500:
@@ -335,23 +328,25 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         try:
             body = await read_body(request, limits.max_body_bytes)
         except BodyTooLarge:
-            service.observer.rejected("invalid_request_error")
+            service.observer.rejected(FailureKind.INVALID_REQUEST)
             return error_response(413, f"request body is larger than {limits.max_body_bytes} bytes "
                                        f"(limits.max_body_bytes)", "invalid_request_error")
         try:
             payload = parse_json(body)
         except InvalidRequestError as e:
-            service.observer.rejected(e.error_type)
+            service.observer.rejected(e.kind)
             return _from_exception(e)
         if not service.accepting:
             msg = "the deployment failed to start; see /readyz and the server log" if service.start_error else \
                 "the deployment is starting; retry shortly"
-            return error_response(503, msg, "service_unavailable", headers={"Retry-After": "5"})
+            service.observer.rejected(FailureKind.NOT_READY)
+            f = failure(FailureKind.NOT_READY)
+            return error_response(f.http_status, msg, f.openai_type, headers={"Retry-After": "5"})
         dep = service.deployment
         try:
             call = parse_generation(payload, config, getattr(dep, "max_side", None))
         except ZImageError as e:
-            service.observer.rejected(e.error_type)
+            service.observer.rejected(e.kind)
             return _from_exception(e)
         if call.user is not None or call.safety_identifier is not None:
             log.info("request %s: user=%s safety_identifier=%s", call.requests[0].request_id,

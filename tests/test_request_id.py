@@ -265,7 +265,12 @@ def test_success_id_in_header_access_and_router_lines(server):
     text = server.log.getvalue()
     assert re.search(r"orchestrator\.router \[request_id=it-ok-1\]: batch \d+: \d images, \d+ tokens", text), \
         text[-3000:]
-    assert "orchestrator.access [request_id=it-ok-1]: POST /v1/images/generations 200" in text
+    # the access line is written once the response has gone out: give it a moment
+    deadline = time.time() + 5
+    while "orchestrator.access [request_id=it-ok-1]: POST /v1/images/generations 200" not in text:
+        assert time.time() < deadline, text[-3000:]
+        time.sleep(0.05)
+        text = server.log.getvalue()
 
 
 def test_replica_failure_id_in_body_header_and_replica_log(server):
