@@ -13,13 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_full_size_engine_bf16_on_gpu():
-    from actors.engine import ZImageEngine
+    from actors.engine import Sample, ZImageEngine
     from actors.models import build_components
 
     comps = build_components("full", device="cuda", dtype=torch.bfloat16)
     eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cuda"), torch.bfloat16)
-    images, times = eng.generate(["a red fox"], [1], 512, 512, 2)
-    assert images.shape == (1, 512, 512, 3) and times.denoise_s > 0
+    images, times = eng.generate([Sample("a red fox", 1, 512, 512), Sample("a lighthouse at dusk", 2, 768, 512)], 2)
+    assert [i.shape for i in images] == [(512, 512, 3), (512, 768, 3)] and times.denoise_s > 0
 
 
 def test_short_benchmark_on_gpu(tmp_path):
