@@ -387,16 +387,19 @@ async def _generate(request: Request, call: ImageCall, waiters: list[Awaitable[I
                                   "server_error")
         if not o.ok:
             return _from_result(o)
-    b64 = await asyncio.gather(*(_b64(o.image, call) for o in outcomes))
-    return _JSON(images_response(call, outcomes, b64, int(time.time())))
+    loop = asyncio.get_running_loop()
+    b64 = await asyncio.gather(*(loop.run_in_executor(None, _b64, o.image, call) for o in outcomes))
+    # The body (megabytes of base64 per image) is serialized off the event loop too: the router's dispatch loop
+    # shares this loop, and a batch's worth of responses rendered on it would delay the next dispatch.
+    body = await loop.run_in_executor(None, _JSON(None).render, images_response(call, outcomes, b64,
+                                                                               int(time.time())))
+    return Response(body, media_type="application/json")
 
 
-async def _b64(image, call: ImageCall) -> str:
-    """Encode in a worker thread: zlib and libjpeg/libwebp release the GIL, so images encode in parallel off the
-    event loop."""
-    data = await asyncio.get_running_loop().run_in_executor(
-        None, encode_image, image, call.output_format, call.output_compression)
-    return base64.b64encode(data).decode()
+def _b64(image, call: ImageCall) -> str:
+    """Runs in a worker thread: zlib and libjpeg/libwebp release the GIL, so images encode in parallel off the
+    event loop; the base64 text is made there too."""
+    return base64.b64encode(encode_image(image, call.output_format, call.output_compression)).decode()
 
 
 def _sse(event: str, data: dict) -> bytes:
@@ -435,7 +438,7 @@ class _Stream:
             self.queue.put_nowait(_sse("error", error_body(e.message, e.error_type, e.param)))
             return
         if r.ok:
-            b64 = await _b64(r.image, self.call)
+            b64 = await asyncio.get_running_loop().run_in_executor(None, _b64, r.image, self.call)
             self.queue.put_nowait(_sse("image_generation.completed",
                                        completed_event(self.call, index, r, b64, int(time.time()))))
         else:
@@ -455,7 +458,7 @@ class _Stream:
                 item = getter.result()
                 if isinstance(item, tuple):  # a preview: encoded here, in order, before its image's completion
                     index, req, k, image = item
-                    b64 = await _b64(image, self.call)
+                    b64 = await asyncio.get_running_loop().run_in_executor(None, _b64, image, self.call)
                     item = _sse("image_generation.partial_image",
                                 partial_image_event(self.call, index, req, k, b64, int(time.time())))
                 yield item
