@@ -113,8 +113,8 @@ def build_tokenizer():
     The real tokenizer cannot be downloaded here. This one has the same class, special tokens, padding
     behaviour and template, so the pipeline's text path runs unchanged; it just splits text into more tokens.
     """
-    from transformers import Qwen2TokenizerFast
     from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2TokenizerFast
 
     alphabet = ByteLevel.alphabet()
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}

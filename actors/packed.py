@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF  # padding multiple of both parts
+
 ATTENTION_IMPLS = ("runs", "varlen", "flex")
 
 

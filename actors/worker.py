@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, replace
 
 from orchestrator.config import COMPONENTS, ModelConfig
-from orchestrator.logging_setup import logs_batch, setup_replica_process
 from orchestrator.errors import ReplicaUnavailableError
+from orchestrator.logging_setup import logs_batch, setup_replica_process
 from orchestrator.messages import Batch, BatchResult, FailureKind, ImageResult, ReplicaHealth, StageTimes
 
 log = logging.getLogger(__name__)

@@ -48,7 +48,8 @@ def main(out_dir: str, n: int = 48, config: str = "benchmarks/configs/gpu-random
     api = bench([config, *COMPILE, "--label", "api-uniform", "--requests", str(n)], out / "api")
     h, a = http["runs"][0], api["runs"][0]
     summary = {"card": api.get("card"), "server_ready_s": round(ready_s, 1), "http_img_s": h["throughput_img_s"],
-               "api_img_s": a["throughput_img_s"], "http_vs_api": round(h["throughput_img_s"] / a["throughput_img_s"], 4),
+               "api_img_s": a["throughput_img_s"],
+               "http_vs_api": round(h["throughput_img_s"] / a["throughput_img_s"], 4),
                "http_p50_s": h["latency_p50_s"], "api_p50_s": a["latency_p50_s"]}
     (out / "http_vs_api.json").write_text(json.dumps(summary, indent=2))
     print(summary)

@@ -49,7 +49,7 @@ MIXED = [4096 + 64, 3072 + 224, 4032 + 96, 1024 + 160]
 
 
 def attention_probe():
-    from actors.packed import _attend, _flex_mask, Segments, equal_runs
+    from actors.packed import Segments, _attend, _flex_mask, equal_runs
 
     heads, dim = 30, 128
     for name, lens in (("uniform", UNIFORM), ("mixed", MIXED)):

@@ -29,7 +29,9 @@ def category(name: str) -> str:
 
 
 def measure(eng, enc, lat, label, res, path):
-    step = lambda: eng.denoise(enc, lat, 1)
+    def step():
+        return eng.denoise(enc, lat, 1)
+
     res[f"{label}_first_step_s"] = round(first_call_s(step), 3)
     res[f"{label}_step_s"] = round(timed(step, reps=5, warmup=False), 4)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

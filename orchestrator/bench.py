@@ -140,7 +140,7 @@ class RequestMaker:
         self.i = 0
 
     @classmethod
-    def for_workload(cls, workload: str, config, sizes, steps, seed: int = 0) -> "RequestMaker":
+    def for_workload(cls, workload: str, config, sizes, steps, seed: int = 0) -> RequestMaker:
         if workload == "mixed":
             return cls(config, sizes if sizes and len(sizes) > 1 else REALISTIC_SIZES, steps, seed, varied=True)
         return cls(config, sizes, steps, seed, varied=workload == "varied")
@@ -236,9 +236,9 @@ def run_baseline(config: Config, sizes: list[tuple[int, int]], n: int, warmup: i
     import gc
 
     import torch
+    from diffusers import ZImagePipeline
 
     from actors.loading import load_components, resolve_dtype
-    from diffusers import ZImagePipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(config.model.dtype, device)
@@ -250,7 +250,7 @@ def run_baseline(config: Config, sizes: list[tuple[int, int]], n: int, warmup: i
     out = {"device": device, "dtype": str(dtype).removeprefix("torch."), "load_s": round(load_s, 2), "sizes": {}}
     try:
         for w, h in sizes:
-            def one(i):
+            def one(i, w=w, h=h):
                 pipe(PROMPTS[i % len(PROMPTS)], height=h, width=w, num_inference_steps=steps,
                      guidance_scale=config.defaults.guidance_scale,
                      generator=torch.Generator(device).manual_seed(i))

@@ -74,7 +74,7 @@ class ClusterConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _local_only_fields(self) -> "ClusterConfig":
+    def _local_only_fields(self) -> ClusterConfig:
         if self.address is not None and (self.num_cpus is not None or self.num_gpus is not None):
             raise ValueError(
                 f"num_cpus/num_gpus declare resources of a local Ray; they cannot be set when joining "
@@ -149,7 +149,7 @@ class ModelConfig(_Strict):
     seed: int = Field(default=0, ge=0, description="Weight seed for source=tiny and random-full.")
 
     @model_validator(mode="after")
-    def _source_fields(self) -> "ModelConfig":
+    def _source_fields(self) -> ModelConfig:
         if self.source == "local" and self.local_path is None:
             raise ValueError("source='local' needs local_path: the directory that holds model_index.json")
         if self.source != "local" and self.local_path is not None:
@@ -262,7 +262,7 @@ class DeploymentConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _mode_fields(self) -> "DeploymentConfig":
+    def _mode_fields(self) -> DeploymentConfig:
         if self.mode == "replicate":
             if self.gpus_per_replica != 1:
                 raise ValueError(
@@ -384,7 +384,7 @@ class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Config":
+    def _cross_checks(self) -> Config:
         d, lim = self.defaults, self.limits
         if d.width * d.height > lim.max_pixels:
             raise ValueError(

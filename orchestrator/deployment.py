@@ -109,7 +109,7 @@ class Deployment:
     @classmethod
     async def start(cls, config: Config, observer: RouterObserver | None = None,
                     on_replica_ready: Callable[[ReplicaHealth], None] | None = None, *,
-                    backend: Backend | None = None, clock: Clock | None = None) -> "Deployment":
+                    backend: Backend | None = None, clock: Clock | None = None) -> Deployment:
         self = cls(config, backend=backend, clock=clock, observer=observer)
         await self._start(on_replica_ready)
         return self
@@ -186,7 +186,7 @@ class Deployment:
             await self.router.stop()
         await self.replica_set.close()
 
-    async def __aenter__(self) -> "Deployment":
+    async def __aenter__(self) -> Deployment:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -304,7 +304,7 @@ class ZImageClient:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
 
-    def __enter__(self) -> "ZImageClient":
+    def __enter__(self) -> ZImageClient:
         return self
 
     def __exit__(self, *exc) -> None:

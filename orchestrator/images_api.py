@@ -9,7 +9,7 @@ Every field of OpenAI's ``CreateImageRequest`` is either implemented or refused 
 | ``model`` | ``server.served_model_name`` (or null) |
 | ``n`` | 1 to ``limits.max_n``; the images get seeds ``seed, seed+1, ...`` |
 | ``size`` | ``WIDTHxHEIGHT`` in multiples of 16, or ``auto`` (the configured default) |
-| ``quality`` | ``low`` / ``medium`` / ``high`` (``hd`` = high) -> ``defaults.quality_steps``; ``auto``/``standard`` -> ``defaults.num_inference_steps`` |
+| ``quality`` | ``low``/``medium``/``high`` (``hd`` = high) -> ``defaults.quality_steps``; others: default steps |
 | ``response_format`` | ``b64_json``; ``url`` refused (this server hosts no image URLs) |
 | ``output_format`` | ``png`` (default), ``jpeg``, ``webp`` |
 | ``output_compression`` | 0-100, the JPEG/WebP quality (default 100); PNG is lossless, so only 100 |

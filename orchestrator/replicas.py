@@ -21,7 +21,7 @@ transient after all: the process never went away).
 
 Health checks run concurrently, one in flight per replica at most, so a hung replica delays no other's check. The
 backend (Ray, or a fake in the tests) and the clock are injected: every path here runs in milliseconds under a
-``ManualClock``.
+``ManualClock`` (tests/fakes.py).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ log = logging.getLogger("orchestrator.access")
 
 HEADER = "x-request-id"
 MAX_LEN = 128
-_VALID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,%d}$" % MAX_LEN)
+_VALID = re.compile(rf"^[A-Za-z0-9._:/+=@-]{{1,{MAX_LEN}}}$")
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 

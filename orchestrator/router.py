@@ -38,35 +38,6 @@ class MonotonicClock:
         await asyncio.sleep(max(0.0, seconds))
 
 
-class ManualClock:
-    """A clock that moves only when a test calls ``advance``."""
-
-    def __init__(self, start: float = 0.0):
-        self._t = start
-        self._sleepers: list[tuple[float, asyncio.Future]] = []
-
-    def now(self) -> float:
-        return self._t
-
-    async def sleep(self, seconds: float) -> None:
-        if seconds <= 0:
-            await asyncio.sleep(0)
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._sleepers.append((self._t + seconds, fut))
-        await fut
-
-    async def advance(self, seconds: float) -> None:
-        self._t += seconds
-        due = [f for t, f in self._sleepers if t <= self._t]
-        self._sleepers = [(t, f) for t, f in self._sleepers if t > self._t]
-        for f in due:
-            if not f.done():
-                f.set_result(None)
-        for _ in range(5):  # let the woken tasks run
-            await asyncio.sleep(0)
-
-
 class Replica(Protocol):
     """A handle the router dispatches to. ``run`` raises ``ReplicaUnavailableError`` when the replica's process
     is gone; every other outcome comes back inside the ``BatchResult``."""
@@ -362,7 +333,8 @@ class Router:
         for p in pendings:
             r = by_id.get(p.request.request_id)
             if r is None:
-                self._finish(p, self._error_result(p, "the replica returned no result for it", FailureKind.REPLICA_ERROR))
+                self._finish(p, self._error_result(p, "the replica returned no result for it",
+                                                   FailureKind.REPLICA_ERROR))
             elif r.ok:
                 self._finish(p, _with_times(r, p, now))
             elif r.error_type == FailureKind.OUT_OF_MEMORY and len(batch) > 1:

@@ -39,8 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import Config, load_config
 from .errors import InvalidRequestError, QueueFullError, ZImageError
-from .images_api import ImageCall, completed_event, encode_image, images_response, parse_generation, \
-    partial_image_event
+from .images_api import ImageCall, completed_event, encode_image, images_response, parse_generation, partial_image_event
 from .messages import FailureKind, ImageRequest, ImageResult, StepProgress, failure
 from .metrics import PrometheusObserver
 from .request_id import RequestIdMiddleware

@@ -46,7 +46,7 @@ class Inventory:
     gpus: tuple[GPU, ...]
 
     @classmethod
-    def from_nodes(cls, nodes: list[tuple[str, int, float]]) -> "Inventory":
+    def from_nodes(cls, nodes: list[tuple[str, int, float]]) -> Inventory:
         return cls(tuple(GPU(name, i, mem) for name, n, mem in nodes for i in range(n)))
 
     def by_node(self) -> dict[str, list[GPU]]:

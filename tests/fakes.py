@@ -77,3 +77,32 @@ class FakePool:
 
 def lost():
     return ReplicaUnavailableError("actor died")
+
+
+class ManualClock:
+    """A clock that moves only when a test calls ``advance``."""
+
+    def __init__(self, start: float = 0.0):
+        self._t = start
+        self._sleepers: list[tuple[float, asyncio.Future]] = []
+
+    def now(self) -> float:
+        return self._t
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self._t + seconds, fut))
+        await fut
+
+    async def advance(self, seconds: float) -> None:
+        self._t += seconds
+        due = [f for t, f in self._sleepers if t <= self._t]
+        self._sleepers = [(t, f) for t, f in self._sleepers if t > self._t]
+        for f in due:
+            if not f.done():
+                f.set_result(None)
+        for _ in range(5):  # let the woken tasks run
+            await asyncio.sleep(0)

@@ -445,7 +445,8 @@ def test_fuzz_from_the_published_schema(server):
     # Short prompts keep generation cheap; everything else is the spec's.
     request_schema["properties"]["prompt"] = {"type": "string", "minLength": 0, "maxLength": 40}
     valid = strategy(request_schema)
-    anything = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    anything = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                            | st.text(max_size=20),
                             lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                                        max_size=3), max_leaves=8)
     fields = sorted(request_schema["properties"]) + ["seed", "num_inference_steps", "guidance_scale",

@@ -55,7 +55,8 @@ def test_chaos_kills_lose_no_request(server):
         codes[r.status_code] = codes.get(r.status_code, 0) + 1
         if r.status_code != 200:  # allowed only as a clear error in the OpenAI envelope
             assert r.json()["error"]["message"], r.text
-    assert codes.get(200, 0) == 60, (codes, [r.text[:300] for r in results.values() if r.status_code != 200])  # re-dispatched or queued until a replica is back: nothing lost
+    # re-dispatched or queued until a replica is back: nothing lost
+    assert codes.get(200, 0) == 60, (codes, [r.text[:300] for r in results.values() if r.status_code != 200])
     # back to full strength
     dep = server.service.deployment
     deadline = time.time() + 90

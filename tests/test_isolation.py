@@ -7,13 +7,13 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from fakes import FakePool, FakeReplica
+from fakes import FakePool, FakeReplica, ManualClock
 
 from actors.screening import StepHook, preview_steps, screen, validate_prompt
 from actors.worker import PipelineWorker, WarmupSpec
 from orchestrator.config import ModelConfig, RouterConfig
 from orchestrator.messages import Batch, BatchResult, ImageRequest, ImageResult
-from orchestrator.router import ManualClock, Router
+from orchestrator.router import Router
 
 BAD = "a fox \ud800 in snow"  # a lone surrogate: valid in JSON ("\ud800"), unencodable by any UTF-8 tokenizer
 

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 import pytest
 from conftest import tiny_config
-from fakes import FakeReplica, lost
+from fakes import FakeReplica, ManualClock, lost
 
 from orchestrator.config import DeploymentConfig, config_from_dict
 from orchestrator.deployment import Deployment
 from orchestrator.errors import ConfigError, NotReadyError, ReplicaError, ReplicaHungError, ReplicaUnavailableError
 from orchestrator.messages import ReplicaHealth
 from orchestrator.replicas import OLD_PROCESS_GRACE_S, ReplicaSet, ReplicaState
-from orchestrator.router import ManualClock, RouterObserver
+from orchestrator.router import RouterObserver
 
 LIVE, RECOVERING, FAILED, DROPPED = ReplicaState.LIVE, ReplicaState.RECOVERING, ReplicaState.FAILED, \
     ReplicaState.DROPPED

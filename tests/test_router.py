@@ -3,12 +3,12 @@
 import asyncio
 
 import pytest
-from fakes import FakePool, FakeReplica, fake_image, lost
+from fakes import FakePool, FakeReplica, ManualClock, fake_image, lost
 
 from orchestrator.config import RouterConfig
 from orchestrator.errors import NotReadyError, QueueFullError
 from orchestrator.messages import ImageRequest
-from orchestrator.router import ManualClock, Router
+from orchestrator.router import Router
 
 
 def req(i, size=64, steps=4, prompt=None):
