@@ -16,13 +16,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Parameter counts of the real components (REFERENCE.md), used by the meta-device test and the planner.
-FULL_PARAM_COUNTS = {
-    "transformer": 6_154_908_736,
-    "text_encoder": 4_022_468_096,
-    "vae": 83_819_683,
-}
-
 FULL_TRANSFORMER_CONFIG: dict[str, Any] = {}  # ZImageTransformer2DModel's defaults are the real config.
 
 FULL_TEXT_ENCODER_CONFIG: dict[str, Any] = {
@@ -124,10 +117,6 @@ def build_tokenizer():
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     tok.chat_template = CHAT_TEMPLATE
     return tok
-
-
-def _counted_params(module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 @contextlib.contextmanager

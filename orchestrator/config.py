@@ -14,10 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from placement.planner import COMPONENTS  # defined once, in the pure planner
+
 from .errors import ConfigError
 
 DEFAULT_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
-COMPONENTS = ("text_encoder", "transformer", "vae")
 
 
 class _Strict(BaseModel):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -100,7 +99,6 @@ class Deployment:
         self.replica_set = ReplicaSet(self.backend, config.deployment, self.clock, self.observer,
                                       on_change=self._replica_changed)
         self.router: Router | None = None
-        self.started_at = time.time()
         # Ray names (actors, placement groups) carry this, so deployments sharing a namespace never collide.
         self.deployment_id = uuid.uuid4().hex[:8]
         self.ready = False

@@ -7,16 +7,28 @@ import pytest
 import torch
 
 from actors.loading import ModelNotFoundError, load_components, resolve_dtype, resolve_model
-from actors.models import FULL_PARAM_COUNTS, build_components, save_tiny_model
+from actors.models import build_components, save_tiny_model
 from orchestrator.config import ModelConfig
 
 CPU = dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu")
 
 
-def test_full_size_architecture_matches_reference_counts():
+def test_full_size_architecture_matches_the_planners_counts():
+    """The planner (pure, no torch) states each component's parameters and quantizable weights once: check them
+    against the real classes at the real configs."""
+    import torch
+
+    from actors.quantize import _quantizable
+    from placement import model_spec
+
     comps = build_components("full", device="meta")
-    for name, expected in FULL_PARAM_COUNTS.items():
-        assert sum(p.numel() for p in comps[name].parameters()) == expected, name
+    for name, spec in model_spec("modelscope").components.items():
+        assert sum(p.numel() for p in comps[name].parameters()) == spec.params, name
+    spec = model_spec("modelscope").components
+    assert sum(m.weight.numel() for n, m in comps["transformer"].named_modules()
+               if _quantizable(m, n)) == spec["transformer"].quantizable_params
+    assert sum(m.weight.numel() for m in comps["text_encoder"].modules()
+               if isinstance(m, torch.nn.Linear)) == spec["text_encoder"].quantizable_params
     assert comps["scheduler"].config.shift == 3.0
     assert comps["vae"].config.scaling_factor == 0.3611 and comps["vae"].config.shift_factor == 0.1159
 
