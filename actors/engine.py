@@ -210,6 +210,7 @@ class ZImageEngine:
         schedulers = self._schedulers(latents, num_inference_steps, device)
         timesteps = torch.stack([s.timesteps for s in schedulers])  # [n, steps]
         order = list(range(n)) + cfg
+        negative_of = {j: n + k for k, j in enumerate(cfg)}  # sample -> its negative pass's output
         dtype = self.transformer.dtype
         for i in range(num_inference_steps):
             t = timesteps[:, i]
@@ -220,7 +221,7 @@ class ZImageEngine:
             for j in range(n):
                 pred = out[j].float()
                 if guidance[j] > 0:
-                    pred = pred + guidance[j] * (pred - out[n + cfg.index(j)].float())
+                    pred = pred + guidance[j] * (pred - out[negative_of[j]].float())
                 pred = -pred.squeeze(1)
                 preds.append(pred)
                 latents[j] = schedulers[j].step(pred.unsqueeze(0), timesteps[j, i], latents[j].unsqueeze(0),
