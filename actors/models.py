@@ -1,6 +1,6 @@
 """Z-Image-Turbo component definitions: the real configs, a toy-size variant, and builders.
 
-The real configs are the ones published with ``Tongyi-MAI/Z-Image-Turbo`` (see ../shared/REFERENCE.md).
+The real configs are the ones published with ``Tongyi-MAI/Z-Image-Turbo`` (its ``*/config.json`` files).
 The toy-size variant keeps every structural property the orchestrator relies on (same classes, a VAE with
 four blocks so the 16-pixel size rule is the same, a chat-templated Qwen2 tokenizer, variable-length
 caption embeddings) so that the CPU tests exercise the real code paths.
