@@ -66,6 +66,17 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=60)
 
+    def wait_ready(self, timeout_s: float = 120) -> "ServerThread":
+        """Wait for /readyz to answer 200; then ``self.service`` is the app's Service."""
+        import httpx
+
+        deadline = time.time() + timeout_s
+        while (r := httpx.get(f"{self.url}/readyz")).status_code != 200:
+            assert time.time() < deadline, r.text
+            time.sleep(0.2)
+        self.service = self.server.config.app.state.service
+        return self
+
 
 @contextlib.asynccontextmanager
 async def injected(dep, kind, **kw):

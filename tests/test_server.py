@@ -29,11 +29,7 @@ def server(ray_cluster, tiny_cache):
     )
     app = create_app(cfg)
     with ServerThread(app) as s:
-        deadline = time.time() + 120
-        while httpx.get(f"{s.url}/readyz").status_code != 200:
-            assert time.time() < deadline, httpx.get(f"{s.url}/readyz").text
-            time.sleep(0.2)
-        s.service = app.state.service
+        s.wait_ready()
         yield s
 
 
