@@ -52,10 +52,11 @@ class ImageRequest:
     def pixels(self) -> int:
         return self.width * self.height
 
-    @property
+    @cached_property
     def tokens(self) -> int:
         """An upper bound of the tokens this request adds to a packed transformer call (the router's budget unit):
-        its image tokens and caption tokens, both padded, twice with guidance (the negative pass)."""
+        its image tokens and caption tokens, both padded, twice with guidance (the negative pass). Computed once
+        per request: the scheduler reads it on every pass of the router loop."""
         # surrogatepass: a prompt with a lone surrogate (legal in JSON) must still be counted, not raise here, in
         # admission or the router loop; the replica refuses it alone (actors/screening.py).
         return sample_tokens(self.width, self.height, caption_tokens_bound(_utf8_len(self.prompt)),
