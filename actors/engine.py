@@ -26,7 +26,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_de
 
 from orchestrator.messages import StageTimes
 
+from .conditioning import Conditioning, encode_conditions
 from .packed import PackedTransformer
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,13 @@ class Sample:
     height: int
     guidance_scale: float = 0.0
     negative_prompt: str | None = None
+    # [conditioning] img2img / inpainting (actors/conditioning.py): the input image, uint8 [H, W, 3] at this size;
+    # the mask, uint8 [H, W], nonzero = repaint; the sample's own schedule length (it runs the last
+    # steps_run(num_inference_steps, strength) steps of it).
+    image: Any = field(default=None, compare=False, repr=False)
+    mask: Any = field(default=None, compare=False, repr=False)
+    strength: float = 1.0
+    num_inference_steps: int | None = None
 
 
 @dataclass
@@ -167,11 +176,14 @@ class ZImageEngine:
             out.append(torch.randn((1, channels, h, w), generator=g, dtype=torch.float32)[0])
         return [x.to(self.devices["transformer"]) for x in out]
 
-    def _schedulers(self, latents: list[torch.Tensor], num_inference_steps: int, device):
-        """One flow-matching scheduler per sample: its ``mu`` depends on its own image token count."""
-        sigmas = get_default_z_image_sigmas(num_inference_steps)
+    def _schedulers(self, latents: list[torch.Tensor], num_inference_steps: int, device,
+                    conditions: Sequence[Conditioning | None] | None = None):
+        """One flow-matching scheduler per sample: its ``mu`` depends on its own image token count. A conditioned
+        sample's scheduler has its own length and begins at its start step."""
         out = []
-        for lat in latents:
+        for j, lat in enumerate(latents):
+            cond = conditions[j] if conditions else None
+            sigmas = get_default_z_image_sigmas(cond.num_inference_steps if cond else num_inference_steps)
             scheduler = self._scheduler_cls.from_config(self._scheduler_config)
             cfg = scheduler.config
             mu = calculate_shift(
@@ -179,7 +191,7 @@ class ZImageEngine:
                 cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
             )
             scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
-            scheduler.set_begin_index(0)
+            scheduler.set_begin_index(cond.start if cond else 0)
             out.append(scheduler)
         return out
 
@@ -191,12 +203,15 @@ class ZImageEngine:
         num_inference_steps: int,
         guidance: float | Sequence[float] = 0.0,
         on_step: Callable[[int, int, Callable[[], list[torch.Tensor]]], None] | None = None,
+        conditions: Sequence[Conditioning | None] | None = None,
     ) -> list[torch.Tensor]:
         """The Euler loop over a packed batch. ``latents``: per sample ``[16, h, w]`` float32 (sizes may differ);
         ``guidance`` per sample (a sample with guidance > 0 runs a second, negative-caption pass, as diffusers
         does). Returns the final latents per sample. ``on_step(step, total, denoised)`` runs after every step;
         ``denoised()`` computes each sample's current estimate of its clean latents (for previews and per-sample
-        checks; nothing is computed unless it is called)."""
+        checks; nothing is computed unless it is called). ``conditions`` (per sample, None for a plain one; from
+        ``encode_conditions``): a conditioned sample starts from its noised input image at its own start step and is
+        blended with its input after each step (inpainting)."""
         device = self.devices["transformer"]
         n = len(latents)
         guidance = [float(guidance)] * n if isinstance(guidance, (int, float)) else [float(g) for g in guidance]
@@ -207,8 +222,18 @@ class ZImageEngine:
         latents = [lat.to(device) for lat in latents]
         shapes = [(1, lat.shape[-2], lat.shape[-1]) for lat in latents]
         layout = self.packed.layout(shapes + [shapes[i] for i in cfg], [len(e) for e in embeds])
-        schedulers = self._schedulers(latents, num_inference_steps, device)
-        timesteps = torch.stack([s.timesteps for s in schedulers])  # [n, steps]
+        schedulers = self._schedulers(latents, num_inference_steps, device, conditions)
+        # [conditioning] per-sample start offset: a conditioned sample runs its schedule from its start step, from
+        # its noised input image (actors/conditioning.py).
+        starts = [c.start if c is not None else 0 for c in (conditions or [None] * n)]
+        timesteps = torch.stack([s.timesteps[b:b + num_inference_steps] for s, b in zip(schedulers, starts)])
+        if timesteps.shape[1] != num_inference_steps:
+            raise ValueError("every sample of a batch must run the same number of steps")
+        for j, c in enumerate(conditions or ()):
+            if c is not None:
+                c = c.to(device)
+                conditions[j] = c
+                latents[j] = c.initial_latents(schedulers[j])
         order = list(range(n)) + cfg
         negative_of = {j: n + k for k, j in enumerate(cfg)}  # sample -> its negative pass's output
         dtype = self.transformer.dtype
@@ -226,9 +251,12 @@ class ZImageEngine:
                 preds.append(pred)
                 latents[j] = schedulers[j].step(pred.unsqueeze(0), timesteps[j, i], latents[j].unsqueeze(0),
                                                 return_dict=False)[0][0]
+                if conditions and conditions[j] is not None:  # [conditioning] per-sample after-step hook
+                    nxt = timesteps[j, i + 1] if i + 1 < num_inference_steps else None
+                    latents[j] = conditions[j].after_step(schedulers[j], latents[j], nxt)
             if on_step is not None:
                 on_step(i + 1, num_inference_steps,
-                        _clean_estimates(list(latents), preds, [s.sigmas[i + 1] for s in schedulers]))
+                        _clean_estimates(list(latents), preds, [s.sigmas[s.step_index] for s in schedulers]))
         return latents
 
     # ---- stage 3: decode -------------------------------------------------------------------------------
@@ -267,9 +295,19 @@ class ZImageEngine:
             if self.text_encoder is not None:
                 _sync(self.devices["text_encoder"])
             encode_s = time.perf_counter() - t0
+        conditions, image_encode_s = None, 0.0
+        if any(s.image is not None for s in samples):
+            # [conditioning] the input images' VAE encode: its own stage, under the VAE's guard (the decode
+            # stage's lock and stream), off the denoise path.
+            with guard("decode"):
+                t0 = time.perf_counter()
+                conditions = encode_conditions(self, samples, num_inference_steps)
+                _sync(self.devices["vae"])
+                image_encode_s = time.perf_counter() - t0
         with guard("denoise"):
             t0 = time.perf_counter()
-            latents = self.denoise(enc, self.initial_latents(samples), num_inference_steps, guidance, on_step)
+            latents = self.denoise(enc, self.initial_latents(samples), num_inference_steps, guidance, on_step,
+                                   conditions)
             _sync(self.devices["transformer"])
             denoise_s = time.perf_counter() - t0
         del enc
@@ -278,7 +316,8 @@ class ZImageEngine:
             images = self.decode(latents)
             decode_s = time.perf_counter() - t0
         return images, StageTimes(encode_s=encode_s, denoise_s=denoise_s, decode_s=decode_s,
-                                  total_s=encode_s + denoise_s + decode_s)
+                                  total_s=encode_s + image_encode_s + denoise_s + decode_s,
+                                  image_encode_s=image_encode_s)
 
     def check_size(self, height: int, width: int) -> None:
         multiple = self.size_multiple

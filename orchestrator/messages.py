@@ -92,6 +92,7 @@ class StageTimes:
     denoise_s: float = 0.0
     decode_s: float = 0.0
     total_s: float = 0.0
+    image_encode_s: float = 0.0  # the VAE encode of input images (edits), its own stage
 
 
 def encode_png(image) -> bytes:

@@ -1,0 +1,125 @@
+"""Image conditioning for the denoise loop: img2img (a noised input image as the starting point) and inpainting
+(img2img plus a per-step blend that keeps the unmasked area of the input), as diffusers 0.42's
+``ZImageImg2ImgPipeline`` and ``ZImageInpaintPipeline`` compute them, per sample of a packed batch.
+
+Three pieces, each a small call from ``actors/engine.py`` (marked ``[conditioning]`` there):
+
+- ``encode_conditions`` (its own stage, on the VAE's device and under the VAE's lock, never the transformer's):
+  preprocesses each conditioned sample's input image, VAE-encodes it (``latent_dist.sample`` with the sample's own
+  CPU generator, as diffusers does), then draws the noise from the same generator, and scales the mask down to
+  the latent grid. Random numbers are drawn in diffusers' order: encoder sample, then noise (the inpaint pipeline
+  then encodes the masked image too, drawing more numbers, but never uses the result: skipped here).
+- ``Conditioning.start`` / ``initial_latents``: the per-sample start offset. ``get_timesteps`` in diffusers:
+  ``t_start = int(max(N - min(N * strength, N), 0))`` of the sample's own ``N``-step schedule; the sample runs the
+  ``N - t_start`` steps from there, starting from ``scale_noise(image_latents, sigma[t_start], noise)``.
+- ``Conditioning.after_step``: the per-sample hook after each scheduler step. Inpainting blends
+  ``(1 - mask) * scale_noise(image_latents, sigma_next, noise) + mask * latents`` (the clean image latents after
+  the last step); img2img does nothing.
+
+Batching rule: a packed batch runs one transformer call per step for all its samples, so every sample of a
+batch must run the same number of steps. A conditioned sample runs ``N - t_start`` steps (``steps_run`` below), a
+plain one ``N``: they share a batch when those numbers match (``ImageRequest.key`` is the number of steps run),
+whatever their strengths, masks, sizes or schedules (each sample keeps its own scheduler and sigmas).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def start_step(num_inference_steps: int, strength: float) -> int:
+    """The first step of an ``num_inference_steps`` schedule that a ``strength`` img2img run executes (diffusers'
+    ``get_timesteps``, scheduler order 1)."""
+    init_timestep = min(num_inference_steps * strength, num_inference_steps)
+    return int(max(num_inference_steps - init_timestep, 0))
+
+
+def steps_run(num_inference_steps: int, strength: float) -> int:
+    """How many denoising steps a request actually runs (0 means none: the request cannot run)."""
+    return num_inference_steps - start_step(num_inference_steps, strength)
+
+
+@dataclass
+class Conditioning:
+    """One sample's conditioning, on the transformer's device: its latents ``[C, h, w]`` float32."""
+
+    num_inference_steps: int  # the length of the sample's own schedule (N)
+    start: int  # the schedule index it starts at (t_start)
+    image_latents: torch.Tensor  # the VAE latents of the input image, scaled as the transformer sees latents
+    noise: torch.Tensor
+    mask: torch.Tensor | None = None  # [1, h, w]: 1 = repaint, 0 = keep the input; None: img2img
+
+    def to(self, device) -> Conditioning:
+        return Conditioning(self.num_inference_steps, self.start, self.image_latents.to(device),
+                            self.noise.to(device), None if self.mask is None else self.mask.to(device))
+
+    def initial_latents(self, scheduler) -> torch.Tensor:
+        """The starting point: the input image noised to the schedule's ``start`` sigma (``scale_noise`` before
+        the first step, with ``begin_index = start`` set on ``scheduler``)."""
+        t = scheduler.timesteps[self.start : self.start + 1]
+        return scheduler.scale_noise(self.image_latents, t, self.noise)
+
+    def after_step(self, scheduler, latents: torch.Tensor, next_timestep: torch.Tensor | None) -> torch.Tensor:
+        """The inpainting blend after a scheduler step (``next_timestep`` None after the last one); img2img: the
+        latents unchanged."""
+        if self.mask is None:
+            return latents
+        proper = self.image_latents
+        if next_timestep is not None:
+            proper = scheduler.scale_noise(proper, next_timestep.reshape(1), self.noise)
+        return (1 - self.mask) * proper + self.mask * latents
+
+
+def _mask_processor(engine):
+    from diffusers.image_processor import VaeImageProcessor
+
+    proc = getattr(engine, "_mask_processor", None)
+    if proc is None:
+        proc = VaeImageProcessor(vae_scale_factor=engine.vae_scale_factor * 2, do_normalize=False,
+                                 do_binarize=True, do_convert_grayscale=True)
+        engine._mask_processor = proc
+    return proc
+
+
+@torch.no_grad()
+def encode_conditions(engine, samples, num_inference_steps: int) -> list[Conditioning | None]:
+    """The conditioning of every sample that has an input image (``Sample.image``: uint8 ``[H, W, 3]`` at the
+    sample's size; ``Sample.mask``: uint8 ``[H, W]``, nonzero = repaint), None for the others. Runs the VAE
+    encoder, one image at a time; the results are moved to the transformer's device. ``num_inference_steps``: the
+    steps the batch runs, which each conditioned sample's schedule (``Sample.num_inference_steps``, default the
+    same) and ``strength`` must give."""
+    from PIL import Image
+
+    out: list[Conditioning | None] = []
+    vae = engine.vae
+    vae_device = engine.devices["vae"]
+    target = engine.devices["transformer"]
+    for s in samples:
+        if s.image is None:
+            out.append(None)
+            continue
+        image = np.asarray(s.image)
+        if image.shape != (s.height, s.width, 3):
+            raise ValueError(f"input image is {image.shape}, the sample is {s.height}x{s.width}")
+        steps = int(s.num_inference_steps or num_inference_steps)
+        if steps_run(steps, s.strength) != num_inference_steps:
+            raise ValueError(f"a {steps}-step schedule at strength {s.strength} runs {steps_run(steps, s.strength)} "
+                             f"steps, the batch runs {num_inference_steps}")
+        g = torch.Generator("cpu").manual_seed(int(s.seed))
+        pixels = engine.image_processor.preprocess(Image.fromarray(image)).to(torch.float32)
+        pixels = pixels.to(vae_device, vae.dtype)
+        latents = vae.encode(pixels).latent_dist.sample(g)
+        latents = ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
+        h, w = engine.latent_size(s.height, s.width)
+        noise = torch.randn((1, engine.transformer.config.in_channels, h, w), generator=g, dtype=torch.float32)
+        mask = None
+        if s.mask is not None:
+            m = _mask_processor(engine).preprocess(Image.fromarray(np.asarray(s.mask)), height=s.height,
+                                                   width=s.width)
+            mask = torch.nn.functional.interpolate(m, size=(h, w), mode="nearest").to(torch.float32)[0]
+        out.append(Conditioning(steps, start_step(steps, s.strength), latents[0].to(target), noise[0].to(target),
+                                None if mask is None else mask.to(target)))
+    return out
