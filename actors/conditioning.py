@@ -29,17 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from orchestrator.messages import start_step, steps_run
 
-def start_step(num_inference_steps: int, strength: float) -> int:
-    """The first step of an ``num_inference_steps`` schedule that a ``strength`` img2img run executes (diffusers'
-    ``get_timesteps``, scheduler order 1)."""
-    init_timestep = min(num_inference_steps * strength, num_inference_steps)
-    return int(max(num_inference_steps - init_timestep, 0))
-
-
-def steps_run(num_inference_steps: int, strength: float) -> int:
-    """How many denoising steps a request actually runs (0 means none: the request cannot run)."""
-    return num_inference_steps - start_step(num_inference_steps, strength)
+__all__ = ["Conditioning", "encode_conditions", "start_step", "steps_run"]
 
 
 @dataclass

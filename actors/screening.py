@@ -84,6 +84,26 @@ def size_error(engine, width: int, height: int) -> str | None:
     return None
 
 
+def edit_error(r: ImageRequest) -> tuple[str, str] | None:
+    """Why an edit's image or mask cannot run at its size, as (message, param), or None. (The HTTP layer and the
+    Python API send arrays of the request's size; this catches a request built by hand.)"""
+    import numpy as np
+
+    if r.image is None:
+        return None if r.mask is None else ("a mask needs an image", "mask")
+    image = np.asarray(r.image)
+    if image.dtype != np.uint8 or image.shape != (r.height, r.width, 3):
+        return (f"image must be uint8 [{r.height}, {r.width}, 3] (the request's size), got {image.dtype} "
+                f"{list(image.shape)}", "image")
+    if r.mask is not None:
+        mask = np.asarray(r.mask)
+        if mask.dtype != np.uint8 or mask.shape != (r.height, r.width):
+            return f"mask must be uint8 [{r.height}, {r.width}], got {mask.dtype} {list(mask.shape)}", "mask"
+    if not 0.0 <= r.strength <= 1.0 or r.steps_run < 1:
+        return f"strength {r.strength} with {r.num_inference_steps} steps runs no step", "strength"
+    return None
+
+
 def screen(engine, batch: Batch) -> Screened:
     """Validate each request of ``batch`` on its own: its size, its prompt (and negative prompt when its guidance
     uses one) through the tokenizer."""
@@ -93,6 +113,9 @@ def screen(engine, batch: Batch) -> Screened:
     for r in batch.requests:
         if (why := size_error(engine, r.width, r.height)) is not None:
             out.failed[r.request_id] = (why, "size")
+            continue
+        if (why := edit_error(r)) is not None:
+            out.failed[r.request_id] = why
             continue
         try:
             tokens = validate_prompt(engine.tokenizer, r.prompt, "prompt")

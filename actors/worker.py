@@ -331,7 +331,9 @@ class PipelineWorker:
             return self._failed(batch, "replica is not started", FailureKind.NOT_READY)
         from .engine import Sample
 
-        samples = [Sample(r.prompt, r.seed, r.width, r.height, r.guidance_scale, r.negative_prompt)
+        samples = [Sample(r.prompt, r.seed, r.width, r.height, r.guidance_scale, r.negative_prompt,
+                          image=r.image, mask=r.mask, strength=r.strength,  # edits (actors/conditioning.py)
+                          num_inference_steps=r.num_inference_steps)
                    for r in batch.requests]
         steps = batch.key.num_inference_steps
         try:

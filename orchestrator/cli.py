@@ -133,6 +133,14 @@ def cmd_generate(args) -> int:
     params = {"n": args.n, "width": width, "height": height, "seed": args.seed,
               "num_inference_steps": args.steps, "guidance_scale": args.guidance,
               "negative_prompt": args.negative_prompt}
+    if args.image:  # an edit: img2img, or inpainting with --mask (orchestrator/image_input.py has the rules)
+        if args.size is None:
+            params["width"] = params["height"] = None  # the first image's own size
+        params.update(image=[Path(p) for p in args.image], mask=Path(args.mask) if args.mask else None,
+                      strength=args.strength)
+    elif args.mask or args.strength is not None:
+        print("--mask and --strength need --image", file=sys.stderr)
+        return 2
     summary = asyncio.run(_run_prompts(config, list(args.prompt), Path(args.out), params, "generate"))
     _print_summary(summary, Path(args.out))
     return 0 if summary["failed"] == 0 else 1
@@ -252,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="edit this image (img2img; repeat for several, each edited on its own); without --size the "
+                   "output has the first image's size")
+    p.add_argument("--mask", default=None, metavar="PNG", help="inpaint: the mask's transparent pixels are repainted")
+    p.add_argument("--strength", type=float, default=None, help="0-1: how much of the schedule runs (edits)")
     p.add_argument("--out", required=True)
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
     p.set_defaults(fn=cmd_generate)

@@ -327,6 +327,10 @@ class RequestDefaults(_Strict):
     num_inference_steps: int = Field(default=9, ge=1, le=100, description="Denoising steps (Turbo: 9).")
     guidance_scale: float = Field(default=0.0, ge=0, le=20, description="CFG scale; > 0 doubles transformer work.")
     negative_prompt: str | None = Field(default=None, description="Used only when guidance_scale > 0.")
+    strength: float = Field(default=0.6, ge=0, le=1, description="Edits without a mask (img2img): how much of "
+                            "the schedule runs from the noised input image (diffusers' img2img default).")
+    inpaint_strength: float = Field(default=1.0, ge=0, le=1, description="Edits with a mask (inpainting): the "
+                                    "same, for the masked area (diffusers' inpaint default).")
     quality_steps: dict[Literal["low", "medium", "high"], int] = Field(
         default_factory=lambda: {"low": 4, "medium": 6, "high": 9},
         description="Denoising steps for the API's `quality` low / medium / high (`hd` counts as high; `auto`, "
@@ -355,6 +359,16 @@ class LimitsConfig(_Strict):
     )
     max_steps: int = Field(default=50, ge=1, le=200, description="Most denoising steps per request.")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, le=100_000_000, description="Largest HTTP body.")
+    max_upload_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
+        description="Largest multipart body of /v1/images/edits (its images and mask together).")
+    max_image_bytes: int = Field(
+        default=50_000_000, ge=1024, le=1024 * 1024 * 1024,
+        description="Largest input image file (`image`, `mask`) of an edit (OpenAI's limit: 50 MB).")
+    max_input_pixels: int = Field(
+        default=40_000_000, ge=256, le=400_000_000,
+        description="Most pixels of an input image as stored, before any resize (a guard against images that "
+        "decompress to gigabytes).")
 
 
 class ServerConfig(_Strict):

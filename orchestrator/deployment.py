@@ -236,8 +236,27 @@ class Deployment:
         return min(sides) if sides else None
 
     def requests_for(self, prompt: str, **params) -> list[ImageRequest]:
+        if params.get("image") is not None:
+            return self.edit_requests_for(prompt, **params)
+        params.pop("image", None)
         return build_requests(prompt, defaults=self.config.defaults, limits=self.config.limits,
                               max_side=self.max_side, **params)
+
+    def edit_requests_for(self, prompt: str, image, mask=None, strength: float | None = None,
+                          width: int | None = None, height: int | None = None, **params) -> list[ImageRequest]:
+        """The requests of an edit, checked as ``POST /v1/images/edits`` checks them (``images_api.parse_edit``):
+        ``image`` one image or a list (bytes, a path, a PIL image or a uint8 array), ``mask`` (its transparent
+        pixels are repainted), ``strength``; without ``width``/``height`` the output has the first image's size."""
+        from .image_input import file_bytes
+        from .images_api import parse_edit
+
+        images = image if isinstance(image, (list, tuple)) else [image]
+        fields = {"prompt": prompt, "strength": strength, **params}
+        if width is not None or height is not None:
+            fields["size"] = f"{width or self.config.defaults.width}x{height or self.config.defaults.height}"
+        files = {"image": [file_bytes(i, "image") for i in images],
+                 "mask": None if mask is None else file_bytes(mask, "mask")}
+        return parse_edit(fields, files, self.config, self.max_side).requests
 
     async def submit(self, request: ImageRequest, timeout_s: float | None = None, on_progress=None) -> ImageResult:
         if self.router is None:
@@ -252,7 +271,8 @@ class Deployment:
 
     async def generate(self, prompts: str | Sequence[str], **params) -> list[ImageResult]:
         """Generate images for one prompt or many (each fanned out ``n`` times). Parameters: n, width, height,
-        num_inference_steps, guidance_scale, seed, negative_prompt. Results come back in prompt order; a failed
+        num_inference_steps, guidance_scale, seed, negative_prompt; for an edit, image (one or a list), mask and
+        strength (``edit_requests_for``). Results come back in prompt order; a failed
         request is a result with ``ok=False`` and its reason."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         requests = [r for p in prompts for r in self.requests_for(p, **params)]

@@ -28,12 +28,12 @@ Extensions (top-level fields other diffusion servers use): ``seed``, ``num_infer
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import Config
 from .errors import InvalidRequestError
 from .logging_setup import current_request_id
-from .messages import ImageRequest, ImageResult
+from .messages import ImageRequest, ImageResult, steps_run
 from .requests import build_requests, check_text, parse_size, shown
 
 SPEC_FIELDS = ("prompt", "model", "n", "quality", "response_format", "output_format", "output_compression",
@@ -60,6 +60,8 @@ class ImageCall:
     quality: str = "auto"  # as reported back: low / medium / high / auto
     user: str | None = None
     safety_identifier: str | None = None
+    event_type: str = "image_generation"  # stream events' prefix: image_generation.* or image_edit.*
+    input_image_tokens: int = 0  # an edit's input images, as image tokens ((H/16) x (W/16) each), for usage
 
 
 def _enum(payload: dict, name: str, allowed: tuple, default, why: dict | None = None):
@@ -151,6 +153,114 @@ def _partials_unused(payload: dict) -> int:
     return 0
 
 
+# ---- POST /v1/images/edits ------------------------------------------------------------------------------
+EDIT_SPEC_FIELDS = ("image", "prompt", "mask", "background", "model", "n", "size", "response_format",
+                    "output_format", "output_compression", "user", "input_fidelity", "stream", "partial_images",
+                    "quality")
+EDIT_EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "strength")
+EDIT_ACCEPTED = frozenset(EDIT_SPEC_FIELDS + CLIENT_FIELDS + EDIT_EXTENSIONS)
+_INTEGER_FIELDS = ("n", "output_compression", "partial_images", "seed", "num_inference_steps")
+_NUMBER_FIELDS = ("guidance_scale", "strength")
+_BOOLEAN_FIELDS = ("stream",)
+_FILE_FIELDS = ("image", "mask")
+
+
+def _form_value(name: str, value):
+    """A multipart field's text as the JSON type the spec gives it (clients send numbers and booleans as text:
+    the official one writes ``true``/``false`` and ``str(int)``); ``null`` or an empty value means absent."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text in ("", "null"):
+        return None
+    try:
+        if name in _INTEGER_FIELDS:
+            return int(text)
+        if name in _NUMBER_FIELDS:
+            v = float(text)
+            if v != v or v in (float("inf"), float("-inf")):
+                raise ValueError
+            return v
+    except ValueError:
+        kind = "an integer" if name in _INTEGER_FIELDS else "a number"
+        raise InvalidRequestError(f"{name} must be {kind}, got {shown(value)}", param=name) from None
+    if name in _BOOLEAN_FIELDS:
+        if text.lower() not in ("true", "false"):
+            raise InvalidRequestError(f"{name} must be true or false, got {shown(value)}", param=name)
+        return text.lower() == "true"
+    return value
+
+
+def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None = None) -> ImageCall:
+    """Validate an edit: ``fields`` the multipart text fields (name -> text, or a typed value from the Python
+    API), ``files`` ``{"image": [bytes, ...], "mask": bytes | None}``. Every field of OpenAI's
+    ``CreateImageEditRequest``:
+
+    | field | here |
+    | --- | --- |
+    | ``image`` | 1 to 16 files (``image`` or ``image[]``); each is edited on its own, ``n`` images each, in order |
+    | ``mask`` | optional; its fully transparent pixels are repainted (inpainting), on the first image only |
+    | ``prompt``, ``model``, ``n``, ``response_format``, ``output_format``, ``output_compression``, | as for |
+    | ``quality``, ``user``, ``stream``, ``partial_images`` | generations |
+    | ``size`` | ``WIDTHxHEIGHT`` (the images are resized to it) or ``auto``/absent: the first image's size |
+    | ``background`` | ``auto``/``opaque``; ``transparent`` refused (RGB model) |
+    | ``input_fidelity`` | ``low``/``high`` accepted, no effect: how closely the output follows the input is |
+    | | ``strength`` |
+
+    Extensions: ``strength`` (0-1, default ``defaults.strength``, ``defaults.inpaint_strength`` with a mask: the
+    image runs the last ``steps_run(num_inference_steps, strength)`` steps of its schedule), ``seed``,
+    ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``. The image rules are
+    ``orchestrator/image_input.py``'s."""
+    from .image_input import prepare_edit
+
+    unknown = sorted(k for k in list(fields) + [k for k in files if files[k] is not None] if k not in EDIT_ACCEPTED)
+    if unknown:
+        raise InvalidRequestError(f"unknown field(s) {', '.join(shown(k, 40) for k in unknown[:5])}; accepted: "
+                                  f"{sorted(EDIT_ACCEPTED)}", param=shown(unknown[0], 40).strip("'\""))
+    for name in _FILE_FIELDS:
+        if name in fields and fields[name] not in (None, ""):
+            raise InvalidRequestError(f"{name} must be sent as a file (multipart/form-data), not as text",
+                                      param=name)
+    payload = {k: _form_value(k, v) for k, v in fields.items() if k not in _FILE_FIELDS}
+    images = files.get("image") or []
+    if not images:
+        raise InvalidRequestError("image is required: send one or more image files", param="image")
+    _enum(payload, "input_fidelity", ("high", "low"), "low")
+    strength = payload.pop("strength", None)
+    payload.pop("input_fidelity", None)
+    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
+                                 or not 0.0 <= strength <= 1.0):
+        raise InvalidRequestError(f"strength must be a number from 0 to 1, got {shown(strength)}", param="strength")
+    n = payload.get("n")
+    n = 1 if n is None else n
+    if isinstance(n, int) and not isinstance(n, bool) and len(images) * n > config.limits.max_n and n >= 1:
+        raise InvalidRequestError(f"{len(images)} image(s) x n={n} is {len(images) * n} images; the limit is "
+                                  f"{config.limits.max_n} (limits.max_n)", param="n")
+    size = payload.get("size")
+    explicit = size is not None and size != "auto"
+    if explicit:
+        call = parse_generation(payload, config, max_side)  # validates size before any image is resized
+        inputs = prepare_edit(images, files.get("mask"), (call.requests[0].width, call.requests[0].height),
+                              config.limits, max_side)
+    else:
+        inputs = prepare_edit(images, files.get("mask"), None, config.limits, max_side)
+        payload["size"] = f"{inputs.width}x{inputs.height}"
+    payload["n"] = n * len(images) if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else n
+    call = parse_generation(payload, config, max_side)
+    requests = []
+    for i, r in enumerate(call.requests):
+        k = i // n
+        mask = inputs.mask if k == 0 else None
+        s = strength if strength is not None else (config.defaults.inpaint_strength if mask is not None
+                                                   else config.defaults.strength)
+        if steps_run(r.num_inference_steps, s) < 1:
+            raise InvalidRequestError(f"strength {s} with {r.num_inference_steps} steps runs no denoising step; "
+                                      f"raise strength or num_inference_steps", param="strength")
+        requests.append(replace(r, image=inputs.images[k], mask=mask, strength=float(s)))
+    tokens = sum((inputs.width // 16) * (inputs.height // 16) for _ in images)
+    return replace(call, requests=requests, event_type="image_edit", input_image_tokens=tokens)
+
+
 # ---- encoding and response shapes ----------------------------------------------------------------------
 def encode_image(image, output_format: str = "png", compression: int | None = None) -> bytes:
     """uint8 [H, W, 3] -> PNG (zlib level 1: the fast trade a serving path wants), JPEG or WebP at quality
@@ -175,7 +285,7 @@ def size_label(width: int, height: int) -> str | None:
     return label if label in SPEC_SIZES else None
 
 
-def usage(results: list[ImageResult]) -> dict | None:
+def usage(results: list[ImageResult], input_image_tokens: int = 0) -> dict | None:
     """Token usage as the spec counts it: input = the prompt's text tokens as the text encoder saw them (chat
     template included, negative prompt added when guidance uses it), counted once per call; output = image
     tokens generated, (H/16) x (W/16) per image. None when a replica did not report its counts."""
@@ -183,8 +293,9 @@ def usage(results: list[ImageResult]) -> dict | None:
         return None
     text = results[0].prompt_tokens
     image = sum(r.image_tokens for r in results)
-    return {"input_tokens": text, "output_tokens": image, "total_tokens": text + image,
-            "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
+    inputs = text + input_image_tokens
+    return {"input_tokens": inputs, "output_tokens": image, "total_tokens": inputs + image,
+            "input_tokens_details": {"text_tokens": text, "image_tokens": input_image_tokens},
             "output_tokens_details": {"image_tokens": image, "text_tokens": 0}}
 
 
@@ -199,7 +310,7 @@ def images_response(call: ImageCall, results: list[ImageResult], b64: list[str],
         body["size"] = label
     if call.quality in ("low", "medium", "high"):
         body["quality"] = call.quality
-    if (u := usage(results)) is not None:
+    if (u := usage(results, call.input_image_tokens)) is not None:
         body["usage"] = u
     return body
 
@@ -212,13 +323,13 @@ def _event_common(call: ImageCall, result_or_request, created: int) -> dict:
 
 def partial_image_event(call: ImageCall, index: int, request: ImageRequest, partial_index: int, b64: str,
                         created: int) -> dict:
-    return {"type": "image_generation.partial_image", "b64_json": b64, **_event_common(call, request, created),
+    return {"type": f"{call.event_type}.partial_image", "b64_json": b64, **_event_common(call, request, created),
             "partial_image_index": partial_index, "index": index, "width": request.width, "height": request.height}
 
 
 def completed_event(call: ImageCall, index: int, result: ImageResult, b64: str, created: int) -> dict:
     zero = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
             "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}}
-    return {"type": "image_generation.completed", "b64_json": b64, **_event_common(call, result, created),
+    return {"type": f"{call.event_type}.completed", "b64_json": b64, **_event_common(call, result, created),
             "usage": usage([result]) or zero, "index": index, "seed": result.seed, "width": result.width,
             "height": result.height}

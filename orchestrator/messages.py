@@ -16,13 +16,27 @@ from placement.memory import caption_tokens_bound, sample_tokens
 
 
 class BatchKey(NamedTuple):
-    """What must match for requests to share one pipeline call: the number of denoising steps. Sizes, prompt
-    lengths and guidance scales may differ: the replica packs them into one transformer call per step."""
+    """What must match for requests to share one pipeline call: the number of denoising steps run. Sizes, prompt
+    lengths and guidance scales may differ: the replica packs them into one transformer call per step. An edit
+    (img2img, inpainting) runs the last ``steps_run(num_inference_steps, strength)`` steps of its schedule and
+    batches with any request that runs as many (``actors/conditioning.py``)."""
 
     num_inference_steps: int
 
     def __str__(self) -> str:
         return f"{self.num_inference_steps}steps"
+
+
+def start_step(num_inference_steps: int, strength: float) -> int:
+    """The first step of a ``num_inference_steps`` schedule that an edit at ``strength`` runs (diffusers'
+    ``get_timesteps``: ``int(max(N - min(N * strength, N), 0))``)."""
+    init_timestep = min(num_inference_steps * strength, num_inference_steps)
+    return int(max(num_inference_steps - init_timestep, 0))
+
+
+def steps_run(num_inference_steps: int, strength: float) -> int:
+    """How many denoising steps an edit actually runs (0: none, the request cannot run)."""
+    return num_inference_steps - start_step(num_inference_steps, strength)
 
 
 def _utf8_len(text: str) -> int:
@@ -43,10 +57,19 @@ class ImageRequest:
     negative_prompt: str | None = None
     partial_images: int = 0  # preview images wanted while streaming (decoded from intermediate latents)
     trace_id: str = ""  # the X-Request-ID of the HTTP request it came from (shared by its n images); for log lines
+    # An edit (orchestrator/image_input.py): the input image, uint8 [height, width, 3]; the mask, uint8
+    # [height, width], 255 = repaint (inpainting), None = img2img; strength, the part of the schedule that runs.
+    image: Any = field(default=None, compare=False, repr=False)
+    mask: Any = field(default=None, compare=False, repr=False)
+    strength: float = 1.0
+
+    @property
+    def steps_run(self) -> int:
+        return self.num_inference_steps if self.image is None else steps_run(self.num_inference_steps, self.strength)
 
     @property
     def key(self) -> BatchKey:
-        return BatchKey(self.num_inference_steps)
+        return BatchKey(self.steps_run)
 
     @property
     def pixels(self) -> int:

@@ -39,7 +39,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import Config, load_config
 from .errors import InvalidRequestError, QueueFullError, ZImageError
-from .images_api import ImageCall, completed_event, encode_image, images_response, parse_generation, partial_image_event
+from .images_api import (
+    ImageCall,
+    completed_event,
+    encode_image,
+    images_response,
+    parse_edit,
+    parse_generation,
+    partial_image_event,
+)
 from .messages import FailureKind, ImageRequest, ImageResult, StepProgress, failure
 from .metrics import PrometheusObserver
 from .request_id import RequestIdMiddleware
@@ -281,16 +289,17 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         return error_response(500, "the server failed to handle this request; the cause is in its log",
                               "server_error")
 
-    def guard(request: Request) -> JSONResponse | None:
+    def guard(request: Request, limit: int | None = None, limit_name: str = "max_body_bytes") -> JSONResponse | None:
         """Key and body-size checks for /v1 endpoints. (A function, not an HTTP middleware: Starlette's
         BaseHTTPMiddleware hides client disconnects from the endpoint, and we cancel work on those.)"""
         if not service.authorized(request):
             return error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                                   "invalid_request_error", code="invalid_api_key")
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            return error_response(413, f"request body is {int(length)} bytes; the limit is {limits.max_body_bytes} "
-                                       f"(limits.max_body_bytes)", "invalid_request_error")
+        limit = limits.max_body_bytes if limit is None else limit
+        if length is not None and length.isdigit() and int(length) > limit:
+            return error_response(413, f"request body is {int(length)} bytes; the limit is {limit} "
+                                       f"(limits.{limit_name})", "invalid_request_error")
         return None
 
     @app.get("/healthz")
@@ -364,7 +373,96 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             return _from_exception(e)
         return await _generate(request, call, waiters)
 
+    @app.post("/v1/images/edits")
+    async def edits(request: Request):
+        """OpenAI's image edits (multipart/form-data): img2img, and inpainting with a ``mask``
+        (``images_api.parse_edit`` says what each field does, ``image_input.py`` the image rules)."""
+        if (denied := guard(request, limits.max_upload_bytes, "max_upload_bytes")) is not None:
+            return denied
+        try:
+            body = await read_body(request, limits.max_upload_bytes)
+        except BodyTooLarge:
+            service.observer.rejected(FailureKind.INVALID_REQUEST)
+            return error_response(413, f"request body is larger than {limits.max_upload_bytes} bytes "
+                                       f"(limits.max_upload_bytes)", "invalid_request_error")
+        try:
+            fields, files = await parse_multipart(request.headers, body)
+        except InvalidRequestError as e:
+            service.observer.rejected(e.kind)
+            return _from_exception(e)
+        if not service.accepting:
+            msg = "the deployment failed to start; see /readyz and the server log" if service.start_error else \
+                "the deployment is starting; retry shortly"
+            service.observer.rejected(FailureKind.NOT_READY)
+            f = failure(FailureKind.NOT_READY)
+            return error_response(f.http_status, msg, f.openai_type, headers={"Retry-After": "5"})
+        dep = service.deployment
+        try:  # decoding and resizing images is CPU work: off the event loop the router shares
+            call = await asyncio.get_running_loop().run_in_executor(
+                None, parse_edit, fields, files, config, getattr(dep, "max_side", None))
+        except ZImageError as e:
+            service.observer.rejected(e.kind)
+            return _from_exception(e)
+        if call.user is not None or call.safety_identifier is not None:
+            log.info("request %s: user=%s safety_identifier=%s", call.requests[0].request_id,
+                     shown(call.user), shown(call.safety_identifier))
+        if call.stream:
+            stream = _Stream(call)
+            try:
+                waiters = dep.admit(call.requests, on_progress=stream.listeners)
+            except ZImageError as e:
+                return _from_exception(e)
+            return StreamingResponse(stream.events(waiters), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            waiters = dep.admit(call.requests)
+        except ZImageError as e:
+            return _from_exception(e)
+        return await _generate(request, call, waiters)
+
     return app
+
+
+async def parse_multipart(headers, body: bytes) -> tuple[dict, dict]:
+    """An edit's multipart body -> (text fields, ``{"image": [bytes, ...], "mask": bytes | None}``). ``image``
+    and ``image[]`` (the official client's name for an array) both collect into ``image``."""
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    from .image_input import MAX_IMAGES
+
+    ctype = headers.get("content-type", "")
+    if not ctype.lower().startswith("multipart/form-data"):
+        raise InvalidRequestError("send the edit as multipart/form-data with the image file(s) in `image` (this "
+                                  "server fetches no image URLs and has no Files API)", param="image")
+
+    async def chunks():
+        yield body
+
+    try:
+        form = await MultiPartParser(headers, chunks(), max_files=MAX_IMAGES + 1, max_fields=64,
+                                     max_part_size=1024 * 1024).parse()
+    except MultiPartException as e:
+        raise InvalidRequestError(f"the multipart body cannot be read: {e.message}") from None
+    fields: dict = {}
+    files: dict = {"image": [], "mask": None}
+    try:
+        for name, value in form.multi_items():
+            key = "image" if name == "image[]" else name
+            if isinstance(value, str):
+                if key in fields:
+                    raise InvalidRequestError(f"{shown(key, 40)} is sent more than once", param=key)
+                fields[key] = value
+            elif key == "image":
+                files["image"].append(await value.read())
+            elif key == "mask":
+                if files["mask"] is not None:
+                    raise InvalidRequestError("mask is sent more than once; send one mask", param="mask")
+                files["mask"] = await value.read()
+            else:
+                files[key] = await value.read()
+    finally:
+        await form.close()
+    return fields, files
 
 
 async def _generate(request: Request, call: ImageCall, waiters: list[Awaitable[ImageResult]]) -> Response:

@@ -1,0 +1,191 @@
+"""Input images of an edit (``image``, ``mask``): decoded, checked and resized before anything is queued, so a bad
+file is a 400 naming its field and a replica only ever receives uint8 arrays of the request's exact size.
+
+The rules (the same for HTTP, the Python API and the CLI):
+
+| what | rule |
+| --- | --- |
+| format | PNG, JPEG or WebP (OpenAI's list); anything else, an empty file or bytes that are not an image: 400 |
+| file size | at most ``limits.max_image_bytes`` per file (default 50 MB, OpenAI's limit) |
+| pixels as stored | at most ``limits.max_input_pixels`` (checked from the header, before decoding) |
+| animation | refused (an animated PNG or WebP with more than one frame) |
+| colour | 8-bit grey, grey+alpha, palette, RGB or RGBA; CMYK, YCbCr-only modes, 16-bit and float images: 400 |
+| orientation | the EXIF orientation tag is applied first (``ImageOps.exif_transpose``), as a viewer shows the image |
+| alpha of ``image`` | dropped (the model edits RGB); transparency marks nothing unless it is in ``mask`` |
+| ``mask`` | must have an alpha channel; its fully transparent pixels (alpha 0) are repainted, the rest |
+| | kept; it must have the first image's dimensions (after orientation); it applies to the first |
+| | image only (as OpenAI says) |
+| output size | ``size`` given: every image (and the mask) is resized to exactly that size (images |
+| | Lanczos, the mask nearest-neighbour; the aspect ratio is not kept). ``size`` absent, null or |
+| | ``auto``: the first image's own size, scaled down (aspect kept) to fit ``limits.max_pixels`` and |
+| | the model's longest side, each side rounded down to a multiple of 16; the others resized to it |
+
+No torch here: this runs in the HTTP process.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import LimitsConfig
+from .errors import InvalidRequestError
+
+FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+MODES_OK = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa"}
+SIXTEEN_BIT = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+MULTIPLE = 16
+MAX_IMAGES = 16  # OpenAI's limit on `image`
+
+
+def _png_bit_depth(data: bytes) -> int | None:
+    """The bit depth in a PNG's IHDR (Pillow reads a 16-bit RGB PNG as 8-bit RGB, so its mode does not tell)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 25 and data[12:16] == b"IHDR":
+        return struct.unpack(">B", data[24:25])[0]
+    return None
+
+
+def file_bytes(obj, param: str) -> bytes:
+    """What the Python API and the CLI accept as an image -> the file's bytes: bytes, a path, a PIL image or a
+    uint8 array (``[H, W, 3]``, ``[H, W, 4]`` or ``[H, W]``; the last two keep their alpha / greyscale)."""
+    from pathlib import Path
+
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj)
+    if isinstance(obj, (str, Path)):
+        try:
+            return Path(obj).read_bytes()
+        except OSError as e:
+            raise InvalidRequestError(f"{param}: cannot read {str(obj)!r}: {e.strerror}", param=param) from None
+    from PIL import Image
+
+    if isinstance(obj, np.ndarray):
+        if obj.dtype != np.uint8:
+            raise InvalidRequestError(f"{param} must be a uint8 array, got {obj.dtype}", param=param)
+        obj = Image.fromarray(obj)
+    if isinstance(obj, Image.Image):
+        buf = io.BytesIO()
+        obj.save(buf, format="PNG")
+        return buf.getvalue()
+    raise InvalidRequestError(f"{param} must be image bytes, a path, a PIL image or a uint8 array, got "
+                              f"{type(obj).__name__}", param=param)
+
+
+def open_image(data, param: str, limits: LimitsConfig):
+    """Decode one uploaded file into a PIL image, oriented per its EXIF tag; every refusal a 400 naming ``param``."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise InvalidRequestError(f"{param} must be an image file (PNG, JPEG or WebP)", param=param)
+    if not data:
+        raise InvalidRequestError(f"{param} is an empty file; send a PNG, JPEG or WebP image", param=param)
+    if len(data) > limits.max_image_bytes:
+        raise InvalidRequestError(f"{param} is {len(data)} bytes; the limit is {limits.max_image_bytes} "
+                                  f"(limits.max_image_bytes)", param=param)
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise InvalidRequestError(f"{param} is not an image this server can read; send a PNG, JPEG or WebP file",
+                                  param=param) from None
+    except Image.DecompressionBombError:
+        raise InvalidRequestError(f"{param} is too large to decode", param=param) from None
+    if img.format not in FORMATS:
+        raise InvalidRequestError(f"{param} is a {img.format} image; send PNG, JPEG or WebP", param=param)
+    w, h = img.size
+    if w * h > limits.max_input_pixels:
+        raise InvalidRequestError(f"{param} is {w}x{h} ({w * h} pixels); the limit is {limits.max_input_pixels} "
+                                  f"(limits.max_input_pixels)", param=param)
+    if w < 1 or h < 1:
+        raise InvalidRequestError(f"{param} has no pixels", param=param)
+    if getattr(img, "is_animated", False) and getattr(img, "n_frames", 1) > 1:
+        raise InvalidRequestError(f"{param} is animated ({img.n_frames} frames); send a still image", param=param)
+    if img.mode in SIXTEEN_BIT or (_png_bit_depth(data) or 8) > 8:
+        raise InvalidRequestError(f"{param} has 16 bits per channel (or floating-point pixels); send an 8-bit "
+                                  f"image", param=param)
+    if img.mode == "CMYK":
+        raise InvalidRequestError(f"{param} is a CMYK image; convert it to RGB (sRGB) first", param=param)
+    if img.mode not in MODES_OK:
+        raise InvalidRequestError(f"{param} has colour mode {img.mode}; send an 8-bit RGB, RGBA or greyscale image",
+                                  param=param)
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError:
+        raise InvalidRequestError(f"{param} is too large to decode", param=param) from None
+    except (OSError, ValueError, SyntaxError, struct.error):
+        raise InvalidRequestError(f"{param} is truncated or corrupt; send a complete PNG, JPEG or WebP file",
+                                  param=param) from None
+    return img
+
+
+def auto_size(width: int, height: int, limits: LimitsConfig, max_side: int | None) -> tuple[int, int]:
+    """The output size for ``size: auto``: the image's own, scaled down to fit the limits (aspect kept), each side
+    rounded down to a multiple of 16."""
+    scale = 1.0
+    if width * height > limits.max_pixels:
+        scale = math.sqrt(limits.max_pixels / (width * height))
+    if max_side and max(width, height) * scale > max_side:
+        scale = max_side / max(width, height)
+    w = int(width * scale) // MULTIPLE * MULTIPLE
+    h = int(height * scale) // MULTIPLE * MULTIPLE
+    if w < MULTIPLE or h < MULTIPLE:
+        raise InvalidRequestError(f"image is {width}x{height}: each side must be at least {MULTIPLE} pixels "
+                                  f"(or send a size)", param="image")
+    return w, h
+
+
+@dataclass(frozen=True)
+class EditInputs:
+    """What an edit's files turn into: per image a uint8 ``[H, W, 3]`` array at the output size, the first image's
+    mask as uint8 ``[H, W]`` (255 = repaint) or None."""
+
+    width: int
+    height: int
+    images: list
+    mask: object = None
+
+
+def prepare_edit(images: list, mask, size: tuple[int, int] | None, limits: LimitsConfig,
+                 max_side: int | None = None) -> EditInputs:
+    """Decode and check the files of an edit and bring them to the output size (the module's table). ``size``:
+    the request's (width, height), already validated, or None for auto."""
+    from PIL import Image
+
+    if not images:
+        raise InvalidRequestError("image is required: send one or more image files", param="image")
+    if len(images) > MAX_IMAGES:
+        raise InvalidRequestError(f"{len(images)} images sent; at most {MAX_IMAGES}", param="image")
+    pil = [open_image(data, "image", limits) for data in images]
+    first_size = pil[0].size
+    mask_img = None
+    if mask is not None:
+        mask_img = open_image(mask, "mask", limits)
+        if mask_img.mode == "P" and "transparency" in mask_img.info:
+            mask_img = mask_img.convert("RGBA")
+        if mask_img.mode not in ("RGBA", "RGBa", "LA", "La", "PA"):
+            raise InvalidRequestError("mask has no alpha channel: its fully transparent pixels (alpha 0) mark the "
+                                      "area to edit; send a PNG with transparency", param="mask")
+        if mask_img.size != first_size:
+            raise InvalidRequestError(f"mask is {mask_img.size[0]}x{mask_img.size[1]} but image is "
+                                      f"{first_size[0]}x{first_size[1]}; they must have the same dimensions",
+                                      param="mask")
+    width, height = size if size is not None else auto_size(*first_size, limits, max_side)
+    arrays = []
+    for img in pil:
+        rgb = img.convert("RGB")
+        if rgb.size != (width, height):
+            rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
+        arrays.append(np.asarray(rgb, dtype=np.uint8).copy())
+    out_mask = None
+    if mask_img is not None:
+        alpha = mask_img.getchannel("A")
+        if alpha.size != (width, height):
+            alpha = alpha.resize((width, height), Image.Resampling.NEAREST)
+        out_mask = np.where(np.asarray(alpha) == 0, 255, 0).astype(np.uint8)
+    return EditInputs(width, height, arrays, out_mask)

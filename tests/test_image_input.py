@@ -1,0 +1,154 @@
+"""The edit input rules (orchestrator/image_input.py) and the edit request's fields (images_api.parse_edit)."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from orchestrator.config import config_from_dict
+from orchestrator.errors import InvalidRequestError
+from orchestrator.image_input import prepare_edit
+from orchestrator.images_api import parse_edit
+
+CFG = config_from_dict({"model": {"source": "tiny"}, "defaults": {"width": 64, "height": 64,
+                                                                  "num_inference_steps": 8},
+                        "limits": {"max_n": 4, "max_pixels": 128 * 128, "max_image_bytes": 200_000,
+                                   "max_input_pixels": 512 * 512}})
+LIMITS = CFG.limits
+
+
+def png(arr_or_img, **kw) -> bytes:
+    img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(arr_or_img)
+    buf = io.BytesIO()
+    img.save(buf, format=kw.pop("format", "PNG"), **kw)
+    return buf.getvalue()
+
+
+def rgb(w=64, h=48, seed=0):
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def mask_png(w=64, h=48):
+    a = np.full((h, w, 4), 255, np.uint8)
+    a[h // 4: h // 2, w // 4: w // 2, 3] = 0  # transparent = repaint
+    return png(a)
+
+
+def png16(w=16, h=16) -> bytes:
+    """A 16-bit RGB PNG, written by hand (Pillow reads it as 8-bit RGB: only the header tells)."""
+    raw = b"".join(b"\x00" + b"\x12\x34" * 3 * w for _ in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def animated() -> bytes:
+    frames = [Image.fromarray(rgb(seed=i)) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+BAD = [
+    (b"", None, "image", "empty"),
+    (b"not an image at all", None, "image", "not an image"),
+    (png(rgb())[:60], None, "image", "truncated or corrupt"),
+    (png(rgb(), format="GIF"), None, "image", "GIF"),
+    (png(Image.new("CMYK", (32, 32)), format="JPEG"), None, "image", "CMYK"),
+    (png16(), None, "image", "16 bits"),
+    (png(Image.new("I;16", (32, 32))), None, "image", "16 bits"),
+    (animated(), None, "image", "animated"),
+    (png(np.zeros((600, 600, 3), np.uint8)), None, "image", "limits.max_input_pixels"),
+    (np.random.default_rng(0).bytes(300_000), None, "image", "limits.max_image_bytes"),
+    (png(rgb(8, 8)), None, "image", "at least 16"),
+    (png(rgb()), png(rgb()), "mask", "alpha channel"),
+    (png(rgb()), mask_png(32, 48), "mask", "same dimensions"),
+    (png(rgb()), b"", "mask", "empty"),
+    (png(rgb()), b"GIF89a....", "mask", "not an image"),
+]
+
+
+@pytest.mark.parametrize("image,mask,param,fragment", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
+def test_bad_files_are_400s_naming_the_field(image, mask, param, fragment):
+    with pytest.raises(InvalidRequestError) as e:
+        prepare_edit([image], mask, None, LIMITS)
+    assert e.value.param == param and fragment in e.value.message, e.value.message
+
+
+def test_exif_orientation_is_applied():
+    arr = rgb(64, 32)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = png(img, format="JPEG", exif=exif.tobytes(), quality=95)
+    out = prepare_edit([data], None, None, LIMITS)
+    assert (out.width, out.height) == (32, 64)  # shown upright: portrait
+    assert out.images[0].shape == (64, 32, 3)
+
+
+def test_size_rules_auto_and_explicit():
+    out = prepare_edit([png(rgb(70, 50))], None, None, LIMITS)  # auto: own size rounded down to 16
+    assert (out.width, out.height) == (64, 48) and out.images[0].shape == (48, 64, 3)
+    out = prepare_edit([png(np.full((200, 400, 3), 90, np.uint8))], None, None, LIMITS)  # auto: scaled to fit max_pixels (128*128)
+    assert out.width * out.height <= 128 * 128 and out.width % 16 == 0 and out.height % 16 == 0
+    assert abs(out.width / out.height - 2) < 0.3
+    out = prepare_edit([png(rgb(70, 50)), png(rgb(20, 90))], mask_png(70, 50), (96, 64), LIMITS)  # explicit
+    assert [i.shape for i in out.images] == [(64, 96, 3)] * 2 and out.mask.shape == (64, 96)
+    assert set(np.unique(out.mask)) == {0, 255} and out.mask.mean() > 0
+
+
+def test_mask_transparent_pixels_are_repainted():
+    out = prepare_edit([png(rgb())], mask_png(), None, LIMITS)
+    expected = np.zeros((48, 64), np.uint8)
+    expected[12:24, 16:32] = 255
+    assert np.array_equal(out.mask, expected)
+
+
+def files(*images, mask=None):
+    return {"image": list(images), "mask": mask}
+
+
+def test_parse_edit_fans_out_images_and_n_with_strength_defaults():
+    call = parse_edit({"prompt": "a cat", "n": "2", "seed": "5", "stream": "false"},
+                      files(png(rgb()), png(rgb(seed=1)), mask=mask_png()), CFG)
+    rs = call.requests
+    assert len(rs) == 4 and [r.seed for r in rs] == [5, 6, 7, 8]
+    assert [r.mask is not None for r in rs] == [True, True, False, False]  # the mask: first image only
+    assert [r.strength for r in rs] == [1.0, 1.0, 0.6, 0.6]  # inpaint / img2img defaults
+    assert [r.steps_run for r in rs] == [8, 8, 5, 5] and rs[2].key.num_inference_steps == 5
+    assert (rs[0].width, rs[0].height) == (64, 48) and call.event_type == "image_edit"
+    assert call.input_image_tokens == 2 * (64 // 16) * (48 // 16)
+
+
+BAD_FIELDS = [
+    ({"prompt": "x", "strength": "1.5"}, "strength", "from 0 to 1"),
+    ({"prompt": "x", "strength": "abc"}, "strength", "a number"),
+    ({"prompt": "x", "strength": "0.0"}, "strength", "runs no denoising step"),
+    ({"prompt": "x", "n": "3"}, "n", "limits.max_n"),  # 2 images x 3
+    ({"prompt": "x", "stream": "maybe"}, "stream", "true or false"),
+    ({"prompt": "x", "background": "transparent"}, "background", "alpha"),
+    ({"prompt": "x", "input_fidelity": "max"}, "input_fidelity", "one of"),
+    ({"prompt": "x", "style": "vivid"}, "style", "unknown field"),
+    ({"prompt": "x", "size": "100x64"}, "size", "multiple of 16"),
+    ({"prompt": "x", "image": "a string"}, "image", "as a file"),
+    ({}, "prompt", "required"),
+]
+
+
+@pytest.mark.parametrize("fields,param,fragment", BAD_FIELDS, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD_FIELDS)])
+def test_bad_edit_fields(fields, param, fragment):
+    with pytest.raises(InvalidRequestError) as e:
+        parse_edit(fields, files(png(rgb()), png(rgb())), CFG)
+    assert e.value.param == param and fragment in e.value.message, e.value.message
+
+
+def test_no_image_is_refused():
+    with pytest.raises(InvalidRequestError) as e:
+        parse_edit({"prompt": "x"}, files(), CFG)
+    assert e.value.param == "image"
