@@ -81,6 +81,10 @@ def check_stream(text: str) -> list[dict]:
             check("ImageGenPartialImageEvent", body)
         elif body.get("type") == "image_generation.completed":
             check("ImageGenCompletedEvent", body)
+        elif body.get("type") == "image_edit.partial_image":
+            check("ImageEditPartialImageEvent", body)
+        elif body.get("type") == "image_edit.completed":
+            check("ImageEditCompletedEvent", body)
         else:
             raise AssertionError(f"event {event!r} is not in the spec: {data[:200]}")
         out.append(body)

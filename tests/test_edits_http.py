@@ -1,0 +1,172 @@
+"""POST /v1/images/edits on loopback with the tiny model, through the official openai client's ``images.edit``:
+img2img, inpainting with a mask, several images, streaming, bad files, determinism per seed, edits batched with
+generations."""
+
+import asyncio
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+from conftest import ServerThread, tiny_config
+from openai_spec import check, check_stream
+from PIL import Image
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_cache):
+    from orchestrator.server import create_app
+
+    cfg = tiny_config(
+        tiny_cache,
+        deployment={"replicas": 1},
+        router={"max_batch_size": 4, "max_wait_ms": 300, "queue_limit": 16, "request_timeout_s": 60},
+        defaults={"width": 64, "height": 64, "num_inference_steps": 4},
+        limits={"max_n": 4, "max_pixels": 128 * 128, "max_steps": 10, "max_image_bytes": 100_000},
+    )
+    app = create_app(cfg)
+    with ServerThread(app) as s:
+        s.wait_ready()
+        s.loop = s.service.deployment.router._task.get_loop()
+        yield s
+
+
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def png(arr) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def picture(w=64, h=48, seed=0):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 4, y * 5, (x + y) * 2], -1)
+    return np.clip(base + rng.integers(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def mask(w=64, h=48):
+    a = np.full((h, w, 4), 255, np.uint8)
+    a[8:40, 16:48, 3] = 0  # transparent: repaint
+    return png(a)
+
+
+def decode(b64):
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_img2img_with_the_official_client(server):
+    resp = client(server).images.edit(image=("in.png", png(picture()), "image/png"), prompt="a watercolour fox",
+                                      n=2, extra_body={"seed": 3, "strength": 0.5, "num_inference_steps": 6})
+    check("ImagesResponse", resp.model_dump(exclude_none=True))
+    assert len(resp.data) == 2 and [d.model_extra["seed"] for d in resp.data] == [3, 4]
+    for d in resp.data:
+        img = decode(d.b64_json)
+        assert img.format == "PNG" and img.size == (64, 48)  # size auto: the image's own
+    assert resp.data[0].b64_json != resp.data[1].b64_json
+    assert resp.usage.input_tokens_details.image_tokens == 4 * 3  # the input image's tokens
+
+
+def test_same_seed_same_image_and_strength_changes_it(server):
+    def edit(**extra):
+        r = client(server).images.edit(image=("in.png", png(picture()), "image/png"), prompt="a fox", size="64x64",
+                                       extra_body={"seed": 9, "num_inference_steps": 6, **extra})
+        return r.data[0].b64_json
+
+    a, b = edit(strength=0.5), edit(strength=0.5)
+    assert a == b and decode(a).size == (64, 64)  # size given: resized to it
+    assert edit(strength=0.9) != a
+
+
+def test_inpaint_with_a_mask(server):
+    c = client(server)
+    common = dict(image=("in.png", png(picture()), "image/png"), prompt="a red door",
+                  extra_body={"seed": 4, "num_inference_steps": 4})
+    inpaint = c.images.edit(mask=("mask.png", mask(), "image/png"), **common).data[0].b64_json
+    again = c.images.edit(mask=("mask.png", mask(), "image/png"), **common).data[0].b64_json
+    plain = c.images.edit(**common).data[0].b64_json
+    assert inpaint == again and inpaint != plain
+    assert decode(inpaint).size == (64, 48)
+
+
+def test_several_images_each_edited(server):
+    resp = client(server).images.edit(
+        image=[("a.png", png(picture(seed=1)), "image/png"), ("b.png", png(picture(80, 32, seed=2)), "image/png")],
+        mask=("mask.png", mask(), "image/png"), prompt="snow", n=2, extra_body={"seed": 1})
+    assert len(resp.data) == 4 and [d.model_extra["seed"] for d in resp.data] == [1, 2, 3, 4]
+    assert {decode(d.b64_json).size for d in resp.data} == {(64, 48)}  # all at the first image's size
+    assert len({d.b64_json for d in resp.data}) == 4
+
+
+def test_streaming_edit_events(server):
+    stream = client(server).images.edit(image=("in.png", png(picture()), "image/png"), prompt="a fox", stream=True,
+                                        partial_images=1, extra_body={"seed": 2, "num_inference_steps": 8,
+                                                                      "strength": 0.5})
+    events = list(stream)
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    assert decode(events[-1].b64_json).size == (64, 48)
+    with httpx.stream("POST", f"{server.url}/v1/images/edits", timeout=60,
+                      files={"image": ("in.png", png(picture()), "image/png")},
+                      data={"prompt": "a fox", "stream": "true", "partial_images": "1", "num_inference_steps": "4"}
+                      ) as r:
+        assert r.status_code == 200
+        assert [e["type"] for e in check_stream(r.read().decode())] == ["image_edit.partial_image",
+                                                                       "image_edit.completed"]
+
+
+def test_edit_shares_a_batch_with_generations_and_equals_its_solo_run(server):
+    """An 8-step img2img at strength 0.5 runs 4 steps: through the Python API it shares one packed batch with two
+    4-step generations, and its image is the one it gets alone (over HTTP)."""
+    body = {"prompt": "a lighthouse", "seed": 5, "num_inference_steps": "8", "strength": "0.5"}
+    alone = httpx.post(f"{server.url}/v1/images/edits", data=body, files={"image": ("in.png", png(picture()),
+                                                                                    "image/png")}, timeout=60)
+    dep = server.service.deployment
+
+    async def together():
+        edit = dep.edit_requests_for("a lighthouse", picture(), seed=5, num_inference_steps=8, strength=0.5)
+        gens = [r for i in range(2) for r in dep.requests_for(f"p{i}", seed=i, num_inference_steps=4)]
+        return await asyncio.gather(*dep.admit(edit + gens))
+
+    results = asyncio.run_coroutine_threadsafe(together(), server.loop).result(60)
+    assert all(r.ok for r in results)
+    assert {r.batch_id for r in results} == {results[0].batch_id} and results[0].batch_size == 3
+    assert results[0].png == base64.b64decode(alone.json()["data"][0]["b64_json"])
+
+
+BAD = [
+    (dict(image=("x.png", b"", "image/png")), "image", "empty"),
+    (dict(image=("x.txt", b"hello, not an image", "text/plain")), "image", "not an image"),
+    (dict(image=("x.gif", b"GIF89a" + bytes(40), "image/gif")), "image", "not an image"),
+    (dict(image=("x.png", png(picture()), "image/png"), mask=("m.png", png(picture()), "image/png")), "mask",
+     "alpha channel"),
+    (dict(image=("x.png", png(picture()), "image/png"), mask=("m.png", mask(32, 32), "image/png")), "mask",
+     "same dimensions"),
+    (dict(image=("x.png", png(np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)), "image/png")),
+     "image", "limits.max_image_bytes"),
+    (dict(image=("x.png", png(picture()), "image/png"), extra_body={"strength": 2}), "strength", "from 0 to 1"),
+    (dict(image=("x.png", png(picture()), "image/png"), background="transparent"), "background", "alpha"),
+]
+
+
+@pytest.mark.parametrize("kw,param,fragment", BAD, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD)])
+def test_bad_files_are_400_naming_the_field(server, kw, param, fragment):
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError) as e:
+        client(server).images.edit(prompt="x", **kw)
+    err = e.value.response.json()["error"]
+    check("ErrorResponse", e.value.response.json())
+    assert err["param"] == param and fragment in err["message"], err
+
+
+def test_json_body_is_refused_with_the_fix(server):
+    r = httpx.post(f"{server.url}/v1/images/edits", json={"prompt": "x", "images": [{"image_url": "http://x"}]})
+    assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
