@@ -24,3 +24,28 @@ def test_demo_end_to_end(tmp_path):
     assert summary["throughput_img_s"] > 0 and summary["latency_p50_s"] > 0
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 16 and Image.open(pngs[0]).size == (128, 128)
+
+
+@pytest.mark.slow
+def test_generate_edits_an_image_with_a_mask(tmp_path):
+    """``zimage-orch generate --image --mask``: inpainting from the command line, at the image's own size."""
+    import numpy as np
+
+    image, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), np.uint8)).save(image)
+    alpha = np.full((80, 96, 4), 255, np.uint8)
+    alpha[20:60, 20:70, 3] = 0
+    Image.fromarray(alpha).save(mask)
+    out = tmp_path / "edit"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", "--prompt", "a red door", "--image",
+                           str(image), "--mask", str(mask), "--strength", "0.75", "--n", "2", "--seed", "3",
+                           "--out", str(out), "--set", "deployment.replicas=1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == ["000-seed3.png", "001-seed4.png"]
+    assert {Image.open(p).size for p in pngs} == {(96, 80)}
+    bad = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", "--prompt", "x", "--image",
+                          str(mask.with_name("missing.png")), "--out", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "missing.png" in bad.stderr
