@@ -49,9 +49,10 @@ def _png_bit_depth(data: bytes) -> int | None:
     return None
 
 
-def file_bytes(obj, param: str) -> bytes:
-    """What the Python API and the CLI accept as an image -> the file's bytes: bytes, a path, a PIL image or a
-    uint8 array (``[H, W, 3]``, ``[H, W, 4]`` or ``[H, W]``; the last two keep their alpha / greyscale)."""
+def file_bytes(obj, param: str):
+    """What the Python API and the CLI accept as an image -> the file's bytes (bytes, a path) or a PIL image (a
+    PIL image, or a uint8 array ``[H, W, 3]``, ``[H, W, 4]`` or ``[H, W]``; the last two keep their alpha /
+    greyscale). ``open_image`` takes either."""
     from pathlib import Path
 
     if isinstance(obj, (bytes, bytearray, memoryview)):
@@ -64,21 +65,23 @@ def file_bytes(obj, param: str) -> bytes:
     from PIL import Image
 
     if isinstance(obj, np.ndarray):
-        if obj.dtype != np.uint8:
-            raise InvalidRequestError(f"{param} must be a uint8 array, got {obj.dtype}", param=param)
+        if obj.dtype != np.uint8 or obj.ndim not in (2, 3) or (obj.ndim == 3 and obj.shape[2] not in (3, 4)):
+            raise InvalidRequestError(f"{param} must be a uint8 array [H, W], [H, W, 3] or [H, W, 4], got "
+                                      f"{obj.dtype} {list(obj.shape)}", param=param)
         obj = Image.fromarray(obj)
     if isinstance(obj, Image.Image):
-        buf = io.BytesIO()
-        obj.save(buf, format="PNG")
-        return buf.getvalue()
+        return obj
     raise InvalidRequestError(f"{param} must be image bytes, a path, a PIL image or a uint8 array, got "
                               f"{type(obj).__name__}", param=param)
 
 
 def open_image(data, param: str, limits: LimitsConfig):
-    """Decode one uploaded file into a PIL image, oriented per its EXIF tag; every refusal a 400 naming ``param``."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """Decode one uploaded file into a PIL image, oriented per its EXIF tag; every refusal a 400 naming ``param``.
+    ``data`` may also be a PIL image (the Python API): the same checks, less those of the file."""
+    from PIL import Image, UnidentifiedImageError
 
+    if isinstance(data, Image.Image):
+        return _check_decoded(data, b"", param, limits)
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
     if not isinstance(data, bytes):
@@ -97,6 +100,12 @@ def open_image(data, param: str, limits: LimitsConfig):
         raise InvalidRequestError(f"{param} is too large to decode", param=param) from None
     if img.format not in FORMATS:
         raise InvalidRequestError(f"{param} is a {img.format} image; send PNG, JPEG or WebP", param=param)
+    return _check_decoded(img, data, param, limits)
+
+
+def _check_decoded(img, data: bytes, param: str, limits: LimitsConfig):
+    from PIL import Image, ImageOps
+
     w, h = img.size
     if w * h > limits.max_input_pixels:
         raise InvalidRequestError(f"{param} is {w}x{h} ({w * h} pixels); the limit is {limits.max_input_pixels} "

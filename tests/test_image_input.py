@@ -95,7 +95,8 @@ def test_exif_orientation_is_applied():
 def test_size_rules_auto_and_explicit():
     out = prepare_edit([png(rgb(70, 50))], None, None, LIMITS)  # auto: own size rounded down to 16
     assert (out.width, out.height) == (64, 48) and out.images[0].shape == (48, 64, 3)
-    out = prepare_edit([png(np.full((200, 400, 3), 90, np.uint8))], None, None, LIMITS)  # auto: scaled to fit max_pixels (128*128)
+    # auto: scaled down to fit max_pixels (128*128)
+    out = prepare_edit([png(np.full((200, 400, 3), 90, np.uint8))], None, None, LIMITS)
     assert out.width * out.height <= 128 * 128 and out.width % 16 == 0 and out.height % 16 == 0
     assert abs(out.width / out.height - 2) < 0.3
     out = prepare_edit([png(rgb(70, 50)), png(rgb(20, 90))], mask_png(70, 50), (96, 64), LIMITS)  # explicit
@@ -152,3 +153,17 @@ def test_no_image_is_refused():
     with pytest.raises(InvalidRequestError) as e:
         parse_edit({"prompt": "x"}, files(), CFG)
     assert e.value.param == "image"
+
+
+def test_python_objects_are_checked_like_files():
+    from orchestrator.image_input import file_bytes
+
+    out = prepare_edit([file_bytes(rgb(), "image")], file_bytes(np.asarray(Image.open(io.BytesIO(mask_png()))),
+                                                                  "mask"), None, LIMITS)
+    assert out.images[0].shape == (48, 64, 3) and out.mask.max() == 255
+    with pytest.raises(InvalidRequestError) as e:
+        prepare_edit([file_bytes(Image.new("CMYK", (32, 32)), "image")], None, None, LIMITS)
+    assert e.value.param == "image" and "CMYK" in e.value.message
+    with pytest.raises(InvalidRequestError) as e:
+        file_bytes(np.zeros((4, 4, 3), np.float32), "image")
+    assert "uint8" in e.value.message
