@@ -23,6 +23,7 @@ import random
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from .config import Config, load_config
@@ -43,7 +44,8 @@ PROMPTS = [
 
 
 REALISTIC_SIZES = [(512, 512), (1024, 1024), (1024, 768), (768, 1344), (1344, 768)]
-WORKLOADS = ("uniform", "varied", "mixed")
+WORKLOADS = ("uniform", "varied", "mixed", "img2img", "inpaint", "edit-mix")
+EDIT_KINDS = {"img2img": ("img2img",), "inpaint": ("inpaint",), "edit-mix": ("t2i", "img2img", "inpaint")}
 _WORDS = ("a cinematic photograph of an old lighthouse keeper standing on wet rocks at dawn with waves crashing "
           "below soft golden light fog rolling in from the sea gulls circling overhead detailed texture on the "
           "weathered stone walls rusted iron railings a small red boat tied to the pier reflections in shallow "
@@ -107,7 +109,7 @@ def summarize(label: str, results: list[ImageResult], elapsed: float, concurrenc
         busy[r.replica_id] = busy.get(r.replica_id, 0.0) + r.stage_times.total_s
     stage = {}
     if batches:
-        for name in ("encode_s", "denoise_s", "decode_s", "total_s"):
+        for name in ("encode_s", "image_encode_s", "denoise_s", "decode_s", "total_s"):
             stage[name] = round(percentile([getattr(b.stage_times, name) for b in batches.values()], 0.5), 4)
     return RunStats(
         label=label, concurrency=concurrency, rate_rps=rate, requests=len(results), images=len(ok),
@@ -131,18 +133,28 @@ class RequestMaker:
     bench prompts, or with ``varied`` a prompt of 3 to 160 words."""
 
     def __init__(self, config: Config | None, sizes: list[tuple[int, int]] | None, steps: int | None, seed: int = 0,
-                 varied: bool = False):
+                 varied: bool = False, edits: tuple[str, ...] = (), strength: float = 0.6,
+                 edit_steps: int | None = None):
         self.config = config
         self.sizes = sizes  # None: let the server choose (its default size)
         self.steps = steps
         self.varied = varied
+        self.edits = edits  # edit workloads: the kinds sent in turn (t2i, img2img, inpaint)
+        self.strength = strength
+        self.edit_steps = edit_steps
         self.rng = random.Random(seed)
         self.i = 0
 
     @classmethod
-    def for_workload(cls, workload: str, config, sizes, steps, seed: int = 0) -> RequestMaker:
+    def for_workload(cls, workload: str, config, sizes, steps, seed: int = 0, strength: float = 0.6,
+                     edit_steps: int | None = None) -> RequestMaker:
         if workload == "mixed":
             return cls(config, sizes if sizes and len(sizes) > 1 else REALISTIC_SIZES, steps, seed, varied=True)
+        if workload in EDIT_KINDS:
+            if not sizes and config is not None:
+                sizes = [(config.defaults.width, config.defaults.height)]
+            return cls(config, sizes, steps, seed, edits=EDIT_KINDS[workload], strength=strength,
+                       edit_steps=edit_steps)
         return cls(config, sizes, steps, seed, varied=workload == "varied")
 
     def params(self) -> dict:
@@ -151,7 +163,38 @@ class RequestMaker:
             w, h = self.sizes[0] if len(self.sizes) == 1 else self.rng.choice(self.sizes)
         self.i += 1
         prompt = varied_prompt(self.rng) if self.varied else PROMPTS[self.i % len(PROMPTS)]
-        return {"prompt": prompt, "width": w, "height": h, "seed": self.i, "num_inference_steps": self.steps}
+        p = {"prompt": prompt, "width": w, "height": h, "seed": self.i, "num_inference_steps": self.steps}
+        kind = self.edits[self.i % len(self.edits)] if self.edits else "t2i"
+        if kind != "t2i":
+            image, mask = edit_inputs(w, h)
+            p.update(kind=kind, image=image, mask=mask if kind == "inpaint" else None, strength=self.strength,
+                     num_inference_steps=self.edit_steps or self.steps)
+        return p
+
+
+@lru_cache(maxsize=8)
+def edit_inputs(width: int, height: int):
+    """A synthetic input image for edit workloads (smooth gradients and rings: something a VAE encodes like a
+    photo) and an inpainting mask (RGBA, transparent over the middle quarter), as uint8 arrays."""
+    import numpy as np
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = np.hypot(x - width / 2, y - height / 2)
+    image = np.stack([255 * x / width, 255 * y / height, 127.5 + 127.5 * np.sin(r / 23)], -1).astype(np.uint8)
+    mask = np.full((height, width, 4), 255, np.uint8)
+    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4, 3] = 0
+    return image, mask
+
+
+@lru_cache(maxsize=16)
+def _png_of(width: int, height: int, which: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(edit_inputs(width, height)[which]).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 async def closed_loop(send, maker: RequestMaker, concurrency: int, n: int, bar=None) -> tuple[list, float]:
@@ -186,8 +229,9 @@ async def open_loop(send, maker: RequestMaker, rate: float, duration: float, bar
 # ---- senders: Python API and HTTP ------------------------------------------------------------------------------
 def api_sender(dep):
     async def send(p: dict) -> ImageResult:
+        edit = {k: p[k] for k in ("image", "mask", "strength") if p.get(k) is not None}
         (req,) = dep.requests_for(p["prompt"], width=p["width"], height=p["height"], seed=p["seed"],
-                                  num_inference_steps=p["num_inference_steps"])
+                                  num_inference_steps=p["num_inference_steps"], **edit)
         try:
             return await dep.submit(req)
         except Exception as e:  # noqa: BLE001 - rejections count as failures in the stats
@@ -207,7 +251,15 @@ def http_sender(client, url: str, api_key: str | None):
             body["num_inference_steps"] = p["num_inference_steps"]
         t0 = time.perf_counter()
         try:
-            r = await client.post(f"{url}/v1/images/generations", json=body, headers=headers)
+            if p.get("image") is not None:  # an edit: multipart, the synthetic image (and mask) as PNG files
+                w, h = p["width"], p["height"]
+                files = [("image", ("image.png", _png_of(w, h, 0), "image/png"))]
+                if p.get("mask") is not None:
+                    files.append(("mask", ("mask.png", _png_of(w, h, 1), "image/png")))
+                data = {k: str(v) for k, v in {**body, "strength": p["strength"]}.items()}
+                r = await client.post(f"{url}/v1/images/edits", data=data, files=files, headers=headers)
+            else:
+                r = await client.post(f"{url}/v1/images/generations", json=body, headers=headers)
         except Exception as e:  # noqa: BLE001
             return ImageResult("http", ok=False, error=str(e), error_type=type(e).__name__)
         lat = time.perf_counter() - t0
@@ -322,7 +374,9 @@ async def _bench(args, config: Config) -> dict:
     if bad:
         raise SystemExit(f"--workload: unknown {bad}; choose from {', '.join(WORKLOADS)}")
     conc = [int(c) for c in args.concurrency.split(",")] if args.concurrency else [1]
-    makers = {w: RequestMaker.for_workload(w, config, sizes, args.steps, seed=i) for i, w in enumerate(workloads)}
+    edit_opts = {"strength": getattr(args, "strength", 0.6), "edit_steps": getattr(args, "edit_steps", None)}
+    makers = {w: RequestMaker.for_workload(w, config, sizes, args.steps, seed=i, **edit_opts)
+              for i, w in enumerate(workloads)}
     all_sizes = sorted({s for m in makers.values() for s in (m.sizes or [])})
     report: dict = {"command": "zimage-orch " + " ".join(args.argv), "config": args.config, **_environment(),
                     "sizes": [f"{w}x{h}" for w, h in all_sizes] or ["server default"], "workloads": workloads,
@@ -352,8 +406,8 @@ async def _bench(args, config: Config) -> dict:
         send = api_sender(dep)
     try:
         if args.warmup:  # the last workload's traffic: the widest mix when mixed is among them
-            await closed_loop(send, RequestMaker.for_workload(workloads[-1], config, sizes, args.steps, seed=99),
-                              max(conc), args.warmup)
+            await closed_loop(send, RequestMaker.for_workload(workloads[-1], config, sizes, args.steps, seed=99,
+                                                              **edit_opts), max(conc), args.warmup)
         runs = [("rate", args.rate)] if args.rate else [("concurrency", c) for c in conc]
         for workload in workloads:
             maker = makers[workload]

@@ -298,7 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "config's default size; with --http and no config, the server's)")
     p.add_argument("--workload", default=None,
                    help="phases on the same deployment, comma-separated: uniform (short bench prompts), varied "
-                   "(prompts of 3-160 words), mixed (3-160 words and five common sizes); default uniform")
+                   "(prompts of 3-160 words), mixed (3-160 words and five common sizes), img2img and inpaint "
+                   "(edits of a synthetic input image at --sizes), edit-mix (text-to-image, img2img and inpaint "
+                   "interleaved); default uniform")
+    p.add_argument("--strength", type=float, default=0.6, help="edit workloads: img2img / inpaint strength")
+    p.add_argument("--edit-steps", type=int, default=None,
+                   help="edit workloads: the edits' schedule length (default: --steps); e.g. 15 at strength 0.6 runs "
+                   "9 steps, so edits share batches with 9-step text-to-image")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
     p.add_argument("--baseline", action="store_true", help="also time plain diffusers, batch 1, in-process")
     p.add_argument("--baseline-requests", type=int, default=5)

@@ -26,9 +26,29 @@ def test_bench_cpu_short_run(tmp_path, tiny_cache):
     for run in (c1, c4):
         assert run["images"] == 8 and run["failed"] == 0 and run["throughput_vs_baseline"] > 0
         assert run["latency_p50_s"] <= run["latency_p95_s"] <= run["latency_p99_s"]
-        assert set(run["stage_p50_s"]) == {"encode_s", "denoise_s", "decode_s", "total_s"}
+        assert set(run["stage_p50_s"]) == {"encode_s", "image_encode_s", "denoise_s", "decode_s", "total_s"}
     assert max(int(k) for k in c4["batch_sizes"]) > 1
     assert (out / "bench.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_bench_edit_workloads_cpu(tmp_path, tiny_cache):
+    """img2img, inpaint and the mixed stream beside text-to-image in one run (what the GPU entry edits-1024 runs):
+    edits at --edit-steps 5, strength 0.6 run 3 steps, as many as the 3-step text-to-image, so they share batches."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "bench", "--set", f"model.cache_dir={tiny_cache}",
+           "--set", "defaults.width=64", "--set", "defaults.height=64", "--set", "deployment.replicas=1",
+           "--workload", "uniform,img2img,inpaint,edit-mix", "--steps", "3", "--edit-steps", "5",
+           "--strength", "0.6", "--concurrency", "6", "--requests", "6", "--warmup", "3", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads((out / "bench.json").read_text())
+    runs = {r["workload"]: r for r in report["runs"]}
+    assert set(runs) == {"uniform", "img2img", "inpaint", "edit-mix"}
+    for w, run in runs.items():
+        assert run["images"] == 6 and run["failed"] == 0, run
+        assert (run["stage_p50_s"]["image_encode_s"] > 0) == (w != "uniform")
+    assert max(int(k) for k in runs["edit-mix"]["batch_sizes"]) > 1
 
 
 def test_mixed_sizes_and_summary_math():

@@ -170,3 +170,18 @@ def test_bad_files_are_400_naming_the_field(server, kw, param, fragment):
 def test_json_body_is_refused_with_the_fix(server):
     r = httpx.post(f"{server.url}/v1/images/edits", json={"prompt": "x", "images": [{"image_url": "http://x"}]})
     assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
+
+
+def test_bench_http_sender_sends_edits(server):
+    """``zimage-orch bench --http`` sends edit workloads as multipart edits."""
+    from orchestrator.bench import RequestMaker, http_sender
+
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as h:
+            send = http_sender(h, server.url, None)
+            maker = RequestMaker.for_workload("edit-mix", None, [(64, 48)], 4, edit_steps=6)
+            return [await send(maker.params()) for _ in range(3)]
+
+    results = asyncio.run(run())
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert {(r.width, r.height) for r in results} == {(64, 48)}
