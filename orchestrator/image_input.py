@@ -49,6 +49,34 @@ def _png_bit_depth(data: bytes) -> int | None:
     return None
 
 
+def data_url_bytes(ref, param: str) -> bytes:
+    """An ``ImageRefParam`` of a JSON edit (``{"image_url": ...}`` or ``{"file_id": ...}``) -> the image's bytes.
+    Only ``data:`` URLs: this server fetches nothing from the network and has no Files API."""
+    import base64
+    import binascii
+
+    if not isinstance(ref, dict) or set(ref) - {"image_url", "file_id"} or len(ref) != 1:
+        raise InvalidRequestError(f"{param} must be an object with exactly one of image_url or file_id",
+                                  param=param)
+    if "file_id" in ref:
+        raise InvalidRequestError(f"{param}: file_id is not supported (this server has no Files API); send the "
+                                  f"image as a data: URL in image_url, or as multipart/form-data", param=param)
+    url = ref["image_url"]
+    if not isinstance(url, str):
+        raise InvalidRequestError(f"{param}: image_url must be a string", param=param)
+    if not url.startswith("data:"):
+        raise InvalidRequestError(f"{param}: only data: URLs are accepted (this server fetches no URLs); send "
+                                  f"'data:image/png;base64,...' or use multipart/form-data", param=param)
+    head, sep, body = url.partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise InvalidRequestError(f"{param}: image_url must be a base64 data URL ('data:image/png;base64,...')",
+                                  param=param)
+    try:
+        return base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(f"{param}: the data URL's base64 is invalid", param=param) from None
+
+
 def file_bytes(obj, param: str):
     """What the Python API and the CLI accept as an image -> the file's bytes (bytes, a path) or a PIL image (a
     PIL image, or a uint8 array ``[H, W, 3]``, ``[H, W, 4]`` or ``[H, W]``; the last two keep their alpha /
@@ -133,7 +161,8 @@ def _check_decoded(img, data: bytes, param: str, limits: LimitsConfig):
     return img
 
 
-def auto_size(width: int, height: int, limits: LimitsConfig, max_side: int | None) -> tuple[int, int]:
+def auto_size(width: int, height: int, limits: LimitsConfig, max_side: int | None,
+              param: str = "image") -> tuple[int, int]:
     """The output size for ``size: auto``: the image's own, scaled down to fit the limits (aspect kept), each side
     rounded down to a multiple of 16."""
     scale = 1.0
@@ -145,7 +174,7 @@ def auto_size(width: int, height: int, limits: LimitsConfig, max_side: int | Non
     h = int(height * scale) // MULTIPLE * MULTIPLE
     if w < MULTIPLE or h < MULTIPLE:
         raise InvalidRequestError(f"image is {width}x{height}: each side must be at least {MULTIPLE} pixels "
-                                  f"(or send a size)", param="image")
+                                  f"(or send a size)", param=param)
     return w, h
 
 
@@ -161,16 +190,17 @@ class EditInputs:
 
 
 def prepare_edit(images: list, mask, size: tuple[int, int] | None, limits: LimitsConfig,
-                 max_side: int | None = None) -> EditInputs:
+                 max_side: int | None = None, param: str = "image") -> EditInputs:
     """Decode and check the files of an edit and bring them to the output size (the module's table). ``size``:
-    the request's (width, height), already validated, or None for auto."""
+    the request's (width, height), already validated, or None for auto. ``param``: the images' field name in
+    errors (``images`` in a JSON edit)."""
     from PIL import Image
 
     if not images:
-        raise InvalidRequestError("image is required: send one or more image files", param="image")
+        raise InvalidRequestError(f"{param} is required: send one or more image files", param=param)
     if len(images) > MAX_IMAGES:
-        raise InvalidRequestError(f"{len(images)} images sent; at most {MAX_IMAGES}", param="image")
-    pil = [open_image(data, "image", limits) for data in images]
+        raise InvalidRequestError(f"{len(images)} images sent; at most {MAX_IMAGES}", param=param)
+    pil = [open_image(data, param, limits) for data in images]
     first_size = pil[0].size
     mask_img = None
     if mask is not None:
@@ -184,7 +214,7 @@ def prepare_edit(images: list, mask, size: tuple[int, int] | None, limits: Limit
             raise InvalidRequestError(f"mask is {mask_img.size[0]}x{mask_img.size[1]} but image is "
                                       f"{first_size[0]}x{first_size[1]}; they must have the same dimensions",
                                       param="mask")
-    width, height = size if size is not None else auto_size(*first_size, limits, max_side)
+    width, height = size if size is not None else auto_size(*first_size, limits, max_side, param)
     arrays = []
     for img in pil:
         rgb = img.convert("RGB")

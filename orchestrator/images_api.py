@@ -191,7 +191,35 @@ def _form_value(name: str, value):
     return value
 
 
-def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None = None) -> ImageCall:
+JSON_EDIT_FIELDS = ("images", "mask", "prompt", "model", "n", "quality", "input_fidelity", "size", "user",
+                    "output_format", "output_compression", "moderation", "background", "stream", "partial_images")
+
+
+def parse_json_edit(payload, config: Config, max_side: int | None = None) -> ImageCall:
+    """The spec's JSON form of an edit (``EditImageBodyJsonParam``): ``images`` (1-16 ``{"image_url"}``) and
+    ``mask`` as base64 ``data:`` URLs (``file_id`` and network URLs are refused: no Files API, no fetching), the
+    other fields as in multipart (plus ``moderation``, accepted as for generations), JSON-typed."""
+    from .image_input import MAX_IMAGES, data_url_bytes
+
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    if "image" in payload:
+        raise InvalidRequestError("a JSON edit sends its images in `images` (a list of {\"image_url\": "
+                                  "\"data:...\"}); `image` is the multipart field", param="image")
+    images = payload.get("images")
+    if not isinstance(images, list) or not images:
+        raise InvalidRequestError("images is required: a list of 1 to 16 {\"image_url\": \"data:image/png;base64,"
+                                  "...\"}", param="images")
+    if len(images) > MAX_IMAGES:
+        raise InvalidRequestError(f"{len(images)} images sent; at most {MAX_IMAGES}", param="images")
+    files = {"image": [data_url_bytes(ref, "images") for ref in images],
+             "mask": None if payload.get("mask") is None else data_url_bytes(payload["mask"], "mask")}
+    fields = {k: v for k, v in payload.items() if k not in ("images", "mask")}
+    return parse_edit(fields, files, config, max_side, typed=True, image_param="images")
+
+
+def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None = None, typed: bool = False,
+               image_param: str = "image") -> ImageCall:
     """Validate an edit: ``fields`` the multipart text fields (name -> text, or a typed value from the Python
     API), ``files`` ``{"image": [bytes, ...], "mask": bytes | None}``. Every field of OpenAI's
     ``CreateImageEditRequest``:
@@ -213,18 +241,19 @@ def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None =
     ``orchestrator/image_input.py``'s."""
     from .image_input import prepare_edit
 
-    unknown = sorted(k for k in list(fields) + [k for k in files if files[k] is not None] if k not in EDIT_ACCEPTED)
+    accepted = EDIT_ACCEPTED | {"moderation"} if typed else EDIT_ACCEPTED
+    unknown = sorted(k for k in list(fields) + [k for k in files if files[k] is not None] if k not in accepted)
     if unknown:
         raise InvalidRequestError(f"unknown field(s) {', '.join(shown(k, 40) for k in unknown[:5])}; accepted: "
-                                  f"{sorted(EDIT_ACCEPTED)}", param=shown(unknown[0], 40).strip("'\""))
+                                  f"{sorted(accepted)}", param=shown(unknown[0], 40).strip("'\""))
     for name in _FILE_FIELDS:
         if name in fields and fields[name] not in (None, ""):
             raise InvalidRequestError(f"{name} must be sent as a file (multipart/form-data), not as text",
                                       param=name)
-    payload = {k: _form_value(k, v) for k, v in fields.items() if k not in _FILE_FIELDS}
+    payload = {k: v if typed else _form_value(k, v) for k, v in fields.items() if k not in _FILE_FIELDS}
     images = files.get("image") or []
     if not images:
-        raise InvalidRequestError("image is required: send one or more image files", param="image")
+        raise InvalidRequestError(f"{image_param} is required: send one or more image files", param=image_param)
     _enum(payload, "input_fidelity", ("high", "low"), "low")
     strength = payload.pop("strength", None)
     payload.pop("input_fidelity", None)
@@ -241,9 +270,9 @@ def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None =
     if explicit:
         call = parse_generation(payload, config, max_side)  # validates size before any image is resized
         inputs = prepare_edit(images, files.get("mask"), (call.requests[0].width, call.requests[0].height),
-                              config.limits, max_side)
+                              config.limits, max_side, image_param)
     else:
-        inputs = prepare_edit(images, files.get("mask"), None, config.limits, max_side)
+        inputs = prepare_edit(images, files.get("mask"), None, config.limits, max_side, image_param)
         payload["size"] = f"{inputs.width}x{inputs.height}"
     payload["n"] = n * len(images) if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else n
     call = parse_generation(payload, config, max_side)

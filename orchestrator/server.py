@@ -46,6 +46,7 @@ from .images_api import (
     images_response,
     parse_edit,
     parse_generation,
+    parse_json_edit,
     partial_image_event,
 )
 from .messages import FailureKind, ImageRequest, ImageResult, StepProgress, failure
@@ -385,8 +386,12 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             service.observer.rejected(FailureKind.INVALID_REQUEST)
             return error_response(413, f"request body is larger than {limits.max_upload_bytes} bytes "
                                        f"(limits.max_upload_bytes)", "invalid_request_error")
+        json_body = request.headers.get("content-type", "").lower().startswith("application/json")
         try:
-            fields, files = await parse_multipart(request.headers, body)
+            if json_body:  # the spec's JSON form: images as data: URLs
+                payload = parse_json(body)
+            else:
+                fields, files = await parse_multipart(request.headers, body)
         except InvalidRequestError as e:
             service.observer.rejected(e.kind)
             return _from_exception(e)
@@ -398,8 +403,12 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             return error_response(f.http_status, msg, f.openai_type, headers={"Retry-After": "5"})
         dep = service.deployment
         try:  # decoding and resizing images is CPU work: off the event loop the router shares
-            call = await asyncio.get_running_loop().run_in_executor(
-                None, parse_edit, fields, files, config, getattr(dep, "max_side", None))
+            if json_body:
+                call = await asyncio.get_running_loop().run_in_executor(
+                    None, parse_json_edit, payload, config, getattr(dep, "max_side", None))
+            else:
+                call = await asyncio.get_running_loop().run_in_executor(
+                    None, parse_edit, fields, files, config, getattr(dep, "max_side", None))
         except ZImageError as e:
             service.observer.rejected(e.kind)
             return _from_exception(e)
@@ -432,8 +441,8 @@ async def parse_multipart(headers, body: bytes) -> tuple[dict, dict]:
 
     ctype = headers.get("content-type", "")
     if not ctype.lower().startswith("multipart/form-data"):
-        raise InvalidRequestError("send the edit as multipart/form-data with the image file(s) in `image` (this "
-                                  "server fetches no image URLs and has no Files API)", param="image")
+        raise InvalidRequestError("send the edit as multipart/form-data with the image file(s) in `image`, or as "
+                                  "application/json with `images` as data: URLs", param="image")
 
     async def chunks():
         yield body

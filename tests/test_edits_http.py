@@ -167,8 +167,25 @@ def test_bad_files_are_400_naming_the_field(server, kw, param, fragment):
     assert err["param"] == param and fragment in err["message"], err
 
 
-def test_json_body_is_refused_with_the_fix(server):
-    r = httpx.post(f"{server.url}/v1/images/edits", json={"prompt": "x", "images": [{"image_url": "http://x"}]})
+def test_json_edit_with_data_urls(server):
+    """The spec's JSON form: images (and mask) as base64 data: URLs; network URLs and file ids are refused."""
+    data = "data:image/png;base64," + base64.b64encode(png(picture())).decode()
+    mask_url = "data:image/png;base64," + base64.b64encode(mask()).decode()
+    body = {"prompt": "a fox", "images": [{"image_url": data}], "mask": {"image_url": mask_url}, "seed": 4,
+            "num_inference_steps": 4, "moderation": "low"}
+    r = httpx.post(f"{server.url}/v1/images/edits", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    check("ImagesResponse", r.json())
+    multipart = client(server).images.edit(image=("in.png", png(picture()), "image/png"), prompt="a fox",
+                                           mask=("mask.png", mask(), "image/png"),
+                                           extra_body={"seed": 4, "num_inference_steps": 4})
+    assert r.json()["data"][0]["b64_json"] == multipart.data[0].b64_json  # the same edit either way
+    for images, fragment in (([{"image_url": "https://example.com/a.png"}], "only data: URLs"),
+                             ([{"file_id": "file-abc"}], "no Files API"), ([], "images is required")):
+        r = httpx.post(f"{server.url}/v1/images/edits", json={"prompt": "x", "images": images}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "images" and fragment in r.text, r.text
+    r = httpx.post(f"{server.url}/v1/images/edits", content=b"prompt=x", timeout=60,
+                   headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
 
 
