@@ -167,3 +167,23 @@ def test_python_objects_are_checked_like_files():
     with pytest.raises(InvalidRequestError) as e:
         file_bytes(np.zeros((4, 4, 3), np.float32), "image")
     assert "uint8" in e.value.message
+
+
+def test_json_edit_data_urls():
+    import base64
+
+    from orchestrator.images_api import parse_json_edit
+
+    url = "data:image/png;base64," + base64.b64encode(png(rgb())).decode()
+    call = parse_json_edit({"prompt": "x", "images": [{"image_url": url}] * 2, "n": 1, "seed": 2}, CFG)
+    assert len(call.requests) == 2 and call.requests[1].image.shape == (48, 64, 3)
+    for payload, param, fragment in (
+        ({"prompt": "x", "images": [{"image_url": "data:image/png;base64,@@@"}]}, "images", "base64"),
+        ({"prompt": "x", "images": [{"image_url": url, "file_id": "f"}]}, "images", "exactly one"),
+        ({"prompt": "x", "images": [{"image_url": url}], "n": "2"}, "n", "integer"),  # JSON types are strict
+        ({"prompt": "x", "images": [{"image_url": url}], "mask": {"image_url": url}}, "mask", "alpha channel"),
+        ({"prompt": "x", "image": url}, "image", "`images`"),
+    ):
+        with pytest.raises(InvalidRequestError) as e:
+            parse_json_edit(payload, CFG)
+        assert e.value.param == param and fragment in e.value.message, e.value.message
