@@ -187,3 +187,14 @@ def test_json_edit_data_urls():
         with pytest.raises(InvalidRequestError) as e:
             parse_json_edit(payload, CFG)
         assert e.value.param == param and fragment in e.value.message, e.value.message
+
+
+def test_every_field_of_the_spec_edit_request_is_handled():
+    """Every property of OpenAI's CreateImageEditRequest is accepted or refused by name (never 'unknown field');
+    the JSON form's fields (JSON_EDIT_FIELDS, EditImageBodyJsonParam's) are those plus images and moderation."""
+    from openai_spec import schema
+
+    from orchestrator.images_api import EDIT_ACCEPTED, JSON_EDIT_FIELDS
+
+    assert set(schema("CreateImageEditRequest")["properties"]) <= EDIT_ACCEPTED
+    assert set(JSON_EDIT_FIELDS) - {"images", "mask", "moderation"} <= EDIT_ACCEPTED
