@@ -78,6 +78,8 @@ class PrometheusObserver(RouterObserver):
             self.stage.labels("encode").observe(st.encode_s)
             self.stage.labels("denoise").observe(st.denoise_s)
             self.stage.labels("decode").observe(st.decode_s)
+            if st.image_encode_s > 0:  # batches with edits: the input images' VAE encode
+                self.stage.labels("image_encode").observe(st.image_encode_s)
 
     def finished(self, result: ImageResult) -> None:
         if result.ok:

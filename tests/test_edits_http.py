@@ -73,6 +73,8 @@ def test_img2img_with_the_official_client(server):
         assert img.format == "PNG" and img.size == (64, 48)  # size auto: the image's own
     assert resp.data[0].b64_json != resp.data[1].b64_json
     assert resp.usage.input_tokens_details.image_tokens == 4 * 3  # the input image's tokens
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'zimage_stage_seconds_count{stage="image_encode"}' in metrics
 
 
 def test_same_seed_same_image_and_strength_changes_it(server):
