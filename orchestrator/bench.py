@@ -228,16 +228,34 @@ async def open_loop(send, maker: RequestMaker, rate: float, duration: float, bar
 
 # ---- senders: Python API and HTTP ------------------------------------------------------------------------------
 def api_sender(dep):
+    kinds: dict[str, str] = {}  # request id -> t2i / img2img / inpaint, for mixed_batches
+
     async def send(p: dict) -> ImageResult:
         edit = {k: p[k] for k in ("image", "mask", "strength") if p.get(k) is not None}
         (req,) = dep.requests_for(p["prompt"], width=p["width"], height=p["height"], seed=p["seed"],
                                   num_inference_steps=p["num_inference_steps"], **edit)
+        kinds[req.request_id] = p.get("kind", "t2i")
         try:
             return await dep.submit(req)
         except Exception as e:  # noqa: BLE001 - rejections count as failures in the stats
             return ImageResult(req.request_id, ok=False, error=str(e), error_type=type(e).__name__)
 
+    send.kinds = kinds
     return send
+
+
+def mixed_batches(results: list[ImageResult], kinds: dict[str, str]) -> dict[str, int]:
+    """How many batches of a run held each combination of request kinds (e.g. ``img2img+t2i``): whether edits
+    shared packed batches with text-to-image."""
+    by_batch: dict[int, set] = {}
+    for r in results:
+        if r.ok and r.request_id in kinds:
+            by_batch.setdefault(r.batch_id, set()).add(kinds[r.request_id])
+    out: dict[str, int] = {}
+    for ks in by_batch.values():
+        key = "+".join(sorted(ks))
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def http_sender(client, url: str, api_key: str | None):
@@ -422,6 +440,8 @@ async def _bench(args, config: Config) -> dict:
                         results, elapsed = await open_loop(send, maker, value, args.duration, bar)
                         stats = summarize(label, results, elapsed, rate=value, workload=workload)
                 report["runs"].append(asdict(stats))
+                if workload in EDIT_KINDS and getattr(send, "kinds", None) is not None:
+                    report["runs"][-1]["batches_by_kinds"] = mixed_batches(results, send.kinds)
                 log.info("%s: %.3f img/s, %.3f MP/s, p50 %.3fs, p95 %.3fs, p99 %.3fs, batches %s", stats.label,
                          stats.throughput_img_s, stats.megapixels_s, stats.latency_p50_s, stats.latency_p95_s,
                          stats.latency_p99_s, stats.batch_sizes)

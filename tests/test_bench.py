@@ -49,6 +49,9 @@ def test_bench_edit_workloads_cpu(tmp_path, tiny_cache):
         assert run["images"] == 6 and run["failed"] == 0, run
         assert (run["stage_p50_s"]["image_encode_s"] > 0) == (w != "uniform")
     assert max(int(k) for k in runs["edit-mix"]["batch_sizes"]) > 1
+    # edits running 3 steps share packed batches with 3-step text-to-image
+    assert any("+" in k for k in runs["edit-mix"]["batches_by_kinds"]), runs["edit-mix"]["batches_by_kinds"]
+    assert set(runs["inpaint"]["batches_by_kinds"]) == {"inpaint"}
 
 
 def test_mixed_sizes_and_summary_math():
