@@ -31,7 +31,7 @@ import torch
 
 from orchestrator.messages import start_step, steps_run
 
-__all__ = ["Conditioning", "encode_conditions", "start_step", "steps_run"]
+__all__ = ["Conditioning", "encode_conditions", "encode_controls", "start_step", "steps_run"]
 
 
 @dataclass
@@ -114,4 +114,33 @@ def encode_conditions(engine, samples, num_inference_steps: int) -> list[Conditi
             mask = torch.nn.functional.interpolate(m, size=(h, w), mode="nearest").to(torch.float32)[0]
         out.append(Conditioning(steps, start_step(steps, s.strength), latents[0].to(target), noise[0].to(target),
                                 None if mask is None else mask.to(target)))
+    return out
+
+
+@torch.no_grad()
+def encode_controls(engine, samples) -> list[torch.Tensor | None]:
+    """The ControlNet input of every sample with a control image (``Sample.control_image``: uint8 ``[H, W, 3]``
+    at the sample's size), None for the others: as ``ZImageControlNetPipeline`` prepares it, the VAE latents'
+    mode (no random draw), ``(z - shift) * scale``, zero-padded to the ControlNet's ``control_in_dim`` channels,
+    ``[C, 1, h, w]`` on the transformer's device."""
+    from PIL import Image
+
+    vae = engine.vae
+    out: list[torch.Tensor | None] = []
+    for s in samples:
+        if getattr(s, "control_image", None) is None:
+            out.append(None)
+            continue
+        if engine.controlnet is None:
+            raise ValueError("a control image was sent to an engine without a ControlNet")
+        image = np.asarray(s.control_image)
+        if image.shape != (s.height, s.width, 3):
+            raise ValueError(f"control image is {image.shape}, the sample is {s.height}x{s.width}")
+        pixels = engine.image_processor.preprocess(Image.fromarray(image), height=s.height, width=s.width)
+        z = vae.encode(pixels.to(engine.devices["vae"], vae.dtype)).latent_dist.mode()
+        z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+        extra = engine.controlnet.config.control_in_dim - z.shape[1]
+        if extra > 0:
+            z = torch.cat([z, z.new_zeros(z.shape[0], extra, *z.shape[2:])], dim=1)
+        out.append(z[0].unsqueeze(1).to(engine.devices["transformer"]))
     return out

@@ -35,7 +35,8 @@ from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_de
 
 from orchestrator.messages import StageTimes
 
-from .conditioning import Conditioning, encode_conditions
+from .conditioning import Conditioning, encode_conditions, encode_controls
+from .controlnet import PackedControl, controlled_forward
 from .packed import PackedTransformer
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ class Sample:
     mask: Any = field(default=None, compare=False, repr=False)
     strength: float = 1.0
     num_inference_steps: int | None = None
+    # [controlnet] the control image, uint8 [H, W, 3] at this size, and its conditioning scale (actors/controlnet.py)
+    control_image: Any = field(default=None, compare=False, repr=False)
+    control_scale: float = 0.75
 
 
 @dataclass
@@ -116,6 +120,9 @@ class ZImageEngine:
         self.transformer = _place(components["transformer"], self.devices["transformer"], dtype)
         self.packed = PackedTransformer(self.transformer, attention=attention)
         self.vae = _place(components["vae"], self.devices["vae"], dtype)
+        self.controlnet = None  # [controlnet] beside the transformer, sharing its embedders and refiners
+        if components.get("controlnet") is not None:
+            self.controlnet = _place(components["controlnet"], self.devices["transformer"], dtype)
         self._scheduler_config = components["scheduler"].config
         self._scheduler_cls = FlowMatchEulerDiscreteScheduler
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -204,6 +211,8 @@ class ZImageEngine:
         guidance: float | Sequence[float] = 0.0,
         on_step: Callable[[int, int, Callable[[], list[torch.Tensor]]], None] | None = None,
         conditions: Sequence[Conditioning | None] | None = None,
+        controls: Sequence[torch.Tensor | None] | None = None,
+        control_scales: Sequence[float] | None = None,
     ) -> list[torch.Tensor]:
         """The Euler loop over a packed batch. ``latents``: per sample ``[16, h, w]`` float32 (sizes may differ);
         ``guidance`` per sample (a sample with guidance > 0 runs a second, negative-caption pass, as diffusers
@@ -211,7 +220,8 @@ class ZImageEngine:
         ``denoised()`` computes each sample's current estimate of its clean latents (for previews and per-sample
         checks; nothing is computed unless it is called). ``conditions`` (per sample, None for a plain one; from
         ``encode_conditions``): a conditioned sample starts from its noised input image at its own start step and is
-        blended with its input after each step (inpainting)."""
+        blended with its input after each step (inpainting). ``controls`` (per sample, None without; from
+        ``encode_controls``) and ``control_scales``: ControlNet inputs, the negative pass with the same ones."""
         device = self.devices["transformer"]
         n = len(latents)
         guidance = [float(guidance)] * n if isinstance(guidance, (int, float)) else [float(g) for g in guidance]
@@ -237,11 +247,21 @@ class ZImageEngine:
         order = list(range(n)) + cfg
         negative_of = {j: n + k for k, j in enumerate(cfg)}  # sample -> its negative pass's output
         dtype = self.transformer.dtype
+        control = None
+        if controls and any(c is not None for c in controls):  # [controlnet] per sample in the call's order
+            ref = next(c for c in controls if c is not None)
+            ctl = [controls[j] if controls[j] is not None else
+                   ref.new_zeros(ref.shape[0], *latents[j].unsqueeze(1).shape[1:]) for j in order]
+            scale = torch.tensor([float(control_scales[j]) if controls[j] is not None else 0.0 for j in order])
+            control = PackedControl(self.controlnet, [c.to(device, dtype) for c in ctl], scale.to(device))
         for i in range(num_inference_steps):
             t = timesteps[:, i]
             t_in = ((1000 - t) / 1000)[order] if cfg else (1000 - t) / 1000
             x = [latents[j].to(dtype).unsqueeze(1) for j in order]
-            out = self.packed(x, t_in, embeds, layout)
+            if control is None:
+                out = self.packed(x, t_in, embeds, layout)
+            else:
+                out = controlled_forward(self.packed, x, t_in, embeds, layout, control)
             preds = []
             for j in range(n):
                 pred = out[j].float()
@@ -295,19 +315,20 @@ class ZImageEngine:
             if self.text_encoder is not None:
                 _sync(self.devices["text_encoder"])
             encode_s = time.perf_counter() - t0
-        conditions, image_encode_s = None, 0.0
-        if any(s.image is not None for s in samples):
+        conditions, controls, image_encode_s = None, None, 0.0
+        if any(s.image is not None or s.control_image is not None for s in samples):
             # [conditioning] the input images' VAE encode: its own stage, under the VAE's guard (the decode
             # stage's lock and stream), off the denoise path.
             with guard("decode"):
                 t0 = time.perf_counter()
                 conditions = encode_conditions(self, samples, num_inference_steps)
+                controls = encode_controls(self, samples)
                 _sync(self.devices["vae"])
                 image_encode_s = time.perf_counter() - t0
         with guard("denoise"):
             t0 = time.perf_counter()
             latents = self.denoise(enc, self.initial_latents(samples), num_inference_steps, guidance, on_step,
-                                   conditions)
+                                   conditions, controls, [s.control_scale for s in samples])
             _sync(self.devices["transformer"])
             denoise_s = time.perf_counter() - t0
         del enc

@@ -1,0 +1,122 @@
+"""ControlNet (diffusers 0.42's ``ZImageControlNetModel``, the Fun-ControlNet-Union family) on a packed batch.
+
+``ZImageControlNetModel.from_transformer`` shares the transformer's embedders, refiners, RoPE and pad tokens, so on
+a packed batch (``actors/packed.py``) the ControlNet needs none of its own bookkeeping: its control tokens follow the
+image tokens' layout (``layout.x``), its unified sequence the transformer's (``layout.uni`` / ``uni_index``), and
+``ZImageControlTransformerBlock``'s body is a main block's (``packed._block_forward``) between ``before_proj`` (block
+0: ``c = before_proj(c) + x``) and ``after_proj`` (the hint). ``controlled_forward`` is ``PackedTransformer.__call__``
+with the ControlNet's hints added after the main layers of ``control_layers_places``, each hint times its sample's
+``controlnet_conditioning_scale`` (0 for a sample without a control image, which is then exactly unaffected).
+
+Variants (``add_control_noise_refiner``): None, the control tokens go through ``control_noise_refiner`` (plain
+blocks) and the ControlNet's unified input is the transformer's own; ``"control_layers"`` / ``"control_noise_refiner"``,
+control blocks also run at the refiner level and their hints are added inside the ControlNet's own noise-refiner
+pass (not the transformer's), as diffusers does.
+
+``tests/test_controlnet.py`` checks it against ``ZImageControlNetPipeline`` on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .packed import PackedLayout, PackedTransformer
+
+# The full-size layout used for random weights (timing): ZImageControlNetModel's defaults with the 1.0 Union
+# layout of control blocks after every fifth main layer.
+FULL_CONTROLNET_CONFIG = {"control_layers_places": [0, 5, 10, 15, 20, 25], "control_in_dim": 16,
+                          "n_refiner_layers": 2, "dim": 3840, "n_heads": 30, "n_kv_heads": 30}
+TINY_CONTROLNET_CONFIG = {"control_layers_places": [0, 1], "control_in_dim": 16, "n_refiner_layers": 1, "dim": 64,
+                          "n_heads": 2, "n_kv_heads": 2}
+
+
+def build_controlnet(size: str, transformer, device="cpu", dtype=None, seed: int = 0, **overrides):
+    """A ``ZImageControlNetModel`` with random weights, attached to ``transformer`` (``from_transformer``). The
+    zero-initialised projections get small random values in the tiny one, so tests see real hints."""
+    from diffusers import ZImageControlNetModel
+
+    from .models import _default_dtype
+
+    cfg = {**(TINY_CONTROLNET_CONFIG if size == "tiny" else FULL_CONTROLNET_CONFIG), **overrides}
+    dtype = dtype or transformer.dtype
+    torch.manual_seed(seed)
+    with _default_dtype(dtype), torch.device(device):
+        cn = ZImageControlNetModel(**cfg).eval().requires_grad_(False)
+    if size == "tiny":
+        g = torch.Generator().manual_seed(seed + 7)
+        with torch.no_grad():
+            for p in cn.parameters():
+                if p.abs().sum() == 0:
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * 0.05)
+    return ZImageControlNetModel.from_transformer(cn, transformer)
+
+
+@dataclass
+class PackedControl:
+    """One step's ControlNet input for a packed batch, in the transformer call's sample order: per sample control
+    latents ``[control_in_dim, 1, h, w]`` (zeros for a sample without control) and its scale (0 without)."""
+
+    model: object
+    latents: list
+    scale: torch.Tensor  # [B] float
+
+
+def _control_blocks(packed: PackedTransformer, blocks, c, x, adaln, segs):
+    """Control blocks over ``c`` (block 0 adds ``before_proj(c)`` to ``x``): returns (hints, c)."""
+    args = (segs.runs, segs.cu, segs.max_len, None)
+    hints = []
+    for block in blocks:
+        if block.block_id == 0:
+            c = block.before_proj(c) + x
+        c = packed.block_fn(block, c, segs.seg, adaln, segs.freqs, args, packed.attention)
+        hints.append(block.after_proj(c))
+    return hints, c
+
+
+def _run(packed, blocks, x, adaln, segs, hints: dict | None = None, scale=None):
+    args = (segs.runs, segs.cu, segs.max_len, None)
+    for k, block in enumerate(blocks):
+        x = packed.block_fn(block, x, segs.seg, adaln, segs.freqs, args, packed.attention)
+        if hints is not None and k in hints:
+            x = x + hints[k] * scale
+    return x
+
+
+@torch.no_grad()
+def controlled_forward(packed: PackedTransformer, latents: list[torch.Tensor], t: torch.Tensor,
+                       cap_feats: list[torch.Tensor], layout: PackedLayout, control: PackedControl):
+    """``PackedTransformer.__call__`` with ControlNet hints (same arguments and result)."""
+    if packed.attention == "flex":
+        raise ValueError("ControlNet runs with attention 'runs' or 'varlen'")
+    m, cn = packed.model, control.model
+    adaln = m.t_embedder(t * m.t_scale).type_as(latents[0])
+    x0 = m.all_x_embedder[packed.key](packed.patchify(layout, latents))
+    x0 = torch.where(layout.x_pad, m.x_pad_token, x0).unsqueeze(0)
+    c = cn.control_all_x_embedder[packed.key](packed.patchify(layout, [lat.to(x0.dtype) for lat in control.latents]))
+    c = torch.where(layout.x_pad, m.x_pad_token, c).unsqueeze(0)
+    scale_x = control.scale.to(x0.device, x0.dtype)[layout.x.seg].view(1, -1, 1)
+    scale_u = control.scale.to(x0.device, x0.dtype)[layout.uni.seg].view(1, -1, 1)
+    cap = packed.captions(layout, cap_feats)
+
+    x = _run(packed, m.noise_refiner, x0, adaln, layout.x)  # the transformer's own
+    variant = cn.add_control_noise_refiner
+    if variant is None:
+        c = _run(packed, cn.control_noise_refiner, c, adaln, layout.x)
+        cn_x = x
+    else:
+        blocks = cn.control_layers if variant == "control_layers" else cn.control_noise_refiner
+        hints, c = _control_blocks(packed, blocks, c, x0, adaln, layout.x)
+        refiner_hints = {idx: hints[k] for k, idx in enumerate(cn.control_refiner_layers_places)}
+        cn_x = _run(packed, m.noise_refiner, x0, adaln, layout.x, refiner_hints, scale_x)
+    unified = torch.cat([x, cap], dim=1).index_select(1, layout.uni_index)
+    cn_unified = unified if cn_x is x else torch.cat([cn_x, cap], dim=1).index_select(1, layout.uni_index)
+    c = torch.cat([c, cap], dim=1).index_select(1, layout.uni_index)
+    hints, _ = _control_blocks(packed, cn.control_layers, c, cn_unified, adaln, layout.uni)
+    main_hints = {idx: hints[k] for k, idx in enumerate(cn.control_layers_places)}
+    unified = _run(packed, m.layers, unified, adaln, layout.uni, main_hints, scale_u)
+    final = m.all_final_layer[packed.key]
+    fscale = (1.0 + final.adaLN_modulation(adaln))[layout.uni.seg].unsqueeze(0)
+    out = final.linear(final.norm_final(unified) * fscale)[0]
+    return packed.unpatchify(layout, out)
