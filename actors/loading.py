@@ -190,3 +190,32 @@ def _load_some(path: Path, cfg: ModelConfig, dtype, names: set[str]) -> dict:
     # its prompts itself, so one bad prompt never reaches the shared encoder's batch.
     out["tokenizer"] = AutoTokenizer.from_pretrained(str(path), subfolder="tokenizer", local_files_only=True)
     return out
+
+
+def load_controlnet(cfg: ModelConfig, transformer, device: str, dtype):
+    """The configured ControlNet (``model.controlnet``), attached to ``transformer`` (``from_transformer``), on
+    ``device`` in ``dtype``. Hub snapshots are found in the base model's cache, offline as the base model is."""
+    from diffusers import ZImageControlNetModel
+
+    from .controlnet import build_controlnet
+
+    cn_cfg = cfg.controlnet
+    if cn_cfg.source in ("tiny", "random-full"):
+        size = "tiny" if cn_cfg.source == "tiny" else "full"
+        return build_controlnet(size, transformer, device=device, dtype=dtype, seed=cfg.seed)
+    if cn_cfg.source == "local":
+        path = Path(cn_cfg.local_path).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(f"model.controlnet.local_path: {path} does not exist")
+    else:
+        hub = cfg.model_copy(update={"source": cn_cfg.source, "model_id": cn_cfg.model_id,
+                                     "revision": cn_cfg.revision, "local_path": None})
+        root = (_resolve_modelscope if cn_cfg.source == "modelscope" else _resolve_huggingface)(hub).path
+        path = root / cn_cfg.filename if cn_cfg.filename else root
+    if path.is_file():
+        cn = ZImageControlNetModel.from_single_file(str(path), torch_dtype=dtype)
+    else:
+        cn = ZImageControlNetModel.from_pretrained(str(path), subfolder=cn_cfg.subfolder, torch_dtype=dtype,
+                                                   local_files_only=True)
+    cn = cn.to(device).eval().requires_grad_(False)
+    return ZImageControlNetModel.from_transformer(cn, transformer)

@@ -89,6 +89,11 @@ def edit_error(r: ImageRequest) -> tuple[str, str] | None:
     Python API send arrays of the request's size; this catches a request built by hand.)"""
     import numpy as np
 
+    if r.control_image is not None:
+        control = np.asarray(r.control_image)
+        if control.dtype != np.uint8 or control.shape != (r.height, r.width, 3):
+            return (f"control_image must be uint8 [{r.height}, {r.width}, 3], got {control.dtype} "
+                    f"{list(control.shape)}", "control_image")
     if r.image is None:
         return None if r.mask is None else ("a mask needs an image", "mask")
     image = np.asarray(r.image)
@@ -116,6 +121,9 @@ def screen(engine, batch: Batch) -> Screened:
             continue
         if (why := edit_error(r)) is not None:
             out.failed[r.request_id] = why
+            continue
+        if r.control_image is not None and getattr(engine, "controlnet", None) is None:
+            out.failed[r.request_id] = ("this replica has no ControlNet (model.controlnet)", "control_image")
             continue
         try:
             tokens = validate_prompt(engine.tokenizer, r.prompt, "prompt")

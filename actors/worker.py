@@ -150,6 +150,10 @@ class PipelineWorker:
                 torch.cuda.set_per_process_memory_fraction(self.memory_fraction, torch.device(d))
         dtype = resolve_dtype(self.model_cfg.dtype, devices["transformer"])
         comps, resolved, self.load_s = load_components(self.model_cfg, dtype, devices)
+        if self.model_cfg.controlnet is not None:  # [controlnet] beside the transformer (actors/controlnet.py)
+            from .loading import load_controlnet
+
+            comps["controlnet"] = load_controlnet(self.model_cfg, comps["transformer"], devices["transformer"], dtype)
         log.info("replica %s: model from %s (%s) in %.1fs", self.replica_id, resolved.source, resolved.detail,
                  self.load_s)
         self.engine = ZImageEngine(comps, devices, dtype, remote_encode=self.encoder,
@@ -171,6 +175,13 @@ class PipelineWorker:
                 batches = batches[:1]  # nothing to compile: one image shows the replica works
             for batch in batches:
                 self.engine.generate([Sample(p, i, w, h) for i, (w, h, p) in enumerate(batch)],
+                                     spec.num_inference_steps)
+            if self.engine.controlnet is not None:  # [controlnet] its blocks' graphs, and the control path
+                import numpy as np
+
+                w, h, p = batches[0][0]
+                self.engine.generate([Sample(p, 0, w, h), Sample(p, 1, w, h, control_image=np.full((h, w, 3), 127,
+                                                                                                  np.uint8))],
                                      spec.num_inference_steps)
             self.warmup_s = time.perf_counter() - t0
             log.info("replica %s: warmed up in %.1fs (%d batches)", self.replica_id, self.warmup_s, len(batches))
@@ -333,7 +344,8 @@ class PipelineWorker:
 
         samples = [Sample(r.prompt, r.seed, r.width, r.height, r.guidance_scale, r.negative_prompt,
                           image=r.image, mask=r.mask, strength=r.strength,  # edits (actors/conditioning.py)
-                          num_inference_steps=r.num_inference_steps)
+                          num_inference_steps=r.num_inference_steps,
+                          control_image=r.control_image, control_scale=r.control_scale)  # [controlnet]
                    for r in batch.requests]
         steps = batch.key.num_inference_steps
         try:

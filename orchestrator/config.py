@@ -84,6 +84,36 @@ class ClusterConfig(_Strict):
         return self
 
 
+class ControlNetConfig(_Strict):
+    """A ControlNet for the transformer (diffusers' ``ZImageControlNetModel``, e.g. the Fun-ControlNet-Union weights),
+    loaded on each replica beside its transformer, with the base model's cache and offline settings."""
+
+    source: Literal["modelscope", "huggingface", "local", "tiny", "random-full"] = Field(
+        description="modelscope / huggingface: a snapshot of model_id (in the base model's cache_dir); local: "
+        "local_path; tiny: a toy-size ControlNet for the tiny model (tests); random-full: full-size random weights "
+        "(timing; six control blocks, the 1.0 Union layout)."
+    )
+    model_id: str | None = Field(default=None, description="Repository id (modelscope / huggingface).")
+    revision: str | None = Field(default=None, description="Hub revision.")
+    local_path: Path | None = Field(
+        default=None, description="source=local: a diffusers directory (config.json) or a single .safetensors file.")
+    filename: str | None = Field(
+        default=None, description="Inside a hub snapshot: the single .safetensors file to load (from_single_file); "
+        "None: the snapshot (or its subfolder) is a diffusers directory.")
+    subfolder: str | None = Field(default=None, description="Subfolder of the diffusers directory, if any.")
+    conditioning_scale: float = Field(default=0.75, ge=0, le=4,
+                                      description="controlnet_conditioning_scale when a request sends none "
+                                      "(diffusers' default).")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> ControlNetConfig:
+        if self.source == "local" and self.local_path is None:
+            raise ValueError("controlnet source='local' needs local_path")
+        if self.source in ("modelscope", "huggingface") and not self.model_id:
+            raise ValueError(f"controlnet source={self.source!r} needs model_id")
+        return self
+
+
 class ModelConfig(_Strict):
     """Which weights to load and how."""
 
@@ -148,6 +178,9 @@ class ModelConfig(_Strict):
         description="Persistent compile cache (TORCHINDUCTOR_CACHE_DIR); None: ~/.cache/zimage-orchestrator/inductor.",
     )
     seed: int = Field(default=0, ge=0, description="Weight seed for source=tiny and random-full.")
+    controlnet: ControlNetConfig | None = Field(
+        default=None, description="A ControlNet beside the transformer on every replica (request extensions "
+        "control_image, controlnet_conditioning_scale); None: requests with a control image are refused.")
 
     @model_validator(mode="after")
     def _source_fields(self) -> ModelConfig:

@@ -57,7 +57,8 @@ def plan_for(config: Config, inventory: Inventory) -> PlacementPlan:
     m = config.model
     transformer = ["none", "fp8"] if m.quantization == "auto" else [m.quantization]
     text_encoder = ["none", "int8"] if m.text_encoder_quantization == "auto" else [m.text_encoder_quantization]
-    options = [model_spec(m.source, m.dtype, t, te) for te in text_encoder for t in transformer]
+    options = [model_spec(m.source, m.dtype, t, te, controlnet=m.controlnet is not None)
+               for te in text_encoder for t in transformer]
     if len(options) == 1:
         return plan(options[0], inventory, deployment_spec(config))
     return plan_best(options, inventory, deployment_spec(config))
@@ -236,11 +237,24 @@ class Deployment:
         return min(sides) if sides else None
 
     def requests_for(self, prompt: str, **params) -> list[ImageRequest]:
+        """The requests for one prompt (``build_requests``' parameters); with ``image`` an edit
+        (``edit_requests_for``); with ``control_image`` (bytes, a path, a PIL image or a uint8 array) and
+        ``controlnet_conditioning_scale``, ControlNet-guided (needs ``model.controlnet``)."""
+        from .image_input import file_bytes
+
+        if params.get("control_image") is not None:
+            params["control_image"] = file_bytes(params["control_image"], "control_image")
         if params.get("image") is not None:
             return self.edit_requests_for(prompt, **params)
         params.pop("image", None)
-        return build_requests(prompt, defaults=self.config.defaults, limits=self.config.limits,
-                              max_side=self.max_side, **params)
+        control, scale = params.pop("control_image", None), params.pop("controlnet_conditioning_scale", None)
+        requests = build_requests(prompt, defaults=self.config.defaults, limits=self.config.limits,
+                                  max_side=self.max_side, **params)
+        if control is not None or scale is not None:
+            from .images_api import with_control
+
+            requests = with_control(requests, control, scale, self.config)
+        return requests
 
     def edit_requests_for(self, prompt: str, image, mask=None, strength: float | None = None,
                           width: int | None = None, height: int | None = None, **params) -> list[ImageRequest]:

@@ -77,6 +77,27 @@ def data_url_bytes(ref, param: str) -> bytes:
         raise InvalidRequestError(f"{param}: the data URL's base64 is invalid", param=param) from None
 
 
+def prepare_control(data, width: int, height: int, limits: LimitsConfig) -> np.ndarray:
+    """A ControlNet's control image: the image rules above (param ``control_image``), then resized to the
+    output size (Lanczos, aspect ratio not kept, as diffusers' pipeline resizes it); uint8 ``[H, W, 3]``."""
+    import base64
+    import binascii
+
+    from PIL import Image
+
+    if isinstance(data, str):  # JSON: a base64 data URL, or bare base64
+        text = data.partition(",")[2] if data.startswith("data:") else data
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequestError("control_image must be a base64 image (a data: URL or bare base64)",
+                                      param="control_image") from None
+    img = open_image(data, "control_image", limits).convert("RGB")
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
 def file_bytes(obj, param: str):
     """What the Python API and the CLI accept as an image -> the file's bytes (bytes, a path) or a PIL image (a
     PIL image, or a uint8 array ``[H, W, 3]``, ``[H, W, 4]`` or ``[H, W]``; the last two keep their alpha /

@@ -39,7 +39,8 @@ from .requests import build_requests, check_text, parse_size, shown
 SPEC_FIELDS = ("prompt", "model", "n", "quality", "response_format", "output_format", "output_compression",
                "stream", "partial_images", "size", "moderation", "background", "style", "user")
 CLIENT_FIELDS = ("safety_identifier",)  # sent by the official client; not in the published document
-EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt")
+EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "control_image",
+              "controlnet_conditioning_scale")
 ACCEPTED = frozenset(SPEC_FIELDS + CLIENT_FIELDS + EXTENSIONS)
 
 # Sizes the spec's response and event schemas can name; any other size is reported as "auto" in events (and
@@ -140,8 +141,32 @@ def parse_generation(payload, config: Config, max_side: int | None = None) -> Im
         partial_images=payload.get("partial_images") if stream else _partials_unused(payload),
         trace_id=current_request_id(),
     )
+    if payload.get("control_image") is not None or payload.get("controlnet_conditioning_scale") is not None:
+        requests = with_control(requests, payload.get("control_image"),
+                                payload.get("controlnet_conditioning_scale"), config)
     return ImageCall(requests, stream, output_format, compression, quality,
                      _identifier(payload, "user"), _identifier(payload, "safety_identifier"))
+
+
+def with_control(requests: list[ImageRequest], control_image, scale, config: Config) -> list[ImageRequest]:
+    """Attach a ControlNet control image (bytes, a base64 string, a PIL image) and its scale to every request;
+    400s: no ControlNet in this deployment (``model.controlnet``), a bad image (the edit image rules), a scale
+    outside 0-4 or without an image."""
+    from .image_input import prepare_control
+
+    if control_image is None:
+        raise InvalidRequestError("controlnet_conditioning_scale needs a control_image", param="control_image")
+    if config.model.controlnet is None:
+        raise InvalidRequestError("this deployment has no ControlNet (model.controlnet is not set); send the request "
+                                  "without control_image", param="control_image")
+    if scale is None:
+        scale = config.model.controlnet.conditioning_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale <= 4.0:
+        raise InvalidRequestError(f"controlnet_conditioning_scale must be a number from 0 to 4, got {shown(scale)}",
+                                  param="controlnet_conditioning_scale")
+    r0 = requests[0]
+    control = prepare_control(control_image, r0.width, r0.height, config.limits)
+    return [replace(r, control_image=control, control_scale=float(scale)) for r in requests]
 
 
 def _partials_unused(payload: dict) -> int:
@@ -157,10 +182,11 @@ def _partials_unused(payload: dict) -> int:
 EDIT_SPEC_FIELDS = ("image", "prompt", "mask", "background", "model", "n", "size", "response_format",
                     "output_format", "output_compression", "user", "input_fidelity", "stream", "partial_images",
                     "quality")
-EDIT_EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "strength")
+EDIT_EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "strength", "control_image",
+                   "controlnet_conditioning_scale")
 EDIT_ACCEPTED = frozenset(EDIT_SPEC_FIELDS + CLIENT_FIELDS + EDIT_EXTENSIONS)
 _INTEGER_FIELDS = ("n", "output_compression", "partial_images", "seed", "num_inference_steps")
-_NUMBER_FIELDS = ("guidance_scale", "strength")
+_NUMBER_FIELDS = ("guidance_scale", "strength", "controlnet_conditioning_scale")
 _BOOLEAN_FIELDS = ("stream",)
 _FILE_FIELDS = ("image", "mask")
 
@@ -251,6 +277,8 @@ def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None =
             raise InvalidRequestError(f"{name} must be sent as a file (multipart/form-data), not as text",
                                       param=name)
     payload = {k: v if typed else _form_value(k, v) for k, v in fields.items() if k not in _FILE_FIELDS}
+    if files.get("control_image") is not None:  # a multipart file: parse_generation attaches it
+        payload["control_image"] = files["control_image"]
     images = files.get("image") or []
     if not images:
         raise InvalidRequestError(f"{image_param} is required: send one or more image files", param=image_param)

@@ -62,6 +62,9 @@ class ImageRequest:
     image: Any = field(default=None, compare=False, repr=False)
     mask: Any = field(default=None, compare=False, repr=False)
     strength: float = 1.0
+    # ControlNet (actors/controlnet.py): the control image, uint8 [height, width, 3], and its conditioning scale.
+    control_image: Any = field(default=None, compare=False, repr=False)
+    control_scale: float = 0.75
 
     @property
     def steps_run(self) -> int:

@@ -14,7 +14,7 @@ Coefficients measured on an H200 with the full-size model in bf16 (``benchmarks/
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GIB = 1024**3
 MPIX = 1024 * 1024
@@ -161,20 +161,34 @@ _TINY = {
 }
 
 
+# A ControlNet lives beside the transformer (actors/controlnet.py) and is counted with it. Weights: the full-size
+# random layout's own parameters (actors/controlnet.py FULL_CONTROLNET_CONFIG, counted on the meta device: 1.55 B;
+# the embedders and refiners it shares with the transformer are not counted twice); never quantized. Activations:
+# an estimate, not a measurement: six hints and two extra streams of [tokens, 3840] bf16 per token.
+CONTROLNET_PARAMS = {"tiny": 150_000, "full": 1_550_778_368}
+CONTROLNET_ACT_GIB_PER_TOKEN = {"tiny": 1e-6, "full": 8 * 3840 * 2 / 2**30}
+
+
 def model_spec(source: str, dtype: str = "bfloat16", transformer: str = "none",
-               text_encoder: str = "none") -> ModelSpec:
+               text_encoder: str = "none", controlnet: bool = False) -> ModelSpec:
     """The memory model for a model source: 'tiny' is the toy model; every other source is Z-Image-Turbo.
     ``transformer`` ('none' | 'fp8') and ``text_encoder`` ('none' | 'int8' | 'fp8') quantize those components'
-    linear weights to one byte (the transformer's blocks; the text encoder's layers, weight-only)."""
+    linear weights to one byte (the transformer's blocks; the text encoder's layers, weight-only). ``controlnet``:
+    a ControlNet on the transformer's GPU, counted with the transformer (weights and activations)."""
     if dtype not in BYTES_PER_PARAM:
         raise ValueError(f"dtype must be one of {sorted(BYTES_PER_PARAM)}, got {dtype!r}")
     if transformer not in ("none", "fp8") or text_encoder not in ("none", *QUANTIZED):
         raise ValueError(f"quantization: transformer none|fp8, text_encoder none|int8|fp8; got {transformer!r}, "
                          f"{text_encoder!r}")
     quantized = tuple((c, q) for c, q in (("transformer", transformer), ("text_encoder", text_encoder)) if q != "none")
-    if source == "tiny":
-        return ModelSpec("tiny-z-image", "float32", dict(_TINY), quantized)
-    return ModelSpec("Z-Image-Turbo", dtype, dict(_Z_IMAGE_TURBO), quantized)
+    size = "tiny" if source == "tiny" else "full"
+    comps = dict(_TINY if size == "tiny" else _Z_IMAGE_TURBO)
+    if controlnet:
+        t = comps["transformer"]
+        comps["transformer"] = replace(t, params=t.params + CONTROLNET_PARAMS[size],
+                                       act_gib_per_token=t.act_gib_per_token + CONTROLNET_ACT_GIB_PER_TOKEN[size])
+    name = ("tiny-z-image" if size == "tiny" else "Z-Image-Turbo") + (" + ControlNet" if controlnet else "")
+    return ModelSpec(name, "float32" if size == "tiny" else dtype, comps, quantized)
 
 
 # Relative throughput of a replica, for choosing among plans that fit (planner: ``choose_precision``).

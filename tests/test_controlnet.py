@@ -68,7 +68,8 @@ def test_engine_equals_zimage_controlnet_pipeline(components, guidance):
     pipe = ZImageControlNetPipeline(**components, controlnet=cn)
     ref = pipe(s.prompt, control_image=Image.fromarray(control), height=64, width=96, num_inference_steps=3,
                guidance_scale=guidance, negative_prompt="blurry" if guidance else None,
-               controlnet_conditioning_scale=0.8, generator=torch.Generator().manual_seed(5), output_type="np").images[0]
+               controlnet_conditioning_scale=0.8, generator=torch.Generator().manual_seed(5),
+               output_type="np").images[0]
     ref = (ref * 255).round().clip(0, 255).astype(np.uint8)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
     batch = eng.generate([Sample("a cat", 1, 64, 64), s, Sample("x", 2, 96, 64, image=_picture(64, 96, 1),
@@ -78,3 +79,100 @@ def test_engine_equals_zimage_controlnet_pipeline(components, guidance):
     assert np.abs(batch[0].astype(int) - plain.generate([Sample("a cat", 1, 64, 64)], 3)[0][0].astype(int)).max() <= 1
     assert np.abs(ours.astype(int) - plain.generate([Sample(s.prompt, 5, 96, 64, guidance, s.negative_prompt)],
                                                      3)[0][0].astype(int)).mean() > 0.5  # the control matters
+
+
+def test_control_fields_are_checked():
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from orchestrator.config import config_from_dict
+    from orchestrator.errors import InvalidRequestError
+    from orchestrator.images_api import parse_generation
+
+    buf = io.BytesIO()
+    Image.fromarray(_picture(40, 70)).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    base = {"model": {"source": "tiny"}, "defaults": {"width": 64, "height": 48}}
+    with_cn = config_from_dict({**base, "model": {"source": "tiny", "controlnet": {"source": "tiny"}}})
+    call = parse_generation({"prompt": "x", "control_image": url, "n": 2}, with_cn)
+    assert [r.control_image.shape for r in call.requests] == [(48, 64, 3)] * 2  # resized to the output size
+    assert [r.control_scale for r in call.requests] == [0.75, 0.75]
+    assert call.requests[0].key == parse_generation({"prompt": "x"}, with_cn).requests[0].key  # batches with plain
+    for cfg, body, param, fragment in (
+        (config_from_dict(base), {"prompt": "x", "control_image": url}, "control_image", "no ControlNet"),
+        (with_cn, {"prompt": "x", "control_image": "@@"}, "control_image", "base64"),
+        (with_cn, {"prompt": "x", "control_image": "data:image/png;base64,aGVsbG8="}, "control_image",
+         "not an image"),
+        (with_cn, {"prompt": "x", "controlnet_conditioning_scale": 1.0}, "control_image", "needs a control_image"),
+        (with_cn, {"prompt": "x", "control_image": url, "controlnet_conditioning_scale": 9},
+         "controlnet_conditioning_scale", "from 0 to 4"),
+    ):
+        with pytest.raises(InvalidRequestError) as e:
+            parse_generation(body, cfg)
+        assert e.value.param == param and fragment in e.value.message, e.value.message
+    assert np.asarray(call.requests[0].control_image).dtype == np.uint8
+
+
+def test_planner_counts_the_controlnet_beside_the_transformer():
+    from placement.memory import CONTROLNET_PARAMS, model_spec
+
+    plain, with_cn = model_spec("modelscope"), model_spec("modelscope", controlnet=True)
+    t0, t1 = plain.components["transformer"], with_cn.components["transformer"]
+    assert t1.params - t0.params == CONTROLNET_PARAMS["full"] and t1.act_gib_per_token > t0.act_gib_per_token
+    assert with_cn.components["vae"] == plain.components["vae"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_controlnet_over_http_and_batched_with_plain(ray_cluster, tiny_cache):
+    """A deployment with a tiny ControlNet: generations and edits with a control image through HTTP (the official
+    client for generations), the same image per seed, and a controlled request sharing a packed batch with plain
+    ones through the Python API, equal to its solo run."""
+    import asyncio
+    import base64
+    import io
+
+    import httpx
+    from conftest import ServerThread, tiny_config
+    from openai import OpenAI
+    from PIL import Image
+
+    from orchestrator.server import create_app
+
+    cfg = tiny_config(tiny_cache, model={"controlnet": {"source": "tiny"}}, deployment={"replicas": 1},
+                      router={"max_batch_size": 4, "max_wait_ms": 300})
+    buf = io.BytesIO()
+    Image.fromarray(_picture(64, 64)).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    with ServerThread(create_app(cfg)) as server:
+        server.wait_ready()
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+        def gen(**extra):
+            return client.images.generate(prompt="a house", extra_body={"seed": 3, **extra}).data[0].b64_json
+
+        a, b, plain = gen(control_image=url), gen(control_image=url), gen()
+        assert a == b and a != plain
+        assert gen(control_image=url, controlnet_conditioning_scale=0.0) == plain  # scale 0: no effect
+        r = httpx.post(f"{server.url}/v1/images/edits", timeout=60,
+                       files={"image": ("in.png", buf.getvalue(), "image/png"),
+                              "control_image": ("c.png", buf.getvalue(), "image/png")},
+                       data={"prompt": "a house", "seed": "3", "strength": "0.8", "num_inference_steps": "4"})
+        assert r.status_code == 200, r.text
+        dep = server.service.deployment
+        loop = dep.router._task.get_loop()
+
+        async def together():
+            reqs = (dep.requests_for("a house", seed=3, control_image=_picture(64, 64))
+                    + dep.requests_for("a cat", seed=1) + dep.requests_for("a dog", seed=2))
+            return await asyncio.gather(*dep.admit(reqs))
+
+        results = asyncio.run_coroutine_threadsafe(together(), loop).result(60)
+        assert all(x.ok for x in results) and {x.batch_id for x in results} == {results[0].batch_id}
+        import numpy as np
+
+        solo = np.asarray(Image.open(io.BytesIO(base64.b64decode(a))))  # within one 8-bit level (fp32 sum order)
+        assert np.abs(results[0].image.astype(int) - solo.astype(int)).max() <= 1
