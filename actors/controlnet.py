@@ -63,8 +63,16 @@ class PackedControl:
     scale: torch.Tensor  # [B] float
 
 
+def _mark(packed: PackedTransformer, segs, adaln) -> None:
+    """As ``PackedTransformer._blocks``: under torch.compile no graph is specialized for one sample or one run."""
+    if packed.compiled:
+        torch._dynamo.decorators.mark_unbacked(segs.runs, 0)
+        torch._dynamo.decorators.mark_unbacked(adaln, 0)
+
+
 def _control_blocks(packed: PackedTransformer, blocks, c, x, adaln, segs):
     """Control blocks over ``c`` (block 0 adds ``before_proj(c)`` to ``x``): returns (hints, c)."""
+    _mark(packed, segs, adaln)
     args = (segs.runs, segs.cu, segs.max_len, None)
     hints = []
     for block in blocks:
@@ -76,6 +84,7 @@ def _control_blocks(packed: PackedTransformer, blocks, c, x, adaln, segs):
 
 
 def _run(packed, blocks, x, adaln, segs, hints: dict | None = None, scale=None):
+    _mark(packed, segs, adaln)
     args = (segs.runs, segs.cu, segs.max_len, None)
     for k, block in enumerate(blocks):
         x = packed.block_fn(block, x, segs.seg, adaln, segs.freqs, args, packed.attention)

@@ -44,8 +44,9 @@ PROMPTS = [
 
 
 REALISTIC_SIZES = [(512, 512), (1024, 1024), (1024, 768), (768, 1344), (1344, 768)]
-WORKLOADS = ("uniform", "varied", "mixed", "img2img", "inpaint", "edit-mix")
-EDIT_KINDS = {"img2img": ("img2img",), "inpaint": ("inpaint",), "edit-mix": ("t2i", "img2img", "inpaint")}
+WORKLOADS = ("uniform", "varied", "mixed", "img2img", "inpaint", "edit-mix", "control", "control-mix")
+EDIT_KINDS = {"img2img": ("img2img",), "inpaint": ("inpaint",), "edit-mix": ("t2i", "img2img", "inpaint"),
+              "control": ("control",), "control-mix": ("t2i", "control")}
 _WORDS = ("a cinematic photograph of an old lighthouse keeper standing on wet rocks at dawn with waves crashing "
           "below soft golden light fog rolling in from the sea gulls circling overhead detailed texture on the "
           "weathered stone walls rusted iron railings a small red boat tied to the pier reflections in shallow "
@@ -165,7 +166,9 @@ class RequestMaker:
         prompt = varied_prompt(self.rng) if self.varied else PROMPTS[self.i % len(PROMPTS)]
         p = {"prompt": prompt, "width": w, "height": h, "seed": self.i, "num_inference_steps": self.steps}
         kind = self.edits[self.i % len(self.edits)] if self.edits else "t2i"
-        if kind != "t2i":
+        if kind == "control":  # text-to-image guided by a ControlNet (needs model.controlnet)
+            p.update(kind=kind, control_image=edit_inputs(w, h)[0])
+        elif kind != "t2i":
             image, mask = edit_inputs(w, h)
             p.update(kind=kind, image=image, mask=mask if kind == "inpaint" else None, strength=self.strength,
                      num_inference_steps=self.edit_steps or self.steps)
@@ -184,6 +187,13 @@ def edit_inputs(width: int, height: int):
     mask = np.full((height, width, 4), 255, np.uint8)
     mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4, 3] = 0
     return image, mask
+
+
+@lru_cache(maxsize=8)
+def _data_url(width: int, height: int) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(_png_of(width, height, 0)).decode()
 
 
 @lru_cache(maxsize=16)
@@ -231,7 +241,7 @@ def api_sender(dep):
     kinds: dict[str, str] = {}  # request id -> t2i / img2img / inpaint, for mixed_batches
 
     async def send(p: dict) -> ImageResult:
-        edit = {k: p[k] for k in ("image", "mask", "strength") if p.get(k) is not None}
+        edit = {k: p[k] for k in ("image", "mask", "strength", "control_image") if p.get(k) is not None}
         (req,) = dep.requests_for(p["prompt"], width=p["width"], height=p["height"], seed=p["seed"],
                                   num_inference_steps=p["num_inference_steps"], **edit)
         kinds[req.request_id] = p.get("kind", "t2i")
@@ -277,6 +287,8 @@ def http_sender(client, url: str, api_key: str | None):
                 data = {k: str(v) for k, v in {**body, "strength": p["strength"]}.items()}
                 r = await client.post(f"{url}/v1/images/edits", data=data, files=files, headers=headers)
             else:
+                if p.get("control_image") is not None:
+                    body["control_image"] = _data_url(p["width"], p["height"])
                 r = await client.post(f"{url}/v1/images/generations", json=body, headers=headers)
         except Exception as e:  # noqa: BLE001
             return ImageResult("http", ok=False, error=str(e), error_type=type(e).__name__)

@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="phases on the same deployment, comma-separated: uniform (short bench prompts), varied "
                    "(prompts of 3-160 words), mixed (3-160 words and five common sizes), img2img and inpaint "
                    "(edits of a synthetic input image at --sizes), edit-mix (text-to-image, img2img and inpaint "
-                   "interleaved); default uniform")
+                   "interleaved), control and control-mix (text-to-image with a ControlNet control image, alone and "
+                   "beside plain requests; needs model.controlnet); default uniform")
     p.add_argument("--strength", type=float, default=0.6, help="edit workloads: img2img / inpaint strength")
     p.add_argument("--edit-steps", type=int, default=None,
                    help="edit workloads: the edits' schedule length (default: --steps); e.g. 15 at strength 0.6 runs "

@@ -54,6 +54,23 @@ def test_bench_edit_workloads_cpu(tmp_path, tiny_cache):
     assert set(runs["inpaint"]["batches_by_kinds"]) == {"inpaint"}
 
 
+@pytest.mark.slow
+def test_bench_controlnet_workloads_cpu(tmp_path, tiny_cache):
+    """What the GPU entry controlnet-1024 runs, with the tiny ControlNet: control requests alone and beside plain
+    ones (they share batches)."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "bench", "--set", f"model.cache_dir={tiny_cache}",
+           "--set", "defaults.width=64", "--set", "defaults.height=64", "--set", "deployment.replicas=1",
+           "--set", "model.controlnet.source=tiny", "--workload", "control,control-mix", "--steps", "2",
+           "--concurrency", "1,4", "--requests", "4", "--warmup", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    runs = json.loads((out / "bench.json").read_text())["runs"]
+    assert [r["label"] for r in runs] == ["control-c1", "control-c4", "control-mix-c1", "control-mix-c4"]
+    assert all(r["images"] == 4 and r["failed"] == 0 for r in runs)
+    assert any("+" in k for k in runs[3]["batches_by_kinds"]), runs[3]["batches_by_kinds"]
+
+
 def test_mixed_sizes_and_summary_math():
     from orchestrator.bench import percentile, summarize
     from orchestrator.messages import ImageResult, StageTimes

@@ -176,3 +176,13 @@ def test_controlnet_over_http_and_batched_with_plain(ray_cluster, tiny_cache):
 
         solo = np.asarray(Image.open(io.BytesIO(base64.b64decode(a))))  # within one 8-bit level (fp32 sum order)
         assert np.abs(results[0].image.astype(int) - solo.astype(int)).max() <= 1
+
+        from orchestrator.bench import RequestMaker, http_sender
+
+        async def bench_http():  # `zimage-orch bench --http` sends control requests as generations
+            async with httpx.AsyncClient(timeout=60) as h:
+                send = http_sender(h, server.url, None)
+                maker = RequestMaker.for_workload("control-mix", None, [(64, 64)], 2)
+                return [await send(maker.params()) for _ in range(2)]
+
+        assert all(x.ok for x in asyncio.run(bench_http()))

@@ -101,3 +101,20 @@ def test_edits_batched_with_text_to_image_on_gpu():
     images, times = eng.generate(samples, 2)
     assert [i.shape for i in images] == [(512, 512, 3), (512, 768, 3), (512, 768, 3)]
     assert times.image_encode_s > 0 and all(i.std() > 0 for i in images)
+
+
+def test_controlnet_batched_with_plain_on_gpu():
+    """Full size, bf16, random full-size ControlNet: a controlled and a plain sample in one packed batch."""
+    import numpy as np
+
+    from actors.controlnet import build_controlnet
+    from actors.engine import Sample, ZImageEngine
+    from actors.models import build_components
+
+    comps = build_components("full", device="cuda", dtype=torch.bfloat16)
+    comps["controlnet"] = build_controlnet("full", comps["transformer"], device="cuda", dtype=torch.bfloat16)
+    eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cuda"), torch.bfloat16)
+    control = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    images, times = eng.generate([Sample("a red fox", 1, 512, 512),
+                                  Sample("a house", 2, 512, 512, control_image=control, control_scale=0.75)], 2)
+    assert [i.shape for i in images] == [(512, 512, 3)] * 2 and times.image_encode_s > 0
