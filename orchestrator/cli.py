@@ -141,6 +141,8 @@ def cmd_generate(args) -> int:
     elif args.mask or args.strength is not None:
         print("--mask and --strength need --image", file=sys.stderr)
         return 2
+    if args.control_image:  # ControlNet (needs model.controlnet in the config)
+        params.update(control_image=Path(args.control_image), controlnet_conditioning_scale=args.control_scale)
     summary = asyncio.run(_run_prompts(config, list(args.prompt), Path(args.out), params, "generate"))
     _print_summary(summary, Path(args.out))
     return 0 if summary["failed"] == 0 else 1
@@ -265,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "output has the first image's size")
     p.add_argument("--mask", default=None, metavar="PNG", help="inpaint: the mask's transparent pixels are repainted")
     p.add_argument("--strength", type=float, default=None, help="0-1: how much of the schedule runs (edits)")
+    p.add_argument("--control-image", default=None, metavar="FILE",
+                   help="ControlNet control image (needs model.controlnet), resized to the output size")
+    p.add_argument("--control-scale", type=float, default=None, help="controlnet_conditioning_scale (default: the "
+                   "config's model.controlnet.conditioning_scale)")
     p.add_argument("--out", required=True)
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
     p.set_defaults(fn=cmd_generate)

@@ -49,3 +49,19 @@ def test_generate_edits_an_image_with_a_mask(tmp_path):
                           str(mask.with_name("missing.png")), "--out", str(out)], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and "missing.png" in bad.stderr
+
+
+@pytest.mark.slow
+def test_generate_with_a_control_image(tmp_path):
+    """``zimage-orch generate --control-image`` with the tiny ControlNet."""
+    import numpy as np
+
+    control = tmp_path / "edges.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)).save(control)
+    out = tmp_path / "cn"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", "--prompt", "a house",
+                           "--control-image", str(control), "--control-scale", "0.9", "--size", "64x64",
+                           "--seed", "1", "--out", str(out), "--set", "deployment.replicas=1", "--set", "model.controlnet.source=tiny"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert [Image.open(p).size for p in sorted(out.glob("*.png"))] == [(64, 64)]
