@@ -61,7 +61,8 @@ def test_generate_with_a_control_image(tmp_path):
     out = tmp_path / "cn"
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", "--prompt", "a house",
                            "--control-image", str(control), "--control-scale", "0.9", "--size", "64x64",
-                           "--seed", "1", "--out", str(out), "--set", "deployment.replicas=1", "--set", "model.controlnet.source=tiny"],
+                           "--seed", "1", "--out", str(out), "--set", "deployment.replicas=1",
+                           "--set", "model.controlnet.source=tiny"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert [Image.open(p).size for p in sorted(out.glob("*.png"))] == [(64, 64)]
