@@ -186,3 +186,18 @@ def test_controlnet_over_http_and_batched_with_plain(ray_cluster, tiny_cache):
                 return [await send(maker.params()) for _ in range(2)]
 
         assert all(x.ok for x in asyncio.run(bench_http()))
+
+
+def test_load_controlnet_from_a_local_directory(components, tmp_path):
+    from actors.loading import load_controlnet
+    from orchestrator.config import config_from_dict
+
+    cn = build_controlnet("tiny", components["transformer"], seed=6)
+    cn.save_pretrained(str(tmp_path / "cn"))
+    cfg = config_from_dict({"model": {"source": "tiny", "controlnet": {"source": "local",
+                                                                       "local_path": str(tmp_path / "cn")}}})
+    loaded = load_controlnet(cfg.model, components["transformer"], "cpu", torch.float32)
+    own = cn.state_dict()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, own[k]), k
+    assert loaded.noise_refiner is components["transformer"].noise_refiner  # shared, not a copy
