@@ -201,3 +201,20 @@ def test_load_controlnet_from_a_local_directory(components, tmp_path):
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, own[k]), k
     assert loaded.noise_refiner is components["transformer"].noise_refiner  # shared, not a copy
+
+
+def test_plan_for_a_config_with_a_controlnet():
+    """The deployment's plan counts the ControlNet beside the transformer: the same GPU, 1.55 B more parameters in
+    bf16 (about 2.9 GiB) in its estimated peak."""
+    from orchestrator.config import config_from_dict
+    from orchestrator.deployment import plan_for
+    from placement import GPU, Inventory
+
+    inventory = Inventory((GPU("n", 0, 80.0),))
+    base = {"deployment": {"mode": "replicate", "replicas": 1}}
+    plain = plan_for(config_from_dict({**base, "model": {"source": "random-full"}}), inventory)
+    with_cn = plan_for(config_from_dict({**base, "model": {"source": "random-full",
+                                                           "controlnet": {"source": "random-full"}}}), inventory)
+    assert "ControlNet" in with_cn.model and with_cn.gpus[0].components == plain.gpus[0].components
+    extra = with_cn.gpus[0].estimated_peak_gib - plain.gpus[0].estimated_peak_gib
+    assert extra >= 1_550_778_368 * 2 / 2**30 - 0.01, extra
