@@ -21,7 +21,9 @@ Every field of OpenAI's ``CreateImageRequest`` is either implemented or refused 
 | ``user``, ``safety_identifier`` | accepted and written to the log with the request id |
 
 Extensions (top-level fields other diffusion servers use): ``seed``, ``num_inference_steps`` (wins over
-``quality``), ``guidance_scale``, ``negative_prompt``. Responses carry only spec fields, plus ``seed`` per image
+``quality``), ``guidance_scale``, ``negative_prompt``; ``control_image`` (a base64 image) and
+``controlnet_conditioning_scale`` with ``model.controlnet`` (``with_control``). ``POST /v1/images/edits``:
+``parse_edit`` / ``parse_json_edit`` below (docs/conditioning.md). Responses carry only spec fields, plus ``seed`` per image
 (and ``index``/``seed``/``width``/``height`` in stream events) as extra fields.
 """
 

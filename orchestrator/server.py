@@ -8,6 +8,8 @@ Endpoints:
   ``"stream": true`` answers with server-sent events: ``image_generation.partial_image`` (``partial_images``
   previews), ``image_generation.completed`` with each image, ``error`` on failure; per-step progress travels as
   SSE comment lines (``: image_generation.progress {...}``), which SSE clients, the official one included, skip.
+- ``POST /v1/images/edits``: OpenAI's edits (multipart, or JSON with data: URLs): img2img, inpainting with a
+  ``mask``, plus ``strength`` and the generation extensions (docs/conditioning.md); stream events ``image_edit.*``.
 - ``GET /v1/models``, ``GET|HEAD /healthz`` (alive), ``GET|HEAD /readyz`` (503 until every replica has warmed
   up), ``GET /metrics`` (Prometheus text). ``/docs``, ``/redoc``, ``/openapi.json`` only with ``server.docs``.
 Every error, 404 and 405 included, uses OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``:
