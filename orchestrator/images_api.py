@@ -23,7 +23,8 @@ Every field of OpenAI's ``CreateImageRequest`` is either implemented or refused 
 Extensions (top-level fields other diffusion servers use): ``seed``, ``num_inference_steps`` (wins over
 ``quality``), ``guidance_scale``, ``negative_prompt``; ``control_image`` (a base64 image) and
 ``controlnet_conditioning_scale`` with ``model.controlnet`` (``with_control``). ``POST /v1/images/edits``:
-``parse_edit`` / ``parse_json_edit`` below (docs/conditioning.md). Responses carry only spec fields, plus ``seed`` per image
+``parse_edit`` / ``parse_json_edit`` below (docs/conditioning.md).
+Responses carry only spec fields, plus ``seed`` per image
 (and ``index``/``seed``/``width``/``height`` in stream events) as extra fields.
 """
 
