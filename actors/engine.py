@@ -232,6 +232,7 @@ class ZImageEngine:
         latents = [lat.to(device) for lat in latents]
         shapes = [(1, lat.shape[-2], lat.shape[-1]) for lat in latents]
         layout = self.packed.layout(shapes + [shapes[i] for i in cfg], [len(e) for e in embeds])
+        conditions = list(conditions) if conditions else None  # moved to the device below
         schedulers = self._schedulers(latents, num_inference_steps, device, conditions)
         # [conditioning] per-sample start offset: a conditioned sample runs its schedule from its start step, from
         # its noised input image (actors/conditioning.py).
