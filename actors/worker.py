@@ -93,10 +93,13 @@ class PipelineWorker:
         memory_fraction: float | None = None,
         pipeline_stages: bool = False,
         encoder=None,
+        max_batch_tokens: int | None = None,
+        max_batch_size: int | None = None,
     ):
         """``encoder``: for a replica without a text encoder of its own (component replication), a callable
         ``(prompts, negative_prompts, guidance) -> EncodedPrompts`` that asks the replica hosting the shared
-        encoder."""
+        encoder. ``max_batch_tokens`` / ``max_batch_size``: the step loop's own limits on its running set
+        (step-level batching, ``actors/steploop.py``); the router keeps within them too."""
         setup_replica_process(replica_id)  # no progress bars; in a Ray actor, log lines name the replica
         self.replica_id = replica_id
         self.model_cfg = model
@@ -115,6 +118,12 @@ class PipelineWorker:
         self.load_s = 0.0
         self.warmup_s = 0.0
         self._fault = None  # test hook: see inject_fault
+        self._fault_kind: str | None = None
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self._loop = None  # the step loop (actors/steploop.py), made on the first joinable batch
+        self._loop_lock = threading.Lock()
+        self._joined: dict[str, object] = {}  # request id -> ImageRequest, for calls in the step loop
         self.numerics: dict = {}  # fp8 against the unquantized model, measured at start-up
         self.compiles_warmup = 0  # graphs compiled before ready
         self._compiles_at_ready = 0
@@ -299,6 +308,8 @@ class PipelineWorker:
         if not self._ready or self.engine is None:
             return self._run(batch)
         checked = screen(self.engine, batch)
+        if batch.joinable and emit is not None:
+            emit = self._with_loop_stats(emit)
         by_id: dict[str, ImageResult] = {}
         out = None
         if checked.runnable:
@@ -335,7 +346,12 @@ class PipelineWorker:
                    for r in batch.requests]
         steps = batch.key.num_inference_steps
         try:
-            if self.pipeline_stages:
+            if getattr(batch, "joinable", False):
+                # Step-level batching: encode here, join the replica's step loop, decode here when done.
+                if self._fault is not None:
+                    self._fault(batch)
+                images, times = self._run_joined(batch, samples, on_step)
+            elif self.pipeline_stages:
                 # Stage pipelining: batch k+1 encodes while batch k denoises and batch k-1 decodes.
                 if self._fault is not None:
                     self._fault(batch)
@@ -349,6 +365,9 @@ class PipelineWorker:
             kind = FailureKind.OUT_OF_MEMORY if _is_oom(e) else FailureKind.REPLICA_ERROR
             if isinstance(e, ReplicaUnavailableError):
                 kind = FailureKind.REPLICA_LOST  # the shared encoder's replica is gone: the router retries elsewhere
+            if type(e).__name__ == "CancelledSample":
+                log.info("replica %s: batch %d cancelled: %s", self.replica_id, batch.batch_id, e)
+                return self._failed(batch, "cancelled by the client", FailureKind.CANCELLED)
             log.exception("replica %s: batch %d (%d images, %s) failed", self.replica_id, batch.batch_id, len(batch),
                           batch.key)
             if kind == FailureKind.OUT_OF_MEMORY:
@@ -365,6 +384,95 @@ class PipelineWorker:
             for r, img in zip(batch.requests, images)
         )
         return BatchResult(batch.batch_id, self.replica_id, results, times)
+
+    # ---- step-level batching (actors/steploop.py) ---------------------------------------------------------
+    def _step_loop(self):
+        with self._loop_lock:
+            if self._loop is None:
+                from .steploop import StepLoop
+
+                self._loop = StepLoop(self.engine, self.max_batch_tokens, self.max_batch_size, guard=self._step_guard,
+                                      name=f"step-loop-{self.replica_id}")
+                self._loop.fault = self._loop_fault
+            return self._loop
+
+    @contextlib.contextmanager
+    def _step_guard(self):
+        """Each step of the loop holds the devices as a whole batch would (so a whole-batch call on the same replica
+        never runs beside it) and runs on the denoise stream."""
+        with (contextlib.nullcontext() if self.pipeline_stages else self._device_lock), self._stage_guard("denoise"):
+            yield
+
+    def _loop_fault(self, names: list[str]) -> None:
+        if self._fault is not None and self._fault_kind == "oom_above":  # on the running set, as memory is
+            self._fault(Batch(-1, tuple(self._joined[n] for n in names if n in self._joined)))
+
+    def _run_joined(self, batch: Batch, samples, on_step):
+        """One call of step-level batching: its samples join the loop at its next step, and leave it when done while
+        the loop goes on; encode and decode run here, beside the loop (the stage locks and streams of stage
+        pipelining). Stage times: encode, time in the loop (shared with whatever ran beside), decode."""
+        from .engine import _sync
+        from .steploop import Group, RunningSample
+
+        engine = self.engine
+        for s in samples:
+            engine.check_size(s.height, s.width)
+        loop = self._step_loop()
+        guidance = [s.guidance_scale for s in samples]
+        with self._stage_guard("encode"):
+            t0 = time.perf_counter()
+            enc = engine.encode([s.prompt for s in samples], [s.negative_prompt for s in samples], guidance)
+            if engine.text_encoder is not None:
+                _sync(engine.devices["text_encoder"])
+            encode_s = time.perf_counter() - t0
+        negatives = iter(enc.negative)
+        steps = batch.key.num_inference_steps
+        group = Group([
+            RunningSample.create(engine, r.request_id, r.tokens, lat, pos, next(negatives) if g > 0 else None, g,
+                                 steps)
+            for r, lat, pos, g in zip(batch.requests, engine.initial_latents(samples), enc.positive, guidance)
+        ], on_step)
+        del enc, negatives
+        for r in batch.requests:
+            self._joined[r.request_id] = r
+        try:
+            loop.submit(group)
+            group.done.wait()
+        finally:
+            for r in batch.requests:
+                self._joined.pop(r.request_id, None)
+        if group.error is not None:
+            raise group.error
+        denoise_s = (group.finished_at or time.perf_counter()) - (group.joined_at or time.perf_counter())
+        with self._stage_guard("decode"):
+            t0 = time.perf_counter()
+            images = engine.decode([s.latents for s in group.samples])
+            decode_s = time.perf_counter() - t0
+        return images, StageTimes(encode_s=encode_s, denoise_s=denoise_s, decode_s=decode_s,
+                                  total_s=encode_s + denoise_s + decode_s)
+
+    def _with_loop_stats(self, emit):
+        """Progress events of a joined call carry the loop's step, running and joined counts (called in the loop
+        thread right after the step, so they are the step's own)."""
+        def wrapped(ev):
+            st = self._loop.stats if self._loop is not None else None
+            if st is not None:
+                ev = replace(ev, loop_step=st.steps, running=st.running, joined=st.last_joined)
+            emit(ev)
+        return wrapped
+
+    def cancel(self, request_ids: list[str]) -> int:
+        """Requests whose callers went away leave the step loop at its next step; returns how many were there."""
+        names = {i for i in request_ids if i in self._joined}
+        if names and self._loop is not None:
+            self._loop.cancel(names)
+        return len(names)
+
+    def loop_stats(self) -> dict:
+        """The step loop's counters (steps, joins, running, waiting, shrinks), empty before its first call."""
+        from dataclasses import asdict
+
+        return asdict(self._loop.stats) if self._loop is not None else {}
 
     @contextlib.contextmanager
     def _encode_guard(self, stage: str):
@@ -415,6 +523,7 @@ class PipelineWorker:
         from .faults import make_fault
 
         self._fault = make_fault(kind, **kw)
+        self._fault_kind = kind
 
 
 def _graphs_compiled() -> int:

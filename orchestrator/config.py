@@ -317,6 +317,13 @@ class RouterConfig(_Strict):
     first_batch_timeout_s: float = Field(
         default=900.0, gt=0, le=86_400, description="Hang limit for a replica's batches before it has history."
     )
+    scheduling: Literal["batch", "step"] = Field(
+        default="batch",
+        description="batch: a replica runs one batch from encode to decode, and the next batch waits for it. "
+        "step: step-level continuous batching; each replica keeps one denoising loop, requests join it at its "
+        "next step (whatever their step count, size and guidance) within max_batch_tokens and max_batch_size, and "
+        "leave it when done; hang detection then counts from each step (actors/steploop.py).",
+    )
 
 
 class RequestDefaults(_Strict):

@@ -140,16 +140,20 @@ class Deployment:
             if rp.encoder_replica:
                 borrowers[rp.encoder_replica] = borrowers.get(rp.encoder_replica, 0) + 1
         replicas = self.replica_set
+        step = cfg.router.scheduling == "step"
         for rp in self.plan.replicas:  # hosts of a shared text encoder come before the replicas that borrow it
             spec = ReplicaSpec(
                 replica_id=rp.replica_id, node=by_name[rp.node], n_gpus=len(rp.gpus), cpus=d.cpu_per_replica,
                 max_pixels=rp.max_pixels, max_batch_tokens=rp.max_batch_tokens,
-                max_concurrency=d.max_inflight_batches + 1 + borrowers.get(rp.replica_id, 0),
+                # step-level batching: one call per group of requests in its loop, each waiting for its samples
+                max_concurrency=(max(d.max_inflight_batches, cfg.router.max_batch_size) if step else
+                                 d.max_inflight_batches) + 1 + borrowers.get(rp.replica_id, 0),
                 deployment_id=self.deployment_id, model=model_for_plan(cfg.model, self.plan), device_map=rp.device_map,
                 warmup_sizes=tuple(sizes) if d.warmup else None,
                 warmup_steps=min(2, cfg.defaults.num_inference_steps), torch_threads=d.torch_threads,
                 memory_fraction=d.gpu_memory_limit_gib / mem[rp.node] if d.gpu_memory_limit_gib is not None else None,
                 pipeline_stages=d.pipeline_stages, encoder_replica=rp.encoder_replica,
+                max_batch_size=cfg.router.max_batch_size,
             )
             host = replicas.replicas[rp.encoder_replica] if rp.encoder_replica else None
             replicas.add(backend.make_replica(spec, encoder_host=host))

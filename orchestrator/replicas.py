@@ -102,6 +102,7 @@ class ReplicaSpec:
     memory_fraction: float | None
     pipeline_stages: bool
     encoder_replica: str | None  # the replica whose text encoder this one borrows
+    max_batch_size: int = 0  # most samples in its step loop's running set (step-level batching); 0: no limit
 
 
 class Backend(Protocol):

@@ -39,6 +39,7 @@ class ReplicaCapacity:
     max_batch_tokens: int  # most tokens in one packed batch (the plan's memory budget, or the router's)
     outstanding: int = 0  # batches dispatched and not yet returned
     last_used: int = -1  # dispatch sequence number of its latest batch (ties go to the longest idle)
+    max_images: int | None = None  # step-level batching: room left in its running set (None: max_batch_size)
 
     def fits(self, request: ImageRequest) -> bool:
         return request.pixels <= self.max_pixels and request.tokens <= self.max_batch_tokens
@@ -126,6 +127,8 @@ class BatchScheduler:
         ``limit`` images, and within any request's own cap after an out-of-memory split."""
         taken: list[Pending] = []
         tokens = 0
+        if replica.max_images is not None:
+            limit = min(limit, replica.max_images)
         for p in group:
             if len(taken) >= limit:
                 break
@@ -163,6 +166,11 @@ class BatchScheduler:
                     decisions.append((replica.replica_id, taken))
                     break
         return decisions
+
+    def oldest(self) -> Pending | None:
+        """The request that has waited longest (step-level batching lets it block newer ones that would fit)."""
+        heads = [g[0] for g in self._groups.values()]
+        return min(heads, key=lambda p: p.enqueued_at) if heads else None
 
     def next_deadline(self, free: list[ReplicaCapacity]) -> float | None:
         """When the earliest group becomes ready for one of ``free`` (max wait elapses), or the earliest
