@@ -79,3 +79,41 @@ def test_packed_mixed_batch_equals_solo_runs_on_gpu():
                                 ([(640, 640)], [250])):
                 lat, cap, layout = batch(sizes, caps)
                 eng.packed(lat, torch.rand(len(sizes), device="cuda"), cap, layout)
+
+
+def test_step_loop_joins_and_leaves_compile_nothing_on_gpu():
+    """Step-level batching on the compiled full-size transformer: after the worker's warm-up kinds (one sample,
+    several, mixed sizes), samples joining and leaving a running loop (each membership change a new packed layout)
+    compile no new graph, and a sample that joined beside others matches its solo run to bf16 noise."""
+    import threading
+
+    from actors.engine import Sample, ZImageEngine
+    from actors.models import build_components
+    from actors.steploop import Group, RunningSample, StepLoop
+
+    comps = build_components("full", device="cuda", dtype=torch.bfloat16)
+    eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cuda"), torch.bfloat16)
+    eng.packed.compile()
+    for batch in ([Sample("a red fox", 1, 512, 512)], [Sample("a red fox", 1, 512, 512)] * 2,
+                  [Sample("a lighthouse", 2, 1024, 1024), Sample("x", 3, 768, 512)]):
+        eng.denoise(eng.encode([s.prompt for s in batch]), eng.initial_latents(batch), 2)
+
+    def group(sample: Sample, steps: int) -> Group:
+        enc = eng.encode([sample.prompt])
+        (lat,) = eng.initial_latents([sample])
+        return Group([RunningSample.create(eng, sample.prompt, 1, lat, enc.positive[0], None, 0.0, steps)])
+
+    loop = StepLoop(eng)
+    short = Sample("a quick sketch of a cat", 7, 768, 512)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        long = loop.submit(group(Sample("a detailed city at night", 5, 1024, 1024), 12))
+        while loop.stats.steps < 3:
+            threading.Event().wait(0.01)
+        joined = loop.submit(group(short, 3))
+        joined.done.wait(300)
+        long.done.wait(300)
+        solo = loop.submit(group(short, 3))
+        solo.done.wait(300)
+    assert long.error is None and joined.error is None and solo.error is None
+    a, b = joined.samples[0].latents.float(), solo.samples[0].latents.float()
+    assert float((a - b).norm() / b.norm()) < 2e-2
