@@ -62,6 +62,7 @@ class RunningSample:
     start: int = 0  # first step it runs (image-to-image starts part-way)
     after_step: Callable[[RunningSample], None] | None = None  # e.g. the inpainting mask blend
     step: int = 0  # the next step it runs
+    cancelled: bool = False  # its request's caller went away: it left the loop early
     pred: torch.Tensor | None = None  # its last velocity estimate (for the clean-latent estimate)
     sigma_next: torch.Tensor | None = None  # its sigma after its last step
     group: Group | None = field(default=None, repr=False)
@@ -118,10 +119,13 @@ class Group:
         """Call ``on_step`` when the slowest of its samples has moved on (so each step is reported once)."""
         if self.on_step is None:
             return
-        done = min(s.progress[0] for s in self.samples)
+        live = [s for s in self.samples if not s.cancelled]
+        if not live:
+            return
+        done = min(s.progress[0] for s in live)
         if done > self._reported:
             self._reported = done
-            total = max(s.progress[1] for s in self.samples)
+            total = max(s.progress[1] for s in live)
             self.on_step(done, total, lambda: [s.estimate() for s in self.samples])
 
 
@@ -214,8 +218,9 @@ class StepLoop:
         if not self._cancelled:
             return
         for s in [s for s in list(self._waiting) + self._running if s.name in self._cancelled]:
-            s.step = s.num_steps  # leaves now; its caller sees it was cancelled by its own bookkeeping
-            s.group.error = s.group.error or CancelledSample(s.name)
+            s.cancelled = True
+            s.step = s.num_steps  # leaves at once; the rest of its call runs on
+        self._waiting = deque(s for s in self._waiting if not s.cancelled)
         self._cancelled.clear()
 
     def _loop(self) -> None:
@@ -354,7 +359,7 @@ class StepLoop:
 
 
 class CancelledSample(Exception):
-    """A sample left the loop because its request was cancelled."""
+    """Every sample of a call left the loop because their requests were cancelled."""
 
 
 def _sync(device: torch.device) -> None:

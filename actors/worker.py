@@ -380,7 +380,10 @@ class PipelineWorker:
                 request_id=r.request_id, ok=True, replica_id=self.replica_id, batch_id=batch.batch_id,
                 batch_size=len(batch), seed=r.seed, width=r.width, height=r.height, image=img,
                 stage_times=times,
-            )
+            ) if img is not None else  # only a joined call's request whose caller went away (step-level batching)
+            ImageResult(request_id=r.request_id, ok=False, replica_id=self.replica_id, batch_id=batch.batch_id,
+                        batch_size=len(batch), seed=r.seed, error="cancelled by the client",
+                        error_type=FailureKind.CANCELLED)
             for r, img in zip(batch.requests, images)
         )
         return BatchResult(batch.batch_id, self.replica_id, results, times)
@@ -412,7 +415,7 @@ class PipelineWorker:
         the loop goes on; encode and decode run here, beside the loop (the stage locks and streams of stage
         pipelining). Stage times: encode, time in the loop (shared with whatever ran beside), decode."""
         from .engine import _sync
-        from .steploop import Group, RunningSample
+        from .steploop import CancelledSample, Group, RunningSample
 
         engine = self.engine
         for s in samples:
@@ -443,10 +446,13 @@ class PipelineWorker:
                 self._joined.pop(r.request_id, None)
         if group.error is not None:
             raise group.error
+        if all(s.cancelled for s in group.samples):
+            raise CancelledSample(", ".join(s.name for s in group.samples))
         denoise_s = (group.finished_at or time.perf_counter()) - (group.joined_at or time.perf_counter())
         with self._stage_guard("decode"):
             t0 = time.perf_counter()
-            images = engine.decode([s.latents for s in group.samples])
+            decoded = iter(engine.decode([s.latents for s in group.samples if not s.cancelled]))
+            images = [None if s.cancelled else next(decoded) for s in group.samples]
             decode_s = time.perf_counter() - t0
         return images, StageTimes(encode_s=encode_s, denoise_s=denoise_s, decode_s=decode_s,
                                   total_s=encode_s + denoise_s + decode_s)

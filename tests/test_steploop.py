@@ -165,6 +165,17 @@ def test_a_cancelled_request_leaves_the_loop(worker, slow_steps):
     assert out.results[0].error_type == "cancelled" and len(run.events) < 50
 
 
+def test_cancelling_one_request_of_a_call_leaves_the_rest_running(worker, slow_steps):
+    stay = ImageRequest("stay", "stay", 4, 32, 32, 12, 0.0)
+    run = Streamed(worker, Batch(71, (ImageRequest("leave", "leave", 3, 32, 32, 12, 0.0), stay), joinable=True))
+    run.wait_steps(2)
+    worker.cancel(["leave"])
+    out = run.join()
+    assert [r.error_type for r in out.results] == ["cancelled", None] and out.results[1].ok
+    assert [e.step for e in run.events] == list(range(1, 13))
+    assert same_image(out.results[1].image, worker.run_batch(Batch(72, (stay,))).results[0].image)
+
+
 # ---- the router in step mode, with the real worker behind an in-process replica ------------------------------------
 class InProcessReplica:
     """The router's ``Replica`` around a ``PipelineWorker`` in this process: each call runs in a thread, as a Ray
@@ -290,3 +301,41 @@ async def test_router_step_mode_cancels_a_running_request_in_the_loop(worker, sl
     finally:
         await router.stop()
     assert replica.cancelled == ["C"] and "C" not in worker._joined and len(steps) < 50
+
+
+# ---- under a real local Ray: the actor's concurrent calls, streaming and cancellation ------------------------------
+@pytest.mark.ray
+@pytest.mark.slow
+def test_step_mode_deployment_under_ray(ray_cluster, tiny_cache):
+    from conftest import tiny_config
+
+    from orchestrator.deployment import Deployment
+
+    config = tiny_config(tiny_cache, deployment={"replicas": 1}, router={"scheduling": "step", "max_wait_ms": 0})
+
+    async def scenario():
+        dep = await Deployment.start(config)
+        try:
+            (replica,) = dep.replicas.values()
+            long_steps, gone_steps = [], []
+            (long_req,) = dep.requests_for("a long one", seed=1, num_inference_steps=40)
+            (short_req,) = dep.requests_for("a short one", seed=2, num_inference_steps=2, width=32, height=48)
+            (gone_req,) = dep.requests_for("cancel me", seed=3, num_inference_steps=39)  # a call of its own
+            long = asyncio.create_task(dep.submit(long_req, on_progress=lambda ev: long_steps.append(ev.step)))
+            gone = asyncio.create_task(dep.submit(gone_req, on_progress=lambda ev: gone_steps.append(ev.step)))
+            while len(long_steps) < 2 or len(gone_steps) < 2:
+                await asyncio.sleep(0.01)
+            short = await dep.submit(short_req)
+            gone.cancel()
+            long_done_when_short_was = long.done()
+            long_result = await long
+            solo = await dep.submit(short_req)
+            stats = await replica.call("loop_stats")
+            return short, long_done_when_short_was, long_result, long_steps, solo, stats, gone_steps
+        finally:
+            await dep.shutdown()
+
+    short, long_was_done, long_result, long_steps, solo, stats, gone_steps = asyncio.run(scenario())
+    assert short.ok and long_result.ok and not long_was_done and long_steps == list(range(1, 41))
+    assert same_image(short.image, solo.image) and stats["joins"] >= 4
+    assert len(gone_steps) < 39  # it left the loop when its caller went away
