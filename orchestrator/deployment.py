@@ -145,8 +145,9 @@ class Deployment:
             spec = ReplicaSpec(
                 replica_id=rp.replica_id, node=by_name[rp.node], n_gpus=len(rp.gpus), cpus=d.cpu_per_replica,
                 max_pixels=rp.max_pixels, max_batch_tokens=rp.max_batch_tokens,
-                # step-level batching: one call per group of requests in its loop, each waiting for its samples
-                max_concurrency=(max(d.max_inflight_batches, cfg.router.max_batch_size) if step else
+                # step-level batching: one call per group of requests in its loop, each waiting for its samples,
+                # and one more slot for cancellations
+                max_concurrency=(max(d.max_inflight_batches, cfg.router.max_batch_size) + 1 if step else
                                  d.max_inflight_batches) + 1 + borrowers.get(rp.replica_id, 0),
                 deployment_id=self.deployment_id, model=model_for_plan(cfg.model, self.plan), device_map=rp.device_map,
                 warmup_sizes=tuple(sizes) if d.warmup else None,

@@ -339,3 +339,48 @@ def test_step_mode_deployment_under_ray(ray_cluster, tiny_cache):
     assert short.ok and long_result.ok and not long_was_done and long_steps == list(range(1, 41))
     assert same_image(short.image, solo.image) and stats["joins"] >= 4
     assert len(gone_steps) < 39  # it left the loop when its caller went away
+
+
+@pytest.mark.slow
+def test_joins_and_leaves_compile_nothing_after_warmup():
+    """The packed blocks compiled with dynamic shapes (inductor on the CPU here; tests/test_gpu.py does it on a GPU):
+    after the worker's warm-up kinds (one sample, two, mixed sizes), a step loop whose running set changes at every
+    join and leave (a new layout each time, guidance joining mid-way) runs under ``fail_on_recompile``, in the loop's
+    own thread."""
+    import shutil
+
+    import torch
+
+    from actors.engine import Sample, ZImageEngine
+    from actors.models import build_components
+    from actors.steploop import Group, RunningSample, StepLoop
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("inductor on the CPU needs a C++ compiler")
+    comps = build_components("tiny", device="cpu", dtype=torch.float32, seed=0)
+    eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu"), torch.float32)
+    eng.packed.compile()
+    for batch in ([Sample("a red fox", 1, 64, 64)], [Sample("a red fox", 1, 64, 64)] * 2,
+                  [Sample("a lighthouse", 2, 64, 64), Sample("x", 3, 48, 32)]):
+        eng.denoise(eng.encode([s.prompt for s in batch]), eng.initial_latents(batch), 2)
+
+    def group(sample, steps, guidance=0.0):
+        enc = eng.encode([sample.prompt], [None], guidance)
+        (lat,) = eng.initial_latents([sample])
+        return Group([RunningSample.create(eng, sample.prompt, 1, lat, enc.positive[0],
+                                           enc.negative[0] if guidance else None, guidance, steps)])
+
+    loop = StepLoop(eng)
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            long = loop.submit(group(Sample("a detailed city at night", 5, 64, 64), 12))
+            while loop.stats.steps < 3:
+                time.sleep(0.005)
+            joined = [loop.submit(group(Sample("a quick sketch", 7, 48, 80), 3, 2.0)),
+                      loop.submit(group(Sample("another", 8, 32, 32), 2))]
+            for g in [long, *joined]:
+                assert g.done.wait(300)
+    finally:
+        torch._dynamo.reset()
+        eng.packed.block_fn = __import__("actors.packed", fromlist=["_block_forward"])._block_forward
+    assert [g.error for g in [long, *joined]] == [None, None, None] and loop.stats.joins == 3
