@@ -191,7 +191,7 @@ def main() -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--workload", default="uniform,mixed", help="uniform (the default size) and/or mixed")
     p.add_argument("--loads", default="0.5,0.8,0.95", help="open-loop rates as fractions of measured capacity")
-    p.add_argument("--requests", type=int, default=16, help="requests per open-loop phase")
+    p.add_argument("--requests", type=int, default=12, help="requests per open-loop phase")
     p.add_argument("--lone", type=int, default=3, help="requests of the lone-latency phase")
     p.add_argument("--saturation", type=int, default=16, help="requests of the saturation phase")
     p.add_argument("--concurrency", type=int, default=8, help="clients of the saturation phase")

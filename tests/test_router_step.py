@@ -194,3 +194,22 @@ async def test_metrics_hooks_see_first_steps_and_each_loop_step_once(clock):
     a.finish("q1")
     await asyncio.gather(t0, t1)
     await router.stop()
+
+
+async def test_a_step_mode_deployment_gives_each_replica_room_for_its_calls(tmp_path):
+    """Each joined call holds one of the actor's concurrent slots while its samples run: a replica takes
+    max_batch_size of them, plus a slot for health checks and one for cancellations."""
+    from conftest import tiny_config
+    from test_replicas import FakeBackend, FakeNode
+
+    from orchestrator.deployment import Deployment
+
+    backend = FakeBackend(FakeNode("n0", "id0"))
+    cfg = tiny_config(tmp_path, deployment={"replicas": 1}, router={"scheduling": "step", "max_batch_size": 6})
+    dep = await Deployment.start(cfg, backend=backend, clock=ManualClock())
+    try:
+        spec = backend.made["r0"].spec
+        assert spec.max_concurrency == 6 + 1 + 1 and spec.max_batch_size == 6
+        assert dep.router.scheduling == "step"
+    finally:
+        await dep.shutdown()
