@@ -430,11 +430,12 @@ class PipelineWorker:
             encode_s = time.perf_counter() - t0
         negatives = iter(enc.negative)
         steps = batch.key.num_inference_steps
+        hooks = _OffLoopHook(on_step, engine.devices["transformer"], loop.stats) if on_step is not None else None
         group = Group([
             RunningSample.create(engine, r.request_id, r.tokens, lat, pos, next(negatives) if g > 0 else None, g,
                                  steps)
             for r, lat, pos, g in zip(batch.requests, engine.initial_latents(samples), enc.positive, guidance)
-        ], on_step)
+        ], hooks)
         del enc, negatives
         for r in batch.requests:
             self._joined[r.request_id] = r
@@ -444,6 +445,8 @@ class PipelineWorker:
         finally:
             for r in batch.requests:
                 self._joined.pop(r.request_id, None)
+            if hooks is not None:
+                hooks.close()  # every step's progress (and the final check) is in before the results are made
         if group.error is not None:
             raise group.error
         if all(s.cancelled for s in group.samples):
@@ -461,9 +464,9 @@ class PipelineWorker:
         """Progress events of a joined call carry the loop's step, running and joined counts (called in the loop
         thread right after the step, so they are the step's own)."""
         def wrapped(ev):
-            st = self._loop.stats if self._loop is not None else None
-            if st is not None:
-                ev = replace(ev, loop_step=st.steps, running=st.running, joined=st.last_joined)
+            stamp = getattr(_step_stamp, "value", None)  # the step's own counts, taken by _OffLoopHook
+            if stamp is not None:
+                ev = replace(ev, loop_step=stamp[0], running=stamp[1], joined=stamp[2])
             emit(ev)
         return wrapped
 
@@ -530,6 +533,46 @@ class PipelineWorker:
 
         self._fault = make_fault(kind, **kw)
         self._fault_kind = kind
+
+
+_step_stamp = threading.local()
+
+
+class _OffLoopHook:
+    """A joined call's per-step hook (progress, previews, the final non-finite check: ``screening.StepHook``), run
+    off the step loop's thread, in step order: the loop only copies the clean-latent estimates the hook will read
+    (at preview steps and the last step), so decoding a preview never holds up the other samples' steps."""
+
+    def __init__(self, hook, device, stats=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.hook = hook
+        self.device = device
+        self.stats = stats  # the loop's counters: each event carries those of its own step
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="step-hook")
+        self.error: BaseException | None = None
+
+    def __call__(self, step: int, total: int, denoised) -> None:
+        from .engine import _sync
+
+        wanted = step == total or step in getattr(self.hook, "_plan", {})
+        estimates = [e.clone() for e in denoised()] if wanted and denoised is not None else None
+        if estimates is not None:
+            _sync(self.device)  # the hook reads them on another thread's stream
+        st = self.stats
+        stamp = (st.steps, st.running, st.last_joined) if st is not None else None
+        self.pool.submit(self._run, step, total, (lambda: estimates) if estimates is not None else None, stamp)
+
+    def _run(self, step, total, denoised, stamp) -> None:
+        _step_stamp.value = stamp
+        try:
+            self.hook(step, total, denoised)
+        except Exception as e:  # noqa: BLE001 - a failed preview must not fail the image
+            log.exception("step hook failed at step %d", step)
+            self.error = e
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 def _graphs_compiled() -> int:

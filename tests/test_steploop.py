@@ -176,6 +176,18 @@ def test_cancelling_one_request_of_a_call_leaves_the_rest_running(worker, slow_s
     assert same_image(out.results[1].image, worker.run_batch(Batch(72, (stay,))).results[0].image)
 
 
+def test_previews_of_a_joined_call_are_decoded_off_the_loop(worker):
+    from dataclasses import replace
+
+    q = replace(ImageRequest("pv", "a preview", 11, 32, 32, 6, 0.0), partial_images=2)
+    run = Streamed(worker, Batch(90, (q,), joinable=True))
+    out = run.join()
+    previews = [(p[0], p[1], p[2].shape) for e in run.events for p in e.previews]
+    assert out.results[0].ok and previews == [("pv", 0, (32, 32, 3)), ("pv", 1, (32, 32, 3))]
+    assert [e.step for e in run.events] == list(range(1, 7))
+    assert same_image(out.results[0].image, worker.run_batch(Batch(91, (q,))).results[0].image)
+
+
 # ---- the router in step mode, with the real worker behind an in-process replica ------------------------------------
 class InProcessReplica:
     """The router's ``Replica`` around a ``PipelineWorker`` in this process: each call runs in a thread, as a Ray
