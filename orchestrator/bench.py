@@ -219,6 +219,35 @@ def http_sender(client, url: str, api_key: str | None):
     return send
 
 
+async def server_batch_counts(client, url: str) -> dict[float, float]:
+    """The server's ``zimage_batch_size`` histogram (cumulative count per upper bound) from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = await client.get(f"{url}/metrics")
+    r.raise_for_status()
+    out: dict[float, float] = {}
+    for family in text_string_to_metric_families(r.text):
+        if family.name == "zimage_batch_size":
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    out[float(sample.labels["le"])] = sample.value
+    return out
+
+
+def batch_size_delta(before: dict[float, float], after: dict[float, float]) -> dict[str, int]:
+    """Batches dispatched between two scrapes, by size (a bucket's range where buckets are wider than 1)."""
+    sizes: dict[str, int] = {}
+    prev_le, prev_n = 0.0, 0.0
+    for le in sorted(after):
+        n = after[le] - before.get(le, 0.0)
+        if n - prev_n > 0:
+            lo = int(prev_le) + 1
+            key = "+Inf" if le == float("inf") else (str(int(le)) if lo >= int(le) else f"{lo}-{int(le)}")
+            sizes[key] = int(n - prev_n)
+        prev_le, prev_n = le, n
+    return sizes
+
+
 def _png_size(b64: str) -> tuple[int, int]:
     """(width, height) from a base64 PNG's header (IHDR), without decoding the image."""
     import base64
@@ -360,6 +389,7 @@ async def _bench(args, config: Config) -> dict:
             for kind, value in runs:
                 n = args.requests if kind == "concurrency" else None
                 label = f"{workload}-{'c' if kind == 'concurrency' else 'rate'}{value}"
+                before = await server_batch_counts(client, args.http.rstrip("/")) if client is not None else None
                 with tqdm(total=n, desc=label, unit="img") as bar:
                     if kind == "concurrency":
                         results, elapsed = await closed_loop(send, maker, value, args.requests, bar)
@@ -367,6 +397,9 @@ async def _bench(args, config: Config) -> dict:
                     else:
                         results, elapsed = await open_loop(send, maker, value, args.duration, bar)
                         stats = summarize(label, results, elapsed, rate=value, workload=workload)
+                if before is not None:  # over HTTP the responses carry no batch ids: ask the server
+                    after = await server_batch_counts(client, args.http.rstrip("/"))
+                    stats.batch_sizes = batch_size_delta(before, after)
                 report["runs"].append(asdict(stats))
                 log.info("%s: %.3f img/s, %.3f MP/s, p50 %.3fs, p95 %.3fs, p99 %.3fs, batches %s", stats.label,
                          stats.throughput_img_s, stats.megapixels_s, stats.latency_p50_s, stats.latency_p95_s,
