@@ -27,38 +27,12 @@ from pathlib import Path
 
 from .config import Config, load_config
 from .messages import ImageResult
+from .prompts import PROMPTS, varied_prompt  # noqa: F401 - PROMPTS is part of this module's interface
 
 log = logging.getLogger(__name__)
 
-PROMPTS = [
-    "a photograph of an astronaut riding a horse on mars, cinematic lighting",
-    "a watercolor painting of a quiet harbor town at dawn, soft pastel colors",
-    "a close-up portrait of an elderly fisherman with a weathered face, 85mm lens",
-    "a futuristic city skyline at night with flying cars and neon signs in the rain",
-    "a bowl of steaming ramen with a soft boiled egg, studio food photography",
-    "an isometric illustration of a cozy library with floating books and warm lamps",
-    "a red fox curled up asleep in fresh snow under a pine tree, morning light",
-    "a vintage poster for a steam train journey through snowy mountains",
-]
-
-
 REALISTIC_SIZES = [(512, 512), (1024, 1024), (1024, 768), (768, 1344), (1344, 768)]
 WORKLOADS = ("uniform", "varied", "mixed")
-_WORDS = ("a cinematic photograph of an old lighthouse keeper standing on wet rocks at dawn with waves crashing "
-          "below soft golden light fog rolling in from the sea gulls circling overhead detailed texture on the "
-          "weathered stone walls rusted iron railings a small red boat tied to the pier reflections in shallow "
-          "tide pools distant mountains under pastel clouds shot on medium format film shallow depth of field "
-          "natural colors high dynamic range wide angle composition leading lines towards the horizon quiet "
-          "peaceful mood an illustration in the style of a vintage travel poster bold shapes limited palette").split()
-
-
-def varied_prompt(rng: random.Random, lo: int = 3, hi: int = 160) -> str:
-    """A prompt of ``lo`` to ``hi`` words (uniform), as real users write them: from three words to a paragraph."""
-    n = rng.randint(lo, hi)
-    start = rng.randrange(len(_WORDS))
-    return " ".join(_WORDS[(start + k) % len(_WORDS)] for k in range(n))
-
-
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
