@@ -264,7 +264,7 @@ class PipelineWorker:
         if not self._ready:
             raise RuntimeError("replica is not started")
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self._stage_locks["encode"]:  # (the tokenizer is not thread-safe)
             enc = self.engine.encode(["health check"], max_sequence_length=32)
             dev = self.engine.devices["transformer"]
             emb = self.engine.transformer.t_embedder(torch.full((1,), 0.5, device=dev))
@@ -307,7 +307,8 @@ class PipelineWorker:
 
         if not self._ready or self.engine is None:
             return self._run(batch)
-        checked = screen(self.engine, batch)
+        with self._stage_locks["encode"]:  # the tokenizer is not thread-safe: never beside another call's encode
+            checked = screen(self.engine, batch)
         if batch.joinable and emit is not None:
             emit = self._with_loop_stats(emit)
         by_id: dict[str, ImageResult] = {}

@@ -102,10 +102,45 @@ class BatchTimer:
             return self.first
         return max(self.floor, self.factor * rate * self.work(batch))
 
+    def expected(self, replica_id: str, batch: Batch) -> float | None:
+        """The batch's expected compute time on this replica, once one batch has been timed there."""
+        rate = self._rate.get(replica_id)
+        return None if rate is None else rate * self.work(batch)
+
     def observe(self, replica_id: str, batch: Batch, seconds: float) -> None:
         rate = seconds / max(1.0, self.work(batch))
         old = self._rate.get(replica_id)
         self._rate[replica_id] = rate if old is None else 0.8 * old + 0.2 * rate
+
+
+class ReplicaWork:
+    """When a replica's dispatched work will be done, estimated from the expected time of each outstanding batch
+    (they run one after another; the head started when its predecessor came back, or when it was dispatched to an
+    idle replica). The scheduler uses it to hand a busy replica a partial batch only near the end of its work."""
+
+    LEAD = 0.25  # a partial batch may go once the last outstanding batch is this far from its expected end
+
+    def __init__(self, timer: BatchTimer):
+        self.timer = timer
+        self._batches: dict[str, dict[int, Batch]] = {}  # replica -> outstanding batches by id, in dispatch order
+        self._head_since: dict[str, float] = {}
+
+    def dispatched(self, replica_id: str, batch: Batch, now: float) -> None:
+        queue = self._batches.setdefault(replica_id, {})
+        if not queue:
+            self._head_since[replica_id] = now
+        queue[batch.batch_id] = batch
+
+    def returned(self, replica_id: str, batch_id: int, now: float) -> None:
+        self._batches.get(replica_id, {}).pop(batch_id, None)
+        self._head_since[replica_id] = now
+
+    def partial_after(self, replica_id: str) -> float | None:
+        """None while nothing is outstanding or no batch has been timed on this replica yet."""
+        times = [self.timer.expected(replica_id, b) for b in self._batches.get(replica_id, {}).values()]
+        if not times or times[0] is None:
+            return None
+        return self._head_since[replica_id] + sum(times) - self.LEAD * times[-1]
 
 
 # ---- the router --------------------------------------------------------------------------------------------
@@ -125,6 +160,7 @@ class Router:
         self.max_inflight = max_inflight_batches
         self.scheduler = BatchScheduler(config.max_batch_size, config.max_wait_ms / 1000.0, config.queue_limit)
         self.timer = BatchTimer(config)
+        self.work = ReplicaWork(self.timer)
         self._outstanding: dict[str, int] = {}
         self._last_used: dict[str, int] = {}
         self._running: dict[str, Pending] = {}  # request_id -> pending, dispatched and not yet answered
@@ -258,8 +294,11 @@ class Router:
             try:
                 now = self.clock.now()
                 self._expire(now)
-                for replica_id, pendings in self.scheduler.schedule(now, self._free()):
-                    self._dispatch(replica_id, pendings, now)
+                # Until nothing more is ready: one pass gives each free replica at most one batch, and a replica
+                # that keeps several in flight may take another at once.
+                while decisions := self.scheduler.schedule(now, self._free()):
+                    for replica_id, pendings in decisions:
+                        self._dispatch(replica_id, pendings, now)
                 deadline = self._next_deadline(self._free())  # after dispatching: who is still free
             except Exception:  # noqa: BLE001 - a bug here must not silently stop all serving
                 log.exception("router loop error; continuing")
@@ -285,6 +324,7 @@ class Router:
         self._inflight_tokens[replica_id] = self._inflight_tokens.get(replica_id, 0) + batch.tokens
         self._inflight_images[replica_id] = self._inflight_images.get(replica_id, 0) + len(batch)
         self._last_used[replica_id] = batch.batch_id
+        self.work.dispatched(replica_id, batch, now)
         self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings])
         with batch_log_context(batch):  # the batch task's log lines carry its requests' ids
             log.debug("batch %d: %d images, %d tokens, %s -> %s", batch.batch_id, len(batch), batch.tokens,
@@ -320,6 +360,7 @@ class Router:
             for p in pendings:
                 if self._where.get(p.request.request_id) == rid:
                     del self._where[p.request.request_id]
+            self.work.returned(replica.replica_id, batch.batch_id, self.clock.now())
             self.observer.batch_done(replica.replica_id, out)
             self._wake.set()
 
@@ -440,7 +481,7 @@ class Router:
     def _capacities(self) -> list[ReplicaCapacity]:
         return [
             ReplicaCapacity(r.replica_id, r.max_pixels, r.max_batch_tokens, self._outstanding.get(r.replica_id, 0),
-                            self._last_used.get(r.replica_id, -1))
+                            self._last_used.get(r.replica_id, -1), self.work.partial_after(r.replica_id))
             for r in self.pool.live()
         ]
 
@@ -464,7 +505,9 @@ class Router:
                 continue
             # an idle replica takes any request it can run, even one over its budget (it runs alone)
             budget = tokens if c.outstanding else c.max_batch_tokens
-            out.append(replace(c, max_batch_tokens=budget, max_images=images))
+            # partial_after (whole-batch mode's wait for a busy replica's batch to near its end) does not apply:
+            # work joins a running loop at its next step
+            out.append(replace(c, max_batch_tokens=budget, max_images=images, partial_after=None))
         return out
 
     def _cancel_running(self, p: Pending) -> None:
