@@ -225,37 +225,47 @@ class StepLoop:
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
+            try:
+                self._iteration()
+            except BaseException as e:  # noqa: BLE001 - a bug here must fail the calls in, not leave them waiting
+                log.exception("step loop: unexpected error; failing the calls in the loop")
+                with self._cond:
+                    for g in self._groups:
+                        g.error = g.error or e
+                    self._retire()
+
+    def _iteration(self) -> None:
+        with self._cond:
+            self._drop_cancelled()
+            self._retire()
+            while not self._running and not self._waiting:
+                self._cond.wait()
                 self._drop_cancelled()
                 self._retire()
-                while not self._running and not self._waiting:
-                    self._cond.wait()
-                    self._drop_cancelled()
-                    self._retire()
-                joined = self._admit()
-                running = list(self._running)
-                self.stats.waiting = len(self._waiting)
-            if not running:
-                continue
-            now = time.perf_counter()
-            for s in running:
-                if s.group.joined_at is None:
-                    s.group.joined_at = now
-            self.stats.joins += joined
-            self.stats.last_joined = joined
-            self.stats.running = len(running)
-            self._run_step(running)
-            self.stats.steps += 1
-            if self.on_step_done is not None:
-                self.on_step_done(self.stats)
-            groups = list(dict.fromkeys(s.group for s in running))
-            for g in groups:
-                if g.error is None:
-                    try:
-                        g.report()
-                    except Exception as e:  # noqa: BLE001 - a hook's failure fails its call, not the loop
-                        log.exception("step hook of a call failed")
-                        g.error = e
+            joined = self._admit()
+            running = list(self._running)
+            self.stats.waiting = len(self._waiting)
+        if not running:
+            return
+        now = time.perf_counter()
+        for s in running:
+            if s.group.joined_at is None:
+                s.group.joined_at = now
+        self.stats.joins += joined
+        self.stats.last_joined = joined
+        self.stats.running = len(running)
+        self._run_step(running)
+        self.stats.steps += 1
+        if self.on_step_done is not None:
+            self.on_step_done(self.stats)
+        groups = list(dict.fromkeys(s.group for s in running))
+        for g in groups:
+            if g.error is None:
+                try:
+                    g.report()
+                except Exception as e:  # noqa: BLE001 - a hook's failure fails its call, not the loop
+                    log.exception("step hook of a call failed")
+                    g.error = e
 
     def _retire(self) -> None:
         """Remove finished and failed samples; answer the calls that are complete. Under ``_cond``."""

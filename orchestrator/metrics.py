@@ -94,6 +94,9 @@ class PrometheusObserver(RouterObserver):
         self.loop_running.labels(replica_id).set(running)
         self.loop_joins.observe(joined)
 
+    def loop_idle(self, replica_id: str) -> None:
+        self.loop_running.labels(replica_id).set(0)
+
     def finished(self, result: ImageResult) -> None:
         if result.ok:
             self.images.inc()

@@ -81,6 +81,9 @@ class RouterObserver:
     def loop_step(self, replica_id: str, running: int, joined: int) -> None:
         """Step-level batching: a replica's loop ran a step with ``running`` samples, ``joined`` of them new."""
 
+    def loop_idle(self, replica_id: str) -> None:
+        """Step-level batching: a replica's loop has nothing left to run."""
+
 
 class BatchTimer:
     """How long a batch may run before it counts as hung: ``hang_factor`` times the expected time, learned per
@@ -360,6 +363,8 @@ class Router:
             for p in pendings:
                 if self._where.get(p.request.request_id) == rid:
                     del self._where[p.request.request_id]
+            if batch.joinable and not self._inflight_images[rid]:
+                self.observer.loop_idle(rid)
             self.work.returned(replica.replica_id, batch.batch_id, self.clock.now())
             self.observer.batch_done(replica.replica_id, out)
             self._wake.set()

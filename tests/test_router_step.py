@@ -177,6 +177,9 @@ async def test_metrics_hooks_see_first_steps_and_each_loop_step_once(clock):
         def loop_step(self, replica_id, running, joined):
             self.loop.append((running, joined))
 
+        def loop_idle(self, replica_id):
+            self.loop.append("idle")
+
     a = StepReplica("a")
     rec = Rec()
     router = Router(FakePool(a), RouterConfig(max_batch_size=4, max_wait_ms=0, scheduling="step"), clock=clock,
@@ -193,6 +196,7 @@ async def test_metrics_hooks_see_first_steps_and_each_loop_step_once(clock):
     a.finish("q0")
     a.finish("q1")
     await asyncio.gather(t0, t1)
+    assert rec.loop == [(2, 2), "idle"]
     await router.stop()
 
 

@@ -396,3 +396,64 @@ def test_joins_and_leaves_compile_nothing_after_warmup():
         torch._dynamo.reset()
         eng.packed.block_fn = __import__("actors.packed", fromlist=["_block_forward"])._block_forward
     assert [g.error for g in [long, *joined]] == [None, None, None] and loop.stats.joins == 3
+
+
+# ---- the loop's bookkeeping alone (a stand-in step: no model) -------------------------------------------------------
+class CountingLoop:
+    """A StepLoop whose step only advances each sample's index and records who ran."""
+
+    def __init__(self, **kw):
+        import torch
+
+        from actors.steploop import StepLoop
+
+        self.torch = torch
+        from types import SimpleNamespace
+
+        self.loop = StepLoop(engine=SimpleNamespace(devices={"transformer": torch.device("cpu")}), **kw)
+        self.steps: list[list[str]] = []
+        self.loop._step = self._step
+
+    def _step(self, running):
+        self.steps.append([s.name for s in running])
+        for s in running:
+            s.step += 1
+
+    def group(self, name, tokens, steps, n=1):
+        from actors.steploop import Group, RunningSample
+
+        t = self.torch.zeros(1)
+        return Group([RunningSample(f"{name}{i}" if n > 1 else name, tokens, t, t, None, 0.0, None, steps)
+                      for i in range(n)])
+
+
+def test_the_loop_keeps_within_its_token_budget_and_sample_cap_first_come_first_served():
+    c = CountingLoop(max_tokens=10, max_samples=3)
+    groups = [c.group("a", 6, 3), c.group("b", 5, 2), c.group("c", 2, 2, n=3)]
+    for g in groups:
+        c.loop.submit(g)
+    for g in groups:
+        assert g.done.wait(10) and g.error is None
+    tokens = {"a": 6, "b": 5, "c0": 2, "c1": 2, "c2": 2}
+    assert all(sum(tokens[n] for n in names) <= 10 and len(names) <= 3 for names in c.steps)
+    # b waits for a (6 + 5 > 10) and c waits behind b, first come first served
+    first = {n: next(i for i, names in enumerate(c.steps) if n in names) for n in tokens}
+    assert first["a"] <= first["b"] <= first["c0"]
+
+
+def test_an_unexpected_loop_error_fails_the_calls_in_it_and_the_loop_goes_on():
+    c = CountingLoop()
+    original = c.loop._admit
+    calls = []
+
+    def admit_once_broken():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the loop")
+        return original()
+
+    c.loop._admit = admit_once_broken
+    first = c.loop.submit(c.group("x", 1, 2))
+    assert first.done.wait(10) and isinstance(first.error, RuntimeError)
+    second = c.loop.submit(c.group("y", 1, 2))
+    assert second.done.wait(10) and second.error is None and c.steps[-1] == ["y"]
