@@ -94,6 +94,17 @@ class ModelSpec:
     def weights_gib(self, names) -> float:
         return sum(self.components[n].weights_gib(self.precision(n), self.dtype) for n in names)
 
+    def load_peak_gib(self, names) -> float:
+        """The peak while a device holding ``names`` starts: components load in the base dtype and are quantized
+        on the device afterwards (one layer at a time), after a 512x512 reference run whose output the quantized
+        model is checked against. Without quantization, just the weights."""
+        names = list(names)
+        if not any(self.precision(n) != self.dtype for n in names):
+            return self.weights_gib(names)
+        base = sum(self.components[n].weights_gib(self.dtype, self.dtype) for n in names)
+        probe = max(self.components[n].activation_gib(sample_tokens(512, 512), 512 * 512, 1) for n in names)
+        return base + probe
+
     def batch_peak_gib(self, names, tokens: int, largest_pixels: int, prompts: int, overlap: bool = False) -> float:
         """Estimated peak GiB on one device holding ``names`` for one packed batch."""
         names = list(names)
@@ -113,6 +124,8 @@ class ModelSpec:
         """The most packed tokens a device of ``capacity_gib`` holding ``names`` runs in one batch (very large
         when no component there grows with tokens; 0 when not even the rest fits)."""
         names = list(names)
+        if self.load_peak_gib(names) > capacity_gib:
+            return 0
         free = capacity_gib - self.weights_gib(names)
         comps = [self.components[n] for n in names]
         others = [c.activation_gib(0, largest_pixels, prompts) for c in comps]
