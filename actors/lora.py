@@ -250,9 +250,10 @@ class LoraStore:
     """The adapters a replica knows (all on the CPU) and the ones resident on the transformer's device (at most
     ``max_resident``, least recently used evicted first). Thread-safe: registration runs beside batches."""
 
-    def __init__(self, transformer, max_resident: int = 4):
+    def __init__(self, transformer, max_resident: int = 4, dtype: torch.dtype | None = None):
         self.transformer = transformer
         self.max_resident = max(1, int(max_resident))
+        self._dtype = dtype
         self._adapters: dict[str, LoraAdapter] = {}
         self._resident: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.RLock()
@@ -265,7 +266,8 @@ class LoraStore:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype if hasattr(self.transformer, "dtype") else torch.float32
+        """The factors' dtype: the model's compute dtype (not an fp8 weight's storage type)."""
+        return self._dtype or getattr(self.transformer, "dtype", torch.float32)
 
     def __contains__(self, name: str) -> bool:
         return name in self._adapters
@@ -273,10 +275,13 @@ class LoraStore:
     def names(self) -> list[str]:
         return sorted(self._adapters)
 
-    def add(self, name: str, path: str | Path) -> dict:
+    def add(self, name: str, path: str | Path, max_rank: int | None = None) -> dict:
         """Read, convert and check an adapter, then make it resident (evicting the least recently used beyond
         max_resident). Replaces an adapter of the same name. Raises LoraError with the reason."""
         adapter = load_adapter(name, path, self.transformer, self.dtype)
+        if max_rank is not None and adapter.true_rank > max_rank:
+            raise LoraError(f"adapter {name!r} has rank {adapter.true_rank}, above model.lora_max_rank = {max_rank} "
+                            f"(what the memory plan counts per adapter); raise it")
         return self.add_adapter(adapter)
 
     def add_adapter(self, adapter: LoraAdapter) -> dict:

@@ -158,15 +158,24 @@ def test_peft_scale_rules(pipe, adapters):
     assert torch.allclose(factors_from_state_dict(sd, None)[key][1], sd[f"transformer.{key}.lora_B.weight"])
 
 
-def test_adapter_bytes_formula_matches_the_planner():
-    from placement.memory import lora_adapter_gib
+def test_adapter_bytes_match_the_planner(pipe):
+    """placement/ is pure: its adapter-size formula against a real adapter of the tiny model on every module, and
+    its full-size shapes against the full model's config."""
+    import inspect
 
-    from actors.models import FULL_TRANSFORMER_CONFIG as c
+    from diffusers import ZImageTransformer2DModel
 
-    dim, n_layers, n_ref = c["dim"], c["n_layers"], c["n_refiner_layers"]
-    ffn = int(dim / 3 * 8)
-    b = adapter_nbytes(dim, ffn, 256, n_layers + n_ref, n_ref, 32)
-    assert abs(lora_adapter_gib(32) - b / 2**30) < 1e-9
+    from actors.lora import build_adapter
+    from placement.memory import LORA_SHAPES, lora_adapter_gib
+
+    sd, meta = random_lora_state_dict(pipe.transformer, 8)
+    adapter = build_adapter("x", factors_from_state_dict(sd, meta), pipe.transformer)
+    assert adapter.nbytes == round(lora_adapter_gib(8, "tiny-z-image", 4) * 2**30)
+    c = {k: p.default for k, p in inspect.signature(ZImageTransformer2DModel.__init__).parameters.items()}
+    dim, ffn, adaln, modulated, plain = LORA_SHAPES["Z-Image-Turbo"]
+    assert (dim, ffn) == (c["dim"], int(c["dim"] / 3 * 8))
+    assert (modulated, plain) == (c["n_layers"] + c["n_refiner_layers"], c["n_refiner_layers"])
+    assert adapter_nbytes(dim, ffn, adaln, modulated, plain, 32) == round(lora_adapter_gib(32) * 2**30)
 
 
 def test_no_recompile_per_adapter_set(pipe, adapters):
