@@ -44,7 +44,7 @@ BLOCK_GROUPS = ("layers", "noise_refiner", "context_refiner")
 BLOCK_MODULES = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0")
 RANK_MULTIPLE = 8
-_MODULE_RE = re.compile(r"^(?P<block>(?:%s)\.\d+)\.(?P<module>.+)$" % "|".join(BLOCK_GROUPS))
+_MODULE_RE = re.compile(r"^(?P<block>(?:" + "|".join(BLOCK_GROUPS) + r")\.\d+)\.(?P<module>.+)$")
 
 
 class LoraError(ValueError):

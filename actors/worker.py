@@ -247,18 +247,24 @@ class PipelineWorker:
         finally:
             store.remove(name)
 
-    def register_lora(self, name: str, path: str | None = None, spec: dict | None = None) -> dict:
-        """Load an adapter now (``path`` on this machine, or a ``LoraSpec`` as a dict for hub sources), off the
-        batch path: batches keep running meanwhile. Returns its info; raises ``LoraError`` with the reason."""
+    def register_lora(self, spec: dict) -> dict:
+        """Load an adapter now (a ``LoraSpec`` as a dict), off the batch path: batches keep running meanwhile.
+        Returns ``{"ok": True, "info": ...}`` or ``{"ok": False, "error": why}`` (a bad adapter is data, not a
+        replica fault)."""
         from orchestrator.config import LoraSpec
 
         from .lora import LoraError
 
         if self.engine is None or self.engine.loras is None:
-            raise LoraError("per-request LoRA is off on this replica (set model.lora_max_resident or model.loras)")
-        lora = LoraSpec(name=name, path=path) if spec is None else LoraSpec(**spec)
-        return self.engine.loras.add(lora.name, resolve_lora(lora, self.model_cfg),
-                                     max_rank=self.model_cfg.lora_max_rank)
+            return {"ok": False, "error": "per-request LoRA is off (set model.lora_max_resident above 0)"}
+        try:
+            lora = LoraSpec(**spec)
+            info = self.engine.loras.add(lora.name, resolve_lora(lora, self.model_cfg),
+                                         max_rank=self.model_cfg.lora_max_rank)
+        except (LoraError, ValueError, OSError) as e:
+            log.warning("replica %s: LoRA %r not registered: %s", self.replica_id, spec.get("name"), e)
+            return {"ok": False, "error": str(e)}
+        return {"ok": True, "info": info}
 
     def unregister_lora(self, name: str) -> bool:
         return bool(self.engine is not None and self.engine.loras is not None and self.engine.loras.remove(name))

@@ -9,8 +9,15 @@ import torch
 from safetensors.torch import save_file
 
 from actors.engine import Sample, ZImageEngine
-from actors.lora import (LoraError, LoraStore, adapter_nbytes, factors_from_state_dict, random_lora_state_dict,
-                         read_state_dict, save_diffusers_lora)
+from actors.lora import (
+    LoraError,
+    LoraStore,
+    adapter_nbytes,
+    factors_from_state_dict,
+    random_lora_state_dict,
+    read_state_dict,
+    save_diffusers_lora,
+)
 from actors.models import build_pipeline
 
 CPU = dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu")
