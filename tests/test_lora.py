@@ -207,3 +207,19 @@ def test_no_recompile_per_adapter_set(pipe, adapters):
                 eng.generate(batch, 1)
     finally:
         torch._dynamo.reset()
+
+
+def test_loras_field_parsing():
+    from orchestrator.errors import InvalidRequestError
+    from orchestrator.requests import parse_loras
+
+    assert parse_loras(None) == ()
+    assert parse_loras([{"name": "a"}, {"name": "b", "scale": 0.5}, ("c", 2)], {"a", "b", "c"}) == (
+        ("a", 1.0), ("b", 0.5), ("c", 2.0))
+    for bad, text in (([{"name": "zz"}], "unknown LoRA adapter 'zz'; registered: a"),
+                      ([{"name": "a", "scale": float("nan")}], "scale must be a number"),
+                      ([{"name": "a", "scale": 11}], "scale must be a number from -10 to 10"),
+                      ([{"name": "a"}] * 9, "at most 8"), ("a", "must be a list"), ([3], "must be an object")):
+        with pytest.raises(InvalidRequestError, match=text) as e:
+            parse_loras(bad, {"a"})
+        assert e.value.param == "loras"
