@@ -23,7 +23,7 @@ from dataclasses import replace
 from placement import DeploymentSpec, Inventory, PlacementPlan, model_spec, plan, plan_best, with_loras
 
 from .config import Config, LoraSpec, ModelConfig
-from .errors import InvalidRequestError, NotReadyError, ZImageError
+from .errors import InvalidRequestError, NotReadyError, ReplicaUnavailableError, ZImageError
 from .messages import ImageRequest, ImageResult, ReplicaHealth
 from .replicas import Backend, ReplicaHandle, ReplicaSet, ReplicaSpec, ReplicaState
 from .requests import build_requests, parse_size
@@ -349,7 +349,12 @@ class Deployment:
             spec = self.lora_specs.get(name)
             if spec is None:
                 continue
-            out = await handle.call("register_lora", spec.model_dump())
+            try:
+                out = await handle.call("register_lora", spec.model_dump())
+            except (NotReadyError, ReplicaUnavailableError):
+                raise  # not back yet: the replica set asks again
+            except ZImageError as e:  # one adapter must not keep a replica out of rotation
+                out = {"ok": False, "error": str(e)}
             if not out["ok"]:
                 log.error("replica %s: LoRA %s no longer loads after its restart: %s", replica_id, name,
                           out["error"])
