@@ -308,6 +308,12 @@ class LoraStore:
         with self._lock:
             return [a.info(n in self._resident) for n, a in sorted(self._adapters.items())]
 
+    def prefetch(self, names) -> None:
+        """Make ``names`` resident now (ahead of the batches that will use them), within max_resident."""
+        with self._lock:
+            self._make_resident([n for n in names if n in self._adapters][-self.max_resident:])
+            self._evict(keep=())
+
     def _make_resident(self, names) -> None:
         for n in names:
             a = self._adapters[n]

@@ -246,6 +246,7 @@ class PipelineWorker:
                 self.engine.generate(batch, spec.num_inference_steps)
         finally:
             store.remove(name)
+            store.prefetch([s.name for s in self.model_cfg.loras])  # what the warm-up adapter pushed out
 
     def register_lora(self, spec: dict) -> dict:
         """Load an adapter now (a ``LoraSpec`` as a dict), off the batch path: batches keep running meanwhile.
