@@ -214,7 +214,7 @@ class ZImageEngine:
         order = list(range(n)) + cfg
         if loras is not None and any(loras):
             if self.loras is None:
-                raise ValueError("this replica has no LoRA adapters (model.lora.enabled is off)")
+                raise ValueError("this replica has per-request LoRA off (model.lora_max_resident is 0)")
             layout.lora = self.loras.batch([loras[j] for j in order])
         schedulers = self._schedulers(latents, num_inference_steps, device)
         timesteps = torch.stack([s.timesteps for s in schedulers])  # [n, steps]
