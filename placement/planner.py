@@ -113,6 +113,7 @@ class PlacementPlan:
     gpus: tuple[GPUPlan, ...]
     notes: tuple[str, ...] = field(default=())
     precisions: tuple[tuple[str, str], ...] = ()  # component -> weight precision of every replica
+    lora_gib: float = 0.0  # per-request LoRA adapters counted on each replica's transformer GPU
 
     @property
     def relative_throughput(self) -> float:
@@ -153,6 +154,7 @@ class PlacementPlan:
             "notes": list(self.notes),
             "precisions": dict(self.precisions),
             "relative_throughput": self.relative_throughput,
+            "lora_gib_per_replica": round(self.lora_gib, 3),
         }
 
 
@@ -391,9 +393,9 @@ def _assemble(model, inventory, d, pixels, groups) -> PlacementPlan:
             peak = model.peak_gib(names, pixels, r.max_batch_size, d.pipeline_stages)
             load = model.load_peak_gib(names)
         gpu_plans.append(GPUPlan(g.node, g.index, g.memory_gib, comps, peak, load))
-    notes = []
+    notes = [model.lora_text] if model.lora_text else []
     idle = [gp for gp in gpu_plans if not gp.components]
     if idle:
         notes.append(f"{len(idle)} GPU(s) unused: " + ", ".join(f"{gp.node}:{gp.gpu}" for gp in idle))
     return PlacementPlan(d.mode, model.name, d.width, d.height, tuple(replicas), tuple(gpu_plans), tuple(notes),
-                         tuple(model.precisions.items()))
+                         tuple(model.precisions.items()), model.lora_gib)

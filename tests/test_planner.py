@@ -205,3 +205,20 @@ def test_fp8_plan_shows_more_room_than_bf16_on_24gb():
     fp8 = plan(model_spec("modelscope", transformer="fp8"), inv(("n0", 1, 23.5)), d)
     assert fp8.replicas[0].max_batch_tokens > bf16.replicas[0].max_batch_tokens + 30_000
     assert (bf16.replicas[0].max_batch_size, fp8.replicas[0].max_batch_size) == (6, 15)
+
+
+def test_plan_counts_lora_memory():
+    """Resident adapters (and a batch's stacked copy) are counted on the transformer's GPU, and the plan says so."""
+    from placement import lora_adapter_gib, with_loras
+
+    inv = Inventory.from_nodes([("n", 1, 80.0)])
+    d = DeploymentSpec(width=1024, height=1024)
+    base = plan(model_spec("modelscope"), inv, d)
+    spec = with_loras(model_spec("modelscope"), 4, 64)
+    withl = plan(spec, inv, d)
+    assert abs(spec.lora_gib - 8 * lora_adapter_gib(64)) < 1e-9 and 2.5 < spec.lora_gib < 3.5
+    assert withl.gpus[0].estimated_peak_gib - base.gpus[0].estimated_peak_gib > 2.5 or \
+        withl.replicas[0].max_batch_tokens < base.replicas[0].max_batch_tokens
+    assert withl.to_dict()["lora_gib_per_replica"] == round(spec.lora_gib, 3)
+    assert any("LoRA: 4 resident adapter(s) of rank <= 64" in n for n in withl.notes)
+    assert with_loras(model_spec("modelscope"), 0, 64) == model_spec("modelscope")
