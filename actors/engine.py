@@ -76,6 +76,7 @@ class Sample:
     height: int
     guidance_scale: float = 0.0
     negative_prompt: str | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale): per-request LoRA (actors/lora.py)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class ZImageEngine:
             raise ValueError("an engine without a text encoder needs remote_encode")
         self.transformer = _place(components["transformer"], self.devices["transformer"], dtype)
         self.packed = PackedTransformer(self.transformer, attention=attention)
+        self.loras = None  # an ``actors.lora.LoraStore`` once the replica enables per-request LoRA
         self.vae = _place(components["vae"], self.devices["vae"], dtype)
         self._scheduler_config = components["scheduler"].config
         self._scheduler_cls = FlowMatchEulerDiscreteScheduler
@@ -191,12 +193,14 @@ class ZImageEngine:
         num_inference_steps: int,
         guidance: float | Sequence[float] = 0.0,
         on_step: Callable[[int, int, Callable[[], list[torch.Tensor]]], None] | None = None,
+        loras: Sequence[Sequence[tuple[str, float]]] | None = None,
     ) -> list[torch.Tensor]:
         """The Euler loop over a packed batch. ``latents``: per sample ``[16, h, w]`` float32 (sizes may differ);
         ``guidance`` per sample (a sample with guidance > 0 runs a second, negative-caption pass, as diffusers
         does). Returns the final latents per sample. ``on_step(step, total, denoised)`` runs after every step;
         ``denoised()`` computes each sample's current estimate of its clean latents (for previews and per-sample
-        checks; nothing is computed unless it is called)."""
+        checks; nothing is computed unless it is called). ``loras``: per sample its ``(adapter, scale)`` list
+        (``self.loras`` holds the adapters); a sample's negative pass uses its adapters too, as diffusers does."""
         device = self.devices["transformer"]
         n = len(latents)
         guidance = [float(guidance)] * n if isinstance(guidance, (int, float)) else [float(g) for g in guidance]
@@ -207,9 +211,13 @@ class ZImageEngine:
         latents = [lat.to(device) for lat in latents]
         shapes = [(1, lat.shape[-2], lat.shape[-1]) for lat in latents]
         layout = self.packed.layout(shapes + [shapes[i] for i in cfg], [len(e) for e in embeds])
+        order = list(range(n)) + cfg
+        if loras is not None and any(loras):
+            if self.loras is None:
+                raise ValueError("this replica has per-request LoRA off (model.lora_max_resident is 0)")
+            layout.lora = self.loras.batch([loras[j] for j in order])
         schedulers = self._schedulers(latents, num_inference_steps, device)
         timesteps = torch.stack([s.timesteps for s in schedulers])  # [n, steps]
-        order = list(range(n)) + cfg
         negative_of = {j: n + k for k, j in enumerate(cfg)}  # sample -> its negative pass's output
         dtype = self.transformer.dtype
         for i in range(num_inference_steps):
@@ -269,7 +277,8 @@ class ZImageEngine:
             encode_s = time.perf_counter() - t0
         with guard("denoise"):
             t0 = time.perf_counter()
-            latents = self.denoise(enc, self.initial_latents(samples), num_inference_steps, guidance, on_step)
+            latents = self.denoise(enc, self.initial_latents(samples), num_inference_steps, guidance, on_step,
+                                   [s.loras for s in samples] if any(s.loras for s in samples) else None)
             _sync(self.devices["transformer"])
             denoise_s = time.perf_counter() - t0
         del enc

@@ -61,6 +61,7 @@ class RunningSample:
     num_steps: int
     start: int = 0  # first step it runs (image-to-image starts part-way)
     after_step: Callable[[RunningSample], None] | None = None  # e.g. the inpainting mask blend
+    loras: tuple = ()  # (adapter, scale) pairs: per-request LoRA (actors/lora.py), its negative pass's too
     step: int = 0  # the next step it runs
     cancelled: bool = False  # its request's caller went away: it left the loop early
     pred: torch.Tensor | None = None  # its last velocity estimate (for the clean-latent estimate)
@@ -70,7 +71,7 @@ class RunningSample:
     @classmethod
     def create(cls, engine, name: str, tokens: int, latents: torch.Tensor, positive: torch.Tensor,
                negative: torch.Tensor | None, guidance: float, num_steps: int, start: int = 0,
-               after_step=None) -> RunningSample:
+               after_step=None, loras=()) -> RunningSample:
         device = engine.devices["transformer"]
         latents = latents.to(device)
         (scheduler,) = engine._schedulers([latents], num_steps, device)
@@ -78,7 +79,7 @@ class RunningSample:
             scheduler.set_begin_index(start)
         return cls(name, tokens, latents, positive.to(device, non_blocking=True),
                    None if negative is None else negative.to(device, non_blocking=True), float(guidance),
-                   scheduler, num_steps, start, after_step, step=start)
+                   scheduler, num_steps, start, after_step, tuple(loras), step=start)
 
     @property
     def done(self) -> bool:
@@ -348,6 +349,11 @@ class StepLoop:
             self._layout = packed.layout(shapes + [shapes[k] for k in cfg], lens)
             self._embeds = [s.positive for s in running] + [running[k].negative for k in cfg]
             self._layout_key = key
+            if any(s.loras for s in running):  # the adapters of the running set, stacked once per membership
+                if self.engine.loras is None:
+                    raise ValueError("this replica has per-request LoRA off (model.lora_max_resident is 0)")
+                self._layout.lora = self.engine.loras.batch([running[j].loras for j in
+                                                             list(range(len(running))) + cfg])
         order = list(range(len(running))) + cfg
         t = torch.stack([s.scheduler.timesteps[s.step] for s in running])
         t_in = ((1000 - t) / 1000)[order] if cfg else (1000 - t) / 1000

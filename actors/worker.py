@@ -170,6 +170,7 @@ class PipelineWorker:
                 stage_device = {"encode": stage_device["encode"]}
             self._stage_streams = {s: torch.cuda.Stream(torch.device(d)) for s, d in stage_device.items() if d}
         self._apply_speed_options()
+        self._load_loras()
         if self.warmup_spec is not None:
             from .engine import Sample
 
@@ -181,6 +182,8 @@ class PipelineWorker:
             for batch in batches:
                 self.engine.generate([Sample(p, i, w, h) for i, (w, h, p) in enumerate(batch)],
                                      spec.num_inference_steps)
+            if self.engine.loras is not None and self.model_cfg.compile and torch.cuda.is_available():
+                self._warm_up_loras(spec)
             self.warmup_s = time.perf_counter() - t0
             log.info("replica %s: warmed up in %.1fs (%d batches)", self.replica_id, self.warmup_s, len(batches))
         self.compiles_warmup = _graphs_compiled()
@@ -220,6 +223,65 @@ class PipelineWorker:
             vae = self.engine.vae
             vae.to(memory_format=torch.channels_last)
             vae.decoder = torch.compile(vae.decoder, dynamic=False)
+
+    # ---- per-request LoRA (actors/lora.py) -------------------------------------------------------------
+    def _load_loras(self) -> None:
+        """The configured adapters, read and converted before ready (never inside a batch)."""
+        slots = self.model_cfg.lora_slots
+        if slots <= 0:
+            return
+        from .lora import LoraStore
+
+        self.engine.loras = LoraStore(self.engine.transformer, slots, dtype=self.engine.dtype)
+        for spec in self.model_cfg.loras:
+            self.engine.loras.add(spec.name, resolve_lora(spec, self.model_cfg),
+                                  max_rank=self.model_cfg.lora_max_rank)
+
+    def _warm_up_loras(self, spec: WarmupSpec) -> None:
+        """Compile the blocks' LoRA graphs before ready, with a throwaway random adapter: alone, and beside a
+        sample without one (later adapter sets, ranks and mixes reuse these graphs: the rank is a dynamic size)."""
+        from .engine import Sample
+        from .lora import build_adapter, factors_from_state_dict, random_lora_state_dict
+
+        store, name = self.engine.loras, "__warmup__"
+        sd, meta = random_lora_state_dict(self.engine.transformer, 8, device=self.engine.devices["transformer"],
+                                          dtype=self.engine.dtype)
+        store.add_adapter(build_adapter(name, factors_from_state_dict(sd, meta, self.engine.dtype),
+                                        self.engine.transformer, "warm-up"))
+        try:
+            w, h = spec.sizes[0]
+            for batch in ([Sample(WARMUP_PROMPT, 0, w, h, loras=((name, 1.0),))],
+                          [Sample(WARMUP_PROMPTS[0], 1, w, h, loras=((name, 0.5),)), Sample(WARMUP_PROMPT, 2, w, h)]):
+                self.engine.generate(batch, spec.num_inference_steps)
+        finally:
+            store.remove(name)
+            store.prefetch([s.name for s in self.model_cfg.loras])  # what the warm-up adapter pushed out
+
+    def register_lora(self, spec: dict) -> dict:
+        """Load an adapter now (a ``LoraSpec`` as a dict), off the batch path: batches keep running meanwhile.
+        Returns ``{"ok": True, "info": ...}`` or ``{"ok": False, "error": why}`` (a bad adapter is data, not a
+        replica fault)."""
+        from orchestrator.config import LoraSpec
+
+        from .lora import LoraError
+
+        if self.engine is None or self.engine.loras is None:
+            return {"ok": False, "error": "per-request LoRA is off (set model.lora_max_resident above 0)"}
+        try:
+            lora = LoraSpec(**spec)
+            info = self.engine.loras.add(lora.name, resolve_lora(lora, self.model_cfg),
+                                         max_rank=self.model_cfg.lora_max_rank)
+        except (LoraError, ValueError, OSError) as e:
+            log.warning("replica %s: LoRA %r not registered: %s", self.replica_id, spec.get("name"), e)
+            return {"ok": False, "error": str(e)}
+        return {"ok": True, "info": info}
+
+    def unregister_lora(self, name: str) -> bool:
+        return bool(self.engine is not None and self.engine.loras is not None and self.engine.loras.remove(name))
+
+    def loras(self) -> list[dict]:
+        """The adapters this replica holds: name, rank, modules, bytes, whether resident on the GPU."""
+        return [] if self.engine is None or self.engine.loras is None else self.engine.loras.info()
 
     def health(self) -> ReplicaHealth:
         import torch
@@ -343,7 +405,7 @@ class PipelineWorker:
             return self._failed(batch, "replica is not started", FailureKind.NOT_READY)
         from .engine import Sample
 
-        samples = [Sample(r.prompt, r.seed, r.width, r.height, r.guidance_scale, r.negative_prompt)
+        samples = [Sample(r.prompt, r.seed, r.width, r.height, r.guidance_scale, r.negative_prompt, r.loras)
                    for r in batch.requests]
         steps = batch.key.num_inference_steps
         try:
@@ -434,8 +496,9 @@ class PipelineWorker:
         hooks = _OffLoopHook(on_step, engine.devices["transformer"], loop.stats) if on_step is not None else None
         group = Group([
             RunningSample.create(engine, r.request_id, r.tokens, lat, pos, next(negatives) if g > 0 else None, g,
-                                 steps)
-            for r, lat, pos, g in zip(batch.requests, engine.initial_latents(samples), enc.positive, guidance)
+                                 steps, loras=s.loras)
+            for r, s, lat, pos, g in zip(batch.requests, samples, engine.initial_latents(samples), enc.positive,
+                                         guidance)
         ], hooks)
         del enc, negatives
         for r in batch.requests:
@@ -574,6 +637,21 @@ class _OffLoopHook:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+
+
+def resolve_lora(spec, model_cfg: ModelConfig) -> str:
+    """The local path of a ``LoraSpec``: its own path, or the file in a hub snapshot fetched with the base
+    model's cache and offline rules (``actors/loading.py``)."""
+    from pathlib import Path
+
+    if spec.source == "local":
+        return spec.path
+    from .loading import resolve_model
+
+    hub = model_cfg.model_copy(update={"source": spec.source, "model_id": spec.model_id, "revision": spec.revision,
+                                       "local_path": None})
+    root = resolve_model(hub).path
+    return str(Path(root) / spec.path) if spec.path else str(root)
 
 
 def _graphs_compiled() -> int:

@@ -21,7 +21,8 @@ Every field of OpenAI's ``CreateImageRequest`` is either implemented or refused 
 | ``user``, ``safety_identifier`` | accepted and written to the log with the request id |
 
 Extensions (top-level fields other diffusion servers use): ``seed``, ``num_inference_steps`` (wins over
-``quality``), ``guidance_scale``, ``negative_prompt``. Responses carry only spec fields, plus ``seed`` per image
+``quality``), ``guidance_scale``, ``negative_prompt``, ``loras`` (per-request LoRA adapters,
+``[{"name", "scale"}]``). Responses carry only spec fields, plus ``seed`` per image
 (and ``index``/``seed``/``width``/``height`` in stream events) as extra fields.
 """
 
@@ -39,7 +40,7 @@ from .requests import build_requests, check_text, parse_size, shown
 SPEC_FIELDS = ("prompt", "model", "n", "quality", "response_format", "output_format", "output_compression",
                "stream", "partial_images", "size", "moderation", "background", "style", "user")
 CLIENT_FIELDS = ("safety_identifier",)  # sent by the official client; not in the published document
-EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt")
+EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "loras")
 ACCEPTED = frozenset(SPEC_FIELDS + CLIENT_FIELDS + EXTENSIONS)
 
 # Sizes the spec's response and event schemas can name; any other size is reported as "auto" in events (and
@@ -85,8 +86,9 @@ def _identifier(payload: dict, name: str) -> str | None:
     return v
 
 
-def parse_generation(payload, config: Config, max_side: int | None = None) -> ImageCall:
-    """Validate a request body (already JSON-decoded) against the spec and this deployment's limits."""
+def parse_generation(payload, config: Config, max_side: int | None = None, known_loras=None) -> ImageCall:
+    """Validate a request body (already JSON-decoded) against the spec and this deployment's limits.
+    ``known_loras``: the LoRA adapters registered (the ``loras`` extension names them; None: not checked)."""
     if not isinstance(payload, dict):
         raise InvalidRequestError("request body must be a JSON object")
     unknown = sorted(k for k in payload if k not in ACCEPTED)
@@ -136,7 +138,7 @@ def parse_generation(payload, config: Config, max_side: int | None = None) -> Im
         guidance_scale=payload.get("guidance_scale"), seed=payload.get("seed"),
         negative_prompt=payload.get("negative_prompt"), max_side=max_side,
         partial_images=payload.get("partial_images") if stream else _partials_unused(payload),
-        trace_id=current_request_id(),
+        trace_id=current_request_id(), loras=payload.get("loras"), known_loras=known_loras,
     )
     return ImageCall(requests, stream, output_format, compression, quality,
                      _identifier(payload, "user"), _identifier(payload, "safety_identifier"))

@@ -43,6 +43,7 @@ class ImageRequest:
     negative_prompt: str | None = None
     partial_images: int = 0  # preview images wanted while streaming (decoded from intermediate latents)
     trace_id: str = ""  # the X-Request-ID of the HTTP request it came from (shared by its n images); for log lines
+    loras: tuple[tuple[str, float], ...] = ()  # per-request LoRA: (adapter name, scale), applied in this order
 
     @property
     def key(self) -> BatchKey:

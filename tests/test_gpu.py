@@ -117,3 +117,42 @@ def test_step_loop_joins_and_leaves_compile_nothing_on_gpu():
     assert long.error is None and joined.error is None and solo.error is None
     a, b = joined.samples[0].latents.float(), solo.samples[0].latents.float()
     assert float((a - b).norm() / b.norm()) < 5e-2  # bf16: the batch around a sample moves it slightly
+
+
+def test_lora_mixed_adapters_compiled_no_recompile_on_gpu():
+    """Full size, compiled: per-request LoRA on the packed blocks (bf16). After a warm-up with and without
+    adapters, other adapter sets, ranks, sizes and batch mixes compile nothing; scale 0 equals no adapter."""
+    from actors.lora import LoraStore, build_adapter, factors_from_state_dict, random_lora_state_dict
+    from actors.models import build_components
+    from actors.packed import PackedTransformer
+
+    tr = build_components("full", device="cuda", dtype=torch.bfloat16)["transformer"]
+    store = LoraStore(tr, max_resident=4, dtype=torch.bfloat16)
+    for i, rank in enumerate((32, 32, 16, 64)):
+        sd, meta = random_lora_state_dict(tr, rank, seed=i, std=0.01)
+        store.add_adapter(build_adapter(f"a{i}", factors_from_state_dict(sd, meta, torch.bfloat16), tr))
+    packed = PackedTransformer(tr)
+    g = torch.Generator("cpu").manual_seed(0)
+
+    def call(sizes, caps, loras):
+        lat = [torch.randn(16, 1, h // 8, w // 8, generator=g).to("cuda", torch.bfloat16) for h, w in sizes]
+        cap = [torch.randn(n, 2560, generator=g).to("cuda", torch.bfloat16) for n in caps]
+        layout = packed.layout([(1, h // 8, w // 8) for h, w in sizes], caps)
+        layout.lora = store.batch(loras)
+        t = torch.full((len(sizes),), 0.5, device="cuda")
+        return packed(lat, t, cap, layout)
+
+    with torch.no_grad():
+        g.manual_seed(1)
+        plain = call([(512, 512)], [40], [[]])[0]
+        g.manual_seed(1)
+        zero = call([(512, 512)], [40], [[("a0", 0.0)]])[0]
+        assert torch.equal(plain, zero)
+        packed.compile()
+        call([(512, 512)] * 2, [40, 77], [[("a0", 1.0)], []])
+        call([(512, 512)], [12], [[("a1", 1.0)]])
+        call([(512, 512)], [12], [[]])
+        with torch.compiler.set_stance("fail_on_recompile"):
+            call([(1024, 1024)] * 4, [20, 40, 60, 80], [[("a0", 1.0)], [("a1", 0.5)], [("a2", 1.0)], [("a3", 1.0)]])
+            call([(768, 1344), (256, 256)], [3, 33], [[("a0", 0.5), ("a3", 1.0)], []])
+            call([(640, 640)], [250], [[("a2", 1.0)]])

@@ -457,3 +457,31 @@ def test_an_unexpected_loop_error_fails_the_calls_in_it_and_the_loop_goes_on():
     assert first.done.wait(10) and isinstance(first.error, RuntimeError)
     second = c.loop.submit(c.group("y", 1, 2))
     assert second.done.wait(10) and second.error is None and c.steps[-1] == ["y"]
+
+
+def test_requests_with_lora_adapters_join_a_running_loop_and_equal_their_whole_batch_run(tiny_cache, tmp_path):
+    """Per-request LoRA (actors/lora.py) in step mode: a request with an adapter joins a loop running one without
+    (and one with guidance, whose negative pass uses the adapter too); each image equals its whole-batch run."""
+    from dataclasses import replace
+
+    from actors.lora import random_lora_state_dict, save_diffusers_lora
+    from actors.models import build_pipeline
+
+    sd, meta = random_lora_state_dict(build_pipeline("tiny").transformer, 4, std=0.1)
+    path = save_diffusers_lora(tmp_path / "a", sd, meta)
+    cfg = ModelConfig(source="tiny", dtype="float32", cache_dir=tiny_cache, lora_max_resident=2,
+                      loras=[{"name": "a", "path": str(path)}])
+    w = PipelineWorker("rl", cfg, warmup=WarmupSpec(((32, 32),), 1), torch_threads=1)
+    w.start()
+    w._step_loop().fault = lambda names: time.sleep(0.02)
+    plain = ImageRequest("plain", "no adapter", 1, 32, 32, 12, 0.0)
+    styled = replace(ImageRequest("styled", "with adapter", 2, 32, 48, 3, 2.0, "blurry"), loras=(("a", 0.8),))
+    run = Streamed(w, Batch(1, (plain,), joinable=True))
+    run.wait_steps(2)
+    joined = w.run_batch(Batch(2, (styled,), joinable=True)).results[0]
+    assert joined.ok and run.result is None
+    assert run.join().results[0].ok
+    alone = w.run_batch(Batch(3, (styled,))).results[0]
+    without = w.run_batch(Batch(4, (replace(styled, loras=()),))).results[0]
+    assert same_image(joined.image, alone.image) and not same_image(joined.image, without.image)
+    assert same_image(run.result.results[0].image, w.run_batch(Batch(5, (plain,))).results[0].image)
