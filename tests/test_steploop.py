@@ -485,3 +485,36 @@ def test_requests_with_lora_adapters_join_a_running_loop_and_equal_their_whole_b
     without = w.run_batch(Batch(4, (replace(styled, loras=()),))).results[0]
     assert same_image(joined.image, alone.image) and not same_image(joined.image, without.image)
     assert same_image(run.result.results[0].image, w.run_batch(Batch(5, (plain,))).results[0].image)
+
+
+def test_a_sample_can_start_part_way_and_run_an_after_step_hook(worker):
+    """The two seams image edits need (img2img: a start step from ``strength`` with the image's noised latents;
+    inpainting: a blend after each step): a sample that starts at step 3 from the latents an uninterrupted run had
+    after 3 steps ends exactly where that run ends, and ``after_step`` runs after each of its own steps."""
+    import torch
+
+    from actors.engine import Sample
+    from actors.steploop import Group, RunningSample
+
+    eng, loop = worker.engine, worker._step_loop()
+    sample = Sample("a harbor at dawn", 5, 32, 32)
+    enc = eng.encode([sample.prompt])
+    (noise,) = eng.initial_latents([sample])
+    seen = []
+
+    def make(latents, start, hook=None):
+        return Group([RunningSample.create(eng, "edit", 1, latents, enc.positive[0], None, 0.0, 6, start=start,
+                                           after_step=hook)])
+
+    full = loop.submit(make(noise, 0, lambda s: seen.append((s.step, s.latents.clone()))))
+    assert full.done.wait(60) and full.error is None and [k for k, _ in seen] == [1, 2, 3, 4, 5, 6]
+    resumed = loop.submit(make(seen[2][1], 3))
+    assert resumed.done.wait(60) and resumed.error is None
+    assert torch.equal(resumed.samples[0].latents, full.samples[0].latents)
+
+    def blend(s):  # an inpainting-style blend: keep the left half at the first run's values
+        s.latents[..., :8] = seen[s.step - 1][1][..., :8]
+
+    masked = loop.submit(make(noise, 0, blend))
+    assert masked.done.wait(60)
+    assert torch.equal(masked.samples[0].latents[..., :8], full.samples[0].latents[..., :8])
