@@ -83,11 +83,23 @@ def _control_blocks(packed: PackedTransformer, blocks, c, x, adaln, segs):
     return hints, c
 
 
-def _run(packed, blocks, x, adaln, segs, hints: dict | None = None, scale=None):
+def _run(packed, blocks, x, adaln, segs, hints: dict | None = None, scale=None, lora=None, group: str = ""):
+    """The transformer's own ``blocks`` with the hints added after the blocks they name; ``lora`` (the layout's
+    ``BatchLora``, actors/lora.py) and ``group`` apply the per-request adapters as ``PackedTransformer._blocks``
+    does."""
     _mark(packed, segs, adaln)
     args = (segs.runs, segs.cu, segs.max_len, None)
+    if lora is not None:
+        rows = lora.rows(segs.seg)
+        adaln_lora = torch.cat([adaln, lora.scales], dim=1)
+        if packed.compiled:
+            torch._dynamo.decorators.mark_unbacked(adaln_lora, 0)
     for k, block in enumerate(blocks):
-        x = packed.block_fn(block, x, segs.seg, adaln, segs.freqs, args, packed.attention)
+        factors = None if lora is None else lora.blocks.get(f"{group}.{k}")
+        if factors is None:
+            x = packed.block_fn(block, x, segs.seg, adaln, segs.freqs, args, packed.attention)
+        else:
+            x = packed.block_fn(block, x, segs.seg, adaln_lora, segs.freqs, args, packed.attention, (rows, factors))
         if hints is not None and k in hints:
             x = x + hints[k] * scale
     return x
@@ -96,7 +108,9 @@ def _run(packed, blocks, x, adaln, segs, hints: dict | None = None, scale=None):
 @torch.no_grad()
 def controlled_forward(packed: PackedTransformer, latents: list[torch.Tensor], t: torch.Tensor,
                        cap_feats: list[torch.Tensor], layout: PackedLayout, control: PackedControl):
-    """``PackedTransformer.__call__`` with ControlNet hints (same arguments and result)."""
+    """``PackedTransformer.__call__`` with ControlNet hints (same arguments and result). Per-request LoRA
+    (``layout.lora``) applies to the transformer's own blocks and caption refiner, as on the plain path; the
+    ControlNet's own blocks carry no adapters."""
     if packed.attention == "flex":
         raise ValueError("ControlNet runs with attention 'runs' or 'varlen'")
     m, cn = packed.model, control.model
@@ -109,7 +123,8 @@ def controlled_forward(packed: PackedTransformer, latents: list[torch.Tensor], t
     scale_u = control.scale.to(x0.device, x0.dtype)[layout.uni.seg].view(1, -1, 1)
     cap = packed.captions(layout, cap_feats)
 
-    x = _run(packed, m.noise_refiner, x0, adaln, layout.x)  # the transformer's own
+    lora = layout.lora
+    x = _run(packed, m.noise_refiner, x0, adaln, layout.x, lora=lora, group="noise_refiner")  # the transformer's own
     variant = cn.add_control_noise_refiner
     if variant is None:
         c = _run(packed, cn.control_noise_refiner, c, adaln, layout.x)
@@ -118,13 +133,13 @@ def controlled_forward(packed: PackedTransformer, latents: list[torch.Tensor], t
         blocks = cn.control_layers if variant == "control_layers" else cn.control_noise_refiner
         hints, c = _control_blocks(packed, blocks, c, x0, adaln, layout.x)
         refiner_hints = {idx: hints[k] for k, idx in enumerate(cn.control_refiner_layers_places)}
-        cn_x = _run(packed, m.noise_refiner, x0, adaln, layout.x, refiner_hints, scale_x)
+        cn_x = _run(packed, m.noise_refiner, x0, adaln, layout.x, refiner_hints, scale_x, lora, "noise_refiner")
     unified = torch.cat([x, cap], dim=1).index_select(1, layout.uni_index)
     cn_unified = unified if cn_x is x else torch.cat([cn_x, cap], dim=1).index_select(1, layout.uni_index)
     c = torch.cat([c, cap], dim=1).index_select(1, layout.uni_index)
     hints, _ = _control_blocks(packed, cn.control_layers, c, cn_unified, adaln, layout.uni)
     main_hints = {idx: hints[k] for k, idx in enumerate(cn.control_layers_places)}
-    unified = _run(packed, m.layers, unified, adaln, layout.uni, main_hints, scale_u)
+    unified = _run(packed, m.layers, unified, adaln, layout.uni, main_hints, scale_u, lora, "layers")
     final = m.all_final_layer[packed.key]
     fscale = (1.0 + final.adaLN_modulation(adaln))[layout.uni.seg].unsqueeze(0)
     out = final.linear(final.norm_final(unified) * fscale)[0]

@@ -79,6 +79,7 @@ class Sample:
     height: int
     guidance_scale: float = 0.0
     negative_prompt: str | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale): per-request LoRA (actors/lora.py)
     # [conditioning] img2img / inpainting (actors/conditioning.py): the input image, uint8 [H, W, 3] at this size;
     # the mask, uint8 [H, W], nonzero = repaint; the sample's own schedule length (it runs the last
     # steps_run(num_inference_steps, strength) steps of it).
@@ -119,6 +120,7 @@ class ZImageEngine:
             raise ValueError("an engine without a text encoder needs remote_encode")
         self.transformer = _place(components["transformer"], self.devices["transformer"], dtype)
         self.packed = PackedTransformer(self.transformer, attention=attention)
+        self.loras = None  # an ``actors.lora.LoraStore`` once the replica enables per-request LoRA
         self.vae = _place(components["vae"], self.devices["vae"], dtype)
         self.controlnet = None  # [controlnet] beside the transformer, sharing its embedders and refiners
         if components.get("controlnet") is not None:
@@ -213,6 +215,7 @@ class ZImageEngine:
         conditions: Sequence[Conditioning | None] | None = None,
         controls: Sequence[torch.Tensor | None] | None = None,
         control_scales: Sequence[float] | None = None,
+        loras: Sequence[Sequence[tuple[str, float]]] | None = None,
     ) -> list[torch.Tensor]:
         """The Euler loop over a packed batch. ``latents``: per sample ``[16, h, w]`` float32 (sizes may differ);
         ``guidance`` per sample (a sample with guidance > 0 runs a second, negative-caption pass, as diffusers
@@ -221,7 +224,9 @@ class ZImageEngine:
         checks; nothing is computed unless it is called). ``conditions`` (per sample, None for a plain one; from
         ``encode_conditions``): a conditioned sample starts from its noised input image at its own start step and is
         blended with its input after each step (inpainting). ``controls`` (per sample, None without; from
-        ``encode_controls``) and ``control_scales``: ControlNet inputs, the negative pass with the same ones."""
+        ``encode_controls``) and ``control_scales``: ControlNet inputs, the negative pass with the same ones.
+        ``loras``: per sample its ``(adapter, scale)`` list (``self.loras`` holds the adapters); a sample's negative
+        pass uses its adapters too, as diffusers does."""
         device = self.devices["transformer"]
         n = len(latents)
         guidance = [float(guidance)] * n if isinstance(guidance, (int, float)) else [float(g) for g in guidance]
@@ -246,6 +251,10 @@ class ZImageEngine:
                 conditions[j] = c
                 latents[j] = c.initial_latents(schedulers[j])
         order = list(range(n)) + cfg
+        if loras is not None and any(loras):
+            if self.loras is None:
+                raise ValueError("this replica has per-request LoRA off (model.lora_max_resident is 0)")
+            layout.lora = self.loras.batch([loras[j] for j in order])
         negative_of = {j: n + k for k, j in enumerate(cfg)}  # sample -> its negative pass's output
         dtype = self.transformer.dtype
         control = None
@@ -329,7 +338,8 @@ class ZImageEngine:
         with guard("denoise"):
             t0 = time.perf_counter()
             latents = self.denoise(enc, self.initial_latents(samples), num_inference_steps, guidance, on_step,
-                                   conditions, controls, [s.control_scale for s in samples])
+                                   conditions, controls, [s.control_scale for s in samples],
+                                   [s.loras for s in samples] if any(s.loras for s in samples) else None)
             _sync(self.devices["transformer"])
             denoise_s = time.perf_counter() - t0
         del enc

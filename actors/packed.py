@@ -75,6 +75,7 @@ class PackedLayout:
     uni_index: torch.Tensor  # int64 [Tu]: rows of cat([x, cap]) in unified order ([image_i, caption_i] per sample)
     out_starts: list[int]  # per sample (caller's order): where its image tokens start in the unified sequence
     caption_cache: torch.Tensor | None = field(default=None)  # context-refined captions [1, Tc, D]
+    lora: object | None = field(default=None)  # ``actors.lora.BatchLora``: each sample's adapters, or None
 
     @property
     def tokens(self) -> int:
@@ -153,15 +154,23 @@ class PackedTransformer:
         )
 
     # ---- forward -----------------------------------------------------------------------------------------
-    def _blocks(self, blocks, x, adaln, segs: Segments):
+    def _blocks(self, blocks, x, adaln, segs: Segments, lora=None, group: str = ""):
         mask = _flex_mask(segs) if self.attention == "flex" else None
         args = (segs.runs, segs.cu, segs.max_len, mask)
+        if lora is not None:  # per-sample LoRA (actors/lora.py): the rows' scales, and the adaLN input with them
+            rows = lora.rows(segs.seg)
+            adaln_lora = None if adaln is None else torch.cat([adaln, lora.scales], dim=1)
         if self.compiled:  # no graph specialized for one sample or one run: sizes of 1 are ordinary sizes
             torch._dynamo.decorators.mark_unbacked(segs.runs, 0)
-            if adaln is not None:
-                torch._dynamo.decorators.mark_unbacked(adaln, 0)
-        for block in blocks:
-            x = self.block_fn(block, x, segs.seg, adaln, segs.freqs, args, self.attention)
+            for a in (adaln, adaln_lora if lora is not None else None):
+                if a is not None:
+                    torch._dynamo.decorators.mark_unbacked(a, 0)
+        for i, block in enumerate(blocks):
+            factors = None if lora is None else lora.blocks.get(f"{group}.{i}")
+            if factors is None:
+                x = self.block_fn(block, x, segs.seg, adaln, segs.freqs, args, self.attention)
+            else:
+                x = self.block_fn(block, x, segs.seg, adaln_lora, segs.freqs, args, self.attention, (rows, factors))
         return x
 
     def captions(self, layout: PackedLayout, cap_feats: list[torch.Tensor]) -> torch.Tensor:
@@ -175,7 +184,8 @@ class PackedTransformer:
                 padded.append(torch.cat([c, c.new_zeros(cl - len(c), dim)]) if cl > len(c) else c)
             cap = m.cap_embedder(torch.cat(padded, dim=0))
             cap = torch.where(layout.cap_pad, m.cap_pad_token, cap).unsqueeze(0)
-            layout.caption_cache = self._blocks(m.context_refiner, cap, None, layout.cap)
+            layout.caption_cache = self._blocks(m.context_refiner, cap, None, layout.cap, layout.lora,
+                                                "context_refiner")
         return layout.caption_cache
 
     def patchify(self, layout: PackedLayout, latents: list[torch.Tensor]) -> torch.Tensor:
@@ -200,10 +210,10 @@ class PackedTransformer:
         adaln = m.t_embedder(t * m.t_scale).type_as(latents[0])
         x = m.all_x_embedder[self.key](self.patchify(layout, latents))
         x = torch.where(layout.x_pad, m.x_pad_token, x).unsqueeze(0)
-        x = self._blocks(m.noise_refiner, x, adaln, layout.x)
+        x = self._blocks(m.noise_refiner, x, adaln, layout.x, layout.lora, "noise_refiner")
         cap = self.captions(layout, cap_feats)
         unified = torch.cat([x, cap], dim=1).index_select(1, layout.uni_index)
-        unified = self._blocks(m.layers, unified, adaln, layout.uni)
+        unified = self._blocks(m.layers, unified, adaln, layout.uni, layout.lora, "layers")
         final = m.all_final_layer[self.key]
         scale = (1.0 + final.adaLN_modulation(adaln))[layout.uni.seg].unsqueeze(0)
         out = final.linear(final.norm_final(unified) * scale)[0]
@@ -307,10 +317,22 @@ def _flex_mask(segs: Segments):
     return create_block_mask(same_sample, None, None, segs.total, segs.total, device=seg.device)
 
 
-def _attention(attn, x, freqs, segs_args, impl):
-    q = attn.to_q(x).unflatten(-1, (attn.heads, -1))
-    k = attn.to_k(x).unflatten(-1, (attn.heads, -1))
-    v = attn.to_v(x).unflatten(-1, (attn.heads, -1))
+def _lora_h(x, a, rows):
+    """The low-rank activations of every row, each scaled by its sample's scale per adapter column:
+    ``(x @ A^T) * rows`` with ``A`` stacking ``k`` inputs' factors ([k*R, in]) -> ``[..., k, R]``."""
+    h = x @ a.t()
+    return h.unflatten(-1, (-1, rows.shape[-1])) * rows.unsqueeze(-2)
+
+
+def _attention(attn, x, freqs, segs_args, impl, lora=None):
+    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    if lora is not None:  # per-sample LoRA: (rows [T, R], factors) -- actors/lora.py
+        rows, f = lora
+        h = _lora_h(x, f[0], rows)
+        q, k, v = q + h[..., 0, :] @ f[1].t(), k + h[..., 1, :] @ f[2].t(), v + h[..., 2, :] @ f[3].t()
+    q = q.unflatten(-1, (attn.heads, -1))
+    k = k.unflatten(-1, (attn.heads, -1))
+    v = v.unflatten(-1, (attn.heads, -1))
     if attn.norm_q is not None:
         q = attn.norm_q(q)
     if attn.norm_k is not None:
@@ -319,18 +341,39 @@ def _attention(attn, x, freqs, segs_args, impl):
         q, k = _rope(q, freqs), _rope(k, freqs)
     dtype = q.dtype
     out = _attend(q, k.to(dtype), v, segs_args, impl).flatten(2, 3).to(dtype)
-    return attn.to_out[0](out)
+    if lora is None:
+        return attn.to_out[0](out)
+    rows, f = lora
+    return attn.to_out[0](out) + _lora_h(out, f[4], rows)[..., 0, :] @ f[5].t()
 
 
-def _block_forward(block, x, seg, adaln, freqs, segs_args, impl: str):
+def _feed_forward(ff, x, lora=None):
+    """``FeedForward.forward`` (w2(silu(w1 x) * w3 x)) with the per-sample LoRA terms."""
+    if lora is None:
+        return ff(x)
+    rows, f = lora
+    h = _lora_h(x, f[6], rows)
+    g = F.silu(ff.w1(x) + h[..., 0, :] @ f[7].t()) * (ff.w3(x) + h[..., 1, :] @ f[8].t())
+    return ff.w2(g) + _lora_h(g, f[9], rows)[..., 0, :] @ f[10].t()
+
+
+def _block_forward(block, x, seg, adaln, freqs, segs_args, impl: str, lora=None):
+    """One ``ZImageTransformerBlock`` on a packed sequence. ``lora``: None, or ``(rows, factors)`` from
+    ``actors/lora.py``; then ``adaln`` carries each sample's LoRA scales after its own columns."""
     if block.modulation:
-        mod = block.adaLN_modulation(adaln)  # [B, 4D]: per sample
+        if lora is None:
+            mod = block.adaLN_modulation(adaln)  # [B, 4D]: per sample
+        else:
+            lin, f = block.adaLN_modulation[0], lora[1]
+            adaln, scales = adaln[:, :lin.in_features], adaln[:, lin.in_features:]
+            mod = lin(adaln) + ((adaln @ f[11].t()) * scales) @ f[12].t()
         scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
         scale_msa, gate_msa = (1.0 + scale_msa)[seg], gate_msa.tanh()[seg]
         scale_mlp, gate_mlp = (1.0 + scale_mlp)[seg], gate_mlp.tanh()[seg]
-        attn_out = _attention(block.attention, block.attention_norm1(x) * scale_msa, freqs, segs_args, impl)
+        attn_out = _attention(block.attention, block.attention_norm1(x) * scale_msa, freqs, segs_args, impl, lora)
         x = x + gate_msa * block.attention_norm2(attn_out)
-        return x + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(x) * scale_mlp))
-    attn_out = _attention(block.attention, block.attention_norm1(x), freqs, segs_args, impl)
+        return x + gate_mlp * block.ffn_norm2(_feed_forward(block.feed_forward, block.ffn_norm1(x) * scale_mlp,
+                                                            lora))
+    attn_out = _attention(block.attention, block.attention_norm1(x), freqs, segs_args, impl, lora)
     x = x + block.attention_norm2(attn_out)
-    return x + block.ffn_norm2(block.feed_forward(block.ffn_norm1(x)))
+    return x + block.ffn_norm2(_feed_forward(block.feed_forward, block.ffn_norm1(x), lora))

@@ -109,6 +109,16 @@ def edit_error(r: ImageRequest) -> tuple[str, str] | None:
     return None
 
 
+def lora_error(engine, loras) -> str | None:
+    """Why this replica cannot apply ``loras`` (names it does not hold), or None."""
+    store = getattr(engine, "loras", None)
+    missing = sorted({n for n, _ in loras if store is None or n not in store})
+    if not missing:
+        return None
+    return (f"LoRA adapter(s) {', '.join(repr(n) for n in missing)} not registered on this replica "
+            f"(GET /v1/loras lists them)")
+
+
 def screen(engine, batch: Batch) -> Screened:
     """Validate each request of ``batch`` on its own: its size, its prompt (and negative prompt when its guidance
     uses one) through the tokenizer."""
@@ -124,6 +134,9 @@ def screen(engine, batch: Batch) -> Screened:
             continue
         if r.control_image is not None and getattr(engine, "controlnet", None) is None:
             out.failed[r.request_id] = ("this replica has no ControlNet (model.controlnet)", "control_image")
+            continue
+        if r.loras and (why := lora_error(engine, r.loras)) is not None:
+            out.failed[r.request_id] = (why, "loras")
             continue
         try:
             tokens = validate_prompt(engine.tokenizer, r.prompt, "prompt")

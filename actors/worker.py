@@ -93,10 +93,13 @@ class PipelineWorker:
         memory_fraction: float | None = None,
         pipeline_stages: bool = False,
         encoder=None,
+        max_batch_tokens: int | None = None,
+        max_batch_size: int | None = None,
     ):
         """``encoder``: for a replica without a text encoder of its own (component replication), a callable
         ``(prompts, negative_prompts, guidance) -> EncodedPrompts`` that asks the replica hosting the shared
-        encoder."""
+        encoder. ``max_batch_tokens`` / ``max_batch_size``: the step loop's own limits on its running set
+        (step-level batching, ``actors/steploop.py``); the router keeps within them too."""
         setup_replica_process(replica_id)  # no progress bars; in a Ray actor, log lines name the replica
         self.replica_id = replica_id
         self.model_cfg = model
@@ -115,6 +118,12 @@ class PipelineWorker:
         self.load_s = 0.0
         self.warmup_s = 0.0
         self._fault = None  # test hook: see inject_fault
+        self._fault_kind: str | None = None
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self._loop = None  # the step loop (actors/steploop.py), made on the first joinable batch
+        self._loop_lock = threading.Lock()
+        self._joined: dict[str, object] = {}  # request id -> ImageRequest, for calls in the step loop
         self.numerics: dict = {}  # fp8 against the unquantized model, measured at start-up
         self.compiles_warmup = 0  # graphs compiled before ready
         self._compiles_at_ready = 0
@@ -165,6 +174,7 @@ class PipelineWorker:
                 stage_device = {"encode": stage_device["encode"]}
             self._stage_streams = {s: torch.cuda.Stream(torch.device(d)) for s, d in stage_device.items() if d}
         self._apply_speed_options()
+        self._load_loras()
         if self.warmup_spec is not None:
             from .engine import Sample
 
@@ -183,6 +193,8 @@ class PipelineWorker:
                 self.engine.generate([Sample(p, 0, w, h), Sample(p, 1, w, h, control_image=np.full((h, w, 3), 127,
                                                                                                   np.uint8))],
                                      spec.num_inference_steps)
+            if self.engine.loras is not None and self.model_cfg.compile and torch.cuda.is_available():
+                self._warm_up_loras(spec)
             self.warmup_s = time.perf_counter() - t0
             log.info("replica %s: warmed up in %.1fs (%d batches)", self.replica_id, self.warmup_s, len(batches))
         self.compiles_warmup = _graphs_compiled()
@@ -222,6 +234,65 @@ class PipelineWorker:
             vae = self.engine.vae
             vae.to(memory_format=torch.channels_last)
             vae.decoder = torch.compile(vae.decoder, dynamic=False)
+
+    # ---- per-request LoRA (actors/lora.py) -------------------------------------------------------------
+    def _load_loras(self) -> None:
+        """The configured adapters, read and converted before ready (never inside a batch)."""
+        slots = self.model_cfg.lora_slots
+        if slots <= 0:
+            return
+        from .lora import LoraStore
+
+        self.engine.loras = LoraStore(self.engine.transformer, slots, dtype=self.engine.dtype)
+        for spec in self.model_cfg.loras:
+            self.engine.loras.add(spec.name, resolve_lora(spec, self.model_cfg),
+                                  max_rank=self.model_cfg.lora_max_rank)
+
+    def _warm_up_loras(self, spec: WarmupSpec) -> None:
+        """Compile the blocks' LoRA graphs before ready, with a throwaway random adapter: alone, and beside a
+        sample without one (later adapter sets, ranks and mixes reuse these graphs: the rank is a dynamic size)."""
+        from .engine import Sample
+        from .lora import build_adapter, factors_from_state_dict, random_lora_state_dict
+
+        store, name = self.engine.loras, "__warmup__"
+        sd, meta = random_lora_state_dict(self.engine.transformer, 8, device=self.engine.devices["transformer"],
+                                          dtype=self.engine.dtype)
+        store.add_adapter(build_adapter(name, factors_from_state_dict(sd, meta, self.engine.dtype),
+                                        self.engine.transformer, "warm-up"))
+        try:
+            w, h = spec.sizes[0]
+            for batch in ([Sample(WARMUP_PROMPT, 0, w, h, loras=((name, 1.0),))],
+                          [Sample(WARMUP_PROMPTS[0], 1, w, h, loras=((name, 0.5),)), Sample(WARMUP_PROMPT, 2, w, h)]):
+                self.engine.generate(batch, spec.num_inference_steps)
+        finally:
+            store.remove(name)
+            store.prefetch([s.name for s in self.model_cfg.loras])  # what the warm-up adapter pushed out
+
+    def register_lora(self, spec: dict) -> dict:
+        """Load an adapter now (a ``LoraSpec`` as a dict), off the batch path: batches keep running meanwhile.
+        Returns ``{"ok": True, "info": ...}`` or ``{"ok": False, "error": why}`` (a bad adapter is data, not a
+        replica fault)."""
+        from orchestrator.config import LoraSpec
+
+        from .lora import LoraError
+
+        if self.engine is None or self.engine.loras is None:
+            return {"ok": False, "error": "per-request LoRA is off (set model.lora_max_resident above 0)"}
+        try:
+            lora = LoraSpec(**spec)
+            info = self.engine.loras.add(lora.name, resolve_lora(lora, self.model_cfg),
+                                         max_rank=self.model_cfg.lora_max_rank)
+        except (LoraError, ValueError, OSError) as e:
+            log.warning("replica %s: LoRA %r not registered: %s", self.replica_id, spec.get("name"), e)
+            return {"ok": False, "error": str(e)}
+        return {"ok": True, "info": info}
+
+    def unregister_lora(self, name: str) -> bool:
+        return bool(self.engine is not None and self.engine.loras is not None and self.engine.loras.remove(name))
+
+    def loras(self) -> list[dict]:
+        """The adapters this replica holds: name, rank, modules, bytes, whether resident on the GPU."""
+        return [] if self.engine is None or self.engine.loras is None else self.engine.loras.info()
 
     def health(self) -> ReplicaHealth:
         import torch
@@ -266,7 +337,7 @@ class PipelineWorker:
         if not self._ready:
             raise RuntimeError("replica is not started")
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self._stage_locks["encode"]:  # (the tokenizer is not thread-safe)
             enc = self.engine.encode(["health check"], max_sequence_length=32)
             dev = self.engine.devices["transformer"]
             emb = self.engine.transformer.t_embedder(torch.full((1,), 0.5, device=dev))
@@ -309,7 +380,10 @@ class PipelineWorker:
 
         if not self._ready or self.engine is None:
             return self._run(batch)
-        checked = screen(self.engine, batch)
+        with self._stage_locks["encode"]:  # the tokenizer is not thread-safe: never beside another call's encode
+            checked = screen(self.engine, batch)
+        if batch.joinable and emit is not None:
+            emit = self._with_loop_stats(emit)
         by_id: dict[str, ImageResult] = {}
         out = None
         if checked.runnable:
@@ -342,14 +416,19 @@ class PipelineWorker:
             return self._failed(batch, "replica is not started", FailureKind.NOT_READY)
         from .engine import Sample
 
-        samples = [Sample(r.prompt, r.seed, r.width, r.height, r.guidance_scale, r.negative_prompt,
+        samples = [Sample(r.prompt, r.seed, r.width, r.height, r.guidance_scale, r.negative_prompt, r.loras,
                           image=r.image, mask=r.mask, strength=r.strength,  # edits (actors/conditioning.py)
                           num_inference_steps=r.num_inference_steps,
                           control_image=r.control_image, control_scale=r.control_scale)  # [controlnet]
                    for r in batch.requests]
         steps = batch.key.num_inference_steps
         try:
-            if self.pipeline_stages:
+            if getattr(batch, "joinable", False):
+                # Step-level batching: encode here, join the replica's step loop, decode here when done.
+                if self._fault is not None:
+                    self._fault(batch)
+                images, times = self._run_joined(batch, samples, on_step)
+            elif self.pipeline_stages:
                 # Stage pipelining: batch k+1 encodes while batch k denoises and batch k-1 decodes.
                 if self._fault is not None:
                     self._fault(batch)
@@ -363,6 +442,9 @@ class PipelineWorker:
             kind = FailureKind.OUT_OF_MEMORY if _is_oom(e) else FailureKind.REPLICA_ERROR
             if isinstance(e, ReplicaUnavailableError):
                 kind = FailureKind.REPLICA_LOST  # the shared encoder's replica is gone: the router retries elsewhere
+            if type(e).__name__ == "CancelledSample":
+                log.info("replica %s: batch %d cancelled: %s", self.replica_id, batch.batch_id, e)
+                return self._failed(batch, "cancelled by the client", FailureKind.CANCELLED)
             log.exception("replica %s: batch %d (%d images, %s) failed", self.replica_id, batch.batch_id, len(batch),
                           batch.key)
             if kind == FailureKind.OUT_OF_MEMORY:
@@ -375,10 +457,129 @@ class PipelineWorker:
                 request_id=r.request_id, ok=True, replica_id=self.replica_id, batch_id=batch.batch_id,
                 batch_size=len(batch), seed=r.seed, width=r.width, height=r.height, image=img,
                 stage_times=times,
-            )
+            ) if img is not None else  # only a joined call's request whose caller went away (step-level batching)
+            ImageResult(request_id=r.request_id, ok=False, replica_id=self.replica_id, batch_id=batch.batch_id,
+                        batch_size=len(batch), seed=r.seed, error="cancelled by the client",
+                        error_type=FailureKind.CANCELLED)
             for r, img in zip(batch.requests, images)
         )
         return BatchResult(batch.batch_id, self.replica_id, results, times)
+
+    # ---- step-level batching (actors/steploop.py) ---------------------------------------------------------
+    def _step_loop(self):
+        with self._loop_lock:
+            if self._loop is None:
+                from .steploop import StepLoop
+
+                self._loop = StepLoop(self.engine, self.max_batch_tokens, self.max_batch_size, guard=self._step_guard,
+                                      name=f"step-loop-{self.replica_id}")
+                self._loop.fault = self._loop_fault
+            return self._loop
+
+    @contextlib.contextmanager
+    def _step_guard(self):
+        """Each step of the loop holds the devices as a whole batch would (so a whole-batch call on the same replica
+        never runs beside it) and runs on the denoise stream."""
+        with (contextlib.nullcontext() if self.pipeline_stages else self._device_lock), self._stage_guard("denoise"):
+            yield
+
+    def _loop_fault(self, names: list[str]) -> None:
+        if self._fault is not None and self._fault_kind == "oom_above":  # on the running set, as memory is
+            self._fault(Batch(-1, tuple(self._joined[n] for n in names if n in self._joined)))
+
+    def _run_joined(self, batch: Batch, samples, on_step):
+        """One call of step-level batching: its samples join the loop at its next step, and leave it when done while
+        the loop goes on; encode and decode run here, beside the loop (the stage locks and streams of stage
+        pipelining). Stage times: encode, time in the loop (shared with whatever ran beside), decode."""
+        from .engine import _sync
+        from .steploop import CancelledSample, Group, RunningSample
+
+        engine = self.engine
+        for s in samples:
+            engine.check_size(s.height, s.width)
+        loop = self._step_loop()
+        guidance = [s.guidance_scale for s in samples]
+        with self._stage_guard("encode"):
+            t0 = time.perf_counter()
+            enc = engine.encode([s.prompt for s in samples], [s.negative_prompt for s in samples], guidance)
+            if engine.text_encoder is not None:
+                _sync(engine.devices["text_encoder"])
+            encode_s = time.perf_counter() - t0
+        negatives = iter(enc.negative)
+        steps = batch.key.num_inference_steps
+        conditions, controls, image_encode_s = [None] * len(samples), [None] * len(samples), 0.0
+        if any(s.image is not None or s.control_image is not None for s in samples):
+            # edits and ControlNet: the input images' VAE encode, beside the loop under the VAE's guard (as
+            # ``ZImageEngine.generate`` does it)
+            from .conditioning import encode_conditions, encode_controls
+
+            with self._stage_guard("decode"):
+                t0 = time.perf_counter()
+                conditions = encode_conditions(engine, samples, steps)
+                controls = encode_controls(engine, samples)
+                _sync(engine.devices["vae"])
+                image_encode_s = time.perf_counter() - t0
+        hooks = _OffLoopHook(on_step, engine.devices["transformer"], loop.stats) if on_step is not None else None
+        running = []
+        for r, s, lat, pos, g, cond, ctl in zip(batch.requests, samples, engine.initial_latents(samples),
+                                                enc.positive, guidance, conditions, controls):
+            rs = RunningSample.create(engine, r.request_id, r.tokens, lat, pos, next(negatives) if g > 0 else None,
+                                      g, steps if cond is None else cond.num_inference_steps,
+                                      start=0 if cond is None else cond.start, loras=s.loras, control=ctl,
+                                      control_scale=s.control_scale)
+            if cond is not None:  # img2img / inpainting: from the noised image, its own start, the blend per step
+                rs.latents = cond.initial_latents(rs.scheduler)
+                if cond.mask is not None:
+                    rs.after_step = _edit_blend(cond)
+            running.append(rs)
+        group = Group(running, hooks)
+        del enc, negatives, conditions, controls
+        for r in batch.requests:
+            self._joined[r.request_id] = r
+        try:
+            loop.submit(group)
+            group.done.wait()
+        finally:
+            for r in batch.requests:
+                self._joined.pop(r.request_id, None)
+            if hooks is not None:
+                hooks.close()  # every step's progress (and the final check) is in before the results are made
+        if group.error is not None:
+            raise group.error
+        if all(s.cancelled for s in group.samples):
+            raise CancelledSample(", ".join(s.name for s in group.samples))
+        denoise_s = (group.finished_at or time.perf_counter()) - (group.joined_at or time.perf_counter())
+        with self._stage_guard("decode"):
+            t0 = time.perf_counter()
+            decoded = iter(engine.decode([s.latents for s in group.samples if not s.cancelled]))
+            images = [None if s.cancelled else next(decoded) for s in group.samples]
+            decode_s = time.perf_counter() - t0
+        return images, StageTimes(encode_s=encode_s, denoise_s=denoise_s, decode_s=decode_s,
+                                  total_s=encode_s + image_encode_s + denoise_s + decode_s,
+                                  image_encode_s=image_encode_s)
+
+    def _with_loop_stats(self, emit):
+        """Progress events of a joined call carry the loop's step, running and joined counts (called in the loop
+        thread right after the step, so they are the step's own)."""
+        def wrapped(ev):
+            stamp = getattr(_step_stamp, "value", None)  # the step's own counts, taken by _OffLoopHook
+            if stamp is not None:
+                ev = replace(ev, loop_step=stamp[0], running=stamp[1], joined=stamp[2])
+            emit(ev)
+        return wrapped
+
+    def cancel(self, request_ids: list[str]) -> int:
+        """Requests whose callers went away leave the step loop at its next step; returns how many were there."""
+        names = {i for i in request_ids if i in self._joined}
+        if names and self._loop is not None:
+            self._loop.cancel(names)
+        return len(names)
+
+    def loop_stats(self) -> dict:
+        """The step loop's counters (steps, joins, running, waiting, shrinks), empty before its first call."""
+        from dataclasses import asdict
+
+        return asdict(self._loop.stats) if self._loop is not None else {}
 
     @contextlib.contextmanager
     def _encode_guard(self, stage: str):
@@ -429,6 +630,72 @@ class PipelineWorker:
         from .faults import make_fault
 
         self._fault = make_fault(kind, **kw)
+        self._fault_kind = kind
+
+
+_step_stamp = threading.local()
+
+
+class _OffLoopHook:
+    """A joined call's per-step hook (progress, previews, the final non-finite check: ``screening.StepHook``), run
+    off the step loop's thread, in step order: the loop only copies the clean-latent estimates the hook will read
+    (at preview steps and the last step), so decoding a preview never holds up the other samples' steps."""
+
+    def __init__(self, hook, device, stats=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.hook = hook
+        self.device = device
+        self.stats = stats  # the loop's counters: each event carries those of its own step
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="step-hook")
+        self.error: BaseException | None = None
+
+    def __call__(self, step: int, total: int, denoised) -> None:
+        from .engine import _sync
+
+        wanted = step == total or step in getattr(self.hook, "_plan", {})
+        estimates = [e.clone() for e in denoised()] if wanted and denoised is not None else None
+        if estimates is not None:
+            _sync(self.device)  # the hook reads them on another thread's stream
+        st = self.stats
+        stamp = (st.steps, st.running, st.last_joined) if st is not None else None
+        self.pool.submit(self._run, step, total, (lambda: estimates) if estimates is not None else None, stamp)
+
+    def _run(self, step, total, denoised, stamp) -> None:
+        _step_stamp.value = stamp
+        try:
+            self.hook(step, total, denoised)
+        except Exception as e:  # noqa: BLE001 - a failed preview must not fail the image
+            log.exception("step hook failed at step %d", step)
+            self.error = e
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def resolve_lora(spec, model_cfg: ModelConfig) -> str:
+    """The local path of a ``LoraSpec``: its own path, or the file in a hub snapshot fetched with the base
+    model's cache and offline rules (``actors/loading.py``)."""
+    from pathlib import Path
+
+    if spec.source == "local":
+        return spec.path
+    from .loading import resolve_model
+
+    hub = model_cfg.model_copy(update={"source": spec.source, "model_id": spec.model_id, "revision": spec.revision,
+                                       "local_path": None})
+    root = resolve_model(hub).path
+    return str(Path(root) / spec.path) if spec.path else str(root)
+
+
+def _edit_blend(cond):
+    """The inpainting blend as a step-loop ``after_step`` hook: ``Conditioning.after_step`` with the sample's next
+    timestep (None after its last step), as ``ZImageEngine.denoise`` calls it."""
+    def after_step(s) -> None:
+        nxt = s.scheduler.timesteps[s.step] if s.step < s.num_steps else None
+        s.latents = cond.after_step(s.scheduler, s.latents, nxt)
+
+    return after_step
 
 
 def _graphs_compiled() -> int:

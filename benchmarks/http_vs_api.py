@@ -1,7 +1,10 @@
-"""The same uniform traffic (closed loop, concurrency 8, the config's default size) through the HTTP service and
-through the Python API, one deployment each, one after the other on the same GPU; prints the HTTP/API ratio.
+"""The same traffic (closed loop, concurrency 8; uniform at the config's default size, and any of the varied and
+mixed workloads) through the HTTP service and through the Python API, one deployment each, one after the other on
+the same GPU; prints the HTTP/API ratio per workload and writes both reports (the HTTP one with the server's batch
+sizes, read from its /metrics).
 
-Usage: python3 benchmarks/http_vs_api.py OUT_DIR [REQUESTS] [CONFIG] (default 48, benchmarks/configs/gpu-random.yaml)
+Usage: python3 benchmarks/http_vs_api.py OUT_DIR [REQUESTS] [CONFIG] [WORKLOADS]
+(defaults 48, benchmarks/configs/gpu-random.yaml, uniform; e.g. WORKLOADS uniform,varied,mixed)
 """
 
 import json
@@ -23,7 +26,8 @@ def bench(args: list[str], out: Path) -> dict:
     return json.loads((out / "bench.json").read_text())
 
 
-def main(out_dir: str, n: int = 48, config: str = "benchmarks/configs/gpu-random.yaml") -> int:
+def main(out_dir: str, n: int = 48, config: str = "benchmarks/configs/gpu-random.yaml",
+         workloads: str = "uniform") -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     port = 8011
@@ -31,6 +35,7 @@ def main(out_dir: str, n: int = 48, config: str = "benchmarks/configs/gpu-random
         server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", config, *COMPILE,
                                    "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     t0 = time.perf_counter()
+    http_compiles = None
     try:
         while time.perf_counter() - t0 < 300:
             try:
@@ -40,17 +45,26 @@ def main(out_dir: str, n: int = 48, config: str = "benchmarks/configs/gpu-random
                 pass
             time.sleep(1)
         ready_s = time.perf_counter() - t0
-        http = bench(["--http", f"http://127.0.0.1:{port}", "--label", "http-uniform", "--requests", str(n)],
-                     out / "http")
+        http = bench(["--http", f"http://127.0.0.1:{port}", "--label", "http", "--requests", str(n),
+                      "--workload", workloads], out / "http")
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        http_compiles = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                            if line.startswith("zimage_compilations_total{") and 'phase="serving"' in line)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
-    api = bench([config, *COMPILE, "--label", "api-uniform", "--requests", str(n)], out / "api")
-    h, a = http["runs"][0], api["runs"][0]
-    summary = {"card": api.get("card"), "server_ready_s": round(ready_s, 1), "http_img_s": h["throughput_img_s"],
-               "api_img_s": a["throughput_img_s"],
-               "http_vs_api": round(h["throughput_img_s"] / a["throughput_img_s"], 4),
-               "http_p50_s": h["latency_p50_s"], "api_p50_s": a["latency_p50_s"]}
+    api = bench([config, *COMPILE, "--label", "api", "--requests", str(n), "--workload", workloads], out / "api")
+    summary = {"card": api.get("card"), "server_ready_s": round(ready_s, 1), "api_startup_s": api.get("startup_s"),
+               "compiles_after_ready": api.get("compiles_after_ready"), "http_compiles_after_ready": http_compiles,
+               "workloads": {}}
+    for h, a in zip(http["runs"], api["runs"]):
+        summary["workloads"][a["workload"]] = {
+            "http_img_s": h["throughput_img_s"], "api_img_s": a["throughput_img_s"],
+            "http_vs_api": round(h["throughput_img_s"] / a["throughput_img_s"], 4),
+            "http_mp_s": h["megapixels_s"], "api_mp_s": a["megapixels_s"],
+            "http_p50_s": h["latency_p50_s"], "api_p50_s": a["latency_p50_s"],
+            "http_p99_s": h["latency_p99_s"], "api_p99_s": a["latency_p99_s"],
+            "http_batches": h["batch_sizes"], "api_batches": a["batch_sizes"]}
     (out / "http_vs_api.json").write_text(json.dumps(summary, indent=2))
     print(summary)
     return 0

@@ -28,38 +28,14 @@ from pathlib import Path
 
 from .config import Config, load_config
 from .messages import ImageResult
+from .prompts import PROMPTS, varied_prompt  # noqa: F401 - PROMPTS is part of this module's interface
 
 log = logging.getLogger(__name__)
-
-PROMPTS = [
-    "a photograph of an astronaut riding a horse on mars, cinematic lighting",
-    "a watercolor painting of a quiet harbor town at dawn, soft pastel colors",
-    "a close-up portrait of an elderly fisherman with a weathered face, 85mm lens",
-    "a futuristic city skyline at night with flying cars and neon signs in the rain",
-    "a bowl of steaming ramen with a soft boiled egg, studio food photography",
-    "an isometric illustration of a cozy library with floating books and warm lamps",
-    "a red fox curled up asleep in fresh snow under a pine tree, morning light",
-    "a vintage poster for a steam train journey through snowy mountains",
-]
-
 
 REALISTIC_SIZES = [(512, 512), (1024, 1024), (1024, 768), (768, 1344), (1344, 768)]
 WORKLOADS = ("uniform", "varied", "mixed", "img2img", "inpaint", "edit-mix", "control", "control-mix")
 EDIT_KINDS = {"img2img": ("img2img",), "inpaint": ("inpaint",), "edit-mix": ("t2i", "img2img", "inpaint"),
               "control": ("control",), "control-mix": ("t2i", "control")}
-_WORDS = ("a cinematic photograph of an old lighthouse keeper standing on wet rocks at dawn with waves crashing "
-          "below soft golden light fog rolling in from the sea gulls circling overhead detailed texture on the "
-          "weathered stone walls rusted iron railings a small red boat tied to the pier reflections in shallow "
-          "tide pools distant mountains under pastel clouds shot on medium format film shallow depth of field "
-          "natural colors high dynamic range wide angle composition leading lines towards the horizon quiet "
-          "peaceful mood an illustration in the style of a vintage travel poster bold shapes limited palette").split()
-
-
-def varied_prompt(rng: random.Random, lo: int = 3, hi: int = 160) -> str:
-    """A prompt of ``lo`` to ``hi`` words (uniform), as real users write them: from three words to a paragraph."""
-    n = rng.randint(lo, hi)
-    start = rng.randrange(len(_WORDS))
-    return " ".join(_WORDS[(start + k) % len(_WORDS)] for k in range(n))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -301,6 +277,35 @@ def http_sender(client, url: str, api_key: str | None):
     return send
 
 
+async def server_batch_counts(client, url: str) -> dict[float, float]:
+    """The server's ``zimage_batch_size`` histogram (cumulative count per upper bound) from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = await client.get(f"{url}/metrics")
+    r.raise_for_status()
+    out: dict[float, float] = {}
+    for family in text_string_to_metric_families(r.text):
+        if family.name == "zimage_batch_size":
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    out[float(sample.labels["le"])] = sample.value
+    return out
+
+
+def batch_size_delta(before: dict[float, float], after: dict[float, float]) -> dict[str, int]:
+    """Batches dispatched between two scrapes, by size (a bucket's range where buckets are wider than 1)."""
+    sizes: dict[str, int] = {}
+    prev_le, prev_n = 0.0, 0.0
+    for le in sorted(after):
+        n = after[le] - before.get(le, 0.0)
+        if n - prev_n > 0:
+            lo = int(prev_le) + 1
+            key = "+Inf" if le == float("inf") else (str(int(le)) if lo >= int(le) else f"{lo}-{int(le)}")
+            sizes[key] = int(n - prev_n)
+        prev_le, prev_n = le, n
+    return sizes
+
+
 def _png_size(b64: str) -> tuple[int, int]:
     """(width, height) from a base64 PNG's header (IHDR), without decoding the image."""
     import base64
@@ -444,6 +449,7 @@ async def _bench(args, config: Config) -> dict:
             for kind, value in runs:
                 n = args.requests if kind == "concurrency" else None
                 label = f"{workload}-{'c' if kind == 'concurrency' else 'rate'}{value}"
+                before = await server_batch_counts(client, args.http.rstrip("/")) if client is not None else None
                 with tqdm(total=n, desc=label, unit="img") as bar:
                     if kind == "concurrency":
                         results, elapsed = await closed_loop(send, maker, value, args.requests, bar)
@@ -451,6 +457,9 @@ async def _bench(args, config: Config) -> dict:
                     else:
                         results, elapsed = await open_loop(send, maker, value, args.duration, bar)
                         stats = summarize(label, results, elapsed, rate=value, workload=workload)
+                if before is not None:  # over HTTP the responses carry no batch ids: ask the server
+                    after = await server_batch_counts(client, args.http.rstrip("/"))
+                    stats.batch_sizes = batch_size_delta(before, after)
                 report["runs"].append(asdict(stats))
                 if workload in EDIT_KINDS and getattr(send, "kinds", None) is not None:
                     report["runs"][-1]["batches_by_kinds"] = mixed_batches(results, send.kinds)

@@ -209,8 +209,10 @@ def cmd_plan(args) -> int:
     precision = dict(p.precisions)
     for g in p.gpus:
         comps = [f"{c} ({precision.get(c.split('.', 1)[1], '?')})" for c in g.components]
-        t.add_row(g.node, str(g.gpu), ", ".join(comps) or "-", f"{g.estimated_peak_gib:.1f}",
-                  f"{g.capacity_gib:.1f}")
+        peak = f"{g.estimated_peak_gib:.1f}"
+        if g.load_peak_gib > g.estimated_peak_gib:  # quantized on the device after loading in bf16
+            peak += f" (start-up {g.load_peak_gib:.1f})"
+        t.add_row(g.node, str(g.gpu), ", ".join(comps) or "-", peak, f"{g.capacity_gib:.1f}")
     console.print(t)
     t = Table(title="replicas")
     for col in ("replica", "node", "gpus", "device map", "token budget", "max batch", "largest image"):

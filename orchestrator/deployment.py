@@ -20,10 +20,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from placement import DeploymentSpec, Inventory, PlacementPlan, model_spec, plan, plan_best
+from placement import DeploymentSpec, Inventory, PlacementPlan, model_spec, plan, plan_best, with_loras
 
-from .config import Config, ModelConfig
-from .errors import NotReadyError, ZImageError
+from .config import Config, LoraSpec, ModelConfig
+from .errors import InvalidRequestError, NotReadyError, ReplicaUnavailableError, ZImageError
 from .messages import ImageRequest, ImageResult, ReplicaHealth
 from .replicas import Backend, ReplicaHandle, ReplicaSet, ReplicaSpec, ReplicaState
 from .requests import build_requests, parse_size
@@ -57,7 +57,8 @@ def plan_for(config: Config, inventory: Inventory) -> PlacementPlan:
     m = config.model
     transformer = ["none", "fp8"] if m.quantization == "auto" else [m.quantization]
     text_encoder = ["none", "int8"] if m.text_encoder_quantization == "auto" else [m.text_encoder_quantization]
-    options = [model_spec(m.source, m.dtype, t, te, controlnet=m.controlnet is not None)
+    options = [with_loras(model_spec(m.source, m.dtype, t, te, controlnet=m.controlnet is not None), m.lora_slots,
+                          m.lora_max_rank)
                for te in text_encoder for t in transformer]
     if len(options) == 1:
         return plan(options[0], inventory, deployment_spec(config))
@@ -103,6 +104,12 @@ class Deployment:
         # Ray names (actors, placement groups) carry this, so deployments sharing a namespace never collide.
         self.deployment_id = uuid.uuid4().hex[:8]
         self.ready = False
+        # LoRA adapters every replica holds: the configured ones (loaded at start-up from model.loras) and those
+        # registered at runtime (re-registered on a replica that restarts, before it is live again).
+        self.lora_specs: dict[str, LoraSpec] = {s.name: s for s in config.model.loras}
+        self._runtime_loras: set[str] = set()
+        self._lora_lock = asyncio.Lock()
+        self.replica_set.before_live = self._resync_loras
 
     # ---- start / stop ----------------------------------------------------------------------------------
     @classmethod
@@ -141,16 +148,21 @@ class Deployment:
             if rp.encoder_replica:
                 borrowers[rp.encoder_replica] = borrowers.get(rp.encoder_replica, 0) + 1
         replicas = self.replica_set
+        step = cfg.router.scheduling == "step"
         for rp in self.plan.replicas:  # hosts of a shared text encoder come before the replicas that borrow it
             spec = ReplicaSpec(
                 replica_id=rp.replica_id, node=by_name[rp.node], n_gpus=len(rp.gpus), cpus=d.cpu_per_replica,
                 max_pixels=rp.max_pixels, max_batch_tokens=rp.max_batch_tokens,
-                max_concurrency=d.max_inflight_batches + 1 + borrowers.get(rp.replica_id, 0),
+                # step-level batching: one call per group of requests in its loop, each waiting for its samples,
+                # and one more slot for cancellations
+                max_concurrency=(max(d.max_inflight_batches, cfg.router.max_batch_size) + 1 if step else
+                                 d.max_inflight_batches) + 1 + borrowers.get(rp.replica_id, 0),
                 deployment_id=self.deployment_id, model=model_for_plan(cfg.model, self.plan), device_map=rp.device_map,
                 warmup_sizes=tuple(sizes) if d.warmup else None,
                 warmup_steps=min(2, cfg.defaults.num_inference_steps), torch_threads=d.torch_threads,
                 memory_fraction=d.gpu_memory_limit_gib / mem[rp.node] if d.gpu_memory_limit_gib is not None else None,
                 pipeline_stages=d.pipeline_stages, encoder_replica=rp.encoder_replica,
+                max_batch_size=cfg.router.max_batch_size,
             )
             host = replicas.replicas[rp.encoder_replica] if rp.encoder_replica else None
             replicas.add(backend.make_replica(spec, encoder_host=host))
@@ -249,7 +261,7 @@ class Deployment:
         params.pop("image", None)
         control, scale = params.pop("control_image", None), params.pop("controlnet_conditioning_scale", None)
         requests = build_requests(prompt, defaults=self.config.defaults, limits=self.config.limits,
-                                  max_side=self.max_side, **params)
+                                  max_side=self.max_side, known_loras=self.lora_names, **params)
         if control is not None or scale is not None:
             from .images_api import with_control
 
@@ -270,7 +282,7 @@ class Deployment:
             fields["size"] = f"{width or self.config.defaults.width}x{height or self.config.defaults.height}"
         files = {"image": [file_bytes(i, "image") for i in images],
                  "mask": None if mask is None else file_bytes(mask, "mask")}
-        return parse_edit(fields, files, self.config, self.max_side).requests
+        return parse_edit(fields, files, self.config, self.max_side, known_loras=self.lora_names).requests
 
     async def submit(self, request: ImageRequest, timeout_s: float | None = None, on_progress=None) -> ImageResult:
         if self.router is None:
@@ -285,12 +297,106 @@ class Deployment:
 
     async def generate(self, prompts: str | Sequence[str], **params) -> list[ImageResult]:
         """Generate images for one prompt or many (each fanned out ``n`` times). Parameters: n, width, height,
-        num_inference_steps, guidance_scale, seed, negative_prompt; for an edit, image (one or a list), mask and
-        strength (``edit_requests_for``). Results come back in prompt order; a failed
+        num_inference_steps, guidance_scale, seed, negative_prompt, loras (``[{"name", "scale"}]``); for an edit,
+        image (one or a list), mask and strength (``edit_requests_for``). Results come back in prompt order; a failed
         request is a result with ``ok=False`` and its reason."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         requests = [r for p in prompts for r in self.requests_for(p, **params)]
         return list(await asyncio.gather(*self.admit(requests)))
+
+    # ---- per-request LoRA -------------------------------------------------------------------------------
+    @property
+    def lora_names(self) -> frozenset[str]:
+        """The adapters requests may name (``loras``)."""
+        return frozenset(self.lora_specs)
+
+    async def register_lora(self, name: str, path: str | None = None, **spec) -> dict:
+        """Load an adapter on every replica (``path`` local to each replica's machine, or ``source`` /
+        ``model_id`` / ``revision`` for a hub), all or none: a bad adapter is an ``InvalidRequestError`` naming
+        ``path`` and the reason, and no replica keeps it. Replaces an adapter of the same name. Returns what
+        ``loras()`` says of it."""
+        if self.config.model.lora_slots <= 0:
+            raise InvalidRequestError("per-request LoRA is off in this deployment: set model.lora_max_resident "
+                                      "above 0 (or configure model.loras)", param="name")
+        try:
+            lora = LoraSpec(name=name, path=path, **spec)
+        except ValueError as e:
+            raise InvalidRequestError(f"invalid adapter: {_first_error(e)}",
+                                      param=_first_loc(e) or "name") from None
+        async with self._lora_lock:
+            handles = list(self.replicas.values())
+            if not handles:
+                raise NotReadyError("no replica to load the adapter on")
+            outs = await asyncio.gather(*(h.call("register_lora", lora.model_dump()) for h in handles),
+                                        return_exceptions=True)
+            loaded = [h for h, o in zip(handles, outs) if not isinstance(o, BaseException) and o["ok"]]
+            refused = [o["error"] for o in outs if not isinstance(o, BaseException) and not o["ok"]]
+            bad = [(h.replica_id, o) for h, o in zip(handles, outs) if isinstance(o, BaseException)]
+            if refused or not loaded:  # all or none
+                await asyncio.gather(*(h.call("unregister_lora", lora.name) for h in loaded), return_exceptions=True)
+                if refused:
+                    raise InvalidRequestError(f"adapter {lora.name!r} could not be loaded: {refused[0]}",
+                                              param="path")
+                raise NotReadyError(f"no replica could load adapter {lora.name!r}: {bad[0][1]}")
+            for rid, e in bad:  # down replicas: they get it when they come back (before_live)
+                log.warning("LoRA %s: replica %s unreachable (%s); it loads the adapter when it is back", lora.name,
+                            rid, e)
+            self.lora_specs[lora.name] = lora
+            self._runtime_loras.add(lora.name)
+        log.info("LoRA %s registered on %d replica(s)", lora.name, len(loaded))
+        return next(i for i in await self.loras() if i["name"] == lora.name)
+
+    async def unregister_lora(self, name: str) -> bool:
+        """Remove an adapter from every replica; False when no adapter has that name. Requests already queued
+        with it fail with a 400 naming ``loras``."""
+        async with self._lora_lock:
+            if self.lora_specs.pop(name, None) is None:
+                return False
+            self._runtime_loras.discard(name)
+            await asyncio.gather(*(h.call("unregister_lora", name) for h in self.replicas.values()),
+                                 return_exceptions=True)
+        log.info("LoRA %s removed", name)
+        return True
+
+    async def loras(self) -> list[dict]:
+        """Every adapter: name, source, rank, modules, bytes, and per replica where it is (``gpu``: resident on
+        the transformer's device, ``host``: in host memory, copied in for a batch that needs it)."""
+        async def ask(h):
+            try:
+                return h.replica_id, await asyncio.wait_for(h.call("loras"), 30)
+            except Exception as e:  # noqa: BLE001 - a replica down is reported, not raised
+                log.debug("LoRA list of replica %s: %s", h.replica_id, e)
+                return h.replica_id, None
+
+        answers = await asyncio.gather(*(ask(h) for h in self.live()))
+        out = []
+        for name, spec in sorted(self.lora_specs.items()):
+            entry = {"name": name, "source": spec.source, "path": spec.path, "model_id": spec.model_id,
+                     "runtime": name in self._runtime_loras, "replicas": {}}
+            for rid, infos in answers:
+                info = next((i for i in infos or () if i["name"] == name), None)
+                if info is None:
+                    continue
+                entry.update(rank=info["rank"], modules=info["modules"], bytes=info["bytes"])
+                entry["replicas"][rid] = "gpu" if info["resident"] else "host"
+            out.append(entry)
+        return out
+
+    async def _resync_loras(self, replica_id: str, handle: ReplicaHandle) -> None:
+        """A restarted replica loaded only the configured adapters: give it the runtime ones again."""
+        for name in sorted(self._runtime_loras):
+            spec = self.lora_specs.get(name)
+            if spec is None:
+                continue
+            try:
+                out = await handle.call("register_lora", spec.model_dump())
+            except (NotReadyError, ReplicaUnavailableError):
+                raise  # not back yet: the replica set asks again
+            except ZImageError as e:  # one adapter must not keep a replica out of rotation
+                out = {"ok": False, "error": str(e)}
+            if not out["ok"]:
+                log.error("replica %s: LoRA %s no longer loads after its restart: %s", replica_id, name,
+                          out["error"])
 
     async def replica_health(self) -> dict[str, ReplicaHealth | str]:
         out: dict[str, ReplicaHealth | str] = {}
@@ -303,6 +409,21 @@ class Deployment:
             except Exception as e:  # noqa: BLE001 - report, don't raise
                 out[rid] = f"unreachable: {e}"
         return out
+
+
+def _first_error(e: ValueError) -> str:
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        return f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}" if first["loc"] else first["msg"]
+    return str(e)
+
+
+def _first_loc(e: ValueError) -> str | None:
+    errors = getattr(e, "errors", None)
+    if callable(errors) and errors() and errors()[0]["loc"]:
+        return str(errors()[0]["loc"][0])
+    return None
 
 
 class ZImageClient:
@@ -328,6 +449,15 @@ class ZImageClient:
                 raise ZImageError(f"request {r.request_id} failed: {r.error}")
             images.append(r.pil())
         return images
+
+    def register_lora(self, name: str, path: str | None = None, **spec) -> dict:
+        return self._call(self.deployment.register_lora(name, path, **spec))
+
+    def unregister_lora(self, name: str) -> bool:
+        return self._call(self.deployment.unregister_lora(name))
+
+    def loras(self) -> list[dict]:
+        return self._call(self.deployment.loras())
 
     def close(self) -> None:
         try:

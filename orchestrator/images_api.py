@@ -21,16 +21,17 @@ Every field of OpenAI's ``CreateImageRequest`` is either implemented or refused 
 | ``user``, ``safety_identifier`` | accepted and written to the log with the request id |
 
 Extensions (top-level fields other diffusion servers use): ``seed``, ``num_inference_steps`` (wins over
-``quality``), ``guidance_scale``, ``negative_prompt``; ``control_image`` (a base64 image) and
-``controlnet_conditioning_scale`` with ``model.controlnet`` (``with_control``). ``POST /v1/images/edits``:
-``parse_edit`` / ``parse_json_edit`` below (docs/conditioning.md).
-Responses carry only spec fields, plus ``seed`` per image
+``quality``), ``guidance_scale``, ``negative_prompt``, ``loras`` (per-request LoRA adapters,
+``[{"name", "scale"}]``); ``control_image`` (a base64 image) and ``controlnet_conditioning_scale`` with
+``model.controlnet`` (``with_control``). ``POST /v1/images/edits``: ``parse_edit`` / ``parse_json_edit`` below
+(docs/conditioning.md). Responses carry only spec fields, plus ``seed`` per image
 (and ``index``/``seed``/``width``/``height`` in stream events) as extra fields.
 """
 
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass, replace
 
 from .config import Config
@@ -42,7 +43,7 @@ from .requests import build_requests, check_text, parse_size, shown
 SPEC_FIELDS = ("prompt", "model", "n", "quality", "response_format", "output_format", "output_compression",
                "stream", "partial_images", "size", "moderation", "background", "style", "user")
 CLIENT_FIELDS = ("safety_identifier",)  # sent by the official client; not in the published document
-EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "control_image",
+EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "loras", "control_image",
               "controlnet_conditioning_scale")
 ACCEPTED = frozenset(SPEC_FIELDS + CLIENT_FIELDS + EXTENSIONS)
 
@@ -91,8 +92,9 @@ def _identifier(payload: dict, name: str) -> str | None:
     return v
 
 
-def parse_generation(payload, config: Config, max_side: int | None = None) -> ImageCall:
-    """Validate a request body (already JSON-decoded) against the spec and this deployment's limits."""
+def parse_generation(payload, config: Config, max_side: int | None = None, known_loras=None) -> ImageCall:
+    """Validate a request body (already JSON-decoded) against the spec and this deployment's limits.
+    ``known_loras``: the LoRA adapters registered (the ``loras`` extension names them; None: not checked)."""
     if not isinstance(payload, dict):
         raise InvalidRequestError("request body must be a JSON object")
     unknown = sorted(k for k in payload if k not in ACCEPTED)
@@ -142,7 +144,7 @@ def parse_generation(payload, config: Config, max_side: int | None = None) -> Im
         guidance_scale=payload.get("guidance_scale"), seed=payload.get("seed"),
         negative_prompt=payload.get("negative_prompt"), max_side=max_side,
         partial_images=payload.get("partial_images") if stream else _partials_unused(payload),
-        trace_id=current_request_id(),
+        trace_id=current_request_id(), loras=payload.get("loras"), known_loras=known_loras,
     )
     if payload.get("control_image") is not None or payload.get("controlnet_conditioning_scale") is not None:
         requests = with_control(requests, payload.get("control_image"),
@@ -185,12 +187,13 @@ def _partials_unused(payload: dict) -> int:
 EDIT_SPEC_FIELDS = ("image", "prompt", "mask", "background", "model", "n", "size", "response_format",
                     "output_format", "output_compression", "user", "input_fidelity", "stream", "partial_images",
                     "quality")
-EDIT_EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "strength", "control_image",
-                   "controlnet_conditioning_scale")
+EDIT_EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "strength", "loras",
+                   "control_image", "controlnet_conditioning_scale")
 EDIT_ACCEPTED = frozenset(EDIT_SPEC_FIELDS + CLIENT_FIELDS + EDIT_EXTENSIONS)
 _INTEGER_FIELDS = ("n", "output_compression", "partial_images", "seed", "num_inference_steps")
 _NUMBER_FIELDS = ("guidance_scale", "strength", "controlnet_conditioning_scale")
 _BOOLEAN_FIELDS = ("stream",)
+_JSON_FIELDS = ("loras",)  # a multipart text field holding JSON (``loras=[{"name": "x", "scale": 0.8}]``)
 _FILE_FIELDS = ("image", "mask")
 
 
@@ -213,6 +216,12 @@ def _form_value(name: str, value):
     except ValueError:
         kind = "an integer" if name in _INTEGER_FIELDS else "a number"
         raise InvalidRequestError(f"{name} must be {kind}, got {shown(value)}", param=name) from None
+    if name in _JSON_FIELDS:
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise InvalidRequestError(f"{name} must be JSON (e.g. [{{\"name\": \"style\", \"scale\": 0.8}}]), "
+                                      f"got {shown(value)}", param=name) from None
     if name in _BOOLEAN_FIELDS:
         if text.lower() not in ("true", "false"):
             raise InvalidRequestError(f"{name} must be true or false, got {shown(value)}", param=name)
@@ -224,7 +233,7 @@ JSON_EDIT_FIELDS = ("images", "mask", "prompt", "model", "n", "quality", "input_
                     "output_format", "output_compression", "moderation", "background", "stream", "partial_images")
 
 
-def parse_json_edit(payload, config: Config, max_side: int | None = None) -> ImageCall:
+def parse_json_edit(payload, config: Config, max_side: int | None = None, known_loras=None) -> ImageCall:
     """The spec's JSON form of an edit (``EditImageBodyJsonParam``): ``images`` (1-16 ``{"image_url"}``) and
     ``mask`` as base64 ``data:`` URLs (``file_id`` and network URLs are refused: no Files API, no fetching), the
     other fields as in multipart (plus ``moderation``, accepted as for generations), JSON-typed."""
@@ -244,11 +253,11 @@ def parse_json_edit(payload, config: Config, max_side: int | None = None) -> Ima
     files = {"image": [data_url_bytes(ref, "images") for ref in images],
              "mask": None if payload.get("mask") is None else data_url_bytes(payload["mask"], "mask")}
     fields = {k: v for k, v in payload.items() if k not in ("images", "mask")}
-    return parse_edit(fields, files, config, max_side, typed=True, image_param="images")
+    return parse_edit(fields, files, config, max_side, typed=True, image_param="images", known_loras=known_loras)
 
 
 def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None = None, typed: bool = False,
-               image_param: str = "image") -> ImageCall:
+               image_param: str = "image", known_loras=None) -> ImageCall:
     """Validate an edit: ``fields`` the multipart text fields (name -> text, or a typed value from the Python
     API), ``files`` ``{"image": [bytes, ...], "mask": bytes | None}``. Every field of OpenAI's
     ``CreateImageEditRequest``:
@@ -266,7 +275,8 @@ def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None =
 
     Extensions: ``strength`` (0-1, default ``defaults.strength``, ``defaults.inpaint_strength`` with a mask: the
     image runs the last ``steps_run(num_inference_steps, strength)`` steps of its schedule), ``seed``,
-    ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``. The image rules are
+    ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``loras`` (as for generations; in multipart
+    a JSON text field, checked against ``known_loras``). The image rules are
     ``orchestrator/image_input.py``'s."""
     from .image_input import prepare_edit
 
@@ -299,14 +309,14 @@ def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None =
     size = payload.get("size")
     explicit = size is not None and size != "auto"
     if explicit:
-        call = parse_generation(payload, config, max_side)  # validates size before any image is resized
+        call = parse_generation(payload, config, max_side, known_loras)  # validates size before any image is resized
         inputs = prepare_edit(images, files.get("mask"), (call.requests[0].width, call.requests[0].height),
                               config.limits, max_side, image_param)
     else:
         inputs = prepare_edit(images, files.get("mask"), None, config.limits, max_side, image_param)
         payload["size"] = f"{inputs.width}x{inputs.height}"
     payload["n"] = n * len(images) if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else n
-    call = parse_generation(payload, config, max_side)
+    call = parse_generation(payload, config, max_side, known_loras)
     requests = []
     for i, r in enumerate(call.requests):
         k = i // n

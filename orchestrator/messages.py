@@ -65,6 +65,7 @@ class ImageRequest:
     # ControlNet (actors/controlnet.py): the control image, uint8 [height, width, 3], and its conditioning scale.
     control_image: Any = field(default=None, compare=False, repr=False)
     control_scale: float = 0.75
+    loras: tuple[tuple[str, float], ...] = ()  # per-request LoRA: (adapter name, scale), applied in this order
 
     @property
     def steps_run(self) -> int:
@@ -93,6 +94,9 @@ class ImageRequest:
 class Batch:
     batch_id: int
     requests: tuple[ImageRequest, ...]
+    # Step-level batching (router.scheduling=step): the replica's running step loop takes these requests in at its
+    # next step instead of running them as a batch of their own (actors/steploop.py).
+    joinable: bool = False
 
     @property
     def key(self) -> BatchKey:
@@ -264,3 +268,8 @@ class StepProgress:
     step: int
     total_steps: int
     previews: tuple = ()
+    # Step-level batching only: the replica's loop step this came from, the samples that ran in it and the samples
+    # that joined at it (the router's metrics).
+    loop_step: int = 0
+    running: int = 0
+    joined: int = 0

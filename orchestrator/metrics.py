@@ -54,6 +54,14 @@ class PrometheusObserver(RouterObserver):
                                       registry=r)
         self.http = Counter("zimage_http_responses_total", "HTTP responses by status code (5xx: server faults).",
                             ["status"], registry=r)
+        # step-level batching (router.scheduling=step)
+        self.loop_running = Gauge("zimage_replica_running_samples", "Samples in the replica's step loop at its latest "
+                                  "step (step-level batching).", ["replica"], registry=r)
+        self.loop_joins = Histogram("zimage_step_joins", "Samples that joined a replica's step loop at a step "
+                                    "(step-level batching).", buckets=(0,) + BATCH_BUCKETS, registry=r)
+        self.time_to_first_step = Histogram("zimage_time_to_first_step_seconds",
+                                            "Time from arrival to a request's first denoising step.",
+                                            buckets=LATENCY_BUCKETS, registry=r)
         self._inflight: dict[str, int] = {}
 
     def bind(self, router) -> None:
@@ -80,6 +88,16 @@ class PrometheusObserver(RouterObserver):
             self.stage.labels("decode").observe(st.decode_s)
             if st.image_encode_s > 0:  # batches with edits: the input images' VAE encode
                 self.stage.labels("image_encode").observe(st.image_encode_s)
+
+    def first_step(self, replica_id: str, waited_s: float) -> None:
+        self.time_to_first_step.observe(waited_s)
+
+    def loop_step(self, replica_id: str, running: int, joined: int) -> None:
+        self.loop_running.labels(replica_id).set(running)
+        self.loop_joins.observe(joined)
+
+    def loop_idle(self, replica_id: str) -> None:
+        self.loop_running.labels(replica_id).set(0)
 
     def finished(self, result: ImageResult) -> None:
         if result.ok:

@@ -212,6 +212,10 @@ class RayReplica:
             raise ReplicaError(f"replica {self.replica_id} ended batch {batch.batch_id} without a result")
         return result
 
+    async def cancel(self, request_ids: list[str]) -> int:
+        """Step-level batching: these requests leave the replica's step loop at its next step."""
+        return await self.call("cancel", request_ids)
+
     async def health(self) -> ReplicaHealth:
         return await _await(self.actor.health.remote())
 
@@ -265,7 +269,8 @@ class RayBackend:
             spec.replica_id, spec.node, spec.n_gpus, spec.cpus, spec.max_pixels, spec.max_batch_tokens,
             worker_kwargs=dict(model=spec.model, device_map=spec.device_map, warmup=warmup,
                                torch_threads=spec.torch_threads, memory_fraction=spec.memory_fraction,
-                               pipeline_stages=spec.pipeline_stages, encoder=encoder),
+                               pipeline_stages=spec.pipeline_stages, encoder=encoder,
+                               max_batch_tokens=spec.max_batch_tokens, max_batch_size=spec.max_batch_size or None),
             max_concurrency=spec.max_concurrency,
             deployment_id=spec.deployment_id,
         )

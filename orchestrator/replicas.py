@@ -102,6 +102,7 @@ class ReplicaSpec:
     memory_fraction: float | None
     pipeline_stages: bool
     encoder_replica: str | None  # the replica whose text encoder this one borrows
+    max_batch_size: int = 0  # most samples in its step loop's running set (step-level batching); 0: no limit
 
 
 class Backend(Protocol):
@@ -151,6 +152,8 @@ class ReplicaSet:
         self.clock = clock or MonotonicClock()
         self.observer = observer or RouterObserver()
         self.on_change = on_change  # (replica_id, new state, reason) after every transition
+        # Awaited with a restarted replica before it is live again (the deployment re-registers runtime LoRAs).
+        self.before_live: Callable[[str, ReplicaHandle], Awaitable[None]] | None = None
         self.health: dict[str, ReplicaHealth] = {}  # as of its last (re)start
         self.events: list[tuple[float, str, str]] = []  # (wall time, replica, what happened): faults and recoveries
         self._members: dict[str, _Member] = {}
@@ -347,6 +350,13 @@ class ReplicaSet:
                 if same_process_since is None:
                     same_process_since = clock.now()
                 if clock.now() - same_process_since < OLD_PROCESS_GRACE_S:
+                    await clock.sleep(RETRY_S)
+                    continue
+            if self.before_live is not None:
+                try:
+                    await self.before_live(replica_id, handle)
+                except (ReplicaUnavailableError, NotReadyError) as e:
+                    log.debug("replica %s not back yet: %s", replica_id, e)
                     await clock.sleep(RETRY_S)
                     continue
             self.health[replica_id] = h

@@ -66,6 +66,51 @@ def _check_int(name: str, v, lo: int, hi: int, hint: str = "", param: str | None
     return v
 
 
+MAX_LORAS_PER_REQUEST = 8
+LORA_SCALE_LIMIT = 10.0
+
+
+def parse_loras(value, known=None) -> tuple[tuple[str, float], ...]:
+    """The ``loras`` extension: ``[{"name": "style-a", "scale": 0.8}, ...]`` (scale defaults to 1; the Python API
+    may also pass ``(name, scale)`` pairs) -> ``((name, scale), ...)``. ``known``: the registered adapter names
+    (None: not checked here)."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRequestError(f"loras must be a list of {{\"name\", \"scale\"}} objects, got {shown(value)}",
+                                  param="loras")
+    if len(value) > MAX_LORAS_PER_REQUEST:
+        raise InvalidRequestError(f"loras lists {len(value)} adapters; at most {MAX_LORAS_PER_REQUEST} per request",
+                                  param="loras")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, (list, tuple)) and len(item) == 2:
+            item = {"name": item[0], "scale": item[1]}
+        if not isinstance(item, dict):
+            raise InvalidRequestError(f"loras[{i}] must be an object {{\"name\": ..., \"scale\": ...}}, got "
+                                      f"{shown(item)}", param="loras")
+        extra = sorted(k for k in item if k not in ("name", "scale"))
+        if extra:
+            raise InvalidRequestError(f"loras[{i}] has unknown field(s) {', '.join(shown(k, 30) for k in extra)}; "
+                                      f"accepted: name, scale", param="loras")
+        name, scale = item.get("name"), item.get("scale", 1.0)
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError(f"loras[{i}].name must be an adapter's name (a string), got {shown(name)}",
+                                      param="loras")
+        if scale is None:
+            scale = 1.0
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale \
+                or abs(scale) > LORA_SCALE_LIMIT:
+            raise InvalidRequestError(f"loras[{i}].scale must be a number from -{LORA_SCALE_LIMIT:g} to "
+                                      f"{LORA_SCALE_LIMIT:g}, got {shown(scale)}", param="loras")
+        if known is not None and name not in known:
+            names = ", ".join(sorted(known)[:20]) or "none"
+            raise InvalidRequestError(f"unknown LoRA adapter {shown(name)}; registered: {names} (GET /v1/loras "
+                                      f"lists them, POST /v1/loras adds one)", param="loras")
+        out.append((name, float(scale)))
+    return tuple(out)
+
+
 def build_requests(
     prompt,
     *,
@@ -82,11 +127,14 @@ def build_requests(
     max_side: int | None = None,
     partial_images: int | None = None,
     trace_id: str | None = None,
+    loras=None,
+    known_loras=None,
 ) -> list[ImageRequest]:
     """Validate one prompt's parameters and fan ``n`` out into ``n`` requests with seeds seed, seed+1, ...
     ``None`` means the default for every parameter. ``max_side``: the longest side the model can place
     (``Deployment.max_side``); ``partial_images``: preview images per request while streaming (0-3);
-    ``trace_id`` (the HTTP request's X-Request-ID) goes on every one of them, for log lines."""
+    ``trace_id`` (the HTTP request's X-Request-ID) goes on every one of them, for log lines. ``loras``: per-request
+    LoRA adapters (``parse_loras``), checked against ``known_loras`` when given."""
     if not isinstance(prompt, str):
         raise InvalidRequestError(f"prompt must be a string, got {type(prompt).__name__}", param="prompt")
     if not prompt.strip():
@@ -132,6 +180,7 @@ def build_requests(
     else:
         seed = _check_int("seed", seed, 0, SEED_MAX - limits.max_n)
     partial_images = 0 if partial_images is None else _check_int("partial_images", partial_images, 0, 3)
+    adapters = parse_loras(loras, known_loras)
     base = request_id or uuid.uuid4().hex[:16]
     return [
         ImageRequest(
@@ -145,6 +194,7 @@ def build_requests(
             negative_prompt=negative_prompt if guidance > 0 else None,
             partial_images=partial_images,
             trace_id=trace_id or "",
+            loras=adapters,
         )
         for i in range(n)
     ]

@@ -12,6 +12,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from .config import RouterConfig
@@ -74,6 +75,15 @@ class RouterObserver:
     def replica_event(self, replica_id: str, event: str) -> None:
         """A replica was lost, hung, came back or was dropped (the deployment reports these)."""
 
+    def first_step(self, replica_id: str, waited_s: float) -> None:
+        """A request ran its first denoising step, ``waited_s`` after it arrived."""
+
+    def loop_step(self, replica_id: str, running: int, joined: int) -> None:
+        """Step-level batching: a replica's loop ran a step with ``running`` samples, ``joined`` of them new."""
+
+    def loop_idle(self, replica_id: str) -> None:
+        """Step-level batching: a replica's loop has nothing left to run."""
+
 
 class BatchTimer:
     """How long a batch may run before it counts as hung: ``hang_factor`` times the expected time, learned per
@@ -95,10 +105,45 @@ class BatchTimer:
             return self.first
         return max(self.floor, self.factor * rate * self.work(batch))
 
+    def expected(self, replica_id: str, batch: Batch) -> float | None:
+        """The batch's expected compute time on this replica, once one batch has been timed there."""
+        rate = self._rate.get(replica_id)
+        return None if rate is None else rate * self.work(batch)
+
     def observe(self, replica_id: str, batch: Batch, seconds: float) -> None:
         rate = seconds / max(1.0, self.work(batch))
         old = self._rate.get(replica_id)
         self._rate[replica_id] = rate if old is None else 0.8 * old + 0.2 * rate
+
+
+class ReplicaWork:
+    """When a replica's dispatched work will be done, estimated from the expected time of each outstanding batch
+    (they run one after another; the head started when its predecessor came back, or when it was dispatched to an
+    idle replica). The scheduler uses it to hand a busy replica a partial batch only near the end of its work."""
+
+    LEAD = 0.25  # a partial batch may go once the last outstanding batch is this far from its expected end
+
+    def __init__(self, timer: BatchTimer):
+        self.timer = timer
+        self._batches: dict[str, dict[int, Batch]] = {}  # replica -> outstanding batches by id, in dispatch order
+        self._head_since: dict[str, float] = {}
+
+    def dispatched(self, replica_id: str, batch: Batch, now: float) -> None:
+        queue = self._batches.setdefault(replica_id, {})
+        if not queue:
+            self._head_since[replica_id] = now
+        queue[batch.batch_id] = batch
+
+    def returned(self, replica_id: str, batch_id: int, now: float) -> None:
+        self._batches.get(replica_id, {}).pop(batch_id, None)
+        self._head_since[replica_id] = now
+
+    def partial_after(self, replica_id: str) -> float | None:
+        """None while nothing is outstanding or no batch has been timed on this replica yet."""
+        times = [self.timer.expected(replica_id, b) for b in self._batches.get(replica_id, {}).values()]
+        if not times or times[0] is None:
+            return None
+        return self._head_since[replica_id] + sum(times) - self.LEAD * times[-1]
 
 
 # ---- the router --------------------------------------------------------------------------------------------
@@ -118,6 +163,7 @@ class Router:
         self.max_inflight = max_inflight_batches
         self.scheduler = BatchScheduler(config.max_batch_size, config.max_wait_ms / 1000.0, config.queue_limit)
         self.timer = BatchTimer(config)
+        self.work = ReplicaWork(self.timer)
         self._outstanding: dict[str, int] = {}
         self._last_used: dict[str, int] = {}
         self._running: dict[str, Pending] = {}  # request_id -> pending, dispatched and not yet answered
@@ -126,6 +172,13 @@ class Router:
         self._task: asyncio.Task | None = None
         self._inflight_tasks: set[asyncio.Task] = set()
         self._accepting = True
+        # Step-level batching (router.scheduling=step; the benchmark switches it on a warm deployment): what each
+        # replica's running set holds, so new work joins within its budget, and where each request runs.
+        self.scheduling = config.scheduling
+        self._inflight_tokens: dict[str, int] = {}
+        self._inflight_images: dict[str, int] = {}
+        self._where: dict[str, str] = {}  # request_id -> replica_id, while dispatched
+        self._loop_steps: dict[str, int] = {}  # replica_id -> latest loop step seen (metrics count each once)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -233,6 +286,8 @@ class Router:
             if self.scheduler.remove(p):
                 log.info("request %s cancelled by its caller before it ran", p.request.request_id)
                 self.observer.finished(self._error_result(p, "cancelled by the client", FailureKind.CANCELLED))
+            else:
+                self._cancel_running(p)
             raise
 
     # ---- the loop ----------------------------------------------------------------------------------------
@@ -242,8 +297,11 @@ class Router:
             try:
                 now = self.clock.now()
                 self._expire(now)
-                for replica_id, pendings in self.scheduler.schedule(now, self._free()):
-                    self._dispatch(replica_id, pendings, now)
+                # Until nothing more is ready: one pass gives each free replica at most one batch, and a replica
+                # that keeps several in flight may take another at once.
+                while decisions := self.scheduler.schedule(now, self._free()):
+                    for replica_id, pendings in decisions:
+                        self._dispatch(replica_id, pendings, now)
                 deadline = self._next_deadline(self._free())  # after dispatching: who is still free
             except Exception:  # noqa: BLE001 - a bug here must not silently stop all serving
                 log.exception("router loop error; continuing")
@@ -255,16 +313,21 @@ class Router:
             self._finish(p, self._timeout_result(p, now, "while queued"))
         for p in list(self._running.values()):
             if p.deadline <= now:
+                self._cancel_running(p)
                 self._finish(p, self._timeout_result(p, now, "while running"))
 
     def _dispatch(self, replica_id: str, pendings: list[Pending], now: float) -> None:
         replica = self._replica(replica_id)
-        batch = Batch(next(self._batch_ids), tuple(p.request for p in pendings))
+        batch = Batch(next(self._batch_ids), tuple(p.request for p in pendings), joinable=self.scheduling == "step")
         for p in pendings:
             p.attempts += 1
             self._running[p.request.request_id] = p
+            self._where[p.request.request_id] = replica_id
         self._outstanding[replica_id] = self._outstanding.get(replica_id, 0) + 1
+        self._inflight_tokens[replica_id] = self._inflight_tokens.get(replica_id, 0) + batch.tokens
+        self._inflight_images[replica_id] = self._inflight_images.get(replica_id, 0) + len(batch)
         self._last_used[replica_id] = batch.batch_id
+        self.work.dispatched(replica_id, batch, now)
         self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings])
         with batch_log_context(batch):  # the batch task's log lines carry its requests' ids
             log.debug("batch %d: %d images, %d tokens, %s -> %s", batch.batch_id, len(batch), batch.tokens,
@@ -293,28 +356,63 @@ class Router:
                 return
             self._deliver(batch, pendings, out)
         finally:
-            self._outstanding[replica.replica_id] = max(0, self._outstanding.get(replica.replica_id, 1) - 1)
+            rid = replica.replica_id
+            self._outstanding[rid] = max(0, self._outstanding.get(rid, 1) - 1)
+            self._inflight_tokens[rid] = max(0, self._inflight_tokens.get(rid, 0) - batch.tokens)
+            self._inflight_images[rid] = max(0, self._inflight_images.get(rid, 0) - len(batch))
+            for p in pendings:
+                if self._where.get(p.request.request_id) == rid:
+                    del self._where[p.request.request_id]
+            if batch.joinable and not self._inflight_images[rid]:
+                self.observer.loop_idle(rid)
+            self.work.returned(replica.replica_id, batch.batch_id, self.clock.now())
             self.observer.batch_done(replica.replica_id, out)
             self._wake.set()
 
     async def _run_watched(self, replica: Replica, batch: Batch, pendings: list[Pending]) -> BatchResult:
-        """Run the batch; raise ``ReplicaHungError`` if it outlives the hang limit."""
+        """Run the batch; raise ``ReplicaHungError`` if it outlives the hang limit. A joinable batch (step-level
+        batching) always streams progress: every step restarts its hang clock, and the first step and the loop's
+        occupancy feed the metrics."""
         listeners = [p.progress for p in pendings if p.progress is not None]
-        if listeners:
-            call = replica.run(batch, on_progress=lambda ev: [f(ev) for f in listeners])
+        stepped = asyncio.Event()
+        first = []
+
+        def on_step(ev: StepProgress) -> None:
+            stepped.set()
+            if not first:
+                first.append(True)
+                now = self.clock.now()
+                for p in pendings:
+                    self.observer.first_step(replica.replica_id, now - p.enqueued_at)
+            if ev.loop_step > self._loop_steps.get(replica.replica_id, 0):
+                self._loop_steps[replica.replica_id] = ev.loop_step
+                self.observer.loop_step(replica.replica_id, ev.running, ev.joined)
+            for f in listeners:
+                f(ev)
+
+        if batch.joinable or listeners:
+            call = replica.run(batch, on_progress=on_step)
         else:
             call = replica.run(batch)
         run = asyncio.ensure_future(call)
         limit = self.timer.limit(replica.replica_id, batch)
         started = self.clock.now()
-        alarm = asyncio.ensure_future(self.clock.sleep(limit))
-        try:
-            await asyncio.wait({run, alarm}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            alarm.cancel()
+        while True:
+            alarm = asyncio.ensure_future(self.clock.sleep(limit))
+            beat = asyncio.ensure_future(stepped.wait())
+            try:
+                await asyncio.wait({run, alarm} | ({beat} if batch.joinable else set()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                alarm.cancel()
+                beat.cancel()
+            if run.done() or not batch.joinable or not stepped.is_set():
+                break
+            stepped.clear()  # a step ran: the hang clock starts again
         if not run.done():
             run.cancel()
-            raise ReplicaHungError(f"batch {batch.batch_id} ran {limit:.0f}s, past its hang limit "
+            what = "without a step" if batch.joinable else ""
+            raise ReplicaHungError(f"batch {batch.batch_id} ran {limit:.0f}s {what}, past its hang limit "
                                    f"(router.hang_factor x expected, at least router.hang_min_s)")
         out = run.result()
         if out.results and all(r.ok for r in out.results):
@@ -388,12 +486,52 @@ class Router:
     def _capacities(self) -> list[ReplicaCapacity]:
         return [
             ReplicaCapacity(r.replica_id, r.max_pixels, r.max_batch_tokens, self._outstanding.get(r.replica_id, 0),
-                            self._last_used.get(r.replica_id, -1))
+                            self._last_used.get(r.replica_id, -1), self.work.partial_after(r.replica_id))
             for r in self.pool.live()
         ]
 
     def _free(self) -> list[ReplicaCapacity]:
+        if self.scheduling == "step":
+            return self._room()
         return [c for c in self._capacities() if c.outstanding < self.max_inflight]
+
+    def _room(self) -> list[ReplicaCapacity]:
+        """Step-level batching: each live replica with room in its running set, as a capacity of that room (tokens
+        and samples left). The oldest waiting request is never overtaken: a replica that could run it but has no
+        room for it yet takes nothing new until it has (its running samples leave within their steps)."""
+        oldest = self.scheduler.oldest()
+        out = []
+        for c in self._capacities():
+            tokens = c.max_batch_tokens - self._inflight_tokens.get(c.replica_id, 0)
+            images = self.config.max_batch_size - self._inflight_images.get(c.replica_id, 0)
+            if images <= 0 or tokens <= 0:
+                continue
+            if c.outstanding and oldest is not None and c.fits(oldest.request) and oldest.request.tokens > tokens:
+                continue
+            # an idle replica takes any request it can run, even one over its budget (it runs alone)
+            budget = tokens if c.outstanding else c.max_batch_tokens
+            # partial_after (whole-batch mode's wait for a busy replica's batch to near its end) does not apply:
+            # work joins a running loop at its next step
+            out.append(replace(c, max_batch_tokens=budget, max_images=images, partial_after=None))
+        return out
+
+    def _cancel_running(self, p: Pending) -> None:
+        """Step-level batching: a dispatched request whose caller went away (or that timed out) leaves its replica's
+        loop at the next step, freeing its room."""
+        replica_id = self._where.get(p.request.request_id)
+        if self.scheduling != "step" or replica_id is None:
+            return
+        try:
+            replica = self._replica(replica_id)
+        except KeyError:
+            return
+        cancel = getattr(replica, "cancel", None)
+        if cancel is not None:
+            task = asyncio.get_running_loop().create_task(cancel([p.request.request_id]))
+            self._inflight_tasks.add(task)
+            task.add_done_callback(self._inflight_tasks.discard)
+            log.info("request %s: asked replica %s to drop it from its step loop", p.request.request_id,
+                     replica_id)
 
     def _next_deadline(self, free: list[ReplicaCapacity]) -> float | None:
         times = [p.deadline for p in self._running.values()]

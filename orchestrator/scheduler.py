@@ -12,6 +12,12 @@ Policy:
   budget waits for the next batch while later, smaller ones may still fill this one (the oldest request always
   leads the next batch, so nothing starves).
 - A group is *ready* when it fills a replica's budget, or its oldest request has waited ``max_wait_s``.
+- A replica that already has work (a batch running, with room for another queued behind it) takes a partial
+  batch only once that work nears its end (``partial_after``, the router's estimate); a full batch it takes at
+  once. Requests arriving while it is busy gather into one full batch instead of being locked into a small one
+  that would wait on the replica anyway (closed-loop clients whose responses come back spread out, as over
+  HTTP, otherwise halve the batch size). The queued batch still arrives before the running one finishes, so
+  encode and decode keep overlapping the neighbouring denoise.
 - A free replica takes the oldest ready group it can serve (its plan's largest image and token budget); if no
   group is ready, it waits until the earliest one will be (``next_deadline``). So no replica idles past max_wait
   while work it can serve is queued.
@@ -39,6 +45,8 @@ class ReplicaCapacity:
     max_batch_tokens: int  # most tokens in one packed batch (the plan's memory budget, or the router's)
     outstanding: int = 0  # batches dispatched and not yet returned
     last_used: int = -1  # dispatch sequence number of its latest batch (ties go to the longest idle)
+    partial_after: float | None = None  # with work outstanding: from when it takes a partial batch (None: now)
+    max_images: int | None = None  # step-level batching: room left in its running set (None: max_batch_size)
 
     def fits(self, request: ImageRequest) -> bool:
         return request.pixels <= self.max_pixels and request.tokens <= self.max_batch_tokens
@@ -126,6 +134,8 @@ class BatchScheduler:
         ``limit`` images, and within any request's own cap after an out-of-memory split."""
         taken: list[Pending] = []
         tokens = 0
+        if replica.max_images is not None:
+            limit = min(limit, replica.max_images)
         for p in group:
             if len(taken) >= limit:
                 break
@@ -151,7 +161,7 @@ class BatchScheduler:
                 if not fitting:
                     continue
                 full = self._fill(group, replica, self.max_batch_size)
-                waited = now - fitting[0].enqueued_at >= self.max_wait_s
+                waited = now - fitting[0].enqueued_at >= self.max_wait_s and self._takes_partial(replica, now)
                 if len(full) < len(fitting) or len(full) >= self.max_batch_size or waited:
                     sharing = sum(1 for r in order[n:] if r.fits(fitting[0].request))
                     taken = self._fill(group, replica, min(self.max_batch_size, -(-len(fitting) // sharing)))
@@ -164,11 +174,24 @@ class BatchScheduler:
                     break
         return decisions
 
+    def oldest(self) -> Pending | None:
+        """The request that has waited longest (step-level batching lets it block newer ones that would fit)."""
+        heads = [g[0] for g in self._groups.values()]
+        return min(heads, key=lambda p: p.enqueued_at) if heads else None
+    @staticmethod
+    def _takes_partial(replica: ReplicaCapacity, now: float) -> bool:
+        return replica.outstanding == 0 or replica.partial_after is None or now >= replica.partial_after
+
     def next_deadline(self, free: list[ReplicaCapacity]) -> float | None:
-        """When the earliest group becomes ready for one of ``free`` (max wait elapses), or the earliest
-        request times out; None when nothing is queued."""
+        """When the earliest group becomes ready for one of ``free`` (max wait elapses, and a busy replica's
+        work nears its end), or the earliest request times out; None when nothing is queued."""
         times = [p.deadline for g in self._groups.values() for p in g]
-        if free:
-            times += [p.enqueued_at + self.max_wait_s for g in self._groups.values()
-                      for p in [next((q for q in g if any(r.fits(q.request) for r in free)), None)] if p is not None]
+        for r in free:
+            for g in self._groups.values():
+                head = next((q for q in g if r.fits(q.request)), None)
+                if head is not None:
+                    ready = head.enqueued_at + self.max_wait_s
+                    if r.outstanding and r.partial_after is not None:
+                        ready = max(ready, r.partial_after)
+                    times.append(ready)
         return min(times) if times else None

@@ -32,6 +32,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -332,6 +333,60 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         return {"object": "list", "data": [{"id": config.server.served_model_name, "object": "model",
                                              "created": 0, "owned_by": "zimage-orchestrator"}]}
 
+    # ---- per-request LoRA adapters (an extension: OpenAI's API has none) ----------------------------------------
+    def _lora_deployment() -> tuple[object | None, JSONResponse | None]:
+        if not service.accepting:
+            f = failure(FailureKind.NOT_READY)
+            return None, error_response(f.http_status, "the deployment is starting; retry shortly", f.openai_type,
+                                        headers={"Retry-After": "5"})
+        return service.deployment, None
+
+    @app.get("/v1/loras")
+    async def list_loras(request: Request):
+        if (denied := guard(request)) is not None:
+            return denied
+        dep, err = _lora_deployment()
+        if err is not None:
+            return err
+        return {"object": "list", "data": await dep.loras()}
+
+    @app.post("/v1/loras")
+    async def add_lora(request: Request):
+        """``{"name", "path"}`` (or ``source`` / ``model_id`` / ``revision`` for a hub): loaded on every replica
+        before the answer; 400 naming the field when the adapter cannot be used."""
+        if (denied := guard(request)) is not None:
+            return denied
+        try:
+            payload = parse_json(await read_body(request, limits.max_body_bytes))
+        except BodyTooLarge:
+            return error_response(413, f"request body is larger than {limits.max_body_bytes} bytes",
+                                  "invalid_request_error")
+        except InvalidRequestError as e:
+            return _from_exception(e)
+        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+            return error_response(400, 'send {"name": "...", "path": "..."}', "invalid_request_error", param="name")
+        dep, err = _lora_deployment()
+        if err is not None:
+            return err
+        spec = {k: v for k, v in payload.items() if k != "name"}
+        try:
+            info = await dep.register_lora(payload["name"], **spec)
+        except ZImageError as e:
+            return _from_exception(e)
+        return JSONResponse(info, status_code=201)
+
+    @app.delete("/v1/loras/{name}")
+    async def delete_lora(name: str, request: Request):
+        if (denied := guard(request)) is not None:
+            return denied
+        dep, err = _lora_deployment()
+        if err is not None:
+            return err
+        if not await dep.unregister_lora(name):
+            return error_response(404, f"no LoRA adapter named {shown(name)} (GET /v1/loras lists them)",
+                                  "invalid_request_error", param="name", code="not_found")
+        return {"name": name, "deleted": True}
+
     @app.post("/v1/images/generations")
     async def generations(request: Request):
         if (denied := guard(request)) is not None:
@@ -355,7 +410,8 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             return error_response(f.http_status, msg, f.openai_type, headers={"Retry-After": "5"})
         dep = service.deployment
         try:
-            call = parse_generation(payload, config, getattr(dep, "max_side", None))
+            call = parse_generation(payload, config, getattr(dep, "max_side", None),
+                                    getattr(dep, "lora_names", None))
         except ZImageError as e:
             service.observer.rejected(e.kind)
             return _from_exception(e)
@@ -407,10 +463,12 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         try:  # decoding and resizing images is CPU work: off the event loop the router shares
             if json_body:
                 call = await asyncio.get_running_loop().run_in_executor(
-                    None, parse_json_edit, payload, config, getattr(dep, "max_side", None))
+                    None, parse_json_edit, payload, config, getattr(dep, "max_side", None),
+                    getattr(dep, "lora_names", None))
             else:
                 call = await asyncio.get_running_loop().run_in_executor(
-                    None, parse_edit, fields, files, config, getattr(dep, "max_side", None))
+                    None, partial(parse_edit, known_loras=getattr(dep, "lora_names", None)), fields, files, config,
+                    getattr(dep, "max_side", None))
         except ZImageError as e:
             service.observer.rejected(e.kind)
             return _from_exception(e)

@@ -83,6 +83,8 @@ class ModelSpec:
     dtype: str
     components: dict[str, ComponentSpec]
     quantized: tuple[tuple[str, str], ...] = ()  # (component, "fp8" | "int8"): weights in 1 byte where quantizable
+    lora_gib: float = 0.0  # per-request LoRA on the transformer's device (``with_loras``)
+    lora_text: str = ""  # what lora_gib counts, for the plan's notes
 
     def precision(self, name: str) -> str:
         return dict(self.quantized).get(name, self.dtype)
@@ -92,7 +94,22 @@ class ModelSpec:
         return {n: self.precision(n) for n in self.components}
 
     def weights_gib(self, names) -> float:
-        return sum(self.components[n].weights_gib(self.precision(n), self.dtype) for n in names)
+        """Resident memory of ``names``: their weights, plus the LoRA adapters with the transformer."""
+        names = list(names)
+        lora = self.lora_gib if "transformer" in names else 0.0
+        return sum(self.components[n].weights_gib(self.precision(n), self.dtype) for n in names) + lora
+
+    def load_peak_gib(self, names) -> float:
+        """The peak while a device holding ``names`` starts: components load in the base dtype and are quantized
+        on the device afterwards (one layer at a time), after a 512x512 reference run whose output the quantized
+        model is checked against. Without quantization, just the weights."""
+        names = list(names)
+        if not any(self.precision(n) != self.dtype for n in names):
+            return self.weights_gib(names)
+        base = sum(self.components[n].weights_gib(self.dtype, self.dtype) for n in names)
+        base += self.lora_gib if "transformer" in names else 0.0
+        probe = max(self.components[n].activation_gib(sample_tokens(512, 512), 512 * 512, 1) for n in names)
+        return base + probe
 
     def batch_peak_gib(self, names, tokens: int, largest_pixels: int, prompts: int, overlap: bool = False) -> float:
         """Estimated peak GiB on one device holding ``names`` for one packed batch."""
@@ -113,6 +130,8 @@ class ModelSpec:
         """The most packed tokens a device of ``capacity_gib`` holding ``names`` runs in one batch (very large
         when no component there grows with tokens; 0 when not even the rest fits)."""
         names = list(names)
+        if self.load_peak_gib(names) > capacity_gib:
+            return 0
         free = capacity_gib - self.weights_gib(names)
         comps = [self.components[n] for n in names]
         others = [c.activation_gib(0, largest_pixels, prompts) for c in comps]
@@ -167,6 +186,34 @@ _TINY = {
 # an estimate, not a measurement: six hints and two extra streams of [tokens, 3840] bf16 per token.
 CONTROLNET_PARAMS = {"tiny": 150_000, "full": 1_550_778_368}
 CONTROLNET_ACT_GIB_PER_TOKEN = {"tiny": 1e-6, "full": 8 * 3840 * 2 / 2**30}
+
+
+# ---- per-request LoRA (actors/lora.py) ----------------------------------------------------------------------------
+# The linears a LoRA applies to in each transformer block (q, k, v, out, w1, w2, w3; adaLN in the modulated blocks),
+# from the architectures' configs: (dim, feed-forward dim, adaLN input dim, modulated blocks, unmodulated blocks).
+LORA_SHAPES = {"Z-Image-Turbo": (3840, 10240, 256, 30 + 2, 2), "tiny-z-image": (64, 170, 64, 2 + 1, 1)}
+
+
+def lora_adapter_gib(rank: int, model: str = "Z-Image-Turbo", bytes_per_value: int = 2) -> float:
+    """Device memory of one adapter of ``rank`` on every linear it can target (``actors.lora.adapter_nbytes``)."""
+    dim, ffn, adaln, modulated, plain = LORA_SHAPES[model]
+    per_rank = 4 * 2 * dim + 3 * (dim + ffn)
+    return rank * bytes_per_value * (modulated * (per_rank + adaln + 4 * dim) + plain * per_rank) / GIB
+
+
+def with_loras(spec: ModelSpec, max_resident: int, max_rank: int) -> ModelSpec:
+    """``spec`` with room for per-request LoRA on the transformer's device: ``max_resident`` adapters of rank up to
+    ``max_rank``, and once more for the stacked copy a batch of that many distinct adapters builds."""
+    from dataclasses import replace
+
+    if max_resident <= 0:
+        return spec
+    bytes_per_value = BYTES_PER_PARAM.get(spec.dtype, 2)
+    one = lora_adapter_gib(max_rank, spec.name, bytes_per_value)
+    total = 2 * max_resident * one
+    text = (f"LoRA: {max_resident} resident adapter(s) of rank <= {max_rank} per replica, {one:.2f} GiB each, "
+            f"{total:.2f} GiB with a batch's stacked copy, counted on the transformer's GPU")
+    return replace(spec, lora_gib=total, lora_text=text)
 
 
 def model_spec(source: str, dtype: str = "bfloat16", transformer: str = "none",

@@ -99,7 +99,8 @@ class GPUPlan:
     gpu: int
     capacity_gib: float
     components: tuple[str, ...]  # "r0.transformer", ...
-    estimated_peak_gib: float
+    estimated_peak_gib: float  # serving: weights and a full batch's activations
+    load_peak_gib: float = 0.0  # starting: base-dtype weights before quantization (see ModelSpec.load_peak_gib)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class PlacementPlan:
     gpus: tuple[GPUPlan, ...]
     notes: tuple[str, ...] = field(default=())
     precisions: tuple[tuple[str, str], ...] = ()  # component -> weight precision of every replica
+    lora_gib: float = 0.0  # per-request LoRA adapters counted on each replica's transformer GPU
 
     @property
     def relative_throughput(self) -> float:
@@ -145,12 +147,14 @@ class PlacementPlan:
                     "capacity_gib": round(g.capacity_gib, 2),
                     "components": list(g.components),
                     "estimated_peak_gib": round(g.estimated_peak_gib, 2),
+                    "load_peak_gib": round(g.load_peak_gib, 2),
                 }
                 for g in self.gpus
             ],
             "notes": list(self.notes),
             "precisions": dict(self.precisions),
             "relative_throughput": self.relative_throughput,
+            "lora_gib_per_replica": round(self.lora_gib, 3),
         }
 
 
@@ -230,8 +234,13 @@ def plan(model: ModelSpec, inventory: Inventory, deployment: DeploymentSpec) -> 
     return _assemble(model, inventory, d, pixels, groups)
 
 
+def _need(model: ModelSpec, names, pixels: int, batch: int, d: DeploymentSpec) -> float:
+    """What a device holding ``names`` needs over its life: the larger of its serving and start-up peaks."""
+    return max(model.peak_gib(names, pixels, batch, d.pipeline_stages), model.load_peak_gib(names))
+
+
 def _fits(model: ModelSpec, names, gpu: GPU, pixels: int, batch: int, d: DeploymentSpec) -> bool:
-    return model.peak_gib(names, pixels, batch, d.pipeline_stages) <= gpu.memory_gib - d.headroom_gib
+    return _need(model, names, pixels, batch, d) <= gpu.memory_gib - d.headroom_gib
 
 
 def _largest(inventory: Inventory) -> GPU:
@@ -251,7 +260,7 @@ def _replicate_groups(model, inventory, d, pixels, strict):
             if _fits(model, COMPONENTS, g, pixels, 1, d):
                 groups.append((node, (g,), dict.fromkeys(COMPONENTS, 0)))
     if not groups and strict:
-        need = model.peak_gib(COMPONENTS, pixels, 1)
+        need = _need(model, COMPONENTS, pixels, 1, d)
         big = _largest(inventory)
         raise PlacementError(
             f"the whole pipeline needs {need:.1f} GiB at {d.width}x{d.height} batch 1 (+{d.headroom_gib:g} GiB "
@@ -286,7 +295,7 @@ def _split_problem(model, chunk, dmap, pixels, d) -> str | None:
     for i, g in enumerate(chunk):
         names = [c for c, gi in dmap.items() if gi == i]
         if not _fits(model, names, g, pixels, 1, d):
-            need = model.peak_gib(names, pixels, 1, d.pipeline_stages)
+            need = _need(model, names, pixels, 1, d)
             return (
                 f"{' + '.join(names)} need(s) {need:.1f} GiB at {d.width}x{d.height} batch 1 (+{d.headroom_gib:g} "
                 f"GiB headroom) on replica-local GPU {i}; {g.label} has {g.memory_gib:.1f} GiB. Change the "
@@ -319,11 +328,11 @@ def _auto_groups(model, inventory, d, pixels):
             if _split_problem(model, chunk, split_map, pixels, d) is None:
                 groups.append((node, chunk, dict(split_map)))
     if not groups:
-        t_need = model.peak_gib(["transformer", "vae"], pixels, 1)
+        t_need = _need(model, ["transformer", "vae"], pixels, 1, d)
         big = _largest(inventory)
         raise PlacementError(
             f"nothing fits: transformer + vae need {t_need:.1f} GiB at {d.width}x{d.height} batch 1 "
-            f"(+{d.headroom_gib:g} GiB headroom) and a whole pipeline {model.peak_gib(COMPONENTS, pixels, 1):.1f} "
+            f"(+{d.headroom_gib:g} GiB headroom) and a whole pipeline {_need(model, COMPONENTS, pixels, 1, d):.1f} "
             f"GiB; the largest GPU is {big.label} with {big.memory_gib:.1f} GiB"
         )
     return groups
@@ -335,7 +344,7 @@ def _shared_encoder_groups(model, inventory, d, pixels):
         order = sorted(gpus, key=lambda g: (-g.memory_gib, g.index))
         host = order[0]
         if not _fits(model, COMPONENTS, host, pixels, 1, d):
-            need = model.peak_gib(COMPONENTS, pixels, 1, d.pipeline_stages)
+            need = _need(model, COMPONENTS, pixels, 1, d)
             raise PlacementError(
                 f"shared-encoder mode hosts the text encoder in a whole pipeline, which needs {need:.1f} GiB at "
                 f"{d.width}x{d.height} batch 1; {host.label} has {host.memory_gib:.1f} GiB. Use mode 'split' "
@@ -377,15 +386,16 @@ def _assemble(model, inventory, d, pixels, groups) -> PlacementPlan:
     gpu_plans = []
     for g in sorted(inventory.gpus, key=lambda g: (g.node, g.index)):
         comps = tuple(used.get((g.node, g.index), ()))
-        peak = 0.0
+        peak = load = 0.0
         if (g.node, g.index) in rep_by_gpu:
             r, li = rep_by_gpu[(g.node, g.index)]
             names = [c for c, gi in r.device_map.items() if gi == li]
             peak = model.peak_gib(names, pixels, r.max_batch_size, d.pipeline_stages)
-        gpu_plans.append(GPUPlan(g.node, g.index, g.memory_gib, comps, peak))
-    notes = []
+            load = model.load_peak_gib(names)
+        gpu_plans.append(GPUPlan(g.node, g.index, g.memory_gib, comps, peak, load))
+    notes = [model.lora_text] if model.lora_text else []
     idle = [gp for gp in gpu_plans if not gp.components]
     if idle:
         notes.append(f"{len(idle)} GPU(s) unused: " + ", ".join(f"{gp.node}:{gp.gpu}" for gp in idle))
     return PlacementPlan(d.mode, model.name, d.width, d.height, tuple(replicas), tuple(gpu_plans), tuple(notes),
-                         tuple(model.precisions.items()))
+                         tuple(model.precisions.items()), model.lora_gib)

@@ -95,3 +95,21 @@ def test_validate_cli_checks_overrides(capsys):
     assert cli_main(["validate", good, "--set", "model.fp8_backend=torchao"]) == 0
     assert cli_main(["validate", good, "--set", "model.fp8_backend=fast"]) == 1
     assert "model.fp8_backend: Input should be 'native' or 'torchao'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loras,text", [
+    ([{"name": "a", "path": "/x"}, {"name": "a", "path": "/y"}], "unique; repeated: a"),
+    ([{"name": "a"}], "needs path"),
+    ([{"name": "a", "source": "huggingface"}], "needs model_id"),
+    ([{"name": "bad name", "path": "/x"}], "model.loras.0.name"),
+])
+def test_lora_config_errors_name_the_field(loras, text):
+    with pytest.raises(ConfigError, match=text):
+        config_from_dict({"model": {"loras": loras}})
+
+
+def test_lora_slots_default_from_the_configured_adapters():
+    m = config_from_dict({"model": {"loras": [{"name": f"a{i}", "path": "/x"} for i in range(6)]}}).model
+    assert m.lora_slots == 4
+    assert config_from_dict({}).model.lora_slots == 0
+    assert config_from_dict({"model": {"lora_max_resident": 2}}).model.lora_slots == 2

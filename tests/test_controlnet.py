@@ -218,3 +218,38 @@ def test_plan_for_a_config_with_a_controlnet():
     assert "ControlNet" in with_cn.model and with_cn.gpus[0].components == plain.gpus[0].components
     extra = with_cn.gpus[0].estimated_peak_gib - plain.gpus[0].estimated_peak_gib
     assert extra >= 1_550_778_368 * 2 / 2**30 - 0.01, extra
+
+
+def test_controlled_forward_applies_per_request_lora(components):
+    """``controlled_forward`` passes ``layout.lora`` through as ``PackedTransformer.__call__`` does: at control scale
+    0 it equals the plain packed call with the same adapters (one sample with an adapter, one without), and the
+    adapter changes its sample."""
+    from actors.lora import LoraStore, build_adapter, factors_from_state_dict, random_lora_state_dict
+
+    tr = components["transformer"]
+    cn = build_controlnet("tiny", tr, seed=3, add_control_noise_refiner="control_noise_refiner",
+                          control_refiner_layers_places=[0])
+    store = LoraStore(tr, max_resident=2)
+    sd, meta = random_lora_state_dict(tr, 4, seed=1, std=0.15)
+    store.add_adapter(build_adapter("a", factors_from_state_dict(sd, meta, torch.float32), tr))
+    packed = PackedTransformer(tr)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1, 8, 8), (1, 6, 10)]
+    lat = [torch.randn(16, *s, generator=g) for s in shapes]
+    ctl = [torch.randn(16, *s, generator=g) for s in shapes]
+    caps = [torch.randn(n, 32, generator=g) for n in (7, 19)]
+    t = torch.tensor([0.3, 0.7])
+
+    def layout(loras):
+        out = packed.layout(shapes, [len(c) for c in caps])
+        out.lora = store.batch(loras)
+        return out
+
+    with torch.no_grad():
+        ours = controlled_forward(packed, lat, t, caps, layout([[("a", 1.0)], []]),
+                                  PackedControl(cn, ctl, torch.zeros(2)))
+        ref = packed(lat, t, caps, layout([[("a", 1.0)], []]))
+        bare = packed(lat, t, caps, layout([[], []]))
+    for i in range(2):
+        assert (ours[i] - ref[i]).abs().max() < 1e-5, i
+    assert (ours[0] - bare[0]).abs().max() > 1e-3 and (ours[1] - bare[1]).abs().max() < 1e-5

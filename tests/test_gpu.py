@@ -118,3 +118,80 @@ def test_controlnet_batched_with_plain_on_gpu():
     images, times = eng.generate([Sample("a red fox", 1, 512, 512),
                                   Sample("a house", 2, 512, 512, control_image=control, control_scale=0.75)], 2)
     assert [i.shape for i in images] == [(512, 512, 3)] * 2 and times.image_encode_s > 0
+
+
+def test_step_loop_joins_and_leaves_compile_nothing_on_gpu():
+    """Step-level batching on the compiled full-size transformer: after the worker's warm-up kinds (one sample,
+    several, mixed sizes), samples joining and leaving a running loop (each membership change a new packed layout)
+    compile no new graph, and a sample that joined beside others matches its solo run to bf16 noise."""
+    import threading
+
+    from actors.engine import Sample, ZImageEngine
+    from actors.models import build_components
+    from actors.steploop import Group, RunningSample, StepLoop
+
+    comps = build_components("full", device="cuda", dtype=torch.bfloat16)
+    eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cuda"), torch.bfloat16)
+    eng.packed.compile()
+    for batch in ([Sample("a red fox", 1, 512, 512)], [Sample("a red fox", 1, 512, 512)] * 2,
+                  [Sample("a lighthouse", 2, 1024, 1024), Sample("x", 3, 768, 512)]):
+        eng.denoise(eng.encode([s.prompt for s in batch]), eng.initial_latents(batch), 2)
+
+    def group(sample: Sample, steps: int) -> Group:
+        enc = eng.encode([sample.prompt])
+        (lat,) = eng.initial_latents([sample])
+        return Group([RunningSample.create(eng, sample.prompt, 1, lat, enc.positive[0], None, 0.0, steps)])
+
+    loop = StepLoop(eng)
+    short = Sample("a quick sketch of a cat", 7, 768, 512)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        long = loop.submit(group(Sample("a detailed city at night", 5, 1024, 1024), 12))
+        while loop.stats.steps < 3:
+            threading.Event().wait(0.01)
+        joined = loop.submit(group(short, 3))
+        joined.done.wait(300)
+        long.done.wait(300)
+        solo = loop.submit(group(short, 3))
+        solo.done.wait(300)
+    assert long.error is None and joined.error is None and solo.error is None
+    a, b = joined.samples[0].latents.float(), solo.samples[0].latents.float()
+    assert float((a - b).norm() / b.norm()) < 5e-2  # bf16: the batch around a sample moves it slightly
+
+
+def test_lora_mixed_adapters_compiled_no_recompile_on_gpu():
+    """Full size, compiled: per-request LoRA on the packed blocks (bf16). After a warm-up with and without
+    adapters, other adapter sets, ranks, sizes and batch mixes compile nothing; scale 0 equals no adapter."""
+    from actors.lora import LoraStore, build_adapter, factors_from_state_dict, random_lora_state_dict
+    from actors.models import build_components
+    from actors.packed import PackedTransformer
+
+    tr = build_components("full", device="cuda", dtype=torch.bfloat16)["transformer"]
+    store = LoraStore(tr, max_resident=4, dtype=torch.bfloat16)
+    for i, rank in enumerate((32, 32, 16, 64)):
+        sd, meta = random_lora_state_dict(tr, rank, seed=i, std=0.01)
+        store.add_adapter(build_adapter(f"a{i}", factors_from_state_dict(sd, meta, torch.bfloat16), tr))
+    packed = PackedTransformer(tr)
+    g = torch.Generator("cpu").manual_seed(0)
+
+    def call(sizes, caps, loras):
+        lat = [torch.randn(16, 1, h // 8, w // 8, generator=g).to("cuda", torch.bfloat16) for h, w in sizes]
+        cap = [torch.randn(n, 2560, generator=g).to("cuda", torch.bfloat16) for n in caps]
+        layout = packed.layout([(1, h // 8, w // 8) for h, w in sizes], caps)
+        layout.lora = store.batch(loras)
+        t = torch.full((len(sizes),), 0.5, device="cuda")
+        return packed(lat, t, cap, layout)
+
+    with torch.no_grad():
+        g.manual_seed(1)
+        plain = call([(512, 512)], [40], [[]])[0]
+        g.manual_seed(1)
+        zero = call([(512, 512)], [40], [[("a0", 0.0)]])[0]
+        assert torch.equal(plain, zero)
+        packed.compile()
+        call([(512, 512)] * 2, [40, 77], [[("a0", 1.0)], []])
+        call([(512, 512)], [12], [[("a1", 1.0)]])
+        call([(512, 512)], [12], [[]])
+        with torch.compiler.set_stance("fail_on_recompile"):
+            call([(1024, 1024)] * 4, [20, 40, 60, 80], [[("a0", 1.0)], [("a1", 0.5)], [("a2", 1.0)], [("a3", 1.0)]])
+            call([(768, 1344), (256, 256)], [3, 33], [[("a0", 0.5), ("a3", 1.0)], []])
+            call([(640, 640)], [250], [[("a2", 1.0)]])

@@ -198,3 +198,18 @@ def test_every_field_of_the_spec_edit_request_is_handled():
 
     assert set(schema("CreateImageEditRequest")["properties"]) <= EDIT_ACCEPTED
     assert set(JSON_EDIT_FIELDS) - {"images", "mask", "moderation"} <= EDIT_ACCEPTED
+
+
+def test_parse_edit_takes_loras_as_json_text_and_checks_them():
+    """``loras`` on an edit: a JSON text field in multipart (a list in the JSON form), checked against the
+    registered adapters like a generation's; bad JSON and unknown names are 400s naming ``loras``."""
+    fields = {"prompt": "a cat", "loras": '[{"name": "style-a", "scale": 0.5}]'}
+    call = parse_edit(fields, files(png(rgb())), CFG, known_loras={"style-a"})
+    assert [r.loras for r in call.requests] == [(("style-a", 0.5),)]
+    typed = parse_edit({"prompt": "a cat", "loras": [{"name": "style-a"}]}, files(png(rgb())), CFG, typed=True,
+                       known_loras={"style-a"})
+    assert typed.requests[0].loras == (("style-a", 1.0),)
+    for bad in ('[{"name": "nope"}]', "not json"):
+        with pytest.raises(InvalidRequestError) as e:
+            parse_edit({"prompt": "a cat", "loras": bad}, files(png(rgb())), CFG, known_loras={"style-a"})
+        assert e.value.param == "loras"

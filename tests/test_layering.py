@@ -5,7 +5,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ACTORS_MAY_USE = {"orchestrator.messages", "orchestrator.errors", "orchestrator.config", "orchestrator.logging_setup"}
+ACTORS_MAY_USE = {"orchestrator.messages", "orchestrator.prompts", "orchestrator.errors", "orchestrator.config",
+                  "orchestrator.logging_setup"}
 REACHES_ACTORS = {"ray_backend.py", "bench.py"}
 
 

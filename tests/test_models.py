@@ -119,3 +119,19 @@ def test_dtype_fallback_on_cpu_warns(caplog):
     assert resolve_dtype("bfloat16", "cpu") == torch.float32
     assert "falling back to float32" in caplog.text
     assert resolve_dtype("float32", "cpu") == torch.float32
+
+
+def test_full_model_tokenizer_gives_english_prompts_realistic_lengths():
+    """The benchmark model's tokenizer has word merges (English words cost about one token, as with Qwen's) and
+    still encodes any text losslessly; the toy model's stays byte-level."""
+    import random
+
+    from actors.models import build_tokenizer
+    from orchestrator.prompts import varied_prompt
+
+    words = build_tokenizer(english=True)
+    prompt = varied_prompt(random.Random(1), 100, 100)
+    assert len(words(prompt).input_ids) <= 110
+    assert len(build_tokenizer()(prompt).input_ids) == len(prompt.encode())
+    odd = "Zebra-ish prompt, with punctuation! 日本語 ✓"
+    assert words.decode(words(odd).input_ids) == odd

@@ -70,3 +70,24 @@ def test_weight_only_text_encoder_error_is_measured_and_small(mode, max_rel, min
     assert after < before
     assert report["text_encoder_embed_rel_l2"] <= max_rel and report["text_encoder_nonfinite_fraction"] == 0
     assert report["text_encoder_image_psnr_db"] >= min_psnr
+
+
+def test_quantizing_frees_each_original_layer_as_it_goes():
+    """The peak while quantizing is one layer's copies, not the whole model twice (a bf16 text encoder beside the
+    transformer being converted did not fit a 24 GB card when every original layer stayed alive to the end)."""
+    import gc
+    import weakref
+
+    from actors.quantize import _swap_linears
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)])
+    refs = [weakref.ref(layer) for layer in model]
+    alive = []
+
+    def make(layer):
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))
+        return torch.nn.Identity()
+
+    assert _swap_linears(model, lambda m, fqn: isinstance(m, torch.nn.Linear), make) == 4
+    assert alive == [4, 3, 2, 1]

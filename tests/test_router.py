@@ -253,3 +253,54 @@ async def test_requests_wait_for_a_recovering_replica(clock):
     router.wake()
     assert (await t).ok
     await router.stop()
+
+
+async def test_a_busy_replica_gets_full_batches_from_spread_out_arrivals(clock):
+    """Closed-loop clients whose responses come back spread out (as over HTTP) resubmit one by one while the
+    replica runs its queued batch. They gather into one full batch, not a batch of 1 locked in behind the running
+    one and a batch of 3 after it."""
+    a = FakeReplica("a", manual=True)
+    router = Router(FakePool(a), RouterConfig(max_batch_size=4, max_wait_ms=10, queue_limit=100,
+                                              request_timeout_s=600), clock=clock, max_inflight_batches=2)
+    router.start()
+    first = [asyncio.create_task(router.submit(req(i))) for i in range(8)]
+    await settle()
+    assert [len(b) for b in a.batches] == [4, 4]  # one running, one queued behind it
+    await clock.advance(4.0)
+    a.release()  # batch 1 took 4 s: the router now expects 4 s per such batch
+    await settle()
+    later = []
+    for i in range(8, 12):
+        later.append(asyncio.create_task(router.submit(req(i))))
+        await settle()
+        await clock.advance(0.05)  # spread well past max_wait
+    assert [len(b) for b in a.batches] == [4, 4, 4]
+    a.release(2)
+    await asyncio.gather(*first, *later)
+    await router.stop()
+
+
+async def test_a_partial_batch_reaches_a_busy_replica_before_its_work_ends(clock):
+    a = FakeReplica("a", manual=True)
+    router = Router(FakePool(a), RouterConfig(max_batch_size=4, max_wait_ms=10, queue_limit=100,
+                                              request_timeout_s=600), clock=clock, max_inflight_batches=2)
+    router.start()
+    t0 = asyncio.create_task(router.submit(req(0)))
+    await settle()
+    await clock.advance(0.02)
+    await clock.advance(4.0)
+    a.release()  # a lone batch took 4 s
+    await t0
+    t1 = asyncio.create_task(router.submit(req(1)))
+    await settle()
+    await clock.advance(0.02)
+    assert len(a.batches) == 2  # idle replica: the usual max_wait
+    t2 = asyncio.create_task(router.submit(req(2)))
+    await settle()
+    await clock.advance(1.0)
+    assert len(a.batches) == 2  # busy for about 4 s more: q2 waits for batch-mates
+    await clock.advance(2.0)  # 3 s into the running batch: within the last quarter of its expected time
+    assert [len(b) for b in a.batches] == [1, 1, 1]
+    a.release(2)
+    await asyncio.gather(t1, t2)
+    await router.stop()

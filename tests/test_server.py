@@ -4,6 +4,8 @@ import asyncio
 import base64
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -225,3 +227,16 @@ def test_not_ready_is_503_until_the_deployment_starts(tiny_cache):
         r = httpx.post(f"{s.url}/v1/images/generations", json={"prompt": "x"})
         assert r.status_code == 503 and "failed to start" in r.json()["error"]["message"]
         assert "injected" not in r.json()["error"]["message"]  # the cause is on /readyz and in the log only
+
+
+def test_bench_over_http_reports_the_servers_batch_sizes(server, tmp_path):
+    """`bench --http` without a config uses the server's defaults and, since HTTP responses carry no batch ids,
+    reads the batch sizes of its own run from the server's /metrics."""
+    out = tmp_path / "b"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "bench", "--http", server.url, "--api-key", KEY,
+           "--requests", "4", "--concurrency", "2", "--warmup", "0", "--steps", "2", "--out", str(out)]
+    subprocess.run(cmd, check=True, timeout=300)
+    run = json.loads((out / "bench.json").read_text())["runs"][0]
+    assert run["images"] == 4 and run["failed"] == 0
+    sizes = {int(k): n for k, n in run["batch_sizes"].items()}
+    assert sum(k * n for k, n in sizes.items()) == 4 and set(sizes) <= {1, 2}  # router.max_batch_size is 2

@@ -130,3 +130,30 @@ def test_auto_precision_reaches_the_replicas_as_the_plan_chose():
     p = plan_for(cfg, Inventory.from_nodes([("n", 1, 23.5)]))
     m = model_for_plan(cfg.model, p)
     assert (m.quantization, m.text_encoder_quantization) == ("fp8", "none")
+
+
+def test_lora_replica_without_ray(tiny_cache, tmp_path):
+    """Configured adapters load at start; runtime registration answers as data; a request naming an adapter the
+    replica lacks fails alone (400 naming loras) while its batch-mates run; the LoRA warm-up (run on GPUs with
+    compile) leaves no adapter of its own and the configured ones resident."""
+    from dataclasses import replace
+
+    from actors.lora import random_lora_state_dict, save_diffusers_lora
+    from actors.models import build_pipeline
+
+    sd, meta = random_lora_state_dict(build_pipeline("tiny").transformer, 4, std=0.1)
+    path = save_diffusers_lora(tmp_path / "a", sd, meta)
+    cfg = ModelConfig(source="tiny", dtype="float32", cache_dir=tiny_cache, lora_max_resident=1,
+                      loras=[{"name": "a", "path": str(path)}])
+    w = PipelineWorker("r0", cfg, warmup=WarmupSpec(((32, 32),), 1), torch_threads=1)
+    w.start()
+    assert [(i["name"], i["resident"]) for i in w.loras()] == [("a", True)]
+    assert w.register_lora({"name": "b", "path": str(tmp_path / "missing")})["ok"] is False
+    assert w.register_lora({"name": "b", "path": str(path.parent)})["ok"] is True
+    out = w.run_batch(Batch(1, (replace(req(1), loras=(("a", 1.0),)), replace(req(2), loras=(("zz", 1.0),)),
+                                 replace(req(3), loras=(("b", 0.5), ("a", 0.5))))))
+    ok, bad, both = out.results
+    assert ok.ok and both.ok and not bad.ok and bad.param == "loras" and bad.error_type == "invalid_request"
+    w._warm_up_loras(w.warmup_spec)
+    assert [(i["name"], i["resident"]) for i in w.loras()] == [("a", True), ("b", False)]
+    assert w.unregister_lora("b") and not w.unregister_lora("b")

@@ -1,0 +1,409 @@
+"""Per-request LoRA: adapters kept as low-rank factors (never merged into the base weights), applied per sample
+inside one packed transformer call.
+
+Reading: the formats diffusers' Z-Image LoRA loader accepts (diffusers 0.42.1,
+``ZImageLoraLoaderMixin.lora_state_dict``: its own PEFT layout with the ``lora_adapter_metadata`` header, and the
+community layouts its ``_convert_non_diffusers_z_image_lora_to_diffusers`` converts: kohya ``lora_unet_*`` with
+``lora_down``/``lora_up`` and ``.alpha``, ``diffusion_model.*`` (ai-toolkit / ComfyUI), PEFT ``default.`` keys,
+dot-separated ``lora.down``/``lora.up`` with fused ``qkv``). We call that function itself, then turn the diffusers
+state dict into per-module factors with each module's PEFT scale (``lora_alpha / r``, ``rank_pattern``,
+``alpha_pattern``, rsLoRA: the same rules as ``peft.tuners.lora.LoraLayer.update_layer``) folded into ``B``, so
+``W_eff = W + scale_request * B @ A`` is what diffusers computes after ``load_lora_weights`` + ``fuse_lora``.
+
+Applying (``actors/packed.py``): the linears inside the transformer blocks (attention q/k/v/out, feed-forward
+w1/w2/w3 and the adaLN modulation) take a LoRA term per token row. For one batch the active adapters' factors are
+stacked along the rank: ``A_cat [R, in]``, ``B_cat [out, R]`` with ``R`` the sum of their (padded) ranks, and a
+``[samples, R]`` matrix ``S`` holds each sample's scale for each adapter's rank columns (0 where the sample does
+not use it). Then ``delta = ((x @ A_cat^T) * S[seg]) @ B_cat^T``: two thin matmuls over all rows, no gather or
+scatter, and one graph for any adapter set (``R`` is a dynamic size like the token count; ranks are padded to a
+multiple of ``RANK_MULTIPLE`` so no size is ever 1). The matmuls are memory-bound at these ranks, so the zero
+columns of the adapters a row does not use cost little. The inputs q/k/v share one ``A`` matmul, as do w1/w3.
+
+Residency: every registered adapter is read and converted once, at registration (never inside a batch), and kept
+on the CPU; at most ``max_resident`` stay on the transformer's device, least recently used first out. A batch
+that names an adapter not resident copies its factors to the device before the batch (a host-to-device copy, no
+file read); a batch with more distinct adapters than ``max_resident`` holds them all for that batch only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BLOCK_GROUPS = ("layers", "noise_refiner", "context_refiner")
+# The linears of a block that take a per-row LoRA term, in the order of ``BlockLora.factors``.
+BLOCK_MODULES = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
+                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0")
+RANK_MULTIPLE = 8
+_MODULE_RE = re.compile(r"^(?P<block>(?:" + "|".join(BLOCK_GROUPS) + r")\.\d+)\.(?P<module>.+)$")
+
+
+class LoraError(ValueError):
+    """An adapter that cannot be used with this model (its message says why and what to do)."""
+
+
+# ---- reading ----------------------------------------------------------------------------------------------------
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """An adapter file (``.safetensors``) or a directory holding one (``pytorch_lora_weights.safetensors`` or a
+    single ``.safetensors`` file), through diffusers' Z-Image loader: returns its diffusers-layout state dict and
+    its PEFT metadata (None for community files, whose alphas the conversion folds into the weights)."""
+    from diffusers.loaders.lora_pipeline import ZImageLoraLoaderMixin
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise LoraError(f"no adapter at {str(p)!r} (give a .safetensors file or a directory holding one)")
+    if p.is_dir():
+        files = sorted(f.name for f in p.glob("*.safetensors"))
+        if not files:
+            raise LoraError(f"{str(p)!r} holds no .safetensors file")
+        name = "pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in files else files[0]
+        if len(files) > 1 and name != "pytorch_lora_weights.safetensors":
+            raise LoraError(f"{str(p)!r} holds several .safetensors files ({', '.join(files)}): name the file")
+        folder = p
+    else:
+        folder, name = p.parent, p.name
+    try:
+        sd, meta = ZImageLoraLoaderMixin.lora_state_dict(str(folder), weight_name=name, local_files_only=True,
+                                                         return_lora_metadata=True)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise LoraError(f"{str(p)!r} is not a Z-Image LoRA diffusers can read: {e}") from e
+    return sd, meta
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup (``peft.utils.other.get_pattern_key``: a pattern matches the
+    module name or its dotted tail, as a regex)."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def factors_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict | None = None,
+                            dtype: torch.dtype = torch.float32) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``module name -> (A [r, in], B [out, r] with the module's PEFT scale folded in)`` from a diffusers-layout
+    state dict (keys ``[transformer.]<module>.lora_A.weight`` / ``.lora_B.weight``)."""
+    sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
+    meta = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}
+    if any(".lokr_" in k for k in sd):
+        raise LoraError("LoKr adapters are not supported for per-request use (only LoRA)")
+    if any("lora_magnitude_vector" in k or "dora_scale" in k for k in sd):
+        raise LoraError("DoRA adapters are not supported for per-request use (only LoRA)")
+    if any(k.endswith(".lora_B.bias") for k in sd):
+        raise LoraError("adapters with a LoRA bias (lora_bias) are not supported")
+    names = sorted({k.rsplit(".lora_A.", 1)[0] for k in sd if ".lora_A." in k})
+    extra = sorted(k for k in sd if ".lora_A." not in k and ".lora_B." not in k)
+    if not names or extra:
+        raise LoraError(f"not a LoRA state dict (keys like 'layers.0.attention.to_q.lora_A.weight' expected; "
+                        f"found {', '.join(extra[:3]) or 'no lora_A keys'})")
+    r_default, alpha_default = meta.get("r"), meta.get("lora_alpha")
+    out = {}
+    for name in names:
+        a, b = sd.get(f"{name}.lora_A.weight"), sd.get(f"{name}.lora_B.weight")
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise LoraError(f"module {name}: lora_A/lora_B missing or of mismatched ranks")
+        rank = a.shape[0]
+        if metadata:
+            r = _pattern_value(meta.get("rank_pattern"), name, r_default or rank)
+            alpha = _pattern_value(meta.get("alpha_pattern"), name, alpha_default if alpha_default is not None else r)
+            scale = alpha / (r ** 0.5) if meta.get("use_rslora") else alpha / r
+        else:  # diffusers' convention without metadata (``get_peft_kwargs``): alpha == rank, scale 1
+            scale = 1.0
+        out[name] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+    return out
+
+
+# ---- adapters ----------------------------------------------------------------------------------------------------
+@dataclass
+class LoraAdapter:
+    """One adapter's factors on the CPU, grouped by block, ranks padded to ``rank`` (a multiple of
+    RANK_MULTIPLE). ``blocks["layers.3"]["attention.to_q"] = (A [rank, in], B [out, rank])``."""
+
+    name: str
+    source: str
+    rank: int  # padded rank: its columns in a stacked batch
+    true_rank: int  # the largest rank of any module, as trained
+    blocks: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+    device_blocks: dict | None = None  # the same on the transformer's device while resident
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({m for b in self.blocks.values() for m in b})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for b in self.blocks.values() for ab in b.values() for t in ab)
+
+    def info(self, resident: bool) -> dict:
+        return {"name": self.name, "source": self.source, "rank": self.true_rank, "modules": self.modules,
+                "blocks": len(self.blocks), "bytes": self.nbytes, "resident": resident}
+
+
+def build_adapter(name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], transformer,
+                  source: str = "") -> LoraAdapter:
+    """Check ``factors`` against ``transformer`` (every module exists, is one this server applies per sample,
+    and has matching shapes) and pad ranks to a multiple of RANK_MULTIPLE."""
+    shapes = {}
+    for fqn, mod in transformer.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and w.ndim == 2:
+            shapes[fqn] = (mod.out_features, mod.in_features) if hasattr(mod, "out_features") else tuple(w.shape)
+    blocks: dict[str, dict] = {}
+    unsupported = []
+    true_rank = max(a.shape[0] for a, _ in factors.values())
+    rank = -(-true_rank // RANK_MULTIPLE) * RANK_MULTIPLE
+    for fqn, (a, b) in sorted(factors.items()):
+        m = _MODULE_RE.match(fqn)
+        if fqn not in shapes:
+            raise LoraError(f"module {fqn!r} is not in this model's transformer (is the adapter for Z-Image?)")
+        if m is None or m.group("module") not in BLOCK_MODULES:
+            unsupported.append(fqn)
+            continue
+        out_f, in_f = shapes[fqn]
+        if a.shape[1] != in_f or b.shape[0] != out_f:
+            raise LoraError(f"module {fqn!r}: the adapter is {b.shape[0]}x{a.shape[1]}, the model's layer "
+                            f"{out_f}x{in_f} (an adapter for another model size?)")
+        r = a.shape[0]
+        if r < rank:
+            a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1)
+        blocks.setdefault(m.group("block"), {})[m.group("module")] = (a, b)
+    if unsupported:
+        raise LoraError(f"the adapter targets layers outside the transformer blocks ({', '.join(unsupported[:4])}"
+                        f"{', ...' if len(unsupported) > 4 else ''}); per-request LoRA applies to the blocks' "
+                        f"attention, feed-forward and adaLN linears only")
+    return LoraAdapter(name, source, rank, true_rank, blocks)
+
+
+def load_adapter(name: str, path: str | Path, transformer, dtype: torch.dtype) -> LoraAdapter:
+    sd, meta = read_state_dict(path)
+    return build_adapter(name, factors_from_state_dict(sd, meta, dtype), transformer, str(path))
+
+
+# ---- one batch ---------------------------------------------------------------------------------------------------
+@dataclass
+class BatchLora:
+    """The stacked factors of one batch's adapters, and each (packed) sample's scale per rank column.
+
+    ``scales``: ``[samples, R]`` in the caller's sample order (negative passes included); ``blocks[name]``: the
+    factor tuple a block's forward takes (``packed._block_forward``), None for blocks no adapter touches."""
+
+    scales: torch.Tensor
+    blocks: dict[str, tuple]
+    names: tuple[str, ...] = ()
+    _rows: dict = field(default_factory=dict)
+
+    def rows(self, seg: torch.Tensor) -> torch.Tensor:
+        """``[T, R]``: the scale of every token row (its sample's), cached per segment tensor."""
+        key = id(seg)
+        got = self._rows.get(key)
+        if got is None or got[0] is not seg:
+            got = (seg, self.scales[seg])
+            self._rows[key] = got
+        return got[1]
+
+
+def _stack(parts_a: list, parts_b: list) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat(parts_a, 0).contiguous(), torch.cat(parts_b, 1).contiguous()
+
+
+def stack_block(adapters: Sequence[LoraAdapter], block: str, transformer) -> tuple | None:
+    """The factor tuple of one block for these adapters (in this order), zeros where an adapter leaves a module
+    alone; None when none touches the block. Order: (qkv_A [3R, D], q_B, k_B, v_B, o_A, o_B, w13_A [2R, D], w1_B,
+    w3_B, w2_A, w2_B, ada_A | None, ada_B | None)."""
+    if not any(block in a.device_blocks for a in adapters):
+        return None
+    mod = transformer.get_submodule(block)
+    stacked = {}
+    for name in BLOCK_MODULES:
+        try:
+            lin = mod.get_submodule(name)
+        except AttributeError:
+            continue  # a block without modulation (the context refiner)
+        pa, pb = [], []
+        for a in adapters:
+            got = a.device_blocks.get(block, {}).get(name)
+            if got is None:
+                ref = next(iter(next(iter(a.device_blocks.values())).values()))[0]
+                got = (ref.new_zeros(a.rank, lin.in_features), ref.new_zeros(lin.out_features, a.rank))
+            pa.append(got[0])
+            pb.append(got[1])
+        stacked[name] = _stack(pa, pb)
+    q, k, v = (stacked[f"attention.to_{x}"] for x in "qkv")
+    o = stacked["attention.to_out.0"]
+    w1, w2, w3 = (stacked[f"feed_forward.w{i}"] for i in (1, 2, 3))
+    ada = stacked.get("adaLN_modulation.0", (None, None))
+    return (torch.cat([q[0], k[0], v[0]]), q[1], k[1], v[1], o[0], o[1], torch.cat([w1[0], w3[0]]), w1[1], w3[1],
+            w2[0], w2[1], ada[0], ada[1])
+
+
+class LoraStore:
+    """The adapters a replica knows (all on the CPU) and the ones resident on the transformer's device (at most
+    ``max_resident``, least recently used evicted first). Thread-safe: registration runs beside batches."""
+
+    def __init__(self, transformer, max_resident: int = 4, dtype: torch.dtype | None = None):
+        self.transformer = transformer
+        self.max_resident = max(1, int(max_resident))
+        self._dtype = dtype
+        self._adapters: dict[str, LoraAdapter] = {}
+        self._resident: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.RLock()
+        self._stack_cache: tuple | None = None  # (names, blocks): consecutive batches of one adapter set
+        self.device_loads = 0  # host -> device copies (at registration or for a batch)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The factors' dtype: the model's compute dtype (not an fp8 weight's storage type)."""
+        return self._dtype or getattr(self.transformer, "dtype", torch.float32)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._adapters
+
+    def names(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def add(self, name: str, path: str | Path, max_rank: int | None = None) -> dict:
+        """Read, convert and check an adapter, then make it resident (evicting the least recently used beyond
+        max_resident). Replaces an adapter of the same name. Raises LoraError with the reason."""
+        adapter = load_adapter(name, path, self.transformer, self.dtype)
+        if max_rank is not None and adapter.true_rank > max_rank:
+            raise LoraError(f"adapter {name!r} has rank {adapter.true_rank}, above model.lora_max_rank = {max_rank} "
+                            f"(what the memory plan counts per adapter); raise it")
+        return self.add_adapter(adapter)
+
+    def add_adapter(self, adapter: LoraAdapter) -> dict:
+        with self._lock:
+            self.remove(adapter.name)
+            self._adapters[adapter.name] = adapter
+            self._make_resident([adapter.name])
+            self._evict(keep=())
+            log.info("LoRA %s registered: rank %d, %d blocks, %.1f MiB (%s)", adapter.name, adapter.true_rank,
+                     len(adapter.blocks), adapter.nbytes / 2**20, adapter.source)
+            return adapter.info(True)
+
+    def remove(self, name: str) -> bool:
+        with self._lock:
+            adapter = self._adapters.pop(name, None)
+            if adapter is None:
+                return False
+            adapter.device_blocks = None
+            self._resident.pop(name, None)
+            self._stack_cache = None
+            return True
+
+    def info(self) -> list[dict]:
+        with self._lock:
+            return [a.info(n in self._resident) for n, a in sorted(self._adapters.items())]
+
+    def prefetch(self, names) -> None:
+        """Make ``names`` resident now (ahead of the batches that will use them), within max_resident."""
+        with self._lock:
+            self._make_resident([n for n in names if n in self._adapters][-self.max_resident:])
+            self._evict(keep=())
+
+    def _make_resident(self, names) -> None:
+        for n in names:
+            a = self._adapters[n]
+            if a.device_blocks is None:
+                dev = self.device
+                a.device_blocks = {blk: {m: (x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+                                         for m, (x, y) in mods.items()} for blk, mods in a.blocks.items()}
+                self.device_loads += 1
+            self._resident[n] = None
+            self._resident.move_to_end(n)
+
+    def _evict(self, keep) -> None:
+        for n in list(self._resident):
+            if len(self._resident) <= self.max_resident:
+                break
+            if n in keep:
+                continue
+            self._resident.pop(n)
+            self._adapters[n].device_blocks = None
+            if self._stack_cache is not None and n in self._stack_cache[0]:
+                self._stack_cache = None
+
+    def batch(self, per_sample: Sequence[Sequence[tuple[str, float]]]) -> BatchLora | None:
+        """The batch's stacked factors for each sample's ``(name, scale)`` list (caller's order, negative passes
+        included), or None when no sample names an adapter. Adapters listed twice for a sample add up."""
+        wanted = [n for loras in per_sample for n, _ in loras]
+        if not wanted:
+            return None
+        with self._lock:
+            unknown = sorted({n for n in wanted if n not in self._adapters})
+            if unknown:
+                raise LoraError(f"LoRA adapter(s) not registered on this replica: {', '.join(unknown)}")
+            names = tuple(dict.fromkeys(sorted(set(wanted))))  # sorted: the column order depends on the set only
+            self._make_resident(names)
+            if self._stack_cache is not None and self._stack_cache[0] == names:
+                blocks = self._stack_cache[1]
+            else:
+                adapters = [self._adapters[n] for n in names]
+                blocks = {f"{g}.{i}": stack_block(adapters, f"{g}.{i}", self.transformer)
+                          for g in BLOCK_GROUPS for i in range(len(getattr(self.transformer, g)))}
+                self._stack_cache = (names, blocks)
+            cols, start = {}, 0
+            for n in names:
+                cols[n] = (start, start + self._adapters[n].rank)
+                start += self._adapters[n].rank
+            scales = torch.zeros(len(per_sample), start)
+            for i, loras in enumerate(per_sample):
+                for n, s in loras:
+                    a, b = cols[n]
+                    scales[i, a:b] += float(s)
+            self._evict(keep=names)
+            return BatchLora(scales.to(self.device, self.dtype), blocks, names)
+
+
+# ---- adapters for tests and benchmarks, in diffusers' own layout ----------------------------------------------------
+def random_lora_state_dict(transformer, rank: int, seed: int = 0, alpha: float | None = None,
+                           modules: Sequence[str] = BLOCK_MODULES, std: float = 0.02,
+                           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A random adapter for ``transformer`` in the layout diffusers saves (``transformer.<module>.lora_A.weight``,
+    keys as ``get_peft_model_state_dict`` names them) and its PEFT metadata (``r``, ``lora_alpha``,
+    ``target_modules``), with a non-zero ``B`` (a trained adapter's, not PEFT's zero init)."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    sd = {}
+    for fqn, mod in transformer.named_modules():
+        m = _MODULE_RE.match(fqn)
+        if m is None or m.group("module") not in modules or not hasattr(mod, "in_features"):
+            continue
+        a = torch.randn(rank, mod.in_features, generator=g) * std
+        b = torch.randn(mod.out_features, rank, generator=g) * std
+        sd[f"transformer.{fqn}.lora_A.weight"] = a.to(device, dtype)
+        sd[f"transformer.{fqn}.lora_B.weight"] = b.to(device, dtype)
+    meta = {"r": rank, "lora_alpha": alpha if alpha is not None else rank,
+            "target_modules": sorted(set(modules)), "use_dora": False, "lora_bias": False}
+    return sd, meta
+
+
+def save_diffusers_lora(directory: str | Path, state_dict: dict, metadata: dict | None = None) -> Path:
+    """Write ``state_dict`` (``transformer.``-prefixed keys) as diffusers' ``save_lora_weights`` does:
+    ``pytorch_lora_weights.safetensors`` with the PEFT config in the ``lora_adapter_metadata`` header."""
+    from diffusers.loaders.lora_pipeline import ZImageLoraLoaderMixin
+
+    layers = {k.removeprefix("transformer."): v.contiguous() for k, v in state_dict.items()}
+    ZImageLoraLoaderMixin.save_lora_weights(str(directory), transformer_lora_layers=layers,
+                                            transformer_lora_adapter_metadata=metadata)
+    return Path(directory) / "pytorch_lora_weights.safetensors"
+
+
+def adapter_nbytes(dim: int, ffn_dim: int, adaln_dim: int, blocks_modulated: int, blocks_plain: int, rank: int,
+                   bytes_per_value: int = 2) -> int:
+    """Device bytes of one adapter of ``rank`` on every supported module (the planner's formula, stated in
+    ``placement/memory.py`` too; ``tests/test_lora.py`` checks the two agree)."""
+    per_rank = 4 * 2 * dim + 3 * (dim + ffn_dim)
+    return rank * bytes_per_value * (blocks_modulated * (per_rank + adaln_dim + 4 * dim) + blocks_plain * per_rank)

@@ -1,0 +1,423 @@
+"""Step-level continuous batching: one denoising loop per replica over a changing set of running samples.
+
+Whole-batch serving (``ZImageEngine.generate``) runs a batch from encode to decode; a request that arrives one step
+after a batch started waits for all of it. Here a replica keeps one loop; each *call* (a group of requests the
+router handed over, ``Batch.joinable``) encodes in its own thread, hands its samples to the loop, and waits; the
+samples **join at the next step**, run their own steps, **leave when done** (their caller decodes them while the loop
+goes on). Every sample carries its own state, so samples of any step count, size, guidance and progress share a
+step:
+
+- ``RunningSample.step`` / ``num_steps`` / ``start``: its own step index over its own schedule; ``start`` > 0 begins
+  part-way (image-to-image: ``strength`` picks the start step, the caller puts the noised image latents in
+  ``latents`` and calls ``scheduler.set_begin_index(start)``, which ``RunningSample.create`` does);
+- ``RunningSample.scheduler``: its own flow-matching scheduler (``mu`` depends on its token count);
+- ``RunningSample.after_step``: called after each of its steps with the sample (inpainting: blend the known
+  region back into ``latents`` from the original image latents noised to the next sigma);
+- guidance > 0: its negative pass rides in the same packed call;
+- ``RunningSample.control`` / ``control_scale``: ControlNet hints (a running set with any runs
+  ``actors.controlnet.controlled_forward``, the others with zero hints at scale 0, as in ``ZImageEngine.denoise``).
+
+The math per sample is ``ZImageEngine.denoise``'s, so an image depends only on its own request: the packed
+transformer keeps samples apart (``actors/packed.py``), noise comes from the request's own seed, and
+``tests/test_steploop.py`` checks a request that joined a running loop against its solo run.
+
+The packed layout is rebuilt only when the running set changes (a join or a leave), not at every step; the compiled
+blocks are dynamic in the token count and the number of samples, so a membership change never recompiles.
+
+Admission is first come first served within the replica's token budget and sample count (the router keeps within
+them too; these are the replica's own guard). Faults: an out-of-memory step shrinks the running set (the newest half
+goes back to wait, and the token budget is lowered until ``OOM_CAP_STEPS`` clean steps pass) and retries; a lone
+sample that does not fit fails its call with ``out_of_memory``. Any other error in a step is isolated: each call's
+samples run that step alone, and only the calls whose solo step fails are failed (``replica_error``, which the
+router bisects), so one request's failure never fails another's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+OOM_CAP_STEPS = 50  # clean steps after an out-of-memory shrink before the lowered token budget is lifted
+
+
+@dataclass(eq=False)
+class RunningSample:
+    """One sample's denoising state in the loop."""
+
+    name: str  # the request id (log lines, cancellation)
+    tokens: int  # what it costs in the replica's token budget (``ImageRequest.tokens``)
+    latents: torch.Tensor  # [C, h, w] float32 on the transformer's device
+    positive: torch.Tensor  # caption embedding [L, D]
+    negative: torch.Tensor | None  # the negative caption's, when guidance > 0
+    guidance: float
+    scheduler: object  # its own FlowMatchEulerDiscreteScheduler
+    num_steps: int
+    start: int = 0  # first step it runs (image-to-image starts part-way)
+    after_step: Callable[[RunningSample], None] | None = None  # e.g. the inpainting mask blend
+    loras: tuple = ()  # (adapter, scale) pairs: per-request LoRA (actors/lora.py), its negative pass's too
+    control: torch.Tensor | None = None  # ControlNet input [C, 1, h, w] (actors/conditioning.encode_controls)
+    control_scale: float = 0.0  # its conditioning scale (its negative pass uses the same hints, as in denoise)
+    step: int = 0  # the next step it runs
+    cancelled: bool = False  # its request's caller went away: it left the loop early
+    pred: torch.Tensor | None = None  # its last velocity estimate (for the clean-latent estimate)
+    sigma_next: torch.Tensor | None = None  # its sigma after its last step
+    group: Group | None = field(default=None, repr=False)
+
+    @classmethod
+    def create(cls, engine, name: str, tokens: int, latents: torch.Tensor, positive: torch.Tensor,
+               negative: torch.Tensor | None, guidance: float, num_steps: int, start: int = 0,
+               after_step=None, loras=(), control: torch.Tensor | None = None,
+               control_scale: float = 0.0) -> RunningSample:
+        device = engine.devices["transformer"]
+        latents = latents.to(device)
+        (scheduler,) = engine._schedulers([latents], num_steps, device)
+        if start:
+            scheduler.set_begin_index(start)
+        return cls(name, tokens, latents, positive.to(device, non_blocking=True),
+                   None if negative is None else negative.to(device, non_blocking=True), float(guidance),
+                   scheduler, num_steps, start, after_step, tuple(loras),
+                   None if control is None else control.to(device), float(control_scale), step=start)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.num_steps
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(steps run, steps it runs in all), counted from its start step."""
+        return self.step - self.start, self.num_steps - self.start
+
+    def estimate(self) -> torch.Tensor:
+        """Its current estimate of the clean latents (exact after its last step, where sigma_next = 0)."""
+        if self.pred is None:
+            return self.latents
+        return self.latents - self.sigma_next.to(self.latents.device, torch.float32) * self.pred
+
+
+class Group:
+    """The samples of one call: they join together, and the call is answered when all of them are done (or failed).
+    ``on_step(step, total, denoised)`` is the engine's per-step hook (progress, previews, final check)."""
+
+    def __init__(self, samples: list[RunningSample], on_step=None):
+        self.samples = samples
+        self.on_step = on_step
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.joined_at: float | None = None  # perf_counter when its samples first ran a step
+        self.finished_at: float | None = None
+        self._reported = 0
+        for s in samples:
+            s.group = self
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or all(s.done for s in self.samples)
+
+    def report(self) -> None:
+        """Call ``on_step`` when the slowest of its samples has moved on (so each step is reported once)."""
+        if self.on_step is None:
+            return
+        live = [s for s in self.samples if not s.cancelled]
+        if not live:
+            return
+        done = min(s.progress[0] for s in live)
+        if done > self._reported:
+            self._reported = done
+            total = max(s.progress[1] for s in live)
+            self.on_step(done, total, lambda: [s.estimate() for s in self.samples])
+
+
+@dataclass
+class LoopStats:
+    steps: int = 0  # loop steps run
+    joins: int = 0  # samples that joined, in all
+    last_joined: int = 0  # samples that joined at the latest step
+    running: int = 0  # samples in the latest step
+    waiting: int = 0  # samples handed over and not yet running
+    oom_shrinks: int = 0
+    isolated_failures: int = 0  # steps that failed as a whole and were re-run per call
+
+
+class StepLoop:
+    """The loop. ``submit(group)`` hands a call's samples over (they join at the next step); the caller waits on
+    ``group.done``. The loop thread starts on the first submit and idles (no GPU work) while nothing runs.
+
+    ``guard()`` wraps each step (the worker's device lock and denoise stream); ``fault(names)`` (tests) may raise
+    before a step, given the running samples' names."""
+
+    def __init__(self, engine, max_tokens: int | None = None, max_samples: int | None = None,
+                 guard: Callable[[], contextlib.AbstractContextManager] | None = None, name: str = "step-loop"):
+        self.engine = engine
+        self.max_tokens = max_tokens
+        self.max_samples = max_samples
+        self.guard = guard or contextlib.nullcontext
+        self.fault: Callable[[list[str]], None] | None = None
+        self.stats = LoopStats()
+        self.on_step_done: Callable[[LoopStats], None] | None = None
+        self._name = name
+        self._cond = threading.Condition()
+        self._waiting: deque[RunningSample] = deque()
+        self._running: list[RunningSample] = []
+        self._cancelled: set[str] = set()
+        self._groups: list[Group] = []  # calls not answered yet
+        self._thread: threading.Thread | None = None
+        self._layout_key: tuple | None = None
+        self._layout = None
+        self._control = None  # the running set's ControlNet input (``_packed_control``), rebuilt with the layout
+        self._oom_cap: int | None = None
+        self._clean_steps = 0
+
+    # ---- the callers' side ---------------------------------------------------------------------------------
+    def submit(self, group: Group) -> Group:
+        with self._cond:
+            self._waiting.extend(group.samples)
+            self._groups.append(group)
+            self.stats.waiting = len(self._waiting)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return group
+
+    def cancel(self, names: set[str]) -> None:
+        """Samples of these requests leave at the next step (their call is answered with what is left)."""
+        with self._cond:
+            self._cancelled |= set(names)
+            self._cond.notify_all()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def _budget(self) -> int | None:
+        caps = [c for c in (self.max_tokens, self._oom_cap) if c is not None]
+        return min(caps) if caps else None
+
+    def _admit(self) -> int:
+        """Move waiting samples into the running set, first come first served, within the budget; the head always
+        joins an empty set (so a sample over the budget still runs, alone)."""
+        joined = 0
+        budget = self._budget()
+        tokens = sum(s.tokens for s in self._running)
+        while self._waiting:
+            s = self._waiting[0]
+            if self._running:
+                if self.max_samples is not None and len(self._running) >= self.max_samples:
+                    break
+                if budget is not None and tokens + s.tokens > budget:
+                    break
+            self._waiting.popleft()
+            self._running.append(s)
+            tokens += s.tokens
+            joined += 1
+        return joined
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancelled:
+            return
+        for s in [s for s in list(self._waiting) + self._running if s.name in self._cancelled]:
+            s.cancelled = True
+            s.step = s.num_steps  # leaves at once; the rest of its call runs on
+        self._waiting = deque(s for s in self._waiting if not s.cancelled)
+        self._cancelled.clear()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self._iteration()
+            except BaseException as e:  # noqa: BLE001 - a bug here must fail the calls in, not leave them waiting
+                log.exception("step loop: unexpected error; failing the calls in the loop")
+                with self._cond:
+                    for g in self._groups:
+                        g.error = g.error or e
+                    self._retire()
+
+    def _iteration(self) -> None:
+        with self._cond:
+            self._drop_cancelled()
+            self._retire()
+            while not self._running and not self._waiting:
+                self._cond.wait()
+                self._drop_cancelled()
+                self._retire()
+            joined = self._admit()
+            running = list(self._running)
+            self.stats.waiting = len(self._waiting)
+        if not running:
+            return
+        now = time.perf_counter()
+        for s in running:
+            if s.group.joined_at is None:
+                s.group.joined_at = now
+        self.stats.joins += joined
+        self.stats.last_joined = joined
+        self.stats.running = len(running)
+        self._run_step(running)
+        self.stats.steps += 1
+        if self.on_step_done is not None:
+            self.on_step_done(self.stats)
+        groups = list(dict.fromkeys(s.group for s in running))
+        for g in groups:
+            if g.error is None:
+                try:
+                    g.report()
+                except Exception as e:  # noqa: BLE001 - a hook's failure fails its call, not the loop
+                    log.exception("step hook of a call failed")
+                    g.error = e
+
+    def _retire(self) -> None:
+        """Remove finished and failed samples; answer the calls that are complete. Under ``_cond``."""
+        self._running = [s for s in self._running if not s.done and s.group.error is None]
+        self._waiting = deque(s for s in self._waiting if s.group.error is None)
+        for g in self._groups:
+            if g.finished:
+                g.finished_at = time.perf_counter()
+                g.done.set()
+        self._groups = [g for g in self._groups if not g.done.is_set()]
+
+    def _run_step(self, running: list[RunningSample]) -> None:
+        try:
+            with self.guard():
+                if self.fault is not None:
+                    self.fault([s.name for s in running])
+                self._step(running)
+                if any(s.done for s in running):  # their callers decode on other streams: hand over finished work
+                    _sync(self.engine.devices["transformer"])
+            self._clean_steps += 1
+            if self._oom_cap is not None and self._clean_steps >= OOM_CAP_STEPS:
+                log.info("step loop: %d clean steps since the out-of-memory shrink; token budget restored",
+                         self._clean_steps)
+                self._oom_cap = None
+        except Exception as e:  # noqa: BLE001 - every failure becomes a shrink or a failed call
+            self._layout_key = None
+            if _is_oom(e):
+                _free_cuda_cache()
+                self._shrink(running, e)
+            else:
+                self._isolate(running, e)
+
+    def _shrink(self, running: list[RunningSample], e: BaseException) -> None:
+        self.stats.oom_shrinks += 1
+        self._clean_steps = 0
+        if len(running) == 1:
+            log.warning("step loop: %s alone does not fit (%s)", running[0].name, e)
+            running[0].group.error = e
+            return
+        keep = running[: len(running) // 2]  # the oldest half stays; the newest waits for room
+        back = running[len(keep):]
+        with self._cond:
+            self._running = [s for s in self._running if s not in back]
+            self._waiting.extendleft(reversed(back))
+            self._oom_cap = sum(s.tokens for s in keep)
+        log.warning("step loop: out of memory with %d samples (%s); running %d, token budget lowered to %d",
+                    len(running), e, len(keep), self._oom_cap)
+
+    def _isolate(self, running: list[RunningSample], e: BaseException) -> None:
+        """A step failed as a whole: run it again per call, so only the calls whose own step fails are failed."""
+        groups = list(dict.fromkeys(s.group for s in running))
+        if len(groups) == 1:
+            log.error("step loop: a step of one call failed: %s", e)
+            groups[0].error = e
+            return
+        self.stats.isolated_failures += 1
+        log.warning("step loop: a step of %d calls failed (%s); re-running it per call", len(groups), e)
+        for g in groups:
+            mine = [s for s in running if s.group is g]
+            try:
+                with self.guard():
+                    if self.fault is not None:
+                        self.fault([s.name for s in mine])
+                    self._step(mine)
+            except Exception as e2:  # noqa: BLE001
+                log.error("step loop: the call of %s failed alone: %s", [s.name for s in mine], e2)
+                g.error = e2
+            self._layout_key = None
+
+    @torch.no_grad()
+    def _step(self, running: list[RunningSample]) -> None:
+        """One packed transformer call for every running sample (and the negative pass of each with guidance), then
+        each sample's own Euler step: ``ZImageEngine.denoise``'s math, one step, per-sample indices."""
+        packed = self.engine.packed
+        cfg = [k for k, s in enumerate(running) if s.guidance > 0]
+        key = tuple(id(s) for s in running)
+        if key != self._layout_key:  # membership changed: shapes, captions and their cache change with it
+            shapes = [(1, s.latents.shape[-2], s.latents.shape[-1]) for s in running]
+            lens = [len(s.positive) for s in running] + [len(running[k].negative) for k in cfg]
+            self._layout = packed.layout(shapes + [shapes[k] for k in cfg], lens)
+            self._embeds = [s.positive for s in running] + [running[k].negative for k in cfg]
+            self._layout_key = key
+            if any(s.loras for s in running):  # the adapters of the running set, stacked once per membership
+                if self.engine.loras is None:
+                    raise ValueError("this replica has per-request LoRA off (model.lora_max_resident is 0)")
+                self._layout.lora = self.engine.loras.batch([running[j].loras for j in
+                                                             list(range(len(running))) + cfg])
+            self._control = self._packed_control(running, list(range(len(running))) + cfg)
+        order = list(range(len(running))) + cfg
+        t = torch.stack([s.scheduler.timesteps[s.step] for s in running])
+        t_in = ((1000 - t) / 1000)[order] if cfg else (1000 - t) / 1000
+        dtype = self.engine.transformer.dtype
+        x = [running[j].latents.to(dtype).unsqueeze(1) for j in order]
+        if self._control is None:
+            out = packed(x, t_in, self._embeds, self._layout)
+        else:
+            from .controlnet import controlled_forward
+
+            out = controlled_forward(packed, x, t_in, self._embeds, self._layout, self._control)
+        negative_of = {j: len(running) + k for k, j in enumerate(cfg)}
+        for j, s in enumerate(running):
+            pred = out[j].float()
+            if s.guidance > 0:
+                pred = pred + s.guidance * (pred - out[negative_of[j]].float())
+            pred = -pred.squeeze(1)
+            s.latents = s.scheduler.step(pred.unsqueeze(0), t[j], s.latents.unsqueeze(0), return_dict=False)[0][0]
+            s.pred = pred
+            s.sigma_next = s.scheduler.sigmas[s.step + 1]
+            s.step += 1
+            if s.after_step is not None:
+                s.after_step(s)
+
+
+    def _packed_control(self, running: list[RunningSample], order: list[int]):
+        """The running set's ControlNet input in the call's order (``ZImageEngine.denoise``'s): zeros and scale 0
+        for a sample without control; None when no running sample has one."""
+        if all(s.control is None for s in running):
+            return None
+        from .controlnet import PackedControl
+
+        if self.engine.controlnet is None:
+            raise ValueError("a control image was sent to an engine without a ControlNet")
+        device = self.engine.devices["transformer"]
+        dtype = self.engine.transformer.dtype
+        ref = next(s.control for s in running if s.control is not None)
+        ctl = [running[j].control if running[j].control is not None else
+               ref.new_zeros(ref.shape[0], 1, *running[j].latents.shape[-2:]) for j in order]
+        scale = torch.tensor([running[j].control_scale if running[j].control is not None else 0.0 for j in order])
+        return PackedControl(self.engine.controlnet, [c.to(device, dtype) for c in ctl], scale.to(device))
+
+
+class CancelledSample(Exception):
+    """Every sample of a call left the loop because their requests were cancelled."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _free_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,219 @@
+"""Step-level continuous batching against whole-batch scheduling, on one warm deployment (issue 14).
+
+For each workload (``uniform``: the config's default size, 1024x1024 on the GPU configs; ``mixed``: five sizes and
+prompts of 3 to 160 words, as ``zimage-orch bench --workload mixed``), with both schedulers on the same replicas
+(``router.scheduling`` switched between phases; the replica serves both without a second warm-up):
+
+1. lone-request latency (requests one at a time);
+2. saturation throughput (closed loop at ``--concurrency``);
+3. open loop, Poisson arrivals at ``--loads`` of the measured capacity (whole-batch saturation throughput, so both
+   schedulers see the same arrival times and requests): mean, p50 and p95 latency, throughput, time to first step.
+
+Writes ``OUT/step_batching.json`` and ``OUT/step_batching.png`` (mean and p95 latency against load, both
+schedulers, and 1.5x the lone latency: the issue's target at 80% load).
+
+    python benchmarks/step_batching.py benchmarks/configs/gpu-random.yaml --set model.compile=true \\
+        --set model.compile_cache_dir=/tmp/zc --out $OUT
+    python benchmarks/step_batching.py --tiny --out /tmp/sb      # CPU, toy model: the pipeline end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orchestrator.bench import RequestMaker, _environment, api_sender, closed_loop, percentile  # noqa: E402
+from orchestrator.config import load_config  # noqa: E402
+
+log = logging.getLogger("step_batching")
+SCHEDULERS = ("batch", "step")
+
+TINY = ["model.source=tiny", "model.dtype=float32", "deployment.replicas=1", "deployment.cpu_per_replica=0",
+        "deployment.torch_threads=1", "defaults.width=64", "defaults.height=64", "defaults.num_inference_steps=3",
+        "cluster.num_gpus=1", "cluster.num_cpus=4", "cluster.gpu_memory_gib=24", "deployment.warmup_sizes=[]"]
+TINY_MIXED = [(32, 32), (64, 64), (64, 48), (48, 80), (80, 48)]
+
+
+async def poisson(send, maker: RequestMaker, rate: float, n: int, seed: int) -> tuple[list, float]:
+    """``n`` requests with exponential gaps at ``rate`` per second (seeded: the same arrivals for each scheduler)."""
+    rng = random.Random(seed)
+    tasks = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tasks.append(asyncio.ensure_future(send(maker.params())))
+        await asyncio.sleep(rng.expovariate(rate))
+    results = await asyncio.gather(*tasks)
+    return list(results), time.perf_counter() - t0
+
+
+def stats(results: list, elapsed: float) -> dict:
+    ok = [r for r in results if r.ok]
+    lat = [r.latency_s for r in ok]
+    return {"requests": len(results), "failed": len(results) - len(ok),
+            "errors": sorted({str(r.error)[:200] for r in results if not r.ok})[:3],
+            "elapsed_s": round(elapsed, 3), "throughput_img_s": round(len(ok) / elapsed, 4) if elapsed else 0.0,
+            "latency_mean_s": round(sum(lat) / len(lat), 4) if lat else 0.0,
+            "latency_p50_s": round(percentile(lat, 0.5), 4), "latency_p95_s": round(percentile(lat, 0.95), 4),
+            "queue_mean_s": round(sum(r.queue_s for r in ok) / len(ok), 4) if ok else 0.0}
+
+
+class FirstSteps:
+    """Time from arrival to first step, per phase (the router's observer hook)."""
+
+    def __init__(self):
+        self.values: list[float] = []
+
+    def take(self) -> dict:
+        v, self.values = self.values, []
+        return {"first_step_mean_s": round(sum(v) / len(v), 4) if v else None,
+                "first_step_p95_s": round(percentile(v, 0.95), 4) if v else None}
+
+
+async def run(args) -> dict:
+    from orchestrator.deployment import Deployment
+    from orchestrator.router import RouterObserver
+
+    overrides = (TINY if args.tiny else []) + list(args.set) + ["router.scheduling=step"]
+    config = load_config(args.config, overrides)
+    first = FirstSteps()
+
+    class Observer(RouterObserver):
+        def first_step(self, replica_id, waited_s):
+            first.values.append(waited_s)
+
+    workloads = [w.strip() for w in args.workload.split(",")]
+    loads = [float(x) for x in args.loads.split(",")]
+    report: dict = {"command": " ".join(sys.argv), "config": args.config, **_environment(), "loads": loads,
+                    "workloads": {}, "requests_per_phase": args.requests}
+    t0 = time.perf_counter()
+    dep = await Deployment.start(config, observer=Observer())
+    report["startup_s"] = round(time.perf_counter() - t0, 2)
+    send = api_sender(dep)
+
+    def maker(workload: str, seed: int) -> RequestMaker:
+        sizes = None
+        if workload == "mixed" and args.tiny:
+            sizes = TINY_MIXED
+        return RequestMaker.for_workload(workload, config, sizes or [(config.defaults.width, config.defaults.height)]
+                                         if workload != "mixed" else sizes, args.steps, seed=seed)
+
+    def use(scheduler: str) -> None:
+        dep.router.scheduling = scheduler
+
+    try:
+        t_bench = time.perf_counter()
+        for scheduler in SCHEDULERS:  # warm both paths (and every size of the workloads) before measuring
+            use(scheduler)
+            for workload in workloads:
+                await closed_loop(send, maker(workload, 99), args.concurrency, args.warmup)
+        first.take()
+        for workload in workloads:
+            out: dict = {"lone": {}, "saturation": {}, "open_loop": []}
+            for scheduler in SCHEDULERS:
+                use(scheduler)
+                res, el = await closed_loop(send, maker(workload, 7), 1, args.lone)
+                out["lone"][scheduler] = {**stats(res, el), **first.take()}
+                res, el = await closed_loop(send, maker(workload, 11), args.concurrency, args.saturation)
+                out["saturation"][scheduler] = {**stats(res, el), **first.take()}
+                log.info("%s %s: lone %.3fs, saturation %.3f img/s", workload, scheduler,
+                         out["lone"][scheduler]["latency_mean_s"], out["saturation"][scheduler]["throughput_img_s"])
+            capacity = out["saturation"]["batch"]["throughput_img_s"]
+            out["capacity_img_s"] = capacity
+            for k, load in enumerate(loads):
+                rate = load * capacity
+                for scheduler in SCHEDULERS:
+                    use(scheduler)
+                    res, el = await poisson(send, maker(workload, 100 + k), rate, args.requests, seed=k)
+                    row = {"load": load, "rate_rps": round(rate, 4), "scheduler": scheduler, **stats(res, el),
+                           **first.take()}
+                    out["open_loop"].append(row)
+                    log.info("%s %s load %.2f (%.3f/s): mean %.3fs p95 %.3fs", workload, scheduler, load, rate,
+                             row["latency_mean_s"], row["latency_p95_s"])
+            lone = out["lone"]["batch"]["latency_mean_s"]
+            at80 = {r["scheduler"]: r["latency_mean_s"] for r in out["open_loop"] if abs(r["load"] - 0.8) < 1e-9}
+            out["target"] = {"lone_latency_s": lone,
+                             "mean_at_80_over_lone": {s: round(v / lone, 3) for s, v in at80.items()} if lone else {},
+                             "saturation_step_over_batch": round(
+                                 out["saturation"]["step"]["throughput_img_s"] / capacity, 3) if capacity else None}
+            report["workloads"][workload] = out
+        report["bench_s"] = round(time.perf_counter() - t_bench, 1)
+        health = await dep.replica_health()
+        report["compiles_after_ready"] = {rid: h.compiles_after_ready for rid, h in health.items()
+                                          if not isinstance(h, str)}
+    finally:
+        await dep.shutdown()
+    return report
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["workloads"])
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        w = report["workloads"][name]
+        for scheduler, color in (("batch", "tab:red"), ("step", "tab:blue")):
+            rows = [r for r in w["open_loop"] if r["scheduler"] == scheduler]
+            xs = [r["load"] for r in rows]
+            ax.plot(xs, [r["latency_mean_s"] for r in rows], "o-", color=color, label=f"{scheduler}: mean")
+            ax.plot(xs, [r["latency_p95_s"] for r in rows], "s:", color=color, label=f"{scheduler}: p95")
+        lone = w["target"]["lone_latency_s"]
+        ax.axhline(lone, color="gray", ls="--", lw=1, label="lone request")
+        ax.axhline(1.5 * lone, color="black", ls="--", lw=1, label="1.5x lone (target at 80%)")
+        ax.set_xlabel(f"load (fraction of {w['capacity_img_s']:.2f} img/s, whole-batch saturation)")
+        ax.set_ylabel("latency (s)")
+        sat = w["saturation"]
+        ax.set_title(f"{name}: saturation batch {sat['batch']['throughput_img_s']:.2f} / step "
+                     f"{sat['step']['throughput_img_s']:.2f} img/s", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"step-level vs whole-batch scheduling on {report.get('card')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", default=None, help="deployment YAML (default: the embedded CPU config)")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
+    p.add_argument("--tiny", action="store_true", help="the toy model at toy sizes on the CPU (checks the script)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--workload", default="uniform,mixed", help="uniform (the default size) and/or mixed")
+    p.add_argument("--loads", default="0.5,0.8,0.95", help="open-loop rates as fractions of measured capacity")
+    p.add_argument("--requests", type=int, default=12, help="requests per open-loop phase")
+    p.add_argument("--lone", type=int, default=3, help="requests of the lone-latency phase")
+    p.add_argument("--saturation", type=int, default=16, help="requests of the saturation phase")
+    p.add_argument("--concurrency", type=int, default=8, help="clients of the saturation phase")
+    p.add_argument("--warmup", type=int, default=4, help="warm-up requests per scheduler and workload")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    report = asyncio.run(run(args))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "step_batching.json").write_text(json.dumps(report, indent=2))
+    plot(report, out / "step_batching.png")
+    for name, w in report["workloads"].items():
+        print(f"{name}: capacity {w['capacity_img_s']} img/s, lone {w['target']['lone_latency_s']}s, "
+              f"mean@80%/lone {w['target']['mean_at_80_over_lone']}, "
+              f"saturation step/batch {w['target']['saturation_step_over_batch']}")
+        for r in w["open_loop"]:
+            print(f"  {r['scheduler']:5s} load {r['load']:.2f}: mean {r['latency_mean_s']:.3f}s "
+                  f"p95 {r['latency_p95_s']:.3f}s failed {r['failed']}")
+    print(f"wrote {out / 'step_batching.json'} and {out / 'step_batching.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""Per-request LoRA on the engine: against diffusers with the adapter loaded and fused, per sample in a mixed
+batch, scale 0, a community (kohya) layout, residency, and no recompile per adapter set."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from actors.engine import Sample, ZImageEngine
+from actors.lora import (
+    LoraError,
+    LoraStore,
+    adapter_nbytes,
+    factors_from_state_dict,
+    random_lora_state_dict,
+    read_state_dict,
+    save_diffusers_lora,
+)
+from actors.models import build_pipeline
+
+CPU = dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_pipeline("tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def adapters(pipe, tmp_path_factory):
+    """Three adapters in diffusers' own layout (PEFT keys + metadata; different ranks, alphas and targets) and
+    one in kohya's community layout."""
+    root = tmp_path_factory.mktemp("loras")
+    tr = pipe.transformer
+    out = {}
+    for name, rank, alpha, mods, seed in (
+            ("style-a", 4, 8.0, None, 1),
+            ("style-b", 8, 4.0, ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"), 2),
+            ("style-c", 3, 3.0, ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0"), 3)):
+        kw = {} if mods is None else {"modules": mods}
+        sd, meta = random_lora_state_dict(tr, rank, seed=seed, alpha=alpha, std=0.15, **kw)
+        out[name] = save_diffusers_lora(root / name, sd, meta).parent
+    # kohya: lora_unet_<module with underscores>.lora_down/up.weight + .alpha
+    sd, _ = random_lora_state_dict(tr, 4, seed=4, std=0.15,
+                                   modules=("attention.to_q", "attention.to_out.0", "feed_forward.w2"))
+    kohya = {}
+    for k, v in sd.items():
+        module, kind = k.removeprefix("transformer.").rsplit(".lora_", 1)
+        key = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{key}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = v
+        kohya[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(kohya, str(root / "kohya.safetensors"))
+    out["kohya"] = root / "kohya.safetensors"
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(pipe, adapters):
+    eng = ZImageEngine(dict(pipe.components), CPU, torch.float32)
+    eng.loras = LoraStore(eng.transformer, max_resident=2)
+    for name, path in adapters.items():
+        eng.loras.add(name, path)
+    return eng
+
+
+def _fused_images(pipe, path, scale, prompts, seeds, h, w, steps):
+    """diffusers itself: load_lora_weights + fuse_lora(lora_scale) into a copy of the pipeline."""
+    pytest.importorskip("peft")
+    ref = copy.deepcopy(pipe)
+    path = str(path)
+    if path.endswith(".safetensors"):
+        ref.load_lora_weights(path.rsplit("/", 1)[0], weight_name=path.rsplit("/", 1)[1], adapter_name="x")
+    else:
+        ref.load_lora_weights(path, adapter_name="x")
+    ref.fuse_lora(lora_scale=scale, adapter_names=["x"])
+    imgs = ref(prompts, height=h, width=w, num_inference_steps=steps, guidance_scale=0.0,
+               generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np").images
+    return (imgs * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def _close(a, b, levels=1):
+    return np.abs(a.astype(int) - b.astype(int)).max() <= levels
+
+
+@pytest.mark.parametrize("name,scale", [("style-a", 1.0), ("style-b", 0.7), ("style-c", 1.3), ("kohya", 1.0)])
+def test_adapter_equals_diffusers_fused(pipe, engine, adapters, name, scale):
+    prompts, seeds = ["a red fox in snow"], [11]
+    ours, _ = engine.generate([Sample(prompts[0], seeds[0], 64, 64, loras=((name, scale),))], 3)
+    ref = _fused_images(pipe, adapters[name], scale, prompts, seeds, 64, 64, 3)
+    plain = _fused_images(pipe, adapters[name], 0.0, prompts, seeds, 64, 64, 3)
+    assert not _close(ref[0], plain[0], 4), "the adapter must change the image for this test to mean anything"
+    assert _close(ours[0], ref[0]), np.abs(ours[0].astype(int) - ref[0].astype(int)).max()
+
+
+def test_mixed_adapters_in_one_batch_equal_solo_runs(engine):
+    """Different adapters, stacked adapters, none and guidance in one packed batch: each image equals its solo
+    run (and so does not depend on its batch-mates)."""
+    samples = [
+        Sample("a cat", 1, 64, 64, loras=(("style-a", 1.0),)),
+        Sample("a much longer prompt about a dog on a hill at sunset", 2, 96, 32, 2.0, "blurry",
+               loras=(("style-b", 0.8),)),
+        Sample("x", 3, 32, 64),
+        Sample("a lighthouse", 4, 48, 80, loras=(("style-a", 0.5), ("style-c", 1.0))),
+        Sample("a boat", 5, 64, 64, loras=(("kohya", 1.0),)),
+    ]
+    batch, _ = engine.generate(samples, 3)
+    for s, img in zip(samples, batch):
+        solo, _ = engine.generate([s], 3)
+        assert _close(img, solo[0]), s
+
+
+def test_scale_zero_equals_no_adapter(engine):
+    plain, _ = engine.generate([Sample("a cat", 7, 64, 64)], 3)
+    zero, _ = engine.generate([Sample("a cat", 7, 64, 64, loras=(("style-a", 0.0),))], 3)
+    beside, _ = engine.generate([Sample("a cat", 7, 64, 64), Sample("a dog", 8, 64, 64, loras=(("style-a", 1.0),))],
+                                3)
+    assert np.array_equal(plain[0], zero[0])
+    assert _close(plain[0], beside[0])
+
+
+def test_residency_is_lru_and_unknown_names_fail(engine):
+    store = engine.loras
+    assert sum(i["resident"] for i in store.info()) <= 2
+    engine.generate([Sample("a", 1, 32, 32, loras=(("style-b", 1.0),))], 1)
+    engine.generate([Sample("a", 1, 32, 32, loras=(("kohya", 1.0),))], 1)
+    resident = {i["name"] for i in store.info() if i["resident"]}
+    assert resident == {"style-b", "kohya"}
+    with pytest.raises(LoraError, match="not registered.*nope"):
+        engine.generate([Sample("a", 1, 32, 32, loras=(("nope", 1.0),))], 1)
+    info = {i["name"]: i for i in store.info()}
+    assert info["style-b"]["rank"] == 8 and info["style-b"]["modules"] == [
+        "attention.to_k", "attention.to_out.0", "attention.to_q", "attention.to_v"]
+
+
+def test_bad_adapters_are_clear_errors(pipe, tmp_path):
+    store = LoraStore(pipe.transformer)
+    with pytest.raises(LoraError, match="no adapter at"):
+        store.add("x", tmp_path / "missing.safetensors")
+    sd, meta = random_lora_state_dict(pipe.transformer, 4)
+    sd = {k.replace("layers.0.attention.to_q", "layers.0.attention.to_zz"): v for k, v in sd.items()}
+    save_diffusers_lora(tmp_path / "bad", sd, meta)
+    with pytest.raises(LoraError, match="to_zz.*not in this model"):
+        store.add("x", tmp_path / "bad")
+    sd = {"transformer.cap_embedder.1.lora_A.weight": torch.zeros(2, 32),
+          "transformer.cap_embedder.1.lora_B.weight": torch.zeros(64, 2)}
+    save_diffusers_lora(tmp_path / "outside", sd, {"r": 2, "lora_alpha": 2})
+    with pytest.raises(LoraError, match="outside the transformer blocks"):
+        store.add("x", tmp_path / "outside")
+    assert store.names() == []
+
+
+def test_peft_scale_rules(pipe, adapters):
+    sd, meta = read_state_dict(adapters["style-a"])
+    meta = {k.removeprefix("transformer."): v for k, v in meta.items()}  # diffusers prefixes the component
+    assert meta["r"] == 4 and meta["lora_alpha"] == 8.0
+    f = factors_from_state_dict(sd, meta)
+    key = "layers.0.attention.to_q"
+    assert torch.allclose(f[key][1], sd[f"transformer.{key}.lora_B.weight"] * 2.0)
+    f = factors_from_state_dict(sd, {**meta, "rank_pattern": {"to_q": 2}, "alpha_pattern": {"to_k": 1}})
+    assert torch.allclose(f[key][1], sd[f"transformer.{key}.lora_B.weight"] * 4.0)
+    k2 = "layers.0.attention.to_k"
+    assert torch.allclose(f[k2][1], sd[f"transformer.{k2}.lora_B.weight"] * 0.25)
+    assert torch.allclose(factors_from_state_dict(sd, None)[key][1], sd[f"transformer.{key}.lora_B.weight"])
+
+
+def test_adapter_bytes_match_the_planner(pipe):
+    """placement/ is pure: its adapter-size formula against a real adapter of the tiny model on every module, and
+    its full-size shapes against the full model's config."""
+    import inspect
+
+    from diffusers import ZImageTransformer2DModel
+
+    from actors.lora import build_adapter
+    from placement.memory import LORA_SHAPES, lora_adapter_gib
+
+    sd, meta = random_lora_state_dict(pipe.transformer, 8)
+    adapter = build_adapter("x", factors_from_state_dict(sd, meta), pipe.transformer)
+    assert adapter.nbytes == round(lora_adapter_gib(8, "tiny-z-image", 4) * 2**30)
+    c = {k: p.default for k, p in inspect.signature(ZImageTransformer2DModel.__init__).parameters.items()}
+    dim, ffn, adaln, modulated, plain = LORA_SHAPES["Z-Image-Turbo"]
+    assert (dim, ffn) == (c["dim"], int(c["dim"] / 3 * 8))
+    assert (modulated, plain) == (c["n_layers"] + c["n_refiner_layers"], c["n_refiner_layers"])
+    assert adapter_nbytes(dim, ffn, adaln, modulated, plain, 32) == round(lora_adapter_gib(32) * 2**30)
+
+
+def test_no_recompile_per_adapter_set(pipe, adapters):
+    """Compiled blocks (dynamic shapes, as a replica compiles them): after a warm-up with and without adapters,
+    other adapter sets, ranks and batch mixes compile nothing."""
+    eng = ZImageEngine(dict(pipe.components), CPU, torch.float32)
+    eng.loras = LoraStore(eng.transformer, max_resident=4)
+    for name, path in adapters.items():
+        eng.loras.add(name, path)
+    eng.packed.compile(backend="eager")
+    eng.generate([Sample("a cat", 1, 32, 32), Sample("a dog in the rain", 2, 48, 32, loras=(("style-a", 1.0),))], 1)
+    eng.generate([Sample("a cat", 1, 32, 32)], 1)
+    eng.generate([Sample("a cat", 1, 32, 32, loras=(("style-b", 1.0),))], 1)
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for batch in (
+                    [Sample("x", 3, 64, 32, loras=(("style-c", 0.5),))],
+                    [Sample("x", 3, 64, 32, loras=(("style-a", 0.5), ("kohya", 1.0))),
+                     Sample("a long prompt about boats", 4, 32, 32, 2.0, loras=(("style-b", 1.0),)),
+                     Sample("y", 5, 32, 48)],
+                    [Sample("z", 6, 32, 32, loras=(("kohya", 1.0),)), Sample("w", 7, 32, 32)]):
+                eng.generate(batch, 1)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_loras_field_parsing():
+    from orchestrator.errors import InvalidRequestError
+    from orchestrator.requests import parse_loras
+
+    assert parse_loras(None) == ()
+    assert parse_loras([{"name": "a"}, {"name": "b", "scale": 0.5}, ("c", 2)], {"a", "b", "c"}) == (
+        ("a", 1.0), ("b", 0.5), ("c", 2.0))
+    for bad, text in (([{"name": "zz"}], "unknown LoRA adapter 'zz'; registered: a"),
+                      ([{"name": "a", "scale": float("nan")}], "scale must be a number"),
+                      ([{"name": "a", "scale": 11}], "scale must be a number from -10 to 10"),
+                      ([{"name": "a"}] * 9, "at most 8"), ("a", "must be a list"), ([3], "must be an object")):
+        with pytest.raises(InvalidRequestError, match=text) as e:
+            parse_loras(bad, {"a"})
+        assert e.value.param == "loras"

@@ -1,0 +1,219 @@
+"""The router's step mode (router.scheduling=step) with fake replicas and a manual clock: work joins a busy replica
+within its room, per-step hang detection, re-dispatch on loss, cancellation of running requests."""
+
+import asyncio
+
+import pytest
+from fakes import FakePool, ManualClock, fake_image, lost
+
+from orchestrator.config import RouterConfig
+from orchestrator.messages import BatchResult, ImageRequest, ImageResult, StageTimes, StepProgress
+from orchestrator.router import Router
+
+
+def req(i, size=64, steps=4):
+    return ImageRequest(f"q{i}", f"prompt {i}", 1000 + i, size, size, steps, 0.0)
+
+
+async def settle(n=10):
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+class StepReplica:
+    """A replica with a step loop: every call stays in until the test finishes it; ``step()`` sends one progress
+    event to every call in."""
+
+    def __init__(self, replica_id, max_batch_tokens=1 << 40):
+        self.replica_id = replica_id
+        self.max_pixels = 1 << 40
+        self.max_batch_tokens = max_batch_tokens
+        self.batches = []
+        self.calls = {}  # batch_id -> (batch, future, on_progress)
+        self.cancelled = []
+        self.fail_with = None
+        self.loop_step = 0
+
+    async def run(self, batch, on_progress=None):
+        self.batches.append(batch)
+        if self.fail_with is not None:
+            raise self.fail_with
+        fut = asyncio.get_running_loop().create_future()
+        self.calls[batch.batch_id] = (batch, fut, on_progress)
+        try:
+            return await fut
+        finally:
+            self.calls.pop(batch.batch_id, None)
+
+    def step(self, joined=0):
+        self.loop_step += 1
+        for batch, _, on_progress in list(self.calls.values()):
+            on_progress(StepProgress(batch.batch_id, 1, 4, loop_step=self.loop_step, running=len(self.calls),
+                                     joined=joined))
+
+    def finish(self, request_id):
+        for batch, fut, _ in list(self.calls.values()):
+            if any(r.request_id == request_id for r in batch.requests):
+                fut.set_result(BatchResult(batch.batch_id, self.replica_id, tuple(
+                    ImageResult(r.request_id, True, self.replica_id, batch.batch_id, len(batch), r.seed, r.width,
+                                r.height, image=fake_image(r), stage_times=StageTimes(total_s=0.0))
+                    for r in batch.requests)))
+
+    def in_loop(self):
+        return [r.request_id for b, _, _ in self.calls.values() for r in b.requests]
+
+    async def cancel(self, request_ids):
+        self.cancelled += request_ids
+        return len(request_ids)
+
+
+@pytest.fixture
+def clock():
+    return ManualClock()
+
+
+def make_router(pool, clock, **cfg):
+    base = dict(max_batch_size=4, max_wait_ms=0, queue_limit=100, request_timeout_s=60, max_attempts=3,
+                scheduling="step")
+    base.update(cfg)
+    r = Router(pool, RouterConfig(**base), clock=clock)
+    r.start()
+    return r
+
+
+async def test_new_work_joins_a_busy_replica_within_its_room(clock):
+    a = StepReplica("a", max_batch_tokens=req(0).tokens * 2)
+    router = make_router(FakePool(a), clock)
+    tasks = [asyncio.create_task(router.submit(req(0)))]
+    await settle()
+    tasks.append(asyncio.create_task(router.submit(req(1))))
+    tasks.append(asyncio.create_task(router.submit(req(2))))
+    await settle()
+    assert a.in_loop() == ["q0", "q1"] and all(b.joinable for b in a.batches)  # q2 waits: no room
+    a.finish("q0")
+    await settle()
+    assert sorted(a.in_loop()) == ["q1", "q2"]  # it joins as soon as q0 leaves, whatever q1 is doing
+    a.finish("q1")
+    a.finish("q2")
+    assert all(r.ok for r in await asyncio.gather(*tasks))
+    await router.stop()
+
+
+async def test_the_running_set_is_capped_at_max_batch_size(clock):
+    a = StepReplica("a")
+    router = make_router(FakePool(a), clock, max_batch_size=3)
+    tasks = []
+    for i in range(5):  # one call each
+        tasks.append(asyncio.create_task(router.submit(req(i))))
+        await settle()
+    assert a.in_loop() == ["q0", "q1", "q2"]
+    a.finish(a.in_loop()[0])
+    await settle()
+    assert len(a.in_loop()) == 3
+    for _ in range(4):
+        a.finish(a.in_loop()[0])
+        await settle()
+    assert all(r.ok for r in await asyncio.gather(*tasks))
+    await router.stop()
+
+
+async def test_hang_detection_counts_from_each_step(clock):
+    a = StepReplica("a")
+    pool = FakePool(a)
+    router = make_router(pool, clock, first_batch_timeout_s=10, hang_min_s=1, max_attempts=1)
+    task = asyncio.create_task(router.submit(req(0)))
+    await settle()
+    for _ in range(5):  # 40 s in all, never 10 s without a step: not hung
+        await clock.advance(8)
+        a.step()
+        await settle()
+    assert not task.done() and pool.failures == []
+    await clock.advance(10.5)  # no step for longer than the limit: hung
+    r = await task
+    assert pool.failures == ["a"] and not r.ok and r.error_type == "replica_lost"
+    await router.stop()
+
+
+async def test_lost_replica_requests_are_redispatched_in_step_mode(clock):
+    a, b = StepReplica("a"), StepReplica("b")
+    a.fail_with = lost()
+    pool = FakePool(a, b)
+    router = make_router(pool, clock, max_batch_size=2)
+    tasks = [asyncio.create_task(router.submit(req(i))) for i in range(2)]
+    await settle(30)
+    assert pool.failures == ["a"] and sorted(b.in_loop()) == ["q0", "q1"]
+    b.finish("q0")
+    b.finish("q1")
+    results = await asyncio.gather(*tasks)
+    assert all(r.ok and r.replica_id == "b" for r in results)
+    await router.stop()
+
+
+async def test_a_cancelled_or_timed_out_running_request_leaves_the_loop(clock):
+    a = StepReplica("a")
+    router = make_router(FakePool(a), clock, request_timeout_s=30)
+    gone = asyncio.create_task(router.submit(req(0)))
+    slow = asyncio.create_task(router.submit(req(1), timeout_s=5))
+    await settle()
+    gone.cancel()
+    await settle()
+    assert a.cancelled == ["q0"]
+    await clock.advance(6)
+    r = await slow
+    assert r.error_type == "timeout" and a.cancelled == ["q0", "q1"]
+    await router.stop()
+
+
+async def test_metrics_hooks_see_first_steps_and_each_loop_step_once(clock):
+    from orchestrator.router import RouterObserver
+
+    class Rec(RouterObserver):
+        def __init__(self):
+            self.first, self.loop = [], []
+
+        def first_step(self, replica_id, waited_s):
+            self.first.append(waited_s)
+
+        def loop_step(self, replica_id, running, joined):
+            self.loop.append((running, joined))
+
+        def loop_idle(self, replica_id):
+            self.loop.append("idle")
+
+    a = StepReplica("a")
+    rec = Rec()
+    router = Router(FakePool(a), RouterConfig(max_batch_size=4, max_wait_ms=0, scheduling="step"), clock=clock,
+                    observer=rec)
+    router.start()
+    t0 = asyncio.create_task(router.submit(req(0)))
+    await settle()
+    await clock.advance(2)
+    t1 = asyncio.create_task(router.submit(req(1)))
+    await settle()
+    a.step(joined=2)  # two calls in: one loop step, seen twice, counted once
+    await settle()
+    assert rec.loop == [(2, 2)] and sorted(rec.first) == [0, 2]
+    a.finish("q0")
+    a.finish("q1")
+    await asyncio.gather(t0, t1)
+    assert rec.loop == [(2, 2), "idle"]
+    await router.stop()
+
+
+async def test_a_step_mode_deployment_gives_each_replica_room_for_its_calls(tmp_path):
+    """Each joined call holds one of the actor's concurrent slots while its samples run: a replica takes
+    max_batch_size of them, plus a slot for health checks and one for cancellations."""
+    from conftest import tiny_config
+    from test_replicas import FakeBackend, FakeNode
+
+    from orchestrator.deployment import Deployment
+
+    backend = FakeBackend(FakeNode("n0", "id0"))
+    cfg = tiny_config(tmp_path, deployment={"replicas": 1}, router={"scheduling": "step", "max_batch_size": 6})
+    dep = await Deployment.start(cfg, backend=backend, clock=ManualClock())
+    try:
+        spec = backend.made["r0"].spec
+        assert spec.max_concurrency == 6 + 1 + 1 and spec.max_batch_size == 6
+        assert dep.router.scheduling == "step"
+    finally:
+        await dep.shutdown()

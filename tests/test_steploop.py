@@ -1,0 +1,520 @@
+"""Step-level continuous batching (actors/steploop.py): the replica's step loop with the toy-size real pipeline, and
+the router's step mode with a real worker in this process (no Ray). Assertions are on order and step counts, never on
+wall-clock speed."""
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from actors.worker import PipelineWorker, WarmupSpec
+from orchestrator.config import ModelConfig, RouterConfig
+from orchestrator.messages import Batch, BatchResult, ImageRequest, StepProgress
+from orchestrator.router import Router, RouterObserver
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_cache):
+    w = PipelineWorker("r0", ModelConfig(source="tiny", dtype="float32", cache_dir=tiny_cache),
+                       warmup=WarmupSpec(((32, 32),), 1), torch_threads=1, max_batch_tokens=1 << 20,
+                       max_batch_size=16)
+    w.start()
+    return w
+
+
+def same_image(a, b) -> bool:
+    # the project's standard (tests/test_worker.py): fp32 batched vs single differ below 1e-5 before quantisation
+    return a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+@pytest.fixture
+def slow_steps(worker):
+    """Each loop step takes at least 20 ms, so a 50-step request is still running while others come and go."""
+    loop = worker._step_loop()
+    loop.fault = lambda names: time.sleep(0.02)
+    yield
+    loop.fault = worker._loop_fault
+
+
+class Streamed:
+    """A joinable call run in a thread, recording its progress events."""
+
+    def __init__(self, worker, batch):
+        self.events: list[StepProgress] = []
+        self.result: BatchResult | None = None
+        self.thread = threading.Thread(target=self._run, args=(worker, batch), daemon=True)
+        self.thread.start()
+
+    def _run(self, worker, batch):
+        for ev in worker.run_batch_stream(batch):
+            if isinstance(ev, StepProgress):
+                self.events.append(ev)
+            else:
+                self.result = ev
+
+    def wait_steps(self, n, timeout=60):
+        deadline = time.monotonic() + timeout
+        while len(self.events) < n:
+            assert time.monotonic() < deadline and self.thread.is_alive()
+            time.sleep(0.005)
+
+    def join(self):
+        self.thread.join(timeout=120)
+        return self.result
+
+
+def test_short_request_joins_a_long_one_and_finishes_first_with_its_solo_image(worker, slow_steps):
+    """The issue's CPU check: a 2-step request submitted while a 50-step one is denoising finishes long before it,
+    and its image equals its solo run."""
+    long = ImageRequest("long", "a slow detailed landscape", 1, 64, 64, 50, 0.0)
+    short = ImageRequest("short", "a quick sketch of a cat", 2, 48, 32, 2, 1.5, "blurry")
+    run = Streamed(worker, Batch(1, (long,), joinable=True))
+    run.wait_steps(3)
+    steps_before = worker.loop_stats()["steps"]
+    out = worker.run_batch(Batch(2, (short,), joinable=True))
+    long_at = len(run.events)
+    assert out.results[0].ok and run.result is None  # the long one is still denoising
+    assert long_at < 50 and worker.loop_stats()["steps"] - steps_before < 50
+    long_out = run.join()
+    assert long_out.results[0].ok and [e.step for e in run.events] == list(range(1, 51))
+    assert max(e.running for e in run.events) == 2 and any(e.joined == 1 for e in run.events)
+    solo = worker.run_batch(Batch(3, (short,), joinable=True)).results[0]
+    whole_batch = worker.run_batch(Batch(4, (short,))).results[0]
+    assert same_image(out.results[0].image, solo.image) and same_image(out.results[0].image, whole_batch.image)
+    assert same_image(long_out.results[0].image, worker.run_batch(Batch(5, (long,))).results[0].image)
+
+
+def test_any_mix_joins_and_each_image_equals_its_whole_batch_run(worker):
+    """Different step counts, sizes, prompt lengths and guidance, handed over at different times."""
+    calls = [
+        (ImageRequest("a", "a fox", 3, 64, 32, 4, 0.0), ImageRequest("b", "a much longer prompt " * 5, 4, 32, 96,
+                                                                         4, 0.0)),
+        (ImageRequest("c", "x", 5, 48, 48, 2, 2.5, "blurry"),),
+        (ImageRequest("d", "a harbor at dawn", 6, 32, 32, 7, 0.0),),
+    ]
+    with ThreadPoolExecutor(3) as pool:
+        futures = []
+        for i, reqs in enumerate(calls):
+            futures.append(pool.submit(worker.run_batch, Batch(10 + i, reqs, joinable=True)))
+            time.sleep(0.01 * i)
+        joined = [f.result() for f in futures]
+    for out, reqs in zip(joined, calls):
+        for r, q in zip(out.results, reqs):
+            alone = worker.run_batch(Batch(20, (q,))).results[0]
+            assert r.ok and r.image.shape == (q.height, q.width, 3) and same_image(r.image, alone.image), q
+
+
+def test_layout_is_rebuilt_only_when_the_running_set_changes(worker, slow_steps):
+    packed = worker.engine.packed
+    built = []
+    original = packed.layout
+    packed.layout = lambda *a, **k: built.append(1) or original(*a, **k)
+    try:
+        long = Streamed(worker, Batch(30, (ImageRequest("l30", "long", 1, 32, 32, 20, 0.0),), joinable=True))
+        long.wait_steps(2)
+        worker.run_batch(Batch(31, (ImageRequest("s31", "short", 2, 32, 32, 3, 0.0),), joinable=True))
+        assert long.join().results[0].ok
+    finally:
+        packed.layout = original
+    # 20 + 3 sample-steps in 20 loop steps: built when the long one started, when the short one joined and when it
+    # left (at most once more if the short one joined at the very first step), never per step
+    assert 2 <= len(built) <= 4
+
+
+def test_out_of_memory_shrinks_the_running_set_and_everyone_finishes(worker):
+    worker.inject_fault("oom_above", max_batch=1)  # a step over one sample runs out of memory
+    try:
+        reqs = [ImageRequest(f"o{i}", f"prompt {i}", i, 32, 32, 3, 0.0) for i in range(3)]
+        before = worker.loop_stats().get("oom_shrinks", 0)
+        with ThreadPoolExecutor(3) as pool:
+            outs = list(pool.map(worker.run_batch, [Batch(40 + i, (r,), joinable=True) for i, r in enumerate(reqs)]))
+    finally:
+        worker.inject_fault(None)
+    assert all(o.results[0].ok for o in outs), [o.results[0].error for o in outs]
+    stats = worker.loop_stats()
+    assert stats["oom_shrinks"] > before and stats["running"] == 1  # it ran on, one sample at a time
+    worker._loop._oom_cap = None  # the lowered budget would otherwise hold for OOM_CAP_STEPS steps
+    for o, r in zip(outs, reqs):
+        assert same_image(o.results[0].image, worker.run_batch(Batch(50, (r,))).results[0].image)
+
+
+def test_a_step_that_fails_fails_only_the_call_at_fault(worker, slow_steps):
+    loop = worker._step_loop()
+
+    def poison(names):
+        time.sleep(0.02)
+        if "bad" in names:
+            raise RuntimeError("a model bug one input triggers")
+
+    loop.fault = poison
+    good = Streamed(worker, Batch(60, (ImageRequest("good", "fine", 1, 32, 32, 8, 0.0),), joinable=True))
+    good.wait_steps(1)
+    bad = worker.run_batch(Batch(61, (ImageRequest("bad", "poison", 2, 32, 32, 4, 0.0),), joinable=True))
+    assert not bad.results[0].ok and bad.results[0].error_type == "replica_error"
+    assert good.join().results[0].ok and [e.step for e in good.events] == list(range(1, 9))
+
+
+def test_a_cancelled_request_leaves_the_loop(worker, slow_steps):
+    run = Streamed(worker, Batch(70, (ImageRequest("gone", "bye", 1, 32, 32, 50, 0.0),), joinable=True))
+    run.wait_steps(2)
+    assert worker.cancel(["gone", "unknown"]) == 1
+    out = run.join()
+    assert out.results[0].error_type == "cancelled" and len(run.events) < 50
+
+
+def test_cancelling_one_request_of_a_call_leaves_the_rest_running(worker, slow_steps):
+    stay = ImageRequest("stay", "stay", 4, 32, 32, 12, 0.0)
+    run = Streamed(worker, Batch(71, (ImageRequest("leave", "leave", 3, 32, 32, 12, 0.0), stay), joinable=True))
+    run.wait_steps(2)
+    worker.cancel(["leave"])
+    out = run.join()
+    assert [r.error_type for r in out.results] == ["cancelled", None] and out.results[1].ok
+    assert [e.step for e in run.events] == list(range(1, 13))
+    assert same_image(out.results[1].image, worker.run_batch(Batch(72, (stay,))).results[0].image)
+
+
+def test_previews_of_a_joined_call_are_decoded_off_the_loop(worker):
+    from dataclasses import replace
+
+    q = replace(ImageRequest("pv", "a preview", 11, 32, 32, 6, 0.0), partial_images=2)
+    run = Streamed(worker, Batch(90, (q,), joinable=True))
+    out = run.join()
+    previews = [(p[0], p[1], p[2].shape) for e in run.events for p in e.previews]
+    assert out.results[0].ok and previews == [("pv", 0, (32, 32, 3)), ("pv", 1, (32, 32, 3))]
+    assert [e.step for e in run.events] == list(range(1, 7))
+    assert same_image(out.results[0].image, worker.run_batch(Batch(91, (q,))).results[0].image)
+
+
+# ---- the router in step mode, with the real worker behind an in-process replica ------------------------------------
+class InProcessReplica:
+    """The router's ``Replica`` around a ``PipelineWorker`` in this process: each call runs in a thread, as a Ray
+    actor with several concurrent calls would."""
+
+    def __init__(self, worker, max_batch_tokens=1 << 20):
+        self.worker = worker
+        self.replica_id = worker.replica_id
+        self.max_pixels = 1 << 30
+        self.max_batch_tokens = max_batch_tokens
+        self.batches: list[Batch] = []
+        self.cancelled: list[str] = []
+
+    async def run(self, batch, on_progress=None):
+        self.batches.append(batch)
+        loop = asyncio.get_running_loop()
+        result = loop.create_future()
+
+        def work():
+            for ev in self.worker.run_batch_stream(batch):
+                if isinstance(ev, StepProgress):
+                    if on_progress is not None:
+                        loop.call_soon_threadsafe(on_progress, ev)
+                else:
+                    loop.call_soon_threadsafe(result.set_result, ev)
+
+        threading.Thread(target=work, daemon=True).start()
+        return await result
+
+    async def cancel(self, request_ids):
+        self.cancelled += request_ids
+        return self.worker.cancel(request_ids)
+
+
+class Pool:
+    def __init__(self, *replicas):
+        self.replicas = list(replicas)
+
+    def live(self):
+        return self.replicas
+
+    def members(self):
+        return self.replicas
+
+    def report_failure(self, replica_id, error):
+        raise AssertionError(f"{replica_id} failed: {error}")
+
+
+class Recorder(RouterObserver):
+    def __init__(self):
+        self.first_steps, self.loop_steps = [], []
+
+    def first_step(self, replica_id, waited_s):
+        self.first_steps.append(waited_s)
+
+    def loop_step(self, replica_id, running, joined):
+        self.loop_steps.append((running, joined))
+
+
+async def test_router_step_mode_lets_a_short_request_overtake_a_long_one(worker, slow_steps):
+    replica = InProcessReplica(worker)
+    observer = Recorder()
+    router = Router(Pool(replica), RouterConfig(max_batch_size=4, max_wait_ms=0, scheduling="step"),
+                    observer=observer)
+    router.start()
+    try:
+        long_steps, short_steps = [], []
+        long = asyncio.create_task(router.submit(ImageRequest("L", "a long one", 1, 64, 64, 50, 0.0),
+                                                 on_progress=lambda ev: long_steps.append(ev.step)))
+        while len(long_steps) < 3:
+            await asyncio.sleep(0.005)
+        short_req = ImageRequest("S", "a short one", 2, 32, 48, 2, 0.0)
+        short = await router.submit(short_req, on_progress=lambda ev: short_steps.append(ev.step))
+        assert short.ok and not long.done() and len(long_steps) < 50
+        assert short_steps == [1, 2]  # its progress starts when it joins, counted in its own steps
+        assert (await long).ok and long_steps == list(range(1, 51))
+    finally:
+        await router.stop()
+    assert [b.joinable for b in replica.batches] == [True, True]
+    assert len(observer.first_steps) == 2 and max(r for r, _ in observer.loop_steps) == 2
+    assert sum(j for _, j in observer.loop_steps) == 2
+    solo = worker.run_batch(Batch(80, (short_req,))).results[0]
+    assert same_image(short.image, solo.image)
+
+
+async def test_router_step_mode_keeps_within_the_token_budget_and_never_overtakes_the_oldest(worker, slow_steps):
+    small = [ImageRequest(f"s{i}", "small", i, 32, 32, 3, 0.0) for i in range(3)]
+    big = ImageRequest("big", "big", 9, 256, 256, 3, 0.0)
+    budget = big.tokens  # the big one runs alone; a small one runs beside other small ones
+    assert small[0].tokens * 3 < budget < big.tokens + small[0].tokens
+    replica = InProcessReplica(worker, max_batch_tokens=budget)
+    router = Router(Pool(replica), RouterConfig(max_batch_size=8, max_wait_ms=0, scheduling="step"))
+    router.start()
+    try:
+        first = asyncio.create_task(router.submit(small[0]))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.create_task(router.submit(q)) for q in (big, small[1], small[2])]
+        results = await asyncio.gather(first, *rest)
+    finally:
+        await router.stop()
+    assert all(r.ok for r in results)
+    order = [b.requests[0].request_id for b in replica.batches]
+    assert order.index("big") < order.index("s1")  # the big one waited for room; the small ones did not pass it
+
+
+async def test_router_step_mode_cancels_a_running_request_in_the_loop(worker, slow_steps):
+    replica = InProcessReplica(worker)
+    router = Router(Pool(replica), RouterConfig(max_batch_size=4, max_wait_ms=0, scheduling="step"))
+    router.start()
+    steps = []
+    try:
+        task = asyncio.create_task(router.submit(ImageRequest("C", "cancel me", 1, 32, 32, 50, 0.0),
+                                                 on_progress=lambda ev: steps.append(ev.step)))
+        while len(steps) < 2:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(400):
+            if worker.loop_stats()["running"] == 0 or not worker._joined:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await router.stop()
+    assert replica.cancelled == ["C"] and "C" not in worker._joined and len(steps) < 50
+
+
+# ---- under a real local Ray: the actor's concurrent calls, streaming and cancellation ------------------------------
+@pytest.mark.ray
+@pytest.mark.slow
+def test_step_mode_deployment_under_ray(ray_cluster, tiny_cache):
+    from conftest import tiny_config
+
+    from orchestrator.deployment import Deployment
+
+    config = tiny_config(tiny_cache, deployment={"replicas": 1}, router={"scheduling": "step", "max_wait_ms": 0})
+
+    async def scenario():
+        dep = await Deployment.start(config)
+        try:
+            (replica,) = dep.replicas.values()
+            long_steps, gone_steps = [], []
+            (long_req,) = dep.requests_for("a long one", seed=1, num_inference_steps=40)
+            (short_req,) = dep.requests_for("a short one", seed=2, num_inference_steps=2, width=32, height=48)
+            (gone_req,) = dep.requests_for("cancel me", seed=3, num_inference_steps=39)  # a call of its own
+            long = asyncio.create_task(dep.submit(long_req, on_progress=lambda ev: long_steps.append(ev.step)))
+            gone = asyncio.create_task(dep.submit(gone_req, on_progress=lambda ev: gone_steps.append(ev.step)))
+            while len(long_steps) < 2 or len(gone_steps) < 2:
+                await asyncio.sleep(0.01)
+            short = await dep.submit(short_req)
+            gone.cancel()
+            long_done_when_short_was = long.done()
+            long_result = await long
+            solo = await dep.submit(short_req)
+            stats = await replica.call("loop_stats")
+            return short, long_done_when_short_was, long_result, long_steps, solo, stats, gone_steps
+        finally:
+            await dep.shutdown()
+
+    short, long_was_done, long_result, long_steps, solo, stats, gone_steps = asyncio.run(scenario())
+    assert short.ok and long_result.ok and not long_was_done and long_steps == list(range(1, 41))
+    assert same_image(short.image, solo.image) and stats["joins"] >= 4
+    assert len(gone_steps) < 39  # it left the loop when its caller went away
+
+
+@pytest.mark.slow
+def test_joins_and_leaves_compile_nothing_after_warmup():
+    """The packed blocks compiled with dynamic shapes (inductor on the CPU here; tests/test_gpu.py does it on a GPU):
+    after the worker's warm-up kinds (one sample, two, mixed sizes), a step loop whose running set changes at every
+    join and leave (a new layout each time, guidance joining mid-way) runs under ``fail_on_recompile``, in the loop's
+    own thread."""
+    import shutil
+
+    import torch
+
+    from actors.engine import Sample, ZImageEngine
+    from actors.models import build_components
+    from actors.steploop import Group, RunningSample, StepLoop
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("inductor on the CPU needs a C++ compiler")
+    comps = build_components("tiny", device="cpu", dtype=torch.float32, seed=0)
+    eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu"), torch.float32)
+    eng.packed.compile()
+    for batch in ([Sample("a red fox", 1, 64, 64)], [Sample("a red fox", 1, 64, 64)] * 2,
+                  [Sample("a lighthouse", 2, 64, 64), Sample("x", 3, 48, 32)]):
+        eng.denoise(eng.encode([s.prompt for s in batch]), eng.initial_latents(batch), 2)
+
+    def group(sample, steps, guidance=0.0):
+        enc = eng.encode([sample.prompt], [None], guidance)
+        (lat,) = eng.initial_latents([sample])
+        return Group([RunningSample.create(eng, sample.prompt, 1, lat, enc.positive[0],
+                                           enc.negative[0] if guidance else None, guidance, steps)])
+
+    loop = StepLoop(eng)
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            long = loop.submit(group(Sample("a detailed city at night", 5, 64, 64), 12))
+            while loop.stats.steps < 3:
+                time.sleep(0.005)
+            joined = [loop.submit(group(Sample("a quick sketch", 7, 48, 80), 3, 2.0)),
+                      loop.submit(group(Sample("another", 8, 32, 32), 2))]
+            for g in [long, *joined]:
+                assert g.done.wait(300)
+    finally:
+        torch._dynamo.reset()
+        eng.packed.block_fn = __import__("actors.packed", fromlist=["_block_forward"])._block_forward
+    assert [g.error for g in [long, *joined]] == [None, None, None] and loop.stats.joins == 3
+
+
+# ---- the loop's bookkeeping alone (a stand-in step: no model) -------------------------------------------------------
+class CountingLoop:
+    """A StepLoop whose step only advances each sample's index and records who ran."""
+
+    def __init__(self, **kw):
+        import torch
+
+        from actors.steploop import StepLoop
+
+        self.torch = torch
+        from types import SimpleNamespace
+
+        self.loop = StepLoop(engine=SimpleNamespace(devices={"transformer": torch.device("cpu")}), **kw)
+        self.steps: list[list[str]] = []
+        self.loop._step = self._step
+
+    def _step(self, running):
+        self.steps.append([s.name for s in running])
+        for s in running:
+            s.step += 1
+
+    def group(self, name, tokens, steps, n=1):
+        from actors.steploop import Group, RunningSample
+
+        t = self.torch.zeros(1)
+        return Group([RunningSample(f"{name}{i}" if n > 1 else name, tokens, t, t, None, 0.0, None, steps)
+                      for i in range(n)])
+
+
+def test_the_loop_keeps_within_its_token_budget_and_sample_cap_first_come_first_served():
+    c = CountingLoop(max_tokens=10, max_samples=3)
+    groups = [c.group("a", 6, 3), c.group("b", 5, 2), c.group("c", 2, 2, n=3)]
+    for g in groups:
+        c.loop.submit(g)
+    for g in groups:
+        assert g.done.wait(10) and g.error is None
+    tokens = {"a": 6, "b": 5, "c0": 2, "c1": 2, "c2": 2}
+    assert all(sum(tokens[n] for n in names) <= 10 and len(names) <= 3 for names in c.steps)
+    # b waits for a (6 + 5 > 10) and c waits behind b, first come first served
+    first = {n: next(i for i, names in enumerate(c.steps) if n in names) for n in tokens}
+    assert first["a"] <= first["b"] <= first["c0"]
+
+
+def test_an_unexpected_loop_error_fails_the_calls_in_it_and_the_loop_goes_on():
+    c = CountingLoop()
+    original = c.loop._admit
+    calls = []
+
+    def admit_once_broken():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the loop")
+        return original()
+
+    c.loop._admit = admit_once_broken
+    first = c.loop.submit(c.group("x", 1, 2))
+    assert first.done.wait(10) and isinstance(first.error, RuntimeError)
+    second = c.loop.submit(c.group("y", 1, 2))
+    assert second.done.wait(10) and second.error is None and c.steps[-1] == ["y"]
+
+
+def test_requests_with_lora_adapters_join_a_running_loop_and_equal_their_whole_batch_run(tiny_cache, tmp_path):
+    """Per-request LoRA (actors/lora.py) in step mode: a request with an adapter joins a loop running one without
+    (and one with guidance, whose negative pass uses the adapter too); each image equals its whole-batch run."""
+    from dataclasses import replace
+
+    from actors.lora import random_lora_state_dict, save_diffusers_lora
+    from actors.models import build_pipeline
+
+    sd, meta = random_lora_state_dict(build_pipeline("tiny").transformer, 4, std=0.1)
+    path = save_diffusers_lora(tmp_path / "a", sd, meta)
+    cfg = ModelConfig(source="tiny", dtype="float32", cache_dir=tiny_cache, lora_max_resident=2,
+                      loras=[{"name": "a", "path": str(path)}])
+    w = PipelineWorker("rl", cfg, warmup=WarmupSpec(((32, 32),), 1), torch_threads=1)
+    w.start()
+    w._step_loop().fault = lambda names: time.sleep(0.02)
+    plain = ImageRequest("plain", "no adapter", 1, 32, 32, 12, 0.0)
+    styled = replace(ImageRequest("styled", "with adapter", 2, 32, 48, 3, 2.0, "blurry"), loras=(("a", 0.8),))
+    run = Streamed(w, Batch(1, (plain,), joinable=True))
+    run.wait_steps(2)
+    joined = w.run_batch(Batch(2, (styled,), joinable=True)).results[0]
+    assert joined.ok and run.result is None
+    assert run.join().results[0].ok
+    alone = w.run_batch(Batch(3, (styled,))).results[0]
+    without = w.run_batch(Batch(4, (replace(styled, loras=()),))).results[0]
+    assert same_image(joined.image, alone.image) and not same_image(joined.image, without.image)
+    assert same_image(run.result.results[0].image, w.run_batch(Batch(5, (plain,))).results[0].image)
+
+
+def test_a_sample_can_start_part_way_and_run_an_after_step_hook(worker):
+    """The two seams image edits need (img2img: a start step from ``strength`` with the image's noised latents;
+    inpainting: a blend after each step): a sample that starts at step 3 from the latents an uninterrupted run had
+    after 3 steps ends exactly where that run ends, and ``after_step`` runs after each of its own steps."""
+    import torch
+
+    from actors.engine import Sample
+    from actors.steploop import Group, RunningSample
+
+    eng, loop = worker.engine, worker._step_loop()
+    sample = Sample("a harbor at dawn", 5, 32, 32)
+    enc = eng.encode([sample.prompt])
+    (noise,) = eng.initial_latents([sample])
+    seen = []
+
+    def make(latents, start, hook=None):
+        return Group([RunningSample.create(eng, "edit", 1, latents, enc.positive[0], None, 0.0, 6, start=start,
+                                           after_step=hook)])
+
+    full = loop.submit(make(noise, 0, lambda s: seen.append((s.step, s.latents.clone()))))
+    assert full.done.wait(60) and full.error is None and [k for k, _ in seen] == [1, 2, 3, 4, 5, 6]
+    resumed = loop.submit(make(seen[2][1], 3))
+    assert resumed.done.wait(60) and resumed.error is None
+    assert torch.equal(resumed.samples[0].latents, full.samples[0].latents)
+
+    def blend(s):  # an inpainting-style blend: keep the left half at the first run's values
+        s.latents[..., :8] = seen[s.step - 1][1][..., :8]
+
+    masked = loop.submit(make(noise, 0, blend))
+    assert masked.done.wait(60)
+    assert torch.equal(masked.samples[0].latents[..., :8], full.samples[0].latents[..., :8])
