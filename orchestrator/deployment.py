@@ -183,7 +183,8 @@ class Deployment:
             await self.shutdown()
             raise
         self.router = Router(replicas, cfg.router, clock=self.clock, observer=self.observer,
-                             max_inflight_batches=d.max_inflight_batches)
+                             max_inflight_batches=d.max_inflight_batches,
+                             max_batch_adapters=cfg.model.lora_slots or None)
         self.router.start()
         replicas.start_health_checks()
         self.ready = True

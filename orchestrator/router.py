@@ -155,13 +155,15 @@ class Router:
         clock: Clock | None = None,
         observer: RouterObserver | None = None,
         max_inflight_batches: int = 1,
+        max_batch_adapters: int | None = None,
     ):
         self.pool = pool
         self.config = config
         self.clock = clock or MonotonicClock()
         self.observer = observer or RouterObserver()
         self.max_inflight = max_inflight_batches
-        self.scheduler = BatchScheduler(config.max_batch_size, config.max_wait_ms / 1000.0, config.queue_limit)
+        self.scheduler = BatchScheduler(config.max_batch_size, config.max_wait_ms / 1000.0, config.queue_limit,
+                                        max_batch_adapters)
         self.timer = BatchTimer(config)
         self.work = ReplicaWork(self.timer)
         self._outstanding: dict[str, int] = {}

@@ -8,7 +8,8 @@ Policy:
   guidance: the replica packs them into one transformer call per step. Within a key, first come first served;
   across keys, the key whose oldest request is oldest goes first.
 - A batch is filled up to the replica's token budget (``max_batch_tokens``, each request counted by
-  ``ImageRequest.tokens``) and ``max_batch_size`` images, in arrival order; a request that would overflow the
+  ``ImageRequest.tokens``), ``max_batch_size`` images and ``max_adapters`` distinct LoRA adapters (the replica's
+  resident slots, which its plan counts memory for), in arrival order; a request that would overflow the
   budget waits for the next batch while later, smaller ones may still fill this one (the oldest request always
   leads the next batch, so nothing starves).
 - A group is *ready* when it fills a replica's budget, or its oldest request has waited ``max_wait_s``.
@@ -64,8 +65,10 @@ class Pending:
 
 
 class BatchScheduler:
-    def __init__(self, max_batch_size: int, max_wait_s: float, queue_limit: int):
+    def __init__(self, max_batch_size: int, max_wait_s: float, queue_limit: int, max_adapters: int | None = None):
         self.max_batch_size = max_batch_size
+        # distinct LoRA adapters one batch may name (a replica's resident slots: what its plan counts memory for)
+        self.max_adapters = max_adapters
         self.max_wait_s = max_wait_s
         self.queue_limit = queue_limit
         self._groups: OrderedDict[BatchKey, deque[Pending]] = OrderedDict()
@@ -130,10 +133,12 @@ class BatchScheduler:
         return sorted(self._groups.items(), key=lambda kv: kv[1][0].enqueued_at)
 
     def _fill(self, group: deque[Pending], replica: ReplicaCapacity, limit: int) -> list[Pending]:
-        """The requests of ``group`` a batch for ``replica`` takes: in arrival order, within its token budget and
-        ``limit`` images, and within any request's own cap after an out-of-memory split."""
+        """The requests of ``group`` a batch for ``replica`` takes: in arrival order, within its token budget,
+        ``limit`` images and ``max_adapters`` distinct LoRA adapters, and within any request's own cap after an
+        out-of-memory split."""
         taken: list[Pending] = []
         tokens = 0
+        adapters: set[str] = set()
         if replica.max_images is not None:
             limit = min(limit, replica.max_images)
         for p in group:
@@ -142,12 +147,15 @@ class BatchScheduler:
             if not replica.fits(p.request):
                 continue
             cap = min([q.max_batch for q in taken + [p] if q.max_batch] or [limit])
-            if len(taken) + 1 > cap or tokens + p.request.tokens > replica.max_batch_tokens:
+            names = adapters | {name for name, _ in p.request.loras}
+            if len(taken) + 1 > cap or tokens + p.request.tokens > replica.max_batch_tokens \
+                    or (self.max_adapters is not None and len(names) > self.max_adapters):
                 if not taken:  # the head always runs, alone if it must
                     return [p]
                 continue
             taken.append(p)
             tokens += p.request.tokens
+            adapters = names
         return taken
 
     def schedule(self, now: float, free: list[ReplicaCapacity]) -> list[tuple[str, list[Pending]]]:
@@ -178,6 +186,7 @@ class BatchScheduler:
         """The request that has waited longest (step-level batching lets it block newer ones that would fit)."""
         heads = [g[0] for g in self._groups.values()]
         return min(heads, key=lambda p: p.enqueued_at) if heads else None
+
     @staticmethod
     def _takes_partial(replica: ReplicaCapacity, now: float) -> bool:
         return replica.outstanding == 0 or replica.partial_after is None or now >= replica.partial_after

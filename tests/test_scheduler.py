@@ -192,3 +192,15 @@ def test_a_busy_replica_takes_a_partial_batch_only_near_the_end_of_its_work():
     s.add(pend(5, 4.0))
     idle = ReplicaCapacity("a", BIG, BIG, outstanding=0, partial_after=None)
     assert ids(s.schedule(4.02, [idle])[0]) == ["q5"]
+
+
+def test_a_batch_names_no_more_distinct_adapters_than_a_replica_holds():
+    """The plan counts memory for ``lora_max_resident`` adapters: a batch that named more would hold them all."""
+    from dataclasses import replace
+
+    s = BatchScheduler(max_batch_size=8, max_wait_s=0.0, queue_limit=10, max_adapters=2)
+    for i, loras in enumerate([("a",), ("b",), ("c",), (), ("a", "b"), ("c",)]):
+        p = pend(i, 0.1 * i)
+        s.add(replace(p, request=replace(p.request, loras=tuple((n, 1.0) for n in loras))))
+    assert ids(s.schedule(1.0, [rep("r")])[0]) == ["q0", "q1", "q3", "q4"]  # a and b; c waits
+    assert ids(s.schedule(1.0, [rep("r")])[0]) == ["q2", "q5"]
