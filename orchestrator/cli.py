@@ -181,7 +181,7 @@ def cmd_plan(args) -> int:
 
     from .deployment import declared_inventory, plan_for
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     inv = declared_inventory(cfg)
     if inv is None:
         if cfg.cluster.num_gpus:
@@ -286,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print the placement plan of a config (no Ray, no GPU needed)")
     p.add_argument("config")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("serve", help="start the deployment and the OpenAI-compatible HTTP server")

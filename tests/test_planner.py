@@ -222,3 +222,14 @@ def test_plan_counts_lora_memory():
     assert withl.to_dict()["lora_gib_per_replica"] == round(spec.lora_gib, 3)
     assert any("LoRA: 4 resident adapter(s) of rank <= 64" in n for n in withl.notes)
     assert with_loras(model_spec("modelscope"), 0, 64) == model_spec("modelscope")
+
+
+def test_plan_cli_takes_overrides(capsys):
+    from orchestrator.cli import main
+
+    path = str(ROOT / "clusters" / "dual-4090d-auto.yaml")
+    precisions = []
+    for extra in ([], ["--set", "model.quantization=none"]):
+        assert main(["plan", path, "--json", *extra]) == 0
+        precisions.append(json.loads(capsys.readouterr().out)["precisions"]["transformer"])
+    assert precisions == ["fp8", "bfloat16"]
