@@ -209,7 +209,7 @@ def with_loras(spec: ModelSpec, max_resident: int, max_rank: int) -> ModelSpec:
     if max_resident <= 0:
         return spec
     bytes_per_value = BYTES_PER_PARAM.get(spec.dtype, 2)
-    one = lora_adapter_gib(max_rank, spec.name, bytes_per_value)
+    one = lora_adapter_gib(max_rank, spec.name.split(" + ")[0], bytes_per_value)  # the base model's shapes
     total = 2 * max_resident * one
     text = (f"LoRA: {max_resident} resident adapter(s) of rank <= {max_rank} per replica, {one:.2f} GiB each, "
             f"{total:.2f} GiB with a batch's stacked copy, counted on the transformer's GPU")

@@ -233,3 +233,13 @@ def test_plan_cli_takes_overrides(capsys):
         assert main(["plan", path, "--json", *extra]) == 0
         precisions.append(json.loads(capsys.readouterr().out)["precisions"]["transformer"])
     assert precisions == ["fp8", "bfloat16"]
+
+
+def test_lora_memory_with_a_controlnet_counts_the_base_models_adapters():
+    """A deployment with both a ControlNet and LoRA plans (the ControlNet's name suffix does not hide the shapes)."""
+    from placement.memory import with_loras
+
+    plain = with_loras(model_spec("modelscope"), 4, 64)
+    both = with_loras(model_spec("modelscope", controlnet=True), 4, 64)
+    assert both.lora_gib == plain.lora_gib > 0
+    assert with_loras(model_spec("tiny", controlnet=True), 2, 8).lora_gib > 0
