@@ -24,12 +24,18 @@ transformer keeps samples apart (``actors/packed.py``), noise comes from the req
 The packed layout is rebuilt only when the running set changes (a join or a leave), not at every step; the compiled
 blocks are dynamic in the token count and the number of samples, so a membership change never recompiles.
 
-Admission is first come first served within the replica's token budget and sample count (the router keeps within
-them too; these are the replica's own guard). Faults: an out-of-memory step shrinks the running set (the newest half
-goes back to wait, and the token budget is lowered until ``OOM_CAP_STEPS`` clean steps pass) and retries; a lone
-sample that does not fit fails its call with ``out_of_memory``. Any other error in a step is isolated: each call's
-samples run that step alone, and only the calls whose solo step fails are failed (``replica_error``, which the
-router bisects), so one request's failure never fails another's.
+Admission is first come first served within the replica's token budget, sample count and LoRA residency (the
+running set names at most ``max_adapters`` distinct adapters, the resident slots the memory plan counts; the router
+keeps within all three too; these are the replica's own guard). The head of the queue always joins an empty set.
+Cancellation (``cancel``) takes request ids; a name not in the loop yet is kept for ``CANCEL_KEEP_S`` seconds, so a
+cancel that arrives just before its call is submitted still takes it out. Faults: an out-of-memory step shrinks the
+running set (the newest half goes back to wait, and the token budget is lowered until ``OOM_CAP_STEPS`` clean steps
+pass) and retries; a lone sample that does not fit fails its call with ``out_of_memory``. Any other error in a step
+is isolated: each call's samples run that step alone, and only the calls whose solo step fails are failed
+(``replica_error``, which the router bisects), so one request's failure never fails another's; a solo re-run that
+runs out of memory shrinks as above instead of failing its call. A failed step may have advanced some samples
+before it failed (the per-sample updates run one after another): every running sample's state (step index,
+latents, scheduler index) is put back to what it was before the step, so no sample is ever advanced twice.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import torch
 log = logging.getLogger(__name__)
 
 OOM_CAP_STEPS = 50  # clean steps after an out-of-memory shrink before the lowered token budget is lifted
+CANCEL_KEEP_S = 300.0  # how long a cancelled name not (yet) in the loop is kept for a call submitted after it
 
 
 @dataclass(eq=False)
@@ -95,6 +102,9 @@ class RunningSample:
     def progress(self) -> tuple[int, int]:
         """(steps run, steps it runs in all), counted from its start step."""
         return self.step - self.start, self.num_steps - self.start
+
+    def adapters(self) -> set[str]:
+        return {name for name, _ in self.loras}
 
     def estimate(self) -> torch.Tensor:
         """Its current estimate of the clean latents (exact after its last step, where sigma_next = 0)."""
@@ -155,10 +165,16 @@ class StepLoop:
     before a step, given the running samples' names."""
 
     def __init__(self, engine, max_tokens: int | None = None, max_samples: int | None = None,
-                 guard: Callable[[], contextlib.AbstractContextManager] | None = None, name: str = "step-loop"):
+                 guard: Callable[[], contextlib.AbstractContextManager] | None = None, name: str = "step-loop",
+                 max_adapters: int | None = None):
         self.engine = engine
         self.max_tokens = max_tokens
         self.max_samples = max_samples
+        # distinct LoRA adapters the running set may name (the replica's resident slots); None: the engine's
+        # LoRA store's max_resident, no limit without one
+        if max_adapters is None:
+            max_adapters = getattr(getattr(engine, "loras", None), "max_resident", None)
+        self.max_adapters = max_adapters
         self.guard = guard or contextlib.nullcontext
         self.fault: Callable[[list[str]], None] | None = None
         self.stats = LoopStats()
@@ -167,7 +183,8 @@ class StepLoop:
         self._cond = threading.Condition()
         self._waiting: deque[RunningSample] = deque()
         self._running: list[RunningSample] = []
-        self._cancelled: set[str] = set()
+        self._cancelled: dict[str, float] = {}  # request id -> when its cancel came (names not found yet wait)
+        self.clock: Callable[[], float] = time.monotonic  # for CANCEL_KEEP_S (tests pass a manual one)
         self._groups: list[Group] = []  # calls not answered yet
         self._thread: threading.Thread | None = None
         self._layout_key: tuple | None = None
@@ -191,7 +208,9 @@ class StepLoop:
     def cancel(self, names: set[str]) -> None:
         """Samples of these requests leave at the next step (their call is answered with what is left)."""
         with self._cond:
-            self._cancelled |= set(names)
+            now = self.clock()
+            for n in names:
+                self._cancelled.setdefault(n, now)
             self._cond.notify_all()
 
     @property
@@ -204,11 +223,13 @@ class StepLoop:
         return min(caps) if caps else None
 
     def _admit(self) -> int:
-        """Move waiting samples into the running set, first come first served, within the budget; the head always
-        joins an empty set (so a sample over the budget still runs, alone)."""
+        """Move waiting samples into the running set, first come first served, within the budget, the sample cap
+        and the adapter limit (distinct LoRA adapters named by the running set); the head always joins an empty set
+        (so a sample over the budget still runs, alone)."""
         joined = 0
         budget = self._budget()
         tokens = sum(s.tokens for s in self._running)
+        adapters = set().union(*(s.adapters() for s in self._running))
         while self._waiting:
             s = self._waiting[0]
             if self._running:
@@ -216,20 +237,27 @@ class StepLoop:
                     break
                 if budget is not None and tokens + s.tokens > budget:
                     break
+                if self.max_adapters is not None and len(adapters | s.adapters()) > self.max_adapters:
+                    break
             self._waiting.popleft()
             self._running.append(s)
             tokens += s.tokens
+            adapters |= s.adapters()
             joined += 1
         return joined
 
     def _drop_cancelled(self) -> None:
+        """Cancelled samples leave; a cancelled name not found (its call is not submitted yet) is kept for
+        ``CANCEL_KEEP_S``, so a cancel that overtakes its call still applies. Under ``_cond``."""
         if not self._cancelled:
             return
+        now = self.clock()
+        self._cancelled = {n: t for n, t in self._cancelled.items() if now - t < CANCEL_KEEP_S}
         for s in [s for s in list(self._waiting) + self._running if s.name in self._cancelled]:
             s.cancelled = True
             s.step = s.num_steps  # leaves at once; the rest of its call runs on
+            self._cancelled.pop(s.name, None)
         self._waiting = deque(s for s in self._waiting if not s.cancelled)
-        self._cancelled.clear()
 
     def _loop(self) -> None:
         while True:
@@ -286,6 +314,7 @@ class StepLoop:
         self._groups = [g for g in self._groups if not g.done.is_set()]
 
     def _run_step(self, running: list[RunningSample]) -> None:
+        saved = [_Saved.of(s) for s in running]
         try:
             with self.guard():
                 if self.fault is not None:
@@ -300,6 +329,8 @@ class StepLoop:
                 self._oom_cap = None
         except Exception as e:  # noqa: BLE001 - every failure becomes a shrink or a failed call
             self._layout_key = None
+            for x in saved:  # the samples it advanced before it failed go back: the retry runs the step once
+                x.restore()
             if _is_oom(e):
                 _free_cuda_cache()
                 self._shrink(running, e)
@@ -333,14 +364,21 @@ class StepLoop:
         log.warning("step loop: a step of %d calls failed (%s); re-running it per call", len(groups), e)
         for g in groups:
             mine = [s for s in running if s.group is g]
+            saved = [_Saved.of(s) for s in mine]
             try:
                 with self.guard():
                     if self.fault is not None:
                         self.fault([s.name for s in mine])
                     self._step(mine)
             except Exception as e2:  # noqa: BLE001
-                log.error("step loop: the call of %s failed alone: %s", [s.name for s in mine], e2)
-                g.error = e2
+                for x in saved:
+                    x.restore()
+                if _is_oom(e2):  # memory, not this call's fault: shrink as any out-of-memory step (a lone sample
+                    _free_cuda_cache()  # that does not fit fails with out_of_memory); they run this step later
+                    self._shrink(mine, e2)
+                else:
+                    log.error("step loop: the call of %s failed alone: %s", [s.name for s in mine], e2)
+                    g.error = e2
             self._layout_key = None
 
     @torch.no_grad()
@@ -403,6 +441,31 @@ class StepLoop:
                ref.new_zeros(ref.shape[0], 1, *running[j].latents.shape[-2:]) for j in order]
         scale = torch.tensor([running[j].control_scale if running[j].control is not None else 0.0 for j in order])
         return PackedControl(self.engine.controlnet, [c.to(device, dtype) for c in ctl], scale.to(device))
+
+
+@dataclass
+class _Saved:
+    """A sample's state before a step (``_step`` updates the samples one after another: a step that fails part-way
+    has advanced some of them)."""
+
+    sample: RunningSample
+    step: int
+    latents: torch.Tensor  # the tensor itself: a step replaces ``latents``, it never writes into the old one
+    pred: torch.Tensor | None
+    sigma_next: torch.Tensor | None
+    scheduler_index: int | None
+
+    @classmethod
+    def of(cls, s: RunningSample) -> _Saved:
+        return cls(s, s.step, s.latents, s.pred, s.sigma_next, getattr(s.scheduler, "_step_index", None))
+
+    def restore(self) -> None:
+        s = self.sample
+        if s.cancelled:  # it left meanwhile (``step`` = ``num_steps``): it stays out
+            return
+        s.step, s.latents, s.pred, s.sigma_next = self.step, self.latents, self.pred, self.sigma_next
+        if hasattr(s.scheduler, "_step_index"):
+            s.scheduler._step_index = self.scheduler_index
 
 
 class CancelledSample(Exception):

@@ -124,6 +124,9 @@ class PipelineWorker:
         self._loop = None  # the step loop (actors/steploop.py), made on the first joinable batch
         self._loop_lock = threading.Lock()
         self._joined: dict[str, object] = {}  # request id -> ImageRequest, for calls in the step loop
+        self._encoding: set[str] = set()  # request ids of joinable calls still encoding (not in the loop yet)
+        self._cancel_early: set[str] = set()  # of those, the ones cancelled meanwhile
+        self._cancel_lock = threading.Lock()  # cancel() against a call's move from encoding into the loop
         self.numerics: dict = {}  # fp8 against the unquantized model, measured at start-up
         self.compiles_warmup = 0  # graphs compiled before ready
         self._compiles_at_ready = 0
@@ -490,14 +493,26 @@ class PipelineWorker:
     def _run_joined(self, batch: Batch, samples, on_step):
         """One call of step-level batching: its samples join the loop at its next step, and leave it when done while
         the loop goes on; encode and decode run here, beside the loop (the stage locks and streams of stage
-        pipelining). Stage times: encode, time in the loop (shared with whatever ran beside), decode."""
-        from .engine import _sync
-        from .steploop import CancelledSample, Group, RunningSample
-
+        pipelining). Stage times: encode, time in the loop (shared with whatever ran beside), decode. A cancel of
+        its requests while they encode is kept, and they leave before their first step."""
         engine = self.engine
         for s in samples:
             engine.check_size(s.height, s.width)
         loop = self._step_loop()
+        ids = {r.request_id for r in batch.requests}
+        with self._cancel_lock:  # from here a cancel() of its requests is kept until they are in the loop
+            self._encoding |= ids
+        try:
+            return self._run_joined_call(batch, samples, on_step, engine, loop)
+        finally:
+            with self._cancel_lock:
+                self._encoding -= ids
+                self._cancel_early -= ids
+
+    def _run_joined_call(self, batch: Batch, samples, on_step, engine, loop):
+        from .engine import _sync
+        from .steploop import CancelledSample, Group, RunningSample
+
         guidance = [s.guidance_scale for s in samples]
         with self._stage_guard("encode"):
             t0 = time.perf_counter()
@@ -534,10 +549,14 @@ class PipelineWorker:
             running.append(rs)
         group = Group(running, hooks)
         del enc, negatives, conditions, controls
-        for r in batch.requests:
-            self._joined[r.request_id] = r
         try:
-            loop.submit(group)
+            with self._cancel_lock:  # one step for cancel(): its requests are either encoding or in the loop
+                for r in batch.requests:
+                    self._joined[r.request_id] = r
+                early = {r.request_id for r in batch.requests} & self._cancel_early
+                if early:  # cancelled while encoding: they leave before their first step
+                    loop.cancel(early)
+                loop.submit(group)
             group.done.wait()
         finally:
             for r in batch.requests:
@@ -569,11 +588,15 @@ class PipelineWorker:
         return wrapped
 
     def cancel(self, request_ids: list[str]) -> int:
-        """Requests whose callers went away leave the step loop at its next step; returns how many were there."""
-        names = {i for i in request_ids if i in self._joined}
-        if names and self._loop is not None:
-            self._loop.cancel(names)
-        return len(names)
+        """Requests whose callers went away leave the step loop at its next step, or, still encoding, before their
+        first; returns how many were there."""
+        with self._cancel_lock:
+            names = {i for i in request_ids if i in self._joined}
+            early = {i for i in request_ids if i in self._encoding and i not in self._joined}
+            self._cancel_early |= early
+            if names and self._loop is not None:
+                self._loop.cancel(names)
+        return len(names) + len(early)
 
     def loop_stats(self) -> dict:
         """The step loop's counters (steps, joins, running, waiting, shrinks), empty before its first call."""

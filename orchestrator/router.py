@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Protocol
@@ -117,11 +118,13 @@ class BatchTimer:
 
 
 class ReplicaWork:
-    """When a replica's dispatched work will be done, estimated from the expected time of each outstanding batch
-    (they run one after another; the head started when its predecessor came back, or when it was dispatched to an
-    idle replica). The scheduler uses it to hand a busy replica a partial batch only near the end of its work."""
+    """When a replica's dispatched work will be done, estimated from the expected time of each outstanding batch:
+    they run one after another, from when the head (the oldest outstanding batch) started, which is when the batch
+    before it came back, or when it was dispatched to an idle replica. The scheduler uses it to hand a busy replica a
+    partial batch only near the end of its work: ``partial_after`` is when the last outstanding batch enters the last
+    ``LEAD`` (a quarter) of its expected time, ``head start + sum(expected) - LEAD x expected(last)``."""
 
-    LEAD = 0.25  # a partial batch may go once the last outstanding batch is this far from its expected end
+    LEAD = 0.25  # a partial batch may go once the last outstanding batch is within this fraction of its expected end
 
     def __init__(self, timer: BatchTimer):
         self.timer = timer
@@ -135,8 +138,13 @@ class ReplicaWork:
         queue[batch.batch_id] = batch
 
     def returned(self, replica_id: str, batch_id: int, now: float) -> None:
-        self._batches.get(replica_id, {}).pop(batch_id, None)
-        self._head_since[replica_id] = now
+        """Only the head's return starts the next batch; one behind it that came back first (it failed at once,
+        its replica was lost) changes nothing about when the head started."""
+        queue = self._batches.get(replica_id, {})
+        head = next(iter(queue), None)
+        queue.pop(batch_id, None)
+        if batch_id == head:
+            self._head_since[replica_id] = now
 
     def partial_after(self, replica_id: str) -> float | None:
         """None while nothing is outstanding or no batch has been timed on this replica yet."""
@@ -179,6 +187,7 @@ class Router:
         self.scheduling = config.scheduling
         self._inflight_tokens: dict[str, int] = {}
         self._inflight_images: dict[str, int] = {}
+        self._inflight_adapters: dict[str, Counter] = {}  # replica_id -> LoRA adapter -> dispatched requests naming it
         self._where: dict[str, str] = {}  # request_id -> replica_id, while dispatched
         self._loop_steps: dict[str, int] = {}  # replica_id -> latest loop step seen (metrics count each once)
 
@@ -328,6 +337,7 @@ class Router:
         self._outstanding[replica_id] = self._outstanding.get(replica_id, 0) + 1
         self._inflight_tokens[replica_id] = self._inflight_tokens.get(replica_id, 0) + batch.tokens
         self._inflight_images[replica_id] = self._inflight_images.get(replica_id, 0) + len(batch)
+        self._inflight_adapters[replica_id] = self._inflight_adapters.get(replica_id, Counter()) + _adapters(batch)
         self._last_used[replica_id] = batch.batch_id
         self.work.dispatched(replica_id, batch, now)
         self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings])
@@ -362,6 +372,7 @@ class Router:
             self._outstanding[rid] = max(0, self._outstanding.get(rid, 1) - 1)
             self._inflight_tokens[rid] = max(0, self._inflight_tokens.get(rid, 0) - batch.tokens)
             self._inflight_images[rid] = max(0, self._inflight_images.get(rid, 0) - len(batch))
+            self._inflight_adapters[rid] = self._inflight_adapters.get(rid, Counter()) - _adapters(batch)
             for p in pendings:
                 if self._where.get(p.request.request_id) == rid:
                     del self._where[p.request.request_id]
@@ -498,9 +509,11 @@ class Router:
         return [c for c in self._capacities() if c.outstanding < self.max_inflight]
 
     def _room(self) -> list[ReplicaCapacity]:
-        """Step-level batching: each live replica with room in its running set, as a capacity of that room (tokens
-        and samples left). The oldest waiting request is never overtaken: a replica that could run it but has no
-        room for it yet takes nothing new until it has (its running samples leave within their steps)."""
+        """Step-level batching: each live replica with room in its running set, as a capacity of that room (tokens,
+        samples and distinct LoRA adapters left: the running set names at most the scheduler's ``max_adapters``,
+        the resident slots its memory plan counts). The oldest waiting request is never overtaken: a replica that
+        could run it but has no room for it yet takes nothing new until it has (its running samples leave within
+        their steps)."""
         oldest = self.scheduler.oldest()
         out = []
         for c in self._capacities():
@@ -508,13 +521,17 @@ class Router:
             images = self.config.max_batch_size - self._inflight_images.get(c.replica_id, 0)
             if images <= 0 or tokens <= 0:
                 continue
-            if c.outstanding and oldest is not None and c.fits(oldest.request) and oldest.request.tokens > tokens:
-                continue
-            # an idle replica takes any request it can run, even one over its budget (it runs alone)
+            # an idle replica takes any request it can run, even one over its budget or adapter limit (it runs
+            # alone); a busy one, what joins its running set within its room
             budget = tokens if c.outstanding else c.max_batch_tokens
+            adapters = frozenset(self._inflight_adapters.get(c.replica_id, ())) if c.outstanding else None
             # partial_after (whole-batch mode's wait for a busy replica's batch to near its end) does not apply:
             # work joins a running loop at its next step
-            out.append(replace(c, max_batch_tokens=budget, max_images=images, partial_after=None))
+            room = replace(c, max_batch_tokens=budget, max_images=images, partial_after=None, adapters=adapters)
+            if c.outstanding and oldest is not None and c.fits(oldest.request) \
+                    and not self.scheduler.admits(room, oldest.request):
+                continue
+            out.append(room)
         return out
 
     def _cancel_running(self, p: Pending) -> None:
@@ -562,6 +579,11 @@ class Router:
         return self._error_result(
             p, f"request timed out {where} after {now - p.enqueued_at:.1f}s "
                f"(router.request_timeout_s or the request's timeout)", FailureKind.TIMEOUT)
+
+
+def _adapters(batch: Batch) -> Counter:
+    """The LoRA adapters a batch names, each counted once per request naming it."""
+    return Counter(name for r in batch.requests for name in {n for n, _ in r.loras})
 
 
 def _with_times(r: ImageResult, p: Pending, now: float, error: str | None = None) -> ImageResult:

@@ -48,6 +48,9 @@ class ReplicaCapacity:
     last_used: int = -1  # dispatch sequence number of its latest batch (ties go to the longest idle)
     partial_after: float | None = None  # with work outstanding: from when it takes a partial batch (None: now)
     max_images: int | None = None  # step-level batching: room left in its running set (None: max_batch_size)
+    # step-level batching: the LoRA adapters its running set already names (new work joins them, within
+    # max_adapters in all); None: a batch of its own
+    adapters: frozenset[str] | None = None
 
     def fits(self, request: ImageRequest) -> bool:
         return request.pixels <= self.max_pixels and request.tokens <= self.max_batch_tokens
@@ -138,13 +141,13 @@ class BatchScheduler:
         out-of-memory split."""
         taken: list[Pending] = []
         tokens = 0
-        adapters: set[str] = set()
+        adapters: set[str] = set(replica.adapters or ())
         if replica.max_images is not None:
             limit = min(limit, replica.max_images)
         for p in group:
             if len(taken) >= limit:
                 break
-            if not replica.fits(p.request):
+            if not self.admits(replica, p.request):
                 continue
             cap = min([q.max_batch for q in taken + [p] if q.max_batch] or [limit])
             names = adapters | {name for name, _ in p.request.loras}
@@ -165,13 +168,13 @@ class BatchScheduler:
         order = sorted(free, key=lambda r: (r.outstanding, r.last_used, r.replica_id))
         for n, replica in enumerate(order):
             for key, group in self._ordered_groups():
-                fitting = [p for p in group if replica.fits(p.request)]
+                fitting = [p for p in group if self.admits(replica, p.request)]
                 if not fitting:
                     continue
                 full = self._fill(group, replica, self.max_batch_size)
                 waited = now - fitting[0].enqueued_at >= self.max_wait_s and self._takes_partial(replica, now)
                 if len(full) < len(fitting) or len(full) >= self.max_batch_size or waited:
-                    sharing = sum(1 for r in order[n:] if r.fits(fitting[0].request))
+                    sharing = sum(1 for r in order[n:] if self.admits(r, fitting[0].request))
                     taken = self._fill(group, replica, min(self.max_batch_size, -(-len(fitting) // sharing)))
                     for p in taken:
                         group.remove(p)
@@ -181,6 +184,15 @@ class BatchScheduler:
                     decisions.append((replica.replica_id, taken))
                     break
         return decisions
+
+    def admits(self, replica: ReplicaCapacity, request: ImageRequest) -> bool:
+        """Whether ``replica`` can take ``request`` now: it fits, and (step-level batching) its adapters join those
+        the running set names within ``max_adapters``."""
+        if not replica.fits(request):
+            return False
+        if replica.adapters is None or self.max_adapters is None:
+            return True
+        return len(replica.adapters | {name for name, _ in request.loras}) <= self.max_adapters
 
     def oldest(self) -> Pending | None:
         """The request that has waited longest (step-level batching lets it block newer ones that would fit)."""
@@ -197,7 +209,7 @@ class BatchScheduler:
         times = [p.deadline for g in self._groups.values() for p in g]
         for r in free:
             for g in self._groups.values():
-                head = next((q for q in g if r.fits(q.request)), None)
+                head = next((q for q in g if self.admits(r, q.request)), None)
                 if head is not None:
                     ready = head.enqueued_at + self.max_wait_s
                     if r.outstanding and r.partial_after is not None:

@@ -304,3 +304,27 @@ async def test_a_partial_batch_reaches_a_busy_replica_before_its_work_ends(clock
     a.release(2)
     await asyncio.gather(t1, t2)
     await router.stop()
+
+
+def test_only_the_head_batch_returning_restarts_the_estimate_of_a_replicas_work():
+    """``partial_after`` = when the head started + the outstanding batches' expected times one after another - a
+    quarter of the last one's. A batch behind the head that comes back first (it failed at once) takes its own time
+    off the sum but does not move the head's start."""
+    from orchestrator.messages import Batch
+    from orchestrator.router import BatchTimer, ReplicaWork
+
+    timer = BatchTimer(RouterConfig())
+    batch = lambda i: Batch(i, (req(i),))  # noqa: E731
+    timer.observe("a", batch(0), 4.0)  # 4 s for each such batch
+    work = ReplicaWork(timer)
+    assert work.partial_after("a") is None  # nothing outstanding
+    work.dispatched("a", batch(1), 10.0)
+    work.dispatched("a", batch(2), 10.5)
+    work.dispatched("a", batch(3), 11.0)
+    assert work.partial_after("a") == pytest.approx(10.0 + 12.0 - 1.0)
+    work.returned("a", 3, 12.0)  # the last one, back early: the head still runs since 10
+    assert work.partial_after("a") == pytest.approx(10.0 + 8.0 - 1.0)
+    work.returned("a", 1, 14.0)  # the head: batch 2 runs from now
+    assert work.partial_after("a") == pytest.approx(14.0 + 4.0 - 1.0)
+    work.returned("a", 2, 17.0)
+    assert work.partial_after("a") is None

@@ -217,3 +217,34 @@ async def test_a_step_mode_deployment_gives_each_replica_room_for_its_calls(tmp_
         assert dep.router.scheduling == "step"
     finally:
         await dep.shutdown()
+
+
+async def test_a_running_set_names_no_more_distinct_adapters_than_the_replica_holds(clock):
+    """The plan counts memory for ``lora_max_resident`` adapters (the router's ``max_batch_adapters``): work joins a
+    busy replica only while its running set names at most that many, and the oldest waiting request is not
+    overtaken by one whose adapters would fit."""
+    from dataclasses import replace
+
+    def styled(i, *names):
+        return replace(req(i), loras=tuple((n, 1.0) for n in names))
+
+    a = StepReplica("a")
+    pool = FakePool(a)
+    router = Router(pool, RouterConfig(max_batch_size=8, max_wait_ms=0, queue_limit=100, request_timeout_s=60,
+                                       scheduling="step"), clock=clock, max_batch_adapters=2)
+    router.start()
+    tasks = []
+    for r in [styled(0, "x"), styled(1, "y"), styled(2, "z"), styled(3, "x"), req(4)]:
+        tasks.append(asyncio.create_task(router.submit(r)))
+        await settle()
+    assert a.in_loop() == ["q0", "q1"]  # z would make three; q3 (x) and q4 would fit but wait behind q2
+    a.finish("q0")
+    await settle()
+    assert a.in_loop() == ["q1", "q2", "q4"]  # y and z; q3's x would make three
+    a.finish("q1")
+    await settle()
+    assert a.in_loop() == ["q2", "q4", "q3"]
+    a.finish("q2")  # and q4, its batch-mate
+    a.finish("q3")
+    assert all(r.ok for r in await asyncio.gather(*tasks))
+    await router.stop()

@@ -204,3 +204,21 @@ def test_a_batch_names_no_more_distinct_adapters_than_a_replica_holds():
         s.add(replace(p, request=replace(p.request, loras=tuple((n, 1.0) for n in loras))))
     assert ids(s.schedule(1.0, [rep("r")])[0]) == ["q0", "q1", "q3", "q4"]  # a and b; c waits
     assert ids(s.schedule(1.0, [rep("r")])[0]) == ["q2", "q5"]
+
+
+def test_a_replica_joining_a_running_set_takes_only_requests_whose_adapters_fit_beside_it():
+    """Step-level batching: a busy replica's running set already names adapters (``ReplicaCapacity.adapters``); new
+    work joins it only within ``max_adapters`` in all. Its head gets no exception (it would not run alone), and a
+    replica that can take nothing gets no batch and no wake-up for it."""
+    from dataclasses import replace
+
+    s = BatchScheduler(max_batch_size=8, max_wait_s=0.0, queue_limit=10, max_adapters=2)
+    for i, loras in enumerate([("c",), (), ("a",), ("a", "c")]):
+        p = pend(i, 0.1 * i, deadline=50.0)
+        s.add(replace(p, request=replace(p.request, loras=tuple((n, 1.0) for n in loras))))
+    joining = replace(rep("r", outstanding=1), adapters=frozenset({"a", "b"}))
+    assert ids(s.schedule(1.0, [joining])[0]) == ["q1", "q2"]  # c would make three
+    assert s.schedule(1.0, [joining]) == [] and len(s) == 2
+    assert s.next_deadline([joining]) == 50.0  # only the requests' own deadlines: nothing it could take is ready
+    fresh = replace(rep("r"), adapters=None)  # an idle replica: a batch of its own
+    assert ids(s.schedule(1.0, [fresh])[0]) == ["q0", "q3"]

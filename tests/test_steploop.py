@@ -419,12 +419,12 @@ class CountingLoop:
         for s in running:
             s.step += 1
 
-    def group(self, name, tokens, steps, n=1):
+    def group(self, name, tokens, steps, n=1, loras=()):
         from actors.steploop import Group, RunningSample
 
         t = self.torch.zeros(1)
-        return Group([RunningSample(f"{name}{i}" if n > 1 else name, tokens, t, t, None, 0.0, None, steps)
-                      for i in range(n)])
+        return Group([RunningSample(f"{name}{i}" if n > 1 else name, tokens, t, t, None, 0.0, None, steps,
+                                    loras=tuple((a, 1.0) for a in loras)) for i in range(n)])
 
 
 def test_the_loop_keeps_within_its_token_budget_and_sample_cap_first_come_first_served():
@@ -518,3 +518,133 @@ def test_a_sample_can_start_part_way_and_run_an_after_step_hook(worker):
     masked = loop.submit(make(noise, 0, blend))
     assert masked.done.wait(60)
     assert torch.equal(masked.samples[0].latents[..., :8], full.samples[0].latents[..., :8])
+
+
+def test_the_running_set_names_no_more_distinct_adapters_than_the_replica_holds():
+    """The memory plan counts ``lora_max_resident`` adapters (the engine's LoRA store's ``max_resident``): a waiting
+    sample joins only while the running set names at most that many, first come first served; the head of an empty
+    set runs whatever it names."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from actors.steploop import StepLoop
+
+    c = CountingLoop()
+    c.loop.max_adapters = 2
+    adapters = {"a": {"x"}, "b": {"y"}, "c": {"z"}, "d": {"x"}, "e": {"p", "q", "r"}, "f": set()}
+    groups = [c.group(n, 1, 3 if n == "a" else 2, loras=sorted(adapters[n])) for n in adapters]
+    with c.loop._cond:  # all waiting before the first step
+        for g in groups:
+            c.loop.submit(g)
+    for g in groups:
+        assert g.done.wait(10) and g.error is None
+    assert all(len(set().union(*(adapters[n] for n in names))) <= 2 for names in c.steps if "e" not in names)
+    assert ["e"] in c.steps  # three adapters: alone, once the set is empty
+    first = {n: next(i for i, names in enumerate(c.steps) if n in names) for n in adapters}
+    # c (z) waits until a (x) or b (y) leaves, and the rest wait behind it
+    assert first["a"] == first["b"] == 0 and first["c"] > 0 and first["c"] <= first["d"] <= first["e"] <= first["f"]
+    store = SimpleNamespace(max_resident=3)  # the limit's default: the replica's LoRA store
+    assert StepLoop(SimpleNamespace(devices={"transformer": torch.device("cpu")}, loras=store)).max_adapters == 3
+    assert StepLoop(SimpleNamespace(devices={"transformer": torch.device("cpu")}), max_adapters=5).max_adapters == 5
+
+
+def test_a_cancel_that_arrives_before_its_call_is_submitted_still_takes_it_out():
+    """A cancel that overtakes its call (the worker passes it on while the call is between encode and submit) is
+    kept for ``CANCEL_KEEP_S``, through steps of other calls, and takes the call out before its first step."""
+    now = [0.0]
+    c = CountingLoop()
+    c.loop.clock = lambda: now[0]
+    c.loop.cancel({"late"})
+    other = c.loop.submit(c.group("other", 1, 3))
+    assert other.done.wait(10) and other.error is None and c.steps == [["other"]] * 3
+    late = c.loop.submit(c.group("late", 1, 50))
+    assert late.done.wait(10) and late.error is None and late.samples[0].cancelled
+    assert all("late" not in names for names in c.steps)
+    from actors.steploop import CANCEL_KEEP_S
+
+    c.loop.cancel({"gone"})
+    now[0] = CANCEL_KEEP_S + 1  # a cancelled name never submitted is dropped after a while
+    again = c.loop.submit(c.group("gone", 1, 2))
+    assert again.done.wait(10) and not again.samples[0].cancelled and c.steps[-2:] == [["gone"]] * 2
+
+
+def test_a_cancel_during_encode_is_kept_until_the_call_joins_the_loop(worker):
+    """``worker.cancel`` for a joinable call still encoding (not in the loop yet) is not lost: the call leaves
+    before its first step."""
+    eng = worker.engine
+    entered, release = threading.Event(), threading.Event()
+    original = eng.encode
+
+    def slow_encode(*a, **k):
+        entered.set()
+        assert release.wait(30)
+        return original(*a, **k)
+
+    eng.encode = slow_encode
+    try:
+        run = Streamed(worker, Batch(80, (ImageRequest("early", "bye", 1, 32, 32, 30, 0.0),), joinable=True))
+        assert entered.wait(30)
+        assert worker.cancel(["early", "unknown"]) == 1
+    finally:
+        release.set()
+        del eng.encode
+    out = run.join()
+    assert out.results[0].error_type == "cancelled" and run.events == []
+    assert not worker._encoding and not worker._cancel_early and not worker._joined
+
+
+def test_a_step_that_fails_part_way_puts_every_sample_back_before_isolating(worker):
+    """``_step`` updates the samples one after another: when a later sample's update fails, the ones before it have
+    already moved on. They are put back, so the per-call re-run advances them once: here the innocent sample is at
+    its last step (a second advance would index past its schedule) and ends exactly as its solo run does."""
+    import torch
+
+    from actors.engine import Sample
+    from actors.steploop import Group, RunningSample, StepLoop
+
+    eng = worker.engine
+    loop = StepLoop(eng, name="step-loop-test")
+    sample = Sample("a harbor at dawn", 5, 32, 32)
+    enc = eng.encode([sample.prompt])
+    (noise,) = eng.initial_latents([sample])
+
+    def boom(s):
+        raise RuntimeError("a bug in one sample's hook")
+
+    def make(name, steps, hook=None):
+        return Group([RunningSample.create(eng, name, 1, noise, enc.positive[0], None, 0.0, steps,
+                                           after_step=hook)])
+
+    good, bad = make("good", 1), make("bad", 2, boom)
+    with loop._cond:  # both in the first step, good first
+        loop.submit(good)
+        loop.submit(bad)
+    assert good.done.wait(60) and bad.done.wait(60)
+    assert good.error is None and isinstance(bad.error, RuntimeError) and loop.stats.isolated_failures == 1
+    solo = loop.submit(make("solo", 1))
+    assert solo.done.wait(60) and solo.error is None
+    assert torch.equal(good.samples[0].latents, solo.samples[0].latents)
+
+
+def test_a_per_call_rerun_that_runs_out_of_memory_shrinks_instead_of_failing_the_call():
+    c = CountingLoop()
+    seen = []
+
+    def fault(names):
+        seen.append(list(names))
+        if "bad" in names:
+            raise RuntimeError("a model bug one input triggers")
+        if len(seen) == 2:  # the first per-call re-run, of big's two samples
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    c.loop.fault = fault
+    big, bad = c.group("big", 1, 3, n=2), c.group("bad", 1, 3)
+    with c.loop._cond:
+        c.loop.submit(big)
+        c.loop.submit(bad)
+    assert big.done.wait(10) and bad.done.wait(10)
+    assert big.error is None and isinstance(bad.error, RuntimeError) and "bug" in str(bad.error)
+    assert c.loop.stats.oom_shrinks == 1 and all(s.step == 3 for s in big.samples)
+    assert seen[:3] == [["big0", "big1", "bad"], ["big0", "big1"], ["bad"]]
+    assert sum("big1" in names for names in c.steps) == 3  # every step once, after it went back to wait
