@@ -58,6 +58,8 @@ def confine(path: str | Path, root: str | Path) -> tuple[Path, str]:
     LoraError when it leaves ``root``, saying nothing of what lies outside (not even whether it exists)."""
     base = Path(root).expanduser().resolve()
     given = Path(path)
+    if "\0" in str(path):
+        raise LoraError("path holds a NUL character")
     try:
         real = (given if given.is_absolute() else base / given).resolve()
     except (OSError, RuntimeError):  # a symlink loop

@@ -277,6 +277,28 @@ def test_read_state_dict_stays_inside_its_root(pipe, tmp_path):
     assert read_state_dict(secret)[0].keys() == sd.keys()  # no root (model.loras): the operator's path, as given
 
 
+def test_hub_snapshot_layout_links_into_blobs(pipe, tmp_path):
+    """A Hugging Face cache: the snapshot's file is a link into the repository's blobs/ (no .safetensors name);
+    it is read through its link, and a link that leaves the repository folder is refused."""
+    import os
+
+    repo = tmp_path / "models--someone--lora"
+    sd, meta = random_lora_state_dict(pipe.transformer, 4)
+    saved = save_diffusers_lora(tmp_path / "src", sd, meta)
+    (repo / "blobs").mkdir(parents=True)
+    os.replace(saved, repo / "blobs" / "3f2a9c")
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "lora.safetensors").symlink_to("../../blobs/3f2a9c")
+    assert set(read_state_dict(snap / "lora.safetensors", repo)[0]) == set(sd)
+    assert set(read_state_dict(snap, repo)[0]) == set(sd)
+    (snap / "evil.safetensors").symlink_to(tmp_path / "src" / "elsewhere.safetensors")
+    with pytest.raises(LoraError, match="outside the directory"):
+        read_state_dict(snap / "evil.safetensors", repo)
+    with pytest.raises(LoraError, match="NUL"):
+        read_state_dict("a\0b.safetensors", repo)
+
+
 @pytest.mark.parametrize("override,text", [
     ({"rank_pattern": {"(": 2}}, "invalid rank_pattern pattern '\\('"),
     ({"alpha_pattern": {"to_q[": 2}}, "invalid alpha_pattern pattern"),
