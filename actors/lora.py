@@ -52,30 +52,81 @@ class LoraError(ValueError):
 
 
 # ---- reading ----------------------------------------------------------------------------------------------------
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+def confine(path: str | Path, root: str | Path) -> tuple[Path, str]:
+    """``path`` (relative to ``root``, or absolute) resolved, symlinks included, and required to stay inside
+    ``root`` (itself resolved). Returns the resolved path and its name relative to ``root`` for messages. Raises
+    LoraError when it leaves ``root``, saying nothing of what lies outside (not even whether it exists)."""
+    base = Path(root).expanduser().resolve()
+    given = Path(path)
+    if "\0" in str(path):
+        raise LoraError("path holds a NUL character")
+    try:
+        real = (given if given.is_absolute() else base / given).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        real = None
+    if real is None or not real.is_relative_to(base):
+        raise LoraError("path is outside the directory adapters are read from (model.lora_dir; for a hub source, "
+                        "its snapshot): give a path relative to it, without '..' and without symlinks that lead "
+                        "out of it")
+    if not given.is_absolute():
+        label = given.as_posix()
+    elif given.is_relative_to(Path(root).expanduser()):
+        label = given.relative_to(Path(root).expanduser()).as_posix()
+    else:
+        label = real.relative_to(base).as_posix()
+    return real, label or "."
+
+
+def _redact(text: str, roots: Sequence[str | Path]) -> str:
+    """``text`` with the host's directories above the adapter root left out (an error message for a client)."""
+    for r in sorted({str(x) for x in roots if x}, key=len, reverse=True):
+        text = text.replace(r.rstrip("/") + "/", "").replace(r, ".")
+    return text
+
+
+def read_state_dict(path: str | Path, root: str | Path | None = None) -> tuple[dict[str, torch.Tensor], dict | None]:
     """An adapter file (``.safetensors``) or a directory holding one (``pytorch_lora_weights.safetensors`` or a
     single ``.safetensors`` file), through diffusers' Z-Image loader: returns its diffusers-layout state dict and
-    its PEFT metadata (None for community files, whose alphas the conversion folds into the weights)."""
+    its PEFT metadata (None for community files, whose alphas the conversion folds into the weights).
+
+    ``root``: where the file must be (runtime registration: ``model.lora_dir``, or a hub snapshot): ``path`` is
+    relative to it (or absolute inside it), resolved with its symlinks, the file must be a ``.safetensors`` file
+    inside it, and messages name paths relative to it only. Every failure is a LoraError."""
     from diffusers.loaders.lora_pipeline import ZImageLoraLoaderMixin
 
-    p = Path(path).expanduser()
+    if root is not None:
+        p, label = confine(path, root)
+        secret: list[str | Path] = [Path(root).expanduser().resolve(), Path(root).expanduser(), root]
+    else:
+        p = Path(path).expanduser()
+        label, secret = str(p), []
     if not p.exists():
-        raise LoraError(f"no adapter at {str(p)!r} (give a .safetensors file or a directory holding one)")
+        raise LoraError(f"no adapter at {label!r} (give a .safetensors file or a directory holding one)")
     if p.is_dir():
         files = sorted(f.name for f in p.glob("*.safetensors"))
         if not files:
-            raise LoraError(f"{str(p)!r} holds no .safetensors file")
+            raise LoraError(f"{label!r} holds no .safetensors file")
         name = "pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in files else files[0]
         if len(files) > 1 and name != "pytorch_lora_weights.safetensors":
-            raise LoraError(f"{str(p)!r} holds several .safetensors files ({', '.join(files)}): name the file")
-        folder = p
+            raise LoraError(f"{label!r} holds several .safetensors files ({', '.join(files)}): name the file")
+        folder, shown_name = p, f"{label}/{name}" if root is None or label != "." else name
+        if root is not None:  # the entry itself may be a symlink
+            real, _ = confine(p / name, root)
+            if not real.is_file():
+                raise LoraError(f"{shown_name!r} is not a file")
     else:
-        folder, name = p.parent, p.name
+        if root is not None and not Path(path).name.endswith(".safetensors"):
+            raise LoraError(f"{label!r} is not a .safetensors file (the only format read at runtime)")
+        folder, name, shown_name = p.parent, p.name, label
+        if root is not None and not name.endswith(".safetensors"):  # a hub cache's blob: open it by its link
+            lexical = Path(path) if Path(path).is_absolute() else Path(root).expanduser().resolve() / path
+            folder, name = lexical.parent, lexical.name
     try:
         sd, meta = ZImageLoraLoaderMixin.lora_state_dict(str(folder), weight_name=name, local_files_only=True,
                                                          return_lora_metadata=True)
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
-        raise LoraError(f"{str(p)!r} is not a Z-Image LoRA diffusers can read: {e}") from e
+    except Exception as e:  # noqa: BLE001 - whatever diffusers or safetensors raise, the file is the problem
+        raise LoraError(f"{shown_name!r} is not a Z-Image LoRA diffusers can read: "
+                        f"{_redact(f'{type(e).__name__}: {e}', secret)[:500]}") from e
     return sd, meta
 
 
@@ -86,6 +137,34 @@ def _pattern_value(patterns: dict, key: str, default):
         if re.match(rf"(.*\.)?({pattern})$", key):
             return value
     return default
+
+
+def _check_metadata(meta: dict) -> None:
+    """The PEFT metadata fields we use, checked before use: a file's header is the caller's data."""
+    def bad(v, zero_ok: bool) -> bool:
+        return isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 if zero_ok else v > 0)
+
+    for key in ("r", "lora_alpha"):
+        v = meta.get(key)
+        if v is not None and bad(v, key == "lora_alpha"):
+            raise LoraError(f"the adapter's metadata (lora_adapter_metadata) has {key} = {str(v)[:40]!r}; a "
+                            f"{'non-negative' if key == 'lora_alpha' else 'positive'} number expected")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = meta.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise LoraError(f"the adapter's metadata has {key} of type {type(patterns).__name__}; an object "
+                            f"{{pattern: number}} expected")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except (re.error, TypeError, RecursionError) as e:
+                raise LoraError(f"the adapter's metadata has an invalid {key} pattern {str(pattern)[:60]!r}: "
+                                f"{e}") from None
+            if bad(value, key == "alpha_pattern"):
+                raise LoraError(f"the adapter's metadata has {key}[{str(pattern)[:60]!r}] = {str(value)[:40]!r}; "
+                                f"a {'non-negative' if key == 'alpha_pattern' else 'positive'} number expected")
 
 
 def factors_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict | None = None,
@@ -105,6 +184,8 @@ def factors_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict 
     if not names or extra:
         raise LoraError(f"not a LoRA state dict (keys like 'layers.0.attention.to_q.lora_A.weight' expected; "
                         f"found {', '.join(extra[:3]) or 'no lora_A keys'})")
+    if metadata:
+        _check_metadata(meta)
     r_default, alpha_default = meta.get("r"), meta.get("lora_alpha")
     out = {}
     for name in names:
@@ -184,9 +265,16 @@ def build_adapter(name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor
     return LoraAdapter(name, source, rank, true_rank, blocks)
 
 
-def load_adapter(name: str, path: str | Path, transformer, dtype: torch.dtype) -> LoraAdapter:
-    sd, meta = read_state_dict(path)
-    return build_adapter(name, factors_from_state_dict(sd, meta, dtype), transformer, str(path))
+def load_adapter(name: str, path: str | Path, transformer, dtype: torch.dtype,
+                 root: str | Path | None = None) -> LoraAdapter:
+    """Read, convert and check an adapter (``read_state_dict`` says what ``root`` confines). Raises LoraError."""
+    sd, meta = read_state_dict(path, root)
+    try:
+        return build_adapter(name, factors_from_state_dict(sd, meta, dtype), transformer, str(path))
+    except LoraError:
+        raise
+    except Exception as e:  # noqa: BLE001 - odd tensors or metadata: the adapter's fault, said as such
+        raise LoraError(f"the adapter could not be converted: {type(e).__name__}: {str(e)[:300]}") from e
 
 
 # ---- one batch ---------------------------------------------------------------------------------------------------
@@ -275,10 +363,11 @@ class LoraStore:
     def names(self) -> list[str]:
         return sorted(self._adapters)
 
-    def add(self, name: str, path: str | Path, max_rank: int | None = None) -> dict:
-        """Read, convert and check an adapter, then make it resident (evicting the least recently used beyond
-        max_resident). Replaces an adapter of the same name. Raises LoraError with the reason."""
-        adapter = load_adapter(name, path, self.transformer, self.dtype)
+    def add(self, name: str, path: str | Path, max_rank: int | None = None, root: str | Path | None = None) -> dict:
+        """Read, convert and check an adapter (``root``: the directory it must be in, see ``read_state_dict``),
+        then make it resident (evicting the least recently used beyond max_resident). Replaces an adapter of the
+        same name. Raises LoraError with the reason."""
+        adapter = load_adapter(name, path, self.transformer, self.dtype, root)
         if max_rank is not None and adapter.true_rank > max_rank:
             raise LoraError(f"adapter {name!r} has rank {adapter.true_rank}, above model.lora_max_rank = {max_rank} "
                             f"(what the memory plan counts per adapter); raise it")

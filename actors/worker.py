@@ -247,9 +247,9 @@ class PipelineWorker:
         from .lora import LoraStore
 
         self.engine.loras = LoraStore(self.engine.transformer, slots, dtype=self.engine.dtype)
-        for spec in self.model_cfg.loras:
-            self.engine.loras.add(spec.name, resolve_lora(spec, self.model_cfg),
-                                  max_rank=self.model_cfg.lora_max_rank)
+        for spec in self.model_cfg.loras:  # the operator's choice: any local path (hub files stay in the snapshot)
+            path, root = resolve_lora(spec, self.model_cfg)
+            self.engine.loras.add(spec.name, path, max_rank=self.model_cfg.lora_max_rank, root=root)
 
     def _warm_up_loras(self, spec: WarmupSpec) -> None:
         """Compile the blocks' LoRA graphs before ready, with a throwaway random adapter: alone, and beside a
@@ -272,9 +272,13 @@ class PipelineWorker:
             store.prefetch([s.name for s in self.model_cfg.loras])  # what the warm-up adapter pushed out
 
     def register_lora(self, spec: dict) -> dict:
-        """Load an adapter now (a ``LoraSpec`` as a dict), off the batch path: batches keep running meanwhile.
-        Returns ``{"ok": True, "info": ...}`` or ``{"ok": False, "error": why}`` (a bad adapter is data, not a
-        replica fault)."""
+        """Load an adapter registered at runtime (a ``LoraSpec`` as a dict), off the batch path: batches keep
+        running meanwhile. Local paths must resolve inside ``model.lora_dir``, hub sources need
+        ``model.lora_runtime_hub`` (``resolve_lora(runtime=True)``). Returns ``{"ok": True, "info": ...}`` or
+        ``{"ok": False, "error": why}``: whatever goes wrong reading or converting it is the adapter's fault (data,
+        never a replica fault), said without the host's paths outside the adapter directory."""
+        from pydantic import ValidationError
+
         from orchestrator.config import LoraSpec
 
         from .lora import LoraError
@@ -282,12 +286,16 @@ class PipelineWorker:
         if self.engine is None or self.engine.loras is None:
             return {"ok": False, "error": "per-request LoRA is off (set model.lora_max_resident above 0)"}
         try:
-            lora = LoraSpec(**spec)
-            info = self.engine.loras.add(lora.name, resolve_lora(lora, self.model_cfg),
-                                         max_rank=self.model_cfg.lora_max_rank)
-        except (LoraError, ValueError, OSError) as e:
+            lora = LoraSpec.model_validate(spec)
+            path, root = resolve_lora(lora, self.model_cfg, runtime=True)
+            info = self.engine.loras.add(lora.name, path, max_rank=self.model_cfg.lora_max_rank, root=root)
+        except (LoraError, ValidationError) as e:
             log.warning("replica %s: LoRA %r not registered: %s", self.replica_id, spec.get("name"), e)
             return {"ok": False, "error": str(e)}
+        except Exception as e:  # noqa: BLE001 - a hub fetch or an odd file: refused, the details stay in the log
+            log.exception("replica %s: LoRA %r not registered", self.replica_id, spec.get("name"))
+            return {"ok": False, "error": f"the adapter could not be read ({type(e).__name__}; the replica's log "
+                                          f"has the details)"}
         return {"ok": True, "info": info}
 
     def unregister_lora(self, name: str) -> bool:
@@ -696,19 +704,33 @@ class _OffLoopHook:
         self.pool.shutdown(wait=True)
 
 
-def resolve_lora(spec, model_cfg: ModelConfig) -> str:
-    """The local path of a ``LoraSpec``: its own path, or the file in a hub snapshot fetched with the base
-    model's cache and offline rules (``actors/loading.py``)."""
+def resolve_lora(spec, model_cfg: ModelConfig, runtime: bool = False) -> tuple[str, str | None]:
+    """Where a ``LoraSpec``'s file is, and the directory it must stay in (``lora.read_state_dict``'s ``root``):
+    a local path (configured: as given, no root; runtime: inside ``model.lora_dir``, refused when that is unset),
+    or the file in a hub snapshot fetched with the base model's cache and offline rules (``actors/loading.py``;
+    runtime: only with ``model.lora_runtime_hub``), kept inside the snapshot."""
     from pathlib import Path
 
+    from .lora import LoraError
+
     if spec.source == "local":
-        return spec.path
+        if not runtime:
+            return spec.path, None
+        if model_cfg.lora_dir is None:
+            raise LoraError("runtime registration of adapter files is off on this deployment: the operator sets "
+                            "model.lora_dir (the directory they may be read from) to enable it")
+        return spec.path, str(model_cfg.lora_dir)
+    if runtime and not model_cfg.lora_runtime_hub:
+        raise LoraError(f"runtime registration of {spec.source} adapters is off on this deployment (the operator "
+                        f"enables it with model.lora_runtime_hub)")
     from .loading import resolve_model
 
     hub = model_cfg.model_copy(update={"source": spec.source, "model_id": spec.model_id, "revision": spec.revision,
                                        "local_path": None})
-    root = resolve_model(hub).path
-    return str(Path(root) / spec.path) if spec.path else str(root)
+    snapshot = Path(resolve_model(hub).path)
+    # A Hugging Face snapshot's files are links into the repository's blobs/: the repository folder is the root.
+    root = snapshot.parent.parent if snapshot.parent.name == "snapshots" else snapshot
+    return str(snapshot / spec.path) if spec.path else str(snapshot), str(root)
 
 
 def _edit_blend(cond):

@@ -136,7 +136,17 @@ class LoraSpec(_Strict):
             raise ValueError(f"LoRA {self.name!r}: source 'local' needs path (a .safetensors file or a directory)")
         if self.source != "local" and not self.model_id:
             raise ValueError(f"LoRA {self.name!r}: source {self.source!r} needs model_id")
+        if self.source != "local" and (problem := hub_path_problem(self.path)):
+            raise ValueError(f"LoRA {self.name!r}: {problem}")
         return self
+
+
+def hub_path_problem(path: str | None) -> str | None:
+    """Why ``path`` cannot name a file inside a hub snapshot (None when it can): it must be relative, without
+    '..' (``actors/lora.py`` also checks the resolved file stays inside the snapshot)."""
+    if path and (path.startswith(("/", "\\", "~")) or ".." in path.replace("\\", "/").split("/")):
+        return "path names a file inside the hub snapshot: relative, without '..'"
+    return None
 
 
 class ModelConfig(_Strict):
@@ -213,11 +223,20 @@ class ModelConfig(_Strict):
     lora_max_resident: int | None = Field(
         default=None, ge=0, le=64, description="Adapters kept on each replica's transformer GPU (least recently "
         "used leave first; the others stay in host memory and are copied in for the batch that needs them). The "
-        "planner counts their memory. None: min(4, number of model.loras), 0 without any; set it to register "
-        "adapters at runtime (POST /v1/loras) when none are configured. 0: LoRA off.")
+        "planner counts their memory. None: min(4, number of model.loras), 0 without any; set it (and model.lora_dir) "
+        "to register adapters at runtime (POST /v1/loras) when none are configured. 0: LoRA off.")
     lora_max_rank: int = Field(
         default=64, ge=1, le=1024, description="The largest adapter rank accepted, and what the planner counts "
         "per resident adapter.")
+    lora_dir: Path | None = Field(
+        default=None, description="The directory adapters registered at runtime (POST /v1/loras, "
+        "Deployment.register_lora) are read from, on every replica's machine: their path is relative to it (or "
+        "absolute inside it); symlinks are resolved and must stay inside. None: runtime registration of local "
+        "files is refused. model.loras is not limited to it.")
+    lora_runtime_hub: bool = Field(
+        default=False, description="Let runtime registration name hub adapters (source huggingface / "
+        "modelscope): every replica then fetches the repository a client names (unless model.offline). Off: "
+        "only model.loras may use hub sources.")
 
     @model_validator(mode="after")
     def _source_fields(self) -> ModelConfig:

@@ -22,8 +22,15 @@ from dataclasses import replace
 
 from placement import DeploymentSpec, Inventory, PlacementPlan, model_spec, plan, plan_best, with_loras
 
-from .config import Config, LoraSpec, ModelConfig
-from .errors import InvalidRequestError, NotReadyError, ReplicaUnavailableError, ZImageError
+from .config import Config, LoraSpec, ModelConfig, hub_path_problem
+from .errors import (
+    ConflictError,
+    ForbiddenError,
+    InvalidRequestError,
+    NotReadyError,
+    ReplicaUnavailableError,
+    ZImageError,
+)
 from .messages import ImageRequest, ImageResult, ReplicaHealth
 from .replicas import Backend, ReplicaHandle, ReplicaSet, ReplicaSpec, ReplicaState
 from .requests import build_requests, parse_size
@@ -107,6 +114,7 @@ class Deployment:
         # LoRA adapters every replica holds: the configured ones (loaded at start-up from model.loras) and those
         # registered at runtime (re-registered on a replica that restarts, before it is live again).
         self.lora_specs: dict[str, LoraSpec] = {s.name: s for s in config.model.loras}
+        self._configured_loras = frozenset(self.lora_specs)  # the operator's: never replaced or removed at runtime
         self._runtime_loras: set[str] = set()
         self._lora_lock = asyncio.Lock()
         self.replica_set.before_live = self._resync_loras
@@ -312,18 +320,35 @@ class Deployment:
         return frozenset(self.lora_specs)
 
     async def register_lora(self, name: str, path: str | None = None, **spec) -> dict:
-        """Load an adapter on every replica (``path`` local to each replica's machine, or ``source`` /
-        ``model_id`` / ``revision`` for a hub), all or none: a bad adapter is an ``InvalidRequestError`` naming
-        ``path`` and the reason, and no replica keeps it. Replaces an adapter of the same name. Returns what
-        ``loras()`` says of it."""
-        if self.config.model.lora_slots <= 0:
+        """Load an adapter on every replica, all or none: ``path`` inside ``model.lora_dir`` on each replica's
+        machine (relative to it, or absolute inside it; symlinks resolved), or ``source`` / ``model_id`` /
+        ``revision`` for a hub when ``model.lora_runtime_hub`` allows it. A bad adapter is an
+        ``InvalidRequestError`` naming ``path`` and the reason, and no replica keeps it; a registration the
+        configuration does not allow is a ``ForbiddenError`` (403) saying which setting would; the name of a
+        configured adapter (model.loras) is a ``ConflictError`` (409). Replaces a runtime adapter of the same
+        name. Returns what ``loras()`` says of it."""
+        m = self.config.model
+        if m.lora_slots <= 0:
             raise InvalidRequestError("per-request LoRA is off in this deployment: set model.lora_max_resident "
                                       "above 0 (or configure model.loras)", param="name")
+        if spec.get("source", "local") not in ("local", None) and (problem := hub_path_problem(path)):
+            raise InvalidRequestError(problem, param="path")
         try:
             lora = LoraSpec(name=name, path=path, **spec)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise InvalidRequestError(f"invalid adapter: {_first_error(e)}",
                                       param=_first_loc(e) or "name") from None
+        if lora.name in self._configured_loras:
+            raise ConflictError(f"adapter {lora.name!r} is configured (model.loras) and cannot be replaced at "
+                                f"runtime; register this one under another name", param="name")
+        if lora.source == "local" and m.lora_dir is None:
+            raise ForbiddenError("runtime registration of adapter files is off on this deployment: the operator "
+                                 "sets model.lora_dir (the directory they may be read from) to enable it; "
+                                 "adapters in model.loras are loaded at start-up", param="path")
+        if lora.source != "local" and not m.lora_runtime_hub:
+            raise ForbiddenError(f"runtime registration of {lora.source} adapters is off on this deployment: the "
+                                 f"operator enables it with model.lora_runtime_hub (or lists the adapter in "
+                                 f"model.loras)", param="source")
         async with self._lora_lock:
             handles = list(self.replicas.values())
             if not handles:
@@ -348,8 +373,12 @@ class Deployment:
         return next(i for i in await self.loras() if i["name"] == lora.name)
 
     async def unregister_lora(self, name: str) -> bool:
-        """Remove an adapter from every replica; False when no adapter has that name. Requests already queued
-        with it fail with a 400 naming ``loras``."""
+        """Remove a runtime adapter from every replica; False when no adapter has that name. Requests already
+        queued with it fail with a 400 naming ``loras``. A configured adapter (model.loras) is a ConflictError:
+        the operator removes it from the config."""
+        if name in self._configured_loras:
+            raise ConflictError(f"adapter {name!r} is configured (model.loras) and cannot be removed at runtime; "
+                                f"remove it from the config and restart", param="name")
         async with self._lora_lock:
             if self.lora_specs.pop(name, None) is None:
                 return False

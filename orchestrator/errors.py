@@ -51,6 +51,18 @@ class InvalidRequestError(ZImageError):
     kind = FailureKind.INVALID_REQUEST
 
 
+class ForbiddenError(InvalidRequestError):
+    """The deployment's configuration does not allow this (HTTP 403); the message names the setting that would."""
+
+    http_status = 403
+
+
+class ConflictError(InvalidRequestError):
+    """The request conflicts with the deployment's configuration or state (HTTP 409); the message says why."""
+
+    http_status = 409
+
+
 class CapacityError(InvalidRequestError):
     """No replica of this deployment can ever serve the request (too large for every replica's plan)."""
 

@@ -111,6 +111,28 @@ def parse_loras(value, known=None) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
+LORA_REGISTRATION_FIELDS = ("name", "path", "source", "model_id", "revision")
+
+
+def parse_lora_registration(payload) -> dict:
+    """The body of ``POST /v1/loras``: ``{"name", "path"}`` (or ``source`` / ``model_id`` / ``revision`` for a
+    hub), strictly: any other key, or a value that is not a string (null for the optional ones), is an
+    InvalidRequestError naming that field. Returns the keyword arguments of ``Deployment.register_lora``."""
+    if not isinstance(payload, dict):
+        raise InvalidRequestError(f'send a JSON object {{"name": "...", "path": "..."}}, got {shown(payload)}',
+                                  param="name")
+    extra = [k for k in payload if k not in LORA_REGISTRATION_FIELDS]
+    if extra:
+        raise InvalidRequestError(f"unknown field {shown(extra[0], 40)}; accepted: "
+                                  f"{', '.join(LORA_REGISTRATION_FIELDS)}", param=str(extra[0])[:64])
+    for key, value in payload.items():
+        if not isinstance(value, str) and not (value is None and key != "name"):
+            raise InvalidRequestError(f"{key} must be a string, got {shown(value)}", param=key)
+    if "name" not in payload:
+        raise InvalidRequestError('name is required: send {"name": "...", "path": "..."}', param="name")
+    return dict(payload)
+
+
 def build_requests(
     prompt,
     *,

@@ -55,7 +55,7 @@ from .images_api import (
 from .messages import FailureKind, ImageRequest, ImageResult, StepProgress, failure
 from .metrics import PrometheusObserver
 from .request_id import RequestIdMiddleware
-from .requests import shown
+from .requests import parse_lora_registration, shown
 
 log = logging.getLogger(__name__)
 
@@ -363,14 +363,15 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
                                   "invalid_request_error")
         except InvalidRequestError as e:
             return _from_exception(e)
-        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
-            return error_response(400, 'send {"name": "...", "path": "..."}', "invalid_request_error", param="name")
+        try:
+            spec = parse_lora_registration(payload)  # only the documented keys, string values
+        except InvalidRequestError as e:
+            return _from_exception(e)
         dep, err = _lora_deployment()
         if err is not None:
             return err
-        spec = {k: v for k, v in payload.items() if k != "name"}
         try:
-            info = await dep.register_lora(payload["name"], **spec)
+            info = await dep.register_lora(**spec)
         except ZImageError as e:
             return _from_exception(e)
         return JSONResponse(info, status_code=201)
@@ -382,7 +383,11 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         dep, err = _lora_deployment()
         if err is not None:
             return err
-        if not await dep.unregister_lora(name):
+        try:
+            found = await dep.unregister_lora(name)
+        except ZImageError as e:  # a configured adapter: 409
+            return _from_exception(e)
+        if not found:
             return error_response(404, f"no LoRA adapter named {shown(name)} (GET /v1/loras lists them)",
                                   "invalid_request_error", param="name", code="not_found")
         return {"name": name, "deleted": True}

@@ -223,3 +223,218 @@ def test_loras_field_parsing():
         with pytest.raises(InvalidRequestError, match=text) as e:
             parse_loras(bad, {"a"})
         assert e.value.param == "loras"
+
+
+# ---- runtime registration: where files may be read from, and what a client is told ----------------------------
+def _bad_metadata_lora(pipe, directory, **meta_override):
+    sd, meta = random_lora_state_dict(pipe.transformer, 4)
+    return save_diffusers_lora(directory, sd, {**meta, **meta_override})
+
+
+def test_read_state_dict_stays_inside_its_root(pipe, tmp_path):
+    """``root``: relative or absolute paths inside it; '..', absolute paths outside and symlinks that lead out are
+    refused alike (whether or not the target exists), and no message names a directory above the root."""
+    import os
+
+    from actors.lora import confine
+
+    root, outside = tmp_path / "loras", tmp_path / "private"
+    sd, meta = random_lora_state_dict(pipe.transformer, 4)
+    good = save_diffusers_lora(root / "good", sd, meta)
+    secret = save_diffusers_lora(outside / "secret", sd, meta)
+    assert set(read_state_dict("good/pytorch_lora_weights.safetensors", root)[0]) == set(sd)
+    assert set(read_state_dict("good", root)[0]) == set(read_state_dict(good, root)[0]) == set(sd)
+    (root / "link.safetensors").symlink_to(secret)
+    (root / "linkdir").symlink_to(secret.parent, target_is_directory=True)
+    (root / "mixed").mkdir()
+    (root / "mixed" / "a.safetensors").symlink_to(secret)
+    (root / "loop").symlink_to(root / "loop")
+    escapes = ["../private/secret/pytorch_lora_weights.safetensors", str(secret), "../private/nothing-here",
+               "/nonexistent/x.safetensors", "link.safetensors", "linkdir", "linkdir/pytorch_lora_weights.safetensors",
+               "mixed", "good/../../private/secret", "loop"]
+    messages = set()
+    for path in escapes:
+        with pytest.raises(LoraError, match="outside the directory adapters are read from") as e:
+            read_state_dict(path, root)
+        assert str(tmp_path) not in str(e.value), str(e.value)
+        messages.add(str(e.value))
+    assert len(messages) == 1  # an existing file outside and a missing one get the same answer
+    (root / "empty").mkdir()
+    for path, text in (("missing.safetensors", "no adapter at 'missing.safetensors'"),
+                       ("good/pytorch_lora_weights.bin", "no adapter at"),
+                       ("empty", "'empty' holds no .safetensors file")):
+        with pytest.raises(LoraError, match=text) as e:
+            read_state_dict(path, root)
+        assert str(tmp_path) not in str(e.value)
+    (root / "weights.bin").write_bytes(b"\0" * 16)
+    with pytest.raises(LoraError, match="not a .safetensors file"):
+        read_state_dict("weights.bin", root)
+    (root / "junk.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0{garbage")
+    with pytest.raises(LoraError, match="'junk.safetensors' is not a Z-Image LoRA diffusers can read") as e:
+        read_state_dict("junk.safetensors", root)
+    assert str(tmp_path) not in str(e.value)
+    assert confine(os.path.join(root, "good"), root)[1] == "good"
+    assert read_state_dict(secret)[0].keys() == sd.keys()  # no root (model.loras): the operator's path, as given
+
+
+def test_hub_snapshot_layout_links_into_blobs(pipe, tmp_path):
+    """A Hugging Face cache: the snapshot's file is a link into the repository's blobs/ (no .safetensors name);
+    it is read through its link, and a link that leaves the repository folder is refused."""
+    import os
+
+    repo = tmp_path / "models--someone--lora"
+    sd, meta = random_lora_state_dict(pipe.transformer, 4)
+    saved = save_diffusers_lora(tmp_path / "src", sd, meta)
+    (repo / "blobs").mkdir(parents=True)
+    os.replace(saved, repo / "blobs" / "3f2a9c")
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "lora.safetensors").symlink_to("../../blobs/3f2a9c")
+    assert set(read_state_dict(snap / "lora.safetensors", repo)[0]) == set(sd)
+    assert set(read_state_dict(snap, repo)[0]) == set(sd)
+    (snap / "evil.safetensors").symlink_to(tmp_path / "src" / "elsewhere.safetensors")
+    with pytest.raises(LoraError, match="outside the directory"):
+        read_state_dict(snap / "evil.safetensors", repo)
+    with pytest.raises(LoraError, match="NUL"):
+        read_state_dict("a\0b.safetensors", repo)
+
+
+@pytest.mark.parametrize("override,text", [
+    ({"rank_pattern": {"(": 2}}, "invalid rank_pattern pattern '\\('"),
+    ({"alpha_pattern": {"to_q[": 2}}, "invalid alpha_pattern pattern"),
+    ({"rank_pattern": {"to_q": 0}}, "a positive number expected"),
+    ({"rank_pattern": ["to_q"]}, "rank_pattern of type list"),
+    ({"r": "four"}, "has r = 'four'"),
+    ({"lora_alpha": -1}, "non-negative number expected"),
+])
+def test_bad_peft_metadata_is_a_lora_error(pipe, tmp_path, override, text):
+    store = LoraStore(pipe.transformer)
+    path = _bad_metadata_lora(pipe, tmp_path / "bad", **override)
+    with pytest.raises(LoraError, match=text):
+        store.add("x", path, root=tmp_path)
+    assert store.names() == []
+
+
+def test_hub_paths_stay_inside_the_snapshot():
+    from orchestrator.config import LoraSpec
+
+    for bad in ("../x.safetensors", "/etc/x.safetensors", "a/../../x", "~/x.safetensors"):
+        with pytest.raises(ValueError, match="inside the hub snapshot"):
+            LoraSpec(name="x", source="huggingface", model_id="a/b", path=bad)
+    assert LoraSpec(name="x", source="huggingface", model_id="a/b", path="sub/x.safetensors").path
+
+
+def test_lora_registration_body_is_strict():
+    from orchestrator.errors import InvalidRequestError
+    from orchestrator.requests import parse_lora_registration
+
+    assert parse_lora_registration({"name": "a", "path": "a.safetensors", "revision": None}) == {
+        "name": "a", "path": "a.safetensors", "revision": None}
+    for body, param in (({"name": "x", "self": 1}, "self"), ({"name": "x", "path": "p", "weight": 1}, "weight"),
+                        ({"name": "x", "path": 3}, "path"), ({"name": None}, "name"), ({"path": "p"}, "name"),
+                        (["x"], "name"), ({"name": "x", "source": {"a": 1}}, "source")):
+        with pytest.raises(InvalidRequestError) as e:
+            parse_lora_registration(body)
+        assert e.value.param == param, (body, e.value)
+
+
+# ---- the registry over HTTP, on replicas that are the real worker methods without Ray ---------------------------
+@pytest.fixture
+def registry(pipe, tmp_path):
+    """The HTTP server with a Deployment on a fake backend whose replicas answer register_lora / unregister_lora /
+    loras with ``PipelineWorker``'s own methods over a LoraStore of the tiny transformer; model.lora_dir set."""
+    from types import SimpleNamespace
+
+    from conftest import ServerThread, tiny_config
+    from test_replicas import FakeBackend, FakeNode
+
+    from actors.worker import PipelineWorker
+    from orchestrator.deployment import Deployment
+    from orchestrator.server import create_app
+
+    root, outside = tmp_path / "loras", tmp_path / "private"
+    sd, meta = random_lora_state_dict(pipe.transformer, 4)
+    save_diffusers_lora(root / "good", sd, meta)
+    save_diffusers_lora(outside / "secret", sd, meta)
+    (root / "link.safetensors").symlink_to(outside / "secret" / "pytorch_lora_weights.safetensors")
+    _bad_metadata_lora(pipe, root / "bad-meta", rank_pattern={"(": 2})
+    cfg = tiny_config(tmp_path / "cache", model={"lora_max_resident": 2, "lora_dir": str(root),
+                                                 "loras": [{"name": "configured", "path": str(root / "good")}]},
+                      deployment={"replicas": 2, "health_interval_s": 3600})
+
+    class Backend(FakeBackend):
+        def make_replica(self, spec, encoder_host=None):
+            r = super().make_replica(spec, encoder_host)
+            worker = SimpleNamespace(engine=SimpleNamespace(loras=LoraStore(pipe.transformer, 2)), model_cfg=cfg.model,
+                                     replica_id=spec.replica_id)
+
+            async def call(method, *args, **kwargs):
+                return getattr(PipelineWorker, method)(worker, *args, **kwargs)
+
+            r.call = call
+            return r
+
+    backend = Backend(FakeNode("n0", "id0"), FakeNode("n1", "id1"))
+
+    async def factory(config, observer=None):
+        return await Deployment.start(config, observer=observer, backend=backend)
+
+    with ServerThread(create_app(cfg, deployment_factory=factory)) as s:
+        yield s.wait_ready(), tmp_path
+
+
+def test_runtime_registry_over_http(registry):
+    import httpx
+
+    server, tmp = registry
+    url = f"{server.url}/v1/loras"
+
+    def post(body):
+        return httpx.post(url, json=body, timeout=60)
+
+    r = post({"name": "rel", "path": "good"})
+    assert r.status_code == 201 and r.json()["replicas"] == {"r0": "gpu", "r1": "gpu"}, r.text
+    assert post({"name": "abs", "path": str(tmp / "loras" / "good" / "pytorch_lora_weights.safetensors")}) \
+        .status_code == 201
+    for body, status, param, text in (
+            ({"name": "x", "path": "../private/secret"}, 400, "path", "outside the directory"),
+            ({"name": "x", "path": str(tmp / "private" / "secret")}, 400, "path", "outside the directory"),
+            ({"name": "x", "path": "/nonexistent/a.safetensors"}, 400, "path", "outside the directory"),
+            ({"name": "x", "path": "link.safetensors"}, 400, "path", "outside the directory"),
+            ({"name": "x", "path": "missing.safetensors"}, 400, "path", "no adapter at 'missing.safetensors'"),
+            ({"name": "x", "path": "bad-meta"}, 400, "path", "invalid rank_pattern pattern"),
+            ({"name": "x", "source": "huggingface", "model_id": "someone/lora"}, 403, "source",
+             "model.lora_runtime_hub"),
+            ({"name": "x", "source": "huggingface", "model_id": "a/b", "path": "../../x"}, 400, "path",
+             "inside the hub snapshot"),
+            ({"name": "configured", "path": "good"}, 409, "name", "configured (model.loras)"),
+            ({"name": "x", "path": "good", "self": 1}, 400, "self", "unknown field"),
+            ({"name": "x", "path": 7}, 400, "path", "must be a string")):
+        r = post(body)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and text in err["message"], (body, err)
+        assert str(tmp) not in err["message"], err  # nothing of the host's directories above model.lora_dir
+    names = [(x["name"], x["runtime"]) for x in httpx.get(url).json()["data"]]
+    assert names == [("abs", True), ("configured", False), ("rel", True)]  # every refusal left nothing behind
+
+    r = httpx.delete(f"{url}/configured")
+    assert r.status_code == 409 and r.json()["error"]["param"] == "name" and "restart" in r.json()["error"]["message"]
+    assert httpx.delete(f"{url}/rel").json() == {"name": "rel", "deleted": True}
+    assert httpx.delete(f"{url}/rel").status_code == 404
+    assert [x["name"] for x in httpx.get(url).json()["data"]] == ["abs", "configured"]
+
+
+def test_runtime_registration_is_refused_without_lora_dir(tmp_path):
+    import asyncio
+
+    from conftest import tiny_config
+
+    from orchestrator.deployment import Deployment
+    from orchestrator.errors import ForbiddenError
+
+    cfg = tiny_config(tmp_path, model={"lora_max_resident": 1})
+    dep = Deployment(cfg, backend=object())
+    with pytest.raises(ForbiddenError, match="sets model.lora_dir") as e:
+        asyncio.run(dep.register_lora("x", "/etc/passwd"))
+    assert e.value.param == "path" and e.value.http_status == 403

@@ -49,7 +49,7 @@ def server(ray_cluster, tiny_cache, adapters):
     from orchestrator.server import create_app
 
     cfg = tiny_config(tiny_cache, model={"seed": SEED, "loras": [{"name": "style-a", "path": str(adapters["style-a"])}],
-                                         "lora_max_resident": 2},
+                                         "lora_max_resident": 2, "lora_dir": str(adapters["root"])},
                       router={"max_batch_size": 4, "max_wait_ms": 150, "request_timeout_s": 60},
                       server={"api_keys": [KEY]})
     with ServerThread(create_app(cfg)) as s:
@@ -89,7 +89,7 @@ def test_registry_endpoints_and_keys(server, adapters):
     (a,) = r.json()["data"]
     assert a["name"] == "style-a" and a["rank"] == 4 and "attention.to_q" in a["modules"]
     assert set(a["replicas"]) == {"r0", "r1"} and a["runtime"] is False
-    body = {"name": "kohya", "path": str(adapters["kohya"])}
+    body = {"name": "kohya", "path": "kohya.safetensors"}  # relative to model.lora_dir
     assert httpx.post(f"{server.url}/v1/loras", json=body).status_code == 401
     assert httpx.delete(f"{server.url}/v1/loras/style-a").status_code == 401
     r = httpx.post(f"{server.url}/v1/loras", json=body, headers=auth(), timeout=60)
@@ -100,17 +100,23 @@ def test_registry_endpoints_and_keys(server, adapters):
     assert names == ["kohya", "style-a"]
 
 
-@pytest.mark.parametrize("body,param,text", [
-    ({"name": "x", "path": "/nonexistent/a.safetensors"}, "path", "no adapter at"),
-    ({"name": "bad name!", "path": "/tmp"}, "name", "pattern"),
-    ({"name": "x"}, "name", "needs path"),
-    ({"name": "x", "path": "/tmp", "weight": 1}, "weight", "Extra inputs"),
+@pytest.mark.parametrize("body,status,param,text", [
+    ({"name": "x", "path": "missing.safetensors"}, 400, "path", "no adapter at 'missing.safetensors'"),
+    ({"name": "x", "path": "/nonexistent/a.safetensors"}, 400, "path", "outside the directory"),
+    ({"name": "x", "path": "../../../../../../etc/hostname"}, 400, "path", "outside the directory"),
+    ({"name": "bad name!", "path": "kohya.safetensors"}, 400, "name", "pattern"),
+    ({"name": "x"}, 400, "name", "needs path"),
+    ({"name": "x", "path": "kohya.safetensors", "weight": 1}, 400, "weight", "unknown field"),
+    ({"name": "x", "self": 1}, 400, "self", "unknown field"),
+    ({"name": "x", "source": "modelscope", "model_id": "a/b"}, 403, "source", "model.lora_runtime_hub"),
+    ({"name": "style-a", "path": "kohya.safetensors"}, 409, "name", "configured"),
 ])
-def test_bad_registrations_are_400s(server, body, param, text):
+def test_bad_registrations_are_refused_naming_the_field(server, adapters, body, status, param, text):
     r = httpx.post(f"{server.url}/v1/loras", json=body, headers=auth(), timeout=60)
-    assert r.status_code == 400, r.text
+    assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and text in err["message"], err
+    assert str(adapters["root"]) not in err["message"]
 
 
 @pytest.mark.parametrize("loras,text", [
@@ -157,6 +163,8 @@ def test_images_equal_diffusers_fused_and_do_not_depend_on_batch_mates(server, a
 
 
 def test_delete(server):
+    r = httpx.delete(f"{server.url}/v1/loras/style-a", headers=auth())  # configured: the operator's
+    assert r.status_code == 409 and r.json()["error"]["param"] == "name", r.text
     assert httpx.delete(f"{server.url}/v1/loras/kohya", headers=auth()).json() == {"name": "kohya", "deleted": True}
     assert httpx.delete(f"{server.url}/v1/loras/kohya", headers=auth()).status_code == 404
     r = _gen(server, {"prompt": "x", "size": "64x64", "loras": [{"name": "kohya"}]})
@@ -172,7 +180,7 @@ def test_python_api_and_restart(ray_cluster, tiny_cache, adapters):
     from orchestrator.errors import InvalidRequestError, ReplicaUnavailableError
     from orchestrator.replicas import ReplicaState
 
-    cfg = tiny_config(tiny_cache, model={"seed": SEED, "lora_max_resident": 1},
+    cfg = tiny_config(tiny_cache, model={"seed": SEED, "lora_max_resident": 1, "lora_dir": str(adapters["root"])},
                       deployment={"replicas": 1, "health_interval_s": 3600})
     with ZImageClient(cfg) as client:
         assert client.loras() == []

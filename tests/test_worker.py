@@ -144,11 +144,15 @@ def test_lora_replica_without_ray(tiny_cache, tmp_path):
     sd, meta = random_lora_state_dict(build_pipeline("tiny").transformer, 4, std=0.1)
     path = save_diffusers_lora(tmp_path / "a", sd, meta)
     cfg = ModelConfig(source="tiny", dtype="float32", cache_dir=tiny_cache, lora_max_resident=1,
-                      loras=[{"name": "a", "path": str(path)}])
+                      loras=[{"name": "a", "path": str(path)}], lora_dir=tmp_path)
     w = PipelineWorker("r0", cfg, warmup=WarmupSpec(((32, 32),), 1), torch_threads=1)
     w.start()
     assert [(i["name"], i["resident"]) for i in w.loras()] == [("a", True)]
     assert w.register_lora({"name": "b", "path": str(tmp_path / "missing")})["ok"] is False
+    assert "outside the directory" in w.register_lora({"name": "b", "path": "../x.safetensors"})["error"]
+    sd, meta = random_lora_state_dict(build_pipeline("tiny").transformer, 4, std=0.1)
+    save_diffusers_lora(tmp_path / "bad", sd, {**meta, "alpha_pattern": {"to_q)": 2}})
+    assert "invalid alpha_pattern" in w.register_lora({"name": "b", "path": "bad"})["error"]  # data, not a raise
     assert w.register_lora({"name": "b", "path": str(path.parent)})["ok"] is True
     out = w.run_batch(Batch(1, (replace(req(1), loras=(("a", 1.0),)), replace(req(2), loras=(("zz", 1.0),)),
                                  replace(req(3), loras=(("b", 0.5), ("a", 0.5))))))
