@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import hmac
 import json
 import logging
@@ -393,8 +394,8 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
     decode_slots = asyncio.Semaphore(limits.max_concurrent_image_decodes)
 
     async def decode_images(fn, *args):
-        async with decode_slots:
-            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        async with decode_slots:  # the thread runs in this request's context: its X-Request-ID, for trace_id
+            return await asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, fn, *args)
 
     @app.post("/v1/images/generations")
     async def generations(request: Request):

@@ -404,11 +404,13 @@ def test_server_decodes_images_off_the_loop_a_bounded_number_at_a_time(monkeypat
     from conftest import ServerThread
 
     import orchestrator.server as server
+    from orchestrator.logging_setup import current_request_id
 
-    lock, state = threading.Lock(), {"now": 0, "most": 0, "threads": set()}
+    lock, state = threading.Lock(), {"now": 0, "most": 0, "threads": set(), "ids": set()}
 
     def slow_parse(*args, **kwargs):
         with lock:
+            state["ids"].add(current_request_id())  # the request's X-Request-ID reaches the thread (trace_id)
             state["now"] += 1
             state["most"] = max(state["most"], state["now"])
             state["threads"].add(threading.current_thread().name)
@@ -453,4 +455,5 @@ def test_server_decodes_images_off_the_loop_a_bounded_number_at_a_time(monkeypat
     assert all(r.json()["error"]["message"] == "stopped here by the test" for r in answers)
     assert state["most"] == 2  # the burst of 8 was held to 2 at a time
     assert loop_thread not in state["threads"]
+    assert state["ids"] == {r.headers["x-request-id"] for r in answers} and None not in state["ids"]
     assert loop_parses == [loop_thread] and plain.json()["error"]["message"] == "a plain generation"  # on the loop
