@@ -481,6 +481,15 @@ class LimitsConfig(_Strict):
         default=40_000_000, ge=256, le=400_000_000,
         description="Most pixels of an input image as stored, before any resize (a guard against images that "
         "decompress to gigabytes).")
+    max_request_input_pixels: int = Field(
+        default=100_000_000, ge=256, le=4_000_000_000,
+        description="Most pixels of all the input images of one request together (edit images, mask, control_image), "
+        "as stored, read from the headers before anything is decoded: bounds one request's decoding time and memory "
+        "(16 images of max_input_pixels each would be 640 M).")
+    max_concurrent_image_decodes: int = Field(
+        default=2, ge=1, le=64,
+        description="Requests whose input images the HTTP process decodes at the same time (each decodes its images "
+        "one by one); the others wait their turn, so a burst of uploads cannot exhaust memory.")
 
 
 class ServerConfig(_Strict):

@@ -5,9 +5,12 @@ The rules (the same for HTTP, the Python API and the CLI):
 
 | what | rule |
 | --- | --- |
-| format | PNG, JPEG or WebP (OpenAI's list); anything else, an empty file or bytes that are not an image: 400 |
+| format | PNG, JPEG or WebP (OpenAI's list); anything else, an empty file or bytes that are not an image: 400. |
+| | A multi-picture JPEG (MPO: phone photos with a gain map or depth picture) is a JPEG: its first picture |
 | file size | at most ``limits.max_image_bytes`` per file (default 50 MB, OpenAI's limit) |
-| pixels as stored | at most ``limits.max_input_pixels`` (checked from the header, before decoding) |
+| pixels as stored | at most ``limits.max_input_pixels`` per image, and ``limits.max_request_input_pixels`` for all |
+| | of a request's images (``image``, ``mask``, ``control_image``) together; both read from the headers |
+| | before anything is decoded |
 | animation | refused (an animated PNG or WebP with more than one frame) |
 | colour | 8-bit grey, grey+alpha, palette, RGB or RGBA; CMYK, YCbCr-only modes, 16-bit and float images: 400 |
 | orientation | the EXIF orientation tag is applied first (``ImageOps.exif_transpose``), as a viewer shows the image |
@@ -19,6 +22,10 @@ The rules (the same for HTTP, the Python API and the CLI):
 | | Lanczos, the mask nearest-neighbour; the aspect ratio is not kept). ``size`` absent, null or |
 | | ``auto``: the first image's own size, scaled down (aspect kept) to fit ``limits.max_pixels`` and |
 | | the model's longest side, each side rounded down to a multiple of 16; the others resized to it |
+
+Memory: the images are decoded one at a time, each converted and resized to the output size before the next is
+decoded, so a request holds at most one image at its stored size (plus the output-size arrays). The HTTP server
+also bounds how many requests decode at once (``limits.max_concurrent_image_decodes``).
 
 No torch here: this runs in the HTTP process.
 """
@@ -80,22 +87,25 @@ def data_url_bytes(ref, param: str) -> bytes:
 def prepare_control(data, width: int, height: int, limits: LimitsConfig) -> np.ndarray:
     """A ControlNet's control image: the image rules above (param ``control_image``), then resized to the
     output size (Lanczos, aspect ratio not kept, as diffusers' pipeline resizes it); uint8 ``[H, W, 3]``."""
+    data = control_bytes(data)
+    check_request_pixels([("control_image", data)], limits, "control_image")
+    return _rgb_array(data, "control_image", limits, (width, height))[0]
+
+
+def control_bytes(data):
+    """A control image as given (bytes, a base64 string from JSON: a data URL or bare base64, a PIL image) -> what
+    ``open_image`` takes."""
     import base64
     import binascii
-
-    from PIL import Image
 
     if isinstance(data, str):  # JSON: a base64 data URL, or bare base64
         text = data.partition(",")[2] if data.startswith("data:") else data
         try:
-            data = base64.b64decode(text, validate=True)
+            return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidRequestError("control_image must be a base64 image (a data: URL or bare base64)",
                                       param="control_image") from None
-    img = open_image(data, "control_image", limits).convert("RGB")
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.Resampling.LANCZOS)
-    return np.asarray(img, dtype=np.uint8).copy()
+    return data
 
 
 def file_bytes(obj, param: str):
@@ -127,10 +137,20 @@ def file_bytes(obj, param: str):
 def open_image(data, param: str, limits: LimitsConfig):
     """Decode one uploaded file into a PIL image, oriented per its EXIF tag; every refusal a 400 naming ``param``.
     ``data`` may also be a PIL image (the Python API): the same checks, less those of the file."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if isinstance(data, Image.Image):
-        return _check_decoded(data, b"", param, limits)
+        return _check_decoded(data, b"", param, limits, owned=False)
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    return _check_decoded(_open_header(data, param, limits), data, param, limits, owned=True)
+
+
+def _open_header(data, param: str, limits: LimitsConfig):
+    """``Image.open`` of an uploaded file: its header read (format, mode, size), no pixel decoded yet; the file's
+    own checks (empty, too many bytes, not an image, a format we do not take)."""
+    from PIL import Image, UnidentifiedImageError
+
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
     if not isinstance(data, bytes):
@@ -147,12 +167,45 @@ def open_image(data, param: str, limits: LimitsConfig):
                                   param=param) from None
     except Image.DecompressionBombError:
         raise InvalidRequestError(f"{param} is too large to decode", param=param) from None
-    if img.format not in FORMATS:
+    if img.format == "MPO":  # a multi-picture JPEG (phones: HDR gain map, depth, stereo): the photo is picture 1
+        img.seek(0)
+    elif img.format not in FORMATS:
         raise InvalidRequestError(f"{param} is a {img.format} image; send PNG, JPEG or WebP", param=param)
-    return _check_decoded(img, data, param, limits)
+    return img
 
 
-def _check_decoded(img, data: bytes, param: str, limits: LimitsConfig):
+def stored_pixels(data, param: str, limits: LimitsConfig) -> int:
+    """An input image's pixels as stored (width x height from its header; nothing decoded), checked against
+    ``limits.max_input_pixels``."""
+    from PIL import Image
+
+    if isinstance(data, Image.Image):
+        w, h = data.size
+    else:
+        img = _open_header(data, param, limits)
+        w, h = img.size
+        img.close()
+    if w * h > limits.max_input_pixels:
+        raise InvalidRequestError(f"{param} is {w}x{h} ({w * h} pixels); the limit is {limits.max_input_pixels} "
+                                  f"(limits.max_input_pixels)", param=param)
+    return w * h
+
+
+def check_request_pixels(files: list[tuple[str, object]], limits: LimitsConfig, param: str = "image") -> None:
+    """All of one request's input images ``[(param, data), ...]`` (None entries skipped) against
+    ``limits.max_request_input_pixels``, from their headers before any is decoded: a 400 naming ``param``."""
+    files = [(p, d) for p, d in files if d is not None]
+    total = sum(stored_pixels(d, p, limits) for p, d in files)
+    limit = limits.max_request_input_pixels
+    if total > limit:
+        raise InvalidRequestError(
+            f"{param}: the {len(files)} input image(s) of this request have {total} pixels together; the limit is "
+            f"{limit} (limits.max_request_input_pixels). Send fewer images, or downscale them before uploading: "
+            f"every input is resized to the output size (at most {limits.max_pixels} pixels) anyway",
+            param=param)
+
+
+def _check_decoded(img, data: bytes, param: str, limits: LimitsConfig, owned: bool):
     from PIL import Image, ImageOps
 
     w, h = img.size
@@ -161,7 +214,7 @@ def _check_decoded(img, data: bytes, param: str, limits: LimitsConfig):
                                   f"(limits.max_input_pixels)", param=param)
     if w < 1 or h < 1:
         raise InvalidRequestError(f"{param} has no pixels", param=param)
-    if getattr(img, "is_animated", False) and getattr(img, "n_frames", 1) > 1:
+    if img.format != "MPO" and getattr(img, "is_animated", False) and getattr(img, "n_frames", 1) > 1:
         raise InvalidRequestError(f"{param} is animated ({img.n_frames} frames); send a still image", param=param)
     if img.mode in SIXTEEN_BIT or (_png_bit_depth(data) or 8) > 8:
         raise InvalidRequestError(f"{param} has 16 bits per channel (or floating-point pixels); send an 8-bit "
@@ -173,7 +226,10 @@ def _check_decoded(img, data: bytes, param: str, limits: LimitsConfig):
                                   param=param)
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if owned:  # our own decode: turned in place, no second full-size copy
+            ImageOps.exif_transpose(img, in_place=True)
+        else:  # the caller's image (Python API) is left as it is
+            img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError:
         raise InvalidRequestError(f"{param} is too large to decode", param=param) from None
     except (OSError, ValueError, SyntaxError, struct.error):
@@ -210,42 +266,62 @@ class EditInputs:
     mask: object = None
 
 
-def prepare_edit(images: list, mask, size: tuple[int, int] | None, limits: LimitsConfig,
-                 max_side: int | None = None, param: str = "image") -> EditInputs:
-    """Decode and check the files of an edit and bring them to the output size (the module's table). ``size``:
-    the request's (width, height), already validated, or None for auto. ``param``: the images' field name in
-    errors (``images`` in a JSON edit)."""
+def _rgb_array(data, param: str, limits: LimitsConfig, size: tuple[int, int] | None,
+               max_side: int | None = None, size_param: str = "image") -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode one image and bring it to the output size (``size``, or None: ``auto_size`` of its own size) as
+    uint8 ``[H, W, 3]``; -> (the array, the image's own size after orientation). All in this one frame, so each
+    full-size intermediate (decoded, converted) is freed as soon as the next exists."""
     from PIL import Image
 
+    img = open_image(data, param, limits)
+    own = img.size
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    width, height = size if size is not None else auto_size(*own, limits, max_side, size_param)
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
+    return np.asarray(img, dtype=np.uint8).copy(), own
+
+
+def _mask_array(data, image_size: tuple[int, int], width: int, height: int, limits: LimitsConfig) -> np.ndarray:
+    """The mask file -> uint8 ``[H, W]`` at the output size, 255 where its alpha is 0 (repaint)."""
+    from PIL import Image
+
+    mask_img = open_image(data, "mask", limits)
+    if mask_img.mode == "P" and "transparency" in mask_img.info:
+        mask_img = mask_img.convert("RGBA")
+    if mask_img.mode not in ("RGBA", "RGBa", "LA", "La", "PA"):
+        raise InvalidRequestError("mask has no alpha channel: its fully transparent pixels (alpha 0) mark the "
+                                  "area to edit; send a PNG with transparency", param="mask")
+    if mask_img.size != image_size:
+        raise InvalidRequestError(f"mask is {mask_img.size[0]}x{mask_img.size[1]} but image is "
+                                  f"{image_size[0]}x{image_size[1]}; they must have the same dimensions",
+                                  param="mask")
+    alpha = mask_img.getchannel("A")
+    del mask_img
+    if alpha.size != (width, height):
+        alpha = alpha.resize((width, height), Image.Resampling.NEAREST)
+    return np.where(np.asarray(alpha) == 0, 255, 0).astype(np.uint8)
+
+
+def prepare_edit(images: list, mask, size: tuple[int, int] | None, limits: LimitsConfig,
+                 max_side: int | None = None, param: str = "image", others: tuple = ()) -> EditInputs:
+    """Decode and check the files of an edit and bring them to the output size (the module's table). ``size``:
+    the request's (width, height), already validated, or None for auto. ``param``: the images' field name in
+    errors (``images`` in a JSON edit). ``others``: the request's other input images ``[(param, data)]`` (its
+    control image), counted in ``limits.max_request_input_pixels`` with these.
+
+    The pixel total is checked from the headers first; then the images are decoded one at a time, each resized to
+    the output size and its full-size decode dropped before the next is read."""
     if not images:
         raise InvalidRequestError(f"{param} is required: send one or more image files", param=param)
     if len(images) > MAX_IMAGES:
         raise InvalidRequestError(f"{len(images)} images sent; at most {MAX_IMAGES}", param=param)
-    pil = [open_image(data, param, limits) for data in images]
-    first_size = pil[0].size
-    mask_img = None
-    if mask is not None:
-        mask_img = open_image(mask, "mask", limits)
-        if mask_img.mode == "P" and "transparency" in mask_img.info:
-            mask_img = mask_img.convert("RGBA")
-        if mask_img.mode not in ("RGBA", "RGBa", "LA", "La", "PA"):
-            raise InvalidRequestError("mask has no alpha channel: its fully transparent pixels (alpha 0) mark the "
-                                      "area to edit; send a PNG with transparency", param="mask")
-        if mask_img.size != first_size:
-            raise InvalidRequestError(f"mask is {mask_img.size[0]}x{mask_img.size[1]} but image is "
-                                      f"{first_size[0]}x{first_size[1]}; they must have the same dimensions",
-                                      param="mask")
-    width, height = size if size is not None else auto_size(*first_size, limits, max_side, param)
-    arrays = []
-    for img in pil:
-        rgb = img.convert("RGB")
-        if rgb.size != (width, height):
-            rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
-        arrays.append(np.asarray(rgb, dtype=np.uint8).copy())
-    out_mask = None
-    if mask_img is not None:
-        alpha = mask_img.getchannel("A")
-        if alpha.size != (width, height):
-            alpha = alpha.resize((width, height), Image.Resampling.NEAREST)
-        out_mask = np.where(np.asarray(alpha) == 0, 255, 0).astype(np.uint8)
+    check_request_pixels([(param, d) for d in images] + [("mask", mask)] + list(others), limits, param)
+    first, first_size = _rgb_array(images[0], param, limits, size, max_side, param)
+    height, width = first.shape[:2]
+    out_mask = None if mask is None else _mask_array(mask, first_size, width, height, limits)
+    arrays = [first]
+    for data in images[1:]:
+        arrays.append(_rgb_array(data, param, limits, (width, height))[0])
     return EditInputs(width, height, arrays, out_mask)

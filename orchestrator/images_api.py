@@ -195,6 +195,7 @@ _NUMBER_FIELDS = ("guidance_scale", "strength", "controlnet_conditioning_scale")
 _BOOLEAN_FIELDS = ("stream",)
 _JSON_FIELDS = ("loras",)  # a multipart text field holding JSON (``loras=[{"name": "x", "scale": 0.8}]``)
 _FILE_FIELDS = ("image", "mask")
+_CONTROL_FIELDS = ("control_image", "controlnet_conditioning_scale")
 
 
 def _form_value(name: str, value):
@@ -278,7 +279,7 @@ def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None =
     ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``loras`` (as for generations; in multipart
     a JSON text field, checked against ``known_loras``). The image rules are
     ``orchestrator/image_input.py``'s."""
-    from .image_input import prepare_edit
+    from .image_input import control_bytes, prepare_edit
 
     accepted = EDIT_ACCEPTED | {"moderation"} if typed else EDIT_ACCEPTED
     unknown = sorted(k for k in list(fields) + [k for k in files if files[k] is not None] if k not in accepted)
@@ -292,6 +293,10 @@ def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None =
     payload = {k: v if typed else _form_value(k, v) for k, v in fields.items() if k not in _FILE_FIELDS}
     if files.get("control_image") is not None:  # a multipart file: parse_generation attaches it
         payload["control_image"] = files["control_image"]
+    others = []
+    if payload.get("control_image") is not None and config.model.controlnet is not None:
+        payload["control_image"] = control_bytes(payload["control_image"])  # base64 decoded once
+        others.append(("control_image", payload["control_image"]))  # counted in the request's input pixels
     images = files.get("image") or []
     if not images:
         raise InvalidRequestError(f"{image_param} is required: send one or more image files", param=image_param)
@@ -308,12 +313,13 @@ def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None =
                                   f"{config.limits.max_n} (limits.max_n)", param="n")
     size = payload.get("size")
     explicit = size is not None and size != "auto"
-    if explicit:
-        call = parse_generation(payload, config, max_side, known_loras)  # validates size before any image is resized
+    if explicit:  # validates size before any image is decoded (the control image is decoded once, below)
+        call = parse_generation({k: v for k, v in payload.items() if k not in _CONTROL_FIELDS}, config, max_side,
+                                known_loras)
         inputs = prepare_edit(images, files.get("mask"), (call.requests[0].width, call.requests[0].height),
-                              config.limits, max_side, image_param)
+                              config.limits, max_side, image_param, others)
     else:
-        inputs = prepare_edit(images, files.get("mask"), None, config.limits, max_side, image_param)
+        inputs = prepare_edit(images, files.get("mask"), None, config.limits, max_side, image_param, others)
         payload["size"] = f"{inputs.width}x{inputs.height}"
     payload["n"] = n * len(images) if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else n
     call = parse_generation(payload, config, max_side, known_loras)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import hmac
 import json
 import logging
@@ -392,6 +393,15 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
                                   "invalid_request_error", param="name", code="not_found")
         return {"name": name, "deleted": True}
 
+    # Input images (edits, control_image) are decoded off the event loop the router shares, and only
+    # limits.max_concurrent_image_decodes requests at a time: a burst of uploads waits its turn instead of holding
+    # every decode in memory at once (image_input.py decodes a request's images one by one).
+    decode_slots = asyncio.Semaphore(limits.max_concurrent_image_decodes)
+
+    async def decode_images(fn, *args):
+        async with decode_slots:  # the thread runs in this request's context: its X-Request-ID, for trace_id
+            return await asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, fn, *args)
+
     @app.post("/v1/images/generations")
     async def generations(request: Request):
         if (denied := guard(request)) is not None:
@@ -415,8 +425,12 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             return error_response(f.http_status, msg, f.openai_type, headers={"Retry-After": "5"})
         dep = service.deployment
         try:
-            call = parse_generation(payload, config, getattr(dep, "max_side", None),
-                                    getattr(dep, "lora_names", None))
+            if isinstance(payload, dict) and payload.get("control_image") is not None:  # an image to decode
+                call = await decode_images(parse_generation, payload, config, getattr(dep, "max_side", None),
+                                           getattr(dep, "lora_names", None))
+            else:
+                call = parse_generation(payload, config, getattr(dep, "max_side", None),
+                                        getattr(dep, "lora_names", None))
         except ZImageError as e:
             service.observer.rejected(e.kind)
             return _from_exception(e)
@@ -465,15 +479,13 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             f = failure(FailureKind.NOT_READY)
             return error_response(f.http_status, msg, f.openai_type, headers={"Retry-After": "5"})
         dep = service.deployment
-        try:  # decoding and resizing images is CPU work: off the event loop the router shares
+        try:  # decoding and resizing images is CPU work: off the event loop, a bounded number at a time
             if json_body:
-                call = await asyncio.get_running_loop().run_in_executor(
-                    None, parse_json_edit, payload, config, getattr(dep, "max_side", None),
-                    getattr(dep, "lora_names", None))
+                call = await decode_images(parse_json_edit, payload, config, getattr(dep, "max_side", None),
+                                           getattr(dep, "lora_names", None))
             else:
-                call = await asyncio.get_running_loop().run_in_executor(
-                    None, partial(parse_edit, known_loras=getattr(dep, "lora_names", None)), fields, files, config,
-                    getattr(dep, "max_side", None))
+                call = await decode_images(partial(parse_edit, known_loras=getattr(dep, "lora_names", None)),
+                                           fields, files, config, getattr(dep, "max_side", None))
         except ZImageError as e:
             service.observer.rejected(e.kind)
             return _from_exception(e)
@@ -498,8 +510,9 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
 
 
 async def parse_multipart(headers, body: bytes) -> tuple[dict, dict]:
-    """An edit's multipart body -> (text fields, ``{"image": [bytes, ...], "mask": bytes | None}``). ``image``
-    and ``image[]`` (the official client's name for an array) both collect into ``image``."""
+    """An edit's multipart body -> (text fields, ``{"image": [bytes, ...], "mask": bytes | None}``, plus
+    ``control_image`` when sent). ``image`` and ``image[]`` (the official client's name for an array) both collect
+    into ``image``. Up to 16 images, a mask and a control image: ``MAX_IMAGES + 2`` files."""
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     from .image_input import MAX_IMAGES
@@ -513,7 +526,7 @@ async def parse_multipart(headers, body: bytes) -> tuple[dict, dict]:
         yield body
 
     try:
-        form = await MultiPartParser(headers, chunks(), max_files=MAX_IMAGES + 1, max_fields=64,
+        form = await MultiPartParser(headers, chunks(), max_files=MAX_IMAGES + 2, max_fields=64,
                                      max_part_size=1024 * 1024).parse()
     except MultiPartException as e:
         raise InvalidRequestError(f"the multipart body cannot be read: {e.message}") from None

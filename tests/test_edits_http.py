@@ -143,6 +143,13 @@ def test_edit_shares_a_batch_with_generations_and_equals_its_solo_run(server):
     assert results[0].png == base64.b64decode(alone.json()["data"][0]["b64_json"])
 
 
+def _big_grey() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (6000, 6000), 7).save(buf, format="PNG", compress_level=9)  # 36 M pixels in ~50 KB
+    return buf.getvalue()
+
+
+BIG = _big_grey()
 BAD = [
     (dict(image=("x.png", b"", "image/png")), "image", "empty"),
     (dict(image=("x.txt", b"hello, not an image", "text/plain")), "image", "not an image"),
@@ -155,6 +162,7 @@ BAD = [
      "image", "limits.max_image_bytes"),
     (dict(image=("x.png", png(picture()), "image/png"), extra_body={"strength": 2}), "strength", "from 0 to 1"),
     (dict(image=("x.png", png(picture()), "image/png"), background="transparent"), "background", "alpha"),
+    (dict(image=[("big.png", BIG, "image/png")] * 3), "image", "limits.max_request_input_pixels"),  # 108 M pixels
 ]
 
 
@@ -167,6 +175,17 @@ def test_bad_files_are_400_naming_the_field(server, kw, param, fragment):
     err = e.value.response.json()["error"]
     check("ErrorResponse", e.value.response.json())
     assert err["param"] == param and fragment in err["message"], err
+
+
+def test_phone_mpo_jpeg_is_edited(server):
+    """A multi-picture JPEG (what many phones write: the photo, then a gain map) is taken as its first picture."""
+    buf = io.BytesIO()
+    Image.fromarray(picture()).save(buf, format="MPO", save_all=True, quality=95,
+                                    append_images=[Image.new("RGB", (32, 24), (9, 9, 9))])
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    out = client(server).images.edit(image=("photo.jpg", buf.getvalue(), "image/jpeg"), prompt="a fox",
+                                     extra_body={"seed": 3, "num_inference_steps": 4})
+    assert decode(out.data[0].b64_json).size == (64, 48)
 
 
 def test_json_edit_with_data_urls(server):

@@ -213,3 +213,247 @@ def test_parse_edit_takes_loras_as_json_text_and_checks_them():
         with pytest.raises(InvalidRequestError) as e:
             parse_edit({"prompt": "a cat", "loras": bad}, files(png(rgb())), CFG, known_loras={"style-a"})
         assert e.value.param == "loras"
+
+
+# ---- bounded decoding: the request's pixel total, one image at a time, MPO, 16 images + mask + control image -----
+def big_grey_png(side=6300) -> bytes:
+    """A 40-megapixel PNG of one grey level: ~50 KB on the wire, 40 MB once decoded."""
+    return png(Image.new("L", (side, side), 7), compress_level=9)
+
+
+def test_many_large_but_tiny_pngs_are_refused_before_any_decode(monkeypatch):
+    """16 files of 40 MP each (under every per-file limit, 1 MB together) would decode to 640 M pixels: with the
+    default limits the request is a 400 naming image, said from the headers, with no image decoded."""
+    import orchestrator.image_input as image_input
+
+    cfg = config_from_dict({"model": {"source": "tiny"}, "limits": {"max_n": 16}})  # the default pixel limits
+    data = big_grey_png()
+    assert len(data) * 16 < cfg.limits.max_upload_bytes and 6300 * 6300 <= cfg.limits.max_input_pixels
+    decoded = []
+    real = image_input._check_decoded
+    monkeypatch.setattr(image_input, "_check_decoded", lambda img, *a, **kw: decoded.append(img.size) or real(
+        img, *a, **kw))
+    with pytest.raises(InvalidRequestError) as e:
+        parse_edit({"prompt": "x", "size": "1024x1024"}, files(*[data] * 16), cfg)
+    assert e.value.param == "image" and "limits.max_request_input_pixels" in e.value.message, e.value.message
+    assert str(cfg.limits.max_request_input_pixels) in e.value.message and "downscale" in e.value.message
+    assert decoded == []
+    with pytest.raises(InvalidRequestError) as e:  # the JSON form names its field, images
+        import base64
+
+        from orchestrator.images_api import parse_json_edit
+
+        url = "data:image/png;base64," + base64.b64encode(data).decode()
+        parse_json_edit({"prompt": "x", "images": [{"image_url": url}] * 16}, cfg)
+    assert e.value.param == "images" and "limits.max_request_input_pixels" in e.value.message
+    assert decoded == []
+
+
+def test_the_mask_and_control_image_count_in_the_request_total():
+    import base64
+
+    from orchestrator.images_api import parse_generation
+
+    side = 200  # each image 40,000 pixels; the request may have 100,000
+    cfg = config_from_dict({"model": {"source": "tiny", "controlnet": {"source": "tiny"}},
+                            "defaults": {"width": 64, "height": 64, "num_inference_steps": 8},
+                            "limits": {"max_pixels": 128 * 128, "max_request_input_pixels": 100_000}})
+    image, mask = png(rgb(side, side)), mask_png(side, side)
+    assert len(parse_edit({"prompt": "x"}, files(image, image), cfg).requests) == 2  # 80,000: under
+    for extra in ({"mask": mask}, {"control_image": png(rgb(side, side))}):
+        with pytest.raises(InvalidRequestError) as e:  # 120,000 with either
+            parse_edit({"prompt": "x"}, {"image": [image, image], "mask": None, **extra}, cfg)
+        assert e.value.param == "image" and "3 input image(s)" in e.value.message, e.value.message
+    big = "data:image/png;base64," + base64.b64encode(png(np.zeros((400, 400, 3), np.uint8))).decode()
+    with pytest.raises(InvalidRequestError) as e:  # a generation's control image alone: 160,000
+        parse_generation({"prompt": "x", "control_image": big}, cfg)
+    assert e.value.param == "control_image" and "limits.max_request_input_pixels" in e.value.message
+
+
+def test_images_are_decoded_one_at_a_time_and_dropped(monkeypatch):
+    """Under the limit, each image is decoded, resized to the output size and released before the next is opened:
+    at most one full-size decode is alive at any time (weak references to every decoded image tell)."""
+    import gc
+    import weakref
+
+    import orchestrator.image_input as image_input
+
+    cfg = config_from_dict({"model": {"source": "tiny"}, "limits": {"max_n": 8}})
+    alive, most = [], [0]
+    real = image_input.open_image
+
+    def watched(data, param, limits):
+        img = real(data, param, limits)
+        most[0] = max(most[0], sum(r() is not None for r in alive) + 1)
+        alive.append(weakref.ref(img))
+        return img
+
+    monkeypatch.setattr(image_input, "open_image", watched)
+    gc.disable()  # reference counting alone must free them (no cycle keeps a decode alive)
+    try:
+        sources = [png(np.full((1500, 2000, 3), 40 * i, np.uint8)) for i in range(4)]
+        a = np.full((1500, 2000, 4), 255, np.uint8)
+        a[:750, :, 3] = 0
+        call = parse_edit({"prompt": "x", "size": "256x192"}, files(*sources, mask=png(a)), cfg)
+    finally:
+        gc.enable()
+    assert len(alive) == 5 and most[0] == 1 and all(r() is None for r in alive)
+    assert [int(r.image.mean()) for r in call.requests] == [0, 40, 80, 120]
+    assert call.requests[0].mask.shape == (192, 256) and call.requests[0].mask[:96].min() == 255
+
+
+def mpo(arr, second=None, exif: bytes | None = None) -> bytes:
+    """A multi-picture JPEG as phones write them (the photo, then a gain map / depth picture)."""
+    second = second if second is not None else Image.new("RGB", (arr.shape[1] // 2, arr.shape[0] // 2), (9, 9, 9))
+    buf = io.BytesIO()
+    kw = {"exif": exif} if exif else {}
+    Image.fromarray(arr).save(buf, format="MPO", save_all=True, append_images=[second], quality=95, **kw)
+    return buf.getvalue()
+
+
+def test_mpo_phone_jpeg_is_accepted_as_its_first_picture():
+    arr = np.zeros((48, 64, 3), np.uint8)
+    arr[:, :32] = 200  # left half bright
+    data = mpo(arr)
+    opened = Image.open(io.BytesIO(data))
+    assert opened.format == "MPO" and opened.n_frames == 2  # what Pillow makes of it: two frames
+    out = prepare_edit([data], None, None, LIMITS)
+    assert (out.width, out.height) == (64, 48)
+    assert out.images[0][:, :28].min() > 180 and out.images[0][:, 36:].max() < 20  # the photo, not the gain map
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise to display
+    out = prepare_edit([mpo(arr, exif=exif.tobytes())], None, None, LIMITS)
+    assert (out.width, out.height) == (48, 64) and out.images[0][:28].min() > 180  # left half shown on top
+    import base64
+
+    from orchestrator.images_api import parse_generation
+
+    cfg = config_from_dict({"model": {"source": "tiny", "controlnet": {"source": "tiny"}},
+                            "defaults": {"width": 64, "height": 48}})
+    call = parse_generation({"prompt": "x", "control_image": base64.b64encode(data).decode()}, cfg)
+    assert call.requests[0].control_image[:, :28].min() > 180
+
+
+def multipart(n_images: int, mask: bool = True, control: bool = True) -> tuple[dict, bytes]:
+    import httpx
+
+    parts = [("image[]", (f"i{i}.png", png(rgb(seed=i)), "image/png")) for i in range(n_images)]
+    if mask:
+        parts.append(("mask", ("m.png", mask_png(), "image/png")))
+    if control:
+        parts.append(("control_image", ("c.png", png(rgb(seed=99)), "image/png")))
+    from starlette.datastructures import Headers
+
+    req = httpx.Request("POST", "http://x/v1/images/edits", data={"prompt": "in snow", "size": "64x48"},
+                        files=parts)
+    return Headers(dict(req.headers)), req.read()
+
+
+def test_sixteen_images_a_mask_and_a_control_image_fit_in_one_multipart_edit():
+    import asyncio
+
+    from orchestrator.server import parse_multipart
+
+    headers, body = multipart(16)
+    fields, got = asyncio.run(parse_multipart(headers, body))
+    assert len(got["image"]) == 16 and got["mask"] is not None and got["control_image"] is not None
+    assert fields == {"prompt": "in snow", "size": "64x48"}
+    cfg = config_from_dict({"model": {"source": "tiny", "controlnet": {"source": "tiny"}},
+                            "defaults": {"num_inference_steps": 8}, "limits": {"max_n": 16}})
+    call = parse_edit(fields, got, cfg)
+    assert len(call.requests) == 16 and call.requests[0].mask is not None
+    assert all(r.control_image.shape == (48, 64, 3) for r in call.requests)
+    with pytest.raises(InvalidRequestError) as e:  # one file more than 16 + mask + control image
+        asyncio.run(parse_multipart(*multipart(17)))
+    assert "Too many files" in e.value.message, e.value.message
+
+
+class _Ready:
+    """A deployment that is up and never runs anything: for the server's own behaviour before admission."""
+
+    ready, replicas, max_side, lora_names = True, {"r0": None}, None, None
+
+    class router:  # noqa: N801 - what the metrics observer reads
+        waiting = running = 0
+
+    class replica:  # noqa: N801
+        replica_id = "r0"
+
+    def members(self):
+        return [self.replica]
+
+    def live(self):
+        return [self.replica]
+
+    async def replica_health(self):
+        return {}
+
+    async def shutdown(self, drain_timeout_s=None):
+        return None
+
+
+def test_server_decodes_images_off_the_loop_a_bounded_number_at_a_time(monkeypatch):
+    """A burst of edits (and generations with a control image) decodes at most
+    limits.max_concurrent_image_decodes at once, never on the event loop; a generation without a control image
+    is parsed on the loop as before."""
+    import asyncio
+    import threading
+    import time
+
+    import httpx
+    from conftest import ServerThread
+
+    import orchestrator.server as server
+    from orchestrator.logging_setup import current_request_id
+
+    lock, state = threading.Lock(), {"now": 0, "most": 0, "threads": set(), "ids": set()}
+
+    def slow_parse(*args, **kwargs):
+        with lock:
+            state["ids"].add(current_request_id())  # the request's X-Request-ID reaches the thread (trace_id)
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            state["threads"].add(threading.current_thread().name)
+        time.sleep(0.2)  # long enough for the burst to pile up behind the limit
+        with lock:
+            state["now"] -= 1
+        raise InvalidRequestError("stopped here by the test", param="image")
+
+    loop_parses = []
+
+    def parse_generation(payload, *args):
+        if payload.get("control_image") is not None:
+            return slow_parse()
+        loop_parses.append(threading.current_thread().name)
+        raise InvalidRequestError("a plain generation", param="prompt")
+
+    monkeypatch.setattr(server, "parse_edit", slow_parse)
+    monkeypatch.setattr(server, "parse_json_edit", slow_parse)
+    monkeypatch.setattr(server, "parse_generation", parse_generation)
+
+    async def up(config, observer=None):
+        return _Ready()
+
+    cfg = config_from_dict({"model": {"source": "tiny", "controlnet": {"source": "tiny"}},
+                            "limits": {"max_concurrent_image_decodes": 2}})
+    headers, body = multipart(2)
+    with ServerThread(server.create_app(cfg, deployment_factory=up)) as s:
+        s.wait_ready(timeout_s=10)
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+                edits = [c.post("/v1/images/edits", content=body, headers={"content-type": headers["content-type"]})
+                         for _ in range(6)]
+                gens = [c.post("/v1/images/generations", json={"prompt": "x", "control_image": "aGk="})
+                        for _ in range(2)]
+                return await asyncio.gather(*edits, *gens)
+
+        answers = asyncio.run(burst())
+        loop_thread = s.thread.name
+        plain = httpx.post(f"{s.url}/v1/images/generations", json={"prompt": "x"}, timeout=60)
+    assert [r.status_code for r in answers] == [400] * 8
+    assert all(r.json()["error"]["message"] == "stopped here by the test" for r in answers)
+    assert state["most"] == 2  # the burst of 8 was held to 2 at a time
+    assert loop_thread not in state["threads"]
+    assert state["ids"] == {r.headers["x-request-id"] for r in answers} and None not in state["ids"]
+    assert loop_parses == [loop_thread] and plain.json()["error"]["message"] == "a plain generation"  # on the loop
