@@ -193,7 +193,8 @@ class ModelConfig(_Strict):
         default="none",
         description="fp8: dynamic per-row float8 of the transformer blocks' linear layers (Ada/Hopper GPUs). "
         "The replica checks its output against bf16 at start-up and reports the error. auto: the planner "
-        "chooses bf16 or fp8, whichever plan it estimates faster (fp8 only where it buys throughput).",
+        "chooses bf16 or fp8, whichever plan it estimates faster (fp8 only where it buys throughput, and never "
+        "where a node's declared gpu_type has no fp8 tensor cores, e.g. A100; fp8 there is refused at plan time).",
     )
     text_encoder_quantization: Literal["none", "int8", "fp8", "auto"] = Field(
         default="none",

@@ -20,7 +20,17 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from placement import DeploymentSpec, Inventory, PlacementPlan, model_spec, plan, plan_best, with_loras
+from placement import (
+    DeploymentSpec,
+    Inventory,
+    PlacementError,
+    PlacementPlan,
+    fp8_capable,
+    model_spec,
+    plan,
+    plan_best,
+    with_loras,
+)
 
 from .config import Config, LoraSpec, ModelConfig, hub_path_problem
 from .errors import (
@@ -63,13 +73,23 @@ def plan_for(config: Config, inventory: Inventory) -> PlacementPlan:
         inventory = Inventory(tuple(type(g)(g.node, g.index, min(g.memory_gib, cap)) for g in inventory.gpus))
     m = config.model
     transformer = ["none", "fp8"] if m.quantization == "auto" else [m.quantization]
+    no_fp8 = sorted({n.gpu_type for n in config.cluster.nodes or [] if fp8_capable(n.gpu_type) is False})
+    note = None
+    if no_fp8 and m.quantization == "fp8":
+        raise PlacementError(f"model.quantization fp8 needs GPUs with fp8 tensor cores (Ada, Hopper, Blackwell); "
+                             f"{', '.join(no_fp8)} has none: set model.quantization to none or auto")
+    if no_fp8 and m.quantization == "auto":
+        transformer = ["none"]
+        note = f"fp8 not considered: {', '.join(no_fp8)} has no fp8 tensor cores"
     text_encoder = ["none", "int8"] if m.text_encoder_quantization == "auto" else [m.text_encoder_quantization]
     options = [with_loras(model_spec(m.source, m.dtype, t, te, controlnet=m.controlnet is not None), m.lora_slots,
                           m.lora_max_rank)
                for te in text_encoder for t in transformer]
     if len(options) == 1:
-        return plan(options[0], inventory, deployment_spec(config))
-    return plan_best(options, inventory, deployment_spec(config))
+        chosen = plan(options[0], inventory, deployment_spec(config))
+    else:
+        chosen = plan_best(options, inventory, deployment_spec(config))
+    return chosen if note is None else replace(chosen, notes=(note, *chosen.notes))
 
 
 def model_for_plan(model: ModelConfig, placement: PlacementPlan) -> ModelConfig:

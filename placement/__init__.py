@@ -4,7 +4,7 @@ Pure Python: no ray, no torch. ``plan(model, inventory, deployment)`` is a deter
 so a plan is computed and tested in milliseconds and printed by ``zimage-orch plan`` on any machine.
 """
 
-from .memory import ComponentSpec, ModelSpec, lora_adapter_gib, model_spec, with_loras
+from .memory import ComponentSpec, ModelSpec, fp8_capable, lora_adapter_gib, model_spec, with_loras
 from .planner import (
     GPU,
     DeploymentSpec,
@@ -27,6 +27,7 @@ __all__ = [
     "PlacementError",
     "PlacementPlan",
     "ReplicaPlan",
+    "fp8_capable",
     "lora_adapter_gib",
     "model_spec",
     "plan",

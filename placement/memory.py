@@ -14,6 +14,7 @@ Coefficients measured on an H200 with the full-size model in bf16 (``benchmarks/
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 GIB = 1024**3
@@ -21,6 +22,23 @@ MPIX = 1024 * 1024
 BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1}
 # Quantized precisions: the quantizable linears take 1 byte a weight, everything else stays in 16 bits.
 QUANTIZED = ("fp8", "int8")
+
+# ---- which GPUs have fp8 tensor cores (Ada sm89, Hopper sm90, Blackwell; not Ampere, Turing, Volta) -------------
+_FP8 = re.compile(r"\b(H100|H200|H800|H20|GH200|L4|L40S?|B100|B200|GB200|B300|ADA)\b|RTX ?[45]0[5-9]0")
+_NO_FP8 = re.compile(r"\b(A100|A800|A10G?|A16|A2|A30|A40|RTX ?A[2-6]000|V100|T4|P100|P40|K80|TITAN)\b"
+                     r"|RTX ?[23]0[5-9]0|GTX")
+
+
+def fp8_capable(gpu_type: str) -> bool | None:
+    """Whether a GPU model name (a node's free-form ``gpu_type``) has fp8 tensor cores: True for Ada, Hopper and
+    Blackwell names, False for older ones, None when the name is empty or not recognised."""
+    name = gpu_type.upper()
+    if _FP8.search(name):
+        return True
+    if _NO_FP8.search(name):
+        return False
+    return None
+
 
 # ---- tokens: what one image adds to a packed transformer call (the same rules as the transformer's) -------------
 SIZE_MULTIPLE = 16  # VAE downsampling (8) x the transformer's 2x2 patches: one image token per 16x16 pixels

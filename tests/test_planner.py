@@ -243,3 +243,27 @@ def test_lora_memory_with_a_controlnet_counts_the_base_models_adapters():
     both = with_loras(model_spec("modelscope", controlnet=True), 4, 64)
     assert both.lora_gib == plain.lora_gib > 0
     assert with_loras(model_spec("tiny", controlnet=True), 2, 8).lora_gib > 0
+
+
+def test_fp8_only_where_the_declared_gpus_have_fp8_tensor_cores(tmp_path, capsys):
+    """auto never picks fp8 on Ampere or older (a replica would fail at start), and says so; an explicit fp8 on
+    such cards is refused at plan time, naming the field."""
+    from orchestrator.cli import main
+    from placement.memory import fp8_capable
+
+    assert [fp8_capable(t) for t in ("RTX 4090D", "H100 80GB", "RTX 6000 Ada", "A100-SXM4-80GB", "RTX 3090",
+                                     "RTX A6000", "Tesla T4", "", "something new")] == \
+        [True, True, True, False, False, False, False, None, None]
+    shipped = ROOT / "clusters" / "dual-4090d-auto.yaml"
+    assert main(["plan", str(shipped), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["precisions"]["transformer"] == "fp8"
+    a100 = shipped.read_text().replace("gpu_type: RTX 4090D", "gpu_type: A100-PCIE-40GB")
+    cfg = tmp_path / "a100.yaml"
+    cfg.write_text(a100)
+    assert main(["plan", str(cfg), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["precisions"]["transformer"] == "bfloat16"
+    assert any("fp8 not considered: A100-PCIE-40GB" in n for n in data["notes"])
+    cfg.write_text(a100.replace("quantization: auto", "quantization: fp8"))
+    assert main(["plan", str(cfg)]) == 1
+    assert "model.quantization fp8 needs GPUs with fp8 tensor cores" in capsys.readouterr().err
