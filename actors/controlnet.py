@@ -83,28 +83,6 @@ def _control_blocks(packed: PackedTransformer, blocks, c, x, adaln, segs):
     return hints, c
 
 
-def _run(packed, blocks, x, adaln, segs, hints: dict | None = None, scale=None, lora=None, group: str = ""):
-    """The transformer's own ``blocks`` with the hints added after the blocks they name; ``lora`` (the layout's
-    ``BatchLora``, actors/lora.py) and ``group`` apply the per-request adapters as ``PackedTransformer._blocks``
-    does."""
-    _mark(packed, segs, adaln)
-    args = (segs.runs, segs.cu, segs.max_len, None)
-    if lora is not None:
-        rows = lora.rows(segs.seg)
-        adaln_lora = torch.cat([adaln, lora.scales], dim=1)
-        if packed.compiled:
-            torch._dynamo.decorators.mark_unbacked(adaln_lora, 0)
-    for k, block in enumerate(blocks):
-        factors = None if lora is None else lora.blocks.get(f"{group}.{k}")
-        if factors is None:
-            x = packed.block_fn(block, x, segs.seg, adaln, segs.freqs, args, packed.attention)
-        else:
-            x = packed.block_fn(block, x, segs.seg, adaln_lora, segs.freqs, args, packed.attention, (rows, factors))
-        if hints is not None and k in hints:
-            x = x + hints[k] * scale
-    return x
-
-
 @torch.no_grad()
 def controlled_forward(packed: PackedTransformer, latents: list[torch.Tensor], t: torch.Tensor,
                        cap_feats: list[torch.Tensor], layout: PackedLayout, control: PackedControl):
@@ -124,23 +102,20 @@ def controlled_forward(packed: PackedTransformer, latents: list[torch.Tensor], t
     cap = packed.captions(layout, cap_feats)
 
     lora = layout.lora
-    x = _run(packed, m.noise_refiner, x0, adaln, layout.x, lora=lora, group="noise_refiner")  # the transformer's own
+    x = packed._blocks(m.noise_refiner, x0, adaln, layout.x, lora, "noise_refiner")  # the transformer's own
     variant = cn.add_control_noise_refiner
     if variant is None:
-        c = _run(packed, cn.control_noise_refiner, c, adaln, layout.x)
+        c = packed._blocks(cn.control_noise_refiner, c, adaln, layout.x)
         cn_x = x
     else:
         blocks = cn.control_layers if variant == "control_layers" else cn.control_noise_refiner
         hints, c = _control_blocks(packed, blocks, c, x0, adaln, layout.x)
         refiner_hints = {idx: hints[k] for k, idx in enumerate(cn.control_refiner_layers_places)}
-        cn_x = _run(packed, m.noise_refiner, x0, adaln, layout.x, refiner_hints, scale_x, lora, "noise_refiner")
+        cn_x = packed._blocks(m.noise_refiner, x0, adaln, layout.x, lora, "noise_refiner", refiner_hints, scale_x)
     unified = torch.cat([x, cap], dim=1).index_select(1, layout.uni_index)
     cn_unified = unified if cn_x is x else torch.cat([cn_x, cap], dim=1).index_select(1, layout.uni_index)
     c = torch.cat([c, cap], dim=1).index_select(1, layout.uni_index)
     hints, _ = _control_blocks(packed, cn.control_layers, c, cn_unified, adaln, layout.uni)
     main_hints = {idx: hints[k] for k, idx in enumerate(cn.control_layers_places)}
-    unified = _run(packed, m.layers, unified, adaln, layout.uni, main_hints, scale_u, lora, "layers")
-    final = m.all_final_layer[packed.key]
-    fscale = (1.0 + final.adaLN_modulation(adaln))[layout.uni.seg].unsqueeze(0)
-    out = final.linear(final.norm_final(unified) * fscale)[0]
-    return packed.unpatchify(layout, out)
+    unified = packed._blocks(m.layers, unified, adaln, layout.uni, lora, "layers", main_hints, scale_u)
+    return packed.final(layout, unified, adaln)

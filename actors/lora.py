@@ -490,6 +490,21 @@ def save_diffusers_lora(directory: str | Path, state_dict: dict, metadata: dict 
     return Path(directory) / "pytorch_lora_weights.safetensors"
 
 
+def save_kohya_lora(path: str | Path, state_dict: dict, alpha: float = 2.0) -> Path:
+    """Write ``state_dict`` (diffusers' ``transformer.<module>.lora_A/B`` keys) in the kohya layout community
+    trainers write: ``lora_unet_<module with underscores>.lora_down/up.weight`` and ``.alpha``."""
+    from safetensors.torch import save_file
+
+    kohya = {}
+    for k, v in state_dict.items():
+        module, kind = k.removeprefix("transformer.").rsplit(".lora_", 1)
+        key = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{key}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = v
+        kohya[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(kohya, str(path))
+    return Path(path)
+
+
 def adapter_nbytes(dim: int, ffn_dim: int, adaln_dim: int, blocks_modulated: int, blocks_plain: int, rank: int,
                    bytes_per_value: int = 2) -> int:
     """Device bytes of one adapter of ``rank`` on every supported module (the planner's formula, stated in

@@ -154,7 +154,10 @@ class PackedTransformer:
         )
 
     # ---- forward -----------------------------------------------------------------------------------------
-    def _blocks(self, blocks, x, adaln, segs: Segments, lora=None, group: str = ""):
+    def _blocks(self, blocks, x, adaln, segs: Segments, lora=None, group: str = "", hints: dict | None = None,
+                hint_scale: torch.Tensor | None = None):
+        """``blocks`` over the packed ``x``; ``lora``/``group``: the layout's per-sample adapters; ``hints``: block
+        index -> a ControlNet hint added (times ``hint_scale``) after that block (actors/controlnet.py)."""
         mask = _flex_mask(segs) if self.attention == "flex" else None
         args = (segs.runs, segs.cu, segs.max_len, mask)
         if lora is not None:  # per-sample LoRA (actors/lora.py): the rows' scales, and the adaLN input with them
@@ -171,6 +174,8 @@ class PackedTransformer:
                 x = self.block_fn(block, x, segs.seg, adaln, segs.freqs, args, self.attention)
             else:
                 x = self.block_fn(block, x, segs.seg, adaln_lora, segs.freqs, args, self.attention, (rows, factors))
+            if hints is not None and i in hints:
+                x = x + hints[i] * hint_scale
         return x
 
     def captions(self, layout: PackedLayout, cap_feats: list[torch.Tensor]) -> torch.Tensor:
@@ -214,7 +219,11 @@ class PackedTransformer:
         cap = self.captions(layout, cap_feats)
         unified = torch.cat([x, cap], dim=1).index_select(1, layout.uni_index)
         unified = self._blocks(m.layers, unified, adaln, layout.uni, layout.lora, "layers")
-        final = m.all_final_layer[self.key]
+        return self.final(layout, unified, adaln)
+
+    def final(self, layout: PackedLayout, unified: torch.Tensor, adaln: torch.Tensor) -> list[torch.Tensor]:
+        """The final layer on the unified sequence, unpatchified per sample."""
+        final = self.model.all_final_layer[self.key]
         scale = (1.0 + final.adaLN_modulation(adaln))[layout.uni.seg].unsqueeze(0)
         out = final.linear(final.norm_final(unified) * scale)[0]
         return self.unpatchify(layout, out)

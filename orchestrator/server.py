@@ -334,12 +334,18 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         return {"object": "list", "data": [{"id": config.server.served_model_name, "object": "model",
                                              "created": 0, "owned_by": "zimage-orchestrator"}]}
 
+    def not_ready(count: bool = True):
+        msg = "the deployment failed to start; see /readyz and the server log" if service.start_error else \
+            "the deployment is starting; retry shortly"
+        if count:  # an image request turned away (the metrics count those)
+            service.observer.rejected(FailureKind.NOT_READY)
+        f = failure(FailureKind.NOT_READY)
+        return error_response(f.http_status, msg, f.openai_type, headers={"Retry-After": "5"})
+
     # ---- per-request LoRA adapters (an extension: OpenAI's API has none) ----------------------------------------
     def _lora_deployment() -> tuple[object | None, JSONResponse | None]:
         if not service.accepting:
-            f = failure(FailureKind.NOT_READY)
-            return None, error_response(f.http_status, "the deployment is starting; retry shortly", f.openai_type,
-                                        headers={"Retry-After": "5"})
+            return None, not_ready(count=False)
         return service.deployment, None
 
     @app.get("/v1/loras")
@@ -402,38 +408,18 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         async with decode_slots:  # the thread runs in this request's context: its X-Request-ID, for trace_id
             return await asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, fn, *args)
 
-    @app.post("/v1/images/generations")
-    async def generations(request: Request):
-        if (denied := guard(request)) is not None:
-            return denied
+    async def read_image_request(request: Request, field: str):
+        """The body of a generations or edits request, or a 413 (counted as a rejection) past ``limits.<field>``."""
+        limit = getattr(limits, field)
         try:
-            body = await read_body(request, limits.max_body_bytes)
+            return await read_body(request, limit), None
         except BodyTooLarge:
             service.observer.rejected(FailureKind.INVALID_REQUEST)
-            return error_response(413, f"request body is larger than {limits.max_body_bytes} bytes "
-                                       f"(limits.max_body_bytes)", "invalid_request_error")
-        try:
-            payload = parse_json(body)
-        except InvalidRequestError as e:
-            service.observer.rejected(e.kind)
-            return _from_exception(e)
-        if not service.accepting:
-            msg = "the deployment failed to start; see /readyz and the server log" if service.start_error else \
-                "the deployment is starting; retry shortly"
-            service.observer.rejected(FailureKind.NOT_READY)
-            f = failure(FailureKind.NOT_READY)
-            return error_response(f.http_status, msg, f.openai_type, headers={"Retry-After": "5"})
-        dep = service.deployment
-        try:
-            if isinstance(payload, dict) and payload.get("control_image") is not None:  # an image to decode
-                call = await decode_images(parse_generation, payload, config, getattr(dep, "max_side", None),
-                                           getattr(dep, "lora_names", None))
-            else:
-                call = parse_generation(payload, config, getattr(dep, "max_side", None),
-                                        getattr(dep, "lora_names", None))
-        except ZImageError as e:
-            service.observer.rejected(e.kind)
-            return _from_exception(e)
+            return None, error_response(413, f"request body is larger than {limit} bytes (limits.{field})",
+                                        "invalid_request_error")
+
+    async def answer(request: Request, call, dep):
+        """Admit a parsed generation or edit call and answer it: JSON, or an SSE stream."""
         if call.user is not None or call.safety_identifier is not None:
             log.info("request %s: user=%s safety_identifier=%s", call.requests[0].request_id,
                      shown(call.user), shown(call.safety_identifier))
@@ -451,18 +437,42 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             return _from_exception(e)
         return await _generate(request, call, waiters)
 
+    @app.post("/v1/images/generations")
+    async def generations(request: Request):
+        if (denied := guard(request)) is not None:
+            return denied
+        body, too_large = await read_image_request(request, "max_body_bytes")
+        if too_large is not None:
+            return too_large
+        try:
+            payload = parse_json(body)
+        except InvalidRequestError as e:
+            service.observer.rejected(e.kind)
+            return _from_exception(e)
+        if not service.accepting:
+            return not_ready()
+        dep = service.deployment
+        try:
+            if isinstance(payload, dict) and payload.get("control_image") is not None:  # an image to decode
+                call = await decode_images(parse_generation, payload, config, getattr(dep, "max_side", None),
+                                           getattr(dep, "lora_names", None))
+            else:
+                call = parse_generation(payload, config, getattr(dep, "max_side", None),
+                                        getattr(dep, "lora_names", None))
+        except ZImageError as e:
+            service.observer.rejected(e.kind)
+            return _from_exception(e)
+        return await answer(request, call, dep)
+
     @app.post("/v1/images/edits")
     async def edits(request: Request):
         """OpenAI's image edits (multipart/form-data): img2img, and inpainting with a ``mask``
         (``images_api.parse_edit`` says what each field does, ``image_input.py`` the image rules)."""
         if (denied := guard(request, limits.max_upload_bytes, "max_upload_bytes")) is not None:
             return denied
-        try:
-            body = await read_body(request, limits.max_upload_bytes)
-        except BodyTooLarge:
-            service.observer.rejected(FailureKind.INVALID_REQUEST)
-            return error_response(413, f"request body is larger than {limits.max_upload_bytes} bytes "
-                                       f"(limits.max_upload_bytes)", "invalid_request_error")
+        body, too_large = await read_image_request(request, "max_upload_bytes")
+        if too_large is not None:
+            return too_large
         json_body = request.headers.get("content-type", "").lower().startswith("application/json")
         try:
             if json_body:  # the spec's JSON form: images as data: URLs
@@ -473,11 +483,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             service.observer.rejected(e.kind)
             return _from_exception(e)
         if not service.accepting:
-            msg = "the deployment failed to start; see /readyz and the server log" if service.start_error else \
-                "the deployment is starting; retry shortly"
-            service.observer.rejected(FailureKind.NOT_READY)
-            f = failure(FailureKind.NOT_READY)
-            return error_response(f.http_status, msg, f.openai_type, headers={"Retry-After": "5"})
+            return not_ready()
         dep = service.deployment
         try:  # decoding and resizing images is CPU work: off the event loop, a bounded number at a time
             if json_body:
@@ -489,22 +495,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         except ZImageError as e:
             service.observer.rejected(e.kind)
             return _from_exception(e)
-        if call.user is not None or call.safety_identifier is not None:
-            log.info("request %s: user=%s safety_identifier=%s", call.requests[0].request_id,
-                     shown(call.user), shown(call.safety_identifier))
-        if call.stream:
-            stream = _Stream(call)
-            try:
-                waiters = dep.admit(call.requests, on_progress=stream.listeners)
-            except ZImageError as e:
-                return _from_exception(e)
-            return StreamingResponse(stream.events(waiters), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        try:
-            waiters = dep.admit(call.requests)
-        except ZImageError as e:
-            return _from_exception(e)
-        return await _generate(request, call, waiters)
+        return await answer(request, call, dep)
 
     return app
 

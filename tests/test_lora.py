@@ -6,7 +6,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from actors.engine import Sample, ZImageEngine
 from actors.lora import (
@@ -17,6 +16,7 @@ from actors.lora import (
     random_lora_state_dict,
     read_state_dict,
     save_diffusers_lora,
+    save_kohya_lora,
 )
 from actors.models import build_pipeline
 
@@ -45,13 +45,7 @@ def adapters(pipe, tmp_path_factory):
     # kohya: lora_unet_<module with underscores>.lora_down/up.weight + .alpha
     sd, _ = random_lora_state_dict(tr, 4, seed=4, std=0.15,
                                    modules=("attention.to_q", "attention.to_out.0", "feed_forward.w2"))
-    kohya = {}
-    for k, v in sd.items():
-        module, kind = k.removeprefix("transformer.").rsplit(".lora_", 1)
-        key = "lora_unet_" + module.replace(".", "_")
-        kohya[f"{key}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = v
-        kohya[f"{key}.alpha"] = torch.tensor(2.0)
-    save_file(kohya, str(root / "kohya.safetensors"))
+    save_kohya_lora(root / "kohya.safetensors", sd)
     out["kohya"] = root / "kohya.safetensors"
     return out
 

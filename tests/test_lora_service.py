@@ -13,9 +13,8 @@ import pytest
 import torch
 from conftest import ServerThread, tiny_config
 from PIL import Image
-from safetensors.torch import save_file
 
-from actors.lora import random_lora_state_dict, save_diffusers_lora
+from actors.lora import random_lora_state_dict, save_diffusers_lora, save_kohya_lora
 from actors.models import build_pipeline
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -34,13 +33,7 @@ def adapters(tmp_path_factory):
                                       modules=("attention.to_q", "attention.to_v", "feed_forward.w1"))
     b = save_diffusers_lora(root / "style-b", sd, meta)
     sd, _ = random_lora_state_dict(tr, 4, seed=3, std=0.15, modules=("attention.to_k", "feed_forward.w3"))
-    kohya = {}
-    for k, v in sd.items():
-        module, kind = k.removeprefix("transformer.").rsplit(".lora_", 1)
-        key = "lora_unet_" + module.replace(".", "_")
-        kohya[f"{key}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = v
-        kohya[f"{key}.alpha"] = torch.tensor(2.0)
-    save_file(kohya, str(root / "kohya.safetensors"))
+    save_kohya_lora(root / "kohya.safetensors", sd)
     return {"style-a": a, "style-b": b, "kohya": root / "kohya.safetensors", "root": root}
 
 
