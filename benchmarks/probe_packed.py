@@ -12,7 +12,10 @@ whether the compiled packed transformer covers every shape with a handful of gra
    compiled after the first two batches (the target is zero);
 4. peak memory of the packed step per token count, and of one VAE decode per size.
 
-Usage: python3 benchmarks/probe_packed.py OUT.json [sections, default all: attn,err,step,mem]
+5. ``varied``: four caption lengths against four equal ones at the same token count (attention alone and the
+   compiled step), per attention implementation (e.g. ``runs,streams``).
+
+Usage: python3 benchmarks/probe_packed.py OUT.json [sections, default attn,err,step,mem; or varied] [impls]
 Prints as it goes and rewrites the JSON after every measurement (a timeout keeps what was done).
 """
 
@@ -198,6 +201,42 @@ def step_probe(eng, impls):
     eng.packed.attention = "runs"
 
 
+VARIED = {"u32": [32] * 4, "u96": [96] * 4, "varied": [32, 64, 128, 160]}  # caption tokens of 4 x 1024^2
+
+
+def varied_probe(eng, impls):
+    """Where a batch of four caption lengths loses against one of four equal ones at the same token count:
+    attention alone (four dense calls, one after another or on side streams) and the compiled packed step."""
+    from actors.packed import _attend, equal_runs
+
+    heads, dim = 30, 128
+    for name, caps in VARIED.items():
+        lens = sorted((4096 + c for c in caps), reverse=True)
+        q, k, v = (torch.randn(1, sum(lens), heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        args = (equal_runs(lens), None, max(lens), None)
+        flops = sum(4 * heads * n * n * dim for n in lens)
+        for impl in impls:
+            t = timed(lambda impl=impl: _attend(q, k, v, args, impl), reps=20)
+            record(f"varied_attn_{name}_{impl}_ms", t * 1e3)
+            record(f"varied_attn_{name}_{impl}_TFLOPs", flops / t / 1e12)
+    t4 = torch.full((4,), 0.5, device="cuda")
+    with torch.no_grad():
+        for impl in impls:
+            torch._dynamo.reset()
+            eng.packed.attention = impl
+            eng.packed.compile()
+
+            def run(impl=impl):
+                for name, caps in VARIED.items():
+                    lat, cap, layout = batch(eng, [(1024, 1024)] * 4, caps)
+                    f = lambda: eng.packed(lat, t4, cap, layout)  # noqa: E731
+                    first_call_s(f)
+                    record(f"varied_step_{name}_{impl}_s", timed(f, reps=8))
+            guarded(f"varied_step_{impl}", run)
+            eng.packed.block_fn = __import__("actors.packed", fromlist=["x"])._block_forward
+    eng.packed.attention = "runs"
+
+
 def memory_probe(eng):
     with torch.no_grad():
         for n, (h, w) in ((1, (1024, 1024)), (4, (1024, 1024)), (8, (1024, 1024)), (16, (512, 512))):
@@ -234,7 +273,7 @@ def main():
     RES["torch"] = torch.__version__
     if "attn" in sections:
         attention_probe()
-    if not {"err", "step", "mem"} & set(sections):
+    if not {"err", "step", "mem", "varied"} & set(sections):
         return
     eng = build()
     if "err" in sections:
@@ -243,6 +282,8 @@ def main():
         memory_probe(eng)
     if "step" in sections:
         step_probe(eng, impls)
+    if "varied" in sections:
+        varied_probe(eng, impls)
 
 
 if __name__ == "__main__":
