@@ -69,7 +69,8 @@ def test_packed_mixed_batch_equals_solo_runs_on_gpu():
             floor.append(rel(two, one))
         assert max(errs) <= 1.25 * max(floor) + 2e-3, (errs, floor)
         eng.packed.attention = "streams"  # the same kernels on side streams: the same answer
-        assert rel(eng.packed(lat, t, cap, layout), out) < 1e-4
+        streams = eng.packed(lat, t, cap, layout)
+        assert max(rel(a, b) for a, b in zip(streams, out)) < 1e-4
         eng.packed.attention = "runs"
 
         eng.packed.compile()
@@ -100,7 +101,7 @@ def test_edits_batched_with_text_to_image_on_gpu():
     mask[128:384, 192:576] = 255
     samples = [Sample("a red fox", 1, 512, 512),
                Sample("a watercolour", 2, 768, 512, image=image, strength=0.5, num_inference_steps=4),
-               Sample("a door", 3, 768, 512, image=image, mask=mask, strength=0.7, num_inference_steps=3)]
+               Sample("a door", 3, 768, 512, image=image, mask=mask, strength=0.4, num_inference_steps=5)]
     images, times = eng.generate(samples, 2)
     assert [i.shape for i in images] == [(512, 512, 3), (512, 768, 3), (512, 768, 3)]
     assert times.image_encode_s > 0 and all(i.std() > 0 for i in images)
