@@ -26,7 +26,13 @@ blocks are dynamic in the token count and the number of samples, so a membership
 
 Admission is first come first served within the replica's token budget, sample count and LoRA residency (the
 running set names at most ``max_adapters`` distinct adapters, the resident slots the memory plan counts; the router
-keeps within all three too; these are the replica's own guard). The head of the queue always joins an empty set.
+keeps within all three too; these are the replica's own guard). The head of the queue always joins an empty set,
+and whatever waits with it starts with it. A running set that has already run steps takes the head only where
+joining pays (``messages.JoinPolicy``: the GPU is not saturated yet, the set has run at most a step or so, or the
+head's work is small against every running sample's): each join slows every running sample's steps, and at sizes
+that saturate the GPU (1024x1024 on an H100) joining everything at once is processor sharing, which measured
+worse mean latency than running sets one after another (docs/benchmarks.md, issue 14). The router keeps up to two
+sets' worth waiting at the replica (``router.STEP_QUEUE_DEPTH``), encoded, so room is filled at the next step.
 Cancellation (``cancel``) takes request ids; a name not in the loop yet is kept for ``CANCEL_KEEP_S`` seconds, so a
 cancel that arrives just before its call is submitted still takes it out. Faults: an out-of-memory step shrinks the
 running set (the newest half goes back to wait, and the token budget is lowered until ``OOM_CAP_STEPS`` clean steps
@@ -49,6 +55,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from orchestrator.messages import JoinPolicy
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +110,10 @@ class RunningSample:
     def progress(self) -> tuple[int, int]:
         """(steps run, steps it runs in all), counted from its start step."""
         return self.step - self.start, self.num_steps - self.start
+
+    def work(self) -> int:
+        """What it has left to run: tokens x steps (the join policy's measure)."""
+        return self.tokens * max(self.num_steps - self.step, 0)
 
     def adapters(self) -> set[str]:
         return {name for name, _ in self.loras}
@@ -166,8 +178,9 @@ class StepLoop:
 
     def __init__(self, engine, max_tokens: int | None = None, max_samples: int | None = None,
                  guard: Callable[[], contextlib.AbstractContextManager] | None = None, name: str = "step-loop",
-                 max_adapters: int | None = None):
+                 max_adapters: int | None = None, policy: JoinPolicy | None = None):
         self.engine = engine
+        self.policy = policy or JoinPolicy()
         self.max_tokens = max_tokens
         self.max_samples = max_samples
         # distinct LoRA adapters the running set may name (the replica's resident slots); None: the engine's
@@ -225,11 +238,13 @@ class StepLoop:
     def _admit(self) -> int:
         """Move waiting samples into the running set, first come first served, within the budget, the sample cap
         and the adapter limit (distinct LoRA adapters named by the running set); the head always joins an empty set
-        (so a sample over the budget still runs, alone)."""
+        (so a sample over the budget still runs, alone), and what waits with it starts with it. A running set that
+        has already run steps takes the head only where the join policy (``JoinPolicy``) says joining pays."""
         joined = 0
         budget = self._budget()
         tokens = sum(s.tokens for s in self._running)
         adapters = set().union(*(s.adapters() for s in self._running))
+        started = [s for s in self._running if s.step > s.start]  # those that already ran a step
         while self._waiting:
             s = self._waiting[0]
             if self._running:
@@ -239,12 +254,23 @@ class StepLoop:
                     break
                 if self.max_adapters is not None and len(adapters | s.adapters()) > self.max_adapters:
                     break
+                if started and not self._pays(s, tokens, started):
+                    break
             self._waiting.popleft()
             self._running.append(s)
             tokens += s.tokens
             adapters |= s.adapters()
             joined += 1
         return joined
+
+    def _pays(self, s: RunningSample, tokens: int, started: list[RunningSample]) -> bool:
+        """Whether ``s`` joins a running set (``tokens`` in all) whose ``started`` samples already ran steps."""
+        p = self.policy
+        if tokens + s.tokens <= p.free_tokens:
+            return True
+        if all(r.step - r.start <= p.window for r in started):
+            return True
+        return s.work() <= p.short_ratio * min(r.work() for r in started)
 
     def _drop_cancelled(self) -> None:
         """Cancelled samples leave; a cancelled name not found (its call is not submitted yet) is kept for

@@ -95,11 +95,13 @@ class PipelineWorker:
         encoder=None,
         max_batch_tokens: int | None = None,
         max_batch_size: int | None = None,
+        step_join=None,
     ):
         """``encoder``: for a replica without a text encoder of its own (component replication), a callable
         ``(prompts, negative_prompts, guidance) -> EncodedPrompts`` that asks the replica hosting the shared
         encoder. ``max_batch_tokens`` / ``max_batch_size``: the step loop's own limits on its running set
-        (step-level batching, ``actors/steploop.py``); the router keeps within them too."""
+        (step-level batching, ``actors/steploop.py``); the router keeps within them too. ``step_join``: when
+        waiting samples join the loop's running set (``messages.JoinPolicy``)."""
         setup_replica_process(replica_id)  # no progress bars; in a Ray actor, log lines name the replica
         self.replica_id = replica_id
         self.model_cfg = model
@@ -121,6 +123,7 @@ class PipelineWorker:
         self._fault_kind: str | None = None
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
+        self.step_join = step_join  # messages.JoinPolicy for the step loop; None: its defaults
         self._loop = None  # the step loop (actors/steploop.py), made on the first joinable batch
         self._loop_lock = threading.Lock()
         self._joined: dict[str, object] = {}  # request id -> ImageRequest, for calls in the step loop
@@ -483,7 +486,7 @@ class PipelineWorker:
                 from .steploop import StepLoop
 
                 self._loop = StepLoop(self.engine, self.max_batch_tokens, self.max_batch_size, guard=self._step_guard,
-                                      name=f"step-loop-{self.replica_id}")
+                                      name=f"step-loop-{self.replica_id}", policy=self.step_join)
                 self._loop.fault = self._loop_fault
             return self._loop
 

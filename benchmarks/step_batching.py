@@ -26,6 +26,7 @@ import logging
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,7 +63,12 @@ def stats(results: list, elapsed: float) -> dict:
             "elapsed_s": round(elapsed, 3), "throughput_img_s": round(len(ok) / elapsed, 4) if elapsed else 0.0,
             "latency_mean_s": round(sum(lat) / len(lat), 4) if lat else 0.0,
             "latency_p50_s": round(percentile(lat, 0.5), 4), "latency_p95_s": round(percentile(lat, 0.95), 4),
-            "queue_mean_s": round(sum(r.queue_s for r in ok) / len(ok), 4) if ok else 0.0}
+            "queue_mean_s": round(sum(r.queue_s for r in ok) / len(ok), 4) if ok else 0.0,
+            "megapixels_s": round(sum(r.width * r.height for r in ok) / 1e6 / elapsed, 4) if elapsed else 0.0,
+            # per request: encode, time in the loop or batch's denoise, decode, and the replica's whole call
+            "stage_p50_s": {name: round(percentile([getattr(r.stage_times, name) for r in ok], 0.5), 4)
+                            for name in ("encode_s", "denoise_s", "decode_s", "total_s")} if ok else {},
+            "call_sizes": dict(sorted(Counter(str(r.batch_size) for r in ok).items(), key=lambda kv: int(kv[0])))}
 
 
 class FirstSteps:

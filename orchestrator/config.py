@@ -431,6 +431,28 @@ class RouterConfig(_Strict):
         "next step (whatever their step count, size and guidance) within max_batch_tokens and max_batch_size, and "
         "leave it when done; hang detection then counts from each step (actors/steploop.py).",
     )
+    step_free_tokens: int = Field(
+        default=4096, ge=0, le=1_000_000,
+        description="Step-level batching: a waiting sample joins a running set at any step while the set's packed "
+        "tokens with it stay within this (below it a step's time barely grows with its tokens: small images). On "
+        "an H100 a step's time grows in proportion to its tokens from about one 1024x1024 image (4,096 tokens).",
+    )
+    step_join_window: int = Field(
+        default=1, ge=0, le=50,
+        description="Step-level batching: a waiting sample joins while every running sample has run at most this "
+        "many steps (a batch that just started takes late arrivals).",
+    )
+    step_short_ratio: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Step-level batching: a waiting sample joins at once where its work (tokens x steps) is at most "
+        "this fraction of every running sample's remaining work (short requests do not wait behind long ones). "
+        "Other samples wait for room: joining a busy GPU slows every running sample.",
+    )
+
+    def join_policy(self):
+        from .messages import JoinPolicy
+
+        return JoinPolicy(self.step_free_tokens, self.step_join_window, self.step_short_ratio)
 
 
 class RequestDefaults(_Strict):

@@ -44,7 +44,7 @@ from .errors import (
 from .messages import ImageRequest, ImageResult, ReplicaHealth
 from .replicas import Backend, ReplicaHandle, ReplicaSet, ReplicaSpec, ReplicaState
 from .requests import build_requests, parse_size
-from .router import Clock, MonotonicClock, Router, RouterObserver
+from .router import STEP_QUEUE_DEPTH, Clock, MonotonicClock, Router, RouterObserver
 
 log = logging.getLogger(__name__)
 
@@ -181,16 +181,17 @@ class Deployment:
             spec = ReplicaSpec(
                 replica_id=rp.replica_id, node=by_name[rp.node], n_gpus=len(rp.gpus), cpus=d.cpu_per_replica,
                 max_pixels=rp.max_pixels, max_batch_tokens=rp.max_batch_tokens,
-                # step-level batching: one call per group of requests in its loop, each waiting for its samples,
-                # and one more slot for cancellations
-                max_concurrency=(max(d.max_inflight_batches, cfg.router.max_batch_size) + 1 if step else
+                # step-level batching: one call per group of requests in its loop or waiting at it (the router
+                # keeps up to STEP_QUEUE_DEPTH running sets' worth there), and one more slot for cancellations
+                max_concurrency=(STEP_QUEUE_DEPTH * max(d.max_inflight_batches, cfg.router.max_batch_size) + 1
+                                 if step else
                                  d.max_inflight_batches) + 1 + borrowers.get(rp.replica_id, 0),
                 deployment_id=self.deployment_id, model=model_for_plan(cfg.model, self.plan), device_map=rp.device_map,
                 warmup_sizes=tuple(sizes) if d.warmup else None,
                 warmup_steps=min(2, cfg.defaults.num_inference_steps), torch_threads=d.torch_threads,
                 memory_fraction=d.gpu_memory_limit_gib / mem[rp.node] if d.gpu_memory_limit_gib is not None else None,
                 pipeline_stages=d.pipeline_stages, encoder_replica=rp.encoder_replica,
-                max_batch_size=cfg.router.max_batch_size,
+                max_batch_size=cfg.router.max_batch_size, step_join=cfg.router.join_policy(),
             )
             host = replicas.replicas[rp.encoder_replica] if rp.encoder_replica else None
             replicas.add(backend.make_replica(spec, encoder_host=host))

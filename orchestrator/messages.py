@@ -115,6 +115,29 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class JoinPolicy:
+    """Step-level batching: when a waiting sample joins a replica's running set at the next step (the
+    ``router.step_*`` fields; ``actors/steploop.py``). Joining is never free: every running sample's steps slow
+    down by about the joiner's share of the packed tokens, so once the GPU is busy a join only pays where it
+    shortens more waiting than it adds. Within the replica's hard limits (tokens, samples, adapters), the head of
+    the waiting queue joins a non-empty running set when any of these holds:
+
+    - ``free_tokens``: the running set's tokens with it stay within this (the GPU is not saturated yet, as with
+      small images: the step takes about as long with it as without);
+    - ``window``: every running sample has run at most this many steps (a batch that just started takes late
+      arrivals, which whole-batch scheduling makes wait for all of it);
+    - ``short_ratio``: its work (tokens x steps to run) is at most this fraction of every running sample's
+      remaining work (a short request does not wait behind a long one; the long ones slow down briefly).
+
+    Otherwise it waits for room: when the running set empties, everything waiting starts together as one batch,
+    within the limits."""
+
+    free_tokens: int = 4096
+    window: int = 1
+    short_ratio: float = 0.5
+
+
+@dataclass(frozen=True)
 class StageTimes:
     """Seconds spent in each stage of one batch, measured inside the replica."""
 

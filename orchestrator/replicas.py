@@ -103,6 +103,7 @@ class ReplicaSpec:
     pipeline_stages: bool
     encoder_replica: str | None  # the replica whose text encoder this one borrows
     max_batch_size: int = 0  # most samples in its step loop's running set (step-level batching); 0: no limit
+    step_join: object = None  # messages.JoinPolicy: when waiting samples join its step loop; None: the defaults
 
 
 class Backend(Protocol):

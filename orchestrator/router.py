@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 
 
 # ---- what the router needs from the outside world ----------------------------------------------------------
+# Step-level batching: the router keeps up to this many running sets' worth of requests (tokens and images) at a
+# replica: its running set and what waits there, encoded, to join or to start the next set the moment there is room
+# (a sample holds its room until its result is back, decode included: with only one set's worth the loop would run
+# below its budget whenever samples decode).
+STEP_QUEUE_DEPTH = 2
+
 class Clock(Protocol):
     def now(self) -> float: ...
 
@@ -509,25 +515,27 @@ class Router:
         return [c for c in self._capacities() if c.outstanding < self.max_inflight]
 
     def _room(self) -> list[ReplicaCapacity]:
-        """Step-level batching: each live replica with room in its running set, as a capacity of that room (tokens,
-        samples and distinct LoRA adapters left: the running set names at most the scheduler's ``max_adapters``,
-        the resident slots its memory plan counts). The oldest waiting request is never overtaken: a replica that
-        could run it but has no room for it yet takes nothing new until it has (its running samples leave within
-        their steps)."""
+        """Step-level batching: each live replica with room (``STEP_QUEUE_DEPTH`` running sets' worth of tokens
+        and samples, less what it holds), as a capacity of that room (tokens, samples and distinct LoRA adapters
+        left: what it holds names at most the scheduler's ``max_adapters``, the resident slots its memory plan
+        counts; one call never exceeds one running set's budget). The oldest waiting request is never overtaken: a
+        replica that could run it but has no room for it yet takes nothing new until it has (its running samples
+        leave within their steps)."""
         oldest = self.scheduler.oldest()
         out = []
         for c in self._capacities():
-            tokens = c.max_batch_tokens - self._inflight_tokens.get(c.replica_id, 0)
-            images = self.config.max_batch_size - self._inflight_images.get(c.replica_id, 0)
+            tokens = STEP_QUEUE_DEPTH * c.max_batch_tokens - self._inflight_tokens.get(c.replica_id, 0)
+            images = STEP_QUEUE_DEPTH * self.config.max_batch_size - self._inflight_images.get(c.replica_id, 0)
             if images <= 0 or tokens <= 0:
                 continue
             # an idle replica takes any request it can run, even one over its budget or adapter limit (it runs
             # alone); a busy one, what joins its running set within its room
-            budget = tokens if c.outstanding else c.max_batch_tokens
+            budget = min(tokens, c.max_batch_tokens) if c.outstanding else c.max_batch_tokens
             adapters = frozenset(self._inflight_adapters.get(c.replica_id, ())) if c.outstanding else None
             # partial_after (whole-batch mode's wait for a busy replica's batch to near its end) does not apply:
             # work joins a running loop at its next step
-            room = replace(c, max_batch_tokens=budget, max_images=images, partial_after=None, adapters=adapters)
+            room = replace(c, max_batch_tokens=budget, max_images=min(images, self.config.max_batch_size),
+                           partial_after=None, adapters=adapters)
             if c.outstanding and oldest is not None and c.fits(oldest.request) \
                     and not self.scheduler.admits(room, oldest.request):
                 continue

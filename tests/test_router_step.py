@@ -8,7 +8,7 @@ from fakes import FakePool, ManualClock, fake_image, lost
 
 from orchestrator.config import RouterConfig
 from orchestrator.messages import BatchResult, ImageRequest, ImageResult, StageTimes, StepProgress
-from orchestrator.router import Router
+from orchestrator.router import STEP_QUEUE_DEPTH, Router
 
 
 def req(i, size=64, steps=4):
@@ -82,35 +82,42 @@ def make_router(pool, clock, **cfg):
 
 
 async def test_new_work_joins_a_busy_replica_within_its_room(clock):
+    """A replica holds up to STEP_QUEUE_DEPTH running sets' worth (its loop decides who joins when); one call never
+    exceeds one set's budget."""
     a = StepReplica("a", max_batch_tokens=req(0).tokens * 2)
     router = make_router(FakePool(a), clock)
+    room = 2 * STEP_QUEUE_DEPTH
     tasks = [asyncio.create_task(router.submit(req(0)))]
     await settle()
-    tasks.append(asyncio.create_task(router.submit(req(1))))
-    tasks.append(asyncio.create_task(router.submit(req(2))))
+    for i in range(1, room + 1):
+        tasks.append(asyncio.create_task(router.submit(req(i))))
     await settle()
-    assert a.in_loop() == ["q0", "q1"] and all(b.joinable for b in a.batches)  # q2 waits: no room
+    held = [f"q{i}" for i in range(room)]
+    assert sorted(a.in_loop()) == held and all(b.joinable for b in a.batches)  # the last waits: no room
+    assert max(len(b) for b in a.batches) <= 2
     a.finish("q0")
     await settle()
-    assert sorted(a.in_loop()) == ["q1", "q2"]  # it joins as soon as q0 leaves, whatever q1 is doing
-    a.finish("q1")
-    a.finish("q2")
+    assert sorted(a.in_loop()) == sorted(held[1:] + [f"q{room}"])  # handed over as soon as q0 is answered
+    while a.in_loop():
+        a.finish(a.in_loop()[0])
+        await settle()
     assert all(r.ok for r in await asyncio.gather(*tasks))
     await router.stop()
 
 
-async def test_the_running_set_is_capped_at_max_batch_size(clock):
+async def test_the_replica_holds_at_most_queue_depth_sets_of_max_batch_size(clock):
     a = StepReplica("a")
     router = make_router(FakePool(a), clock, max_batch_size=3)
+    held = 3 * STEP_QUEUE_DEPTH
     tasks = []
-    for i in range(5):  # one call each
+    for i in range(held + 2):  # one call each
         tasks.append(asyncio.create_task(router.submit(req(i))))
         await settle()
-    assert a.in_loop() == ["q0", "q1", "q2"]
+    assert a.in_loop() == [f"q{i}" for i in range(held)]
     a.finish(a.in_loop()[0])
     await settle()
-    assert len(a.in_loop()) == 3
-    for _ in range(4):
+    assert len(a.in_loop()) == held
+    for _ in range(held + 1):
         a.finish(a.in_loop()[0])
         await settle()
     assert all(r.ok for r in await asyncio.gather(*tasks))
@@ -213,7 +220,8 @@ async def test_a_step_mode_deployment_gives_each_replica_room_for_its_calls(tmp_
     dep = await Deployment.start(cfg, backend=backend, clock=ManualClock())
     try:
         spec = backend.made["r0"].spec
-        assert spec.max_concurrency == 6 + 1 + 1 and spec.max_batch_size == 6
+        assert spec.max_concurrency == STEP_QUEUE_DEPTH * 6 + 1 + 1 and spec.max_batch_size == 6
+        assert spec.step_join == cfg.router.join_policy()
         assert dep.router.scheduling == "step"
     finally:
         await dep.shutdown()

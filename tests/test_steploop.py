@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 
 from actors.worker import PipelineWorker, WarmupSpec
 from orchestrator.config import ModelConfig, RouterConfig
-from orchestrator.messages import Batch, BatchResult, ImageRequest, StepProgress
+from orchestrator.messages import Batch, BatchResult, ImageRequest, JoinPolicy, StepProgress
 from orchestrator.router import Router, RouterObserver
 
 
@@ -648,3 +649,53 @@ def test_a_per_call_rerun_that_runs_out_of_memory_shrinks_instead_of_failing_the
     assert c.loop.stats.oom_shrinks == 1 and all(s.step == 3 for s in big.samples)
     assert seen[:3] == [["big0", "big1", "bad"], ["big0", "big1"], ["bad"]]
     assert sum("big1" in names for names in c.steps) == 3  # every step once, after it went back to wait
+
+
+# ---- the join policy (messages.JoinPolicy), on the loop's admission alone ------------------------------------------
+def _rs(name, tokens, steps, step=0, start=0):
+    from actors.steploop import RunningSample
+
+    z = torch.zeros(1)
+    return RunningSample(name, tokens, z, z, None, 0.0, None, steps, start=start, step=step)
+
+
+def _admitted(running, waiting, policy=None, **limits):
+    from collections import deque
+
+    from actors.steploop import StepLoop
+
+    loop = StepLoop(None, policy=policy, **limits)
+    loop._running, loop._waiting = list(running), deque(waiting)
+    loop._admit()
+    return [s.name for s in loop._running]
+
+
+def test_join_policy_at_a_size_that_saturates_the_gpu():
+    """1024x1024-class samples (4,128 tokens, over free_tokens): a set that ran two steps takes no equal newcomer
+    (it waits for the set, as whole-batch scheduling would make it), one that ran at most `window` steps does; what
+    waits for an empty set starts together."""
+    big = 4128
+    assert _admitted([_rs("a", big, 9, step=2)], [_rs("b", big, 9)]) == ["a"]
+    assert _admitted([_rs("a", big, 9, step=1)], [_rs("b", big, 9)]) == ["a", "b"]
+    assert _admitted([_rs("a", big, 9, step=0)], [_rs("b", big, 9)]) == ["a", "b"]  # not started: starts with it
+    assert _admitted([], [_rs("b", big, 9), _rs("c", big, 9), _rs("d", big, 9)]) == ["b", "c", "d"]
+    assert _admitted([], [_rs(x, big, 9) for x in "bcde"], max_tokens=3 * big) == ["b", "c", "d"]  # within budget
+    assert _admitted([_rs("a", big, 9, step=1)], [_rs("b", big, 9)], policy=JoinPolicy(window=0)) == ["a"]
+
+
+def test_join_policy_lets_short_and_cheap_work_in():
+    big, small = 4128, 1056
+    # a 2-step request beside a 50-step one at step 10: its work is a sliver of the long one's remaining work
+    assert _admitted([_rs("long", big, 50, step=10)], [_rs("short", big, 2)]) == ["long", "short"]
+    # a 4-step 512^2 beside a 9-step 1344x768 at step 3 (4,032 + 64 tokens): joins
+    assert _admitted([_rs("wide", 4096, 9, step=3)], [_rs("small", small, 4)]) == ["wide", "small"]
+    # ... but not beside one about to finish
+    assert _admitted([_rs("wide", 4096, 9, step=7)], [_rs("small", small, 4)]) == ["wide"]
+    # small images while the GPU is not saturated join at any step
+    assert _admitted([_rs("a", small, 9, step=6), _rs("b", small, 9, step=4)], [_rs("c", small, 9)]) == ["a", "b", "c"]
+    assert _admitted([_rs("a", small, 9, step=6)], [_rs("c", small, 9)],
+                     policy=JoinPolicy(free_tokens=0, window=0, short_ratio=0)) == ["a"]
+    # the hard limits still bind first
+    assert _admitted([_rs("long", big, 50, step=10)], [_rs("short", big, 2)], max_samples=1) == ["long"]
+    # first come first served: a head that does not pay holds back a cheap one behind it
+    assert _admitted([_rs("a", big, 9, step=3)], [_rs("b", big, 9), _rs("c", small, 1)]) == ["a"]
