@@ -205,6 +205,7 @@ class StepLoop:
         self._control = None  # the running set's ControlNet input (``_packed_control``), rebuilt with the layout
         self._oom_cap: int | None = None
         self._clean_steps = 0
+        self._pace = _Pace(name)  # step times by running-set size, logged every PACE_LOG_S
 
     # ---- the callers' side ---------------------------------------------------------------------------------
     def submit(self, group: Group) -> Group:
@@ -301,6 +302,7 @@ class StepLoop:
             self._drop_cancelled()
             self._retire()
             while not self._running and not self._waiting:
+                self._pace.idle()
                 self._cond.wait()
                 self._drop_cancelled()
                 self._retire()
@@ -309,6 +311,7 @@ class StepLoop:
             self.stats.waiting = len(self._waiting)
         if not running:
             return
+        self._pace.step(len(running), sum(s.tokens for s in running), joined, len(self._waiting))
         now = time.perf_counter()
         for s in running:
             if s.group.joined_at is None:
@@ -467,6 +470,50 @@ class StepLoop:
                ref.new_zeros(ref.shape[0], 1, *running[j].latents.shape[-2:]) for j in order]
         scale = torch.tensor([running[j].control_scale if running[j].control is not None else 0.0 for j in order])
         return PackedControl(self.engine.controlnet, [c.to(device, dtype) for c in ctl], scale.to(device))
+
+
+PACE_LOG_S = 30.0  # how often the loop logs its pace
+
+
+class _Pace:
+    """The loop's pace for its log: the time from one step's start to the next one's (the loop runs at most a step or
+    two ahead of the GPU, so over many steps this is the GPU's step time), by running-set size, and the samples that
+    joined and waited. Steps after the loop idled are not counted (their start waited for work, not the GPU)."""
+
+    def __init__(self, name: str, clock=time.perf_counter):
+        self.name = name
+        self.clock = clock
+        self._reset(clock())
+        self._prev: tuple[float, int] | None = None  # (start, running) of the step before
+
+    def _reset(self, now: float) -> None:
+        self.since = now
+        self.by_size: dict[int, list[float]] = {}  # running samples -> [steps, seconds, tokens]
+        self.joined = 0
+        self.waiting_max = 0
+
+    def idle(self) -> None:
+        self._prev = None
+
+    def step(self, running: int, tokens: int, joined: int, waiting: int) -> None:
+        now = self.clock()
+        if self._prev is not None:
+            start, n = self._prev
+            row = self.by_size.setdefault(n, [0, 0.0, 0])
+            row[0] += 1
+            row[1] += now - start
+        self._prev = (now, running)
+        self.by_size.setdefault(running, [0, 0.0, 0])[2] = tokens
+        self.joined += joined
+        self.waiting_max = max(self.waiting_max, waiting)
+        if now - self.since >= PACE_LOG_S:
+            log.info("%s: %s; joined %d, waiting at most %d", self.name, self.summary(), self.joined,
+                     self.waiting_max)
+            self._reset(now)
+
+    def summary(self) -> str:
+        return ", ".join(f"{n} running ({int(r[2])} tokens): {int(r[0])} steps of {r[1] / r[0]:.3f}s"
+                         for n, r in sorted(self.by_size.items()) if r[0]) or "no steps"
 
 
 @dataclass

@@ -699,3 +699,19 @@ def test_join_policy_lets_short_and_cheap_work_in():
     assert _admitted([_rs("long", big, 50, step=10)], [_rs("short", big, 2)], max_samples=1) == ["long"]
     # first come first served: a head that does not pay holds back a cheap one behind it
     assert _admitted([_rs("a", big, 9, step=3)], [_rs("b", big, 9), _rs("c", small, 1)]) == ["a"]
+
+
+def test_pace_counts_step_times_by_running_set_size_and_skips_idle_gaps():
+    from actors.steploop import _Pace
+
+    now = [0.0]
+    pace = _Pace("loop", clock=lambda: now[0])
+    for t, n in ((1.0, 1), (1.1, 1), (1.2, 2), (1.4, 2)):
+        now[0] = t
+        pace.step(n, 100 * n, 1, 0)
+    pace.idle()
+    now[0] = 50.0  # after an idle gap: not a step time
+    pace.step(1, 100, 1, 3)
+    assert pace.by_size[1][:2] == [2, pytest.approx(0.2)] and pace.by_size[2][:2] == [1, pytest.approx(0.2)]
+    assert pace.joined == 5 and pace.waiting_max == 3
+    assert pace.summary().startswith("1 running (100 tokens): 2 steps of 0.100s")
