@@ -710,7 +710,7 @@ def test_pace_counts_step_times_by_running_set_size_and_skips_idle_gaps():
         now[0] = t
         pace.step(n, 100 * n, 1, 0)
     pace.idle()
-    now[0] = 50.0  # after an idle gap: not a step time
+    now[0] = 20.0  # after an idle gap: not a step time
     pace.step(1, 100, 1, 3)
     assert pace.by_size[1][:2] == [2, pytest.approx(0.2)] and pace.by_size[2][:2] == [1, pytest.approx(0.2)]
     assert pace.joined == 5 and pace.waiting_max == 3
