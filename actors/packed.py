@@ -238,6 +238,36 @@ class PackedTransformer:
                        .permute(6, 0, 3, 1, 4, 2, 5).reshape(c, f, h, w))
         return res
 
+    # ---- warm-up -----------------------------------------------------------------------------------------
+    def sample_lengths(self, latent_hw, max_caption: int = 512) -> set[int]:
+        """Every sequence length attention sees for samples of these latent sizes (h, w) and any caption up to
+        ``max_caption`` tokens: the image segment, the caption segment and the two together (the noise refiner,
+        the context refiner and the main blocks), each padded as ``layout`` pads them."""
+        caps = {_round_up(c) for c in range(1, max_caption + 1)}
+        out = set(caps)
+        for h, w in latent_hw:
+            n = _round_up((h // self.patch) * (w // self.patch))
+            out.add(n)
+            out.update(n + c for c in caps)
+        return out
+
+    def prewarm(self, latent_hw, max_caption: int = 512) -> int:
+        """Run attention once at every length of ``sample_lengths``, so cuDNN's per-shape execution plans (45-65 ms
+        each the first time on an H100) are built during warm-up, not in the serving path. Only on CUDA with the
+        ``runs``/``streams`` kernels; returns how many lengths it ran."""
+        if self.device.type != "cuda" or self.attention not in ("runs", "streams"):
+            return 0
+        heads = self.model.n_heads
+        dim = self.model.dim // heads
+        lengths = sorted(self.sample_lengths(latent_hw, max_caption))
+        q = torch.zeros(1, max(lengths), heads, dim, device=self.device, dtype=self.model.x_pad_token.dtype)
+        with torch.no_grad():
+            for n in lengths:
+                x = q[:, :n]
+                run_attention(x, x, x, equal_runs([n]))
+        torch.cuda.synchronize(self.device)
+        return len(lengths)
+
     # ---- compile -----------------------------------------------------------------------------------------
     def compile(self, **kw) -> None:
         """Compile the block function once for every block (the blocks share code; parameters are inputs) with
@@ -264,8 +294,8 @@ def _rope(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("zimage::run_attention", mutates_args=())
 def run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor) -> torch.Tensor:
-    """Attention within each sample of a packed ``[1, T, H, d]`` sequence, one dense SDPA call per run of
-    consecutive samples of equal length (``runs``: a CPU int64 tensor of rows ``(start, samples, length)``).
+    """Attention within each sample of a packed ``[1, T, H, d]`` sequence, one dense SDPA call per sample
+    (``runs``: a CPU int64 tensor of rows ``(start, samples, length)`` for the runs of equal lengths).
 
     Measured on an H200 (``benchmarks/probe_packed.py``): dense SDPA (cuDNN) per run keeps the unmasked kernel's
     speed (675 TFLOP/s on 4 equal samples, 535 on four different ones) where torch's varlen flash attention reaches
@@ -278,10 +308,16 @@ def run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch
 
 
 def _attend_run(q, k, v, out, start: int, count: int, length: int) -> None:
-    end = start + count * length
-    qs, ks, vs = (t[0, start:end].view(count, length, *t.shape[2:]).transpose(1, 2) for t in (q, k, v))
-    out[0, start:end] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(end - start,
-                                                                                          *q.shape[2:])
+    """One dense SDPA call per sample of the run: on an H100 (``benchmarks/probe_packed.py varied``, s5-1) four
+    calls of one 1024^2 sample ran at 542 TFLOP/s against 524 for one call of four, and cuDNN builds an execution
+    plan for every new shape (45-65 ms the first time, ``benchmarks/probe_attn_shapes.py``): per-sample calls make
+    the shapes one per sample length, few enough to build them all at warm-up (``PackedTransformer.prewarm``)
+    instead of one per (samples, length) pair, built in the serving path."""
+    for i in range(count):
+        a = start + i * length
+        # [1, H, L, d] with strides that depend on L alone (cuDNN's plan cache keys on strides too)
+        qs, ks, vs = (t[0, a:a + length].unsqueeze(0).transpose(1, 2) for t in (q, k, v))
+        out[0, a:a + length] = F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1)
 
 
 @run_attention.register_fake

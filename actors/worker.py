@@ -201,6 +201,13 @@ class PipelineWorker:
                                      spec.num_inference_steps)
             if self.engine.loras is not None and self.model_cfg.compile and torch.cuda.is_available():
                 self._warm_up_loras(spec)
+            # attention's per-shape plans (cuDNN) for every sample length of the warm-up sizes, any caption length
+            t1 = time.perf_counter()
+            sizes = sorted({(w, h) for batch in spec.batches() for w, h, _ in batch})  # within the replica's plan
+            n = self.engine.packed.prewarm([self.engine.latent_size(h, w) for w, h in sizes])
+            if n:
+                log.info("replica %s: attention plans for %d sequence lengths in %.1fs", self.replica_id, n,
+                         time.perf_counter() - t1)
             self.warmup_s = time.perf_counter() - t0
             log.info("replica %s: warmed up in %.1fs (%d batches)", self.replica_id, self.warmup_s, len(batches))
         self.compiles_warmup = _graphs_compiled()

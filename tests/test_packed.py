@@ -47,3 +47,18 @@ def test_planner_token_rules_match_diffusers():
     assert memory.SEQ_MULTI_OF == SEQ_MULTI_OF
     assert memory.SIZE_MULTIPLE == 2 ** (len(FULL_VAE_CONFIG["block_out_channels"]) - 1) * 2  # VAE x 2x2 patches
     assert memory.image_tokens(1024, 768) == (1024 // 16) * (768 // 16)
+
+
+def test_prewarm_covers_every_length_a_sample_of_the_sizes_can_have(transformer):
+    """The lengths attention sees (image, caption, both; padded to 32) for any caption up to the limit; on the CPU
+    there is no plan cache to fill."""
+    packed = PackedTransformer(transformer)
+    lengths = packed.sample_lengths([(128, 128), (8, 12)], max_caption=512)
+    caps = set(range(32, 513, 32))
+    assert caps <= lengths and 4096 in lengths and {4096 + c for c in caps} <= lengths
+    assert 32 in lengths and {32 + c for c in caps} <= lengths  # 24 image tokens pad to 32
+    assert len(lengths) == len(caps | {4096} | {4096 + c for c in caps} | {32 + c for c in caps})
+    for sizes, caption_lens in (([(1, 128, 128)], [77]), ([(1, 8, 12), (1, 128, 128)], [512, 3])):
+        lay = packed.layout(sizes, caption_lens)
+        assert set(lay.uni.lens) | set(lay.x.lens) | set(lay.cap.lens) <= lengths
+    assert packed.prewarm([(128, 128)]) == 0
