@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF  # padding multiple of both parts
 
-ATTENTION_IMPLS = ("runs", "streams", "varlen", "flex")
+ATTENTION_IMPLS = ("runs", "varlen", "flex")
 
 
 def _round_up(n: int, m: int = SEQ_MULTI_OF) -> int:
@@ -254,8 +254,8 @@ class PackedTransformer:
     def prewarm(self, latent_hw, max_caption: int = 512) -> int:
         """Run attention once at every length of ``sample_lengths``, so cuDNN's per-shape execution plans (45-65 ms
         each the first time on an H100) are built during warm-up, not in the serving path. Only on CUDA with the
-        ``runs``/``streams`` kernels; returns how many lengths it ran."""
-        if self.device.type != "cuda" or self.attention not in ("runs", "streams"):
+        ``runs`` kernel; returns how many lengths it ran."""
+        if self.device.type != "cuda" or self.attention != "runs":
             return 0
         heads = self.model.n_heads
         dim = self.model.dim // heads
@@ -325,38 +325,6 @@ def _(q, k, v, runs):
     return torch.empty_like(q)
 
 
-_SIDE_STREAMS: dict = {}
-
-
-@torch.library.custom_op("zimage::run_attention_streams", mutates_args=())
-def run_attention_streams(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor) -> torch.Tensor:
-    """``run_attention`` with the runs on side CUDA streams, so one run's last wave of thread blocks overlaps the
-    next run's first (a batch of four caption lengths makes four runs of one sample each). Same math, same
-    kernels; on the CPU, or with a single run, exactly ``run_attention``."""
-    rows = runs.tolist()
-    if q.device.type != "cuda" or len(rows) < 2:
-        return run_attention(q, k, v, runs)
-    out = torch.empty_like(q)
-    main = torch.cuda.current_stream(q.device)
-    streams = _SIDE_STREAMS.get(q.device)
-    if streams is None:
-        streams = _SIDE_STREAMS[q.device] = [torch.cuda.Stream(q.device) for _ in range(4)]
-    used = streams[:min(len(rows), len(streams))]
-    for s in used:
-        s.wait_stream(main)  # q, k, v and out were written on the main stream
-    for i, (start, count, length) in enumerate(rows):
-        with torch.cuda.stream(used[i % len(used)]):
-            _attend_run(q, k, v, out, start, count, length)
-    for s in used:
-        main.wait_stream(s)  # nothing the main stream does next (freeing q, k, v included) runs before them
-    return out
-
-
-@run_attention_streams.register_fake
-def _(q, k, v, runs):
-    return torch.empty_like(q)
-
-
 def equal_runs(lens: list[int]) -> torch.Tensor:
     """``(start, samples, length)`` rows for the runs of consecutive equal lengths in ``lens``."""
     rows: list[list[int]] = []
@@ -375,8 +343,6 @@ def _attend(q, k, v, segs_args, impl: str):
     runs, cu, max_len, mask = segs_args
     if impl == "runs":
         return run_attention(q, k, v, runs)
-    if impl == "streams":
-        return run_attention_streams(q, k, v, runs)
     if impl == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 

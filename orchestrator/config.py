@@ -178,12 +178,11 @@ class ModelConfig(_Strict):
         "GPUs, fp32 on CPU).",
     )
     low_cpu_mem_usage: bool = Field(default=True, description="Load weights without a full fp32 copy in RAM.")
-    attention: Literal["runs", "streams", "varlen", "flex"] = Field(
+    attention: Literal["runs", "varlen", "flex"] = Field(
         default="runs",
-        description="Attention over a packed batch. runs: one dense SDPA call (cuDNN on Hopper) per run of "
-        "equal-length samples, no mask; streams: the same calls on side CUDA streams, so runs overlap; "
-        "varlen: torch's variable-length flash attention; flex: flex_attention "
-        "with a per-sample mask. runs measured fastest on an H200 (docs/benchmarks.md).",
+        description="Attention over a packed batch. runs: one dense SDPA call (cuDNN on Hopper) per sample, no "
+        "mask, each sequence length's plan built at warm-up; varlen: torch's variable-length flash attention; flex: "
+        "flex_attention with a per-sample mask. runs measured fastest on an H200 and an H100 (docs/benchmarks.md).",
     )
     compile: bool = Field(
         default=False,

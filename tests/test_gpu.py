@@ -69,10 +69,6 @@ def test_packed_mixed_batch_equals_solo_runs_on_gpu():
             floor.append(rel(two, one))
         assert max(errs) <= 1.25 * max(floor) + 2e-3, (errs, floor)
         assert eng.packed.prewarm([(128, 128), (64, 64)]) == len(eng.packed.sample_lengths([(128, 128), (64, 64)]))
-        eng.packed.attention = "streams"  # the same kernels on side streams: the same answer
-        streams = eng.packed(lat, t, cap, layout)
-        assert max(rel(a, b) for a, b in zip(streams, out)) < 1e-4
-        eng.packed.attention = "runs"
 
         eng.packed.compile()
         for sizes, caps in (([(1024, 1024)] * 2, [77, 77]), ([(1024, 1024), (512, 512), (768, 1344)], [40, 150, 90]),

@@ -12,11 +12,9 @@ def transformer():
     return build_components("tiny", device="cpu", dtype=torch.float32, seed=5)["transformer"]
 
 
-@pytest.mark.parametrize("attention", ["runs", "streams"])
-def test_each_packed_sample_equals_diffusers_forward_alone(transformer, attention):
-    """Three sizes (one with image tokens that need padding) and three caption lengths, one call (``streams`` is
-    ``runs`` on the CPU: the same answer through its dispatch)."""
-    packed = PackedTransformer(transformer, attention=attention)
+def test_each_packed_sample_equals_diffusers_forward_alone(transformer):
+    """Three sizes (one with image tokens that need padding) and three caption lengths, one call."""
+    packed = PackedTransformer(transformer)
     g = torch.Generator().manual_seed(0)
     sizes = [(8, 12), (2, 2), (6, 10)]  # latent h, w: 24, 1 (padded to 32) and 15 image tokens
     caps = [torch.randn(n, 32, generator=g) for n in (5, 40, 33)]
