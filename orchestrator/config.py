@@ -433,8 +433,9 @@ class RouterConfig(_Strict):
     step_free_tokens: int = Field(
         default=4096, ge=0, le=1_000_000,
         description="Step-level batching: a waiting sample joins a running set at any step while the set's packed "
-        "tokens with it stay within this (below it a step's time barely grows with its tokens: small images). On "
-        "an H100 a step's time grows in proportion to its tokens from about one 1024x1024 image (4,096 tokens).",
+        "tokens with it stay within this (small images, where a step's time is expected to grow little with its "
+        "tokens; not measured). On an H100 a step's time grows in proportion to its tokens from one 1024x1024 image "
+        "(4,096 tokens) up: 0.098 s a step alone, 0.39 s for four.",
     )
     step_join_window: int = Field(
         default=1, ge=0, le=50,

@@ -122,8 +122,8 @@ class JoinPolicy:
     shortens more waiting than it adds. Within the replica's hard limits (tokens, samples, adapters), the head of
     the waiting queue joins a non-empty running set when any of these holds:
 
-    - ``free_tokens``: the running set's tokens with it stay within this (the GPU is not saturated yet, as with
-      small images: the step takes about as long with it as without);
+    - ``free_tokens``: the running set's tokens with it stay within this (small images, where the GPU is
+      expected not to be saturated yet, so the step takes little longer with it; not measured);
     - ``window``: every running sample has run at most this many steps (a batch that just started takes late
       arrivals, which whole-batch scheduling makes wait for all of it);
     - ``short_ratio``: its work (tokens x steps to run) is at most this fraction of every running sample's
