@@ -64,7 +64,11 @@ def main(out_dir: str, n: int = 48, config: str = "benchmarks/configs/gpu-random
             "http_mp_s": h["megapixels_s"], "api_mp_s": a["megapixels_s"],
             "http_p50_s": h["latency_p50_s"], "api_p50_s": a["latency_p50_s"],
             "http_p99_s": h["latency_p99_s"], "api_p99_s": a["latency_p99_s"],
-            "http_batches": h["batch_sizes"], "api_batches": a["batch_sizes"]}
+            "http_batches": h["batch_sizes"], "api_batches": a["batch_sizes"],
+            # the rate once every client has had an answer (bench's steady_img_s), beside the whole phase's
+            "http_steady_img_s": h.get("steady_img_s"), "api_steady_img_s": a.get("steady_img_s"),
+            "http_vs_api_steady": round(h["steady_img_s"] / a["steady_img_s"], 4)
+            if h.get("steady_img_s") and a.get("steady_img_s") else None}
     (out / "http_vs_api.json").write_text(json.dumps(summary, indent=2))
     print(summary)
     return 0

@@ -69,6 +69,9 @@ class RunStats:
     stage_p50_s: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     workload: str = "uniform"
+    # closed loop: images/s between the concurrency-th completion and the last (the ramp-up's first round of
+    # requests and its start-up excluded), beside the whole phase's; None where the phase is too short for it
+    steady_img_s: float | None = None
 
 
 def summarize(label: str, results: list[ImageResult], elapsed: float, concurrency=None, rate=None,
@@ -183,7 +186,10 @@ def _png_of(width: int, height: int, which: int) -> bytes:
     return buf.getvalue()
 
 
-async def closed_loop(send, maker: RequestMaker, concurrency: int, n: int, bar=None) -> tuple[list, float]:
+async def closed_loop(send, maker: RequestMaker, concurrency: int, n: int, bar=None,
+                      done_at: list[float] | None = None) -> tuple[list, float]:
+    """``n`` requests from ``concurrency`` clients, each sending its next as its last returns; ``done_at`` (if given)
+    collects each completion's time from the start, in completion order."""
     results: list = []
     remaining = [n]
 
@@ -191,12 +197,24 @@ async def closed_loop(send, maker: RequestMaker, concurrency: int, n: int, bar=N
         while remaining[0] > 0:
             remaining[0] -= 1
             results.append(await send(maker.params()))
+            if done_at is not None:
+                done_at.append(time.perf_counter() - t0)
             if bar is not None:
                 bar.update(1)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     return results, time.perf_counter() - t0
+
+
+def steady_throughput(done_at: list[float], concurrency: int) -> float | None:
+    """Completions per second between the ``concurrency``-th completion and the last: a closed loop's rate once
+    every client has had one answer, without the first round's start-up and with the drain's tail only at its end.
+    None when fewer than ``2 * concurrency`` requests completed."""
+    if len(done_at) < 2 * concurrency or concurrency < 1:
+        return None
+    span = done_at[-1] - done_at[concurrency - 1]
+    return round((len(done_at) - concurrency) / span, 4) if span > 0 else None
 
 
 async def open_loop(send, maker: RequestMaker, rate: float, duration: float, bar=None) -> tuple[list, float]:
@@ -452,8 +470,10 @@ async def _bench(args, config: Config) -> dict:
                 before = await server_batch_counts(client, args.http.rstrip("/")) if client is not None else None
                 with tqdm(total=n, desc=label, unit="img") as bar:
                     if kind == "concurrency":
-                        results, elapsed = await closed_loop(send, maker, value, args.requests, bar)
+                        done_at: list[float] = []
+                        results, elapsed = await closed_loop(send, maker, value, args.requests, bar, done_at)
                         stats = summarize(label, results, elapsed, concurrency=value, workload=workload)
+                        stats.steady_img_s = steady_throughput(done_at, value)
                     else:
                         results, elapsed = await open_loop(send, maker, value, args.duration, bar)
                         stats = summarize(label, results, elapsed, rate=value, workload=workload)

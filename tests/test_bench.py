@@ -138,3 +138,30 @@ def test_shipped_matrix_is_valid():
             from orchestrator.cli import build_parser
 
             build_parser().parse_args(["bench", *shlex.split(e.bench)])
+
+
+def test_steady_throughput_leaves_out_the_first_round():
+    from orchestrator.bench import steady_throughput
+
+    # concurrency 2: the first round's answers come late (start-up), then one answer every 0.5 s
+    done = [3.0, 3.1, 3.6, 4.1, 4.6, 5.1]
+    assert steady_throughput(done, 2) == round(4 / 2.0, 4)  # from the 2nd completion (3.1 s) to the last (5.1 s)
+    assert steady_throughput(done[:3], 2) is None  # too short a phase
+    assert steady_throughput([1.0, 1.0, 1.0, 1.0], 2) is None  # no span
+
+
+def test_closed_loop_records_completion_times_in_order():
+    import asyncio
+
+    from orchestrator.bench import RequestMaker, closed_loop
+
+    async def send(params):
+        await asyncio.sleep(0.001)
+        return params
+
+    done: list[float] = []
+    from orchestrator.config import load_config
+
+    maker = RequestMaker.for_workload("uniform", load_config(None), [(64, 64)], 2, seed=1)
+    results, elapsed = asyncio.run(closed_loop(send, maker, 3, 7, done_at=done))
+    assert len(results) == 7 and len(done) == 7 and done == sorted(done) and 0 < done[-1] <= elapsed
