@@ -165,3 +165,17 @@ def test_closed_loop_records_completion_times_in_order():
     maker = RequestMaker.for_workload("uniform", load_config(None), [(64, 64)], 2, seed=1)
     results, elapsed = asyncio.run(closed_loop(send, maker, 3, 7, done_at=done))
     assert len(results) == 7 and len(done) == 7 and done == sorted(done) and 0 < done[-1] <= elapsed
+
+
+@pytest.mark.slow
+def test_probe_step_decode_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
+    """The step-decode diagnosis (benchmarks/probe_step_decode.py) with the toy model: every phase decodes every
+    request it sent and fails none."""
+    out = tmp_path / "psd.json"
+    cmd = [sys.executable, "benchmarks/probe_step_decode.py", str(out), "--tiny", "--set",
+           f"model.cache_dir={tiny_cache}", "--rate", "50", "--requests", "4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    phases = json.loads(out.read_text())["phases"]
+    assert {k: (v["decodes"], v["failed"]) for k, v in phases.items()} == {
+        "batch-lone": (3, 0), "batch-poisson": (4, 0), "step-poisson": (4, 0)}
