@@ -11,7 +11,11 @@ request fails with the guard's message in the report. Phases:
 1. ``batch-lone``: whole-batch calls of one request, one after another;
 2. ``batch-poisson`` / ``step-poisson``: calls of one request arriving at ``--rate`` per second (seeded
    exponential gaps), whole-batch calls under the replica's device lock as the worker runs them, and joinable calls
-   (step scheduling) from their own threads, as Ray's actor threads run them.
+   (step scheduling) from their own threads, as Ray's actor threads run them;
+3. ``step-poisson-streams``: the same joinable calls with the worker's stage streams on (what
+   ``deployment.pipeline_stages`` does): the loop's steps on a denoise stream, decodes on their own. Without them a
+   decode's kernels queue on the default stream behind the steps the loop launches meanwhile (one hypothesis for
+   the slow decodes; this phase tests it).
 
 Writes ``OUT.json``. ``--tiny`` runs it on the CPU with the toy model (no CUDA events: GPU times are null).
 
@@ -126,7 +130,14 @@ def main() -> int:
     report["phases"]["batch-lone"] = summary(times.take(), results)
 
     # 2. Poisson arrivals, calls of one: whole-batch, then joinable (each call in its own thread, as Ray's)
-    for name, joinable in (("batch-poisson", False), ("step-poisson", True)):
+    for name, joinable in (("batch-poisson", False), ("step-poisson", True), ("step-poisson-streams", True)):
+        if name.endswith("-streams"):  # as deployment.pipeline_stages=true sets the worker up
+            worker.pipeline_stages = True
+            if torch.cuda.is_available():
+                devices = worker.engine.devices
+                worker._stage_streams = {stage: torch.cuda.Stream(torch.device(devices[component])) for stage, component
+                                         in (("encode", "text_encoder"), ("denoise", "transformer"), ("decode", "vae"))
+                                         if devices.get(component) is not None}
         rng = random.Random(7)
         out: list = []
         threads = []

@@ -178,4 +178,4 @@ def test_probe_step_decode_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     phases = json.loads(out.read_text())["phases"]
     assert {k: (v["decodes"], v["failed"]) for k, v in phases.items()} == {
-        "batch-lone": (3, 0), "batch-poisson": (4, 0), "step-poisson": (4, 0)}
+        "batch-lone": (3, 0), "batch-poisson": (4, 0), "step-poisson": (4, 0), "step-poisson-streams": (4, 0)}
