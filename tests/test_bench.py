@@ -154,14 +154,13 @@ def test_closed_loop_records_completion_times_in_order():
     import asyncio
 
     from orchestrator.bench import RequestMaker, closed_loop
+    from orchestrator.config import load_config
 
     async def send(params):
         await asyncio.sleep(0.001)
         return params
 
     done: list[float] = []
-    from orchestrator.config import load_config
-
     maker = RequestMaker.for_workload("uniform", load_config(None), [(64, 64)], 2, seed=1)
     results, elapsed = asyncio.run(closed_loop(send, maker, 3, 7, done_at=done))
     assert len(results) == 7 and len(done) == 7 and done == sorted(done) and 0 < done[-1] <= elapsed
