@@ -345,28 +345,38 @@ class StepLoop:
         self._groups = [g for g in self._groups if not g.done.is_set()]
 
     def _run_step(self, running: list[RunningSample]) -> None:
-        saved = [_Saved.of(s) for s in running]
-        try:
-            with self.guard():
-                if self.fault is not None:
-                    self.fault([s.name for s in running])
-                self._step(running)
-                if any(s.done for s in running):  # their callers decode on other streams: hand over finished work
-                    _sync(self.engine.devices["transformer"])
+        e = self._attempt(running)
+        if e is None:
             self._clean_steps += 1
             if self._oom_cap is not None and self._clean_steps >= OOM_CAP_STEPS:
                 log.info("step loop: %d clean steps since the out-of-memory shrink; token budget restored",
                          self._clean_steps)
                 self._oom_cap = None
+            return
+        self._layout_key = None
+        if _is_oom(e):
+            _free_cuda_cache()
+            self._shrink(running, e)
+        else:
+            self._isolate(running, e)
+
+    def _attempt(self, samples: list[RunningSample]) -> Exception | None:
+        """One step of ``samples`` under the guard; the error if it failed, after putting every sample back to its
+        state before the step (the per-sample updates run one after another: a step that fails part-way has
+        advanced some of them), so a retry runs the step once."""
+        saved = [_Saved.of(s) for s in samples]
+        try:
+            with self.guard():
+                if self.fault is not None:
+                    self.fault([s.name for s in samples])
+                self._step(samples)
+                if any(s.done for s in samples):  # their callers decode on other streams: hand over finished work
+                    _sync(self.engine.devices["transformer"])
         except Exception as e:  # noqa: BLE001 - every failure becomes a shrink or a failed call
-            self._layout_key = None
-            for x in saved:  # the samples it advanced before it failed go back: the retry runs the step once
+            for x in saved:
                 x.restore()
-            if _is_oom(e):
-                _free_cuda_cache()
-                self._shrink(running, e)
-            else:
-                self._isolate(running, e)
+            return e
+        return None
 
     def _shrink(self, running: list[RunningSample], e: BaseException) -> None:
         self.stats.oom_shrinks += 1
@@ -395,15 +405,8 @@ class StepLoop:
         log.warning("step loop: a step of %d calls failed (%s); re-running it per call", len(groups), e)
         for g in groups:
             mine = [s for s in running if s.group is g]
-            saved = [_Saved.of(s) for s in mine]
-            try:
-                with self.guard():
-                    if self.fault is not None:
-                        self.fault([s.name for s in mine])
-                    self._step(mine)
-            except Exception as e2:  # noqa: BLE001
-                for x in saved:
-                    x.restore()
+            e2 = self._attempt(mine)
+            if e2 is not None:
                 if _is_oom(e2):  # memory, not this call's fault: shrink as any out-of-memory step (a lone sample
                     _free_cuda_cache()  # that does not fit fails with out_of_memory); they run this step later
                     self._shrink(mine, e2)
