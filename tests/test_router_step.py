@@ -62,6 +62,12 @@ class StepReplica:
     def in_loop(self):
         return [r.request_id for b, _, _ in self.calls.values() for r in b.requests]
 
+    async def finish_all(self):
+        """Answer every call in, oldest first, until none is left (new ones are handed over meanwhile)."""
+        while self.in_loop():
+            self.finish(self.in_loop()[0])
+            await settle()
+
     async def cancel(self, request_ids):
         self.cancelled += request_ids
         return len(request_ids)
@@ -98,9 +104,7 @@ async def test_new_work_joins_a_busy_replica_within_its_room(clock):
     a.finish("q0")
     await settle()
     assert sorted(a.in_loop()) == sorted(held[1:] + [f"q{room}"])  # handed over as soon as q0 is answered
-    while a.in_loop():
-        a.finish(a.in_loop()[0])
-        await settle()
+    await a.finish_all()
     assert all(r.ok for r in await asyncio.gather(*tasks))
     await router.stop()
 
@@ -117,9 +121,7 @@ async def test_the_replica_holds_at_most_queue_depth_sets_of_max_batch_size(cloc
     a.finish(a.in_loop()[0])
     await settle()
     assert len(a.in_loop()) == held
-    for _ in range(held + 1):
-        a.finish(a.in_loop()[0])
-        await settle()
+    await a.finish_all()
     assert all(r.ok for r in await asyncio.gather(*tasks))
     await router.stop()
 
