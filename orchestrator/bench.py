@@ -236,8 +236,8 @@ def api_sender(dep):
 
     async def send(p: dict) -> ImageResult:
         edit = {k: p[k] for k in ("image", "mask", "strength", "control_image") if p.get(k) is not None}
-        (req,) = dep.requests_for(p["prompt"], width=p["width"], height=p["height"], seed=p["seed"],
-                                  num_inference_steps=p["num_inference_steps"], **edit)
+        (req,) = await dep.build_requests([p["prompt"]], width=p["width"], height=p["height"], seed=p["seed"],
+                                          num_inference_steps=p["num_inference_steps"], **edit)
         kinds[req.request_id] = p.get("kind", "t2i")
         try:
             return await dep.submit(req)

@@ -70,7 +70,7 @@ async def _run_prompts(config: Config, prompts: list[str], out: Path, params: di
     dep = await Deployment.start(config)
     t_ready = time.perf_counter()
     try:
-        requests = [r for p in prompts for r in dep.requests_for(p, **params)]
+        requests = await dep.build_requests(prompts, **params)
         results = []
         t0 = time.perf_counter()
         with tqdm(total=len(requests), desc=label, unit="img") as bar:

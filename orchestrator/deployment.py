@@ -14,6 +14,7 @@ and warmed up, then start the router.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import uuid
@@ -331,8 +332,18 @@ class Deployment:
         image (one or a list), mask and strength (``edit_requests_for``). Results come back in prompt order; a failed
         request is a result with ``ok=False`` and its reason."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        requests = [r for p in prompts for r in self.requests_for(p, **params)]
+        requests = await self.build_requests(prompts, **params)
         return list(await asyncio.gather(*self.admit(requests)))
+
+    async def build_requests(self, prompts: Sequence[str], **params) -> list[ImageRequest]:
+        """``requests_for`` of each prompt; with an input image (an edit, a control image) in a worker thread:
+        decoding and resizing images is CPU work, and the router runs on this event loop."""
+        def build():
+            return [r for p in prompts for r in self.requests_for(p, **params)]
+
+        if params.get("image") is None and params.get("control_image") is None:
+            return build()
+        return await asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, build)
 
     # ---- per-request LoRA -------------------------------------------------------------------------------
     @property

@@ -316,10 +316,13 @@ class Router:
                 self._expire(now)
                 # Until nothing more is ready: one pass gives each free replica at most one batch, and a replica
                 # that keeps several in flight may take another at once.
-                while decisions := self.scheduler.schedule(now, self._free()):
+                while True:
+                    free = self._free()
+                    if not (decisions := self.scheduler.schedule(now, free)):
+                        break  # nothing dispatched: ``free`` is still who is free
                     for replica_id, pendings in decisions:
                         self._dispatch(replica_id, pendings, now)
-                deadline = self._next_deadline(self._free())  # after dispatching: who is still free
+                deadline = self._next_deadline(free)
             except Exception:  # noqa: BLE001 - a bug here must not silently stop all serving
                 log.exception("router loop error; continuing")
                 deadline = self.clock.now() + 0.1
