@@ -204,6 +204,7 @@ class StepLoop:
         self._thread: threading.Thread | None = None
         self._layout_key: tuple | None = None
         self._layout = None
+        self._embeds = None
         self._control = None  # the running set's ControlNet input (``_packed_control``), rebuilt with the layout
         self._oom_cap: int | None = None
         self._clean_steps = 0
@@ -305,6 +306,8 @@ class StepLoop:
             self._retire()
             while not self._running and not self._waiting:
                 self._pace.idle()
+                # nothing runs: let the last set's layout, captions and inputs go
+                self._layout_key = self._layout = self._embeds = self._control = None
                 self._cond.wait()
                 self._drop_cancelled()
                 self._retire()
@@ -326,13 +329,14 @@ class StepLoop:
         if self.on_step_done is not None:
             self.on_step_done(self.stats)
         groups = list(dict.fromkeys(s.group for s in running))
-        for g in groups:
-            if g.error is None:
-                try:
-                    g.report()
-                except Exception as e:  # noqa: BLE001 - a hook's failure fails its call, not the loop
-                    log.exception("step hook of a call failed")
-                    g.error = e
+        with self.guard():  # the hooks read the step's results on the step's stream
+            for g in groups:
+                if g.error is None:
+                    try:
+                        g.report()
+                    except Exception as e:  # noqa: BLE001 - a hook's failure fails its call, not the loop
+                        log.exception("step hook of a call failed")
+                        g.error = e
 
     def _retire(self) -> None:
         """Remove finished and failed samples; answer the calls that are complete. Under ``_cond``."""
@@ -421,7 +425,7 @@ class StepLoop:
         each sample's own Euler step: ``ZImageEngine.denoise``'s math, one step, per-sample indices."""
         packed = self.engine.packed
         cfg = [k for k, s in enumerate(running) if s.guidance > 0]
-        key = tuple(id(s) for s in running)
+        key = tuple(running)  # the samples themselves (compared by identity): an id() could be a finished one's
         if key != self._layout_key:  # membership changed: shapes, captions and their cache change with it
             shapes = [(1, s.latents.shape[-2], s.latents.shape[-1]) for s in running]
             lens = [len(s.positive) for s in running] + [len(running[k].negative) for k in cfg]

@@ -565,6 +565,8 @@ class PipelineWorker:
                 if cond.mask is not None:
                     rs.after_step = _edit_blend(cond)
             running.append(rs)
+        # the samples' tensors were made on this thread's stream; the loop reads them on its own
+        _sync(engine.devices["transformer"])
         group = Group(running, hooks)
         del enc, negatives, conditions, controls
         try:
