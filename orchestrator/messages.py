@@ -80,6 +80,11 @@ class ImageRequest:
         return self.width * self.height
 
     @cached_property
+    def adapter_names(self) -> frozenset[str]:
+        """The LoRA adapters it names (the scheduler's adapter limit reads it on every router-loop pass)."""
+        return frozenset(name for name, _ in self.loras)
+
+    @cached_property
     def tokens(self) -> int:
         """An upper bound of the tokens this request adds to a packed transformer call (the router's budget unit):
         its image tokens and caption tokens, both padded, twice with guidance (the negative pass). Computed once

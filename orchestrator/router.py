@@ -387,6 +387,7 @@ class Router:
                     del self._where[p.request.request_id]
             if batch.joinable and not self._inflight_images[rid]:
                 self.observer.loop_idle(rid)
+                self._loop_steps.pop(rid, None)  # a restarted replica's loop counts its steps from 0 again
             self.work.returned(replica.replica_id, batch.batch_id, self.clock.now())
             self.observer.batch_done(replica.replica_id, out)
             self._wake.set()
@@ -433,8 +434,8 @@ class Router:
             stepped.clear()  # a step ran: the hang clock starts again
         if not run.done():
             run.cancel()
-            what = "without a step" if batch.joinable else ""
-            raise ReplicaHungError(f"batch {batch.batch_id} ran {limit:.0f}s {what}, past its hang limit "
+            what = " without a step" if batch.joinable else ""
+            raise ReplicaHungError(f"batch {batch.batch_id} ran {limit:.0f}s{what}, past its hang limit "
                                    f"(router.hang_factor x expected, at least router.hang_min_s)")
         out = run.result()
         if out.results and all(r.ok for r in out.results):
@@ -594,7 +595,7 @@ class Router:
 
 def _adapters(batch: Batch) -> Counter:
     """The LoRA adapters a batch names, each counted once per request naming it."""
-    return Counter(name for r in batch.requests for name in {n for n, _ in r.loras})
+    return Counter(name for r in batch.requests for name in r.adapter_names)
 
 
 def _with_times(r: ImageResult, p: Pending, now: float, error: str | None = None) -> ImageResult:

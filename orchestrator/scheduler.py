@@ -150,7 +150,7 @@ class BatchScheduler:
             if not self.admits(replica, p.request):
                 continue
             cap = min([q.max_batch for q in taken + [p] if q.max_batch] or [limit])
-            names = adapters | {name for name, _ in p.request.loras}
+            names = adapters | p.request.adapter_names
             if len(taken) + 1 > cap or tokens + p.request.tokens > replica.max_batch_tokens \
                     or (self.max_adapters is not None and len(names) > self.max_adapters):
                 if not taken:  # the head always runs, alone if it must
@@ -192,7 +192,7 @@ class BatchScheduler:
             return False
         if replica.adapters is None or self.max_adapters is None:
             return True
-        return len(replica.adapters | {name for name, _ in request.loras}) <= self.max_adapters
+        return len(replica.adapters | request.adapter_names) <= self.max_adapters
 
     def oldest(self) -> Pending | None:
         """The request that has waited longest (step-level batching lets it block newer ones that would fit)."""
