@@ -115,6 +115,7 @@ def test_streaming_edit_events(server):
     events = list(stream)
     assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
     assert decode(events[-1].b64_json).size == (64, 48)
+    assert events[-1].usage.input_tokens_details.image_tokens == 4 * 3  # the input image's, as in the JSON answer
     with httpx.stream("POST", f"{server.url}/v1/images/edits", timeout=60,
                       files={"image": ("in.png", png(picture()), "image/png")},
                       data={"prompt": "a fox", "stream": "true", "partial_images": "1", "num_inference_steps": "4"}
