@@ -404,6 +404,11 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
     # every decode in memory at once (image_input.py decodes a request's images one by one).
     decode_slots = asyncio.Semaphore(limits.max_concurrent_image_decodes)
 
+    def refused(e: ZImageError):
+        """A request refused while it is read or parsed: counted, and answered in the error envelope."""
+        service.observer.rejected(e.kind)
+        return _from_exception(e)
+
     async def decode_images(fn, *args):
         async with decode_slots:  # the thread runs in this request's context: its X-Request-ID, for trace_id
             return await asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, fn, *args)
@@ -447,8 +452,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         try:
             payload = parse_json(body)
         except InvalidRequestError as e:
-            service.observer.rejected(e.kind)
-            return _from_exception(e)
+            return refused(e)
         if not service.accepting:
             return not_ready()
         dep = service.deployment
@@ -460,8 +464,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
                 call = parse_generation(payload, config, getattr(dep, "max_side", None),
                                         getattr(dep, "lora_names", None))
         except ZImageError as e:
-            service.observer.rejected(e.kind)
-            return _from_exception(e)
+            return refused(e)
         return await answer(request, call, dep)
 
     @app.post("/v1/images/edits")
@@ -475,13 +478,12 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             return too_large
         json_body = request.headers.get("content-type", "").lower().startswith("application/json")
         try:
-            if json_body:  # the spec's JSON form: images as data: URLs
-                payload = parse_json(body)
+            if json_body:  # the spec's JSON form: images as data: URLs (up to max_upload_bytes: parsed off the loop)
+                payload = await decode_images(parse_json, body)
             else:
                 fields, files = await parse_multipart(request.headers, body)
         except InvalidRequestError as e:
-            service.observer.rejected(e.kind)
-            return _from_exception(e)
+            return refused(e)
         if not service.accepting:
             return not_ready()
         dep = service.deployment
@@ -493,8 +495,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
                 call = await decode_images(partial(parse_edit, known_loras=getattr(dep, "lora_names", None)),
                                            fields, files, config, getattr(dep, "max_side", None))
         except ZImageError as e:
-            service.observer.rejected(e.kind)
-            return _from_exception(e)
+            return refused(e)
         return await answer(request, call, dep)
 
     return app
@@ -516,9 +517,12 @@ async def parse_multipart(headers, body: bytes) -> tuple[dict, dict]:
     async def chunks():
         yield body
 
+    class InMemory(MultiPartParser):
+        spool_max_size = 1 << 40  # the body is in memory already (within limits): no round trip through a disk file
+
     try:
-        form = await MultiPartParser(headers, chunks(), max_files=MAX_IMAGES + 2, max_fields=64,
-                                     max_part_size=1024 * 1024).parse()
+        form = await InMemory(headers, chunks(), max_files=MAX_IMAGES + 2, max_fields=64,
+                              max_part_size=1024 * 1024).parse()
     except MultiPartException as e:
         raise InvalidRequestError(f"the multipart body cannot be read: {e.message}") from None
     fields: dict = {}
