@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from placement.planner import COMPONENTS  # defined once, in the pure planner
 
 from .errors import ConfigError
+from .messages import JoinPolicy
 
 DEFAULT_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
 
@@ -431,27 +432,25 @@ class RouterConfig(_Strict):
         "leave it when done; hang detection then counts from each step (actors/steploop.py).",
     )
     step_free_tokens: int = Field(
-        default=4096, ge=0, le=1_000_000,
+        default=JoinPolicy.free_tokens, ge=0, le=1_000_000,
         description="Step-level batching: a waiting sample joins a running set at any step while the set's packed "
         "tokens with it stay within this (small images, where a step's time is expected to grow little with its "
         "tokens; not measured). On an H100 a step's time grows in proportion to its tokens from one 1024x1024 image "
         "(4,096 tokens) up: 0.098 s a step alone, 0.39 s for four.",
     )
     step_join_window: int = Field(
-        default=1, ge=0, le=50,
+        default=JoinPolicy.window, ge=0, le=50,
         description="Step-level batching: a waiting sample joins while every running sample has run at most this "
         "many steps (a batch that just started takes late arrivals).",
     )
     step_short_ratio: float = Field(
-        default=0.5, ge=0, le=1,
+        default=JoinPolicy.short_ratio, ge=0, le=1,
         description="Step-level batching: a waiting sample joins at once where its work (tokens x steps) is at most "
         "this fraction of every running sample's remaining work (short requests do not wait behind long ones). "
         "Other samples wait for room: joining a busy GPU slows every running sample.",
     )
 
-    def join_policy(self):
-        from .messages import JoinPolicy
-
+    def join_policy(self) -> JoinPolicy:
         return JoinPolicy(self.step_free_tokens, self.step_join_window, self.step_short_ratio)
 
 

@@ -407,5 +407,5 @@ def completed_event(call: ImageCall, index: int, result: ImageResult, b64: str, 
     zero = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
             "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}}
     return {"type": f"{call.event_type}.completed", "b64_json": b64, **_event_common(call, result, created),
-            "usage": usage([result], call.input_image_tokens) or zero, "index": index, "seed": result.seed, "width": result.width,
-            "height": result.height}
+            "usage": usage([result], call.input_image_tokens) or zero, "index": index, "seed": result.seed,
+            "width": result.width, "height": result.height}

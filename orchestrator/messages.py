@@ -137,6 +137,7 @@ class JoinPolicy:
     Otherwise it waits for room: when the running set empties, everything waiting starts together as one batch,
     within the limits."""
 
+    # the defaults of router.step_free_tokens, step_join_window and step_short_ratio (config.py reads them here)
     free_tokens: int = 4096
     window: int = 1
     short_ratio: float = 0.5
