@@ -18,7 +18,7 @@ pass (not the transformer's), as diffusers does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,6 +61,19 @@ class PackedControl:
     model: object
     latents: list
     scale: torch.Tensor  # [B] float
+    # (layout, control tokens, per-token scales): the same every step of one layout, so computed at its first step
+    embedded: tuple | None = field(default=None, repr=False)
+
+    def embed(self, packed: PackedTransformer, layout: PackedLayout, dtype) -> tuple:
+        """The control latents as tokens (``control_all_x_embedder``, pad rows as the pad token) and each token's
+        scale on the image and the unified sequence."""
+        if self.embedded is None or self.embedded[0] is not layout:
+            m, cn = packed.model, self.model
+            c = cn.control_all_x_embedder[packed.key](packed.patchify(layout, [lat.to(dtype) for lat in self.latents]))
+            c = torch.where(layout.x_pad, m.x_pad_token, c).unsqueeze(0)
+            scale = self.scale.to(c.device, dtype)
+            self.embedded = (layout, c, scale[layout.x.seg].view(1, -1, 1), scale[layout.uni.seg].view(1, -1, 1))
+        return self.embedded[1:]
 
 
 def _mark(packed: PackedTransformer, segs, adaln) -> None:
@@ -95,10 +108,7 @@ def controlled_forward(packed: PackedTransformer, latents: list[torch.Tensor], t
     adaln = m.t_embedder(t * m.t_scale).type_as(latents[0])
     x0 = m.all_x_embedder[packed.key](packed.patchify(layout, latents))
     x0 = torch.where(layout.x_pad, m.x_pad_token, x0).unsqueeze(0)
-    c = cn.control_all_x_embedder[packed.key](packed.patchify(layout, [lat.to(x0.dtype) for lat in control.latents]))
-    c = torch.where(layout.x_pad, m.x_pad_token, c).unsqueeze(0)
-    scale_x = control.scale.to(x0.device, x0.dtype)[layout.x.seg].view(1, -1, 1)
-    scale_u = control.scale.to(x0.device, x0.dtype)[layout.uni.seg].view(1, -1, 1)
+    c, scale_x, scale_u = control.embed(packed, layout, x0.dtype)
     cap = packed.captions(layout, cap_feats)
 
     lora = layout.lora
