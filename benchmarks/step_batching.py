@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import logging
-import random
 import sys
 import time
 from collections import Counter
@@ -31,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.bench import RequestMaker, _environment, api_sender, closed_loop, percentile  # noqa: E402
+from orchestrator.bench import RequestMaker, _environment, api_sender, closed_loop, open_loop, percentile  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 
 log = logging.getLogger("step_batching")
@@ -41,18 +40,6 @@ TINY = ["model.source=tiny", "model.dtype=float32", "deployment.replicas=1", "de
         "deployment.torch_threads=1", "defaults.width=64", "defaults.height=64", "defaults.num_inference_steps=3",
         "cluster.num_gpus=1", "cluster.num_cpus=4", "cluster.gpu_memory_gib=24", "deployment.warmup_sizes=[]"]
 TINY_MIXED = [(32, 32), (64, 64), (64, 48), (48, 80), (80, 48)]
-
-
-async def poisson(send, maker: RequestMaker, rate: float, n: int, seed: int) -> tuple[list, float]:
-    """``n`` requests with exponential gaps at ``rate`` per second (seeded: the same arrivals for each scheduler)."""
-    rng = random.Random(seed)
-    tasks = []
-    t0 = time.perf_counter()
-    for _ in range(n):
-        tasks.append(asyncio.ensure_future(send(maker.params())))
-        await asyncio.sleep(rng.expovariate(rate))
-    results = await asyncio.gather(*tasks)
-    return list(results), time.perf_counter() - t0
 
 
 def stats(results: list, elapsed: float) -> dict:
@@ -137,7 +124,7 @@ async def run(args) -> dict:
                 rate = load * capacity
                 for scheduler in SCHEDULERS:
                     use(scheduler)
-                    res, el = await poisson(send, maker(workload, 100 + k), rate, args.requests, seed=k)
+                    res, el = await open_loop(send, maker(workload, 100 + k), rate, n=args.requests, seed=k)
                     row = {"load": load, "rate_rps": round(rate, 4), "scheduler": scheduler, **stats(res, el),
                            **first.take()}
                     out["open_loop"].append(row)

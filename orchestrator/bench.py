@@ -217,11 +217,15 @@ def steady_throughput(done_at: list[float], concurrency: int) -> float | None:
     return round((len(done_at) - concurrency) / span, 4) if span > 0 else None
 
 
-async def open_loop(send, maker: RequestMaker, rate: float, duration: float, bar=None) -> tuple[list, float]:
-    rng = random.Random(1)
+async def open_loop(send, maker: RequestMaker, rate: float, duration: float | None = None, bar=None,
+                    n: int | None = None, seed: int = 1) -> tuple[list, float]:
+    """Poisson arrivals at ``rate`` per second (exponential gaps from ``seed``: the same arrivals for the same seed)
+    for ``duration`` seconds and/or ``n`` requests; returns the results and the seconds from the first send to the
+    last answer."""
+    rng = random.Random(seed)
     tasks = []
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < duration:
+    while (n is None or len(tasks) < n) and (duration is None or time.perf_counter() - t0 < duration):
         tasks.append(asyncio.ensure_future(send(maker.params())))
         if bar is not None:
             tasks[-1].add_done_callback(lambda _: bar.update(1))
