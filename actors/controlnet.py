@@ -64,6 +64,20 @@ class PackedControl:
     # (layout, control tokens, per-token scales): the same every step of one layout, so computed at its first step
     embedded: tuple | None = field(default=None, repr=False)
 
+    @classmethod
+    def build(cls, controlnet, controls: list, scales: list, latent_hw: list, device, dtype) -> PackedControl | None:
+        """The batch's input, in the call's sample order: ``controls`` per sample its control latents
+        ``[C, 1, h, w]`` or None, ``scales`` its scale, ``latent_hw`` its latent (h, w); a sample without control
+        gets zeros and scale 0. None when no sample has control."""
+        if all(c is None for c in controls):
+            return None
+        if controlnet is None:
+            raise ValueError("a control image was sent to an engine without a ControlNet")
+        ref = next(c for c in controls if c is not None)
+        ctl = [c if c is not None else ref.new_zeros(ref.shape[0], 1, *hw) for c, hw in zip(controls, latent_hw)]
+        scale = torch.tensor([float(s) if c is not None else 0.0 for c, s in zip(controls, scales)])
+        return cls(controlnet, [c.to(device, dtype) for c in ctl], scale.to(device))
+
     def embed(self, packed: PackedTransformer, layout: PackedLayout, dtype) -> tuple:
         """The control latents as tokens (``control_all_x_embedder``, pad rows as the pad token) and each token's
         scale on the image and the unified sequence."""
@@ -129,3 +143,11 @@ def controlled_forward(packed: PackedTransformer, latents: list[torch.Tensor], t
     main_hints = {idx: hints[k] for k, idx in enumerate(cn.control_layers_places)}
     unified = packed._blocks(m.layers, unified, adaln, layout.uni, lora, "layers", main_hints, scale_u)
     return packed.final(layout, unified, adaln)
+
+
+def forward(packed: PackedTransformer, latents: list[torch.Tensor], t: torch.Tensor, cap_feats: list[torch.Tensor],
+            layout: PackedLayout, control: PackedControl | None) -> list[torch.Tensor]:
+    """One packed transformer call, with ControlNet hints when ``control`` is given."""
+    if control is None:
+        return packed(latents, t, cap_feats, layout)
+    return controlled_forward(packed, latents, t, cap_feats, layout, control)

@@ -36,7 +36,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_de
 from orchestrator.messages import StageTimes
 
 from .conditioning import Conditioning, encode_conditions, encode_controls
-from .controlnet import PackedControl, controlled_forward
+from .controlnet import PackedControl, forward
 from .packed import PackedTransformer
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,15 @@ def _sync(device: torch.device) -> None:
     other streams of the same GPU, and a device-wide synchronize would wait for them too."""
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
+
+
+def velocity(out: list[torch.Tensor], j: int, guidance: float, negative: int | None) -> torch.Tensor:
+    """Sample ``j``'s velocity for the scheduler from a packed call's outputs ``out``: with guidance, combined with
+    its negative pass's output (``out[negative]``), as diffusers' pipeline does; ``[C, h, w]`` float32."""
+    pred = out[j].float()
+    if guidance > 0:
+        pred = pred + guidance * (pred - out[negative].float())
+    return -pred.squeeze(1)
 
 
 def _clean_estimates(latents: list[torch.Tensor], velocities: list[torch.Tensor], sigmas_next: list[torch.Tensor]):
@@ -171,6 +180,12 @@ class ZImageEngine:
         return [hidden[i][mask[i]] for i in range(len(hidden))]
 
     # ---- stage 2: denoise ------------------------------------------------------------------------------
+    def lora_batch(self, per_sample: list):
+        """The per-request LoRA of a packed call (``LoraStore.batch``), per sample in the call's order."""
+        if self.loras is None:
+            raise ValueError("this replica has per-request LoRA off (model.lora_max_resident is 0)")
+        return self.loras.batch(per_sample)
+
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         return 2 * (int(height) // self.size_multiple), 2 * (int(width) // self.size_multiple)
 
@@ -252,32 +267,22 @@ class ZImageEngine:
                 latents[j] = c.initial_latents(schedulers[j])
         order = list(range(n)) + cfg
         if loras is not None and any(loras):
-            if self.loras is None:
-                raise ValueError("this replica has per-request LoRA off (model.lora_max_resident is 0)")
-            layout.lora = self.loras.batch([loras[j] for j in order])
+            layout.lora = self.lora_batch([loras[j] for j in order])
         negative_of = {j: n + k for k, j in enumerate(cfg)}  # sample -> its negative pass's output
         dtype = self.transformer.dtype
         control = None
-        if controls and any(c is not None for c in controls):  # [controlnet] per sample in the call's order
-            ref = next(c for c in controls if c is not None)
-            ctl = [controls[j] if controls[j] is not None else
-                   ref.new_zeros(ref.shape[0], *latents[j].unsqueeze(1).shape[1:]) for j in order]
-            scale = torch.tensor([float(control_scales[j]) if controls[j] is not None else 0.0 for j in order])
-            control = PackedControl(self.controlnet, [c.to(device, dtype) for c in ctl], scale.to(device))
+        if controls:  # [controlnet] per sample in the call's order
+            control = PackedControl.build(self.controlnet, [controls[j] for j in order],
+                                          [control_scales[j] for j in order],
+                                          [latents[j].shape[-2:] for j in order], device, dtype)
         for i in range(num_inference_steps):
             t = timesteps[:, i]
             t_in = ((1000 - t) / 1000)[order] if cfg else (1000 - t) / 1000
             x = [latents[j].to(dtype).unsqueeze(1) for j in order]
-            if control is None:
-                out = self.packed(x, t_in, embeds, layout)
-            else:
-                out = controlled_forward(self.packed, x, t_in, embeds, layout, control)
+            out = forward(self.packed, x, t_in, embeds, layout, control)
             preds = []
             for j in range(n):
-                pred = out[j].float()
-                if guidance[j] > 0:
-                    pred = pred + guidance[j] * (pred - out[negative_of[j]].float())
-                pred = -pred.squeeze(1)
+                pred = velocity(out, j, guidance[j], negative_of.get(j))
                 preds.append(pred)
                 latents[j] = schedulers[j].step(pred.unsqueeze(0), timesteps[j, i], latents[j].unsqueeze(0),
                                                 return_dict=False)[0][0]

@@ -60,6 +60,9 @@ import torch
 
 from orchestrator.messages import JoinPolicy
 
+from .controlnet import PackedControl, forward
+from .engine import velocity
+
 log = logging.getLogger(__name__)
 
 OOM_CAP_STEPS = 50  # clean steps after an out-of-memory shrink before the lowered token budget is lifted
@@ -425,6 +428,7 @@ class StepLoop:
         each sample's own Euler step: ``ZImageEngine.denoise``'s math, one step, per-sample indices."""
         packed = self.engine.packed
         cfg = [k for k, s in enumerate(running) if s.guidance > 0]
+        order = list(range(len(running))) + cfg  # the call's samples: every sample, then the negative passes
         key = tuple(running)  # the samples themselves (compared by identity): an id() could be a finished one's
         if key != self._layout_key:  # membership changed: shapes, captions and their cache change with it
             shapes = [(1, s.latents.shape[-2], s.latents.shape[-1]) for s in running]
@@ -433,52 +437,25 @@ class StepLoop:
             self._embeds = [s.positive for s in running] + [running[k].negative for k in cfg]
             self._layout_key = key
             if any(s.loras for s in running):  # the adapters of the running set, stacked once per membership
-                if self.engine.loras is None:
-                    raise ValueError("this replica has per-request LoRA off (model.lora_max_resident is 0)")
-                self._layout.lora = self.engine.loras.batch([running[j].loras for j in
-                                                             list(range(len(running))) + cfg])
-            self._control = self._packed_control(running, list(range(len(running))) + cfg)
-        order = list(range(len(running))) + cfg
+                self._layout.lora = self.engine.lora_batch([running[j].loras for j in order])
+            self._control = PackedControl.build(self.engine.controlnet, [running[j].control for j in order],
+                                                [running[j].control_scale for j in order],
+                                                [running[j].latents.shape[-2:] for j in order],
+                                                self.engine.devices["transformer"], self.engine.transformer.dtype)
         t = torch.stack([s.scheduler.timesteps[s.step] for s in running])
         t_in = ((1000 - t) / 1000)[order] if cfg else (1000 - t) / 1000
         dtype = self.engine.transformer.dtype
         x = [running[j].latents.to(dtype).unsqueeze(1) for j in order]
-        if self._control is None:
-            out = packed(x, t_in, self._embeds, self._layout)
-        else:
-            from .controlnet import controlled_forward
-
-            out = controlled_forward(packed, x, t_in, self._embeds, self._layout, self._control)
+        out = forward(packed, x, t_in, self._embeds, self._layout, self._control)
         negative_of = {j: len(running) + k for k, j in enumerate(cfg)}
         for j, s in enumerate(running):
-            pred = out[j].float()
-            if s.guidance > 0:
-                pred = pred + s.guidance * (pred - out[negative_of[j]].float())
-            pred = -pred.squeeze(1)
+            pred = velocity(out, j, s.guidance, negative_of.get(j))
             s.latents = s.scheduler.step(pred.unsqueeze(0), t[j], s.latents.unsqueeze(0), return_dict=False)[0][0]
             s.pred = pred
             s.sigma_next = s.scheduler.sigmas[s.step + 1]
             s.step += 1
             if s.after_step is not None:
                 s.after_step(s)
-
-
-    def _packed_control(self, running: list[RunningSample], order: list[int]):
-        """The running set's ControlNet input in the call's order (``ZImageEngine.denoise``'s): zeros and scale 0
-        for a sample without control; None when no running sample has one."""
-        if all(s.control is None for s in running):
-            return None
-        from .controlnet import PackedControl
-
-        if self.engine.controlnet is None:
-            raise ValueError("a control image was sent to an engine without a ControlNet")
-        device = self.engine.devices["transformer"]
-        dtype = self.engine.transformer.dtype
-        ref = next(s.control for s in running if s.control is not None)
-        ctl = [running[j].control if running[j].control is not None else
-               ref.new_zeros(ref.shape[0], 1, *running[j].latents.shape[-2:]) for j in order]
-        scale = torch.tensor([running[j].control_scale if running[j].control is not None else 0.0 for j in order])
-        return PackedControl(self.engine.controlnet, [c.to(device, dtype) for c in ctl], scale.to(device))
 
 
 PACE_LOG_S = 30.0  # how often the loop logs its pace
