@@ -22,7 +22,6 @@ not on its batch-mates, and not on which replica or device ran it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from orchestrator.messages import StageTimes
 from .conditioning import Conditioning, encode_conditions, encode_controls
 from .controlnet import PackedControl, forward
 from .packed import PackedTransformer
+from .stages import run_here
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,6 @@ def _clean_estimates(latents: list[torch.Tensor], velocities: list[torch.Tensor]
     with v = noise - x0 (what the Euler step integrates), so x0 = x_next - sigma_next * v (exact at the last step,
     where sigma_next = 0)."""
     return lambda: [lat - s.to(lat.device, torch.float32) * v for lat, v, s in zip(latents, velocities, sigmas_next)]
-
-
-@contextlib.contextmanager
-def _no_guard(stage: str):
-    yield
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -313,45 +308,54 @@ class ZImageEngine:
         samples: Sequence[Sample],
         num_inference_steps: int,
         on_step: Callable[[int, int, Callable[[], list[torch.Tensor]]], None] | None = None,
-        stage_guard: Callable[[str], contextlib.AbstractContextManager] | None = None,
+        stage_run: Callable[..., Any] | None = None,
     ) -> tuple[list[np.ndarray], StageTimes]:
         """One pipeline call for a batch: returns a uint8 image ``[H, W, 3]`` per sample (each of its own size)
-        and the stage times (compute time of each stage; waiting for a guard is not counted).
-        ``stage_guard(stage)`` wraps each of "encode", "denoise", "decode": the worker uses it to pipeline stages
-        of consecutive batches (a lock and a CUDA stream per stage). Each stage ends by waiting for its own
-        stream, so the next stage, on another stream or device, reads finished tensors."""
+        and the stage times (compute time of each stage; waiting for a stage's thread is not counted).
+        ``stage_run(stage, fn)`` runs each of "encode", "denoise", "decode" (``actors/stages.py``): the worker runs
+        each stage on its own long-lived thread, with the stage's CUDA stream when stages are pipelined. Each stage
+        ends by waiting for its own stream, so the next stage, on another stream or device, reads finished
+        tensors."""
         for s in samples:
             self.check_size(s.height, s.width)
-        guard = stage_guard or _no_guard
+        run = stage_run or run_here
         guidance = [s.guidance_scale for s in samples]
-        with guard("encode"):
+
+        def encode():
             t0 = time.perf_counter()
             enc = self.encode([s.prompt for s in samples], [s.negative_prompt for s in samples], guidance)
             if self.text_encoder is not None:
                 _sync(self.devices["text_encoder"])
-            encode_s = time.perf_counter() - t0
-        conditions, controls, image_encode_s = None, None, 0.0
-        if any(s.image is not None or s.control_image is not None for s in samples):
-            # [conditioning] the input images' VAE encode: its own stage, under the VAE's guard (the decode
-            # stage's lock and stream), off the denoise path.
-            with guard("decode"):
-                t0 = time.perf_counter()
-                conditions = encode_conditions(self, samples, num_inference_steps)
-                controls = encode_controls(self, samples)
-                _sync(self.devices["vae"])
-                image_encode_s = time.perf_counter() - t0
-        with guard("denoise"):
+            return enc, time.perf_counter() - t0
+
+        def encode_images():
+            t0 = time.perf_counter()
+            conditions = encode_conditions(self, samples, num_inference_steps)
+            controls = encode_controls(self, samples)
+            _sync(self.devices["vae"])
+            return conditions, controls, time.perf_counter() - t0
+
+        def denoise(enc, conditions, controls):
             t0 = time.perf_counter()
             latents = self.denoise(enc, self.initial_latents(samples), num_inference_steps, guidance, on_step,
                                    conditions, controls, [s.control_scale for s in samples],
                                    [s.loras for s in samples] if any(s.loras for s in samples) else None)
             _sync(self.devices["transformer"])
-            denoise_s = time.perf_counter() - t0
-        del enc
-        with guard("decode"):
+            return latents, time.perf_counter() - t0
+
+        def decode(latents):
             t0 = time.perf_counter()
-            images = self.decode(latents)
-            decode_s = time.perf_counter() - t0
+            return self.decode(latents), time.perf_counter() - t0
+
+        enc, encode_s = run("encode", encode)
+        conditions, controls, image_encode_s = None, None, 0.0
+        if any(s.image is not None or s.control_image is not None for s in samples):
+            # [conditioning] the input images' VAE encode: its own stage, on the VAE's stage (the decode
+            # stage's thread and stream), off the denoise path.
+            conditions, controls, image_encode_s = run("decode", encode_images)
+        latents, denoise_s = run("denoise", denoise, enc, conditions, controls)
+        del enc
+        images, decode_s = run("decode", decode, latents)
         return images, StageTimes(encode_s=encode_s, denoise_s=denoise_s, decode_s=decode_s,
                                   total_s=encode_s + image_encode_s + denoise_s + decode_s,
                                   image_encode_s=image_encode_s)

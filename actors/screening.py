@@ -12,7 +12,6 @@ estimate of the clean latents for the requests that asked for ``partial_images``
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -173,11 +172,12 @@ class StepHook:
     when a preview or the final check needs it."""
 
     def __init__(self, engine, batch: Batch, emit: Callable[[StepProgress], None] | None = None,
-                 decode_lock: threading.Lock | None = None):
+                 decode: Callable[[list], list] | None = None):
         self.engine = engine
         self.batch = batch
         self.emit = emit
-        self.decode_lock = decode_lock or threading.Lock()
+        # previews' decode: the worker's runs it on its decode stage's thread (``actors/stages.py``)
+        self.decode = decode or (engine.decode if engine is not None else None)
         self.nonfinite: set[str] = set()
         self.preview_s = 0.0  # time spent decoding previews (reported in the log)
         self._plan: dict[int, list[tuple[int, str, int]]] = {}  # step -> [(row, request_id, partial_index)]
@@ -201,8 +201,7 @@ class StepHook:
         if wanted and denoised is not None:
             t0 = time.perf_counter()
             estimates = denoised() if estimates is None else estimates
-            with self.decode_lock:
-                images = self.engine.decode([estimates[row] for row, _, _ in wanted])
+            images = self.decode([estimates[row] for row, _, _ in wanted])
             previews = tuple((rid, k, img) for (_, rid, k), img in zip(wanted, images))
             self.preview_s += time.perf_counter() - t0
         if self.emit is not None:

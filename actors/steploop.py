@@ -48,13 +48,13 @@ latents, scheduler index) is put back to what it was before the step, so no samp
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -178,11 +178,12 @@ class StepLoop:
     """The loop. ``submit(group)`` hands a call's samples over (they join at the next step); the caller waits on
     ``group.done``. The loop thread starts on the first submit and idles (no GPU work) while nothing runs.
 
-    ``guard()`` wraps each step (the worker's device lock and denoise stream); ``fault(names)`` (tests) may raise
+    ``run(fn)`` runs each step (the worker's device lock, and its denoise stage's thread and stream: cuDNN's plans
+    are cached per thread, ``actors/stages.py``); ``fault(names)`` (tests) may raise
     before a step, given the running samples' names."""
 
     def __init__(self, engine, max_tokens: int | None = None, max_samples: int | None = None,
-                 guard: Callable[[], contextlib.AbstractContextManager] | None = None, name: str = "step-loop",
+                 run: Callable[[Callable[[], Any]], Any] | None = None, name: str = "step-loop",
                  max_adapters: int | None = None, policy: JoinPolicy | None = None):
         self.engine = engine
         self.policy = policy or JoinPolicy()
@@ -193,7 +194,7 @@ class StepLoop:
         if max_adapters is None:
             max_adapters = getattr(getattr(engine, "loras", None), "max_resident", None)
         self.max_adapters = max_adapters
-        self.guard = guard or contextlib.nullcontext
+        self.run = run or _run_here
         self.fault: Callable[[list[str]], None] | None = None
         self.stats = LoopStats()
         self.on_step_done: Callable[[LoopStats], None] | None = None
@@ -332,14 +333,17 @@ class StepLoop:
         if self.on_step_done is not None:
             self.on_step_done(self.stats)
         groups = list(dict.fromkeys(s.group for s in running))
-        with self.guard():  # the hooks read the step's results on the step's stream
-            for g in groups:
-                if g.error is None:
-                    try:
-                        g.report()
-                    except Exception as e:  # noqa: BLE001 - a hook's failure fails its call, not the loop
-                        log.exception("step hook of a call failed")
-                        g.error = e
+        self.run(lambda: self._report(groups))  # the hooks read the step's results on the step's stream
+
+    @staticmethod
+    def _report(groups: list[Group]) -> None:
+        for g in groups:
+            if g.error is None:
+                try:
+                    g.report()
+                except Exception as e:  # noqa: BLE001 - a hook's failure fails its call, not the loop
+                    log.exception("step hook of a call failed")
+                    g.error = e
 
     def _retire(self) -> None:
         """Remove finished and failed samples; answer the calls that are complete. Under ``_cond``."""
@@ -372,13 +376,16 @@ class StepLoop:
         state before the step (the per-sample updates run one after another: a step that fails part-way has
         advanced some of them), so a retry runs the step once."""
         saved = [_Saved.of(s) for s in samples]
+
+        def step() -> None:
+            if self.fault is not None:
+                self.fault([s.name for s in samples])
+            self._step(samples)
+            if any(s.done for s in samples):  # their callers decode on other streams: hand over finished work
+                _sync(self.engine.devices["transformer"])
+
         try:
-            with self.guard():
-                if self.fault is not None:
-                    self.fault([s.name for s in samples])
-                self._step(samples)
-                if any(s.done for s in samples):  # their callers decode on other streams: hand over finished work
-                    _sync(self.engine.devices["transformer"])
+            self.run(step)
         except Exception as e:  # noqa: BLE001 - every failure becomes a shrink or a failed call
             for x in saved:
                 x.restore()
@@ -456,6 +463,10 @@ class StepLoop:
             s.step += 1
             if s.after_step is not None:
                 s.after_step(s)
+
+
+def _run_here(fn: Callable[[], Any]) -> Any:
+    return fn()
 
 
 PACE_LOG_S = 30.0  # how often the loop logs its pace

@@ -20,6 +20,8 @@ from orchestrator.errors import ReplicaUnavailableError
 from orchestrator.logging_setup import logs_batch, setup_replica_process
 from orchestrator.messages import Batch, BatchResult, FailureKind, ImageResult, ReplicaHealth, StageTimes
 
+from .stages import StageThreads
+
 log = logging.getLogger(__name__)
 
 
@@ -112,8 +114,9 @@ class PipelineWorker:
         self.pipeline_stages = pipeline_stages
         self.encoder = encoder
         self.encodes_served = 0
-        self._stage_locks = {s: threading.Lock() for s in ("encode", "denoise", "decode")}
-        self._stage_streams: dict = {}
+        # each stage's GPU work on its own long-lived thread, the one the warm-up warmed (cuDNN's plans are cached
+        # per thread); with stage pipelining, on the stage's CUDA stream
+        self._stages = StageThreads(str(replica_id))
         self.engine = None
         self.batches_run = 0
         self.images_run = 0
@@ -178,7 +181,7 @@ class PipelineWorker:
                             "decode": devices["vae"]}
             if not self.pipeline_stages:  # only the encode stream, for serving other replicas' encodes
                 stage_device = {"encode": stage_device["encode"]}
-            self._stage_streams = {s: torch.cuda.Stream(torch.device(d)) for s, d in stage_device.items() if d}
+            self._stages.streams = {s: torch.cuda.Stream(torch.device(d)) for s, d in stage_device.items() if d}
         self._apply_speed_options()
         self._load_loras()
         if self.warmup_spec is not None:
@@ -189,22 +192,23 @@ class PipelineWorker:
             batches = spec.batches()
             if not (self.model_cfg.compile and torch.cuda.is_available()):
                 batches = batches[:1]  # nothing to compile: one image shows the replica works
-            for batch in batches:
+            for batch in batches:  # on the stage threads that will serve
                 self.engine.generate([Sample(p, i, w, h) for i, (w, h, p) in enumerate(batch)],
-                                     spec.num_inference_steps)
+                                     spec.num_inference_steps, stage_run=self._stages.run)
             if self.engine.controlnet is not None:  # [controlnet] its blocks' graphs, and the control path
                 import numpy as np
 
                 w, h, p = batches[0][0]
                 self.engine.generate([Sample(p, 0, w, h), Sample(p, 1, w, h, control_image=np.full((h, w, 3), 127,
                                                                                                   np.uint8))],
-                                     spec.num_inference_steps)
+                                     spec.num_inference_steps, stage_run=self._stages.run)
             if self.engine.loras is not None and self.model_cfg.compile and torch.cuda.is_available():
                 self._warm_up_loras(spec)
             # attention's per-shape plans (cuDNN) for every sample length of the warm-up sizes, any caption length
             t1 = time.perf_counter()
             sizes = sorted({(w, h) for batch in spec.batches() for w, h, _ in batch})  # within the replica's plan
-            n = self.engine.packed.prewarm([self.engine.latent_size(h, w) for w, h in sizes])
+            n = self._stages.run("denoise", self.engine.packed.prewarm,
+                                 [self.engine.latent_size(h, w) for w, h in sizes])
             if n:
                 log.info("replica %s: attention plans for %d sequence lengths in %.1fs", self.replica_id, n,
                          time.perf_counter() - t1)
@@ -276,7 +280,7 @@ class PipelineWorker:
             w, h = spec.sizes[0]
             for batch in ([Sample(WARMUP_PROMPT, 0, w, h, loras=((name, 1.0),))],
                           [Sample(WARMUP_PROMPTS[0], 1, w, h, loras=((name, 0.5),)), Sample(WARMUP_PROMPT, 2, w, h)]):
-                self.engine.generate(batch, spec.num_inference_steps)
+                self.engine.generate(batch, spec.num_inference_steps, stage_run=self._stages.run)
         finally:
             store.remove(name)
             store.prefetch([s.name for s in self.model_cfg.loras])  # what the warm-up adapter pushed out
@@ -357,12 +361,15 @@ class PipelineWorker:
 
         if not self._ready:
             raise RuntimeError("replica is not started")
+        def forward() -> bool:
+            with torch.no_grad():
+                enc = self.engine.encode(["health check"], max_sequence_length=32)
+                dev = self.engine.devices["transformer"]
+                emb = self.engine.transformer.t_embedder(torch.full((1,), 0.5, device=dev))
+                return all(bool(torch.isfinite(t).all()) for t in (enc.positive[0], emb))
+
         t0 = time.perf_counter()
-        with torch.no_grad(), self._stage_locks["encode"]:  # (the tokenizer is not thread-safe)
-            enc = self.engine.encode(["health check"], max_sequence_length=32)
-            dev = self.engine.devices["transformer"]
-            emb = self.engine.transformer.t_embedder(torch.full((1,), 0.5, device=dev))
-            ok = all(bool(torch.isfinite(t).all()) for t in (enc.positive[0], emb))
+        ok = self._stages.run("encode", forward)  # (the tokenizer is not thread-safe: on the encode stage's thread)
         if not ok:
             raise RuntimeError("health forward produced non-finite values")
         return time.perf_counter() - t0
@@ -401,15 +408,15 @@ class PipelineWorker:
 
         if not self._ready or self.engine is None:
             return self._run(batch)
-        with self._stage_locks["encode"]:  # the tokenizer is not thread-safe: never beside another call's encode
-            checked = screen(self.engine, batch)
+        # the tokenizer is not thread-safe: on the encode stage's thread, never beside another call's encode
+        checked = self._stages.run("encode", screen, self.engine, batch)
         if batch.joinable and emit is not None:
             emit = self._with_loop_stats(emit)
         by_id: dict[str, ImageResult] = {}
         out = None
         if checked.runnable:
             run = batch if len(checked.runnable) == len(batch) else replace(batch, requests=checked.runnable)
-            hook = StepHook(self.engine, run, emit, self._stage_locks["decode"])
+            hook = StepHook(self.engine, run, emit, self._preview_decode)
             out = self._run(run, hook)
             if hook.preview_s:
                 log.info("replica %s: batch %d: previews decoded in %.3fs", self.replica_id, batch.batch_id,
@@ -453,12 +460,12 @@ class PipelineWorker:
                 # Stage pipelining: batch k+1 encodes while batch k denoises and batch k-1 decodes.
                 if self._fault is not None:
                     self._fault(batch)
-                images, times = self.engine.generate(samples, steps, on_step, stage_guard=self._stage_guard)
+                images, times = self.engine.generate(samples, steps, on_step, stage_run=self._stages.run)
             else:
                 with self._device_lock:
                     if self._fault is not None:
                         self._fault(batch)
-                    images, times = self.engine.generate(samples, steps, on_step, stage_guard=self._encode_guard)
+                    images, times = self.engine.generate(samples, steps, on_step, stage_run=self._stages.run)
         except Exception as e:  # noqa: BLE001 - every failure becomes data for the router
             kind = FailureKind.OUT_OF_MEMORY if _is_oom(e) else FailureKind.REPLICA_ERROR
             if isinstance(e, ReplicaUnavailableError):
@@ -492,17 +499,25 @@ class PipelineWorker:
             if self._loop is None:
                 from .steploop import StepLoop
 
-                self._loop = StepLoop(self.engine, self.max_batch_tokens, self.max_batch_size, guard=self._step_guard,
+                self._loop = StepLoop(self.engine, self.max_batch_tokens, self.max_batch_size, run=self._loop_run,
                                       name=f"step-loop-{self.replica_id}", policy=self.step_join)
                 self._loop.fault = self._loop_fault
             return self._loop
 
-    @contextlib.contextmanager
-    def _step_guard(self):
+    def _loop_run(self, fn):
         """Each step of the loop holds the devices as a whole batch would (so a whole-batch call on the same replica
-        never runs beside it) and runs on the denoise stream."""
-        with (contextlib.nullcontext() if self.pipeline_stages else self._device_lock), self._stage_guard("denoise"):
-            yield
+        never runs beside it) and runs on the denoise stage's thread (and stream)."""
+        with contextlib.nullcontext() if self.pipeline_stages else self._device_lock:
+            return self._stages.run("denoise", fn)
+
+    def _preview_decode(self, latents):
+        """A preview's decode (``screening.StepHook``), on the decode stage's thread: from inside a denoise step
+        the estimates are on the denoise stage's stream, so that stream is finished first."""
+        if self._stages.on("denoise"):
+            from .engine import _sync
+
+            _sync(self.engine.devices["transformer"])
+        return self._stages.run("decode", self.engine.decode, latents)
 
     def _loop_fault(self, names: list[str]) -> None:
         if self._fault is not None and self._fault_kind == "oom_above":  # on the running set, as memory is
@@ -532,26 +547,35 @@ class PipelineWorker:
         from .steploop import CancelledSample, Group, RunningSample
 
         guidance = [s.guidance_scale for s in samples]
-        with self._stage_guard("encode"):
+        def encode():
             t0 = time.perf_counter()
             enc = engine.encode([s.prompt for s in samples], [s.negative_prompt for s in samples], guidance)
             if engine.text_encoder is not None:
                 _sync(engine.devices["text_encoder"])
-            encode_s = time.perf_counter() - t0
+            return enc, time.perf_counter() - t0
+
+        def encode_images():
+            from .conditioning import encode_conditions, encode_controls
+
+            t0 = time.perf_counter()
+            conditions = encode_conditions(engine, samples, steps)
+            controls = encode_controls(engine, samples)
+            _sync(engine.devices["vae"])
+            return conditions, controls, time.perf_counter() - t0
+
+        def decode(group):
+            t0 = time.perf_counter()
+            decoded = iter(engine.decode([s.latents for s in group.samples if not s.cancelled]))
+            return [None if s.cancelled else next(decoded) for s in group.samples], time.perf_counter() - t0
+
+        enc, encode_s = self._stages.run("encode", encode)
         negatives = iter(enc.negative)
         steps = batch.key.num_inference_steps
         conditions, controls, image_encode_s = [None] * len(samples), [None] * len(samples), 0.0
         if any(s.image is not None or s.control_image is not None for s in samples):
-            # edits and ControlNet: the input images' VAE encode, beside the loop under the VAE's guard (as
+            # edits and ControlNet: the input images' VAE encode, beside the loop on the VAE's stage (as
             # ``ZImageEngine.generate`` does it)
-            from .conditioning import encode_conditions, encode_controls
-
-            with self._stage_guard("decode"):
-                t0 = time.perf_counter()
-                conditions = encode_conditions(engine, samples, steps)
-                controls = encode_controls(engine, samples)
-                _sync(engine.devices["vae"])
-                image_encode_s = time.perf_counter() - t0
+            conditions, controls, image_encode_s = self._stages.run("decode", encode_images)
         hooks = _OffLoopHook(on_step, engine.devices["transformer"], loop.stats) if on_step is not None else None
         running = []
         for r, s, lat, pos, g, cond, ctl in zip(batch.requests, samples, engine.initial_latents(samples),
@@ -588,11 +612,7 @@ class PipelineWorker:
         if all(s.cancelled for s in group.samples):
             raise CancelledSample(", ".join(s.name for s in group.samples))
         denoise_s = (group.finished_at or time.perf_counter()) - (group.joined_at or time.perf_counter())
-        with self._stage_guard("decode"):
-            t0 = time.perf_counter()
-            decoded = iter(engine.decode([s.latents for s in group.samples if not s.cancelled]))
-            images = [None if s.cancelled else next(decoded) for s in group.samples]
-            decode_s = time.perf_counter() - t0
+        images, decode_s = self._stages.run("decode", decode, group)
         return images, StageTimes(encode_s=encode_s, denoise_s=denoise_s, decode_s=decode_s,
                                   total_s=encode_s + image_encode_s + denoise_s + decode_s,
                                   image_encode_s=image_encode_s)
@@ -624,38 +644,19 @@ class PipelineWorker:
 
         return asdict(self._loop.stats) if self._loop is not None else {}
 
-    @contextlib.contextmanager
-    def _encode_guard(self, stage: str):
-        """Without stage pipelining only the encode stage is guarded: other replicas' encodes (a shared text
-        encoder) may run beside this replica's batch, never at the same time as its own encode."""
-        if stage == "encode":
-            with self._stage_guard(stage):
-                yield
-        else:
-            yield
-
     def encode(self, prompts: list[str], negative_prompts: list[str | None], guidance: float):
         """Serve another replica's encode (component replication): embeddings come back on the CPU."""
         from actors.engine import EncodedPrompts
 
         if not self._ready:
             raise RuntimeError(f"replica {self.replica_id} (shared text encoder) is not started")
-        with self._stage_guard("encode"):
+        def encode():
             enc = self.engine.encode(prompts, negative_prompts, guidance)
-            self.encodes_served += 1
             return EncodedPrompts([t.cpu() for t in enc.positive], [t.cpu() for t in enc.negative])
 
-    @contextlib.contextmanager
-    def _stage_guard(self, stage: str):
-        with self._stage_locks[stage]:
-            stream = self._stage_streams.get(stage)
-            if stream is None:
-                yield
-            else:
-                import torch
-
-                with torch.cuda.stream(stream):
-                    yield
+        out = self._stages.run("encode", encode)
+        self.encodes_served += 1
+        return out
 
     def _failed(self, batch: Batch, reason: str, kind: str) -> BatchResult:
         results = tuple(

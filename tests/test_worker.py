@@ -161,3 +161,37 @@ def test_lora_replica_without_ray(tiny_cache, tmp_path):
     w._warm_up_loras(w.warmup_spec)
     assert [(i["name"], i["resident"]) for i in w.loras()] == [("a", True), ("b", False)]
     assert w.unregister_lora("b") and not w.unregister_lora("b")
+
+
+def test_each_stage_runs_on_one_thread_from_warm_up_on(tiny_cache, monkeypatch):
+    """cuDNN caches its plans per thread (``actors/stages.py``): each stage's work, the warm-up's included, runs on
+    one long-lived thread per stage, whichever thread a call comes in on (Ray's pool threads, a streamed call's own
+    thread, the step loop's), so no call pays the plans again."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from actors.engine import ZImageEngine
+    from actors.steploop import StepLoop
+
+    seen: dict[str, list[str]] = {"encode": [], "denoise": [], "decode": []}
+
+    def record(stage, orig):
+        def wrapped(*args, **kwargs):
+            seen[stage].append(threading.current_thread().name)
+            return orig(*args, **kwargs)
+        return wrapped
+
+    for stage, cls, name in (("encode", ZImageEngine, "encode"), ("denoise", ZImageEngine, "denoise"),
+                             ("denoise", StepLoop, "_step"), ("decode", ZImageEngine, "decode_one")):
+        monkeypatch.setattr(cls, name, record(stage, getattr(cls, name)))
+    w = PipelineWorker("rt", ModelConfig(source="tiny", dtype="float32", cache_dir=tiny_cache),
+                       warmup=WarmupSpec(((32, 32),), 1), torch_threads=1)
+    w.start()
+    assert all(seen.values())  # the warm-up ran every stage
+    with ThreadPoolExecutor(2) as pool:  # Ray's pool: calls come in on several threads
+        outs = list(pool.map(w.run_batch, [Batch(i, (req(i, size=32),)) for i in range(3)]))
+        outs.append(pool.submit(w.run_batch, Batch(5, (req(5, size=32),), joinable=True)).result())
+    outs.append(list(w.run_batch_stream(Batch(6, (req(6, size=32),))))[-1])  # a streamed call: its own thread
+    assert all(r.ok for out in outs for r in out.results)
+    for stage, names in seen.items():
+        assert set(names) == {f"{stage}-rt"}, (stage, set(names))

@@ -1,0 +1,82 @@
+"""One long-lived thread per stage of a replica (encode, denoise, decode): every GPU call of a stage runs on it.
+
+PyTorch caches cuDNN's execution plans **per thread**: the convolution plans (the VAE) and the SDPA graphs
+(attention) live in ``thread_local`` caches, because cuDNN does not promise its plans are thread-safe. A shape's
+first call on a new thread builds its plans again. On an H100 a 1024x1024 VAE decode took 0.55-0.80 s on a fresh
+thread against 0.056 s on the thread that had warmed it, and the first one on a new thread 9-10 s
+(``benchmarks/probe_step_decode.py``, session 6); each attention length costs 44-65 ms more
+(``benchmarks/probe_attn_shapes.py``). Ray runs an actor's calls on a pool of threads and a streamed call on a
+thread of its own, so without this each call paid those plans again in the serving path: slow decodes under step
+scheduling, slow lone requests, slow first batches of a phase.
+
+So each stage runs on its own thread, the one the warm-up warmed, whichever thread the call came in on. One thread
+per stage also serializes the stage (what the stage's lock did) and enters the stage's CUDA stream, where the
+replica has one. The caller blocks until the stage is done and gets its result or its exception; a stage that calls
+another stage (a preview decode inside a denoise step) hands over the same way, and a call from the stage's own
+thread runs in place. The caller's context variables (the log lines' request ids) go with the call.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+STAGES = ("encode", "denoise", "decode")
+
+T = TypeVar("T")
+
+
+class StageThreads:
+    """``run(stage, fn, *args)`` runs ``fn`` on the stage's thread (under the stage's CUDA stream, if
+    ``streams`` names one) and returns what it returns. The threads are daemons: a stage stuck on a wedged GPU
+    does not hold the process's exit."""
+
+    def __init__(self, name: str, streams: dict[str, Any] | None = None):
+        self.streams: dict[str, Any] = dict(streams or {})
+        self._queues: dict[str, queue.SimpleQueue] = {s: queue.SimpleQueue() for s in STAGES}
+        self._threads = {s: threading.Thread(target=self._serve, args=(s,), name=f"{s}-{name}", daemon=True)
+                         for s in STAGES}
+        for t in self._threads.values():
+            t.start()
+
+    def on(self, stage: str) -> bool:
+        """Whether the calling thread is ``stage``'s."""
+        return threading.current_thread() is self._threads[stage]
+
+    def run(self, stage: str, fn: Callable[..., T], *args, **kwargs) -> T:
+        if self.on(stage):
+            return self._call(stage, fn, args, kwargs)
+        done: Future = Future()
+        self._queues[stage].put((contextvars.copy_context(), fn, args, kwargs, done))
+        return done.result()
+
+    def _serve(self, stage: str) -> None:
+        while (item := self._queues[stage].get()) is not None:
+            ctx, fn, args, kwargs, done = item
+            try:
+                done.set_result(ctx.run(self._call, stage, fn, args, kwargs))
+            except BaseException as e:  # noqa: BLE001 - the caller re-raises it
+                done.set_exception(e)
+            del item, ctx, fn, args, kwargs, done  # nothing of a finished call is kept alive while waiting
+
+    def _call(self, stage: str, fn: Callable[..., T], args, kwargs) -> T:
+        stream = self.streams.get(stage)
+        if stream is None:
+            return fn(*args, **kwargs)
+        import torch
+
+        with torch.cuda.stream(stream):
+            return fn(*args, **kwargs)
+
+    def close(self) -> None:
+        for q in self._queues.values():
+            q.put(None)
+
+
+def run_here(stage: str, fn: Callable[..., T], *args, **kwargs) -> T:
+    """A stage runner that runs every stage on the calling thread (the engine used alone: tests, probes)."""
+    return fn(*args, **kwargs)
