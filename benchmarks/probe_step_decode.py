@@ -17,6 +17,13 @@ request fails with the guard's message in the report. Phases:
    decode's kernels queue on the default stream behind the steps the loop launches meanwhile (one hypothesis for
    the slow decodes; this phase tests it).
 
+**What it found** (session 6, one H100, tree 76a2c33): the decode is slow on any thread but the one that warmed it.
+Whole-batch lone calls (made from the main thread, which ran the warm-up) decoded in 0.056 s; every call made from
+a thread of its own, whole-batch or joinable, streams or not, took 0.55-0.80 s, and the first on a new thread 9-10 s,
+with GPU time equal to wall time. PyTorch caches cuDNN's plans per thread, so each new thread built them again. Now
+every stage runs on one long-lived thread per stage (``actors/stages.py``), and the same probe on a7e65de measured
+0.054-0.063 s in all four phases (``benchmarks/results/s6call1-*`` and ``s6call2-*``).
+
 Writes ``OUT.json``. ``--tiny`` runs it on the CPU with the toy model (no CUDA events: GPU times are null).
 
     python3 benchmarks/probe_step_decode.py OUT.json benchmarks/configs/gpu-random.yaml --set model.compile=true \\
