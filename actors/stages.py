@@ -52,7 +52,13 @@ class StageThreads:
             return self._call(stage, fn, args, kwargs)
         done: Future = Future()
         self._queues[stage].put((contextvars.copy_context(), fn, args, kwargs, done))
-        return done.result()
+        try:
+            return done.result()
+        finally:
+            # a failed call's exception holds this frame, and the future holds the exception: without this the
+            # cycle keeps the failed call's tensors alive until the garbage collector runs, past the out-of-memory
+            # handling that frees the CUDA cache and retries
+            del done
 
     def _serve(self, stage: str) -> None:
         while (item := self._queues[stage].get()) is not None:

@@ -187,6 +187,7 @@ class PipelineWorker:
         if self.warmup_spec is not None:
             from .engine import Sample
 
+            _sync_devices(devices)  # what loading made on this thread's stream, before the stages use it on theirs
             t0 = time.perf_counter()
             spec = self.warmup_spec
             batches = spec.batches()
@@ -276,6 +277,7 @@ class PipelineWorker:
                                           dtype=self.engine.dtype)
         store.add_adapter(build_adapter(name, factors_from_state_dict(sd, meta, self.engine.dtype),
                                         self.engine.transformer, "warm-up"))
+        _sync_devices(self.engine.devices)  # made on this thread's stream; the denoise stage may run on its own
         try:
             w, h = spec.sizes[0]
             for batch in ([Sample(WARMUP_PROMPT, 0, w, h, loras=((name, 1.0),))],
@@ -652,11 +654,10 @@ class PipelineWorker:
             raise RuntimeError(f"replica {self.replica_id} (shared text encoder) is not started")
         def encode():
             enc = self.engine.encode(prompts, negative_prompts, guidance)
+            self.encodes_served += 1  # (on the encode thread alone: no count is lost)
             return EncodedPrompts([t.cpu() for t in enc.positive], [t.cpu() for t in enc.negative])
 
-        out = self._stages.run("encode", encode)
-        self.encodes_served += 1
-        return out
+        return self._stages.run("encode", encode)
 
     def _failed(self, batch: Batch, reason: str, kind: str) -> BatchResult:
         results = tuple(
@@ -675,6 +676,14 @@ class PipelineWorker:
 
         self._fault = make_fault(kind, **kw)
         self._fault_kind = kind
+
+
+def _sync_devices(devices: dict) -> None:
+    import torch
+
+    for d in {torch.device(d) for d in devices.values() if d is not None}:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
 
 
 _step_stamp = threading.local()

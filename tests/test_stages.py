@@ -58,3 +58,29 @@ def test_the_callers_context_goes_with_the_call(stages):
 
 def test_run_here_runs_on_the_calling_thread():
     assert run_here("decode", threading.get_ident) == threading.get_ident()
+
+
+def test_a_failed_calls_arguments_are_freed_with_its_error(stages):
+    """The out-of-memory handling frees the CUDA cache right after the error: what the failed call held must be
+    gone by then, not kept by a reference cycle until the garbage collector runs."""
+    import gc
+    import weakref
+
+    class Big:
+        pass
+
+    def fail(arg):
+        raise RuntimeError("CUDA out of memory")
+
+    gc.disable()
+    try:
+        arg = Big()
+        ref = weakref.ref(arg)
+        try:
+            stages.run("denoise", fail, arg)
+        except RuntimeError:
+            pass
+        del arg
+        assert ref() is None
+    finally:
+        gc.enable()
