@@ -4,7 +4,10 @@ For each workload (``uniform``: the config's default size, 1024x1024 on the GPU 
 prompts of 3 to 160 words, as ``zimage-orch bench --workload mixed``), with both schedulers on the same replicas
 (``router.scheduling`` switched between phases; the replica serves both without a second warm-up):
 
-1. lone-request latency (requests one at a time);
+1. lone-request latency (requests one at a time), and for ``mixed`` per size (``--lone`` requests of each size,
+   prompts of 3 to 160 words), so each open-loop phase's mean is also compared with the mean lone latency of its
+   own requests' sizes, the lower of the two schedulers' (``lone_mean_s``, ``mean_over_lone``): the issue's target
+   (mean at most 1.5x a lone request's latency at 80% load) for a mix of sizes;
 2. saturation throughput (closed loop at ``--concurrency``);
 3. open loop, Poisson arrivals at ``--loads`` of the measured capacity (whole-batch saturation throughput, so both
    schedulers see the same arrival times and requests): mean, p50 and p95 latency, throughput, time to first step.
@@ -30,7 +33,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.bench import RequestMaker, _environment, api_sender, closed_loop, open_loop, percentile  # noqa: E402
+from orchestrator.bench import (  # noqa: E402
+    REALISTIC_SIZES,
+    RequestMaker,
+    _environment,
+    api_sender,
+    closed_loop,
+    open_loop,
+    percentile,
+)
 from orchestrator.config import load_config  # noqa: E402
 
 log = logging.getLogger("step_batching")
@@ -56,6 +67,18 @@ def stats(results: list, elapsed: float) -> dict:
             "stage_p50_s": {name: round(percentile([getattr(r.stage_times, name) for r in ok], 0.5), 4)
                             for name in ("encode_s", "denoise_s", "decode_s", "total_s")} if ok else {},
             "call_sizes": dict(sorted(Counter(str(r.batch_size) for r in ok).items(), key=lambda kv: int(kv[0])))}
+
+
+def own_lone(results: list, by_size: dict, mean: float) -> dict:
+    """The mean lone latency of these requests' own sizes (a size's lone latency: the lower of the two schedulers'),
+    and the phase's mean over it."""
+    lone = [min((v for v in by_size.get(f"{r.width}x{r.height}", {}).values() if v), default=None)
+            for r in results if r.ok]
+    lone = [v for v in lone if v]
+    if not lone:
+        return {}
+    own = sum(lone) / len(lone)
+    return {"lone_mean_s": round(own, 4), "mean_over_lone": round(mean / own, 3)}
 
 
 class FirstSteps:
@@ -101,6 +124,8 @@ async def run(args) -> dict:
     def use(scheduler: str) -> None:
         dep.router.scheduling = scheduler
 
+    mixed_sizes = TINY_MIXED if args.tiny else REALISTIC_SIZES
+
     try:
         t_bench = time.perf_counter()
         for scheduler in SCHEDULERS:  # warm both paths (and every size of the workloads) before measuring
@@ -110,10 +135,18 @@ async def run(args) -> dict:
         first.take()
         for workload in workloads:
             out: dict = {"lone": {}, "saturation": {}, "open_loop": []}
+            by_size: dict[str, dict[str, float]] = {}  # "WxH" -> scheduler -> mean lone latency
             for scheduler in SCHEDULERS:
                 use(scheduler)
                 res, el = await closed_loop(send, maker(workload, 7), 1, args.lone)
                 out["lone"][scheduler] = {**stats(res, el), **first.take()}
+                if workload == "mixed":
+                    for w, h in mixed_sizes:
+                        one = RequestMaker.for_workload("varied", config, [(w, h)], args.steps, seed=7)
+                        res, _ = await closed_loop(send, one, 1, args.lone)
+                        lat = [r.latency_s for r in res if r.ok]
+                        by_size.setdefault(f"{w}x{h}", {})[scheduler] = round(sum(lat) / len(lat), 4) if lat else None
+                    first.take()
                 res, el = await closed_loop(send, maker(workload, 11), args.concurrency, args.saturation)
                 out["saturation"][scheduler] = {**stats(res, el), **first.take()}
                 log.info("%s %s: lone %.3fs, saturation %.3f img/s", workload, scheduler,
@@ -127,13 +160,20 @@ async def run(args) -> dict:
                     res, el = await open_loop(send, maker(workload, 100 + k), rate, n=args.requests, seed=k)
                     row = {"load": load, "rate_rps": round(rate, 4), "scheduler": scheduler, **stats(res, el),
                            **first.take()}
+                    if by_size:
+                        row.update(own_lone(res, by_size, row["latency_mean_s"]))
                     out["open_loop"].append(row)
                     log.info("%s %s load %.2f (%.3f/s): mean %.3fs p95 %.3fs", workload, scheduler, load, rate,
                              row["latency_mean_s"], row["latency_p95_s"])
             lone = out["lone"]["batch"]["latency_mean_s"]
             at80 = {r["scheduler"]: r["latency_mean_s"] for r in out["open_loop"] if abs(r["load"] - 0.8) < 1e-9}
+            if by_size:
+                out["lone_by_size"] = by_size
             out["target"] = {"lone_latency_s": lone,
                              "mean_at_80_over_lone": {s: round(v / lone, 3) for s, v in at80.items()} if lone else {},
+                             # a mix of sizes: over the mean lone latency of the phase's own requests' sizes
+                             "mean_at_80_over_own_lone": {r["scheduler"]: r["mean_over_lone"] for r in out["open_loop"]
+                                                          if abs(r["load"] - 0.8) < 1e-9 and "mean_over_lone" in r},
                              "saturation_step_over_batch": round(
                                  out["saturation"]["step"]["throughput_img_s"] / capacity, 3) if capacity else None}
             report["workloads"][workload] = out
@@ -200,6 +240,7 @@ def main() -> int:
     for name, w in report["workloads"].items():
         print(f"{name}: capacity {w['capacity_img_s']} img/s, lone {w['target']['lone_latency_s']}s, "
               f"mean@80%/lone {w['target']['mean_at_80_over_lone']}, "
+              f"mean@80%/own sizes' lone {w['target']['mean_at_80_over_own_lone'] or '-'}, "
               f"saturation step/batch {w['target']['saturation_step_over_batch']}")
         for r in w["open_loop"]:
             print(f"  {r['scheduler']:5s} load {r['load']:.2f}: mean {r['latency_mean_s']:.3f}s "

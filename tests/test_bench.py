@@ -178,3 +178,25 @@ def test_probe_step_decode_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
     phases = json.loads(out.read_text())["phases"]
     assert {k: (v["decodes"], v["failed"]) for k, v in phases.items()} == {
         "batch-lone": (3, 0), "batch-poisson": (4, 0), "step-poisson": (4, 0), "step-poisson-streams": (4, 0)}
+
+
+@pytest.mark.slow
+def test_step_batching_benchmark_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
+    """benchmarks/step_batching.py with the toy model on a local Ray: both schedulers, every load, no failure; the
+    mixed workload's lone latency per size, and each phase's mean against its own requests' sizes' lone latency."""
+    cmd = [sys.executable, "benchmarks/step_batching.py", "--tiny", "--set", f"model.cache_dir={tiny_cache}",
+           "--workload", "mixed", "--out", str(tmp_path), "--requests", "4", "--saturation", "4", "--lone", "1",
+           "--warmup", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads((tmp_path / "step_batching.json").read_text())
+    mixed = report["workloads"]["mixed"]
+    assert set(mixed["lone_by_size"]) == {"32x32", "64x64", "64x48", "48x80", "80x48"}
+    assert all(set(v) == {"batch", "step"} and all(x > 0 for x in v.values()) for v in mixed["lone_by_size"].values())
+    rows = mixed["open_loop"]
+    assert [(r["scheduler"], r["load"]) for r in rows] == [(s, x) for x in (0.5, 0.8, 0.95) for s in ("batch", "step")]
+    for r in rows:
+        assert r["failed"] == 0 and r["requests"] == 4
+        assert r["mean_over_lone"] == pytest.approx(r["latency_mean_s"] / r["lone_mean_s"], abs=2e-3)
+    assert set(mixed["target"]["mean_at_80_over_own_lone"]) == {"batch", "step"}
+    assert (tmp_path / "step_batching.png").stat().st_size > 0
