@@ -66,6 +66,11 @@ def _clean_estimates(latents: list[torch.Tensor], velocities: list[torch.Tensor]
     return lambda: [lat - s.to(lat.device, torch.float32) * v for lat, v, s in zip(latents, velocities, sigmas_next)]
 
 
+def has_images(samples) -> bool:
+    """Whether any sample has an input image (an edit) or a control image: the call has an image-encode stage."""
+    return any(s.image is not None or s.control_image is not None for s in samples)
+
+
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     module = module.to(device)
     if next(module.parameters()).dtype != dtype:  # loaded weights already come in the right dtype
@@ -302,6 +307,28 @@ class ZImageEngine:
         arr = self.image_processor.postprocess(image, output_type="np")
         return (arr * 255).round().clip(0, 255).astype(np.uint8)[0]
 
+    # ---- the stages of one call, each timed and finished on its device (whole batches and the step loop's calls)
+    def encode_stage(self, samples: Sequence[Sample]) -> tuple[EncodedPrompts, float]:
+        t0 = time.perf_counter()
+        enc = self.encode([s.prompt for s in samples], [s.negative_prompt for s in samples],
+                          [s.guidance_scale for s in samples])
+        if self.text_encoder is not None:
+            _sync(self.devices["text_encoder"])
+        return enc, time.perf_counter() - t0
+
+    def encode_images_stage(self, samples: Sequence[Sample], num_inference_steps: int) -> tuple[list, list, float]:
+        """Edits' and ControlNet's input images through the VAE: per sample its ``Conditioning`` and control
+        latents (None where it has none)."""
+        t0 = time.perf_counter()
+        conditions = encode_conditions(self, samples, num_inference_steps)
+        controls = encode_controls(self, samples)
+        _sync(self.devices["vae"])
+        return conditions, controls, time.perf_counter() - t0
+
+    def decode_stage(self, latents: Sequence[torch.Tensor]) -> tuple[list[np.ndarray], float]:
+        t0 = time.perf_counter()
+        return self.decode(latents), time.perf_counter() - t0
+
     # ---- all three -------------------------------------------------------------------------------------
     def generate(
         self,
@@ -321,20 +348,6 @@ class ZImageEngine:
         run = stage_run or run_here
         guidance = [s.guidance_scale for s in samples]
 
-        def encode():
-            t0 = time.perf_counter()
-            enc = self.encode([s.prompt for s in samples], [s.negative_prompt for s in samples], guidance)
-            if self.text_encoder is not None:
-                _sync(self.devices["text_encoder"])
-            return enc, time.perf_counter() - t0
-
-        def encode_images():
-            t0 = time.perf_counter()
-            conditions = encode_conditions(self, samples, num_inference_steps)
-            controls = encode_controls(self, samples)
-            _sync(self.devices["vae"])
-            return conditions, controls, time.perf_counter() - t0
-
         def denoise(enc, conditions, controls):
             t0 = time.perf_counter()
             latents = self.denoise(enc, self.initial_latents(samples), num_inference_steps, guidance, on_step,
@@ -343,19 +356,16 @@ class ZImageEngine:
             _sync(self.devices["transformer"])
             return latents, time.perf_counter() - t0
 
-        def decode(latents):
-            t0 = time.perf_counter()
-            return self.decode(latents), time.perf_counter() - t0
-
-        enc, encode_s = run("encode", encode)
+        enc, encode_s = run("encode", self.encode_stage, samples)
         conditions, controls, image_encode_s = None, None, 0.0
-        if any(s.image is not None or s.control_image is not None for s in samples):
+        if has_images(samples):
             # [conditioning] the input images' VAE encode: its own stage, on the VAE's stage (the decode
             # stage's thread and stream), off the denoise path.
-            conditions, controls, image_encode_s = run("decode", encode_images)
+            conditions, controls, image_encode_s = run("decode", self.encode_images_stage, samples,
+                                                       num_inference_steps)
         latents, denoise_s = run("denoise", denoise, enc, conditions, controls)
         del enc
-        images, decode_s = run("decode", decode, latents)
+        images, decode_s = run("decode", self.decode_stage, latents)
         return images, StageTimes(encode_s=encode_s, denoise_s=denoise_s, decode_s=decode_s,
                                   total_s=encode_s + image_encode_s + denoise_s + decode_s,
                                   image_encode_s=image_encode_s)

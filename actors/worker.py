@@ -545,39 +545,19 @@ class PipelineWorker:
                 self._cancel_early -= ids
 
     def _run_joined_call(self, batch: Batch, samples, on_step, engine, loop):
-        from .engine import _sync
+        from .engine import _sync, has_images
         from .steploop import CancelledSample, Group, RunningSample
 
         guidance = [s.guidance_scale for s in samples]
-        def encode():
-            t0 = time.perf_counter()
-            enc = engine.encode([s.prompt for s in samples], [s.negative_prompt for s in samples], guidance)
-            if engine.text_encoder is not None:
-                _sync(engine.devices["text_encoder"])
-            return enc, time.perf_counter() - t0
-
-        def encode_images():
-            from .conditioning import encode_conditions, encode_controls
-
-            t0 = time.perf_counter()
-            conditions = encode_conditions(engine, samples, steps)
-            controls = encode_controls(engine, samples)
-            _sync(engine.devices["vae"])
-            return conditions, controls, time.perf_counter() - t0
-
-        def decode(group):
-            t0 = time.perf_counter()
-            decoded = iter(engine.decode([s.latents for s in group.samples if not s.cancelled]))
-            return [None if s.cancelled else next(decoded) for s in group.samples], time.perf_counter() - t0
-
-        enc, encode_s = self._stages.run("encode", encode)
+        enc, encode_s = self._stages.run("encode", engine.encode_stage, samples)
         negatives = iter(enc.negative)
         steps = batch.key.num_inference_steps
         conditions, controls, image_encode_s = [None] * len(samples), [None] * len(samples), 0.0
-        if any(s.image is not None or s.control_image is not None for s in samples):
+        if has_images(samples):
             # edits and ControlNet: the input images' VAE encode, beside the loop on the VAE's stage (as
             # ``ZImageEngine.generate`` does it)
-            conditions, controls, image_encode_s = self._stages.run("decode", encode_images)
+            conditions, controls, image_encode_s = self._stages.run("decode", engine.encode_images_stage, samples,
+                                                                    steps)
         hooks = _OffLoopHook(on_step, engine.devices["transformer"], loop.stats) if on_step is not None else None
         running = []
         for r, s, lat, pos, g, cond, ctl in zip(batch.requests, samples, engine.initial_latents(samples),
@@ -614,7 +594,10 @@ class PipelineWorker:
         if all(s.cancelled for s in group.samples):
             raise CancelledSample(", ".join(s.name for s in group.samples))
         denoise_s = (group.finished_at or time.perf_counter()) - (group.joined_at or time.perf_counter())
-        images, decode_s = self._stages.run("decode", decode, group)
+        decoded, decode_s = self._stages.run("decode", engine.decode_stage,
+                                             [s.latents for s in group.samples if not s.cancelled])
+        decoded = iter(decoded)
+        images = [None if s.cancelled else next(decoded) for s in group.samples]
         return images, StageTimes(encode_s=encode_s, denoise_s=denoise_s, decode_s=decode_s,
                                   total_s=encode_s + image_encode_s + denoise_s + decode_s,
                                   image_encode_s=image_encode_s)
