@@ -346,7 +346,8 @@ class Router:
         self._outstanding[replica_id] = self._outstanding.get(replica_id, 0) + 1
         self._inflight_tokens[replica_id] = self._inflight_tokens.get(replica_id, 0) + batch.tokens
         self._inflight_images[replica_id] = self._inflight_images.get(replica_id, 0) + len(batch)
-        self._inflight_adapters[replica_id] = self._inflight_adapters.get(replica_id, Counter()) + _adapters(batch)
+        if self.scheduler.max_adapters is not None:  # (read only where the adapters are limited)
+            self._inflight_adapters.setdefault(replica_id, Counter()).update(_adapters(batch))
         self._last_used[replica_id] = batch.batch_id
         self.work.dispatched(replica_id, batch, now)
         self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings])
@@ -381,7 +382,8 @@ class Router:
             self._outstanding[rid] = max(0, self._outstanding.get(rid, 1) - 1)
             self._inflight_tokens[rid] = max(0, self._inflight_tokens.get(rid, 0) - batch.tokens)
             self._inflight_images[rid] = max(0, self._inflight_images.get(rid, 0) - len(batch))
-            self._inflight_adapters[rid] = self._inflight_adapters.get(rid, Counter()) - _adapters(batch)
+            if rid in self._inflight_adapters:
+                self._inflight_adapters[rid] -= _adapters(batch)  # (drops the adapters no request names now)
             for p in pendings:
                 if self._where.get(p.request.request_id) == rid:
                     del self._where[p.request.request_id]
@@ -506,10 +508,12 @@ class Router:
                 return r
         raise KeyError(replica_id)
 
-    def _capacities(self) -> list[ReplicaCapacity]:
+    def _capacities(self, partial: bool = True) -> list[ReplicaCapacity]:
+        """Each live replica's capacity; ``partial``: with when it takes a partial batch (whole-batch mode only)."""
         return [
             ReplicaCapacity(r.replica_id, r.max_pixels, r.max_batch_tokens, self._outstanding.get(r.replica_id, 0),
-                            self._last_used.get(r.replica_id, -1), self.work.partial_after(r.replica_id))
+                            self._last_used.get(r.replica_id, -1),
+                            self.work.partial_after(r.replica_id) if partial else None)
             for r in self.pool.live()
         ]
 
@@ -527,7 +531,7 @@ class Router:
         leave within their steps)."""
         oldest = self.scheduler.oldest()
         out = []
-        for c in self._capacities():
+        for c in self._capacities(partial=False):
             tokens = STEP_QUEUE_DEPTH * c.max_batch_tokens - self._inflight_tokens.get(c.replica_id, 0)
             images = STEP_QUEUE_DEPTH * self.config.max_batch_size - self._inflight_images.get(c.replica_id, 0)
             if images <= 0 or tokens <= 0:
@@ -535,11 +539,12 @@ class Router:
             # an idle replica takes any request it can run, even one over its budget or adapter limit (it runs
             # alone); a busy one, what joins its running set within its room
             budget = min(tokens, c.max_batch_tokens) if c.outstanding else c.max_batch_tokens
-            adapters = frozenset(self._inflight_adapters.get(c.replica_id, ())) if c.outstanding else None
+            adapters = frozenset(self._inflight_adapters.get(c.replica_id, ())) \
+                if c.outstanding and self.scheduler.max_adapters is not None else None
             # partial_after (whole-batch mode's wait for a busy replica's batch to near its end) does not apply:
             # work joins a running loop at its next step
             room = replace(c, max_batch_tokens=budget, max_images=min(images, self.config.max_batch_size),
-                           partial_after=None, adapters=adapters)
+                           adapters=adapters)
             if c.outstanding and oldest is not None and c.fits(oldest.request) \
                     and not self.scheduler.admits(room, oldest.request):
                 continue

@@ -135,8 +135,9 @@ class BatchScheduler:
     def _ordered_groups(self) -> list[tuple[BatchKey, deque[Pending]]]:
         return sorted(self._groups.items(), key=lambda kv: kv[1][0].enqueued_at)
 
-    def _fill(self, group: deque[Pending], replica: ReplicaCapacity, limit: int) -> list[Pending]:
-        """The requests of ``group`` a batch for ``replica`` takes: in arrival order, within its token budget,
+    def _fill(self, fitting: list[Pending], replica: ReplicaCapacity, limit: int) -> list[Pending]:
+        """The requests of ``fitting`` (a group's requests ``replica`` admits) a batch for it takes: in arrival
+        order, within its token budget,
         ``limit`` images and ``max_adapters`` distinct LoRA adapters, and within any request's own cap after an
         out-of-memory split."""
         taken: list[Pending] = []
@@ -144,11 +145,9 @@ class BatchScheduler:
         adapters: set[str] = set(replica.adapters or ())
         if replica.max_images is not None:
             limit = min(limit, replica.max_images)
-        for p in group:
+        for p in fitting:
             if len(taken) >= limit:
                 break
-            if not self.admits(replica, p.request):
-                continue
             cap = min([q.max_batch for q in taken + [p] if q.max_batch] or [limit])
             names = adapters | p.request.adapter_names
             if len(taken) + 1 > cap or tokens + p.request.tokens > replica.max_batch_tokens \
@@ -171,11 +170,11 @@ class BatchScheduler:
                 fitting = [p for p in group if self.admits(replica, p.request)]
                 if not fitting:
                     continue
-                full = self._fill(group, replica, self.max_batch_size)
+                full = self._fill(fitting, replica, self.max_batch_size)
                 waited = now - fitting[0].enqueued_at >= self.max_wait_s and self._takes_partial(replica, now)
                 if len(full) < len(fitting) or len(full) >= self.max_batch_size or waited:
                     sharing = sum(1 for r in order[n:] if self.admits(r, fitting[0].request))
-                    taken = self._fill(group, replica, min(self.max_batch_size, -(-len(fitting) // sharing)))
+                    taken = self._fill(fitting, replica, min(self.max_batch_size, -(-len(fitting) // sharing)))
                     for p in taken:
                         group.remove(p)
                     self._size -= len(taken)
