@@ -49,6 +49,7 @@ latents, scheduler index) is put back to what it was before the step, so no samp
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -63,6 +64,7 @@ from orchestrator.messages import JoinPolicy
 
 from .controlnet import PackedControl, forward
 from .engine import velocity
+from .stages import run_here
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +197,7 @@ class StepLoop:
         if max_adapters is None:
             max_adapters = getattr(getattr(engine, "loras", None), "max_resident", None)
         self.max_adapters = max_adapters
-        self.run = run or _run_here
+        self.run = run or functools.partial(run_here, "denoise")
         self.fault: Callable[[list[str]], None] | None = None
         self.stats = LoopStats()
         self.on_step_done: Callable[[LoopStats], None] | None = None
@@ -249,6 +251,8 @@ class StepLoop:
         and the adapter limit (distinct LoRA adapters named by the running set); the head always joins an empty set
         (so a sample over the budget still runs, alone), and what waits with it starts with it. A running set that
         has already run steps takes the head only where the join policy (``JoinPolicy``) says joining pays."""
+        if not self._waiting:
+            return 0
         joined = 0
         budget = self._budget()
         tokens = sum(s.tokens for s in self._running)
@@ -453,7 +457,8 @@ class StepLoop:
         t = torch.stack([s.scheduler.timesteps[s.step] for s in running])
         t_in = ((1000 - t) / 1000)[order] if cfg else (1000 - t) / 1000
         dtype = self.engine.transformer.dtype
-        x = [running[j].latents.to(dtype).unsqueeze(1) for j in order]
+        x = [s.latents.to(dtype).unsqueeze(1) for s in running]
+        x += [x[k] for k in cfg]  # the negative passes' inputs: the same tensors
         out = forward(packed, x, t_in, self._embeds, self._layout, self._control)
         negative_of = {j: len(running) + k for k, j in enumerate(cfg)}
         for j, s in enumerate(running):
@@ -464,10 +469,6 @@ class StepLoop:
             s.step += 1
             if s.after_step is not None:
                 s.after_step(s)
-
-
-def _run_here(fn: Callable[[], Any]) -> Any:
-    return fn()
 
 
 PACE_LOG_S = 30.0  # how often the loop logs its pace

@@ -176,12 +176,7 @@ class PipelineWorker:
                  self.load_s)
         self.engine = ZImageEngine(comps, devices, dtype, remote_encode=self.encoder,
                                    attention=self.model_cfg.attention)
-        if torch.cuda.is_available():
-            stage_device = {"encode": devices.get("text_encoder"), "denoise": devices["transformer"],
-                            "decode": devices["vae"]}
-            if not self.pipeline_stages:  # only the encode stream, for serving other replicas' encodes
-                stage_device = {"encode": stage_device["encode"]}
-            self._stages.streams = {s: torch.cuda.Stream(torch.device(d)) for s, d in stage_device.items() if d}
+        self.make_stage_streams()
         self._apply_speed_options()
         self._load_loras()
         if self.warmup_spec is not None:
@@ -223,6 +218,20 @@ class PipelineWorker:
         if torch.cuda.is_available():
             for d in set(devices.values()):
                 torch.cuda.reset_peak_memory_stats(torch.device(d))
+
+    def make_stage_streams(self) -> None:
+        """A CUDA stream per stage with stage pipelining; without it only the encode stage's (for serving other
+        replicas' encodes beside this replica's batch)."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        devices = self.engine.devices
+        stage_device = {"encode": devices.get("text_encoder"), "denoise": devices["transformer"],
+                        "decode": devices["vae"]}
+        if not self.pipeline_stages:
+            stage_device = {"encode": stage_device["encode"]}
+        self._stages.streams = {s: torch.cuda.Stream(torch.device(d)) for s, d in stage_device.items() if d}
 
     def _apply_speed_options(self) -> None:
         cfg, transformer = self.model_cfg, self.engine.transformer

@@ -22,7 +22,9 @@ Whole-batch lone calls (made from the main thread, which ran the warm-up) decode
 a thread of its own, whole-batch or joinable, streams or not, took 0.55-0.80 s, and the first on a new thread 9-10 s,
 with GPU time equal to wall time. PyTorch caches cuDNN's plans per thread, so each new thread built them again. Now
 every stage runs on one long-lived thread per stage (``actors/stages.py``), and the same probe on a7e65de measured
-0.054-0.063 s in all four phases (``benchmarks/results/s6call1-*`` and ``s6call2-*``).
+0.054-0.063 s in all four phases (``benchmarks/results/s6call1-*`` and ``s6call2-*``); on that tree the fourth phase
+ran without its stage streams (the probe set an attribute the worker no longer read; it now calls
+``make_stage_streams``), so it repeated the third with the device lock off.
 
 Writes ``OUT.json``. ``--tiny`` runs it on the CPU with the toy model (no CUDA events: GPU times are null).
 
@@ -140,11 +142,7 @@ def main() -> int:
     for name, joinable in (("batch-poisson", False), ("step-poisson", True), ("step-poisson-streams", True)):
         if name.endswith("-streams"):  # as deployment.pipeline_stages=true sets the worker up
             worker.pipeline_stages = True
-            if torch.cuda.is_available():
-                devices = worker.engine.devices
-                worker._stage_streams = {stage: torch.cuda.Stream(torch.device(devices[component])) for stage, component
-                                         in (("encode", "text_encoder"), ("denoise", "transformer"), ("decode", "vae"))
-                                         if devices.get(component) is not None}
+            worker.make_stage_streams()
         rng = random.Random(7)
         out: list = []
         threads = []
