@@ -9,19 +9,17 @@ Usage: python3 benchmarks/probe_attn_shapes.py OUT.json
 
 import json
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from gpu_timing import first_call_s
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def call_s(fn) -> float:
+    """One synchronized call, after what was queued before it (the inputs) has finished."""
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return first_call_s(fn)
 
 
 def main() -> None:
