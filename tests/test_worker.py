@@ -195,3 +195,32 @@ def test_each_stage_runs_on_one_thread_from_warm_up_on(tiny_cache, monkeypatch):
     assert all(r.ok for out in outs for r in out.results)
     for stage, names in seen.items():
         assert set(names) == {f"{stage}-rt"}, (stage, set(names))
+
+
+def test_a_batch_encodes_while_another_holds_the_devices(worker):
+    """Whole-batch calls without stage pipelining take the device lock at their denoise stage: a batch's encode
+    runs beside the batch in flight (off the critical path), and its denoise waits for the devices."""
+    import threading
+
+    encoded = threading.Event()
+    engine = worker.engine
+    inner = engine.encode
+
+    def encode(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        encoded.set()
+        return out
+
+    engine.encode = encode
+    try:
+        with worker._device_lock:  # a batch in flight holds the devices
+            box = []
+            t = threading.Thread(target=lambda: box.append(worker.run_batch(Batch(40, (req(40),)))))
+            t.start()
+            assert encoded.wait(30)  # encoded while the devices are held
+            t.join(0.2)
+            assert t.is_alive() and not box  # its denoise waits for them
+        t.join(60)
+    finally:
+        engine.encode = inner
+    assert box and box[0].results[0].ok
