@@ -9,6 +9,7 @@ Usage: python3 benchmarks/http_vs_api.py OUT_DIR [REQUESTS] [CONFIG] [WORKLOADS]
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,7 +31,9 @@ def main(out_dir: str, n: int = 48, config: str = "benchmarks/configs/gpu-random
          workloads: str = "uniform") -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    port = 8011
+    with socket.socket() as sock:  # a free port: matrix lanes run several of these on one host
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     with open(out / "serve.log", "w") as log:
         server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", config, *COMPILE,
                                    "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)

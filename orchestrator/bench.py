@@ -568,7 +568,7 @@ def cmd_bench(args) -> int:
 
         if args.list or not args.run:
             return list_matrix(args.matrix)
-        return run_matrix(args.matrix, args.run, args.out, dry_run=args.dry_run)
+        return run_matrix(args.matrix, args.run, args.out, dry_run=args.dry_run, lanes=args.lanes)
 
     args.argv = sys.argv[2:] if len(sys.argv) > 2 else []
     config = load_config(args.config, args.set)

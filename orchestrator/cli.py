@@ -329,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, metavar="NAMES", help="with --matrix: runs or groups, comma-separated")
     p.add_argument("--list", action="store_true", help="with --matrix: list its runs and groups")
     p.add_argument("--dry-run", action="store_true", help="with --matrix: print the commands only")
+    p.add_argument("--lanes", type=int, default=1, metavar="N",
+                   help="with --matrix: run one-GPU entries side by side on N GPUs of this machine, one GPU each")
     p.set_defaults(fn=lambda a: _lazy("bench").cmd_bench(a))
     return ap
 

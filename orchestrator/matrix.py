@@ -9,6 +9,13 @@ another, each in its own process (a deployment's Ray and GPU memory are gone whe
     zimage-orch bench --matrix benchmarks/matrix.yaml --list
     zimage-orch bench --matrix benchmarks/matrix.yaml --run traffic --out /tmp/out      # a group
     zimage-orch bench --matrix benchmarks/matrix.yaml --run bf16-traffic,eager-mixed    # entries
+    zimage-orch bench --matrix benchmarks/matrix.yaml --run fp8-traffic,http-traffic --lanes 2   # side by side
+
+``--lanes N`` runs one-GPU entries side by side on a machine of N GPUs: each lane is one GPU
+(``CUDA_VISIBLE_DEVICES``) and runs its entries one after another, longest time limit first onto the lane with the
+least time so far. Each entry still has a GPU to itself, so its own numbers (and the ratios between its phases)
+mean what they mean alone; what lanes share is the host (CPU cores, memory bandwidth, the compile cache), which the
+summary records. A lane's entries share its GPU one after another as without lanes.
 
 ``{out}`` in an entry's arguments is replaced by the entry's output folder. ``ZIMAGE_COMMIT`` passes through to
 the reports (a copied tree's ``.git`` may be stale).
@@ -21,6 +28,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,34 +94,71 @@ def summary_line(entry: Entry, out: Path, rc: int, seconds: float) -> str:
     return f"{head}  {r.get('card')}  {runs}"
 
 
-def run_matrix(path: str, spec: str, out_dir: str, dry_run: bool = False) -> int:
+ONE_GPU = ("nvidia-h100-x1", "nvidia-h200", "cpu")
+
+
+def plan_lanes(chosen: list[Entry], lanes: int) -> list[list[Entry]]:
+    """Entries into ``lanes`` lanes, longest time limit first onto the lane with the least time so far (each lane
+    keeps the matrix's order among its own entries). Only one-GPU entries can share a machine this way."""
+    wide = [e.name for e in chosen if e.machine not in ONE_GPU]
+    if lanes > 1 and wide:
+        raise ValueError(f"--lanes: {wide} need several GPUs each; run them without --lanes")
+    order = {e.name: i for i, e in enumerate(chosen)}
+    plan: list[list[Entry]] = [[] for _ in range(max(1, lanes))]
+    for e in sorted(chosen, key=lambda e: -e.timeout_s):
+        min(plan, key=lambda lane: sum(x.timeout_s for x in lane)).append(e)
+    return [sorted(lane, key=lambda e: order[e.name]) for lane in plan if lane]
+
+
+def run_entry(e: Entry, root: Path, env: dict) -> tuple[int, float]:
+    out = root / e.name
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(root / f"{e.name}.log", "w") as log:
+        try:
+            rc = subprocess.run(command(e, out), stdout=log, stderr=subprocess.STDOUT, timeout=e.timeout_s,
+                                env=env).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    return rc, time.perf_counter() - t0
+
+
+def run_matrix(path: str, spec: str, out_dir: str, dry_run: bool = False, lanes: int = 1) -> int:
     entries, groups = load_matrix(path)
     chosen = select(entries, groups, spec)
+    plan = plan_lanes(chosen, lanes)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    worst = 0
-    lines = []
-    for e in chosen:
-        out = root / e.name
-        cmd = command(e, out)
-        print("+", shlex.join(cmd), flush=True)
-        if dry_run:
-            continue
-        out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        with open(root / f"{e.name}.log", "w") as log:
-            try:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=e.timeout_s,
-                                    env=dict(os.environ, PYTHONUNBUFFERED="1")).returncode
-            except subprocess.TimeoutExpired:
-                rc = 124
-        line = summary_line(e, out, rc, time.perf_counter() - t0)
-        lines.append(line)
-        print(line, flush=True)
-        worst = max(worst, rc)
+    lines: dict[str, str] = {}
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def lane(i: int, todo: list[Entry]) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if lanes > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(i)
+        tag = f" [lane {i}: GPU {i}]" if lanes > 1 else ""
+        for e in todo:
+            with lock:
+                print("+", shlex.join(command(e, root / e.name)) + tag, flush=True)
+            if dry_run:
+                continue
+            rc, seconds = run_entry(e, root, env)
+            line = summary_line(e, root / e.name, rc, seconds) + tag
+            with lock:
+                lines[e.name] = line
+                codes.append(rc)
+                print(line, flush=True)
+
+    threads = [threading.Thread(target=lane, args=(i, todo)) for i, todo in enumerate(plan)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     if lines:
-        print("\n".join(["", "summary:", *lines]))
-    return 1 if worst else 0
+        head = [f"({len(plan)} lanes side by side on one host, one GPU each)"] if len(plan) > 1 else []
+        print("\n".join(["", "summary:", *head, *(lines[e.name] for e in chosen if e.name in lines)]))
+    return 1 if any(codes) else 0
 
 
 def list_matrix(path: str) -> int:

@@ -112,6 +112,32 @@ groups:
     assert (out / "hello" / "hi.txt").read_text() == "ok" and "summary:" in proc.stdout
 
 
+def test_matrix_lanes_run_entries_side_by_side_one_gpu_each(tmp_path):
+    """--lanes N: one-GPU entries split over N lanes (longest limit first onto the least-loaded lane), each lane's
+    entries one after another on its own GPU (CUDA_VISIBLE_DEVICES), side by side with the other lanes; entries
+    that need several GPUs are refused."""
+    from orchestrator.matrix import load_matrix, plan_lanes, run_matrix
+
+    helper = tmp_path / "which_gpu.py"
+    helper.write_text("import os, sys, time, pathlib\ntime.sleep(0.5)\n"
+                      "pathlib.Path(sys.argv[1], 'gpu.txt').write_text(os.environ.get('CUDA_VISIBLE_DEVICES', '-'))\n")
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text("runs:\n" + "".join(f"  {n}:\n    timeout_s: {t}\n    script: {helper} '{{out}}'\n"
+                                           for n, t in (("a", 300), ("b", 200), ("c", 100), ("d", 50))))
+    entries, _ = load_matrix(matrix)
+    plan = plan_lanes(list(entries.values()), 2)
+    assert [[e.name for e in lane] for lane in plan] == [["a", "d"], ["b", "c"]]
+    out = tmp_path / "out"
+    assert run_matrix(str(matrix), "a,b,c,d", str(out), lanes=2) == 0
+    gpus = {n: (out / n / "gpu.txt").read_text() for n in "abcd"}
+    assert gpus == {"a": "0", "d": "0", "b": "1", "c": "1"}
+    wide = tmp_path / "w.yaml"
+    wide.write_text("runs:\n  s: {machine: nvidia-h100-x4, script: -c pass}\n")
+    with pytest.raises(ValueError, match="several GPUs"):
+        plan_lanes(list(load_matrix(wide)[0].values()), 2)
+    assert [[e.name for e in lane] for lane in plan_lanes(list(load_matrix(wide)[0].values()), 1)] == [["s"]]
+
+
 def test_matrix_rejects_unknown_names(tmp_path):
     from orchestrator.matrix import load_matrix, select
 
