@@ -140,6 +140,7 @@ class PipelineWorker:
         # in flight); a second run_batch (Ray max_concurrency=2) waits here, so its GPU work starts the moment this
         # one's ends, while this one's result is still being shipped to the router.
         self._device_lock = threading.Lock()
+        self._released_at: float | None = None  # when the last whole batch let the devices go (perf_counter)
         self._start_lock = threading.Lock()
         self._ready = False
 
@@ -474,8 +475,10 @@ class PipelineWorker:
                     self._fault(batch)
                 images, times = self.engine.generate(samples, steps, on_step, stage_run=self._stages.run)
             else:
-                with self._holding_from_denoise(batch) as stage_run:
+                gaps: dict = {}
+                with self._holding_from_denoise(batch, gaps) as stage_run:
                     images, times = self.engine.generate(samples, steps, on_step, stage_run=stage_run)
+                times = replace(times, **{k: round(v, 6) for k, v in gaps.items()})
         except Exception as e:  # noqa: BLE001 - every failure becomes data for the router
             kind = FailureKind.OUT_OF_MEMORY if _is_oom(e) else FailureKind.REPLICA_ERROR
             if isinstance(e, ReplicaUnavailableError):
@@ -504,17 +507,24 @@ class PipelineWorker:
         return BatchResult(batch.batch_id, self.replica_id, results, times)
 
     @contextlib.contextmanager
-    def _holding_from_denoise(self, batch: Batch):
+    def _holding_from_denoise(self, batch: Batch, gaps: dict):
         """Whole-batch calls without stage pipelining: one batch at a time on the devices from its denoise stage to
         its end, but its encode (and its input images' VAE encode) before that, beside the previous batch's
         denoise, so a batch's encode is off the critical path (0.06 s for four short prompts at 1024^2 on an H100,
-        0.11-0.14 s for prompts of up to 160 words: session 6)."""
+        0.11-0.14 s for prompts of up to 160 words: session 6). Fills ``gaps`` with how long the devices stood idle
+        before this batch took them, and why (``StageTimes.idle_encoding_s``, ``idle_starved_s``,
+        ``device_wait_s``)."""
+        arrived = time.perf_counter()
         held = contextlib.ExitStack()
 
         def run(stage, fn, *args, **kwargs):
             if stage == "denoise" and not held_now:
+                ready = time.perf_counter()
                 held.enter_context(self._device_lock)
+                took = time.perf_counter()
+                held.callback(self._devices_released)  # runs before the lock's release (last in, first out)
                 held_now.append(True)
+                gaps.update(device_wait_s=took - ready, **_idle_before(self._released_at, arrived, ready, took))
                 if self._fault is not None:
                     self._fault(batch)
             return self._stages.run(stage, fn, *args, **kwargs)
@@ -522,6 +532,9 @@ class PipelineWorker:
         held_now: list[bool] = []
         with held:
             yield run
+
+    def _devices_released(self) -> None:
+        self._released_at = time.perf_counter()
 
     # ---- step-level batching (actors/steploop.py) ---------------------------------------------------------
     def _step_loop(self):
@@ -802,3 +815,14 @@ def _free_cuda_cache() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _idle_before(released: float | None, arrived: float, ready: float, took: float) -> dict[str, float]:
+    """How long the devices stood idle before a batch took them at ``took`` (they were let go at ``released``), split
+    by cause: before the batch ``arrived`` at the replica (starved), and from then until its encode was ``ready``
+    (encoding). A batch that found the devices busy (``released`` after it was ready) was behind none of it."""
+    if released is None or released >= took:
+        return {"idle_encoding_s": 0.0, "idle_starved_s": 0.0}
+    starved = max(0.0, min(arrived, took) - released)
+    encoding = max(0.0, min(ready, took) - max(released, arrived))
+    return {"idle_encoding_s": encoding, "idle_starved_s": starved}

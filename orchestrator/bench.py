@@ -67,6 +67,11 @@ class RunStats:
     batch_sizes: dict[str, int] = field(default_factory=dict)
     replica_busy_fraction: dict[str, float] = field(default_factory=dict)
     stage_p50_s: dict[str, float] = field(default_factory=dict)
+    # seconds the devices stood idle before a batch took them, summed over the phase's batches (each replica's
+    # first batch of the phase left out: its gap is the pause before the phase), by cause: "encoding" (the batch
+    # was at the replica, its encode not done) and "starved" (no batch had reached the replica); whole-batch calls
+    # without stage pipelining only (StageTimes.idle_encoding_s, idle_starved_s)
+    device_idle_s: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     workload: str = "uniform"
     # closed loop: images/s between the concurrency-th completion and the last (the ramp-up's first round of
@@ -89,8 +94,13 @@ def summarize(label: str, results: list[ImageResult], elapsed: float, concurrenc
         busy[r.replica_id] = busy.get(r.replica_id, 0.0) + r.stage_times.total_s
     stage = {}
     if batches:
-        for name in ("encode_s", "image_encode_s", "denoise_s", "decode_s", "total_s"):
+        for name in ("encode_s", "image_encode_s", "denoise_s", "decode_s", "total_s", "device_wait_s"):
             stage[name] = round(percentile([getattr(b.stage_times, name) for b in batches.values()], 0.5), 4)
+    firsts = {min(b.batch_id for b in batches.values() if b.replica_id == rid)
+              for rid in {b.replica_id for b in batches.values()}}
+    later = [b.stage_times for b in batches.values() if b.batch_id not in firsts]
+    idle = {"encoding": round(sum(t.idle_encoding_s for t in later), 4),
+            "starved": round(sum(t.idle_starved_s for t in later), 4)} if later else {}
     return RunStats(
         label=label, concurrency=concurrency, rate_rps=rate, requests=len(results), images=len(ok),
         failed=len(results) - len(ok), elapsed_s=round(elapsed, 3),
@@ -102,6 +112,7 @@ def summarize(label: str, results: list[ImageResult], elapsed: float, concurrenc
         batch_sizes=dict(sorted(sizes.items(), key=lambda kv: int(kv[0]))),
         replica_busy_fraction={k: round(v / elapsed, 3) for k, v in sorted(busy.items())} if elapsed else {},
         stage_p50_s=stage,
+        device_idle_s=idle,
         errors=sorted({f"{r.error_type}: {r.error}" for r in results if not r.ok})[:5],
         workload=workload,
     )
@@ -487,9 +498,10 @@ async def _bench(args, config: Config) -> dict:
                 report["runs"].append(asdict(stats))
                 if workload in EDIT_KINDS and getattr(send, "kinds", None) is not None:
                     report["runs"][-1]["batches_by_kinds"] = mixed_batches(results, send.kinds)
-                log.info("%s: %.3f img/s, %.3f MP/s, p50 %.3fs, p95 %.3fs, p99 %.3fs, batches %s", stats.label,
-                         stats.throughput_img_s, stats.megapixels_s, stats.latency_p50_s, stats.latency_p95_s,
-                         stats.latency_p99_s, stats.batch_sizes)
+                log.info("%s: %.3f img/s, %.3f MP/s, p50 %.3fs, p95 %.3fs, p99 %.3fs, batches %s, stages p50 %s, "
+                         "devices idle before batches %s", stats.label, stats.throughput_img_s, stats.megapixels_s,
+                         stats.latency_p50_s, stats.latency_p95_s, stats.latency_p99_s, stats.batch_sizes,
+                         stats.stage_p50_s, stats.device_idle_s or "-")
         if dep is not None:
             health = await dep.replica_health()
             report["peak_memory_gib"] = {

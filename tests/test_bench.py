@@ -26,7 +26,9 @@ def test_bench_cpu_short_run(tmp_path, tiny_cache):
     for run in (c1, c4):
         assert run["images"] == 8 and run["failed"] == 0 and run["throughput_vs_baseline"] > 0
         assert run["latency_p50_s"] <= run["latency_p95_s"] <= run["latency_p99_s"]
-        assert set(run["stage_p50_s"]) == {"encode_s", "image_encode_s", "denoise_s", "decode_s", "total_s"}
+        assert set(run["stage_p50_s"]) == {"encode_s", "image_encode_s", "denoise_s", "decode_s", "total_s",
+                                           "device_wait_s"}
+        assert set(run["device_idle_s"]) == {"encoding", "starved"}
     assert max(int(k) for k in c4["batch_sizes"]) > 1
     assert (out / "bench.png").stat().st_size > 1000
 
@@ -82,6 +84,21 @@ def test_mixed_sizes_and_summary_math():
     assert s.images == 4 and s.failed == 1 and s.throughput_img_s == pytest.approx(4 / 12, abs=1e-4)
     assert s.batch_sizes == {"2": 2} and s.replica_busy_fraction == {"r0": 0.5, "r1": 0.5}
     assert percentile([1, 2, 3, 4], 0.5) == 2.5 and s.latency_p50_s == 2.5
+
+
+def test_device_idle_is_summed_without_each_replicas_first_batch():
+    """A phase's device idle time by cause, each replica's first batch left out (its gap is the pause before the
+    phase)."""
+    from orchestrator.bench import summarize
+    from orchestrator.messages import ImageResult, StageTimes
+
+    def res(i, rid, bid, enc, starved):
+        return ImageResult(f"q{i}", True, replica_id=rid, batch_id=bid, batch_size=1, latency_s=1.0,
+                           stage_times=StageTimes(0.1, 1, 0.1, 1.2, idle_encoding_s=enc, idle_starved_s=starved))
+
+    rs = [res(0, "r0", 3, 5.0, 9.0), res(1, "r0", 4, 0.25, 0.0), res(2, "r0", 6, 0.0, 0.5),
+          res(3, "r1", 5, 7.0, 7.0), res(4, "r1", 7, 0.125, 0.0)]
+    assert summarize("t", rs, elapsed=10.0).device_idle_s == {"encoding": 0.375, "starved": 0.5}
 
 
 @pytest.mark.slow
@@ -226,3 +243,16 @@ def test_step_batching_benchmark_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache
         assert r["mean_over_lone"] == pytest.approx(r["latency_mean_s"] / r["lone_mean_s"], abs=2e-3)
     assert set(mixed["target"]["mean_at_80_over_own_lone"]) == {"batch", "step"}
     assert (tmp_path / "step_batching.png").stat().st_size > 0
+
+
+def test_device_idle_metric_counts_by_cause():
+    from orchestrator.messages import BatchResult, StageTimes
+    from orchestrator.metrics import PrometheusObserver
+
+    obs = PrometheusObserver()
+    for enc, starved in ((0.25, 0.0), (0.5, 1.5), (0.0, 0.0)):
+        obs.batch_done("r0", BatchResult(1, "r0", (), StageTimes(0.1, 1, 0.1, 1.2, idle_encoding_s=enc,
+                                                                 idle_starved_s=starved)))
+    get = obs.registry.get_sample_value
+    assert get("zimage_replica_device_idle_seconds_total", {"replica": "r0", "cause": "encoding"}) == 0.75
+    assert get("zimage_replica_device_idle_seconds_total", {"replica": "r0", "cause": "starved"}) == 1.5

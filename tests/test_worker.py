@@ -224,3 +224,37 @@ def test_a_batch_encodes_while_another_holds_the_devices(worker):
     finally:
         engine.encode = inner
     assert box and box[0].results[0].ok
+
+
+def test_device_idle_before_a_batch_is_split_by_cause():
+    """The devices' idle time before a batch took them: before the batch reached the replica (starved), and while
+    it was there encoding (its encode on the critical path); none for a batch that found them busy."""
+    from actors.worker import _idle_before
+
+    assert _idle_before(None, 0.0, 1.0, 1.0) == {"idle_encoding_s": 0.0, "idle_starved_s": 0.0}  # first batch
+    # devices let go at 10; the batch arrived at 10.5, its encode done at 10.75, devices taken at once
+    assert _idle_before(10.0, 10.5, 10.75, 10.75) == {"idle_encoding_s": 0.25, "idle_starved_s": 0.5}
+    # arrived and encoded while the previous batch ran: it waited for the devices, no idle time
+    assert _idle_before(10.0, 8.0, 9.0, 10.0) == {"idle_encoding_s": 0.0, "idle_starved_s": 0.0}
+    # arrived before the release, its encode finished after it
+    assert _idle_before(10.0, 9.0, 10.25, 10.25) == {"idle_encoding_s": 0.25, "idle_starved_s": 0.0}
+
+
+def test_a_whole_batch_reports_its_wait_for_the_devices_and_their_idle_time(worker):
+    """A batch whose encode ends while another holds the devices reports the wait (device_wait_s) and no idle time;
+    the next batch, sent after the devices went idle, reports that gap as starved."""
+    import threading
+    import time as _time
+
+    box = []
+    with worker._device_lock:  # a batch in flight holds the devices
+        t = threading.Thread(target=lambda: box.append(worker.run_batch(Batch(50, (req(50),)))))
+        t.start()
+        _time.sleep(1.0)  # its encode (tiny model) ends well within this
+        worker._released_at = _time.perf_counter()  # what the batch in flight records as it lets the devices go
+    t.join(60)
+    first = box[0].stage_times
+    assert first.device_wait_s > 0.2 and first.idle_encoding_s == 0 and first.idle_starved_s == 0
+    _time.sleep(0.3)
+    second = worker.run_batch(Batch(51, (req(51),))).stage_times
+    assert second.idle_starved_s >= 0.3 and second.device_wait_s < 0.2
