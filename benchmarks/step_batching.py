@@ -133,6 +133,13 @@ async def run(args) -> dict:
             use(scheduler)
             for workload in workloads:
                 await closed_loop(send, maker(workload, 99), args.concurrency, args.warmup)
+                # and a request alone (of each size for mixed): a batch of one is a shape of its own (session 7's
+                # first lone 512^2 requests under whole-batch scheduling averaged 1.009 s against 0.55 s under load)
+                sizes = mixed_sizes if workload == "mixed" else [None]
+                for size in sizes:
+                    one = maker(workload, 98) if size is None else \
+                        RequestMaker.for_workload("varied", config, [size], args.steps, seed=98)
+                    await closed_loop(send, one, 1, 1)
         first.take()
         for workload in workloads:
             out: dict = {"lone": {}, "saturation": {}, "open_loop": []}
