@@ -11,7 +11,11 @@ prompts of 3 to 160 words, as ``zimage-orch bench --workload mixed``), with both
    load) for a mix of sizes;
 2. saturation throughput (closed loop at ``--concurrency``);
 3. open loop, Poisson arrivals at ``--loads`` of the measured capacity (whole-batch saturation throughput, so both
-   schedulers see the same arrival times and requests): mean, p50 and p95 latency, throughput, time to first step.
+   schedulers see the same arrival times and requests): mean, p50 and p95 latency, throughput, time to first step;
+   and beside each, what the arrivals alone make of it (``fcfs_reference``): the mean of a first-come-first-served
+   server in which each request takes its lone latency, on these arrivals and expected over other draws at the same
+   rate. A short phase is one draw; session 7's 48 arrivals at 80% load at 1024^2 (seed 0) gave such a server a
+   mean of 1.5x the service time where the expectation is 2.8x.
 
 Writes ``OUT/step_batching.json`` and ``OUT/step_batching.png`` (mean and p95 latency against load, both
 schedulers, and 1.5x the lone latency: the issue's target at 80% load).
@@ -27,6 +31,7 @@ import argparse
 import asyncio
 import json
 import logging
+import random
 import sys
 import time
 from collections import Counter
@@ -80,6 +85,33 @@ def own_lone(results: list, by_size: dict, mean: float) -> dict:
         return {}
     own = sum(lone) / len(lone)
     return {"lone_mean_s": round(own, 4), "mean_over_lone": round(mean / own, 3)}
+
+
+def fcfs_mean(rate: float, seed: int, services: list[float]) -> float:
+    """Mean response time of one first-come-first-served server in which request i takes ``services[i]`` seconds,
+    for the arrivals ``open_loop(rate, n=len(services), seed=seed)`` makes (the first at 0, then its exponential
+    gaps from ``random.Random(seed)``, drawn the same way)."""
+    rng = random.Random(seed)
+    t = free = total = 0.0
+    for s in services:
+        free = max(t, free) + s
+        total += free - t
+        t += rng.expovariate(rate)
+    return total / len(services) if services else 0.0
+
+
+def fcfs_reference(rate: float, seed: int, services: list[float], draws: int = 2000) -> dict:
+    """What the phase's arrivals alone would give: a FCFS server in which each request takes its lone latency (no
+    batching gain, no overhead), on the phase's own arrivals (``fcfs_mean_s``), and on ``draws`` other draws of
+    Poisson arrivals at the same rate (``fcfs_expected_mean_s``), with the share of those draws that come out lower
+    than the phase's (``arrivals_percentile``: a phase whose arrivals happened to be sparse comes out low). One
+    short phase is one draw of a random process; these say how lucky its draw was."""
+    if not services:
+        return {}
+    own = fcfs_mean(rate, seed, services)
+    others = [fcfs_mean(rate, 10_000 + i, services) for i in range(draws)]
+    return {"fcfs_mean_s": round(own, 4), "fcfs_expected_mean_s": round(sum(others) / draws, 4),
+            "arrivals_percentile": round(sum(1 for v in others if v < own) / draws, 3)}
 
 
 class FirstSteps:
@@ -161,6 +193,9 @@ async def run(args) -> dict:
                          out["lone"][scheduler]["latency_mean_s"], out["saturation"][scheduler]["throughput_img_s"])
             capacity = out["saturation"]["batch"]["throughput_img_s"]
             out["capacity_img_s"] = capacity
+            # a lone request's latency: the lower of the two schedulers' (as per size for mixed, own_lone); session 6
+            # divided by whole-batch scheduling's, the higher of the two at 1024^2 (1.09 against 1.02 s)
+            lone = min((v["latency_mean_s"] for v in out["lone"].values() if v.get("latency_mean_s")), default=None)
             for k, load in enumerate(loads):
                 rate = load * capacity
                 for scheduler in SCHEDULERS:
@@ -170,12 +205,16 @@ async def run(args) -> dict:
                            **first.take()}
                     if by_size:
                         row.update(own_lone(res, by_size, row["latency_mean_s"]))
+                    services = [min((v for v in by_size.get(f"{r.width}x{r.height}", {}).values() if v),
+                                    default=lone) for r in res]
+                    if lone and all(services):
+                        row.update(fcfs_reference(rate, k, services))
                     out["open_loop"].append(row)
-                    log.info("%s %s load %.2f (%.3f/s): mean %.3fs p95 %.3fs", workload, scheduler, load, rate,
-                             row["latency_mean_s"], row["latency_p95_s"])
-            # a lone request's latency: the lower of the two schedulers' (as per size for mixed, own_lone); session 6
-            # divided by whole-batch scheduling's, the higher of the two at 1024^2 (1.09 against 1.02 s)
-            lone = min((v["latency_mean_s"] for v in out["lone"].values() if v.get("latency_mean_s")), default=None)
+                    log.info("%s %s load %.2f (%.3f/s): mean %.3fs p95 %.3fs; a FCFS server of lone latencies: "
+                             "%.3fs on these arrivals, %.3fs expected (these arrivals at percentile %.2f)", workload,
+                             scheduler, load, rate, row["latency_mean_s"], row["latency_p95_s"],
+                             row.get("fcfs_mean_s", 0), row.get("fcfs_expected_mean_s", 0),
+                             row.get("arrivals_percentile", 0))
             at80 = {r["scheduler"]: r["latency_mean_s"] for r in out["open_loop"] if abs(r["load"] - 0.8) < 1e-9}
             if by_size:
                 out["lone_by_size"] = by_size
@@ -254,7 +293,9 @@ def main() -> int:
               f"saturation step/batch {w['target']['saturation_step_over_batch']}")
         for r in w["open_loop"]:
             print(f"  {r['scheduler']:5s} load {r['load']:.2f}: mean {r['latency_mean_s']:.3f}s "
-                  f"p95 {r['latency_p95_s']:.3f}s failed {r['failed']}")
+                  f"p95 {r['latency_p95_s']:.3f}s failed {r['failed']}; FCFS of lone latencies "
+                  f"{r.get('fcfs_mean_s', '-')}s on these arrivals, {r.get('fcfs_expected_mean_s', '-')}s expected "
+                  f"(arrivals at percentile {r.get('arrivals_percentile', '-')})")
     print(f"wrote {out / 'step_batching.json'} and {out / 'step_batching.png'}")
     return 0
 

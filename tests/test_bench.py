@@ -241,6 +241,7 @@ def test_step_batching_benchmark_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache
     for r in rows:
         assert r["failed"] == 0 and r["requests"] == 4
         assert r["mean_over_lone"] == pytest.approx(r["latency_mean_s"] / r["lone_mean_s"], abs=2e-3)
+        assert r["fcfs_mean_s"] > 0 and r["fcfs_expected_mean_s"] > 0 and 0 <= r["arrivals_percentile"] <= 1
     assert set(mixed["target"]["mean_at_80_over_own_lone"]) == {"batch", "step"}
     assert (tmp_path / "step_batching.png").stat().st_size > 0
 
@@ -256,3 +257,27 @@ def test_device_idle_metric_counts_by_cause():
     get = obs.registry.get_sample_value
     assert get("zimage_replica_device_idle_seconds_total", {"replica": "r0", "cause": "encoding"}) == 0.75
     assert get("zimage_replica_device_idle_seconds_total", {"replica": "r0", "cause": "starved"}) == 1.5
+
+
+def test_fcfs_reference_of_a_phases_arrivals():
+    """step_batching's yardstick: a FCFS server of lone latencies on open_loop's arrivals for a seed (the same
+    exponential gaps), and how those arrivals rank among other draws."""
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location("step_batching", ROOT / "benchmarks" / "step_batching.py")
+    sb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sb)
+    rng = random.Random(3)
+    gaps = [rng.expovariate(2.0) for _ in range(3)]
+    arrivals = [0.0, gaps[0], gaps[0] + gaps[1]]
+    free, total = 0.0, 0.0
+    for a, s in zip(arrivals, (1.0, 0.5, 0.25)):
+        free = max(a, free) + s
+        total += free - a
+    assert sb.fcfs_mean(2.0, 3, [1.0, 0.5, 0.25]) == pytest.approx(total / 3)
+    assert sb.fcfs_mean(1e-9, 0, [1.0, 2.0]) == pytest.approx(1.5)  # far apart: each its own service time
+    ref = sb.fcfs_reference(0.8, 0, [1.0] * 48, draws=500)
+    # 80% utilisation: expected near M/D/1's 3x in a long run, less from an empty start; seed 0 is a sparse draw
+    assert 2.0 < ref["fcfs_expected_mean_s"] < 3.2 and ref["fcfs_mean_s"] < ref["fcfs_expected_mean_s"]
+    assert 0 <= ref["arrivals_percentile"] < 0.2
