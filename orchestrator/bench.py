@@ -477,11 +477,13 @@ async def _bench(args, config: Config) -> dict:
             await closed_loop(send, RequestMaker.for_workload(workloads[-1], config, sizes, args.steps, seed=99,
                                                               **edit_opts), max(conc), args.warmup)
         runs = [("rate", args.rate)] if args.rate else [("concurrency", c) for c in conc]
-        for workload in workloads:
+        rounds = max(1, getattr(args, "repeat", 1) or 1)
+        for rnd, workload in ((r, w) for r in range(1, rounds + 1) for w in workloads):
             maker = makers[workload]
             for kind, value in runs:
                 n = args.requests if kind == "concurrency" else None
-                label = f"{workload}-{'c' if kind == 'concurrency' else 'rate'}{value}"
+                label = f"{workload}-{'c' if kind == 'concurrency' else 'rate'}{value}" + (f"-r{rnd}" if rounds > 1
+                                                                                           else "")
                 before = await server_batch_counts(client, args.http.rstrip("/")) if client is not None else None
                 with tqdm(total=n, desc=label, unit="img") as bar:
                     if kind == "concurrency":
@@ -495,7 +497,7 @@ async def _bench(args, config: Config) -> dict:
                 if before is not None:  # over HTTP the responses carry no batch ids: ask the server
                     after = await server_batch_counts(client, args.http.rstrip("/"))
                     stats.batch_sizes = batch_size_delta(before, after)
-                report["runs"].append(asdict(stats))
+                report["runs"].append({**asdict(stats), "round": rnd})
                 if workload in EDIT_KINDS and getattr(send, "kinds", None) is not None:
                     report["runs"][-1]["batches_by_kinds"] = mixed_batches(results, send.kinds)
                 log.info("%s: %.3f img/s, %.3f MP/s, p50 %.3fs, p95 %.3fs, p99 %.3fs, batches %s, stages p50 %s, "
@@ -515,7 +517,28 @@ async def _bench(args, config: Config) -> dict:
         if client is not None:
             await client.aclose()
     _ratios(report, makers)
+    phase_ratios(report)
     return report
+
+
+def phase_ratios(report: dict) -> None:
+    """Each phase's megapixels/s over the uniform phase's of the same round and concurrency (or rate)
+    (``megapixels_vs_uniform``: the realistic-traffic targets), and with several rounds (``--repeat``) per phase
+    and concurrency the ratio's mean, min and max over them (``phase_ratios``): one phase is one draw, and these
+    ratios moved by several points between runs (session 7)."""
+    uniform = {(r.get("round", 1), r["concurrency"], r["rate_rps"]): r["megapixels_s"]
+               for r in report["runs"] if r.get("workload") == "uniform"}
+    spread: dict[str, list[float]] = {}
+    for r in report["runs"]:
+        base = uniform.get((r.get("round", 1), r["concurrency"], r["rate_rps"]))
+        if not base or r.get("workload") == "uniform":
+            continue
+        r["megapixels_vs_uniform"] = round(r["megapixels_s"] / base, 4)
+        key = f"{r['workload']}-{'c' + str(r['concurrency']) if r['concurrency'] else 'rate' + str(r['rate_rps'])}"
+        spread.setdefault(key, []).append(r["megapixels_vs_uniform"])
+    if any(len(v) > 1 for v in spread.values()):
+        report["phase_ratios"] = {k: {"per_round": v, "mean": round(sum(v) / len(v), 4), "min": min(v), "max": max(v)}
+                                  for k, v in spread.items()}
 
 
 def _ratios(report: dict, makers: dict | None = None) -> None:
@@ -545,7 +568,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in report["runs"] if r["concurrency"] is not None]
+    runs = [r for r in report["runs"] if r["concurrency"] is not None and r.get("round", 1) == 1]  # --repeat: 1st
     fig, ax1 = plt.subplots(figsize=(7, 4.5))
     ax2 = ax1.twinx()
     for k, workload in enumerate(dict.fromkeys(r.get("workload", "uniform") for r in runs)):
@@ -592,6 +615,9 @@ def cmd_bench(args) -> int:
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     plot(report, out / "bench.png")
     _print_table(report)
+    for phase, v in report.get("phase_ratios", {}).items():
+        print(f"{phase}: MP/s vs uniform over {len(v['per_round'])} rounds: mean {v['mean']:.4f}, min {v['min']:.4f}, "
+              f"max {v['max']:.4f} ({', '.join(f'{x:.4f}' for x in v['per_round'])})")
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     return 0 if all(r["failed"] == 0 for r in report["runs"]) else 1
 
@@ -601,14 +627,16 @@ def _print_table(report: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"{report.get('card')} · {', '.join(report['sizes'])} · commit {report.get('commit')}")
-    for col in ("run", "img/s", "MP/s", "x baseline", "p50 s", "p95 s", "p99 s", "queue p50 s", "batches", "busy"):
+    for col in ("run", "img/s", "MP/s", "MP/s vs uniform", "x baseline", "p50 s", "p95 s", "p99 s", "queue p50 s",
+                "batches", "busy"):
         t.add_column(col)
     for size, b in report.get("baseline", {}).get("sizes", {}).items():
-        t.add_row(f"diffusers bs1 {size}", f"{b['throughput_img_s']:.3f}", "", "1.00", f"{b['latency_p50_s']:.3f}",
-                  "", "", "", "", "")
+        t.add_row(f"diffusers bs1 {size}", f"{b['throughput_img_s']:.3f}", "", "", "1.00",
+                  f"{b['latency_p50_s']:.3f}", "", "", "", "", "")
     for r in report["runs"]:
         t.add_row(r["label"], f"{r['throughput_img_s']:.3f}", f"{r['megapixels_s']:.3f}",
-                  f"{r.get('throughput_vs_baseline', '')}", f"{r['latency_p50_s']:.3f}", f"{r['latency_p95_s']:.3f}",
+                  f"{r.get('megapixels_vs_uniform', '')}", f"{r.get('throughput_vs_baseline', '')}",
+                  f"{r['latency_p50_s']:.3f}", f"{r['latency_p95_s']:.3f}",
                   f"{r['latency_p99_s']:.3f}", f"{r['queue_p50_s']:.3f}",
                   json.dumps(r["batch_sizes"]), json.dumps(r["replica_busy_fraction"]))
     Console(width=160).print(t)

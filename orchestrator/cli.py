@@ -302,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=None, help="open loop: requests per second (Poisson)")
     p.add_argument("--duration", type=float, default=30.0, help="open loop: seconds")
     p.add_argument("--requests", type=int, default=16, help="closed loop: requests per concurrency level")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run the --workload phases N times in turn on the same deployment (uniform, varied, "
+                   "uniform, varied, ...), new requests each round; reports each phase's MP/s against the uniform "
+                   "phase of its round, and the mean and spread of that ratio over the rounds")
     p.add_argument("--warmup", type=int, default=4, help="requests sent first and not counted")
     p.add_argument("--sizes", default=None, help="WxH[,WxH...]: one size, or a mix drawn at random (default: the "
                    "config's default size; with --http and no config, the server's)")

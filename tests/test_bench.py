@@ -111,7 +111,7 @@ runs:
     machine: cpu
     timeout_s: 240
     bench: --set model.cache_dir={tiny_cache} --set defaults.width=64 --set defaults.height=64
-      --workload uniform,mixed --sizes 64x64,32x48 --concurrency 2 --requests 4 --warmup 1
+      --workload uniform,mixed --sizes 64x64,32x48 --concurrency 2 --requests 4 --warmup 1 --repeat 2
   hello:
     timeout_s: 30
     script: -c "import sys, pathlib; pathlib.Path('{{out}}/hi.txt').write_text('ok')"
@@ -124,7 +124,10 @@ groups:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "cpu-short" / "bench.json").read_text())
-    assert report["label"] == "cpu-short" and [r["workload"] for r in report["runs"]] == ["uniform", "mixed"]
+    assert report["label"] == "cpu-short"
+    assert [(r["workload"], r["round"]) for r in report["runs"]] == [("uniform", 1), ("mixed", 1), ("uniform", 2),
+                                                                      ("mixed", 2)]
+    assert len(report["phase_ratios"]["mixed-c2"]["per_round"]) == 2  # --repeat 2: the ratio in each round
     assert all(r["failed"] == 0 and r["megapixels_s"] > 0 for r in report["runs"])
     assert (out / "hello" / "hi.txt").read_text() == "ok" and "summary:" in proc.stdout
 
@@ -281,3 +284,24 @@ def test_fcfs_reference_of_a_phases_arrivals():
     # 80% utilisation: expected near M/D/1's 3x in a long run, less from an empty start; seed 0 is a sparse draw
     assert 2.0 < ref["fcfs_expected_mean_s"] < 3.2 and ref["fcfs_mean_s"] < ref["fcfs_expected_mean_s"]
     assert 0 <= ref["arrivals_percentile"] < 0.2
+
+
+def test_phase_ratios_against_the_uniform_phase_of_each_round():
+    """--repeat: each phase's MP/s over the uniform phase's of its own round and concurrency, and the spread over
+    rounds."""
+    from orchestrator.bench import phase_ratios
+
+    def run(workload, rnd, mp, conc=8):
+        return {"workload": workload, "round": rnd, "concurrency": conc, "rate_rps": None, "megapixels_s": mp}
+
+    report = {"runs": [run("uniform", 1, 1.6), run("varied", 1, 1.5), run("mixed", 1, 1.6),
+                       run("uniform", 2, 1.5), run("varied", 2, 1.5), run("mixed", 2, 1.35),
+                       run("uniform", 1, 0.5, conc=1), run("varied", 1, 0.45, conc=1)]}
+    phase_ratios(report)
+    assert [r.get("megapixels_vs_uniform") for r in report["runs"]] == [None, 0.9375, 1.0, None, 1.0, 0.9, None, 0.9]
+    assert report["phase_ratios"]["varied-c8"] == {"per_round": [0.9375, 1.0], "mean": 0.9688, "min": 0.9375,
+                                                   "max": 1.0}
+    assert report["phase_ratios"]["varied-c1"]["per_round"] == [0.9]
+    one = {"runs": [run("uniform", 1, 1.0), run("varied", 1, 0.97)]}
+    phase_ratios(one)
+    assert one["runs"][1]["megapixels_vs_uniform"] == 0.97 and "phase_ratios" not in one
