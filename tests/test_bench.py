@@ -305,3 +305,39 @@ def test_phase_ratios_against_the_uniform_phase_of_each_round():
     one = {"runs": [run("uniform", 1, 1.0), run("varied", 1, 0.97)]}
     phase_ratios(one)
     assert one["runs"][1]["megapixels_vs_uniform"] == 0.97 and "phase_ratios" not in one
+
+
+def test_scheduling_model_runs_the_real_join_policy():
+    """benchmarks/simulate_scheduling.py: a model (not a measurement) of one replica under Poisson arrivals. Alone,
+    a request takes its lone latency under either scheduler; the step loop's admission is StepLoop._admit's, so a
+    policy that never joins runs sets one after another and one that always joins shares every step; at 80% of
+    capacity at 1024^2 no policy brings the expected mean near 1.5x the lone latency (batching gains little)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("simulate_scheduling", ROOT / "benchmarks" / "simulate_scheduling.py")
+    sim = importlib.util.module_from_spec(spec)
+    sys.modules["simulate_scheduling"] = sim  # its dataclasses look their module up
+    spec.loader.exec_module(sim)
+    model = sim.Model()
+    sizes = sim.SIZES["1024"]
+    sparse = sim.requests(model, sizes, 0.01, 5, 1)  # 100 s apart: each alone
+    sim.step_level(model, sparse, sim.POLICIES["default"])
+    assert all(abs((r.done - r.arrival) - model.lone(r)) < 1e-6 for r in sparse)
+    sparse = sim.requests(model, sizes, 0.01, 5, 1)
+    sim.whole_batch(model, sparse)
+    assert all(abs((r.done - r.arrival) - model.lone(r)) < 1e-6 for r in sparse)
+    # two requests 1 s apart: never joining runs the second after the first; always joining shares the steps
+    pair = [sim.Req(0, 0.0, 1024 * 1024, 4300), sim.Req(1, 1.0, 1024 * 1024, 4300)]
+    sim.step_level(model, pair, sim.POLICIES["fcfs-sets"])
+    first_end = pair[0].done
+    assert pair[1].done - first_end >= model.steps * model.step([4300]) - 1e-9
+    pair = [sim.Req(0, 0.0, 1024 * 1024, 4300), sim.Req(1, 0.3, 1024 * 1024, 4300)]
+    sim.step_level(model, pair, sim.POLICIES["join-all"])
+    assert pair[1].done - pair[0].done < model.steps * model.step([4300]) / 2
+    args = ["--workload", "1024", "--loads", "0.8", "--draws", "20", "--requests", "32",
+            "--policies", "default,fcfs-sets,join-all"]
+    report = sim.run(sim.parse_args(args))
+    rows = report["workloads"]["1024"]["rows"]
+    assert [r["scheduler"] for r in rows] == ["batch", "step", "step", "step"]
+    assert all(r["mean_over_lone"] > 1.8 for r in rows)
+
