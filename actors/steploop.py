@@ -333,12 +333,10 @@ class StepLoop:
         self.stats.joins += joined
         self.stats.last_joined = joined
         self.stats.running = len(running)
+        self.stats.steps += 1  # (before the step: its hooks' progress events carry its own count)
         self._run_step(running)
-        self.stats.steps += 1
         if self.on_step_done is not None:
             self.on_step_done(self.stats)
-        groups = list(dict.fromkeys(s.group for s in running))
-        self.run(lambda: self._report(groups))  # the hooks read the step's results on the step's stream
 
     @staticmethod
     def _report(groups: list[Group]) -> None:
@@ -388,6 +386,9 @@ class StepLoop:
             self._step(samples)
             if any(s.done for s in samples):  # their callers decode on other streams: hand over finished work
                 _sync(self.engine.devices["transformer"])
+            # the calls' hooks read the step's results on the step's thread and stream, in the same trip (a hook's
+            # failure fails its call, not the step)
+            self._report(list(dict.fromkeys(s.group for s in samples)))
 
         try:
             self.run(step)

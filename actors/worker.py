@@ -518,18 +518,16 @@ class PipelineWorker:
         held = contextlib.ExitStack()
 
         def run(stage, fn, *args, **kwargs):
-            if stage == "denoise" and not held_now:
+            if stage == "denoise" and not gaps:  # the first denoise stage takes the devices
                 ready = time.perf_counter()
                 held.enter_context(self._device_lock)
                 took = time.perf_counter()
                 held.callback(self._devices_released)  # runs before the lock's release (last in, first out)
-                held_now.append(True)
                 gaps.update(device_wait_s=took - ready, **_idle_before(self._released_at, arrived, ready, took))
                 if self._fault is not None:
                     self._fault(batch)
             return self._stages.run(stage, fn, *args, **kwargs)
 
-        held_now: list[bool] = []
         with held:
             yield run
 

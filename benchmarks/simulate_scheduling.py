@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from orchestrator.bench import poisson_arrivals  # noqa: E402
 from orchestrator.messages import JoinPolicy  # noqa: E402
 
 SIZES = {"512": [(512, 512)], "1024": [(1024, 1024)],
@@ -113,15 +114,14 @@ class Sample:
 
 
 def requests(model: Model, sizes: list[tuple[int, int]], rate: float, n: int, seed: int) -> list[Req]:
-    """``open_loop``'s arrivals for ``seed`` (the first at 0, then exponential gaps), sizes and captions drawn from
-    another stream of the same seed."""
-    gaps, draw = random.Random(seed), random.Random(seed + 7919)
-    out, t = [], 0.0
-    for i in range(n):
+    """``open_loop``'s arrivals for ``seed`` (``poisson_arrivals``), sizes and captions drawn from another stream of
+    the same seed."""
+    draw = random.Random(seed + 7919)
+    out = []
+    for i, t in enumerate(poisson_arrivals(rate, n, seed)):
         w, h = draw.choice(sizes)
         cap = -(-draw.randint(*model.caption) // 32) * 32
         out.append(Req(i, t, w * h, (w // 16) * (h // 16) + cap))
-        t += gaps.expovariate(rate)
     return out
 
 

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import logging
-import random
 import sys
 import time
 from collections import Counter
@@ -47,6 +46,7 @@ from orchestrator.bench import (  # noqa: E402
     closed_loop,
     open_loop,
     percentile,
+    poisson_arrivals,
 )
 from orchestrator.config import load_config  # noqa: E402
 
@@ -89,14 +89,11 @@ def own_lone(results: list, by_size: dict, mean: float) -> dict:
 
 def fcfs_mean(rate: float, seed: int, services: list[float]) -> float:
     """Mean response time of one first-come-first-served server in which request i takes ``services[i]`` seconds,
-    for the arrivals ``open_loop(rate, n=len(services), seed=seed)`` makes (the first at 0, then its exponential
-    gaps from ``random.Random(seed)``, drawn the same way)."""
-    rng = random.Random(seed)
-    t = free = total = 0.0
-    for s in services:
+    for the arrivals ``open_loop(rate, n=len(services), seed=seed)`` makes (``poisson_arrivals``)."""
+    free = total = 0.0
+    for t, s in zip(poisson_arrivals(rate, len(services), seed), services):
         free = max(t, free) + s
         total += free - t
-        t += rng.expovariate(rate)
     return total / len(services) if services else 0.0
 
 

@@ -228,19 +228,37 @@ def steady_throughput(done_at: list[float], concurrency: int) -> float | None:
     return round((len(done_at) - concurrency) / span, 4) if span > 0 else None
 
 
+def poisson_gaps(rate: float, seed: int):
+    """The gaps between Poisson arrivals at ``rate`` per second, from ``seed``: ``open_loop`` waits each one after a
+    send, so the same seed gives the same arrivals (``poisson_arrivals``)."""
+    rng = random.Random(seed)
+    while True:
+        yield rng.expovariate(rate)
+
+
+def poisson_arrivals(rate: float, n: int, seed: int) -> list[float]:
+    """The send times ``open_loop(rate, n=n, seed=seed)`` aims at: the first at 0, then ``poisson_gaps``'s."""
+    gaps = poisson_gaps(rate, seed)
+    out, t = [], 0.0
+    for _ in range(n):
+        out.append(t)
+        t += next(gaps)
+    return out
+
+
 async def open_loop(send, maker: RequestMaker, rate: float, duration: float | None = None, bar=None,
                     n: int | None = None, seed: int = 1) -> tuple[list, float]:
-    """Poisson arrivals at ``rate`` per second (exponential gaps from ``seed``: the same arrivals for the same seed)
+    """Poisson arrivals at ``rate`` per second (``poisson_gaps`` from ``seed``: the same arrivals for the same seed)
     for ``duration`` seconds and/or ``n`` requests; returns the results and the seconds from the first send to the
     last answer."""
-    rng = random.Random(seed)
+    gaps = poisson_gaps(rate, seed)
     tasks = []
     t0 = time.perf_counter()
     while (n is None or len(tasks) < n) and (duration is None or time.perf_counter() - t0 < duration):
         tasks.append(asyncio.ensure_future(send(maker.params())))
         if bar is not None:
             tasks[-1].add_done_callback(lambda _: bar.update(1))
-        await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.sleep(next(gaps))
     results = await asyncio.gather(*tasks)
     return list(results), time.perf_counter() - t0
 
@@ -482,8 +500,9 @@ async def _bench(args, config: Config) -> dict:
             maker = makers[workload]
             for kind, value in runs:
                 n = args.requests if kind == "concurrency" else None
-                label = f"{workload}-{'c' if kind == 'concurrency' else 'rate'}{value}" + (f"-r{rnd}" if rounds > 1
-                                                                                           else "")
+                label = f"{workload}-{'c' if kind == 'concurrency' else 'rate'}{value}"
+                if rounds > 1:
+                    label += f"-r{rnd}"
                 before = await server_batch_counts(client, args.http.rstrip("/")) if client is not None else None
                 with tqdm(total=n, desc=label, unit="img") as bar:
                     if kind == "concurrency":

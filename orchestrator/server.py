@@ -40,6 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .config import Config, load_config
 from .errors import InvalidRequestError, QueueFullError, ZImageError
@@ -501,12 +502,14 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
     return app
 
 
+class _InMemoryParser(MultiPartParser):
+    spool_max_size = 1 << 40  # the body is in memory already (within limits): no round trip through a disk file
+
+
 async def parse_multipart(headers, body: bytes) -> tuple[dict, dict]:
     """An edit's multipart body -> (text fields, ``{"image": [bytes, ...], "mask": bytes | None}``, plus
     ``control_image`` when sent). ``image`` and ``image[]`` (the official client's name for an array) both collect
     into ``image``. Up to 16 images, a mask and a control image: ``MAX_IMAGES + 2`` files."""
-    from starlette.formparsers import MultiPartException, MultiPartParser
-
     from .image_input import MAX_IMAGES
 
     ctype = headers.get("content-type", "")
@@ -517,11 +520,8 @@ async def parse_multipart(headers, body: bytes) -> tuple[dict, dict]:
     async def chunks():
         yield body
 
-    class InMemory(MultiPartParser):
-        spool_max_size = 1 << 40  # the body is in memory already (within limits): no round trip through a disk file
-
     try:
-        form = await InMemory(headers, chunks(), max_files=MAX_IMAGES + 2, max_fields=64,
+        form = await _InMemoryParser(headers, chunks(), max_files=MAX_IMAGES + 2, max_fields=64,
                               max_part_size=1024 * 1024).parse()
     except MultiPartException as e:
         raise InvalidRequestError(f"the multipart body cannot be read: {e.message}") from None
