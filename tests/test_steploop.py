@@ -130,8 +130,17 @@ def test_out_of_memory_shrinks_the_running_set_and_everyone_finishes(worker):
     try:
         reqs = [ImageRequest(f"o{i}", f"prompt {i}", i, 32, 32, 3, 0.0) for i in range(3)]
         before = worker.loop_stats().get("oom_shrinks", 0)
+        loop = worker._step_loop()
         with ThreadPoolExecutor(3) as pool:
-            outs = list(pool.map(worker.run_batch, [Batch(40 + i, (r,), joinable=True) for i, r in enumerate(reqs)]))
+            # the loop's steps wait for the devices until all three calls are in it, so they share a step (without
+            # this, on a fast machine each call could finish its three steps before the next one's encode ends)
+            with worker._device_lock:
+                futures = [pool.submit(worker.run_batch, Batch(40 + i, (r,), joinable=True))
+                           for i, r in enumerate(reqs)]
+                deadline = time.monotonic() + 30
+                while len(loop._waiting) + len(loop._running) < 3 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            outs = [f.result() for f in futures]
     finally:
         worker.inject_fault(None)
     assert all(o.results[0].ok for o in outs), [o.results[0].error for o in outs]
