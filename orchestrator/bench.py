@@ -72,11 +72,23 @@ class RunStats:
     # was at the replica, its encode not done) and "starved" (no batch had reached the replica); whole-batch calls
     # without stage pipelining only (StageTimes.idle_encoding_s, idle_starved_s)
     device_idle_s: dict[str, float] = field(default_factory=dict)
+    # every batch of the phase in the order the replicas ran them: its replica, size and stage seconds (with the
+    # idle time before it), so a phase's slow batches show apart from its typical one
+    batch_stages: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     workload: str = "uniform"
     # closed loop: images/s between the concurrency-th completion and the last (the ramp-up's first round of
     # requests and its start-up excluded), beside the whole phase's; None where the phase is too short for it
     steady_img_s: float | None = None
+
+
+def _batch_record(r: ImageResult) -> dict:
+    st = r.stage_times
+    rec = {"batch": r.batch_id, "replica": r.replica_id, "size": r.batch_size}
+    for name in ("encode_s", "denoise_s", "decode_s", "total_s", "device_wait_s", "idle_encoding_s",
+                 "idle_starved_s"):
+        rec[name] = round(getattr(st, name), 4)
+    return rec
 
 
 def summarize(label: str, results: list[ImageResult], elapsed: float, concurrency=None, rate=None,
@@ -113,6 +125,7 @@ def summarize(label: str, results: list[ImageResult], elapsed: float, concurrenc
         replica_busy_fraction={k: round(v / elapsed, 3) for k, v in sorted(busy.items())} if elapsed else {},
         stage_p50_s=stage,
         device_idle_s=idle,
+        batch_stages=[_batch_record(b) for b in sorted(batches.values(), key=lambda b: b.batch_id)],
         errors=sorted({f"{r.error_type}: {r.error}" for r in results if not r.ok})[:5],
         workload=workload,
     )

@@ -98,7 +98,12 @@ def test_device_idle_is_summed_without_each_replicas_first_batch():
 
     rs = [res(0, "r0", 3, 5.0, 9.0), res(1, "r0", 4, 0.25, 0.0), res(2, "r0", 6, 0.0, 0.5),
           res(3, "r1", 5, 7.0, 7.0), res(4, "r1", 7, 0.125, 0.0)]
-    assert summarize("t", rs, elapsed=10.0).device_idle_s == {"encoding": 0.375, "starved": 0.5}
+    s = summarize("t", rs, elapsed=10.0)
+    assert s.device_idle_s == {"encoding": 0.375, "starved": 0.5}
+    # every batch is in the report, in batch order, with its stage times and the idle time before it
+    assert [(b["batch"], b["replica"], b["idle_encoding_s"]) for b in s.batch_stages] == [
+        (3, "r0", 5.0), (4, "r0", 0.25), (5, "r1", 7.0), (6, "r0", 0.0), (7, "r1", 0.125)]
+    assert s.batch_stages[0]["denoise_s"] == 1 and s.batch_stages[0]["total_s"] == 1.2
 
 
 @pytest.mark.slow
