@@ -17,8 +17,9 @@ Policy:
   batch only once that work nears its end (``partial_after``, the router's estimate); a full batch it takes at
   once. Requests arriving while it is busy gather into one full batch instead of being locked into a small one
   that would wait on the replica anyway (closed-loop clients whose responses come back spread out, as over
-  HTTP, otherwise halve the batch size). The queued batch still arrives before the running one finishes, so
-  encode and decode keep overlapping the neighbouring denoise.
+  HTTP, otherwise halve the batch size). The queued batch still arrives early enough to be encoded before the
+  running one finishes (the router's lead covers the replica's recent encode times), so encode and decode keep
+  overlapping the neighbouring denoise.
 - A free replica takes the oldest ready group it can serve (its plan's largest image and token budget); if no
   group is ready, it waits until the earliest one will be (``next_deadline``). So no replica idles past max_wait
   while work it can serve is queued.

@@ -328,3 +328,25 @@ def test_only_the_head_batch_returning_restarts_the_estimate_of_a_replicas_work(
     assert work.partial_after("a") == pytest.approx(14.0 + 4.0 - 1.0)
     work.returned("a", 2, 17.0)
     assert work.partial_after("a") is None
+
+
+def test_the_lead_for_a_partial_batch_covers_the_replicas_recent_encodes():
+    """A partial batch goes early enough to be encoded before the replica's devices come free: the lead is a
+    quarter of the last batch's expected time plus twice the replica's moving average of its encode times (an
+    encode beside a running batch takes several times its time alone, and varies)."""
+    from orchestrator.messages import Batch
+    from orchestrator.router import BatchTimer, ReplicaWork
+
+    timer = BatchTimer(RouterConfig())
+    batch = lambda i: Batch(i, (req(i),))  # noqa: E731
+    timer.observe("a", batch(0), 4.0)  # no encode time reported (a remote encoder, a failed batch): no cover
+    work = ReplicaWork(timer)
+    work.dispatched("a", batch(1), 10.0)
+    assert work.partial_after("a") == pytest.approx(10.0 + 4.0 - 1.0)
+    timer.observe("a", batch(0), 4.0, encode_s=0.5)
+    assert timer.encode_expected("a") == 0.5
+    assert work.partial_after("a") == pytest.approx(10.0 + 4.0 - 1.0 - 2 * 0.5)
+    timer.observe("a", batch(0), 4.0, encode_s=1.5)  # a slow one moves the average by a fifth of the difference
+    assert timer.encode_expected("a") == pytest.approx(0.7)
+    assert work.partial_after("a") == pytest.approx(10.0 + 4.0 - 1.0 - 2 * 0.7)
+    assert timer.encode_expected("b") == 0.0  # per replica
