@@ -122,6 +122,7 @@ class PipelineWorker:
         self.images_run = 0
         self.load_s = 0.0
         self.warmup_s = 0.0
+        self.startup_s: dict[str, float] = {}  # ReplicaHealth.startup_s
         self._fault = None  # test hook: see inject_fault
         self._fault_kind: str | None = None
         self.max_batch_tokens = max_batch_tokens
@@ -155,6 +156,13 @@ class PipelineWorker:
             return self.health()
 
     def _start(self) -> None:
+        mark = [time.perf_counter()]
+
+        def phase(name: str) -> None:  # the seconds since the last phase ended, as this phase's
+            now = time.perf_counter()
+            self.startup_s[name] = round(now - mark[0], 3)
+            mark[0] = now
+
         import torch
 
         from .engine import ZImageEngine
@@ -178,9 +186,11 @@ class PipelineWorker:
                  self.load_s)
         self.engine = ZImageEngine(comps, devices, dtype, remote_encode=self.encoder,
                                    attention=self.model_cfg.attention)
+        phase("load")
         self.make_stage_streams()
         self._apply_speed_options()
         self._load_loras()
+        phase("speed_options")
         if self.warmup_spec is not None:
             from .engine import Sample
 
@@ -193,6 +203,7 @@ class PipelineWorker:
             for batch in batches:  # on the stage threads that will serve
                 self.engine.generate([Sample(p, i, w, h) for i, (w, h, p) in enumerate(batch)],
                                      spec.num_inference_steps, stage_run=self._stages.run)
+            phase("warmup_batches")
             if self.engine.controlnet is not None:  # [controlnet] its blocks' graphs, and the control path
                 import numpy as np
 
@@ -202,6 +213,7 @@ class PipelineWorker:
                                      spec.num_inference_steps, stage_run=self._stages.run)
             if self.engine.loras is not None and self.model_cfg.compile and torch.cuda.is_available():
                 self._warm_up_loras(spec)
+            phase("warmup_extra")
             # attention's per-shape plans (cuDNN) for every sample length of the warm-up sizes, any caption length
             t1 = time.perf_counter()
             sizes = sorted({(w, h) for batch in spec.batches() for w, h, _ in batch})  # within the replica's plan
@@ -210,6 +222,7 @@ class PipelineWorker:
             if n:
                 log.info("replica %s: attention plans for %d sequence lengths in %.1fs", self.replica_id, n,
                          time.perf_counter() - t1)
+            phase("attention_plans")
             self.warmup_s = time.perf_counter() - t0
             log.info("replica %s: warmed up in %.1fs (%d batches)", self.replica_id, self.warmup_s, len(batches))
         self.compiles_warmup = _graphs_compiled()
@@ -365,6 +378,7 @@ class PipelineWorker:
             compiles_warmup=self.compiles_warmup,
             compiles_after_ready=_graphs_compiled() - self._compiles_at_ready if self._ready else 0,
             max_side=max_image_side(self.engine) if self.engine is not None else 0,
+            startup_s=dict(self.startup_s),
         )
 
     def pid(self) -> int:

@@ -497,10 +497,14 @@ async def _bench(args, config: Config) -> dict:
         t0 = time.perf_counter()
         dep = await Deployment.start(config)
         report["startup_s"] = round(time.perf_counter() - t0, 2)
+        # where the start-up went: the deployment's phases, and each replica's own (ReplicaHealth.startup_s)
+        report["startup_phases_s"] = {k: round(v, 2) for k, v in dep.startup_s.items()}
+        log.info("ready in %.1fs: %s; replicas: %s", report["startup_s"], report["startup_phases_s"],
+                 {rid: h.startup_s for rid, h in dep.health.items()})
         report["plan"] = dep.plan.to_dict()
         report["replicas"] = {rid: {"device_map": h.device_map, "dtype": h.dtype, "load_s": round(h.load_s, 2),
                                     "warmup_s": round(h.warmup_s, 2), "numerics": h.numerics,
-                                    "compiles_warmup": h.compiles_warmup}
+                                    "compiles_warmup": h.compiles_warmup, "startup_s": h.startup_s}
                               for rid, h in dep.health.items()}
         send = api_sender(dep)
     try:

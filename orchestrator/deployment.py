@@ -17,6 +17,7 @@ import asyncio
 import contextvars
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -132,6 +133,9 @@ class Deployment:
         # Ray names (actors, placement groups) carry this, so deployments sharing a namespace never collide.
         self.deployment_id = uuid.uuid4().hex[:8]
         self.ready = False
+        # seconds of each start-up phase, in order: "connect" (Ray), "inventory" (the GPUs' memory), "replicas"
+        # (from placing them to every one ready; each replica's own phases are in its health's startup_s)
+        self.startup_s: dict[str, float] = {}
         # LoRA adapters every replica holds: the configured ones (loaded at start-up from model.loras) and those
         # registered at runtime (re-registered on a replica that restarts, before it is live again).
         self.lora_specs: dict[str, LoraSpec] = {s.name: s for s in config.model.loras}
@@ -154,7 +158,9 @@ class Deployment:
         declared = declared_inventory(cfg)
         if declared is not None:
             plan_for(cfg, declared)  # fail on an impossible config before touching Ray or a GPU
+        t0 = time.perf_counter()
         backend.connect(cfg.cluster)
+        self.startup_s["connect"] = time.perf_counter() - t0
         if cfg.cluster.wait_for_gpus:
             nodes = await backend.wait_for_gpus(cfg.cluster.wait_for_gpus, cfg.cluster.wait_timeout_s)
         else:
@@ -167,6 +173,7 @@ class Deployment:
             mem[node.name] = cfg.cluster.gpu_memory_gib or await asyncio.to_thread(backend.probe_gpu_memory_gib,
                                                                                     node)
         inventory = Inventory.from_nodes([(n.name, n.gpus, mem[n.name]) for n in nodes])
+        self.startup_s["inventory"] = time.perf_counter() - t0 - self.startup_s["connect"]
         self.plan = plan_for(cfg, inventory)
         by_name = {n.name: n for n in nodes}
         d = cfg.deployment
@@ -206,12 +213,14 @@ class Deployment:
 
         # Replicas that host a shared text encoder warm up first: the ones borrowing it encode through them.
         borrowing = {rp.replica_id for rp in self.plan.replicas if rp.encoder_replica}
+        t1 = time.perf_counter()
         try:
             for phase in (False, True):
                 await asyncio.gather(*(start_one(rid) for rid in replicas.replicas if (rid in borrowing) == phase))
         except BaseException:
             await self.shutdown()
             raise
+        self.startup_s["replicas"] = time.perf_counter() - t1
         self.router = Router(replicas, cfg.router, clock=self.clock, observer=self.observer,
                              max_inflight_batches=d.max_inflight_batches,
                              max_batch_adapters=cfg.model.lora_slots or None)

@@ -294,6 +294,11 @@ class ReplicaHealth:
     compiles_warmup: int = 0  # graphs torch.compile built before ready
     compiles_after_ready: int = 0  # graphs built while serving (the goal is none)
     max_side: int = 0  # longest image side the model's position table can place, in pixels (0: unknown)
+    # seconds of each phase of the replica's start, in order (actors/worker.py PipelineWorker._start): "load" (the
+    # devices and the weights), "speed_options" (quantization with its numerics check, compile set-up, LoRA),
+    # "warmup_batches", "warmup_extra" (ControlNet's and LoRA's warm-up), "attention_plans"; the time before
+    # them (the process and its imports) is the deployment's "replicas" phase less their sum
+    startup_s: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

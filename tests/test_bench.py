@@ -29,8 +29,17 @@ def test_bench_cpu_short_run(tmp_path, tiny_cache):
         assert set(run["stage_p50_s"]) == {"encode_s", "image_encode_s", "denoise_s", "decode_s", "total_s",
                                            "device_wait_s"}
         assert set(run["device_idle_s"]) == {"encoding", "starved"}
+        assert [b["batch"] for b in run["batch_stages"]] == sorted(b["batch"] for b in run["batch_stages"])
     assert max(int(k) for k in c4["batch_sizes"]) > 1
     assert (out / "bench.png").stat().st_size > 1000
+    # where the start-up went: the deployment's phases add up to no more than the whole, and the replica's own
+    # phases (a warm-up on the CPU: its batches, no attention plans to build) to no more than the replicas' phase
+    phases = report["startup_phases_s"]
+    assert list(phases) == ["connect", "inventory", "replicas"] and sum(phases.values()) <= report["startup_s"]
+    for replica in report["replicas"].values():  # (one per logical GPU; they start side by side)
+        own = replica["startup_s"]
+        assert list(own) == ["load", "speed_options", "warmup_batches", "warmup_extra", "attention_plans"]
+        assert own["warmup_batches"] > 0 and sum(own.values()) <= phases["replicas"]
 
 
 @pytest.mark.slow
