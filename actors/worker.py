@@ -237,9 +237,10 @@ class PipelineWorker:
     def make_stage_streams(self) -> None:
         """A CUDA stream per stage with stage pipelining; without it only the encode stage's (for serving other
         replicas' encodes beside this replica's batch). The encode's stream has the higher priority: its kernels are
-        small and a batch waits on it, so the GPU schedules them ahead of the running denoise's big ones as soon as
-        SMs come free, instead of interleaving them (an encode beside a denoise took 2-10x its time alone, H100,
-        session 8); the denoise loses no more than the encode's own GPU time."""
+        small and a batch waits on it, so the GPU may schedule their blocks ahead of the running denoise's as SMs
+        come free (an encode beside a denoise took 2-10x its time alone, H100, session 8); the denoise loses no
+        more than the encode's own GPU time. Its own effect is not measured: it came with the router's longer lead
+        (``ReplicaWork.ENCODE_COVER``), which made the encodes start earlier, and they did not get shorter."""
         import torch
 
         if not torch.cuda.is_available():
