@@ -201,8 +201,12 @@ class PipelineWorker:
             if not (self.model_cfg.compile and torch.cuda.is_available()):
                 batches = batches[:1]  # nothing to compile: one image shows the replica works
             for batch in batches:  # on the stage threads that will serve
-                self.engine.generate([Sample(p, i, w, h) for i, (w, h, p) in enumerate(batch)],
-                                     spec.num_inference_steps, stage_run=self._stages.run)
+                _, st = self.engine.generate([Sample(p, i, w, h) for i, (w, h, p) in enumerate(batch)],
+                                             spec.num_inference_steps, stage_run=self._stages.run)
+                # where a warm start goes: the denoise holds the transformer's graphs (traced, then compiled or
+                # loaded from the cache), the decode the VAE decoder's graph for each new size
+                log.info("replica %s: warm-up batch %s: encode %.1fs, denoise %.1fs, decode %.1fs", self.replica_id,
+                         ", ".join(f"{w}x{h}" for w, h, _ in batch), st.encode_s, st.denoise_s, st.decode_s)
             phase("warmup_batches")
             if self.engine.controlnet is not None:  # [controlnet] its blocks' graphs, and the control path
                 import numpy as np
