@@ -72,7 +72,7 @@ class RunStats:
     # was at the replica, its encode not done) and "starved" (no batch had reached the replica); whole-batch calls
     # without stage pipelining only (StageTimes.idle_encoding_s, idle_starved_s)
     device_idle_s: dict[str, float] = field(default_factory=dict)
-    # every batch of the phase in the order the replicas ran them: its replica, size and stage seconds (with the
+    # every batch of the phase in dispatch order: its replica, size and stage seconds (with the
     # idle time before it), so a phase's slow batches show apart from its typical one
     batch_stages: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)

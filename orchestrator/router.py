@@ -139,7 +139,7 @@ class ReplicaWork:
     lead is ``LEAD`` (a quarter) of the last outstanding batch's expected time plus ``ENCODE_COVER`` times the
     replica's recent encode time. The batch sent then must be encoded before the devices come free: its encode runs
     beside the running batch, and there it takes several times its time alone and varies from batch to batch (H100,
-    fp8, 1024^2, four prompts of 3-160 words: 0.10-1.43 s, p50 0.36 s, against 0.11-0.14 s alone). With a quarter
+    fp8, 1024^2, four prompts of 3-160 words: 0.11-1.43 s, p50 0.46 s, against 0.11-0.14 s alone). With a quarter
     alone, batches of long prompts reached the replica too late and it stood idle 0.2 s a batch waiting for their
     encodes (session 8)."""
 
