@@ -241,6 +241,23 @@ def test_probe_step_decode_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
 
 
 @pytest.mark.slow
+def test_probe_encode_overlap_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
+    """The encode-overlap diagnosis (benchmarks/probe_encode_overlap.py) with the toy model: encodes alone of both
+    kinds, and every phase's batches with their denoise times (and one batch alone after it)."""
+    out = tmp_path / "peo.json"
+    cmd = [sys.executable, "benchmarks/probe_encode_overlap.py", str(out), "--tiny", "--set",
+           f"model.cache_dir={tiny_cache}", "--batches", "2", "--alone", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    phases = json.loads(out.read_text())["phases"]
+    assert list(phases) == ["alone", "beside", "beside-switch", "beside-synced"]
+    assert {k: v["summary"]["n"] for k, v in phases["alone"].items()} == {"short": 2, "varied": 2}
+    for name in ("beside", "beside-switch", "beside-synced"):
+        assert len(phases[name]["batches"]) == 2 and all(b["denoise_s"] > 0 for b in phases[name]["batches"])
+        assert phases[name]["batch_alone"]["denoise_s"] > 0
+
+
+@pytest.mark.slow
 def test_step_batching_benchmark_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
     """benchmarks/step_batching.py with the toy model on a local Ray: both schedulers, every load, no failure; the
     mixed workload's lone latency per size, and each phase's mean against its own requests' sizes' lone latency."""
