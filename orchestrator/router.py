@@ -101,7 +101,7 @@ class BatchTimer:
         self.floor = config.hang_min_s
         self.first = config.first_batch_timeout_s
         self._rate: dict[str, float] = {}
-        self._encode: dict[str, float] = {}  # replica -> seconds of a batch's text encode (moving average)
+        self._encode: dict[str, float] = {}  # replica -> seconds of a batch's encodes (moving average)
 
     @staticmethod
     def work(batch: Batch) -> float:
@@ -127,7 +127,8 @@ class BatchTimer:
             self._encode[replica_id] = encode_s if old is None else 0.8 * old + 0.2 * encode_s
 
     def encode_expected(self, replica_id: str) -> float:
-        """The replica's recent text-encode time per batch (0 before one has been timed)."""
+        """The replica's recent encode time per batch, its prompts' and any input images' (0 before one has been
+        timed): the work a batch does before it needs the devices."""
         return self._encode.get(replica_id, 0.0)
 
 
@@ -456,8 +457,9 @@ class Router:
                                    f"(router.hang_factor x expected, at least router.hang_min_s)")
         out = run.result()
         if out.results and all(r.ok for r in out.results):
-            self.timer.observe(replica.replica_id, batch, out.stage_times.total_s or self.clock.now() - started,
-                               out.stage_times.encode_s)
+            st = out.stage_times  # (an edit's input images are encoded before its denoise too)
+            self.timer.observe(replica.replica_id, batch, st.total_s or self.clock.now() - started,
+                               st.encode_s + st.image_encode_s)
         return out
 
     def _deliver(self, batch: Batch, pendings: list[Pending], out: BatchResult) -> None:

@@ -24,6 +24,7 @@ class FakeReplica:
         self.fail_with = None  # an exception to raise from run
         self.error_type = None  # or make every result fail with this error type
         self.oom_above = None
+        self.stage_times = StageTimes()  # the batch's, as a replica reports them
 
     async def run(self, batch):
         self.batches.append(batch)
@@ -46,7 +47,7 @@ class FakeReplica:
                 image=fake_image(r) if kind is None else None,
                 error=None if kind is None else f"fake {kind}", error_type=kind,
                 stage_times=StageTimes(total_s=0.0)))
-        return BatchResult(batch.batch_id, self.replica_id, tuple(results))
+        return BatchResult(batch.batch_id, self.replica_id, tuple(results), self.stage_times)
 
     def release(self, n=1):
         for _ in range(n):

@@ -350,3 +350,21 @@ def test_the_lead_for_a_partial_batch_covers_the_replicas_recent_encodes():
     assert timer.encode_expected("a") == pytest.approx(0.7)
     assert work.partial_after("a") == pytest.approx(10.0 + 4.0 - 1.0 - 2 * 0.7)
     assert timer.encode_expected("b") == 0.0  # per replica
+
+
+async def test_the_router_learns_each_replicas_encode_time_from_its_batches(clock):
+    """The lead's encode time comes from the batches' own stage times: the prompts' encode plus any input images'
+    (an edit's), both done before the batch needs the devices."""
+    from orchestrator.messages import StageTimes
+
+    a = FakeReplica("a")
+    a.stage_times = StageTimes(encode_s=0.25, image_encode_s=0.125, denoise_s=2.0, total_s=2.375)
+    router = make_router(FakePool(a), clock, max_wait_ms=0)
+    assert router.timer.encode_expected("a") == 0.0
+    await router.submit(req(0))
+    assert router.timer.encode_expected("a") == 0.375
+    a.error_type = "replica_error"  # a failed batch's times teach it nothing
+    a.stage_times = StageTimes(encode_s=5.0, total_s=5.0)
+    assert not (await router.submit(req(1))).ok
+    assert router.timer.encode_expected("a") == 0.375
+    await router.stop()
