@@ -43,13 +43,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from probe_replica import add_replica_args, start_replica  # noqa: E402
 
-from orchestrator.config import load_config  # noqa: E402
 from orchestrator.messages import Batch, ImageRequest  # noqa: E402
 from orchestrator.prompts import varied_prompt  # noqa: E402
 
-TINY = ["model.source=tiny", "model.dtype=float32", "defaults.width=64", "defaults.height=64",
-        "defaults.num_inference_steps=3"]
 SHORT = "a photograph of a lighthouse at dusk, number {}"
 
 
@@ -90,25 +88,15 @@ def summary(rows: list[dict]) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out")
-    p.add_argument("config", nargs="?", default=None)
-    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE")
-    p.add_argument("--tiny", action="store_true")
+    add_replica_args(p)
     p.add_argument("--batches", type=int, default=3, help="whole batches run beside the encodes, per phase")
     p.add_argument("--alone", type=int, default=6, help="encodes of each kind in the alone phase")
     args = p.parse_args()
 
-    from actors.worker import PipelineWorker, WarmupSpec
-
-    cfg = load_config(args.config, (TINY if args.tiny else []) + list(args.set))
+    cfg, worker, startup_s = start_replica(args)
     w, h = cfg.defaults.width, cfg.defaults.height
     steps = cfg.defaults.num_inference_steps
-    worker = PipelineWorker("probe", cfg.model, warmup=WarmupSpec(((w, h),), min(2, steps)),
-                            torch_threads=cfg.deployment.torch_threads, max_batch_tokens=cfg.router.max_batch_tokens,
-                            max_batch_size=cfg.router.max_batch_size)
-    t0 = time.perf_counter()
-    worker.start()
-    report: dict = {"command": " ".join(sys.argv), "startup_s": round(time.perf_counter() - t0, 1),
+    report: dict = {"command": " ".join(sys.argv), "startup_s": round(startup_s, 1),
                     "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                     "size": f"{w}x{h}", "steps": steps, "switch_interval_s": sys.getswitchinterval(), "phases": {}}
     kinds = {"short": lambda i: [SHORT.format(4 * i + j) for j in range(4)],

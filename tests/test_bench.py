@@ -10,14 +10,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_ok(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run a command of the project from the repository root; it must succeed (its output's tail if not)."""
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_bench_cpu_short_run(tmp_path, tiny_cache):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "orchestrator.cli", "bench", "--set", f"model.cache_dir={tiny_cache}",
            "--set", "defaults.width=64", "--set", "defaults.height=64", "--concurrency", "1,4",
            "--requests", "8", "--warmup", "2", "--baseline", "--baseline-requests", "2", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_ok(cmd)
     report = json.loads((out / "bench.json").read_text())
     assert report["card"] == "cpu" and report["sizes"] == ["64x64"]
     assert report["baseline"]["sizes"]["64x64"]["images"] == 2
@@ -51,8 +57,7 @@ def test_bench_edit_workloads_cpu(tmp_path, tiny_cache):
            "--set", "defaults.width=64", "--set", "defaults.height=64", "--set", "deployment.replicas=1",
            "--workload", "uniform,img2img,inpaint,edit-mix", "--steps", "3", "--edit-steps", "5",
            "--strength", "0.6", "--concurrency", "6", "--requests", "6", "--warmup", "3", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_ok(cmd)
     report = json.loads((out / "bench.json").read_text())
     runs = {r["workload"]: r for r in report["runs"]}
     assert set(runs) == {"uniform", "img2img", "inpaint", "edit-mix"}
@@ -74,8 +79,7 @@ def test_bench_controlnet_workloads_cpu(tmp_path, tiny_cache):
            "--set", "defaults.width=64", "--set", "defaults.height=64", "--set", "deployment.replicas=1",
            "--set", "model.controlnet.source=tiny", "--workload", "control,control-mix", "--steps", "2",
            "--concurrency", "1,4", "--requests", "4", "--warmup", "2", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_ok(cmd)
     runs = json.loads((out / "bench.json").read_text())["runs"]
     assert [r["label"] for r in runs] == ["control-c1", "control-c4", "control-mix-c1", "control-mix-c4"]
     assert all(r["images"] == 4 and r["failed"] == 0 for r in runs)
@@ -135,8 +139,7 @@ groups:
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "orchestrator.cli", "bench", "--matrix", str(matrix), "--run", "both", "--out",
            str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_ok(cmd)
     report = json.loads((out / "cpu-short" / "bench.json").read_text())
     assert report["label"] == "cpu-short"
     assert [(r["workload"], r["round"]) for r in report["runs"]] == [("uniform", 1), ("mixed", 1), ("uniform", 2),
@@ -233,8 +236,7 @@ def test_probe_step_decode_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
     out = tmp_path / "psd.json"
     cmd = [sys.executable, "benchmarks/probe_step_decode.py", str(out), "--tiny", "--set",
            f"model.cache_dir={tiny_cache}", "--rate", "50", "--requests", "4"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_ok(cmd)
     phases = json.loads(out.read_text())["phases"]
     assert {k: (v["decodes"], v["failed"]) for k, v in phases.items()} == {
         "batch-lone": (3, 0), "batch-poisson": (4, 0), "step-poisson": (4, 0), "step-poisson-streams": (4, 0)}
@@ -247,8 +249,7 @@ def test_probe_encode_overlap_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
     out = tmp_path / "peo.json"
     cmd = [sys.executable, "benchmarks/probe_encode_overlap.py", str(out), "--tiny", "--set",
            f"model.cache_dir={tiny_cache}", "--batches", "2", "--alone", "2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_ok(cmd)
     phases = json.loads(out.read_text())["phases"]
     assert list(phases) == ["alone", "beside", "beside-switch", "beside-synced"]
     assert {k: v["summary"]["n"] for k, v in phases["alone"].items()} == {"short": 2, "varied": 2}
@@ -264,8 +265,7 @@ def test_step_batching_benchmark_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache
     cmd = [sys.executable, "benchmarks/step_batching.py", "--tiny", "--set", f"model.cache_dir={tiny_cache}",
            "--workload", "mixed", "--out", str(tmp_path), "--requests", "4", "--saturation", "4", "--lone", "1",
            "--warmup", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_ok(cmd)
     report = json.loads((tmp_path / "step_batching.json").read_text())
     mixed = report["workloads"]["mixed"]
     assert set(mixed["lone_by_size"]) == {"32x32", "64x64", "64x48", "48x80", "80x48"}
