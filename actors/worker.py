@@ -105,6 +105,7 @@ class PipelineWorker:
         (step-level batching, ``actors/steploop.py``); the router keeps within them too. ``step_join``: when
         waiting samples join the loop's running set (``messages.JoinPolicy``)."""
         setup_replica_process(replica_id)  # no progress bars; in a Ray actor, log lines name the replica
+        process_s = _process_age_s()
         self.replica_id = replica_id
         self.model_cfg = model
         self.device_map = device_map
@@ -122,7 +123,9 @@ class PipelineWorker:
         self.images_run = 0
         self.load_s = 0.0
         self.warmup_s = 0.0
-        self.startup_s: dict[str, float] = {}  # ReplicaHealth.startup_s
+        # ReplicaHealth.startup_s: "process" is the seconds from this process's creation to here (the Ray worker's
+        # own start and the imports of this module), the rest _start's phases in order
+        self.startup_s: dict[str, float] = {} if process_s is None else {"process": round(process_s, 3)}
         self._fault = None  # test hook: see inject_fault
         self._fault_kind: str | None = None
         self.max_batch_tokens = max_batch_tokens
@@ -176,6 +179,10 @@ class PipelineWorker:
         if self.memory_fraction and torch.cuda.is_available():
             for d in set(devices.values()):
                 torch.cuda.set_per_process_memory_fraction(self.memory_fraction, torch.device(d))
+        if torch.cuda.is_available():
+            for d in set(devices.values()):
+                torch.zeros(1, device=d)  # the CUDA context, timed with the imports rather than inside the load
+        phase("imports")
         dtype = resolve_dtype(self.model_cfg.dtype, devices["transformer"])
         comps, resolved, self.load_s = load_components(self.model_cfg, dtype, devices)
         if self.model_cfg.controlnet is not None:  # [controlnet] beside the transformer (actors/controlnet.py)
@@ -229,6 +236,9 @@ class PipelineWorker:
             phase("attention_plans")
             self.warmup_s = time.perf_counter() - t0
             log.info("replica %s: warmed up in %.1fs (%d batches)", self.replica_id, self.warmup_s, len(batches))
+            if self.model_cfg.compile:
+                log.info("replica %s: torch.compile's time by phase during start-up:\n%s", self.replica_id,
+                         _compile_times())
         self.compiles_warmup = _graphs_compiled()
         if self.model_cfg.compile and torch.cuda.is_available():
             # Nothing compiles after ready: a shape the warm-up did not cover runs eager instead of stalling.
@@ -808,6 +818,27 @@ def _edit_blend(cond):
         s.latents = cond.after_step(s.scheduler, s.latents, nxt)
 
     return after_step
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process was created (None where psutil is missing)."""
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return None
+
+
+def _compile_times() -> str:
+    """torch.compile's own table of where its time went in this process (dynamo tracing, AOT, inductor, cache
+    loads), for the start-up log."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        return compile_times(repr="str", aggregate=True)
+    except Exception as e:  # noqa: BLE001 - a diagnostic only
+        return f"(unavailable: {e})"
 
 
 def _graphs_compiled() -> int:

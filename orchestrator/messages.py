@@ -294,10 +294,12 @@ class ReplicaHealth:
     compiles_warmup: int = 0  # graphs torch.compile built before ready
     compiles_after_ready: int = 0  # graphs built while serving (the goal is none)
     max_side: int = 0  # longest image side the model's position table can place, in pixels (0: unknown)
-    # seconds of each phase of the replica's start, in order (actors/worker.py PipelineWorker._start): "load" (the
-    # devices and the weights), "speed_options" (quantization with its numerics check, compile set-up, LoRA),
-    # "warmup_batches", "warmup_extra" (ControlNet's and LoRA's warm-up), "attention_plans"; the time before
-    # them (the process and its imports) is the deployment's "replicas" phase less their sum
+    # seconds of each phase of the replica's start (actors/worker.py PipelineWorker): "process" (from the process's
+    # creation to the actor's construction: Ray's worker start and this package's imports; Ray may have made the
+    # process before the deployment asked for it), then _start's in order: "imports" (torch and the model
+    # libraries, and each device's CUDA context), "load" (the weights), "speed_options" (quantization with its
+    # numerics check, compile set-up, LoRA), "warmup_batches", "warmup_extra" (ControlNet's and LoRA's warm-up),
+    # "attention_plans"
     startup_s: dict = field(default_factory=dict)
 
 
