@@ -35,8 +35,8 @@ WARMUP_PROMPTS = ("a red fox", WARMUP_PROMPT, WARMUP_PROMPT + ", " + WARMUP_PROM
 class WarmupSpec:
     """What a replica runs before it reports ready: batches that compile every graph serving will need (one image
     alone; several of one size; several of mixed sizes and prompt lengths), and one decode per size in ``sizes``
-    (the VAE decoder is compiled per size). Sizes above ``max_pixels`` (the replica's plan) are skipped, and
-    batches stay within ``max_batch_tokens``."""
+    (one VAE graph serves every size; cuDNN picks each size's convolution algorithms on its first decode). Sizes
+    above ``max_pixels`` (the replica's plan) are skipped, and batches stay within ``max_batch_tokens``."""
 
     sizes: tuple[tuple[int, int], ...]  # (width, height); the first is the deployment's default size
     num_inference_steps: int = 2
@@ -211,7 +211,7 @@ class PipelineWorker:
                 _, st = self.engine.generate([Sample(p, i, w, h) for i, (w, h, p) in enumerate(batch)],
                                              spec.num_inference_steps, stage_run=self._stages.run)
                 # where a warm start goes: the denoise holds the transformer's graphs (traced, then compiled or
-                # loaded from the cache), the decode the VAE decoder's graph for each new size
+                # loaded from the cache), the first decode the VAE decoder's graph, each new size cuDNN's search
                 log.info("replica %s: warm-up batch %s: encode %.1fs, denoise %.1fs, decode %.1fs", self.replica_id,
                          ", ".join(f"{w}x{h}" for w, h, _ in batch), st.encode_s, st.denoise_s, st.decode_s)
             phase("warmup_batches")
@@ -291,10 +291,12 @@ class PipelineWorker:
             enable_compile_cache(cfg.compile_cache_dir)
             self.engine.packed.compile()  # dynamic shapes: three graphs cover every packed batch
             # The VAE decoder, channels-last and compiled, decodes 4 images at 1024^2 in 0.22 s instead of
-            # 0.41 s on an H100 (benchmarks/profile_stages.py); one static graph per size of the warm-up.
+            # 0.41 s on an H100 (benchmarks/profile_stages.py). One graph with dynamic height and width serves
+            # every size: one static graph per size cost a warm start about 2.7 s of tracing each (session 9,
+            # benchmarks/probe_vae_compile.py), and left sizes outside the warm-up to decode eager.
             vae = self.engine.vae
             vae.to(memory_format=torch.channels_last)
-            vae.decoder = torch.compile(vae.decoder, dynamic=False)
+            vae.decoder = torch.compile(vae.decoder, dynamic=True)
 
     # ---- per-request LoRA (actors/lora.py) -------------------------------------------------------------
     def _load_loras(self) -> None:

@@ -105,6 +105,10 @@ async def wait_for_gpus(n: int, timeout_s: float, poll_s: float = 2.0) -> list[R
 
 @ray.remote(num_cpus=0)
 def _probe_gpu_memory() -> float | None:
+    """Total memory of the GPU Ray gave this task, in GiB, as CUDA reports it (None: no CUDA here)."""
+    mem = _nvml_memory_gib(ray.get_gpu_ids())
+    if mem is not None:
+        return mem
     try:
         import torch
 
@@ -113,6 +117,28 @@ def _probe_gpu_memory() -> float | None:
     except Exception:  # noqa: BLE001 - a node without torch/CUDA is planned as logical
         pass
     return None
+
+
+def _nvml_memory_gib(gpu_ids: list) -> float | None:
+    """The first of ``gpu_ids`` (Ray's: indices, or UUIDs) through NVML: its total memory less what the driver
+    reserves, which is CUDA's total (79.18 GiB both ways on an H100 80GB HBM3). About 1 s, against 5 s to import
+    torch and make a CUDA context for the same number (H100, session 9). None where NVML cannot answer."""
+    if not gpu_ids:
+        return None
+    try:
+        import ray._private.thirdparty.pynvml as nvml  # the copy Ray itself uses to count GPUs
+
+        nvml.nvmlInit()
+        try:
+            gpu = str(gpu_ids[0])
+            handle = (nvml.nvmlDeviceGetHandleByUUID(gpu) if gpu.startswith(("GPU-", "MIG-"))
+                      else nvml.nvmlDeviceGetHandleByIndex(int(gpu)))
+            info = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+            return (info.total - info.reserved) / 1024**3
+        finally:
+            nvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no driver, an old NVML, a vendored copy gone: torch answers instead
+        return None
 
 
 def probe_gpu_memory_gib(node: RayNode, timeout_s: float = 120.0) -> float:

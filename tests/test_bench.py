@@ -373,3 +373,14 @@ def test_scheduling_model_runs_the_real_join_policy():
     assert [r["scheduler"] for r in rows] == ["batch", "step", "step", "step"]
     assert all(r["mean_over_lone"] > 1.8 for r in rows)
 
+
+
+def test_probe_vae_compile_runs_on_the_cpu(tmp_path):
+    """The VAE compile probe (benchmarks/probe_vae_compile.py) with the tiny VAE, eager (what checks the script on a
+    machine without CUDA): both rounds time every size."""
+    out = tmp_path / "pv.json"
+    run_ok([sys.executable, "benchmarks/probe_vae_compile.py", str(out), "--tiny", "--repeats", "1"])
+    modes = json.loads(out.read_text())["modes"]
+    assert list(modes) == ["eager"] and list(modes["eager"]) == ["round1", "round2"]
+    for entry in modes["eager"].values():
+        assert set(entry["decode_s"]) == {"64x64", "64x96"} and entry["graphs"] == 0

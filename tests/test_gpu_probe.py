@@ -1,0 +1,64 @@
+"""The inventory's GPU memory probe asks NVML (no torch import, no CUDA context) and falls back to torch when NVML
+cannot answer. Pure logic against a fake NVML module."""
+
+import sys
+import types
+
+import pytest
+
+from orchestrator.ray_backend import _nvml_memory_gib
+
+GIB = 1024**3
+
+
+class FakeNvml(types.ModuleType):
+    nvmlMemory_v2 = "v2"
+
+    def __init__(self, fail_init=False):
+        super().__init__("fake_pynvml")
+        self.fail_init, self.calls, self.open = fail_init, [], 0
+
+    def nvmlInit(self):
+        if self.fail_init:
+            raise RuntimeError("NVML Shared Library Not Found")
+        self.open += 1
+
+    def nvmlShutdown(self):
+        self.open -= 1
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        self.calls.append(("index", i))
+        return f"h{i}"
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        self.calls.append(("uuid", uuid))
+        return uuid
+
+    def nvmlDeviceGetMemoryInfo(self, handle, version=None):
+        assert version == "v2"  # v1 has no `reserved`, and its total is more than CUDA's
+        return types.SimpleNamespace(total=int(79.6474609375 * GIB), reserved=int(0.46875 * GIB))
+
+
+@pytest.fixture
+def nvml(monkeypatch):
+    fake = FakeNvml()
+    monkeypatch.setitem(sys.modules, "ray._private.thirdparty.pynvml", fake)
+    return fake
+
+
+def test_nvml_total_less_reserved_is_cudas_total(nvml):
+    # the numbers NVML and torch gave on one H100 80GB HBM3 (session 9): 79.65 - 0.47 = torch's 79.18
+    assert _nvml_memory_gib([3]) == pytest.approx(79.1787109375, abs=1e-6)
+    assert nvml.calls == [("index", 3)] and nvml.open == 0  # shut down again
+
+
+def test_nvml_takes_ray_uuids_too(nvml):
+    _nvml_memory_gib(["GPU-5a1b", "GPU-77"])
+    _nvml_memory_gib(["MIG-0c2d"])
+    assert nvml.calls == [("uuid", "GPU-5a1b"), ("uuid", "MIG-0c2d")]
+
+
+def test_no_gpu_or_no_nvml_is_none(monkeypatch, nvml):
+    assert _nvml_memory_gib([]) is None and nvml.calls == []
+    monkeypatch.setitem(sys.modules, "ray._private.thirdparty.pynvml", FakeNvml(fail_init=True))
+    assert _nvml_memory_gib([0]) is None  # the caller asks torch instead
