@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from orchestrator.config import COMPONENTS, ModelConfig
@@ -35,8 +36,8 @@ WARMUP_PROMPTS = ("a red fox", WARMUP_PROMPT, WARMUP_PROMPT + ", " + WARMUP_PROM
 class WarmupSpec:
     """What a replica runs before it reports ready: batches that compile every graph serving will need (one image
     alone; several of one size; several of mixed sizes and prompt lengths), and one decode per size in ``sizes``
-    (one VAE graph serves every size; cuDNN picks each size's convolution algorithms on its first decode). Sizes
-    above ``max_pixels`` (the replica's plan) are skipped, and batches stay within ``max_batch_tokens``."""
+    (the VAE decoder is compiled per size). Sizes above ``max_pixels`` (the replica's plan) are skipped, and
+    batches stay within ``max_batch_tokens``."""
 
     sizes: tuple[tuple[int, int], ...]  # (width, height); the first is the deployment's default size
     num_inference_steps: int = 2
@@ -195,6 +196,7 @@ class PipelineWorker:
                                    attention=self.model_cfg.attention)
         phase("load")
         self.make_stage_streams()
+        plans = self._start_attention_plans() if self.warmup_spec is not None else None
         self._apply_speed_options()
         self._load_loras()
         phase("speed_options")
@@ -211,7 +213,7 @@ class PipelineWorker:
                 _, st = self.engine.generate([Sample(p, i, w, h) for i, (w, h, p) in enumerate(batch)],
                                              spec.num_inference_steps, stage_run=self._stages.run)
                 # where a warm start goes: the denoise holds the transformer's graphs (traced, then compiled or
-                # loaded from the cache), the first decode the VAE decoder's graph, each new size cuDNN's search
+                # loaded from the cache), the decode the VAE decoder's graph for each new size
                 log.info("replica %s: warm-up batch %s: encode %.1fs, denoise %.1fs, decode %.1fs", self.replica_id,
                          ", ".join(f"{w}x{h}" for w, h, _ in batch), st.encode_s, st.denoise_s, st.decode_s)
             phase("warmup_batches")
@@ -225,14 +227,10 @@ class PipelineWorker:
             if self.engine.loras is not None and self.model_cfg.compile and torch.cuda.is_available():
                 self._warm_up_loras(spec)
             phase("warmup_extra")
-            # attention's per-shape plans (cuDNN) for every sample length of the warm-up sizes, any caption length
-            t1 = time.perf_counter()
-            sizes = sorted({(w, h) for batch in spec.batches() for w, h, _ in batch})  # within the replica's plan
-            n = self._stages.run("denoise", self.engine.packed.prewarm,
-                                 [self.engine.latent_size(h, w) for w, h in sizes])
+            n, plans_s = plans.result()  # long done, as a rule: this phase is what is left of it
             if n:
-                log.info("replica %s: attention plans for %d sequence lengths in %.1fs", self.replica_id, n,
-                         time.perf_counter() - t1)
+                log.info("replica %s: attention plans for %d sequence lengths in %.1fs (beside the speed options)",
+                         self.replica_id, n, plans_s)
             phase("attention_plans")
             self.warmup_s = time.perf_counter() - t0
             log.info("replica %s: warmed up in %.1fs (%d batches)", self.replica_id, self.warmup_s, len(batches))
@@ -247,6 +245,26 @@ class PipelineWorker:
         if torch.cuda.is_available():
             for d in set(devices.values()):
                 torch.cuda.reset_peak_memory_stats(torch.device(d))
+
+    def _start_attention_plans(self) -> Future:
+        """Build attention's per-shape plans (cuDNN) for every sample length of the warm-up sizes with any caption
+        length, on the denoise stage's thread (cuDNN caches plans per thread), beside the speed options that run
+        meanwhile on this one: the plans are C++ work that leaves the GIL free, so the 2.7-3.8 s they took after
+        the warm-up batches (H100, session 9) hide behind quantization's numerics check and compile's set-up. The
+        first warm-up batch's denoise queues behind them on that thread. Returns ``(lengths, seconds)``."""
+        spec = self.warmup_spec
+        sizes = sorted({(w, h) for batch in spec.batches() for w, h, _ in batch})  # within the replica's plan
+        lengths = [self.engine.latent_size(h, w) for w, h in sizes]
+
+        def build() -> tuple[int, float]:
+            t0 = time.perf_counter()
+            return self._stages.run("denoise", self.engine.packed.prewarm, lengths), time.perf_counter() - t0
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix=f"plans-{self.replica_id}")
+        try:
+            return pool.submit(build)
+        finally:
+            pool.shutdown(wait=False)
 
     def make_stage_streams(self) -> None:
         """A CUDA stream per stage with stage pipelining; without it only the encode stage's (for serving other
@@ -291,12 +309,13 @@ class PipelineWorker:
             enable_compile_cache(cfg.compile_cache_dir)
             self.engine.packed.compile()  # dynamic shapes: three graphs cover every packed batch
             # The VAE decoder, channels-last and compiled, decodes 4 images at 1024^2 in 0.22 s instead of
-            # 0.41 s on an H100 (benchmarks/profile_stages.py). One graph with dynamic height and width serves
-            # every size: one static graph per size cost a warm start about 2.7 s of tracing each (session 9,
-            # benchmarks/probe_vae_compile.py), and left sizes outside the warm-up to decode eager.
+            # 0.41 s on an H100 (benchmarks/profile_stages.py); one static graph per size of the warm-up. One graph
+            # with dynamic height and width decoded slower (1024^2 0.048 s against 0.038, 512^2 0.028 against 0.009)
+            # and loaded slower from a warm cache (21.4 s against 8.8 s for the five sizes; H100, session 9,
+            # benchmarks/probe_vae_compile.py).
             vae = self.engine.vae
             vae.to(memory_format=torch.channels_last)
-            vae.decoder = torch.compile(vae.decoder, dynamic=True)
+            vae.decoder = torch.compile(vae.decoder, dynamic=False)
 
     # ---- per-request LoRA (actors/lora.py) -------------------------------------------------------------
     def _load_loras(self) -> None:

@@ -302,9 +302,8 @@ class DeploymentConfig(_Strict):
     )
     warmup_sizes: list[str] = Field(
         default_factory=lambda: ["512x512", "1024x1024", "768x1344", "1344x768", "1024x768"],
-        description="Image sizes (WxH) warmed up before ready: one VAE decode each (cuDNN picks that size's "
-        "convolution algorithms; one compiled decoder graph serves every size, as the transformer's graphs do) and "
-        "attention plans for their sequence lengths. Sizes larger than a replica's plan allows are skipped.",
+        description="Image sizes (WxH) the VAE decoder is compiled for during warm-up (the transformer's graphs "
+        "cover every size). Sizes larger than a replica's plan allows are skipped.",
     )
     start_timeout_s: float = Field(
         default=1800.0, gt=0, le=86_400, description="Longest a replica may take to load and warm up."
