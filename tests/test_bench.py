@@ -252,8 +252,14 @@ def test_probe_encode_overlap_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
            f"model.cache_dir={tiny_cache}", "--batches", "2", "--alone", "2"]
     run_ok(cmd)
     phases = json.loads(out.read_text())["phases"]
-    assert list(phases) == ["alone", "beside", "beside-switch", "beside-synced"]
-    assert {k: v["summary"]["n"] for k, v in phases["alone"].items()} == {"short": 2, "varied": 2}
+    assert list(phases) == ["alone", "alone-again", "beside", "beside-switch", "beside-synced"]
+    for name in ("alone", "alone-again"):
+        assert {k: v["summary"]["n"] for k, v in phases[name].items()} == {"short": 2, "varied": 2}
+    # the second pass repeats the first's prompts: no shape is new to the probe there
+    again = [r for v in phases["alone-again"].values() for r in v["encodes"]]
+    first = [r for v in phases["alone"].values() for r in v["encodes"]]
+    assert [r["shape"] for r in again] == [r["shape"] for r in first] and not any(r["new_shape"] for r in again)
+    assert all(len(r["shape"]) == 2 and r["shape"][0] == 4 for r in first)
     for name in ("beside", "beside-switch", "beside-synced"):
         assert len(phases[name]["batches"]) == 2 and all(b["denoise_s"] > 0 for b in phases[name]["batches"])
         assert phases[name]["batch_alone"]["denoise_s"] > 0
