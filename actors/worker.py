@@ -249,9 +249,10 @@ class PipelineWorker:
     def _start_attention_plans(self) -> Future:
         """Build attention's per-shape plans (cuDNN) for every sample length of the warm-up sizes with any caption
         length, on the denoise stage's thread (cuDNN caches plans per thread), beside the speed options that run
-        meanwhile on this one: the plans are C++ work that leaves the GIL free, so the 2.7-3.8 s they took after
-        the warm-up batches (H100, session 9) hide behind quantization's numerics check and compile's set-up. The
-        first warm-up batch's denoise queues behind them on that thread. Returns ``(lengths, seconds)``."""
+        meanwhile on this one (quantization's numerics check, compile's set-up): the plans are mostly C++ work that
+        leaves the GIL free. On an H100 (session 9) they took 2.7-3.7 s after the warm-up batches; beside the speed
+        options 4.2-5.3 s, which made fp8's speed options 0.5-1 s longer, and the first warm-up batch's denoise
+        queues behind what is left of them. Returns ``(lengths, seconds)``."""
         spec = self.warmup_spec
         sizes = sorted({(w, h) for batch in spec.batches() for w, h, _ in batch})  # within the replica's plan
         lengths = [self.engine.latent_size(h, w) for w, h in sizes]
