@@ -39,11 +39,21 @@ class FakeNvml(types.ModuleType):
         return types.SimpleNamespace(total=int(79.6474609375 * GIB), reserved=int(0.46875 * GIB))
 
 
+def install(monkeypatch, fake: FakeNvml) -> FakeNvml:
+    """Put ``fake`` where the probe imports NVML from: the module table, and the parent package's attribute (once
+    anything imported the real one, ``import a.b.c as m`` finds it there)."""
+    import ray._private.thirdparty as parent
+
+    monkeypatch.setitem(sys.modules, "ray._private.thirdparty.pynvml", fake)
+    monkeypatch.setattr(parent, "pynvml", fake, raising=False)
+    return fake
+
+
 @pytest.fixture
 def nvml(monkeypatch):
-    fake = FakeNvml()
-    monkeypatch.setitem(sys.modules, "ray._private.thirdparty.pynvml", fake)
-    return fake
+    import ray._private.thirdparty.pynvml  # noqa: F401 - the real one imported first, as Ray's GPU count does
+
+    return install(monkeypatch, FakeNvml())
 
 
 def test_nvml_total_less_reserved_is_cudas_total(nvml):
@@ -60,5 +70,5 @@ def test_nvml_takes_ray_uuids_too(nvml):
 
 def test_no_gpu_or_no_nvml_is_none(monkeypatch, nvml):
     assert _nvml_memory_gib([]) is None and nvml.calls == []
-    monkeypatch.setitem(sys.modules, "ray._private.thirdparty.pynvml", FakeNvml(fail_init=True))
+    install(monkeypatch, FakeNvml(fail_init=True))
     assert _nvml_memory_gib([0]) is None  # the caller asks torch instead
