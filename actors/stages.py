@@ -47,11 +47,17 @@ class StageThreads:
         """Whether the calling thread is ``stage``'s."""
         return threading.current_thread() is self._threads[stage]
 
+    def submit(self, stage: str, fn: Callable[..., T], *args, **kwargs) -> Future:
+        """Queue ``fn`` on the stage's thread and return its future, for work the caller does not wait for at once
+        (never from the stage's own thread and then waited on: it would wait for itself)."""
+        done: Future = Future()
+        self._queues[stage].put((contextvars.copy_context(), fn, args, kwargs, done))
+        return done
+
     def run(self, stage: str, fn: Callable[..., T], *args, **kwargs) -> T:
         if self.on(stage):
             return self._call(stage, fn, args, kwargs)
-        done: Future = Future()
-        self._queues[stage].put((contextvars.copy_context(), fn, args, kwargs, done))
+        done = self.submit(stage, fn, *args, **kwargs)
         try:
             return done.result()
         finally:

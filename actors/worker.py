@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 from orchestrator.config import COMPONENTS, ModelConfig
@@ -257,15 +257,12 @@ class PipelineWorker:
         sizes = sorted({(w, h) for batch in spec.batches() for w, h, _ in batch})  # within the replica's plan
         lengths = [self.engine.latent_size(h, w) for w, h in sizes]
 
-        def build() -> tuple[int, float]:
-            t0 = time.perf_counter()
-            return self._stages.run("denoise", self.engine.packed.prewarm, lengths), time.perf_counter() - t0
+        t0 = time.perf_counter()
 
-        pool = ThreadPoolExecutor(1, thread_name_prefix=f"plans-{self.replica_id}")
-        try:
-            return pool.submit(build)
-        finally:
-            pool.shutdown(wait=False)
+        def build() -> tuple[int, float]:
+            return self.engine.packed.prewarm(lengths), time.perf_counter() - t0
+
+        return self._stages.submit("denoise", build)
 
     def make_stage_streams(self) -> None:
         """A CUDA stream per stage with stage pipelining; without it only the encode stage's (for serving other

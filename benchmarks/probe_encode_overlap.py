@@ -48,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from probe_replica import add_replica_args, start_replica  # noqa: E402
+from probe_replica import add_replica_args, report_head, start_replica  # noqa: E402
 
 from orchestrator.messages import Batch, ImageRequest  # noqa: E402
 from orchestrator.prompts import varied_prompt  # noqa: E402
@@ -118,9 +118,7 @@ def main() -> int:
     cfg, worker, startup_s = start_replica(args)
     w, h = cfg.defaults.width, cfg.defaults.height
     steps = cfg.defaults.num_inference_steps
-    report: dict = {"command": " ".join(sys.argv), "startup_s": round(startup_s, 1),
-                    "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                    "size": f"{w}x{h}", "steps": steps, "switch_interval_s": sys.getswitchinterval(), "phases": {}}
+    report = report_head(cfg, startup_s, switch_interval_s=sys.getswitchinterval())
     kinds = {"short": lambda i: [SHORT.format(4 * i + j) for j in range(4)],
              "varied": lambda i: [varied_prompt(random.Random(1000 + 4 * i + j)) for j in range(4)]}
     for make in kinds.values():  # each kind's first call outside the record (its lengths' first use)

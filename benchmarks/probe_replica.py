@@ -35,3 +35,16 @@ def start_replica(args: argparse.Namespace):
     t0 = time.perf_counter()
     worker.start()
     return cfg, worker, time.perf_counter() - t0
+
+
+def report_head(cfg: Config, startup_s: float, **extra) -> dict:
+    """The top of a probe's JSON report: its command, the replica's seconds to ready, the card, the default size
+    and step count, ``extra``, and an empty ``phases`` for the probe to fill."""
+    import sys
+
+    import torch
+
+    return {"command": " ".join(sys.argv), "startup_s": round(startup_s, 1),
+            "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "size": f"{cfg.defaults.width}x{cfg.defaults.height}", "steps": cfg.defaults.num_inference_steps,
+            **extra, "phases": {}}

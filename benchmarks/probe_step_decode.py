@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from probe_replica import add_replica_args, start_replica  # noqa: E402
+from probe_replica import add_replica_args, report_head, start_replica  # noqa: E402
 
 from orchestrator.messages import Batch, ImageRequest  # noqa: E402
 
@@ -109,9 +109,7 @@ def main() -> int:
     cfg, worker, startup_s = start_replica(args)
     w, h = cfg.defaults.width, cfg.defaults.height
     steps = cfg.defaults.num_inference_steps
-    report: dict = {"command": " ".join(sys.argv), "startup_s": round(startup_s, 1),
-                    "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                    "size": f"{w}x{h}", "steps": steps, "rate_rps": args.rate, "phases": {}}
+    report = report_head(cfg, startup_s, rate_rps=args.rate)
     if cfg.model.compile and torch.cuda.is_available():
         torch.compiler.set_stance("fail_on_recompile")  # an eager fallback raises instead of running slowly
     times = DecodeTimes(worker.engine)

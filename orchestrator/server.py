@@ -522,7 +522,7 @@ async def parse_multipart(headers, body: bytes) -> tuple[dict, dict]:
 
     try:
         form = await _InMemoryParser(headers, chunks(), max_files=MAX_IMAGES + 2, max_fields=64,
-                              max_part_size=1024 * 1024).parse()
+                                     max_part_size=1024 * 1024).parse()
     except MultiPartException as e:
         raise InvalidRequestError(f"the multipart body cannot be read: {e.message}") from None
     fields: dict = {}

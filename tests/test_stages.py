@@ -84,3 +84,20 @@ def test_a_failed_calls_arguments_are_freed_with_its_error(stages):
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_submit_queues_on_the_stage_thread_and_returns_at_once(stages):
+    """Work the caller does not wait for (the worker's attention plans beside its speed options): ``submit`` returns
+    before the call runs, the call runs on the stage's thread, and a later ``run`` on that stage queues behind it."""
+    gate, order = threading.Event(), []
+
+    def slow():
+        gate.wait(5)
+        order.append(("slow", threading.current_thread().name))
+        return 7
+
+    fut = stages.submit("denoise", slow)
+    assert not fut.done()  # returned while the call waits on the gate
+    gate.set()
+    stages.run("denoise", lambda: order.append(("next", threading.current_thread().name)))
+    assert fut.result(timeout=5) == 7 and order == [("slow", "denoise-t"), ("next", "denoise-t")]
