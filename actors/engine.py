@@ -179,6 +179,30 @@ class ZImageEngine:
         hidden = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
         return [hidden[i][mask[i]] for i in range(len(hidden))]
 
+    @torch.no_grad()
+    def prewarm_encoder(self, shapes: Sequence[tuple[int, int]]) -> list[tuple[int, int, float]]:
+        """Run the text encoder once at each ``(prompts, padded length)`` of ``shapes``, on synthetic token ids
+        right-padded as ``_encode`` pads captions of different lengths (the first row full, the others shorter;
+        one prompt alone has no padding, as in serving), so what long and padded captions need the first time is
+        loaded at warm-up, not in the serving path. On a fresh H100 the first batch of long prompts after ready
+        encoded in 0.75-0.95 s against 0.1 s later (sessions 8-10). Returns ``(prompts, length, seconds)`` per
+        shape; nothing without a text encoder of its own."""
+        if self.text_encoder is None:
+            return []
+        device = self.devices["text_encoder"]
+        vocab = int(getattr(self.text_encoder.config, "vocab_size", 0) or len(self.tokenizer))
+        g = torch.Generator("cpu").manual_seed(0)
+        out = []
+        for b, n in shapes:
+            t0 = time.perf_counter()
+            ids = torch.randint(0, vocab, (b, n), generator=g)
+            lengths = torch.tensor([n - (i * n) // (2 * b) for i in range(b)])  # row i keeps n - i*n/(2b) tokens
+            mask = torch.arange(n)[None, :] < lengths[:, None]
+            self.text_encoder(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+            _sync(device)
+            out.append((b, n, time.perf_counter() - t0))
+        return out
+
     # ---- stage 2: denoise ------------------------------------------------------------------------------
     def lora_batch(self, per_sample: list):
         """The per-request LoRA of a packed call (``LoraStore.batch``), per sample in the call's order."""

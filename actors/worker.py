@@ -43,6 +43,7 @@ class WarmupSpec:
     num_inference_steps: int = 2
     max_pixels: int = 1 << 40
     max_batch_tokens: int = 1 << 40
+    max_batch_size: int = 16  # most requests in one batch (the router's max_batch_size)
 
     def batches(self) -> list[list[tuple[int, int, str]]]:
         """The warm-up batches as lists of (width, height, prompt)."""
@@ -65,6 +66,19 @@ class WarmupSpec:
                 tokens += t
             out.append(cur)
         return out
+
+    def encoder_shapes(self, lengths: tuple[int, ...] = (64, 128, 256, 512)) -> list[tuple[int, int]]:
+        """The ``(prompts, padded length)`` shapes the text encoder runs at warm-up
+        (``ZImageEngine.prewarm_encoder``): one prompt, four, a full batch and twice that (guidance's negative
+        prompts), each at padded lengths from short to the longest caption the engine keeps (512 tokens), where a
+        batch of that many prompts of that length at the smallest warm-up size fits the token budget."""
+        from placement.memory import sample_tokens
+
+        w, h = min((s for s in self.sizes if s[0] * s[1] <= self.max_pixels), key=lambda s: s[0] * s[1],
+                   default=self.sizes[0])
+        counts = sorted({1, 4, self.max_batch_size, 2 * self.max_batch_size})
+        return [(b, n) for b in counts for n in lengths
+                if b == 1 or b * sample_tokens(w, h, n) <= self.max_batch_tokens]
 
 
 def choose_devices(device_map: dict[str, int] | None) -> dict[str, str]:
@@ -197,8 +211,13 @@ class PipelineWorker:
         phase("load")
         self.make_stage_streams()
         plans = self._start_attention_plans() if self.warmup_spec is not None else None
+        # the text encoder's shapes beside the speed options, unless those quantize its weights
+        te_quantized = self.model_cfg.text_encoder_quantization in ("int8", "fp8")
+        encoder_shapes = self._start_encoder_warmup() if self.warmup_spec and not te_quantized else None
         self._apply_speed_options()
         self._load_loras()
+        if self.warmup_spec is not None and encoder_shapes is None:
+            encoder_shapes = self._start_encoder_warmup()
         phase("speed_options")
         if self.warmup_spec is not None:
             from .engine import Sample
@@ -209,6 +228,7 @@ class PipelineWorker:
             batches = spec.batches()
             if not (self.model_cfg.compile and torch.cuda.is_available()):
                 batches = batches[:1]  # nothing to compile: one image shows the replica works
+            decoder = self._start_decoder_warmup(batches) if self.model_cfg.compile else None
             for batch in batches:  # on the stage threads that will serve
                 _, st = self.engine.generate([Sample(p, i, w, h) for i, (w, h, p) in enumerate(batch)],
                                              spec.num_inference_steps, stage_run=self._stages.run)
@@ -216,6 +236,10 @@ class PipelineWorker:
                 # loaded from the cache), the decode the VAE decoder's graph for each new size
                 log.info("replica %s: warm-up batch %s: encode %.1fs, denoise %.1fs, decode %.1fs", self.replica_id,
                          ", ".join(f"{w}x{h}" for w, h, _ in batch), st.encode_s, st.denoise_s, st.decode_s)
+            if decoder is not None:  # done before the first batch's decode could run
+                n, decoder_s = decoder.result()
+                log.info("replica %s: VAE decoder at %d sizes in %.1fs (beside the warm-up batches)",
+                         self.replica_id, n, decoder_s)
             phase("warmup_batches")
             if self.engine.controlnet is not None:  # [controlnet] its blocks' graphs, and the control path
                 import numpy as np
@@ -232,6 +256,13 @@ class PipelineWorker:
                 log.info("replica %s: attention plans for %d sequence lengths in %.1fs (beside the speed options)",
                          self.replica_id, n, plans_s)
             phase("attention_plans")
+            shapes = encoder_shapes.result()
+            if shapes:
+                slow = max(shapes, key=lambda x: x[2])
+                log.info("replica %s: text encoder run at %d (prompts, length) shapes in %.1fs beside the speed "
+                         "options (slowest %dx%d: %.2fs): %s", self.replica_id, len(shapes), sum(x[2] for x in shapes),
+                         slow[0], slow[1], slow[2], ", ".join(f"{b}x{n} {t:.2f}s" for b, n, t in shapes))
+            phase("encoder_shapes")
             self.warmup_s = time.perf_counter() - t0
             log.info("replica %s: warmed up in %.1fs (%d batches)", self.replica_id, self.warmup_s, len(batches))
             if self.model_cfg.compile:
@@ -245,6 +276,44 @@ class PipelineWorker:
         if torch.cuda.is_available():
             for d in set(devices.values()):
                 torch.cuda.reset_peak_memory_stats(torch.device(d))
+
+    def _start_decoder_warmup(self, batches) -> Future | None:
+        """Decode a zero latent at every size of the warm-up ``batches`` on the decode stage's thread, queued before
+        the batches' own decodes: the VAE decoder's graph per size (compiled, or loaded from the cache) and cuDNN's
+        choice of its convolutions are made beside the transformer's warm-up, not after it. torch.compile traces
+        and loads one graph at a time in a process (one lock), so the two stages' graphs still take turns; what
+        overlaps is the rest (first runs, cuDNN's benchmarks, the batches' GPU time). On CUDA only; returns
+        ``(sizes, seconds)``."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        engine = self.engine
+        sizes = sorted({(w, h) for batch in batches for w, h, _ in batch}, key=lambda s: -s[0] * s[1])
+        channels = engine.vae.config.latent_channels
+        t0 = time.perf_counter()
+
+        def decode_each() -> tuple[int, float]:
+            from .engine import _sync
+
+            for w, h in sizes:
+                engine.decode_one(torch.zeros(channels, *engine.latent_size(h, w), device=engine.devices["vae"]))
+            _sync(engine.devices["vae"])
+            return len(sizes), time.perf_counter() - t0
+
+        return self._stages.submit("decode", decode_each)
+
+    def _start_encoder_warmup(self) -> Future:
+        """Run the text encoder at the warm-up's ``encoder_shapes`` on the encode stage's thread (where serving
+        encodes, with its stream and its per-thread plans), beside what start-up does meanwhile; on CUDA only (on
+        the CPU there is nothing to load per shape). Returns ``[(prompts, length, seconds)]``."""
+        import torch
+
+        if not torch.cuda.is_available() or self.engine.text_encoder is None:
+            done: Future = Future()
+            done.set_result([])
+            return done
+        return self._stages.submit("encode", self.engine.prewarm_encoder, self.warmup_spec.encoder_shapes())
 
     def _start_attention_plans(self) -> Future:
         """Build attention's per-shape plans (cuDNN) for every sample length of the warm-up sizes with any caption

@@ -287,7 +287,8 @@ class RayBackend:
     def make_replica(self, spec: ReplicaSpec, encoder_host: RayReplica | None = None) -> RayReplica:
         warmup = None
         if spec.warmup_sizes is not None:
-            warmup = WarmupSpec(spec.warmup_sizes, spec.warmup_steps, spec.max_pixels, spec.max_batch_tokens)
+            warmup = WarmupSpec(spec.warmup_sizes, spec.warmup_steps, spec.max_pixels, spec.max_batch_tokens,
+                                spec.max_batch_size or 16)
         encoder = None
         if encoder_host is not None:
             encoder = RemoteEncoder(encoder_host.actor, encoder_host.replica_id)

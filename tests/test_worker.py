@@ -66,6 +66,37 @@ def test_warmup_plan_covers_one_several_and_mixed_within_limits():
     assert all(sum(ImageRequest("w", p, 0, w, h, 2, 0.0).tokens for w, h, p in b) <= 10_000 for b in mixed)
 
 
+def test_encoder_warmup_shapes_span_lengths_and_batches_within_the_budget():
+    spec = WarmupSpec(((1024, 1024), (512, 512), (2048, 2048)), 2, max_pixels=1536 * 1536, max_batch_tokens=18_432,
+                      max_batch_size=16)
+    shapes = spec.encoder_shapes()
+    assert {n for _, n in shapes} == {64, 128, 256, 512}  # short to the longest caption kept (512 tokens)
+    assert {b for b, _ in shapes} == {1, 4, 16}  # 32 prompts (16 with guidance) never fit this budget
+    assert (1, 512) in shapes and (4, 512) in shapes
+    # a batch of that many prompts at the smallest size within the plan (512^2: 1024 image tokens) fits the budget
+    assert all(b == 1 or b * (1024 + n) <= 18_432 for b, n in shapes)
+    assert (16, 256) not in shapes
+    assert {b for b, _ in WarmupSpec(((32, 32),), 1, max_batch_size=3).encoder_shapes()} == {1, 3, 4, 6}
+
+
+def test_encoder_prewarm_runs_each_shape_with_right_padding(worker):
+    engine = worker.engine
+    seen = []
+    real = engine.text_encoder.forward
+
+    def spy(input_ids=None, attention_mask=None, **kw):
+        seen.append((tuple(input_ids.shape), attention_mask.sum(1).tolist()))
+        return real(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    engine.text_encoder.forward = spy
+    try:
+        out = engine.prewarm_encoder([(1, 16), (4, 8)])
+    finally:
+        del engine.text_encoder.forward
+    assert [(b, n) for b, n, _ in out] == [(1, 16), (4, 8)] and all(t >= 0 for *_, t in out)
+    assert seen == [((1, 16), [16]), ((4, 8), [8, 7, 6, 5])]  # one prompt unpadded; the first row full, as in serving
+
+
 def test_failure_comes_back_as_data(worker):
     worker.inject_fault("raise", message="boom")
     try:
