@@ -228,7 +228,6 @@ class PipelineWorker:
             batches = spec.batches()
             if not (self.model_cfg.compile and torch.cuda.is_available()):
                 batches = batches[:1]  # nothing to compile: one image shows the replica works
-            decoder = self._start_decoder_warmup(batches) if self.model_cfg.compile else None
             for batch in batches:  # on the stage threads that will serve
                 _, st = self.engine.generate([Sample(p, i, w, h) for i, (w, h, p) in enumerate(batch)],
                                              spec.num_inference_steps, stage_run=self._stages.run)
@@ -236,10 +235,6 @@ class PipelineWorker:
                 # loaded from the cache), the decode the VAE decoder's graph for each new size
                 log.info("replica %s: warm-up batch %s: encode %.1fs, denoise %.1fs, decode %.1fs", self.replica_id,
                          ", ".join(f"{w}x{h}" for w, h, _ in batch), st.encode_s, st.denoise_s, st.decode_s)
-            if decoder is not None:  # done before the first batch's decode could run
-                n, decoder_s = decoder.result()
-                log.info("replica %s: VAE decoder at %d sizes in %.1fs (beside the warm-up batches)",
-                         self.replica_id, n, decoder_s)
             phase("warmup_batches")
             if self.engine.controlnet is not None:  # [controlnet] its blocks' graphs, and the control path
                 import numpy as np
@@ -276,32 +271,6 @@ class PipelineWorker:
         if torch.cuda.is_available():
             for d in set(devices.values()):
                 torch.cuda.reset_peak_memory_stats(torch.device(d))
-
-    def _start_decoder_warmup(self, batches) -> Future | None:
-        """Decode a zero latent at every size of the warm-up ``batches`` on the decode stage's thread, queued before
-        the batches' own decodes: the VAE decoder's graph per size (compiled, or loaded from the cache) and cuDNN's
-        choice of its convolutions are made beside the transformer's warm-up, not after it. torch.compile traces
-        and loads one graph at a time in a process (one lock), so the two stages' graphs still take turns; what
-        overlaps is the rest (first runs, cuDNN's benchmarks, the batches' GPU time). On CUDA only; returns
-        ``(sizes, seconds)``."""
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        engine = self.engine
-        sizes = sorted({(w, h) for batch in batches for w, h, _ in batch}, key=lambda s: -s[0] * s[1])
-        channels = engine.vae.config.latent_channels
-        t0 = time.perf_counter()
-
-        def decode_each() -> tuple[int, float]:
-            from .engine import _sync
-
-            for w, h in sizes:
-                engine.decode_one(torch.zeros(channels, *engine.latent_size(h, w), device=engine.devices["vae"]))
-            _sync(engine.devices["vae"])
-            return len(sizes), time.perf_counter() - t0
-
-        return self._stages.submit("decode", decode_each)
 
     def _start_encoder_warmup(self) -> Future:
         """Run the text encoder at the warm-up's ``encoder_shapes`` on the encode stage's thread (where serving
@@ -379,7 +348,9 @@ class PipelineWorker:
             # 0.41 s on an H100 (benchmarks/profile_stages.py); one static graph per size of the warm-up. One graph
             # with dynamic height and width decoded slower (1024^2 0.048 s against 0.038, 512^2 0.028 against 0.009)
             # and loaded slower from a warm cache (21.4 s against 8.8 s for the five sizes; H100, session 9,
-            # benchmarks/probe_vae_compile.py).
+            # benchmarks/probe_vae_compile.py). Its graphs compile in the warm-up batches' decodes, not beside the
+            # transformer's on another thread: dynamo's tracing is not thread-safe (a warm start failed with "using
+            # FX to symbolically trace a dynamo-optimized function", and a cold one took 51 s longer; session 10).
             vae = self.engine.vae
             vae.to(memory_format=torch.channels_last)
             vae.decoder = torch.compile(vae.decoder, dynamic=False)
