@@ -97,6 +97,25 @@ def test_encoder_prewarm_runs_each_shape_with_right_padding(worker):
     assert seen == [((1, 16), [16]), ((4, 8), [8, 7, 6, 5])]  # one prompt unpadded; the first row full, as in serving
 
 
+def test_encoder_warmup_runs_on_the_encode_stage_thread_on_cuda_only(worker, monkeypatch):
+    import threading
+
+    import torch
+
+    assert worker._start_encoder_warmup().result(timeout=5) == []  # on the CPU: nothing to load per shape
+    ran, real = [], worker.engine.prewarm_encoder
+
+    def spy(shapes):
+        ran.append((threading.current_thread().name, list(shapes)))
+        return real(shapes[:2])
+
+    monkeypatch.setattr(worker.engine, "prewarm_encoder", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    out = worker._start_encoder_warmup().result(timeout=60)
+    assert ran == [(f"encode-{worker.replica_id}", worker.warmup_spec.encoder_shapes())]  # where serving encodes
+    assert [(b, n) for b, n, _ in out] == worker.warmup_spec.encoder_shapes()[:2]
+
+
 def test_failure_comes_back_as_data(worker):
     worker.inject_fault("raise", message="boom")
     try:
