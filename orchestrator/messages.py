@@ -299,7 +299,8 @@ class ReplicaHealth:
     # process before the deployment asked for it), then _start's in order: "imports" (torch and the model
     # libraries, and each device's CUDA context), "load" (the weights), "speed_options" (quantization with its
     # numerics check, compile set-up, LoRA), "warmup_batches", "warmup_extra" (ControlNet's and LoRA's warm-up),
-    # "attention_plans"
+    # "attention_plans" and "encoder_shapes" (what is left of each after the warm-up batches: both run beside the
+    # speed options, on the denoise and the encode stage's threads)
     startup_s: dict = field(default_factory=dict)
 
 

@@ -45,7 +45,8 @@ def test_bench_cpu_short_run(tmp_path, tiny_cache):
     for replica in report["replicas"].values():  # (one per logical GPU; they start side by side)
         own = dict(replica["startup_s"])
         assert own.pop("process") > 0  # the actor's process, from its creation (Ray may have made it earlier)
-        assert list(own) == ["imports", "load", "speed_options", "warmup_batches", "warmup_extra", "attention_plans"]
+        assert list(own) == ["imports", "load", "speed_options", "warmup_batches", "warmup_extra", "attention_plans",
+                             "encoder_shapes"]
         assert own["warmup_batches"] > 0 and sum(own.values()) <= phases["replicas"]
 
 
