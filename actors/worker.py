@@ -254,8 +254,8 @@ class PipelineWorker:
             shapes = encoder_shapes.result()
             if shapes:
                 slow = max(shapes, key=lambda x: x[2])
-                log.info("replica %s: text encoder run at %d (prompts, length) shapes in %.1fs beside the speed "
-                         "options (slowest %dx%d: %.2fs): %s", self.replica_id, len(shapes), sum(x[2] for x in shapes),
+                log.info("replica %s: text encoder run at %d (prompts, length) shapes in %.1fs on its stage's thread "
+                         "(slowest %dx%d: %.2fs): %s", self.replica_id, len(shapes), sum(x[2] for x in shapes),
                          slow[0], slow[1], slow[2], ", ".join(f"{b}x{n} {t:.2f}s" for b, n, t in shapes))
             phase("encoder_shapes")
             self.warmup_s = time.perf_counter() - t0

@@ -299,8 +299,9 @@ class ReplicaHealth:
     # process before the deployment asked for it), then _start's in order: "imports" (torch and the model
     # libraries, and each device's CUDA context), "load" (the weights), "speed_options" (quantization with its
     # numerics check, compile set-up, LoRA), "warmup_batches", "warmup_extra" (ControlNet's and LoRA's warm-up),
-    # "attention_plans" and "encoder_shapes" (what is left of each after the warm-up batches: both run beside the
-    # speed options, on the denoise and the encode stage's threads)
+    # "attention_plans" and "encoder_shapes" (what is left of each after the warm-up batches: they run on the
+    # denoise and the encode stage's threads beside the speed options, the encoder's after them where those
+    # quantize it)
     startup_s: dict = field(default_factory=dict)
 
 
