@@ -45,11 +45,15 @@ class WarmupSpec:
     max_batch_tokens: int = 1 << 40
     max_batch_size: int = 16  # most requests in one batch (the router's max_batch_size)
 
+    def planned_sizes(self) -> list[tuple[int, int]]:
+        """The sizes within the replica's plan (``max_pixels``), in order; the first size if none is."""
+        return [s for s in self.sizes if s[0] * s[1] <= self.max_pixels] or [self.sizes[0]]
+
     def batches(self) -> list[list[tuple[int, int, str]]]:
         """The warm-up batches as lists of (width, height, prompt)."""
         from orchestrator.messages import ImageRequest
 
-        sizes = [s for s in self.sizes if s[0] * s[1] <= self.max_pixels] or [self.sizes[0]]
+        sizes = self.planned_sizes()
         first = sizes[0]
         plan = [[(*first, WARMUP_PROMPTS[1])], [(*first, WARMUP_PROMPTS[1])] * 2]
         mixed = [(w, h, WARMUP_PROMPTS[i % len(WARMUP_PROMPTS)]) for i, (w, h) in enumerate(sizes)]
@@ -74,8 +78,7 @@ class WarmupSpec:
         batch of that many prompts of that length at the smallest warm-up size fits the token budget."""
         from placement.memory import sample_tokens
 
-        w, h = min((s for s in self.sizes if s[0] * s[1] <= self.max_pixels), key=lambda s: s[0] * s[1],
-                   default=self.sizes[0])
+        w, h = min(self.planned_sizes(), key=lambda s: s[0] * s[1])
         counts = sorted({1, 4, self.max_batch_size, 2 * self.max_batch_size})
         return [(b, n) for b in counts for n in lengths
                 if b == 1 or b * sample_tokens(w, h, n) <= self.max_batch_tokens]
@@ -213,7 +216,7 @@ class PipelineWorker:
         plans = self._start_attention_plans() if self.warmup_spec is not None else None
         # the text encoder's shapes beside the speed options, unless those quantize its weights
         te_quantized = self.model_cfg.text_encoder_quantization in ("int8", "fp8")
-        encoder_shapes = self._start_encoder_warmup() if self.warmup_spec and not te_quantized else None
+        encoder_shapes = self._start_encoder_warmup() if self.warmup_spec is not None and not te_quantized else None
         self._apply_speed_options()
         self._load_loras()
         if self.warmup_spec is not None and encoder_shapes is None:
@@ -291,10 +294,7 @@ class PipelineWorker:
         leaves the GIL free. On an H100 (session 9) they took 2.7-3.7 s after the warm-up batches; beside the speed
         options 4.2-5.3 s, which made fp8's speed options 0.5-1 s longer, and the first warm-up batch's denoise
         queues behind what is left of them. Returns ``(lengths, seconds)``."""
-        spec = self.warmup_spec
-        sizes = sorted({(w, h) for batch in spec.batches() for w, h, _ in batch})  # within the replica's plan
-        lengths = [self.engine.latent_size(h, w) for w, h in sizes]
-
+        lengths = [self.engine.latent_size(h, w) for w, h in sorted(set(self.warmup_spec.planned_sizes()))]
         t0 = time.perf_counter()
 
         def build() -> tuple[int, float]:
