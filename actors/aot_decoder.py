@@ -129,8 +129,10 @@ def compile_package(decoder: torch.nn.Module, shape: tuple[int, ...], dtype: tor
 
     device = next(decoder.parameters()).device
     z = torch.randn(*shape, device=device, dtype=dtype)
+    t0 = time.perf_counter()
     with torch.no_grad():
         program = torch.export.export(decoder, (z,), strict=False)
+        t1 = time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
         os.close(fd)
@@ -138,6 +140,8 @@ def compile_package(decoder: torch.nn.Module, shape: tuple[int, ...], dtype: tor
             aoti_compile_and_package(
                 program, package_path=tmp, inductor_configs={"aot_inductor.package_constants_in_so": False})
             os.replace(tmp, path)
+            log.info("VAE decoder: AOTInductor package for %s: export %.1fs, compile %.1fs", _size(shape), t1 - t0,
+                     time.perf_counter() - t1)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import time
@@ -69,9 +70,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--sizes", nargs="+", help="WxH: only these of the warm-up sizes (default: all five)")
     p.add_argument("--modes", nargs="+", default=["eager", "static", "dynamic"],
                    choices=["eager", "static", "dynamic", "aoti"])
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.sizes:
+        WARMUP_SIZES[:] = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
 
     import torch
     from diffusers import AutoencoderKL
