@@ -116,12 +116,16 @@ class PipelineWorker:
         max_batch_tokens: int | None = None,
         max_batch_size: int | None = None,
         step_join=None,
+        env: dict[str, str] | None = None,
     ):
         """``encoder``: for a replica without a text encoder of its own (component replication), a callable
         ``(prompts, negative_prompts, guidance) -> EncodedPrompts`` that asks the replica hosting the shared
         encoder. ``max_batch_tokens`` / ``max_batch_size``: the step loop's own limits on its running set
         (step-level batching, ``actors/steploop.py``); the router keeps within them too. ``step_join``: when
-        waiting samples join the loop's running set (``messages.JoinPolicy``)."""
+        waiting samples join the loop's running set (``messages.JoinPolicy``). ``env``: environment variables
+        for this process, set before anything else is imported (``logging_setup.replica_env``: the log format, no
+        progress bars)."""
+        os.environ.update(env or {})
         setup_replica_process(replica_id)  # no progress bars; in a Ray actor, log lines name the replica
         process_s = _process_age_s()
         self.replica_id = replica_id

@@ -165,8 +165,8 @@ def current_format() -> str:
 
 
 def replica_env(fmt: str | None = None) -> dict[str, str]:
-    """Environment variables for a replica actor's process (Ray's ``runtime_env``): no progress bars from the
-    first import on, and the log format to use."""
+    """Environment variables for a replica actor's process (``PipelineWorker(env=...)`` sets them before its
+    first import): no progress bars, and the log format to use."""
     return {
         REPLICA_LOG_ENV: fmt or current_format(),
         "TQDM_DISABLE": "1",
@@ -177,9 +177,8 @@ def replica_env(fmt: str | None = None) -> dict[str, str]:
 
 # ---- replica processes -----------------------------------------------------------------------------------------
 def quiet_progress_bars() -> None:
-    """No loading progress bars from the model libraries in this process. (tqdm's own bars, e.g. ModelScope's
-    download bars, read TQDM_DISABLE when tqdm is imported, which in a Ray worker is before any of our code runs:
-    ``replica_env`` puts it in the actor's environment instead.)"""
+    """No loading progress bars from the model libraries in this process, nor from tqdm itself (ModelScope's
+    download bars) where TQDM_DISABLE is set (``replica_env``)."""
     for mod, fn in (("diffusers.utils.logging", "disable_progress_bar"),
                     ("transformers.utils.logging", "disable_progress_bar"),
                     ("huggingface_hub.utils", "disable_progress_bars")):
@@ -187,6 +186,22 @@ def quiet_progress_bars() -> None:
             getattr(__import__(mod, fromlist=[fn]), fn)()
         except (ImportError, AttributeError):  # an optional library that is not installed
             pass
+    if os.environ.get("TQDM_DISABLE") and "tqdm" in sys.modules:
+        _quiet_tqdm()
+
+
+def _quiet_tqdm() -> None:
+    """tqdm reads TQDM_DISABLE once, when it is imported, and a Ray worker has imported it before a replica's
+    constructor sets the variable: make ``disable=True`` the default of every bar in this process instead (a call
+    that passes ``disable`` itself still decides)."""
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__init__
+    if getattr(init, "zimage_quiet", False):
+        return
+    quiet = functools.partialmethod(init, disable=True)
+    quiet.zimage_quiet = True
+    tqdm.std.tqdm.__init__ = quiet
 
 
 def setup_replica_process(replica_id: str) -> None:

@@ -142,9 +142,15 @@ def _nvml_memory_gib(gpu_ids: list) -> float | None:
 
 
 def probe_gpu_memory_gib(node: RayNode, timeout_s: float = 120.0) -> float:
-    """Total memory of one GPU of ``node``; logical GPUs (no CUDA) count as LOGICAL_GPU_MEMORY_GIB."""
+    """Total memory of one GPU of ``node``; logical GPUs (no CUDA) count as LOGICAL_GPU_MEMORY_GIB. The driver's
+    own node answers through NVML here (0.01 s); any other node, or one NVML cannot answer for, through a task on
+    one of its GPUs (0.5-1.5 s: Ray starts a worker process for it; H100, session 11)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    if node.node_id == ray.get_runtime_context().get_node_id():
+        mem = _nvml_memory_gib([_first_visible_gpu()])
+        if mem is not None:
+            return mem
     ref = _probe_gpu_memory.options(
         num_gpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)
     ).remote()
@@ -155,6 +161,15 @@ def probe_gpu_memory_gib(node: RayNode, timeout_s: float = 120.0) -> float:
         raise NotReadyError(f"could not probe GPU memory on {node.name} within {timeout_s:.0f}s (GPUs busy?); "
                             f"set cluster.gpu_memory_gib") from None
     return mem if mem is not None else LOGICAL_GPU_MEMORY_GIB
+
+
+def _first_visible_gpu() -> str:
+    """The first GPU this process may use, as Ray would give one to a task here: the first entry of
+    CUDA_VISIBLE_DEVICES (an index or a UUID) where it is set, else GPU 0."""
+    import os
+
+    visible = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    return visible[0] if visible else "0"
 
 
 class EncoderUnavailable(ReplicaUnavailableError):
@@ -208,10 +223,12 @@ class RayReplica:
             max_restarts=max_restarts,
             max_task_retries=0,  # the router re-dispatches; Ray must not run a batch twice on its own
             max_concurrency=max_concurrency,  # in-flight batches + health checks, none queued behind another
-            # No progress bars from the first import on; log lines in the driver's format, naming the replica.
-            runtime_env={"env_vars": replica_env()},
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=0),
-        ).remote(replica_id=replica_id, **worker_kwargs)
+            # No progress bars from the first import on; log lines in the driver's format, naming the replica. Set by
+            # the actor itself before it imports anything, not as a runtime_env: an actor with a runtime_env of its
+            # own needs a new worker process, one without may take a worker Ray started ahead (saves the process's
+            # start and Ray's import).
+        ).remote(replica_id=replica_id, env=replica_env(), **worker_kwargs)
 
     async def start(self, timeout_s: float) -> ReplicaHealth:
         try:

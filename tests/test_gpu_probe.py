@@ -72,3 +72,24 @@ def test_no_gpu_or_no_nvml_is_none(monkeypatch, nvml):
     assert _nvml_memory_gib([]) is None and nvml.calls == []
     install(monkeypatch, FakeNvml(fail_init=True))
     assert _nvml_memory_gib([0]) is None  # the caller asks torch instead
+
+
+@pytest.mark.ray
+def test_drivers_own_node_is_probed_here_without_a_task(ray_cluster, monkeypatch, nvml):
+    """The driver's node answers through NVML in the driver (no Ray task: no worker process to start), on the first
+    GPU this process may use; where NVML cannot answer, a task on the node does, as for any other node."""
+    from orchestrator import ray_backend
+
+    (node,) = ray_backend.live_nodes()
+    monkeypatch.setattr(ray_backend, "_probe_gpu_memory", None)  # a task would fail: none may run
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert ray_backend.probe_gpu_memory_gib(node) == pytest.approx(79.1787109375, abs=1e-6)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-77,GPU-5a1b")
+    ray_backend.probe_gpu_memory_gib(node)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    ray_backend.probe_gpu_memory_gib(node)
+    assert nvml.calls == [("index", 0), ("uuid", "GPU-77"), ("index", 2)]
+
+    monkeypatch.undo()  # the real task, on a CPU machine's logical GPUs: NVML and CUDA absent there
+    install(monkeypatch, FakeNvml(fail_init=True))
+    assert ray_backend.probe_gpu_memory_gib(node) == ray_backend.LOGICAL_GPU_MEMORY_GIB

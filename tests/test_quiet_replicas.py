@@ -31,6 +31,21 @@ assert w.start().ready
 """
 
 
+TQDM_FIRST = """
+import sys, tqdm  # a Ray worker has imported tqdm before the replica's constructor runs
+from actors.worker import PipelineWorker
+from orchestrator.config import ModelConfig
+from orchestrator.logging_setup import replica_env
+PipelineWorker("r7", ModelConfig(source="tiny", dtype="float32", cache_dir=sys.argv[1]), env=replica_env("text"))
+for _ in tqdm.tqdm(range(3)):  # ModelScope's download bars are plain tqdm bars
+    pass
+from tqdm.auto import tqdm as auto_tqdm
+for _ in auto_tqdm(range(3)):
+    pass
+print("replica log env:", __import__("os").environ["ZIMAGE_REPLICA_LOG"])
+"""
+
+
 def _run(code: str, cache: Path, **env) -> str:
     full_env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
     full_env.update(PYTHONPATH=str(ROOT), **env)
@@ -54,6 +69,14 @@ def test_replica_start_writes_no_progress_bar_and_logs_its_load_once(tmp_path):
     loads = re.findall(r"\[replica=r7\]: replica r7: model from tiny \(built .*\) in \d+\.\ds", text)
     assert len(loads) == 1, text
     assert len(re.findall(r"\[replica=r7\]: replica r7: warmed up in \d+\.\ds", text)) == 1, text
+
+
+def test_replica_env_quiets_tqdm_imported_before_it(tmp_path):
+    """The replica's environment (log format, no bars) is set by its constructor, so Ray may run it in a worker it
+    started ahead, which has imported tqdm already: tqdm's bars stay off all the same."""
+    text = _run(TQDM_FIRST, tmp_path / "cache")
+    assert "replica log env: text" in text, text[-2000:]
+    assert not BAR.search(text), text[-2000:]
 
 
 @pytest.mark.ray
