@@ -205,6 +205,9 @@ class PipelineWorker:
             for d in set(devices.values()):
                 torch.zeros(1, device=d)  # the CUDA context, timed with the imports rather than inside the load
         phase("imports")
+        note = bytecode_cache_note(torch.__file__)
+        if note:
+            log.warning("replica %s: %s", self.replica_id, note)
         dtype = resolve_dtype(self.model_cfg.dtype, devices["transformer"])
         comps, resolved, self.load_s = load_components(self.model_cfg, dtype, devices)
         if self.model_cfg.controlnet is not None:  # [controlnet] beside the transformer (actors/controlnet.py)
@@ -891,6 +894,24 @@ def _process_age_s() -> float | None:
         return max(0.0, time.time() - psutil.Process().create_time())
     except Exception:  # noqa: BLE001 - a diagnostic only
         return None
+
+
+def bytecode_cache_note(module_file: str, dont_write_bytecode: bool | None = None) -> str | None:
+    """Why a replica's imports are slow where Python keeps no bytecode for the libraries: ``module_file`` (torch's
+    ``__init__.py``) has no ``.pyc`` where this interpreter looks for one, and writing them is off
+    (PYTHONDONTWRITEBYTECODE), so every replica process compiles the libraries' sources again. None where that is
+    not so. On an H100 host (session 11) that cost 7-11 s of every start: imports took 16-20 s a process without
+    bytecode and 9-10 s with it."""
+    import importlib.util
+    import sys
+
+    if dont_write_bytecode is None:
+        dont_write_bytecode = bool(sys.flags.dont_write_bytecode)
+    if not dont_write_bytecode or os.path.exists(importlib.util.cache_from_source(module_file)):
+        return None
+    return ("Python keeps no bytecode for torch here (PYTHONDONTWRITEBYTECODE is set and it has no .pyc): every "
+            "replica process compiles the libraries' sources again, about 10 s of each start. Unset it, or set "
+            "PYTHONPYCACHEPREFIX to a writable folder so the first start writes the bytecode for the next ones.")
 
 
 def _compile_times() -> str:

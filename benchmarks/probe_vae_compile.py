@@ -1,15 +1,9 @@
 """The VAE decoder compiled per size (one static graph each, sessions 2-8) against one graph with dynamic height and
-width, and against one AOTInductor package per size (``actors/aot_decoder.py``, session 11): what each costs at
-start-up (the first decode of each size: dynamo's trace, the inductor cache, cuDNN's algorithm search) and per
-decode afterwards, at the warm-up sizes and at two sizes no warm-up covers.
+width: what each costs at start-up (the first decode of each size: dynamo's trace, the inductor cache, cuDNN's
+algorithm search) and per decode afterwards, at the warm-up sizes and at two sizes no warm-up covers.
 
     python3 benchmarks/probe_vae_compile.py OUT.json [--cache DIR] [--rounds 2]
     python3 benchmarks/probe_vae_compile.py OUT.json --tiny   # the tiny VAE on the CPU, eager only (checks the script)
-    python3 benchmarks/probe_vae_compile.py OUT.json --modes eager aoti
-
-``aoti``: round 1 exports and compiles the packages missing from the cache and loads them, round 2 loads them again
-(a restarted replica's work); it also reports the GPU memory the loaded packages add and whether they follow an
-in-place change of the decoder's weights (they run on the live parameters).
 
 Round 1 fills the compile cache (cold unless DIR already holds these graphs), round 2 starts from a reset dynamo with
 the cache warm: its first decodes are what a restarted replica pays. Images are one sample each, bf16, channels-last,
@@ -20,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import sys
 import time
@@ -32,37 +25,6 @@ WARMUP_SIZES = [(1024, 1024), (512, 512), (768, 1344), (1344, 768), (1024, 768)]
 OTHER_SIZES = [(1152, 896), (640, 1536)]  # not in the warm-up: static graphs would compile (or run eager) here
 
 
-def aoti_decoder(vae, eager_decoder, root: Path, dtype, sizes) -> tuple:
-    """An ``AotDecoder`` with the warm-up sizes compiled (where missing) and loaded, and what that took."""
-    import torch
-
-    from actors.aot_decoder import AotDecoder, latent_shape
-
-    dec = AotDecoder(eager_decoder)
-    shapes = [latent_shape(vae, w, h) for w, h in WARMUP_SIZES]
-    t0 = time.perf_counter()
-    compiled = dec.compile_missing(root, shapes, dtype)
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    mem0 = torch.cuda.memory_allocated()
-    loaded = dec.load(root, shapes)
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    extra = {"compile_s": compiled, "compile_total_s": round(t1 - t0, 2), "load_s": loaded,
-             "load_total_s": round(t2 - t1, 3), "fallback": type(dec.fallback).__name__,
-             "loaded_memory_gib": round((torch.cuda.memory_allocated() - mem0) / 2**30, 3)}
-    # the loaded models run on the decoder's own parameters: an in-place change shows in their output
-    bias = dict(eager_decoder.named_parameters())["conv_out.bias"]
-    lat = torch.randn(*shapes[0], device=bias.device, dtype=dtype)
-    with torch.no_grad():
-        before = dec(lat).float()
-        bias.add_(1.0)
-        after = dec(lat).float()
-        bias.sub_(1.0)
-    extra["follows_live_weights"] = bool((after - before).abs().mean().item() > 0.5)
-    return dec, extra
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out")
@@ -70,13 +32,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--sizes", nargs="+", help="WxH: only these of the warm-up sizes (default: all five)")
-    p.add_argument("--modes", nargs="+", default=["eager", "static", "dynamic"],
-                   choices=["eager", "static", "dynamic", "aoti"])
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.sizes:
-        WARMUP_SIZES[:] = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
 
     import torch
     from diffusers import AutoencoderKL
@@ -112,32 +68,19 @@ def main() -> None:
 
     report: dict = {"card": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                     "sizes": [f"{w}x{h}" for w, h in sizes], "modes": {}}
-    modes = args.modes if cuda else ["eager"]
+    modes = ["eager", "static", "dynamic"] if cuda else ["eager"]
     for rnd in range(1, args.rounds + 1):
         for mode in modes:
             torch._dynamo.reset()
             graphs0 = counters["stats"]["unique_graphs"]
-            extra: dict = {}
-            if mode == "aoti":
-                vae.decoder = eager_decoder
-                vae.decoder, extra = aoti_decoder(vae, eager_decoder, Path(args.cache) / "aoti", dtype, sizes)
-            else:
-                vae.decoder = eager_decoder if mode == "eager" else torch.compile(eager_decoder,
-                                                                                  dynamic=mode == "dynamic")
+            vae.decoder = eager_decoder if mode == "eager" else torch.compile(eager_decoder,
+                                                                              dynamic=mode == "dynamic")
             first, steady = {}, {}
-            # static and aoti: outside the warm-up sizes they would compile again (static) or run eager (aoti)
-            for w, h in (WARMUP_SIZES if mode in ("static", "aoti") else sizes):
+            for w, h in (WARMUP_SIZES if mode == "static" else sizes):  # static: outside them it would compile again
                 first[f"{w}x{h}"] = round(decode(w, h), 3)
                 steady[f"{w}x{h}"] = round(statistics.median(decode(w, h) for _ in range(args.repeats)), 4)
             entry = {"first_s": first, "first_total_s": round(sum(first.values()), 2), "decode_s": steady,
-                     "graphs": counters["stats"]["unique_graphs"] - graphs0, **extra}
-            if mode == "aoti":
-                diffs = []
-                for w, h in WARMUP_SIZES:
-                    lat = torch.randn(1, 16, h // 8, w // 8, device=device, dtype=dtype)
-                    with torch.no_grad():
-                        diffs.append((vae.decoder(lat).float() - eager_decoder(lat).float()).abs().max().item())
-                entry["max_abs_diff_vs_eager"] = round(max(diffs), 5)
+                     "graphs": counters["stats"]["unique_graphs"] - graphs0}
             report["modes"].setdefault(mode, {})[f"round{rnd}"] = entry
             print(f"round {rnd} {mode}: first decodes {entry['first_total_s']} s, graphs {entry['graphs']}, "
                   f"decode s {steady}", flush=True)

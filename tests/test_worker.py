@@ -308,3 +308,20 @@ def test_a_whole_batch_reports_its_wait_for_the_devices_and_their_idle_time(work
     _time.sleep(0.3)
     second = worker.run_batch(Batch(51, (req(51),))).stage_times
     assert second.idle_starved_s >= 0.3 and second.device_wait_s < 0.2
+
+
+def test_bytecode_cache_note_names_the_fix_only_where_every_process_compiles_sources(tmp_path):
+    """A replica warns when Python keeps no bytecode for torch (PYTHONDONTWRITEBYTECODE and no .pyc): then every
+    replica process compiles the libraries' sources again (7-11 s of a start on the GPU host)."""
+    import importlib.util
+    import py_compile
+
+    from actors.worker import bytecode_cache_note
+
+    src = tmp_path / "lib.py"
+    src.write_text("x = 1\n")
+    note = bytecode_cache_note(str(src), dont_write_bytecode=True)
+    assert note and "PYTHONDONTWRITEBYTECODE" in note and "PYTHONPYCACHEPREFIX" in note
+    assert bytecode_cache_note(str(src), dont_write_bytecode=False) is None  # the first start writes them
+    py_compile.compile(str(src), cfile=importlib.util.cache_from_source(str(src)))
+    assert bytecode_cache_note(str(src), dont_write_bytecode=True) is None  # installed with bytecode, as pip does
