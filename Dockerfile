@@ -33,7 +33,10 @@ RUN if [[ -n "$TORCH_INDEX" ]]; then pip install --index-url "$TORCH_INDEX" "$TO
     else pip install "$TORCH_SPEC"; fi
 WORKDIR /src
 COPY pyproject.toml README.md ./
-# The dependencies alone, in a layer that is reused until pyproject.toml changes; then the project itself.
+# The dependencies alone, in a layer that is reused until pyproject.toml changes; then the project itself. pip writes
+# every package's bytecode (.pyc) as it installs: keep it that way (no --no-compile, no PYTHONDONTWRITEBYTECODE
+# here), or every replica start compiles torch's and diffusers' sources again (7-11 s more per start on an H100 host;
+# docs/benchmarks.md, session 11).
 RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
       > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
