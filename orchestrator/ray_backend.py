@@ -143,11 +143,11 @@ def _nvml_memory_gib(gpu_ids: list) -> float | None:
 
 def probe_gpu_memory_gib(node: RayNode, timeout_s: float = 120.0) -> float:
     """Total memory of one GPU of ``node``; logical GPUs (no CUDA) count as LOGICAL_GPU_MEMORY_GIB. The driver's
-    own node answers through NVML here (0.01 s); any other node, or one NVML cannot answer for, through a task on
-    one of its GPUs (0.5-1.5 s: Ray starts a worker process for it; H100, session 11)."""
+    own node answers through NVML here (the inventory took 0.0 s, H100, session 11); any other node, or one NVML
+    cannot answer for, through a task on one of its GPUs (0.5-1.5 s, sessions 10-11)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if node.node_id == ray.get_runtime_context().get_node_id():
+    if node.node_id == _driver_node_id():
         mem = _nvml_memory_gib([_first_visible_gpu()])
         if mem is not None:
             return mem
@@ -161,6 +161,14 @@ def probe_gpu_memory_gib(node: RayNode, timeout_s: float = 120.0) -> float:
         raise NotReadyError(f"could not probe GPU memory on {node.name} within {timeout_s:.0f}s (GPUs busy?); "
                             f"set cluster.gpu_memory_gib") from None
     return mem if mem is not None else LOGICAL_GPU_MEMORY_GIB
+
+
+def _driver_node_id() -> str | None:
+    """The node this driver runs on (None where Ray cannot say, e.g. through Ray Client)."""
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - then every node is probed with a task
+        return None
 
 
 def _first_visible_gpu() -> str:
