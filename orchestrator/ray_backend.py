@@ -313,7 +313,7 @@ class RayBackend:
         warmup = None
         if spec.warmup_sizes is not None:
             warmup = WarmupSpec(spec.warmup_sizes, spec.warmup_steps, spec.max_pixels, spec.max_batch_tokens,
-                                spec.max_batch_size or 16)
+                                spec.max_batch_size or WarmupSpec.max_batch_size)
         encoder = None
         if encoder_host is not None:
             encoder = RemoteEncoder(encoder_host.actor, encoder_host.replica_id)
