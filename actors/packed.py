@@ -239,27 +239,24 @@ class PackedTransformer:
         return res
 
     # ---- warm-up -----------------------------------------------------------------------------------------
-    def sample_lengths(self, latent_hw, max_caption: int = 512) -> set[int]:
-        """Every sequence length attention sees for samples of these latent sizes (h, w) and any caption up to
-        ``max_caption`` tokens: the image segment, the caption segment and the two together (the noise refiner,
-        the context refiner and the main blocks), each padded as ``layout`` pads them."""
-        caps = {_round_up(c) for c in range(1, max_caption + 1)}
-        out = set(caps)
-        for h, w in latent_hw:
-            n = _round_up((h // self.patch) * (w // self.patch))
-            out.add(n)
-            out.update(n + c for c in caps)
-        return out
+    def sample_lengths(self, max_image_tokens: int, max_caption: int = 512) -> set[int]:
+        """Every sequence length attention can see for a sample of at most ``max_image_tokens`` image tokens and a
+        caption of at most ``max_caption`` tokens: the image segment, the caption segment and the two together (the
+        noise refiner, the context refiner and the main blocks), each padded as ``layout`` pads them. Image sizes
+        are multiples of 16 on each side, so nearly every padded image length up to the limit is some size's:
+        the set is every multiple of the padding up to the longest unified sequence."""
+        top = _round_up(max(1, max_image_tokens)) + _round_up(max(1, max_caption))
+        return set(range(SEQ_MULTI_OF, top + 1, SEQ_MULTI_OF))
 
-    def prewarm(self, latent_hw, max_caption: int = 512) -> int:
-        """Run attention once at every length of ``sample_lengths``, so cuDNN's per-shape execution plans (45-65 ms
-        each the first time on an H100) are built during warm-up, not in the serving path. Only on CUDA with the
-        ``runs`` kernel; returns how many lengths it ran."""
+    def prewarm(self, max_image_tokens: int, max_caption: int = 512) -> int:
+        """Run attention once at every length of ``sample_lengths``, so cuDNN's per-shape execution plans (about
+        49 ms each the first time on an H100) are built on this thread during warm-up, not in the serving path,
+        whatever size a request has. Only on CUDA with the ``runs`` kernel; returns how many lengths it ran."""
         if self.device.type != "cuda" or self.attention != "runs":
             return 0
         heads = self.model.n_heads
         dim = self.model.dim // heads
-        lengths = sorted(self.sample_lengths(latent_hw, max_caption))
+        lengths = sorted(self.sample_lengths(max_image_tokens, max_caption))
         q = torch.zeros(1, max(lengths), heads, dim, device=self.device, dtype=self.model.x_pad_token.dtype)
         with torch.no_grad():
             for n in lengths:
@@ -282,7 +279,9 @@ class PackedTransformer:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 1024)
-        self.block_fn = torch.compile(_block_forward, **kw)
+        from .compiled import guarded
+
+        self.block_fn = guarded("denoise", torch.compile(_block_forward, **kw), _block_forward)
         self.compiled = True
 
 

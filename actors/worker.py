@@ -21,6 +21,7 @@ from orchestrator.errors import ReplicaUnavailableError
 from orchestrator.logging_setup import logs_batch, setup_replica_process
 from orchestrator.messages import Batch, BatchResult, FailureKind, ImageResult, ReplicaHealth, StageTimes
 
+from .compiled import FALLBACKS
 from .stages import StageThreads
 
 log = logging.getLogger(__name__)
@@ -195,8 +196,9 @@ class PipelineWorker:
 
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
-        # Shapes repeat per (size, batch): let cuDNN pick the fastest VAE convolutions once per shape.
-        torch.backends.cudnn.benchmark = True
+        # No algorithm search per convolution shape: with it, the first decode at a size no warm-up ran searched for
+        # 0.5-3.9 s, and the heuristics' choices decoded as fast afterwards (H100, benchmarks/probe_any_size.py).
+        torch.backends.cudnn.benchmark = False
         devices = choose_devices(self.device_map)
         if self.memory_fraction and torch.cuda.is_available():
             for d in set(devices.values()):
@@ -238,9 +240,9 @@ class PipelineWorker:
             batches = spec.batches()
             if not (self.model_cfg.compile and torch.cuda.is_available()):
                 batches = batches[:1]  # nothing to compile: one image shows the replica works
-            for batch in batches:  # on the stage threads that will serve
+            for batch in batches:
                 _, st = self.engine.generate([Sample(p, i, w, h) for i, (w, h, p) in enumerate(batch)],
-                                             spec.num_inference_steps, stage_run=self._stages.run)
+                                             spec.num_inference_steps, stage_run=self._warmup_run)
                 # where a warm start goes: the denoise holds the transformer's graphs (traced, then compiled or
                 # loaded from the cache), the decode the VAE decoder's graph for each new size
                 log.info("replica %s: warm-up batch %s: encode %.1fs, denoise %.1fs, decode %.1fs", self.replica_id,
@@ -252,14 +254,14 @@ class PipelineWorker:
                 w, h, p = batches[0][0]
                 self.engine.generate([Sample(p, 0, w, h), Sample(p, 1, w, h, control_image=np.full((h, w, 3), 127,
                                                                                                   np.uint8))],
-                                     spec.num_inference_steps, stage_run=self._stages.run)
+                                     spec.num_inference_steps, stage_run=self._warmup_run)
             if self.engine.loras is not None and self.model_cfg.compile and torch.cuda.is_available():
                 self._warm_up_loras(spec)
             phase("warmup_extra")
-            n, plans_s = plans.result()  # long done, as a rule: this phase is what is left of it
+            n, plans_s = plans.result()  # this phase is what is left of them after the warm-up batches
             if n:
-                log.info("replica %s: attention plans for %d sequence lengths in %.1fs (beside the speed options)",
-                         self.replica_id, n, plans_s)
+                log.info("replica %s: attention plans for %d sequence lengths in %.1fs (beside the speed options "
+                         "and the warm-up batches)", self.replica_id, n, plans_s)
             phase("attention_plans")
             shapes = encoder_shapes.result()
             if shapes:
@@ -275,8 +277,10 @@ class PipelineWorker:
                          _compile_times())
         self.compiles_warmup = _graphs_compiled()
         if self.model_cfg.compile and torch.cuda.is_available():
-            # Nothing compiles after ready: a shape the warm-up did not cover runs eager instead of stalling.
-            torch.compiler.set_stance("eager_on_recompile")
+            # Nothing compiles after ready: a call no graph covers runs eager, counted (actors/compiled.py).
+            from .compiled import serve_stance
+
+            serve_stance()
         self._compiles_at_ready = _graphs_compiled()
         if torch.cuda.is_available():
             for d in set(devices.values()):
@@ -295,19 +299,29 @@ class PipelineWorker:
         return self._stages.submit("encode", self.engine.prewarm_encoder, self.warmup_spec.encoder_shapes())
 
     def _start_attention_plans(self) -> Future:
-        """Build attention's per-shape plans (cuDNN) for every sample length of the warm-up sizes with any caption
-        length, on the denoise stage's thread (cuDNN caches plans per thread), beside the speed options that run
-        meanwhile on this one (quantization's numerics check, compile's set-up): the plans are mostly C++ work that
-        leaves the GIL free. On an H100 (session 9) they took 2.7-3.7 s after the warm-up batches; beside the speed
-        options 4.2-5.3 s, which made fp8's speed options 0.5-1 s longer, and the first warm-up batch's denoise
-        queues behind what is left of them. Returns ``(lengths, seconds)``."""
-        lengths = [self.engine.latent_size(h, w) for w, h in sorted(set(self.warmup_spec.planned_sizes()))]
+        """Build attention's per-shape plans (cuDNN) for every sequence length a sample within the replica's plan
+        can have, on the denoise stage's thread (cuDNN caches plans per thread), beside the speed options and the
+        warm-up batches that run meanwhile on this one (``_warmup_run``): a length first seen while serving would
+        cost its batch about 49 ms of idle GPU (H100, benchmarks/probe_any_size.py), and any size a user picks
+        brings new lengths. A masked call at a few bucket lengths instead ran 1.4-1.9x slower than the exact
+        one. The plans are C++ work that leaves the GIL free. Returns ``(lengths, seconds)``."""
+        max_tokens = self.warmup_spec.max_pixels // (self.engine.size_multiple ** 2)
         t0 = time.perf_counter()
 
         def build() -> tuple[int, float]:
-            return self.engine.packed.prewarm(lengths), time.perf_counter() - t0
+            return self.engine.packed.prewarm(max_tokens), time.perf_counter() - t0
 
         return self._stages.submit("denoise", build)
+
+    def _warmup_run(self, stage: str, fn, *args, **kwargs):
+        """The warm-up batches' stage runner: the denoise runs on the calling thread, since the denoise stage's
+        own thread is building attention's plans meanwhile (``_start_attention_plans``); the other stages run on
+        their own threads, as in serving. What the warm-up makes per thread (attention's plans for its own
+        lengths, convolution heuristics) is cheap to make again on the serving thread; what it makes per process
+        (the compiled graphs) is shared."""
+        if stage == "denoise":
+            return fn(*args, **kwargs)
+        return self._stages.run(stage, fn, *args, **kwargs)
 
     def make_stage_streams(self) -> None:
         """A CUDA stream per stage with stage pipelining; without it only the encode stage's (for serving other
@@ -351,16 +365,12 @@ class PipelineWorker:
 
             enable_compile_cache(cfg.compile_cache_dir)
             self.engine.packed.compile()  # dynamic shapes: three graphs cover every packed batch
-            # The VAE decoder, channels-last and compiled, decodes 4 images at 1024^2 in 0.22 s instead of
-            # 0.41 s on an H100 (benchmarks/profile_stages.py); one static graph per size of the warm-up. One graph
-            # with dynamic height and width decoded slower (1024^2 0.048 s against 0.038, 512^2 0.028 against 0.009)
-            # and loaded slower from a warm cache (21.4 s against 8.8 s for the five sizes; H100, session 9,
-            # benchmarks/probe_vae_compile.py). Its graphs compile in the warm-up batches' decodes, not beside the
-            # transformer's on another thread: dynamo's tracing is not thread-safe (a warm start failed with "using
-            # FX to symbolically trace a dynamo-optimized function", and a cold one took 51 s longer; session 10).
-            vae = self.engine.vae
-            vae.to(memory_format=torch.channels_last)
-            vae.decoder = torch.compile(vae.decoder, dynamic=False)
+            # Its graph compiles in the first warm-up batch's decode, not beside the transformer's on another
+            # thread: dynamo's tracing is not thread-safe (a warm start failed with "using FX to symbolically trace
+            # a dynamo-optimized function").
+            from .compiled import compile_vae_decoder
+
+            compile_vae_decoder(self.engine.vae)
 
     # ---- per-request LoRA (actors/lora.py) -------------------------------------------------------------
     def _load_loras(self) -> None:
@@ -391,7 +401,7 @@ class PipelineWorker:
             w, h = spec.sizes[0]
             for batch in ([Sample(WARMUP_PROMPT, 0, w, h, loras=((name, 1.0),))],
                           [Sample(WARMUP_PROMPTS[0], 1, w, h, loras=((name, 0.5),)), Sample(WARMUP_PROMPT, 2, w, h)]):
-                self.engine.generate(batch, spec.num_inference_steps, stage_run=self._stages.run)
+                self.engine.generate(batch, spec.num_inference_steps, stage_run=self._warmup_run)
         finally:
             store.remove(name)
             store.prefetch([s.name for s in self.model_cfg.loras])  # what the warm-up adapter pushed out
@@ -458,6 +468,7 @@ class PipelineWorker:
             numerics=dict(self.numerics),
             compiles_warmup=self.compiles_warmup,
             compiles_after_ready=_graphs_compiled() - self._compiles_at_ready if self._ready else 0,
+            eager_fallbacks=FALLBACKS.counts(),
             max_side=max_image_side(self.engine) if self.engine is not None else 0,
             startup_s=dict(self.startup_s),
         )

@@ -28,12 +28,13 @@ from pathlib import Path
 
 from .config import Config, load_config
 from .messages import ImageResult
+from .bench_sizes import MENU_MP, bucket_stats, draw_size, phase_tflop_s
 from .prompts import PROMPTS, varied_prompt  # noqa: F401 - PROMPTS is part of this module's interface
 
 log = logging.getLogger(__name__)
 
 REALISTIC_SIZES = [(512, 512), (1024, 1024), (1024, 768), (768, 1344), (1344, 768)]
-WORKLOADS = ("uniform", "varied", "mixed", "img2img", "inpaint", "edit-mix", "control", "control-mix")
+WORKLOADS = ("uniform", "varied", "mixed", "random", "random-1mp", "img2img", "inpaint", "edit-mix", "control", "control-mix")
 EDIT_KINDS = {"img2img": ("img2img",), "inpaint": ("inpaint",), "edit-mix": ("t2i", "img2img", "inpaint"),
               "control": ("control",), "control-mix": ("t2i", "control")}
 
@@ -80,6 +81,10 @@ class RunStats:
     # closed loop: images/s between the concurrency-th completion and the last (the ramp-up's first round of
     # requests and its start-up excluded), beside the whole phase's; None where the phase is too short for it
     steady_img_s: float | None = None
+    # the phase's arithmetic per second (orchestrator/bench_sizes.py request_tflop) and, per size bucket, latency
+    # and seconds per PFLOP: how well the GPU is used whatever the sizes (set where the steps are known)
+    tflop_s: float | None = None
+    size_buckets: dict[str, dict] = field(default_factory=dict)
 
 
 def _batch_record(r: ImageResult) -> dict:
@@ -92,7 +97,7 @@ def _batch_record(r: ImageResult) -> dict:
 
 
 def summarize(label: str, results: list[ImageResult], elapsed: float, concurrency=None, rate=None,
-              workload: str = "uniform") -> RunStats:
+              workload: str = "uniform", steps: int | None = None) -> RunStats:
     ok = [r for r in results if r.ok]
     lat = [r.latency_s for r in ok]
     queue = [r.queue_s for r in ok]
@@ -128,6 +133,8 @@ def summarize(label: str, results: list[ImageResult], elapsed: float, concurrenc
         batch_stages=[_batch_record(b) for b in sorted(batches.values(), key=lambda b: b.batch_id)],
         errors=sorted({f"{r.error_type}: {r.error}" for r in results if not r.ok})[:5],
         workload=workload,
+        tflop_s=phase_tflop_s(results, elapsed, steps) if steps else None,
+        size_buckets=bucket_stats(results, steps, percentile) if steps else {},
     )
 
 
@@ -138,8 +145,9 @@ class RequestMaker:
 
     def __init__(self, config: Config | None, sizes: list[tuple[int, int]] | None, steps: int | None, seed: int = 0,
                  varied: bool = False, edits: tuple[str, ...] = (), strength: float = 0.6,
-                 edit_steps: int | None = None):
+                 edit_steps: int | None = None, draw=None):
         self.config = config
+        self.draw = draw  # rng -> (width, height): a new size per request (the random workloads)
         self.sizes = sizes  # None: let the server choose (its default size)
         self.steps = steps
         self.varied = varied
@@ -154,6 +162,11 @@ class RequestMaker:
                      edit_steps: int | None = None) -> RequestMaker:
         if workload == "mixed":
             return cls(config, sizes if sizes and len(sizes) > 1 else REALISTIC_SIZES, steps, seed, varied=True)
+        if workload in ("random", "random-1mp"):
+            max_pixels = config.limits.max_pixels if config is not None else 2048 * 2048
+            area = MENU_MP if workload == "random-1mp" else None
+            return cls(config, None, steps, seed, varied=True,
+                       draw=lambda rng: draw_size(rng, max_pixels, area))
         if workload in EDIT_KINDS:
             if not sizes and config is not None:
                 sizes = [(config.defaults.width, config.defaults.height)]
@@ -163,7 +176,9 @@ class RequestMaker:
 
     def params(self) -> dict:
         w = h = None
-        if self.sizes:
+        if self.draw is not None:
+            w, h = self.draw(self.rng)
+        elif self.sizes:
             w, h = self.sizes[0] if len(self.sizes) == 1 else self.rng.choice(self.sizes)
         self.i += 1
         prompt = varied_prompt(self.rng) if self.varied else PROMPTS[self.i % len(PROMPTS)]
@@ -474,8 +489,9 @@ async def _bench(args, config: Config) -> dict:
         raise SystemExit(f"--workload: unknown {bad}; choose from {', '.join(WORKLOADS)}")
     conc = [int(c) for c in args.concurrency.split(",")] if args.concurrency else [1]
     edit_opts = {"strength": getattr(args, "strength", 0.6), "edit_steps": getattr(args, "edit_steps", None)}
-    makers = {w: RequestMaker.for_workload(w, config, sizes, args.steps, seed=i, **edit_opts)
+    makers = {w: RequestMaker.for_workload(w, config, sizes, args.steps, seed=args.seed + i, **edit_opts)
               for i, w in enumerate(workloads)}
+    steps = args.steps or (config.defaults.num_inference_steps if config is not None else None)
     all_sizes = sorted({s for m in makers.values() for s in (m.sizes or [])})
     report: dict = {"command": "zimage-orch " + " ".join(args.argv), "config": args.config, **_environment(),
                     "sizes": [f"{w}x{h}" for w, h in all_sizes] or ["server default"], "workloads": workloads,
@@ -525,11 +541,12 @@ async def _bench(args, config: Config) -> dict:
                     if kind == "concurrency":
                         done_at: list[float] = []
                         results, elapsed = await closed_loop(send, maker, value, args.requests, bar, done_at)
-                        stats = summarize(label, results, elapsed, concurrency=value, workload=workload)
+                        stats = summarize(label, results, elapsed, concurrency=value, workload=workload,
+                                          steps=steps)
                         stats.steady_img_s = steady_throughput(done_at, value)
                     else:
                         results, elapsed = await open_loop(send, maker, value, args.duration, bar)
-                        stats = summarize(label, results, elapsed, rate=value, workload=workload)
+                        stats = summarize(label, results, elapsed, rate=value, workload=workload, steps=steps)
                 if before is not None:  # over HTTP the responses carry no batch ids: ask the server
                     after = await server_batch_counts(client, args.http.rstrip("/"))
                     stats.batch_sizes = batch_size_delta(before, after)
@@ -547,6 +564,8 @@ async def _bench(args, config: Config) -> dict:
                 for rid, h in health.items() if not isinstance(h, str)}
             report["compiles_after_ready"] = {rid: h.compiles_after_ready for rid, h in health.items()
                                               if not isinstance(h, str)}
+            report["eager_fallbacks"] = {rid: h.eager_fallbacks for rid, h in health.items()
+                                         if not isinstance(h, str)}
     finally:
         if dep is not None:
             await dep.shutdown()
@@ -564,12 +583,17 @@ def phase_ratios(report: dict) -> None:
     ratios moved by several points between runs (session 7)."""
     uniform = {(r.get("round", 1), r["concurrency"], r["rate_rps"]): r["megapixels_s"]
                for r in report["runs"] if r.get("workload") == "uniform"}
+    uniform_tflop = {(r.get("round", 1), r["concurrency"], r["rate_rps"]): r.get("tflop_s")
+                     for r in report["runs"] if r.get("workload") == "uniform"}
     spread: dict[str, list[float]] = {}
     for r in report["runs"]:
         base = uniform.get((r.get("round", 1), r["concurrency"], r["rate_rps"]))
         if not base or r.get("workload") == "uniform":
             continue
         r["megapixels_vs_uniform"] = round(r["megapixels_s"] / base, 4)
+        base_tflop = uniform_tflop.get((r.get("round", 1), r["concurrency"], r["rate_rps"]))
+        if base_tflop and r.get("tflop_s"):
+            r["tflop_vs_uniform"] = round(r["tflop_s"] / base_tflop, 4)
         key = f"{r['workload']}-{'c' + str(r['concurrency']) if r['concurrency'] else 'rate' + str(r['rate_rps'])}"
         spread.setdefault(key, []).append(r["megapixels_vs_uniform"])
     if any(len(v) > 1 for v in spread.values()):
@@ -663,15 +687,16 @@ def _print_table(report: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"{report.get('card')} · {', '.join(report['sizes'])} · commit {report.get('commit')}")
-    for col in ("run", "img/s", "MP/s", "MP/s vs uniform", "x baseline", "p50 s", "p95 s", "p99 s", "queue p50 s",
+    for col in ("run", "img/s", "MP/s", "MP/s vs uniform", "TFLOP/s vs uniform", "x baseline", "p50 s", "p95 s", "p99 s", "queue p50 s",
                 "batches", "busy"):
         t.add_column(col)
     for size, b in report.get("baseline", {}).get("sizes", {}).items():
-        t.add_row(f"diffusers bs1 {size}", f"{b['throughput_img_s']:.3f}", "", "", "1.00",
+        t.add_row(f"diffusers bs1 {size}", f"{b['throughput_img_s']:.3f}", "", "", "", "1.00",
                   f"{b['latency_p50_s']:.3f}", "", "", "", "", "")
     for r in report["runs"]:
         t.add_row(r["label"], f"{r['throughput_img_s']:.3f}", f"{r['megapixels_s']:.3f}",
-                  f"{r.get('megapixels_vs_uniform', '')}", f"{r.get('throughput_vs_baseline', '')}",
+                  f"{r.get('megapixels_vs_uniform', '')}", f"{r.get('tflop_vs_uniform', '')}",
+                  f"{r.get('throughput_vs_baseline', '')}",
                   f"{r['latency_p50_s']:.3f}", f"{r['latency_p95_s']:.3f}",
                   f"{r['latency_p99_s']:.3f}", f"{r['queue_p50_s']:.3f}",
                   json.dumps(r["batch_sizes"]), json.dumps(r["replica_busy_fraction"]))

@@ -311,10 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "config's default size; with --http and no config, the server's)")
     p.add_argument("--workload", default=None,
                    help="phases on the same deployment, comma-separated: uniform (short bench prompts), varied "
-                   "(prompts of 3-160 words), mixed (3-160 words and five common sizes), img2img and inpaint "
+                   "(prompts of 3-160 words), mixed (3-160 words and five common sizes), random (3-160 words and a new size "
+                   "per request over the whole allowed range: 256-2048 px a side, aspect 1:3 to 3:1, within "
+                   "limits.max_pixels), random-1mp (the same at 0.75-1.25 MP: an app's aspect-ratio menu), img2img and inpaint "
                    "(edits of a synthetic input image at --sizes), edit-mix (text-to-image, img2img and inpaint "
                    "interleaved), control and control-mix (text-to-image with a ControlNet control image, alone and "
                    "beside plain requests; needs model.controlnet); default uniform")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the request streams' seed (sizes of the random workloads, prompts, image seeds)")
     p.add_argument("--strength", type=float, default=0.6, help="edit workloads: img2img / inpaint strength")
     p.add_argument("--edit-steps", type=int, default=None,
                    help="edit workloads: the edits' schedule length (default: --steps); e.g. 15 at strength 0.6 runs "

@@ -293,6 +293,7 @@ class ReplicaHealth:
     numerics: dict = field(default_factory=dict)
     compiles_warmup: int = 0  # graphs torch.compile built before ready
     compiles_after_ready: int = 0  # graphs built while serving (the goal is none)
+    eager_fallbacks: dict[str, int] = field(default_factory=dict)  # per stage: calls after ready no graph covered
     max_side: int = 0  # longest image side the model's position table can place, in pixels (0: unknown)
     # seconds of each phase of the replica's start (actors/worker.py PipelineWorker): "process" (from the process's
     # creation to the actor's construction: Ray's worker start and this package's imports; Ray may have made the

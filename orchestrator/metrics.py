@@ -35,6 +35,10 @@ class PrometheusObserver(RouterObserver):
                                     "warmup (before ready) or serving (after ready; the goal is none).",
                                     ["replica", "phase"], registry=r)
         self._compiles_seen: dict[tuple[str, str], int] = {}
+        self.eager_fallbacks = Counter("zimage_eager_fallbacks_total", "Calls a replica ran without compiled code "
+                                       "after ready, by stage (denoise, decode): a shape no compiled graph covers "
+                                       "(the goal is none).", ["replica", "stage"], registry=r)
+        self._fallbacks_seen: dict[tuple[str, str], int] = {}
         self.images = Counter("zimage_images_generated_total", "Images generated successfully.", registry=r)
         self.requests = Counter("zimage_requests_total", "Requests answered, by outcome.", ["outcome"], registry=r)
         self.errors = Counter("zimage_request_errors_total", "Failed or rejected requests, by error type.",
@@ -145,3 +149,9 @@ class PrometheusObserver(RouterObserver):
                     # a restarted replica counts from zero again: add what it reports beyond what was seen
                     self.compilations.labels(replica_id, phase).inc(n - last if n >= last else n)
                     self._compiles_seen[(replica_id, phase)] = n
+            for stage, n in ({"denoise": 0, "decode": 0} | health.eager_fallbacks).items():
+                self.eager_fallbacks.labels(replica_id, stage)  # shown at 0 from the first health report
+                last = self._fallbacks_seen.get((replica_id, stage), 0)
+                if n != last:  # as above: a restarted replica counts from zero again
+                    self.eager_fallbacks.labels(replica_id, stage).inc(n - last if n >= last else n)
+                    self._fallbacks_seen[(replica_id, stage)] = n
