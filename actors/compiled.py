@@ -94,3 +94,20 @@ def compile_vae_decoder(vae, **compile_kw) -> None:
     compile_kw.setdefault("dynamic", True)
     vae.to(memory_format=torch.channels_last)
     vae.decoder = guarded_module("decode", vae.decoder, **compile_kw)
+
+
+class counted:
+    """``with counted() as missed:`` -> ``missed``, after the block: the calls per stage that fell back to eager
+    inside it (empty where every call had its graph)."""
+
+    def __init__(self, fallbacks: Fallbacks = FALLBACKS):
+        self.fallbacks = fallbacks
+        self.missed: dict[str, int] = {}
+
+    def __enter__(self) -> dict[str, int]:
+        self._before = self.fallbacks.counts()
+        return self.missed
+
+    def __exit__(self, *exc) -> None:
+        after = self.fallbacks.counts()
+        self.missed.update({k: n - self._before.get(k, 0) for k, n in after.items() if n != self._before.get(k, 0)})

@@ -359,7 +359,6 @@ class PipelineWorker:
             self.numerics.update(compare(reference, reference_output(self.engine)))
             log.info("replica %s: fp8 vs %s: %s", self.replica_id, self.engine.dtype, self.numerics)
         if cfg.compile and self.engine.devices["transformer"].type == "cuda":
-            import torch
 
             from .compile_cache import enable_compile_cache
 

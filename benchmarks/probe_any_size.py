@@ -87,7 +87,8 @@ def probe_attention(args) -> dict:
                     row[f"{kind}_first_ms"] = round(_call_s(
                         lambda m=mask: F.scaled_dot_product_attention(x, x, x, attn_mask=m)) * 1e3, 3)
                     row[f"{kind}_ms"] = round(statistics.median(_call_s(
-                        lambda m=mask: F.scaled_dot_product_attention(x, x, x, attn_mask=m)) for _ in range(5)) * 1e3, 3)
+                        lambda m=mask: F.scaled_dot_product_attention(x, x, x, attn_mask=m))
+                        for _ in range(5)) * 1e3, 3)
                     row[f"{kind}_max_diff"] = float((got[:, :, :L].float() - ref.float()).abs().max())
                     row[f"{kind}_bitwise_equal"] = bool(torch.equal(got[:, :, :L], ref))
                 except RuntimeError as e:

@@ -26,15 +26,16 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from .bench_sizes import MENU_MP, bucket_stats, draw_size, phase_tflop_s
 from .config import Config, load_config
 from .messages import ImageResult
-from .bench_sizes import MENU_MP, bucket_stats, draw_size, phase_tflop_s
 from .prompts import PROMPTS, varied_prompt  # noqa: F401 - PROMPTS is part of this module's interface
 
 log = logging.getLogger(__name__)
 
 REALISTIC_SIZES = [(512, 512), (1024, 1024), (1024, 768), (768, 1344), (1344, 768)]
-WORKLOADS = ("uniform", "varied", "mixed", "random", "random-1mp", "img2img", "inpaint", "edit-mix", "control", "control-mix")
+WORKLOADS = ("uniform", "varied", "mixed", "random", "random-1mp",
+             "img2img", "inpaint", "edit-mix", "control", "control-mix")
 EDIT_KINDS = {"img2img": ("img2img",), "inpaint": ("inpaint",), "edit-mix": ("t2i", "img2img", "inpaint"),
               "control": ("control",), "control-mix": ("t2i", "control")}
 
@@ -687,7 +688,8 @@ def _print_table(report: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"{report.get('card')} · {', '.join(report['sizes'])} · commit {report.get('commit')}")
-    for col in ("run", "img/s", "MP/s", "MP/s vs uniform", "TFLOP/s vs uniform", "x baseline", "p50 s", "p95 s", "p99 s", "queue p50 s",
+    for col in ("run", "img/s", "MP/s", "MP/s vs uniform", "TFLOP/s vs uniform", "x baseline", "p50 s", "p95 s",
+                "p99 s", "queue p50 s",
                 "batches", "busy"):
         t.add_column(col)
     for size, b in report.get("baseline", {}).get("sizes", {}).items():

@@ -311,9 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "config's default size; with --http and no config, the server's)")
     p.add_argument("--workload", default=None,
                    help="phases on the same deployment, comma-separated: uniform (short bench prompts), varied "
-                   "(prompts of 3-160 words), mixed (3-160 words and five common sizes), random (3-160 words and a new size "
-                   "per request over the whole allowed range: 256-2048 px a side, aspect 1:3 to 3:1, within "
-                   "limits.max_pixels), random-1mp (the same at 0.75-1.25 MP: an app's aspect-ratio menu), img2img and inpaint "
+                   "(prompts of 3-160 words), mixed (3-160 words and five common sizes), random (3-160 words and a "
+                   "new size per request over the whole allowed range: 256-2048 px a side, aspect 1:3 to 3:1, within "
+                   "limits.max_pixels), random-1mp (the same at 0.75-1.25 MP: an app's aspect-ratio menu), img2img and "
+                   "inpaint "
                    "(edits of a synthetic input image at --sizes), edit-mix (text-to-image, img2img and inpaint "
                    "interleaved), control and control-mix (text-to-image with a ControlNet control image, alone and "
                    "beside plain requests; needs model.controlnet); default uniform")

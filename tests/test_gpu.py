@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from actors.compiled import counted
+
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,11 +77,12 @@ def test_packed_mixed_batch_equals_solo_runs_on_gpu():
                             ([(1024, 1024)], [12])):
             lat, cap, layout = batch(sizes, caps)
             eng.packed(lat, torch.rand(len(sizes), device="cuda"), cap, layout)
-        with torch.compiler.set_stance("fail_on_recompile"):
+        with torch.compiler.set_stance("fail_on_recompile"), counted() as missed:
             for sizes, caps in (([(512, 512)] * 5, [20, 40, 60, 300, 500]), ([(1344, 768), (256, 256)], [3, 33]),
                                 ([(640, 640)], [250])):
                 lat, cap, layout = batch(sizes, caps)
                 eng.packed(lat, torch.rand(len(sizes), device="cuda"), cap, layout)
+        assert not missed, missed  # every call had its graph: none fell back to eager
 
 
 def test_edits_batched_with_text_to_image_on_gpu():
@@ -145,7 +148,7 @@ def test_step_loop_joins_and_leaves_compile_nothing_on_gpu():
 
     loop = StepLoop(eng)
     short = Sample("a quick sketch of a cat", 7, 768, 512)
-    with torch.compiler.set_stance("fail_on_recompile"):
+    with torch.compiler.set_stance("fail_on_recompile"), counted() as missed:
         long = loop.submit(group(Sample("a detailed city at night", 5, 1024, 1024), 12))
         while loop.stats.steps < 3:
             threading.Event().wait(0.01)
@@ -154,6 +157,7 @@ def test_step_loop_joins_and_leaves_compile_nothing_on_gpu():
         long.done.wait(300)
         solo = loop.submit(group(short, 3))
         solo.done.wait(300)
+    assert not missed, missed  # every call had its graph: none fell back to eager
     assert long.error is None and joined.error is None and solo.error is None
     a, b = joined.samples[0].latents.float(), solo.samples[0].latents.float()
     assert float((a - b).norm() / b.norm()) < 5e-2  # bf16: the batch around a sample moves it slightly
@@ -192,7 +196,8 @@ def test_lora_mixed_adapters_compiled_no_recompile_on_gpu():
         call([(512, 512)] * 2, [40, 77], [[("a0", 1.0)], []])
         call([(512, 512)], [12], [[("a1", 1.0)]])
         call([(512, 512)], [12], [[]])
-        with torch.compiler.set_stance("fail_on_recompile"):
+        with torch.compiler.set_stance("fail_on_recompile"), counted() as missed:
             call([(1024, 1024)] * 4, [20, 40, 60, 80], [[("a0", 1.0)], [("a1", 0.5)], [("a2", 1.0)], [("a3", 1.0)]])
             call([(768, 1344), (256, 256)], [3, 33], [[("a0", 0.5), ("a3", 1.0)], []])
             call([(640, 640)], [250], [[("a2", 1.0)]])
+        assert not missed, missed  # every call had its graph: none fell back to eager

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from actors.compiled import counted
 from actors.engine import Sample, ZImageEngine
 from actors.lora import (
     LoraError,
@@ -191,7 +192,7 @@ def test_no_recompile_per_adapter_set(pipe, adapters):
     eng.generate([Sample("a cat", 1, 32, 32)], 1)
     eng.generate([Sample("a cat", 1, 32, 32, loras=(("style-b", 1.0),))], 1)
     try:
-        with torch.compiler.set_stance("fail_on_recompile"):
+        with torch.compiler.set_stance("fail_on_recompile"), counted() as missed:
             for batch in (
                     [Sample("x", 3, 64, 32, loras=(("style-c", 0.5),))],
                     [Sample("x", 3, 64, 32, loras=(("style-a", 0.5), ("kohya", 1.0))),
@@ -199,6 +200,7 @@ def test_no_recompile_per_adapter_set(pipe, adapters):
                      Sample("y", 5, 32, 48)],
                     [Sample("z", 6, 32, 32, loras=(("kohya", 1.0),)), Sample("w", 7, 32, 32)]):
                 eng.generate(batch, 1)
+        assert not missed, missed  # every call had its graph: none fell back to eager
     finally:
         torch._dynamo.reset()
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from actors.compiled import counted
 from actors.worker import PipelineWorker, WarmupSpec
 from orchestrator.config import ModelConfig, RouterConfig
 from orchestrator.messages import Batch, BatchResult, ImageRequest, JoinPolicy, StepProgress
@@ -394,7 +395,7 @@ def test_joins_and_leaves_compile_nothing_after_warmup():
 
     loop = StepLoop(eng)
     try:
-        with torch.compiler.set_stance("fail_on_recompile"):
+        with torch.compiler.set_stance("fail_on_recompile"), counted() as missed:
             long = loop.submit(group(Sample("a detailed city at night", 5, 64, 64), 12))
             while loop.stats.steps < 3:
                 time.sleep(0.005)
@@ -402,6 +403,7 @@ def test_joins_and_leaves_compile_nothing_after_warmup():
                       loop.submit(group(Sample("another", 8, 32, 32), 2))]
             for g in [long, *joined]:
                 assert g.done.wait(300)
+        assert not missed, missed  # every call had its graph: none fell back to eager
     finally:
         torch._dynamo.reset()
         eng.packed.block_fn = __import__("actors.packed", fromlist=["_block_forward"])._block_forward

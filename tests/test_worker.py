@@ -214,9 +214,11 @@ def test_lora_replica_without_ray(tiny_cache, tmp_path):
 
 
 def test_each_stage_runs_on_one_thread_from_warm_up_on(tiny_cache, monkeypatch):
-    """cuDNN caches its plans per thread (``actors/stages.py``): each stage's work, the warm-up's included, runs on
-    one long-lived thread per stage, whichever thread a call comes in on (Ray's pool threads, a streamed call's own
-    thread, the step loop's), so no call pays the plans again."""
+    """cuDNN caches its plans per thread (``actors/stages.py``): each stage's serving work runs on one long-lived
+    thread per stage, whichever thread a call comes in on (Ray's pool threads, a streamed call's own thread, the step
+    loop's), so no call pays the plans again. The warm-up's encode and decode run on their stages' threads; its
+    denoise runs on the starting thread, while the denoise stage's own thread builds attention's plans for every
+    length (``PipelineWorker._warmup_run``)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -238,6 +240,10 @@ def test_each_stage_runs_on_one_thread_from_warm_up_on(tiny_cache, monkeypatch):
                        warmup=WarmupSpec(((32, 32),), 1), torch_threads=1)
     w.start()
     assert all(seen.values())  # the warm-up ran every stage
+    assert set(seen["encode"]) == {"encode-rt"} and set(seen["decode"]) == {"decode-rt"}
+    assert set(seen["denoise"]) == {threading.current_thread().name}
+    for names in seen.values():
+        names.clear()
     with ThreadPoolExecutor(2) as pool:  # Ray's pool: calls come in on several threads
         outs = list(pool.map(w.run_batch, [Batch(i, (req(i, size=32),)) for i in range(3)]))
         outs.append(pool.submit(w.run_batch, Batch(5, (req(5, size=32),), joinable=True)).result())
