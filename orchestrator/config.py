@@ -297,13 +297,15 @@ class DeploymentConfig(_Strict):
     warmup: bool = Field(
         default=True,
         description="Before reporting ready, run the batches that compile every graph serving needs (model.compile): "
-        "one image alone, several of one size, several of mixed sizes and prompt lengths, and a VAE decode per "
-        "size in warmup_sizes. After ready nothing compiles: a shape outside them runs eager.",
+        "one image alone, several of one size, several of mixed sizes and prompt lengths at warmup_sizes, and "
+        "attention's plans for every length within limits.max_pixels. After ready nothing compiles: a call no "
+        "graph covers runs eager and is counted (zimage_eager_fallbacks_total).",
     )
     warmup_sizes: list[str] = Field(
         default_factory=lambda: ["512x512", "1024x1024", "768x1344", "1344x768", "1024x768"],
-        description="Image sizes (WxH) the VAE decoder is compiled for during warm-up (the transformer's graphs "
-        "cover every size). Sizes larger than a replica's plan allows are skipped.",
+        description="Image sizes (WxH) of the warm-up batches, which show the replica serves before it reports "
+        "ready. Speed does not depend on them: the transformer's and the VAE decoder's graphs have dynamic shapes "
+        "and cover every size. Sizes larger than a replica's plan allows are skipped.",
     )
     start_timeout_s: float = Field(
         default=1800.0, gt=0, le=86_400, description="Longest a replica may take to load and warm up."
