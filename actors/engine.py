@@ -185,8 +185,8 @@ class ZImageEngine:
         right-padded as ``_encode`` pads captions of different lengths (the first row full, the others shorter;
         one prompt alone has no padding, as in serving), so what long and padded captions need the first time is
         loaded at warm-up, not in the serving path. On a fresh H100 the first batch of long prompts after ready
-        encoded in 0.75-1.2 s, against 0.1-0.16 s on a machine that had run it before (sessions 8-10); with this
-        warm-up, its first encodes took 0.8-1.8 s each on a fresh H100 and that batch 0.05-0.06 s (session 10).
+        encoded in 0.75-1.2 s, against 0.1-0.16 s on a machine that had run it before; with this warm-up, its
+        first encodes took 0.8-1.8 s each on a fresh H100 and that batch 0.05-0.06 s (docs/benchmarks-history.md).
         Returns ``(prompts, length, seconds)`` per shape; nothing without a text encoder of its own."""
         if self.text_encoder is None:
             return []

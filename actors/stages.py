@@ -4,7 +4,7 @@ PyTorch caches cuDNN's execution plans **per thread**: the convolution plans (th
 (attention) live in ``thread_local`` caches, because cuDNN does not promise its plans are thread-safe. A shape's
 first call on a new thread builds its plans again. On an H100 a 1024x1024 VAE decode took 0.55-0.80 s on a fresh
 thread against 0.056 s on the thread that had warmed it, and the first one on a new thread 9-10 s
-(``benchmarks/probe_step_decode.py``, session 6); each attention length costs 44-65 ms more
+(``benchmarks/probe_step_decode.py``; docs/benchmarks-history.md); each attention length costs 44-65 ms more
 (``benchmarks/probe_attn_shapes.py``). Ray runs an actor's calls on a pool of threads and a streamed call on a
 thread of its own, so without this each call paid those plans again in the serving path: slow decodes under step
 scheduling, slow lone requests, slow first batches of a phase.

@@ -33,7 +33,7 @@ head's work is small against every running sample's): each join slows every runn
 that saturate the GPU (1024x1024 on an H100: 0.098 s a step alone, 0.39 s for four) joining everything at once is
 processor sharing, which with equal service times has a worse mean latency than running sets one after another.
 (On one H100 this scheduling's mean latency is at or below whole-batch scheduling's at 50, 80 and 95% load,
-1024x1024 and mixed sizes alike, since each stage runs on its warmed thread: docs/benchmarks.md, session 6.) The
+1024x1024 and mixed sizes alike, since each stage runs on its warmed thread: docs/benchmarks-history.md.) The
 router keeps up to two sets' worth waiting at the replica (``router.STEP_QUEUE_DEPTH``), encoded, so room is filled
 at the next step.
 Cancellation (``cancel``) takes request ids; a name not in the loop yet is kept for ``CANCEL_KEEP_S`` seconds, so a

@@ -581,7 +581,7 @@ def phase_ratios(report: dict) -> None:
     """Each phase's megapixels/s over the uniform phase's of the same round and concurrency (or rate)
     (``megapixels_vs_uniform``: the realistic-traffic targets), and with several rounds (``--repeat``) per phase
     and concurrency the ratio's mean, min and max over them (``phase_ratios``): one phase is one draw, and these
-    ratios moved by several points between runs (session 7)."""
+    ratios moved by several points between runs (docs/benchmarks-history.md)."""
     uniform = {(r.get("round", 1), r["concurrency"], r["rate_rps"]): r["megapixels_s"]
                for r in report["runs"] if r.get("workload") == "uniform"}
     uniform_tflop = {(r.get("round", 1), r["concurrency"], r["rate_rps"]): r.get("tflop_s")

@@ -122,7 +122,8 @@ def _probe_gpu_memory() -> float | None:
 def _nvml_memory_gib(gpu_ids: list) -> float | None:
     """The first of ``gpu_ids`` (Ray's: indices, or UUIDs) through NVML: its total memory less what the driver
     reserves, which is CUDA's total (79.18 GiB both ways on an H100 80GB HBM3). About 1 s, against 5 s to import
-    torch and make a CUDA context for the same number (H100, session 9). None where NVML cannot answer."""
+    torch and make a CUDA context for the same number (H100, docs/benchmarks-history.md). None where NVML cannot
+    answer."""
     if not gpu_ids:
         return None
     try:
@@ -143,7 +144,7 @@ def _nvml_memory_gib(gpu_ids: list) -> float | None:
 
 def probe_gpu_memory_gib(node: RayNode, timeout_s: float = 120.0) -> float:
     """Total memory of one GPU of ``node``; logical GPUs (no CUDA) count as LOGICAL_GPU_MEMORY_GIB. The driver's
-    own node answers through NVML here (the inventory took 0.0 s, H100, session 11); any other node, or one NVML
+    own node answers through NVML here (the inventory took 0.0 s on an H100); any other node, or one NVML
     cannot answer for, through a task on one of its GPUs (0.5-1.5 s, sessions 10-11)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

@@ -142,7 +142,7 @@ class ReplicaWork:
     beside the running batch, and there it takes several times its time alone and varies from batch to batch (H100,
     fp8, 1024^2, four prompts of 3-160 words: 0.11-1.43 s, p50 0.46 s, against 0.11-0.14 s alone). With a quarter
     alone, batches of long prompts reached the replica too late and it stood idle 0.2 s a batch waiting for their
-    encodes (session 8)."""
+    encodes (docs/benchmarks-history.md)."""
 
     LEAD = 0.25  # a partial batch may go once the last outstanding batch is within this fraction of its expected end
     ENCODE_COVER = 2.0  # ... plus this many of the replica's recent encode times

@@ -7,9 +7,9 @@ one image at a time, so its activations grow with the largest image's pixels, no
 encoder's grow with the number of prompts. The peak on a GPU is its weights plus the largest activation among its
 components (one replica runs its stages one after another on a device), or their sum with stage pipelining.
 
-Coefficients measured on an H200 with the full-size model in bf16 (``benchmarks/probe_packed.py``, session 3 call
-1, torch's max allocated memory above the weights): one packed transformer forward 155 KiB per token, flat from
-4,224 to 33,792 tokens; one VAE decode 2.38 GiB at 1024^2, 0.60 at 512^2, 9.5 at 2048^2 (2.37 GiB per megapixel).
+Coefficients measured on an H200 with the full-size model in bf16 (``benchmarks/probe_packed.py``,
+docs/benchmarks-history.md, call s3-1, torch's max allocated memory above the weights): one packed transformer
+forward 155 KiB per token, flat from 4,224 to 33,792 tokens; one VAE decode 2.38 GiB at 1024^2, 0.60 at 512^2, 9.5 at 2048^2 (2.37 GiB per megapixel).
 """
 
 from __future__ import annotations
@@ -258,8 +258,8 @@ def model_spec(source: str, dtype: str = "bfloat16", transformer: str = "none",
 
 # Relative throughput of a replica, for choosing among plans that fit (planner: ``choose_precision``).
 # fp8 transformer against bf16: 1.323 / 0.986 img/s, compiled, uniform 1024^2 traffic at concurrency 8 on one H100
-# (docs/benchmarks.md, session 3 calls s3-3 and s3-4). Batch size: a batch of one image ran at 0.914 of a batch of
-# four (compiled, 1024^2, 0.866 at concurrency 1 vs 0.947 img/s at concurrency 8, session 1 call 3); 2 and 3 are
+# (docs/benchmarks-history.md, calls s3-3 and s3-4). Batch size: a batch of one image ran at 0.914 of a batch of
+# four (compiled, 1024^2, 0.866 at concurrency 1 vs 0.947 img/s at concurrency 8, call 3); 2 and 3 are
 # interpolated, not measured. Text-encoder quantization changes memory, not speed (encoding is ~2% of a batch).
 FP8_TRANSFORMER_SPEEDUP = 1.323 / 0.986
 BATCH_EFFICIENCY = {1: 0.914, 2: 0.943, 3: 0.971}
