@@ -7,10 +7,10 @@ one image at a time, so its activations grow with the largest image's pixels, no
 encoder's grow with the number of prompts. The peak on a GPU is its weights plus the largest activation among its
 components (one replica runs its stages one after another on a device), or their sum with stage pipelining.
 
-Coefficients measured on an H200 with the full-size model in bf16 (``benchmarks/probe_packed.py``, docs/benchmarks-
-history.md, call s3-1, torch's max allocated memory above the weights): one packed transformer forward 155 KiB per
-token, flat from 4,224 to 33,792 tokens; one VAE decode 2.38 GiB at 1024^2, 0.60 at 512^2, 9.5 at 2048^2 (2.37 GiB
-per megapixel).
+Coefficients measured on an H200 with the full-size model in bf16 (``benchmarks/probe_packed.py``,
+docs/benchmarks-history.md, call s3-1, torch's max allocated memory above the weights): one packed transformer
+forward 155 KiB per token, flat from 4,224 to 33,792 tokens; one VAE decode 2.38 GiB at 1024^2, 0.60 at 512^2, 9.5
+at 2048^2 (2.37 GiB per megapixel).
 """
 
 from __future__ import annotations
