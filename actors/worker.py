@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from orchestrator.config import COMPONENTS, ModelConfig
 from orchestrator.errors import ReplicaUnavailableError
-from orchestrator.logging_setup import logs_batch, setup_replica_process
+from orchestrator.logging_setup import logs_batch, setup_replica_process, take_api_keys_from_env
 from orchestrator.messages import Batch, BatchResult, FailureKind, ImageResult, ReplicaHealth, StageTimes
 
 from .stages import StageThreads
@@ -126,6 +126,7 @@ class PipelineWorker:
         for this process, set before anything else is imported (``logging_setup.replica_env``: the log format, no
         progress bars)."""
         os.environ.update(env or {})
+        take_api_keys_from_env()  # a joined cluster's workers inherit whatever the node was started with
         setup_replica_process(replica_id)  # no progress bars; in a Ray actor, log lines name the replica
         process_s = _process_age_s()
         self.replica_id = replica_id

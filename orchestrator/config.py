@@ -235,6 +235,17 @@ class ModelConfig(_Strict):
         "Deployment.register_lora) are read from, on every replica's machine: their path is relative to it (or "
         "absolute inside it); symlinks are resolved and must stay inside. None: runtime registration of local "
         "files is refused. model.loras is not limited to it.")
+    lora_max_runtime: int = Field(
+        default=16, ge=0, le=4096,
+        description="Adapters registered at runtime (POST /v1/loras) at most, beside model.loras; past it a "
+        "registration is refused (409) until one is removed.")
+    lora_max_runtime_bytes: int = Field(
+        default=4 * 1024**3, ge=0, le=1024**4,
+        description="Host memory all runtime adapters together may take on each replica (their factors, as the "
+        "replica holds them); a registration past it is refused (409).")
+    lora_max_file_bytes: int = Field(
+        default=2 * 1024**3, ge=1024, le=1024**4,
+        description="Largest adapter file read (checked before it is opened); larger is a 400 naming path.")
     lora_runtime_hub: bool = Field(
         default=False, description="Let runtime registration name hub adapters (source huggingface / "
         "modelscope): every replica then fetches the repository a client names (unless model.offline). Off: "
@@ -513,6 +524,25 @@ class LimitsConfig(_Strict):
         default=2, ge=1, le=64,
         description="Requests whose input images the HTTP process decodes at the same time (each decodes its images "
         "one by one); the others wait their turn, so a burst of uploads cannot exhaust memory.")
+    max_inflight_upload_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024, le=64 * 1024**3,
+        description="Bytes of edit bodies (multipart or JSON) being read, parsed and decoded at once, all requests "
+        "together. A body reserves its Content-Length (a chunked one: limits.max_upload_bytes) before it is read and "
+        "keeps it until its images are decoded; the others wait (limits.upload_wait_s), then 503. Bounds the "
+        "memory uploads take whatever their number.")
+    upload_wait_s: float = Field(
+        default=10.0, ge=0, le=3600,
+        description="How long an edit waits for room in limits.max_inflight_upload_bytes before a 503 with "
+        "Retry-After.")
+    decode_pixel_budget: int = Field(
+        default=64_000_000, ge=256, le=4_000_000_000,
+        description="Input pixels (as stored) the HTTP process decodes at once, all requests together. A request "
+        "costs its input images' pixels (read from their headers; at most the whole budget) and waits in a "
+        "first-come queue where a small request may pass a large one that does not fit yet, within one budget's "
+        "worth of pixels, so decoding is shared by pixels, not by files.")
+    decode_wait_s: float = Field(
+        default=10.0, ge=0, le=3600,
+        description="How long a request waits in the image-decode queue before a 429 with Retry-After.")
 
 
 class ServerConfig(_Strict):
@@ -527,8 +557,37 @@ class ServerConfig(_Strict):
     docs: bool = Field(
         default=False,
         description="Serve FastAPI's /docs, /redoc and /openapi.json (the generated pages; Swagger UI loads from a "
-        "CDN). Off: those paths answer 404 like any unknown path.",
+        "CDN), behind the API key when keys are configured. Off: those paths answer 404 like any unknown path.",
     )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Bind address of the key-free metrics listener (server.metrics_port).")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="A second listener serving only GET /metrics without a key, for Prometheus (on "
+        "server.metrics_host). None: metrics only on the API port, behind the key when keys are configured.")
+    max_connections: int = Field(
+        default=4096, ge=16, le=1_000_000,
+        description="Open client connections at most. Past it a new connection closes the oldest one that has no "
+        "request in progress (a slow or idle client); when every connection is busy, the new one is closed. The "
+        "effective cap is also kept below the process's descriptor limit less server.fd_reserve.")
+    fd_reserve: int = Field(
+        default=512, ge=16, le=1_000_000,
+        description="File descriptors kept free for everything but client connections (Ray, files, the decode "
+        "threads): connections are shed before the process runs out. The soft descriptor limit is raised to the "
+        "hard one at start.")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="A request's line and headers must arrive within this long after the connection opens or the "
+        "previous response ends; else the connection is closed.")
+    body_idle_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="Longest pause between two pieces of a request body before a 408 and the connection closed.")
+    body_timeout_s: float = Field(
+        default=300.0, gt=0, le=86_400,
+        description="A request body must arrive whole within this long after its headers (408 otherwise).")
+    keep_alive_s: float = Field(
+        default=5.0, gt=0, le=3600, description="An idle keep-alive connection is closed after this long.")
+    backlog: int = Field(default=2048, ge=1, le=65535, description="The listening socket's accept backlog.")
 
 
 class Config(_Strict):

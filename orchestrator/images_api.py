@@ -238,6 +238,13 @@ def parse_json_edit(payload, config: Config, max_side: int | None = None, known_
     """The spec's JSON form of an edit (``EditImageBodyJsonParam``): ``images`` (1-16 ``{"image_url"}``) and
     ``mask`` as base64 ``data:`` URLs (``file_id`` and network URLs are refused: no Files API, no fetching), the
     other fields as in multipart (plus ``moderation``, accepted as for generations), JSON-typed."""
+    fields, files = json_edit_parts(payload)
+    return parse_edit(fields, files, config, max_side, typed=True, image_param="images", known_loras=known_loras)
+
+
+def json_edit_parts(payload) -> tuple[dict, dict]:
+    """A JSON edit -> (its typed fields, ``{"image": [bytes, ...], "mask": bytes | None}``): what ``parse_edit``
+    takes with ``typed=True``; the images' base64 decoded, nothing else."""
     from .image_input import MAX_IMAGES, data_url_bytes
 
     if not isinstance(payload, dict):
@@ -253,8 +260,7 @@ def parse_json_edit(payload, config: Config, max_side: int | None = None, known_
         raise InvalidRequestError(f"{len(images)} images sent; at most {MAX_IMAGES}", param="images")
     files = {"image": [data_url_bytes(ref, "images") for ref in images],
              "mask": None if payload.get("mask") is None else data_url_bytes(payload["mask"], "mask")}
-    fields = {k: v for k, v in payload.items() if k not in ("images", "mask")}
-    return parse_edit(fields, files, config, max_side, typed=True, image_param="images", known_loras=known_loras)
+    return {k: v for k, v in payload.items() if k not in ("images", "mask")}, files
 
 
 def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None = None, typed: bool = False,
