@@ -414,7 +414,8 @@ class PipelineWorker:
         try:
             lora = LoraSpec.model_validate(spec)
             path, root = resolve_lora(lora, self.model_cfg, runtime=True)
-            info = self.engine.loras.add(lora.name, path, max_rank=self.model_cfg.lora_max_rank, root=root)
+            info = self.engine.loras.add(lora.name, path, max_rank=self.model_cfg.lora_max_rank, root=root,
+                                         max_bytes=self.model_cfg.lora_max_file_bytes)
         except (LoraError, ValidationError) as e:
             log.warning("replica %s: LoRA %r not registered: %s", self.replica_id, spec.get("name"), e)
             return {"ok": False, "error": str(e)}

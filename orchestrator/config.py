@@ -325,6 +325,10 @@ class DeploymentConfig(_Strict):
     health_timeout_s: float = Field(
         default=60.0, gt=0, le=3600, description="A health check slower than this counts as a failed check."
     )
+    unresponsive_after_s: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="A live replica whose health check has waited this long for an answer is reported as not "
+        "answering on /readyz (503 when no live replica answers), before its checks time out and it is recycled.")
     health_failures_before_restart: int = Field(
         default=3,
         ge=1,

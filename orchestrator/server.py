@@ -236,8 +236,13 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
     async def readyz():
         dep = service.deployment
         if service.ready:
-            down = sorted(set(dep.replicas) - {r.replica_id for r in dep.live()})
-            return {"status": "ready", "replicas": len(dep.replicas), "down": down}
+            live = {r.replica_id for r in dep.live()}
+            silent = [rid for rid in getattr(dep, "not_answering", list)() if rid in live]
+            down = sorted(set(dep.replicas) - live)
+            if len(silent) < len(live):
+                return {"status": "ready", "replicas": len(dep.replicas), "down": down, "not_answering": silent}
+            return JSONResponse({"status": "not_answering", "replicas": len(dep.replicas), "down": down,
+                                 "not_answering": silent}, status_code=503)
         status = "failed" if service.start_error else "recovering" if service.accepting else "starting"
         return JSONResponse({"status": status, "error": without_host_paths(service.start_error)}, status_code=503)
 

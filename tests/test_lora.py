@@ -294,8 +294,9 @@ def test_hub_snapshot_layout_links_into_blobs(pipe, tmp_path):
 
 
 @pytest.mark.parametrize("override,text", [
-    ({"rank_pattern": {"(": 2}}, "invalid rank_pattern pattern '\\('"),
-    ({"alpha_pattern": {"to_q[": 2}}, "invalid alpha_pattern pattern"),
+    ({"rank_pattern": {"(": 2}}, "rank_pattern key that is not a module name: '\\('"),
+    ({"alpha_pattern": {"to_q[": 2}}, "alpha_pattern key that is not a module name"),
+    ({"rank_pattern": {"(a|aa)+$": 2}}, "not trusted to carry regular expressions"),
     ({"rank_pattern": {"to_q": 0}}, "a positive number expected"),
     ({"rank_pattern": ["to_q"]}, "rank_pattern of type list"),
     ({"r": "four"}, "has r = 'four'"),
@@ -396,7 +397,7 @@ def test_runtime_registry_over_http(registry):
             ({"name": "x", "path": "/nonexistent/a.safetensors"}, 400, "path", "outside the directory"),
             ({"name": "x", "path": "link.safetensors"}, 400, "path", "outside the directory"),
             ({"name": "x", "path": "missing.safetensors"}, 400, "path", "no adapter at 'missing.safetensors'"),
-            ({"name": "x", "path": "bad-meta"}, 400, "path", "invalid rank_pattern pattern"),
+            ({"name": "x", "path": "bad-meta"}, 400, "path", "rank_pattern key that is not a module name"),
             ({"name": "x", "source": "huggingface", "model_id": "someone/lora"}, 403, "source",
              "model.lora_runtime_hub"),
             ({"name": "x", "source": "huggingface", "model_id": "a/b", "path": "../../x"}, 400, "path",
