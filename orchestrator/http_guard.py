@@ -290,7 +290,7 @@ class RateLimitFilter(logging.Filter):
 
 def install_log_limits(per_s: float = 2.0) -> None:
     """Rate-limit the loggers that log once per failed accept, connection or callback."""
-    for name in ("asyncio", "uvicorn.error", __name__):
+    for name in ("asyncio", "uvicorn.error"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RateLimitFilter) for f in logger.filters):
             logger.addFilter(RateLimitFilter(per_s))
