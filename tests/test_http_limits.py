@@ -33,6 +33,7 @@ class _Ready:
 
     def __init__(self):
         self.admitted = []
+        self.silent = []
 
     def members(self):
         return [self.replica]
@@ -41,7 +42,7 @@ class _Ready:
         return [self.replica]
 
     def not_answering(self):
-        return []
+        return self.silent
 
     def admit(self, requests, on_progress=None):
         from orchestrator.errors import QueueFullError
@@ -346,6 +347,14 @@ def test_small_edits_do_not_wait_behind_huge_images(monkeypatch):
         small, total = asyncio.run(burst())
     assert all(r.status_code == 429 and "refused by the test" in r.text for r, _ in small)
     assert max(t for _, t in small) < total / 2, (small, total)
+
+
+def test_readyz_says_when_the_live_replicas_stopped_answering():
+    with Server(cfg()) as s:
+        assert httpx.get(f"{s.url}/readyz").json()["not_answering"] == []
+        s.dep.silent = ["r0"]
+        r = httpx.get(f"{s.url}/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "not_answering" and r.json()["not_answering"] == ["r0"]
 
 
 def test_rate_limited_log():
