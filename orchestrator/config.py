@@ -570,10 +570,12 @@ class ServerConfig(_Strict):
         description="A second listener serving only GET /metrics without a key, for Prometheus (on "
         "server.metrics_host). None: metrics only on the API port, behind the key when keys are configured.")
     max_connections: int = Field(
-        default=4096, ge=16, le=1_000_000,
-        description="Open client connections at most. Past it a new connection closes the oldest one that has no "
-        "request in progress (a slow or idle client); when every connection is busy, the new one is closed. The "
-        "effective cap is also kept below the process's descriptor limit less server.fd_reserve.")
+        default=32768, ge=16, le=1_000_000,
+        description="Open client connections at most; the effective cap is also kept below the process's "
+        "descriptor limit less server.fd_reserve. Past it a new connection closes the oldest one that has no request "
+        "in progress (one that never completed a request first, then idle keep-alive ones); when every connection "
+        "is busy, the new one is closed. Held connections are cheap and closing them makes a flooding client "
+        "reconnect at once, so the cap is best left high and the descriptor limit raised.")
     fd_reserve: int = Field(
         default=512, ge=16, le=1_000_000,
         description="File descriptors kept free for everything but client connections (Ray, files, the decode "

@@ -7,10 +7,10 @@ timeout for a request's headers or body, and its ``limit_concurrency`` answers 5
 - ``GuardedH11Protocol`` (uvicorn's h11 protocol, subclassed): a connection must deliver a whole request line and
   headers within ``server.header_timeout_s`` of opening (or of the next request's first byte), else it is closed.
   Open connections are capped (``server.max_connections``, and the descriptor limit less ``server.fd_reserve``):
-  past the cap a new connection closes the oldest one that has no request in progress (a slow or idle client), so
-  a probe that sends its request at once is answered under a flood of slow clients; only when every connection
-  is busy is the new one closed. The same shedding starts when the process's open descriptors come within
-  ``fd_reserve`` of its limit, whatever holds them.
+  past the cap a new connection closes the oldest one that has no request in progress (one that never completed a
+  request first, then an idle keep-alive one), so a probe that sends its request at once is answered under a
+  flood of slow clients; only when every connection is busy is the new one closed. The same shedding starts
+  when the process's open descriptors come within ``fd_reserve`` of its limit, whatever holds them.
 - ``BodyDeadline`` (ASGI): each piece of a body must come within ``server.body_idle_timeout_s`` and the whole body
   within ``server.body_timeout_s``; past either the request gets a 408 (through ``FaultBarrier``) and the
   connection is closed.
@@ -89,7 +89,9 @@ class ConnectionGuard:
         """Register a new connection, first closing the oldest idle one if the server is at its cap or short of
         descriptors. False: nothing could be closed, the caller closes ``conn``."""
         if len(self.open) >= self.cap or self.fds_low():
-            victim = next((c for c in self.open if c.idle), None)
+            # A connection that never completed a request (a slow client) goes before an idle keep-alive one.
+            victim = next((c for c in self.open if c.idle and not c.served), None) \
+                or next((c for c in self.open if c.idle), None)
             if victim is None:
                 self.note("shed")
                 return False
@@ -122,6 +124,7 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = None
+        self.served = False
         if not self.guard.admit(self):
             transport.abort()
             return
@@ -137,6 +140,7 @@ class GuardedH11Protocol(H11Protocol):
         self._watch_headers()
 
     def on_response_complete(self) -> None:
+        self.served = True
         super().on_response_complete()
         self._watch_headers()
 

@@ -156,19 +156,30 @@ class Canary:
     def __init__(self, url: str):
         self.url = url
         self.baseline: list | None = None
-        self.rounds = self.changed = self.refused = 0
+        self.rounds = self.changed = self.refused = self.transport_errors = 0
         self.stop = False
+
+    async def post(self, client, path, **kw):
+        """A POST, sent again on a new connection if the server had closed the pooled one (an idle keep-alive
+        connection is what the server closes first when it sheds connections)."""
+        import httpx
+
+        try:
+            return await client.post(f"{self.url}{path}", **kw)
+        except httpx.TransportError:
+            self.transport_errors += 1
+            return await client.post(f"{self.url}{path}", **kw)
 
     async def one_round(self, client) -> list | None:
         out = []
         for body in self.REQUESTS:
-            r = await client.post(f"{self.url}/v1/images/generations", json=body, headers=AUTH)
+            r = await self.post(client, "/v1/images/generations", json=body, headers=AUTH)
             if r.status_code != 200:
                 self.refused += 1
                 return None
             out.append([d["b64_json"] for d in r.json()["data"]])
         h, b = multipart({"prompt": b"edit me", "seed": b"5"}, [("image", png(48, 32), "in.png")])
-        r = await client.post(f"{self.url}/v1/images/edits", content=b, headers=h)
+        r = await self.post(client, "/v1/images/edits", content=b, headers=h)
         if r.status_code != 200:
             self.refused += 1
             return None
@@ -542,7 +553,8 @@ async def run(profile: str, out: Path) -> dict:
             canary.stop = True
             await canary_task
             metrics = (await client.get(f"{url}/metrics", headers=AUTH)).text
-        results["canary"] = {"rounds": canary.rounds, "changed": canary.changed, "refused": canary.refused}
+        results["canary"] = {"rounds": canary.rounds, "changed": canary.changed, "refused": canary.refused,
+                             "resent_after_transport_error": canary.transport_errors}
         results["http_responses"] = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
                                      if line.startswith("zimage_http_responses_total{")}
         text = log_path.read_text(errors="replace")
