@@ -198,17 +198,26 @@ class Canary:
 
 
 # ---- phases -----------------------------------------------------------------------------------------------------
-async def probe_healthz(port: int) -> float | None:
-    """Seconds for a fresh connection's /healthz; None when it failed or took over 5 s."""
-    t0 = time.perf_counter()
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n")
-        data = await asyncio.wait_for(reader.read(), 5)
-        writer.close()
-        return time.perf_counter() - t0 if data.startswith(b"HTTP/1.1 200") else None
-    except (OSError, asyncio.TimeoutError):
-        return None
+def probe(port: int, seconds: float) -> None:
+    """``/healthz`` on a fresh connection every 0.2 s for ``seconds``; prints the latencies (None: failed or over
+    5 s) as JSON. A process of its own, so that the flooding client's event loop does not delay the measure."""
+    import socket
+
+    out = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+            out.append(time.perf_counter() - t0 if data.startswith(b"HTTP/1.1 200") else None)
+        except OSError:
+            out.append(None)
+        time.sleep(0.2)
+    print(json.dumps(out))
 
 
 async def flood_phase(port: int, n: int, seconds: float, log_path: Path) -> dict:
@@ -244,15 +253,11 @@ async def flood_phase(port: int, n: int, seconds: float, log_path: Path) -> dict
 
     size0 = log_path.stat().st_size
     tasks = [asyncio.ensure_future(slow_client(i)) for i in range(n)]
-    latencies, failures = [], 0
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        lat = await probe_healthz(port)
-        if lat is None:
-            failures += 1
-        else:
-            latencies.append(lat)
-        await asyncio.sleep(0.2)
+    prober = await asyncio.create_subprocess_exec(sys.executable, __file__, "probe", "--port", str(port),
+                                                  "--seconds", str(seconds), stdout=subprocess.PIPE)
+    answers = json.loads((await prober.communicate())[0])
+    latencies = [a for a in answers if a is not None]
+    failures = len(answers) - len(latencies)
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     return {"slow_connections": n, "seconds": seconds, **stats, "healthz_probes": len(latencies) + failures,
@@ -341,22 +346,23 @@ async def adapter_phase(url: str, registrations: int, hostile: int) -> dict:
                 lats.append(time.perf_counter() - t0)
             return lats
 
-        # A hostile adapter file, registered again and again while generations run.
-        quiet = await generation_latencies(100)
+        # A hostile adapter file, registered again and again while generations run (at least ``hostile`` times,
+        # and for as long as 200 generations take).
+        quiet = await generation_latencies(200)
         hostile_out = []
+        sampled = asyncio.Event()
 
         async def attack():
-            for _ in range(hostile):
+            while len(hostile_out) < hostile or not sampled.is_set():
                 t0 = time.perf_counter()
                 r = await c.post(f"{url}/v1/loras", json={"name": "evil", "path": "hostile"}, headers=AUTH)
                 hostile_out.append((r.status_code, r.json()["error"].get("param"), time.perf_counter() - t0))
 
         attacking = asyncio.ensure_future(attack())
-        under = []
-        while not attacking.done():
-            under += await generation_latencies(10)
+        under = await generation_latencies(200)
+        sampled.set()
         await attacking
-        out["hostile_attempts"] = hostile
+        out["hostile_attempts"] = len(hostile_out)
         out["hostile_statuses"] = dict(Counter(f"{s} param={p}" for s, p, _ in hostile_out))
         out["hostile_max_s"] = pct([t for _, _, t in hostile_out], 1.0)
         out["generation_p99_s_quiet"] = pct(quiet, 0.99)
@@ -579,11 +585,17 @@ def main() -> None:
     s.add_argument("--port-file", required=True)
     s.add_argument("--lora-dir", required=True)
     s.add_argument("--lora-cap", type=int, required=True)
+    pr = sub.add_parser("probe")
+    pr.add_argument("--port", type=int, required=True)
+    pr.add_argument("--seconds", type=float, required=True)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="short")
     ap.add_argument("--out", default="soak-out")
     args = ap.parse_args()
     if args.cmd == "serve":
         serve(args.port_file, args.lora_dir, args.lora_cap)
+        return
+    if args.cmd == "probe":
+        probe(args.port, args.seconds)
         return
     results = asyncio.run(run(args.profile, Path(args.out)))
     print(json.dumps(results, indent=2, default=str))
