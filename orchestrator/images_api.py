@@ -313,7 +313,7 @@ def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None =
         if name in fields and fields[name] not in (None, ""):
             raise InvalidRequestError(f"{name} must be sent as a file (multipart/form-data), not as text",
                                       param=name)
-    payload = {k: v if typed else _form_value(k, v) for k, v in fields.items() if k not in _FILE_FIELDS}
+    payload = integral({k: v if typed else _form_value(k, v) for k, v in fields.items() if k not in _FILE_FIELDS})
     if files.get("control_image") is not None:  # a multipart file: parse_generation attaches it
         payload["control_image"] = files["control_image"]
     others = []

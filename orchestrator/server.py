@@ -11,12 +11,17 @@ Endpoints:
 - ``POST /v1/images/edits``: OpenAI's edits (multipart, or JSON with data: URLs): img2img, inpainting with a
   ``mask``, plus ``strength`` and the generation extensions (docs/conditioning.md); stream events ``image_edit.*``.
 - ``GET /v1/models``, ``GET|HEAD /healthz`` (alive), ``GET|HEAD /readyz`` (503 until every replica has warmed
-  up), ``GET /metrics`` (Prometheus text). ``/docs``, ``/redoc``, ``/openapi.json`` only with ``server.docs``.
+  up, or while no live replica answers), ``GET /metrics`` (Prometheus text). ``/docs``, ``/redoc``,
+  ``/openapi.json`` only with ``server.docs``; those and ``/metrics`` need the key when keys are set
+  (``ops_endpoints.py``).
 Every error, 404 and 405 included, uses OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``:
-400 invalid input (naming the field), 401 bad or missing key, 413 body too large (checked while reading), 429
-queue full (with ``Retry-After``, before a stream starts, for all ``n`` images or none), 503 not ready, 504
-timeout, 507 a single image larger than GPU memory; 500 only for server faults, with no internal text (the
-cause goes to the log; ``zimage_http_responses_total{status}`` counts them).
+400 invalid input (naming the field), 401 bad or missing key, 408 a body that did not arrive in time, 409 a
+runtime adapter past its cap, 413 body or part too large (checked while reading), 429 queue full, or no room for
+an upload or its decoding in time (with ``Retry-After``; before a stream starts, for all ``n`` images or none),
+499 (counted, not seen) a client gone mid-body, 503 not ready, 504 timeout, 507 a single image larger than GPU
+memory; 500 only for server faults, with no internal text (the cause goes to the log;
+``zimage_http_responses_total{status}`` counts them). Connection limits and the fault barrier: ``http_guard.py``;
+upload and decode admission: ``uploads.py``.
 SIGTERM stops accepting connections, lets the requests in flight finish, then shuts the deployment down and exits 0.
 """
 

@@ -387,3 +387,11 @@ def test_api_keys_leave_the_environment_and_host_paths_leave_messages():
     assert shown_path(LoraSpec(name="a", path="/srv/loras/x/y.safetensors"), "/srv/loras") == "x/y.safetensors"
     assert shown_path(LoraSpec(name="a", path="/home/op/secret/y.safetensors"), "/srv/loras") == "y.safetensors"
     assert shown_path(LoraSpec(name="a", path="sub/y.safetensors"), "/srv/loras") == "sub/y.safetensors"
+
+
+def test_integral_numbers_in_a_json_edit_fan_out_like_integers():
+    from orchestrator.images_api import parse_json_edit
+
+    url = "data:image/png;base64," + __import__("base64").b64encode(png()).decode()
+    call = parse_json_edit({"prompt": "x", "images": [{"image_url": url}] * 2, "n": 2.0, "seed": 4.0}, cfg())
+    assert [r.seed for r in call.requests] == [4, 5, 6, 7] and len({id(r.image) for r in call.requests}) == 2
