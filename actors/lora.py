@@ -131,6 +131,7 @@ def read_state_dict(path: str | Path, root: str | Path | None = None,
         if size > max_bytes:
             raise LoraError(f"{shown_name!r} is {size} bytes; the largest adapter file read is {max_bytes} "
                             f"(model.lora_max_file_bytes)")
+    _check_header(folder / name, shown_name)  # before any tensor is read: a bad header is refused in milliseconds
     try:
         sd, meta = ZImageLoraLoaderMixin.lora_state_dict(str(folder), weight_name=name, local_files_only=True,
                                                          return_lora_metadata=True)
@@ -146,6 +147,26 @@ def read_state_dict(path: str | Path, root: str | Path | None = None,
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 MAX_PATTERNS = 4096
 MAX_PATTERN_CHARS = 256
+
+
+def _check_header(path: Path, shown_name: str) -> None:
+    """The PEFT metadata in a .safetensors header (``lora_adapter_metadata``), checked as ``_check_metadata`` does,
+    from the header alone. A header that cannot be read here is left for the loader to report."""
+    import json
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("lora_adapter_metadata")
+        meta = json.loads(raw) if raw else None
+    except Exception:  # noqa: BLE001 - not readable as safetensors here: the loader says why
+        return
+    if isinstance(meta, dict):
+        try:
+            _check_metadata({str(k).removeprefix("transformer."): v for k, v in meta.items()})
+        except LoraError as e:
+            raise LoraError(f"{shown_name!r}: {e}") from None
 
 
 def _pattern_value(patterns: dict, key: str, default):
