@@ -108,7 +108,17 @@ def serve(port_file: str, lora_dir: str, lora_cap: int) -> None:
     server = uvicorn.Server(uvicorn_config(app, cfg.server, "127.0.0.1", 0, log_level="info", access_log=False,
                                            log_config=None))
 
-    lag = {"max": 0.0}
+    lag = {"max": 0.0, "gc_max": 0.0, "gc_t0": 0.0}
+
+    def gc_timer(phase, info):
+        if phase == "start":
+            lag["gc_t0"] = time.perf_counter()
+        elif info["generation"] == 2:
+            lag["gc_max"] = max(lag["gc_max"], time.perf_counter() - lag["gc_t0"])
+
+    import gc
+
+    gc.callbacks.append(gc_timer)
 
     async def watch_loop():
         """The server loop's longest stall per 0.1 s tick, logged every 5 s (``loop lag`` lines)."""
@@ -118,8 +128,9 @@ def serve(port_file: str, lora_dir: str, lora_cap: int) -> None:
             await asyncio.sleep(0.1)
             lag["max"] = max(lag["max"], time.perf_counter() - t0 - 0.1)
             if time.perf_counter() - last_log > 5:
-                logging.getLogger("soak").info("loop lag max %.3f s", lag["max"])
-                lag["max"], last_log = 0.0, time.perf_counter()
+                logging.getLogger("soak").info("loop lag max %.3f s (longest full garbage collection %.3f s)",
+                                               lag["max"], lag["gc_max"])
+                lag["max"], lag["gc_max"], last_log = 0.0, 0.0, time.perf_counter()
 
     async def main():
         asyncio.ensure_future(watch_loop())
@@ -372,26 +383,33 @@ async def adapter_phase(url: str, registrations: int, hostile: int) -> dict:
                 lats.append(time.perf_counter() - t0)
             return lats
 
-        # A hostile adapter file, registered again and again while generations run (at least ``hostile`` times,
-        # and for as long as 200 generations take).
-        quiet = await generation_latencies(200)
-        hostile_out = []
-        sampled = asyncio.Event()
+        # A hostile adapter file registered again and again while 200 generations are timed; against the same
+        # with a harmless refusal (a missing file) sent as often, and with nothing beside.
+        async def while_registering(path: str | None) -> tuple[list[float], list]:
+            out_regs, sampled = [], asyncio.Event()
 
-        async def attack():
-            while len(hostile_out) < hostile or not sampled.is_set():
-                t0 = time.perf_counter()
-                r = await c.post(f"{url}/v1/loras", json={"name": "evil", "path": "hostile"}, headers=AUTH)
-                hostile_out.append((r.status_code, r.json()["error"].get("param"), time.perf_counter() - t0))
+            async def register():
+                while len(out_regs) < hostile or not sampled.is_set():
+                    t0 = time.perf_counter()
+                    r = await c.post(f"{url}/v1/loras", json={"name": "evil", "path": path}, headers=AUTH)
+                    out_regs.append((r.status_code, r.json()["error"].get("param"), time.perf_counter() - t0))
 
-        attacking = asyncio.ensure_future(attack())
-        under = await generation_latencies(200)
-        sampled.set()
-        await attacking
+            registering = asyncio.ensure_future(register()) if path else None
+            lats = await generation_latencies(200)
+            sampled.set()
+            if registering is not None:
+                await registering
+            return lats, out_regs
+
+        quiet, _ = await while_registering(None)
+        benign, benign_out = await while_registering("missing.safetensors")
+        under, hostile_out = await while_registering("hostile")
         out["hostile_attempts"] = len(hostile_out)
         out["hostile_statuses"] = dict(Counter(f"{s} param={p}" for s, p, _ in hostile_out))
         out["hostile_max_s"] = pct([t for _, _, t in hostile_out], 1.0)
+        out["benign_refusals"] = len(benign_out)
         out["generation_p99_s_quiet"] = pct(quiet, 0.99)
+        out["generation_p99_s_beside_benign_refusals"] = pct(benign, 0.99)
         out["generation_p99_s_during_hostile"] = pct(under, 0.99)
         out["generations_during_hostile"] = len(under)
 

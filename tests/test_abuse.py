@@ -41,7 +41,8 @@ def test_adapters_stop_at_the_cap_and_a_hostile_file_is_refused_fast(soak):
     assert a["churn_statuses"] == {"200": a["registered"], "201": a["registered"]}
     assert a["hostile_statuses"] == {"400 param=path": a["hostile_attempts"]} and a["hostile_max_s"] < 1.0
     assert a["hostile_attempts"] >= soak["param_hostile"]
-    assert a["generation_p99_s_during_hostile"] < max(0.25, 5 * a["generation_p99_s_quiet"]), a
+    # The hostile file costs generations no more than any refused registration sent as often.
+    assert a["generation_p99_s_during_hostile"] < max(0.1, 2 * a["generation_p99_s_beside_benign_refusals"]), a
     assert not a["listing_has_host_paths"]
 
 
