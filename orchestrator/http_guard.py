@@ -5,7 +5,8 @@ timeout for a request's headers or body, and its ``limit_concurrency`` answers 5
 (the health probe included) while the connections that caused it stay open. So, per server (``uvicorn_config``):
 
 - ``GuardedH11Protocol`` (uvicorn's h11 protocol, subclassed): a connection must deliver a whole request line and
-  headers within ``server.header_timeout_s`` of opening (or of the next request's first byte), else it is closed.
+  headers within ``server.header_timeout_s`` of opening (or of the next request's first byte), and the rest of a
+  body nobody reads any more (its response already sent) within the same time, else it is closed.
   Open connections are capped (``server.max_connections``, and the descriptor limit less ``server.fd_reserve``):
   past the cap a new connection closes the oldest one that has no request in progress (one that never completed a
   request first, then an idle keep-alive one), so a probe that sends its request at once is answered under a
@@ -146,19 +147,27 @@ class GuardedH11Protocol(H11Protocol):
 
     @property
     def idle(self) -> bool:
-        """No request in progress: waiting for a request's headers (however many bytes of them came) or idle
-        between requests."""
-        return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+        """No request in progress: waiting for a request's headers (however many bytes of them came), idle
+        between requests, or answered while the rest of its unread body still comes in."""
+        answered = self.cycle is None or self.cycle.response_complete
+        return answered and self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
+
+    def _stalling(self) -> bool:
+        """Waiting for a request's headers, or for the rest of a body nobody reads any more (its response sent:
+        uvicorn reads and drops it, and each piece would restart the keep-alive timer)."""
+        if self.transport.is_closing():
+            return False
+        if self.conn.their_state is h11.IDLE:
+            return self.timeout_keep_alive_task is None  # a keep-alive wait (no byte yet) is uvicorn's to time
+        return self.conn.their_state is h11.SEND_BODY and self.cycle is not None and self.cycle.response_complete
 
     def _watch_headers(self) -> None:
-        """Arm the header timer while a request's headers are awaited with bytes of them in (or on a new
-        connection); disarm it once they are complete. Between requests uvicorn's keep-alive timer applies."""
-        waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
-        started = self.timeout_keep_alive_task is None  # a keep-alive wait is uvicorn's to time
-        if waiting and started and self._header_timer is None:
-            self._header_timer = self.loop.call_later(self.guard.header_timeout_s, self._header_timeout)
-        elif not waiting:
+        """Arm the timer while ``_stalling`` (on a new connection too); disarm it once the headers are in or the
+        dropped body is over."""
+        if not self._stalling():
             self._cancel_header_timer()
+        elif self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.guard.header_timeout_s, self._header_timeout)
 
     def _cancel_header_timer(self) -> None:
         timer = getattr(self, "_header_timer", None)
@@ -168,7 +177,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _header_timeout(self) -> None:
         self._header_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        if self._stalling():
             self.guard.note("header_timeouts")
             self.guard.forget(self)
             self.transport.close()

@@ -395,3 +395,19 @@ def test_integral_numbers_in_a_json_edit_fan_out_like_integers():
     url = "data:image/png;base64," + __import__("base64").b64encode(png()).decode()
     call = parse_json_edit({"prompt": "x", "images": [{"image_url": url}] * 2, "n": 2.0, "seed": 4.0}, cfg())
     assert [r.seed for r in call.requests] == [4, 5, 6, 7] and len({id(r.image) for r in call.requests}) == 2
+
+
+def test_an_unread_body_trickled_after_the_response_does_not_hold_the_connection():
+    with Server(cfg(server={"header_timeout_s": 0.5})) as s:
+        c = s.sock()
+        c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+        assert c.recv(65536).startswith(b"HTTP/1.1 200")
+        t0 = time.perf_counter()
+        closed = False
+        while time.perf_counter() - t0 < 3 and not closed:
+            try:
+                c.sendall(b"1\r\na\r\n")  # the body goes on, a byte at a time
+                closed = closed_by_server(c, 0.2)
+            except OSError:
+                closed = True
+        assert closed and time.perf_counter() - t0 < 2
