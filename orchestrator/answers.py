@@ -14,14 +14,14 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from .errors import ZImageError
-from .http_errors import _JSON, _from_exception, _from_result, _result_error, error_body, error_response
+from .http_errors import AsciiJSON, error_body, error_response, from_exception, from_result, result_error
 from .images_api import ImageCall, completed_event, encode_image, images_response, partial_image_event
 from .messages import ImageRequest, ImageResult, StepProgress
 
 log = logging.getLogger("orchestrator.server")
 
 
-async def _generate(request: Request, call: ImageCall, waiters: list[Awaitable[ImageResult]]) -> Response:
+async def answer_json(request: Request, call: ImageCall, waiters: list[Awaitable[ImageResult]]) -> Response:
     work = asyncio.ensure_future(asyncio.gather(*waiters, return_exceptions=True))
     # A client that goes away has its queued requests cancelled rather than computed.
     while not work.done():
@@ -33,18 +33,18 @@ async def _generate(request: Request, call: ImageCall, waiters: list[Awaitable[I
     outcomes = work.result()
     for o in outcomes:
         if isinstance(o, ZImageError):
-            return _from_exception(o)
+            return from_exception(o)
         if isinstance(o, BaseException):
             log.error("unexpected error: %r", o)
             return error_response(500, "the server failed to handle this request; the cause is in its log",
                                   "server_error")
         if not o.ok:
-            return _from_result(o)
+            return from_result(o)
     loop = asyncio.get_running_loop()
     b64 = await asyncio.gather(*(loop.run_in_executor(None, _b64, o.image, call) for o in outcomes))
     # The body (megabytes of base64 per image) is serialized off the event loop too: the router's dispatch loop
     # shares this loop, and a batch's worth of responses rendered on it would delay the next dispatch.
-    body = await loop.run_in_executor(None, _JSON(None).render, images_response(call, outcomes, b64,
+    body = await loop.run_in_executor(None, AsciiJSON(None).render, images_response(call, outcomes, b64,
                                                                                int(time.time())))
     return Response(body, media_type="application/json")
 
@@ -66,7 +66,7 @@ def _sse_comment(data: dict) -> bytes:
     return f": image_generation.progress {json.dumps(data)}\n\n".encode()
 
 
-class _Stream:
+class EventStream:
     """One streaming call: per-request progress listeners feed a queue that ``events`` turns into SSE bytes."""
 
     def __init__(self, call: ImageCall):
@@ -95,7 +95,7 @@ class _Stream:
             self.queue.put_nowait(_sse("image_generation.completed",
                                        completed_event(self.call, index, r, b64, int(time.time()))))
         else:
-            _, body = _result_error(r)
+            _, body = result_error(r)
             self.queue.put_nowait(_sse("error", {**body, "index": index}))
 
     async def events(self, waiters: list[Awaitable[ImageResult]]):

@@ -15,7 +15,7 @@ from .messages import ImageResult, failure
 log = logging.getLogger("orchestrator.server")
 
 
-class _JSON(JSONResponse):
+class AsciiJSON(JSONResponse):
     """JSON with every non-ASCII character escaped: whatever a caller sent (lone surrogates included) and we
     echo in a message can always be encoded, so an error response never turns into a 500 itself."""
 
@@ -29,10 +29,10 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 def error_response(status: int, message: str, type_: str, param: str | None = None,
                    code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return _JSON(error_body(message, type_, param, code), status_code=status, headers=headers)
+    return AsciiJSON(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
-def _from_exception(e: ZImageError) -> JSONResponse:
+def from_exception(e: ZImageError) -> JSONResponse:
     headers = None
     if isinstance(e, QueueFullError):
         headers = {"Retry-After": str(max(1, int(round(e.retry_after_s))))}
@@ -45,7 +45,7 @@ def _from_exception(e: ZImageError) -> JSONResponse:
     return error_response(e.http_status, e.message, e.error_type, e.param, headers=headers)
 
 
-def _result_error(r: ImageResult) -> tuple[int, dict]:
+def result_error(r: ImageResult) -> tuple[int, dict]:
     """Status and envelope for a failed result. Server-side failures are described without internal text (the
     replica's exception goes to this process's log with the request id)."""
     f = failure(r.error_type)
@@ -69,6 +69,6 @@ def _result_error(r: ImageResult) -> tuple[int, dict]:
     return status, error_body(message, type_, None, r.error_type)
 
 
-def _from_result(r: ImageResult) -> JSONResponse:
-    status, body = _result_error(r)
-    return _JSON(body, status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
+def from_result(r: ImageResult) -> JSONResponse:
+    status, body = result_error(r)
+    return AsciiJSON(body, status_code=status, headers={"Retry-After": "1"} if status == 503 else None)

@@ -43,10 +43,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .answers import _generate, _Stream
+from .answers import EventStream, answer_json
 from .config import Config, load_config
 from .errors import InvalidRequestError, QueueFullError, ZImageError
-from .http_errors import _from_exception, error_response
+from .http_errors import error_response, from_exception
 from .http_guard import BodyDeadline, FaultBarrier
 from .image_input import MAX_IMAGES, input_pixels
 from .images_api import (
@@ -304,18 +304,18 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             return error_response(413, f"request body is larger than {limits.max_body_bytes} bytes",
                                   "invalid_request_error")
         except InvalidRequestError as e:
-            return _from_exception(e)
+            return from_exception(e)
         try:
             spec = parse_lora_registration(payload)  # only the documented keys, string values
         except InvalidRequestError as e:
-            return _from_exception(e)
+            return from_exception(e)
         dep, err = _lora_deployment()
         if err is not None:
             return err
         try:
             info = await dep.register_lora(**spec)
         except ZImageError as e:
-            return _from_exception(e)
+            return from_exception(e)
         return JSONResponse(info, status_code=201)
 
     @app.delete("/v1/loras/{name}")
@@ -328,7 +328,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         try:
             found = await dep.unregister_lora(name)
         except ZImageError as e:  # a configured adapter: 409
-            return _from_exception(e)
+            return from_exception(e)
         if not found:
             return error_response(404, f"no LoRA adapter named {shown(name)} (GET /v1/loras lists them)",
                                   "invalid_request_error", param="name", code="not_found")
@@ -344,7 +344,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
     def refused(e: ZImageError):
         """A request refused while it is read or parsed: counted, and answered in the error envelope."""
         service.observer.rejected(e.kind)
-        return _from_exception(e)
+        return from_exception(e)
 
     def off_loop(fn, *args):
         # the thread runs in this request's context: its X-Request-ID, for trace_id
@@ -367,18 +367,18 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             log.info("request %s: user=%s safety_identifier=%s", call.requests[0].request_id,
                      shown(call.user), shown(call.safety_identifier))
         if call.stream:
-            stream = _Stream(call)
+            stream = EventStream(call)
             try:  # admission before the stream starts: a refusal is a plain HTTP status, for all n or none
                 waiters = dep.admit(call.requests, on_progress=stream.listeners)
             except ZImageError as e:
-                return _from_exception(e)
+                return from_exception(e)
             return StreamingResponse(stream.events(waiters), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
             waiters = dep.admit(call.requests)
         except ZImageError as e:
-            return _from_exception(e)
-        return await _generate(request, call, waiters)
+            return from_exception(e)
+        return await answer_json(request, call, waiters)
 
     @app.post("/v1/images/generations")
     async def generations(request: Request):
