@@ -509,12 +509,13 @@ def fuzz_phase(url: str, n: int) -> dict:
     def request(draw):
         route = draw(st.sampled_from(["gen", "gen", "edit-multipart", "edit-multipart", "edit-json", "bytes"]))
         if route == "bytes":
-            return ("/v1/images/" + draw(st.sampled_from(["generations", "edits"])), draw(st.binary(max_size=64)),
+            return (route, "/v1/images/" + draw(st.sampled_from(["generations", "edits"])),
+                    draw(st.binary(max_size=64)),
                     {"content-type": draw(st.sampled_from(["application/json", "multipart/form-data; boundary=b",
                                                           "text/plain"]))})
         if route == "gen":
             req = mutate(draw, draw(strategy(gen_schema)), sorted(gen_schema["properties"]) + ["seed", "loras"])
-            return "/v1/images/generations", json.dumps(req).encode(), {"content-type": "application/json"}
+            return route, "/v1/images/generations", json.dumps(req).encode(), {"content-type": "application/json"}
         req = mutate(draw, draw(strategy(edit_schema)), sorted(edit_schema["properties"]) + ["strength", "loras"])
         images = [draw(st.sampled_from(files)) for _ in range(draw(st.integers(0, 3)))]
         mask = draw(st.sampled_from([None, None, files[2], files[0]]))
@@ -522,15 +523,15 @@ def fuzz_phase(url: str, n: int) -> dict:
             req["images"] = [{"image_url": "data:image/png;base64," + base64.b64encode(i).decode()} for i in images]
             if mask is not None:
                 req["mask"] = {"image_url": "data:image/png;base64," + base64.b64encode(mask).decode()}
-            return "/v1/images/edits", json.dumps(req).encode(), {"content-type": "application/json"}
+            return route, "/v1/images/edits", json.dumps(req).encode(), {"content-type": "application/json"}
         parts = [(draw(st.sampled_from(["image", "image[]"])), i, draw(st.sampled_from(["a.png", None])))
                  for i in images] + ([("mask", mask, "m.png")] if mask is not None else [])
         h, body = multipart({k: text(v) for k, v in req.items()}, parts)
-        return "/v1/images/edits", body, {"content-type": h["content-type"]}
+        return route, "/v1/images/edits", body, {"content-type": h["content-type"]}
 
-    def send(path, body, headers):
+    def send(kind, path, body, headers):
         r = http.post(url + path, content=body, headers=headers)
-        stats[path.rsplit("/", 1)[1], r.status_code] += 1
+        stats[{"gen": "generations-json", "bytes": "raw-bytes"}.get(kind, kind), r.status_code] += 1
         if r.status_code >= 500:
             bad.append(("5xx", path, body[:200], r.text[:200]))
         elif r.status_code != 200:
@@ -549,13 +550,13 @@ def fuzz_phase(url: str, n: int) -> dict:
     finally:
         http.close()
     total = sum(stats.values())
-    return {"requests": total, "by_route_status": {f"{k[0]} {k[1]}": v for k, v in sorted(stats.items())},
+    return {"requests": total, "by_kind_status": {f"{k[0]} {k[1]}": v for k, v in sorted(stats.items())},
             "5xx": sum(v for (_, s), v in stats.items() if s >= 500),
             "non_envelope_errors": sum(1 for b in bad if b[0] == "not an envelope"), "examples_bad": bad[:5]}
 
 
 # ---- the run --------------------------------------------------------------------------------------------------
-async def run(profile: str, out: Path) -> dict:
+async def run(profile: str, out: Path, only: tuple[str, ...] = ()) -> dict:
     import httpx
     import psutil
 
@@ -596,6 +597,8 @@ async def run(profile: str, out: Path) -> dict:
                 ("fuzz", lambda: asyncio.to_thread(fuzz_phase, url, p["fuzz"])),
             ]
             for name, phase in phases:
+                if only and name not in only:
+                    continue
                 t = time.perf_counter()
                 results[name] = await phase()
                 results[name]["phase_s"] = round(time.perf_counter() - t, 2)
@@ -638,6 +641,7 @@ def main() -> None:
     pr.add_argument("--seconds", type=float, required=True)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="short")
     ap.add_argument("--out", default="soak-out")
+    ap.add_argument("--phases", default="", help="comma-separated phases to run (default: all)")
     args = ap.parse_args()
     if args.cmd == "serve":
         serve(args.port_file, args.lora_dir, args.lora_cap)
@@ -651,7 +655,8 @@ def main() -> None:
     if args.cmd == "probe":
         probe(args.port, args.seconds)
         return
-    results = asyncio.run(run(args.profile, Path(args.out)))
+    only = tuple(p for p in args.phases.split(",") if p)
+    results = asyncio.run(run(args.profile, Path(args.out), only))
     print(json.dumps(results, indent=2, default=str))
 
 
