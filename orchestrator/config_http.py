@@ -71,7 +71,7 @@ class LimitsConfig(_Strict):
     max_concurrent_image_decodes: int = Field(
         default=2, ge=1, le=64,
         description="Requests whose input images the HTTP process decodes at the same time (each decodes its images "
-        "one by one); the others wait their turn, so a burst of uploads cannot exhaust memory.")
+        "one by one), within limits.decode_pixel_budget; the others wait in the decode queue (limits.decode_wait_s).")
     max_inflight_upload_bytes: int = Field(
         default=256 * 1024 * 1024, ge=1024, le=64 * 1024**3,
         description="Bytes of edit bodies (multipart or JSON) being read, parsed and decoded at once, all requests "

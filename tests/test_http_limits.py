@@ -411,3 +411,30 @@ def test_an_unread_body_trickled_after_the_response_does_not_hold_the_connection
             except OSError:
                 closed = True
         assert closed and time.perf_counter() - t0 < 2
+
+
+def test_serve_takes_the_keys_out_of_the_environment_before_ray_starts(monkeypatch):
+    """Replicas of a local Ray inherit the environment of the process that starts it: the keys are gone from it
+    by then, and the server still requires them."""
+    import argparse
+    import os
+
+    import uvicorn
+
+    from orchestrator import ray_backend, server
+
+    seen = {}
+    monkeypatch.setenv("ZIMAGE_API_KEYS", "sk-env-1,sk-env-2")
+    monkeypatch.setattr(ray_backend, "connect", lambda cluster: seen.update(env=os.environ.get("ZIMAGE_API_KEYS")))
+
+    def run(self):
+        seen["keys"] = self.config.app.state.service.api_keys
+        seen["guard"] = self.config.connection_guard
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.setattr(server.signal, "signal", lambda *a: None)
+    args = argparse.Namespace(config=None, set=["model.source=tiny"], host=None, port=0)
+    assert server.cmd_serve(args) == 0
+    assert seen["env"] is None and "ZIMAGE_API_KEYS" not in os.environ
+    assert seen["keys"] == [b"sk-env-1", b"sk-env-2"]
+    assert seen["guard"].cap <= seen["guard"].fd_limit - 512
