@@ -84,14 +84,16 @@ def _redact(text: str, roots: Sequence[str | Path]) -> str:
     return text
 
 
-def read_state_dict(path: str | Path, root: str | Path | None = None) -> tuple[dict[str, torch.Tensor], dict | None]:
+def read_state_dict(path: str | Path, root: str | Path | None = None,
+                    max_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], dict | None]:
     """An adapter file (``.safetensors``) or a directory holding one (``pytorch_lora_weights.safetensors`` or a
     single ``.safetensors`` file), through diffusers' Z-Image loader: returns its diffusers-layout state dict and
     its PEFT metadata (None for community files, whose alphas the conversion folds into the weights).
 
     ``root``: where the file must be (runtime registration: ``model.lora_dir``, or a hub snapshot): ``path`` is
     relative to it (or absolute inside it), resolved with its symlinks, the file must be a ``.safetensors`` file
-    inside it, and messages name paths relative to it only. Every failure is a LoraError."""
+    inside it, and messages name paths relative to it only. ``max_bytes``: the largest file read (its size is
+    checked before it is opened). Every failure is a LoraError."""
     from diffusers.loaders.lora_pipeline import ZImageLoraLoaderMixin
 
     if root is not None:
@@ -121,6 +123,15 @@ def read_state_dict(path: str | Path, root: str | Path | None = None) -> tuple[d
         if root is not None and not name.endswith(".safetensors"):  # a hub cache's blob: open it by its link
             lexical = Path(path) if Path(path).is_absolute() else Path(root).expanduser().resolve() / path
             folder, name = lexical.parent, lexical.name
+    if max_bytes is not None:
+        try:
+            size = (folder / name).stat().st_size
+        except OSError:
+            size = 0  # the loader says what is wrong with it
+        if size > max_bytes:
+            raise LoraError(f"{shown_name!r} is {size} bytes; the largest adapter file read is {max_bytes} "
+                            f"(model.lora_max_file_bytes)")
+    _check_header(folder / name, shown_name)  # before any tensor is read: a bad header is refused in milliseconds
     try:
         sd, meta = ZImageLoraLoaderMixin.lora_state_dict(str(folder), weight_name=name, local_files_only=True,
                                                          return_lora_metadata=True)
@@ -130,11 +141,44 @@ def read_state_dict(path: str | Path, root: str | Path | None = None) -> tuple[d
     return sd, meta
 
 
+# A rank_pattern / alpha_pattern key as this server reads it: a module name or a dotted tail of one. The file's
+# header is data from whoever wrote the file; PEFT runs its keys as regular expressions, and a crafted one
+# (nested quantifiers) holds a replica's interpreter for minutes, so none is ever compiled or run here.
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+MAX_PATTERNS = 4096
+MAX_PATTERN_CHARS = 256
+
+
+def _check_header(path: Path, shown_name: str) -> None:
+    """The PEFT metadata in a .safetensors header (``lora_adapter_metadata``), checked as ``_check_metadata`` does,
+    from the header alone. A header that cannot be read here is left for the loader to report."""
+    import json
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("lora_adapter_metadata")
+        meta = json.loads(raw) if raw else None
+    except Exception:  # noqa: BLE001 - not readable as safetensors here: the loader says why
+        return
+    if isinstance(meta, dict):
+        try:
+            _check_metadata({str(k).removeprefix("transformer."): v for k, v in meta.items()})
+        except LoraError as e:
+            raise LoraError(f"{shown_name!r}: {e}") from None
+
+
 def _pattern_value(patterns: dict, key: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup (``peft.utils.other.get_pattern_key``: a pattern matches the
-    module name or its dotted tail, as a regex)."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
+    """PEFT's rank_pattern / alpha_pattern lookup (``peft.utils.other.get_pattern_key``: the first pattern, in the
+    file's order, that matches the module name or a dotted tail of it) for patterns that are module names, as
+    ``_check_metadata`` requires: by dictionary lookup of each dotted tail, no regular expression."""
+    if not patterns:
+        return default
+    parts = key.split(".")
+    tails = {".".join(parts[i:]) for i in range(len(parts))}
+    for pattern, value in patterns.items():  # the file's order decides between several matches, as in PEFT
+        if pattern in tails:
             return value
     return default
 
@@ -156,12 +200,15 @@ def _check_metadata(meta: dict) -> None:
         if not isinstance(patterns, dict):
             raise LoraError(f"the adapter's metadata has {key} of type {type(patterns).__name__}; an object "
                             f"{{pattern: number}} expected")
+        if len(patterns) > MAX_PATTERNS:
+            raise LoraError(f"the adapter's metadata has {len(patterns)} {key} entries; at most {MAX_PATTERNS}")
         for pattern, value in patterns.items():
-            try:
-                re.compile(rf"(.*\.)?({pattern})$")
-            except (re.error, TypeError, RecursionError) as e:
-                raise LoraError(f"the adapter's metadata has an invalid {key} pattern {str(pattern)[:60]!r}: "
-                                f"{e}") from None
+            if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN_CHARS \
+                    or not _MODULE_NAME.fullmatch(pattern):
+                raise LoraError(f"the adapter's metadata has a {key} key that is not a module name: "
+                                f"{str(pattern)[:60]!r}. Adapter files are not trusted to carry regular "
+                                f"expressions; list the modules by name (e.g. 'layers.3.attention.to_q' or "
+                                f"'to_q')")
             if bad(value, key == "alpha_pattern"):
                 raise LoraError(f"the adapter's metadata has {key}[{str(pattern)[:60]!r}] = {str(value)[:40]!r}; "
                                 f"a {'non-negative' if key == 'alpha_pattern' else 'positive'} number expected")
@@ -266,9 +313,10 @@ def build_adapter(name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor
 
 
 def load_adapter(name: str, path: str | Path, transformer, dtype: torch.dtype,
-                 root: str | Path | None = None) -> LoraAdapter:
-    """Read, convert and check an adapter (``read_state_dict`` says what ``root`` confines). Raises LoraError."""
-    sd, meta = read_state_dict(path, root)
+                 root: str | Path | None = None, max_bytes: int | None = None) -> LoraAdapter:
+    """Read, convert and check an adapter (``read_state_dict`` says what ``root`` and ``max_bytes`` do). Raises
+    LoraError."""
+    sd, meta = read_state_dict(path, root, max_bytes)
     try:
         return build_adapter(name, factors_from_state_dict(sd, meta, dtype), transformer, str(path))
     except LoraError:
@@ -363,11 +411,12 @@ class LoraStore:
     def names(self) -> list[str]:
         return sorted(self._adapters)
 
-    def add(self, name: str, path: str | Path, max_rank: int | None = None, root: str | Path | None = None) -> dict:
-        """Read, convert and check an adapter (``root``: the directory it must be in, see ``read_state_dict``),
-        then make it resident (evicting the least recently used beyond max_resident). Replaces an adapter of the
-        same name. Raises LoraError with the reason."""
-        adapter = load_adapter(name, path, self.transformer, self.dtype, root)
+    def add(self, name: str, path: str | Path, max_rank: int | None = None, root: str | Path | None = None,
+            max_bytes: int | None = None) -> dict:
+        """Read, convert and check an adapter (``root``: the directory it must be in, ``max_bytes``: the largest
+        file read; see ``read_state_dict``), then make it resident (evicting the least recently used beyond
+        max_resident). Replaces an adapter of the same name. Raises LoraError with the reason."""
+        adapter = load_adapter(name, path, self.transformer, self.dtype, root, max_bytes)
         if max_rank is not None and adapter.true_rank > max_rank:
             raise LoraError(f"adapter {name!r} has rank {adapter.true_rank}, above model.lora_max_rank = {max_rank} "
                             f"(what the memory plan counts per adapter); raise it")

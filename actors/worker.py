@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from orchestrator.config import COMPONENTS, ModelConfig
 from orchestrator.errors import ReplicaUnavailableError
-from orchestrator.logging_setup import logs_batch, setup_replica_process
+from orchestrator.logging_setup import logs_batch, setup_replica_process, take_api_keys_from_env
 from orchestrator.messages import Batch, BatchResult, FailureKind, ImageResult, ReplicaHealth, StageTimes
 
 from .compiled import FALLBACKS
@@ -127,6 +127,7 @@ class PipelineWorker:
         for this process, set before anything else is imported (``logging_setup.replica_env``: the log format, no
         progress bars)."""
         os.environ.update(env or {})
+        take_api_keys_from_env()  # a joined cluster's workers inherit whatever the node was started with
         setup_replica_process(replica_id)  # no progress bars; in a Ray actor, log lines name the replica
         process_s = _process_age_s()
         self.replica_id = replica_id
@@ -422,7 +423,8 @@ class PipelineWorker:
         try:
             lora = LoraSpec.model_validate(spec)
             path, root = resolve_lora(lora, self.model_cfg, runtime=True)
-            info = self.engine.loras.add(lora.name, path, max_rank=self.model_cfg.lora_max_rank, root=root)
+            info = self.engine.loras.add(lora.name, path, max_rank=self.model_cfg.lora_max_rank, root=root,
+                                         max_bytes=self.model_cfg.lora_max_file_bytes)
         except (LoraError, ValidationError) as e:
             log.warning("replica %s: LoRA %r not registered: %s", self.replica_id, spec.get("name"), e)
             return {"ok": False, "error": str(e)}

@@ -357,11 +357,12 @@ def http_sender(client, url: str, api_key: str | None):
     return send
 
 
-async def server_batch_counts(client, url: str) -> dict[float, float]:
-    """The server's ``zimage_batch_size`` histogram (cumulative count per upper bound) from its /metrics."""
+async def server_batch_counts(client, url: str, api_key: str | None = None) -> dict[float, float]:
+    """The server's ``zimage_batch_size`` histogram (cumulative count per upper bound) from its /metrics (which
+    needs the key when the server has keys)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    r = await client.get(f"{url}/metrics")
+    r = await client.get(f"{url}/metrics", headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
     r.raise_for_status()
     out: dict[float, float] = {}
     for family in text_string_to_metric_families(r.text):
@@ -537,7 +538,8 @@ async def _bench(args, config: Config) -> dict:
                 label = f"{workload}-{'c' if kind == 'concurrency' else 'rate'}{value}"
                 if rounds > 1:
                     label += f"-r{rnd}"
-                before = await server_batch_counts(client, args.http.rstrip("/")) if client is not None else None
+                before = None if client is None else await server_batch_counts(client, args.http.rstrip("/"),
+                                                                               args.api_key)
                 with tqdm(total=n, desc=label, unit="img") as bar:
                     if kind == "concurrency":
                         done_at: list[float] = []
@@ -549,7 +551,7 @@ async def _bench(args, config: Config) -> dict:
                         results, elapsed = await open_loop(send, maker, value, args.duration, bar)
                         stats = summarize(label, results, elapsed, rate=value, workload=workload, steps=steps)
                 if before is not None:  # over HTTP the responses carry no batch ids: ask the server
-                    after = await server_batch_counts(client, args.http.rstrip("/"))
+                    after = await server_batch_counts(client, args.http.rstrip("/"), args.api_key)
                     stats.batch_sizes = batch_size_delta(before, after)
                 report["runs"].append({**asdict(stats), "round": rnd})
                 if workload in EDIT_KINDS and getattr(send, "kinds", None) is not None:

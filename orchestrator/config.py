@@ -12,19 +12,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from placement.planner import COMPONENTS  # defined once, in the pure planner
 
+from .config_http import LimitsConfig, RequestDefaults, ServerConfig, _Strict
 from .errors import ConfigError
 from .messages import JoinPolicy
 
+__all__ = ["Config", "ConfigError", "LimitsConfig", "RequestDefaults", "ServerConfig", "config_from_dict",
+           "load_config"]
+
 DEFAULT_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
 
 class NodeSpec(_Strict):
     """One node of the inventory the planner places onto."""
@@ -235,6 +234,17 @@ class ModelConfig(_Strict):
         "Deployment.register_lora) are read from, on every replica's machine: their path is relative to it (or "
         "absolute inside it); symlinks are resolved and must stay inside. None: runtime registration of local "
         "files is refused. model.loras is not limited to it.")
+    lora_max_runtime: int = Field(
+        default=16, ge=0, le=4096,
+        description="Adapters registered at runtime (POST /v1/loras) at most, beside model.loras; past it a "
+        "registration is refused (409) until one is removed.")
+    lora_max_runtime_bytes: int = Field(
+        default=4 * 1024**3, ge=0, le=1024**4,
+        description="Host memory all runtime adapters together may take on each replica (their factors, as the "
+        "replica holds them); a registration past it is refused (409).")
+    lora_max_file_bytes: int = Field(
+        default=2 * 1024**3, ge=1024, le=1024**4,
+        description="Largest adapter file read (checked before it is opened); larger is a 400 naming path.")
     lora_runtime_hub: bool = Field(
         default=False, description="Let runtime registration name hub adapters (source huggingface / "
         "modelscope): every replica then fetches the repository a client names (unless model.offline). Off: "
@@ -316,6 +326,10 @@ class DeploymentConfig(_Strict):
     health_timeout_s: float = Field(
         default=60.0, gt=0, le=3600, description="A health check slower than this counts as a failed check."
     )
+    unresponsive_after_s: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="A live replica whose health check has waited this long for an answer is reported as not "
+        "answering on /readyz (503 when no live replica answers), before its checks time out and it is recycled.")
     health_failures_before_restart: int = Field(
         default=3,
         ge=1,
@@ -454,83 +468,6 @@ class RouterConfig(_Strict):
 
     def join_policy(self) -> JoinPolicy:
         return JoinPolicy(self.step_free_tokens, self.step_join_window, self.step_short_ratio)
-
-
-class RequestDefaults(_Strict):
-    """Generation parameters used when a request does not set them (Z-Image-Turbo's recipe)."""
-
-    width: int = Field(default=1024, ge=16, le=4096, multiple_of=16, description="Image width, multiple of 16.")
-    height: int = Field(default=1024, ge=16, le=4096, multiple_of=16, description="Image height, multiple of 16.")
-    num_inference_steps: int = Field(default=9, ge=1, le=100, description="Denoising steps (Turbo: 9).")
-    guidance_scale: float = Field(default=0.0, ge=0, le=20, description="CFG scale; > 0 doubles transformer work.")
-    negative_prompt: str | None = Field(default=None, description="Used only when guidance_scale > 0.")
-    strength: float = Field(default=0.6, ge=0, le=1, description="Edits without a mask (img2img): how much of "
-                            "the schedule runs from the noised input image (diffusers' img2img default).")
-    inpaint_strength: float = Field(default=1.0, ge=0, le=1, description="Edits with a mask (inpainting): the "
-                                    "same, for the masked area (diffusers' inpaint default).")
-    quality_steps: dict[Literal["low", "medium", "high"], int] = Field(
-        default_factory=lambda: {"low": 4, "medium": 6, "high": 9},
-        description="Denoising steps for the API's `quality` low / medium / high (`hd` counts as high; `auto`, "
-        "`standard` and no quality use num_inference_steps). A request's own num_inference_steps wins.",
-    )
-
-    @field_validator("quality_steps")
-    @classmethod
-    def _all_qualities(cls, v: dict) -> dict:
-        missing = {"low", "medium", "high"} - set(v)
-        if missing:
-            raise ValueError(f"quality_steps needs low, medium and high (missing {sorted(missing)})")
-        bad = {k: n for k, n in v.items() if not 1 <= n <= 100}
-        if bad:
-            raise ValueError(f"quality_steps must be between 1 and 100 steps (got {bad})")
-        return v
-
-
-class LimitsConfig(_Strict):
-    """Request limits enforced before anything is queued."""
-
-    max_prompt_chars: int = Field(default=4000, ge=1, le=100_000, description="Longest prompt accepted.")
-    max_n: int = Field(default=8, ge=1, le=128, description="Most images per API request.")
-    max_pixels: int = Field(
-        default=2048 * 2048, ge=256, le=4096 * 4096, description="Most pixels (width*height) per image."
-    )
-    max_steps: int = Field(default=50, ge=1, le=200, description="Most denoising steps per request.")
-    max_body_bytes: int = Field(default=1_000_000, ge=1024, le=100_000_000, description="Largest HTTP body.")
-    max_upload_bytes: int = Field(
-        default=64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
-        description="Largest multipart body of /v1/images/edits (its images and mask together).")
-    max_image_bytes: int = Field(
-        default=50_000_000, ge=1024, le=1024 * 1024 * 1024,
-        description="Largest input image file (`image`, `mask`) of an edit (OpenAI's limit: 50 MB).")
-    max_input_pixels: int = Field(
-        default=40_000_000, ge=256, le=400_000_000,
-        description="Most pixels of an input image as stored, before any resize (a guard against images that "
-        "decompress to gigabytes).")
-    max_request_input_pixels: int = Field(
-        default=100_000_000, ge=256, le=4_000_000_000,
-        description="Most pixels of all the input images of one request together (edit images, mask, control_image), "
-        "as stored, read from the headers before anything is decoded: bounds one request's decoding time and memory "
-        "(16 images of max_input_pixels each would be 640 M).")
-    max_concurrent_image_decodes: int = Field(
-        default=2, ge=1, le=64,
-        description="Requests whose input images the HTTP process decodes at the same time (each decodes its images "
-        "one by one); the others wait their turn, so a burst of uploads cannot exhaust memory.")
-
-
-class ServerConfig(_Strict):
-    host: str = Field(default="127.0.0.1", description="Bind address. Loopback by default; 0.0.0.0 exposes it.")
-    port: int = Field(default=8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
-    api_keys: list[str] = Field(
-        default_factory=list,
-        description="Accepted Bearer keys. Empty and ZIMAGE_API_KEYS unset: no authentication.",
-    )
-    served_model_name: str = Field(default="z-image-turbo", description="Model name in /v1/models.")
-    drain_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="SIGTERM: wait this long.")
-    docs: bool = Field(
-        default=False,
-        description="Serve FastAPI's /docs, /redoc and /openapi.json (the generated pages; Swagger UI loads from a "
-        "CDN). Off: those paths answer 404 like any unknown path.",
-    )
 
 
 class Config(_Strict):

@@ -141,6 +141,7 @@ class Deployment:
         self.lora_specs: dict[str, LoraSpec] = {s.name: s for s in config.model.loras}
         self._configured_loras = frozenset(self.lora_specs)  # the operator's: never replaced or removed at runtime
         self._runtime_loras: set[str] = set()
+        self._runtime_bytes: dict[str, int] = {}  # host bytes of each runtime adapter (as a replica holds it)
         self._lora_lock = asyncio.Lock()
         self.replica_set.before_live = self._resync_loras
 
@@ -264,6 +265,10 @@ class Deployment:
 
     def members(self) -> list[ReplicaHandle]:
         return self.replica_set.members()
+
+    def not_answering(self) -> list[str]:
+        """Live replicas whose health check has gone unanswered past ``deployment.unresponsive_after_s``."""
+        return self.replica_set.not_answering(self.config.deployment.unresponsive_after_s)
 
     def report_failure(self, replica_id: str, error: BaseException) -> None:
         self.replica_set.report_failure(replica_id, error)
@@ -393,6 +398,11 @@ class Deployment:
                                  f"operator enables it with model.lora_runtime_hub (or lists the adapter in "
                                  f"model.loras)", param="source")
         async with self._lora_lock:
+            replacing = lora.name in self._runtime_loras
+            if not replacing and len(self._runtime_loras) >= m.lora_max_runtime:
+                raise ConflictError(f"{len(self._runtime_loras)} adapters are registered at runtime, the most this "
+                                    f"deployment holds (model.lora_max_runtime = {m.lora_max_runtime}); remove one "
+                                    f"(DELETE /v1/loras/{{name}}) first", param="name")
             handles = list(self.replicas.values())
             if not handles:
                 raise NotReadyError("no replica to load the adapter on")
@@ -407,6 +417,19 @@ class Deployment:
                     raise InvalidRequestError(f"adapter {lora.name!r} could not be loaded: {refused[0]}",
                                               param="path")
                 raise NotReadyError(f"no replica could load adapter {lora.name!r}: {bad[0][1]}")
+            nbytes = max(int((o.get("info") or {}).get("bytes", 0)) for o in outs if not isinstance(o, BaseException))
+            others = sum(b for n, b in self._runtime_bytes.items() if n != lora.name)
+            if others + nbytes > m.lora_max_runtime_bytes:
+                await asyncio.gather(*(h.call("unregister_lora", lora.name) for h in loaded), return_exceptions=True)
+                if replacing:  # the old adapter of that name was replaced on the replicas: it is gone now
+                    self.lora_specs.pop(lora.name, None)
+                    self._runtime_loras.discard(lora.name)
+                    self._runtime_bytes.pop(lora.name, None)
+                raise ConflictError(f"adapter {lora.name!r} takes {nbytes} bytes; with the {others} bytes of the "
+                                    f"other runtime adapters that is over model.lora_max_runtime_bytes = "
+                                    f"{m.lora_max_runtime_bytes}; remove one (DELETE /v1/loras/{{name}}) first",
+                                    param="path")
+            self._runtime_bytes[lora.name] = nbytes
             for rid, e in bad:  # down replicas: they get it when they come back (before_live)
                 log.warning("LoRA %s: replica %s unreachable (%s); it loads the adapter when it is back", lora.name,
                             rid, e)
@@ -426,6 +449,7 @@ class Deployment:
             if self.lora_specs.pop(name, None) is None:
                 return False
             self._runtime_loras.discard(name)
+            self._runtime_bytes.pop(name, None)
             await asyncio.gather(*(h.call("unregister_lora", name) for h in self.replicas.values()),
                                  return_exceptions=True)
         log.info("LoRA %s removed", name)
@@ -444,7 +468,8 @@ class Deployment:
         answers = await asyncio.gather(*(ask(h) for h in self.live()))
         out = []
         for name, spec in sorted(self.lora_specs.items()):
-            entry = {"name": name, "source": spec.source, "path": spec.path, "model_id": spec.model_id,
+            entry = {"name": name, "source": spec.source, "path": shown_path(spec, self.config.model.lora_dir),
+                     "model_id": spec.model_id,
                      "runtime": name in self._runtime_loras, "replicas": {}}
             for rid, infos in answers:
                 info = next((i for i in infos or () if i["name"] == name), None)
@@ -544,3 +569,20 @@ class ZImageClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def shown_path(spec: LoraSpec, lora_dir) -> str | None:
+    """An adapter's path as clients see it: relative to ``model.lora_dir`` when inside it, a hub snapshot's path
+    as given, else only the file's (or directory's) name; never where the host keeps its files."""
+    from pathlib import Path
+
+    if spec.path is None or spec.source != "local":
+        return spec.path
+    p = Path(spec.path)
+    if not p.is_absolute():
+        return p.as_posix()
+    if lora_dir is not None:
+        for base in (Path(lora_dir).expanduser(), Path(lora_dir).expanduser().resolve()):
+            if p.is_relative_to(base):
+                return p.relative_to(base).as_posix()
+    return p.name

@@ -191,6 +191,29 @@ def stored_pixels(data, param: str, limits: LimitsConfig) -> int:
     return w * h
 
 
+def input_pixels(datas, limits: LimitsConfig) -> int:
+    """The pixels as stored of those of ``datas`` (file bytes, base64 text, PIL images; None skipped) that are
+    images, read from their headers: what decoding them will take. Anything unreadable counts 0 (its parse
+    refuses it). For admission to the HTTP server's decode queue."""
+    from PIL import Image
+
+    total = 0
+    for data in datas:
+        if data is None:
+            continue
+        try:
+            data = control_bytes(data)
+            if isinstance(data, Image.Image):
+                total += data.size[0] * data.size[1]
+            else:
+                img = _open_header(data, "image", limits)
+                total += img.size[0] * img.size[1]
+                img.close()
+        except Exception:  # noqa: BLE001 - not an image: refused by the parse, not here
+            continue
+    return total
+
+
 def check_request_pixels(files: list[tuple[str, object]], limits: LimitsConfig, param: str = "image") -> None:
     """All of one request's input images ``[(param, data), ...]`` (None entries skipped) against
     ``limits.max_request_input_pixels``, from their headers before any is decoded: a 400 naming ``param``."""

@@ -97,6 +97,7 @@ def parse_generation(payload, config: Config, max_side: int | None = None, known
     ``known_loras``: the LoRA adapters registered (the ``loras`` extension names them; None: not checked)."""
     if not isinstance(payload, dict):
         raise InvalidRequestError("request body must be a JSON object")
+    payload = integral(payload)
     unknown = sorted(k for k in payload if k not in ACCEPTED)
     if unknown:
         names = ", ".join(shown(k, 40) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5
@@ -151,6 +152,13 @@ def parse_generation(payload, config: Config, max_side: int | None = None, known
                                 payload.get("controlnet_conditioning_scale"), config)
     return ImageCall(requests, stream, output_format, compression, quality,
                      _identifier(payload, "user"), _identifier(payload, "safety_identifier"))
+
+
+def integral(payload: dict) -> dict:
+    """``payload`` with the integer fields' integral numbers as ints: JSON Schema's ``integer`` takes 1.0 (a
+    number with a zero fractional part), and so do we."""
+    fixed = {k: int(v) for k in _INTEGER_FIELDS if isinstance(v := payload.get(k), float) and v.is_integer()}
+    return {**payload, **fixed} if fixed else payload
 
 
 def with_control(requests: list[ImageRequest], control_image, scale, config: Config) -> list[ImageRequest]:
@@ -208,7 +216,13 @@ def _form_value(name: str, value):
         return None
     try:
         if name in _INTEGER_FIELDS:
-            return int(text)
+            try:
+                return int(text)
+            except ValueError:
+                number = float(text)  # "1.0", "1e2": integers as JSON Schema counts them
+                if not number.is_integer():
+                    raise
+                return int(number)
         if name in _NUMBER_FIELDS:
             v = float(text)
             if v != v or v in (float("inf"), float("-inf")):
@@ -220,6 +234,9 @@ def _form_value(name: str, value):
     if name in _JSON_FIELDS:
         try:
             return json.loads(text)
+        except RecursionError:
+            raise InvalidRequestError(f"{name} is nested too deeply (send a flat list of {{\"name\", \"scale\"}} "
+                                      f"objects)", param=name) from None
         except ValueError:
             raise InvalidRequestError(f"{name} must be JSON (e.g. [{{\"name\": \"style\", \"scale\": 0.8}}]), "
                                       f"got {shown(value)}", param=name) from None
@@ -238,6 +255,13 @@ def parse_json_edit(payload, config: Config, max_side: int | None = None, known_
     """The spec's JSON form of an edit (``EditImageBodyJsonParam``): ``images`` (1-16 ``{"image_url"}``) and
     ``mask`` as base64 ``data:`` URLs (``file_id`` and network URLs are refused: no Files API, no fetching), the
     other fields as in multipart (plus ``moderation``, accepted as for generations), JSON-typed."""
+    fields, files = json_edit_parts(payload)
+    return parse_edit(fields, files, config, max_side, typed=True, image_param="images", known_loras=known_loras)
+
+
+def json_edit_parts(payload) -> tuple[dict, dict]:
+    """A JSON edit -> (its typed fields, ``{"image": [bytes, ...], "mask": bytes | None}``): what ``parse_edit``
+    takes with ``typed=True``; the images' base64 decoded, nothing else."""
     from .image_input import MAX_IMAGES, data_url_bytes
 
     if not isinstance(payload, dict):
@@ -253,8 +277,7 @@ def parse_json_edit(payload, config: Config, max_side: int | None = None, known_
         raise InvalidRequestError(f"{len(images)} images sent; at most {MAX_IMAGES}", param="images")
     files = {"image": [data_url_bytes(ref, "images") for ref in images],
              "mask": None if payload.get("mask") is None else data_url_bytes(payload["mask"], "mask")}
-    fields = {k: v for k, v in payload.items() if k not in ("images", "mask")}
-    return parse_edit(fields, files, config, max_side, typed=True, image_param="images", known_loras=known_loras)
+    return {k: v for k, v in payload.items() if k not in ("images", "mask")}, files
 
 
 def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None = None, typed: bool = False,
@@ -290,7 +313,7 @@ def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None =
         if name in fields and fields[name] not in (None, ""):
             raise InvalidRequestError(f"{name} must be sent as a file (multipart/form-data), not as text",
                                       param=name)
-    payload = {k: v if typed else _form_value(k, v) for k, v in fields.items() if k not in _FILE_FIELDS}
+    payload = integral({k: v if typed else _form_value(k, v) for k, v in fields.items() if k not in _FILE_FIELDS})
     if files.get("control_image") is not None:  # a multipart file: parse_generation attaches it
         payload["control_image"] = files["control_image"]
     others = []

@@ -164,6 +164,16 @@ def current_format() -> str:
     return _state["format"]
 
 
+API_KEYS_ENV = "ZIMAGE_API_KEYS"
+
+
+def take_api_keys_from_env(environ=None) -> list[str]:
+    """The API keys in ``ZIMAGE_API_KEYS`` (comma-separated), removed from the environment so that no process
+    started from this one (a local Ray and its replica workers) inherits them."""
+    environ = os.environ if environ is None else environ
+    return [k.strip() for k in environ.pop(API_KEYS_ENV, "").split(",") if k.strip()]
+
+
 def replica_env(fmt: str | None = None) -> dict[str, str]:
     """Environment variables for a replica actor's process (``PipelineWorker(env=...)`` sets them before its
     first import): no progress bars, and the log format to use."""

@@ -139,6 +139,7 @@ class _Member:
     generation: int = 0  # bumped every time the replica goes live: late results of older checks are ignored
     failures: int = 0  # consecutive failed health checks of this generation
     check: asyncio.Task | None = None  # the health check in flight
+    check_since: float | None = None  # when it started (the injected clock)
     recovery: asyncio.Task | None = None
 
 
@@ -191,6 +192,14 @@ class ReplicaSet:
 
     def members(self) -> list[ReplicaHandle]:
         return [m.handle for m in self._members.values()]
+
+    def not_answering(self, after_s: float) -> list[str]:
+        """Live replicas whose health check has been waiting for an answer longer than ``after_s``: a process that
+        stopped answering (its Python held by something) shows here long before its checks time out and it is
+        recycled."""
+        now = self.clock.now()
+        return sorted(rid for rid, m in self._members.items() if m.state is ReplicaState.LIVE
+                      and m.check_since is not None and now - m.check_since > after_s)
 
     def report_failure(self, replica_id: str, error: BaseException) -> None:
         """A live replica died or hung: take it out of rotation, recycle it if it hung, and bring it back once
@@ -249,6 +258,7 @@ class ReplicaSet:
         started = []
         for rid, m in self._members.items():
             if m.state is ReplicaState.LIVE and m.check is None:
+                m.check_since = self.clock.now()
                 m.check = asyncio.get_running_loop().create_task(self._check(rid, m, m.generation),
                                                                  name=f"zimage-check-{rid}")
                 started.append(m.check)
@@ -286,7 +296,7 @@ class ReplicaSet:
                             limit)
         finally:
             if m.check is asyncio.current_task():
-                m.check = None
+                m.check, m.check_since = None, None
 
     def _current(self, replica_id: str, m: _Member, generation: int) -> bool:
         return self._members.get(replica_id) is m and m.state is ReplicaState.LIVE and m.generation == generation

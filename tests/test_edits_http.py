@@ -159,8 +159,6 @@ BAD = [
      "alpha channel"),
     (dict(image=("x.png", png(picture()), "image/png"), mask=("m.png", mask(32, 32), "image/png")), "mask",
      "same dimensions"),
-    (dict(image=("x.png", png(np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)), "image/png")),
-     "image", "limits.max_image_bytes"),
     (dict(image=("x.png", png(picture()), "image/png"), extra_body={"strength": 2}), "strength", "from 0 to 1"),
     (dict(image=("x.png", png(picture()), "image/png"), background="transparent"), "background", "alpha"),
     (dict(image=[("big.png", BIG, "image/png")] * 3), "image", "limits.max_request_input_pixels"),  # 108 M pixels
@@ -176,6 +174,17 @@ def test_bad_files_are_400_naming_the_field(server, kw, param, fragment):
     err = e.value.response.json()["error"]
     check("ErrorResponse", e.value.response.json())
     assert err["param"] == param and fragment in err["message"], err
+
+
+def test_a_file_over_the_limit_is_413_naming_it_while_it_streams(server):
+    from openai import APIStatusError
+
+    noise = png(np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8))  # ~120 KB, limit 100 KB
+    with pytest.raises(APIStatusError) as e:
+        client(server).images.edit(prompt="x", image=("x.png", noise, "image/png"))
+    err = e.value.response.json()["error"]
+    assert e.value.status_code == 413 and err["param"] == "image" and "limits.max_image_bytes" in err["message"]
+    check("ErrorResponse", e.value.response.json())
 
 
 def test_phone_mpo_jpeg_is_edited(server):

@@ -428,7 +428,6 @@ def test_server_decodes_images_off_the_loop_a_bounded_number_at_a_time(monkeypat
         raise InvalidRequestError("a plain generation", param="prompt")
 
     monkeypatch.setattr(server, "parse_edit", slow_parse)
-    monkeypatch.setattr(server, "parse_json_edit", slow_parse)
     monkeypatch.setattr(server, "parse_generation", parse_generation)
 
     async def up(config, observer=None):

@@ -168,6 +168,9 @@ def test_probes_hit_the_service_endpoints():
     _, spec, c = _head()
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["http"] == 8000
+    cfg = _config()  # Prometheus scrapes the key-free metrics listener, the port the pod annotation names
+    annotations = _head()[0]["spec"]["headGroupSpec"]["template"]["metadata"]["annotations"]
+    assert ports["metrics"] == cfg.server.metrics_port == int(annotations["prometheus.io/port"])
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}

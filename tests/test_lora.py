@@ -2,6 +2,7 @@
 batch, scale 0, a community (kohya) layout, residency, and no recompile per adapter set."""
 
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -296,8 +297,9 @@ def test_hub_snapshot_layout_links_into_blobs(pipe, tmp_path):
 
 
 @pytest.mark.parametrize("override,text", [
-    ({"rank_pattern": {"(": 2}}, "invalid rank_pattern pattern '\\('"),
-    ({"alpha_pattern": {"to_q[": 2}}, "invalid alpha_pattern pattern"),
+    ({"rank_pattern": {"(": 2}}, "rank_pattern key that is not a module name: '\\('"),
+    ({"alpha_pattern": {"to_q[": 2}}, "alpha_pattern key that is not a module name"),
+    ({"rank_pattern": {"(a|aa)+$": 2}}, "not trusted to carry regular expressions"),
     ({"rank_pattern": {"to_q": 0}}, "a positive number expected"),
     ({"rank_pattern": ["to_q"]}, "rank_pattern of type list"),
     ({"r": "four"}, "has r = 'four'"),
@@ -354,6 +356,7 @@ def registry(pipe, tmp_path):
     save_diffusers_lora(outside / "secret", sd, meta)
     (root / "link.safetensors").symlink_to(outside / "secret" / "pytorch_lora_weights.safetensors")
     _bad_metadata_lora(pipe, root / "bad-meta", rank_pattern={"(": 2})
+    _bad_metadata_lora(pipe, root / "hostile", rank_pattern={"(a|aa)+$" + "|x" * 100: 2})  # backtracks forever
     cfg = tiny_config(tmp_path / "cache", model={"lora_max_resident": 2, "lora_dir": str(root),
                                                  "loras": [{"name": "configured", "path": str(root / "good")}]},
                       deployment={"replicas": 2, "health_interval_s": 3600})
@@ -398,7 +401,8 @@ def test_runtime_registry_over_http(registry):
             ({"name": "x", "path": "/nonexistent/a.safetensors"}, 400, "path", "outside the directory"),
             ({"name": "x", "path": "link.safetensors"}, 400, "path", "outside the directory"),
             ({"name": "x", "path": "missing.safetensors"}, 400, "path", "no adapter at 'missing.safetensors'"),
-            ({"name": "x", "path": "bad-meta"}, 400, "path", "invalid rank_pattern pattern"),
+            ({"name": "x", "path": "bad-meta"}, 400, "path", "rank_pattern key that is not a module name"),
+            ({"name": "x", "path": "hostile"}, 400, "path", "not trusted to carry regular expressions"),
             ({"name": "x", "source": "huggingface", "model_id": "someone/lora"}, 403, "source",
              "model.lora_runtime_hub"),
             ({"name": "x", "source": "huggingface", "model_id": "a/b", "path": "../../x"}, 400, "path",
@@ -406,13 +410,18 @@ def test_runtime_registry_over_http(registry):
             ({"name": "configured", "path": "good"}, 409, "name", "configured (model.loras)"),
             ({"name": "x", "path": "good", "self": 1}, 400, "self", "unknown field"),
             ({"name": "x", "path": 7}, 400, "path", "must be a string")):
+        t0 = time.perf_counter()
         r = post(body)
+        assert time.perf_counter() - t0 < 1.0, body
         assert r.status_code == status, (body, r.text)
         err = r.json()["error"]
         assert err["param"] == param and text in err["message"], (body, err)
         assert str(tmp) not in err["message"], err  # nothing of the host's directories above model.lora_dir
-    names = [(x["name"], x["runtime"]) for x in httpx.get(url).json()["data"]]
+    listed = httpx.get(url)
+    names = [(x["name"], x["runtime"]) for x in listed.json()["data"]]
     assert names == [("abs", True), ("configured", False), ("rel", True)]  # every refusal left nothing behind
+    assert str(tmp) not in listed.text  # paths relative to model.lora_dir, never the host's
+    assert [x["path"] for x in listed.json()["data"]] == ["good/pytorch_lora_weights.safetensors", "good", "good"]
 
     r = httpx.delete(f"{url}/configured")
     assert r.status_code == 409 and r.json()["error"]["param"] == "name" and "restart" in r.json()["error"]["message"]
@@ -434,3 +443,65 @@ def test_runtime_registration_is_refused_without_lora_dir(tmp_path):
     with pytest.raises(ForbiddenError, match="sets model.lora_dir") as e:
         asyncio.run(dep.register_lora("x", "/etc/passwd"))
     assert e.value.param == "path" and e.value.http_status == 403
+
+
+def test_runtime_adapters_stop_at_their_cap(tmp_path):
+    """300 registrations with distinct names: model.lora_max_runtime of them are kept, the rest are refused with a
+    409 naming the setting; model.lora_max_runtime_bytes refuses an adapter that does not fit beside the others,
+    and a removal makes room again."""
+    import asyncio
+
+    from conftest import tiny_config
+    from test_replicas import FakeBackend, FakeNode
+
+    from orchestrator.deployment import Deployment
+    from orchestrator.errors import ConflictError
+
+    sizes = {}
+
+    class Backend(FakeBackend):
+        def make_replica(self, spec, encoder_host=None):
+            r = super().make_replica(spec, encoder_host)
+            held = {}
+
+            async def call(method, *args, **kwargs):
+                if method == "register_lora":
+                    held[args[0]["name"]] = sizes.get(args[0]["path"], 1000)
+                    return {"ok": True, "info": {"bytes": held[args[0]["name"]]}}
+                if method == "unregister_lora":
+                    return held.pop(args[0], None) is not None
+                return [{"name": n, "rank": 4, "modules": [], "bytes": b, "resident": True} for n, b in held.items()]
+
+            r.call = call
+            return r
+
+    cfg = tiny_config(tmp_path, model={"lora_max_resident": 2, "lora_dir": str(tmp_path), "lora_max_runtime": 16,
+                                       "lora_max_runtime_bytes": 20_000},
+                      deployment={"replicas": 2, "health_interval_s": 3600})
+
+    async def run():
+        dep = await Deployment.start(cfg, backend=Backend(FakeNode("n0", "id0"), FakeNode("n1", "id1")))
+        try:
+            outcomes = []
+            for i in range(300):
+                try:
+                    await dep.register_lora(f"a{i}", "x.safetensors")
+                    outcomes.append(201)
+                except ConflictError as e:
+                    assert e.param == "name" and "model.lora_max_runtime = 16" in e.message
+                    outcomes.append(e.http_status)
+            assert outcomes == [201] * 16 + [409] * 284
+            await dep.register_lora("a3", "x.safetensors")  # replacing one is not one more
+            sizes["big.safetensors"] = 6000
+            await dep.unregister_lora("a0")
+            with pytest.raises(ConflictError, match="model.lora_max_runtime_bytes = 20000") as e:
+                await dep.register_lora("big", "big.safetensors")  # 15 x 1000 + 6000 is over 20000
+            assert e.value.param == "path"
+            await dep.unregister_lora("a1")
+            await dep.unregister_lora("a2")
+            await dep.register_lora("big", "big.safetensors")
+            assert len([x for x in await dep.loras() if x["runtime"]]) == 14
+        finally:
+            await dep.shutdown()
+
+    asyncio.run(run())

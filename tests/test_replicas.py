@@ -276,6 +276,21 @@ async def test_health_checks_run_concurrently_one_in_flight_per_replica():
     await rs.close()
 
 
+async def test_a_replica_that_stops_answering_is_reported_before_its_checks_time_out():
+    rs, (r0, r1), _, clock, _ = await started_set(2, health_timeout_s=60)
+    r0.check_mode = "hang"  # its interpreter held: the check never comes back
+    rs.start_health_checks()
+    await settle()
+    await run_for(clock, 10, step=10)  # t=10: both checks started, r1's answered
+    assert rs.not_answering(5) == []
+    await run_for(clock, 6, step=2)  # t=16: r0's check has waited 6 s
+    assert rs.not_answering(5) == ["r0"] and rs.state("r0") is LIVE  # long before its 60 s timeout recycles it
+    r0.answer_hung_checks(ReplicaError("answered at last"))
+    await settle()
+    assert rs.not_answering(5) == []
+    await rs.close()
+
+
 @pytest.mark.parametrize("mode", ["fail", "hang"])
 async def test_replica_is_recycled_only_after_n_failed_checks_in_a_row(mode):
     rs, (r0, r1), _, clock, _ = await started_set(health_failures_before_restart=3)

@@ -183,7 +183,7 @@ def test_metrics_parse_and_move(server):
     from prometheus_client.parser import text_string_to_metric_families
 
     def scrape():
-        text = httpx.get(f"{server.url}/metrics").text
+        text = httpx.get(f"{server.url}/metrics", headers=auth()).text
         return {s.name + json.dumps(s.labels, sort_keys=True): s.value
                 for f in text_string_to_metric_families(text) for s in f.samples}
 

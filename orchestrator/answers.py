@@ -1,0 +1,121 @@
+"""How the HTTP service answers an admitted call: one JSON body (images encoded off the event loop), or server-sent
+events (previews, completions, errors, then ``[DONE]``)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from .errors import ZImageError
+from .http_errors import AsciiJSON, error_body, error_response, from_exception, from_result, result_error
+from .images_api import ImageCall, completed_event, encode_image, images_response, partial_image_event
+from .messages import ImageRequest, ImageResult, StepProgress
+
+log = logging.getLogger("orchestrator.server")
+
+
+async def answer_json(request: Request, call: ImageCall, waiters: list[Awaitable[ImageResult]]) -> Response:
+    work = asyncio.ensure_future(asyncio.gather(*waiters, return_exceptions=True))
+    # A client that goes away has its queued requests cancelled rather than computed.
+    while not work.done():
+        done, _ = await asyncio.wait({work}, timeout=0.25)
+        if not done and await request.is_disconnected():
+            work.cancel()
+            log.info("client disconnected; cancelled %d request(s)", len(call.requests))
+            return Response(status_code=499)
+    outcomes = work.result()
+    for o in outcomes:
+        if isinstance(o, ZImageError):
+            return from_exception(o)
+        if isinstance(o, BaseException):
+            log.error("unexpected error: %r", o)
+            return error_response(500, "the server failed to handle this request; the cause is in its log",
+                                  "server_error")
+        if not o.ok:
+            return from_result(o)
+    loop = asyncio.get_running_loop()
+    b64 = await asyncio.gather(*(loop.run_in_executor(None, _b64, o.image, call) for o in outcomes))
+    # The body (megabytes of base64 per image) is serialized off the event loop too: the router's dispatch loop
+    # shares this loop, and a batch's worth of responses rendered on it would delay the next dispatch.
+    body = await loop.run_in_executor(None, AsciiJSON(None).render, images_response(call, outcomes, b64,
+                                                                               int(time.time())))
+    return Response(body, media_type="application/json")
+
+
+def _b64(image, call: ImageCall) -> str:
+    """Runs in a worker thread: zlib and libjpeg/libwebp release the GIL, so images encode in parallel off the
+    event loop; the base64 text is made there too."""
+    return base64.b64encode(encode_image(image, call.output_format, call.output_compression)).decode()
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=True)}\n\n".encode()
+
+
+def _sse_comment(data: dict) -> bytes:
+    """Progress as an SSE comment line: SSE clients skip comments (the official openai client turns every
+    ``data:`` event into an image event, and an event without data into a JSON error), so it reaches only the
+    clients that look for it."""
+    return f": image_generation.progress {json.dumps(data)}\n\n".encode()
+
+
+class EventStream:
+    """One streaming call: per-request progress listeners feed a queue that ``events`` turns into SSE bytes."""
+
+    def __init__(self, call: ImageCall):
+        self.call = call
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.listeners = [self._listener(i, r) for i, r in enumerate(call.requests)]
+
+    def _listener(self, index: int, req: ImageRequest) -> Callable[[StepProgress], None]:
+        def on_progress(ev: StepProgress) -> None:
+            # The router hands every request of a batch every event: keep this request's previews only.
+            self.queue.put_nowait(_sse_comment({"index": index, "step": ev.step, "total_steps": ev.total_steps}))
+            for request_id, k, image in ev.previews:
+                if request_id == req.request_id:
+                    self.queue.put_nowait((index, req, k, image))
+
+        return on_progress
+
+    async def _one(self, index: int, waiter: Awaitable[ImageResult]) -> None:
+        try:
+            r = await waiter
+        except ZImageError as e:
+            self.queue.put_nowait(_sse("error", error_body(e.message, e.error_type, e.param)))
+            return
+        if r.ok:
+            b64 = await asyncio.get_running_loop().run_in_executor(None, _b64, r.image, self.call)
+            self.queue.put_nowait(_sse("image_generation.completed",
+                                       completed_event(self.call, index, r, b64, int(time.time()))))
+        else:
+            _, body = result_error(r)
+            self.queue.put_nowait(_sse("error", {**body, "index": index}))
+
+    async def events(self, waiters: list[Awaitable[ImageResult]]):
+        tasks = [asyncio.ensure_future(self._one(i, w)) for i, w in enumerate(waiters)]
+        waiter = asyncio.ensure_future(asyncio.gather(*tasks))
+        try:
+            while not (waiter.done() and self.queue.empty()):
+                getter = asyncio.ensure_future(self.queue.get())
+                done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    continue
+                item = getter.result()
+                if isinstance(item, tuple):  # a preview: encoded here, in order, before its image's completion
+                    index, req, k, image = item
+                    b64 = await asyncio.get_running_loop().run_in_executor(None, _b64, image, self.call)
+                    item = _sse("image_generation.partial_image",
+                                partial_image_event(self.call, index, req, k, b64, int(time.time())))
+                yield item
+            yield b"data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()  # the client went away: drop what has not run

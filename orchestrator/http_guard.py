@@ -1,0 +1,324 @@
+"""Connection and body limits for the HTTP service: what a production ASGI deployment sets, and what uvicorn lacks.
+
+uvicorn gives a keep-alive timeout, an accept backlog and a cap on the size of an incomplete header block; it has no
+timeout for a request's headers or body, and its ``limit_concurrency`` answers 503 to *every* request past the cap
+(the health probe included) while the connections that caused it stay open. So, per server (``uvicorn_config``):
+
+- ``GuardedH11Protocol`` (uvicorn's h11 protocol, subclassed): a connection must deliver a whole request line and
+  headers within ``server.header_timeout_s`` of opening (or of the next request's first byte), and the rest of a
+  body nobody reads any more (its response already sent) within the same time, else it is closed.
+  Open connections are capped (``server.max_connections``, and the descriptor limit less ``server.fd_reserve``):
+  past the cap a new connection closes the oldest one that has no request in progress (one that never completed a
+  request first, then an idle keep-alive one), so a probe that sends its request at once is answered under a
+  flood of slow clients; only when every connection is busy is the new one closed. The same shedding starts
+  when the process's open descriptors come within ``fd_reserve`` of its limit, whatever holds them.
+- ``BodyDeadline`` (ASGI): each piece of a body must come within ``server.body_idle_timeout_s`` and the whole body
+  within ``server.body_timeout_s``; past either the request gets a 408 (through ``FaultBarrier``) and the
+  connection is closed.
+- ``FaultBarrier`` (ASGI, inside the request-id middleware, so every answer it makes carries the id): a client
+  that goes away mid-body is logged once at INFO and counted as 499; a body timeout is a 408; any other exception
+  is one ERROR with its traceback and a 500 in the envelope. Nothing propagates to uvicorn, which would log it a
+  second time.
+- ``raise_fd_limit`` raises the soft descriptor limit to the hard one; ``RateLimitFilter`` keeps loggers that
+  repeat one message per event (asyncio's accept errors) to a few lines a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger(__name__)
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; returns the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:  # a container may forbid it: keep the soft limit, and say so
+            log.warning("could not raise the descriptor limit from %d to %d: %s", soft, target, e)
+    return soft
+
+
+def open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # not Linux: the connection cap alone applies
+        return None
+
+
+class ConnectionGuard:
+    """The open connections of one server, oldest first, and the limits they are held to."""
+
+    def __init__(self, max_connections: int, header_timeout_s: float, fd_limit: int | None = None,
+                 fd_reserve: int = 512):
+        if fd_limit is None:
+            import resource
+
+            fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd_limit, self.fd_reserve = fd_limit, fd_reserve
+        self.cap = max(1, min(max_connections, fd_limit - fd_reserve))
+        self.header_timeout_s = header_timeout_s
+        self.open: dict[GuardedH11Protocol, None] = {}  # insertion order: the oldest first
+        self.counts = {"shed": 0, "evicted": 0, "header_timeouts": 0}
+        self._fd_checked, self._fds_low = 0.0, False
+        self._reported, self._last_report = dict(self.counts), 0.0
+
+    def fds_low(self) -> bool:
+        """Whether the open descriptors are within fd_reserve of the limit. Counting them reads a directory as
+        long as the table, so it is done at most twice a second."""
+        now = time.monotonic()
+        if now - self._fd_checked >= 0.5:
+            self._fd_checked = now
+            n = open_fds()
+            self._fds_low = n is not None and n >= self.fd_limit - self.fd_reserve
+        return self._fds_low
+
+    def admit(self, conn: GuardedH11Protocol) -> bool:
+        """Register a new connection, first closing the oldest idle one if the server is at its cap or short of
+        descriptors. False: nothing could be closed, the caller closes ``conn``."""
+        if len(self.open) >= self.cap or self.fds_low():
+            # A connection that never completed a request (a slow client) goes before an idle keep-alive one.
+            victim = next((c for c in self.open if c.idle and not c.served), None) \
+                or next((c for c in self.open if c.idle), None)
+            if victim is None:
+                self.note("shed")
+                return False
+            self.forget(victim)
+            victim.transport.close()
+            self.note("evicted")
+        self.open[conn] = None
+        return True
+
+    def forget(self, conn: GuardedH11Protocol) -> None:
+        self.open.pop(conn, None)
+
+    def note(self, what: str) -> None:
+        """Count an event; a summary goes to the log at most every 10 s, however many there were."""
+        self.counts[what] += 1
+        now = time.monotonic()
+        if now - self._last_report >= 10.0:
+            delta = {k: v - self._reported[k] for k, v in self.counts.items() if v != self._reported[k]}
+            self._reported, self._last_report = dict(self.counts), now
+            log.warning("connection limits: %s in the last interval (%d open, cap %d; server.max_connections, "
+                        "server.header_timeout_s, server.fd_reserve)",
+                        ", ".join(f"{v} {k}" for k, v in delta.items()), len(self.open), self.cap)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a header timeout and the guard's connection cap (module docstring)."""
+
+    guard: ConnectionGuard  # set on the per-server subclass ``protocol_class`` makes
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self.served = False
+        if not self.guard.admit(self):
+            transport.abort()
+            return
+        self._watch_headers()
+
+    def connection_lost(self, exc) -> None:
+        self.guard.forget(self)
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_headers()
+
+    def on_response_complete(self) -> None:
+        self.served = True
+        super().on_response_complete()
+        self._watch_headers()
+
+    @property
+    def idle(self) -> bool:
+        """No request in progress: waiting for a request's headers (however many bytes of them came), idle
+        between requests, or answered while the rest of its unread body still comes in."""
+        answered = self.cycle is None or self.cycle.response_complete
+        return answered and self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
+
+    def _stalling(self) -> bool:
+        """Waiting for a request's headers, or for the rest of a body nobody reads any more (its response sent:
+        uvicorn reads and drops it, and each piece would restart the keep-alive timer)."""
+        if self.transport.is_closing():
+            return False
+        if self.conn.their_state is h11.IDLE:
+            return self.timeout_keep_alive_task is None  # a keep-alive wait (no byte yet) is uvicorn's to time
+        return self.conn.their_state is h11.SEND_BODY and self.cycle is not None and self.cycle.response_complete
+
+    def _watch_headers(self) -> None:
+        """Arm the timer while ``_stalling`` (on a new connection too); disarm it once the headers are in or the
+        dropped body is over."""
+        if not self._stalling():
+            self._cancel_header_timer()
+        elif self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.guard.header_timeout_s, self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self._stalling():
+            self.guard.note("header_timeouts")
+            self.guard.forget(self)
+            self.transport.close()
+
+
+def protocol_class(guard: ConnectionGuard) -> type[GuardedH11Protocol]:
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"guard": guard})
+
+
+# ---- ASGI side --------------------------------------------------------------------------------------------------
+class BodyTimeout(Exception):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BodyDeadline:
+    """ASGI middleware: the body's pieces must each come within ``idle_s``, the whole within ``total_s`` of the
+    first read; else ``BodyTimeout`` is raised from ``receive`` (``FaultBarrier`` answers 408)."""
+
+    def __init__(self, app, idle_s: float, total_s: float):
+        self.app, self.idle_s, self.total_s = app, idle_s, total_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = {"more": True, "deadline": None}
+
+        async def timed_receive():
+            if not state["more"]:
+                return await receive()
+            now = asyncio.get_running_loop().time()
+            if state["deadline"] is None:
+                state["deadline"] = now + self.total_s
+            wait = min(self.idle_s, state["deadline"] - now)
+            try:
+                message = await asyncio.wait_for(receive(), max(wait, 0.0))
+            except asyncio.TimeoutError:
+                if state["deadline"] - now <= self.idle_s:
+                    raise BodyTimeout(f"the request body did not arrive whole within {self.total_s:g} s "
+                                      f"(server.body_timeout_s)") from None
+                raise BodyTimeout(f"the request body stalled: no data for {self.idle_s:g} s "
+                                  f"(server.body_idle_timeout_s)") from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                state["more"] = False
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
+def _envelope(status: int, message: str, type_: str, code: str | None, close: bool = False) -> list[dict]:
+    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    return [{"type": "http.response.start", "status": status, "headers": headers},
+            {"type": "http.response.body", "body": body, "more_body": False}]
+
+
+class FaultBarrier:
+    """ASGI middleware (module docstring): what escapes the app becomes one log record and, when no response has
+    started, an answer in the envelope: 499 for a client gone mid-body, 408 for a body timeout, else 500."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.requests import ClientDisconnect
+
+        started = []
+
+        async def tracked(message):
+            if message["type"] == "http.response.start":
+                started.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+            return
+        except ClientDisconnect:
+            log.info("client disconnected before its request was read: %s %s", scope.get("method"),
+                     scope.get("path"))
+            answer = _envelope(499, "the client closed the connection", "invalid_request_error", "client_closed")
+        except BodyTimeout as e:
+            log.info("%s %s: %s", scope.get("method"), scope.get("path"), e.message)
+            answer = _envelope(408, e.message, "invalid_request_error", "request_timeout", close=True)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            answer = _envelope(500, "the server failed to handle this request; the cause is in its log",
+                               "server_error", None)
+        if started:
+            return  # the response is under way: the connection is closed by the server when the app returns
+        for message in answer:
+            await send(message)
+
+
+class RateLimitFilter(logging.Filter):
+    """Lets each distinct message template through at most ``per_s`` times a second; the first record after a
+    quiet spell says how many were dropped. For loggers that report every failed accept or callback."""
+
+    def __init__(self, per_s: float = 2.0, clock=time.monotonic):
+        super().__init__()
+        self.per_s, self.clock = per_s, clock
+        self._last: dict[str, float] = {}
+        self._dropped: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = f"{record.name}:{record.msg}"[:200]
+        now = self.clock()
+        if now - self._last.get(key, -1e9) < 1.0 / self.per_s:
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        if len(self._last) > 1000:  # bounded memory whatever the messages
+            self._last = {key: now}
+        dropped = self._dropped.pop(key, 0)
+        if dropped:
+            record.msg = f"{record.msg} ({dropped} more like this dropped)"
+        return True
+
+
+def install_log_limits(per_s: float = 2.0) -> None:
+    """Rate-limit the loggers that log once per failed accept, connection or callback."""
+    for name in ("asyncio", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RateLimitFilter) for f in logger.filters):
+            logger.addFilter(RateLimitFilter(per_s))
+
+
+def uvicorn_config(app, server_cfg, host: str, port: int, **kw):
+    """The ``uvicorn.Config`` for this service: the guarded protocol and the limits of ``server_cfg``
+    (a ``ServerConfig``). Raises the descriptor limit first, so the cap is computed from the raised one."""
+    import uvicorn
+
+    fd_limit = raise_fd_limit()
+    install_log_limits()
+    guard = ConnectionGuard(server_cfg.max_connections, server_cfg.header_timeout_s, fd_limit,
+                            server_cfg.fd_reserve)
+    config = uvicorn.Config(app, host=host, port=port, http=protocol_class(guard),
+                            timeout_keep_alive=server_cfg.keep_alive_s, backlog=server_cfg.backlog, **kw)
+    config.connection_guard = guard
+    return config

@@ -1,0 +1,71 @@
+"""The operator's endpoints beside the API: ``/metrics``, the generated API docs, and a key-free metrics listener.
+
+With API keys configured, ``/metrics``, ``/docs``, ``/redoc`` and ``/openapi.json`` need the key like ``/v1``
+(they describe the deployment: its queue, replicas, adapters and every route). Prometheus, which scrapes without
+headers more often than not, gets its own listener when ``server.metrics_port`` is set: ``GET /metrics`` only, on
+``server.metrics_host`` (loopback by default), no key. ``/healthz`` and ``/readyz`` stay open for load balancers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger(__name__)
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^/\s'\"]+){2,}/?")
+
+
+def without_host_paths(text: str | None) -> str | None:
+    """``text`` (a start-up error for /readyz) with absolute file paths cut to their last part: where the
+    deployment keeps its files is no client's business."""
+    if text is None:
+        return None
+    text = text[:2000]
+    return _PATH.sub(lambda m: ".../" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+
+def add_ops_routes(app: FastAPI, registry, denied, docs: bool) -> None:
+    """``denied(request)``: the 401 response for a request without a valid key, or None."""
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        if (refused := denied(request)) is not None:
+            return refused
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    if not docs:
+        return
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request):
+        if (refused := denied(request)) is not None:
+            return refused
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger(request: Request) -> HTMLResponse:
+        if (refused := denied(request)) is not None:
+            return refused
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        if (refused := denied(request)) is not None:
+            return refused
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+
+def start_metrics_listener(host: str, port: int, registry):
+    """The key-free ``/metrics`` listener (a thread); returns the server, whose ``shutdown()`` stops it."""
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    log.info("metrics without a key on http://%s:%d/metrics (server.metrics_port)", host,
+             server.server_address[1])
+    return server

@@ -1,0 +1,326 @@
+"""Request bodies and input images in the HTTP process, with memory bounded by configuration whatever the input.
+
+- ``read_body``: a body read chunk by chunk and abandoned at its limit (a chunked body too).
+- ``parse_json``: every decoding failure a 400.
+- ``ByteBudget`` (``limits.max_inflight_upload_bytes``): an edit's body reserves its bytes (Content-Length, or
+  ``limits.max_upload_bytes`` for a chunked one) before the first byte is read and holds them until its images
+  are decoded, first come first served; a body that cannot get room within ``limits.upload_wait_s`` is a 429.
+  Bytes not yet reserved stay in the client's socket (backpressure), not in this process.
+- ``stream_multipart``: an edit's multipart body parsed as it streams in, each part held to its limit while it
+  arrives (files ``limits.max_image_bytes``, text fields 1 MiB), so an oversized part is refused at the limit, not
+  after the whole body. As RFC 7578 has it, a part's ``filename`` is optional: the file fields (``image``,
+  ``image[]``, ``mask``, ``control_image``) are files by their name.
+- ``DecodeQueue`` (``limits.decode_pixel_budget``, ``limits.max_concurrent_image_decodes``): decoding is admitted
+  by input pixels (read from the images' headers), first come first served, except that a request that fits may
+  pass one that does not yet, up to one budget's worth of pixels per wait of the one passed (so a large request
+  is delayed by about one budget of decoding at most, and small ones are not held behind a row of large ones);
+  a request that waits longer than ``limits.decode_wait_s`` is a 429 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from contextlib import asynccontextmanager
+
+from .errors import InvalidRequestError, QueueFullError
+from .requests import shown
+
+FILE_FIELDS = ("image", "image[]", "mask", "control_image")
+MAX_FIELD_BYTES = 1024 * 1024
+MAX_FIELDS = 64
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class PayloadTooLarge(InvalidRequestError):
+    """A body or one of its parts is over its limit (HTTP 413); ``param`` names the part."""
+
+    http_status = 413
+
+
+async def limited(stream, limit: int):
+    """``stream``'s chunks, raising BodyTooLarge once more than ``limit`` bytes have come."""
+    seen = 0
+    async for chunk in stream:
+        seen += len(chunk)
+        if seen > limit:
+            raise BodyTooLarge()
+        yield chunk
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, read chunk by chunk and abandoned at ``limit`` bytes: a chunked body (no
+    Content-Length) is never held whole past the limit."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge()
+    return bytes(body)
+
+
+def _no_constant(name: str):
+    raise InvalidRequestError(f"request body is not valid JSON: {name} is not a JSON value")
+
+
+def parse_json(body: bytes):
+    """Decode a request body, every failure a 400: syntax, encoding, nesting too deep for the decoder, numbers
+    with more digits than Python converts, NaN/Infinity (not JSON)."""
+    if not body.strip():
+        raise InvalidRequestError("request body is empty; send a JSON object")
+    try:
+        return json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidRequestError("request body is nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})")\
+            from None
+    except UnicodeDecodeError:
+        raise InvalidRequestError("request body is not valid JSON: it is not UTF-8 text") from None
+    except ValueError as e:  # int(): "Exceeds the limit (4300 digits) for integer string conversion"
+        if "digits" in str(e):
+            raise InvalidRequestError("request body is not valid JSON here: a number has too many digits") from None
+        raise InvalidRequestError("request body is not valid JSON") from None
+
+
+# ---- in-flight bounds ----------------------------------------------------------------------------------------
+class _FifoBudget:
+    """A counted semaphore whose waiters are served in arrival order; ``_pass_ok`` lets a subclass admit a later
+    waiter past a head that does not fit."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self.running = 0
+        self._waiters: deque[list] = deque()  # [cost, future]
+
+    def _fits(self, cost: int) -> bool:
+        return self.used + cost <= self.capacity
+
+    def _pass_ok(self, cost: int) -> bool:
+        return False
+
+    def _on_head_admitted(self) -> None:
+        pass
+
+    def _grant(self, cost: int) -> None:
+        self.used += cost
+        self.running += 1
+
+    def _wake(self) -> None:
+        while self._waiters and self._fits(self._waiters[0][0]):
+            cost, fut = self._waiters.popleft()
+            if not fut.done():
+                self._grant(cost)
+                fut.set_result(None)
+                self._on_head_admitted()
+        for w in list(self._waiters)[1:]:
+            if self._fits(w[0]) and self._pass_ok(w[0]):
+                self._waiters.remove(w)
+                if not w[1].done():
+                    self._grant(w[0])
+                    w[1].set_result(None)
+
+    async def acquire(self, cost: int, timeout_s: float) -> bool:
+        """Take ``cost`` (at most the capacity: a larger request runs alone); False after ``timeout_s``."""
+        cost = max(1, min(cost, self.capacity))
+        if (not self._waiters and self._fits(cost)) or (self._waiters and self._fits(cost) and self._pass_ok(cost)):
+            self._grant(cost)
+            return True
+        fut = asyncio.get_running_loop().create_future()
+        entry = [cost, fut]
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return self._withdraw(entry)
+        except asyncio.CancelledError:
+            if not self._withdraw(entry):
+                raise
+            self.release(cost)
+            raise
+
+    def _withdraw(self, entry) -> bool:
+        """Leave the queue; True when the grant came first (the caller holds it)."""
+        if entry[1].done():
+            return True
+        entry[1].cancel()
+        try:
+            self._waiters.remove(entry)
+        except ValueError:
+            pass
+        self._wake()
+        return False
+
+    def release(self, cost: int) -> None:
+        cost = max(1, min(cost, self.capacity))
+        self.used -= cost
+        self.running -= 1
+        self._wake()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+
+class ByteBudget(_FifoBudget):
+    """Bytes of request bodies in flight (module docstring): ``acquire`` before reading, ``release`` after the
+    images are decoded."""
+
+
+class DecodeQueue(_FifoBudget):
+    """Input pixels being decoded, and decodes running (module docstring)."""
+
+    def __init__(self, pixel_budget: int, max_concurrent: int):
+        super().__init__(pixel_budget)
+        self.max_concurrent = max_concurrent
+        self._passed = 0  # pixels admitted past the current head
+
+    def _fits(self, cost: int) -> bool:
+        return self.running < self.max_concurrent and self.used + cost <= self.capacity
+
+    def _pass_ok(self, cost: int) -> bool:
+        if self._passed + cost > self.capacity:
+            return False
+        self._passed += cost
+        return True
+
+    def _on_head_admitted(self) -> None:
+        self._passed = 0
+
+    @asynccontextmanager
+    async def slot(self, pixels: int, timeout_s: float):
+        if not await self.acquire(pixels, timeout_s):
+            raise QueueFullError(f"the image decoders are busy: this request waited {timeout_s:g} s "
+                                 f"(limits.decode_wait_s) for {min(pixels, self.capacity)} pixels of "
+                                 f"limits.decode_pixel_budget = {self.capacity}; retry shortly",
+                                 retry_after_s=max(1.0, timeout_s / 2))
+        try:
+            yield
+        finally:
+            self.release(pixels)
+
+
+# ---- multipart ---------------------------------------------------------------------------------------------------
+async def stream_multipart(headers, stream, max_image_bytes: int, max_files: int) -> tuple[dict, dict]:
+    """An edit's multipart body, parsed as ``stream`` yields it -> (text fields, ``{"image": [bytes, ...], "mask":
+    bytes | None}``, plus ``control_image`` when sent). ``image`` and ``image[]`` (the official client's name for
+    an array) both collect into ``image``. Every refusal an InvalidRequestError naming the part (413 for a part over
+    its limit, raised as soon as it passes it)."""
+    from python_multipart import MultipartParser
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import parse_options_header
+
+    ctype = headers.get("content-type", "")
+    if not ctype.lower().startswith("multipart/form-data"):
+        raise InvalidRequestError("send the edit as multipart/form-data with the image file(s) in `image`, or as "
+                                  "application/json with `images` as data: URLs", param="image")
+    _, params = parse_options_header(ctype)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise InvalidRequestError("the multipart body cannot be read: its Content-Type has no boundary")
+    charset = params.get(b"charset", b"utf-8").decode("latin-1")
+    try:
+        "".encode(charset)
+    except LookupError:
+        charset = "latin-1"
+
+    fields: dict = {}
+    files: dict = {"image": [], "mask": None}
+    counts = {"files": 0, "fields": 0}
+    part: dict = {}
+
+    def on_part_begin():
+        part.clear()
+        part.update(headers=[], name=None, file=False, data=[], size=0, header_name=b"", header_value=b"")
+
+    def on_header_field(data, start, end):
+        part["header_name"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        part["header_value"] += data[start:end]
+
+    def on_header_end():
+        part["headers"].append((part["header_name"].lower(), part["header_value"]))
+        part["header_name"], part["header_value"] = b"", b""
+
+    def on_headers_finished():
+        disposition = next((v for k, v in part["headers"] if k == b"content-disposition"), b"")
+        _, options = parse_options_header(disposition)
+        if b"name" not in options:
+            raise InvalidRequestError("the multipart body cannot be read: a part's Content-Disposition has no "
+                                      "name")
+        name = options[b"name"].decode(charset, errors="replace")
+        part["name"] = name
+        part["file"] = name in FILE_FIELDS or b"filename" in options
+        if part["file"]:
+            counts["files"] += 1
+            if counts["files"] > max_files:
+                raise InvalidRequestError(f"Too many files: at most {max_files} (16 images, a mask and a control "
+                                          f"image)", param=_param(name))
+        else:
+            counts["fields"] += 1
+            if counts["fields"] > MAX_FIELDS:
+                raise InvalidRequestError(f"too many fields: at most {MAX_FIELDS}", param=_param(name))
+
+    def on_part_data(data, start, end):
+        part["size"] += end - start
+        limit = max_image_bytes if part["file"] else MAX_FIELD_BYTES
+        if part["size"] > limit:
+            name = _param(part["name"])
+            what = "limits.max_image_bytes" if part["file"] else "the limit on a text field"
+            raise PayloadTooLarge(f"{shown(name, 40)} is larger than {limit} bytes ({what})", param=name)
+        part["data"].append(data[start:end])
+
+    def on_part_end():
+        name = part["name"]
+        key = "image" if name == "image[]" else name
+        data = b"".join(part["data"])
+        part["data"] = []
+        if not part["file"]:
+            if key in fields:
+                raise InvalidRequestError(f"{shown(key, 40)} is sent more than once", param=key)
+            fields[key] = data.decode(charset, errors="replace")
+        elif key == "image":
+            files["image"].append(data)
+        elif key == "mask":
+            if files["mask"] is not None:
+                raise InvalidRequestError("mask is sent more than once; send one mask", param="mask")
+            files["mask"] = data
+        elif key in files:
+            raise InvalidRequestError(f"{shown(key, 40)} is sent more than once", param=key)
+        else:
+            files[key] = data
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
+        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished})
+    try:
+        async for chunk in stream:
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError:
+        raise InvalidRequestError("the multipart body cannot be read: it is not valid multipart/form-data") \
+            from None
+    return fields, files
+
+
+def _param(name: str | None) -> str:
+    return "image" if name in ("image[]", None) else shown(name, 40).strip("'\"")
+
+
+async def _once(body: bytes):
+    yield body
+
+
+async def parse_multipart(headers, body: bytes, max_image_bytes: int = 1 << 40) -> tuple[dict, dict]:
+    """``stream_multipart`` of a body already in memory (the Python API and tests)."""
+    from .image_input import MAX_IMAGES
+
+    return await stream_multipart(headers, _once(body), max_image_bytes, MAX_IMAGES + 2)
