@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from placement.planner import COMPONENTS  # defined once, in the pure planner
 
 from .errors import ConfigError
+from .jobs_config import BatchesConfig, OutputsConfig
 from .messages import JoinPolicy
 
 DEFAULT_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
@@ -541,6 +542,8 @@ class Config(_Strict):
     defaults: RequestDefaults = Field(default_factory=RequestDefaults)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    batches: BatchesConfig = Field(default_factory=BatchesConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

@@ -26,6 +26,11 @@ Policy:
 - Waiting work is shared among the free replicas: 4 requests and 2 free replicas make two batches of 2, not
   one of 4 and an idle replica (batching buys a GPU little; a second replica halves the latency).
 - Replicas are taken least-outstanding first, then longest-idle first, so load spreads evenly.
+- Priority (``ImageRequest.priority``: interactive before batch jobs): requests of different priorities never
+  share a batch (an interactive request would run as slowly as a full batch), groups are taken in priority order,
+  and a free replica that could serve interactive work which is not ready yet is held for it rather than given a
+  batch job's work that would then run ahead of it (one replica per waiting group; the others stay busy). So a
+  batch job fills only the capacity interactive traffic leaves.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ class BatchScheduler:
         self.max_adapters = max_adapters
         self.max_wait_s = max_wait_s
         self.queue_limit = queue_limit
-        self._groups: OrderedDict[BatchKey, deque[Pending]] = OrderedDict()
+        self._groups: OrderedDict[tuple[BatchKey, int], deque[Pending]] = OrderedDict()
         self._size = 0
 
     def __len__(self) -> int:
@@ -90,9 +95,9 @@ class BatchScheduler:
                 f"the queue is full ({self._size} requests waiting, router.queue_limit={self.queue_limit}); "
                 f"retry later",
             )
-        group = self._groups.get(p.request.key)
+        group = self._groups.get(_group(p.request))
         if group is None:
-            group = self._groups[p.request.key] = deque()
+            group = self._groups[_group(p.request)] = deque()
         if front:
             group.appendleft(p)
         else:
@@ -113,7 +118,7 @@ class BatchScheduler:
             )
 
     def remove(self, p: Pending) -> bool:
-        group = self._groups.get(p.request.key)
+        group = self._groups.get(_group(p.request))
         if group is None:
             return False
         try:
@@ -122,7 +127,7 @@ class BatchScheduler:
             return False
         self._size -= 1
         if not group:
-            del self._groups[p.request.key]
+            del self._groups[_group(p.request)]
         return True
 
     def expire(self, now: float) -> list[Pending]:
@@ -133,8 +138,8 @@ class BatchScheduler:
         return gone
 
     # ---- decisions -------------------------------------------------------------------------------------
-    def _ordered_groups(self) -> list[tuple[BatchKey, deque[Pending]]]:
-        return sorted(self._groups.items(), key=lambda kv: kv[1][0].enqueued_at)
+    def _ordered_groups(self) -> list[tuple[tuple[BatchKey, int], deque[Pending]]]:
+        return sorted(self._groups.items(), key=lambda kv: (kv[0][1], kv[1][0].enqueued_at))
 
     def _fill(self, fitting: list[Pending], replica: ReplicaCapacity, limit: int) -> list[Pending]:
         """The requests of ``fitting`` (a group's requests ``replica`` admits) a batch for it takes: in arrival
@@ -165,9 +170,13 @@ class BatchScheduler:
         """Form batches for the free replicas (least outstanding first, ties by id). Returns
         ``[(replica_id, requests)]`` and removes those requests from the queue."""
         decisions = []
+        held: set = set()  # groups not ready yet that a free replica is kept for (see Priority above)
         order = sorted(free, key=lambda r: (r.outstanding, r.last_used, r.replica_id))
         for n, replica in enumerate(order):
+            holding = None
             for key, group in self._ordered_groups():
+                if holding is not None and key[1] > holding:
+                    break  # this replica waits for the higher-priority group
                 fitting = [p for p in group if self.admits(replica, p.request)]
                 if not fitting:
                     continue
@@ -183,6 +192,9 @@ class BatchScheduler:
                         del self._groups[key]
                     decisions.append((replica.replica_id, taken))
                     break
+                if key not in held and any(k[1] > key[1] for k in self._groups):
+                    held.add(key)
+                    holding = key[1]
         return decisions
 
     def admits(self, replica: ReplicaCapacity, request: ImageRequest) -> bool:
@@ -197,7 +209,7 @@ class BatchScheduler:
     def oldest(self) -> Pending | None:
         """The request that has waited longest (step-level batching lets it block newer ones that would fit)."""
         heads = [g[0] for g in self._groups.values()]
-        return min(heads, key=lambda p: p.enqueued_at) if heads else None
+        return min(heads, key=lambda p: (p.request.priority, p.enqueued_at)) if heads else None
 
     @staticmethod
     def _takes_partial(replica: ReplicaCapacity, now: float) -> bool:
@@ -216,3 +228,8 @@ class BatchScheduler:
                         ready = max(ready, r.partial_after)
                     times.append(ready)
         return min(times) if times else None
+
+
+def _group(request: ImageRequest) -> tuple[BatchKey, int]:
+    """Requests that may share a batch: the same key and the same priority."""
+    return request.key, request.priority

@@ -56,8 +56,10 @@ from .images_api import (
 )
 from .messages import FailureKind, ImageRequest, ImageResult, StepProgress, failure
 from .metrics import PrometheusObserver
+from .outputs import b64_text, include_job_routes, render, storage_failed_body
 from .request_id import RequestIdMiddleware
 from .requests import parse_lora_registration, shown
+from .storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +264,10 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.begin()
+        app.state.jobs.begin()
         yield
         log.info("shutting down: draining in-flight requests")
+        await app.state.jobs.stop()
         await service.stop()
 
     docs = config.server.docs
@@ -271,6 +275,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
                   openapi_url="/openapi.json" if docs else None)
     app.state.service = service
+    include_job_routes(app, service)  # signed image links, files, batch jobs (outputs.py, batch_api.py)
     app.add_middleware(ResponseCounter, observer=service.observer)
     app.add_middleware(RequestIdMiddleware)  # X-Request-ID on every response and log line (request_id.py)
     limits = config.limits
@@ -430,7 +435,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             log.info("request %s: user=%s safety_identifier=%s", call.requests[0].request_id,
                      shown(call.user), shown(call.safety_identifier))
         if call.stream:
-            stream = _Stream(call)
+            stream = _Stream(call, partial(render, request, call))
             try:  # admission before the stream starts: a refusal is a plain HTTP status, for all n or none
                 waiters = dep.admit(call.requests, on_progress=stream.listeners)
             except ZImageError as e:
@@ -567,18 +572,15 @@ async def _generate(request: Request, call: ImageCall, waiters: list[Awaitable[I
         if not o.ok:
             return _from_result(o)
     loop = asyncio.get_running_loop()
-    b64 = await asyncio.gather(*(loop.run_in_executor(None, _b64, o.image, call) for o in outcomes))
+    try:
+        b64 = await asyncio.gather(*(render(request, call, o) for o in outcomes))
+    except StorageError as e:
+        return _JSON(storage_failed_body(e), status_code=e.http_status)
     # The body (megabytes of base64 per image) is serialized off the event loop too: the router's dispatch loop
     # shares this loop, and a batch's worth of responses rendered on it would delay the next dispatch.
     body = await loop.run_in_executor(None, _JSON(None).render, images_response(call, outcomes, b64,
                                                                                int(time.time())))
     return Response(body, media_type="application/json")
-
-
-def _b64(image, call: ImageCall) -> str:
-    """Runs in a worker thread: zlib and libjpeg/libwebp release the GIL, so images encode in parallel off the
-    event loop; the base64 text is made there too."""
-    return base64.b64encode(encode_image(image, call.output_format, call.output_compression)).decode()
 
 
 def _sse(event: str, data: dict) -> bytes:
@@ -595,8 +597,9 @@ def _sse_comment(data: dict) -> bytes:
 class _Stream:
     """One streaming call: per-request progress listeners feed a queue that ``events`` turns into SSE bytes."""
 
-    def __init__(self, call: ImageCall):
+    def __init__(self, call: ImageCall, render: Callable[[ImageResult], Awaitable[str]]):
         self.call = call
+        self.render = render
         self.queue: asyncio.Queue = asyncio.Queue()
         self.listeners = [self._listener(i, r) for i, r in enumerate(call.requests)]
 
@@ -617,7 +620,11 @@ class _Stream:
             self.queue.put_nowait(_sse("error", error_body(e.message, e.error_type, e.param)))
             return
         if r.ok:
-            b64 = await asyncio.get_running_loop().run_in_executor(None, _b64, r.image, self.call)
+            try:
+                b64 = await self.render(r)
+            except StorageError as e:
+                self.queue.put_nowait(_sse("error", {**storage_failed_body(e), "index": index}))
+                return
             self.queue.put_nowait(_sse("image_generation.completed",
                                        completed_event(self.call, index, r, b64, int(time.time()))))
         else:
@@ -637,7 +644,7 @@ class _Stream:
                 item = getter.result()
                 if isinstance(item, tuple):  # a preview: encoded here, in order, before its image's completion
                     index, req, k, image = item
-                    b64 = await asyncio.get_running_loop().run_in_executor(None, _b64, image, self.call)
+                    b64 = await asyncio.get_running_loop().run_in_executor(None, b64_text, image, self.call)
                     item = _sse("image_generation.partial_image",
                                 partial_image_event(self.call, index, req, k, b64, int(time.time())))
                 yield item
