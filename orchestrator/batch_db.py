@@ -29,6 +29,11 @@ CREATE INDEX IF NOT EXISTS items_by_line ON items (batch_id, line);
 """
 
 
+def dumps(obj) -> str:
+    """One output line's JSON text (compact; non-ASCII kept as is, as JSONL files usually hold it)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
 class JobDB:
     """One SQLite file. Calls come from one event loop (a lock guards the rare call from a worker thread);
     ``record`` does not commit: the caller commits a group of records with ``commit``."""
@@ -89,8 +94,7 @@ class JobDB:
                record: dict) -> None:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (batch_id, custom_id, line, int(ok), int(retryable), latency_s,
-                              json.dumps(record, ensure_ascii=False, separators=(",", ":"))))
+                             (batch_id, custom_id, line, int(ok), int(retryable), latency_s, dumps(record)))
 
     def commit(self) -> None:
         with self._lock:

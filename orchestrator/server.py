@@ -23,7 +23,6 @@ SIGTERM stops accepting connections, lets the requests in flight finish, then sh
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextvars
 import hmac
 import json
@@ -47,7 +46,6 @@ from .errors import InvalidRequestError, QueueFullError, ZImageError
 from .images_api import (
     ImageCall,
     completed_event,
-    encode_image,
     images_response,
     parse_edit,
     parse_generation,
