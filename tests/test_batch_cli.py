@@ -46,9 +46,10 @@ def test_malformed_files_are_refused_naming_the_line(lines, fragment):
 
 async def test_a_bad_line_fails_alone_and_a_rerun_skips_what_is_done(tmp_path):
     src = tmp_path / "in.jsonl"
-    src.write_text("\n".join([line("ok-1", prompt="one", seed=1), line("bad-size", prompt="two", size="100x64"),
-                              line("two-images", prompt="three", n=2, seed=5), line("stream", prompt="four", stream=True),
-                              line("replica-fails", prompt="boom")]) + "\n")
+    src.write_text("\n".join([
+        line("ok-1", prompt="one", seed=1), line("bad-size", prompt="two", size="100x64"),
+        line("two-images", prompt="three", n=2, seed=5), line("stream", prompt="four", stream=True),
+        line("replica-fails", prompt="boom")]) + "\n")
     cfg = tiny_config(tmp_path)
     backend = TimedBackend(2)
 
