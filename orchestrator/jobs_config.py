@@ -86,6 +86,16 @@ class BatchesConfig(_Strict):
         default=200 * 1024 * 1024, ge=1024, le=10 * 1024**3,
         description="Largest file accepted by POST /v1/files (OpenAI's limit for batch input is 200 MB).",
     )
+    reserve_replicas: int = Field(
+        default=1, ge=0, le=1024,
+        description="While interactive requests keep coming (within reserve_s), batch-job work leaves this many "
+        "replicas idle for them (never the last one), so they find a replica free instead of waiting behind a "
+        "batch job's batch, which cannot be preempted. 0: the job takes every replica interactive work leaves.",
+    )
+    reserve_s: float = Field(
+        default=10.0, ge=0, le=86_400,
+        description="How long after the last interactive request the reserve holds; then a job uses every replica.",
+    )
     max_inflight: int | None = Field(
         default=None, ge=1, le=100_000,
         description="Images a job keeps queued or running at once. None: one full batch per replica for a "

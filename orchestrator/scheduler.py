@@ -29,8 +29,10 @@ Policy:
 - Priority (``ImageRequest.priority``: interactive before batch jobs): requests of different priorities never
   share a batch (an interactive request would run as slowly as a full batch), groups are taken in priority order,
   and a free replica that could serve interactive work which is not ready yet is held for it rather than given a
-  batch job's work that would then run ahead of it (one replica per waiting group; the others stay busy). So a
-  batch job fills only the capacity interactive traffic leaves.
+  batch job's work that would then run ahead of it (one replica per waiting group; the others stay busy). With a
+  ``reserve`` (the router's, while interactive traffic is about), batch-job work also leaves that many replicas
+  idle, so an interactive request finds a replica free instead of waiting for a batch job's batch to end (a
+  running batch cannot be preempted). So a batch job fills only the capacity interactive traffic leaves.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CapacityError, QueueFullError
-from .messages import BatchKey, ImageRequest
+from .messages import INTERACTIVE, BatchKey, ImageRequest
 
 
 @dataclass(frozen=True)
@@ -166,17 +168,21 @@ class BatchScheduler:
             adapters = names
         return taken
 
-    def schedule(self, now: float, free: list[ReplicaCapacity]) -> list[tuple[str, list[Pending]]]:
+    def schedule(self, now: float, free: list[ReplicaCapacity], reserve: int = 0) -> list[tuple[str, list[Pending]]]:
         """Form batches for the free replicas (least outstanding first, ties by id). Returns
-        ``[(replica_id, requests)]`` and removes those requests from the queue."""
+        ``[(replica_id, requests)]`` and removes those requests from the queue. ``reserve``: idle replicas that
+        batch-job work must leave idle (see Priority above)."""
         decisions = []
         held: set = set()  # groups not ready yet that a free replica is kept for (see Priority above)
         order = sorted(free, key=lambda r: (r.outstanding, r.last_used, r.replica_id))
+        idle = sum(1 for r in order if r.outstanding == 0)
         for n, replica in enumerate(order):
             holding = None
             for key, group in self._ordered_groups():
                 if holding is not None and key[1] > holding:
                     break  # this replica waits for the higher-priority group
+                if key[1] > INTERACTIVE and replica.outstanding == 0 and idle <= reserve:
+                    break  # kept idle for interactive requests (batch-job groups come last in the order)
                 fitting = [p for p in group if self.admits(replica, p.request)]
                 if not fitting:
                     continue
@@ -191,6 +197,7 @@ class BatchScheduler:
                     if not group:
                         del self._groups[key]
                     decisions.append((replica.replica_id, taken))
+                    idle -= replica.outstanding == 0
                     break
                 if key not in held and any(k[1] > key[1] for k in self._groups):
                     held.add(key)
@@ -215,17 +222,27 @@ class BatchScheduler:
     def _takes_partial(replica: ReplicaCapacity, now: float) -> bool:
         return replica.outstanding == 0 or replica.partial_after is None or now >= replica.partial_after
 
-    def next_deadline(self, free: list[ReplicaCapacity]) -> float | None:
+    def next_deadline(self, free: list[ReplicaCapacity], reserve: int = 0,
+                      reserve_until: float | None = None) -> float | None:
         """When the earliest group becomes ready for one of ``free`` (max wait elapses, and a busy replica's
-        work nears its end), or the earliest request times out; None when nothing is queued."""
+        work nears its end), or the earliest request times out; None when nothing is queued. Batch-job work held
+        back by priority counts from when it may go: once the interactive work ahead of it is ready (its own time
+        is in the list), or once the ``reserve`` lapses (``reserve_until``)."""
         times = [p.deadline for g in self._groups.values() for p in g]
+        idle = sum(1 for r in free if r.outstanding == 0)
+        interactive = any(key[1] == INTERACTIVE for key in self._groups)
         for r in free:
-            for g in self._groups.values():
+            for key, g in self._groups.items():
                 head = next((q for q in g if self.admits(r, q.request)), None)
                 if head is not None:
                     ready = head.enqueued_at + self.max_wait_s
                     if r.outstanding and r.partial_after is not None:
                         ready = max(ready, r.partial_after)
+                    if key[1] > INTERACTIVE:
+                        if interactive:
+                            continue
+                        if r.outstanding == 0 and idle <= reserve and reserve_until is not None:
+                            ready = max(ready, reserve_until)
                     times.append(ready)
         return min(times) if times else None
 
