@@ -92,9 +92,16 @@ class BatchesConfig(_Strict):
         "replicas idle for them (never the last one), so they find a replica free instead of waiting behind a "
         "batch job's batch, which cannot be preempted. 0: the job takes every replica interactive work leaves.",
     )
+    reserve_batch_size: int | None = Field(
+        default=1, ge=1, le=256,
+        description="While the reserve holds, a batch job's batches take at most this many images, so the one an "
+        "interactive request finds running ends soon (it waits router.max_wait_ms for batch-mates anyway). None: "
+        "router.max_batch_size (more job throughput, more interactive latency).",
+    )
     reserve_s: float = Field(
         default=10.0, ge=0, le=86_400,
-        description="How long after the last interactive request the reserve holds; then a job uses every replica.",
+        description="How long after the last interactive request the reserve holds; then a job uses every replica "
+        "in full batches.",
     )
     max_inflight: int | None = Field(
         default=None, ge=1, le=100_000,

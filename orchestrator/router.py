@@ -186,7 +186,7 @@ class Router:
         observer: RouterObserver | None = None,
         max_inflight_batches: int = 1,
         max_batch_adapters: int | None = None,
-        interactive_reserve: tuple[int, float] = (0, 0.0),
+        interactive_reserve: tuple[int, float, int | None] = (0, 0.0, None),
     ):
         self.pool = pool
         self.config = config
@@ -213,8 +213,9 @@ class Router:
         self._inflight_adapters: dict[str, Counter] = {}  # replica_id -> LoRA adapter -> dispatched requests naming it
         self._where: dict[str, str] = {}  # request_id -> replica_id, while dispatched
         self._loop_steps: dict[str, int] = {}  # replica_id -> latest loop step seen (metrics count each once)
-        # (replicas, seconds): while an interactive request arrived within the last `seconds`, batch-job work leaves
-        # this many replicas idle for interactive requests (scheduler.py, Priority); never the last live replica
+        # (replicas, seconds, batch): while an interactive request arrived within the last `seconds`, batch-job work
+        # leaves this many replicas idle for interactive requests (never the last live replica) and runs in batches
+        # of at most `batch` images (None: max_batch_size) (scheduler.py, Priority)
         self.interactive_reserve = interactive_reserve
         self._last_interactive = float("-inf")
 
@@ -341,7 +342,7 @@ class Router:
                 # that keeps several in flight may take another at once.
                 while True:
                     free = self._free()
-                    if not (decisions := self.scheduler.schedule(now, free, self._reserve(now))):
+                    if not (decisions := self.scheduler.schedule(now, free, *self._reserve(now))):
                         break  # nothing dispatched: ``free`` is still who is free
                     for replica_id, pendings in decisions:
                         self._dispatch(replica_id, pendings, now)
@@ -594,15 +595,16 @@ class Router:
             log.info("request %s: asked replica %s to drop it from its step loop", p.request.request_id,
                      replica_id)
 
-    def _reserve(self, now: float) -> int:
-        replicas, seconds = self.interactive_reserve
-        if not replicas or now - self._last_interactive > seconds:
-            return 0
-        return min(replicas, len(self.pool.live()) - 1)
+    def _reserve(self, now: float) -> tuple[int, int | None]:
+        """(idle replicas batch-job work leaves, its largest batch) now."""
+        replicas, seconds, batch = self.interactive_reserve
+        if now - self._last_interactive > seconds:
+            return 0, None
+        return min(replicas, len(self.pool.live()) - 1), batch
 
     def _next_deadline(self, free: list[ReplicaCapacity], now: float) -> float | None:
         times = [p.deadline for p in self._running.values()]
-        reserve = self._reserve(now)
+        reserve = self._reserve(now)[0]
         d = self.scheduler.next_deadline(free, reserve, self._last_interactive + self.interactive_reserve[1] + 1e-3
                                          if reserve else None)
         if d is not None:

@@ -32,7 +32,9 @@ Policy:
   batch job's work that would then run ahead of it (one replica per waiting group; the others stay busy). With a
   ``reserve`` (the router's, while interactive traffic is about), batch-job work also leaves that many replicas
   idle, so an interactive request finds a replica free instead of waiting for a batch job's batch to end (a
-  running batch cannot be preempted). So a batch job fills only the capacity interactive traffic leaves.
+  running batch cannot be preempted), and batch-job batches hold at most ``background_max_batch`` images, so one
+  that is running ends soon (an interactive request waits up to max_wait for batch-mates anyway). So a batch job
+  fills only the capacity interactive traffic leaves.
 """
 
 from __future__ import annotations
@@ -168,10 +170,12 @@ class BatchScheduler:
             adapters = names
         return taken
 
-    def schedule(self, now: float, free: list[ReplicaCapacity], reserve: int = 0) -> list[tuple[str, list[Pending]]]:
+    def schedule(self, now: float, free: list[ReplicaCapacity], reserve: int = 0,
+                 background_max_batch: int | None = None) -> list[tuple[str, list[Pending]]]:
         """Form batches for the free replicas (least outstanding first, ties by id). Returns
         ``[(replica_id, requests)]`` and removes those requests from the queue. ``reserve``: idle replicas that
-        batch-job work must leave idle (see Priority above)."""
+        batch-job work must leave idle; ``background_max_batch``: the most images in a batch-job batch (see
+        Priority above)."""
         decisions = []
         held: set = set()  # groups not ready yet that a free replica is kept for (see Priority above)
         order = sorted(free, key=lambda r: (r.outstanding, r.last_used, r.replica_id))
@@ -186,11 +190,14 @@ class BatchScheduler:
                 fitting = [p for p in group if self.admits(replica, p.request)]
                 if not fitting:
                     continue
-                full = self._fill(fitting, replica, self.max_batch_size)
+                limit = self.max_batch_size
+                if key[1] > INTERACTIVE and background_max_batch is not None:
+                    limit = min(limit, background_max_batch)
+                full = self._fill(fitting, replica, limit)
                 waited = now - fitting[0].enqueued_at >= self.max_wait_s and self._takes_partial(replica, now)
-                if len(full) < len(fitting) or len(full) >= self.max_batch_size or waited:
+                if len(full) < len(fitting) or len(full) >= limit or waited:
                     sharing = sum(1 for r in order[n:] if self.admits(r, fitting[0].request))
-                    taken = self._fill(fitting, replica, min(self.max_batch_size, -(-len(fitting) // sharing)))
+                    taken = self._fill(fitting, replica, min(limit, -(-len(fitting) // sharing)))
                     for p in taken:
                         group.remove(p)
                     self._size -= len(taken)

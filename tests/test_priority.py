@@ -70,7 +70,7 @@ async def test_router_reserve_follows_interactive_traffic_and_lapses():
     clock = ManualClock()
     a, b = FakeReplica("a", manual=True), FakeReplica("b", manual=True)
     router = Router(FakePool(a, b), RouterConfig(max_batch_size=2, max_wait_ms=0, queue_limit=100),
-                    clock=clock, interactive_reserve=(1, 5.0))
+                    clock=clock, interactive_reserve=(1, 5.0, None))
     calls = 0
     schedule = router.scheduler.schedule
 
