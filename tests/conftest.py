@@ -40,6 +40,8 @@ def tiny_config(cache: Path, **sections):
         "router": {"max_batch_size": 4, "max_wait_ms": 30, "request_timeout_s": 120},
         "defaults": {"width": 64, "height": 64, "num_inference_steps": 3},
         "cluster": {"gpu_memory_gib": 24},
+        "outputs": {"directory": str(cache / "outputs")},  # url responses and jobs write under the test's directory
+        "batches": {"directory": str(cache / "batches")},
     }
     for k, v in sections.items():
         base[k] = {**base.get(k, {}), **v}
