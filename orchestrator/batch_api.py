@@ -192,8 +192,8 @@ class JobService:
     async def _work(self) -> None:
         while True:
             self._wake.clear()
-            if self.service.accepting:
-                todo = [b for b in self.db.batches() if b["status"] in ACTIVE] if self._has_jobs() else []
+            if self._has_jobs() and self.service.accepting:
+                todo = [b for b in self.db.batches() if b["status"] in ACTIVE]
                 if todo:
                     b = min(todo, key=lambda x: (x["created_at"], x["id"]))
                     try:
