@@ -59,7 +59,7 @@ class JobDB:
     # ---- files -------------------------------------------------------------------------------------------
     def add_file(self, obj: dict, path: Path) -> None:
         with self._lock:
-            self._db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)",
+            self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
                              (obj["id"], obj["filename"], obj["purpose"], obj["bytes"], obj["created_at"], str(path)))
             self._db.commit()
 
