@@ -80,6 +80,25 @@ class ServerThread:
         return self
 
 
+@pytest.fixture
+def moto_s3(monkeypatch):
+    """A real S3 protocol server (moto's standalone one) on loopback with a bucket named images; its URL."""
+    server_mod = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    pytest.importorskip("boto3")
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="images")
+    yield endpoint
+    server.stop()
+
+
 @contextlib.asynccontextmanager
 async def injected(dep, kind, **kw):
     """Inject a fault into every replica of a deployment for the duration of the block."""

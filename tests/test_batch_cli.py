@@ -141,3 +141,21 @@ def test_cli_entry_point_refuses_a_bad_file_naming_the_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "batch", str(src), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert r.returncode == 2 and "line 2: custom_id 'a' is already used on line 1" in r.stderr
+
+
+async def test_images_and_output_go_to_s3(tmp_path, moto_s3):
+    import boto3
+
+    src = write_job(tmp_path / "in.jsonl", 6)
+    cfg = tiny_config(tmp_path, outputs={"s3": {"bucket": "images", "endpoint_url": moto_s3, "region": "us-east-1",
+                                                "addressing_style": "path"}})
+    s = await run_job(cfg, src, "s3://images/run1", state=tmp_path / "state",
+                      deployment_factory=factory(TimedBackend(2)), progress=False)
+    assert (s["done"], s["output"]) == (6, "s3://images/run1/output.jsonl")
+    s3 = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
+    out = [json.loads(x) for x in s3.get_object(Bucket="images", Key="run1/output.jsonl")["Body"].read().splitlines()]
+    files = [r["response"]["body"]["data"][0]["file"] for r in out]
+    assert len(out) == 6 and all(f.startswith("s3://images/run1/images/") for f in files)
+    key = files[0].removeprefix("s3://images/")
+    assert s3.get_object(Bucket="images", Key=key)["Body"].read()[:4] == b"\x89PNG"
+    assert (tmp_path / "state" / "batch.db").exists()

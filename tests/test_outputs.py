@@ -11,7 +11,6 @@ import time
 from urllib.parse import parse_qs, urlparse
 
 import httpx
-import pytest
 from batch_fakes import TimedBackend, factory
 from conftest import ServerThread, tiny_config
 from PIL import Image
@@ -94,24 +93,6 @@ def test_a_failed_upload_is_a_502_and_b64_still_works(tmp_path, monkeypatch):
         assert "injected" not in err["message"]  # the store's own text goes to the log only
         ok = httpx.post(f"{s.url}/v1/images/generations", json={"prompt": "x", "size": "64x64"})
         assert ok.status_code == 200 and png_size(base64.b64decode(ok.json()["data"][0]["b64_json"])) == (2, 2)
-
-
-@pytest.fixture
-def moto_s3(monkeypatch):
-    server_mod = pytest.importorskip("moto.server", reason="moto[server] is not installed")
-    pytest.importorskip("boto3")
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="images")
-    yield endpoint
-    server.stop()
 
 
 def test_url_round_trip_through_s3_presigned_urls(tmp_path, moto_s3):
