@@ -229,7 +229,8 @@ class JobService:
                 f.writelines(text + "\n" for text in self.db.records(bid))
             sink = ServerSink(self.outputs, self.config.outputs.public_base_url or b["base_url"], output)
             dep = self.service.deployment
-            window = self.config.batches.max_inflight or max(1, len(dep.replicas)) * self.config.router.max_batch_size
+            batch = self.config.router.max_batch_size
+            window = self.config.batches.max_inflight or 2 * max(1, len(dep.replicas)) * batch
             self.runner, self.running_id = JobRunner(dep, self.config, self.db, bid, sink, window), bid
             expiry = asyncio.get_running_loop().call_later(max(0.0, b["expires_at"] - time.time()), self.runner.stop)
             log.info("batch %s: running %d request(s), %d images in flight at most", bid,

@@ -105,7 +105,8 @@ class BatchesConfig(_Strict):
     )
     max_inflight: int | None = Field(
         default=None, ge=1, le=100_000,
-        description="Images a job keeps queued or running at once. None: one full batch per replica for a "
-        "server job (interactive requests go first and find little queued ahead of them), three per replica "
-        "for the CLI (the deployment is never idle between batches).",
+        description="Images a job keeps queued or running at once. None: two full batches per replica for a "
+        "server job (one running, the next queued, so a replica never waits for the job between batches; "
+        "interactive requests are queued ahead of them), three per replica for the CLI (which has the deployment "
+        "to itself).",
     )

@@ -10,6 +10,8 @@ Endpoints:
   SSE comment lines (``: image_generation.progress {...}``), which SSE clients, the official one included, skip.
 - ``POST /v1/images/edits``: OpenAI's edits (multipart, or JSON with data: URLs): img2img, inpainting with a
   ``mask``, plus ``strength`` and the generation extensions (docs/conditioning.md); stream events ``image_edit.*``.
+- ``response_format: url``, signed links at ``GET /v1/outputs/{key}`` (``outputs.py``); OpenAI's Files and Batch APIs
+  for batch jobs (``batch_api.py``).
 - ``GET /v1/models``, ``GET|HEAD /healthz`` (alive), ``GET|HEAD /readyz`` (503 until every replica has warmed
   up), ``GET /metrics`` (Prometheus text). ``/docs``, ``/redoc``, ``/openapi.json`` only with ``server.docs``.
 Every error, 404 and 405 included, uses OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``:
