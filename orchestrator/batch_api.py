@@ -3,6 +3,7 @@ download the output.
 
     POST /v1/files                    multipart: file (JSONL), purpose "batch"        -> file object
     GET  /v1/files/{id}               the file object;  GET /v1/files/{id}/content: its bytes
+    GET  /v1/files, DELETE /v1/files/{id}   the list (``purpose`` filters it); removing one (not a running job's input)
     POST /v1/batches                  {input_file_id, endpoint, completion_window "24h", metadata?} -> batch object
     GET  /v1/batches/{id}             the batch object, request_counts live;  GET /v1/batches: the list
     POST /v1/batches/{id}/cancel      cancelling, then cancelled once the requests in flight have left
@@ -310,6 +311,28 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
         except ZImageError as e:
             return _from_exception(e)
         return jobs.add_file(filename, purpose, tmp)
+
+    @api.get("/v1/files")
+    async def list_files(request: Request, purpose: str | None = None):
+        if (d := denied(request)) is not None:
+            return d
+        found = jobs.db.files(purpose) if jobs._has_jobs() else []
+        return {"object": "list", "data": [{**f, "status": "processed"} for f in found], "has_more": False}
+
+    @api.delete("/v1/files/{file_id}")
+    async def delete_file(file_id: str, request: Request):
+        if (d := denied(request)) is not None:
+            return d
+        found = jobs.db.file(file_id) if jobs._has_jobs() else None
+        if found is None:
+            return not_found("file", file_id, "file_id")
+        users = [b["id"] for b in jobs.db.batches() if b["status"] in ACTIVE and b["input_file_id"] == file_id]
+        if users:
+            return error_response(409, f"file {file_id} is the input of {users[0]}, which is still running; cancel "
+                                       f"it first", "invalid_request_error", param="file_id", code="file_in_use")
+        jobs.db.delete_file(file_id)
+        found[1].unlink(missing_ok=True)
+        return {"id": file_id, "object": "file", "deleted": True}
 
     @api.get("/v1/files/{file_id}")
     async def file_object(file_id: str, request: Request):

@@ -72,6 +72,19 @@ class JobDB:
         return ({"id": row[0], "object": "file", "bytes": row[3], "created_at": row[4], "filename": row[1],
                  "purpose": row[2]}, Path(row[5]))
 
+    def files(self, purpose: str | None = None) -> list[dict]:
+        """Every file object (or those of one purpose), newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM files" + (" WHERE purpose = ?" if purpose else ""),
+                                    (purpose,) if purpose else ()).fetchall()
+        found = [self.file(r[0])[0] for r in rows]
+        return sorted(found, key=lambda f: (f["created_at"], f["id"]), reverse=True)
+
+    def delete_file(self, file_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+            self._db.commit()
+
     # ---- batches -----------------------------------------------------------------------------------------
     def put_batch(self, obj: dict) -> None:
         with self._lock:

@@ -183,3 +183,14 @@ def test_interactive_requests_keep_their_latency_while_a_job_runs(tmp_path):
     assert r["job"]["status"] == "completed" and r["job"]["request_counts"]["completed"] == 120
     assert r["job"]["still_running_at_phase_end"]
     assert r["p95_ratio"] < 1.5
+
+
+def test_files_are_listed_and_deleted(small):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{small.url}/v1", api_key="none")
+    f = client.files.create(file=("mine.jsonl", jsonl(req("a", prompt="x"))), purpose="batch")
+    assert f.id in [x.id for x in client.files.list(purpose="batch")]
+    assert client.files.delete(f.id).deleted
+    assert f.id not in [x.id for x in client.files.list()]
+    assert httpx.get(f"{small.url}/v1/files/{f.id}").status_code == 404
