@@ -67,7 +67,12 @@ def router(outputs: Outputs) -> APIRouter:
     async def fetch_output(key: str, request: Request, expires: str | None = None, sig: str | None = None):
         from .server import error_response
 
-        store = outputs.store
+        try:
+            store = outputs.store
+        except StorageError as e:
+            log.error("serving %s: %s", key[:80], e.message)
+            return error_response(503, "image storage is not available on this server; the cause is in its log",
+                                  "service_unavailable", code="storage_unavailable")
         if not isinstance(store, LocalStore):
             return error_response(404, "this server stores images in S3; its links point there",
                                   "invalid_request_error", code="not_found")

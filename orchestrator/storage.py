@@ -131,7 +131,7 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None, addres
         import boto3
         from botocore.config import Config as BotoConfig
     except ImportError:
-        raise ZImageError("outputs.backend 's3' needs boto3: pip install 'zimage-orchestrator[s3]'") from None
+        raise StorageError("outputs.backend 's3' needs boto3: pip install 'zimage-orchestrator[s3]'") from None
     return boto3.client("s3", endpoint_url=endpoint_url, region_name=region,
                         config=BotoConfig(s3={"addressing_style": addressing_style}, signature_version="s3v4",
                                           retries={"max_attempts": 3, "mode": "standard"}))
@@ -159,11 +159,16 @@ def signing_secret(config: OutputsConfig) -> bytes:
 
 
 def store_for(config: OutputsConfig) -> LocalStore | S3Store:
+    """The configured store; ``StorageError`` when it cannot be set up (no boto3, an unwritable directory)."""
     if config.backend == "s3":
         s3 = config.s3
         return S3Store(s3.bucket, s3.prefix, config.url_ttl_s, endpoint_url=s3.endpoint_url, region=s3.region,
                        addressing_style=s3.addressing_style)
-    return LocalStore(config.directory, signing_secret(config), config.url_ttl_s, config.public_base_url)
+    try:
+        secret = signing_secret(config)
+    except OSError as e:
+        raise StorageError(f"cannot keep the signing key in {config.directory}: {e.strerror or e}") from e
+    return LocalStore(config.directory, secret, config.url_ttl_s, config.public_base_url)
 
 
 async def run_blocking(fn, *args):
