@@ -4,7 +4,6 @@ events (previews, completions, errors, then ``[DONE]``)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
@@ -15,8 +14,10 @@ from fastapi.responses import Response
 
 from .errors import ZImageError
 from .http_errors import AsciiJSON, error_body, error_response, from_exception, from_result, result_error
-from .images_api import ImageCall, completed_event, encode_image, images_response, partial_image_event
+from .images_api import ImageCall, completed_event, images_response, partial_image_event
 from .messages import ImageRequest, ImageResult, StepProgress
+from .outputs import b64_text, render, storage_failed_body
+from .storage import StorageError
 
 log = logging.getLogger("orchestrator.server")
 
@@ -41,18 +42,15 @@ async def answer_json(request: Request, call: ImageCall, waiters: list[Awaitable
         if not o.ok:
             return from_result(o)
     loop = asyncio.get_running_loop()
-    b64 = await asyncio.gather(*(loop.run_in_executor(None, _b64, o.image, call) for o in outcomes))
+    try:
+        b64 = await asyncio.gather(*(render(request, call, o) for o in outcomes))
+    except StorageError as e:
+        return AsciiJSON(storage_failed_body(e), status_code=e.http_status)
     # The body (megabytes of base64 per image) is serialized off the event loop too: the router's dispatch loop
     # shares this loop, and a batch's worth of responses rendered on it would delay the next dispatch.
     body = await loop.run_in_executor(None, AsciiJSON(None).render, images_response(call, outcomes, b64,
                                                                                int(time.time())))
     return Response(body, media_type="application/json")
-
-
-def _b64(image, call: ImageCall) -> str:
-    """Runs in a worker thread: zlib and libjpeg/libwebp release the GIL, so images encode in parallel off the
-    event loop; the base64 text is made there too."""
-    return base64.b64encode(encode_image(image, call.output_format, call.output_compression)).decode()
 
 
 def _sse(event: str, data: dict) -> bytes:
@@ -69,8 +67,9 @@ def _sse_comment(data: dict) -> bytes:
 class EventStream:
     """One streaming call: per-request progress listeners feed a queue that ``events`` turns into SSE bytes."""
 
-    def __init__(self, call: ImageCall):
+    def __init__(self, call: ImageCall, render: Callable[[ImageResult], Awaitable[str]]):
         self.call = call
+        self.render = render  # an image -> its base64 text or its URL (outputs.py)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.listeners = [self._listener(i, r) for i, r in enumerate(call.requests)]
 
@@ -91,7 +90,11 @@ class EventStream:
             self.queue.put_nowait(_sse("error", error_body(e.message, e.error_type, e.param)))
             return
         if r.ok:
-            b64 = await asyncio.get_running_loop().run_in_executor(None, _b64, r.image, self.call)
+            try:
+                b64 = await self.render(r)
+            except StorageError as e:
+                self.queue.put_nowait(_sse("error", {**storage_failed_body(e), "index": index}))
+                return
             self.queue.put_nowait(_sse("image_generation.completed",
                                        completed_event(self.call, index, r, b64, int(time.time()))))
         else:
@@ -111,7 +114,7 @@ class EventStream:
                 item = getter.result()
                 if isinstance(item, tuple):  # a preview: encoded here, in order, before its image's completion
                     index, req, k, image = item
-                    b64 = await asyncio.get_running_loop().run_in_executor(None, _b64, image, self.call)
+                    b64 = await asyncio.get_running_loop().run_in_executor(None, b64_text, image, self.call)
                     item = _sse("image_generation.partial_image",
                                 partial_image_event(self.call, index, req, k, b64, int(time.time())))
                 yield item

@@ -1,4 +1,4 @@
-"""``zimage-orch``: demo, generate, validate, plan, serve, bench."""
+"""``zimage-orch``: demo, generate, batch, validate, plan, serve, bench."""
 
 from __future__ import annotations
 
@@ -341,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lanes", type=int, default=1, metavar="N",
                    help="with --matrix: run one-GPU entries side by side on N GPUs of this machine, one GPU each")
     p.set_defaults(fn=lambda a: _lazy("bench").cmd_bench(a))
+
+    _lazy("batch_cli").add_parser(sub)  # `batch`: a resumable batch job (orchestrator/batch_cli.py)
     return ap
 
 

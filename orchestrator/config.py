@@ -18,6 +18,7 @@ from placement.planner import COMPONENTS  # defined once, in the pure planner
 
 from .config_http import LimitsConfig, RequestDefaults, ServerConfig, _Strict
 from .errors import ConfigError
+from .jobs_config import BatchesConfig, OutputsConfig
 from .messages import JoinPolicy
 
 __all__ = ["Config", "ConfigError", "LimitsConfig", "RequestDefaults", "ServerConfig", "config_from_dict",
@@ -480,6 +481,8 @@ class Config(_Strict):
     defaults: RequestDefaults = Field(default_factory=RequestDefaults)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    batches: BatchesConfig = Field(default_factory=BatchesConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

@@ -226,7 +226,9 @@ class Deployment:
         self.startup_s["replicas"] = time.perf_counter() - t1
         self.router = Router(replicas, cfg.router, clock=self.clock, observer=self.observer,
                              max_inflight_batches=d.max_inflight_batches,
-                             max_batch_adapters=cfg.model.lora_slots or None)
+                             max_batch_adapters=cfg.model.lora_slots or None,
+                             interactive_reserve=(cfg.batches.reserve_replicas, cfg.batches.reserve_s,
+                                                  cfg.batches.reserve_batch_size))
         self.router.start()
         replicas.start_health_checks()
         self.ready = True

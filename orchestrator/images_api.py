@@ -10,7 +10,7 @@ Every field of OpenAI's ``CreateImageRequest`` is either implemented or refused 
 | ``n`` | 1 to ``limits.max_n``; the images get seeds ``seed, seed+1, ...`` |
 | ``size`` | ``WIDTHxHEIGHT`` in multiples of 16, or ``auto`` (the configured default) |
 | ``quality`` | ``low``/``medium``/``high`` (``hd`` = high) -> ``defaults.quality_steps``; others: default steps |
-| ``response_format`` | ``b64_json``; ``url`` refused (this server hosts no image URLs) |
+| ``response_format`` | ``b64_json`` (default) or ``url``: a link to the stored image (``storage.py``) |
 | ``output_format`` | ``png`` (default), ``jpeg``, ``webp`` |
 | ``output_compression`` | 0-100, the JPEG/WebP quality (default 100); PNG is lossless, so only 100 |
 | ``background`` | ``auto``/``opaque``; ``transparent`` refused (the model has no alpha channel) |
@@ -67,6 +67,7 @@ class ImageCall:
     safety_identifier: str | None = None
     event_type: str = "image_generation"  # stream events' prefix: image_generation.* or image_edit.*
     input_image_tokens: int = 0  # an edit's input images, as image tokens ((H/16) x (W/16) each), for usage
+    response_format: str = "b64_json"  # or "url": each image is stored and answered with a link
 
 
 def _enum(payload: dict, name: str, allowed: tuple, default, why: dict | None = None):
@@ -110,8 +111,7 @@ def parse_generation(payload, config: Config, max_side: int | None = None, known
     if model is not None and model != config.server.served_model_name:
         raise InvalidRequestError(f"model {shown(model)} is not served here; use "
                                   f"{config.server.served_model_name!r}", param="model")
-    _enum(payload, "response_format", ("b64_json", "url"), "b64_json", why={
-        "url": "response_format 'url' is not supported: this server hosts no image URLs; use 'b64_json'"})
+    response_format = _enum(payload, "response_format", ("b64_json", "url"), "b64_json")
     output_format = _enum(payload, "output_format", FORMATS, "png")
     compression = payload.get("output_compression")
     if compression is not None:
@@ -151,7 +151,8 @@ def parse_generation(payload, config: Config, max_side: int | None = None, known
         requests = with_control(requests, payload.get("control_image"),
                                 payload.get("controlnet_conditioning_scale"), config)
     return ImageCall(requests, stream, output_format, compression, quality,
-                     _identifier(payload, "user"), _identifier(payload, "safety_identifier"))
+                     _identifier(payload, "user"), _identifier(payload, "safety_identifier"),
+                     response_format=response_format)
 
 
 def integral(payload: dict) -> dict:
@@ -400,9 +401,9 @@ def usage(results: list[ImageResult], input_image_tokens: int = 0) -> dict | Non
 
 def images_response(call: ImageCall, results: list[ImageResult], b64: list[str], created: int) -> dict:
     """The ``ImagesResponse`` body: spec fields only (``revised_prompt`` is left out, not null), ``seed`` per
-    image as an extra field."""
+    image as an extra field. ``b64``: each image's base64 text, or its link when the call asked for ``url``."""
     body: dict = {"created": created,
-                  "data": [{"b64_json": b, "seed": r.seed} for b, r in zip(b64, results)],
+                  "data": [{call.response_format: b, "seed": r.seed} for b, r in zip(b64, results)],
                   "background": "opaque", "output_format": call.output_format}
     first = results[0]
     if (label := size_label(first.width, first.height)) is not None:
@@ -429,6 +430,6 @@ def partial_image_event(call: ImageCall, index: int, request: ImageRequest, part
 def completed_event(call: ImageCall, index: int, result: ImageResult, b64: str, created: int) -> dict:
     zero = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
             "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}}
-    return {"type": f"{call.event_type}.completed", "b64_json": b64, **_event_common(call, result, created),
+    return {"type": f"{call.event_type}.completed", call.response_format: b64, **_event_common(call, result, created),
             "usage": usage([result], call.input_image_tokens) or zero, "index": index, "seed": result.seed,
             "width": result.width, "height": result.height}

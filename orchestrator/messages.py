@@ -43,6 +43,10 @@ def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+INTERACTIVE = 0  # API calls and the Python API
+BATCH_JOB = 1  # requests of a batch job: they take what capacity interactive requests leave
+
+
 @dataclass(frozen=True)
 class ImageRequest:
     """One prompt -> one image. ``seed`` is always set (the router draws one when the caller did not)."""
@@ -66,6 +70,7 @@ class ImageRequest:
     control_image: Any = field(default=None, compare=False, repr=False)
     control_scale: float = 0.75
     loras: tuple[tuple[str, float], ...] = ()  # per-request LoRA: (adapter name, scale), applied in this order
+    priority: int = 0  # INTERACTIVE or BATCH_JOB: the router serves lower values first (scheduler.py)
 
     @property
     def steps_run(self) -> int:

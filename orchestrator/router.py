@@ -19,7 +19,7 @@ from typing import Protocol
 from .config import RouterConfig
 from .errors import NotReadyError, QueueFullError, ReplicaHungError, ReplicaUnavailableError
 from .logging_setup import batch_log_context
-from .messages import Batch, BatchResult, FailureKind, ImageRequest, ImageResult, StepProgress
+from .messages import INTERACTIVE, Batch, BatchResult, FailureKind, ImageRequest, ImageResult, StepProgress
 from .scheduler import BatchScheduler, Pending, ReplicaCapacity
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,7 @@ class Router:
         observer: RouterObserver | None = None,
         max_inflight_batches: int = 1,
         max_batch_adapters: int | None = None,
+        interactive_reserve: tuple[int, float, int | None] = (0, 0.0, None),
     ):
         self.pool = pool
         self.config = config
@@ -212,6 +213,11 @@ class Router:
         self._inflight_adapters: dict[str, Counter] = {}  # replica_id -> LoRA adapter -> dispatched requests naming it
         self._where: dict[str, str] = {}  # request_id -> replica_id, while dispatched
         self._loop_steps: dict[str, int] = {}  # replica_id -> latest loop step seen (metrics count each once)
+        # (replicas, seconds, batch): while an interactive request arrived within the last `seconds`, batch-job work
+        # leaves this many replicas idle for interactive requests (never the last live replica) and runs in batches
+        # of at most `batch` images (None: max_batch_size) (scheduler.py, Priority)
+        self.interactive_reserve = interactive_reserve
+        self._last_interactive = float("-inf")
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -300,6 +306,8 @@ class Router:
                 f"the queue has room for {max(0, room)} more request(s) and this call needs {len(requests)} "
                 f"({len(self.scheduler)} waiting, router.queue_limit={self.config.queue_limit}); retry later")
         now = self.clock.now()
+        if any(r.priority == INTERACTIVE for r in requests):
+            self._last_interactive = now
         timeout = timeout_s if timeout_s is not None else self.config.request_timeout_s
         progress = list(on_progress) if on_progress is not None else [None] * len(requests)
         pendings = []
@@ -334,11 +342,11 @@ class Router:
                 # that keeps several in flight may take another at once.
                 while True:
                     free = self._free()
-                    if not (decisions := self.scheduler.schedule(now, free)):
+                    if not (decisions := self.scheduler.schedule(now, free, *self._reserve(now))):
                         break  # nothing dispatched: ``free`` is still who is free
                     for replica_id, pendings in decisions:
                         self._dispatch(replica_id, pendings, now)
-                deadline = self._next_deadline(free)
+                deadline = self._next_deadline(free, now)
             except Exception:  # noqa: BLE001 - a bug here must not silently stop all serving
                 log.exception("router loop error; continuing")
                 deadline = self.clock.now() + 0.1
@@ -587,9 +595,18 @@ class Router:
             log.info("request %s: asked replica %s to drop it from its step loop", p.request.request_id,
                      replica_id)
 
-    def _next_deadline(self, free: list[ReplicaCapacity]) -> float | None:
+    def _reserve(self, now: float) -> tuple[int, int | None]:
+        """(idle replicas batch-job work leaves, its largest batch) now."""
+        replicas, seconds, batch = self.interactive_reserve
+        if now - self._last_interactive > seconds:
+            return 0, None
+        return min(replicas, len(self.pool.live()) - 1), batch
+
+    def _next_deadline(self, free: list[ReplicaCapacity], now: float) -> float | None:
         times = [p.deadline for p in self._running.values()]
-        d = self.scheduler.next_deadline(free)
+        reserve = self._reserve(now)[0]
+        d = self.scheduler.next_deadline(free, reserve, self._last_interactive + self.interactive_reserve[1] + 1e-3
+                                         if reserve else None)
         if d is not None:
             times.append(d)
         return min(times) if times else None

@@ -26,6 +26,15 @@ Policy:
 - Waiting work is shared among the free replicas: 4 requests and 2 free replicas make two batches of 2, not
   one of 4 and an idle replica (batching buys a GPU little; a second replica halves the latency).
 - Replicas are taken least-outstanding first, then longest-idle first, so load spreads evenly.
+- Priority (``ImageRequest.priority``: interactive before batch jobs): requests of different priorities never
+  share a batch (an interactive request would run as slowly as a full batch), groups are taken in priority order,
+  and a free replica that could serve interactive work which is not ready yet is held for it rather than given a
+  batch job's work that would then run ahead of it (one replica per waiting group; the others stay busy). With a
+  ``reserve`` (the router's, while interactive traffic is about), batch-job work also leaves that many replicas
+  idle, so an interactive request finds a replica free instead of waiting for a batch job's batch to end (a
+  running batch cannot be preempted), and batch-job batches hold at most ``background_max_batch`` images, so one
+  that is running ends soon (an interactive request waits up to max_wait for batch-mates anyway). So a batch job
+  fills only the capacity interactive traffic leaves.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CapacityError, QueueFullError
-from .messages import BatchKey, ImageRequest
+from .messages import INTERACTIVE, BatchKey, ImageRequest
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,7 @@ class BatchScheduler:
         self.max_adapters = max_adapters
         self.max_wait_s = max_wait_s
         self.queue_limit = queue_limit
-        self._groups: OrderedDict[BatchKey, deque[Pending]] = OrderedDict()
+        self._groups: OrderedDict[tuple[BatchKey, int], deque[Pending]] = OrderedDict()
         self._size = 0
 
     def __len__(self) -> int:
@@ -90,9 +99,9 @@ class BatchScheduler:
                 f"the queue is full ({self._size} requests waiting, router.queue_limit={self.queue_limit}); "
                 f"retry later",
             )
-        group = self._groups.get(p.request.key)
+        group = self._groups.get(_group(p.request))
         if group is None:
-            group = self._groups[p.request.key] = deque()
+            group = self._groups[_group(p.request)] = deque()
         if front:
             group.appendleft(p)
         else:
@@ -113,7 +122,7 @@ class BatchScheduler:
             )
 
     def remove(self, p: Pending) -> bool:
-        group = self._groups.get(p.request.key)
+        group = self._groups.get(_group(p.request))
         if group is None:
             return False
         try:
@@ -122,7 +131,7 @@ class BatchScheduler:
             return False
         self._size -= 1
         if not group:
-            del self._groups[p.request.key]
+            del self._groups[_group(p.request)]
         return True
 
     def expire(self, now: float) -> list[Pending]:
@@ -133,8 +142,8 @@ class BatchScheduler:
         return gone
 
     # ---- decisions -------------------------------------------------------------------------------------
-    def _ordered_groups(self) -> list[tuple[BatchKey, deque[Pending]]]:
-        return sorted(self._groups.items(), key=lambda kv: kv[1][0].enqueued_at)
+    def _ordered_groups(self) -> list[tuple[tuple[BatchKey, int], deque[Pending]]]:
+        return sorted(self._groups.items(), key=lambda kv: (kv[0][1], kv[1][0].enqueued_at))
 
     def _fill(self, fitting: list[Pending], replica: ReplicaCapacity, limit: int) -> list[Pending]:
         """The requests of ``fitting`` (a group's requests ``replica`` admits) a batch for it takes: in arrival
@@ -161,28 +170,45 @@ class BatchScheduler:
             adapters = names
         return taken
 
-    def schedule(self, now: float, free: list[ReplicaCapacity]) -> list[tuple[str, list[Pending]]]:
+    def schedule(self, now: float, free: list[ReplicaCapacity], reserve: int = 0,
+                 background_max_batch: int | None = None) -> list[tuple[str, list[Pending]]]:
         """Form batches for the free replicas (least outstanding first, ties by id). Returns
-        ``[(replica_id, requests)]`` and removes those requests from the queue."""
+        ``[(replica_id, requests)]`` and removes those requests from the queue. ``reserve``: idle replicas that
+        batch-job work must leave idle; ``background_max_batch``: the most images in a batch-job batch (see
+        Priority above)."""
         decisions = []
+        held: set = set()  # groups not ready yet that a free replica is kept for (see Priority above)
         order = sorted(free, key=lambda r: (r.outstanding, r.last_used, r.replica_id))
+        idle = sum(1 for r in order if r.outstanding == 0)
         for n, replica in enumerate(order):
+            holding = None
             for key, group in self._ordered_groups():
+                if holding is not None and key[1] > holding:
+                    break  # this replica waits for the higher-priority group
+                if key[1] > INTERACTIVE and replica.outstanding == 0 and idle <= reserve:
+                    break  # kept idle for interactive requests (batch-job groups come last in the order)
                 fitting = [p for p in group if self.admits(replica, p.request)]
                 if not fitting:
                     continue
-                full = self._fill(fitting, replica, self.max_batch_size)
+                limit = self.max_batch_size
+                if key[1] > INTERACTIVE and background_max_batch is not None:
+                    limit = min(limit, background_max_batch)
+                full = self._fill(fitting, replica, limit)
                 waited = now - fitting[0].enqueued_at >= self.max_wait_s and self._takes_partial(replica, now)
-                if len(full) < len(fitting) or len(full) >= self.max_batch_size or waited:
+                if len(full) < len(fitting) or len(full) >= limit or waited:
                     sharing = sum(1 for r in order[n:] if self.admits(r, fitting[0].request))
-                    taken = self._fill(fitting, replica, min(self.max_batch_size, -(-len(fitting) // sharing)))
+                    taken = self._fill(fitting, replica, min(limit, -(-len(fitting) // sharing)))
                     for p in taken:
                         group.remove(p)
                     self._size -= len(taken)
                     if not group:
                         del self._groups[key]
                     decisions.append((replica.replica_id, taken))
+                    idle -= replica.outstanding == 0
                     break
+                if key not in held and any(k[1] > key[1] for k in self._groups):
+                    held.add(key)
+                    holding = key[1]
         return decisions
 
     def admits(self, replica: ReplicaCapacity, request: ImageRequest) -> bool:
@@ -197,22 +223,37 @@ class BatchScheduler:
     def oldest(self) -> Pending | None:
         """The request that has waited longest (step-level batching lets it block newer ones that would fit)."""
         heads = [g[0] for g in self._groups.values()]
-        return min(heads, key=lambda p: p.enqueued_at) if heads else None
+        return min(heads, key=lambda p: (p.request.priority, p.enqueued_at)) if heads else None
 
     @staticmethod
     def _takes_partial(replica: ReplicaCapacity, now: float) -> bool:
         return replica.outstanding == 0 or replica.partial_after is None or now >= replica.partial_after
 
-    def next_deadline(self, free: list[ReplicaCapacity]) -> float | None:
+    def next_deadline(self, free: list[ReplicaCapacity], reserve: int = 0,
+                      reserve_until: float | None = None) -> float | None:
         """When the earliest group becomes ready for one of ``free`` (max wait elapses, and a busy replica's
-        work nears its end), or the earliest request times out; None when nothing is queued."""
+        work nears its end), or the earliest request times out; None when nothing is queued. Batch-job work held
+        back by priority counts from when it may go: once the interactive work ahead of it is ready (its own time
+        is in the list), or once the ``reserve`` lapses (``reserve_until``)."""
         times = [p.deadline for g in self._groups.values() for p in g]
+        idle = sum(1 for r in free if r.outstanding == 0)
+        interactive = any(key[1] == INTERACTIVE for key in self._groups)
         for r in free:
-            for g in self._groups.values():
+            for key, g in self._groups.items():
                 head = next((q for q in g if self.admits(r, q.request)), None)
                 if head is not None:
                     ready = head.enqueued_at + self.max_wait_s
                     if r.outstanding and r.partial_after is not None:
                         ready = max(ready, r.partial_after)
+                    if key[1] > INTERACTIVE:
+                        if interactive:
+                            continue
+                        if r.outstanding == 0 and idle <= reserve and reserve_until is not None:
+                            ready = max(ready, reserve_until)
                     times.append(ready)
         return min(times) if times else None
+
+
+def _group(request: ImageRequest) -> tuple[BatchKey, int]:
+    """Requests that may share a batch: the same key and the same priority."""
+    return request.key, request.priority

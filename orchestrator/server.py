@@ -10,6 +10,8 @@ Endpoints:
   SSE comment lines (``: image_generation.progress {...}``), which SSE clients, the official one included, skip.
 - ``POST /v1/images/edits``: OpenAI's edits (multipart, or JSON with data: URLs): img2img, inpainting with a
   ``mask``, plus ``strength`` and the generation extensions (docs/conditioning.md); stream events ``image_edit.*``.
+- ``response_format: url``, signed links at ``GET /v1/outputs/{key}`` (``outputs.py``); OpenAI's Files and Batch APIs
+  for batch jobs (``batch_api.py``).
 - ``GET /v1/models``, ``GET|HEAD /healthz`` (alive), ``GET|HEAD /readyz`` (503 until every replica has warmed
   up, or while no live replica answers), ``GET /metrics`` (Prometheus text). ``/docs``, ``/redoc``,
   ``/openapi.json`` only with ``server.docs``; those and ``/metrics`` need the key when keys are set
@@ -57,6 +59,7 @@ from .images_api import (
 from .messages import FailureKind, failure
 from .metrics import PrometheusObserver
 from .ops_endpoints import add_ops_routes, start_metrics_listener, without_host_paths
+from .outputs import include_job_routes, render
 from .request_id import RequestIdMiddleware
 from .requests import parse_lora_registration, shown
 from .uploads import (
@@ -184,16 +187,19 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             start_metrics_listener(srv.metrics_host, srv.metrics_port, service.observer.registry)
         app.state.metrics_server = metrics_server
         service.begin()
+        app.state.jobs.begin()
         yield
         log.info("shutting down: draining in-flight requests")
         if metrics_server is not None:
             metrics_server.shutdown()
+        await app.state.jobs.stop()
         await service.stop()
 
     # The docs routes are added by add_ops_routes, behind the key.
     app = FastAPI(title="zimage-orchestrator", version="0.1.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
+    include_job_routes(app, service)  # signed image links, files, batch jobs (outputs.py, batch_api.py)
     # Outermost last: request id > response counter > fault barrier > body deadline > the app (http_guard.py).
     app.add_middleware(BodyDeadline, idle_s=config.server.body_idle_timeout_s, total_s=config.server.body_timeout_s)
     app.add_middleware(FaultBarrier)
@@ -367,7 +373,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             log.info("request %s: user=%s safety_identifier=%s", call.requests[0].request_id,
                      shown(call.user), shown(call.safety_identifier))
         if call.stream:
-            stream = EventStream(call)
+            stream = EventStream(call, partial(render, request, call))
             try:  # admission before the stream starts: a refusal is a plain HTTP status, for all n or none
                 waiters = dep.admit(call.requests, on_progress=stream.listeners)
             except ZImageError as e:

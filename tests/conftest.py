@@ -40,6 +40,8 @@ def tiny_config(cache: Path, **sections):
         "router": {"max_batch_size": 4, "max_wait_ms": 30, "request_timeout_s": 120},
         "defaults": {"width": 64, "height": 64, "num_inference_steps": 3},
         "cluster": {"gpu_memory_gib": 24},
+        "outputs": {"directory": str(cache / "outputs")},  # url responses and jobs write under the test's directory
+        "batches": {"directory": str(cache / "batches")},
     }
     for k, v in sections.items():
         base[k] = {**base.get(k, {}), **v}
@@ -76,6 +78,25 @@ class ServerThread:
             time.sleep(0.2)
         self.service = self.server.config.app.state.service
         return self
+
+
+@pytest.fixture
+def moto_s3(monkeypatch):
+    """A real S3 protocol server (moto's standalone one) on loopback with a bucket named images; its URL."""
+    server_mod = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    pytest.importorskip("boto3")
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="images")
+    yield endpoint
+    server.stop()
 
 
 @contextlib.asynccontextmanager

@@ -265,7 +265,6 @@ REFUSED = [
     ({"background": "transparent"}, "background", "alpha channel"),
     ({"style": "vivid"}, "style", "dall-e-3"),
     ({"style": "natural"}, "style", "no style control"),
-    ({"response_format": "url"}, "response_format", "hosts no image URLs"),
     ({"output_compression": 50}, "output_compression", "PNG is lossless"),
     ({"model": "dall-e-3"}, "model", "not served"),
 ]

@@ -88,7 +88,7 @@ BAD_INPUT = [
     ({"prompt": "x", "n": 9}, "n", "between 1"),
     ({"prompt": "x", "n": "2"}, "n", "integer"),
     ({"prompt": "x", "seed": "abc"}, "seed", "integer"),
-    ({"prompt": "x", "response_format": "url"}, "response_format", "b64_json"),
+    ({"prompt": "x", "response_format": "link"}, "response_format", "b64_json"),
     ({"prompt": "x", "model": "dall-e-3"}, "model", "not served"),
     ({"prompt": "x", "colour": "red"}, "colour", "unknown field"),
     ({"size": "64x64"}, "prompt", "required"),

@@ -1,0 +1,236 @@
+"""``zimage-orch batch INPUT.jsonl --config F --out DIR|s3://bucket/prefix``: a batch job on a deployment of its own.
+
+The deployment runs in this process and the job keeps it saturated (``batches.max_inflight`` images queued or
+running, three full batches per replica by default), with a progress bar of images/s and the ETA. What it writes,
+as it goes:
+
+- ``DIR/images/<custom_id>-<i>.<format>`` (or ``s3://bucket/prefix/images/...``): every image;
+- ``DIR/output.jsonl``: one line per request, ``{"id", "custom_id", "response": {"status_code", "request_id",
+  "body"}, "error"}``, the body an ``ImagesResponse`` whose ``data`` entries name the image ``file``;
+  failed requests carry their status and error envelope instead;
+- ``DIR/batch.db``: the job's state (SQLite). With an s3 ``--out`` the output and the database stay in
+  ``--state`` (a local directory) and output.jsonl is uploaded beside the images at the end.
+
+Rerun the same command after a crash or Ctrl-C: finished ``custom_id``\\ s are skipped (failures that may succeed on
+a retry, such as a lost replica or a timeout, run again). At the end it prints done, failed, images/s and the
+slowest prompts, and writes ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from .batch_db import JobDB
+from .batch_input import ENDPOINTS, Line, file_digest, read_lines
+from .batches import JobRunner, Outcome
+from .config import Config, load_config
+from .errors import InvalidRequestError, ZImageError
+from .images_api import ImageCall, encode_image
+from .messages import ImageResult
+from .storage import CONTENT_TYPES, run_blocking
+
+JOB_ID = "cli"
+
+
+def image_name(custom_id: str, index: int, extension: str) -> str:
+    """A file name for a request's image: readable, safe on every filesystem, and unique per custom_id (the
+    hash keeps apart ids that differ only in characters the readable part drops)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", custom_id)[:80].lstrip(".") or "_"
+    digest = hashlib.sha256(custom_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"images/{safe}-{digest}-{index}.{extension}"
+
+
+class FileSink:
+    """Images as files under a directory or in an S3 prefix; the output JSONL on local disk."""
+
+    def __init__(self, output: Path, directory: Path | None = None, s3=None, s3_uri: str = ""):
+        self.directory = directory
+        self.s3 = s3  # a storage.S3Store
+        self.s3_uri = s3_uri.rstrip("/")
+        self.output = output
+        self._out = open(output, "a", encoding="utf-8")
+
+    def _write(self, name: str, image, call: ImageCall) -> str:
+        data = encode_image(image, call.output_format, call.output_compression)
+        if self.s3 is not None:
+            self.s3.put(name, data, CONTENT_TYPES[call.output_format])
+            return f"{self.s3_uri}/{name}"
+        path = self.directory / name
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return name
+
+    async def store(self, line: Line, call: ImageCall, results: list[ImageResult]) -> list[dict]:
+        names = [image_name(line.custom_id, i, call.output_format) for i in range(len(results))]
+        files = await asyncio.gather(*(run_blocking(self._write, n, r.image, call) for n, r in zip(names, results)))
+        return [{"file": f} for f in files]
+
+    def append(self, lines: list[str]) -> None:
+        self._out.write("".join(x + "\n" for x in lines))
+        self._out.flush()
+
+    def close(self) -> None:
+        self._out.close()
+
+
+def rewrite_output(db: JobDB, path: Path) -> None:
+    """The output file as the database has it: lines written by an interrupted run that never reached a commit
+    are dropped (they run again), so each custom_id appears once."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for text in db.records(JOB_ID):
+            f.write(text + "\n")
+    os.replace(tmp, path)
+
+
+def _open_job(db: JobDB, input_path: Path, total: int) -> dict:
+    digest = file_digest(input_path)
+    job = db.batch(JOB_ID)
+    if job is not None and job["input_digest"] != digest:
+        raise InvalidRequestError(f"{db.path} holds a job for another input file ({job['input']}, digest "
+                                  f"{job['input_digest'][:12]}...); use another --out, or delete it to start over")
+    if job is None:
+        job = {"id": JOB_ID, "created_at": int(time.time()), "input": str(input_path), "input_digest": digest,
+               "total": total}
+        db.put_batch(job)
+    return job
+
+
+def _check(input_path: Path, config: Config) -> tuple[list[str], dict[str, int]]:
+    """Every line checked before anything runs; the images each custom_id asks for (its n), for the bar."""
+    images: dict[str, int] = {}
+    with open(input_path, "rb") as f:
+        for line in read_lines(f, config.batches.cli_max_lines, ENDPOINTS, "batches.cli_max_lines"):
+            n = line.body.get("n", 1)
+            images[line.custom_id] = n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 128 else 1
+    if not images:
+        raise InvalidRequestError(f"{input_path} holds no requests (one JSON object a line)")
+    return list(images), images
+
+
+async def run_job(config: Config, input_path: Path, out: str, state: Path | None = None, deployment_factory=None,
+                  window: int | None = None, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    _, images = _check(input_path, config)
+    s3 = None
+    if out.startswith("s3://"):
+        from .storage import S3Store
+
+        bucket, _, prefix = out[len("s3://"):].partition("/")
+        prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        s3_cfg = config.outputs.s3
+        s3 = S3Store(bucket, prefix, config.outputs.url_ttl_s,
+                     endpoint_url=s3_cfg.endpoint_url if s3_cfg else None, region=s3_cfg.region if s3_cfg else None,
+                     addressing_style=s3_cfg.addressing_style if s3_cfg else "auto")
+        state = state or Path("zimage-batch-state") / bucket / prefix.strip("/")
+        directory = None
+    else:
+        directory = Path(out)
+        state = state or directory
+        (directory / "images").mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True)
+    db = JobDB(state / "batch.db")
+    _open_job(db, input_path, len(images))
+    retried = db.forget_retryable(JOB_ID)
+    output = state / "output.jsonl"
+    rewrite_output(db, output)
+    done_before = db.finished(JOB_ID)
+    sink = FileSink(output, directory, s3, out)
+
+    from .deployment import Deployment
+
+    dep = await (deployment_factory or Deployment.start)(config)
+    window = window or config.batches.max_inflight or 3 * max(1, len(dep.replicas)) * config.router.max_batch_size
+    bar = tqdm(total=sum(images.values()), initial=sum(images.get(c, 0) for c in done_before), unit="img",
+               desc="batch", disable=not progress, smoothing=0.1, dynamic_ncols=True)
+    counts = {"done": 0, "failed": 0, "images": 0}
+
+    def on_outcome(o: Outcome) -> None:
+        counts["done" if o.ok else "failed"] += 1
+        counts["images"] += o.images
+        bar.update(images.get(o.line.custom_id, 1))
+        if not o.ok:
+            bar.set_postfix(failed=counts["failed"], refresh=False)
+
+    runner = JobRunner(dep, config, db, JOB_ID, sink, window, on_outcome)
+    t0 = time.perf_counter()
+    finished = False
+    try:
+        with open(input_path, "rb") as f:
+            finished = await runner.run(read_lines(f, config.batches.cli_max_lines, ENDPOINTS,
+                                                   "batches.cli_max_lines"))
+    finally:
+        elapsed = time.perf_counter() - t0
+        bar.close()
+        sink.close()
+        await dep.shutdown()
+        if s3 is not None:
+            await run_blocking(s3.put, "output.jsonl", output.read_bytes(), CONTENT_TYPES["jsonl"])
+    ok_total, failed_total = db.counts(JOB_ID)
+    summary = {
+        "input": str(input_path), "output": str(output) if s3 is None else f"{out.rstrip('/')}/output.jsonl",
+        "requests": len(images), "done": ok_total, "failed": failed_total, "skipped_as_done_before": len(done_before),
+        "retried_failures": retried, "this_run": {"done": counts["done"], "failed": counts["failed"],
+                                                  "images": counts["images"], "elapsed_s": round(elapsed, 3),
+                                                  "images_per_s": round(counts["images"] / elapsed, 4)
+                                                  if elapsed > 0 else None},
+        "window": runner.window, "finished": finished and ok_total + failed_total == len(images),
+        "slowest": [{"custom_id": c, "latency_s": round(t, 3), "prompt": p}
+                    for t, c, p in sorted(runner.slowest, reverse=True)],
+    }
+    (state / "summary.json").write_text(json.dumps(summary, indent=2))
+    db.close()
+    return summary
+
+
+def print_summary(s: dict) -> None:
+    run = s["this_run"]
+    rate = f"{run['images_per_s']:.2f} images/s" if run["images_per_s"] is not None else "-"
+    print(f"\n{s['done']}/{s['requests']} requests done, {s['failed']} failed"
+          f" ({s['skipped_as_done_before']} done by an earlier run); this run: {run['images']} images in "
+          f"{run['elapsed_s']:.1f}s, {rate}")
+    if s["slowest"]:
+        print("slowest prompts:")
+        for x in s["slowest"]:
+            print(f"  {x['latency_s']:8.2f}s  {x['custom_id']}  {x['prompt']!r}")
+    print(f"output: {s['output']}")
+
+
+def cmd_batch(args, deployment_factory=None) -> int:
+    config = load_config(args.config, args.set)
+    try:
+        summary = asyncio.run(run_job(config, Path(args.input), args.out, Path(args.state) if args.state else None,
+                                      deployment_factory, args.window, progress=not args.no_progress))
+    except ZImageError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished requests are recorded; rerun the same command to go on", file=sys.stderr)
+        return 130
+    print_summary(summary)
+    if not summary["finished"]:
+        return 130
+    return 0 if summary["failed"] == 0 else 1
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("batch", help="run a batch job (OpenAI batch JSONL) on a deployment, resumable")
+    p.add_argument("input", help="JSONL, one request a line: {custom_id, method: POST, url, body}")
+    p.add_argument("--config", default=None, help="deployment config (default: the embedded CPU demo)")
+    p.add_argument("--out", required=True, help="a directory, or s3://bucket/prefix (outputs.s3 gives the endpoint)")
+    p.add_argument("--state", default=None, help="where batch.db and output.jsonl live (default: --out; for s3, "
+                                                 "./zimage-batch-state/BUCKET/PREFIX)")
+    p.add_argument("--window", type=int, default=None, help="images queued or running at once "
+                                                             "(default: batches.max_inflight, or 3 batches a replica)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
+    p.set_defaults(fn=cmd_batch)

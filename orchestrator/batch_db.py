@@ -1,0 +1,152 @@
+"""Job state in SQLite: files, batches and each finished request, so a job resumes after a crash or a restart.
+
+A request is recorded only once its images are stored; only then is its output line written (``batches.py``).
+So after a crash, every line in an output file is in the database, and a rerun skips exactly those.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL, path TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY, object TEXT NOT NULL  -- the batch object as JSON (OpenAI's fields)
+);
+CREATE TABLE IF NOT EXISTS items (
+    batch_id TEXT NOT NULL, custom_id TEXT NOT NULL, line INTEGER NOT NULL,
+    ok INTEGER NOT NULL, retryable INTEGER NOT NULL, latency_s REAL, record TEXT NOT NULL,
+    PRIMARY KEY (batch_id, custom_id)
+);
+CREATE INDEX IF NOT EXISTS items_by_line ON items (batch_id, line);
+"""
+
+
+def dumps(obj) -> str:
+    """One output line's JSON text (compact; non-ASCII kept as is, as JSONL files usually hold it)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class JobDB:
+    """One SQLite file. Calls come from one event loop (a lock guards the rare call from a worker thread);
+    ``record`` does not commit: the caller commits a group of records with ``commit``."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level="DEFERRED")
+        self._lock = threading.RLock()
+        with self._lock:
+            # WAL: readers (GET /v1/batches) never wait on the job's writes; NORMAL keeps a commit to one fsync of
+            # the log, and a power cut loses at most the last commits, which the rerun regenerates.
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+            self._db.commit()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.commit()
+            self._db.close()
+
+    # ---- files -------------------------------------------------------------------------------------------
+    def add_file(self, obj: dict, path: Path) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
+                             (obj["id"], obj["filename"], obj["purpose"], obj["bytes"], obj["created_at"], str(path)))
+            self._db.commit()
+
+    def file(self, file_id: str) -> tuple[dict, Path] | None:
+        with self._lock:
+            row = self._db.execute("SELECT id, filename, purpose, bytes, created_at, path FROM files WHERE id = ?",
+                                   (file_id,)).fetchone()
+        if row is None:
+            return None
+        return ({"id": row[0], "object": "file", "bytes": row[3], "created_at": row[4], "filename": row[1],
+                 "purpose": row[2]}, Path(row[5]))
+
+    def files(self, purpose: str | None = None) -> list[dict]:
+        """Every file object (or those of one purpose), newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM files" + (" WHERE purpose = ?" if purpose else ""),
+                                    (purpose,) if purpose else ()).fetchall()
+        found = [self.file(r[0])[0] for r in rows]
+        return sorted(found, key=lambda f: (f["created_at"], f["id"]), reverse=True)
+
+    def delete_file(self, file_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+            self._db.commit()
+
+    # ---- batches -----------------------------------------------------------------------------------------
+    def put_batch(self, obj: dict) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO batches VALUES (?, ?)", (obj["id"], json.dumps(obj)))
+            self._db.commit()
+
+    def batch(self, batch_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT object FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def batches(self) -> list[dict]:
+        """Every batch, newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT object FROM batches").fetchall()
+        return sorted((json.loads(r[0]) for r in rows), key=lambda b: (b["created_at"], b["id"]), reverse=True)
+
+    # ---- finished requests -------------------------------------------------------------------------------
+    def record(self, batch_id: str, custom_id: str, line: int, ok: bool, retryable: bool, latency_s: float | None,
+               record: dict) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (batch_id, custom_id, line, int(ok), int(retryable), latency_s, dumps(record)))
+
+    def commit(self) -> None:
+        with self._lock:
+            self._db.commit()
+
+    def finished(self, batch_id: str) -> dict[str, tuple[bool, bool]]:
+        """custom_id -> (ok, retryable) of every recorded request."""
+        with self._lock:
+            rows = self._db.execute("SELECT custom_id, ok, retryable FROM items WHERE batch_id = ?",
+                                    (batch_id,)).fetchall()
+        return {cid: (bool(ok), bool(retryable)) for cid, ok, retryable in rows}
+
+    def forget_retryable(self, batch_id: str) -> int:
+        """Drop failures that may succeed when run again (a lost replica, a timeout): a rerun tries them again."""
+        with self._lock:
+            n = self._db.execute("DELETE FROM items WHERE batch_id = ? AND ok = 0 AND retryable = 1",
+                                 (batch_id,)).rowcount
+            self._db.commit()
+        return n
+
+    def records(self, batch_id: str, ok: bool | None = None) -> Iterator[str]:
+        """The output lines (JSON text) in input order; ``ok`` selects successes or failures only."""
+        query = "SELECT record FROM items WHERE batch_id = ?" + ("" if ok is None else " AND ok = ?") + " ORDER BY line"
+        args = (batch_id,) if ok is None else (batch_id, int(ok))
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        for (text,) in rows:
+            yield text
+
+    def counts(self, batch_id: str) -> tuple[int, int]:
+        """(completed, failed) requests recorded."""
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(SUM(ok), 0), COUNT(*) - COALESCE(SUM(ok), 0) FROM items "
+                                   "WHERE batch_id = ?", (batch_id,)).fetchone()
+        return int(row[0]), int(row[1])
+
+    def slowest(self, batch_id: str, n: int = 5) -> list[tuple[str, float]]:
+        with self._lock:
+            rows = self._db.execute("SELECT custom_id, latency_s FROM items WHERE batch_id = ? AND ok = 1 "
+                                    "AND latency_s IS NOT NULL ORDER BY latency_s DESC LIMIT ?",
+                                    (batch_id, n)).fetchall()
+        return [(c, float(t)) for c, t in rows]

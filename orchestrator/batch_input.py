@@ -1,0 +1,114 @@
+"""Batch input files: OpenAI's batch JSONL, one request a line, checked before any of it runs.
+
+    {"custom_id": "cat-1", "method": "POST", "url": "/v1/images/generations", "body": {"prompt": "a cat"}}
+
+The file as a whole is refused (``InvalidRequestError`` naming the line) for what would make the job ambiguous:
+a line that is not a JSON object, a missing or repeated ``custom_id``, a method other than POST, a ``url`` this
+server does not batch, a body that is not an object, or more lines than the job may hold. A body's own fields are
+checked when the line runs, exactly as the HTTP API checks them (``images_api``), so one bad body fails that line
+alone, with its error in the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidRequestError
+from .requests import shown
+
+GENERATIONS = "/v1/images/generations"
+EDITS = "/v1/images/edits"  # the JSON form: images as data: URLs (images_api.parse_json_edit)
+ENDPOINTS = (GENERATIONS, EDITS)
+MAX_CUSTOM_ID = 512
+LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
+
+
+@dataclass(frozen=True)
+class Line:
+    number: int  # 1-based, as editors count
+    custom_id: str
+    url: str
+    body: dict
+
+
+def _refuse(number: int, message: str, param: str = "input_file_id") -> InvalidRequestError:
+    return InvalidRequestError(f"line {number}: {message}", param=param)
+
+
+def parse_line(number: int, raw: bytes | str, endpoints: Iterable[str] = ENDPOINTS) -> Line | None:
+    """One line of the file; None for a blank line."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _refuse(number, "is not UTF-8 text") from None
+    if not raw.strip():
+        return None
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        where = f" ({e.msg}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise _refuse(number, f"is not valid JSON{where}; each line must be one JSON object") from None
+    if not isinstance(obj, dict):
+        raise _refuse(number, "must be a JSON object with custom_id, method, url and body")
+    unknown = sorted(set(obj) - LINE_KEYS)
+    if unknown:
+        raise _refuse(number, f"unknown key(s) {', '.join(shown(k, 40) for k in unknown[:5])}; a line has "
+                              f"custom_id, method, url and body")
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str) or not cid or len(cid) > MAX_CUSTOM_ID:
+        raise _refuse(number, f"custom_id must be a non-empty string of at most {MAX_CUSTOM_ID} characters, got "
+                              f"{shown(cid)}")
+    method = obj.get("method")
+    if method != "POST":
+        raise _refuse(number, f"method must be \"POST\", got {shown(method)}")
+    url = obj.get("url")
+    if url not in endpoints:
+        raise _refuse(number, f"url {shown(url)} is not an endpoint this job runs; use "
+                              f"{' or '.join(repr(e) for e in endpoints)}")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        raise _refuse(number, f"body must be a JSON object (the request {url} takes), got {shown(body)}")
+    return Line(number, cid, url, body)
+
+
+def read_lines(raw_lines: Iterable[bytes | str], max_lines: int, endpoints: Iterable[str] = ENDPOINTS,
+               limit_name: str = "batches.max_lines") -> Iterator[Line]:
+    """Every line of a file, checked; raises on the first problem (duplicates name both lines)."""
+    endpoints = tuple(endpoints)
+    seen: dict[str, int] = {}
+    count = 0
+    for number, raw in enumerate(raw_lines, start=1):
+        line = parse_line(number, raw, endpoints)
+        if line is None:
+            continue
+        first = seen.setdefault(line.custom_id, number)
+        if first != number:
+            raise _refuse(number, f"custom_id {shown(line.custom_id)} is already used on line {first}; each "
+                                  f"request needs its own")
+        count += 1
+        if count > max_lines:
+            raise _refuse(number, f"the job has more than {max_lines} requests ({limit_name}); split the file")
+        yield line
+
+
+def check_file(path: Path, max_lines: int, endpoints: Iterable[str] = ENDPOINTS,
+               limit_name: str = "batches.max_lines") -> int:
+    """Check a whole file without keeping it in memory; returns the number of requests."""
+    with open(path, "rb") as f:
+        n = sum(1 for _ in read_lines(f, max_lines, endpoints, limit_name))
+    if n == 0:
+        raise InvalidRequestError("the file holds no requests (one JSON object a line)", param="input_file_id")
+    return n
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

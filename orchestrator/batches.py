@@ -1,0 +1,243 @@
+"""Running a batch job: each line through the deployment, many in flight, each outcome recorded once.
+
+Both ways in share this: ``zimage-orch batch`` (``batch_cli.py``, its own deployment in this process) and
+``POST /v1/batches`` (``batch_api.py``, beside interactive traffic). For each line:
+
+1. its body is checked as the API checks it (``images_api``); a bad body fails that line alone;
+2. its requests are queued at the router with ``BATCH_JOB`` priority, within the job's window of images in flight
+   (a full queue means wait, never fail: the job is its own back-pressure);
+3. its images go to the job's sink (files, an object store, or base64 in the output), then the outcome is
+   recorded in SQLite (``batch_db.py``);
+4. every ``FLUSH_S`` the recorded outcomes are committed, and only then appended to the output JSONL.
+
+So an output line is always a committed record: after a crash or SIGKILL the rerun rewrites the output from the
+database and skips every recorded ``custom_id``; what was in flight runs again (same seed, same image).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from .batch_db import JobDB, dumps
+from .batch_input import EDITS, Line
+from .config import Config
+from .errors import InvalidRequestError, NotReadyError, QueueFullError, ZImageError
+from .images_api import ImageCall, images_response, parse_generation, parse_json_edit
+from .messages import BATCH_JOB, ImageResult, failure
+
+log = logging.getLogger(__name__)
+
+FLUSH_S = 0.25  # how often outcomes are committed and written out (at most this much work is redone after a crash)
+QUEUE_FULL_RETRY_S = 0.05
+
+
+@dataclass(frozen=True)
+class Outcome:
+    line: Line
+    ok: bool
+    record: dict  # the output line: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
+    retryable: bool = False
+    latency_s: float | None = None
+    images: int = 0
+
+
+class Sink(Protocol):
+    async def store(self, line: Line, call: ImageCall, results: list[ImageResult]) -> list[dict]:
+        """Store a line's images; return each one's entry in the response's ``data`` (``{"url": ...}``,
+        ``{"b64_json": ...}``, ``{"file": ...}``). Raise ``StorageError`` when they cannot be stored."""
+
+    def append(self, lines: list[str]) -> None:
+        """Append committed output lines (JSON text) to the output file."""
+
+
+def record(line: Line, status: int, body: dict | None, request_id: str = "", error: dict | None = None) -> dict:
+    response = None if body is None else {"status_code": status, "request_id": request_id, "body": body}
+    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id, "response": response,
+            "error": error}
+
+
+def failed(line: Line, status: int, type_: str, message: str, param: str | None = None, code: str | None = None,
+           retryable: bool = False, latency_s: float | None = None) -> Outcome:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return Outcome(line, False, record(line, status, body), retryable, latency_s)
+
+
+def _result_failure(line: Line, r: ImageResult, latency_s: float) -> Outcome:
+    f = failure(r.error_type)
+    if f.http_status < 500:
+        message = r.error or "invalid request"
+    elif f.http_status == 507:
+        message = f"out of GPU memory for a single {r.width}x{r.height} image; use a smaller size"
+    elif f.http_status in (503, 504):
+        message = r.error or "no replica could run this request"
+    else:  # the replica's own text stays in the server log, as for the HTTP API
+        log.error("batch line %d (%s) failed on replica %s: %s", line.number, line.custom_id, r.replica_id or "-",
+                  r.error)
+        message = f"the server failed to generate this image (request {r.request_id}); the cause is in its log"
+    return failed(line, f.http_status, f.openai_type, message, r.param if f.http_status == 400 else None,
+                  str(r.error_type) if r.error_type else None, f.retryable, latency_s)
+
+
+class JobRunner:
+    """Runs the lines of one job on a deployment (``Deployment`` or anything with ``admit``, ``max_side`` and
+    ``lora_names``), keeping ``window`` images queued or running."""
+
+    def __init__(self, dep, config: Config, db: JobDB, batch_id: str, sink: Sink, window: int,
+                 on_outcome: Callable[[Outcome], None] | None = None):
+        self.dep = dep
+        self.config = config
+        self.db = db
+        self.batch_id = batch_id
+        self.sink = sink
+        self.window = max(window, config.limits.max_n)  # a line of n images must always fit
+        self.on_outcome = on_outcome
+        self.in_flight = 0
+        self._room = asyncio.Condition()
+        self._pending: list[Outcome] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
+        self.slowest: list[tuple[float, str, str]] = []  # (latency, custom_id, prompt): the 5 slowest of this run
+
+    # ---- the job -----------------------------------------------------------------------------------------
+    async def run(self, lines: Iterable[Line]) -> bool:
+        """Run every line not yet recorded; True when every one was (False: stopped by ``stop``)."""
+        done = self.db.finished(self.batch_id)
+        flusher = asyncio.get_running_loop().create_task(self._flush_every())
+        try:
+            for line in lines:
+                if self._stopping:
+                    break
+                if line.custom_id in done:
+                    continue
+                outcome_or_call = await self._call(line)
+                if isinstance(outcome_or_call, Outcome):
+                    self._finish(outcome_or_call)
+                    continue
+                n = len(outcome_or_call.requests)
+                await self._take(n)
+                if self._stopping:
+                    await self._give(n)
+                    break
+                task = asyncio.get_running_loop().create_task(self._one(line, outcome_or_call))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        finally:
+            flusher.cancel()
+            self.flush()
+        return not self._stopping
+
+    def stop(self) -> None:
+        """Stop taking lines and drop those in flight (queued requests leave the router; they run again on a
+        rerun). Recorded outcomes stay."""
+        self._stopping = True
+        for t in list(self._tasks):
+            t.cancel()
+
+    # ---- one line ----------------------------------------------------------------------------------------
+    async def _call(self, line: Line) -> ImageCall | Outcome:
+        body = line.body
+        if body.get("stream"):
+            return failed(line, 400, "invalid_request_error", "stream is not available in a batch job (its output "
+                          "is a file); leave stream out", param="stream")
+        dep = self.dep
+        try:
+            if line.url == EDITS or body.get("control_image") is not None:  # images to decode: off the loop
+                fn = parse_json_edit if line.url == EDITS else parse_generation
+                call = await asyncio.get_running_loop().run_in_executor(
+                    None, fn, body, self.config, getattr(dep, "max_side", None), getattr(dep, "lora_names", None))
+            else:
+                call = parse_generation(body, self.config, getattr(dep, "max_side", None),
+                                        getattr(dep, "lora_names", None))
+        except ZImageError as e:
+            return failed(line, e.http_status, e.error_type, e.message, e.param)
+        trace = f"{self.batch_id}:{line.custom_id}"[:128]
+        return replace(call, requests=[replace(r, priority=BATCH_JOB, trace_id=trace) for r in call.requests])
+
+    async def _one(self, line: Line, call: ImageCall) -> None:
+        t0 = time.perf_counter()
+        n = len(call.requests)
+        try:
+            waiters = await self._admit(line, call)
+            if isinstance(waiters, Outcome):
+                self._finish(waiters)
+                return
+            results = list(await asyncio.gather(*waiters))
+        finally:
+            await self._give(n)
+        latency = time.perf_counter() - t0
+        bad = next((r for r in results if not r.ok), None)
+        if bad is not None:
+            self._finish(_result_failure(line, bad, latency))
+            return
+        try:
+            entries = await self.sink.store(line, call, results)
+        except ZImageError as e:  # StorageError: retryable, the line runs again on a rerun
+            self._finish(failed(line, e.http_status, e.error_type, f"the images were generated but could not be "
+                                f"stored: {e.message}", code="storage_unavailable", retryable=True, latency_s=latency))
+            return
+        body = images_response(call, results, [""] * len(results), int(time.time()))
+        body["data"] = [{**entry, "seed": r.seed} for entry, r in zip(entries, results)]
+        self._finish(Outcome(line, True, record(line, 200, body, call.requests[0].trace_id), False, latency,
+                             len(results)))
+        entry = (latency, line.custom_id, call.requests[0].prompt[:80])
+        if len(self.slowest) < 5:
+            heapq.heappush(self.slowest, entry)
+        else:
+            heapq.heappushpop(self.slowest, entry)
+
+    async def _admit(self, line: Line, call: ImageCall) -> list[Awaitable[ImageResult]] | Outcome:
+        """Queue the line's requests; a full queue or a deployment between replicas is waited out."""
+        waited = 0.0
+        while True:
+            try:
+                return self.dep.admit(call.requests)
+            except (QueueFullError, NotReadyError) as e:
+                if waited > self.config.router.request_timeout_s:
+                    return failed(line, e.http_status, e.error_type, e.message, retryable=True)
+                pause = QUEUE_FULL_RETRY_S if isinstance(e, QueueFullError) else 1.0
+                await asyncio.sleep(pause)
+                waited += pause
+            except InvalidRequestError as e:  # too large for every replica (CapacityError) and the like
+                return failed(line, e.http_status, e.error_type, e.message, e.param)
+
+    # ---- the window and the records ----------------------------------------------------------------------
+    async def _take(self, n: int) -> None:
+        async with self._room:
+            await self._room.wait_for(lambda: self.in_flight + n <= self.window or self._stopping)
+            self.in_flight += n
+
+    async def _give(self, n: int) -> None:
+        async with self._room:
+            self.in_flight -= n
+            self._room.notify_all()
+
+    def _finish(self, o: Outcome) -> None:
+        self.db.record(self.batch_id, o.line.custom_id, o.line.number, o.ok, o.retryable, o.latency_s, o.record)
+        self._pending.append(o)
+        if self.on_outcome is not None:
+            self.on_outcome(o)
+
+    def flush(self) -> None:
+        """Commit what is recorded, then write it out: an output line is never ahead of the database."""
+        if not self._pending:
+            return
+        self.db.commit()
+        pending, self._pending = self._pending, []
+        self.sink.append([dumps(o.record) for o in pending])
+
+    async def _flush_every(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a full disk must not kill the job silently; the log says why
+                log.exception("batch %s: writing outcomes failed; retrying", self.batch_id)

@@ -1,0 +1,115 @@
+"""``response_format: url``: images stored through ``storage.py`` and answered with links, and the route that serves
+the local backend's signed links (``GET /v1/outputs/{key}``).
+
+A link needs no API key: whoever holds it may fetch the image until it expires, as with OpenAI's and S3's links.
+The signature is what guards it (403 on a tampered or expired link).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+
+from .config import Config
+from .images_api import ImageCall, encode_image
+from .storage import CONTENT_TYPES, LocalStore, StorageError, new_key, run_blocking, store_for
+
+log = logging.getLogger(__name__)
+
+
+class Outputs:
+    """The deployment's object store, made on first use (a server that never answers ``url`` never touches the
+    disk or the network for it)."""
+
+    def __init__(self, config: Config, store=None):
+        self.config = config
+        self._store = store
+        self._lock = threading.Lock()
+
+    @property
+    def store(self):
+        with self._lock:
+            if self._store is None:
+                self._store = store_for(self.config.outputs)
+            return self._store
+
+    def _publish(self, image, call: ImageCall, base_url: str) -> str:
+        data = encode_image(image, call.output_format, call.output_compression)
+        key = new_key(call.output_format)
+        self.store.put(key, data, CONTENT_TYPES[call.output_format])
+        return self.store.url(key, base_url)
+
+    async def publish(self, image, call: ImageCall, base_url: str, request_id: str) -> str:
+        """Encode, store and link one image (in a worker thread: encoding and uploading both block)."""
+        try:
+            return await run_blocking(self._publish, image, call, base_url)
+        except StorageError as e:
+            log.error("request %s: the image was generated but could not be stored: %s", request_id, e.message)
+            raise
+
+
+def storage_failed_body(e: StorageError) -> dict:
+    """The error envelope for an upload that failed: says what happened and what to do, not the store's text."""
+    return {"error": {"message": "the image was generated but could not be stored for a url response (the "
+                                 "storage backend failed; the cause is in the server log); retry, or ask for "
+                                 "response_format b64_json", "type": e.error_type, "param": None,
+                      "code": "storage_unavailable"}}
+
+
+def router(outputs: Outputs) -> APIRouter:
+    api = APIRouter()
+
+    @api.get("/v1/outputs/{key:path}")
+    async def fetch_output(key: str, request: Request, expires: str | None = None, sig: str | None = None):
+        from .http_errors import error_response
+
+        try:
+            store = outputs.store
+        except StorageError as e:
+            log.error("serving %s: %s", key[:80], e.message)
+            return error_response(503, "image storage is not available on this server; the cause is in its log",
+                                  "service_unavailable", code="storage_unavailable")
+        if not isinstance(store, LocalStore):
+            return error_response(404, "this server stores images in S3; its links point there",
+                                  "invalid_request_error", code="not_found")
+        try:
+            path = store.path(key)
+        except ValueError:
+            return error_response(404, "no such image", "invalid_request_error", code="not_found")
+        problem = store.verify(key, expires, sig)
+        if problem is not None:
+            return error_response(403, problem, "invalid_request_error", code="invalid_signature")
+        if not path.is_file():
+            return error_response(404, "no such image (it was removed from the store)", "invalid_request_error",
+                                  code="not_found")
+        ext = key.rsplit(".", 1)[1]
+        return FileResponse(path, media_type=CONTENT_TYPES[ext], headers={"Cache-Control": "private, max-age=60"})
+
+    return api
+
+
+async def render(request: Request, call: ImageCall, result) -> str:
+    """One image as the call asked for it: base64 text, or a link to it in the object store."""
+    if call.response_format == "url":
+        return await request.app.state.outputs.publish(result.image, call, str(request.base_url),
+                                                      result.request_id)
+    return await run_blocking(b64_text, result.image, call)
+
+
+def b64_text(image, call: ImageCall) -> str:
+    """In a worker thread: zlib and libjpeg/libwebp release the GIL, so images encode in parallel off the loop."""
+    return base64.b64encode(encode_image(image, call.output_format, call.output_compression)).decode()
+
+
+def include_job_routes(app, service) -> None:
+    """Mount the routes of signed image links, files and batch jobs on the server's app, with their state."""
+    from . import batch_api
+
+    app.state.outputs = Outputs(service.config)
+    app.include_router(router(app.state.outputs))
+    app.state.jobs = batch_api.JobService(service, app.state.outputs)
+    app.include_router(batch_api.router(app.state.jobs, app.state.outputs))

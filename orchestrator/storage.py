@@ -1,0 +1,176 @@
+"""Object storage for generated images: what ``response_format: url`` answers with, and where batch jobs put images.
+
+One small interface, two backends:
+
+- ``LocalStore`` (the embedded default): files under ``outputs.directory``, served by this server at
+  ``/v1/outputs/{key}?expires=...&sig=...``. The signature is HMAC-SHA256 over the key and the expiry, so a link
+  cannot be altered or extended, and it stops working after ``outputs.url_ttl_s`` (403 either way).
+- ``S3Store``: any S3-compatible store through boto3; links are presigned GET URLs with the same lifetime.
+
+Every method blocks (disk or network): callers on the event loop run them in a worker thread (``run_blocking``).
+An upload that fails raises ``StorageError`` (HTTP 502 in the error envelope, the image's request id in the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote
+
+from .errors import ZImageError
+from .jobs_config import OutputsConfig
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "jsonl": "application/jsonl"}
+# Keys this module makes: a day, a random id, an extension. Served keys must match, so a request can never name a
+# path outside the directory (no "..", no absolute paths, no hidden files such as the signing key).
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_.-]{1,200})*\.(png|jpeg|webp|jsonl)$")
+
+
+class StorageError(ZImageError):
+    """The image was generated but could not be stored (the store is down, full, or refused the credentials).
+    Retrying the request may succeed; the cause is in the server log."""
+
+    http_status = 502
+    error_type = "server_error"
+    retryable = True
+
+
+class ObjectStore(Protocol):
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Store ``data`` under ``key``, replacing what is there; raise ``StorageError`` on failure."""
+
+    def url(self, key: str, base_url: str | None = None) -> str:
+        """A link that fetches ``key`` with a plain GET until it expires. ``base_url``: the server's own address,
+        for backends it serves itself."""
+
+
+def new_key(extension: str) -> str:
+    """A fresh key: ``YYYYMMDD/<random>.<ext>`` (the day keeps directories and bucket listings small)."""
+    return f"{time.strftime('%Y%m%d', time.gmtime())}/{uuid.uuid4().hex}.{extension}"
+
+
+class LocalStore:
+    def __init__(self, directory: Path, secret: bytes, ttl_s: int, public_base_url: str | None = None,
+                 clock=time.time):
+        self.directory = Path(directory)
+        self.secret = secret
+        self.ttl_s = ttl_s
+        self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
+        self.clock = clock
+
+    def path(self, key: str) -> Path:
+        if not KEY_PATTERN.match(key):
+            raise ValueError(f"not a storage key: {key!r}")
+        return self.directory / key
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        target = self.path(key)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, target)  # readers never see half a file
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"could not write the image to {self.directory}: {e.strerror or e}") from e
+
+    def signature(self, key: str, expires: int) -> str:
+        return hmac.new(self.secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def url(self, key: str, base_url: str | None = None) -> str:
+        expires = int(self.clock()) + self.ttl_s
+        base = self.public_base_url or (base_url or "").rstrip("/")
+        return f"{base}/v1/outputs/{quote(key)}?expires={expires}&sig={self.signature(key, expires)}"
+
+    def verify(self, key: str, expires: str | None, sig: str | None) -> str | None:
+        """None when the link is valid now, else why not (for the 403's message)."""
+        if not expires or not sig or not expires.isdigit():
+            return "the link is not signed (expires and sig are required)"
+        if not hmac.compare_digest(self.signature(key, int(expires)), sig):
+            return "the link's signature does not match (it was altered, or signed by another server's key)"
+        if int(expires) < self.clock():
+            return "the link has expired; request the image again for a new link"
+        return None
+
+
+class S3Store:
+    def __init__(self, bucket: str, prefix: str = "", ttl_s: int = 3600, client=None, **client_args):
+        self.bucket = bucket
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.client = client if client is not None else s3_client(**client_args)
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data, ContentType=content_type)
+        except (BotoCoreError, ClientError) as e:
+            raise StorageError(f"could not upload the image to s3://{self.bucket}/{self.prefix}: {e}") from e
+
+    def url(self, key: str, base_url: str | None = None) -> str:
+        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket,
+                                                                         "Key": self.prefix + key},
+                                                  ExpiresIn=self.ttl_s)
+
+
+def s3_client(endpoint_url: str | None = None, region: str | None = None, addressing_style: str = "auto"):
+    try:
+        import boto3
+        from botocore.config import Config as BotoConfig
+    except ImportError:
+        raise StorageError("outputs.backend 's3' needs boto3: pip install 'zimage-orchestrator[s3]'") from None
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region,
+                        config=BotoConfig(s3={"addressing_style": addressing_style}, signature_version="s3v4",
+                                          retries={"max_attempts": 3, "mode": "standard"}))
+
+
+def signing_secret(config: OutputsConfig) -> bytes:
+    """The configured secret, else the one kept beside the images (made on first use, readable by this user
+    only), so that links signed before a restart still work after it."""
+    if config.signing_secret:
+        return config.signing_secret.encode()
+    path = Path(config.directory) / ".signing-key"
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_hex(32).encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first: use theirs
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    return secret
+
+
+def store_for(config: OutputsConfig) -> LocalStore | S3Store:
+    """The configured store; ``StorageError`` when it cannot be set up (no boto3, an unwritable directory)."""
+    if config.backend == "s3":
+        s3 = config.s3
+        return S3Store(s3.bucket, s3.prefix, config.url_ttl_s, endpoint_url=s3.endpoint_url, region=s3.region,
+                       addressing_style=s3.addressing_style)
+    try:
+        secret = signing_secret(config)
+    except OSError as e:
+        raise StorageError(f"cannot keep the signing key in {config.directory}: {e.strerror or e}") from e
+    return LocalStore(config.directory, secret, config.url_ttl_s, config.public_base_url)
+
+
+async def run_blocking(fn, *args):
+    """``fn(*args)`` in a worker thread, in the caller's context (its request id stays on the log lines)."""
+    return await asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, fn, *args)
