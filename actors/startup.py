@@ -141,8 +141,7 @@ class StartupMixin:
             comps["controlnet"] = load_controlnet(self.model_cfg, comps["transformer"], devices["transformer"], dtype)
         log.info("replica %s: model from %s (%s) in %.1fs", self.replica_id, resolved.source, resolved.detail,
                  self.load_s)
-        self.engine = ZImageEngine(comps, devices, dtype, remote_encode=self.encoder,
-                                   attention=self.model_cfg.attention)
+        self.engine = ZImageEngine(comps, devices, dtype, remote_encode=self.encoder)
         phase("load")
         self.make_stage_streams()
         plans = self._start_attention_plans() if self.warmup_spec is not None else None
