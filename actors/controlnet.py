@@ -100,12 +100,11 @@ def _mark(packed: PackedTransformer, segs, adaln) -> None:
 def _control_blocks(packed: PackedTransformer, blocks, c, x, adaln, segs):
     """Control blocks over ``c`` (block 0 adds ``before_proj(c)`` to ``x``): returns (hints, c)."""
     _mark(packed, segs, adaln)
-    args = (segs.runs, segs.cu, segs.max_len, None)
     hints = []
     for block in blocks:
         if block.block_id == 0:
             c = block.before_proj(c) + x
-        c = packed.block_fn(block, c, segs.seg, adaln, segs.freqs, args, packed.attention)
+        c = packed.block_fn(block, c, segs.seg, adaln, segs.freqs, segs.runs)
         hints.append(block.after_proj(c))
     return hints, c
 
@@ -116,8 +115,6 @@ def controlled_forward(packed: PackedTransformer, latents: list[torch.Tensor], t
     """``PackedTransformer.__call__`` with ControlNet hints (same arguments and result). Per-request LoRA
     (``layout.lora``) applies to the transformer's own blocks and caption refiner, as on the plain path; the
     ControlNet's own blocks carry no adapters."""
-    if packed.attention == "flex":
-        raise ValueError("ControlNet runs with attention 'runs' or 'varlen'")
     m, cn = packed.model, control.model
     adaln = m.t_embedder(t * m.t_scale).type_as(latents[0])
     x0 = m.all_x_embedder[packed.key](packed.patchify(layout, latents))

@@ -111,8 +111,7 @@ class ZImageEngine:
     """Holds the components and runs encode / denoise / decode. Not thread-safe per stage: callers run at most
     one call of each stage at a time (stages on different devices may run concurrently)."""
 
-    def __init__(self, components: dict, devices: dict[str, str], dtype: torch.dtype, remote_encode=None,
-                 attention: str = "runs"):
+    def __init__(self, components: dict, devices: dict[str, str], dtype: torch.dtype, remote_encode=None):
         """``devices`` maps each component this engine holds to its device. Without a text encoder, the encode
         stage calls ``remote_encode(prompts, negative_prompts, guidance)`` (another replica's encoder)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -128,7 +127,7 @@ class ZImageEngine:
         elif remote_encode is None:
             raise ValueError("an engine without a text encoder needs remote_encode")
         self.transformer = _place(components["transformer"], self.devices["transformer"], dtype)
-        self.packed = PackedTransformer(self.transformer, attention=attention)
+        self.packed = PackedTransformer(self.transformer)
         self.loras = None  # an ``actors.lora.LoraStore`` once the replica enables per-request LoRA
         self.vae = _place(components["vae"], self.devices["vae"], dtype)
         self.controlnet = None  # [controlnet] beside the transformer, sharing its embedders and refiners

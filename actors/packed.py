@@ -2,9 +2,9 @@
 
 ``ZImageTransformer2DModel.forward`` pads every sample of a batch to the longest one and, when lengths differ,
 gives attention a key-padding mask (slow) and the refiners a padded batch. Here the samples' tokens are
-concatenated into one sequence ``[1, T, D]`` with per-sample boundaries (``cu_seqlens``): attention runs per sample
-on exactly that sample's tokens (a variable-length kernel, or one dense call when every sample has the same
-length), so no sample attends to another, no padding is computed, and nothing depends on the batch-mates.
+concatenated into one sequence ``[1, T, D]`` with per-sample boundaries: attention runs per sample on exactly that
+sample's tokens (one dense call per sample, ``run_attention``), so no sample attends to another, no padding is
+computed, and nothing depends on the batch-mates.
 
 The math is the diffusers forward's, step for step (patchify -> x embed + pad token -> noise refiner ->
 caption embed + pad token -> context refiner -> [image, caption] per sample -> main layers -> final layer ->
@@ -31,8 +31,6 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF  # padding multiple of both parts
 
-ATTENTION_IMPLS = ("runs", "varlen", "flex")
-
 
 def _round_up(n: int, m: int = SEQ_MULTI_OF) -> int:
     return -(-n // m) * m
@@ -43,7 +41,6 @@ class Segments:
     """Per-sample boundaries of one packed sequence (in packing order)."""
 
     lens: list[int]
-    cu: torch.Tensor  # int32 [B+1] on the device
     seg: torch.Tensor  # int64 [T]: the sample (in the caller's order) each token belongs to
     freqs: torch.Tensor  # complex64 [1, T, head_dim/2]: RoPE per token
     runs: torch.Tensor  # int64 [R, 3] on the CPU: runs of consecutive equal lengths (``equal_runs``)
@@ -51,10 +48,6 @@ class Segments:
     @property
     def total(self) -> int:
         return sum(self.lens)
-
-    @property
-    def max_len(self) -> int:
-        return max(self.lens)
 
 
 @dataclass
@@ -83,17 +76,11 @@ class PackedLayout:
 
 
 class PackedTransformer:
-    """Runs ``transformer`` (a ``ZImageTransformer2DModel``, possibly with fp8 linears) on packed batches.
+    """Runs ``transformer`` (a ``ZImageTransformer2DModel``, possibly with fp8 linears) on packed batches, attention
+    one dense SDPA call per sample (``run_attention``)."""
 
-    ``attention``: ``runs`` (the default: one dense SDPA call per run of equal-length samples, ``run_attention``),
-    ``varlen`` (torch's variable-length flash attention) or ``flex`` (flex_attention with a document mask); the
-    last two are kept for measurement (``benchmarks/probe_packed.py``)."""
-
-    def __init__(self, transformer, attention: str = "runs", patch_size: int = 2, f_patch_size: int = 1):
-        if attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+    def __init__(self, transformer, patch_size: int = 2, f_patch_size: int = 1):
         self.model = transformer
-        self.attention = attention
         self.patch = patch_size
         self.f_patch = f_patch_size
         self.key = f"{patch_size}-{f_patch_size}"
@@ -107,11 +94,9 @@ class PackedTransformer:
     # ---- layout -----------------------------------------------------------------------------------------
     def _segments(self, pos_ids: list[torch.Tensor], lens: list[int], order: list[int]) -> Segments:
         device = self.device
-        cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
         seg = torch.repeat_interleave(torch.tensor(order), torch.tensor(lens))
         freqs = self.model.rope_embedder(torch.cat(pos_ids, dim=0).to(device)).unsqueeze(0)
-        return Segments(lens, cu.to(device), seg.to(device), freqs, equal_runs(lens))
+        return Segments(lens, seg.to(device), freqs, equal_runs(lens))
 
     def layout(self, latent_shapes: list[tuple[int, int, int]], caption_lens: list[int]) -> PackedLayout:
         """``latent_shapes``: per sample (F, H, W) of its latent; ``caption_lens``: its caption's token count."""
@@ -158,8 +143,6 @@ class PackedTransformer:
                 hint_scale: torch.Tensor | None = None):
         """``blocks`` over the packed ``x``; ``lora``/``group``: the layout's per-sample adapters; ``hints``: block
         index -> a ControlNet hint added (times ``hint_scale``) after that block (actors/controlnet.py)."""
-        mask = _flex_mask(segs) if self.attention == "flex" else None
-        args = (segs.runs, segs.cu, segs.max_len, mask)
         if lora is not None:  # per-sample LoRA (actors/lora.py): the rows' scales, and the adaLN input with them
             rows = lora.rows(segs.seg)
             adaln_lora = None if adaln is None else torch.cat([adaln, lora.scales], dim=1)
@@ -171,9 +154,9 @@ class PackedTransformer:
         for i, block in enumerate(blocks):
             factors = None if lora is None else lora.blocks.get(f"{group}.{i}")
             if factors is None:
-                x = self.block_fn(block, x, segs.seg, adaln, segs.freqs, args, self.attention)
+                x = self.block_fn(block, x, segs.seg, adaln, segs.freqs, segs.runs)
             else:
-                x = self.block_fn(block, x, segs.seg, adaln_lora, segs.freqs, args, self.attention, (rows, factors))
+                x = self.block_fn(block, x, segs.seg, adaln_lora, segs.freqs, segs.runs, (rows, factors))
             if hints is not None and i in hints:
                 x = x + hints[i] * hint_scale
         return x
@@ -251,8 +234,8 @@ class PackedTransformer:
     def prewarm(self, max_image_tokens: int, max_caption: int = 512) -> int:
         """Run attention once at every length of ``sample_lengths``, so cuDNN's per-shape execution plans (about
         49 ms each the first time on an H100) are built on this thread during warm-up, not in the serving path,
-        whatever size a request has. Only on CUDA with the ``runs`` kernel; returns how many lengths it ran."""
-        if self.device.type != "cuda" or self.attention != "runs":
+        whatever size a request has. Only on CUDA; returns how many lengths it ran."""
+        if self.device.type != "cuda":
             return 0
         heads = self.model.n_heads
         dim = self.model.dim // heads
@@ -337,34 +320,6 @@ def equal_runs(lens: list[int]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def _attend(q, k, v, segs_args, impl: str):
-    """q, k, v: [1, T, H, d] -> [1, T, H, d]; attention within each sample's segment."""
-    runs, cu, max_len, mask = segs_args
-    if impl == "runs":
-        return run_attention(q, k, v, runs)
-    if impl == "varlen":
-        from torch.nn.attention.varlen import varlen_attn
-
-        return varlen_attn(q[0], k[0], v[0], cu, cu, max_len, max_len).unsqueeze(0)
-    if impl == "flex":
-        from torch.nn.attention.flex_attention import flex_attention
-
-        return flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                              block_mask=mask).transpose(1, 2)
-    raise ValueError(f"unknown attention implementation {impl!r}")
-
-
-def _flex_mask(segs: Segments):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    seg = segs.seg
-
-    def same_sample(b, h, q_idx, kv_idx):
-        return seg[q_idx] == seg[kv_idx]
-
-    return create_block_mask(same_sample, None, None, segs.total, segs.total, device=seg.device)
-
-
 def _lora_h(x, a, rows):
     """The low-rank activations of every row, each scaled by its sample's scale per adapter column:
     ``(x @ A^T) * rows`` with ``A`` stacking ``k`` inputs' factors ([k*R, in]) -> ``[..., k, R]``."""
@@ -372,7 +327,7 @@ def _lora_h(x, a, rows):
     return h.unflatten(-1, (-1, rows.shape[-1])) * rows.unsqueeze(-2)
 
 
-def _attention(attn, x, freqs, segs_args, impl, lora=None):
+def _attention(attn, x, freqs, runs, lora=None):
     q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
     if lora is not None:  # per-sample LoRA: (rows [T, R], factors) -- actors/lora.py
         rows, f = lora
@@ -388,7 +343,7 @@ def _attention(attn, x, freqs, segs_args, impl, lora=None):
     if freqs is not None:
         q, k = _rope(q, freqs), _rope(k, freqs)
     dtype = q.dtype
-    out = _attend(q, k.to(dtype), v, segs_args, impl).flatten(2, 3).to(dtype)
+    out = run_attention(q, k.to(dtype), v, runs).flatten(2, 3).to(dtype)
     if lora is None:
         return attn.to_out[0](out)
     rows, f = lora
@@ -405,7 +360,7 @@ def _feed_forward(ff, x, lora=None):
     return ff.w2(g) + _lora_h(g, f[9], rows)[..., 0, :] @ f[10].t()
 
 
-def _block_forward(block, x, seg, adaln, freqs, segs_args, impl: str, lora=None):
+def _block_forward(block, x, seg, adaln, freqs, runs, lora=None):
     """One ``ZImageTransformerBlock`` on a packed sequence. ``lora``: None, or ``(rows, factors)`` from
     ``actors/lora.py``; then ``adaln`` carries each sample's LoRA scales after its own columns."""
     if block.modulation:
@@ -418,10 +373,10 @@ def _block_forward(block, x, seg, adaln, freqs, segs_args, impl: str, lora=None)
         scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
         scale_msa, gate_msa = (1.0 + scale_msa)[seg], gate_msa.tanh()[seg]
         scale_mlp, gate_mlp = (1.0 + scale_mlp)[seg], gate_mlp.tanh()[seg]
-        attn_out = _attention(block.attention, block.attention_norm1(x) * scale_msa, freqs, segs_args, impl, lora)
+        attn_out = _attention(block.attention, block.attention_norm1(x) * scale_msa, freqs, runs, lora)
         x = x + gate_msa * block.attention_norm2(attn_out)
         return x + gate_mlp * block.ffn_norm2(_feed_forward(block.feed_forward, block.ffn_norm1(x) * scale_mlp,
                                                             lora))
-    attn_out = _attention(block.attention, block.attention_norm1(x), freqs, segs_args, impl, lora)
+    attn_out = _attention(block.attention, block.attention_norm1(x), freqs, runs, lora)
     x = x + block.attention_norm2(attn_out)
     return x + block.ffn_norm2(_feed_forward(block.feed_forward, block.ffn_norm1(x), lora))

@@ -8,12 +8,15 @@ whether the compiled packed transformer covers every shape with a handful of gra
    per-sample SDPA;
 2. the packed transformer against diffusers' own forward per sample (relative L2 error in bf16);
 3. one denoising step at batch 4, 1024^2: today's path (diffusers forward, regional compile) against the packed
-   path compiled with dynamic shapes, per attention kernel; then mixed batches of new shapes, counting the graphs
-   compiled after the first two batches (the target is zero);
+   path compiled with dynamic shapes; then mixed batches of new shapes, counting the graphs compiled after the
+   first two batches (the target is zero);
 4. peak memory of the packed step per token count, and of one VAE decode per size.
 
-5. ``varied``: four caption lengths against four equal ones at the same token count (attention alone and the
-   compiled step), per attention implementation (e.g. ``runs,streams``).
+5. ``varied``: four caption lengths against four equal ones at the same token count: attention alone per kernel
+   (``impls``, e.g. ``runs,varlen,flex``) and the compiled packed step.
+
+The packed transformer runs one kernel, ``runs`` (``actors.packed.run_attention``); ``varlen`` and ``flex`` live
+here only, to measure it against (``attend``).
 
 Usage: python3 benchmarks/probe_packed.py OUT.json [sections, default attn,err,step,mem; or varied] [impls]
 Prints as it goes and rewrites the JSON after every measurement (a timeout keeps what was done).
@@ -51,8 +54,39 @@ UNIFORM = [4096 + 128] * 4
 MIXED = [4096 + 64, 3072 + 224, 4032 + 96, 1024 + 160]
 
 
+def attend(q, k, v, impl: str, runs, cu=None, max_len=None, mask=None):
+    """q, k, v: [1, T, H, d] -> [1, T, H, d]; attention within each sample's segment, by the replica's kernel
+    (``runs``) or one of those it was measured against: torch's variable-length flash attention (``varlen``, with
+    the boundaries ``cu`` and the longest segment ``max_len``) or flex_attention with a document mask (``flex``,
+    ``mask`` from ``flex_mask``)."""
+    if impl == "runs":
+        from actors.packed import run_attention
+
+        return run_attention(q, k, v, runs)
+    if impl == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn(q[0], k[0], v[0], cu, cu, max_len, max_len).unsqueeze(0)
+    if impl == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                              block_mask=mask).transpose(1, 2)
+    raise ValueError(f"unknown attention implementation {impl!r}")
+
+
+def flex_mask(seg, total: int):
+    """flex_attention's block mask for the packed sequence whose token i belongs to sample ``seg[i]``."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_sample(b, h, q_idx, kv_idx):
+        return seg[q_idx] == seg[kv_idx]
+
+    return create_block_mask(same_sample, None, None, total, total, device=seg.device)
+
+
 def attention_probe():
-    from actors.packed import Segments, _attend, _flex_mask, equal_runs
+    from actors.packed import equal_runs
 
     heads, dim = 30, 128
     for name, lens in (("uniform", UNIFORM), ("mixed", MIXED)):
@@ -60,7 +94,7 @@ def attention_probe():
         q, k, v = (torch.randn(1, total, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         cu = torch.tensor([0] + lens, device="cuda", dtype=torch.int32).cumsum(0).to(torch.int32)
         seg = torch.repeat_interleave(torch.arange(len(lens), device="cuda"), torch.tensor(lens, device="cuda"))
-        segs = Segments(lens, cu, seg, None, equal_runs(lens))
+        runs = equal_runs(lens)
         flops = sum(4 * heads * n * n * dim for n in lens)
         solo = [(q[:, s:s + n].transpose(1, 2), k[:, s:s + n].transpose(1, 2), v[:, s:s + n].transpose(1, 2))
                 for s, n in zip(cu.tolist(), lens)]
@@ -69,12 +103,12 @@ def attention_probe():
                timed(lambda: [F.scaled_dot_product_attention(*a) for a in solo], reps=10) * 1e3)
         for impl in ("runs", "varlen", "flex"):
             def run(impl=impl):
-                mask = _flex_mask(segs) if impl == "flex" else None
-                args = (segs.runs, cu, max(lens), mask)
-                fn = torch.compile(_attend, fullgraph=True, dynamic=False) if impl == "flex" else _attend
-                out = fn(q, k, v, args, impl)
+                mask = flex_mask(seg, total) if impl == "flex" else None
+                args = (runs, cu, max(lens), mask)
+                fn = torch.compile(attend, fullgraph=True, dynamic=False) if impl == "flex" else attend
+                out = fn(q, k, v, impl, *args)
                 record(f"attn_{name}_{impl}_maxerr", float((out.float() - ref.float()).abs().max()))
-                t = timed(lambda: fn(q, k, v, args, impl), reps=10)
+                t = timed(lambda: fn(q, k, v, impl, *args), reps=10)
                 record(f"attn_{name}_{impl}_ms", t * 1e3)
                 record(f"attn_{name}_{impl}_TFLOPs", flops / t / 1e12)
             guarded(f"attn_{name}_{impl}", run)
@@ -117,17 +151,15 @@ def error_probe(eng):
     lat, cap, layout = batch(eng, sizes, caps)
     t = torch.tensor([0.3, 0.6, 0.9], device="cuda")
     with torch.no_grad():
-        for impl in ("runs", "varlen"):
-            def run(impl=impl):
-                eng.packed.attention = impl
-                layout.caption_cache = None
-                out = eng.packed(lat, t, cap, layout)
-                errs = []
-                for i in range(len(sizes)):
-                    ref = eng.transformer([lat[i]], t[i:i + 1], [cap[i]], return_dict=False)[0][0].float()
-                    errs.append(float((out[i].float() - ref).norm() / ref.norm()))
-                record(f"packed_vs_diffusers_{impl}_rel_l2", errs)
-            guarded(f"packed_vs_diffusers_{impl}", run)
+        def run():
+            layout.caption_cache = None
+            out = eng.packed(lat, t, cap, layout)
+            errs = []
+            for i in range(len(sizes)):
+                ref = eng.transformer([lat[i]], t[i:i + 1], [cap[i]], return_dict=False)[0][0].float()
+                errs.append(float((out[i].float() - ref).norm() / ref.norm()))
+            record("packed_vs_diffusers_runs_rel_l2", errs)
+        guarded("packed_vs_diffusers_runs", run)
 
         def floor():  # diffusers against itself: the same sample alone and beside a copy of itself
             errs = []
@@ -138,7 +170,6 @@ def error_probe(eng):
                 errs.append(float((two - one).norm() / one.norm()))
             record("diffusers_solo_vs_batched_rel_l2", errs)
         guarded("diffusers_noise_floor", floor)
-    eng.packed.attention = "runs"
 
 
 def graphs():
@@ -147,7 +178,7 @@ def graphs():
     return int(counters["stats"]["unique_graphs"])
 
 
-def step_probe(eng, impls):
+def step_probe(eng):
     """Today's path and the packed path, one denoising step (one transformer forward) at batch 4 1024^2."""
     from gpu_timing import uncompile
 
@@ -163,9 +194,8 @@ def step_probe(eng, impls):
             record("today_compiled_step_bs4_1024_s", timed(f, reps=5))
             uncompile(eng.transformer)
         guarded("today", today)
-        for impl in impls:
+        for impl in ("runs",):  # the packed transformer's kernel, named in the keys
             torch._dynamo.reset()
-            eng.packed.attention = impl
             eng.packed.compile()
 
             def run(impl=impl):
@@ -198,7 +228,6 @@ def step_probe(eng, impls):
                 record(f"packed_{impl}_graphs_after_warmup", graphs() - g1)
             guarded(f"packed_{impl}", run)
             eng.packed.block_fn = __import__("actors.packed", fromlist=["x"])._block_forward
-    eng.packed.attention = "runs"
 
 
 VARIED = {"u32": [32] * 4, "u96": [96] * 4, "varied": [32, 64, 128, 160]}  # caption tokens of 4 x 1024^2
@@ -207,23 +236,25 @@ VARIED = {"u32": [32] * 4, "u96": [96] * 4, "varied": [32, 64, 128, 160]}  # cap
 def varied_probe(eng, impls):
     """Where a batch of four caption lengths loses against one of four equal ones at the same token count:
     attention alone (four dense calls, one after another or on side streams) and the compiled packed step."""
-    from actors.packed import _attend, equal_runs
+    from actors.packed import equal_runs
 
     heads, dim = 30, 128
     for name, caps in VARIED.items():
         lens = sorted((4096 + c for c in caps), reverse=True)
         q, k, v = (torch.randn(1, sum(lens), heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        args = (equal_runs(lens), None, max(lens), None)
+        seg = torch.repeat_interleave(torch.arange(len(lens), device="cuda"), torch.tensor(lens, device="cuda"))
+        cu = torch.tensor([0] + lens, device="cuda", dtype=torch.int32).cumsum(0).to(torch.int32)
         flops = sum(4 * heads * n * n * dim for n in lens)
         for impl in impls:
-            t = timed(lambda impl=impl: _attend(q, k, v, args, impl), reps=20)
+            args = (equal_runs(lens), cu, max(lens), flex_mask(seg, sum(lens)) if impl == "flex" else None)
+            fn = torch.compile(attend, fullgraph=True, dynamic=False) if impl == "flex" else attend
+            t = timed(lambda impl=impl, fn=fn, args=args: fn(q, k, v, impl, *args), reps=20)
             record(f"varied_attn_{name}_{impl}_ms", t * 1e3)
             record(f"varied_attn_{name}_{impl}_TFLOPs", flops / t / 1e12)
     t4 = torch.full((4,), 0.5, device="cuda")
     with torch.no_grad():
-        for impl in impls:
+        for impl in ("runs",):  # the packed transformer's kernel, named in the keys
             torch._dynamo.reset()
-            eng.packed.attention = impl
             eng.packed.compile()
 
             def run(impl=impl):
@@ -234,7 +265,6 @@ def varied_probe(eng, impls):
                     record(f"varied_step_{name}_{impl}_s", timed(f, reps=8))
             guarded(f"varied_step_{impl}", run)
             eng.packed.block_fn = __import__("actors.packed", fromlist=["x"])._block_forward
-    eng.packed.attention = "runs"
 
 
 def memory_probe(eng):
@@ -281,7 +311,7 @@ def main():
     if "mem" in sections:
         memory_probe(eng)
     if "step" in sections:
-        step_probe(eng, impls)
+        step_probe(eng)
     if "varied" in sections:
         varied_probe(eng, impls)
 

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from placement.planner import COMPONENTS  # defined once, in the pure planner
 
+from .cluster_config import ClusterConfig
 from .config_http import LimitsConfig, RequestDefaults, ServerConfig, _Strict
 from .errors import ConfigError
 from .jobs_config import BatchesConfig, OutputsConfig
@@ -25,64 +26,6 @@ __all__ = ["Config", "ConfigError", "LimitsConfig", "RequestDefaults", "ServerCo
            "load_config"]
 
 DEFAULT_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
-
-class NodeSpec(_Strict):
-    """One node of the inventory the planner places onto."""
-
-    name: str = Field(description="Node name used in plans and errors (a Ray node id or a label you choose).")
-    gpus: int = Field(ge=0, le=64, description="Number of GPUs on the node.")
-    gpu_memory_gib: float = Field(gt=0, le=1024, description="Usable memory of each GPU, GiB.")
-    gpu_type: str = Field(default="", description="Free-form GPU model name, shown in plans.")
-
-
-class ClusterConfig(_Strict):
-    """Where Ray runs: join an existing cluster (``address``) or start a local one."""
-
-    address: str | None = Field(
-        default=None,
-        description="Ray address to join ('auto', 'ray://host:10001', 'host:6379'). None starts a local Ray.",
-    )
-    namespace: str = Field(default="zimage", description="Ray namespace for the deployment's actors.")
-    num_cpus: int | None = Field(default=None, ge=1, le=4096, description="Local Ray only: CPUs to declare.")
-    num_gpus: int | None = Field(
-        default=None,
-        ge=0,
-        le=1024,
-        description="Local Ray only: GPUs to declare. On a CPU-only machine these are logical GPUs, which lets "
-        "placement run without CUDA.",
-    )
-    nodes: list[NodeSpec] | None = Field(
-        default=None,
-        description="The inventory `zimage-orch plan` plans for without Ray; at start-up the plan is made on the "
-        "live cluster (this one is still checked first, so an impossible config fails before any GPU work).",
-    )
-    gpu_memory_gib: float | None = Field(
-        default=None,
-        gt=0,
-        le=1024,
-        description="Memory per GPU to plan the live cluster with. None: probe each node with torch "
-        "(logical GPUs without CUDA count as 24 GiB).",
-    )
-    wait_for_gpus: int | None = Field(
-        default=None,
-        ge=1,
-        le=4096,
-        description="At start-up, wait until the cluster's live nodes have at least this many GPUs before "
-        "planning (nodes that join after the head: KubeRay worker pods, `ray start` on other machines). None: "
-        "plan on the GPUs present when the deployment starts.",
-    )
-    wait_timeout_s: float = Field(
-        default=900.0, gt=0, le=86_400, description="How long to wait for wait_for_gpus before start-up fails."
-    )
-
-    @model_validator(mode="after")
-    def _local_only_fields(self) -> ClusterConfig:
-        if self.address is not None and (self.num_cpus is not None or self.num_gpus is not None):
-            raise ValueError(
-                f"num_cpus/num_gpus declare resources of a local Ray; they cannot be set when joining "
-                f"address={self.address!r}. Remove them, or remove address to start a local Ray."
-            )
-        return self
 
 
 class ControlNetConfig(_Strict):
@@ -179,11 +122,10 @@ class ModelConfig(_Strict):
         "GPUs, fp32 on CPU).",
     )
     low_cpu_mem_usage: bool = Field(default=True, description="Load weights without a full fp32 copy in RAM.")
-    attention: Literal["runs", "varlen", "flex"] = Field(
+    attention: Literal["runs"] = Field(
         default="runs",
-        description="Attention over a packed batch. runs: one dense SDPA call (cuDNN on Hopper) per sample, no "
-        "mask, each sequence length's plan built at warm-up; varlen: torch's variable-length flash attention; flex: "
-        "flex_attention with a per-sample mask. runs measured fastest on an H200 and an H100 (docs/benchmarks.md).",
+        description="Attention over a packed batch: runs, one dense SDPA call (cuDNN on Hopper) per sample, no mask, "
+        "each sequence length's plan built at warm-up; the only kernel the replica runs.",
     )
     compile: bool = Field(
         default=False,
@@ -258,6 +200,14 @@ class ModelConfig(_Strict):
         if self.source != "local" and self.local_path is not None:
             raise ValueError(f"local_path is only used with source='local' (source is {self.source!r})")
         return self
+
+    @field_validator("attention", mode="before")
+    @classmethod
+    def _retired_attention(cls, v: Any) -> Any:
+        if v in ("varlen", "flex"):  # 1.3-2.2x slower than runs on an H200 (benchmarks/probe_packed.py attn)
+            raise ValueError(f"attention {v!r} is no longer offered: 'runs' is the only kernel (set it, or remove "
+                             f"the setting)")
+        return v
 
     @field_validator("loras")
     @classmethod

@@ -190,7 +190,7 @@ class Deployment:
             spec = ReplicaSpec(
                 replica_id=rp.replica_id, node=by_name[rp.node], n_gpus=len(rp.gpus), cpus=d.cpu_per_replica,
                 # no request is larger than the limit, whatever the replica's memory would place: the warm-up builds
-                # what every size up to this needs (actors/worker.py _start_attention_plans)
+                # what every size up to this needs (actors/startup.py _start_attention_plans)
                 max_pixels=min(rp.max_pixels, cfg.limits.max_pixels), max_batch_tokens=rp.max_batch_tokens,
                 # step-level batching: one call per group of requests in its loop or waiting at it (the router
                 # keeps up to STEP_QUEUE_DEPTH running sets' worth there), and one more slot for cancellations

@@ -157,7 +157,7 @@ class StageTimes:
     decode_s: float = 0.0
     total_s: float = 0.0
     image_encode_s: float = 0.0  # the VAE encode of input images (edits), its own stage
-    # Whole-batch calls that take the devices at their denoise stage (no stage pipelining; actors/worker.py): the
+    # Whole-batch calls that take the devices at their denoise stage (no stage pipelining; actors/serving.py): the
     # time the devices stood idle just before this batch took them, by cause. ``idle_encoding_s``: the batch was at
     # the replica but its encode was not done (its encode on the critical path); ``idle_starved_s``: the batch had
     # not reached the replica yet (dispatch, the router or the clients). 0 for a batch that found the devices busy

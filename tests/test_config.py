@@ -113,3 +113,10 @@ def test_lora_slots_default_from_the_configured_adapters():
     assert m.lora_slots == 4
     assert config_from_dict({}).model.lora_slots == 0
     assert config_from_dict({"model": {"lora_max_resident": 2}}).model.lora_slots == 2
+
+
+@pytest.mark.parametrize("value", ["varlen", "flex"])
+def test_retired_attention_kernels_are_refused_by_name(value):
+    with pytest.raises(ConfigError, match=rf"model.attention: .*attention '{value}' is no longer offered"):
+        config_from_dict({"model": {"attention": value}})
+    assert config_from_dict({"model": {"attention": "runs"}}).model.attention == "runs"

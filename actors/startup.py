@@ -1,0 +1,312 @@
+"""A replica's start-up: devices, loading, the speed options (quantization, compile), and the warm-up that runs
+every graph serving will need before the replica reports ready (``WarmupSpec``), with attention's plans and the
+text encoder's shapes built beside it on their stages' threads."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from orchestrator.config import COMPONENTS
+from orchestrator.messages import ReplicaHealth
+
+from .health import _compile_times, _graphs_compiled, bytecode_cache_note
+
+# The replica's log lines keep one logger name whichever part of it writes them: operators filter on it
+# (docs/observability.md).
+log = logging.getLogger("actors.worker")
+
+
+# Prompts of different lengths, so warm-up runs batches whose captions differ (several attention runs).
+WARMUP_PROMPT = ("a detailed photograph of a quiet harbor town at dawn, fishing boats, soft pastel light, "
+                 "mist over the water, seagulls, wide angle lens")
+WARMUP_PROMPTS = ("a red fox", WARMUP_PROMPT, WARMUP_PROMPT + ", " + WARMUP_PROMPT.replace("dawn", "dusk") * 2)
+
+
+@dataclass(frozen=True)
+class WarmupSpec:
+    """What a replica runs before it reports ready: batches that compile every graph serving will need (one image
+    alone; several of one size; several of mixed sizes and prompt lengths), and one decode per size in ``sizes``
+    (the VAE decoder is compiled per size). Sizes above ``max_pixels`` (the replica's plan) are skipped, and
+    batches stay within ``max_batch_tokens``."""
+
+    sizes: tuple[tuple[int, int], ...]  # (width, height); the first is the deployment's default size
+    num_inference_steps: int = 2
+    max_pixels: int = 1 << 40
+    max_batch_tokens: int = 1 << 40
+    max_batch_size: int = 16  # most requests in one batch (the router's max_batch_size)
+
+    def planned_sizes(self) -> list[tuple[int, int]]:
+        """The sizes within the replica's plan (``max_pixels``), in order; the first size if none is."""
+        return [s for s in self.sizes if s[0] * s[1] <= self.max_pixels] or [self.sizes[0]]
+
+    def batches(self) -> list[list[tuple[int, int, str]]]:
+        """The warm-up batches as lists of (width, height, prompt)."""
+        from orchestrator.messages import ImageRequest
+
+        sizes = self.planned_sizes()
+        first = sizes[0]
+        plan = [[(*first, WARMUP_PROMPTS[1])], [(*first, WARMUP_PROMPTS[1])] * 2]
+        mixed = [(w, h, WARMUP_PROMPTS[i % len(WARMUP_PROMPTS)]) for i, (w, h) in enumerate(sizes)]
+        plan.append(mixed)
+        out = []
+        for batch in plan:  # split what would exceed the token budget
+            cur, tokens = [], 0
+            for w, h, p in batch:
+                t = ImageRequest("warmup", p, 0, w, h, self.num_inference_steps, 0.0).tokens
+                if cur and tokens + t > self.max_batch_tokens:
+                    out.append(cur)
+                    cur, tokens = [], 0
+                cur.append((w, h, p))
+                tokens += t
+            out.append(cur)
+        return out
+
+    def encoder_shapes(self, lengths: tuple[int, ...] = (64, 128, 256, 512)) -> list[tuple[int, int]]:
+        """The ``(prompts, padded length)`` shapes the text encoder runs at warm-up
+        (``ZImageEngine.prewarm_encoder``): one prompt, four, a full batch and twice that (guidance's negative
+        prompts), each at padded lengths from short to the longest caption the engine keeps (512 tokens), where a
+        batch of that many prompts of that length at the smallest warm-up size fits the token budget."""
+        from placement.memory import sample_tokens
+
+        w, h = min(self.planned_sizes(), key=lambda s: s[0] * s[1])
+        counts = sorted({1, 4, self.max_batch_size, 2 * self.max_batch_size})
+        return [(b, n) for b in counts for n in lengths
+                if b == 1 or b * sample_tokens(w, h, n) <= self.max_batch_tokens]
+
+
+def choose_devices(device_map: dict[str, int] | None) -> dict[str, str]:
+    """Component -> torch device string, for the components this replica holds (a replica that borrows a
+    shared text encoder has none of its own). GPU indices are local to the replica (Ray sets
+    CUDA_VISIBLE_DEVICES); without CUDA (CPU machines, logical GPUs) every component runs on the CPU."""
+    import torch
+
+    device_map = device_map or dict.fromkeys(COMPONENTS, 0)
+    if not torch.cuda.is_available():
+        return dict.fromkeys(device_map, "cpu")
+    n = torch.cuda.device_count()
+    bad = {c: i for c, i in device_map.items() if i >= n}
+    if bad:
+        raise ValueError(f"device_map {bad} names GPUs this replica does not have (it sees {n})")
+    return {c: f"cuda:{i}" for c, i in device_map.items()}
+
+class StartupMixin:
+    """``PipelineWorker``'s start-up (``start``) and the stage streams it makes."""
+
+    def start(self) -> ReplicaHealth:
+        """Load and warm up. Idempotent: a second call (the deployment re-asking after a timeout) waits for the
+        first and returns the same health."""
+        with self._start_lock:
+            if not self._ready:
+                self._start()
+                self._ready = True
+            return self.health()
+
+    def _start(self) -> None:
+        mark = [time.perf_counter()]
+
+        def phase(name: str) -> None:  # the seconds since the last phase ended, as this phase's
+            now = time.perf_counter()
+            self.startup_s[name] = round(now - mark[0], 3)
+            mark[0] = now
+
+        import torch
+
+        from .engine import ZImageEngine
+        from .loading import load_components, resolve_dtype
+
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        # No algorithm search per convolution shape: with it, the first decode at a size no warm-up ran searched for
+        # 0.5-3.9 s, and the heuristics' choices decoded as fast afterwards (H100, benchmarks/probe_any_size.py).
+        torch.backends.cudnn.benchmark = False
+        devices = choose_devices(self.device_map)
+        if self.memory_fraction and torch.cuda.is_available():
+            for d in set(devices.values()):
+                torch.cuda.set_per_process_memory_fraction(self.memory_fraction, torch.device(d))
+        if torch.cuda.is_available():
+            for d in set(devices.values()):
+                torch.zeros(1, device=d)  # the CUDA context, timed with the imports rather than inside the load
+        phase("imports")
+        note = bytecode_cache_note(torch.__file__)
+        if note:
+            log.warning("replica %s: %s", self.replica_id, note)
+        dtype = resolve_dtype(self.model_cfg.dtype, devices["transformer"])
+        comps, resolved, self.load_s = load_components(self.model_cfg, dtype, devices)
+        if self.model_cfg.controlnet is not None:  # [controlnet] beside the transformer (actors/controlnet.py)
+            from .loading import load_controlnet
+
+            comps["controlnet"] = load_controlnet(self.model_cfg, comps["transformer"], devices["transformer"], dtype)
+        log.info("replica %s: model from %s (%s) in %.1fs", self.replica_id, resolved.source, resolved.detail,
+                 self.load_s)
+        self.engine = ZImageEngine(comps, devices, dtype, remote_encode=self.encoder)
+        phase("load")
+        self.make_stage_streams()
+        plans = self._start_attention_plans() if self.warmup_spec is not None else None
+        # the text encoder's shapes beside the speed options, unless those quantize its weights
+        te_quantized = self.model_cfg.text_encoder_quantization in ("int8", "fp8")
+        encoder_shapes = self._start_encoder_warmup() if self.warmup_spec is not None and not te_quantized else None
+        self._apply_speed_options()
+        self._load_loras()
+        if self.warmup_spec is not None and encoder_shapes is None:
+            encoder_shapes = self._start_encoder_warmup()
+        phase("speed_options")
+        if self.warmup_spec is not None:
+            from .engine import Sample
+
+            _sync_devices(devices)  # what loading made on this thread's stream, before the stages use it on theirs
+            t0 = time.perf_counter()
+            spec = self.warmup_spec
+            batches = spec.batches()
+            if not (self.model_cfg.compile and torch.cuda.is_available()):
+                batches = batches[:1]  # nothing to compile: one image shows the replica works
+            for batch in batches:
+                _, st = self.engine.generate([Sample(p, i, w, h) for i, (w, h, p) in enumerate(batch)],
+                                             spec.num_inference_steps, stage_run=self._warmup_run)
+                # where a warm start goes: the denoise holds the transformer's graphs (traced, then compiled or
+                # loaded from the cache), the decode the VAE decoder's graph for each new size
+                log.info("replica %s: warm-up batch %s: encode %.1fs, denoise %.1fs, decode %.1fs", self.replica_id,
+                         ", ".join(f"{w}x{h}" for w, h, _ in batch), st.encode_s, st.denoise_s, st.decode_s)
+            phase("warmup_batches")
+            if self.engine.controlnet is not None:  # [controlnet] its blocks' graphs, and the control path
+                import numpy as np
+
+                w, h, p = batches[0][0]
+                self.engine.generate([Sample(p, 0, w, h), Sample(p, 1, w, h, control_image=np.full((h, w, 3), 127,
+                                                                                                  np.uint8))],
+                                     spec.num_inference_steps, stage_run=self._warmup_run)
+            if self.engine.loras is not None and self.model_cfg.compile and torch.cuda.is_available():
+                self._warm_up_loras(spec)
+            phase("warmup_extra")
+            n, plans_s = plans.result()  # this phase is what is left of them after the warm-up batches
+            if n:
+                log.info("replica %s: attention plans for %d sequence lengths in %.1fs (beside the speed options "
+                         "and the warm-up batches)", self.replica_id, n, plans_s)
+            phase("attention_plans")
+            shapes = encoder_shapes.result()
+            if shapes:
+                slow = max(shapes, key=lambda x: x[2])
+                log.info("replica %s: text encoder run at %d (prompts, length) shapes in %.1fs on its stage's thread "
+                         "(slowest %dx%d: %.2fs): %s", self.replica_id, len(shapes), sum(x[2] for x in shapes),
+                         slow[0], slow[1], slow[2], ", ".join(f"{b}x{n} {t:.2f}s" for b, n, t in shapes))
+            phase("encoder_shapes")
+            self.warmup_s = time.perf_counter() - t0
+            log.info("replica %s: warmed up in %.1fs (%d batches)", self.replica_id, self.warmup_s, len(batches))
+            if self.model_cfg.compile:
+                log.info("replica %s: torch.compile's time by phase during start-up:\n%s", self.replica_id,
+                         _compile_times())
+        self.compiles_warmup = _graphs_compiled()
+        if self.model_cfg.compile and torch.cuda.is_available():
+            # Nothing compiles after ready: a call no graph covers runs eager, counted (actors/compiled.py).
+            from .compiled import serve_stance
+
+            serve_stance()
+        self._compiles_at_ready = _graphs_compiled()
+        if torch.cuda.is_available():
+            for d in set(devices.values()):
+                torch.cuda.reset_peak_memory_stats(torch.device(d))
+
+    def _start_encoder_warmup(self) -> Future:
+        """Run the text encoder at the warm-up's ``encoder_shapes`` on the encode stage's thread (where serving
+        encodes, with its stream and its per-thread plans), beside what start-up does meanwhile; on CUDA only (on
+        the CPU there is nothing to load per shape). Returns ``[(prompts, length, seconds)]``."""
+        import torch
+
+        if not torch.cuda.is_available() or self.engine.text_encoder is None:
+            done: Future = Future()
+            done.set_result([])
+            return done
+        return self._stages.submit("encode", self.engine.prewarm_encoder, self.warmup_spec.encoder_shapes())
+
+    def _start_attention_plans(self) -> Future:
+        """Build attention's per-shape plans (cuDNN) for every sequence length a sample within the replica's plan
+        can have, on the denoise stage's thread (cuDNN caches plans per thread), beside the speed options and the
+        warm-up batches that run meanwhile on this one (``_warmup_run``): a length first seen while serving would
+        cost its batch about 49 ms of idle GPU (H100, benchmarks/probe_any_size.py), and any size a user picks
+        brings new lengths. A masked call at a few bucket lengths instead ran 1.4-1.9x slower than the exact
+        one. The plans are C++ work that leaves the GIL free. Returns ``(lengths, seconds)``."""
+        max_tokens = self.warmup_spec.max_pixels // (self.engine.size_multiple ** 2)
+        t0 = time.perf_counter()
+
+        def build() -> tuple[int, float]:
+            return self.engine.packed.prewarm(max_tokens), time.perf_counter() - t0
+
+        return self._stages.submit("denoise", build)
+
+    def _warmup_run(self, stage: str, fn, *args, **kwargs):
+        """The warm-up batches' stage runner: the denoise runs on the calling thread, since the denoise stage's
+        own thread is building attention's plans meanwhile (``_start_attention_plans``); the other stages run on
+        their own threads, as in serving. What the warm-up makes per thread (attention's plans for its own
+        lengths, convolution heuristics) is cheap to make again on the serving thread; what it makes per process
+        (the compiled graphs) is shared."""
+        if stage == "denoise":
+            return fn(*args, **kwargs)
+        return self._stages.run(stage, fn, *args, **kwargs)
+
+    def make_stage_streams(self) -> None:
+        """A CUDA stream per stage with stage pipelining; without it only the encode stage's (for serving other
+        replicas' encodes beside this replica's batch). The encode's stream has the higher priority: its kernels are
+        small and a batch waits on it, so the GPU may schedule their blocks ahead of the running denoise's as SMs
+        come free (an encode beside a denoise took 2-10x its time alone, H100, session 8); the denoise loses no
+        more than the encode's own GPU time. Its own effect is not measured: it came with the router's longer lead
+        (``ReplicaWork.ENCODE_COVER``), which made the encodes start earlier, and they did not get shorter."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        devices = self.engine.devices
+        stage_device = {"encode": devices.get("text_encoder"), "denoise": devices["transformer"],
+                        "decode": devices["vae"]}
+        if not self.pipeline_stages:
+            stage_device = {"encode": stage_device["encode"]}
+        self._stages.streams = {s: torch.cuda.Stream(torch.device(d), priority=-1 if s == "encode" else 0)
+                                for s, d in stage_device.items() if d}
+
+    def _apply_speed_options(self) -> None:
+        cfg, transformer = self.model_cfg, self.engine.transformer
+        if cfg.text_encoder_quantization in ("int8", "fp8") and self.engine.text_encoder is not None:
+            from .quantize import encoder_error, quantize_weight_only
+
+            te, mode = self.engine.text_encoder, cfg.text_encoder_quantization
+            self.numerics.update(encoder_error(self.engine, lambda: quantize_weight_only(te, mode)))
+            log.info("replica %s: text encoder %s vs %s: %s", self.replica_id, cfg.text_encoder_quantization,
+                     self.engine.dtype, self.numerics)
+        if cfg.quantization == "fp8":
+            from .quantize import compare, quantize_fp8, reference_output
+
+            reference = reference_output(self.engine)
+            quantize_fp8(transformer, cfg.fp8_backend)
+            self.numerics.update(compare(reference, reference_output(self.engine)))
+            log.info("replica %s: fp8 vs %s: %s", self.replica_id, self.engine.dtype, self.numerics)
+        if cfg.compile and self.engine.devices["transformer"].type == "cuda":
+
+            from .compile_cache import enable_compile_cache
+
+            enable_compile_cache(cfg.compile_cache_dir)
+            self.engine.packed.compile()  # dynamic shapes: three graphs cover every packed batch
+            # Its graph compiles in the first warm-up batch's decode, not beside the transformer's on another
+            # thread: dynamo's tracing is not thread-safe (a warm start failed with "using FX to symbolically trace
+            # a dynamo-optimized function").
+            from .compiled import compile_vae_decoder
+
+            compile_vae_decoder(self.engine.vae)
+
+
+def _sync_devices(devices: dict) -> None:
+    import torch
+
+    for d in {torch.device(d) for d in devices.values() if d is not None}:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process was created (None where psutil is missing)."""
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return None
