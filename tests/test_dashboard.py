@@ -144,6 +144,7 @@ def test_the_panels_cover_what_an_operator_needs():
         "zimage_gpu_memory_bytes", "zimage_gpu_memory_peak_bytes",  # GPU memory
         "sum by (type) (rate(zimage_request_errors_total",  # errors by type
         "zimage_stage_seconds_bucket", "zimage_requests_total",
+        "zimage_eager_fallbacks_total", 'zimage_compilations_total{instance=~"$instance",phase="serving"}',  # misses
     ):
         assert needed in used, needed
 
