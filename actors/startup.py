@@ -249,7 +249,7 @@ class StartupMixin:
         """A CUDA stream per stage with stage pipelining; without it only the encode stage's (for serving other
         replicas' encodes beside this replica's batch). The encode's stream has the higher priority: its kernels are
         small and a batch waits on it, so the GPU may schedule their blocks ahead of the running denoise's as SMs
-        come free (an encode beside a denoise took 2-10x its time alone, H100, session 8); the denoise loses no
+        come free (an encode beside a denoise took 2-10x its time alone on an H100); the denoise loses no
         more than the encode's own GPU time. Its own effect is not measured: it came with the router's longer lead
         (``ReplicaWork.ENCODE_COVER``), which made the encodes start earlier, and they did not get shorter."""
         import torch

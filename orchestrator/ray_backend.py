@@ -145,7 +145,7 @@ def _nvml_memory_gib(gpu_ids: list) -> float | None:
 def probe_gpu_memory_gib(node: RayNode, timeout_s: float = 120.0) -> float:
     """Total memory of one GPU of ``node``; logical GPUs (no CUDA) count as LOGICAL_GPU_MEMORY_GIB. The driver's
     own node answers through NVML here (the inventory took 0.0 s on an H100); any other node, or one NVML
-    cannot answer for, through a task on one of its GPUs (0.5-1.5 s, sessions 10-11)."""
+    cannot answer for, through a task on one of its GPUs (0.5-1.5 s on an H100)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if node.node_id == _driver_node_id():
