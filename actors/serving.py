@@ -143,8 +143,8 @@ class ServingMixin:
         """Whole-batch calls without stage pipelining: one batch at a time on the devices from its denoise stage to
         its end, but its encode (and its input images' VAE encode) before that, beside the previous batch's
         denoise, so a batch's encode is off the critical path (0.06 s for four short prompts at 1024^2 on an H100,
-        0.11-0.14 s for prompts of up to 160 words; docs/benchmarks-history.md). Fills ``gaps`` with how long the devices stood idle
-        before this batch took them, and why (``StageTimes.idle_encoding_s``, ``idle_starved_s``,
+        0.11-0.14 s for prompts of up to 160 words; docs/benchmarks-history.md). Fills ``gaps`` with how long the
+        devices stood idle before this batch took them, and why (``StageTimes.idle_encoding_s``, ``idle_starved_s``,
         ``device_wait_s``)."""
         arrived = time.perf_counter()
         held = contextlib.ExitStack()
