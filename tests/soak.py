@@ -37,8 +37,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 KEY = "sk-soak"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROFILES = {
-    "short": {"slow": 1000, "flood_s": 6, "uploads": 8, "upload_mb": 20, "big_pngs": 3, "registrations": 40,
-              "lora_cap": 8, "hostile": 6, "disconnects": 40, "fuzz": 400},
+    "short": {"slow": 600, "flood_s": 3, "uploads": 6, "upload_mb": 20, "big_pngs": 3, "registrations": 30,
+              "lora_cap": 8, "hostile": 6, "disconnects": 25, "fuzz": 250},
     "long": {"slow": 10_000, "flood_s": 45, "uploads": 30, "upload_mb": 60, "big_pngs": 12, "registrations": 300,
              "lora_cap": 16, "hostile": 40, "disconnects": 1000, "fuzz": 10_000},
 }
