@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.bench import RequestMaker  # noqa: E402
+from orchestrator.benchmark.loadgen import RequestMaker  # noqa: E402
 
 
 def main() -> None:

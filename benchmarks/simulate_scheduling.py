@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.bench import poisson_arrivals  # noqa: E402
+from orchestrator.benchmark.loadgen import poisson_arrivals  # noqa: E402
 from orchestrator.messages import JoinPolicy  # noqa: E402
 
 SIZES = {"512": [(512, 512)], "1024": [(1024, 1024)],

@@ -38,16 +38,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.bench import (  # noqa: E402
+from orchestrator.benchmark.loadgen import (  # noqa: E402
     REALISTIC_SIZES,
     RequestMaker,
-    _environment,
     api_sender,
     closed_loop,
     open_loop,
-    percentile,
     poisson_arrivals,
 )
+from orchestrator.benchmark.report import percentile  # noqa: E402
+from orchestrator.benchmark.run import _environment  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 
 log = logging.getLogger("step_batching")

@@ -84,7 +84,7 @@ async def _run_prompts(config: Config, prompts: list[str], out: Path, params: di
         elapsed = time.perf_counter() - t0
     finally:
         await dep.shutdown()
-    from .bench import summarize
+    from .benchmark.report import summarize
 
     for i, r in enumerate(results):
         if r.ok:
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="with --matrix: print the commands only")
     p.add_argument("--lanes", type=int, default=1, metavar="N",
                    help="with --matrix: run one-GPU entries side by side on N GPUs of this machine, one GPU each")
-    p.set_defaults(fn=lambda a: _lazy("bench").cmd_bench(a))
+    p.set_defaults(fn=lambda a: _lazy("benchmark.run").cmd_bench(a))
 
     _lazy("batch_cli").add_parser(sub)  # `batch`: a resumable batch job (orchestrator/batch_cli.py)
     return ap

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from actors.compiled import Fallbacks, compile_vae_decoder, counted, guarded_module
-from orchestrator.bench_sizes import MENU_MP, bucket_stats, draw_size, request_tflop, size_bucket
+from orchestrator.benchmark.sizes import MENU_MP, bucket_stats, draw_size, request_tflop, size_bucket
 
 
 def _tiny_vae():
@@ -100,7 +100,7 @@ def test_request_arithmetic_matches_the_reference_and_grows_faster_than_pixels()
 
 
 def test_bucket_stats_per_size_bucket():
-    from orchestrator.bench import percentile
+    from orchestrator.benchmark.report import percentile
     from orchestrator.messages import ImageResult
 
     rs = [ImageResult(f"r{i}", True, width=w, height=h, latency_s=t, prompt_tokens=60)

@@ -89,7 +89,7 @@ def test_bench_controlnet_workloads_cpu(tmp_path, tiny_cache):
 
 
 def test_mixed_sizes_and_summary_math():
-    from orchestrator.bench import percentile, summarize
+    from orchestrator.benchmark.report import percentile, summarize
     from orchestrator.messages import ImageResult, StageTimes
 
     rs = [ImageResult(f"q{i}", True, replica_id="r0" if i < 2 else "r1", batch_id=i // 2, batch_size=2,
@@ -104,7 +104,7 @@ def test_mixed_sizes_and_summary_math():
 def test_device_idle_is_summed_without_each_replicas_first_batch():
     """A phase's device idle time by cause, each replica's first batch left out (its gap is the pause before the
     phase)."""
-    from orchestrator.bench import summarize
+    from orchestrator.benchmark.report import summarize
     from orchestrator.messages import ImageResult, StageTimes
 
     def res(i, rid, bid, enc, starved):
@@ -155,7 +155,7 @@ def test_matrix_lanes_run_entries_side_by_side_one_gpu_each(tmp_path):
     """--lanes N: one-GPU entries split over N lanes (longest limit first onto the least-loaded lane), each lane's
     entries one after another on its own GPU (CUDA_VISIBLE_DEVICES), side by side with the other lanes; entries
     that need several GPUs are refused."""
-    from orchestrator.matrix import load_matrix, plan_lanes, run_matrix
+    from orchestrator.benchmark.matrix import load_matrix, plan_lanes, run_matrix
 
     helper = tmp_path / "which_gpu.py"
     helper.write_text("import os, sys, time, pathlib\ntime.sleep(0.5)\n"
@@ -178,7 +178,7 @@ def test_matrix_lanes_run_entries_side_by_side_one_gpu_each(tmp_path):
 
 
 def test_matrix_rejects_unknown_names(tmp_path):
-    from orchestrator.matrix import load_matrix, select
+    from orchestrator.benchmark.matrix import load_matrix, select
 
     matrix = tmp_path / "m.yaml"
     matrix.write_text("runs:\n  a: {bench: --requests 1}\ngroups:\n  g: [a]\n")
@@ -192,7 +192,7 @@ def test_matrix_rejects_unknown_names(tmp_path):
 
 
 def test_shipped_matrix_is_valid():
-    from orchestrator.matrix import load_matrix
+    from orchestrator.benchmark.matrix import load_matrix
 
     entries, groups = load_matrix(ROOT / "benchmarks" / "matrix.yaml")
     assert "traffic" in groups and all(e.timeout_s <= 600 for e in entries.values())
@@ -206,7 +206,7 @@ def test_shipped_matrix_is_valid():
 
 
 def test_steady_throughput_leaves_out_the_first_round():
-    from orchestrator.bench import steady_throughput
+    from orchestrator.benchmark.loadgen import steady_throughput
 
     # concurrency 2: the first round's answers come late (start-up), then one answer every 0.5 s
     done = [3.0, 3.1, 3.6, 4.1, 4.6, 5.1]
@@ -218,7 +218,7 @@ def test_steady_throughput_leaves_out_the_first_round():
 def test_closed_loop_records_completion_times_in_order():
     import asyncio
 
-    from orchestrator.bench import RequestMaker, closed_loop
+    from orchestrator.benchmark.loadgen import RequestMaker, closed_loop
     from orchestrator.config import load_config
 
     async def send(params):
@@ -328,7 +328,7 @@ def test_fcfs_reference_of_a_phases_arrivals():
 def test_phase_ratios_against_the_uniform_phase_of_each_round():
     """--repeat: each phase's MP/s over the uniform phase's of its own round and concurrency, and the spread over
     rounds."""
-    from orchestrator.bench import phase_ratios
+    from orchestrator.benchmark.report import phase_ratios
 
     def run(workload, rnd, mp, conc=8):
         return {"workload": workload, "round": rnd, "concurrency": conc, "rate_rps": None, "megapixels_s": mp}
@@ -391,3 +391,39 @@ def test_probe_vae_compile_runs_on_the_cpu(tmp_path):
     assert list(modes) == ["eager"] and list(modes["eager"]) == ["round1", "round2"]
     for entry in modes["eager"].values():
         assert set(entry["decode_s"]) == {"64x64", "64x96"} and entry["graphs"] == 0
+
+
+def _small_report() -> dict:
+    from dataclasses import asdict
+
+    from orchestrator.benchmark.report import summarize
+    from orchestrator.messages import ImageResult, StageTimes
+
+    rs = [ImageResult(f"q{i}", True, replica_id="r0", batch_id=i, batch_size=1, latency_s=1.0, width=64, height=64,
+                      stage_times=StageTimes(0.1, 0.7, 0.1, 0.9)) for i in range(4)]
+    return {"card": "cpu", "commit": "abc", "config": None, "sizes": ["64x64"],
+            "runs": [asdict(summarize("uniform-c1", rs, elapsed=4.0, concurrency=1))]}
+
+
+def test_report_writes_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from orchestrator.benchmark.report import write_report
+
+    write_report(_small_report(), tmp_path)
+    assert json.loads((tmp_path / "bench.json").read_text())["runs"][0]["images"] == 4
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "bench.png" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_report_without_matplotlib_writes_the_json_and_names_the_extra(tmp_path, capsys, monkeypatch):
+    """matplotlib is the bench extra's: without it the JSON and the table are still written, and the command says
+    how to get the plot."""
+    from orchestrator.benchmark.report import write_report
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # any `import matplotlib...` now fails
+    write_report(_small_report(), tmp_path)
+    assert json.loads((tmp_path / "bench.json").read_text())["runs"][0]["images"] == 4
+    assert not (tmp_path / "bench.png").exists()
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "no bench.png" in last and "pip install 'zimage-orchestrator[bench]'" in last, last

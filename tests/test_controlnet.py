@@ -177,7 +177,7 @@ def test_controlnet_over_http_and_batched_with_plain(ray_cluster, tiny_cache):
         solo = np.asarray(Image.open(io.BytesIO(base64.b64decode(a))))  # within one 8-bit level (fp32 sum order)
         assert np.abs(results[0].image.astype(int) - solo.astype(int)).max() <= 1
 
-        from orchestrator.bench import RequestMaker, http_sender
+        from orchestrator.benchmark.loadgen import RequestMaker, http_sender
 
         async def bench_http():  # `zimage-orch bench --http` sends control requests as generations
             async with httpx.AsyncClient(timeout=60) as h:

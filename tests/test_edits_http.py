@@ -222,7 +222,7 @@ def test_json_edit_with_data_urls(server):
 
 def test_bench_http_sender_sends_edits(server):
     """``zimage-orch bench --http`` sends edit workloads as multipart edits."""
-    from orchestrator.bench import RequestMaker, http_sender
+    from orchestrator.benchmark.loadgen import RequestMaker, http_sender
 
     async def run():
         async with httpx.AsyncClient(timeout=60) as h:

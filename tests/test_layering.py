@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ACTORS_MAY_USE = {"orchestrator.messages", "orchestrator.prompts", "orchestrator.errors", "orchestrator.config",
                   "orchestrator.logging_setup"}
-REACHES_ACTORS = {"ray_backend.py", "bench.py"}
+REACHES_ACTORS = {"ray_backend.py", "benchmark/run.py"}
 
 
 def imports(path: Path) -> set[str]:
@@ -27,9 +27,10 @@ def test_actors_use_only_the_shared_orchestrator_modules():
 
 
 def test_orchestrator_reaches_actors_only_through_ray_backend():
-    for f in (ROOT / "orchestrator").glob("*.py"):
+    for f in (ROOT / "orchestrator").rglob("*.py"):  # the benchmark subpackage's modules too
         if any(m.startswith("actors") for m in imports(f)):
-            assert f.name in REACHES_ACTORS, f.name
+            name = f.relative_to(ROOT / "orchestrator").as_posix()
+            assert name in REACHES_ACTORS, name
 
 
 def test_shared_modules_do_not_import_ray_or_torch():
@@ -37,3 +38,17 @@ def test_shared_modules_do_not_import_ray_or_torch():
         f = ROOT / (name.replace(".", "/") + ".py")
         heavy = {m for m in imports(f) if m.split(".")[0] in ("ray", "torch")}
         assert not heavy, (f.name, heavy)
+
+
+def test_server_imports_no_benchmark_tooling():
+    """The server's runtime needs neither matplotlib (the bench extra) nor the benchmark package. In a fresh
+    interpreter, so modules other tests imported cannot hide an import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, orchestrator.server, orchestrator.deployment; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' "
+            "or m.startswith('orchestrator.benchmark')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
