@@ -37,7 +37,8 @@ COPY pyproject.toml README.md ./
 # every package's bytecode (.pyc) as it installs: keep it that way (no --no-compile, no PYTHONDONTWRITEBYTECODE
 # here), or every replica start compiles torch's and diffusers' sources again (7-11 s more per start on an H100 host;
 # docs/benchmarks.md, session 11).
-# The s3 extra too (boto3): `response_format: url` and batch outputs on an S3-compatible store.
+# The s3 extra too (boto3): `response_format: url` and batch outputs on an S3-compatible store. Not the bench extra
+# (matplotlib): the server never imports the benchmark tooling.
 RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['s3']))" \
       > /tmp/requirements.txt \
