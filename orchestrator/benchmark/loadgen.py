@@ -27,7 +27,6 @@ EDIT_KINDS = {"img2img": ("img2img",), "inpaint": ("inpaint",), "edit-mix": ("t2
               "control": ("control",), "control-mix": ("t2i", "control")}
 
 
-
 class RequestMaker:
     """Deterministic request stream: seed i, size drawn from ``sizes`` (mixed when several), prompt i of the
     bench prompts, or with ``varied`` a prompt of 3 to 160 words."""

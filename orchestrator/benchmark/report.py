@@ -116,7 +116,6 @@ def summarize(label: str, results: list[ImageResult], elapsed: float, concurrenc
     )
 
 
-
 def phase_ratios(report: dict) -> None:
     """Each phase's megapixels/s over the uniform phase's of the same round and concurrency (or rate)
     (``megapixels_vs_uniform``: the realistic-traffic targets), and with several rounds (``--repeat``) per phase
@@ -194,7 +193,6 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
 
 
 def write_report(report: dict, out: Path) -> None:
