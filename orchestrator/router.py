@@ -2,7 +2,9 @@
 
 The loop reads like the policy: expire what timed out, let the scheduler form batches for free replicas,
 dispatch them, wait for something to change. The clock and the replica pool are passed in, so tests run it
-with fakes and a manual clock; the batching decision itself lives in ``scheduler.py``.
+with fakes and a manual clock. The batching decision itself lives in ``scheduler.py``; what the router knows of each
+replica (its outstanding work, its speed) in ``replica_load.py``; the difference between whole batches and
+step-level batching in ``dispatch_policy.py``.
 """
 
 from __future__ import annotations

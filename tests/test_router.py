@@ -366,3 +366,27 @@ async def test_the_router_learns_each_replicas_encode_time_from_its_batches(cloc
     assert not (await router.submit(req(1))).ok
     assert router.load("a").encode_expected() == 0.375
     await router.stop()
+
+
+async def test_a_replicas_books_outlive_its_recovery_and_go_once_it_is_dropped_and_its_work_is_back(clock):
+    """What the router learned of a replica (its speed) survives a recovery, which keeps its id; a replica dropped
+    for good (its id never comes back) leaves no books behind, but not before its outstanding batch returns."""
+    a, b = FakeReplica("a"), FakeReplica("b", manual=True)
+    pool = FakePool(a, b)
+    router = make_router(pool, clock, max_wait_ms=0)
+    assert (await router.submit(req(0))).ok
+    pool.down.add("a")  # recovering: still a member
+    router.wake()
+    t = asyncio.create_task(router.submit(req(1)))
+    await settle()
+    assert router.load("a").rate is not None and router.load("b").outstanding == 1
+    pool.down.discard("a")
+    pool.replicas.remove(b)  # dropped for good, with a batch out
+    router.wake()
+    await settle()
+    assert "b" in router._loads
+    b.release()
+    assert (await t).ok
+    await settle()
+    assert set(router._loads) == {"a"}
+    await router.stop()
