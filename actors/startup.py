@@ -251,7 +251,7 @@ class StartupMixin:
         small and a batch waits on it, so the GPU may schedule their blocks ahead of the running denoise's as SMs
         come free (an encode beside a denoise took 2-10x its time alone on an H100); the denoise loses no
         more than the encode's own GPU time. Its own effect is not measured: it came with the router's longer lead
-        (``ReplicaWork.ENCODE_COVER``), which made the encodes start earlier, and they did not get shorter."""
+        (``replica_load.ENCODE_COVER``), which made the encodes start earlier, and they did not get shorter."""
         import torch
 
         if not torch.cuda.is_available():

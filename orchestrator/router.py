@@ -2,7 +2,9 @@
 
 The loop reads like the policy: expire what timed out, let the scheduler form batches for free replicas,
 dispatch them, wait for something to change. The clock and the replica pool are passed in, so tests run it
-with fakes and a manual clock; the batching decision itself lives in ``scheduler.py``.
+with fakes and a manual clock. The batching decision itself lives in ``scheduler.py``; what the router knows of each
+replica (its outstanding work, its speed) in ``replica_load.py``; the difference between whole batches and
+step-level batching in ``dispatch_policy.py``.
 """
 
 from __future__ import annotations
@@ -11,27 +13,24 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Protocol
 
 from .config import RouterConfig
+from .dispatch_policy import STEP_QUEUE_DEPTH, DispatchPolicy, policy
 from .errors import NotReadyError, QueueFullError, ReplicaHungError, ReplicaUnavailableError
 from .logging_setup import batch_log_context
 from .messages import INTERACTIVE, Batch, BatchResult, FailureKind, ImageRequest, ImageResult, StepProgress
+from .replica_load import ReplicaLoad
 from .scheduler import BatchScheduler, Pending, ReplicaCapacity
+
+__all__ = ["STEP_QUEUE_DEPTH", "Clock", "MonotonicClock", "Replica", "ReplicaPool", "Router", "RouterObserver"]
 
 log = logging.getLogger(__name__)
 
 
 # ---- what the router needs from the outside world ----------------------------------------------------------
-# Step-level batching: the router keeps up to this many running sets' worth of requests (tokens and images) at a
-# replica: its running set and what waits there, encoded, to join or to start the next set the moment there is room
-# (a sample holds its room until its result is back, decode included: with only one set's worth the loop would run
-# below its budget whenever samples decode).
-STEP_QUEUE_DEPTH = 2
-
 class Clock(Protocol):
     def now(self) -> float: ...
 
@@ -92,90 +91,6 @@ class RouterObserver:
         """Step-level batching: a replica's loop has nothing left to run."""
 
 
-class BatchTimer:
-    """How long a batch may run before it counts as hung: ``hang_factor`` times the expected time, learned per
-    replica as seconds per (tokens x steps) of its finished batches, never under ``hang_min_s``."""
-
-    def __init__(self, config: RouterConfig):
-        self.factor = config.hang_factor
-        self.floor = config.hang_min_s
-        self.first = config.first_batch_timeout_s
-        self._rate: dict[str, float] = {}
-        self._encode: dict[str, float] = {}  # replica -> seconds of a batch's encodes (moving average)
-
-    @staticmethod
-    def work(batch: Batch) -> float:
-        return batch.tokens * batch.key.num_inference_steps
-
-    def limit(self, replica_id: str, batch: Batch) -> float:
-        rate = self._rate.get(replica_id)
-        if rate is None:
-            return self.first
-        return max(self.floor, self.factor * rate * self.work(batch))
-
-    def expected(self, replica_id: str, batch: Batch) -> float | None:
-        """The batch's expected compute time on this replica, once one batch has been timed there."""
-        rate = self._rate.get(replica_id)
-        return None if rate is None else rate * self.work(batch)
-
-    def observe(self, replica_id: str, batch: Batch, seconds: float, encode_s: float = 0.0) -> None:
-        rate = seconds / max(1.0, self.work(batch))
-        old = self._rate.get(replica_id)
-        self._rate[replica_id] = rate if old is None else 0.8 * old + 0.2 * rate
-        if encode_s > 0:
-            old = self._encode.get(replica_id)
-            self._encode[replica_id] = encode_s if old is None else 0.8 * old + 0.2 * encode_s
-
-    def encode_expected(self, replica_id: str) -> float:
-        """The replica's recent encode time per batch, its prompts' and any input images' (0 before one has been
-        timed): the work a batch does before it needs the devices."""
-        return self._encode.get(replica_id, 0.0)
-
-
-class ReplicaWork:
-    """When a replica's dispatched work will be done, estimated from the expected time of each outstanding batch:
-    they run one after another, from when the head (the oldest outstanding batch) started, which is when the batch
-    before it came back, or when it was dispatched to an idle replica. The scheduler uses it to hand a busy replica a
-    partial batch only near the end of its work: ``partial_after`` is ``head start + sum(expected) - lead``, where the
-    lead is ``LEAD`` (a quarter) of the last outstanding batch's expected time plus ``ENCODE_COVER`` times the
-    replica's recent encode time. The batch sent then must be encoded before the devices come free: its encode runs
-    beside the running batch, and there it takes several times its time alone and varies from batch to batch (H100,
-    fp8, 1024^2, four prompts of 3-160 words: 0.11-1.43 s, p50 0.46 s, against 0.11-0.14 s alone). With a quarter
-    alone, batches of long prompts reached the replica too late and it stood idle 0.2 s a batch waiting for their
-    encodes (docs/benchmarks-history.md)."""
-
-    LEAD = 0.25  # a partial batch may go once the last outstanding batch is within this fraction of its expected end
-    ENCODE_COVER = 2.0  # ... plus this many of the replica's recent encode times
-
-    def __init__(self, timer: BatchTimer):
-        self.timer = timer
-        self._batches: dict[str, dict[int, Batch]] = {}  # replica -> outstanding batches by id, in dispatch order
-        self._head_since: dict[str, float] = {}
-
-    def dispatched(self, replica_id: str, batch: Batch, now: float) -> None:
-        queue = self._batches.setdefault(replica_id, {})
-        if not queue:
-            self._head_since[replica_id] = now
-        queue[batch.batch_id] = batch
-
-    def returned(self, replica_id: str, batch_id: int, now: float) -> None:
-        """Only the head's return starts the next batch; one behind it that came back first (it failed at once,
-        its replica was lost) changes nothing about when the head started."""
-        queue = self._batches.get(replica_id, {})
-        head = next(iter(queue), None)
-        queue.pop(batch_id, None)
-        if batch_id == head:
-            self._head_since[replica_id] = now
-
-    def partial_after(self, replica_id: str) -> float | None:
-        """None while nothing is outstanding or no batch has been timed on this replica yet."""
-        times = [self.timer.expected(replica_id, b) for b in self._batches.get(replica_id, {}).values()]
-        if not times or times[0] is None:
-            return None
-        lead = self.LEAD * times[-1] + self.ENCODE_COVER * self.timer.encode_expected(replica_id)
-        return self._head_since[replica_id] + sum(times) - lead
-
-
 # ---- the router --------------------------------------------------------------------------------------------
 class Router:
     def __init__(
@@ -195,29 +110,39 @@ class Router:
         self.max_inflight = max_inflight_batches
         self.scheduler = BatchScheduler(config.max_batch_size, config.max_wait_ms / 1000.0, config.queue_limit,
                                         max_batch_adapters)
-        self.timer = BatchTimer(config)
-        self.work = ReplicaWork(self.timer)
-        self._outstanding: dict[str, int] = {}
-        self._last_used: dict[str, int] = {}
+        self._loads: dict[str, ReplicaLoad] = {}  # replica_id -> its books (replica_load.py)
+        self._roster_changed = False  # a replica came or went: forget those gone for good
         self._running: dict[str, Pending] = {}  # request_id -> pending, dispatched and not yet answered
         self._batch_ids = itertools.count()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._inflight_tasks: set[asyncio.Task] = set()
         self._accepting = True
-        # Step-level batching (router.scheduling=step; the benchmark switches it on a warm deployment): what each
-        # replica's running set holds, so new work joins within its budget, and where each request runs.
-        self.scheduling = config.scheduling
-        self._inflight_tokens: dict[str, int] = {}
-        self._inflight_images: dict[str, int] = {}
-        self._inflight_adapters: dict[str, Counter] = {}  # replica_id -> LoRA adapter -> dispatched requests naming it
+        self._policy: DispatchPolicy
+        self.scheduling = config.scheduling  # whole batches or step-level batching (dispatch_policy.py)
         self._where: dict[str, str] = {}  # request_id -> replica_id, while dispatched
-        self._loop_steps: dict[str, int] = {}  # replica_id -> latest loop step seen (metrics count each once)
         # (replicas, seconds, batch): while an interactive request arrived within the last `seconds`, batch-job work
         # leaves this many replicas idle for interactive requests (never the last live replica) and runs in batches
         # of at most `batch` images (None: max_batch_size) (scheduler.py, Priority)
         self.interactive_reserve = interactive_reserve
         self._last_interactive = float("-inf")
+
+    @property
+    def scheduling(self) -> str:
+        return self._policy.name
+
+    @scheduling.setter
+    def scheduling(self, value: str) -> None:
+        # Settable on a running router (the step-batching benchmark switches it on a warm deployment): the books
+        # are kept the same way in both modes, so batches already out finish under the policy they left with.
+        self._policy = policy(value, self.config, self.scheduler, self.max_inflight)
+
+    def load(self, replica_id: str) -> ReplicaLoad:
+        """The router's books on a replica (made on first sight)."""
+        load = self._loads.get(replica_id)
+        if load is None:
+            load = self._loads[replica_id] = ReplicaLoad(replica_id)
+        return load
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -249,7 +174,8 @@ class Router:
             self._finish(p, self._error_result(p, "the deployment shut down", FailureKind.NOT_READY))
 
     def wake(self) -> None:
-        """Something changed outside (a replica came back): reconsider dispatch now."""
+        """Something changed outside (a replica came back or left): reconsider dispatch now."""
+        self._roster_changed = True
         self._wake.set()
 
     @property
@@ -337,6 +263,8 @@ class Router:
             self._wake.clear()
             try:
                 now = self.clock.now()
+                if self._roster_changed:
+                    self._forget_gone()
                 self._expire(now)
                 # Until nothing more is ready: one pass gives each free replica at most one batch, and a replica
                 # that keeps several in flight may take another at once.
@@ -362,31 +290,26 @@ class Router:
 
     def _dispatch(self, replica_id: str, pendings: list[Pending], now: float) -> None:
         replica = self._replica(replica_id)
-        batch = Batch(next(self._batch_ids), tuple(p.request for p in pendings), joinable=self.scheduling == "step")
+        batch = Batch(next(self._batch_ids), tuple(p.request for p in pendings), joinable=self._policy.joinable)
         for p in pendings:
             p.attempts += 1
             self._running[p.request.request_id] = p
             self._where[p.request.request_id] = replica_id
-        self._outstanding[replica_id] = self._outstanding.get(replica_id, 0) + 1
-        self._inflight_tokens[replica_id] = self._inflight_tokens.get(replica_id, 0) + batch.tokens
-        self._inflight_images[replica_id] = self._inflight_images.get(replica_id, 0) + len(batch)
-        if self.scheduler.max_adapters is not None:  # (read only where the adapters are limited)
-            self._inflight_adapters.setdefault(replica_id, Counter()).update(_adapters(batch))
-        self._last_used[replica_id] = batch.batch_id
-        self.work.dispatched(replica_id, batch, now)
+        load = self.load(replica_id)
+        load.dispatched(batch, now, count_adapters=self.scheduler.max_adapters is not None)
         self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings])
         with batch_log_context(batch):  # the batch task's log lines carry its requests' ids
             log.debug("batch %d: %d images, %d tokens, %s -> %s", batch.batch_id, len(batch), batch.tokens,
                       batch.key, replica_id)
-            task = asyncio.get_running_loop().create_task(self._run(replica, batch, pendings))
+            task = asyncio.get_running_loop().create_task(self._run(replica, load, batch, pendings))
         self._inflight_tasks.add(task)
         task.add_done_callback(self._inflight_tasks.discard)
 
-    async def _run(self, replica: Replica, batch: Batch, pendings: list[Pending]) -> None:
+    async def _run(self, replica: Replica, load: ReplicaLoad, batch: Batch, pendings: list[Pending]) -> None:
         out = None
         try:
             try:
-                out = await self._run_watched(replica, batch, pendings)
+                out = await self._run_watched(replica, load, batch, pendings)
             except ReplicaUnavailableError as e:
                 log.warning("replica %s lost during batch %d (%s); re-dispatching %d request(s)",
                             replica.replica_id, batch.batch_id, e, len(pendings))
@@ -403,22 +326,20 @@ class Router:
             self._deliver(batch, pendings, out)
         finally:
             rid = replica.replica_id
-            self._outstanding[rid] = max(0, self._outstanding.get(rid, 1) - 1)
-            self._inflight_tokens[rid] = max(0, self._inflight_tokens.get(rid, 0) - batch.tokens)
-            self._inflight_images[rid] = max(0, self._inflight_images.get(rid, 0) - len(batch))
-            if rid in self._inflight_adapters:
-                self._inflight_adapters[rid] -= _adapters(batch)  # (drops the adapters no request names now)
+            load.returned(batch, self.clock.now())
             for p in pendings:
                 if self._where.get(p.request.request_id) == rid:
                     del self._where[p.request.request_id]
-            if batch.joinable and not self._inflight_images[rid]:
+            if batch.joinable and not load.images:
                 self.observer.loop_idle(rid)
-                self._loop_steps.pop(rid, None)  # a restarted replica's loop counts its steps from 0 again
-            self.work.returned(replica.replica_id, batch.batch_id, self.clock.now())
+                load.loop_step = 0  # a restarted replica's loop counts its steps from 0 again
+            if load.leaving and not load.outstanding and self._loads.get(rid) is load:
+                del self._loads[rid]
             self.observer.batch_done(replica.replica_id, out)
             self._wake.set()
 
-    async def _run_watched(self, replica: Replica, batch: Batch, pendings: list[Pending]) -> BatchResult:
+    async def _run_watched(self, replica: Replica, load: ReplicaLoad, batch: Batch,
+                           pendings: list[Pending]) -> BatchResult:
         """Run the batch; raise ``ReplicaHungError`` if it outlives the hang limit. A joinable batch (step-level
         batching) always streams progress: every step restarts its hang clock, and the first step and the loop's
         occupancy feed the metrics."""
@@ -433,8 +354,7 @@ class Router:
                 now = self.clock.now()
                 for p in pendings:
                     self.observer.first_step(replica.replica_id, now - p.enqueued_at)
-            if ev.loop_step > self._loop_steps.get(replica.replica_id, 0):
-                self._loop_steps[replica.replica_id] = ev.loop_step
+            if load.stepped(ev.loop_step):
                 self.observer.loop_step(replica.replica_id, ev.running, ev.joined)
             for f in listeners:
                 f(ev)
@@ -444,7 +364,8 @@ class Router:
         else:
             call = replica.run(batch)
         run = asyncio.ensure_future(call)
-        limit = self.timer.limit(replica.replica_id, batch)
+        limit = load.hang_limit(batch, self.config.hang_factor, self.config.hang_min_s,
+                                self.config.first_batch_timeout_s)
         started = self.clock.now()
         while True:
             alarm = asyncio.ensure_future(self.clock.sleep(limit))
@@ -466,8 +387,7 @@ class Router:
         out = run.result()
         if out.results and all(r.ok for r in out.results):
             st = out.stage_times  # (an edit's input images are encoded before its denoise too)
-            self.timer.observe(replica.replica_id, batch, st.total_s or self.clock.now() - started,
-                               st.encode_s + st.image_encode_s)
+            load.observe(batch, st.total_s or self.clock.now() - started, st.encode_s + st.image_encode_s)
         return out
 
     def _deliver(self, batch: Batch, pendings: list[Pending], out: BatchResult) -> None:
@@ -534,54 +454,27 @@ class Router:
                 return r
         raise KeyError(replica_id)
 
-    def _capacities(self, partial: bool = True) -> list[ReplicaCapacity]:
-        """Each live replica's capacity; ``partial``: with when it takes a partial batch (whole-batch mode only)."""
-        return [
-            ReplicaCapacity(r.replica_id, r.max_pixels, r.max_batch_tokens, self._outstanding.get(r.replica_id, 0),
-                            self._last_used.get(r.replica_id, -1),
-                            self.work.partial_after(r.replica_id) if partial else None)
-            for r in self.pool.live()
-        ]
-
     def _free(self) -> list[ReplicaCapacity]:
-        if self.scheduling == "step":
-            return self._room()
-        return [c for c in self._capacities() if c.outstanding < self.max_inflight]
+        """The live replicas that may take work now, as the policy sees their room."""
+        return self._policy.free([(r, self.load(r.replica_id)) for r in self.pool.live()])
 
-    def _room(self) -> list[ReplicaCapacity]:
-        """Step-level batching: each live replica with room (``STEP_QUEUE_DEPTH`` running sets' worth of tokens
-        and samples, less what it holds), as a capacity of that room (tokens, samples and distinct LoRA adapters
-        left: what it holds names at most the scheduler's ``max_adapters``, the resident slots its memory plan
-        counts; one call never exceeds one running set's budget). The oldest waiting request is never overtaken: a
-        replica that could run it but has no room for it yet takes nothing new until it has (its running samples
-        leave within their steps)."""
-        oldest = self.scheduler.oldest()
-        out = []
-        for c in self._capacities(partial=False):
-            tokens = STEP_QUEUE_DEPTH * c.max_batch_tokens - self._inflight_tokens.get(c.replica_id, 0)
-            images = STEP_QUEUE_DEPTH * self.config.max_batch_size - self._inflight_images.get(c.replica_id, 0)
-            if images <= 0 or tokens <= 0:
-                continue
-            # an idle replica takes any request it can run, even one over its budget or adapter limit (it runs
-            # alone); a busy one, what joins its running set within its room
-            budget = min(tokens, c.max_batch_tokens) if c.outstanding else c.max_batch_tokens
-            adapters = frozenset(self._inflight_adapters.get(c.replica_id, ())) \
-                if c.outstanding and self.scheduler.max_adapters is not None else None
-            # partial_after (whole-batch mode's wait for a busy replica's batch to near its end) does not apply:
-            # work joins a running loop at its next step
-            room = replace(c, max_batch_tokens=budget, max_images=min(images, self.config.max_batch_size),
-                           adapters=adapters)
-            if c.outstanding and oldest is not None and c.fits(oldest.request) \
-                    and not self.scheduler.admits(room, oldest.request):
-                continue
-            out.append(room)
-        return out
+    def _forget_gone(self) -> None:
+        """Drop the books of replicas that left the deployment for good (a dropped replica's id never comes back);
+        one with batches still out goes when the last returns. A replica that is only recovering keeps its books:
+        what it learned of its speed still holds when it is back."""
+        self._roster_changed = False
+        members = {r.replica_id for r in self.pool.members()}
+        for rid, load in list(self._loads.items()):
+            if rid not in members:
+                load.leaving = True
+                if not load.outstanding:
+                    del self._loads[rid]
 
     def _cancel_running(self, p: Pending) -> None:
         """Step-level batching: a dispatched request whose caller went away (or that timed out) leaves its replica's
         loop at the next step, freeing its room."""
         replica_id = self._where.get(p.request.request_id)
-        if self.scheduling != "step" or replica_id is None:
+        if not self._policy.cancels_running or replica_id is None:
             return
         try:
             replica = self._replica(replica_id)
@@ -633,14 +526,7 @@ class Router:
                f"(router.request_timeout_s or the request's timeout)", FailureKind.TIMEOUT)
 
 
-def _adapters(batch: Batch) -> Counter:
-    """The LoRA adapters a batch names, each counted once per request naming it."""
-    return Counter(name for r in batch.requests for name in r.adapter_names)
-
-
 def _with_times(r: ImageResult, p: Pending, now: float, error: str | None = None) -> ImageResult:
-    from dataclasses import replace
-
     latency = now - p.enqueued_at
     queue = max(0.0, latency - r.stage_times.total_s)
     return replace(r, queue_s=queue, latency_s=latency, attempts=p.attempts,

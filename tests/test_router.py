@@ -311,23 +311,22 @@ def test_only_the_head_batch_returning_restarts_the_estimate_of_a_replicas_work(
     quarter of the last one's. A batch behind the head that comes back first (it failed at once) takes its own time
     off the sum but does not move the head's start."""
     from orchestrator.messages import Batch
-    from orchestrator.router import BatchTimer, ReplicaWork
+    from orchestrator.replica_load import ReplicaLoad
 
-    timer = BatchTimer(RouterConfig())
     batch = lambda i: Batch(i, (req(i),))  # noqa: E731
-    timer.observe("a", batch(0), 4.0)  # 4 s for each such batch
-    work = ReplicaWork(timer)
-    assert work.partial_after("a") is None  # nothing outstanding
-    work.dispatched("a", batch(1), 10.0)
-    work.dispatched("a", batch(2), 10.5)
-    work.dispatched("a", batch(3), 11.0)
-    assert work.partial_after("a") == pytest.approx(10.0 + 12.0 - 1.0)
-    work.returned("a", 3, 12.0)  # the last one, back early: the head still runs since 10
-    assert work.partial_after("a") == pytest.approx(10.0 + 8.0 - 1.0)
-    work.returned("a", 1, 14.0)  # the head: batch 2 runs from now
-    assert work.partial_after("a") == pytest.approx(14.0 + 4.0 - 1.0)
-    work.returned("a", 2, 17.0)
-    assert work.partial_after("a") is None
+    work = ReplicaLoad("a")
+    work.observe(batch(0), 4.0)  # 4 s for each such batch
+    assert work.partial_after() is None  # nothing outstanding
+    work.dispatched(batch(1), 10.0)
+    work.dispatched(batch(2), 10.5)
+    work.dispatched(batch(3), 11.0)
+    assert work.partial_after() == pytest.approx(10.0 + 12.0 - 1.0)
+    work.returned(batch(3), 12.0)  # the last one, back early: the head still runs since 10
+    assert work.partial_after() == pytest.approx(10.0 + 8.0 - 1.0)
+    work.returned(batch(1), 14.0)  # the head: batch 2 runs from now
+    assert work.partial_after() == pytest.approx(14.0 + 4.0 - 1.0)
+    work.returned(batch(2), 17.0)
+    assert work.partial_after() is None
 
 
 def test_the_lead_for_a_partial_batch_covers_the_replicas_recent_encodes():
@@ -335,21 +334,20 @@ def test_the_lead_for_a_partial_batch_covers_the_replicas_recent_encodes():
     quarter of the last batch's expected time plus twice the replica's moving average of its encode times (an
     encode beside a running batch takes several times its time alone, and varies)."""
     from orchestrator.messages import Batch
-    from orchestrator.router import BatchTimer, ReplicaWork
+    from orchestrator.replica_load import ReplicaLoad
 
-    timer = BatchTimer(RouterConfig())
     batch = lambda i: Batch(i, (req(i),))  # noqa: E731
-    timer.observe("a", batch(0), 4.0)  # no encode time reported (a remote encoder, a failed batch): no cover
-    work = ReplicaWork(timer)
-    work.dispatched("a", batch(1), 10.0)
-    assert work.partial_after("a") == pytest.approx(10.0 + 4.0 - 1.0)
-    timer.observe("a", batch(0), 4.0, encode_s=0.5)
-    assert timer.encode_expected("a") == 0.5
-    assert work.partial_after("a") == pytest.approx(10.0 + 4.0 - 1.0 - 2 * 0.5)
-    timer.observe("a", batch(0), 4.0, encode_s=1.5)  # a slow one moves the average by a fifth of the difference
-    assert timer.encode_expected("a") == pytest.approx(0.7)
-    assert work.partial_after("a") == pytest.approx(10.0 + 4.0 - 1.0 - 2 * 0.7)
-    assert timer.encode_expected("b") == 0.0  # per replica
+    work = ReplicaLoad("a")
+    work.observe(batch(0), 4.0)  # no encode time reported (a remote encoder, a failed batch): no cover
+    work.dispatched(batch(1), 10.0)
+    assert work.partial_after() == pytest.approx(10.0 + 4.0 - 1.0)
+    work.observe(batch(0), 4.0, encode_s=0.5)
+    assert work.encode_expected() == 0.5
+    assert work.partial_after() == pytest.approx(10.0 + 4.0 - 1.0 - 2 * 0.5)
+    work.observe(batch(0), 4.0, encode_s=1.5)  # a slow one moves the average by a fifth of the difference
+    assert work.encode_expected() == pytest.approx(0.7)
+    assert work.partial_after() == pytest.approx(10.0 + 4.0 - 1.0 - 2 * 0.7)
+    assert ReplicaLoad("b").encode_expected() == 0.0  # per replica
 
 
 async def test_the_router_learns_each_replicas_encode_time_from_its_batches(clock):
@@ -360,11 +358,35 @@ async def test_the_router_learns_each_replicas_encode_time_from_its_batches(cloc
     a = FakeReplica("a")
     a.stage_times = StageTimes(encode_s=0.25, image_encode_s=0.125, denoise_s=2.0, total_s=2.375)
     router = make_router(FakePool(a), clock, max_wait_ms=0)
-    assert router.timer.encode_expected("a") == 0.0
+    assert router.load("a").encode_expected() == 0.0
     await router.submit(req(0))
-    assert router.timer.encode_expected("a") == 0.375
+    assert router.load("a").encode_expected() == 0.375
     a.error_type = "replica_error"  # a failed batch's times teach it nothing
     a.stage_times = StageTimes(encode_s=5.0, total_s=5.0)
     assert not (await router.submit(req(1))).ok
-    assert router.timer.encode_expected("a") == 0.375
+    assert router.load("a").encode_expected() == 0.375
+    await router.stop()
+
+
+async def test_a_replicas_books_outlive_its_recovery_and_go_once_it_is_dropped_and_its_work_is_back(clock):
+    """What the router learned of a replica (its speed) survives a recovery, which keeps its id; a replica dropped
+    for good (its id never comes back) leaves no books behind, but not before its outstanding batch returns."""
+    a, b = FakeReplica("a"), FakeReplica("b", manual=True)
+    pool = FakePool(a, b)
+    router = make_router(pool, clock, max_wait_ms=0)
+    assert (await router.submit(req(0))).ok
+    pool.down.add("a")  # recovering: still a member
+    router.wake()
+    t = asyncio.create_task(router.submit(req(1)))
+    await settle()
+    assert router.load("a").rate is not None and router.load("b").outstanding == 1
+    pool.down.discard("a")
+    pool.replicas.remove(b)  # dropped for good, with a batch out
+    router.wake()
+    await settle()
+    assert "b" in router._loads
+    b.release()
+    assert (await t).ok
+    await settle()
+    assert set(router._loads) == {"a"}
     await router.stop()
