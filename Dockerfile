@@ -43,6 +43,7 @@ RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['s3']))" \
       > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
+COPY zimage_common ./zimage_common
 COPY orchestrator ./orchestrator
 COPY placement ./placement
 COPY actors ./actors

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orchestrator.messages import start_step, steps_run
+from zimage_common.messages import start_step, steps_run
 
 __all__ = ["Conditioning", "encode_conditions", "encode_controls", "start_step", "steps_run"]
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
 
-from orchestrator.messages import StageTimes
+from zimage_common.messages import StageTimes
 
 from .conditioning import Conditioning, encode_conditions, encode_controls
 from .controlnet import PackedControl, forward

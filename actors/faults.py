@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import Callable
 
-from orchestrator.messages import Batch
+from zimage_common.messages import Batch
 
 
 class InjectedOutOfMemory(RuntimeError):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from orchestrator.messages import ReplicaHealth
+from zimage_common.messages import ReplicaHealth
 
 from .compiled import FALLBACKS
 

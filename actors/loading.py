@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.config import ModelConfig
-from orchestrator.errors import ConfigError
+from zimage_common.config import ModelConfig
+from zimage_common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from orchestrator.config import ModelConfig
+from zimage_common.config import ModelConfig
 
 from .startup import WARMUP_PROMPT, WARMUP_PROMPTS, WarmupSpec, _sync_devices
 
@@ -58,7 +58,7 @@ class LoraRegistryMixin:
         never a replica fault), said without the host's paths outside the adapter directory."""
         from pydantic import ValidationError
 
-        from orchestrator.config import LoraSpec
+        from zimage_common.config import LoraSpec
 
         from .lora import LoraError
 

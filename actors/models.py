@@ -107,7 +107,7 @@ def build_tokenizer(english: bool = False):
     and template, so the pipeline's text path runs unchanged. Without ``english`` it has no merges (256 byte
     tokens: a prompt costs one token per byte, five to six per English word). With ``english`` (the full-size
     random-weight model the benchmarks time) it learns BPE merges from English prompt text
-    (``orchestrator/prompts.py``: the benchmark's prompts, and the chat template), so common English words are
+    (``zimage_common/prompts.py``: the benchmark's prompts, and the chat template), so common English words are
     single tokens as in Qwen's 151,646-token vocabulary and caption lengths are those real prompts have, not 5x
     longer. Text outside that vocabulary still encodes, byte by byte.
     """
@@ -131,7 +131,7 @@ def _english_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Vocabulary and merges of a byte-level BPE trained (deterministically, in about 50 ms) on English prompts."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from orchestrator.prompts import PROMPTS, WORDS
+    from zimage_common.prompts import PROMPTS, WORDS
 
     corpus = [*PROMPTS, " ".join(WORDS), "user\nassistant\n<think>\n\n</think>\n\n"]
     bpe = Tokenizer(models.BPE())

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from orchestrator.messages import Batch, ImageRequest, StepProgress
+from zimage_common.messages import Batch, ImageRequest, StepProgress
 
 MAX_SEQUENCE_LENGTH = 512  # what the engine pads and truncates captions to (ZImagePipeline's default)
 

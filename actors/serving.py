@@ -12,9 +12,9 @@ import threading
 import time
 from dataclasses import replace
 
-from orchestrator.errors import ReplicaUnavailableError
-from orchestrator.logging_setup import logs_batch
-from orchestrator.messages import Batch, BatchResult, FailureKind, ImageResult, StageTimes
+from zimage_common.errors import ReplicaUnavailableError
+from zimage_common.logging_setup import logs_batch
+from zimage_common.messages import Batch, BatchResult, FailureKind, ImageResult, StageTimes
 
 # The replica's log lines keep one logger name whichever part of it writes them: operators filter on it
 # (docs/observability.md).

@@ -9,8 +9,8 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from orchestrator.config import COMPONENTS
-from orchestrator.messages import ReplicaHealth
+from zimage_common.config import COMPONENTS
+from zimage_common.messages import ReplicaHealth
 
 from .health import _compile_times, _graphs_compiled, bytecode_cache_note
 
@@ -44,7 +44,7 @@ class WarmupSpec:
 
     def batches(self) -> list[list[tuple[int, int, str]]]:
         """The warm-up batches as lists of (width, height, prompt)."""
-        from orchestrator.messages import ImageRequest
+        from zimage_common.messages import ImageRequest
 
         sizes = self.planned_sizes()
         first = sizes[0]

@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import replace
 
-from orchestrator.messages import Batch, StageTimes
+from zimage_common.messages import Batch, StageTimes
 
 # The replica's log lines keep one logger name whichever part of it writes them: operators filter on it
 # (docs/observability.md).

@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.messages import JoinPolicy
+from zimage_common.messages import JoinPolicy
 
 from .controlnet import PackedControl, forward
 from .engine import velocity

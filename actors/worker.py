@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 import threading
 
-from orchestrator.config import ModelConfig
-from orchestrator.logging_setup import setup_replica_process, take_api_keys_from_env
+from zimage_common.config import ModelConfig
+from zimage_common.logging_setup import setup_replica_process, take_api_keys_from_env
 
 from .health import HealthMixin, _graphs_compiled, bytecode_cache_note
 from .lora_registry import LoraRegistryMixin

@@ -140,8 +140,8 @@ def main() -> int:
     ap.add_argument("--out", default="batch-priority-out")
     args = ap.parse_args()
 
-    from orchestrator.config import load_config
     from orchestrator.server import create_app
+    from zimage_common.config import load_config
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

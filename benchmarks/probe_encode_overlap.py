@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from probe_replica import add_replica_args, report_head, start_replica  # noqa: E402
 
-from orchestrator.messages import Batch, ImageRequest  # noqa: E402
-from orchestrator.prompts import varied_prompt  # noqa: E402
+from zimage_common.messages import Batch, ImageRequest  # noqa: E402
+from zimage_common.prompts import varied_prompt  # noqa: E402
 
 SHORT = "a photograph of a lighthouse at dusk, number {}"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from orchestrator.config import Config, load_config
+from zimage_common.config import Config, load_config
 
 TINY = ["model.source=tiny", "model.dtype=float32", "defaults.width=64", "defaults.height=64",
         "defaults.num_inference_steps=3"]

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from probe_replica import add_replica_args, report_head, start_replica  # noqa: E402
 
-from orchestrator.messages import Batch, ImageRequest  # noqa: E402
+from zimage_common.messages import Batch, ImageRequest  # noqa: E402
 
 
 class DecodeTimes:

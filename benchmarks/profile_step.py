@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from actors.engine import Sample, ZImageEngine
 from actors.models import build_components
 from actors.quantize import forward_error, quantize_fp8
-from orchestrator.prompts import PROMPTS
+from zimage_common.prompts import PROMPTS
 
 CATEGORIES = (("triton", ("triton",)),
               ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa")),

@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.benchmark.loadgen import poisson_arrivals  # noqa: E402
-from orchestrator.messages import JoinPolicy  # noqa: E402
+from zimage_common.messages import JoinPolicy  # noqa: E402
 
 SIZES = {"512": [(512, 512)], "1024": [(1024, 1024)],
          "mixed": [(512, 512), (1024, 1024), (1024, 768), (768, 1344), (1344, 768)]}

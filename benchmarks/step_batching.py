@@ -48,7 +48,7 @@ from orchestrator.benchmark.loadgen import (  # noqa: E402
 )
 from orchestrator.benchmark.report import percentile  # noqa: E402
 from orchestrator.benchmark.run import _environment  # noqa: E402
-from orchestrator.config import load_config  # noqa: E402
+from zimage_common.config import load_config  # noqa: E402
 
 log = logging.getLogger("step_batching")
 SCHEDULERS = ("batch", "step")

@@ -12,10 +12,11 @@ from collections.abc import Awaitable, Callable
 from fastapi import Request
 from fastapi.responses import Response
 
-from .errors import ZImageError
+from zimage_common.errors import ZImageError
+from zimage_common.messages import ImageRequest, ImageResult, StepProgress
+
 from .http_errors import AsciiJSON, error_body, error_response, from_exception, from_result, result_error
 from .images_api import ImageCall, completed_event, images_response, partial_image_event
-from .messages import ImageRequest, ImageResult, StepProgress
 from .outputs import b64_text, render, storage_failed_body
 from .storage import StorageError
 

@@ -28,12 +28,13 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
+from zimage_common.errors import InvalidRequestError, ZImageError
+from zimage_common.messages import ImageResult
+
 from .batch_db import JobDB
 from .batch_input import ENDPOINTS, check_file, read_lines
 from .batches import JobRunner
-from .errors import InvalidRequestError, ZImageError
 from .images_api import ImageCall
-from .messages import ImageResult
 from .outputs import Outputs, b64_text
 from .requests import shown
 from .storage import run_blocking

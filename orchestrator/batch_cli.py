@@ -27,13 +27,14 @@ import sys
 import time
 from pathlib import Path
 
+from zimage_common.config import Config, load_config
+from zimage_common.errors import InvalidRequestError, ZImageError
+from zimage_common.messages import ImageResult
+
 from .batch_db import JobDB
 from .batch_input import ENDPOINTS, Line, file_digest, read_lines
 from .batches import JobRunner, Outcome
-from .config import Config, load_config
-from .errors import InvalidRequestError, ZImageError
 from .images_api import ImageCall, encode_image
-from .messages import ImageResult
 from .storage import CONTENT_TYPES, run_blocking
 
 JOB_ID = "cli"

@@ -17,7 +17,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidRequestError
+from zimage_common.errors import InvalidRequestError
+
 from .requests import shown
 
 GENERATIONS = "/v1/images/generations"

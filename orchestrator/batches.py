@@ -25,12 +25,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from zimage_common.config import Config
+from zimage_common.errors import InvalidRequestError, NotReadyError, QueueFullError, ZImageError
+from zimage_common.messages import BATCH_JOB, ImageResult, failure
+
 from .batch_db import JobDB, dumps
 from .batch_input import EDITS, Line
-from .config import Config
-from .errors import InvalidRequestError, NotReadyError, QueueFullError, ZImageError
 from .images_api import ImageCall, images_response, parse_generation, parse_json_edit
-from .messages import BATCH_JOB, ImageResult, failure
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import Config, load_config
-from .errors import ZImageError
+from zimage_common.config import Config, load_config
+from zimage_common.errors import ZImageError
 
 log = logging.getLogger("zimage")
 
@@ -38,15 +38,15 @@ DEMO_PROMPTS = [
 
 def _setup_logging(verbose: bool, log_format: str = "text") -> None:
     """Every line carries the request id it is about (and, from replicas, the replica); ``json``: one object per
-    line. Replicas log in the same format (orchestrator/logging_setup.py)."""
-    from .logging_setup import configure
+    line. Replicas log in the same format (zimage_common/logging_setup.py)."""
+    from zimage_common.logging_setup import configure
 
     configure(log_format, logging.DEBUG if verbose else logging.INFO)
 
 
 def _quiet_libraries(log_format: str = "text") -> None:
     """Environment for Ray and the model libraries; set before Ray is imported (Ray reads these at import)."""
-    from .logging_setup import RAY_DEDUP_ALLOW
+    from zimage_common.logging_setup import RAY_DEDUP_ALLOW
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # Ray's deduplication of worker lines would merge different replicas' lines (and lose request ids): never for

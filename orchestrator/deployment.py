@@ -33,9 +33,8 @@ from placement import (
     plan_best,
     with_loras,
 )
-
-from .config import Config, LoraSpec, ModelConfig, hub_path_problem
-from .errors import (
+from zimage_common.config import Config, LoraSpec, ModelConfig, hub_path_problem
+from zimage_common.errors import (
     ConflictError,
     ForbiddenError,
     InvalidRequestError,
@@ -43,7 +42,8 @@ from .errors import (
     ReplicaUnavailableError,
     ZImageError,
 )
-from .messages import ImageRequest, ImageResult, ReplicaHealth
+from zimage_common.messages import ImageRequest, ImageResult, ReplicaHealth
+
 from .replicas import Backend, ReplicaHandle, ReplicaSet, ReplicaSpec, ReplicaState
 from .requests import build_requests, parse_size
 from .router import STEP_QUEUE_DEPTH, Clock, MonotonicClock, Router, RouterObserver

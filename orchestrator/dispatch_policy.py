@@ -20,7 +20,7 @@ from .replica_load import ReplicaLoad
 from .scheduler import BatchScheduler, ReplicaCapacity
 
 if TYPE_CHECKING:
-    from .config import RouterConfig
+    from zimage_common.config import RouterConfig
 
 # Step-level batching: the router keeps up to this many running sets' worth of requests (tokens and images) at a
 # replica: its running set and what waits there, encoded, to join or to start the next set the moment there is room

@@ -9,8 +9,8 @@ import logging
 
 from fastapi.responses import JSONResponse
 
-from .errors import QueueFullError, ZImageError
-from .messages import ImageResult, failure
+from zimage_common.errors import QueueFullError, ZImageError
+from zimage_common.messages import ImageResult, failure
 
 log = logging.getLogger("orchestrator.server")
 

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import LimitsConfig
-from .errors import InvalidRequestError
+from zimage_common.config import LimitsConfig
+from zimage_common.errors import InvalidRequestError
 
 FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 MODES_OK = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa"}

@@ -34,10 +34,11 @@ import io
 import json
 from dataclasses import dataclass, replace
 
-from .config import Config
-from .errors import InvalidRequestError
-from .logging_setup import current_request_id
-from .messages import ImageRequest, ImageResult, steps_run
+from zimage_common.config import Config
+from zimage_common.errors import InvalidRequestError
+from zimage_common.logging_setup import current_request_id
+from zimage_common.messages import ImageRequest, ImageResult, steps_run
+
 from .requests import build_requests, check_text, parse_size, shown
 
 SPEC_FIELDS = ("prompt", "model", "n", "quality", "response_format", "output_format", "output_compression",

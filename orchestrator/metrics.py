@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .messages import Batch, BatchResult, FailureKind, ImageResult, ReplicaHealth
+from zimage_common.messages import Batch, BatchResult, FailureKind, ImageResult, ReplicaHealth
+
 from .router import RouterObserver
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 30, 60, 120, 300, 600)

@@ -14,7 +14,8 @@ import threading
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from .config import Config
+from zimage_common.config import Config
+
 from .images_api import ImageCall, encode_image
 from .storage import CONTENT_TYPES, LocalStore, StorageError, new_key, run_blocking, store_for
 

@@ -21,11 +21,11 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.worker import PipelineWorker, WarmupSpec
+from zimage_common.config import ClusterConfig
+from zimage_common.errors import NotReadyError, ReplicaError, ReplicaUnavailableError
+from zimage_common.logging_setup import adopt_logger, current_format, replica_env
+from zimage_common.messages import Batch, BatchResult, ReplicaHealth, StepProgress
 
-from .config import ClusterConfig
-from .errors import NotReadyError, ReplicaError, ReplicaUnavailableError
-from .logging_setup import adopt_logger, current_format, replica_env
-from .messages import Batch, BatchResult, ReplicaHealth, StepProgress
 from .replicas import ReplicaSpec
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .messages import Batch
+from zimage_common.messages import Batch
 
 # A partial batch may go to a busy replica once its last outstanding batch is within this fraction of its
 # expected end ...

@@ -34,9 +34,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .config import ClusterConfig, DeploymentConfig, ModelConfig
-from .errors import NotReadyError, ReplicaHungError, ReplicaUnavailableError, ZImageError
-from .messages import ReplicaHealth
+from zimage_common.config import ClusterConfig, DeploymentConfig, ModelConfig
+from zimage_common.errors import NotReadyError, ReplicaHungError, ReplicaUnavailableError, ZImageError
+from zimage_common.messages import ReplicaHealth
+
 from .router import Clock, MonotonicClock, Replica, RouterObserver
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import re
 import time
 import uuid
 
-from .logging_setup import request_context
+from zimage_common.logging_setup import request_context
 
 log = logging.getLogger("orchestrator.access")
 

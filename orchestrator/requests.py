@@ -9,9 +9,9 @@ import re
 import secrets
 import uuid
 
-from .config import LimitsConfig, RequestDefaults
-from .errors import InvalidRequestError
-from .messages import ImageRequest
+from zimage_common.config import LimitsConfig, RequestDefaults
+from zimage_common.errors import InvalidRequestError
+from zimage_common.messages import ImageRequest
 
 SEED_MAX = 2**63 - 1
 MAX_SIDE = 1 << 16  # a hard ceiling whatever the model: the model's own limit (max_side) is usually lower

@@ -17,11 +17,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Protocol
 
-from .config import RouterConfig
+from zimage_common.config import RouterConfig
+from zimage_common.errors import NotReadyError, QueueFullError, ReplicaHungError, ReplicaUnavailableError
+from zimage_common.logging_setup import batch_log_context
+from zimage_common.messages import INTERACTIVE, Batch, BatchResult, FailureKind, ImageRequest, ImageResult, StepProgress
+
 from .dispatch_policy import STEP_QUEUE_DEPTH, DispatchPolicy, policy
-from .errors import NotReadyError, QueueFullError, ReplicaHungError, ReplicaUnavailableError
-from .logging_setup import batch_log_context
-from .messages import INTERACTIVE, Batch, BatchResult, FailureKind, ImageRequest, ImageResult, StepProgress
 from .replica_load import ReplicaLoad
 from .scheduler import BatchScheduler, Pending, ReplicaCapacity
 

@@ -43,8 +43,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CapacityError, QueueFullError
-from .messages import INTERACTIVE, BatchKey, ImageRequest
+from zimage_common.errors import CapacityError, QueueFullError
+from zimage_common.messages import INTERACTIVE, BatchKey, ImageRequest
 
 
 @dataclass(frozen=True)

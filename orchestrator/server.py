@@ -45,9 +45,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from zimage_common.config import Config, load_config
+from zimage_common.errors import InvalidRequestError, QueueFullError, ZImageError
+from zimage_common.messages import FailureKind, failure
+
 from .answers import EventStream, answer_json
-from .config import Config, load_config
-from .errors import InvalidRequestError, QueueFullError, ZImageError
 from .http_errors import error_response, from_exception
 from .http_guard import BodyDeadline, FaultBarrier
 from .image_input import MAX_IMAGES, input_pixels
@@ -56,7 +58,6 @@ from .images_api import (
     parse_edit,
     parse_generation,
 )
-from .messages import FailureKind, failure
 from .metrics import PrometheusObserver
 from .ops_endpoints import add_ops_routes, start_metrics_listener, without_host_paths
 from .outputs import include_job_routes, render
@@ -466,8 +467,9 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
 def cmd_serve(args) -> int:
     import uvicorn
 
+    from zimage_common.logging_setup import take_api_keys_from_env
+
     from .http_guard import uvicorn_config
-    from .logging_setup import take_api_keys_from_env
 
     config = load_config(args.config, args.set)
     # The keys move from the environment into this process's config before Ray starts: a local Ray's workers (the

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote
 
-from .errors import ZImageError
-from .jobs_config import OutputsConfig
+from zimage_common.errors import ZImageError
+from zimage_common.jobs_config import OutputsConfig
 
 log = logging.getLogger(__name__)
 

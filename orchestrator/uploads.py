@@ -24,7 +24,8 @@ import json
 from collections import deque
 from contextlib import asynccontextmanager
 
-from .errors import InvalidRequestError, QueueFullError
+from zimage_common.errors import InvalidRequestError, QueueFullError
+
 from .requests import shown
 
 FILE_FIELDS = ("image", "image[]", "mask", "control_image")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from fakes import FakeReplica
 
 from orchestrator.deployment import Deployment
-from orchestrator.messages import ReplicaHealth
+from zimage_common.messages import ReplicaHealth
 
 
 @dataclass(frozen=True)

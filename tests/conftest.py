@@ -32,7 +32,7 @@ def ray_cluster():
 
 def tiny_config(cache: Path, **sections):
     """A config for the tiny model on logical GPUs; sections override (dicts merged one level deep)."""
-    from orchestrator.config import config_from_dict
+    from zimage_common.config import config_from_dict
 
     base = {
         "model": {"source": "tiny", "dtype": "float32", "cache_dir": str(cache)},

@@ -4,8 +4,8 @@ import asyncio
 
 import numpy as np
 
-from orchestrator.errors import ReplicaUnavailableError
-from orchestrator.messages import BatchResult, ImageResult, StageTimes
+from zimage_common.errors import ReplicaUnavailableError
+from zimage_common.messages import BatchResult, ImageResult, StageTimes
 
 
 def fake_image(r):

@@ -45,7 +45,7 @@ PROFILES = {
 
 
 def server_config(lora_dir: str, lora_cap: int):
-    from orchestrator.config import config_from_dict
+    from zimage_common.config import config_from_dict
 
     return config_from_dict({
         "model": {"source": "tiny", "dtype": "float32", "lora_max_resident": 2, "lora_dir": lora_dir,

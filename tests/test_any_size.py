@@ -101,7 +101,7 @@ def test_request_arithmetic_matches_the_reference_and_grows_faster_than_pixels()
 
 def test_bucket_stats_per_size_bucket():
     from orchestrator.benchmark.report import percentile
-    from orchestrator.messages import ImageResult
+    from zimage_common.messages import ImageResult
 
     rs = [ImageResult(f"r{i}", True, width=w, height=h, latency_s=t, prompt_tokens=60)
           for i, (w, h, t) in enumerate([(512, 512, 1.0), (1024, 1024, 2.0), (1024, 1024, 3.0), (2048, 1536, 9.0)])]
@@ -114,8 +114,8 @@ def test_bucket_stats_per_size_bucket():
 def test_eager_fallbacks_show_on_metrics_per_replica_and_stage():
     from prometheus_client import generate_latest
 
-    from orchestrator.messages import ReplicaHealth
     from orchestrator.metrics import PrometheusObserver as Metrics
+    from zimage_common.messages import ReplicaHealth
 
     m = Metrics()
     m.replica_state("r0", True, ReplicaHealth(replica_id="r0", ready=True, device_map={}, dtype="bfloat16"))

@@ -120,7 +120,7 @@ def test_unencodable_prompt_batched_with_valid_ones_fails_alone(server):
 def test_replica_screens_requests_that_skip_http_validation(server):
     """Through the deployment, without the HTTP layer's checks (the Python API, a future path): the replica
     screens each request alone, so the bad one fails with invalid_request and its batch-mates succeed."""
-    from orchestrator.messages import ImageRequest
+    from zimage_common.messages import ImageRequest
 
     reqs = [ImageRequest(f"direct-{i}", p, i, 64, 64, 2, 0.0)
             for i, p in enumerate(["a red fox", "bad \udfff prompt", "a lighthouse", "a cat"])]
@@ -410,8 +410,8 @@ def test_errors_404_405_head_and_docs(server):
 
 
 def test_docs_only_when_configured():
-    from orchestrator.config import config_from_dict
     from orchestrator.server import create_app
+    from zimage_common.config import config_from_dict
 
     async def never(config, observer=None):
         await asyncio.sleep(3600)

@@ -16,7 +16,7 @@ from conftest import ROOT, tiny_config
 from orchestrator.batch_cli import run_job
 from orchestrator.batch_db import JobDB
 from orchestrator.batch_input import read_lines
-from orchestrator.errors import InvalidRequestError
+from zimage_common.errors import InvalidRequestError
 
 
 def line(cid, url="/v1/images/generations", **body):

@@ -90,7 +90,7 @@ def test_bench_controlnet_workloads_cpu(tmp_path, tiny_cache):
 
 def test_mixed_sizes_and_summary_math():
     from orchestrator.benchmark.report import percentile, summarize
-    from orchestrator.messages import ImageResult, StageTimes
+    from zimage_common.messages import ImageResult, StageTimes
 
     rs = [ImageResult(f"q{i}", True, replica_id="r0" if i < 2 else "r1", batch_id=i // 2, batch_size=2,
                       latency_s=float(i + 1), queue_s=0.5, stage_times=StageTimes(1, 2, 3, 6)) for i in range(4)]
@@ -105,7 +105,7 @@ def test_device_idle_is_summed_without_each_replicas_first_batch():
     """A phase's device idle time by cause, each replica's first batch left out (its gap is the pause before the
     phase)."""
     from orchestrator.benchmark.report import summarize
-    from orchestrator.messages import ImageResult, StageTimes
+    from zimage_common.messages import ImageResult, StageTimes
 
     def res(i, rid, bid, enc, starved):
         return ImageResult(f"q{i}", True, replica_id=rid, batch_id=bid, batch_size=1, latency_s=1.0,
@@ -219,7 +219,7 @@ def test_closed_loop_records_completion_times_in_order():
     import asyncio
 
     from orchestrator.benchmark.loadgen import RequestMaker, closed_loop
-    from orchestrator.config import load_config
+    from zimage_common.config import load_config
 
     async def send(params):
         await asyncio.sleep(0.001)
@@ -289,8 +289,8 @@ def test_step_batching_benchmark_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache
 
 
 def test_device_idle_metric_counts_by_cause():
-    from orchestrator.messages import BatchResult, StageTimes
     from orchestrator.metrics import PrometheusObserver
+    from zimage_common.messages import BatchResult, StageTimes
 
     obs = PrometheusObserver()
     for enc, starved in ((0.25, 0.0), (0.5, 1.5), (0.0, 0.0)):
@@ -397,7 +397,7 @@ def _small_report() -> dict:
     from dataclasses import asdict
 
     from orchestrator.benchmark.report import summarize
-    from orchestrator.messages import ImageResult, StageTimes
+    from zimage_common.messages import ImageResult, StageTimes
 
     rs = [ImageResult(f"q{i}", True, replica_id="r0", batch_id=i, batch_size=1, latency_s=1.0, width=64, height=64,
                       stage_times=StageTimes(0.1, 0.7, 0.1, 0.9)) for i in range(4)]

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main as cli_main
-from orchestrator.config import LOCAL_CPU_DEFAULT, Config, config_from_dict, load_config
-from orchestrator.errors import ConfigError
+from zimage_common.config import LOCAL_CPU_DEFAULT, Config, config_from_dict, load_config
+from zimage_common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "clusters").glob("*.yaml"))

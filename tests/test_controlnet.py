@@ -88,9 +88,9 @@ def test_control_fields_are_checked():
     import numpy as np
     from PIL import Image
 
-    from orchestrator.config import config_from_dict
-    from orchestrator.errors import InvalidRequestError
     from orchestrator.images_api import parse_generation
+    from zimage_common.config import config_from_dict
+    from zimage_common.errors import InvalidRequestError
 
     buf = io.BytesIO()
     Image.fromarray(_picture(40, 70)).save(buf, format="PNG")
@@ -190,7 +190,7 @@ def test_controlnet_over_http_and_batched_with_plain(ray_cluster, tiny_cache):
 
 def test_load_controlnet_from_a_local_directory(components, tmp_path):
     from actors.loading import load_controlnet
-    from orchestrator.config import config_from_dict
+    from zimage_common.config import config_from_dict
 
     cn = build_controlnet("tiny", components["transformer"], seed=6)
     cn.save_pretrained(str(tmp_path / "cn"))
@@ -206,9 +206,9 @@ def test_load_controlnet_from_a_local_directory(components, tmp_path):
 def test_plan_for_a_config_with_a_controlnet():
     """The deployment's plan counts the ControlNet beside the transformer: the same GPU, 1.55 B more parameters in
     bf16 (about 2.9 GiB) in its estimated peak."""
-    from orchestrator.config import config_from_dict
     from orchestrator.deployment import plan_for
     from placement import GPU, Inventory
+    from zimage_common.config import config_from_dict
 
     inventory = Inventory((GPU("n", 0, 80.0),))
     base = {"deployment": {"mode": "replicate", "replicas": 1}}

@@ -2,9 +2,9 @@
 
 import pytest
 
-from orchestrator import errors
-from orchestrator.messages import FAILURES, FailureKind, ImageResult, failure
 from orchestrator.metrics import PrometheusObserver
+from zimage_common import errors
+from zimage_common.messages import FAILURES, FailureKind, ImageResult, failure
 
 
 def test_every_kind_has_one_entry_and_errors_derive_from_it():

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from orchestrator.config import config_from_dict
+from zimage_common.config import config_from_dict
 
 KEY = "sk-limits"
 
@@ -45,7 +45,7 @@ class _Ready:
         return self.silent
 
     def admit(self, requests, on_progress=None):
-        from orchestrator.errors import QueueFullError
+        from zimage_common.errors import QueueFullError
 
         self.admitted.append(requests)
         raise QueueFullError("admitted, then refused by the test", retry_after_s=1)
@@ -226,8 +226,8 @@ def test_input_errors_of_the_second_round():
 
 
 def test_an_oversized_part_is_refused_while_it_streams():
-    from orchestrator.errors import InvalidRequestError
     from orchestrator.uploads import stream_multipart
+    from zimage_common.errors import InvalidRequestError
 
     headers, body = multipart([("prompt", b"x", None), ("image", b"\x89PNG" + b"\0" * 5_000_000, "a.png")])
     sent = []
@@ -375,10 +375,10 @@ def test_rate_limited_log():
 
 
 def test_api_keys_leave_the_environment_and_host_paths_leave_messages():
-    from orchestrator.config import LoraSpec
     from orchestrator.deployment import shown_path
-    from orchestrator.logging_setup import take_api_keys_from_env
     from orchestrator.ops_endpoints import without_host_paths
+    from zimage_common.config import LoraSpec
+    from zimage_common.logging_setup import take_api_keys_from_env
 
     env = {"ZIMAGE_API_KEYS": "sk-a, sk-b", "OTHER": "1"}
     assert take_api_keys_from_env(env) == ["sk-a", "sk-b"] and env == {"OTHER": "1"}

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchestrator.config import config_from_dict
-from orchestrator.errors import InvalidRequestError
 from orchestrator.image_input import prepare_edit
 from orchestrator.images_api import parse_edit
+from zimage_common.config import config_from_dict
+from zimage_common.errors import InvalidRequestError
 
 CFG = config_from_dict({"model": {"source": "tiny"}, "defaults": {"width": 64, "height": 64,
                                                                   "num_inference_steps": 8},
@@ -404,7 +404,7 @@ def test_server_decodes_images_off_the_loop_a_bounded_number_at_a_time(monkeypat
     from conftest import ServerThread
 
     import orchestrator.server as server
-    from orchestrator.logging_setup import current_request_id
+    from zimage_common.logging_setup import current_request_id
 
     lock, state = threading.Lock(), {"now": 0, "most": 0, "threads": set(), "ids": set()}
 

@@ -11,9 +11,9 @@ from fakes import FakePool, FakeReplica, ManualClock
 
 from actors.screening import StepHook, preview_steps, screen, validate_prompt
 from actors.worker import PipelineWorker, WarmupSpec
-from orchestrator.config import ModelConfig, RouterConfig
-from orchestrator.messages import Batch, BatchResult, ImageRequest, ImageResult
 from orchestrator.router import Router
+from zimage_common.config import ModelConfig, RouterConfig
+from zimage_common.messages import Batch, BatchResult, ImageRequest, ImageResult
 
 BAD = "a fox \ud800 in snow"  # a lone surrogate: valid in JSON ("\ud800"), unencodable by any UTF-8 tokenizer
 
@@ -63,7 +63,7 @@ async def test_router_bisects_a_failed_batch_so_only_the_culprit_fails(raise_):
 
 
 async def test_admission_is_all_or_nothing():
-    from orchestrator.errors import QueueFullError
+    from zimage_common.errors import QueueFullError
 
     replica = FakeReplica("a", manual=True)
     router = Router(FakePool(replica), RouterConfig(max_batch_size=1, max_wait_ms=0, queue_limit=3),

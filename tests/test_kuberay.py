@@ -133,7 +133,7 @@ def _head():
 
 
 def _config():
-    from orchestrator.config import config_from_dict
+    from zimage_common.config import config_from_dict
 
     data = yaml.safe_load(_one("ConfigMap")["data"]["config.yaml"])
     return config_from_dict(data, "deploy/kuberay/configmap.yaml")

@@ -207,8 +207,8 @@ def test_no_recompile_per_adapter_set(pipe, adapters):
 
 
 def test_loras_field_parsing():
-    from orchestrator.errors import InvalidRequestError
     from orchestrator.requests import parse_loras
+    from zimage_common.errors import InvalidRequestError
 
     assert parse_loras(None) == ()
     assert parse_loras([{"name": "a"}, {"name": "b", "scale": 0.5}, ("c", 2)], {"a", "b", "c"}) == (
@@ -314,7 +314,7 @@ def test_bad_peft_metadata_is_a_lora_error(pipe, tmp_path, override, text):
 
 
 def test_hub_paths_stay_inside_the_snapshot():
-    from orchestrator.config import LoraSpec
+    from zimage_common.config import LoraSpec
 
     for bad in ("../x.safetensors", "/etc/x.safetensors", "a/../../x", "~/x.safetensors"):
         with pytest.raises(ValueError, match="inside the hub snapshot"):
@@ -323,8 +323,8 @@ def test_hub_paths_stay_inside_the_snapshot():
 
 
 def test_lora_registration_body_is_strict():
-    from orchestrator.errors import InvalidRequestError
     from orchestrator.requests import parse_lora_registration
+    from zimage_common.errors import InvalidRequestError
 
     assert parse_lora_registration({"name": "a", "path": "a.safetensors", "revision": None}) == {
         "name": "a", "path": "a.safetensors", "revision": None}
@@ -436,7 +436,7 @@ def test_runtime_registration_is_refused_without_lora_dir(tmp_path):
     from conftest import tiny_config
 
     from orchestrator.deployment import Deployment
-    from orchestrator.errors import ForbiddenError
+    from zimage_common.errors import ForbiddenError
 
     cfg = tiny_config(tmp_path, model={"lora_max_resident": 1})
     dep = Deployment(cfg, backend=object())
@@ -455,7 +455,7 @@ def test_runtime_adapters_stop_at_their_cap(tmp_path):
     from test_replicas import FakeBackend, FakeNode
 
     from orchestrator.deployment import Deployment
-    from orchestrator.errors import ConflictError
+    from zimage_common.errors import ConflictError
 
     sizes = {}
 

@@ -170,8 +170,8 @@ def test_python_api_and_restart(ray_cluster, tiny_cache, adapters):
     import time
 
     from orchestrator.deployment import ZImageClient
-    from orchestrator.errors import InvalidRequestError, ReplicaUnavailableError
     from orchestrator.replicas import ReplicaState
+    from zimage_common.errors import InvalidRequestError, ReplicaUnavailableError
 
     cfg = tiny_config(tiny_cache, model={"seed": SEED, "lora_max_resident": 1, "lora_dir": str(adapters["root"])},
                       deployment={"replicas": 1, "health_interval_s": 3600})

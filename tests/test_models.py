@@ -8,7 +8,7 @@ import torch
 
 from actors.loading import ModelNotFoundError, load_components, resolve_dtype, resolve_model
 from actors.models import build_components, save_tiny_model
-from orchestrator.config import ModelConfig
+from zimage_common.config import ModelConfig
 
 CPU = dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu")
 
@@ -127,7 +127,7 @@ def test_full_model_tokenizer_gives_english_prompts_realistic_lengths():
     import random
 
     from actors.models import build_tokenizer
-    from orchestrator.prompts import varied_prompt
+    from zimage_common.prompts import varied_prompt
 
     words = build_tokenizer(english=True)
     prompt = varied_prompt(random.Random(1), 100, 100)

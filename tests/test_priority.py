@@ -7,10 +7,10 @@ import asyncio
 import pytest
 from fakes import FakePool, FakeReplica, ManualClock
 
-from orchestrator.config import RouterConfig
-from orchestrator.messages import BATCH_JOB, INTERACTIVE, ImageRequest
 from orchestrator.router import Router
 from orchestrator.scheduler import BatchScheduler, Pending, ReplicaCapacity
+from zimage_common.config import RouterConfig
+from zimage_common.messages import BATCH_JOB, INTERACTIVE, ImageRequest
 
 BIG = 1 << 40
 

@@ -16,7 +16,7 @@ BAR = re.compile(r"\d+%\||it/s\]|s/it\]|\r")  # tqdm's "45%|####  | 9/20 [00:01<
 LOAD_ONLY = """
 import sys, torch
 from actors.loading import load_components
-from orchestrator.config import ModelConfig
+from zimage_common.config import ModelConfig
 load_components(ModelConfig(source="tiny", dtype="float32", cache_dir=sys.argv[1]), torch.float32,
                 dict.fromkeys(("text_encoder", "transformer", "vae"), "cpu"))
 """
@@ -24,7 +24,7 @@ load_components(ModelConfig(source="tiny", dtype="float32", cache_dir=sys.argv[1
 WORKER_START = """
 import sys
 from actors.worker import PipelineWorker, WarmupSpec
-from orchestrator.config import ModelConfig
+from zimage_common.config import ModelConfig
 w = PipelineWorker("r7", ModelConfig(source="tiny", dtype="float32", cache_dir=sys.argv[1]),
                    warmup=WarmupSpec(((32, 32),), 1), torch_threads=1)
 assert w.start().ready
@@ -34,8 +34,8 @@ assert w.start().ready
 TQDM_FIRST = """
 import sys, tqdm  # a Ray worker has imported tqdm before the replica's constructor runs
 from actors.worker import PipelineWorker
-from orchestrator.config import ModelConfig
-from orchestrator.logging_setup import replica_env
+from zimage_common.config import ModelConfig
+from zimage_common.logging_setup import replica_env
 PipelineWorker("r7", ModelConfig(source="tiny", dtype="float32", cache_dir=sys.argv[1]), env=replica_env("text"))
 for _ in tqdm.tqdm(range(3)):  # ModelScope's download bars are plain tqdm bars
     pass

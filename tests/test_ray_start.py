@@ -19,7 +19,7 @@ SCRIPT = """
 import sys
 import ray
 from orchestrator import ray_backend
-from orchestrator.config import ClusterConfig
+from zimage_common.config import ClusterConfig
 
 ray_backend.connect(ClusterConfig(num_cpus=1, num_gpus=2))
 print("GPUS", ray.cluster_resources().get("GPU"), flush=True)

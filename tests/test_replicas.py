@@ -10,12 +10,12 @@ import pytest
 from conftest import tiny_config
 from fakes import FakeReplica, ManualClock, lost
 
-from orchestrator.config import DeploymentConfig, config_from_dict
 from orchestrator.deployment import Deployment
-from orchestrator.errors import ConfigError, NotReadyError, ReplicaError, ReplicaHungError, ReplicaUnavailableError
-from orchestrator.messages import ReplicaHealth
 from orchestrator.replicas import OLD_PROCESS_GRACE_S, ReplicaSet, ReplicaState
 from orchestrator.router import RouterObserver
+from zimage_common.config import DeploymentConfig, config_from_dict
+from zimage_common.errors import ConfigError, NotReadyError, ReplicaError, ReplicaHungError, ReplicaUnavailableError
+from zimage_common.messages import ReplicaHealth
 
 LIVE, RECOVERING, FAILED, DROPPED = ReplicaState.LIVE, ReplicaState.RECOVERING, ReplicaState.FAILED, \
     ReplicaState.DROPPED

@@ -13,13 +13,13 @@ import httpx
 import pytest
 from conftest import ServerThread, tiny_config
 
-from orchestrator.logging_setup import (
+from orchestrator.request_id import MAX_LEN, RequestIdMiddleware, valid_request_id
+from zimage_common.logging_setup import (
     JsonFormatter,
     batch_request_ids,
     make_handler,
     request_context,
 )
-from orchestrator.request_id import MAX_LEN, RequestIdMiddleware, valid_request_id
 
 GENERATED = re.compile(r"^req_[0-9a-f]{32}$")
 
@@ -34,7 +34,7 @@ def _app():
 
     @app.get("/ok")
     async def ok():
-        from orchestrator.logging_setup import current_request_id
+        from zimage_common.logging_setup import current_request_id
 
         logging.getLogger("orchestrator.test").info("handling")
         return {"seen": current_request_id()}
@@ -177,7 +177,7 @@ def test_json_lines():
 
 
 def test_batch_ids_prefer_the_http_id():
-    from orchestrator.messages import Batch, ImageRequest
+    from zimage_common.messages import Batch, ImageRequest
 
     reqs = (ImageRequest("i1", "p", 1, 64, 64, 2, 0.0, trace_id="http-1"),
             ImageRequest("i2", "p", 2, 64, 64, 2, 0.0, trace_id="http-1"),
@@ -313,7 +313,7 @@ def test_streamed_response_has_the_header(server):
 
 def test_adopted_library_logger_writes_through_ours():
     """JSON mode routes Ray's own logger (which has a handler of its own) through ours: every line is JSON."""
-    from orchestrator.logging_setup import adopt_logger
+    from zimage_common.logging_setup import adopt_logger
 
     own, ours = io.StringIO(), io.StringIO()
     lib = logging.getLogger("zimage.test.library")

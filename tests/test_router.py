@@ -5,10 +5,10 @@ import asyncio
 import pytest
 from fakes import FakePool, FakeReplica, ManualClock, fake_image, lost
 
-from orchestrator.config import RouterConfig
-from orchestrator.errors import NotReadyError, QueueFullError
-from orchestrator.messages import ImageRequest
 from orchestrator.router import Router
+from zimage_common.config import RouterConfig
+from zimage_common.errors import NotReadyError, QueueFullError
+from zimage_common.messages import ImageRequest
 
 
 def req(i, size=64, steps=4, prompt=None):
@@ -310,8 +310,8 @@ def test_only_the_head_batch_returning_restarts_the_estimate_of_a_replicas_work(
     """``partial_after`` = when the head started + the outstanding batches' expected times one after another - a
     quarter of the last one's. A batch behind the head that comes back first (it failed at once) takes its own time
     off the sum but does not move the head's start."""
-    from orchestrator.messages import Batch
     from orchestrator.replica_load import ReplicaLoad
+    from zimage_common.messages import Batch
 
     batch = lambda i: Batch(i, (req(i),))  # noqa: E731
     work = ReplicaLoad("a")
@@ -333,8 +333,8 @@ def test_the_lead_for_a_partial_batch_covers_the_replicas_recent_encodes():
     """A partial batch goes early enough to be encoded before the replica's devices come free: the lead is a
     quarter of the last batch's expected time plus twice the replica's moving average of its encode times (an
     encode beside a running batch takes several times its time alone, and varies)."""
-    from orchestrator.messages import Batch
     from orchestrator.replica_load import ReplicaLoad
+    from zimage_common.messages import Batch
 
     batch = lambda i: Batch(i, (req(i),))  # noqa: E731
     work = ReplicaLoad("a")
@@ -353,7 +353,7 @@ def test_the_lead_for_a_partial_batch_covers_the_replicas_recent_encodes():
 async def test_the_router_learns_each_replicas_encode_time_from_its_batches(clock):
     """The lead's encode time comes from the batches' own stage times: the prompts' encode plus any input images'
     (an edit's), both done before the batch needs the devices."""
-    from orchestrator.messages import StageTimes
+    from zimage_common.messages import StageTimes
 
     a = FakeReplica("a")
     a.stage_times = StageTimes(encode_s=0.25, image_encode_s=0.125, denoise_s=2.0, total_s=2.375)

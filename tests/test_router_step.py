@@ -6,9 +6,9 @@ import asyncio
 import pytest
 from fakes import FakePool, ManualClock, fake_image, lost
 
-from orchestrator.config import RouterConfig
-from orchestrator.messages import BatchResult, ImageRequest, ImageResult, StageTimes, StepProgress
 from orchestrator.router import STEP_QUEUE_DEPTH, Router
+from zimage_common.config import RouterConfig
+from zimage_common.messages import BatchResult, ImageRequest, ImageResult, StageTimes, StepProgress
 
 
 def req(i, size=64, steps=4):

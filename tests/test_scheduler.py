@@ -2,9 +2,9 @@
 
 import pytest
 
-from orchestrator.errors import CapacityError, QueueFullError
-from orchestrator.messages import ImageRequest
 from orchestrator.scheduler import BatchScheduler, Pending, ReplicaCapacity
+from zimage_common.errors import CapacityError, QueueFullError
+from zimage_common.messages import ImageRequest
 
 BIG = 1 << 40
 

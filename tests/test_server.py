@@ -203,8 +203,8 @@ def test_not_ready_is_503_until_the_deployment_starts(tiny_cache):
     """Before every replica has warmed up: /healthz answers, /readyz and generations say 503."""
     import asyncio as aio
 
-    from orchestrator.config import config_from_dict
     from orchestrator.server import create_app
+    from zimage_common.config import config_from_dict
 
     gate = threading.Event()
 

@@ -9,8 +9,8 @@ from conftest import tiny_config
 
 from actors.worker import PipelineWorker
 from orchestrator.deployment import Deployment
-from orchestrator.messages import Batch
 from placement import DeploymentSpec, Inventory, model_spec, plan
+from zimage_common.messages import Batch
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

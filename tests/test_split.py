@@ -9,7 +9,7 @@ from conftest import tiny_config
 
 from actors.worker import PipelineWorker
 from orchestrator.deployment import Deployment
-from orchestrator.messages import Batch
+from zimage_common.messages import Batch
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

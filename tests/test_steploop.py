@@ -13,9 +13,9 @@ import torch
 
 from actors.compiled import counted
 from actors.worker import PipelineWorker, WarmupSpec
-from orchestrator.config import ModelConfig, RouterConfig
-from orchestrator.messages import Batch, BatchResult, ImageRequest, JoinPolicy, StepProgress
 from orchestrator.router import Router, RouterObserver
+from zimage_common.config import ModelConfig, RouterConfig
+from zimage_common.messages import Batch, BatchResult, ImageRequest, JoinPolicy, StepProgress
 
 
 @pytest.fixture(scope="module")

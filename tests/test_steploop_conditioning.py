@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from actors.worker import PipelineWorker, WarmupSpec
-from orchestrator.config import ModelConfig
-from orchestrator.messages import Batch, ImageRequest
 from tests.test_steploop import Streamed, same_image
+from zimage_common.config import ModelConfig
+from zimage_common.messages import Batch, ImageRequest
 
 
 def _picture(h, w, seed=0):

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from actors.worker import PipelineWorker, WarmupSpec
-from orchestrator.config import ModelConfig
-from orchestrator.messages import Batch, ImageRequest
+from zimage_common.config import ModelConfig
+from zimage_common.messages import Batch, ImageRequest
 
 
 def req(i, prompt="a cat", seed=None, size=64):
@@ -170,9 +170,9 @@ def test_text_encoder_quantization_is_applied_and_measured_at_start(tiny_cache):
 
 
 def test_auto_precision_reaches_the_replicas_as_the_plan_chose():
-    from orchestrator.config import load_config
     from orchestrator.deployment import model_for_plan, plan_for
     from placement import Inventory
+    from zimage_common.config import load_config
 
     cfg = load_config(None, ["model.source=modelscope", "model.dtype=bfloat16", "deployment.replicas=1",
                              "model.quantization=auto",

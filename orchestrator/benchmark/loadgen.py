@@ -15,9 +15,10 @@ import random
 import time
 from functools import lru_cache
 
-from ..config import Config
-from ..messages import ImageResult
-from ..prompts import PROMPTS, varied_prompt
+from zimage_common.config import Config
+from zimage_common.messages import ImageResult
+from zimage_common.prompts import PROMPTS, varied_prompt
+
 from .sizes import MENU_MP, draw_size
 
 REALISTIC_SIZES = [(512, 512), (1024, 1024), (1024, 768), (768, 1344), (1344, 768)]

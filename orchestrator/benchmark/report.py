@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..messages import ImageResult
+from zimage_common.messages import ImageResult
+
 from .sizes import bucket_stats, phase_tflop_s
 
 BENCH_EXTRA = "pip install 'zimage-orchestrator[bench]'"

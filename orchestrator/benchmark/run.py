@@ -23,8 +23,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..config import Config, load_config
-from ..prompts import PROMPTS
+from zimage_common.config import Config, load_config
+from zimage_common.prompts import PROMPTS
+
 from .loadgen import (
     EDIT_KINDS,
     WORKLOADS,

@@ -4,8 +4,8 @@ import asyncio
 import json
 import sys
 
-from orchestrator.config import config_from_dict
 from orchestrator.deployment import Deployment
+from zimage_common.config import config_from_dict
 
 
 async def main(cache: str) -> dict:

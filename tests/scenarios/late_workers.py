@@ -10,9 +10,9 @@ import time
 
 from ray.cluster_utils import Cluster
 
-from orchestrator.config import config_from_dict
 from orchestrator.deployment import Deployment
-from orchestrator.errors import NotReadyError
+from zimage_common.config import config_from_dict
+from zimage_common.errors import NotReadyError
 
 
 def config(address: str, cache: str, wait_for: int, timeout_s: float):

@@ -7,8 +7,8 @@ import sys
 
 from ray.cluster_utils import Cluster
 
-from orchestrator.config import config_from_dict
 from orchestrator.deployment import Deployment
+from zimage_common.config import config_from_dict
 
 
 async def main(cache: str) -> dict:
