@@ -1,4 +1,5 @@
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -11,6 +12,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _drop_log_handlers_a_test_added():
+    """A test that configures logging (the CLI run in-process) leaves a root handler on the stream pytest captured
+    for it; a server thread of a later test then logs into that closed stream ("--- Logging error ---")."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for h in list(root.handlers):
+        if h not in before:
+            root.removeHandler(h)
 
 
 @pytest.fixture(scope="session")
