@@ -3,19 +3,11 @@ memory, and optionally in a file that outlives a SIGKILL): batch jobs and url re
 
 import asyncio
 import os
-from dataclasses import dataclass
 
-from fakes import FakeReplica
+from fakes import FakeNode, FakeReplica
 
 from orchestrator.deployment import Deployment
 from zimage_common.messages import ReplicaHealth
-
-
-@dataclass(frozen=True)
-class Node:
-    name: str
-    node_id: str
-    gpus: int = 1
 
 
 class TimedReplica(FakeReplica):
@@ -70,7 +62,7 @@ class TimedReplica(FakeReplica):
 
 class TimedBackend:
     def __init__(self, replicas=2, base_s=0.0, per_image_s=0.0, count_file=None):
-        self.nodes = [Node(f"n{i}", f"id{i}") for i in range(replicas)]
+        self.nodes = [FakeNode(f"n{i}", f"id{i}") for i in range(replicas)]
         self.base_s, self.per_image_s, self.count_file = base_s, per_image_s, count_file
         self.generated = []
         self.made = {}

@@ -1,6 +1,7 @@
 """Fake replicas and pools for router tests: no Ray, no torch, completion under the test's control."""
 
 import asyncio
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -107,3 +108,36 @@ class ManualClock:
                 f.set_result(None)
         for _ in range(5):  # let the woken tasks run
             await asyncio.sleep(0)
+
+
+@dataclass(frozen=True)
+class FakeNode:
+    """A node as the deployment's backend reports it."""
+
+    name: str
+    node_id: str
+    gpus: int = 1
+
+
+class IdleDeployment:
+    """A deployment that is up and never runs anything: for the server's own behaviour before admission."""
+
+    ready, replicas, max_side, lora_names = True, {"r0": None}, None, None
+
+    class router:  # noqa: N801 - what the metrics observer reads
+        waiting = running = 0
+
+    class replica:  # noqa: N801
+        replica_id = "r0"
+
+    def members(self):
+        return [self.replica]
+
+    def live(self):
+        return [self.replica]
+
+    async def replica_health(self):
+        return {}
+
+    async def shutdown(self, drain_timeout_s=None):
+        return None

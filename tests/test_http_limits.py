@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+from fakes import IdleDeployment
 from PIL import Image
 
 from zimage_common.config import config_from_dict
@@ -19,27 +20,13 @@ from zimage_common.config import config_from_dict
 KEY = "sk-limits"
 
 
-class _Ready:
-    """A deployment that is up; admission answers every request at once with a fixed failure (the tests here
-    are about what happens before admission)."""
-
-    ready, replicas, max_side, lora_names = True, {"r0": None}, None, None
-
-    class router:  # noqa: N801 - what the metrics observer reads
-        waiting = running = 0
-
-    class replica:  # noqa: N801
-        replica_id = "r0"
+class _Ready(IdleDeployment):
+    """Up; admission answers every request at once with a fixed failure (the tests here are about what happens
+    before admission)."""
 
     def __init__(self):
         self.admitted = []
         self.silent = []
-
-    def members(self):
-        return [self.replica]
-
-    def live(self):
-        return [self.replica]
 
     def not_answering(self):
         return self.silent
@@ -49,12 +36,6 @@ class _Ready:
 
         self.admitted.append(requests)
         raise QueueFullError("admitted, then refused by the test", retry_after_s=1)
-
-    async def replica_health(self):
-        return {}
-
-    async def shutdown(self, drain_timeout_s=None):
-        return None
 
 
 class Server:

@@ -6,6 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
+from fakes import IdleDeployment
 from PIL import Image
 
 from orchestrator.image_input import prepare_edit
@@ -368,30 +369,6 @@ def test_sixteen_images_a_mask_and_a_control_image_fit_in_one_multipart_edit():
     assert "Too many files" in e.value.message, e.value.message
 
 
-class _Ready:
-    """A deployment that is up and never runs anything: for the server's own behaviour before admission."""
-
-    ready, replicas, max_side, lora_names = True, {"r0": None}, None, None
-
-    class router:  # noqa: N801 - what the metrics observer reads
-        waiting = running = 0
-
-    class replica:  # noqa: N801
-        replica_id = "r0"
-
-    def members(self):
-        return [self.replica]
-
-    def live(self):
-        return [self.replica]
-
-    async def replica_health(self):
-        return {}
-
-    async def shutdown(self, drain_timeout_s=None):
-        return None
-
-
 def test_server_decodes_images_off_the_loop_a_bounded_number_at_a_time(monkeypatch):
     """A burst of edits (and generations with a control image) decodes at most
     limits.max_concurrent_image_decodes at once, never on the event loop; a generation without a control image
@@ -431,7 +408,7 @@ def test_server_decodes_images_off_the_loop_a_bounded_number_at_a_time(monkeypat
     monkeypatch.setattr(server, "parse_generation", parse_generation)
 
     async def up(config, observer=None):
-        return _Ready()
+        return IdleDeployment()
 
     cfg = config_from_dict({"model": {"source": "tiny", "controlnet": {"source": "tiny"}},
                             "limits": {"max_concurrent_image_decodes": 2}})

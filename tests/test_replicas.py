@@ -4,11 +4,10 @@ concurrent health checks and recycling after N failed checks in a row; and a who
 backend."""
 
 import asyncio
-from dataclasses import dataclass
 
 import pytest
 from conftest import tiny_config
-from fakes import FakeReplica, ManualClock, lost
+from fakes import FakeNode, FakeReplica, ManualClock, lost
 
 from orchestrator.deployment import Deployment
 from orchestrator.replicas import OLD_PROCESS_GRACE_S, ReplicaSet, ReplicaState
@@ -22,13 +21,6 @@ LIVE, RECOVERING, FAILED, DROPPED = ReplicaState.LIVE, ReplicaState.RECOVERING, 
 
 
 # ---- fakes ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FakeNode:
-    name: str
-    node_id: str
-    gpus: int = 1
-
-
 class FakeProcess(FakeReplica):
     """A replica handle whose process the test controls: its pid, a restart in progress, how checks behave."""
 
