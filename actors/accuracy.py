@@ -38,6 +38,8 @@ def option_label(fp8: bool, backend: str = "native", bf16_blocks=(), n_layers: i
 def _blocks_label(blocks: list[int], n_layers: int) -> str:
     if not blocks:
         return "every block in fp8"
+    if len(blocks) == 1:
+        return f"main block {blocks[0]} in bf16"
     if blocks == list(range(n_layers - len(blocks), n_layers)):
         return f"main blocks {blocks[0]}-{blocks[-1]} (last {len(blocks)}) in bf16"
     if blocks == list(range(len(blocks))):
