@@ -332,10 +332,13 @@ def _attention(attn, x, freqs, runs, lora=None):
     if qkv is None:
         q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
     else:
-        q, k, v = qkv(x).split([attn.to_q.out_features, attn.to_k.out_features, attn.to_v.out_features], dim=-1)
-        # v goes to attention as it is (q and k leave the norm and RoPE contiguous): contiguous, so cuDNN sees the
-        # strides the start-up plans were built for (PackedTransformer.prewarm), not a new plan per length
-        v = v.contiguous()
+        parts = qkv(x).split([attn.to_q.out_features, attn.to_k.out_features, attn.to_v.out_features], dim=-1)
+        # Each part contiguous, as three linears give them: v goes to attention with the strides the start-up plans
+        # were built for (PackedTransformer.prewarm), not a new cuDNN plan per length; q and k reach their norms
+        # laid out as with a LoRA delta added, so a sample at LoRA scale 0 stays bit-identical to one without
+        # (a norm's reduction may round differently over a strided input). Under compile the copies fuse into
+        # the norms; only v's is a kernel of its own.
+        q, k, v = (p.contiguous() for p in parts)
     if lora is not None:  # per-sample LoRA: (rows [T, R], factors) -- actors/lora.py
         rows, f = lora
         h = _lora_h(x, f[0], rows)
@@ -366,7 +369,9 @@ def _feed_forward(ff, x, lora=None):
     if w13 is None:
         x1, x3 = ff.w1(x), ff.w3(x)
     else:
-        x1, x3 = w13(x).split([ff.w1.out_features, ff.w3.out_features], dim=-1)
+        # contiguous as with a LoRA delta added (an elementwise kernel may take another path over strided
+        # input and round differently); under compile the copies fuse into the SiLU and product
+        x1, x3 = (p.contiguous() for p in w13(x).split([ff.w1.out_features, ff.w3.out_features], dim=-1))
     if lora is None:
         return ff.w2(F.silu(x1) * x3)
     rows, f = lora
