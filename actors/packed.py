@@ -338,7 +338,7 @@ def _attention(attn, x, freqs, runs, lora=None):
         # laid out as with a LoRA delta added, so a sample at LoRA scale 0 stays bit-identical to one without
         # (a norm's reduction may round differently over a strided input). Under compile the copies fuse into
         # the norms; only v's is a kernel of its own.
-        q, k, v = (p.contiguous() for p in parts)
+        q, k, v = [p.contiguous() for p in parts]
     if lora is not None:  # per-sample LoRA: (rows [T, R], factors) -- actors/lora.py
         rows, f = lora
         h = _lora_h(x, f[0], rows)
@@ -371,7 +371,7 @@ def _feed_forward(ff, x, lora=None):
     else:
         # contiguous as with a LoRA delta added (an elementwise kernel may take another path over strided
         # input and round differently); under compile the copies fuse into the SiLU and product
-        x1, x3 = (p.contiguous() for p in w13(x).split([ff.w1.out_features, ff.w3.out_features], dim=-1))
+        x1, x3 = [p.contiguous() for p in w13(x).split([ff.w1.out_features, ff.w3.out_features], dim=-1)]
     if lora is None:
         return ff.w2(F.silu(x1) * x3)
     rows, f = lora
