@@ -163,3 +163,40 @@ def test_probe_is_the_pipelines_math_and_start_up_fuses_within_its_bound():
     assert bound["forward_rel_l2"] < 1e-5 and bound["latents_rel_l2"] < 1e-5 and bound["image_psnr_db"] > 50
     with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):  # fp8 on the CPU: refused, as before
         apply_transformer_options(eng, config_from_dict({"model": {"quantization": "fp8"}}).model)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fused_blocks_compile_as_one_graph_and_cover_every_batch(fp8, tmp_path):
+    """Dynamo traces the fused path without a graph break (the replica compiles with fullgraph), with and without
+    per-sample LoRA, and after a warm-up one sample and several run on the graphs it made."""
+    from actors.compiled import counted
+
+    dtype = torch.bfloat16 if fp8 else torch.float32
+    tr = _transformer(dtype)
+    fuse_projections(tr)
+    if fp8:
+        swap_fp8(tr)
+    sd, meta = random_lora_state_dict(tr, 4, seed=1, std=0.15)
+    store = LoraStore(tr, max_resident=1, dtype=dtype)
+    store.add("a", save_diffusers_lora(tmp_path / "a", sd, meta).parent)
+    packed = PackedTransformer(tr)
+    packed.compile(backend="eager")
+    sizes, caps, lat, t = _inputs(dtype)
+
+    def call(n, lora):
+        layout = packed.layout([(1, h, w) for h, w in sizes[:n]], [len(c) for c in caps[:n]])
+        layout.lora = store.batch([[("a", 1.0)]] * n) if lora else None
+        with torch.no_grad():
+            return packed(lat[:n], t[:n], caps[:n], layout)
+
+    try:
+        for n, lora in ((2, False), (2, True)):
+            call(n, lora)
+        with torch.compiler.set_stance("fail_on_recompile"), counted() as missed:
+            out = call(3, False)
+            call(1, True)
+        assert not missed, missed
+        ref = _run(tr, dtype=dtype)
+        assert all(torch.equal(a.float(), b) for a, b in zip(out, ref))
+    finally:
+        torch._dynamo.reset()
