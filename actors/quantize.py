@@ -1,5 +1,7 @@
 """Opt-in fp8 for the transformer: dynamic per-row float8 activations and weights on the linear layers of its
-repeated blocks, plus the numerical check the benchmark reports (output against bf16, same seed).
+repeated blocks (chosen main blocks may stay in bf16: ``model.fp8_bf16_blocks``), plus the accuracy probe that
+bounds it (one forward, the final latents and the image against the model before, same prompt and seed;
+``actors/accuracy.py`` runs it at start-up).
 
 Two implementations of the same scheme (weights: float8_e4m3 with one scale per output row, computed once;
 activations: float8_e4m3 with one scale per token, computed on every call; matmul: ``torch._scaled_mm`` with
