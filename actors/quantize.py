@@ -1,5 +1,7 @@
 """Opt-in fp8 for the transformer: dynamic per-row float8 activations and weights on the linear layers of its
-repeated blocks, plus the numerical check the benchmark reports (output against bf16, same seed).
+repeated blocks (chosen main blocks may stay in bf16: ``model.fp8_bf16_blocks``), plus the accuracy probe that
+bounds it (one forward, the final latents and the image against the model before, same prompt and seed;
+``actors/accuracy.py`` runs it at start-up).
 
 Two implementations of the same scheme (weights: float8_e4m3 with one scale per output row, computed once;
 activations: float8_e4m3 with one scale per token, computed on every call; matmul: ``torch._scaled_mm`` with
@@ -13,6 +15,7 @@ row-wise scales into bf16):
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +47,23 @@ class Fp8Linear(torch.nn.Module):
         self.register_buffer("weight_scale", w_scale.reshape(1, -1).contiguous())  # (1, out)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
 
+    @classmethod
+    def of(cls, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> Fp8Linear:
+        """A float8 linear over given (already quantized) tensors, sharing their storage."""
+        self = cls.__new__(cls)
+        torch.nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        return self
+
+    def rows(self, start: int, stop: int) -> Fp8Linear:
+        """Output rows ``start:stop`` as a float8 linear of their own, sharing this one's storage (the parts of a
+        fused linear, actors/fused.py): per-row weight scales make a row's values independent of the others."""
+        return Fp8Linear.of(self.weight[start:stop], self.weight_scale[:, start:stop],
+                            None if self.bias is None else self.bias[start:stop])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         xq, x_scale = _rowwise(x.reshape(-1, self.in_features))
@@ -65,40 +85,97 @@ def _quantizable(module: torch.nn.Module, fqn: str) -> bool:
         and "adaLN_modulation" not in fqn and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
-def _swap_linears(module: torch.nn.Module, select, make) -> int:
+def _swap_linears(module: torch.nn.Module, select, make, after=None) -> int:
     """Replace each submodule ``select(m, fqn)`` picks by ``make(m)``, in place, one at a time and by name: holding
     the modules in a list would keep every original weight alive until the last is converted (bf16 and quantized
     copies at once: 17.4 GiB for the transformer, more than a 24 GB card has beside a bf16 text encoder). This
-    way the peak is one layer's temporaries."""
+    way the peak is one layer's temporaries. ``after(parent, child)`` runs after each swap."""
     names = [fqn for fqn, m in module.named_modules() if select(m, fqn)]
     for fqn in names:
         parent_name, _, child = fqn.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, make(getattr(parent, child)))
+        if after is not None:
+            after(parent, child)
     return len(names)
 
 
-def quantize_fp8(transformer: torch.nn.Module, backend: str = "native") -> int:
-    """Swap the blocks' nn.Linear layers for float8 ones (per-row scales) in place. Returns how many."""
+def resolve_bf16_blocks(spec, n_layers: int) -> list[int]:
+    """The main-block indices ``model.fp8_bf16_blocks`` names for a transformer of ``n_layers`` main blocks: a list
+    of indices, or ``"last:N"`` / ``"first:N"`` (``zimage_common/config.py`` checks the form). An index or an N
+    past the model's blocks is an error that says how many it has."""
+    where = "model.fp8_bf16_blocks"
+    if isinstance(spec, str):
+        end, _, count = spec.partition(":")
+        n = int(count)
+        if n > n_layers:
+            raise ValueError(f"{where}: {spec!r} asks for {n} blocks; this transformer has {n_layers} main blocks")
+        return list(range(n_layers - n, n_layers)) if end == "last" else list(range(n))
+    bad = sorted(i for i in spec if not 0 <= i < n_layers)
+    if bad:
+        raise ValueError(f"{where}: block(s) {bad} do not exist; this transformer has {n_layers} main blocks "
+                         f"(0-{n_layers - 1})")
+    return sorted(set(spec))
+
+
+def fp8_selector(transformer: torch.nn.Module, bf16_blocks=()):
+    """``select(module, fqn)`` for ``_swap_linears``: the blocks' quantizable linears, except those of the main
+    blocks in ``bf16_blocks`` and the parts of a fused linear (its rows, quantized with it: actors/fused.py)."""
+    from .fused import is_part
+
+    keep = tuple(f"layers.{i}." for i in bf16_blocks)
+
+    def select(module: torch.nn.Module, fqn: str) -> bool:
+        if not _quantizable(module, fqn) or fqn.startswith(keep):
+            return False
+        parent_name, _, child = fqn.rpartition(".")
+        return not is_part(transformer.get_submodule(parent_name), child)
+
+    return select
+
+
+def swap_fp8(transformer: torch.nn.Module, bf16_blocks=()) -> int:
+    """The native backend's swap (any device; ``quantize_fp8`` checks the GPU first): float8 linears for the
+    blocks' linears, the main blocks in ``bf16_blocks`` left as they are, and each fused linear's parts pointed at
+    its float8 rows as soon as it is converted (so its bf16 weight is freed then). Returns how many."""
+    from .fused import fused_parts, repoint
+
+    def after(parent: torch.nn.Module, child: str) -> None:
+        if fused_parts(parent, child):
+            repoint(parent, child)
+
+    return _swap_linears(transformer, fp8_selector(transformer, bf16_blocks), Fp8Linear, after)
+
+
+def quantize_fp8(transformer: torch.nn.Module, backend: str = "native", bf16_blocks=()) -> int:
+    """Swap the blocks' nn.Linear layers for float8 ones (per-row scales) in place, except those of the main
+    blocks whose indices are in ``bf16_blocks`` (``resolve_bf16_blocks``). Returns how many."""
     device = next(transformer.parameters()).device
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise RuntimeError(f"model.quantization 'fp8' needs an NVIDIA GPU of compute capability 8.9+ (Ada, Hopper); "
                            f"the transformer is on {device}")
+    kept = f", main blocks {list(bf16_blocks)} kept in {transformer.dtype}" if bf16_blocks else ""
     if backend == "native":
-        n = _swap_linears(transformer, _quantizable, Fp8Linear)
-        log.info("fp8 (native): quantized %d linear layers of the transformer blocks", n)
+        n = swap_fp8(transformer, bf16_blocks)
+        log.info("fp8 (native): quantized %d linear layers of the transformer blocks%s", n, kept)
         return n
     if backend != "torchao":
         raise ValueError(f"unknown fp8 backend {backend!r}: use 'native' or 'torchao'")
+    from .fused import is_fused
+
+    if is_fused(transformer):
+        raise ValueError("fp8_backend 'torchao' cannot quantize fused projections (its tensor subclass gives no "
+                         "row views): set model.fused_projections to false, or use fp8_backend 'native'")
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
     except ImportError as e:
         raise RuntimeError("model.quantization 'fp8' needs torchao: pip install 'zimage-orchestrator[fp8]'") from e
 
     names = []
+    select = fp8_selector(transformer, bf16_blocks)
 
     def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
-        ok = _quantizable(module, fqn)
+        ok = select(module, fqn)
         if ok:
             names.append(fqn)
         return ok
@@ -107,24 +184,42 @@ def quantize_fp8(transformer: torch.nn.Module, backend: str = "native") -> int:
     # 0/0 = NaN, as the first probe on random weights showed (torchao's default lower bound is None).
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=1e-12)
     quantize_(transformer, config, filter_fn=in_blocks)
-    log.info("fp8 (torchao): quantized %d linear layers of the transformer blocks", len(names))
+    log.info("fp8 (torchao): quantized %d linear layers of the transformer blocks%s", len(names), kept)
     return len(names)
 
 
-@torch.no_grad()
-def reference_output(engine, size: int = 512, steps: int = 9, seed: int = 1234):
-    """The numerical check's probe for a fixed prompt and seed: the transformer's output for one forward
-    (meaningful even for random weights) and the final image after ``steps`` steps (meaningful for real ones)."""
-    from .engine import Sample
+class Probe(NamedTuple):
+    """What the numerical check records for one model state: the transformer's output for one forward at t=0.5
+    (meaningful even for random weights), the final latents after ``steps`` steps and the decoded image
+    (meaningful for real weights), all on the CPU."""
 
-    enc = engine.encode([CHECK_PROMPT])
-    lat0 = engine.initial_latents([Sample(CHECK_PROMPT, seed, size, size)])
+    forward: torch.Tensor
+    latents: torch.Tensor
+    image: np.ndarray
+    size: int = 512
+    steps: int = 9
+    seed: int = 1234
+
+
+@torch.no_grad()
+def reference_output(engine, size: int = 512, steps: int = 9, seed: int = 1234, prompt: str = CHECK_PROMPT) -> Probe:
+    """The numerical check's probe for a fixed prompt and seed through the packed transformer as it is now (eager
+    or compiled, bf16 or fp8): one forward at t=0.5, then the Euler loop of ``steps`` steps from the seed's noise
+    (the step loop's math for one sample, guidance 0), then the VAE decode."""
     device = engine.devices["transformer"]
-    x = [lat0[0].to(engine.transformer.dtype).unsqueeze(1)]
-    t = torch.full((1,), 0.5, device=device)
-    one = engine.transformer(x, t, [e.to(device) for e in enc.positive], return_dict=False)[0][0].float().cpu()
-    lat = engine.denoise(enc, lat0, steps)
-    return one, engine.decode(lat)[0]
+    dtype = engine.transformer.dtype
+    emb = [engine.encode([prompt]).positive[0].to(device)]
+    h = w = 2 * (size // 16)
+    g = torch.Generator("cpu").manual_seed(int(seed))  # drawn on the CPU, as the replica draws a request's noise
+    lat = torch.randn((1, engine.transformer.config.in_channels, h, w), generator=g)[0].to(device)
+    packed = engine.packed
+    layout = packed.layout([(1, h, w)], [len(emb[0])])
+    one = packed([lat.to(dtype).unsqueeze(1)], torch.full((1,), 0.5, device=device), emb, layout)[0]
+    (scheduler,) = engine._schedulers([lat], steps, device)
+    for t in scheduler.timesteps[:steps]:
+        out = packed([lat.to(dtype).unsqueeze(1)], ((1000 - t) / 1000).reshape(1), emb, layout)[0]
+        lat = scheduler.step(-out.float().squeeze(1).unsqueeze(0), t, lat.unsqueeze(0), return_dict=False)[0][0]
+    return Probe(one.float().cpu(), lat.float().cpu(), engine.decode_one(lat), size, steps, seed)
 
 
 def forward_error(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
@@ -134,15 +229,22 @@ def forward_error(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
     return rel, float(1 - finite.float().mean())
 
 
-def compare(reference, candidate) -> dict:
-    """fp8 against the unquantized model: relative L2 error of one transformer forward, the share of
-    non-finite values in the reference (random weights can overflow), and the final image's PSNR."""
-    (ref_out, ref_img), (out, img) = reference, candidate
-    rel, nonfinite = forward_error(ref_out, out)
-    mse = float(np.mean((img.astype(np.float64) - ref_img.astype(np.float64)) ** 2))
-    psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-    return {"forward_rel_l2": round(rel, 5), "nonfinite_fraction": round(nonfinite, 5),
-            "image_psnr_db": round(psnr, 2), "probe": "512x512, seed 1234: 1 forward at t=0.5; image after 9 steps"}
+def psnr_db(ref: np.ndarray, img: np.ndarray) -> float:
+    mse = float(np.mean((img.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def compare(reference: Probe, candidate: Probe) -> dict:
+    """A model state against the reference (the unquantized, eager model): relative L2 error of one transformer
+    forward and of the final latents, the share of non-finite values (random weights can overflow), and the
+    decoded image's PSNR."""
+    rel, nonfinite = forward_error(reference.forward, candidate.forward)
+    lat_rel, lat_nonfinite = forward_error(reference.latents, candidate.latents)
+    r = reference
+    return {"forward_rel_l2": round(rel, 5), "latents_rel_l2": round(lat_rel, 5),
+            "nonfinite_fraction": round(max(nonfinite, lat_nonfinite), 5),
+            "image_psnr_db": round(psnr_db(reference.image, candidate.image), 2),
+            "probe": f"{r.size}x{r.size}, seed {r.seed}: 1 forward at t=0.5; latents and image after {r.steps} steps"}
 
 
 # ---- weight-only quantization of the text encoder -------------------------------------------------------------
@@ -190,17 +292,12 @@ def encoder_error(engine, quantize, size: int = 512, steps: int = 9, seed: int =
     """The text encoder's error against its unquantized self: ``quantize()`` runs between two runs of the check
     prompt. Relative L2 of the caption embeddings (what the transformer sees) and the PSNR of the final image
     (``size``, ``steps``, same seed) against the unquantized encoder's."""
-    from .engine import Sample
-
-    sample = [Sample(CHECK_PROMPT, seed, size, size)]
     ref = engine.encode([CHECK_PROMPT]).positive[0].float().cpu()
-    ref_img = engine.generate(sample, steps)[0][0]
+    ref_img = reference_output(engine, size, steps, seed).image
     quantize()
     out = engine.encode([CHECK_PROMPT]).positive[0].float().cpu()
-    img = engine.generate(sample, steps)[0][0]
+    img = reference_output(engine, size, steps, seed).image
     rel, nonfinite = forward_error(ref, out)
-    mse = float(np.mean((img.astype(np.float64) - ref_img.astype(np.float64)) ** 2))
-    psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
     return {"text_encoder_embed_rel_l2": round(rel, 5), "text_encoder_nonfinite_fraction": round(nonfinite, 5),
-            "text_encoder_image_psnr_db": round(psnr, 2),
+            "text_encoder_image_psnr_db": round(psnr_db(ref_img, img), 2),
             "text_encoder_probe": f"{size}x{size}, seed {seed}, {steps} steps, against the unquantized encoder"}

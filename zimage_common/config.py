@@ -153,6 +153,19 @@ class ModelConfig(_Strict):
         "torchao: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) (needs the [fp8] extra; its first "
         "compile took 194 s on an H100).",
     )
+    fp8_bf16_blocks: list[int] | str = Field(
+        default_factory=list,
+        description="With fp8: main transformer blocks (0-29 on Z-Image-Turbo) kept in bf16, the rest in fp8. A "
+        "list of block indices ([0, 1, 29]), or 'last:N' / 'first:N' (the N blocks at that end: vLLM-Omni keeps "
+        "'last:15' because Z-Image under fp8 in every block turns to noise with real weights). Empty: every block "
+        "in fp8. The replica's start-up probe reports the error of what is configured.",
+    )
+    fused_projections: bool = Field(
+        default=True,
+        description="Compute each block's q/k/v as one matmul and its feed-forward's gate and up projections as "
+        "another (actors/fused.py): the same arithmetic in fewer, larger GEMMs; results differ from unfused only by "
+        "the GEMMs' summation order. Not with fp8_backend 'torchao' (skipped there).",
+    )
     compile_cache_dir: Path | None = Field(
         default=None,
         description="Persistent compile cache (TORCHINDUCTOR_CACHE_DIR); None: ~/.cache/zimage-orchestrator/inductor.",
@@ -199,6 +212,9 @@ class ModelConfig(_Strict):
             raise ValueError("source='local' needs local_path: the directory that holds model_index.json")
         if self.source != "local" and self.local_path is not None:
             raise ValueError(f"local_path is only used with source='local' (source is {self.source!r})")
+        if self.fp8_bf16_blocks and self.quantization == "none":
+            raise ValueError("fp8_bf16_blocks chooses blocks to keep out of fp8, but quantization is 'none': set "
+                             "quantization to 'fp8' (or 'auto'), or remove fp8_bf16_blocks")
         return self
 
     @field_validator("attention", mode="before")
@@ -208,6 +224,24 @@ class ModelConfig(_Strict):
             raise ValueError(f"attention {v!r} is no longer offered: 'runs' is the only kernel (set it, or remove "
                              f"the setting)")
         return v
+
+    @field_validator("fp8_bf16_blocks", mode="before")
+    @classmethod
+    def _bf16_blocks(cls, v: Any) -> Any:
+        form = "a list of main-block indices such as [0, 1, 29], or 'last:N' / 'first:N' such as 'last:15'"
+        if isinstance(v, str):
+            end, sep, n = v.strip().partition(":")
+            if not sep or end not in ("last", "first") or not n.isdigit():
+                raise ValueError(f"{v!r} is not a block choice: give {form}")
+            return f"{end}:{int(n)}"
+        if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise ValueError(f"expected {form}")
+        bad = sorted({i for i in v if i < 0})
+        dup = sorted({i for i in v if v.count(i) > 1})
+        if bad or dup:
+            what = "; ".join(x for x in (f"negative: {bad}" if bad else "", f"repeated: {dup}" if dup else "") if x)
+            raise ValueError(f"block indices count from 0 and appear once each; {what}")
+        return sorted(v)
 
     @field_validator("loras")
     @classmethod
