@@ -1,8 +1,7 @@
-"""The transformer's model options at start-up (fused projections, fp8 with chosen blocks kept in bf16), and the
-accuracy bound of the lossy ones.
+"""The transformer's lossy option at start-up (fp8, with chosen blocks kept in bf16) and its accuracy bound.
 
 The bound (``actors/quantize.py`` ``reference_output`` / ``compare``): a fixed prompt and seed through the model
-before the option (eager, bf16, unfused: the reference) and after it, on the same inputs: relative L2 of one
+before the option (eager, bf16: the reference) and after it, on the same inputs: relative L2 of one
 transformer forward and of the final latents after 9 steps, and the PSNR of the decoded image. The replica
 measures it at start-up for what it is configured with and reports it in its health (``numerics``);
 ``benchmarks/roofline.py --accuracy`` measures every option side by side on the full-size model.
@@ -19,18 +18,13 @@ the last 15 of its 30 main blocks in bf16: a fact about the trained weights that
 
 from __future__ import annotations
 
-import logging
 
-log = logging.getLogger(__name__)
-
-
-def option_label(fp8: bool, backend: str = "native", bf16_blocks=(), n_layers: int = 30, fused: bool = False,
+def option_label(fp8: bool, backend: str = "native", bf16_blocks=(), n_layers: int = 30,
                  compiled: bool = False) -> str:
     """A short name of a model state, as the start-up probe and the roofline's accuracy table print it."""
     parts = [f"fp8 ({backend})" if fp8 else "bf16"]
     if fp8:
         parts.append(_blocks_label(list(bf16_blocks), n_layers))
-    parts.append("fused projections" if fused else "unfused")
     parts.append("compiled" if compiled else "eager")
     return ", ".join(parts)
 
@@ -48,10 +42,9 @@ def _blocks_label(blocks: list[int], n_layers: int) -> str:
 
 
 def apply_transformer_options(engine, cfg) -> dict:
-    """Fused projections and fp8 on ``engine``'s transformer as ``cfg`` (a ``ModelConfig``) asks, in place, before
-    any compile. With fp8, returns the accuracy bound of the configured option against the model before it (eager,
-    bf16, unfused), with ``option`` naming it; without fp8 (nothing lossy before the compile) an empty dict."""
-    from .fused import fuse_projections
+    """fp8 on ``engine``'s transformer as ``cfg`` (a ``ModelConfig``) asks, in place, before any compile. With fp8,
+    returns the accuracy bound of the configured option against the model before it (eager, bf16), with ``option``
+    naming it; without fp8 (nothing lossy before the compile) an empty dict."""
     from .quantize import compare, quantize_fp8, reference_output, resolve_bf16_blocks
 
     transformer = engine.transformer
@@ -59,14 +52,9 @@ def apply_transformer_options(engine, cfg) -> dict:
     n_layers = len(transformer.layers)
     blocks = resolve_bf16_blocks(cfg.fp8_bf16_blocks, n_layers) if fp8 else []
     reference = reference_output(engine) if fp8 else None
-    fused = cfg.fused_projections and not (fp8 and cfg.fp8_backend == "torchao")
-    if cfg.fused_projections and not fused:
-        log.info("fused projections skipped: fp8_backend 'torchao' quantizes each linear on its own")
-    if fused:
-        fuse_projections(transformer)
     if not fp8:
         return {}
     quantize_fp8(transformer, cfg.fp8_backend, blocks)
     out = compare(reference, reference_output(engine))
-    out["option"] = option_label(True, cfg.fp8_backend, blocks, n_layers, fused)
+    out["option"] = option_label(True, cfg.fp8_backend, blocks, n_layers)
     return out

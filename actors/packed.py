@@ -328,17 +328,7 @@ def _lora_h(x, a, rows):
 
 
 def _attention(attn, x, freqs, runs, lora=None):
-    qkv = getattr(attn, "to_qkv", None)  # fused q/k/v (actors/fused.py)
-    if qkv is None:
-        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-    else:
-        parts = qkv(x).split([attn.to_q.out_features, attn.to_k.out_features, attn.to_v.out_features], dim=-1)
-        # Each part contiguous, as three linears give them: v goes to attention with the strides the start-up plans
-        # were built for (PackedTransformer.prewarm), not a new cuDNN plan per length; q and k reach their norms
-        # laid out as with a LoRA delta added, so a sample at LoRA scale 0 stays bit-identical to one without
-        # (a norm's reduction may round differently over a strided input). Under compile the copies fuse into
-        # the norms; only v's is a kernel of its own.
-        q, k, v = [p.contiguous() for p in parts]
+    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
     if lora is not None:  # per-sample LoRA: (rows [T, R], factors) -- actors/lora.py
         rows, f = lora
         h = _lora_h(x, f[0], rows)
@@ -361,22 +351,12 @@ def _attention(attn, x, freqs, runs, lora=None):
 
 
 def _feed_forward(ff, x, lora=None):
-    """``FeedForward.forward`` (w2(silu(w1 x) * w3 x)), with w1 and w3 as one linear where they are fused
-    (actors/fused.py), and the per-sample LoRA terms on the split outputs."""
-    w13 = getattr(ff, "w13", None)
-    if lora is None and w13 is None:
-        return ff(x)
-    if w13 is None:
-        x1, x3 = ff.w1(x), ff.w3(x)
-    else:
-        # contiguous as with a LoRA delta added (an elementwise kernel may take another path over strided
-        # input and round differently); under compile the copies fuse into the SiLU and product
-        x1, x3 = [p.contiguous() for p in w13(x).split([ff.w1.out_features, ff.w3.out_features], dim=-1)]
+    """``FeedForward.forward`` (w2(silu(w1 x) * w3 x)) with the per-sample LoRA terms."""
     if lora is None:
-        return ff.w2(F.silu(x1) * x3)
+        return ff(x)
     rows, f = lora
     h = _lora_h(x, f[6], rows)
-    g = F.silu(x1 + h[..., 0, :] @ f[7].t()) * (x3 + h[..., 1, :] @ f[8].t())
+    g = F.silu(ff.w1(x) + h[..., 0, :] @ f[7].t()) * (ff.w3(x) + h[..., 1, :] @ f[8].t())
     return ff.w2(g) + _lora_h(g, f[9], rows)[..., 0, :] @ f[10].t()
 
 

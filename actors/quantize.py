@@ -47,23 +47,6 @@ class Fp8Linear(torch.nn.Module):
         self.register_buffer("weight_scale", w_scale.reshape(1, -1).contiguous())  # (1, out)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
 
-    @classmethod
-    def of(cls, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> Fp8Linear:
-        """A float8 linear over given (already quantized) tensors, sharing their storage."""
-        self = cls.__new__(cls)
-        torch.nn.Module.__init__(self)
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight)
-        self.register_buffer("weight_scale", weight_scale)
-        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-        return self
-
-    def rows(self, start: int, stop: int) -> Fp8Linear:
-        """Output rows ``start:stop`` as a float8 linear of their own, sharing this one's storage (the parts of a
-        fused linear, actors/fused.py): per-row weight scales make a row's values independent of the others."""
-        return Fp8Linear.of(self.weight[start:stop], self.weight_scale[:, start:stop],
-                            None if self.bias is None else self.bias[start:stop])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         xq, x_scale = _rowwise(x.reshape(-1, self.in_features))
@@ -85,18 +68,16 @@ def _quantizable(module: torch.nn.Module, fqn: str) -> bool:
         and "adaLN_modulation" not in fqn and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
-def _swap_linears(module: torch.nn.Module, select, make, after=None) -> int:
+def _swap_linears(module: torch.nn.Module, select, make) -> int:
     """Replace each submodule ``select(m, fqn)`` picks by ``make(m)``, in place, one at a time and by name: holding
     the modules in a list would keep every original weight alive until the last is converted (bf16 and quantized
     copies at once: 17.4 GiB for the transformer, more than a 24 GB card has beside a bf16 text encoder). This
-    way the peak is one layer's temporaries. ``after(parent, child)`` runs after each swap."""
+    way the peak is one layer's temporaries."""
     names = [fqn for fqn, m in module.named_modules() if select(m, fqn)]
     for fqn in names:
         parent_name, _, child = fqn.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, make(getattr(parent, child)))
-        if after is not None:
-            after(parent, child)
     return len(names)
 
 
@@ -118,33 +99,17 @@ def resolve_bf16_blocks(spec, n_layers: int) -> list[int]:
     return sorted(set(spec))
 
 
-def fp8_selector(transformer: torch.nn.Module, bf16_blocks=()):
+def fp8_selector(bf16_blocks=()):
     """``select(module, fqn)`` for ``_swap_linears``: the blocks' quantizable linears, except those of the main
-    blocks in ``bf16_blocks`` and the parts of a fused linear (its rows, quantized with it: actors/fused.py)."""
-    from .fused import is_part
-
+    blocks in ``bf16_blocks``."""
     keep = tuple(f"layers.{i}." for i in bf16_blocks)
-
-    def select(module: torch.nn.Module, fqn: str) -> bool:
-        if not _quantizable(module, fqn) or fqn.startswith(keep):
-            return False
-        parent_name, _, child = fqn.rpartition(".")
-        return not is_part(transformer.get_submodule(parent_name), child)
-
-    return select
+    return lambda module, fqn: _quantizable(module, fqn) and not fqn.startswith(keep)
 
 
 def swap_fp8(transformer: torch.nn.Module, bf16_blocks=()) -> int:
     """The native backend's swap (any device; ``quantize_fp8`` checks the GPU first): float8 linears for the
-    blocks' linears, the main blocks in ``bf16_blocks`` left as they are, and each fused linear's parts pointed at
-    its float8 rows as soon as it is converted (so its bf16 weight is freed then). Returns how many."""
-    from .fused import fused_parts, repoint
-
-    def after(parent: torch.nn.Module, child: str) -> None:
-        if fused_parts(parent, child):
-            repoint(parent, child)
-
-    return _swap_linears(transformer, fp8_selector(transformer, bf16_blocks), Fp8Linear, after)
+    blocks' linears, the main blocks in ``bf16_blocks`` left as they are. Returns how many."""
+    return _swap_linears(transformer, fp8_selector(bf16_blocks), Fp8Linear)
 
 
 def quantize_fp8(transformer: torch.nn.Module, backend: str = "native", bf16_blocks=()) -> int:
@@ -161,18 +126,13 @@ def quantize_fp8(transformer: torch.nn.Module, backend: str = "native", bf16_blo
         return n
     if backend != "torchao":
         raise ValueError(f"unknown fp8 backend {backend!r}: use 'native' or 'torchao'")
-    from .fused import is_fused
-
-    if is_fused(transformer):
-        raise ValueError("fp8_backend 'torchao' cannot quantize fused projections (its tensor subclass gives no "
-                         "row views): set model.fused_projections to false, or use fp8_backend 'native'")
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
     except ImportError as e:
         raise RuntimeError("model.quantization 'fp8' needs torchao: pip install 'zimage-orchestrator[fp8]'") from e
 
     names = []
-    select = fp8_selector(transformer, bf16_blocks)
+    select = fp8_selector(bf16_blocks)
 
     def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
         ok = select(module, fqn)

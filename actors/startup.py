@@ -275,7 +275,7 @@ class StartupMixin:
                      self.engine.dtype, self.numerics)
         from .accuracy import apply_transformer_options
 
-        bound = apply_transformer_options(self.engine, cfg)  # fused projections, fp8 and fp8's accuracy bound
+        bound = apply_transformer_options(self.engine, cfg)  # fp8 and its accuracy bound
         if bound:
             self.numerics.update(bound)
             log.info("replica %s: %s vs eager %s: %s", self.replica_id, bound["option"], self.engine.dtype, bound)

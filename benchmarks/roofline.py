@@ -1,14 +1,14 @@
 """The roofline of the serving path on one GPU (issue #32): where a denoising step's time goes against what the
-arithmetic needs, per op class, for each transformer state (bf16 / fp8, projections fused or not, chosen blocks
-kept in bf16), at batch 1 and 4; the text encoder's encode of the batch and the VAE decode of one image; and the
-accuracy bound of each lossy state against eager bf16.
+arithmetic needs, per op class, for each transformer state (bf16 / fp8, chosen blocks kept in bf16), at batch 1
+and 4; the text encoder's encode of the batch and the VAE decode of one image; and the accuracy bound of each lossy
+state against eager bf16.
 
-    python3 benchmarks/roofline.py --out DIR [--fused both|on|off] [--batches 1,4] [--size 1024] [--no-accuracy]
+    python3 benchmarks/roofline.py --out DIR [--batches 1,4] [--size 1024] [--no-accuracy]
     python3 benchmarks/roofline.py --tiny --out DIR        # CPU, tiny model: the FLOP accounting and the tables
 
 Full-size random weights, compiled as the replica compiles them (``PackedTransformer.compile()``, the VAE decoder by
 ``compile_vae_decoder``), the transformer states one after another on one model where a state can be reached in
-place (bf16 -> fused -> fp8), rebuilt from the same seed where not; compiled graphs are kept across batch sizes
+place (bf16 -> fp8), rebuilt from the same seed where not; compiled graphs are kept across batch sizes
 and states (they are dynamic in token and sample counts). Results go to DIR/roofline.json and DIR/roofline.md after
 every measurement, so a run cut short keeps what it measured.
 
@@ -236,25 +236,21 @@ def gemm_peaks(n: int = 8192, reps: int = 20) -> dict:
 
 # ---- transformer states ----------------------------------------------------------------------------------------
 class State:
-    """A transformer state: bf16 or fp8, projections fused or not, main blocks kept in bf16 (``bf16_blocks``, the
-    form of ``model.fp8_bf16_blocks``)."""
+    """A transformer state: bf16 or fp8, main blocks kept in bf16 (``bf16_blocks``, the form of
+    ``model.fp8_bf16_blocks``)."""
 
-    def __init__(self, fp8: bool, fused: bool, bf16_blocks: str = ""):
-        self.fp8, self.fused, self.bf16_blocks = fp8, fused, bf16_blocks
+    def __init__(self, fp8: bool, bf16_blocks: str = ""):
+        self.fp8, self.bf16_blocks = fp8, bf16_blocks
 
     @property
     def name(self) -> str:
         blocks = f"-bf16-{self.bf16_blocks.replace(':', '')}" if self.bf16_blocks else ""
-        return ("fp8" if self.fp8 else "bf16") + ("-fused" if self.fused else "") + blocks
+        return ("fp8" if self.fp8 else "bf16") + blocks
 
 
-def plan_states(fused: str, bf16_blocks: str) -> list[State]:
-    """The states in an order that reaches most of them in place (bf16 -> fused -> fp8 on one model)."""
-    fuse = {"both": [False, True], "on": [True], "off": [False]}[fused]
-    states = [State(False, f) for f in fuse] + [State(True, f) for f in sorted(fuse, reverse=True)]
-    if bf16_blocks:
-        states.append(State(True, fuse[-1], bf16_blocks))
-    return states
+def plan_states(bf16_blocks: str) -> list[State]:
+    """bf16 (reached in place from the first build), fp8, then fp8 with chosen blocks in bf16 (rebuilt)."""
+    return [State(False), State(True)] + ([State(True, bf16_blocks)] if bf16_blocks else [])
 
 
 def _fingerprint(transformer) -> list[float]:
@@ -279,7 +275,7 @@ class Roofline:
         self.engine = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), self.device),
                                    self.dtype)
         self.fingerprint = _fingerprint(self.engine.transformer)
-        self.state = State(False, False)
+        self.state = State(False)
         self.h = self.w = 2 * (args.size // 16)
         self._inputs: dict[int, tuple] = {}
         self._flops: dict[tuple, tuple] = {}
@@ -310,13 +306,12 @@ class Roofline:
 
     # ---- states ------------------------------------------------------------------------------------------------
     def to_state(self, st: State) -> None:
-        from actors.fused import fuse_projections
         from actors.models import build_components
         from actors.packed import PackedTransformer
         from actors.quantize import quantize_fp8, resolve_bf16_blocks, swap_fp8
 
-        cur, model = self.state, self.engine.transformer
-        if cur.fp8 or (cur.fused and not st.fused):  # not reachable in place: the same weights again
+        model = self.engine.transformer
+        if self.state.fp8:  # not reachable in place: the same weights again
             self.engine.transformer = self.engine.packed = self.eager = model = None
             gc.collect()
             if self.gpu:
@@ -326,9 +321,6 @@ class Roofline:
             if _fingerprint(model) != self.fingerprint:
                 raise RuntimeError("the rebuilt transformer's weights differ from the first build's")
             self.engine.transformer = model
-            cur = State(False, False)
-        if st.fused and not cur.fused:
-            fuse_projections(model)
         if st.fp8:
             blocks = resolve_bf16_blocks(st.bf16_blocks or [], len(model.layers))
             if self.gpu:
@@ -356,9 +348,7 @@ class Roofline:
             cap_layout.caption_cache = None
             packed.captions(cap_layout, caps)
 
-        # fusing moves no arithmetic: on the GPU a fused state reuses its unfused twin's count (the tiny CPU run
-        # counts every state, and tests/test_roofline.py checks they agree)
-        key = (self.state.fp8, self.state.bf16_blocks, b) if self.gpu else (self.state.name, b)
+        key = (self.state.name, b)
         if key not in self._flops:
             eager_layout = self.eager.layout(shapes, lens)
             first = count_flops(lambda: self.eager(lat, t, caps, eager_layout))
@@ -397,7 +387,7 @@ class Roofline:
 
         st, n = self.state, len(self.engine.transformer.layers)
         blocks = resolve_bf16_blocks(st.bf16_blocks or [], n) if st.fp8 else []
-        label = option_label(st.fp8, "native", blocks, n, st.fused, self.engine.packed.compiled)
+        label = option_label(st.fp8, "native", blocks, n, self.engine.packed.compiled)
         probe = reference_output(self.engine, self.args.accuracy_size, self.args.steps)
         return {"option": label, **compare(reference, probe)}
 
@@ -415,7 +405,7 @@ class Roofline:
             self.res["notes"].append("tiny model on the CPU: the states named bf16 run in float32 here, and nothing "
                                      "is compiled; the FLOP counts are exact, the times only show the code runs")
         reference = None
-        if not args.no_accuracy:  # eager bf16, unfused: what every lossy state is measured against
+        if not args.no_accuracy:  # eager bf16: what every lossy state is measured against
             reference = reference_output(self.engine, args.accuracy_size, args.steps)
         for b in args.batches:
             self.res["text_encoder"][str(b)] = self.measure_text_encoder(b)
@@ -426,7 +416,7 @@ class Roofline:
             self.res["analytic_request_tflop"] = {"caption_tokens": tokens, "tflop": round(
                 request_tflop(args.size, args.size, tokens, args.steps), 1)}
         self.save()
-        for st in plan_states(args.fused, args.bf16_blocks):
+        for st in plan_states(args.bf16_blocks):
             t0 = time.perf_counter()
             self.to_state(st)
             rows = self.res["states"].setdefault(st.name, {})
@@ -457,8 +447,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (FLOP accounting, CI)")
     ap.add_argument("--batches", help="batch sizes (default 1,4; tiny 1,2)")
     ap.add_argument("--size", type=int, help="image side in pixels (default 1024; tiny 64)")
-    ap.add_argument("--fused", choices=("both", "on", "off"), default="both",
-                    help="transformer states with fused projections, without, or both (default)")
     ap.add_argument("--bf16-blocks", help="one more fp8 state with these main blocks in bf16 (model.fp8_bf16_blocks' "
                     "form; default last:15, tiny last:1); 'none' for no such state")
     ap.add_argument("--words", type=int, help="words per prompt (default 100: about 110 tokens; tiny 8)")

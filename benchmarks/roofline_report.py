@@ -154,7 +154,7 @@ def _per_image(res: dict) -> list[str]:
 def _accuracy(res: dict) -> list[str]:
     if not res["accuracy"]:
         return []
-    out = ["", f"## Accuracy against eager bf16, unfused (same inputs; {res['steps']} steps)", "",
+    out = ["", f"## Accuracy against eager bf16 (same inputs; {res['steps']} steps)", "",
            "| state | option | forward rel L2 | latents rel L2 | image PSNR dB | non-finite |",
            "| --- | --- | --- | --- | --- | --- |"]
     for name, a in res["accuracy"].items():

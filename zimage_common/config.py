@@ -160,12 +160,6 @@ class ModelConfig(_Strict):
         "'last:15' because Z-Image under fp8 in every block turns to noise with real weights). Empty: every block "
         "in fp8. The replica's start-up probe reports the error of what is configured.",
     )
-    fused_projections: bool = Field(
-        default=True,
-        description="Compute each block's q/k/v as one matmul and its feed-forward's gate and up projections as "
-        "another (actors/fused.py): the same arithmetic in fewer, larger GEMMs; results differ from unfused only by "
-        "the GEMMs' summation order. Not with fp8_backend 'torchao' (skipped there).",
-    )
     compile_cache_dir: Path | None = Field(
         default=None,
         description="Persistent compile cache (TORCHINDUCTOR_CACHE_DIR); None: ~/.cache/zimage-orchestrator/inductor.",

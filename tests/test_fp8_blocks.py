@@ -1,14 +1,13 @@
-"""Fused q/k/v and gate/up projections (actors/fused.py) against the unfused packed forward, with per-request LoRA
-and with fp8; and the switch that keeps chosen main blocks out of fp8 (``model.fp8_bf16_blocks``)."""
+"""The switch that keeps chosen main blocks out of fp8 (``model.fp8_bf16_blocks``), the accuracy probe the replica
+reports at start-up, and the fp8 blocks compiling as one graph with per-request LoRA."""
 
 import pytest
 import torch
 
-from actors.fused import fuse_projections, is_fused
 from actors.lora import LoraStore, random_lora_state_dict, save_diffusers_lora
 from actors.models import build_components
 from actors.packed import PackedTransformer
-from actors.quantize import Fp8Linear, resolve_bf16_blocks, swap_fp8
+from actors.quantize import resolve_bf16_blocks, swap_fp8
 from zimage_common.config import config_from_dict
 from zimage_common.errors import ConfigError
 
@@ -34,74 +33,12 @@ def _run(transformer, lora=None, dtype=torch.float32):
         return [o.float() for o in packed(lat, t, caps, layout)]
 
 
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-def test_fused_forward_equals_unfused_and_shares_the_weights():
-    tr = _transformer()
-    ref = _run(tr)
-    assert not is_fused(tr)
-    # q/k/v and w1/w3 in 2 main blocks, 1 noise refiner and 1 context refiner block
-    assert fuse_projections(tr) == 8 and is_fused(tr) and fuse_projections(tr) == 0
-    for block in (tr.layers[0], tr.context_refiner[0]):
-        attn, ff = block.attention, block.feed_forward
-        assert attn.to_qkv.weight.shape == (3 * 64, 64) and ff.w13.weight.shape == (2 * ff.w1.out_features, 64)
-        assert _storage(attn.to_k.weight) == _storage(attn.to_qkv.weight)  # views, not copies
-        assert torch.equal(attn.to_k.weight, attn.to_qkv.weight[64:128])
-        assert _storage(ff.w3.weight) == _storage(ff.w13.weight)
-    out = _run(tr)
-    for a, b in zip(out, ref):
-        assert torch.allclose(a, b, rtol=0, atol=2e-6), float((a - b).abs().max())
-    # diffusers' own forward still runs on the fused model (the parts are its modules)
-    sizes, caps, lat, t = _inputs()
-    with torch.no_grad():
-        solo = tr([lat[0]], t[:1], [caps[0]], return_dict=False)[0][0]
-    assert torch.allclose(solo, out[0], atol=1e-5)
-
-
-def test_lora_deltas_apply_to_the_split_outputs(tmp_path):
-    tr = _transformer()
-    sd, meta = random_lora_state_dict(tr, 4, seed=1, std=0.15)
-    store = LoraStore(tr, max_resident=2)
-    store.add("a", save_diffusers_lora(tmp_path / "a", sd, meta).parent)
-    per_sample = [[("a", 1.0)], [], [("a", 0.5)]]
-    plain = _run(tr)
-    ref = _run(tr, store.batch(per_sample))
-    assert (ref[0] - plain[0]).abs().max() > 1e-3  # the adapter changes the output
-    fuse_projections(tr)
-    store.add("b", save_diffusers_lora(tmp_path / "b", sd, meta).parent)  # adapters still check against the parts
-    out = _run(tr, store.batch(per_sample))
-    for a, b in zip(out, ref):
-        assert torch.allclose(a, b, rtol=0, atol=5e-6), float((a - b).abs().max())
-
-
-def test_fp8_quantizes_the_fused_linear_and_its_parts_view_its_rows():
-    """Per-row weight scales and per-token activation scales: the fused float8 matmul is the unfused ones side by
-    side (the tiny feed-forward's 170 columns are no multiple of 16, so only attention is float8 here)."""
-    plain, fused = _transformer(torch.bfloat16), _transformer(torch.bfloat16)
-    fuse_projections(fused)
-    n_plain, n_fused = swap_fp8(plain), swap_fp8(fused)
-    assert n_plain == n_fused + 2 * 4  # q, k, v (3) became one (1) in each of 4 blocks
-    attn = fused.layers[1].attention
-    assert isinstance(attn.to_qkv, Fp8Linear) and isinstance(attn.to_v, Fp8Linear)
-    assert _storage(attn.to_v.weight) == _storage(attn.to_qkv.weight)
-    assert torch.equal(attn.to_v.weight_scale, attn.to_qkv.weight_scale[:, 128:])
-    assert torch.equal(attn.to_v.weight.view(torch.uint8), plain.layers[1].attention.to_v.weight.view(torch.uint8))
-    for a, b in zip(_run(fused, dtype=torch.bfloat16), _run(plain, dtype=torch.bfloat16)):
-        assert torch.allclose(a, b, rtol=0, atol=2e-2), float((a - b).abs().max())  # a bf16 step at |x|~2
-
-
-@pytest.mark.parametrize("fused", [False, True])
-def test_bf16_blocks_stay_unquantized(fused):
+def test_bf16_blocks_stay_unquantized():
     tr = _transformer(torch.bfloat16)
-    if fused:
-        fuse_projections(tr)
     swap_fp8(tr, bf16_blocks=resolve_bf16_blocks("last:1", len(tr.layers)))
-    kinds = {fqn: type(m).__name__ for fqn, m in tr.named_modules() if fqn.endswith(("to_q", "to_out.0", "to_qkv"))}
+    kinds = {fqn: type(m).__name__ for fqn, m in tr.named_modules() if fqn.endswith(("to_q", "to_out.0"))}
     assert {k: v for k, v in kinds.items() if k.startswith("layers.1.")} == {
-        "layers.1.attention.to_q": "Linear", "layers.1.attention.to_out.0": "Linear",
-        **({"layers.1.attention.to_qkv": "Linear"} if fused else {})}
+        "layers.1.attention.to_q": "Linear", "layers.1.attention.to_out.0": "Linear"}
     others = {k: v for k, v in kinds.items() if not k.startswith("layers.1.")}
     assert others and set(others.values()) == {"Fp8Linear"}  # block 0 and both refiners
     assert torch.isfinite(torch.stack([o.float().sum() for o in _run(tr, dtype=torch.bfloat16)])).all()
@@ -137,13 +74,12 @@ def test_block_choice_needs_fp8_and_is_normalized():
         .fp8_bf16_blocks == "last:15"
     assert config_from_dict({"model": {"quantization": "auto", "fp8_bf16_blocks": [4, 1]}}).model \
         .fp8_bf16_blocks == [1, 4]
-    assert config_from_dict({}).model.fused_projections is True
 
 
-def test_probe_is_the_pipelines_math_and_start_up_fuses_within_its_bound():
+def test_probe_is_the_pipelines_math():
     """The accuracy probe (one forward, the 9-step loop, the decode) gives diffusers' ZImagePipeline image for its
-    prompt and seed; the start-up options fuse the projections (no fp8: nothing lossy, no bound to report), and
-    the fused model's probe stays within float32 rounding of the unfused one."""
+    prompt and seed; without fp8 the start-up options change nothing (no bound to report), and fp8 on the CPU is
+    refused."""
     import numpy as np
 
     from actors.accuracy import apply_transformer_options
@@ -158,22 +94,22 @@ def test_probe_is_the_pipelines_math_and_start_up_fuses_within_its_bound():
     img = pipe([CHECK_PROMPT], height=64, width=64, num_inference_steps=3, guidance_scale=0.0,
                generator=[torch.Generator().manual_seed(11)], output_type="np").images[0]
     assert np.abs((img * 255).round().clip(0, 255).astype(int) - ref.image.astype(int)).max() <= 1
-    assert apply_transformer_options(eng, config_from_dict({}).model) == {} and is_fused(eng.transformer)
+    assert apply_transformer_options(eng, config_from_dict({}).model) == {}
     bound = compare(ref, reference_output(eng, size=64, steps=3, seed=11))
-    assert bound["forward_rel_l2"] < 1e-5 and bound["latents_rel_l2"] < 1e-5 and bound["image_psnr_db"] > 50
+    assert bound["forward_rel_l2"] == 0 and bound["latents_rel_l2"] == 0 and bound["image_psnr_db"] == float("inf")
     with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):  # fp8 on the CPU: refused, as before
         apply_transformer_options(eng, config_from_dict({"model": {"quantization": "fp8"}}).model)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-def test_fused_blocks_compile_as_one_graph_and_cover_every_batch(fp8, tmp_path):
-    """Dynamo traces the fused path without a graph break (the replica compiles with fullgraph), with and without
-    per-sample LoRA, and after a warm-up one sample and several run on the graphs it made."""
+def test_blocks_compile_as_one_graph_and_cover_every_batch(fp8, tmp_path):
+    """Dynamo traces the blocks (bf16, or float8 linears) without a graph break (the replica compiles with
+    fullgraph), with and without per-sample LoRA, and after a warm-up one sample and several run on the graphs it
+    made."""
     from actors.compiled import counted
 
     dtype = torch.bfloat16 if fp8 else torch.float32
     tr = _transformer(dtype)
-    fuse_projections(tr)
     if fp8:
         swap_fp8(tr)
     sd, meta = random_lora_state_dict(tr, 4, seed=1, std=0.15)
