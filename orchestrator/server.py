@@ -38,6 +38,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from functools import partial
 
 from fastapi import FastAPI, Request
@@ -52,6 +53,7 @@ from zimage_common.messages import FailureKind, failure
 from .answers import EventStream, answer_json
 from .http_errors import error_response, from_exception
 from .http_guard import BodyDeadline, FaultBarrier
+from .idempotency import HEADER, body_digest, keyed_answer, parse_key
 from .image_input import MAX_IMAGES, input_pixels
 from .images_api import (
     json_edit_parts,
@@ -369,7 +371,19 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
                               "invalid_request_error")
 
     async def answer(request: Request, call, dep):
-        """Admit a parsed generation or edit call and answer it: JSON, or an SSE stream."""
+        """Admit a parsed generation or edit call and answer it: JSON, or an SSE stream; with an Idempotency-Key,
+        a retry's recorded answer instead (idempotency.py)."""
+        try:
+            key = parse_key(request.headers.get(HEADER))
+        except ValueError as e:
+            return refused(InvalidRequestError(str(e), param=HEADER))
+        store = getattr(dep, "idempotency", None)
+        if key is not None and store is not None:
+            return await keyed_answer(request, call, key, store, partial(admit_and_answer, request, dep=dep),
+                                      config.router.request_timeout_s)
+        return await admit_and_answer(request, call, dep)
+
+    async def admit_and_answer(request: Request, call, dep):
         if call.user is not None or call.safety_identifier is not None:
             log.info("request %s: user=%s safety_identifier=%s", call.requests[0].request_id,
                      shown(call.user), shown(call.safety_identifier))
@@ -411,6 +425,8 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
                                         getattr(dep, "lora_names", None))
         except ZImageError as e:
             return refused(e)
+        if HEADER in request.headers:
+            call = replace(call, body_digest=body_digest("generations", payload))
         return await answer(request, call, dep)
 
     @app.post("/v1/images/edits")
@@ -456,9 +472,12 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         parse = partial(parse_edit, typed=json_body, image_param="images" if json_body else "image",
                         known_loras=getattr(dep, "lora_names", None))
         try:  # decoding and resizing images is CPU work: off the event loop, admitted by pixels
-            return await decode_images(images, parse, fields, files, config, getattr(dep, "max_side", None))
+            call = await decode_images(images, parse, fields, files, config, getattr(dep, "max_side", None))
         except ZImageError as e:
             return refused(e)
+        if HEADER in request.headers:
+            call = replace(call, body_digest=await off_loop(body_digest, "edits", fields, files))
+        return call
 
     return app
 

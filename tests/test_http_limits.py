@@ -356,7 +356,7 @@ def test_rate_limited_log():
 
 
 def test_api_keys_leave_the_environment_and_host_paths_leave_messages():
-    from orchestrator.deployment import shown_path
+    from orchestrator.deployment_loras import shown_path
     from orchestrator.ops_endpoints import without_host_paths
     from zimage_common.config import LoraSpec
     from zimage_common.logging_setup import take_api_keys_from_env
