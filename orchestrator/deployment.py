@@ -140,6 +140,7 @@ class Deployment(LoraAdmin):
         self.replica_set.before_live = self._resync_loras
         self._store_address: tuple[str, str] | None = None  # the Idempotency-Key store's (namespace, actor name)
         self._idempotency = None
+        self.pool_record: dict | None = None  # frontdoor.pool: the pool's record (pool.py)
 
     # ---- start / stop ----------------------------------------------------------------------------------
     @classmethod
