@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
 from zimage_common.messages import Batch, BatchResult, FailureKind, ImageResult, StageTimes, StepProgress
@@ -35,7 +35,7 @@ CLAIM_POLL_S = 0.1  # how often a call waiting for another replica's keyed image
 
 @dataclass(frozen=True)
 class IntakeSpec:
-    limits: AdmissionLimits = AdmissionLimits()
+    limits: AdmissionLimits = field(default_factory=AdmissionLimits)
     encode_threads: int = 2
 
 

@@ -421,6 +421,18 @@ class Deployment(LoraAdmin):
             return build()
         return await asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, build)
 
+    async def queue_lengths(self) -> dict[str, int]:
+        """Each live replica's queue as it reports it (samples at its admission gate and inside, from every front
+        door of its pool); replicas that cannot say are left out."""
+        async def ask(rid, h):
+            try:
+                return rid, await asyncio.wait_for(h.queue_len(), 5)
+            except Exception:  # noqa: BLE001 - a replica without a gate (fakes) or down: not reported
+                return rid, None
+
+        answers = await asyncio.gather(*(ask(h.replica_id, h) for h in self.live()))
+        return {rid: n for rid, n in answers if n is not None}
+
     async def replica_health(self) -> dict[str, ReplicaHealth | str]:
         out: dict[str, ReplicaHealth | str] = {}
         for rid, r in self.replicas.items():

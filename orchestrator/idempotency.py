@@ -130,9 +130,10 @@ def replay(stored: StoredResponse) -> Response:
 
 
 async def keyed_answer(request: Request, call, key: str, store, answer: Callable[[object], Awaitable[Response]],
-                       wait_s: float) -> Response:
+                       wait_s: float, on_outcome: Callable[[str], None] = lambda outcome: None) -> Response:
     """Answer ``call`` (fingerprinted in ``call.body_digest``) under ``key``: replayed, refused, or run through
-    ``answer(call)`` and recorded. ``wait_s``: how long a pending call is waited for where replicas cannot claim."""
+    ``answer(call)`` and recorded. ``wait_s``: how long a pending call is waited for where replicas cannot claim;
+    ``on_outcome``: told new, replayed, pending or mismatch (the metrics)."""
     store_key = f"{scope(request.headers.get('authorization'))}:{key}"
     fp = call.body_digest
     try:
@@ -140,6 +141,7 @@ async def keyed_answer(request: Request, call, key: str, store, answer: Callable
     except Exception as e:  # noqa: BLE001 - the store down must not take the API down: answer, unguarded
         log.warning("%s store unreachable (%s); answering without it", HEADER, e)
         return await answer(call)
+    on_outcome({NEW: "new", PENDING: "pending", DONE: "replayed", MISMATCH: "mismatch"}[state])
     if state == MISMATCH:
         return reused(key)
     if state == DONE:

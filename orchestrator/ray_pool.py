@@ -78,10 +78,19 @@ class RayPoolRegistry:
         return await self.actor.publish.remote(owner, record)
 
 
-def find_registry(namespace: str):
-    """The registry actor of a pool, or None when there is none."""
+def pool_record(namespace: str, timeout_s: float = 30.0) -> dict | None:
+    """A pool's record as its registry holds it; None when the pool has no registry or no record yet."""
     try:
-        return ray.get_actor(REGISTRY, namespace=namespace)
+        registry = ray.get_actor(REGISTRY, namespace=namespace)
+    except ValueError:
+        return None
+    return ray.get(registry.get.remote(), timeout=timeout_s)
+
+
+def store_stats(namespace: str, timeout_s: float = 10.0) -> dict | None:
+    """The pool's Idempotency-Key store's counters (``StoreStats``), or None without one."""
+    try:
+        return ray.get(ray.get_actor(STORE, namespace=namespace).stats.remote(), timeout=timeout_s)
     except ValueError:
         return None
 

@@ -59,9 +59,9 @@ class FakeServing:
 
 
 class Replica(IntakeMixin, FakeServing):
-    def __init__(self, replica_id="r0", store=None, limits=AdmissionLimits(), delay_s=0.0):
+    def __init__(self, replica_id="r0", store=None, limits=None, delay_s=0.0):
         FakeServing.__init__(self, replica_id, delay_s)
-        self._intake_setup(IntakeSpec(limits, encode_threads=2), store)
+        self._intake_setup(IntakeSpec(limits or AdmissionLimits(), encode_threads=2), store)
 
 
 def req(i, fmt=None, compression=None, key="", prompt="p", partial=0):
