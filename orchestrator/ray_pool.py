@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 REGISTRY = "zimage-pool-registry"
 STORE = "zimage-idempotency"
+# The registry and the store live on the head node: the node made durable (GCS fault tolerance), and one that never
+# leaves with a front door or a GPU worker.
+ON_HEAD = {"node:__internal_head__": 0.001}
 ALIVE_PROBE_S = 5.0  # how long the store waits for a claimant replica to say its process id
 
 
@@ -66,7 +69,7 @@ class RayPoolRegistry:
         self.namespace = namespace
         self.actor = ray.remote(PoolRegistry).options(
             name=REGISTRY, namespace=namespace, lifetime="detached", get_if_exists=True, num_cpus=0,
-            max_restarts=-1).remote()
+            resources=ON_HEAD, max_restarts=-1).remote()
 
     async def get(self) -> dict | None:
         return await self.actor.get.remote()
@@ -123,7 +126,7 @@ class _StoreActor(IdempotencyStore):
 def store_actor(namespace: str, name: str, actor_prefix: str, control_group: str | None, detached: bool,
                 ttl_s: float, max_entries: int, max_bytes: int, claim_lease_s: float):
     """The store's actor (made, or found by name when another front door made it)."""
-    opts = dict(name=name, namespace=namespace, get_if_exists=True, num_cpus=0, max_restarts=-1,
+    opts = dict(name=name, namespace=namespace, get_if_exists=True, num_cpus=0, resources=ON_HEAD, max_restarts=-1,
                 max_concurrency=32)  # threaded: a claim's liveness probe must not hold up the others
     if detached:
         opts["lifetime"] = "detached"
