@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CREATE_LEASE_S = 120.0  # a creator that neither published nor renewed within this is taken to have died
+RENEW_S = CREATE_LEASE_S / 4  # how often a creator renews its lease (it may wait long for GPUs to join)
 WAIT_POLL_S = 0.5
 # Router fields that shape what a replica is given (its step loop's limits and admission); the rest is each front
 # door's own (queue length, timeouts, waits).
@@ -89,19 +90,27 @@ async def open_pool(dep: Deployment, on_replica_ready=None, poll_s: float = WAIT
     dep.deployment_id = pool_deployment_id(name)
     registry: Registry = dep.backend.pool_registry(ns)
     owner, digest = owner_id(), pool_digest(cfg)
-    deadline = time.monotonic() + cfg.deployment.start_timeout_s
+    # a creator first waits for the GPUs to join (cluster.wait_for_gpus), then creates the replicas
+    wait_s = (cfg.cluster.wait_timeout_s if cfg.cluster.wait_for_gpus else 0) + cfg.deployment.start_timeout_s
+    deadline = time.monotonic() + wait_s
     created = False
     while True:
         record = await registry.get()
         if record is not None:
             break
         if await registry.claim_creation(owner, CREATE_LEASE_S):
-            dep._store_address = dep._idempotency_address(ns)
-            specs = await dep.replica_specs(ns)
-            record = {"pool": name, "digest": digest, "deployment_id": dep.deployment_id, "specs": specs,
-                      "plan": dep.plan, "store": dep._store_address, "created_by": owner, "created_at": time.time()}
-            dep._make_replicas(specs)
-            if not await registry.publish(owner, record):
+            renew = asyncio.get_running_loop().create_task(_renew(registry, owner))
+            try:
+                dep._store_address = dep._idempotency_address(ns)
+                specs = await dep.replica_specs(ns)
+                record = {"pool": name, "digest": digest, "deployment_id": dep.deployment_id, "specs": specs,
+                          "plan": dep.plan, "store": dep._store_address, "created_by": owner,
+                          "created_at": time.time()}
+                dep._make_replicas(specs)
+                published = await registry.publish(owner, record)
+            finally:
+                renew.cancel()
+            if not published:
                 raise NotReadyError(f"pool {name!r}: another front door took over its creation (this one took "
                                     f"longer than {CREATE_LEASE_S:.0f}s); restart this front door to attach")
             created = True
@@ -109,7 +118,7 @@ async def open_pool(dep: Deployment, on_replica_ready=None, poll_s: float = WAIT
             break
         if time.monotonic() > deadline:
             raise NotReadyError(f"pool {name!r} is being created by another front door and was not ready within "
-                                f"{cfg.deployment.start_timeout_s:.0f}s (deployment.start_timeout_s)")
+                                f"{wait_s:.0f}s (cluster.wait_timeout_s + deployment.start_timeout_s)")
         await asyncio.sleep(poll_s)
     if not created:
         if (diff := differing(digest, record["digest"])):
@@ -123,3 +132,13 @@ async def open_pool(dep: Deployment, on_replica_ready=None, poll_s: float = WAIT
     dep.pool_record = record
     await dep._start_replicas(on_replica_ready)
     return record
+
+
+async def _renew(registry: Registry, owner: str) -> None:
+    """Keep a creator's lease while it waits for GPUs and makes the replicas."""
+    while True:
+        await asyncio.sleep(RENEW_S)
+        try:
+            await registry.claim_creation(owner, CREATE_LEASE_S)
+        except Exception as e:  # noqa: BLE001 - the next renewal, or the publish, says whether we still hold it
+            log.warning("pool: could not renew the creation lease: %s", e)

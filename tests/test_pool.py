@@ -69,6 +69,7 @@ class Cluster:
         self.processes = {}  # actor name -> its state
         self.registries = {}
         self.created = []  # names, in creation order
+        self.gpu_wait_s = 0.0
 
     def backend(self):
         cluster = self
@@ -96,12 +97,16 @@ class Cluster:
             def pool_registry(self, namespace):
                 return cluster.registries.setdefault(namespace, Registry())
 
+            async def wait_for_gpus(self, n, timeout_s):
+                await asyncio.sleep(cluster.gpu_wait_s)  # GPU pods joining
+                return cluster.nodes
+
         return Backend()
 
 
 def pooled(tmp_path, **sections):
-    return tiny_config(tmp_path, cluster={"address": "auto", "gpu_memory_gib": 24},
-                       frontdoor={"pool": "p1"}, **sections)
+    sections["cluster"] = {"address": "auto", "gpu_memory_gib": 24, **sections.get("cluster", {})}
+    return tiny_config(tmp_path, frontdoor={"pool": "p1"}, **sections)
 
 
 def test_later_front_doors_attach_to_the_loaded_replicas_and_one_leaving_keeps_them(tmp_path):
@@ -152,5 +157,27 @@ def test_a_front_door_waits_while_another_creates_and_takes_over_from_one_that_d
         assert time.monotonic() - t0 >= 0.25  # waited out the lease, then created the pool itself
         assert dep.pool_record["created_by"] != "someone-else" and len(cluster.created) == 2
         await dep.shutdown()
+
+    asyncio.run(go())
+
+
+def test_a_creator_waiting_long_for_gpus_keeps_its_lease_and_the_others_attach(tmp_path, monkeypatch):
+    import orchestrator.pool as pool
+
+    monkeypatch.setattr(pool, "CREATE_LEASE_S", 0.2)
+    monkeypatch.setattr(pool, "RENEW_S", 0.05)
+
+    async def go():
+        cluster = Cluster()
+        cluster.gpu_wait_s = 0.8  # four leases long
+        cfg = pooled(tmp_path, cluster={"wait_for_gpus": 2})
+        first = asyncio.ensure_future(Deployment.start(cfg, backend=cluster.backend()))
+        await asyncio.sleep(0.05)
+        second = await Deployment.start(cfg, backend=cluster.backend())
+        first = await first
+        assert first.pool_record is second.pool_record  # one creator; the other attached
+        assert len(cluster.created) == 2 and all(p["loads"] == 1 for p in cluster.processes.values())
+        await first.shutdown()
+        await second.shutdown()
 
     asyncio.run(go())
