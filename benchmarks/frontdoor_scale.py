@@ -345,7 +345,8 @@ def main(argv=None) -> int:
               "rows": rows, "gpus_fed_by_one_frontdoor": round(base / GPU_IMAGES_PER_S, 1) if base else None,
               "wall_s": round(time.perf_counter() - t0, 1)}
     print()
-    print(f"{'front doors':>11} {'images/s':>9} {'per door':>9} {'vs linear':>9} {'p50 s':>7} {'p95 s':>7} {'errors':>6}")
+    print(f"{'front doors':>11} {'images/s':>9} {'per door':>9} {'vs linear':>9} {'p50 s':>7} {'p95 s':>7} "
+          f"{'errors':>6}")
     for r in rows:
         print(f"{r['frontdoors']:>11} {r['images_per_s']:>9} {r['per_frontdoor']:>9} "
               f"{r['efficiency_vs_linear'] if r['efficiency_vs_linear'] is not None else '-':>9} "
