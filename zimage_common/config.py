@@ -19,6 +19,7 @@ from placement.planner import COMPONENTS  # defined once, in the pure planner
 from .cluster_config import ClusterConfig
 from .config_http import LimitsConfig, RequestDefaults, ServerConfig, _Strict
 from .errors import ConfigError
+from .frontdoor_config import FrontDoorConfig
 from .jobs_config import BatchesConfig, OutputsConfig
 from .messages import JoinPolicy
 
@@ -461,10 +462,16 @@ class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     batches: BatchesConfig = Field(default_factory=BatchesConfig)
+    frontdoor: FrontDoorConfig = Field(default_factory=FrontDoorConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         d, lim = self.defaults, self.limits
+        if self.frontdoor.pool is not None and self.cluster.address is None:
+            raise ValueError(
+                f"frontdoor.pool = {self.frontdoor.pool!r} keeps replicas that outlive this process, which a local Ray "
+                f"started by it does not: set cluster.address to a running cluster ('auto' after `ray start --head`), "
+                f"or remove frontdoor.pool")
         if d.width * d.height > lim.max_pixels:
             raise ValueError(
                 f"defaults.width*height = {d.width}x{d.height} = {d.width * d.height} pixels exceeds "
