@@ -3,10 +3,13 @@ mixed workloads) through the HTTP service and through the Python API, one deploy
 the same GPU; prints the HTTP/API ratio per workload and writes both reports (the HTTP one with the server's batch
 sizes, read from its /metrics).
 
-Usage: python3 benchmarks/http_vs_api.py OUT_DIR [REQUESTS] [CONFIG] [WORKLOADS]
-(defaults 48, benchmarks/configs/gpu-random.yaml, uniform; e.g. WORKLOADS uniform,varied,mixed)
+Usage: python3 benchmarks/http_vs_api.py OUT_DIR [--requests 48] [--config benchmarks/configs/gpu-random.yaml]
+[--workload uniform] [--set PATH=VALUE ...] [--http-only]
+(e.g. --workload uniform,varied,mixed; --set model.quantization=fp8; --http-only skips the Python API run, for
+comparing the HTTP path of two trees on one machine)
 """
 
+import argparse
 import json
 import signal
 import socket
@@ -28,14 +31,15 @@ def bench(args: list[str], out: Path) -> dict:
 
 
 def main(out_dir: str, n: int = 48, config: str = "benchmarks/configs/gpu-random.yaml",
-         workloads: str = "uniform") -> int:
+         workloads: str = "uniform", sets: tuple[str, ...] = (), http_only: bool = False) -> int:
     out = Path(out_dir)
+    extra = COMPILE + [a for s in sets for a in ("--set", s)]
     out.mkdir(parents=True, exist_ok=True)
     with socket.socket() as sock:  # a free port: matrix lanes run several of these on one host
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with open(out / "serve.log", "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", config, *COMPILE,
+        server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", config, *extra,
                                    "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     t0 = time.perf_counter()
     http_compiles = None
@@ -56,7 +60,18 @@ def main(out_dir: str, n: int = 48, config: str = "benchmarks/configs/gpu-random
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
-    api = bench([config, *COMPILE, "--label", "api", "--requests", str(n), "--workload", workloads], out / "api")
+    if http_only:
+        summary = {"card": http.get("card"), "server_ready_s": round(ready_s, 1),
+                   "http_compiles_after_ready": http_compiles,
+                   "workloads": {h["workload"]: {"http_img_s": h["throughput_img_s"], "http_mp_s": h["megapixels_s"],
+                                                 "http_p50_s": h["latency_p50_s"], "http_p99_s": h["latency_p99_s"],
+                                                 "http_batches": h["batch_sizes"],
+                                                 "http_steady_img_s": h.get("steady_img_s")}
+                                 for h in http["runs"]}}
+        (out / "http_vs_api.json").write_text(json.dumps(summary, indent=2))
+        print(summary)
+        return 0
+    api = bench([config, *extra, "--label", "api", "--requests", str(n), "--workload", workloads], out / "api")
     summary = {"card": api.get("card"), "server_ready_s": round(ready_s, 1), "api_startup_s": api.get("startup_s"),
                "compiles_after_ready": api.get("compiles_after_ready"), "http_compiles_after_ready": http_compiles,
                "workloads": {}}
@@ -78,4 +93,12 @@ def main(out_dir: str, n: int = 48, config: str = "benchmarks/configs/gpu-random
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], *(int(a) if i == 0 else a for i, a in enumerate(sys.argv[2:]))))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out")
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--config", default="benchmarks/configs/gpu-random.yaml")
+    ap.add_argument("--workload", default="uniform")
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--http-only", action="store_true")
+    a = ap.parse_args()
+    sys.exit(main(a.out, a.requests, a.config, a.workload, tuple(a.set), a.http_only))
