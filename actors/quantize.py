@@ -116,15 +116,16 @@ def reference_output(engine, size: int = 512, steps: int = 9, seed: int = 1234):
     """The numerical check's probe for a fixed prompt and seed: the transformer's output for one forward
     (meaningful even for random weights) and the final image after ``steps`` steps (meaningful for real ones)."""
     from .engine import Sample
+    from .steploop import generate
 
+    sample = Sample(CHECK_PROMPT, seed, size, size)
     enc = engine.encode([CHECK_PROMPT])
-    lat0 = engine.initial_latents([Sample(CHECK_PROMPT, seed, size, size)])
+    lat0 = engine.initial_latents([sample])
     device = engine.devices["transformer"]
     x = [lat0[0].to(engine.transformer.dtype).unsqueeze(1)]
     t = torch.full((1,), 0.5, device=device)
     one = engine.transformer(x, t, [e.to(device) for e in enc.positive], return_dict=False)[0][0].float().cpu()
-    lat = engine.denoise(enc, lat0, steps)
-    return one, engine.decode(lat)[0]
+    return one, generate(engine, [sample], steps)[0][0]
 
 
 def forward_error(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
@@ -191,13 +192,14 @@ def encoder_error(engine, quantize, size: int = 512, steps: int = 9, seed: int =
     prompt. Relative L2 of the caption embeddings (what the transformer sees) and the PSNR of the final image
     (``size``, ``steps``, same seed) against the unquantized encoder's."""
     from .engine import Sample
+    from .steploop import generate
 
     sample = [Sample(CHECK_PROMPT, seed, size, size)]
     ref = engine.encode([CHECK_PROMPT]).positive[0].float().cpu()
-    ref_img = engine.generate(sample, steps)[0][0]
+    ref_img = generate(engine, sample, steps)[0][0]
     quantize()
     out = engine.encode([CHECK_PROMPT]).positive[0].float().cpu()
-    img = engine.generate(sample, steps)[0][0]
+    img = generate(engine, sample, steps)[0][0]
     rel, nonfinite = forward_error(ref, out)
     mse = float(np.mean((img.astype(np.float64) - ref_img.astype(np.float64)) ** 2))
     psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))

@@ -5,7 +5,7 @@ import json
 import sys
 
 import torch
-from gpu_timing import first_call_s, timed
+from gpu_timing import first_call_s, one_step, timed
 
 from actors.engine import Sample, ZImageEngine
 from actors.models import build_components
@@ -18,10 +18,10 @@ def main(path):
     res = {"card": torch.cuda.get_device_name(0)}
     prompt = "a photograph of an astronaut riding a horse on mars, cinematic lighting"
     for b in (1, 4):
-        lat = eng.initial_latents([Sample(prompt, i, 1024, 1024) for i in range(b)])
-        enc = eng.encode([prompt] * b)
+        samples = [Sample(prompt, i, 1024, 1024) for i in range(b)]
+        lat = eng.initial_latents(samples)
         res[f"encode_bs{b}_s"] = timed(lambda: eng.encode(["a photograph of an astronaut"] * b))
-        res[f"denoise_1step_bs{b}_s"] = timed(lambda: eng.denoise(enc, lat, 1), reps=3)
+        res[f"denoise_1step_bs{b}_s"] = timed(one_step(eng, samples), reps=3)
         res[f"decode_{b}_images_s"] = timed(lambda: eng.decode(lat))  # one VAE call per image
     lat4 = eng.initial_latents([Sample(prompt, i, 1024, 1024) for i in range(4)])
     eng.vae.to(memory_format=torch.channels_last)

@@ -3,14 +3,14 @@ bench's prompts: CUDA kernel time from torch.profiler, grouped into fused Triton
 modulation, fp8 quantization) / attention / matmul / other, plus the top kernels by name.
 ``python benchmarks/profile_step.py OUT.json [SIZE] [BATCH] [FP8_BACKEND]`` (default 1024 4 native). Also records
 the fp8 transformer's relative L2 error against bf16 for one forward and its share of non-finite outputs.
-(The first run, s2call5, checked "matmul" before "triton": its Triton kernels fused into an fp8 matmul's input,
-named ``triton_..._scaled_mm_...``, were counted as matmul there; its top-kernel list has them apart.)"""
+"triton" is checked before "matmul": Triton kernels fused into an fp8 matmul's input are named
+``triton_..._scaled_mm_...``."""
 
 import json
 import sys
 
 import torch
-from gpu_timing import first_call_s, timed
+from gpu_timing import first_call_s, one_step, timed
 from torch.profiler import ProfilerActivity, profile
 
 from actors.engine import Sample, ZImageEngine
@@ -28,10 +28,7 @@ def category(name: str) -> str:
     return next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
 
 
-def measure(eng, enc, lat, label, res, path):
-    def step():
-        return eng.denoise(enc, lat, 1)
-
+def measure(step, label, res, path):
     res[f"{label}_first_step_s"] = round(first_call_s(step), 3)
     res[f"{label}_step_s"] = round(timed(step, reps=5, warmup=False), 4)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -67,16 +64,17 @@ def main(path, size=1024, batch=4, fp8_backend="native"):
     comps = build_components("full", device="cuda", dtype=torch.bfloat16)
     eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cuda"), torch.bfloat16)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    lat = eng.initial_latents([Sample(p, i, size, size) for i, p in enumerate(prompts)])
+    samples = [Sample(p, i, size, size) for i, p in enumerate(prompts)]
+    lat = eng.initial_latents(samples)
     enc = eng.encode(prompts)
     eng.packed.compile()
-    measure(eng, enc, lat, "bf16_compiled", res, path)
+    measure(one_step(eng, samples), "bf16_compiled", res, path)
     ref = forward(eng, enc, lat)
     torch._dynamo.reset()
     quantize_fp8(eng.transformer, fp8_backend)
     eng.packed.compile()
     res["fp8_backend"] = fp8_backend
-    measure(eng, enc, lat, "fp8_compiled", res, path)
+    measure(one_step(eng, samples), "fp8_compiled", res, path)  # (its captions refined by the fp8 model)
     res["fp8_forward_rel_l2"], res["fp8_nonfinite_fraction"] = forward_error(ref, forward(eng, enc, lat))
     print({k: res[k] for k in ("fp8_nonfinite_fraction", "fp8_forward_rel_l2")}, flush=True)
     with open(path, "w") as f:

@@ -62,7 +62,6 @@ def deployment_spec(config: Config) -> DeploymentSpec:
         height=config.defaults.height,
         max_batch_size=config.router.max_batch_size,
         max_batch_tokens=config.router.max_batch_tokens,
-        pipeline_stages=d.pipeline_stages,
     )
 
 
@@ -185,24 +184,21 @@ class Deployment:
             if rp.encoder_replica:
                 borrowers[rp.encoder_replica] = borrowers.get(rp.encoder_replica, 0) + 1
         replicas = self.replica_set
-        step = cfg.router.scheduling == "step"
         for rp in self.plan.replicas:  # hosts of a shared text encoder come before the replicas that borrow it
             spec = ReplicaSpec(
                 replica_id=rp.replica_id, node=by_name[rp.node], n_gpus=len(rp.gpus), cpus=d.cpu_per_replica,
                 # no request is larger than the limit, whatever the replica's memory would place: the warm-up builds
                 # what every size up to this needs (actors/startup.py _start_attention_plans)
                 max_pixels=min(rp.max_pixels, cfg.limits.max_pixels), max_batch_tokens=rp.max_batch_tokens,
-                # step-level batching: one call per group of requests in its loop or waiting at it (the router
-                # keeps up to STEP_QUEUE_DEPTH running sets' worth there), and one more slot for cancellations
-                max_concurrency=(STEP_QUEUE_DEPTH * max(d.max_inflight_batches, cfg.router.max_batch_size) + 1
-                                 if step else
-                                 d.max_inflight_batches) + 1 + borrowers.get(rp.replica_id, 0),
+                # one call per group of requests in its loop or waiting at it (the router keeps up to
+                # STEP_QUEUE_DEPTH running sets' worth there), one for health checks, one for cancels, one per
+                # borrower's encodes
+                max_concurrency=STEP_QUEUE_DEPTH * cfg.router.max_batch_size + 2 + borrowers.get(rp.replica_id, 0),
                 deployment_id=self.deployment_id, model=model_for_plan(cfg.model, self.plan), device_map=rp.device_map,
                 warmup_sizes=tuple(sizes) if d.warmup else None,
                 warmup_steps=min(2, cfg.defaults.num_inference_steps), torch_threads=d.torch_threads,
                 memory_fraction=d.gpu_memory_limit_gib / mem[rp.node] if d.gpu_memory_limit_gib is not None else None,
-                pipeline_stages=d.pipeline_stages, encoder_replica=rp.encoder_replica,
-                max_batch_size=cfg.router.max_batch_size, step_join=cfg.router.join_policy(),
+                encoder_replica=rp.encoder_replica, max_batch_size=cfg.router.max_batch_size,
             )
             host = replicas.replicas[rp.encoder_replica] if rp.encoder_replica else None
             replicas.add(backend.make_replica(spec, encoder_host=host))
@@ -225,7 +221,6 @@ class Deployment:
             raise
         self.startup_s["replicas"] = time.perf_counter() - t1
         self.router = Router(replicas, cfg.router, clock=self.clock, observer=self.observer,
-                             max_inflight_batches=d.max_inflight_batches,
                              max_batch_adapters=cfg.model.lora_slots or None,
                              interactive_reserve=(cfg.batches.reserve_replicas, cfg.batches.reserve_s,
                                                   cfg.batches.reserve_batch_size))

@@ -322,9 +322,8 @@ class RayBackend:
             spec.replica_id, spec.node, spec.n_gpus, spec.cpus, spec.max_pixels, spec.max_batch_tokens,
             worker_kwargs=dict(model=spec.model, device_map=spec.device_map, warmup=warmup,
                                torch_threads=spec.torch_threads, memory_fraction=spec.memory_fraction,
-                               pipeline_stages=spec.pipeline_stages, encoder=encoder,
-                               max_batch_tokens=spec.max_batch_tokens, max_batch_size=spec.max_batch_size or None,
-                               step_join=spec.step_join),
+                               encoder=encoder, max_batch_tokens=spec.max_batch_tokens,
+                               max_batch_size=spec.max_batch_size or None),
             max_concurrency=spec.max_concurrency,
             deployment_id=spec.deployment_id,
         )

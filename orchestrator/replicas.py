@@ -101,10 +101,8 @@ class ReplicaSpec:
     warmup_steps: int
     torch_threads: int | None
     memory_fraction: float | None
-    pipeline_stages: bool
     encoder_replica: str | None  # the replica whose text encoder this one borrows
-    max_batch_size: int = 0  # most samples in its step loop's running set (step-level batching); 0: no limit
-    step_join: object = None  # messages.JoinPolicy: when waiting samples join its step loop; None: the defaults
+    max_batch_size: int = 0  # most samples in its step loop's running set; 0: no limit
 
 
 class Backend(Protocol):

@@ -130,22 +130,21 @@ class ModelSpec:
         probe = max(self.components[n].activation_gib(sample_tokens(512, 512), 512 * 512, 1) for n in names)
         return base + probe
 
-    def batch_peak_gib(self, names, tokens: int, largest_pixels: int, prompts: int, overlap: bool = False) -> float:
-        """Estimated peak GiB on one device holding ``names`` for one packed batch."""
+    def batch_peak_gib(self, names, tokens: int, largest_pixels: int, prompts: int) -> float:
+        """Estimated peak GiB on one device holding ``names`` for one packed batch: the weights and the largest of
+        its components' activations (an encode or decode beside a step is not added)."""
         names = list(names)
         if not names:
             return 0.0
         acts = [self.components[n].activation_gib(tokens, largest_pixels, prompts) for n in names]
-        return self.weights_gib(names) + (sum(acts) if overlap else max(acts))
+        return self.weights_gib(names) + max(acts)
 
-    def peak_gib(self, names, pixels: int, batch: int, overlap: bool = False) -> float:
+    def peak_gib(self, names, pixels: int, batch: int) -> float:
         """The peak for ``batch`` images of ``pixels`` (square-ish, typical captions)."""
         side = int(pixels**0.5)
-        return self.batch_peak_gib(names, batch * sample_tokens(side, pixels // max(1, side)), pixels, batch,
-                                   overlap)
+        return self.batch_peak_gib(names, batch * sample_tokens(side, pixels // max(1, side)), pixels, batch)
 
-    def max_batch_tokens(self, names, capacity_gib: float, largest_pixels: int, prompts: int,
-                         overlap: bool = False) -> int:
+    def max_batch_tokens(self, names, capacity_gib: float, largest_pixels: int, prompts: int) -> int:
         """The most packed tokens a device of ``capacity_gib`` holding ``names`` runs in one batch (very large
         when no component there grows with tokens; 0 when not even the rest fits)."""
         names = list(names)
@@ -153,29 +152,24 @@ class ModelSpec:
             return 0
         free = capacity_gib - self.weights_gib(names)
         comps = [self.components[n] for n in names]
-        others = [c.activation_gib(0, largest_pixels, prompts) for c in comps]
-        if overlap:
-            room = free - sum(others)
-            rate = sum(c.act_gib_per_token for c in comps)
-        else:
-            if any(o > free for o in others):
-                return 0
-            growing = [c for c in comps if c.act_gib_per_token > 0]
-            room = min((free - c.act_gib_fixed - largest_pixels / MPIX * c.act_gib_per_mpix
-                        - prompts * c.act_gib_per_prompt for c in growing), default=free)
-            rate = max((c.act_gib_per_token for c in growing), default=0.0)
+        if any(c.activation_gib(0, largest_pixels, prompts) > free for c in comps):
+            return 0
+        growing = [c for c in comps if c.act_gib_per_token > 0]
+        room = min((free - c.act_gib_fixed - largest_pixels / MPIX * c.act_gib_per_mpix
+                    - prompts * c.act_gib_per_prompt for c in growing), default=free)
+        rate = max((c.act_gib_per_token for c in growing), default=0.0)
         if room < 0:
             return 0
         return int(room / rate) if rate > 0 else 1 << 40
 
-    def max_image_pixels(self, names, capacity_gib: float, overlap: bool = False) -> int:
+    def max_image_pixels(self, names, capacity_gib: float) -> int:
         """The largest single image a device holding ``names`` can take part in (alone in its batch)."""
         lo, hi = 0, 1 << 26  # 64 megapixels: far beyond the model's position table
         while lo < hi:  # every component's need grows with pixels: bisect
             mid = (lo + hi + 1) // 2
             side = int(mid**0.5)
             tokens = sample_tokens(side, mid // max(1, side), MAX_CAPTION_TOKENS)
-            if self.batch_peak_gib(names, tokens, mid, 1, overlap) <= capacity_gib:
+            if self.batch_peak_gib(names, tokens, mid, 1) <= capacity_gib:
                 lo = mid
             else:
                 hi = mid - 1

@@ -8,6 +8,7 @@ becomes one ``ConfigError`` that names the file and the dotted path of the field
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,6 @@ from .cluster_config import ClusterConfig
 from .config_http import LimitsConfig, RequestDefaults, ServerConfig, _Strict
 from .errors import ConfigError
 from .jobs_config import BatchesConfig, OutputsConfig
-from .messages import JoinPolicy
 
 __all__ = ["Config", "ConfigError", "LimitsConfig", "RequestDefaults", "ServerConfig", "config_from_dict",
            "load_config"]
@@ -295,21 +295,6 @@ class DeploymentConfig(_Strict):
         description="Cap each replica's allocator at this many GiB per GPU (plans with it too), e.g. 23.5 to "
         "emulate 24 GB cards on an 80 GB GPU.",
     )
-    max_inflight_batches: int = Field(
-        default=1,
-        ge=1,
-        le=8,
-        description="Batches the router keeps at one replica. 2 hides the dispatch gap between batches; with "
-        "pipeline_stages, 3 keeps encode, denoise and decode of three batches going at once.",
-    )
-    pipeline_stages: bool = Field(
-        default=False,
-        description="Experimental (at most +2% measured, on one GPU). "
-        "Run encode, denoise and decode of consecutive batches concurrently (a lock and a CUDA "
-        "stream per stage). Pays off most in split replicas, where the stages sit on different GPUs; costs "
-        "the activation memory of the overlapping stages (the planner counts it).",
-    )
-
     @field_validator("warmup_sizes")
     @classmethod
     def _sizes(cls, v: list[str]) -> list[str]:
@@ -356,6 +341,30 @@ class DeploymentConfig(_Strict):
         return self
 
 
+@dataclass(frozen=True)
+class JoinPolicy:
+    """When a waiting sample joins a replica's running set at the next step (``router.scheduling`` and the
+    ``router.step_*`` fields; ``actors/steploop.py``). Joining is never free: every running sample's steps slow down
+    by about the joiner's share of the packed tokens, so once the GPU is busy a join only pays where it shortens
+    more waiting than it adds. Within the replica's hard limits (tokens, samples, adapters), the head of the waiting
+    queue joins a running set that has run steps when any of these holds (unless ``never``):
+
+    - ``free_tokens``: the running set's tokens with it stay within this (small images, where the GPU is
+      expected not to be saturated yet, so the step takes little longer with it; not measured);
+    - ``window``: every running sample has run at most this many steps (a set that just started takes late
+      arrivals);
+    - ``short_ratio``: its work (tokens x steps to run) is at most this fraction of every running sample's
+      remaining work (a short request does not wait behind a long one; the long ones slow down briefly).
+
+    Otherwise it waits for room: when the running set empties, everything waiting starts together, within the
+    limits. ``never``: a running set takes no newcomer until it ends (``router.scheduling = "batch"``)."""
+
+    free_tokens: int = 4096
+    window: int = 1
+    short_ratio: float = 0.5
+    never: bool = False
+
+
 class RouterConfig(_Strict):
     """Dynamic batching and admission control."""
 
@@ -392,33 +401,36 @@ class RouterConfig(_Strict):
         default=900.0, gt=0, le=86_400, description="Hang limit for a replica's batches before it has history."
     )
     scheduling: Literal["batch", "step"] = Field(
-        default="batch",
-        description="batch: a replica runs one batch from encode to decode, and the next batch waits for it. "
-        "step: step-level continuous batching; each replica keeps one denoising loop, requests join it at its "
-        "next step (whatever their step count, size and guidance) within max_batch_tokens and max_batch_size, and "
-        "leave it when done; hang detection then counts from each step (actors/steploop.py).",
+        default="step",
+        description="How requests join a replica's denoising loop (every replica runs one, actors/steploop.py; "
+        "requests join it at its next step, whatever their step count, size and guidance, within max_batch_tokens "
+        "and max_batch_size, and leave it when done; hang detection counts from each step). step: a waiting "
+        "request joins a running set where the step_* rules below say joining pays. batch: a running set takes no "
+        "newcomer until it ends (whole batches one after another; the next one waits at the replica, encoded).",
     )
     step_free_tokens: int = Field(
         default=JoinPolicy.free_tokens, ge=0, le=1_000_000,
-        description="Step-level batching: a waiting sample joins a running set at any step while the set's packed "
+        description="scheduling=step: a waiting sample joins a running set at any step while the set's packed "
         "tokens with it stay within this (small images, where a step's time is expected to grow little with its "
-        "tokens; not measured). On an H100 a step's time grows in proportion to its tokens from one 1024x1024 image "
-        "(4,096 tokens) up: 0.098 s a step alone, 0.39 s for four.",
+        "tokens). On an H100 a step's time grows in proportion to its tokens from one 1024x1024 image "
+        "(4,096 tokens) up.",
     )
     step_join_window: int = Field(
         default=JoinPolicy.window, ge=0, le=50,
-        description="Step-level batching: a waiting sample joins while every running sample has run at most this "
+        description="scheduling=step: a waiting sample joins while every running sample has run at most this "
         "many steps (a batch that just started takes late arrivals).",
     )
     step_short_ratio: float = Field(
         default=JoinPolicy.short_ratio, ge=0, le=1,
-        description="Step-level batching: a waiting sample joins at once where its work (tokens x steps) is at most "
+        description="scheduling=step: a waiting sample joins at once where its work (tokens x steps) is at most "
         "this fraction of every running sample's remaining work (short requests do not wait behind long ones). "
         "Other samples wait for room: joining a busy GPU slows every running sample.",
     )
 
     def join_policy(self) -> JoinPolicy:
-        return JoinPolicy(self.step_free_tokens, self.step_join_window, self.step_short_ratio)
+        """What the router tells each replica about joining, for every call it sends."""
+        return JoinPolicy(self.step_free_tokens, self.step_join_window, self.step_short_ratio,
+                          never=self.scheduling == "batch")
 
 
 class Config(_Strict):
@@ -463,6 +475,16 @@ LOCAL_CPU_DEFAULT: dict[str, Any] = {
 }
 
 
+# Keys that configs may still carry from older versions: what to do instead (any other unknown key is a typo).
+RETIRED = {
+    ("deployment", "pipeline_stages"): "removed: every replica's step loop overlaps encode, denoise and decode "
+    "(callers encode and decode beside the loop's steps); delete the key",
+    ("deployment", "max_inflight_batches"): "removed: the router keeps up to two running sets' worth of requests at "
+    "each replica (router.max_batch_tokens and router.max_batch_size), so the next work is encoded before the "
+    "replica has room for it; delete the key",
+}
+
+
 def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
@@ -473,7 +495,8 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         path = _dotted(e["loc"])
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the config reference in README.md)"
+            msg = RETIRED.get(tuple(e["loc"]),
+                              "unknown key (check the spelling; see the config reference in README.md)")
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"{source}: {path}: {msg}")

@@ -202,10 +202,9 @@ async def _bench(args, config: Config) -> dict:
                 report["runs"].append({**asdict(stats), "round": rnd})
                 if workload in EDIT_KINDS and getattr(send, "kinds", None) is not None:
                     report["runs"][-1]["batches_by_kinds"] = mixed_batches(results, send.kinds)
-                log.info("%s: %.3f img/s, %.3f MP/s, p50 %.3fs, p95 %.3fs, p99 %.3fs, batches %s, stages p50 %s, "
-                         "devices idle before batches %s", stats.label, stats.throughput_img_s, stats.megapixels_s,
-                         stats.latency_p50_s, stats.latency_p95_s, stats.latency_p99_s, stats.batch_sizes,
-                         stats.stage_p50_s, stats.device_idle_s or "-")
+                log.info("%s: %.3f img/s, %.3f MP/s, p50 %.3fs, p95 %.3fs, p99 %.3fs, batches %s, stages p50 %s",
+                         stats.label, stats.throughput_img_s, stats.megapixels_s, stats.latency_p50_s,
+                         stats.latency_p95_s, stats.latency_p99_s, stats.batch_sizes, stats.stage_p50_s)
         if dep is not None:
             health = await dep.replica_health()
             report["peak_memory_gib"] = {
