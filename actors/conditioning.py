@@ -1,25 +1,18 @@
-"""Image conditioning for the denoise loop: img2img (a noised input image as the starting point) and inpainting
-(img2img plus a per-step blend that keeps the unmasked area of the input), as diffusers 0.42's
-``ZImageImg2ImgPipeline`` and ``ZImageInpaintPipeline`` compute them, per sample of a packed batch.
+"""Image conditioning: img2img (a noised input image as the starting point) and inpainting (plus a per-step blend
+that keeps the unmasked area), as diffusers 0.42's ``ZImageImg2ImgPipeline`` and ``ZImageInpaintPipeline`` compute
+them, per sample (docs/conditioning.md, "The math").
 
-Three pieces, each a small call from the step loop's preparation of a call (``actors/steploop.py``):
+- ``encode_conditions`` (its own stage, on the VAE's device): each input image preprocessed and VAE-encoded
+  (``latent_dist.sample`` with the sample's own CPU generator), then the noise drawn from the same generator, in
+  diffusers' order (the inpaint pipeline's unused masked-image encode is skipped); the mask scaled to the latent grid.
+- ``Conditioning.start`` / ``noised``: ``t_start = int(max(N - min(N * strength, N), 0))`` of the sample's own
+  ``N``-step schedule (``get_timesteps``); it runs the ``N - t_start`` steps from ``scale_noise(image_latents,
+  sigma[t_start], noise)``.
+- ``Conditioning.after_step``: inpainting blends ``(1 - mask) * scale_noise(image_latents, sigma_next, noise) + mask
+  * latents`` (the clean image latents after the last step); img2img does nothing.
 
-- ``encode_conditions`` (its own stage, on the VAE's device and under the VAE's lock, never the transformer's):
-  preprocesses each conditioned sample's input image, VAE-encodes it (``latent_dist.sample`` with the sample's own
-  CPU generator, as diffusers does), then draws the noise from the same generator, and scales the mask down to
-  the latent grid. Random numbers are drawn in diffusers' order: encoder sample, then noise (the inpaint pipeline
-  then encodes the masked image too, drawing more numbers, but never uses the result: skipped here).
-- ``Conditioning.start`` / ``noised``: the per-sample start offset. ``get_timesteps`` in diffusers:
-  ``t_start = int(max(N - min(N * strength, N), 0))`` of the sample's own ``N``-step schedule; the sample runs the
-  ``N - t_start`` steps from there, starting from ``scale_noise(image_latents, sigma[t_start], noise)``.
-- ``Conditioning.after_step``: the per-sample hook after each step. Inpainting blends
-  ``(1 - mask) * scale_noise(image_latents, sigma_next, noise) + mask * latents`` (the clean image latents after
-  the last step); img2img does nothing.
-
-A conditioned sample runs ``N - t_start`` steps (``steps_run`` below), a plain one ``N``: the router puts requests
-in one call when those numbers match (``ImageRequest.key`` is the number of steps run), whatever their strengths,
-masks, sizes or schedules; in the step loop samples of any step count share each step.
-"""
+The router puts requests that run the same number of steps (``steps_run``, ``ImageRequest.key``) in one call; in the
+step loop samples of any step count share each step."""
 
 from __future__ import annotations
 

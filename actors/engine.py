@@ -1,22 +1,16 @@
-"""The Z-Image-Turbo computation, stage by stage, with each component on its own device, for samples that mix
-image sizes, caption lengths, guidance scales and progress.
+"""The Z-Image-Turbo computation, stage by stage, each component on its own device: what
+``diffusers.ZImagePipeline.__call__`` computes (diffusers 0.42: chat-templated prompt -> ``hidden_states[-2]`` masked
+-> flow-matching Euler steps with the size-dependent shift ``mu`` -> ``latents / scaling + shift`` -> VAE decode),
+with three differences of structure, none of math:
 
-This mirrors ``diffusers.ZImagePipeline.__call__`` (diffusers 0.42: tokenize with the chat template ->
-``hidden_states[-2]`` masked -> flow-matching Euler loop with the image-size-dependent shift ``mu`` ->
-``latents / scaling + shift`` -> VAE decode) with three differences of structure, none of math:
+- the stages are separate calls (a split placement puts the components on different GPUs; the step loop,
+  ``actors/steploop.py``, runs the steps while callers encode and decode);
+- ``step`` advances samples that each have their own size, seed, guidance, negative prompt, schedule and progress by
+  one step, in one transformer call over all of them packed into one sequence (``actors/packed.py``);
+- the VAE decodes one image at a time (its activations dominate a replica's peak memory).
 
-- the stages are separate calls (a split placement puts the text encoder, transformer and VAE on different
-  GPUs; the step loop, ``actors/steploop.py``, runs the denoising steps while callers encode and decode);
-- ``step`` advances a set of samples, each with its own size, seed, guidance, negative prompt, schedule (``mu``
-  depends on its token count) and progress, by one step: the transformer runs once on all of them packed into one
-  sequence (``actors/packed.py``);
-- the VAE decodes one image at a time (its activations dominate a replica's peak memory; per image they no longer
-  grow with the batch).
-
-``tests/test_engine.py`` checks it against ``ZImagePipeline`` itself, and each sample of a mixed batch against its
-solo run. Noise is drawn per request on the CPU from the request's own seed, so an image depends only on its own
-request: not on its batch-mates, and not on which replica or device ran it.
-"""
+Noise is drawn per request on the CPU from its own seed, so an image depends only on its own request
+(``tests/test_engine.py`` checks against ``ZImagePipeline`` and each sample of a mixed batch against its solo run)."""
 
 from __future__ import annotations
 

@@ -1,27 +1,14 @@
 """One transformer call for any mix of image sizes and caption lengths: samples packed into one token sequence.
 
-``ZImageTransformer2DModel.forward`` pads every sample of a batch to the longest one and, when lengths differ,
-gives attention a key-padding mask (slow) and the refiners a padded batch. Here the samples' tokens are
-concatenated into one sequence ``[1, T, D]`` with per-sample boundaries: attention runs per sample on exactly that
-sample's tokens (one dense call per sample, ``run_attention``), so no sample attends to another, no padding is
-computed, and nothing depends on the batch-mates.
-
-The math is the diffusers forward's, step for step (patchify -> x embed + pad token -> noise refiner ->
-caption embed + pad token -> context refiner -> [image, caption] per sample -> main layers -> final layer ->
-unpatchify), using the model's own modules and parameters. What differs is only what is computed once:
-
-- everything that depends on one sample's shapes (RoPE tables, pad masks) is built once per sample (``Piece``), and
-  a batch's layout (segment ids, gather indices, boundaries) only concatenates pieces (``PackedLayout``);
-- the caption path (caption embedder and the unmodulated context refiner) depends neither on the timestep nor on
-  the other samples, so it runs once per sample (``Piece.caption``) instead of at every step or every new batch;
-- each sample has its own timestep (``t`` has one entry per sample): samples of different sizes follow their own
-  sigma schedules (the shift ``mu`` depends on the image's token count).
-
-Per-sample modulation: a block's adaLN output is computed per sample ``[B, 4D]`` and gathered per token by segment
-id; under ``torch.compile`` the gather fuses into the elementwise kernels around it.
-
-``tests/test_packed.py`` checks every sample against its solo run through the unmodified diffusers forward.
-"""
+``ZImageTransformer2DModel.forward`` pads every sample to the longest one, with a key-padding mask (slow) where
+lengths differ. Here the tokens are concatenated into one sequence ``[1, T, D]`` with per-sample boundaries, and
+attention runs per sample on exactly its tokens (``run_attention``), so nothing depends on the batch-mates. The math
+is the diffusers forward's step for step, with the model's own modules; what differs is what is computed once:
+each sample's RoPE tables and pad masks when it joins (``Piece``), a batch's layout by concatenating pieces
+(``PackedLayout``), and its caption path (embedder and the unmodulated context refiner, which sees no timestep and
+no other sample) once per sample (``Piece.caption``). Each sample has its own timestep; a block's adaLN output is
+computed per sample and gathered per token by segment id. ``tests/test_packed.py`` checks every sample against its
+solo run through the unmodified diffusers forward."""
 
 from __future__ import annotations
 
@@ -273,9 +260,9 @@ class PackedTransformer:
         return set(range(SEQ_MULTI_OF, top + 1, SEQ_MULTI_OF))
 
     def prewarm(self, max_image_tokens: int, max_caption: int = 512) -> int:
-        """Run attention once at every length of ``sample_lengths``, so cuDNN's per-shape execution plans (about
-        49 ms each the first time on an H100) are built on this thread during warm-up, not in the serving path,
-        whatever size a request has. Only on CUDA; returns how many lengths it ran."""
+        """Run attention once at every length of ``sample_lengths``, so cuDNN's per-shape plans are built on this
+        thread during warm-up, not in the serving path, whatever size a request has. Only on CUDA; returns how many
+        lengths it ran."""
         if self.device.type != "cuda":
             return 0
         heads = self.model.n_heads
@@ -318,12 +305,10 @@ def _rope(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("zimage::run_attention", mutates_args=())
 def run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor) -> torch.Tensor:
     """Attention within each sample of a packed ``[1, T, H, d]`` sequence, one dense SDPA call per sample
-    (``runs``: a CPU int64 tensor of rows ``(start, samples, length)`` for the runs of equal lengths).
-
-    Measured on an H200 (``benchmarks/probe_packed.py``): dense SDPA (cuDNN) per run keeps the unmasked kernel's
-    speed (675 TFLOP/s on 4 equal samples, 535 on four different ones) where torch's varlen flash attention reaches
-    341-350, flex_attention 309-399 and a padded, masked batch 268. An opaque op, so ``torch.compile`` neither
-    specializes on the lengths nor recompiles for new ones: the lengths are data read on the CPU."""
+    (``runs``: a CPU int64 tensor of rows ``(start, samples, length)`` for the runs of equal lengths). Dense SDPA
+    keeps the unmasked kernel's speed, well above varlen flash attention, flex_attention or a padded, masked batch
+    (``benchmarks/probe_packed.py``). An opaque op, so ``torch.compile`` neither specializes on the lengths nor
+    recompiles for new ones: the lengths are data read on the CPU."""
     out = torch.empty_like(q)
     for start, count, length in runs.tolist():
         _attend_run(q, k, v, out, start, count, length)
@@ -331,11 +316,9 @@ def run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch
 
 
 def _attend_run(q, k, v, out, start: int, count: int, length: int) -> None:
-    """One dense SDPA call per sample of the run: on an H100 (``benchmarks/probe_packed.py varied``, s5-1) four
-    calls of one 1024^2 sample ran at 542 TFLOP/s against 524 for one call of four, and cuDNN builds an execution
-    plan for every new shape (45-65 ms the first time, ``benchmarks/probe_attn_shapes.py``): per-sample calls make
-    the shapes one per sample length, few enough to build them all at warm-up (``PackedTransformer.prewarm``)
-    instead of one per (samples, length) pair, built in the serving path."""
+    """One dense SDPA call per sample of the run, as fast as one call of all of them: cuDNN builds an execution plan
+    per new shape (tens of ms, ``benchmarks/probe_attn_shapes.py``), and per-sample calls keep the shapes one per
+    sample length, few enough to build them all at warm-up (``PackedTransformer.prewarm``)."""
     for i in range(count):
         a = start + i * length
         # [1, H, L, d] with strides that depend on L alone (cuDNN's plan cache keys on strides too)

@@ -1,14 +1,8 @@
-"""Per-request checks and the per-step hook: what keeps one request's trouble away from its batch-mates.
-
-A batch is one pipeline call, so anything that raises inside it fails every request in it. What can be attributed
-to one request is therefore checked per request *before* the batch runs (``screen``: the prompt through the
-tokenizer on its own, the size against the transformer's position table), and what can only be seen while it runs
-is checked per sample (``StepHook``: non-finite latents at the last step). Whatever still fails a whole batch is
-bisected by the router (``Router._deliver``), so that only the culprit fails.
-
-``StepHook`` is also how a streaming request gets preview images: at chosen steps it decodes the engine's current
-estimate of the clean latents for the requests that asked for ``partial_images``.
-"""
+"""Per-request checks and the per-step hook: what keeps one request's trouble away from its batch-mates. What can be
+attributed to one request is checked per request before its call runs (``screen``: the prompt through the tokenizer
+on its own, the size against the transformer's position table); what can only be seen while it runs is checked per
+sample (``StepHook``: non-finite latents at the last step); what still fails a whole call is bisected by the router.
+``StepHook`` also decodes a streaming request's previews (``partial_images``) from the clean-latent estimate."""
 
 from __future__ import annotations
 

@@ -1,36 +1,25 @@
-"""The replica's denoising loop: one loop over a changing set of running samples, the only way a replica denoises.
+"""The replica's denoising loop, the only way a replica denoises: one loop over a changing set of running samples.
 
-Each *call* (a group of requests the router handed over) encodes on its caller's thread, hands its samples to the
-loop and waits (``prepare``, ``finish``); the samples **join at the next step**, run their own steps and **leave
-when done** (their caller decodes them while the loop goes on). Every sample carries its own state, so samples of
-any step count, size, guidance and progress share a step: its step index over its own schedule (``start`` > 0
-begins part-way: image-to-image), its schedule (``mu`` depends on its token count), an ``after_step`` hook
-(inpainting's blend), its negative pass in the same packed call when guidance > 0, its adapters and ControlNet
-input. The math is ``ZImageEngine.step``'s, so an image depends only on its own request; ``tests/test_steploop.py``
-checks a request that joined a running loop against its solo run.
+A *call* (a group of requests the router handed over) is prepared on its caller's thread (``prepare``: encode,
+each sample's state), its samples **join at the next step**, run their own steps, **leave when done**, and its
+caller decodes them while the loop goes on (``finish``). Each sample carries its own step index over its own
+schedule (``start`` > 0: image-to-image), an ``after_step`` hook (inpainting), guidance (its negative pass in the same
+packed call), adapters and ControlNet input, so samples of any step count, size and progress share a step; the math
+is ``ZImageEngine.step``'s, so an image depends only on its own request (``tests/test_steploop.py``). The set's
+packed call is rebuilt only when its membership changes, from pieces each sample brought.
 
-The running set's packed call (``ZImageEngine.pack``) is rebuilt only when its membership changes, and then only
-concatenates what each sample brought when it joined (``packed.Piece``: positions, RoPE tables, its refined
-caption); the compiled blocks are dynamic in the token count and the number of samples, so a membership change
-never recompiles. A step makes no host sync: the loop and the decodes share the device's stream.
+Admission is first come first served within the token budget, sample count and LoRA residency (``max_adapters``,
+the slots the memory plan counts); the head of the queue always joins an empty set, and whatever waits with it
+starts with it. A set that has already run steps takes the head only where its call's ``config.JoinPolicy`` says
+joining pays: a join slows every running sample's steps, and at sizes that saturate the GPU joining everything is
+processor sharing, worse in mean latency than sets one after another. ``never`` (``router.scheduling = "batch"``)
+never joins.
 
-Admission is first come first served within the replica's token budget, sample count and LoRA residency (the
-running set names at most ``max_adapters`` distinct adapters, the resident slots the memory plan counts; the router
-keeps within all three too; these are the replica's own guard). The head of the queue always joins an empty set,
-and whatever waits with it starts with it. A running set that has already run steps takes the head only where its
-call's join policy says joining pays (``config.JoinPolicy``): each join slows every running sample's steps, and at
-sizes that saturate the GPU joining everything at once is processor sharing, which with equal service times has a
-worse mean latency than running sets one after another. ``router.scheduling = "batch"`` is the policy that never
-joins a running set.
-
-Cancellation (``cancel``) takes request ids; a name not in the loop yet is kept for ``CANCEL_KEEP_S`` seconds, so a
-cancel that arrives just before its call is submitted still takes it out. Faults: an out-of-memory step shrinks the
-running set (the newest half goes back to wait, and the token budget is lowered until ``OOM_CAP_STEPS`` clean steps
-pass) and retries; a lone sample that does not fit fails its call with ``out_of_memory``. Any other error in a step
-is isolated: each call's samples run that step alone, and only the calls whose solo step fails are failed
-(``replica_error``, which the router bisects), so one request's failure never fails another's; a solo re-run that
-runs out of memory shrinks as above instead of failing its call. A step that fails part-way (a sample's hook) puts
-every running sample's state back to what it was before the step, so no sample is ever advanced twice.
+Cancels take request ids; a name not in the loop yet is kept ``CANCEL_KEEP_S``, so a cancel that overtakes its call
+still applies. An out-of-memory step shrinks the running set (the newest half waits; the budget stays lowered for
+``OOM_CAP_STEPS`` clean steps); a lone sample that does not fit fails its call. Any other failed step is re-run per
+call, so only the calls whose own step fails are failed (``replica_error``, which the router bisects). A failed step
+first puts every sample back to its state before it, so none is advanced twice.
 """
 
 from __future__ import annotations
@@ -85,7 +74,7 @@ class RunningSample:
                negative: torch.Tensor | None, guidance: float, num_steps: int, start: int = 0,
                after_step=None, loras=(), control: torch.Tensor | None = None,
                control_scale: float = 0.0) -> RunningSample:
-        """Everything the sample needs on the transformer's device, built on the caller's thread, off the loop."""
+        """What the sample needs on the transformer's device, built on the caller's thread, off the loop."""
         device = engine.devices["transformer"]
         latents = latents.to(device)
         positive = positive.to(device, non_blocking=True)
@@ -165,12 +154,10 @@ class LoopStats:
 
 
 class StepLoop:
-    """The loop. ``submit(group)`` hands a call's samples over (they join at the next step); the caller waits on
-    ``group.done``. The loop starts on the first submit, through ``spawn(target)`` (the replica runs it on its denoise
-    stage's thread, where warm-up built attention's per-thread plans, ``actors/stages.py``; by default a thread of its
-    own), and idles (no GPU work) while nothing runs. ``run_alone(group)`` runs a loop with no thread on the calling
-    thread (warm-up, tools, tests). ``fault(names)`` (tests) may raise before a step, given the running samples'
-    names."""
+    """``submit(group)`` hands a call's samples over; the caller waits on ``group.done``. The loop starts on the first
+    submit through ``spawn(target)`` (the replica's denoise stage thread; by default a thread of its own) and idles
+    while nothing runs; ``run_alone(group)`` runs one on the calling thread. ``fault(names)`` (tests) may raise before
+    a step."""
 
     def __init__(self, engine, max_tokens: int | None = None, max_samples: int | None = None,
                  name: str = "step-loop", max_adapters: int | None = None, policy: JoinPolicy | None = None,
@@ -187,7 +174,6 @@ class StepLoop:
         self.spawn = spawn or (lambda target: threading.Thread(target=target, name=name, daemon=True).start())
         self.fault: Callable[[list[str]], None] | None = None
         self.stats = LoopStats()
-        self.on_step_done: Callable[[LoopStats], None] | None = None
         self._cond = threading.Condition()
         self._waiting: deque[RunningSample] = deque()
         self._running: list[RunningSample] = []
@@ -238,10 +224,7 @@ class StepLoop:
         return min(caps) if caps else None
 
     def _admit(self) -> int:
-        """Move waiting samples into the running set, first come first served, within the budget, the sample cap
-        and the adapter limit (distinct LoRA adapters named by the running set); the head always joins an empty set
-        (so a sample over the budget still runs, alone), and what waits with it starts with it. A running set that
-        has already run steps takes the head only where the join policy (``JoinPolicy``) says joining pays."""
+        """Move waiting samples into the running set (see the module's docstring); returns how many joined."""
         if not self._waiting:
             return 0
         joined = 0
@@ -332,8 +315,6 @@ class StepLoop:
         self.stats.running = len(running)
         self.stats.steps += 1  # (before the step: its hooks' progress events carry its own count)
         self._run_step(running)
-        if self.on_step_done is not None:
-            self.on_step_done(self.stats)
 
     @staticmethod
     def _report(groups: list[Group]) -> None:
@@ -372,9 +353,8 @@ class StepLoop:
             self._isolate(running, e)
 
     def _attempt(self, samples: list[RunningSample]) -> Exception | None:
-        """One step of ``samples`` under the guard; the error if it failed, after putting every sample back to its
-        state before the step (the samples' ``after_step`` hooks run one after another: a step that fails part-way
-        has advanced some of them), so a retry runs the step once."""
+        """One step of ``samples``; the error if it failed, after putting every sample back to its state before it
+        (a failing ``after_step`` hook leaves the samples before it advanced)."""
         saved = [_Saved.of(s) for s in samples]
         try:
             if self.fault is not None:
@@ -438,9 +418,9 @@ PACE_LOG_S = 30.0  # how often the loop logs its pace
 
 
 class _Pace:
-    """The loop's pace for its log: the time from one step's start to the next one's (the loop runs at most a step or
-    two ahead of the GPU, so over many steps this is the GPU's step time), by running-set size, and the samples that
-    joined and waited. Steps after the loop idled are not counted (their start waited for work, not the GPU)."""
+    """The loop's pace for its log, by running-set size: the time from one step's start to the next one's (over many
+    steps the GPU's step time: the launch queue bounds how far the loop runs ahead), not counting a step after an
+    idle spell; and the samples that joined and waited."""
 
     def __init__(self, name: str, clock=time.perf_counter):
         self.name = name
@@ -480,7 +460,7 @@ class _Pace:
 
 @dataclass
 class _Saved:
-    """A sample's state before a step (a step that fails part-way may have advanced some samples)."""
+    """A sample's state before a step."""
 
     sample: RunningSample
     step: int

@@ -1,36 +1,20 @@
-"""The batching decision, as pure logic: which requests go together, to which free replica, and when.
+"""The batching decision, as pure logic: which requests go together, to which free replica, and when. No clock, no
+asyncio, no Ray: the router passes ``now`` and the free replicas in and gets decisions out.
 
-No clock, no asyncio, no Ray: the router passes ``now`` and the free replicas in, gets decisions out. Tests drive
-it with hand-written times.
-
-Policy:
-- Requests that share a ``BatchKey`` (the step count) may share a batch, whatever their sizes, prompt lengths and
-  guidance: the replica packs them into one transformer call per step. Within a key, first come first served;
-  across keys, the key whose oldest request is oldest goes first.
-- A batch is filled up to the replica's token budget (``max_batch_tokens``, each request counted by
-  ``ImageRequest.tokens``), ``max_batch_size`` images and ``max_adapters`` distinct LoRA adapters (the replica's
-  resident slots, which its plan counts memory for), in arrival order; a request that would overflow the
-  budget waits for the next batch while later, smaller ones may still fill this one (the oldest request always
-  leads the next batch, so nothing starves).
-- A group is *ready* when it fills a replica's room, or its oldest request has waited ``max_wait_s``.
-- A free replica (one with room: ``dispatch_policy.Dispatch``) takes the oldest ready group it can serve (its
-  plan's largest image and token budget); if no group is ready, it waits until the earliest one will be
-  (``next_deadline``). So no replica idles past max_wait while work it can serve is queued.
-- Waiting work is shared among the free replicas: 4 requests and 2 free replicas make two batches of 2, not
-  one of 4 and an idle replica (batching buys a GPU little; a second replica halves the latency).
-- Replicas are taken least-outstanding first, then longest-idle first, so load spreads evenly.
-- Priority (``ImageRequest.priority``: interactive before batch jobs): requests of different priorities never
-  share a batch (an interactive request would run as slowly as a full batch), groups are taken in priority order,
-  and a free replica that could serve interactive work which is not ready yet is held for it rather than given a
-  batch job's work that would then run ahead of it (one replica per waiting group; the others stay busy). With a
-  ``reserve`` (the router's, while interactive traffic is about), batch-job work also leaves that many replicas
-  idle, so an interactive request finds a replica free instead of waiting for a batch job's batch to end (a
-  running batch cannot be preempted), and batch-job batches hold at most ``background_max_batch`` images, so one
-  that is running ends soon (an interactive request waits up to max_wait for batch-mates anyway). While
-  interactive requests are about (``interactive_recent``), a busy replica takes no batch-job work: none waits at a
-  replica, so an interactive request never queues there behind a batch job's work. So a batch job fills only the
-  capacity interactive traffic leaves.
-"""
+- Requests that share a ``BatchKey`` (the step count) may share a call, whatever their sizes, prompts and guidance.
+  Within a key, first come first served; across keys, the key whose oldest request is oldest goes first.
+- A call is filled in arrival order up to the replica's token budget (``ImageRequest.tokens``), ``max_batch_size``
+  images and ``max_adapters`` distinct LoRA adapters (the resident slots its plan counts); a request that would
+  overflow it waits while later, smaller ones may still fill it (the oldest always leads the next call).
+- A group is *ready* when it fills a replica's room or its oldest request has waited ``max_wait_s``. A free replica
+  (one with room: ``dispatch_policy.Dispatch``) takes the oldest ready group it can serve; else it waits until the
+  earliest one will be (``next_deadline``). Waiting work is shared among the free replicas (4 requests, 2 replicas:
+  two calls of 2), least-outstanding, then longest-idle replica first.
+- Priority (``ImageRequest.priority``: interactive before batch jobs): priorities never share a call, groups are
+  taken in priority order, and a replica that could serve interactive work not ready yet is held for it. While
+  interactive traffic is about, batch-job work leaves ``reserve`` replicas idle, runs in calls of at most
+  ``background_max_batch`` images, and goes to no busy replica (``interactive_recent``), so an interactive request
+  never waits behind a batch job's work, which cannot be preempted. A batch job fills only what that leaves."""
 
 from __future__ import annotations
 

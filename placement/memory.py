@@ -1,17 +1,14 @@
 """Memory model of Z-Image-Turbo per component: weights by dtype plus activations by what a batch holds.
 
-Weights are exact (parameter counts of the real classes at the real configs). A batch is packed: the transformer
-runs all of its samples as one token sequence, so its activations grow with the batch's tokens (image tokens plus
-caption tokens, each padded to 32, twice for a sample with guidance), whatever the mix of sizes; the VAE decodes
-one image at a time, so its activations grow with the largest image's pixels, not with the batch; the text
-encoder's grow with the number of prompts. The peak on a GPU is its weights plus the largest activation among its
-components (one replica runs its stages one after another on a device), or their sum with stage pipelining.
+Weights are exact (parameter counts of the real classes at the real configs). The transformer runs a batch as one
+token sequence, so its activations grow with the batch's tokens (image plus caption tokens, each padded to 32,
+twice with guidance), whatever the mix of sizes; the VAE decodes one image at a time (activations by the largest
+image's pixels); the text encoder's grow with the number of prompts. The peak on a GPU is its weights plus the
+largest activation among its components (an encode or decode beside a step is not added).
 
-Coefficients measured on an H200 with the full-size model in bf16 (``benchmarks/probe_packed.py``,
-docs/benchmarks-history.md, call s3-1, torch's max allocated memory above the weights): one packed transformer
-forward 155 KiB per token, flat from 4,224 to 33,792 tokens; one VAE decode 2.38 GiB at 1024^2, 0.60 at 512^2, 9.5
-at 2048^2 (2.37 GiB per megapixel).
-"""
+Coefficients measured on an H200 with the full-size model in bf16 (``benchmarks/probe_packed.py``, torch's max
+allocated memory above the weights): a packed transformer forward 155 KiB per token, flat from 4,224 to 33,792
+tokens; a VAE decode 2.37 GiB per megapixel."""
 
 from __future__ import annotations
 

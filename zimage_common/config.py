@@ -35,8 +35,7 @@ class ControlNetConfig(_Strict):
     source: Literal["modelscope", "huggingface", "local", "tiny", "random-full"] = Field(
         description="modelscope / huggingface: a snapshot of model_id (in the base model's cache_dir); local: "
         "local_path; tiny: a toy-size ControlNet for the tiny model (tests); random-full: full-size random weights "
-        "(timing; six control blocks, the 1.0 Union layout)."
-    )
+        "(timing; six control blocks, the 1.0 Union layout).")
     model_id: str | None = Field(default=None, description="Repository id (modelscope / huggingface).")
     revision: str | None = Field(default=None, description="Hub revision.")
     local_path: Path | None = Field(
@@ -45,9 +44,9 @@ class ControlNetConfig(_Strict):
         default=None, description="Inside a hub snapshot: the single .safetensors file to load (from_single_file); "
         "None: the snapshot (or its subfolder) is a diffusers directory.")
     subfolder: str | None = Field(default=None, description="Subfolder of the diffusers directory, if any.")
-    conditioning_scale: float = Field(default=0.75, ge=0, le=4,
-                                      description="controlnet_conditioning_scale when a request sends none "
-                                      "(diffusers' default).")
+    conditioning_scale: float = Field(
+        default=0.75, ge=0, le=4, description="controlnet_conditioning_scale when a request sends none (diffusers' "
+        "default).")
 
     @model_validator(mode="after")
     def _source_fields(self) -> ControlNetConfig:
@@ -236,65 +235,46 @@ class DeploymentConfig(_Strict):
     """How many replicas and where their components live."""
 
     mode: Literal["replicate", "split", "auto", "shared-encoder"] = Field(
-        default="replicate",
-        description="replicate: one whole pipeline per GPU. split: each replica spans gpus_per_replica GPUs "
-        "with the device_map below. auto: the planner chooses. shared-encoder (experimental: slower than replicate "
-        "where measured, see docs/benchmarks.md): one text encoder per node, in "
-        "a whole pipeline on its first GPU, serves transformer + VAE replicas on the node's other GPUs.",
-    )
+        default="replicate", description="replicate: one whole pipeline per GPU. split: each replica spans "
+        "gpus_per_replica GPUs with the device_map below. auto: the planner chooses. shared-encoder (experimental: "
+        "slower than replicate where measured, see docs/benchmarks.md): one text encoder per node, in a whole "
+        "pipeline on its first GPU, serves transformer + VAE replicas on the node's other GPUs.")
     replicas: int | None = Field(
-        default=None, ge=1, le=4096, description="Number of replicas. None: as many as the inventory fits."
-    )
+        default=None, ge=1, le=4096, description="Number of replicas. None: as many as the inventory fits.")
     gpus_per_replica: int = Field(default=1, ge=1, le=8, description="GPUs each replica holds (split mode).")
     device_map: dict[str, int] | None = Field(
-        default=None,
-        description="split mode: component -> GPU index within the replica, e.g. "
-        "{text_encoder: 0, transformer: 1, vae: 1}.",
-    )
+        default=None, description="split mode: component -> GPU index within the replica, e.g. {text_encoder: 0, "
+        "transformer: 1, vae: 1}.")
     cpu_per_replica: float = Field(default=1.0, ge=0, le=256, description="Ray CPUs reserved per replica.")
     torch_threads: int | None = Field(
-        default=None, ge=1, le=256, description="torch.set_num_threads inside a CPU replica; None: torch's default."
-    )
+        default=None, ge=1, le=256, description="torch.set_num_threads inside a CPU replica; None: torch's default.")
     warmup: bool = Field(
-        default=True,
-        description="Before reporting ready, run the batches that compile every graph serving needs (model.compile): "
-        "one image alone, several of one size, several of mixed sizes and prompt lengths at warmup_sizes, and "
-        "attention's plans for every length within limits.max_pixels. After ready nothing compiles: a call no "
-        "graph covers runs eager and is counted (zimage_eager_fallbacks_total).",
-    )
+        default=True, description="Before reporting ready, run the batches that compile every graph serving needs "
+        "(model.compile): one image alone, several of one size, several of mixed sizes and prompt lengths at "
+        "warmup_sizes, and attention's plans for every length within limits.max_pixels. After ready nothing compiles: "
+        "a call no graph covers runs eager and is counted (zimage_eager_fallbacks_total).")
     warmup_sizes: list[str] = Field(
         default_factory=lambda: ["512x512", "1024x1024", "768x1344", "1344x768", "1024x768"],
-        description="Image sizes (WxH) of the warm-up batches, which show the replica serves before it reports "
-        "ready. Speed does not depend on them: the transformer's and the VAE decoder's graphs have dynamic shapes "
-        "and cover every size. Sizes larger than a replica's plan allows are skipped.",
-    )
+        description="Image sizes (WxH) of the warm-up batches, which show the replica serves before it reports ready. "
+        "Speed does not depend on them: the transformer's and the VAE decoder's graphs have dynamic shapes and cover "
+        "every size. Sizes larger than a replica's plan allows are skipped.")
     start_timeout_s: float = Field(
-        default=1800.0, gt=0, le=86_400, description="Longest a replica may take to load and warm up."
-    )
+        default=1800.0, gt=0, le=86_400, description="Longest a replica may take to load and warm up.")
     health_interval_s: float = Field(
-        default=15.0, gt=0, le=3600, description="Seconds between health checks (a real small forward) per replica."
-    )
+        default=15.0, gt=0, le=3600, description="Seconds between health checks (a real small forward) per replica.")
     health_timeout_s: float = Field(
-        default=60.0, gt=0, le=3600, description="A health check slower than this counts as a failed check."
-    )
+        default=60.0, gt=0, le=3600, description="A health check slower than this counts as a failed check.")
     unresponsive_after_s: float = Field(
-        default=10.0, gt=0, le=3600,
-        description="A live replica whose health check has waited this long for an answer is reported as not "
-        "answering on /readyz (503 when no live replica answers), before its checks time out and it is recycled.")
+        default=10.0, gt=0, le=3600, description="A live replica whose health check has waited this long for an "
+        "answer is reported as not answering on /readyz (503 when no live replica answers), before its checks time "
+        "out and it is recycled.")
     health_failures_before_restart: int = Field(
-        default=3,
-        ge=1,
-        le=100,
-        description="Failed (or timed-out) health checks in a row before a replica counts as hung and is "
-        "recycled. A check that cannot reach the replica's process takes it out of rotation at once.",
-    )
+        default=3, ge=1, le=100, description="Failed (or timed-out) health checks in a row before a replica counts as "
+        "hung and is recycled. A check that cannot reach the replica's process takes it out of rotation at once.")
     gpu_memory_limit_gib: float | None = Field(
-        default=None,
-        gt=0,
-        le=1024,
-        description="Cap each replica's allocator at this many GiB per GPU (plans with it too), e.g. 23.5 to "
-        "emulate 24 GB cards on an 80 GB GPU.",
-    )
+        default=None, gt=0, le=1024, description="Cap each replica's allocator at this many GiB per GPU (plans with "
+        "it too), e.g. 23.5 to emulate 24 GB cards on an 80 GB GPU.")
+
     @field_validator("warmup_sizes")
     @classmethod
     def _sizes(cls, v: list[str]) -> list[str]:
@@ -370,62 +350,46 @@ class RouterConfig(_Strict):
 
     max_batch_size: int = Field(default=16, ge=1, le=256, description="Most images in one pipeline call.")
     max_batch_tokens: int = Field(
-        default=18_432, ge=64, le=1_000_000,
-        description="Token budget of one packed batch (image tokens + caption tokens, twice with guidance; a "
-        "1024x1024 image is 4,096 image tokens). Batches fill up to it whatever their mix of sizes; the plan's "
-        "memory budget lowers it where a GPU holds less. The default, about four 1024x1024 images with long "
-        "prompts, is where a step's time on an H100 grows in proportion to its tokens.",
-    )
+        default=18_432, ge=64, le=1_000_000, description="Token budget of one packed batch (image tokens + caption "
+        "tokens, twice with guidance; a 1024x1024 image is 4,096 image tokens). Batches fill up to it whatever their "
+        "mix of sizes; the plan's memory budget lowers it where a GPU holds less. The default, about four 1024x1024 "
+        "images with long prompts, is where a step's time on an H100 grows in proportion to its tokens.")
     max_wait_ms: float = Field(
-        default=10.0,
-        ge=0,
-        le=60_000,
-        description="How long the oldest request may wait for batch-mates while a replica is free.",
-    )
+        default=10.0, ge=0, le=60_000, description="How long the oldest request may wait for batch-mates while a "
+        "replica is free.")
     queue_limit: int = Field(default=256, ge=1, le=1_000_000, description="Requests waiting before 429.")
     request_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="Queue + run time limit.")
     max_attempts: int = Field(
-        default=3, ge=1, le=10, description="Tries per request when its replica dies (seeded, so idempotent)."
-    )
+        default=3, ge=1, le=10, description="Tries per request when its replica dies (seeded, so idempotent).")
     hang_factor: float = Field(
-        default=5.0, gt=1, le=100,
-        description="A batch running this many times longer than expected (learned per replica from the time "
-        "per token-step of its finished batches) counts as hung: its requests are re-dispatched and the "
-        "replica is recycled.",
-    )
+        default=5.0, gt=1, le=100, description="A batch running this many times longer than expected (learned per "
+        "replica from the time per token-step of its finished batches) counts as hung: its requests are re-dispatched "
+        "and the replica is recycled.")
     hang_min_s: float = Field(
-        default=180.0, gt=0, le=86_400,
-        description="Never call a batch hung before this many seconds (covers compiling a new shape).",
-    )
+        default=180.0, gt=0, le=86_400, description="Never call a batch hung before this many seconds (covers "
+        "compiling a new shape).")
     first_batch_timeout_s: float = Field(
-        default=900.0, gt=0, le=86_400, description="Hang limit for a replica's batches before it has history."
-    )
+        default=900.0, gt=0, le=86_400, description="Hang limit for a replica's batches before it has history.")
     scheduling: Literal["batch", "step"] = Field(
-        default="step",
-        description="How requests join a replica's denoising loop (every replica runs one, actors/steploop.py; "
-        "requests join it at its next step, whatever their step count, size and guidance, within max_batch_tokens "
-        "and max_batch_size, and leave it when done; hang detection counts from each step). step: a waiting "
-        "request joins a running set where the step_* rules below say joining pays. batch: a running set takes no "
-        "newcomer until it ends (whole batches one after another; the next one waits at the replica, encoded).",
-    )
+        default="step", description="How requests join a replica's denoising loop (every replica runs one, "
+        "actors/steploop.py; requests join it at its next step, whatever their step count, size and guidance, within "
+        "max_batch_tokens and max_batch_size, and leave it when done; hang detection counts from each step). step: a "
+        "waiting request joins a running set where the step_* rules below say joining pays. batch: a running set "
+        "takes no newcomer until it ends (whole batches one after another; the next one waits at the replica, "
+        "encoded).")
     step_free_tokens: int = Field(
-        default=JoinPolicy.free_tokens, ge=0, le=1_000_000,
-        description="scheduling=step: a waiting sample joins a running set at any step while the set's packed "
-        "tokens with it stay within this (small images, where a step's time is expected to grow little with its "
-        "tokens). On an H100 a step's time grows in proportion to its tokens from one 1024x1024 image "
-        "(4,096 tokens) up.",
-    )
+        default=JoinPolicy.free_tokens, ge=0, le=1_000_000, description="scheduling=step: a waiting sample joins a "
+        "running set at any step while the set's packed tokens with it stay within this (small images, where a step's "
+        "time is expected to grow little with its tokens). On an H100 a step's time grows in proportion to its tokens "
+        "from one 1024x1024 image (4,096 tokens) up.")
     step_join_window: int = Field(
-        default=JoinPolicy.window, ge=0, le=50,
-        description="scheduling=step: a waiting sample joins while every running sample has run at most this "
-        "many steps (a batch that just started takes late arrivals).",
-    )
+        default=JoinPolicy.window, ge=0, le=50, description="scheduling=step: a waiting sample joins while every "
+        "running sample has run at most this many steps (a batch that just started takes late arrivals).")
     step_short_ratio: float = Field(
-        default=JoinPolicy.short_ratio, ge=0, le=1,
-        description="scheduling=step: a waiting sample joins at once where its work (tokens x steps) is at most "
-        "this fraction of every running sample's remaining work (short requests do not wait behind long ones). "
-        "Other samples wait for room: joining a busy GPU slows every running sample.",
-    )
+        default=JoinPolicy.short_ratio, ge=0, le=1, description="scheduling=step: a waiting sample joins at once "
+        "where its work (tokens x steps) is at most this fraction of every running sample's remaining work (short "
+        "requests do not wait behind long ones). Other samples wait for room: joining a busy GPU slows every running "
+        "sample.")
 
     def join_policy(self) -> JoinPolicy:
         """What the router tells each replica about joining, for every call it sends."""

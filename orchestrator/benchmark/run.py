@@ -1,16 +1,9 @@
 """``zimage-orch bench CONFIG``: load generator, side-by-side baseline, JSON and a plot.
 
-- Closed loop at each concurrency C (C clients, each sending its next request when the last returns), or an open
-  loop at a fixed request rate (Poisson arrivals); fixed or mixed sizes; N requests or T seconds; warm-up excluded.
-- Workloads (``--workload``, each a phase on the same warm deployment): ``uniform`` (the short bench prompts at
-  ``--sizes``), ``varied`` (prompts of 3 to 160 words at ``--sizes``), ``mixed`` (prompts of 3 to 160 words and
-  five common sizes: 512x512, 1024x1024, 1024x768, 768x1344, 1344x768) - what real users send.
-- Through the Python API (the deployment runs in this process's Ray driver) or through HTTP (``--http URL``).
-- ``--baseline``: the seed's recipe in the same run: a plain diffusers ``ZImagePipeline`` in this process on one
-  device, batch 1, sequential, same model source and prompts. Every result is also reported as a ratio to it.
-- Reports images/s and megapixels/s, p50/p95/p99 latency, queue time, batch sizes, per-replica busy fraction, peak
-  memory per device, and the graphs each replica compiled after it became ready (the goal is none).
-"""
+Closed loops at each concurrency or an open loop (Poisson arrivals), over the workloads of ``loadgen``, through the
+Python API or HTTP (``--http URL``); ``--baseline`` times a plain diffusers ``ZImagePipeline`` (batch 1, sequential,
+same model and prompts) in the same run, so every result is also a ratio. Reports images/s, megapixels/s,
+p50/p95/p99 latency, queue time, batch sizes, busy fractions, peak memory and graphs compiled after ready."""
 
 from __future__ import annotations
 
