@@ -180,7 +180,8 @@ class StepHook:
                 for k, s in enumerate(preview_steps(batch.key.num_inference_steps, r.partial_images)):
                     self._plan.setdefault(s, []).append((row, r.request_id, k))
 
-    def __call__(self, step: int, total: int, denoised: Callable | None = None) -> None:
+    def __call__(self, step: int, total: int, denoised: Callable | None = None, stamp: tuple = ()) -> None:
+        """``stamp``: the loop's (step, running, joined) counts of this step, for the event."""
         import time
 
         import torch
@@ -199,4 +200,4 @@ class StepHook:
             previews = tuple((rid, k, img) for (_, rid, k), img in zip(wanted, images))
             self.preview_s += time.perf_counter() - t0
         if self.emit is not None:
-            self.emit(StepProgress(self.batch.batch_id, step, total, previews))
+            self.emit(StepProgress(self.batch.batch_id, step, total, previews, *stamp))

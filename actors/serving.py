@@ -1,8 +1,7 @@
-"""A replica's serving path: ``run_batch`` and ``run_batch_stream``. Each call's requests are screened on their own,
-then encoded on the caller's thread (beside the loop, with other calls' prompts that wait at the same time), join the
-replica's step loop (``actors/steploop.py``) at its next step, leave it when done, and are decoded here while the
-loop goes on. Cancels reach requests still encoding as well as those in the loop. Every outcome comes back as data: a
-failure becomes one failed ``ImageResult`` per request it touched (``_run``), and the replica stays up."""
+"""A replica's serving path (``run_batch``, ``run_batch_stream``): each call's requests screened on their own, encoded
+on the caller's thread (with other calls' prompts waiting at the same time), run in the replica's step loop
+(``actors/steploop.py``) and decoded here while the loop goes on. Cancels reach requests still encoding as well as
+those in the loop. A failure becomes one failed ``ImageResult`` per request it touched (``_run``)."""
 
 from __future__ import annotations
 
@@ -50,18 +49,15 @@ class ServingMixin:
 
     @logs_batch  # every log line about the batch carries its requests' ids
     def _serve(self, batch: Batch, emit=None) -> BatchResult:
-        """Isolation around ``_run``: each request is screened on its own first (``actors/screening.py``), so a
-        prompt the tokenizer cannot encode or a size the model cannot place fails alone (``invalid_request``)
-        while the rest run together; a sample whose latents end non-finite fails alone (``request_error``).
-        Results carry the token counts the HTTP layer reports as ``usage``."""
+        """Each request screened on its own first (``actors/screening.py``: an unencodable prompt or a size the model
+        cannot place fails alone, ``invalid_request``), a sample that ends non-finite fails alone
+        (``request_error``); results carry the token counts the HTTP layer reports as ``usage``."""
         from .screening import StepHook, screen
 
         if not self._ready or self.engine is None:
             return self._run(batch)
         # the tokenizer is not thread-safe: on the encode stage's thread, never beside another call's encode
         checked = self._stages.run("encode", screen, self.engine, batch)
-        if emit is not None:
-            emit = _with_loop_stats(emit)
         by_id: dict[str, ImageResult] = {}
         out = None
         if checked.runnable:
@@ -269,25 +265,12 @@ class SharedEncodes:
                 done.set_exception(e)
 
 
-def _with_loop_stats(emit):
-    """Progress events carry the loop's step, running and joined counts of their own step (taken by
-    ``_OffLoopHook`` in the loop right after the step)."""
-    def wrapped(ev):
-        stamp = getattr(_step_stamp, "value", None)
-        if stamp is not None:
-            ev = replace(ev, loop_step=stamp[0], running=stamp[1], joined=stamp[2])
-        emit(ev)
-    return wrapped
-
-
-_step_stamp = threading.local()
-
-
 class _OffLoopHook:
     """A call's per-step hook (progress, previews, the final non-finite check: ``screening.StepHook``), run off the
     loop's thread, in step order: the loop only makes the clean-latent estimates the hook will read (at preview
     steps and the last step), so decoding a preview never holds up the other samples' steps. The estimates are read
-    on the device's stream the loop runs on, after the step that made them."""
+    on the device's stream the loop runs on, after the step that made them; each event carries the loop's counts of
+    its own step."""
 
     def __init__(self, hook, stats=None):
         from concurrent.futures import ThreadPoolExecutor
@@ -300,13 +283,12 @@ class _OffLoopHook:
         wanted = step == total or step in getattr(self.hook, "_plan", {})
         estimates = list(denoised()) if wanted and denoised is not None else None
         st = self.stats
-        stamp = (st.steps, st.running, st.last_joined) if st is not None else None
+        stamp = (st.steps, st.running, st.last_joined) if st is not None else ()
         self.pool.submit(self._run, step, total, (lambda: estimates) if estimates is not None else None, stamp)
 
     def _run(self, step, total, denoised, stamp) -> None:
-        _step_stamp.value = stamp
         try:
-            self.hook(step, total, denoised)
+            self.hook(step, total, denoised, stamp)
         except Exception:  # noqa: BLE001 - a failed preview must not fail the image
             log.exception("step hook failed at step %d", step)
 

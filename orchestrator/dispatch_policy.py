@@ -1,13 +1,7 @@
-"""How the router hands work to replicas: requests join a replica's running step loop, within its room.
-
-Every replica runs one step loop (``actors/steploop.py``); the router keeps up to ``STEP_QUEUE_DEPTH`` running sets'
-worth of requests at each, so the next work is encoded and waiting there the moment the loop has room for it. When
-waiting work joins a running set is the replica's decision, by the join policy each call carries
-(``router.scheduling``: ``config.JoinPolicy``); the router's dispatch is the same for every policy.
-
-Capacities are derived from each replica's ``ReplicaLoad`` and cached on it until its books change, so a loop pass
-with nothing new builds none.
-"""
+"""How the router hands work to replicas: requests join a replica's running step loop, within its room. The router
+keeps up to ``STEP_QUEUE_DEPTH`` running sets' worth at each replica, so the next work is encoded and waiting there
+when the loop has room; when waiting work joins a running set is the replica's decision, by the join policy each
+call carries (``router.scheduling``). Capacities are cached on each ``ReplicaLoad`` until its books change."""
 
 from __future__ import annotations
 
@@ -37,11 +31,9 @@ class Limits(Protocol):
 
 class Dispatch:
     """Each live replica with room (``STEP_QUEUE_DEPTH`` running sets' worth of tokens and samples, less what it
-    holds) is a capacity of that room (tokens, samples and distinct LoRA adapters left: what it holds names at most
-    the scheduler's ``max_adapters``, the resident slots its memory plan counts; one call never exceeds one running
-    set's budget). The oldest waiting request is never overtaken: a replica that could run it but has no room for it
-    yet takes nothing new until it has (its running samples leave within their steps). ``join``: the join policy
-    every call carries (``RouterConfig.join_policy``)."""
+    holds; its adapters within the scheduler's ``max_adapters``; one call within one set's budget) is a capacity.
+    The oldest waiting request is never overtaken: a replica that could run it but has no room for it yet takes
+    nothing new until it has. ``join``: the join policy every call carries (``RouterConfig.join_policy``)."""
 
     def __init__(self, config: RouterConfig, scheduler: BatchScheduler):
         self.config = config

@@ -1,11 +1,6 @@
-"""What the router knows of one replica: the work it has dispatched there and how fast that replica has been.
-
-One ``ReplicaLoad`` per replica, created when the router first sees the replica and dropped once the replica has
-left the deployment for good and nothing of it is outstanding. Everything the router tracks per replica lives
-here, so a replica's books are one object rather than entries spread over parallel maps.
-
-The estimate (``hang_limit``) is pure arithmetic on these books: no clock, no asyncio.
-"""
+"""What the router knows of one replica: the work dispatched there and how fast it has been. One ``ReplicaLoad`` per
+replica, created on first sight and dropped once the replica has left for good with nothing outstanding; its estimate
+(``hang_limit``) is pure arithmetic, no clock."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
 """The replica set: every replica of a deployment with an explicit lifecycle state, its health checks, its recovery
-after a failure and its removal when its node is gone. It is the router's replica pool (``live``, ``members``,
-``report_failure``).
-
-States (after Ray Serve's ``ReplicaState``) and what moves a replica between them::
+after a failure and its removal when its node is gone; the router's replica pool (``live``, ``members``,
+``report_failure``). States after Ray Serve's ``ReplicaState``::
 
     STARTING --start() answered--------------------------------------------> LIVE
     LIVE --report_failure(): a lost process, a hung batch, ----------------> RECOVERING
@@ -13,16 +11,11 @@ States (after Ray Serve's ``ReplicaState``) and what moves a replica between the
     RECOVERING --no new process within deployment.start_timeout_s, --------> FAILED    (out of rotation)
                  or its restart raised a non-transient error
 
-LIVE replicas are in rotation. STARTING, RECOVERING and FAILED ones are members: admission counts them, so
-requests wait in the queue for a restarting replica instead of being refused. A DROPPED replica is no longer a
-member. A hung replica's process is killed (Ray restarts it); only a new process counts as back, never the old one
-answering before the kill lands (its pid), unless it keeps answering for ``OLD_PROCESS_GRACE_S`` (the failure was
-transient after all: the process never went away).
-
-Health checks run concurrently, one in flight per replica at most, so a hung replica delays no other's check. The
-backend (Ray, or a fake in the tests) and the clock are injected: every path here runs in milliseconds under a
-``ManualClock`` (tests/fakes.py).
-"""
+LIVE replicas are in rotation; STARTING, RECOVERING and FAILED ones are members, which admission counts (requests
+wait for a restarting replica instead of being refused). A hung replica's process is killed (Ray restarts it); only
+a new process counts as back, never the old one answering before the kill lands (its pid), unless it keeps answering
+for ``OLD_PROCESS_GRACE_S``. Health checks run concurrently, at most one in flight per replica; the backend and the
+clock are injected, so every path runs in milliseconds under a ``ManualClock`` (tests/fakes.py)."""
 
 from __future__ import annotations
 

@@ -97,15 +97,9 @@ class RouterObserver:
 
 # ---- the router --------------------------------------------------------------------------------------------
 class Router:
-    def __init__(
-        self,
-        pool: ReplicaPool,
-        config: RouterConfig,
-        clock: Clock | None = None,
-        observer: RouterObserver | None = None,
-        max_batch_adapters: int | None = None,
-        interactive_reserve: tuple[int, float, int | None] = (0, 0.0, None),
-    ):
+    def __init__(self, pool: ReplicaPool, config: RouterConfig, clock: Clock | None = None,
+                 observer: RouterObserver | None = None, max_batch_adapters: int | None = None,
+                 interactive_reserve: tuple[int, float, int | None] = (0, 0.0, None)):
         self.pool = pool
         self.config = config
         self.clock = clock or MonotonicClock()
@@ -121,7 +115,6 @@ class Router:
         self._inflight_tasks: set[asyncio.Task] = set()
         self._accepting = True
         self._policy = Dispatch(config, self.scheduler)
-        self._where: dict[str, str] = {}  # request_id -> replica_id, while dispatched
         # (replicas, seconds, batch): while an interactive request arrived within the last `seconds`, batch-job work
         # leaves this many replicas idle for interactive requests (never the last live replica) and runs in batches
         # of at most `batch` images (None: max_batch_size) (scheduler.py, Priority)
@@ -193,12 +186,8 @@ class Router:
         return len(self._running)
 
     # ---- the public entry point ------------------------------------------------------------------------
-    async def submit(
-        self,
-        request: ImageRequest,
-        timeout_s: float | None = None,
-        on_progress: Callable[[StepProgress], None] | None = None,
-    ) -> ImageResult:
+    async def submit(self, request: ImageRequest, timeout_s: float | None = None,
+                     on_progress: Callable[[StepProgress], None] | None = None) -> ImageResult:
         """Queue one request and wait for its result. Raises on admission (queue full, not servable, not
         accepting); after admission every outcome, failures and timeouts included, is an ``ImageResult``.
         Cancelling the awaiting task drops the request if it has not been dispatched yet. ``on_progress`` is
@@ -206,12 +195,9 @@ class Router:
         (waiter,) = self.admit([request], timeout_s, [on_progress])
         return await waiter
 
-    def admit(
-        self,
-        requests: Sequence[ImageRequest],
-        timeout_s: float | None = None,
-        on_progress: Sequence[Callable[[StepProgress], None] | None] | None = None,
-    ) -> list[Awaitable[ImageResult]]:
+    def admit(self, requests: Sequence[ImageRequest], timeout_s: float | None = None,
+              on_progress: Sequence[Callable[[StepProgress], None] | None] | None = None,
+              ) -> list[Awaitable[ImageResult]]:
         """Queue several requests (one API call's ``n`` images) all or nothing: either every one is queued and
         an awaitable of its result comes back for each, or none is and the reason is raised (queue full, not
         servable, not accepting). Nothing is computed for a refused call. Await every returned awaitable;
@@ -272,8 +258,7 @@ class Router:
                 if self._roster_changed:
                     self._forget_gone()
                 self._expire(now)
-                # Until nothing more is ready: one pass gives each free replica at most one batch, and a replica
-                # that keeps several in flight may take another at once.
+                # until nothing more is ready: a pass gives each free replica at most one call
                 while True:
                     free = self._free()
                     if not (decisions := self.scheduler.schedule(now, free, *self._reserve(now))):
@@ -300,7 +285,7 @@ class Router:
         for p in pendings:
             p.attempts += 1
             self._running[p.request.request_id] = p
-            self._where[p.request.request_id] = replica_id
+            p.replica_id = replica_id
         load = self.load(replica_id)
         load.dispatched(batch, count_adapters=self.scheduler.max_adapters is not None)
         self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings])
@@ -334,8 +319,8 @@ class Router:
             rid = replica.replica_id
             load.returned(batch)
             for p in pendings:
-                if self._where.get(p.request.request_id) == rid:
-                    del self._where[p.request.request_id]
+                if p.replica_id == rid:
+                    p.replica_id = None
             if not load.images:
                 self.observer.loop_idle(rid)
                 load.loop_step = 0  # a restarted replica's loop counts its steps from 0 again
@@ -471,7 +456,7 @@ class Router:
     def _cancel_running(self, p: Pending) -> None:
         """A dispatched request whose caller went away (or that timed out) leaves its replica's loop at the next
         step, freeing its room."""
-        replica_id = self._where.get(p.request.request_id)
+        replica_id = p.replica_id
         if replica_id is None:
             return
         try:

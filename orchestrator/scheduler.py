@@ -51,6 +51,7 @@ class Pending:
     attempts: int = 0
     max_batch: int | None = None  # set after an out-of-memory split: never batch this request above it
     ticket: Any = field(default=None, compare=False)  # the router's handle (a future); opaque here
+    replica_id: str | None = None  # where it runs while dispatched (the router's)
     progress: Any = field(default=None, compare=False)  # the caller's per-step callback, if it wants one
 
 

@@ -1,20 +1,14 @@
 """``plan(model, inventory, deployment) -> PlacementPlan``: deterministic, pure, and loud when nothing fits.
 
-Modes:
-- ``replicate``: one whole pipeline per GPU.
-- ``split``: each replica holds ``gpus_per_replica`` GPUs of one node, components placed by its device map.
-- ``auto``: as many replicas as fit: a whole pipeline on every GPU that holds one at the target size; a GPU that
-  cannot but holds transformer + VAE borrows the text encoder of a whole pipeline on its node (component
-  replication, below); the rest are paired into split replicas (text encoder on one, transformer + VAE on the
-  other).
-- ``shared-encoder`` (component replication): the text encoder is replicated less than the transformer. On each
-  node the first GPU holds a whole pipeline whose text encoder also serves every other GPU of the node, which
-  holds transformer + VAE only, so it has 7.5 GiB more for batches and sizes. Two 24 GB cards then run two
-  denoisers with one encoder, where a plain split runs one and leaves the encoder's GPU idle most of the time.
+- ``replicate``: one whole pipeline per GPU; ``split``: each replica holds ``gpus_per_replica`` GPUs of one node,
+  components placed by its device map;
+- ``auto``: a whole pipeline on every GPU that holds one; a GPU that holds only transformer + VAE borrows the text
+  encoder of a whole pipeline on its node; the rest paired into split replicas;
+- ``shared-encoder``: on each node the first GPU holds a whole pipeline whose text encoder also serves the node's
+  other GPUs, which hold transformer + VAE only (7.5 GiB more each for batches and sizes).
 
 Ties are broken by node name, then GPU index. Every plan says, per replica, the largest batch and image it can
-serve, and the router never sends a replica more.
-"""
+serve, and the router never sends a replica more."""
 
 from __future__ import annotations
 

@@ -63,10 +63,12 @@ LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 class LoraSpec(_Strict):
     """One LoRA adapter a replica loads at start-up (or ``POST /v1/loras`` registers at runtime)."""
 
-    name: str = Field(pattern=LORA_NAME_PATTERN,
-                      description="What requests call it (``loras: [{name, scale}]``): letters, digits, . _ -.")
-    path: str | None = Field(default=None, description="source=local: a .safetensors file, or a directory holding "
-                             "one. For a hub source: the file inside the snapshot (optional when it holds one).")
+    name: str = Field(
+        pattern=LORA_NAME_PATTERN, description="What requests call it (``loras: [{name, scale}]``): letters, digits, "
+        ". _ -.")
+    path: str | None = Field(
+        default=None, description="source=local: a .safetensors file, or a directory holding one. For a hub source: "
+        "the file inside the snapshot (optional when it holds one).")
     source: Literal["local", "modelscope", "huggingface"] = Field(
         default="local", description="local: ``path`` on every replica's machine. modelscope / huggingface: a "
         "snapshot of ``model_id``, with model.cache_dir and model.offline's rules (cache first, no network offline).")
@@ -96,101 +98,79 @@ class ModelConfig(_Strict):
     """Which weights to load and how."""
 
     source: Literal["modelscope", "huggingface", "local", "tiny", "random-full"] = Field(
-        default="modelscope",
-        description="modelscope / huggingface: a snapshot of model_id in that hub's cache (downloaded if missing "
-        "and online). local: local_path in the diffusers layout. tiny: a toy-size model built from the real "
-        "classes, saved and loaded back like real weights (CPU demo, tests). random-full: the real architecture "
-        "at full size with random weights, built on the GPU (timing without weights).",
-    )
+        default="modelscope", description="modelscope / huggingface: a snapshot of model_id in that hub's cache "
+        "(downloaded if missing and online). local: local_path in the diffusers layout. tiny: a toy-size model built "
+        "from the real classes, saved and loaded back like real weights (CPU demo, tests). random-full: the real "
+        "architecture at full size with random weights, built on the GPU (timing without weights).")
     model_id: str = Field(default=DEFAULT_MODEL_ID, description="Repository id on ModelScope / Hugging Face.")
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit); None = default.")
     local_path: Path | None = Field(default=None, description="source=local: directory with model_index.json.")
     cache_dir: Path | None = Field(
-        default=None,
-        description="Persistent model cache. None: the hub's own (MODELSCOPE_CACHE, HF_HUB_CACHE / HF_HOME); "
-        "for source=tiny, ~/.cache/zimage-orchestrator.",
-    )
+        default=None, description="Persistent model cache. None: the hub's own (MODELSCOPE_CACHE, HF_HUB_CACHE / "
+        "HF_HOME); for source=tiny, ~/.cache/zimage-orchestrator.")
     offline: bool | None = Field(
-        default=None,
-        description="Never touch the network. None: offline when HF_HUB_OFFLINE=1 or MODELSCOPE_OFFLINE=1. "
-        "A cached snapshot is always loaded without network access either way.",
-    )
+        default=None, description="Never touch the network. None: offline when HF_HUB_OFFLINE=1 or "
+        "MODELSCOPE_OFFLINE=1. A cached snapshot is always loaded without network access either way.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        default="bfloat16",
-        description="Weights dtype. Where the device lacks it, fall back with a warning (fp16 on pre-Ampere "
-        "GPUs, fp32 on CPU).",
-    )
+        default="bfloat16", description="Weights dtype. Where the device lacks it, fall back with a warning (fp16 on "
+        "pre-Ampere GPUs, fp32 on CPU).")
     low_cpu_mem_usage: bool = Field(default=True, description="Load weights without a full fp32 copy in RAM.")
     attention: Literal["runs"] = Field(
-        default="runs",
-        description="Attention over a packed batch: runs, one dense SDPA call (cuDNN on Hopper) per sample, no mask, "
-        "each sequence length's plan built at warm-up; the only kernel the replica runs.",
-    )
+        default="runs", description="Attention over a packed batch: runs, one dense SDPA call (cuDNN on Hopper) per "
+        "sample, no mask, each sequence length's plan built at warm-up; the only kernel the replica runs.")
     compile: bool = Field(
-        default=False,
-        description="torch.compile of the transformer blocks with dynamic shapes (GPU only): every graph is "
-        "compiled during warm-up, none after ready.",
-    )
+        default=False, description="torch.compile of the transformer blocks with dynamic shapes (GPU only): every "
+        "graph is compiled during warm-up, none after ready.")
     quantization: Literal["none", "fp8", "auto"] = Field(
-        default="none",
-        description="fp8: dynamic per-row float8 of the transformer blocks' linear layers (Ada/Hopper GPUs). "
-        "The replica checks its output against bf16 at start-up and reports the error. auto: the planner "
-        "chooses bf16 or fp8, whichever plan it estimates faster (fp8 only where it buys throughput, and never "
-        "where a node's declared gpu_type has no fp8 tensor cores, e.g. A100; fp8 there is refused at plan time).",
-    )
+        default="none", description="fp8: dynamic per-row float8 of the transformer blocks' linear layers (Ada/Hopper "
+        "GPUs). The replica checks its output against bf16 at start-up and reports the error. auto: the planner "
+        "chooses bf16 or fp8, whichever plan it estimates faster (fp8 only where it buys throughput, and never where "
+        "a node's declared gpu_type has no fp8 tensor cores, e.g. A100; fp8 there is refused at plan time).")
     text_encoder_quantization: Literal["none", "int8", "fp8", "auto"] = Field(
-        default="none",
-        description="Weight-only quantization of the text encoder's linear layers (per-row scales; 7.5 -> 4.1 GiB). "
-        "Opt-in: int8 changes the caption embeddings by 8.8% (relative L2; the final 512^2 image by 48 dB PSNR) on "
-        "the full-size architecture with random weights (H200, 2026-11-27); each replica measures its own at "
-        "start-up. auto: the planner uses int8 only where it is what makes a plan fit or batch more.",
-    )
+        default="none", description="Weight-only quantization of the text encoder's linear layers (per-row scales; "
+        "7.5 -> 4.1 GiB). Opt-in: int8 changes the caption embeddings by 8.8% (relative L2; the final 512^2 image by "
+        "48 dB PSNR) on the full-size architecture with random weights (H200, 2026-11-27); each replica measures its "
+        "own at start-up. auto: the planner uses int8 only where it is what makes a plan fit or batch more.")
     fp8_backend: Literal["native", "torchao"] = Field(
-        default="native",
-        description="How fp8 is done. native: plain-tensor float8 linears on torch._scaled_mm (first compile about "
-        "25 s on an H100). "
-        "torchao: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) (needs the [fp8] extra; its first "
-        "compile took 194 s on an H100).",
-    )
+        default="native", description="How fp8 is done. native: plain-tensor float8 linears on torch._scaled_mm "
+        "(first compile about 25 s on an H100). torchao: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) "
+        "(needs the [fp8] extra; its first compile took 194 s on an H100).")
     compile_cache_dir: Path | None = Field(
-        default=None,
-        description="Persistent compile cache (TORCHINDUCTOR_CACHE_DIR); None: ~/.cache/zimage-orchestrator/inductor.",
-    )
+        default=None, description="Persistent compile cache (TORCHINDUCTOR_CACHE_DIR); None: "
+        "~/.cache/zimage-orchestrator/inductor.")
     seed: int = Field(default=0, ge=0, description="Weight seed for source=tiny and random-full.")
     controlnet: ControlNetConfig | None = Field(
         default=None, description="A ControlNet beside the transformer on every replica (request extensions "
         "control_image, controlnet_conditioning_scale); None: requests with a control image are refused.")
     loras: list[LoraSpec] = Field(
-        default_factory=list, description="LoRA adapters every replica loads at start-up; requests pick theirs "
-        "per request (``loras`` extension field), several per batch (actors/lora.py).")
+        default_factory=list, description="LoRA adapters every replica loads at start-up; requests pick theirs per "
+        "request (``loras`` extension field), several per batch (actors/lora.py).")
     lora_max_resident: int | None = Field(
-        default=None, ge=0, le=64, description="Adapters kept on each replica's transformer GPU (least recently "
-        "used leave first; the others stay in host memory and are copied in for the batch that needs them). The "
-        "planner counts their memory. None: min(4, number of model.loras), 0 without any; set it (and model.lora_dir) "
-        "to register adapters at runtime (POST /v1/loras) when none are configured. 0: LoRA off.")
+        default=None, ge=0, le=64, description="Adapters kept on each replica's transformer GPU (least recently used "
+        "leave first; the others stay in host memory and are copied in for the batch that needs them). The planner "
+        "counts their memory. None: min(4, number of model.loras), 0 without any; set it (and model.lora_dir) to "
+        "register adapters at runtime (POST /v1/loras) when none are configured. 0: LoRA off.")
     lora_max_rank: int = Field(
-        default=64, ge=1, le=1024, description="The largest adapter rank accepted, and what the planner counts "
-        "per resident adapter.")
+        default=64, ge=1, le=1024, description="The largest adapter rank accepted, and what the planner counts per "
+        "resident adapter.")
     lora_dir: Path | None = Field(
         default=None, description="The directory adapters registered at runtime (POST /v1/loras, "
         "Deployment.register_lora) are read from, on every replica's machine: their path is relative to it (or "
-        "absolute inside it); symlinks are resolved and must stay inside. None: runtime registration of local "
-        "files is refused. model.loras is not limited to it.")
+        "absolute inside it); symlinks are resolved and must stay inside. None: runtime registration of local files "
+        "is refused. model.loras is not limited to it.")
     lora_max_runtime: int = Field(
-        default=16, ge=0, le=4096,
-        description="Adapters registered at runtime (POST /v1/loras) at most, beside model.loras; past it a "
-        "registration is refused (409) until one is removed.")
+        default=16, ge=0, le=4096, description="Adapters registered at runtime (POST /v1/loras) at most, beside "
+        "model.loras; past it a registration is refused (409) until one is removed.")
     lora_max_runtime_bytes: int = Field(
-        default=4 * 1024**3, ge=0, le=1024**4,
-        description="Host memory all runtime adapters together may take on each replica (their factors, as the "
-        "replica holds them); a registration past it is refused (409).")
+        default=4 * 1024**3, ge=0, le=1024**4, description="Host memory all runtime adapters together may take on "
+        "each replica (their factors, as the replica holds them); a registration past it is refused (409).")
     lora_max_file_bytes: int = Field(
-        default=2 * 1024**3, ge=1024, le=1024**4,
-        description="Largest adapter file read (checked before it is opened); larger is a 400 naming path.")
+        default=2 * 1024**3, ge=1024, le=1024**4, description="Largest adapter file read (checked before it is "
+        "opened); larger is a 400 naming path.")
     lora_runtime_hub: bool = Field(
-        default=False, description="Let runtime registration name hub adapters (source huggingface / "
-        "modelscope): every replica then fetches the repository a client names (unless model.offline). Off: "
-        "only model.loras may use hub sources.")
+        default=False, description="Let runtime registration name hub adapters (source huggingface / modelscope): "
+        "every replica then fetches the repository a client names (unless model.offline). Off: only model.loras may "
+        "use hub sources.")
 
     @model_validator(mode="after")
     def _source_fields(self) -> ModelConfig:
