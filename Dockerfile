@@ -62,7 +62,7 @@ RUN apt-get update \
  && chown zimage:zimage /models
 COPY --from=build /opt/venv /opt/venv
 COPY clusters /opt/zimage/clusters
-COPY docker/zimage-ray-head /usr/local/bin/zimage-ray-head
+COPY docker/zimage-ray-node /usr/local/bin/zimage-ray-node
 # Every model cache under /models: the tiny demo model, Hugging Face, ModelScope. Ray's colour codes off (log files).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

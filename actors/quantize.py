@@ -1,5 +1,7 @@
 """Opt-in fp8 for the transformer: dynamic per-row float8 activations and weights on the linear layers of its
-repeated blocks, plus the numerical check the benchmark reports (output against bf16, same seed).
+repeated blocks (chosen main blocks may stay in bf16: ``model.fp8_bf16_blocks``), plus the accuracy probe that
+bounds it (one forward, the final latents and the image against the model before, same prompt and seed;
+``actors/accuracy.py`` runs it at start-up).
 
 Two implementations of the same scheme (weights: float8_e4m3 with one scale per output row, computed once;
 activations: float8_e4m3 with one scale per token, computed on every call; matmul: ``torch._scaled_mm`` with
@@ -13,6 +15,7 @@ row-wise scales into bf16):
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -78,15 +81,48 @@ def _swap_linears(module: torch.nn.Module, select, make) -> int:
     return len(names)
 
 
-def quantize_fp8(transformer: torch.nn.Module, backend: str = "native") -> int:
-    """Swap the blocks' nn.Linear layers for float8 ones (per-row scales) in place. Returns how many."""
+def resolve_bf16_blocks(spec, n_layers: int) -> list[int]:
+    """The main-block indices ``model.fp8_bf16_blocks`` names for a transformer of ``n_layers`` main blocks: a list
+    of indices, or ``"last:N"`` / ``"first:N"`` (``zimage_common/config.py`` checks the form). An index or an N
+    past the model's blocks is an error that says how many it has."""
+    where = "model.fp8_bf16_blocks"
+    if isinstance(spec, str):
+        end, _, count = spec.partition(":")
+        n = int(count)
+        if n > n_layers:
+            raise ValueError(f"{where}: {spec!r} asks for {n} blocks; this transformer has {n_layers} main blocks")
+        return list(range(n_layers - n, n_layers)) if end == "last" else list(range(n))
+    bad = sorted(i for i in spec if not 0 <= i < n_layers)
+    if bad:
+        raise ValueError(f"{where}: block(s) {bad} do not exist; this transformer has {n_layers} main blocks "
+                         f"(0-{n_layers - 1})")
+    return sorted(set(spec))
+
+
+def fp8_selector(bf16_blocks=()):
+    """``select(module, fqn)`` for ``_swap_linears``: the blocks' quantizable linears, except those of the main
+    blocks in ``bf16_blocks``."""
+    keep = tuple(f"layers.{i}." for i in bf16_blocks)
+    return lambda module, fqn: _quantizable(module, fqn) and not fqn.startswith(keep)
+
+
+def swap_fp8(transformer: torch.nn.Module, bf16_blocks=()) -> int:
+    """The native backend's swap (any device; ``quantize_fp8`` checks the GPU first): float8 linears for the
+    blocks' linears, the main blocks in ``bf16_blocks`` left as they are. Returns how many."""
+    return _swap_linears(transformer, fp8_selector(bf16_blocks), Fp8Linear)
+
+
+def quantize_fp8(transformer: torch.nn.Module, backend: str = "native", bf16_blocks=()) -> int:
+    """Swap the blocks' nn.Linear layers for float8 ones (per-row scales) in place, except those of the main
+    blocks whose indices are in ``bf16_blocks`` (``resolve_bf16_blocks``). Returns how many."""
     device = next(transformer.parameters()).device
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise RuntimeError(f"model.quantization 'fp8' needs an NVIDIA GPU of compute capability 8.9+ (Ada, Hopper); "
                            f"the transformer is on {device}")
+    kept = f", main blocks {list(bf16_blocks)} kept in {transformer.dtype}" if bf16_blocks else ""
     if backend == "native":
-        n = _swap_linears(transformer, _quantizable, Fp8Linear)
-        log.info("fp8 (native): quantized %d linear layers of the transformer blocks", n)
+        n = swap_fp8(transformer, bf16_blocks)
+        log.info("fp8 (native): quantized %d linear layers of the transformer blocks%s", n, kept)
         return n
     if backend != "torchao":
         raise ValueError(f"unknown fp8 backend {backend!r}: use 'native' or 'torchao'")
@@ -96,9 +132,10 @@ def quantize_fp8(transformer: torch.nn.Module, backend: str = "native") -> int:
         raise RuntimeError("model.quantization 'fp8' needs torchao: pip install 'zimage-orchestrator[fp8]'") from e
 
     names = []
+    select = fp8_selector(bf16_blocks)
 
     def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
-        ok = _quantizable(module, fqn)
+        ok = select(module, fqn)
         if ok:
             names.append(fqn)
         return ok
@@ -107,25 +144,39 @@ def quantize_fp8(transformer: torch.nn.Module, backend: str = "native") -> int:
     # 0/0 = NaN, as the first probe on random weights showed (torchao's default lower bound is None).
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=1e-12)
     quantize_(transformer, config, filter_fn=in_blocks)
-    log.info("fp8 (torchao): quantized %d linear layers of the transformer blocks", len(names))
+    log.info("fp8 (torchao): quantized %d linear layers of the transformer blocks%s", len(names), kept)
     return len(names)
 
 
-@torch.no_grad()
-def reference_output(engine, size: int = 512, steps: int = 9, seed: int = 1234):
-    """The numerical check's probe for a fixed prompt and seed: the transformer's output for one forward
-    (meaningful even for random weights) and the final image after ``steps`` steps (meaningful for real ones)."""
-    from .engine import Sample
-    from .steploop import generate
+class Probe(NamedTuple):
+    """What the numerical check records for one model state: the transformer's output for one forward at t=0.5
+    (meaningful even for random weights), the final latents after ``steps`` steps and the decoded image
+    (meaningful for real weights), all on the CPU."""
 
-    sample = Sample(CHECK_PROMPT, seed, size, size)
-    enc = engine.encode([CHECK_PROMPT])
-    lat0 = engine.initial_latents([sample])
+    forward: torch.Tensor
+    latents: torch.Tensor
+    image: np.ndarray
+    size: int = 512
+    steps: int = 9
+    seed: int = 1234
+
+
+@torch.no_grad()
+def reference_output(engine, size: int = 512, steps: int = 9, seed: int = 1234, prompt: str = CHECK_PROMPT) -> Probe:
+    """The numerical check's probe for a fixed prompt and seed through the packed transformer as it is now (eager
+    or compiled, bf16 or fp8): one forward at t=0.5 on the seed's noise, then ``steps`` steps of the step loop
+    (guidance 0), then the VAE decode."""
+    from .engine import Sample
+    from .steploop import StepLoop, prepare
+
     device = engine.devices["transformer"]
-    x = [lat0[0].to(engine.transformer.dtype).unsqueeze(1)]
-    t = torch.full((1,), 0.5, device=device)
-    one = engine.transformer(x, t, [e.to(device) for e in enc.positive], return_dict=False)[0][0].float().cpu()
-    return one, generate(engine, [sample], steps)[0][0]
+    group, _ = prepare(engine, [Sample(prompt, seed, size, size)], steps)
+    (s,) = group.samples
+    layout = engine.packed.layout([(1, *s.latents.shape[-2:])], [len(s.positive)])
+    x = [s.latents.to(engine.transformer.dtype).unsqueeze(1)]
+    one = engine.packed(x, torch.full((1,), 0.5, device=device), [s.positive], layout)[0]
+    StepLoop(engine).run_alone(group)
+    return Probe(one.float().cpu(), s.latents.float().cpu(), engine.decode_one(s.latents), size, steps, seed)
 
 
 def forward_error(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
@@ -135,15 +186,22 @@ def forward_error(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
     return rel, float(1 - finite.float().mean())
 
 
-def compare(reference, candidate) -> dict:
-    """fp8 against the unquantized model: relative L2 error of one transformer forward, the share of
-    non-finite values in the reference (random weights can overflow), and the final image's PSNR."""
-    (ref_out, ref_img), (out, img) = reference, candidate
-    rel, nonfinite = forward_error(ref_out, out)
-    mse = float(np.mean((img.astype(np.float64) - ref_img.astype(np.float64)) ** 2))
-    psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-    return {"forward_rel_l2": round(rel, 5), "nonfinite_fraction": round(nonfinite, 5),
-            "image_psnr_db": round(psnr, 2), "probe": "512x512, seed 1234: 1 forward at t=0.5; image after 9 steps"}
+def psnr_db(ref: np.ndarray, img: np.ndarray) -> float:
+    mse = float(np.mean((img.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def compare(reference: Probe, candidate: Probe) -> dict:
+    """A model state against the reference (the unquantized, eager model): relative L2 error of one transformer
+    forward and of the final latents, the share of non-finite values (random weights can overflow), and the
+    decoded image's PSNR."""
+    rel, nonfinite = forward_error(reference.forward, candidate.forward)
+    lat_rel, lat_nonfinite = forward_error(reference.latents, candidate.latents)
+    r = reference
+    return {"forward_rel_l2": round(rel, 5), "latents_rel_l2": round(lat_rel, 5),
+            "nonfinite_fraction": round(max(nonfinite, lat_nonfinite), 5),
+            "image_psnr_db": round(psnr_db(reference.image, candidate.image), 2),
+            "probe": f"{r.size}x{r.size}, seed {r.seed}: 1 forward at t=0.5; latents and image after {r.steps} steps"}
 
 
 # ---- weight-only quantization of the text encoder -------------------------------------------------------------
@@ -191,18 +249,12 @@ def encoder_error(engine, quantize, size: int = 512, steps: int = 9, seed: int =
     """The text encoder's error against its unquantized self: ``quantize()`` runs between two runs of the check
     prompt. Relative L2 of the caption embeddings (what the transformer sees) and the PSNR of the final image
     (``size``, ``steps``, same seed) against the unquantized encoder's."""
-    from .engine import Sample
-    from .steploop import generate
-
-    sample = [Sample(CHECK_PROMPT, seed, size, size)]
     ref = engine.encode([CHECK_PROMPT]).positive[0].float().cpu()
-    ref_img = generate(engine, sample, steps)[0][0]
+    ref_img = reference_output(engine, size, steps, seed).image
     quantize()
     out = engine.encode([CHECK_PROMPT]).positive[0].float().cpu()
-    img = generate(engine, sample, steps)[0][0]
+    img = reference_output(engine, size, steps, seed).image
     rel, nonfinite = forward_error(ref, out)
-    mse = float(np.mean((img.astype(np.float64) - ref_img.astype(np.float64)) ** 2))
-    psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
     return {"text_encoder_embed_rel_l2": round(rel, 5), "text_encoder_nonfinite_fraction": round(nonfinite, 5),
-            "text_encoder_image_psnr_db": round(psnr, 2),
+            "text_encoder_image_psnr_db": round(psnr_db(ref_img, img), 2),
             "text_encoder_probe": f"{size}x{size}, seed {seed}, {steps} steps, against the unquantized encoder"}

@@ -250,7 +250,7 @@ class StartupMixin:
             self._stages.streams = {"encode": torch.cuda.Stream(torch.device(device), priority=-1)}
 
     def _apply_speed_options(self) -> None:
-        cfg, transformer = self.model_cfg, self.engine.transformer
+        cfg = self.model_cfg
         if cfg.text_encoder_quantization in ("int8", "fp8") and self.engine.text_encoder is not None:
             from .quantize import encoder_error, quantize_weight_only
 
@@ -258,13 +258,12 @@ class StartupMixin:
             self.numerics.update(encoder_error(self.engine, lambda: quantize_weight_only(te, mode)))
             log.info("replica %s: text encoder %s vs %s: %s", self.replica_id, cfg.text_encoder_quantization,
                      self.engine.dtype, self.numerics)
-        if cfg.quantization == "fp8":
-            from .quantize import compare, quantize_fp8, reference_output
+        from .accuracy import apply_transformer_options
 
-            reference = reference_output(self.engine)
-            quantize_fp8(transformer, cfg.fp8_backend)
-            self.numerics.update(compare(reference, reference_output(self.engine)))
-            log.info("replica %s: fp8 vs %s: %s", self.replica_id, self.engine.dtype, self.numerics)
+        bound = apply_transformer_options(self.engine, cfg)  # fp8 and its accuracy bound
+        if bound:
+            self.numerics.update(bound)
+            log.info("replica %s: %s vs eager %s: %s", self.replica_id, bound["option"], self.engine.dtype, bound)
         if cfg.compile and self.engine.devices["transformer"].type == "cuda":
 
             from .compile_cache import enable_compile_cache

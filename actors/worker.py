@@ -11,6 +11,9 @@ without Ray. Every outcome of ``run_batch`` comes back as data: a failed batch r
 - ``actors/lora_registry.py``: ``register_lora``, ``unregister_lora``, ``loras``;
 - ``actors/serving.py``: ``run_batch``, ``run_batch_stream`` (each call through the step loop), ``cancel``,
   ``loop_stats``, ``encode`` (another replica's prompts);
+- ``actors/intake.py``: around the serving paths, for a pool shared by several front doors: keyed images claimed
+  in the pool's result store, admission within the replica's budget, encoding near the GPUs (``queue_len``,
+  ``intake_stats``);
 - here: ``inject_fault`` (tests and chaos drills).
 """
 
@@ -23,16 +26,17 @@ from zimage_common.config import ModelConfig
 from zimage_common.logging_setup import setup_replica_process, take_api_keys_from_env
 
 from .health import HealthMixin, _graphs_compiled, bytecode_cache_note
+from .intake import IntakeMixin, IntakeSpec
 from .lora_registry import LoraRegistryMixin
 from .serving import ServingMixin
 from .stages import StageThreads
 from .startup import StartupMixin, WarmupSpec, _process_age_s
 
 # importable from here, where orchestrator/ray_backend.py, the tests and the benchmarks look for them
-__all__ = ["PipelineWorker", "WarmupSpec", "_graphs_compiled", "bytecode_cache_note"]
+__all__ = ["IntakeSpec", "PipelineWorker", "WarmupSpec", "_graphs_compiled", "bytecode_cache_note"]
 
 
-class PipelineWorker(StartupMixin, HealthMixin, LoraRegistryMixin, ServingMixin):
+class PipelineWorker(StartupMixin, HealthMixin, LoraRegistryMixin, IntakeMixin, ServingMixin):
     """One replica. ``start()`` loads and warms up; ``run_batch()`` serves; ``health()`` reports."""
 
     def __init__(
@@ -47,13 +51,16 @@ class PipelineWorker(StartupMixin, HealthMixin, LoraRegistryMixin, ServingMixin)
         max_batch_tokens: int | None = None,
         max_batch_size: int | None = None,
         env: dict[str, str] | None = None,
+        intake: IntakeSpec | None = None,
+        results=None,
     ):
         """``encoder``: for a replica without a text encoder of its own (component replication), a callable
         ``(prompts, negative_prompts, guidance) -> EncodedPrompts`` that asks the replica hosting the shared
         encoder. ``max_batch_tokens`` / ``max_batch_size``: the step loop's own limits on its running set
         (``actors/steploop.py``); the router keeps within them too. ``env``: environment variables for this
         process, set before anything else is imported (``logging_setup.replica_env``: the log format, no progress
-        bars)."""
+        bars). ``intake``: the replica's admission limits and encoder threads; ``results``: the pool's store of
+        keyed images (``actors/intake.py``; None: no idempotent images)."""
         os.environ.update(env or {})
         take_api_keys_from_env()  # a joined cluster's workers inherit whatever the node was started with
         setup_replica_process(replica_id)  # no progress bars; in a Ray actor, log lines name the replica
@@ -93,6 +100,7 @@ class PipelineWorker(StartupMixin, HealthMixin, LoraRegistryMixin, ServingMixin)
         self._compiles_at_ready = 0
         self._start_lock = threading.Lock()
         self._ready = False
+        self._intake_setup(intake, results)
 
     # ---- fault injection (tests and chaos drills) ------------------------------------------------------
     def inject_fault(self, kind: str | None, **kw) -> None:

@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from collections import Counter
@@ -53,7 +54,6 @@ from orchestrator.benchmark.run import _environment  # noqa: E402
 from zimage_common.config import load_config  # noqa: E402
 
 log = logging.getLogger("step_batching")
-SCHEDULERS = ("batch", "step")
 
 TINY = ["model.source=tiny", "model.dtype=float32", "deployment.replicas=1", "deployment.cpu_per_replica=0",
         "deployment.torch_threads=1", "defaults.width=64", "defaults.height=64", "defaults.num_inference_steps=3",
@@ -87,6 +87,33 @@ def own_lone(results: list, by_size: dict, mean: float) -> dict:
         return {}
     own = sum(lone) / len(lone)
     return {"lone_mean_s": round(own, 4), "mean_over_lone": round(mean / own, 3)}
+
+
+SIZE = re.compile(r"(\d+)x(\d+)")
+
+
+def parse_size(name: str) -> tuple[int, int]:
+    w, h = SIZE.fullmatch(name).groups()
+    return int(w), int(h)
+
+
+def against(out: dict, ref: dict) -> dict:
+    """Each scheduler of this run against the reference run's whole-batch scheduling, phase by phase (the same
+    arrivals): saturation throughput, and mean and p95 latency at each load, as ratios (this run / reference)."""
+    base = {r["load"]: r for r in ref["open_loop"] if r["scheduler"] == "batch"}
+    ref_sat = ref["saturation"]["batch"]["throughput_img_s"]
+    res = {}
+    for s, sat in out["saturation"].items():
+        rows = {}
+        for r in out["open_loop"]:
+            b = base.get(r["load"])
+            if r["scheduler"] == s and b:
+                rows[str(r["load"])] = {"mean": round(r["latency_mean_s"] / b["latency_mean_s"], 3),
+                                        "p95": round(r["latency_p95_s"] / b["latency_p95_s"], 3),
+                                        "mean_over_fcfs": round(r["latency_mean_s"] / r["fcfs_mean_s"], 3)
+                                        if r.get("fcfs_mean_s") else None}
+        res[s] = {"saturation": round(sat["throughput_img_s"] / ref_sat, 3) if ref_sat else None, "loads": rows}
+    return res
 
 
 def fcfs_mean(rate: float, seed: int, services: list[float]) -> float:
@@ -139,6 +166,11 @@ async def run(args) -> dict:
 
     workloads = [w.strip() for w in args.workload.split(",")]
     loads = [float(x) for x in args.loads.split(",")]
+    schedulers = tuple(s.strip() for s in args.schedulers.split(","))
+    reference = json.loads(Path(args.reference).read_text()) if args.reference else None
+    if "batch" not in schedulers and reference is None:
+        raise SystemExit("--schedulers without batch needs --reference: the open-loop rates are fractions of "
+                         "whole-batch capacity, taken from the reference report")
     report: dict = {"command": " ".join(sys.argv), "config": args.config, **_environment(), "loads": loads,
                     "workloads": {}, "requests_per_phase": args.requests}
     t0 = time.perf_counter()
@@ -147,6 +179,8 @@ async def run(args) -> dict:
     send = api_sender(dep)
 
     def maker(workload: str, seed: int) -> RequestMaker:
+        if SIZE.fullmatch(workload):  # one size, prompts of 3 to 160 words
+            return RequestMaker.for_workload("varied", config, [parse_size(workload)], args.steps, seed=seed)
         sizes = None
         if workload == "mixed" and args.tiny:
             sizes = TINY_MIXED
@@ -160,7 +194,7 @@ async def run(args) -> dict:
 
     try:
         t_bench = time.perf_counter()
-        for scheduler in SCHEDULERS:  # warm both paths (and every size of the workloads) before measuring
+        for scheduler in schedulers:  # warm both paths (and every size of the workloads) before measuring
             use(scheduler)
             for workload in workloads:
                 await closed_loop(send, maker(workload, 99), args.concurrency, args.warmup)
@@ -175,7 +209,7 @@ async def run(args) -> dict:
         for workload in workloads:
             out: dict = {"lone": {}, "saturation": {}, "open_loop": []}
             by_size: dict[str, dict[str, float]] = {}  # "WxH" -> scheduler -> mean lone latency
-            for scheduler in SCHEDULERS:
+            for scheduler in schedulers:
                 use(scheduler)
                 res, el = await closed_loop(send, maker(workload, 7), 1, args.lone)
                 out["lone"][scheduler] = {**stats(res, el), **first.take()}
@@ -190,14 +224,21 @@ async def run(args) -> dict:
                 out["saturation"][scheduler] = {**stats(res, el), **first.take()}
                 log.info("%s %s: lone %.3fs, saturation %.3f img/s", workload, scheduler,
                          out["lone"][scheduler]["latency_mean_s"], out["saturation"][scheduler]["throughput_img_s"])
-            capacity = out["saturation"]["batch"]["throughput_img_s"]
+            ref = (reference or {}).get("workloads", {}).get(workload)
+            if ref is not None:  # the reference's arrivals: the same rates and seeds, so phases pair one to one
+                capacity = ref["capacity_img_s"]
+                for size, v in ref.get("lone_by_size", {}).items():
+                    by_size.setdefault(size, {}).update({f"reference-{k}": x for k, x in v.items()})
+            else:
+                capacity = out["saturation"]["batch"]["throughput_img_s"]
             out["capacity_img_s"] = capacity
             # a lone request's latency: the lower of the two schedulers' (as per size for mixed, own_lone); session 6
             # divided by whole-batch scheduling's, the higher of the two at 1024^2 (1.09 against 1.02 s)
-            lone = min((v["latency_mean_s"] for v in out["lone"].values() if v.get("latency_mean_s")), default=None)
+            lone = min([v["latency_mean_s"] for v in out["lone"].values() if v.get("latency_mean_s")]
+                       + [v for v in [(ref or {}).get("target", {}).get("lone_latency_s")] if v], default=None)
             for k, load in enumerate(loads):
                 rate = load * capacity
-                for scheduler in SCHEDULERS:
+                for scheduler in schedulers:
                     use(scheduler)
                     res, el = await open_loop(send, maker(workload, 100 + k), rate, n=args.requests, seed=k)
                     row = {"load": load, "rate_rps": round(rate, 4), "scheduler": scheduler, **stats(res, el),
@@ -222,8 +263,11 @@ async def run(args) -> dict:
                              # a mix of sizes: over the mean lone latency of the phase's own requests' sizes
                              "mean_at_80_over_own_lone": {r["scheduler"]: r["mean_over_lone"] for r in out["open_loop"]
                                                           if abs(r["load"] - 0.8) < 1e-9 and "mean_over_lone" in r},
-                             "saturation_step_over_batch": round(
-                                 out["saturation"]["step"]["throughput_img_s"] / capacity, 3) if capacity else None}
+                             "saturation_over_capacity": {
+                                 s: round(v["throughput_img_s"] / capacity, 3) for s, v in out["saturation"].items()}
+                             if capacity else {}}
+            if ref is not None:
+                out["against_reference"] = against(out, ref)
             report["workloads"][workload] = out
         report["bench_s"] = round(time.perf_counter() - t_bench, 1)
         health = await dep.replica_health()
@@ -245,6 +289,8 @@ def plot(report: dict, path: Path) -> None:
     for ax, name in zip(axes[0], names):
         w = report["workloads"][name]
         for scheduler, color in (("batch", "tab:red"), ("step", "tab:blue")):
+            if scheduler not in w["saturation"]:
+                continue
             rows = [r for r in w["open_loop"] if r["scheduler"] == scheduler]
             xs = [r["load"] for r in rows]
             ax.plot(xs, [r["latency_mean_s"] for r in rows], "o-", color=color, label=f"{scheduler}: mean")
@@ -255,8 +301,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xlabel(f"load (fraction of {w['capacity_img_s']:.2f} img/s, whole-batch saturation)")
         ax.set_ylabel("latency (s)")
         sat = w["saturation"]
-        ax.set_title(f"{name}: saturation batch {sat['batch']['throughput_img_s']:.2f} / step "
-                     f"{sat['step']['throughput_img_s']:.2f} img/s", fontsize=9)
+        ax.set_title(f"{name}: saturation " + ", ".join(f"{s} {v['throughput_img_s']:.2f}" for s, v in sat.items())
+                     + " img/s", fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"step-level vs whole-batch scheduling on {report.get('card')}", fontsize=10)
     fig.tight_layout()
@@ -270,7 +316,12 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
     p.add_argument("--tiny", action="store_true", help="the toy model at toy sizes on the CPU (checks the script)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--workload", default="uniform,mixed", help="uniform (the default size) and/or mixed")
+    p.add_argument("--workload", default="uniform,mixed",
+                   help="uniform (the default size), mixed, or WxH (that size, prompts of 3 to 160 words)")
+    p.add_argument("--schedulers", default="batch,step", help="router.scheduling values to measure")
+    p.add_argument("--reference", default=None,
+                   help="another run's step_batching.json: its capacities (so the same arrival rates and seeds) and "
+                   "its whole-batch rows, against which this run's rows are given as ratios")
     p.add_argument("--loads", default="0.5,0.8,0.95", help="open-loop rates as fractions of measured capacity")
     p.add_argument("--requests", type=int, default=12, help="requests per open-loop phase")
     p.add_argument("--lone", type=int, default=3, help="requests of the lone-latency phase")
@@ -289,7 +340,9 @@ def main() -> int:
         print(f"{name}: capacity {w['capacity_img_s']} img/s, lone {w['target']['lone_latency_s']}s, "
               f"mean@80%/lone {w['target']['mean_at_80_over_lone']}, "
               f"mean@80%/own sizes' lone {w['target']['mean_at_80_over_own_lone'] or '-'}, "
-              f"saturation step/batch {w['target']['saturation_step_over_batch']}")
+              f"saturation/capacity {w['target']['saturation_over_capacity']}")
+        if "against_reference" in w:
+            print(f"  against the reference's whole-batch rows: {json.dumps(w['against_reference'])}")
         for r in w["open_loop"]:
             print(f"  {r['scheduler']:5s} load {r['load']:.2f}: mean {r['latency_mean_s']:.3f}s "
                   f"p95 {r['latency_p95_s']:.3f}s failed {r['failed']}; FCFS of lone latencies "

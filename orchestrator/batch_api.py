@@ -63,8 +63,9 @@ class ServerSink:
 
     async def store(self, line, call: ImageCall, results: list[ImageResult]) -> list[dict]:
         if call.response_format == "url":
-            return [{"url": await self.outputs.publish(r.image, call, self.base_url, r.request_id)} for r in results]
-        return [{"b64_json": await run_blocking(b64_text, r.image, call)} for r in results]
+            return [{"url": await self.outputs.publish(r.picture, call, self.base_url, r.request_id)}
+                    for r in results]
+        return [{"b64_json": await run_blocking(b64_text, r.picture, call)} for r in results]
 
     def append(self, lines: list[str]) -> None:
         self._out.write("".join(x + "\n" for x in lines))

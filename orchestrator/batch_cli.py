@@ -29,12 +29,13 @@ from pathlib import Path
 
 from zimage_common.config import Config, load_config
 from zimage_common.errors import InvalidRequestError, ZImageError
+from zimage_common.image_codec import image_bytes
 from zimage_common.messages import ImageResult
 
 from .batch_db import JobDB
 from .batch_input import ENDPOINTS, Line, file_digest, read_lines
 from .batches import JobRunner, Outcome
-from .images_api import ImageCall, encode_image
+from .images_api import ImageCall
 from .storage import CONTENT_TYPES, run_blocking
 
 JOB_ID = "cli"
@@ -59,7 +60,7 @@ class FileSink:
         self._out = open(output, "a", encoding="utf-8")
 
     def _write(self, name: str, image, call: ImageCall) -> str:
-        data = encode_image(image, call.output_format, call.output_compression)
+        data = image_bytes(image, call.output_format, call.output_compression)
         if self.s3 is not None:
             self.s3.put(name, data, CONTENT_TYPES[call.output_format])
             return f"{self.s3_uri}/{name}"
@@ -71,7 +72,7 @@ class FileSink:
 
     async def store(self, line: Line, call: ImageCall, results: list[ImageResult]) -> list[dict]:
         names = [image_name(line.custom_id, i, call.output_format) for i in range(len(results))]
-        files = await asyncio.gather(*(run_blocking(self._write, n, r.image, call) for n, r in zip(names, results)))
+        files = await asyncio.gather(*(run_blocking(self._write, n, r.picture, call) for n, r in zip(names, results)))
         return [{"file": f} for f in files]
 
     def append(self, lines: list[str]) -> None:

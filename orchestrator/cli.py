@@ -1,4 +1,4 @@
-"""``zimage-orch``: demo, generate, batch, validate, plan, serve, bench."""
+"""``zimage-orch``: demo, generate, batch, validate, plan, serve, bench, pool."""
 
 from __future__ import annotations
 
@@ -343,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=lambda a: _lazy("benchmark.run").cmd_bench(a))
 
     _lazy("batch_cli").add_parser(sub)  # `batch`: a resumable batch job (orchestrator/batch_cli.py)
+    _lazy("pool_cli").add_parser(sub)  # `pool`: a replica pool shared by front doors (orchestrator/pool_cli.py)
     return ap
 
 

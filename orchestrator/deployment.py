@@ -33,17 +33,11 @@ from placement import (
     plan_best,
     with_loras,
 )
-from zimage_common.config import Config, LoraSpec, ModelConfig, hub_path_problem
-from zimage_common.errors import (
-    ConflictError,
-    ForbiddenError,
-    InvalidRequestError,
-    NotReadyError,
-    ReplicaUnavailableError,
-    ZImageError,
-)
+from zimage_common.config import Config, LoraSpec, ModelConfig
+from zimage_common.errors import NotReadyError, ZImageError
 from zimage_common.messages import ImageRequest, ImageResult, ReplicaHealth
 
+from .deployment_loras import LoraAdmin
 from .replicas import Backend, ReplicaHandle, ReplicaSet, ReplicaSpec, ReplicaState
 from .requests import build_requests, parse_size
 from .router import STEP_QUEUE_DEPTH, Clock, MonotonicClock, Router, RouterObserver
@@ -115,7 +109,7 @@ def _ray_backend() -> Backend:
     return RayBackend()
 
 
-class Deployment:
+class Deployment(LoraAdmin):
     """A running deployment: its config, placement plan, router and replica set (which owns the replicas'
     lifecycle, see ``replicas.py``). The backend (Ray unless given) and the clock are injected for tests."""
 
@@ -143,6 +137,9 @@ class Deployment:
         self._runtime_bytes: dict[str, int] = {}  # host bytes of each runtime adapter (as a replica holds it)
         self._lora_lock = asyncio.Lock()
         self.replica_set.before_live = self._resync_loras
+        self._store_address: tuple[str, str] | None = None  # the Idempotency-Key store's (namespace, actor name)
+        self._idempotency = None
+        self.pool_record: dict | None = None  # frontdoor.pool: the pool's record (pool.py)
 
     # ---- start / stop ----------------------------------------------------------------------------------
     @classmethod
@@ -161,6 +158,27 @@ class Deployment:
         t0 = time.perf_counter()
         backend.connect(cfg.cluster)
         self.startup_s["connect"] = time.perf_counter() - t0
+        if cfg.frontdoor.pool is not None:
+            from .pool import open_pool
+
+            await open_pool(self, on_replica_ready)  # attach to the pool's replicas, or create them
+        else:
+            self._store_address = self._idempotency_address(None)
+            self._make_replicas(await self.replica_specs())
+            await self._start_replicas(on_replica_ready)
+        self.router = Router(self.replica_set, cfg.router, clock=self.clock, observer=self.observer,
+                             max_batch_adapters=cfg.model.lora_slots or None,
+                             interactive_reserve=(cfg.batches.reserve_replicas, cfg.batches.reserve_s,
+                                                  cfg.batches.reserve_batch_size))
+        self.router.start()
+        self.replica_set.start_health_checks()
+        self.ready = True
+
+    async def replica_specs(self, namespace: str | None = None) -> list[ReplicaSpec]:
+        """Read the live inventory, plan, and describe each replica of the plan (hosts of a shared text encoder
+        before the replicas that borrow it). ``namespace``: a pool's, whose replicas are named, detached actors."""
+        cfg, backend = self.config, self.backend
+        t0 = time.perf_counter()
         if cfg.cluster.wait_for_gpus:
             nodes = await backend.wait_for_gpus(cfg.cluster.wait_for_gpus, cfg.cluster.wait_timeout_s)
         else:
@@ -173,40 +191,60 @@ class Deployment:
             mem[node.name] = cfg.cluster.gpu_memory_gib or await asyncio.to_thread(backend.probe_gpu_memory_gib,
                                                                                     node)
         inventory = Inventory.from_nodes([(n.name, n.gpus, mem[n.name]) for n in nodes])
-        self.startup_s["inventory"] = time.perf_counter() - t0 - self.startup_s["connect"]
+        self.startup_s["inventory"] = time.perf_counter() - t0
         self.plan = plan_for(cfg, inventory)
         by_name = {n.name: n for n in nodes}
-        d = cfg.deployment
+        d, fd = cfg.deployment, cfg.frontdoor
         sizes = [(cfg.defaults.width, cfg.defaults.height)]
         sizes += [s for s in (parse_size(x, cfg.defaults) for x in d.warmup_sizes) if s not in sizes]
         borrowers = {}
         for rp in self.plan.replicas:
             if rp.encoder_replica:
                 borrowers[rp.encoder_replica] = borrowers.get(rp.encoder_replica, 0) + 1
-        replicas = self.replica_set
-        for rp in self.plan.replicas:  # hosts of a shared text encoder come before the replicas that borrow it
-            spec = ReplicaSpec(
+        mbs = cfg.router.max_batch_size
+        # one call per group of requests in its loop or waiting at it (the router keeps up to STEP_QUEUE_DEPTH running
+        # sets' worth there), and one more slot for cancellations; a pooled replica keeps that for each of
+        # max_frontdoors front doors, a private one a slot for the health check besides
+        calls = STEP_QUEUE_DEPTH * mbs
+        pooled = namespace is not None
+        doors = fd.max_frontdoors if pooled else 1
+        slots = (calls + 1) * doors + (0 if pooled else 1)
+        specs = []
+        for rp in self.plan.replicas:
+            specs.append(ReplicaSpec(
                 replica_id=rp.replica_id, node=by_name[rp.node], n_gpus=len(rp.gpus), cpus=d.cpu_per_replica,
                 # no request is larger than the limit, whatever the replica's memory would place: the warm-up builds
                 # what every size up to this needs (actors/startup.py _start_attention_plans)
                 max_pixels=min(rp.max_pixels, cfg.limits.max_pixels), max_batch_tokens=rp.max_batch_tokens,
-                # one call per group of requests in its loop or waiting at it (the router keeps up to
-                # STEP_QUEUE_DEPTH running sets' worth there), one for health checks, one for cancels, one per
-                # borrower's encodes
-                max_concurrency=STEP_QUEUE_DEPTH * cfg.router.max_batch_size + 2 + borrowers.get(rp.replica_id, 0),
+                max_concurrency=slots + borrowers.get(rp.replica_id, 0),
                 deployment_id=self.deployment_id, model=model_for_plan(cfg.model, self.plan), device_map=rp.device_map,
                 warmup_sizes=tuple(sizes) if d.warmup else None,
                 warmup_steps=min(2, cfg.defaults.num_inference_steps), torch_threads=d.torch_threads,
                 memory_fraction=d.gpu_memory_limit_gib / mem[rp.node] if d.gpu_memory_limit_gib is not None else None,
-                encoder_replica=rp.encoder_replica, max_batch_size=cfg.router.max_batch_size,
-            )
-            host = replicas.replicas[rp.encoder_replica] if rp.encoder_replica else None
-            replicas.add(backend.make_replica(spec, encoder_host=host))
-        log.info("placing %d replica(s): %s", len(replicas.replicas),
-                 ", ".join(f"{r.replica_id}@{r.node}:{list(r.gpus)}" for r in self.plan.replicas))
+                encoder_replica=rp.encoder_replica, max_batch_size=mbs,
+                # what one router sends a replica at most: the replica holds every front door to it together
+                admission=(calls, STEP_QUEUE_DEPTH * rp.max_batch_tokens, STEP_QUEUE_DEPTH * mbs),
+                encode_threads=fd.replica_encode_threads,
+                namespace=namespace, control_slots=2 * doors + 4 if pooled else 0,
+                results_store=self._store_address,
+            ))
+        return specs
+
+    def _make_replicas(self, specs: Sequence[ReplicaSpec]) -> None:
+        replicas = self.replica_set
+        for spec in specs:  # hosts of a shared text encoder come before the replicas that borrow it
+            host = replicas.replicas[spec.encoder_replica] if spec.encoder_replica else None
+            replicas.add(self.backend.make_replica(spec, encoder_host=host))
+        if self.plan is not None:
+            log.info("placing %d replica(s): %s", len(replicas.replicas),
+                     ", ".join(f"{r.replica_id}@{r.node}:{list(r.gpus)}" for r in self.plan.replicas))
+
+    async def _start_replicas(self, on_replica_ready) -> None:
+        """Load and warm up every replica (an attached pooled replica that is loaded already answers at once)."""
+        replicas = self.replica_set
 
         async def start_one(rid):
-            h = await replicas.start_replica(rid, d.start_timeout_s)
+            h = await replicas.start_replica(rid, self.config.deployment.start_timeout_s)
             if on_replica_ready:
                 on_replica_ready(h)
 
@@ -220,22 +258,41 @@ class Deployment:
             await self.shutdown()
             raise
         self.startup_s["replicas"] = time.perf_counter() - t1
-        self.router = Router(replicas, cfg.router, clock=self.clock, observer=self.observer,
-                             max_batch_adapters=cfg.model.lora_slots or None,
-                             interactive_reserve=(cfg.batches.reserve_replicas, cfg.batches.reserve_s,
-                                                  cfg.batches.reserve_batch_size))
-        self.router.start()
-        replicas.start_health_checks()
-        self.ready = True
+
+    # ---- Idempotency-Key (idempotency.py) --------------------------------------------------------------
+    def _idempotency_address(self, namespace: str | None) -> tuple[str, str] | None:
+        """Where the replicas find the store of keyed images; None where the backend has none (the fakes)."""
+        address = getattr(self.backend, "idempotency_address", None)
+        return None if address is None else address(namespace, self.deployment_id)
+
+    @property
+    def idempotency(self):
+        """The front door's client of the Idempotency-Key store, made on first use: through Ray, the actor the
+        replicas claim keyed images in (a pool's is shared by its front doors); elsewhere one in this process."""
+        if self._idempotency is None:
+            cfg = self.config.frontdoor.idempotency
+            make = getattr(self.backend, "idempotency_client", None)
+            if make is not None and self._store_address is not None:
+                self._idempotency = make(self._store_address, self.deployment_id, self.config.frontdoor.pool, cfg)
+            else:
+                from .idempotency import LocalIdempotency
+
+                self._idempotency = LocalIdempotency(cfg)
+        return self._idempotency
 
     async def shutdown(self, drain_timeout_s: float | None = 0) -> None:
-        """Stop the router (after draining for up to ``drain_timeout_s``), then remove every replica."""
+        """Stop the router (after draining for up to ``drain_timeout_s``), then remove every replica (a pool's
+        replicas stay, for its other front doors)."""
         self.ready = False
         if self.router is not None:
             if drain_timeout_s:
                 await self.router.drain(drain_timeout_s)
             await self.router.stop()
         await self.replica_set.close()
+        if self._idempotency is not None and self.config.frontdoor.pool is None:
+            close = getattr(self.backend, "close_idempotency", None)
+            if close is not None:
+                close(self._idempotency)
 
     async def __aenter__(self) -> Deployment:
         return self
@@ -358,140 +415,17 @@ class Deployment:
             return build()
         return await asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, build)
 
-    # ---- per-request LoRA -------------------------------------------------------------------------------
-    @property
-    def lora_names(self) -> frozenset[str]:
-        """The adapters requests may name (``loras``)."""
-        return frozenset(self.lora_specs)
-
-    async def register_lora(self, name: str, path: str | None = None, **spec) -> dict:
-        """Load an adapter on every replica, all or none: ``path`` inside ``model.lora_dir`` on each replica's
-        machine (relative to it, or absolute inside it; symlinks resolved), or ``source`` / ``model_id`` /
-        ``revision`` for a hub when ``model.lora_runtime_hub`` allows it. A bad adapter is an
-        ``InvalidRequestError`` naming ``path`` and the reason, and no replica keeps it; a registration the
-        configuration does not allow is a ``ForbiddenError`` (403) saying which setting would; the name of a
-        configured adapter (model.loras) is a ``ConflictError`` (409). Replaces a runtime adapter of the same
-        name. Returns what ``loras()`` says of it."""
-        m = self.config.model
-        if m.lora_slots <= 0:
-            raise InvalidRequestError("per-request LoRA is off in this deployment: set model.lora_max_resident "
-                                      "above 0 (or configure model.loras)", param="name")
-        if spec.get("source", "local") not in ("local", None) and (problem := hub_path_problem(path)):
-            raise InvalidRequestError(problem, param="path")
-        try:
-            lora = LoraSpec(name=name, path=path, **spec)
-        except (ValueError, TypeError) as e:
-            raise InvalidRequestError(f"invalid adapter: {_first_error(e)}",
-                                      param=_first_loc(e) or "name") from None
-        if lora.name in self._configured_loras:
-            raise ConflictError(f"adapter {lora.name!r} is configured (model.loras) and cannot be replaced at "
-                                f"runtime; register this one under another name", param="name")
-        if lora.source == "local" and m.lora_dir is None:
-            raise ForbiddenError("runtime registration of adapter files is off on this deployment: the operator "
-                                 "sets model.lora_dir (the directory they may be read from) to enable it; "
-                                 "adapters in model.loras are loaded at start-up", param="path")
-        if lora.source != "local" and not m.lora_runtime_hub:
-            raise ForbiddenError(f"runtime registration of {lora.source} adapters is off on this deployment: the "
-                                 f"operator enables it with model.lora_runtime_hub (or lists the adapter in "
-                                 f"model.loras)", param="source")
-        async with self._lora_lock:
-            replacing = lora.name in self._runtime_loras
-            if not replacing and len(self._runtime_loras) >= m.lora_max_runtime:
-                raise ConflictError(f"{len(self._runtime_loras)} adapters are registered at runtime, the most this "
-                                    f"deployment holds (model.lora_max_runtime = {m.lora_max_runtime}); remove one "
-                                    f"(DELETE /v1/loras/{{name}}) first", param="name")
-            handles = list(self.replicas.values())
-            if not handles:
-                raise NotReadyError("no replica to load the adapter on")
-            outs = await asyncio.gather(*(h.call("register_lora", lora.model_dump()) for h in handles),
-                                        return_exceptions=True)
-            loaded = [h for h, o in zip(handles, outs) if not isinstance(o, BaseException) and o["ok"]]
-            refused = [o["error"] for o in outs if not isinstance(o, BaseException) and not o["ok"]]
-            bad = [(h.replica_id, o) for h, o in zip(handles, outs) if isinstance(o, BaseException)]
-            if refused or not loaded:  # all or none
-                await asyncio.gather(*(h.call("unregister_lora", lora.name) for h in loaded), return_exceptions=True)
-                if refused:
-                    raise InvalidRequestError(f"adapter {lora.name!r} could not be loaded: {refused[0]}",
-                                              param="path")
-                raise NotReadyError(f"no replica could load adapter {lora.name!r}: {bad[0][1]}")
-            nbytes = max(int((o.get("info") or {}).get("bytes", 0)) for o in outs if not isinstance(o, BaseException))
-            others = sum(b for n, b in self._runtime_bytes.items() if n != lora.name)
-            if others + nbytes > m.lora_max_runtime_bytes:
-                await asyncio.gather(*(h.call("unregister_lora", lora.name) for h in loaded), return_exceptions=True)
-                if replacing:  # the old adapter of that name was replaced on the replicas: it is gone now
-                    self.lora_specs.pop(lora.name, None)
-                    self._runtime_loras.discard(lora.name)
-                    self._runtime_bytes.pop(lora.name, None)
-                raise ConflictError(f"adapter {lora.name!r} takes {nbytes} bytes; with the {others} bytes of the "
-                                    f"other runtime adapters that is over model.lora_max_runtime_bytes = "
-                                    f"{m.lora_max_runtime_bytes}; remove one (DELETE /v1/loras/{{name}}) first",
-                                    param="path")
-            self._runtime_bytes[lora.name] = nbytes
-            for rid, e in bad:  # down replicas: they get it when they come back (before_live)
-                log.warning("LoRA %s: replica %s unreachable (%s); it loads the adapter when it is back", lora.name,
-                            rid, e)
-            self.lora_specs[lora.name] = lora
-            self._runtime_loras.add(lora.name)
-        log.info("LoRA %s registered on %d replica(s)", lora.name, len(loaded))
-        return next(i for i in await self.loras() if i["name"] == lora.name)
-
-    async def unregister_lora(self, name: str) -> bool:
-        """Remove a runtime adapter from every replica; False when no adapter has that name. Requests already
-        queued with it fail with a 400 naming ``loras``. A configured adapter (model.loras) is a ConflictError:
-        the operator removes it from the config."""
-        if name in self._configured_loras:
-            raise ConflictError(f"adapter {name!r} is configured (model.loras) and cannot be removed at runtime; "
-                                f"remove it from the config and restart", param="name")
-        async with self._lora_lock:
-            if self.lora_specs.pop(name, None) is None:
-                return False
-            self._runtime_loras.discard(name)
-            self._runtime_bytes.pop(name, None)
-            await asyncio.gather(*(h.call("unregister_lora", name) for h in self.replicas.values()),
-                                 return_exceptions=True)
-        log.info("LoRA %s removed", name)
-        return True
-
-    async def loras(self) -> list[dict]:
-        """Every adapter: name, source, rank, modules, bytes, and per replica where it is (``gpu``: resident on
-        the transformer's device, ``host``: in host memory, copied in for a batch that needs it)."""
-        async def ask(h):
+    async def queue_lengths(self) -> dict[str, int]:
+        """Each live replica's queue as it reports it (samples at its admission gate and inside, from every front
+        door of its pool); replicas that cannot say are left out."""
+        async def ask(rid, h):
             try:
-                return h.replica_id, await asyncio.wait_for(h.call("loras"), 30)
-            except Exception as e:  # noqa: BLE001 - a replica down is reported, not raised
-                log.debug("LoRA list of replica %s: %s", h.replica_id, e)
-                return h.replica_id, None
+                return rid, await asyncio.wait_for(h.queue_len(), 5)
+            except Exception:  # noqa: BLE001 - a replica without a gate (fakes) or down: not reported
+                return rid, None
 
-        answers = await asyncio.gather(*(ask(h) for h in self.live()))
-        out = []
-        for name, spec in sorted(self.lora_specs.items()):
-            entry = {"name": name, "source": spec.source, "path": shown_path(spec, self.config.model.lora_dir),
-                     "model_id": spec.model_id,
-                     "runtime": name in self._runtime_loras, "replicas": {}}
-            for rid, infos in answers:
-                info = next((i for i in infos or () if i["name"] == name), None)
-                if info is None:
-                    continue
-                entry.update(rank=info["rank"], modules=info["modules"], bytes=info["bytes"])
-                entry["replicas"][rid] = "gpu" if info["resident"] else "host"
-            out.append(entry)
-        return out
-
-    async def _resync_loras(self, replica_id: str, handle: ReplicaHandle) -> None:
-        """A restarted replica loaded only the configured adapters: give it the runtime ones again."""
-        for name in sorted(self._runtime_loras):
-            spec = self.lora_specs.get(name)
-            if spec is None:
-                continue
-            try:
-                out = await handle.call("register_lora", spec.model_dump())
-            except (NotReadyError, ReplicaUnavailableError):
-                raise  # not back yet: the replica set asks again
-            except ZImageError as e:  # one adapter must not keep a replica out of rotation
-                out = {"ok": False, "error": str(e)}
-            if not out["ok"]:
-                log.error("replica %s: LoRA %s no longer loads after its restart: %s", replica_id, name,
-                          out["error"])
+        answers = await asyncio.gather(*(ask(h.replica_id, h) for h in self.live()))
+        return {rid: n for rid, n in answers if n is not None}
 
     async def replica_health(self) -> dict[str, ReplicaHealth | str]:
         out: dict[str, ReplicaHealth | str] = {}
@@ -504,21 +438,6 @@ class Deployment:
             except Exception as e:  # noqa: BLE001 - report, don't raise
                 out[rid] = f"unreachable: {e}"
         return out
-
-
-def _first_error(e: ValueError) -> str:
-    errors = getattr(e, "errors", None)
-    if callable(errors):
-        first = errors()[0]
-        return f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}" if first["loc"] else first["msg"]
-    return str(e)
-
-
-def _first_loc(e: ValueError) -> str | None:
-    errors = getattr(e, "errors", None)
-    if callable(errors) and errors() and errors()[0]["loc"]:
-        return str(errors()[0]["loc"][0])
-    return None
 
 
 class ZImageClient:
@@ -566,20 +485,3 @@ class ZImageClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def shown_path(spec: LoraSpec, lora_dir) -> str | None:
-    """An adapter's path as clients see it: relative to ``model.lora_dir`` when inside it, a hub snapshot's path
-    as given, else only the file's (or directory's) name; never where the host keeps its files."""
-    from pathlib import Path
-
-    if spec.path is None or spec.source != "local":
-        return spec.path
-    p = Path(spec.path)
-    if not p.is_absolute():
-        return p.as_posix()
-    if lora_dir is not None:
-        for base in (Path(lora_dir).expanduser(), Path(lora_dir).expanduser().resolve()):
-            if p.is_relative_to(base):
-                return p.relative_to(base).as_posix()
-    return p.name

@@ -30,12 +30,12 @@ Extensions (top-level fields other diffusion servers use): ``seed``, ``num_infer
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, replace
 
 from zimage_common.config import Config
 from zimage_common.errors import InvalidRequestError
+from zimage_common.image_codec import FORMATS
 from zimage_common.logging_setup import current_request_id
 from zimage_common.messages import ImageRequest, ImageResult, steps_run
 
@@ -51,7 +51,6 @@ ACCEPTED = frozenset(SPEC_FIELDS + CLIENT_FIELDS + EXTENSIONS)
 # Sizes the spec's response and event schemas can name; any other size is reported as "auto" in events (and
 # left out of the JSON response, where `size` is optional), with the exact width and height as extra fields.
 SPEC_SIZES = ("1024x1024", "1024x1536", "1536x1024")
-FORMATS = ("png", "jpeg", "webp")
 QUALITIES = ("low", "medium", "high", "auto", "standard", "hd")
 
 
@@ -69,6 +68,7 @@ class ImageCall:
     event_type: str = "image_generation"  # stream events' prefix: image_generation.* or image_edit.*
     input_image_tokens: int = 0  # an edit's input images, as image tokens ((H/16) x (W/16) each), for usage
     response_format: str = "b64_json"  # or "url": each image is stored and answered with a link
+    body_digest: str = ""  # the call's fingerprint, for Idempotency-Key (idempotency.py); set when a key came
 
 
 def _enum(payload: dict, name: str, allowed: tuple, default, why: dict | None = None):
@@ -151,6 +151,8 @@ def parse_generation(payload, config: Config, max_side: int | None = None, known
     if payload.get("control_image") is not None or payload.get("controlnet_conditioning_scale") is not None:
         requests = with_control(requests, payload.get("control_image"),
                                 payload.get("controlnet_conditioning_scale"), config)
+    if config.frontdoor.encode_on_replica:  # encoded on the replica's node; the front door forwards the bytes
+        requests = [replace(r, output_format=output_format, output_compression=compression) for r in requests]
     return ImageCall(requests, stream, output_format, compression, quality,
                      _identifier(payload, "user"), _identifier(payload, "safety_identifier"),
                      response_format=response_format)
@@ -362,25 +364,7 @@ def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None =
     return replace(call, requests=requests, event_type="image_edit", input_image_tokens=tokens)
 
 
-# ---- encoding and response shapes ----------------------------------------------------------------------
-def encode_image(image, output_format: str = "png", compression: int | None = None) -> bytes:
-    """uint8 [H, W, 3] -> PNG (zlib level 1: the fast trade a serving path wants), JPEG or WebP at quality
-    ``compression`` (default 100)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    pil = Image.fromarray(image)
-    if output_format == "png":
-        pil.save(buf, format="PNG", compress_level=1)
-    elif output_format == "jpeg":
-        pil.save(buf, format="JPEG", quality=100 if compression is None else compression)
-    elif output_format == "webp":
-        pil.save(buf, format="WEBP", quality=100 if compression is None else compression)
-    else:
-        raise ValueError(f"unknown output format {output_format!r}")
-    return buf.getvalue()
-
-
+# ---- response shapes ----------------------------------------------------------------------
 def size_label(width: int, height: int) -> str | None:
     label = f"{width}x{height}"
     return label if label in SPEC_SIZES else None

@@ -66,6 +66,14 @@ class PrometheusObserver(RouterObserver):
         self.time_to_first_step = Histogram("zimage_time_to_first_step_seconds",
                                             "Time from arrival to a request's first denoising step.",
                                             buckets=LATENCY_BUCKETS, registry=r)
+        # several front doors over one pool (frontdoor.pool)
+        self.replica_queue = Gauge("zimage_replica_queue_length", "Samples waiting at the replica's admission gate "
+                                   "and inside it, sent by every front door of its pool (as the replica reports "
+                                   "it).", ["replica"], registry=r)
+        self.idempotency = Counter("zimage_idempotency_requests_total", "Calls with an Idempotency-Key, by what "
+                                   "happened: new (ran), replayed (the recorded answer), pending (ran again while "
+                                   "the first ran; its images are not made twice), mismatch (422).", ["outcome"],
+                                   registry=r)
         self._inflight: dict[str, int] = {}
 
     def bind(self, router) -> None:
@@ -118,6 +126,9 @@ class PrometheusObserver(RouterObserver):
 
     def http_response(self, status: int) -> None:
         self.http.labels(str(status)).inc()
+
+    def idempotent_call(self, outcome: str) -> None:
+        self.idempotency.labels(outcome).inc()
 
     def replica_event(self, replica_id: str, event: str) -> None:
         self.replica_events.labels(replica_id, event).inc()

@@ -15,8 +15,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from zimage_common.config import Config
+from zimage_common.image_codec import image_bytes
 
-from .images_api import ImageCall, encode_image
+from .images_api import ImageCall
 from .storage import CONTENT_TYPES, LocalStore, StorageError, new_key, run_blocking, store_for
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,14 @@ class Outputs:
             return self._store
 
     def _publish(self, image, call: ImageCall, base_url: str) -> str:
-        data = encode_image(image, call.output_format, call.output_compression)
+        data = image_bytes(image, call.output_format, call.output_compression)
         key = new_key(call.output_format)
         self.store.put(key, data, CONTENT_TYPES[call.output_format])
         return self.store.url(key, base_url)
 
     async def publish(self, image, call: ImageCall, base_url: str, request_id: str) -> str:
-        """Encode, store and link one image (in a worker thread: encoding and uploading both block)."""
+        """Store and link one image (pixels, or the bytes a replica encoded: ``ImageResult.picture``), in a worker
+        thread: encoding and uploading both block."""
         try:
             return await run_blocking(self._publish, image, call, base_url)
         except StorageError as e:
@@ -96,14 +98,16 @@ def router(outputs: Outputs) -> APIRouter:
 async def render(request: Request, call: ImageCall, result) -> str:
     """One image as the call asked for it: base64 text, or a link to it in the object store."""
     if call.response_format == "url":
-        return await request.app.state.outputs.publish(result.image, call, str(request.base_url),
+        return await request.app.state.outputs.publish(result.picture, call, str(request.base_url),
                                                       result.request_id)
-    return await run_blocking(b64_text, result.image, call)
+    return await run_blocking(b64_text, result.picture, call)
 
 
 def b64_text(image, call: ImageCall) -> str:
-    """In a worker thread: zlib and libjpeg/libwebp release the GIL, so images encode in parallel off the loop."""
-    return base64.b64encode(encode_image(image, call.output_format, call.output_compression)).decode()
+    """``image`` (pixels, or an ``EncodedImage`` from the replica, forwarded as it is when it is in the call's
+    format) as base64 text. In a worker thread: base64 and the JSON around it hold the GIL, but zlib and
+    libjpeg/libwebp release it, so pixels that still need encoding encode in parallel off the loop."""
+    return base64.b64encode(image_bytes(image, call.output_format, call.output_compression)).decode()
 
 
 def include_job_routes(app, service) -> None:

@@ -6,6 +6,8 @@ are tested with fakes and the Ray-specific behaviour is in one place.
 - ``live_inventory``: the nodes and GPUs of the running cluster, for the planner.
 - ``RayReplica``: one replica actor in its own placement group (a bundle ``{"GPU": n}`` on one node,
   STRICT_PACK), pinned to the node the plan chose; Ray sets CUDA_VISIBLE_DEVICES, so the actor sees cuda:0..n-1.
+  A pooled replica (``frontdoor.pool``) is a named, detached actor (and placement group) that outlives the front
+  door that made it; later front doors attach to it by name. Its control calls have slots of their own.
 - ``RayBackend``: all of the above as the ``replicas.Backend`` the deployment and its replica set are given.
 """
 
@@ -20,12 +22,14 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.worker import PipelineWorker, WarmupSpec
+from actors.admission import AdmissionLimits
+from actors.worker import IntakeSpec, PipelineWorker, WarmupSpec
 from zimage_common.config import ClusterConfig
 from zimage_common.errors import NotReadyError, ReplicaError, ReplicaUnavailableError
 from zimage_common.logging_setup import adopt_logger, current_format, replica_env
 from zimage_common.messages import Batch, BatchResult, ReplicaHealth, StepProgress
 
+from .ray_pool import RayResultStore
 from .replicas import ReplicaSpec
 
 log = logging.getLogger(__name__)
@@ -208,25 +212,58 @@ class RemoteEncoder:
                 time.sleep(0.5)
 
 
+CONTROL = "control"  # a pooled replica's concurrency group for control calls
+# Calls that must answer while batches fill every other slot (several front doors' batches, waiting at the gate).
+CONTROL_METHODS = frozenset({"start", "health", "check", "pid", "cancel", "queue_len", "intake_stats", "loras",
+                             "register_lora", "unregister_lora", "inject_fault", "loop_stats"})
+
+
+def replica_name(deployment_id: str, replica_id: str) -> str:
+    return f"zimage-{deployment_id}-{replica_id}"
+
+
 class RayReplica:
-    """A replica actor plus its placement group, satisfying the router's ``Replica`` protocol."""
+    """A replica actor plus its placement group, satisfying the router's ``Replica`` protocol. With ``namespace``
+    (a pool), the actor is detached and named there, the placement group detached too, and an actor of that name
+    that exists already is attached to instead of created: ``close`` then leaves it running."""
 
     def __init__(self, replica_id: str, node: RayNode, n_gpus: int, cpus: float, max_pixels: int,
                  max_batch_tokens: int, worker_kwargs: dict, max_restarts: int = -1, max_concurrency: int = 2,
-                 deployment_id: str = ""):
+                 deployment_id: str = "", namespace: str | None = None, control_slots: int = 0):
         self.replica_id = replica_id
         self.node = node
         self.max_pixels = max_pixels
         self.max_batch_tokens = max_batch_tokens
-        self._pg = placement_group(
-            [{"GPU": n_gpus, "CPU": cpus}] if cpus else [{"GPU": n_gpus}],
-            strategy="STRICT_PACK",
-            name=f"zimage-{deployment_id}-{replica_id}",
-            bundle_label_selector=[{NODE_ID_LABEL: node.node_id}],
-        )
-        actor_cls = ray.remote(PipelineWorker)
+        self.pooled = namespace is not None
+        self._pg = None
+        name = replica_name(deployment_id, replica_id)
+        if self.pooled:
+            try:
+                self.actor = ray.get_actor(name, namespace=namespace)
+                self.attached = True
+                return
+            except ValueError:
+                pass
+        self.attached = False
+        if self.pooled:
+            try:  # left by a creator that died before its actor was made: reserving it again would double it
+                self._pg = ray.util.get_placement_group(name)
+            except ValueError:
+                pass
+        if self._pg is None:
+            self._pg = placement_group(
+                [{"GPU": n_gpus, "CPU": cpus}] if cpus else [{"GPU": n_gpus}],
+                strategy="STRICT_PACK",
+                name=name,
+                bundle_label_selector=[{NODE_ID_LABEL: node.node_id}],
+                **({"lifetime": "detached"} if self.pooled else {}),
+            )
+        actor_cls = ray.remote(concurrency_groups={CONTROL: control_slots})(PipelineWorker) if self.pooled \
+            else ray.remote(PipelineWorker)
+        pool_opts = {"namespace": namespace, "lifetime": "detached", "get_if_exists": True} if self.pooled else {}
         self.actor = actor_cls.options(
-            name=f"zimage-{deployment_id}-{replica_id}",
+            **pool_opts,
+            name=name,
             num_gpus=n_gpus,
             num_cpus=cpus,
             max_restarts=max_restarts,
@@ -239,9 +276,13 @@ class RayReplica:
             # start and Ray's import).
         ).remote(replica_id=replica_id, env=replica_env(), **worker_kwargs)
 
+    def _method(self, name: str):
+        method = getattr(self.actor, name)
+        return method.options(concurrency_group=CONTROL) if self.pooled and name in CONTROL_METHODS else method
+
     async def start(self, timeout_s: float) -> ReplicaHealth:
         try:
-            return await asyncio.wait_for(_await(self.actor.start.remote()), timeout_s)
+            return await asyncio.wait_for(_await(self._method("start").remote()), timeout_s)
         except asyncio.TimeoutError:
             raise NotReadyError(f"replica {self.replica_id} did not become ready within {timeout_s:.0f}s "
                                 f"(is a GPU free on {self.node.name}?)") from None
@@ -269,19 +310,26 @@ class RayReplica:
         return await self.call("cancel", request_ids)
 
     async def health(self) -> ReplicaHealth:
-        return await _await(self.actor.health.remote())
+        return await _await(self._method("health").remote())
+
+    async def queue_len(self) -> int:
+        """Samples waiting at the replica's gate and inside it, from every front door (``actors/admission.py``)."""
+        return await self.call("queue_len")
 
     async def check(self) -> float:
         """The replica's health check (a real small forward on every device)."""
         return await self.call("check")
 
     async def call(self, method: str, *args, **kwargs):
-        return await _await(getattr(self.actor, method).remote(*args, **kwargs))
+        return await _await(self._method(method).remote(*args, **kwargs))
 
     def kill(self, no_restart: bool = False) -> None:
         ray.kill(self.actor, no_restart=no_restart)
 
     def close(self) -> None:
+        """End the replica for good; a pooled one stays for the pool's other front doors (``pool down`` ends it)."""
+        if self.pooled:
+            return
         try:
             ray.kill(self.actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
@@ -318,15 +366,50 @@ class RayBackend:
         encoder = None
         if encoder_host is not None:
             encoder = RemoteEncoder(encoder_host.actor, encoder_host.replica_id)
+        intake = IntakeSpec(AdmissionLimits(*spec.admission) if spec.admission else AdmissionLimits(),
+                            spec.encode_threads)
+        results = RayResultStore(*spec.results_store) if spec.results_store else None
         return RayReplica(
             spec.replica_id, spec.node, spec.n_gpus, spec.cpus, spec.max_pixels, spec.max_batch_tokens,
             worker_kwargs=dict(model=spec.model, device_map=spec.device_map, warmup=warmup,
                                torch_threads=spec.torch_threads, memory_fraction=spec.memory_fraction,
                                encoder=encoder, max_batch_tokens=spec.max_batch_tokens,
-                               max_batch_size=spec.max_batch_size or None),
+                               max_batch_size=spec.max_batch_size or None, intake=intake, results=results),
             max_concurrency=spec.max_concurrency,
             deployment_id=spec.deployment_id,
+            namespace=spec.namespace,
+            control_slots=spec.control_slots,
         )
+
+    # ---- a pool shared by several front doors (ray_pool.py) --------------------------------------------------
+    def pool_registry(self, namespace: str):
+        from .ray_pool import RayPoolRegistry
+
+        return RayPoolRegistry(namespace)
+
+    def idempotency_address(self, namespace: str | None, deployment_id: str) -> tuple[str, str]:
+        """(namespace, actor name) of the Idempotency-Key store: a pool's, in its namespace, shared by its front
+        doors; else this front door's own."""
+        from .ray_pool import STORE
+
+        if namespace is not None:
+            return namespace, STORE
+        return ray.get_runtime_context().namespace, f"zimage-{deployment_id}-idempotency"
+
+    def idempotency_client(self, address: tuple[str, str], deployment_id: str, pool: str | None, cfg):
+        """The front door's client of the store, making its actor on first use (detached for a pool)."""
+        from .ray_pool import RayIdempotency, store_actor
+
+        ns, name = address
+        actor = store_actor(ns, name, replica_name(deployment_id, ""), CONTROL if pool else None, pool is not None,
+                            cfg.ttl_s, cfg.max_entries, cfg.max_bytes, cfg.claim_lease_s)
+        return RayIdempotency(actor)
+
+    def close_idempotency(self, client) -> None:
+        try:
+            ray.kill(client.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
 
 async def _await(ref):

@@ -96,6 +96,16 @@ class ReplicaSpec:
     memory_fraction: float | None
     encoder_replica: str | None  # the replica whose text encoder this one borrows
     max_batch_size: int = 0  # most samples in its step loop's running set; 0: no limit
+    # What the replica takes in at once, (calls, tokens, samples), whatever number of front doors send to it
+    # (actors/admission.py); None: no limit.
+    admission: tuple[int | None, int | None, int | None] | None = None
+    encode_threads: int = 2  # its encoder pool (actors/encoder_pool.py)
+    # A pooled replica (frontdoor.pool): a named, detached actor in this Ray namespace that outlives the front door,
+    # with this many call slots of its own for control calls (start, health, cancel, queue length), so that several
+    # front doors' batches never hold up a health check. None: the replica ends with its front door.
+    namespace: str | None = None
+    control_slots: int = 0
+    results_store: tuple[str, str] | None = None  # (namespace, actor name) of the Idempotency-Key store
 
 
 class Backend(Protocol):
@@ -116,7 +126,8 @@ class Backend(Protocol):
     def node_alive(self, node_id: str) -> bool: ...
 
     def make_replica(self, spec: ReplicaSpec, encoder_host: ReplicaHandle | None = None) -> ReplicaHandle:
-        """Create (not start) a replica; ``encoder_host`` is the replica whose text encoder it borrows."""
+        """Create (not start) a replica; ``encoder_host`` is the replica whose text encoder it borrows. A pooled
+        spec (``namespace`` set) whose replica exists already is attached to instead."""
 
 
 # ---- the set -----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from functools import partial
 
 from fastapi import FastAPI, Request
@@ -33,8 +34,10 @@ from zimage_common.errors import InvalidRequestError, QueueFullError, ZImageErro
 from zimage_common.messages import FailureKind, failure
 
 from .answers import EventStream, answer_json
+from .frontdoor_metrics import frontdoor_name, labelled_registry
 from .http_errors import error_response, from_exception
 from .http_guard import BodyDeadline, FaultBarrier
+from .idempotency import HEADER, body_digest, keyed_answer, parse_key
 from .image_input import MAX_IMAGES, input_pixels
 from .images_api import (
     json_edit_parts,
@@ -94,6 +97,8 @@ class Service:
     def __init__(self, config: Config, deployment_factory: Callable[..., Awaitable] | None = None):
         self.config = config
         self.observer = PrometheusObserver()
+        self.name = frontdoor_name(config)  # the `frontdoor` label on every metric this process exports
+        self.metrics_registry = labelled_registry(self.observer.registry, self.name)
         self.deployment = None
         self.start_error: str | None = None
         self._factory = deployment_factory
@@ -137,6 +142,8 @@ class Service:
             try:
                 for rid, h in (await self.deployment.replica_health()).items():
                     self.observer.replica_state(rid, not isinstance(h, str), None if isinstance(h, str) else h)
+                for rid, n in (await self.deployment.queue_lengths()).items():
+                    self.observer.replica_queue.labels(rid).set(n)
             except Exception:  # noqa: BLE001
                 log.debug("health poll failed", exc_info=True)
             await asyncio.sleep(5)
@@ -168,7 +175,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         srv = config.server
         metrics_server = None if srv.metrics_port is None else \
-            start_metrics_listener(srv.metrics_host, srv.metrics_port, service.observer.registry)
+            start_metrics_listener(srv.metrics_host, srv.metrics_port, service.metrics_registry)
         app.state.metrics_server = metrics_server
         service.begin()
         app.state.jobs.begin()
@@ -250,7 +257,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
     for path, endpoint in (("/healthz", healthz), ("/readyz", readyz)):  # HEAD for load balancers' probes
         app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
-    add_ops_routes(app, service.observer.registry, unauthorized, config.server.docs)
+    add_ops_routes(app, service.metrics_registry, unauthorized, config.server.docs)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -352,7 +359,19 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
                               "invalid_request_error")
 
     async def answer(request: Request, call, dep):
-        """Admit a parsed generation or edit call and answer it: JSON, or an SSE stream."""
+        """Admit a parsed generation or edit call and answer it: JSON, or an SSE stream; with an Idempotency-Key,
+        a retry's recorded answer instead (idempotency.py)."""
+        try:
+            key = parse_key(request.headers.get(HEADER))
+        except ValueError as e:
+            return refused(InvalidRequestError(str(e), param=HEADER))
+        store = getattr(dep, "idempotency", None)
+        if key is not None and store is not None:
+            return await keyed_answer(request, call, key, store, partial(admit_and_answer, request, dep=dep),
+                                      config.router.request_timeout_s, service.observer.idempotent_call)
+        return await admit_and_answer(request, call, dep)
+
+    async def admit_and_answer(request: Request, call, dep):
         if call.user is not None or call.safety_identifier is not None:
             log.info("request %s: user=%s safety_identifier=%s", call.requests[0].request_id,
                      shown(call.user), shown(call.safety_identifier))
@@ -394,6 +413,8 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
                                         getattr(dep, "lora_names", None))
         except ZImageError as e:
             return refused(e)
+        if HEADER in request.headers:
+            call = replace(call, body_digest=body_digest("generations", payload))
         return await answer(request, call, dep)
 
     @app.post("/v1/images/edits")
@@ -439,9 +460,12 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         parse = partial(parse_edit, typed=json_body, image_param="images" if json_body else "image",
                         known_loras=getattr(dep, "lora_names", None))
         try:  # decoding and resizing images is CPU work: off the event loop, admitted by pixels
-            return await decode_images(images, parse, fields, files, config, getattr(dep, "max_side", None))
+            call = await decode_images(images, parse, fields, files, config, getattr(dep, "max_side", None))
         except ZImageError as e:
             return refused(e)
+        if HEADER in request.headers:
+            call = replace(call, body_digest=await off_loop(body_digest, "edits", fields, files))
+        return call
 
     return app
 
@@ -463,6 +487,7 @@ def cmd_serve(args) -> int:
             update={"api_keys": [*config.server.api_keys, *env_keys]})})
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
+    config = config.model_copy(update={"server": config.server.model_copy(update={"port": port})})  # metrics label
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the API is reachable beyond this machine%s", host,
                     "" if config.server.api_keys else " and has NO API key")

@@ -608,8 +608,10 @@ async def run(profile: str, out: Path, only: tuple[str, ...] = ()) -> dict:
             metrics = (await client.get(f"{url}/metrics", headers=AUTH)).text
         results["canary"] = {"rounds": canary.rounds, "changed": canary.changed, "refused": canary.refused,
                              "resent_after_transport_error": canary.transport_errors}
-        results["http_responses"] = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
-                                     if line.startswith("zimage_http_responses_total{")}
+        from prometheus_client.parser import text_string_to_metric_families
+
+        results["http_responses"] = {s.labels["status"]: s.value for f in text_string_to_metric_families(metrics)
+                                     for s in f.samples if s.name == "zimage_http_responses_total"}
         text = log_path.read_text(errors="replace")
         results["server_log"] = {"bytes": len(text), "error_lines": text.count(" ERROR "),
                                  "tracebacks": text.count("Traceback"),

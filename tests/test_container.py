@@ -1,4 +1,4 @@
-"""The container image definition: hadolint on the Dockerfile, shellcheck on the KubeRay head script, the project's own
+"""The container image definition: hadolint on the Dockerfile, shellcheck on the KubeRay node script, the project's own
 rules for the image (entrypoint, user, health check, cache volume, build context), and the head script run for real
 against a Ray head on this machine (the image itself cannot be built here: no container engine runs on these
 machines)."""
@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
-HEAD_SCRIPT = ROOT / "docker" / "zimage-ray-head"
+HEAD_SCRIPT = ROOT / "docker" / "zimage-ray-node"
 
 
 def _tool(name: str) -> str:
@@ -145,7 +145,7 @@ def head_env(tmp_path, tiny_cache):
 def _wait_ready(url: str, proc, timeout: float = 180.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, f"zimage-ray-head exited early ({proc.returncode})"
+        assert proc.poll() is None, f"zimage-ray-node exited early ({proc.returncode})"
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return

@@ -13,8 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "zimage-dashboard.json"
 SCRAPE_LABELS = {"instance", "job"}  # added by Prometheus to every series it scrapes
+FRONTDOOR_LABEL = "frontdoor"  # added by each front door to every series it exports (frontdoor_metrics.py)
 # Grafana's variables, replaced by values of the right kind before parsing.
-VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h", "${instance}": ".*", "$instance": ".*"}
+VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h", "${instance}": ".*", "$instance": ".*",
+             "${frontdoor}": ".*", "$frontdoor": ".*"}
 
 
 def _promql():
@@ -38,7 +40,7 @@ def exported_series() -> dict[str, set[str]]:
     metrics = [m for m in vars(obs).values() if isinstance(m, (Counter, Gauge, Histogram))]
     assert {f.name for f in obs.registry.collect()} == {m._name.removesuffix("_total") for m in metrics}
     for m in metrics:
-        labels = set(m._labelnames)
+        labels = set(m._labelnames) | {FRONTDOOR_LABEL}
         if isinstance(m, Counter):
             base = m._name.removesuffix("_total")
             out[base + "_total"] = labels
@@ -144,7 +146,8 @@ def test_the_panels_cover_what_an_operator_needs():
         "zimage_gpu_memory_bytes", "zimage_gpu_memory_peak_bytes",  # GPU memory
         "sum by (type) (rate(zimage_request_errors_total",  # errors by type
         "zimage_stage_seconds_bucket", "zimage_requests_total",
-        "zimage_eager_fallbacks_total", 'zimage_compilations_total{instance=~"$instance",phase="serving"}',  # misses
+        "zimage_eager_fallbacks_total",
+        'zimage_compilations_total{instance=~"$instance",frontdoor=~"$frontdoor",phase="serving"}',  # misses
     ):
         assert needed in used, needed
 
@@ -157,7 +160,7 @@ def test_dashboard_is_importable():
     ids = [p["id"] for p in _panels(dash["panels"])]
     assert len(ids) == len(set(ids))
     names = {v["name"] for v in dash["templating"]["list"]}
-    assert {"datasource", "instance"} <= names
+    assert {"datasource", "instance", "frontdoor"} <= names
     for p in _panels(dash["panels"]):
         assert set(p["gridPos"]) == {"h", "w", "x", "y"} and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
         if p["type"] == "row":
@@ -165,4 +168,30 @@ def test_dashboard_is_importable():
         assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
         refs = [t["refId"] for t in p["targets"]]
         assert len(refs) == len(set(refs)) and all(t["datasource"] == p["datasource"] for t in p["targets"])
-        assert 'instance=~"$instance"' in " ".join(t["expr"] for t in p["targets"]), p["title"]
+        exprs = " ".join(t["expr"] for t in p["targets"])
+        assert 'instance=~"$instance",frontdoor=~"$frontdoor"' in exprs, p["title"]
+
+
+def test_every_exported_sample_names_its_front_door_and_the_dashboard_tells_them_apart():
+    """Several front doors over one pool: each labels its series, and the dashboard both sums them and shows each
+    (images/s, queue, latency, errors per front door; the replicas' own queue length; Idempotency-Key outcomes)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from orchestrator.frontdoor_metrics import labelled_registry
+    from orchestrator.metrics import PrometheusObserver
+
+    obs = PrometheusObserver()
+    obs.http_response(200)
+    obs.replica_queue.labels("r0").set(3)
+    obs.idempotent_call("replayed")
+    text = generate_latest(labelled_registry(obs.registry, "fd-a")).decode()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    assert samples and all(s.labels.get(FRONTDOOR_LABEL) == "fd-a" for s in samples)
+    assert {"zimage_replica_queue_length", "zimage_idempotency_requests_total"} <= {s.name for s in samples}
+    used = " ".join(expr for _, expr in queries(json.loads(DASHBOARD.read_text())))
+    for needed in ("sum by (frontdoor) (rate(zimage_images_generated_total",
+                   "histogram_quantile(0.95, sum by (le, frontdoor)", "zimage_replica_queue_length",
+                   "sum by (outcome) (rate(zimage_idempotency_requests_total",
+                   "sum(max by (replica) (zimage_replica_up"):
+        assert needed in used, needed

@@ -94,10 +94,13 @@ def closed_by_server(s: socket.socket, within_s: float) -> bool:
 
 
 def http_count(url: str, status: int, headers=None) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = httpx.get(f"{url}/metrics", headers=headers).text
-    for line in text.splitlines():
-        if line.startswith(f'zimage_http_responses_total{{status="{status}"}}'):
-            return float(line.split()[-1])
+    for f in text_string_to_metric_families(text):
+        for s in f.samples:
+            if s.name == "zimage_http_responses_total" and s.labels.get("status") == str(status):
+                return s.value
     return 0.0
 
 
@@ -356,7 +359,7 @@ def test_rate_limited_log():
 
 
 def test_api_keys_leave_the_environment_and_host_paths_leave_messages():
-    from orchestrator.deployment import shown_path
+    from orchestrator.deployment_loras import shown_path
     from orchestrator.ops_endpoints import without_host_paths
     from zimage_common.config import LoraSpec
     from zimage_common.logging_setup import take_api_keys_from_env

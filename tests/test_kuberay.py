@@ -1,7 +1,8 @@
 """The Kubernetes manifests (deploy/kuberay): every object schema-checked (kubernetes-validate for the core kinds,
 the vendored KubeRay v1.7.0 CRD schema for the RayCluster, both strict about unknown fields), then checked against
-each other and against the service: the config validates, its GPU count matches the worker group, probes hit the
-right endpoints on a declared port, the Service selects the head pod, and so on."""
+each other and against the service: the config validates, its GPU count matches the GPU worker group, every front
+door (the head and the frontdoor group) runs the server over one pool with probes on a declared port, the Service
+selects exactly the front doors, the head's state is kept in the Redis the manifests run, and so on."""
 
 import copy
 import json
@@ -38,8 +39,8 @@ def _docs() -> list[tuple[str, dict]]:
     return out
 
 
-def _one(kind: str) -> dict:
-    (doc,) = [d for _, d in _docs() if d["kind"] == kind]
+def _one(kind: str, name: str | None = None) -> dict:
+    (doc,) = [d for _, d in _docs() if d["kind"] == kind and name in (None, d["metadata"]["name"])]
     return doc
 
 
@@ -73,7 +74,8 @@ def _raycluster_errors(doc: dict) -> list[str]:
 # ---- schema validation ------------------------------------------------------------------------------------------
 def test_every_manifest_is_a_known_kind():
     kinds = sorted(d["kind"] for _, d in _docs())
-    assert kinds == ["ConfigMap", "Job", "PersistentVolumeClaim", "RayCluster", "Service"], kinds
+    assert kinds == ["ConfigMap", "Deployment", "Job", "PersistentVolumeClaim", "PersistentVolumeClaim", "RayCluster",
+                     "Service", "Service"], kinds
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -88,12 +90,12 @@ def test_core_objects_validate_strictly(version):
         except kv.ValidationError as e:
             pytest.fail(f"{name}: {doc['kind']} {'.'.join(map(str, e.path))}: {e.message}")
         checked += 1
-    assert checked == 4
+    assert checked == 7
 
 
 def test_core_validation_rejects_a_misspelt_field():
     kv = _kubernetes_validate()
-    svc = copy.deepcopy(_one("Service"))
+    svc = copy.deepcopy(_one("Service", "zimage-api"))
     svc["spec"]["ports"][0]["targetPorts"] = svc["spec"]["ports"][0].pop("targetPort")
     with pytest.raises(kv.ValidationError):
         kv.validate(svc, K8S_VERSIONS[-1], strict=True)
@@ -132,6 +134,20 @@ def _head():
     return rc, rc["spec"]["headGroupSpec"]["template"]["spec"], c
 
 
+def _group(name: str):
+    rc = _one("RayCluster")
+    (g,) = [g for g in rc["spec"]["workerGroupSpecs"] if g["groupName"] == name]
+    (c,) = g["template"]["spec"]["containers"]
+    return g, g["template"], c
+
+
+def _frontdoors():
+    """(pod template, container) of every front door: the head pod and the frontdoor worker group."""
+    rc, _, head = _head()
+    g, template, c = _group("frontdoor")
+    return [(rc["spec"]["headGroupSpec"]["template"], head), (template, c)]
+
+
 def _config():
     from zimage_common.config import config_from_dict
 
@@ -145,59 +161,90 @@ def test_config_validates_and_waits_for_the_worker_gpus():
     gpus = 0
     for g in rc["spec"]["workerGroupSpecs"]:
         (c,) = g["template"]["spec"]["containers"]
-        gpus += g["replicas"] * int(c["resources"]["limits"]["nvidia.com/gpu"])
+        gpus += g["replicas"] * int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
     assert cfg.cluster.address == "auto" and cfg.cluster.wait_for_gpus == gpus
     assert not rc["spec"]["enableInTreeAutoscaling"]  # placement is fixed at start-up
+    assert cfg.frontdoor.pool  # every front door attaches to one pool of replicas
 
 
-def test_head_runs_the_server_with_the_mounted_config():
-    rc, spec, c = _head()
+def test_every_front_door_runs_the_server_with_the_mounted_config_and_no_gpu():
+    rc = _one("RayCluster")
     assert rc["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
-    assert c["command"] == ["/usr/local/bin/zimage-ray-head"]
-    assert "COPY docker/zimage-ray-head /usr/local/bin/zimage-ray-head" in (ROOT / "Dockerfile").read_text()
-    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "config"]
-    (vol,) = [v for v in spec["volumes"] if v["name"] == "config"]
-    assert vol["configMap"]["name"] == _one("ConfigMap")["metadata"]["name"]
-    assert c["args"][0] == f"{mount['mountPath']}/config.yaml"
+    assert "COPY docker/zimage-ray-node /usr/local/bin/zimage-ray-node" in (ROOT / "Dockerfile").read_text()
     assert rc["spec"]["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"  # replicas go to the GPU workers
-    keys = [e for e in c["env"] if e["name"] == "ZIMAGE_API_KEYS"]
-    assert keys and "optional" not in keys[0]["valueFrom"]["secretKeyRef"]  # no key, no start
+    group, _, _ = _group("frontdoor")
+    assert group["rayStartParams"]["num-gpus"] == "0" and group["replicas"] >= 2
+    for template, c in _frontdoors():
+        assert c["command"] == ["/usr/local/bin/zimage-ray-node"]
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] == "config"]
+        (vol,) = [v for v in template["spec"]["volumes"] if v["name"] == "config"]
+        assert vol["configMap"]["name"] == _one("ConfigMap")["metadata"]["name"]
+        assert c["args"][0] == f"{mount['mountPath']}/config.yaml"
+        env = {e["name"]: e for e in c["env"]}
+        assert "optional" not in env["ZIMAGE_API_KEYS"]["valueFrom"]["secretKeyRef"]  # no key, no start
+        # each front door's metrics carry its pod's name (the `frontdoor` label)
+        assert env["ZIMAGE_FRONTDOOR_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        assert "nvidia.com/gpu" not in c["resources"]["limits"]
 
 
 def test_probes_hit_the_service_endpoints():
-    _, spec, c = _head()
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports["http"] == 8000
-    cfg = _config()  # Prometheus scrapes the key-free metrics listener, the port the pod annotation names
-    annotations = _head()[0]["spec"]["headGroupSpec"]["template"]["metadata"]["annotations"]
-    assert ports["metrics"] == cfg.server.metrics_port == int(annotations["prometheus.io/port"])
-    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     cfg = _config()
-    budget = c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"]
-    assert budget >= cfg.cluster.wait_timeout_s + cfg.deployment.start_timeout_s
-    assert spec["terminationGracePeriodSeconds"] >= cfg.server.drain_timeout_s + 30
+    for template, c in _frontdoors():
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports["http"] == 8000
+        # Prometheus scrapes the key-free metrics listener, the port the pod annotation names
+        assert ports["metrics"] == cfg.server.metrics_port == int(template["metadata"]["annotations"][
+            "prometheus.io/port"])
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        budget = c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"]
+        assert budget >= cfg.cluster.wait_timeout_s + cfg.deployment.start_timeout_s
+        assert template["spec"]["terminationGracePeriodSeconds"] >= cfg.server.drain_timeout_s + 30
 
 
 def test_workers_run_kuberays_ray_start_with_the_model_cache():
-    rc = _one("RayCluster")
-    (group,) = rc["spec"]["workerGroupSpecs"]
-    spec = group["template"]["spec"]
-    (c,) = spec["containers"]
+    group, template, c = _group("gpu")
+    spec = template["spec"]
     assert "$KUBERAY_GEN_RAY_START_CMD" in c["args"][0] and c["command"][0] == "/bin/bash"
     (mount,) = [m for m in c["volumeMounts"] if m["name"] == "models"]
     assert mount["mountPath"] == "/models"  # where the image's HF_HOME / MODELSCOPE_CACHE / ZIMAGE_CACHE point
     (vol,) = [v for v in spec["volumes"] if v["name"] == "models"]
-    assert vol["persistentVolumeClaim"]["claimName"] == _one("PersistentVolumeClaim")["metadata"]["name"]
-    assert "ReadWriteMany" in _one("PersistentVolumeClaim")["spec"]["accessModes"]
+    assert vol["persistentVolumeClaim"]["claimName"] == _one("PersistentVolumeClaim", "zimage-models")["metadata"][
+        "name"]
+    assert "ReadWriteMany" in _one("PersistentVolumeClaim", "zimage-models")["spec"]["accessModes"]
 
 
-def test_service_selects_the_head_pod_port():
-    rc, _, c = _head()
-    svc = _one("Service")
-    assert svc["spec"]["selector"] == {"ray.io/cluster": rc["metadata"]["name"], "ray.io/node-type": "head"}
-    assert {p["targetPort"] for p in svc["spec"]["ports"]} <= {p["name"] for p in c["ports"]}
+def test_service_selects_every_front_door_and_nothing_else():
+    rc = _one("RayCluster")
+    svc = _one("Service", "zimage-api")
+    selector = svc["spec"]["selector"]
+    assert selector["ray.io/cluster"] == rc["metadata"]["name"]
+    for template, c in _frontdoors():
+        assert selector.items() - {"ray.io/cluster": selector["ray.io/cluster"]}.items() <= \
+            template["metadata"]["labels"].items()
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= {p["name"] for p in c["ports"]}
+    gpu = _group("gpu")[1]["metadata"]["labels"]
+    assert not selector.items() - {"ray.io/cluster": selector["ray.io/cluster"]}.items() <= gpu.items()
+
+
+def test_the_heads_state_is_kept_in_the_redis_the_manifests_run():
+    """GCS fault tolerance: the head's tables in Redis, so a restarted head finds the cluster, the pool and its
+    front doors as they were (docs/kubernetes.md)."""
+    ft = _one("RayCluster")["spec"]["gcsFaultToleranceOptions"]
+    redis_svc = _one("Service", "zimage-redis")
+    port = redis_svc["spec"]["ports"][0]["port"]
+    assert ft["redisAddress"] == f"redis://{redis_svc['metadata']['name']}:{port}"
+    secret = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    dep = _one("Deployment", "zimage-redis")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    (env,) = [e for e in c["env"] if e["name"] == "REDIS_PASSWORD"]
+    assert env["valueFrom"]["secretKeyRef"] == secret  # the same password on both sides
+    assert "--requirepass" in c["args"] and "--appendonly" in c["args"]
+    assert redis_svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    (vol,) = dep["spec"]["template"]["spec"]["volumes"]
+    assert vol["persistentVolumeClaim"]["claimName"] == _one("PersistentVolumeClaim", "zimage-redis-data")[
+        "metadata"]["name"]
 
 
 def test_one_image_non_root_everywhere():

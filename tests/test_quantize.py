@@ -37,17 +37,21 @@ def test_fp8_needs_a_recent_gpu_and_names_the_setting():
         quantize_fp8(tr)
 
 
-def test_compare_reports_error_nonfinite_share_and_psnr():
+def test_compare_reports_errors_nonfinite_share_and_psnr():
     import numpy as np
 
-    ref = (torch.ones(4, 4), np.zeros((8, 8, 3), np.uint8))
+    from actors.quantize import Probe
+
+    ref = Probe(torch.ones(4, 4), torch.full((2, 3), 2.0), np.zeros((8, 8, 3), np.uint8))
     same = compare(ref, ref)
-    assert same["forward_rel_l2"] == 0 and same["nonfinite_fraction"] == 0 and same["image_psnr_db"] == float("inf")
+    assert same["forward_rel_l2"] == 0 and same["latents_rel_l2"] == 0 and same["nonfinite_fraction"] == 0
+    assert same["image_psnr_db"] == float("inf") and "512x512, seed 1234" in same["probe"]
     bad = torch.ones(4, 4)
     bad[0, 0] = float("nan")
-    out = compare(ref, (bad * 1.1, np.full((8, 8, 3), 1, np.uint8)))
+    out = compare(ref, Probe(bad * 1.1, torch.full((2, 3), 1.0), np.full((8, 8, 3), 1, np.uint8)))
     assert out["nonfinite_fraction"] == pytest.approx(1 / 16, abs=1e-4)
     assert out["forward_rel_l2"] == pytest.approx(0.1, abs=1e-3) and out["image_psnr_db"] == pytest.approx(48.13, 0.01)
+    assert out["latents_rel_l2"] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("mode,max_rel,min_psnr", [("int8", 0.01, 50.0), ("fp8", 0.03, 45.0)])

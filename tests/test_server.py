@@ -185,8 +185,10 @@ def test_metrics_parse_and_move(server):
 
     def scrape():
         text = httpx.get(f"{server.url}/metrics", headers=auth()).text
-        return {s.name + json.dumps(s.labels, sort_keys=True): s.value
-                for f in text_string_to_metric_families(text) for s in f.samples}
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        assert len({s.labels["frontdoor"] for s in samples}) == 1  # every series names this front door
+        return {s.name + json.dumps({k: v for k, v in s.labels.items() if k != "frontdoor"}, sort_keys=True): s.value
+                for s in samples}
 
     before = scrape()
     assert post(server, {"prompt": "count me", "size": "64x64", "n": 2}).status_code == 200

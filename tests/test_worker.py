@@ -316,3 +316,23 @@ def test_bytecode_cache_note_names_the_fix_only_where_every_process_compiles_sou
     assert bytecode_cache_note(str(src), dont_write_bytecode=False) is None  # the first start writes them
     py_compile.compile(str(src), cfile=importlib.util.cache_from_source(str(src)))
     assert bytecode_cache_note(str(src), dont_write_bytecode=True) is None  # installed with bytecode, as pip does
+
+
+def test_images_encoded_on_the_replica_equal_the_front_doors_encoding_of_its_pixels(worker):
+    """The HTTP service asks replicas for encoded bytes (frontdoor.encode_on_replica): the same image, format and
+    compression give the very bytes the front door would make from the pixels; previews come encoded too."""
+    from dataclasses import replace
+
+    from zimage_common.image_codec import encode_image
+
+    base = ImageRequest("e0", "a lighthouse", 11, 64, 64, 2, 0.0, partial_images=1)
+    raw = worker.run_batch(Batch(20, (base,))).results[0]
+    for fmt, q in (("png", None), ("jpeg", 85), ("webp", 90)):
+        asked = replace(base, request_id=f"e-{fmt}", output_format=fmt, output_compression=q)
+        items = list(worker.run_batch_stream(Batch(21, (asked,))))
+        out = items[-1].results[0]
+        assert out.ok and out.image is None and out.encoded.format == fmt
+        assert out.encoded.data == encode_image(raw.image, fmt, q)
+        previews = [p for ev in items[:-1] for p in ev.previews]
+        assert previews and all(p[2].format == fmt for p in previews)
+    assert worker.intake_stats()["encoder"]["images"] == 3

@@ -20,6 +20,7 @@ from placement.planner import COMPONENTS  # defined once, in the pure planner
 from .cluster_config import ClusterConfig
 from .config_http import LimitsConfig, RequestDefaults, ServerConfig, _Strict
 from .errors import ConfigError
+from .frontdoor_config import FrontDoorConfig
 from .jobs_config import BatchesConfig, OutputsConfig
 
 __all__ = ["Config", "ConfigError", "LimitsConfig", "RequestDefaults", "ServerConfig", "config_from_dict",
@@ -135,6 +136,13 @@ class ModelConfig(_Strict):
         default="native", description="How fp8 is done. native: plain-tensor float8 linears on torch._scaled_mm "
         "(first compile about 25 s on an H100). torchao: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) "
         "(needs the [fp8] extra; its first compile took 194 s on an H100).")
+    fp8_bf16_blocks: list[int] | str = Field(
+        default_factory=list,
+        description="With fp8: main transformer blocks (0-29 on Z-Image-Turbo) kept in bf16, the rest in fp8. A "
+        "list of block indices ([0, 1, 29]), or 'last:N' / 'first:N' (the N blocks at that end: vLLM-Omni keeps "
+        "'last:15' because Z-Image under fp8 in every block turns to noise with real weights). Empty: every block "
+        "in fp8. The replica's start-up probe reports the error of what is configured.",
+    )
     compile_cache_dir: Path | None = Field(
         default=None, description="Persistent compile cache (TORCHINDUCTOR_CACHE_DIR); None: "
         "~/.cache/zimage-orchestrator/inductor.")
@@ -178,6 +186,9 @@ class ModelConfig(_Strict):
             raise ValueError("source='local' needs local_path: the directory that holds model_index.json")
         if self.source != "local" and self.local_path is not None:
             raise ValueError(f"local_path is only used with source='local' (source is {self.source!r})")
+        if self.fp8_bf16_blocks and self.quantization == "none":
+            raise ValueError("fp8_bf16_blocks chooses blocks to keep out of fp8, but quantization is 'none': set "
+                             "quantization to 'fp8' (or 'auto'), or remove fp8_bf16_blocks")
         return self
 
     @field_validator("attention", mode="before")
@@ -187,6 +198,24 @@ class ModelConfig(_Strict):
             raise ValueError(f"attention {v!r} is no longer offered: 'runs' is the only kernel (set it, or remove "
                              f"the setting)")
         return v
+
+    @field_validator("fp8_bf16_blocks", mode="before")
+    @classmethod
+    def _bf16_blocks(cls, v: Any) -> Any:
+        form = "a list of main-block indices such as [0, 1, 29], or 'last:N' / 'first:N' such as 'last:15'"
+        if isinstance(v, str):
+            end, sep, n = v.strip().partition(":")
+            if not sep or end not in ("last", "first") or not n.isdigit():
+                raise ValueError(f"{v!r} is not a block choice: give {form}")
+            return f"{end}:{int(n)}"
+        if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise ValueError(f"expected {form}")
+        bad = sorted({i for i in v if i < 0})
+        dup = sorted({i for i in v if v.count(i) > 1})
+        if bad or dup:
+            what = "; ".join(x for x in (f"negative: {bad}" if bad else "", f"repeated: {dup}" if dup else "") if x)
+            raise ValueError(f"block indices count from 0 and appear once each; {what}")
+        return sorted(v)
 
     @field_validator("loras")
     @classmethod
@@ -389,10 +418,16 @@ class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     batches: BatchesConfig = Field(default_factory=BatchesConfig)
+    frontdoor: FrontDoorConfig = Field(default_factory=FrontDoorConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         d, lim = self.defaults, self.limits
+        if self.frontdoor.pool is not None and self.cluster.address is None:
+            raise ValueError(
+                f"frontdoor.pool = {self.frontdoor.pool!r} keeps replicas that outlive this process, which a local Ray "
+                f"started by it does not: set cluster.address to a running cluster ('auto' after `ray start --head`), "
+                f"or remove frontdoor.pool")
         if d.width * d.height > lim.max_pixels:
             raise ValueError(
                 f"defaults.width*height = {d.width}x{d.height} = {d.width * d.height} pixels exceeds "

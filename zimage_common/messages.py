@@ -6,13 +6,14 @@ with ``ok`` and a reason, never as an exception through the router loop.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from placement.memory import caption_tokens_bound, sample_tokens
+
+from .image_codec import EncodedImage, encode_image
 
 if TYPE_CHECKING:
     from .config import JoinPolicy
@@ -74,6 +75,13 @@ class ImageRequest:
     control_scale: float = 0.75
     loras: tuple[tuple[str, float], ...] = ()  # per-request LoRA: (adapter name, scale), applied in this order
     priority: int = 0  # INTERACTIVE or BATCH_JOB: the router serves lower values first (scheduler.py)
+    # How the replica returns the image: None, raw pixels (the Python API); "png" / "jpeg" / "webp", encoded on the
+    # replica's node at ``output_compression`` (the HTTP service), so the front door only forwards bytes.
+    output_format: str | None = None
+    output_compression: int | None = None
+    # Idempotency-Key (orchestrator/idempotency.py): the key of this one image within a keyed call. A replica runs a
+    # keyed image at most once across every front door and replica of a pool (actors/intake.py); "" = none.
+    result_key: str = ""
 
     @property
     def steps_run(self) -> int:
@@ -139,13 +147,8 @@ class StageTimes:
 
 
 def encode_png(image) -> bytes:
-    """uint8 [H, W, 3] -> PNG bytes. Compression level 1: several times faster than the default for a file
-    a little larger, the trade a serving path wants."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    """uint8 [H, W, 3] -> PNG bytes at compression level 1 (``image_codec.encode_image``)."""
+    return encode_image(image, "png")
 
 
 # Why a result failed (``ImageResult.error_type``). The router and the HTTP layer act on these:
@@ -209,9 +212,10 @@ def failure(kind: str | None) -> Failure:
 
 @dataclass(frozen=True)
 class ImageResult:
-    """The outcome for one request. ``image`` (uint8 [H, W, 3]) is set when ``ok``; ``error``/``error_type`` when
-    not. The replica returns raw pixels, so PNG encoding never holds a GPU replica: ``png`` encodes on first use,
-    wherever the caller is (the HTTP server does it in a thread pool)."""
+    """The outcome for one request. When ``ok``, ``image`` (uint8 [H, W, 3]) holds the pixels, or, for a request
+    that named an ``output_format``, ``encoded`` holds the bytes the replica's encoder pool made (``image`` None: the
+    pixels do not travel twice). ``error``/``error_type`` when not ok. Encoding never holds a GPU: ``png`` encodes
+    raw pixels on first use, wherever the caller is."""
 
     request_id: str
     ok: bool
@@ -231,15 +235,31 @@ class ImageResult:
     attempts: int = 1
     prompt_tokens: int | None = None  # text tokens the encoder saw (chat template included), as the replica counted
     image_tokens: int | None = None  # image tokens the transformer generated ((H/16) x (W/16))
+    encoded: EncodedImage | None = field(default=None, repr=False)
+
+    @property
+    def picture(self):
+        """What the replica sent: the ``EncodedImage`` when it encoded, else the pixels (None when failed)."""
+        return self.encoded if self.encoded is not None else self.image
 
     @cached_property
     def png(self) -> bytes | None:
-        return None if self.image is None else encode_png(self.image)
+        if self.encoded is not None and self.encoded.format == "png":
+            return self.encoded.data
+        pixels = self.pixels()
+        return None if pixels is None else encode_png(pixels)
+
+    def pixels(self):
+        """uint8 [H, W, 3]: the pixels, decoded from ``encoded`` when that is what came back."""
+        if self.image is not None:
+            return self.image
+        return None if self.encoded is None else self.encoded.pixels()
 
     def pil(self):
         from PIL import Image
 
-        return None if self.image is None else Image.fromarray(self.image)
+        pixels = self.pixels()
+        return None if pixels is None else Image.fromarray(pixels)
 
 
 @dataclass(frozen=True)
@@ -285,7 +305,7 @@ class ReplicaHealth:
 class StepProgress:
     """Per-step progress of a running batch, for streaming clients. ``previews`` holds the preview images decoded
     at this step for the requests that asked for them (``partial_images``): ``(request_id, partial_index, image)``
-    with ``image`` a uint8 [H, W, 3] array."""
+    with ``image`` a uint8 [H, W, 3] array, or an ``EncodedImage`` where the request named an ``output_format``."""
 
     batch_id: int
     step: int

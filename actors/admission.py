@@ -1,0 +1,158 @@
+"""A replica's own admission: the calls, tokens and samples it takes in at once, whatever number of front doors
+send to it.
+
+One router keeps within a replica's budget by its own books (``orchestrator/replica_load.py``); several routers over
+one pool (front doors) each believe they hold the replica alone. The gate is what holds the budget then: a call
+enters before any of its work starts (screening, encode, the step loop), first come first served, while the calls,
+tokens and samples inside stay within ``AdmissionLimits``; the rest wait here, un-encoded, costing no GPU memory. A
+call larger than the limits alone enters when nothing else is inside (it could never enter otherwise, and the
+router sends such a call only to an idle replica). The limits are what one router sends at most, so with a single
+front door nothing ever waits here.
+
+``queue_len`` (samples waiting plus samples inside) is what routers compare when they choose between two replicas
+(power of two choices, ``orchestrator/pow2.py``). A call's requests may be cancelled while it waits: a call whose
+requests are all cancelled leaves the queue at once, and the others enter without the cancelled ones.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """What a replica takes in at once: calls (batches, or groups joining its step loop), their tokens (the router's
+    budget unit, ``ImageRequest.tokens``) and their samples. None: no limit on that count."""
+
+    calls: int | None = None
+    tokens: int | None = None
+    samples: int | None = None
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One call at the gate."""
+
+    request_ids: tuple[str, ...]
+    tokens: int
+    samples: int
+    cancelled: set[str] = field(default_factory=set)
+    admitted: bool = False
+    withdrawn: bool = False  # every request cancelled while it waited: it never enters
+
+    @property
+    def live_ids(self) -> tuple[str, ...]:
+        return tuple(i for i in self.request_ids if i not in self.cancelled)
+
+
+@dataclass
+class GateStats:
+    waiting_calls: int = 0
+    waiting_samples: int = 0
+    calls: int = 0  # inside now
+    tokens: int = 0
+    samples: int = 0
+    peak_calls: int = 0  # the most inside at once since the replica started
+    peak_tokens: int = 0
+    peak_samples: int = 0
+    admitted_total: int = 0  # calls that entered
+    waited_total: int = 0  # of those, calls that had to wait
+    wait_s_total: float = 0.0
+
+
+class AdmissionGate:
+    """First come first served admission within ``AdmissionLimits``. Thread-safe: each Ray actor call runs on a
+    thread of its own and blocks in ``enter`` until its turn."""
+
+    def __init__(self, limits: AdmissionLimits, clock=None):
+        import time
+
+        self.limits = limits
+        self._clock = clock or time.monotonic
+        self._cond = threading.Condition()
+        self._queue: deque[Ticket] = deque()
+        self._inside: set[Ticket] = set()
+        self.stats = GateStats()
+
+    def enter(self, request_ids, tokens: int, samples: int, timeout_s: float | None = None) -> Ticket:
+        """Wait for the call's turn and room; returns its ticket (``admitted``), or, when every request of it was
+        cancelled meanwhile, a ``withdrawn`` one. ``timeout_s`` (tests): raise TimeoutError past it."""
+        ticket = Ticket(tuple(request_ids), tokens, samples)
+        t0 = self._clock()
+        deadline = None if timeout_s is None else t0 + timeout_s
+        with self._cond:
+            self._queue.append(ticket)
+            waited = False
+            while not ticket.withdrawn and not (self._queue[0] is ticket and self._fits(ticket)):
+                waited = True
+                left = None if deadline is None else deadline - self._clock()
+                if left is not None and left <= 0:
+                    self._queue.remove(ticket)
+                    self._cond.notify_all()
+                    raise TimeoutError(f"not admitted within {timeout_s}s")
+                self._cond.wait(left)
+            if ticket.withdrawn:
+                return ticket
+            self._queue.popleft()
+            ticket.admitted = True
+            self._inside.add(ticket)
+            s = self.stats
+            s.calls += 1
+            s.tokens += ticket.tokens
+            s.samples += ticket.samples
+            s.peak_calls, s.peak_tokens = max(s.peak_calls, s.calls), max(s.peak_tokens, s.tokens)
+            s.peak_samples = max(s.peak_samples, s.samples)
+            s.admitted_total += 1
+            s.waited_total += waited
+            s.wait_s_total += self._clock() - t0
+            self._cond.notify_all()  # the next in the queue may fit beside it
+        return ticket
+
+    def leave(self, ticket: Ticket) -> None:
+        with self._cond:
+            if ticket in self._inside:
+                self._inside.remove(ticket)
+                self.stats.calls -= 1
+                self.stats.tokens -= ticket.tokens
+                self.stats.samples -= ticket.samples
+                self._cond.notify_all()
+
+    def cancel(self, request_ids) -> set[str]:
+        """Mark these requests of waiting calls cancelled; returns those found waiting."""
+        wanted = set(request_ids)
+        found: set[str] = set()
+        with self._cond:
+            for t in list(self._queue):
+                hit = wanted.intersection(t.request_ids)
+                if not hit:
+                    continue
+                t.cancelled |= hit
+                found |= hit
+                if not t.live_ids:
+                    t.withdrawn = True
+                    self._queue.remove(t)
+            if found:
+                self._cond.notify_all()
+        return found
+
+    def queue_len(self) -> int:
+        """Samples waiting at the gate and inside it."""
+        with self._cond:
+            return sum(t.samples for t in self._queue) + self.stats.samples
+
+    def snapshot(self) -> GateStats:
+        with self._cond:
+            s = GateStats(**vars(self.stats))
+            s.waiting_calls = len(self._queue)
+            s.waiting_samples = sum(t.samples for t in self._queue)
+            return s
+
+    def _fits(self, t: Ticket) -> bool:
+        if not self._inside:
+            return True  # alone it always enters, even over the limits
+        lim, s = self.limits, self.stats
+        return ((lim.calls is None or s.calls + 1 <= lim.calls)
+                and (lim.tokens is None or s.tokens + t.tokens <= lim.tokens)
+                and (lim.samples is None or s.samples + t.samples <= lim.samples))

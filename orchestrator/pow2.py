@@ -1,0 +1,99 @@
+"""Choosing a replica when several routers share them: power of two choices over the queue lengths the replicas
+report (Ray Serve's ``PowerOfTwoChoicesRequestRouter``).
+
+A router's own books (``replica_load.py``) see only what it sent; with several front doors the replicas' queues are
+the sum of all of theirs, which only the replicas know (``actors/admission.py``: ``queue_len``). Asking every replica
+for every request would cost a round trip per replica, so, as Ray Serve does:
+
+- the router picks two candidates at random among those that can take the request;
+- it compares their queue lengths as last reported (``QueueLengths``: each report is trusted for ``ttl_s``, and the
+  router counts what it sent since on top, so a burst from one front door does not all land on one replica before
+  the next report);
+- the shorter queue wins; a replica whose report is stale or missing is asked (``stale``), and one at
+  ``max_queue`` is not a candidate.
+
+The work per request is constant whatever the number of replicas. Pure functions and a small cache with an
+injected clock: nothing here calls Ray.
+
+Where it plugs in: the router orders its free replicas least-outstanding first by its own books
+(``scheduler.BatchScheduler.schedule``); with a pool of several front doors, that order is to come from ``choose``
+over ``QueueLengths`` (the router's replica pool probes ``queue_len`` of the replicas ``stale`` names). The router's
+routing rework (after the one-execution-path change) takes it from here.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass
+class _Report:
+    length: int
+    at: float
+    sent_since: int = 0
+
+
+class QueueLengths:
+    """Each replica's last reported queue length, plus what this router sent it since."""
+
+    def __init__(self, ttl_s: float = 1.0, clock: Callable[[], float] | None = None):
+        import time
+
+        self.ttl_s = ttl_s
+        self._clock = clock or time.monotonic
+        self._reports: dict[str, _Report] = {}
+
+    def report(self, replica_id: str, length: int) -> None:
+        self._reports[replica_id] = _Report(int(length), self._clock())
+
+    def sent(self, replica_id: str, n: int = 1) -> None:
+        r = self._reports.get(replica_id)
+        if r is not None:
+            r.sent_since += n
+
+    def get(self, replica_id: str) -> int | None:
+        """The length to compare, or None when there is no fresh report."""
+        r = self._reports.get(replica_id)
+        if r is None or self._clock() - r.at > self.ttl_s:
+            return None
+        return r.length + r.sent_since
+
+    def stale(self, replica_ids: Sequence[str]) -> list[str]:
+        """The replicas to ask for their queue length before choosing among them."""
+        return [rid for rid in replica_ids if self.get(rid) is None]
+
+    def forget(self, replica_id: str) -> None:
+        self._reports.pop(replica_id, None)
+
+
+def choose(candidates: Sequence[str], lengths: Callable[[str], int | None], rng: random.Random | None = None,
+           max_queue: int | None = None) -> str | None:
+    """Power of two choices: two distinct candidates drawn at random, the one with the shorter queue wins (a tie
+    goes to the first drawn, so ties spread at random too). A candidate without a known length counts as empty:
+    a new or silent replica gets work, and with it a report. Candidates at ``max_queue`` or beyond are left out;
+    None when none is left."""
+    rng = rng or random
+    pool = [c for c in candidates if max_queue is None or (lengths(c) or 0) < max_queue]
+    if not pool:
+        return None
+    if len(pool) == 1:
+        return pool[0]
+    a, b = rng.sample(pool, 2)
+    return a if (lengths(a) or 0) <= (lengths(b) or 0) else b
+
+
+def order(candidates: Sequence[str], lengths: Callable[[str], int | None], rng: random.Random | None = None,
+          max_queue: int | None = None) -> list[str]:
+    """Every candidate, in the order repeated power-of-two draws pick them (the first is ``choose``'s answer):
+    for a scheduler that fills several replicas in one pass."""
+    rest = list(candidates)
+    out = []
+    while rest:
+        pick = choose(rest, lengths, rng, max_queue)
+        if pick is None:
+            break
+        out.append(pick)
+        rest.remove(pick)
+    return out
