@@ -224,6 +224,8 @@ class InProcessReplica:
 
         def work():
             for ev in self.worker.run_batch_stream(batch):
+                if loop.is_closed():  # the test's router stopped with this call still in the loop
+                    continue
                 if isinstance(ev, StepProgress):
                     if on_progress is not None:
                         loop.call_soon_threadsafe(on_progress, ev)

@@ -290,14 +290,10 @@ class ReplicaHealth:
     compiles_after_ready: int = 0  # graphs built while serving (the goal is none)
     eager_fallbacks: dict[str, int] = field(default_factory=dict)  # per stage: calls after ready no graph covered
     max_side: int = 0  # longest image side the model's position table can place, in pixels (0: unknown)
-    # seconds of each phase of the replica's start (actors/worker.py PipelineWorker): "process" (from the process's
-    # creation to the actor's construction: Ray's worker start and this package's imports; Ray may have made the
-    # process before the deployment asked for it), then _start's in order: "imports" (torch and the model
-    # libraries, and each device's CUDA context), "load" (the weights), "speed_options" (quantization with its
-    # numerics check, compile set-up, LoRA), "warmup_batches", "warmup_extra" (ControlNet's and LoRA's warm-up),
-    # "attention_plans" and "encoder_shapes" (what is left of each after the warm-up batches: they run on the
-    # denoise and the encode stage's threads beside the speed options, the encoder's after them where those
-    # quantize it)
+    # seconds of each phase of the replica's start: "process" (the process's creation to the actor's: Ray's worker
+    # start and the imports), then actors/startup.py's phases in order ("imports", "load", "speed_options",
+    # "warmup_batches", "warmup_extra", and what was left of "attention_plans" and "encoder_shapes", which run
+    # beside them on the denoise and encode stages' threads)
     startup_s: dict = field(default_factory=dict)
 
 
@@ -311,8 +307,7 @@ class StepProgress:
     step: int
     total_steps: int
     previews: tuple = ()
-    # Step-level batching only: the replica's loop step this came from, the samples that ran in it and the samples
-    # that joined at it (the router's metrics).
+    # the replica's loop step this came from, the samples that ran in it and those that joined at it (metrics)
     loop_step: int = 0
     running: int = 0
     joined: int = 0
