@@ -1,12 +1,8 @@
 """Compiled code with a counted eager fallback: after ready a call whose shapes no compiled graph covers runs eager,
 never compiles, and is counted per stage (``zimage_eager_fallbacks_total{replica, stage}``), so an operator sees a
-miss instead of a silently slower replica.
-
-torch.compile's ``eager_on_recompile`` stance runs such a call eager without telling anyone. Under
-``fail_on_recompile`` dynamo raises instead, before the frame runs a single op; ``guarded`` catches exactly that,
-counts it and calls the uncompiled function. The compiled functions here are pure (no state is mutated before the
-guard check), so running the call again eagerly is the same call.
-"""
+miss instead of a silently slower replica. Under torch.compile's ``fail_on_recompile`` stance dynamo raises before
+the frame runs a single op; ``guarded`` catches exactly that, counts it and calls the uncompiled function (the
+compiled functions mutate nothing before the guard check, so that is the same call)."""
 
 from __future__ import annotations
 

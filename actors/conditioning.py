@@ -1,26 +1,18 @@
-"""Image conditioning for the denoise loop: img2img (a noised input image as the starting point) and inpainting
-(img2img plus a per-step blend that keeps the unmasked area of the input), as diffusers 0.42's
-``ZImageImg2ImgPipeline`` and ``ZImageInpaintPipeline`` compute them, per sample of a packed batch.
+"""Image conditioning: img2img (a noised input image as the starting point) and inpainting (plus a per-step blend
+that keeps the unmasked area), as diffusers 0.42's ``ZImageImg2ImgPipeline`` and ``ZImageInpaintPipeline`` compute
+them, per sample (docs/conditioning.md, "The math").
 
-Three pieces, each a small call from ``actors/engine.py`` (marked ``[conditioning]`` there):
+- ``encode_conditions`` (its own stage, on the VAE's device): each input image preprocessed and VAE-encoded
+  (``latent_dist.sample`` with the sample's own CPU generator), then the noise drawn from the same generator, in
+  diffusers' order (the inpaint pipeline's unused masked-image encode is skipped); the mask scaled to the latent grid.
+- ``Conditioning.start`` / ``noised``: ``t_start = int(max(N - min(N * strength, N), 0))`` of the sample's own
+  ``N``-step schedule (``get_timesteps``); it runs the ``N - t_start`` steps from ``scale_noise(image_latents,
+  sigma[t_start], noise)``.
+- ``Conditioning.after_step``: inpainting blends ``(1 - mask) * scale_noise(image_latents, sigma_next, noise) + mask
+  * latents`` (the clean image latents after the last step); img2img does nothing.
 
-- ``encode_conditions`` (its own stage, on the VAE's device and under the VAE's lock, never the transformer's):
-  preprocesses each conditioned sample's input image, VAE-encodes it (``latent_dist.sample`` with the sample's own
-  CPU generator, as diffusers does), then draws the noise from the same generator, and scales the mask down to
-  the latent grid. Random numbers are drawn in diffusers' order: encoder sample, then noise (the inpaint pipeline
-  then encodes the masked image too, drawing more numbers, but never uses the result: skipped here).
-- ``Conditioning.start`` / ``initial_latents``: the per-sample start offset. ``get_timesteps`` in diffusers:
-  ``t_start = int(max(N - min(N * strength, N), 0))`` of the sample's own ``N``-step schedule; the sample runs the
-  ``N - t_start`` steps from there, starting from ``scale_noise(image_latents, sigma[t_start], noise)``.
-- ``Conditioning.after_step``: the per-sample hook after each scheduler step. Inpainting blends
-  ``(1 - mask) * scale_noise(image_latents, sigma_next, noise) + mask * latents`` (the clean image latents after
-  the last step); img2img does nothing.
-
-Batching rule: a packed batch runs one transformer call per step for all its samples, so every sample of a
-batch must run the same number of steps. A conditioned sample runs ``N - t_start`` steps (``steps_run`` below), a
-plain one ``N``: they share a batch when those numbers match (``ImageRequest.key`` is the number of steps run),
-whatever their strengths, masks, sizes or schedules (each sample keeps its own scheduler and sigmas).
-"""
+The router puts requests that run the same number of steps (``steps_run``, ``ImageRequest.key``) in one call; in the
+step loop samples of any step count share each step."""
 
 from __future__ import annotations
 
@@ -48,20 +40,17 @@ class Conditioning:
         return Conditioning(self.num_inference_steps, self.start, self.image_latents.to(device),
                             self.noise.to(device), None if self.mask is None else self.mask.to(device))
 
-    def initial_latents(self, scheduler) -> torch.Tensor:
-        """The starting point: the input image noised to the schedule's ``start`` sigma (``scale_noise`` before
-        the first step, with ``begin_index = start`` set on ``scheduler``)."""
-        t = scheduler.timesteps[self.start : self.start + 1]
-        return scheduler.scale_noise(self.image_latents, t, self.noise)
+    def noised(self, sigma: float, keep: float) -> torch.Tensor:
+        """The input image's latents noised to ``sigma`` (``keep`` = 1 - sigma): diffusers' ``scale_noise``,
+        ``sigma * noise + (1 - sigma) * image_latents``. At the schedule's ``start`` sigma: the starting point."""
+        return sigma * self.noise + keep * self.image_latents
 
-    def after_step(self, scheduler, latents: torch.Tensor, next_timestep: torch.Tensor | None) -> torch.Tensor:
-        """The inpainting blend after a scheduler step (``next_timestep`` None after the last one); img2img: the
+    def after_step(self, latents: torch.Tensor, sigma: float | None, keep: float) -> torch.Tensor:
+        """The inpainting blend after a step, with the sample's next sigma (None after its last step); img2img: the
         latents unchanged."""
         if self.mask is None:
             return latents
-        proper = self.image_latents
-        if next_timestep is not None:
-            proper = scheduler.scale_noise(proper, next_timestep.reshape(1), self.noise)
+        proper = self.image_latents if sigma is None else self.noised(sigma, keep)
         return (1 - self.mask) * proper + self.mask * latents
 
 

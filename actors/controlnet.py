@@ -1,20 +1,13 @@
 """ControlNet (diffusers 0.42's ``ZImageControlNetModel``, the Fun-ControlNet-Union family) on a packed batch.
 
-``ZImageControlNetModel.from_transformer`` shares the transformer's embedders, refiners, RoPE and pad tokens, so on
-a packed batch (``actors/packed.py``) the ControlNet needs none of its own bookkeeping: its control tokens follow the
-image tokens' layout (``layout.x``), its unified sequence the transformer's (``layout.uni`` / ``uni_index``), and
-``ZImageControlTransformerBlock``'s body is a main block's (``packed._block_forward``) between ``before_proj`` (block
-0: ``c = before_proj(c) + x``) and ``after_proj`` (the hint). ``controlled_forward`` is ``PackedTransformer.__call__``
-with the ControlNet's hints added after the main layers of ``control_layers_places``, each hint times its sample's
-``controlnet_conditioning_scale`` (0 for a sample without a control image, which is then exactly unaffected).
-
-Variants (``add_control_noise_refiner``): None, the control tokens go through ``control_noise_refiner`` (plain
-blocks) and the ControlNet's unified input is the transformer's own; ``"control_layers"`` / ``"control_noise_refiner"``,
-control blocks also run at the refiner level and their hints are added inside the ControlNet's own noise-refiner
-pass (not the transformer's), as diffusers does.
-
-``tests/test_controlnet.py`` checks it against ``ZImageControlNetPipeline`` on the CPU.
-"""
+``ZImageControlNetModel.from_transformer`` shares the transformer's embedders, refiners, RoPE and pad tokens, so the
+control tokens follow the packed image tokens' layout (``layout.x``) and the unified sequence the transformer's
+(``layout.uni``); a control block is a main block (``packed._block_forward``) between ``before_proj`` (block 0: ``c =
+before_proj(c) + x``) and ``after_proj`` (the hint). ``controlled_forward`` is ``PackedTransformer.__call__`` with the
+hints added after the layers of ``control_layers_places``, each times its sample's conditioning scale (0 for a sample
+without a control image, which is then exactly unaffected). With ``add_control_noise_refiner`` set, control blocks
+also run at the refiner level, their hints added inside the ControlNet's own noise-refiner pass, as diffusers does.
+``tests/test_controlnet.py`` checks it against ``ZImageControlNetPipeline``."""
 
 from __future__ import annotations
 

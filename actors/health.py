@@ -73,11 +73,9 @@ class HealthMixin:
 
 
 def bytecode_cache_note(module_file: str, dont_write_bytecode: bool | None = None) -> str | None:
-    """Why a replica's imports are slow where Python keeps no bytecode for the libraries: ``module_file`` (torch's
-    ``__init__.py``) has no ``.pyc`` where this interpreter looks for one, and writing them is off
-    (PYTHONDONTWRITEBYTECODE), so every replica process compiles the libraries' sources again. None where that is
-    not so. On an H100 host that cost 7-11 s of every start: imports took 16-20 s a process without
-    bytecode and 9-10 s with it."""
+    """Why a replica's imports are slow where Python keeps no bytecode for the libraries (about 10 s of every
+    start): ``module_file`` (torch's ``__init__.py``) has no ``.pyc`` where this interpreter looks for one, and
+    writing them is off (PYTHONDONTWRITEBYTECODE). None where that is not so."""
     import importlib.util
     import sys
 

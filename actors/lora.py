@@ -1,29 +1,22 @@
 """Per-request LoRA: adapters kept as low-rank factors (never merged into the base weights), applied per sample
 inside one packed transformer call.
 
-Reading: the formats diffusers' Z-Image LoRA loader accepts (diffusers 0.42.1,
-``ZImageLoraLoaderMixin.lora_state_dict``: its own PEFT layout with the ``lora_adapter_metadata`` header, and the
-community layouts its ``_convert_non_diffusers_z_image_lora_to_diffusers`` converts: kohya ``lora_unet_*`` with
-``lora_down``/``lora_up`` and ``.alpha``, ``diffusion_model.*`` (ai-toolkit / ComfyUI), PEFT ``default.`` keys,
-dot-separated ``lora.down``/``lora.up`` with fused ``qkv``). We call that function itself, then turn the diffusers
-state dict into per-module factors with each module's PEFT scale (``lora_alpha / r``, ``rank_pattern``,
-``alpha_pattern``, rsLoRA: the same rules as ``peft.tuners.lora.LoraLayer.update_layer``) folded into ``B``, so
-``W_eff = W + scale_request * B @ A`` is what diffusers computes after ``load_lora_weights`` + ``fuse_lora``.
+Reading: whatever diffusers' Z-Image LoRA loader accepts (0.42.1, ``ZImageLoraLoaderMixin.lora_state_dict``: its PEFT
+layout, and the kohya, ai-toolkit/ComfyUI, PEFT ``default.`` and dotted layouts its
+``_convert_non_diffusers_z_image_lora_to_diffusers`` converts; we call that function), turned into per-module factors
+with each module's PEFT scale (``lora_alpha / r``, ``rank_pattern``, ``alpha_pattern``, rsLoRA, as
+``peft.tuners.lora.LoraLayer.update_layer``) folded into ``B``: ``W_eff = W + scale * B @ A``, what diffusers computes
+after ``load_lora_weights`` + ``fuse_lora``.
 
-Applying (``actors/packed.py``): the linears inside the transformer blocks (attention q/k/v/out, feed-forward
-w1/w2/w3 and the adaLN modulation) take a LoRA term per token row. For one batch the active adapters' factors are
-stacked along the rank: ``A_cat [R, in]``, ``B_cat [out, R]`` with ``R`` the sum of their (padded) ranks, and a
-``[samples, R]`` matrix ``S`` holds each sample's scale for each adapter's rank columns (0 where the sample does
-not use it). Then ``delta = ((x @ A_cat^T) * S[seg]) @ B_cat^T``: two thin matmuls over all rows, no gather or
-scatter, and one graph for any adapter set (``R`` is a dynamic size like the token count; ranks are padded to a
-multiple of ``RANK_MULTIPLE`` so no size is ever 1). The matmuls are memory-bound at these ranks, so the zero
-columns of the adapters a row does not use cost little. The inputs q/k/v share one ``A`` matmul, as do w1/w3.
+Applying (``actors/packed.py``): the blocks' linears (q/k/v/out, w1/w2/w3, adaLN modulation) take a term per token
+row. A batch's adapters are stacked along the rank (``A_cat [R, in]``, ``B_cat [out, R]``), and ``S [samples, R]``
+holds each sample's scale for each adapter's columns: ``delta = ((x @ A_cat^T) * S[seg]) @ B_cat^T``, two thin
+memory-bound matmuls over all rows and one graph for any adapter set (``R`` is dynamic; ranks are padded to
+``RANK_MULTIPLE``). q/k/v share one ``A`` matmul, as do w1/w3.
 
-Residency: every registered adapter is read and converted once, at registration (never inside a batch), and kept
-on the CPU; at most ``max_resident`` stay on the transformer's device, least recently used first out. A batch
-that names an adapter not resident copies its factors to the device before the batch (a host-to-device copy, no
-file read); a batch with more distinct adapters than ``max_resident`` holds them all for that batch only.
-"""
+Residency: an adapter is read and converted once, at registration, and kept on the CPU; at most ``max_resident``
+stay on the transformer's device (LRU); a batch naming one that is not is copied in first (no file read), and a
+batch with more distinct adapters than that holds them all for that batch only."""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ import logging
 
 from zimage_common.config import ModelConfig
 
-from .startup import WARMUP_PROMPT, WARMUP_PROMPTS, WarmupSpec, _sync_devices
+from .devices import sync_all
+from .startup import WARMUP_PROMPT, WARMUP_PROMPTS, WarmupSpec
 
 # The replica's log lines keep one logger name whichever part of it writes them: operators filter on it
 # (docs/observability.md).
@@ -34,18 +35,19 @@ class LoraRegistryMixin:
         sample without one (later adapter sets, ranks and mixes reuse these graphs: the rank is a dynamic size)."""
         from .engine import Sample
         from .lora import build_adapter, factors_from_state_dict, random_lora_state_dict
+        from .steploop import generate
 
         store, name = self.engine.loras, "__warmup__"
         sd, meta = random_lora_state_dict(self.engine.transformer, 8, device=self.engine.devices["transformer"],
                                           dtype=self.engine.dtype)
         store.add_adapter(build_adapter(name, factors_from_state_dict(sd, meta, self.engine.dtype),
                                         self.engine.transformer, "warm-up"))
-        _sync_devices(self.engine.devices)  # made on this thread's stream; the denoise stage may run on its own
+        sync_all(self.engine.devices.values())  # made on this thread's stream, read by the stages' threads
         try:
             w, h = spec.sizes[0]
             for batch in ([Sample(WARMUP_PROMPT, 0, w, h, loras=((name, 1.0),))],
                           [Sample(WARMUP_PROMPTS[0], 1, w, h, loras=((name, 0.5),)), Sample(WARMUP_PROMPT, 2, w, h)]):
-                self.engine.generate(batch, spec.num_inference_steps, stage_run=self._warmup_run)
+                generate(self.engine, batch, spec.num_inference_steps, run=self._stages.run)
         finally:
             store.remove(name)
             store.prefetch([s.name for s in self.model_cfg.loras])  # what the warm-up adapter pushed out

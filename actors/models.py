@@ -101,16 +101,11 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</t
 
 
 def build_tokenizer(english: bool = False):
-    """A Qwen2 tokenizer built offline: byte-level BPE, Qwen's special tokens, Qwen3's chat template.
-
-    The real tokenizer cannot be downloaded here. This one has the same class, special tokens, padding behaviour
-    and template, so the pipeline's text path runs unchanged. Without ``english`` it has no merges (256 byte
-    tokens: a prompt costs one token per byte, five to six per English word). With ``english`` (the full-size
-    random-weight model the benchmarks time) it learns BPE merges from English prompt text
-    (``zimage_common/prompts.py``: the benchmark's prompts, and the chat template), so common English words are
-    single tokens as in Qwen's 151,646-token vocabulary and caption lengths are those real prompts have, not 5x
-    longer. Text outside that vocabulary still encodes, byte by byte.
-    """
+    """A Qwen2 tokenizer built offline (the real one cannot be downloaded here): the same class, special tokens,
+    padding and chat template, so the pipeline's text path runs unchanged. Without ``english``: no merges (one token
+    per byte). With ``english`` (the full-size model the benchmarks time): BPE merges learnt from the benchmark's
+    prompts (``zimage_common/prompts.py``), so common English words are single tokens and captions have the lengths
+    real prompts have; other text still encodes, byte by byte."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import Qwen2TokenizerFast
 
@@ -156,13 +151,9 @@ def _default_dtype(dtype):
 
 
 def build_components(size: str, device: str | dict[str, str] = "cpu", dtype=None, seed: int = 0) -> dict[str, Any]:
-    """Build the five pipeline components from the real classes, random weights.
-
-    ``size`` is ``"tiny"`` or ``"full"``. Construction happens directly on ``device`` in ``dtype``
-    (the default dtype is switched while constructing, so a full-size model never has an fp32 copy).
-    ``device="meta"`` builds without memory, for counting parameters. ``device`` may also map each of
-    transformer / text_encoder / vae to its own device (a split placement never stages through one GPU).
-    """
+    """The five pipeline components from the real classes, random weights; ``size``: ``"tiny"`` or ``"full"``. Built
+    directly on ``device`` in ``dtype`` (the default dtype switched meanwhile: a full-size model never has an fp32
+    copy); ``"meta"`` builds without memory; a dict maps each component to its own device."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model

@@ -1,27 +1,14 @@
 """One transformer call for any mix of image sizes and caption lengths: samples packed into one token sequence.
 
-``ZImageTransformer2DModel.forward`` pads every sample of a batch to the longest one and, when lengths differ,
-gives attention a key-padding mask (slow) and the refiners a padded batch. Here the samples' tokens are
-concatenated into one sequence ``[1, T, D]`` with per-sample boundaries: attention runs per sample on exactly that
-sample's tokens (one dense call per sample, ``run_attention``), so no sample attends to another, no padding is
-computed, and nothing depends on the batch-mates.
-
-The math is the diffusers forward's, step for step (patchify -> x embed + pad token -> noise refiner ->
-caption embed + pad token -> context refiner -> [image, caption] per sample -> main layers -> final layer ->
-unpatchify), using the model's own modules and parameters. What differs is only what is computed once:
-
-- everything that depends on shapes alone (segment ids, RoPE tables, gather indices, boundaries) is built once per
-  batch (``PackedLayout``), not at every step;
-- the caption path (caption embedder and the unmodulated context refiner) does not depend on the timestep, so it
-  runs once per batch (``PackedLayout.caption_cache``) instead of at every step;
-- each sample has its own timestep (``t`` has one entry per sample): samples of different sizes follow their own
-  sigma schedules (the shift ``mu`` depends on the image's token count).
-
-Per-sample modulation: a block's adaLN output is computed per sample ``[B, 4D]`` and gathered per token by segment
-id; under ``torch.compile`` the gather fuses into the elementwise kernels around it.
-
-``tests/test_packed.py`` checks every sample against its solo run through the unmodified diffusers forward.
-"""
+``ZImageTransformer2DModel.forward`` pads every sample to the longest one, with a key-padding mask (slow) where
+lengths differ. Here the tokens are concatenated into one sequence ``[1, T, D]`` with per-sample boundaries, and
+attention runs per sample on exactly its tokens (``run_attention``), so nothing depends on the batch-mates. The math
+is the diffusers forward's step for step, with the model's own modules; what differs is what is computed once:
+each sample's RoPE tables and pad masks when it joins (``Piece``), a batch's layout by concatenating pieces
+(``PackedLayout``), and its caption path (embedder and the unmodulated context refiner, which sees no timestep and
+no other sample) once per sample (``Piece.caption``). Each sample has its own timestep; a block's adaLN output is
+computed per sample and gathered per token by segment id. ``tests/test_packed.py`` checks every sample against its
+solo run through the unmodified diffusers forward."""
 
 from __future__ import annotations
 
@@ -50,6 +37,23 @@ class Segments:
         return sum(self.lens)
 
 
+@dataclass(eq=False)
+class Piece:
+    """One entry of a packed call (a sample, or its negative pass) as far as its shapes decide: built once when it
+    joins (``PackedTransformer.piece``), so a new running set only concatenates pieces. Its caption, once refined
+    (``PackedTransformer.captions``), is kept too: the context refiner sees no timestep and no other sample."""
+
+    size: tuple[int, int, int]  # latent (F, H, W)
+    n_img: int  # image tokens before padding
+    x_len: int  # image tokens, padded
+    cap_len: int  # caption tokens, padded
+    x_freqs: torch.Tensor  # complex [x_len, head_dim/2], on the device
+    cap_freqs: torch.Tensor  # complex [cap_len, head_dim/2]
+    x_pad: torch.Tensor  # bool [x_len]
+    cap_pad: torch.Tensor  # bool [cap_len]
+    caption: torch.Tensor | None = None  # context-refined caption tokens [cap_len, D]
+
+
 @dataclass
 class PackedLayout:
     """Everything about a packed batch that depends only on its shapes (built once, used at every step).
@@ -58,8 +62,7 @@ class PackedLayout:
     dense call per run of them; ``order`` maps packing position -> the caller's sample index."""
 
     order: list[int]
-    sizes: list[tuple[int, int, int]]  # per sample (caller's order) latent (F, H, W)
-    x_ori: list[int]  # image tokens per sample (caller's order) before padding
+    pieces: list[Piece]  # in packing order
     x: Segments
     cap: Segments
     uni: Segments
@@ -73,6 +76,12 @@ class PackedLayout:
     @property
     def tokens(self) -> int:
         return self.uni.total
+
+    def forget_captions(self) -> None:
+        """Drop the refined captions, so the next call refines them again (timing probes)."""
+        self.caption_cache = None
+        for p in self.pieces:
+            p.caption = None
 
 
 class PackedTransformer:
@@ -92,51 +101,58 @@ class PackedTransformer:
         return self.model.x_pad_token.device
 
     # ---- layout -----------------------------------------------------------------------------------------
-    def _segments(self, pos_ids: list[torch.Tensor], lens: list[int], order: list[int]) -> Segments:
-        device = self.device
-        seg = torch.repeat_interleave(torch.tensor(order), torch.tensor(lens))
-        freqs = self.model.rope_embedder(torch.cat(pos_ids, dim=0).to(device)).unsqueeze(0)
-        return Segments(lens, seg.to(device), freqs, equal_runs(lens))
-
-    def layout(self, latent_shapes: list[tuple[int, int, int]], caption_lens: list[int]) -> PackedLayout:
-        """``latent_shapes``: per sample (F, H, W) of its latent; ``caption_lens``: its caption's token count."""
+    def piece(self, latent_shape: tuple[int, int, int], caption_len: int) -> Piece:
+        """One entry's positions, RoPE tables and pad masks, as ``ZImageTransformer2DModel.patchify_and_embed`` /
+        ``_pad_with_ids`` build them (the image's positions start after its padded caption's)."""
         pH = pW = self.patch
         pF = self.f_patch
         grid = self.model.create_coordinate_grid
-        n_img = [(f // pF) * (h // pH) * (w // pW) for f, h, w in latent_shapes]
-        order = sorted(range(len(n_img)), key=lambda i: (-(_round_up(n_img[i]) + _round_up(caption_lens[i])),
-                                                         -_round_up(n_img[i]), i))
-        x_pos, cap_pos, x_lens, cap_lens, x_pad, cap_pad = [], [], [], [], [], []
-        for i in order:
-            (f, h, w), c, n = latent_shapes[i], caption_lens[i], n_img[i]
-            c_len, n_pad = _round_up(c), _round_up(n)
-            # positions exactly as ZImageTransformer2DModel.patchify_and_embed / _pad_with_ids build them
-            cap_pos.append(grid((c_len, 1, 1), (1, 0, 0)).flatten(0, 2))
-            cap_pad.append(torch.arange(c_len) >= c)
-            ids = grid((f // pF, h // pH, w // pW), (c_len + 1, 0, 0)).flatten(0, 2)
-            if n_pad > n:
-                ids = torch.cat([ids, grid((1, 1, 1), (0, 0, 0)).flatten(0, 2).repeat(n_pad - n, 1)])
-            x_pos.append(ids)
-            x_pad.append(torch.arange(n_pad) >= n)
-            x_lens.append(n_pad)
-            cap_lens.append(c_len)
+        f, h, w = latent_shape
+        n = (f // pF) * (h // pH) * (w // pW)
+        c_len, n_pad = _round_up(caption_len), _round_up(n)
+        ids = grid((f // pF, h // pH, w // pW), (c_len + 1, 0, 0)).flatten(0, 2)
+        if n_pad > n:
+            ids = torch.cat([ids, grid((1, 1, 1), (0, 0, 0)).flatten(0, 2).repeat(n_pad - n, 1)])
+        ids = torch.cat([ids, grid((c_len, 1, 1), (1, 0, 0)).flatten(0, 2)])
+        pads = torch.cat([torch.arange(n_pad) >= n, torch.arange(c_len) >= caption_len])
+        # (pageable host memory: the copy is staged at once and waits for no stream)
+        freqs = self.model.rope_embedder(ids.to(self.device, non_blocking=True))
+        pads = pads.to(self.device, non_blocking=True)
+        return Piece(tuple(latent_shape), n, n_pad, c_len, freqs[:n_pad], freqs[n_pad:], pads[:n_pad], pads[n_pad:])
+
+    def pack(self, pieces: list[Piece]) -> PackedLayout:
+        """The layout of a call of ``pieces`` (the caller's order): device tensors concatenated, the index tensors
+        made on the host and copied in one transfer, so building it waits for no GPU work."""
+        order = sorted(range(len(pieces)), key=lambda i: (-(pieces[i].x_len + pieces[i].cap_len),
+                                                          -pieces[i].x_len, i))
+        ps = [pieces[i] for i in order]
+        x_lens, cap_lens = [p.x_len for p in ps], [p.cap_len for p in ps]
+        uni_lens = [a + b for a, b in zip(x_lens, cap_lens)]
         tx = sum(x_lens)
-        # unified order: [image, caption] per sample, as rows of cat([x, cap])
         index, out_starts, xo, co, pos = [], [0] * len(order), 0, 0, 0
-        for k, (xl, cl) in enumerate(zip(x_lens, cap_lens)):
+        for k, (xl, cl) in enumerate(zip(x_lens, cap_lens)):  # unified order: [image, caption] per sample
             out_starts[order[k]] = pos
-            index.append(torch.arange(xo, xo + xl))
-            index.append(torch.arange(tx + co, tx + co + cl))
+            index += [torch.arange(xo, xo + xl), torch.arange(tx + co, tx + co + cl)]
             xo, co, pos = xo + xl, co + cl, pos + xl + cl
-        uni_pos = [torch.cat([a, b]) for a, b in zip(x_pos, cap_pos)]
-        device = self.device
+        ids = torch.tensor(order)
+        host = [torch.repeat_interleave(ids, torch.tensor(lens)) for lens in (x_lens, cap_lens, uni_lens)]
+        dev = torch.cat(host + index).to(self.device, non_blocking=True).split([len(t) for t in host] + [tx + co])
+
+        def segments(lens, seg, freqs) -> Segments:
+            return Segments(lens, seg, torch.cat(freqs).unsqueeze(0), equal_runs(lens))
+
         return PackedLayout(
-            order=order, sizes=list(latent_shapes), x_ori=n_img,
-            x=self._segments(x_pos, x_lens, order), cap=self._segments(cap_pos, cap_lens, order),
-            uni=self._segments(uni_pos, [a + b for a, b in zip(x_lens, cap_lens)], order),
-            x_pad=torch.cat(x_pad).unsqueeze(-1).to(device), cap_pad=torch.cat(cap_pad).unsqueeze(-1).to(device),
-            uni_index=torch.cat(index).to(device), out_starts=out_starts,
+            order=order, pieces=ps, out_starts=out_starts,
+            x=segments(x_lens, dev[0], [p.x_freqs for p in ps]),
+            cap=segments(cap_lens, dev[1], [p.cap_freqs for p in ps]),
+            uni=segments(uni_lens, dev[2], [f for p in ps for f in (p.x_freqs, p.cap_freqs)]),
+            x_pad=torch.cat([p.x_pad for p in ps]).unsqueeze(-1),
+            cap_pad=torch.cat([p.cap_pad for p in ps]).unsqueeze(-1), uni_index=dev[3],
         )
+
+    def layout(self, latent_shapes: list[tuple[int, int, int]], caption_lens: list[int]) -> PackedLayout:
+        """``latent_shapes``: per sample (F, H, W) of its latent; ``caption_lens``: its caption's token count."""
+        return self.pack([self.piece(s, c) for s, c in zip(latent_shapes, caption_lens)])
 
     # ---- forward -----------------------------------------------------------------------------------------
     def _blocks(self, blocks, x, adaln, segs: Segments, lora=None, group: str = "", hints: dict | None = None,
@@ -161,32 +177,43 @@ class PackedTransformer:
                 x = x + hints[i] * hint_scale
         return x
 
-    def captions(self, layout: PackedLayout, cap_feats: list[torch.Tensor]) -> torch.Tensor:
-        """The caption path (embedder + context refiner): independent of the timestep, so computed once."""
+    def captions(self, layout: PackedLayout, cap_feats: list[torch.Tensor] | None) -> torch.Tensor:
+        """The caption path (embedder + context refiner): independent of the timestep and of the other samples, so
+        computed once per piece (``cap_feats``, the caller's order, is read only for pieces not refined yet)."""
         if layout.caption_cache is None:
-            m = self.model
-            dim = cap_feats[0].shape[-1]
-            padded = []
-            for i, cl in zip(layout.order, layout.cap.lens):
-                c = cap_feats[i]
-                padded.append(torch.cat([c, c.new_zeros(cl - len(c), dim)]) if cl > len(c) else c)
-            cap = m.cap_embedder(torch.cat(padded, dim=0))
-            cap = torch.where(layout.cap_pad, m.cap_pad_token, cap).unsqueeze(0)
-            layout.caption_cache = self._blocks(m.context_refiner, cap, None, layout.cap, layout.lora,
-                                                "context_refiner")
+            todo = [k for k, p in enumerate(layout.pieces) if p.caption is None]
+            if todo:
+                self._refine([layout.pieces[k] for k in todo], [cap_feats[layout.order[k]] for k in todo],
+                             [layout.order[k] for k in todo], layout.lora)
+            layout.caption_cache = torch.cat([p.caption for p in layout.pieces]).unsqueeze(0)
         return layout.caption_cache
+
+    def _refine(self, pieces: list[Piece], cap_feats: list[torch.Tensor], ids: list[int], lora) -> None:
+        """Refine the captions of ``pieces`` in one call; ``ids``: each one's sample index (its ``lora`` rows)."""
+        m = self.model
+        dim = cap_feats[0].shape[-1]
+        lens = [p.cap_len for p in pieces]
+        padded = [torch.cat([c, c.new_zeros(p.cap_len - len(c), dim)]) if p.cap_len > len(c) else c
+                  for p, c in zip(pieces, cap_feats)]
+        seg = torch.repeat_interleave(torch.tensor(ids), torch.tensor(lens)).to(self.device, non_blocking=True)
+        segs = Segments(lens, seg, torch.cat([p.cap_freqs for p in pieces]).unsqueeze(0), equal_runs(lens))
+        cap = m.cap_embedder(torch.cat(padded, dim=0))
+        cap = torch.where(torch.cat([p.cap_pad for p in pieces]).unsqueeze(-1), m.cap_pad_token, cap).unsqueeze(0)
+        out = self._blocks(m.context_refiner, cap, None, segs, lora, "context_refiner")[0]
+        for p, part in zip(pieces, out.split(lens)):
+            p.caption = part
 
     def patchify(self, layout: PackedLayout, latents: list[torch.Tensor]) -> torch.Tensor:
         pH = pW = self.patch
         pF = self.f_patch
         parts = []
-        for i, n_pad in zip(layout.order, layout.x.lens):
-            img, n = latents[i], layout.x_ori[i]
+        for i, p in zip(layout.order, layout.pieces):
+            img, n = latents[i], p.n_img
             c, f, h, w = img.shape
-            p = img.view(c, f // pF, pF, h // pH, pH, w // pW, pW).permute(1, 3, 5, 2, 4, 6, 0).reshape(n, -1)
-            parts.append(p)
-            if n_pad > n:  # the pad rows are replaced by the pad token after embedding; their values do not matter
-                parts.append(p[-1:].expand(n_pad - n, -1))
+            part = img.view(c, f // pF, pF, h // pH, pH, w // pW, pW).permute(1, 3, 5, 2, 4, 6, 0).reshape(n, -1)
+            parts.append(part)
+            if p.x_len > n:  # the pad rows are replaced by the pad token after embedding; their values do not matter
+                parts.append(part[-1:].expand(p.x_len - n, -1))
         return torch.cat(parts, dim=0)
 
     def __call__(self, latents: list[torch.Tensor], t: torch.Tensor, cap_feats: list[torch.Tensor],
@@ -215,10 +242,11 @@ class PackedTransformer:
         pH = pW = self.patch
         pF = self.f_patch
         c = self.model.out_channels
-        res = []
-        for (f, h, w), start, n in zip(layout.sizes, layout.out_starts, layout.x_ori):
-            res.append(out[start:start + n].view(f // pF, h // pH, w // pW, pF, pH, pW, c)
-                       .permute(6, 0, 3, 1, 4, 2, 5).reshape(c, f, h, w))
+        res: list = [None] * len(layout.order)
+        for i, p in zip(layout.order, layout.pieces):
+            (f, h, w), start = p.size, layout.out_starts[i]
+            res[i] = (out[start:start + p.n_img].view(f // pF, h // pH, w // pW, pF, pH, pW, c)
+                      .permute(6, 0, 3, 1, 4, 2, 5).reshape(c, f, h, w))
         return res
 
     # ---- warm-up -----------------------------------------------------------------------------------------
@@ -232,9 +260,9 @@ class PackedTransformer:
         return set(range(SEQ_MULTI_OF, top + 1, SEQ_MULTI_OF))
 
     def prewarm(self, max_image_tokens: int, max_caption: int = 512) -> int:
-        """Run attention once at every length of ``sample_lengths``, so cuDNN's per-shape execution plans (about
-        49 ms each the first time on an H100) are built on this thread during warm-up, not in the serving path,
-        whatever size a request has. Only on CUDA; returns how many lengths it ran."""
+        """Run attention once at every length of ``sample_lengths``, so cuDNN's per-shape plans are built on this
+        thread during warm-up, not in the serving path, whatever size a request has. Only on CUDA; returns how many
+        lengths it ran."""
         if self.device.type != "cuda":
             return 0
         heads = self.model.n_heads
@@ -277,12 +305,10 @@ def _rope(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("zimage::run_attention", mutates_args=())
 def run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor) -> torch.Tensor:
     """Attention within each sample of a packed ``[1, T, H, d]`` sequence, one dense SDPA call per sample
-    (``runs``: a CPU int64 tensor of rows ``(start, samples, length)`` for the runs of equal lengths).
-
-    Measured on an H200 (``benchmarks/probe_packed.py``): dense SDPA (cuDNN) per run keeps the unmasked kernel's
-    speed (675 TFLOP/s on 4 equal samples, 535 on four different ones) where torch's varlen flash attention reaches
-    341-350, flex_attention 309-399 and a padded, masked batch 268. An opaque op, so ``torch.compile`` neither
-    specializes on the lengths nor recompiles for new ones: the lengths are data read on the CPU."""
+    (``runs``: a CPU int64 tensor of rows ``(start, samples, length)`` for the runs of equal lengths). Dense SDPA
+    keeps the unmasked kernel's speed, well above varlen flash attention, flex_attention or a padded, masked batch
+    (``benchmarks/probe_packed.py``). An opaque op, so ``torch.compile`` neither specializes on the lengths nor
+    recompiles for new ones: the lengths are data read on the CPU."""
     out = torch.empty_like(q)
     for start, count, length in runs.tolist():
         _attend_run(q, k, v, out, start, count, length)
@@ -290,11 +316,9 @@ def run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch
 
 
 def _attend_run(q, k, v, out, start: int, count: int, length: int) -> None:
-    """One dense SDPA call per sample of the run: on an H100 (``benchmarks/probe_packed.py varied``, s5-1) four
-    calls of one 1024^2 sample ran at 542 TFLOP/s against 524 for one call of four, and cuDNN builds an execution
-    plan for every new shape (45-65 ms the first time, ``benchmarks/probe_attn_shapes.py``): per-sample calls make
-    the shapes one per sample length, few enough to build them all at warm-up (``PackedTransformer.prewarm``)
-    instead of one per (samples, length) pair, built in the serving path."""
+    """One dense SDPA call per sample of the run, as fast as one call of all of them: cuDNN builds an execution plan
+    per new shape (tens of ms, ``benchmarks/probe_attn_shapes.py``), and per-sample calls keep the shapes one per
+    sample length, few enough to build them all at warm-up (``PackedTransformer.prewarm``)."""
     for i in range(count):
         a = start + i * length
         # [1, H, L, d] with strides that depend on L alone (cuDNN's plan cache keys on strides too)

@@ -164,22 +164,19 @@ class Probe(NamedTuple):
 @torch.no_grad()
 def reference_output(engine, size: int = 512, steps: int = 9, seed: int = 1234, prompt: str = CHECK_PROMPT) -> Probe:
     """The numerical check's probe for a fixed prompt and seed through the packed transformer as it is now (eager
-    or compiled, bf16 or fp8): one forward at t=0.5, then the Euler loop of ``steps`` steps from the seed's noise
-    (the step loop's math for one sample, guidance 0), then the VAE decode."""
+    or compiled, bf16 or fp8): one forward at t=0.5 on the seed's noise, then ``steps`` steps of the step loop
+    (guidance 0), then the VAE decode."""
+    from .engine import Sample
+    from .steploop import StepLoop, prepare
+
     device = engine.devices["transformer"]
-    dtype = engine.transformer.dtype
-    emb = [engine.encode([prompt]).positive[0].to(device)]
-    h = w = 2 * (size // 16)
-    g = torch.Generator("cpu").manual_seed(int(seed))  # drawn on the CPU, as the replica draws a request's noise
-    lat = torch.randn((1, engine.transformer.config.in_channels, h, w), generator=g)[0].to(device)
-    packed = engine.packed
-    layout = packed.layout([(1, h, w)], [len(emb[0])])
-    one = packed([lat.to(dtype).unsqueeze(1)], torch.full((1,), 0.5, device=device), emb, layout)[0]
-    (scheduler,) = engine._schedulers([lat], steps, device)
-    for t in scheduler.timesteps[:steps]:
-        out = packed([lat.to(dtype).unsqueeze(1)], ((1000 - t) / 1000).reshape(1), emb, layout)[0]
-        lat = scheduler.step(-out.float().squeeze(1).unsqueeze(0), t, lat.unsqueeze(0), return_dict=False)[0][0]
-    return Probe(one.float().cpu(), lat.float().cpu(), engine.decode_one(lat), size, steps, seed)
+    group, _ = prepare(engine, [Sample(prompt, seed, size, size)], steps)
+    (s,) = group.samples
+    layout = engine.packed.layout([(1, *s.latents.shape[-2:])], [len(s.positive)])
+    x = [s.latents.to(engine.transformer.dtype).unsqueeze(1)]
+    one = engine.packed(x, torch.full((1,), 0.5, device=device), [s.positive], layout)[0]
+    StepLoop(engine).run_alone(group)
+    return Probe(one.float().cpu(), s.latents.float().cpu(), engine.decode_one(s.latents), size, steps, seed)
 
 
 def forward_error(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:

@@ -1,14 +1,8 @@
-"""Per-request checks and the per-step hook: what keeps one request's trouble away from its batch-mates.
-
-A batch is one pipeline call, so anything that raises inside it fails every request in it. What can be attributed
-to one request is therefore checked per request *before* the batch runs (``screen``: the prompt through the
-tokenizer on its own, the size against the transformer's position table), and what can only be seen while it runs
-is checked per sample (``StepHook``: non-finite latents at the last step). Whatever still fails a whole batch is
-bisected by the router (``Router._deliver``), so that only the culprit fails.
-
-``StepHook`` is also how a streaming request gets preview images: at chosen steps it decodes the engine's current
-estimate of the clean latents for the requests that asked for ``partial_images``.
-"""
+"""Per-request checks and the per-step hook: what keeps one request's trouble away from its batch-mates. What can be
+attributed to one request is checked per request before its call runs (``screen``: the prompt through the tokenizer
+on its own, the size against the transformer's position table); what can only be seen while it runs is checked per
+sample (``StepHook``: non-finite latents at the last step); what still fails a whole call is bisected by the router.
+``StepHook`` also decodes a streaming request's previews (``partial_images``) from the clean-latent estimate."""
 
 from __future__ import annotations
 
@@ -186,7 +180,8 @@ class StepHook:
                 for k, s in enumerate(preview_steps(batch.key.num_inference_steps, r.partial_images)):
                     self._plan.setdefault(s, []).append((row, r.request_id, k))
 
-    def __call__(self, step: int, total: int, denoised: Callable | None = None) -> None:
+    def __call__(self, step: int, total: int, denoised: Callable | None = None, stamp: tuple = ()) -> None:
+        """``stamp``: the loop's (step, running, joined) counts of this step, for the event."""
         import time
 
         import torch
@@ -205,4 +200,4 @@ class StepHook:
             previews = tuple((rid, k, img) for (_, rid, k), img in zip(wanted, images))
             self.preview_s += time.perf_counter() - t0
         if self.emit is not None:
-            self.emit(StepProgress(self.batch.batch_id, step, total, previews))
+            self.emit(StepProgress(self.batch.batch_id, step, total, previews, *stamp))

@@ -1,16 +1,15 @@
-"""A replica's serving paths: ``run_batch`` and ``run_batch_stream``, each request screened on its own, then the
-batch's encode -> denoise -> decode as a whole batch (holding the devices from its denoise on), with stage
-pipelining, or through the step loop (``actors/step_bridge.py``). Every outcome comes back as data: a failure
-becomes one failed ``ImageResult`` per request it touched (``_failure``), and the replica stays up."""
+"""A replica's serving path (``run_batch``, ``run_batch_stream``): each call's requests screened on their own, encoded
+on the caller's thread (with other calls' prompts waiting at the same time), run in the replica's step loop
+(``actors/steploop.py``) and decoded here while the loop goes on. Cancels reach requests still encoding as well as
+those in the loop. A failure becomes one failed ``ImageResult`` per request it touched (``_run``)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
-import time
-from dataclasses import replace
+from concurrent.futures import Future
+from dataclasses import asdict, replace
 
 from zimage_common.errors import ReplicaUnavailableError
 from zimage_common.logging_setup import logs_batch
@@ -22,7 +21,8 @@ log = logging.getLogger("actors.worker")
 
 
 class ServingMixin:
-    """``PipelineWorker``'s ``run_batch``, ``run_batch_stream`` and ``encode`` (another replica's prompts)."""
+    """``PipelineWorker``'s ``run_batch``, ``run_batch_stream``, ``cancel``, ``loop_stats`` and ``encode`` (another
+    replica's prompts)."""
 
     def run_batch(self, batch: Batch) -> BatchResult:
         return self._serve(batch)
@@ -49,18 +49,15 @@ class ServingMixin:
 
     @logs_batch  # every log line about the batch carries its requests' ids
     def _serve(self, batch: Batch, emit=None) -> BatchResult:
-        """Isolation around ``_run``: each request is screened on its own first (``actors/screening.py``), so a
-        prompt the tokenizer cannot encode or a size the model cannot place fails alone (``invalid_request``)
-        while the rest run as one batch; a sample whose latents end non-finite fails alone (``request_error``).
-        Results carry the token counts the HTTP layer reports as ``usage``."""
+        """Each request screened on its own first (``actors/screening.py``: an unencodable prompt or a size the model
+        cannot place fails alone, ``invalid_request``), a sample that ends non-finite fails alone
+        (``request_error``); results carry the token counts the HTTP layer reports as ``usage``."""
         from .screening import StepHook, screen
 
         if not self._ready or self.engine is None:
             return self._run(batch)
         # the tokenizer is not thread-safe: on the encode stage's thread, never beside another call's encode
         checked = self._stages.run("encode", screen, self.engine, batch)
-        if batch.joinable and emit is not None:
-            emit = self._with_loop_stats(emit)
         by_id: dict[str, ImageResult] = {}
         out = None
         if checked.runnable:
@@ -87,43 +84,27 @@ class ServingMixin:
                            times)
 
     def _run(self, batch: Batch, on_step=None) -> BatchResult:
+        """The call through the loop, and the one place where its failure becomes results."""
         if not self._ready:
             return self._failed(batch, "replica is not started", FailureKind.NOT_READY)
-        from .engine import Sample
+        from .devices import free_cache, is_oom
+        from .steploop import CancelledSample
 
-        samples = [Sample(r.prompt, r.seed, r.width, r.height, r.guidance_scale, r.negative_prompt, r.loras,
-                          image=r.image, mask=r.mask, strength=r.strength,  # edits (actors/conditioning.py)
-                          num_inference_steps=r.num_inference_steps,
-                          control_image=r.control_image, control_scale=r.control_scale)  # [controlnet]
-                   for r in batch.requests]
-        steps = batch.key.num_inference_steps
         try:
-            if getattr(batch, "joinable", False):
-                # Step-level batching: encode here, join the replica's step loop, decode here when done.
-                if self._fault is not None:
-                    self._fault(batch)
-                images, times = self._run_joined(batch, samples, on_step)
-            elif self.pipeline_stages:
-                # Stage pipelining: batch k+1 encodes while batch k denoises and batch k-1 decodes.
-                if self._fault is not None:
-                    self._fault(batch)
-                images, times = self.engine.generate(samples, steps, on_step, stage_run=self._stages.run)
-            else:
-                gaps: dict = {}
-                with self._holding_from_denoise(batch, gaps) as stage_run:
-                    images, times = self.engine.generate(samples, steps, on_step, stage_run=stage_run)
-                times = replace(times, **{k: round(v, 6) for k, v in gaps.items()})
+            if self._fault is not None and self._fault_kind != "stall":
+                self._fault(batch)
+            images, times = self._run_call(batch, on_step)
         except Exception as e:  # noqa: BLE001 - every failure becomes data for the router
-            kind = FailureKind.OUT_OF_MEMORY if _is_oom(e) else FailureKind.REPLICA_ERROR
-            if isinstance(e, ReplicaUnavailableError):
-                kind = FailureKind.REPLICA_LOST  # the shared encoder's replica is gone: the router retries elsewhere
-            if type(e).__name__ == "CancelledSample":
+            if isinstance(e, CancelledSample):
                 log.info("replica %s: batch %d cancelled: %s", self.replica_id, batch.batch_id, e)
                 return self._failed(batch, "cancelled by the client", FailureKind.CANCELLED)
+            kind = FailureKind.OUT_OF_MEMORY if is_oom(e) else FailureKind.REPLICA_ERROR
+            if isinstance(e, ReplicaUnavailableError):
+                kind = FailureKind.REPLICA_LOST  # the shared encoder's replica is gone: the router retries elsewhere
             log.exception("replica %s: batch %d (%d images, %s) failed", self.replica_id, batch.batch_id, len(batch),
                           batch.key)
             if kind == FailureKind.OUT_OF_MEMORY:
-                _free_cuda_cache()
+                free_cache()
             return self._failed(batch, f"{type(e).__name__}: {e}", kind)
         self.batches_run += 1
         self.images_run += len(batch)
@@ -132,47 +113,90 @@ class ServingMixin:
                 request_id=r.request_id, ok=True, replica_id=self.replica_id, batch_id=batch.batch_id,
                 batch_size=len(batch), seed=r.seed, width=r.width, height=r.height, image=img,
                 stage_times=times,
-            ) if img is not None else  # only a joined call's request whose caller went away (step-level batching)
+            ) if img is not None else  # a request of the call whose caller went away
             self._failure(batch, r, "cancelled by the client", FailureKind.CANCELLED)
             for r, img in zip(batch.requests, images)
         )
         return BatchResult(batch.batch_id, self.replica_id, results, times)
 
-    @contextlib.contextmanager
-    def _holding_from_denoise(self, batch: Batch, gaps: dict):
-        """Whole-batch calls without stage pipelining: one batch at a time on the devices from its denoise stage to
-        its end, but its encode (and its input images' VAE encode) before that, beside the previous batch's
-        denoise, so a batch's encode is off the critical path (0.06 s for four short prompts at 1024^2 on an H100,
-        0.11-0.14 s for prompts of up to 160 words; docs/benchmarks-history.md). Fills ``gaps`` with how long the
-        devices stood idle before this batch took them, and why (``StageTimes.idle_encoding_s``, ``idle_starved_s``,
-        ``device_wait_s``)."""
-        arrived = time.perf_counter()
-        held = contextlib.ExitStack()
+    def _run_call(self, batch: Batch, on_step):
+        """Encode here (shared with other calls encoding now), join the loop, wait, decode here. A cancel of the
+        call's requests while they encode is kept, and they leave before their first step."""
+        from .engine import Sample
+        from .steploop import finish, prepare
 
-        def run(stage, fn, *args, **kwargs):
-            if stage == "denoise" and not gaps:  # the first denoise stage takes the devices
-                ready = time.perf_counter()
-                held.enter_context(self._device_lock)
-                took = time.perf_counter()
-                held.callback(self._devices_released)  # runs before the lock's release (last in, first out)
-                gaps.update(device_wait_s=took - ready, **_idle_before(self._released_at, arrived, ready, took))
-                if self._fault is not None:
-                    self._fault(batch)
-            return self._stages.run(stage, fn, *args, **kwargs)
+        samples = [Sample(r.prompt, r.seed, r.width, r.height, r.guidance_scale, r.negative_prompt, r.loras,
+                          image=r.image, mask=r.mask, strength=r.strength, num_inference_steps=r.num_inference_steps,
+                          control_image=r.control_image, control_scale=r.control_scale, name=r.request_id,
+                          tokens=r.tokens)
+                   for r in batch.requests]
+        loop = self._step_loop()
+        ids = {r.request_id for r in batch.requests}
+        with self._cancel_lock:  # from here a cancel() of its requests is kept until they are in the loop
+            self._encoding |= ids
+        hooks = None
+        try:
+            hooks = _OffLoopHook(on_step, loop.stats) if on_step is not None else None
+            group, times = prepare(self.engine, samples, batch.key.num_inference_steps, hooks, self._stages.run,
+                                   self._encodes, batch.join)
+            with self._cancel_lock:  # one step for cancel(): its requests are either encoding or in the loop
+                for r in batch.requests:
+                    self._joined[r.request_id] = r
+                early = ids & self._cancel_early
+                if early:  # cancelled while encoding: they leave before their first step
+                    loop.cancel(early)
+                loop.submit(group)
+            group.done.wait()
+        finally:
+            with self._cancel_lock:
+                self._encoding -= ids
+                self._cancel_early -= ids
+                for i in ids:
+                    self._joined.pop(i, None)
+            if hooks is not None:
+                hooks.close()  # every step's progress (and the final check) is in before the results are made
+        return finish(self.engine, group, times, self._stages.run)
 
-        with held:
-            yield run
+    def _step_loop(self):
+        with self._loop_lock:
+            if self._loop is None:
+                from .steploop import StepLoop
 
-    def _devices_released(self) -> None:
-        self._released_at = time.perf_counter()
+                # the loop runs on the denoise stage's thread, where warm-up built attention's plans
+                self._loop = StepLoop(self.engine, self.max_batch_tokens, self.max_batch_size,
+                                      name=f"step-loop-{self.replica_id}",
+                                      spawn=lambda target: self._stages.submit("denoise", target))
+                self._loop.fault = self._loop_fault
+            return self._loop
+
+    @property
+    def _encodes(self) -> SharedEncodes:
+        if self._shared_encodes is None:
+            self._shared_encodes = SharedEncodes(self._stages, self.engine)
+        return self._shared_encodes
+
+    def _loop_fault(self, names: list[str]) -> None:
+        # on the running set at a step, as memory runs out and a GPU wedges
+        if self._fault is not None and self._fault_kind in ("oom_above", "stall"):
+            self._fault(Batch(-1, tuple(self._joined[n] for n in names if n in self._joined)))
+
+    def cancel(self, request_ids: list[str]) -> int:
+        """Requests whose callers went away leave the step loop at its next step, or, still encoding, before their
+        first; returns how many were there."""
+        with self._cancel_lock:
+            names = {i for i in request_ids if i in self._joined}
+            early = {i for i in request_ids if i in self._encoding and i not in self._joined}
+            self._cancel_early |= early
+            if names and self._loop is not None:
+                self._loop.cancel(names)
+        return len(names) + len(early)
+
+    def loop_stats(self) -> dict:
+        """The step loop's counters (steps, joins, running, waiting, shrinks), empty before its first call."""
+        return asdict(self._loop.stats) if self._loop is not None else {}
 
     def _preview_decode(self, latents):
-        """A preview's decode (``screening.StepHook``), on the decode stage's thread: from inside a denoise step
-        the estimates are on the denoise stage's stream, so that stream is finished first."""
-        if self._stages.on("denoise"):
-            from .engine import _sync
-
-            _sync(self.engine.devices["transformer"])
+        """A preview's decode (``screening.StepHook``), on the decode stage's thread."""
         return self._stages.run("decode", self.engine.decode, latents)
 
     def encode(self, prompts: list[str], negative_prompts: list[str | None], guidance: float):
@@ -181,12 +205,11 @@ class ServingMixin:
 
         if not self._ready:
             raise RuntimeError(f"replica {self.replica_id} (shared text encoder) is not started")
-        def encode():
-            enc = self.engine.encode(prompts, negative_prompts, guidance)
-            self.encodes_served += 1  # (on the encode thread alone: no count is lost)
-            return EncodedPrompts([t.cpu() for t in enc.positive], [t.cpu() for t in enc.negative])
-
-        return self._stages.run("encode", encode)
+        enc, _ = self._encodes(prompts, negative_prompts, [float(guidance)] * len(prompts)
+                               if isinstance(guidance, (int, float)) else guidance)
+        with self._cancel_lock:  # (calls come in on several threads)
+            self.encodes_served += 1
+        return EncodedPrompts([t.cpu() for t in enc.positive], [t.cpu() for t in enc.negative])
 
     def _failed(self, batch: Batch, reason: str, kind: str) -> BatchResult:
         """The whole batch failed: every request with the same reason."""
@@ -199,30 +222,75 @@ class ServingMixin:
                            batch_size=len(batch), seed=r.seed, error=error, error_type=kind, **fields)
 
 
-def _is_oom(e: Exception) -> bool:
-    try:
-        import torch
+class SharedEncodes:
+    """Prompt encodes of concurrent calls, several in one text-encoder call: a call hands its prompts over and waits;
+    when the encode stage's thread comes free it encodes every call's prompts that wait by then at once (the router
+    sends calls as requests arrive, so under load each would otherwise run the encoder alone). A shared encode that
+    fails is run again per call, so one call's prompts never fail another's."""
 
-        if isinstance(e, torch.OutOfMemoryError):
-            return True
-    except (ImportError, AttributeError):
-        pass
-    return "out of memory" in str(e).lower()
+    def __init__(self, stages, engine):
+        self.stages = stages
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[tuple, Future]] = []
+
+    def __call__(self, prompts, negative_prompts, guidance):
+        """``(EncodedPrompts, seconds)`` for one call's prompts (``ZImageEngine.encode_stage``)."""
+        done: Future = Future()
+        with self._lock:
+            self._waiting.append(((list(prompts), list(negative_prompts), list(guidance)), done))
+        self.stages.submit("encode", self._drain)
+        return done.result()
+
+    def _drain(self) -> None:
+        with self._lock:
+            calls, self._waiting = self._waiting, []
+        if len(calls) > 1:
+            try:
+                enc, seconds = self.engine.encode_stage(*(sum((c[0][k] for c in calls), []) for k in range(3)))
+            except Exception:  # noqa: BLE001 - one call's prompts may be at fault: each runs alone below
+                log.warning("a shared encode of %d calls failed; encoding them one at a time", len(calls))
+            else:
+                from .engine import EncodedPrompts
+
+                pos, neg = iter(enc.positive), iter(enc.negative)
+                for (p, _, g), done in calls:
+                    done.set_result((EncodedPrompts([next(pos) for _ in p], [next(neg) for x in g if x > 0]),
+                                     seconds))
+                return
+        for args, done in calls:
+            try:
+                done.set_result(self.engine.encode_stage(*args))
+            except BaseException as e:  # noqa: BLE001 - the caller re-raises it
+                done.set_exception(e)
 
 
-def _free_cuda_cache() -> None:
-    import torch
+class _OffLoopHook:
+    """A call's per-step hook (progress, previews, the final non-finite check: ``screening.StepHook``), run off the
+    loop's thread, in step order: the loop only makes the clean-latent estimates the hook will read (at preview
+    steps and the last step), so decoding a preview never holds up the other samples' steps. The estimates are read
+    on the device's stream the loop runs on, after the step that made them; each event carries the loop's counts of
+    its own step."""
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    def __init__(self, hook, stats=None):
+        from concurrent.futures import ThreadPoolExecutor
 
+        self.hook = hook
+        self.stats = stats  # the loop's counters: each event carries those of its own step
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="step-hook")
 
-def _idle_before(released: float | None, arrived: float, ready: float, took: float) -> dict[str, float]:
-    """How long the devices stood idle before a batch took them at ``took`` (they were let go at ``released``), split
-    by cause: before the batch ``arrived`` at the replica (starved), and from then until its encode was ``ready``
-    (encoding). A batch that found the devices busy (``released`` after it was ready) was behind none of it."""
-    if released is None or released >= took:
-        return {"idle_encoding_s": 0.0, "idle_starved_s": 0.0}
-    starved = max(0.0, min(arrived, took) - released)
-    encoding = max(0.0, min(ready, took) - max(released, arrived))
-    return {"idle_encoding_s": encoding, "idle_starved_s": starved}
+    def __call__(self, step: int, total: int, denoised) -> None:
+        wanted = step == total or step in getattr(self.hook, "_plan", {})
+        estimates = list(denoised()) if wanted and denoised is not None else None
+        st = self.stats
+        stamp = (st.steps, st.running, st.last_joined) if st is not None else ()
+        self.pool.submit(self._run, step, total, (lambda: estimates) if estimates is not None else None, stamp)
+
+    def _run(self, step, total, denoised, stamp) -> None:
+        try:
+            self.hook(step, total, denoised, stamp)
+        except Exception:  # noqa: BLE001 - a failed preview must not fail the image
+            log.exception("step hook failed at step %d", step)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)

@@ -1,20 +1,12 @@
 """One long-lived thread per stage of a replica (encode, denoise, decode): every GPU call of a stage runs on it.
 
-PyTorch caches cuDNN's execution plans **per thread**: the convolution plans (the VAE) and the SDPA graphs
-(attention) live in ``thread_local`` caches, because cuDNN does not promise its plans are thread-safe. A shape's
-first call on a new thread builds its plans again. On an H100 a 1024x1024 VAE decode took 0.55-0.80 s on a fresh
-thread against 0.056 s on the thread that had warmed it, and the first one on a new thread 9-10 s
-(``benchmarks/probe_step_decode.py``; docs/benchmarks-history.md); each attention length costs 44-65 ms more
-(``benchmarks/probe_attn_shapes.py``). Ray runs an actor's calls on a pool of threads and a streamed call on a
-thread of its own, so without this each call paid those plans again in the serving path: slow decodes under step
-scheduling, slow lone requests, slow first batches of a phase.
-
-So each stage runs on its own thread, the one the warm-up warmed, whichever thread the call came in on. One thread
-per stage also serializes the stage (what the stage's lock did) and enters the stage's CUDA stream, where the
-replica has one. The caller blocks until the stage is done and gets its result or its exception; a stage that calls
-another stage (a preview decode inside a denoise step) hands over the same way, and a call from the stage's own
-thread runs in place. The caller's context variables (the log lines' request ids) go with the call.
-"""
+PyTorch caches cuDNN's execution plans per thread (convolutions, SDPA graphs), and a shape's first call on a new
+thread builds them again: a VAE decode on a fresh thread took about ten times as long as on the warmed one
+(``benchmarks/probe_step_decode.py``). Ray runs an actor's calls on a pool of threads and a streamed call on a
+thread of its own, so each stage runs on its own thread, the one the warm-up warmed, whichever thread the call came
+in on. That also serializes the stage and enters its CUDA stream, where it has one. The caller blocks until the
+stage is done and gets its result or exception; a call from the stage's own thread runs in place; the caller's
+context variables (the log lines' request ids) go with the call."""
 
 from __future__ import annotations
 

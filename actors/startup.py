@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from zimage_common.config import COMPONENTS
 from zimage_common.messages import ReplicaHealth
 
+from .devices import sync_all
 from .health import _compile_times, _graphs_compiled, bytecode_cache_note
 
 # The replica's log lines keep one logger name whichever part of it writes them: operators filter on it
@@ -155,16 +156,19 @@ class StartupMixin:
         phase("speed_options")
         if self.warmup_spec is not None:
             from .engine import Sample
+            from .steploop import generate
 
-            _sync_devices(devices)  # what loading made on this thread's stream, before the stages use it on theirs
+            sync_all(devices.values())  # what loading made on this thread's stream, before the stages use it
             t0 = time.perf_counter()
             spec = self.warmup_spec
             batches = spec.batches()
             if not (self.model_cfg.compile and torch.cuda.is_available()):
                 batches = batches[:1]  # nothing to compile: one image shows the replica works
             for batch in batches:
-                _, st = self.engine.generate([Sample(p, i, w, h) for i, (w, h, p) in enumerate(batch)],
-                                             spec.num_inference_steps, stage_run=self._warmup_run)
+                # the steps on this thread (the denoise stage's builds attention's plans meanwhile); encode and decode
+                # on their stages' threads, as in serving
+                _, st = generate(self.engine, [Sample(p, i, w, h) for i, (w, h, p) in enumerate(batch)],
+                                 spec.num_inference_steps, run=self._stages.run)
                 # where a warm start goes: the denoise holds the transformer's graphs (traced, then compiled or
                 # loaded from the cache), the decode the VAE decoder's graph for each new size
                 log.info("replica %s: warm-up batch %s: encode %.1fs, denoise %.1fs, decode %.1fs", self.replica_id,
@@ -174,9 +178,9 @@ class StartupMixin:
                 import numpy as np
 
                 w, h, p = batches[0][0]
-                self.engine.generate([Sample(p, 0, w, h), Sample(p, 1, w, h, control_image=np.full((h, w, 3), 127,
-                                                                                                  np.uint8))],
-                                     spec.num_inference_steps, stage_run=self._warmup_run)
+                generate(self.engine, [Sample(p, 0, w, h), Sample(p, 1, w, h, control_image=np.full((h, w, 3), 127,
+                                                                                                   np.uint8))],
+                         spec.num_inference_steps, run=self._stages.run)
             if self.engine.loras is not None and self.model_cfg.compile and torch.cuda.is_available():
                 self._warm_up_loras(spec)
             phase("warmup_extra")
@@ -222,11 +226,10 @@ class StartupMixin:
 
     def _start_attention_plans(self) -> Future:
         """Build attention's per-shape plans (cuDNN) for every sequence length a sample within the replica's plan
-        can have, on the denoise stage's thread (cuDNN caches plans per thread), beside the speed options and the
-        warm-up batches that run meanwhile on this one (``_warmup_run``): a length first seen while serving would
-        cost its batch about 49 ms of idle GPU (H100, benchmarks/probe_any_size.py), and any size a user picks
-        brings new lengths. A masked call at a few bucket lengths instead ran 1.4-1.9x slower than the exact
-        one. The plans are C++ work that leaves the GIL free. Returns ``(lengths, seconds)``."""
+        can have, on the denoise stage's thread (cuDNN caches plans per thread; the step loop runs there), beside the
+        speed options and the warm-up batches that run meanwhile on this one: a length first seen while serving
+        would cost its step a plan's build (tens of ms on an H100, benchmarks/probe_any_size.py), and any size a user
+        picks brings new lengths. The plans are C++ work that leaves the GIL free. Returns ``(lengths, seconds)``."""
         max_tokens = self.warmup_spec.max_pixels // (self.engine.size_multiple ** 2)
         t0 = time.perf_counter()
 
@@ -235,34 +238,16 @@ class StartupMixin:
 
         return self._stages.submit("denoise", build)
 
-    def _warmup_run(self, stage: str, fn, *args, **kwargs):
-        """The warm-up batches' stage runner: the denoise runs on the calling thread, since the denoise stage's
-        own thread is building attention's plans meanwhile (``_start_attention_plans``); the other stages run on
-        their own threads, as in serving. What the warm-up makes per thread (attention's plans for its own
-        lengths, convolution heuristics) is cheap to make again on the serving thread; what it makes per process
-        (the compiled graphs) is shared."""
-        if stage == "denoise":
-            return fn(*args, **kwargs)
-        return self._stages.run(stage, fn, *args, **kwargs)
-
     def make_stage_streams(self) -> None:
-        """A CUDA stream per stage with stage pipelining; without it only the encode stage's (for serving other
-        replicas' encodes beside this replica's batch). The encode's stream has the higher priority: its kernels are
-        small and a batch waits on it, so the GPU may schedule their blocks ahead of the running denoise's as SMs
-        come free (an encode beside a denoise took 2-10x its time alone on an H100); the denoise loses no
-        more than the encode's own GPU time. Its own effect is not measured: it came with the router's longer lead
-        (``replica_load.ENCODE_COVER``), which made the encodes start earlier, and they did not get shorter."""
+        """A CUDA stream for the encode stage, at the higher priority: its kernels are small and a call waits on
+        them, so the GPU may schedule their blocks ahead of the running step's as SMs come free (an encode beside a
+        step takes several times its time alone); a step loses no more than the encode's own GPU time. The loop and
+        the decodes share the device's stream, so finished latents need no sync to be decoded."""
         import torch
 
-        if not torch.cuda.is_available():
-            return
-        devices = self.engine.devices
-        stage_device = {"encode": devices.get("text_encoder"), "denoise": devices["transformer"],
-                        "decode": devices["vae"]}
-        if not self.pipeline_stages:
-            stage_device = {"encode": stage_device["encode"]}
-        self._stages.streams = {s: torch.cuda.Stream(torch.device(d), priority=-1 if s == "encode" else 0)
-                                for s, d in stage_device.items() if d}
+        device = self.engine.devices.get("text_encoder")
+        if torch.cuda.is_available() and device is not None:
+            self._stages.streams = {"encode": torch.cuda.Stream(torch.device(device), priority=-1)}
 
     def _apply_speed_options(self) -> None:
         cfg = self.model_cfg
@@ -291,14 +276,6 @@ class StartupMixin:
             from .compiled import compile_vae_decoder
 
             compile_vae_decoder(self.engine.vae)
-
-
-def _sync_devices(devices: dict) -> None:
-    import torch
-
-    for d in {torch.device(d) for d in devices.values() if d is not None}:
-        if d.type == "cuda":
-            torch.cuda.synchronize(d)
 
 
 def _process_age_s() -> float | None:

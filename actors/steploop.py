@@ -1,69 +1,43 @@
-"""Step-level continuous batching: one denoising loop per replica over a changing set of running samples.
+"""The replica's denoising loop, the only way a replica denoises: one loop over a changing set of running samples.
 
-Whole-batch serving (``ZImageEngine.generate``) runs a batch from encode to decode; a request that arrives one step
-after a batch started waits for all of it. Here a replica keeps one loop; each *call* (a group of requests the
-router handed over, ``Batch.joinable``) encodes in its own thread, hands its samples to the loop, and waits; the
-samples **join at the next step**, run their own steps, **leave when done** (their caller decodes them while the loop
-goes on). Every sample carries its own state, so samples of any step count, size, guidance and progress share a
-step:
+A *call* (a group of requests the router handed over) is prepared on its caller's thread (``prepare``: encode,
+each sample's state), its samples **join at the next step**, run their own steps, **leave when done**, and its
+caller decodes them while the loop goes on (``finish``). Each sample carries its own step index over its own
+schedule (``start`` > 0: image-to-image), an ``after_step`` hook (inpainting), guidance (its negative pass in the same
+packed call), adapters and ControlNet input, so samples of any step count, size and progress share a step; the math
+is ``ZImageEngine.step``'s, so an image depends only on its own request (``tests/test_steploop.py``). The set's
+packed call is rebuilt only when its membership changes, from pieces each sample brought.
 
-- ``RunningSample.step`` / ``num_steps`` / ``start``: its own step index over its own schedule; ``start`` > 0 begins
-  part-way (image-to-image: ``strength`` picks the start step, the caller puts the noised image latents in
-  ``latents`` and calls ``scheduler.set_begin_index(start)``, which ``RunningSample.create`` does);
-- ``RunningSample.scheduler``: its own flow-matching scheduler (``mu`` depends on its token count);
-- ``RunningSample.after_step``: called after each of its steps with the sample (inpainting: blend the known
-  region back into ``latents`` from the original image latents noised to the next sigma);
-- guidance > 0: its negative pass rides in the same packed call;
-- ``RunningSample.control`` / ``control_scale``: ControlNet hints (a running set with any runs
-  ``actors.controlnet.controlled_forward``, the others with zero hints at scale 0, as in ``ZImageEngine.denoise``).
+Admission is first come first served within the token budget, sample count and LoRA residency (``max_adapters``,
+the slots the memory plan counts); the head of the queue always joins an empty set, and whatever waits with it
+starts with it. A set that has already run steps takes the head only where its call's ``config.JoinPolicy`` says
+joining pays: a join slows every running sample's steps, and at sizes that saturate the GPU joining everything is
+processor sharing, worse in mean latency than sets one after another. ``never`` (``router.scheduling = "batch"``)
+never joins.
 
-The math per sample is ``ZImageEngine.denoise``'s, so an image depends only on its own request: the packed
-transformer keeps samples apart (``actors/packed.py``), noise comes from the request's own seed, and
-``tests/test_steploop.py`` checks a request that joined a running loop against its solo run.
-
-The packed layout is rebuilt only when the running set changes (a join or a leave), not at every step; the compiled
-blocks are dynamic in the token count and the number of samples, so a membership change never recompiles.
-
-Admission is first come first served within the replica's token budget, sample count and LoRA residency (the
-running set names at most ``max_adapters`` distinct adapters, the resident slots the memory plan counts; the router
-keeps within all three too; these are the replica's own guard). The head of the queue always joins an empty set,
-and whatever waits with it starts with it. A running set that has already run steps takes the head only where
-joining pays (``messages.JoinPolicy``: the GPU is not saturated yet, the set has run at most a step or so, or the
-head's work is small against every running sample's): each join slows every running sample's steps, and at sizes
-that saturate the GPU (1024x1024 on an H100: 0.098 s a step alone, 0.39 s for four) joining everything at once is
-processor sharing, which with equal service times has a worse mean latency than running sets one after another.
-(On one H100 this scheduling's mean latency is at or below whole-batch scheduling's at 50, 80 and 95% load,
-1024x1024 and mixed sizes alike, since each stage runs on its warmed thread: docs/benchmarks-history.md.) The
-router keeps up to two sets' worth waiting at the replica (``router.STEP_QUEUE_DEPTH``), encoded, so room is filled
-at the next step.
-Cancellation (``cancel``) takes request ids; a name not in the loop yet is kept for ``CANCEL_KEEP_S`` seconds, so a
-cancel that arrives just before its call is submitted still takes it out. Faults: an out-of-memory step shrinks the
-running set (the newest half goes back to wait, and the token budget is lowered until ``OOM_CAP_STEPS`` clean steps
-pass) and retries; a lone sample that does not fit fails its call with ``out_of_memory``. Any other error in a step
-is isolated: each call's samples run that step alone, and only the calls whose solo step fails are failed
-(``replica_error``, which the router bisects), so one request's failure never fails another's; a solo re-run that
-runs out of memory shrinks as above instead of failing its call. A failed step may have advanced some samples
-before it failed (the per-sample updates run one after another): every running sample's state (step index,
-latents, scheduler index) is put back to what it was before the step, so no sample is ever advanced twice.
+Cancels take request ids; a name not in the loop yet is kept ``CANCEL_KEEP_S``, so a cancel that overtakes its call
+still applies. An out-of-memory step shrinks the running set (the newest half waits; the budget stays lowered for
+``OOM_CAP_STEPS`` clean steps); a lone sample that does not fit fails its call. Any other failed step is re-run per
+call, so only the calls whose own step fails are failed (``replica_error``, which the router bisects). A failed step
+first puts every sample back to its state before it, so none is advanced twice.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from zimage_common.messages import JoinPolicy
+from zimage_common.config import JoinPolicy
+from zimage_common.messages import StageTimes
 
-from .controlnet import PackedControl, forward
-from .engine import velocity
+from .devices import free_cache, is_oom
+from .engine import Schedule, has_images
 from .stages import run_here
 
 log = logging.getLogger(__name__)
@@ -82,17 +56,17 @@ class RunningSample:
     positive: torch.Tensor  # caption embedding [L, D]
     negative: torch.Tensor | None  # the negative caption's, when guidance > 0
     guidance: float
-    scheduler: object  # its own FlowMatchEulerDiscreteScheduler
+    schedule: Schedule | None  # its own flow-matching schedule (``ZImageEngine.schedule``)
     num_steps: int
     start: int = 0  # first step it runs (image-to-image starts part-way)
     after_step: Callable[[RunningSample], None] | None = None  # e.g. the inpainting mask blend
     loras: tuple = ()  # (adapter, scale) pairs: per-request LoRA (actors/lora.py), its negative pass's too
     control: torch.Tensor | None = None  # ControlNet input [C, 1, h, w] (actors/conditioning.encode_controls)
-    control_scale: float = 0.0  # its conditioning scale (its negative pass uses the same hints, as in denoise)
+    control_scale: float = 0.0  # its conditioning scale (its negative pass uses the same hints)
+    pieces: tuple = ()  # its packed pieces, and its negative pass's (``ZImageEngine.pieces``)
     step: int = 0  # the next step it runs
     cancelled: bool = False  # its request's caller went away: it left the loop early
-    pred: torch.Tensor | None = None  # its last velocity estimate (for the clean-latent estimate)
-    sigma_next: torch.Tensor | None = None  # its sigma after its last step
+    pred: torch.Tensor | None = None  # its last velocity, negated (``ZImageEngine.step``)
     group: Group | None = field(default=None, repr=False)
 
     @classmethod
@@ -100,15 +74,15 @@ class RunningSample:
                negative: torch.Tensor | None, guidance: float, num_steps: int, start: int = 0,
                after_step=None, loras=(), control: torch.Tensor | None = None,
                control_scale: float = 0.0) -> RunningSample:
+        """What the sample needs on the transformer's device, built on the caller's thread, off the loop."""
         device = engine.devices["transformer"]
         latents = latents.to(device)
-        (scheduler,) = engine._schedulers([latents], num_steps, device)
-        if start:
-            scheduler.set_begin_index(start)
-        return cls(name, tokens, latents, positive.to(device, non_blocking=True),
-                   None if negative is None else negative.to(device, non_blocking=True), float(guidance),
-                   scheduler, num_steps, start, after_step, tuple(loras),
-                   None if control is None else control.to(device), float(control_scale), step=start)
+        positive = positive.to(device, non_blocking=True)
+        negative = None if negative is None else negative.to(device, non_blocking=True)
+        return cls(name, tokens, latents, positive, negative, float(guidance),
+                   engine.schedule(latents.shape[-2], latents.shape[-1], num_steps), num_steps, start, after_step,
+                   tuple(loras), None if control is None else control.to(device), float(control_scale),
+                   engine.pieces(latents, positive, negative), step=start)
 
     @property
     def done(self) -> bool:
@@ -127,19 +101,21 @@ class RunningSample:
         return {name for name, _ in self.loras}
 
     def estimate(self) -> torch.Tensor:
-        """Its current estimate of the clean latents (exact after its last step, where sigma_next = 0)."""
+        """Its current estimate of the clean latents: x0 = x - sigma * v after a step to sigma, with v = -pred
+        (exact after its last step, where sigma = 0)."""
         if self.pred is None:
             return self.latents
-        return self.latents - self.sigma_next.to(self.latents.device, torch.float32) * self.pred
+        return self.latents + self.schedule.sigmas[self.step] * self.pred
 
 
 class Group:
     """The samples of one call: they join together, and the call is answered when all of them are done (or failed).
-    ``on_step(step, total, denoised)`` is the engine's per-step hook (progress, previews, final check)."""
+    ``on_step(step, total, denoised)`` is its per-step hook (progress, previews, final check)."""
 
-    def __init__(self, samples: list[RunningSample], on_step=None):
+    def __init__(self, samples: list[RunningSample], on_step=None, join: JoinPolicy | None = None):
         self.samples = samples
         self.on_step = on_step
+        self.join = join  # when its samples join a running set (None: the loop's policy)
         self.error: BaseException | None = None
         self.done = threading.Event()
         self.joined_at: float | None = None  # perf_counter when its samples first ran a step
@@ -178,16 +154,14 @@ class LoopStats:
 
 
 class StepLoop:
-    """The loop. ``submit(group)`` hands a call's samples over (they join at the next step); the caller waits on
-    ``group.done``. The loop thread starts on the first submit and idles (no GPU work) while nothing runs.
-
-    ``run(fn)`` runs each step (the worker's device lock, and its denoise stage's thread and stream: cuDNN's plans
-    are cached per thread, ``actors/stages.py``); ``fault(names)`` (tests) may raise
-    before a step, given the running samples' names."""
+    """``submit(group)`` hands a call's samples over; the caller waits on ``group.done``. The loop starts on the first
+    submit through ``spawn(target)`` (the replica's denoise stage thread; by default a thread of its own) and idles
+    while nothing runs; ``run_alone(group)`` runs one on the calling thread. ``fault(names)`` (tests) may raise before
+    a step."""
 
     def __init__(self, engine, max_tokens: int | None = None, max_samples: int | None = None,
-                 run: Callable[[Callable[[], Any]], Any] | None = None, name: str = "step-loop",
-                 max_adapters: int | None = None, policy: JoinPolicy | None = None):
+                 name: str = "step-loop", max_adapters: int | None = None, policy: JoinPolicy | None = None,
+                 spawn: Callable[[Callable[[], None]], object] | None = None):
         self.engine = engine
         self.policy = policy or JoinPolicy()
         self.max_tokens = max_tokens
@@ -197,36 +171,39 @@ class StepLoop:
         if max_adapters is None:
             max_adapters = getattr(getattr(engine, "loras", None), "max_resident", None)
         self.max_adapters = max_adapters
-        self.run = run or functools.partial(run_here, "denoise")
+        self.spawn = spawn or (lambda target: threading.Thread(target=target, name=name, daemon=True).start())
         self.fault: Callable[[list[str]], None] | None = None
         self.stats = LoopStats()
-        self.on_step_done: Callable[[LoopStats], None] | None = None
-        self._name = name
         self._cond = threading.Condition()
         self._waiting: deque[RunningSample] = deque()
         self._running: list[RunningSample] = []
         self._cancelled: dict[str, float] = {}  # request id -> when its cancel came (names not found yet wait)
         self.clock: Callable[[], float] = time.monotonic  # for CANCEL_KEEP_S (tests pass a manual one)
         self._groups: list[Group] = []  # calls not answered yet
-        self._thread: threading.Thread | None = None
+        self._started = False
         self._layout_key: tuple | None = None
-        self._layout = None
-        self._embeds = None
-        self._control = None  # the running set's ControlNet input (``_packed_control``), rebuilt with the layout
+        self._packed = None  # the running set's packed call (``ZImageEngine.pack``), rebuilt when the set changes
         self._oom_cap: int | None = None
         self._clean_steps = 0
         self._pace = _Pace(name)  # step times by running-set size, logged every PACE_LOG_S
 
     # ---- the callers' side ---------------------------------------------------------------------------------
-    def submit(self, group: Group) -> Group:
+    def submit(self, group: Group, start: bool = True) -> Group:
         with self._cond:
             self._waiting.extend(group.samples)
             self._groups.append(group)
             self.stats.waiting = len(self._waiting)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-                self._thread.start()
+            if start and not self._started:
+                self._started = True
+                self.spawn(self._loop)
             self._cond.notify_all()
+        return group
+
+    def run_alone(self, group: Group) -> Group:
+        """Run ``group`` to its end on the calling thread (a loop nobody else submits to)."""
+        self.submit(group, start=False)
+        while not group.done.is_set():
+            self._guarded(wait=False)
         return group
 
     def cancel(self, names: set[str]) -> None:
@@ -247,10 +224,7 @@ class StepLoop:
         return min(caps) if caps else None
 
     def _admit(self) -> int:
-        """Move waiting samples into the running set, first come first served, within the budget, the sample cap
-        and the adapter limit (distinct LoRA adapters named by the running set); the head always joins an empty set
-        (so a sample over the budget still runs, alone), and what waits with it starts with it. A running set that
-        has already run steps takes the head only where the join policy (``JoinPolicy``) says joining pays."""
+        """Move waiting samples into the running set (see the module's docstring); returns how many joined."""
         if not self._waiting:
             return 0
         joined = 0
@@ -278,7 +252,9 @@ class StepLoop:
 
     def _pays(self, s: RunningSample, tokens: int, started: list[RunningSample]) -> bool:
         """Whether ``s`` joins a running set (``tokens`` in all) whose ``started`` samples already ran steps."""
-        p = self.policy
+        p = s.group.join if s.group is not None and s.group.join is not None else self.policy
+        if p.never:
+            return False
         if tokens + s.tokens <= p.free_tokens:
             return True
         if all(r.step - r.start <= p.window for r in started):
@@ -300,23 +276,27 @@ class StepLoop:
 
     def _loop(self) -> None:
         while True:
-            try:
-                self._iteration()
-            except BaseException as e:  # noqa: BLE001 - a bug here must fail the calls in, not leave them waiting
-                log.exception("step loop: unexpected error; failing the calls in the loop")
-                with self._cond:
-                    for g in self._groups:
-                        g.error = g.error or e
-                    self._retire()
+            self._guarded(wait=True)
 
-    def _iteration(self) -> None:
+    def _guarded(self, wait: bool) -> None:
+        try:
+            self._iteration(wait)
+        except BaseException as e:  # noqa: BLE001 - a bug here must fail the calls in, not leave them waiting
+            log.exception("step loop: unexpected error; failing the calls in the loop")
+            with self._cond:
+                for g in self._groups:
+                    g.error = g.error or e
+                self._retire()
+
+    def _iteration(self, wait: bool = True) -> None:
         with self._cond:
             self._drop_cancelled()
             self._retire()
             while not self._running and not self._waiting:
                 self._pace.idle()
-                # nothing runs: let the last set's layout, captions and inputs go
-                self._layout_key = self._layout = self._embeds = self._control = None
+                self._layout_key = self._packed = None  # nothing runs: let the last set's inputs go
+                if not wait:
+                    return
                 self._cond.wait()
                 self._drop_cancelled()
                 self._retire()
@@ -335,8 +315,6 @@ class StepLoop:
         self.stats.running = len(running)
         self.stats.steps += 1  # (before the step: its hooks' progress events carry its own count)
         self._run_step(running)
-        if self.on_step_done is not None:
-            self.on_step_done(self.stats)
 
     @staticmethod
     def _report(groups: list[Group]) -> None:
@@ -368,30 +346,22 @@ class StepLoop:
                 self._oom_cap = None
             return
         self._layout_key = None
-        if _is_oom(e):
-            _free_cuda_cache()
+        if is_oom(e):
+            free_cache()
             self._shrink(running, e)
         else:
             self._isolate(running, e)
 
     def _attempt(self, samples: list[RunningSample]) -> Exception | None:
-        """One step of ``samples`` under the guard; the error if it failed, after putting every sample back to its
-        state before the step (the per-sample updates run one after another: a step that fails part-way has
-        advanced some of them), so a retry runs the step once."""
+        """One step of ``samples``; the error if it failed, after putting every sample back to its state before it
+        (a failing ``after_step`` hook leaves the samples before it advanced)."""
         saved = [_Saved.of(s) for s in samples]
-
-        def step() -> None:
+        try:
             if self.fault is not None:
                 self.fault([s.name for s in samples])
             self._step(samples)
-            if any(s.done for s in samples):  # their callers decode on other streams: hand over finished work
-                _sync(self.engine.devices["transformer"])
-            # the calls' hooks read the step's results on the step's thread and stream, in the same trip (a hook's
-            # failure fails its call, not the step)
+            # the calls' hooks see the step's results at once (a hook's failure fails its call, not the step)
             self._report(list(dict.fromkeys(s.group for s in samples)))
-
-        try:
-            self.run(step)
         except Exception as e:  # noqa: BLE001 - every failure becomes a shrink or a failed call
             for x in saved:
                 x.restore()
@@ -427,58 +397,30 @@ class StepLoop:
             mine = [s for s in running if s.group is g]
             e2 = self._attempt(mine)
             if e2 is not None:
-                if _is_oom(e2):  # memory, not this call's fault: shrink as any out-of-memory step (a lone sample
-                    _free_cuda_cache()  # that does not fit fails with out_of_memory); they run this step later
+                if is_oom(e2):  # memory, not this call's fault: shrink as any out-of-memory step (a lone sample
+                    free_cache()  # that does not fit fails with out_of_memory); they run this step later
                     self._shrink(mine, e2)
                 else:
                     log.error("step loop: the call of %s failed alone: %s", [s.name for s in mine], e2)
                     g.error = e2
             self._layout_key = None
 
-    @torch.no_grad()
     def _step(self, running: list[RunningSample]) -> None:
-        """One packed transformer call for every running sample (and the negative pass of each with guidance), then
-        each sample's own Euler step: ``ZImageEngine.denoise``'s math, one step, per-sample indices."""
-        packed = self.engine.packed
-        cfg = [k for k, s in enumerate(running) if s.guidance > 0]
-        order = list(range(len(running))) + cfg  # the call's samples: every sample, then the negative passes
+        """One step of every running sample: ``ZImageEngine.step`` on the set's packed call."""
         key = tuple(running)  # the samples themselves (compared by identity): an id() could be a finished one's
-        if key != self._layout_key:  # membership changed: shapes, captions and their cache change with it
-            shapes = [(1, s.latents.shape[-2], s.latents.shape[-1]) for s in running]
-            lens = [len(s.positive) for s in running] + [len(running[k].negative) for k in cfg]
-            self._layout = packed.layout(shapes + [shapes[k] for k in cfg], lens)
-            self._embeds = [s.positive for s in running] + [running[k].negative for k in cfg]
+        if key != self._layout_key:
+            self._packed = self.engine.pack(running)
             self._layout_key = key
-            if any(s.loras for s in running):  # the adapters of the running set, stacked once per membership
-                self._layout.lora = self.engine.lora_batch([running[j].loras for j in order])
-            self._control = PackedControl.build(self.engine.controlnet, [running[j].control for j in order],
-                                                [running[j].control_scale for j in order],
-                                                [running[j].latents.shape[-2:] for j in order],
-                                                self.engine.devices["transformer"], self.engine.transformer.dtype)
-        t = torch.stack([s.scheduler.timesteps[s.step] for s in running])
-        t_in = ((1000 - t) / 1000)[order] if cfg else (1000 - t) / 1000
-        dtype = self.engine.transformer.dtype
-        x = [s.latents.to(dtype).unsqueeze(1) for s in running]
-        x += [x[k] for k in cfg]  # the negative passes' inputs: the same tensors
-        out = forward(packed, x, t_in, self._embeds, self._layout, self._control)
-        negative_of = {j: len(running) + k for k, j in enumerate(cfg)}
-        for j, s in enumerate(running):
-            pred = velocity(out, j, s.guidance, negative_of.get(j))
-            s.latents = s.scheduler.step(pred.unsqueeze(0), t[j], s.latents.unsqueeze(0), return_dict=False)[0][0]
-            s.pred = pred
-            s.sigma_next = s.scheduler.sigmas[s.step + 1]
-            s.step += 1
-            if s.after_step is not None:
-                s.after_step(s)
+        self.engine.step(running, self._packed)
 
 
 PACE_LOG_S = 30.0  # how often the loop logs its pace
 
 
 class _Pace:
-    """The loop's pace for its log: the time from one step's start to the next one's (the loop runs at most a step or
-    two ahead of the GPU, so over many steps this is the GPU's step time), by running-set size, and the samples that
-    joined and waited. Steps after the loop idled are not counted (their start waited for work, not the GPU)."""
+    """The loop's pace for its log, by running-set size: the time from one step's start to the next one's (over many
+    steps the GPU's step time: the launch queue bounds how far the loop runs ahead), not counting a step after an
+    idle spell; and the samples that joined and waited."""
 
     def __init__(self, name: str, clock=time.perf_counter):
         self.name = name
@@ -518,42 +460,86 @@ class _Pace:
 
 @dataclass
 class _Saved:
-    """A sample's state before a step (``_step`` updates the samples one after another: a step that fails part-way
-    has advanced some of them)."""
+    """A sample's state before a step."""
 
     sample: RunningSample
     step: int
     latents: torch.Tensor  # the tensor itself: a step replaces ``latents``, it never writes into the old one
     pred: torch.Tensor | None
-    sigma_next: torch.Tensor | None
-    scheduler_index: int | None
 
     @classmethod
     def of(cls, s: RunningSample) -> _Saved:
-        return cls(s, s.step, s.latents, s.pred, s.sigma_next, getattr(s.scheduler, "_step_index", None))
+        return cls(s, s.step, s.latents, s.pred)
 
     def restore(self) -> None:
         s = self.sample
         if s.cancelled:  # it left meanwhile (``step`` = ``num_steps``): it stays out
             return
-        s.step, s.latents, s.pred, s.sigma_next = self.step, self.latents, self.pred, self.sigma_next
-        if hasattr(s.scheduler, "_step_index"):
-            s.scheduler._step_index = self.scheduler_index
+        s.step, s.latents, s.pred = self.step, self.latents, self.pred
 
 
 class CancelledSample(Exception):
     """Every sample of a call left the loop because their requests were cancelled."""
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
+# ---- one call through the loop ----------------------------------------------------------------------------------
+def prepare(engine, samples: Sequence, num_steps: int, on_step=None, run=run_here, encode=None,
+            join: JoinPolicy | None = None) -> tuple[Group, StageTimes]:
+    """A call's samples made ready to join a loop, off the loop: sizes checked, prompts encoded (``encode(prompts,
+    negative_prompts, guidance)``, the replica's shared encodes; else on the encode stage), input images encoded
+    (edits, ControlNet; on the VAE's stage), each sample's state built. ``run(stage, fn, *args)`` runs a stage
+    (``actors/stages.py``). Returns the call's group and its stage times so far."""
+    for s in samples:
+        engine.check_size(s.height, s.width)
+    prompts = ([s.prompt for s in samples], [s.negative_prompt for s in samples], [s.guidance_scale for s in samples])
+    enc, encode_s = encode(*prompts) if encode is not None else run("encode", engine.encode_stage, *prompts)
+    conditions, controls, image_encode_s = [None] * len(samples), [None] * len(samples), 0.0
+    if has_images(samples):
+        conditions, controls, image_encode_s = run("decode", engine.encode_images_stage, samples, num_steps)
+    negatives = iter(enc.negative)
+    running = []
+    for i, (s, lat, pos, cond, ctl) in enumerate(zip(samples, engine.initial_latents(samples), enc.positive,
+                                                      conditions, controls)):
+        rs = RunningSample.create(engine, s.name or f"sample-{i}", s.tokens, lat, pos,
+                                  next(negatives) if s.guidance_scale > 0 else None, s.guidance_scale,
+                                  num_steps if cond is None else cond.num_inference_steps,
+                                  start=0 if cond is None else cond.start, loras=s.loras, control=ctl,
+                                  control_scale=s.control_scale)
+        if cond is not None:  # img2img / inpainting: from the noised image, its own start, the blend per step
+            rs.latents = cond.noised(rs.schedule.sigmas[cond.start], rs.schedule.keep[cond.start])
+            if cond.mask is not None:
+                rs.after_step = _blend(cond)
+        running.append(rs)
+    return Group(running, on_step, join), StageTimes(encode_s=encode_s, image_encode_s=image_encode_s)
 
 
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+def finish(engine, group: Group, times: StageTimes, run=run_here) -> tuple[list, StageTimes]:
+    """A call's end once its group is done: its error raised, or its images decoded (None for a cancelled sample)
+    and its stage times: encode, time in the loop (shared with whatever ran beside), decode."""
+    if group.error is not None:
+        raise group.error
+    if all(s.cancelled for s in group.samples):
+        raise CancelledSample(", ".join(s.name for s in group.samples))
+    denoise_s = (group.finished_at or time.perf_counter()) - (group.joined_at or time.perf_counter())
+    decoded, decode_s = run("decode", engine.decode_stage, [s.latents for s in group.samples if not s.cancelled])
+    decoded = iter(decoded)
+    images = [None if s.cancelled else next(decoded) for s in group.samples]
+    total = times.encode_s + times.image_encode_s + denoise_s + decode_s
+    return images, replace(times, denoise_s=denoise_s, decode_s=decode_s, total_s=total)
 
 
-def _free_cuda_cache() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def generate(engine, samples: Sequence, num_steps: int, on_step=None, run=run_here) -> tuple[list, StageTimes]:
+    """``samples`` as one call through a loop of their own on the calling thread: a uint8 image ``[H, W, 3]`` per
+    sample and the stage times (warm-up, tools, tests)."""
+    group, times = prepare(engine, samples, num_steps, on_step, run)
+    StepLoop(engine).run_alone(group)
+    return finish(engine, group, times, run)
+
+
+def _blend(cond):
+    """The inpainting blend as an ``after_step`` hook, with the sample's next sigma (None after its last step)."""
+    def after_step(s: RunningSample) -> None:
+        last = s.step >= s.num_steps
+        s.latents = cond.after_step(s.latents, None if last else s.schedule.sigmas[s.step], s.schedule.keep[s.step])
+
+    return after_step

@@ -166,7 +166,7 @@ def serve(port: int, encode_at: str, image_path: str) -> None:
 
     config = config_from_dict({
         "model": {"source": "random-full", "dtype": "bfloat16"},
-        "deployment": {"mode": "replicate", "replicas": REPLICAS, "warmup": False, "max_inflight_batches": 2,
+        "deployment": {"mode": "replicate", "replicas": REPLICAS, "warmup": False,
                        "health_interval_s": 3600},
         "router": {"max_batch_size": 4, "max_wait_ms": 2, "queue_limit": 100_000, "request_timeout_s": 300},
         "defaults": {"width": 1024, "height": 1024, "num_inference_steps": 9},

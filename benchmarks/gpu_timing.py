@@ -26,3 +26,22 @@ def uncompile(module: torch.nn.Module) -> None:
     blocks' compiled wrappers in place, so a later "eager" call would still compile and run compiled)."""
     for m in module.modules():
         m._compiled_call_impl = None
+
+
+def one_step(eng, samples, steps: int = 9):
+    """A function that runs the first denoising step of ``samples`` as a replica's loop runs it (the packed call
+    built once, as the loop builds it when its running set changes), the same step again at every call."""
+    from actors.steploop import prepare
+
+    group, _ = prepare(eng, samples, steps)
+    running = group.samples
+    packed = eng.pack(running)
+    start = [s.latents for s in running]
+
+    def step():
+        for s, lat in zip(running, start):
+            s.latents, s.step, s.pred = lat, s.start, None
+        eng.step(running, packed)
+        return [s.latents for s in running]
+
+    return step

@@ -1,10 +1,9 @@
-"""Why a batch's text encode takes many times longer beside a running batch than alone (docs/benchmarks.md, session
-8): one replica in this process (no Ray, no router), the config's model, the worker's own stage threads and streams.
+"""Why a text encode takes many times longer beside running denoising steps than alone: one replica in this process
+(no Ray, no router), the config's model, the worker's own stage threads and streams.
 
-Session 8 measured (one H100, compiled, whole-batch calls without stage pipelining) the encode of four prompts at
-0.45-1.1 s p50 beside the other batch's denoise, against 0.06 s (short prompts) and 0.11-0.14 s (3-160 words)
-alone. The encode runs on its own thread and CUDA stream (high priority since 4a22c70), so it does not queue behind
-the denoise's kernels on one stream. Candidates: (1) the GIL, held by the denoise thread while it launches (or
+An encode of four prompts took several times its time alone beside another batch's denoise (one H100, compiled;
+docs/benchmarks-history.md). The encode runs on its own thread and high-priority CUDA stream, so it does not queue
+behind the denoise's kernels on one stream. Candidates: (1) the GIL, held by the denoise thread while it launches (or
 while a launch blocks because the GPU's queue of pending launches is full); (2) the GPU itself, the encode's kernels
 getting SMs only as the denoise's free them; (3) the launch queue, if the encode's launches wait for room behind
 the denoise's. For every encode this probe records its wall time, the CPU time of the encode thread
@@ -16,8 +15,8 @@ the denoise's. For every encode this probe records its wall time, the CPU time o
    the slow ones alone (session 9: a phase's first varied batch encoded alone in 0.95 s against 0.13 s for short
    prompts), the encoder builds something per shape (cuDNN's attention plans, as the transformer did before
    session 5) in the serving path, and its second pass is fast;
-2. ``beside``: the same encodes back to back on the encode stage while another thread runs whole batches of four
-   at the default size through ``run_batch`` (the device lock, the denoise and decode stages, as served);
+2. ``beside``: the same encodes back to back on the encode stage while another thread runs calls of four at the
+   default size through ``run_batch`` (their steps in the replica's loop, then their decode, as served);
 3. ``beside-switch``: as 2 with ``sys.setswitchinterval(0.0005)`` (the GIL handed over ten times as often): if
    the GIL is the cause, the encodes get much shorter here;
 4. ``beside-synced``: as 2, with the batches' denoise waiting for its stream after every transformer block (the
@@ -71,9 +70,6 @@ def encoder_shape(engine, prompts: list[str]) -> tuple[int, int]:
 def timed_encode(worker, prompts: list[str]) -> dict:
     """One encode stage call on the worker's encode thread (and stream): wall, thread CPU and GPU seconds, and the
     encoder's input shape, new or not to this probe."""
-    from actors.engine import Sample
-
-    samples = [Sample(p, i, 64, 64) for i, p in enumerate(prompts)]
     engine = worker.engine
     shape = encoder_shape(engine, prompts)
     new_shape = shape not in SEEN_SHAPES
@@ -85,7 +81,7 @@ def timed_encode(worker, prompts: list[str]) -> dict:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         cpu0, t0 = time.thread_time(), time.perf_counter()
-        engine.encode_stage(samples)  # ends by waiting for its stream
+        engine.encode_stage(prompts, [None] * len(prompts), [0.0] * len(prompts))  # ends by waiting for its stream
         wall, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
         gpu = None
         if cuda:
@@ -111,7 +107,7 @@ def summary(rows: list[dict]) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_replica_args(p)
-    p.add_argument("--batches", type=int, default=3, help="whole batches run beside the encodes, per phase")
+    p.add_argument("--batches", type=int, default=3, help="calls of four run beside the encodes, per phase")
     p.add_argument("--alone", type=int, default=6, help="encodes of each kind in the alone phase")
     args = p.parse_args()
 
@@ -167,8 +163,9 @@ def main() -> int:
                 t = threading.Thread(target=lambda: (res.append(worker.run_batch(batch())), done.set()), daemon=True)
                 t.start()
                 deadline = time.perf_counter() + 600
-                while not worker._device_lock.locked() and not done.is_set() and time.perf_counter() < deadline:
-                    time.sleep(0.002)  # until the batch holds the devices (its denoise began)
+                while not (worker._loop is not None and worker._loop.running) and not done.is_set() \
+                        and time.perf_counter() < deadline:
+                    time.sleep(0.002)  # until the call's samples run in the loop (its denoise began)
                 time.sleep(0.0 if args.tiny else 0.2)  # into its denoise (the toy model's batch is over in ms)
                 i = 0
                 while not done.is_set():

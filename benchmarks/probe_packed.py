@@ -152,7 +152,7 @@ def error_probe(eng):
     t = torch.tensor([0.3, 0.6, 0.9], device="cuda")
     with torch.no_grad():
         def run():
-            layout.caption_cache = None
+            layout.forget_captions()
             out = eng.packed(lat, t, cap, layout)
             errs = []
             for i in range(len(sizes)):
@@ -200,7 +200,7 @@ def step_probe(eng):
 
             def run(impl=impl):
                 g0 = graphs()
-                layout.caption_cache = None
+                layout.forget_captions()
                 f = lambda: eng.packed(lat, t4, cap, layout)  # noqa: E731
                 record(f"packed_{impl}_first_call_s", first_call_s(f))
                 record(f"packed_{impl}_step_bs4_1024_s", timed(f, reps=5))
@@ -208,7 +208,7 @@ def step_probe(eng):
                 ml, mc, mlay = batch(eng, [(1024, 1024), (768, 1344), (512, 512), (1344, 768)], [37, 200, 64, 130])
                 tm = torch.tensor([0.2, 0.4, 0.6, 0.8], device="cuda")
                 record(f"packed_{impl}_mixed_first_call_s", first_call_s(lambda: eng.packed(ml, tm, mc, mlay)))
-                mlay.caption_cache = None
+                mlay.forget_captions()
                 record(f"packed_{impl}_step_mixed4_s", timed(lambda: eng.packed(ml, tm, mc, mlay), reps=5))
                 ol, oc, olay = batch(eng, [(1024, 1024)], [77])
                 record(f"packed_{impl}_single_first_call_s",

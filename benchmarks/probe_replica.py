@@ -31,7 +31,7 @@ def start_replica(args: argparse.Namespace):
     w, h = cfg.defaults.width, cfg.defaults.height
     worker = PipelineWorker("probe", cfg.model, warmup=WarmupSpec(((w, h),), min(2, cfg.defaults.num_inference_steps)),
                             torch_threads=cfg.deployment.torch_threads, max_batch_tokens=cfg.router.max_batch_tokens,
-                            max_batch_size=cfg.router.max_batch_size, step_join=cfg.router.join_policy())
+                            max_batch_size=cfg.router.max_batch_size)
     t0 = time.perf_counter()
     worker.start()
     return cfg, worker, time.perf_counter() - t0

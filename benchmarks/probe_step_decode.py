@@ -1,30 +1,17 @@
-"""Why the decode stage is slow under step scheduling (issue 14; docs/benchmarks.md, session 5): one replica in this
-process (no Ray, no router), the config's model, the same calls the router makes.
+"""The decode stage's time in every way a replica serves (a regression check): one replica in this process (no Ray,
+no router), the config's model, the same calls the router makes.
 
-Session 5 measured the decode stage at 0.80-0.87 s per 1024^2 image in every step-scheduling phase and in
-whole-batch scheduling's lone and 50%-load phases, against 0.07 s in whole-batch scheduling at 80-95% load in the
-same process. For each phase this probe records, per decoded image, the wall time of the VAE call, its GPU time
-(CUDA events around it on the stream it runs on) and whether torch.compile ran it eager: after warm-up the stance
-is ``fail_on_recompile``, so an eager fallback (a guard that fails) raises instead of running slowly, and the
-request fails with the guard's message in the report. Phases:
+A decode runs on the decode stage's long-lived thread (``actors/stages.py``): cuDNN caches its plans per thread, so a
+decode on a thread that had not warmed them up took about ten times as long (docs/benchmarks-history.md). For each
+phase this probe records, per decoded image, the wall time of the VAE call, its GPU time (CUDA events around it on
+the stream it runs on) and whether torch.compile ran it eager: after warm-up the stance is ``fail_on_recompile``, so
+an eager fallback (a guard that fails) raises instead of running slowly, and the request fails with the guard's
+message in the report. Phases:
 
-1. ``batch-lone``: whole-batch calls of one request, one after another;
+1. ``lone``: calls of one request, one after another, from the main thread (the one that ran the warm-up);
 2. ``batch-poisson`` / ``step-poisson``: calls of one request arriving at ``--rate`` per second (seeded
-   exponential gaps), whole-batch calls under the replica's device lock as the worker runs them, and joinable calls
-   (step scheduling) from their own threads, as Ray's actor threads run them;
-3. ``step-poisson-streams``: the same joinable calls with the worker's stage streams on (what
-   ``deployment.pipeline_stages`` does): the loop's steps on a denoise stream, decodes on their own. Without them a
-   decode's kernels queue on the default stream behind the steps the loop launches meanwhile (one hypothesis for
-   the slow decodes; this phase tests it).
-
-**What it found** (session 6, one H100, tree 76a2c33): the decode is slow on any thread but the one that warmed it.
-Whole-batch lone calls (made from the main thread, which ran the warm-up) decoded in 0.056 s; every call made from
-a thread of its own, whole-batch or joinable, streams or not, took 0.55-0.80 s, and the first on a new thread 9-10 s,
-with GPU time equal to wall time. PyTorch caches cuDNN's plans per thread, so each new thread built them again. Now
-every stage runs on one long-lived thread per stage (``actors/stages.py``), and the same probe on a7e65de measured
-0.054-0.063 s in all four phases (``benchmarks/results/s6call1-*`` and ``s6call2-*``); on that tree the fourth phase
-ran without its stage streams (the probe set an attribute the worker no longer read; it now calls
-``make_stage_streams``), so it repeated the third with the device lock off.
+   exponential gaps), each from its own thread as Ray's actor threads run them, with the join policy of
+   ``router.scheduling`` "batch" (never join a running set) and "step".
 
 Writes ``OUT.json``. ``--tiny`` runs it on the CPU with the toy model (no CUDA events: GPU times are null).
 
@@ -119,27 +106,25 @@ def main() -> int:
         i = next(ids)
         return ImageRequest(f"p{i}", f"a photograph of a lighthouse at dusk, number {i}", 1000 + i, w, h, steps, 0.0)
 
-    # 1. whole-batch calls of one, one after another
+    # 1. calls of one, one after another
     results = [worker.run_batch(Batch(next(ids), (request(),))).results[0] for _ in range(3)]
-    report["phases"]["batch-lone"] = summary(times.take(), results)
+    report["phases"]["lone"] = summary(times.take(), results)
 
-    # 2. Poisson arrivals, calls of one: whole-batch, then joinable (each call in its own thread, as Ray's)
-    for name, joinable in (("batch-poisson", False), ("step-poisson", True), ("step-poisson-streams", True)):
-        if name.endswith("-streams"):  # as deployment.pipeline_stages=true sets the worker up
-            worker.pipeline_stages = True
-            worker.make_stage_streams()
+    # 2. Poisson arrivals, calls of one, each in its own thread (as Ray's), under each router.scheduling's policy
+    for scheduling in ("batch", "step"):
+        join = cfg.router.model_copy(update={"scheduling": scheduling}).join_policy()
         rng = random.Random(7)
         out: list = []
         threads = []
         for _ in range(args.requests):
-            batch = Batch(next(ids), (request(),), joinable=joinable)
+            batch = Batch(next(ids), (request(),), join=join)
             t = threading.Thread(target=lambda b=batch: out.append(worker.run_batch(b).results[0]), daemon=True)
             t.start()
             threads.append(t)
             time.sleep(rng.expovariate(args.rate))
         for t in threads:
             t.join(timeout=600)
-        report["phases"][name] = summary(times.take(), out)
+        report["phases"][f"{scheduling}-poisson"] = summary(times.take(), out)
     Path(args.out).write_text(json.dumps(report, indent=2))
     for name, ph in report["phases"].items():
         print(f"{name:14s} decodes {ph['decodes']:3d}  wall p50 {ph['decode_wall_p50_s']}  gpu p50 "

@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.benchmark.loadgen import poisson_arrivals  # noqa: E402
-from zimage_common.messages import JoinPolicy  # noqa: E402
+from zimage_common.config import JoinPolicy  # noqa: E402
 
 SIZES = {"512": [(512, 512)], "1024": [(1024, 1024)],
          "mixed": [(512, 512), (1024, 1024), (1024, 768), (768, 1344), (1344, 768)]}
@@ -52,7 +52,7 @@ POLICIES = {  # name -> JoinPolicy(free_tokens, window, short_ratio)
     "free8192": JoinPolicy(8192, JoinPolicy.window, JoinPolicy.short_ratio),
     "window0": JoinPolicy(JoinPolicy.free_tokens, 0, JoinPolicy.short_ratio),
     "noshort": JoinPolicy(JoinPolicy.free_tokens, JoinPolicy.window, 0.0),
-    "fcfs-sets": JoinPolicy(0, -1, 0.0),  # never join a running set: running sets one after another
+    "fcfs-sets": JoinPolicy(never=True),  # never join a running set (router.scheduling=batch): sets one by one
     "join-all": JoinPolicy(10**9, 10**9, 1.0),  # always join: processor sharing
 }
 
@@ -105,6 +105,7 @@ class Sample:
     loras: tuple = ()
     cancelled: bool = False
     ready: float = 0.0  # when its encode is done
+    group: object = None  # (no call of its own: the loop's policy applies)
 
     def work(self) -> int:
         return self.tokens * max(self.num_steps - self.step, 0)

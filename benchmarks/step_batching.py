@@ -1,8 +1,10 @@
-"""Step-level continuous batching against whole-batch scheduling, on one warm deployment (issue 14).
+"""``router.scheduling = "step"`` (requests join a running set where the join policy says it pays) against
+``"batch"`` (a running set takes no newcomer: whole batches one after another), on one warm deployment.
 
 For each workload (``uniform``: the config's default size, 1024x1024 on the GPU configs; ``mixed``: five sizes and
-prompts of 3 to 160 words, as ``zimage-orch bench --workload mixed``), with both schedulers on the same replicas
-(``router.scheduling`` switched between phases; the replica serves both without a second warm-up):
+prompts of 3 to 160 words, as ``zimage-orch bench --workload mixed``), with both values on the same replicas
+(``dep.router.scheduling`` set between phases: the router's dispatch is the same for both, only the join policy the
+calls carry to the replicas' step loops changes, so the replicas serve both without a second warm-up):
 
 1. lone-request latency (requests one at a time; the target divides by the lower of the two schedulers'), and for
    ``mixed`` per size (``--lone`` requests of each size, prompts of 3 to 160 words), so each open-loop phase's mean

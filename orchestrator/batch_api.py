@@ -1,20 +1,9 @@
-"""OpenAI's Files and Batch APIs for image requests: upload a JSONL file, run it as a job beside interactive traffic,
-download the output.
-
-    POST /v1/files                    multipart: file (JSONL), purpose "batch"        -> file object
-    GET  /v1/files/{id}               the file object;  GET /v1/files/{id}/content: its bytes
-    GET  /v1/files, DELETE /v1/files/{id}   the list (``purpose`` filters it); removing one (not a running job's input)
-    POST /v1/batches                  {input_file_id, endpoint, completion_window "24h", metadata?} -> batch object
-    GET  /v1/batches/{id}             the batch object, request_counts live;  GET /v1/batches: the list
-    POST /v1/batches/{id}/cancel      cancelling, then cancelled once the requests in flight have left
-
-The file is checked at upload (each line is an object with custom_id, method POST, a url this server batches and a
-body; custom_ids are unique; at most ``batches.max_lines``): a 400 names the first bad line. Each body is checked
-when its line runs, as the API checks it, and a bad one fails alone (its error is in the output). Jobs live in
-SQLite (``batch_db.py``) and run one at a time, at ``BATCH_JOB`` priority (``scheduler.py``: interactive requests go
-first); a job in progress when the server stopped resumes when it starts again. The output file holds one line per
-request, in input order; the error file only the failed ones.
-"""
+"""OpenAI's Files and Batch APIs for image requests (README.md lists the endpoints): upload a JSONL file, run it as a
+job beside interactive traffic, download the output. The file is checked at upload (``batch_input.py``: a 400 names
+the first bad line); each body is checked when its line runs, and a bad one fails alone. Jobs live in SQLite
+(``batch_db.py``) and run one at a time at ``BATCH_JOB`` priority (interactive requests go first); a job in progress
+when the server stopped resumes when it starts again. The output file holds one line per request, in input order;
+the error file only the failed ones."""
 
 from __future__ import annotations
 

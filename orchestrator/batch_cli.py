@@ -1,20 +1,10 @@
-"""``zimage-orch batch INPUT.jsonl --config F --out DIR|s3://bucket/prefix``: a batch job on a deployment of its own.
-
-The deployment runs in this process and the job keeps it saturated (``batches.max_inflight`` images queued or
-running, three full batches per replica by default), with a progress bar of images/s and the ETA. What it writes,
-as it goes:
-
-- ``DIR/images/<custom_id>-<i>.<format>`` (or ``s3://bucket/prefix/images/...``): every image;
-- ``DIR/output.jsonl``: one line per request, ``{"id", "custom_id", "response": {"status_code", "request_id",
-  "body"}, "error"}``, the body an ``ImagesResponse`` whose ``data`` entries name the image ``file``;
-  failed requests carry their status and error envelope instead;
-- ``DIR/batch.db``: the job's state (SQLite). With an s3 ``--out`` the output and the database stay in
-  ``--state`` (a local directory) and output.jsonl is uploaded beside the images at the end.
-
-Rerun the same command after a crash or Ctrl-C: finished ``custom_id``\\ s are skipped (failures that may succeed on
-a retry, such as a lost replica or a timeout, run again). At the end it prints done, failed, images/s and the
-slowest prompts, and writes ``summary.json``.
-"""
+"""``zimage-orch batch INPUT.jsonl --config F --out DIR|s3://bucket/prefix``: a batch job on a deployment of its own,
+in this process, kept saturated (``batches.max_inflight`` images queued or running), with a progress bar of
+images/s and the ETA. It writes every image (``DIR/images/<custom_id>-<i>.<format>``, or under the s3 prefix), one
+``output.jsonl`` line per request (an ``ImagesResponse`` body whose ``data`` entries name the image ``file``, or the
+failure's status and envelope) and the job's state (``batch.db``; with an s3 ``--out`` in ``--state``). Rerun the
+same command after a crash or Ctrl-C: finished requests are skipped (failures a retry may fix run again).
+README.md, "Batch jobs", has the details."""
 
 from __future__ import annotations
 

@@ -2,12 +2,10 @@
 
     {"custom_id": "cat-1", "method": "POST", "url": "/v1/images/generations", "body": {"prompt": "a cat"}}
 
-The file as a whole is refused (``InvalidRequestError`` naming the line) for what would make the job ambiguous:
-a line that is not a JSON object, a missing or repeated ``custom_id``, a method other than POST, a ``url`` this
-server does not batch, a body that is not an object, or more lines than the job may hold. A body's own fields are
-checked when the line runs, exactly as the HTTP API checks them (``images_api``), so one bad body fails that line
-alone, with its error in the output.
-"""
+The file is refused whole (``InvalidRequestError`` naming the line) for what would make the job ambiguous: a line
+that is not a JSON object, a missing or repeated ``custom_id``, a method other than POST, a ``url`` not batched here,
+a body that is not an object, or too many lines. A body's own fields are checked when its line runs, as the HTTP API
+checks them, so a bad body fails that line alone."""
 
 from __future__ import annotations
 

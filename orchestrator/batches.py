@@ -1,18 +1,10 @@
-"""Running a batch job: each line through the deployment, many in flight, each outcome recorded once.
-
-Both ways in share this: ``zimage-orch batch`` (``batch_cli.py``, its own deployment in this process) and
-``POST /v1/batches`` (``batch_api.py``, beside interactive traffic). For each line:
-
-1. its body is checked as the API checks it (``images_api``); a bad body fails that line alone;
-2. its requests are queued at the router with ``BATCH_JOB`` priority, within the job's window of images in flight
-   (a full queue means wait, never fail: the job is its own back-pressure);
-3. its images go to the job's sink (files, an object store, or base64 in the output), then the outcome is
-   recorded in SQLite (``batch_db.py``);
-4. every ``FLUSH_S`` the recorded outcomes are committed, and only then appended to the output JSONL.
-
-So an output line is always a committed record: after a crash or SIGKILL the rerun rewrites the output from the
-database and skips every recorded ``custom_id``; what was in flight runs again (same seed, same image).
-"""
+"""Running a batch job: each line through the deployment, many in flight, each outcome recorded once; shared by
+``zimage-orch batch`` (``batch_cli.py``) and ``POST /v1/batches`` (``batch_api.py``). Each line's body is checked as
+the API checks it (a bad one fails alone); its requests are queued with ``BATCH_JOB`` priority within the job's
+window (a full queue means wait, never fail); its images go to the job's sink, then its outcome to SQLite
+(``batch_db.py``); every ``FLUSH_S`` the recorded outcomes are committed, and only then appended to the output
+JSONL. So an output line is always a committed record: a rerun after a crash rewrites the output from the database
+and skips every recorded ``custom_id``; what was in flight runs again (same seed, same image)."""
 
 from __future__ import annotations
 

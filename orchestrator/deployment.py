@@ -56,7 +56,6 @@ def deployment_spec(config: Config) -> DeploymentSpec:
         height=config.defaults.height,
         max_batch_size=config.router.max_batch_size,
         max_batch_tokens=config.router.max_batch_tokens,
-        pipeline_stages=d.pipeline_stages,
     )
 
 
@@ -167,9 +166,7 @@ class Deployment(LoraAdmin):
             self._store_address = self._idempotency_address(None)
             self._make_replicas(await self.replica_specs())
             await self._start_replicas(on_replica_ready)
-        d = cfg.deployment
         self.router = Router(self.replica_set, cfg.router, clock=self.clock, observer=self.observer,
-                             max_inflight_batches=d.max_inflight_batches,
                              max_batch_adapters=cfg.model.lora_slots or None,
                              interactive_reserve=(cfg.batches.reserve_replicas, cfg.batches.reserve_s,
                                                   cfg.batches.reserve_batch_size))
@@ -204,16 +201,14 @@ class Deployment(LoraAdmin):
         for rp in self.plan.replicas:
             if rp.encoder_replica:
                 borrowers[rp.encoder_replica] = borrowers.get(rp.encoder_replica, 0) + 1
-        step = cfg.router.scheduling == "step"
         mbs = cfg.router.max_batch_size
-        # step-level batching: one call per group of requests in its loop or waiting at it (the router keeps up to
-        # STEP_QUEUE_DEPTH running sets' worth there), and one more slot for cancellations; a pooled replica keeps
-        # that for each of max_frontdoors front doors, a private one a slot for the health check besides
-        calls = STEP_QUEUE_DEPTH * max(d.max_inflight_batches, mbs) if step else d.max_inflight_batches
-        depth = STEP_QUEUE_DEPTH if step else d.max_inflight_batches
+        # one call per group of requests in its loop or waiting at it (the router keeps up to STEP_QUEUE_DEPTH running
+        # sets' worth there), and one more slot for cancellations; a pooled replica keeps that for each of
+        # max_frontdoors front doors, a private one a slot for the health check besides
+        calls = STEP_QUEUE_DEPTH * mbs
         pooled = namespace is not None
         doors = fd.max_frontdoors if pooled else 1
-        slots = (calls + step) * doors + (0 if pooled else 1)
+        slots = (calls + 1) * doors + (0 if pooled else 1)
         specs = []
         for rp in self.plan.replicas:
             specs.append(ReplicaSpec(
@@ -226,10 +221,9 @@ class Deployment(LoraAdmin):
                 warmup_sizes=tuple(sizes) if d.warmup else None,
                 warmup_steps=min(2, cfg.defaults.num_inference_steps), torch_threads=d.torch_threads,
                 memory_fraction=d.gpu_memory_limit_gib / mem[rp.node] if d.gpu_memory_limit_gib is not None else None,
-                pipeline_stages=d.pipeline_stages, encoder_replica=rp.encoder_replica,
-                max_batch_size=mbs, step_join=cfg.router.join_policy(),
+                encoder_replica=rp.encoder_replica, max_batch_size=mbs,
                 # what one router sends a replica at most: the replica holds every front door to it together
-                admission=(calls, depth * rp.max_batch_tokens, depth * mbs),
+                admission=(calls, STEP_QUEUE_DEPTH * rp.max_batch_tokens, STEP_QUEUE_DEPTH * mbs),
                 encode_threads=fd.replica_encode_threads,
                 namespace=namespace, control_slots=2 * doors + 4 if pooled else 0,
                 results_store=self._store_address,

@@ -1,27 +1,16 @@
-"""Connection and body limits for the HTTP service: what a production ASGI deployment sets, and what uvicorn lacks.
+"""Connection and body limits for the HTTP service, which uvicorn lacks (it has no timeout for a request's headers or
+body, and its ``limit_concurrency`` answers 503 to every request past the cap, health probes included, while the
+connections that caused it stay open). What each limit does and its field: docs/hardening.md.
 
-uvicorn gives a keep-alive timeout, an accept backlog and a cap on the size of an incomplete header block; it has no
-timeout for a request's headers or body, and its ``limit_concurrency`` answers 503 to *every* request past the cap
-(the health probe included) while the connections that caused it stay open. So, per server (``uvicorn_config``):
-
-- ``GuardedH11Protocol`` (uvicorn's h11 protocol, subclassed): a connection must deliver a whole request line and
-  headers within ``server.header_timeout_s`` of opening (or of the next request's first byte), and the rest of a
-  body nobody reads any more (its response already sent) within the same time, else it is closed.
-  Open connections are capped (``server.max_connections``, and the descriptor limit less ``server.fd_reserve``):
-  past the cap a new connection closes the oldest one that has no request in progress (one that never completed a
-  request first, then an idle keep-alive one), so a probe that sends its request at once is answered under a
-  flood of slow clients; only when every connection is busy is the new one closed. The same shedding starts
-  when the process's open descriptors come within ``fd_reserve`` of its limit, whatever holds them.
-- ``BodyDeadline`` (ASGI): each piece of a body must come within ``server.body_idle_timeout_s`` and the whole body
-  within ``server.body_timeout_s``; past either the request gets a 408 (through ``FaultBarrier``) and the
-  connection is closed.
-- ``FaultBarrier`` (ASGI, inside the request-id middleware, so every answer it makes carries the id): a client
-  that goes away mid-body is logged once at INFO and counted as 499; a body timeout is a 408; any other exception
-  is one ERROR with its traceback and a 500 in the envelope. Nothing propagates to uvicorn, which would log it a
-  second time.
-- ``raise_fd_limit`` raises the soft descriptor limit to the hard one; ``RateLimitFilter`` keeps loggers that
-  repeat one message per event (asyncio's accept errors) to a few lines a second.
-"""
+- ``GuardedH11Protocol`` (uvicorn's h11 protocol, subclassed): the header deadline, and the cap on open connections
+  (``server.max_connections``, and the descriptor limit less ``server.fd_reserve``): past it a new connection closes
+  the oldest one with no request in progress, so a probe is answered under a flood of slow clients.
+- ``BodyDeadline`` (ASGI): the body's idle and total deadlines (a 408 through ``FaultBarrier``).
+- ``FaultBarrier`` (ASGI, inside the request-id middleware): a client gone mid-body is a 499 (counted), any other
+  exception one ERROR with its traceback and a 500 in the envelope; nothing propagates to uvicorn, which would log
+  it again.
+- ``raise_fd_limit`` raises the soft descriptor limit to the hard one; ``RateLimitFilter`` keeps loggers that repeat
+  one message per event (asyncio's accept errors) to a few lines a second."""
 
 from __future__ import annotations
 

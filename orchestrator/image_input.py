@@ -1,34 +1,10 @@
 """Input images of an edit (``image``, ``mask``): decoded, checked and resized before anything is queued, so a bad
-file is a 400 naming its field and a replica only ever receives uint8 arrays of the request's exact size.
-
-The rules (the same for HTTP, the Python API and the CLI):
-
-| what | rule |
-| --- | --- |
-| format | PNG, JPEG or WebP (OpenAI's list); anything else, an empty file or bytes that are not an image: 400. |
-| | A multi-picture JPEG (MPO: phone photos with a gain map or depth picture) is a JPEG: its first picture |
-| file size | at most ``limits.max_image_bytes`` per file (default 50 MB, OpenAI's limit) |
-| pixels as stored | at most ``limits.max_input_pixels`` per image, and ``limits.max_request_input_pixels`` for all |
-| | of a request's images (``image``, ``mask``, ``control_image``) together; both read from the headers |
-| | before anything is decoded |
-| animation | refused (an animated PNG or WebP with more than one frame) |
-| colour | 8-bit grey, grey+alpha, palette, RGB or RGBA; CMYK, YCbCr-only modes, 16-bit and float images: 400 |
-| orientation | the EXIF orientation tag is applied first (``ImageOps.exif_transpose``), as a viewer shows the image |
-| alpha of ``image`` | dropped (the model edits RGB); transparency marks nothing unless it is in ``mask`` |
-| ``mask`` | must have an alpha channel; its fully transparent pixels (alpha 0) are repainted, the rest |
-| | kept; it must have the first image's dimensions (after orientation); it applies to the first |
-| | image only (as OpenAI says) |
-| output size | ``size`` given: every image (and the mask) is resized to exactly that size (images |
-| | Lanczos, the mask nearest-neighbour; the aspect ratio is not kept). ``size`` absent, null or |
-| | ``auto``: the first image's own size, scaled down (aspect kept) to fit ``limits.max_pixels`` and |
-| | the model's longest side, each side rounded down to a multiple of 16; the others resized to it |
+file is a 400 naming its field and a replica only ever receives uint8 arrays of the request's exact size. The rules
+(format, file and pixel limits, animation, colour modes, EXIF orientation, alpha, the mask, the output size) are the
+same for HTTP, the Python API and the CLI: docs/conditioning.md, "Input images".
 
 Memory: the images are decoded one at a time, each converted and resized to the output size before the next is
-decoded, so a request holds at most one image at its stored size (plus the output-size arrays). The HTTP server
-also bounds how many requests decode at once (``limits.max_concurrent_image_decodes``).
-
-No torch here: this runs in the HTTP process.
-"""
+decoded, so a request holds at most one image at its stored size. No torch here: this runs in the HTTP process."""
 
 from __future__ import annotations
 

@@ -1,32 +1,12 @@
 """OpenAI's Images API as published (``POST /v1/images/generations``): request fields, response and event shapes.
 
 Every field of OpenAI's ``CreateImageRequest`` is either implemented or refused with a 400 that says why, and
-``null`` means the default for each field (the spec marks them nullable). What each field does here:
-
-| field | here |
-| --- | --- |
-| ``prompt`` | required; valid Unicode text up to ``limits.max_prompt_chars`` |
-| ``model`` | ``server.served_model_name`` (or null) |
-| ``n`` | 1 to ``limits.max_n``; the images get seeds ``seed, seed+1, ...`` |
-| ``size`` | ``WIDTHxHEIGHT`` in multiples of 16, or ``auto`` (the configured default) |
-| ``quality`` | ``low``/``medium``/``high`` (``hd`` = high) -> ``defaults.quality_steps``; others: default steps |
-| ``response_format`` | ``b64_json`` (default) or ``url``: a link to the stored image (``storage.py``) |
-| ``output_format`` | ``png`` (default), ``jpeg``, ``webp`` |
-| ``output_compression`` | 0-100, the JPEG/WebP quality (default 100); PNG is lossless, so only 100 |
-| ``background`` | ``auto``/``opaque``; ``transparent`` refused (the model has no alpha channel) |
-| ``moderation`` | ``auto``/``low``: accepted; this server runs no content moderation at any level |
-| ``style`` | refused: a dall-e-3 option this model has no control for |
-| ``stream`` | server-sent events (``image_generation.partial_image`` / ``.completed``) |
-| ``partial_images`` | 0-3 previews per image while streaming, decoded from intermediate latents |
-| ``user``, ``safety_identifier`` | accepted and written to the log with the request id |
-
-Extensions (top-level fields other diffusion servers use): ``seed``, ``num_inference_steps`` (wins over
-``quality``), ``guidance_scale``, ``negative_prompt``, ``loras`` (per-request LoRA adapters,
-``[{"name", "scale"}]``); ``control_image`` (a base64 image) and ``controlnet_conditioning_scale`` with
+``null`` means the default for each field; README.md's table says what each does here. Extensions (top-level fields
+other diffusion servers use): ``seed``, ``num_inference_steps`` (wins over ``quality``), ``guidance_scale``,
+``negative_prompt``, ``loras`` (``[{"name", "scale"}]``); ``control_image`` and ``controlnet_conditioning_scale`` with
 ``model.controlnet`` (``with_control``). ``POST /v1/images/edits``: ``parse_edit`` / ``parse_json_edit`` below
-(docs/conditioning.md). Responses carry only spec fields, plus ``seed`` per image
-(and ``index``/``seed``/``width``/``height`` in stream events) as extra fields.
-"""
+(docs/conditioning.md). Responses carry only spec fields, plus ``seed`` per image (and ``index``/``seed``/``width``/
+``height`` in stream events) as extra fields."""
 
 from __future__ import annotations
 
@@ -287,25 +267,9 @@ def json_edit_parts(payload) -> tuple[dict, dict]:
 def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None = None, typed: bool = False,
                image_param: str = "image", known_loras=None) -> ImageCall:
     """Validate an edit: ``fields`` the multipart text fields (name -> text, or a typed value from the Python
-    API), ``files`` ``{"image": [bytes, ...], "mask": bytes | None}``. Every field of OpenAI's
-    ``CreateImageEditRequest``:
-
-    | field | here |
-    | --- | --- |
-    | ``image`` | 1 to 16 files (``image`` or ``image[]``); each is edited on its own, ``n`` images each, in order |
-    | ``mask`` | optional; its fully transparent pixels are repainted (inpainting), on the first image only |
-    | ``prompt``, ``model``, ``n``, ``response_format``, ``output_format``, ``output_compression``, | as for |
-    | ``quality``, ``user``, ``stream``, ``partial_images`` | generations |
-    | ``size`` | ``WIDTHxHEIGHT`` (the images are resized to it) or ``auto``/absent: the first image's size |
-    | ``background`` | ``auto``/``opaque``; ``transparent`` refused (RGB model) |
-    | ``input_fidelity`` | ``low``/``high`` accepted, no effect: how closely the output follows the input is |
-    | | ``strength`` |
-
-    Extensions: ``strength`` (0-1, default ``defaults.strength``, ``defaults.inpaint_strength`` with a mask: the
-    image runs the last ``steps_run(num_inference_steps, strength)`` steps of its schedule), ``seed``,
-    ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``loras`` (as for generations; in multipart
-    a JSON text field, checked against ``known_loras``). The image rules are
-    ``orchestrator/image_input.py``'s."""
+    API), ``files`` ``{"image": [bytes, ...], "mask": bytes | None}``. What each field of OpenAI's
+    ``CreateImageEditRequest`` and each extension (``strength``, and those of generations) does here:
+    docs/conditioning.md, "Fields"; the image rules are ``orchestrator/image_input.py``'s."""
     from .image_input import control_bytes, prepare_edit
 
     accepted = EDIT_ACCEPTED | {"moderation"} if typed else EDIT_ACCEPTED

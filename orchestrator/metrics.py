@@ -52,11 +52,6 @@ class PrometheusObserver(RouterObserver):
                                 ["replica", "device"], registry=r)
         self.gpu_memory_peak = Gauge("zimage_gpu_memory_peak_bytes", "Peak allocated GPU memory per replica device.",
                                      ["replica", "device"], registry=r)
-        self.device_idle = Counter("zimage_replica_device_idle_seconds_total",
-                                   "Seconds a replica's devices stood idle before a whole batch took them, by "
-                                   "cause: encoding (the batch was there, its encode not done) or starved (no "
-                                   "batch had reached the replica). Whole-batch scheduling without stage "
-                                   "pipelining.", ["replica", "cause"], registry=r)
         self.stage = Histogram("zimage_stage_seconds", "Seconds per pipeline stage per batch.", ["stage"],
                                buckets=LATENCY_BUCKETS, registry=r)
         self.replica_events = Counter("zimage_replica_events_total",
@@ -64,11 +59,10 @@ class PrometheusObserver(RouterObserver):
                                       registry=r)
         self.http = Counter("zimage_http_responses_total", "HTTP responses by status code (5xx: server faults).",
                             ["status"], registry=r)
-        # step-level batching (router.scheduling=step)
         self.loop_running = Gauge("zimage_replica_running_samples", "Samples in the replica's step loop at its latest "
-                                  "step (step-level batching).", ["replica"], registry=r)
-        self.loop_joins = Histogram("zimage_step_joins", "Samples that joined a replica's step loop at a step "
-                                    "(step-level batching).", buckets=(0,) + BATCH_BUCKETS, registry=r)
+                                  "step.", ["replica"], registry=r)
+        self.loop_joins = Histogram("zimage_step_joins", "Samples that joined a replica's step loop at a step.",
+                                    buckets=(0,) + BATCH_BUCKETS, registry=r)
         self.time_to_first_step = Histogram("zimage_time_to_first_step_seconds",
                                             "Time from arrival to a request's first denoising step.",
                                             buckets=LATENCY_BUCKETS, registry=r)
@@ -106,10 +100,6 @@ class PrometheusObserver(RouterObserver):
             self.stage.labels("decode").observe(st.decode_s)
             if st.image_encode_s > 0:  # batches with edits: the input images' VAE encode
                 self.stage.labels("image_encode").observe(st.image_encode_s)
-            if st.idle_encoding_s > 0:
-                self.device_idle.labels(replica_id, "encoding").inc(st.idle_encoding_s)
-            if st.idle_starved_s > 0:
-                self.device_idle.labels(replica_id, "starved").inc(st.idle_starved_s)
 
     def first_step(self, replica_id: str, waited_s: float) -> None:
         self.time_to_first_step.observe(waited_s)

@@ -1,10 +1,6 @@
 """The operator's endpoints beside the API: ``/metrics``, the generated API docs, and a key-free metrics listener.
-
-With API keys configured, ``/metrics``, ``/docs``, ``/redoc`` and ``/openapi.json`` need the key like ``/v1``
-(they describe the deployment: its queue, replicas, adapters and every route). Prometheus, which scrapes without
-headers more often than not, gets its own listener when ``server.metrics_port`` is set: ``GET /metrics`` only, on
-``server.metrics_host`` (loopback by default), no key. ``/healthz`` and ``/readyz`` stay open for load balancers.
-"""
+With API keys, ``/metrics`` and the docs need the key like ``/v1``; ``server.metrics_port`` serves ``GET /metrics``
+alone without one on ``server.metrics_host`` (loopback by default). ``/healthz`` and ``/readyz`` stay open."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
 """The replica set: every replica of a deployment with an explicit lifecycle state, its health checks, its recovery
-after a failure and its removal when its node is gone. It is the router's replica pool (``live``, ``members``,
-``report_failure``).
-
-States (after Ray Serve's ``ReplicaState``) and what moves a replica between them::
+after a failure and its removal when its node is gone; the router's replica pool (``live``, ``members``,
+``report_failure``). States after Ray Serve's ``ReplicaState``::
 
     STARTING --start() answered--------------------------------------------> LIVE
     LIVE --report_failure(): a lost process, a hung batch, ----------------> RECOVERING
@@ -13,16 +11,11 @@ States (after Ray Serve's ``ReplicaState``) and what moves a replica between the
     RECOVERING --no new process within deployment.start_timeout_s, --------> FAILED    (out of rotation)
                  or its restart raised a non-transient error
 
-LIVE replicas are in rotation. STARTING, RECOVERING and FAILED ones are members: admission counts them, so
-requests wait in the queue for a restarting replica instead of being refused. A DROPPED replica is no longer a
-member. A hung replica's process is killed (Ray restarts it); only a new process counts as back, never the old one
-answering before the kill lands (its pid), unless it keeps answering for ``OLD_PROCESS_GRACE_S`` (the failure was
-transient after all: the process never went away).
-
-Health checks run concurrently, one in flight per replica at most, so a hung replica delays no other's check. The
-backend (Ray, or a fake in the tests) and the clock are injected: every path here runs in milliseconds under a
-``ManualClock`` (tests/fakes.py).
-"""
+LIVE replicas are in rotation; STARTING, RECOVERING and FAILED ones are members, which admission counts (requests
+wait for a restarting replica instead of being refused). A hung replica's process is killed (Ray restarts it); only
+a new process counts as back, never the old one answering before the kill lands (its pid), unless it keeps answering
+for ``OLD_PROCESS_GRACE_S``. Health checks run concurrently, at most one in flight per replica; the backend and the
+clock are injected, so every path runs in milliseconds under a ``ManualClock`` (tests/fakes.py)."""
 
 from __future__ import annotations
 
@@ -101,10 +94,8 @@ class ReplicaSpec:
     warmup_steps: int
     torch_threads: int | None
     memory_fraction: float | None
-    pipeline_stages: bool
     encoder_replica: str | None  # the replica whose text encoder this one borrows
-    max_batch_size: int = 0  # most samples in its step loop's running set (step-level batching); 0: no limit
-    step_join: object = None  # messages.JoinPolicy: when waiting samples join its step loop; None: the defaults
+    max_batch_size: int = 0  # most samples in its step loop's running set; 0: no limit
     # What the replica takes in at once, (calls, tokens, samples), whatever number of front doors send to it
     # (actors/admission.py); None: no limit.
     admission: tuple[int | None, int | None, int | None] | None = None

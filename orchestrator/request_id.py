@@ -1,18 +1,10 @@
-"""``X-Request-ID`` for the HTTP service, as a pure ASGI middleware (no ``BaseHTTPMiddleware``: that would hide client
-disconnects from the endpoints, which cancel work on them).
-
-For every HTTP request:
-- the id is the client's ``X-Request-ID`` when it is 1-128 characters of ``A-Z a-z 0-9 . _ : / + = @ -``, else a new
-  ``req_<32 hex>`` (an id with spaces, quotes or control characters is never written into a log line);
-- it is returned as the ``x-request-id`` header on every response, errors and streams included (where OpenAI's
-  own clients read it: ``openai.APIStatusError.request_id``);
-- error bodies in OpenAI's envelope get it as ``error.request_id``, one more field beside ``message``, ``type``,
-  ``param`` and ``code`` (clients that read the envelope ignore fields they do not know);
-- every log line written while the request is handled carries it (``logging_setup.request_context``), and so do
-  the router's and the replica's lines about its images (the id travels in ``ImageRequest.trace_id``);
-- one access line is logged when the response ends (method, path, status, seconds), except for the probe and
-  scrape endpoints, which are logged at DEBUG.
-"""
+"""``X-Request-ID`` for the HTTP service, as a pure ASGI middleware (``BaseHTTPMiddleware`` would hide client
+disconnects from the endpoints, which cancel work on them). For every request the id is the client's
+``X-Request-ID`` when it is 1-128 characters of ``A-Z a-z 0-9 . _ : / + = @ -`` (nothing else is ever written into
+a log line), else a new ``req_<32 hex>``; it is the ``x-request-id`` header of every response (where OpenAI's
+clients read it), ``error.request_id`` in error envelopes, and on every log line about the request, the router's
+and the replica's included (``ImageRequest.trace_id``). One access line per response, at DEBUG for probes and
+scrapes."""
 
 from __future__ import annotations
 

@@ -133,25 +133,11 @@ def parse_lora_registration(payload) -> dict:
     return dict(payload)
 
 
-def build_requests(
-    prompt,
-    *,
-    defaults: RequestDefaults,
-    limits: LimitsConfig,
-    n: int = 1,
-    width: int | None = None,
-    height: int | None = None,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    seed: int | None = None,
-    negative_prompt: str | None = None,
-    request_id: str | None = None,
-    max_side: int | None = None,
-    partial_images: int | None = None,
-    trace_id: str | None = None,
-    loras=None,
-    known_loras=None,
-) -> list[ImageRequest]:
+def build_requests(prompt, *, defaults: RequestDefaults, limits: LimitsConfig, n: int = 1, width: int | None = None,
+                   height: int | None = None, num_inference_steps: int | None = None,
+                   guidance_scale: float | None = None, seed: int | None = None, negative_prompt: str | None = None,
+                   request_id: str | None = None, max_side: int | None = None, partial_images: int | None = None,
+                   trace_id: str | None = None, loras=None, known_loras=None) -> list[ImageRequest]:
     """Validate one prompt's parameters and fan ``n`` out into ``n`` requests with seeds seed, seed+1, ...
     ``None`` means the default for every parameter. ``max_side``: the longest side the model can place
     (``Deployment.max_side``); ``partial_images``: preview images per request while streaming (0-3);

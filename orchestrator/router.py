@@ -3,8 +3,8 @@
 The loop reads like the policy: expire what timed out, let the scheduler form batches for free replicas,
 dispatch them, wait for something to change. The clock and the replica pool are passed in, so tests run it
 with fakes and a manual clock. The batching decision itself lives in ``scheduler.py``; what the router knows of each
-replica (its outstanding work, its speed) in ``replica_load.py``; the difference between whole batches and
-step-level batching in ``dispatch_policy.py``.
+replica (its outstanding work, its speed) in ``replica_load.py``; how much work a replica's step loop may hold, and
+the join policy each call carries, in ``dispatch_policy.py``.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Protocol
 
+from pydantic import ValidationError
+
 from zimage_common.config import RouterConfig
 from zimage_common.errors import NotReadyError, QueueFullError, ReplicaHungError, ReplicaUnavailableError
 from zimage_common.logging_setup import batch_log_context
 from zimage_common.messages import INTERACTIVE, Batch, BatchResult, FailureKind, ImageRequest, ImageResult, StepProgress
 
-from .dispatch_policy import STEP_QUEUE_DEPTH, DispatchPolicy, policy
+from .dispatch_policy import STEP_QUEUE_DEPTH, Dispatch
 from .replica_load import ReplicaLoad
 from .scheduler import BatchScheduler, Pending, ReplicaCapacity
 
@@ -47,8 +49,9 @@ class MonotonicClock:
 
 
 class Replica(Protocol):
-    """A handle the router dispatches to. ``run`` raises ``ReplicaUnavailableError`` when the replica's process
-    is gone; every other outcome comes back inside the ``BatchResult``."""
+    """A handle the router dispatches to. ``run`` calls ``on_progress`` after every step of the replica's loop that
+    ran the batch's requests, and raises ``ReplicaUnavailableError`` when the replica's process is gone; every other
+    outcome comes back inside the ``BatchResult``. ``cancel(request_ids)`` takes requests out of its loop."""
 
     replica_id: str
     max_pixels: int
@@ -86,29 +89,21 @@ class RouterObserver:
         """A request ran its first denoising step, ``waited_s`` after it arrived."""
 
     def loop_step(self, replica_id: str, running: int, joined: int) -> None:
-        """Step-level batching: a replica's loop ran a step with ``running`` samples, ``joined`` of them new."""
+        """A replica's loop ran a step with ``running`` samples, ``joined`` of them new."""
 
     def loop_idle(self, replica_id: str) -> None:
-        """Step-level batching: a replica's loop has nothing left to run."""
+        """A replica's loop has nothing left to run."""
 
 
 # ---- the router --------------------------------------------------------------------------------------------
 class Router:
-    def __init__(
-        self,
-        pool: ReplicaPool,
-        config: RouterConfig,
-        clock: Clock | None = None,
-        observer: RouterObserver | None = None,
-        max_inflight_batches: int = 1,
-        max_batch_adapters: int | None = None,
-        interactive_reserve: tuple[int, float, int | None] = (0, 0.0, None),
-    ):
+    def __init__(self, pool: ReplicaPool, config: RouterConfig, clock: Clock | None = None,
+                 observer: RouterObserver | None = None, max_batch_adapters: int | None = None,
+                 interactive_reserve: tuple[int, float, int | None] = (0, 0.0, None)):
         self.pool = pool
         self.config = config
         self.clock = clock or MonotonicClock()
         self.observer = observer or RouterObserver()
-        self.max_inflight = max_inflight_batches
         self.scheduler = BatchScheduler(config.max_batch_size, config.max_wait_ms / 1000.0, config.queue_limit,
                                         max_batch_adapters)
         self._loads: dict[str, ReplicaLoad] = {}  # replica_id -> its books (replica_load.py)
@@ -119,9 +114,7 @@ class Router:
         self._task: asyncio.Task | None = None
         self._inflight_tasks: set[asyncio.Task] = set()
         self._accepting = True
-        self._policy: DispatchPolicy
-        self.scheduling = config.scheduling  # whole batches or step-level batching (dispatch_policy.py)
-        self._where: dict[str, str] = {}  # request_id -> replica_id, while dispatched
+        self._policy = Dispatch(config, self.scheduler)
         # (replicas, seconds, batch): while an interactive request arrived within the last `seconds`, batch-job work
         # leaves this many replicas idle for interactive requests (never the last live replica) and runs in batches
         # of at most `batch` images (None: max_batch_size) (scheduler.py, Priority)
@@ -130,13 +123,18 @@ class Router:
 
     @property
     def scheduling(self) -> str:
-        return self._policy.name
+        """``router.scheduling``: the join policy the calls carry from now on."""
+        return self.config.scheduling
 
     @scheduling.setter
     def scheduling(self, value: str) -> None:
-        # Settable on a running router (the step-batching benchmark switches it on a warm deployment): the books
-        # are kept the same way in both modes, so batches already out finish under the policy they left with.
-        self._policy = policy(value, self.config, self.scheduler, self.max_inflight)
+        # Settable on a running router (benchmarks/step_batching.py compares the values on one warm deployment):
+        # only the join policy of the calls sent from now on changes; those out keep theirs.
+        try:
+            self.config = self.config.model_validate({**self.config.model_dump(), "scheduling": value})
+        except ValidationError:
+            raise ValueError(f"router.scheduling must be 'step' or 'batch', got {value!r}") from None
+        self._policy = Dispatch(self.config, self.scheduler)
 
     def load(self, replica_id: str) -> ReplicaLoad:
         """The router's books on a replica (made on first sight)."""
@@ -188,12 +186,8 @@ class Router:
         return len(self._running)
 
     # ---- the public entry point ------------------------------------------------------------------------
-    async def submit(
-        self,
-        request: ImageRequest,
-        timeout_s: float | None = None,
-        on_progress: Callable[[StepProgress], None] | None = None,
-    ) -> ImageResult:
+    async def submit(self, request: ImageRequest, timeout_s: float | None = None,
+                     on_progress: Callable[[StepProgress], None] | None = None) -> ImageResult:
         """Queue one request and wait for its result. Raises on admission (queue full, not servable, not
         accepting); after admission every outcome, failures and timeouts included, is an ``ImageResult``.
         Cancelling the awaiting task drops the request if it has not been dispatched yet. ``on_progress`` is
@@ -201,12 +195,9 @@ class Router:
         (waiter,) = self.admit([request], timeout_s, [on_progress])
         return await waiter
 
-    def admit(
-        self,
-        requests: Sequence[ImageRequest],
-        timeout_s: float | None = None,
-        on_progress: Sequence[Callable[[StepProgress], None] | None] | None = None,
-    ) -> list[Awaitable[ImageResult]]:
+    def admit(self, requests: Sequence[ImageRequest], timeout_s: float | None = None,
+              on_progress: Sequence[Callable[[StepProgress], None] | None] | None = None,
+              ) -> list[Awaitable[ImageResult]]:
         """Queue several requests (one API call's ``n`` images) all or nothing: either every one is queued and
         an awaitable of its result comes back for each, or none is and the reason is raised (queue full, not
         servable, not accepting). Nothing is computed for a refused call. Await every returned awaitable;
@@ -267,8 +258,7 @@ class Router:
                 if self._roster_changed:
                     self._forget_gone()
                 self._expire(now)
-                # Until nothing more is ready: one pass gives each free replica at most one batch, and a replica
-                # that keeps several in flight may take another at once.
+                # until nothing more is ready: a pass gives each free replica at most one call
                 while True:
                     free = self._free()
                     if not (decisions := self.scheduler.schedule(now, free, *self._reserve(now))):
@@ -291,13 +281,13 @@ class Router:
 
     def _dispatch(self, replica_id: str, pendings: list[Pending], now: float) -> None:
         replica = self._replica(replica_id)
-        batch = Batch(next(self._batch_ids), tuple(p.request for p in pendings), joinable=self._policy.joinable)
+        batch = Batch(next(self._batch_ids), tuple(p.request for p in pendings), join=self._policy.join)
         for p in pendings:
             p.attempts += 1
             self._running[p.request.request_id] = p
-            self._where[p.request.request_id] = replica_id
+            p.replica_id = replica_id
         load = self.load(replica_id)
-        load.dispatched(batch, now, count_adapters=self.scheduler.max_adapters is not None)
+        load.dispatched(batch, count_adapters=self.scheduler.max_adapters is not None)
         self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings])
         with batch_log_context(batch):  # the batch task's log lines carry its requests' ids
             log.debug("batch %d: %d images, %d tokens, %s -> %s", batch.batch_id, len(batch), batch.tokens,
@@ -327,11 +317,11 @@ class Router:
             self._deliver(batch, pendings, out)
         finally:
             rid = replica.replica_id
-            load.returned(batch, self.clock.now())
+            load.returned(batch)
             for p in pendings:
-                if self._where.get(p.request.request_id) == rid:
-                    del self._where[p.request.request_id]
-            if batch.joinable and not load.images:
+                if p.replica_id == rid:
+                    p.replica_id = None
+            if not load.images:
                 self.observer.loop_idle(rid)
                 load.loop_step = 0  # a restarted replica's loop counts its steps from 0 again
             if load.leaving and not load.outstanding and self._loads.get(rid) is load:
@@ -341,9 +331,8 @@ class Router:
 
     async def _run_watched(self, replica: Replica, load: ReplicaLoad, batch: Batch,
                            pendings: list[Pending]) -> BatchResult:
-        """Run the batch; raise ``ReplicaHungError`` if it outlives the hang limit. A joinable batch (step-level
-        batching) always streams progress: every step restarts its hang clock, and the first step and the loop's
-        occupancy feed the metrics."""
+        """Run the batch; raise ``ReplicaHungError`` if the replica's loop runs no step of it within the hang limit
+        (every step restarts the clock). The first step and the loop's occupancy feed the metrics."""
         listeners = [p.progress for p in pendings if p.progress is not None]
         stepped = asyncio.Event()
         first = []
@@ -360,11 +349,7 @@ class Router:
             for f in listeners:
                 f(ev)
 
-        if batch.joinable or listeners:
-            call = replica.run(batch, on_progress=on_step)
-        else:
-            call = replica.run(batch)
-        run = asyncio.ensure_future(call)
+        run = asyncio.ensure_future(replica.run(batch, on_progress=on_step))
         limit = load.hang_limit(batch, self.config.hang_factor, self.config.hang_min_s,
                                 self.config.first_batch_timeout_s)
         started = self.clock.now()
@@ -372,23 +357,20 @@ class Router:
             alarm = asyncio.ensure_future(self.clock.sleep(limit))
             beat = asyncio.ensure_future(stepped.wait())
             try:
-                await asyncio.wait({run, alarm} | ({beat} if batch.joinable else set()),
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({run, alarm, beat}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 alarm.cancel()
                 beat.cancel()
-            if run.done() or not batch.joinable or not stepped.is_set():
+            if run.done() or not stepped.is_set():
                 break
             stepped.clear()  # a step ran: the hang clock starts again
         if not run.done():
             run.cancel()
-            what = " without a step" if batch.joinable else ""
-            raise ReplicaHungError(f"batch {batch.batch_id} ran {limit:.0f}s{what}, past its hang limit "
+            raise ReplicaHungError(f"batch {batch.batch_id} ran {limit:.0f}s without a step, past its hang limit "
                                    f"(router.hang_factor x expected, at least router.hang_min_s)")
         out = run.result()
         if out.results and all(r.ok for r in out.results):
-            st = out.stage_times  # (an edit's input images are encoded before its denoise too)
-            load.observe(batch, st.total_s or self.clock.now() - started, st.encode_s + st.image_encode_s)
+            load.observe(batch, out.stage_times.total_s or self.clock.now() - started)
         return out
 
     def _deliver(self, batch: Batch, pendings: list[Pending], out: BatchResult) -> None:
@@ -472,10 +454,10 @@ class Router:
                     del self._loads[rid]
 
     def _cancel_running(self, p: Pending) -> None:
-        """Step-level batching: a dispatched request whose caller went away (or that timed out) leaves its replica's
-        loop at the next step, freeing its room."""
-        replica_id = self._where.get(p.request.request_id)
-        if not self._policy.cancels_running or replica_id is None:
+        """A dispatched request whose caller went away (or that timed out) leaves its replica's loop at the next
+        step, freeing its room."""
+        replica_id = p.replica_id
+        if replica_id is None:
             return
         try:
             replica = self._replica(replica_id)
@@ -489,18 +471,18 @@ class Router:
             log.info("request %s: asked replica %s to drop it from its step loop", p.request.request_id,
                      replica_id)
 
-    def _reserve(self, now: float) -> tuple[int, int | None]:
-        """(idle replicas batch-job work leaves, its largest batch) now."""
+    def _reserve(self, now: float) -> tuple[int, int | None, bool]:
+        """(idle replicas batch-job work leaves, its largest batch, whether busy replicas take none) now."""
         replicas, seconds, batch = self.interactive_reserve
         if now - self._last_interactive > seconds:
-            return 0, None
-        return min(replicas, len(self.pool.live()) - 1), batch
+            return 0, None, False
+        return min(replicas, len(self.pool.live()) - 1), batch, replicas > 0
 
     def _next_deadline(self, free: list[ReplicaCapacity], now: float) -> float | None:
         times = [p.deadline for p in self._running.values()]
-        reserve = self._reserve(now)[0]
+        reserve, _, recent = self._reserve(now)
         d = self.scheduler.next_deadline(free, reserve, self._last_interactive + self.interactive_reserve[1] + 1e-3
-                                         if reserve else None)
+                                         if reserve or recent else None, recent)
         if d is not None:
             times.append(d)
         return min(times) if times else None

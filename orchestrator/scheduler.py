@@ -1,41 +1,20 @@
-"""The batching decision, as pure logic: which requests go together, to which free replica, and when.
+"""The batching decision, as pure logic: which requests go together, to which free replica, and when. No clock, no
+asyncio, no Ray: the router passes ``now`` and the free replicas in and gets decisions out.
 
-No clock, no asyncio, no Ray: the router passes ``now`` and the free replicas in, gets decisions out. Tests drive
-it with hand-written times.
-
-Policy:
-- Requests that share a ``BatchKey`` (the step count) may share a batch, whatever their sizes, prompt lengths and
-  guidance: the replica packs them into one transformer call per step. Within a key, first come first served;
-  across keys, the key whose oldest request is oldest goes first.
-- A batch is filled up to the replica's token budget (``max_batch_tokens``, each request counted by
-  ``ImageRequest.tokens``), ``max_batch_size`` images and ``max_adapters`` distinct LoRA adapters (the replica's
-  resident slots, which its plan counts memory for), in arrival order; a request that would overflow the
-  budget waits for the next batch while later, smaller ones may still fill this one (the oldest request always
-  leads the next batch, so nothing starves).
-- A group is *ready* when it fills a replica's budget, or its oldest request has waited ``max_wait_s``.
-- A replica that already has work (a batch running, with room for another queued behind it) takes a partial
-  batch only once that work nears its end (``partial_after``, the router's estimate); a full batch it takes at
-  once. Requests arriving while it is busy gather into one full batch instead of being locked into a small one
-  that would wait on the replica anyway (closed-loop clients whose responses come back spread out, as over
-  HTTP, otherwise halve the batch size). The queued batch still arrives early enough to be encoded before the
-  running one finishes (the router's lead covers the replica's recent encode times), so encode and decode keep
-  overlapping the neighbouring denoise.
-- A free replica takes the oldest ready group it can serve (its plan's largest image and token budget); if no
-  group is ready, it waits until the earliest one will be (``next_deadline``). So no replica idles past max_wait
-  while work it can serve is queued.
-- Waiting work is shared among the free replicas: 4 requests and 2 free replicas make two batches of 2, not
-  one of 4 and an idle replica (batching buys a GPU little; a second replica halves the latency).
-- Replicas are taken least-outstanding first, then longest-idle first, so load spreads evenly.
-- Priority (``ImageRequest.priority``: interactive before batch jobs): requests of different priorities never
-  share a batch (an interactive request would run as slowly as a full batch), groups are taken in priority order,
-  and a free replica that could serve interactive work which is not ready yet is held for it rather than given a
-  batch job's work that would then run ahead of it (one replica per waiting group; the others stay busy). With a
-  ``reserve`` (the router's, while interactive traffic is about), batch-job work also leaves that many replicas
-  idle, so an interactive request finds a replica free instead of waiting for a batch job's batch to end (a
-  running batch cannot be preempted), and batch-job batches hold at most ``background_max_batch`` images, so one
-  that is running ends soon (an interactive request waits up to max_wait for batch-mates anyway). So a batch job
-  fills only the capacity interactive traffic leaves.
-"""
+- Requests that share a ``BatchKey`` (the step count) may share a call, whatever their sizes, prompts and guidance.
+  Within a key, first come first served; across keys, the key whose oldest request is oldest goes first.
+- A call is filled in arrival order up to the replica's token budget (``ImageRequest.tokens``), ``max_batch_size``
+  images and ``max_adapters`` distinct LoRA adapters (the resident slots its plan counts); a request that would
+  overflow it waits while later, smaller ones may still fill it (the oldest always leads the next call).
+- A group is *ready* when it fills a replica's room or its oldest request has waited ``max_wait_s``. A free replica
+  (one with room: ``dispatch_policy.Dispatch``) takes the oldest ready group it can serve; else it waits until the
+  earliest one will be (``next_deadline``). Waiting work is shared among the free replicas (4 requests, 2 replicas:
+  two calls of 2), least-outstanding, then longest-idle replica first.
+- Priority (``ImageRequest.priority``: interactive before batch jobs): priorities never share a call, groups are
+  taken in priority order, and a replica that could serve interactive work not ready yet is held for it. While
+  interactive traffic is about, batch-job work leaves ``reserve`` replicas idle, runs in calls of at most
+  ``background_max_batch`` images, and goes to no busy replica (``interactive_recent``), so an interactive request
+  never waits behind a batch job's work, which cannot be preempted. A batch job fills only what that leaves."""
 
 from __future__ import annotations
 
@@ -56,10 +35,8 @@ class ReplicaCapacity:
     max_batch_tokens: int  # most tokens in one packed batch (the plan's memory budget, or the router's)
     outstanding: int = 0  # batches dispatched and not yet returned
     last_used: int = -1  # dispatch sequence number of its latest batch (ties go to the longest idle)
-    partial_after: float | None = None  # with work outstanding: from when it takes a partial batch (None: now)
-    max_images: int | None = None  # step-level batching: room left in its running set (None: max_batch_size)
-    # step-level batching: the LoRA adapters its running set already names (new work joins them, within
-    # max_adapters in all); None: a batch of its own
+    max_images: int | None = None  # room left at it (None: max_batch_size)
+    # the LoRA adapters what it holds already names (new work joins them, within max_adapters in all); None: free
     adapters: frozenset[str] | None = None
 
     def fits(self, request: ImageRequest) -> bool:
@@ -74,6 +51,7 @@ class Pending:
     attempts: int = 0
     max_batch: int | None = None  # set after an out-of-memory split: never batch this request above it
     ticket: Any = field(default=None, compare=False)  # the router's handle (a future); opaque here
+    replica_id: str | None = None  # where it runs while dispatched (the router's)
     progress: Any = field(default=None, compare=False)  # the caller's per-step callback, if it wants one
 
 
@@ -171,11 +149,12 @@ class BatchScheduler:
         return taken
 
     def schedule(self, now: float, free: list[ReplicaCapacity], reserve: int = 0,
-                 background_max_batch: int | None = None) -> list[tuple[str, list[Pending]]]:
+                 background_max_batch: int | None = None,
+                 interactive_recent: bool = False) -> list[tuple[str, list[Pending]]]:
         """Form batches for the free replicas (least outstanding first, ties by id). Returns
         ``[(replica_id, requests)]`` and removes those requests from the queue. ``reserve``: idle replicas that
-        batch-job work must leave idle; ``background_max_batch``: the most images in a batch-job batch (see
-        Priority above)."""
+        batch-job work must leave idle; ``background_max_batch``: the most images in a batch-job batch;
+        ``interactive_recent``: busy replicas take no batch-job work (see Priority above)."""
         decisions = []
         held: set = set()  # groups not ready yet that a free replica is kept for (see Priority above)
         order = sorted(free, key=lambda r: (r.outstanding, r.last_used, r.replica_id))
@@ -187,6 +166,8 @@ class BatchScheduler:
                     break  # this replica waits for the higher-priority group
                 if key[1] > INTERACTIVE and replica.outstanding == 0 and idle <= reserve:
                     break  # kept idle for interactive requests (batch-job groups come last in the order)
+                if key[1] > INTERACTIVE and replica.outstanding and interactive_recent:
+                    break
                 fitting = [p for p in group if self.admits(replica, p.request)]
                 if not fitting:
                     continue
@@ -194,7 +175,7 @@ class BatchScheduler:
                 if key[1] > INTERACTIVE and background_max_batch is not None:
                     limit = min(limit, background_max_batch)
                 full = self._fill(fitting, replica, limit)
-                waited = now - fitting[0].enqueued_at >= self.max_wait_s and self._takes_partial(replica, now)
+                waited = now - fitting[0].enqueued_at >= self.max_wait_s
                 if len(full) < len(fitting) or len(full) >= limit or waited:
                     sharing = sum(1 for r in order[n:] if self.admits(r, fitting[0].request))
                     taken = self._fill(fitting, replica, min(limit, -(-len(fitting) // sharing)))
@@ -212,8 +193,8 @@ class BatchScheduler:
         return decisions
 
     def admits(self, replica: ReplicaCapacity, request: ImageRequest) -> bool:
-        """Whether ``replica`` can take ``request`` now: it fits, and (step-level batching) its adapters join those
-        the running set names within ``max_adapters``."""
+        """Whether ``replica`` can take ``request`` now: it fits, and its adapters join those the work it holds
+        names within ``max_adapters``."""
         if not replica.fits(request):
             return False
         if replica.adapters is None or self.max_adapters is None:
@@ -221,18 +202,14 @@ class BatchScheduler:
         return len(replica.adapters | request.adapter_names) <= self.max_adapters
 
     def oldest(self) -> Pending | None:
-        """The request that has waited longest (step-level batching lets it block newer ones that would fit)."""
+        """The request that has waited longest (it may block newer ones that would fit: ``Dispatch.free``)."""
         heads = [g[0] for g in self._groups.values()]
         return min(heads, key=lambda p: (p.request.priority, p.enqueued_at)) if heads else None
 
-    @staticmethod
-    def _takes_partial(replica: ReplicaCapacity, now: float) -> bool:
-        return replica.outstanding == 0 or replica.partial_after is None or now >= replica.partial_after
-
-    def next_deadline(self, free: list[ReplicaCapacity], reserve: int = 0,
-                      reserve_until: float | None = None) -> float | None:
-        """When the earliest group becomes ready for one of ``free`` (max wait elapses, and a busy replica's
-        work nears its end), or the earliest request times out; None when nothing is queued. Batch-job work held
+    def next_deadline(self, free: list[ReplicaCapacity], reserve: int = 0, reserve_until: float | None = None,
+                      interactive_recent: bool = False) -> float | None:
+        """When the earliest group becomes ready for one of ``free`` (max wait elapses), or the earliest request
+        times out; None when nothing is queued. Batch-job work held
         back by priority counts from when it may go: once the interactive work ahead of it is ready (its own time
         is in the list), or once the ``reserve`` lapses (``reserve_until``)."""
         times = [p.deadline for g in self._groups.values() for p in g]
@@ -240,11 +217,13 @@ class BatchScheduler:
         interactive = any(key[1] == INTERACTIVE for key in self._groups)
         for r in free:
             for key, g in self._groups.items():
+                if key[1] > INTERACTIVE and r.outstanding and interactive_recent:
+                    if reserve_until is not None:  # (until then, the replica's next return wakes the router)
+                        times.append(reserve_until)
+                    continue
                 head = next((q for q in g if self.admits(r, q.request)), None)
                 if head is not None:
                     ready = head.enqueued_at + self.max_wait_s
-                    if r.outstanding and r.partial_after is not None:
-                        ready = max(ready, r.partial_after)
                     if key[1] > INTERACTIVE:
                         if interactive:
                             continue

@@ -1,31 +1,14 @@
-"""The HTTP service: OpenAI Images API, health, readiness, Prometheus metrics, graceful shutdown.
+"""The HTTP service: OpenAI's Images API (``images_api.py``; edits: docs/conditioning.md), image links
+(``outputs.py``), the Files and Batch APIs (``batch_api.py``), ``/v1/models``, ``/healthz``, ``/readyz`` (503 until
+every replica has warmed up, or while no live replica answers), ``/metrics`` and the docs (``ops_endpoints.py``),
+and graceful shutdown (SIGTERM: stop accepting, let the requests in flight finish, shut the deployment down, exit 0).
+README.md lists the endpoints and status codes.
 
     zimage-orch serve clusters/local-cpu.yaml            # 127.0.0.1:8000 unless --host/--port say otherwise
 
-Endpoints:
-- ``POST /v1/images/generations``: OpenAI's request and response shapes as published (``images_api.py`` says
-  what each field does), plus ``seed``, ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``.
-  ``"stream": true`` answers with server-sent events: ``image_generation.partial_image`` (``partial_images``
-  previews), ``image_generation.completed`` with each image, ``error`` on failure; per-step progress travels as
-  SSE comment lines (``: image_generation.progress {...}``), which SSE clients, the official one included, skip.
-- ``POST /v1/images/edits``: OpenAI's edits (multipart, or JSON with data: URLs): img2img, inpainting with a
-  ``mask``, plus ``strength`` and the generation extensions (docs/conditioning.md); stream events ``image_edit.*``.
-- ``response_format: url``, signed links at ``GET /v1/outputs/{key}`` (``outputs.py``); OpenAI's Files and Batch APIs
-  for batch jobs (``batch_api.py``).
-- ``GET /v1/models``, ``GET|HEAD /healthz`` (alive), ``GET|HEAD /readyz`` (503 until every replica has warmed
-  up, or while no live replica answers), ``GET /metrics`` (Prometheus text). ``/docs``, ``/redoc``,
-  ``/openapi.json`` only with ``server.docs``; those and ``/metrics`` need the key when keys are set
-  (``ops_endpoints.py``).
-Every error, 404 and 405 included, uses OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``:
-400 invalid input (naming the field), 401 bad or missing key, 408 a body that did not arrive in time, 409 a
-runtime adapter past its cap, 413 body or part too large (checked while reading), 429 queue full, or no room for
-an upload or its decoding in time (with ``Retry-After``; before a stream starts, for all ``n`` images or none),
-499 (counted, not seen) a client gone mid-body, 503 not ready, 504 timeout, 507 a single image larger than GPU
-memory; 500 only for server faults, with no internal text (the cause goes to the log;
-``zimage_http_responses_total{status}`` counts them). Connection limits and the fault barrier: ``http_guard.py``;
-upload and decode admission: ``uploads.py``.
-SIGTERM stops accepting connections, lets the requests in flight finish, then shuts the deployment down and exits 0.
-"""
+Every error, 404 and 405 included, uses OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``; a 500
+only for server faults, with no internal text (the cause goes to the log). Connection limits and the fault barrier:
+``http_guard.py``; upload and decode admission: ``uploads.py``."""
 
 from __future__ import annotations
 

@@ -1,15 +1,8 @@
-"""Object storage for generated images: what ``response_format: url`` answers with, and where batch jobs put images.
-
-One small interface, two backends:
-
-- ``LocalStore`` (the embedded default): files under ``outputs.directory``, served by this server at
-  ``/v1/outputs/{key}?expires=...&sig=...``. The signature is HMAC-SHA256 over the key and the expiry, so a link
-  cannot be altered or extended, and it stops working after ``outputs.url_ttl_s`` (403 either way).
-- ``S3Store``: any S3-compatible store through boto3; links are presigned GET URLs with the same lifetime.
-
-Every method blocks (disk or network): callers on the event loop run them in a worker thread (``run_blocking``).
-An upload that fails raises ``StorageError`` (HTTP 502 in the error envelope, the image's request id in the log).
-"""
+"""Object storage for generated images (``response_format: url`` and batch jobs): ``LocalStore`` (the default, files
+under ``outputs.directory`` served at ``/v1/outputs/{key}?expires=...&sig=...``, signed with HMAC-SHA256 over the
+key and the expiry, so a link cannot be altered or extended: 403) and ``S3Store`` (boto3, presigned GET URLs of the
+same lifetime). Every method blocks: callers on the event loop run them in a thread (``run_blocking``). A failed
+upload raises ``StorageError`` (HTTP 502)."""
 
 from __future__ import annotations
 

@@ -1,21 +1,16 @@
 """Request bodies and input images in the HTTP process, with memory bounded by configuration whatever the input.
 
-- ``read_body``: a body read chunk by chunk and abandoned at its limit (a chunked body too).
-- ``parse_json``: every decoding failure a 400.
+- ``read_body``: a body read chunk by chunk and abandoned at its limit (a chunked body too); ``parse_json``: every
+  decoding failure a 400.
 - ``ByteBudget`` (``limits.max_inflight_upload_bytes``): an edit's body reserves its bytes (Content-Length, or
-  ``limits.max_upload_bytes`` for a chunked one) before the first byte is read and holds them until its images
-  are decoded, first come first served; a body that cannot get room within ``limits.upload_wait_s`` is a 429.
-  Bytes not yet reserved stay in the client's socket (backpressure), not in this process.
-- ``stream_multipart``: an edit's multipart body parsed as it streams in, each part held to its limit while it
-  arrives (files ``limits.max_image_bytes``, text fields 1 MiB), so an oversized part is refused at the limit, not
-  after the whole body. As RFC 7578 has it, a part's ``filename`` is optional: the file fields (``image``,
-  ``image[]``, ``mask``, ``control_image``) are files by their name.
-- ``DecodeQueue`` (``limits.decode_pixel_budget``, ``limits.max_concurrent_image_decodes``): decoding is admitted
-  by input pixels (read from the images' headers), first come first served, except that a request that fits may
-  pass one that does not yet, up to one budget's worth of pixels per wait of the one passed (so a large request
-  is delayed by about one budget of decoding at most, and small ones are not held behind a row of large ones);
-  a request that waits longer than ``limits.decode_wait_s`` is a 429 with Retry-After.
-"""
+  ``limits.max_upload_bytes`` when chunked) before it is read and holds them until its images are decoded, first
+  come first served; no room within ``limits.upload_wait_s`` is a 429. Unreserved bytes stay in the client's socket.
+- ``stream_multipart``: a multipart body parsed as it streams in, each part held to its limit while it arrives; the
+  file fields (``image``, ``image[]``, ``mask``, ``control_image``) are files by their name (RFC 7578's
+  ``filename`` is optional).
+- ``DecodeQueue`` (``limits.decode_pixel_budget``, ``max_concurrent_image_decodes``): decoding admitted by input
+  pixels (from the headers), first come first served, except that a request that fits may pass one that does not
+  yet, up to one budget's worth per wait of the one passed; waiting past ``limits.decode_wait_s`` is a 429."""
 
 from __future__ import annotations
 

@@ -1,17 +1,14 @@
 """Memory model of Z-Image-Turbo per component: weights by dtype plus activations by what a batch holds.
 
-Weights are exact (parameter counts of the real classes at the real configs). A batch is packed: the transformer
-runs all of its samples as one token sequence, so its activations grow with the batch's tokens (image tokens plus
-caption tokens, each padded to 32, twice for a sample with guidance), whatever the mix of sizes; the VAE decodes
-one image at a time, so its activations grow with the largest image's pixels, not with the batch; the text
-encoder's grow with the number of prompts. The peak on a GPU is its weights plus the largest activation among its
-components (one replica runs its stages one after another on a device), or their sum with stage pipelining.
+Weights are exact (parameter counts of the real classes at the real configs). The transformer runs a batch as one
+token sequence, so its activations grow with the batch's tokens (image plus caption tokens, each padded to 32,
+twice with guidance), whatever the mix of sizes; the VAE decodes one image at a time (activations by the largest
+image's pixels); the text encoder's grow with the number of prompts. The peak on a GPU is its weights plus the
+largest activation among its components (an encode or decode beside a step is not added).
 
-Coefficients measured on an H200 with the full-size model in bf16 (``benchmarks/probe_packed.py``,
-docs/benchmarks-history.md, call s3-1, torch's max allocated memory above the weights): one packed transformer
-forward 155 KiB per token, flat from 4,224 to 33,792 tokens; one VAE decode 2.38 GiB at 1024^2, 0.60 at 512^2, 9.5
-at 2048^2 (2.37 GiB per megapixel).
-"""
+Coefficients measured on an H200 with the full-size model in bf16 (``benchmarks/probe_packed.py``, torch's max
+allocated memory above the weights): a packed transformer forward 155 KiB per token, flat from 4,224 to 33,792
+tokens; a VAE decode 2.37 GiB per megapixel."""
 
 from __future__ import annotations
 
@@ -130,22 +127,21 @@ class ModelSpec:
         probe = max(self.components[n].activation_gib(sample_tokens(512, 512), 512 * 512, 1) for n in names)
         return base + probe
 
-    def batch_peak_gib(self, names, tokens: int, largest_pixels: int, prompts: int, overlap: bool = False) -> float:
-        """Estimated peak GiB on one device holding ``names`` for one packed batch."""
+    def batch_peak_gib(self, names, tokens: int, largest_pixels: int, prompts: int) -> float:
+        """Estimated peak GiB on one device holding ``names`` for one packed batch: the weights and the largest of
+        its components' activations (an encode or decode beside a step is not added)."""
         names = list(names)
         if not names:
             return 0.0
         acts = [self.components[n].activation_gib(tokens, largest_pixels, prompts) for n in names]
-        return self.weights_gib(names) + (sum(acts) if overlap else max(acts))
+        return self.weights_gib(names) + max(acts)
 
-    def peak_gib(self, names, pixels: int, batch: int, overlap: bool = False) -> float:
+    def peak_gib(self, names, pixels: int, batch: int) -> float:
         """The peak for ``batch`` images of ``pixels`` (square-ish, typical captions)."""
         side = int(pixels**0.5)
-        return self.batch_peak_gib(names, batch * sample_tokens(side, pixels // max(1, side)), pixels, batch,
-                                   overlap)
+        return self.batch_peak_gib(names, batch * sample_tokens(side, pixels // max(1, side)), pixels, batch)
 
-    def max_batch_tokens(self, names, capacity_gib: float, largest_pixels: int, prompts: int,
-                         overlap: bool = False) -> int:
+    def max_batch_tokens(self, names, capacity_gib: float, largest_pixels: int, prompts: int) -> int:
         """The most packed tokens a device of ``capacity_gib`` holding ``names`` runs in one batch (very large
         when no component there grows with tokens; 0 when not even the rest fits)."""
         names = list(names)
@@ -153,29 +149,24 @@ class ModelSpec:
             return 0
         free = capacity_gib - self.weights_gib(names)
         comps = [self.components[n] for n in names]
-        others = [c.activation_gib(0, largest_pixels, prompts) for c in comps]
-        if overlap:
-            room = free - sum(others)
-            rate = sum(c.act_gib_per_token for c in comps)
-        else:
-            if any(o > free for o in others):
-                return 0
-            growing = [c for c in comps if c.act_gib_per_token > 0]
-            room = min((free - c.act_gib_fixed - largest_pixels / MPIX * c.act_gib_per_mpix
-                        - prompts * c.act_gib_per_prompt for c in growing), default=free)
-            rate = max((c.act_gib_per_token for c in growing), default=0.0)
+        if any(c.activation_gib(0, largest_pixels, prompts) > free for c in comps):
+            return 0
+        growing = [c for c in comps if c.act_gib_per_token > 0]
+        room = min((free - c.act_gib_fixed - largest_pixels / MPIX * c.act_gib_per_mpix
+                    - prompts * c.act_gib_per_prompt for c in growing), default=free)
+        rate = max((c.act_gib_per_token for c in growing), default=0.0)
         if room < 0:
             return 0
         return int(room / rate) if rate > 0 else 1 << 40
 
-    def max_image_pixels(self, names, capacity_gib: float, overlap: bool = False) -> int:
+    def max_image_pixels(self, names, capacity_gib: float) -> int:
         """The largest single image a device holding ``names`` can take part in (alone in its batch)."""
         lo, hi = 0, 1 << 26  # 64 megapixels: far beyond the model's position table
         while lo < hi:  # every component's need grows with pixels: bisect
             mid = (lo + hi + 1) // 2
             side = int(mid**0.5)
             tokens = sample_tokens(side, mid // max(1, side), MAX_CAPTION_TOKENS)
-            if self.batch_peak_gib(names, tokens, mid, 1, overlap) <= capacity_gib:
+            if self.batch_peak_gib(names, tokens, mid, 1) <= capacity_gib:
                 lo = mid
             else:
                 hi = mid - 1

@@ -1,20 +1,14 @@
 """``plan(model, inventory, deployment) -> PlacementPlan``: deterministic, pure, and loud when nothing fits.
 
-Modes:
-- ``replicate``: one whole pipeline per GPU.
-- ``split``: each replica holds ``gpus_per_replica`` GPUs of one node, components placed by its device map.
-- ``auto``: as many replicas as fit: a whole pipeline on every GPU that holds one at the target size; a GPU that
-  cannot but holds transformer + VAE borrows the text encoder of a whole pipeline on its node (component
-  replication, below); the rest are paired into split replicas (text encoder on one, transformer + VAE on the
-  other).
-- ``shared-encoder`` (component replication): the text encoder is replicated less than the transformer. On each
-  node the first GPU holds a whole pipeline whose text encoder also serves every other GPU of the node, which
-  holds transformer + VAE only, so it has 7.5 GiB more for batches and sizes. Two 24 GB cards then run two
-  denoisers with one encoder, where a plain split runs one and leaves the encoder's GPU idle most of the time.
+- ``replicate``: one whole pipeline per GPU; ``split``: each replica holds ``gpus_per_replica`` GPUs of one node,
+  components placed by its device map;
+- ``auto``: a whole pipeline on every GPU that holds one; a GPU that holds only transformer + VAE borrows the text
+  encoder of a whole pipeline on its node; the rest paired into split replicas;
+- ``shared-encoder``: on each node the first GPU holds a whole pipeline whose text encoder also serves the node's
+  other GPUs, which hold transformer + VAE only (7.5 GiB more each for batches and sizes).
 
 Ties are broken by node name, then GPU index. Every plan says, per replica, the largest batch and image it can
-serve, and the router never sends a replica more.
-"""
+serve, and the router never sends a replica more."""
 
 from __future__ import annotations
 
@@ -67,7 +61,6 @@ class DeploymentSpec:
     max_batch_size: int = 16  # most images in one batch (the router's cap)
     max_batch_tokens: int | None = None  # the router's token budget (None: memory alone decides)
     headroom_gib: float = 0.5  # CUDA context and allocator slack kept free on every GPU
-    pipeline_stages: bool = False  # stages of consecutive batches overlap: co-located activations add up
 
 
 @dataclass(frozen=True)
@@ -236,7 +229,7 @@ def plan(model: ModelSpec, inventory: Inventory, deployment: DeploymentSpec) -> 
 
 def _need(model: ModelSpec, names, pixels: int, batch: int, d: DeploymentSpec) -> float:
     """What a device holding ``names`` needs over its life: the larger of its serving and start-up peaks."""
-    return max(model.peak_gib(names, pixels, batch, d.pipeline_stages), model.load_peak_gib(names))
+    return max(model.peak_gib(names, pixels, batch), model.load_peak_gib(names))
 
 
 def _fits(model: ModelSpec, names, gpu: GPU, pixels: int, batch: int, d: DeploymentSpec) -> bool:
@@ -369,8 +362,8 @@ def _assemble(model, inventory, d, pixels, groups) -> PlacementPlan:
             names = [c for c, gi in dmap.items() if gi == li]
             if names:
                 cap = g.memory_gib - d.headroom_gib
-                tokens.append(model.max_batch_tokens(names, cap, pixels, d.max_batch_size, d.pipeline_stages))
-                px.append(model.max_image_pixels(names, cap, d.pipeline_stages))
+                tokens.append(model.max_batch_tokens(names, cap, pixels, d.max_batch_size))
+                px.append(model.max_image_pixels(names, cap))
             used[(g.node, g.index)] = [f"{rid}.{c}" for c in COMPONENTS if c in names]
         max_tokens = min(tokens)
         if d.max_batch_tokens is not None:
@@ -390,7 +383,7 @@ def _assemble(model, inventory, d, pixels, groups) -> PlacementPlan:
         if (g.node, g.index) in rep_by_gpu:
             r, li = rep_by_gpu[(g.node, g.index)]
             names = [c for c, gi in r.device_map.items() if gi == li]
-            peak = model.peak_gib(names, pixels, r.max_batch_size, d.pipeline_stages)
+            peak = model.peak_gib(names, pixels, r.max_batch_size)
             load = model.load_peak_gib(names)
         gpu_plans.append(GPUPlan(g.node, g.index, g.memory_gib, comps, peak, load))
     notes = [model.lora_text] if model.lora_text else []

@@ -11,8 +11,9 @@ from zimage_common.messages import ReplicaHealth
 
 
 class TimedReplica(FakeReplica):
-    """A batch takes ``base_s + per_image_s * images`` (a GPU-like cost); each generated image is counted, with
-    its prompt, in ``generated`` and appended to ``count_file``."""
+    """A batch takes ``base_s + per_image_s * images`` (a GPU-like cost), one after another as on one GPU (the
+    router keeps more than one at a replica); each generated image is counted, with its prompt, in ``generated``
+    and appended to ``count_file``."""
 
     def __init__(self, replica_id, node, max_pixels, max_batch_tokens, base_s, per_image_s, count_file, generated):
         super().__init__(replica_id, max_pixels, max_batch_tokens)
@@ -21,10 +22,13 @@ class TimedReplica(FakeReplica):
         self.count_file = count_file
         self.generated = generated
         self.fail_prompts = set()  # prompts whose request fails on the replica (one request's failure)
+        self._gpu: asyncio.Lock | None = None
 
     async def run(self, batch, on_progress=None):
         if self.base_s or self.per_image_s:
-            await asyncio.sleep(self.base_s + self.per_image_s * len(batch))
+            self._gpu = self._gpu or asyncio.Lock()
+            async with self._gpu:
+                await asyncio.sleep(self.base_s + self.per_image_s * len(batch))
         out = await super().run(batch)
         results = []
         for r, req in zip(out.results, batch.requests):

@@ -43,6 +43,15 @@ def ray_cluster():
     ray.shutdown()
 
 
+def final_latents(engine, samples, steps):
+    """Each sample's latents after ``steps`` steps of one call through a step loop of its own, before decoding."""
+    from actors.steploop import StepLoop, prepare
+
+    group, _ = prepare(engine, samples, steps)
+    StepLoop(engine).run_alone(group)
+    return [s.latents for s in group.samples]
+
+
 def tiny_config(cache: Path, **sections):
     """A config for the tiny model on logical GPUs; sections override (dicts merged one level deep)."""
     from zimage_common.config import config_from_dict

@@ -27,7 +27,7 @@ class FakeReplica:
         self.oom_above = None
         self.stage_times = StageTimes()  # the batch's, as a replica reports them
 
-    async def run(self, batch):
+    async def run(self, batch, on_progress=None):
         self.batches.append(batch)
         if self.manual:
             gate = asyncio.get_running_loop().create_future()

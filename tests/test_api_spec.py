@@ -361,20 +361,22 @@ def test_progress_never_reaches_the_official_client(server):
 
 
 def test_full_queue_refuses_before_the_stream_and_n_all_or_nothing(server):
-    """One request runs (stalled), eight wait: the queue (8) is full. A stream request gets 429 with
-    Retry-After before any event; an n=2 request is refused whole and nothing of it is queued or computed."""
+    """One request runs (its replica's loop stalled) and its replica holds all it takes (two running sets' worth,
+    8 images), eight wait: the queue (8) is full. A stream request gets 429 with Retry-After before any event; an
+    n=2 request is refused whole and nothing of it is queued or computed."""
     from openai import RateLimitError
 
     router = server.service.deployment.router
-    inject(server, "stall", seconds=3)
+    inject(server, "stall", seconds=4)
     try:
         running = threading.Thread(target=post, args=(server, {"prompt": "runs", "seed": 1}))
         running.start()
         time.sleep(0.5)
-        fill = [threading.Thread(target=post, args=(server, {"prompt": f"waits {i}", "n": 4, "seed": i}))
-                for i in range(2)]
+        fill = [threading.Thread(target=post, args=(server, {"prompt": f"waits {i}", "n": n, "seed": 10 * i}))
+                for i, n in enumerate((4, 4, 4, 3))]  # 7 more at the replica, 8 in the queue
         for t in fill:
             t.start()
+            time.sleep(0.2)  # each admitted (and what the replica has room for dispatched) before the next
         deadline = time.time() + 10
         while router.waiting < 8:
             assert time.time() < deadline, router.waiting

@@ -122,7 +122,7 @@ def test_a_job_resumes_after_a_restart_and_can_be_cancelled(tmp_path):
     from openai import OpenAI
 
     n = 200
-    first = TimedBackend(2, base_s=0.01)
+    first = TimedBackend(2, base_s=0.01, per_image_s=0.01)  # about 1.3 s of work: stopped part-way
     with serve(tmp_path, first) as s:
         s.wait_ready(timeout_s=30)
         client = OpenAI(base_url=f"{s.url}/v1", api_key="none")

@@ -8,6 +8,8 @@ import pytest
 import ray
 from conftest import ServerThread, tiny_config
 
+from orchestrator.router import STEP_QUEUE_DEPTH
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
@@ -83,10 +85,13 @@ def test_disconnected_client_has_its_queued_request_cancelled(server):
     asyncio.run_coroutine_threadsafe(stall("stall", seconds=4), loop).result(30)
     try:
         url = f"{server.url}/v1/images/generations"
+        # each replica (its loop stalled) holds two running sets' worth: 2 x max_batch_size 2
+        room = STEP_QUEUE_DEPTH * dep.config.router.max_batch_size
         busy = [threading.Thread(target=lambda i=i: httpx.post(url, json={"prompt": f"b{i}", "size": "64x64"},
-                                                               timeout=60)) for i in range(2)]
+                                                               timeout=60)) for i in range(room * len(dep.replicas))]
         for t in busy:
             t.start()
+            time.sleep(0.05)
         time.sleep(0.5)
         before = dep.router.waiting
         with pytest.raises(httpx.ReadTimeout):

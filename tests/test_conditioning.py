@@ -4,10 +4,12 @@ and conditioned samples batched with plain ones (actors/conditioning.py)."""
 import numpy as np
 import pytest
 import torch
+from conftest import final_latents
 
 from actors.conditioning import start_step, steps_run
 from actors.engine import Sample, ZImageEngine
 from actors.models import build_components
+from actors.steploop import generate
 
 CPU = dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu")
 
@@ -69,7 +71,7 @@ def test_engine_equals_diffusers_pipelines(components, engine, kind, strength, g
     mask = _mask(h, w) if kind == "inpaint" else None
     s = Sample("a red fox in snow", 7, w, h, guidance, "blurry" if guidance else None, image=image, mask=mask,
                strength=strength, num_inference_steps=steps)
-    ours, times = engine.generate([s], steps_run(steps, strength))
+    ours, times = generate(engine, [s], steps_run(steps, strength))
     ref = _ref(components, kind, s.prompt, 7, image, mask, steps, strength, guidance, "blurry")
     assert ours[0].shape == ref.shape == (h, w, 3)
     assert np.abs(ours[0].astype(int) - ref.astype(int)).max() <= 1
@@ -85,9 +87,9 @@ def test_conditioned_and_plain_samples_share_a_batch(engine):
         Sample("a dog on a hill", 2, 64, 64, 2.0, "blurry", image=img_a, strength=0.6, num_inference_steps=8),
         Sample("a lighthouse", 3, 80, 48, image=img_b, mask=_mask(48, 80), strength=0.5, num_inference_steps=10),
     ]
-    batch, _ = engine.generate(samples, 5)
+    batch, _ = generate(engine, samples, 5)
     for s, img in zip(samples, batch):
-        solo, _ = engine.generate([s], 5)
+        solo, _ = generate(engine, [s], 5)
         assert img.shape == (s.height, s.width, 3)
         assert np.abs(img.astype(int) - solo[0].astype(int)).max() <= 1
 
@@ -95,7 +97,7 @@ def test_conditioned_and_plain_samples_share_a_batch(engine):
 def test_inpaint_keeps_the_unmasked_area_and_lower_strength_stays_closer(engine):
     image = _input_image(64, 64, 3)
     mask = _mask(64, 64)
-    out, _ = engine.generate([Sample("a boat", 4, 64, 64, image=image, mask=mask, strength=1.0,
+    out, _ = generate(engine, [Sample("a boat", 4, 64, 64, image=image, mask=mask, strength=1.0,
                                      num_inference_steps=4)], 4)
     keep = mask == 0
     # The unmasked area comes back as the VAE's round trip of the input; the masked area is repainted.
@@ -115,7 +117,7 @@ def test_inpaint_keeps_the_unmasked_area_and_lower_strength_stays_closer(engine)
         run = steps_run(8, strength)
         conds = encode_conditions(engine, [s], run)
         clean = conds[0].image_latents.clone()
-        final = engine.denoise(engine.encode([s.prompt]), engine.initial_latents([s]), run, 0.0, None, conds)[0]
+        (final,) = final_latents(engine, [s], run)
         dist.append(float((final - clean).abs().mean()))
     assert dist[0] < dist[1] < dist[2], dist
 
@@ -123,4 +125,4 @@ def test_inpaint_keeps_the_unmasked_area_and_lower_strength_stays_closer(engine)
 def test_a_wrong_step_count_is_refused(engine):
     s = Sample("x", 1, 64, 64, image=_input_image(64, 64), strength=0.5, num_inference_steps=8)
     with pytest.raises(ValueError, match="runs 4 steps"):
-        engine.generate([s], 5)
+        generate(engine, [s], 5)

@@ -55,6 +55,12 @@ BAD = [
     ("cluster:\n  address: auto\n  num_gpus: 2\n", "cluster", "cannot be set when joining"),
     ("defaults:\n  width: 4096\n  height: 4096\n", "(top level)", "limits.max_pixels"),
     ("router: [1, 2]\n", "router", "valid dictionary"),
+    ("router:\n  scheduling: whole\n", "router.scheduling", "'batch' or 'step'"),
+    # keys older configs carry: the error says why they went and what to do
+    ("deployment:\n  pipeline_stages: true\n", "deployment.pipeline_stages",
+     "removed: every replica's step loop overlaps encode, denoise and decode"),
+    ("deployment:\n  max_inflight_batches: 2\n", "deployment.max_inflight_batches",
+     "removed: the router keeps up to two running sets' worth"),
 ]
 
 

@@ -7,6 +7,7 @@ import torch
 from actors.controlnet import PackedControl, build_controlnet, controlled_forward
 from actors.models import build_components
 from actors.packed import PackedTransformer
+from actors.steploop import generate
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_engine_equals_zimage_controlnet_pipeline(components, guidance):
     control = _picture(64, 96)
     s = Sample("a house by a lake", 5, 96, 64, guidance, "blurry" if guidance else None, control_image=control,
                control_scale=0.8)
-    ours = eng.generate([s], 3)[0][0]
+    ours = generate(eng, [s], 3)[0][0]
     pipe = ZImageControlNetPipeline(**components, controlnet=cn)
     ref = pipe(s.prompt, control_image=Image.fromarray(control), height=64, width=96, num_inference_steps=3,
                guidance_scale=guidance, negative_prompt="blurry" if guidance else None,
@@ -72,12 +73,12 @@ def test_engine_equals_zimage_controlnet_pipeline(components, guidance):
                output_type="np").images[0]
     ref = (ref * 255).round().clip(0, 255).astype(np.uint8)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
-    batch = eng.generate([Sample("a cat", 1, 64, 64), s, Sample("x", 2, 96, 64, image=_picture(64, 96, 1),
+    batch = generate(eng, [Sample("a cat", 1, 64, 64), s, Sample("x", 2, 96, 64, image=_picture(64, 96, 1),
                                                                strength=0.6, num_inference_steps=5)], 3)[0]
     assert np.abs(batch[1].astype(int) - ours.astype(int)).max() <= 1
     plain = ZImageEngine(components, dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu"), torch.float32)
-    assert np.abs(batch[0].astype(int) - plain.generate([Sample("a cat", 1, 64, 64)], 3)[0][0].astype(int)).max() <= 1
-    assert np.abs(ours.astype(int) - plain.generate([Sample(s.prompt, 5, 96, 64, guidance, s.negative_prompt)],
+    assert np.abs(batch[0].astype(int) - generate(plain, [Sample("a cat", 1, 64, 64)], 3)[0][0].astype(int)).max() <= 1
+    assert np.abs(ours.astype(int) - generate(plain, [Sample(s.prompt, 5, 96, 64, guidance, s.negative_prompt)],
                                                      3)[0][0].astype(int)).mean() > 0.5  # the control matters
 
 

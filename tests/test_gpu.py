@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from actors.compiled import counted
+from actors.steploop import generate
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -20,7 +21,7 @@ def test_full_size_engine_bf16_on_gpu():
 
     comps = build_components("full", device="cuda", dtype=torch.bfloat16)
     eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cuda"), torch.bfloat16)
-    images, times = eng.generate([Sample("a red fox", 1, 512, 512), Sample("a lighthouse at dusk", 2, 768, 512)], 2)
+    images, times = generate(eng, [Sample("a red fox", 1, 512, 512), Sample("a lighthouse at dusk", 2, 768, 512)], 2)
     assert [i.shape for i in images] == [(512, 512, 3), (512, 768, 3)] and times.denoise_s > 0
 
 
@@ -102,7 +103,7 @@ def test_edits_batched_with_text_to_image_on_gpu():
     samples = [Sample("a red fox", 1, 512, 512),
                Sample("a watercolour", 2, 768, 512, image=image, strength=0.5, num_inference_steps=4),
                Sample("a door", 3, 768, 512, image=image, mask=mask, strength=0.4, num_inference_steps=5)]
-    images, times = eng.generate(samples, 2)
+    images, times = generate(eng, samples, 2)
     assert [i.shape for i in images] == [(512, 512, 3), (512, 768, 3), (512, 768, 3)]
     assert times.image_encode_s > 0 and all(i.std() > 0 for i in images)
 
@@ -119,7 +120,7 @@ def test_controlnet_batched_with_plain_on_gpu():
     comps["controlnet"] = build_controlnet("full", comps["transformer"], device="cuda", dtype=torch.bfloat16)
     eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cuda"), torch.bfloat16)
     control = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
-    images, times = eng.generate([Sample("a red fox", 1, 512, 512),
+    images, times = generate(eng, [Sample("a red fox", 1, 512, 512),
                                   Sample("a house", 2, 512, 512, control_image=control, control_scale=0.75)], 2)
     assert [i.shape for i in images] == [(512, 512, 3)] * 2 and times.image_encode_s > 0
 
@@ -139,7 +140,7 @@ def test_step_loop_joins_and_leaves_compile_nothing_on_gpu():
     eng.packed.compile()
     for batch in ([Sample("a red fox", 1, 512, 512)], [Sample("a red fox", 1, 512, 512)] * 2,
                   [Sample("a lighthouse", 2, 1024, 1024), Sample("x", 3, 768, 512)]):
-        eng.denoise(eng.encode([s.prompt for s in batch]), eng.initial_latents(batch), 2)
+        generate(eng, batch, 2)
 
     def group(sample: Sample, steps: int) -> Group:
         enc = eng.encode([sample.prompt])

@@ -10,6 +10,7 @@ import torch
 from fakes import FakePool, FakeReplica, ManualClock
 
 from actors.screening import StepHook, preview_steps, screen, validate_prompt
+from actors.steploop import generate
 from actors.worker import PipelineWorker, WarmupSpec
 from orchestrator.router import Router
 from zimage_common.config import ModelConfig, RouterConfig
@@ -32,7 +33,7 @@ class PoisonReplica(FakeReplica):
         super().__init__(*a, **kw)
         self.raise_ = raise_
 
-    async def run(self, batch):
+    async def run(self, batch, on_progress=None):
         if any("poison" in r.prompt for r in batch.requests):
             self.batches.append(batch)
             await asyncio.sleep(0)
@@ -69,21 +70,23 @@ async def test_admission_is_all_or_nothing():
     router = Router(FakePool(replica), RouterConfig(max_batch_size=1, max_wait_ms=0, queue_limit=3),
                     clock=ManualClock())
     router.start()
-    first = asyncio.ensure_future(asyncio.gather(*router.admit([req(0), req(1), req(2)])))
-    await asyncio.sleep(0.01)  # q0 runs (held by the fake), q1 and q2 wait: room for one more
+    held = router.admit([req(0), req(1)])
+    await asyncio.sleep(0.01)  # q0 and q1 at the replica (held by the fake)
+    first = asyncio.ensure_future(asyncio.gather(*held, *router.admit([req(2), req(3)])))
+    await asyncio.sleep(0.01)  # q2 and q3 wait: room for one more
     assert router.waiting == 2
     with pytest.raises(QueueFullError, match="room for 1 more"):
-        router.admit([req(3), req(4)])
+        router.admit([req(4), req(5)])
     assert router.waiting == 2  # nothing of the refused call was queued
-    later = router.admit([req(5)])  # the one that fits still does
+    later = router.admit([req(6)])  # the one that fits still does
     assert router.waiting == 3
-    for _ in range(4):
+    for _ in range(5):
         while not replica.waiting:
             await asyncio.sleep(0.001)
         replica.release()
     results = await asyncio.wait_for(first, 5) + await asyncio.wait_for(asyncio.gather(*later), 5)
-    assert [r.request_id for r in results] == ["q0", "q1", "q2", "q5"] and all(r.ok for r in results)
-    assert sorted(r.request_id for b in replica.batches for r in b.requests) == ["q0", "q1", "q2", "q5"]
+    assert [r.request_id for r in results] == ["q0", "q1", "q2", "q3", "q6"] and all(r.ok for r in results)
+    assert sorted(r.request_id for b in replica.batches for r in b.requests) == ["q0", "q1", "q2", "q3", "q6"]
     await router.stop()
 
 
@@ -168,7 +171,7 @@ def test_stream_yields_real_previews_for_those_who_asked(worker):
 
     hook_images = []
     hook = StepHook(worker.engine, Batch(6, (req(0, steps=2),)))
-    worker.engine.generate([Sample("prompt 0", 100, 64, 64)], 2,
+    generate(worker.engine, [Sample("prompt 0", 100, 64, 64)], 2,
                            on_step=lambda i, n, d: (hook(i, n, d), hook_images.append(worker.engine.decode(d()))))
     final = worker.run_batch(Batch(7, (req(0, steps=2),))).results[0].image
     assert np.abs(hook_images[-1][0].astype(int) - final.astype(int)).max() <= 1

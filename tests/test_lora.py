@@ -21,6 +21,7 @@ from actors.lora import (
     save_kohya_lora,
 )
 from actors.models import build_pipeline
+from actors.steploop import generate
 
 CPU = dict.fromkeys(("transformer", "text_encoder", "vae"), "cpu")
 
@@ -83,7 +84,7 @@ def _close(a, b, levels=1):
 @pytest.mark.parametrize("name,scale", [("style-a", 1.0), ("style-b", 0.7), ("style-c", 1.3), ("kohya", 1.0)])
 def test_adapter_equals_diffusers_fused(pipe, engine, adapters, name, scale):
     prompts, seeds = ["a red fox in snow"], [11]
-    ours, _ = engine.generate([Sample(prompts[0], seeds[0], 64, 64, loras=((name, scale),))], 3)
+    ours, _ = generate(engine, [Sample(prompts[0], seeds[0], 64, 64, loras=((name, scale),))], 3)
     ref = _fused_images(pipe, adapters[name], scale, prompts, seeds, 64, 64, 3)
     plain = _fused_images(pipe, adapters[name], 0.0, prompts, seeds, 64, 64, 3)
     assert not _close(ref[0], plain[0], 4), "the adapter must change the image for this test to mean anything"
@@ -101,16 +102,16 @@ def test_mixed_adapters_in_one_batch_equal_solo_runs(engine):
         Sample("a lighthouse", 4, 48, 80, loras=(("style-a", 0.5), ("style-c", 1.0))),
         Sample("a boat", 5, 64, 64, loras=(("kohya", 1.0),)),
     ]
-    batch, _ = engine.generate(samples, 3)
+    batch, _ = generate(engine, samples, 3)
     for s, img in zip(samples, batch):
-        solo, _ = engine.generate([s], 3)
+        solo, _ = generate(engine, [s], 3)
         assert _close(img, solo[0]), s
 
 
 def test_scale_zero_equals_no_adapter(engine):
-    plain, _ = engine.generate([Sample("a cat", 7, 64, 64)], 3)
-    zero, _ = engine.generate([Sample("a cat", 7, 64, 64, loras=(("style-a", 0.0),))], 3)
-    beside, _ = engine.generate([Sample("a cat", 7, 64, 64), Sample("a dog", 8, 64, 64, loras=(("style-a", 1.0),))],
+    plain, _ = generate(engine, [Sample("a cat", 7, 64, 64)], 3)
+    zero, _ = generate(engine, [Sample("a cat", 7, 64, 64, loras=(("style-a", 0.0),))], 3)
+    beside, _ = generate(engine, [Sample("a cat", 7, 64, 64), Sample("a dog", 8, 64, 64, loras=(("style-a", 1.0),))],
                                 3)
     assert np.array_equal(plain[0], zero[0])
     assert _close(plain[0], beside[0])
@@ -119,12 +120,12 @@ def test_scale_zero_equals_no_adapter(engine):
 def test_residency_is_lru_and_unknown_names_fail(engine):
     store = engine.loras
     assert sum(i["resident"] for i in store.info()) <= 2
-    engine.generate([Sample("a", 1, 32, 32, loras=(("style-b", 1.0),))], 1)
-    engine.generate([Sample("a", 1, 32, 32, loras=(("kohya", 1.0),))], 1)
+    generate(engine, [Sample("a", 1, 32, 32, loras=(("style-b", 1.0),))], 1)
+    generate(engine, [Sample("a", 1, 32, 32, loras=(("kohya", 1.0),))], 1)
     resident = {i["name"] for i in store.info() if i["resident"]}
     assert resident == {"style-b", "kohya"}
     with pytest.raises(LoraError, match="not registered.*nope"):
-        engine.generate([Sample("a", 1, 32, 32, loras=(("nope", 1.0),))], 1)
+        generate(engine, [Sample("a", 1, 32, 32, loras=(("nope", 1.0),))], 1)
     info = {i["name"]: i for i in store.info()}
     assert info["style-b"]["rank"] == 8 and info["style-b"]["modules"] == [
         "attention.to_k", "attention.to_out.0", "attention.to_q", "attention.to_v"]
@@ -189,9 +190,9 @@ def test_no_recompile_per_adapter_set(pipe, adapters):
     for name, path in adapters.items():
         eng.loras.add(name, path)
     eng.packed.compile(backend="eager")
-    eng.generate([Sample("a cat", 1, 32, 32), Sample("a dog in the rain", 2, 48, 32, loras=(("style-a", 1.0),))], 1)
-    eng.generate([Sample("a cat", 1, 32, 32)], 1)
-    eng.generate([Sample("a cat", 1, 32, 32, loras=(("style-b", 1.0),))], 1)
+    generate(eng, [Sample("a cat", 1, 32, 32), Sample("a dog in the rain", 2, 48, 32, loras=(("style-a", 1.0),))], 1)
+    generate(eng, [Sample("a cat", 1, 32, 32)], 1)
+    generate(eng, [Sample("a cat", 1, 32, 32, loras=(("style-b", 1.0),))], 1)
     try:
         with torch.compiler.set_stance("fail_on_recompile"), counted() as missed:
             for batch in (
@@ -200,7 +201,7 @@ def test_no_recompile_per_adapter_set(pipe, adapters):
                      Sample("a long prompt about boats", 4, 32, 32, 2.0, loras=(("style-b", 1.0),)),
                      Sample("y", 5, 32, 48)],
                     [Sample("z", 6, 32, 32, loras=(("kohya", 1.0),)), Sample("w", 7, 32, 32)]):
-                eng.generate(batch, 1)
+                generate(eng, batch, 1)
         assert not missed, missed  # every call had its graph: none fell back to eager
     finally:
         torch._dynamo.reset()

@@ -8,7 +8,7 @@ from fakes import FakePool, FakeReplica, ManualClock, fake_image, lost
 from orchestrator.router import Router
 from zimage_common.config import RouterConfig
 from zimage_common.errors import NotReadyError, QueueFullError
-from zimage_common.messages import ImageRequest
+from zimage_common.messages import Batch, ImageRequest
 
 
 def req(i, size=64, steps=4, prompt=None):
@@ -62,17 +62,19 @@ async def test_partial_batch_waits_max_wait_then_goes(clock):
 
 
 async def test_no_idle_replica_while_work_waits(clock):
+    """Each replica holds up to two running sets' worth (``STEP_QUEUE_DEPTH`` x max_batch_size images); what is
+    beyond that waits in the router's queue and goes to the first replica with room."""
     a, b = FakeReplica("a", manual=True), FakeReplica("b", manual=True)
     router = make_router(FakePool(a, b), clock, max_batch_size=2, max_wait_ms=0)
-    tasks = [asyncio.create_task(router.submit(req(i))) for i in range(6)]
+    tasks = [asyncio.create_task(router.submit(req(i))) for i in range(10)]
     await settle()
-    assert a.waiting == 1 and b.waiting == 1  # both busy, two requests still queued
+    assert a.waiting == 2 and b.waiting == 2  # both full, two requests still queued
     assert router.waiting == 2
     a.release()
     await settle()
-    assert a.waiting == 1 and router.waiting == 0  # a took the rest as soon as it was free
-    a.release()
-    b.release()
+    assert a.waiting == 2 and router.waiting == 0  # a took the rest as soon as it had room
+    a.release(2)
+    b.release(2)
     await asyncio.gather(*tasks)
     await router.stop()
 
@@ -80,16 +82,17 @@ async def test_no_idle_replica_while_work_waits(clock):
 async def test_queue_limit_rejects_at_once(clock):
     a = FakeReplica("a", manual=True)
     router = make_router(FakePool(a), clock, max_batch_size=1, max_wait_ms=0, queue_limit=2)
-    running = asyncio.create_task(router.submit(req(0)))
+    running = [asyncio.create_task(router.submit(req(i))) for i in (0, 1)]  # the replica holds two
     await settle()
-    queued = [asyncio.create_task(router.submit(req(i))) for i in (1, 2)]
+    queued = [asyncio.create_task(router.submit(req(i))) for i in (2, 3)]
     await settle()
+    assert a.waiting == 2 and router.waiting == 2
     with pytest.raises(QueueFullError):
-        await router.submit(req(3))
-    for _ in range(3):
+        await router.submit(req(4))
+    for _ in range(4):
         a.release()
         await settle()
-    await asyncio.gather(running, *queued)
+    await asyncio.gather(*running, *queued)
     await router.stop()
 
 
@@ -174,33 +177,33 @@ async def test_oom_on_single_request_is_a_clear_error(clock):
 async def test_timeout_while_queued(clock):
     a = FakeReplica("a", manual=True)
     router = make_router(FakePool(a), clock, max_batch_size=1, max_wait_ms=0, request_timeout_s=5)
-    first = asyncio.create_task(router.submit(req(0)))
+    first = [asyncio.create_task(router.submit(req(i))) for i in (0, 1)]  # the replica holds two
     await settle()
-    second = asyncio.create_task(router.submit(req(1)))
+    last = asyncio.create_task(router.submit(req(2)))
     await settle()
     await clock.advance(6)
-    r0, r1 = await asyncio.gather(first, second)
-    assert r1.error_type == "timeout" and "while queued" in r1.error
-    assert r0.error_type == "timeout" and "while running" in r0.error
+    r0, r1, r2 = await asyncio.gather(*first, last)
+    assert r2.error_type == "timeout" and "while queued" in r2.error
+    assert all(r.error_type == "timeout" and "while running" in r.error for r in (r0, r1))
     assert router.waiting == 0
-    a.release()
+    a.release(2)
     await router.stop()
 
 
 async def test_cancelled_request_is_dropped_before_running(clock):
     a = FakeReplica("a", manual=True)
     router = make_router(FakePool(a), clock, max_batch_size=1, max_wait_ms=0)
-    first = asyncio.create_task(router.submit(req(0)))
+    first = [asyncio.create_task(router.submit(req(i))) for i in (0, 1)]  # the replica holds two
     await settle()
-    doomed = asyncio.create_task(router.submit(req(1)))
+    doomed = asyncio.create_task(router.submit(req(2)))
     await settle()
     doomed.cancel()
     await settle()
     assert router.waiting == 0
-    a.release()
-    await first
+    a.release(2)
+    await asyncio.gather(*first)
     await settle()
-    assert [b.requests[0].request_id for b in a.batches] == ["q0"]
+    assert [b.requests[0].request_id for b in a.batches] == ["q0", "q1"]
     await router.stop()
 
 
@@ -213,15 +216,11 @@ async def test_no_replicas_means_not_ready(clock):
 
 async def test_router_respects_replica_limits(clock):
     small = FakeReplica("small", max_pixels=64 * 64, max_batch_tokens=2 * 64)
-    big = FakeReplica("big", manual=True)
+    big = FakeReplica("big")
     router = make_router(FakePool(small, big), clock, max_batch_size=8, max_wait_ms=0)
-    large = asyncio.create_task(router.submit(req(0, size=128)))
-    await settle()
-    smalls = [asyncio.create_task(router.submit(req(i))) for i in range(1, 5)]
-    await asyncio.gather(*smalls)
+    results = await asyncio.gather(*(router.submit(req(i, size=128 if i == 0 else 64)) for i in range(9)))
+    assert all(r.ok for r in results) and results[0].replica_id == "big" and small.batches
     assert all(len(b) <= 2 and all(r.width == 64 for r in b.requests) for b in small.batches)
-    big.release()
-    assert (await large).replica_id == "big"
     await router.stop()
 
 
@@ -255,116 +254,24 @@ async def test_requests_wait_for_a_recovering_replica(clock):
     await router.stop()
 
 
-async def test_a_busy_replica_gets_full_batches_from_spread_out_arrivals(clock):
-    """Closed-loop clients whose responses come back spread out (as over HTTP) resubmit one by one while the
-    replica runs its queued batch. They gather into one full batch, not a batch of 1 locked in behind the running
-    one and a batch of 3 after it."""
-    a = FakeReplica("a", manual=True)
-    router = Router(FakePool(a), RouterConfig(max_batch_size=4, max_wait_ms=10, queue_limit=100,
-                                              request_timeout_s=600), clock=clock, max_inflight_batches=2)
-    router.start()
-    first = [asyncio.create_task(router.submit(req(i))) for i in range(8)]
-    await settle()
-    assert [len(b) for b in a.batches] == [4, 4]  # one running, one queued behind it
-    await clock.advance(4.0)
-    a.release()  # batch 1 took 4 s: the router now expects 4 s per such batch
-    await settle()
-    later = []
-    for i in range(8, 12):
-        later.append(asyncio.create_task(router.submit(req(i))))
-        await settle()
-        await clock.advance(0.05)  # spread well past max_wait
-    assert [len(b) for b in a.batches] == [4, 4, 4]
-    a.release(2)
-    await asyncio.gather(*first, *later)
-    await router.stop()
-
-
-async def test_a_partial_batch_reaches_a_busy_replica_before_its_work_ends(clock):
-    a = FakeReplica("a", manual=True)
-    router = Router(FakePool(a), RouterConfig(max_batch_size=4, max_wait_ms=10, queue_limit=100,
-                                              request_timeout_s=600), clock=clock, max_inflight_batches=2)
-    router.start()
-    t0 = asyncio.create_task(router.submit(req(0)))
-    await settle()
-    await clock.advance(0.02)
-    await clock.advance(4.0)
-    a.release()  # a lone batch took 4 s
-    await t0
-    t1 = asyncio.create_task(router.submit(req(1)))
-    await settle()
-    await clock.advance(0.02)
-    assert len(a.batches) == 2  # idle replica: the usual max_wait
-    t2 = asyncio.create_task(router.submit(req(2)))
-    await settle()
-    await clock.advance(1.0)
-    assert len(a.batches) == 2  # busy for about 4 s more: q2 waits for batch-mates
-    await clock.advance(2.0)  # 3 s into the running batch: within the last quarter of its expected time
-    assert [len(b) for b in a.batches] == [1, 1, 1]
-    a.release(2)
-    await asyncio.gather(t1, t2)
-    await router.stop()
-
-
-def test_only_the_head_batch_returning_restarts_the_estimate_of_a_replicas_work():
-    """``partial_after`` = when the head started + the outstanding batches' expected times one after another - a
-    quarter of the last one's. A batch behind the head that comes back first (it failed at once) takes its own time
-    off the sum but does not move the head's start."""
-    from orchestrator.replica_load import ReplicaLoad
-    from zimage_common.messages import Batch
-
-    batch = lambda i: Batch(i, (req(i),))  # noqa: E731
-    work = ReplicaLoad("a")
-    work.observe(batch(0), 4.0)  # 4 s for each such batch
-    assert work.partial_after() is None  # nothing outstanding
-    work.dispatched(batch(1), 10.0)
-    work.dispatched(batch(2), 10.5)
-    work.dispatched(batch(3), 11.0)
-    assert work.partial_after() == pytest.approx(10.0 + 12.0 - 1.0)
-    work.returned(batch(3), 12.0)  # the last one, back early: the head still runs since 10
-    assert work.partial_after() == pytest.approx(10.0 + 8.0 - 1.0)
-    work.returned(batch(1), 14.0)  # the head: batch 2 runs from now
-    assert work.partial_after() == pytest.approx(14.0 + 4.0 - 1.0)
-    work.returned(batch(2), 17.0)
-    assert work.partial_after() is None
-
-
-def test_the_lead_for_a_partial_batch_covers_the_replicas_recent_encodes():
-    """A partial batch goes early enough to be encoded before the replica's devices come free: the lead is a
-    quarter of the last batch's expected time plus twice the replica's moving average of its encode times (an
-    encode beside a running batch takes several times its time alone, and varies)."""
-    from orchestrator.replica_load import ReplicaLoad
-    from zimage_common.messages import Batch
-
-    batch = lambda i: Batch(i, (req(i),))  # noqa: E731
-    work = ReplicaLoad("a")
-    work.observe(batch(0), 4.0)  # no encode time reported (a remote encoder, a failed batch): no cover
-    work.dispatched(batch(1), 10.0)
-    assert work.partial_after() == pytest.approx(10.0 + 4.0 - 1.0)
-    work.observe(batch(0), 4.0, encode_s=0.5)
-    assert work.encode_expected() == 0.5
-    assert work.partial_after() == pytest.approx(10.0 + 4.0 - 1.0 - 2 * 0.5)
-    work.observe(batch(0), 4.0, encode_s=1.5)  # a slow one moves the average by a fifth of the difference
-    assert work.encode_expected() == pytest.approx(0.7)
-    assert work.partial_after() == pytest.approx(10.0 + 4.0 - 1.0 - 2 * 0.7)
-    assert ReplicaLoad("b").encode_expected() == 0.0  # per replica
-
-
-async def test_the_router_learns_each_replicas_encode_time_from_its_batches(clock):
-    """The lead's encode time comes from the batches' own stage times: the prompts' encode plus any input images'
-    (an edit's), both done before the batch needs the devices."""
+async def test_the_router_learns_each_replicas_speed_from_its_good_batches(clock):
+    """The hang limit's expected time comes from the batches' own stage times (seconds per token-step, a moving
+    average); a failed batch's times teach it nothing."""
     from zimage_common.messages import StageTimes
 
     a = FakeReplica("a")
     a.stage_times = StageTimes(encode_s=0.25, image_encode_s=0.125, denoise_s=2.0, total_s=2.375)
     router = make_router(FakePool(a), clock, max_wait_ms=0)
-    assert router.load("a").encode_expected() == 0.0
+    assert router.load("a").rate is None
     await router.submit(req(0))
-    assert router.load("a").encode_expected() == 0.375
-    a.error_type = "replica_error"  # a failed batch's times teach it nothing
-    a.stage_times = StageTimes(encode_s=5.0, total_s=5.0)
+    rate = router.load("a").rate
+    assert rate == pytest.approx(2.375 / (req(0).tokens * 4))
+    a.error_type = "replica_error"
+    a.stage_times = StageTimes(encode_s=5.0, total_s=50.0)
     assert not (await router.submit(req(1))).ok
-    assert router.load("a").encode_expected() == 0.375
+    assert router.load("a").rate == rate
+    limit = router.load("a").hang_limit(Batch(9, (req(9),)), 5.0, 0.0, 900.0)
+    assert limit == pytest.approx(5.0 * rate * req(9).tokens * 4)
     await router.stop()
 
 

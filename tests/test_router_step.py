@@ -1,5 +1,6 @@
-"""The router's step mode (router.scheduling=step) with fake replicas and a manual clock: work joins a busy replica
-within its room, per-step hang detection, re-dispatch on loss, cancellation of running requests."""
+"""The router in front of replicas' step loops, with fake replicas and a manual clock: work joins a busy replica
+within its room, per-step hang detection, re-dispatch on loss, cancellation of running requests, and the join
+policy each call carries (``router.scheduling``)."""
 
 import asyncio
 
@@ -7,7 +8,7 @@ import pytest
 from fakes import FakePool, ManualClock, fake_image, lost
 
 from orchestrator.router import STEP_QUEUE_DEPTH, Router
-from zimage_common.config import RouterConfig
+from zimage_common.config import JoinPolicy, RouterConfig
 from zimage_common.messages import BatchResult, ImageRequest, ImageResult, StageTimes, StepProgress
 
 
@@ -79,8 +80,7 @@ def clock():
 
 
 def make_router(pool, clock, **cfg):
-    base = dict(max_batch_size=4, max_wait_ms=0, queue_limit=100, request_timeout_s=60, max_attempts=3,
-                scheduling="step")
+    base = dict(max_batch_size=4, max_wait_ms=0, queue_limit=100, request_timeout_s=60, max_attempts=3)
     base.update(cfg)
     r = Router(pool, RouterConfig(**base), clock=clock)
     r.start()
@@ -99,7 +99,7 @@ async def test_new_work_joins_a_busy_replica_within_its_room(clock):
         tasks.append(asyncio.create_task(router.submit(req(i))))
     await settle()
     held = [f"q{i}" for i in range(room)]
-    assert sorted(a.in_loop()) == held and all(b.joinable for b in a.batches)  # the last waits: no room
+    assert sorted(a.in_loop()) == held and all(b.join == JoinPolicy() for b in a.batches)  # the last waits: no room
     assert max(len(b) for b in a.batches) <= 2
     a.finish("q0")
     await settle()
@@ -209,8 +209,8 @@ async def test_metrics_hooks_see_first_steps_and_each_loop_step_once(clock):
     await router.stop()
 
 
-async def test_a_step_mode_deployment_gives_each_replica_room_for_its_calls(tmp_path):
-    """Each joined call holds one of the actor's concurrent slots while its samples run: a replica takes
+async def test_a_deployment_gives_each_replica_room_for_its_calls(tmp_path):
+    """Each call holds one of the actor's concurrent slots while its samples run: a replica takes STEP_QUEUE_DEPTH x
     max_batch_size of them, plus a slot for health checks and one for cancellations."""
     from conftest import tiny_config
     from test_replicas import FakeBackend, FakeNode
@@ -218,12 +218,11 @@ async def test_a_step_mode_deployment_gives_each_replica_room_for_its_calls(tmp_
     from orchestrator.deployment import Deployment
 
     backend = FakeBackend(FakeNode("n0", "id0"))
-    cfg = tiny_config(tmp_path, deployment={"replicas": 1}, router={"scheduling": "step", "max_batch_size": 6})
+    cfg = tiny_config(tmp_path, deployment={"replicas": 1}, router={"max_batch_size": 6})
     dep = await Deployment.start(cfg, backend=backend, clock=ManualClock())
     try:
         spec = backend.made["r0"].spec
         assert spec.max_concurrency == STEP_QUEUE_DEPTH * 6 + 1 + 1 and spec.max_batch_size == 6
-        assert spec.step_join == cfg.router.join_policy()
         assert dep.router.scheduling == "step"
     finally:
         await dep.shutdown()
@@ -240,8 +239,8 @@ async def test_a_running_set_names_no_more_distinct_adapters_than_the_replica_ho
 
     a = StepReplica("a")
     pool = FakePool(a)
-    router = Router(pool, RouterConfig(max_batch_size=8, max_wait_ms=0, queue_limit=100, request_timeout_s=60,
-                                       scheduling="step"), clock=clock, max_batch_adapters=2)
+    router = Router(pool, RouterConfig(max_batch_size=8, max_wait_ms=0, queue_limit=100, request_timeout_s=60),
+                    clock=clock, max_batch_adapters=2)
     router.start()
     tasks = []
     for r in [styled(0, "x"), styled(1, "y"), styled(2, "z"), styled(3, "x"), req(4)]:
@@ -256,5 +255,28 @@ async def test_a_running_set_names_no_more_distinct_adapters_than_the_replica_ho
     assert a.in_loop() == ["q2", "q4", "q3"]
     a.finish("q2")  # and q4, its batch-mate
     a.finish("q3")
+    assert all(r.ok for r in await asyncio.gather(*tasks))
+    await router.stop()
+
+
+async def test_scheduling_changes_only_the_join_policy_each_call_carries(clock):
+    """``router.scheduling`` is the join policy the calls carry (``RouterConfig.join_policy``): "step" by default,
+    "batch" never joins a running set; the dispatch is the same for both, and the value can be switched on a running
+    router (benchmarks/step_batching.py does), for the calls sent from then on."""
+    assert RouterConfig().scheduling == "step" and RouterConfig().join_policy() == JoinPolicy()
+    assert RouterConfig(scheduling="batch", step_join_window=3).join_policy() == JoinPolicy(window=3, never=True)
+    a = StepReplica("a")
+    router = make_router(FakePool(a), clock, scheduling="batch")
+    tasks = [asyncio.create_task(router.submit(req(0)))]
+    await settle()
+    router.scheduling = "step"
+    tasks.append(asyncio.create_task(router.submit(req(1))))
+    await settle()
+    assert a.in_loop() == ["q0", "q1"]  # both handed over at once: the same room either way
+    assert [b.join.never for b in a.batches] == [True, False]
+    with pytest.raises(ValueError, match="'step' or 'batch'"):
+        router.scheduling = "whole"
+    assert router.scheduling == "step"
+    await a.finish_all()
     assert all(r.ok for r in await asyncio.gather(*tasks))
     await router.stop()

@@ -177,23 +177,6 @@ def test_split_cap_after_oom():
     assert len(d[0][1]) == 2
 
 
-def test_a_busy_replica_takes_a_partial_batch_only_near_the_end_of_its_work():
-    s = BatchScheduler(max_batch_size=4, max_wait_s=0.01, queue_limit=10)
-    s.add(pend(0, 0.0))
-    busy = ReplicaCapacity("a", BIG, BIG, outstanding=1, partial_after=3.0)
-    assert s.schedule(1.0, [busy]) == []  # waited past max_wait, but the replica has work until about 3 s
-    assert s.next_deadline([busy]) == pytest.approx(3.0)
-    for i in range(1, 4):
-        s.add(pend(i, 1.5))
-    assert ids(s.schedule(1.5, [busy])[0]) == ["q0", "q1", "q2", "q3"]  # a full batch goes at once
-    s.add(pend(4, 2.0))
-    assert s.schedule(2.5, [busy]) == []
-    assert ids(s.schedule(3.0, [busy])[0]) == ["q4"]
-    s.add(pend(5, 4.0))
-    idle = ReplicaCapacity("a", BIG, BIG, outstanding=0, partial_after=None)
-    assert ids(s.schedule(4.02, [idle])[0]) == ["q5"]
-
-
 def test_a_batch_names_no_more_distinct_adapters_than_a_replica_holds():
     """The plan counts memory for ``lora_max_resident`` adapters: a batch that named more would hold them all."""
     from dataclasses import replace
@@ -222,3 +205,20 @@ def test_a_replica_joining_a_running_set_takes_only_requests_whose_adapters_fit_
     assert s.next_deadline([joining]) == 50.0  # only the requests' own deadlines: nothing it could take is ready
     fresh = replace(rep("r"), adapters=None)  # an idle replica: a batch of its own
     assert ids(s.schedule(1.0, [fresh])[0]) == ["q0", "q3"]
+
+
+def test_while_interactive_traffic_is_about_a_busy_replica_takes_no_batch_job_work():
+    """A replica holds up to two running sets' worth; batch-job work waiting there would hold up an interactive
+    request sent to it, so while interactive traffic is about only idle replicas take it."""
+    from dataclasses import replace
+
+    from zimage_common.messages import BATCH_JOB
+
+    s = BatchScheduler(max_batch_size=4, max_wait_s=0, queue_limit=10)
+    s.add(Pending(replace(pend(0, 0.0).request, priority=BATCH_JOB), 0.0, 1e9))
+    busy, idle = rep("a", outstanding=1), rep("b")
+    assert s.schedule(1.0, [busy], interactive_recent=True) == []
+    assert s.next_deadline([busy], reserve_until=5.0, interactive_recent=True) == 5.0  # then it may
+    assert [rid for rid, _ in s.schedule(1.0, [busy, idle], interactive_recent=True)] == ["b"]
+    s.add(Pending(replace(pend(1, 0.0).request, priority=BATCH_JOB), 0.0, 1e9))
+    assert [rid for rid, _ in s.schedule(1.0, [busy])] == ["a"]  # the traffic is gone: any replica with room

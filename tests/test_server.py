@@ -146,7 +146,8 @@ def test_queue_full_is_429_with_retry_after_then_timeout_is_504(loop_of):
             def call(i):
                 results[i] = c.post(url, json={"prompt": f"p{i}", "size": "64x64", "seed": i}, headers=auth())
 
-            threads = [threading.Thread(target=call, args=(i,)) for i in range(10)]
+            # two replicas hold two running sets' worth each (2 x max_batch_size 2), the queue 4: the rest is refused
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(14)]
             for t in threads:
                 t.start()
                 time.sleep(0.05)

@@ -1,5 +1,5 @@
-"""A split replica (text encoder on one logical GPU, transformer + VAE on another) end to end under Ray, with
-stage pipelining, against the whole pipeline: same seeds, same images."""
+"""A split replica (text encoder on one logical GPU, transformer + VAE on another) end to end under Ray, its step loop
+beside its callers' encodes and decodes, against the whole pipeline: same seeds, same images."""
 
 import asyncio
 
@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def test_split_replica_matches_whole_pipeline(ray_cluster, tiny_cache):
     cfg = tiny_config(
         tiny_cache,
-        deployment={"mode": "split", "replicas": 2, "gpus_per_replica": 2, "pipeline_stages": True,
-                    "max_inflight_batches": 3, "device_map": {"text_encoder": 0, "transformer": 1, "vae": 1}},
+        deployment={"mode": "split", "replicas": 2, "gpus_per_replica": 2,
+                    "device_map": {"text_encoder": 0, "transformer": 1, "vae": 1}},
         router={"max_batch_size": 2, "max_wait_ms": 0},
     )
     loop = asyncio.new_event_loop()

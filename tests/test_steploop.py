@@ -1,6 +1,5 @@
-"""Step-level continuous batching (actors/steploop.py): the replica's step loop with the toy-size real pipeline, and
-the router's step mode with a real worker in this process (no Ray). Assertions are on order and step counts, never on
-wall-clock speed."""
+"""The replica's step loop (actors/steploop.py) with the toy-size real pipeline, and the router in front of a real
+worker in this process (no Ray). Assertions are on order and step counts, never on wall-clock speed."""
 
 import asyncio
 import threading
@@ -14,8 +13,8 @@ import torch
 from actors.compiled import counted
 from actors.worker import PipelineWorker, WarmupSpec
 from orchestrator.router import Router, RouterObserver
-from zimage_common.config import ModelConfig, RouterConfig
-from zimage_common.messages import Batch, BatchResult, ImageRequest, JoinPolicy, StepProgress
+from zimage_common.config import JoinPolicy, ModelConfig, RouterConfig
+from zimage_common.messages import Batch, BatchResult, ImageRequest, StepProgress
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,7 @@ def slow_steps(worker):
 
 
 class Streamed:
-    """A joinable call run in a thread, recording its progress events."""
+    """A call run in a thread, recording its progress events."""
 
     def __init__(self, worker, batch):
         self.events: list[StepProgress] = []
@@ -73,23 +72,22 @@ def test_short_request_joins_a_long_one_and_finishes_first_with_its_solo_image(w
     and its image equals its solo run."""
     long = ImageRequest("long", "a slow detailed landscape", 1, 64, 64, 50, 0.0)
     short = ImageRequest("short", "a quick sketch of a cat", 2, 48, 32, 2, 1.5, "blurry")
-    run = Streamed(worker, Batch(1, (long,), joinable=True))
+    run = Streamed(worker, Batch(1, (long,)))
     run.wait_steps(3)
     steps_before = worker.loop_stats()["steps"]
-    out = worker.run_batch(Batch(2, (short,), joinable=True))
+    out = worker.run_batch(Batch(2, (short,)))
     long_at = len(run.events)
     assert out.results[0].ok and run.result is None  # the long one is still denoising
     assert long_at < 50 and worker.loop_stats()["steps"] - steps_before < 50
     long_out = run.join()
     assert long_out.results[0].ok and [e.step for e in run.events] == list(range(1, 51))
     assert max(e.running for e in run.events) == 2 and any(e.joined == 1 for e in run.events)
-    solo = worker.run_batch(Batch(3, (short,), joinable=True)).results[0]
-    whole_batch = worker.run_batch(Batch(4, (short,))).results[0]
-    assert same_image(out.results[0].image, solo.image) and same_image(out.results[0].image, whole_batch.image)
+    solo = worker.run_batch(Batch(3, (short,))).results[0]
+    assert same_image(out.results[0].image, solo.image)
     assert same_image(long_out.results[0].image, worker.run_batch(Batch(5, (long,))).results[0].image)
 
 
-def test_any_mix_joins_and_each_image_equals_its_whole_batch_run(worker):
+def test_any_mix_joins_and_each_image_equals_its_solo_run(worker):
     """Different step counts, sizes, prompt lengths and guidance, handed over at different times."""
     calls = [
         (ImageRequest("a", "a fox", 3, 64, 32, 4, 0.0), ImageRequest("b", "a much longer prompt " * 5, 4, 32, 96,
@@ -100,7 +98,7 @@ def test_any_mix_joins_and_each_image_equals_its_whole_batch_run(worker):
     with ThreadPoolExecutor(3) as pool:
         futures = []
         for i, reqs in enumerate(calls):
-            futures.append(pool.submit(worker.run_batch, Batch(10 + i, reqs, joinable=True)))
+            futures.append(pool.submit(worker.run_batch, Batch(10 + i, reqs)))
             time.sleep(0.01 * i)
         joined = [f.result() for f in futures]
     for out, reqs in zip(joined, calls):
@@ -111,19 +109,21 @@ def test_any_mix_joins_and_each_image_equals_its_whole_batch_run(worker):
 
 def test_layout_is_rebuilt_only_when_the_running_set_changes(worker, slow_steps):
     packed = worker.engine.packed
-    built = []
-    original = packed.layout
-    packed.layout = lambda *a, **k: built.append(1) or original(*a, **k)
+    built, refined = [], []
+    original, refine = packed.pack, packed._refine
+    packed.pack = lambda *a, **k: built.append(1) or original(*a, **k)
+    packed._refine = lambda pieces, *a: refined.append(len(pieces)) or refine(pieces, *a)
     try:
-        long = Streamed(worker, Batch(30, (ImageRequest("l30", "long", 1, 32, 32, 20, 0.0),), joinable=True))
+        long = Streamed(worker, Batch(30, (ImageRequest("l30", "long", 1, 32, 32, 20, 0.0),)))
         long.wait_steps(2)
-        worker.run_batch(Batch(31, (ImageRequest("s31", "short", 2, 32, 32, 3, 0.0),), joinable=True))
+        worker.run_batch(Batch(31, (ImageRequest("s31", "short", 2, 32, 32, 3, 0.0),)))
         assert long.join().results[0].ok
     finally:
-        packed.layout = original
+        del packed.pack, packed._refine
     # 20 + 3 sample-steps in 20 loop steps: built when the long one started, when the short one joined and when it
-    # left (at most once more if the short one joined at the very first step), never per step
-    assert 2 <= len(built) <= 4
+    # left (at most once more if the short one joined at the very first step), never per step; each caption is
+    # refined once, when its sample first runs
+    assert 2 <= len(built) <= 4 and sum(refined) == 2
 
 
 def test_out_of_memory_shrinks_the_running_set_and_everyone_finishes(worker):
@@ -132,17 +132,22 @@ def test_out_of_memory_shrinks_the_running_set_and_everyone_finishes(worker):
         reqs = [ImageRequest(f"o{i}", f"prompt {i}", i, 32, 32, 3, 0.0) for i in range(3)]
         before = worker.loop_stats().get("oom_shrinks", 0)
         loop = worker._step_loop()
+        gate = threading.Event()
+
+        def held(names):  # the first step waits until all three calls are in the loop, so they share the next ones
+            assert gate.wait(30)
+            worker._loop_fault(names)
+
+        loop.fault = held
         with ThreadPoolExecutor(3) as pool:
-            # the loop's steps wait for the devices until all three calls are in it, so they share a step (without
-            # this, on a fast machine each call could finish its three steps before the next one's encode ends)
-            with worker._device_lock:
-                futures = [pool.submit(worker.run_batch, Batch(40 + i, (r,), joinable=True))
-                           for i, r in enumerate(reqs)]
-                deadline = time.monotonic() + 30
-                while len(loop._waiting) + len(loop._running) < 3 and time.monotonic() < deadline:
-                    time.sleep(0.01)
+            futures = [pool.submit(worker.run_batch, Batch(40 + i, (r,))) for i, r in enumerate(reqs)]
+            deadline = time.monotonic() + 30
+            while len(loop._waiting) + len(loop._running) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            gate.set()
             outs = [f.result() for f in futures]
     finally:
+        loop.fault = worker._loop_fault
         worker.inject_fault(None)
     assert all(o.results[0].ok for o in outs), [o.results[0].error for o in outs]
     stats = worker.loop_stats()
@@ -161,15 +166,15 @@ def test_a_step_that_fails_fails_only_the_call_at_fault(worker, slow_steps):
             raise RuntimeError("a model bug one input triggers")
 
     loop.fault = poison
-    good = Streamed(worker, Batch(60, (ImageRequest("good", "fine", 1, 32, 32, 8, 0.0),), joinable=True))
+    good = Streamed(worker, Batch(60, (ImageRequest("good", "fine", 1, 32, 32, 8, 0.0),)))
     good.wait_steps(1)
-    bad = worker.run_batch(Batch(61, (ImageRequest("bad", "poison", 2, 32, 32, 4, 0.0),), joinable=True))
+    bad = worker.run_batch(Batch(61, (ImageRequest("bad", "poison", 2, 32, 32, 4, 0.0),)))
     assert not bad.results[0].ok and bad.results[0].error_type == "replica_error"
     assert good.join().results[0].ok and [e.step for e in good.events] == list(range(1, 9))
 
 
 def test_a_cancelled_request_leaves_the_loop(worker, slow_steps):
-    run = Streamed(worker, Batch(70, (ImageRequest("gone", "bye", 1, 32, 32, 50, 0.0),), joinable=True))
+    run = Streamed(worker, Batch(70, (ImageRequest("gone", "bye", 1, 32, 32, 50, 0.0),)))
     run.wait_steps(2)
     assert worker.cancel(["gone", "unknown"]) == 1
     out = run.join()
@@ -178,7 +183,7 @@ def test_a_cancelled_request_leaves_the_loop(worker, slow_steps):
 
 def test_cancelling_one_request_of_a_call_leaves_the_rest_running(worker, slow_steps):
     stay = ImageRequest("stay", "stay", 4, 32, 32, 12, 0.0)
-    run = Streamed(worker, Batch(71, (ImageRequest("leave", "leave", 3, 32, 32, 12, 0.0), stay), joinable=True))
+    run = Streamed(worker, Batch(71, (ImageRequest("leave", "leave", 3, 32, 32, 12, 0.0), stay)))
     run.wait_steps(2)
     worker.cancel(["leave"])
     out = run.join()
@@ -191,7 +196,7 @@ def test_previews_of_a_joined_call_are_decoded_off_the_loop(worker):
     from dataclasses import replace
 
     q = replace(ImageRequest("pv", "a preview", 11, 32, 32, 6, 0.0), partial_images=2)
-    run = Streamed(worker, Batch(90, (q,), joinable=True))
+    run = Streamed(worker, Batch(90, (q,)))
     out = run.join()
     previews = [(p[0], p[1], p[2].shape) for e in run.events for p in e.previews]
     assert out.results[0].ok and previews == [("pv", 0, (32, 32, 3)), ("pv", 1, (32, 32, 3))]
@@ -199,7 +204,7 @@ def test_previews_of_a_joined_call_are_decoded_off_the_loop(worker):
     assert same_image(out.results[0].image, worker.run_batch(Batch(91, (q,))).results[0].image)
 
 
-# ---- the router in step mode, with the real worker behind an in-process replica ------------------------------------
+# ---- the router, with the real worker behind an in-process replica -------------------------------------------------
 class InProcessReplica:
     """The router's ``Replica`` around a ``PipelineWorker`` in this process: each call runs in a thread, as a Ray
     actor with several concurrent calls would."""
@@ -219,6 +224,8 @@ class InProcessReplica:
 
         def work():
             for ev in self.worker.run_batch_stream(batch):
+                if loop.is_closed():  # the test's router stopped with this call still in the loop
+                    continue
                 if isinstance(ev, StepProgress):
                     if on_progress is not None:
                         loop.call_soon_threadsafe(on_progress, ev)
@@ -258,11 +265,13 @@ class Recorder(RouterObserver):
         self.loop_steps.append((running, joined))
 
 
-async def test_router_step_mode_lets_a_short_request_overtake_a_long_one(worker, slow_steps):
+async def test_with_the_default_config_a_short_request_sent_while_a_long_one_runs_finishes_long_before_it(
+        worker, slow_steps):
+    """The issue's check, through the real router and replica path with the default ``RouterConfig``: a 2-step
+    request sent while a 50-step one is denoising finishes long before it, and its image equals its solo run."""
     replica = InProcessReplica(worker)
     observer = Recorder()
-    router = Router(Pool(replica), RouterConfig(max_batch_size=4, max_wait_ms=0, scheduling="step"),
-                    observer=observer)
+    router = Router(Pool(replica), RouterConfig(), observer=observer)
     router.start()
     try:
         long_steps, short_steps = [], []
@@ -272,25 +281,49 @@ async def test_router_step_mode_lets_a_short_request_overtake_a_long_one(worker,
             await asyncio.sleep(0.005)
         short_req = ImageRequest("S", "a short one", 2, 32, 48, 2, 0.0)
         short = await router.submit(short_req, on_progress=lambda ev: short_steps.append(ev.step))
-        assert short.ok and not long.done() and len(long_steps) < 50
+        long_steps_then = len(long_steps)
+        assert short.ok and not long.done() and long_steps_then < 50 - 10  # long before the long one ends
         assert short_steps == [1, 2]  # its progress starts when it joins, counted in its own steps
         assert (await long).ok and long_steps == list(range(1, 51))
+        solo = await router.submit(short_req)  # alone in the loop now
     finally:
         await router.stop()
-    assert [b.joinable for b in replica.batches] == [True, True]
-    assert len(observer.first_steps) == 2 and max(r for r, _ in observer.loop_steps) == 2
-    assert sum(j for _, j in observer.loop_steps) == 2
-    solo = worker.run_batch(Batch(80, (short_req,))).results[0]
-    assert same_image(short.image, solo.image)
+    assert [b.join for b in replica.batches] == [RouterConfig().join_policy()] * 3
+    assert len(observer.first_steps) == 3 and max(r for r, _ in observer.loop_steps) == 2
+    assert solo.ok and same_image(short.image, solo.image)
 
 
-async def test_router_step_mode_keeps_within_the_token_budget_and_never_overtakes_the_oldest(worker, slow_steps):
+async def test_router_scheduling_batch_never_joins_a_running_set(worker, slow_steps):
+    """``router.scheduling = "batch"``: the same dispatch, but the replica's loop takes no newcomer into a running set,
+    so the short request waits for the long one; switched back to "step" on the same router, it joins."""
+    replica = InProcessReplica(worker)
+    router = Router(Pool(replica), RouterConfig(scheduling="batch", max_wait_ms=0))
+    router.start()
+    try:
+        for scheduling in ("batch", "step"):
+            router.scheduling = scheduling
+            long_steps: list[int] = []
+            long = asyncio.create_task(router.submit(ImageRequest(f"L{scheduling}", "long", 1, 32, 32, 20, 0.0),
+                                                     on_progress=lambda ev, seen=long_steps: seen.append(ev.step)))
+            while len(long_steps) < 3:
+                await asyncio.sleep(0.005)
+            short = await router.submit(ImageRequest(f"S{scheduling}", "short", 2, 32, 32, 2, 0.0))
+            assert short.ok and long.done() == (scheduling == "batch")
+            assert (await long).ok
+        with pytest.raises(ValueError, match="router.scheduling"):
+            router.scheduling = "whole"
+    finally:
+        await router.stop()
+    assert [b.join.never for b in replica.batches] == [True, True, False, False]
+
+
+async def test_router_keeps_within_the_token_budget_and_never_overtakes_the_oldest(worker, slow_steps):
     small = [ImageRequest(f"s{i}", "small", i, 32, 32, 3, 0.0) for i in range(3)]
     big = ImageRequest("big", "big", 9, 256, 256, 3, 0.0)
     budget = big.tokens  # the big one runs alone; a small one runs beside other small ones
     assert small[0].tokens * 3 < budget < big.tokens + small[0].tokens
     replica = InProcessReplica(worker, max_batch_tokens=budget)
-    router = Router(Pool(replica), RouterConfig(max_batch_size=8, max_wait_ms=0, scheduling="step"))
+    router = Router(Pool(replica), RouterConfig(max_batch_size=8, max_wait_ms=0))
     router.start()
     try:
         first = asyncio.create_task(router.submit(small[0]))
@@ -304,9 +337,9 @@ async def test_router_step_mode_keeps_within_the_token_budget_and_never_overtake
     assert order.index("big") < order.index("s1")  # the big one waited for room; the small ones did not pass it
 
 
-async def test_router_step_mode_cancels_a_running_request_in_the_loop(worker, slow_steps):
+async def test_router_cancels_a_running_request_in_the_loop(worker, slow_steps):
     replica = InProcessReplica(worker)
-    router = Router(Pool(replica), RouterConfig(max_batch_size=4, max_wait_ms=0, scheduling="step"))
+    router = Router(Pool(replica), RouterConfig(max_batch_size=4, max_wait_ms=0))
     router.start()
     steps = []
     try:
@@ -329,12 +362,12 @@ async def test_router_step_mode_cancels_a_running_request_in_the_loop(worker, sl
 # ---- under a real local Ray: the actor's concurrent calls, streaming and cancellation ------------------------------
 @pytest.mark.ray
 @pytest.mark.slow
-def test_step_mode_deployment_under_ray(ray_cluster, tiny_cache):
+def test_a_deployment_under_ray_joins_and_cancels_in_the_loop(ray_cluster, tiny_cache):
     from conftest import tiny_config
 
     from orchestrator.deployment import Deployment
 
-    config = tiny_config(tiny_cache, deployment={"replicas": 1}, router={"scheduling": "step", "max_wait_ms": 0})
+    config = tiny_config(tiny_cache, deployment={"replicas": 1}, router={"max_wait_ms": 0})
 
     async def scenario():
         dep = await Deployment.start(config)
@@ -376,7 +409,7 @@ def test_joins_and_leaves_compile_nothing_after_warmup():
 
     from actors.engine import Sample, ZImageEngine
     from actors.models import build_components
-    from actors.steploop import Group, RunningSample, StepLoop
+    from actors.steploop import Group, RunningSample, StepLoop, generate
 
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("inductor on the CPU needs a C++ compiler")
@@ -385,7 +418,7 @@ def test_joins_and_leaves_compile_nothing_after_warmup():
     eng.packed.compile()
     for batch in ([Sample("a red fox", 1, 64, 64)], [Sample("a red fox", 1, 64, 64)] * 2,
                   [Sample("a lighthouse", 2, 64, 64), Sample("x", 3, 48, 32)]):
-        eng.denoise(eng.encode([s.prompt for s in batch]), eng.initial_latents(batch), 2)
+        generate(eng, batch, 2)
 
     def group(sample, steps, guidance=0.0):
         enc = eng.encode([sample.prompt], [None], guidance)
@@ -471,9 +504,9 @@ def test_an_unexpected_loop_error_fails_the_calls_in_it_and_the_loop_goes_on():
     assert second.done.wait(10) and second.error is None and c.steps[-1] == ["y"]
 
 
-def test_requests_with_lora_adapters_join_a_running_loop_and_equal_their_whole_batch_run(tiny_cache, tmp_path):
-    """Per-request LoRA (actors/lora.py) in step mode: a request with an adapter joins a loop running one without
-    (and one with guidance, whose negative pass uses the adapter too); each image equals its whole-batch run."""
+def test_requests_with_lora_adapters_join_a_running_loop_and_equal_their_solo_run(tiny_cache, tmp_path):
+    """Per-request LoRA (actors/lora.py): a request with an adapter joins a loop running one without (and one with
+    guidance, whose negative pass uses the adapter too); each image equals its solo run."""
     from dataclasses import replace
 
     from actors.lora import random_lora_state_dict, save_diffusers_lora
@@ -488,9 +521,9 @@ def test_requests_with_lora_adapters_join_a_running_loop_and_equal_their_whole_b
     w._step_loop().fault = lambda names: time.sleep(0.02)
     plain = ImageRequest("plain", "no adapter", 1, 32, 32, 12, 0.0)
     styled = replace(ImageRequest("styled", "with adapter", 2, 32, 48, 3, 2.0, "blurry"), loras=(("a", 0.8),))
-    run = Streamed(w, Batch(1, (plain,), joinable=True))
+    run = Streamed(w, Batch(1, (plain,)))
     run.wait_steps(2)
-    joined = w.run_batch(Batch(2, (styled,), joinable=True)).results[0]
+    joined = w.run_batch(Batch(2, (styled,))).results[0]
     assert joined.ok and run.result is None
     assert run.join().results[0].ok
     alone = w.run_batch(Batch(3, (styled,))).results[0]
@@ -582,7 +615,7 @@ def test_a_cancel_that_arrives_before_its_call_is_submitted_still_takes_it_out()
 
 
 def test_a_cancel_during_encode_is_kept_until_the_call_joins_the_loop(worker):
-    """``worker.cancel`` for a joinable call still encoding (not in the loop yet) is not lost: the call leaves
+    """``worker.cancel`` for a call still encoding (not in the loop yet) is not lost: the call leaves
     before its first step."""
     eng = worker.engine
     entered, release = threading.Event(), threading.Event()
@@ -595,7 +628,7 @@ def test_a_cancel_during_encode_is_kept_until_the_call_joins_the_loop(worker):
 
     eng.encode = slow_encode
     try:
-        run = Streamed(worker, Batch(80, (ImageRequest("early", "bye", 1, 32, 32, 30, 0.0),), joinable=True))
+        run = Streamed(worker, Batch(80, (ImageRequest("early", "bye", 1, 32, 32, 30, 0.0),)))
         assert entered.wait(30)
         assert worker.cancel(["early", "unknown"]) == 1
     finally:
@@ -662,7 +695,7 @@ def test_a_per_call_rerun_that_runs_out_of_memory_shrinks_instead_of_failing_the
     assert sum("big1" in names for names in c.steps) == 3  # every step once, after it went back to wait
 
 
-# ---- the join policy (messages.JoinPolicy), on the loop's admission alone ------------------------------------------
+# ---- the join policy (config.JoinPolicy), on the loop's admission alone --------------------------------------------
 def _rs(name, tokens, steps, step=0, start=0):
     from actors.steploop import RunningSample
 
@@ -683,8 +716,7 @@ def _admitted(running, waiting, policy=None, **limits):
 
 def test_join_policy_at_a_size_that_saturates_the_gpu():
     """1024x1024-class samples (4,128 tokens, over free_tokens): a set that ran two steps takes no equal newcomer
-    (it waits for the set, as whole-batch scheduling would make it), one that ran at most `window` steps does; what
-    waits for an empty set starts together."""
+    (it waits for the set), one that ran at most `window` steps does; what waits for an empty set starts together."""
     big = 4128
     assert _admitted([_rs("a", big, 9, step=2)], [_rs("b", big, 9)]) == ["a"]
     assert _admitted([_rs("a", big, 9, step=1)], [_rs("b", big, 9)]) == ["a", "b"]
@@ -710,6 +742,25 @@ def test_join_policy_lets_short_and_cheap_work_in():
     assert _admitted([_rs("long", big, 50, step=10)], [_rs("short", big, 2)], max_samples=1) == ["long"]
     # first come first served: a head that does not pay holds back a cheap one behind it
     assert _admitted([_rs("a", big, 9, step=3)], [_rs("b", big, 9), _rs("c", small, 1)]) == ["a"]
+
+
+def test_never_join_takes_no_newcomer_into_a_running_set_and_each_call_carries_its_own_policy():
+    """``JoinPolicy(never=True)`` (``router.scheduling = "batch"``): not even a short request joins a set that has run
+    a step; a set that has not started yet still takes it, and so does an empty one. A call's own policy (its
+    ``Group.join``, from the router) overrides the loop's."""
+    from actors.steploop import Group
+
+    big, never = 4128, JoinPolicy(never=True)
+    assert _admitted([_rs("long", big, 50, step=10)], [_rs("short", big, 2)], policy=never) == ["long"]
+    assert _admitted([_rs("a", small := 64, 9, step=1)], [_rs("b", small, 9)], policy=never) == ["a"]
+    assert _admitted([_rs("a", big, 9, step=0)], [_rs("b", big, 9)], policy=never) == ["a", "b"]
+    assert _admitted([], [_rs("b", big, 9), _rs("c", big, 9)], policy=never) == ["b", "c"]
+    short = _rs("short", big, 2)
+    Group([short], join=never)  # the call says never: the loop's default (join) does not apply
+    assert _admitted([_rs("long", big, 50, step=10)], [short]) == ["long"]
+    short = _rs("short", big, 2)
+    Group([short], join=JoinPolicy())
+    assert _admitted([_rs("long", big, 50, step=10)], [short], policy=never) == ["long", "short"]
 
 
 def test_pace_counts_step_times_by_running_set_size_and_skips_idle_gaps():

@@ -20,41 +20,26 @@ class ClusterConfig(_Strict):
     """Where Ray runs: join an existing cluster (``address``) or start a local one."""
 
     address: str | None = Field(
-        default=None,
-        description="Ray address to join ('auto', 'ray://host:10001', 'host:6379'). None starts a local Ray.",
-    )
+        default=None, description="Ray address to join ('auto', 'ray://host:10001', 'host:6379'). None starts a local "
+        "Ray.")
     namespace: str = Field(default="zimage", description="Ray namespace for the deployment's actors.")
     num_cpus: int | None = Field(default=None, ge=1, le=4096, description="Local Ray only: CPUs to declare.")
     num_gpus: int | None = Field(
-        default=None,
-        ge=0,
-        le=1024,
-        description="Local Ray only: GPUs to declare. On a CPU-only machine these are logical GPUs, which lets "
-        "placement run without CUDA.",
-    )
+        default=None, ge=0, le=1024, description="Local Ray only: GPUs to declare. On a CPU-only machine these are "
+        "logical GPUs, which lets placement run without CUDA.")
     nodes: list[NodeSpec] | None = Field(
-        default=None,
-        description="The inventory `zimage-orch plan` plans for without Ray; at start-up the plan is made on the "
-        "live cluster (this one is still checked first, so an impossible config fails before any GPU work).",
-    )
+        default=None, description="The inventory `zimage-orch plan` plans for without Ray; at start-up the plan is "
+        "made on the live cluster (this one is still checked first, so an impossible config fails before any GPU "
+        "work).")
     gpu_memory_gib: float | None = Field(
-        default=None,
-        gt=0,
-        le=1024,
-        description="Memory per GPU to plan the live cluster with. None: probe each node with torch "
-        "(logical GPUs without CUDA count as 24 GiB).",
-    )
+        default=None, gt=0, le=1024, description="Memory per GPU to plan the live cluster with. None: probe each node "
+        "with torch (logical GPUs without CUDA count as 24 GiB).")
     wait_for_gpus: int | None = Field(
-        default=None,
-        ge=1,
-        le=4096,
-        description="At start-up, wait until the cluster's live nodes have at least this many GPUs before "
-        "planning (nodes that join after the head: KubeRay worker pods, `ray start` on other machines). None: "
-        "plan on the GPUs present when the deployment starts.",
-    )
+        default=None, ge=1, le=4096, description="At start-up, wait until the cluster's live nodes have at least this "
+        "many GPUs before planning (nodes that join after the head: KubeRay worker pods, `ray start` on other "
+        "machines). None: plan on the GPUs present when the deployment starts.")
     wait_timeout_s: float = Field(
-        default=900.0, gt=0, le=86_400, description="How long to wait for wait_for_gpus before start-up fails."
-    )
+        default=900.0, gt=0, le=86_400, description="How long to wait for wait_for_gpus before start-up fails.")
 
     @model_validator(mode="after")
     def _local_only_fields(self) -> ClusterConfig:

@@ -8,6 +8,7 @@ becomes one ``ConfigError`` that names the file and the dotted path of the field
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +22,6 @@ from .config_http import LimitsConfig, RequestDefaults, ServerConfig, _Strict
 from .errors import ConfigError
 from .frontdoor_config import FrontDoorConfig
 from .jobs_config import BatchesConfig, OutputsConfig
-from .messages import JoinPolicy
 
 __all__ = ["Config", "ConfigError", "LimitsConfig", "RequestDefaults", "ServerConfig", "config_from_dict",
            "load_config"]
@@ -36,8 +36,7 @@ class ControlNetConfig(_Strict):
     source: Literal["modelscope", "huggingface", "local", "tiny", "random-full"] = Field(
         description="modelscope / huggingface: a snapshot of model_id (in the base model's cache_dir); local: "
         "local_path; tiny: a toy-size ControlNet for the tiny model (tests); random-full: full-size random weights "
-        "(timing; six control blocks, the 1.0 Union layout)."
-    )
+        "(timing; six control blocks, the 1.0 Union layout).")
     model_id: str | None = Field(default=None, description="Repository id (modelscope / huggingface).")
     revision: str | None = Field(default=None, description="Hub revision.")
     local_path: Path | None = Field(
@@ -46,9 +45,9 @@ class ControlNetConfig(_Strict):
         default=None, description="Inside a hub snapshot: the single .safetensors file to load (from_single_file); "
         "None: the snapshot (or its subfolder) is a diffusers directory.")
     subfolder: str | None = Field(default=None, description="Subfolder of the diffusers directory, if any.")
-    conditioning_scale: float = Field(default=0.75, ge=0, le=4,
-                                      description="controlnet_conditioning_scale when a request sends none "
-                                      "(diffusers' default).")
+    conditioning_scale: float = Field(
+        default=0.75, ge=0, le=4, description="controlnet_conditioning_scale when a request sends none (diffusers' "
+        "default).")
 
     @model_validator(mode="after")
     def _source_fields(self) -> ControlNetConfig:
@@ -65,10 +64,12 @@ LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 class LoraSpec(_Strict):
     """One LoRA adapter a replica loads at start-up (or ``POST /v1/loras`` registers at runtime)."""
 
-    name: str = Field(pattern=LORA_NAME_PATTERN,
-                      description="What requests call it (``loras: [{name, scale}]``): letters, digits, . _ -.")
-    path: str | None = Field(default=None, description="source=local: a .safetensors file, or a directory holding "
-                             "one. For a hub source: the file inside the snapshot (optional when it holds one).")
+    name: str = Field(
+        pattern=LORA_NAME_PATTERN, description="What requests call it (``loras: [{name, scale}]``): letters, digits, "
+        ". _ -.")
+    path: str | None = Field(
+        default=None, description="source=local: a .safetensors file, or a directory holding one. For a hub source: "
+        "the file inside the snapshot (optional when it holds one).")
     source: Literal["local", "modelscope", "huggingface"] = Field(
         default="local", description="local: ``path`` on every replica's machine. modelscope / huggingface: a "
         "snapshot of ``model_id``, with model.cache_dir and model.offline's rules (cache first, no network offline).")
@@ -98,62 +99,43 @@ class ModelConfig(_Strict):
     """Which weights to load and how."""
 
     source: Literal["modelscope", "huggingface", "local", "tiny", "random-full"] = Field(
-        default="modelscope",
-        description="modelscope / huggingface: a snapshot of model_id in that hub's cache (downloaded if missing "
-        "and online). local: local_path in the diffusers layout. tiny: a toy-size model built from the real "
-        "classes, saved and loaded back like real weights (CPU demo, tests). random-full: the real architecture "
-        "at full size with random weights, built on the GPU (timing without weights).",
-    )
+        default="modelscope", description="modelscope / huggingface: a snapshot of model_id in that hub's cache "
+        "(downloaded if missing and online). local: local_path in the diffusers layout. tiny: a toy-size model built "
+        "from the real classes, saved and loaded back like real weights (CPU demo, tests). random-full: the real "
+        "architecture at full size with random weights, built on the GPU (timing without weights).")
     model_id: str = Field(default=DEFAULT_MODEL_ID, description="Repository id on ModelScope / Hugging Face.")
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit); None = default.")
     local_path: Path | None = Field(default=None, description="source=local: directory with model_index.json.")
     cache_dir: Path | None = Field(
-        default=None,
-        description="Persistent model cache. None: the hub's own (MODELSCOPE_CACHE, HF_HUB_CACHE / HF_HOME); "
-        "for source=tiny, ~/.cache/zimage-orchestrator.",
-    )
+        default=None, description="Persistent model cache. None: the hub's own (MODELSCOPE_CACHE, HF_HUB_CACHE / "
+        "HF_HOME); for source=tiny, ~/.cache/zimage-orchestrator.")
     offline: bool | None = Field(
-        default=None,
-        description="Never touch the network. None: offline when HF_HUB_OFFLINE=1 or MODELSCOPE_OFFLINE=1. "
-        "A cached snapshot is always loaded without network access either way.",
-    )
+        default=None, description="Never touch the network. None: offline when HF_HUB_OFFLINE=1 or "
+        "MODELSCOPE_OFFLINE=1. A cached snapshot is always loaded without network access either way.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        default="bfloat16",
-        description="Weights dtype. Where the device lacks it, fall back with a warning (fp16 on pre-Ampere "
-        "GPUs, fp32 on CPU).",
-    )
+        default="bfloat16", description="Weights dtype. Where the device lacks it, fall back with a warning (fp16 on "
+        "pre-Ampere GPUs, fp32 on CPU).")
     low_cpu_mem_usage: bool = Field(default=True, description="Load weights without a full fp32 copy in RAM.")
     attention: Literal["runs"] = Field(
-        default="runs",
-        description="Attention over a packed batch: runs, one dense SDPA call (cuDNN on Hopper) per sample, no mask, "
-        "each sequence length's plan built at warm-up; the only kernel the replica runs.",
-    )
+        default="runs", description="Attention over a packed batch: runs, one dense SDPA call (cuDNN on Hopper) per "
+        "sample, no mask, each sequence length's plan built at warm-up; the only kernel the replica runs.")
     compile: bool = Field(
-        default=False,
-        description="torch.compile of the transformer blocks with dynamic shapes (GPU only): every graph is "
-        "compiled during warm-up, none after ready.",
-    )
+        default=False, description="torch.compile of the transformer blocks with dynamic shapes (GPU only): every "
+        "graph is compiled during warm-up, none after ready.")
     quantization: Literal["none", "fp8", "auto"] = Field(
-        default="none",
-        description="fp8: dynamic per-row float8 of the transformer blocks' linear layers (Ada/Hopper GPUs). "
-        "The replica checks its output against bf16 at start-up and reports the error. auto: the planner "
-        "chooses bf16 or fp8, whichever plan it estimates faster (fp8 only where it buys throughput, and never "
-        "where a node's declared gpu_type has no fp8 tensor cores, e.g. A100; fp8 there is refused at plan time).",
-    )
+        default="none", description="fp8: dynamic per-row float8 of the transformer blocks' linear layers (Ada/Hopper "
+        "GPUs). The replica checks its output against bf16 at start-up and reports the error. auto: the planner "
+        "chooses bf16 or fp8, whichever plan it estimates faster (fp8 only where it buys throughput, and never where "
+        "a node's declared gpu_type has no fp8 tensor cores, e.g. A100; fp8 there is refused at plan time).")
     text_encoder_quantization: Literal["none", "int8", "fp8", "auto"] = Field(
-        default="none",
-        description="Weight-only quantization of the text encoder's linear layers (per-row scales; 7.5 -> 4.1 GiB). "
-        "Opt-in: int8 changes the caption embeddings by 8.8% (relative L2; the final 512^2 image by 48 dB PSNR) on "
-        "the full-size architecture with random weights (H200, 2026-11-27); each replica measures its own at "
-        "start-up. auto: the planner uses int8 only where it is what makes a plan fit or batch more.",
-    )
+        default="none", description="Weight-only quantization of the text encoder's linear layers (per-row scales; "
+        "7.5 -> 4.1 GiB). Opt-in: int8 changes the caption embeddings by 8.8% (relative L2; the final 512^2 image by "
+        "48 dB PSNR) on the full-size architecture with random weights (H200, 2026-11-27); each replica measures its "
+        "own at start-up. auto: the planner uses int8 only where it is what makes a plan fit or batch more.")
     fp8_backend: Literal["native", "torchao"] = Field(
-        default="native",
-        description="How fp8 is done. native: plain-tensor float8 linears on torch._scaled_mm (first compile about "
-        "25 s on an H100). "
-        "torchao: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) (needs the [fp8] extra; its first "
-        "compile took 194 s on an H100).",
-    )
+        default="native", description="How fp8 is done. native: plain-tensor float8 linears on torch._scaled_mm "
+        "(first compile about 25 s on an H100). torchao: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) "
+        "(needs the [fp8] extra; its first compile took 194 s on an H100).")
     fp8_bf16_blocks: list[int] | str = Field(
         default_factory=list,
         description="With fp8: main transformer blocks (0-29 on Z-Image-Turbo) kept in bf16, the rest in fp8. A "
@@ -162,44 +144,41 @@ class ModelConfig(_Strict):
         "in fp8. The replica's start-up probe reports the error of what is configured.",
     )
     compile_cache_dir: Path | None = Field(
-        default=None,
-        description="Persistent compile cache (TORCHINDUCTOR_CACHE_DIR); None: ~/.cache/zimage-orchestrator/inductor.",
-    )
+        default=None, description="Persistent compile cache (TORCHINDUCTOR_CACHE_DIR); None: "
+        "~/.cache/zimage-orchestrator/inductor.")
     seed: int = Field(default=0, ge=0, description="Weight seed for source=tiny and random-full.")
     controlnet: ControlNetConfig | None = Field(
         default=None, description="A ControlNet beside the transformer on every replica (request extensions "
         "control_image, controlnet_conditioning_scale); None: requests with a control image are refused.")
     loras: list[LoraSpec] = Field(
-        default_factory=list, description="LoRA adapters every replica loads at start-up; requests pick theirs "
-        "per request (``loras`` extension field), several per batch (actors/lora.py).")
+        default_factory=list, description="LoRA adapters every replica loads at start-up; requests pick theirs per "
+        "request (``loras`` extension field), several per batch (actors/lora.py).")
     lora_max_resident: int | None = Field(
-        default=None, ge=0, le=64, description="Adapters kept on each replica's transformer GPU (least recently "
-        "used leave first; the others stay in host memory and are copied in for the batch that needs them). The "
-        "planner counts their memory. None: min(4, number of model.loras), 0 without any; set it (and model.lora_dir) "
-        "to register adapters at runtime (POST /v1/loras) when none are configured. 0: LoRA off.")
+        default=None, ge=0, le=64, description="Adapters kept on each replica's transformer GPU (least recently used "
+        "leave first; the others stay in host memory and are copied in for the batch that needs them). The planner "
+        "counts their memory. None: min(4, number of model.loras), 0 without any; set it (and model.lora_dir) to "
+        "register adapters at runtime (POST /v1/loras) when none are configured. 0: LoRA off.")
     lora_max_rank: int = Field(
-        default=64, ge=1, le=1024, description="The largest adapter rank accepted, and what the planner counts "
-        "per resident adapter.")
+        default=64, ge=1, le=1024, description="The largest adapter rank accepted, and what the planner counts per "
+        "resident adapter.")
     lora_dir: Path | None = Field(
         default=None, description="The directory adapters registered at runtime (POST /v1/loras, "
         "Deployment.register_lora) are read from, on every replica's machine: their path is relative to it (or "
-        "absolute inside it); symlinks are resolved and must stay inside. None: runtime registration of local "
-        "files is refused. model.loras is not limited to it.")
+        "absolute inside it); symlinks are resolved and must stay inside. None: runtime registration of local files "
+        "is refused. model.loras is not limited to it.")
     lora_max_runtime: int = Field(
-        default=16, ge=0, le=4096,
-        description="Adapters registered at runtime (POST /v1/loras) at most, beside model.loras; past it a "
-        "registration is refused (409) until one is removed.")
+        default=16, ge=0, le=4096, description="Adapters registered at runtime (POST /v1/loras) at most, beside "
+        "model.loras; past it a registration is refused (409) until one is removed.")
     lora_max_runtime_bytes: int = Field(
-        default=4 * 1024**3, ge=0, le=1024**4,
-        description="Host memory all runtime adapters together may take on each replica (their factors, as the "
-        "replica holds them); a registration past it is refused (409).")
+        default=4 * 1024**3, ge=0, le=1024**4, description="Host memory all runtime adapters together may take on "
+        "each replica (their factors, as the replica holds them); a registration past it is refused (409).")
     lora_max_file_bytes: int = Field(
-        default=2 * 1024**3, ge=1024, le=1024**4,
-        description="Largest adapter file read (checked before it is opened); larger is a 400 naming path.")
+        default=2 * 1024**3, ge=1024, le=1024**4, description="Largest adapter file read (checked before it is "
+        "opened); larger is a 400 naming path.")
     lora_runtime_hub: bool = Field(
-        default=False, description="Let runtime registration name hub adapters (source huggingface / "
-        "modelscope): every replica then fetches the repository a client names (unless model.offline). Off: "
-        "only model.loras may use hub sources.")
+        default=False, description="Let runtime registration name hub adapters (source huggingface / modelscope): "
+        "every replica then fetches the repository a client names (unless model.offline). Off: only model.loras may "
+        "use hub sources.")
 
     @model_validator(mode="after")
     def _source_fields(self) -> ModelConfig:
@@ -265,79 +244,45 @@ class DeploymentConfig(_Strict):
     """How many replicas and where their components live."""
 
     mode: Literal["replicate", "split", "auto", "shared-encoder"] = Field(
-        default="replicate",
-        description="replicate: one whole pipeline per GPU. split: each replica spans gpus_per_replica GPUs "
-        "with the device_map below. auto: the planner chooses. shared-encoder (experimental: slower than replicate "
-        "where measured, see docs/benchmarks.md): one text encoder per node, in "
-        "a whole pipeline on its first GPU, serves transformer + VAE replicas on the node's other GPUs.",
-    )
+        default="replicate", description="replicate: one whole pipeline per GPU. split: each replica spans "
+        "gpus_per_replica GPUs with the device_map below. auto: the planner chooses. shared-encoder (experimental: "
+        "slower than replicate where measured, see docs/benchmarks.md): one text encoder per node, in a whole "
+        "pipeline on its first GPU, serves transformer + VAE replicas on the node's other GPUs.")
     replicas: int | None = Field(
-        default=None, ge=1, le=4096, description="Number of replicas. None: as many as the inventory fits."
-    )
+        default=None, ge=1, le=4096, description="Number of replicas. None: as many as the inventory fits.")
     gpus_per_replica: int = Field(default=1, ge=1, le=8, description="GPUs each replica holds (split mode).")
     device_map: dict[str, int] | None = Field(
-        default=None,
-        description="split mode: component -> GPU index within the replica, e.g. "
-        "{text_encoder: 0, transformer: 1, vae: 1}.",
-    )
+        default=None, description="split mode: component -> GPU index within the replica, e.g. {text_encoder: 0, "
+        "transformer: 1, vae: 1}.")
     cpu_per_replica: float = Field(default=1.0, ge=0, le=256, description="Ray CPUs reserved per replica.")
     torch_threads: int | None = Field(
-        default=None, ge=1, le=256, description="torch.set_num_threads inside a CPU replica; None: torch's default."
-    )
+        default=None, ge=1, le=256, description="torch.set_num_threads inside a CPU replica; None: torch's default.")
     warmup: bool = Field(
-        default=True,
-        description="Before reporting ready, run the batches that compile every graph serving needs (model.compile): "
-        "one image alone, several of one size, several of mixed sizes and prompt lengths at warmup_sizes, and "
-        "attention's plans for every length within limits.max_pixels. After ready nothing compiles: a call no "
-        "graph covers runs eager and is counted (zimage_eager_fallbacks_total).",
-    )
+        default=True, description="Before reporting ready, run the batches that compile every graph serving needs "
+        "(model.compile): one image alone, several of one size, several of mixed sizes and prompt lengths at "
+        "warmup_sizes, and attention's plans for every length within limits.max_pixels. After ready nothing compiles: "
+        "a call no graph covers runs eager and is counted (zimage_eager_fallbacks_total).")
     warmup_sizes: list[str] = Field(
         default_factory=lambda: ["512x512", "1024x1024", "768x1344", "1344x768", "1024x768"],
-        description="Image sizes (WxH) of the warm-up batches, which show the replica serves before it reports "
-        "ready. Speed does not depend on them: the transformer's and the VAE decoder's graphs have dynamic shapes "
-        "and cover every size. Sizes larger than a replica's plan allows are skipped.",
-    )
+        description="Image sizes (WxH) of the warm-up batches, which show the replica serves before it reports ready. "
+        "Speed does not depend on them: the transformer's and the VAE decoder's graphs have dynamic shapes and cover "
+        "every size. Sizes larger than a replica's plan allows are skipped.")
     start_timeout_s: float = Field(
-        default=1800.0, gt=0, le=86_400, description="Longest a replica may take to load and warm up."
-    )
+        default=1800.0, gt=0, le=86_400, description="Longest a replica may take to load and warm up.")
     health_interval_s: float = Field(
-        default=15.0, gt=0, le=3600, description="Seconds between health checks (a real small forward) per replica."
-    )
+        default=15.0, gt=0, le=3600, description="Seconds between health checks (a real small forward) per replica.")
     health_timeout_s: float = Field(
-        default=60.0, gt=0, le=3600, description="A health check slower than this counts as a failed check."
-    )
+        default=60.0, gt=0, le=3600, description="A health check slower than this counts as a failed check.")
     unresponsive_after_s: float = Field(
-        default=10.0, gt=0, le=3600,
-        description="A live replica whose health check has waited this long for an answer is reported as not "
-        "answering on /readyz (503 when no live replica answers), before its checks time out and it is recycled.")
+        default=10.0, gt=0, le=3600, description="A live replica whose health check has waited this long for an "
+        "answer is reported as not answering on /readyz (503 when no live replica answers), before its checks time "
+        "out and it is recycled.")
     health_failures_before_restart: int = Field(
-        default=3,
-        ge=1,
-        le=100,
-        description="Failed (or timed-out) health checks in a row before a replica counts as hung and is "
-        "recycled. A check that cannot reach the replica's process takes it out of rotation at once.",
-    )
+        default=3, ge=1, le=100, description="Failed (or timed-out) health checks in a row before a replica counts as "
+        "hung and is recycled. A check that cannot reach the replica's process takes it out of rotation at once.")
     gpu_memory_limit_gib: float | None = Field(
-        default=None,
-        gt=0,
-        le=1024,
-        description="Cap each replica's allocator at this many GiB per GPU (plans with it too), e.g. 23.5 to "
-        "emulate 24 GB cards on an 80 GB GPU.",
-    )
-    max_inflight_batches: int = Field(
-        default=1,
-        ge=1,
-        le=8,
-        description="Batches the router keeps at one replica. 2 hides the dispatch gap between batches; with "
-        "pipeline_stages, 3 keeps encode, denoise and decode of three batches going at once.",
-    )
-    pipeline_stages: bool = Field(
-        default=False,
-        description="Experimental (at most +2% measured, on one GPU). "
-        "Run encode, denoise and decode of consecutive batches concurrently (a lock and a CUDA "
-        "stream per stage). Pays off most in split replicas, where the stages sit on different GPUs; costs "
-        "the activation memory of the overlapping stages (the planner counts it).",
-    )
+        default=None, gt=0, le=1024, description="Cap each replica's allocator at this many GiB per GPU (plans with "
+        "it too), e.g. 23.5 to emulate 24 GB cards on an 80 GB GPU.")
 
     @field_validator("warmup_sizes")
     @classmethod
@@ -385,69 +330,80 @@ class DeploymentConfig(_Strict):
         return self
 
 
+@dataclass(frozen=True)
+class JoinPolicy:
+    """When a waiting sample joins a replica's running set at the next step (``router.scheduling`` and the
+    ``router.step_*`` fields; ``actors/steploop.py``). Joining is never free: every running sample's steps slow down
+    by about the joiner's share of the packed tokens, so once the GPU is busy a join only pays where it shortens
+    more waiting than it adds. Within the replica's hard limits (tokens, samples, adapters), the head of the waiting
+    queue joins a running set that has run steps when any of these holds (unless ``never``):
+
+    - ``free_tokens``: the running set's tokens with it stay within this (small images, where the GPU is
+      expected not to be saturated yet, so the step takes little longer with it; not measured);
+    - ``window``: every running sample has run at most this many steps (a set that just started takes late
+      arrivals);
+    - ``short_ratio``: its work (tokens x steps to run) is at most this fraction of every running sample's
+      remaining work (a short request does not wait behind a long one; the long ones slow down briefly).
+
+    Otherwise it waits for room: when the running set empties, everything waiting starts together, within the
+    limits. ``never``: a running set takes no newcomer until it ends (``router.scheduling = "batch"``)."""
+
+    free_tokens: int = 4096
+    window: int = 1
+    short_ratio: float = 0.5
+    never: bool = False
+
+
 class RouterConfig(_Strict):
     """Dynamic batching and admission control."""
 
     max_batch_size: int = Field(default=16, ge=1, le=256, description="Most images in one pipeline call.")
     max_batch_tokens: int = Field(
-        default=18_432, ge=64, le=1_000_000,
-        description="Token budget of one packed batch (image tokens + caption tokens, twice with guidance; a "
-        "1024x1024 image is 4,096 image tokens). Batches fill up to it whatever their mix of sizes; the plan's "
-        "memory budget lowers it where a GPU holds less. The default, about four 1024x1024 images with long "
-        "prompts, is where a step's time on an H100 grows in proportion to its tokens.",
-    )
+        default=18_432, ge=64, le=1_000_000, description="Token budget of one packed batch (image tokens + caption "
+        "tokens, twice with guidance; a 1024x1024 image is 4,096 image tokens). Batches fill up to it whatever their "
+        "mix of sizes; the plan's memory budget lowers it where a GPU holds less. The default, about four 1024x1024 "
+        "images with long prompts, is where a step's time on an H100 grows in proportion to its tokens.")
     max_wait_ms: float = Field(
-        default=10.0,
-        ge=0,
-        le=60_000,
-        description="How long the oldest request may wait for batch-mates while a replica is free.",
-    )
+        default=10.0, ge=0, le=60_000, description="How long the oldest request may wait for batch-mates while a "
+        "replica is free.")
     queue_limit: int = Field(default=256, ge=1, le=1_000_000, description="Requests waiting before 429.")
     request_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="Queue + run time limit.")
     max_attempts: int = Field(
-        default=3, ge=1, le=10, description="Tries per request when its replica dies (seeded, so idempotent)."
-    )
+        default=3, ge=1, le=10, description="Tries per request when its replica dies (seeded, so idempotent).")
     hang_factor: float = Field(
-        default=5.0, gt=1, le=100,
-        description="A batch running this many times longer than expected (learned per replica from the time "
-        "per token-step of its finished batches) counts as hung: its requests are re-dispatched and the "
-        "replica is recycled.",
-    )
+        default=5.0, gt=1, le=100, description="A batch running this many times longer than expected (learned per "
+        "replica from the time per token-step of its finished batches) counts as hung: its requests are re-dispatched "
+        "and the replica is recycled.")
     hang_min_s: float = Field(
-        default=180.0, gt=0, le=86_400,
-        description="Never call a batch hung before this many seconds (covers compiling a new shape).",
-    )
+        default=180.0, gt=0, le=86_400, description="Never call a batch hung before this many seconds (covers "
+        "compiling a new shape).")
     first_batch_timeout_s: float = Field(
-        default=900.0, gt=0, le=86_400, description="Hang limit for a replica's batches before it has history."
-    )
+        default=900.0, gt=0, le=86_400, description="Hang limit for a replica's batches before it has history.")
     scheduling: Literal["batch", "step"] = Field(
-        default="batch",
-        description="batch: a replica runs one batch from encode to decode, and the next batch waits for it. "
-        "step: step-level continuous batching; each replica keeps one denoising loop, requests join it at its "
-        "next step (whatever their step count, size and guidance) within max_batch_tokens and max_batch_size, and "
-        "leave it when done; hang detection then counts from each step (actors/steploop.py).",
-    )
+        default="step", description="How requests join a replica's denoising loop (every replica runs one, "
+        "actors/steploop.py; requests join it at its next step, whatever their step count, size and guidance, within "
+        "max_batch_tokens and max_batch_size, and leave it when done; hang detection counts from each step). step: a "
+        "waiting request joins a running set where the step_* rules below say joining pays. batch: a running set "
+        "takes no newcomer until it ends (whole batches one after another; the next one waits at the replica, "
+        "encoded).")
     step_free_tokens: int = Field(
-        default=JoinPolicy.free_tokens, ge=0, le=1_000_000,
-        description="Step-level batching: a waiting sample joins a running set at any step while the set's packed "
-        "tokens with it stay within this (small images, where a step's time is expected to grow little with its "
-        "tokens; not measured). On an H100 a step's time grows in proportion to its tokens from one 1024x1024 image "
-        "(4,096 tokens) up: 0.098 s a step alone, 0.39 s for four.",
-    )
+        default=JoinPolicy.free_tokens, ge=0, le=1_000_000, description="scheduling=step: a waiting sample joins a "
+        "running set at any step while the set's packed tokens with it stay within this (small images, where a step's "
+        "time is expected to grow little with its tokens). On an H100 a step's time grows in proportion to its tokens "
+        "from one 1024x1024 image (4,096 tokens) up.")
     step_join_window: int = Field(
-        default=JoinPolicy.window, ge=0, le=50,
-        description="Step-level batching: a waiting sample joins while every running sample has run at most this "
-        "many steps (a batch that just started takes late arrivals).",
-    )
+        default=JoinPolicy.window, ge=0, le=50, description="scheduling=step: a waiting sample joins while every "
+        "running sample has run at most this many steps (a batch that just started takes late arrivals).")
     step_short_ratio: float = Field(
-        default=JoinPolicy.short_ratio, ge=0, le=1,
-        description="Step-level batching: a waiting sample joins at once where its work (tokens x steps) is at most "
-        "this fraction of every running sample's remaining work (short requests do not wait behind long ones). "
-        "Other samples wait for room: joining a busy GPU slows every running sample.",
-    )
+        default=JoinPolicy.short_ratio, ge=0, le=1, description="scheduling=step: a waiting sample joins at once "
+        "where its work (tokens x steps) is at most this fraction of every running sample's remaining work (short "
+        "requests do not wait behind long ones). Other samples wait for room: joining a busy GPU slows every running "
+        "sample.")
 
     def join_policy(self) -> JoinPolicy:
-        return JoinPolicy(self.step_free_tokens, self.step_join_window, self.step_short_ratio)
+        """What the router tells each replica about joining, for every call it sends."""
+        return JoinPolicy(self.step_free_tokens, self.step_join_window, self.step_short_ratio,
+                          never=self.scheduling == "batch")
 
 
 class Config(_Strict):
@@ -498,6 +454,16 @@ LOCAL_CPU_DEFAULT: dict[str, Any] = {
 }
 
 
+# Keys that configs may still carry from older versions: what to do instead (any other unknown key is a typo).
+RETIRED = {
+    ("deployment", "pipeline_stages"): "removed: every replica's step loop overlaps encode, denoise and decode "
+    "(callers encode and decode beside the loop's steps); delete the key",
+    ("deployment", "max_inflight_batches"): "removed: the router keeps up to two running sets' worth of requests at "
+    "each replica (router.max_batch_tokens and router.max_batch_size), so the next work is encoded before the "
+    "replica has room for it; delete the key",
+}
+
+
 def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
@@ -508,7 +474,8 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         path = _dotted(e["loc"])
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the config reference in README.md)"
+            msg = RETIRED.get(tuple(e["loc"]),
+                              "unknown key (check the spelling; see the config reference in README.md)")
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"{source}: {path}: {msg}")

@@ -32,29 +32,21 @@ class OutputsConfig(_Strict):
     S3 come from boto3's usual chain (environment, ~/.aws, instance role), never from this file."""
 
     backend: Literal["local", "s3"] = Field(
-        default="local",
-        description="local: files under `directory`, served by this server at /v1/outputs/... as HMAC-signed "
-        "links that expire. s3: uploaded to `s3`, answered with presigned GET URLs.",
-    )
+        default="local", description="local: files under `directory`, served by this server at /v1/outputs/... as "
+        "HMAC-signed links that expire. s3: uploaded to `s3`, answered with presigned GET URLs.")
     directory: Path = Field(
-        default=Path("zimage-data/outputs"),
-        description="local: where images are written (relative to the working directory unless absolute).",
-    )
+        default=Path("zimage-data/outputs"), description="local: where images are written (relative to the working "
+        "directory unless absolute).")
     url_ttl_s: int = Field(
-        default=3600, ge=1, le=7 * 86_400,
-        description="How long an image link works, seconds (OpenAI's are valid for 60 minutes; S3 presigning "
-        "allows at most 7 days).",
-    )
+        default=3600, ge=1, le=7 * 86_400, description="How long an image link works, seconds (OpenAI's are valid for "
+        "60 minutes; S3 presigning allows at most 7 days).")
     public_base_url: str | None = Field(
-        default=None,
-        description="local: the scheme://host[:port] that links start with (behind a proxy or a load balancer). "
-        "None: the base URL the request came in on.",
-    )
+        default=None, description="local: the scheme://host[:port] that links start with (behind a proxy or a load "
+        "balancer). None: the base URL the request came in on.")
     signing_secret: str | None = Field(
-        default=None, min_length=16,
-        description="local: the HMAC key that signs links. None: a random key is generated and kept in "
-        "`directory`/.signing-key, so links survive a restart. Give every server behind one load balancer the same.",
-    )
+        default=None, min_length=16, description="local: the HMAC key that signs links. None: a random key is "
+        "generated and kept in `directory`/.signing-key, so links survive a restart. Give every server behind one "
+        "load balancer the same.")
     s3: S3Config | None = Field(default=None, description="backend s3: the bucket and endpoint.")
 
     @model_validator(mode="after")
@@ -71,42 +63,30 @@ class BatchesConfig(_Strict):
     may be."""
 
     directory: Path = Field(
-        default=Path("zimage-data/batches"),
-        description="The server's job database (batches.db, SQLite) and its input and output files.",
-    )
+        default=Path("zimage-data/batches"), description="The server's job database (batches.db, SQLite) and its "
+        "input and output files.")
     max_lines: int = Field(
-        default=50_000, ge=1, le=10_000_000,
-        description="Most requests in one job submitted over HTTP (OpenAI's limit is 50,000).",
-    )
+        default=50_000, ge=1, le=10_000_000, description="Most requests in one job submitted over HTTP (OpenAI's "
+        "limit is 50,000).")
     cli_max_lines: int = Field(
-        default=1_000_000, ge=1, le=100_000_000,
-        description="Most requests in one `zimage-orch batch` input file.",
-    )
+        default=1_000_000, ge=1, le=100_000_000, description="Most requests in one `zimage-orch batch` input file.")
     max_upload_bytes: int = Field(
-        default=200 * 1024 * 1024, ge=1024, le=10 * 1024**3,
-        description="Largest file accepted by POST /v1/files (OpenAI's limit for batch input is 200 MB).",
-    )
+        default=200 * 1024 * 1024, ge=1024, le=10 * 1024**3, description="Largest file accepted by POST /v1/files "
+        "(OpenAI's limit for batch input is 200 MB).")
     reserve_replicas: int = Field(
-        default=1, ge=0, le=1024,
-        description="While interactive requests keep coming (within reserve_s), batch-job work leaves this many "
-        "replicas idle for them (never the last one), so they find a replica free instead of waiting behind a "
-        "batch job's batch, which cannot be preempted. 0: the job takes every replica interactive work leaves.",
-    )
+        default=1, ge=0, le=1024, description="While interactive requests keep coming (within reserve_s), batch-job "
+        "work leaves this many replicas idle for them (never the last one), so they find a replica free instead of "
+        "waiting behind a batch job's batch, which cannot be preempted. 0: the job takes every replica interactive "
+        "work leaves.")
     reserve_batch_size: int | None = Field(
-        default=1, ge=1, le=256,
-        description="While the reserve holds, a batch job's batches take at most this many images, so the one an "
-        "interactive request finds running ends soon (it waits router.max_wait_ms for batch-mates anyway). None: "
-        "router.max_batch_size (more job throughput, more interactive latency).",
-    )
+        default=1, ge=1, le=256, description="While the reserve holds, a batch job's batches take at most this many "
+        "images, so the one an interactive request finds running ends soon (it waits router.max_wait_ms for "
+        "batch-mates anyway). None: router.max_batch_size (more job throughput, more interactive latency).")
     reserve_s: float = Field(
-        default=10.0, ge=0, le=86_400,
-        description="How long after the last interactive request the reserve holds; then a job uses every replica "
-        "in full batches.",
-    )
+        default=10.0, ge=0, le=86_400, description="How long after the last interactive request the reserve holds; "
+        "then a job uses every replica in full batches.")
     max_inflight: int | None = Field(
-        default=None, ge=1, le=100_000,
-        description="Images a job keeps queued or running at once. None: two full batches per replica for a "
-        "server job (one running, the next queued, so a replica never waits for the job between batches; "
-        "interactive requests are queued ahead of them), three per replica for the CLI (which has the deployment "
-        "to itself).",
-    )
+        default=None, ge=1, le=100_000, description="Images a job keeps queued or running at once. None: two full "
+        "batches per replica for a server job (one running, the next queued, so a replica never waits for the job "
+        "between batches; interactive requests are queued ahead of them), three per replica for the CLI (which has "
+        "the deployment to itself).")

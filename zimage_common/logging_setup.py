@@ -1,16 +1,12 @@
 """Logging for the service and its replicas: one line format (text or JSON), the request id on every line about a
 request, and replica processes without progress bars.
 
-- ``request_context(ids)``: a context manager that sets the request id(s) that the log lines written inside it are
-  about. It is a ``contextvars`` variable, so asyncio tasks created inside inherit it (the HTTP handler's tasks,
-  the router's batch task) and threads do not leak it into each other.
-- ``configure(fmt, level)``: the driver's logging (CLI, server): one stderr handler on the root logger that writes
-  ``request_id`` (and ``replica`` in a replica process) on every line, as text or as one JSON object per line.
-- ``setup_replica_process(replica_id)``: called by a replica when it is created. It turns off the progress bars of
-  diffusers, transformers, huggingface_hub and tqdm; in a Ray actor (``ZIMAGE_REPLICA_LOG`` set, see
-  ``replica_env``) it also installs the same handler, so the replica's lines (which Ray forwards to the driver)
-  name the replica and the request ids of the batch they are about.
-"""
+- ``request_context(ids)``: the request id(s) the log lines written inside are about (a ``contextvars`` variable:
+  asyncio tasks created inside inherit it, threads do not leak it into each other).
+- ``configure(fmt, level)``: the driver's one stderr handler, writing ``request_id`` (and ``replica`` in a replica)
+  on every line, as text or one JSON object per line.
+- ``setup_replica_process(replica_id)``: no progress bars (diffusers, transformers, huggingface_hub, tqdm); in a Ray
+  actor (``ZIMAGE_REPLICA_LOG``, ``replica_env``) the same handler, so the lines Ray forwards name the replica."""
 
 from __future__ import annotations
 

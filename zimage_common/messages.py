@@ -9,11 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from placement.memory import caption_tokens_bound, sample_tokens
 
 from .image_codec import EncodedImage, encode_image
+
+if TYPE_CHECKING:
+    from .config import JoinPolicy
 
 
 class BatchKey(NamedTuple):
@@ -112,9 +115,9 @@ class ImageRequest:
 class Batch:
     batch_id: int
     requests: tuple[ImageRequest, ...]
-    # Step-level batching (router.scheduling=step): the replica's running step loop takes these requests in at its
-    # next step instead of running them as a batch of their own (actors/steploop.py).
-    joinable: bool = False
+    # when these requests join a running set of the replica's step loop (``config.JoinPolicy``, from
+    # ``router.scheduling``); None: the replica's default
+    join: JoinPolicy | None = None
 
     @property
     def key(self) -> BatchKey:
@@ -133,30 +136,6 @@ class Batch:
 
 
 @dataclass(frozen=True)
-class JoinPolicy:
-    """Step-level batching: when a waiting sample joins a replica's running set at the next step (the
-    ``router.step_*`` fields; ``actors/steploop.py``). Joining is never free: every running sample's steps slow
-    down by about the joiner's share of the packed tokens, so once the GPU is busy a join only pays where it
-    shortens more waiting than it adds. Within the replica's hard limits (tokens, samples, adapters), the head of
-    the waiting queue joins a non-empty running set when any of these holds:
-
-    - ``free_tokens``: the running set's tokens with it stay within this (small images, where the GPU is
-      expected not to be saturated yet, so the step takes little longer with it; not measured);
-    - ``window``: every running sample has run at most this many steps (a batch that just started takes late
-      arrivals, which whole-batch scheduling makes wait for all of it);
-    - ``short_ratio``: its work (tokens x steps to run) is at most this fraction of every running sample's
-      remaining work (a short request does not wait behind a long one; the long ones slow down briefly).
-
-    Otherwise it waits for room: when the running set empties, everything waiting starts together as one batch,
-    within the limits."""
-
-    # the defaults of router.step_free_tokens, step_join_window and step_short_ratio (config.py reads them here)
-    free_tokens: int = 4096
-    window: int = 1
-    short_ratio: float = 0.5
-
-
-@dataclass(frozen=True)
 class StageTimes:
     """Seconds spent in each stage of one batch, measured inside the replica."""
 
@@ -165,15 +144,6 @@ class StageTimes:
     decode_s: float = 0.0
     total_s: float = 0.0
     image_encode_s: float = 0.0  # the VAE encode of input images (edits), its own stage
-    # Whole-batch calls that take the devices at their denoise stage (no stage pipelining; actors/serving.py): the
-    # time the devices stood idle just before this batch took them, by cause. ``idle_encoding_s``: the batch was at
-    # the replica but its encode was not done (its encode on the critical path); ``idle_starved_s``: the batch had
-    # not reached the replica yet (dispatch, the router or the clients). 0 for a batch that found the devices busy
-    # and for the first batch a replica runs. ``device_wait_s``: how long it waited for them with its encode done
-    # (the overlap that hides an encode).
-    idle_encoding_s: float = 0.0
-    idle_starved_s: float = 0.0
-    device_wait_s: float = 0.0
 
 
 def encode_png(image) -> bytes:
@@ -320,14 +290,10 @@ class ReplicaHealth:
     compiles_after_ready: int = 0  # graphs built while serving (the goal is none)
     eager_fallbacks: dict[str, int] = field(default_factory=dict)  # per stage: calls after ready no graph covered
     max_side: int = 0  # longest image side the model's position table can place, in pixels (0: unknown)
-    # seconds of each phase of the replica's start (actors/worker.py PipelineWorker): "process" (from the process's
-    # creation to the actor's construction: Ray's worker start and this package's imports; Ray may have made the
-    # process before the deployment asked for it), then _start's in order: "imports" (torch and the model
-    # libraries, and each device's CUDA context), "load" (the weights), "speed_options" (quantization with its
-    # numerics check, compile set-up, LoRA), "warmup_batches", "warmup_extra" (ControlNet's and LoRA's warm-up),
-    # "attention_plans" and "encoder_shapes" (what is left of each after the warm-up batches: they run on the
-    # denoise and the encode stage's threads beside the speed options, the encoder's after them where those
-    # quantize it)
+    # seconds of each phase of the replica's start: "process" (the process's creation to the actor's: Ray's worker
+    # start and the imports), then actors/startup.py's phases in order ("imports", "load", "speed_options",
+    # "warmup_batches", "warmup_extra", and what was left of "attention_plans" and "encoder_shapes", which run
+    # beside them on the denoise and encode stages' threads)
     startup_s: dict = field(default_factory=dict)
 
 
@@ -341,8 +307,7 @@ class StepProgress:
     step: int
     total_steps: int
     previews: tuple = ()
-    # Step-level batching only: the replica's loop step this came from, the samples that ran in it and the samples
-    # that joined at it (the router's metrics).
+    # the replica's loop step this came from, the samples that ran in it and those that joined at it (metrics)
     loop_step: int = 0
     running: int = 0
     joined: int = 0

@@ -1,12 +1,6 @@
-"""The load ``zimage-orch bench`` sends: a deterministic request stream per workload, closed and open loops
-(Poisson arrivals), and the senders that submit a request through the Python API or over HTTP.
-
-- Closed loop at each concurrency C (C clients, each sending its next request when the last returns), or an open
-  loop at a fixed request rate (Poisson arrivals).
-- Workloads: ``uniform`` (the short bench prompts at ``--sizes``), ``varied`` (prompts of 3 to 160 words),
-  ``mixed`` (prompts of 3 to 160 words and five common sizes), ``random`` / ``random-1mp`` (sizes drawn per request,
-  ``sizes.py``), and the edit and ControlNet workloads (a synthetic input image and mask, ``edit_inputs``).
-"""
+"""The load ``zimage-orch bench`` sends: a deterministic request stream per workload (``uniform``, ``varied``,
+``mixed``, ``random``/``random-1mp`` from ``sizes.py``, and the edit and ControlNet workloads), closed and open
+loops (Poisson arrivals), and the senders that submit through the Python API or over HTTP."""
 
 from __future__ import annotations
 

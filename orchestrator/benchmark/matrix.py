@@ -1,25 +1,17 @@
 """``zimage-orch bench --matrix benchmarks/matrix.yaml --run NAME``: the project's GPU runs, defined once.
 
-A matrix file names every benchmark the project runs on a GPU machine: each entry is either a ``zimage-orch bench``
-argument list (``bench:``) or a probe script with its arguments (``script:``), with the machine it needs and a time
-limit. Groups name the entries that belong in one device call. The runner executes the chosen entries one after
-another, each in its own process (a deployment's Ray and GPU memory are gone when it ends), writes
-``OUT/NAME/bench.json`` (or the script's JSON) and ``OUT/NAME.log``, and prints one summary line per entry.
+Each entry is a ``zimage-orch bench`` argument list (``bench:``) or a probe script with its arguments
+(``script:``), with the machine it needs and a time limit; groups name the entries of one device call. Entries run
+one after another, each in its own process, writing ``OUT/NAME/bench.json`` (or the script's JSON) and
+``OUT/NAME.log``, one summary line each. ``{out}`` in an entry's arguments is its output folder; ``ZIMAGE_COMMIT``
+passes through to the reports.
 
     zimage-orch bench --matrix benchmarks/matrix.yaml --list
     zimage-orch bench --matrix benchmarks/matrix.yaml --run traffic --out /tmp/out      # a group
-    zimage-orch bench --matrix benchmarks/matrix.yaml --run bf16-traffic,eager-mixed    # entries
     zimage-orch bench --matrix benchmarks/matrix.yaml --run fp8-traffic,http-traffic --lanes 2   # side by side
 
-``--lanes N`` runs one-GPU entries side by side on a machine of N GPUs: each lane is one GPU
-(``CUDA_VISIBLE_DEVICES``) and runs its entries one after another, longest time limit first onto the lane with the
-least time so far. Each entry still has a GPU to itself, so its own numbers (and the ratios between its phases)
-mean what they mean alone; what lanes share is the host (CPU cores, memory bandwidth, the compile cache), which the
-summary records. A lane's entries share its GPU one after another as without lanes.
-
-``{out}`` in an entry's arguments is replaced by the entry's output folder. ``ZIMAGE_COMMIT`` passes through to
-the reports (a copied tree's ``.git`` may be stale).
-"""
+``--lanes N`` runs one-GPU entries side by side on N GPUs (``CUDA_VISIBLE_DEVICES``), longest time limit first onto
+the lane with the least time so far: each entry has a GPU to itself, and what lanes share (the host) is recorded."""
 
 from __future__ import annotations
 

@@ -47,13 +47,8 @@ class RunStats:
     batch_sizes: dict[str, int] = field(default_factory=dict)
     replica_busy_fraction: dict[str, float] = field(default_factory=dict)
     stage_p50_s: dict[str, float] = field(default_factory=dict)
-    # seconds the devices stood idle before a batch took them, summed over the phase's batches (each replica's
-    # first batch of the phase left out: its gap is the pause before the phase), by cause: "encoding" (the batch
-    # was at the replica, its encode not done) and "starved" (no batch had reached the replica); whole-batch calls
-    # without stage pipelining only (StageTimes.idle_encoding_s, idle_starved_s)
-    device_idle_s: dict[str, float] = field(default_factory=dict)
-    # every batch of the phase in dispatch order: its replica, size and stage seconds (with the
-    # idle time before it), so a phase's slow batches show apart from its typical one
+    # every batch of the phase in dispatch order: its replica, size and stage seconds, so a phase's slow batches show
+    # apart from its typical one
     batch_stages: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     workload: str = "uniform"
@@ -69,8 +64,7 @@ class RunStats:
 def _batch_record(r: ImageResult) -> dict:
     st = r.stage_times
     rec = {"batch": r.batch_id, "replica": r.replica_id, "size": r.batch_size}
-    for name in ("encode_s", "denoise_s", "decode_s", "total_s", "device_wait_s", "idle_encoding_s",
-                 "idle_starved_s"):
+    for name in ("encode_s", "denoise_s", "decode_s", "total_s"):
         rec[name] = round(getattr(st, name), 4)
     return rec
 
@@ -90,13 +84,8 @@ def summarize(label: str, results: list[ImageResult], elapsed: float, concurrenc
         busy[r.replica_id] = busy.get(r.replica_id, 0.0) + r.stage_times.total_s
     stage = {}
     if batches:
-        for name in ("encode_s", "image_encode_s", "denoise_s", "decode_s", "total_s", "device_wait_s"):
+        for name in ("encode_s", "image_encode_s", "denoise_s", "decode_s", "total_s"):
             stage[name] = round(percentile([getattr(b.stage_times, name) for b in batches.values()], 0.5), 4)
-    firsts = {min(b.batch_id for b in batches.values() if b.replica_id == rid)
-              for rid in {b.replica_id for b in batches.values()}}
-    later = [b.stage_times for b in batches.values() if b.batch_id not in firsts]
-    idle = {"encoding": round(sum(t.idle_encoding_s for t in later), 4),
-            "starved": round(sum(t.idle_starved_s for t in later), 4)} if later else {}
     return RunStats(
         label=label, concurrency=concurrency, rate_rps=rate, requests=len(results), images=len(ok),
         failed=len(results) - len(ok), elapsed_s=round(elapsed, 3),
@@ -108,7 +97,6 @@ def summarize(label: str, results: list[ImageResult], elapsed: float, concurrenc
         batch_sizes=dict(sorted(sizes.items(), key=lambda kv: int(kv[0]))),
         replica_busy_fraction={k: round(v / elapsed, 3) for k, v in sorted(busy.items())} if elapsed else {},
         stage_p50_s=stage,
-        device_idle_s=idle,
         batch_stages=[_batch_record(b) for b in sorted(batches.values(), key=lambda b: b.batch_id)],
         errors=sorted({f"{r.error_type}: {r.error}" for r in results if not r.ok})[:5],
         workload=workload,

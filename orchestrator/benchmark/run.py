@@ -1,16 +1,9 @@
 """``zimage-orch bench CONFIG``: load generator, side-by-side baseline, JSON and a plot.
 
-- Closed loop at each concurrency C (C clients, each sending its next request when the last returns), or an open
-  loop at a fixed request rate (Poisson arrivals); fixed or mixed sizes; N requests or T seconds; warm-up excluded.
-- Workloads (``--workload``, each a phase on the same warm deployment): ``uniform`` (the short bench prompts at
-  ``--sizes``), ``varied`` (prompts of 3 to 160 words at ``--sizes``), ``mixed`` (prompts of 3 to 160 words and
-  five common sizes: 512x512, 1024x1024, 1024x768, 768x1344, 1344x768) - what real users send.
-- Through the Python API (the deployment runs in this process's Ray driver) or through HTTP (``--http URL``).
-- ``--baseline``: the seed's recipe in the same run: a plain diffusers ``ZImagePipeline`` in this process on one
-  device, batch 1, sequential, same model source and prompts. Every result is also reported as a ratio to it.
-- Reports images/s and megapixels/s, p50/p95/p99 latency, queue time, batch sizes, per-replica busy fraction, peak
-  memory per device, and the graphs each replica compiled after it became ready (the goal is none).
-"""
+Closed loops at each concurrency or an open loop (Poisson arrivals), over the workloads of ``loadgen``, through the
+Python API or HTTP (``--http URL``); ``--baseline`` times a plain diffusers ``ZImagePipeline`` (batch 1, sequential,
+same model and prompts) in the same run, so every result is also a ratio. Reports images/s, megapixels/s,
+p50/p95/p99 latency, queue time, batch sizes, busy fractions, peak memory and graphs compiled after ready."""
 
 from __future__ import annotations
 
@@ -202,10 +195,9 @@ async def _bench(args, config: Config) -> dict:
                 report["runs"].append({**asdict(stats), "round": rnd})
                 if workload in EDIT_KINDS and getattr(send, "kinds", None) is not None:
                     report["runs"][-1]["batches_by_kinds"] = mixed_batches(results, send.kinds)
-                log.info("%s: %.3f img/s, %.3f MP/s, p50 %.3fs, p95 %.3fs, p99 %.3fs, batches %s, stages p50 %s, "
-                         "devices idle before batches %s", stats.label, stats.throughput_img_s, stats.megapixels_s,
-                         stats.latency_p50_s, stats.latency_p95_s, stats.latency_p99_s, stats.batch_sizes,
-                         stats.stage_p50_s, stats.device_idle_s or "-")
+                log.info("%s: %.3f img/s, %.3f MP/s, p50 %.3fs, p95 %.3fs, p99 %.3fs, batches %s, stages p50 %s",
+                         stats.label, stats.throughput_img_s, stats.megapixels_s, stats.latency_p50_s,
+                         stats.latency_p95_s, stats.latency_p99_s, stats.batch_sizes, stats.stage_p50_s)
         if dep is not None:
             health = await dep.replica_health()
             report["peak_memory_gib"] = {

@@ -1,16 +1,10 @@
 """Sizes drawn at random over what users may send, and what each request costs the GPU, for ``zimage-orch bench``.
 
-``random`` draws each request's size over the whole allowed range (multiples of 16, 256 to 2048 px a side, aspect
-ratios 1:3 to 3:1, within ``limits.max_pixels``); ``random-1mp`` keeps the same sides and aspects but an area of
-0.75-1.25 megapixels: what an app's aspect-ratio menu sends (16:9, 3:2, 4:5, 21:9 ... at about one megapixel). No
-size comes from a list, so none of them can be one the deployment was tuned or warmed on.
-
-Megapixels/s alone cannot compare a phase of random sizes with the uniform 1024x1024 phase: attention's work grows
-with the square of an image's tokens, so a 2048x2048 image is about 1.4x the arithmetic of four 1024x1024 ones,
-and a caption is a larger share of a small image. ``request_tflop`` counts each request's arithmetic (the
-transformer's matmuls and attention at its exact token counts, the text encoder, the VAE decoder), and a phase's
-TFLOP/s over the uniform phase's says how well the GPU is used whatever the sizes.
-"""
+``random``: each request's size over the whole allowed range (multiples of 16, 256 to 2048 px a side, aspects 1:3
+to 3:1, within ``limits.max_pixels``); ``random-1mp``: the same sides and aspects at 0.75-1.25 megapixels (an app's
+aspect-ratio menu). No size comes from a list the deployment could be tuned on. Attention grows with the square of
+an image's tokens, so megapixels/s cannot compare such phases with uniform ones: ``request_tflop`` counts each
+request's arithmetic, and a phase's TFLOP/s over the uniform phase's says how well the GPU is used."""
 
 from __future__ import annotations
 
