@@ -230,7 +230,8 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 120) -> Non
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"front door on port {port} exited with {proc.returncode}")
+            err = proc.stderr.read().decode(errors="replace")[-3000:] if proc.stderr else ""
+            raise RuntimeError(f"front door on port {port} exited with {proc.returncode}:\n{err}")
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             c.request("GET", "/readyz")
@@ -260,7 +261,8 @@ def check_answer(port: int, pixels) -> int:
 
 def run_count(n: int, args, image_path: str, pixels) -> dict:
     ports = [free_port() for _ in range(n)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # the repository first, and whatever the caller's path holds after it (installed dependencies may live there)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     procs = [subprocess.Popen([sys.executable, __file__, "--serve", str(p), "--encode-at", args.encode_at,
                                "--image", image_path], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for p in ports]
