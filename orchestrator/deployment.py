@@ -77,8 +77,10 @@ def plan_for(config: Config, inventory: Inventory) -> PlacementPlan:
         transformer = ["none"]
         note = f"fp8 not considered: {', '.join(no_fp8)} has no fp8 tensor cores"
     text_encoder = ["none", "int8"] if m.text_encoder_quantization == "auto" else [m.text_encoder_quantization]
-    options = [with_loras(model_spec(m.source, m.dtype, t, te, controlnet=m.controlnet is not None), m.lora_slots,
-                          m.lora_max_rank)
+    kept = m.fp8_bf16_blocks
+    kept = int(kept.partition(":")[2]) if isinstance(kept, str) else len(kept)  # ("last:N" / "first:N" or a list)
+    options = [with_loras(model_spec(m.source, m.dtype, t, te, controlnet=m.controlnet is not None,
+                                     bf16_blocks=kept if t == "fp8" else 0), m.lora_slots, m.lora_max_rank)
                for te in text_encoder for t in transformer]
     if len(options) == 1:
         chosen = plan(options[0], inventory, deployment_spec(config))

@@ -226,12 +226,19 @@ def with_loras(spec: ModelSpec, max_resident: int, max_rank: int) -> ModelSpec:
     return replace(spec, lora_gib=total, lora_text=text)
 
 
+# The transformer's blocks whose linears fp8 quantizes, all of one size: main blocks plus the 2 noise-refiner and 2
+# context-refiner blocks (the toy model: 2 main, 1 + 1). ``model.fp8_bf16_blocks`` keeps some main blocks in bf16.
+MAIN_BLOCKS = {"full": 30, "tiny": 2}
+REFINER_BLOCKS = {"full": 4, "tiny": 2}
+
+
 def model_spec(source: str, dtype: str = "bfloat16", transformer: str = "none",
-               text_encoder: str = "none", controlnet: bool = False) -> ModelSpec:
+               text_encoder: str = "none", controlnet: bool = False, bf16_blocks: int = 0) -> ModelSpec:
     """The memory model for a model source: 'tiny' is the toy model; every other source is Z-Image-Turbo.
     ``transformer`` ('none' | 'fp8') and ``text_encoder`` ('none' | 'int8' | 'fp8') quantize those components'
     linear weights to one byte (the transformer's blocks; the text encoder's layers, weight-only). ``controlnet``:
-    a ControlNet on the transformer's GPU, counted with the transformer (weights and activations)."""
+    a ControlNet on the transformer's GPU, counted with the transformer (weights and activations). ``bf16_blocks``:
+    with fp8, how many main blocks stay in 16 bits (their linears' weights count two bytes)."""
     if dtype not in BYTES_PER_PARAM:
         raise ValueError(f"dtype must be one of {sorted(BYTES_PER_PARAM)}, got {dtype!r}")
     if transformer not in ("none", "fp8") or text_encoder not in ("none", *QUANTIZED):
@@ -240,6 +247,12 @@ def model_spec(source: str, dtype: str = "bfloat16", transformer: str = "none",
     quantized = tuple((c, q) for c, q in (("transformer", transformer), ("text_encoder", text_encoder)) if q != "none")
     size = "tiny" if source == "tiny" else "full"
     comps = dict(_TINY if size == "tiny" else _Z_IMAGE_TURBO)
+    if bf16_blocks:
+        t, blocks = comps["transformer"], MAIN_BLOCKS[size] + REFINER_BLOCKS[size]
+        if bf16_blocks > MAIN_BLOCKS[size]:
+            raise ValueError(f"model.fp8_bf16_blocks keeps {bf16_blocks} main blocks in bf16; this model has "
+                             f"{MAIN_BLOCKS[size]}")
+        comps["transformer"] = replace(t, quantizable_params=t.quantizable_params * (blocks - bf16_blocks) // blocks)
     if controlnet:
         t = comps["transformer"]
         comps["transformer"] = replace(t, params=t.params + CONTROLNET_PARAMS[size],

@@ -207,6 +207,21 @@ def test_fp8_plan_shows_more_room_than_bf16_on_24gb():
     assert (bf16.replicas[0].max_batch_size, fp8.replicas[0].max_batch_size) == (6, 15)
 
 
+def test_fp8_blocks_kept_in_bf16_are_counted_at_two_bytes():
+    """model.fp8_bf16_blocks: each main block kept in bf16 holds its linears in two bytes (34 blocks of one size are
+    quantizable: 30 main, 2 + 2 refiners); a plan with them has less room, and more blocks than the model has are
+    refused naming the field."""
+    t = lambda **kw: model_spec("modelscope", transformer="fp8", **kw).components["transformer"]  # noqa: E731
+    all_fp8, last15 = t(), t(bf16_blocks=15)
+    assert last15.weights_gib("fp8") - all_fp8.weights_gib("fp8") == pytest.approx(15 * 176_947_200 / 2**30)
+    d = DeploymentSpec("replicate", width=1024, height=1024, max_batch_size=16)
+    room = [plan(model_spec("modelscope", transformer="fp8", bf16_blocks=n), inv(("n0", 1, 23.5)), d)
+            .replicas[0].max_batch_tokens for n in (0, 15)]
+    assert room[1] < room[0]
+    with pytest.raises(ValueError, match="model.fp8_bf16_blocks keeps 31 main blocks in bf16; this model has 30"):
+        model_spec("modelscope", transformer="fp8", bf16_blocks=31)
+
+
 def test_plan_counts_lora_memory():
     """Resident adapters (and a batch's stacked copy) are counted on the transformer's GPU, and the plan says so."""
     from placement import lora_adapter_gib, with_loras
