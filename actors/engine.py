@@ -64,6 +64,7 @@ class Sample:
     control_scale: float = 0.75
     name: str = ""  # the request id (the step loop's log lines and cancellation)
     tokens: int = 0  # its cost in the replica's token budget (``ImageRequest.tokens``)
+    priority: int = 0  # ``ImageRequest.priority``: the step loop steps the most urgent samples only
 
 
 @dataclass

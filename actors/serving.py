@@ -128,7 +128,7 @@ class ServingMixin:
         samples = [Sample(r.prompt, r.seed, r.width, r.height, r.guidance_scale, r.negative_prompt, r.loras,
                           image=r.image, mask=r.mask, strength=r.strength, num_inference_steps=r.num_inference_steps,
                           control_image=r.control_image, control_scale=r.control_scale, name=r.request_id,
-                          tokens=r.tokens)
+                          tokens=r.tokens, priority=r.priority)
                    for r in batch.requests]
         loop = self._step_loop()
         ids = {r.request_id for r in batch.requests}

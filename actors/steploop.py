@@ -15,6 +15,15 @@ joining pays: a join slows every running sample's steps, and at sizes that satur
 processor sharing, worse in mean latency than sets one after another. ``never`` (``router.scheduling = "batch"``)
 never joins.
 
+Priority (``ImageRequest.priority``, which each sample carries): while a sample of a more urgent priority is running
+or waiting, only that priority's samples step and join; less urgent running samples are *parked*: they keep their
+whole state (latents, step index, schedule) in the running set, skip steps, report no progress, and resume when no
+more urgent sample is left. So an interactive request never waits behind batch-job work already at the replica: it
+joins at the next step whatever the job's samples hold in the token budget or sample count (the limits, the join
+policy and the LoRA slots count the samples that step; a parked one holds only its latents), and it runs its steps
+alone or beside its own priority. Less urgent waiting samples stay queued until then. A sample's steps depend only
+on its own state, so a parked sample's image equals its unparked run.
+
 Cancels take request ids; a name not in the loop yet is kept ``CANCEL_KEEP_S``, so a cancel that overtakes its call
 still applies. An out-of-memory step shrinks the running set (the newest half waits; the budget stays lowered for
 ``OOM_CAP_STEPS`` clean steps); a lone sample that does not fit fails its call. Any other failed step is re-run per
@@ -67,13 +76,14 @@ class RunningSample:
     step: int = 0  # the next step it runs
     cancelled: bool = False  # its request's caller went away: it left the loop early
     pred: torch.Tensor | None = None  # its last velocity, negated (``ZImageEngine.step``)
+    priority: int = 0  # its request's (``ImageRequest.priority``): lower runs first, higher is parked meanwhile
     group: Group | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, engine, name: str, tokens: int, latents: torch.Tensor, positive: torch.Tensor,
                negative: torch.Tensor | None, guidance: float, num_steps: int, start: int = 0,
                after_step=None, loras=(), control: torch.Tensor | None = None,
-               control_scale: float = 0.0) -> RunningSample:
+               control_scale: float = 0.0, priority: int = 0) -> RunningSample:
         """What the sample needs on the transformer's device, built on the caller's thread, off the loop."""
         device = engine.devices["transformer"]
         latents = latents.to(device)
@@ -82,7 +92,7 @@ class RunningSample:
         return cls(name, tokens, latents, positive, negative, float(guidance),
                    engine.schedule(latents.shape[-2], latents.shape[-1], num_steps), num_steps, start, after_step,
                    tuple(loras), None if control is None else control.to(device), float(control_scale),
-                   engine.pieces(latents, positive, negative), step=start)
+                   engine.pieces(latents, positive, negative), step=start, priority=int(priority))
 
     @property
     def done(self) -> bool:
@@ -148,6 +158,7 @@ class LoopStats:
     joins: int = 0  # samples that joined, in all
     last_joined: int = 0  # samples that joined at the latest step
     running: int = 0  # samples in the latest step
+    parked: int = 0  # running samples of a less urgent priority that skipped the latest step
     waiting: int = 0  # samples handed over and not yet running
     oom_shrinks: int = 0
     isolated_failures: int = 0  # steps that failed as a whole and were re-run per call
@@ -223,19 +234,27 @@ class StepLoop:
         caps = [c for c in (self.max_tokens, self._oom_cap) if c is not None]
         return min(caps) if caps else None
 
+    def _urgent(self) -> int | None:
+        """The most urgent priority running or waiting (lowest value): only its samples step and join. Under
+        ``_cond``."""
+        return min((s.priority for s in (*self._running, *self._waiting)), default=None)
+
     def _admit(self) -> int:
-        """Move waiting samples into the running set (see the module's docstring); returns how many joined."""
+        """Move waiting samples of the most urgent priority into the running set (see the module's docstring);
+        returns how many joined. The limits count the samples that will step with them, not parked ones."""
         if not self._waiting:
             return 0
+        urgent = self._urgent()
         joined = 0
         budget = self._budget()
-        tokens = sum(s.tokens for s in self._running)
-        adapters = set().union(*(s.adapters() for s in self._running))
-        started = [s for s in self._running if s.step > s.start]  # those that already ran a step
-        while self._waiting:
-            s = self._waiting[0]
-            if self._running:
-                if self.max_samples is not None and len(self._running) >= self.max_samples:
+        stepping = [s for s in self._running if s.priority == urgent]
+        tokens = sum(s.tokens for s in stepping)
+        adapters = set().union(*(s.adapters() for s in stepping))
+        started = [s for s in stepping if s.step > s.start]  # those that already ran a step
+        admitted = []
+        for s in [s for s in self._waiting if s.priority == urgent]:  # first come first served within it
+            if stepping:
+                if self.max_samples is not None and len(stepping) >= self.max_samples:
                     break
                 if budget is not None and tokens + s.tokens > budget:
                     break
@@ -243,11 +262,14 @@ class StepLoop:
                     break
                 if started and not self._pays(s, tokens, started):
                     break
-            self._waiting.popleft()
+            admitted.append(s)
+            stepping.append(s)
             self._running.append(s)
             tokens += s.tokens
             adapters |= s.adapters()
             joined += 1
+        if admitted:
+            self._waiting = deque(s for s in self._waiting if s not in admitted)
         return joined
 
     def _pays(self, s: RunningSample, tokens: int, started: list[RunningSample]) -> bool:
@@ -301,7 +323,9 @@ class StepLoop:
                 self._drop_cancelled()
                 self._retire()
             joined = self._admit()
-            running = list(self._running)
+            urgent = self._urgent()
+            running = [s for s in self._running if s.priority == urgent]  # the rest are parked: they skip it
+            parked = len(self._running) - len(running)
             self.stats.waiting = len(self._waiting)
         if not running:
             return
@@ -313,6 +337,7 @@ class StepLoop:
         self.stats.joins += joined
         self.stats.last_joined = joined
         self.stats.running = len(running)
+        self.stats.parked = parked
         self.stats.steps += 1  # (before the step: its hooks' progress events carry its own count)
         self._run_step(running)
 
@@ -504,7 +529,7 @@ def prepare(engine, samples: Sequence, num_steps: int, on_step=None, run=run_her
                                   next(negatives) if s.guidance_scale > 0 else None, s.guidance_scale,
                                   num_steps if cond is None else cond.num_inference_steps,
                                   start=0 if cond is None else cond.start, loras=s.loras, control=ctl,
-                                  control_scale=s.control_scale)
+                                  control_scale=s.control_scale, priority=getattr(s, "priority", 0))
         if cond is not None:  # img2img / inpainting: from the noised image, its own start, the blend per step
             rs.latents = cond.noised(rs.schedule.sigmas[cond.start], rs.schedule.keep[cond.start])
             if cond.mask is not None:

@@ -14,7 +14,9 @@ asyncio, no Ray: the router passes ``now`` and the free replicas in and gets dec
   taken in priority order, and a replica that could serve interactive work not ready yet is held for it. While
   interactive traffic is about, batch-job work leaves ``reserve`` replicas idle, runs in calls of at most
   ``background_max_batch`` images, and goes to no busy replica (``interactive_recent``), so an interactive request
-  never waits behind a batch job's work, which cannot be preempted. A batch job fills only what that leaves."""
+  never waits behind a batch job's work at a replica. There, denoising steps are by priority (a job's samples are
+  parked while interactive ones run: ``actors/steploop.py``), but a call's encode and decode are first come first
+  served. A batch job fills only what that leaves."""
 
 from __future__ import annotations
 

@@ -777,3 +777,104 @@ def test_pace_counts_step_times_by_running_set_size_and_skips_idle_gaps():
     assert pace.by_size[1][:2] == [2, pytest.approx(0.2)] and pace.by_size[2][:2] == [1, pytest.approx(0.2)]
     assert pace.joined == 5 and pace.waiting_max == 3
     assert pace.summary().startswith("1 running (100 tokens): 2 steps of 0.100s")
+
+
+# ---- priority: less urgent samples are parked while more urgent ones run --------------------------------------------
+def test_an_interactive_sample_runs_its_solo_steps_while_a_job_set_is_parked():
+    """A batch-job set fills the loop's sample cap and token budget; an interactive sample submitted after a few of
+    its steps joins at the next loop step regardless, finishes in its solo number of loop steps (the job's samples
+    skip them), and the job's samples then resume and run exactly their own steps."""
+    from zimage_common.messages import BATCH_JOB
+
+    c = CountingLoop(max_tokens=8, max_samples=4)
+    job = c.group("job", 2, 10, n=4)
+    for s in job.samples:
+        s.priority = BATCH_JOB
+    c.loop.submit(job, start=False)
+    for _ in range(3):
+        c.loop._guarded(wait=False)
+    live = c.group("live", 6, 4)
+    c.loop.submit(live, start=False)
+    before = len(c.steps)
+    while not live.finished:  # (its call is answered at the next iteration's start)
+        c.loop._guarded(wait=False)
+    assert c.steps[before:] == [["live"]] * 4  # its solo 4 loop steps, the job parked throughout
+    assert c.loop.stats.parked == 4 and all(s.step == 3 for s in job.samples)
+    while not job.done.is_set():
+        c.loop._guarded(wait=False)
+    assert job.error is None and live.error is None
+    assert len(c.steps) == 3 + 4 + 7 and all(len(names) == 4 for names in c.steps[before + 4:])
+
+
+def test_less_urgent_waiting_samples_stay_queued_while_an_urgent_one_runs():
+    """A job sample that arrives while an interactive one runs waits (it is not admitted only to be parked) and
+    joins when the interactive one is done; an interactive sample queued behind job work goes first."""
+    from zimage_common.messages import BATCH_JOB
+
+    c = CountingLoop()
+    first_job = c.group("j0", 1, 3)
+    first_job.samples[0].priority = BATCH_JOB
+    live = c.group("live", 1, 2)
+    later_job = c.group("j1", 1, 2)
+    later_job.samples[0].priority = BATCH_JOB
+    with c.loop._cond:  # all waiting before the first step, the job work first
+        c.loop.submit(first_job, start=False)
+        c.loop.submit(live, start=False)
+        c.loop.submit(later_job, start=False)
+    for g in (first_job, live, later_job):
+        while not g.done.is_set():
+            c.loop._guarded(wait=False)
+    assert c.steps == [["live"], ["live"], ["j0", "j1"], ["j0", "j1"], ["j0"]]
+
+
+def test_a_parked_job_sample_and_the_interactive_one_equal_their_solo_runs_exactly(worker):
+    """On the tiny model: a batch-job sample parked for the steps of an interactive one ends bit-identical to its
+    uninterrupted solo run, and so does the interactive one."""
+    from actors.engine import Sample
+    from actors.steploop import StepLoop, prepare
+    from zimage_common.messages import BATCH_JOB
+
+    eng = worker.engine
+    job_sample = Sample("a detailed catalogue photo", 11, 48, 32, 1.5, "blurry", name="job", tokens=1,
+                        priority=BATCH_JOB)
+    live_sample = Sample("a quick sketch of a cat", 12, 32, 32, name="live", tokens=1)
+
+    def solo(sample, steps):
+        group, _ = prepare(eng, [sample], steps)
+        StepLoop(eng).run_alone(group)
+        return group.samples[0].latents
+
+    loop = StepLoop(eng, max_tokens=1, max_samples=1)  # the job fills the budget: the interactive one joins anyway
+    job, _ = prepare(eng, [job_sample], 8)
+    live, _ = prepare(eng, [live_sample], 3)
+    assert job.samples[0].priority == BATCH_JOB and live.samples[0].priority == 0
+    loop.submit(job, start=False)
+    for _ in range(2):
+        loop._guarded(wait=False)
+    loop.submit(live, start=False)
+    while not live.finished:
+        loop._guarded(wait=False)
+        assert job.samples[0].step == 2  # parked
+    while not job.done.is_set():
+        loop._guarded(wait=False)
+    assert loop.stats.steps == 8 + 3 and job.error is None and live.error is None
+    assert torch.equal(job.samples[0].latents, solo(job_sample, 8))
+    assert torch.equal(live.samples[0].latents, solo(live_sample, 3))
+
+
+def test_the_worker_passes_each_request_priority_to_the_loop(worker, slow_steps):
+    """Through ``run_batch``: an interactive request sent while a batch job's request denoises finishes while the
+    job's sample is parked (it moves at most a step or two, the race of the hand-over)."""
+    from dataclasses import replace
+
+    from zimage_common.messages import BATCH_JOB
+
+    job = replace(ImageRequest("jobreq", "a slow detailed landscape", 1, 64, 64, 40, 0.0), priority=BATCH_JOB)
+    live = ImageRequest("livereq", "a quick sketch of a cat", 2, 32, 32, 6, 0.0)
+    run = Streamed(worker, Batch(41, (job,)))
+    run.wait_steps(2)
+    (s,) = [s for s in worker._loop._running if s.name == "jobreq"]
+    at = s.step
+    out = worker.run_batch(Batch(42, (live,)))
+    assert out.results[0].ok and s.priority == BATCH_JOB and s.step - at <= 2 and run.result is None
+    assert run.join().results[0].ok and [e.step for e in run.events] == list(range(1, 41))
