@@ -104,6 +104,7 @@ class Sample:
     name: str = ""
     loras: tuple = ()
     cancelled: bool = False
+    priority: int = 0  # (one priority: nothing is parked)
     ready: float = 0.0  # when its encode is done
     group: object = None  # (no call of its own: the loop's policy applies)
 
