@@ -545,7 +545,16 @@ def fuzz_phase(url: str, n: int) -> dict:
     def fuzz(req):
         send(*req)
 
+    # one valid request of each kind first: the fuzz draws at random, so a run may draw no servable request of a
+    # kind, and every kind must be seen served beside the fuzz
+    data_url = "data:image/png;base64," + base64.b64encode(files[0]).decode()
+    valid = {"prompt": "a red fox in snow", "size": "64x64"}
+    h, body = multipart({k: text(v) for k, v in valid.items()}, [("image", files[0], "a.png")])
     try:
+        send("gen", "/v1/images/generations", json.dumps(valid).encode(), {"content-type": "application/json"})
+        send("edit-multipart", "/v1/images/edits", body, {"content-type": h["content-type"]})
+        send("edit-json", "/v1/images/edits", json.dumps({**valid, "images": [{"image_url": data_url}]}).encode(),
+             {"content-type": "application/json"})
         fuzz()
     finally:
         http.close()
