@@ -10,9 +10,11 @@ packed call is rebuilt only when its membership changes, from pieces each sample
 
 Admission is first come first served within the token budget, sample count and LoRA residency (``max_adapters``,
 the slots the memory plan counts); the head of the queue always joins an empty set, and whatever waits with it
-starts with it. A set that has already run steps takes the head only where its call's ``config.JoinPolicy`` says
-joining pays: a join slows every running sample's steps, and at sizes that saturate the GPU joining everything is
-processor sharing, worse in mean latency than sets one after another. ``never`` (``router.scheduling = "batch"``)
+starts with it. A set that has already run steps takes the head only where joining pays: a join slows every running
+sample's steps, and at sizes that saturate the GPU joining everything is processor sharing, worse in mean latency
+than sets one after another. The loop times its steps (``step_cost.py``) and, where it knows what the sets involved
+cost, lets the head join exactly where that lowers the summed completion times; elsewhere its call's
+``config.JoinPolicy`` rules decide. ``never`` (``router.scheduling = "batch"``)
 never joins.
 
 Priority (``ImageRequest.priority``, which each sample carries): while a sample of a more urgent priority is running
@@ -48,6 +50,7 @@ from zimage_common.messages import StageTimes
 from .devices import free_cache, is_oom
 from .engine import Schedule, has_images
 from .stages import run_here
+from .step_cost import StepTimer, step_costs, work
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,14 @@ class RunningSample:
     @property
     def done(self) -> bool:
         return self.step >= self.num_steps
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """Its passes' lengths in the packed call: image tokens (2x2 latent patches) and its caption's; its negative
+        pass's too with guidance."""
+        image = (self.latents.shape[-2] // 2) * (self.latents.shape[-1] // 2)
+        return (image + self.positive.shape[0],) + ((image + self.negative.shape[0],)
+                                                     if self.negative is not None and self.guidance > 0 else ())
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -197,6 +208,11 @@ class StepLoop:
         self._oom_cap: int | None = None
         self._clean_steps = 0
         self._pace = _Pace(name)  # step times by running-set size, logged every PACE_LOG_S
+        # step times by work, which decide joins where they are known (``step_cost.py``); kept on the engine, so
+        # the warm-up's loops measure for the serving loop
+        self.costs = step_costs(engine)
+        self._timer = StepTimer(self.costs, getattr(engine, "devices", {}).get("transformer")) \
+            if self.costs is not None else None
 
     # ---- the callers' side ---------------------------------------------------------------------------------
     def submit(self, group: Group, start: bool = True) -> Group:
@@ -260,7 +276,7 @@ class StepLoop:
                     break
                 if self.max_adapters is not None and len(adapters | s.adapters()) > self.max_adapters:
                     break
-                if started and not self._pays(s, tokens, started):
+                if started and not self._pays(s, tokens, started, stepping):
                     break
             admitted.append(s)
             stepping.append(s)
@@ -272,11 +288,18 @@ class StepLoop:
             self._waiting = deque(s for s in self._waiting if s not in admitted)
         return joined
 
-    def _pays(self, s: RunningSample, tokens: int, started: list[RunningSample]) -> bool:
-        """Whether ``s`` joins a running set (``tokens`` in all) whose ``started`` samples already ran steps."""
+    def _pays(self, s: RunningSample, tokens: int, started: list[RunningSample],
+              stepping: list[RunningSample]) -> bool:
+        """Whether ``s`` joins the ``stepping`` samples (``tokens`` in all), of which ``started`` already ran steps:
+        by the loop's measured step costs where it knows them (``step_cost.py``), else by the call's ``JoinPolicy``."""
         p = s.group.join if s.group is not None and s.group.join is not None else self.policy
         if p.never:
             return False
+        if self.costs is not None:
+            measured = self.costs.pays([(r.lengths, r.num_steps - r.step) for r in stepping],
+                                       (s.lengths, s.num_steps - s.step))
+            if measured is not None:
+                return measured
         if tokens + s.tokens <= p.free_tokens:
             return True
         if all(r.step - r.start <= p.window for r in started):
@@ -433,10 +456,21 @@ class StepLoop:
     def _step(self, running: list[RunningSample]) -> None:
         """One step of every running sample: ``ZImageEngine.step`` on the set's packed call."""
         key = tuple(running)  # the samples themselves (compared by identity): an id() could be a finished one's
-        if key != self._layout_key:
+        fresh = key != self._layout_key
+        if fresh:
             self._packed = self.engine.pack(running)
             self._layout_key = key
-        self.engine.step(running, self._packed)
+        if self._timer is None or fresh:  # a new set's first step may compile or plan: its time is not the set's
+            self.engine.step(running, self._packed)
+            return
+        self._timer.poll()
+        self._timer.start(work([n for s in running for n in s.lengths], self.costs.attn_tokens))
+        try:
+            self.engine.step(running, self._packed)
+        except BaseException:
+            self._timer.abandon()
+            raise
+        self._timer.stop()
 
 
 PACE_LOG_S = 30.0  # how often the loop logs its pace

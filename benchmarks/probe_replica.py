@@ -29,7 +29,9 @@ def start_replica(args: argparse.Namespace):
 
     cfg: Config = load_config(args.config, (TINY if args.tiny else []) + list(args.set))
     w, h = cfg.defaults.width, cfg.defaults.height
-    worker = PipelineWorker("probe", cfg.model, warmup=WarmupSpec(((w, h),), min(2, cfg.defaults.num_inference_steps)),
+    worker = PipelineWorker("probe", cfg.model, warmup=WarmupSpec(((w, h),), min(2, cfg.defaults.num_inference_steps),
+                                                   cfg.limits.max_pixels, cfg.router.max_batch_tokens,
+                                                   cfg.router.max_batch_size),
                             torch_threads=cfg.deployment.torch_threads, max_batch_tokens=cfg.router.max_batch_tokens,
                             max_batch_size=cfg.router.max_batch_size)
     t0 = time.perf_counter()

@@ -346,7 +346,11 @@ class JoinPolicy:
       remaining work (a short request does not wait behind a long one; the long ones slow down briefly).
 
     Otherwise it waits for room: when the running set empties, everything waiting starts together, within the
-    limits. ``never``: a running set takes no newcomer until it ends (``router.scheduling = "batch"``)."""
+    limits. ``never``: a running set takes no newcomer until it ends (``router.scheduling = "batch"``).
+
+    These rules decide only where the replica has not measured the step costs involved: a replica times its own
+    steps and, where it knows what the sets in question cost, joins exactly where that lowers the summed completion
+    times of the running samples and the newcomer (``actors/step_cost.py``); ``never`` holds either way."""
 
     free_tokens: int = 4096
     window: int = 1
@@ -383,7 +387,8 @@ class RouterConfig(_Strict):
         default="step", description="How requests join a replica's denoising loop (every replica runs one, "
         "actors/steploop.py; requests join it at its next step, whatever their step count, size and guidance, within "
         "max_batch_tokens and max_batch_size, and leave it when done; hang detection counts from each step). step: a "
-        "waiting request joins a running set where the step_* rules below say joining pays. batch: a running set "
+        "waiting request joins a running set where joining pays: by the replica's measured step times where it has them, "
+        "else by the step_* rules below. batch: a running set "
         "takes no newcomer until it ends (whole batches one after another; the next one waits at the replica, "
         "encoded).")
     step_free_tokens: int = Field(
