@@ -137,6 +137,7 @@ class Router:
         self._limits: list[ReplicaCapacity] = []  # the members' distinct plan limits (admission checks them)
         self._roster_changed = True  # a replica came or went: read the roster again, forget those gone for good
         self._roster_at = float("-inf")
+        self._rooms_stale = False  # every live replica's room to be computed again (the policy changed)
         self._free = FreeReplicas()  # the live replicas with room
         self._running: dict[str, Pending] = {}  # request_id -> pending, dispatched and not yet answered
         self._running_deadlines: list[tuple[float, int, Pending]] = []  # lazy: an entry of a request not running
@@ -177,7 +178,7 @@ class Router:
         except ValidationError:
             raise ValueError(f"router.scheduling must be 'step' or 'batch', got {value!r}") from None
         self._policy = Dispatch(self.config, self.scheduler)
-        self._roster_changed = True  # (every room again, by the new policy)
+        self._roster_changed = self._rooms_stale = True  # (every room again, by the new policy)
 
     def load(self, replica_id: str) -> ReplicaLoad:
         """The router's books on a replica (made on first sight)."""
@@ -427,6 +428,9 @@ class Router:
             beat = asyncio.ensure_future(stepped.wait())
             try:
                 await asyncio.wait({run, alarm, beat}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                run.cancel()  # (the router stops: the call's await goes with it)
+                raise
             finally:
                 alarm.cancel()
                 beat.cancel()
@@ -516,13 +520,16 @@ class Router:
         if not self._roster_changed and now - self._roster_at < ROSTER_REFRESH_S:
             return
         self._roster_changed, self._roster_at = False, now
+        rooms_stale, self._rooms_stale = self._rooms_stale, False
         live = {r.replica_id: r for r in self.pool.live()}
         gone = [rid for rid in self._live if rid not in live]
-        self._live = live
+        before, self._live = self._live, live
         for rid in gone:
             self._free.drop(rid)
             self._queues.forget(rid)
         for rid, replica in live.items():
+            if before.get(rid) is replica and not rooms_stale:
+                continue  # (its room follows its books already)
             self._update_room(rid)
             if self.shared and self._queues.last(rid) is None:  # a replica new to it: ask its queue at once
                 if getattr(replica, "queue_len", None) is None:

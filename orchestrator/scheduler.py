@@ -171,13 +171,13 @@ class BatchScheduler:
     def _ordered_groups(self) -> list[tuple[tuple[BatchKey, int], deque[Pending]]]:
         return sorted(self._groups.items(), key=lambda kv: (kv[0][1], kv[1][0].enqueued_at))
 
-    def _fitting(self, key, group: deque[Pending], replica: ReplicaCapacity) -> tuple[list[Pending], int]:
-        """The first ``FILL_LOOKAHEAD`` requests of ``group`` that ``replica`` admits, and how many of the group it
-        admits (all of them when it is within the group's bounds; else those found)."""
+    def _fitting(self, key, group: deque[Pending], replica: ReplicaCapacity) -> tuple[Sequence[Pending], int]:
+        """The requests of ``group`` that ``replica`` admits, in order, and how many: the group itself when the
+        replica is within the group's bounds (nothing to ask of each); else those found among its first ones."""
         pixels, tokens, named = self._bounds[key]
         if pixels <= replica.max_pixels and tokens <= replica.max_batch_tokens \
                 and not (named and replica.adapters is not None and self.max_adapters is not None):
-            return list(itertools.islice(group, FILL_LOOKAHEAD)), len(group)
+            return group, len(group)
         fitting = []
         for p in itertools.islice(group, 4 * FILL_LOOKAHEAD):
             if self.admits(replica, p.request):
@@ -186,17 +186,17 @@ class BatchScheduler:
                     break
         return fitting, len(fitting)
 
-    def _fill(self, fitting: list[Pending], replica: ReplicaCapacity, limit: int) -> list[Pending]:
-        """The requests of ``fitting`` (a group's requests ``replica`` admits) a batch for it takes: in arrival
-        order, within its token budget, ``limit`` images and ``max_adapters`` distinct LoRA adapters, and within any
-        request's own cap after an out-of-memory split."""
+    def _fill(self, fitting: Sequence[Pending], replica: ReplicaCapacity, limit: int) -> list[Pending]:
+        """The requests of ``fitting`` (a group's requests ``replica`` admits) a batch for it takes: from the first
+        ``FILL_LOOKAHEAD`` in arrival order, within its token budget, ``limit`` images and ``max_adapters`` distinct
+        LoRA adapters, and within any request's own cap after an out-of-memory split."""
         taken: list[Pending] = []
         tokens = 0
         adapters: frozenset[str] | set[str] = replica.adapters or frozenset()
         if replica.max_images is not None:
             limit = min(limit, replica.max_images)
         cap = limit  # the smallest cap of the requests taken
-        for p in fitting:
+        for p in itertools.islice(fitting, FILL_LOOKAHEAD):
             if len(taken) >= limit:
                 break
             names = adapters | p.request.adapter_names if p.request.loras else adapters
@@ -254,7 +254,7 @@ class BatchScheduler:
                     limit = min(limit, background_max_batch)
                 full = self._fill(fitting, replica, limit)
                 waited = now - fitting[0].enqueued_at >= self.max_wait_s
-                if len(full) < len(fitting) or len(full) >= limit or waited:
+                if len(full) < count or len(full) >= limit or waited:
                     # waiting work is shared among this replica and the free ones after it that admit its head
                     head = fitting[0].request
                     sharing = 1 + p.count(lambda r, h=head: self.admits(r, h), count - 1) if count > 1 else 1
@@ -314,8 +314,8 @@ class BatchScheduler:
                     if reserve_until is not None:  # (until then, the replica's next return wakes the router)
                         times.append(reserve_until)
                     continue
-                fitting, _ = self._fitting(key, g, r)
-                if fitting:
+                fitting, count = self._fitting(key, g, r)
+                if count:
                     ready = fitting[0].enqueued_at + self.max_wait_s
                     if key[1] > INTERACTIVE:
                         if interactive:
