@@ -20,7 +20,7 @@ tokens any replica held (never over its budget: two sets).
 When real time would need more arrivals a second than one process can make, ``--speedup k`` divides service times
 by k and multiplies the arrival rate by k (reported).
 
-    python benchmarks/routing_scale.py --replicas 8,32,128,512,1024 --out $OUT      # about 4 minutes
+    python benchmarks/routing_scale.py --replicas 8,32,128,512,1024 --out $OUT      # about 4.5 minutes
     python benchmarks/routing_scale.py --replicas 8,64 --duration 5 --warmup 2
 """
 
@@ -302,8 +302,8 @@ def _commit() -> str | None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--replicas", default="8,32,128,512,1024", help="pool sizes, comma-separated")
-    ap.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per pool size")
-    ap.add_argument("--warmup", type=float, default=10.0, help="seconds before the measured window")
+    ap.add_argument("--duration", type=float, default=50.0, help="seconds of arrivals per pool size")
+    ap.add_argument("--warmup", type=float, default=20.0, help="seconds before the measured window (the pool fills)")
     ap.add_argument("--load", type=float, default=1.2, help="offered load over the pool's capacity")
     ap.add_argument("--lone-s", type=float, default=0.67, help="seconds of one 1024x1024 image alone")
     ap.add_argument("--speedup", type=float, default=1.0, help="service times / k, arrival rate x k")
