@@ -141,6 +141,10 @@ class SimReplica:
                     self.waiting.remove(call)
                     call[0].set_result(self.clock.now() - started)
 
+    async def queue_len(self) -> int:
+        """What a pooled replica reports (``--shared``): the images it holds."""
+        return self.images
+
     def stop(self) -> None:
         if self.device is not None:
             self.device.cancel()
@@ -308,6 +312,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lone-s", type=float, default=0.67, help="seconds of one 1024x1024 image alone")
     ap.add_argument("--speedup", type=float, default=1.0, help="service times / k, arrival rate x k")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--shared", action="store_true", help="the router as one of a pool's front doors: power of two "
+                    "choices over the replicas' reported queues (the only router here, so the same work)")
     ap.add_argument("--out", default=None, help="folder for routing_scale.json")
     args = ap.parse_args(argv)
     service = ServiceTime(args.lone_s, args.speedup)
@@ -318,7 +324,8 @@ def main(argv=None) -> None:
             "examined/req", "p50 s", "p95 s", "peak tokens")
     print(" | ".join(head), flush=True)
     for n in [int(x) for x in args.replicas.split(",")]:
-        row = asyncio.run(run_pool(n, args.duration, args.warmup, args.load, service, seed=args.seed))
+        row = asyncio.run(run_pool(n, args.duration, args.warmup, args.load, service, seed=args.seed,
+                                   router_kw={"shared": True} if args.shared else None))
         rows.append(row)
         print(f"{n} | {row['offered_per_s']:.1f} | {row['capacity_per_s']:.1f} | {row['delivered_per_s']:.1f} | "
               f"{row['delivered_over_capacity']:.3f} | {row['router_us_per_request']:.1f} | "
@@ -331,7 +338,7 @@ def main(argv=None) -> None:
         "machine": platform.platform(), "python": platform.python_version(),
         "service": {"lone_s": service(1), f"set_of_{service.set_size}_s": service(service.set_size),
                     "speedup": args.speedup},
-        "load": args.load, "duration_s": args.duration, "warmup_s": args.warmup, "rows": rows,
+        "load": args.load, "duration_s": args.duration, "warmup_s": args.warmup, "shared": args.shared, "rows": rows,
     }
     if args.out:
         out = Path(args.out)

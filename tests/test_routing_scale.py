@@ -1,7 +1,8 @@
 """benchmarks/routing_scale.py at toy size on a manual clock: one real router over 8 and over 64 simulated GPUs at
-1.2x their capacity. Every request is served or refused (none fails), no replica ever holds more than its budget,
-the pool delivers its capacity, and the per-replica work per request does not grow with the pool: rooms computed,
-capacity checks, replicas read from the pool, and the scheduler's own count of replicas looked at."""
+1.2x their capacity, with replicas of its own and as a pool's front door (power of two choices, probing queues).
+Every request is served or refused (none fails), no replica ever holds more than its budget, the pool delivers its
+capacity, and the per-replica work per request does not grow with the pool: rooms computed, capacity checks,
+replicas read from the pool, and the scheduler's own count of replicas looked at."""
 
 import asyncio
 import importlib.util
@@ -28,10 +29,11 @@ def routing_scale():
     return module
 
 
-async def simulate(rs, n: int, calls: Counter) -> dict:
+async def simulate(rs, n: int, calls: Counter, shared: bool = False) -> dict:
     clock = ManualClock()
     calls.clear()
-    run = asyncio.ensure_future(rs.run_pool(n, duration=45.0, warmup=15.0, clock=clock, seed=3))
+    run = asyncio.ensure_future(rs.run_pool(n, duration=45.0, warmup=15.0, clock=clock, seed=3,
+                                            router_kw={"shared": shared}))
     while not run.done():
         await clock.advance(0.02)
     row = run.result()
@@ -47,12 +49,14 @@ def counted(calls: Counter, name: str, fn):
     return wrapped
 
 
-async def test_routing_work_per_request_does_not_grow_with_the_pool_and_load_levels_off_at_capacity(monkeypatch):
+@pytest.mark.parametrize("shared", [False, True], ids=["own-replicas", "pool-power-of-two"])
+async def test_routing_work_per_request_does_not_grow_with_the_pool_and_load_levels_off_at_capacity(monkeypatch,
+                                                                                                  shared):
     rs = routing_scale()
     calls = Counter()
     monkeypatch.setattr(ReplicaCapacity, "fits", counted(calls, "fits", ReplicaCapacity.fits))
     monkeypatch.setattr(Dispatch, "room", counted(calls, "room", Dispatch.room))
-    rows = {n: await simulate(rs, n, calls) for n in (8, 64)}
+    rows = {n: await simulate(rs, n, calls, shared) for n in (8, 64)}
     for row in rows.values():
         assert row["failed"] == 0 and row["served"] > 0, row
         assert row["arrivals"] >= row["served"] + row["rejected"], row
