@@ -23,15 +23,29 @@ from .storage import StorageError
 log = logging.getLogger("orchestrator.server")
 
 
+async def _disconnect(request: Request) -> None:
+    """Returns when the client goes away. The body has been read, so the server's next message is the disconnect:
+    waiting for it costs nothing until it comes (no polling per waiting request)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def answer_json(request: Request, call: ImageCall, waiters: list[Awaitable[ImageResult]]) -> Response:
     work = asyncio.ensure_future(asyncio.gather(*waiters, return_exceptions=True))
     # A client that goes away has its queued requests cancelled rather than computed.
-    while not work.done():
-        done, _ = await asyncio.wait({work}, timeout=0.25)
-        if not done and await request.is_disconnected():
-            work.cancel()
-            log.info("client disconnected; cancelled %d request(s)", len(call.requests))
-            return Response(status_code=499)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if gone.done() and gone.exception() is not None:  # the connection cannot tell: wait for the work alone
+            log.debug("disconnect watch ended: %r", gone.exception())
+            await asyncio.wait({work})
+    finally:
+        if not gone.done():
+            gone.cancel()
+    if not work.done():
+        work.cancel()
+        log.info("client disconnected; cancelled %d request(s)", len(call.requests))
+        return Response(status_code=499)
     outcomes = work.result()
     for o in outcomes:
         if isinstance(o, ZImageError):

@@ -171,7 +171,8 @@ class Deployment(LoraAdmin):
         self.router = Router(self.replica_set, cfg.router, clock=self.clock, observer=self.observer,
                              max_batch_adapters=cfg.model.lora_slots or None,
                              interactive_reserve=(cfg.batches.reserve_replicas, cfg.batches.reserve_s,
-                                                  cfg.batches.reserve_batch_size))
+                                                  cfg.batches.reserve_batch_size),
+                             shared=cfg.frontdoor.pool is not None)  # other front doors send to them too
         self.router.start()
         self.replica_set.start_health_checks()
         self.ready = True

@@ -15,10 +15,10 @@ for every request would cost a round trip per replica, so, as Ray Serve does:
 The work per request is constant whatever the number of replicas. Pure functions and a small cache with an
 injected clock: nothing here calls Ray.
 
-Where it plugs in: the router orders its free replicas least-outstanding first by its own books
-(``scheduler.BatchScheduler.schedule``); with a pool of several front doors, that order is to come from ``choose``
-over ``QueueLengths`` (the router's replica pool probes ``queue_len`` of the replicas ``stale`` names). The router's
-routing rework (after the one-execution-path change) takes it from here.
+Where it plugs in: with a pool of several front doors (``Router(shared=True)``), the router hands its free replicas
+to the scheduler by ``free_replicas.PowerOfTwo`` over ``QueueLengths`` (it probes ``queue_len`` through the replica
+handle for the replicas whose report is stale, in the background); with replicas of its own it keeps ordering them
+least-outstanding first by its own books, which see all their work.
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ class QueueLengths:
         if r is None or self._clock() - r.at > self.ttl_s:
             return None
         return r.length + r.sent_since
+
+    def last(self, replica_id: str) -> int | None:
+        """The length as last reported plus what was sent since, however old; None when it never reported."""
+        r = self._reports.get(replica_id)
+        return None if r is None else r.length + r.sent_since
 
     def stale(self, replica_ids: Sequence[str]) -> list[str]:
         """The replicas to ask for their queue length before choosing among them."""

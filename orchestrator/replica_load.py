@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 from zimage_common.messages import Batch
 
@@ -32,9 +31,6 @@ class ReplicaLoad:
     loop_step: int = 0  # the latest step of its loop seen (metrics count each step once)
     rate: float | None = None  # seconds per unit of ``batch_work`` (moving average; None until one is timed)
     leaving: bool = False  # left the deployment for good: dropped once nothing is outstanding
-    # capacities derived from the books, by whoever asks (the dispatch policy), each with the inputs it was made
-    # from; any change to the books clears them, so a loop pass reuses them instead of rebuilding one per replica
-    cached: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
     @property
     def outstanding(self) -> int:
@@ -49,7 +45,6 @@ class ReplicaLoad:
         if count_adapters:  # (read only where the adapters are limited)
             self.adapters.update(batch_adapters(batch))
         self.last_used = batch.batch_id
-        self.cached.clear()
 
     def returned(self, batch: Batch) -> None:
         if self.batches.pop(batch.batch_id, None) is not None:
@@ -57,7 +52,6 @@ class ReplicaLoad:
             self.images = max(0, self.images - len(batch))
             if self.adapters:
                 self.adapters -= batch_adapters(batch)  # (drops the adapters no request names now)
-        self.cached.clear()
 
     def stepped(self, loop_step: int) -> bool:
         """True the first time this replica's loop reports ``loop_step``."""
@@ -71,7 +65,6 @@ class ReplicaLoad:
         """A batch finished here in ``seconds``."""
         rate = seconds / max(1.0, batch_work(batch))
         self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
-        self.cached.clear()
 
     def hang_limit(self, batch: Batch, factor: float, floor: float, first: float) -> float:
         """How long the batch may run here (between two of its steps) before it counts as hung: ``factor`` times its

@@ -5,13 +5,24 @@ dispatch them, wait for something to change. The clock and the replica pool are 
 with fakes and a manual clock. The batching decision itself lives in ``scheduler.py``; what the router knows of each
 replica (its outstanding work, its speed) in ``replica_load.py``; how much work a replica's step loop may hold, and
 the join policy each call carries, in ``dispatch_policy.py``.
+
+Which free replica is offered work first: with replicas of its own, the least outstanding by the router's books
+(they see all the replicas' work); with replicas shared by several front doors (``shared``, ``frontdoor.pool``),
+power of two choices over the queue lengths the replicas report (``pow2.py``), a stale report asked for again in
+the background (``queue_len`` through the replica handle, within ``PROBE_TIMEOUT_S``), never awaited by the loop.
+
+What a request costs the router does not grow with the number of replicas: the free ones are kept as they change
+(``free_replicas.py``), the roster is read again only when it changes (``wake``) or every ``ROSTER_REFRESH_S``, and
+deadlines sit in heaps (``benchmarks/routing_scale.py`` measures it from 8 to 1,024 replicas).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -25,12 +36,23 @@ from zimage_common.logging_setup import batch_log_context
 from zimage_common.messages import INTERACTIVE, Batch, BatchResult, FailureKind, ImageRequest, ImageResult, StepProgress
 
 from .dispatch_policy import STEP_QUEUE_DEPTH, Dispatch
+from .free_replicas import LEAST_LOADED, FreeReplicas, PowerOfTwo
+from .pow2 import QueueLengths
 from .replica_load import ReplicaLoad
 from .scheduler import BatchScheduler, Pending, ReplicaCapacity
 
 __all__ = ["STEP_QUEUE_DEPTH", "Clock", "MonotonicClock", "Replica", "ReplicaPool", "Router", "RouterObserver"]
 
 log = logging.getLogger(__name__)
+
+ROSTER_REFRESH_S = 1.0  # the pool's live replicas are read again at least this often (and whenever ``wake`` says)
+# Shared replicas (several front doors): a replica's reported queue length is trusted this long (what this router sent
+# it since counts on top); a probe not answered within PROBE_TIMEOUT_S leaves the replica unknown, asked again after
+# REPORT_TTL_S; a replica whose queue holds QUEUE_SETS_MAX x max_batch_size samples (its loop's room and a set more
+# waiting at its gate) is passed over.
+REPORT_TTL_S = 1.0
+PROBE_TIMEOUT_S = 0.5
+QUEUE_SETS_MAX = STEP_QUEUE_DEPTH + 1
 
 
 # ---- what the router needs from the outside world ----------------------------------------------------------
@@ -59,6 +81,9 @@ class Replica(Protocol):
 
     async def run(self, batch: Batch, on_progress: Callable[[StepProgress], None] | None = None) -> BatchResult:
         ...
+
+    # Shared replicas also answer ``async queue_len() -> int`` (samples waiting at their gate and inside, from every
+    # front door); a handle without it is compared by the router's own books.
 
 
 class ReplicaPool(Protocol):
@@ -99,7 +124,8 @@ class RouterObserver:
 class Router:
     def __init__(self, pool: ReplicaPool, config: RouterConfig, clock: Clock | None = None,
                  observer: RouterObserver | None = None, max_batch_adapters: int | None = None,
-                 interactive_reserve: tuple[int, float, int | None] = (0, 0.0, None)):
+                 interactive_reserve: tuple[int, float, int | None] = (0, 0.0, None), shared: bool = False,
+                 rng: random.Random | None = None):
         self.pool = pool
         self.config = config
         self.clock = clock or MonotonicClock()
@@ -107,8 +133,15 @@ class Router:
         self.scheduler = BatchScheduler(config.max_batch_size, config.max_wait_ms / 1000.0, config.queue_limit,
                                         max_batch_adapters)
         self._loads: dict[str, ReplicaLoad] = {}  # replica_id -> its books (replica_load.py)
-        self._roster_changed = False  # a replica came or went: forget those gone for good
+        self._live: dict[str, Replica] = {}  # the pool's live replicas, as last read
+        self._limits: list[ReplicaCapacity] = []  # the members' distinct plan limits (admission checks them)
+        self._roster_changed = True  # a replica came or went: read the roster again, forget those gone for good
+        self._roster_at = float("-inf")
+        self._rooms_stale = False  # every live replica's room to be computed again (the policy changed)
+        self._free = FreeReplicas()  # the live replicas with room
         self._running: dict[str, Pending] = {}  # request_id -> pending, dispatched and not yet answered
+        self._running_deadlines: list[tuple[float, int, Pending]] = []  # lazy: an entry of a request not running
+        self._seq = itertools.count()
         self._batch_ids = itertools.count()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -120,6 +153,16 @@ class Router:
         # of at most `batch` images (None: max_batch_size) (scheduler.py, Priority)
         self.interactive_reserve = interactive_reserve
         self._last_interactive = float("-inf")
+        # replicas shared with other front doors: power of two choices over their reported queue lengths
+        self.shared = shared
+        self.max_queue = QUEUE_SETS_MAX * config.max_batch_size
+        self._queues = QueueLengths(REPORT_TTL_S, clock=self.clock.now)
+        self._probes: dict[str, asyncio.Task] = {}
+        self._unanswered: dict[str, float] = {}  # replica -> when its last probe went unanswered
+        self._no_report: set[str] = set()  # handles that cannot report a queue length
+        self._stale: set[str] = set()  # replicas compared on a stale report in the last pass: to ask again
+        self._pick = PowerOfTwo(self._queue_rank, self._queue_full, rng or random.Random()) if shared \
+            else LEAST_LOADED
 
     @property
     def scheduling(self) -> str:
@@ -135,6 +178,7 @@ class Router:
         except ValidationError:
             raise ValueError(f"router.scheduling must be 'step' or 'batch', got {value!r}") from None
         self._policy = Dispatch(self.config, self.scheduler)
+        self._roster_changed = self._rooms_stale = True  # (every room again, by the new policy)
 
     def load(self, replica_id: str) -> ReplicaLoad:
         """The router's books on a replica (made on first sight)."""
@@ -185,6 +229,11 @@ class Router:
     def running(self) -> int:
         return len(self._running)
 
+    @property
+    def examined(self) -> int:
+        """Replica kinds and replicas the scheduling passes have looked at so far (the routing work)."""
+        return self.scheduler.examined
+
     # ---- the public entry point ------------------------------------------------------------------------
     async def submit(self, request: ImageRequest, timeout_s: float | None = None,
                      on_progress: Callable[[StepProgress], None] | None = None) -> ImageResult:
@@ -207,7 +256,8 @@ class Router:
             raise NotReadyError("the deployment is shutting down and accepts no new requests")
         # Admission looks at every member, live or recovering: while a replica restarts, requests wait in the
         # queue for it (up to their timeout) rather than being turned away.
-        members = [ReplicaCapacity(r.replica_id, r.max_pixels, r.max_batch_tokens) for r in self.pool.members()]
+        self._read_roster(self.clock.now())
+        members = self._limits
         if not members:
             self.observer.rejected(FailureKind.NOT_READY)
             raise NotReadyError("the deployment has no replicas; retry shortly")
@@ -254,28 +304,36 @@ class Router:
         while True:
             self._wake.clear()
             try:
-                now = self.clock.now()
-                if self._roster_changed:
-                    self._forget_gone()
-                self._expire(now)
-                # until nothing more is ready: a pass gives each free replica at most one call
-                while True:
-                    free = self._free()
-                    if not (decisions := self.scheduler.schedule(now, free, *self._reserve(now))):
-                        break  # nothing dispatched: ``free`` is still who is free
-                    for replica_id, pendings in decisions:
-                        self._dispatch(replica_id, pendings, now)
-                deadline = self._next_deadline(free, now)
+                deadline = self._pass(self.clock.now())
             except Exception:  # noqa: BLE001 - a bug here must not silently stop all serving
                 log.exception("router loop error; continuing")
                 deadline = self.clock.now() + 0.1
             await self._wait_for_change(deadline)
 
+    def _pass(self, now: float) -> float | None:
+        """One pass: dispatch all that is ready now; returns when the next thing is due (None: nothing is)."""
+        self._read_roster(now)
+        self._expire(now)
+        passed_over = getattr(self._pick, "passed_over", 0)
+        # until nothing more is ready: a schedule gives each free replica at most one call
+        while decisions := self.scheduler.schedule(now, self._free, *self._reserve(now), pick=self._pick,
+                                                    exclude=self._policy.blocked()):
+            for replica_id, pendings in decisions:
+                self._dispatch(replica_id, pendings, now)
+        if self._stale:
+            self._ask_queue_lengths(now)
+        deadline = self._next_deadline(now)
+        if getattr(self._pick, "passed_over", 0) > passed_over and len(self.scheduler):
+            # work waits while replicas with room were passed over as full: look again once their reports age
+            deadline = min(deadline, now + REPORT_TTL_S) if deadline is not None else now + REPORT_TTL_S
+        return deadline
+
     def _expire(self, now: float) -> None:
         for p in self.scheduler.expire(now):
             self._finish(p, self._timeout_result(p, now, "while queued"))
-        for p in list(self._running.values()):
-            if p.deadline <= now:
+        while self._running_deadlines and self._running_deadlines[0][0] <= now:
+            _, _, p = heapq.heappop(self._running_deadlines)
+            if self._running.get(p.request.request_id) is p:
                 self._cancel_running(p)
                 self._finish(p, self._timeout_result(p, now, "while running"))
 
@@ -286,8 +344,15 @@ class Router:
             p.attempts += 1
             self._running[p.request.request_id] = p
             p.replica_id = replica_id
+            heapq.heappush(self._running_deadlines, (p.deadline, next(self._seq), p))
+        if len(self._running_deadlines) > 2 * len(self._running) + 64:  # entries of answered requests: drop them
+            self._running_deadlines = [(p.deadline, next(self._seq), p) for p in self._running.values()]
+            heapq.heapify(self._running_deadlines)
         load = self.load(replica_id)
         load.dispatched(batch, count_adapters=self.scheduler.max_adapters is not None)
+        self._update_room(replica_id)
+        if self.shared:
+            self._queues.sent(replica_id, len(batch))
         self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings])
         with batch_log_context(batch):  # the batch task's log lines carry its requests' ids
             log.debug("batch %d: %d images, %d tokens, %s -> %s", batch.batch_id, len(batch), batch.tokens,
@@ -304,7 +369,7 @@ class Router:
             except ReplicaUnavailableError as e:
                 log.warning("replica %s lost during batch %d (%s); re-dispatching %d request(s)",
                             replica.replica_id, batch.batch_id, e, len(pendings))
-                self.pool.report_failure(replica.replica_id, e)
+                self._report_failure(replica.replica_id, e)
                 for p in pendings:
                     self._retry_or_fail(p, f"replica {replica.replica_id} died: {e}", FailureKind.REPLICA_LOST)
                 return
@@ -316,18 +381,23 @@ class Router:
                 return
             self._deliver(batch, pendings, out)
         finally:
-            rid = replica.replica_id
-            load.returned(batch)
-            for p in pendings:
-                if p.replica_id == rid:
-                    p.replica_id = None
-            if not load.images:
-                self.observer.loop_idle(rid)
-                load.loop_step = 0  # a restarted replica's loop counts its steps from 0 again
-            if load.leaving and not load.outstanding and self._loads.get(rid) is load:
-                del self._loads[rid]
-            self.observer.batch_done(replica.replica_id, out)
-            self._wake.set()
+            self._returned(replica.replica_id, load, batch, pendings, out)
+
+    def _returned(self, rid: str, load: ReplicaLoad, batch: Batch, pendings: list[Pending],
+                  out: BatchResult | None) -> None:
+        load.returned(batch)
+        for p in pendings:
+            if p.replica_id == rid:
+                p.replica_id = None
+        if not load.images:
+            self.observer.loop_idle(rid)
+            load.loop_step = 0  # a restarted replica's loop counts its steps from 0 again
+        if load.leaving and not load.outstanding and self._loads.get(rid) is load:
+            del self._loads[rid]
+        if self._loads.get(rid) is load:
+            self._update_room(rid)
+        self.observer.batch_done(rid, out)
+        self._wake.set()
 
     async def _run_watched(self, replica: Replica, load: ReplicaLoad, batch: Batch,
                            pendings: list[Pending]) -> BatchResult:
@@ -358,6 +428,9 @@ class Router:
             beat = asyncio.ensure_future(stepped.wait())
             try:
                 await asyncio.wait({run, alarm, beat}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                run.cancel()  # (the router stops: the call's await goes with it)
+                raise
             finally:
                 alarm.cancel()
                 beat.cancel()
@@ -378,7 +451,7 @@ class Router:
         now = self.clock.now()
         if out.results and all(r.error_type == FailureKind.NOT_READY for r in out.results):
             # A restarted actor that has not loaded its model yet: the same as a lost replica.
-            self.pool.report_failure(out.replica_id, RuntimeError(out.results[0].error))
+            self._report_failure(out.replica_id, RuntimeError(out.results[0].error))
             for p in pendings:
                 self._retry_or_fail(p, f"replica {out.replica_id} is not ready", FailureKind.REPLICA_LOST)
             return
@@ -432,26 +505,126 @@ class Router:
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _replica(self, replica_id: str) -> Replica:
-        for r in self.pool.live():
-            if r.replica_id == replica_id:
-                return r
-        raise KeyError(replica_id)
+        return self._live[replica_id]
 
-    def _free(self) -> list[ReplicaCapacity]:
-        """The live replicas that may take work now, as the policy sees their room."""
-        return self._policy.free([(r, self.load(r.replica_id)) for r in self.pool.live()])
+    def _report_failure(self, replica_id: str, error: BaseException) -> None:
+        self._free.drop(replica_id)
+        self._roster_changed = True
+        self.pool.report_failure(replica_id, error)
 
-    def _forget_gone(self) -> None:
-        """Drop the books of replicas that left the deployment for good (a dropped replica's id never comes back);
-        one with batches still out goes when the last returns. A replica that is only recovering keeps its books:
-        what it learned of its speed still holds when it is back."""
-        self._roster_changed = False
-        members = {r.replica_id for r in self.pool.members()}
+    def _read_roster(self, now: float) -> None:
+        """Read the pool's live replicas and members again if told it changed (``wake``) or every
+        ``ROSTER_REFRESH_S``; drop the books of replicas that left the deployment for good (a dropped replica's id
+        never comes back; one with batches still out goes when the last returns). A replica that is only recovering
+        keeps its books: what it learned of its speed still holds when it is back."""
+        if not self._roster_changed and now - self._roster_at < ROSTER_REFRESH_S:
+            return
+        self._roster_changed, self._roster_at = False, now
+        rooms_stale, self._rooms_stale = self._rooms_stale, False
+        live = {r.replica_id: r for r in self.pool.live()}
+        gone = [rid for rid in self._live if rid not in live]
+        before, self._live = self._live, live
+        for rid in gone:
+            self._free.drop(rid)
+            self._queues.forget(rid)
+        for rid, replica in live.items():
+            if before.get(rid) is replica and not rooms_stale:
+                continue  # (its room follows its books already)
+            self._update_room(rid)
+            if self.shared and self._queues.last(rid) is None:  # a replica new to it: ask its queue at once
+                if getattr(replica, "queue_len", None) is None:
+                    self._no_report.add(rid)
+                else:
+                    self._stale.add(rid)
+        members = self.pool.members()
+        self._limits = list({(r.max_pixels, r.max_batch_tokens): ReplicaCapacity(r.replica_id, r.max_pixels,
+                                                                                    r.max_batch_tokens)
+                             for r in members}.values())
+        ids = {r.replica_id for r in members}
         for rid, load in list(self._loads.items()):
-            if rid not in members:
+            if rid not in ids:
                 load.leaving = True
                 if not load.outstanding:
                     del self._loads[rid]
+
+    def _update_room(self, replica_id: str) -> None:
+        """Its books changed (or the roster did): keep it with the free replicas, or not, by its room now."""
+        replica = self._live.get(replica_id)
+        room = None if replica is None else self._policy.room(replica, self.load(replica_id))
+        if room is None:
+            self._free.drop(replica_id)
+        else:
+            self._free.put(room)
+
+    # ---- shared replicas: their reported queue lengths ----------------------------------------------------
+    def _queue_length(self, replica_id: str) -> int | None:
+        """Its queue as last reported plus what this router sent since; a stale report is still used, and the
+        replica is asked again after this pass. None when it never reported."""
+        n = self._queues.get(replica_id)
+        if n is None:
+            self._stale.add(replica_id)
+            n = self._queues.last(replica_id)
+        return n
+
+    def _queue_rank(self, replica_id: str) -> tuple[int, int]:
+        """What power of two choices compares (smaller wins): a replica that left its last probe unanswered after
+        one that answered; then the queue length, or where none was reported what this router holds there (a new
+        replica gets work, and with it a report)."""
+        n = self._queue_length(replica_id)
+        if n is None:
+            load = self._loads.get(replica_id)
+            n = load.images if load is not None else 0
+        return (replica_id in self._unanswered, n)
+
+    def _queue_full(self, replica_id: str) -> bool:
+        """Passed over in this pass: its queue is at ``max_queue``, or it never reported and is being asked (its
+        answer wakes the loop). One that left its probe unanswered is not (it is compared last instead)."""
+        if replica_id in self._unanswered or replica_id in self._no_report:
+            return False
+        n = self._queue_length(replica_id)
+        return n is None or n >= self.max_queue
+
+    def _ask_queue_lengths(self, now: float) -> None:
+        """Probe the replicas compared on a stale report (one probe at a time each; one left unanswered is asked
+        again after ``REPORT_TTL_S``). The loop never waits for an answer: it wakes when one comes."""
+        for rid in self._stale:
+            replica = self._live.get(rid)
+            if replica is None or rid in self._probes or rid in self._no_report \
+                    or now - self._unanswered.get(rid, float("-inf")) < REPORT_TTL_S:
+                continue
+            if getattr(replica, "queue_len", None) is None:
+                self._no_report.add(rid)
+                continue
+            task = asyncio.get_running_loop().create_task(self._probe(rid, replica))
+            self._probes[rid] = task
+            self._inflight_tasks.add(task)
+            task.add_done_callback(self._inflight_tasks.discard)
+        self._stale.clear()
+
+    async def _probe(self, replica_id: str, replica: Replica) -> None:
+        try:
+            call = asyncio.ensure_future(replica.queue_len())
+            alarm = asyncio.ensure_future(self.clock.sleep(PROBE_TIMEOUT_S))
+            try:
+                await asyncio.wait({call, alarm}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                alarm.cancel()
+            if not call.done():
+                call.cancel()
+                raise TimeoutError(f"no answer within {PROBE_TIMEOUT_S}s")
+            n = call.result()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - unknown until it answers; the health check judges the replica
+            self._unanswered[replica_id] = self.clock.now()
+            log.debug("replica %s did not report its queue length: %s", replica_id, e)
+        else:
+            self._queues.report(replica_id, n)
+            self._unanswered.pop(replica_id, None)
+        finally:
+            self._probes.pop(replica_id, None)
+        if len(self.scheduler):
+            self._wake.set()  # a replica passed over (full, or not reported yet) may take work now
 
     def _cancel_running(self, p: Pending) -> None:
         """A dispatched request whose caller went away (or that timed out) leaves its replica's loop at the next
@@ -476,13 +649,16 @@ class Router:
         replicas, seconds, batch = self.interactive_reserve
         if now - self._last_interactive > seconds:
             return 0, None, False
-        return min(replicas, len(self.pool.live()) - 1), batch, replicas > 0
+        return min(replicas, len(self._live) - 1), batch, replicas > 0
 
-    def _next_deadline(self, free: list[ReplicaCapacity], now: float) -> float | None:
-        times = [p.deadline for p in self._running.values()]
+    def _next_deadline(self, now: float) -> float | None:
+        heap = self._running_deadlines
+        while heap and self._running.get(heap[0][2].request.request_id) is not heap[0][2]:
+            heapq.heappop(heap)
+        times = [heap[0][0]] if heap else []
         reserve, _, recent = self._reserve(now)
-        d = self.scheduler.next_deadline(free, reserve, self._last_interactive + self.interactive_reserve[1] + 1e-3
-                                         if reserve or recent else None, recent)
+        d = self.scheduler.next_deadline(self._free, reserve, self._last_interactive + self.interactive_reserve[1]
+                                         + 1e-3 if reserve or recent else None, recent, self._policy.blocked())
         if d is not None:
             times.append(d)
         return min(times) if times else None

@@ -16,16 +16,29 @@ asyncio, no Ray: the router passes ``now`` and the free replicas in and gets dec
   ``background_max_batch`` images, and goes to no busy replica (``interactive_recent``), so an interactive request
   never waits behind a batch job's work at a replica. There, denoising steps are by priority (a job's samples are
   parked while interactive ones run: ``actors/steploop.py``), but a call's encode and decode are first come first
-  served. A batch job fills only what that leaves."""
+  served. A batch job fills only what that leaves.
+
+The cost of a decision does not grow with the number of replicas or the queue's length: free replicas come in kinds
+of equal room (``free_replicas.py``), each asked once a pass; a batch is filled from the first ``FILL_LOOKAHEAD``
+requests of its group; deadlines are kept in a heap."""
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from zimage_common.errors import CapacityError, QueueFullError
 from zimage_common.messages import INTERACTIVE, BatchKey, ImageRequest
+
+from .free_replicas import FreeReplicas, Pass, Pick
+
+# A batch is filled from at most this many of its group's requests, in arrival order (a request that would overflow
+# the batch lets later, smaller ones in, within this window): a deep queue costs each decision no more than this.
+FILL_LOOKAHEAD = 64
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,8 @@ class ReplicaCapacity:
     max_images: int | None = None  # room left at it (None: max_batch_size)
     # the LoRA adapters what it holds already names (new work joins them, within max_adapters in all); None: free
     adapters: frozenset[str] | None = None
+    # its plan's token budget, where max_batch_tokens is what is left of it (a busy replica); None: max_batch_tokens
+    limit_tokens: int | None = None
 
     def fits(self, request: ImageRequest) -> bool:
         return request.pixels <= self.max_pixels and request.tokens <= self.max_batch_tokens
@@ -55,6 +70,7 @@ class Pending:
     ticket: Any = field(default=None, compare=False)  # the router's handle (a future); opaque here
     replica_id: str | None = None  # where it runs while dispatched (the router's)
     progress: Any = field(default=None, compare=False)  # the caller's per-step callback, if it wants one
+    queued: bool = field(default=False, compare=False)  # in the scheduler's queue now (its deadline heap reads it)
 
 
 class BatchScheduler:
@@ -65,7 +81,13 @@ class BatchScheduler:
         self.max_wait_s = max_wait_s
         self.queue_limit = queue_limit
         self._groups: OrderedDict[tuple[BatchKey, int], deque[Pending]] = OrderedDict()
+        # per group: (largest pixels, most tokens, whether any names an adapter) of the requests added since it was
+        # made; a replica within them admits every request of the group without asking each
+        self._bounds: dict[tuple[BatchKey, int], tuple[int, int, bool]] = {}
+        self._deadlines: list[tuple[float, int, Pending]] = []  # (deadline, seq, pending), lazy: see ``queued``
+        self._seq = itertools.count()
         self._size = 0
+        self.examined = 0  # replica kinds and replicas looked at by every pass so far (the routing work)
 
     def __len__(self) -> int:
         return self._size
@@ -79,16 +101,23 @@ class BatchScheduler:
                 f"the queue is full ({self._size} requests waiting, router.queue_limit={self.queue_limit}); "
                 f"retry later",
             )
-        group = self._groups.get(_group(p.request))
+        key = _group(p.request)
+        group = self._groups.get(key)
         if group is None:
-            group = self._groups[_group(p.request)] = deque()
+            group = self._groups[key] = deque()
+            self._bounds[key] = (0, 0, False)
         if front:
             group.appendleft(p)
         else:
             group.append(p)
+        pixels, tokens, named = self._bounds[key]
+        r = p.request
+        self._bounds[key] = (max(pixels, r.pixels), max(tokens, r.tokens), named or bool(r.loras))
+        p.queued = True
+        heapq.heappush(self._deadlines, (p.deadline, next(self._seq), p))
         self._size += 1
 
-    def check_servable(self, request: ImageRequest, replicas: list[ReplicaCapacity]) -> None:
+    def check_servable(self, request: ImageRequest, replicas: Sequence[ReplicaCapacity]) -> None:
         """Raise ``CapacityError`` when no replica of the deployment could ever run this request."""
         if replicas and not any(r.fits(request) for r in replicas):
             best = max(r.max_pixels for r in replicas)
@@ -102,45 +131,76 @@ class BatchScheduler:
             )
 
     def remove(self, p: Pending) -> bool:
-        group = self._groups.get(_group(p.request))
-        if group is None:
+        key = _group(p.request)
+        group = self._groups.get(key)
+        if group is None or not p.queued:
             return False
         try:
             group.remove(p)
         except ValueError:
             return False
-        self._size -= 1
-        if not group:
-            del self._groups[_group(p.request)]
+        self._unqueued(key, group, 1)
+        p.queued = False
         return True
+
+    def _unqueued(self, key, group: deque[Pending], n: int) -> None:
+        self._size -= n
+        if not group:
+            del self._groups[key]
+            del self._bounds[key]
+        if len(self._deadlines) > 2 * self._size + 64:  # drop entries of requests gone before they pile up
+            self._deadlines = [(p.deadline, next(self._seq), p) for g in self._groups.values() for p in g]
+            heapq.heapify(self._deadlines)
 
     def expire(self, now: float) -> list[Pending]:
         """Remove and return every queued request whose deadline has passed."""
-        gone = [p for g in self._groups.values() for p in g if p.deadline <= now]
-        for p in gone:
-            self.remove(p)
+        gone = []
+        while self._deadlines and self._deadlines[0][0] <= now:  # (``remove`` may rebuild the heap)
+            _, _, p = heapq.heappop(self._deadlines)
+            if p.queued and self.remove(p):
+                gone.append(p)
         return gone
+
+    def earliest_deadline(self) -> float | None:
+        heap = self._deadlines
+        while heap and not heap[0][2].queued:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
     # ---- decisions -------------------------------------------------------------------------------------
     def _ordered_groups(self) -> list[tuple[tuple[BatchKey, int], deque[Pending]]]:
         return sorted(self._groups.items(), key=lambda kv: (kv[0][1], kv[1][0].enqueued_at))
 
-    def _fill(self, fitting: list[Pending], replica: ReplicaCapacity, limit: int) -> list[Pending]:
-        """The requests of ``fitting`` (a group's requests ``replica`` admits) a batch for it takes: in arrival
-        order, within its token budget,
-        ``limit`` images and ``max_adapters`` distinct LoRA adapters, and within any request's own cap after an
-        out-of-memory split."""
+    def _fitting(self, key, group: deque[Pending], replica: ReplicaCapacity) -> tuple[Sequence[Pending], int]:
+        """The requests of ``group`` that ``replica`` admits, in order, and how many: the group itself when the
+        replica is within the group's bounds (nothing to ask of each); else those found among its first ones."""
+        pixels, tokens, named = self._bounds[key]
+        if pixels <= replica.max_pixels and tokens <= replica.max_batch_tokens \
+                and not (named and replica.adapters is not None and self.max_adapters is not None):
+            return group, len(group)
+        fitting = []
+        for p in itertools.islice(group, 4 * FILL_LOOKAHEAD):
+            if self.admits(replica, p.request):
+                fitting.append(p)
+                if len(fitting) >= FILL_LOOKAHEAD:
+                    break
+        return fitting, len(fitting)
+
+    def _fill(self, fitting: Sequence[Pending], replica: ReplicaCapacity, limit: int) -> list[Pending]:
+        """The requests of ``fitting`` (a group's requests ``replica`` admits) a batch for it takes: from the first
+        ``FILL_LOOKAHEAD`` in arrival order, within its token budget, ``limit`` images and ``max_adapters`` distinct
+        LoRA adapters, and within any request's own cap after an out-of-memory split."""
         taken: list[Pending] = []
         tokens = 0
-        adapters: set[str] = set(replica.adapters or ())
+        adapters: frozenset[str] | set[str] = replica.adapters or frozenset()
         if replica.max_images is not None:
             limit = min(limit, replica.max_images)
-        for p in fitting:
+        cap = limit  # the smallest cap of the requests taken
+        for p in itertools.islice(fitting, FILL_LOOKAHEAD):
             if len(taken) >= limit:
                 break
-            cap = min([q.max_batch for q in taken + [p] if q.max_batch] or [limit])
-            names = adapters | p.request.adapter_names
-            if len(taken) + 1 > cap or tokens + p.request.tokens > replica.max_batch_tokens \
+            names = adapters | p.request.adapter_names if p.request.loras else adapters
+            if len(taken) + 1 > min(cap, p.max_batch or cap) or tokens + p.request.tokens > replica.max_batch_tokens \
                     or (self.max_adapters is not None and len(names) > self.max_adapters):
                 if not taken:  # the head always runs, alone if it must
                     return [p]
@@ -148,29 +208,45 @@ class BatchScheduler:
             taken.append(p)
             tokens += p.request.tokens
             adapters = names
+            if p.max_batch:
+                cap = min(cap, p.max_batch)
         return taken
 
-    def schedule(self, now: float, free: list[ReplicaCapacity], reserve: int = 0,
-                 background_max_batch: int | None = None,
-                 interactive_recent: bool = False) -> list[tuple[str, list[Pending]]]:
-        """Form batches for the free replicas (least outstanding first, ties by id). Returns
+    def schedule(self, now: float, free: Sequence[ReplicaCapacity] | FreeReplicas, reserve: int = 0,
+                 background_max_batch: int | None = None, interactive_recent: bool = False,
+                 pick: Pick | None = None,
+                 exclude: Callable[[ReplicaCapacity], bool] | None = None) -> list[tuple[str, list[Pending]]]:
+        """Form batches for the free replicas, offered in the order ``pick`` hands them out (least outstanding
+        first, then longest idle, then by id, unless told otherwise; none of those ``exclude`` names). Returns
         ``[(replica_id, requests)]`` and removes those requests from the queue. ``reserve``: idle replicas that
         batch-job work must leave idle; ``background_max_batch``: the most images in a batch-job batch;
         ``interactive_recent``: busy replicas take no batch-job work (see Priority above)."""
+        if not self._groups:
+            return []
+        p = _as_free(free).start(pick, exclude)
+        try:
+            return self._decide(now, p, reserve, background_max_batch, interactive_recent)
+        finally:
+            p.end()
+            self.examined += p.examined
+
+    def _decide(self, now: float, p: Pass, reserve: int, background_max_batch: int | None,
+                interactive_recent: bool) -> list[tuple[str, list[Pending]]]:
         decisions = []
         held: set = set()  # groups not ready yet that a free replica is kept for (see Priority above)
-        order = sorted(free, key=lambda r: (r.outstanding, r.last_used, r.replica_id))
-        idle = sum(1 for r in order if r.outstanding == 0)
-        for n, replica in enumerate(order):
+        groups = self._ordered_groups()
+        idle = p.idle()
+        while groups and (replica := p.next()) is not None:
             holding = None
-            for key, group in self._ordered_groups():
+            decided = False
+            for key, group in groups:
                 if holding is not None and key[1] > holding:
                     break  # this replica waits for the higher-priority group
                 if key[1] > INTERACTIVE and replica.outstanding == 0 and idle <= reserve:
                     break  # kept idle for interactive requests (batch-job groups come last in the order)
                 if key[1] > INTERACTIVE and replica.outstanding and interactive_recent:
                     break
-                fitting = [p for p in group if self.admits(replica, p.request)]
+                fitting, count = self._fitting(key, group, replica)
                 if not fitting:
                     continue
                 limit = self.max_batch_size
@@ -178,20 +254,28 @@ class BatchScheduler:
                     limit = min(limit, background_max_batch)
                 full = self._fill(fitting, replica, limit)
                 waited = now - fitting[0].enqueued_at >= self.max_wait_s
-                if len(full) < len(fitting) or len(full) >= limit or waited:
-                    sharing = sum(1 for r in order[n:] if self.admits(r, fitting[0].request))
-                    taken = self._fill(fitting, replica, min(limit, -(-len(fitting) // sharing)))
-                    for p in taken:
-                        group.remove(p)
-                    self._size -= len(taken)
-                    if not group:
-                        del self._groups[key]
+                if len(full) < count or len(full) >= limit or waited:
+                    # waiting work is shared among this replica and the free ones after it that admit its head
+                    head = fitting[0].request
+                    sharing = 1 + p.count(lambda r, h=head: self.admits(r, h), count - 1) if count > 1 else 1
+                    taken = self._fill(fitting, replica, min(limit, -(-count // sharing)))
+                    for q in taken:
+                        group.remove(q)
+                        q.queued = False
+                    self._unqueued(key, group, len(taken))
                     decisions.append((replica.replica_id, taken))
+                    p.gave(replica.replica_id, len(taken))
                     idle -= replica.outstanding == 0
+                    decided = True
+                    groups = self._ordered_groups()  # its head changed: the order may have
                     break
                 if key not in held and any(k[1] > key[1] for k in self._groups):
                     held.add(key)
                     holding = key[1]
+            if not decided and holding is None:
+                # Nothing is ready for it, and nothing would be for a replica with the same room: taking requests
+                # out of a group makes it no readier.
+                p.close(replica)
         return decisions
 
     def admits(self, replica: ReplicaCapacity, request: ImageRequest) -> bool:
@@ -204,35 +288,46 @@ class BatchScheduler:
         return len(replica.adapters | request.adapter_names) <= self.max_adapters
 
     def oldest(self) -> Pending | None:
-        """The request that has waited longest (it may block newer ones that would fit: ``Dispatch.free``)."""
+        """The request that has waited longest (it may block newer ones that would fit: ``Dispatch.blocked``)."""
         heads = [g[0] for g in self._groups.values()]
         return min(heads, key=lambda p: (p.request.priority, p.enqueued_at)) if heads else None
 
-    def next_deadline(self, free: list[ReplicaCapacity], reserve: int = 0, reserve_until: float | None = None,
-                      interactive_recent: bool = False) -> float | None:
+    def next_deadline(self, free: Sequence[ReplicaCapacity] | FreeReplicas, reserve: int = 0,
+                      reserve_until: float | None = None, interactive_recent: bool = False,
+                      exclude: Callable[[ReplicaCapacity], bool] | None = None) -> float | None:
         """When the earliest group becomes ready for one of ``free`` (max wait elapses), or the earliest request
         times out; None when nothing is queued. Batch-job work held
         back by priority counts from when it may go: once the interactive work ahead of it is ready (its own time
         is in the list), or once the ``reserve`` lapses (``reserve_until``)."""
-        times = [p.deadline for g in self._groups.values() for p in g]
-        idle = sum(1 for r in free if r.outstanding == 0)
+        first = self.earliest_deadline()
+        if first is None:
+            return None
+        times = [first]
+        kinds = [k for k in _as_free(free).kinds() if exclude is None or not exclude(k.sample)]
+        self.examined += len(kinds)
+        idle = sum(len(k) for k in kinds if k.sample.outstanding == 0)
         interactive = any(key[1] == INTERACTIVE for key in self._groups)
-        for r in free:
+        for kind in kinds:
+            r = kind.sample
             for key, g in self._groups.items():
                 if key[1] > INTERACTIVE and r.outstanding and interactive_recent:
                     if reserve_until is not None:  # (until then, the replica's next return wakes the router)
                         times.append(reserve_until)
                     continue
-                head = next((q for q in g if self.admits(r, q.request)), None)
-                if head is not None:
-                    ready = head.enqueued_at + self.max_wait_s
+                fitting, count = self._fitting(key, g, r)
+                if count:
+                    ready = fitting[0].enqueued_at + self.max_wait_s
                     if key[1] > INTERACTIVE:
                         if interactive:
                             continue
                         if r.outstanding == 0 and idle <= reserve and reserve_until is not None:
                             ready = max(ready, reserve_until)
                     times.append(ready)
-        return min(times) if times else None
+        return min(times)
+
+
+def _as_free(free: Sequence[ReplicaCapacity] | FreeReplicas) -> FreeReplicas:
+    return free if isinstance(free, FreeReplicas) else FreeReplicas(free)
 
 
 def _group(request: ImageRequest) -> tuple[BatchKey, int]:

@@ -102,7 +102,7 @@ class ManualClock:
     async def advance(self, seconds: float) -> None:
         self._t += seconds
         due = [f for t, f in self._sleepers if t <= self._t]
-        self._sleepers = [(t, f) for t, f in self._sleepers if t > self._t]
+        self._sleepers = [(t, f) for t, f in self._sleepers if t > self._t and not f.done()]  # (cancelled: gone)
         for f in due:
             if not f.done():
                 f.set_result(None)

@@ -422,3 +422,26 @@ def test_serve_takes_the_keys_out_of_the_environment_before_ray_starts(monkeypat
     assert seen["env"] is None and "ZIMAGE_API_KEYS" not in os.environ
     assert seen["keys"] == [b"sk-env-1", b"sk-env-2"]
     assert seen["guard"].cap <= seen["guard"].fd_limit - 512
+
+
+def test_a_client_that_goes_away_while_its_images_wait_has_them_cancelled():
+    """The server learns of the disconnect from the connection itself (no polling per waiting call): the waiting
+    images are cancelled and the call counts as a 499."""
+    with Server(cfg()) as s:
+        waiters = []
+
+        def admit(requests, on_progress=None):
+            loop = asyncio.get_running_loop()
+            waiters.extend(loop.create_future() for _ in requests)
+            return waiters[-len(requests):]
+
+        s.dep.admit = admit
+        before = http_count(s.url, 499)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{s.url}/v1/images/generations", json={"prompt": "gone", "size": "64x64", "n": 2},
+                       timeout=0.5)
+        deadline = time.time() + 5
+        while http_count(s.url, 499) < before + 1:
+            assert time.time() < deadline, "the disconnect was not noticed"
+            time.sleep(0.05)
+        assert len(waiters) == 2 and all(w.cancelled() for w in waiters)

@@ -74,10 +74,10 @@ async def test_router_reserve_follows_interactive_traffic_and_lapses():
     calls = 0
     schedule = router.scheduler.schedule
 
-    def counted(*args):
+    def counted(*args, **kw):
         nonlocal calls
         calls += 1
-        return schedule(*args)
+        return schedule(*args, **kw)
 
     router.scheduler.schedule = counted
     router.start()

@@ -1,0 +1,186 @@
+"""Routers over replicas shared by several front doors (``Router(shared=True)``, ``frontdoor.pool``), with fake
+replicas and a manual clock: power of two choices over the queue lengths the replicas report spreads the load that
+several routers send, a stale report is asked for again without holding up the loop, a replica that does not answer
+is compared last (not taken for empty), and a replica whose queue is full is passed over."""
+
+import asyncio
+import random
+
+import pytest
+from fakes import FakePool, FakeReplica, ManualClock
+
+from orchestrator.router import PROBE_TIMEOUT_S, REPORT_TTL_S, Router
+from zimage_common.config import RouterConfig
+from zimage_common.messages import ImageRequest
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def req(i):
+    return ImageRequest(f"q{i}", f"prompt {i}", 1000 + i, 64, 64, 4, 0.0)
+
+
+async def settle(n=20):
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+class SharedReplica(FakeReplica):
+    """A replica every router sends to: it reports the samples inside it, from all of them, plus ``elsewhere`` (the
+    work of front doors not in the test). Calls stay in until released; ``silent`` makes its probes hang."""
+
+    def __init__(self, replica_id):
+        super().__init__(replica_id, manual=True)
+        self.inside = 0
+        self.elsewhere = 0
+        self.probes = 0
+        self.silent = False
+
+    async def run(self, batch, on_progress=None):
+        self.inside += len(batch)
+        try:
+            return await super().run(batch, on_progress)
+        finally:
+            self.inside -= len(batch)
+
+    async def queue_len(self):
+        self.probes += 1
+        if self.silent:
+            await asyncio.get_running_loop().create_future()
+        return self.inside + self.elsewhere
+
+    def images(self, router_batches=None):
+        return sum(len(b) for b in (router_batches if router_batches is not None else self.batches))
+
+
+def router(replicas, clock, shared=True, seed=1, **cfg):
+    base = dict(max_batch_size=4, max_wait_ms=0, queue_limit=200, request_timeout_s=600)
+    base.update(cfg)
+    r = Router(FakePool(*replicas), RouterConfig(**base), clock=clock, shared=shared, rng=random.Random(seed))
+    r.start()
+    return r
+
+
+async def burst(r, first, n):
+    tasks = [asyncio.ensure_future(r.submit(req(first + i))) for i in range(n)]
+    await settle(40)
+    return tasks
+
+
+async def finish(replicas, *task_lists):
+    while any(x.waiting for x in replicas):
+        for x in replicas:
+            while x.waiting:
+                x.release()
+        await settle()
+    for tasks in task_lists:
+        assert all(res.ok for res in await asyncio.gather(*tasks))
+
+
+async def test_a_front_door_sends_its_burst_to_the_replicas_another_left_short():
+    """B sees only r0 (r1 is still starting for it) and fills it; A, joining with both in view, reads their queues
+    and sends its burst to r1. By its own books A would have split it evenly (r0 holding 12 of the 16)."""
+    clock = ManualClock()
+    for shared, most in ((True, 10), (False, 12)):
+        r0, r1 = SharedReplica("r0"), SharedReplica("r1")
+        b = router([r0], clock, shared=True)
+        b_tasks = await burst(b, 0, 8)
+        assert r0.inside == 8
+        a = router([r0, r1], clock, shared=shared)
+        a_tasks = await burst(a, 100, 8)
+        total = r0.inside + r1.inside
+        assert total == 16 and max(r0.inside, r1.inside) <= most, (shared, r0.inside, r1.inside)
+        if shared:
+            assert r1.inside >= 6  # most of A's burst
+        else:
+            assert r0.inside == 12
+        await finish([r0, r1], a_tasks, b_tasks)
+        await a.stop()
+        await b.stop()
+
+
+async def test_two_routers_bursting_together_spread_over_the_pool():
+    """Eight replicas, four of them holding 6 samples of a third front door's; two routers send 16 each at once.
+    Even would be 7 samples everywhere. By their own books the routers split evenly (10 at the busy four, 4 at the
+    others); by reported queues the busy four get little and no replica holds more than 9."""
+    clock = ManualClock()
+    for shared in (True, False):
+        pool = [SharedReplica(f"r{i}") for i in range(8)]
+        for x in pool[:4]:
+            x.elsewhere = 6
+        a, b = router(pool, clock, shared=shared, seed=1), router(pool, clock, shared=shared, seed=2)
+        await settle()
+        tasks_a = await burst(a, 0, 16)
+        tasks_b = await burst(b, 100, 16)
+        loads = [x.inside + x.elsewhere for x in pool]
+        to_busy = sum(x.inside for x in pool[:4])
+        assert sum(loads) == 56
+        if shared:
+            assert max(loads) <= 9 and to_busy <= 8, loads
+        else:
+            assert loads == [10] * 4 + [4] * 4
+        await finish(pool, tasks_a, tasks_b)
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_stale_report_is_asked_for_again_without_holding_up_the_loop():
+    clock = ManualClock()
+    r0, r1 = SharedReplica("r0"), SharedReplica("r1")
+    a = router([r0, r1], clock)
+    await settle()
+    assert (r0.probes, r1.probes) == (1, 1)  # a replica new to the router is asked at once
+    first = await burst(a, 0, 2)
+    assert (r0.probes, r1.probes) == (1, 1)  # fresh reports: no probe
+    await finish([r0, r1], first)
+    await clock.advance(REPORT_TTL_S + 0.1)
+    r0.silent = r1.silent = True  # probes now hang: the loop must not wait for them
+    second = await burst(a, 10, 4)
+    assert r0.probes + r1.probes >= 1  # the stale reports were asked for again
+    assert r0.inside + r1.inside == 4  # and the requests went out on the reports it had
+    await finish([r0, r1], second)
+    await a.stop()
+
+
+async def test_a_replica_that_does_not_answer_is_compared_last_not_taken_for_empty():
+    clock = ManualClock()
+    r0, r1 = SharedReplica("r0"), SharedReplica("r1")
+    r0.silent = True  # its probes hang
+    r1.elsewhere = 3  # busy with other front doors' work, but answers
+    a = router([r0, r1], clock, max_batch_size=2)  # a full queue: 6 samples
+    await settle()
+    first = await burst(a, 0, 1)
+    assert (r0.inside, r1.inside) == (0, 1)  # r0 has not answered: passed over, and the loop did not wait for it
+    await clock.advance(PROBE_TIMEOUT_S)  # r0's probe times out: unknown now, not empty
+    await settle(40)
+    more = await burst(a, 10, 2)
+    assert (r0.inside, r1.inside) == (0, 3)  # the replica that answered wins while its queue has room
+    last = await burst(a, 20, 1)
+    assert (r0.inside, r1.inside) == (1, 3)  # r1's queue is full (3 + 3): the unknown one still serves
+    asked = r0.probes
+    await clock.advance(REPORT_TTL_S)
+    again = await burst(a, 30, 1)
+    assert r0.probes == asked + 1  # asked again once its last probe is a report's lifetime old
+    await finish([r0, r1], first, more, last, again)
+    await a.stop()
+
+
+async def test_a_replica_whose_queue_is_full_is_passed_over_until_it_reports_room():
+    clock = ManualClock()
+    r0, r1 = SharedReplica("r0"), SharedReplica("r1")
+    a = router([r0, r1], clock)  # a full queue: 12 samples
+    r0.elsewhere, r1.elsewhere = a.max_queue, 9  # other front doors' work
+    await settle()
+    tasks = await burst(a, 0, 8)
+    # r1 took a call of 4 (9 + 4: full now, by its report and what was sent since; the call that fills a queue may
+    # pass its limit), r0 was full: 4 wait at the router, not at a full replica
+    assert (r0.inside, r1.inside, a.waiting) == (0, 4, 4)
+    await clock.advance(0.5)
+    await settle(40)
+    assert (r0.inside, r1.inside, a.waiting) == (0, 4, 4)
+    r0.elsewhere = 0  # room at r0: its next report says so
+    await clock.advance(REPORT_TTL_S)  # the reports age: the router asks again
+    await settle(40)
+    assert (r0.inside, r1.inside, a.waiting) == (4, 4, 0)
+    await finish([r0, r1], tasks)
+    await a.stop()
