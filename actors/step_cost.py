@@ -15,15 +15,20 @@ done and then runs alone (what a running set that takes no newcomer does). It jo
 the join's gain to the joiner outweighs what it costs every running sample. Where the costs of some set in either
 future are not known (not measured near that work yet), it answers None and the loop falls back on ``JoinPolicy``'s
 rules.
+
+``Pace`` is the loop's pace for its log (step times by running-set size, every ``PACE_LOG_S``).
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import time
 from collections import deque
 from collections.abc import Sequence
+
+log = logging.getLogger("actors.steploop")
 
 BUCKETS_PER_DOUBLING = 8  # work is bucketed on a log scale: neighbours differ by about 9%
 KEEP = 8  # recent step times kept per bucket; the estimate is their minimum (a step only gets slower by outside
@@ -77,8 +82,9 @@ class StepCosts:
         return None
 
     def timeline(self, samples: Sequence[tuple[Sequence[int], int]]) -> tuple[float, float] | None:
-        """``samples`` ((packed lengths of its passes, steps left)) all stepping together from now, leaving as they finish: the sum
-        of the seconds until each is done, and the seconds until the last is; None where a set's cost is unknown."""
+        """``samples`` ((packed lengths of its passes, steps left)) all stepping together from now, leaving as they
+        finish: the sum of the seconds until each is done, and the seconds until the last is; None where a set's cost
+        is unknown."""
         left = sorted(samples, key=lambda s: s[1])
         t = total = 0.0
         done = 0
@@ -93,9 +99,9 @@ class StepCosts:
         return total, t
 
     def pays(self, stepping: Sequence[tuple[Sequence[int], int]], joiner: tuple[Sequence[int], int]) -> bool | None:
-        """Whether ``joiner`` ((packed lengths of its passes, steps left)) joining the ``stepping`` samples now lowers the sum of
-        their completion times against waiting until they are all done and then running alone; None where a cost is
-        unknown."""
+        """Whether ``joiner`` ((packed lengths of its passes, steps left)) joining the ``stepping`` samples now lowers
+        the sum of their completion times against waiting until they are all done and then running alone; None where
+        a cost is unknown."""
         joined, running = self.timeline([*stepping, joiner]), self.timeline(stepping)
         alone = self.estimate(work(joiner[0], self.attn_tokens))
         if joined is None or running is None or alone is None:
@@ -164,3 +170,47 @@ class StepTimer:
         while self._pending and self._pending[0][2].query():
             w, begin, end = self._pending.popleft()
             self.costs.observe(w, begin.elapsed_time(end) / 1000.0)
+
+
+PACE_LOG_S = 30.0  # how often the loop logs its pace
+
+
+class Pace:
+    """The loop's pace for its log, by running-set size: the time from one step's start to the next one's (over many
+    steps the GPU's step time: the launch queue bounds how far the loop runs ahead), not counting a step after an
+    idle spell; and the samples that joined and waited."""
+
+    def __init__(self, name: str, clock=time.perf_counter):
+        self.name = name
+        self.clock = clock
+        self._reset(clock())
+        self._prev: tuple[float, int] | None = None  # (start, running) of the step before
+
+    def _reset(self, now: float) -> None:
+        self.since = now
+        self.by_size: dict[int, list[float]] = {}  # running samples -> [steps, seconds, tokens]
+        self.joined = 0
+        self.waiting_max = 0
+
+    def idle(self) -> None:
+        self._prev = None
+
+    def step(self, running: int, tokens: int, joined: int, waiting: int) -> None:
+        now = self.clock()
+        if self._prev is not None:
+            start, n = self._prev
+            row = self.by_size.setdefault(n, [0, 0.0, 0])
+            row[0] += 1
+            row[1] += now - start
+        self._prev = (now, running)
+        self.by_size.setdefault(running, [0, 0.0, 0])[2] = tokens
+        self.joined += joined
+        self.waiting_max = max(self.waiting_max, waiting)
+        if now - self.since >= PACE_LOG_S:
+            log.info("%s: %s; joined %d, waiting at most %d", self.name, self.summary(), self.joined,
+                     self.waiting_max)
+            self._reset(now)
+
+    def summary(self) -> str:
+        return ", ".join(f"{n} running ({int(r[2])} tokens): {int(r[0])} steps of {r[1] / r[0]:.3f}s"
+                         for n, r in sorted(self.by_size.items()) if r[0]) or "no steps"

@@ -50,7 +50,7 @@ from zimage_common.messages import StageTimes
 from .devices import free_cache, is_oom
 from .engine import Schedule, has_images
 from .stages import run_here
-from .step_cost import StepTimer, step_costs, work
+from .step_cost import Pace, StepTimer, step_costs, work
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class StepLoop:
         self._packed = None  # the running set's packed call (``ZImageEngine.pack``), rebuilt when the set changes
         self._oom_cap: int | None = None
         self._clean_steps = 0
-        self._pace = _Pace(name)  # step times by running-set size, logged every PACE_LOG_S
+        self._pace = Pace(name)  # step times by running-set size, logged every step_cost.PACE_LOG_S
         # step times by work, which decide joins where they are known (``step_cost.py``); kept on the engine, so
         # the warm-up's loops measure for the serving loop
         self.costs = step_costs(engine)
@@ -471,50 +471,6 @@ class StepLoop:
             self._timer.abandon()
             raise
         self._timer.stop()
-
-
-PACE_LOG_S = 30.0  # how often the loop logs its pace
-
-
-class _Pace:
-    """The loop's pace for its log, by running-set size: the time from one step's start to the next one's (over many
-    steps the GPU's step time: the launch queue bounds how far the loop runs ahead), not counting a step after an
-    idle spell; and the samples that joined and waited."""
-
-    def __init__(self, name: str, clock=time.perf_counter):
-        self.name = name
-        self.clock = clock
-        self._reset(clock())
-        self._prev: tuple[float, int] | None = None  # (start, running) of the step before
-
-    def _reset(self, now: float) -> None:
-        self.since = now
-        self.by_size: dict[int, list[float]] = {}  # running samples -> [steps, seconds, tokens]
-        self.joined = 0
-        self.waiting_max = 0
-
-    def idle(self) -> None:
-        self._prev = None
-
-    def step(self, running: int, tokens: int, joined: int, waiting: int) -> None:
-        now = self.clock()
-        if self._prev is not None:
-            start, n = self._prev
-            row = self.by_size.setdefault(n, [0, 0.0, 0])
-            row[0] += 1
-            row[1] += now - start
-        self._prev = (now, running)
-        self.by_size.setdefault(running, [0, 0.0, 0])[2] = tokens
-        self.joined += joined
-        self.waiting_max = max(self.waiting_max, waiting)
-        if now - self.since >= PACE_LOG_S:
-            log.info("%s: %s; joined %d, waiting at most %d", self.name, self.summary(), self.joined,
-                     self.waiting_max)
-            self._reset(now)
-
-    def summary(self) -> str:
-        return ", ".join(f"{n} running ({int(r[2])} tokens): {int(r[0])} steps of {r[1] / r[0]:.3f}s"
-                         for n, r in sorted(self.by_size.items()) if r[0]) or "no steps"
 
 
 @dataclass

@@ -9,7 +9,7 @@ the join policy each call carries, in ``dispatch_policy.py``.
 Which free replica is offered work first: with replicas of its own, the least outstanding by the router's books
 (they see all the replicas' work); with replicas shared by several front doors (``shared``, ``frontdoor.pool``),
 power of two choices over the queue lengths the replicas report (``pow2.py``), a stale report asked for again in
-the background (``queue_len`` through the replica handle, within ``PROBE_TIMEOUT_S``), never awaited by the loop.
+the background (``pool_queues.py``: ``queue_len`` through the replica handle), never awaited by the loop.
 
 What a request costs the router does not grow with the number of replicas: the free ones are kept as they change
 (``free_replicas.py``), the roster is read again only when it changes (``wake``) or every ``ROSTER_REFRESH_S``, and
@@ -26,7 +26,6 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import Protocol
 
 from pydantic import ValidationError
 
@@ -37,8 +36,9 @@ from zimage_common.messages import INTERACTIVE, Batch, BatchResult, FailureKind,
 
 from .dispatch_policy import STEP_QUEUE_DEPTH, Dispatch
 from .free_replicas import LEAST_LOADED, FreeReplicas, PowerOfTwo
-from .pow2 import QueueLengths
+from .pool_queues import REPORT_TTL_S, PoolQueues
 from .replica_load import ReplicaLoad
+from .router_ports import Clock, MonotonicClock, Replica, ReplicaPool, RouterObserver
 from .scheduler import BatchScheduler, Pending, ReplicaCapacity
 
 __all__ = ["STEP_QUEUE_DEPTH", "Clock", "MonotonicClock", "Replica", "ReplicaPool", "Router", "RouterObserver"]
@@ -46,81 +46,8 @@ __all__ = ["STEP_QUEUE_DEPTH", "Clock", "MonotonicClock", "Replica", "ReplicaPoo
 log = logging.getLogger(__name__)
 
 ROSTER_REFRESH_S = 1.0  # the pool's live replicas are read again at least this often (and whenever ``wake`` says)
-# Shared replicas (several front doors): a replica's reported queue length is trusted this long (what this router sent
-# it since counts on top); a probe not answered within PROBE_TIMEOUT_S leaves the replica unknown, asked again after
-# REPORT_TTL_S; a replica whose queue holds QUEUE_SETS_MAX x max_batch_size samples (its loop's room and a set more
-# waiting at its gate) is passed over.
-REPORT_TTL_S = 1.0
-PROBE_TIMEOUT_S = 0.5
-QUEUE_SETS_MAX = STEP_QUEUE_DEPTH + 1
 
 
-# ---- what the router needs from the outside world ----------------------------------------------------------
-class Clock(Protocol):
-    def now(self) -> float: ...
-
-    async def sleep(self, seconds: float) -> None: ...
-
-
-class MonotonicClock:
-    def now(self) -> float:
-        return time.monotonic()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(max(0.0, seconds))
-
-
-class Replica(Protocol):
-    """A handle the router dispatches to. ``run`` calls ``on_progress`` after every step of the replica's loop that
-    ran the batch's requests, and raises ``ReplicaUnavailableError`` when the replica's process is gone; every other
-    outcome comes back inside the ``BatchResult``. ``cancel(request_ids)`` takes requests out of its loop."""
-
-    replica_id: str
-    max_pixels: int
-    max_batch_tokens: int
-
-    async def run(self, batch: Batch, on_progress: Callable[[StepProgress], None] | None = None) -> BatchResult:
-        ...
-
-    # Shared replicas also answer ``async queue_len() -> int`` (samples waiting at their gate and inside, from every
-    # front door); a handle without it is compared by the router's own books.
-
-
-class ReplicaPool(Protocol):
-    def live(self) -> Sequence[Replica]:
-        """Replicas in rotation now."""
-
-    def members(self) -> Sequence[Replica]:
-        """Every replica of the deployment, live or recovering (not those dropped for good)."""
-
-    def report_failure(self, replica_id: str, error: BaseException) -> None: ...
-
-
-class RouterObserver:
-    """Hooks for metrics and logs; the default does nothing. Queue depths are read from the router itself."""
-
-    def dispatched(self, replica_id: str, batch: Batch, queue_times: list[float]) -> None: ...
-
-    def batch_done(self, replica_id: str, out: BatchResult | None) -> None: ...
-
-    def finished(self, result: ImageResult) -> None: ...
-
-    def rejected(self, kind: FailureKind) -> None: ...
-
-    def replica_event(self, replica_id: str, event: str) -> None:
-        """A replica was lost, hung, came back or was dropped (the deployment reports these)."""
-
-    def first_step(self, replica_id: str, waited_s: float) -> None:
-        """A request ran its first denoising step, ``waited_s`` after it arrived."""
-
-    def loop_step(self, replica_id: str, running: int, joined: int) -> None:
-        """A replica's loop ran a step with ``running`` samples, ``joined`` of them new."""
-
-    def loop_idle(self, replica_id: str) -> None:
-        """A replica's loop has nothing left to run."""
-
-
-# ---- the router --------------------------------------------------------------------------------------------
 class Router:
     def __init__(self, pool: ReplicaPool, config: RouterConfig, clock: Clock | None = None,
                  observer: RouterObserver | None = None, max_batch_adapters: int | None = None,
@@ -155,13 +82,10 @@ class Router:
         self._last_interactive = float("-inf")
         # replicas shared with other front doors: power of two choices over their reported queue lengths
         self.shared = shared
-        self.max_queue = QUEUE_SETS_MAX * config.max_batch_size
-        self._queues = QueueLengths(REPORT_TTL_S, clock=self.clock.now)
-        self._probes: dict[str, asyncio.Task] = {}
-        self._unanswered: dict[str, float] = {}  # replica -> when its last probe went unanswered
-        self._no_report: set[str] = set()  # handles that cannot report a queue length
-        self._stale: set[str] = set()  # replicas compared on a stale report in the last pass: to ask again
-        self._pick = PowerOfTwo(self._queue_rank, self._queue_full, rng or random.Random()) if shared \
+        self.queues = PoolQueues(config.max_batch_size, self.clock, self._live, self._loads, self._wake_if_waiting,
+                                 self._inflight_tasks)
+        self.max_queue = self.queues.max_queue
+        self._pick = PowerOfTwo(self.queues.rank, self.queues.full, rng or random.Random()) if shared \
             else LEAST_LOADED
 
     @property
@@ -320,8 +244,7 @@ class Router:
                                                     exclude=self._policy.blocked()):
             for replica_id, pendings in decisions:
                 self._dispatch(replica_id, pendings, now)
-        if self._stale:
-            self._ask_queue_lengths(now)
+        self.queues.ask(now)
         deadline = self._next_deadline(now)
         if getattr(self._pick, "passed_over", 0) > passed_over and len(self.scheduler):
             # work waits while replicas with room were passed over as full: look again once their reports age
@@ -352,7 +275,7 @@ class Router:
         load.dispatched(batch, count_adapters=self.scheduler.max_adapters is not None)
         self._update_room(replica_id)
         if self.shared:
-            self._queues.sent(replica_id, len(batch))
+            self.queues.sent(replica_id, len(batch))
         self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings])
         with batch_log_context(batch):  # the batch task's log lines carry its requests' ids
             log.debug("batch %d: %d images, %d tokens, %s -> %s", batch.batch_id, len(batch), batch.tokens,
@@ -523,19 +446,18 @@ class Router:
         rooms_stale, self._rooms_stale = self._rooms_stale, False
         live = {r.replica_id: r for r in self.pool.live()}
         gone = [rid for rid in self._live if rid not in live]
-        before, self._live = self._live, live
+        before = dict(self._live)
+        self._live.clear()
+        self._live.update(live)
         for rid in gone:
             self._free.drop(rid)
-            self._queues.forget(rid)
+            self.queues.forget(rid)
         for rid, replica in live.items():
             if before.get(rid) is replica and not rooms_stale:
                 continue  # (its room follows its books already)
             self._update_room(rid)
-            if self.shared and self._queues.last(rid) is None:  # a replica new to it: ask its queue at once
-                if getattr(replica, "queue_len", None) is None:
-                    self._no_report.add(rid)
-                else:
-                    self._stale.add(rid)
+            if self.shared:
+                self.queues.arrived(rid, replica)
         members = self.pool.members()
         self._limits = list({(r.max_pixels, r.max_batch_tokens): ReplicaCapacity(r.replica_id, r.max_pixels,
                                                                                     r.max_batch_tokens)
@@ -556,75 +478,9 @@ class Router:
         else:
             self._free.put(room)
 
-    # ---- shared replicas: their reported queue lengths ----------------------------------------------------
-    def _queue_length(self, replica_id: str) -> int | None:
-        """Its queue as last reported plus what this router sent since; a stale report is still used, and the
-        replica is asked again after this pass. None when it never reported."""
-        n = self._queues.get(replica_id)
-        if n is None:
-            self._stale.add(replica_id)
-            n = self._queues.last(replica_id)
-        return n
-
-    def _queue_rank(self, replica_id: str) -> tuple[int, int]:
-        """What power of two choices compares (smaller wins): a replica that left its last probe unanswered after
-        one that answered; then the queue length, or where none was reported what this router holds there (a new
-        replica gets work, and with it a report)."""
-        n = self._queue_length(replica_id)
-        if n is None:
-            load = self._loads.get(replica_id)
-            n = load.images if load is not None else 0
-        return (replica_id in self._unanswered, n)
-
-    def _queue_full(self, replica_id: str) -> bool:
-        """Passed over in this pass: its queue is at ``max_queue``, or it never reported and is being asked (its
-        answer wakes the loop). One that left its probe unanswered is not (it is compared last instead)."""
-        if replica_id in self._unanswered or replica_id in self._no_report:
-            return False
-        n = self._queue_length(replica_id)
-        return n is None or n >= self.max_queue
-
-    def _ask_queue_lengths(self, now: float) -> None:
-        """Probe the replicas compared on a stale report (one probe at a time each; one left unanswered is asked
-        again after ``REPORT_TTL_S``). The loop never waits for an answer: it wakes when one comes."""
-        for rid in self._stale:
-            replica = self._live.get(rid)
-            if replica is None or rid in self._probes or rid in self._no_report \
-                    or now - self._unanswered.get(rid, float("-inf")) < REPORT_TTL_S:
-                continue
-            if getattr(replica, "queue_len", None) is None:
-                self._no_report.add(rid)
-                continue
-            task = asyncio.get_running_loop().create_task(self._probe(rid, replica))
-            self._probes[rid] = task
-            self._inflight_tasks.add(task)
-            task.add_done_callback(self._inflight_tasks.discard)
-        self._stale.clear()
-
-    async def _probe(self, replica_id: str, replica: Replica) -> None:
-        try:
-            call = asyncio.ensure_future(replica.queue_len())
-            alarm = asyncio.ensure_future(self.clock.sleep(PROBE_TIMEOUT_S))
-            try:
-                await asyncio.wait({call, alarm}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                alarm.cancel()
-            if not call.done():
-                call.cancel()
-                raise TimeoutError(f"no answer within {PROBE_TIMEOUT_S}s")
-            n = call.result()
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - unknown until it answers; the health check judges the replica
-            self._unanswered[replica_id] = self.clock.now()
-            log.debug("replica %s did not report its queue length: %s", replica_id, e)
-        else:
-            self._queues.report(replica_id, n)
-            self._unanswered.pop(replica_id, None)
-        finally:
-            self._probes.pop(replica_id, None)
+    def _wake_if_waiting(self) -> None:
         if len(self.scheduler):
-            self._wake.set()  # a replica passed over (full, or not reported yet) may take work now
+            self._wake.set()
 
     def _cancel_running(self, p: Pending) -> None:
         """A dispatched request whose caller went away (or that timed out) leaves its replica's loop at the next

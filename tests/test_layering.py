@@ -52,3 +52,10 @@ def test_server_imports_no_benchmark_tooling():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
+def test_no_product_module_is_over_600_lines():
+    """Each file has one job; one that grows past 600 lines is doing two (split it by job, not by line)."""
+    long = {f.relative_to(ROOT).as_posix(): n for d in ("orchestrator", "actors", "placement", "zimage_common")
+            for f in (ROOT / d).rglob("*.py") if (n := len(f.read_text().splitlines())) > 600}
+    assert not long, long

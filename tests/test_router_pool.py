@@ -9,7 +9,8 @@ import random
 import pytest
 from fakes import FakePool, FakeReplica, ManualClock
 
-from orchestrator.router import PROBE_TIMEOUT_S, REPORT_TTL_S, Router
+from orchestrator.pool_queues import PROBE_TIMEOUT_S, REPORT_TTL_S
+from orchestrator.router import Router
 from zimage_common.config import RouterConfig
 from zimage_common.messages import ImageRequest
 

@@ -764,10 +764,10 @@ def test_never_join_takes_no_newcomer_into_a_running_set_and_each_call_carries_i
 
 
 def test_pace_counts_step_times_by_running_set_size_and_skips_idle_gaps():
-    from actors.steploop import _Pace
+    from actors.step_cost import Pace
 
     now = [0.0]
-    pace = _Pace("loop", clock=lambda: now[0])
+    pace = Pace("loop", clock=lambda: now[0])
     for t, n in ((1.0, 1), (1.1, 1), (1.2, 2), (1.4, 2)):
         now[0] = t
         pace.step(n, 100 * n, 1, 0)

@@ -387,8 +387,8 @@ class RouterConfig(_Strict):
         default="step", description="How requests join a replica's denoising loop (every replica runs one, "
         "actors/steploop.py; requests join it at its next step, whatever their step count, size and guidance, within "
         "max_batch_tokens and max_batch_size, and leave it when done; hang detection counts from each step). step: a "
-        "waiting request joins a running set where joining pays: by the replica's measured step times where it has them, "
-        "else by the step_* rules below. batch: a running set "
+        "waiting request joins a running set where joining pays: by the replica's measured step times where it has "
+        "them, else by the step_* rules below. batch: a running set "
         "takes no newcomer until it ends (whole batches one after another; the next one waits at the replica, "
         "encoded).")
     step_free_tokens: int = Field(
