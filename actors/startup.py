@@ -263,7 +263,9 @@ class StartupMixin:
         bound = apply_transformer_options(self.engine, cfg)  # fp8 and its accuracy bound
         if bound:
             self.numerics.update(bound)
-            log.info("replica %s: %s vs eager %s: %s", self.replica_id, bound["option"], self.engine.dtype, bound)
+            (log.info if bound["within_bound"] else log.warning)(
+                "replica %s: %s vs eager %s: %s%s", self.replica_id, bound["option"], self.engine.dtype, bound,
+                "" if bound["within_bound"] else " (outside the stated bound: the fp8 path computes something else)")
         if cfg.compile and self.engine.devices["transformer"].type == "cuda":
 
             from .compile_cache import enable_compile_cache

@@ -136,3 +136,16 @@ def test_blocks_compile_as_one_graph_and_cover_every_batch(fp8, tmp_path):
         assert all(torch.equal(a.float(), b) for a, b in zip(out, ref))
     finally:
         torch._dynamo.reset()
+
+
+def test_the_stated_bounds_hold_what_was_measured_and_refuse_a_broken_path():
+    from actors.accuracy import BOUNDS, within
+
+    def result(fwd, lat, psnr, nonfinite=0.0):
+        return {"forward_rel_l2": fwd, "latents_rel_l2": lat, "image_psnr_db": psnr, "nonfinite_fraction": nonfinite}
+
+    assert within(result(0.0141, 0.0031, 48.4), BOUNDS["bf16"])  # compiled bf16, one H100, 1024x1024
+    assert within(result(0.0635, 0.0152, 45.2), BOUNDS["fp8"])  # fp8, every block
+    assert not within(result(0.0635, 0.0152, 45.2), BOUNDS["bf16"])  # fp8's error is not a bf16 path's
+    assert not within(result(0.5, 0.2, 20.0), BOUNDS["fp8"])  # e.g. a wrong scale
+    assert not within(result(0.01, 0.003, 48.0, nonfinite=1e-4), BOUNDS["bf16"])  # an overflow anywhere fails it

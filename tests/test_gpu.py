@@ -202,3 +202,27 @@ def test_lora_mixed_adapters_compiled_no_recompile_on_gpu():
             call([(768, 1344), (256, 256)], [3, 33], [[("a0", 0.5), ("a3", 1.0)], []])
             call([(640, 640)], [250], [[("a2", 1.0)]])
         assert not missed, missed  # every call had its graph: none fell back to eager
+
+
+def test_each_fast_path_stays_within_its_stated_bound_on_gpu():
+    """The serving paths against the eager bf16 model on the start-up probe (512x512, 9 steps, a fixed prompt and
+    seed): compiled bf16, then fp8 (every main block) compiled, each within ``accuracy.BOUNDS``."""
+    from actors.accuracy import BOUNDS, within
+    from actors.engine import ZImageEngine
+    from actors.models import build_components
+    from actors.packed import PackedTransformer
+    from actors.quantize import compare, quantize_fp8, reference_output
+
+    comps = build_components("full", device="cuda", dtype=torch.bfloat16)
+    eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cuda"), torch.bfloat16)
+    reference = reference_output(eng)
+    eng.packed.compile()
+    compiled = compare(reference, reference_output(eng))
+    quantize_fp8(eng.transformer, "native", [])
+    eng.packed = PackedTransformer(eng.transformer)
+    eng.packed.compile()
+    fp8 = compare(reference, reference_output(eng))
+    print({"bf16 compiled": compiled, "fp8 compiled": fp8})
+    assert within(compiled, BOUNDS["bf16"]), compiled
+    assert within(fp8, BOUNDS["fp8"]), fp8
+    assert fp8["forward_rel_l2"] > compiled["forward_rel_l2"]  # fp8 did run: its rounding shows
