@@ -216,3 +216,55 @@ def test_a_local_ray_starts_its_workers_at_the_drivers_niceness(monkeypatch):
     ray_backend.connect(ClusterConfig(address="auto"))
     assert calls[0]["address"] == "local" and calls[0]["_system_config"] == {"worker_niceness": 0}
     assert calls[1]["address"] == "auto" and "_system_config" not in calls[1]  # a running cluster's own setting
+
+
+# ---- a job's records and output in the front door ------------------------------------------------------------------
+@linux
+def test_a_jobs_records_and_output_are_written_on_a_lowered_thread_never_ahead_of_the_database(tmp_path):
+    """The job runner's records and output lines are made and written on a thread of the job's own, at batch-job
+    niceness, off the event loop; every output line written is committed in the database first, and each line's
+    JSON text is the same in both."""
+    import asyncio
+
+    from orchestrator.batch_db import JobDB
+    from orchestrator.batch_input import Line
+    from orchestrator.batches import JobRunner
+    from zimage_common.config import load_config
+    from zimage_common.messages import ImageResult
+
+    config = load_config(None, [])
+    db = JobDB(tmp_path / "jobs.db")
+
+    class Dep:
+        def admit(self, requests):
+            async def done(r):
+                await asyncio.sleep(0)
+                return ImageResult(request_id=r.request_id, ok=True, seed=r.seed, width=r.width, height=r.height)
+
+            return [done(r) for r in requests]
+
+    class Sink:
+        def __init__(self):
+            self.lines, self.threads = [], set()
+
+        async def store(self, line, call, results):
+            return [{"b64_json": "aW1n"} for _ in results]
+
+        def append(self, lines):
+            self.threads.add((threading.get_ident(), nice_here()))
+            committed = set(JobDB(tmp_path / "jobs.db").records("b1"))  # a second connection sees commits only
+            assert set(lines) <= committed
+            self.lines += lines
+
+    sink = Sink()
+    runner = JobRunner(Dep(), config, db, "b1", sink, window=4)
+    lines = [Line(i + 1, f"c{i}", "/v1/images/generations", {"prompt": f"p{i}", "seed": i}) for i in range(12)]
+
+    async def run():
+        loop_thread = threading.get_ident()
+        assert await runner.run(lines)
+        return loop_thread
+
+    loop_thread = asyncio.run(run())
+    assert sorted(sink.lines) == sorted(db.records("b1")) and len(sink.lines) == 12
+    assert all(tid != loop_thread and nice == job_nice() for tid, nice in sink.threads)
