@@ -32,6 +32,7 @@ class ReplicaLoad:
     loop_step: int = 0  # the latest step of its loop seen (metrics count each step once)
     rate: float | None = None  # seconds per unit of ``batch_work`` (moving average; None until one is timed)
     leaving: bool = False  # left the deployment for good: dropped once nothing is outstanding
+    beats: set = field(default_factory=set)  # the hang clocks of its batches in flight (router._run_watched)
     # capacities derived from the books, by whoever asks (the dispatch policy), each with the inputs it was made
     # from; any change to the books clears them, so a loop pass reuses them instead of rebuilding one per replica
     cached: dict[str, tuple[Any, Any]] = field(default_factory=dict)
