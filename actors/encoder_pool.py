@@ -6,6 +6,9 @@ the replicas' nodes have those CPUs. The pool's threads never touch the GPU or i
 already on the CPU when they come here), and the encoders release the GIL while they compress, so the GPU loop's
 Python thread keeps running beside them. The bytes are ``image_codec.encode_image``'s, the same function the front
 door uses for raw pixels, so an image is byte for byte the same wherever it is encoded.
+
+A batch job's images are encoded on threads of their own, at batch-job CPU priority (``cpu_priority.py``): an
+interactive image never waits in the queue behind a job's, and its encode takes the core first.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
+from zimage_common.cpu_priority import lower_this_thread
 from zimage_common.image_codec import EncodedImage, encode_image
-from zimage_common.messages import ImageRequest, ImageResult, StepProgress
+from zimage_common.messages import INTERACTIVE, ImageRequest, ImageResult, StepProgress
 
 
 class EncoderPool:
     def __init__(self, threads: int, name: str = "encode"):
         self.threads = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
+        self._jobs = ThreadPoolExecutor(threads, thread_name_prefix=f"{name}-job", initializer=lower_this_thread)
         self._lock = threading.Lock()
         self.images = 0
         self.previews = 0
@@ -42,7 +47,7 @@ class EncoderPool:
         for r in results:
             req = requests.get(r.request_id)
             if r.ok and r.image is not None and req is not None and req.output_format:
-                jobs[r.request_id] = self._pool.submit(self._encode, r.image, req)
+                jobs[r.request_id] = self._executor(req).submit(self._encode, r.image, req)
         if not jobs:
             return tuple(results)
         with self._lock:
@@ -58,13 +63,16 @@ class EncoderPool:
         for request_id, k, image in event.previews:
             req = requests.get(request_id)
             if req is not None and req.output_format and not isinstance(image, EncodedImage):
-                futures.append((request_id, k, self._pool.submit(self._encode, image, req)))
+                futures.append((request_id, k, self._executor(req).submit(self._encode, image, req)))
             else:
                 futures.append((request_id, k, image))
         previews = tuple((rid, k, f.result() if isinstance(f, Future) else f) for rid, k, f in futures)
         with self._lock:
             self.previews += sum(1 for _, _, f in futures if isinstance(f, Future))
         return replace(event, previews=previews)
+
+    def _executor(self, request: ImageRequest) -> ThreadPoolExecutor:
+        return self._pool if request.priority <= INTERACTIVE else self._jobs
 
     def stats(self) -> dict:
         with self._lock:
@@ -73,3 +81,4 @@ class EncoderPool:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._jobs.shutdown(wait=False, cancel_futures=True)

@@ -11,9 +11,10 @@ import threading
 from concurrent.futures import Future
 from dataclasses import asdict, replace
 
+from zimage_common.cpu_priority import WORK_PRIORITY, run_as
 from zimage_common.errors import ReplicaUnavailableError
 from zimage_common.logging_setup import logs_batch
-from zimage_common.messages import Batch, BatchResult, FailureKind, ImageResult, StageTimes
+from zimage_common.messages import INTERACTIVE, Batch, BatchResult, FailureKind, ImageResult, StageTimes
 
 # The replica's log lines keep one logger name whichever part of it writes them: operators filter on it
 # (docs/observability.md).
@@ -47,8 +48,20 @@ class ServingMixin:
         t.join()
         yield out[0]
 
-    @logs_batch  # every log line about the batch carries its requests' ids
     def _serve(self, batch: Batch, emit=None) -> BatchResult:
+        """The call at its requests' most urgent priority: its stage calls queue and run by it, and this thread runs
+        at its CPU niceness meanwhile (``zimage_common/cpu_priority.py``)."""
+        priority = min((r.priority for r in batch.requests), default=INTERACTIVE)
+        token = WORK_PRIORITY.set(priority)
+        run_as(priority)
+        try:
+            return self._serve_call(batch, emit)
+        finally:
+            run_as(INTERACTIVE)
+            WORK_PRIORITY.reset(token)
+
+    @logs_batch  # every log line about the batch carries its requests' ids
+    def _serve_call(self, batch: Batch, emit=None) -> BatchResult:
         """Each request screened on its own first (``actors/screening.py``: an unencodable prompt or a size the model
         cannot place fails alone, ``invalid_request``), a sample that ends non-finite fails alone
         (``request_error``); results carry the token counts the HTTP layer reports as ``usage``."""
@@ -232,19 +245,24 @@ class SharedEncodes:
         self.stages = stages
         self.engine = engine
         self._lock = threading.Lock()
-        self._waiting: list[tuple[tuple, Future]] = []
+        self._waiting: list[tuple[tuple, Future, int]] = []  # (prompts, answer, the call's work priority)
 
     def __call__(self, prompts, negative_prompts, guidance):
         """``(EncodedPrompts, seconds)`` for one call's prompts (``ZImageEngine.encode_stage``)."""
         done: Future = Future()
         with self._lock:
-            self._waiting.append(((list(prompts), list(negative_prompts), list(guidance)), done))
+            self._waiting.append(((list(prompts), list(negative_prompts), list(guidance)), done,
+                                  WORK_PRIORITY.get()))
         self.stages.submit("encode", self._drain)
         return done.result()
 
     def _drain(self) -> None:
         with self._lock:
-            calls, self._waiting = self._waiting, []
+            waiting, self._waiting = self._waiting, []
+        if not waiting:
+            return
+        run_as(min(p for _, _, p in waiting))  # an interactive call's prompts never encode at a job's priority
+        calls = [(args, done) for args, done, _ in waiting]
         if len(calls) > 1:
             try:
                 enc, seconds = self.engine.encode_stage(*(sum((c[0][k] for c in calls), []) for k in range(3)))

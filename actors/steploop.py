@@ -24,7 +24,9 @@ more urgent sample is left. So an interactive request never waits behind batch-j
 joins at the next step whatever the job's samples hold in the token budget or sample count (the limits, the join
 policy and the LoRA slots count the samples that step; a parked one holds only its latents), and it runs its steps
 alone or beside its own priority. Less urgent waiting samples stay queued until then. A sample's steps depend only
-on its own state, so a parked sample's image equals its unparked run.
+on its own state, so a parked sample's image equals its unparked run. A step of batch-job samples alone runs at
+batch-job CPU priority (``zimage_common/cpu_priority.py``), so on a shared host it yields the cores to interactive
+work elsewhere.
 
 Cancels take request ids; a name not in the loop yet is kept ``CANCEL_KEEP_S``, so a cancel that overtakes its call
 still applies. An out-of-memory step shrinks the running set (the newest half waits; the budget stays lowered for
@@ -45,7 +47,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from zimage_common.config import JoinPolicy
-from zimage_common.messages import StageTimes
+from zimage_common.cpu_priority import run_as
+from zimage_common.messages import INTERACTIVE, StageTimes
 
 from .devices import free_cache, is_oom
 from .engine import Schedule, has_images
@@ -229,8 +232,11 @@ class StepLoop:
     def run_alone(self, group: Group) -> Group:
         """Run ``group`` to its end on the calling thread (a loop nobody else submits to)."""
         self.submit(group, start=False)
-        while not group.done.is_set():
-            self._guarded(wait=False)
+        try:
+            while not group.done.is_set():
+                self._guarded(wait=False)
+        finally:
+            run_as(INTERACTIVE)  # the caller's thread goes on at its own priority
         return group
 
     def cancel(self, names: set[str]) -> None:
@@ -362,6 +368,7 @@ class StepLoop:
         self.stats.running = len(running)
         self.stats.parked = parked
         self.stats.steps += 1  # (before the step: its hooks' progress events carry its own count)
+        run_as(urgent)  # a step of batch-job samples only yields the CPU to interactive work (cpu_priority.py)
         self._run_step(running)
 
     @staticmethod

@@ -35,7 +35,7 @@ def dumps(obj) -> str:
 
 
 class JobDB:
-    """One SQLite file. Calls come from one event loop (a lock guards the rare call from a worker thread);
+    """One SQLite file, shared by the event loop and a running job's writer thread (``batches.py``) under a lock;
     ``record`` does not commit: the caller commits a group of records with ``commit``."""
 
     def __init__(self, path: Path):
@@ -104,10 +104,12 @@ class JobDB:
 
     # ---- finished requests -------------------------------------------------------------------------------
     def record(self, batch_id: str, custom_id: str, line: int, ok: bool, retryable: bool, latency_s: float | None,
-               record: dict) -> None:
+               record: dict | str) -> None:
+        """``record``: the output line, or its JSON text (``dumps``) already made."""
+        text = record if isinstance(record, str) else dumps(record)
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (batch_id, custom_id, line, int(ok), int(retryable), latency_s, dumps(record)))
+                             (batch_id, custom_id, line, int(ok), int(retryable), latency_s, text))
 
     def commit(self) -> None:
         with self._lock:

@@ -4,7 +4,11 @@ the API checks it (a bad one fails alone); its requests are queued with ``BATCH_
 window (a full queue means wait, never fail); its images go to the job's sink, then its outcome to SQLite
 (``batch_db.py``); every ``FLUSH_S`` the recorded outcomes are committed, and only then appended to the output
 JSONL. So an output line is always a committed record: a rerun after a crash rewrites the output from the database
-and skips every recorded ``custom_id``; what was in flight runs again (same seed, same image)."""
+and skips every recorded ``custom_id``; what was in flight runs again (same seed, same image).
+
+The records and the output writes run in order on one thread of the job's own, at batch-job CPU priority
+(``zimage_common/cpu_priority.py``), not on the event loop the interactive requests share: each line's JSON text
+(its images' base64 included) is made once there, for the database and the output file alike."""
 
 from __future__ import annotations
 
@@ -14,10 +18,12 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 from zimage_common.config import Config
+from zimage_common.cpu_priority import lower_this_thread
 from zimage_common.errors import InvalidRequestError, NotReadyError, QueueFullError, ZImageError
 from zimage_common.messages import BATCH_JOB, ImageResult, failure
 
@@ -93,7 +99,9 @@ class JobRunner:
         self.on_outcome = on_outcome
         self.in_flight = 0
         self._room = asyncio.Condition()
-        self._pending: list[Outcome] = []
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"job-writer-{batch_id}"[:40],
+                                          initializer=lower_this_thread)
+        self._pending: list[str] = []  # recorded, not yet committed: their output lines (the writer's only)
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self.slowest: list[tuple[float, str, str]] = []  # (latency, custom_id, prompt): the 5 slowest of this run
@@ -126,6 +134,7 @@ class JobRunner:
         finally:
             flusher.cancel()
             self.flush()
+            self._writer.shutdown(wait=True)
         return not self._stopping
 
     def stop(self) -> None:
@@ -214,23 +223,40 @@ class JobRunner:
             self._room.notify_all()
 
     def _finish(self, o: Outcome) -> None:
-        self.db.record(self.batch_id, o.line.custom_id, o.line.number, o.ok, o.retryable, o.latency_s, o.record)
-        self._pending.append(o)
+        try:
+            self._writer.submit(self._record, o)
+        except RuntimeError:  # a task that outlived ``run`` (it raised): recorded here, committed with the next
+            self._record(o)
         if self.on_outcome is not None:
             self.on_outcome(o)
 
-    def flush(self) -> None:
-        """Commit what is recorded, then write it out: an output line is never ahead of the database."""
+    def _record(self, o: Outcome) -> None:
+        """On the writer: the outcome into the database (uncommitted) and its line into the pending output."""
+        try:
+            text = dumps(o.record)
+            self.db.record(self.batch_id, o.line.custom_id, o.line.number, o.ok, o.retryable, o.latency_s, text)
+        except Exception:  # noqa: BLE001 - not recorded, so not written out: a rerun runs the line again
+            log.exception("batch %s: recording line %d failed", self.batch_id, o.line.number)
+            return
+        self._pending.append(text)
+
+    def _write(self) -> None:
+        """On the writer: commit what is recorded, then write it out (an output line is never ahead of the
+        database)."""
         if not self._pending:
             return
         self.db.commit()
         pending, self._pending = self._pending, []
-        self.sink.append([dumps(o.record) for o in pending])
+        self.sink.append(pending)
+
+    def flush(self) -> None:
+        """Record, commit and write out every outcome finished so far; returns when it is done."""
+        self._writer.submit(self._write).result()
 
     async def _flush_every(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_S)
             try:
-                self.flush()
+                await asyncio.wrap_future(self._writer.submit(self._write))
             except Exception:  # noqa: BLE001 - a full disk must not kill the job silently; the log says why
                 log.exception("batch %s: writing outcomes failed; retrying", self.batch_id)

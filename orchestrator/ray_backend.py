@@ -52,9 +52,14 @@ def connect(cluster: ClusterConfig) -> None:
         # address="local", not None: with None, ray.init joins whatever RAY_ADDRESS or the current-cluster file
         # (<ray temp dir>/ray_current_cluster, left behind by a cluster that died without `ray stop`) points at,
         # and then refuses num_cpus/num_gpus. A local start always starts its own Ray.
+        # Replicas at the front door's CPU priority: Ray starts its workers 15 steps nicer than the driver (so that
+        # background tasks leave the CPU to the driver), but replicas are the serving path: an interactive request's
+        # encode, steps and decode would lose every core the front door wants, and a batch job's work, which
+        # replicas run lower (zimage_common/cpu_priority.py), would have almost no room below them (nice 19 against
+        # 15). A cluster started with `ray start` takes RAY_worker_niceness=0 in its nodes' environment instead.
         log.info("starting a local Ray (num_cpus=%s, num_gpus=%s)", cluster.num_cpus, cluster.num_gpus)
         ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus, include_dashboard=False,
-                 **common)
+                 _system_config={"worker_niceness": 0}, **common)
 
 
 def node_alive(node_id: str) -> bool:

@@ -31,6 +31,7 @@ class ReplicaLoad:
     loop_step: int = 0  # the latest step of its loop seen (metrics count each step once)
     rate: float | None = None  # seconds per unit of ``batch_work`` (moving average; None until one is timed)
     leaving: bool = False  # left the deployment for good: dropped once nothing is outstanding
+    beats: set = field(default_factory=set)  # the hang clocks of its batches in flight (router._run_watched)
 
     @property
     def outstanding(self) -> int:

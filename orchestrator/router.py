@@ -324,14 +324,17 @@ class Router:
 
     async def _run_watched(self, replica: Replica, load: ReplicaLoad, batch: Batch,
                            pendings: list[Pending]) -> BatchResult:
-        """Run the batch; raise ``ReplicaHungError`` if the replica's loop runs no step of it within the hang limit
-        (every step restarts the clock). The first step and the loop's occupancy feed the metrics."""
+        """Run the batch; raise ``ReplicaHungError`` if the replica's loop runs no step within the hang limit (any
+        step of its loop restarts the clock of every batch there: a batch-job call parked while interactive samples
+        step is waiting on a loop that runs, not hung). The first step and the loop's occupancy feed the metrics."""
         listeners = [p.progress for p in pendings if p.progress is not None]
         stepped = asyncio.Event()
+        load.beats.add(stepped)
         first = []
 
         def on_step(ev: StepProgress) -> None:
-            stepped.set()
+            for beat in load.beats:
+                beat.set()
             if not first:
                 first.append(True)
                 now = self.clock.now()
@@ -346,20 +349,23 @@ class Router:
         limit = load.hang_limit(batch, self.config.hang_factor, self.config.hang_min_s,
                                 self.config.first_batch_timeout_s)
         started = self.clock.now()
-        while True:
-            alarm = asyncio.ensure_future(self.clock.sleep(limit))
-            beat = asyncio.ensure_future(stepped.wait())
-            try:
-                await asyncio.wait({run, alarm, beat}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                run.cancel()  # (the router stops: the call's await goes with it)
-                raise
-            finally:
-                alarm.cancel()
-                beat.cancel()
-            if run.done() or not stepped.is_set():
-                break
-            stepped.clear()  # a step ran: the hang clock starts again
+        try:
+            while True:
+                alarm = asyncio.ensure_future(self.clock.sleep(limit))
+                beat = asyncio.ensure_future(stepped.wait())
+                try:
+                    await asyncio.wait({run, alarm, beat}, return_when=asyncio.FIRST_COMPLETED)
+                except asyncio.CancelledError:
+                    run.cancel()  # (the router stops: the call's await goes with it)
+                    raise
+                finally:
+                    alarm.cancel()
+                    beat.cancel()
+                if run.done() or not stepped.is_set():
+                    break
+                stepped.clear()  # a step ran: the hang clock starts again
+        finally:
+            load.beats.discard(stepped)
         if not run.done():
             run.cancel()
             raise ReplicaHungError(f"batch {batch.batch_id} ran {limit:.0f}s without a step, past its hang limit "

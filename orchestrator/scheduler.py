@@ -15,8 +15,9 @@ asyncio, no Ray: the router passes ``now`` and the free replicas in and gets dec
   interactive traffic is about, batch-job work leaves ``reserve`` replicas idle, runs in calls of at most
   ``background_max_batch`` images, and goes to no busy replica (``interactive_recent``), so an interactive request
   never waits behind a batch job's work at a replica. There, denoising steps are by priority (a job's samples are
-  parked while interactive ones run: ``actors/steploop.py``), but a call's encode and decode are first come first
-  served. A batch job fills only what that leaves.
+  parked while interactive ones run: ``actors/steploop.py``), waiting encodes and decodes run most urgent first
+  (``actors/stages.py``) but one already running is not preempted, and a job's work runs at a lower CPU priority.
+  A batch job fills only what that leaves.
 
 The cost of a decision does not grow with the number of replicas or the queue's length: free replicas come in kinds
 of equal room (``free_replicas.py``), each asked once a pass; a batch is filled from the first ``FILL_LOOKAHEAD``

@@ -46,9 +46,13 @@ class StepReplica:
         finally:
             self.calls.pop(batch.batch_id, None)
 
-    def step(self, joined=0):
+    def step(self, joined=0, parked=()):
+        """One loop step: every call in reports it, but those naming a request in ``parked`` (less urgent samples
+        skip the steps of more urgent ones and report nothing)."""
         self.loop_step += 1
         for batch, _, on_progress in list(self.calls.values()):
+            if any(r.request_id in parked for r in batch.requests):
+                continue
             on_progress(StepProgress(batch.batch_id, 1, 4, loop_step=self.loop_step, running=len(self.calls),
                                      joined=joined))
 
@@ -139,6 +143,36 @@ async def test_hang_detection_counts_from_each_step(clock):
     assert not task.done() and pool.failures == []
     await clock.advance(10.5)  # no step for longer than the limit: hung
     r = await task
+    assert pool.failures == ["a"] and not r.ok and r.error_type == "replica_lost"
+    await router.stop()
+
+
+async def test_a_parked_job_call_is_not_hung_while_its_replicas_loop_steps(clock):
+    """A batch job's call whose samples are parked reports no step while interactive samples step at its replica: it
+    waits on a loop that runs, so its hang clock restarts with the loop's steps; once the loop runs none for longer
+    than the limit, it is hung."""
+    from dataclasses import replace
+
+    from zimage_common.messages import BATCH_JOB
+
+    a = StepReplica("a")
+    pool = FakePool(a)
+    router = make_router(pool, clock, first_batch_timeout_s=10, hang_min_s=1, max_attempts=1)
+    job = asyncio.create_task(router.submit(replace(req(0), priority=BATCH_JOB)))
+    await settle()
+    live = asyncio.create_task(router.submit(req(1)))
+    await clock.advance(0.1)
+    await settle()
+    assert sorted(a.in_loop()) == ["q0", "q1"]
+    for _ in range(5):  # 40 s: the job's call never steps, the loop never stops for 10 s
+        await clock.advance(8)
+        a.step(parked={"q0"})
+        await settle()
+    assert not job.done() and pool.failures == []
+    a.finish("q1")
+    assert (await live).ok
+    await clock.advance(10.5)  # the loop runs no step at all now
+    r = await job
     assert pool.failures == ["a"] and not r.ok and r.error_type == "replica_lost"
     await router.stop()
 
