@@ -1,5 +1,5 @@
-"""Choosing a replica when several routers share them: power of two choices over the queue lengths the replicas
-report (Ray Serve's ``PowerOfTwoChoicesRequestRouter``).
+"""The queue lengths that several routers sharing replicas choose by: power of two choices (Ray Serve's
+``PowerOfTwoChoicesRequestRouter``; the draw itself is ``free_replicas.PowerOfTwo``, the probes ``pool_queues.py``).
 
 A router's own books (``replica_load.py``) see only what it sent; with several front doors the replicas' queues are
 the sum of all of theirs, which only the replicas know (``actors/admission.py``: ``queue_len``). Asking every replica
@@ -12,8 +12,8 @@ for every request would cost a round trip per replica, so, as Ray Serve does:
 - the shorter queue wins; a replica whose report is stale or missing is asked (``stale``), and one at
   ``max_queue`` is not a candidate.
 
-The work per request is constant whatever the number of replicas. Pure functions and a small cache with an
-injected clock: nothing here calls Ray.
+The work per request is constant whatever the number of replicas. A small cache with an injected clock: nothing
+here calls Ray.
 
 Where it plugs in: with a pool of several front doors (``Router(shared=True)``), the router hands its free replicas
 to the scheduler by ``free_replicas.PowerOfTwo`` over ``QueueLengths`` (it probes ``queue_len`` through the replica
@@ -23,7 +23,6 @@ least-outstanding first by its own books, which see all their work.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -71,34 +70,3 @@ class QueueLengths:
 
     def forget(self, replica_id: str) -> None:
         self._reports.pop(replica_id, None)
-
-
-def choose(candidates: Sequence[str], lengths: Callable[[str], int | None], rng: random.Random | None = None,
-           max_queue: int | None = None) -> str | None:
-    """Power of two choices: two distinct candidates drawn at random, the one with the shorter queue wins (a tie
-    goes to the first drawn, so ties spread at random too). A candidate without a known length counts as empty:
-    a new or silent replica gets work, and with it a report. Candidates at ``max_queue`` or beyond are left out;
-    None when none is left."""
-    rng = rng or random
-    pool = [c for c in candidates if max_queue is None or (lengths(c) or 0) < max_queue]
-    if not pool:
-        return None
-    if len(pool) == 1:
-        return pool[0]
-    a, b = rng.sample(pool, 2)
-    return a if (lengths(a) or 0) <= (lengths(b) or 0) else b
-
-
-def order(candidates: Sequence[str], lengths: Callable[[str], int | None], rng: random.Random | None = None,
-          max_queue: int | None = None) -> list[str]:
-    """Every candidate, in the order repeated power-of-two draws pick them (the first is ``choose``'s answer):
-    for a scheduler that fills several replicas in one pass."""
-    rest = list(candidates)
-    out = []
-    while rest:
-        pick = choose(rest, lengths, rng, max_queue)
-        if pick is None:
-            break
-        out.append(pick)
-        rest.remove(pick)
-    return out

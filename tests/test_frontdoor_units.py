@@ -12,7 +12,7 @@ from actors.admission import AdmissionGate, AdmissionLimits
 from orchestrator.idempotency import body_digest, parse_key, scope, with_result_keys
 from orchestrator.idempotency_store import DONE, MISMATCH, NEW, PENDING, RUN, WAIT, IdempotencyStore, StoredResponse
 from orchestrator.pool import differing, pool_digest
-from orchestrator.pow2 import QueueLengths, choose, order
+from orchestrator.pow2 import QueueLengths
 from zimage_common.config import config_from_dict
 from zimage_common.image_codec import EncodedImage, encode_image, image_bytes
 
@@ -191,17 +191,38 @@ def test_keyed_images_get_keys_derived_from_the_call_key_body_and_index():
 
 # ---- power of two choices -------------------------------------------------------------------------------------
 def test_power_of_two_choices_prefers_the_shorter_reported_queue_and_skips_full_ones():
+    """The router's pick for pooled front doors (``free_replicas.PowerOfTwo``), one pass at a time."""
+    from orchestrator.free_replicas import FreeReplicas, PowerOfTwo
+    from orchestrator.scheduler import ReplicaCapacity
+
     rng = random.Random(3)
     lengths = {"a": 0, "b": 5, "c": 9}
-    assert all(choose(["a", "b"], lengths.get, rng) == "a" for _ in range(20))
-    picks = [choose(["a", "b", "c"], lengths.get, rng) for _ in range(3000)]
+
+    def choose(names, lengths, rng, max_queue=None):
+        free = FreeReplicas([ReplicaCapacity(n, 1 << 30, 1 << 20) for n in names])
+        pick = PowerOfTwo(lambda rid: (0, lengths.get(rid) or 0),
+                          lambda rid: max_queue is not None and (lengths.get(rid) or 0) >= max_queue, rng)
+        p = free.start(pick)
+        room = p.next()
+        p.end()
+        return None if room is None else room.replica_id
+
+    def order(names, lengths, rng):
+        out, rest = [], list(names)
+        while rest:
+            out.append(choose(rest, lengths, rng))
+            rest.remove(out[-1])
+        return out
+
+    assert all(choose(["a", "b"], lengths, rng) == "a" for _ in range(20))
+    picks = [choose(["a", "b", "c"], lengths, rng) for _ in range(3000)]
     assert picks.count("c") == 0  # c loses every pair it is drawn into
     assert 0.6 < picks.count("a") / len(picks) < 0.73  # a wins both pairs it is in: 2/3
-    assert choose(["a", "b", "c"], lengths.get, rng, max_queue=5) == "a"
-    assert choose(["b", "c"], lengths.get, rng, max_queue=5) is None
-    orders = [order(["a", "b", "c"], lengths.get, rng) for _ in range(50)]
+    assert choose(["a", "b", "c"], lengths, rng, max_queue=5) == "a"
+    assert choose(["b", "c"], lengths, rng, max_queue=5) is None
+    orders = [order(["a", "b", "c"], lengths, rng) for _ in range(50)]
     assert all(sorted(o) == ["a", "b", "c"] and o[-1] == "c" for o in orders)  # the longest queue never before
-    ties = [choose(["x", "y"], {}.get, rng) for _ in range(2000)]  # no reports: spread at random
+    ties = [choose(["x", "y"], {}, rng) for _ in range(2000)]  # no reports: spread at random
     assert 0.45 < ties.count("x") / 2000 < 0.55
 
 
