@@ -155,11 +155,16 @@ async def run_job(config: Config, input_path: Path, out: str, state: Path | None
 
     runner = JobRunner(dep, config, db, JOB_ID, sink, window, on_outcome)
     t0 = time.perf_counter()
-    finished = False
+    finished = interrupted = False
     try:
         with open(input_path, "rb") as f:
             finished = await runner.run(read_lines(f, config.batches.cli_max_lines, ENDPOINTS,
                                                    "batches.cli_max_lines"))
+    except asyncio.CancelledError:
+        # Ctrl-C (asyncio.run cancels this task): the summary of what this run did is still written and printed;
+        # taking the cancellation back lets asyncio.run return it instead of raising KeyboardInterrupt
+        interrupted = True
+        asyncio.current_task().uncancel()
     finally:
         elapsed = time.perf_counter() - t0
         bar.close()
@@ -175,7 +180,8 @@ async def run_job(config: Config, input_path: Path, out: str, state: Path | None
                                                   "images": counts["images"], "elapsed_s": round(elapsed, 3),
                                                   "images_per_s": round(counts["images"] / elapsed, 4)
                                                   if elapsed > 0 else None},
-        "window": runner.window, "finished": finished and ok_total + failed_total == len(images),
+        "window": runner.window, "interrupted": interrupted,
+        "finished": finished and ok_total + failed_total == len(images),
         "slowest": [{"custom_id": c, "latency_s": round(t, 3), "prompt": p}
                     for t, c, p in sorted(runner.slowest, reverse=True)],
     }
@@ -209,6 +215,8 @@ def cmd_batch(args, deployment_factory=None) -> int:
         print("\ninterrupted: finished requests are recorded; rerun the same command to go on", file=sys.stderr)
         return 130
     print_summary(summary)
+    if summary["interrupted"]:
+        print("interrupted: finished requests are recorded; rerun the same command to go on", file=sys.stderr)
     if not summary["finished"]:
         return 130
     return 0 if summary["failed"] == 0 else 1

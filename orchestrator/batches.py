@@ -131,6 +131,11 @@ class JobRunner:
                 task.add_done_callback(self._tasks.discard)
             if self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        except asyncio.CancelledError:  # Ctrl-C: drop what is in flight, keep what is recorded
+            self.stop()
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            raise
         finally:
             flusher.cancel()
             self.flush()

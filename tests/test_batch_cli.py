@@ -82,6 +82,27 @@ async def test_a_bad_line_fails_alone_and_a_rerun_skips_what_is_done(tmp_path):
         await run_job(cfg, other, str(tmp_path / "out"), deployment_factory=start, progress=False)
 
 
+async def test_ctrl_c_still_writes_the_summary_and_a_rerun_finishes(tmp_path):
+    """Ctrl-C under asyncio.run cancels the job's task: what this run did is still summarized (and written), nothing
+    recorded is lost, and the same command run again finishes the rest."""
+    import asyncio
+
+    src = write_job(tmp_path / "in.jsonl", 60)
+    cfg = tiny_config(tmp_path)
+    backend = TimedBackend(1, base_s=0.01)
+    task = asyncio.get_running_loop().create_task(
+        run_job(cfg, src, str(tmp_path / "out"), deployment_factory=factory(backend), progress=False))
+    while len(backend.generated) < 20:
+        await asyncio.sleep(0.005)
+    task.cancel()
+    s = await task
+    assert s["interrupted"] and not s["finished"] and 0 < s["done"] < 60
+    assert s["this_run"]["images"] == s["done"] and s["this_run"]["images_per_s"] > 0
+    assert json.loads((tmp_path / "out/summary.json").read_text())["done"] == s["done"]
+    s2 = await run_job(cfg, src, str(tmp_path / "out"), deployment_factory=factory(backend), progress=False)
+    assert s2["finished"] and s2["done"] == 60 and s2["skipped_as_done_before"] == s["done"]
+
+
 WORKER = """
 import asyncio, sys
 from pathlib import Path
