@@ -48,6 +48,13 @@ log = logging.getLogger(__name__)
 ROSTER_REFRESH_S = 1.0  # the pool's live replicas are read again at least this often (and whenever ``wake`` says)
 
 
+def batch_wait_s(config: RouterConfig) -> float:
+    """How long a request may wait at the router for batch-mates while a replica has room. Under step scheduling,
+    none: the replica's loop takes later arrivals at its next step, so a wait only delays the first. Whole batches
+    (scheduling=batch) cannot take anyone once they start, so there a request waits up to ``max_wait_ms``."""
+    return 0.0 if config.scheduling == "step" else config.max_wait_ms / 1000.0
+
+
 class Router:
     def __init__(self, pool: ReplicaPool, config: RouterConfig, clock: Clock | None = None,
                  observer: RouterObserver | None = None, max_batch_adapters: int | None = None,
@@ -57,7 +64,7 @@ class Router:
         self.config = config
         self.clock = clock or MonotonicClock()
         self.observer = observer or RouterObserver()
-        self.scheduler = BatchScheduler(config.max_batch_size, config.max_wait_ms / 1000.0, config.queue_limit,
+        self.scheduler = BatchScheduler(config.max_batch_size, batch_wait_s(config), config.queue_limit,
                                         max_batch_adapters)
         self._loads: dict[str, ReplicaLoad] = {}  # replica_id -> its books (replica_load.py)
         self._live: dict[str, Replica] = {}  # the pool's live replicas, as last read
@@ -102,6 +109,7 @@ class Router:
         except ValidationError:
             raise ValueError(f"router.scheduling must be 'step' or 'batch', got {value!r}") from None
         self._policy = Dispatch(self.config, self.scheduler)
+        self.scheduler.max_wait_s = batch_wait_s(self.config)
         self._roster_changed = self._rooms_stale = True  # (every room again, by the new policy)
 
     def load(self, replica_id: str) -> ReplicaLoad:
@@ -384,6 +392,10 @@ class Router:
             for p in pendings:
                 self._retry_or_fail(p, f"replica {out.replica_id} is not ready", FailureKind.REPLICA_LOST)
             return
+        # A batch whose every member failed may have failed for one member's input (no per-request check caught
+        # it): bisect it. Where some members succeeded, the replica already kept the failure to its requests.
+        failed_whole = len(batch) > 1 and all(not r.ok and r.error_type == FailureKind.REPLICA_ERROR
+                                              for r in out.results)
         for p in pendings:
             r = by_id.get(p.request.request_id)
             if r is None:
@@ -396,10 +408,9 @@ class Router:
                 p.max_batch = max(1, len(batch) // 2)
                 p.attempts -= 1  # a split is not a failed attempt
                 self._requeue(p)
-            elif r.error_type == FailureKind.REPLICA_ERROR and len(batch) > 1:
-                # Isolation: the whole batch failed, and it may be one member's fault (an input no per-request
-                # check caught). Bisect as for out of memory: each half runs again without counting an attempt,
-                # down to single requests, so the innocent members succeed and only the culprit fails.
+            elif r.error_type == FailureKind.REPLICA_ERROR and failed_whole:
+                # Bisect as for out of memory: each half runs again without counting an attempt, down to single
+                # requests, so the innocent members succeed and only the culprit fails.
                 log.info("batch %d failed as a whole (%s); bisecting %s", batch.batch_id, r.error,
                          p.request.request_id)
                 p.max_batch = max(1, len(batch) // 2)

@@ -89,10 +89,10 @@ async def test_ctrl_c_still_writes_the_summary_and_a_rerun_finishes(tmp_path):
 
     src = write_job(tmp_path / "in.jsonl", 60)
     cfg = tiny_config(tmp_path)
-    backend = TimedBackend(1, base_s=0.01)
+    backend = TimedBackend(2, base_s=0.01)
     task = asyncio.get_running_loop().create_task(
         run_job(cfg, src, str(tmp_path / "out"), deployment_factory=factory(backend), progress=False))
-    while len(backend.generated) < 20:
+    while len(backend.generated) < 20 and not task.done():
         await asyncio.sleep(0.005)
     task.cancel()
     s = await task

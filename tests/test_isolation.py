@@ -63,6 +63,27 @@ async def test_router_bisects_a_failed_batch_so_only_the_culprit_fails(raise_):
     await router.stop()
 
 
+async def test_a_failure_the_replica_kept_to_one_request_is_not_run_again():
+    """Only the poisoned request's result failed (the replica isolated it): the others are delivered and nothing
+    runs a second time."""
+
+    class OneFails(FakeReplica):
+        async def run(self, batch, on_progress=None):
+            out = await super().run(batch)
+            return BatchResult(out.batch_id, out.replica_id, tuple(
+                ImageResult(request_id=r.request_id, ok=False, replica_id=self.replica_id, batch_id=batch.batch_id,
+                            seed=r.seed, error="bad input", error_type="replica_error") if "poison" in q.prompt
+                else r for r, q in zip(out.results, batch.requests)))
+
+    replica = OneFails("a")
+    router = Router(FakePool(replica), RouterConfig(max_batch_size=4, max_wait_ms=0), clock=ManualClock())
+    router.start()
+    results = await asyncio.wait_for(asyncio.gather(*router.admit([req(0), req(1, "poison pill"), req(2)])), 5)
+    assert [r.ok for r in results] == [True, False, True]
+    assert [len(b) for b in replica.batches] == [3]
+    await router.stop()
+
+
 async def test_admission_is_all_or_nothing():
     from zimage_common.errors import QueueFullError
 

@@ -45,9 +45,25 @@ async def test_each_caller_gets_its_own_result(clock):
     await router.stop()
 
 
+async def test_step_scheduling_sends_a_lone_request_at_once(clock):
+    """A running loop takes later arrivals at its next step, so waiting for batch-mates only delays the first one:
+    under step scheduling max_wait_ms holds nobody (it is scheduling=batch's)."""
+    a = FakeReplica("a")
+    router = make_router(FakePool(a), clock, max_wait_ms=100, scheduling="step")
+    await asyncio.wait_for(router.submit(req(0)), 1)
+    assert [len(b) for b in a.batches] == [1] and clock.now() == 0
+    router.scheduling = "batch"
+    t = asyncio.create_task(router.submit(req(1)))
+    await settle()
+    assert len(a.batches) == 1  # whole batches wait for batch-mates again
+    await clock.advance(0.11)
+    await t
+    await router.stop()
+
+
 async def test_partial_batch_waits_max_wait_then_goes(clock):
     a = FakeReplica("a")
-    router = make_router(FakePool(a), clock, max_wait_ms=100)
+    router = make_router(FakePool(a), clock, max_wait_ms=100, scheduling="batch")
     t = asyncio.create_task(router.submit(req(0)))
     await settle()
     assert a.batches == []  # free replica, but the batch may still grow

@@ -368,8 +368,9 @@ class RouterConfig(_Strict):
         "mix of sizes; the plan's memory budget lowers it where a GPU holds less. The default, about four 1024x1024 "
         "images with long prompts, is where a step's time on an H100 grows in proportion to its tokens.")
     max_wait_ms: float = Field(
-        default=10.0, ge=0, le=60_000, description="How long the oldest request may wait for batch-mates while a "
-        "replica is free.")
+        default=10.0, ge=0, le=60_000, description="scheduling=batch: how long the oldest request may wait for "
+        "batch-mates while a replica has room. Under scheduling=step a request is sent at once: the replica's loop "
+        "takes later arrivals at its next step.")
     queue_limit: int = Field(default=256, ge=1, le=1_000_000, description="Requests waiting before 429.")
     request_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="Queue + run time limit.")
     max_attempts: int = Field(
