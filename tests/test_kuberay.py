@@ -213,6 +213,8 @@ def test_workers_run_kuberays_ray_start_with_the_model_cache():
     assert vol["persistentVolumeClaim"]["claimName"] == _one("PersistentVolumeClaim", "zimage-models")["metadata"][
         "name"]
     assert "ReadWriteMany" in _one("PersistentVolumeClaim", "zimage-models")["spec"]["accessModes"]
+    # replicas at the front door's CPU priority, as a local Ray and zimage-ray-node start them
+    assert {e["name"]: e.get("value") for e in c["env"]}["RAY_worker_niceness"] == "0"
 
 
 def test_service_selects_every_front_door_and_nothing_else():
