@@ -9,6 +9,10 @@ call larger than the limits alone enters when nothing else is inside (it could n
 router sends such a call only to an idle replica). The limits are what one router sends at most, so with a single
 front door nothing ever waits here.
 
+Interactive calls and a batch job's are admitted as the router books them (``orchestrator/dispatch_policy.py``): an
+interactive call counts only the interactive calls inside (the step loop runs their samples first and parks a
+job's), a job's call counts everything inside; and a waiting interactive call goes ahead of waiting job calls.
+
 ``queue_len`` (samples waiting plus samples inside) is what routers compare when they choose between two replicas
 (power of two choices, ``orchestrator/pow2.py``). A call's requests may be cancelled while it waits: a call whose
 requests are all cancelled leaves the queue at once, and the others enter without the cancelled ones.
@@ -38,6 +42,7 @@ class Ticket:
     request_ids: tuple[str, ...]
     tokens: int
     samples: int
+    job: bool = False  # a batch job's call (after every interactive one)
     cancelled: set[str] = field(default_factory=set)
     admitted: bool = False
     withdrawn: bool = False  # every request cancelled while it waited: it never enters
@@ -74,18 +79,21 @@ class AdmissionGate:
         self._cond = threading.Condition()
         self._queue: deque[Ticket] = deque()
         self._inside: set[Ticket] = set()
+        self._jobs = [0, 0, 0]  # calls, tokens, samples of the job calls inside
         self.stats = GateStats()
 
-    def enter(self, request_ids, tokens: int, samples: int, timeout_s: float | None = None) -> Ticket:
+    def enter(self, request_ids, tokens: int, samples: int, timeout_s: float | None = None,
+              job: bool = False) -> Ticket:
         """Wait for the call's turn and room; returns its ticket (``admitted``), or, when every request of it was
-        cancelled meanwhile, a ``withdrawn`` one. ``timeout_s`` (tests): raise TimeoutError past it."""
-        ticket = Ticket(tuple(request_ids), tokens, samples)
+        cancelled meanwhile, a ``withdrawn`` one. ``job``: a batch job's call. ``timeout_s`` (tests): raise
+        TimeoutError past it."""
+        ticket = Ticket(tuple(request_ids), tokens, samples, job)
         t0 = self._clock()
         deadline = None if timeout_s is None else t0 + timeout_s
         with self._cond:
             self._queue.append(ticket)
             waited = False
-            while not ticket.withdrawn and not (self._queue[0] is ticket and self._fits(ticket)):
+            while not ticket.withdrawn and not (self._turn(ticket) and self._fits(ticket)):
                 waited = True
                 left = None if deadline is None else deadline - self._clock()
                 if left is not None and left <= 0:
@@ -95,9 +103,11 @@ class AdmissionGate:
                 self._cond.wait(left)
             if ticket.withdrawn:
                 return ticket
-            self._queue.popleft()
+            self._queue.remove(ticket)
             ticket.admitted = True
             self._inside.add(ticket)
+            if ticket.job:
+                self._count_job(ticket, 1)
             s = self.stats
             s.calls += 1
             s.tokens += ticket.tokens
@@ -114,6 +124,8 @@ class AdmissionGate:
         with self._cond:
             if ticket in self._inside:
                 self._inside.remove(ticket)
+                if ticket.job:
+                    self._count_job(ticket, -1)
                 self.stats.calls -= 1
                 self.stats.tokens -= ticket.tokens
                 self.stats.samples -= ticket.samples
@@ -149,10 +161,25 @@ class AdmissionGate:
             s.waiting_samples = sum(t.samples for t in self._queue)
             return s
 
+    def _count_job(self, t: Ticket, sign: int) -> None:
+        self._jobs = [self._jobs[0] + sign, self._jobs[1] + sign * t.tokens, self._jobs[2] + sign * t.samples]
+
+    def _turn(self, t: Ticket) -> bool:
+        """First come first served within a kind; interactive calls before job calls."""
+        for other in self._queue:
+            if other is t:
+                return True
+            if other.job == t.job or not other.job:
+                return False
+        return False
+
     def _fits(self, t: Ticket) -> bool:
-        if not self._inside:
-            return True  # alone it always enters, even over the limits
-        lim, s = self.limits, self.stats
-        return ((lim.calls is None or s.calls + 1 <= lim.calls)
-                and (lim.tokens is None or s.tokens + t.tokens <= lim.tokens)
-                and (lim.samples is None or s.samples + t.samples <= lim.samples))
+        s = self.stats
+        calls, tokens, samples = (s.calls, s.tokens, s.samples) if t.job else \
+            (s.calls - self._jobs[0], s.tokens - self._jobs[1], s.samples - self._jobs[2])
+        if not calls:
+            return True  # alone (of what it counts) it always enters, even over the limits
+        lim = self.limits
+        return ((lim.calls is None or calls + 1 <= lim.calls)
+                and (lim.tokens is None or tokens + t.tokens <= lim.tokens)
+                and (lim.samples is None or samples + t.samples <= lim.samples))

@@ -206,12 +206,13 @@ class Deployment(LoraAdmin):
                 borrowers[rp.encoder_replica] = borrowers.get(rp.encoder_replica, 0) + 1
         mbs = cfg.router.max_batch_size
         # one call per group of requests in its loop or waiting at it (the router keeps up to STEP_QUEUE_DEPTH running
-        # sets' worth there), and one more slot for cancellations; a pooled replica keeps that for each of
-        # max_frontdoors front doors, a private one a slot for the health check besides
+        # sets' worth of interactive work there, and as much of a batch job's: dispatch_policy.room), and one more
+        # slot for cancellations; a pooled replica keeps that for each of max_frontdoors front doors, a private one a
+        # slot for the health check besides
         calls = STEP_QUEUE_DEPTH * mbs
         pooled = namespace is not None
         doors = fd.max_frontdoors if pooled else 1
-        slots = (calls + 1) * doors + (0 if pooled else 1)
+        slots = (2 * calls + 1) * doors + (0 if pooled else 1)
         specs = []
         for rp in self.plan.replicas:
             specs.append(ReplicaSpec(
@@ -225,7 +226,8 @@ class Deployment(LoraAdmin):
                 warmup_steps=min(2, cfg.defaults.num_inference_steps), torch_threads=d.torch_threads,
                 memory_fraction=d.gpu_memory_limit_gib / mem[rp.node] if d.gpu_memory_limit_gib is not None else None,
                 encoder_replica=rp.encoder_replica, max_batch_size=mbs,
-                # what one router sends a replica at most: the replica holds every front door to it together
+                # what one router sends a replica at most, of each kind of work (actors/admission.py): the replica
+                # holds every front door to it together
                 admission=(calls, STEP_QUEUE_DEPTH * rp.max_batch_tokens, STEP_QUEUE_DEPTH * mbs),
                 encode_threads=fd.replica_encode_threads,
                 namespace=namespace, control_slots=2 * doors + 4 if pooled else 0,

@@ -45,19 +45,28 @@ class Dispatch:
         """The replica's room as its books stand, or None when it has none. The router keeps it with the free
         replicas and asks again only when the books change (a dispatch, a return)."""
         max_batch_size = self.config.max_batch_size
-        tokens = STEP_QUEUE_DEPTH * replica.max_batch_tokens - load.tokens
-        images = STEP_QUEUE_DEPTH * max_batch_size - load.images
+        depth_tokens = STEP_QUEUE_DEPTH * replica.max_batch_tokens
+        depth_images = STEP_QUEUE_DEPTH * max_batch_size
+        # Interactive work counts only the interactive work held here: the replica's loop runs its samples first and
+        # parks a batch job's, so a replica full of job work still takes an interactive request at once (instead of
+        # holding it until a job call returns). Job work counts everything held here (``job_room``).
+        tokens = depth_tokens - (load.tokens - load.job_tokens)
+        images = depth_images - (load.images - load.job_images)
         if images <= 0 or tokens <= 0:
             return None
         # an idle replica takes any request it can run, even one over its budget or adapter limit (it runs alone); a
         # busy one, what joins its running set within its room
         busy = load.outstanding > 0
+        job_room = None
+        if load.job_tokens or load.job_images:
+            job_room = (max(0, min(depth_tokens - load.tokens, replica.max_batch_tokens)),
+                        max(0, min(depth_images - load.images, max_batch_size)))
         return ReplicaCapacity(
             replica.replica_id, replica.max_pixels,
             min(tokens, replica.max_batch_tokens) if busy else replica.max_batch_tokens,
             load.outstanding, load.last_used, min(images, max_batch_size),
             frozenset(load.adapters) if busy and self.scheduler.max_adapters is not None else None,
-            replica.max_batch_tokens)
+            replica.max_batch_tokens, job_room)
 
     def blocked(self) -> Callable[[ReplicaCapacity], bool] | None:
         """Which free replicas take nothing in this pass: busy ones that could run the oldest waiting request by

@@ -32,7 +32,7 @@ __all__ = ["FreeReplicas", "LeastLoaded", "Pass", "PowerOfTwo", "Pick"]
 def kind_of(room: ReplicaCapacity) -> tuple:
     """What the scheduler reads of a free replica besides its id and last use."""
     return (room.max_pixels, room.max_batch_tokens, room.outstanding, room.max_images, room.adapters,
-            room.limit_tokens)
+            room.limit_tokens, room.job_room)
 
 
 class _Kind:

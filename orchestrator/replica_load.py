@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from zimage_common.messages import Batch
+from zimage_common.messages import INTERACTIVE, Batch
 
 
 def batch_work(batch: Batch) -> float:
@@ -20,6 +20,11 @@ def batch_adapters(batch: Batch) -> Counter:
     return Counter(name for r in batch.requests for name in r.adapter_names)
 
 
+def _is_job(batch: Batch) -> bool:
+    """Batch-job work (priorities never share a call)."""
+    return bool(batch.requests) and batch.requests[0].priority > INTERACTIVE
+
+
 @dataclass(eq=False)
 class ReplicaLoad:
     replica_id: str
@@ -27,6 +32,8 @@ class ReplicaLoad:
     last_used: int = -1  # id of the latest batch dispatched here (ties in the scheduler go to the longest idle)
     tokens: int = 0  # tokens of the outstanding batches
     images: int = 0  # images of the outstanding batches
+    job_tokens: int = 0  # of those, batch-job work's (its loop runs interactive samples first: dispatch_policy.room)
+    job_images: int = 0
     adapters: Counter = field(default_factory=Counter)  # LoRA adapter -> outstanding requests naming it
     loop_step: int = 0  # the latest step of its loop seen (metrics count each step once)
     rate: float | None = None  # seconds per unit of ``batch_work`` (moving average; None until one is timed)
@@ -43,6 +50,9 @@ class ReplicaLoad:
         self.batches[batch.batch_id] = batch
         self.tokens += batch.tokens
         self.images += len(batch)
+        if _is_job(batch):
+            self.job_tokens += batch.tokens
+            self.job_images += len(batch)
         if count_adapters:  # (read only where the adapters are limited)
             self.adapters.update(batch_adapters(batch))
         self.last_used = batch.batch_id
@@ -51,6 +61,9 @@ class ReplicaLoad:
         if self.batches.pop(batch.batch_id, None) is not None:
             self.tokens = max(0, self.tokens - batch.tokens)
             self.images = max(0, self.images - len(batch))
+            if _is_job(batch):
+                self.job_tokens = max(0, self.job_tokens - batch.tokens)
+                self.job_images = max(0, self.job_images - len(batch))
             if self.adapters:
                 self.adapters -= batch_adapters(batch)  # (drops the adapters no request names now)
 

@@ -29,7 +29,7 @@ import heapq
 import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from zimage_common.errors import CapacityError, QueueFullError
@@ -56,6 +56,19 @@ class ReplicaCapacity:
     adapters: frozenset[str] | None = None
     # its plan's token budget, where max_batch_tokens is what is left of it (a busy replica); None: max_batch_tokens
     limit_tokens: int | None = None
+    # (tokens, images) batch-job work may still take where it holds job work, which counts against job work's room
+    # but not against interactive work's (the fields above); None: the fields above
+    job_room: tuple[int, int] | None = None
+
+    def for_jobs(self) -> ReplicaCapacity | None:
+        """The room batch-job work sees here, or None when it has none."""
+        if self.job_room is None:
+            return self
+        tokens, images = self.job_room
+        if tokens <= 0 or images <= 0:
+            return None
+        return replace(self, max_batch_tokens=min(self.max_batch_tokens, tokens),
+                       max_images=images if self.max_images is None else min(self.max_images, images), job_room=None)
 
     def fits(self, request: ImageRequest) -> bool:
         return request.pixels <= self.max_pixels and request.tokens <= self.max_batch_tokens
@@ -240,13 +253,17 @@ class BatchScheduler:
         while groups and (replica := p.next()) is not None:
             holding = None
             decided = False
+            free = replica
             for key, group in groups:
+                replica = free
                 if holding is not None and key[1] > holding:
                     break  # this replica waits for the higher-priority group
                 if key[1] > INTERACTIVE and replica.outstanding == 0 and idle <= reserve:
                     break  # kept idle for interactive requests (batch-job groups come last in the order)
                 if key[1] > INTERACTIVE and replica.outstanding and interactive_recent:
                     break
+                if key[1] > INTERACTIVE and (replica := free.for_jobs()) is None:
+                    break  # full of job work; interactive work may still join (ReplicaCapacity.job_room)
                 fitting, count = self._fitting(key, group, replica)
                 if not fitting:
                     continue
@@ -276,7 +293,7 @@ class BatchScheduler:
             if not decided and holding is None:
                 # Nothing is ready for it, and nothing would be for a replica with the same room: taking requests
                 # out of a group makes it no readier.
-                p.close(replica)
+                p.close(free)
         return decisions
 
     def admits(self, replica: ReplicaCapacity, request: ImageRequest) -> bool:
@@ -309,12 +326,15 @@ class BatchScheduler:
         idle = sum(len(k) for k in kinds if k.sample.outstanding == 0)
         interactive = any(key[1] == INTERACTIVE for key in self._groups)
         for kind in kinds:
-            r = kind.sample
+            sample = kind.sample
             for key, g in self._groups.items():
+                r = sample
                 if key[1] > INTERACTIVE and r.outstanding and interactive_recent:
                     if reserve_until is not None:  # (until then, the replica's next return wakes the router)
                         times.append(reserve_until)
                     continue
+                if key[1] > INTERACTIVE and (r := sample.for_jobs()) is None:
+                    continue  # full of job work: its next return wakes the router
                 fitting, count = self._fitting(key, g, r)
                 if count:
                     ready = fitting[0].enqueued_at + self.max_wait_s

@@ -165,8 +165,9 @@ def test_a_job_resumes_after_a_restart_and_can_be_cancelled(tmp_path):
 def test_interactive_requests_keep_their_latency_while_a_job_runs(tmp_path):
     """benchmarks/batch_priority.py's measurement on fake replicas with a GPU-like batch cost (0.04 s + 0.03 s an
     image): the job finishes, it was still running when the interactive phase ended, and interactive p95 stays
-    near the no-job run's (the measured ratios, CPU demo included, are in the report; a loose bound here, since
-    this machine is shared)."""
+    near the no-job run's: these fakes run calls one after another (no step loop parking the job's samples), so an
+    interactive request may wait for the one job call running, a single image while interactive traffic is about
+    (0.07 s). The measured ratios on real replicas, CPU demo included, are in the report."""
     import asyncio
     import sys
 
@@ -182,7 +183,7 @@ def test_interactive_requests_keep_their_latency_while_a_job_runs(tmp_path):
           f"(ratio {r['p95_ratio']:.2f}); job {r['job']['images_per_s']:.1f} img/s")
     assert r["job"]["status"] == "completed" and r["job"]["request_counts"]["completed"] == 120
     assert r["job"]["still_running_at_phase_end"]
-    assert r["p95_ratio"] < 1.5
+    assert r["with_job"]["p95_s"] - r["alone"]["p95_s"] < 0.07 + 0.05  # one job call, and slack for this machine
 
 
 def test_files_are_listed_and_deleted(small):

@@ -6,6 +6,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from actors.admission import AdmissionLimits
 from actors.intake import IntakeMixin, IntakeSpec
@@ -176,3 +177,24 @@ def test_a_call_cancelled_while_it_waits_at_the_gate_is_answered_cancelled_witho
     first.join(5)
     assert [r.error_type for r in out["b"].results] == [FailureKind.CANCELLED] * 2
     assert rep.generated == ["q1"] and rep.cancelled == []  # never reached the serving paths
+
+
+def test_the_gate_books_interactive_and_job_calls_as_the_router_does():
+    """A job's calls fill the gate; an interactive call still enters at once (it counts only interactive calls
+    inside), even past a job call waiting ahead of it; the job's call enters once the job's room is back."""
+    from actors.admission import AdmissionGate
+
+    gate = AdmissionGate(AdmissionLimits(calls=2, tokens=100, samples=4))
+    jobs = [gate.enter([f"j{i}"], 50, 2, job=True, timeout_s=1) for i in range(2)]
+    entered = []
+    waiting_job = threading.Thread(target=lambda: entered.append(gate.enter(["j2"], 50, 2, job=True)))
+    waiting_job.start()
+    time.sleep(0.05)
+    assert entered == [] and gate.snapshot().waiting_calls == 1  # the job's room is full
+    live = [gate.enter([f"live{i}"], 50, 2, timeout_s=0.5) for i in range(2)]  # past the waiting job call
+    assert all(t.admitted for t in live) and gate.snapshot().calls == 4
+    assert not gate._fits(gate._queue[0])  # everything inside counts against the job's call
+    for t in jobs + live:
+        gate.leave(t)
+    waiting_job.join(1)
+    assert [t.request_ids for t in entered] == [("j2",)]

@@ -109,3 +109,39 @@ async def test_router_reserve_follows_interactive_traffic_and_lapses():
             await settle()
     assert all(r.ok for r in await asyncio.gather(*waiters))
     await router.stop()
+
+
+@pytest.mark.timeout(20)
+async def test_a_replica_full_of_job_work_takes_an_interactive_request_at_once():
+    """A job alone fills the replica's room (two running sets' worth); an interactive request then goes to it at
+    once, since its loop runs interactive samples first and parks the job's, while the job gets no more room until
+    its work returns (no busy loop meanwhile)."""
+    clock = ManualClock()
+    a = FakeReplica("a", manual=True)
+    router = Router(FakePool(a), RouterConfig(max_batch_size=2, max_wait_ms=0, queue_limit=100), clock=clock)
+    calls = 0
+    schedule = router.scheduler.schedule
+
+    def counted(*args, **kw):
+        nonlocal calls
+        calls += 1
+        return schedule(*args, **kw)
+
+    router.scheduler.schedule = counted
+    router.start()
+    job = [ImageRequest(f"job{i}", "p", i, 64, 64, 4, 0.0, priority=BATCH_JOB) for i in range(6)]
+    waiters = [asyncio.ensure_future(w) for w in router.admit(job)]
+    await settle()
+    assert sum(len(b) for b in a.batches) == 4 and router.waiting == 2  # two sets' worth: the job's room is full
+    passes = calls
+    await clock.advance(1.0)
+    await settle()
+    assert calls - passes <= 2 and router.waiting == 2  # the job waits for room, without spinning
+    (live,) = [asyncio.ensure_future(w) for w in router.admit([ImageRequest("live", "p", 99, 64, 64, 4, 0.0)])]
+    await settle()
+    assert [r.request_id for r in a.batches[-1].requests] == ["live"]  # sent at once, not after a job call
+    while a.waiting:
+        a.release()
+        await settle()
+    assert (await live).ok and all(r.ok for r in await asyncio.gather(*waiters))
+    await router.stop()

@@ -380,8 +380,9 @@ async def test_deployment_on_a_fake_backend_recovers_and_drops(tmp_path):
     assert sorted(r.node for r in dep.plan.replicas) == ["n0", "n1"]
     r0, r1 = backend.made["r0"], backend.made["r1"]
     assert dep.replicas == {"r0": r0, "r1": r1} and dep.live() == [r0, r1]
-    # two running sets' worth of calls (max_batch_size 4), a slot for health checks and one for cancels
-    assert r0.spec.warmup_sizes[0] == (64, 64) and r0.spec.max_concurrency == STEP_QUEUE_DEPTH * 4 + 2
+    # two running sets' worth of calls (max_batch_size 4) for interactive work and as many for a batch job's, a slot
+    # for health checks and one for cancels
+    assert r0.spec.warmup_sizes[0] == (64, 64) and r0.spec.max_concurrency == 2 * STEP_QUEUE_DEPTH * 4 + 2
 
     r0.fail_with, r0.restarting = lost(), True  # r0 dies under its next batch
     results = await drive(clock, dep.generate([f"a{i}" for i in range(8)], seed=1))
@@ -412,7 +413,7 @@ async def test_deployment_starts_shared_encoder_hosts_first(tmp_path):
     assert backend.encoder_hosts == {"r0": None, "r1": backend.made["r0"], "r2": backend.made["r0"]}
     assert backend.start_log.index(("ready", "r0")) < backend.start_log.index(("begin", "r1"))
     # its calls, checks and cancels, and one slot for each of its two borrowers' encodes
-    assert backend.made["r0"].spec.max_concurrency == STEP_QUEUE_DEPTH * 4 + 2 + 2
+    assert backend.made["r0"].spec.max_concurrency == 2 * STEP_QUEUE_DEPTH * 4 + 2 + 2
     await dep.shutdown()
 
 

@@ -245,7 +245,8 @@ async def test_metrics_hooks_see_first_steps_and_each_loop_step_once(clock):
 
 async def test_a_deployment_gives_each_replica_room_for_its_calls(tmp_path):
     """Each call holds one of the actor's concurrent slots while its samples run: a replica takes STEP_QUEUE_DEPTH x
-    max_batch_size of them, plus a slot for health checks and one for cancellations."""
+    max_batch_size of them for interactive work and as many for a batch job's, plus a slot for health checks and
+    one for cancellations."""
     from conftest import tiny_config
     from test_replicas import FakeBackend, FakeNode
 
@@ -256,7 +257,7 @@ async def test_a_deployment_gives_each_replica_room_for_its_calls(tmp_path):
     dep = await Deployment.start(cfg, backend=backend, clock=ManualClock())
     try:
         spec = backend.made["r0"].spec
-        assert spec.max_concurrency == STEP_QUEUE_DEPTH * 6 + 1 + 1 and spec.max_batch_size == 6
+        assert spec.max_concurrency == 2 * STEP_QUEUE_DEPTH * 6 + 1 + 1 and spec.max_batch_size == 6
         assert dep.router.scheduling == "step"
     finally:
         await dep.shutdown()
