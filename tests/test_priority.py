@@ -60,6 +60,19 @@ def test_the_reserve_leaves_idle_replicas_for_interactive_work():
     assert [rid for rid, _ in s.schedule(0.0, [rep("c")], reserve=0)] == ["c"]
 
 
+def counting_passes(router) -> list[int]:
+    """Counts the router's scheduling passes (``[n]``), to check that it does not spin while nothing changes."""
+    passes = [0]
+    schedule = router.scheduler.schedule
+
+    def counted(*args, **kw):
+        passes[0] += 1
+        return schedule(*args, **kw)
+
+    router.scheduler.schedule = counted
+    return passes
+
+
 async def settle(n=20):
     for _ in range(n):
         await asyncio.sleep(0)
@@ -71,15 +84,7 @@ async def test_router_reserve_follows_interactive_traffic_and_lapses():
     a, b = FakeReplica("a", manual=True), FakeReplica("b", manual=True)
     router = Router(FakePool(a, b), RouterConfig(max_batch_size=2, max_wait_ms=0, queue_limit=100),
                     clock=clock, interactive_reserve=(1, 5.0, None))
-    calls = 0
-    schedule = router.scheduler.schedule
-
-    def counted(*args, **kw):
-        nonlocal calls
-        calls += 1
-        return schedule(*args, **kw)
-
-    router.scheduler.schedule = counted
+    passes = counting_passes(router)
     router.start()
     job = [ImageRequest(f"job{i}", "p", i, 64, 64, 4, 0.0, priority=BATCH_JOB) for i in range(6)]
     live = ImageRequest("live", "p", 99, 64, 64, 4, 0.0)
@@ -96,10 +101,10 @@ async def test_router_reserve_follows_interactive_traffic_and_lapses():
 
     # one job call on one replica; the other is kept idle, and a busy replica takes no more job work meanwhile
     assert len(with_jobs()) == 1 and router.waiting == 4
-    passes = calls
+    before = passes[0]
     await clock.advance(1.0)
     await settle()
-    assert calls - passes <= 2  # nothing changed, and the loop did not spin
+    assert passes[0] - before <= 2  # nothing changed, and the loop did not spin
     await clock.advance(3.5)  # 5 s after "live": the reserve lapses and the job takes both replicas
     await settle()
     assert sorted(with_jobs()) == ["a", "b"] and router.waiting == 0
@@ -119,24 +124,16 @@ async def test_a_replica_full_of_job_work_takes_an_interactive_request_at_once()
     clock = ManualClock()
     a = FakeReplica("a", manual=True)
     router = Router(FakePool(a), RouterConfig(max_batch_size=2, max_wait_ms=0, queue_limit=100), clock=clock)
-    calls = 0
-    schedule = router.scheduler.schedule
-
-    def counted(*args, **kw):
-        nonlocal calls
-        calls += 1
-        return schedule(*args, **kw)
-
-    router.scheduler.schedule = counted
+    passes = counting_passes(router)
     router.start()
     job = [ImageRequest(f"job{i}", "p", i, 64, 64, 4, 0.0, priority=BATCH_JOB) for i in range(6)]
     waiters = [asyncio.ensure_future(w) for w in router.admit(job)]
     await settle()
     assert sum(len(b) for b in a.batches) == 4 and router.waiting == 2  # two sets' worth: the job's room is full
-    passes = calls
+    before = passes[0]
     await clock.advance(1.0)
     await settle()
-    assert calls - passes <= 2 and router.waiting == 2  # the job waits for room, without spinning
+    assert passes[0] - before <= 2 and router.waiting == 2  # the job waits for room, without spinning
     (live,) = [asyncio.ensure_future(w) for w in router.admit([ImageRequest("live", "p", 99, 64, 64, 4, 0.0)])]
     await settle()
     assert [r.request_id for r in a.batches[-1].requests] == ["live"]  # sent at once, not after a job call
