@@ -96,6 +96,18 @@ def _open_job(db: JobDB, input_path: Path, total: int) -> dict:
     return job
 
 
+def _record_run(db: JobDB, run: dict) -> dict:
+    """Adds this run to the job's record and returns every run's together (images over the time the runs
+    generated, start-up excluded; a run ended by SIGKILL never recorded itself and is not counted)."""
+    job = db.batch(JOB_ID)
+    job["runs"] = [*job.get("runs", []), {k: run[k] for k in ("done", "failed", "images", "elapsed_s")}]
+    db.put_batch(job)
+    images = sum(r["images"] for r in job["runs"])
+    elapsed = sum(r["elapsed_s"] for r in job["runs"])
+    return {"runs": len(job["runs"]), "images": images, "elapsed_s": round(elapsed, 3),
+            "images_per_s": round(images / elapsed, 4) if elapsed > 0 else None}
+
+
 def _check(input_path: Path, config: Config) -> tuple[list[str], dict[str, int]]:
     """Every line checked before anything runs; the images each custom_id asks for (its n), for the bar."""
     images: dict[str, int] = {}
@@ -173,13 +185,14 @@ async def run_job(config: Config, input_path: Path, out: str, state: Path | None
         if s3 is not None:
             await run_blocking(s3.put, "output.jsonl", output.read_bytes(), CONTENT_TYPES["jsonl"])
     ok_total, failed_total = db.counts(JOB_ID)
+    this_run = {"done": counts["done"], "failed": counts["failed"], "images": counts["images"],
+                "elapsed_s": round(elapsed, 3), "images_per_s": round(counts["images"] / elapsed, 4)
+                if elapsed > 0 else None}
+    runs = _record_run(db, this_run)
     summary = {
         "input": str(input_path), "output": str(output) if s3 is None else f"{out.rstrip('/')}/output.jsonl",
         "requests": len(images), "done": ok_total, "failed": failed_total, "skipped_as_done_before": len(done_before),
-        "retried_failures": retried, "this_run": {"done": counts["done"], "failed": counts["failed"],
-                                                  "images": counts["images"], "elapsed_s": round(elapsed, 3),
-                                                  "images_per_s": round(counts["images"] / elapsed, 4)
-                                                  if elapsed > 0 else None},
+        "retried_failures": retried, "this_run": this_run, "all_runs": runs,
         "window": runner.window, "interrupted": interrupted,
         "finished": finished and ok_total + failed_total == len(images),
         "slowest": [{"custom_id": c, "latency_s": round(t, 3), "prompt": p}
@@ -196,6 +209,10 @@ def print_summary(s: dict) -> None:
     print(f"\n{s['done']}/{s['requests']} requests done, {s['failed']} failed"
           f" ({s['skipped_as_done_before']} done by an earlier run); this run: {run['images']} images in "
           f"{run['elapsed_s']:.1f}s, {rate}")
+    every = s["all_runs"]
+    if every["runs"] > 1 and every["images_per_s"] is not None:
+        print(f"all {every['runs']} runs: {every['images']} images in {every['elapsed_s']:.1f}s, "
+              f"{every['images_per_s']:.2f} images/s (start-ups excluded)")
     if s["slowest"]:
         print("slowest prompts:")
         for x in s["slowest"]:

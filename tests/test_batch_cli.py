@@ -101,6 +101,9 @@ async def test_ctrl_c_still_writes_the_summary_and_a_rerun_finishes(tmp_path):
     assert json.loads((tmp_path / "out/summary.json").read_text())["done"] == s["done"]
     s2 = await run_job(cfg, src, str(tmp_path / "out"), deployment_factory=factory(backend), progress=False)
     assert s2["finished"] and s2["done"] == 60 and s2["skipped_as_done_before"] == s["done"]
+    assert s2["all_runs"]["runs"] == 2 and s2["all_runs"]["images"] == 60  # the rate of the job over both runs
+    assert s2["all_runs"]["elapsed_s"] == pytest.approx(s["this_run"]["elapsed_s"] + s2["this_run"]["elapsed_s"],
+                                                        abs=2e-3)
 
 
 WORKER = """
