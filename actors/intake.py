@@ -23,8 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
-from zimage_common.messages import (INTERACTIVE, Batch, BatchResult, FailureKind, ImageResult, StageTimes,
-                                    StepProgress)
+from zimage_common.messages import Batch, BatchResult, FailureKind, ImageResult, StageTimes, StepProgress
 
 from .admission import AdmissionGate, AdmissionLimits
 from .encoder_pool import EncoderPool
@@ -128,8 +127,7 @@ class IntakeMixin:
     def _admitted(self, batch: Batch, stream: bool):
         """Serve ``batch`` once the gate admits it (yields its progress events when streaming); returns its
         result, encoded."""
-        ticket = self._gate.enter([r.request_id for r in batch.requests], batch.tokens, len(batch),
-                                  job=bool(batch.requests) and batch.requests[0].priority > INTERACTIVE)
+        ticket = self._gate.enter([r.request_id for r in batch.requests], batch.tokens, len(batch), job=batch.is_job)
         by_id = {r.request_id: r for r in batch.requests}
         dropped = [by_id[i] for i in ticket.cancelled]
         if ticket.withdrawn:

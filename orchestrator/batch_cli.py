@@ -29,6 +29,7 @@ from .images_api import ImageCall
 from .storage import CONTENT_TYPES, run_blocking
 
 JOB_ID = "cli"
+INTERRUPTED = "interrupted: finished requests are recorded; rerun the same command to go on"
 
 
 def image_name(custom_id: str, index: int, extension: str) -> str:
@@ -229,11 +230,11 @@ def cmd_batch(args, deployment_factory=None) -> int:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: finished requests are recorded; rerun the same command to go on", file=sys.stderr)
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
         return 130
     print_summary(summary)
     if summary["interrupted"]:
-        print("interrupted: finished requests are recorded; rerun the same command to go on", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
     if not summary["finished"]:
         return 130
     return 0 if summary["failed"] == 0 else 1

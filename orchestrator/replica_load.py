@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from zimage_common.messages import INTERACTIVE, Batch
+from zimage_common.messages import Batch
 
 
 def batch_work(batch: Batch) -> float:
@@ -18,11 +18,6 @@ def batch_work(batch: Batch) -> float:
 def batch_adapters(batch: Batch) -> Counter:
     """The LoRA adapters a batch names, each counted once per request naming it."""
     return Counter(name for r in batch.requests for name in r.adapter_names)
-
-
-def _is_job(batch: Batch) -> bool:
-    """Batch-job work (priorities never share a call)."""
-    return bool(batch.requests) and batch.requests[0].priority > INTERACTIVE
 
 
 @dataclass(eq=False)
@@ -50,7 +45,7 @@ class ReplicaLoad:
         self.batches[batch.batch_id] = batch
         self.tokens += batch.tokens
         self.images += len(batch)
-        if _is_job(batch):
+        if batch.is_job:
             self.job_tokens += batch.tokens
             self.job_images += len(batch)
         if count_adapters:  # (read only where the adapters are limited)
@@ -61,7 +56,7 @@ class ReplicaLoad:
         if self.batches.pop(batch.batch_id, None) is not None:
             self.tokens = max(0, self.tokens - batch.tokens)
             self.images = max(0, self.images - len(batch))
-            if _is_job(batch):
+            if batch.is_job:
                 self.job_tokens = max(0, self.job_tokens - batch.tokens)
                 self.job_images = max(0, self.job_images - len(batch))
             if self.adapters:

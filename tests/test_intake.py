@@ -6,7 +6,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from actors.admission import AdmissionLimits
 from actors.intake import IntakeMixin, IntakeSpec

@@ -80,7 +80,8 @@ class BatchesConfig(_Strict):
         "work leaves.")
     reserve_batch_size: int | None = Field(
         default=1, ge=1, le=256, description="While the reserve holds, a batch job's batches take at most this many "
-        "images, so the one an interactive request finds running ends soon. None: router.max_batch_size (more job throughput, more interactive latency).")
+        "images, so the one an interactive request finds running ends soon. None: router.max_batch_size (more job "
+        "throughput, more interactive latency).")
     reserve_s: float = Field(
         default=10.0, ge=0, le=86_400, description="How long after the last interactive request the reserve holds; "
         "then a job uses every replica in full batches.")

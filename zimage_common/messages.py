@@ -131,6 +131,11 @@ class Batch:
     def pixels(self) -> int:
         return sum(r.pixels for r in self.requests)
 
+    @property
+    def is_job(self) -> bool:
+        """A batch job's work (priorities never share a call)."""
+        return bool(self.requests) and self.requests[0].priority > INTERACTIVE
+
     def __len__(self) -> int:
         return len(self.requests)
 
