@@ -174,10 +174,13 @@ async def run_job(config: Config, input_path: Path, out: str, state: Path | None
             finished = await runner.run(read_lines(f, config.batches.cli_max_lines, ENDPOINTS,
                                                    "batches.cli_max_lines"))
     except asyncio.CancelledError:
-        # Ctrl-C (asyncio.run cancels this task): the summary of what this run did is still written and printed;
-        # taking the cancellation back lets asyncio.run return it instead of raising KeyboardInterrupt
+        # Ctrl-C (asyncio.run cancels this task, Python 3.11 on): the summary of what this run did is still written
+        # and printed; taking the cancellation back lets asyncio.run return it instead of raising KeyboardInterrupt
+        # (3.10's asyncio.run raises KeyboardInterrupt without cancelling: cmd_batch says what to do then)
         interrupted = True
-        asyncio.current_task().uncancel()
+        task = asyncio.current_task()
+        if hasattr(task, "uncancel"):
+            task.uncancel()
     finally:
         elapsed = time.perf_counter() - t0
         bar.close()
