@@ -95,6 +95,7 @@ class Packed:
     cfg: list[int]  # the samples with guidance: their negative passes follow the samples, in this order
     t_in: torch.Tensor  # [steps left, entries]: row k is the call's timestep input k steps after ``base``
     base: int  # the first sample's step when this was built
+    dtype: torch.dtype  # the transformer's input dtype, read here: diffusers' ``ModelMixin.dtype`` walks every module
 
 
 class ZImageEngine:
@@ -250,12 +251,12 @@ class ZImageEngine:
         if any(s.loras for s in samples):
             layout.lora = self.lora_batch([samples[j].loras for j in order])
         self.packed.captions(layout, [s.positive for s in samples] + [samples[k].negative for k in cfg])
-        device = self.devices["transformer"]
+        device, dtype = self.devices["transformer"], self.transformer.dtype
         control = PackedControl.build(self.controlnet, [samples[j].control for j in order],
                                       [samples[j].control_scale for j in order],
-                                      [samples[j].latents.shape[-2:] for j in order], device, self.transformer.dtype)
+                                      [samples[j].latents.shape[-2:] for j in order], device, dtype)
         t_in = torch.nn.utils.rnn.pad_sequence([samples[j].schedule.t_in[samples[j].step:] for j in order])
-        return Packed(layout, control, cfg, t_in, samples[0].step)
+        return Packed(layout, control, cfg, t_in, samples[0].step, dtype)
 
     @torch.no_grad()
     def step(self, samples: Sequence, packed: Packed) -> None:
@@ -264,8 +265,7 @@ class ZImageEngine:
         its negative pass's, as diffusers does), then every sample's flow-matching Euler update as one multi-tensor
         op. Sets each sample's ``latents``, ``pred`` (the velocity's negative, for the clean-latent estimate) and
         ``step``, then runs its ``after_step`` hook."""
-        dtype = self.transformer.dtype
-        x = [s.latents.to(dtype).unsqueeze(1) for s in samples]
+        x = [s.latents.to(packed.dtype).unsqueeze(1) for s in samples]
         x += [x[k] for k in packed.cfg]  # the negative passes' inputs: the same tensors
         out = forward(self.packed, x, packed.t_in[samples[0].step - packed.base], None, packed.layout, packed.control)
         negative_of = {j: len(samples) + k for k, j in enumerate(packed.cfg)}
