@@ -394,8 +394,7 @@ class Router:
             return
         # A batch whose every member failed may have failed for one member's input (no per-request check caught
         # it): bisect it. Where some members succeeded, the replica already kept the failure to its requests.
-        failed_whole = len(batch) > 1 and all(not r.ok and r.error_type == FailureKind.REPLICA_ERROR
-                                              for r in out.results)
+        failed_whole = len(batch) > 1 and not any(r.ok for r in out.results)  # a cancelled member counts too
         for p in pendings:
             r = by_id.get(p.request.request_id)
             if r is None:

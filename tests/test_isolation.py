@@ -84,6 +84,35 @@ async def test_a_failure_the_replica_kept_to_one_request_is_not_run_again():
     await router.stop()
 
 
+async def test_a_batch_whose_every_member_failed_is_bisected_even_with_a_member_cancelled():
+    """Every member failed, one of them cancelled (a timeout in the step loop, a cancel at the gate) and the rest with
+    a replica error: the batch is still bisected, so the innocent members run again and succeed."""
+
+    class Poison(FakeReplica):
+        async def run(self, batch, on_progress=None):
+            self.batches.append(batch)
+            await asyncio.sleep(0)
+            poisoned = any("poison" in r.prompt for r in batch.requests)
+            out = []
+            for r in batch.requests:
+                kind = "cancelled" if r.request_id == "q9" and len(self.batches) == 1 else \
+                    "replica_error" if poisoned else None
+                out.append(ImageResult(request_id=r.request_id, ok=kind is None, replica_id=self.replica_id,
+                                       batch_id=batch.batch_id, seed=r.seed, error=kind, error_type=kind))
+            return BatchResult(batch.batch_id, self.replica_id, tuple(out))
+
+    replica = Poison("a")
+    router = Router(FakePool(replica), RouterConfig(max_batch_size=4, max_wait_ms=0, max_attempts=1),
+                    clock=ManualClock())
+    router.start()
+    reqs = [req(0), req(1), req(2, "poison pill"), req(9)]
+    results = {r.request_id: r for r in await asyncio.wait_for(asyncio.gather(*router.admit(reqs)), 5)}
+    assert results["q0"].ok and results["q1"].ok
+    assert not results["q2"].ok and results["q2"].error_type == "replica_error"
+    assert len(replica.batches) > 1  # it was bisected
+    await router.stop()
+
+
 async def test_admission_is_all_or_nothing():
     from zimage_common.errors import QueueFullError
 

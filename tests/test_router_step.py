@@ -315,3 +315,27 @@ async def test_scheduling_changes_only_the_join_policy_each_call_carries(clock):
     await a.finish_all()
     assert all(r.ok for r in await asyncio.gather(*tasks))
     await router.stop()
+
+
+async def test_the_oldest_job_request_is_not_overtaken_by_newer_job_requests():
+    """A replica whose job room cannot take the oldest waiting job request is held for it: a newer, smaller job
+    request does not take the room it waits for (a job's large images would otherwise wait out their timeout)."""
+    from zimage_common.messages import BATCH_JOB
+
+    def job(name, size):
+        return ImageRequest(name, "p", 1, size, size, 4, 0.0, priority=BATCH_JOB)
+
+    clock = ManualClock()
+    a = StepReplica("a", max_batch_tokens=1056)  # one 512x512 request; the room is two running sets' worth
+    router = make_router(FakePool(a), clock)
+    first = [asyncio.ensure_future(f) for f in router.admit([job("A", 512), job("B", 64)])]
+    await settle()
+    assert a.in_loop() == ["A", "B"]  # 1,120 tokens of job work: 992 left, short of another 512x512
+    later = [asyncio.ensure_future(f) for f in router.admit([job("C", 512)])]
+    await settle()
+    later += [asyncio.ensure_future(f) for f in router.admit([job("D", 64)])]
+    await settle()
+    assert "C" not in a.in_loop() and "D" not in a.in_loop()
+    await a.finish_all()
+    assert all(r.ok for r in await asyncio.gather(*first, *later))
+    await router.stop()
