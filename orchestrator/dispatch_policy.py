@@ -76,16 +76,13 @@ class Dispatch:
         oldest = self.scheduler.oldest()
         if oldest is None:
             return None
-        request, admits = oldest.request, self.scheduler.admits
+        request, admits = oldest.request, self.scheduler.admits_as
         job = request.priority > INTERACTIVE  # oldest() is a job's only while no interactive request waits
 
         def blocked(room: ReplicaCapacity) -> bool:
-            if not room.outstanding or request.pixels > room.max_pixels \
-                    or request.tokens > (room.limit_tokens or room.max_batch_tokens):
-                return False
             # a job's request is judged by the room job work has there, as it is scheduled: otherwise newer, smaller
             # job requests take what the oldest waits for, and a job's large images wait out their timeout
-            room = room.for_jobs() if job else room
-            return room is None or not admits(room, request)
+            return bool(room.outstanding) and request.pixels <= room.max_pixels \
+                and request.tokens <= (room.limit_tokens or room.max_batch_tokens) and not admits(room, request, job)
 
         return blocked

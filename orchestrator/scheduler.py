@@ -274,8 +274,9 @@ class BatchScheduler:
                 waited = now - fitting[0].enqueued_at >= self.max_wait_s
                 if len(full) < count or len(full) >= limit or waited:
                     # waiting work is shared among this replica and the free ones after it that admit its head
-                    head = fitting[0].request
-                    sharing = 1 + p.count(lambda r, h=head: self.admits(r, h), count - 1) if count > 1 else 1
+                    head, job = fitting[0].request, key[1] > INTERACTIVE
+                    sharing = 1 + p.count(lambda r, h=head, j=job: self.admits_as(r, h, j), count - 1) \
+                        if count > 1 else 1
                     taken = self._fill(fitting, replica, min(limit, -(-count // sharing)))
                     for q in taken:
                         group.remove(q)
@@ -295,6 +296,11 @@ class BatchScheduler:
                 # out of a group makes it no readier.
                 p.close(free)
         return decisions
+
+    def admits_as(self, replica: ReplicaCapacity, request: ImageRequest, job: bool) -> bool:
+        """``admits``, by the room a job's work has there when ``job``."""
+        room = replica.for_jobs() if job else replica
+        return room is not None and self.admits(room, request)
 
     def admits(self, replica: ReplicaCapacity, request: ImageRequest) -> bool:
         """Whether ``replica`` can take ``request`` now: it fits, and its adapters join those the work it holds
