@@ -19,6 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orchestrator.benchmark.loadgen import RequestMaker  # noqa: E402
 
 
+def write_job(path, lines: int, workload: str = "mixed", size: tuple[int, int] = (1024, 1024), seed: int = 0) -> None:
+    maker = RequestMaker.for_workload(workload, None, None if workload == "mixed" else [size], None, seed)
+    with open(path, "w") as f:
+        for i in range(lines):
+            p = maker.params()
+            body = {"prompt": p["prompt"], "size": f"{p['width']}x{p['height']}", "seed": p["seed"]}
+            f.write(json.dumps({"custom_id": f"{workload}-{i:07d}", "method": "POST",
+                                "url": "/v1/images/generations", "body": body}) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=2000)
@@ -28,14 +38,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     w, h = (int(x) for x in args.size.lower().split("x"))
-    maker = RequestMaker.for_workload(args.workload, None, None if args.workload == "mixed" else [(w, h)], None,
-                                      args.seed)
-    with open(args.out, "w") as f:
-        for i in range(args.lines):
-            p = maker.params()
-            body = {"prompt": p["prompt"], "size": f"{p['width']}x{p['height']}", "seed": p["seed"]}
-            f.write(json.dumps({"custom_id": f"{args.workload}-{i:07d}", "method": "POST",
-                                "url": "/v1/images/generations", "body": body}) + "\n")
+    write_job(args.out, args.lines, args.workload, (w, h), args.seed)
     print(f"{args.lines} requests ({args.workload}) in {args.out}")
 
 
