@@ -13,8 +13,11 @@ Interactive calls and a batch job's are admitted as the router books them (``orc
 interactive call counts only the interactive calls inside (the step loop runs their samples first and parks a
 job's), a job's call counts everything inside; and a waiting interactive call goes ahead of waiting job calls.
 
-``queue_len`` (samples waiting plus samples inside) is what routers compare when they choose between two replicas
-(power of two choices, ``orchestrator/pow2.py``). A call's requests may be cancelled while it waits: a call whose
+``queue_lens`` is what routers compare when they choose between two replicas (power of two choices,
+``orchestrator/pow2.py``): the interactive samples waiting plus inside, and all samples waiting plus inside
+(``queue_len``, also the replica's queue gauge). Both, because a job's samples hold back only job work here: a
+replica whose queue is all job work still takes an interactive call at once, so routers judge interactive work by
+the first and job work by the second. A call's requests may be cancelled while it waits: a call whose
 requests are all cancelled leaves the queue at once, and the others enter without the cancelled ones.
 """
 
@@ -153,6 +156,14 @@ class AdmissionGate:
         """Samples waiting at the gate and inside it."""
         with self._cond:
             return sum(t.samples for t in self._queue) + self.stats.samples
+
+    def queue_lens(self) -> tuple[int, int]:
+        """(interactive samples, all samples) waiting at the gate and inside it, read at once."""
+        with self._cond:
+            waiting = sum(t.samples for t in self._queue)
+            waiting_jobs = sum(t.samples for t in self._queue if t.job)
+            total = waiting + self.stats.samples
+            return total - waiting_jobs - self._jobs[2], total
 
     def snapshot(self) -> GateStats:
         with self._cond:

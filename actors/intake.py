@@ -53,7 +53,8 @@ class ResultStore(Protocol):
 
 
 class IntakeMixin:
-    """``PipelineWorker``'s ``run_batch``, ``run_batch_stream``, ``cancel``, ``queue_len`` and ``intake_stats``."""
+    """``PipelineWorker``'s ``run_batch``, ``run_batch_stream``, ``cancel``, ``queue_len``, ``queue_lens`` and
+    ``intake_stats``."""
 
     def _intake_setup(self, spec: IntakeSpec | None, results: ResultStore | None) -> None:
         spec = spec or IntakeSpec()
@@ -86,6 +87,11 @@ class IntakeMixin:
     def queue_len(self) -> int:
         """Samples waiting at this replica's gate and inside it (what routers compare between replicas)."""
         return self._gate.queue_len()
+
+    def queue_lens(self) -> tuple[int, int]:
+        """(interactive samples, all samples) waiting at this replica's gate and inside it: routers judge interactive
+        work by the first, job work by the second (``actors/admission.py``)."""
+        return self._gate.queue_lens()
 
     def intake_stats(self) -> dict:
         """The gate's counters (inside now, peaks, waits), the encoder pool's and the keyed images'."""

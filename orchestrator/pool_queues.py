@@ -1,7 +1,12 @@
 """A pooled front door's view of the shared replicas' queues, for power of two choices (``pow2.py``): the lengths
-the replicas report (``queue_len`` through the replica handle, ``actors/admission.py``), what this router sent
-since, and the probes that refresh a stale report in the background. The router's loop never waits for a probe:
-an answer wakes it.
+the replicas report (``queue_lens`` through the replica handle, ``actors/admission.py``: interactive samples and all
+samples; a handle with only ``queue_len`` reports its total as both), what this router sent since, and the probes
+that refresh a stale report in the background. The router's loop never waits for a probe: an answer wakes it.
+
+A pass compares the replicas by one of the two lengths (``interactive``, set by the router before each pass): the
+interactive length while an interactive request waits, else the total. A replica's job samples do not hold back
+interactive work there, so a replica full of job work is still a candidate for an interactive request, and job work
+still passes over a replica whose total queue is full.
 
 A report is trusted for ``REPORT_TTL_S`` (what this router sent since counts on top); a stale one is still used
 while its replica is asked again. A probe not answered within ``PROBE_TIMEOUT_S`` leaves the replica unknown: it
@@ -43,28 +48,30 @@ class PoolQueues:
         self._unanswered: dict[str, float] = {}  # replica -> when its last probe went unanswered
         self._no_report: set[str] = set()  # handles that cannot report a queue length
         self._stale: set[str] = set()  # replicas compared on a stale report in the last pass: to ask again
+        self.interactive = False  # this pass compares interactive lengths (else totals); the router sets it
 
     def arrived(self, replica_id: str, replica) -> None:
         """A replica new to the roster (or back): ask its queue at once if it never reported."""
         if self._queues.last(replica_id) is None:
-            if getattr(replica, "queue_len", None) is None:
+            if not _reports(replica):
                 self._no_report.add(replica_id)
             else:
                 self._stale.add(replica_id)
 
-    def sent(self, replica_id: str, n: int) -> None:
-        self._queues.sent(replica_id, n)
+    def sent(self, replica_id: str, n: int, job: bool = False) -> None:
+        self._queues.sent(replica_id, n, job)
 
     def forget(self, replica_id: str) -> None:
         self._queues.forget(replica_id)
 
     def length(self, replica_id: str) -> int | None:
-        """Its queue as last reported plus what this router sent since; a stale report is still used, and the
-        replica is asked again after this pass. None when it never reported."""
-        n = self._queues.get(replica_id)
+        """Its queue as last reported plus what this router sent since, interactive or total as this pass compares;
+        a stale report is still used, and the replica is asked again after this pass. None when it never
+        reported."""
+        n = self._queues.get(replica_id, self.interactive)
         if n is None:
             self._stale.add(replica_id)
-            n = self._queues.last(replica_id)
+            n = self._queues.last(replica_id, self.interactive)
         return n
 
     def rank(self, replica_id: str) -> tuple[int, int]:
@@ -74,12 +81,16 @@ class PoolQueues:
         n = self.length(replica_id)
         if n is None:
             load = self._loads.get(replica_id)
-            n = load.images if load is not None else 0
+            if load is None:
+                n = 0
+            else:
+                n = load.images - load.job_images if self.interactive else load.images
         return (replica_id in self._unanswered, n)
 
     def full(self, replica_id: str) -> bool:
-        """Passed over in this pass: its queue is at ``max_queue``, or it never reported and is being asked (its
-        answer wakes the loop). One that left its probe unanswered is not (it is compared last instead)."""
+        """Passed over in this pass: its queue (the length this pass compares) is at ``max_queue``, or it never
+        reported and is being asked (its answer wakes the loop). One that left its probe unanswered is not (it is
+        compared last instead)."""
         if replica_id in self._unanswered or replica_id in self._no_report:
             return False
         n = self.length(replica_id)
@@ -93,7 +104,7 @@ class PoolQueues:
             if replica is None or rid in self._probes or rid in self._no_report \
                     or now - self._unanswered.get(rid, float("-inf")) < REPORT_TTL_S:
                 continue
-            if getattr(replica, "queue_len", None) is None:
+            if not _reports(replica):
                 self._no_report.add(rid)
                 continue
             task = asyncio.get_running_loop().create_task(self._probe(rid, replica))
@@ -104,7 +115,8 @@ class PoolQueues:
 
     async def _probe(self, replica_id: str, replica) -> None:
         try:
-            call = asyncio.ensure_future(replica.queue_len())
+            both = getattr(replica, "queue_lens", None)
+            call = asyncio.ensure_future(both() if both is not None else replica.queue_len())
             alarm = asyncio.ensure_future(self.clock.sleep(PROBE_TIMEOUT_S))
             try:
                 await asyncio.wait({call, alarm}, return_when=asyncio.FIRST_COMPLETED)
@@ -114,14 +126,20 @@ class PoolQueues:
                 call.cancel()
                 raise TimeoutError(f"no answer within {PROBE_TIMEOUT_S}s")
             n = call.result()
+            interactive, total = n if both is not None else (None, n)  # (a total alone stands for both)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - unknown until it answers; the health check judges the replica
             self._unanswered[replica_id] = self.clock.now()
             log.debug("replica %s did not report its queue length: %s", replica_id, e)
         else:
-            self._queues.report(replica_id, n)
+            self._queues.report(replica_id, total, interactive)
             self._unanswered.pop(replica_id, None)
         finally:
             self._probes.pop(replica_id, None)
         self._wake()  # a replica passed over (full, or not reported yet) may take work now
+
+
+def _reports(replica) -> bool:
+    """Whether the replica handle reports its queue (``queue_lens``, or an older one's ``queue_len``)."""
+    return getattr(replica, "queue_lens", None) is not None or getattr(replica, "queue_len", None) is not None

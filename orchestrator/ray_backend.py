@@ -219,8 +219,8 @@ class RemoteEncoder:
 
 CONTROL = "control"  # a pooled replica's concurrency group for control calls
 # Calls that must answer while batches fill every other slot (several front doors' batches, waiting at the gate).
-CONTROL_METHODS = frozenset({"start", "health", "check", "pid", "cancel", "queue_len", "intake_stats", "loras",
-                             "register_lora", "unregister_lora", "inject_fault", "loop_stats"})
+CONTROL_METHODS = frozenset({"start", "health", "check", "pid", "cancel", "queue_len", "queue_lens", "intake_stats",
+                             "loras", "register_lora", "unregister_lora", "inject_fault", "loop_stats"})
 
 
 def replica_name(deployment_id: str, replica_id: str) -> str:
@@ -320,6 +320,11 @@ class RayReplica:
     async def queue_len(self) -> int:
         """Samples waiting at the replica's gate and inside it, from every front door (``actors/admission.py``)."""
         return await self.call("queue_len")
+
+    async def queue_lens(self) -> tuple[int, int]:
+        """(interactive samples, all samples) waiting at the replica's gate and inside it, from every front door."""
+        interactive, total = await self.call("queue_lens")
+        return interactive, total
 
     async def check(self) -> float:
         """The replica's health check (a real small forward on every device)."""

@@ -9,7 +9,7 @@ the join policy each call carries, in ``dispatch_policy.py``.
 Which free replica is offered work first: with replicas of its own, the least outstanding by the router's books
 (they see all the replicas' work); with replicas shared by several front doors (``shared``, ``frontdoor.pool``),
 power of two choices over the queue lengths the replicas report (``pow2.py``), a stale report asked for again in
-the background (``pool_queues.py``: ``queue_len`` through the replica handle), never awaited by the loop.
+the background (``pool_queues.py``: ``queue_lens`` through the replica handle), never awaited by the loop.
 
 What a request costs the router does not grow with the number of replicas: the free ones are kept as they change
 (``free_replicas.py``), the roster is read again only when it changes (``wake``) or every ``ROSTER_REFRESH_S``, and
@@ -248,8 +248,19 @@ class Router:
         self._expire(now)
         passed_over = getattr(self._pick, "passed_over", 0)
         # until nothing more is ready: a schedule gives each free replica at most one call
-        while decisions := self.scheduler.schedule(now, self._free, *self._reserve(now), pick=self._pick,
-                                                    exclude=self._policy.blocked()):
+        while True:
+            if self.shared:
+                # The pick hands out a replica before the scheduler knows which group it is for: while an
+                # interactive request waits, the pass compares the interactive lengths (job work at a replica does
+                # not hold it back), else the totals (job work waits behind all of it). A job's call in a pass with
+                # interactive work waiting may go to a replica whose total is full: its gate holds it, and the
+                # next pass compares totals again.
+                oldest = self.scheduler.oldest()
+                self.queues.interactive = oldest is not None and oldest.request.priority == INTERACTIVE
+            decisions = self.scheduler.schedule(now, self._free, *self._reserve(now), pick=self._pick,
+                                                exclude=self._policy.blocked())
+            if not decisions:
+                break
             for replica_id, pendings in decisions:
                 self._dispatch(replica_id, pendings, now)
         self.queues.ask(now)
@@ -283,7 +294,7 @@ class Router:
         load.dispatched(batch, count_adapters=self.scheduler.max_adapters is not None)
         self._update_room(replica_id)
         if self.shared:
-            self.queues.sent(replica_id, len(batch))
+            self.queues.sent(replica_id, len(batch), batch.is_job)
         self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings])
         with batch_log_context(batch):  # the batch task's log lines carry its requests' ids
             log.debug("batch %d: %d images, %d tokens, %s -> %s", batch.batch_id, len(batch), batch.tokens,

@@ -37,8 +37,9 @@ class Replica(Protocol):
     async def run(self, batch: Batch, on_progress: Callable[[StepProgress], None] | None = None) -> BatchResult:
         ...
 
-    # Shared replicas also answer ``async queue_len() -> int`` (samples waiting at their gate and inside, from every
-    # front door); a handle without it is compared by the router's own books.
+    # Shared replicas also answer ``async queue_lens() -> (interactive, total)`` (samples waiting at their gate and
+    # inside, from every front door), or only ``async queue_len() -> int`` (the total, taken for both); a handle with
+    # neither is compared by the router's own books.
 
 
 class ReplicaPool(Protocol):

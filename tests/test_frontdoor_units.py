@@ -239,6 +239,25 @@ def test_queue_lengths_expire_and_count_what_was_sent_since_the_report():
     assert q.get("r0") == 1
 
 
+def test_queue_lengths_count_what_was_sent_since_by_kind():
+    """A job's samples add to the total only; interactive ones to both. A replica that reports one length (an older
+    handle's ``queue_len``) has it taken for both."""
+    clock = Clock()
+    q = QueueLengths(ttl_s=1.0, clock=clock)
+    q.report("r0", 10, interactive=2)  # 8 job samples, 2 interactive
+    q.sent("r0", 4, job=True)
+    assert (q.get("r0"), q.get("r0", interactive=True)) == (14, 2)
+    q.sent("r0", 3)
+    assert (q.get("r0"), q.get("r0", interactive=True)) == (17, 5)
+    clock.t = 1.5  # stale: not fresh, but the last report still reads by kind
+    assert q.get("r0", interactive=True) is None and (q.last("r0"), q.last("r0", interactive=True)) == (17, 5)
+    q.report("r0", 6, interactive=1)  # a new report replaces what was sent since
+    assert (q.get("r0"), q.get("r0", interactive=True)) == (6, 1)
+    q.report("r1", 7)
+    q.sent("r1", 2, job=True)
+    assert q.get("r1") == q.get("r1", interactive=True) == 9
+
+
 # ---- image bytes --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("fmt", "compression"), [("png", None), ("jpeg", 80), ("jpeg", None), ("webp", 60)])
 def test_encoded_bytes_are_forwarded_as_they_are_and_equal_encoding_the_pixels(fmt, compression):

@@ -170,7 +170,7 @@ def test_a_call_cancelled_while_it_waits_at_the_gate_is_answered_cancelled_witho
     second = threading.Thread(target=lambda: out.setdefault("b", rep.run_batch(Batch(2, (req(2), req(3))))))
     second.start()
     time.sleep(0.05)
-    assert rep.queue_len() == 3
+    assert rep.queue_len() == 3 and rep.queue_lens() == (3, 3)
     assert rep.cancel(["q2", "q3"]) == 2
     second.join(5)
     first.join(5)
@@ -190,8 +190,10 @@ def test_the_gate_books_interactive_and_job_calls_as_the_router_does():
     waiting_job.start()
     time.sleep(0.05)
     assert entered == [] and gate.snapshot().waiting_calls == 1  # the job's room is full
+    assert gate.queue_lens() == (0, 6)  # (interactive, all) samples waiting and inside: no interactive work
     live = [gate.enter([f"live{i}"], 50, 2, timeout_s=0.5) for i in range(2)]  # past the waiting job call
     assert all(t.admitted for t in live) and gate.snapshot().calls == 4
+    assert gate.queue_lens() == (4, 10) and gate.queue_len() == 10
     assert not gate._fits(gate._queue[0])  # everything inside counts against the job's call
     for t in jobs + live:
         gate.leave(t)

@@ -1,7 +1,8 @@
 """Routers over replicas shared by several front doors (``Router(shared=True)``, ``frontdoor.pool``), with fake
 replicas and a manual clock: power of two choices over the queue lengths the replicas report spreads the load that
 several routers send, a stale report is asked for again without holding up the loop, a replica that does not answer
-is compared last (not taken for empty), and a replica whose queue is full is passed over."""
+is compared last (not taken for empty), and a replica whose queue is full is passed over: for interactive work,
+full of interactive work (a batch job's samples hold back only job work there)."""
 
 import asyncio
 import random
@@ -12,7 +13,7 @@ from fakes import FakePool, FakeReplica, ManualClock
 from orchestrator.pool_queues import PROBE_TIMEOUT_S, REPORT_TTL_S
 from orchestrator.router import Router
 from zimage_common.config import RouterConfig
-from zimage_common.messages import ImageRequest
+from zimage_common.messages import BATCH_JOB, ImageRequest
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -21,34 +22,57 @@ def req(i):
     return ImageRequest(f"q{i}", f"prompt {i}", 1000 + i, 64, 64, 4, 0.0)
 
 
+def job(i):
+    return ImageRequest(f"j{i}", f"prompt {i}", 1000 + i, 64, 64, 4, 0.0, priority=BATCH_JOB)
+
+
 async def settle(n=20):
     for _ in range(n):
         await asyncio.sleep(0)
 
 
 class SharedReplica(FakeReplica):
-    """A replica every router sends to: it reports the samples inside it, from all of them, plus ``elsewhere`` (the
-    work of front doors not in the test). Calls stay in until released; ``silent`` makes its probes hang."""
+    """A replica every router sends to: it reports the samples inside it, from all of them, plus ``elsewhere`` and
+    ``elsewhere_jobs`` (the interactive and batch-job work of front doors not in the test), as (interactive, all)
+    samples. Calls stay in until released; ``silent`` makes its probes hang."""
 
     def __init__(self, replica_id):
         super().__init__(replica_id, manual=True)
         self.inside = 0
+        self.inside_jobs = 0
         self.elsewhere = 0
+        self.elsewhere_jobs = 0
         self.probes = 0
         self.silent = False
 
     async def run(self, batch, on_progress=None):
+        jobs = len(batch) if batch.is_job else 0
         self.inside += len(batch)
+        self.inside_jobs += jobs
         try:
             return await super().run(batch, on_progress)
         finally:
             self.inside -= len(batch)
+            self.inside_jobs -= jobs
 
-    async def queue_len(self):
+    async def queue_lens(self):
         self.probes += 1
         if self.silent:
             await asyncio.get_running_loop().create_future()
-        return self.inside + self.elsewhere
+        total = self.inside + self.elsewhere + self.elsewhere_jobs
+        return total - self.inside_jobs - self.elsewhere_jobs, total
+
+    async def queue_len(self):
+        return (await self.queue_lens())[1]
+
+
+class TotalOnlyReplica(SharedReplica):
+    """An older handle: it reports only its total (``queue_len``)."""
+
+    queue_lens = None
+
+    async def queue_len(self):
+        return (await SharedReplica.queue_lens(self))[1]
 
     def images(self, router_batches=None):
         return sum(len(b) for b in (router_batches if router_batches is not None else self.batches))
@@ -184,4 +208,45 @@ async def test_a_replica_whose_queue_is_full_is_passed_over_until_it_reports_roo
     await settle(40)
     assert (r0.inside, r1.inside, a.waiting) == (4, 4, 0)
     await finish([r0, r1], tasks)
+    await a.stop()
+
+
+async def test_a_pooled_replica_full_of_job_work_still_takes_an_interactive_request():
+    """r0's queue is full (12 samples): 8 of another front door's batch job and 4 of this router's. Its gate lets an
+    interactive call pass waiting job calls, so an interactive request goes there at once; judged by its total (an
+    older handle reporting only ``queue_len``) it waits at the router."""
+    clock = ManualClock()
+    for split in (True, False):
+        r0 = SharedReplica("r0") if split else TotalOnlyReplica("r0")
+        r0.elsewhere_jobs = 8
+        a = router([r0], clock)
+        jobs = [asyncio.ensure_future(f) for f in a.admit([job(i) for i in range(4)])]
+        await settle(40)
+        assert r0.inside_jobs == 4 and r0.inside_jobs + r0.elsewhere_jobs == a.max_queue
+        live = await burst(a, 0, 1)
+        sent = any(r.request_id == "q0" for b in r0.batches for r in b.requests)
+        assert sent == split, split
+        if not split:
+            r0.elsewhere_jobs = 0  # the other front door's job is done: the next report has room
+            await clock.advance(REPORT_TTL_S + 0.1)
+            await settle(40)
+        await finish([r0], jobs, live)
+        await a.stop()
+
+
+async def test_job_work_is_still_passed_over_a_replica_whose_total_queue_is_full():
+    """r0 holds no interactive work but is full of another front door's job work; r1 has some interactive work and
+    room. A job's requests go to r1 only (by the interactive lengths r0 would win); an interactive request then goes
+    to r0, the shorter interactive queue."""
+    clock = ManualClock()
+    r0, r1 = SharedReplica("r0"), SharedReplica("r1")
+    a = router([r0, r1], clock)
+    r0.elsewhere_jobs, r1.elsewhere = a.max_queue, 2
+    await settle()
+    jobs = [asyncio.ensure_future(f) for f in a.admit([job(i) for i in range(6)])]
+    await settle(40)
+    assert (r0.inside, r1.inside) == (0, 6)
+    live = await burst(a, 0, 1)
+    assert (r0.inside, r1.inside) == (1, 6)
+    await finish([r0, r1], jobs, live)
     await a.stop()
