@@ -177,15 +177,15 @@ async def run_job(config: Config, input_path: Path, out: str, state: Path | None
         # Ctrl-C (asyncio.run cancels this task, Python 3.11 on): the summary of what this run did is still written
         # and printed; taking the cancellation back lets asyncio.run return it instead of raising KeyboardInterrupt
         # (3.10's asyncio.run raises KeyboardInterrupt without cancelling: cmd_batch says what to do then)
-        interrupted = True
-        task = asyncio.current_task()
-        if hasattr(task, "uncancel"):
-            task.uncancel()
+        interrupted = _take_back_cancel()
     finally:
         elapsed = time.perf_counter() - t0
         bar.close()
         sink.close()
-        await dep.shutdown()
+        try:
+            await dep.shutdown()
+        except asyncio.CancelledError:  # Ctrl-C while shutting down: what the run did is still summarized
+            interrupted = _take_back_cancel()
         if s3 is not None:
             await run_blocking(s3.put, "output.jsonl", output.read_bytes(), CONTENT_TYPES["jsonl"])
     ok_total, failed_total = db.counts(JOB_ID)
@@ -205,6 +205,15 @@ async def run_job(config: Config, input_path: Path, out: str, state: Path | None
     (state / "summary.json").write_text(json.dumps(summary, indent=2))
     db.close()
     return summary
+
+
+def _take_back_cancel() -> bool:
+    """Takes back the current task's cancellation (Python 3.11 on), so asyncio.run returns the summary instead of
+    raising; True, for ``interrupted``."""
+    task = asyncio.current_task()
+    if hasattr(task, "uncancel"):
+        task.uncancel()
+    return True
 
 
 def print_summary(s: dict) -> None:

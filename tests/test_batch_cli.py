@@ -106,6 +106,35 @@ async def test_ctrl_c_still_writes_the_summary_and_a_rerun_finishes(tmp_path):
                                                         abs=2e-3)
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="3.10's asyncio.run raises KeyboardInterrupt on Ctrl-C")
+async def test_ctrl_c_while_the_deployment_shuts_down_still_writes_the_summary(tmp_path):
+    import asyncio
+
+    src = write_job(tmp_path / "in.jsonl", 10)
+    cfg = tiny_config(tmp_path)
+    closing = asyncio.Event()
+
+    async def start(config, observer=None):
+        dep = await factory(TimedBackend(2, base_s=0.0))(config, observer)
+        real = dep.shutdown
+
+        async def slow_shutdown():
+            closing.set()
+            await asyncio.sleep(0.5)
+            await real()
+
+        dep.shutdown = slow_shutdown
+        return dep
+
+    task = asyncio.get_running_loop().create_task(
+        run_job(cfg, src, str(tmp_path / "out"), deployment_factory=start, progress=False))
+    await asyncio.wait_for(closing.wait(), 30)
+    task.cancel()
+    s = await task
+    assert s["interrupted"] and s["finished"] and s["done"] == 10
+    assert json.loads((tmp_path / "out/summary.json").read_text())["done"] == 10
+
+
 WORKER = """
 import asyncio, sys
 from pathlib import Path
