@@ -6,7 +6,8 @@ that refresh a stale report in the background. The router's loop never waits for
 A pass compares the replicas by one of the two lengths (``interactive``, set by the router before each pass): the
 interactive length while an interactive request waits, else the total. A replica's job samples do not hold back
 interactive work there, so a replica full of job work is still a candidate for an interactive request, and job work
-still passes over a replica whose total queue is full.
+still passes over a replica whose total queue is full (in a pass that compares interactive lengths, by
+``full_for_jobs``).
 
 A report is trusted for ``REPORT_TTL_S`` (what this router sent since counts on top); a stale one is still used
 while its replica is asked again. A probe not answered within ``PROBE_TIMEOUT_S`` leaves the replica unknown: it
@@ -64,14 +65,15 @@ class PoolQueues:
     def forget(self, replica_id: str) -> None:
         self._queues.forget(replica_id)
 
-    def length(self, replica_id: str) -> int | None:
-        """Its queue as last reported plus what this router sent since, interactive or total as this pass compares;
-        a stale report is still used, and the replica is asked again after this pass. None when it never
-        reported."""
-        n = self._queues.get(replica_id, self.interactive)
+    def length(self, replica_id: str, interactive: bool | None = None) -> int | None:
+        """Its queue as last reported plus what this router sent since, interactive or total (by default as this
+        pass compares); a stale report is still used, and the replica is asked again after this pass. None when it
+        never reported."""
+        interactive = self.interactive if interactive is None else interactive
+        n = self._queues.get(replica_id, interactive)
         if n is None:
             self._stale.add(replica_id)
-            n = self._queues.last(replica_id, self.interactive)
+            n = self._queues.last(replica_id, interactive)
         return n
 
     def rank(self, replica_id: str) -> tuple[int, int]:
@@ -87,14 +89,18 @@ class PoolQueues:
                 n = load.images - load.job_images if self.interactive else load.images
         return (replica_id in self._unanswered, n)
 
-    def full(self, replica_id: str) -> bool:
-        """Passed over in this pass: its queue (the length this pass compares) is at ``max_queue``, or it never
-        reported and is being asked (its answer wakes the loop). One that left its probe unanswered is not (it is
-        compared last instead)."""
+    def full(self, replica_id: str, interactive: bool | None = None) -> bool:
+        """Passed over in this pass: its queue (by default the length this pass compares) is at ``max_queue``, or
+        it never reported and is being asked (its answer wakes the loop). One that left its probe unanswered is not
+        (it is compared last instead)."""
         if replica_id in self._unanswered or replica_id in self._no_report:
             return False
-        n = self.length(replica_id)
+        n = self.length(replica_id, interactive)
         return n is None or n >= self.max_queue
+
+    def full_for_jobs(self, replica_id: str) -> bool:
+        """``full`` by its whole queue: a job's call in a pass that compares interactive lengths."""
+        return self.full(replica_id, interactive=False)
 
     def ask(self, now: float) -> None:
         """Probe the replicas compared on a stale report (one probe at a time each; one left unanswered is asked

@@ -252,13 +252,13 @@ class Router:
             if self.shared:
                 # The pick hands out a replica before the scheduler knows which group it is for: while an
                 # interactive request waits, the pass compares the interactive lengths (job work at a replica does
-                # not hold it back), else the totals (job work waits behind all of it). A job's call in a pass with
-                # interactive work waiting may go to a replica whose total is full: its gate holds it, and the
-                # next pass compares totals again.
+                # not hold it back), and a job's call in that pass still skips a replica whose whole queue is full;
+                # else the pass compares the totals (job work waits behind all of it).
                 oldest = self.scheduler.oldest()
                 self.queues.interactive = oldest is not None and oldest.request.priority == INTERACTIVE
-            decisions = self.scheduler.schedule(now, self._free, *self._reserve(now), pick=self._pick,
-                                                exclude=self._policy.blocked())
+            decisions = self.scheduler.schedule(
+                now, self._free, *self._reserve(now), pick=self._pick, exclude=self._policy.blocked(),
+                no_jobs=self.queues.full_for_jobs if self.shared and self.queues.interactive else None)
             if not decisions:
                 break
             for replica_id, pendings in decisions:

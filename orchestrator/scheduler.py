@@ -228,24 +228,25 @@ class BatchScheduler:
 
     def schedule(self, now: float, free: Sequence[ReplicaCapacity] | FreeReplicas, reserve: int = 0,
                  background_max_batch: int | None = None, interactive_recent: bool = False,
-                 pick: Pick | None = None,
-                 exclude: Callable[[ReplicaCapacity], bool] | None = None) -> list[tuple[str, list[Pending]]]:
+                 pick: Pick | None = None, exclude: Callable[[ReplicaCapacity], bool] | None = None,
+                 no_jobs: Callable[[str], bool] | None = None) -> list[tuple[str, list[Pending]]]:
         """Form batches for the free replicas, offered in the order ``pick`` hands them out (least outstanding
         first, then longest idle, then by id, unless told otherwise; none of those ``exclude`` names). Returns
         ``[(replica_id, requests)]`` and removes those requests from the queue. ``reserve``: idle replicas that
         batch-job work must leave idle; ``background_max_batch``: the most images in a batch-job batch;
-        ``interactive_recent``: busy replicas take no batch-job work (see Priority above)."""
+        ``interactive_recent``: busy replicas take no batch-job work (see Priority above); ``no_jobs``: the
+        replicas (by id) that take no batch-job work in this pass, though they may take interactive work."""
         if not self._groups:
             return []
         p = _as_free(free).start(pick, exclude)
         try:
-            return self._decide(now, p, reserve, background_max_batch, interactive_recent)
+            return self._decide(now, p, reserve, background_max_batch, interactive_recent, no_jobs)
         finally:
             p.end()
             self.examined += p.examined
 
     def _decide(self, now: float, p: Pass, reserve: int, background_max_batch: int | None,
-                interactive_recent: bool) -> list[tuple[str, list[Pending]]]:
+                interactive_recent: bool, no_jobs: Callable[[str], bool] | None) -> list[tuple[str, list[Pending]]]:
         decisions = []
         held: set = set()  # groups not ready yet that a free replica is kept for (see Priority above)
         groups = self._ordered_groups()
@@ -264,6 +265,8 @@ class BatchScheduler:
                     break
                 if key[1] > INTERACTIVE and (replica := free.for_jobs()) is None:
                     break  # full of job work; interactive work may still join (ReplicaCapacity.job_room)
+                if key[1] > INTERACTIVE and no_jobs is not None and no_jobs(replica.replica_id):
+                    break
                 fitting, count = self._fitting(key, group, replica)
                 if not fitting:
                     continue

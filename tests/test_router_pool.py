@@ -250,3 +250,21 @@ async def test_job_work_is_still_passed_over_a_replica_whose_total_queue_is_full
     assert (r0.inside, r1.inside) == (1, 6)
     await finish([r0, r1], jobs, live)
     await a.stop()
+
+
+async def test_a_jobs_call_in_a_pass_led_by_interactive_work_skips_a_replica_whose_whole_queue_is_full():
+    """An interactive request and a job's wait together: the pass compares interactive lengths, where r0 (full of
+    other doors' job work, no interactive work) looks free, yet the job's requests go to r1 only, whichever replica
+    the draw offers first."""
+    for seed in range(8):
+        clock = ManualClock()
+        r0, r1 = SharedReplica("r0"), SharedReplica("r1")
+        a = router([r0, r1], clock, seed=seed)
+        r0.elsewhere_jobs = a.max_queue
+        await settle()
+        jobs = [asyncio.ensure_future(f) for f in a.admit([job(i) for i in range(2)])]
+        live = await burst(a, 0, 1)
+        assert r0.inside_jobs == 0, f"seed {seed}: a job's call went to the replica whose whole queue is full"
+        assert r1.inside_jobs == 2 and r0.inside + r1.inside == 3
+        await finish([r0, r1], jobs, live)
+        await a.stop()
