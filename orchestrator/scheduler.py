@@ -253,7 +253,7 @@ class BatchScheduler:
         idle = p.idle()
         while groups and (replica := p.next()) is not None:
             holding = None
-            decided = False
+            decided = skipped = False
             free = replica
             for key, group in groups:
                 replica = free
@@ -266,6 +266,7 @@ class BatchScheduler:
                 if key[1] > INTERACTIVE and (replica := free.for_jobs()) is None:
                     break  # full of job work; interactive work may still join (ReplicaCapacity.job_room)
                 if key[1] > INTERACTIVE and no_jobs is not None and no_jobs(replica.replica_id):
+                    skipped = True  # this replica only (its reported queue): others of its room may take the job's
                     break
                 fitting, count = self._fitting(key, group, replica)
                 if not fitting:
@@ -278,8 +279,8 @@ class BatchScheduler:
                 if len(full) < count or len(full) >= limit or waited:
                     # waiting work is shared among this replica and the free ones after it that admit its head
                     head, job = fitting[0].request, key[1] > INTERACTIVE
-                    sharing = 1 + p.count(lambda r, h=head, j=job: self.admits_as(r, h, j), count - 1) \
-                        if count > 1 else 1
+                    sharing = 1 + p.count(lambda r, h=head, j=job: self.admits_as(r, h, j) and not (
+                        j and no_jobs is not None and no_jobs(r.replica_id)), count - 1) if count > 1 else 1
                     taken = self._fill(fitting, replica, min(limit, -(-count // sharing)))
                     for q in taken:
                         group.remove(q)
@@ -294,7 +295,7 @@ class BatchScheduler:
                 if key not in held and any(k[1] > key[1] for k in self._groups):
                     held.add(key)
                     holding = key[1]
-            if not decided and holding is None:
+            if not decided and holding is None and not skipped:
                 # Nothing is ready for it, and nothing would be for a replica with the same room: taking requests
                 # out of a group makes it no readier.
                 p.close(free)

@@ -142,3 +142,16 @@ async def test_a_replica_full_of_job_work_takes_an_interactive_request_at_once()
         await settle()
     assert (await live).ok and all(r.ok for r in await asyncio.gather(*waiters))
     await router.stop()
+
+
+def test_a_replica_refused_job_work_by_its_queue_leaves_the_others_of_its_room_open():
+    """``no_jobs`` names one replica (its reported queue is full), not its room: a job's ready work goes to another
+    free replica with the same room, in the same pass, while the first free one is held for interactive work."""
+    from orchestrator.free_replicas import FreeReplicas
+
+    s = BatchScheduler(max_batch_size=4, max_wait_s=1.0, queue_limit=100)
+    s.add(Pending(ImageRequest("j0", "p", 1, 64, 64, 4, 0.0, priority=BATCH_JOB), enqueued_at=0.0, deadline=100.0))
+    s.add(Pending(ImageRequest("i0", "p", 1, 64, 64, 4, 0.0), enqueued_at=9.9, deadline=100.0))  # not ready yet
+    free = FreeReplicas([ReplicaCapacity(rid, BIG, BIG, 0, i) for i, rid in enumerate("XAB")])
+    decisions = s.schedule(10.0, free, no_jobs=lambda rid: rid == "A")
+    assert [(rid, [p.request.request_id for p in ps]) for rid, ps in decisions] == [("B", ["j0"])]
