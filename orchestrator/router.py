@@ -228,6 +228,7 @@ class Router:
                 log.info("request %s cancelled by its caller before it ran", p.request.request_id)
                 self.observer.finished(self._error_result(p, "cancelled by the client", FailureKind.CANCELLED))
             else:
+                p.abandoned = True
                 self._cancel_running(p)
             raise
 
@@ -444,6 +445,9 @@ class Router:
     def _requeue(self, p: Pending) -> None:
         if self._running.pop(p.request.request_id, None) is None or p.ticket.done():
             return  # already answered (timed out meanwhile)
+        if p.abandoned:  # a split, a bisection or a lost replica would run it again for nobody
+            self._finish(p, self._error_result(p, "cancelled by the client", FailureKind.CANCELLED))
+            return
         self.scheduler.add(p, front=True)
 
     def _finish(self, p: Pending, result: ImageResult) -> None:

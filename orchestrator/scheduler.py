@@ -85,6 +85,7 @@ class Pending:
     replica_id: str | None = None  # where it runs while dispatched (the router's)
     progress: Any = field(default=None, compare=False)  # the caller's per-step callback, if it wants one
     queued: bool = field(default=False, compare=False)  # in the scheduler's queue now (its deadline heap reads it)
+    abandoned: bool = field(default=False, compare=False)  # its caller went away while it ran: never run it again
 
 
 class BatchScheduler:

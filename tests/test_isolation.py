@@ -113,6 +113,39 @@ async def test_a_batch_whose_every_member_failed_is_bisected_even_with_a_member_
     await router.stop()
 
 
+async def test_a_request_whose_caller_left_is_not_run_again_when_its_batch_is_bisected():
+    """The caller of q1 went away while its batch ran; the batch then failed as a whole: q0 runs again alone (the
+    bisection), q1 does not (nobody waits for it)."""
+
+    class FailsOnce(FakeReplica):
+        def __init__(self, rid):
+            super().__init__(rid)
+            self.gate = asyncio.Event()
+
+        async def run(self, batch, on_progress=None):
+            if self.batches:
+                return await super().run(batch, on_progress)
+            self.batches.append(batch)
+            await self.gate.wait()
+            return BatchResult(batch.batch_id, self.replica_id, tuple(
+                ImageResult(request_id=r.request_id, ok=False, replica_id=self.replica_id, batch_id=batch.batch_id,
+                            seed=r.seed, error="boom", error_type="replica_error") for r in batch.requests))
+
+    replica = FailsOnce("a")
+    router = Router(FakePool(replica), RouterConfig(max_batch_size=4, max_wait_ms=0), clock=ManualClock())
+    router.start()
+    first, second = (asyncio.ensure_future(w) for w in router.admit([req(0), req(1)]))
+    while not replica.batches:
+        await asyncio.sleep(0.001)
+    second.cancel()
+    await asyncio.sleep(0.01)
+    replica.gate.set()
+    assert (await asyncio.wait_for(first, 5)).ok
+    ran = [r.request_id for b in replica.batches for r in b.requests]
+    assert ran.count("q0") == 2 and ran.count("q1") == 1
+    await router.stop()
+
+
 async def test_admission_is_all_or_nothing():
     from zimage_common.errors import QueueFullError
 
