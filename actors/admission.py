@@ -154,8 +154,7 @@ class AdmissionGate:
 
     def queue_len(self) -> int:
         """Samples waiting at the gate and inside it."""
-        with self._cond:
-            return sum(t.samples for t in self._queue) + self.stats.samples
+        return self.queue_lens()[1]
 
     def queue_lens(self) -> tuple[int, int]:
         """(interactive samples, all samples) waiting at the gate and inside it, read at once."""

@@ -83,10 +83,7 @@ class PoolQueues:
         n = self.length(replica_id)
         if n is None:
             load = self._loads.get(replica_id)
-            if load is None:
-                n = 0
-            else:
-                n = load.images - load.job_images if self.interactive else load.images
+            n = 0 if load is None else load.images - (load.job_images if self.interactive else 0)
         return (replica_id in self._unanswered, n)
 
     def full(self, replica_id: str, interactive: bool | None = None) -> bool:

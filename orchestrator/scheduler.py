@@ -257,31 +257,33 @@ class BatchScheduler:
             decided = skipped = False
             free = replica
             for key, group in groups:
-                replica = free
+                replica, job = free, key[1] > INTERACTIVE
                 if holding is not None and key[1] > holding:
                     break  # this replica waits for the higher-priority group
-                if key[1] > INTERACTIVE and replica.outstanding == 0 and idle <= reserve:
-                    break  # kept idle for interactive requests (batch-job groups come last in the order)
-                if key[1] > INTERACTIVE and replica.outstanding and interactive_recent:
-                    break
-                if key[1] > INTERACTIVE and (replica := free.for_jobs()) is None:
-                    break  # full of job work; interactive work may still join (ReplicaCapacity.job_room)
-                if key[1] > INTERACTIVE and no_jobs is not None and no_jobs(replica.replica_id):
-                    skipped = True  # this replica only (its reported queue): others of its room may take the job's
-                    break
+                if job:  # (batch-job groups come last in the order)
+                    if free.outstanding == 0 and idle <= reserve:
+                        break  # kept idle for interactive requests
+                    if free.outstanding and interactive_recent:
+                        break
+                    if (replica := free.for_jobs()) is None:
+                        break  # full of job work; interactive work may still join (ReplicaCapacity.job_room)
+                    if no_jobs is not None and no_jobs(free.replica_id):
+                        skipped = True  # this replica only (its reported queue): others of its room may take it
+                        break
                 fitting, count = self._fitting(key, group, replica)
                 if not fitting:
                     continue
                 limit = self.max_batch_size
-                if key[1] > INTERACTIVE and background_max_batch is not None:
+                if job and background_max_batch is not None:
                     limit = min(limit, background_max_batch)
                 full = self._fill(fitting, replica, limit)
                 waited = now - fitting[0].enqueued_at >= self.max_wait_s
                 if len(full) < count or len(full) >= limit or waited:
                     # waiting work is shared among this replica and the free ones after it that admit its head
-                    head, job = fitting[0].request, key[1] > INTERACTIVE
-                    sharing = 1 + p.count(lambda r, h=head, j=job: self.admits_as(r, h, j) and not (
-                        j and no_jobs is not None and no_jobs(r.replica_id)), count - 1) if count > 1 else 1
+                    head = fitting[0].request
+                    refused = no_jobs if job else None
+                    sharing = 1 + p.count(lambda r, h=head, j=job, n=refused: self.admits_as(r, h, j) and (
+                        n is None or not n(r.replica_id)), count - 1) if count > 1 else 1
                     taken = self._fill(fitting, replica, min(limit, -(-count // sharing)))
                     for q in taken:
                         group.remove(q)
