@@ -124,9 +124,17 @@ def test_bad_loras_field_is_400_naming_loras(server, loras, text):
     assert text in r.json()["error"]["message"]
 
 
+def _register(server, name: str, path) -> None:
+    """A runtime adapter this test needs, registered by the test itself: under pytest-xdist the tests of this file
+    may run on different workers, each with its own server, so none may rely on another having registered it
+    (registering a runtime name again replaces it)."""
+    httpx.post(f"{server.url}/v1/loras", json={"name": name, "path": str(path)}, headers=auth(),
+               timeout=60).raise_for_status()
+
+
 def test_images_equal_diffusers_fused_and_do_not_depend_on_batch_mates(server, adapters):
-    httpx.post(f"{server.url}/v1/loras", json={"name": "style-b", "path": str(adapters["style-b"])},
-               headers=auth(), timeout=60).raise_for_status()
+    _register(server, "style-b", adapters["style-b"])
+    _register(server, "kohya", adapters["kohya"])
     want = {"prompt": "a red fox in snow", "size": "64x64", "seed": 5, "num_inference_steps": 3,
             "loras": [{"name": "style-a", "scale": 0.8}]}
     solo = _image(_gen(server, want))
@@ -155,7 +163,8 @@ def test_images_equal_diffusers_fused_and_do_not_depend_on_batch_mates(server, a
         assert out[i].status_code == 200, out[i].text
 
 
-def test_delete(server):
+def test_delete(server, adapters):
+    _register(server, "kohya", adapters["kohya"])
     r = httpx.delete(f"{server.url}/v1/loras/style-a", headers=auth())  # configured: the operator's
     assert r.status_code == 409 and r.json()["error"]["param"] == "name", r.text
     assert httpx.delete(f"{server.url}/v1/loras/kohya", headers=auth()).json() == {"name": "kohya", "deleted": True}
