@@ -151,11 +151,6 @@ class StageTimes:
     image_encode_s: float = 0.0  # the VAE encode of input images (edits), its own stage
 
 
-def encode_png(image) -> bytes:
-    """uint8 [H, W, 3] -> PNG bytes at compression level 1 (``image_codec.encode_image``)."""
-    return encode_image(image, "png")
-
-
 # Why a result failed (``ImageResult.error_type``). The router and the HTTP layer act on these:
 class FailureKind(str, Enum):
     """Why a request failed or was refused: one vocabulary for the replica, the router, the HTTP layer and the
@@ -214,7 +209,6 @@ def failure(kind: str | None) -> Failure:
         return FAILURES[FailureKind.REPLICA_ERROR]
 
 
-
 @dataclass(frozen=True)
 class ImageResult:
     """The outcome for one request. When ``ok``, ``image`` (uint8 [H, W, 3]) holds the pixels, or, for a request
@@ -252,7 +246,7 @@ class ImageResult:
         if self.encoded is not None and self.encoded.format == "png":
             return self.encoded.data
         pixels = self.pixels()
-        return None if pixels is None else encode_png(pixels)
+        return None if pixels is None else encode_image(pixels, "png")
 
     def pixels(self):
         """uint8 [H, W, 3]: the pixels, decoded from ``encoded`` when that is what came back."""
