@@ -106,15 +106,9 @@ class IntakeMixin:
     # ---- one call -------------------------------------------------------------------------------------------
     def _intake(self, batch: Batch, stream: bool):
         """Yields the progress events of what runs here (stream only), then the call's ``BatchResult``."""
-        claims = self._claim(batch.requests)
         results: dict[str, ImageResult] = {}
         times = StageTimes()
-        run = [r for r in batch.requests if claims.get(r.request_id, ("run", None))[0] == "run"]
-        waiting = [r for r in batch.requests if claims.get(r.request_id, ("run", None))[0] == "wait"]
-        for r in batch.requests:
-            state, made = claims.get(r.request_id, ("run", None))
-            if state == "done":
-                results[r.request_id] = self._from_store(made, r, batch)
+        run, waiting = self._by_claim(batch.requests, self._claim(batch.requests), batch, results)
         while True:
             if run:
                 part = batch if len(run) == len(batch) else replace(batch, requests=tuple(run))
@@ -248,21 +242,27 @@ class IntakeMixin:
                         results[r.request_id] = self._failure(batch, r, "cancelled by the client",
                                                               FailureKind.CANCELLED)
                 waiting = [r for r in waiting if r.request_id not in gone]
-                run, still = [], []
-                for r in waiting:
-                    state, made = self._claim([r], count=False).get(r.request_id, ("run", None))
-                    if state == "done":
-                        results[r.request_id] = self._from_store(made, r, batch)
-                    elif state == "run":
-                        run.append(r)
-                    else:
-                        still.append(r)
+                run, still = self._by_claim(waiting, self._claim(waiting, count=False), batch, results)
                 if run or not still:
                     return run, still
                 waiting = still
         finally:
             with self._claim_lock:
                 self._claim_waiting -= ids
+
+    def _by_claim(self, requests, claims, batch: Batch, results: dict) -> tuple[list, list]:
+        """(the requests to run here, those another replica is making now); the ones made already go into
+        ``results``. A request without a claim (no key, or no store) runs here."""
+        run, wait = [], []
+        for r in requests:
+            state, made = claims.get(r.request_id, ("run", None))
+            if state == "done":
+                results[r.request_id] = self._from_store(made, r, batch)
+            elif state == "run":
+                run.append(r)
+            else:
+                wait.append(r)
+        return run, wait
 
     def _from_store(self, made: ImageResult, request, batch: Batch) -> ImageResult:
         """A keyed image made before (maybe by another replica, for another request id) as this request's result."""
