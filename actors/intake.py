@@ -59,9 +59,8 @@ class IntakeMixin:
     def _intake_setup(self, spec: IntakeSpec | None, results: ResultStore | None) -> None:
         spec = spec or IntakeSpec()
         self._gate = AdmissionGate(spec.limits)
-        self._encode_threads = spec.encode_threads
-        self._encoder: EncoderPool | None = None  # made on first use: most test replicas never encode
-        self._encoder_lock = threading.Lock()
+        # its threads start with its first image (most test replicas never encode)
+        self._encoder = EncoderPool(spec.encode_threads, name=f"encode-{self.replica_id}")
         self._results = results
         self._claim_waiting: set[str] = set()  # request ids waiting for another replica's keyed image
         self._claim_cancelled: set[str] = set()
@@ -95,12 +94,10 @@ class IntakeMixin:
 
     def intake_stats(self) -> dict:
         """The gate's counters (inside now, peaks, waits), the encoder pool's and the keyed images'."""
-        enc = self._encoder.stats() if self._encoder is not None else {"threads": self._encode_threads,
-                                                                       "images": 0, "previews": 0, "seconds": 0.0}
         with self._claim_lock:
             claims = dict(self.claim_counts)
         return {"replica_id": self.replica_id, "pid": os.getpid(), "limits": asdict(self._gate.limits),
-                "gate": asdict(self._gate.snapshot()), "encoder": enc, "claims": claims,
+                "gate": asdict(self._gate.snapshot()), "encoder": self._encoder.stats(), "claims": claims,
                 "images_run": self.images_run, "batches_run": self.batches_run}
 
     # ---- one call -------------------------------------------------------------------------------------------
@@ -138,7 +135,7 @@ class IntakeMixin:
             if stream:
                 for item in super().run_batch_stream(live):
                     if isinstance(item, StepProgress):
-                        yield self._encode_previews(item, by_id)
+                        yield self._encoder.encode_previews(item, by_id)
                     else:
                         out = item
             else:
@@ -147,7 +144,7 @@ class IntakeMixin:
             self._gate.leave(ticket)
         if out is None:
             return self._cancelled(batch, dropped, ())
-        results = self._encode(out.results, by_id)
+        results = self._encoder.encode_results(out.results, by_id)
         if dropped:
             return self._cancelled(batch, dropped, results, out.stage_times)
         return replace(out, results=results)
@@ -161,24 +158,6 @@ class IntakeMixin:
                     for r in batch.requests}
         return BatchResult(batch.batch_id, self.replica_id, tuple(done[r.request_id] for r in batch.requests),
                            times or StageTimes())
-
-    # ---- encoding -------------------------------------------------------------------------------------------
-    def _encoder_pool(self) -> EncoderPool:
-        with self._encoder_lock:
-            if self._encoder is None:
-                self._encoder = EncoderPool(self._encode_threads, name=f"encode-{self.replica_id}")
-            return self._encoder
-
-    def _encode(self, results, by_id) -> tuple[ImageResult, ...]:
-        if not any(r.ok and r.image is not None and by_id.get(r.request_id) is not None
-                   and by_id[r.request_id].output_format for r in results):
-            return tuple(results)
-        return self._encoder_pool().encode_results(results, by_id)
-
-    def _encode_previews(self, event: StepProgress, by_id) -> StepProgress:
-        if not any(by_id.get(rid) is not None and by_id[rid].output_format for rid, _, _ in event.previews):
-            return event
-        return self._encoder_pool().encode_previews(event, by_id)
 
     # ---- keyed images ---------------------------------------------------------------------------------------
     def _claimant(self) -> tuple[str, int]:

@@ -305,19 +305,6 @@ def build_adapter(name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor
     return LoraAdapter(name, source, rank, true_rank, blocks)
 
 
-def load_adapter(name: str, path: str | Path, transformer, dtype: torch.dtype,
-                 root: str | Path | None = None, max_bytes: int | None = None) -> LoraAdapter:
-    """Read, convert and check an adapter (``read_state_dict`` says what ``root`` and ``max_bytes`` do). Raises
-    LoraError."""
-    sd, meta = read_state_dict(path, root, max_bytes)
-    try:
-        return build_adapter(name, factors_from_state_dict(sd, meta, dtype), transformer, str(path))
-    except LoraError:
-        raise
-    except Exception as e:  # noqa: BLE001 - odd tensors or metadata: the adapter's fault, said as such
-        raise LoraError(f"the adapter could not be converted: {type(e).__name__}: {str(e)[:300]}") from e
-
-
 # ---- one batch ---------------------------------------------------------------------------------------------------
 @dataclass
 class BatchLora:
@@ -404,7 +391,13 @@ class LoraStore:
         """Read, convert and check an adapter (``root``: the directory it must be in, ``max_bytes``: the largest
         file read; see ``read_state_dict``), then make it resident (evicting the least recently used beyond
         max_resident). Replaces an adapter of the same name. Raises LoraError with the reason."""
-        adapter = load_adapter(name, path, self.transformer, self.dtype, root, max_bytes)
+        sd, meta = read_state_dict(path, root, max_bytes)
+        try:
+            adapter = build_adapter(name, factors_from_state_dict(sd, meta, self.dtype), self.transformer, str(path))
+        except LoraError:
+            raise
+        except Exception as e:  # noqa: BLE001 - odd tensors or metadata: the adapter's fault, said as such
+            raise LoraError(f"the adapter could not be converted: {type(e).__name__}: {str(e)[:300]}") from e
         if max_rank is not None and adapter.true_rank > max_rank:
             raise LoraError(f"adapter {name!r} has rank {adapter.true_rank}, above model.lora_max_rank = {max_rank} "
                             f"(what the memory plan counts per adapter); raise it")
