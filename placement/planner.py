@@ -196,16 +196,11 @@ def plan(model: ModelSpec, inventory: Inventory, deployment: DeploymentSpec) -> 
     if not inventory.gpus:
         raise PlacementError("the inventory has no GPUs: declare cluster.num_gpus (local Ray) or cluster.nodes")
     pixels = d.width * d.height
-    if d.mode == "replicate":
-        groups = _replicate_groups(model, inventory, d, pixels, strict=True)
-    elif d.mode == "split":
-        groups = _split_groups(model, inventory, d, pixels)
-    elif d.mode == "auto":
-        groups = _auto_groups(model, inventory, d, pixels)
-    elif d.mode == "shared-encoder":
-        groups = _shared_encoder_groups(model, inventory, d, pixels)
-    else:
+    groups_of = {"replicate": _replicate_groups, "split": _split_groups, "auto": _auto_groups,
+                 "shared-encoder": _shared_encoder_groups}
+    if d.mode not in groups_of:
         raise PlacementError(f"unknown mode {d.mode!r}; use replicate, split or auto")
+    groups = groups_of[d.mode](model, inventory, d, pixels)
     if d.replicas is not None:  # (shared-encoder lists each host before the replicas borrowing from it)
         if len(groups) < d.replicas:
             raise PlacementError(
@@ -246,13 +241,13 @@ def _inventory_summary(inventory: Inventory) -> str:
     return "; ".join(parts)
 
 
-def _replicate_groups(model, inventory, d, pixels, strict):
+def _replicate_groups(model, inventory, d, pixels):
     groups = []
     for node, gpus in inventory.by_node().items():
         for g in gpus:
             if _fits(model, COMPONENTS, g, pixels, d):
                 groups.append((node, (g,), dict.fromkeys(COMPONENTS, 0)))
-    if not groups and strict:
+    if not groups:
         raise PlacementError(f"the whole pipeline needs {_need_text(model, COMPONENTS, pixels, d)}; "
                              f"{_largest_text(inventory)}. Use mode 'split' or 'auto', or a smaller default size")
     return groups
