@@ -128,10 +128,6 @@ class Batch:
         return sum(r.tokens for r in self.requests)
 
     @property
-    def pixels(self) -> int:
-        return sum(r.pixels for r in self.requests)
-
-    @property
     def is_job(self) -> bool:
         """A batch job's work (priorities never share a call)."""
         return bool(self.requests) and self.requests[0].priority > INTERACTIVE
