@@ -109,12 +109,8 @@ class AdmissionGate:
             self._queue.remove(ticket)
             ticket.admitted = True
             self._inside.add(ticket)
-            if ticket.job:
-                self._count_job(ticket, 1)
+            self._count(ticket, 1)
             s = self.stats
-            s.calls += 1
-            s.tokens += ticket.tokens
-            s.samples += ticket.samples
             s.peak_calls, s.peak_tokens = max(s.peak_calls, s.calls), max(s.peak_tokens, s.tokens)
             s.peak_samples = max(s.peak_samples, s.samples)
             s.admitted_total += 1
@@ -127,11 +123,7 @@ class AdmissionGate:
         with self._cond:
             if ticket in self._inside:
                 self._inside.remove(ticket)
-                if ticket.job:
-                    self._count_job(ticket, -1)
-                self.stats.calls -= 1
-                self.stats.tokens -= ticket.tokens
-                self.stats.samples -= ticket.samples
+                self._count(ticket, -1)
                 self._cond.notify_all()
 
     def cancel(self, request_ids) -> set[str]:
@@ -171,8 +163,12 @@ class AdmissionGate:
             s.waiting_samples = sum(t.samples for t in self._queue)
             return s
 
-    def _count_job(self, t: Ticket, sign: int) -> None:
-        self._jobs = [self._jobs[0] + sign, self._jobs[1] + sign * t.tokens, self._jobs[2] + sign * t.samples]
+    def _count(self, t: Ticket, sign: int) -> None:
+        """A call enters (``sign`` 1) or leaves (-1): what is inside, and of it the job calls'."""
+        s = self.stats
+        s.calls, s.tokens, s.samples = s.calls + sign, s.tokens + sign * t.tokens, s.samples + sign * t.samples
+        if t.job:
+            self._jobs = [self._jobs[0] + sign, self._jobs[1] + sign * t.tokens, self._jobs[2] + sign * t.samples]
 
     def _turn(self, t: Ticket) -> bool:
         """First come first served within a kind; interactive calls before job calls."""

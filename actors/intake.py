@@ -59,9 +59,8 @@ class IntakeMixin:
     def _intake_setup(self, spec: IntakeSpec | None, results: ResultStore | None) -> None:
         spec = spec or IntakeSpec()
         self._gate = AdmissionGate(spec.limits)
-        self._encode_threads = spec.encode_threads
-        self._encoder: EncoderPool | None = None  # made on first use: most test replicas never encode
-        self._encoder_lock = threading.Lock()
+        # its threads start with its first image (most test replicas never encode)
+        self._encoder = EncoderPool(spec.encode_threads, name=f"encode-{self.replica_id}")
         self._results = results
         self._claim_waiting: set[str] = set()  # request ids waiting for another replica's keyed image
         self._claim_cancelled: set[str] = set()
@@ -95,26 +94,18 @@ class IntakeMixin:
 
     def intake_stats(self) -> dict:
         """The gate's counters (inside now, peaks, waits), the encoder pool's and the keyed images'."""
-        enc = self._encoder.stats() if self._encoder is not None else {"threads": self._encode_threads,
-                                                                       "images": 0, "previews": 0, "seconds": 0.0}
         with self._claim_lock:
             claims = dict(self.claim_counts)
         return {"replica_id": self.replica_id, "pid": os.getpid(), "limits": asdict(self._gate.limits),
-                "gate": asdict(self._gate.snapshot()), "encoder": enc, "claims": claims,
+                "gate": asdict(self._gate.snapshot()), "encoder": self._encoder.stats(), "claims": claims,
                 "images_run": self.images_run, "batches_run": self.batches_run}
 
     # ---- one call -------------------------------------------------------------------------------------------
     def _intake(self, batch: Batch, stream: bool):
         """Yields the progress events of what runs here (stream only), then the call's ``BatchResult``."""
-        claims = self._claim(batch.requests)
         results: dict[str, ImageResult] = {}
         times = StageTimes()
-        run = [r for r in batch.requests if claims.get(r.request_id, ("run", None))[0] == "run"]
-        waiting = [r for r in batch.requests if claims.get(r.request_id, ("run", None))[0] == "wait"]
-        for r in batch.requests:
-            state, made = claims.get(r.request_id, ("run", None))
-            if state == "done":
-                results[r.request_id] = self._from_store(made, r, batch)
+        run, waiting = self._by_claim(batch.requests, self._claim(batch.requests), batch, results)
         while True:
             if run:
                 part = batch if len(run) == len(batch) else replace(batch, requests=tuple(run))
@@ -144,7 +135,7 @@ class IntakeMixin:
             if stream:
                 for item in super().run_batch_stream(live):
                     if isinstance(item, StepProgress):
-                        yield self._encode_previews(item, by_id)
+                        yield self._encoder.encode_previews(item, by_id)
                     else:
                         out = item
             else:
@@ -153,7 +144,7 @@ class IntakeMixin:
             self._gate.leave(ticket)
         if out is None:
             return self._cancelled(batch, dropped, ())
-        results = self._encode(out.results, by_id)
+        results = self._encoder.encode_results(out.results, by_id)
         if dropped:
             return self._cancelled(batch, dropped, results, out.stage_times)
         return replace(out, results=results)
@@ -167,24 +158,6 @@ class IntakeMixin:
                     for r in batch.requests}
         return BatchResult(batch.batch_id, self.replica_id, tuple(done[r.request_id] for r in batch.requests),
                            times or StageTimes())
-
-    # ---- encoding -------------------------------------------------------------------------------------------
-    def _encoder_pool(self) -> EncoderPool:
-        with self._encoder_lock:
-            if self._encoder is None:
-                self._encoder = EncoderPool(self._encode_threads, name=f"encode-{self.replica_id}")
-            return self._encoder
-
-    def _encode(self, results, by_id) -> tuple[ImageResult, ...]:
-        if not any(r.ok and r.image is not None and by_id.get(r.request_id) is not None
-                   and by_id[r.request_id].output_format for r in results):
-            return tuple(results)
-        return self._encoder_pool().encode_results(results, by_id)
-
-    def _encode_previews(self, event: StepProgress, by_id) -> StepProgress:
-        if not any(by_id.get(rid) is not None and by_id[rid].output_format for rid, _, _ in event.previews):
-            return event
-        return self._encoder_pool().encode_previews(event, by_id)
 
     # ---- keyed images ---------------------------------------------------------------------------------------
     def _claimant(self) -> tuple[str, int]:
@@ -248,21 +221,27 @@ class IntakeMixin:
                         results[r.request_id] = self._failure(batch, r, "cancelled by the client",
                                                               FailureKind.CANCELLED)
                 waiting = [r for r in waiting if r.request_id not in gone]
-                run, still = [], []
-                for r in waiting:
-                    state, made = self._claim([r], count=False).get(r.request_id, ("run", None))
-                    if state == "done":
-                        results[r.request_id] = self._from_store(made, r, batch)
-                    elif state == "run":
-                        run.append(r)
-                    else:
-                        still.append(r)
+                run, still = self._by_claim(waiting, self._claim(waiting, count=False), batch, results)
                 if run or not still:
                     return run, still
                 waiting = still
         finally:
             with self._claim_lock:
                 self._claim_waiting -= ids
+
+    def _by_claim(self, requests, claims, batch: Batch, results: dict) -> tuple[list, list]:
+        """(the requests to run here, those another replica is making now); the ones made already go into
+        ``results``. A request without a claim (no key, or no store) runs here."""
+        run, wait = [], []
+        for r in requests:
+            state, made = claims.get(r.request_id, ("run", None))
+            if state == "done":
+                results[r.request_id] = self._from_store(made, r, batch)
+            elif state == "run":
+                run.append(r)
+            else:
+                wait.append(r)
+        return run, wait
 
     def _from_store(self, made: ImageResult, request, batch: Batch) -> ImageResult:
         """A keyed image made before (maybe by another replica, for another request id) as this request's result."""

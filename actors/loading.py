@@ -41,10 +41,8 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
         return _resolve_local(Path(cfg.local_path).expanduser())
     if cfg.source == "tiny":
         return _resolve_tiny(cfg)
-    if cfg.source == "modelscope":
-        return _resolve_modelscope(cfg)
-    if cfg.source == "huggingface":
-        return _resolve_huggingface(cfg)
+    if cfg.source in ("modelscope", "huggingface"):
+        return _resolve_hub(cfg)
     raise ConfigError(f"model.source: unknown source {cfg.source!r}")
 
 
@@ -79,53 +77,38 @@ def _resolve_tiny(cfg: ModelConfig) -> ResolvedModel:
     return ResolvedModel(path, "tiny", False, f"built {path}")
 
 
-def _fetch_hint(cfg: ModelConfig) -> str:
+def _resolve_hub(cfg: ModelConfig) -> ResolvedModel:
+    """A snapshot of ``model_id`` from ModelScope or Hugging Face: the cached one without network access, else
+    downloaded, unless the machine is offline."""
+    cache_dir = str(Path(cfg.cache_dir).expanduser()) if cfg.cache_dir else None
+    hint = "(or set model.source: local with local_path)"
     if cfg.source == "modelscope":
-        return f"`modelscope download --model {cfg.model_id}` (or set model.source: local with local_path)"
-    return f"`huggingface-cli download {cfg.model_id}` (or set model.source: local with local_path)"
+        from modelscope import snapshot_download
 
+        searched = cache_dir or os.environ.get("MODELSCOPE_CACHE") or str(Path.home() / ".cache" / "modelscope")
+        hub, env = "ModelScope", "MODELSCOPE_CACHE"
+        fetch = f"on a connected machine with `modelscope download --model {cfg.model_id}` {hint}, then copy the cache"
+    else:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.constants import HF_HUB_CACHE
 
-def _resolve_modelscope(cfg: ModelConfig) -> ResolvedModel:
-    from modelscope import snapshot_download
-
-    cache_dir = str(Path(cfg.cache_dir).expanduser()) if cfg.cache_dir else None
-    searched = cache_dir or os.environ.get("MODELSCOPE_CACHE") or str(Path.home() / ".cache" / "modelscope")
+        searched = cache_dir or HF_HUB_CACHE
+        hub, env = "Hugging Face", "HF_HUB_CACHE / HF_HOME"
+        fetch = f"with `huggingface-cli download {cfg.model_id}` {hint}"
     try:
         path = snapshot_download(cfg.model_id, revision=cfg.revision, cache_dir=cache_dir, local_files_only=True)
-        log.debug("modelscope %s: cache hit at %s (no network used)", cfg.model_id, path)
-        return ResolvedModel(Path(path), "modelscope", True, f"cache hit {path}")
-    except Exception as miss:  # modelscope raises its own types for a cache miss
+        log.debug("%s %s: cache hit at %s (no network used)", cfg.source, cfg.model_id, path)
+        return ResolvedModel(Path(path), cfg.source, True, f"cache hit {path}")
+    except Exception as miss:  # each hub raises its own types for a cache miss
         if cfg.is_offline():
+            shown = miss if cfg.source == "modelscope" else type(miss).__name__
             raise ModelNotFoundError(
-                f"model: {cfg.model_id} is not in the ModelScope cache and the machine is offline. Searched "
-                f"{searched} (model.cache_dir / MODELSCOPE_CACHE). Fetch it on a connected machine with "
-                f"{_fetch_hint(cfg)}, then copy the cache. ({miss})"
+                f"model: {cfg.model_id} is not in the {hub} cache and the machine is offline. Searched {searched} "
+                f"(model.cache_dir / {env}). Fetch it {fetch}. ({shown})"
             ) from None
-    log.info("modelscope %s: not cached under %s; downloading", cfg.model_id, searched)
+    log.info("%s %s: not cached under %s; downloading", cfg.source, cfg.model_id, searched)
     path = snapshot_download(cfg.model_id, revision=cfg.revision, cache_dir=cache_dir)
-    return ResolvedModel(Path(path), "modelscope", False, f"downloaded to {path}")
-
-
-def _resolve_huggingface(cfg: ModelConfig) -> ResolvedModel:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    cache_dir = str(Path(cfg.cache_dir).expanduser()) if cfg.cache_dir else None
-    searched = cache_dir or HF_HUB_CACHE
-    try:
-        path = snapshot_download(cfg.model_id, revision=cfg.revision, cache_dir=cache_dir, local_files_only=True)
-        log.debug("huggingface %s: cache hit at %s (no network used)", cfg.model_id, path)
-        return ResolvedModel(Path(path), "huggingface", True, f"cache hit {path}")
-    except Exception as miss:
-        if cfg.is_offline():
-            raise ModelNotFoundError(
-                f"model: {cfg.model_id} is not in the Hugging Face cache and the machine is offline. Searched "
-                f"{searched} (model.cache_dir / HF_HUB_CACHE / HF_HOME). Fetch it with {_fetch_hint(cfg)}. "
-                f"({type(miss).__name__})"
-            ) from None
-    log.info("huggingface %s: not cached under %s; downloading", cfg.model_id, searched)
-    path = snapshot_download(cfg.model_id, revision=cfg.revision, cache_dir=cache_dir)
-    return ResolvedModel(Path(path), "huggingface", False, f"downloaded to {path}")
+    return ResolvedModel(Path(path), cfg.source, False, f"downloaded to {path}")
 
 
 def resolve_dtype(requested: str, device: str):
@@ -210,7 +193,7 @@ def load_controlnet(cfg: ModelConfig, transformer, device: str, dtype):
     else:
         hub = cfg.model_copy(update={"source": cn_cfg.source, "model_id": cn_cfg.model_id,
                                      "revision": cn_cfg.revision, "local_path": None})
-        root = (_resolve_modelscope if cn_cfg.source == "modelscope" else _resolve_huggingface)(hub).path
+        root = _resolve_hub(hub).path
         path = root / cn_cfg.filename if cn_cfg.filename else root
     if path.is_file():
         cn = ZImageControlNetModel.from_single_file(str(path), torch_dtype=dtype)

@@ -305,19 +305,6 @@ def build_adapter(name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor
     return LoraAdapter(name, source, rank, true_rank, blocks)
 
 
-def load_adapter(name: str, path: str | Path, transformer, dtype: torch.dtype,
-                 root: str | Path | None = None, max_bytes: int | None = None) -> LoraAdapter:
-    """Read, convert and check an adapter (``read_state_dict`` says what ``root`` and ``max_bytes`` do). Raises
-    LoraError."""
-    sd, meta = read_state_dict(path, root, max_bytes)
-    try:
-        return build_adapter(name, factors_from_state_dict(sd, meta, dtype), transformer, str(path))
-    except LoraError:
-        raise
-    except Exception as e:  # noqa: BLE001 - odd tensors or metadata: the adapter's fault, said as such
-        raise LoraError(f"the adapter could not be converted: {type(e).__name__}: {str(e)[:300]}") from e
-
-
 # ---- one batch ---------------------------------------------------------------------------------------------------
 @dataclass
 class BatchLora:
@@ -341,10 +328,6 @@ class BatchLora:
         return got[1]
 
 
-def _stack(parts_a: list, parts_b: list) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.cat(parts_a, 0).contiguous(), torch.cat(parts_b, 1).contiguous()
-
-
 def stack_block(adapters: Sequence[LoraAdapter], block: str, transformer) -> tuple | None:
     """The factor tuple of one block for these adapters (in this order), zeros where an adapter leaves a module
     alone; None when none touches the block. Order: (qkv_A [3R, D], q_B, k_B, v_B, o_A, o_B, w13_A [2R, D], w1_B,
@@ -366,7 +349,7 @@ def stack_block(adapters: Sequence[LoraAdapter], block: str, transformer) -> tup
                 got = (ref.new_zeros(a.rank, lin.in_features), ref.new_zeros(lin.out_features, a.rank))
             pa.append(got[0])
             pb.append(got[1])
-        stacked[name] = _stack(pa, pb)
+        stacked[name] = torch.cat(pa, 0).contiguous(), torch.cat(pb, 1).contiguous()
     q, k, v = (stacked[f"attention.to_{x}"] for x in "qkv")
     o = stacked["attention.to_out.0"]
     w1, w2, w3 = (stacked[f"feed_forward.w{i}"] for i in (1, 2, 3))
@@ -387,7 +370,6 @@ class LoraStore:
         self._resident: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.RLock()
         self._stack_cache: tuple | None = None  # (names, blocks): consecutive batches of one adapter set
-        self.device_loads = 0  # host -> device copies (at registration or for a batch)
 
     @property
     def device(self) -> torch.device:
@@ -409,7 +391,13 @@ class LoraStore:
         """Read, convert and check an adapter (``root``: the directory it must be in, ``max_bytes``: the largest
         file read; see ``read_state_dict``), then make it resident (evicting the least recently used beyond
         max_resident). Replaces an adapter of the same name. Raises LoraError with the reason."""
-        adapter = load_adapter(name, path, self.transformer, self.dtype, root, max_bytes)
+        sd, meta = read_state_dict(path, root, max_bytes)
+        try:
+            adapter = build_adapter(name, factors_from_state_dict(sd, meta, self.dtype), self.transformer, str(path))
+        except LoraError:
+            raise
+        except Exception as e:  # noqa: BLE001 - odd tensors or metadata: the adapter's fault, said as such
+            raise LoraError(f"the adapter could not be converted: {type(e).__name__}: {str(e)[:300]}") from e
         if max_rank is not None and adapter.true_rank > max_rank:
             raise LoraError(f"adapter {name!r} has rank {adapter.true_rank}, above model.lora_max_rank = {max_rank} "
                             f"(what the memory plan counts per adapter); raise it")
@@ -452,7 +440,6 @@ class LoraStore:
                 dev = self.device
                 a.device_blocks = {blk: {m: (x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
                                          for m, (x, y) in mods.items()} for blk, mods in a.blocks.items()}
-                self.device_loads += 1
             self._resident[n] = None
             self._resident.move_to_end(n)
 

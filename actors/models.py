@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 FULL_TRANSFORMER_CONFIG: dict[str, Any] = {}  # ZImageTransformer2DModel's defaults are the real config.
 

@@ -82,22 +82,18 @@ def edit_error(r: ImageRequest) -> tuple[str, str] | None:
     Python API send arrays of the request's size; this catches a request built by hand.)"""
     import numpy as np
 
-    if r.control_image is not None:
-        control = np.asarray(r.control_image)
-        if control.dtype != np.uint8 or control.shape != (r.height, r.width, 3):
-            return (f"control_image must be uint8 [{r.height}, {r.width}, 3], got {control.dtype} "
-                    f"{list(control.shape)}", "control_image")
-    if r.image is None:
-        return None if r.mask is None else ("a mask needs an image", "mask")
-    image = np.asarray(r.image)
-    if image.dtype != np.uint8 or image.shape != (r.height, r.width, 3):
-        return (f"image must be uint8 [{r.height}, {r.width}, 3] (the request's size), got {image.dtype} "
-                f"{list(image.shape)}", "image")
-    if r.mask is not None:
-        mask = np.asarray(r.mask)
-        if mask.dtype != np.uint8 or mask.shape != (r.height, r.width):
-            return f"mask must be uint8 [{r.height}, {r.width}], got {mask.dtype} {list(mask.shape)}", "mask"
-    if not 0.0 <= r.strength <= 1.0 or r.steps_run < 1:
+    for name, shape in (("control_image", (r.height, r.width, 3)), ("image", (r.height, r.width, 3)),
+                        ("mask", (r.height, r.width))):
+        a = getattr(r, name)
+        if a is None:
+            continue
+        if name == "mask" and r.image is None:
+            return "a mask needs an image", "mask"
+        a = np.asarray(a)
+        if a.dtype != np.uint8 or a.shape != shape:
+            size = " (the request's size)" if name == "image" else ""
+            return f"{name} must be uint8 {list(shape)}{size}, got {a.dtype} {list(a.shape)}", name
+    if r.image is not None and (not 0.0 <= r.strength <= 1.0 or r.steps_run < 1):
         return f"strength {r.strength} with {r.num_inference_steps} steps runs no step", "strength"
     return None
 

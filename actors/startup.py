@@ -48,12 +48,10 @@ class WarmupSpec:
         from zimage_common.messages import ImageRequest
 
         sizes = self.planned_sizes()
-        first = sizes[0]
-        plan = [[(*first, WARMUP_PROMPTS[1])], [(*first, WARMUP_PROMPTS[1])] * 2]
+        one = (*sizes[0], WARMUP_PROMPTS[1])
         mixed = [(w, h, WARMUP_PROMPTS[i % len(WARMUP_PROMPTS)]) for i, (w, h) in enumerate(sizes)]
-        plan.append(mixed)
         out = []
-        for batch in plan:  # split what would exceed the token budget
+        for batch in ([one], [one] * 2, mixed):  # split what would exceed the token budget
             cur, tokens = [], 0
             for w, h, p in batch:
                 t = ImageRequest("warmup", p, 0, w, h, self.num_inference_steps, 0.0).tokens
@@ -93,6 +91,7 @@ def choose_devices(device_map: dict[str, int] | None) -> dict[str, str]:
         raise ValueError(f"device_map {bad} names GPUs this replica does not have (it sees {n})")
     return {c: f"cuda:{i}" for c, i in device_map.items()}
 
+
 class StartupMixin:
     """``PipelineWorker``'s start-up (``start``) and the stage streams it makes."""
 
@@ -124,11 +123,10 @@ class StartupMixin:
         # 0.5-3.9 s, and the heuristics' choices decoded as fast afterwards (H100, benchmarks/probe_any_size.py).
         torch.backends.cudnn.benchmark = False
         devices = choose_devices(self.device_map)
-        if self.memory_fraction and torch.cuda.is_available():
-            for d in set(devices.values()):
-                torch.cuda.set_per_process_memory_fraction(self.memory_fraction, torch.device(d))
         if torch.cuda.is_available():
             for d in set(devices.values()):
+                if self.memory_fraction:
+                    torch.cuda.set_per_process_memory_fraction(self.memory_fraction, torch.device(d))
                 torch.zeros(1, device=d)  # the CUDA context, timed with the imports rather than inside the load
         phase("imports")
         note = bytecode_cache_note(torch.__file__)

@@ -214,8 +214,6 @@ def lora_adapter_gib(rank: int, model: str = "Z-Image-Turbo", bytes_per_value: i
 def with_loras(spec: ModelSpec, max_resident: int, max_rank: int) -> ModelSpec:
     """``spec`` with room for per-request LoRA on the transformer's device: ``max_resident`` adapters of rank up to
     ``max_rank``, and once more for the stacked copy a batch of that many distinct adapters builds."""
-    from dataclasses import replace
-
     if max_resident <= 0:
         return spec
     bytes_per_value = BYTES_PER_PARAM.get(spec.dtype, 2)
@@ -261,7 +259,7 @@ def model_spec(source: str, dtype: str = "bfloat16", transformer: str = "none",
     return ModelSpec(name, "float32" if size == "tiny" else dtype, comps, quantized)
 
 
-# Relative throughput of a replica, for choosing among plans that fit (planner: ``choose_precision``).
+# Relative throughput of a replica, for choosing among plans that fit (``planner.plan_best``).
 # fp8 transformer against bf16: 1.323 / 0.986 img/s, compiled, uniform 1024^2 traffic at concurrency 8 on one H100
 # (docs/benchmarks-history.md, calls s3-3 and s3-4). Batch size: a batch of one image ran at 0.914 of a batch of
 # four (compiled, 1024^2, 0.866 at concurrency 1 vs 0.947 img/s at concurrency 8, call 3); 2 and 3 are
@@ -270,6 +268,6 @@ FP8_TRANSFORMER_SPEEDUP = 1.323 / 0.986
 BATCH_EFFICIENCY = {1: 0.914, 2: 0.943, 3: 0.971}
 
 
-def relative_throughput(spec: ModelSpec, batch: int) -> float:
-    speed = FP8_TRANSFORMER_SPEEDUP if spec.precision("transformer") == "fp8" else 1.0
+def relative_throughput(transformer_precision: str, batch: int) -> float:
+    speed = FP8_TRANSFORMER_SPEEDUP if transformer_precision == "fp8" else 1.0
     return speed * BATCH_EFFICIENCY.get(batch, 1.0)

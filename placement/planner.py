@@ -85,7 +85,6 @@ class ReplicaPlan:
         return out
 
 
-
 @dataclass(frozen=True)
 class GPUPlan:
     node: str
@@ -111,8 +110,8 @@ class PlacementPlan:
     @property
     def relative_throughput(self) -> float:
         """Estimated throughput at the target size, in bf16 replicas running full batches (for comparing plans)."""
-        return round(sum(relative_throughput(_PrecisionView(dict(self.precisions)), r.max_batch_size)
-                         for r in self.replicas), 3)
+        transformer = dict(self.precisions).get("transformer", "bfloat16")
+        return round(sum(relative_throughput(transformer, r.max_batch_size) for r in self.replicas), 3)
 
     def to_dict(self) -> dict:
         return {
@@ -149,16 +148,6 @@ class PlacementPlan:
             "relative_throughput": self.relative_throughput,
             "lora_gib_per_replica": round(self.lora_gib, 3),
         }
-
-
-class _PrecisionView:
-    """What ``relative_throughput`` reads of a model: the precision per component."""
-
-    def __init__(self, precisions: dict[str, str]):
-        self._p = precisions
-
-    def precision(self, name: str) -> str:
-        return self._p.get(name, "bfloat16")
 
 
 def plan_best(options: list[ModelSpec], inventory: Inventory, deployment: DeploymentSpec) -> PlacementPlan:
@@ -207,16 +196,11 @@ def plan(model: ModelSpec, inventory: Inventory, deployment: DeploymentSpec) -> 
     if not inventory.gpus:
         raise PlacementError("the inventory has no GPUs: declare cluster.num_gpus (local Ray) or cluster.nodes")
     pixels = d.width * d.height
-    if d.mode == "replicate":
-        groups = _replicate_groups(model, inventory, d, pixels, strict=True)
-    elif d.mode == "split":
-        groups = _split_groups(model, inventory, d, pixels)
-    elif d.mode == "auto":
-        groups = _auto_groups(model, inventory, d, pixels)
-    elif d.mode == "shared-encoder":
-        groups = _shared_encoder_groups(model, inventory, d, pixels)
-    else:
+    groups_of = {"replicate": _replicate_groups, "split": _split_groups, "auto": _auto_groups,
+                 "shared-encoder": _shared_encoder_groups}
+    if d.mode not in groups_of:
         raise PlacementError(f"unknown mode {d.mode!r}; use replicate, split or auto")
+    groups = groups_of[d.mode](model, inventory, d, pixels)
     if d.replicas is not None:  # (shared-encoder lists each host before the replicas borrowing from it)
         if len(groups) < d.replicas:
             raise PlacementError(
@@ -227,17 +211,28 @@ def plan(model: ModelSpec, inventory: Inventory, deployment: DeploymentSpec) -> 
     return _assemble(model, inventory, d, pixels, groups)
 
 
-def _need(model: ModelSpec, names, pixels: int, batch: int, d: DeploymentSpec) -> float:
-    """What a device holding ``names`` needs over its life: the larger of its serving and start-up peaks."""
-    return max(model.peak_gib(names, pixels, batch), model.load_peak_gib(names))
+def _need(model: ModelSpec, names, pixels: int) -> float:
+    """What a device holding ``names`` needs over its life at batch 1: the larger of its serving and start-up
+    peaks."""
+    return max(model.peak_gib(names, pixels, 1), model.load_peak_gib(names))
 
 
-def _fits(model: ModelSpec, names, gpu: GPU, pixels: int, batch: int, d: DeploymentSpec) -> bool:
-    return _need(model, names, pixels, batch, d) <= gpu.memory_gib - d.headroom_gib
+def _fits(model: ModelSpec, names, gpu: GPU, pixels: int, d: DeploymentSpec) -> bool:
+    return _need(model, names, pixels) <= gpu.memory_gib - d.headroom_gib
 
 
-def _largest(inventory: Inventory) -> GPU:
-    return sorted(inventory.gpus, key=lambda g: (-g.memory_gib, g.node, g.index))[0]
+def _need_text(model: ModelSpec, names, pixels: int, d: DeploymentSpec) -> str:
+    return f"{_need(model, names, pixels):.1f} GiB at {d.width}x{d.height} batch 1 (+{d.headroom_gib:g} GiB headroom)"
+
+
+def _by_size(inventory: Inventory) -> list[GPU]:
+    """The GPUs, largest first (ties by node name, then index)."""
+    return sorted(inventory.gpus, key=lambda g: (-g.memory_gib, g.node, g.index))
+
+
+def _largest_text(inventory: Inventory) -> str:
+    big = _by_size(inventory)[0]
+    return f"the largest GPU is {big.label} with {big.memory_gib:.1f} GiB"
 
 
 def _inventory_summary(inventory: Inventory) -> str:
@@ -246,20 +241,15 @@ def _inventory_summary(inventory: Inventory) -> str:
     return "; ".join(parts)
 
 
-def _replicate_groups(model, inventory, d, pixels, strict):
+def _replicate_groups(model, inventory, d, pixels):
     groups = []
     for node, gpus in inventory.by_node().items():
         for g in gpus:
-            if _fits(model, COMPONENTS, g, pixels, 1, d):
+            if _fits(model, COMPONENTS, g, pixels, d):
                 groups.append((node, (g,), dict.fromkeys(COMPONENTS, 0)))
-    if not groups and strict:
-        need = _need(model, COMPONENTS, pixels, 1, d)
-        big = _largest(inventory)
-        raise PlacementError(
-            f"the whole pipeline needs {need:.1f} GiB at {d.width}x{d.height} batch 1 (+{d.headroom_gib:g} GiB "
-            f"headroom); the largest GPU is {big.label} with {big.memory_gib:.1f} GiB. Use mode 'split' or "
-            f"'auto', or a smaller default size"
-        )
+    if not groups:
+        raise PlacementError(f"the whole pipeline needs {_need_text(model, COMPONENTS, pixels, d)}; "
+                             f"{_largest_text(inventory)}. Use mode 'split' or 'auto', or a smaller default size")
     return groups
 
 
@@ -274,7 +264,7 @@ def _split_groups(model, inventory, d, pixels):
             if problem is None:
                 groups.append((node, chunk, dict(dmap)))
     if not groups:
-        chunk = tuple(sorted(inventory.gpus, key=lambda g: (-g.memory_gib, g.node, g.index))[:n])
+        chunk = tuple(_by_size(inventory)[:n])
         if len(chunk) < n:
             raise PlacementError(
                 f"split replicas need {n} GPUs on one node; the largest node has "
@@ -287,13 +277,9 @@ def _split_groups(model, inventory, d, pixels):
 def _split_problem(model, chunk, dmap, pixels, d) -> str | None:
     for i, g in enumerate(chunk):
         names = [c for c, gi in dmap.items() if gi == i]
-        if not _fits(model, names, g, pixels, 1, d):
-            need = _need(model, names, pixels, 1, d)
-            return (
-                f"{' + '.join(names)} need(s) {need:.1f} GiB at {d.width}x{d.height} batch 1 (+{d.headroom_gib:g} "
-                f"GiB headroom) on replica-local GPU {i}; {g.label} has {g.memory_gib:.1f} GiB. Change the "
-                f"device_map or use bigger GPUs"
-            )
+        if not _fits(model, names, g, pixels, d):
+            return (f"{' + '.join(names)} need(s) {_need_text(model, names, pixels, d)} on replica-local GPU {i}; "
+                    f"{g.label} has {g.memory_gib:.1f} GiB. Change the device_map or use bigger GPUs")
     return None
 
 
@@ -303,14 +289,14 @@ def _auto_groups(model, inventory, d, pixels):
     for node, gpus in inventory.by_node().items():
         leftovers, host = [], None
         for g in gpus:
-            if _fits(model, COMPONENTS, g, pixels, 1, d):
+            if _fits(model, COMPONENTS, g, pixels, d):
                 host = len(groups) if host is None else host
                 groups.append((node, (g,), dict.fromkeys(COMPONENTS, 0)))
             else:
                 leftovers.append(g)
         if host is not None:  # a denoiser per leftover GPU beats a split pair per two of them
             for g in list(leftovers):
-                if _fits(model, ("transformer", "vae"), g, pixels, 1, d):
+                if _fits(model, ("transformer", "vae"), g, pixels, d):
                     groups.append((node, (g,), {"transformer": 0, "vae": 0}, host))
                     leftovers.remove(g)
         # Pair the GPUs that cannot hold a whole pipeline: the larger takes transformer + VAE.
@@ -321,13 +307,9 @@ def _auto_groups(model, inventory, d, pixels):
             if _split_problem(model, chunk, split_map, pixels, d) is None:
                 groups.append((node, chunk, dict(split_map)))
     if not groups:
-        t_need = _need(model, ["transformer", "vae"], pixels, 1, d)
-        big = _largest(inventory)
         raise PlacementError(
-            f"nothing fits: transformer + vae need {t_need:.1f} GiB at {d.width}x{d.height} batch 1 "
-            f"(+{d.headroom_gib:g} GiB headroom) and a whole pipeline {_need(model, COMPONENTS, pixels, 1, d):.1f} "
-            f"GiB; the largest GPU is {big.label} with {big.memory_gib:.1f} GiB"
-        )
+            f"nothing fits: transformer + vae need {_need_text(model, ['transformer', 'vae'], pixels, d)} and a whole "
+            f"pipeline {_need(model, COMPONENTS, pixels):.1f} GiB; {_largest_text(inventory)}")
     return groups
 
 
@@ -336,8 +318,8 @@ def _shared_encoder_groups(model, inventory, d, pixels):
     for node, gpus in inventory.by_node().items():
         order = sorted(gpus, key=lambda g: (-g.memory_gib, g.index))
         host = order[0]
-        if not _fits(model, COMPONENTS, host, pixels, 1, d):
-            need = _need(model, COMPONENTS, pixels, 1, d)
+        if not _fits(model, COMPONENTS, host, pixels, d):
+            need = _need(model, COMPONENTS, pixels)
             raise PlacementError(
                 f"shared-encoder mode hosts the text encoder in a whole pipeline, which needs {need:.1f} GiB at "
                 f"{d.width}x{d.height} batch 1; {host.label} has {host.memory_gib:.1f} GiB. Use mode 'split' "
@@ -346,7 +328,7 @@ def _shared_encoder_groups(model, inventory, d, pixels):
         host_at = len(groups)
         groups.append((node, (host,), dict.fromkeys(COMPONENTS, 0)))
         for g in sorted(order[1:], key=lambda g: g.index):
-            if _fits(model, ("transformer", "vae"), g, pixels, 1, d):
+            if _fits(model, ("transformer", "vae"), g, pixels, d):
                 groups.append((node, (g,), {"transformer": 0, "vae": 0}, host_at))
     return groups
 

@@ -229,9 +229,7 @@ class ModelConfig(_Strict):
     @property
     def lora_slots(self) -> int:
         """Adapters resident per replica (``lora_max_resident`` resolved); 0 means LoRA is off."""
-        if self.lora_max_resident is not None:
-            return self.lora_max_resident
-        return min(4, len(self.loras))
+        return self.lora_max_resident if self.lora_max_resident is not None else min(4, len(self.loras))
 
     def is_offline(self) -> bool:
         if self.offline is not None:
@@ -470,15 +468,11 @@ RETIRED = {
 }
 
 
-def _dotted(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
-
-
 def _format_validation_error(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         msg = e["msg"].removeprefix("Value error, ")
-        path = _dotted(e["loc"])
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             msg = RETIRED.get(tuple(e["loc"]),
                               "unknown key (check the spelling; see the config reference in README.md)")
@@ -536,8 +530,6 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         raise ConfigError(f"{p}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
     if data is None:
         data = {}
-    if overrides:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    if overrides and isinstance(data, dict):  # any other top level is refused by config_from_dict
         data = apply_overrides(data, overrides, str(p))
     return config_from_dict(data, str(p))

@@ -128,10 +128,6 @@ class Batch:
         return sum(r.tokens for r in self.requests)
 
     @property
-    def pixels(self) -> int:
-        return sum(r.pixels for r in self.requests)
-
-    @property
     def is_job(self) -> bool:
         """A batch job's work (priorities never share a call)."""
         return bool(self.requests) and self.requests[0].priority > INTERACTIVE
@@ -149,11 +145,6 @@ class StageTimes:
     decode_s: float = 0.0
     total_s: float = 0.0
     image_encode_s: float = 0.0  # the VAE encode of input images (edits), its own stage
-
-
-def encode_png(image) -> bytes:
-    """uint8 [H, W, 3] -> PNG bytes at compression level 1 (``image_codec.encode_image``)."""
-    return encode_image(image, "png")
 
 
 # Why a result failed (``ImageResult.error_type``). The router and the HTTP layer act on these:
@@ -214,7 +205,6 @@ def failure(kind: str | None) -> Failure:
         return FAILURES[FailureKind.REPLICA_ERROR]
 
 
-
 @dataclass(frozen=True)
 class ImageResult:
     """The outcome for one request. When ``ok``, ``image`` (uint8 [H, W, 3]) holds the pixels, or, for a request
@@ -252,7 +242,7 @@ class ImageResult:
         if self.encoded is not None and self.encoded.format == "png":
             return self.encoded.data
         pixels = self.pixels()
-        return None if pixels is None else encode_png(pixels)
+        return None if pixels is None else encode_image(pixels, "png")
 
     def pixels(self):
         """uint8 [H, W, 3]: the pixels, decoded from ``encoded`` when that is what came back."""
