@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from zimage_common.config import Config, load_config
@@ -34,14 +35,6 @@ DEMO_PROMPTS = [
     "a hot air balloon over a desert canyon",
     "a sketch of a hummingbird in flight",
 ]
-
-
-def _setup_logging(verbose: bool, log_format: str = "text") -> None:
-    """Every line carries the request id it is about (and, from replicas, the replica); ``json``: one object per
-    line. Replicas log in the same format (zimage_common/logging_setup.py)."""
-    from zimage_common.logging_setup import configure
-
-    configure(log_format, logging.DEBUG if verbose else logging.INFO)
 
 
 def _quiet_libraries(log_format: str = "text") -> None:
@@ -71,7 +64,6 @@ async def _run_prompts(config: Config, prompts: list[str], out: Path, params: di
     t_ready = time.perf_counter()
     try:
         requests = await dep.build_requests(prompts, **params)
-        results = []
         t0 = time.perf_counter()
         with tqdm(total=len(requests), desc=label, unit="img") as bar:
 
@@ -90,10 +82,7 @@ async def _run_prompts(config: Config, prompts: list[str], out: Path, params: di
         if r.ok:
             (out / f"{i:03d}-seed{r.seed}.png").write_bytes(r.png)
     stats = summarize(label, results, elapsed)
-    per_replica: dict[str, int] = {}
-    for r in results:
-        if r.ok:
-            per_replica[r.replica_id] = per_replica.get(r.replica_id, 0) + 1
+    per_replica = dict(Counter(r.replica_id for r in results if r.ok))
     summary = {
         "images": stats.images,
         "failed": stats.failed,
@@ -358,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.log_format not in ("text", "json"):
         parser.error(f"ZIMAGE_LOG_FORMAT={args.log_format!r}: use text or json")
-    _setup_logging(args.verbose, args.log_format)
+    from zimage_common.logging_setup import configure
+
+    # Every line carries the request id it is about (and, from replicas, the replica); json: one object per line.
+    # Replicas log in the same format (zimage_common/logging_setup.py).
+    configure(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     _quiet_libraries(args.log_format)
     try:
         return args.fn(args)
