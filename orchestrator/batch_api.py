@@ -148,13 +148,12 @@ class JobService:
                                       f"needs purpose \"batch\"", param="input_file_id")
         total = check_file(path, self.config.batches.max_lines, (endpoint,))  # every line's url is the endpoint
         now = int(time.time())
-        b = {"id": _id("batch"), "object": "batch", "endpoint": endpoint, "errors": None,
-             "input_file_id": file_obj["id"], "completion_window": window, "status": "validating",
-             "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
-             "expires_at": now + COMPLETION_WINDOW_S[window], "finalizing_at": None, "completed_at": None,
-             "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-             "request_counts": {"total": total, "completed": 0, "failed": 0}, "metadata": metadata,
-             "base_url": base_url}
+        b = dict.fromkeys(PUBLIC) | {  # every other field null until the job reaches it
+            "id": _id("batch"), "object": "batch", "endpoint": endpoint, "input_file_id": file_obj["id"],
+            "completion_window": window, "status": "validating", "created_at": now,
+            "expires_at": now + COMPLETION_WINDOW_S[window],
+            "request_counts": {"total": total, "completed": 0, "failed": 0}, "metadata": metadata,
+            "base_url": base_url}
         self.db.put_batch(b)
         return b
 

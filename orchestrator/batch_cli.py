@@ -91,7 +91,7 @@ def _record_run(db: JobDB, run: dict) -> dict:
             "images_per_s": round(images / elapsed, 4) if elapsed > 0 else None}
 
 
-def _check(input_path: Path, config: Config) -> tuple[list[str], dict[str, int]]:
+def _check(input_path: Path, config: Config) -> dict[str, int]:
     """Every line checked before anything runs; the images each custom_id asks for (its n), for the bar."""
     images: dict[str, int] = {}
     with open(input_path, "rb") as f:
@@ -100,14 +100,14 @@ def _check(input_path: Path, config: Config) -> tuple[list[str], dict[str, int]]
             images[line.custom_id] = n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 128 else 1
     if not images:
         raise InvalidRequestError(f"{input_path} holds no requests (one JSON object a line)")
-    return list(images), images
+    return images
 
 
 async def run_job(config: Config, input_path: Path, out: str, state: Path | None = None, deployment_factory=None,
                   window: int | None = None, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    _, images = _check(input_path, config)
+    images = _check(input_path, config)
     s3 = None
     if out.startswith("s3://"):
         from .storage import S3Store

@@ -109,9 +109,7 @@ async def _run_prompts(config: Config, prompts: list[str], out: Path, params: di
 def cmd_demo(args) -> int:
     config = load_config(args.config, args.set)
     prompts = (DEMO_PROMPTS * ((args.images + len(DEMO_PROMPTS) - 1) // len(DEMO_PROMPTS)))[: args.images]
-    summary = asyncio.run(_run_prompts(config, prompts, Path(args.out), {"seed": args.seed}, "demo"))
-    _print_summary(summary, Path(args.out))
-    return 0 if summary["failed"] == 0 else 1
+    return _run_and_report(config, prompts, Path(args.out), {"seed": args.seed}, "demo")
 
 
 def cmd_generate(args) -> int:
@@ -132,12 +130,11 @@ def cmd_generate(args) -> int:
         return 2
     if args.control_image:  # ControlNet (needs model.controlnet in the config)
         params.update(control_image=Path(args.control_image), controlnet_conditioning_scale=args.control_scale)
-    summary = asyncio.run(_run_prompts(config, list(args.prompt), Path(args.out), params, "generate"))
-    _print_summary(summary, Path(args.out))
-    return 0 if summary["failed"] == 0 else 1
+    return _run_and_report(config, list(args.prompt), Path(args.out), params, "generate")
 
 
-def _print_summary(summary: dict, out: Path) -> None:
+def _run_and_report(config: Config, prompts: list[str], out: Path, params: dict, label: str) -> int:
+    summary = asyncio.run(_run_prompts(config, prompts, out, params, label))
     print(
         f"\n{summary['images']} image(s) in {summary['elapsed_s']:.2f}s "
         f"({summary['throughput_img_s']:.2f} img/s), p50 latency {summary['latency_p50_s']:.2f}s, "
@@ -146,6 +143,7 @@ def _print_summary(summary: dict, out: Path) -> None:
     if summary["failed"]:
         print(f"{summary['failed']} request(s) failed: {summary['errors']}", file=sys.stderr)
     print(f"images and summary.json in {out}/")
+    return 0 if summary["failed"] == 0 else 1
 
 
 # ---- validate / plan -------------------------------------------------------------------------------------------

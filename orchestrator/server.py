@@ -460,12 +460,10 @@ def cmd_serve(args) -> int:
     # The keys move from the environment into this process's config before Ray starts: a local Ray's workers (the
     # replicas) inherit this environment, and no replica needs them.
     env_keys = take_api_keys_from_env()
-    if env_keys:
-        config = config.model_copy(update={"server": config.server.model_copy(
-            update={"api_keys": [*config.server.api_keys, *env_keys]})})
     host = args.host or config.server.host
-    port = config.server.port if args.port is None else args.port
-    config = config.model_copy(update={"server": config.server.model_copy(update={"port": port})})  # metrics label
+    port = config.server.port if args.port is None else args.port  # on the config too: the metrics label
+    config = config.model_copy(update={"server": config.server.model_copy(
+        update={"port": port, "api_keys": [*config.server.api_keys, *env_keys]})})
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the API is reachable beyond this machine%s", host,
                     "" if config.server.api_keys else " and has NO API key")
