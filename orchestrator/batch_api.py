@@ -22,11 +22,13 @@ from zimage_common.messages import ImageResult
 
 from .batch_db import JobDB
 from .batch_input import ENDPOINTS, check_file, read_lines
-from .batches import JobRunner
+from .batches import JobRunner, OutputFile
+from .http_errors import error_response, from_exception
 from .images_api import ImageCall
 from .outputs import Outputs, b64_text
 from .requests import shown
 from .storage import run_blocking
+from .uploads import BodyTooLarge, parse_json, read_body
 
 log = logging.getLogger(__name__)
 
@@ -41,27 +43,20 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-class ServerSink:
+class ServerSink(OutputFile):
     """A server job's images: answered as the line asked (``b64_json`` in the output, or ``url``: stored, with a
     link made from ``outputs.public_base_url`` or the address the job was submitted to)."""
 
     def __init__(self, outputs: Outputs, base_url: str, output: Path):
+        super().__init__(output)
         self.outputs = outputs
         self.base_url = base_url
-        self._out = open(output, "a", encoding="utf-8")
 
     async def store(self, line, call: ImageCall, results: list[ImageResult]) -> list[dict]:
         if call.response_format == "url":
             return [{"url": await self.outputs.publish(r.picture, call, self.base_url, r.request_id)}
                     for r in results]
         return [{"b64_json": await run_blocking(b64_text, r.picture, call)} for r in results]
-
-    def append(self, lines: list[str]) -> None:
-        self._out.write("".join(x + "\n" for x in lines))
-        self._out.flush()
-
-    def close(self) -> None:
-        self._out.close()
 
 
 class JobService:
@@ -153,13 +148,12 @@ class JobService:
                                       f"needs purpose \"batch\"", param="input_file_id")
         total = check_file(path, self.config.batches.max_lines, (endpoint,))  # every line's url is the endpoint
         now = int(time.time())
-        b = {"id": _id("batch"), "object": "batch", "endpoint": endpoint, "errors": None,
-             "input_file_id": file_obj["id"], "completion_window": window, "status": "validating",
-             "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
-             "expires_at": now + COMPLETION_WINDOW_S[window], "finalizing_at": None, "completed_at": None,
-             "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-             "request_counts": {"total": total, "completed": 0, "failed": 0}, "metadata": metadata,
-             "base_url": base_url}
+        b = dict.fromkeys(PUBLIC) | {  # every other field null until the job reaches it
+            "id": _id("batch"), "object": "batch", "endpoint": endpoint, "input_file_id": file_obj["id"],
+            "completion_window": window, "status": "validating", "created_at": now,
+            "expires_at": now + COMPLETION_WINDOW_S[window],
+            "request_counts": {"total": total, "completed": 0, "failed": 0}, "metadata": metadata,
+            "base_url": base_url}
         self.db.put_batch(b)
         return b
 
@@ -217,8 +211,7 @@ class JobService:
             self.db.forget_retryable(bid)
             _, path = self.db.file(b["input_file_id"])
             output = self.directory / "files" / f"{bid}-output.jsonl"
-            with open(output, "w", encoding="utf-8") as f:  # as the database has it: each custom_id once
-                f.writelines(text + "\n" for text in self.db.records(bid))
+            self.db.write_records(bid, output)
             sink = ServerSink(self.outputs, self.config.outputs.public_base_url or b["base_url"], output)
             dep = self.service.deployment
             batch = self.config.router.max_batch_size
@@ -255,8 +248,7 @@ class JobService:
         error_id = None
         if failed:
             errors = self.directory / "files" / f"file-{bid}-errors.jsonl"
-            with open(errors, "w", encoding="utf-8") as f:
-                f.writelines(text + "\n" for text in self.db.records(bid, ok=False))
+            self.db.write_records(bid, errors, ok=False)
             error_id = self.add_file(f"{bid}_errors.jsonl", "batch_output", errors, f"file-{bid}-errors")["id"]
         self.db.put_batch({**b, **end, "finalizing_at": now, "output_file_id": out_obj["id"],
                            "error_file_id": error_id,
@@ -265,19 +257,10 @@ class JobService:
 
 
 def router(jobs: JobService, outputs: Outputs) -> APIRouter:
-    from .http_errors import error_response
-    from .http_errors import from_exception as _from_exception
-    from .uploads import BodyTooLarge, parse_json, read_body
-
     api = APIRouter()
     config = jobs.config
 
-    def denied(request: Request):
-        if not jobs.service.authorized(request):
-            return error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                  "invalid_request_error", code="invalid_api_key")
-        return None
-
+    denied = jobs.service.denied
     def not_found(what: str, value: str, param: str):
         return error_response(404, f"no {what} {shown(value)}", "invalid_request_error", param=param,
                               code="not_found")
@@ -302,7 +285,7 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
                 tmp.unlink(missing_ok=True)
                 raise
         except ZImageError as e:
-            return _from_exception(e)
+            return from_exception(e)
         return jobs.add_file(filename, purpose, tmp)
 
     @api.get("/v1/files")
@@ -354,7 +337,7 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
         except BodyTooLarge:
             return error_response(413, "request body is too large", "invalid_request_error")
         except ZImageError as e:
-            return _from_exception(e)
+            return from_exception(e)
         return jobs.public(b)
 
     @api.get("/v1/batches")
@@ -386,15 +369,14 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
         try:
             return jobs.public(jobs.cancel(b))
         except ZImageError as e:
-            return _from_exception(e)
+            return from_exception(e)
 
     return api
 
 
-
 async def _read_upload(headers, body: bytes) -> tuple[str, str, bytes]:
     """``purpose`` and the ``file`` part (its name and bytes) of an upload; 400s name the field."""
-    from starlette.formparsers import MultiPartParser
+    from starlette.formparsers import MultiPartException, MultiPartParser
 
     class _InMemoryParser(MultiPartParser):
         spool_max_size = 1 << 40  # the body is in memory already (within limits): no round trip through a file
@@ -405,8 +387,6 @@ async def _read_upload(headers, body: bytes) -> tuple[str, str, bytes]:
 
     async def chunks():
         yield body
-
-    from starlette.formparsers import MultiPartException
 
     try:
         form = await _InMemoryParser(headers, chunks(), max_files=1, max_fields=8).parse()

@@ -24,7 +24,7 @@ from zimage_common.messages import ImageResult
 
 from .batch_db import JobDB
 from .batch_input import ENDPOINTS, Line, file_digest, read_lines
-from .batches import JobRunner, Outcome
+from .batches import JobRunner, Outcome, OutputFile
 from .images_api import ImageCall
 from .storage import CONTENT_TYPES, run_blocking
 
@@ -40,15 +40,14 @@ def image_name(custom_id: str, index: int, extension: str) -> str:
     return f"images/{safe}-{digest}-{index}.{extension}"
 
 
-class FileSink:
+class FileSink(OutputFile):
     """Images as files under a directory or in an S3 prefix; the output JSONL on local disk."""
 
     def __init__(self, output: Path, directory: Path | None = None, s3=None, s3_uri: str = ""):
+        super().__init__(output)
         self.directory = directory
         self.s3 = s3  # a storage.S3Store
         self.s3_uri = s3_uri.rstrip("/")
-        self.output = output
-        self._out = open(output, "a", encoding="utf-8")
 
     def _write(self, name: str, image, call: ImageCall) -> str:
         data = image_bytes(image, call.output_format, call.output_compression)
@@ -65,23 +64,6 @@ class FileSink:
         names = [image_name(line.custom_id, i, call.output_format) for i in range(len(results))]
         files = await asyncio.gather(*(run_blocking(self._write, n, r.picture, call) for n, r in zip(names, results)))
         return [{"file": f} for f in files]
-
-    def append(self, lines: list[str]) -> None:
-        self._out.write("".join(x + "\n" for x in lines))
-        self._out.flush()
-
-    def close(self) -> None:
-        self._out.close()
-
-
-def rewrite_output(db: JobDB, path: Path) -> None:
-    """The output file as the database has it: lines written by an interrupted run that never reached a commit
-    are dropped (they run again), so each custom_id appears once."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for text in db.records(JOB_ID):
-            f.write(text + "\n")
-    os.replace(tmp, path)
 
 
 def _open_job(db: JobDB, input_path: Path, total: int) -> dict:
@@ -109,7 +91,7 @@ def _record_run(db: JobDB, run: dict) -> dict:
             "images_per_s": round(images / elapsed, 4) if elapsed > 0 else None}
 
 
-def _check(input_path: Path, config: Config) -> tuple[list[str], dict[str, int]]:
+def _check(input_path: Path, config: Config) -> dict[str, int]:
     """Every line checked before anything runs; the images each custom_id asks for (its n), for the bar."""
     images: dict[str, int] = {}
     with open(input_path, "rb") as f:
@@ -118,14 +100,14 @@ def _check(input_path: Path, config: Config) -> tuple[list[str], dict[str, int]]
             images[line.custom_id] = n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 128 else 1
     if not images:
         raise InvalidRequestError(f"{input_path} holds no requests (one JSON object a line)")
-    return list(images), images
+    return images
 
 
 async def run_job(config: Config, input_path: Path, out: str, state: Path | None = None, deployment_factory=None,
                   window: int | None = None, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    _, images = _check(input_path, config)
+    images = _check(input_path, config)
     s3 = None
     if out.startswith("s3://"):
         from .storage import S3Store
@@ -147,7 +129,7 @@ async def run_job(config: Config, input_path: Path, out: str, state: Path | None
     _open_job(db, input_path, len(images))
     retried = db.forget_retryable(JOB_ID)
     output = state / "output.jsonl"
-    rewrite_output(db, output)
+    db.write_records(JOB_ID, output)
     done_before = db.finished(JOB_ID)
     sink = FileSink(output, directory, s3, out)
 

@@ -7,6 +7,7 @@ So after a crash, every line in an output file is in the database, and a rerun s
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -138,6 +139,14 @@ class JobDB:
             rows = self._db.execute(query, args).fetchall()
         for (text,) in rows:
             yield text
+
+    def write_records(self, batch_id: str, path: Path, ok: bool | None = None) -> None:
+        """``path`` rewritten whole from ``records``: an output file as the database has it (lines written by an
+        interrupted run that never reached a commit are dropped: they run again), so each custom_id appears once."""
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(text + "\n" for text in self.records(batch_id, ok))
+        os.replace(tmp, path)
 
     def counts(self, batch_id: str) -> tuple[int, int]:
         """(completed, failed) requests recorded."""

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 from zimage_common.config import Config
@@ -54,6 +55,20 @@ class Sink(Protocol):
 
     def append(self, lines: list[str]) -> None:
         """Append committed output lines (JSON text) to the output file."""
+
+
+class OutputFile:
+    """The ``append`` of a sink: the job's output JSONL on local disk, flushed after every group of lines."""
+
+    def __init__(self, output: Path):
+        self._out = open(output, "a", encoding="utf-8")
+
+    def append(self, lines: list[str]) -> None:
+        self._out.write("".join(x + "\n" for x in lines))
+        self._out.flush()
+
+    def close(self) -> None:
+        self._out.close()
 
 
 def record(line: Line, status: int, body: dict | None, request_id: str = "", error: dict | None = None) -> dict:

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from zimage_common.config import Config, load_config
@@ -34,14 +35,6 @@ DEMO_PROMPTS = [
     "a hot air balloon over a desert canyon",
     "a sketch of a hummingbird in flight",
 ]
-
-
-def _setup_logging(verbose: bool, log_format: str = "text") -> None:
-    """Every line carries the request id it is about (and, from replicas, the replica); ``json``: one object per
-    line. Replicas log in the same format (zimage_common/logging_setup.py)."""
-    from zimage_common.logging_setup import configure
-
-    configure(log_format, logging.DEBUG if verbose else logging.INFO)
 
 
 def _quiet_libraries(log_format: str = "text") -> None:
@@ -71,7 +64,6 @@ async def _run_prompts(config: Config, prompts: list[str], out: Path, params: di
     t_ready = time.perf_counter()
     try:
         requests = await dep.build_requests(prompts, **params)
-        results = []
         t0 = time.perf_counter()
         with tqdm(total=len(requests), desc=label, unit="img") as bar:
 
@@ -90,10 +82,7 @@ async def _run_prompts(config: Config, prompts: list[str], out: Path, params: di
         if r.ok:
             (out / f"{i:03d}-seed{r.seed}.png").write_bytes(r.png)
     stats = summarize(label, results, elapsed)
-    per_replica: dict[str, int] = {}
-    for r in results:
-        if r.ok:
-            per_replica[r.replica_id] = per_replica.get(r.replica_id, 0) + 1
+    per_replica = dict(Counter(r.replica_id for r in results if r.ok))
     summary = {
         "images": stats.images,
         "failed": stats.failed,
@@ -120,9 +109,7 @@ async def _run_prompts(config: Config, prompts: list[str], out: Path, params: di
 def cmd_demo(args) -> int:
     config = load_config(args.config, args.set)
     prompts = (DEMO_PROMPTS * ((args.images + len(DEMO_PROMPTS) - 1) // len(DEMO_PROMPTS)))[: args.images]
-    summary = asyncio.run(_run_prompts(config, prompts, Path(args.out), {"seed": args.seed}, "demo"))
-    _print_summary(summary, Path(args.out))
-    return 0 if summary["failed"] == 0 else 1
+    return _run_and_report(config, prompts, Path(args.out), {"seed": args.seed}, "demo")
 
 
 def cmd_generate(args) -> int:
@@ -143,12 +130,11 @@ def cmd_generate(args) -> int:
         return 2
     if args.control_image:  # ControlNet (needs model.controlnet in the config)
         params.update(control_image=Path(args.control_image), controlnet_conditioning_scale=args.control_scale)
-    summary = asyncio.run(_run_prompts(config, list(args.prompt), Path(args.out), params, "generate"))
-    _print_summary(summary, Path(args.out))
-    return 0 if summary["failed"] == 0 else 1
+    return _run_and_report(config, list(args.prompt), Path(args.out), params, "generate")
 
 
-def _print_summary(summary: dict, out: Path) -> None:
+def _run_and_report(config: Config, prompts: list[str], out: Path, params: dict, label: str) -> int:
+    summary = asyncio.run(_run_prompts(config, prompts, out, params, label))
     print(
         f"\n{summary['images']} image(s) in {summary['elapsed_s']:.2f}s "
         f"({summary['throughput_img_s']:.2f} img/s), p50 latency {summary['latency_p50_s']:.2f}s, "
@@ -157,6 +143,7 @@ def _print_summary(summary: dict, out: Path) -> None:
     if summary["failed"]:
         print(f"{summary['failed']} request(s) failed: {summary['errors']}", file=sys.stderr)
     print(f"images and summary.json in {out}/")
+    return 0 if summary["failed"] == 0 else 1
 
 
 # ---- validate / plan -------------------------------------------------------------------------------------------
@@ -358,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.log_format not in ("text", "json"):
         parser.error(f"ZIMAGE_LOG_FORMAT={args.log_format!r}: use text or json")
-    _setup_logging(args.verbose, args.log_format)
+    from zimage_common.logging_setup import configure
+
+    # Every line carries the request id it is about (and, from replicas, the replica); json: one object per line.
+    # Replicas log in the same format (zimage_common/logging_setup.py).
+    configure(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     _quiet_libraries(args.log_format)
     try:
         return args.fn(args)

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -82,10 +83,8 @@ def plan_for(config: Config, inventory: Inventory) -> PlacementPlan:
     options = [with_loras(model_spec(m.source, m.dtype, t, te, controlnet=m.controlnet is not None,
                                      bf16_blocks=kept if t == "fp8" else 0), m.lora_slots, m.lora_max_rank)
                for te in text_encoder for t in transformer]
-    if len(options) == 1:
-        chosen = plan(options[0], inventory, deployment_spec(config))
-    else:
-        chosen = plan_best(options, inventory, deployment_spec(config))
+    spec = deployment_spec(config)
+    chosen = plan(options[0], inventory, spec) if len(options) == 1 else plan_best(options, inventory, spec)
     return chosen if note is None else replace(chosen, notes=(note, *chosen.notes))
 
 
@@ -105,12 +104,6 @@ def declared_inventory(config: Config) -> Inventory | None:
     return Inventory.from_nodes([(n.name, n.gpus, n.gpu_memory_gib) for n in nodes])
 
 
-def _ray_backend() -> Backend:
-    from .ray_backend import RayBackend  # imports Ray: only when a deployment runs on it
-
-    return RayBackend()
-
-
 class Deployment(LoraAdmin):
     """A running deployment: its config, placement plan, router and replica set (which owns the replicas'
     lifecycle, see ``replicas.py``). The backend (Ray unless given) and the clock are injected for tests."""
@@ -119,7 +112,11 @@ class Deployment(LoraAdmin):
                  observer: RouterObserver | None = None):
         self.config = config
         self.plan: PlacementPlan | None = None
-        self.backend: Backend = backend if backend is not None else _ray_backend()
+        if backend is None:
+            from .ray_backend import RayBackend  # imports Ray: only when a deployment runs on it
+
+            backend = RayBackend()
+        self.backend: Backend = backend
         self.clock: Clock = clock or MonotonicClock()
         self.observer: RouterObserver = observer or RouterObserver()
         self.replica_set = ReplicaSet(self.backend, config.deployment, self.clock, self.observer,
@@ -189,10 +186,8 @@ class Deployment(LoraAdmin):
         if not nodes:
             raise NotReadyError("the Ray cluster has no GPUs (declare cluster.num_gpus for a local Ray, or join "
                                 "a cluster whose nodes have GPUs)")
-        mem = {}
-        for node in nodes:
-            mem[node.name] = cfg.cluster.gpu_memory_gib or await asyncio.to_thread(backend.probe_gpu_memory_gib,
-                                                                                    node)
+        mem = {n.name: cfg.cluster.gpu_memory_gib or await asyncio.to_thread(backend.probe_gpu_memory_gib, n)
+               for n in nodes}
         inventory = Inventory.from_nodes([(n.name, n.gpus, mem[n.name]) for n in nodes])
         self.startup_s["inventory"] = time.perf_counter() - t0
         self.plan = plan_for(cfg, inventory)
@@ -200,10 +195,7 @@ class Deployment(LoraAdmin):
         d, fd = cfg.deployment, cfg.frontdoor
         sizes = [(cfg.defaults.width, cfg.defaults.height)]
         sizes += [s for s in (parse_size(x, cfg.defaults) for x in d.warmup_sizes) if s not in sizes]
-        borrowers = {}
-        for rp in self.plan.replicas:
-            if rp.encoder_replica:
-                borrowers[rp.encoder_replica] = borrowers.get(rp.encoder_replica, 0) + 1
+        borrowers = Counter(rp.encoder_replica for rp in self.plan.replicas if rp.encoder_replica)
         mbs = cfg.router.max_batch_size
         # one call per group of requests in its loop or waiting at it (the router keeps up to STEP_QUEUE_DEPTH running
         # sets' worth of interactive work there, and as much of a batch job's: dispatch_policy.room), and one more
@@ -213,9 +205,8 @@ class Deployment(LoraAdmin):
         pooled = namespace is not None
         doors = fd.max_frontdoors if pooled else 1
         slots = (2 * calls + 1) * doors + (0 if pooled else 1)
-        specs = []
-        for rp in self.plan.replicas:
-            specs.append(ReplicaSpec(
+        return [
+            ReplicaSpec(
                 replica_id=rp.replica_id, node=by_name[rp.node], n_gpus=len(rp.gpus), cpus=d.cpu_per_replica,
                 # no request is larger than the limit, whatever the replica's memory would place: the warm-up builds
                 # what every size up to this needs (actors/startup.py _start_attention_plans)
@@ -232,8 +223,9 @@ class Deployment(LoraAdmin):
                 encode_threads=fd.replica_encode_threads,
                 namespace=namespace, control_slots=2 * doors + 4 if pooled else 0,
                 results_store=self._store_address,
-            ))
-        return specs
+            )
+            for rp in self.plan.replicas
+        ]
 
     def _make_replicas(self, specs: Sequence[ReplicaSpec]) -> None:
         replicas = self.replica_set

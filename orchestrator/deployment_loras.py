@@ -46,8 +46,8 @@ class LoraAdmin:
         try:
             lora = LoraSpec(name=name, path=path, **spec)
         except (ValueError, TypeError) as e:
-            raise InvalidRequestError(f"invalid adapter: {_first_error(e)}",
-                                      param=_first_loc(e) or "name") from None
+            message, loc = _first_error(e)
+            raise InvalidRequestError(f"invalid adapter: {message}", param=loc or "name") from None
         if lora.name in self._configured_loras:
             raise ConflictError(f"adapter {lora.name!r} is configured (model.loras) and cannot be replaced at "
                                 f"runtime; register this one under another name", param="name")
@@ -159,19 +159,15 @@ class LoraAdmin:
                           out["error"])
 
 
-def _first_error(e: ValueError) -> str:
+def _first_error(e: ValueError) -> tuple[str, str | None]:
+    """A validation error's first problem, and the field it names (pydantic's), else its text and None."""
     errors = getattr(e, "errors", None)
-    if callable(errors):
-        first = errors()[0]
-        return f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}" if first["loc"] else first["msg"]
-    return str(e)
-
-
-def _first_loc(e: ValueError) -> str | None:
-    errors = getattr(e, "errors", None)
-    if callable(errors) and errors() and errors()[0]["loc"]:
-        return str(errors()[0]["loc"][0])
-    return None
+    if not callable(errors):
+        return str(e), None
+    first = errors()[0]
+    if not first["loc"]:
+        return first["msg"], None
+    return f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}", str(first["loc"][0])
 
 
 def shown_path(spec: LoraSpec, lora_dir) -> str | None:

@@ -150,43 +150,43 @@ def _open_header(data, param: str, limits: LimitsConfig):
     return img
 
 
-def stored_pixels(data, param: str, limits: LimitsConfig) -> int:
-    """An input image's pixels as stored (width x height from its header; nothing decoded), checked against
-    ``limits.max_input_pixels``."""
+def _stored_size(data, param: str, limits: LimitsConfig) -> tuple[int, int]:
+    """An input image's (width, height) as stored, from its header: nothing decoded."""
     from PIL import Image
 
     if isinstance(data, Image.Image):
-        w, h = data.size
-    else:
-        img = _open_header(data, param, limits)
-        w, h = img.size
-        img.close()
+        return data.size
+    img = _open_header(data, param, limits)
+    size = img.size
+    img.close()
+    return size
+
+
+def _check_pixels(w: int, h: int, param: str, limits: LimitsConfig) -> int:
     if w * h > limits.max_input_pixels:
         raise InvalidRequestError(f"{param} is {w}x{h} ({w * h} pixels); the limit is {limits.max_input_pixels} "
                                   f"(limits.max_input_pixels)", param=param)
     return w * h
 
 
+def stored_pixels(data, param: str, limits: LimitsConfig) -> int:
+    """An input image's pixels as stored, checked against ``limits.max_input_pixels``."""
+    return _check_pixels(*_stored_size(data, param, limits), param, limits)
+
+
 def input_pixels(datas, limits: LimitsConfig) -> int:
     """The pixels as stored of those of ``datas`` (file bytes, base64 text, PIL images; None skipped) that are
     images, read from their headers: what decoding them will take. Anything unreadable counts 0 (its parse
     refuses it). For admission to the HTTP server's decode queue."""
-    from PIL import Image
-
     total = 0
     for data in datas:
         if data is None:
             continue
         try:
-            data = control_bytes(data)
-            if isinstance(data, Image.Image):
-                total += data.size[0] * data.size[1]
-            else:
-                img = _open_header(data, "image", limits)
-                total += img.size[0] * img.size[1]
-                img.close()
+            w, h = _stored_size(control_bytes(data), "image", limits)
         except Exception:  # noqa: BLE001 - not an image: refused by the parse, not here
             continue
+        total += w * h
     return total
 
 
@@ -208,9 +208,7 @@ def _check_decoded(img, data: bytes, param: str, limits: LimitsConfig, owned: bo
     from PIL import Image, ImageOps
 
     w, h = img.size
-    if w * h > limits.max_input_pixels:
-        raise InvalidRequestError(f"{param} is {w}x{h} ({w * h} pixels); the limit is {limits.max_input_pixels} "
-                                  f"(limits.max_input_pixels)", param=param)
+    _check_pixels(w, h, param, limits)
     if w < 1 or h < 1:
         raise InvalidRequestError(f"{param} has no pixels", param=param)
     if img.format != "MPO" and getattr(img, "is_animated", False) and getattr(img, "n_frames", 1) > 1:

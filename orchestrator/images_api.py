@@ -297,22 +297,20 @@ def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None =
     if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
                                  or not 0.0 <= strength <= 1.0):
         raise InvalidRequestError(f"strength must be a number from 0 to 1, got {shown(strength)}", param="strength")
-    n = payload.get("n")
-    n = 1 if n is None else n
-    if isinstance(n, int) and not isinstance(n, bool) and len(images) * n > config.limits.max_n and n >= 1:
+    n = 1 if payload.get("n") is None else payload["n"]
+    counted = isinstance(n, int) and not isinstance(n, bool) and n >= 1  # else parse_generation refuses it
+    if counted and len(images) * n > config.limits.max_n:
         raise InvalidRequestError(f"{len(images)} image(s) x n={n} is {len(images) * n} images; the limit is "
                                   f"{config.limits.max_n} (limits.max_n)", param="n")
-    size = payload.get("size")
-    explicit = size is not None and size != "auto"
-    if explicit:  # validates size before any image is decoded (the control image is decoded once, below)
-        call = parse_generation({k: v for k, v in payload.items() if k not in _CONTROL_FIELDS}, config, max_side,
-                                known_loras)
-        inputs = prepare_edit(images, files.get("mask"), (call.requests[0].width, call.requests[0].height),
-                              config.limits, max_side, image_param, others)
-    else:
-        inputs = prepare_edit(images, files.get("mask"), None, config.limits, max_side, image_param, others)
+    size = None  # an explicit size is validated before any image is decoded (the control image once, below)
+    if payload.get("size") not in (None, "auto"):
+        r0 = parse_generation({k: v for k, v in payload.items() if k not in _CONTROL_FIELDS}, config, max_side,
+                              known_loras).requests[0]
+        size = (r0.width, r0.height)
+    inputs = prepare_edit(images, files.get("mask"), size, config.limits, max_side, image_param, others)
+    if size is None:
         payload["size"] = f"{inputs.width}x{inputs.height}"
-    payload["n"] = n * len(images) if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else n
+    payload["n"] = n * len(images) if counted else n
     call = parse_generation(payload, config, max_side, known_loras)
     requests = []
     for i, r in enumerate(call.requests):

@@ -35,11 +35,10 @@ class PrometheusObserver(RouterObserver):
         self.compilations = Counter("zimage_compilations_total", "Graphs torch.compile built in a replica, by phase: "
                                     "warmup (before ready) or serving (after ready; the goal is none).",
                                     ["replica", "phase"], registry=r)
-        self._compiles_seen: dict[tuple[str, str], int] = {}
         self.eager_fallbacks = Counter("zimage_eager_fallbacks_total", "Calls a replica ran without compiled code "
                                        "after ready, by stage (denoise, decode): a shape no compiled graph covers "
                                        "(the goal is none).", ["replica", "stage"], registry=r)
-        self._fallbacks_seen: dict[tuple[str, str], int] = {}
+        self._seen: dict[tuple, int] = {}  # (counter, replica, phase or stage) -> the count the replica last reported
         self.images = Counter("zimage_images_generated_total", "Images generated successfully.", registry=r)
         self.requests = Counter("zimage_requests_total", "Requests answered, by outcome.", ["outcome"], registry=r)
         self.errors = Counter("zimage_request_errors_total", "Failed or rejected requests, by error type.",
@@ -146,14 +145,15 @@ class PrometheusObserver(RouterObserver):
             for dev, b in health.peak_memory_bytes.items():
                 self.gpu_memory_peak.labels(replica_id, dev).set(b)
             for phase, n in (("warmup", health.compiles_warmup), ("serving", health.compiles_after_ready)):
-                last = self._compiles_seen.get((replica_id, phase), 0)
-                if n != last or (replica_id, phase) not in self._compiles_seen:
-                    # a restarted replica counts from zero again: add what it reports beyond what was seen
-                    self.compilations.labels(replica_id, phase).inc(n - last if n >= last else n)
-                    self._compiles_seen[(replica_id, phase)] = n
+                self._add_reported(self.compilations, replica_id, phase, n)
             for stage, n in ({"denoise": 0, "decode": 0} | health.eager_fallbacks).items():
-                self.eager_fallbacks.labels(replica_id, stage)  # shown at 0 from the first health report
-                last = self._fallbacks_seen.get((replica_id, stage), 0)
-                if n != last:  # as above: a restarted replica counts from zero again
-                    self.eager_fallbacks.labels(replica_id, stage).inc(n - last if n >= last else n)
-                    self._fallbacks_seen[(replica_id, stage)] = n
+                self._add_reported(self.eager_fallbacks, replica_id, stage, n)
+
+    def _add_reported(self, counter: Counter, replica_id: str, label: str, n: int) -> None:
+        """Add to ``counter`` what a replica's running count ``n`` grew by since its last report (shown at 0 from
+        the first report); a restarted replica counts from zero again, so a drop means all of ``n`` is new."""
+        series = counter.labels(replica_id, label)
+        last = self._seen.get((counter, replica_id, label), 0)
+        if n != last:
+            series.inc(n - last if n >= last else n)
+            self._seen[(counter, replica_id, label)] = n

@@ -8,7 +8,7 @@ import logging
 import re
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger(__name__)
@@ -38,23 +38,19 @@ def add_ops_routes(app: FastAPI, registry, denied, docs: bool) -> None:
         return
     from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 
-    @app.get("/openapi.json", include_in_schema=False)
-    async def openapi(request: Request):
-        if (refused := denied(request)) is not None:
-            return refused
-        return JSONResponse(app.openapi())
+    def keyed(page):
+        async def endpoint(request: Request):
+            refused = denied(request)
+            return page() if refused is None else refused
 
-    @app.get("/docs", include_in_schema=False)
-    async def swagger(request: Request) -> HTMLResponse:
-        if (refused := denied(request)) is not None:
-            return refused
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+        return endpoint
 
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc(request: Request) -> HTMLResponse:
-        if (refused := denied(request)) is not None:
-            return refused
-        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+    for path, page in (
+        ("/openapi.json", lambda: JSONResponse(app.openapi())),
+        ("/docs", lambda: get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")),
+        ("/redoc", lambda: get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")),
+    ):
+        app.add_api_route(path, keyed(page), methods=["GET"], include_in_schema=False)
 
 
 def start_metrics_listener(host: str, port: int, registry):

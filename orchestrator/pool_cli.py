@@ -12,31 +12,18 @@ from __future__ import annotations
 import asyncio
 import json
 
-from zimage_common.config import Config, load_config
+from zimage_common.config import load_config
 from zimage_common.errors import ConfigError
-
-
-def _pool_config(args) -> Config:
-    config = load_config(args.config, args.set)
-    if config.frontdoor.pool is None:
-        raise ConfigError(f"{args.config}: frontdoor.pool is not set; name the pool the front doors share "
-                          f"(e.g. --set frontdoor.pool=main)")
-    return config
-
-
-def _names(config: Config, record: dict | None) -> list[str]:
-    from .pool import pool_deployment_id
-    from .ray_backend import replica_name
-
-    specs = record["specs"] if record else []
-    return [replica_name(pool_deployment_id(config.frontdoor.pool), s.replica_id) for s in specs]
 
 
 def cmd_pool(args) -> int:
     from . import ray_backend, ray_pool
     from .pool import pool_deployment_id, pool_namespace
 
-    config = _pool_config(args)
+    config = load_config(args.config, args.set)
+    if config.frontdoor.pool is None:
+        raise ConfigError(f"{args.config}: frontdoor.pool is not set; name the pool the front doors share "
+                          f"(e.g. --set frontdoor.pool=main)")
     ns = pool_namespace(config.cluster.namespace, config.frontdoor.pool)
     ray_backend.connect(config.cluster)
     if args.action == "up":
@@ -53,9 +40,10 @@ def cmd_pool(args) -> int:
                           "replicas": sorted(dep.replicas)}, indent=2))
         return 0
     record = ray_pool.pool_record(ns)
-    names = _names(config, record)
+    pool_id = pool_deployment_id(config.frontdoor.pool)
+    names = [ray_backend.replica_name(pool_id, s.replica_id) for s in (record["specs"] if record else [])]
     if args.action == "down":
-        removed = ray_pool.pool_down(ns, f"zimage-{pool_deployment_id(config.frontdoor.pool)}-", names)
+        removed = ray_pool.pool_down(ns, f"zimage-{pool_id}-", names)
         print(json.dumps({"pool": config.frontdoor.pool, "namespace": ns, **removed}, indent=2))
         return 0
     status = {"pool": config.frontdoor.pool, "namespace": ns, "exists": record is not None,

@@ -183,10 +183,7 @@ def build_requests(prompt, *, defaults: RequestDefaults, limits: LimitsConfig, n
             raise InvalidRequestError(f"negative_prompt is longer than {limits.max_prompt_chars} characters",
                                       param="negative_prompt")
         check_text("negative_prompt", negative_prompt)
-    if seed is None:
-        seed = secrets.randbelow(2**31)
-    else:
-        seed = _check_int("seed", seed, 0, SEED_MAX - limits.max_n)
+    seed = secrets.randbelow(2**31) if seed is None else _check_int("seed", seed, 0, SEED_MAX - limits.max_n)
     partial_images = 0 if partial_images is None else _check_int("partial_images", partial_images, 0, 3)
     adapters = parse_loras(loras, known_loras)
     base = request_id or uuid.uuid4().hex[:16]

@@ -85,10 +85,8 @@ class ResponseCounter:
 
         try:
             await self.app(scope, receive, send_counted)
-        except BaseException:
+        finally:
             self.observer.http_response(status[0] if status else 500)
-            raise
-        self.observer.http_response(status[0] if status else 500)
 
 
 class Service:
@@ -158,14 +156,14 @@ class Service:
         """For /readyz (load balancers): at least one replica is serving right now."""
         return self.accepting and bool(self.deployment.live())
 
-    def authorized(self, request: Request) -> bool:
-        if not self.api_keys:
-            return True
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return False
-        return any(hmac.compare_digest(token.strip().encode(), k) for k in self.api_keys)
+    def denied(self, request: Request) -> JSONResponse | None:
+        """The 401 for a request without a valid bearer key (when keys are set), else None."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not self.api_keys or (scheme.lower() == "bearer" and token and
+                                 any(hmac.compare_digest(token.strip().encode(), k) for k in self.api_keys)):
+            return None
+        return error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                              "invalid_request_error", code="invalid_api_key")
 
 
 def create_app(config: Config, deployment_factory=None) -> FastAPI:
@@ -218,16 +216,10 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         return error_response(500, "the server failed to handle this request; the cause is in its log",
                               "server_error")
 
-    def unauthorized(request: Request) -> JSONResponse | None:
-        if service.authorized(request):
-            return None
-        return error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                              "invalid_request_error", code="invalid_api_key")
-
     def guard(request: Request, limit: int | None = None, limit_name: str = "max_body_bytes") -> JSONResponse | None:
         """Key and body-size checks for /v1 endpoints. (A function, not an HTTP middleware: Starlette's
         BaseHTTPMiddleware hides client disconnects from the endpoint, and we cancel work on those.)"""
-        if (denied := unauthorized(request)) is not None:
+        if (denied := service.denied(request)) is not None:
             return denied
         length = request.headers.get("content-length")
         limit = limits.max_body_bytes if limit is None else limit
@@ -246,18 +238,17 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         if service.ready:
             live = {r.replica_id for r in dep.live()}
             silent = [rid for rid in getattr(dep, "not_answering", list)() if rid in live]
-            down = sorted(set(dep.replicas) - live)
-            if len(silent) < len(live):
-                return {"status": "ready", "replicas": len(dep.replicas), "down": down, "not_answering": silent}
-            return JSONResponse({"status": "not_answering", "replicas": len(dep.replicas), "down": down,
-                                 "not_answering": silent}, status_code=503)
+            answering = len(silent) < len(live)
+            return JSONResponse({"status": "ready" if answering else "not_answering", "replicas": len(dep.replicas),
+                                 "down": sorted(set(dep.replicas) - live), "not_answering": silent},
+                                status_code=200 if answering else 503)
         status = "failed" if service.start_error else "recovering" if service.accepting else "starting"
         return JSONResponse({"status": status, "error": without_host_paths(service.start_error)}, status_code=503)
 
     for path, endpoint in (("/healthz", healthz), ("/readyz", readyz)):  # HEAD for load balancers' probes
         app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
-    add_ops_routes(app, service.metrics_registry, unauthorized, config.server.docs)
+    add_ops_routes(app, service.metrics_registry, service.denied, config.server.docs)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -275,19 +266,13 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         return error_response(f.http_status, msg, f.openai_type, headers={"Retry-After": "5"})
 
     # ---- per-request LoRA adapters (an extension: OpenAI's API has none) ----------------------------------------
-    def _lora_deployment() -> tuple[object | None, JSONResponse | None]:
-        if not service.accepting:
-            return None, not_ready(count=False)
-        return service.deployment, None
-
     @app.get("/v1/loras")
     async def list_loras(request: Request):
         if (denied := guard(request)) is not None:
             return denied
-        dep, err = _lora_deployment()
-        if err is not None:
-            return err
-        return {"object": "list", "data": await dep.loras()}
+        if not service.accepting:
+            return not_ready(count=False)
+        return {"object": "list", "data": await service.deployment.loras()}
 
     @app.post("/v1/loras")
     async def add_lora(request: Request):
@@ -296,21 +281,16 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         if (denied := guard(request)) is not None:
             return denied
         try:
-            payload = parse_json(await read_body(request, limits.max_body_bytes))
+            spec = parse_lora_registration(parse_json(await read_body(request, limits.max_body_bytes)))
         except BodyTooLarge:
             return error_response(413, f"request body is larger than {limits.max_body_bytes} bytes",
                                   "invalid_request_error")
-        except InvalidRequestError as e:
+        except InvalidRequestError as e:  # parse_lora_registration: only the documented keys, string values
             return from_exception(e)
+        if not service.accepting:
+            return not_ready(count=False)
         try:
-            spec = parse_lora_registration(payload)  # only the documented keys, string values
-        except InvalidRequestError as e:
-            return from_exception(e)
-        dep, err = _lora_deployment()
-        if err is not None:
-            return err
-        try:
-            info = await dep.register_lora(**spec)
+            info = await service.deployment.register_lora(**spec)
         except ZImageError as e:
             return from_exception(e)
         return JSONResponse(info, status_code=201)
@@ -319,11 +299,10 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
     async def delete_lora(name: str, request: Request):
         if (denied := guard(request)) is not None:
             return denied
-        dep, err = _lora_deployment()
-        if err is not None:
-            return err
+        if not service.accepting:
+            return not_ready(count=False)
         try:
-            found = await dep.unregister_lora(name)
+            found = await service.deployment.unregister_lora(name)
         except ZImageError as e:  # a configured adapter: 409
             return from_exception(e)
         if not found:
@@ -404,13 +383,12 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         if not service.accepting:
             return not_ready()
         dep = service.deployment
+        args = (payload, config, getattr(dep, "max_side", None), getattr(dep, "lora_names", None))
         try:
             if isinstance(payload, dict) and payload.get("control_image") is not None:  # an image to decode
-                call = await decode_images([payload["control_image"]], parse_generation, payload, config,
-                                           getattr(dep, "max_side", None), getattr(dep, "lora_names", None))
+                call = await decode_images([payload["control_image"]], parse_generation, *args)
             else:
-                call = parse_generation(payload, config, getattr(dep, "max_side", None),
-                                        getattr(dep, "lora_names", None))
+                call = parse_generation(*args)
         except ZImageError as e:
             return refused(e)
         if HEADER in request.headers:
@@ -482,12 +460,10 @@ def cmd_serve(args) -> int:
     # The keys move from the environment into this process's config before Ray starts: a local Ray's workers (the
     # replicas) inherit this environment, and no replica needs them.
     env_keys = take_api_keys_from_env()
-    if env_keys:
-        config = config.model_copy(update={"server": config.server.model_copy(
-            update={"api_keys": [*config.server.api_keys, *env_keys]})})
     host = args.host or config.server.host
-    port = config.server.port if args.port is None else args.port
-    config = config.model_copy(update={"server": config.server.model_copy(update={"port": port})})  # metrics label
+    port = config.server.port if args.port is None else args.port  # on the config too: the metrics label
+    config = config.model_copy(update={"server": config.server.model_copy(
+        update={"port": port, "api_keys": [*config.server.api_keys, *env_keys]})})
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the API is reachable beyond this machine%s", host,
                     "" if config.server.api_keys else " and has NO API key")

@@ -17,7 +17,6 @@ import secrets
 import time
 import uuid
 from pathlib import Path
-from typing import Protocol
 from urllib.parse import quote
 
 from zimage_common.errors import ZImageError
@@ -40,21 +39,16 @@ class StorageError(ZImageError):
     retryable = True
 
 
-class ObjectStore(Protocol):
-    def put(self, key: str, data: bytes, content_type: str) -> None:
-        """Store ``data`` under ``key``, replacing what is there; raise ``StorageError`` on failure."""
-
-    def url(self, key: str, base_url: str | None = None) -> str:
-        """A link that fetches ``key`` with a plain GET until it expires. ``base_url``: the server's own address,
-        for backends it serves itself."""
-
-
 def new_key(extension: str) -> str:
     """A fresh key: ``YYYYMMDD/<random>.<ext>`` (the day keeps directories and bucket listings small)."""
     return f"{time.strftime('%Y%m%d', time.gmtime())}/{uuid.uuid4().hex}.{extension}"
 
 
 class LocalStore:
+    """Both stores have ``put(key, data, content_type)`` (replacing what is there; ``StorageError`` on failure) and
+    ``url(key, base_url)``: a link that fetches ``key`` with a plain GET until it expires (``base_url``, the
+    server's own address, for the store it serves itself)."""
+
     def __init__(self, directory: Path, secret: bytes, ttl_s: int, public_base_url: str | None = None,
                  clock=time.time):
         self.directory = Path(directory)
