@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from zimage_common.errors import InvalidRequestError, ZImageError
-from zimage_common.messages import ImageResult
+from zimage_common.messages import FailureKind, ImageResult
 
 from .batch_db import JobDB
 from .batch_input import ENDPOINTS, check_file, read_lines
@@ -314,14 +314,14 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
     async def file_object(file_id: str, request: Request):
         if (d := denied(request)) is not None:
             return d
-        found = jobs.db.file(file_id)
+        found = jobs.db.file(file_id) if jobs._has_jobs() else None
         return not_found("file", file_id, "file_id") if found is None else {**found[0], "status": "processed"}
 
     @api.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str, request: Request):
         if (d := denied(request)) is not None:
             return d
-        found = jobs.db.file(file_id)
+        found = jobs.db.file(file_id) if jobs._has_jobs() else None
         if found is None:
             return not_found("file", file_id, "file_id")
         return FileResponse(found[1], media_type="application/jsonl", filename=found[0]["filename"])
@@ -335,7 +335,9 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
             b = await run_blocking(jobs.create, payload, str(request.base_url).rstrip("/"))
             jobs.wake()
         except BodyTooLarge:
-            return error_response(413, "request body is too large", "invalid_request_error")
+            jobs.service.observer.rejected(FailureKind.INVALID_REQUEST)
+            return error_response(413, f"request body is larger than {config.limits.max_body_bytes} bytes "
+                                       f"(limits.max_body_bytes)", "invalid_request_error")
         except ZImageError as e:
             return from_exception(e)
         return jobs.public(b)

@@ -34,7 +34,7 @@ def _png_bit_depth(data: bytes) -> int | None:
 
 def data_url_bytes(ref, param: str) -> bytes:
     """An ``ImageRefParam`` of a JSON edit (``{"image_url": ...}`` or ``{"file_id": ...}``) -> the image's bytes.
-    Only ``data:`` URLs: this server fetches nothing from the network and has no Files API."""
+    Only ``data:`` URLs: this server fetches nothing from the network, and its Files API holds batch input only."""
     import base64
     import binascii
 
@@ -42,8 +42,9 @@ def data_url_bytes(ref, param: str) -> bytes:
         raise InvalidRequestError(f"{param} must be an object with exactly one of image_url or file_id",
                                   param=param)
     if "file_id" in ref:
-        raise InvalidRequestError(f"{param}: file_id is not supported (this server has no Files API); send the "
-                                  f"image as a data: URL in image_url, or as multipart/form-data", param=param)
+        raise InvalidRequestError(f"{param}: file_id is not supported (this server's Files API holds batch input "
+                                  f"only); send the image as a data: URL in image_url, or as multipart/form-data",
+                                  param=param)
     url = ref["image_url"]
     if not isinstance(url, str):
         raise InvalidRequestError(f"{param}: image_url must be a string", param=param)

@@ -237,8 +237,9 @@ JSON_EDIT_FIELDS = ("images", "mask", "prompt", "model", "n", "quality", "input_
 
 def parse_json_edit(payload, config: Config, max_side: int | None = None, known_loras=None) -> ImageCall:
     """The spec's JSON form of an edit (``EditImageBodyJsonParam``): ``images`` (1-16 ``{"image_url"}``) and
-    ``mask`` as base64 ``data:`` URLs (``file_id`` and network URLs are refused: no Files API, no fetching), the
-    other fields as in multipart (plus ``moderation``, accepted as for generations), JSON-typed."""
+    ``mask`` as base64 ``data:`` URLs (``file_id`` and network URLs are refused: the Files API holds batch input
+    only, and nothing is fetched), the other fields as in multipart (plus ``moderation``, accepted as for
+    generations), JSON-typed."""
     fields, files = json_edit_parts(payload)
     return parse_edit(fields, files, config, max_side, typed=True, image_param="images", known_loras=known_loras)
 

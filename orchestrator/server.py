@@ -283,8 +283,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         try:
             spec = parse_lora_registration(parse_json(await read_body(request, limits.max_body_bytes)))
         except BodyTooLarge:
-            return error_response(413, f"request body is larger than {limits.max_body_bytes} bytes",
-                                  "invalid_request_error")
+            return too_large("max_body_bytes", limits.max_body_bytes)
         except InvalidRequestError as e:  # parse_lora_registration: only the documented keys, string values
             return from_exception(e)
         if not service.accepting:

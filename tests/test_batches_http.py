@@ -81,6 +81,18 @@ def small(tmp_path_factory):
         yield s
 
 
+def test_reads_on_a_server_without_jobs_store_nothing(tmp_path):
+    with serve(tmp_path, TimedBackend(2)) as s:
+        s.wait_ready(timeout_s=30)
+        for path in ("/v1/files", "/v1/batches", "/v1/files/file-nope", "/v1/files/file-nope/content",
+                     "/v1/batches/batch_nope"):
+            r = httpx.get(f"{s.url}{path}")
+            assert r.status_code in (200, 404), r.text
+            if r.status_code == 404:
+                assert r.json()["error"]["param"] in ("file_id", "batch_id"), r.text
+        assert not (tmp_path / "batches" / "batches.db").exists()
+
+
 def upload(s, data: bytes, purpose="batch"):
     return httpx.post(f"{s.url}/v1/files", files={"file": ("x.jsonl", data)}, data={"purpose": purpose})
 
@@ -103,6 +115,9 @@ def test_bad_uploads_are_refused_naming_the_line(small, data, param, fragment):
 def test_upload_and_create_limits(small):
     r = upload(small, b"x" * 5000)
     assert r.status_code == 413 and "batches.max_upload_bytes" in r.json()["error"]["message"]
+    r = httpx.post(f"{small.url}/v1/batches", content=b"{" + b" " * 1_000_001 + b"}",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limits.max_body_bytes" in r.json()["error"]["message"], r.text
     r = upload(small, jsonl(req("a", prompt="x")), purpose="fine-tune")
     assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
     fid = upload(small, jsonl(req("a", prompt="x"))).json()["id"]

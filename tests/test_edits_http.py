@@ -213,7 +213,7 @@ def test_json_edit_with_data_urls(server):
                                            extra_body={"seed": 4, "num_inference_steps": 4})
     assert r.json()["data"][0]["b64_json"] == multipart.data[0].b64_json  # the same edit either way
     for images, fragment in (([{"image_url": "https://example.com/a.png"}], "only data: URLs"),
-                             ([{"file_id": "file-abc"}], "no Files API"), ([], "images is required")):
+                             ([{"file_id": "file-abc"}], "file_id is not supported"), ([], "images is required")):
         r = httpx.post(f"{server.url}/v1/images/edits", json={"prompt": "x", "images": images}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "images" and fragment in r.text, r.text
     r = httpx.post(f"{server.url}/v1/images/edits", content=b"prompt=x", timeout=60,

@@ -109,6 +109,8 @@ def test_not_json_and_oversized_body(server):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = post(server, {"prompt": "x" * 5000})
     assert r.status_code == 413 and "limits.max_body_bytes" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/loras", json={"name": "x", "path": "x" * 5000}, headers=auth())
+    assert r.status_code == 413 and "limits.max_body_bytes" in r.json()["error"]["message"], r.text
 
 
 def test_missing_or_wrong_key_is_401(server):
