@@ -199,7 +199,7 @@ def plan(model: ModelSpec, inventory: Inventory, deployment: DeploymentSpec) -> 
     groups_of = {"replicate": _replicate_groups, "split": _split_groups, "auto": _auto_groups,
                  "shared-encoder": _shared_encoder_groups}
     if d.mode not in groups_of:
-        raise PlacementError(f"unknown mode {d.mode!r}; use replicate, split or auto")
+        raise PlacementError(f"unknown deployment.mode {d.mode!r}; use one of {', '.join(groups_of)}")
     groups = groups_of[d.mode](model, inventory, d, pixels)
     if d.replicas is not None:  # (shared-encoder lists each host before the replicas borrowing from it)
         if len(groups) < d.replicas:

@@ -115,6 +115,12 @@ def test_replicas_count_is_checked():
         plan(Z, inv(("n0", 2, 80.0)), DeploymentSpec("replicate", replicas=3))
 
 
+def test_an_unknown_mode_names_the_field_and_every_mode():
+    with pytest.raises(PlacementError, match="deployment.mode 'pipeline'; use one of replicate, split, auto, "
+                                             "shared-encoder"):
+        plan(Z, inv(("n0", 2, 80.0)), DeploymentSpec("pipeline"))
+
+
 def test_deterministic_and_ordered():
     i = inv(("b", 2, 80.0), ("a", 2, 80.0))
     p1 = plan(Z, i, DeploymentSpec("replicate"))
