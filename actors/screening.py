@@ -92,7 +92,8 @@ def edit_error(r: ImageRequest) -> tuple[str, str] | None:
         a = np.asarray(a)
         if a.dtype != np.uint8 or a.shape != shape:
             size = " (the request's size)" if name == "image" else ""
-            return f"{name} must be uint8 {list(shape)}{size}, got {a.dtype} {list(a.shape)}", name
+            want = ", ".join(str(int(n)) for n in shape)
+            return f"{name} must be uint8 [{want}]{size}, got {a.dtype} {list(a.shape)}", name
     if r.image is not None and (not 0.0 <= r.strength <= 1.0 or r.steps_run < 1):
         return f"strength {r.strength} with {r.num_inference_steps} steps runs no step", "strength"
     return None
