@@ -273,6 +273,7 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
         try:
             body = await read_body(request, limit)
         except BodyTooLarge:
+            jobs.service.observer.rejected(FailureKind.INVALID_REQUEST)
             return error_response(413, f"the upload is larger than {limit} bytes (batches.max_upload_bytes); split "
                                        f"the job into several files", "invalid_request_error", param="file")
         try:

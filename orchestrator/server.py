@@ -224,6 +224,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         length = request.headers.get("content-length")
         limit = limits.max_body_bytes if limit is None else limit
         if length is not None and length.isdigit() and int(length) > limit:
+            service.observer.rejected(FailureKind.INVALID_REQUEST)
             return error_response(413, f"request body is {int(length)} bytes; the limit is {limit} "
                                        f"(limits.{limit_name})", "invalid_request_error")
         return None

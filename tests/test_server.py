@@ -104,13 +104,21 @@ def test_bad_input_is_400_naming_the_field(server, body, param, fragment):
     assert err["type"] == "invalid_request_error" and err["param"] == param and fragment in err["message"]
 
 
+def _rejected(server) -> float:
+    text = httpx.get(f"{server.url}/metrics", headers=auth()).text
+    line = next(x for x in text.splitlines() if x.startswith("zimage_requests_total") and 'outcome="rejected"' in x)
+    return float(line.rsplit(" ", 1)[1])
+
+
 def test_not_json_and_oversized_body(server):
     r = post(server, None, content=b"{not json", headers={**auth(), "content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
-    r = post(server, {"prompt": "x" * 5000})
+    before = _rejected(server)
+    r = post(server, {"prompt": "x" * 5000})  # refused by its Content-Length
     assert r.status_code == 413 and "limits.max_body_bytes" in r.json()["error"]["message"]
     r = httpx.post(f"{server.url}/v1/loras", json={"name": "x", "path": "x" * 5000}, headers=auth())
     assert r.status_code == 413 and "limits.max_body_bytes" in r.json()["error"]["message"], r.text
+    assert _rejected(server) == before + 2  # every 413 counts as a rejected request
 
 
 def test_missing_or_wrong_key_is_401(server):
