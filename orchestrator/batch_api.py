@@ -261,6 +261,7 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
     config = jobs.config
 
     denied = jobs.service.denied
+
     def not_found(what: str, value: str, param: str):
         return error_response(404, f"no {what} {shown(value)}", "invalid_request_error", param=param,
                               code="not_found")
@@ -336,9 +337,7 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
             b = await run_blocking(jobs.create, payload, str(request.base_url).rstrip("/"))
             jobs.wake()
         except BodyTooLarge:
-            jobs.service.observer.rejected(FailureKind.INVALID_REQUEST)
-            return error_response(413, f"request body is larger than {config.limits.max_body_bytes} bytes "
-                                       f"(limits.max_body_bytes)", "invalid_request_error")
+            return jobs.service.too_large("max_body_bytes", config.limits.max_body_bytes)
         except ZImageError as e:
             return from_exception(e)
         return jobs.public(b)

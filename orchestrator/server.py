@@ -165,6 +165,12 @@ class Service:
         return error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                               "invalid_request_error", code="invalid_api_key")
 
+    def too_large(self, field: str, limit: int) -> JSONResponse:
+        """The 413 for a body over ``limits.<field>``, counted as a rejected request."""
+        self.observer.rejected(FailureKind.INVALID_REQUEST)
+        return error_response(413, f"request body is larger than {limit} bytes (limits.{field})",
+                              "invalid_request_error")
+
 
 def create_app(config: Config, deployment_factory=None) -> FastAPI:
     service = Service(config, deployment_factory)
@@ -284,7 +290,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         try:
             spec = parse_lora_registration(parse_json(await read_body(request, limits.max_body_bytes)))
         except BodyTooLarge:
-            return too_large("max_body_bytes", limits.max_body_bytes)
+            return service.too_large("max_body_bytes", limits.max_body_bytes)
         except InvalidRequestError as e:  # parse_lora_registration: only the documented keys, string values
             return from_exception(e)
         if not service.accepting:
@@ -332,11 +338,6 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         async with decoder.slot(pixels, limits.decode_wait_s):
             return await off_loop(fn, *args)
 
-    def too_large(field: str, limit: int):
-        service.observer.rejected(FailureKind.INVALID_REQUEST)
-        return error_response(413, f"request body is larger than {limit} bytes (limits.{field})",
-                              "invalid_request_error")
-
     async def answer(request: Request, call, dep):
         """Admit a parsed generation or edit call and answer it: JSON, or an SSE stream; with an Idempotency-Key,
         a retry's recorded answer instead (idempotency.py)."""
@@ -375,7 +376,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         try:
             body = await read_body(request, limits.max_body_bytes)
         except BodyTooLarge:
-            return too_large("max_body_bytes", limits.max_body_bytes)
+            return service.too_large("max_body_bytes", limits.max_body_bytes)
         try:
             payload = parse_json(body)
         except InvalidRequestError as e:
@@ -428,7 +429,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
                 fields, files = await stream_multipart(request.headers, limited(request.stream(), limit),
                                                        limits.max_image_bytes, MAX_IMAGES + 2)
         except BodyTooLarge:
-            return too_large("max_upload_bytes", limits.max_upload_bytes)
+            return service.too_large("max_upload_bytes", limits.max_upload_bytes)
         except InvalidRequestError as e:
             return refused(e)
         if not service.accepting:
