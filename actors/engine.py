@@ -26,6 +26,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_de
 from .conditioning import encode_conditions, encode_controls
 from .controlnet import PackedControl, forward
 from .devices import sync
+from .encoder_graphs import penultimate
 from .packed import PackedLayout, PackedTransformer
 
 
@@ -112,9 +113,10 @@ class ZImageEngine:
         self.dtype = dtype
         self.remote_encode = remote_encode
         self.tokenizer = components.get("tokenizer")
-        self.text_encoder = None
+        self.text_encoder = self.encoder = self.encoder_graphs = None
         if "text_encoder" in devices:
             self.text_encoder = _place(components["text_encoder"], self.devices["text_encoder"], dtype)
+            self.encoder = penultimate(self.text_encoder)  # what encodes run: up to the state Z-Image takes
         elif remote_encode is None:
             raise ValueError("an engine without a text encoder needs remote_encode")
         self.transformer = _place(components["transformer"], self.devices["transformer"], dtype)
@@ -153,7 +155,6 @@ class ZImageEngine:
         return EncodedPrompts(out[:n], out[n:])
 
     def _encode(self, prompts: list[str], max_sequence_length: int) -> list[torch.Tensor]:
-        device = self.devices["text_encoder"]
         texts = [
             self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=True
@@ -162,21 +163,33 @@ class ZImageEngine:
         ]
         # Right padding to the longest prompt, not to max_sequence_length as diffusers does: the encoder is causal,
         # so a token's hidden state does not depend on the padding after it, and short prompts cost less.
-        inputs = self.tokenizer(
-            texts, padding="longest", max_length=max_sequence_length, truncation=True, return_tensors="pt"
-        )
-        ids = inputs.input_ids.to(device)
-        mask = inputs.attention_mask.to(device).bool()
-        hidden = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
-        return [hidden[i][mask[i]] for i in range(len(hidden))]
+        inputs = self.tokenizer(texts, padding="longest", padding_side="right", max_length=max_sequence_length,
+                                truncation=True, return_tensors="pt")
+        lengths = inputs.attention_mask.sum(dim=1).tolist()
+        hidden = self.encoder_graphs.run(inputs.input_ids) if self.encoder_graphs is not None else None
+        if hidden is None:
+            device = self.devices["text_encoder"]
+            hidden = self.encoder(input_ids=inputs.input_ids.to(device), use_cache=False,
+                                  attention_mask=inputs.attention_mask.to(device).bool()).last_hidden_state
+        return [hidden[i, :n] for i, n in enumerate(lengths)]
+
+    def capture_encoder_graphs(self) -> tuple[int, float]:
+        """CUDA graphs of the encoder at every bucket (``actors/encoder_graphs.py``), on the calling thread's
+        device; ``(graphs, seconds)``. From then on ``_encode`` replays them where one covers the prompts."""
+        from .encoder_graphs import EncoderGraphs
+
+        graphs = EncoderGraphs(self.encoder, self.devices["text_encoder"], pad_id=self.tokenizer.pad_token_id or 0)
+        seconds = graphs.capture()
+        self.encoder_graphs = graphs
+        return len(graphs.graphs), seconds
 
     @torch.no_grad()
     def prewarm_encoder(self, shapes: Sequence[tuple[int, int]]) -> list[tuple[int, int, float]]:
         """Run the text encoder once at each ``(prompts, padded length)`` of ``shapes``, on synthetic token ids
         right-padded as ``_encode`` pads captions of different lengths (the first row full, the others shorter;
         one prompt alone has no padding, as in serving), so what long and padded captions need the first time (on a
-        fresh GPU, several times a warm encode) is loaded at warm-up, not in the serving path. Returns ``(prompts,
-        length, seconds)`` per shape; nothing without a text encoder of its own."""
+        fresh GPU, several times a warm encode) is loaded at warm-up, not in the serving path (the encoder without
+        CUDA graphs). Returns ``(prompts, length, seconds)`` per shape; nothing without a text encoder of its own."""
         if self.text_encoder is None:
             return []
         device = self.devices["text_encoder"]
@@ -188,7 +201,7 @@ class ZImageEngine:
             ids = torch.randint(0, vocab, (b, n), generator=g)
             lengths = torch.tensor([n - (i * n) // (2 * b) for i in range(b)])  # row i keeps n - i*n/(2b) tokens
             mask = torch.arange(n)[None, :] < lengths[:, None]
-            self.text_encoder(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+            self.encoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             sync(device)
             out.append((b, n, time.perf_counter() - t0))
         return out

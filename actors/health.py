@@ -43,6 +43,7 @@ class HealthMixin:
             compiles_warmup=self.compiles_warmup,
             compiles_after_ready=_graphs_compiled() - self._compiles_at_ready if self._ready else 0,
             eager_fallbacks=FALLBACKS.counts(),
+            encoder_graphs=len(self.engine.encoder_graphs.graphs) if self.engine and self.engine.encoder_graphs else 0,
             max_side=max_image_side(self.engine) if self.engine is not None else 0,
             startup_s=dict(self.startup_s),
         )

@@ -187,12 +187,7 @@ class StartupMixin:
                 log.info("replica %s: attention plans for %d sequence lengths in %.1fs (beside the speed options "
                          "and the warm-up batches)", self.replica_id, n, plans_s)
             phase("attention_plans")
-            shapes = encoder_shapes.result()
-            if shapes:
-                slow = max(shapes, key=lambda x: x[2])
-                log.info("replica %s: text encoder run at %d (prompts, length) shapes in %.1fs on its stage's thread "
-                         "(slowest %dx%d: %.2fs): %s", self.replica_id, len(shapes), sum(x[2] for x in shapes),
-                         slow[0], slow[1], slow[2], ", ".join(f"{b}x{n} {t:.2f}s" for b, n, t in shapes))
+            log.info("replica %s: %s", self.replica_id, encoder_shapes.result())
             phase("encoder_shapes")
             self.warmup_s = time.perf_counter() - t0
             log.info("replica %s: warmed up in %.1fs (%d batches)", self.replica_id, self.warmup_s, len(batches))
@@ -211,16 +206,31 @@ class StartupMixin:
                 torch.cuda.reset_peak_memory_stats(torch.device(d))
 
     def _start_encoder_warmup(self) -> Future:
-        """Run the text encoder at the warm-up's ``encoder_shapes`` on the encode stage's thread (where serving
-        encodes, with its stream and its per-thread plans), beside what start-up does meanwhile; on CUDA only (on
-        the CPU there is nothing to load per shape). Returns ``[(prompts, length, seconds)]``."""
+        """On the encode stage's thread (where serving encodes, with its stream and its per-thread plans), beside
+        what start-up does meanwhile, on CUDA only: capture the text encoder's CUDA graphs (``model.
+        text_encoder_graphs``), or else run it at the warm-up's ``encoder_shapes`` (what a long or padded caption
+        loads the first time, several times a warm encode). Returns a line for the log."""
         import torch
 
+        done: Future = Future()
         if not torch.cuda.is_available() or self.engine.text_encoder is None:
-            done: Future = Future()
-            done.set_result([])
+            done.set_result("text encoder: nothing to warm up")
             return done
-        return self._stages.submit("encode", self.engine.prewarm_encoder, self.warmup_spec.encoder_shapes())
+        return self._stages.submit("encode", self._warm_encoder)
+
+    def _warm_encoder(self) -> str:
+        if self.model_cfg.text_encoder_graphs:
+            try:
+                n, seconds = self.engine.capture_encoder_graphs()
+                return f"text encoder: {n} CUDA graphs captured in {seconds:.1f}s on its stage's thread"
+            except Exception as e:  # noqa: BLE001 - an encoder whose forward cannot be captured still serves eager
+                log.warning("replica %s: the text encoder's CUDA graphs could not be captured (%s: %s); it runs "
+                            "eager", self.replica_id, type(e).__name__, e)
+        shapes = self.engine.prewarm_encoder(self.warmup_spec.encoder_shapes())
+        slow = max(shapes, key=lambda x: x[2])
+        return (f"text encoder run at {len(shapes)} (prompts, length) shapes in {sum(x[2] for x in shapes):.1f}s on "
+                f"its stage's thread (slowest {slow[0]}x{slow[1]}: {slow[2]:.2f}s): "
+                + ", ".join(f"{b}x{n} {t:.2f}s" for b, n, t in shapes))
 
     def _start_attention_plans(self) -> Future:
         """Build attention's per-shape plans (cuDNN) for every sequence length a sample within the replica's plan

@@ -226,3 +226,54 @@ def test_each_fast_path_stays_within_its_stated_bound_on_gpu():
     assert within(compiled, BOUNDS["bf16"]), compiled
     assert within(fp8, BOUNDS["fp8"]), fp8
     assert fp8["forward_rel_l2"] > compiled["forward_rel_l2"]  # fp8 did run: its rounding shows
+
+
+def test_text_encoder_graphs_on_gpu():
+    """The text encoder's CUDA graphs, captured while another thread allocates and syncs (as start-up's warm-up
+    does beside the capture): each replay is the eager forward at its padded shape, bit for bit, and each prompt's
+    states are what the eager encoder gives at the prompts' own shape (padded to the longest and masked), to bf16's
+    rounding of the other shape."""
+    import threading
+
+    from transformers import Qwen3Config, Qwen3Model
+
+    from actors.encoder_graphs import EncoderGraphs, penultimate
+    from actors.models import FULL_TEXT_ENCODER_CONFIG, _default_dtype
+
+    dev = torch.device("cuda")
+    with _default_dtype(torch.bfloat16), dev:
+        te = Qwen3Model(Qwen3Config(**FULL_TEXT_ENCODER_CONFIG)).eval().requires_grad_(False)
+    pen = penultimate(te)
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            x = torch.randn(2048, 2048, device=dev, dtype=torch.bfloat16)
+            (x @ x).sum().item()
+
+    other = threading.Thread(target=busy)
+    other.start()
+    try:
+        with torch.no_grad(), torch.cuda.stream(torch.cuda.Stream(priority=-1)):
+            graphs = EncoderGraphs(pen, dev)
+            graphs.capture()
+    finally:
+        stop.set()
+        other.join()
+    assert len(graphs.graphs) == 48
+    g = torch.Generator("cpu").manual_seed(0)
+    with torch.no_grad():
+        for b, length in ((1, 108), (3, 40), (8, 300)):
+            n = [length - 5 * i for i in range(b)]
+            ids = torch.randint(0, te.config.vocab_size, (b, length), generator=g)
+            mask = (torch.arange(length)[None] < torch.tensor(n)[:, None]).to(dev)
+            got = graphs.run(ids)
+            if b in graphs.counts:  # one replay: the eager forward at the padded shape, bit for bit
+                padded = torch.full((b, next(x for x in graphs.lengths if x >= length)), graphs.pad_id)
+                padded[:, :length] = ids
+                same = pen(input_ids=padded.to(dev), use_cache=False).last_hidden_state[:, :length]
+                assert torch.equal(got, same)
+            want = te(input_ids=ids.to(dev), attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+            for i in range(b):
+                a, w = got[i, :n[i]].float(), want[i, :n[i]].float()
+                assert float((a - w).norm() / w.norm()) < 0.02

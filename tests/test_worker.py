@@ -83,38 +83,59 @@ def test_encoder_warmup_shapes_span_lengths_and_batches_within_the_budget():
 def test_encoder_prewarm_runs_each_shape_with_right_padding(worker):
     engine = worker.engine
     seen = []
-    real = engine.text_encoder.forward
+    real = engine.encoder.forward
 
     def spy(input_ids=None, attention_mask=None, **kw):
         seen.append((tuple(input_ids.shape), attention_mask.sum(1).tolist()))
         return real(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
-    engine.text_encoder.forward = spy
+    engine.encoder.forward = spy
     try:
         out = engine.prewarm_encoder([(1, 16), (4, 8)])
     finally:
-        del engine.text_encoder.forward
+        del engine.encoder.forward
     assert [(b, n) for b, n, _ in out] == [(1, 16), (4, 8)] and all(t >= 0 for *_, t in out)
     assert seen == [((1, 16), [16]), ((4, 8), [8, 7, 6, 5])]  # one prompt unpadded; the first row full, as in serving
 
 
-def test_encoder_warmup_runs_on_the_encode_stage_thread_on_cuda_only(worker, monkeypatch):
+def test_encoder_warmup_captures_graphs_on_the_encode_stage_thread_on_cuda_only(worker, monkeypatch, caplog):
     import threading
 
     import torch
 
-    assert worker._start_encoder_warmup().result(timeout=5) == []  # on the CPU: nothing to load per shape
-    ran, real = [], worker.engine.prewarm_encoder
+    assert worker._start_encoder_warmup().result(timeout=5) == "text encoder: nothing to warm up"  # CPU
+    ran = []
 
-    def spy(shapes):
-        ran.append((threading.current_thread().name, list(shapes)))
-        return real(shapes[:2])
+    def capture():
+        ran.append(("capture", threading.current_thread().name))
+        return 48, 1.25
 
-    monkeypatch.setattr(worker.engine, "prewarm_encoder", spy)
+    def prewarm(shapes):
+        ran.append(("prewarm", threading.current_thread().name))
+        return [(b, n, 0.01) for b, n in shapes]
+
+    monkeypatch.setattr(worker.engine, "capture_encoder_graphs", capture)
+    monkeypatch.setattr(worker.engine, "prewarm_encoder", prewarm)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    out = worker._start_encoder_warmup().result(timeout=60)
-    assert ran == [(f"encode-{worker.replica_id}", worker.warmup_spec.encoder_shapes())]  # where serving encodes
-    assert [(b, n) for b, n, _ in out] == worker.warmup_spec.encoder_shapes()[:2]
+    where = f"encode-{worker.replica_id}"  # where serving encodes
+    assert worker._start_encoder_warmup().result(timeout=60) == ("text encoder: 48 CUDA graphs captured in 1.2s on "
+                                                                 "its stage's thread")
+    assert ran == [("capture", where)]
+
+    def fails():  # a forward that cannot be captured: warned about, and the encoder is warmed up eager instead
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    ran.clear()
+    monkeypatch.setattr(worker.engine, "capture_encoder_graphs", fails)
+    line = worker._start_encoder_warmup().result(timeout=60)
+    shapes = len(worker.warmup_spec.encoder_shapes())
+    assert ran == [("prewarm", where)] and line.startswith(f"text encoder run at {shapes} (prompts, length) shapes")
+    assert "could not be captured (RuntimeError: operation not permitted" in caplog.text
+
+    ran.clear()
+    monkeypatch.setattr(worker, "model_cfg", worker.model_cfg.model_copy(update={"text_encoder_graphs": False}))
+    worker._start_encoder_warmup().result(timeout=60)
+    assert ran == [("prewarm", where)]  # graphs off: eager, warmed up per shape
 
 
 def test_failure_comes_back_as_data(worker):

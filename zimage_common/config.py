@@ -132,6 +132,10 @@ class ModelConfig(_Strict):
         "7.5 -> 4.1 GiB). Opt-in: int8 changes the caption embeddings by 8.8% (relative L2; the final 512^2 image by "
         "48 dB PSNR) on the full-size architecture with random weights (H200, 2026-11-27); each replica measures its "
         "own at start-up. auto: the planner uses int8 only where it is what makes a plan fit or batch more.")
+    text_encoder_graphs: bool = Field(
+        default=True, description="CUDA graphs of the text encoder at 48 (prompts, padded length) buckets, captured "
+        "at start-up on the encode stage's thread (GPU only): an encode launches its kernels in one call instead of "
+        "from Python. Off: the encoder runs eager.")
     fp8_backend: Literal["native", "torchao"] = Field(
         default="native", description="How fp8 is done. native: plain-tensor float8 linears on torch._scaled_mm "
         "(first compile about 25 s on an H100). torchao: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) "

@@ -284,6 +284,7 @@ class ReplicaHealth:
     compiles_warmup: int = 0  # graphs torch.compile built before ready
     compiles_after_ready: int = 0  # graphs built while serving (the goal is none)
     eager_fallbacks: dict[str, int] = field(default_factory=dict)  # per stage: calls after ready no graph covered
+    encoder_graphs: int = 0  # CUDA graphs the text encoder replays (actors/encoder_graphs.py); 0: it runs eager
     max_side: int = 0  # longest image side the model's position table can place, in pixels (0: unknown)
     # seconds of each phase of the replica's start: "process" (the process's creation to the actor's: Ray's worker
     # start and the imports), then actors/startup.py's phases in order ("imports", "load", "speed_options",
