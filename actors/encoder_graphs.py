@@ -52,48 +52,66 @@ def chunks(n: int, counts: tuple[int, ...] = COUNTS) -> list[int]:
 
 class EncoderGraphs:
     """``encoder`` (``penultimate``'s) captured at every (count, length) of ``counts`` x ``lengths``; ``run(ids)``
-    gives the states of a ``[prompts, tokens]`` id tensor through the graphs, or None where no length covers it."""
+    gives the states of a ``[prompts, tokens]`` id tensor through the graphs, or None where no length covers it.
+
+    Each graph holds the cuBLAS workspace of the stream it was captured on, which this object keeps: anything that
+    clears cuBLAS's workspaces process-wide (inductor's ``reduce-overhead`` mode does) would free it under them."""
 
     def __init__(self, encoder: torch.nn.Module, device: torch.device, lengths=LENGTHS, counts=COUNTS,
                  pad_id: int = 0):
         self.encoder, self.device, self.pad_id = encoder, device, pad_id
         self.lengths, self.counts = tuple(sorted(lengths)), tuple(sorted(counts))
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.pool_bytes = 0
+        self._stream = None
         b, n = self.counts[-1], self.lengths[-1]
-        p = next(encoder.parameters())
-        hidden = encoder.config.hidden_size
         # every graph reads its ids from and writes its states to a corner of these two buffers
         self.ids = torch.full((b, n), pad_id, dtype=torch.long, device=device)
-        self.out = torch.empty(b, n, hidden, dtype=p.dtype if p.is_floating_point() else torch.bfloat16, device=device)
+        self.out = torch.empty(b, n, encoder.config.hidden_size, dtype=encoder.embed_tokens.weight.dtype,
+                               device=device)
 
     def _forward(self, b: int, n: int) -> None:
-        self.out[:b, :n].copy_(self.encoder(input_ids=self.ids[:b, :n], use_cache=False).last_hidden_state)
+        # No mask at all ({"full_attention": None}: the model builds none): causal attention alone, whatever the
+        # model would infer while a stream captures (transformers builds an explicit mask then).
+        states = self.encoder(input_ids=self.ids[:b, :n], attention_mask={"full_attention": None}, use_cache=False)
+        self.out[:b, :n].copy_(states.last_hidden_state)
 
     @torch.no_grad()
     def capture(self) -> float:
-        """Capture every bucket, largest first (the smaller ones reuse the shared pool's blocks); returns the
-        seconds it took. On an error nothing stays captured and ``run`` returns None (the caller runs eager)."""
+        """Capture every bucket, largest first (the smaller ones reuse the shared pool's blocks), on a side stream
+        of this thread; returns the seconds it took. On an error nothing stays captured (``run`` returns None, the
+        caller runs eager) and the error raised is the one the forward raised."""
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            for b in reversed(self.counts):
-                for n in reversed(self.lengths):
-                    with torch.cuda.stream(side):  # lazy initialisation (cuBLAS workspaces, plans) before capture
-                        self._forward(b, n)
-                    graph = torch.cuda.CUDAGraph()
-                    # thread-local: start-up runs the warm-up batches on other threads meanwhile, and their
-                    # allocations and syncs must neither fail nor break this capture
-                    with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
-                        self._forward(b, n)
-                    self.graphs[(b, n)] = graph
-        except Exception:
+            with torch.cuda.stream(side):
+                for b in reversed(self.counts):
+                    for n in reversed(self.lengths):
+                        self._forward(b, n)  # lazy initialisation (cuBLAS workspaces, plans) before the capture
+                        side.synchronize()
+                        graph = torch.cuda.CUDAGraph()
+                        # thread-local: a call of another thread (a health check's) neither fails nor breaks it
+                        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                        try:
+                            self._forward(b, n)
+                        except BaseException:
+                            try:
+                                graph.capture_end()
+                            except Exception:  # noqa: BLE001, S110 - the capture is invalid; the forward's error is raised
+                                pass
+                            raise
+                        graph.capture_end()
+                        self.graphs[(b, n)] = graph
+        except BaseException:
             self.graphs.clear()
             raise
         finally:
             torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
+        self._stream = side
+        self.pool_bytes = _pool_bytes(self.device)
         return time.perf_counter() - t0
 
     def run(self, ids: torch.Tensor) -> torch.Tensor | None:
@@ -111,3 +129,14 @@ class EncoderGraphs:
             out.append(self.out[:c, :tokens].clone())
             start += c
         return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _pool_bytes(device: torch.device) -> int:
+    """Bytes the allocator holds in private pools on ``device`` (CUDA graphs' pools; the replica has no others)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except Exception:  # noqa: BLE001 - a figure for the log, not worth failing over
+        return 0
+    return sum(s["total_size"] for s in segments
+               if s.get("device") == index and tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))

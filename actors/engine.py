@@ -171,17 +171,18 @@ class ZImageEngine:
             device = self.devices["text_encoder"]
             hidden = self.encoder(input_ids=inputs.input_ids.to(device), use_cache=False,
                                   attention_mask=inputs.attention_mask.to(device).bool()).last_hidden_state
-        return [hidden[i, :n] for i, n in enumerate(lengths)]
+        return [hidden[i, :n].clone() for i, n in enumerate(lengths)]  # each its own: not the padded batch
 
-    def capture_encoder_graphs(self) -> tuple[int, float]:
+    def capture_encoder_graphs(self) -> tuple[int, float, int]:
         """CUDA graphs of the encoder at every bucket (``actors/encoder_graphs.py``), on the calling thread's
-        device; ``(graphs, seconds)``. From then on ``_encode`` replays them where one covers the prompts."""
+        device; ``(graphs, seconds, bytes their memory pool holds)``. From then on ``_encode`` replays them where
+        one covers the prompts."""
         from .encoder_graphs import EncoderGraphs
 
         graphs = EncoderGraphs(self.encoder, self.devices["text_encoder"], pad_id=self.tokenizer.pad_token_id or 0)
         seconds = graphs.capture()
         self.encoder_graphs = graphs
-        return len(graphs.graphs), seconds
+        return len(graphs.graphs), seconds, graphs.pool_bytes
 
     @torch.no_grad()
     def prewarm_encoder(self, shapes: Sequence[tuple[int, int]]) -> list[tuple[int, int, float]]:

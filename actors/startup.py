@@ -144,12 +144,19 @@ class StartupMixin:
         phase("load")
         self.make_stage_streams()
         plans = self._start_attention_plans() if self.warmup_spec is not None else None
-        # the text encoder's shapes beside the speed options, unless those quantize its weights
+        # The text encoder's CUDA graphs are captured last, with nothing else running (a capture beside other
+        # threads' work changes how the allocator may answer them, and a cache flush from any of them, such as an
+        # out-of-memory retry's, would break it). Without graphs its eager shapes run beside the speed options,
+        # unless those quantize its weights.
+        graphs = bool(self.warmup_spec is not None and self.model_cfg.text_encoder_graphs and torch.cuda.is_available()
+                      and self.engine.text_encoder is not None)
         te_quantized = self.model_cfg.text_encoder_quantization in ("int8", "fp8")
-        encoder_shapes = self._start_encoder_warmup() if self.warmup_spec is not None and not te_quantized else None
+        encoder_shapes = None
+        if self.warmup_spec is not None and not graphs and not te_quantized:
+            encoder_shapes = self._start_encoder_warmup()
         self._apply_speed_options()
         self._load_loras()
-        if self.warmup_spec is not None and encoder_shapes is None:
+        if self.warmup_spec is not None and not graphs and encoder_shapes is None:
             encoder_shapes = self._start_encoder_warmup()
         phase("speed_options")
         if self.warmup_spec is not None:
@@ -187,8 +194,9 @@ class StartupMixin:
                 log.info("replica %s: attention plans for %d sequence lengths in %.1fs (beside the speed options "
                          "and the warm-up batches)", self.replica_id, n, plans_s)
             phase("attention_plans")
-            log.info("replica %s: %s", self.replica_id, encoder_shapes.result())
-            phase("encoder_shapes")
+            line = self._stages.run("encode", self._capture_encoder) if graphs else encoder_shapes.result()
+            log.info("replica %s: %s", self.replica_id, line)
+            phase("text_encoder")
             self.warmup_s = time.perf_counter() - t0
             log.info("replica %s: warmed up in %.1fs (%d batches)", self.replica_id, self.warmup_s, len(batches))
             if self.model_cfg.compile:
@@ -206,31 +214,34 @@ class StartupMixin:
                 torch.cuda.reset_peak_memory_stats(torch.device(d))
 
     def _start_encoder_warmup(self) -> Future:
-        """On the encode stage's thread (where serving encodes, with its stream and its per-thread plans), beside
-        what start-up does meanwhile, on CUDA only: capture the text encoder's CUDA graphs (``model.
-        text_encoder_graphs``), or else run it at the warm-up's ``encoder_shapes`` (what a long or padded caption
-        loads the first time, several times a warm encode). Returns a line for the log."""
+        """Run the text encoder at the warm-up's ``encoder_shapes`` on the encode stage's thread (where serving
+        encodes, with its stream and its per-thread plans), beside what start-up does meanwhile, on CUDA only: what a
+        long or padded caption loads the first time costs several warm encodes. Returns a line for the log."""
         import torch
 
-        done: Future = Future()
         if not torch.cuda.is_available() or self.engine.text_encoder is None:
+            done: Future = Future()
             done.set_result("text encoder: nothing to warm up")
             return done
-        return self._stages.submit("encode", self._warm_encoder)
+        return self._stages.submit("encode", self._prewarm_encoder)
 
-    def _warm_encoder(self) -> str:
-        if self.model_cfg.text_encoder_graphs:
-            try:
-                n, seconds = self.engine.capture_encoder_graphs()
-                return f"text encoder: {n} CUDA graphs captured in {seconds:.1f}s on its stage's thread"
-            except Exception as e:  # noqa: BLE001 - an encoder whose forward cannot be captured still serves eager
-                log.warning("replica %s: the text encoder's CUDA graphs could not be captured (%s: %s); it runs "
-                            "eager", self.replica_id, type(e).__name__, e)
+    def _prewarm_encoder(self) -> str:
         shapes = self.engine.prewarm_encoder(self.warmup_spec.encoder_shapes())
         slow = max(shapes, key=lambda x: x[2])
         return (f"text encoder run at {len(shapes)} (prompts, length) shapes in {sum(x[2] for x in shapes):.1f}s on "
                 f"its stage's thread (slowest {slow[0]}x{slow[1]}: {slow[2]:.2f}s): "
                 + ", ".join(f"{b}x{n} {t:.2f}s" for b, n, t in shapes))
+
+    def _capture_encoder(self) -> str:
+        """The text encoder's CUDA graphs (``model.text_encoder_graphs``), on the encode stage's thread; where they
+        cannot be captured, a warning and the eager warm-up instead. Returns a line for the log."""
+        try:
+            n, seconds, pool = self.engine.capture_encoder_graphs()
+            return f"text encoder: {n} CUDA graphs captured in {seconds:.1f}s ({pool / 2**20:.0f} MiB of memory)"
+        except Exception as e:  # noqa: BLE001 - an encoder whose forward cannot be captured still serves eager
+            log.warning("replica %s: the text encoder's CUDA graphs could not be captured (%s: %s); it runs eager",
+                        self.replica_id, type(e).__name__, e)
+        return self._prewarm_encoder()
 
     def _start_attention_plans(self) -> Future:
         """Build attention's per-shape plans (cuDNN) for every sequence length a sample within the replica's plan

@@ -44,7 +44,7 @@ def test_bench_cpu_short_run(tmp_path, tiny_cache):
         own = dict(replica["startup_s"])
         assert own.pop("process") > 0  # the actor's process, from its creation (Ray may have made it earlier)
         assert list(own) == ["imports", "load", "speed_options", "warmup_batches", "warmup_extra", "attention_plans",
-                             "encoder_shapes"]
+                             "text_encoder"]
         assert own["warmup_batches"] > 0 and sum(own.values()) <= phases["replicas"]
 
 

@@ -88,3 +88,25 @@ def test_graph_output_is_the_callers_own_and_padding_is_rewritten(engine):
         assert graphs.ids[0, 5:8].eq(graphs.pad_id).all()  # ... until a short call pads over them
         assert graphs.run(torch.zeros(1, 33, dtype=torch.long)) is None  # longer than every graph: eager
     assert EncoderGraphs(engine.encoder, torch.device("cpu")).run(short) is None  # nothing captured: eager
+
+
+def test_the_captured_forward_is_causal_attention_without_a_mask(engine, monkeypatch):
+    """While a stream captures, transformers would build an explicit mask for an unmasked call (it treats capture
+    as tracing); the graphs' forward asks for none, so the capture runs the kernel the warm-up ran: causal, no mask."""
+    import torch.nn.functional as F
+
+    graphs = EncoderGraphs(engine.encoder, torch.device("cpu"), lengths=(16,), counts=(2,))
+    graphs.ids[:, :16] = torch.randint(1, 100, (2, 16))
+    seen, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        seen.append((attn_mask is None, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with torch.no_grad():
+        graphs._forward(2, 16)
+        want = engine.text_encoder(input_ids=graphs.ids[:2, :16], output_hidden_states=True).hidden_states[-2]
+    assert seen[:len(engine.encoder.layers)] == [(True, True)] * len(engine.encoder.layers)
+    torch.testing.assert_close(graphs.out[:2, :16], want, rtol=1e-5, atol=1e-6)

@@ -36,6 +36,7 @@ def test_short_benchmark_on_gpu(tmp_path):
     assert report["card"] != "cpu" and report["baseline"]["sizes"]["512x512"]["throughput_img_s"] > 0
     assert all(r["failed"] == 0 and r["throughput_img_s"] > 0 for r in report["runs"])
     assert (out / "bench.png").stat().st_size > 0
+    assert all(r["encoder_graphs"] == 48 for r in report["replicas"].values())  # captured at start-up, no fallback
 
 
 def test_packed_mixed_batch_equals_solo_runs_on_gpu():

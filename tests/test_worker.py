@@ -98,7 +98,7 @@ def test_encoder_prewarm_runs_each_shape_with_right_padding(worker):
     assert seen == [((1, 16), [16]), ((4, 8), [8, 7, 6, 5])]  # one prompt unpadded; the first row full, as in serving
 
 
-def test_encoder_warmup_captures_graphs_on_the_encode_stage_thread_on_cuda_only(worker, monkeypatch, caplog):
+def test_encoder_warmup_runs_on_the_encode_stage_thread_and_graphs_fall_back_to_it(worker, monkeypatch, caplog):
     import threading
 
     import torch
@@ -108,7 +108,7 @@ def test_encoder_warmup_captures_graphs_on_the_encode_stage_thread_on_cuda_only(
 
     def capture():
         ran.append(("capture", threading.current_thread().name))
-        return 48, 1.25
+        return 48, 1.25, 300 * 2**20
 
     def prewarm(shapes):
         ran.append(("prewarm", threading.current_thread().name))
@@ -118,24 +118,22 @@ def test_encoder_warmup_captures_graphs_on_the_encode_stage_thread_on_cuda_only(
     monkeypatch.setattr(worker.engine, "prewarm_encoder", prewarm)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     where = f"encode-{worker.replica_id}"  # where serving encodes
-    assert worker._start_encoder_warmup().result(timeout=60) == ("text encoder: 48 CUDA graphs captured in 1.2s on "
-                                                                 "its stage's thread")
-    assert ran == [("capture", where)]
+    shapes = len(worker.warmup_spec.encoder_shapes())
+    assert worker._start_encoder_warmup().result(timeout=60).startswith(f"text encoder run at {shapes} (prompts, ")
+    assert ran == [("prewarm", where)]
+
+    ran.clear()
+    line = worker._stages.run("encode", worker._capture_encoder)
+    assert line == "text encoder: 48 CUDA graphs captured in 1.2s (300 MiB of memory)" and ran == [("capture", where)]
 
     def fails():  # a forward that cannot be captured: warned about, and the encoder is warmed up eager instead
         raise RuntimeError("operation not permitted when stream is capturing")
 
     ran.clear()
     monkeypatch.setattr(worker.engine, "capture_encoder_graphs", fails)
-    line = worker._start_encoder_warmup().result(timeout=60)
-    shapes = len(worker.warmup_spec.encoder_shapes())
+    line = worker._stages.run("encode", worker._capture_encoder)
     assert ran == [("prewarm", where)] and line.startswith(f"text encoder run at {shapes} (prompts, length) shapes")
     assert "could not be captured (RuntimeError: operation not permitted" in caplog.text
-
-    ran.clear()
-    monkeypatch.setattr(worker, "model_cfg", worker.model_cfg.model_copy(update={"text_encoder_graphs": False}))
-    worker._start_encoder_warmup().result(timeout=60)
-    assert ran == [("prewarm", where)]  # graphs off: eager, warmed up per shape
 
 
 def test_failure_comes_back_as_data(worker):

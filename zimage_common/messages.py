@@ -288,8 +288,8 @@ class ReplicaHealth:
     max_side: int = 0  # longest image side the model's position table can place, in pixels (0: unknown)
     # seconds of each phase of the replica's start: "process" (the process's creation to the actor's: Ray's worker
     # start and the imports), then actors/startup.py's phases in order ("imports", "load", "speed_options",
-    # "warmup_batches", "warmup_extra", and what was left of "attention_plans" and "encoder_shapes", which run
-    # beside them on the denoise and encode stages' threads)
+    # "warmup_batches", "warmup_extra", what was left of "attention_plans", which run beside them on the denoise
+    # stage's thread, and "text_encoder": the capture of its CUDA graphs, or what was left of its eager warm-up)
     startup_s: dict = field(default_factory=dict)
 
 

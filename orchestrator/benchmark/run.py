@@ -161,7 +161,8 @@ async def _bench(args, config: Config) -> dict:
         report["plan"] = dep.plan.to_dict()
         report["replicas"] = {rid: {"device_map": h.device_map, "dtype": h.dtype, "load_s": round(h.load_s, 2),
                                     "warmup_s": round(h.warmup_s, 2), "numerics": h.numerics,
-                                    "compiles_warmup": h.compiles_warmup, "startup_s": h.startup_s}
+                                    "compiles_warmup": h.compiles_warmup, "startup_s": h.startup_s,
+                                    "encoder_graphs": h.encoder_graphs}
                               for rid, h in dep.health.items()}
         send = api_sender(dep)
     try:
