@@ -134,8 +134,8 @@ class ModelConfig(_Strict):
         "own at start-up. auto: the planner uses int8 only where it is what makes a plan fit or batch more.")
     text_encoder_graphs: bool = Field(
         default=True, description="CUDA graphs of the text encoder at 48 (prompts, padded length) buckets, captured "
-        "at start-up on the encode stage's thread (GPU only): an encode launches its kernels in one call instead of "
-        "from Python. Off: the encoder runs eager.")
+        "at the end of the warm-up on the encode stage's thread (GPU and deployment.warmup only): an encode launches "
+        "its kernels in one call instead of from Python. Off: the encoder runs eager.")
     fp8_backend: Literal["native", "torchao"] = Field(
         default="native", description="How fp8 is done. native: plain-tensor float8 linears on torch._scaled_mm "
         "(first compile about 25 s on an H100). torchao: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) "
