@@ -28,7 +28,8 @@ def test_full_size_engine_bf16_on_gpu():
 def test_short_benchmark_on_gpu(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "orchestrator.cli", "bench", "benchmarks/configs/gpu-random.yaml",
-           "--set", "deployment.replicas=1", "--sizes", "512x512", "--concurrency", "1,2", "--requests", "4",
+           "--set", "deployment.replicas=1", "--set", "model.text_encoder_graphs=true",
+           "--sizes", "512x512", "--concurrency", "1,2", "--requests", "4",
            "--warmup", "1", "--baseline", "--baseline-requests", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
