@@ -54,16 +54,16 @@ class EncoderGraphs:
     """``encoder`` (``penultimate``'s) captured at every (count, length) of ``counts`` x ``lengths``; ``run(ids)``
     gives the states of a ``[prompts, tokens]`` id tensor through the graphs, or None where no length covers it.
 
-    Each graph holds the cuBLAS workspace of the stream it was captured on, which this object keeps: anything that
-    clears cuBLAS's workspaces process-wide (inductor's ``reduce-overhead`` mode does) would free it under them."""
+    Each graph uses the cuBLAS workspace torch keeps for the stream it was captured on: nothing in the replica may
+    clear cuBLAS's workspaces process-wide (inductor's ``reduce-overhead`` mode does), or it is freed under them."""
 
     def __init__(self, encoder: torch.nn.Module, device: torch.device, lengths=LENGTHS, counts=COUNTS,
                  pad_id: int = 0):
         self.encoder, self.device, self.pad_id = encoder, device, pad_id
         self.lengths, self.counts = tuple(sorted(lengths)), tuple(sorted(counts))
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._no_masks = dict.fromkeys(getattr(encoder.config, "layer_types", None) or ["full_attention"])
         self.pool_bytes = 0
-        self._stream = None
         b, n = self.counts[-1], self.lengths[-1]
         # every graph reads its ids from and writes its states to a corner of these two buffers
         self.ids = torch.full((b, n), pad_id, dtype=torch.long, device=device)
@@ -71,9 +71,10 @@ class EncoderGraphs:
                                device=device)
 
     def _forward(self, b: int, n: int) -> None:
-        # No mask at all ({"full_attention": None}: the model builds none): causal attention alone, whatever the
-        # model would infer while a stream captures (transformers builds an explicit mask then).
-        states = self.encoder(input_ids=self.ids[:b, :n], attention_mask={"full_attention": None}, use_cache=False)
+        # No mask at all (a mapping of each attention type to None: the model builds none): causal attention alone,
+        # whatever the model would infer while a stream captures (transformers treats capture as tracing, and builds
+        # explicit masks from what it is given then).
+        states = self.encoder(input_ids=self.ids[:b, :n], attention_mask=self._no_masks, use_cache=False)
         self.out[:b, :n].copy_(states.last_hidden_state)
 
     @torch.no_grad()
@@ -92,7 +93,8 @@ class EncoderGraphs:
                         self._forward(b, n)  # lazy initialisation (cuBLAS workspaces, plans) before the capture
                         side.synchronize()
                         graph = torch.cuda.CUDAGraph()
-                        # thread-local: a call of another thread (a health check's) neither fails nor breaks it
+                        # thread-local: a CUDA call of another thread (Ray's, a health() call's) neither fails
+                        # nor breaks it
                         graph.capture_begin(pool=pool, capture_error_mode="thread_local")
                         try:
                             self._forward(b, n)
@@ -110,7 +112,6 @@ class EncoderGraphs:
         finally:
             torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
-        self._stream = side
         self.pool_bytes = _pool_bytes(self.device)
         return time.perf_counter() - t0
 

@@ -161,8 +161,9 @@ class ZImageEngine:
             )
             for p in prompts
         ]
-        # Right padding to the longest prompt, not to max_sequence_length as diffusers does: the encoder is causal,
-        # so a token's hidden state does not depend on the padding after it, and short prompts cost less.
+        # Right padding to the longest prompt (then to a graph's length), not to max_sequence_length as diffusers
+        # does: the encoder is causal, so a token's state does not depend on the padding after it, and short prompts
+        # cost less.
         inputs = self.tokenizer(texts, padding="longest", padding_side="right", max_length=max_sequence_length,
                                 truncation=True, return_tensors="pt")
         lengths = inputs.attention_mask.sum(dim=1).tolist()

@@ -365,9 +365,10 @@ class Roofline:
         texts = [eng.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                    add_generation_prompt=True, enable_thinking=True)
                  for p in self.prompts(b)]
-        inp = eng.tokenizer(texts, padding="longest", max_length=512, truncation=True, return_tensors="pt")
+        inp = eng.tokenizer(texts, padding="longest", padding_side="right", max_length=512, truncation=True,
+                            return_tensors="pt")
         ids, mask = inp.input_ids.to(self.device), inp.attention_mask.to(self.device).bool()
-        fn = lambda: eng.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)  # noqa: E731
+        fn = lambda: eng.encoder(input_ids=ids, attention_mask=mask, use_cache=False)  # noqa: E731 - what encodes run
         return {"tokens": list(ids.shape), "flops": count_flops(fn), **_slim(profile(fn, self.args.reps, self.gpu))}
 
     def measure_vae(self) -> dict:

@@ -91,8 +91,9 @@ def test_graph_output_is_the_callers_own_and_padding_is_rewritten(engine):
 
 
 def test_the_captured_forward_is_causal_attention_without_a_mask(engine, monkeypatch):
-    """While a stream captures, transformers would build an explicit mask for an unmasked call (it treats capture
-    as tracing); the graphs' forward asks for none, so the capture runs the kernel the warm-up ran: causal, no mask."""
+    """While a stream captures, transformers treats the call as traced and builds an explicit mask from an attention
+    mask it is given (here an all-ones one); the graphs' forward asks for none at all, so the capture runs the kernel
+    the warm-up ran: causal attention, no mask."""
     import torch.nn.functional as F
 
     graphs = EncoderGraphs(engine.encoder, torch.device("cpu"), lengths=(16,), counts=(2,))
@@ -107,6 +108,10 @@ def test_the_captured_forward_is_causal_attention_without_a_mask(engine, monkeyp
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with torch.no_grad():
         graphs._forward(2, 16)
-        want = engine.text_encoder(input_ids=graphs.ids[:2, :16], output_hidden_states=True).hidden_states[-2]
-    assert seen[:len(engine.encoder.layers)] == [(True, True)] * len(engine.encoder.layers)
+        ones = torch.ones(2, 16, dtype=torch.bool)
+        want = engine.text_encoder(input_ids=graphs.ids[:2, :16], attention_mask=ones,
+                                   output_hidden_states=True).hidden_states[-2]
+    layers = len(engine.encoder.layers)
+    assert seen[:layers] == [(True, True)] * layers
+    assert seen[layers:] and all(not unmasked for unmasked, _ in seen[layers:])  # an explicit mask: capture faked
     torch.testing.assert_close(graphs.out[:2, :16], want, rtol=1e-5, atol=1e-6)

@@ -231,10 +231,10 @@ def test_each_fast_path_stays_within_its_stated_bound_on_gpu():
 
 
 def test_text_encoder_graphs_on_gpu():
-    """The text encoder's CUDA graphs, captured while another thread allocates and syncs (as start-up's warm-up
-    does beside the capture): each replay is the eager forward at its padded shape, bit for bit, and each prompt's
-    states are what the eager encoder gives at the prompts' own shape (padded to the longest and masked), to bf16's
-    rounding of the other shape."""
+    """The text encoder's CUDA graphs, captured while another thread allocates and syncs (the capture is
+    thread-local: other threads' CUDA calls must neither fail nor break it): a call of one graphed count is the eager
+    forward at its padded shape, bit for bit, and each prompt's states, chunked or not, are what the eager encoder
+    gives at the prompts' own shape (padded to the longest and masked), to bf16's rounding of the other shape."""
     import threading
 
     from transformers import Qwen3Config, Qwen3Model

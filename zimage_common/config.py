@@ -136,7 +136,8 @@ class ModelConfig(_Strict):
         default=False, description="CUDA graphs of the text encoder at 48 (prompts, padded length) buckets, captured "
         "at the end of the warm-up on the encode stage's thread (GPU and deployment.warmup only): an encode launches "
         "its kernels in one call instead of from Python. Opt-in: not yet run on a GPU (tests/test_gpu.py "
-        "test_text_encoder_graphs_on_gpu checks it there). Off: the encoder runs eager.")
+        "test_text_encoder_graphs_on_gpu checks it there). Off, or where nothing is captured (CPU, no warm-up, a "
+        "remote encoder): the encoder runs eager.")
     fp8_backend: Literal["native", "torchao"] = Field(
         default="native", description="How fp8 is done. native: plain-tensor float8 linears on torch._scaled_mm "
         "(first compile about 25 s on an H100). torchao: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) "
