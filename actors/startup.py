@@ -148,8 +148,7 @@ class StartupMixin:
         # threads' work changes how the allocator may answer them, and a cache flush from any of them, such as an
         # out-of-memory retry's, would break it). Without graphs its eager shapes run beside the speed options,
         # unless those quantize its weights.
-        graphs = bool(self.warmup_spec is not None and self.model_cfg.text_encoder_graphs and torch.cuda.is_available()
-                      and self.engine.text_encoder is not None)
+        graphs = self._encoder_graphs_wanted()
         te_quantized = self.model_cfg.text_encoder_quantization in ("int8", "fp8")
         encoder_shapes = None
         if self.warmup_spec is not None and not graphs and not te_quantized:
@@ -212,6 +211,14 @@ class StartupMixin:
         if torch.cuda.is_available():
             for d in set(devices.values()):
                 torch.cuda.reset_peak_memory_stats(torch.device(d))
+
+    def _encoder_graphs_wanted(self) -> bool:
+        """Whether start-up captures the text encoder's CUDA graphs: asked for, with a warm-up, on CUDA, with an
+        encoder of this replica's own."""
+        import torch
+
+        return bool(self.warmup_spec is not None and self.model_cfg.text_encoder_graphs and torch.cuda.is_available()
+                    and self.engine.text_encoder is not None)
 
     def _start_encoder_warmup(self) -> Future:
         """Run the text encoder at the warm-up's ``encoder_shapes`` on the encode stage's thread (where serving

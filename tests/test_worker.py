@@ -136,6 +136,23 @@ def test_encoder_warmup_runs_on_the_encode_stage_thread_and_graphs_fall_back_to_
     assert "could not be captured (RuntimeError: operation not permitted" in caplog.text
 
 
+def test_encoder_graphs_only_where_asked_with_a_warmup_on_cuda_and_an_encoder_of_its_own(worker, monkeypatch):
+    import torch
+
+    assert worker.model_cfg.text_encoder_graphs is False  # opt-in
+    monkeypatch.setattr(worker, "model_cfg", worker.model_cfg.model_copy(update={"text_encoder_graphs": True}))
+    assert not worker._encoder_graphs_wanted()  # on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert worker._encoder_graphs_wanted()
+    monkeypatch.setattr(worker, "warmup_spec", None)
+    assert not worker._encoder_graphs_wanted()  # no warm-up: nothing captured either
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(worker, "model_cfg", worker.model_cfg.model_copy(update={"text_encoder_graphs": True}))
+    monkeypatch.setattr(worker.engine, "text_encoder", None)
+    assert not worker._encoder_graphs_wanted()  # a remote encoder (shared-encoder mode)
+
+
 def test_failure_comes_back_as_data(worker):
     worker.inject_fault("raise", message="boom")
     try:
