@@ -168,10 +168,11 @@ class ZImageEngine:
                                 truncation=True, return_tensors="pt")
         lengths = inputs.attention_mask.sum(dim=1).tolist()
         hidden = self.encoder_graphs.run(inputs.input_ids) if self.encoder_graphs is not None else None
-        if hidden is None:
-            device = self.devices["text_encoder"]
-            hidden = self.encoder(input_ids=inputs.input_ids.to(device), use_cache=False,
-                                  attention_mask=inputs.attention_mask.to(device).bool()).last_hidden_state
+        if hidden is not None:  # already a copy of its own, trimmed to the longest prompt
+            return [hidden[i, :n] for i, n in enumerate(lengths)]
+        device = self.devices["text_encoder"]
+        hidden = self.encoder(input_ids=inputs.input_ids.to(device), use_cache=False,
+                              attention_mask=inputs.attention_mask.to(device).bool()).last_hidden_state
         return [hidden[i, :n].clone() for i, n in enumerate(lengths)]  # each its own: not the padded batch
 
     def capture_encoder_graphs(self) -> tuple[int, float, int]:
