@@ -44,10 +44,9 @@ def within(result: dict, bound: Bound) -> bool:
             and result["latents_rel_l2"] <= bound.latents_rel_l2 and result["image_psnr_db"] >= bound.image_psnr_db)
 
 
-def option_label(fp8: bool, backend: str = "native", bf16_blocks=(), n_layers: int = 30,
-                 compiled: bool = False) -> str:
+def option_label(fp8: bool, bf16_blocks=(), n_layers: int = 30, compiled: bool = False) -> str:
     """A short name of a model state, as the start-up probe and the roofline's accuracy table print it."""
-    parts = [f"fp8 ({backend})" if fp8 else "bf16"]
+    parts = ["fp8" if fp8 else "bf16"]
     if fp8:
         parts.append(_blocks_label(list(bf16_blocks), n_layers))
     parts.append("compiled" if compiled else "eager")
@@ -80,9 +79,9 @@ def apply_transformer_options(engine, cfg) -> dict:
     reference = reference_output(engine) if fp8 else None
     if not fp8:
         return {}
-    quantize_fp8(transformer, cfg.fp8_backend, blocks)
+    quantize_fp8(transformer, blocks)
     out = compare(reference, reference_output(engine))
-    out["option"] = option_label(True, cfg.fp8_backend, blocks, n_layers)
+    out["option"] = option_label(True, blocks, n_layers)
     out["bound"] = BOUNDS["fp8"]._asdict()
     out["within_bound"] = within(out, BOUNDS["fp8"])
     return out

@@ -3,13 +3,11 @@ repeated blocks (chosen main blocks may stay in bf16: ``model.fp8_bf16_blocks``)
 bounds it (one forward, the final latents and the image against the model before, same prompt and seed;
 ``actors/accuracy.py`` runs it at start-up).
 
-Two implementations of the same scheme (weights: float8_e4m3 with one scale per output row, computed once;
-activations: float8_e4m3 with one scale per token, computed on every call; matmul: ``torch._scaled_mm`` with
-row-wise scales into bf16):
-
-- ``native``: a small ``Fp8Linear`` module holding plain tensors. Under ``torch.compile`` the activation
-  quantization fuses into the neighbouring kernels and nothing but ordinary tensors reaches the compiler.
-- ``torchao``: torchao's ``Float8DynamicActivationFloat8WeightConfig(PerRow())`` (a tensor subclass).
+Weights: float8_e4m3 with one scale per output row, computed once; activations: float8_e4m3 with one scale per
+token, computed on every call; matmul: ``torch._scaled_mm`` with row-wise scales into bf16. ``Fp8Linear`` holds
+plain tensors, so under ``torch.compile`` the activation quantization fuses into the neighbouring kernels and
+nothing but ordinary tensors reaches the compiler. (torchao's tensor-subclass version of the same scheme compiled
+in 194 s against 25 on an H100, so it is not offered: docs/benchmarks-history.md.)
 """
 
 from __future__ import annotations
@@ -107,45 +105,22 @@ def fp8_selector(bf16_blocks=()):
 
 
 def swap_fp8(transformer: torch.nn.Module, bf16_blocks=()) -> int:
-    """The native backend's swap (any device; ``quantize_fp8`` checks the GPU first): float8 linears for the
+    """The swap itself (any device; ``quantize_fp8`` checks the GPU first): float8 linears for the
     blocks' linears, the main blocks in ``bf16_blocks`` left as they are. Returns how many."""
     return _swap_linears(transformer, fp8_selector(bf16_blocks), Fp8Linear)
 
 
-def quantize_fp8(transformer: torch.nn.Module, backend: str = "native", bf16_blocks=()) -> int:
+def quantize_fp8(transformer: torch.nn.Module, bf16_blocks=()) -> int:
     """Swap the blocks' nn.Linear layers for float8 ones (per-row scales) in place, except those of the main
     blocks whose indices are in ``bf16_blocks`` (``resolve_bf16_blocks``). Returns how many."""
     device = next(transformer.parameters()).device
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise RuntimeError(f"model.quantization 'fp8' needs an NVIDIA GPU of compute capability 8.9+ (Ada, Hopper); "
                            f"the transformer is on {device}")
+    n = swap_fp8(transformer, bf16_blocks)
     kept = f", main blocks {list(bf16_blocks)} kept in {transformer.dtype}" if bf16_blocks else ""
-    if backend == "native":
-        n = swap_fp8(transformer, bf16_blocks)
-        log.info("fp8 (native): quantized %d linear layers of the transformer blocks%s", n, kept)
-        return n
-    if backend != "torchao":
-        raise ValueError(f"unknown fp8 backend {backend!r}: use 'native' or 'torchao'")
-    try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-    except ImportError as e:
-        raise RuntimeError("model.quantization 'fp8' needs torchao: pip install 'zimage-orchestrator[fp8]'") from e
-
-    names = []
-    select = fp8_selector(bf16_blocks)
-
-    def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
-        ok = select(module, fqn)
-        if ok:
-            names.append(fqn)
-        return ok
-
-    # activation_value_lb: an all-zero row (a zero pad-token embedding) would otherwise get scale 0 and turn into
-    # 0/0 = NaN, as the first probe on random weights showed (torchao's default lower bound is None).
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=1e-12)
-    quantize_(transformer, config, filter_fn=in_blocks)
-    log.info("fp8 (torchao): quantized %d linear layers of the transformer blocks%s", len(names), kept)
-    return len(names)
+    log.info("fp8: quantized %d linear layers of the transformer blocks%s", n, kept)
+    return n
 
 
 class Probe(NamedTuple):

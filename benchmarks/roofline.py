@@ -324,7 +324,7 @@ class Roofline:
         if st.fp8:
             blocks = resolve_bf16_blocks(st.bf16_blocks or [], len(model.layers))
             if self.gpu:
-                quantize_fp8(model, "native", blocks)
+                quantize_fp8(model, blocks)
             else:  # the CPU runs float8 linears too (tests); quantize_fp8 itself refuses non-GPU devices
                 swap_fp8(model, blocks)
         self.state = st
@@ -388,7 +388,7 @@ class Roofline:
 
         st, n = self.state, len(self.engine.transformer.layers)
         blocks = resolve_bf16_blocks(st.bf16_blocks or [], n) if st.fp8 else []
-        label = option_label(st.fp8, "native", blocks, n, self.engine.packed.compiled)
+        label = option_label(st.fp8, blocks, n, self.engine.packed.compiled)
         probe = reference_output(self.engine, self.args.accuracy_size, self.args.steps)
         return {"option": label, **compare(reference, probe)}
 

@@ -138,10 +138,10 @@ class ModelConfig(_Strict):
         "its kernels in one call instead of from Python. Opt-in: not yet run on a GPU (tests/test_gpu.py "
         "test_text_encoder_graphs_on_gpu checks it there). Off, or where nothing is captured (CPU, no warm-up, a "
         "remote encoder): the encoder runs eager.")
-    fp8_backend: Literal["native", "torchao"] = Field(
-        default="native", description="How fp8 is done. native: plain-tensor float8 linears on torch._scaled_mm "
-        "(first compile about 25 s on an H100). torchao: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) "
-        "(needs the [fp8] extra; its first compile took 194 s on an H100).")
+    fp8_backend: Literal["native"] = Field(
+        default="native", description="How fp8 is done; native is the only one: plain-tensor float8 linears on "
+        "torch._scaled_mm (first compile about 25 s on an H100). torchao's version of the same scheme is no longer "
+        "offered: its first compile took 194 s.")
     fp8_bf16_blocks: list[int] | str = Field(
         default_factory=list,
         description="With fp8: main transformer blocks (0-29 on Z-Image-Turbo) kept in bf16, the rest in fp8. A "
