@@ -120,17 +120,33 @@ def cmd_generate(args) -> int:
     params = {"n": args.n, "width": width, "height": height, "seed": args.seed,
               "num_inference_steps": args.steps, "guidance_scale": args.guidance,
               "negative_prompt": args.negative_prompt}
+    if not args.image and (args.mask or args.strength is not None):
+        print("--mask and --strength need --image", file=sys.stderr)
+        return 2
+    # Every input file read and its header checked before the deployment starts (minutes of model loading on a
+    # GPU): a wrong path or a file that is no image fails at once.
+    files = _read_inputs(config, {"--image": args.image, "--mask": [args.mask] if args.mask else [],
+                                  "--control-image": [args.control_image] if args.control_image else []})
     if args.image:  # an edit: img2img, or inpainting with --mask (orchestrator/image_input.py has the rules)
         if args.size is None:
             params["width"] = params["height"] = None  # the first image's own size
-        params.update(image=[Path(p) for p in args.image], mask=Path(args.mask) if args.mask else None,
-                      strength=args.strength)
-    elif args.mask or args.strength is not None:
-        print("--mask and --strength need --image", file=sys.stderr)
-        return 2
+        params.update(image=files["--image"], mask=(files["--mask"] or [None])[0], strength=args.strength)
     if args.control_image:  # ControlNet (needs model.controlnet in the config)
-        params.update(control_image=Path(args.control_image), controlnet_conditioning_scale=args.control_scale)
+        params.update(control_image=files["--control-image"][0], controlnet_conditioning_scale=args.control_scale)
     return _run_and_report(config, list(args.prompt), Path(args.out), params, "generate")
+
+
+def _read_inputs(config: Config, paths: dict[str, list[str]]) -> dict[str, list[bytes]]:
+    """The bytes of the files each option names, each checked as an upload is (readable, an image of a format the
+    service takes, within ``limits``), the errors naming the option."""
+    from .image_input import file_bytes, open_image
+
+    out = {}
+    for param, names in paths.items():
+        out[param] = [file_bytes(name, param) for name in names]
+        for data in out[param]:
+            open_image(data, param, config.limits).close()
+    return out
 
 
 def _run_and_report(config: Config, prompts: list[str], out: Path, params: dict, label: str) -> int:

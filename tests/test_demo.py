@@ -45,10 +45,28 @@ def test_generate_edits_an_image_with_a_mask(tmp_path):
     pngs = sorted(out.glob("*.png"))
     assert [p.name for p in pngs] == ["000-seed3.png", "001-seed4.png"]
     assert {Image.open(p).size for p in pngs} == {(96, 80)}
-    bad = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", "--prompt", "x", "--image",
-                          str(mask.with_name("missing.png")), "--out", str(out)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert bad.returncode != 0 and "missing.png" in bad.stderr
+
+
+def test_generate_refuses_unreadable_inputs_before_starting(tmp_path, monkeypatch, capsys):
+    """A wrong path or a file that is no image fails at once, naming the option, before any deployment starts
+    (minutes of model loading on a GPU)."""
+    from orchestrator import cli, deployment
+
+    async def never(*a, **k):
+        raise AssertionError("the deployment started")
+
+    monkeypatch.setattr(deployment.Deployment, "start", never)
+    text, good = tmp_path / "notes.png", tmp_path / "good.png"
+    text.write_text("not an image")
+    Image.new("RGB", (64, 64)).save(good)
+    for args, want in ((["--image", str(tmp_path / "missing.png")], "--image: cannot read"),
+                       (["--image", str(text)], "--image is not an image"),
+                       (["--image", str(text), "--image", str(tmp_path / "gone.png")], "gone.png"),
+                       (["--image", str(good), "--mask", str(tmp_path / "missing.png")], "--mask: cannot read"),
+                       (["--control-image", str(tmp_path / "missing.png")], "--control-image: cannot read")):
+        assert cli.main(["generate", "--prompt", "x", "--out", str(tmp_path / "out"), *args]) == 2
+        assert want in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
