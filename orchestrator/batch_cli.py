@@ -94,7 +94,11 @@ def _record_run(db: JobDB, run: dict) -> dict:
 def _check(input_path: Path, config: Config) -> dict[str, int]:
     """Every line checked before anything runs; the images each custom_id asks for (its n), for the bar."""
     images: dict[str, int] = {}
-    with open(input_path, "rb") as f:
+    try:
+        f = open(input_path, "rb")  # noqa: SIM115 - closed below; only the open's error is the input's
+    except OSError as e:
+        raise InvalidRequestError(f"input: cannot read {str(input_path)!r}: {e.strerror}", param="input") from None
+    with f:
         for line in read_lines(f, config.batches.cli_max_lines, ENDPOINTS, "batches.cli_max_lines"):
             n = line.body.get("n", 1)
             images[line.custom_id] = n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 128 else 1

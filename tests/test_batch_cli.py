@@ -194,6 +194,11 @@ def test_cli_entry_point_refuses_a_bad_file_naming_the_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "batch", str(src), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert r.returncode == 2 and "line 2: custom_id 'a' is already used on line 1" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "batch", str(tmp_path / "missing.jsonl"),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: input: cannot read"), r.stderr
+    assert "missing.jsonl" in r.stderr
 
 
 async def test_images_and_output_go_to_s3(tmp_path, moto_s3):
