@@ -185,6 +185,20 @@ def test_matrix_rejects_unknown_names(tmp_path):
     matrix.write_text("runs:\n  a: {bench: x, script: y}\n")
     with pytest.raises(ValueError, match="exactly one of"):
         load_matrix(matrix)
+    for text, want in (("runs: [a", "not valid YAML"), ("- a\n", "a mapping with 'runs'")):
+        matrix.write_text(text)
+        with pytest.raises(ValueError, match=want):
+            load_matrix(matrix)
+
+
+def test_matrix_errors_are_one_line_naming_the_file(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    assert main(["bench", "--matrix", str(tmp_path / "missing.yaml"), "--run", "x"]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    (tmp_path / "m.yaml").write_text("runs:\n  a: {bench: --requests 1}\n")
+    assert main(["bench", "--matrix", str(tmp_path / "m.yaml"), "--run", "nope"]) == 2
+    assert "--run: 'nope' is neither a run nor a group" in capsys.readouterr().err
 
 
 def test_shipped_matrix_is_valid():

@@ -39,7 +39,12 @@ class Entry:
 
 
 def load_matrix(path: str | Path) -> tuple[dict[str, Entry], dict[str, list[str]]]:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a matrix is a mapping with 'runs' (and 'groups'), got {type(data).__name__}")
     entries: dict[str, Entry] = {}
     for name, e in (data.get("runs") or {}).items():
         if not isinstance(e, dict) or bool(e.get("bench")) == bool(e.get("script")):

@@ -224,9 +224,13 @@ def cmd_bench(args) -> int:
     if args.matrix:
         from .matrix import list_matrix, run_matrix
 
-        if args.list or not args.run:
-            return list_matrix(args.matrix)
-        return run_matrix(args.matrix, args.run, args.out, dry_run=args.dry_run, lanes=args.lanes)
+        try:
+            if args.list or not args.run:
+                return list_matrix(args.matrix)
+            return run_matrix(args.matrix, args.run, args.out, dry_run=args.dry_run, lanes=args.lanes)
+        except (OSError, ValueError) as e:  # the matrix file or --run: the user's to fix
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     args.argv = sys.argv[2:] if len(sys.argv) > 2 else []
     config = load_config(args.config, args.set)
