@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from zimage_common.messages import ImageResult
 from .batch_db import JobDB
 from .batch_input import ENDPOINTS, Line, file_digest, read_lines
 from .batches import JobRunner, Outcome, OutputFile
+from .cli_args import at_least, output_dir
 from .images_api import ImageCall
 from .storage import CONTENT_TYPES, run_blocking
 
@@ -117,6 +119,8 @@ async def run_job(config: Config, input_path: Path, out: str, state: Path | None
         from .storage import S3Store
 
         bucket, _, prefix = out[len("s3://"):].partition("/")
+        if not bucket:
+            raise InvalidRequestError(f"--out {out!r}: name the bucket, s3://BUCKET/PREFIX", param="--out")
         prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         s3_cfg = config.outputs.s3
         s3 = S3Store(bucket, prefix, config.outputs.url_ttl_s,
@@ -125,12 +129,16 @@ async def run_job(config: Config, input_path: Path, out: str, state: Path | None
         state = state or Path("zimage-batch-state") / bucket / prefix.strip("/")
         directory = None
     else:
-        directory = Path(out)
+        directory = output_dir(out)
         state = state or directory
-        (directory / "images").mkdir(parents=True, exist_ok=True)
-    state.mkdir(parents=True, exist_ok=True)
-    db = JobDB(state / "batch.db")
-    _open_job(db, input_path, len(images))
+        output_dir(directory / "images")
+    output_dir(state, "--state")
+    try:
+        db = JobDB(state / "batch.db")
+        _open_job(db, input_path, len(images))
+    except sqlite3.DatabaseError as e:
+        raise InvalidRequestError(f"--state {state}: {state / 'batch.db'} is not a job's state ({e}); give another "
+                                  f"--state (or --out), or remove it to start the job over", param="--state") from None
     retried = db.forget_retryable(JOB_ID)
     output = state / "output.jsonl"
     db.write_records(JOB_ID, output)
@@ -245,7 +253,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="a directory, or s3://bucket/prefix (outputs.s3 gives the endpoint)")
     p.add_argument("--state", default=None, help="where batch.db and output.jsonl live (default: --out; for s3, "
                                                  "./zimage-batch-state/BUCKET/PREFIX)")
-    p.add_argument("--window", type=int, default=None, help="images queued or running at once "
+    p.add_argument("--window", type=at_least(1), default=None, help="images queued or running at once "
                                                              "(default: batches.max_inflight, or 3 batches a replica)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")

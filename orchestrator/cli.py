@@ -13,7 +13,9 @@ from collections import Counter
 from pathlib import Path
 
 from zimage_common.config import Config, load_config
-from zimage_common.errors import ZImageError
+from zimage_common.errors import InvalidRequestError, ZImageError
+
+from .cli_args import at_least, int_list, port, positive_float
 
 log = logging.getLogger("zimage")
 
@@ -58,7 +60,6 @@ async def _run_prompts(config: Config, prompts: list[str], out: Path, params: di
 
     from .deployment import Deployment
 
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     dep = await Deployment.start(config)
     t_ready = time.perf_counter()
@@ -120,9 +121,14 @@ def cmd_generate(args) -> int:
     params = {"n": args.n, "width": width, "height": height, "seed": args.seed,
               "num_inference_steps": args.steps, "guidance_scale": args.guidance,
               "negative_prompt": args.negative_prompt}
-    if not args.image and (args.mask or args.strength is not None):
-        print("--mask and --strength need --image", file=sys.stderr)
-        return 2
+    needs = [(args.mask, "--mask", "--image"), (args.strength is not None, "--strength", "--image"),
+             (args.control_scale is not None, "--control-scale", "--control-image")]
+    for given, option, needed in needs:
+        if given and not (args.image if needed == "--image" else args.control_image):
+            raise InvalidRequestError(f"{option} needs {needed}", param=option)
+    if args.negative_prompt is not None and not (args.guidance if args.guidance is not None
+                                                 else config.defaults.guidance_scale):
+        log.warning("--negative-prompt has no effect at guidance 0 (Z-Image-Turbo's default); pass --guidance too")
     # Every input file read and its header checked before the deployment starts (minutes of model loading on a
     # GPU): a wrong path or a file that is no image fails at once.
     files = _read_inputs(config, {"--image": args.image, "--mask": [args.mask] if args.mask else [],
@@ -150,6 +156,15 @@ def _read_inputs(config: Config, paths: dict[str, list[str]]) -> dict[str, list[
 
 
 def _run_and_report(config: Config, prompts: list[str], out: Path, params: dict, label: str) -> int:
+    from .cli_args import output_dir
+    from .deployment import requests_for
+
+    # Everything that can be checked without a deployment is, before one starts (minutes of model loading on a
+    # GPU): the output directory, and each prompt's requests under the config (what the model can place and the
+    # adapters it knows are checked again once it has started).
+    output_dir(out)
+    for prompt in prompts:
+        requests_for(config, prompt, **params)
     summary = asyncio.run(_run_prompts(config, prompts, out, params, label))
     print(
         f"\n{summary['images']} image(s) in {summary['elapsed_s']:.2f}s "
@@ -173,7 +188,8 @@ def cmd_validate(args) -> int:
             if inv is not None:
                 plan_for(cfg, inv)
         except (ZImageError, ValueError) as e:
-            print(f"INVALID {e}", file=sys.stderr)
+            msg = str(e)
+            print(f"INVALID {msg if msg.startswith(str(path)) else f'{path}: {msg}'}", file=sys.stderr)
             return 1
         print(f"ok      {path}")
     return 0
@@ -191,12 +207,12 @@ def cmd_plan(args) -> int:
             mem = cfg.cluster.gpu_memory_gib or 24.0
             inv = Inventory.from_nodes([("local", cfg.cluster.num_gpus, mem)])
         else:
-            print(f"{args.config}: cluster.nodes (or cluster.num_gpus) must be set to plan without Ray",
+            print(f"{args.config}: cluster.nodes (or cluster.num_gpus, at least 1) must be set to plan without Ray",
                   file=sys.stderr)
             return 2
     try:
         p = plan_for(cfg, inv)
-    except PlacementError as e:
+    except (PlacementError, ValueError) as e:  # what does not fit, or an option the model does not have
         print(f"{args.config}: cannot place: {e}", file=sys.stderr)
         return 1
     if args.json:
@@ -253,18 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="serve a set of prompts through two replicas of the tiny model on a local Ray")
     p.add_argument("--out", default="demo-out")
     p.add_argument("--config", default=None, help="config file (default: the embedded local-CPU default)")
-    p.add_argument("--images", type=int, default=16)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--images", type=at_least(1), default=16)
+    p.add_argument("--seed", type=at_least(0), default=1234)
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("generate", help="generate images for prompts with a config")
     p.add_argument("--config", default=None)
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--n", type=at_least(1), default=1)
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the config's defaults)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=at_least(0), default=None)
+    p.add_argument("--steps", type=at_least(1), default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--image", action="append", default=[], metavar="FILE",
@@ -295,21 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start the deployment and the OpenAI-compatible HTTP server")
     p.add_argument("config", nargs="?", default=None, help="config file (default: the embedded local-CPU one)")
     p.add_argument("--host", default=None, help="bind address (default: server.host, 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port (default: server.port, 8000)")
+    p.add_argument("--port", type=port, default=None, help="port (default: server.port, 8000)")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
     p.set_defaults(fn=lambda a: _lazy("server").cmd_serve(a))
 
     p = sub.add_parser("bench", help="benchmark a deployment (and plain diffusers side by side)")
     p.add_argument("config", nargs="?", default=None)
-    p.add_argument("--concurrency", default="1,4", help="closed-loop concurrencies, comma-separated")
-    p.add_argument("--rate", type=float, default=None, help="open loop: requests per second (Poisson)")
-    p.add_argument("--duration", type=float, default=30.0, help="open loop: seconds")
-    p.add_argument("--requests", type=int, default=16, help="closed loop: requests per concurrency level")
-    p.add_argument("--repeat", type=int, default=1, metavar="N",
+    p.add_argument("--concurrency", type=int_list(1), default="1,4", help="closed-loop concurrencies, comma-separated")
+    p.add_argument("--rate", type=positive_float, default=None, help="open loop: requests per second (Poisson)")
+    p.add_argument("--duration", type=positive_float, default=30.0, help="open loop: seconds")
+    p.add_argument("--requests", type=at_least(1), default=16, help="closed loop: requests per concurrency level")
+    p.add_argument("--repeat", type=at_least(1), default=1, metavar="N",
                    help="run the --workload phases N times in turn on the same deployment (uniform, varied, "
                    "uniform, varied, ...), new requests each round; reports each phase's MP/s against the uniform "
                    "phase of its round, and the mean and spread of that ratio over the rounds")
-    p.add_argument("--warmup", type=int, default=4, help="requests sent first and not counted")
+    p.add_argument("--warmup", type=at_least(0), default=4, help="requests sent first and not counted")
     p.add_argument("--sizes", default=None, help="WxH[,WxH...]: one size, or a mix drawn at random (default: the "
                    "config's default size; with --http and no config, the server's)")
     p.add_argument("--workload", default=None,
@@ -324,12 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="the request streams' seed (sizes of the random workloads, prompts, image seeds)")
     p.add_argument("--strength", type=float, default=0.6, help="edit workloads: img2img / inpaint strength")
-    p.add_argument("--edit-steps", type=int, default=None,
+    p.add_argument("--edit-steps", type=at_least(1), default=None,
                    help="edit workloads: the edits' schedule length (default: --steps); e.g. 15 at strength 0.6 runs "
                    "9 steps, so edits share batches with 9-step text-to-image")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
+    p.add_argument("--steps", type=at_least(1), default=None, help="denoising steps (default: the config's)")
     p.add_argument("--baseline", action="store_true", help="also time plain diffusers, batch 1, in-process")
-    p.add_argument("--baseline-requests", type=int, default=5)
+    p.add_argument("--baseline-requests", type=at_least(1), default=5)
     p.add_argument("--http", default=None, help="benchmark a running server at this URL instead")
     p.add_argument("--api-key", default=None)
     p.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png")
@@ -341,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, metavar="NAMES", help="with --matrix: runs or groups, comma-separated")
     p.add_argument("--list", action="store_true", help="with --matrix: list its runs and groups")
     p.add_argument("--dry-run", action="store_true", help="with --matrix: print the commands only")
-    p.add_argument("--lanes", type=int, default=1, metavar="N",
+    p.add_argument("--lanes", type=at_least(1), default=1, metavar="N",
                    help="with --matrix: run one-GPU entries side by side on N GPUs of this machine, one GPU each")
     p.set_defaults(fn=lambda a: _lazy("benchmark.run").cmd_bench(a))
 
@@ -367,9 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     # Replicas log in the same format (zimage_common/logging_setup.py).
     configure(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     _quiet_libraries(args.log_format)
+    from placement.planner import PlacementError
+
     try:
         return args.fn(args)
-    except ZImageError as e:
+    except (ZImageError, PlacementError) as e:  # the input's or the config's: one line, never a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

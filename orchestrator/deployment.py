@@ -347,40 +347,14 @@ class Deployment(LoraAdmin):
         return min(sides) if sides else None
 
     def requests_for(self, prompt: str, **params) -> list[ImageRequest]:
-        """The requests for one prompt (``build_requests``' parameters); with ``image`` an edit
-        (``edit_requests_for``); with ``control_image`` (bytes, a path, a PIL image or a uint8 array) and
-        ``controlnet_conditioning_scale``, ControlNet-guided (needs ``model.controlnet``)."""
-        from .image_input import file_bytes
+        """The requests for one prompt (``build_requests``' parameters; ``requests_for`` below), checked against
+        what this deployment can place and the adapters it knows."""
+        return requests_for(self.config, prompt, max_side=self.max_side, known_loras=self.lora_names, **params)
 
-        if params.get("control_image") is not None:
-            params["control_image"] = file_bytes(params["control_image"], "control_image")
-        if params.get("image") is not None:
-            return self.edit_requests_for(prompt, **params)
-        params.pop("image", None)
-        control, scale = params.pop("control_image", None), params.pop("controlnet_conditioning_scale", None)
-        requests = build_requests(prompt, defaults=self.config.defaults, limits=self.config.limits,
-                                  max_side=self.max_side, known_loras=self.lora_names, **params)
-        if control is not None or scale is not None:
-            from .images_api import with_control
-
-            requests = with_control(requests, control, scale, self.config)
-        return requests
-
-    def edit_requests_for(self, prompt: str, image, mask=None, strength: float | None = None,
-                          width: int | None = None, height: int | None = None, **params) -> list[ImageRequest]:
-        """The requests of an edit, checked as ``POST /v1/images/edits`` checks them (``images_api.parse_edit``):
-        ``image`` one image or a list (bytes, a path, a PIL image or a uint8 array), ``mask`` (its transparent
-        pixels are repainted), ``strength``; without ``width``/``height`` the output has the first image's size."""
-        from .image_input import file_bytes
-        from .images_api import parse_edit
-
-        images = image if isinstance(image, (list, tuple)) else [image]
-        fields = {"prompt": prompt, "strength": strength, **params}
-        if width is not None or height is not None:
-            fields["size"] = f"{width or self.config.defaults.width}x{height or self.config.defaults.height}"
-        files = {"image": [file_bytes(i, "image") for i in images],
-                 "mask": None if mask is None else file_bytes(mask, "mask")}
-        return parse_edit(fields, files, self.config, self.max_side, known_loras=self.lora_names).requests
+    def edit_requests_for(self, prompt: str, image, **params) -> list[ImageRequest]:
+        """The requests of an edit (``edit_requests_for`` below) on this deployment."""
+        return edit_requests_for(self.config, prompt, image, max_side=self.max_side, known_loras=self.lora_names,
+                                 **params)
 
     async def submit(self, request: ImageRequest, timeout_s: float | None = None, on_progress=None) -> ImageResult:
         if self.router is None:
@@ -482,3 +456,45 @@ class ZImageClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def requests_for(config: Config, prompt: str, max_side: int | None = None, known_loras=None,
+                 **params) -> list[ImageRequest]:
+    """The requests for one prompt (``build_requests``' parameters) under ``config``; with ``image`` an edit
+    (``edit_requests_for``); with ``control_image`` (bytes, a path, a PIL image or a uint8 array) and
+    ``controlnet_conditioning_scale``, ControlNet-guided (needs ``model.controlnet``). ``max_side`` and
+    ``known_loras``: what the deployment can place and the adapters it knows (None: not checked, as the CLI checks
+    its input before a deployment starts)."""
+    from .image_input import file_bytes
+
+    if params.get("control_image") is not None:
+        params["control_image"] = file_bytes(params["control_image"], "control_image")
+    if params.get("image") is not None:
+        return edit_requests_for(config, prompt, max_side=max_side, known_loras=known_loras, **params)
+    params.pop("image", None)
+    control, scale = params.pop("control_image", None), params.pop("controlnet_conditioning_scale", None)
+    requests = build_requests(prompt, defaults=config.defaults, limits=config.limits, max_side=max_side,
+                              known_loras=known_loras, **params)
+    if control is not None or scale is not None:
+        from .images_api import with_control
+
+        requests = with_control(requests, control, scale, config)
+    return requests
+
+
+def edit_requests_for(config: Config, prompt: str, image, mask=None, strength: float | None = None,
+                      width: int | None = None, height: int | None = None, max_side: int | None = None,
+                      known_loras=None, **params) -> list[ImageRequest]:
+    """The requests of an edit, checked as ``POST /v1/images/edits`` checks them (``images_api.parse_edit``):
+    ``image`` one image or a list (bytes, a path, a PIL image or a uint8 array), ``mask`` (its transparent
+    pixels are repainted), ``strength``; without ``width``/``height`` the output has the first image's size."""
+    from .image_input import file_bytes
+    from .images_api import parse_edit
+
+    images = image if isinstance(image, (list, tuple)) else [image]
+    fields = {"prompt": prompt, "strength": strength, **params}
+    if width is not None or height is not None:
+        fields["size"] = f"{width or config.defaults.width}x{height or config.defaults.height}"
+    files = {"image": [file_bytes(i, "image") for i in images],
+             "mask": None if mask is None else file_bytes(mask, "mask")}
+    return parse_edit(fields, files, config, max_side, known_loras=known_loras).requests

@@ -47,7 +47,11 @@ def connect(cluster: ClusterConfig) -> None:
         adopt_logger("ray")  # Ray's own warnings as JSON lines too (it keeps the WARNING level set here)
     if cluster.address is not None:
         log.info("joining Ray cluster at %s", cluster.address)
-        ray.init(address=cluster.address, **common)
+        try:
+            ray.init(address=cluster.address, **common)
+        except ConnectionError as e:
+            raise NotReadyError(f"cluster.address={cluster.address!r}: no Ray cluster to join ({e}); start one "
+                                f"with 'ray start --head', or leave cluster.address out to start a local Ray") from None
     else:
         # address="local", not None: with None, ray.init joins whatever RAY_ADDRESS or the current-cluster file
         # (<ray temp dir>/ray_current_cluster, left behind by a cluster that died without `ray stop`) points at,

@@ -185,7 +185,10 @@ def test_matrix_rejects_unknown_names(tmp_path):
     matrix.write_text("runs:\n  a: {bench: x, script: y}\n")
     with pytest.raises(ValueError, match="exactly one of"):
         load_matrix(matrix)
-    for text, want in (("runs: [a", "not valid YAML"), ("- a\n", "a mapping with 'runs'")):
+    for text, want in (("runs: [a", "not valid YAML"), ("- a\n", "a mapping with 'runs'"),
+                       ("runs: [1, 2]\n", "are mappings"), ("runs:\n  a: {bench: x}\ngroups:\n  g: 5\n", "a list"),
+                       ("runs:\n  a: {bench: 'x \"y'}\n", "runs.a: No closing quotation"),
+                       ("runs:\n  a: {bench: x, timeout_s: abc}\n", "runs.a: could not convert")):
         matrix.write_text(text)
         with pytest.raises(ValueError, match=want):
             load_matrix(matrix)
@@ -199,6 +202,8 @@ def test_matrix_errors_are_one_line_naming_the_file(tmp_path, capsys):
     (tmp_path / "m.yaml").write_text("runs:\n  a: {bench: --requests 1}\n")
     assert main(["bench", "--matrix", str(tmp_path / "m.yaml"), "--run", "nope"]) == 2
     assert "--run: 'nope' is neither a run nor a group" in capsys.readouterr().err
+    assert main(["bench", "--matrix", str(tmp_path / "m.yaml"), "--run", ","]) == 2
+    assert "names no run" in capsys.readouterr().err
 
 
 def test_shipped_matrix_is_valid():

@@ -514,7 +514,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
             if not isinstance(child, dict):
                 raise ConfigError(f"{source}: --set {item!r}: {p} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: --set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); "
+                              f"quote it, e.g. --set '{path.strip()}=\"...\"'") from None
     return out
 
 
@@ -525,9 +529,11 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         return config_from_dict(apply_overrides(LOCAL_CPU_DEFAULT, overrides or [], source), source)
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config file: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a UTF-8 text file; a config is YAML text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

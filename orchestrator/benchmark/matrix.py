@@ -45,14 +45,25 @@ def load_matrix(path: str | Path) -> tuple[dict[str, Entry], dict[str, list[str]
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a matrix is a mapping with 'runs' (and 'groups'), got {type(data).__name__}")
+    runs, groups = data.get("runs") or {}, data.get("groups") or {}
+    if not isinstance(runs, dict) or not isinstance(groups, dict):
+        raise ValueError(f"{path}: 'runs' and 'groups' are mappings (name: run, name: [runs])")
     entries: dict[str, Entry] = {}
-    for name, e in (data.get("runs") or {}).items():
+    for name, e in runs.items():
         if not isinstance(e, dict) or bool(e.get("bench")) == bool(e.get("script")):
             raise ValueError(f"{path}: runs.{name}: give exactly one of 'bench' (zimage-orch bench arguments) or "
                              f"'script' (a probe script and its arguments)")
+        try:
+            shlex.split(str(e.get("bench") or e.get("script")))
+            timeout_s = float(e.get("timeout_s", 600))
+        except ValueError as err:
+            raise ValueError(f"{path}: runs.{name}: {err} (its command, or timeout_s: seconds)") from None
         entries[name] = Entry(name, e.get("bench"), e.get("script"), str(e.get("machine", "nvidia-h100-x1")),
-                              float(e.get("timeout_s", 600)), str(e.get("note", "")))
-    groups = {k: list(v) for k, v in (data.get("groups") or {}).items()}
+                              timeout_s, str(e.get("note", "")))
+    for g, names in groups.items():
+        if not isinstance(names, list):
+            raise ValueError(f"{path}: groups.{g}: a list of run names")
+    groups = {k: list(v) for k, v in groups.items()}
     for g, names in groups.items():
         unknown = [n for n in names if n not in entries]
         if unknown:
@@ -70,6 +81,8 @@ def select(entries: dict[str, Entry], groups: dict[str, list[str]], spec: str) -
         else:
             raise ValueError(f"--run: {item!r} is neither a run nor a group of the matrix; "
                              f"see --list")
+    if not names:
+        raise ValueError(f"--run {spec!r}: names no run; see --list")
     return [entries[n] for n in dict.fromkeys(names)]
 
 

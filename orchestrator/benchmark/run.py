@@ -17,8 +17,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from zimage_common.config import Config, load_config
+from zimage_common.errors import InvalidRequestError
 from zimage_common.prompts import PROMPTS
 
+from ..cli_args import output_dir
 from .loadgen import (
     EDIT_KINDS,
     WORKLOADS,
@@ -127,8 +129,8 @@ async def _bench(args, config: Config) -> dict:
     workloads = [w.strip() for w in (args.workload or "uniform").split(",")]
     bad = [w for w in workloads if w not in WORKLOADS]
     if bad:
-        raise SystemExit(f"--workload: unknown {bad}; choose from {', '.join(WORKLOADS)}")
-    conc = [int(c) for c in args.concurrency.split(",")] if args.concurrency else [1]
+        raise InvalidRequestError(f"--workload: unknown {bad}; choose from {', '.join(WORKLOADS)}", param="--workload")
+    conc = args.concurrency or [1]
     edit_opts = {"strength": getattr(args, "strength", 0.6), "edit_steps": getattr(args, "edit_steps", None)}
     makers = {w: RequestMaker.for_workload(w, config, sizes, args.steps, seed=args.seed + i, **edit_opts)
               for i, w in enumerate(workloads)}
@@ -221,6 +223,10 @@ async def _bench(args, config: Config) -> dict:
 def cmd_bench(args) -> int:
     import sys
 
+    matrix_only = [o for o, given in (("--run", args.run), ("--list", args.list), ("--dry-run", args.dry_run),
+                                      ("--lanes", args.lanes != 1)) if given]
+    if matrix_only and not args.matrix:
+        raise InvalidRequestError(f"{', '.join(matrix_only)}: only with --matrix FILE", param=matrix_only[0])
     if args.matrix:
         from .matrix import list_matrix, run_matrix
 
@@ -234,7 +240,13 @@ def cmd_bench(args) -> int:
 
     args.argv = sys.argv[2:] if len(sys.argv) > 2 else []
     config = load_config(args.config, args.set)
-    report = asyncio.run(_bench(args, config))
+    output_dir(args.out)  # before the run, not after it: its results would be lost
+    try:
+        report = asyncio.run(_bench(args, config))
+    except Exception as e:
+        if args.http and type(e).__module__.startswith("httpx"):  # the server named by --http, not this run
+            raise InvalidRequestError(f"--http {args.http}: {type(e).__name__}: {e}", param="--http") from None
+        raise
     report["label"] = args.label
     report["overrides"] = args.set
     write_report(report, Path(args.out))

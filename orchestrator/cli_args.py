@@ -1,0 +1,68 @@
+"""Argument types and checks the ``zimage-orch`` commands share: every one refuses bad input before a deployment
+starts (on a GPU that is minutes of model loading), with a one-line error naming the option."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from zimage_common.errors import InvalidRequestError
+
+
+def at_least(low: int):
+    """An argparse ``type``: an integer of at least ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
+def int_list(low: int):
+    """An argparse ``type``: comma-separated integers, each at least ``low`` (``1,4,8``)."""
+    one = at_least(low)
+
+    def parse(text: str) -> list[int]:
+        items = [s.strip() for s in text.split(",")]
+        if not all(items):
+            raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers, e.g. 1,4,8")
+        return [one(s) for s in items]
+    return parse
+
+
+def port(text: str) -> int:
+    """An argparse ``type``: a TCP port, 0 (any free one) to 65535."""
+    value = at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {value}")
+    return value
+
+
+def output_dir(path: str | Path, option: str = "--out") -> Path:
+    """``path`` as a directory the command can write, made if missing; the refusal names ``option``."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InvalidRequestError(f"{option} {p}: exists and is not a directory", param=option)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".zimage-write-check"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise InvalidRequestError(f"{option} {p}: cannot write there: {e.strerror or e}", param=option) from None
+    return p

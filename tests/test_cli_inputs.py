@@ -1,0 +1,120 @@
+"""``zimage-orch`` refuses bad input with one line naming the option or field, exit 2, before any deployment starts
+(on a GPU that is minutes of model loading): no traceback, nothing started, nothing written."""
+
+import pytest
+from PIL import Image
+
+from orchestrator import cli, deployment
+
+GOOD_LINE = '{"custom_id": "a", "method": "POST", "url": "/v1/images/generations", "body": {"prompt": "x"}}\n'
+
+
+@pytest.fixture
+def no_start(monkeypatch):
+    async def never(*a, **k):
+        raise AssertionError("a deployment started")
+
+    monkeypatch.setattr(deployment.Deployment, "start", never)
+
+
+def refused(capsys, *argv: str) -> str:
+    """The one error line ``argv`` is refused with (exit 2, from the command or from argparse)."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (code, err)
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_config_and_overrides(tmp_path, capsys, no_start):
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xfe\xff\x00 not text")
+    assert refused(capsys, "plan", str(binary)) == f"error: {binary}: not a UTF-8 text file; a config is YAML text"
+    line = refused(capsys, "demo", "--set", "model.model_id=[")
+    assert "--set 'model.model_id=[': the value is not valid YAML" in line and "quote it" in line
+
+
+def test_output_directories(tmp_path, capsys, no_start):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    want = f"error: --out {afile}: exists and is not a directory"
+    assert refused(capsys, "demo", "--out", str(afile)) == want
+    assert refused(capsys, "generate", "--prompt", "x", "--out", str(afile)) == want
+    assert refused(capsys, "bench", "--requests", "1", "--out", str(afile)) == want
+    src = tmp_path / "in.jsonl"
+    src.write_text(GOOD_LINE)
+    assert refused(capsys, "batch", str(src), "--out", str(afile)) == want
+    assert refused(capsys, "batch", str(src), "--out", str(tmp_path / "o"), "--state", str(afile)).startswith(
+        f"error: --state {afile}")
+    assert "name the bucket" in refused(capsys, "batch", str(src), "--out", "s3://")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "batch.db").write_text("not a database")
+    assert "batch.db is not a job's state" in refused(capsys, "batch", str(src), "--out", str(corrupt))
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["demo", "--images", "0"], "argument --images: must be at least 1, got 0"),
+    (["generate", "--prompt", "x", "--n", "0", "--out", "o"], "argument --n: must be at least 1"),
+    (["generate", "--prompt", "x", "--steps", "-1", "--out", "o"], "argument --steps: must be at least 1"),
+    (["serve", "--port", "70000"], "argument --port: must be a port from 0 to 65535"),
+    (["bench", "--concurrency", "1,"], "argument --concurrency: '1,': comma-separated integers"),
+    (["bench", "--concurrency", "abc"], "argument --concurrency: 'abc' is not an integer"),
+    (["bench", "--rate", "-1"], "argument --rate: must be a number above 0"),
+    (["bench", "--baseline-requests", "0"], "argument --baseline-requests: must be at least 1"),
+    (["batch", "in.jsonl", "--out", "o", "--window", "0"], "argument --window: must be at least 1"),
+])
+def test_numbers_out_of_range(argv, want, capsys, no_start):
+    assert want in refused(capsys, *argv)
+
+
+def test_generate_checks_its_requests_before_starting(tmp_path, capsys, no_start):
+    out = str(tmp_path / "out")
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (64, 64)).save(picture)
+    cases = [
+        (["--size", "100x100"], "width must be a multiple of 16"),
+        (["--guidance", "-1"], "guidance_scale must be between 0 and 20"),
+        (["--control-scale", "2"], "--control-scale needs --control-image"),
+        (["--strength", "0.5"], "--strength needs --image"),
+        (["--control-image", str(picture)], "this deployment has no ControlNet"),
+        (["--image", str(picture), "--strength", "2"], "strength must be a number from 0 to 1"),
+        (["--image", str(picture), "--mask", str(picture)], "mask has no alpha channel"),
+    ]
+    for args, want in cases:
+        assert want in refused(capsys, "generate", "--prompt", "x", "--out", out, *args), args
+
+
+def test_bench_options_that_need_a_matrix_or_a_server(tmp_path, capsys, no_start):
+    assert refused(capsys, "bench", "--run", "x", "--dry-run") == "error: --run, --dry-run: only with --matrix FILE"
+    assert "--workload: unknown ['bogus']" in refused(capsys, "bench", "--workload", "bogus", "--out",
+                                                     str(tmp_path / "b"))
+
+
+def test_errors_after_the_start_are_one_line(tmp_path, capsys, monkeypatch):
+    """What only the cluster can tell (nothing fits it; no Ray at cluster.address) is one line too."""
+    from placement.planner import PlacementError
+
+    async def no_fit(*a, **k):
+        raise PlacementError("deployment.replicas = 5 but only 2 replica(s) fit")
+
+    monkeypatch.setattr(deployment.Deployment, "start", no_fit)
+    assert refused(capsys, "demo", "--out", str(tmp_path / "d")) == (
+        "error: deployment.replicas = 5 but only 2 replica(s) fit")
+
+    import ray
+
+    from orchestrator import ray_backend
+    from zimage_common.config import ClusterConfig
+    from zimage_common.errors import NotReadyError
+
+    def no_cluster(*a, **k):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(NotReadyError, match="cluster.address='auto': no Ray cluster to join .* 'ray start --head'"):
+        ray_backend.connect(ClusterConfig(address="auto"))
