@@ -126,6 +126,7 @@ async def run_job(config: Config, input_path: Path, out: str, state: Path | None
         s3 = S3Store(bucket, prefix, config.outputs.url_ttl_s,
                      endpoint_url=s3_cfg.endpoint_url if s3_cfg else None, region=s3_cfg.region if s3_cfg else None,
                      addressing_style=s3_cfg.addressing_style if s3_cfg else "auto")
+        await run_blocking(s3.check)  # before the deployment starts, not at the first upload
         state = state or Path("zimage-batch-state") / bucket / prefix.strip("/")
         directory = None
     else:

@@ -66,3 +66,23 @@ def output_dir(path: str | Path, option: str = "--out") -> Path:
     except OSError as e:
         raise InvalidRequestError(f"{option} {p}: cannot write there: {e.strerror or e}", param=option) from None
     return p
+
+
+def check_listen(host: str, port: int) -> None:
+    """Whether this process could listen on ``host:port`` now (a name that resolves, a port free), so that
+    ``serve`` refuses before it starts Ray and loads models rather than after."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise InvalidRequestError(f"--host {host!r}: {e.strerror}; give an address of this machine "
+                                  f"(127.0.0.1 by default)", param="--host") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise InvalidRequestError(f"--host/--port {host}:{port}: cannot listen there: {e.strerror}; choose "
+                                      f"another --port or stop what holds it", param="--port") from None

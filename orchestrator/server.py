@@ -469,7 +469,9 @@ def cmd_serve(args) -> int:
         log.warning("binding %s: the API is reachable beyond this machine%s", host,
                     "" if config.server.api_keys else " and has NO API key")
     from . import ray_backend
+    from .cli_args import check_listen
 
+    check_listen(host, port)  # before Ray starts and models load
     # Ray installs a SIGTERM handler that exits at once; connect first so that uvicorn's graceful handler is
     # the one in force while serving, and make the handler uvicorn restores (and re-raises into) a no-op, so a
     # drained shutdown exits 0.

@@ -217,3 +217,29 @@ async def test_images_and_output_go_to_s3(tmp_path, moto_s3):
     key = files[0].removeprefix("s3://images/")
     assert s3.get_object(Bucket="images", Key=key)["Body"].read()[:4] == b"\x89PNG"
     assert (tmp_path / "state" / "batch.db").exists()
+
+
+async def test_an_s3_bucket_that_cannot_be_reached_is_refused_before_anything_runs(tmp_path, moto_s3, monkeypatch):
+    import boto3
+
+    from orchestrator.storage import StorageError
+
+    def never():
+        raise AssertionError("a deployment started")
+
+    src = write_job(tmp_path / "in.jsonl", 2)
+    cfg = tiny_config(tmp_path, outputs={"s3": {"bucket": "images", "endpoint_url": moto_s3, "region": "us-east-1",
+                                                "addressing_style": "path"}})
+    with pytest.raises(StorageError, match="s3://absent: .*404"):
+        await run_job(cfg, src, "s3://absent/run1", state=tmp_path / "state", deployment_factory=never,
+                      progress=False)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # its credentials are resolved once and kept
+    with pytest.raises(StorageError, match="Unable to locate credentials; give credentials"):
+        await run_job(cfg, src, "s3://images/run1", state=tmp_path / "state", deployment_factory=never,
+                      progress=False)
+    assert not (tmp_path / "state").exists()

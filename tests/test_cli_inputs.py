@@ -118,3 +118,18 @@ def test_errors_after_the_start_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ray, "init", no_cluster)
     with pytest.raises(NotReadyError, match="cluster.address='auto': no Ray cluster to join .* 'ray start --head'"):
         ray_backend.connect(ClusterConfig(address="auto"))
+
+
+def test_serve_checks_its_address_before_starting(capsys, monkeypatch):
+    import socket
+
+    from orchestrator import ray_backend
+
+    monkeypatch.setattr(ray_backend, "connect", lambda *a: pytest.fail("Ray started"))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        line = refused(capsys, "serve", "--port", str(port))
+    assert line.startswith(f"error: --host/--port 127.0.0.1:{port}: cannot listen there") and "--port" in line
+    assert "give an address of this machine" in refused(capsys, "serve", "--host", "no-such-host.invalid")
