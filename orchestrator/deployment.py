@@ -34,6 +34,7 @@ from placement import (
     plan_best,
     with_loras,
 )
+from placement.memory import MAIN_BLOCKS
 from zimage_common.config import Config, LoraSpec, ModelConfig
 from zimage_common.errors import NotReadyError, ZImageError
 from zimage_common.messages import ImageRequest, ImageResult, ReplicaHealth
@@ -79,7 +80,13 @@ def plan_for(config: Config, inventory: Inventory) -> PlacementPlan:
         note = f"fp8 not considered: {', '.join(no_fp8)} has no fp8 tensor cores"
     text_encoder = ["none", "int8"] if m.text_encoder_quantization == "auto" else [m.text_encoder_quantization]
     kept = m.fp8_bf16_blocks
-    kept = int(kept.partition(":")[2]) if isinstance(kept, str) else len(kept)  # ("last:N" / "first:N" or a list)
+    if isinstance(kept, list):  # indices: each must exist ("last:N" / "first:N" is counted by model_spec)
+        n = MAIN_BLOCKS["tiny" if m.source == "tiny" else "full"]
+        bad = sorted(i for i in kept if not 0 <= i < n)
+        if bad:
+            raise ValueError(f"model.fp8_bf16_blocks: block(s) {bad} do not exist; this model has {n} main blocks "
+                             f"(0-{n - 1})")
+    kept = int(kept.partition(":")[2]) if isinstance(kept, str) else len(kept)
     options = [with_loras(model_spec(m.source, m.dtype, t, te, controlnet=m.controlnet is not None,
                                      bf16_blocks=kept if t == "fp8" else 0), m.lora_slots, m.lora_max_rank)
                for te in text_encoder for t in transformer]

@@ -133,3 +133,15 @@ def test_serve_checks_its_address_before_starting(capsys, monkeypatch):
         line = refused(capsys, "serve", "--port", str(port))
     assert line.startswith(f"error: --host/--port 127.0.0.1:{port}: cannot listen there") and "--port" in line
     assert "give an address of this machine" in refused(capsys, "serve", "--host", "no-such-host.invalid")
+
+
+def test_bf16_blocks_that_do_not_exist_are_refused_by_validate_and_plan(capsys):
+    cfg = "clusters/dual-4090d-replicate.yaml"
+    for blocks, want in (("[0,99]", "block(s) [99] do not exist; this model has 30 main blocks (0-29)"),
+                         ("last:99", "keeps 99 main blocks in bf16; this model has 30")):
+        over = ["--set", f"model.fp8_bf16_blocks={blocks}", "--set", "model.quantization=fp8"]
+        assert cli.main(["validate", cfg, *over]) == 1
+        assert f"INVALID {cfg}: model.fp8_bf16_blocks" in capsys.readouterr().err
+        assert cli.main(["plan", cfg, *over]) == 1
+        assert want in capsys.readouterr().err
+    assert cli.main(["validate", cfg, "--set", "model.fp8_bf16_blocks=[0,29]", "--set", "model.quantization=fp8"]) == 0
