@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from placement.planner import PlacementError
 from zimage_common.config import Config, load_config
 from zimage_common.errors import InvalidRequestError, QueueFullError, ZImageError
 from zimage_common.messages import FailureKind, failure
@@ -122,7 +123,10 @@ class Service:
             gc.freeze()
         except Exception as e:  # noqa: BLE001 - reported on /readyz and in the log, the process stays up
             self.start_error = f"{type(e).__name__}: {e}"
-            log.exception("deployment failed to start")
+            if isinstance(e, (ZImageError, PlacementError)):  # the config's or the cluster's: the message says it
+                log.error("deployment failed to start: %s", e)
+            else:
+                log.exception("deployment failed to start")
 
     def begin(self) -> None:
         self._start_task = asyncio.get_running_loop().create_task(self.start())

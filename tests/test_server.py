@@ -242,6 +242,28 @@ def test_not_ready_is_503_until_the_deployment_starts(tiny_cache):
         assert "injected" not in r.json()["error"]["message"]  # the cause is on /readyz and in the log only
 
 
+def test_a_config_that_cannot_be_placed_is_one_log_line(caplog):
+    """What the config or the cluster gets wrong (nothing fits) is logged as its message, not a traceback; an
+    unexpected failure keeps its traceback."""
+    import asyncio as aio
+
+    from orchestrator.server import Service
+    from placement.planner import PlacementError
+    from zimage_common.config import config_from_dict
+
+    for error, traceback in ((PlacementError("deployment.replicas = 5 but only 2 replica(s) fit"), False),
+                             (RuntimeError("replica r0 failed to load"), True)):
+        async def factory(config, observer=None, error=error):
+            raise error
+
+        caplog.clear()
+        service = Service(config_from_dict({}), deployment_factory=factory)
+        aio.run(service.start())
+        (record,) = [r for r in caplog.records if "deployment failed to start" in r.getMessage()]
+        assert (record.exc_info is not None) == traceback
+        assert service.start_error.endswith(str(error))
+
+
 def test_bench_over_http_reports_the_servers_batch_sizes(server, tmp_path):
     """`bench --http` without a config uses the server's defaults and, since HTTP responses carry no batch ids,
     reads the batch sizes of its own run from the server's /metrics."""
