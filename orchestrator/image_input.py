@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,7 +139,9 @@ def _open_header(data, param: str, limits: LimitsConfig):
         raise InvalidRequestError(f"{param} is {len(data)} bytes; the limit is {limits.max_image_bytes} "
                                   f"(limits.max_image_bytes)", param=param)
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # PIL's bomb warning: the pixel limits below give the error that counts
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise InvalidRequestError(f"{param} is not an image this server can read; send a PNG, JPEG or WebP file",
                                   param=param) from None
