@@ -101,6 +101,8 @@ def render(res: dict) -> str:
               "| --- | --- | --- | --- | --- | --- |"]
     comps = [(f"text encoder, batch {b} ({r['tokens'][1]} tokens padded)", r)
              for b, r in res["text_encoder"].items()]
+    comps += [(f"text encoder, batch {b}, CUDA graphs (model.text_encoder_graphs)", r["graphs"])
+              for b, r in res["text_encoder"].items() if "graphs" in r]
     for name, rows in res["states"].items():
         comps += [(f"caption path (context refiner), {name}, batch {b}", r["caption_path"])
                   for b, r in rows.items() if isinstance(r, dict)]
