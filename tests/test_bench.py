@@ -396,6 +396,29 @@ def test_probe_vae_compile_runs_on_the_cpu(tmp_path):
         assert set(entry["decode_s"]) == {"64x64", "64x96"} and entry["graphs"] == 0
 
 
+def test_probe_attention_fp8_runs_on_the_cpu(tmp_path):
+    """The quantized-attention probe (benchmarks/probe_attention_fp8.py) on the CPU: the bf16 SDPA rows only, and
+    each GPU candidate reported as unavailable rather than failing the run."""
+    out = tmp_path / "pa.json"
+    run_ok([sys.executable, "benchmarks/probe_attention_fp8.py", str(out), "--tiny"])
+    report = json.loads(out.read_text())
+    assert [r["length"] for r in report["rows"]] == [64, 96]
+    assert all(r["sdpa_ms"] > 0 and r["gflop"] > 0 for r in report["rows"])
+    assert set(report["unavailable"]) == {"cudnn_fp8", "sage"}
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("probe_attention_fp8", ROOT / "benchmarks/probe_attention_fp8.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    x = torch.randn(1, 30, 64, 128).transpose(1, 2) * 3  # a strided view, as the packed layout's
+    q, descale = probe.per_tensor_fp8(x)
+    assert q.dtype == torch.float8_e4m3fn and q.stride() == x.stride()  # the strides the cuDNN graph is built with
+    assert float(torch.log2(descale)) == round(float(torch.log2(descale)))  # a power of two: exact to apply
+    assert probe.rel_l2(q.float() * descale, x) < 0.05
+
+
 def _small_report() -> dict:
     from dataclasses import asdict
 
