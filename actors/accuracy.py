@@ -79,7 +79,7 @@ def apply_transformer_options(engine, cfg) -> dict:
     reference = reference_output(engine) if fp8 else None
     if not fp8:
         return {}
-    quantize_fp8(transformer, blocks)
+    quantize_fp8(transformer, bf16_blocks=blocks)
     out = compare(reference, reference_output(engine))
     out["option"] = option_label(True, blocks, n_layers)
     out["bound"] = BOUNDS["fp8"]._asdict()

@@ -110,7 +110,7 @@ def swap_fp8(transformer: torch.nn.Module, bf16_blocks=()) -> int:
     return _swap_linears(transformer, fp8_selector(bf16_blocks), Fp8Linear)
 
 
-def quantize_fp8(transformer: torch.nn.Module, bf16_blocks=()) -> int:
+def quantize_fp8(transformer: torch.nn.Module, *, bf16_blocks=()) -> int:
     """Swap the blocks' nn.Linear layers for float8 ones (per-row scales) in place, except those of the main
     blocks whose indices are in ``bf16_blocks`` (``resolve_bf16_blocks``). Returns how many."""
     device = next(transformer.parameters()).device

@@ -275,6 +275,7 @@ class Roofline:
         self.engine = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), self.device),
                                    self.dtype)
         self.fingerprint = _fingerprint(self.engine.transformer)
+        self._encoder_graphs = None  # measure_text_encoder's, on a GPU
         self.state = State(False)
         self.h = self.w = 2 * (args.size // 16)
         self._inputs: dict[int, tuple] = {}
@@ -324,7 +325,7 @@ class Roofline:
         if st.fp8:
             blocks = resolve_bf16_blocks(st.bf16_blocks or [], len(model.layers))
             if self.gpu:
-                quantize_fp8(model, blocks)
+                quantize_fp8(model, bf16_blocks=blocks)
             else:  # the CPU runs float8 linears too (tests); quantize_fp8 itself refuses non-GPU devices
                 swap_fp8(model, blocks)
         self.state = st
@@ -370,10 +371,14 @@ class Roofline:
         ids, mask = inp.input_ids.to(self.device), inp.attention_mask.to(self.device).bool()
         fn = lambda: eng.encoder(input_ids=ids, attention_mask=mask, use_cache=False)  # noqa: E731 - what encodes run
         out = {"tokens": list(ids.shape), "flops": count_flops(fn), **_slim(profile(fn, self.args.reps, self.gpu))}
-        if self.gpu:  # the same encode through model.text_encoder_graphs' graphs (ids from the CPU, as served)
-            if eng.encoder_graphs is None:
-                eng.capture_encoder_graphs()
-            graphed = lambda: eng.encoder_graphs.run(inp.input_ids)  # noqa: E731
+        if self.gpu:  # the same encode through model.text_encoder_graphs' graphs (ids from the CPU, as served);
+            # graphs of the probe's own: the engine's later encodes (the accuracy probes') stay eager
+            from actors.encoder_graphs import EncoderGraphs
+
+            if self._encoder_graphs is None:
+                self._encoder_graphs = EncoderGraphs(eng.encoder, self.device, pad_id=eng.tokenizer.pad_token_id or 0)
+                self._encoder_graphs.capture()
+            graphed = lambda: self._encoder_graphs.run(inp.input_ids)  # noqa: E731
             out["graphs"] = {"flops": out["flops"], **_slim(profile(graphed, self.args.reps, self.gpu))}
         return out
 
@@ -416,6 +421,9 @@ class Roofline:
             reference = reference_output(self.engine, args.accuracy_size, args.steps)
         for b in args.batches:
             self.res["text_encoder"][str(b)] = self.measure_text_encoder(b)
+        self._encoder_graphs = None  # their memory pool back before the transformer is timed
+        if self.gpu:
+            torch.cuda.empty_cache()
         if self.gpu:  # the benchmark harness's own count of a request's arithmetic, to set beside this one's
             from orchestrator.benchmark.sizes import request_tflop
 

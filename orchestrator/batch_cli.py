@@ -137,6 +137,9 @@ async def run_job(config: Config, input_path: Path, out: str, state: Path | None
     try:
         db = JobDB(state / "batch.db")
         _open_job(db, input_path, len(images))
+    except sqlite3.OperationalError as e:  # locked (another run of this job?), or it cannot be opened
+        raise InvalidRequestError(f"--state {state}: cannot use {state / 'batch.db'} ({e}); is another run using "
+                                  f"this --state?", param="--state") from None
     except sqlite3.DatabaseError as e:
         raise InvalidRequestError(f"--state {state}: {state / 'batch.db'} is not a job's state ({e}); give another "
                                   f"--state (or --out), or remove it to start the job over", param="--state") from None

@@ -130,7 +130,7 @@ def cmd_generate(args) -> int:
                                                  else config.defaults.guidance_scale):
         log.warning("--negative-prompt has no effect at guidance 0 (Z-Image-Turbo's default); pass --guidance too")
     # Every input file read and its header checked before the deployment starts (minutes of model loading on a
-    # GPU): a wrong path or a file that is no image fails at once.
+    # GPU), the errors naming the option: a wrong path or a file that is no image fails at once.
     files = _read_inputs(config, {"--image": args.image, "--mask": [args.mask] if args.mask else [],
                                   "--control-image": [args.control_image] if args.control_image else []})
     if args.image:  # an edit: img2img, or inpainting with --mask (orchestrator/image_input.py has the rules)
@@ -143,28 +143,29 @@ def cmd_generate(args) -> int:
 
 
 def _read_inputs(config: Config, paths: dict[str, list[str]]) -> dict[str, list[bytes]]:
-    """The bytes of the files each option names, each checked as an upload is (readable, an image of a format the
-    service takes, within ``limits``), the errors naming the option."""
-    from .image_input import file_bytes, open_image
+    """The bytes of the files each option names, each file's header checked as an upload's is (readable, an image
+    of a format the service takes, within ``limits``; nothing decoded), the errors naming the option."""
+    from .image_input import file_bytes, stored_pixels
 
     out = {}
     for param, names in paths.items():
         out[param] = [file_bytes(name, param) for name in names]
         for data in out[param]:
-            open_image(data, param, config.limits).close()
+            stored_pixels(data, param, config.limits)
     return out
 
 
 def _run_and_report(config: Config, prompts: list[str], out: Path, params: dict, label: str) -> int:
     from .cli_args import output_dir
-    from .deployment import requests_for
+    from .deployment import check_bf16_blocks, requests_for
 
     # Everything that can be checked without a deployment is, before one starts (minutes of model loading on a
-    # GPU): the output directory, and each prompt's requests under the config (what the model can place and the
-    # adapters it knows are checked again once it has started).
-    output_dir(out)
+    # GPU): the model options, each prompt's requests under the config (the largest side the plan can place and
+    # the adapters the replicas know are checked once it has started), then the output directory.
+    check_bf16_blocks(config.model)
     for prompt in prompts:
         requests_for(config, prompt, **params)
+    output_dir(out)
     summary = asyncio.run(_run_prompts(config, prompts, out, params, label))
     print(
         f"\n{summary['images']} image(s) in {summary['elapsed_s']:.2f}s "
@@ -182,14 +183,15 @@ def cmd_validate(args) -> int:
     for path in args.paths:
         try:
             cfg = load_config(path, args.set)
-            from .deployment import declared_inventory, plan_for
+            from .deployment import check_bf16_blocks, declared_inventory, plan_for
 
+            check_bf16_blocks(cfg.model)
             inv = declared_inventory(cfg)
             if inv is not None:
                 plan_for(cfg, inv)
         except (ZImageError, ValueError) as e:
             msg = str(e)
-            print(f"INVALID {msg if msg.startswith(str(path)) else f'{path}: {msg}'}", file=sys.stderr)
+            print(f"INVALID {msg if msg.startswith(str(Path(path))) else f'{path}: {msg}'}", file=sys.stderr)
             return 1
         print(f"ok      {path}")
     return 0
@@ -212,7 +214,7 @@ def cmd_plan(args) -> int:
             return 2
     try:
         p = plan_for(cfg, inv)
-    except (PlacementError, ValueError) as e:  # what does not fit, or an option the model does not have
+    except PlacementError as e:
         print(f"{args.config}: cannot place: {e}", file=sys.stderr)
         return 1
     if args.json:

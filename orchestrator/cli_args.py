@@ -4,6 +4,7 @@ starts (on a GPU that is minutes of model loading), with a one-line error naming
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 from zimage_common.errors import InvalidRequestError
@@ -60,29 +61,30 @@ def output_dir(path: str | Path, option: str = "--out") -> Path:
         raise InvalidRequestError(f"{option} {p}: exists and is not a directory", param=option)
     try:
         p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".zimage-write-check"
-        probe.touch()
-        probe.unlink()
+        tempfile.TemporaryFile(dir=p).close()  # a name of its own: runs sharing the directory do not collide
     except OSError as e:
         raise InvalidRequestError(f"{option} {p}: cannot write there: {e.strerror or e}", param=option) from None
     return p
 
 
-def check_listen(host: str, port: int) -> None:
-    """Whether this process could listen on ``host:port`` now (a name that resolves, a port free), so that
-    ``serve`` refuses before it starts Ray and loads models rather than after."""
+def check_listen(host: str, port: int, where: str = "--host/--port") -> None:
+    """Whether this process could listen on ``host:port`` now, on every address the name resolves to, as uvicorn
+    binds them (IPv6 sockets IPv6-only): a name that resolves, a port free. ``serve`` checks before it starts Ray
+    and loads models rather than after; ``where`` names the options or config fields the values came from."""
     import socket
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise InvalidRequestError(f"--host {host!r}: {e.strerror}; give an address of this machine "
-                                  f"(127.0.0.1 by default)", param="--host") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            s.bind(address)
-        except OSError as e:
-            raise InvalidRequestError(f"--host/--port {host}:{port}: cannot listen there: {e.strerror}; choose "
-                                      f"another --port or stop what holds it", param="--port") from None
+        raise InvalidRequestError(f"{where} {host}:{port}: {e.strerror}; give an address of this machine "
+                                  f"(127.0.0.1 by default)", param=where) from None
+    for family, kind, proto, _, address in dict.fromkeys((i[0], i[1], i[2], None, i[4]) for i in infos):
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind(address)
+            except OSError as e:
+                raise InvalidRequestError(f"{where} {host}:{port}: cannot listen there: {e.strerror}; choose another "
+                                          f"port or stop what holds it", param=where) from None

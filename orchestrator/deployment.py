@@ -36,7 +36,7 @@ from placement import (
 )
 from placement.memory import MAIN_BLOCKS
 from zimage_common.config import Config, LoraSpec, ModelConfig
-from zimage_common.errors import NotReadyError, ZImageError
+from zimage_common.errors import ConfigError, NotReadyError, ZImageError
 from zimage_common.messages import ImageRequest, ImageResult, ReplicaHealth
 
 from .deployment_loras import LoraAdmin
@@ -79,13 +79,8 @@ def plan_for(config: Config, inventory: Inventory) -> PlacementPlan:
         transformer = ["none"]
         note = f"fp8 not considered: {', '.join(no_fp8)} has no fp8 tensor cores"
     text_encoder = ["none", "int8"] if m.text_encoder_quantization == "auto" else [m.text_encoder_quantization]
+    check_bf16_blocks(m)
     kept = m.fp8_bf16_blocks
-    if isinstance(kept, list):  # indices: each must exist ("last:N" / "first:N" is counted by model_spec)
-        n = MAIN_BLOCKS["tiny" if m.source == "tiny" else "full"]
-        bad = sorted(i for i in kept if not 0 <= i < n)
-        if bad:
-            raise ValueError(f"model.fp8_bf16_blocks: block(s) {bad} do not exist; this model has {n} main blocks "
-                             f"(0-{n - 1})")
     kept = int(kept.partition(":")[2]) if isinstance(kept, str) else len(kept)
     options = [with_loras(model_spec(m.source, m.dtype, t, te, controlnet=m.controlnet is not None,
                                      bf16_blocks=kept if t == "fp8" else 0), m.lora_slots, m.lora_max_rank)
@@ -93,6 +88,19 @@ def plan_for(config: Config, inventory: Inventory) -> PlacementPlan:
     spec = deployment_spec(config)
     chosen = plan(options[0], inventory, spec) if len(options) == 1 else plan_best(options, inventory, spec)
     return chosen if note is None else replace(chosen, notes=(note, *chosen.notes))
+
+
+def check_bf16_blocks(model: ModelConfig) -> None:
+    """``model.fp8_bf16_blocks`` against the main blocks the model has (a replica would refuse it only when it
+    loads): every index exists, and 'last:N' / 'first:N' asks for no more than there are."""
+    blocks, n = model.fp8_bf16_blocks, MAIN_BLOCKS["tiny" if model.source == "tiny" else "full"]
+    bad = sorted(i for i in blocks if not 0 <= i < n) if isinstance(blocks, list) else []
+    if bad:
+        raise ConfigError(f"model.fp8_bf16_blocks: block(s) {bad} do not exist; this model has {n} main blocks "
+                          f"(0-{n - 1})")
+    if isinstance(blocks, str) and int(blocks.partition(":")[2]) > n:
+        raise ConfigError(f"model.fp8_bf16_blocks: {blocks!r} keeps more main blocks in bf16 than the {n} this model "
+                          f"has")
 
 
 def model_for_plan(model: ModelConfig, placement: PlacementPlan) -> ModelConfig:
@@ -470,8 +478,9 @@ def requests_for(config: Config, prompt: str, max_side: int | None = None, known
     """The requests for one prompt (``build_requests``' parameters) under ``config``; with ``image`` an edit
     (``edit_requests_for``); with ``control_image`` (bytes, a path, a PIL image or a uint8 array) and
     ``controlnet_conditioning_scale``, ControlNet-guided (needs ``model.controlnet``). ``max_side`` and
-    ``known_loras``: what the deployment can place and the adapters it knows (None: not checked, as the CLI checks
-    its input before a deployment starts)."""
+    ``known_loras``: the largest side the deployment's plan can place and the adapters it knows (None before a
+    deployment has started, as the CLI checks its input: sides then against the model's own limit, adapters not at
+    all)."""
     from .image_input import file_bytes
 
     if params.get("control_image") is not None:

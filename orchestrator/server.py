@@ -123,7 +123,9 @@ class Service:
             gc.freeze()
         except Exception as e:  # noqa: BLE001 - reported on /readyz and in the log, the process stays up
             self.start_error = f"{type(e).__name__}: {e}"
-            if isinstance(e, (ZImageError, PlacementError)):  # the config's or the cluster's: the message says it
+            # Our own errors carry their message (what does not fit; a replica's failure as its first line, its
+            # traceback being in that replica's log); anything else keeps its traceback.
+            if isinstance(e, (ZImageError, PlacementError)):
                 log.error("deployment failed to start: %s", e)
             else:
                 log.exception("deployment failed to start")
@@ -475,7 +477,9 @@ def cmd_serve(args) -> int:
     from . import ray_backend
     from .cli_args import check_listen
 
-    check_listen(host, port)  # before Ray starts and models load
+    where = "/".join(flag if given else field for flag, field, given in (
+        ("--host", "server.host", args.host is not None), ("--port", "server.port", args.port is not None)))
+    check_listen(host, port, where)  # before Ray starts and models load
     # Ray installs a SIGTERM handler that exits at once; connect first so that uvicorn's graceful handler is
     # the one in force while serving, and make the handler uvicorn restores (and re-raises into) a no-op, so a
     # drained shutdown exits 0.

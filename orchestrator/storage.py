@@ -109,18 +109,29 @@ class S3Store:
 
     def check(self) -> None:
         """Refuse now, not after a job has generated its images, where the bucket cannot be reached: no
-        credentials, an endpoint that does not answer, no such bucket. A 403 passes: credentials may write
-        without the right to list the bucket that HEAD asks for."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        credentials, an endpoint that does not answer, no such bucket, a name S3 does not take. A 403 passes:
+        credentials may write without the right to list the bucket that HEAD asks for (so wrong secrets, which
+        also get a 403 there, are found only at the first upload)."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
 
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") not in ("403", "AccessDenied", "Forbidden"):
                 raise StorageError(f"s3://{self.bucket}: {e}") from None
-        except BotoCoreError as e:
+        except (NoCredentialsError, PartialCredentialsError) as e:
             raise StorageError(f"s3://{self.bucket}: {e}; give credentials (AWS_ACCESS_KEY_ID and "
-                               f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the endpoint in outputs.s3") from None
+                               f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)") from None
+        except EndpointConnectionError as e:
+            raise StorageError(f"s3://{self.bucket}: {e}; check outputs.s3.endpoint_url and region") from None
+        except BotoCoreError as e:
+            raise StorageError(f"s3://{self.bucket}: {e}") from None
 
     def url(self, key: str, base_url: str | None = None) -> str:
         return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket,

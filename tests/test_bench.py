@@ -188,7 +188,10 @@ def test_matrix_rejects_unknown_names(tmp_path):
     for text, want in (("runs: [a", "not valid YAML"), ("- a\n", "a mapping with 'runs'"),
                        ("runs: [1, 2]\n", "are mappings"), ("runs:\n  a: {bench: x}\ngroups:\n  g: 5\n", "a list"),
                        ("runs:\n  a: {bench: 'x \"y'}\n", "runs.a: No closing quotation"),
-                       ("runs:\n  a: {bench: x, timeout_s: abc}\n", "runs.a: could not convert")):
+                       ("runs:\n  a: {bench: x, timeout_s: abc}\n", "runs.a: could not convert"),
+                       ("runs:\n  a: {bench: x, timeout_s: null}\n", "runs.a: float"),
+                       ("runs:\n  a: {bench: [x]}\n", "runs.a: 'bench' / 'script' is one string"),
+                       ("runs:\n  a: {bench: x}\ngroups:\n  g: [a, [b]]\n", "groups.g: a list of run names")):
         matrix.write_text(text)
         with pytest.raises(ValueError, match=want):
             load_matrix(matrix)

@@ -131,17 +131,70 @@ def test_serve_checks_its_address_before_starting(capsys, monkeypatch):
         held.listen()
         port = held.getsockname()[1]
         line = refused(capsys, "serve", "--port", str(port))
-    assert line.startswith(f"error: --host/--port 127.0.0.1:{port}: cannot listen there") and "--port" in line
+    assert line.startswith(f"error: server.host/--port 127.0.0.1:{port}: cannot listen there")
     assert "give an address of this machine" in refused(capsys, "serve", "--host", "no-such-host.invalid")
 
 
-def test_bf16_blocks_that_do_not_exist_are_refused_by_validate_and_plan(capsys):
+def test_bf16_blocks_that_do_not_exist_are_refused_by_validate_and_plan(capsys, no_start):
     cfg = "clusters/dual-4090d-replicate.yaml"
     for blocks, want in (("[0,99]", "block(s) [99] do not exist; this model has 30 main blocks (0-29)"),
-                         ("last:99", "keeps 99 main blocks in bf16; this model has 30")):
+                         ("last:99", "'last:99' keeps more main blocks in bf16 than the 30 this model has")):
         over = ["--set", f"model.fp8_bf16_blocks={blocks}", "--set", "model.quantization=fp8"]
         assert cli.main(["validate", cfg, *over]) == 1
-        assert f"INVALID {cfg}: model.fp8_bf16_blocks" in capsys.readouterr().err
-        assert cli.main(["plan", cfg, *over]) == 1
-        assert want in capsys.readouterr().err
+        assert f"INVALID {cfg}: model.fp8_bf16_blocks: {want}" in capsys.readouterr().err
+        assert refused(capsys, "plan", cfg, *over) == f"error: model.fp8_bf16_blocks: {want}"
     assert cli.main(["validate", cfg, "--set", "model.fp8_bf16_blocks=[0,29]", "--set", "model.quantization=fp8"]) == 0
+    # the toy model's 2 blocks, with no declared inventory (validate plans nothing), and before a demo starts
+    over = ["--set", "model.quantization=fp8", "--set", "model.fp8_bf16_blocks=[0,2]"]
+    assert cli.main(["validate", "clusters/local-cpu.yaml", *over]) == 1
+    assert "block(s) [2] do not exist; this model has 2 main blocks (0-1)" in capsys.readouterr().err
+    assert "block(s) [2] do not exist" in refused(capsys, "demo", *over)
+
+
+def test_bench_defaults_and_an_unreachable_server(tmp_path, capsys, no_start):
+    assert cli.build_parser().parse_args(["bench"]).concurrency == [1, 4]  # argparse types its string default too
+    line = refused(capsys, "bench", "--http", "http://127.0.0.1:9", "--requests", "1", "--warmup", "0",
+                   "--out", str(tmp_path / "b"))
+    assert line.startswith("error: --http http://127.0.0.1:9: ConnectError")
+    assert refused(capsys, "bench", "--workload", "bogus", "--out", str(tmp_path / "w")).startswith(
+        "error: --workload: unknown ['bogus']")
+    assert not (tmp_path / "w").exists()  # refused before the output directory is made
+
+
+def test_a_negative_prompt_without_guidance_is_pointed_out(tmp_path, caplog, monkeypatch):
+    async def stop(*a, **k):
+        raise SystemExit(0)  # the checks passed and the deployment would start here
+
+    monkeypatch.setattr(deployment.Deployment, "start", stop)
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--prompt", "x", "--negative-prompt", "blurry", "--out", str(tmp_path / "g")])
+    assert "--negative-prompt has no effect at guidance 0" in caplog.text
+
+
+def test_a_locked_batch_state_is_not_called_corrupt(tmp_path, capsys, no_start):
+    import sqlite3
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out"
+    src.write_text(GOOD_LINE)
+    out.mkdir()
+    holder = sqlite3.connect(out / "batch.db")
+    holder.execute("BEGIN EXCLUSIVE")  # what a second run of the same job sees while the first one runs
+    try:
+        line = refused(capsys, "batch", str(src), "--out", str(out))
+    finally:
+        holder.close()
+    assert "is another run using this --state?" in line and "not a job's state" not in line
+
+
+def test_serve_names_the_config_field_its_port_came_from(capsys, monkeypatch):
+    import socket
+
+    from orchestrator import ray_backend
+
+    monkeypatch.setattr(ray_backend, "connect", lambda *a: pytest.fail("Ray started"))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        line = refused(capsys, "serve", "--set", f"server.port={port}")
+    assert line.startswith(f"error: server.host/server.port 127.0.0.1:{port}: cannot listen there")

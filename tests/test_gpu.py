@@ -220,7 +220,7 @@ def test_each_fast_path_stays_within_its_stated_bound_on_gpu():
     reference = reference_output(eng)
     eng.packed.compile()
     compiled = compare(reference, reference_output(eng))
-    quantize_fp8(eng.transformer, [])
+    quantize_fp8(eng.transformer)
     eng.packed = PackedTransformer(eng.transformer)
     eng.packed.compile()
     fp8 = compare(reference, reference_output(eng))

@@ -11,6 +11,7 @@ import time
 from urllib.parse import parse_qs, urlparse
 
 import httpx
+import pytest
 from batch_fakes import TimedBackend, factory
 from conftest import ServerThread, tiny_config
 from PIL import Image
@@ -110,3 +111,21 @@ def test_url_round_trip_through_s3_presigned_urls(tmp_path, moto_s3):
             got = httpx.get(d["url"])
             assert got.status_code == 200 and png_size(got.content) == (2, 2)
         assert not (tmp_path / "outputs").exists()  # nothing written locally
+
+
+def test_the_s3_bucket_check_lets_write_only_credentials_through():
+    """``S3Store.check`` (run before a batch job generates anything): a 403 on HEAD passes (credentials may write
+    without listing), a missing bucket does not."""
+    boto3 = pytest.importorskip("boto3")
+    from botocore.stub import Stubber
+
+    from orchestrator.storage import S3Store
+
+    client = boto3.client("s3", region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s")
+    store = S3Store("images", client=client)
+    with Stubber(client) as stub:
+        stub.add_client_error("head_bucket", service_error_code="403", http_status_code=403)
+        store.check()
+        stub.add_client_error("head_bucket", service_error_code="404", http_status_code=404)
+        with pytest.raises(StorageError, match="s3://images: .*404"):
+            store.check()

@@ -205,6 +205,14 @@ class ModelConfig(_Strict):
                              f"the setting)")
         return v
 
+    @field_validator("fp8_backend", mode="before")
+    @classmethod
+    def _retired_fp8_backend(cls, v: Any) -> Any:
+        if v == "torchao":  # its first compile took 194 s against native's 25 (docs/benchmarks-history.md)
+            raise ValueError("fp8 backend 'torchao' is no longer offered: 'native' is the only one (set it, or remove "
+                             "the setting)")
+        return v
+
     @field_validator("fp8_bf16_blocks", mode="before")
     @classmethod
     def _bf16_blocks(cls, v: Any) -> Any:

@@ -54,14 +54,16 @@ def load_matrix(path: str | Path) -> tuple[dict[str, Entry], dict[str, list[str]
             raise ValueError(f"{path}: runs.{name}: give exactly one of 'bench' (zimage-orch bench arguments) or "
                              f"'script' (a probe script and its arguments)")
         try:
-            shlex.split(str(e.get("bench") or e.get("script")))
+            if not isinstance(e.get("bench") or e.get("script"), str):
+                raise ValueError("'bench' / 'script' is one string of arguments")
+            shlex.split(e.get("bench") or e.get("script"))
             timeout_s = float(e.get("timeout_s", 600))
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: runs.{name}: {err} (its command, or timeout_s: seconds)") from None
         entries[name] = Entry(name, e.get("bench"), e.get("script"), str(e.get("machine", "nvidia-h100-x1")),
                               timeout_s, str(e.get("note", "")))
     for g, names in groups.items():
-        if not isinstance(names, list):
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError(f"{path}: groups.{g}: a list of run names")
     groups = {k: list(v) for k, v in groups.items()}
     for g, names in groups.items():
