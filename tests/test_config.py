@@ -100,7 +100,8 @@ def test_validate_cli_checks_overrides(capsys):
     good = str(ROOT / "clusters" / "local-cpu.yaml")
     assert cli_main(["validate", good, "--set", "model.fp8_backend=native"]) == 0
     assert cli_main(["validate", good, "--set", "model.fp8_backend=torchao"]) == 1
-    assert "model.fp8_backend: fp8 backend 'torchao' is no longer offered: 'native' is the only one" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model.fp8_backend: fp8 backend 'torchao' is no longer offered: 'native' is the only one" in err
 
 
 @pytest.mark.parametrize("loras,text", [
