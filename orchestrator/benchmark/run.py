@@ -126,7 +126,7 @@ async def _bench(args, config: Config) -> dict:
 
     server_defaults = bool(args.http and not args.config and not args.sizes)
     sizes = None if server_defaults else parse_sizes(args.sizes, config)
-    workloads = [w.strip() for w in (args.workload or "uniform").split(",")]
+    workloads = _workloads(args)
     conc = args.concurrency or [1]
     edit_opts = {"strength": getattr(args, "strength", 0.6), "edit_steps": getattr(args, "edit_steps", None)}
     makers = {w: RequestMaker.for_workload(w, config, sizes, args.steps, seed=args.seed + i, **edit_opts)
@@ -217,6 +217,15 @@ async def _bench(args, config: Config) -> dict:
     return report
 
 
+def _workloads(args) -> list[str]:
+    """``--workload``'s phases, each a name of ``WORKLOADS``."""
+    names = [w.strip() for w in (args.workload or "uniform").split(",")]
+    bad = [w for w in names if w not in WORKLOADS]
+    if bad:
+        raise InvalidRequestError(f"--workload: unknown {bad}; choose from {', '.join(WORKLOADS)}", param="--workload")
+    return names
+
+
 def cmd_bench(args) -> int:
     import sys
 
@@ -237,9 +246,7 @@ def cmd_bench(args) -> int:
 
     args.argv = sys.argv[2:] if len(sys.argv) > 2 else []
     config = load_config(args.config, args.set)
-    bad = [w for w in (args.workload or "uniform").split(",") if w.strip() not in WORKLOADS]
-    if bad:
-        raise InvalidRequestError(f"--workload: unknown {bad}; choose from {', '.join(WORKLOADS)}", param="--workload")
+    _workloads(args)  # refused before the output directory is made
     output_dir(args.out)  # before the run, not after it: its results would be lost
     try:
         report = asyncio.run(_bench(args, config))
