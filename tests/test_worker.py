@@ -139,8 +139,12 @@ def test_encoder_warmup_runs_on_the_encode_stage_thread_and_graphs_fall_back_to_
 def test_encoder_graphs_only_where_asked_with_a_warmup_on_cuda_and_an_encoder_of_its_own(worker, monkeypatch):
     import torch
 
-    assert worker.model_cfg.text_encoder_graphs is False  # opt-in
-    monkeypatch.setattr(worker, "model_cfg", worker.model_cfg.model_copy(update={"text_encoder_graphs": True}))
+    assert worker.model_cfg.text_encoder_graphs is True  # the default
+    assert not worker._encoder_graphs_wanted()  # on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(worker, "model_cfg", worker.model_cfg.model_copy(update={"text_encoder_graphs": False}))
+    assert not worker._encoder_graphs_wanted()  # turned off
+    monkeypatch.undo()
     assert not worker._encoder_graphs_wanted()  # on the CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert worker._encoder_graphs_wanted()
