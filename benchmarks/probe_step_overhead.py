@@ -1,9 +1,10 @@
 """Where a lone request's denoising time goes, layer by layer of the serving path (issue #31's 512x512 gap): one
 replica in this process (no Ray, no router), the config's model, one request at a time, at each ``--sizes``.
 
-Per size, each layer timed over the request's steps (median of ``--reps``), with CUDA events for the GPU time and the
-host's time to return from the last launch (``host_s``; close to ``wall_s`` means the step is launch-bound, the GPU
-waits for Python):
+Per size, each layer timed over the request's steps (median of ``--reps``): the wall time to the GPU's end
+(``wall_s``), the same span between CUDA events (``device_s``) and the host's time to return from the last launch
+(``host_s``). CUDA's launch queue lets the host run about a step ahead of a GPU-bound loop, so ``host_s`` a step
+short of ``wall_s`` means the GPU sets the pace, and ``host_s`` close to ``wall_s`` means Python's launches do:
 
 1. ``forward``: the packed transformer call alone, ``steps`` times on one layout;
 2. ``engine_step``: ``ZImageEngine.step`` (the call, guidance, the Euler update) on the packed set;
@@ -42,7 +43,7 @@ PROMPT = "a photograph of a lighthouse at dusk, waves breaking on the rocks, num
 
 
 class Clock:
-    """Wall, host (until the last launch returned) and GPU seconds of one timed block."""
+    """Wall, host (until the last launch returned) and CUDA-event seconds of one timed block."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -56,12 +57,12 @@ class Clock:
         t0 = time.perf_counter()
         fn()
         host = time.perf_counter() - t0
-        gpu = None
+        device = None
         if self.cuda:
             end.record()
             torch.cuda.synchronize(self.device)
-            gpu = start.elapsed_time(end) / 1e3
-        return {"wall_s": time.perf_counter() - t0, "host_s": host, "gpu_s": gpu}
+            device = start.elapsed_time(end) / 1e3
+        return {"wall_s": time.perf_counter() - t0, "host_s": host, "device_s": device}
 
 
 def median_of(rows: list[dict]) -> dict:

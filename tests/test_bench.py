@@ -263,6 +263,23 @@ def test_probe_step_decode_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
 
 
 @pytest.mark.slow
+def test_probe_step_overhead_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
+    """The lone-request layering (benchmarks/probe_step_overhead.py) with the toy model: every layer timed at every
+    size, the replica's calls served, and the profile written (no CUDA: no event times)."""
+    out = tmp_path / "pso.json"
+    cmd = [sys.executable, "benchmarks/probe_step_overhead.py", str(out), "--tiny", "--set",
+           f"model.cache_dir={tiny_cache}", "--sizes", "64x64,32x48", "--reps", "1"]
+    run_ok(cmd)
+    phases = json.loads(out.read_text())["phases"]
+    assert list(phases) == ["64x64", "32x48"]
+    for p in phases.values():
+        assert list(p) == ["forward", "engine_step", "run_alone", "serve"]
+        assert all(v["wall_s"] > 0 and v["device_s"] is None for v in p.values())
+        assert p["serve"]["denoise_stage_s"] > 0
+    assert "cProfile of run_alone" in out.with_suffix(".txt").read_text()
+
+
+@pytest.mark.slow
 def test_probe_encode_overlap_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
     """The encode-overlap diagnosis (benchmarks/probe_encode_overlap.py) with the toy model: encodes alone of both
     kinds, and every phase's batches with their denoise times (and one batch alone after it)."""
