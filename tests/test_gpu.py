@@ -267,6 +267,7 @@ def test_text_encoder_graphs_on_gpu():
         stop.set()
         other.join()
     assert len(graphs.graphs) == 48
+    print({"encoder graphs pool MiB": graphs.pool_bytes / 2**20})  # what the replica holds for them (its log says too)
     g = torch.Generator("cpu").manual_seed(0)
     with torch.no_grad():
         for b, length in ((1, 108), (3, 40), (8, 300)):
