@@ -82,8 +82,10 @@ def plan_for(config: Config, inventory: Inventory) -> PlacementPlan:
     check_bf16_blocks(m)
     kept = m.fp8_bf16_blocks
     kept = int(kept.partition(":")[2]) if isinstance(kept, str) else len(kept)
+    graphs = m.text_encoder_graphs and config.deployment.warmup  # captured only at a warm-up (and only on CUDA)
     options = [with_loras(model_spec(m.source, m.dtype, t, te, controlnet=m.controlnet is not None,
-                                     bf16_blocks=kept if t == "fp8" else 0), m.lora_slots, m.lora_max_rank)
+                                     bf16_blocks=kept if t == "fp8" else 0, encoder_graphs=graphs),
+                          m.lora_slots, m.lora_max_rank)
                for te in text_encoder for t in transformer]
     spec = deployment_spec(config)
     chosen = plan(options[0], inventory, spec) if len(options) == 1 else plan_best(options, inventory, spec)

@@ -79,6 +79,7 @@ class ComponentSpec:
     act_gib_per_token: float = 0.0  # per token of the packed batch (transformer)
     act_gib_per_mpix: float = 0.0  # per megapixel of the largest image (VAE: one image at a time)
     act_gib_per_prompt: float = 0.0  # per prompt of the batch (text encoder)
+    resident_gib: float = 0.0  # held beside the weights for good (the text encoder's CUDA graph pool)
 
     def weights_gib(self, dtype: str, base: str = "bfloat16") -> float:
         """``dtype`` a torch dtype name, or 'fp8'/'int8' (the quantizable linears in one byte, the rest in
@@ -110,10 +111,12 @@ class ModelSpec:
         return {n: self.precision(n) for n in self.components}
 
     def weights_gib(self, names) -> float:
-        """Resident memory of ``names``: their weights, plus the LoRA adapters with the transformer."""
+        """Resident memory of ``names``: their weights and what each holds for good beside them, plus the LoRA
+        adapters with the transformer."""
         names = list(names)
         lora = self.lora_gib if "transformer" in names else 0.0
-        return sum(self.components[n].weights_gib(self.precision(n), self.dtype) for n in names) + lora
+        return sum(self.components[n].weights_gib(self.precision(n), self.dtype) + self.components[n].resident_gib
+                   for n in names) + lora
 
     def load_peak_gib(self, names) -> float:
         """The peak while a device holding ``names`` starts: components load in the base dtype and are quantized
@@ -182,6 +185,11 @@ _Z_IMAGE_TURBO = {
     "vae": ComponentSpec("vae", 83_819_683, act_gib_per_mpix=2.375),
 }
 
+# The text encoder's CUDA graphs (``model.text_encoder_graphs``, captured at warm-up): their memory pool, held for
+# good. Measured on an H100 with the full-size encoder at its 48 buckets (tests/test_gpu.py, 464 MiB); the toy model
+# runs on the CPU, where nothing is captured.
+ENCODER_GRAPHS_GIB = {"full": 464 / 1024, "tiny": 0.0}
+
 # The toy model of the CPU demo and tests: a few MB, so any logical GPU fits it.
 _TINY = {
     "transformer": ComponentSpec("transformer", 200_000, act_gib_per_token=1e-6),
@@ -231,12 +239,14 @@ REFINER_BLOCKS = {"full": 4, "tiny": 2}
 
 
 def model_spec(source: str, dtype: str = "bfloat16", transformer: str = "none",
-               text_encoder: str = "none", controlnet: bool = False, bf16_blocks: int = 0) -> ModelSpec:
+               text_encoder: str = "none", controlnet: bool = False, bf16_blocks: int = 0,
+               encoder_graphs: bool = False) -> ModelSpec:
     """The memory model for a model source: 'tiny' is the toy model; every other source is Z-Image-Turbo.
     ``transformer`` ('none' | 'fp8') and ``text_encoder`` ('none' | 'int8' | 'fp8') quantize those components'
     linear weights to one byte (the transformer's blocks; the text encoder's layers, weight-only). ``controlnet``:
     a ControlNet on the transformer's GPU, counted with the transformer (weights and activations). ``bf16_blocks``:
-    with fp8, how many main blocks stay in 16 bits (their linears' weights count two bytes)."""
+    with fp8, how many main blocks stay in 16 bits (their linears' weights count two bytes). ``encoder_graphs``: the
+    text encoder's device also holds its CUDA graphs' pool."""
     if dtype not in BYTES_PER_PARAM:
         raise ValueError(f"dtype must be one of {sorted(BYTES_PER_PARAM)}, got {dtype!r}")
     if transformer not in ("none", "fp8") or text_encoder not in ("none", *QUANTIZED):
@@ -255,6 +265,8 @@ def model_spec(source: str, dtype: str = "bfloat16", transformer: str = "none",
         t = comps["transformer"]
         comps["transformer"] = replace(t, params=t.params + CONTROLNET_PARAMS[size],
                                        act_gib_per_token=t.act_gib_per_token + CONTROLNET_ACT_GIB_PER_TOKEN[size])
+    if encoder_graphs:
+        comps["text_encoder"] = replace(comps["text_encoder"], resident_gib=ENCODER_GRAPHS_GIB[size])
     name = ("tiny-z-image" if size == "tiny" else "Z-Image-Turbo") + (" + ControlNet" if controlnet else "")
     return ModelSpec(name, "float32" if size == "tiny" else dtype, comps, quantized)
 

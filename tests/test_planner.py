@@ -288,3 +288,27 @@ def test_fp8_only_where_the_declared_gpus_have_fp8_tensor_cores(tmp_path, capsys
     cfg.write_text(a100.replace("quantization: auto", "quantization: fp8"))
     assert main(["plan", str(cfg)]) == 1
     assert "model.quantization fp8 needs GPUs with fp8 tensor cores" in capsys.readouterr().err
+
+
+def test_the_text_encoders_graph_pool_is_counted_on_its_device():
+    """With ``model.text_encoder_graphs`` (and a warm-up, where they are captured) the text encoder's device holds
+    their pool for good (464 MiB measured on an H100): more resident memory there, a smaller batch budget where it
+    shares the card with the transformer, nothing on the toy model (CPU) or without a warm-up."""
+    from orchestrator.deployment import plan_for
+    from zimage_common.config import config_from_dict
+
+    plain, graphs = model_spec("modelscope"), model_spec("modelscope", encoder_graphs=True)
+    assert graphs.weights_gib(["text_encoder"]) - plain.weights_gib(["text_encoder"]) == pytest.approx(464 / 1024)
+    assert graphs.weights_gib(["transformer", "vae"]) == plain.weights_gib(["transformer", "vae"])
+    names = ["transformer", "text_encoder", "vae"]
+    assert graphs.max_batch_tokens(names, 24.0, 1024 * 1024, 4) < plain.max_batch_tokens(names, 24.0, 1024 * 1024, 4)
+    assert model_spec("tiny", encoder_graphs=True) == model_spec("tiny")
+
+    inventory = Inventory((GPU("n", 0, 80.0),))
+    peak = {}
+    for graphs_on, warmup in ((True, True), (False, True), (True, False)):
+        cfg = config_from_dict({"model": {"source": "random-full", "text_encoder_graphs": graphs_on},
+                                "deployment": {"mode": "replicate", "replicas": 1, "warmup": warmup}})
+        peak[graphs_on, warmup] = plan_for(cfg, inventory).gpus[0].estimated_peak_gib
+    assert peak[True, True] - peak[False, True] == pytest.approx(464 / 1024, abs=0.01)
+    assert peak[True, False] == peak[False, True]  # no warm-up: nothing captured, nothing counted
