@@ -101,9 +101,12 @@ def _check(input_path: Path, config: Config) -> dict[str, int]:
     except OSError as e:
         raise InvalidRequestError(f"input: cannot read {str(input_path)!r}: {e.strerror}", param="input") from None
     with f:
-        for line in read_lines(f, config.batches.cli_max_lines, ENDPOINTS, "batches.cli_max_lines"):
-            n = line.body.get("n", 1)
-            images[line.custom_id] = n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 128 else 1
+        try:
+            for line in read_lines(f, config.batches.cli_max_lines, ENDPOINTS, "batches.cli_max_lines"):
+                n = line.body.get("n", 1)
+                images[line.custom_id] = n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 128 else 1
+        except InvalidRequestError as e:  # the file's name with the line's number, as compilers print them
+            raise InvalidRequestError(f"{input_path}: {e.message}", param="input") from None
     if not images:
         raise InvalidRequestError(f"{input_path} holds no requests (one JSON object a line)")
     return images

@@ -193,7 +193,7 @@ def test_cli_entry_point_refuses_a_bad_file_naming_the_line(tmp_path):
     src.write_text(line("a", prompt="x") + "\n" + line("a", prompt="y") + "\n")
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "batch", str(src), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
-    assert r.returncode == 2 and "line 2: custom_id 'a' is already used on line 1" in r.stderr
+    assert r.returncode == 2 and f"{src}: line 2: custom_id 'a' is already used on line 1" in r.stderr
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "batch", str(tmp_path / "missing.jsonl"),
                         "--out", str(tmp_path / "o")], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
