@@ -47,6 +47,7 @@ def connect(cluster: ClusterConfig) -> None:
         adopt_logger("ray")  # Ray's own warnings as JSON lines too (it keeps the WARNING level set here)
     if cluster.address is not None:
         log.info("joining Ray cluster at %s", cluster.address)
+        check_reachable(cluster.address)
         try:
             ray.init(address=cluster.address, **common)
         except ConnectionError as e:
@@ -64,6 +65,27 @@ def connect(cluster: ClusterConfig) -> None:
         log.info("starting a local Ray (num_cpus=%s, num_gpus=%s)", cluster.num_cpus, cluster.num_gpus)
         ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus, include_dashboard=False,
                  _system_config={"worker_niceness": 0}, **common)
+
+
+REACH_TIMEOUT_S = 5.0  # a head that does not accept a connection in this long is taken as not there
+
+
+def check_reachable(address: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """A ``host:port`` or ``ray://host:port`` address must accept a TCP connection before Ray is asked to join it:
+    ``ray.init`` retries an absent head for about a minute, printing only its own warnings. ``auto`` (and anything
+    without a port) is left to Ray."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise NotReadyError(f"cluster.address={address!r}: nothing answers at {host}:{port} ({reason}); start a "
+                            f"head there with 'ray start --head', or leave cluster.address out to start a local "
+                            f"Ray") from None
 
 
 def node_alive(node_id: str) -> bool:

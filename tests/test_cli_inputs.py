@@ -119,6 +119,22 @@ def test_errors_after_the_start_are_one_line(tmp_path, capsys, monkeypatch):
     with pytest.raises(NotReadyError, match="cluster.address='auto': no Ray cluster to join .* 'ray start --head'"):
         ray_backend.connect(ClusterConfig(address="auto"))
 
+    # a host:port nobody listens on is refused at once, before Ray retries it for a minute
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray asked to join an address nobody answers"))
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(NotReadyError, match=f"cluster.address='{address}': nothing answers at 127.0.0.1:{port} "
+                                                r"\(.*\); start a head there"):
+            ray_backend.connect(ClusterConfig(address=address))
+    with socket.socket() as s:  # one that answers goes on to Ray
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        ray_backend.check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
+
 
 def test_serve_checks_its_address_before_starting(capsys, monkeypatch):
     """A port in use or a host that does not resolve, before Ray starts; the error names where the value came from
