@@ -297,7 +297,8 @@ class StartupMixin:
             from .compile_cache import enable_compile_cache
 
             enable_compile_cache(cfg.compile_cache_dir)
-            self.engine.packed.compile()  # dynamic shapes: three graphs cover every packed batch
+            # dynamic shapes: three graphs cover every packed batch
+            self.engine.packed.compile(**({"options": {"cpp_wrapper": True}} if cfg.compile_cpp_wrapper else {}))
             # Its graph compiles in the first warm-up batch's decode, not beside the transformer's on another
             # thread: dynamo's tracing is not thread-safe (a warm start failed with "using FX to symbolically trace
             # a dynamo-optimized function").

@@ -230,6 +230,30 @@ def test_each_fast_path_stays_within_its_stated_bound_on_gpu():
     assert fp8["forward_rel_l2"] > compiled["forward_rel_l2"]  # fp8 did run: its rounding shows
 
 
+def test_cpp_wrapper_blocks_on_gpu():
+    """``model.compile_cpp_wrapper``: the full-size blocks compiled with inductor's C++ wrapper stay within the
+    compiled bf16 bound against eager on the start-up probe, and a new mix of sizes after the compiling calls
+    compiles nothing."""
+    from actors.accuracy import BOUNDS, within
+    from actors.compiled import counted
+    from actors.engine import Sample, ZImageEngine
+    from actors.models import build_components
+    from actors.quantize import compare, reference_output
+    from actors.steploop import generate
+
+    comps = build_components("full", device="cuda", dtype=torch.bfloat16)
+    eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cuda"), torch.bfloat16)
+    reference = reference_output(eng)
+    eng.packed.compile(options={"cpp_wrapper": True})
+    err = compare(reference, reference_output(eng))
+    print({"bf16 compiled, C++ wrapper": err})
+    assert within(err, BOUNDS["bf16"]), err
+    generate(eng, [Sample("a", 1, 512, 512), Sample("b " * 40, 2, 768, 512)], 2)
+    with torch.compiler.set_stance("fail_on_recompile"), counted() as missed:
+        generate(eng, [Sample("c " * 90, 3, 1024, 640), Sample("d", 4, 256, 256), Sample("e", 5, 640, 640)], 2)
+    assert not missed, missed
+
+
 def test_text_encoder_graphs_on_gpu():
     """The text encoder's CUDA graphs, captured while another thread allocates and syncs (the capture is
     thread-local: other threads' CUDA calls must neither fail nor break it): a call of one graphed count is the eager

@@ -58,3 +58,36 @@ def test_prewarm_covers_every_length_a_sample_within_the_limit_can_have(transfor
         lay = packed.layout(sizes, caption_lens)
         assert set(lay.uni.lens) | set(lay.x.lens) | set(lay.cap.lens) <= lengths
     assert packed.prewarm(128 * 128) == 0
+
+
+@pytest.mark.slow
+def test_cpp_wrapper_blocks_equal_eager_and_compile_nothing_for_a_new_mix(transformer, tmp_path, monkeypatch):
+    """``model.compile_cpp_wrapper``'s mechanism, on the CPU: the blocks compiled with inductor's C++ wrapper (which
+    calls the custom attention op back through Python) give the eager packed call's outputs, and once a lone sample
+    and a mixed batch have compiled the graphs, a new mix of sizes and caption lengths runs without compiling."""
+    from actors.compiled import counted
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    eager, compiled = PackedTransformer(transformer), PackedTransformer(transformer)
+    compiled.compile(options={"cpp_wrapper": True})
+    g = torch.Generator().manual_seed(1)
+
+    def same(sizes, lens):
+        caps = [torch.randn(n, 32, generator=g) for n in lens]
+        lat = [torch.randn(16, 1, h, w, generator=g) for h, w in sizes]
+        t = torch.rand(len(sizes), generator=g)
+        shapes = [(1, h, w) for h, w in sizes]
+        want = eager(lat, t, caps, eager.layout(shapes, lens))
+        got = compiled(lat, t, caps, compiled.layout(shapes, lens))
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+
+    try:
+        with torch.no_grad():
+            same([(8, 12)], [5])
+            same([(8, 12), (2, 2)], [5, 40])
+            with torch.compiler.set_stance("fail_on_recompile"), counted() as missed:
+                same([(6, 10), (4, 4), (2, 6)], [33, 7, 64])
+        assert not missed, missed  # every call had its graph
+    finally:
+        torch._dynamo.reset()

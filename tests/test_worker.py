@@ -376,3 +376,24 @@ def test_images_encoded_on_the_replica_equal_the_front_doors_encoding_of_its_pix
         previews = [p for ev in items[:-1] for p in ev.previews]
         assert previews and all(p[2].format == fmt for p in previews)
     assert worker.intake_stats()["encoder"]["images"] == 3
+
+
+def test_speed_options_compile_the_blocks_with_the_cpp_wrapper_only_when_asked(worker, monkeypatch):
+    """``model.compile`` on the transformer's CUDA device compiles the packed blocks (and the VAE decoder);
+    ``model.compile_cpp_wrapper`` adds inductor's C++ wrapper to the blocks' compile, nothing else."""
+    import torch
+
+    import actors.compiled
+    import actors.compile_cache
+
+    calls = []
+    monkeypatch.setattr(worker.engine.packed, "compile", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(actors.compiled, "compile_vae_decoder", lambda vae, **kw: calls.append("vae"))
+    monkeypatch.setattr(actors.compile_cache, "enable_compile_cache", lambda d: None)
+    monkeypatch.setattr(worker.engine, "devices", {**worker.engine.devices, "transformer": torch.device("cuda")})
+    for cpp, want in ((False, {}), (True, {"options": {"cpp_wrapper": True}})):
+        monkeypatch.setattr(worker, "model_cfg", worker.model_cfg.model_copy(
+            update={"compile": True, "compile_cpp_wrapper": cpp}))
+        calls.clear()
+        worker._apply_speed_options()
+        assert calls == [want, "vae"]

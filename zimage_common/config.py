@@ -122,6 +122,11 @@ class ModelConfig(_Strict):
     compile: bool = Field(
         default=False, description="torch.compile of the transformer blocks with dynamic shapes (GPU only): every "
         "graph is compiled during warm-up, none after ready.")
+    compile_cpp_wrapper: bool = Field(
+        default=False, description="With compile: the compiled transformer blocks launch their kernels from "
+        "inductor's C++ wrapper instead of Python. Aimed at small images, where a step is paced by the host's ~500 "
+        "launches rather than the GPU (512x512 on an H100, docs/benchmarks.md); the first compile takes longer (C++ "
+        "builds, kept by compile_cache_dir). Opt-in: not yet run on a GPU (tests/test_gpu.py checks it there).")
     quantization: Literal["none", "fp8", "auto"] = Field(
         default="none", description="fp8: dynamic per-row float8 of the transformer blocks' linear layers (Ada/Hopper "
         "GPUs). The replica checks its output against bf16 at start-up and reports the error. auto: the planner "
