@@ -77,10 +77,13 @@ def check_reachable(address: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
     import socket
 
     host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    bare_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))  # '::1': no port to check
+    if not sep or not port.isdigit() or not host or bare_ipv6:
         return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except socket.gaierror as e:
+        raise NotReadyError(f"cluster.address={address!r}: the host {host} does not resolve ({e.strerror})") from None
     except OSError as e:
         reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
         raise NotReadyError(f"cluster.address={address!r}: nothing answers at {host}:{port} ({reason}); start a "

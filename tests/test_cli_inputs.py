@@ -134,6 +134,19 @@ def test_errors_after_the_start_are_one_line(tmp_path, capsys, monkeypatch):
         s.bind(("127.0.0.1", 0))
         s.listen()
         ray_backend.check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
+    if socket.has_ipv6:
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind(("::1", 0))
+                s.listen()
+                ray_backend.check_reachable(f"[::1]:{s.getsockname()[1]}")  # bracketed IPv6 with its port
+        except OSError as e:
+            if "Cannot assign" not in str(e) and "not available" not in str(e):
+                raise
+    for no_port in ("auto", "::1", "fe80::1", "headnode", "ray://headnode"):
+        ray_backend.check_reachable(no_port)  # left to Ray: nothing to check without a port
+    with pytest.raises(NotReadyError, match="the host no-such-host.invalid does not resolve"):
+        ray_backend.check_reachable("no-such-host.invalid:6379")
 
 
 def test_serve_checks_its_address_before_starting(capsys, monkeypatch):

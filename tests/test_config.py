@@ -127,3 +127,10 @@ def test_retired_attention_kernels_are_refused_by_name(value):
     with pytest.raises(ConfigError, match=rf"model.attention: .*attention '{value}' is no longer offered"):
         config_from_dict({"model": {"attention": value}})
     assert config_from_dict({"model": {"attention": "runs"}}).model.attention == "runs"
+
+
+def test_compile_cpp_wrapper_needs_compile():
+    with pytest.raises(ConfigError, match="compile_cpp_wrapper changes how the compiled blocks launch, but compile is "
+                                          "false: set compile to true"):
+        config_from_dict({"model": {"compile_cpp_wrapper": True}})
+    assert config_from_dict({"model": {"compile": True, "compile_cpp_wrapper": True}}).model.compile_cpp_wrapper

@@ -234,6 +234,18 @@ def test_cpp_wrapper_blocks_on_gpu():
     """``model.compile_cpp_wrapper``: the full-size blocks compiled with inductor's C++ wrapper stay within the
     compiled bf16 bound against eager on the start-up probe, and a new mix of sizes after the compiling calls
     compiles nothing."""
+    import torch._inductor.config
+    from torch._inductor.graph import GraphLowering
+
+    wrapped = []  # graphs whose wrapper inductor generated in C++ (none from a cache: the option reached the compile)
+    cpp = GraphLowering.codegen_with_cpp_wrapper
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch._inductor.config, "fx_graph_cache", False)
+        mp.setattr(GraphLowering, "codegen_with_cpp_wrapper", lambda self: wrapped.append(1) or cpp(self))
+        _cpp_wrapper_checks(wrapped)
+
+
+def _cpp_wrapper_checks(wrapped: list) -> None:
     from actors.accuracy import BOUNDS, within
     from actors.compiled import counted
     from actors.engine import Sample, ZImageEngine
@@ -252,6 +264,7 @@ def test_cpp_wrapper_blocks_on_gpu():
     with torch.compiler.set_stance("fail_on_recompile"), counted() as missed:
         generate(eng, [Sample("c " * 90, 3, 1024, 640), Sample("d", 4, 256, 256), Sample("e", 5, 640, 640)], 2)
     assert not missed, missed
+    assert wrapped
 
 
 def test_text_encoder_graphs_on_gpu():
@@ -292,6 +305,9 @@ def test_text_encoder_graphs_on_gpu():
         other.join()
     assert len(graphs.graphs) == 48
     print({"encoder graphs pool MiB": graphs.pool_bytes / 2**20})  # what the replica holds for them (its log says too)
+    from placement.memory import ENCODER_GRAPHS_GIB
+
+    assert graphs.pool_bytes <= 1.05 * ENCODER_GRAPHS_GIB["full"] * 2**30  # the plan's figure still holds
     g = torch.Generator("cpu").manual_seed(0)
     with torch.no_grad():
         for b, length in ((1, 108), (3, 40), (8, 300)):
@@ -314,7 +330,7 @@ def test_text_encoder_graphs_on_gpu():
                 spread = max(_rel(batched[i, :n[i]], solo), _rel(repadded, solo))
                 err = _rel(got[i, :n[i]], solo)
                 print({"prompts": b, "length": n[i], "graph": err, "eager at other shapes": spread})
-                assert err <= 2 * spread + 1e-3, (err, spread)
+                assert err <= 1.1 * spread + 1e-3 and err < 0.05, (err, spread)
 
 
 def _rel(a: torch.Tensor, w: torch.Tensor) -> float:

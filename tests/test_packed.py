@@ -65,9 +65,14 @@ def test_cpp_wrapper_blocks_equal_eager_and_compile_nothing_for_a_new_mix(transf
     """``model.compile_cpp_wrapper``'s mechanism, on the CPU: the blocks compiled with inductor's C++ wrapper (which
     calls the custom attention op back through Python) give the eager packed call's outputs, and once a lone sample
     and a mixed batch have compiled the graphs, a new mix of sizes and caption lengths runs without compiling."""
+    from torch._inductor.graph import GraphLowering
+
     from actors.compiled import counted
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    wrapped = []  # graphs whose wrapper inductor generated in C++ (the option reached the compile)
+    cpp = GraphLowering.codegen_with_cpp_wrapper
+    monkeypatch.setattr(GraphLowering, "codegen_with_cpp_wrapper", lambda self: wrapped.append(1) or cpp(self))
     eager, compiled = PackedTransformer(transformer), PackedTransformer(transformer)
     compiled.compile(options={"cpp_wrapper": True})
     g = torch.Generator().manual_seed(1)
@@ -89,5 +94,6 @@ def test_cpp_wrapper_blocks_equal_eager_and_compile_nothing_for_a_new_mix(transf
             with torch.compiler.set_stance("fail_on_recompile"), counted() as missed:
                 same([(6, 10), (4, 4), (2, 6)], [33, 7, 64])
         assert not missed, missed  # every call had its graph
+        assert wrapped
     finally:
         torch._dynamo.reset()

@@ -383,8 +383,8 @@ def test_speed_options_compile_the_blocks_with_the_cpp_wrapper_only_when_asked(w
     ``model.compile_cpp_wrapper`` adds inductor's C++ wrapper to the blocks' compile, nothing else."""
     import torch
 
-    import actors.compiled
     import actors.compile_cache
+    import actors.compiled
 
     calls = []
     monkeypatch.setattr(worker.engine.packed, "compile", lambda **kw: calls.append(kw))

@@ -140,9 +140,8 @@ class ModelConfig(_Strict):
     text_encoder_graphs: bool = Field(
         default=True, description="CUDA graphs of the text encoder at 48 (prompts, padded length) buckets, captured "
         "at the end of the warm-up on the encode stage's thread (GPU and deployment.warmup only): an encode launches "
-        "its kernels in one call instead of from Python, which also frees the GIL the step loop needs to launch its "
-        "steps (on an H100 at 512x512, a lone request's encode went from 75 to 10 ms and the mean latency at half "
-        "load fell 16%; docs/benchmarks.md). Off, or where nothing is captured (CPU, no warm-up, a remote encoder, a "
+        "its kernels in one call instead of from Python (on an H100 at 512x512, a lone request's encode went from 75 "
+        "to 10 ms and the mean latency at half load fell 16%; docs/benchmarks.md). Off, or where nothing is captured (CPU, no warm-up, a remote encoder, a "
         "failed capture): the encoder runs eager.")
     fp8_backend: Literal["native"] = Field(
         default="native", description="How fp8 is done; native is the only one: plain-tensor float8 linears on "
@@ -201,6 +200,9 @@ class ModelConfig(_Strict):
         if self.fp8_bf16_blocks and self.quantization == "none":
             raise ValueError("fp8_bf16_blocks chooses blocks to keep out of fp8, but quantization is 'none': set "
                              "quantization to 'fp8' (or 'auto'), or remove fp8_bf16_blocks")
+        if self.compile_cpp_wrapper and not self.compile:
+            raise ValueError("compile_cpp_wrapper changes how the compiled blocks launch, but compile is false: set "
+                             "compile to true, or remove compile_cpp_wrapper")
         return self
 
     @field_validator("attention", mode="before")
