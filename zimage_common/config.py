@@ -141,8 +141,8 @@ class ModelConfig(_Strict):
         default=True, description="CUDA graphs of the text encoder at 48 (prompts, padded length) buckets, captured "
         "at the end of the warm-up on the encode stage's thread (GPU and deployment.warmup only): an encode launches "
         "its kernels in one call instead of from Python (on an H100 at 512x512, a lone request's encode went from 75 "
-        "to 10 ms and the mean latency at half load fell 16%; docs/benchmarks.md). Off, or where nothing is captured (CPU, no warm-up, a remote encoder, a "
-        "failed capture): the encoder runs eager.")
+        "to 10 ms and the mean latency at half load fell 16%; docs/benchmarks.md). Off, or where nothing is captured "
+        "(CPU, no warm-up, a remote encoder, a failed capture): the encoder runs eager.")
     fp8_backend: Literal["native"] = Field(
         default="native", description="How fp8 is done; native is the only one: plain-tensor float8 linears on "
         "torch._scaled_mm (first compile about 25 s on an H100). torchao's version of the same scheme is no longer "
