@@ -180,7 +180,8 @@ class ModelSpec:
 # per prompt padded to the longest of the batch (at most 512 tokens).
 _Z_IMAGE_TURBO = {
     "transformer": ComponentSpec("transformer", 6_154_908_736, 6_016_204_800, act_gib_per_token=155 / 2**20),
-    "text_encoder": ComponentSpec("text_encoder", 4_022_468_096, 3_633_315_840, act_gib_fixed=0.05,
+    # Qwen3-4B without its last layer and final norm, which a replica never runs nor keeps (actors/engine.py)
+    "text_encoder": ComponentSpec("text_encoder", 3_921_534_720, 3_532_390_400, act_gib_fixed=0.05,
                                   act_gib_per_prompt=0.12),
     "vae": ComponentSpec("vae", 83_819_683, act_gib_per_mpix=2.375),
 }

@@ -5,7 +5,7 @@
 - ``auto``: a whole pipeline on every GPU that holds one; a GPU that holds only transformer + VAE borrows the text
   encoder of a whole pipeline on its node; the rest paired into split replicas;
 - ``shared-encoder``: on each node the first GPU holds a whole pipeline whose text encoder also serves the node's
-  other GPUs, which hold transformer + VAE only (7.5 GiB more each for batches and sizes).
+  other GPUs, which hold transformer + VAE only (7.3 GiB more each for batches and sizes).
 
 Ties are broken by node name, then GPU index. Every plan says, per replica, the largest batch and image it can
 serve, and the router never sends a replica more."""

@@ -109,8 +109,7 @@ def test_the_captured_forward_is_causal_attention_without_a_mask(engine, monkeyp
     with torch.no_grad():
         graphs._forward(2, 16)
         ones = torch.ones(2, 16, dtype=torch.bool)
-        want = engine.text_encoder(input_ids=graphs.ids[:2, :16], attention_mask=ones,
-                                   output_hidden_states=True).hidden_states[-2]
+        want = engine.encoder(input_ids=graphs.ids[:2, :16], attention_mask=ones).last_hidden_state
     layers = len(engine.encoder.layers)
     assert seen[:layers] == [(True, True)] * layers
     assert seen[layers:] and all(not unmasked for unmasked, _ in seen[layers:])  # an explicit mask: capture faked

@@ -134,7 +134,7 @@ class ModelConfig(_Strict):
         "a node's declared gpu_type has no fp8 tensor cores, e.g. A100; fp8 there is refused at plan time).")
     text_encoder_quantization: Literal["none", "int8", "fp8", "auto"] = Field(
         default="none", description="Weight-only quantization of the text encoder's linear layers (per-row scales; "
-        "7.5 -> 4.1 GiB). Opt-in: int8 changes the caption embeddings by 8.8% (relative L2; the final 512^2 image by "
+        "7.3 -> 4.0 GiB). Opt-in: int8 changes the caption embeddings by 8.8% (relative L2; the final 512^2 image by "
         "48 dB PSNR) on the full-size architecture with random weights (H200, 2026-11-27); each replica measures its "
         "own at start-up. auto: the planner uses int8 only where it is what makes a plan fit or batch more.")
     text_encoder_graphs: bool = Field(
