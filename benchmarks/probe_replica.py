@@ -40,13 +40,13 @@ def start_replica(args: argparse.Namespace):
 
 
 def report_head(cfg: Config, startup_s: float, **extra) -> dict:
-    """The top of a probe's JSON report: its command, the replica's seconds to ready, the card, the default size
-    and step count, ``extra``, and an empty ``phases`` for the probe to fill."""
+    """The top of a probe's JSON report: its command, date, commit (``ZIMAGE_COMMIT`` where the tree's .git is
+    stale), torch, card, the replica's seconds to ready, the default size and step count, ``extra``, and an empty
+    ``phases`` for the probe to fill."""
     import sys
 
-    import torch
+    from orchestrator.benchmark.run import _environment
 
-    return {"command": " ".join(sys.argv), "startup_s": round(startup_s, 1),
-            "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    return {"command": " ".join(sys.argv), **_environment(), "startup_s": round(startup_s, 1),
             "size": f"{cfg.defaults.width}x{cfg.defaults.height}", "steps": cfg.defaults.num_inference_steps,
             **extra, "phases": {}}
