@@ -89,7 +89,12 @@ def plan_for(config: Config, inventory: Inventory) -> PlacementPlan:
                for te in text_encoder for t in transformer]
     spec = deployment_spec(config)
     chosen = plan(options[0], inventory, spec) if len(options) == 1 else plan_best(options, inventory, spec)
-    return chosen if note is None else replace(chosen, notes=(note, *chosen.notes))
+    notes = [note] if note is not None else []
+    pool = options[0].components["text_encoder"].resident_gib
+    if pool:
+        notes.append(f"the text encoder's CUDA graphs hold {pool:.2f} GiB on its GPU (model.text_encoder_graphs: "
+                     f"false leaves that to batches and image size, and encodes run eager)")
+    return replace(chosen, notes=(*notes, *chosen.notes)) if notes else chosen
 
 
 def check_bf16_blocks(model: ModelConfig) -> None:

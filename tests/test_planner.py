@@ -312,3 +312,8 @@ def test_the_text_encoders_graph_pool_is_counted_on_its_device():
         peak[graphs_on, warmup] = plan_for(cfg, inventory).gpus[0].estimated_peak_gib
     assert peak[True, True] - peak[False, True] == pytest.approx(464 / 1024, abs=0.01)
     assert peak[True, False] == peak[False, True]  # no warm-up: nothing captured, nothing counted
+    said = "the text encoder's CUDA graphs hold 0.45 GiB on its GPU (model.text_encoder_graphs: false leaves"
+    for graphs_on, shown in ((True, True), (False, False)):
+        cfg = config_from_dict({"model": {"source": "random-full", "text_encoder_graphs": graphs_on},
+                                "deployment": {"mode": "replicate", "replicas": 1}})
+        assert any(said in n for n in plan_for(cfg, inventory).notes) is shown
