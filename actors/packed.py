@@ -29,7 +29,7 @@ class Segments:
 
     lens: list[int]
     seg: torch.Tensor  # int64 [T]: the sample (in the caller's order) each token belongs to
-    freqs: torch.Tensor  # complex64 [1, T, head_dim/2]: RoPE per token
+    freqs: torch.Tensor  # float32 [1, T, head_dim/2, 2]: RoPE per token, (cos, sin) (``_rope``)
     runs: torch.Tensor  # int64 [R, 3] on the CPU: runs of consecutive equal lengths (``equal_runs``)
 
     @property
@@ -47,8 +47,8 @@ class Piece:
     n_img: int  # image tokens before padding
     x_len: int  # image tokens, padded
     cap_len: int  # caption tokens, padded
-    x_freqs: torch.Tensor  # complex [x_len, head_dim/2], on the device
-    cap_freqs: torch.Tensor  # complex [cap_len, head_dim/2]
+    x_freqs: torch.Tensor  # float32 [x_len, head_dim/2, 2], on the device
+    cap_freqs: torch.Tensor  # float32 [cap_len, head_dim/2, 2]
     x_pad: torch.Tensor  # bool [x_len]
     cap_pad: torch.Tensor  # bool [cap_len]
     caption: torch.Tensor | None = None  # context-refined caption tokens [cap_len, D]
@@ -116,7 +116,7 @@ class PackedTransformer:
         ids = torch.cat([ids, grid((c_len, 1, 1), (1, 0, 0)).flatten(0, 2)])
         pads = torch.cat([torch.arange(n_pad) >= n, torch.arange(c_len) >= caption_len])
         # (pageable host memory: the copy is staged at once and waits for no stream)
-        freqs = self.model.rope_embedder(ids.to(self.device, non_blocking=True))
+        freqs = torch.view_as_real(self.model.rope_embedder(ids.to(self.device, non_blocking=True)))
         pads = pads.to(self.device, non_blocking=True)
         return Piece(tuple(latent_shape), n, n_pad, c_len, freqs[:n_pad], freqs[n_pad:], pads[:n_pad], pads[n_pad:])
 
@@ -297,9 +297,15 @@ class PackedTransformer:
 
 
 # ---- the block, mirroring ZImageTransformerBlock.forward + ZSingleStreamAttnProcessor on a packed sequence --
-def _rope(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    x = torch.view_as_complex(x_in.float().reshape(*x_in.shape[:-1], -1, 2))
-    return torch.view_as_real(x * freqs_cis.unsqueeze(2)).flatten(3).type_as(x_in)
+def _rope(x_in: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """diffusers' complex RoPE (``x * freqs_cis`` on interleaved pairs) in real arithmetic: inductor generates no
+    code for complex tensors, so the complex product ran as an eager kernel for q and for k in every block (12 ms
+    of a 272 ms fp8 step at batch 4 on an H100, ``benchmarks/roofline.py``); written out, it fuses with the QK
+    norm and the cast."""
+    x = x_in.float().unflatten(-1, (-1, 2))
+    f = freqs.unsqueeze(2)
+    x0, x1, cos, sin = x[..., 0], x[..., 1], f[..., 0], f[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(3).type_as(x_in)
 
 
 @torch.library.custom_op("zimage::run_attention", mutates_args=())
