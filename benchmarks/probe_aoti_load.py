@@ -1,9 +1,9 @@
-"""How an AOTInductor package of the VAE decoder loads and runs on this torch. Session 11 tried one package per size
-in place of ``torch.compile`` (whose warm start traces each size with dynamo, about 2 s a size, on the main thread);
-on the GPU image's torch 2.11 every way of loading below died with a segmentation fault inside ``aoti_load_package``
-(``torch/export/pt2_archive/_package.py`` ``_load_aoti``), the package with its weights included, so that path was
-dropped (``benchmarks/results/s11call3-probe_aoti_load.json``). Compiling worked: 72 s for the first 512x512
-package, 21 s for the second. Compiles one size twice,
+"""How an AOTInductor package of the VAE decoder loads and runs on this torch: whether one package per size can
+replace ``torch.compile`` (whose warm start traces each size with dynamo, about 2 s a size, on the main thread). On
+the GPU image's torch 2.11 every way of loading below dies with a segmentation fault inside ``aoti_load_package``
+(``torch/export/pt2_archive/_package.py`` ``_load_aoti``), the package with its weights included, so the decoder
+stays ``torch.compile``'d (one H100, tree ee57b30, 2026-11-27: ``benchmarks/results/s11call3-probe_aoti_load.json``).
+Compiling works: 72 s for the first 512x512 package, 21 s for the second. Compiles one size twice,
 without the weights in the package (``aot_inductor.package_constants_in_so=False``) and with them, then tries each
 way of loading in its own process (a crash ends that try only), printing each step as it passes:
 

@@ -12,9 +12,9 @@ the denoise's. For every encode this probe records its wall time, the CPU time o
 1. ``alone``: encodes of four short prompts and of four prompts of 3-160 words, nothing else running; then
    ``alone-again``: the very same encodes once more. Every encode records the text encoder's input shape (prompts,
    padded tokens) and whether this probe had encoded that shape before (``new_shape``): if first-time shapes are
-   the slow ones alone (session 9: a phase's first varied batch encoded alone in 0.95 s against 0.13 s for short
-   prompts), the encoder builds something per shape (cuDNN's attention plans, as the transformer did before
-   session 5) in the serving path, and its second pass is fast;
+   the slow ones alone (one H100, tree 3a7c10f: a phase's first varied batch encoded alone in 0.95 s against
+   0.13 s for short prompts), the encoder builds something per shape in the serving path (cuDNN's attention plans,
+   which the transformer builds at warm-up for that reason), and its second pass is fast;
 2. ``beside``: the same encodes back to back on the encode stage while another thread runs calls of four at the
    default size through ``run_batch`` (their steps in the replica's loop, then their decode, as served);
 3. ``beside-switch``: as 2 with ``sys.setswitchinterval(0.0005)`` (the GIL handed over ten times as often): if

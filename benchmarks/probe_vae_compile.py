@@ -1,6 +1,6 @@
-"""The VAE decoder compiled per size (one static graph each, sessions 2-8) against one graph with dynamic height and
-width: what each costs at start-up (the first decode of each size: dynamo's trace, the inductor cache, cuDNN's
-algorithm search) and per decode afterwards, at the warm-up sizes and at two sizes no warm-up covers.
+"""The VAE decoder compiled per size (one static graph each, as the engine compiled it before 5cfb2b1) against one graph
+with dynamic height and width: what each costs at start-up (the first decode of each size: dynamo's trace, the inductor
+cache, cuDNN's algorithm search) and per decode afterwards, at the warm-up sizes and at two sizes no warm-up covers.
 
     python3 benchmarks/probe_vae_compile.py OUT.json [--cache DIR] [--rounds 2]
     python3 benchmarks/probe_vae_compile.py OUT.json --tiny   # the tiny VAE on the CPU, eager only (checks the script)

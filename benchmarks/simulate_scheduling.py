@@ -5,9 +5,10 @@ not a measurement**: its numbers say which policies are worth a GPU run, and wha
 The step loop's admission is the real code (``actors.steploop.StepLoop._admit`` with ``JoinPolicy``) run on
 simulated samples; whole-batch batching follows the router (up to ``router.max_batch_size`` 4 requests within the
 token budget, first come first served; two batches in flight, the second encoded beside the first; a busy replica
-takes a partial batch only once its batch is in its last quarter). Time is a cost model fitted to session 7's H200
-bf16 runs: a denoising step costs each sample ``b * L + e * L^2`` seconds (L its packed tokens; the square term is
-its attention) plus ``r * exp(-T / tau)`` for a set of T tokens in all (a small set leaves the GPU part idle); a
+takes a partial batch only once its batch is in its last quarter). Time is a cost model fitted to bf16 runs on H200
+cards (tree 4602d3d, 2026-11-27): a denoising step costs each sample ``b * L + e * L^2`` seconds (L its packed
+tokens; the square term is its attention) plus ``r * exp(-T / tau)`` for a set of T tokens in all (a small set
+leaves the GPU part idle); a
 call's encode ``--encode``, a decode ``--decode-per-mp`` per megapixel. Fitted to: one 1024^2 sample 0.091 s a step,
 four 0.393 s, eight 512^2 samples 0.162 s, one 0.035-0.056 s (the loop's pace log and the denoise stage). It is
 rough: lone latency comes out 0.45 s at 512^2 and 1.11 s at 1024^2 against 0.39 and 0.97-1.06 s measured, two 512^2

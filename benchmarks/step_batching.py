@@ -16,8 +16,8 @@ calls carry to the replicas' step loops changes, so the replicas serve both with
    schedulers see the same arrival times and requests): mean, p50 and p95 latency, throughput, time to first step;
    and beside each, what the arrivals alone make of it (``fcfs_reference``): the mean of a first-come-first-served
    server in which each request takes its lone latency, on these arrivals and expected over other draws at the same
-   rate. A short phase is one draw; session 7's 48 arrivals at 80% load at 1024^2 (seed 0) gave such a server a
-   mean of 1.5x the service time where the expectation is 2.8x.
+   rate. A short phase is one draw; 48 arrivals at 80% load at 1024^2 (seed 0; H200 cards, tree 4602d3d) gave such
+   a server a mean of 1.5x the service time where the expectation is 2.8x.
 
 Writes ``OUT/step_batching.json`` and ``OUT/step_batching.png`` (mean and p95 latency against load, both
 schedulers, and 1.5x the lone latency: the issue's target at 80% load).
@@ -198,8 +198,9 @@ async def run(args) -> dict:
             use(scheduler)
             for workload in workloads:
                 await closed_loop(send, maker(workload, 99), args.concurrency, args.warmup)
-                # and a request alone (of each size for mixed): a batch of one is a shape of its own (session 7's
-                # first lone 512^2 requests under whole-batch scheduling averaged 1.009 s against 0.55 s under load)
+                # and a request alone (of each size for mixed): a batch of one is a shape of its own (unwarmed, the
+                # first lone 512^2 requests under whole-batch scheduling averaged 1.009 s against 0.55 s under load
+                # on an H200, tree 4602d3d)
                 sizes = mixed_sizes if workload == "mixed" else [None]
                 for size in sizes:
                     one = maker(workload, 98) if size is None else \
@@ -232,8 +233,8 @@ async def run(args) -> dict:
             else:
                 capacity = out["saturation"]["batch"]["throughput_img_s"]
             out["capacity_img_s"] = capacity
-            # a lone request's latency: the lower of the two schedulers' (as per size for mixed, own_lone); session 6
-            # divided by whole-batch scheduling's, the higher of the two at 1024^2 (1.09 against 1.02 s)
+            # a lone request's latency: the lower of the two schedulers' (as per size for mixed, own_lone), not
+            # whole-batch scheduling's, the higher of the two at 1024^2 (1.09 against 1.02 s on one H100, a7e65de)
             lone = min([v["latency_mean_s"] for v in out["lone"].values() if v.get("latency_mean_s")]
                        + [v for v in [(ref or {}).get("target", {}).get("lone_latency_s")] if v], default=None)
             for k, load in enumerate(loads):

@@ -57,7 +57,7 @@ def nvml(monkeypatch):
 
 
 def test_nvml_total_less_reserved_is_cudas_total(nvml):
-    # the numbers NVML and torch gave on one H100 80GB HBM3 (session 9): 79.65 - 0.47 = torch's 79.18
+    # the numbers NVML and torch gave on one H100 80GB HBM3 (torch 2.11, 2026-11-27): 79.65 - 0.47 = torch's 79.18
     assert _nvml_memory_gib([3]) == pytest.approx(79.1787109375, abs=1e-6)
     assert nvml.calls == [("index", 3)] and nvml.open == 0  # shut down again
 

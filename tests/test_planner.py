@@ -26,7 +26,7 @@ def test_placement_imports_neither_ray_nor_torch():
 
 @pytest.mark.parametrize("px,batch,expected", [(1024 * 1024, 1, 21.6), (1280 * 1280, 1, 22.9)])
 def test_memory_model_matches_measured_whole_pipeline_peaks(px, batch, expected):
-    """Whole-pipeline peaks measured on an H100 (session 1): one image, where the VAE decode dominates."""
+    """Whole-pipeline peaks measured on an H100 (2026-11-26): one image, where the VAE decode dominates."""
     est = Z.peak_gib(("text_encoder", "transformer", "vae"), px, batch)
     assert abs(est - expected) / expected < 0.05, est
 
@@ -37,8 +37,8 @@ def test_memory_model_matches_measured_whole_pipeline_peaks(px, batch, expected)
     ("vae", 0, 2048 * 2048, 0, 9.508),
 ])
 def test_component_activations_match_measured(component, tokens, pixels, prompts, measured):
-    """Activation peaks above the weights measured on an H200 (benchmarks/probe_packed.py, session 3): a packed
-    transformer forward by tokens, one VAE decode by size."""
+    """Activation peaks above the weights measured on an H200 (benchmarks/probe_packed.py, tree 8c1fc32,
+    2026-11-27): a packed transformer forward by tokens, one VAE decode by size."""
     est = Z.components[component].activation_gib(tokens, pixels, prompts)
     assert abs(est - measured) / measured < 0.05, est
 
@@ -167,9 +167,9 @@ def test_quantized_components_weigh_what_they_hold():
 
 @pytest.mark.parametrize("spec,measured", [(dict(), 21.47), (dict(transformer="fp8"), 15.77)])
 def test_serving_peaks_within_five_percent(spec, measured):
-    """Peaks of the whole pipeline measured while serving mixed traffic on one H100 (session 3, s3-3 bf16 and s3-4
-    fp8: batches of up to 5 at 1024^2-class sizes, within the default 18,432-token budget), against the model's
-    estimate at that budget and the largest size of that traffic (1344x768)."""
+    """Peaks of the whole pipeline measured while serving mixed traffic on one H100 (2026-11-27, bf16 on tree 35a7979,
+    fp8 on 4a3f06f: batches of up to 5 at 1024^2-class sizes, within the default 18,432-token budget), against the
+    model's estimate at that budget and the largest size of that traffic (1344x768)."""
     m = model_spec("modelscope", **spec)
     est = m.batch_peak_gib(("text_encoder", "transformer", "vae"), 18_432, 1344 * 768, 5)
     assert abs(est - measured) / measured < 0.05, est
