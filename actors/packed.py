@@ -287,6 +287,10 @@ class PackedTransformer:
         kw.setdefault("fullgraph", True)
         kw.setdefault("dynamic", True)
         torch.fx.experimental._config.use_duck_shape = False  # unrelated sizes that happen to be equal stay apart
+        # The blocks are inputs, so their norms' eps would reach the graph as unspecialized floats: six 0-d tensors
+        # made and read back on the host in every block call. Every block has the same eps, so specializing them
+        # adds no graph.
+        torch._dynamo.config.specialize_float = True
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 1024)

@@ -97,3 +97,28 @@ def test_cpp_wrapper_blocks_equal_eager_and_compile_nothing_for_a_new_mix(transf
         assert wrapped
     finally:
         torch._dynamo.reset()
+
+
+def test_compiled_block_calls_make_no_host_scalars(transformer):
+    """A compiled block call passes nothing through the host as a 0-d tensor: the norms' eps are specialized
+    (``PackedTransformer.compile``), and the attention op is called without ``custom_op``'s wrapper. On a GPU each
+    such scalar is a host tensor made and read back in every block of every step."""
+    import cProfile
+    import pstats
+
+    packed = PackedTransformer(transformer)
+    packed.compile()
+    g = torch.Generator().manual_seed(2)
+    lat, caps = [torch.randn(16, 1, 8, 12, generator=g)], [torch.randn(20, 32, generator=g)]
+    t, layout = torch.rand(1, generator=g), packed.layout([(1, 8, 12)], [20])
+    try:
+        with torch.no_grad():
+            packed(lat, t, caps, layout)
+            prof = cProfile.Profile()
+            prof.runcall(packed, lat, t, caps, layout)
+        calls = {f"{file}:{fn}": n[0] for (file, _, fn), n in pstats.Stats(prof).stats.items()}
+        assert any("_block_forward" in k or "compile_wrapper" in k for k in calls)  # the compiled blocks ran
+        host_scalars = {k: n for k, n in calls.items() if "as_tensor" in k or "backend_impl" in k}
+        assert not host_scalars, host_scalars
+    finally:
+        torch._dynamo.reset()
