@@ -473,3 +473,18 @@ def test_report_without_matplotlib_writes_the_json_and_names_the_extra(tmp_path,
     assert not (tmp_path / "bench.png").exists()
     last = capsys.readouterr().out.splitlines()[-1]
     assert "no bench.png" in last and "pip install 'zimage-orchestrator[bench]'" in last, last
+
+
+def test_bench_refuses_a_bad_size_before_starting_anything(tmp_path, capsys, monkeypatch):
+    """``--sizes`` is checked as a request of that size would be, before the deployment (minutes on a GPU) starts
+    and before the output directory is made."""
+    from orchestrator import deployment
+    from orchestrator.cli import main
+
+    monkeypatch.setattr(deployment.Deployment, "start", lambda *a, **k: pytest.fail("the deployment started"))
+    for sizes, want in (("1024x1024,0x0", "--sizes 0x0: width must be between 1 and"),
+                        ("1000x1000", "--sizes 1000x1000: width must be a multiple of 16 (got 1000); try 992"),
+                        ("4096x4096", "--sizes 4096x4096: size 4096x4096 is 16777216 pixels; the limit is")):
+        assert main(["bench", "--sizes", sizes, "--out", str(tmp_path / "out")]) == 2
+        assert want in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

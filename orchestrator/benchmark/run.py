@@ -113,19 +113,28 @@ def _environment() -> dict:
     return env
 
 
-def parse_sizes(text: str | None, config: Config) -> list[tuple[int, int]]:
-    from ..requests import parse_size
+def parse_sizes(text: str | None, config: Config, check: bool = True) -> list[tuple[int, int]]:
+    """``--sizes``' sizes; with ``check``, each refused as a request of that size would be (by this config's
+    limits), before anything starts rather than after the deployment is up."""
+    from ..requests import build_requests, parse_size
 
     if not text:
         return [(config.defaults.width, config.defaults.height)]
-    return [parse_size(s, config.defaults) for s in text.split(",")]
+    sizes = [parse_size(s.strip(), config.defaults) for s in text.split(",")]
+    for w, h in sizes if check else ():
+        try:
+            build_requests("size check", defaults=config.defaults, limits=config.limits, width=w, height=h, seed=0)
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"--sizes {w}x{h}: {e}", param="--sizes") from None
+    return sizes
 
 
 async def _bench(args, config: Config) -> dict:
     from tqdm import tqdm
 
     server_defaults = bool(args.http and not args.config and not args.sizes)
-    sizes = None if server_defaults else parse_sizes(args.sizes, config)
+    # a server named by --http has limits of its own: it answers each request by them
+    sizes = None if server_defaults else parse_sizes(args.sizes, config, check=not args.http)
     workloads = _workloads(args)
     conc = args.concurrency or [1]
     edit_opts = {"strength": getattr(args, "strength", 0.6), "edit_steps": getattr(args, "edit_steps", None)}
@@ -247,6 +256,8 @@ def cmd_bench(args) -> int:
     args.argv = sys.argv[2:] if len(sys.argv) > 2 else []
     config = load_config(args.config, args.set)
     _workloads(args)  # refused before the output directory is made
+    if args.sizes and not args.http:
+        parse_sizes(args.sizes, config)
     output_dir(args.out)  # before the run, not after it: its results would be lost
     try:
         report = asyncio.run(_bench(args, config))
