@@ -292,13 +292,13 @@ class PackedTransformer:
             # an inductor bug, which the compiled-against-eager equality tests (CPU and GPU) catch once.
             import torch._inductor.config as inductor_config
 
-            checks = {k: False for k in ("size_asserts", "alignment_asserts", "scalar_asserts")
-                      if hasattr(inductor_config, k)}
+            checks = {k: False for k in ("size_asserts", "alignment_asserts") if hasattr(inductor_config, k)}
             kw["options"] = {**checks, **(kw.get("options") or {})}
         torch.fx.experimental._config.use_duck_shape = False  # unrelated sizes that happen to be equal stay apart
-        # The blocks are inputs, so their norms' eps would reach the graph as unspecialized floats: six 0-d tensors
-        # made and read back on the host in every block call. Every block has the same eps, so specializing them
-        # adds no graph.
+        # The blocks are inputs, so their norms' eps would reach the graph as unspecialized floats: a 0-d tensor
+        # made and read back on the host for each, in every block call. Every block has the same eps, so
+        # specializing them adds no graph. (Global, as the settings above: no other compiled code of the replica
+        # takes a Python float that varies between calls.)
         torch._dynamo.config.specialize_float = True
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(
@@ -311,10 +311,15 @@ class PackedTransformer:
 
 # ---- the block, mirroring ZImageTransformerBlock.forward + ZSingleStreamAttnProcessor on a packed sequence --
 def _rope(x_in: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """diffusers' complex RoPE (``x * freqs_cis`` on interleaved pairs) in real arithmetic: inductor generates no
-    code for complex tensors, so the complex product ran as an eager kernel for q and for k in every block (12 ms
-    of a 272 ms fp8 step at batch 4 on an H100, ``benchmarks/roofline.py``); written out, it fuses with the QK
-    norm and the cast."""
+    """diffusers' complex RoPE (``x * freqs_cis`` on interleaved pairs; ``freqs`` holds (cos, sin) as
+    ``view_as_real`` gives them). Compiled, it is written in real arithmetic: inductor generates no code for
+    complex tensors, so the complex product ran as an eager kernel for q and for k in every block (12 ms of a
+    272 ms fp8 step at batch 4 on an H100, ``benchmarks/roofline.py``), while the real form fuses with the QK norm
+    and the cast. Eager, the complex product is one kernel where the real form is several, so eager keeps it. The
+    two agree bit for bit in float32 on the CPU."""
+    if not torch.compiler.is_compiling():
+        x = torch.view_as_complex(x_in.float().reshape(*x_in.shape[:-1], -1, 2))
+        return torch.view_as_real(x * torch.view_as_complex(freqs).unsqueeze(2)).flatten(3).type_as(x_in)
     x = x_in.float().unflatten(-1, (-1, 2))
     f = freqs.unsqueeze(2)
     x0, x1, cos, sin = x[..., 0], x[..., 1], f[..., 0], f[..., 1]
@@ -346,15 +351,13 @@ def _attend_run(q, k, v, out, start: int, count: int, length: int) -> None:
 
 # The op is registered through the dispatcher's own API, not ``torch.library.custom_op``: that wrapper adds an
 # autograd layer and a Python aliasing check to every call (9.1 against 2.6 us a call on the CPU), and a block
-# calls the op once per step. The replica only runs it under no_grad, so it needs no autograd formula.
-_LIB = torch.library.Library("zimage", "DEF")
-_LIB.define("run_attention(Tensor q, Tensor k, Tensor v, Tensor runs) -> Tensor")
-_LIB.impl("run_attention", _run_attention, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("zimage::run_attention", lib=_LIB)
-def _(q, k, v, runs):
-    return torch.empty_like(q)
+# calls the op once per step. The replica only runs it under no_grad, so it needs no autograd formula. Defined
+# once per process: a second import of this module (a reload) finds it and keeps the first definition.
+_LIB = torch.library.Library("zimage", "FRAGMENT")
+if not hasattr(torch.ops.zimage, "run_attention"):
+    _LIB.define("run_attention(Tensor q, Tensor k, Tensor v, Tensor runs) -> Tensor")
+    _LIB.impl("run_attention", _run_attention, "CompositeExplicitAutograd")
+    torch.library.register_fake("zimage::run_attention", lambda q, k, v, runs: torch.empty_like(q), lib=_LIB)
 
 
 run_attention = torch.ops.zimage.run_attention.default
