@@ -133,8 +133,7 @@ async def _bench(args, config: Config) -> dict:
     from tqdm import tqdm
 
     server_defaults = bool(args.http and not args.config and not args.sizes)
-    # a server named by --http has limits of its own: it answers each request by them
-    sizes = None if server_defaults else parse_sizes(args.sizes, config, check=not args.http)
+    sizes = None if server_defaults else parse_sizes(args.sizes, config, check=False)  # cmd_bench checked them
     workloads = _workloads(args)
     conc = args.concurrency or [1]
     edit_opts = {"strength": getattr(args, "strength", 0.6), "edit_steps": getattr(args, "edit_steps", None)}
@@ -256,7 +255,7 @@ def cmd_bench(args) -> int:
     args.argv = sys.argv[2:] if len(sys.argv) > 2 else []
     config = load_config(args.config, args.set)
     _workloads(args)  # refused before the output directory is made
-    if args.sizes and not args.http:
+    if args.sizes and not args.http:  # a server named by --http answers each request by its own limits
         parse_sizes(args.sizes, config)
     output_dir(args.out)  # before the run, not after it: its results would be lost
     try:
