@@ -14,6 +14,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+def _cpu_rowwise_fp8() -> bool:
+    """Whether this torch runs ``torch._scaled_mm`` with per-row scales on the CPU (2.13 does; 2.11 only takes
+    per-tensor scales there). The CPU tests of the fp8 path need it; on a GPU the replica always has it."""
+    import torch
+
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
+CPU_FP8 = _cpu_rowwise_fp8()
+NO_CPU_FP8 = ("this torch's CPU _scaled_mm takes per-tensor scales only (row-wise needs torch 2.13, which tasks.py "
+              "installs)")
+needs_cpu_fp8 = pytest.mark.skipif(not CPU_FP8, reason=NO_CPU_FP8)
+
+
 @pytest.fixture(autouse=True)
 def _drop_log_handlers_a_test_added():
     """A test that configures logging (the CLI run in-process) leaves a root handler on the stream pytest captured

@@ -3,6 +3,7 @@ reports at start-up, and the fp8 blocks compiling as one graph with per-request 
 
 import pytest
 import torch
+from conftest import needs_cpu_fp8
 
 from actors.lora import LoraStore, random_lora_state_dict, save_diffusers_lora
 from actors.models import build_components
@@ -33,6 +34,7 @@ def _run(transformer, lora=None, dtype=torch.float32):
         return [o.float() for o in packed(lat, t, caps, layout)]
 
 
+@needs_cpu_fp8
 def test_bf16_blocks_stay_unquantized():
     tr = _transformer(torch.bfloat16)
     swap_fp8(tr, bf16_blocks=resolve_bf16_blocks("last:1", len(tr.layers)))
@@ -101,7 +103,7 @@ def test_probe_is_the_pipelines_math():
         apply_transformer_options(eng, config_from_dict({"model": {"quantization": "fp8"}}).model)
 
 
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=needs_cpu_fp8)])
 def test_blocks_compile_as_one_graph_and_cover_every_batch(fp8, tmp_path):
     """Dynamo traces the blocks (bf16, or float8 linears) without a graph break (the replica compiles with
     fullgraph), with and without per-sample LoRA, and after a warm-up one sample and several run on the graphs it

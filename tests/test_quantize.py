@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+from conftest import needs_cpu_fp8
 
 from actors.models import build_components
 from actors.quantize import Fp8Linear, _quantizable, compare, quantize_fp8
 
 
+@needs_cpu_fp8
 def test_fp8_linear_matches_linear_within_fp8_precision():
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 96).to(torch.bfloat16)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CPU_FP8, NO_CPU_FP8
 
 from actors.models import TINY_TEXT_ENCODER_CONFIG, TINY_TRANSFORMER_CONFIG
 
@@ -17,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
+    if not CPU_FP8:  # the tiny run measures the fp8 states too
+        pytest.skip(NO_CPU_FP8)
     out = tmp_path_factory.mktemp("roofline")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "benchmarks/roofline.py", "--tiny", "--out", str(out)], cwd=ROOT, env=env,
