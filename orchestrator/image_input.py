@@ -122,10 +122,10 @@ def open_image(data, param: str, limits: LimitsConfig):
     from PIL import Image
 
     if isinstance(data, Image.Image):
-        return _check_decoded(data, b"", param, limits, owned=False)
+        return _check_decoded(data, b"", param, limits)
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
-    return _check_decoded(_open_header(data, param, limits), data, param, limits, owned=True)
+    return _check_decoded(_open_header(data, param, limits), data, param, limits)
 
 
 def _open_header(data, param: str, limits: LimitsConfig):
@@ -210,8 +210,8 @@ def check_request_pixels(files: list[tuple[str, object]], limits: LimitsConfig, 
             param=param)
 
 
-def _check_decoded(img, data: bytes, param: str, limits: LimitsConfig, owned: bool):
-    from PIL import Image, ImageOps
+def _check_decoded(img, data: bytes, param: str, limits: LimitsConfig):
+    from PIL import Image
 
     w, h = img.size
     _check_pixels(w, h, param, limits)
@@ -229,16 +229,32 @@ def _check_decoded(img, data: bytes, param: str, limits: LimitsConfig, owned: bo
                                   param=param)
     try:
         img.load()
-        if owned:  # our own decode: turned in place, no second full-size copy
-            ImageOps.exif_transpose(img, in_place=True)
-        else:  # the caller's image (Python API) is left as it is
-            img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError:
         raise InvalidRequestError(f"{param} is too large to decode", param=param) from None
     except (OSError, ValueError, SyntaxError, struct.error):
         raise InvalidRequestError(f"{param} is truncated or corrupt; send a complete PNG, JPEG or WebP file",
                                   param=param) from None
-    return img
+    return _upright(img)
+
+
+_TURN = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+         7: "TRANSVERSE", 8: "ROTATE_90"}  # EXIF orientation -> the transpose that turns the pixels upright
+
+
+def _upright(img):
+    """The image turned as its EXIF orientation says (a new image; the caller's is left as it is), or the image
+    itself. Not ``ImageOps.exif_transpose``: after turning the pixels it rewrites the EXIF block, and one malformed
+    tag anywhere in that untrusted block (a RATIONAL tag holding text, found by fuzzing) raised from the rewrite
+    (TypeError in Pillow 13): a server error for a picture that decodes. Only the orientation is read here, and
+    metadata that cannot be read counts as no orientation."""
+    from PIL import ExifTags, Image
+
+    try:
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # noqa: BLE001 - any failure to parse untrusted metadata means "no orientation"
+        orientation = 1
+    turn = _TURN.get(orientation) if isinstance(orientation, int) else None
+    return img if turn is None else img.transpose(Image.Transpose[turn])
 
 
 def auto_size(width: int, height: int, limits: LimitsConfig, max_side: int | None,

@@ -93,6 +93,24 @@ def test_exif_orientation_is_applied():
     assert out.images[0].shape == (64, 32, 3)
 
 
+def test_malformed_exif_is_not_a_server_error_and_the_orientation_still_counts():
+    """A camera file whose EXIF block holds a malformed tag (here a RATIONAL tag holding text, as fuzzing built):
+    rewriting that block raised a TypeError in Pillow's exif_transpose, a 500 for a picture that decodes. Only the
+    orientation is read now; and a JPEG whose EXIF cannot be parsed at all is taken as it is."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "cam"  # Make, ASCII; renamed below to 0x013F (WhitePoint, a RATIONAL tag)
+    data = png(Image.fromarray(rgb(64, 32)), format="JPEG", exif=exif.tobytes(), quality=95)
+    bad = data.replace(b"\x01\x0f\x00\x02", b"\x01\x3f\x00\x02", 1)
+    assert bad != data
+    out = prepare_edit([bad], None, None, LIMITS)
+    assert (out.width, out.height) == (32, 64)  # still turned upright
+    broken = data.replace(b"Exif\x00\x00MM", b"Exif\x00\x00XX", 1).replace(b"Exif\x00\x00II", b"Exif\x00\x00XX", 1)
+    assert broken != data
+    out = prepare_edit([broken], None, None, LIMITS)
+    assert (out.width, out.height) == (64, 32)  # unreadable metadata: no orientation
+
+
 def test_size_rules_auto_and_explicit():
     out = prepare_edit([png(rgb(70, 50))], None, None, LIMITS)  # auto: own size rounded down to 16
     assert (out.width, out.height) == (64, 48) and out.images[0].shape == (48, 64, 3)
