@@ -28,7 +28,7 @@ from .images_api import ImageCall
 from .outputs import Outputs, b64_text
 from .requests import shown
 from .storage import run_blocking
-from .uploads import BodyTooLarge, parse_json, read_body
+from .uploads import BodyTooLarge, check_multipart_body, parse_json, read_body
 
 log = logging.getLogger(__name__)
 
@@ -383,9 +383,11 @@ async def _read_upload(headers, body: bytes) -> tuple[str, str, bytes]:
     class _InMemoryParser(MultiPartParser):
         spool_max_size = 1 << 40  # the body is in memory already (within limits): no round trip through a file
 
-    if not headers.get("content-type", "").lower().startswith("multipart/form-data"):
+    ctype = headers.get("content-type", "")
+    if not ctype.lower().startswith("multipart/form-data"):
         raise InvalidRequestError("send the file as multipart/form-data with fields `file` and `purpose`",
                                   param="file")
+    check_multipart_body(ctype, body)  # cut off, or a charset that decodes nothing: Starlette's parser checks neither
 
     async def chunks():
         yield body
@@ -394,6 +396,9 @@ async def _read_upload(headers, body: bytes) -> tuple[str, str, bytes]:
         form = await _InMemoryParser(headers, chunks(), max_files=1, max_fields=8).parse()
     except MultiPartException as e:
         raise InvalidRequestError(f"the multipart body cannot be read: {e.message}", param="file") from None
+    except UnicodeError:  # a part's name or value the body's charset cannot decode ("idna" on some bytes)
+        raise InvalidRequestError("the multipart body cannot be read in its charset; send text fields as UTF-8",
+                                  param="file") from None
     try:
         purpose = form.get("purpose")
         if purpose != "batch":

@@ -32,6 +32,15 @@ def shown(value, limit: int = 60) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def decimal(text: str | None, max_digits: int = 19) -> int | None:
+    """A header's or a query's non-negative decimal, or None. ``str.isdigit`` is no test for ``int()``: it is
+    true for "²" and for a number past Python's 4,300-digit limit, on which ``int()`` raises (a 500 from any
+    caller's link or header)."""
+    if text is None or not 0 < len(text) <= max_digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
 def check_text(name: str, text: str) -> None:
     """Text the model will read must be valid Unicode: JSON can carry lone surrogates (``"\\ud800"``) that no
     UTF-8 tokenizer can encode."""

@@ -49,7 +49,7 @@ from .metrics import PrometheusObserver
 from .ops_endpoints import add_ops_routes, start_metrics_listener, without_host_paths
 from .outputs import include_job_routes, render
 from .request_id import RequestIdMiddleware
-from .requests import parse_lora_registration, shown
+from .requests import decimal, parse_lora_registration, shown
 from .uploads import (
     BodyTooLarge,
     ByteBudget,
@@ -220,7 +220,16 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        return error_response(400, "invalid request", "invalid_request_error")
+        # FastAPI's own checks of path and query parameters (the request bodies are parsed by this server's code)
+        errors = exc.errors()
+        if not errors:
+            return error_response(400, "invalid request", "invalid_request_error")
+        first = errors[0]
+        name = str(first.get("loc", ("", ""))[-1])
+        where = {"query": "query parameter", "path": "path parameter", "header": "header"}.get(
+            str(first.get("loc", ("",))[0]), "field")
+        return error_response(400, f"{where} {shown(name, 40)}: {first.get('msg', 'invalid')}, got "
+                                   f"{shown(first.get('input'))}", "invalid_request_error", param=name or None)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
@@ -233,11 +242,11 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         BaseHTTPMiddleware hides client disconnects from the endpoint, and we cancel work on those.)"""
         if (denied := service.denied(request)) is not None:
             return denied
-        length = request.headers.get("content-length")
+        length = decimal(request.headers.get("content-length"), max_digits=4000)
         limit = limits.max_body_bytes if limit is None else limit
-        if length is not None and length.isdigit() and int(length) > limit:
+        if length is not None and length > limit:
             service.observer.rejected(FailureKind.INVALID_REQUEST)
-            return error_response(413, f"request body is {int(length)} bytes; the limit is {limit} "
+            return error_response(413, f"request body is {length} bytes; the limit is {limit} "
                                        f"(limits.{limit_name})", "invalid_request_error")
         return None
 
@@ -408,8 +417,8 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         (``images_api.parse_edit`` says what each field does, ``image_input.py`` the image rules)."""
         if (denied := guard(request, limits.max_upload_bytes, "max_upload_bytes")) is not None:
             return denied
-        length = request.headers.get("content-length", "")
-        limit = int(length) if length.isdigit() else limits.max_upload_bytes  # guard() refused a larger one
+        length = decimal(request.headers.get("content-length"), max_digits=4000)
+        limit = length if length is not None else limits.max_upload_bytes  # guard() refused a larger one
         if not await upload_budget.acquire(limit, limits.upload_wait_s):
             return refused(QueueFullError(
                 f"the server is reading as many uploads as it holds at once (limits.max_inflight_upload_bytes = "

@@ -22,6 +22,8 @@ from urllib.parse import quote
 from zimage_common.errors import ZImageError
 from zimage_common.jobs_config import OutputsConfig
 
+from .requests import decimal
+
 log = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "jsonl": "application/jsonl"}
@@ -83,11 +85,12 @@ class LocalStore:
 
     def verify(self, key: str, expires: str | None, sig: str | None) -> str | None:
         """None when the link is valid now, else why not (for the 403's message)."""
-        if not expires or not sig or not expires.isdigit():
+        when = decimal(expires)
+        if when is None or not sig:
             return "the link is not signed (expires and sig are required)"
-        if not hmac.compare_digest(self.signature(key, int(expires)), sig):
+        if not hmac.compare_digest(self.signature(key, when), sig):
             return "the link's signature does not match (it was altered, or signed by another server's key)"
-        if int(expires) < self.clock():
+        if when < self.clock():
             return "the link has expired; request the image again for a new link"
         return None
 

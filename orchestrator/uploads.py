@@ -216,15 +216,15 @@ async def stream_multipart(headers, stream, max_image_bytes: int, max_files: int
     if not ctype.lower().startswith("multipart/form-data"):
         raise InvalidRequestError("send the edit as multipart/form-data with the image file(s) in `image`, or as "
                                   "application/json with `images` as data: URLs", param="image")
-    _, params = parse_options_header(ctype)
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise InvalidRequestError("the multipart body cannot be read: its Content-Type has no boundary")
-    charset = params.get(b"charset", b"utf-8").decode("latin-1")
-    try:
-        "".encode(charset)
-    except LookupError:
-        charset = "latin-1"
+    boundary, charset = multipart_params(ctype)
+
+    def text(data: bytes, field: str | None) -> str:
+        try:
+            return data.decode(charset, errors="replace")
+        except UnicodeError:  # a codec that refuses even with errors="replace" ("idna" on some bytes)
+            what = shown(field, 40) if field else "a part's name"
+            raise InvalidRequestError(f"{what} cannot be read in the multipart body's charset {shown(charset, 40)}; "
+                                      f"send text fields as UTF-8", param=field) from None
 
     fields: dict = {}
     files: dict = {"image": [], "mask": None}
@@ -251,7 +251,7 @@ async def stream_multipart(headers, stream, max_image_bytes: int, max_files: int
         if b"name" not in options:
             raise InvalidRequestError("the multipart body cannot be read: a part's Content-Disposition has no "
                                       "name")
-        name = options[b"name"].decode(charset, errors="replace")
+        name = text(options[b"name"], None)
         part["name"] = name
         part["file"] = name in FILE_FIELDS or b"filename" in options
         if part["file"]:
@@ -281,7 +281,7 @@ async def stream_multipart(headers, stream, max_image_bytes: int, max_files: int
         if not part["file"]:
             if key in fields:
                 raise InvalidRequestError(f"{shown(key, 40)} is sent more than once", param=key)
-            fields[key] = data.decode(charset, errors="replace")
+            fields[key] = text(data, key)
         elif key == "image":
             files["image"].append(data)
         elif key == "mask":
@@ -304,7 +304,57 @@ async def stream_multipart(headers, stream, max_image_bytes: int, max_files: int
     except FormParserError:
         raise InvalidRequestError("the multipart body cannot be read: it is not valid multipart/form-data") \
             from None
+    _check_complete(parser)
     return fields, files
+
+
+def multipart_params(ctype: str) -> tuple[bytes, str]:
+    """The boundary and the charset of a multipart Content-Type. A charset Python does not know is read as
+    latin-1 (every byte a character, so a field name still shows); one whose codec refuses all text (Python's
+    "undefined") is a 400, not a decode error at the first field."""
+    from python_multipart.multipart import parse_options_header
+
+    _, params = parse_options_header(ctype)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise InvalidRequestError("the multipart body cannot be read: its Content-Type has no boundary")
+    charset = params.get(b"charset", b"utf-8").decode("latin-1")
+    try:
+        "a".encode(charset).decode(charset)
+    except LookupError:
+        charset = "latin-1"
+    except (UnicodeError, TypeError):
+        raise InvalidRequestError(f"the multipart body's charset {shown(charset, 40)} is not a text encoding; send "
+                                  f"text fields as UTF-8 (or leave charset out)") from None
+    return boundary, charset
+
+
+def _check_complete(parser) -> None:
+    """python-multipart's ``finalize`` does not check that the closing delimiter arrived: a body cut off inside a
+    part (a client or proxy that stopped early) would parse as the parts before it, silently one image short."""
+    from python_multipart.multipart import MultipartState
+
+    if parser.state != MultipartState.END:
+        raise InvalidRequestError("the multipart body ends before its closing boundary (--BOUNDARY--): it was cut "
+                                  "off; send the whole body")
+
+
+def check_multipart_body(ctype: str, body: bytes) -> str:
+    """A multipart body already in memory, checked whole (its closing boundary, its charset) before a parser
+    that does not check them reads it. Returns the charset."""
+    from python_multipart import MultipartParser
+    from python_multipart.exceptions import FormParserError
+
+    boundary, charset = multipart_params(ctype)
+    parser = MultipartParser(boundary, {})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except FormParserError:
+        raise InvalidRequestError("the multipart body cannot be read: it is not valid multipart/form-data") \
+            from None
+    _check_complete(parser)
+    return charset
 
 
 def _param(name: str | None) -> str:

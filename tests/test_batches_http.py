@@ -91,6 +91,9 @@ def test_reads_on_a_server_without_jobs_store_nothing(tmp_path):
             if r.status_code == 404:
                 assert r.json()["error"]["param"] in ("file_id", "batch_id"), r.text
         assert not (tmp_path / "batches" / "batches.db").exists()
+        r = httpx.get(f"{s.url}/v1/batches?limit=abc")  # FastAPI's own check of a query parameter
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "limit" and "query parameter 'limit'" in err["message"], r.text
 
 
 def upload(s, data: bytes, purpose="batch"):

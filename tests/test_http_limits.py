@@ -160,6 +160,48 @@ def test_a_trickled_body_gets_408_in_the_envelope_and_a_client_gone_mid_body_is_
         assert http_count(s.url, 500) == 0
 
 
+def test_a_body_that_cannot_finish_in_time_is_cut_off_early_and_frees_its_upload_reservation():
+    """A trickle of a byte every 0.2 s under a large declared length never pauses for body_idle_timeout_s, so only
+    body_timeout_s ended it, and an edit holds its declared bytes of the upload budget all that while. The pace
+    rule ends it once it falls behind by more than the idle timeout's share; a body at pace is untouched."""
+    with Server(cfg(server={"body_idle_timeout_s": 0.5, "body_timeout_s": 20})) as s:
+        c = s.sock()
+        c.sendall(b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+                  b"Content-Length: 1000000\r\nX-Request-ID: trickle-1\r\n\r\n--zz\r\nContent-Disposition: form-data; "
+                  b"name=\"image\"; filename=\"a.png\"\r\n\r\n-")
+        t0, data = time.monotonic(), b""
+        c.settimeout(0.2)
+        while b"}}" not in data and time.monotonic() - t0 < 10:
+            try:
+                data += c.recv(65536)
+            except TimeoutError:
+                c.sendall(b"-")  # a byte every 0.2 s: never idle for 0.5 s
+        took = time.monotonic() - t0
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), data
+        err = json.loads(body)["error"]
+        assert "too slowly" in err["message"] and "server.body_timeout_s" in err["message"], err
+        assert took < 3, took  # not the 20 s of body_timeout_s
+        c.close()
+        deadline = time.time() + 5
+        while s.app.state.upload_budget.used:
+            assert time.time() < deadline, "the reservation was not returned"
+            time.sleep(0.05)
+        # a body at pace: half of it, a pause under the idle timeout, the rest
+        headers, full = multipart([("prompt", b"x", None), ("image", png(), "a.png")])
+        c = s.sock()
+        c.sendall(f"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: {headers['content-type']}\r\n"
+                  f"Content-Length: {len(full)}\r\nConnection: close\r\n\r\n".encode() + full[:len(full) // 2])
+        time.sleep(0.4)
+        c.sendall(full[len(full) // 2:])
+        c.settimeout(10)
+        reply = b""
+        while chunk := c.recv(65536):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 429") and b"refused by the test" in reply, reply[:300]
+        c.close()
+
+
 def test_docs_and_metrics_need_the_key_and_a_separate_listener_serves_metrics_without_one():
     with Server(cfg(server={"api_keys": [KEY], "docs": True, "metrics_port": 0})) as s:
         auth = {"Authorization": f"Bearer {KEY}"}
@@ -229,6 +271,41 @@ def test_an_oversized_part_is_refused_while_it_streams():
         r = httpx.post(f"{s.url}/v1/images/edits", content=body, headers=headers)
         assert r.status_code == 413 and r.json()["error"]["param"] == "image"
         assert s.app.state.upload_budget.used == 0  # the reservation was returned
+
+
+def test_multipart_bodies_cut_off_or_in_an_unusable_charset_are_400s():
+    """python-multipart's finalize does not check that the closing boundary arrived: a body cut inside its second
+    image parsed as the first image alone (an edit silently one image short). And a charset whose codec refuses
+    text (Python's "undefined", "idna" on some names) raised from the decode: a 500. Both are 400s now, for edits
+    and for file uploads."""
+    from orchestrator.uploads import parse_multipart
+    from zimage_common.errors import InvalidRequestError
+
+    headers, body = multipart([("prompt", b"x", None), ("image", png(), "a.png"), ("image", png(), "b.png")])
+    fields, files = asyncio.run(parse_multipart(headers, body))
+    assert len(files["image"]) == 2
+    for cut in (body[: len(body) - 200], body[: body.rindex(b"--b0undary--")], b""):
+        with pytest.raises(InvalidRequestError, match="closing boundary"):
+            asyncio.run(parse_multipart(headers, cut))
+    asyncio.run(parse_multipart(headers, body + b"an epilogue, which RFC 2046 allows"))
+    for charset in ("undefined", "idna"):
+        bad = {"content-type": headers["content-type"] + f"; charset={charset}"}
+        with pytest.raises(InvalidRequestError, match="charset"):
+            asyncio.run(parse_multipart(bad, multipart([("\u00e9\u00e9".encode("latin-1") * 40 + b".", b"x",
+                                                         None)])[1]))
+    unknown = {"content-type": headers["content-type"] + "; charset=no-such-codec"}  # read as latin-1
+    assert asyncio.run(parse_multipart(unknown, body))[0] == {"prompt": "x"}
+    with Server(cfg()) as s:
+        r = httpx.post(f"{s.url}/v1/images/edits", content=body[: len(body) - 200], headers=headers)
+        assert r.status_code == 400 and "closing boundary" in r.json()["error"]["message"], r.text
+        r = httpx.post(f"{s.url}/v1/images/edits", content=body,
+                       headers={"content-type": headers["content-type"] + "; charset=undefined"})
+        assert r.status_code == 400 and "charset" in r.json()["error"]["message"], r.text
+        fh, fbody = multipart([("purpose", b"batch", None), ("file", b'{"custom_id": "a"}\n', "in.jsonl")])
+        for h, b in ((fh, fbody[: len(fbody) - 30]), ({"content-type": fh["content-type"] + "; charset=undefined"},
+                                                       fbody)):
+            r = httpx.post(f"{s.url}/v1/files", content=b, headers=h)
+            assert r.status_code == 400 and ("closing boundary" in r.text or "charset" in r.text), r.text
 
 
 def test_uploads_wait_for_room_in_flight_then_get_429():

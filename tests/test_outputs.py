@@ -62,6 +62,10 @@ def test_url_round_trip_and_refused_links(tmp_path):
         expired = httpx.get(f"{s.url}{u.path}?expires={past}&sig={sig}")
         assert expired.status_code == 403 and "expired" in expired.json()["error"]["message"]
         assert httpx.get(f"{s.url}{u.path}").status_code == 403
+        # expires that str.isdigit() takes and int() does not (a superscript, past Python's digit limit): 403s
+        for bad in ("%C2%B2", "9" * 5000):
+            r = httpx.get(f"{s.url}{u.path}?expires={bad}&sig={q['sig']}")
+            assert r.status_code == 403 and "not signed" in r.json()["error"]["message"], r.text
         assert httpx.get(f"{s.url}/v1/outputs/.signing-key?expires=1&sig=x").status_code == 404
         assert httpx.get(f"{s.url}/v1/outputs/..%2F..%2Fetc%2Fpasswd.png?expires=1&sig=x").status_code in (403, 404)
 
