@@ -72,11 +72,11 @@ def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=True)}\n\n".encode()
 
 
-def _sse_comment(data: dict) -> bytes:
+def _sse_comment(event_type: str, data: dict) -> bytes:
     """Progress as an SSE comment line: SSE clients skip comments (the official openai client turns every
     ``data:`` event into an image event, and an event without data into a JSON error), so it reaches only the
     clients that look for it."""
-    return f": image_generation.progress {json.dumps(data)}\n\n".encode()
+    return f": {event_type}.progress {json.dumps(data)}\n\n".encode()
 
 
 class EventStream:
@@ -91,7 +91,8 @@ class EventStream:
     def _listener(self, index: int, req: ImageRequest) -> Callable[[StepProgress], None]:
         def on_progress(ev: StepProgress) -> None:
             # The router hands every request of a batch every event: keep this request's previews only.
-            self.queue.put_nowait(_sse_comment({"index": index, "step": ev.step, "total_steps": ev.total_steps}))
+            self.queue.put_nowait(_sse_comment(self.call.event_type, {"index": index, "step": ev.step,
+                                                                      "total_steps": ev.total_steps}))
             for request_id, k, image in ev.previews:
                 if request_id == req.request_id:
                     self.queue.put_nowait((index, req, k, image))
@@ -110,7 +111,8 @@ class EventStream:
             except StorageError as e:
                 self.queue.put_nowait(_sse("error", {**storage_failed_body(e), "index": index}))
                 return
-            self.queue.put_nowait(_sse("image_generation.completed",
+            # The event line names what data.type says (image_edit.* for edits): clients dispatch on either.
+            self.queue.put_nowait(_sse(f"{self.call.event_type}.completed",
                                        completed_event(self.call, index, r, b64, int(time.time()))))
         else:
             _, body = result_error(r)
@@ -130,7 +132,7 @@ class EventStream:
                 if isinstance(item, tuple):  # a preview: encoded here, in order, before its image's completion
                     index, req, k, image = item
                     b64 = await asyncio.get_running_loop().run_in_executor(None, b64_text, image, self.call)
-                    item = _sse("image_generation.partial_image",
+                    item = _sse(f"{self.call.event_type}.partial_image",
                                 partial_image_event(self.call, index, req, k, b64, int(time.time())))
                 yield item
             yield b"data: [DONE]\n\n"

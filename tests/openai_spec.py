@@ -75,6 +75,8 @@ def check_stream(text: str) -> list[dict]:
     out = []
     for event, data in events[:-1]:
         body = json.loads(data)
+        if event != "error":  # clients dispatch on the event line or on data.type: the two must agree
+            assert event == body.get("type"), (event, body.get("type"))
         if event == "error":
             check("ErrorResponse", body)
         elif body.get("type") == "image_generation.partial_image":
