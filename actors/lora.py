@@ -44,6 +44,14 @@ class LoraError(ValueError):
     """An adapter that cannot be used with this model (its message says why and what to do)."""
 
 
+class AdapterGone(LoraError):
+    """A running request names adapters that were unregistered (DELETE /v1/loras) after it was screened."""
+
+    def __init__(self, names):
+        self.names = frozenset(names)
+        super().__init__(f"LoRA adapter(s) not registered on this replica: {', '.join(sorted(self.names))}")
+
+
 # ---- reading ----------------------------------------------------------------------------------------------------
 def confine(path: str | Path, root: str | Path) -> tuple[Path, str]:
     """``path`` (relative to ``root``, or absolute) resolved, symlinks included, and required to stay inside
@@ -461,9 +469,9 @@ class LoraStore:
         if not wanted:
             return None
         with self._lock:
-            unknown = sorted({n for n in wanted if n not in self._adapters})
+            unknown = {n for n in wanted if n not in self._adapters}
             if unknown:
-                raise LoraError(f"LoRA adapter(s) not registered on this replica: {', '.join(unknown)}")
+                raise AdapterGone(unknown)
             names = tuple(dict.fromkeys(sorted(set(wanted))))  # sorted: the column order depends on the set only
             self._make_resident(names)
             if self._stack_cache is not None and self._stack_cache[0] == names:

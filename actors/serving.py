@@ -101,6 +101,7 @@ class ServingMixin:
         if not self._ready:
             return self._failed(batch, "replica is not started", FailureKind.NOT_READY)
         from .devices import free_cache, is_oom
+        from .lora import AdapterGone
         from .steploop import CancelledSample
 
         try:
@@ -111,6 +112,8 @@ class ServingMixin:
             if isinstance(e, CancelledSample):
                 log.info("replica %s: batch %d cancelled: %s", self.replica_id, batch.batch_id, e)
                 return self._failed(batch, "cancelled by the client", FailureKind.CANCELLED)
+            if isinstance(e, AdapterGone):
+                return self._adapter_gone(batch, e)
             kind = FailureKind.OUT_OF_MEMORY if is_oom(e) else FailureKind.REPLICA_ERROR
             if isinstance(e, ReplicaUnavailableError):
                 kind = FailureKind.REPLICA_LOST  # the shared encoder's replica is gone: the router retries elsewhere
@@ -223,6 +226,19 @@ class ServingMixin:
         with self._cancel_lock:  # (calls come in on several threads)
             self.encodes_served += 1
         return EncodedPrompts([t.cpu() for t in enc.positive], [t.cpu() for t in enc.negative])
+
+    def _adapter_gone(self, batch: Batch, e) -> BatchResult:
+        """Adapters removed while the call ran: the requests that name them are the caller's 400 (as a queued one
+        gets at screening); the others failed with the step and are the router's to run again (it bisects a
+        replica_error batch, and each of them passes screening)."""
+        log.info("replica %s: batch %d: %s", self.replica_id, batch.batch_id, e)
+        return BatchResult(batch.batch_id, self.replica_id, tuple(
+            self._failure(batch, r, f"LoRA adapter(s) {', '.join(sorted(r.adapter_names & e.names))} were removed "
+                          f"(DELETE /v1/loras) while this request ran; register it again or send the request without "
+                          f"it (GET /v1/loras lists them)", FailureKind.INVALID_REQUEST, param="loras")
+            if r.adapter_names & e.names else
+            self._failure(batch, r, f"a step of its batch failed: {e}", FailureKind.REPLICA_ERROR)
+            for r in batch.requests), StageTimes())
 
     def _failed(self, batch: Batch, reason: str, kind: str) -> BatchResult:
         """The whole batch failed: every request with the same reason."""

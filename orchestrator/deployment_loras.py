@@ -97,8 +97,9 @@ class LoraAdmin:
                             rid, e)
             self.lora_specs[lora.name] = lora
             self._runtime_loras.add(lora.name)
-        log.info("LoRA %s registered on %d replica(s)", lora.name, len(loaded))
-        return next(i for i in await self.loras() if i["name"] == lora.name)
+            log.info("LoRA %s registered on %d replica(s)", lora.name, len(loaded))
+            # Under the lock: a DELETE of the same name right after would otherwise remove it before it is listed.
+            return next(i for i in await self.loras() if i["name"] == lora.name)
 
     async def unregister_lora(self, name: str) -> bool:
         """Remove a runtime adapter from every replica; False when no adapter has that name. Requests already

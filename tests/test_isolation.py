@@ -218,6 +218,26 @@ def test_size_past_the_position_table_is_refused_per_request(worker):
     assert ok.ok and ok.image.shape == (32, 48, 3) and ok.image_tokens == 6
 
 
+def test_an_adapter_removed_while_its_request_runs_is_that_requests_400(worker, monkeypatch):
+    """DELETE /v1/loras between a request's screening and its steps: the step's LoRA lookup fails. That request is
+    the caller's 400 naming ``loras`` (a 500 before: the whole call counted as a server fault); its batch-mate,
+    which failed with the step, is a replica_error the router runs again."""
+    from dataclasses import replace as dc_replace
+
+    import actors.screening
+    from actors.lora import LoraStore
+
+    monkeypatch.setattr(worker.engine, "loras", LoraStore(worker.engine.transformer, 2))
+    monkeypatch.setattr(actors.screening, "lora_error", lambda engine, loras: None)  # screened before the DELETE
+    named = dc_replace(req(0, seed=1), loras=(("gone", 1.0),))
+    out = worker.run_batch(Batch(5, (named, req(1, seed=2))))
+    gone, mate = out.results
+    assert not gone.ok and gone.error_type == "invalid_request" and gone.param == "loras", gone
+    assert "gone" in gone.error and "removed" in gone.error
+    assert not mate.ok and mate.error_type == "replica_error"
+    assert worker.run_batch(Batch(6, (req(1, seed=2),))).results[0].ok  # the replica serves on
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast")
 def test_non_finite_sample_fails_alone(worker, monkeypatch):
     engine = worker.engine

@@ -502,6 +502,12 @@ def test_runtime_adapters_stop_at_their_cap(tmp_path):
             await dep.unregister_lora("a2")
             await dep.register_lora("big", "big.safetensors")
             assert len([x for x in await dep.loras() if x["runtime"]]) == 14
+            # a DELETE of a name right behind its registration: the registration still answers with its entry
+            # (it listed the adapters after releasing the lock, and found none: StopIteration, a 500)
+            for _ in range(20):
+                entry, _removed = await asyncio.gather(dep.register_lora("race", "x.safetensors"),
+                                                       dep.unregister_lora("race"))
+                assert entry["name"] == "race"
         finally:
             await dep.shutdown()
 
