@@ -52,10 +52,14 @@ def parse_key(value: str | None) -> str | None:
 
 
 def scope(authorization: str | None) -> str:
-    """Which caller a key belongs to: a digest of its bearer key ('' without one)."""
+    """Which caller a key belongs to: a digest of its bearer key ('' without one). The key as the server's check
+    reads it (the scheme in any case, spaces around the key ignored), so that every spelling the check accepts for
+    one key is one caller: a retry with ``bearer`` for ``Bearer`` replays instead of generating again."""
     if not authorization:
         return ""
-    return hashlib.sha256(authorization.strip().encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    scheme, _, token = authorization.strip().partition(" ")
+    caller = token.strip() if scheme.lower() == "bearer" and token.strip() else authorization.strip()
+    return hashlib.sha256(caller.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _canonical(obj, h) -> None:

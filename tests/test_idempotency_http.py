@@ -94,6 +94,9 @@ def test_keys_belong_to_their_api_key(tmp_path):
         assert one.status_code == two.status_code == 200 and "idempotent-replayed" not in two.headers
         assert len(backend.generated) == 4
         assert post(s, Authorization="Bearer sk-one").headers["idempotent-replayed"] == "true"
+        for spelling in ("bearer sk-one", "Bearer  sk-one", "BEARER sk-one"):  # the same key, as the check reads it
+            assert post(s, Authorization=spelling).headers["idempotent-replayed"] == "true", spelling
+        assert len(backend.generated) == 4
 
 
 def test_edits_are_keyed_by_their_fields_and_file_bytes(tmp_path):
