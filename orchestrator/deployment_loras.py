@@ -47,7 +47,10 @@ class LoraAdmin:
             lora = LoraSpec(name=name, path=path, **spec)
         except (ValueError, TypeError) as e:
             message, loc = _first_error(e)
-            raise InvalidRequestError(f"invalid adapter: {message}", param=loc or "name") from None
+            if loc is None:  # the spec's cross-field check: name the field it found missing
+                loc = "path" if (spec.get("source") or "local") == "local" and not path else \
+                    "model_id" if not spec.get("model_id") and (spec.get("source") or "local") != "local" else "name"
+            raise InvalidRequestError(f"invalid adapter: {message}", param=loc) from None
         if lora.name in self._configured_loras:
             raise ConflictError(f"adapter {lora.name!r} is configured (model.loras) and cannot be replaced at "
                                 f"runtime; register this one under another name", param="name")

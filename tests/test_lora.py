@@ -444,6 +444,12 @@ def test_runtime_registration_is_refused_without_lora_dir(tmp_path):
     with pytest.raises(ForbiddenError, match="sets model.lora_dir") as e:
         asyncio.run(dep.register_lora("x", "/etc/passwd"))
     assert e.value.param == "path" and e.value.http_status == 403
+    from zimage_common.errors import InvalidRequestError
+
+    for kwargs, field in (({}, "path"), ({"source": "huggingface"}, "model_id")):  # the field that is missing
+        with pytest.raises(InvalidRequestError) as e:
+            asyncio.run(dep.register_lora("x", **kwargs))
+        assert e.value.param == field, (kwargs, e.value.param, e.value.message)
 
 
 def test_runtime_adapters_stop_at_their_cap(tmp_path):
