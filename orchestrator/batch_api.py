@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from zimage_common.errors import InvalidRequestError, ZImageError
+from zimage_common.errors import InvalidRequestError, QueueFullError, ZImageError
 from zimage_common.messages import FailureKind, ImageResult
 
 from .batch_db import JobDB
@@ -26,14 +28,17 @@ from .batches import JobRunner, OutputFile
 from .http_errors import error_response, from_exception
 from .images_api import ImageCall
 from .outputs import Outputs, b64_text
-from .requests import shown
+from .requests import decimal, shown
 from .storage import run_blocking
-from .uploads import BodyTooLarge, check_multipart_body, parse_json, read_body
+from .uploads import MAX_FIELD_BYTES, BodyTooLarge, PayloadTooLarge, limited, parse_json, read_body
 
 log = logging.getLogger(__name__)
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 COMPLETION_WINDOW_S = {"24h": 86_400}
+MAX_LIST = 100  # GET /v1/batches?limit= (OpenAI's range: 1 to 100)
+CHECK_COPIES = 3  # a line being checked is held as bytes, as text and parsed (its long string copied once more)
+WRITE_BYTES = 1 << 20  # an upload's file part is written out in pieces of about this size, off the event loop
 PUBLIC = ("id", "object", "endpoint", "errors", "input_file_id", "completion_window", "status", "output_file_id",
           "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
           "expired_at", "cancelling_at", "cancelled_at", "request_counts", "metadata")
@@ -41,6 +46,29 @@ PUBLIC = ("id", "object", "endpoint", "errors", "input_file_id", "completion_win
 
 def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+def _is_text(value: str) -> bool:
+    """True for a string UTF-8 can encode (not one holding a lone surrogate, which JSON's \\u escapes can make)."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _printable(value):
+    """``value`` with every string UTF-8 can encode: a response with a lone surrogate fails to render (a 500), so
+    one stored before it was refused is shown escaped, as ``\\ud800``, instead."""
+    if isinstance(value, str):
+        return value if _is_text(value) else value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    return value
 
 
 class ServerSink(OutputFile):
@@ -72,6 +100,12 @@ class JobService:
         self._wake = asyncio.Event()
         self.runner: JobRunner | None = None
         self.running_id: str | None = None
+        self._stopping = False  # the server is shutting down: a job stopped part-way resumes at the next start
+        # Input files a POST /v1/batches is checking (on a thread): a DELETE of one is refused as in use, as for a
+        # file an active batch reads. Claims and deletes go under the lock, so a file is either deleted before a
+        # create finds it or in use until the batch is stored.
+        self._files_lock = threading.Lock()
+        self._claims: Counter[str] = Counter()
 
     @property
     def db(self) -> JobDB:
@@ -81,10 +115,12 @@ class JobService:
         return self._db
 
     def begin(self) -> None:
+        self._stopping = False
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._work(), name="zimage-batches")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self.runner is not None:
             self.runner.stop()
         if self._task is not None:
@@ -108,13 +144,30 @@ class JobService:
         self.db.add_file(obj, target)
         return {**obj, "status": "processed", "status_details": None}
 
+    def delete_file(self, file_id: str) -> tuple[dict, Path] | str | None:
+        """Delete a file unless a batch uses it: the deleted file, why it is in use (for a 409), or None when there
+        is no such file."""
+        with self._files_lock:
+            found = self.db.file(file_id)
+            if found is None:
+                return None
+            if self._claims[file_id]:
+                return f"file {file_id} is the input of a batch being created now; cancel that batch first"
+            users = [b["id"] for b in self.db.batches() if b.get("status") in ACTIVE
+                     and b.get("input_file_id") == file_id]
+            if users:
+                return f"file {file_id} is the input of {users[0]}, which is still running; cancel it first"
+            self.db.delete_file(file_id)
+        found[1].unlink(missing_ok=True)
+        return found
+
     # ---- batches -------------------------------------------------------------------------------------------
     def public(self, b: dict) -> dict:
         out = {k: b.get(k) for k in PUBLIC}
-        if b["status"] in ACTIVE:
+        if b.get("status") in ACTIVE:
             completed, failed = self.db.counts(b["id"])
             out["request_counts"] = {**b["request_counts"], "completed": completed, "failed": failed}
-        return out
+        return _printable(out)
 
     def create(self, body: dict, base_url: str) -> dict:
         if not isinstance(body, dict):
@@ -138,11 +191,27 @@ class JobService:
                 for k, v in metadata.items())):
             raise InvalidRequestError("metadata must be an object of at most 16 string keys (64 characters) and "
                                       "string values (512 characters)", param="metadata")
-        found = self.db.file(body.get("input_file_id") or "") if isinstance(body.get("input_file_id"), str) else None
-        if found is None:
-            raise InvalidRequestError(f"no file {shown(body.get('input_file_id'))}; upload one with POST /v1/files "
-                                      f"(purpose \"batch\")", param="input_file_id")
-        file_obj, path = found
+        if metadata is not None and not all(_is_text(k) and _is_text(v) for k, v in metadata.items()):
+            raise InvalidRequestError("metadata holds a string that is not Unicode text (a lone UTF-16 surrogate, "
+                                      "a \\ud800-\\udfff escape without its pair); send text", param="metadata")
+        file_id = body.get("input_file_id")
+        with self._files_lock:
+            found = self.db.file(file_id) if isinstance(file_id, str) and file_id else None
+            if found is None:
+                raise InvalidRequestError(f"no file {shown(file_id)}; upload one with POST /v1/files (purpose "
+                                          f"\"batch\")", param="input_file_id")
+            self._claims[file_id] += 1
+        try:
+            return self._create(body, base_url, endpoint, window, metadata, *found)
+        finally:
+            with self._files_lock:
+                self._claims[file_id] -= 1
+                if not self._claims[file_id]:
+                    del self._claims[file_id]
+
+    def _create(self, body: dict, base_url: str, endpoint: str, window: str, metadata: dict | None, file_obj: dict,
+                path: Path) -> dict:
+        """``create`` past its checks of the request, the input file claimed (safe from a DELETE)."""
         if file_obj["purpose"] != "batch":
             raise InvalidRequestError(f"file {file_obj['id']} has purpose {file_obj['purpose']!r}; a batch's input "
                                       f"needs purpose \"batch\"", param="input_file_id")
@@ -170,90 +239,160 @@ class JobService:
         b = {**b, "status": "cancelling", "cancelling_at": int(time.time())}
         self.db.put_batch(b)
         if self.running_id == b["id"] and self.runner is not None:
-            self.runner.stop()
-        self._wake.set()
-        return b
+            self.runner.stop()  # the worker ends it once its lines in flight are dropped
+            self._wake.set()
+            return b
+        # Not running (waiting its turn): nothing to stop, so it ends now rather than when the jobs ahead of it do.
+        self._finalize(b, ran=False)
+        return self.db.batch(b["id"]) or b
 
     # ---- the worker ----------------------------------------------------------------------------------------
     async def _work(self) -> None:
         while True:
             self._wake.clear()
             if self._has_jobs() and self.service.accepting:
-                todo = [b for b in self.db.batches() if b["status"] in ACTIVE]
-                if todo:
-                    b = min(todo, key=lambda x: (x["created_at"], x["id"]))
-                    try:
-                        await self._run(b)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as e:  # noqa: BLE001 - one job's fault must not stop the others
-                        log.exception("batch %s failed", b["id"])
-                        self._fail(b, f"the job stopped on a server error ({type(e).__name__}); see the server log")
-                    continue
+                try:
+                    if await self._next():
+                        continue
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - the database itself failing: looked at again at the next poll
+                    log.exception("batch worker: the job database failed; trying again in a second")
             try:
                 await asyncio.wait_for(self._wake.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
 
+    async def _next(self) -> bool:
+        """Run the oldest active job to its end; True when there was one and it ended, so the next may start at
+        once. A job still active afterwards (the server is stopping) is looked at again at the next poll at the
+        soonest, never at once: no path reruns a job in a loop."""
+        todo = [b for b in self.db.batches() if b.get("status") in ACTIVE]
+        if not todo:
+            return False
+        b = min(todo, key=lambda x: (x["created_at"], x["id"]))
+        try:
+            await self._run(b)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one job's fault must not stop the others
+            log.exception("batch %s failed", b["id"])
+            self._fail(b, f"the job stopped on a server error ({type(e).__name__}); see the server log")
+        after = self.db.batch(b["id"])
+        if after is None or after.get("status") not in ACTIVE:
+            return True
+        if not self._stopping:  # _finalize leaves a job active only for a shutdown
+            log.error("batch %s is still %s after its run; it is failed", b["id"], after["status"])
+            self._fail(after, "the job ended without finishing its requests; see the server log")
+        return False
+
     def _has_jobs(self) -> bool:
         return self._db is not None or (self.directory / "batches.db").exists()
 
     def _fail(self, b: dict, message: str) -> None:
-        self.db.put_batch({**self.db.batch(b["id"]), "status": "failed", "failed_at": int(time.time()),
-                           "errors": {"object": "list", "data": [{"code": "server_error", "message": message,
-                                                                 "param": None, "line": None}]}})
+        self.db.put_batch({**(self.db.batch(b["id"]) or b), "status": "failed", "failed_at": int(time.time()),
+                           "errors": _errors(message)})
 
     async def _run(self, b: dict) -> None:
         bid = b["id"]
+        ran = expired = False
         if b["status"] in ("validating", "in_progress"):
+            found = self.db.file(b["input_file_id"])
+            if found is None:  # a DELETE is refused while a job uses its file; this is a database from elsewhere
+                self._fail(b, f"its input file {b['input_file_id']} no longer exists")
+                return
+            path = found[1]
             b = {**b, "status": "in_progress", "in_progress_at": b["in_progress_at"] or int(time.time())}
             self.db.put_batch(b)
             self.db.forget_retryable(bid)
-            _, path = self.db.file(b["input_file_id"])
             output = self.directory / "files" / f"{bid}-output.jsonl"
             self.db.write_records(bid, output)
             sink = ServerSink(self.outputs, self.config.outputs.public_base_url or b["base_url"], output)
             dep = self.service.deployment
             batch = self.config.router.max_batch_size
             window = self.config.batches.max_inflight or 2 * max(1, len(dep.replicas)) * batch
-            self.runner, self.running_id = JobRunner(dep, self.config, self.db, bid, sink, window), bid
-            expiry = asyncio.get_running_loop().call_later(max(0.0, b["expires_at"] - time.time()), self.runner.stop)
+            runner = JobRunner(dep, self.config, self.db, bid, sink, window)
+            self.runner, self.running_id = runner, bid
+
+            def expire():
+                nonlocal expired
+                expired = True
+                runner.stop()
+
+            expiry = asyncio.get_running_loop().call_later(max(0.0, b["expires_at"] - time.time()), expire)
             log.info("batch %s: running %d request(s), %d images in flight at most", bid,
                      b["request_counts"]["total"], self.runner.window)
+            unreadable = None
             try:
                 with open(path, "rb") as f:
-                    await self.runner.run(read_lines(f, self.config.batches.max_lines, (b["endpoint"],)))
+                    await runner.run(read_lines(f, self.config.batches.max_lines, (b["endpoint"],)))
+            except InvalidRequestError as e:  # a file taken by a server that checked less: it fails once, clearly
+                unreadable = e.message
             finally:
                 expiry.cancel()
                 sink.close()
                 self.runner, self.running_id = None, None
-        await self._finalize(self.db.batch(bid))
+            if unreadable is not None:
+                self._fail(b, f"its input file cannot be run: {unreadable}")
+                return
+            ran = True
+            if runner.unrecorded:
+                log.error("batch %s: %d request(s) could not be recorded", bid, runner.unrecorded)
+        self._finalize(self.db.batch(bid), ran=ran, expired=expired)
 
-    async def _finalize(self, b: dict) -> None:
+    def _finalize(self, b: dict, ran: bool = False, expired: bool = False) -> None:
+        """End a job that stopped: cancelled, expired, completed, or failed when it ran every line but some could
+        not be recorded; left as it is (to resume at the next start) only when the server is stopping. ``ran``:
+        its output file was just written by a run (else it is rewritten from the database). Output and error
+        files are made only for a job with requests done. Runs on the event loop without awaiting, so no cancel
+        comes between its steps."""
         bid = b["id"]
         completed, failed = self.db.counts(bid)
         total = b["request_counts"]["total"]
+        done = completed + failed
         now = int(time.time())
-        if b["status"] == "cancelling":
+        if b["status"] == "finalizing":  # the server stopped while it was finalizing: it ends as it was going to
+            end = b.get("ending") or (
+                {"status": "completed", "completed_at": now} if done >= total else
+                {"status": "expired", "expired_at": now} if now >= b["expires_at"] else
+                {"status": "cancelled", "cancelled_at": now})
+        elif b["status"] == "cancelling":
             end = {"status": "cancelled", "cancelled_at": now}
-        elif completed + failed < total and now >= b["expires_at"]:
+        elif done < total and (expired or now >= b["expires_at"]):
             end = {"status": "expired", "expired_at": now}
-        elif completed + failed < total:  # stopped by a shutdown: it resumes at the next start
+        elif done < total and self._stopping:  # stopped by a shutdown: it resumes at the next start
             return
+        elif done < total:  # every line was taken, yet some left no record (batches.py logged why): never rerun
+            end = {"status": "failed", "failed_at": now, "errors": _errors(
+                f"{total - done} of {total} request(s) could not be recorded; the cause is in the server log")}
         else:
             end = {"status": "completed", "completed_at": now}
-        self.db.put_batch({**b, "status": "finalizing", "finalizing_at": now})
+        self.db.put_batch({**b, "status": "finalizing", "finalizing_at": now, "ending": end})
         output = self.directory / "files" / f"{bid}-output.jsonl"
-        out_obj = self.add_file(f"{bid}_output.jsonl", "batch_output", output, f"file-{bid}-output")
-        error_id = None
+        out_id = error_id = None
+        if done:
+            out_id = f"file-{bid}-output"
+            moved = self.directory / "files" / f"{out_id}.jsonl"
+            if not ran and moved.exists() and not output.exists():  # a finalize the server stopped had moved it
+                output = moved
+            elif not ran:  # written by an earlier run, if at all: the database has every committed line
+                self.db.write_records(bid, output)
+            self.add_file(f"{bid}_output.jsonl", "batch_output", output, out_id)
+        else:  # nothing done: no output file (a run cancelled before its first line leaves an empty one)
+            output.unlink(missing_ok=True)
         if failed:
             errors = self.directory / "files" / f"file-{bid}-errors.jsonl"
             self.db.write_records(bid, errors, ok=False)
             error_id = self.add_file(f"{bid}_errors.jsonl", "batch_output", errors, f"file-{bid}-errors")["id"]
-        self.db.put_batch({**b, **end, "finalizing_at": now, "output_file_id": out_obj["id"],
-                           "error_file_id": error_id,
-                           "request_counts": {"total": total, "completed": completed, "failed": failed}})
+        final = {**b, **end, "finalizing_at": now, "output_file_id": out_id, "error_file_id": error_id,
+                 "request_counts": {"total": total, "completed": completed, "failed": failed}}
+        final.pop("ending", None)
+        self.db.put_batch(final)
         log.info("batch %s %s: %d completed, %d failed of %d", bid, end["status"], completed, failed, total)
+
+
+def _errors(message: str) -> dict:
+    return {"object": "list", "data": [{"code": "server_error", "message": message, "param": None, "line": None}]}
 
 
 def router(jobs: JobService, outputs: Outputs) -> APIRouter:
@@ -268,27 +407,46 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
 
     @api.post("/v1/files")
     async def upload(request: Request):
+        """The file part goes to disk as it arrives (never whole in memory); checking it holds a line at a time,
+        CHECK_COPIES times over, which is reserved in the edits' budget of bytes in flight
+        (``limits.max_inflight_upload_bytes``, ``uploads.ByteBudget``) while the check runs."""
         if (d := denied(request)) is not None:
             return d
         limit = config.batches.max_upload_bytes
-        try:
-            body = await read_body(request, limit)
-        except BodyTooLarge:
+        too_large = error_response(413, f"the upload is larger than {limit} bytes (batches.max_upload_bytes); split "
+                                        f"the job into several files", "invalid_request_error", param="file")
+        length = decimal(request.headers.get("content-length"), max_digits=4000)
+        if length is not None and length > limit:  # refused before a byte is read
             jobs.service.observer.rejected(FailureKind.INVALID_REQUEST)
-            return error_response(413, f"the upload is larger than {limit} bytes (batches.max_upload_bytes); split "
-                                       f"the job into several files", "invalid_request_error", param="file")
+            return too_large
+        tmp = jobs.db.path.parent / "files" / f".upload-{uuid.uuid4().hex}.jsonl"
         try:
-            purpose, filename, data = await _read_upload(request.headers, body)
-            tmp = jobs.db.path.parent / "files" / f".upload-{uuid.uuid4().hex}.jsonl"
-            await run_blocking(tmp.write_bytes, data)
+            try:
+                purpose, filename, longest = await _receive_upload(request.headers, limited(request.stream(), limit),
+                                                                   tmp)
+            except BodyTooLarge:
+                jobs.service.observer.rejected(FailureKind.INVALID_REQUEST)
+                tmp.unlink(missing_ok=True)
+                return too_large
+            budget = getattr(request.app.state, "upload_budget", None)
+            cost = CHECK_COPIES * max(1, longest)
+            if budget is not None and not await budget.acquire(cost, config.limits.upload_wait_s):
+                raise QueueFullError(
+                    f"the server is holding as many uploads as it may at once (limits.max_inflight_upload_bytes = "
+                    f"{config.limits.max_inflight_upload_bytes}); retry shortly",
+                    retry_after_s=max(1.0, config.limits.upload_wait_s))
             try:
                 await run_blocking(check_file, tmp, config.batches.max_lines)
-            except ZImageError:
-                tmp.unlink(missing_ok=True)
-                raise
+            finally:
+                if budget is not None:
+                    budget.release(cost)
+            return jobs.add_file(filename, purpose, tmp)
         except ZImageError as e:
+            tmp.unlink(missing_ok=True)
             return from_exception(e)
-        return jobs.add_file(filename, purpose, tmp)
+        except BaseException:  # a client that went away, a full disk: no half-written file left behind
+            tmp.unlink(missing_ok=True)
+            raise
 
     @api.get("/v1/files")
     async def list_files(request: Request, purpose: str | None = None):
@@ -301,15 +459,11 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
     async def delete_file(file_id: str, request: Request):
         if (d := denied(request)) is not None:
             return d
-        found = jobs.db.file(file_id) if jobs._has_jobs() else None
+        found = jobs.delete_file(file_id) if jobs._has_jobs() else None
         if found is None:
             return not_found("file", file_id, "file_id")
-        users = [b["id"] for b in jobs.db.batches() if b["status"] in ACTIVE and b["input_file_id"] == file_id]
-        if users:
-            return error_response(409, f"file {file_id} is the input of {users[0]}, which is still running; cancel "
-                                       f"it first", "invalid_request_error", param="file_id", code="file_in_use")
-        jobs.db.delete_file(file_id)
-        found[1].unlink(missing_ok=True)
+        if isinstance(found, str):
+            return error_response(409, found, "invalid_request_error", param="file_id", code="file_in_use")
         return {"id": file_id, "object": "file", "deleted": True}
 
     @api.get("/v1/files/{file_id}")
@@ -346,13 +500,24 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
     async def list_batches(request: Request, limit: int = 20, after: str | None = None):
         if (d := denied(request)) is not None:
             return d
+        if not 1 <= limit <= MAX_LIST:
+            return error_response(400, f"limit must be between 1 and {MAX_LIST}, got {limit}", "invalid_request_error",
+                                  param="limit")
         every = jobs.db.batches() if jobs._has_jobs() else []
         if after is not None:
             ids = [b["id"] for b in every]
             every = every[ids.index(after) + 1:] if after in ids else []
-        page = every[:max(1, min(limit, 100))]
-        return {"object": "list", "data": [jobs.public(b) for b in page], "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None, "has_more": len(every) > len(page)}
+        page = []
+        for b in every:
+            if len(page) > limit:
+                break
+            try:  # one stored batch that cannot be shown (logged) must not take the listing down
+                page.append(jobs.public(b))
+            except Exception:  # noqa: BLE001
+                log.exception("batch %s cannot be shown; it is left out of the listing", shown(b.get("id")))
+        more, page = len(page) > limit, page[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": more}
 
     @api.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str, request: Request):
@@ -376,37 +541,124 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
     return api
 
 
-async def _read_upload(headers, body: bytes) -> tuple[str, str, bytes]:
-    """``purpose`` and the ``file`` part (its name and bytes) of an upload; 400s name the field."""
-    from starlette.formparsers import MultiPartException, MultiPartParser
+async def _receive_upload(headers, stream, target: Path) -> tuple[str, str, int]:
+    """A POST /v1/files multipart body, parsed as ``stream`` yields it: the ``file`` part written to ``target`` as
+    it arrives, in pieces off the event loop -> (purpose, filename, the longest line's bytes). 400s name the
+    field; a text field over ``uploads.MAX_FIELD_BYTES`` is a 413."""
+    from python_multipart import MultipartParser
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import parse_options_header
 
-    class _InMemoryParser(MultiPartParser):
-        spool_max_size = 1 << 40  # the body is in memory already (within limits): no round trip through a file
+    from .uploads import _check_complete, multipart_params
 
     ctype = headers.get("content-type", "")
     if not ctype.lower().startswith("multipart/form-data"):
         raise InvalidRequestError("send the file as multipart/form-data with fields `file` and `purpose`",
                                   param="file")
-    check_multipart_body(ctype, body)  # cut off, or a charset that decodes nothing: Starlette's parser checks neither
+    boundary, charset = multipart_params(ctype)
 
-    async def chunks():
-        yield body
+    def text(data: bytes, field: str | None) -> str:
+        try:
+            return data.decode(charset, errors="replace")
+        except UnicodeError:  # a codec that refuses even with errors="replace" ("idna" on some bytes)
+            raise InvalidRequestError("the multipart body cannot be read in its charset; send text fields as UTF-8",
+                                      param=field or "file") from None
 
-    try:
-        form = await _InMemoryParser(headers, chunks(), max_files=1, max_fields=8).parse()
-    except MultiPartException as e:
-        raise InvalidRequestError(f"the multipart body cannot be read: {e.message}", param="file") from None
-    except UnicodeError:  # a part's name or value the body's charset cannot decode ("idna" on some bytes)
-        raise InvalidRequestError("the multipart body cannot be read in its charset; send text fields as UTF-8",
-                                  param="file") from None
-    try:
-        purpose = form.get("purpose")
-        if purpose != "batch":
-            raise InvalidRequestError(f"purpose must be \"batch\" (the only files this server takes), got "
-                                      f"{shown(purpose)}", param="purpose")
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise InvalidRequestError("send the JSONL file in the multipart field `file`", param="file")
-        return purpose, (upload.filename or "input.jsonl")[:255], await upload.read()
-    finally:
-        await form.close()
+    fields: dict[str, str] = {}
+    state = {"files": 0, "fields": 0, "filename": None, "line": 0, "longest": 0, "pending": 0}
+    part: dict = {}
+    pending: list[bytes] = []  # the file part's data not yet written
+
+    def on_part_begin():
+        part.clear()
+        part.update(headers=[], name=None, file=False, data=[], size=0, header_name=b"", header_value=b"")
+
+    def on_header_field(data, start, end):
+        part["header_name"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        part["header_value"] += data[start:end]
+
+    def on_header_end():
+        part["headers"].append((part["header_name"].lower(), part["header_value"]))
+        part["header_name"], part["header_value"] = b"", b""
+
+    def on_headers_finished():
+        disposition = next((v for k, v in part["headers"] if k == b"content-disposition"), b"")
+        _, options = parse_options_header(disposition)
+        if b"name" not in options:
+            raise InvalidRequestError("the multipart body cannot be read: a part's Content-Disposition has no name",
+                                      param="file")
+        name = part["name"] = text(options[b"name"], None)
+        part["file"] = name == "file" or b"filename" in options
+        if part["file"]:
+            state["files"] += 1
+            if state["files"] > 1 or name != "file":
+                raise InvalidRequestError("send one file, in the multipart field `file`", param="file")
+            if b"filename" in options:
+                state["filename"] = text(options[b"filename"], "file")
+        else:
+            state["fields"] += 1
+            if state["fields"] > 8:
+                raise InvalidRequestError("too many fields: send `file` and `purpose`", param=_field(name))
+
+    def on_part_data(data, start, end):
+        if not part["file"]:
+            part["size"] += end - start
+            if part["size"] > MAX_FIELD_BYTES:
+                raise PayloadTooLarge(f"{shown(part['name'], 40)} is larger than {MAX_FIELD_BYTES} bytes (the limit "
+                                      f"on a text field)", param=_field(part["name"]))
+            part["data"].append(data[start:end])
+            return
+        piece = data[start:end]
+        pending.append(piece)
+        state["pending"] += len(piece)
+        # A bound on the longest line, for the check's reservation, in constant time a piece: the line running
+        # into its first line end, and the span between its first and last (any line wholly inside is shorter).
+        first = piece.find(b"\n")
+        if first < 0:
+            state["line"] += len(piece)
+            return
+        last = piece.rfind(b"\n")
+        state["longest"] = max(state["longest"], state["line"] + first, last - first)
+        state["line"] = len(piece) - last - 1
+
+    def on_part_end():
+        if not part["file"]:
+            name = part["name"]
+            if name in fields:
+                raise InvalidRequestError(f"{shown(name, 40)} is sent more than once", param=_field(name))
+            fields[name] = text(b"".join(part["data"]), _field(name))
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
+        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished})
+    with open(target, "wb") as out:
+        try:
+            async for chunk in stream:
+                parser.write(chunk)
+                if state["pending"] >= WRITE_BYTES:
+                    await run_blocking(out.writelines, pending[:])
+                    pending.clear()
+                    state["pending"] = 0
+            parser.finalize()
+        except FormParserError:
+            raise InvalidRequestError("the multipart body cannot be read: it is not valid multipart/form-data",
+                                      param="file") from None
+        _check_complete(parser)
+        await run_blocking(out.writelines, pending[:])
+        pending.clear()
+    purpose = fields.get("purpose")
+    if purpose != "batch":
+        raise InvalidRequestError(f"purpose must be \"batch\" (the only files this server takes), got "
+                                  f"{shown(purpose)}", param="purpose")
+    if not state["files"]:
+        raise InvalidRequestError("send the JSONL file in the multipart field `file`", param="file")
+    # a charset such as unicode_escape can make lone surrogates of a name's bytes: escaped, so it can be shown
+    filename = _printable((state["filename"] or "input.jsonl")[:255])
+    return purpose, filename, max(state["longest"], state["line"])
+
+
+def _field(name: str | None) -> str:
+    return shown(name, 40).strip("'\"") if name else "file"

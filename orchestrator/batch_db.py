@@ -7,11 +7,14 @@ So after a crash, every line in an output file is in the database, and a rerun s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -30,9 +33,24 @@ CREATE INDEX IF NOT EXISTS items_by_line ON items (batch_id, line);
 """
 
 
+# Characters str.splitlines() (and so many JSONL readers) take for line ends that JSON text may hold unescaped:
+# the C0 ones are always escaped by json.dumps, these three only with ensure_ascii.
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def dumps(obj) -> str:
-    """One output line's JSON text (compact; non-ASCII kept as is, as JSONL files usually hold it)."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    """One output line's JSON text: compact and ASCII (non-ASCII as \\u escapes), so that it is one line under any
+    reader's idea of a line end (U+2028, U+0085 in a custom_id or a prompt would split it for str.splitlines()),
+    and a string that is not Unicode text (a lone surrogate) can still be written."""
+    return json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
+
+
+def one_line(text: str) -> str:
+    """A stored line's JSON text with the line breaks ``dumps`` escapes escaped: lines recorded before it did (they
+    kept non-ASCII as is). Those characters can only be inside JSON strings, where the escape means the same."""
+    if "\x85" in text or "\u2028" in text or "\u2029" in text:
+        return text.translate(_LINE_BREAKS)
+    return text
 
 
 class JobDB:
@@ -95,13 +113,14 @@ class JobDB:
     def batch(self, batch_id: str) -> dict | None:
         with self._lock:
             row = self._db.execute("SELECT object FROM batches WHERE id = ?", (batch_id,)).fetchone()
-        return None if row is None else json.loads(row[0])
+        return None if row is None else _loaded(batch_id, row[0])
 
     def batches(self) -> list[dict]:
-        """Every batch, newest first."""
+        """Every batch, newest first; a row that cannot be read is left out (and logged), not the listing."""
         with self._lock:
-            rows = self._db.execute("SELECT object FROM batches").fetchall()
-        return sorted((json.loads(r[0]) for r in rows), key=lambda b: (b["created_at"], b["id"]), reverse=True)
+            rows = self._db.execute("SELECT id, object FROM batches").fetchall()
+        found = [b for b in (_loaded(i, text) for i, text in rows) if b is not None]
+        return sorted(found, key=lambda b: (b["created_at"], b["id"]), reverse=True)
 
     # ---- finished requests -------------------------------------------------------------------------------
     def record(self, batch_id: str, custom_id: str, line: int, ok: bool, retryable: bool, latency_s: float | None,
@@ -145,7 +164,7 @@ class JobDB:
         interrupted run that never reached a commit are dropped: they run again), so each custom_id appears once."""
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(text + "\n" for text in self.records(batch_id, ok))
+            f.writelines(one_line(text) + "\n" for text in self.records(batch_id, ok))
         os.replace(tmp, path)
 
     def counts(self, batch_id: str) -> tuple[int, int]:
@@ -161,3 +180,15 @@ class JobDB:
                                     "AND latency_s IS NOT NULL ORDER BY latency_s DESC LIMIT ?",
                                     (batch_id, n)).fetchall()
         return [(c, float(t)) for c, t in rows]
+
+
+def _loaded(batch_id: str, text: str) -> dict | None:
+    """A stored batch object, or None (logged) for a row that is not one: written by hand or by another version."""
+    try:
+        b = json.loads(text)
+    except (ValueError, RecursionError):
+        b = None
+    if isinstance(b, dict) and isinstance(b.get("id"), str) and isinstance(b.get("created_at"), int):
+        return b
+    log.error("batch %r: its stored object is not readable; it is left out", batch_id)
+    return None

@@ -2,10 +2,11 @@
 
     {"custom_id": "cat-1", "method": "POST", "url": "/v1/images/generations", "body": {"prompt": "a cat"}}
 
-The file is refused whole (``InvalidRequestError`` naming the line) for what would make the job ambiguous: a line
-that is not a JSON object, a missing or repeated ``custom_id``, a method other than POST, a ``url`` not batched here,
-a body that is not an object, or too many lines. A body's own fields are checked when its line runs, as the HTTP API
-checks them, so a bad body fails that line alone."""
+The file is refused whole (``InvalidRequestError`` naming the line) for what would make the job ambiguous or
+impossible to record: a line that is not a JSON object, a string in it that is not Unicode text (a lone surrogate
+such as ``"\\ud800"``: SQLite and the UTF-8 output cannot hold it), a missing or repeated ``custom_id``, a method
+other than POST, a ``url`` not batched here, a body that is not an object, or too many lines. A body's own fields
+are checked when its line runs, as the HTTP API checks them, so a bad body fails that line alone."""
 
 from __future__ import annotations
 
@@ -38,6 +39,30 @@ def _refuse(number: int, message: str, param: str = "input_file_id") -> InvalidR
     return InvalidRequestError(f"line {number}: {message}", param=param)
 
 
+def _lone_surrogate(obj) -> str | None:
+    """Where in a parsed line a string (a key or a value) holds a lone surrogate, for a message: ``'custom_id'``,
+    ``'body.prompt'``, ``a key in 'body'``; None when every string is text. Walked without recursion: a line may
+    nest deeply."""
+    stack: list[tuple[object, str]] = [(obj, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return shown(where, 80) if where else "the line"
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                name = f"{where}.{k}" if where else k
+                if _lone_surrogate(k) is not None:
+                    return f"a key in {shown(where, 80)}" if where else "a key"
+                stack.append((v, name))
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+    return None
+
+
 def parse_line(number: int, raw: bytes | str, endpoints: Iterable[str] = ENDPOINTS) -> Line | None:
     """One line of the file; None for a blank line."""
     if isinstance(raw, bytes):
@@ -52,6 +77,10 @@ def parse_line(number: int, raw: bytes | str, endpoints: Iterable[str] = ENDPOIN
     except (json.JSONDecodeError, RecursionError, ValueError) as e:
         where = f" ({e.msg}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
         raise _refuse(number, f"is not valid JSON{where}; each line must be one JSON object") from None
+    # Only a \u escape makes a lone surrogate (the UTF-8 decode above refuses encoded ones): most lines skip the walk.
+    if ("\\ud" in raw or "\\uD" in raw) and (field := _lone_surrogate(obj)) is not None:
+        raise _refuse(number, f"{field} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without "
+                              f"its pair), which is not Unicode text and cannot be stored or written out; send text")
     if not isinstance(obj, dict):
         raise _refuse(number, "must be a JSON object with custom_id, method, url and body")
     unknown = sorted(set(obj) - LINE_KEYS)

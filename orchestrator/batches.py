@@ -117,6 +117,7 @@ class JobRunner:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"job-writer-{batch_id}"[:40],
                                           initializer=lower_this_thread)
         self._pending: list[str] = []  # recorded, not yet committed: their output lines (the writer's only)
+        self.unrecorded = 0  # lines whose outcome could not be recorded even as a failure (the writer's only)
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self.slowest: list[tuple[float, str, str]] = []  # (latency, custom_id, prompt): the 5 slowest of this run
@@ -146,7 +147,9 @@ class JobRunner:
                 task.add_done_callback(self._tasks.discard)
             if self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        except asyncio.CancelledError:  # Ctrl-C: drop what is in flight, keep what is recorded
+        except BaseException:
+            # Ctrl-C, or an input line that cannot be read: drop what is in flight (no task outlives the run), keep
+            # what is recorded
             self.stop()
             if self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
@@ -251,13 +254,26 @@ class JobRunner:
             self.on_outcome(o)
 
     def _record(self, o: Outcome) -> None:
-        """On the writer: the outcome into the database (uncommitted) and its line into the pending output."""
+        """On the writer: the outcome into the database (uncommitted) and its line into the pending output. An
+        outcome that cannot be recorded is recorded as the line's failure instead, retryable (a rerun tries it
+        again): left unrecorded, the job would never count it done and never end. When even that fails,
+        ``unrecorded`` counts the line, and a server job ends failed (``batch_api``)."""
         try:
             text = dumps(o.record)
             self.db.record(self.batch_id, o.line.custom_id, o.line.number, o.ok, o.retryable, o.latency_s, text)
-        except Exception:  # noqa: BLE001 - not recorded, so not written out: a rerun runs the line again
-            log.exception("batch %s: recording line %d failed", self.batch_id, o.line.number)
-            return
+        except Exception as e:  # noqa: BLE001 - any error: the line must still end
+            log.exception("batch %s: recording line %d failed; it is recorded as failed", self.batch_id,
+                          o.line.number)
+            f = failed(o.line, 500, "server_error", f"the outcome of this request could not be recorded "
+                       f"({type(e).__name__}); the cause is in the server log", code="record_failed",
+                       retryable=True, latency_s=o.latency_s)
+            try:
+                text = dumps(f.record)
+                self.db.record(self.batch_id, o.line.custom_id, o.line.number, False, True, o.latency_s, text)
+            except Exception:  # noqa: BLE001 - the database itself refuses: counted, never retried in a loop
+                log.exception("batch %s: recording line %d as failed failed too", self.batch_id, o.line.number)
+                self.unrecorded += 1
+                return
         self._pending.append(text)
 
     def _write(self) -> None:
