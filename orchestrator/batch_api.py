@@ -30,7 +30,7 @@ from .images_api import ImageCall
 from .outputs import Outputs, b64_text
 from .requests import decimal, shown
 from .storage import run_blocking
-from .uploads import MAX_FIELD_BYTES, BodyTooLarge, PayloadTooLarge, limited, parse_json, read_body
+from .uploads import BodyTooLarge, limited, parse_json, read_body, receive_jsonl_upload
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 COMPLETION_WINDOW_S = {"24h": 86_400}
 MAX_LIST = 100  # GET /v1/batches?limit= (OpenAI's range: 1 to 100)
 CHECK_COPIES = 3  # a line being checked is held as bytes, as text and parsed (its long string copied once more)
-WRITE_BYTES = 1 << 20  # an upload's file part is written out in pieces of about this size, off the event loop
 PUBLIC = ("id", "object", "endpoint", "errors", "input_file_id", "completion_window", "status", "output_file_id",
           "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
           "expired_at", "cancelling_at", "cancelled_at", "request_counts", "metadata")
@@ -422,8 +421,9 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
         tmp = jobs.db.path.parent / "files" / f".upload-{uuid.uuid4().hex}.jsonl"
         try:
             try:
-                purpose, filename, longest = await _receive_upload(request.headers, limited(request.stream(), limit),
-                                                                   tmp)
+                purpose, filename, longest = await receive_jsonl_upload(
+                    request.headers, limited(request.stream(), limit), tmp)
+                filename = _printable(filename)
             except BodyTooLarge:
                 jobs.service.observer.rejected(FailureKind.INVALID_REQUEST)
                 tmp.unlink(missing_ok=True)
@@ -539,126 +539,3 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
             return from_exception(e)
 
     return api
-
-
-async def _receive_upload(headers, stream, target: Path) -> tuple[str, str, int]:
-    """A POST /v1/files multipart body, parsed as ``stream`` yields it: the ``file`` part written to ``target`` as
-    it arrives, in pieces off the event loop -> (purpose, filename, the longest line's bytes). 400s name the
-    field; a text field over ``uploads.MAX_FIELD_BYTES`` is a 413."""
-    from python_multipart import MultipartParser
-    from python_multipart.exceptions import FormParserError
-    from python_multipart.multipart import parse_options_header
-
-    from .uploads import _check_complete, multipart_params
-
-    ctype = headers.get("content-type", "")
-    if not ctype.lower().startswith("multipart/form-data"):
-        raise InvalidRequestError("send the file as multipart/form-data with fields `file` and `purpose`",
-                                  param="file")
-    boundary, charset = multipart_params(ctype)
-
-    def text(data: bytes, field: str | None) -> str:
-        try:
-            return data.decode(charset, errors="replace")
-        except UnicodeError:  # a codec that refuses even with errors="replace" ("idna" on some bytes)
-            raise InvalidRequestError("the multipart body cannot be read in its charset; send text fields as UTF-8",
-                                      param=field or "file") from None
-
-    fields: dict[str, str] = {}
-    state = {"files": 0, "fields": 0, "filename": None, "line": 0, "longest": 0, "pending": 0}
-    part: dict = {}
-    pending: list[bytes] = []  # the file part's data not yet written
-
-    def on_part_begin():
-        part.clear()
-        part.update(headers=[], name=None, file=False, data=[], size=0, header_name=b"", header_value=b"")
-
-    def on_header_field(data, start, end):
-        part["header_name"] += data[start:end]
-
-    def on_header_value(data, start, end):
-        part["header_value"] += data[start:end]
-
-    def on_header_end():
-        part["headers"].append((part["header_name"].lower(), part["header_value"]))
-        part["header_name"], part["header_value"] = b"", b""
-
-    def on_headers_finished():
-        disposition = next((v for k, v in part["headers"] if k == b"content-disposition"), b"")
-        _, options = parse_options_header(disposition)
-        if b"name" not in options:
-            raise InvalidRequestError("the multipart body cannot be read: a part's Content-Disposition has no name",
-                                      param="file")
-        name = part["name"] = text(options[b"name"], None)
-        part["file"] = name == "file" or b"filename" in options
-        if part["file"]:
-            state["files"] += 1
-            if state["files"] > 1 or name != "file":
-                raise InvalidRequestError("send one file, in the multipart field `file`", param="file")
-            if b"filename" in options:
-                state["filename"] = text(options[b"filename"], "file")
-        else:
-            state["fields"] += 1
-            if state["fields"] > 8:
-                raise InvalidRequestError("too many fields: send `file` and `purpose`", param=_field(name))
-
-    def on_part_data(data, start, end):
-        if not part["file"]:
-            part["size"] += end - start
-            if part["size"] > MAX_FIELD_BYTES:
-                raise PayloadTooLarge(f"{shown(part['name'], 40)} is larger than {MAX_FIELD_BYTES} bytes (the limit "
-                                      f"on a text field)", param=_field(part["name"]))
-            part["data"].append(data[start:end])
-            return
-        piece = data[start:end]
-        pending.append(piece)
-        state["pending"] += len(piece)
-        # A bound on the longest line, for the check's reservation, in constant time a piece: the line running
-        # into its first line end, and the span between its first and last (any line wholly inside is shorter).
-        first = piece.find(b"\n")
-        if first < 0:
-            state["line"] += len(piece)
-            return
-        last = piece.rfind(b"\n")
-        state["longest"] = max(state["longest"], state["line"] + first, last - first)
-        state["line"] = len(piece) - last - 1
-
-    def on_part_end():
-        if not part["file"]:
-            name = part["name"]
-            if name in fields:
-                raise InvalidRequestError(f"{shown(name, 40)} is sent more than once", param=_field(name))
-            fields[name] = text(b"".join(part["data"]), _field(name))
-
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
-        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished})
-    with open(target, "wb") as out:
-        try:
-            async for chunk in stream:
-                parser.write(chunk)
-                if state["pending"] >= WRITE_BYTES:
-                    await run_blocking(out.writelines, pending[:])
-                    pending.clear()
-                    state["pending"] = 0
-            parser.finalize()
-        except FormParserError:
-            raise InvalidRequestError("the multipart body cannot be read: it is not valid multipart/form-data",
-                                      param="file") from None
-        _check_complete(parser)
-        await run_blocking(out.writelines, pending[:])
-        pending.clear()
-    purpose = fields.get("purpose")
-    if purpose != "batch":
-        raise InvalidRequestError(f"purpose must be \"batch\" (the only files this server takes), got "
-                                  f"{shown(purpose)}", param="purpose")
-    if not state["files"]:
-        raise InvalidRequestError("send the JSONL file in the multipart field `file`", param="file")
-    # a charset such as unicode_escape can make lone surrogates of a name's bytes: escaped, so it can be shown
-    filename = _printable((state["filename"] or "input.jsonl")[:255])
-    return purpose, filename, max(state["longest"], state["line"])
-
-
-def _field(name: str | None) -> str:
-    return shown(name, 40).strip("'\"") if name else "file"

@@ -209,7 +209,6 @@ async def stream_multipart(headers, stream, max_image_bytes: int, max_files: int
     an array) both collect into ``image``. Every refusal an InvalidRequestError naming the part (413 for a part over
     its limit, raised as soon as it passes it)."""
     from python_multipart import MultipartParser
-    from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import parse_options_header
 
     ctype = headers.get("content-type", "")
@@ -230,20 +229,6 @@ async def stream_multipart(headers, stream, max_image_bytes: int, max_files: int
     files: dict = {"image": [], "mask": None}
     counts = {"files": 0, "fields": 0}
     part: dict = {}
-
-    def on_part_begin():
-        part.clear()
-        part.update(headers=[], name=None, file=False, data=[], size=0, header_name=b"", header_value=b"")
-
-    def on_header_field(data, start, end):
-        part["header_name"] += data[start:end]
-
-    def on_header_value(data, start, end):
-        part["header_value"] += data[start:end]
-
-    def on_header_end():
-        part["headers"].append((part["header_name"].lower(), part["header_value"]))
-        part["header_name"], part["header_value"] = b"", b""
 
     def on_headers_finished():
         disposition = next((v for k, v in part["headers"] if k == b"content-disposition"), b"")
@@ -293,18 +278,9 @@ async def stream_multipart(headers, stream, max_image_bytes: int, max_files: int
         else:
             files[key] = data
 
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
-        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished})
-    try:
-        async for chunk in stream:
-            parser.write(chunk)
-        parser.finalize()
-    except FormParserError:
-        raise InvalidRequestError("the multipart body cannot be read: it is not valid multipart/form-data") \
-            from None
-    _check_complete(parser)
+    parser = MultipartParser(boundary, {**_header_callbacks(part), "on_part_data": on_part_data,
+                                        "on_part_end": on_part_end, "on_headers_finished": on_headers_finished})
+    await _feed(parser, stream)
     return fields, files
 
 
@@ -329,32 +305,45 @@ def multipart_params(ctype: str) -> tuple[bytes, str]:
     return boundary, charset
 
 
-def _check_complete(parser) -> None:
-    """python-multipart's ``finalize`` does not check that the closing delimiter arrived: a body cut off inside a
-    part (a client or proxy that stopped early) would parse as the parts before it, silently one image short."""
+def _header_callbacks(part: dict) -> dict:
+    """The parser callbacks that collect each part's headers into ``part`` (reset as the part begins)."""
+    def on_part_begin():
+        part.clear()
+        part.update(headers=[], name=None, file=False, data=[], size=0, header_name=b"", header_value=b"")
+
+    def on_header_field(data, start, end):
+        part["header_name"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        part["header_value"] += data[start:end]
+
+    def on_header_end():
+        part["headers"].append((part["header_name"].lower(), part["header_value"]))
+        part["header_name"], part["header_value"] = b"", b""
+
+    return {"on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+            "on_header_end": on_header_end}
+
+
+async def _feed(parser, stream, after_chunk=None, param: str | None = None) -> None:
+    """The body into ``parser`` as ``stream`` yields it, then the check that it ended whole: python-multipart's
+    ``finalize`` does not check that the closing delimiter arrived, and a body cut off inside a part (a client or
+    proxy that stopped early) parsed as the parts before it, silently one image short."""
+    from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartState
 
-    if parser.state != MultipartState.END:
-        raise InvalidRequestError("the multipart body ends before its closing boundary (--BOUNDARY--): it was cut "
-                                  "off; send the whole body")
-
-
-def check_multipart_body(ctype: str, body: bytes) -> str:
-    """A multipart body already in memory, checked whole (its closing boundary, its charset) before a parser
-    that does not check them reads it. Returns the charset."""
-    from python_multipart import MultipartParser
-    from python_multipart.exceptions import FormParserError
-
-    boundary, charset = multipart_params(ctype)
-    parser = MultipartParser(boundary, {})
     try:
-        parser.write(body)
+        async for chunk in stream:
+            parser.write(chunk)
+            if after_chunk is not None:
+                await after_chunk()
         parser.finalize()
     except FormParserError:
-        raise InvalidRequestError("the multipart body cannot be read: it is not valid multipart/form-data") \
-            from None
-    _check_complete(parser)
-    return charset
+        raise InvalidRequestError("the multipart body cannot be read: it is not valid multipart/form-data",
+                                  param=param) from None
+    if parser.state != MultipartState.END:
+        raise InvalidRequestError("the multipart body ends before its closing boundary (--BOUNDARY--): it was cut "
+                                  "off; send the whole body", param=param)
 
 
 def _param(name: str | None) -> str:
@@ -370,3 +359,106 @@ async def parse_multipart(headers, body: bytes, max_image_bytes: int = 1 << 40) 
     from .image_input import MAX_IMAGES
 
     return await stream_multipart(headers, _once(body), max_image_bytes, MAX_IMAGES + 2)
+
+
+WRITE_BYTES = 1 << 20  # an upload's file part is written out in pieces of about this size, off the event loop
+
+
+async def receive_jsonl_upload(headers, stream, target) -> tuple[str, str, int]:
+    """A POST /v1/files multipart body, parsed as ``stream`` yields it: the ``file`` part written to ``target`` as
+    it arrives, in pieces off the event loop -> (purpose, filename, the longest line's bytes). 400s name the
+    field; a text field over ``uploads.MAX_FIELD_BYTES`` is a 413."""
+    from python_multipart import MultipartParser
+    from python_multipart.multipart import parse_options_header
+
+    from .storage import run_blocking
+
+    ctype = headers.get("content-type", "")
+    if not ctype.lower().startswith("multipart/form-data"):
+        raise InvalidRequestError("send the file as multipart/form-data with fields `file` and `purpose`",
+                                  param="file")
+    boundary, charset = multipart_params(ctype)
+
+    def text(data: bytes, field: str | None) -> str:
+        try:
+            return data.decode(charset, errors="replace")
+        except UnicodeError:  # a codec that refuses even with errors="replace" ("idna" on some bytes)
+            raise InvalidRequestError("the multipart body cannot be read in its charset; send text fields as UTF-8",
+                                      param=field or "file") from None
+
+    fields: dict[str, str] = {}
+    state = {"files": 0, "fields": 0, "filename": None, "line": 0, "longest": 0, "pending": 0}
+    part: dict = {}
+    pending: list[bytes] = []  # the file part's data not yet written
+
+    def on_headers_finished():
+        disposition = next((v for k, v in part["headers"] if k == b"content-disposition"), b"")
+        _, options = parse_options_header(disposition)
+        if b"name" not in options:
+            raise InvalidRequestError("the multipart body cannot be read: a part's Content-Disposition has no name",
+                                      param="file")
+        name = part["name"] = text(options[b"name"], None)
+        part["file"] = name == "file" or b"filename" in options
+        if part["file"]:
+            state["files"] += 1
+            if state["files"] > 1 or name != "file":
+                raise InvalidRequestError("send one file, in the multipart field `file`", param="file")
+            if b"filename" in options:
+                state["filename"] = text(options[b"filename"], "file")
+        else:
+            state["fields"] += 1
+            if state["fields"] > 8:
+                raise InvalidRequestError("too many fields: send `file` and `purpose`", param=_field(name))
+
+    def on_part_data(data, start, end):
+        if not part["file"]:
+            part["size"] += end - start
+            if part["size"] > MAX_FIELD_BYTES:
+                raise PayloadTooLarge(f"{shown(part['name'], 40)} is larger than {MAX_FIELD_BYTES} bytes (the limit "
+                                      f"on a text field)", param=_field(part["name"]))
+            part["data"].append(data[start:end])
+            return
+        piece = data[start:end]
+        pending.append(piece)
+        state["pending"] += len(piece)
+        # A bound on the longest line, for the check's reservation, in constant time a piece: the line running
+        # into its first line end, and the span between its first and last (any line wholly inside is shorter).
+        first = piece.find(b"\n")
+        if first < 0:
+            state["line"] += len(piece)
+            return
+        last = piece.rfind(b"\n")
+        state["longest"] = max(state["longest"], state["line"] + first, last - first)
+        state["line"] = len(piece) - last - 1
+
+    def on_part_end():
+        if not part["file"]:
+            name = part["name"]
+            if name in fields:
+                raise InvalidRequestError(f"{shown(name, 40)} is sent more than once", param=_field(name))
+            fields[name] = text(b"".join(part["data"]), _field(name))
+
+    parser = MultipartParser(boundary, {**_header_callbacks(part), "on_part_data": on_part_data,
+                                        "on_part_end": on_part_end, "on_headers_finished": on_headers_finished})
+    with open(target, "wb") as out:
+        async def write_out():
+            if state["pending"] >= WRITE_BYTES:
+                await run_blocking(out.writelines, pending[:])
+                pending.clear()
+                state["pending"] = 0
+
+        await _feed(parser, stream, write_out, param="file")
+        await run_blocking(out.writelines, pending[:])
+        pending.clear()
+    purpose = fields.get("purpose")
+    if purpose != "batch":
+        raise InvalidRequestError(f"purpose must be \"batch\" (the only files this server takes), got "
+                                  f"{shown(purpose)}", param="purpose")
+    if not state["files"]:
+        raise InvalidRequestError("send the JSONL file in the multipart field `file`", param="file")
+    # (a charset such as unicode_escape can make lone surrogates of a name's bytes: the caller escapes them)
+    return purpose, (state["filename"] or "input.jsonl")[:255], max(state["longest"], state["line"])
+
+
+def _field(name: str | None) -> str:
+    return shown(name, 40).strip("'\"") if name else "file"

@@ -74,10 +74,12 @@ class LimitsConfig(_Strict):
         default=256 * 1024 * 1024, ge=1024, le=64 * 1024**3, description="Bytes of edit bodies (multipart or JSON) "
         "being read, parsed and decoded at once, all requests together. A body reserves its Content-Length (a chunked "
         "one: limits.max_upload_bytes) before it is read and keeps it until its images are decoded; the others wait "
-        "(limits.upload_wait_s), then 503. Bounds the memory uploads take whatever their number.")
+        "(limits.upload_wait_s), then 429. A batch input file (POST /v1/files) streams to disk and reserves what "
+        "checking it holds (about three times its longest line). Bounds the memory uploads take whatever their "
+        "number.")
     upload_wait_s: float = Field(
-        default=10.0, ge=0, le=3600, description="How long an edit waits for room in limits.max_inflight_upload_bytes "
-        "before a 503 with Retry-After.")
+        default=10.0, ge=0, le=3600, description="How long an upload waits for room in "
+        "limits.max_inflight_upload_bytes before a 429 with Retry-After.")
     decode_pixel_budget: int = Field(
         default=64_000_000, ge=256, le=4_000_000_000, description="Input pixels (as stored) the HTTP process decodes "
         "at once, all requests together. A request costs its input images' pixels (read from their headers; at most "
