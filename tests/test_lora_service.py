@@ -98,7 +98,7 @@ def test_registry_endpoints_and_keys(server, adapters):
     ({"name": "x", "path": "/nonexistent/a.safetensors"}, 400, "path", "outside the directory"),
     ({"name": "x", "path": "../../../../../../etc/hostname"}, 400, "path", "outside the directory"),
     ({"name": "bad name!", "path": "kohya.safetensors"}, 400, "name", "pattern"),
-    ({"name": "x"}, 400, "name", "needs path"),
+    ({"name": "x"}, 400, "path", "needs path"),  # the missing field is named
     ({"name": "x", "path": "kohya.safetensors", "weight": 1}, 400, "weight", "unknown field"),
     ({"name": "x", "self": 1}, 400, "self", "unknown field"),
     ({"name": "x", "source": "modelscope", "model_id": "a/b"}, 403, "source", "model.lora_runtime_hub"),
