@@ -226,12 +226,12 @@ class BodyDeadline:
                 state["more"] = False
             elif declared:
                 state["received"] += len(message.get("body", b""))
-                behind = (asyncio.get_running_loop().time() - state["start"] - self.idle_s) / self.total_s
-                if state["received"] < declared * behind:
+                elapsed = asyncio.get_running_loop().time() - state["start"]
+                if state["received"] < declared * (elapsed - self.idle_s) / self.total_s:
                     raise BodyTimeout(
                         f"the request body arrives too slowly to be whole within {self.total_s:g} s "
                         f"(server.body_timeout_s): {state['received']} of its {declared} bytes after "
-                        f"{asyncio.get_running_loop().time() - state['start']:.0f} s") from None
+                        f"{elapsed:.0f} s") from None
             return message
 
         await self.app(scope, timed_receive, send)

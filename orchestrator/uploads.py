@@ -218,12 +218,7 @@ async def stream_multipart(headers, stream, max_image_bytes: int, max_files: int
     boundary, charset = multipart_params(ctype)
 
     def text(data: bytes, field: str | None) -> str:
-        try:
-            return data.decode(charset, errors="replace")
-        except UnicodeError:  # a codec that refuses even with errors="replace" ("idna" on some bytes)
-            what = shown(field, 40) if field else "a part's name"
-            raise InvalidRequestError(f"{what} cannot be read in the multipart body's charset {shown(charset, 40)}; "
-                                      f"send text fields as UTF-8", param=field) from None
+        return _decode(data, charset, field)
 
     fields: dict = {}
     files: dict = {"image": [], "mask": None}
@@ -305,6 +300,17 @@ def multipart_params(ctype: str) -> tuple[bytes, str]:
     return boundary, charset
 
 
+def _decode(data: bytes, charset: str, field: str | None, param: str | None = None) -> str:
+    """A part's name (``field`` None) or a text field's value in the body's charset; a 400 where the codec refuses
+    even with errors="replace" ("idna" on some bytes)."""
+    try:
+        return data.decode(charset, errors="replace")
+    except UnicodeError:
+        what = shown(field, 40) if field else "a part's name"
+        raise InvalidRequestError(f"{what} cannot be read in the multipart body's charset {shown(charset, 40)}; "
+                                  f"send text fields as UTF-8", param=param if param is not None else field) from None
+
+
 def _header_callbacks(part: dict) -> dict:
     """The parser callbacks that collect each part's headers into ``part`` (reset as the part begins)."""
     def on_part_begin():
@@ -380,11 +386,7 @@ async def receive_jsonl_upload(headers, stream, target) -> tuple[str, str, int]:
     boundary, charset = multipart_params(ctype)
 
     def text(data: bytes, field: str | None) -> str:
-        try:
-            return data.decode(charset, errors="replace")
-        except UnicodeError:  # a codec that refuses even with errors="replace" ("idna" on some bytes)
-            raise InvalidRequestError("the multipart body cannot be read in its charset; send text fields as UTF-8",
-                                      param=field or "file") from None
+        return _decode(data, charset, field, param=field or "file")
 
     fields: dict[str, str] = {}
     state = {"files": 0, "fields": 0, "filename": None, "line": 0, "longest": 0, "pending": 0}
