@@ -51,6 +51,7 @@ from .outputs import include_job_routes, render
 from .request_id import RequestIdMiddleware
 from .requests import decimal, parse_lora_registration, shown
 from .uploads import (
+    BodyReservation,
     BodyTooLarge,
     ByteBudget,
     DecodeQueue,
@@ -163,7 +164,13 @@ class Service:
         return self.accepting and bool(self.deployment.live())
 
     def denied(self, request: Request) -> JSONResponse | None:
-        """The 401 for a request without a valid bearer key (when keys are set), else None."""
+        """The 401 for a request without a valid bearer key (when keys are set), else None. Two Authorization
+        headers are a 400 whether keys are set or not: which one counts would differ between a proxy, this check
+        and the idempotency scope (``idempotency.scope``), which reads the first."""
+        if len(request.headers.getlist("authorization")) > 1:
+            return error_response(400, "send one Authorization header ('Authorization: Bearer <key>'); this request "
+                                       "has several", "invalid_request_error", param="Authorization",
+                                  code="duplicate_header")
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if not self.api_keys or (scheme.lower() == "bearer" and token and
                                  any(hmac.compare_digest(token.strip().encode(), k) for k in self.api_keys)):
@@ -357,7 +364,7 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         """Admit a parsed generation or edit call and answer it: JSON, or an SSE stream; with an Idempotency-Key,
         a retry's recorded answer instead (idempotency.py)."""
         try:
-            key = parse_key(request.headers.get(HEADER))
+            key = parse_key(request.headers.getlist(HEADER))
         except ValueError as e:
             return refused(InvalidRequestError(str(e), param=HEADER))
         store = getattr(dep, "idempotency", None)
@@ -419,29 +426,29 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
             return denied
         length = decimal(request.headers.get("content-length"), max_digits=4000)
         limit = length if length is not None else limits.max_upload_bytes  # guard() refused a larger one
-        if not await upload_budget.acquire(limit, limits.upload_wait_s):
-            return refused(QueueFullError(
-                f"the server is reading as many uploads as it holds at once (limits.max_inflight_upload_bytes = "
-                f"{limits.max_inflight_upload_bytes}); retry shortly", retry_after_s=max(1.0, limits.upload_wait_s)))
+        held = BodyReservation(upload_budget, length, limit, limits.upload_wait_s)
         try:
-            call = await edit_call(request, limit)
+            await held.open()
+            call = await edit_call(request, limit, held)
+        except QueueFullError as e:
+            return refused(e)
         finally:
-            upload_budget.release(limit)
+            held.release()
         if isinstance(call, Response):
             return call
         return await answer(request, call, service.deployment)
 
-    async def edit_call(request: Request, limit: int):
+    async def edit_call(request: Request, limit: int, held: BodyReservation):
         """An edit's body read (multipart: parsed as it streams) and its images decoded -> an ImageCall, or the
         response refusing it."""
         json_body = request.headers.get("content-type", "").lower().startswith("application/json")
         try:
             if json_body:  # the spec's JSON form: images as data: URLs (up to max_upload_bytes: parsed off the loop)
-                payload = await off_loop(parse_json, await read_body(request, limit))
+                payload = await off_loop(parse_json, await read_body(held.guard(request.stream()), limit))
                 fields, files = await off_loop(json_edit_parts, payload)
                 del payload
             else:
-                fields, files = await stream_multipart(request.headers, limited(request.stream(), limit),
+                fields, files = await stream_multipart(request.headers, limited(held.guard(request.stream()), limit),
                                                        limits.max_image_bytes, MAX_IMAGES + 2)
         except BodyTooLarge:
             return service.too_large("max_upload_bytes", limits.max_upload_bytes)

@@ -2,9 +2,10 @@
 
 - ``read_body``: a body read chunk by chunk and abandoned at its limit (a chunked body too); ``parse_json``: every
   decoding failure a 400.
-- ``ByteBudget`` (``limits.max_inflight_upload_bytes``): an edit's body reserves its bytes (Content-Length, or
-  ``limits.max_upload_bytes`` when chunked) before it is read and holds them until its images are decoded, first
-  come first served; no room within ``limits.upload_wait_s`` is a 429. Unreserved bytes stay in the client's socket.
+- ``ByteBudget`` (``limits.max_inflight_upload_bytes``) and ``BodyReservation``: an edit's body reserves its
+  Content-Length before it is read, a chunked one its bytes as they arrive, and holds them until its images are
+  decoded, first come first served; no room within ``limits.upload_wait_s`` is a 429. Unreserved bytes stay in the
+  client's socket.
 - ``stream_multipart``: a multipart body parsed as it streams in, each part held to its limit while it arrives; the
   file fields (``image``, ``image[]``, ``mask``, ``control_image``) are files by their name (RFC 7578's
   ``filename`` is optional).
@@ -49,10 +50,10 @@ async def limited(stream, limit: int):
 
 
 async def read_body(request, limit: int) -> bytes:
-    """The request body, read chunk by chunk and abandoned at ``limit`` bytes: a chunked body (no
-    Content-Length) is never held whole past the limit."""
+    """The request body (``request``: a request, or its chunks), read chunk by chunk and abandoned at ``limit``
+    bytes: a chunked body (no Content-Length) is never held whole past the limit."""
     body = bytearray()
-    async for chunk in request.stream():
+    async for chunk in (request.stream() if hasattr(request, "stream") else request):
         body += chunk
         if len(body) > limit:
             raise BodyTooLarge()
@@ -167,6 +168,51 @@ class _FifoBudget:
 class ByteBudget(_FifoBudget):
     """Bytes of request bodies in flight (module docstring): ``acquire`` before reading, ``release`` after the
     images are decoded."""
+
+
+class BodyReservation:
+    """What one request body holds of a ``ByteBudget``. With a declared length it reserves all of it before a byte
+    is read (``open``). A chunked body has none: it reserves ``CHUNKED_FIRST`` bytes, then, whenever what has come
+    passes what it holds, twice as much again (``guard`` wraps its stream), up to its limit. So a client trickling a
+    chunked body holds about twice what it has sent, not the whole ``limits.max_upload_bytes`` for as long as its
+    body may take (``server.body_timeout_s``): four such clients held the default budget whole. A body that cannot
+    grow within ``wait_s`` is refused mid-stream with the same 429 as one that cannot start."""
+
+    CHUNKED_FIRST = 1 << 20
+
+    def __init__(self, budget: ByteBudget, length: int | None, limit: int, wait_s: float):
+        self.budget, self.length, self.limit, self.wait_s = budget, length, limit, wait_s
+        self.pieces: list[int] = []  # each acquire, released one by one (the budget counts acquisitions)
+        self.held = 0
+
+    def _full(self) -> QueueFullError:
+        return QueueFullError(
+            f"the server is reading as many uploads as it holds at once (limits.max_inflight_upload_bytes = "
+            f"{self.budget.capacity}); retry shortly", retry_after_s=max(1.0, self.wait_s))
+
+    async def _take(self, n: int) -> None:
+        if not await self.budget.acquire(n, self.wait_s):
+            raise self._full()
+        self.pieces.append(n)
+        self.held += n
+
+    async def open(self) -> None:
+        """The first reservation (QueueFullError when there is no room in time)."""
+        await self._take(self.length if self.length is not None else min(self.CHUNKED_FIRST, self.limit))
+
+    async def guard(self, stream):
+        """``stream``'s chunks; a chunked body's reservation grows ahead of them."""
+        seen = 0
+        async for chunk in stream:
+            seen += len(chunk)
+            if self.length is None and seen > self.held and self.held < self.limit:
+                await self._take(min(self.limit, max(seen, 2 * self.held)) - self.held)
+            yield chunk
+
+    def release(self) -> None:
+        for n in self.pieces:
+            self.budget.release(n)
+        self.pieces, self.held = [], 0
 
 
 class DecodeQueue(_FifoBudget):

@@ -522,3 +522,95 @@ def test_a_client_that_goes_away_while_its_images_wait_has_them_cancelled():
             assert time.time() < deadline, "the disconnect was not noticed"
             time.sleep(0.05)
         assert len(waiters) == 2 and all(w.cancelled() for w in waiters)
+
+
+def test_a_chunked_body_reserves_as_it_arrives_and_gives_everything_back():
+    from orchestrator.uploads import BodyReservation, ByteBudget
+    from zimage_common.errors import QueueFullError
+
+    first = BodyReservation.CHUNKED_FIRST
+
+    async def chunks(sizes):
+        for n in sizes:
+            yield b"x" * n
+
+    async def run():
+        budget = ByteBudget(8 * first)
+        body = BodyReservation(budget, None, 8 * first, wait_s=0.2)
+        await body.open()
+        assert budget.used == first  # a chunked body starts with CHUNKED_FIRST, not its limit
+        seen = 0
+        async for chunk in body.guard(chunks([first // 2, first // 2, 1, first, 3 * first])):
+            seen += len(chunk)
+            assert seen <= body.held <= max(2 * seen, first), (seen, body.held)  # ahead of the data, never 2x past
+        assert body.held == budget.used == 8 * first  # capped at its limit
+        body.release()
+        assert budget.used == 0 and budget.running == 0
+
+        declared = BodyReservation(budget, 3 * first, 3 * first, wait_s=0.2)
+        await declared.open()
+        assert budget.used == 3 * first  # a declared length is reserved whole, before reading
+        async for _ in declared.guard(chunks([3 * first])):
+            pass
+        assert budget.used == 3 * first
+
+        # growth that finds no room within wait_s is the upload 429, mid-stream; what it held is given back
+        grower = BodyReservation(budget, None, 8 * first, wait_s=0.2)
+        await grower.open()
+        with pytest.raises(QueueFullError, match="limits.max_inflight_upload_bytes"):
+            async for _ in grower.guard(chunks([first, first, 4 * first])):
+                pass
+        grower.release()
+        declared.release()
+        assert budget.used == 0 and budget.running == 0
+
+    asyncio.run(run())
+
+
+def test_trickled_chunked_edits_no_longer_hold_the_upload_budget():
+    """Four clients trickling chunked edit bodies used to reserve limits.max_upload_bytes each: the whole budget,
+    and every other edit waited out upload_wait_s for a 429. Now each holds what it has sent, rounded up."""
+    mib = 1 << 20
+    limits = {"max_inflight_upload_bytes": 16 * mib, "max_upload_bytes": 4 * mib, "upload_wait_s": 1}
+    with Server(cfg(limits=limits, server={"body_idle_timeout_s": 30})) as s:
+        headers, full = multipart([("prompt", b"x", None), ("image", png(), "a.png")])
+        slow = []
+        for _ in range(4):
+            c = s.sock()
+            c.sendall(f"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: {headers['content-type']}\r\n"
+                      f"Transfer-Encoding: chunked\r\n\r\n".encode() + b"10\r\n" + full[:16] + b"\r\n")
+            slow.append(c)
+        deadline = time.time() + 5
+        while s.app.state.upload_budget.running < 4:
+            assert time.time() < deadline, "the chunked bodies did not start"
+            time.sleep(0.05)
+        assert s.app.state.upload_budget.used == 4 * mib  # 1 MiB each, not 4 x 4 MiB
+        r = httpx.post(f"{s.url}/v1/images/edits", files={"image": ("a.png", png(), "image/png")},
+                       data={"prompt": "a fox"}, timeout=10)
+        assert r.status_code == 429 and "refused by the test" in r.json()["error"]["message"], r.text  # admitted
+        for c in slow:
+            c.close()
+        deadline = time.time() + 5
+        while s.app.state.upload_budget.used:
+            assert time.time() < deadline, "the reservations were not returned"
+            time.sleep(0.05)
+
+
+def test_repeated_authorization_or_idempotency_key_headers_are_400s_naming_the_header():
+    with Server(cfg(server={"api_keys": [KEY]})) as s:
+        body = {"prompt": "a fox"}
+        twice = [("Authorization", f"Bearer {KEY}"), ("Authorization", "Bearer someone-else")]
+        r = httpx.post(f"{s.url}/v1/images/generations", json=body, headers=twice)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "Authorization" and err["code"] == "duplicate_header"
+        assert "send one Authorization header" in err["message"]
+        r = httpx.post(f"{s.url}/v1/images/generations", json=body,
+                       headers=[("Authorization", f"Bearer {KEY}"), ("Idempotency-Key", "k1"),
+                                ("Idempotency-Key", "k2")])
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "Idempotency-Key", r.text
+        assert "send one Idempotency-Key header" in err["message"]
+        # one of each still passes both checks (the test deployment then refuses at admission)
+        r = httpx.post(f"{s.url}/v1/images/generations", json=body,
+                       headers={"Authorization": f"Bearer {KEY}", "Idempotency-Key": "k1"})
+        assert r.status_code == 429 and "refused by the test" in r.text
