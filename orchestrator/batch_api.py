@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from zimage_common.errors import InvalidRequestError, QueueFullError, ZImageError
 from zimage_common.messages import FailureKind, ImageResult
@@ -25,6 +25,7 @@ from zimage_common.messages import FailureKind, ImageResult
 from .batch_db import JobDB
 from .batch_input import ENDPOINTS, check_file, read_lines
 from .batches import JobRunner, OutputFile
+from .file_quota import FileQuota, StorageRefused
 from .http_errors import error_response, from_exception
 from .images_api import ImageCall
 from .outputs import Outputs, b64_text
@@ -105,12 +106,15 @@ class JobService:
         # create finds it or in use until the batch is stored.
         self._files_lock = threading.Lock()
         self._claims: Counter[str] = Counter()
+        self.quota = FileQuota(self.config.batches.max_stored_bytes, self.config.batches.min_free_disk_bytes,
+                               self.directory)
 
     @property
     def db(self) -> JobDB:
         if self._db is None:  # made on first use: a server that runs no job writes nothing
             (self.directory / "files").mkdir(parents=True, exist_ok=True)
             self._db = JobDB(self.directory / "batches.db")
+            self.quota.stored = self._db.stored_bytes("batch")  # the files a run before this one kept
         return self._db
 
     def begin(self) -> None:
@@ -141,6 +145,8 @@ class JobService:
         obj = {"id": file_id, "object": "file", "bytes": target.stat().st_size, "created_at": int(time.time()),
                "filename": filename, "purpose": purpose}
         self.db.add_file(obj, target)
+        if purpose == "batch":  # input files count against batches.max_stored_bytes; job outputs do not
+            self.quota.add(obj["bytes"])
         return {**obj, "status": "processed", "status_details": None}
 
     def delete_file(self, file_id: str) -> tuple[dict, Path] | str | None:
@@ -157,6 +163,8 @@ class JobService:
             if users:
                 return f"file {file_id} is the input of {users[0]}, which is still running; cancel it first"
             self.db.delete_file(file_id)
+            if found[0]["purpose"] == "batch":
+                self.quota.remove(found[0]["bytes"])
         found[1].unlink(missing_ok=True)
         return found
 
@@ -404,11 +412,17 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
         return error_response(404, f"no {what} {shown(value)}", "invalid_request_error", param=param,
                               code="not_found")
 
+    def refused(refusal) -> JSONResponse:  # 507: the disk batch input files may take is used up
+        jobs.service.observer.rejected(FailureKind.INVALID_REQUEST)
+        return error_response(507, refusal.message, refusal.type_, param="file", code=refusal.code)
+
     @api.post("/v1/files")
     async def upload(request: Request):
         """The file part goes to disk as it arrives (never whole in memory); checking it holds a line at a time,
         CHECK_COPIES times over, which is reserved in the edits' budget of bytes in flight
-        (``limits.max_inflight_upload_bytes``, ``uploads.ByteBudget``) while the check runs."""
+        (``limits.max_inflight_upload_bytes``, ``uploads.ByteBudget``) while the check runs. Its Content-Length
+        (``max_upload_bytes`` without one) is reserved against ``batches.max_stored_bytes`` and the disk's free space
+        before it is read, and given back whichever way it ends (``file_quota.py``; a stored file's bytes stay)."""
         if (d := denied(request)) is not None:
             return d
         limit = config.batches.max_upload_bytes
@@ -419,15 +433,21 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
             jobs.service.observer.rejected(FailureKind.INVALID_REQUEST)
             return too_large
         tmp = jobs.db.path.parent / "files" / f".upload-{uuid.uuid4().hex}.jsonl"
+        need = limit if length is None else length  # the most this upload can write
+        if (refusal := jobs.quota.reserve(need)) is not None:  # the disk batches.max_stored_bytes allows
+            return refused(refusal)
         try:
             try:
                 purpose, filename, longest = await receive_jsonl_upload(
-                    request.headers, limited(request.stream(), limit), tmp)
+                    request.headers, jobs.quota.watched(limited(request.stream(), limit)), tmp)
                 filename = _printable(filename)
             except BodyTooLarge:
                 jobs.service.observer.rejected(FailureKind.INVALID_REQUEST)
                 tmp.unlink(missing_ok=True)
                 return too_large
+            except StorageRefused as e:
+                tmp.unlink(missing_ok=True)
+                return refused(e.refusal)
             budget = getattr(request.app.state, "upload_budget", None)
             cost = CHECK_COPIES * max(1, longest)
             if budget is not None and not await budget.acquire(cost, config.limits.upload_wait_s):
@@ -440,13 +460,15 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
             finally:
                 if budget is not None:
                     budget.release(cost)
-            return jobs.add_file(filename, purpose, tmp)
+            return jobs.add_file(filename, purpose, tmp)  # counts the file's real bytes as stored
         except ZImageError as e:
             tmp.unlink(missing_ok=True)
             return from_exception(e)
         except BaseException:  # a client that went away, a full disk: no half-written file left behind
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            jobs.quota.release(need)
 
     @api.get("/v1/files")
     async def list_files(request: Request, purpose: str | None = None):

@@ -99,6 +99,13 @@ class JobDB:
         found = [self.file(r[0])[0] for r in rows]
         return sorted(found, key=lambda f: (f["created_at"], f["id"]), reverse=True)
 
+    def stored_bytes(self, purpose: str) -> int:
+        """The bytes the files of one purpose hold, as recorded when each was stored."""
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE purpose = ?",
+                                   (purpose,)).fetchone()
+        return int(row[0])
+
     def delete_file(self, file_id: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM files WHERE id = ?", (file_id,))

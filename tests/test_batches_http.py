@@ -216,3 +216,191 @@ def test_files_are_listed_and_deleted(small):
     assert client.files.delete(f.id).deleted
     assert f.id not in [x.id for x in client.files.list()]
     assert httpx.get(f"{small.url}/v1/files/{f.id}").status_code == 404
+
+
+# ---- the disk input files may take (batches.max_stored_bytes, batches.min_free_disk_bytes) ----------------------
+MiB = 1 << 20
+
+
+def lines_of(n: int, tag: str = "c") -> bytes:
+    """A valid input file of n lines, about 1 KiB each."""
+    return jsonl(*[req(f"{tag}{i}", prompt="p" * 1000) for i in range(n)])
+
+
+def body_of(data: bytes) -> tuple[bytes, str]:
+    """``data`` as the multipart body of a POST /v1/files, to send without a Content-Length (chunked)."""
+    head = (b'--b0undary7e57\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            b'--b0undary7e57\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n')
+    return head + data + b"\r\n--b0undary7e57--\r\n", "multipart/form-data; boundary=b0undary7e57"
+
+
+def quota_of(s):
+    return s.server.config.app.state.jobs.quota
+
+
+def refused(r, code: str, field: str) -> dict:
+    """The 507's envelope, checked: param `file`, the code, and a message naming the field and the fix."""
+    assert r.status_code == 507, r.text
+    err = r.json()["error"]
+    assert err["param"] == "file" and err["code"] == code, err
+    assert f"batches.{field}" in err["message"] and "DELETE /v1/files/{id}" in err["message"], err
+    return err
+
+
+def no_partial_files(tmp_path) -> bool:
+    return not list((tmp_path / "batches" / "files").glob(".upload-*"))
+
+
+def test_an_upload_in_progress_holds_its_reservation_against_max_stored_bytes(tmp_path):
+    """A chunked upload reserves max_upload_bytes before it is read; while it streams, one with a declared length
+    that does not fit beside it is a 507. Once stored it holds only its file's real bytes."""
+    import threading
+
+    with serve(tmp_path, TimedBackend(2), max_upload_bytes=MiB, max_stored_bytes=MiB) as s:
+        s.wait_ready(timeout_s=30)
+        quota = quota_of(s)
+        data = lines_of(100)
+        body, ctype = body_of(data)
+        go_on = threading.Event()
+
+        def stalled():  # no Content-Length: it reserves batches.max_upload_bytes, the whole quota here
+            yield body[:1000]
+            go_on.wait(30)
+            yield body[1000:]
+
+        answers = []
+        first = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"{s.url}/v1/files", content=stalled(), headers={"content-type": ctype}, timeout=60)))
+        first.start()
+        try:
+            deadline = time.time() + 10
+            while quota.reserved < MiB:
+                assert time.time() < deadline, quota.reserved
+                time.sleep(0.02)
+            small = jsonl(req("a", prompt="x"))
+            err = refused(upload(s, small), "storage_limit_reached", "max_stored_bytes")
+            assert f"{MiB} reserved by uploads in progress" in err["message"], err
+            assert quota.reserved == MiB  # the refused one reserved nothing
+        finally:
+            go_on.set()
+            first.join(60)
+        assert answers[0].status_code == 200, answers[0].text
+        assert answers[0].json()["bytes"] == len(data)
+        assert (quota.stored, quota.reserved) == (len(data), 0)  # the file's real bytes stay, the rest is free
+        assert upload(s, small).status_code == 200  # fits beside the stored file
+        assert quota.stored == len(data) + len(small) and quota.reserved == 0
+
+
+def test_stored_files_fill_max_stored_bytes_until_one_is_deleted(tmp_path):
+    with serve(tmp_path, TimedBackend(2), max_upload_bytes=MiB, max_stored_bytes=MiB) as s:
+        s.wait_ready(timeout_s=30)
+        big, other = lines_of(700, "a"), lines_of(400, "b")
+        fid = upload(s, big).json()["id"]
+        r = upload(s, other)  # declared length: refused before a byte is read
+        err = refused(r, "storage_limit_reached", "max_stored_bytes")
+        assert f"{MiB} bytes" in err["message"] and f"{len(big)} are stored" in err["message"], err
+        assert err["type"] == "invalid_request_error"
+        assert no_partial_files(tmp_path)
+        assert httpx.delete(f"{s.url}/v1/files/{fid}").json()["deleted"]  # frees its bytes
+        assert quota_of(s).stored == 0
+        r = upload(s, other)
+        assert r.status_code == 200 and r.json()["bytes"] == len(other), r.text
+
+
+def test_stored_bytes_are_counted_from_the_database_after_a_restart(tmp_path):
+    stored = lines_of(700, "a")
+    with serve(tmp_path, TimedBackend(2), max_upload_bytes=MiB, max_stored_bytes=MiB) as s:
+        s.wait_ready(timeout_s=30)
+        fid = upload(s, stored).json()["id"]
+    with serve(tmp_path, TimedBackend(2), max_upload_bytes=MiB, max_stored_bytes=MiB) as s:  # same directory
+        s.wait_ready(timeout_s=30)
+        err = refused(upload(s, lines_of(400, "b")), "storage_limit_reached", "max_stored_bytes")
+        assert f"{len(stored)} are stored" in err["message"], err
+        assert quota_of(s).stored == len(stored)
+        assert httpx.delete(f"{s.url}/v1/files/{fid}").status_code == 200
+        assert upload(s, lines_of(400, "b")).status_code == 200
+
+
+def test_a_failed_upload_gives_its_reservation_back(tmp_path):
+    """Invalid JSONL (400), a chunked body past max_upload_bytes (413) and a client gone mid-body each reserved
+    nearly the whole quota; afterwards it is all free again, and an upload that needs most of it is stored."""
+    import socket
+
+    with serve(tmp_path, TimedBackend(2), max_upload_bytes=MiB, max_stored_bytes=MiB) as s:
+        s.wait_ready(timeout_s=30)
+        quota = quota_of(s)
+        r = upload(s, lines_of(800) + b"{oops\n")
+        assert r.status_code == 400 and "is not valid JSON" in r.json()["error"]["message"], r.text
+        body, ctype = body_of(b"x" * (MiB + 1000))
+        r = httpx.post(f"{s.url}/v1/files", content=(body[i:i + 65536] for i in range(0, len(body), 65536)),
+                       headers={"content-type": ctype})
+        assert r.status_code == 413 and "batches.max_upload_bytes" in r.json()["error"]["message"], r.text
+        host, port = s.url.split("//")[1].split(":")
+        body, ctype = body_of(lines_of(800))
+        with socket.create_connection((host, int(port)), timeout=30) as sock:  # sends half, then goes away
+            sock.sendall(f"POST /v1/files HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:len(body) // 2])
+            deadline = time.time() + 10
+            while quota.reserved < len(body):
+                assert time.time() < deadline, quota.reserved
+                time.sleep(0.02)
+        deadline = time.time() + 30
+        while quota.reserved or not no_partial_files(tmp_path):
+            assert time.time() < deadline, (quota.reserved, list((tmp_path / "batches" / "files").iterdir()))
+            time.sleep(0.05)
+        assert quota.stored == 0
+        data = lines_of(800)
+        r = upload(s, data)
+        assert r.status_code == 200 and r.json()["bytes"] == len(data), r.text
+        assert (quota.stored, quota.reserved) == (len(data), 0)
+        err = refused(upload(s, lines_of(300)), "storage_limit_reached", "max_stored_bytes")
+        assert f"{len(data)} are stored and 0 reserved" in err["message"], err
+
+
+def fake_disk(free_after):
+    """A shutil.disk_usage whose free bytes are ``free_after(call number)``."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def disk_usage(path):
+        calls.append(path)
+        return SimpleNamespace(total=1 << 40, used=0, free=free_after(len(calls)))
+
+    return disk_usage, calls
+
+
+def test_an_upload_is_refused_before_reading_when_the_disk_is_nearly_full(tmp_path, monkeypatch):
+    from orchestrator import file_quota
+
+    with serve(tmp_path, TimedBackend(2)) as s:
+        s.wait_ready(timeout_s=30)
+        floor = 1 << 30  # batches.min_free_disk_bytes' default
+        data = jsonl(req("a", prompt="x"))
+        disk_usage, calls = fake_disk(lambda n: floor + 100)  # above the floor, but not by this upload's size
+        monkeypatch.setattr(file_quota, "disk_usage", disk_usage)
+        err = refused(upload(s, data), "insufficient_storage", "min_free_disk_bytes")
+        assert f"{floor + 100} bytes free" in err["message"] and f"= {floor}" in err["message"], err
+        assert calls and calls[0] == tmp_path / "batches"  # the filesystem holding batches.directory
+        assert no_partial_files(tmp_path) and quota_of(s).reserved == 0
+        monkeypatch.setattr(file_quota, "disk_usage", fake_disk(lambda n: floor + MiB)[0])
+        assert upload(s, data).status_code == 200
+
+
+def test_an_upload_stops_when_free_disk_falls_below_the_floor_while_it_streams(tmp_path, monkeypatch):
+    from orchestrator import file_quota
+
+    with serve(tmp_path, TimedBackend(2)) as s:
+        s.wait_ready(timeout_s=30)
+        floor = 1 << 30
+        disk_usage, calls = fake_disk(lambda n: 1 << 40 if n == 1 else floor - 1)  # room at first, then not
+        monkeypatch.setattr(file_quota, "disk_usage", disk_usage)
+        monkeypatch.setattr(file_quota, "WATCH_BYTES", 32 * 1024)
+        body, ctype = body_of(lines_of(400))
+        r = httpx.post(f"{s.url}/v1/files", content=(body[i:i + 16384] for i in range(0, len(body), 16384)),
+                       headers={"content-type": ctype})
+        err = refused(r, "insufficient_storage", "min_free_disk_bytes")
+        assert f"fell to {floor - 1} bytes free" in err["message"], err
+        assert len(calls) >= 2  # looked at again while it streamed
+        assert no_partial_files(tmp_path) and quota_of(s).reserved == 0  # its partial file is gone
+        assert not httpx.get(f"{s.url}/v1/files").json()["data"]

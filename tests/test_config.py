@@ -56,6 +56,9 @@ BAD = [
     ("defaults:\n  width: 4096\n  height: 4096\n", "(top level)", "limits.max_pixels"),
     ("router: [1, 2]\n", "router", "valid dictionary"),
     ("router:\n  scheduling: whole\n", "router.scheduling", "'batch' or 'step'"),
+    ("batches:\n  max_stored_bytes: 1048576\n", "batches", "must be at least max_upload_bytes"),
+    ("batches:\n  max_stored_bytes: 1000\n", "batches.max_stored_bytes", "greater than or equal to 1048576"),
+    ("batches:\n  min_free_disk_bytes: -1\n", "batches.min_free_disk_bytes", "greater than or equal to 0"),
     # keys older configs carry: the error says why they went and what to do
     ("deployment:\n  pipeline_stages: true\n", "deployment.pipeline_stages",
      "removed: every replica's step loop overlaps encode, denoise and decode"),

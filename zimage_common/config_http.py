@@ -72,9 +72,10 @@ class LimitsConfig(_Strict):
         "(limits.decode_wait_s).")
     max_inflight_upload_bytes: int = Field(
         default=256 * 1024 * 1024, ge=1024, le=64 * 1024**3, description="Bytes of edit bodies (multipart or JSON) "
-        "being read, parsed and decoded at once, all requests together. A body reserves its Content-Length before it is "
-        "read (a chunked one reserves as its bytes arrive, up to limits.max_upload_bytes) and keeps it until its "
-        "images are decoded; the others wait (limits.upload_wait_s), then 429. A batch input file (POST /v1/files) streams to disk and reserves what "
+        "being read, parsed and decoded at once, all requests together. A body reserves its Content-Length before "
+        "it is read (a chunked one reserves as its bytes arrive, up to limits.max_upload_bytes) and keeps it until "
+        "its images are decoded; the others wait (limits.upload_wait_s), then 429. A batch input file "
+        "(POST /v1/files) streams to disk and reserves what "
         "checking it holds (about three times its longest line). Bounds the memory uploads take whatever their "
         "number.")
     upload_wait_s: float = Field(

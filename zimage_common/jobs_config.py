@@ -71,6 +71,19 @@ class BatchesConfig(_Strict):
     max_upload_bytes: int = Field(
         default=200 * 1024 * 1024, ge=1024, le=10 * 1024**3, description="Largest file accepted by POST /v1/files "
         "(OpenAI's limit for batch input is 200 MB).")
+    max_stored_bytes: int = Field(
+        default=10 * 1024**3, ge=1024**2, description="Most bytes the server's batch input files may hold together: "
+        "those stored plus uploads in progress, each of which reserves its Content-Length (max_upload_bytes without "
+        "one) before it is read and keeps its file's real size once stored. Past it POST /v1/files is a 507 "
+        "(code storage_limit_reached) until files are deleted (DELETE /v1/files/{id}). Counted from the job "
+        "database at start, so it survives a restart; job output files are not counted. At least "
+        "max_upload_bytes.")
+    min_free_disk_bytes: int = Field(
+        default=1024**3, ge=0, description="Free space an upload must leave on the filesystem holding `directory` "
+        "(shared with the job database, and often the compile cache and image outputs): an upload is refused "
+        "before it is read when less than this plus its reservation is free, and dropped (its partial file "
+        "removed) when free space falls below this while it is written, looked at every 4 MiB; a 507 with code "
+        "insufficient_storage. 0: an upload needs only the room it reserves.")
     reserve_replicas: int = Field(
         default=1, ge=0, le=1024, description="While interactive requests keep coming (within reserve_s), batch-job "
         "work leaves this many replicas idle for them (never the last one), so they find a replica free instead of "
@@ -88,3 +101,11 @@ class BatchesConfig(_Strict):
         "batches per replica for a server job (one running, the next queued, so a replica never waits for the job "
         "between batches; interactive requests are queued ahead of them), three per replica for the CLI (which has "
         "the deployment to itself).")
+
+    @model_validator(mode="after")
+    def _stored_holds_an_upload(self) -> BatchesConfig:
+        # An upload without a Content-Length reserves max_upload_bytes: a smaller quota would refuse every one.
+        if self.max_stored_bytes < self.max_upload_bytes:
+            raise ValueError(f"max_stored_bytes ({self.max_stored_bytes}) must be at least max_upload_bytes "
+                             f"({self.max_upload_bytes}): an upload reserves up to max_upload_bytes against it")
+        return self
