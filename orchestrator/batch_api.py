@@ -303,6 +303,7 @@ class JobService:
     async def _run(self, b: dict) -> None:
         bid = b["id"]
         ran = expired = False
+        stopped_for = None
         if b["status"] in ("validating", "in_progress"):
             found = self.db.file(b["input_file_id"])
             if found is None:  # a DELETE is refused while a job uses its file; this is a database from elsewhere
@@ -318,7 +319,8 @@ class JobService:
             dep = self.service.deployment
             batch = self.config.router.max_batch_size
             window = self.config.batches.max_inflight or 2 * max(1, len(dep.replicas)) * batch
-            runner = JobRunner(dep, self.config, self.db, bid, sink, window)
+            runner = JobRunner(dep, self.config, self.db, bid, sink, window,
+                               stop_reason=self.quota.job_stop_reason)
             self.runner, self.running_id = runner, bid
 
             def expire():
@@ -345,11 +347,13 @@ class JobService:
             ran = True
             if runner.unrecorded:
                 log.error("batch %s: %d request(s) could not be recorded", bid, runner.unrecorded)
-        self._finalize(self.db.batch(bid), ran=ran, expired=expired)
+            stopped_for = runner.stopped_for
+        self._finalize(self.db.batch(bid), ran=ran, expired=expired, stopped_for=stopped_for)
 
-    def _finalize(self, b: dict, ran: bool = False, expired: bool = False) -> None:
+    def _finalize(self, b: dict, ran: bool = False, expired: bool = False, stopped_for: str | None = None) -> None:
         """End a job that stopped: cancelled, expired, completed, or failed when it ran every line but some could
-        not be recorded; left as it is (to resume at the next start) only when the server is stopping. ``ran``:
+        not be recorded, or when its run stopped for ``stopped_for`` (the disk's floor); left as it is (to resume
+        at the next start) only when the server is stopping. ``ran``:
         its output file was just written by a run (else it is rewritten from the database). Output and error
         files are made only for a job with requests done. Runs on the event loop without awaiting, so no cancel
         comes between its steps."""
@@ -369,6 +373,8 @@ class JobService:
             end = {"status": "expired", "expired_at": now}
         elif done < total and self._stopping:  # stopped by a shutdown: it resumes at the next start
             return
+        elif done < total and stopped_for is not None:
+            end = {"status": "failed", "failed_at": now, "errors": _errors(stopped_for, "insufficient_storage")}
         elif done < total:  # every line was taken, yet some left no record (batches.py logged why): never rerun
             end = {"status": "failed", "failed_at": now, "errors": _errors(
                 f"{total - done} of {total} request(s) could not be recorded; the cause is in the server log")}
@@ -398,8 +404,8 @@ class JobService:
         log.info("batch %s %s: %d completed, %d failed of %d", bid, end["status"], completed, failed, total)
 
 
-def _errors(message: str) -> dict:
-    return {"object": "list", "data": [{"code": "server_error", "message": message, "param": None, "line": None}]}
+def _errors(message: str, code: str = "server_error") -> dict:
+    return {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": None}]}
 
 
 def router(jobs: JobService, outputs: Outputs) -> APIRouter:

@@ -104,7 +104,8 @@ class JobRunner:
     ``lora_names``), keeping ``window`` images queued or running."""
 
     def __init__(self, dep, config: Config, db: JobDB, batch_id: str, sink: Sink, window: int,
-                 on_outcome: Callable[[Outcome], None] | None = None):
+                 on_outcome: Callable[[Outcome], None] | None = None,
+                 stop_reason: Callable[[], str | None] | None = None):
         self.dep = dep
         self.config = config
         self.db = db
@@ -121,6 +122,9 @@ class JobRunner:
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self.slowest: list[tuple[float, str, str]] = []  # (latency, custom_id, prompt): the 5 slowest of this run
+        # asked before each line is taken: a reason ends the run there, the lines in flight finishing first
+        self.stop_reason = stop_reason
+        self.stopped_for: str | None = None
 
     # ---- the job -----------------------------------------------------------------------------------------
     async def run(self, lines: Iterable[Line]) -> bool:
@@ -133,6 +137,10 @@ class JobRunner:
                     break
                 if line.custom_id in done:
                     continue
+                if self.stop_reason is not None and (reason := self.stop_reason()) is not None:
+                    log.error("batch %s: %s", self.batch_id, reason)
+                    self.stopped_for = reason
+                    break
                 outcome_or_call = await self._call(line)
                 if isinstance(outcome_or_call, Outcome):
                     self._finish(outcome_or_call)

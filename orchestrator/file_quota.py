@@ -86,9 +86,26 @@ class FileQuota:
         with self._lock:
             self.stored = max(0, self.stored - size)
 
-    def low_disk(self) -> Refusal | None:
+    def free_below_floor(self) -> int | None:
+        """The free bytes of the disk holding ``batches.directory`` when they are under the floor, else None."""
         free = disk_usage(self.directory).free
-        if free >= self.min_free:
+        return free if free < self.min_free else None
+
+    def job_stop_reason(self) -> str | None:
+        """Why a running job must stop taking lines now (its outputs share this disk), or None. A job's output
+        holds its images (base64 in the file and the database, or the files of ``response_format: url``), so a
+        long job could otherwise fill the disk the server needs."""
+        free = self.free_below_floor()
+        if free is None:
+            return None
+        return (f"the disk holding batches.directory fell to {free} bytes free, below batches.min_free_disk_bytes "
+                f"= {self.min_free}; the job stopped taking requests so the server keeps room to run (the results "
+                f"it finished are in its output and error files); free space on that disk, or lower "
+                f"batches.min_free_disk_bytes, and submit the requests it did not run as a new job")
+
+    def low_disk(self) -> Refusal | None:
+        free = self.free_below_floor()
+        if free is None:
             return None
         return Refusal("insufficient_storage", (
             f"the disk holding batches.directory fell to {free} bytes free while this upload was written, below "

@@ -404,3 +404,37 @@ def test_an_upload_stops_when_free_disk_falls_below_the_floor_while_it_streams(t
         assert len(calls) >= 2  # looked at again while it streamed
         assert no_partial_files(tmp_path) and quota_of(s).reserved == 0  # its partial file is gone
         assert not httpx.get(f"{s.url}/v1/files").json()["data"]
+
+
+def test_a_job_stops_taking_requests_when_free_disk_falls_below_the_floor(tmp_path, monkeypatch):
+    """A job's outputs share the disk: once its free space is under batches.min_free_disk_bytes the job takes no
+    more lines, the lines in flight finish, and it ends failed with code insufficient_storage and its results so
+    far in its output file."""
+    from openai import OpenAI
+
+    from orchestrator import file_quota
+
+    backend = TimedBackend(2, per_image_s=0.05)
+    floor = 1 << 30
+    low = {"now": False}
+    monkeypatch.setattr(file_quota, "disk_usage", fake_disk(lambda n: floor - 1 if low["now"] else 1 << 40)[0])
+    with serve(tmp_path, backend, max_inflight=2) as s:
+        s.wait_ready(timeout_s=30)
+        client = OpenAI(base_url=f"{s.url}/v1", api_key="none")
+        lines = [req(f"r{i}", prompt=f"p{i}", seed=i) for i in range(40)]
+        f = client.files.create(file=("job.jsonl", jsonl(*lines)), purpose="batch")
+        b = client.batches.create(input_file_id=f.id, endpoint=GEN, completion_window="24h")
+        deadline = time.time() + 30
+        while len(backend.generated) < 4:
+            assert time.time() < deadline, "the job did not start"
+            time.sleep(0.01)
+        low["now"] = True
+        b = wait_for(client, b.id, ("completed", "failed"))
+        assert b.status == "failed", b
+        err = b.errors.data[0]
+        assert err.code == "insufficient_storage" and "batches.min_free_disk_bytes" in err.message, err
+        assert f"fell to {floor - 1} bytes free" in err.message
+        done = b.request_counts.completed
+        assert 4 <= done <= 20 and len(backend.generated) == done  # the lines in flight finished, no more were taken
+        out = [json.loads(x) for x in client.files.content(b.output_file_id).text.splitlines()]
+        assert len(out) == done and all(r["response"]["status_code"] == 200 for r in out)
