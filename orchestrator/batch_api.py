@@ -19,7 +19,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from zimage_common.errors import InvalidRequestError, QueueFullError, ZImageError
+from zimage_common.errors import InvalidRequestError, ZImageError
 from zimage_common.messages import FailureKind, ImageResult
 
 from .batch_db import JobDB
@@ -31,7 +31,7 @@ from .images_api import ImageCall
 from .outputs import Outputs, b64_text
 from .requests import decimal, shown
 from .storage import run_blocking
-from .uploads import BodyTooLarge, limited, parse_json, read_body, receive_jsonl_upload
+from .uploads import BodyReservation, BodyTooLarge, limited, parse_json, read_body, receive_jsonl_upload
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,10 @@ class JobService:
     def db(self) -> JobDB:
         if self._db is None:  # made on first use: a server that runs no job writes nothing
             (self.directory / "files").mkdir(parents=True, exist_ok=True)
+            # a server killed mid-upload left its partial file; no upload of this one has begun yet (a job
+            # directory belongs to one server: each runs the jobs it finds in it)
+            for partial in (self.directory / "files").glob(".upload-*"):
+                partial.unlink(missing_ok=True)
             self._db = JobDB(self.directory / "batches.db")
             self.quota.stored = self._db.stored_bytes("batch")  # the files a run before this one kept
         return self._db
@@ -144,7 +148,12 @@ class JobService:
             os.replace(path, target)
         obj = {"id": file_id, "object": "file", "bytes": target.stat().st_size, "created_at": int(time.time()),
                "filename": filename, "purpose": purpose}
-        self.db.add_file(obj, target)
+        try:
+            self.db.add_file(obj, target)
+        except BaseException:
+            if purpose == "batch" and path != target:  # an upload moved in place: without its row, nothing would
+                target.unlink(missing_ok=True)  # ever count or delete it
+            raise
         if purpose == "batch":  # input files count against batches.max_stored_bytes; job outputs do not
             self.quota.add(obj["bytes"])
         return {**obj, "status": "processed", "status_details": None}
@@ -303,7 +312,6 @@ class JobService:
     async def _run(self, b: dict) -> None:
         bid = b["id"]
         ran = expired = False
-        stopped_for = None
         if b["status"] in ("validating", "in_progress"):
             found = self.db.file(b["input_file_id"])
             if found is None:  # a DELETE is refused while a job uses its file; this is a database from elsewhere
@@ -320,7 +328,7 @@ class JobService:
             batch = self.config.router.max_batch_size
             window = self.config.batches.max_inflight or 2 * max(1, len(dep.replicas)) * batch
             runner = JobRunner(dep, self.config, self.db, bid, sink, window,
-                               stop_reason=self.quota.job_stop_reason)
+                               pause_reason=self.quota.job_pause_reason)
             self.runner, self.running_id = runner, bid
 
             def expire():
@@ -347,13 +355,11 @@ class JobService:
             ran = True
             if runner.unrecorded:
                 log.error("batch %s: %d request(s) could not be recorded", bid, runner.unrecorded)
-            stopped_for = runner.stopped_for
-        self._finalize(self.db.batch(bid), ran=ran, expired=expired, stopped_for=stopped_for)
+        self._finalize(self.db.batch(bid), ran=ran, expired=expired)
 
-    def _finalize(self, b: dict, ran: bool = False, expired: bool = False, stopped_for: str | None = None) -> None:
+    def _finalize(self, b: dict, ran: bool = False, expired: bool = False) -> None:
         """End a job that stopped: cancelled, expired, completed, or failed when it ran every line but some could
-        not be recorded, or when its run stopped for ``stopped_for`` (the disk's floor); left as it is (to resume
-        at the next start) only when the server is stopping. ``ran``:
+        not be recorded; left as it is (to resume at the next start) only when the server is stopping. ``ran``:
         its output file was just written by a run (else it is rewritten from the database). Output and error
         files are made only for a job with requests done. Runs on the event loop without awaiting, so no cancel
         comes between its steps."""
@@ -373,8 +379,6 @@ class JobService:
             end = {"status": "expired", "expired_at": now}
         elif done < total and self._stopping:  # stopped by a shutdown: it resumes at the next start
             return
-        elif done < total and stopped_for is not None:
-            end = {"status": "failed", "failed_at": now, "errors": _errors(stopped_for, "insufficient_storage")}
         elif done < total:  # every line was taken, yet some left no record (batches.py logged why): never rerun
             end = {"status": "failed", "failed_at": now, "errors": _errors(
                 f"{total - done} of {total} request(s) could not be recorded; the cause is in the server log")}
@@ -404,8 +408,8 @@ class JobService:
         log.info("batch %s %s: %d completed, %d failed of %d", bid, end["status"], completed, failed, total)
 
 
-def _errors(message: str, code: str = "server_error") -> dict:
-    return {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": None}]}
+def _errors(message: str) -> dict:
+    return {"object": "list", "data": [{"code": "server_error", "message": message, "param": None, "line": None}]}
 
 
 def router(jobs: JobService, outputs: Outputs) -> APIRouter:
@@ -456,16 +460,14 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
                 return refused(e.refusal)
             budget = getattr(request.app.state, "upload_budget", None)
             cost = CHECK_COPIES * max(1, longest)
-            if budget is not None and not await budget.acquire(cost, config.limits.upload_wait_s):
-                raise QueueFullError(
-                    f"the server is holding as many uploads as it may at once (limits.max_inflight_upload_bytes = "
-                    f"{config.limits.max_inflight_upload_bytes}); retry shortly",
-                    retry_after_s=max(1.0, config.limits.upload_wait_s))
+            held = None if budget is None else BodyReservation(budget, cost, cost, config.limits.upload_wait_s)
             try:
+                if held is not None:
+                    await held.open()
                 await run_blocking(check_file, tmp, config.batches.max_lines)
             finally:
-                if budget is not None:
-                    budget.release(cost)
+                if held is not None:
+                    held.release()
             return jobs.add_file(filename, purpose, tmp)  # counts the file's real bytes as stored
         except ZImageError as e:
             tmp.unlink(missing_ok=True)

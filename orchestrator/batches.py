@@ -35,6 +35,8 @@ from .images_api import ImageCall, images_response, parse_generation, parse_json
 log = logging.getLogger(__name__)
 
 FLUSH_S = 0.25  # how often outcomes are committed and written out (at most this much work is redone after a crash)
+PAUSE_POLL_S = 1.0  # how often a paused job looks at the disk again
+PAUSE_LOG_S = 60.0  # how often a paused job says so in the log
 QUEUE_FULL_RETRY_S = 0.05
 
 
@@ -105,7 +107,7 @@ class JobRunner:
 
     def __init__(self, dep, config: Config, db: JobDB, batch_id: str, sink: Sink, window: int,
                  on_outcome: Callable[[Outcome], None] | None = None,
-                 stop_reason: Callable[[], str | None] | None = None):
+                 pause_reason: Callable[[], str | None] | None = None):
         self.dep = dep
         self.config = config
         self.db = db
@@ -122,9 +124,9 @@ class JobRunner:
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self.slowest: list[tuple[float, str, str]] = []  # (latency, custom_id, prompt): the 5 slowest of this run
-        # asked before each line is taken: a reason ends the run there, the lines in flight finishing first
-        self.stop_reason = stop_reason
-        self.stopped_for: str | None = None
+        # asked before each line is taken: while it gives a reason the run waits (the lines in flight finish)
+        self.pause_reason = pause_reason
+        self.paused_for: str | None = None
 
     # ---- the job -----------------------------------------------------------------------------------------
     async def run(self, lines: Iterable[Line]) -> bool:
@@ -137,10 +139,10 @@ class JobRunner:
                     break
                 if line.custom_id in done:
                     continue
-                if self.stop_reason is not None and (reason := self.stop_reason()) is not None:
-                    log.error("batch %s: %s", self.batch_id, reason)
-                    self.stopped_for = reason
-                    break
+                if self.pause_reason is not None:
+                    await self._while_paused()
+                    if self._stopping:
+                        break
                 outcome_or_call = await self._call(line)
                 if isinstance(outcome_or_call, Outcome):
                     self._finish(outcome_or_call)
@@ -167,6 +169,21 @@ class JobRunner:
             self.flush()
             self._writer.shutdown(wait=True)
         return not self._stopping
+
+    async def _while_paused(self) -> None:
+        """Wait while ``pause_reason`` gives a reason (a dip below the disk's floor must not fail a job that could
+        finish once there is room); a stop (cancel, expiry, shutdown) ends the wait."""
+        said = None
+        while not self._stopping and (reason := self.pause_reason()) is not None:
+            now = time.monotonic()
+            if said is None or now - said >= PAUSE_LOG_S:
+                log.warning("batch %s paused: %s", self.batch_id, reason)
+                said = now
+            self.paused_for = reason
+            await asyncio.sleep(PAUSE_POLL_S)
+        if self.paused_for is not None and not self._stopping:
+            log.info("batch %s resumed", self.batch_id)
+        self.paused_for = None
 
     def stop(self) -> None:
         """Stop taking lines and drop those in flight (queued requests leave the router; they run again on a

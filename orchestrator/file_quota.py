@@ -61,10 +61,12 @@ class FileQuota:
                     f"stored and {self.reserved} reserved by uploads in progress, and this upload needs {need} (its "
                     f"Content-Length, or batches.max_upload_bytes without one); delete files you no longer need "
                     f"(DELETE /v1/files/{{id}}) or raise batches.max_stored_bytes"), "invalid_request_error")
-            free = disk_usage(self.directory).free
+            # what uploads in progress have reserved may not be written yet: it is not free for this one
+            free = disk_usage(self.directory).free - self.reserved
             if free < self.min_free + need:
                 return Refusal("insufficient_storage", (
-                    f"the disk holding batches.directory has {free} bytes free; this upload needs {need} and "
+                    f"the disk holding batches.directory has {free} bytes free beyond what uploads in progress "
+                    f"reserved ({self.reserved}); this upload needs {need} and "
                     f"batches.min_free_disk_bytes = {self.min_free} must stay free; delete files you no longer "
                     f"need (DELETE /v1/files/{{id}}), free space on that disk, or lower "
                     f"batches.min_free_disk_bytes"), "server_error")
@@ -91,17 +93,16 @@ class FileQuota:
         free = disk_usage(self.directory).free
         return free if free < self.min_free else None
 
-    def job_stop_reason(self) -> str | None:
-        """Why a running job must stop taking lines now (its outputs share this disk), or None. A job's output
-        holds its images (base64 in the file and the database, or the files of ``response_format: url``), so a
-        long job could otherwise fill the disk the server needs."""
+    def job_pause_reason(self) -> str | None:
+        """Why a running job must wait before taking its next request (its outputs share this disk), or None. A
+        job's output holds its images (base64 in its file and the database, or the files of ``response_format:
+        url``), so a long job could otherwise fill the disk the server needs."""
         free = self.free_below_floor()
         if free is None:
             return None
-        return (f"the disk holding batches.directory fell to {free} bytes free, below batches.min_free_disk_bytes "
-                f"= {self.min_free}; the job stopped taking requests so the server keeps room to run (the results "
-                f"it finished are in its output and error files); free space on that disk, or lower "
-                f"batches.min_free_disk_bytes, and submit the requests it did not run as a new job")
+        return (f"the disk holding batches.directory has {free} bytes free, below batches.min_free_disk_bytes = "
+                f"{self.min_free}; the job takes no more requests until there is room (free space on that disk, or "
+                f"lower batches.min_free_disk_bytes); its completion window still runs")
 
     def low_disk(self) -> Refusal | None:
         free = self.free_below_floor()

@@ -41,14 +41,8 @@ MAX_KEY_CHARS = 255
 PENDING_POLL_S = 0.1
 
 
-def parse_key(value: str | list[str] | None) -> str | None:
-    """The header's key, or None without one; a malformed key is a ValueError saying why. ``value`` may be every
-    value the request sent (``headers.getlist``): two keys are refused, since a proxy and the server could each act
-    on a different one."""
-    if isinstance(value, list):
-        if len(value) > 1:
-            raise ValueError(f"send one {HEADER} header; this request has {len(value)}")
-        value = value[0] if value else None
+def parse_key(value: str | None) -> str | None:
+    """The header's key, or None without one; a malformed key is a ValueError saying why."""
     if value is None:
         return None
     if not 1 <= len(value) <= MAX_KEY_CHARS or not all(0x21 <= ord(c) <= 0x7E for c in value):

@@ -167,10 +167,8 @@ class Service:
         """The 401 for a request without a valid bearer key (when keys are set), else None. Two Authorization
         headers are a 400 whether keys are set or not: which one counts would differ between a proxy, this check
         and the idempotency scope (``idempotency.scope``), which reads the first."""
-        if len(request.headers.getlist("authorization")) > 1:
-            return error_response(400, "send one Authorization header ('Authorization: Bearer <key>'); this request "
-                                       "has several", "invalid_request_error", param="Authorization",
-                                  code="duplicate_header")
+        if (twice := repeated_header(request, "Authorization")) is not None:
+            return twice
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if not self.api_keys or (scheme.lower() == "bearer" and token and
                                  any(hmac.compare_digest(token.strip().encode(), k) for k in self.api_keys)):
@@ -183,6 +181,16 @@ class Service:
         self.observer.rejected(FailureKind.INVALID_REQUEST)
         return error_response(413, f"request body is larger than {limit} bytes (limits.{field})",
                               "invalid_request_error")
+
+
+def repeated_header(request: Request, name: str) -> JSONResponse | None:
+    """The 400 for a header that must come once and came more often (which one counts would differ between a
+    proxy and this server), else None."""
+    n = len(request.headers.getlist(name))
+    if n < 2:
+        return None
+    return error_response(400, f"send one {name} header; this request has {n}", "invalid_request_error",
+                          param=name, code="duplicate_header")
 
 
 def create_app(config: Config, deployment_factory=None) -> FastAPI:
@@ -363,8 +371,11 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
     async def answer(request: Request, call, dep):
         """Admit a parsed generation or edit call and answer it: JSON, or an SSE stream; with an Idempotency-Key,
         a retry's recorded answer instead (idempotency.py)."""
+        if (twice := repeated_header(request, HEADER)) is not None:
+            service.observer.rejected(FailureKind.INVALID_REQUEST)
+            return twice
         try:
-            key = parse_key(request.headers.getlist(HEADER))
+            key = parse_key(request.headers.get(HEADER))
         except ValueError as e:
             return refused(InvalidRequestError(str(e), param=HEADER))
         store = getattr(dep, "idempotency", None)

@@ -87,13 +87,14 @@ def parse_json(body: bytes):
 # ---- in-flight bounds ----------------------------------------------------------------------------------------
 class _FifoBudget:
     """A counted semaphore whose waiters are served in arrival order; ``_pass_ok`` lets a subclass admit a later
-    waiter past a head that does not fit."""
+    waiter past a head that does not fit. A waiter is ``[cost, future, grows]`` (``grows``: see ``ByteBudget``);
+    a future resolved with False is a refusal, not a grant."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.used = 0
         self.running = 0
-        self._waiters: deque[list] = deque()  # [cost, future]
+        self._waiters: deque[list] = deque()
 
     def _fits(self, cost: int) -> bool:
         return self.used + cost <= self.capacity
@@ -110,17 +111,17 @@ class _FifoBudget:
 
     def _wake(self) -> None:
         while self._waiters and self._fits(self._waiters[0][0]):
-            cost, fut = self._waiters.popleft()
+            cost, fut, _ = self._waiters.popleft()
             if not fut.done():
                 self._grant(cost)
-                fut.set_result(None)
+                fut.set_result(True)
                 self._on_head_admitted()
         for w in list(self._waiters)[1:]:
             if self._fits(w[0]) and self._pass_ok(w[0]):
                 self._waiters.remove(w)
                 if not w[1].done():
                     self._grant(w[0])
-                    w[1].set_result(None)
+                    w[1].set_result(True)
 
     async def acquire(self, cost: int, timeout_s: float) -> bool:
         """Take ``cost`` (at most the capacity: a larger request runs alone); False after ``timeout_s``."""
@@ -128,24 +129,25 @@ class _FifoBudget:
         if (not self._waiters and self._fits(cost)) or (self._waiters and self._fits(cost) and self._pass_ok(cost)):
             self._grant(cost)
             return True
-        fut = asyncio.get_running_loop().create_future()
-        entry = [cost, fut]
+        entry = [cost, asyncio.get_running_loop().create_future(), False]
         self._waiters.append(entry)
+        return await self._wait(entry, timeout_s)
+
+    async def _wait(self, entry: list, timeout_s: float) -> bool:
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout_s)
-            return True
+            return await asyncio.wait_for(asyncio.shield(entry[1]), timeout_s)
         except asyncio.TimeoutError:
             return self._withdraw(entry)
         except asyncio.CancelledError:
             if not self._withdraw(entry):
                 raise
-            self.release(cost)
+            self.release(entry[0])
             raise
 
     def _withdraw(self, entry) -> bool:
         """Leave the queue; True when the grant came first (the caller holds it)."""
         if entry[1].done():
-            return True
+            return entry[1].result()
         entry[1].cancel()
         try:
             self._waiters.remove(entry)
@@ -167,22 +169,64 @@ class _FifoBudget:
 
 class ByteBudget(_FifoBudget):
     """Bytes of request bodies in flight (module docstring): ``acquire`` before reading, ``release`` after the
-    images are decoded."""
+    images are decoded. A body already reading that needs more (a chunked body growing: ``grow``) is served ahead
+    of every body not started yet, since those may be waiting for it to finish. ``holders`` counts the bodies
+    holding part of the budget (``BodyReservation`` counts itself in and out): when every one of them waits to
+    grow, none can finish and give room back, so the newest is refused at once instead of all waiting out
+    ``limits.upload_wait_s``."""
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.holders = 0
+
+    async def grow(self, cost: int, timeout_s: float) -> bool:
+        """More room for a body that holds some: True when granted, False when refused or out of time."""
+        cost = max(1, min(cost, self.capacity))
+        if self._fits(cost):  # what waits has waited for room that was not there: this fits now, it passes
+            self._grant(cost)
+            return True
+        entry = [cost, asyncio.get_running_loop().create_future(), True]
+        self._waiters.insert(sum(1 for w in self._waiters if w[2]), entry)  # after the growing, before the new
+        self._break_deadlock()
+        return await self._wait(entry, timeout_s)
+
+    def release_body(self, pieces: list[int]) -> None:
+        """A holder's every piece at once, so the deadlock check never sees it half gone."""
+        if not pieces:
+            return
+        self.holders -= 1
+        self.used -= sum(max(1, min(n, self.capacity)) for n in pieces)
+        self.running -= len(pieces)
+        self._wake()
+
+    def _wake(self) -> None:
+        super()._wake()
+        self._break_deadlock()
+
+    def _break_deadlock(self) -> None:
+        growing = [w for w in self._waiters if w[2] and not w[1].done()]
+        if growing and len(growing) >= self.holders:
+            newest = growing[-1]
+            self._waiters.remove(newest)
+            newest[1].set_result(False)  # its caller answers 429 and gives back what it held
 
 
 class BodyReservation:
     """What one request body holds of a ``ByteBudget``. With a declared length it reserves all of it before a byte
     is read (``open``). A chunked body has none: it reserves ``CHUNKED_FIRST`` bytes, then, whenever what has come
-    passes what it holds, twice as much again (``guard`` wraps its stream), up to its limit. So a client trickling a
+    passes what it holds, twice as much again (``guard`` wraps its stream), up to its limit or the whole budget
+    (as a declared body larger than the budget waits for all of it, then runs alone). So a client trickling a
     chunked body holds about twice what it has sent, not the whole ``limits.max_upload_bytes`` for as long as its
     body may take (``server.body_timeout_s``): four such clients held the default budget whole. A body that cannot
-    grow within ``wait_s`` is refused mid-stream with the same 429 as one that cannot start."""
+    grow within ``wait_s`` (or that the budget refuses: ``ByteBudget.grow``) gets the same 429 mid-stream as one
+    that cannot start."""
 
     CHUNKED_FIRST = 1 << 20
 
     def __init__(self, budget: ByteBudget, length: int | None, limit: int, wait_s: float):
-        self.budget, self.length, self.limit, self.wait_s = budget, length, limit, wait_s
-        self.pieces: list[int] = []  # each acquire, released one by one (the budget counts acquisitions)
+        self.budget, self.length, self.wait_s = budget, length, wait_s
+        self.limit = min(limit, budget.capacity)
+        self.pieces: list[int] = []  # each acquire, released together (the budget counts acquisitions)
         self.held = 0
 
     def _full(self) -> QueueFullError:
@@ -190,15 +234,14 @@ class BodyReservation:
             f"the server is reading as many uploads as it holds at once (limits.max_inflight_upload_bytes = "
             f"{self.budget.capacity}); retry shortly", retry_after_s=max(1.0, self.wait_s))
 
-    async def _take(self, n: int) -> None:
-        if not await self.budget.acquire(n, self.wait_s):
-            raise self._full()
-        self.pieces.append(n)
-        self.held += n
-
     async def open(self) -> None:
         """The first reservation (QueueFullError when there is no room in time)."""
-        await self._take(self.length if self.length is not None else min(self.CHUNKED_FIRST, self.limit))
+        n = self.length if self.length is not None else min(self.CHUNKED_FIRST, self.limit)
+        if not await self.budget.acquire(n, self.wait_s):
+            raise self._full()
+        self.budget.holders += 1
+        self.pieces.append(n)
+        self.held += n
 
     async def guard(self, stream):
         """``stream``'s chunks; a chunked body's reservation grows ahead of them."""
@@ -206,12 +249,15 @@ class BodyReservation:
         async for chunk in stream:
             seen += len(chunk)
             if self.length is None and seen > self.held and self.held < self.limit:
-                await self._take(min(self.limit, max(seen, 2 * self.held)) - self.held)
+                n = min(self.limit, max(seen, 2 * self.held)) - self.held
+                if not await self.budget.grow(n, self.wait_s):
+                    raise self._full()
+                self.pieces.append(n)
+                self.held += n
             yield chunk
 
     def release(self) -> None:
-        for n in self.pieces:
-            self.budget.release(n)
+        self.budget.release_body(self.pieces)
         self.pieces, self.held = [], 0
 
 

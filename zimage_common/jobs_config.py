@@ -83,9 +83,8 @@ class BatchesConfig(_Strict):
         "(shared with the job database, and often the compile cache and image outputs): an upload is refused "
         "before it is read when less than this plus its reservation is free, and dropped (its partial file "
         "removed) when free space falls below this while it is written, looked at every 4 MiB; a 507 with code "
-        "insufficient_storage. A running job looks before each request it takes: below this it takes no more, "
-        "finishes those in flight and ends failed (code insufficient_storage) with its results so far. 0: an upload "
-        "needs only the room it reserves.")
+        "insufficient_storage. A running job looks before each request it takes: below this it waits (those in "
+        "flight finish) until there is room. 0: an upload needs only the room it reserves.")
     reserve_replicas: int = Field(
         default=1, ge=0, le=1024, description="While interactive requests keep coming (within reserve_s), batch-job "
         "work leaves this many replicas idle for them (never the last one), so they find a replica free instead of "
