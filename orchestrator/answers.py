@@ -111,6 +111,12 @@ class EventStream:
             except StorageError as e:
                 self.queue.put_nowait(_sse("error", {**storage_failed_body(e), "index": index}))
                 return
+            except Exception:  # noqa: BLE001 - a stream must end each image with an event, whatever failed
+                log.exception("request %s: rendering its image failed", r.request_id)
+                self.queue.put_nowait(_sse("error", {**error_body(
+                    "the image was generated but could not be encoded or stored; the cause is in the server log",
+                    "server_error", None), "index": index}))
+                return
             # The event line names what data.type says (image_edit.* for edits): clients dispatch on either.
             self.queue.put_nowait(_sse(f"{self.call.event_type}.completed",
                                        completed_event(self.call, index, r, b64, int(time.time()))))

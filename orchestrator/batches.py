@@ -231,8 +231,12 @@ class JobRunner:
         try:
             entries = await self.sink.store(line, call, results)
         except ZImageError as e:  # StorageError: retryable, the line runs again on a rerun
-            self._finish(failed(line, e.http_status, e.error_type, f"the images were generated but could not be "
-                                f"stored: {e.message}", code="storage_unavailable", retryable=True, latency_s=latency))
+            # the store's own text names host paths and credentials' errors: the log has it, the client's file not
+            log.error("batch %s line %d: %s", self.batch_id, line.number, e.message)
+            self._finish(failed(line, e.http_status, e.error_type, "the images were generated but could not be "
+                                "stored (the storage backend failed; the cause is in the server log); the line runs "
+                                "again if the job is resumed", code="storage_unavailable", retryable=True,
+                                latency_s=latency))
             return
         body = images_response(call, results, [""] * len(results), int(time.time()))
         body["data"] = [{**entry, "seed": r.seed} for entry, r in zip(entries, results)]

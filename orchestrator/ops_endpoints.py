@@ -54,10 +54,33 @@ def add_ops_routes(app: FastAPI, registry, denied, docs: bool) -> None:
 
 
 def start_metrics_listener(host: str, port: int, registry):
-    """The key-free ``/metrics`` listener (a thread); returns the server, whose ``shutdown()`` stops it."""
-    from prometheus_client import start_http_server
+    """The key-free ``/metrics`` listener (a thread); returns the server, whose ``shutdown()`` stops it. It serves
+    ``GET /metrics`` and nothing else (prometheus_client's own server answers the metrics at every path)."""
+    import socket
+    import threading
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    from prometheus_client import make_wsgi_app
+
+    metrics = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") != "/metrics" or environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"this listener serves GET /metrics only\n"]
+        return metrics(environ, start_response)
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):  # a scrape every few seconds is not worth a log line
+            pass
+
+    server = make_server(host, port, app, Server, handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics-listener", daemon=True).start()
     log.info("metrics without a key on http://%s:%d/metrics (server.metrics_port)", host,
              server.server_address[1])
     return server

@@ -63,6 +63,15 @@ def storage_failed_body(e: StorageError) -> dict:
                       "code": "storage_unavailable"}}
 
 
+class WholeFile(FileResponse):
+    """The whole file whatever Range the request names (RFC 9110 lets a server ignore it; an image is small):
+    Starlette answers a Range it cannot serve in plain text, outside the error envelope every other answer uses."""
+
+    async def __call__(self, scope, receive, send):
+        headers = [(k, v) for k, v in scope.get("headers", ()) if k not in (b"range", b"if-range")]
+        await super().__call__({**scope, "headers": headers}, receive, send)
+
+
 def router(outputs: Outputs) -> APIRouter:
     api = APIRouter()
 
@@ -83,6 +92,10 @@ def router(outputs: Outputs) -> APIRouter:
             path = store.path(key)
         except ValueError:
             return error_response(404, "no such image", "invalid_request_error", code="not_found")
+        if any(len(request.query_params.getlist(name)) > 1 for name in ("expires", "sig")):
+            # which copy counts would differ between a cache or proxy and this check
+            return error_response(403, "the link repeats expires or sig; use the link as it was given",
+                                  "invalid_request_error", code="invalid_signature")
         problem = store.verify(key, expires, sig)
         if problem is not None:
             return error_response(403, problem, "invalid_request_error", code="invalid_signature")
@@ -90,7 +103,8 @@ def router(outputs: Outputs) -> APIRouter:
             return error_response(404, "no such image (it was removed from the store)", "invalid_request_error",
                                   code="not_found")
         ext = key.rsplit(".", 1)[1]
-        return FileResponse(path, media_type=CONTENT_TYPES[ext], headers={"Cache-Control": "private, max-age=60"})
+        return WholeFile(path, media_type=CONTENT_TYPES[ext], headers={
+            "Cache-Control": "private, max-age=60", "X-Content-Type-Options": "nosniff", "Accept-Ranges": "none"})
 
     return api
 

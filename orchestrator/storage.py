@@ -27,9 +27,11 @@ from .requests import decimal
 log = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "jsonl": "application/jsonl"}
-# Keys this module makes: a day, a random id, an extension. Served keys must match, so a request can never name a
-# path outside the directory (no "..", no absolute paths, no hidden files such as the signing key).
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_.-]{1,200})*\.(png|jpeg|webp|jsonl)$")
+# Keys this module makes: a day, a random id, an extension. Served keys must match whole, so a request can never
+# name a path outside the directory: no segment starts with a dot (no "..", no hidden files such as the signing key),
+# no absolute paths. ``LocalStore.path`` checks the resolved path as well.
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199})*\.(png|jpeg|webp|jsonl)")
+MIN_SECRET_BYTES = 16  # a shorter signing key (an empty file, say) would let anyone sign links
 
 
 class StorageError(ZImageError):
@@ -60,9 +62,12 @@ class LocalStore:
         self.clock = clock
 
     def path(self, key: str) -> Path:
-        if not KEY_PATTERN.match(key):
+        if not KEY_PATTERN.fullmatch(key):
             raise ValueError(f"not a storage key: {key!r}")
-        return self.directory / key
+        path = self.directory / key
+        if not path.resolve().is_relative_to(self.directory.resolve()):  # a link in the directory pointing out
+            raise ValueError(f"not a storage key: {key!r}")
+        return path
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         target = self.path(key)
@@ -72,7 +77,10 @@ class LocalStore:
             tmp.write_bytes(data)
             os.replace(tmp, target)  # readers never see half a file
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # the same fault (no such directory, no permission): nothing was written there
+                pass
             raise StorageError(f"could not write the image to {self.directory}: {e.strerror or e}") from e
 
     def signature(self, key: str, expires: int) -> str:
@@ -88,7 +96,7 @@ class LocalStore:
         when = decimal(expires)
         if when is None or not sig:
             return "the link is not signed (expires and sig are required)"
-        if not hmac.compare_digest(self.signature(key, when), sig):
+        if not sig.isascii() or not hmac.compare_digest(self.signature(key, when).encode(), sig.encode()):
             return "the link's signature does not match (it was altered, or signed by another server's key)"
         if when < self.clock():
             return "the link has expired; request the image again for a new link"
@@ -137,9 +145,14 @@ class S3Store:
             raise StorageError(f"s3://{self.bucket}: {e}") from None
 
     def url(self, key: str, base_url: str | None = None) -> str:
-        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket,
-                                                                         "Key": self.prefix + key},
-                                                  ExpiresIn=self.ttl_s)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket,
+                                                                             "Key": self.prefix + key},
+                                                      ExpiresIn=self.ttl_s)
+        except (BotoCoreError, ClientError, ValueError) as e:
+            raise StorageError(f"could not sign a link to s3://{self.bucket}/{self.prefix}: {e}") from e
 
 
 def s3_client(endpoint_url: str | None = None, region: str | None = None, addressing_style: str = "auto"):
@@ -148,29 +161,42 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None, addres
         from botocore.config import Config as BotoConfig
     except ImportError:
         raise StorageError("outputs.backend 's3' needs boto3: pip install 'zimage-orchestrator[s3]'") from None
-    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region,
-                        config=BotoConfig(s3={"addressing_style": addressing_style}, signature_version="s3v4",
-                                          retries={"max_attempts": 3, "mode": "standard"}))
+    try:
+        return boto3.client("s3", endpoint_url=endpoint_url, region_name=region,
+                            config=BotoConfig(s3={"addressing_style": addressing_style}, signature_version="s3v4",
+                                              retries={"max_attempts": 3, "mode": "standard"}))
+    except ValueError as e:  # botocore's check of the endpoint and region
+        raise StorageError(f"cannot make an S3 client: {e}; check outputs.s3.endpoint_url and region") from e
 
 
 def signing_secret(config: OutputsConfig) -> bytes:
     """The configured secret, else the one kept beside the images (made on first use, readable by this user
-    only), so that links signed before a restart still work after it."""
+    only), so that links signed before a restart still work after it. The file appears whole or not at all
+    (written under another name, then linked into place), so a server that starts beside another never reads it
+    half written; a key file too short to be a secret (emptied, truncated) is an error, never a key."""
     if config.signing_secret:
         return config.signing_secret.encode()
     path = Path(config.directory) / ".signing-key"
-    try:
-        return path.read_bytes().strip()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_hex(32).encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first: use theirs
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".signing-key.{uuid.uuid4().hex}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_hex(32).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # fails if another process made it first: theirs is used
+            except FileExistsError:
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    secret = path.read_bytes().strip()
+    if len(secret) < MIN_SECRET_BYTES:
+        raise StorageError(f"the signing key file {path.name} in outputs.directory holds {len(secret)} bytes, too "
+                           f"few to be a secret; delete it (a new one is made; links signed with it stop working) "
+                           f"or set outputs.signing_secret")
     return secret
 
 

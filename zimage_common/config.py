@@ -490,6 +490,9 @@ RETIRED = {
 }
 
 
+SECRET_FIELDS = {"signing_secret", "api_keys"}  # a rejected value of these is never echoed into logs
+
+
 def _format_validation_error(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -499,7 +502,8 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
             msg = RETIRED.get(tuple(e["loc"]),
                               "unknown key (check the spelling; see the config reference in README.md)")
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
-            msg = f"{msg} (got {e['input']!r})"
+            secret = any(str(part) in SECRET_FIELDS for part in e["loc"])
+            msg = f"{msg} (got {'a value not shown: it is a secret' if secret else repr(e['input'])})"
         lines.append(f"{source}: {path}: {msg}")
     return "\n".join(lines)
 

@@ -24,6 +24,13 @@ class S3Config(_Strict):
     addressing_style: Literal["auto", "path", "virtual"] = Field(
         default="auto", description="Bucket in the host name (virtual) or the path (path: most self-hosted stores).")
 
+    @model_validator(mode="after")
+    def _endpoint_scheme(self) -> S3Config:
+        if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint_url must start with http:// or https://, got {self.endpoint_url!r} "
+                             f"(e.g. http://minio:9000)")
+        return self
+
 
 class OutputsConfig(_Strict):
     """Where images answered with ``response_format: url`` live, and how long their links work. Credentials for
