@@ -87,8 +87,8 @@ def parse_json(body: bytes):
 # ---- in-flight bounds ----------------------------------------------------------------------------------------
 class _FifoBudget:
     """A counted semaphore whose waiters are served in arrival order; ``_pass_ok`` lets a subclass admit a later
-    waiter past a head that does not fit. A waiter is ``[cost, future, grows]`` (``grows``: see ``ByteBudget``);
-    a future resolved with False is a refusal, not a grant."""
+    waiter past a head that does not fit. A waiter is ``[cost, future, kind]`` (``kind``: see ``ByteBudget``); a
+    future resolved with False is a refusal, not a grant."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -105,31 +105,35 @@ class _FifoBudget:
     def _on_head_admitted(self) -> None:
         pass
 
-    def _grant(self, cost: int) -> None:
+    def _grant(self, cost: int, kind: str = "new") -> None:
         self.used += cost
         self.running += 1
 
+    def _ungrant(self, entry: list) -> None:
+        """Give back a grant whose waiter was cancelled before it could take it."""
+        self.release(entry[0])
+
     def _wake(self) -> None:
         while self._waiters and self._fits(self._waiters[0][0]):
-            cost, fut, _ = self._waiters.popleft()
+            cost, fut, kind = self._waiters.popleft()
             if not fut.done():
-                self._grant(cost)
+                self._grant(cost, kind)
                 fut.set_result(True)
                 self._on_head_admitted()
         for w in list(self._waiters)[1:]:
             if self._fits(w[0]) and self._pass_ok(w[0]):
                 self._waiters.remove(w)
                 if not w[1].done():
-                    self._grant(w[0])
+                    self._grant(w[0], w[2])
                     w[1].set_result(True)
 
-    async def acquire(self, cost: int, timeout_s: float) -> bool:
+    async def acquire(self, cost: int, timeout_s: float, kind: str = "new") -> bool:
         """Take ``cost`` (at most the capacity: a larger request runs alone); False after ``timeout_s``."""
         cost = max(1, min(cost, self.capacity))
         if (not self._waiters and self._fits(cost)) or (self._waiters and self._fits(cost) and self._pass_ok(cost)):
-            self._grant(cost)
+            self._grant(cost, kind)
             return True
-        entry = [cost, asyncio.get_running_loop().create_future(), False]
+        entry = [cost, asyncio.get_running_loop().create_future(), kind]
         self._waiters.append(entry)
         return await self._wait(entry, timeout_s)
 
@@ -141,7 +145,7 @@ class _FifoBudget:
         except asyncio.CancelledError:
             if not self._withdraw(entry):
                 raise
-            self.release(entry[0])
+            self._ungrant(entry)
             raise
 
     def _withdraw(self, entry) -> bool:
@@ -169,24 +173,36 @@ class _FifoBudget:
 
 class ByteBudget(_FifoBudget):
     """Bytes of request bodies in flight (module docstring): ``acquire`` before reading, ``release`` after the
-    images are decoded. A body already reading that needs more (a chunked body growing: ``grow``) is served ahead
-    of every body not started yet, since those may be waiting for it to finish. ``holders`` counts the bodies
-    holding part of the budget (``BodyReservation`` counts itself in and out): when every one of them waits to
-    grow, none can finish and give room back, so the newest is refused at once instead of all waiting out
-    ``limits.upload_wait_s``."""
+    images are decoded. A body's first piece is kind ``open`` (the body is a holder from the moment it is granted);
+    a body already reading that needs more (a chunked body growing: ``grow``) is served ahead of every body not
+    started yet, since those may be waiting for it to finish. ``holders`` counts the bodies holding part of the
+    budget: when every one of them waits to grow, none can finish and give room back, so the newest is refused at
+    once instead of all waiting out ``limits.upload_wait_s``."""
 
     def __init__(self, capacity: int):
         super().__init__(capacity)
         self.holders = 0
 
+    def _grant(self, cost: int, kind: str = "new") -> None:
+        super()._grant(cost, kind)
+        if kind == "open":
+            self.holders += 1
+
+    def _ungrant(self, entry: list) -> None:
+        if entry[2] == "open":
+            self.release_body([entry[0]])
+        else:
+            self.release(entry[0])
+
     async def grow(self, cost: int, timeout_s: float) -> bool:
         """More room for a body that holds some: True when granted, False when refused or out of time."""
         cost = max(1, min(cost, self.capacity))
         if self._fits(cost):  # what waits has waited for room that was not there: this fits now, it passes
-            self._grant(cost)
+            self._grant(cost, "grow")
             return True
-        entry = [cost, asyncio.get_running_loop().create_future(), True]
-        self._waiters.insert(sum(1 for w in self._waiters if w[2]), entry)  # after the growing, before the new
+        entry = [cost, asyncio.get_running_loop().create_future(), "grow"]
+        growing = sum(1 for w in self._waiters if w[2] == "grow")
+        self._waiters.insert(growing, entry)  # after the bodies already growing, before the new ones
         self._break_deadlock()
         return await self._wait(entry, timeout_s)
 
@@ -204,7 +220,7 @@ class ByteBudget(_FifoBudget):
         self._break_deadlock()
 
     def _break_deadlock(self) -> None:
-        growing = [w for w in self._waiters if w[2] and not w[1].done()]
+        growing = [w for w in self._waiters if w[2] == "grow" and not w[1].done()]
         if growing and len(growing) >= self.holders:
             newest = growing[-1]
             self._waiters.remove(newest)
@@ -237,9 +253,8 @@ class BodyReservation:
     async def open(self) -> None:
         """The first reservation (QueueFullError when there is no room in time)."""
         n = self.length if self.length is not None else min(self.CHUNKED_FIRST, self.limit)
-        if not await self.budget.acquire(n, self.wait_s):
+        if not await self.budget.acquire(n, self.wait_s, kind="open"):
             raise self._full()
-        self.budget.holders += 1
         self.pieces.append(n)
         self.held += n
 

@@ -262,3 +262,31 @@ def test_two_chunked_edits_that_need_each_others_room_one_is_refused_at_once():
 
 def _read_body(answer: bytes) -> bytes:
     return answer.partition(b"\r\n\r\n")[2]
+
+
+def test_a_body_counts_as_a_holder_from_the_moment_it_is_granted():
+    """A body let in by another's release holds its room before its own task runs again; were it counted only
+    then, a grower checking for a hold-and-wait in between would see no other holder and be refused for nothing."""
+
+    async def run():
+        budget = ByteBudget(4 * MiB)
+        a = BodyReservation(budget, None, 4 * MiB, wait_s=1.0)
+        c = BodyReservation(budget, 2 * MiB, 2 * MiB, wait_s=1.0)
+        await a.open()
+        await c.open()
+        assert (budget.used, budget.holders) == (3 * MiB, 2)
+        b = BodyReservation(budget, 2 * MiB, 2 * MiB, wait_s=1.0)
+        opening = asyncio.ensure_future(b.open())
+        await asyncio.sleep(0.01)
+        assert budget.waiting == 1
+        c.release()  # grants b's room in this call
+        assert (budget.used, budget.holders) == (3 * MiB, 2)  # a and b, before b's task has run
+        t0 = time.monotonic()
+        grower = asyncio.ensure_future(budget.grow(2 * MiB, 0.2))  # a needs more than is free: it waits
+        await opening
+        assert await grower is False and time.monotonic() - t0 >= 0.15  # out of time, not refused at once
+        b.release()
+        a.release()
+        assert (budget.used, budget.running, budget.holders) == (0, 0, 0)
+
+    asyncio.run(run())
