@@ -112,6 +112,21 @@ def _check(input_path: Path, config: Config) -> dict[str, int]:
     return images
 
 
+def _check_paths(input_path: Path, state: Path) -> None:
+    """Refuse what would destroy a file the job did not write: the input named as one of the job's own files, or a
+    new job (no batch.db yet) over an output another run or tool left (output.jsonl is rewritten from the job's
+    records at every start)."""
+    own = {name: state / name for name in ("output.jsonl", "summary.json", "batch.db")}
+    for name, path in own.items():
+        if path.exists() and path.resolve() == input_path.resolve():
+            raise InvalidRequestError(f"input: {input_path} is this job's own {name} (in --state {state}); give the "
+                                      f"job another --out or --state, or move the input", param="input")
+    if not own["batch.db"].exists() and own["output.jsonl"].exists():
+        raise InvalidRequestError(f"--state {state}: holds an output.jsonl but no batch.db, so it is not this job's "
+                                  f"and starting would overwrite it; give another --out (or --state), or remove "
+                                  f"{own['output.jsonl']}", param="--state")
+
+
 async def run_job(config: Config, input_path: Path, out: str, state: Path | None = None, deployment_factory=None,
                   window: int | None = None, progress: bool = True) -> dict:
     from tqdm import tqdm
@@ -137,6 +152,7 @@ async def run_job(config: Config, input_path: Path, out: str, state: Path | None
         state = state or directory
         output_dir(directory / "images")
     output_dir(state, "--state")
+    _check_paths(input_path, state)
     try:
         db = JobDB(state / "batch.db")
         _open_job(db, input_path, len(images))

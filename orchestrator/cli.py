@@ -183,10 +183,10 @@ def cmd_validate(args) -> int:
     for path in args.paths:
         try:
             cfg = load_config(path, args.set)
-            from .deployment import check_bf16_blocks, declared_inventory, plan_for
+            from .deployment import check_bf16_blocks, plan_for
 
             check_bf16_blocks(cfg.model)
-            inv = declared_inventory(cfg)
+            inv = planning_inventory(cfg)
             if inv is not None:
                 plan_for(cfg, inv)
         except (ZImageError, ValueError) as e:
@@ -197,21 +197,31 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def cmd_plan(args) -> int:
-    from placement import Inventory, PlacementError
+def planning_inventory(cfg):
+    """The inventory a config declares for planning without Ray: ``cluster.nodes``, else the local Ray's
+    ``cluster.num_gpus`` (as start-up makes it); None when it declares neither. ``validate`` and ``plan`` both plan
+    with it, so one never passes what the other refuses."""
+    from placement import Inventory
 
-    from .deployment import declared_inventory, plan_for
+    from .deployment import declared_inventory
+
+    inv = declared_inventory(cfg)
+    if inv is None and cfg.cluster.num_gpus:
+        inv = Inventory.from_nodes([("local", cfg.cluster.num_gpus, cfg.cluster.gpu_memory_gib or 24.0)])
+    return inv
+
+
+def cmd_plan(args) -> int:
+    from placement import PlacementError
+
+    from .deployment import plan_for
 
     cfg = load_config(args.config, args.set)
-    inv = declared_inventory(cfg)
+    inv = planning_inventory(cfg)
     if inv is None:
-        if cfg.cluster.num_gpus:
-            mem = cfg.cluster.gpu_memory_gib or 24.0
-            inv = Inventory.from_nodes([("local", cfg.cluster.num_gpus, mem)])
-        else:
-            print(f"{args.config}: cluster.nodes (or cluster.num_gpus, at least 1) must be set to plan without Ray",
-                  file=sys.stderr)
-            return 2
+        print(f"{args.config}: cluster.nodes (or cluster.num_gpus, at least 1) must be set to plan without Ray",
+              file=sys.stderr)
+        return 2
     try:
         p = plan_for(cfg, inv)
     except PlacementError as e:

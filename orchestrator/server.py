@@ -507,6 +507,9 @@ def cmd_serve(args) -> int:
     where = "/".join(flag if given else field for flag, field, given in (
         ("--host", "server.host", args.host is not None), ("--port", "server.port", args.port is not None)))
     check_listen(host, port, where)  # before Ray starts and models load
+    if config.server.metrics_port:
+        check_listen(config.server.metrics_host, config.server.metrics_port,
+                     "server.metrics_host/server.metrics_port")
     # Ray installs a SIGTERM handler that exits at once; connect first so that uvicorn's graceful handler is
     # the one in force while serving, and make the handler uvicorn restores (and re-raises into) a no-op, so a
     # drained shutdown exits 0.

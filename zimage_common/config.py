@@ -19,6 +19,7 @@ from placement.planner import COMPONENTS  # defined once, in the pure planner
 
 from .cluster_config import ClusterConfig
 from .config_http import LimitsConfig, RequestDefaults, ServerConfig, _Strict
+from .config_text import UniqueKeyLoader, is_text_field
 from .errors import ConfigError
 from .frontdoor_config import FrontDoorConfig
 from .jobs_config import BatchesConfig, OutputsConfig
@@ -498,7 +499,9 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     for e in err.errors():
         msg = e["msg"].removeprefix("Value error, ")
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        if e["type"] in ("model_type", "model_attributes_type") and e.get("input") is None and len(e["loc"]) == 1:
+            msg = "the section is empty (its keys commented out?): remove it for the defaults, or add keys"
+        elif e["type"] == "extra_forbidden":
             msg = RETIRED.get(tuple(e["loc"]),
                               "unknown key (check the spelling; see the config reference in README.md)")
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
@@ -534,11 +537,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
             if not isinstance(child, dict):
                 raise ConfigError(f"{source}: --set {item!r}: {p} is not a section")
             node = child
+        shown = item if parts[-1] not in SECRET_FIELDS else f"{path.strip()}=..."
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: --set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); "
+            raise ConfigError(f"{source}: --set {shown!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); "
                               f"quote it, e.g. --set '{path.strip()}=\"...\"'") from None
+        if value is not None and not isinstance(value, str) and is_text_field(Config, parts):
+            value = raw.strip()  # a text field keeps what was typed: a revision 0123, a host ::, a name 1.0
+        node[parts[-1]] = value
     return out
 
 
@@ -555,13 +562,15 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not a UTF-8 text file; a config is YAML text") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader that refuses repeated keys
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{p}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
     if data is None:
         data = {}
+    if isinstance(data, dict):  # a section whose keys are all commented out means its defaults, as an empty file
+        data = {k: ({} if v is None else v) for k, v in data.items()}
     if overrides and isinstance(data, dict):  # any other top level is refused by config_from_dict
         data = apply_overrides(data, overrides, str(p))
     return config_from_dict(data, str(p))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -130,3 +130,10 @@ class ServerConfig(_Strict):
     keep_alive_s: float = Field(
         default=5.0, gt=0, le=3600, description="An idle keep-alive connection is closed after this long.")
     backlog: int = Field(default=2048, ge=1, le=65535, description="The listening socket's accept backlog.")
+
+    @model_validator(mode="after")
+    def _two_ports(self) -> ServerConfig:
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port ({self.metrics_port}) is the API's port: the key-free metrics listener "
+                             f"needs a port of its own (or leave metrics_port out)")
+        return self
