@@ -126,7 +126,6 @@ class JobRunner:
         self.slowest: list[tuple[float, str, str]] = []  # (latency, custom_id, prompt): the 5 slowest of this run
         # asked before each line is taken: while it gives a reason the run waits (the lines in flight finish)
         self.pause_reason = pause_reason
-        self.paused_for: str | None = None
 
     # ---- the job -----------------------------------------------------------------------------------------
     async def run(self, lines: Iterable[Line]) -> bool:
@@ -173,17 +172,15 @@ class JobRunner:
     async def _while_paused(self) -> None:
         """Wait while ``pause_reason`` gives a reason (a dip below the disk's floor must not fail a job that could
         finish once there is room); a stop (cancel, expiry, shutdown) ends the wait."""
-        said = None
+        said = None  # when the pause was last logged (None: not paused)
         while not self._stopping and (reason := self.pause_reason()) is not None:
             now = time.monotonic()
             if said is None or now - said >= PAUSE_LOG_S:
                 log.warning("batch %s paused: %s", self.batch_id, reason)
                 said = now
-            self.paused_for = reason
             await asyncio.sleep(PAUSE_POLL_S)
-        if self.paused_for is not None and not self._stopping:
+        if said is not None and not self._stopping:
             log.info("batch %s resumed", self.batch_id)
-        self.paused_for = None
 
     def stop(self) -> None:
         """Stop taking lines and drop those in flight (queued requests leave the router; they run again on a
