@@ -1,7 +1,10 @@
-"""CUDA helpers the replica's parts share: waiting for a stream, out-of-memory checks, freeing the cache. torch is
-imported inside them, so importing the replica's modules (the driver does, to make the actor class) loads no torch."""
+"""CUDA helpers the replica's parts share: waiting for a stream, out-of-memory checks, freeing the cache, the stream
+that reads what the step loop made. torch is imported inside them, so importing the replica's modules (the driver
+does, to make the actor class) loads no torch."""
 
 from __future__ import annotations
+
+import contextlib
 
 
 def sync(device) -> None:
@@ -34,3 +37,49 @@ def free_cache() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def mark(device):
+    """An event recorded on this thread's current stream of ``device``: where the work launched so far ends (None
+    off CUDA, where there is nothing to wait for)."""
+    import torch
+
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    try:
+        event.record(torch.cuda.current_stream(device))
+    except RuntimeError:  # a broken context: a reader then waits for the whole stream, and fails as the loop did
+        return None
+    return event
+
+
+class ReadStream:
+    """A high-priority CUDA stream for the work that reads what the step loop made: the final non-finite check,
+    previews and decodes. The loop's host runs up to about two steps ahead of its GPU (the launch queue bounds it),
+    so that work, queued on the loop's stream, would wait for the steps launched after the one it reads (a decode
+    under load took three times its time alone). Here it waits only for the event recorded after that step, and the
+    GPU may run its blocks ahead of the next step's as SMs come free; the step loses about the reader's GPU time.
+
+    Tensors the loop made are read here while the reader holds them and until it has synced (a decode copies its
+    image to the host, the check reads a bool), so the allocator cannot hand their memory to the loop meanwhile;
+    what is allocated here is freed here."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device, priority=-1)
+
+    @contextlib.contextmanager
+    def after(self, ready=None):
+        """Run the block on this stream once ``ready`` (a ``mark`` of the loop's stream) is reached; without one,
+        once everything the calling thread's stream has so far is done."""
+        import torch
+
+        if ready is not None:
+            self.stream.wait_event(ready)
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            yield

@@ -14,6 +14,7 @@ Noise is drawn per request on the CPU from its own seed, so an image depends onl
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_de
 
 from .conditioning import encode_conditions, encode_controls
 from .controlnet import PackedControl, forward
-from .devices import sync
+from .devices import ReadStream, sync
 from .encoder_graphs import penultimate
 from .packed import PackedLayout, PackedTransformer
 
@@ -125,6 +126,11 @@ class ZImageEngine:
         self.packed = PackedTransformer(self.transformer)
         self.loras = None  # an ``actors.lora.LoraStore`` once the replica enables per-request LoRA
         self.vae = _place(components["vae"], self.devices["vae"], dtype)
+        # what the step loop made is read (checked, previewed, decoded) on a stream of its own where the VAE shares
+        # the transformer's GPU (``devices.ReadStream``); across GPUs the copy between them orders the streams
+        vae_device = self.devices["vae"]
+        self.reader = ReadStream(vae_device) if vae_device.type == "cuda" and vae_device == self.devices[
+            "transformer"] else None
         self.controlnet = None  # [controlnet] beside the transformer, sharing its embedders and refiners
         if components.get("controlnet") is not None:
             self.controlnet = _place(components["controlnet"], self.devices["transformer"], dtype)
@@ -302,10 +308,18 @@ class ZImageEngine:
                 s.after_step(s)
 
     # ---- stage 3: decode -------------------------------------------------------------------------------
+    def reading(self, ready=None):
+        """The context in which what the loop made is read: on the reader stream once ``ready`` (``devices.mark``
+        after the step that made it; without one, everything the caller's stream has so far) is reached, or on the
+        caller's stream where there is no reader."""
+        return self.reader.after(ready) if self.reader is not None else contextlib.nullcontext()
+
     @torch.no_grad()
-    def decode(self, latents: Sequence[torch.Tensor]) -> list[np.ndarray]:
-        """Per sample latents ``[16, h, w]`` -> uint8 images ``[H, W, 3]``, one VAE call per image."""
-        return [self.decode_one(lat) for lat in latents]
+    def decode(self, latents: Sequence[torch.Tensor], ready=None) -> list[np.ndarray]:
+        """Per sample latents ``[16, h, w]`` -> uint8 images ``[H, W, 3]``, one VAE call per image, once
+        ``ready`` is reached (see ``reading``)."""
+        with self.reading(ready):
+            return [self.decode_one(lat) for lat in latents]
 
     def decode_one(self, latent: torch.Tensor) -> np.ndarray:
         lat = latent.unsqueeze(0).to(self.devices["vae"], self.vae.dtype)
@@ -332,9 +346,9 @@ class ZImageEngine:
         sync(self.devices["vae"])
         return conditions, controls, time.perf_counter() - t0
 
-    def decode_stage(self, latents: Sequence[torch.Tensor]) -> tuple[list[np.ndarray], float]:
+    def decode_stage(self, latents: Sequence[torch.Tensor], ready=None) -> tuple[list[np.ndarray], float]:
         t0 = time.perf_counter()
-        return self.decode(latents), time.perf_counter() - t0
+        return self.decode(latents, ready), time.perf_counter() - t0
 
     def check_size(self, height: int, width: int) -> None:
         multiple = self.size_multiple

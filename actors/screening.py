@@ -6,6 +6,7 @@ sample (``StepHook``: non-finite latents at the last step); what still fails a w
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -163,11 +164,12 @@ class StepHook:
     when a preview or the final check needs it."""
 
     def __init__(self, engine, batch: Batch, emit: Callable[[StepProgress], None] | None = None,
-                 decode: Callable[[list], list] | None = None):
+                 decode: Callable[..., list] | None = None):
         self.engine = engine
         self.batch = batch
         self.emit = emit
-        # previews' decode: the worker's runs it on its decode stage's thread (``actors/stages.py``)
+        # previews' decode ``decode(latents, ready)``: the worker's runs it on its decode stage's thread
+        # (``actors/stages.py``)
         self.decode = decode or (engine.decode if engine is not None else None)
         self.nonfinite: set[str] = set()
         self.preview_s = 0.0  # time spent decoding previews (reported in the log)
@@ -177,8 +179,11 @@ class StepHook:
                 for k, s in enumerate(preview_steps(batch.key.num_inference_steps, r.partial_images)):
                     self._plan.setdefault(s, []).append((row, r.request_id, k))
 
-    def __call__(self, step: int, total: int, denoised: Callable | None = None, stamp: tuple = ()) -> None:
-        """``stamp``: the loop's (step, running, joined) counts of this step, for the event."""
+    def __call__(self, step: int, total: int, denoised: Callable | None = None, stamp: tuple = (),
+                 ready=None) -> None:
+        """``stamp``: the loop's (step, running, joined) counts of this step, for the event; ``ready``: a
+        ``devices.mark`` of the loop's stream once the estimates are made (the check and previews wait for it, not
+        for the steps launched since)."""
         import time
 
         import torch
@@ -187,13 +192,15 @@ class StepHook:
         estimates = None
         if step == total and denoised is not None:
             estimates = denoised()
-            ok = [bool(torch.isfinite(x).all()) for x in estimates]
+            reading = getattr(self.engine, "reading", None)
+            with reading(ready) if reading is not None else contextlib.nullcontext():
+                ok = [bool(torch.isfinite(x).all()) for x in estimates]
             self.nonfinite = {r.request_id for r, good in zip(self.batch.requests, ok) if not good}
         wanted = self._plan.get(step)
         if wanted and denoised is not None:
             t0 = time.perf_counter()
             estimates = denoised() if estimates is None else estimates
-            images = self.decode([estimates[row] for row, _, _ in wanted])
+            images = self.decode([estimates[row] for row, _, _ in wanted], ready)
             previews = tuple((rid, k, img) for (_, rid, k), img in zip(wanted, images))
             self.preview_s += time.perf_counter() - t0
         if self.emit is not None:

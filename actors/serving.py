@@ -16,6 +16,8 @@ from zimage_common.errors import ReplicaUnavailableError
 from zimage_common.logging_setup import logs_batch
 from zimage_common.messages import INTERACTIVE, Batch, BatchResult, FailureKind, ImageResult, StageTimes
 
+from .devices import mark
+
 # The replica's log lines keep one logger name whichever part of it writes them: operators filter on it
 # (docs/observability.md).
 log = logging.getLogger("actors.worker")
@@ -211,9 +213,9 @@ class ServingMixin:
         """The step loop's counters (steps, joins, running, waiting, shrinks), empty before its first call."""
         return asdict(self._loop.stats) if self._loop is not None else {}
 
-    def _preview_decode(self, latents):
+    def _preview_decode(self, latents, ready=None):
         """A preview's decode (``screening.StepHook``), on the decode stage's thread."""
-        return self._stages.run("decode", self.engine.decode, latents)
+        return self._stages.run("decode", self.engine.decode, latents, ready)
 
     def encode(self, prompts: list[str], negative_prompts: list[str | None], guidance: float):
         """Serve another replica's encode (component replication): embeddings come back on the CPU."""
@@ -302,9 +304,9 @@ class SharedEncodes:
 class _OffLoopHook:
     """A call's per-step hook (progress, previews, the final non-finite check: ``screening.StepHook``), run off the
     loop's thread, in step order: the loop only makes the clean-latent estimates the hook will read (at preview
-    steps and the last step), so decoding a preview never holds up the other samples' steps. The estimates are read
-    on the device's stream the loop runs on, after the step that made them; each event carries the loop's counts of
-    its own step."""
+    steps and the last step) and marks its stream after them, so decoding a preview never holds up the other
+    samples' steps. The estimates are read once that mark is reached (``ZImageEngine.reading``), not behind the
+    steps launched since; each event carries the loop's counts of its own step."""
 
     def __init__(self, hook, stats=None):
         from concurrent.futures import ThreadPoolExecutor
@@ -316,13 +318,15 @@ class _OffLoopHook:
     def __call__(self, step: int, total: int, denoised) -> None:
         wanted = step == total or step in getattr(self.hook, "_plan", {})
         estimates = list(denoised()) if wanted and denoised is not None else None
+        ready = mark(estimates[0].device) if estimates else None
         st = self.stats
         stamp = (st.steps, st.running, st.last_joined) if st is not None else ()
-        self.pool.submit(self._run, step, total, (lambda: estimates) if estimates is not None else None, stamp)
+        self.pool.submit(self._run, step, total, (lambda: estimates) if estimates is not None else None, stamp,
+                         ready)
 
-    def _run(self, step, total, denoised, stamp) -> None:
+    def _run(self, step, total, denoised, stamp, ready) -> None:
         try:
-            self.hook(step, total, denoised, stamp)
+            self.hook(step, total, denoised, stamp, ready)
         except Exception:  # noqa: BLE001 - a failed preview must not fail the image
             log.exception("step hook failed at step %d", step)
 

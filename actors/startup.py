@@ -267,8 +267,8 @@ class StartupMixin:
     def make_stage_streams(self) -> None:
         """A CUDA stream for the encode stage, at the higher priority: its kernels are small and a call waits on
         them, so the GPU may schedule their blocks ahead of the running step's as SMs come free (an encode beside a
-        step takes several times its time alone); a step loses no more than the encode's own GPU time. The loop and
-        the decodes share the device's stream, so finished latents need no sync to be decoded."""
+        step takes several times its time alone); a step loses no more than the encode's own GPU time. The loop's
+        latents are read on the engine's reader stream (``devices.ReadStream``)."""
         import torch
 
         device = self.engine.devices.get("text_encoder")

@@ -50,7 +50,7 @@ from zimage_common.config import JoinPolicy
 from zimage_common.cpu_priority import run_as
 from zimage_common.messages import INTERACTIVE, StageTimes
 
-from .devices import free_cache, is_oom
+from .devices import free_cache, is_oom, mark
 from .engine import Schedule, has_images
 from .stages import run_here
 from .step_cost import Pace, StepTimer, step_costs, work
@@ -143,6 +143,7 @@ class Group:
         self.error: BaseException | None = None
         self.done = threading.Event()
         self.joined_at: float | None = None  # perf_counter when its samples first ran a step
+        self.ready = None  # ``devices.mark`` of the loop's stream after its last step: where its decode may start
         self.finished_at: float | None = None
         self._reported = 0
         for s in samples:
@@ -214,8 +215,8 @@ class StepLoop:
         # step times by work, which decide joins where they are known (``step_cost.py``); kept on the engine, so
         # the warm-up's loops measure for the serving loop
         self.costs = step_costs(engine)
-        self._timer = StepTimer(self.costs, getattr(engine, "devices", {}).get("transformer")) \
-            if self.costs is not None else None
+        self._device = getattr(engine, "devices", {}).get("transformer")
+        self._timer = StepTimer(self.costs, self._device) if self.costs is not None else None
 
     # ---- the callers' side ---------------------------------------------------------------------------------
     def submit(self, group: Group, start: bool = True) -> Group:
@@ -388,6 +389,8 @@ class StepLoop:
         for g in self._groups:
             if g.finished:
                 g.finished_at = time.perf_counter()
+                # on the loop's thread, before its next step is launched (nothing since its last one but estimates)
+                g.ready = mark(self._device) if g.error is None else None
                 g.done.set()
         self._groups = [g for g in self._groups if not g.done.is_set()]
 
@@ -543,7 +546,8 @@ def finish(engine, group: Group, times: StageTimes, run=run_here) -> tuple[list,
     if all(s.cancelled for s in group.samples):
         raise CancelledSample(", ".join(s.name for s in group.samples))
     denoise_s = (group.finished_at or time.perf_counter()) - (group.joined_at or time.perf_counter())
-    decoded, decode_s = run("decode", engine.decode_stage, [s.latents for s in group.samples if not s.cancelled])
+    decoded, decode_s = run("decode", engine.decode_stage, [s.latents for s in group.samples if not s.cancelled],
+                            group.ready)
     decoded = iter(decoded)
     images = [None if s.cancelled else next(decoded) for s in group.samples]
     total = times.encode_s + times.image_encode_s + denoise_s + decode_s

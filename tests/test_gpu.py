@@ -336,3 +336,46 @@ def test_text_encoder_graphs_on_gpu():
 def _rel(a: torch.Tensor, w: torch.Tensor) -> float:
     a, w = a.float(), w.float()
     return float((a - w).norm() / w.norm())
+
+
+async def test_short_request_beside_a_long_one_read_on_the_reader_stream_on_gpu():
+    """The full-size replica (bf16, eager) behind the real router with the default config: a 2-step 512x512 request
+    sent while a 50-step 1024x1024 one denoises finishes long before it; its preview, final check and decode are
+    read on the reader stream while the loop goes on (``devices.ReadStream``); its image equals its solo run to bf16
+    noise (the batch around a sample moves it slightly; a read that did not wait for its last step would be another
+    image). Last in this file: the replica's stage threads keep its engine, and its memory, to the end."""
+    import asyncio
+
+    import numpy as np
+
+    from actors.worker import PipelineWorker, WarmupSpec
+    from orchestrator.router import Router
+    from tests.test_steploop import InProcessReplica, Pool
+    from zimage_common.config import ModelConfig, RouterConfig
+    from zimage_common.messages import ImageRequest
+
+    worker = PipelineWorker("g0", ModelConfig(source="random-full", dtype="bfloat16"),
+                            warmup=WarmupSpec(((512, 512),), 2), max_batch_tokens=1 << 16, max_batch_size=8)
+    worker.start()
+    assert worker.engine.reader is not None
+    router = Router(Pool(InProcessReplica(worker)), RouterConfig())
+    router.start()
+    try:
+        long_steps, short_events = [], []
+        long = asyncio.create_task(router.submit(ImageRequest("L", "a detailed city at night", 1, 1024, 1024, 50, 0.0),
+                                                 on_progress=lambda ev: long_steps.append(ev.step)))
+        while len(long_steps) < 3:
+            await asyncio.sleep(0.01)
+        short_req = ImageRequest("S", "a quick sketch of a cat", 2, 512, 512, 2, 0.0, partial_images=1)
+        short = await router.submit(short_req, on_progress=short_events.append)
+        long_steps_then = len(long_steps)
+        assert short.ok and not long.done() and long_steps_then < 50 - 10, long_steps_then
+        assert [(p[0], p[1], p[2].shape) for ev in short_events for p in ev.previews] == [("S", 0, (512, 512, 3))]
+        assert (await long).ok and long_steps == list(range(1, 51))
+        solo = await router.submit(short_req)  # alone in the loop now
+    finally:
+        await router.stop()
+    a, b = short.image.astype(np.float64), solo.image.astype(np.float64)
+    psnr = 10 * np.log10(255.0**2 / max(float(((a - b) ** 2).mean()), 1e-12))
+    print({"long steps when the short one finished": long_steps_then, "psnr beside vs solo": psnr})
+    assert psnr >= 30.0, psnr
