@@ -352,7 +352,8 @@ def test_short_request_beside_a_long_one_read_on_the_reader_stream_on_gpu():
     from zimage_common.config import ModelConfig
 
     worker = PipelineWorker("g0", ModelConfig(source="random-full", dtype="bfloat16"),
-                            warmup=WarmupSpec(((512, 512),), 2), max_batch_tokens=1 << 16, max_batch_size=8)
+                            warmup=WarmupSpec(((512, 512),), 2, max_pixels=1024 * 1024, max_batch_tokens=1 << 16),
+                            max_batch_tokens=1 << 16, max_batch_size=8)
     worker.start()
     assert worker.engine.reader is not None
     short, solo, long_steps_then = asyncio.run(_short_beside_long(worker))
