@@ -296,6 +296,45 @@ def test_step_hook_flags_non_finite_rows():
     assert hook.nonfinite == {"q2"}
 
 
+def test_step_hook_reads_the_estimates_after_the_loops_mark():
+    """The final check and the previews read the loop's estimates in ``engine.reading(ready)`` (on a GPU: the
+    reader stream, waiting on the loop's event after the step that made them), and the preview decode gets the same
+    mark; the loop's own ``finish`` decodes after its group's mark."""
+    import contextlib
+
+    from actors.steploop import Group, finish
+    from zimage_common.messages import StageTimes
+
+    class Engine:
+        def __init__(self):
+            self.log = []
+
+        @contextlib.contextmanager
+        def reading(self, ready=None):
+            self.log.append(("reading", ready))
+            yield
+
+        def decode(self, latents, ready=None):
+            self.log.append(("decode", len(latents), ready))
+            return [np.zeros((4, 4, 3), np.uint8) for _ in latents]
+
+        def decode_stage(self, latents, ready=None):
+            return self.decode(latents, ready), 0.0
+
+    eng, first, mark = Engine(), object(), object()
+    hook = StepHook(eng, Batch(10, (req(0, steps=2, partial_images=1),)), emit=lambda ev: None)
+    hook(1, 2, lambda: [torch.zeros(16, 4, 4)], (), first)  # its preview step
+    hook(2, 2, lambda: [torch.zeros(16, 4, 4)], (), mark)  # its last: the non-finite check
+    assert eng.log == [("decode", 1, first), ("reading", mark)] and hook.nonfinite == set()
+
+    sample = type("S", (), {"cancelled": False, "latents": torch.zeros(16, 4, 4), "done": True, "group": None})()
+    group = Group([sample])
+    group.ready, group.joined_at, group.finished_at = mark, 1.0, 2.0
+    eng.log.clear()
+    images, _ = finish(eng, group, StageTimes())
+    assert eng.log == [("decode", 1, mark)] and len(images) == 1
+
+
 async def test_router_admits_and_schedules_an_unencodable_prompt_without_raising():
     """The router counts tokens of every request it queues: a lone surrogate must not raise there (it would fail the
     caller with a 500, or the router loop for everyone); the replica refuses the request alone."""
