@@ -486,14 +486,18 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from zimage_common.logging_setup import take_api_keys_from_env
+    from zimage_common.logging_setup import API_KEYS_ENV, take_api_keys_from_env
 
     from .http_guard import uvicorn_config
 
     config = load_config(args.config, args.set)
     # The keys move from the environment into this process's config before Ray starts: a local Ray's workers (the
     # replicas) inherit this environment, and no replica needs them.
+    env_set = API_KEYS_ENV in os.environ
     env_keys = take_api_keys_from_env()
+    if env_set and not env_keys:  # an empty secret (a template or secret store that gave nothing) is no open door
+        raise InvalidRequestError(f"{API_KEYS_ENV} is set but holds no key; give one or more comma-separated keys, "
+                                  f"or unset it to serve without authentication", param=API_KEYS_ENV)
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port  # on the config too: the metrics label
     config = config.model_copy(update={"server": config.server.model_copy(

@@ -614,3 +614,21 @@ def test_repeated_authorization_or_idempotency_key_headers_are_400s_naming_the_h
         r = httpx.post(f"{s.url}/v1/images/generations", json=body,
                        headers={"Authorization": f"Bearer {KEY}", "Idempotency-Key": "k1"})
         assert r.status_code == 429 and "refused by the test" in r.text
+
+
+@pytest.mark.parametrize("value", ["", " , ,"])
+def test_serve_refuses_an_api_keys_variable_that_is_set_but_holds_no_key(monkeypatch, value):
+    """``ZIMAGE_API_KEYS`` set but empty (a template or secret store that gave nothing) would serve with no
+    authentication; serve refuses before Ray starts, naming the variable and the fix."""
+    import argparse
+    import os
+
+    from orchestrator import ray_backend, server
+    from zimage_common.errors import InvalidRequestError
+
+    monkeypatch.setenv("ZIMAGE_API_KEYS", value)
+    monkeypatch.setattr(ray_backend, "connect", lambda cluster: pytest.fail("Ray started"))
+    args = argparse.Namespace(config=None, set=["model.source=tiny"], host=None, port=0)
+    with pytest.raises(InvalidRequestError, match="ZIMAGE_API_KEYS is set but holds no key.*unset it") as e:
+        server.cmd_serve(args)
+    assert e.value.param == "ZIMAGE_API_KEYS" and "ZIMAGE_API_KEYS" not in os.environ
