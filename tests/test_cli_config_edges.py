@@ -215,6 +215,9 @@ def _write(path: Path, text: str | bytes) -> Path:
     ("list.yaml", "- a\n- b\n", "the top level must be a mapping of sections, got list"),
     ("scalar.yaml", "hello\n", "the top level must be a mapping of sections, got str"),
     ("syntax.yaml", "router:\n  max_batch_size: [4\n", "invalid YAML at line 3"),
+    ("two-docs.yaml", "router:\n  max_batch_size: 4\n---\nserver:\n  port: 9000\n",
+     "invalid YAML at line 3, column 1: expected a single document in the stream; but found another document (a "
+     "config is one YAML document: remove the '---' and merge the sections)"),
     ("binary.yaml", b"\xff\xfe\x00bad", "not a UTF-8 text file"),
     ("adir", None, "cannot read config file: Is a directory"),
     ("missing.yaml", "", "cannot read config file: No such file or directory"),

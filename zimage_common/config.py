@@ -566,7 +566,11 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+        # PyYAML splits its message: a context ("expected a single document in the stream") and the problem
+        problem = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or e
+        hint = " (a config is one YAML document: remove the '---' and merge the sections)" \
+            if "another document" in str(problem) else ""
+        raise ConfigError(f"{p}: invalid YAML{where}: {problem}{hint}") from None
     if data is None:
         data = {}
     if isinstance(data, dict):  # a section whose keys are all commented out means its defaults, as an empty file
