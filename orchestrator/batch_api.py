@@ -183,6 +183,9 @@ class JobService:
         if b.get("status") in ACTIVE:
             completed, failed = self.db.counts(b["id"])
             out["request_counts"] = {**b["request_counts"], "completed": completed, "failed": failed}
+            runner = self.runner if self.running_id == b["id"] else None
+            if runner is not None and runner.paused:  # an extension: the API's statuses have no "paused"
+                out["paused_reason"] = runner.paused
         return _printable(out)
 
     def create(self, body: dict, base_url: str) -> dict:

@@ -126,6 +126,7 @@ class JobRunner:
         self.slowest: list[tuple[float, str, str]] = []  # (latency, custom_id, prompt): the 5 slowest of this run
         # asked before each line is taken: while it gives a reason the run waits (the lines in flight finish)
         self.pause_reason = pause_reason
+        self.paused: str | None = None  # the reason while the run waits, for the batch object
 
     # ---- the job -----------------------------------------------------------------------------------------
     async def run(self, lines: Iterable[Line]) -> bool:
@@ -174,11 +175,13 @@ class JobRunner:
         finish once there is room); a stop (cancel, expiry, shutdown) ends the wait."""
         said = None  # when the pause was last logged (None: not paused)
         while not self._stopping and (reason := self.pause_reason()) is not None:
+            self.paused = reason
             now = time.monotonic()
             if said is None or now - said >= PAUSE_LOG_S:
                 log.warning("batch %s paused: %s", self.batch_id, reason)
                 said = now
             await asyncio.sleep(PAUSE_POLL_S)
+        self.paused = None
         if said is not None and not self._stopping:
             log.info("batch %s resumed", self.batch_id)
 

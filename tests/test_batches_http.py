@@ -432,8 +432,10 @@ def test_a_job_pauses_while_free_disk_is_below_the_floor_and_finishes_once_there
         paused_at = len(backend.generated)
         time.sleep(1.5)
         assert len(backend.generated) == paused_at < 40  # nothing taken while the disk is low
-        assert client.batches.retrieve(b.id).status == "in_progress"
+        seen = httpx.get(f"{s.url}/v1/batches/{b.id}").json()
+        assert seen["status"] == "in_progress" and "min_free_disk_bytes" in seen["paused_reason"], seen
         low["now"] = False
         b = wait_for(client, b.id, ("completed", "failed"))
         assert b.status == "completed" and b.request_counts.completed == 40, b
+        assert "paused_reason" not in httpx.get(f"{s.url}/v1/batches/{b.id}").json()
         assert len(backend.generated) == 40
