@@ -109,7 +109,11 @@ class IntakeMixin:
         while True:
             if run:
                 part = batch if len(run) == len(batch) else replace(batch, requests=tuple(run))
-                out = yield from self._admitted(part, stream)
+                try:
+                    out = yield from self._admitted(part, stream)
+                except BaseException:  # nothing of the part was made here: a retry, here or elsewhere, may run it
+                    self._settle(part.requests, (), failed=True)
+                    raise
                 times = out.stage_times
                 for r in out.results:
                     results[r.request_id] = r
@@ -185,17 +189,18 @@ class IntakeMixin:
                 self._count(out[r.request_id][0])
         return out
 
-    def _settle(self, requests, results) -> None:
-        """Keyed images made here go to the store; a failed one's claim is released (a retry may run it)."""
+    def _settle(self, requests, results, failed: bool = False) -> None:
+        """Keyed images made here go to the store; a failed one's claim is released (a retry may run it).
+        ``failed``: the call raised, and each of ``requests`` releases its claim."""
         if self._results is None:
             return
         by_id = {r.request_id: r for r in results}
         for req in requests:
             r = by_id.get(req.request_id)
-            if not req.result_key or r is None:
+            if not req.result_key or (r is None and not failed):
                 continue
             try:
-                if r.ok:
+                if r is not None and r.ok:
                     self._results.deposit(req.result_key, self._claimant(), r)
                 else:
                     self._results.release(req.result_key, self._claimant())

@@ -15,8 +15,9 @@ bytes). Then, through any front door of the deployment (they share the store, ``
 - the same key with another body is refused: 422, ``param: "Idempotency-Key"``;
 - a call that failed is not recorded: a retry runs (reusing any image that was made).
 
-Keys are scoped by the caller's API key, so one client's key never reaches another's answer. A streaming call's
-images are deduplicated the same way; its events are not replayed.
+Keys are scoped by the caller's API key, so one client's key never reaches another's answer. A streaming call is
+recorded once its stream has ended without an error event: a retry gets the same events again, previews included,
+in one go; while it streams, a retry is treated as above (its images deduplicated, or it waits).
 """
 
 from __future__ import annotations
@@ -128,6 +129,34 @@ def reused(key: str):
         "invalid_request_error", param=HEADER, code="idempotency_key_reused")
 
 
+async def _recorded(body, store, store_key: str, fp: str, media_type: str | None):
+    """A streamed answer's events as they go out. Once the stream ends with no error event, the whole stream is the
+    key's answer; a stream with an error, or whose client went away, is forgotten (a retry runs)."""
+    chunks: list[bytes] = []
+    ok = False
+    try:
+        async for chunk in body:
+            chunks.append(chunk if isinstance(chunk, bytes) else str(chunk).encode())
+            yield chunk
+        ok = not any(c.startswith(b"event: error\n") for c in chunks)
+    finally:
+        if ok:
+            try:
+                await asyncio.shield(store.finish(store_key, fp, StoredResponse(200, b"".join(chunks),
+                                                                                media_type or "text/event-stream")))
+            except Exception as e:  # noqa: BLE001 - the stream went out; only its replay is lost
+                log.warning("%s: could not record a streamed answer (%s)", HEADER, e)
+        else:
+            await asyncio.shield(_forget(store, store_key, fp))
+
+
+async def _forget(store, store_key: str, fp: str) -> None:
+    try:
+        await store.abandon(store_key, fp)
+    except Exception as e:  # noqa: BLE001 - then the key stays pending until it expires
+        log.warning("%s: could not forget a failed call (%s)", HEADER, e)
+
+
 def replay(stored: StoredResponse) -> Response:
     return Response(stored.body, status_code=stored.status, media_type=stored.media_type,
                     headers={"Idempotent-Replayed": "true"})
@@ -164,7 +193,14 @@ async def keyed_answer(request: Request, call, key: str, store, answer: Callable
                                   headers={"Retry-After": "1"})
     if state in (NEW, PENDING) and store.images_deduped:
         call = with_result_keys(call, store_key, fp)
-    response = await answer(call)
+    try:
+        response = await answer(call)
+    except BaseException:  # a failed call is not recorded: a retry runs (shielded: a cancel must not skip it)
+        await asyncio.shield(_forget(store, store_key, fp))
+        raise
+    if call.stream and response.status_code == 200 and hasattr(response, "body_iterator"):
+        response.body_iterator = _recorded(response.body_iterator, store, store_key, fp, response.media_type)
+        return response  # recorded or forgotten when its stream ends
     try:
         if not call.stream and response.status_code == 200:
             await store.finish(store_key, fp, StoredResponse(200, bytes(response.body), response.media_type))

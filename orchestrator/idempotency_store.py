@@ -1,7 +1,8 @@
 """The ``Idempotency-Key`` store: what keyed calls answered, and which replica makes each keyed image.
 
 Two kinds of entry, one bound on both (``frontdoor.idempotency``: a time to live, a count and bytes; past a bound the
-least recently touched go first):
+least recently touched finished entries go first; work in progress, a call not answered yet or an image being
+made, is never evicted, only expired, so that a retry waits for it instead of running it again):
 
 - **Calls** (the front doors'): a key's request fingerprint, and once it succeeded its whole answer (status, body,
   media type), replayed to a retry with the same key and body; the same key with another body is a mismatch.
@@ -179,9 +180,12 @@ class IdempotencyStore:
         e.expires, e.size = self._clock() + self.ttl_s, size
         self._entries[k] = e
         self._bytes += size
-        while len(self._entries) > self.max_entries or (self._bytes > self.max_bytes and len(self._entries) > 1):
-            oldest = next(iter(self._entries))
-            self._drop(oldest)
+        if len(self._entries) <= self.max_entries and self._bytes <= self.max_bytes:
+            return
+        for old in [o for o, x in self._entries.items() if o != k and (x.response is not None or x.result is not None)]:
+            if len(self._entries) <= self.max_entries and self._bytes <= self.max_bytes:
+                break
+            self._drop(old)
             self.stats.evicted += 1
 
     def _drop(self, k: str) -> None:

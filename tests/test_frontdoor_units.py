@@ -123,12 +123,21 @@ def test_keys_and_images_expire_and_the_store_stays_within_its_bounds():
     store.finish("a", "f", StoredResponse(200, b"x" * 100))
     clock.t = 11
     assert store.begin("a", "f")[0] == NEW  # expired: runs again
+    store.finish("a", "f", StoredResponse(200, b"x" * 100))
     for k in "bcd":
         store.begin(k, "f")
+        store.finish(k, "f", StoredResponse(200, b"x" * 100))
     assert store.snapshot().entries == 3 and store.begin("a", "f")[0] == NEW  # "a" was the oldest: evicted
     store.finish("big", "f", StoredResponse(200, b"y" * 9_000))
     s = store.snapshot()
     assert s.bytes <= 10_000 and s.evicted >= 2 and store.begin("big", "f")[0] == DONE
+    # work in progress (a call not answered yet: "a" again) is never evicted, only expired
+    for k in "efgh":
+        store.begin(k, "f")
+        store.finish(k, "f", StoredResponse(200, b"x" * 100))
+    assert store.begin("a", "f")[0] == PENDING
+    clock.t = 22
+    assert store.begin("a", "f")[0] == NEW
 
 
 def test_an_image_is_claimed_once_and_handed_over_when_made():
