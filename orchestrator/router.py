@@ -218,19 +218,25 @@ class Router:
         for p in pendings:  # no await in between: the room checked above is still there
             self.scheduler.add(p)
         self._wake.set()
-        return [self._result_of(p) for p in pendings]
+        return [self._waiter(p) for p in pendings]
 
-    async def _result_of(self, p: Pending) -> ImageResult:
-        try:
-            return await asyncio.shield(p.ticket)
-        except asyncio.CancelledError:
-            if self.scheduler.remove(p):
-                log.info("request %s cancelled by its caller before it ran", p.request.request_id)
-                self.observer.finished(self._error_result(p, "cancelled by the client", FailureKind.CANCELLED))
-            else:
-                p.abandoned = True
-                self._cancel_running(p)
-            raise
+    def _waiter(self, p: Pending) -> asyncio.Future:
+        """The caller's future of ``p``'s result. Cancelling it, whether or not anyone awaits it yet (a gather of
+        them cancelled at once), drops the request if it has not been dispatched, else has its replica drop it;
+        the router's own ticket is never cancelled."""
+        waiter = asyncio.shield(p.ticket)
+        waiter.add_done_callback(lambda w: self._caller_left(p) if w.cancelled() else None)
+        return waiter
+
+    def _caller_left(self, p: Pending) -> None:
+        if p.ticket.done():
+            return
+        if self.scheduler.remove(p):
+            log.info("request %s cancelled by its caller before it ran", p.request.request_id)
+            self.observer.finished(self._error_result(p, "cancelled by the client", FailureKind.CANCELLED))
+        else:
+            p.abandoned = True
+            self._cancel_running(p)
 
     # ---- the loop ----------------------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -362,8 +368,12 @@ class Router:
                     self.observer.first_step(replica.replica_id, now - p.enqueued_at)
             if load.stepped(ev.loop_step):
                 self.observer.loop_step(replica.replica_id, ev.running, ev.joined)
-            for f in listeners:
-                f(ev)
+            for f in list(listeners):
+                try:
+                    f(ev)
+                except Exception:  # noqa: BLE001 - a caller's listener never fails the call it shares
+                    log.exception("a progress listener failed; it gets no more events of this call")
+                    listeners.remove(f)
 
         run = asyncio.ensure_future(replica.run(batch, on_progress=on_step))
         limit = load.hang_limit(batch, self.config.hang_factor, self.config.hang_min_s,

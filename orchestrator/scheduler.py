@@ -74,7 +74,7 @@ class ReplicaCapacity:
         return request.pixels <= self.max_pixels and request.tokens <= self.max_batch_tokens
 
 
-@dataclass
+@dataclass(eq=False)  # each request is itself: two equal requests never stand for each other in a queue
 class Pending:
     request: ImageRequest
     enqueued_at: float
@@ -86,6 +86,7 @@ class Pending:
     progress: Any = field(default=None, compare=False)  # the caller's per-step callback, if it wants one
     queued: bool = field(default=False, compare=False)  # in the scheduler's queue now (its deadline heap reads it)
     abandoned: bool = field(default=False, compare=False)  # its caller went away while it ran: never run it again
+    order: int = field(default=-1, compare=False)  # its place in arrival order (the scheduler's), kept by retries
 
 
 class BatchScheduler:
@@ -101,6 +102,7 @@ class BatchScheduler:
         self._bounds: dict[tuple[BatchKey, int], tuple[int, int, bool]] = {}
         self._deadlines: list[tuple[float, int, Pending]] = []  # (deadline, seq, pending), lazy: see ``queued``
         self._seq = itertools.count()
+        self._arrivals = itertools.count()
         self._size = 0
         self.examined = 0  # replica kinds and replicas looked at by every pass so far (the routing work)
 
@@ -121,9 +123,10 @@ class BatchScheduler:
         if group is None:
             group = self._groups[key] = deque()
             self._bounds[key] = (0, 0, False)
-        if front:
-            group.appendleft(p)
+        if front:  # back to its place: behind older work still queued, ahead of everything newer
+            group.insert(next((i for i, q in enumerate(group) if q.order > p.order), len(group)), p)
         else:
+            p.order = next(self._arrivals)
             group.append(p)
         pixels, tokens, named = self._bounds[key]
         r = p.request
@@ -337,10 +340,11 @@ class BatchScheduler:
         kinds = [k for k in _as_free(free).kinds() if exclude is None or not exclude(k.sample)]
         self.examined += len(kinds)
         idle = sum(len(k) for k in kinds if k.sample.outstanding == 0)
-        interactive = any(key[1] == INTERACTIVE for key in self._groups)
+        ordered = sorted(self._groups.items(), key=lambda item: item[0][1])  # interactive groups first
         for kind in kinds:
             sample = kind.sample
-            for key, g in self._groups.items():
+            interactive = False  # whether interactive work fits this kind: job work waits for it (as ``_decide``)
+            for key, g in ordered:
                 r = sample
                 if key[1] > INTERACTIVE and r.outstanding and interactive_recent:
                     if reserve_until is not None:  # (until then, the replica's next return wakes the router)
@@ -351,7 +355,9 @@ class BatchScheduler:
                 fitting, count = self._fitting(key, g, r)
                 if count:
                     ready = fitting[0].enqueued_at + self.max_wait_s
-                    if key[1] > INTERACTIVE:
+                    if key[1] == INTERACTIVE:
+                        interactive = True
+                    else:
                         if interactive:
                             continue
                         if r.outstanding == 0 and idle <= reserve and reserve_until is not None:
