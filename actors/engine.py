@@ -218,11 +218,12 @@ class ZImageEngine:
         return out
 
     # ---- stage 2: denoise (the step loop's math) -------------------------------------------------------
-    def lora_batch(self, per_sample: list):
-        """The per-request LoRA of a packed call (``LoraStore.batch``), per sample in the call's order."""
+    def lora_batch(self, per_sample: list, pinned: list | None = None):
+        """The per-request LoRA of a packed call (``LoraStore.batch``), per sample in the call's order, on the
+        adapters each sample pinned when it was made."""
         if self.loras is None:
             raise ValueError("this replica has per-request LoRA off (model.lora_max_resident is 0)")
-        return self.loras.batch(per_sample)
+        return self.loras.batch(per_sample, pinned)
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         return 2 * (int(height) // self.size_multiple), 2 * (int(width) // self.size_multiple)
@@ -273,7 +274,8 @@ class ZImageEngine:
         order = list(range(len(samples))) + cfg
         layout = self.packed.pack([s.pieces[0] for s in samples] + [samples[k].pieces[1] for k in cfg])
         if any(s.loras for s in samples):
-            layout.lora = self.lora_batch([samples[j].loras for j in order])
+            layout.lora = self.lora_batch([samples[j].loras for j in order],
+                                          [getattr(samples[j], "pinned", None) or {} for j in order])
         self.packed.captions(layout, [s.positive for s in samples] + [samples[k].negative for k in cfg])
         device, dtype = self.devices["transformer"], self.transformer.dtype
         control = PackedControl.build(self.controlnet, [samples[j].control for j in order],

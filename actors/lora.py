@@ -20,12 +20,14 @@ batch with more distinct adapters than that holds them all for that batch only."
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -187,13 +189,14 @@ def _pattern_value(patterns: dict, key: str, default):
 def _check_metadata(meta: dict) -> None:
     """The PEFT metadata fields we use, checked before use: a file's header is the caller's data."""
     def bad(v, zero_ok: bool) -> bool:
-        return isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 if zero_ok else v > 0)
+        return isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or not (v >= 0 if zero_ok else v > 0)
 
     for key in ("r", "lora_alpha"):
         v = meta.get(key)
         if v is not None and bad(v, key == "lora_alpha"):
             raise LoraError(f"the adapter's metadata (lora_adapter_metadata) has {key} = {str(v)[:40]!r}; a "
-                            f"{'non-negative' if key == 'lora_alpha' else 'positive'} number expected")
+                            f"finite {'non-negative' if key == 'lora_alpha' else 'positive'} number expected")
     for key in ("rank_pattern", "alpha_pattern"):
         patterns = meta.get(key)
         if patterns is None:
@@ -212,7 +215,8 @@ def _check_metadata(meta: dict) -> None:
                                 f"'to_q')")
             if bad(value, key == "alpha_pattern"):
                 raise LoraError(f"the adapter's metadata has {key}[{str(pattern)[:60]!r}] = {str(value)[:40]!r}; "
-                                f"a {'non-negative' if key == 'alpha_pattern' else 'positive'} number expected")
+                                f"a finite {'non-negative' if key == 'alpha_pattern' else 'positive'} number "
+                                f"expected")
 
 
 def factors_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict | None = None,
@@ -241,6 +245,8 @@ def factors_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict 
         if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise LoraError(f"module {name}: lora_A/lora_B missing or of mismatched ranks")
         rank = a.shape[0]
+        if rank < 1:
+            raise LoraError(f"module {name}: rank 0 (lora_A has no rows); every module needs rank 1 or more")
         if metadata:
             r = _pattern_value(meta.get("rank_pattern"), name, r_default or rank)
             alpha = _pattern_value(meta.get("alpha_pattern"), name, alpha_default if alpha_default is not None else r)
@@ -248,6 +254,11 @@ def factors_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict 
         else:  # diffusers' convention without metadata (``get_peft_kwargs``): alpha == rank, scale 1
             scale = 1.0
         out[name] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+        # A batch stacks its adapters and scales each sample's columns: a NaN column times another sample's scale
+        # of 0 is NaN, so one non-finite adapter would blank every image of its batch.
+        if not all(bool(torch.isfinite(t).all()) for t in out[name]):
+            raise LoraError(f"module {name}: the factors are not all finite (NaN or infinity, after the PEFT scale "
+                            f"{scale:g}); the adapter file is damaged or was trained into overflow")
     return out
 
 
@@ -263,6 +274,7 @@ class LoraAdapter:
     true_rank: int  # the largest rank of any module, as trained
     blocks: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
     device_blocks: dict | None = None  # the same on the transformer's device while resident
+    version: int = 0  # its registration's number in its store: a replacement under the same name is another
 
     @property
     def modules(self) -> list[str]:
@@ -377,7 +389,8 @@ class LoraStore:
         self._adapters: dict[str, LoraAdapter] = {}
         self._resident: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.RLock()
-        self._stack_cache: tuple | None = None  # (names, blocks): consecutive batches of one adapter set
+        self._stack_cache: tuple | None = None  # ((name, version)..., blocks): consecutive batches of one set
+        self._versions = itertools.count(1)
 
     @property
     def device(self) -> torch.device:
@@ -414,6 +427,7 @@ class LoraStore:
     def add_adapter(self, adapter: LoraAdapter) -> dict:
         with self._lock:
             self.remove(adapter.name)
+            adapter.version = next(self._versions)
             self._adapters[adapter.name] = adapter
             self._make_resident([adapter.name])
             self._evict(keep=())
@@ -435,6 +449,16 @@ class LoraStore:
         with self._lock:
             return [a.info(n in self._resident) for n, a in sorted(self._adapters.items())]
 
+    def pin(self, names) -> dict[str, LoraAdapter]:
+        """The adapters ``names`` name now. A running sample keeps these to its end (``batch``'s ``pinned``):
+        replaced or removed meanwhile, its image does not depend on whether another request joined its set.
+        ``AdapterGone`` for a name not registered."""
+        with self._lock:
+            unknown = {n for n in names if n not in self._adapters}
+            if unknown:
+                raise AdapterGone(unknown)
+            return {n: self._adapters[n] for n in names}
+
     def prefetch(self, names) -> None:
         """Make ``names`` resident now (ahead of the batches that will use them), within max_resident."""
         with self._lock:
@@ -445,11 +469,14 @@ class LoraStore:
         for n in names:
             a = self._adapters[n]
             if a.device_blocks is None:
-                dev = self.device
-                a.device_blocks = {blk: {m: (x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
-                                         for m, (x, y) in mods.items()} for blk, mods in a.blocks.items()}
+                a.device_blocks = self._upload(a)
             self._resident[n] = None
             self._resident.move_to_end(n)
+
+    def _upload(self, a: LoraAdapter) -> dict:
+        dev = self.device
+        return {blk: {m: (x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)) for m, (x, y) in mods.items()}
+                for blk, mods in a.blocks.items()}
 
     def _evict(self, keep) -> None:
         for n in list(self._resident):
@@ -459,38 +486,52 @@ class LoraStore:
                 continue
             self._resident.pop(n)
             self._adapters[n].device_blocks = None
-            if self._stack_cache is not None and n in self._stack_cache[0]:
+            if self._stack_cache is not None and any(n == name for name, _ in self._stack_cache[0]):
                 self._stack_cache = None
 
-    def batch(self, per_sample: Sequence[Sequence[tuple[str, float]]]) -> BatchLora | None:
+    def batch(self, per_sample: Sequence[Sequence[tuple[str, float]]],
+              pinned: Sequence[dict] | None = None) -> BatchLora | None:
         """The batch's stacked factors for each sample's ``(name, scale)`` list (caller's order, negative passes
-        included), or None when no sample names an adapter. Adapters listed twice for a sample add up."""
-        wanted = [n for loras in per_sample for n, _ in loras]
-        if not wanted:
+        included), or None when no sample names an adapter. Adapters listed twice for a sample add up. A sample's
+        ``pinned`` adapters (``pin``) are used for the names it has, the registered ones for the rest: two samples
+        may run two versions of one name side by side."""
+        if not any(per_sample):
             return None
         with self._lock:
-            unknown = {n for n in wanted if n not in self._adapters}
+            chosen, unknown = [], set()
+            for i, loras in enumerate(per_sample):
+                mine = pinned[i] if pinned is not None else {}
+                got = {n: mine.get(n) or self._adapters.get(n) for n, _ in loras}
+                unknown |= {n for n, a in got.items() if a is None}
+                chosen.append(got)
             if unknown:
                 raise AdapterGone(unknown)
-            names = tuple(dict.fromkeys(sorted(set(wanted))))  # sorted: the column order depends on the set only
-            self._make_resident(names)
-            if self._stack_cache is not None and self._stack_cache[0] == names:
+            # sorted: the column order depends on the set only
+            adapters = sorted({id(a): a for got in chosen for a in got.values()}.values(),
+                              key=lambda a: (a.name, a.version))
+            key = tuple((a.name, a.version) for a in adapters)
+            self._make_resident([a.name for a in adapters if self._adapters.get(a.name) is a])
+            if self._stack_cache is not None and self._stack_cache[0] == key:
                 blocks = self._stack_cache[1]
-            else:
-                adapters = [self._adapters[n] for n in names]
-                blocks = {f"{g}.{i}": stack_block(adapters, f"{g}.{i}", self.transformer)
+            else:  # a version no longer registered is copied in for this stack only
+                on_device = [a if a.device_blocks is not None else replace(a, device_blocks=self._upload(a))
+                             for a in adapters]
+                blocks = {f"{g}.{i}": stack_block(on_device, f"{g}.{i}", self.transformer)
                           for g in BLOCK_GROUPS for i in range(len(getattr(self.transformer, g)))}
-                self._stack_cache = (names, blocks)
+                self._stack_cache = (key, blocks)
             cols, start = {}, 0
-            for n in names:
-                cols[n] = (start, start + self._adapters[n].rank)
-                start += self._adapters[n].rank
+            for a in adapters:
+                cols[id(a)] = (start, start + a.rank)
+                start += a.rank
             scales = torch.zeros(len(per_sample), start)
             for i, loras in enumerate(per_sample):
                 for n, s in loras:
-                    a, b = cols[n]
+                    a, b = cols[id(chosen[i][n])]
                     scales[i, a:b] += float(s)
-            self._evict(keep=names)
+            names = tuple(dict.fromkeys(a.name for a in adapters))
+            # The batch runs on its stacked copies: a batch of more adapters than max_resident keeps the extra ones
+            # for itself only (the least recently used leave the device now)
+            self._evict(keep=())
             return BatchLora(scales.to(self.device, self.dtype), blocks, names)
 
 

@@ -84,6 +84,9 @@ class RunningSample:
     pred: torch.Tensor | None = None  # its last velocity, negated (``ZImageEngine.step``)
     priority: int = 0  # its request's (``ImageRequest.priority``): lower runs first, higher is parked meanwhile
     group: Group | None = field(default=None, repr=False)
+    # the adapters its ``loras`` named when it was made (``LoraStore.pin``): it runs on these to its end, whatever
+    # is registered or removed meanwhile and whoever joins its set
+    pinned: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def create(cls, engine, name: str, tokens: int, latents: torch.Tensor, positive: torch.Tensor,
@@ -95,10 +98,13 @@ class RunningSample:
         latents = latents.to(device)
         positive = positive.to(device, non_blocking=True)
         negative = None if negative is None else negative.to(device, non_blocking=True)
+        store = getattr(engine, "loras", None)
+        pinned = store.pin([n for n, _ in loras]) if loras and store is not None else {}
         return cls(name, tokens, latents, positive, negative, float(guidance),
                    engine.schedule(latents.shape[-2], latents.shape[-1], num_steps), num_steps, start, after_step,
                    tuple(loras), None if control is None else control.to(device), float(control_scale),
-                   engine.pieces(latents, positive, negative), step=start, priority=int(priority))
+                   engine.pieces(latents, positive, negative), step=start, priority=int(priority),
+                   pinned=pinned)
 
     @property
     def done(self) -> bool:

@@ -77,9 +77,20 @@ class LoraAdmin:
             refused = [o["error"] for o in outs if not isinstance(o, BaseException) and not o["ok"]]
             bad = [(h.replica_id, o) for h, o in zip(handles, outs) if isinstance(o, BaseException)]
             if refused or not loaded:  # all or none
-                await asyncio.gather(*(h.call("unregister_lora", lora.name) for h in loaded), return_exceptions=True)
+                # A replica that loaded the new file has replaced the old adapter of that name: it is gone there,
+                # so a replacement that fails there removes the name everywhere (never some replicas with the old
+                # one); where none loaded it, the old adapter stands everywhere
+                dropped = replacing and bool(loaded)
+                await asyncio.gather(*(h.call("unregister_lora", lora.name) for h in (handles if dropped else loaded)),
+                                     return_exceptions=True)
+                gone = ""
+                if dropped:
+                    self.lora_specs.pop(lora.name, None)
+                    self._runtime_loras.discard(lora.name)
+                    self._runtime_bytes.pop(lora.name, None)
+                    gone = "; the adapter registered before under that name was removed (register it again)"
                 if refused:
-                    raise InvalidRequestError(f"adapter {lora.name!r} could not be loaded: {refused[0]}",
+                    raise InvalidRequestError(f"adapter {lora.name!r} could not be loaded: {refused[0]}{gone}",
                                               param="path")
                 raise NotReadyError(f"no replica could load adapter {lora.name!r}: {bad[0][1]}")
             nbytes = max(int((o.get("info") or {}).get("bytes", 0)) for o in outs if not isinstance(o, BaseException))

@@ -301,7 +301,7 @@ def test_hub_snapshot_layout_links_into_blobs(pipe, tmp_path):
     ({"rank_pattern": {"(": 2}}, "rank_pattern key that is not a module name: '\\('"),
     ({"alpha_pattern": {"to_q[": 2}}, "alpha_pattern key that is not a module name"),
     ({"rank_pattern": {"(a|aa)+$": 2}}, "not trusted to carry regular expressions"),
-    ({"rank_pattern": {"to_q": 0}}, "a positive number expected"),
+    ({"rank_pattern": {"to_q": 0}}, "a finite positive number expected"),
     ({"rank_pattern": ["to_q"]}, "rank_pattern of type list"),
     ({"r": "four"}, "has r = 'four'"),
     ({"lora_alpha": -1}, "non-negative number expected"),
