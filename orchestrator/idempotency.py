@@ -111,8 +111,8 @@ class LocalIdempotency:
     async def begin(self, key: str, fingerprint: str):
         return self.store.begin(key, fingerprint)
 
-    async def finish(self, key: str, fingerprint: str, response: StoredResponse) -> None:
-        self.store.finish(key, fingerprint, response)
+    async def finish(self, key: str, fingerprint: str, response: StoredResponse, ttl_s: float | None = None) -> None:
+        self.store.finish(key, fingerprint, response, ttl_s)
 
     async def abandon(self, key: str, fingerprint: str) -> None:
         self.store.abandon(key, fingerprint)
@@ -129,7 +129,7 @@ def reused(key: str):
         "invalid_request_error", param=HEADER, code="idempotency_key_reused")
 
 
-async def _recorded(body, store, store_key: str, fp: str, media_type: str | None):
+async def _recorded(body, store, store_key: str, fp: str, media_type: str | None, keep_s):
     """A streamed answer's events as they go out. Once the stream ends with no error event, the whole stream is the
     key's answer; a stream with an error, or whose client went away, is forgotten (a retry runs)."""
     chunks: list[bytes] = []
@@ -142,8 +142,8 @@ async def _recorded(body, store, store_key: str, fp: str, media_type: str | None
     finally:
         if ok:
             try:
-                await asyncio.shield(store.finish(store_key, fp, StoredResponse(200, b"".join(chunks),
-                                                                                media_type or "text/event-stream")))
+                await asyncio.shield(store.finish(store_key, fp, StoredResponse(
+                    200, b"".join(chunks), media_type or "text/event-stream"), keep_s()))
             except Exception as e:  # noqa: BLE001 - the stream went out; only its replay is lost
                 log.warning("%s: could not record a streamed answer (%s)", HEADER, e)
         else:
@@ -163,10 +163,17 @@ def replay(stored: StoredResponse) -> Response:
 
 
 async def keyed_answer(request: Request, call, key: str, store, answer: Callable[[object], Awaitable[Response]],
-                       wait_s: float, on_outcome: Callable[[str], None] = lambda outcome: None) -> Response:
+                       wait_s: float, on_outcome: Callable[[str], None] = lambda outcome: None,
+                       links_ttl_s: float | None = None) -> Response:
     """Answer ``call`` (fingerprinted in ``call.body_digest``) under ``key``: replayed, refused, or run through
     ``answer(call)`` and recorded. ``wait_s``: how long a pending call is waited for where replicas cannot claim;
-    ``on_outcome``: told new, replayed, pending or mismatch (the metrics)."""
+    ``on_outcome``: told new, replayed, pending or mismatch (the metrics); ``links_ttl_s``: how long the answer's
+    image links work (``response_format: url``), counted from now: it is replayed no longer than they do."""
+    started = asyncio.get_running_loop().time()
+
+    def keep_s() -> float | None:
+        return None if links_ttl_s is None else max(0.0, links_ttl_s - (asyncio.get_running_loop().time() - started))
+
     store_key = f"{scope(request.headers.get('authorization'))}:{key}"
     fp = call.body_digest
     try:
@@ -199,11 +206,12 @@ async def keyed_answer(request: Request, call, key: str, store, answer: Callable
         await asyncio.shield(_forget(store, store_key, fp))
         raise
     if call.stream and response.status_code == 200 and hasattr(response, "body_iterator"):
-        response.body_iterator = _recorded(response.body_iterator, store, store_key, fp, response.media_type)
+        response.body_iterator = _recorded(response.body_iterator, store, store_key, fp, response.media_type,
+                                           keep_s)
         return response  # recorded or forgotten when its stream ends
     try:
         if not call.stream and response.status_code == 200:
-            await store.finish(store_key, fp, StoredResponse(200, bytes(response.body), response.media_type))
+            await store.finish(store_key, fp, StoredResponse(200, bytes(response.body), response.media_type), keep_s())
         else:
             await store.abandon(store_key, fp)
     except Exception as e:  # noqa: BLE001 - the answer is good; only its replay is lost

@@ -100,14 +100,15 @@ class IdempotencyStore:
                 return DONE, e.response
             return PENDING, None
 
-    def finish(self, key: str, fingerprint: str, response: StoredResponse) -> None:
-        """Record a keyed call's answer (successes only: a failed call may be retried and run)."""
+    def finish(self, key: str, fingerprint: str, response: StoredResponse, ttl_s: float | None = None) -> None:
+        """Record a keyed call's answer (successes only: a failed call may be retried and run), kept ``ttl_s``
+        where that is shorter than the store's (an answer of image links is replayed only while they work)."""
         with self._lock:
             e = self._get("call:" + key)
             if e is not None and e.fingerprint != fingerprint:
                 return
             self._put("call:" + key, _Entry(fingerprint=fingerprint, response=response),
-                      256 + len(key) + len(response.body))
+                      256 + len(key) + len(response.body), ttl_s)
 
     def abandon(self, key: str, fingerprint: str) -> None:
         """A keyed call failed: forget it, so that a retry runs (its images made meanwhile stay in the store)."""
@@ -175,9 +176,9 @@ class IdempotencyStore:
             self._entries.move_to_end(k)
         return e
 
-    def _put(self, k: str, e: _Entry, size: int) -> None:
+    def _put(self, k: str, e: _Entry, size: int, ttl_s: float | None = None) -> None:
         self._drop(k)
-        e.expires, e.size = self._clock() + self.ttl_s, size
+        e.expires, e.size = self._clock() + (self.ttl_s if ttl_s is None else min(self.ttl_s, ttl_s)), size
         self._entries[k] = e
         self._bytes += size
         if len(self._entries) <= self.max_entries and self._bytes <= self.max_bytes:

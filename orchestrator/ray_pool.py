@@ -147,8 +147,8 @@ class RayIdempotency:
     async def begin(self, key: str, fingerprint: str):
         return await self.actor.begin.remote(key, fingerprint)
 
-    async def finish(self, key: str, fingerprint: str, response) -> None:
-        await self.actor.finish.remote(key, fingerprint, response)
+    async def finish(self, key: str, fingerprint: str, response, ttl_s: float | None = None) -> None:
+        await self.actor.finish.remote(key, fingerprint, response, ttl_s)
 
     async def abandon(self, key: str, fingerprint: str) -> None:
         await self.actor.abandon.remote(key, fingerprint)

@@ -381,7 +381,8 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         store = getattr(dep, "idempotency", None)
         if key is not None and store is not None:
             return await keyed_answer(request, call, key, store, partial(admit_and_answer, request, dep=dep),
-                                      config.router.request_timeout_s, service.observer.idempotent_call)
+                                      config.router.request_timeout_s, service.observer.idempotent_call,
+                                      config.outputs.url_ttl_s if call.response_format == "url" else None)
         return await admit_and_answer(request, call, dep)
 
     async def admit_and_answer(request: Request, call, dep):

@@ -178,3 +178,26 @@ def test_an_image_being_made_is_not_evicted_by_other_images_filling_the_store():
         store.claim(other, ("r1", 200))
         store.deposit(other, ("r1", 200), SimpleNamespace(encoded=SimpleNamespace(data=b"x" * 200_000)))
     assert store.claim("slow:0", ("r2", 300))[0] == WAIT  # r0's process is alive and its lease runs
+
+
+async def test_an_answer_of_image_links_is_replayed_only_while_its_links_work():
+    """``response_format: url``: the stored answer's links expire after outputs.url_ttl_s; a replay after that would
+    hand out dead links, so the key's answer is kept no longer than they work (the store's own ttl_s otherwise)."""
+    from fastapi.responses import Response
+
+    from orchestrator.idempotency_store import DONE, NEW
+
+    now = {"t": 0.0}
+    store = LocalIdempotency(_Cfg(), IdempotencyStore(ttl_s=3600, clock=lambda: now["t"]))
+
+    async def ok(call):
+        return Response(b'{"created": 1, "data": [{"url": "http://x/v1/outputs/a.png?expires=60"}]}',
+                        media_type="application/json")
+
+    assert (await keyed_answer(_request(), _call("fp-url"), "links", store, ok, 0.2, links_ttl_s=60)).status_code == 200
+    assert (await keyed_answer(_request(), _call("fp-b64"), "b64", store, ok, 0.2)).status_code == 200
+    now["t"] = 59
+    assert (await store.begin(":links", "fp-url"))[0] == DONE
+    now["t"] = 61
+    assert (await store.begin(":links", "fp-url"))[0] == NEW  # its links are dead: a retry runs again
+    assert (await store.begin(":b64", "fp-b64"))[0] == DONE  # the store's own ttl_s
