@@ -365,28 +365,20 @@ def test_short_request_beside_a_long_one_read_on_the_reader_stream_on_gpu():
 
 async def _short_beside_long(worker):
     """(The GPU machine's pytest has no asyncio plugin: the test runs this with ``asyncio.run``.)"""
-    import asyncio
-
     from orchestrator.router import Router
-    from tests.test_steploop import InProcessReplica, Pool
+    from tests.test_steploop import InProcessReplica, Pool, short_beside_long
     from zimage_common.config import RouterConfig
     from zimage_common.messages import ImageRequest
 
     router = Router(Pool(InProcessReplica(worker)), RouterConfig())
     router.start()
     try:
-        long_steps, short_events = [], []
-        long = asyncio.create_task(router.submit(ImageRequest("L", "a detailed city at night", 1, 1024, 1024, 50, 0.0),
-                                                 on_progress=lambda ev: long_steps.append(ev.step)))
-        while len(long_steps) < 3:
-            await asyncio.sleep(0.01)
-        short_req = ImageRequest("S", "a quick sketch of a cat", 2, 512, 512, 2, 0.0, partial_images=1)
-        short = await router.submit(short_req, on_progress=short_events.append)
-        long_steps_then = len(long_steps)
-        assert short.ok and not long.done() and long_steps_then < 50 - 10, long_steps_then
-        assert [(p[0], p[1], p[2].shape) for ev in short_events for p in ev.previews] == [("S", 0, (512, 512, 3))]
-        assert (await long).ok and long_steps == list(range(1, 51))
-        solo = await router.submit(short_req)  # alone in the loop now
+        short, events, long_steps_then, long, long_steps, solo = await short_beside_long(
+            router, ImageRequest("L", "a detailed city at night", 1, 1024, 1024, 50, 0.0),
+            ImageRequest("S", "a quick sketch of a cat", 2, 512, 512, 2, 0.0, partial_images=1), poll_s=0.01)
     finally:
         await router.stop()
+    assert long_steps_then < 50 - 10, long_steps_then
+    assert [(p[0], p[1], p[2].shape) for ev in events for p in ev.previews] == [("S", 0, (512, 512, 3))]
+    assert long.ok and long_steps == list(range(1, 51)) and solo.ok
     return short, solo, long_steps_then

@@ -265,6 +265,22 @@ class Recorder(RouterObserver):
         self.loop_steps.append((running, joined))
 
 
+async def short_beside_long(router, long_req: ImageRequest, short_req: ImageRequest, poll_s: float = 0.005):
+    """Send ``long_req``; once it has run 3 steps, send ``short_req`` and wait for it; then wait for the long one and
+    run the short one again alone. Returns (short result, its progress events, the long one's steps when the short
+    one finished, the long one's result, all its steps, the short one's solo result)."""
+    long_steps, short_events = [], []
+    long = asyncio.create_task(router.submit(long_req, on_progress=lambda ev: long_steps.append(ev.step)))
+    while len(long_steps) < 3:
+        await asyncio.sleep(poll_s)
+    short = await router.submit(short_req, on_progress=short_events.append)
+    long_steps_then = len(long_steps)
+    assert short.ok and not long.done(), (short, long_steps_then)
+    long_out = await long
+    solo = await router.submit(short_req)  # alone in the loop now
+    return short, short_events, long_steps_then, long_out, long_steps, solo
+
+
 async def test_with_the_default_config_a_short_request_sent_while_a_long_one_runs_finishes_long_before_it(
         worker, slow_steps):
     """The issue's check, through the real router and replica path with the default ``RouterConfig``: a 2-step
@@ -274,20 +290,14 @@ async def test_with_the_default_config_a_short_request_sent_while_a_long_one_run
     router = Router(Pool(replica), RouterConfig(), observer=observer)
     router.start()
     try:
-        long_steps, short_steps = [], []
-        long = asyncio.create_task(router.submit(ImageRequest("L", "a long one", 1, 64, 64, 50, 0.0),
-                                                 on_progress=lambda ev: long_steps.append(ev.step)))
-        while len(long_steps) < 3:
-            await asyncio.sleep(0.005)
-        short_req = ImageRequest("S", "a short one", 2, 32, 48, 2, 0.0)
-        short = await router.submit(short_req, on_progress=lambda ev: short_steps.append(ev.step))
-        long_steps_then = len(long_steps)
-        assert short.ok and not long.done() and long_steps_then < 50 - 10  # long before the long one ends
-        assert short_steps == [1, 2]  # its progress starts when it joins, counted in its own steps
-        assert (await long).ok and long_steps == list(range(1, 51))
-        solo = await router.submit(short_req)  # alone in the loop now
+        short, events, long_steps_then, long, long_steps, solo = await short_beside_long(
+            router, ImageRequest("L", "a long one", 1, 64, 64, 50, 0.0),
+            ImageRequest("S", "a short one", 2, 32, 48, 2, 0.0))
     finally:
         await router.stop()
+    assert long_steps_then < 50 - 10  # long before the long one ends
+    assert [ev.step for ev in events] == [1, 2]  # its progress starts when it joins, counted in its own steps
+    assert long.ok and long_steps == list(range(1, 51))
     assert [b.join for b in replica.batches] == [RouterConfig().join_policy()] * 3
     assert len(observer.first_steps) == 3 and max(r for r, _ in observer.loop_steps) == 2
     assert solo.ok and same_image(short.image, solo.image)
