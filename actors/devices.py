@@ -82,4 +82,10 @@ class ReadStream:
         else:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            yield
+            try:
+                yield
+            except BaseException:
+                # the reader's queued reads must end before the caller lets go of what they read (a failed decode's
+                # inputs would otherwise go back to the loop's pool while still being read)
+                self.stream.synchronize()
+                raise

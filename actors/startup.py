@@ -185,6 +185,14 @@ class StartupMixin:
                 generate(self.engine, [Sample(p, 0, w, h), Sample(p, 1, w, h, control_image=np.full((h, w, 3), 127,
                                                                                                    np.uint8))],
                          spec.num_inference_steps, run=self._stages.run)
+            if torch.cuda.is_available():
+                # an edit: its input image's VAE encode runs on the decode stage's thread on the device's stream (the
+                # decodes use the reader stream), whose cuBLAS workspace would otherwise be made by the first edit
+                import numpy as np
+
+                w, h, p = batches[0][0]
+                generate(self.engine, [Sample(p, 2, w, h, image=np.full((h, w, 3), 127, np.uint8), strength=0.5)],
+                         spec.num_inference_steps, run=self._stages.run)
             if self.engine.loras is not None and self.model_cfg.compile and torch.cuda.is_available():
                 self._warm_up_loras(spec)
             phase("warmup_extra")
