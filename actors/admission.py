@@ -47,6 +47,7 @@ class Ticket:
     samples: int
     job: bool = False  # a batch job's call (after every interactive one)
     cancelled: set[str] = field(default_factory=set)
+    per_request: dict[str, int] = field(default_factory=dict)  # each request's tokens
     admitted: bool = False
     withdrawn: bool = False  # every request cancelled while it waited: it never enters
 
@@ -86,11 +87,16 @@ class AdmissionGate:
         self.stats = GateStats()
 
     def enter(self, request_ids, tokens: int, samples: int, timeout_s: float | None = None,
-              job: bool = False) -> Ticket:
+              job: bool = False, request_tokens=None) -> Ticket:
         """Wait for the call's turn and room; returns its ticket (``admitted``), or, when every request of it was
-        cancelled meanwhile, a ``withdrawn`` one. ``job``: a batch job's call. ``timeout_s`` (tests): raise
-        TimeoutError past it."""
-        ticket = Ticket(tuple(request_ids), tokens, samples, job)
+        cancelled meanwhile, a ``withdrawn`` one. ``job``: a batch job's call. ``request_tokens``: each request's
+        tokens (one sample each; without them, an even share), so that a request cancelled while the call waits
+        stops counting. ``timeout_s`` (tests): raise TimeoutError past it."""
+        request_ids = tuple(request_ids)
+        if request_tokens is None:
+            request_tokens = [tokens // len(request_ids) + (i < tokens % len(request_ids))
+                              for i in range(len(request_ids))]
+        ticket = Ticket(request_ids, tokens, samples, job, per_request=dict(zip(request_ids, request_tokens)))
         t0 = self._clock()
         deadline = None if timeout_s is None else t0 + timeout_s
         with self._cond:
@@ -132,10 +138,13 @@ class AdmissionGate:
         found: set[str] = set()
         with self._cond:
             for t in list(self._queue):
-                hit = wanted.intersection(t.request_ids)
+                hit = wanted.intersection(t.request_ids) - t.cancelled
                 if not hit:
                     continue
                 t.cancelled |= hit
+                # the others enter without them: they neither wait nor need room (one sample each)
+                t.samples = max(0, t.samples - len(hit))
+                t.tokens = max(0, t.tokens - sum(t.per_request.get(i, 0) for i in hit))
                 found |= hit
                 if not t.live_ids:
                     t.withdrawn = True

@@ -128,7 +128,8 @@ class IntakeMixin:
     def _admitted(self, batch: Batch, stream: bool):
         """Serve ``batch`` once the gate admits it (yields its progress events when streaming); returns its
         result, encoded."""
-        ticket = self._gate.enter([r.request_id for r in batch.requests], batch.tokens, len(batch), job=batch.is_job)
+        ticket = self._gate.enter([r.request_id for r in batch.requests], batch.tokens, len(batch), job=batch.is_job,
+                                  request_tokens=[r.tokens for r in batch.requests])
         by_id = {r.request_id: r for r in batch.requests}
         dropped = [by_id[i] for i in ticket.cancelled]
         if ticket.withdrawn:

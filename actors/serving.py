@@ -5,6 +5,7 @@ those in the loop. A failure becomes one failed ``ImageResult`` per request it t
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
@@ -56,9 +57,15 @@ class ServingMixin:
         priority = min((r.priority for r in batch.requests), default=INTERACTIVE)
         token = WORK_PRIORITY.set(priority)
         run_as(priority)
+        ids = {r.request_id for r in batch.requests}
+        with self._cancel_lock:  # from here (screening waits for the encode stage) a cancel of them is kept
+            self._encoding |= ids
         try:
             return self._serve_call(batch, emit)
         finally:
+            with self._cancel_lock:
+                self._encoding -= ids
+                self._cancel_early -= ids
             run_as(INTERACTIVE)
             WORK_PRIORITY.reset(token)
 
@@ -183,7 +190,9 @@ class ServingMixin:
                 # the loop runs on the denoise stage's thread, where warm-up built attention's plans
                 self._loop = StepLoop(self.engine, self.max_batch_tokens, self.max_batch_size,
                                       name=f"step-loop-{self.replica_id}",
-                                      spawn=lambda target: self._stages.submit("denoise", target))
+                                      # in a context of its own: not the first call's (its log lines' request ids)
+                                      spawn=lambda target: self._stages.submit("denoise", contextvars.Context().run,
+                                                                               target))
                 self._loop.fault = self._loop_fault
             return self._loop
 

@@ -394,11 +394,14 @@ class StepLoop:
         self._waiting = deque(s for s in self._waiting if s.group.error is None)
         for g in self._groups:
             if g.finished:
+                if g.error is None:  # its last step, if a cancel ended it before its slowest sample ran that
+                    self._report([g])  # step (the final check, and the events a stream waits for)
                 g.finished_at = time.perf_counter()
                 # on the loop's thread, before its next step is launched (nothing since its last one but estimates)
                 g.ready = mark(self._device) if g.error is None else None
                 g.done.set()
         self._groups = [g for g in self._groups if not g.done.is_set()]
+        self.stats.waiting = len(self._waiting)
 
     def _run_step(self, running: list[RunningSample]) -> None:
         e = self._attempt(running)

@@ -62,6 +62,18 @@ def ray_cluster():
     ray.shutdown()
 
 
+def started_tiny_worker(cache: Path, replica_id: str = "r0"):
+    """A started ``PipelineWorker`` of the tiny model in fp32 on the CPU (warm-up at 32x32), in this process."""
+    from actors.worker import PipelineWorker, WarmupSpec
+    from zimage_common.config import ModelConfig
+
+    w = PipelineWorker(replica_id, ModelConfig(source="tiny", dtype="float32", cache_dir=cache),
+                       warmup=WarmupSpec(((32, 32),), 1), torch_threads=1, max_batch_tokens=1 << 20,
+                       max_batch_size=16)
+    w.start()
+    return w
+
+
 def final_latents(engine, samples, steps):
     """Each sample's latents after ``steps`` steps of one call through a step loop of its own, before decoding."""
     from actors.steploop import StepLoop, prepare

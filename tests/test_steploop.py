@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from conftest import started_tiny_worker
 
 from actors.compiled import counted
 from actors.worker import PipelineWorker, WarmupSpec
@@ -19,11 +20,7 @@ from zimage_common.messages import Batch, BatchResult, ImageRequest, StepProgres
 
 @pytest.fixture(scope="module")
 def worker(tiny_cache):
-    w = PipelineWorker("r0", ModelConfig(source="tiny", dtype="float32", cache_dir=tiny_cache),
-                       warmup=WarmupSpec(((32, 32),), 1), torch_threads=1, max_batch_tokens=1 << 20,
-                       max_batch_size=16)
-    w.start()
-    return w
+    return started_tiny_worker(tiny_cache)
 
 
 def same_image(a, b) -> bool:
@@ -474,12 +471,19 @@ class CountingLoop:
         for s in running:
             s.step += 1
 
-    def group(self, name, tokens, steps, n=1, loras=()):
+    def group(self, name, tokens, steps, n=1, loras=(), on_step=None):
         from actors.steploop import Group, RunningSample
 
         t = self.torch.zeros(1)
         return Group([RunningSample(f"{name}{i}" if n > 1 else name, tokens, t, t, None, 0.0, None, steps,
-                                    loras=tuple((a, 1.0) for a in loras)) for i in range(n)])
+                                    loras=tuple((a, 1.0) for a in loras)) for i in range(n)], on_step)
+
+    def run_until(self, cond, limit=200):
+        for _ in range(limit):
+            if cond():
+                return
+            self.loop._guarded(wait=False)
+        raise AssertionError("the loop never got there")
 
 
 def test_the_loop_keeps_within_its_token_budget_and_sample_cap_first_come_first_served():
