@@ -37,10 +37,13 @@ class ServingMixin:
         ``partial_images``, then the ``BatchResult``."""
         events: queue.Queue = queue.Queue()
         out: list[BatchResult] = []
+        failed: list[BaseException] = []
 
         def work() -> None:
             try:
                 out.append(self._serve(batch, events.put))
+            except BaseException as e:  # noqa: BLE001 - raised to the caller below, as run_batch would
+                failed.append(e)
             finally:
                 events.put(None)
 
@@ -49,6 +52,8 @@ class ServingMixin:
         while (event := events.get()) is not None:
             yield event
         t.join()
+        if failed:
+            raise failed[0]
         yield out[0]
 
     def _serve(self, batch: Batch, emit=None) -> BatchResult:

@@ -167,3 +167,14 @@ def test_loop_stats_waiting_is_zero_once_the_loop_idles_after_a_waiting_sample_w
     f.loop._guarded(wait=False)  # x1 leaves, the call is answered; nothing left: the loop idles
     assert g.done.is_set() and not f.loop._waiting and not f.loop._running
     assert f.loop.stats.waiting == 0, f.loop.stats
+
+
+def test_a_streamed_call_that_raises_raises_its_own_error(worker, monkeypatch):
+    """``run_batch_stream`` raises what serving raised, as ``run_batch`` does (it used to end in an IndexError that
+    hid the cause)."""
+    def broken(batch, emit=None):
+        raise RuntimeError("the stage thread died")
+
+    monkeypatch.setattr(worker, "_serve_call", broken)
+    with pytest.raises(RuntimeError, match="the stage thread died"):
+        list(worker.run_batch_stream(Batch(70, (ImageRequest("sx", "x", 1, 32, 32, 1, 0.0),))))
