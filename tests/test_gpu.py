@@ -338,6 +338,41 @@ def _rel(a: torch.Tensor, w: torch.Tensor) -> float:
     return float((a - w).norm() / w.norm())
 
 
+def test_the_reader_stream_waits_for_the_step_that_made_the_latents_on_gpu():
+    """The reader stream reads a finished sample only after the event recorded behind its last step: with that step
+    held back on the loop's stream (a ~0.5 s spin queued before it), the decode on the reader equals the decode of
+    the same latents after a full device sync, level for level. A reader that did not wait would read the latents
+    before the step wrote them."""
+    import numpy as np
+
+    from actors.engine import Sample, ZImageEngine
+    from actors.models import build_components
+    from actors.steploop import StepLoop, finish, prepare
+
+    comps = build_components("full", device="cuda", dtype=torch.bfloat16)
+    eng = ZImageEngine(comps, dict.fromkeys(("transformer", "text_encoder", "vae"), "cuda"), torch.bfloat16)
+    assert eng.reader is not None
+    step = eng.step
+
+    def held_back(samples, packed):
+        if any(s.step == s.num_steps - 1 for s in samples):
+            torch.cuda._sleep(int(1e9))  # about half a second of an H100's clock, on the loop's stream
+        return step(samples, packed)
+
+    eng.step = held_back
+    group, times = prepare(eng, [Sample("a lighthouse at dusk", 3, 512, 512)], 2)
+    StepLoop(eng).run_alone(group)
+    assert group.ready is not None
+    (read,), _ = finish(eng, group, times)
+    torch.cuda.synchronize()
+    reader, eng.reader = eng.reader, None
+    try:
+        (synced,) = eng.decode([group.samples[0].latents])
+    finally:
+        eng.reader = reader
+    assert np.abs(read.astype(int) - synced.astype(int)).max() <= 1
+
+
 def test_short_request_beside_a_long_one_read_on_the_reader_stream_on_gpu():
     """The full-size replica (bf16, eager) behind the real router with the default config: a 2-step 512x512 request
     sent while a 50-step 1024x1024 one denoises finishes long before it; its preview, final check and decode are
