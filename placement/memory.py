@@ -139,10 +139,13 @@ class ModelSpec:
         acts = [self.components[n].activation_gib(tokens, largest_pixels, prompts) for n in names]
         return self.weights_gib(names) + max(acts)
 
-    def peak_gib(self, names, pixels: int, batch: int) -> float:
-        """The peak for ``batch`` images of ``pixels`` (square-ish, typical captions)."""
-        side = int(pixels**0.5)
-        return self.batch_peak_gib(names, batch * sample_tokens(side, pixels // max(1, side)), pixels, batch)
+    def peak_gib(self, names, pixels: int, batch: int, size: tuple[int, int] | None = None) -> float:
+        """The peak for ``batch`` images of ``size`` (width, height; without one, square-ish of ``pixels``), typical
+        captions."""
+        if size is None:
+            side = int(pixels**0.5)
+            size = (side, pixels // max(1, side))
+        return self.batch_peak_gib(names, batch * sample_tokens(*size), pixels, batch)
 
     def max_batch_tokens(self, names, capacity_gib: float, largest_pixels: int, prompts: int) -> int:
         """The most packed tokens a device of ``capacity_gib`` holding ``names`` runs in one batch (very large

@@ -211,18 +211,29 @@ def plan(model: ModelSpec, inventory: Inventory, deployment: DeploymentSpec) -> 
     return _assemble(model, inventory, d, pixels, groups)
 
 
-def _need(model: ModelSpec, names, pixels: int) -> float:
+def _need(model: ModelSpec, names, pixels: int, size: tuple[int, int] | None = None) -> float:
     """What a device holding ``names`` needs over its life at batch 1: the larger of its serving and start-up
     peaks."""
-    return max(model.peak_gib(names, pixels, 1), model.load_peak_gib(names))
+    return max(model.peak_gib(names, pixels, 1, size), model.load_peak_gib(names))
 
 
 def _fits(model: ModelSpec, names, gpu: GPU, pixels: int, d: DeploymentSpec) -> bool:
-    return _need(model, names, pixels) <= gpu.memory_gib - d.headroom_gib
+    return _need(model, names, pixels, (d.width, d.height)) <= gpu.memory_gib - d.headroom_gib
 
 
 def _need_text(model: ModelSpec, names, pixels: int, d: DeploymentSpec) -> str:
-    return f"{_need(model, names, pixels):.1f} GiB at {d.width}x{d.height} batch 1 (+{d.headroom_gib:g} GiB headroom)"
+    return (f"{_need(model, names, pixels, (d.width, d.height)):.1f} GiB at {d.width}x{d.height} batch 1 "
+            f"(+{d.headroom_gib:g} GiB headroom)")
+
+
+def _budget(model: ModelSpec, names, cap: float, pixels: int, per_image: int, most: int) -> tuple[int, int]:
+    """(packed tokens, images) a device of ``cap`` GiB holding ``names`` runs in one batch: the text encoder's
+    activations grow with the batch's prompts, so the largest batch whose own prompts leave room for its tokens."""
+    for b in range(most, 0, -1):
+        tokens = model.max_batch_tokens(names, cap, pixels, b)
+        if tokens >= b * per_image:
+            return tokens, b
+    return model.max_batch_tokens(names, cap, pixels, 1), 1
 
 
 def _by_size(inventory: Inventory) -> list[GPU]:
@@ -264,12 +275,13 @@ def _split_groups(model, inventory, d, pixels):
             if problem is None:
                 groups.append((node, chunk, dict(dmap)))
     if not groups:
-        chunk = tuple(_by_size(inventory)[:n])
-        if len(chunk) < n:
+        largest = max(inventory.by_node().values(), key=len)
+        if len(largest) < n:
             raise PlacementError(
-                f"split replicas need {n} GPUs on one node; the largest node has "
-                f"{max(len(g) for g in inventory.by_node().values())}"
+                f"split replicas need {n} GPUs on one node; the largest node has {len(largest)}; lower "
+                f"gpus_per_replica or use nodes with more GPUs"
             )
+        chunk = tuple(sorted(largest, key=lambda g: (-g.memory_gib, g.index))[:n])
         raise PlacementError(_split_problem(model, chunk, dmap, pixels, d) or "no node has enough GPUs")
     return groups
 
@@ -314,43 +326,47 @@ def _auto_groups(model, inventory, d, pixels):
 
 
 def _shared_encoder_groups(model, inventory, d, pixels):
-    groups = []
+    groups, small = [], None
     for node, gpus in inventory.by_node().items():
         order = sorted(gpus, key=lambda g: (-g.memory_gib, g.index))
         host = order[0]
-        if not _fits(model, COMPONENTS, host, pixels, d):
-            need = _need(model, COMPONENTS, pixels)
-            raise PlacementError(
-                f"shared-encoder mode hosts the text encoder in a whole pipeline, which needs {need:.1f} GiB at "
-                f"{d.width}x{d.height} batch 1; {host.label} has {host.memory_gib:.1f} GiB. Use mode 'split' "
-                f"or 'auto'"
-            )
+        if not _fits(model, COMPONENTS, host, pixels, d):  # this node stays unused (the plan's notes say so)
+            small = host if small is None or host.memory_gib > small.memory_gib else small
+            continue
         host_at = len(groups)
         groups.append((node, (host,), dict.fromkeys(COMPONENTS, 0)))
         for g in sorted(order[1:], key=lambda g: g.index):
             if _fits(model, ("transformer", "vae"), g, pixels, d):
                 groups.append((node, (g,), {"transformer": 0, "vae": 0}, host_at))
+    if not groups:
+        need = _need(model, COMPONENTS, pixels, (d.width, d.height))
+        raise PlacementError(
+            f"shared-encoder mode hosts the text encoder in a whole pipeline, which needs {need:.1f} GiB at "
+            f"{d.width}x{d.height} batch 1; the largest GPU, {small.label}, has {small.memory_gib:.1f} GiB. Use mode "
+            f"'split' or 'auto'"
+        )
     return groups
 
 
 def _assemble(model, inventory, d, pixels, groups) -> PlacementPlan:
     replicas, used = [], {}
-    side = int(pixels**0.5)
-    per_image = sample_tokens(side, pixels // max(1, side))
+    per_image = sample_tokens(d.width, d.height)
     for i, (node, chunk, dmap, *borrow) in enumerate(groups):
         rid = f"r{i}"
-        tokens, px = [], []
+        tokens, px, most = [], [], d.max_batch_size
         for li, g in enumerate(chunk):
             names = [c for c, gi in dmap.items() if gi == li]
             if names:
                 cap = g.memory_gib - d.headroom_gib
-                tokens.append(model.max_batch_tokens(names, cap, pixels, d.max_batch_size))
+                t, b = _budget(model, names, cap, pixels, per_image, d.max_batch_size)
+                tokens.append(t)
+                most = min(most, b)
                 px.append(model.max_image_pixels(names, cap))
             used[(g.node, g.index)] = [f"{rid}.{c}" for c in COMPONENTS if c in names]
         max_tokens = min(tokens)
         if d.max_batch_tokens is not None:
             max_tokens = min(max_tokens, max(d.max_batch_tokens, per_image))
-        max_batch = max(1, min(d.max_batch_size, max_tokens // per_image))
+        max_batch = max(1, min(most, max_tokens // per_image))
         encoder_replica = encoder_gpu = None
         if borrow:
             host = replicas[borrow[0]]
@@ -365,12 +381,16 @@ def _assemble(model, inventory, d, pixels, groups) -> PlacementPlan:
         if (g.node, g.index) in rep_by_gpu:
             r, li = rep_by_gpu[(g.node, g.index)]
             names = [c for c, gi in r.device_map.items() if gi == li]
-            peak = model.peak_gib(names, pixels, r.max_batch_size)
+            peak = model.peak_gib(names, pixels, r.max_batch_size, (d.width, d.height))
             load = model.load_peak_gib(names)
         gpu_plans.append(GPUPlan(g.node, g.index, g.memory_gib, comps, peak, load))
     notes = [model.lora_text] if model.lora_text else []
-    idle = [gp for gp in gpu_plans if not gp.components]
+    idle = [gp for gp in gpu_plans if not gp.components and (gp.node, gp.gpu) not in rep_by_gpu]
     if idle:
         notes.append(f"{len(idle)} GPU(s) unused: " + ", ".join(f"{gp.node}:{gp.gpu}" for gp in idle))
+    held = [gp for gp in gpu_plans if not gp.components and (gp.node, gp.gpu) in rep_by_gpu]
+    if held:
+        notes.append(f"{len(held)} GPU(s) held by a split replica with nothing placed on them (its device map leaves "
+                     f"them empty): " + ", ".join(f"{gp.node}:{gp.gpu}" for gp in held))
     return PlacementPlan(d.mode, model.name, d.width, d.height, tuple(replicas), tuple(gpu_plans), tuple(notes),
                          tuple(model.precisions.items()), model.lora_gib)

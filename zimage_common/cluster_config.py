@@ -42,6 +42,15 @@ class ClusterConfig(_Strict):
         default=900.0, gt=0, le=86_400, description="How long to wait for wait_for_gpus before start-up fails.")
 
     @model_validator(mode="after")
+    def _unique_node_names(self) -> ClusterConfig:
+        names = [n.name for n in self.nodes or ()]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:  # the planner places by node name: two nodes of one name would share its GPU indices
+            raise ValueError(f"cluster.nodes names {', '.join(repr(n) for n in repeated)} more than once; give each "
+                             f"node its own name")
+        return self
+
+    @model_validator(mode="after")
     def _local_only_fields(self) -> ClusterConfig:
         if self.address is not None and (self.num_cpus is not None or self.num_gpus is not None):
             raise ValueError(

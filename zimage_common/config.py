@@ -333,14 +333,15 @@ class DeploymentConfig(_Strict):
 
     @model_validator(mode="after")
     def _mode_fields(self) -> DeploymentConfig:
-        if self.mode == "replicate":
+        if self.mode != "split":  # the other modes choose their own layout: a set value would be ignored
+            if self.device_map is not None:
+                raise ValueError(f"device_map is only used with mode 'split' (mode is {self.mode!r}); remove it, or "
+                                 f"set mode: split")
             if self.gpus_per_replica != 1:
                 raise ValueError(
-                    f"mode 'replicate' runs one whole pipeline per GPU (gpus_per_replica must be 1, got "
-                    f"{self.gpus_per_replica}); use mode 'split' for replicas that span GPUs"
+                    f"mode {self.mode!r} chooses how many GPUs a replica holds (gpus_per_replica must be 1, got "
+                    f"{self.gpus_per_replica}); use mode 'split' for replicas of a fixed number of GPUs"
                 )
-            if self.device_map is not None:
-                raise ValueError("device_map is only used with mode 'split'")
         if self.mode == "split" and self.device_map is not None:
             top = max(self.device_map.values())
             if top >= self.gpus_per_replica:
@@ -348,6 +349,14 @@ class DeploymentConfig(_Strict):
                     f"device_map uses GPU index {top} but gpus_per_replica is {self.gpus_per_replica}; "
                     f"indices are 0..{self.gpus_per_replica - 1}"
                 )
+            empty = sorted(set(range(self.gpus_per_replica)) - set(self.device_map.values()))
+            if empty:  # the replica would hold them (its placement group reserves every one) and use none
+                raise ValueError(
+                    f"device_map places nothing on replica-local GPU(s) {empty}, which each replica would hold "
+                    f"unused; set gpus_per_replica to {len(set(self.device_map.values()))} and renumber the map")
+        if self.mode == "split" and self.device_map is None and self.gpus_per_replica > len(COMPONENTS):
+            raise ValueError(f"gpus_per_replica {self.gpus_per_replica}: a replica has {len(COMPONENTS)} components, "
+                             f"so the GPUs past {len(COMPONENTS)} would be held unused; use at most {len(COMPONENTS)}")
         return self
 
 
