@@ -18,7 +18,7 @@ from zimage_common.messages import ImageRequest, ImageResult, StepProgress
 from .http_errors import AsciiJSON, error_body, error_response, from_exception, from_result, result_error
 from .images_api import ImageCall, completed_event, images_response, partial_image_event
 from .outputs import b64_text, render, storage_failed_body
-from .storage import StorageError
+from .storage import StorageError, run_blocking
 
 log = logging.getLogger("orchestrator.server")
 
@@ -84,7 +84,7 @@ class EventStream:
 
     def __init__(self, call: ImageCall, render: Callable[[ImageResult], Awaitable[str]]):
         self.call = call
-        self.render = render  # an image -> its base64 text or its URL (outputs.py)
+        self.render = render  # an image -> its URL in the store, for response_format url (outputs.py)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.listeners = [self._listener(i, r) for i, r in enumerate(call.requests)]
 
@@ -107,7 +107,8 @@ class EventStream:
             return
         if r.ok:
             try:
-                b64 = await self.render(r)
+                url = await self.render(r) if self.call.response_format == "url" else None
+                b64 = await run_blocking(b64_text, r.picture, self.call)
             except StorageError as e:
                 self.queue.put_nowait(_sse("error", {**storage_failed_body(e), "index": index}))
                 return
@@ -119,7 +120,7 @@ class EventStream:
                 return
             # The event line names what data.type says (image_edit.* for edits): clients dispatch on either.
             self.queue.put_nowait(_sse(f"{self.call.event_type}.completed",
-                                       completed_event(self.call, index, r, b64, int(time.time()))))
+                                       completed_event(self.call, index, r, b64, int(time.time()), url)))
         else:
             _, body = result_error(r)
             self.queue.put_nowait(_sse("error", {**body, "index": index}))

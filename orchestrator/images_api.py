@@ -291,18 +291,23 @@ def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None =
         others.append(("control_image", payload["control_image"]))  # counted in the request's input pixels
     images = files.get("image") or []
     if not images:
-        raise InvalidRequestError(f"{image_param} is required: send one or more image files", param=image_param)
-    _enum(payload, "input_fidelity", ("high", "low"), "low")
+        raise InvalidRequestError(f"{image_param} is required: send an image file", param=image_param)
+    if len(images) > 1:
+        raise InvalidRequestError(
+            f"{len(images)} images sent; this server edits one input image per call (in OpenAI's API several images "
+            f"are the inputs of one composite edit, which Z-Image does not make): send one image, and n for several "
+            f"results", param=image_param)
+    # the edit schemas' own quality values: no "hd" (a dall-e-3 generation value); the JSON body has no "standard"
+    _enum(payload, "quality", ("low", "medium", "high", "auto") if typed else ("standard", "low", "medium", "high",
+                                                                                "auto"), "auto")
+    _enum(payload, "input_fidelity", ("high", "low"), "low", why={
+        "high": "input_fidelity 'high' is not implemented here; use strength (0 to 1: lower keeps more of the input "
+                "image, the default is defaults.strength) to control how closely the edit follows its input"})
     strength = payload.pop("strength", None)
     payload.pop("input_fidelity", None)
     if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
                                  or not 0.0 <= strength <= 1.0):
         raise InvalidRequestError(f"strength must be a number from 0 to 1, got {shown(strength)}", param="strength")
-    n = 1 if payload.get("n") is None else payload["n"]
-    counted = isinstance(n, int) and not isinstance(n, bool) and n >= 1  # else parse_generation refuses it
-    if counted and len(images) * n > config.limits.max_n:
-        raise InvalidRequestError(f"{len(images)} image(s) x n={n} is {len(images) * n} images; the limit is "
-                                  f"{config.limits.max_n} (limits.max_n)", param="n")
     size = None  # an explicit size is validated before any image is decoded (the control image once, below)
     if payload.get("size") not in (None, "auto"):
         r0 = parse_generation({k: v for k, v in payload.items() if k not in _CONTROL_FIELDS}, config, max_side,
@@ -311,19 +316,17 @@ def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None =
     inputs = prepare_edit(images, files.get("mask"), size, config.limits, max_side, image_param, others)
     if size is None:
         payload["size"] = f"{inputs.width}x{inputs.height}"
-    payload["n"] = n * len(images) if counted else n
     call = parse_generation(payload, config, max_side, known_loras)
     requests = []
-    for i, r in enumerate(call.requests):
-        k = i // n
-        mask = inputs.mask if k == 0 else None
+    for r in call.requests:
+        mask = inputs.mask
         s = strength if strength is not None else (config.defaults.inpaint_strength if mask is not None
                                                    else config.defaults.strength)
         if steps_run(r.num_inference_steps, s) < 1:
             raise InvalidRequestError(f"strength {s} with {r.num_inference_steps} steps runs no denoising step; "
                                       f"raise strength or num_inference_steps", param="strength")
-        requests.append(replace(r, image=inputs.images[k], mask=mask, strength=float(s)))
-    tokens = sum((inputs.width // 16) * (inputs.height // 16) for _ in images)
+        requests.append(replace(r, image=inputs.images[0], mask=mask, strength=float(s)))
+    tokens = (inputs.width // 16) * (inputs.height // 16)
     return replace(call, requests=requests, event_type="image_edit", input_image_tokens=tokens)
 
 
@@ -375,9 +378,12 @@ def partial_image_event(call: ImageCall, index: int, request: ImageRequest, part
             "partial_image_index": partial_index, "index": index, "width": request.width, "height": request.height}
 
 
-def completed_event(call: ImageCall, index: int, result: ImageResult, b64: str, created: int) -> dict:
+def completed_event(call: ImageCall, index: int, result: ImageResult, b64: str, created: int,
+                    url: str | None = None) -> dict:
+    """The spec's completed event: ``b64_json`` is required, so a ``response_format: url`` call gets its link as
+    the extra field ``url`` beside it."""
     zero = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
             "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}}
-    return {"type": f"{call.event_type}.completed", call.response_format: b64, **_event_common(call, result, created),
+    return {"type": f"{call.event_type}.completed", "b64_json": b64, **_event_common(call, result, created),
             "usage": usage([result], call.input_image_tokens) or zero, "index": index, "seed": result.seed,
-            "width": result.width, "height": result.height}
+            "width": result.width, "height": result.height, **({"url": url} if url is not None else {})}

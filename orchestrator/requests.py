@@ -75,6 +75,7 @@ def _check_int(name: str, v, lo: int, hi: int, hint: str = "", param: str | None
     return v
 
 
+MAX_N = 10  # OpenAI's Images API: n is 1 to 10 (CreateImageRequest, CreateImageEditRequest)
 MAX_LORAS_PER_REQUEST = 8
 LORA_SCALE_LIMIT = 10.0
 
@@ -161,7 +162,10 @@ def build_requests(prompt, *, defaults: RequestDefaults, limits: LimitsConfig, n
             f"prompt is {len(prompt)} characters; the limit is {limits.max_prompt_chars} "
             f"(limits.max_prompt_chars)", param="prompt")
     check_text("prompt", prompt)
-    n = 1 if n is None else _check_int("n", n, 1, limits.max_n)
+    spec_n = min(limits.max_n, MAX_N)
+    n = 1 if n is None else _check_int(
+        "n", n, 1, spec_n, f" (limits.max_n = {limits.max_n}; OpenAI's Images API allows at most {MAX_N})"
+        if limits.max_n > MAX_N else " (limits.max_n)")
     side = min(MAX_SIDE, max_side or MAX_SIDE)
     hint = f" (the model places at most {side} pixels per side)" if max_side else ""
     width = defaults.width if width is None else _check_int("width", width, 1, side, hint, param="size")

@@ -134,23 +134,43 @@ def files(*images, mask=None):
     return {"image": list(images), "mask": mask}
 
 
-def test_parse_edit_fans_out_images_and_n_with_strength_defaults():
+def test_parse_edit_makes_n_edits_of_its_image_with_strength_defaults():
     call = parse_edit({"prompt": "a cat", "n": "2", "seed": "5", "stream": "false"},
-                      files(png(rgb()), png(rgb(seed=1)), mask=mask_png()), CFG)
+                      files(png(rgb()), mask=mask_png()), CFG)
     rs = call.requests
-    assert len(rs) == 4 and [r.seed for r in rs] == [5, 6, 7, 8]
-    assert [r.mask is not None for r in rs] == [True, True, False, False]  # the mask: first image only
-    assert [r.strength for r in rs] == [1.0, 1.0, 0.6, 0.6]  # inpaint / img2img defaults
-    assert [r.steps_run for r in rs] == [8, 8, 5, 5] and rs[2].key.num_inference_steps == 5
+    assert len(rs) == 2 and [r.seed for r in rs] == [5, 6] and all(r.mask is not None for r in rs)
+    assert [r.strength for r in rs] == [1.0, 1.0] and [r.steps_run for r in rs] == [8, 8]  # inpaint's default
     assert (rs[0].width, rs[0].height) == (64, 48) and call.event_type == "image_edit"
-    assert call.input_image_tokens == 2 * (64 // 16) * (48 // 16)
+    assert call.input_image_tokens == (64 // 16) * (48 // 16)
+    (r,) = parse_edit({"prompt": "a cat", "seed": "5"}, files(png(rgb())), CFG).requests
+    assert r.mask is None and r.strength == 0.6 and r.steps_run == 5  # img2img's default
+
+
+def test_several_input_images_are_refused_before_any_decode(monkeypatch):
+    """OpenAI's several images are the inputs of one composite edit, which Z-Image does not make: a 400 naming the
+    field, said before a single image is decoded (in both forms)."""
+    import base64
+
+    import orchestrator.image_input as image_input
+    from orchestrator.images_api import parse_json_edit
+
+    monkeypatch.setattr(image_input, "open_image", lambda *a: pytest.fail("an image was decoded"))
+    with pytest.raises(InvalidRequestError) as e:
+        parse_edit({"prompt": "x"}, files(png(rgb()), png(rgb())), CFG)
+    assert e.value.param == "image" and "one input image per call" in e.value.message, e.value.message
+    url = "data:image/png;base64," + base64.b64encode(png(rgb())).decode()
+    with pytest.raises(InvalidRequestError) as e:
+        parse_json_edit({"prompt": "x", "images": [{"image_url": url}] * 2}, CFG)
+    assert e.value.param == "images" and "one input image per call" in e.value.message
 
 
 BAD_FIELDS = [
     ({"prompt": "x", "strength": "1.5"}, "strength", "from 0 to 1"),
     ({"prompt": "x", "strength": "abc"}, "strength", "a number"),
     ({"prompt": "x", "strength": "0.0"}, "strength", "runs no denoising step"),
-    ({"prompt": "x", "n": "3"}, "n", "limits.max_n"),  # 2 images x 3
+    ({"prompt": "x", "n": "5"}, "n", "limits.max_n"),
+    ({"prompt": "x", "quality": "hd"}, "quality", "one of"),  # not an edit's value (dall-e-3 generations')
+    ({"prompt": "x", "input_fidelity": "high"}, "input_fidelity", "use strength"),
     ({"prompt": "x", "stream": "maybe"}, "stream", "true or false"),
     ({"prompt": "x", "background": "transparent"}, "background", "alpha"),
     ({"prompt": "x", "input_fidelity": "max"}, "input_fidelity", "one of"),
@@ -164,7 +184,7 @@ BAD_FIELDS = [
 @pytest.mark.parametrize("fields,param,fragment", BAD_FIELDS, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD_FIELDS)])
 def test_bad_edit_fields(fields, param, fragment):
     with pytest.raises(InvalidRequestError) as e:
-        parse_edit(fields, files(png(rgb()), png(rgb())), CFG)
+        parse_edit(fields, files(png(rgb())), CFG)
     assert e.value.param == param and fragment in e.value.message, e.value.message
 
 
@@ -194,7 +214,7 @@ def test_json_edit_data_urls():
     from orchestrator.images_api import parse_json_edit
 
     url = "data:image/png;base64," + base64.b64encode(png(rgb())).decode()
-    call = parse_json_edit({"prompt": "x", "images": [{"image_url": url}] * 2, "n": 1, "seed": 2}, CFG)
+    call = parse_json_edit({"prompt": "x", "images": [{"image_url": url}], "n": 2, "seed": 2}, CFG)
     assert len(call.requests) == 2 and call.requests[1].image.shape == (48, 64, 3)
     for payload, param, fragment in (
         ({"prompt": "x", "images": [{"image_url": "data:image/png;base64,@@@"}]}, "images", "base64"),
@@ -202,6 +222,7 @@ def test_json_edit_data_urls():
         ({"prompt": "x", "images": [{"image_url": url}], "n": "2"}, "n", "integer"),  # JSON types are strict
         ({"prompt": "x", "images": [{"image_url": url}], "mask": {"image_url": url}}, "mask", "alpha channel"),
         ({"prompt": "x", "image": url}, "image", "`images`"),
+        ({"prompt": "x", "images": [{"image_url": url}], "quality": "standard"}, "quality", "one of"),  # JSON's enum
     ):
         with pytest.raises(InvalidRequestError) as e:
             parse_json_edit(payload, CFG)
@@ -240,31 +261,24 @@ def big_grey_png(side=6300) -> bytes:
     return png(Image.new("L", (side, side), 7), compress_level=9)
 
 
-def test_many_large_but_tiny_pngs_are_refused_before_any_decode(monkeypatch):
-    """16 files of 40 MP each (under every per-file limit, 1 MB together) would decode to 640 M pixels: with the
-    default limits the request is a 400 naming image, said from the headers, with no image decoded."""
+def test_large_but_tiny_pngs_are_refused_before_any_decode(monkeypatch):
+    """A 40 MP file (under every per-file limit, a few KB) and a control image of the same size would decode to 80 M
+    pixels: over limits.max_request_input_pixels the request is a 400 naming image, said from the headers, with no
+    image decoded."""
     import orchestrator.image_input as image_input
 
-    cfg = config_from_dict({"model": {"source": "tiny"}, "limits": {"max_n": 16}})  # the default pixel limits
+    cfg = config_from_dict({"model": {"source": "tiny", "controlnet": {"source": "tiny"}},
+                            "limits": {"max_request_input_pixels": 60_000_000}})
     data = big_grey_png()
-    assert len(data) * 16 < cfg.limits.max_upload_bytes and 6300 * 6300 <= cfg.limits.max_input_pixels
+    assert 6300 * 6300 <= cfg.limits.max_input_pixels
     decoded = []
     real = image_input._check_decoded
     monkeypatch.setattr(image_input, "_check_decoded", lambda img, *a, **kw: decoded.append(img.size) or real(
         img, *a, **kw))
     with pytest.raises(InvalidRequestError) as e:
-        parse_edit({"prompt": "x", "size": "1024x1024"}, files(*[data] * 16), cfg)
+        parse_edit({"prompt": "x", "size": "1024x1024"}, {"image": [data], "mask": None, "control_image": data}, cfg)
     assert e.value.param == "image" and "limits.max_request_input_pixels" in e.value.message, e.value.message
     assert str(cfg.limits.max_request_input_pixels) in e.value.message and "downscale" in e.value.message
-    assert decoded == []
-    with pytest.raises(InvalidRequestError) as e:  # the JSON form names its field, images
-        import base64
-
-        from orchestrator.images_api import parse_json_edit
-
-        url = "data:image/png;base64," + base64.b64encode(data).decode()
-        parse_json_edit({"prompt": "x", "images": [{"image_url": url}] * 16}, cfg)
-    assert e.value.param == "images" and "limits.max_request_input_pixels" in e.value.message
     assert decoded == []
 
 
@@ -273,16 +287,16 @@ def test_the_mask_and_control_image_count_in_the_request_total():
 
     from orchestrator.images_api import parse_generation
 
-    side = 200  # each image 40,000 pixels; the request may have 100,000
+    side = 250  # each image 62,500 pixels; the request may have 100,000
     cfg = config_from_dict({"model": {"source": "tiny", "controlnet": {"source": "tiny"}},
                             "defaults": {"width": 64, "height": 64, "num_inference_steps": 8},
                             "limits": {"max_pixels": 128 * 128, "max_request_input_pixels": 100_000}})
     image, mask = png(rgb(side, side)), mask_png(side, side)
-    assert len(parse_edit({"prompt": "x"}, files(image, image), cfg).requests) == 2  # 80,000: under
+    assert len(parse_edit({"prompt": "x"}, files(image), cfg).requests) == 1  # 62,500: under
     for extra in ({"mask": mask}, {"control_image": png(rgb(side, side))}):
-        with pytest.raises(InvalidRequestError) as e:  # 120,000 with either
-            parse_edit({"prompt": "x"}, {"image": [image, image], "mask": None, **extra}, cfg)
-        assert e.value.param == "image" and "3 input image(s)" in e.value.message, e.value.message
+        with pytest.raises(InvalidRequestError) as e:  # 125,000 with either
+            parse_edit({"prompt": "x"}, {"image": [image], "mask": None, **extra}, cfg)
+        assert e.value.param == "image" and "2 input image(s)" in e.value.message, e.value.message
     big = "data:image/png;base64," + base64.b64encode(png(np.zeros((400, 400, 3), np.uint8))).decode()
     with pytest.raises(InvalidRequestError) as e:  # a generation's control image alone: 160,000
         parse_generation({"prompt": "x", "control_image": big}, cfg)
@@ -290,8 +304,9 @@ def test_the_mask_and_control_image_count_in_the_request_total():
 
 
 def test_images_are_decoded_one_at_a_time_and_dropped(monkeypatch):
-    """Under the limit, each image is decoded, resized to the output size and released before the next is opened:
-    at most one full-size decode is alive at any time (weak references to every decoded image tell)."""
+    """Under the limit, each input image (``prepare_edit``: images, then the mask) is decoded, resized to the output
+    size and released before the next is opened: at most one full-size decode is alive at any time (weak
+    references to every decoded image tell)."""
     import gc
     import weakref
 
@@ -313,12 +328,12 @@ def test_images_are_decoded_one_at_a_time_and_dropped(monkeypatch):
         sources = [png(np.full((1500, 2000, 3), 40 * i, np.uint8)) for i in range(4)]
         a = np.full((1500, 2000, 4), 255, np.uint8)
         a[:750, :, 3] = 0
-        call = parse_edit({"prompt": "x", "size": "256x192"}, files(*sources, mask=png(a)), cfg)
+        out = prepare_edit(sources, png(a), (256, 192), cfg.limits)
     finally:
         gc.enable()
     assert len(alive) == 5 and most[0] == 1 and all(r() is None for r in alive)
-    assert [int(r.image.mean()) for r in call.requests] == [0, 40, 80, 120]
-    assert call.requests[0].mask.shape == (192, 256) and call.requests[0].mask[:96].min() == 255
+    assert [int(i.mean()) for i in out.images] == [0, 40, 80, 120]
+    assert out.mask.shape == (192, 256) and out.mask[:96].min() == 255
 
 
 def mpo(arr, second=None, exif: bytes | None = None) -> bytes:
@@ -368,7 +383,7 @@ def multipart(n_images: int, mask: bool = True, control: bool = True) -> tuple[d
     return Headers(dict(req.headers)), req.read()
 
 
-def test_sixteen_images_a_mask_and_a_control_image_fit_in_one_multipart_edit():
+def test_sixteen_images_a_mask_and_a_control_image_parse_in_one_multipart_body():
     import asyncio
 
     from orchestrator.server import parse_multipart
@@ -379,9 +394,12 @@ def test_sixteen_images_a_mask_and_a_control_image_fit_in_one_multipart_edit():
     assert fields == {"prompt": "in snow", "size": "64x48"}
     cfg = config_from_dict({"model": {"source": "tiny", "controlnet": {"source": "tiny"}},
                             "defaults": {"num_inference_steps": 8}, "limits": {"max_n": 16}})
-    call = parse_edit(fields, got, cfg)
-    assert len(call.requests) == 16 and call.requests[0].mask is not None
-    assert all(r.control_image.shape == (48, 64, 3) for r in call.requests)
+    with pytest.raises(InvalidRequestError) as e:  # parsed whole, then refused: one input image per edit
+        parse_edit(fields, got, cfg)
+    assert e.value.param == "image" and "16 images sent" in e.value.message
+    call = parse_edit(fields, {**got, "image": got["image"][:1]}, cfg)
+    assert len(call.requests) == 1 and call.requests[0].mask is not None
+    assert call.requests[0].control_image.shape == (48, 64, 3)
     with pytest.raises(InvalidRequestError) as e:  # one file more than 16 + mask + control image
         asyncio.run(parse_multipart(*multipart(17)))
     assert "Too many files" in e.value.message, e.value.message

@@ -69,12 +69,12 @@ def test_url_round_trip_and_refused_links(tmp_path):
         assert httpx.get(f"{s.url}/v1/outputs/.signing-key?expires=1&sig=x").status_code == 404
         assert httpx.get(f"{s.url}/v1/outputs/..%2F..%2Fetc%2Fpasswd.png?expires=1&sig=x").status_code in (403, 404)
 
-        # streaming: the completed event carries the link
+        # streaming: the completed event carries the spec's b64_json, and the link as the extra field url
         with httpx.stream("POST", f"{s.url}/v1/images/generations", timeout=30,
                           json={"prompt": "x", "size": "64x64", "stream": True, "response_format": "url"}) as r:
             events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
         done = [e for e in events if e["type"] == "image_generation.completed"]
-        assert len(done) == 1 and "b64_json" not in done[0]
+        assert len(done) == 1 and png_size(base64.b64decode(done[0]["b64_json"])) == (2, 2)
         assert png_size(httpx.get(done[0]["url"]).content) == (2, 2)
 
         # edits (multipart), as the official client sends them

@@ -48,7 +48,8 @@ class LimitsConfig(_Strict):
     """Request limits enforced before anything is queued."""
 
     max_prompt_chars: int = Field(default=4000, ge=1, le=100_000, description="Longest prompt accepted.")
-    max_n: int = Field(default=8, ge=1, le=128, description="Most images per API request.")
+    max_n: int = Field(default=8, ge=1, le=128, description="Most images per API request (`n`; OpenAI's API allows at "
+                       "most 10, so the HTTP API refuses more whatever this says).")
     max_pixels: int = Field(
         default=2048 * 2048, ge=256, le=4096 * 4096, description="Most pixels (width*height) per image.")
     max_steps: int = Field(default=50, ge=1, le=200, description="Most denoising steps per request.")
@@ -64,8 +65,8 @@ class LimitsConfig(_Strict):
         "resize (a guard against images that decompress to gigabytes).")
     max_request_input_pixels: int = Field(
         default=100_000_000, ge=256, le=4_000_000_000, description="Most pixels of all the input images of one "
-        "request together (edit images, mask, control_image), as stored, read from the headers before anything is "
-        "decoded: bounds one request's decoding time and memory (16 images of max_input_pixels each would be 640 M).")
+        "request together (the edit's image, its mask, a control_image), as stored, read from the headers before "
+        "anything is decoded: bounds one request's decoding time and memory.")
     max_concurrent_image_decodes: int = Field(
         default=2, ge=1, le=64, description="Requests whose input images the HTTP process decodes at the same time "
         "(each decodes its images one by one), within limits.decode_pixel_budget; the others wait in the decode queue "
