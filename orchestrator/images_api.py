@@ -282,6 +282,10 @@ def parse_edit(fields: dict, files: dict, config: Config, max_side: int | None =
         if name in fields and fields[name] not in (None, ""):
             raise InvalidRequestError(f"{name} must be sent as a file (multipart/form-data), not as text",
                                       param=name)
+    as_file = sorted(k for k, v in files.items() if v is not None and k not in (*_FILE_FIELDS, "control_image"))
+    if as_file:  # a text field sent as a file part: never dropped silently
+        raise InvalidRequestError(f"{shown(as_file[0], 40)} must be sent as a text field, not as a file",
+                                  param=shown(as_file[0], 40).strip("'\""))
     payload = integral({k: v if typed else _form_value(k, v) for k, v in fields.items() if k not in _FILE_FIELDS})
     if files.get("control_image") is not None:  # a multipart file: parse_generation attaches it
         payload["control_image"] = files["control_image"]

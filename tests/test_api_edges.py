@@ -143,3 +143,15 @@ def test_n_above_ten_is_refused_whatever_limits_max_n_says(server):
     r = gen(server, {"prompt": "a fox", "n": 11, "seed": 3})
     assert r.status_code == 400, f"{r.status_code}: {len(r.json().get('data', []))} images"
     assert r.json()["error"]["param"] == "n"
+
+
+# ---- a text field sent as a file part ----------------------------------------------------------------------------
+# CreateImageEditRequest's text properties (n, prompt, ...) are form fields: sent as a file part, they are refused
+# naming the field, never dropped (n would fall back to 1; a prompt "is required").
+@pytest.mark.parametrize("name", ["n", "prompt"])
+def test_a_text_field_sent_as_a_file_is_refused_naming_it(server, name):
+    data = {"prompt": "a fox", "n": "2"}
+    data.pop(name)
+    r = edit(server, data=data, files=[("image", ("a.png", png(), "image/png")), (name, ("x.txt", b"2", "text/plain"))])
+    assert r.status_code == 400 and r.json()["error"]["param"] == name, r.text
+    assert "text field" in r.json()["error"]["message"]
