@@ -450,12 +450,12 @@ def test_api_keys_leave_the_environment_and_host_paths_leave_messages():
     assert shown_path(LoraSpec(name="a", path="sub/y.safetensors"), "/srv/loras") == "sub/y.safetensors"
 
 
-def test_integral_numbers_in_a_json_edit_fan_out_like_integers():
+def test_integral_numbers_in_a_json_edit_count_like_integers():
     from orchestrator.images_api import parse_json_edit
 
     url = "data:image/png;base64," + __import__("base64").b64encode(png()).decode()
-    call = parse_json_edit({"prompt": "x", "images": [{"image_url": url}] * 2, "n": 2.0, "seed": 4.0}, cfg())
-    assert [r.seed for r in call.requests] == [4, 5, 6, 7] and len({id(r.image) for r in call.requests}) == 2
+    call = parse_json_edit({"prompt": "x", "images": [{"image_url": url}], "n": 2.0, "seed": 4.0}, cfg())
+    assert [r.seed for r in call.requests] == [4, 5] and len({id(r.image) for r in call.requests}) == 1
 
 
 def test_an_unread_body_trickled_after_the_response_does_not_hold_the_connection():
