@@ -158,7 +158,12 @@ class LoraAdmin:
         return out
 
     async def _resync_loras(self, replica_id: str, handle: ReplicaHandle) -> None:
-        """A restarted replica loaded only the configured adapters: give it the runtime ones again."""
+        """A restarted replica loaded only the configured adapters: give it the runtime ones again, under the
+        registry's lock (a registration or removal in flight finishes first, or waits for this one)."""
+        async with self._lora_lock:
+            await self._resync_loras_locked(replica_id, handle)
+
+    async def _resync_loras_locked(self, replica_id: str, handle: ReplicaHandle) -> None:
         for name in sorted(self._runtime_loras):
             spec = self.lora_specs.get(name)
             if spec is None:

@@ -367,12 +367,15 @@ class ReplicaSet:
                     await clock.sleep(RETRY_S)
                     continue
             if self.before_live is not None:
-                try:
-                    await self.before_live(replica_id, handle)
+                try:  # within what is left of start_timeout_s (a stalled re-registration must not hold it)
+                    await self._within(self.before_live(replica_id, handle), max(0.0, deadline - clock.now()))
                 except (ReplicaUnavailableError, NotReadyError) as e:
                     log.debug("replica %s not back yet: %s", replica_id, e)
                     await clock.sleep(RETRY_S)
                     continue
+                except _CheckTimedOut:
+                    return "its new process did not get its state back (before going live) within " \
+                           "deployment.start_timeout_s"
             self.health[replica_id] = h
             m.generation += 1
             m.failures = 0
@@ -401,6 +404,12 @@ class ReplicaSet:
                   len(self._members), sorted(self._members))
 
     def _transition(self, replica_id: str, m: _Member, state: ReplicaState, what: str) -> None:
+        if state != ReplicaState.LIVE and m.check is not None:
+            # the process it asked may be gone: a check of it must neither hold back the next process's checks nor
+            # make /readyz count the replica as not answering, nor outlive a dropped replica
+            if m.check is not asyncio.current_task():
+                m.check.cancel()
+            m.check = m.check_since = None
         m.state = state
         self.events.append((time.time(), replica_id, what))
         self.observer.replica_event(replica_id, what.split(":")[0])
