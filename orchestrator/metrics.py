@@ -54,7 +54,8 @@ class PrometheusObserver(RouterObserver):
         self.stage = Histogram("zimage_stage_seconds", "Seconds per pipeline stage per batch.", ["stage"],
                                buckets=LATENCY_BUCKETS, registry=r)
         self.replica_events = Counter("zimage_replica_events_total",
-                                      "Replica lifecycle events: lost, hung, back, dropped.", ["replica", "event"],
+                                      "Replica lifecycle events: lost, hung, back, dropped, failed.",
+                                      ["replica", "event"],
                                       registry=r)
         self.http = Counter("zimage_http_responses_total", "HTTP responses by status code (5xx: server faults).",
                             ["status"], registry=r)
@@ -74,6 +75,8 @@ class PrometheusObserver(RouterObserver):
                                    "the first ran; its images are not made twice), mismatch (422).", ["outcome"],
                                    registry=r)
         self._inflight: dict[str, int] = {}
+        self._devices: dict[str, set[str]] = {}  # replica -> the devices its memory series were set for
+        self._queued: set[str] = set()  # replicas with a queue-length series
 
     def bind(self, router) -> None:
         """Read queue depths from the router at scrape time (always exact, no bookkeeping here)."""
@@ -139,7 +142,12 @@ class PrometheusObserver(RouterObserver):
     # ---- replica state ---------------------------------------------------------------------------------
     def replica_state(self, replica_id: str, up: bool, health: ReplicaHealth | None = None) -> None:
         self.replica_up.labels(replica_id).set(1 if up else 0)
+        if not up:  # its process is gone or not answering: no memory to show (not its last process's values)
+            for dev in self._devices.pop(replica_id, ()):
+                for gauge in (self.gpu_memory, self.gpu_memory_peak):
+                    _remove(gauge, replica_id, dev)
         if health is not None:
+            self._devices.setdefault(replica_id, set()).update(health.memory_allocated_bytes)
             for dev, b in health.memory_allocated_bytes.items():
                 self.gpu_memory.labels(replica_id, dev).set(b)
             for dev, b in health.peak_memory_bytes.items():
@@ -149,6 +157,15 @@ class PrometheusObserver(RouterObserver):
             for stage, n in ({"denoise": 0, "decode": 0} | health.eager_fallbacks).items():
                 self._add_reported(self.eager_fallbacks, replica_id, stage, n)
 
+    def replica_queues(self, lengths: dict[str, int]) -> None:
+        """The replicas' queue lengths as polled: a replica the poll has no answer for (down) has no series, not
+        its last value."""
+        for rid in self._queued - set(lengths):
+            _remove(self.replica_queue, rid)
+        for rid, n in lengths.items():
+            self.replica_queue.labels(rid).set(n)
+        self._queued = set(lengths)
+
     def _add_reported(self, counter: Counter, replica_id: str, label: str, n: int) -> None:
         """Add to ``counter`` what a replica's running count ``n`` grew by since its last report (shown at 0 from
         the first report); a restarted replica counts from zero again, so a drop means all of ``n`` is new."""
@@ -157,3 +174,10 @@ class PrometheusObserver(RouterObserver):
         if n != last:
             series.inc(n - last if n >= last else n)
             self._seen[(counter, replica_id, label)] = n
+
+
+def _remove(gauge, *labels) -> None:
+    try:
+        gauge.remove(*labels)
+    except KeyError:  # never set
+        pass

@@ -302,7 +302,9 @@ class Router:
         self._update_room(replica_id)
         if self.shared:
             self.queues.sent(replica_id, len(batch), batch.is_job)
-        self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings])
+        self.observer.dispatched(replica_id, batch, [now - p.enqueued_at for p in pendings if not p.queue_observed])
+        for p in pendings:
+            p.queue_observed = True
         with batch_log_context(batch):  # the batch task's log lines carry its requests' ids
             log.debug("batch %d: %d images, %d tokens, %s -> %s", batch.batch_id, len(batch), batch.tokens,
                       batch.key, replica_id)
@@ -365,7 +367,9 @@ class Router:
                 first.append(True)
                 now = self.clock.now()
                 for p in pendings:
-                    self.observer.first_step(replica.replica_id, now - p.enqueued_at)
+                    if not p.first_step_observed:
+                        p.first_step_observed = True
+                        self.observer.first_step(replica.replica_id, now - p.enqueued_at)
             if load.stepped(ev.loop_step):
                 self.observer.loop_step(replica.replica_id, ev.running, ev.joined)
             for f in list(listeners):

@@ -87,6 +87,9 @@ class Pending:
     queued: bool = field(default=False, compare=False)  # in the scheduler's queue now (its deadline heap reads it)
     abandoned: bool = field(default=False, compare=False)  # its caller went away while it ran: never run it again
     order: int = field(default=-1, compare=False)  # its place in arrival order (the scheduler's), kept by retries
+    # its queue time and first step went to the metrics (once a request, whatever retries it takes)
+    queue_observed: bool = field(default=False, compare=False)
+    first_step_observed: bool = field(default=False, compare=False)
 
 
 class BatchScheduler:

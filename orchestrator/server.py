@@ -147,8 +147,7 @@ class Service:
             try:
                 for rid, h in (await self.deployment.replica_health()).items():
                     self.observer.replica_state(rid, not isinstance(h, str), None if isinstance(h, str) else h)
-                for rid, n in (await self.deployment.queue_lengths()).items():
-                    self.observer.replica_queue.labels(rid).set(n)
+                self.observer.replica_queues(await self.deployment.queue_lengths())
             except Exception:  # noqa: BLE001
                 log.debug("health poll failed", exc_info=True)
             await asyncio.sleep(5)
