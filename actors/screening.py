@@ -131,8 +131,8 @@ def screen(engine, batch: Batch) -> Screened:
             continue
         try:
             tokens = validate_prompt(engine.tokenizer, r.prompt, "prompt")
-            if r.guidance_scale > 0 and r.negative_prompt:
-                neg = validate_prompt(engine.tokenizer, r.negative_prompt, "negative_prompt")
+            if r.guidance_scale > 0:  # the negative pass encodes "" when there is none (as diffusers does)
+                neg = validate_prompt(engine.tokenizer, r.negative_prompt or "", "negative_prompt")
                 tokens = None if tokens is None or neg is None else tokens + neg
         except InputError as e:
             out.failed[r.request_id] = (str(e), e.param)

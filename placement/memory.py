@@ -56,7 +56,8 @@ def image_tokens(width: int, height: int) -> int:
 
 def caption_tokens_bound(prompt_bytes: int) -> int:
     """An upper bound of a prompt's caption tokens without its tokenizer: a byte-level BPE token covers at least
-    one byte, and the caption is truncated at MAX_CAPTION_TOKENS."""
+    one byte of the text as the tokenizer normalizes it (NFC, which can lengthen it: ``prompt_bytes`` counts that
+    form), and the caption is truncated at MAX_CAPTION_TOKENS."""
     return min(MAX_CAPTION_TOKENS, prompt_bytes + CAPTION_OVERHEAD_TOKENS)
 
 

@@ -6,6 +6,7 @@ with ``ok`` and a reason, never as an exception through the router loop.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
@@ -44,7 +45,9 @@ def steps_run(num_inference_steps: int, strength: float) -> int:
 
 
 def _utf8_len(text: str) -> int:
-    return len(text.encode("utf-8", "surrogatepass"))
+    """The bytes the text encoder's byte-level BPE runs over: after its tokenizer's NFC normalization, which makes
+    some text longer (code points excluded from composition decompose: U+1D160 goes from 4 bytes to 12)."""
+    return len(unicodedata.normalize("NFC", text).encode("utf-8", "surrogatepass"))
 
 
 INTERACTIVE = 0  # API calls and the Python API
