@@ -241,7 +241,7 @@ class JobService:
             "completion_window": window, "status": "validating", "created_at": now,
             "expires_at": now + COMPLETION_WINDOW_S[window],
             "request_counts": {"total": total, "completed": 0, "failed": 0}, "metadata": metadata,
-            "base_url": base_url}
+            "base_url": base_url, "created_ns": time.time_ns()}  # (not public) the order within one second
         self.db.put_batch(b)
         return b
 
@@ -289,7 +289,7 @@ class JobService:
         todo = [b for b in self.db.batches() if b.get("status") in ACTIVE]
         if not todo:
             return False
-        b = min(todo, key=lambda x: (x["created_at"], x["id"]))
+        b = min(todo, key=creation_order)
         try:
             await self._run(b)
         except asyncio.CancelledError:
@@ -315,6 +315,9 @@ class JobService:
     async def _run(self, b: dict) -> None:
         bid = b["id"]
         ran = expired = False
+        if b["status"] in ("validating", "in_progress") and time.time() >= b["expires_at"]:
+            self._finalize(b, expired=True)  # its window passed before its turn (a server down for that long)
+            return
         if b["status"] in ("validating", "in_progress"):
             found = self.db.file(b["input_file_id"])
             if found is None:  # a DELETE is refused while a job uses its file; this is a database from elsewhere
@@ -355,7 +358,7 @@ class JobService:
             if unreadable is not None:
                 self._fail(b, f"its input file cannot be run: {unreadable}")
                 return
-            ran = True
+            ran = runner.output_complete  # else _finalize rewrites the output from the committed records
             if runner.unrecorded:
                 log.error("batch %s: %d request(s) could not be recorded", bid, runner.unrecorded)
         self._finalize(self.db.batch(bid), ran=ran, expired=expired)
@@ -409,6 +412,12 @@ class JobService:
         final.pop("ending", None)
         self.db.put_batch(final)
         log.info("batch %s %s: %d completed, %d failed of %d", bid, end["status"], completed, failed, total)
+
+
+def creation_order(b: dict) -> tuple:
+    """Jobs in the order they were created: ``created_at`` is whole seconds (OpenAI's field), ``created_ns`` orders
+    the jobs of one second (jobs stored before it had one come first within their second)."""
+    return b["created_at"], b.get("created_ns", 0), b["id"]
 
 
 def _errors(message: str) -> dict:

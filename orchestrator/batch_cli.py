@@ -199,6 +199,8 @@ async def run_job(config: Config, input_path: Path, out: str, state: Path | None
         elapsed = time.perf_counter() - t0
         bar.close()
         sink.close()
+        if not runner.output_complete:  # a write of committed lines failed: the database has every one
+            db.write_records(JOB_ID, output)
         try:
             await dep.shutdown()
         except asyncio.CancelledError:  # Ctrl-C while shutting down: what the run did is still summarized

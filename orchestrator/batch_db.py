@@ -127,7 +127,7 @@ class JobDB:
         with self._lock:
             rows = self._db.execute("SELECT id, object FROM batches").fetchall()
         found = [b for b in (_loaded(i, text) for i, text in rows) if b is not None]
-        return sorted(found, key=lambda b: (b["created_at"], b["id"]), reverse=True)
+        return sorted(found, key=lambda b: (b["created_at"], b.get("created_ns", 0), b["id"]), reverse=True)
 
     # ---- finished requests -------------------------------------------------------------------------------
     def record(self, batch_id: str, custom_id: str, line: int, ok: bool, retryable: bool, latency_s: float | None,

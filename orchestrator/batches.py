@@ -121,6 +121,8 @@ class JobRunner:
                                           initializer=lower_this_thread)
         self._pending: list[str] = []  # recorded, not yet committed: their output lines (the writer's only)
         self.unrecorded = 0  # lines whose outcome could not be recorded even as a failure (the writer's only)
+        # False once a write of committed lines to the output failed: the file is then rebuilt from the database
+        self.output_complete = True
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self.slowest: list[tuple[float, str, str]] = []  # (latency, custom_id, prompt): the 5 slowest of this run
@@ -166,7 +168,10 @@ class JobRunner:
             raise
         finally:
             flusher.cancel()
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - committed lines are in the database: the output is rebuilt from it
+                log.exception("batch %s: writing the last outcomes failed", self.batch_id)
             self._writer.shutdown(wait=True)
         return not self._stopping
 
@@ -191,6 +196,14 @@ class JobRunner:
         self._stopping = True
         for t in list(self._tasks):
             t.cancel()
+        try:  # a run waiting for room in the window wakes (a task cancelled before it ran never gives its room)
+            asyncio.get_running_loop().create_task(self._wake())
+        except RuntimeError:  # not on the loop: nothing there waits
+            pass
+
+    async def _wake(self) -> None:
+        async with self._room:
+            self._room.notify_all()
 
     # ---- one line ----------------------------------------------------------------------------------------
     async def _call(self, line: Line) -> ImageCall | Outcome:
@@ -312,7 +325,11 @@ class JobRunner:
             return
         self.db.commit()
         pending, self._pending = self._pending, []
-        self.sink.append(pending)
+        try:
+            self.sink.append(pending)
+        except BaseException:
+            self.output_complete = False  # committed, but not all in the file: rebuilt from the database at the end
+            raise
 
     def flush(self) -> None:
         """Record, commit and write out every outcome finished so far; returns when it is done."""
