@@ -7,27 +7,18 @@ import time
 
 import httpx
 from batch_fakes import TimedBackend
+from test_batch_edge_cases import create as raw_create
+from test_batch_edge_cases import wait_end
 from test_batches_http import GEN, jsonl, req, serve, upload
 
 from orchestrator import batch_api
 from orchestrator.batches import OutputFile
 
-TERMINAL = ("completed", "failed", "expired", "cancelled")
-
 
 def create(s, fid, **extra):
-    r = httpx.post(f"{s.url}/v1/batches", json={"input_file_id": fid, "endpoint": GEN, "completion_window": "24h",
-                                                **extra}, timeout=30)
+    r = raw_create(s, fid, **extra)
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def wait_end(s, bid, timeout_s=60):
-    deadline = time.time() + timeout_s
-    while (b := httpx.get(f"{s.url}/v1/batches/{bid}").json())["status"] not in TERMINAL:
-        assert time.time() < deadline, b
-        time.sleep(0.05)
-    return b
 
 
 def content(s, fid) -> list[dict]:
@@ -36,11 +27,8 @@ def content(s, fid) -> list[dict]:
     return [json.loads(x) for x in r.text.splitlines()]
 
 
-# ---- a failed write of the output file --------------------------------------------------------------------------
-def test_a_failed_periodic_output_write_loses_no_committed_line(tmp_path, monkeypatch):
-    """The periodic flush commits the recorded outcomes, then appends them to the output file; when the append fails
-    (a full disk for a moment) it logs "retrying"; the lines are committed and counted, so the output file the job
-    ends with must hold them (rebuilt from the database), not miss them."""
+def fail_first_output_write(monkeypatch) -> dict:
+    """``OutputFile.append`` raises once (a full disk for a moment), then writes; returns its call count."""
     real = OutputFile.append
     calls = {"n": 0}
 
@@ -51,6 +39,15 @@ def test_a_failed_periodic_output_write_loses_no_committed_line(tmp_path, monkey
         return real(self, lines)
 
     monkeypatch.setattr(OutputFile, "append", append)
+    return calls
+
+
+# ---- a failed write of the output file --------------------------------------------------------------------------
+def test_a_failed_periodic_output_write_loses_no_committed_line(tmp_path, monkeypatch):
+    """The periodic flush commits the recorded outcomes, then appends them to the output file; when the append fails
+    (a full disk for a moment) it logs "retrying"; the lines are committed and counted, so the output file the job
+    ends with must hold them (rebuilt from the database), not miss them."""
+    calls = fail_first_output_write(monkeypatch)
     # the bad line fails at once (recorded before the first periodic flush); the rest take a few flushes to finish
     lines = [req("bad", prompt="x", size="100x64")] + [req(f"r{i}", prompt=f"p{i}", seed=i) for i in range(6)]
     with serve(tmp_path, TimedBackend(2, base_s=0.3)) as s:
@@ -153,16 +150,7 @@ def test_a_failed_last_output_write_does_not_discard_the_committed_work(tmp_path
     """The run's last flush (``JobRunner.run``'s ``finally``): an output write that fails there once must not fail
     the job (request_counts 0/0, no output_file_id although every line is generated and committed, a partial
     ``{batch}-output.jsonl`` left with no file row): the job ends with its output rebuilt from the database."""
-    real = OutputFile.append
-    calls = {"n": 0}
-
-    def append(self, lines):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise OSError(28, "No space left on device")
-        return real(self, lines)
-
-    monkeypatch.setattr(OutputFile, "append", append)
+    calls = fail_first_output_write(monkeypatch)
     backend = TimedBackend(2)
     with serve(tmp_path, backend) as s:
         s.wait_ready(timeout_s=30)
