@@ -55,8 +55,8 @@ class Sample:
     negative_prompt: str | None = None
     loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale): per-request LoRA (actors/lora.py)
     # [conditioning] img2img / inpainting (actors/conditioning.py): the input image, uint8 [H, W, 3] at this size;
-    # the mask, uint8 [H, W], nonzero = repaint; the sample's own schedule length (it runs the last
-    # steps_run(num_inference_steps, strength) steps of it).
+    # the mask, uint8 [H, W], 128 or more = repaint (binarized as diffusers' mask processor does); the sample's own
+    # schedule length (it runs the last steps_run(num_inference_steps, strength) steps of it).
     image: Any = field(default=None, compare=False, repr=False)
     mask: Any = field(default=None, compare=False, repr=False)
     strength: float = 1.0
