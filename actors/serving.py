@@ -231,14 +231,22 @@ class ServingMixin:
         """A preview's decode (``screening.StepHook``), on the decode stage's thread."""
         return self._stages.run("decode", self.engine.decode, latents, ready)
 
-    def encode(self, prompts: list[str], negative_prompts: list[str | None], guidance: float):
-        """Serve another replica's encode (component replication): embeddings come back on the CPU."""
+    def encode(self, prompts: list[str], negative_prompts: list[str | None], guidance: float,
+               priority: int = INTERACTIVE):
+        """Serve another replica's encode (component replication): embeddings come back on the CPU. ``priority``:
+        the borrowing call's (a batch job's encode queues behind this replica's interactive work, as its own do)."""
         from actors.engine import EncodedPrompts
 
         if not self._ready:
             raise RuntimeError(f"replica {self.replica_id} (shared text encoder) is not started")
-        enc, _ = self._encodes(prompts, negative_prompts, [float(guidance)] * len(prompts)
-                               if isinstance(guidance, (int, float)) else guidance)
+        token = WORK_PRIORITY.set(priority)
+        run_as(priority)
+        try:
+            enc, _ = self._encodes(prompts, negative_prompts, [float(guidance)] * len(prompts)
+                                   if isinstance(guidance, (int, float)) else guidance)
+        finally:
+            run_as(INTERACTIVE)
+            WORK_PRIORITY.reset(token)
         with self._cancel_lock:  # (calls come in on several threads)
             self.encodes_served += 1
         return EncodedPrompts([t.cpu() for t in enc.positive], [t.cpu() for t in enc.negative])
@@ -298,6 +306,10 @@ class SharedEncodes:
         if len(calls) > 1:
             try:
                 enc, seconds = self.engine.encode_stage(*(sum((c[0][k] for c in calls), []) for k in range(3)))
+            except ReplicaUnavailableError as e:  # the borrowed encoder is gone: no call's fault, none asks again
+                for _, done in calls:
+                    done.set_exception(e)
+                return
             except Exception:  # noqa: BLE001 - one call's prompts may be at fault: each runs alone below
                 log.warning("a shared encode of %d calls failed; encoding them one at a time", len(calls))
             else:
@@ -308,11 +320,16 @@ class SharedEncodes:
                     done.set_result((EncodedPrompts([next(pos) for _ in p], [next(neg) for x in g if x > 0]),
                                      seconds))
                 return
+        gone = None
         for args, done in calls:
+            if gone is not None:  # the borrowed encoder went away: the rest fail with it, without waiting again
+                done.set_exception(gone)
+                continue
             try:
                 done.set_result(self.engine.encode_stage(*args))
             except BaseException as e:  # noqa: BLE001 - the caller re-raises it
                 done.set_exception(e)
+                gone = e if isinstance(e, ReplicaUnavailableError) else None
 
 
 class _OffLoopHook:

@@ -235,10 +235,13 @@ class RemoteEncoder:
     def __call__(self, prompts, negative_prompts, guidance):
         import time
 
+        from zimage_common.cpu_priority import WORK_PRIORITY
+
+        priority = WORK_PRIORITY.get()  # the borrowing call's: the host queues it as its own work of that priority
         deadline = time.monotonic() + self.wait_s
         while True:
             try:
-                return ray.get(self.actor.encode.remote(prompts, negative_prompts, guidance))
+                return ray.get(self.actor.encode.remote(prompts, negative_prompts, guidance, priority))
             except (RayActorError, RayTaskError) as e:
                 if time.monotonic() > deadline:
                     raise EncoderUnavailable(f"shared text encoder on {self.host_id} unavailable: "
