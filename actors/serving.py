@@ -161,9 +161,7 @@ class ServingMixin:
                           tokens=r.tokens, priority=r.priority)
                    for r in batch.requests]
         loop = self._step_loop()
-        ids = {r.request_id for r in batch.requests}
-        with self._cancel_lock:  # from here a cancel() of its requests is kept until they are in the loop
-            self._encoding |= ids
+        ids = {r.request_id for r in batch.requests}  # in _encoding since the call began (_serve)
         hooks = None
         try:
             hooks = _OffLoopHook(on_step, loop.stats) if on_step is not None else None
@@ -178,9 +176,8 @@ class ServingMixin:
                 loop.submit(group)
             group.done.wait()
         finally:
-            with self._cancel_lock:
+            with self._cancel_lock:  # out of the loop: a cancel from here finds nothing to stop
                 self._encoding -= ids
-                self._cancel_early -= ids
                 for i in ids:
                     self._joined.pop(i, None)
             if hooks is not None:
