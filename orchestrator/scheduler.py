@@ -343,7 +343,7 @@ class BatchScheduler:
         kinds = [k for k in _as_free(free).kinds() if exclude is None or not exclude(k.sample)]
         self.examined += len(kinds)
         idle = sum(len(k) for k in kinds if k.sample.outstanding == 0)
-        ordered = sorted(self._groups.items(), key=lambda item: item[0][1])  # interactive groups first
+        ordered = self._ordered_groups()  # interactive groups first
         for kind in kinds:
             sample = kind.sample
             interactive = False  # whether interactive work fits this kind: job work waits for it (as ``_decide``)
