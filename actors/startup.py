@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from zimage_common.config import COMPONENTS
-from zimage_common.messages import ReplicaHealth
+from zimage_common.messages import ReplicaHealth, steps_run
 
 from .devices import sync_all
 from .health import _compile_times, _graphs_compiled, bytecode_cache_note
@@ -188,11 +188,7 @@ class StartupMixin:
             if torch.cuda.is_available():
                 # an edit: its input image's VAE encode runs on the decode stage's thread on the device's stream (the
                 # decodes use the reader stream), whose cuBLAS workspace would otherwise be made by the first edit
-                import numpy as np
-
-                w, h, p = batches[0][0]
-                generate(self.engine, [Sample(p, 2, w, h, image=np.full((h, w, 3), 127, np.uint8), strength=0.5)],
-                         spec.num_inference_steps, run=self._stages.run)
+                self._warm_up_edit(*batches[0][0], spec.num_inference_steps)
             if self.engine.loras is not None and self.model_cfg.compile and torch.cuda.is_available():
                 self._warm_up_loras(spec)
             phase("warmup_extra")
@@ -219,6 +215,18 @@ class StartupMixin:
         if torch.cuda.is_available():
             for d in set(devices.values()):
                 torch.cuda.reset_peak_memory_stats(torch.device(d))
+
+    def _warm_up_edit(self, width: int, height: int, prompt: str, steps: int):
+        """One img2img call that runs ``steps`` steps: the second half of a schedule twice as long, as a request at
+        strength 0.5 runs."""
+        import numpy as np
+
+        from .engine import Sample
+        from .steploop import generate
+
+        sample = Sample(prompt, 2, width, height, image=np.full((height, width, 3), 127, np.uint8), strength=0.5,
+                        num_inference_steps=2 * steps)
+        return generate(self.engine, [sample], steps_run(2 * steps, 0.5), run=self._stages.run)
 
     def _encoder_graphs_wanted(self) -> bool:
         """Whether start-up captures the text encoder's CUDA graphs: asked for, with a warm-up, on CUDA, with an

@@ -431,3 +431,10 @@ def test_gil_switch_interval_reaches_the_replica_process(tiny_cache):
         assert sys.getswitchinterval() == pytest.approx(0.004)
     finally:
         sys.setswitchinterval(before)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_the_warm_up_edit_runs_the_warm_up_steps(worker, steps):
+    """The GPU warm-up's img2img call (``_warm_up_edit``): an edit whose schedule runs exactly the warm-up's steps."""
+    images, _ = worker._warm_up_edit(32, 32, "a cat", steps)
+    assert len(images) == 1 and images[0].shape == (32, 32, 3)
