@@ -36,13 +36,15 @@ needs_cpu_fp8 = pytest.mark.skipif(not CPU_FP8, reason=NO_CPU_FP8)
 @pytest.fixture(autouse=True)
 def _drop_log_handlers_a_test_added():
     """A test that configures logging (the CLI run in-process) leaves a root handler on the stream pytest captured
-    for it; a server thread of a later test then logs into that closed stream ("--- Logging error ---")."""
+    for it; a server thread of a later test then logs into that closed stream ("--- Logging error ---"). The root
+    level it set goes back too."""
     root = logging.getLogger()
-    before = list(root.handlers)
+    before, level = list(root.handlers), root.level
     yield
     for h in list(root.handlers):
         if h not in before:
             root.removeHandler(h)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
@@ -56,8 +58,11 @@ def ray_cluster():
     """One local Ray for every integration test of the session: 4 logical GPUs on the CPU."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
+        # worker_niceness 0, as a local start of the product's has it (orchestrator/ray_backend.py connect): Ray's
+        # default starts workers 15 steps nicer than the driver, and replicas starved by whatever else runs on the
+        # machine (the other xdist worker, a test's own processes) make their tests slow and their timing flaky.
         ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, namespace="zimage-tests",
-                 logging_level="WARNING")
+                 logging_level="WARNING", _system_config={"worker_niceness": 0})
     yield ray
     ray.shutdown()
 
@@ -112,7 +117,7 @@ class ServerThread:
     def __enter__(self):
         self.thread.start()
         while not self.server.started:
-            time.sleep(0.05)
+            time.sleep(0.01)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         return self
@@ -128,7 +133,7 @@ class ServerThread:
         deadline = time.time() + timeout_s
         while (r := httpx.get(f"{self.url}/readyz")).status_code != 200:
             assert time.time() < deadline, r.text
-            time.sleep(0.2)
+            time.sleep(0.05)
         self.service = self.server.config.app.state.service
         return self
 
