@@ -17,13 +17,23 @@ def run_ok(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
+def bench_ok(args: list[str], monkeypatch) -> None:
+    """``zimage-orch bench ARGS`` in this process, on the session's Ray (as tests/test_ray_integration.py runs
+    ``generate``): the same entry point, argument parsing and run as the command, without a Python process and a
+    local Ray of its own to start (about 7 s of each test on two cores). It must succeed."""
+    from orchestrator.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["zimage-orch", "bench", *args])  # what the report records as its command
+    assert main(["bench", *args]) == 0
+
+
 @pytest.mark.slow
-def test_bench_cpu_short_run(tmp_path, tiny_cache):
+@pytest.mark.ray
+def test_bench_cpu_short_run(tmp_path, tiny_cache, ray_cluster, monkeypatch):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "orchestrator.cli", "bench", "--set", f"model.cache_dir={tiny_cache}",
-           "--set", "defaults.width=64", "--set", "defaults.height=64", "--concurrency", "1,4",
-           "--requests", "8", "--warmup", "2", "--baseline", "--baseline-requests", "2", "--out", str(out)]
-    run_ok(cmd)
+    bench_ok(["--set", f"model.cache_dir={tiny_cache}", "--set", "defaults.width=64", "--set", "defaults.height=64",
+              "--concurrency", "1,4", "--requests", "8", "--warmup", "2", "--baseline", "--baseline-requests", "2",
+              "--out", str(out)], monkeypatch)
     report = json.loads((out / "bench.json").read_text())
     assert report["card"] == "cpu" and report["sizes"] == ["64x64"]
     assert report["baseline"]["sizes"]["64x64"]["images"] == 2
@@ -49,15 +59,15 @@ def test_bench_cpu_short_run(tmp_path, tiny_cache):
 
 
 @pytest.mark.slow
-def test_bench_edit_workloads_cpu(tmp_path, tiny_cache):
+@pytest.mark.ray
+def test_bench_edit_workloads_cpu(tmp_path, tiny_cache, ray_cluster, monkeypatch):
     """img2img, inpaint and the mixed stream beside text-to-image in one run (what the GPU entry edits-1024 runs):
     edits at --edit-steps 5, strength 0.6 run 3 steps, as many as the 3-step text-to-image, so they share batches."""
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "orchestrator.cli", "bench", "--set", f"model.cache_dir={tiny_cache}",
-           "--set", "defaults.width=64", "--set", "defaults.height=64", "--set", "deployment.replicas=1",
-           "--workload", "uniform,img2img,inpaint,edit-mix", "--steps", "3", "--edit-steps", "5",
-           "--strength", "0.6", "--concurrency", "6", "--requests", "6", "--warmup", "3", "--out", str(out)]
-    run_ok(cmd)
+    bench_ok(["--set", f"model.cache_dir={tiny_cache}", "--set", "defaults.width=64", "--set", "defaults.height=64",
+              "--set", "deployment.replicas=1", "--workload", "uniform,img2img,inpaint,edit-mix", "--steps", "3",
+              "--edit-steps", "5", "--strength", "0.6", "--concurrency", "6", "--requests", "6", "--warmup", "3",
+              "--out", str(out)], monkeypatch)
     report = json.loads((out / "bench.json").read_text())
     runs = {r["workload"]: r for r in report["runs"]}
     assert set(runs) == {"uniform", "img2img", "inpaint", "edit-mix"}
@@ -71,17 +81,16 @@ def test_bench_edit_workloads_cpu(tmp_path, tiny_cache):
 
 
 @pytest.mark.slow
-def test_bench_controlnet_workloads_cpu(tmp_path, tiny_cache):
+@pytest.mark.ray
+def test_bench_controlnet_workloads_cpu(tmp_path, tiny_cache, ray_cluster, monkeypatch):
     """What the GPU entry controlnet-1024 runs, with the tiny ControlNet: control requests alone and beside plain
     ones (they share batches). Whole batches here, so that sharing shows in the calls' record: under step scheduling
     a request goes to the replica at once and shares steps there (tests/test_controlnet.py)."""
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "orchestrator.cli", "bench", "--set", f"model.cache_dir={tiny_cache}",
-           "--set", "router.scheduling=batch",
-           "--set", "defaults.width=64", "--set", "defaults.height=64", "--set", "deployment.replicas=1",
-           "--set", "model.controlnet.source=tiny", "--workload", "control,control-mix", "--steps", "2",
-           "--concurrency", "1,4", "--requests", "4", "--warmup", "2", "--out", str(out)]
-    run_ok(cmd)
+    bench_ok(["--set", f"model.cache_dir={tiny_cache}", "--set", "router.scheduling=batch",
+              "--set", "defaults.width=64", "--set", "defaults.height=64", "--set", "deployment.replicas=1",
+              "--set", "model.controlnet.source=tiny", "--workload", "control,control-mix", "--steps", "2",
+              "--concurrency", "1,4", "--requests", "4", "--warmup", "2", "--out", str(out)], monkeypatch)
     runs = json.loads((out / "bench.json").read_text())["runs"]
     assert [r["label"] for r in runs] == ["control-c1", "control-c4", "control-mix-c1", "control-mix-c4"]
     assert all(r["images"] == 4 and r["failed"] == 0 for r in runs)
@@ -127,7 +136,8 @@ runs:
     machine: cpu
     timeout_s: 240
     bench: --set model.cache_dir={tiny_cache} --set defaults.width=64 --set defaults.height=64
-      --workload uniform,mixed --sizes 64x64,32x48 --concurrency 2 --requests 4 --warmup 1 --repeat 2
+      --set deployment.replicas=1 --workload uniform,mixed --sizes 64x64,32x48 --concurrency 2 --requests 4
+      --warmup 1 --repeat 2
   hello:
     timeout_s: 30
     script: -c "import sys, pathlib; pathlib.Path('{{out}}/hi.txt').write_text('ok')"
@@ -302,13 +312,20 @@ def test_probe_encode_overlap_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
 
 
 @pytest.mark.slow
-def test_step_batching_benchmark_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
-    """benchmarks/step_batching.py with the toy model on a local Ray: both schedulers, every load, no failure; the
-    mixed workload's lone latency per size, and each phase's mean against its own requests' sizes' lone latency."""
-    cmd = [sys.executable, "benchmarks/step_batching.py", "--tiny", "--set", f"model.cache_dir={tiny_cache}",
-           "--workload", "mixed", "--out", str(tmp_path), "--requests", "4", "--saturation", "4", "--lone", "1",
-           "--warmup", "1"]
-    run_ok(cmd)
+@pytest.mark.ray
+def test_step_batching_benchmark_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache, ray_cluster, monkeypatch):
+    """benchmarks/step_batching.py with the toy model, its main() in this process on the session's Ray (a process
+    and a local Ray of its own would add about 8 s on two cores): both schedulers, every load, no failure; the mixed
+    workload's lone latency per size, and each phase's mean against its own requests' sizes' lone latency."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("step_batching", ROOT / "benchmarks" / "step_batching.py")
+    sb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sb)
+    monkeypatch.setattr(sys, "argv", [
+        "step_batching.py", "--tiny", "--set", f"model.cache_dir={tiny_cache}", "--workload", "mixed", "--out",
+        str(tmp_path), "--requests", "4", "--saturation", "4", "--lone", "1", "--warmup", "1"])
+    assert sb.main() == 0
     report = json.loads((tmp_path / "step_batching.json").read_text())
     mixed = report["workloads"]["mixed"]
     assert set(mixed["lone_by_size"]) == {"32x32", "64x64", "64x48", "48x80", "80x48"}

@@ -27,9 +27,14 @@ def test_demo_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_edits_an_image_with_a_mask(tmp_path):
-    """``zimage-orch generate --image --mask``: inpainting from the command line, at the image's own size."""
+@pytest.mark.ray
+def test_generate_edits_an_image_with_a_mask(tmp_path, ray_cluster):
+    """``zimage-orch generate --image --mask``: inpainting from the command line, at the image's own size (the
+    command's entry point in this process, on the session's Ray, as tests/test_ray_integration.py runs it; the demo
+    above is the command run in a process and a local Ray of its own)."""
     import numpy as np
+
+    from orchestrator.cli import main
 
     image, mask = tmp_path / "in.png", tmp_path / "mask.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), np.uint8)).save(image)
@@ -37,11 +42,8 @@ def test_generate_edits_an_image_with_a_mask(tmp_path):
     alpha[20:60, 20:70, 3] = 0
     Image.fromarray(alpha).save(mask)
     out = tmp_path / "edit"
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", "--prompt", "a red door", "--image",
-                           str(image), "--mask", str(mask), "--strength", "0.75", "--n", "2", "--seed", "3",
-                           "--out", str(out), "--set", "deployment.replicas=1"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert main(["generate", "--prompt", "a red door", "--image", str(image), "--mask", str(mask), "--strength",
+                 "0.75", "--n", "2", "--seed", "3", "--out", str(out), "--set", "deployment.replicas=1"]) == 0
     pngs = sorted(out.glob("*.png"))
     assert [p.name for p in pngs] == ["000-seed3.png", "001-seed4.png"]
     assert {Image.open(p).size for p in pngs} == {(96, 80)}
@@ -70,17 +72,17 @@ def test_generate_refuses_unreadable_inputs_before_starting(tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_generate_with_a_control_image(tmp_path):
-    """``zimage-orch generate --control-image`` with the tiny ControlNet."""
+@pytest.mark.ray
+def test_generate_with_a_control_image(tmp_path, ray_cluster):
+    """``zimage-orch generate --control-image`` with the tiny ControlNet (in this process, on the session's Ray)."""
     import numpy as np
+
+    from orchestrator.cli import main
 
     control = tmp_path / "edges.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)).save(control)
     out = tmp_path / "cn"
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", "--prompt", "a house",
-                           "--control-image", str(control), "--control-scale", "0.9", "--size", "64x64",
-                           "--seed", "1", "--out", str(out), "--set", "deployment.replicas=1",
-                           "--set", "model.controlnet.source=tiny"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert main(["generate", "--prompt", "a house", "--control-image", str(control), "--control-scale", "0.9",
+                 "--size", "64x64", "--seed", "1", "--out", str(out), "--set", "deployment.replicas=1",
+                 "--set", "model.controlnet.source=tiny"]) == 0
     assert [Image.open(p).size for p in sorted(out.glob("*.png"))] == [(64, 64)]
