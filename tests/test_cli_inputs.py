@@ -204,7 +204,8 @@ def test_a_negative_prompt_without_guidance_is_pointed_out(tmp_path, caplog, mon
     assert "--negative-prompt has no effect at guidance 0" in caplog.text
 
 
-def test_a_locked_batch_state_is_not_called_corrupt(tmp_path, capsys, no_start):
+def test_a_locked_batch_state_is_not_called_corrupt(tmp_path, capsys, no_start, monkeypatch):
+    import functools
     import sqlite3
 
     src, out = tmp_path / "in.jsonl", tmp_path / "out"
@@ -212,6 +213,8 @@ def test_a_locked_batch_state_is_not_called_corrupt(tmp_path, capsys, no_start):
     out.mkdir()
     holder = sqlite3.connect(out / "batch.db")
     holder.execute("BEGIN EXCLUSIVE")  # what a second run of the same job sees while the first one runs
+    # the run's connection waits 0.2 s for the lock, not sqlite's default 5 s: it is held throughout either way
+    monkeypatch.setattr(sqlite3, "connect", functools.partial(sqlite3.connect, timeout=0.2))
     try:
         line = refused(capsys, "batch", str(src), "--out", str(out))
     finally:

@@ -151,7 +151,7 @@ def _wait_ready(url: str, proc, timeout: float = 180.0) -> None:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise AssertionError("not ready in time")
 
 

@@ -203,7 +203,7 @@ def test_python_api_and_restart(ray_cluster, tiny_cache, adapters):
         deadline = time.time() + 120
         while dep.replica_set.state("r0") is not ReplicaState.LIVE:
             assert time.time() < deadline, "r0 did not come back"
-            time.sleep(0.5)
+            time.sleep(0.1)
         assert client.loras()[0]["replicas"] == {"r0": "gpu"}
         (again,) = client.generate("a red fox in snow", width=64, height=64, seed=5, num_inference_steps=3,
                                    loras=[{"name": "style-a", "scale": 0.8}])

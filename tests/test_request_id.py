@@ -209,7 +209,9 @@ def test_cli_log_format_switch(tmp_path):
 def server(ray_cluster, tiny_cache):
     from orchestrator.server import create_app
 
-    cfg = tiny_config(tiny_cache, router={"max_batch_size": 2, "max_wait_ms": 20, "request_timeout_s": 60},
+    # one replica: these tests follow a request id through HTTP, the router and a replica, not across replicas
+    cfg = tiny_config(tiny_cache, deployment={"replicas": 1},
+                      router={"max_batch_size": 2, "max_wait_ms": 20, "request_timeout_s": 60},
                       limits={"max_n": 4, "max_pixels": 256 * 256})
     app = create_app(cfg)
     buf = io.StringIO()
