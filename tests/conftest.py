@@ -196,6 +196,17 @@ def tiny_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("zimage-cache")
 
 
+@pytest.fixture(autouse=True)
+def _test_thread_back_at_the_process_priority():
+    """A test that drives a step loop's iterations on its own thread leaves that thread at its last step's CPU
+    niceness, as the loop's thread is left between steps (zimage_common/cpu_priority.py): lowered after a batch
+    job's step. Threads the next test starts would inherit it, and a test that checks niceness would see it."""
+    yield
+    cpu_priority = sys.modules.get("zimage_common.cpu_priority")
+    if cpu_priority is not None:
+        cpu_priority.run_as(cpu_priority.INTERACTIVE)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for every integration test of the session: 4 logical GPUs on the CPU."""
