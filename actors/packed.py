@@ -340,8 +340,9 @@ def _run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torc
 
 def _attend_run(q, k, v, out, start: int, count: int, length: int) -> None:
     """One dense SDPA call per sample of the run, as fast as one call of all of them: cuDNN builds an execution plan
-    per new shape (tens of ms, ``benchmarks/probe_attn_shapes.py``), and per-sample calls keep the shapes one per
-    sample length, few enough to build them all at warm-up (``PackedTransformer.prewarm``)."""
+    per new shape (tens of ms; docs/benchmarks-history.md, "attention plans built in the serving path"), and
+    per-sample calls keep the shapes one per sample length, few enough to build them all at warm-up
+    (``PackedTransformer.prewarm``)."""
     for i in range(count):
         a = start + i * length
         # [1, H, L, d] with strides that depend on L alone (cuDNN's plan cache keys on strides too)

@@ -2,11 +2,11 @@
 
 PyTorch caches cuDNN's execution plans per thread (convolutions, SDPA graphs), and a shape's first call on a new
 thread builds them again: a VAE decode on a fresh thread took about ten times as long as on the warmed one
-(``benchmarks/probe_step_decode.py``). Ray runs an actor's calls on a pool of threads and a streamed call on a
-thread of its own, so each stage runs on its own thread, the one the warm-up warmed, whichever thread the call came
-in on. That also serializes the stage and enters its CUDA stream, where it has one. The caller blocks until the
-stage is done and gets its result or exception; a call from the stage's own thread runs in place; the caller's
-context variables (the log lines' request ids) go with the call.
+(docs/benchmarks-history.md, "cuDNN's plans are cached per thread"). Ray runs an actor's calls on a pool of threads
+and a streamed call on a thread of its own, so each stage runs on its own thread, the one the warm-up warmed,
+whichever thread the call came in on. That also serializes the stage and enters its CUDA stream, where it has one.
+The caller blocks until the stage is done and gets its result or exception; a call from the stage's own thread runs
+in place; the caller's context variables (the log lines' request ids) go with the call.
 
 Each call carries its caller's work priority (``zimage_common.cpu_priority.WORK_PRIORITY``): a stage's waiting
 calls run most urgent first (first come first served within a priority), so an interactive decode never queues

@@ -260,19 +260,6 @@ def test_closed_loop_records_completion_times_in_order():
 
 
 @pytest.mark.slow
-def test_probe_step_decode_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
-    """The step-decode diagnosis (benchmarks/probe_step_decode.py) with the toy model: every phase decodes every
-    request it sent and fails none."""
-    out = tmp_path / "psd.json"
-    cmd = [sys.executable, "benchmarks/probe_step_decode.py", str(out), "--tiny", "--set",
-           f"model.cache_dir={tiny_cache}", "--rate", "50", "--requests", "4"]
-    run_ok(cmd)
-    phases = json.loads(out.read_text())["phases"]
-    assert {k: (v["decodes"], v["failed"]) for k, v in phases.items()} == {
-        "lone": (3, 0), "batch-poisson": (4, 0), "step-poisson": (4, 0)}
-
-
-@pytest.mark.slow
 def test_probe_step_overhead_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
     """The lone-request layering (benchmarks/probe_step_overhead.py) with the toy model: every layer timed at every
     size, the replica's calls served, and the profile written (no CUDA: no event times)."""
@@ -287,28 +274,6 @@ def test_probe_step_overhead_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
         assert all(v["wall_s"] > 0 and v["device_s"] is None for v in p.values())
         assert p["serve"]["denoise_stage_s"] > 0
     assert "cProfile of run_alone" in out.with_suffix(".txt").read_text()
-
-
-@pytest.mark.slow
-def test_probe_encode_overlap_runs_end_to_end_on_the_cpu(tmp_path, tiny_cache):
-    """The encode-overlap diagnosis (benchmarks/probe_encode_overlap.py) with the toy model: encodes alone of both
-    kinds, and every phase's batches with their denoise times (and one batch alone after it)."""
-    out = tmp_path / "peo.json"
-    cmd = [sys.executable, "benchmarks/probe_encode_overlap.py", str(out), "--tiny", "--set",
-           f"model.cache_dir={tiny_cache}", "--batches", "2", "--alone", "2"]
-    run_ok(cmd)
-    phases = json.loads(out.read_text())["phases"]
-    assert list(phases) == ["alone", "alone-again", "beside", "beside-switch", "beside-synced"]
-    for name in ("alone", "alone-again"):
-        assert {k: v["summary"]["n"] for k, v in phases[name].items()} == {"short": 2, "varied": 2}
-    # the second pass repeats the first's prompts: no shape is new to the probe there
-    again = [r for v in phases["alone-again"].values() for r in v["encodes"]]
-    first = [r for v in phases["alone"].values() for r in v["encodes"]]
-    assert [r["shape"] for r in again] == [r["shape"] for r in first] and not any(r["new_shape"] for r in again)
-    assert all(len(r["shape"]) == 2 and r["shape"][0] == 4 for r in first)
-    for name in ("beside", "beside-switch", "beside-synced"):
-        assert len(phases[name]["batches"]) == 2 and all(b["denoise_s"] > 0 for b in phases[name]["batches"])
-        assert phases[name]["batch_alone"]["denoise_s"] > 0
 
 
 @pytest.mark.slow
@@ -420,17 +385,6 @@ def test_scheduling_model_runs_the_real_join_policy():
     assert [r["scheduler"] for r in rows] == ["batch", "step", "step", "step"]
     assert all(r["mean_over_lone"] > 1.8 for r in rows)
 
-
-
-def test_probe_vae_compile_runs_on_the_cpu(tmp_path):
-    """The VAE compile probe (benchmarks/probe_vae_compile.py) with the tiny VAE, eager (what checks the script on a
-    machine without CUDA): both rounds time every size."""
-    out = tmp_path / "pv.json"
-    run_ok([sys.executable, "benchmarks/probe_vae_compile.py", str(out), "--tiny", "--repeats", "1"])
-    modes = json.loads(out.read_text())["modes"]
-    assert list(modes) == ["eager"] and list(modes["eager"]) == ["round1", "round2"]
-    for entry in modes["eager"].values():
-        assert set(entry["decode_s"]) == {"64x64", "64x96"} and entry["graphs"] == 0
 
 
 def test_probe_attention_fp8_runs_on_the_cpu(tmp_path):
