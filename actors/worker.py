@@ -20,7 +20,6 @@ without Ray. Every outcome of ``run_batch`` comes back as data: a failed batch r
 from __future__ import annotations
 
 import os
-import sys
 import threading
 
 from zimage_common.config import ModelConfig
@@ -54,7 +53,6 @@ class PipelineWorker(StartupMixin, HealthMixin, LoraRegistryMixin, IntakeMixin, 
         env: dict[str, str] | None = None,
         intake: IntakeSpec | None = None,
         results=None,
-        switch_interval_s: float | None = None,
     ):
         """``encoder``: for a replica without a text encoder of its own (component replication), a callable
         ``(prompts, negative_prompts, guidance) -> EncodedPrompts`` that asks the replica hosting the shared
@@ -62,11 +60,8 @@ class PipelineWorker(StartupMixin, HealthMixin, LoraRegistryMixin, IntakeMixin, 
         (``actors/steploop.py``); the router keeps within them too. ``env``: environment variables for this
         process, set before anything else is imported (``logging_setup.replica_env``: the log format, no progress
         bars). ``intake``: the replica's admission limits and encoder threads; ``results``: the pool's store of
-        keyed images (``actors/intake.py``; None: no idempotent images). ``switch_interval_s``: the process's
-        ``sys.setswitchinterval`` (``deployment.gil_switch_interval_ms``); None leaves it."""
+        keyed images (``actors/intake.py``; None: no idempotent images)."""
         os.environ.update(env or {})
-        if switch_interval_s is not None:
-            sys.setswitchinterval(switch_interval_s)
         take_api_keys_from_env()  # a joined cluster's workers inherit whatever the node was started with
         setup_replica_process(replica_id)  # no progress bars; in a Ray actor, log lines name the replica
         process_s = _process_age_s()

@@ -245,7 +245,6 @@ class Deployment(LoraAdmin):
                 encode_threads=fd.replica_encode_threads,
                 namespace=namespace, control_slots=2 * doors + 4 if pooled else 0,
                 results_store=self._store_address,
-                switch_interval_s=d.gil_switch_interval_ms / 1000 if d.gil_switch_interval_ms else None,
             )
             for rp in self.plan.replicas
         ]

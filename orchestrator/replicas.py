@@ -106,7 +106,6 @@ class ReplicaSpec:
     namespace: str | None = None
     control_slots: int = 0
     results_store: tuple[str, str] | None = None  # (namespace, actor name) of the Idempotency-Key store
-    switch_interval_s: float | None = None  # sys.setswitchinterval in the replica's process; None: Python's
 
 
 class Backend(Protocol):

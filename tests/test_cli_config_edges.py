@@ -288,7 +288,6 @@ README_DEFAULTS = {
     "model.lora_max_file_bytes": 2 * 1024**3,
     "deployment.mode": "replicate", "deployment.replicas": None, "deployment.gpus_per_replica": 1,
     "deployment.device_map": None, "deployment.cpu_per_replica": 1, "deployment.torch_threads": None,
-    "deployment.gil_switch_interval_ms": None,
     "deployment.warmup": True, "deployment.start_timeout_s": 1800,
     "deployment.warmup_sizes": ["512x512", "1024x1024", "768x1344", "1344x768", "1024x768"],
     "deployment.gpu_memory_limit_gib": None, "deployment.health_interval_s": 15, "deployment.health_timeout_s": 60,

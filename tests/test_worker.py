@@ -399,40 +399,6 @@ def test_speed_options_compile_the_blocks_with_the_cpp_wrapper_only_when_asked(w
         assert calls == [want, "vae"]
 
 
-def test_gil_switch_interval_reaches_the_replica_process(tiny_cache):
-    """``deployment.gil_switch_interval_ms`` becomes the replica's spec and then its process's switch interval;
-    unset, the process keeps its own."""
-    import asyncio
-    import sys
-
-    from orchestrator.deployment import Deployment
-    from tests.fakes import FakeNode
-    from zimage_common.config import Config
-
-    class Backend:
-        def live_nodes(self):
-            return [FakeNode("n0", "id0", gpus=2)]
-
-    def specs(**deployment):
-        cfg = Config.model_validate({"model": {"source": "tiny", "dtype": "float32"},
-                                     "cluster": {"num_gpus": 2, "gpu_memory_gib": 80},
-                                     "deployment": {"mode": "replicate", **deployment}})
-        return asyncio.run(Deployment(cfg, backend=Backend()).replica_specs())
-
-    assert {s.switch_interval_s for s in specs(gil_switch_interval_ms=0.5)} == {0.0005}
-    assert {s.switch_interval_s for s in specs()} == {None}
-    before = sys.getswitchinterval()
-    try:
-        tiny = ModelConfig(source="tiny", dtype="float32", cache_dir=tiny_cache)
-        PipelineWorker("gil", tiny, switch_interval_s=0.002)
-        assert sys.getswitchinterval() == pytest.approx(0.002)
-        sys.setswitchinterval(0.004)
-        PipelineWorker("gil2", tiny)
-        assert sys.getswitchinterval() == pytest.approx(0.004)
-    finally:
-        sys.setswitchinterval(before)
-
-
 @pytest.mark.parametrize("steps", [1, 2])
 def test_the_warm_up_edit_runs_the_warm_up_steps(worker, steps):
     """The GPU warm-up's img2img call (``_warm_up_edit``): an edit whose schedule runs exactly the warm-up's steps."""

@@ -278,12 +278,6 @@ class DeploymentConfig(_Strict):
     cpu_per_replica: float = Field(default=1.0, ge=0, le=256, description="Ray CPUs reserved per replica.")
     torch_threads: int | None = Field(
         default=None, ge=1, le=256, description="torch.set_num_threads inside a CPU replica; None: torch's default.")
-    gil_switch_interval_ms: float | None = Field(
-        default=None, gt=0, le=100, description="sys.setswitchinterval in each replica's process, in milliseconds: "
-        "how long a thread holding Python's lock may run on before a waiting thread gets it. While the step loop's "
-        "thread launches a step's kernels (most of a small image's step), an arriving request waits this long at each "
-        "hand-over between the replica's threads (Ray's event loop, screening, the encode stage). None: Python's "
-        "default (5 ms).")
     warmup: bool = Field(
         default=True, description="Before reporting ready, run the batches that compile every graph serving needs "
         "(model.compile): one image alone, several of one size, several of mixed sizes and prompt lengths at "
