@@ -30,6 +30,18 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
+def _retrieved(future: asyncio.Future) -> None:
+    """A done callback that reads a future's outcome. A gather whose children were cancelled (its client went away)
+    ends with a CancelledError set as its exception, which asyncio logs as an ERROR with a traceback ("exception was
+    never retrieved") once the future is collected unless something reads it; any other exception is a fault, logged
+    here."""
+    if future.cancelled():
+        return
+    e = future.exception()
+    if e is not None and not isinstance(e, asyncio.CancelledError):
+        log.error("answering a call failed", exc_info=e)
+
+
 async def answer_json(request: Request, call: ImageCall, waiters: list[Awaitable[ImageResult]]) -> Response:
     work = asyncio.ensure_future(asyncio.gather(*waiters, return_exceptions=True))
     # A client that goes away has its queued requests cancelled rather than computed.
@@ -43,6 +55,7 @@ async def answer_json(request: Request, call: ImageCall, waiters: list[Awaitable
         if not gone.done():
             gone.cancel()
     if not work.done():
+        work.add_done_callback(_retrieved)
         work.cancel()
         log.info("client disconnected; cancelled %d request(s)", len(call.requests))
         return Response(status_code=499)
@@ -128,6 +141,8 @@ class EventStream:
     async def events(self, waiters: list[Awaitable[ImageResult]]):
         tasks = [asyncio.ensure_future(self._one(i, w)) for i, w in enumerate(waiters)]
         waiter = asyncio.ensure_future(asyncio.gather(*tasks))
+        waiter.add_done_callback(_retrieved)
+        getter = None
         try:
             while not (waiter.done() and self.queue.empty()):
                 getter = asyncio.ensure_future(self.queue.get())
@@ -144,5 +159,7 @@ class EventStream:
                 yield item
             yield b"data: [DONE]\n\n"
         finally:
+            if getter is not None:
+                getter.cancel()  # else a read of the queue stays pending, and is reported when it is collected
             for t in tasks:
                 t.cancel()  # the client went away: drop what has not run
