@@ -4,7 +4,8 @@ connections that caused it stay open). What each limit does and its field: docs/
 
 - ``GuardedH11Protocol`` (uvicorn's h11 protocol, subclassed): the header deadline, and the cap on open connections
   (``server.max_connections``, and the descriptor limit less ``server.fd_reserve``): past it a new connection closes
-  the oldest one with no request in progress, so a probe is answered under a flood of slow clients.
+  the oldest one with no request in progress, so a probe is answered under a flood of slow clients. Bytes that are
+  not HTTP/1.1 get a 400 in the error envelope (uvicorn's is plain text).
 - ``BodyDeadline`` (ASGI): the body's idle and total deadlines (a 408 through ``FaultBarrier``).
 - ``FaultBarrier`` (ASGI, inside the request-id middleware): a client gone mid-body is a 499 (counted), any other
   exception one ERROR with its traceback and a 500 in the envelope; nothing propagates to uvicorn, which would log
@@ -163,6 +164,24 @@ class GuardedH11Protocol(H11Protocol):
         if timer is not None:
             timer.cancel()
             self._header_timer = None
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes h11 cannot parse as HTTP/1.1 (a malformed request line, header or chunk), in the
+        error envelope every other answer uses: uvicorn's own is plain text. Where a response has already begun (an
+        early 413 while a chunked body still comes), no second one can follow: the connection is closed."""
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            self.transport.close()
+            return
+        body = json.dumps({"error": {
+            "message": "the request is not valid HTTP/1.1: its request line, a header or its chunked body framing "
+                       "cannot be parsed; the connection is closed", "type": "invalid_request_error", "param": None,
+            "code": "invalid_http_request"}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def _header_timeout(self) -> None:
         self._header_timer = None

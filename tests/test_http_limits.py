@@ -632,3 +632,40 @@ def test_serve_refuses_an_api_keys_variable_that_is_set_but_holds_no_key(monkeyp
     with pytest.raises(InvalidRequestError, match="ZIMAGE_API_KEYS is set but holds no key.*unset it") as e:
         server.cmd_serve(args)
     assert e.value.param == "ZIMAGE_API_KEYS" and "ZIMAGE_API_KEYS" not in os.environ
+
+
+def _until_closed(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+def test_bytes_that_are_not_http_get_the_envelope_and_a_bad_chunk_after_an_early_answer_just_closes(caplog):
+    """uvicorn answers what h11 cannot parse in plain text ("Invalid HTTP request received."): here it is the error
+    envelope like every other answer. A chunked body over the limit is answered 413 as soon as it passes it; a
+    malformed chunk after that made uvicorn send a second response on the answered connection, which h11 refused
+    from inside the protocol callback (an asyncio ERROR with a traceback): the connection is now closed."""
+    with Server(cfg(limits={"max_body_bytes": 1024})) as s:
+        for head in (b"Content-Length: abc\r\n", b"Bad Header: y\r\nContent-Length: 0\r\n",
+                     b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"):
+            c = s.sock()
+            c.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+            status, _, body = _until_closed(c).partition(b"\r\n\r\n")
+            assert status.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in status.lower(), status
+            err = json.loads(body)["error"]
+            assert err["type"] == "invalid_request_error" and err["code"] == "invalid_http_request", err
+            assert "not valid HTTP/1.1" in err["message"]
+            c.close()
+        c = s.sock()
+        c.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n800\r\n" + b"a" * 0x800 + b"\r\n")
+        first = c.recv(65536)
+        while b"}}" not in first:  # the 413's whole body
+            first += c.recv(65536)
+        assert first.startswith(b"HTTP/1.1 413"), first[:200]
+        c.sendall(b"zz\r\n")  # not a chunk size
+        assert _until_closed(c) == b""  # closed, with no second response
+        c.close()
+        assert httpx.get(f"{s.url}/readyz").status_code == 200
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
