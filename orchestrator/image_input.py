@@ -261,16 +261,21 @@ def auto_size(width: int, height: int, limits: LimitsConfig, max_side: int | Non
               param: str = "image") -> tuple[int, int]:
     """The output size for ``size: auto``: the image's own, scaled down to fit the limits (aspect kept), each side
     rounded down to a multiple of 16."""
-    scale = 1.0
+    scale, limit = 1.0, None
     if width * height > limits.max_pixels:
-        scale = math.sqrt(limits.max_pixels / (width * height))
+        scale, limit = math.sqrt(limits.max_pixels / (width * height)), f"limits.max_pixels = {limits.max_pixels}"
     if max_side and max(width, height) * scale > max_side:
-        scale = max_side / max(width, height)
+        scale, limit = max_side / max(width, height), f"at most {max_side} pixels per side"
     w = int(width * scale) // MULTIPLE * MULTIPLE
     h = int(height * scale) // MULTIPLE * MULTIPLE
-    if w < MULTIPLE or h < MULTIPLE:
+    if min(width, height) < MULTIPLE:
         raise InvalidRequestError(f"image is {width}x{height}: each side must be at least {MULTIPLE} pixels "
                                   f"(or send a size)", param=param)
+    if w < MULTIPLE or h < MULTIPLE:  # both sides are long enough, but the image is too narrow to scale down
+        raise InvalidRequestError(
+            f"image is {width}x{height}: scaled down to fit the output size limit ({limit}), its shorter side would "
+            f"be {int(min(width, height) * scale)} pixels, under {MULTIPLE}; crop it to a less extreme aspect ratio "
+            f"or send a size", param=param)
     return w, h
 
 

@@ -4,8 +4,38 @@ replicas."""
 
 import asyncio
 import gc
+import io
 
+import httpx
+import pytest
+from batch_fakes import TimedBackend, factory
+from conftest import ServerThread, tiny_config
+from openai_spec import check
+from PIL import Image
+
+from orchestrator.server import create_app
 from zimage_common.messages import ImageRequest
+
+MAX_PIXELS = 64 * 64
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("images-fuzz"), deployment={"replicas": 1},
+                      limits={"max_pixels": MAX_PIXELS})
+    with ServerThread(create_app(cfg, deployment_factory=factory(TimedBackend(1)))) as s:
+        yield s.wait_ready(30)
+
+
+def png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def edit(server, image: bytes, **fields):
+    return httpx.post(f"{server.url}/v1/images/edits", data={"prompt": "p", **fields},
+                      files={"image": ("a.png", image, "image/png")}, timeout=30)
 
 
 def _call(n=2, stream=False):
@@ -82,3 +112,19 @@ def test_a_stream_whose_client_goes_away_cancels_its_work_and_leaves_no_task_beh
 
     assert _loop_errors(scenario) == []
     assert all(w.cancelled() for w in waiters)
+
+
+def test_an_image_too_narrow_to_scale_down_is_refused_for_what_it_is(server):
+    """An edit with ``size: auto`` takes the image's own size, scaled down to the output limits. A 1000x20 image
+    (both sides over 16) scaled to limits.max_pixels has a 9-pixel side: it was refused as "each side must be at
+    least 16 pixels", which it already is. The message says what happened and the fix."""
+    r = edit(server, png(1000, 20))
+    assert r.status_code == 400, r.text[:300]
+    check("ErrorResponse", r.json())
+    err = r.json()["error"]
+    assert err["param"] == "image"
+    assert f"limits.max_pixels = {MAX_PIXELS}" in err["message"] and "shorter side would be 9 pixels" in err["message"]
+    assert "crop it" in err["message"] and "send a size" in err["message"]
+    assert edit(server, png(1000, 20), size="64x64").status_code == 200  # the fix it names works
+    r = edit(server, png(15, 100))  # a side under 16 as sent keeps its own message
+    assert r.status_code == 400 and "each side must be at least 16 pixels" in r.json()["error"]["message"]
