@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -37,12 +38,38 @@ def _png_bit_depth(data: bytes) -> int | None:
     return None
 
 
+_BASE64_MARK = re.compile(r";\x20*base64$", re.IGNORECASE)
+_ASCII_WHITESPACE = str.maketrans("", "", " \t\n\f\r")
+
+
+def forgiving_base64(text: str) -> bytes:
+    """Base64 text -> bytes, read as the Fetch standard reads a data: URL's ("forgiving-base64 decode"): ASCII
+    whitespace ignored (base64 wrapped every 76 characters, as the base64 tool and ``base64.encodebytes`` write it),
+    the padding optional, percent-escapes decoded. Anything else that is not base64 is a ValueError."""
+    import base64
+    import binascii
+    from urllib.parse import unquote
+
+    try:
+        return base64.b64decode(text, validate=True)  # the usual case, in one pass
+    except (binascii.Error, ValueError):
+        pass
+    if "%" in text:
+        text = unquote(text, errors="strict")
+    text = text.translate(_ASCII_WHITESPACE)
+    if len(text) % 4 == 0 and text.endswith("="):
+        text = text[:-2] if text.endswith("==") else text[:-1]
+    if len(text) % 4 == 1:
+        raise ValueError("not base64")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError("not base64") from None
+
+
 def data_url_bytes(ref, param: str) -> bytes:
     """An ``ImageRefParam`` of a JSON edit (``{"image_url": ...}`` or ``{"file_id": ...}``) -> the image's bytes.
     Only ``data:`` URLs: this server fetches nothing from the network, and its Files API holds batch input only."""
-    import base64
-    import binascii
-
     if not isinstance(ref, dict) or set(ref) - {"image_url", "file_id"} or len(ref) != 1:
         raise InvalidRequestError(f"{param} must be an object with exactly one of image_url or file_id",
                                   param=param)
@@ -53,17 +80,18 @@ def data_url_bytes(ref, param: str) -> bytes:
     url = ref["image_url"]
     if not isinstance(url, str):
         raise InvalidRequestError(f"{param}: image_url must be a string", param=param)
-    if not url.startswith("data:"):
+    if url[:5].lower() != "data:":
         raise InvalidRequestError(f"{param}: only data: URLs are accepted (this server fetches no URLs); send "
                                   f"'data:image/png;base64,...' or use multipart/form-data", param=param)
     head, sep, body = url.partition(",")
-    if not sep or not head.endswith(";base64"):
+    if not sep or not _BASE64_MARK.search(head.strip()):
         raise InvalidRequestError(f"{param}: image_url must be a base64 data URL ('data:image/png;base64,...')",
                                   param=param)
     try:
-        return base64.b64decode(body, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequestError(f"{param}: the data URL's base64 is invalid", param=param) from None
+        return forgiving_base64(body)
+    except ValueError:
+        raise InvalidRequestError(f"{param}: the data URL's base64 is invalid (characters other than A-Z a-z 0-9 + "
+                                  f"/ and = padding, or a truncated last group)", param=param) from None
 
 
 def prepare_control(data, width: int, height: int, limits: LimitsConfig) -> np.ndarray:
@@ -77,14 +105,11 @@ def prepare_control(data, width: int, height: int, limits: LimitsConfig) -> np.n
 def control_bytes(data):
     """A control image as given (bytes, a base64 string from JSON: a data URL or bare base64, a PIL image) -> what
     ``open_image`` takes."""
-    import base64
-    import binascii
-
     if isinstance(data, str):  # JSON: a base64 data URL, or bare base64
-        text = data.partition(",")[2] if data.startswith("data:") else data
+        text = data.partition(",")[2] if data[:5].lower() == "data:" else data
         try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
+            return forgiving_base64(text)
+        except ValueError:
             raise InvalidRequestError("control_image must be a base64 image (a data: URL or bare base64)",
                                       param="control_image") from None
     return data

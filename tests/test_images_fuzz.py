@@ -128,3 +128,26 @@ def test_an_image_too_narrow_to_scale_down_is_refused_for_what_it_is(server):
     assert edit(server, png(1000, 20), size="64x64").status_code == 200  # the fix it names works
     r = edit(server, png(15, 100))  # a side under 16 as sent keeps its own message
     assert r.status_code == 400 and "each side must be at least 16 pixels" in r.json()["error"]["message"]
+
+
+def test_a_json_edit_takes_data_urls_as_the_fetch_standard_reads_them(server):
+    """``image_url`` is "a fully qualified URL or base64-encoded data URL"; a data URL is read as the Fetch standard
+    says: its ``data:`` scheme and ``;base64`` marker in any case, ASCII whitespace in the base64 ignored (the line
+    breaks every 76 characters that the base64 tool and Python's ``base64.encodebytes`` write), padding optional,
+    percent-escapes decoded. Each of these was a 400 ("the data URL's base64 is invalid")."""
+    import base64
+
+    image = png(64, 48)
+    plain = base64.b64encode(image).decode()
+    for url in ("data:image/png;base64," + base64.encodebytes(image).decode(),
+                "DATA:image/PNG;BASE64," + plain,
+                "data:image/png;base64," + plain.rstrip("="),
+                "data:image/png;base64," + plain.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")):
+        r = httpx.post(f"{server.url}/v1/images/edits", json={"prompt": "p", "images": [{"image_url": url}]},
+                       timeout=30)
+        assert r.status_code == 200, (url[:40], r.text[:300])
+        check("ImagesResponse", r.json())
+    for bad in ("data:image/png;base64,@@@" + plain, "data:image/png;base64," + plain + "A"):  # not base64
+        r = httpx.post(f"{server.url}/v1/images/edits", json={"prompt": "p", "images": [{"image_url": bad}]},
+                       timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "images", r.text[:300]
