@@ -169,15 +169,18 @@ class GuardedH11Protocol(H11Protocol):
         """uvicorn's answer to bytes h11 cannot parse as HTTP/1.1 (a malformed request line, header or chunk), in the
         error envelope every other answer uses: uvicorn's own is plain text. Where a response has already begun (an
         early 413 while a chunked body still comes), no second one can follow: the connection is closed."""
+        from .request_id import HEADER, new_request_id
+
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             self.transport.close()
             return
+        rid = new_request_id()  # as on every other response: the header, and error.request_id
         body = json.dumps({"error": {
             "message": "the request is not valid HTTP/1.1: its request line, a header or its chunked body framing "
                        "cannot be parsed; the connection is closed", "type": "invalid_request_error", "param": None,
-            "code": "invalid_http_request"}}).encode()
+            "code": "invalid_http_request", "request_id": rid}}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
+                   (HEADER.encode(), rid.encode()), (b"connection", b"close")]
         for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
                       h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))

@@ -656,6 +656,7 @@ def test_bytes_that_are_not_http_get_the_envelope_and_a_bad_chunk_after_an_early
             err = json.loads(body)["error"]
             assert err["type"] == "invalid_request_error" and err["code"] == "invalid_http_request", err
             assert "not valid HTTP/1.1" in err["message"]
+            assert f"x-request-id: {err['request_id']}".encode() in status.lower()  # as on every response
             c.close()
         c = s.sock()
         c.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
