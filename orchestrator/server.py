@@ -192,6 +192,14 @@ def repeated_header(request: Request, name: str) -> JSONResponse | None:
                           param=name, code="duplicate_header")
 
 
+def _is_route(app: FastAPI, path: str) -> bool:
+    """Whether some route of ``app`` serves ``path`` (with any method)."""
+    from starlette.routing import Match
+
+    scope = {"type": "http", "path": path, "method": "GET", "root_path": ""}
+    return any(route.matches(scope)[0] != Match.NONE for route in app.router.routes)
+
+
 def create_app(config: Config, deployment_factory=None) -> FastAPI:
     service = Service(config, deployment_factory)
 
@@ -211,8 +219,10 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
         await service.stop()
 
     # The docs routes are added by add_ops_routes, behind the key.
+    # No redirect for a trailing slash: Starlette's 307 names an absolute URL built from the Host this process saw,
+    # which behind a TLS proxy is the internal http:// address; a 404 that names the path to use is clearer.
     app = FastAPI(title="zimage-orchestrator", version="0.1.0", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.service = service
     include_job_routes(app, service)  # signed image links, files, batch jobs (outputs.py, batch_api.py)
     # Outermost last: request id > response counter > fault barrier > body deadline > the app (http_guard.py).
@@ -224,9 +234,11 @@ def create_app(config: Config, deployment_factory=None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        where = shown(request.url.path, 80)
+        where, bare = shown(request.url.path, 80), request.url.path.rstrip("/") or "/"
         message, code = {
-            404: (f"no such endpoint: {where}", "not_found"),
+            404: (f"no such endpoint: {where}" + (f" (without the trailing slash: {shown(bare, 80)})"
+                                                     if bare != request.url.path and _is_route(app, bare) else ""),
+                  "not_found"),
             405: (f"method {request.method} is not allowed on {where}", "method_not_allowed"),
         }.get(exc.status_code, (str(exc.detail), None))
         return error_response(exc.status_code, message, "invalid_request_error", code=code,

@@ -151,3 +151,14 @@ def test_a_json_edit_takes_data_urls_as_the_fetch_standard_reads_them(server):
         r = httpx.post(f"{server.url}/v1/images/edits", json={"prompt": "p", "images": [{"image_url": bad}]},
                        timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "images", r.text[:300]
+
+
+def test_a_trailing_slash_is_a_404_naming_the_path_not_a_redirect_to_an_absolute_url(server):
+    """Starlette answered ``POST /v1/images/generations/`` with a 307 to an absolute URL built from the Host it saw
+    (behind a TLS proxy, the internal http:// address) and an empty body."""
+    r = httpx.post(f"{server.url}/v1/images/generations/", json={"prompt": "x"}, headers={"Host": "internal:8000"})
+    err = r.json()["error"]
+    assert r.status_code == 404 and "location" not in r.headers and err["code"] == "not_found"
+    assert "(without the trailing slash: '/v1/images/generations')" in err["message"]
+    r = httpx.get(f"{server.url}/v1/no-such-thing/")
+    assert r.status_code == 404 and "trailing slash" not in r.json()["error"]["message"]
