@@ -162,3 +162,18 @@ def test_a_trailing_slash_is_a_404_naming_the_path_not_a_redirect_to_an_absolute
     assert "(without the trailing slash: '/v1/images/generations')" in err["message"]
     r = httpx.get(f"{server.url}/v1/no-such-thing/")
     assert r.status_code == 404 and "trailing slash" not in r.json()["error"]["message"]
+
+
+def test_a_malformed_multipart_body_is_a_400_and_no_log_line_a_client_can_write_at_will(server, caplog):
+    """Each malformed multipart body made python_multipart log a WARNING ("Found invalid character ..."), one line
+    per request and not rate-limited; the 400 already tells the client."""
+    import logging
+
+    from zimage_common import logging_setup
+
+    logging_setup.configure()  # what a served process runs at start (conftest takes its handler and level back)
+    with caplog.at_level(logging.INFO):
+        r = httpx.post(f"{server.url}/v1/images/edits", content=b"--b\r\nX\x00: y\r\n\r\nz\r\n--b--\r\n",
+                       headers={"Content-Type": "multipart/form-data; boundary=b"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert not [rec for rec in caplog.records if rec.name.startswith("python_multipart")]

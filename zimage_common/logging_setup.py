@@ -144,6 +144,9 @@ def configure(fmt: str = "text", level: int = logging.INFO, stream=None) -> None
     _state["format"] = fmt
     for noisy in ("urllib3", "httpx", "filelock", "asyncio", "PIL", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A malformed multipart body is the client's error, answered with a 400 that names it; python_multipart also
+    # logs a WARNING for each one, a line any client could have written at will.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
 def adopt_logger(name: str) -> None:
