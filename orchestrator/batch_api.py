@@ -201,7 +201,7 @@ class JobService:
             raise InvalidRequestError(f"endpoint {shown(endpoint)} is not one this server batches; use "
                                       f"{' or '.join(repr(e) for e in ENDPOINTS)}", param="endpoint")
         window = body.get("completion_window")
-        if window not in COMPLETION_WINDOW_S:
+        if not isinstance(window, str) or window not in COMPLETION_WINDOW_S:  # a list or object is unhashable
             raise InvalidRequestError(f"completion_window must be \"24h\", got {shown(window)}",
                                       param="completion_window")
         metadata = body.get("metadata")
