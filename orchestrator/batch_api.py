@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import threading
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from zimage_common.errors import InvalidRequestError, ZImageError
 from zimage_common.messages import FailureKind, ImageResult
@@ -42,6 +44,8 @@ CHECK_COPIES = 3  # a line being checked is held as bytes, as text and parsed (i
 PUBLIC = ("id", "object", "endpoint", "errors", "input_file_id", "completion_window", "status", "output_file_id",
           "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
           "expired_at", "cancelling_at", "cancelled_at", "request_counts", "metadata")
+CHUNK = 1 << 20  # a file's content is sent this many bytes at a time
+RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
 
 
 def _id(prefix: str) -> str:
@@ -69,6 +73,46 @@ def _printable(value):
     if isinstance(value, list):
         return [_printable(v) for v in value]
     return value
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range a Range header asks of a file of ``size`` bytes, as (first, last), or None to send it
+    whole: RFC 9110 lets a server ignore a Range it does not serve (several ranges, a malformed or unsatisfiable
+    one), which keeps every answer in the envelope (Starlette's file response answers those in plain text)."""
+    m = RANGE.fullmatch(header.strip()) if header else None
+    if m is None or not (m[1] or m[2]):
+        return None
+    if m[1]:
+        first, last = int(m[1]), min(int(m[2]), size - 1) if m[2] else size - 1
+    else:  # the last N bytes
+        first, last = max(0, size - int(m[2])), size - 1
+    return (first, last) if first <= last else None
+
+
+def file_response(f, filename: str, range_header: str | None) -> StreamingResponse:
+    """A stored file's content from ``f``, a file already open: a DELETE (which unlinks it) during the download
+    cannot cut it short or make it a 500. ``f`` is closed when the content is sent, or the client has gone."""
+    size = os.fstat(f.fileno()).st_size
+    span = byte_range(range_header, size)
+    first, last = span or (0, size - 1)
+    name = quote(filename)
+    headers = {"content-length": str(last - first + 1), "accept-ranges": "bytes", "content-disposition":
+               f"attachment; filename*=utf-8''{name}" if name != filename else f'attachment; filename="{filename}"'}
+    if span is not None:
+        headers["content-range"] = f"bytes {first}-{last}/{size}"
+
+    async def chunks():
+        try:
+            await run_blocking(f.seek, first)
+            left = last - first + 1
+            while left > 0 and (data := await run_blocking(f.read, min(CHUNK, left))):
+                left -= len(data)
+                yield data
+        finally:
+            f.close()
+
+    return StreamingResponse(chunks(), status_code=200 if span is None else 206, media_type="application/jsonl",
+                             headers=headers)
 
 
 class ServerSink(OutputFile):
@@ -234,7 +278,11 @@ class JobService:
         if file_obj["purpose"] != "batch":
             raise InvalidRequestError(f"file {file_obj['id']} has purpose {file_obj['purpose']!r}; a batch's input "
                                       f"needs purpose \"batch\"", param="input_file_id")
-        total = check_file(path, self.config.batches.max_lines, (endpoint,))  # every line's url is the endpoint
+        try:
+            total = check_file(path, self.config.batches.max_lines, (endpoint,))  # every line's url is the endpoint
+        except FileNotFoundError:  # its row outlived its data (removed from the disk by hand)
+            raise InvalidRequestError(f"file {file_obj['id']} has lost its content on this server; upload the file "
+                                      f"again and use the new id", param="input_file_id") from None
         now = int(time.time())
         b = dict.fromkeys(PUBLIC) | {  # every other field null until the job reaches it
             "id": _id("batch"), "object": "batch", "endpoint": endpoint, "input_file_id": file_obj["id"],
@@ -520,9 +568,14 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
         if (d := denied(request)) is not None:
             return d
         found = jobs.db.file(file_id) if jobs._has_jobs() else None
-        if found is None:
+        try:
+            f = None if found is None else await run_blocking(open, found[1], "rb")
+        except FileNotFoundError:  # deleted since it was looked up, or its data removed from the disk
+            f = None
+        if f is None:
             return not_found("file", file_id, "file_id")
-        return FileResponse(found[1], media_type="application/jsonl", filename=found[0]["filename"])
+        range_header = None if request.headers.get("if-range") else request.headers.get("range")
+        return file_response(f, found[0]["filename"], range_header)
 
     @api.post("/v1/batches")
     async def create_batch(request: Request):

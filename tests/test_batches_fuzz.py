@@ -8,7 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_batches_http import GEN, jsonl, req, serve, upload
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+SCALARS = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+           | st.text(max_size=8))
+JSON = st.recursive(SCALARS,
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
                     max_leaves=6)
 
@@ -42,3 +44,48 @@ def test_any_json_in_a_create_field_is_answered_never_a_500(server, field, value
     assert r.status_code in (200, 400), r.text
     if r.status_code == 400:
         assert r.json()["error"]["param"] == field, r.text
+
+
+def test_a_file_whose_data_is_gone_is_a_404_to_download_and_a_400_to_run(server):
+    fid = upload(server, jsonl(req("a", prompt="x"))).json()["id"]
+    jobs = server.server.config.app.state.jobs
+    jobs.db.file(fid)[1].unlink()
+    r = httpx.get(f"{server.url}/v1/files/{fid}/content")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "file_id", r.text
+    r = httpx.post(f"{server.url}/v1/batches", json={"input_file_id": fid, "endpoint": GEN, "completion_window": "24h"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input_file_id", r.text
+    assert "upload the file again" in r.json()["error"]["message"], r.text
+    assert httpx.delete(f"{server.url}/v1/files/{fid}").status_code == 200
+
+
+def test_a_download_outlives_a_delete_of_its_file(server):
+    """The content is read from a descriptor opened before the answer began: a DELETE in between unlinks the file,
+    and the download still gets all of it."""
+    data = jsonl(*[req(f"c{i}", prompt="p" * 1000) for i in range(1500)])  # more than one chunk
+    fid = upload(server, data).json()["id"]
+    with httpx.stream("GET", f"{server.url}/v1/files/{fid}/content") as r:
+        assert r.status_code == 200 and int(r.headers["content-length"]) == len(data)
+        got = iter(r.iter_raw())
+        head = next(got)
+        assert httpx.delete(f"{server.url}/v1/files/{fid}").json()["deleted"]
+        assert head + b"".join(got) == data
+
+
+@pytest.mark.parametrize("header,span", [
+    ("bytes=abc", None), ("bytes=999999-", None), ("bytes=0-1,3-4", None), ("bytes=-", None),
+    ("bytes=0-1", lambda n: (0, 1)), ("bytes=5-", lambda n: (5, n - 1)), ("bytes=-3", lambda n: (n - 3, n - 1)),
+    ("bytes=2-99999999", lambda n: (2, n - 1)),
+])
+def test_a_range_of_a_file_is_served_or_ignored_never_a_plain_text_error(server, header, span):
+    """One satisfiable range is a 206; any other (malformed, several, past the end) is ignored, as RFC 9110 allows:
+    the whole file, where Starlette's file response answered in plain text, outside the envelope."""
+    data = jsonl(req("a", prompt="x"))
+    fid = upload(server, data).json()["id"]
+    r = httpx.get(f"{server.url}/v1/files/{fid}/content", headers={"Range": header})
+    assert r.headers["content-type"] == "application/jsonl", (r.status_code, r.text)
+    if span is None:
+        assert r.status_code == 200 and r.content == data
+    else:
+        first, last = span(len(data))
+        assert r.status_code == 206 and r.content == data[first:last + 1]
+        assert r.headers["content-range"] == f"bytes {first}-{last}/{len(data)}"
