@@ -111,6 +111,8 @@ def read_lines(raw_lines: Iterable[bytes | str], max_lines: int, endpoints: Iter
     seen: dict[str, int] = {}
     count = 0
     for number, raw in enumerate(raw_lines, start=1):
+        if number == 1:  # a UTF-8 byte order mark, as Windows tools (PowerShell 5's Out-File) write: not the line's
+            raw = raw.removeprefix(b"\xef\xbb\xbf" if isinstance(raw, bytes) else "\ufeff")
         line = parse_line(number, raw, endpoints)
         if line is None:
             continue

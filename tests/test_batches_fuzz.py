@@ -1,12 +1,17 @@
 """Hostile and odd inputs to the Files and Batch APIs on fake replicas: every one a 4xx in the error envelope naming
 the field (never a 500), and the service serving on."""
 
+import json
+import time
+
 import httpx
 import pytest
 from batch_fakes import TimedBackend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_batches_http import GEN, jsonl, req, serve, upload
+
+from orchestrator.batch_input import read_lines
 
 SCALARS = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
            | st.text(max_size=8))
@@ -22,6 +27,15 @@ def server(tmp_path_factory):
         s.wait_ready(timeout_s=30)
         s.fid = upload(s, jsonl(req("a", prompt="x"))).json()["id"]
         yield s
+
+
+def wait_end(s, bid, timeout_s=30):
+    deadline = time.time() + timeout_s
+    while (b := httpx.get(f"{s.url}/v1/batches/{bid}").json())["status"] not in ("completed", "failed", "expired",
+                                                                                  "cancelled"):
+        assert time.time() < deadline, b
+        time.sleep(0.02)
+    return b
 
 
 def create(s, **body):
@@ -89,3 +103,17 @@ def test_a_range_of_a_file_is_served_or_ignored_never_a_plain_text_error(server,
         first, last = span(len(data))
         assert r.status_code == 206 and r.content == data[first:last + 1]
         assert r.headers["content-range"] == f"bytes {first}-{last}/{len(data)}"
+
+
+def test_a_file_with_a_byte_order_mark_and_crlf_line_ends_runs(server):
+    """Windows tools write UTF-8 with a BOM (PowerShell 5's Out-File) and CRLF line ends; it used to be refused as
+    "line 1: is not valid JSON (Unexpected UTF-8 BOM ...)"."""
+    data = b"\xef\xbb\xbf" + jsonl(req("a", prompt="x"), req("b", prompt="y")).replace(b"\n", b"\r\n") + b"\r\n"
+    r = upload(server, data)
+    assert r.status_code == 200, r.text
+    b = create(server, input_file_id=r.json()["id"]).json()
+    b = wait_end(server, b["id"])
+    assert b["status"] == "completed" and b["request_counts"] == {"total": 2, "completed": 2, "failed": 0}, b
+    out = httpx.get(f"{server.url}/v1/files/{b['output_file_id']}/content").text
+    assert sorted(json.loads(x)["custom_id"] for x in out.splitlines()) == ["a", "b"]
+    assert [x.custom_id for x in read_lines(["\ufeff" + json.dumps(req("c", prompt="z"))], 1)] == ["c"]
