@@ -222,6 +222,11 @@ class JobRunner:
                                         getattr(dep, "lora_names", None))
         except ZImageError as e:
             return failed(line, e.http_status, e.error_type, e.message, e.param)
+        except Exception:  # noqa: BLE001 - a fault in the parser: this line fails (as the API's 500), not the job
+            log.exception("batch %s line %d (%s): reading the request failed", self.batch_id, line.number,
+                          line.custom_id)
+            return failed(line, 500, "server_error", "the server failed to read this request; the cause is in its "
+                          "log")
         trace = f"{self.batch_id}:{line.custom_id}"[:128]
         return replace(call, requests=[replace(r, priority=BATCH_JOB, trace_id=trace) for r in call.requests])
 
@@ -250,6 +255,12 @@ class JobRunner:
                                 "stored (the storage backend failed; the cause is in the server log); the line runs "
                                 "again if the job is resumed", code="storage_unavailable", retryable=True,
                                 latency_s=latency))
+            return
+        except Exception:  # noqa: BLE001 - an encoder's own error: this line fails, the job goes on
+            log.exception("batch %s line %d (%s): encoding its images failed", self.batch_id, line.number,
+                          line.custom_id)
+            self._finish(failed(line, 500, "server_error", f"the server failed to encode this request's images "
+                                f"(request {call.requests[0].trace_id}); the cause is in its log", latency_s=latency))
             return
         body = images_response(call, results, [""] * len(results), int(time.time()))
         body["data"] = [{**entry, "seed": r.seed} for entry, r in zip(entries, results)]

@@ -117,3 +117,35 @@ def test_a_file_with_a_byte_order_mark_and_crlf_line_ends_runs(server):
     out = httpx.get(f"{server.url}/v1/files/{b['output_file_id']}/content").text
     assert sorted(json.loads(x)["custom_id"] for x in out.splitlines()) == ["a", "b"]
     assert [x.custom_id for x in read_lines(["\ufeff" + json.dumps(req("c", prompt="z"))], 1)] == ["c"]
+
+
+def test_an_unexpected_error_on_one_line_fails_that_line_not_the_job(server, monkeypatch):
+    """A line whose parsing or encoding raises something unforeseen (a bug, a codec's own error) is answered as a
+    500 on that line; it used to stop the job, failed, with the lines after it never run."""
+    from orchestrator import batch_api, batches
+
+    parse, encode = batches.parse_generation, batch_api.b64_text
+
+    def parse_generation(body, *args):
+        if body.get("prompt") == "unreadable":
+            raise KeyError("width")
+        return parse(body, *args)
+
+    def b64_text(picture, call):
+        if call.requests[0].prompt == "unencodable":
+            raise OSError("encoder error -2")
+        return encode(picture, call)
+
+    monkeypatch.setattr(batches, "parse_generation", parse_generation)
+    monkeypatch.setattr(batch_api, "b64_text", b64_text)
+    lines = [req("a", prompt="x"), req("b", prompt="unreadable"), req("c", prompt="unencodable"), req("d", prompt="y")]
+    b = create(server, input_file_id=upload(server, jsonl(*lines)).json()["id"]).json()
+    b = wait_end(server, b["id"])
+    assert b["status"] == "completed" and b["request_counts"] == {"total": 4, "completed": 2, "failed": 2}, b
+    out = {r["custom_id"]: r for r in map(json.loads, httpx.get(
+        f"{server.url}/v1/files/{b['output_file_id']}/content").text.splitlines())}
+    for cid in ("b", "c"):
+        err = out[cid]["response"]["body"]["error"]
+        assert out[cid]["response"]["status_code"] == 500 and err["type"] == "server_error", out[cid]
+        assert "in its log" in err["message"] and "encoder error" not in err["message"], err
+    assert out["d"]["response"]["status_code"] == 200
