@@ -140,6 +140,7 @@ class JobService:
         self.outputs = outputs
         self.directory = Path(self.config.batches.directory)
         self._db: JobDB | None = None
+        self._open_lock = threading.Lock()
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self.runner: JobRunner | None = None
@@ -156,14 +157,21 @@ class JobService:
     @property
     def db(self) -> JobDB:
         if self._db is None:  # made on first use: a server that runs no job writes nothing
-            (self.directory / "files").mkdir(parents=True, exist_ok=True)
-            # a server killed mid-upload left its partial file; no upload of this one has begun yet (a job
-            # directory belongs to one server: each runs the jobs it finds in it)
-            for partial in (self.directory / "files").glob(".upload-*"):
-                partial.unlink(missing_ok=True)
-            self._db = JobDB(self.directory / "batches.db")
-            self.quota.stored = self._db.stored_bytes("batch")  # the files a run before this one kept
+            # under a lock: a POST /v1/batches looks its file up on a thread while the event loop may open it too
+            with self._open_lock:
+                if self._db is None:
+                    self._db = self._open()
         return self._db
+
+    def _open(self) -> JobDB:
+        (self.directory / "files").mkdir(parents=True, exist_ok=True)
+        # a server killed mid-upload left its partial file; no upload of this one has begun yet (a job
+        # directory belongs to one server: each runs the jobs it finds in it)
+        for partial in (self.directory / "files").glob(".upload-*"):
+            partial.unlink(missing_ok=True)
+        db = JobDB(self.directory / "batches.db")
+        self.quota.stored = db.stored_bytes("batch")  # the files a run before this one kept
+        return db
 
     def begin(self) -> None:
         self._stopping = False

@@ -149,3 +149,33 @@ def test_an_unexpected_error_on_one_line_fails_that_line_not_the_job(server, mon
         assert out[cid]["response"]["status_code"] == 500 and err["type"] == "server_error", out[cid]
         assert "in its log" in err["message"] and "encoder error" not in err["message"], err
     assert out["d"]["response"]["status_code"] == 200
+
+
+def test_the_job_database_is_opened_once_when_first_used_from_two_threads(tmp_path, monkeypatch):
+    """POST /v1/batches looks its file up on a thread while the event loop may open the database too: each used to
+    open its own, the second sweeping partial uploads and resetting the stored-bytes count after the first began."""
+    import threading
+    from types import SimpleNamespace
+
+    from conftest import tiny_config
+
+    from orchestrator import batch_api
+
+    opened = []
+
+    class SlowDB(batch_api.JobDB):
+        def __init__(self, path):
+            opened.append(path)
+            time.sleep(0.1)  # long enough for the other thread to look meanwhile
+            super().__init__(path)
+
+    monkeypatch.setattr(batch_api, "JobDB", SlowDB)
+    jobs = batch_api.JobService(SimpleNamespace(config=tiny_config(tmp_path)), outputs=None)
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(jobs.db)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(opened) == 1 and seen[0] is seen[1]
+    jobs.db.close()
