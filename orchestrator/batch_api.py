@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 COMPLETION_WINDOW_S = {"24h": 86_400}
 MAX_LIST = 100  # GET /v1/batches?limit= (OpenAI's range: 1 to 100)
+MAX_FILES_LIST = 10_000  # GET /v1/files?limit= (OpenAI's range and default: 1 to 10,000)
 CHECK_COPIES = 3  # a line being checked is held as bytes, as text and parsed (its long string copied once more)
 PUBLIC = ("id", "object", "endpoint", "errors", "input_file_id", "completion_window", "status", "output_file_id",
           "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
@@ -547,11 +548,26 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
             jobs.quota.release(need)
 
     @api.get("/v1/files")
-    async def list_files(request: Request, purpose: str | None = None):
+    async def list_files(request: Request, purpose: str | None = None, limit: int = MAX_FILES_LIST,
+                         after: str | None = None, order: str = "desc"):
+        """OpenAI's list: newest first (``order=asc``: oldest first), ``limit`` at a time, the page ``after`` an id."""
         if (d := denied(request)) is not None:
             return d
+        if not 1 <= limit <= MAX_FILES_LIST:
+            return error_response(400, f"limit must be between 1 and {MAX_FILES_LIST}, got {limit}",
+                                  "invalid_request_error", param="limit")
+        if order not in ("asc", "desc"):
+            return error_response(400, f"order must be \"asc\" or \"desc\", got {shown(order)}",
+                                  "invalid_request_error", param="order")
         found = jobs.db.files(purpose) if jobs._has_jobs() else []
-        return {"object": "list", "data": [{**f, "status": "processed"} for f in found], "has_more": False}
+        if order == "asc":
+            found.reverse()
+        if after is not None:
+            ids = [f["id"] for f in found]
+            found = found[ids.index(after) + 1:] if after in ids else []
+        page = [{**f, "status": "processed", "status_details": None} for f in found[:limit]]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(found) > limit}
 
     @api.delete("/v1/files/{file_id}")
     async def delete_file(file_id: str, request: Request):
@@ -569,7 +585,8 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
         if (d := denied(request)) is not None:
             return d
         found = jobs.db.file(file_id) if jobs._has_jobs() else None
-        return not_found("file", file_id, "file_id") if found is None else {**found[0], "status": "processed"}
+        return not_found("file", file_id, "file_id") if found is None else {**found[0], "status": "processed",
+                                                                           "status_details": None}
 
     @api.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str, request: Request):

@@ -179,3 +179,29 @@ def test_the_job_database_is_opened_once_when_first_used_from_two_threads(tmp_pa
         t.join()
     assert len(opened) == 1 and seen[0] is seen[1]
     jobs.db.close()
+
+
+def test_files_are_listed_a_page_at_a_time(server):
+    """GET /v1/files takes OpenAI's limit, after and order; they used to be ignored (every file, has_more false)."""
+    from openai import OpenAI
+
+    for i in range(3):
+        upload(server, jsonl(req(f"p{i}", prompt="x")))
+    every = httpx.get(f"{server.url}/v1/files").json()
+    ids = [f["id"] for f in every["data"]]
+    assert len(ids) >= 3 and not every["has_more"] and every["last_id"] == ids[-1]
+    assert [f["id"] for f in httpx.get(f"{server.url}/v1/files?order=asc").json()["data"]] == ids[::-1]
+    walked, after = [], None
+    while True:
+        page = httpx.get(f"{server.url}/v1/files", params={"limit": 2, **({"after": after} if after else {})}).json()
+        assert len(page["data"]) <= 2 and page["first_id"] == page["data"][0]["id"], page
+        walked += [f["id"] for f in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert walked == ids
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    assert [f.id for f in client.files.list(limit=2)] == ids  # the client follows the pages
+    for query, param in [("limit=0", "limit"), ("limit=10001", "limit"), ("order=newest", "order")]:
+        r = httpx.get(f"{server.url}/v1/files?{query}")
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
