@@ -266,6 +266,13 @@ class JobService:
         if metadata is not None and not all(_is_text(k) and _is_text(v) for k, v in metadata.items()):
             raise InvalidRequestError("metadata holds a string that is not Unicode text (a lone UTF-16 surrogate, "
                                       "a \\ud800-\\udfff escape without its pair); send text", param="metadata")
+        after = body.get("output_expires_after")
+        if after is not None and not (isinstance(after, dict) and set(after) == {"anchor", "seconds"}
+                                      and after["anchor"] == "created_at" and type(after["seconds"]) is int
+                                      and 3600 <= after["seconds"] <= 2_592_000):
+            # OpenAI's shape, checked so that a typo is not taken silently (output files here are kept until deleted)
+            raise InvalidRequestError("output_expires_after must be {\"anchor\": \"created_at\", \"seconds\": N} "
+                                      "with N from 3600 to 2592000", param="output_expires_after")
         file_id = body.get("input_file_id")
         with self._files_lock:
             found = self.db.file(file_id) if isinstance(file_id, str) and file_id else None

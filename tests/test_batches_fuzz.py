@@ -205,3 +205,15 @@ def test_files_are_listed_a_page_at_a_time(server):
     for query, param in [("limit=0", "limit"), ("limit=10001", "limit"), ("order=newest", "order")]:
         r = httpx.get(f"{server.url}/v1/files?{query}")
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("after,status", [
+    ({"anchor": "created_at", "seconds": 3600}, 200), (None, 200), ("1h", 400), ({"seconds": 3600}, 400),
+    ({"anchor": "created_at", "seconds": 60}, 400), ({"anchor": "created_at", "seconds": True}, 400),
+    ({"anchor": "completed_at", "seconds": 3600}, 400),
+])
+def test_output_expires_after_is_checked_against_openais_shape(server, after, status):
+    r = create(server, output_expires_after=after)
+    assert r.status_code == status, r.text
+    if status == 400:
+        assert r.json()["error"]["param"] == "output_expires_after", r.text
