@@ -275,7 +275,8 @@ class JobService:
                                       "with N from 3600 to 2592000", param="output_expires_after")
         file_id = body.get("input_file_id")
         with self._files_lock:
-            found = self.db.file(file_id) if isinstance(file_id, str) and file_id else None
+            # (a lone surrogate, which a \u escape can make, is no id, and SQLite cannot take it)
+            found = self.db.file(file_id) if isinstance(file_id, str) and file_id and _is_text(file_id) else None
             if found is None:
                 raise InvalidRequestError(f"no file {shown(file_id)}; upload one with POST /v1/files (purpose "
                                           f"\"batch\")", param="input_file_id")

@@ -217,3 +217,10 @@ def test_output_expires_after_is_checked_against_openais_shape(server, after, st
     assert r.status_code == status, r.text
     if status == 400:
         assert r.json()["error"]["param"] == "output_expires_after", r.text
+
+
+def test_an_input_file_id_with_a_lone_surrogate_is_a_400_not_a_500(server):
+    r = httpx.post(f"{server.url}/v1/batches", content=b'{"input_file_id": "file-\\ud800", "endpoint": "'
+                   + GEN.encode() + b'", "completion_window": "24h"}', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input_file_id", r.text
+    assert "\\ud800" in r.json()["error"]["message"], r.text
