@@ -10,27 +10,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import threading
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from urllib.parse import quote
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from zimage_common.errors import InvalidRequestError, ZImageError
 from zimage_common.messages import FailureKind, ImageResult
 
-from .batch_db import JobDB
-from .batch_input import ENDPOINTS, check_file, read_lines
+from .batch_db import JobDB, creation_order
+from .batch_input import ENDPOINTS, check_file, is_text, printable, read_lines
 from .batches import JobRunner, OutputFile
 from .file_quota import FileQuota, StorageRefused
 from .http_errors import error_response, from_exception
 from .images_api import ImageCall
-from .outputs import Outputs, b64_text
+from .outputs import Outputs, b64_text, file_response
 from .requests import decimal, shown
 from .storage import run_blocking
 from .uploads import BodyReservation, BodyTooLarge, limited, parse_json, read_body, receive_jsonl_upload
@@ -45,75 +43,10 @@ CHECK_COPIES = 3  # a line being checked is held as bytes, as text and parsed (i
 PUBLIC = ("id", "object", "endpoint", "errors", "input_file_id", "completion_window", "status", "output_file_id",
           "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
           "expired_at", "cancelling_at", "cancelled_at", "request_counts", "metadata")
-CHUNK = 1 << 20  # a file's content is sent this many bytes at a time
-RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
 
 
 def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
-
-
-def _is_text(value: str) -> bool:
-    """True for a string UTF-8 can encode (not one holding a lone surrogate, which JSON's \\u escapes can make)."""
-    if value.isascii():
-        return True
-    try:
-        value.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _printable(value):
-    """``value`` with every string UTF-8 can encode: a response with a lone surrogate fails to render (a 500), so
-    one stored before it was refused is shown escaped, as ``\\ud800``, instead."""
-    if isinstance(value, str):
-        return value if _is_text(value) else value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, dict):
-        return {_printable(k): _printable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_printable(v) for v in value]
-    return value
-
-
-def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """The one byte range a Range header asks of a file of ``size`` bytes, as (first, last), or None to send it
-    whole: RFC 9110 lets a server ignore a Range it does not serve (several ranges, a malformed or unsatisfiable
-    one), which keeps every answer in the envelope (Starlette's file response answers those in plain text)."""
-    m = RANGE.fullmatch(header.strip()) if header else None
-    if m is None or not (m[1] or m[2]):
-        return None
-    if m[1]:
-        first, last = int(m[1]), min(int(m[2]), size - 1) if m[2] else size - 1
-    else:  # the last N bytes
-        first, last = max(0, size - int(m[2])), size - 1
-    return (first, last) if first <= last else None
-
-
-def file_response(f, filename: str, range_header: str | None) -> StreamingResponse:
-    """A stored file's content from ``f``, a file already open: a DELETE (which unlinks it) during the download
-    cannot cut it short or make it a 500. ``f`` is closed when the content is sent, or the client has gone."""
-    size = os.fstat(f.fileno()).st_size
-    span = byte_range(range_header, size)
-    first, last = span or (0, size - 1)
-    name = quote(filename)
-    headers = {"content-length": str(last - first + 1), "accept-ranges": "bytes", "content-disposition":
-               f"attachment; filename*=utf-8''{name}" if name != filename else f'attachment; filename="{filename}"'}
-    if span is not None:
-        headers["content-range"] = f"bytes {first}-{last}/{size}"
-
-    async def chunks():
-        try:
-            await run_blocking(f.seek, first)
-            left = last - first + 1
-            while left > 0 and (data := await run_blocking(f.read, min(CHUNK, left))):
-                left -= len(data)
-                yield data
-        finally:
-            f.close()
-
-    return StreamingResponse(chunks(), status_code=200 if span is None else 206, media_type="application/jsonl",
-                             headers=headers)
 
 
 class ServerSink(OutputFile):
@@ -239,7 +172,7 @@ class JobService:
             runner = self.runner if self.running_id == b["id"] else None
             if runner is not None and runner.paused:  # an extension: the API's statuses have no "paused"
                 out["paused_reason"] = runner.paused
-        return _printable(out)
+        return printable(out)
 
     def create(self, body: dict, base_url: str) -> dict:
         if not isinstance(body, dict):
@@ -263,7 +196,7 @@ class JobService:
                 for k, v in metadata.items())):
             raise InvalidRequestError("metadata must be an object of at most 16 string keys (64 characters) and "
                                       "string values (512 characters)", param="metadata")
-        if metadata is not None and not all(_is_text(k) and _is_text(v) for k, v in metadata.items()):
+        if metadata is not None and not all(is_text(k) and is_text(v) for k, v in metadata.items()):
             raise InvalidRequestError("metadata holds a string that is not Unicode text (a lone UTF-16 surrogate, "
                                       "a \\ud800-\\udfff escape without its pair); send text", param="metadata")
         after = body.get("output_expires_after")
@@ -276,7 +209,7 @@ class JobService:
         file_id = body.get("input_file_id")
         with self._files_lock:
             # (a lone surrogate, which a \u escape can make, is no id, and SQLite cannot take it)
-            found = self.db.file(file_id) if isinstance(file_id, str) and file_id and _is_text(file_id) else None
+            found = self.db.file(file_id) if isinstance(file_id, str) and file_id and is_text(file_id) else None
             if found is None:
                 raise InvalidRequestError(f"no file {shown(file_id)}; upload one with POST /v1/files (purpose "
                                           f"\"batch\")", param="input_file_id")
@@ -479,12 +412,6 @@ class JobService:
         log.info("batch %s %s: %d completed, %d failed of %d", bid, end["status"], completed, failed, total)
 
 
-def creation_order(b: dict) -> tuple:
-    """Jobs in the order they were created: ``created_at`` is whole seconds (OpenAI's field), ``created_ns`` orders
-    the jobs of one second (jobs stored before it had one come first within their second)."""
-    return b["created_at"], b.get("created_ns", 0), b["id"]
-
-
 def _errors(message: str) -> dict:
     return {"object": "list", "data": [{"code": "server_error", "message": message, "param": None, "line": None}]}
 
@@ -527,7 +454,7 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
             try:
                 purpose, filename, longest = await receive_jsonl_upload(
                     request.headers, jobs.quota.watched(limited(request.stream(), limit)), tmp)
-                filename = _printable(filename)
+                filename = printable(filename)
             except BodyTooLarge:
                 jobs.service.observer.rejected(FailureKind.INVALID_REQUEST)
                 tmp.unlink(missing_ok=True)
@@ -568,8 +495,7 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
             return error_response(400, f"order must be \"asc\" or \"desc\", got {shown(order)}",
                                   "invalid_request_error", param="order")
         found = jobs.db.files(purpose) if jobs._has_jobs() else []
-        if order == "asc":
-            found.reverse()
+        found = found[::-1] if order == "asc" else found
         if after is not None:
             ids = [f["id"] for f in found]
             found = found[ids.index(after) + 1:] if after in ids else []

@@ -127,7 +127,7 @@ class JobDB:
         with self._lock:
             rows = self._db.execute("SELECT id, object FROM batches").fetchall()
         found = [b for b in (_loaded(i, text) for i, text in rows) if b is not None]
-        return sorted(found, key=lambda b: (b["created_at"], b.get("created_ns", 0), b["id"]), reverse=True)
+        return sorted(found, key=creation_order, reverse=True)
 
     # ---- finished requests -------------------------------------------------------------------------------
     def record(self, batch_id: str, custom_id: str, line: int, ok: bool, retryable: bool, latency_s: float | None,
@@ -187,6 +187,12 @@ class JobDB:
                                     "AND latency_s IS NOT NULL ORDER BY latency_s DESC LIMIT ?",
                                     (batch_id, n)).fetchall()
         return [(c, float(t)) for c, t in rows]
+
+
+def creation_order(b: dict) -> tuple:
+    """Jobs in the order they were created: ``created_at`` is whole seconds (OpenAI's field), ``created_ns`` orders
+    the jobs of one second (jobs stored before it had one come first within their second)."""
+    return b["created_at"], b.get("created_ns", 0), b["id"]
 
 
 def _loaded(batch_id: str, text: str) -> dict | None:

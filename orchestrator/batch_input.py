@@ -63,6 +63,29 @@ def _lone_surrogate(obj) -> str | None:
     return None
 
 
+def is_text(value: str) -> bool:
+    """True for a string UTF-8 can encode (not one holding a lone surrogate, which JSON's \\u escapes can make)."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def printable(value):
+    """``value`` with every string UTF-8 can encode: a response with a lone surrogate fails to render (a 500), so
+    one stored before it was refused is shown escaped, as ``\\ud800``, instead."""
+    if isinstance(value, str):
+        return value if is_text(value) else value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [printable(v) for v in value]
+    return value
+
+
 def parse_line(number: int, raw: bytes | str, endpoints: Iterable[str] = ENDPOINTS) -> Line | None:
     """One line of the file; None for a blank line."""
     if isinstance(raw, bytes):
