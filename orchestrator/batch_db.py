@@ -16,6 +16,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+RECORDS_AT_ONCE = 8  # records read in one query when an output is rewritten (one may hold several images)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
@@ -158,13 +160,21 @@ class JobDB:
         return n
 
     def records(self, batch_id: str, ok: bool | None = None) -> Iterator[str]:
-        """The output lines (JSON text) in input order; ``ok`` selects successes or failures only."""
-        query = "SELECT record FROM items WHERE batch_id = ?" + ("" if ok is None else " AND ok = ?") + " ORDER BY line"
-        args = (batch_id,) if ok is None else (batch_id, int(ok))
-        with self._lock:
-            rows = self._db.execute(query, args).fetchall()
-        for (text,) in rows:
-            yield text
+        """The output lines (JSON text) in input order; ``ok`` selects successes or failures only. Read
+        ``RECORDS_AT_ONCE`` at a time, each read a query of its own under the lock: a job's output can be gigabytes
+        of base64, never all in memory, and the writer thread is never held up for the whole of it."""
+        query = ("SELECT line, record FROM items WHERE batch_id = ? AND line > ?" + ("" if ok is None else
+                 " AND ok = ?") + " ORDER BY line LIMIT ?")
+        after = 0  # lines are numbered from 1, one custom_id each: a line number is a cursor into the records
+        while True:
+            args = (batch_id, after, *(() if ok is None else (int(ok),)), RECORDS_AT_ONCE)
+            with self._lock:
+                rows = self._db.execute(query, args).fetchall()
+            for _, text in rows:
+                yield text
+            if len(rows) < RECORDS_AT_ONCE:
+                return
+            after = rows[-1][0]
 
     def write_records(self, batch_id: str, path: Path, ok: bool | None = None) -> None:
         """``path`` rewritten whole from ``records``: an output file as the database has it (lines written by an

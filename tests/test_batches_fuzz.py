@@ -224,3 +224,28 @@ def test_an_input_file_id_with_a_lone_surrogate_is_a_400_not_a_500(server):
                    + GEN.encode() + b'", "completion_window": "24h"}', headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input_file_id", r.text
     assert "\\ud800" in r.json()["error"]["message"], r.text
+
+
+def test_an_output_is_rewritten_from_the_database_without_holding_it_all_in_memory(tmp_path):
+    """A resumed or finalized job's output is rewritten from its records: gigabytes of base64 for a large job, which
+    used to be read whole into memory (fetchall) on the way."""
+    import tracemalloc
+
+    from orchestrator.batch_db import JobDB
+
+    db = JobDB(tmp_path / "batches.db")
+    image = "A" * 200_000
+    for i in range(150):  # 30 MB of records, in input order 1..150 though recorded out of order
+        n = (i * 7) % 150 + 1
+        db.record("b", f"c{n}", n, True, False, None, {"custom_id": f"c{n}", "b64_json": image})
+    db.commit()
+    tracemalloc.start()
+    try:
+        db.write_records("b", tmp_path / "out.jsonl")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert [json.loads(x)["custom_id"] for x in lines] == [f"c{n}" for n in range(1, 151)]
+    assert peak < 150 * len(image) / 4, f"peak {peak / 2**20:.1f} MiB to write {150 * len(image) / 2**20:.0f} MiB"
+    db.close()
