@@ -23,7 +23,7 @@ from zimage_common.errors import InvalidRequestError, ZImageError
 from zimage_common.messages import FailureKind, ImageResult
 
 from .batch_db import JobDB, creation_order
-from .batch_input import ENDPOINTS, check_file, is_text, printable, read_lines
+from .batch_input import ENDPOINTS, check_file, check_metadata, check_output_expiry, is_text, printable, read_lines
 from .batches import JobRunner, OutputFile
 from .file_quota import FileQuota, StorageRefused
 from .http_errors import error_response, from_exception
@@ -190,22 +190,8 @@ class JobService:
         if not isinstance(window, str) or window not in COMPLETION_WINDOW_S:  # a list or object is unhashable
             raise InvalidRequestError(f"completion_window must be \"24h\", got {shown(window)}",
                                       param="completion_window")
-        metadata = body.get("metadata")
-        if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or any(
-                not isinstance(k, str) or not isinstance(v, str) or len(k) > 64 or len(v) > 512
-                for k, v in metadata.items())):
-            raise InvalidRequestError("metadata must be an object of at most 16 string keys (64 characters) and "
-                                      "string values (512 characters)", param="metadata")
-        if metadata is not None and not all(is_text(k) and is_text(v) for k, v in metadata.items()):
-            raise InvalidRequestError("metadata holds a string that is not Unicode text (a lone UTF-16 surrogate, "
-                                      "a \\ud800-\\udfff escape without its pair); send text", param="metadata")
-        after = body.get("output_expires_after")
-        if after is not None and not (isinstance(after, dict) and set(after) == {"anchor", "seconds"}
-                                      and after["anchor"] == "created_at" and type(after["seconds"]) is int
-                                      and 3600 <= after["seconds"] <= 2_592_000):
-            # OpenAI's shape, checked so that a typo is not taken silently (output files here are kept until deleted)
-            raise InvalidRequestError("output_expires_after must be {\"anchor\": \"created_at\", \"seconds\": N} "
-                                      "with N from 3600 to 2592000", param="output_expires_after")
+        metadata = check_metadata(body.get("metadata"))
+        check_output_expiry(body.get("output_expires_after"))
         file_id = body.get("input_file_id")
         with self._files_lock:
             # (a lone surrogate, which a \u escape can make, is no id, and SQLite cannot take it)
@@ -255,8 +241,9 @@ class JobService:
                                       f"can be cancelled", param="batch_id")
         b = {**b, "status": "cancelling", "cancelling_at": int(time.time())}
         self.db.put_batch(b)
-        if self.running_id == b["id"] and self.runner is not None:
-            self.runner.stop()  # the worker ends it once its lines in flight are dropped
+        if self.running_id == b["id"]:  # the worker ends it once its lines in flight are dropped
+            if self.runner is not None:  # (else it has not started its lines: it ends before it would)
+                self.runner.stop()
             self._wake.set()
             return b
         # Not running (waiting its turn): nothing to stop, so it ends now rather than when the jobs ahead of it do.
@@ -326,7 +313,16 @@ class JobService:
             self.db.put_batch(b)
             self.db.forget_retryable(bid)
             output = self.directory / "files" / f"{bid}-output.jsonl"
-            self.db.write_records(bid, output)
+            # A resumed job's output is rewritten from its records, gigabytes for a large one: on a thread, the loop
+            # serving meanwhile. It counts as running from here, so a cancel meanwhile leaves its ending to this run.
+            self.running_id = bid
+            try:
+                await run_blocking(self.db.write_records, bid, output)
+            finally:
+                self.running_id = None
+            if (now := self.db.batch(bid) or b)["status"] != "in_progress":  # cancelled while it was written
+                self._finalize(now, ran=True)  # (the output is the database's: nothing ran since)
+                return
             sink = ServerSink(self.outputs, self.config.outputs.public_base_url or b["base_url"], output)
             dep = self.service.deployment
             batch = self.config.router.max_batch_size

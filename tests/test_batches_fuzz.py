@@ -1,6 +1,7 @@
 """Hostile and odd inputs to the Files and Batch APIs on fake replicas: every one a 4xx in the error envelope naming
 the field (never a 500), and the service serving on."""
 
+import asyncio
 import json
 import time
 
@@ -249,3 +250,51 @@ def test_an_output_is_rewritten_from_the_database_without_holding_it_all_in_memo
     assert [json.loads(x)["custom_id"] for x in lines] == [f"c{n}" for n in range(1, 151)]
     assert peak < 150 * len(image) / 4, f"peak {peak / 2**20:.1f} MiB to write {150 * len(image) / 2**20:.0f} MiB"
     db.close()
+
+
+def test_a_resumed_jobs_output_is_rewritten_off_the_event_loop_and_a_cancel_meanwhile_ends_it(tmp_path, monkeypatch):
+    """A job resumed after a restart first rewrites its output from its records (gigabytes for a large one): that
+    used to run on the event loop, every request waiting for it. A cancel that comes meanwhile ends the job before
+    it takes a line."""
+    import threading
+
+    from test_batch_edge_cases import raw_line, seed_batch
+
+    from orchestrator.batch_db import JobDB
+
+    db = JobDB(tmp_path / "batches" / "batches.db")
+    now = int(time.time())
+    seed_batch(db, tmp_path / "batches", "batch_resumed", raw_line('"c1"', '"p1"') + raw_line('"c2"', '"p2"'), 2,
+               now - 10, status="in_progress", in_progress_at=now - 9)
+    db.record("batch_resumed", "c1", 1, True, False, 0.1, {"custom_id": "c1", "response": None, "error": None})
+    db.commit()
+    db.close()
+    entered, go, on_loop = threading.Event(), threading.Event(), []
+    real = JobDB.write_records
+
+    def write_records(self, batch_id, path, ok=None):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(path.name)
+        except RuntimeError:  # no loop running here: a worker thread
+            pass
+        if ok is None and not entered.is_set():
+            entered.set()
+            go.wait(10)
+        return real(self, batch_id, path, ok)
+
+    monkeypatch.setattr(JobDB, "write_records", write_records)
+    backend = TimedBackend(2)
+    with serve(tmp_path, backend) as s:
+        try:
+            s.wait_ready(timeout_s=30)
+            assert entered.wait(10)
+            r = httpx.post(f"{s.url}/v1/batches/batch_resumed/cancel", timeout=5)  # the loop answers meanwhile
+            assert r.status_code == 200 and r.json()["status"] == "cancelling", r.text
+        finally:
+            go.set()
+        b = wait_end(s, "batch_resumed")
+        assert b["status"] == "cancelled" and b["request_counts"] == {"total": 2, "completed": 1, "failed": 0}, b
+        out = httpx.get(f"{s.url}/v1/files/{b['output_file_id']}/content").text.splitlines()
+        assert [json.loads(x)["custom_id"] for x in out] == ["c1"]
+    assert backend.generated == [] and on_loop == []
