@@ -298,3 +298,42 @@ def test_a_resumed_jobs_output_is_rewritten_off_the_event_loop_and_a_cancel_mean
         out = httpx.get(f"{s.url}/v1/files/{b['output_file_id']}/content").text.splitlines()
         assert [json.loads(x)["custom_id"] for x in out] == ["c1"]
     assert backend.generated == [] and on_loop == []
+
+
+def test_a_custom_id_never_writes_its_own_text_into_a_log_line(tmp_path, monkeypatch, caplog):
+    """A line's trace id (``request_id=`` on the router's and replicas' log lines, and the output's
+    ``response.request_id``) is ``batch_id:custom_id`` only when that is a valid X-Request-ID, else
+    ``batch_id:line-N``; log messages show a custom_id escaped. A custom_id holding a line break used to forge a log
+    line."""
+    import logging
+
+    from batch_fakes import TimedReplica
+
+    from orchestrator.request_id import valid_request_id
+
+    seen = []
+    real = TimedReplica.run
+
+    async def run(self, batch, on_progress=None):
+        seen.extend(r.trace_id for r in batch.requests)
+        return await real(self, batch, on_progress)
+
+    monkeypatch.setattr(TimedReplica, "run", run)
+    backend = TimedBackend(2)
+    forged = "x\n2026-12-07 00:00:00 ERROR orchestrator: FORGED"
+    lines = [req("plain-1", prompt="a"), req(forged, prompt="boom"), req("sp ace", prompt="b"),
+             req("y" * 200, prompt="c")]
+    with serve(tmp_path, backend) as s, caplog.at_level(logging.INFO):
+        s.wait_ready(timeout_s=30)
+        for r in backend.made.values():
+            r.fail_prompts = {"boom"}
+        s.fid = upload(s, jsonl(*lines)).json()["id"]
+        b = wait_end(s, create(s).json()["id"])
+        out = {r["custom_id"]: r for r in map(json.loads, httpx.get(
+            f"{s.url}/v1/files/{b['output_file_id']}/content").text.splitlines())}
+    assert len(seen) == 4 and all(valid_request_id(t) for t in seen), seen
+    assert out["plain-1"]["response"]["request_id"] == f"{b['id']}:plain-1"
+    assert out[forged]["response"]["status_code"] == 500 and f"{b['id']}:line-2" in seen
+    assert out["sp ace"]["response"]["request_id"] == f"{b['id']}:line-3"
+    assert out["y" * 200]["response"]["request_id"] == f"{b['id']}:line-4"
+    assert not [r for r in caplog.records if "FORGED" in r.getMessage() and "\n" in r.getMessage()]
