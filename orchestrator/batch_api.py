@@ -2,8 +2,8 @@
 job beside interactive traffic, download the output. The file is checked at upload (``batch_input.py``: a 400 names
 the first bad line); each body is checked when its line runs, and a bad one fails alone. Jobs live in SQLite
 (``batch_db.py``) and run one at a time at ``BATCH_JOB`` priority (interactive requests go first); a job in progress
-when the server stopped resumes when it starts again. The output file holds one line per request, in input order;
-the error file only the failed ones."""
+when the server stopped resumes when it starts again. The output file holds one line per request, in the order
+they finished (input order where it was rewritten from the database); the error file only the failed ones."""
 
 from __future__ import annotations
 
