@@ -2,8 +2,8 @@
 job beside interactive traffic, download the output. The file is checked at upload (``batch_input.py``: a 400 names
 the first bad line); each body is checked when its line runs, and a bad one fails alone. Jobs live in SQLite
 (``batch_db.py``) and run one at a time at ``BATCH_JOB`` priority (interactive requests go first); a job in progress
-when the server stopped resumes when it starts again. The output file holds one line per request, in input order;
-the error file only the failed ones."""
+when the server stopped resumes when it starts again. The output file holds one line per request, in the order
+they finished (input order where it was rewritten from the database); the error file only the failed ones."""
 
 from __future__ import annotations
 
@@ -17,18 +17,18 @@ from collections import Counter
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 
 from zimage_common.errors import InvalidRequestError, ZImageError
 from zimage_common.messages import FailureKind, ImageResult
 
-from .batch_db import JobDB
-from .batch_input import ENDPOINTS, check_file, read_lines
+from .batch_db import JobDB, creation_order
+from .batch_input import ENDPOINTS, check_file, check_metadata, check_output_expiry, is_text, printable, read_lines
 from .batches import JobRunner, OutputFile
 from .file_quota import FileQuota, StorageRefused
 from .http_errors import error_response, from_exception
 from .images_api import ImageCall
-from .outputs import Outputs, b64_text
+from .outputs import Outputs, b64_text, file_response
 from .requests import decimal, shown
 from .storage import run_blocking
 from .uploads import BodyReservation, BodyTooLarge, limited, parse_json, read_body, receive_jsonl_upload
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 COMPLETION_WINDOW_S = {"24h": 86_400}
 MAX_LIST = 100  # GET /v1/batches?limit= (OpenAI's range: 1 to 100)
+MAX_FILES_LIST = 10_000  # GET /v1/files?limit= (OpenAI's range and default: 1 to 10,000)
 CHECK_COPIES = 3  # a line being checked is held as bytes, as text and parsed (its long string copied once more)
 PUBLIC = ("id", "object", "endpoint", "errors", "input_file_id", "completion_window", "status", "output_file_id",
           "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
@@ -46,29 +47,6 @@ PUBLIC = ("id", "object", "endpoint", "errors", "input_file_id", "completion_win
 
 def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
-
-
-def _is_text(value: str) -> bool:
-    """True for a string UTF-8 can encode (not one holding a lone surrogate, which JSON's \\u escapes can make)."""
-    if value.isascii():
-        return True
-    try:
-        value.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _printable(value):
-    """``value`` with every string UTF-8 can encode: a response with a lone surrogate fails to render (a 500), so
-    one stored before it was refused is shown escaped, as ``\\ud800``, instead."""
-    if isinstance(value, str):
-        return value if _is_text(value) else value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, dict):
-        return {_printable(k): _printable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_printable(v) for v in value]
-    return value
 
 
 class ServerSink(OutputFile):
@@ -96,6 +74,7 @@ class JobService:
         self.outputs = outputs
         self.directory = Path(self.config.batches.directory)
         self._db: JobDB | None = None
+        self._open_lock = threading.Lock()
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self.runner: JobRunner | None = None
@@ -112,14 +91,21 @@ class JobService:
     @property
     def db(self) -> JobDB:
         if self._db is None:  # made on first use: a server that runs no job writes nothing
-            (self.directory / "files").mkdir(parents=True, exist_ok=True)
-            # a server killed mid-upload left its partial file; no upload of this one has begun yet (a job
-            # directory belongs to one server: each runs the jobs it finds in it)
-            for partial in (self.directory / "files").glob(".upload-*"):
-                partial.unlink(missing_ok=True)
-            self._db = JobDB(self.directory / "batches.db")
-            self.quota.stored = self._db.stored_bytes("batch")  # the files a run before this one kept
+            # under a lock: a POST /v1/batches looks its file up on a thread while the event loop may open it too
+            with self._open_lock:
+                if self._db is None:
+                    self._db = self._open()
         return self._db
+
+    def _open(self) -> JobDB:
+        (self.directory / "files").mkdir(parents=True, exist_ok=True)
+        # a server killed mid-upload left its partial file; no upload of this one has begun yet (a job
+        # directory belongs to one server: each runs the jobs it finds in it)
+        for partial in (self.directory / "files").glob(".upload-*"):
+            partial.unlink(missing_ok=True)
+        db = JobDB(self.directory / "batches.db")
+        self.quota.stored = db.stored_bytes("batch")  # the files a run before this one kept
+        return db
 
     def begin(self) -> None:
         self._stopping = False
@@ -186,7 +172,7 @@ class JobService:
             runner = self.runner if self.running_id == b["id"] else None
             if runner is not None and runner.paused:  # an extension: the API's statuses have no "paused"
                 out["paused_reason"] = runner.paused
-        return _printable(out)
+        return printable(out)
 
     def create(self, body: dict, base_url: str) -> dict:
         if not isinstance(body, dict):
@@ -201,21 +187,15 @@ class JobService:
             raise InvalidRequestError(f"endpoint {shown(endpoint)} is not one this server batches; use "
                                       f"{' or '.join(repr(e) for e in ENDPOINTS)}", param="endpoint")
         window = body.get("completion_window")
-        if window not in COMPLETION_WINDOW_S:
+        if not isinstance(window, str) or window not in COMPLETION_WINDOW_S:  # a list or object is unhashable
             raise InvalidRequestError(f"completion_window must be \"24h\", got {shown(window)}",
                                       param="completion_window")
-        metadata = body.get("metadata")
-        if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or any(
-                not isinstance(k, str) or not isinstance(v, str) or len(k) > 64 or len(v) > 512
-                for k, v in metadata.items())):
-            raise InvalidRequestError("metadata must be an object of at most 16 string keys (64 characters) and "
-                                      "string values (512 characters)", param="metadata")
-        if metadata is not None and not all(_is_text(k) and _is_text(v) for k, v in metadata.items()):
-            raise InvalidRequestError("metadata holds a string that is not Unicode text (a lone UTF-16 surrogate, "
-                                      "a \\ud800-\\udfff escape without its pair); send text", param="metadata")
+        metadata = check_metadata(body.get("metadata"))
+        check_output_expiry(body.get("output_expires_after"))
         file_id = body.get("input_file_id")
         with self._files_lock:
-            found = self.db.file(file_id) if isinstance(file_id, str) and file_id else None
+            # (a lone surrogate, which a \u escape can make, is no id, and SQLite cannot take it)
+            found = self.db.file(file_id) if isinstance(file_id, str) and file_id and is_text(file_id) else None
             if found is None:
                 raise InvalidRequestError(f"no file {shown(file_id)}; upload one with POST /v1/files (purpose "
                                           f"\"batch\")", param="input_file_id")
@@ -234,7 +214,11 @@ class JobService:
         if file_obj["purpose"] != "batch":
             raise InvalidRequestError(f"file {file_obj['id']} has purpose {file_obj['purpose']!r}; a batch's input "
                                       f"needs purpose \"batch\"", param="input_file_id")
-        total = check_file(path, self.config.batches.max_lines, (endpoint,))  # every line's url is the endpoint
+        try:
+            total = check_file(path, self.config.batches.max_lines, (endpoint,))  # every line's url is the endpoint
+        except FileNotFoundError:  # its row outlived its data (removed from the disk by hand)
+            raise InvalidRequestError(f"file {file_obj['id']} has lost its content on this server; upload the file "
+                                      f"again and use the new id", param="input_file_id") from None
         now = int(time.time())
         b = dict.fromkeys(PUBLIC) | {  # every other field null until the job reaches it
             "id": _id("batch"), "object": "batch", "endpoint": endpoint, "input_file_id": file_obj["id"],
@@ -257,8 +241,9 @@ class JobService:
                                       f"can be cancelled", param="batch_id")
         b = {**b, "status": "cancelling", "cancelling_at": int(time.time())}
         self.db.put_batch(b)
-        if self.running_id == b["id"] and self.runner is not None:
-            self.runner.stop()  # the worker ends it once its lines in flight are dropped
+        if self.running_id == b["id"]:  # the worker ends it once its lines in flight are dropped
+            if self.runner is not None:  # (else it has not started its lines: it ends before it would)
+                self.runner.stop()
             self._wake.set()
             return b
         # Not running (waiting its turn): nothing to stop, so it ends now rather than when the jobs ahead of it do.
@@ -328,7 +313,16 @@ class JobService:
             self.db.put_batch(b)
             self.db.forget_retryable(bid)
             output = self.directory / "files" / f"{bid}-output.jsonl"
-            self.db.write_records(bid, output)
+            # A resumed job's output is rewritten from its records, gigabytes for a large one: on a thread, the loop
+            # serving meanwhile. It counts as running from here, so a cancel meanwhile leaves its ending to this run.
+            self.running_id = bid
+            try:
+                await run_blocking(self.db.write_records, bid, output)
+            finally:
+                self.running_id = None
+            if (now := self.db.batch(bid) or b)["status"] != "in_progress":  # cancelled while it was written
+                self._finalize(now, ran=True)  # (the output is the database's: nothing ran since)
+                return
             sink = ServerSink(self.outputs, self.config.outputs.public_base_url or b["base_url"], output)
             dep = self.service.deployment
             batch = self.config.router.max_batch_size
@@ -414,12 +408,6 @@ class JobService:
         log.info("batch %s %s: %d completed, %d failed of %d", bid, end["status"], completed, failed, total)
 
 
-def creation_order(b: dict) -> tuple:
-    """Jobs in the order they were created: ``created_at`` is whole seconds (OpenAI's field), ``created_ns`` orders
-    the jobs of one second (jobs stored before it had one come first within their second)."""
-    return b["created_at"], b.get("created_ns", 0), b["id"]
-
-
 def _errors(message: str) -> dict:
     return {"object": "list", "data": [{"code": "server_error", "message": message, "param": None, "line": None}]}
 
@@ -462,7 +450,7 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
             try:
                 purpose, filename, longest = await receive_jsonl_upload(
                     request.headers, jobs.quota.watched(limited(request.stream(), limit)), tmp)
-                filename = _printable(filename)
+                filename = printable(filename)
             except BodyTooLarge:
                 jobs.service.observer.rejected(FailureKind.INVALID_REQUEST)
                 tmp.unlink(missing_ok=True)
@@ -491,11 +479,25 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
             jobs.quota.release(need)
 
     @api.get("/v1/files")
-    async def list_files(request: Request, purpose: str | None = None):
+    async def list_files(request: Request, purpose: str | None = None, limit: int = MAX_FILES_LIST,
+                         after: str | None = None, order: str = "desc"):
+        """OpenAI's list: newest first (``order=asc``: oldest first), ``limit`` at a time, the page ``after`` an id."""
         if (d := denied(request)) is not None:
             return d
+        if not 1 <= limit <= MAX_FILES_LIST:
+            return error_response(400, f"limit must be between 1 and {MAX_FILES_LIST}, got {limit}",
+                                  "invalid_request_error", param="limit")
+        if order not in ("asc", "desc"):
+            return error_response(400, f"order must be \"asc\" or \"desc\", got {shown(order)}",
+                                  "invalid_request_error", param="order")
         found = jobs.db.files(purpose) if jobs._has_jobs() else []
-        return {"object": "list", "data": [{**f, "status": "processed"} for f in found], "has_more": False}
+        found = found[::-1] if order == "asc" else found
+        if after is not None:
+            ids = [f["id"] for f in found]
+            found = found[ids.index(after) + 1:] if after in ids else []
+        page = [{**f, "status": "processed", "status_details": None} for f in found[:limit]]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(found) > limit}
 
     @api.delete("/v1/files/{file_id}")
     async def delete_file(file_id: str, request: Request):
@@ -513,16 +515,22 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
         if (d := denied(request)) is not None:
             return d
         found = jobs.db.file(file_id) if jobs._has_jobs() else None
-        return not_found("file", file_id, "file_id") if found is None else {**found[0], "status": "processed"}
+        return not_found("file", file_id, "file_id") if found is None else {**found[0], "status": "processed",
+                                                                           "status_details": None}
 
     @api.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str, request: Request):
         if (d := denied(request)) is not None:
             return d
         found = jobs.db.file(file_id) if jobs._has_jobs() else None
-        if found is None:
+        try:
+            f = None if found is None else await run_blocking(open, found[1], "rb")
+        except FileNotFoundError:  # deleted since it was looked up, or its data removed from the disk
+            f = None
+        if f is None:
             return not_found("file", file_id, "file_id")
-        return FileResponse(found[1], media_type="application/jsonl", filename=found[0]["filename"])
+        range_header = None if request.headers.get("if-range") else request.headers.get("range")
+        return file_response(f, found[0]["filename"], range_header)
 
     @api.post("/v1/batches")
     async def create_batch(request: Request):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+RECORDS_AT_ONCE = 8  # records read in one query when an output is rewritten (one may hold several images)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
@@ -127,7 +129,7 @@ class JobDB:
         with self._lock:
             rows = self._db.execute("SELECT id, object FROM batches").fetchall()
         found = [b for b in (_loaded(i, text) for i, text in rows) if b is not None]
-        return sorted(found, key=lambda b: (b["created_at"], b.get("created_ns", 0), b["id"]), reverse=True)
+        return sorted(found, key=creation_order, reverse=True)
 
     # ---- finished requests -------------------------------------------------------------------------------
     def record(self, batch_id: str, custom_id: str, line: int, ok: bool, retryable: bool, latency_s: float | None,
@@ -158,13 +160,21 @@ class JobDB:
         return n
 
     def records(self, batch_id: str, ok: bool | None = None) -> Iterator[str]:
-        """The output lines (JSON text) in input order; ``ok`` selects successes or failures only."""
-        query = "SELECT record FROM items WHERE batch_id = ?" + ("" if ok is None else " AND ok = ?") + " ORDER BY line"
-        args = (batch_id,) if ok is None else (batch_id, int(ok))
-        with self._lock:
-            rows = self._db.execute(query, args).fetchall()
-        for (text,) in rows:
-            yield text
+        """The output lines (JSON text) in input order; ``ok`` selects successes or failures only. Read
+        ``RECORDS_AT_ONCE`` at a time, each read a query of its own under the lock: a job's output can be gigabytes
+        of base64, never all in memory, and the writer thread is never held up for the whole of it."""
+        query = ("SELECT line, record FROM items WHERE batch_id = ? AND line > ?" + ("" if ok is None else
+                 " AND ok = ?") + " ORDER BY line LIMIT ?")
+        after = 0  # lines are numbered from 1, one custom_id each: a line number is a cursor into the records
+        while True:
+            args = (batch_id, after, *(() if ok is None else (int(ok),)), RECORDS_AT_ONCE)
+            with self._lock:
+                rows = self._db.execute(query, args).fetchall()
+            for _, text in rows:
+                yield text
+            if len(rows) < RECORDS_AT_ONCE:
+                return
+            after = rows[-1][0]
 
     def write_records(self, batch_id: str, path: Path, ok: bool | None = None) -> None:
         """``path`` rewritten whole from ``records``: an output file as the database has it (lines written by an
@@ -187,6 +197,12 @@ class JobDB:
                                     "AND latency_s IS NOT NULL ORDER BY latency_s DESC LIMIT ?",
                                     (batch_id, n)).fetchall()
         return [(c, float(t)) for c, t in rows]
+
+
+def creation_order(b: dict) -> tuple:
+    """Jobs in the order they were created: ``created_at`` is whole seconds (OpenAI's field), ``created_ns`` orders
+    the jobs of one second (jobs stored before it had one come first within their second)."""
+    return b["created_at"], b.get("created_ns", 0), b["id"]
 
 
 def _loaded(batch_id: str, text: str) -> dict | None:

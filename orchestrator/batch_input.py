@@ -6,7 +6,9 @@ The file is refused whole (``InvalidRequestError`` naming the line) for what wou
 impossible to record: a line that is not a JSON object, a string in it that is not Unicode text (a lone surrogate
 such as ``"\\ud800"``: SQLite and the UTF-8 output cannot hold it), a missing or repeated ``custom_id``, a method
 other than POST, a ``url`` not batched here, a body that is not an object, or too many lines. A body's own fields
-are checked when its line runs, as the HTTP API checks them, so a bad body fails that line alone."""
+are checked when its line runs, as the HTTP API checks them, so a bad body fails that line alone. The fields of a
+``POST /v1/batches`` body that bound what a client may store (``metadata``, ``output_expires_after``) are checked
+here too."""
 
 from __future__ import annotations
 
@@ -63,6 +65,52 @@ def _lone_surrogate(obj) -> str | None:
     return None
 
 
+def is_text(value: str) -> bool:
+    """True for a string UTF-8 can encode (not one holding a lone surrogate, which JSON's \\u escapes can make)."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def printable(value):
+    """``value`` with every string UTF-8 can encode: a response with a lone surrogate fails to render (a 500), so
+    one stored before it was refused is shown escaped, as ``\\ud800``, instead."""
+    if isinstance(value, str):
+        return value if is_text(value) else value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [printable(v) for v in value]
+    return value
+
+
+def check_metadata(metadata):
+    """A batch's ``metadata`` as OpenAI bounds it (None, or up to 16 string pairs), refused otherwise."""
+    if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or any(
+            not isinstance(k, str) or not isinstance(v, str) or len(k) > 64 or len(v) > 512
+            for k, v in metadata.items())):
+        raise InvalidRequestError("metadata must be an object of at most 16 string keys (64 characters) and "
+                                  "string values (512 characters)", param="metadata")
+    if metadata is not None and not all(is_text(k) and is_text(v) for k, v in metadata.items()):
+        raise InvalidRequestError("metadata holds a string that is not Unicode text (a lone UTF-16 surrogate, "
+                                  "a \\ud800-\\udfff escape without its pair); send text", param="metadata")
+    return metadata
+
+
+def check_output_expiry(after) -> None:
+    """A batch's ``output_expires_after`` in OpenAI's shape, checked so that a typo is not taken silently (output
+    files here are kept until deleted)."""
+    if after is not None and not (isinstance(after, dict) and set(after) == {"anchor", "seconds"}
+                                  and after["anchor"] == "created_at" and type(after["seconds"]) is int
+                                  and 3600 <= after["seconds"] <= 2_592_000):
+        raise InvalidRequestError("output_expires_after must be {\"anchor\": \"created_at\", \"seconds\": N} with "
+                                  "N from 3600 to 2592000", param="output_expires_after")
+
+
 def parse_line(number: int, raw: bytes | str, endpoints: Iterable[str] = ENDPOINTS) -> Line | None:
     """One line of the file; None for a blank line."""
     if isinstance(raw, bytes):
@@ -111,6 +159,8 @@ def read_lines(raw_lines: Iterable[bytes | str], max_lines: int, endpoints: Iter
     seen: dict[str, int] = {}
     count = 0
     for number, raw in enumerate(raw_lines, start=1):
+        if number == 1:  # a UTF-8 byte order mark, as Windows tools (PowerShell 5's Out-File) write: not the line's
+            raw = raw.removeprefix(b"\xef\xbb\xbf" if isinstance(raw, bytes) else "\ufeff")
         line = parse_line(number, raw, endpoints)
         if line is None:
             continue

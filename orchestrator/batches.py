@@ -31,6 +31,8 @@ from zimage_common.messages import BATCH_JOB, ImageResult, failure
 from .batch_db import JobDB, dumps
 from .batch_input import EDITS, Line
 from .images_api import ImageCall, images_response, parse_generation, parse_json_edit
+from .request_id import valid_request_id
+from .requests import shown
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,14 @@ class OutputFile:
         self._out.close()
 
 
+def trace_id(batch_id: str, line: Line) -> str:
+    """A line's requests' id on every log line about them (the router's and replicas' ``request_id=``) and in its
+    output's ``response.request_id``: ``batch_id:custom_id`` where that is a valid X-Request-ID, else
+    ``batch_id:line-N`` (a custom_id may be any text: a line break in it would forge log lines)."""
+    trace = f"{batch_id}:{line.custom_id}"
+    return trace if valid_request_id(trace) else f"{batch_id}:line-{line.number}"
+
+
 def record(line: Line, status: int, body: dict | None, request_id: str = "", error: dict | None = None) -> dict:
     response = None if body is None else {"status_code": status, "request_id": request_id, "body": body}
     return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id, "response": response,
@@ -94,8 +104,8 @@ def _result_failure(line: Line, r: ImageResult, latency_s: float) -> Outcome:
     elif f.http_status in (503, 504):
         message = r.error or "no replica could run this request"
     else:  # the replica's own text stays in the server log, as for the HTTP API
-        log.error("batch line %d (%s) failed on replica %s: %s", line.number, line.custom_id, r.replica_id or "-",
-                  r.error)
+        log.error("batch line %d (%s) failed on replica %s: %s", line.number, shown(line.custom_id),
+                  r.replica_id or "-", r.error)
         message = f"the server failed to generate this image (request {r.request_id}); the cause is in its log"
     return failed(line, f.http_status, f.openai_type, message, r.param if f.http_status == 400 else None,
                   str(r.error_type) if r.error_type else None, f.retryable, latency_s)
@@ -222,7 +232,12 @@ class JobRunner:
                                         getattr(dep, "lora_names", None))
         except ZImageError as e:
             return failed(line, e.http_status, e.error_type, e.message, e.param)
-        trace = f"{self.batch_id}:{line.custom_id}"[:128]
+        except Exception:  # noqa: BLE001 - a fault in the parser: this line fails (as the API's 500), not the job
+            log.exception("batch %s line %d (%s): reading the request failed", self.batch_id, line.number,
+                          shown(line.custom_id))
+            return failed(line, 500, "server_error", "the server failed to read this request; the cause is in its "
+                          "log")
+        trace = trace_id(self.batch_id, line)
         return replace(call, requests=[replace(r, priority=BATCH_JOB, trace_id=trace) for r in call.requests])
 
     async def _one(self, line: Line, call: ImageCall) -> None:
@@ -250,6 +265,12 @@ class JobRunner:
                                 "stored (the storage backend failed; the cause is in the server log); the line runs "
                                 "again if the job is resumed", code="storage_unavailable", retryable=True,
                                 latency_s=latency))
+            return
+        except Exception:  # noqa: BLE001 - an encoder's own error: this line fails, the job goes on
+            log.exception("batch %s line %d (%s): encoding its images failed", self.batch_id, line.number,
+                          shown(line.custom_id))
+            self._finish(failed(line, 500, "server_error", f"the server failed to encode this request's images "
+                                f"(request {call.requests[0].trace_id}); the cause is in its log", latency_s=latency))
             return
         body = images_response(call, results, [""] * len(results), int(time.time()))
         body["data"] = [{**entry, "seed": r.seed} for entry, r in zip(entries, results)]

@@ -1,5 +1,6 @@
 """``response_format: url``: images stored through ``storage.py`` and answered with links, and the route that serves
-the local backend's signed links (``GET /v1/outputs/{key}``).
+the local backend's signed links (``GET /v1/outputs/{key}``); ``file_response`` sends a stored file (a batch's input
+or output) from a descriptor opened before the answer begins.
 
 A link needs no API key: whoever holds it may fetch the image until it expires, as with OpenAI's and S3's links.
 The signature is what guards it (403 on a tampered or expired link).
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
+import re
 import threading
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from zimage_common.config import Config
 from zimage_common.image_codec import image_bytes
@@ -21,6 +25,9 @@ from .images_api import ImageCall
 from .storage import CONTENT_TYPES, LocalStore, StorageError, new_key, run_blocking, store_for
 
 log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # a stored file's content is sent this many bytes at a time
+RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
 
 
 class Outputs:
@@ -70,6 +77,46 @@ class WholeFile(FileResponse):
     async def __call__(self, scope, receive, send):
         headers = [(k, v) for k, v in scope.get("headers", ()) if k not in (b"range", b"if-range")]
         await super().__call__({**scope, "headers": headers}, receive, send)
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range a Range header asks of a file of ``size`` bytes, as (first, last), or None to send it
+    whole: RFC 9110 lets a server ignore a Range it does not serve (several ranges, a malformed or unsatisfiable
+    one), which keeps every answer in the envelope (Starlette's file response answers those in plain text)."""
+    m = RANGE.fullmatch(header.strip()) if header else None
+    if m is None or not (m[1] or m[2]):
+        return None
+    if m[1]:
+        first, last = int(m[1]), min(int(m[2]), size - 1) if m[2] else size - 1
+    else:  # the last N bytes
+        first, last = max(0, size - int(m[2])), size - 1
+    return (first, last) if first <= last else None
+
+
+def file_response(f, filename: str, range_header: str | None) -> StreamingResponse:
+    """A stored file's content from ``f``, a file already open: a DELETE (which unlinks it) during the download
+    cannot cut it short or make it a 500. ``f`` is closed when the content is sent, or the client has gone."""
+    size = os.fstat(f.fileno()).st_size
+    span = byte_range(range_header, size)
+    first, last = span or (0, size - 1)
+    name = quote(filename)
+    headers = {"content-length": str(last - first + 1), "accept-ranges": "bytes", "content-disposition":
+               f"attachment; filename*=utf-8''{name}" if name != filename else f'attachment; filename="{filename}"'}
+    if span is not None:
+        headers["content-range"] = f"bytes {first}-{last}/{size}"
+
+    async def chunks():
+        try:
+            await run_blocking(f.seek, first)
+            left = last - first + 1
+            while left > 0 and (data := await run_blocking(f.read, min(CHUNK, left))):
+                left -= len(data)
+                yield data
+        finally:
+            f.close()
+
+    return StreamingResponse(chunks(), status_code=200 if span is None else 206, media_type="application/jsonl",
+                             headers=headers)
 
 
 def router(outputs: Outputs) -> APIRouter:
