@@ -122,7 +122,8 @@ def file_response(f, filename: str, range_header: str | None) -> StreamingRespon
 def router(outputs: Outputs) -> APIRouter:
     api = APIRouter()
 
-    @api.get("/v1/outputs/{key:path}")
+    # HEAD too: what curl -I, link checkers and caches send before (or instead of) a download
+    @api.api_route("/v1/outputs/{key:path}", methods=["GET", "HEAD"])
     async def fetch_output(key: str, request: Request, expires: str | None = None, sig: str | None = None):
         from .http_errors import error_response
 

@@ -112,6 +112,18 @@ def test_a_range_the_file_cannot_serve_gets_the_whole_image_not_a_plain_text_err
     assert not bad, bad
 
 
+def test_head_on_a_link_gives_the_images_headers_without_its_bytes_and_checks_the_signature(server):
+    """A link answered HEAD with a 405 (curl -I, link checkers and caches ask HEAD first)."""
+    link, path, q = link_of(server)
+    got = httpx.get(link)
+    head = httpx.head(link)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"] == "image/png"
+    assert int(head.headers["content-length"]) == len(got.content) > 0
+    r = httpx.head(f"{server.url}{path}?expires={q['expires']}&sig={'0' * 64}")
+    assert r.status_code == 403 and r.content == b""
+
+
 def test_a_signed_dot_dot_key_stays_inside_the_directory(server):
     """A served key never names a path outside the directory, even signed with the server's own secret: no segment
     may start with a dot, the whole key must match, and the resolved path must lie inside."""
