@@ -123,7 +123,8 @@ def router(outputs: Outputs) -> APIRouter:
     api = APIRouter()
 
     # HEAD too: what curl -I, link checkers and caches send before (or instead of) a download
-    @api.api_route("/v1/outputs/{key:path}", methods=["GET", "HEAD"])
+    @api.get("/v1/outputs/{key:path}")
+    @api.head("/v1/outputs/{key:path}", include_in_schema=False)  # (one operation in the API document)
     async def fetch_output(key: str, request: Request, expires: str | None = None, sig: str | None = None):
         from .http_errors import error_response
 

@@ -134,16 +134,22 @@ def test_two_front_doors_share_the_pool_within_each_replicas_budget_and_one_rest
     a, b = doors["a"], doors["b"]
     assert "attached to pool" in b.log.read_text()
     before = replica_stats(ray_cluster, cfg)
-    ta, ra = fire(a, [{"prompt": f"fox {i}", "seed": i} for i in range(16)])
-    tb, rb = fire(b, [{"prompt": f"cat {i}", "seed": i} for i in range(16)])
-    for t in ta + tb:
-        t.join(180)
-    assert all(r.status_code == 200 for r in [*ra.values(), *rb.values()]), [
-        getattr(r, "text", r) for r in [*ra.values(), *rb.values()]]
-    after = replica_stats(ray_cluster, cfg)
-    within_budget(after)
-    assert sum(s["images_run"] for s in after.values()) - sum(s["images_run"] for s in before.values()) == 32
-    # each router believes it holds a replica alone: only the replica's gate kept them to its one batch at a time
+    # Each router believes it holds a replica alone: only the replica's gate keeps them to its one batch at a time.
+    # Whether a call of one door finds the other's inside depends on how the two bursts interleave on a loaded
+    # machine, so the bursts repeat (a few times at most) until one had to wait at a gate.
+    for burst in range(1, 5):
+        ta, ra = fire(a, [{"prompt": f"fox {burst} {i}", "seed": i} for i in range(16)])
+        tb, rb = fire(b, [{"prompt": f"cat {burst} {i}", "seed": i} for i in range(16)])
+        for t in ta + tb:
+            t.join(180)
+        assert all(r.status_code == 200 for r in [*ra.values(), *rb.values()]), [
+            getattr(r, "text", r) for r in [*ra.values(), *rb.values()]]
+        after = replica_stats(ray_cluster, cfg)
+        within_budget(after)
+        ran = sum(s["images_run"] for s in after.values()) - sum(s["images_run"] for s in before.values())
+        assert ran == 32 * burst
+        if sum(s["gate"]["waited_total"] for s in after.values()) > 0:
+            break
     assert sum(s["gate"]["waited_total"] for s in after.values()) > 0
     assert sum(s["encoder"]["images"] for s in after.values()) >= 32  # encoded near the GPUs
 
