@@ -28,6 +28,7 @@ from .batch_input import ENDPOINTS, Line, file_digest, read_lines
 from .batches import JobRunner, Outcome, OutputFile
 from .cli_args import at_least, output_dir
 from .images_api import ImageCall
+from .requests import shown
 from .storage import CONTENT_TYPES, run_blocking
 
 JOB_ID = "cli"
@@ -248,7 +249,8 @@ def print_summary(s: dict) -> None:
     if s["slowest"]:
         print("slowest prompts:")
         for x in s["slowest"]:
-            print(f"  {x['latency_s']:8.2f}s  {x['custom_id']}  {x['prompt']!r}")
+            # both escaped: a custom_id or prompt may hold terminal control sequences or line breaks
+            print(f"  {x['latency_s']:8.2f}s  {shown(x['custom_id'], 80)}  {x['prompt']!r}")
     print(f"output: {s['output']}")
 
 

@@ -243,3 +243,15 @@ async def test_an_s3_bucket_that_cannot_be_reached_is_refused_before_anything_ru
         await run_job(cfg, src, "s3://images/run1", state=tmp_path / "state", deployment_factory=never,
                       progress=False)
     assert not (tmp_path / "state").exists()
+
+
+def test_the_summary_shows_a_custom_id_escaped(capsys):
+    """A custom_id holding a terminal escape or a line break was printed raw in the slowest prompts."""
+    from orchestrator.batch_cli import print_summary
+
+    run = {"done": 1, "failed": 0, "images": 1, "elapsed_s": 1.0, "images_per_s": 1.0}
+    print_summary({"done": 1, "requests": 1, "failed": 0, "skipped_as_done_before": 0, "this_run": run,
+                   "all_runs": {"runs": 1, "images_per_s": None}, "output": "out",
+                   "slowest": [{"custom_id": "a\x1b[2J\nforged", "latency_s": 1.0, "prompt": "p"}]})
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "forged" in out and "\nforged" not in out
