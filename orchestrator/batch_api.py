@@ -20,15 +20,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from zimage_common.errors import InvalidRequestError, ZImageError
-from zimage_common.messages import FailureKind, ImageResult
+from zimage_common.messages import FailureKind
 
 from .batch_db import JobDB, creation_order
 from .batch_input import ENDPOINTS, check_file, check_metadata, check_output_expiry, is_text, printable, read_lines
-from .batches import JobRunner, OutputFile
+from .batches import JobRunner, expire_unrun
 from .file_quota import FileQuota, StorageRefused
 from .http_errors import error_response, from_exception
-from .images_api import ImageCall
-from .outputs import Outputs, b64_text, file_response
+from .outputs import Outputs, ServerSink, file_response
 from .requests import decimal, shown
 from .storage import run_blocking
 from .uploads import BodyReservation, BodyTooLarge, limited, parse_json, read_body, receive_jsonl_upload
@@ -47,22 +46,6 @@ PUBLIC = ("id", "object", "endpoint", "errors", "input_file_id", "completion_win
 
 def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
-
-
-class ServerSink(OutputFile):
-    """A server job's images: answered as the line asked (``b64_json`` in the output, or ``url``: stored, with a
-    link made from ``outputs.public_base_url`` or the address the job was submitted to)."""
-
-    def __init__(self, outputs: Outputs, base_url: str, output: Path):
-        super().__init__(output)
-        self.outputs = outputs
-        self.base_url = base_url
-
-    async def store(self, line, call: ImageCall, results: list[ImageResult]) -> list[dict]:
-        if call.response_format == "url":
-            return [{"url": await self.outputs.publish(r.picture, call, self.base_url, r.request_id)}
-                    for r in results]
-        return [{"b64_json": await run_blocking(b64_text, r.picture, call)} for r in results]
 
 
 class JobService:
@@ -301,7 +284,8 @@ class JobService:
         bid = b["id"]
         ran = expired = False
         if b["status"] in ("validating", "in_progress") and time.time() >= b["expires_at"]:
-            self._finalize(b, expired=True)  # its window passed before its turn (a server down for that long)
+            await self._expire(b)  # its window passed before its turn (a server down that long): none ran
+            self._finalize(self.db.batch(bid) or b, ran=True, expired=True)
             return
         if b["status"] in ("validating", "in_progress"):
             found = self.db.file(b["input_file_id"])
@@ -355,7 +339,20 @@ class JobService:
             ran = runner.output_complete  # else _finalize rewrites the output from the committed records
             if runner.unrecorded:
                 log.error("batch %s: %d request(s) could not be recorded", bid, runner.unrecorded)
+            if expired and (self.db.batch(bid) or b)["status"] == "in_progress":  # (not cancelled meanwhile)
+                # (the timer may fire as the last request ends: with none left unrun, the job completed)
+                ran, expired = True, await self._expire(b) > 0
         self._finalize(self.db.batch(bid), ran=ran, expired=expired)
+
+    async def _expire(self, b: dict) -> int:
+        """``batches.expire_unrun`` on a thread, the job counting as running meanwhile (a cancel leaves its end to
+        the worker, as during a run)."""
+        self.running_id = b["id"]
+        try:
+            return await run_blocking(expire_unrun, self.db, b, self.config.batches.max_lines,
+                                      self.directory / "files" / f"{b['id']}-output.jsonl")
+        finally:
+            self.running_id = None
 
     def _finalize(self, b: dict, ran: bool = False, expired: bool = False) -> None:
         """End a job that stopped: cancelled, expired, completed, or failed when it ran every line but some could
@@ -375,7 +372,7 @@ class JobService:
                 {"status": "cancelled", "cancelled_at": now})
         elif b["status"] == "cancelling":
             end = {"status": "cancelled", "cancelled_at": now}
-        elif done < total and (expired or now >= b["expires_at"]):
+        elif expired or (done < total and now >= b["expires_at"]):
             end = {"status": "expired", "expired_at": now}
         elif done < total and self._stopping:  # stopped by a shutdown: it resumes at the next start
             return

@@ -29,7 +29,7 @@ from zimage_common.errors import InvalidRequestError, NotReadyError, QueueFullEr
 from zimage_common.messages import BATCH_JOB, ImageResult, failure
 
 from .batch_db import JobDB, dumps
-from .batch_input import EDITS, Line
+from .batch_input import EDITS, Line, read_lines
 from .images_api import ImageCall, images_response, parse_generation, parse_json_edit
 from .request_id import valid_request_id
 from .requests import shown
@@ -93,6 +93,29 @@ def failed(line: Line, status: int, type_: str, message: str, param: str | None 
            retryable: bool = False, latency_s: float | None = None) -> Outcome:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return Outcome(line, False, record(line, status, body), retryable, latency_s)
+
+
+EXPIRED = {"code": "batch_expired", "message": "This request could not be executed before the completion window "
+                                               "expired."}
+
+
+def expire_unrun(db, b: dict, max_lines: int, output: Path) -> int:
+    """A server job that expired (on a thread: its input may be 200 MB): each request it never ran recorded as failed
+    with ``batch_expired`` and no response, as OpenAI's error file lists them (send them again by custom_id), and
+    ``output`` rewritten from the records with them. Returns how many."""
+    found, done = db.file(b["input_file_id"]), db.finished(b["id"])
+    try:
+        with open(found[1], "rb") as f:
+            unrun = [x for x in read_lines(f, max_lines, (b["endpoint"],)) if x.custom_id not in done]
+    except (TypeError, OSError, InvalidRequestError) as e:  # no input file, or one it cannot read: none listed
+        log.error("batch %s expired; its requests that never ran are not listed (%s)", b["id"], e)
+        unrun = []
+    for x in unrun:
+        db.record(b["id"], x.custom_id, x.number, False, False, None, record(x, 0, None, error=EXPIRED))
+    db.commit()
+    db.write_records(b["id"], output)
+    log.info("batch %s expired: %d request(s) never ran (batch_expired in its error file)", b["id"], len(unrun))
+    return len(unrun)
 
 
 def _result_failure(line: Line, r: ImageResult, latency_s: float) -> Outcome:

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import threading
+from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
@@ -20,7 +21,9 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from zimage_common.config import Config
 from zimage_common.image_codec import image_bytes
+from zimage_common.messages import ImageResult
 
+from .batches import OutputFile
 from .images_api import ImageCall
 from .storage import CONTENT_TYPES, LocalStore, StorageError, new_key, run_blocking, store_for
 
@@ -117,6 +120,22 @@ def file_response(f, filename: str, range_header: str | None) -> StreamingRespon
 
     return StreamingResponse(chunks(), status_code=200 if span is None else 206, media_type="application/jsonl",
                              headers=headers)
+
+
+class ServerSink(OutputFile):
+    """A server job's images: answered as the line asked (``b64_json`` in the output, or ``url``: stored, with a
+    link made from ``outputs.public_base_url`` or the address the job was submitted to)."""
+
+    def __init__(self, outputs: Outputs, base_url: str, output: Path):
+        super().__init__(output)
+        self.outputs = outputs
+        self.base_url = base_url
+
+    async def store(self, line, call: ImageCall, results: list[ImageResult]) -> list[dict]:
+        if call.response_format == "url":
+            return [{"url": await self.outputs.publish(r.picture, call, self.base_url, r.request_id)}
+                    for r in results]
+        return [{"b64_json": await run_blocking(b64_text, r.picture, call)} for r in results]
 
 
 def router(outputs: Outputs) -> APIRouter:

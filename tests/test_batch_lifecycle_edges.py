@@ -182,3 +182,34 @@ def test_a_job_whose_window_passed_before_its_turn_expires_without_starting(tmp_
         late = wait_end(s, "batch_late")
         assert late["status"] == "expired" and late["expired_at"], late
         assert late["in_progress_at"] is None, late
+        # as OpenAI's error file lists them: each request that never ran, by custom_id, with no response
+        assert late["request_counts"] == {"total": 1, "completed": 0, "failed": 1}, late
+        errors = content(s, late["error_file_id"])
+        assert [(x["custom_id"], x["response"], x["error"]["code"]) for x in errors] == [
+            ("a", None, "batch_expired")]
+
+
+def test_a_job_that_expires_while_it_runs_lists_the_requests_it_never_ran_as_batch_expired(tmp_path):
+    """Its window ends mid-run: the requests done stay in its output; every other one is in its error file once,
+    ``batch_expired``, and the counts add up to the total."""
+    from test_batch_edge_cases import raw_line, seed_batch
+
+    from orchestrator.batch_db import JobDB
+
+    db = JobDB(tmp_path / "batches" / "batches.db")
+    now = int(time.time())
+    lines = b"".join(raw_line(f'"r{i}"') for i in range(12))
+    seed_batch(db, tmp_path / "batches", "batch_short", lines, 12, now - 86_400 + 2)  # about 2 s of window left
+    db.close()
+    with serve(tmp_path, TimedBackend(2, per_image_s=0.4)) as s:
+        s.wait_ready(timeout_s=30)
+        b = wait_end(s, "batch_short")
+        assert b["status"] == "expired", b
+        counts = b["request_counts"]
+        assert counts["failed"] > 0 and counts["completed"] + counts["failed"] == 12, b
+        out = content(s, b["output_file_id"])
+        errors = content(s, b["error_file_id"])
+        assert sorted(x["custom_id"] for x in out) == [f"r{i}" for i in sorted(range(12), key=str)]
+        expired = [x for x in errors if x["error"] and x["error"]["code"] == "batch_expired"]
+        assert len(expired) == counts["failed"] and all(x["response"] is None for x in expired)
+        assert {x["custom_id"] for x in expired}.isdisjoint(x["custom_id"] for x in out if x["response"])

@@ -123,9 +123,9 @@ def test_a_file_with_a_byte_order_mark_and_crlf_line_ends_runs(server):
 def test_an_unexpected_error_on_one_line_fails_that_line_not_the_job(server, monkeypatch):
     """A line whose parsing or encoding raises something unforeseen (a bug, a codec's own error) is answered as a
     500 on that line; it used to stop the job, failed, with the lines after it never run."""
-    from orchestrator import batch_api, batches
+    from orchestrator import batches, outputs
 
-    parse, encode = batches.parse_generation, batch_api.b64_text
+    parse, encode = batches.parse_generation, outputs.b64_text
 
     def parse_generation(body, *args):
         if body.get("prompt") == "unreadable":
@@ -138,7 +138,7 @@ def test_an_unexpected_error_on_one_line_fails_that_line_not_the_job(server, mon
         return encode(picture, call)
 
     monkeypatch.setattr(batches, "parse_generation", parse_generation)
-    monkeypatch.setattr(batch_api, "b64_text", b64_text)
+    monkeypatch.setattr(outputs, "b64_text", b64_text)  # (the server's sink, outputs.ServerSink, calls it)
     lines = [req("a", prompt="x"), req("b", prompt="unreadable"), req("c", prompt="unencodable"), req("d", prompt="y")]
     b = create(server, input_file_id=upload(server, jsonl(*lines)).json()["id"]).json()
     b = wait_end(server, b["id"])
