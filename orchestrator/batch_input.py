@@ -49,15 +49,12 @@ def _lone_surrogate(obj) -> str | None:
     while stack:
         value, where = stack.pop()
         if isinstance(value, str):
-            if not value.isascii():
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:
-                    return shown(where, 80) if where else "the line"
+            if not is_text(value):
+                return shown(where, 80) if where else "the line"
         elif isinstance(value, dict):
             for k, v in value.items():
                 name = f"{where}.{k}" if where else k
-                if _lone_surrogate(k) is not None:
+                if not is_text(k):
                     return f"a key in {shown(where, 80)}" if where else "a key"
                 stack.append((v, name))
         elif isinstance(value, list):

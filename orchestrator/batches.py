@@ -104,12 +104,14 @@ def expire_unrun(db, b: dict, max_lines: int, output: Path) -> int:
     with ``batch_expired`` and no response, as OpenAI's error file lists them (send them again by custom_id), and
     ``output`` rewritten from the records with them. Returns how many."""
     found, done = db.file(b["input_file_id"]), db.finished(b["id"])
+    unrun = []
     try:
+        if found is None:
+            raise OSError(f"its input file {b['input_file_id']} is gone")
         with open(found[1], "rb") as f:
             unrun = [x for x in read_lines(f, max_lines, (b["endpoint"],)) if x.custom_id not in done]
-    except (TypeError, OSError, InvalidRequestError) as e:  # no input file, or one it cannot read: none listed
+    except (OSError, InvalidRequestError) as e:  # no input file, or one it cannot read: none listed
         log.error("batch %s expired; its requests that never ran are not listed (%s)", b["id"], e)
-        unrun = []
     for x in unrun:
         db.record(b["id"], x.custom_id, x.number, False, False, None, record(x, 0, None, error=EXPIRED))
     db.commit()

@@ -141,9 +141,10 @@ class ServerSink(OutputFile):
 def router(outputs: Outputs) -> APIRouter:
     api = APIRouter()
 
-    # HEAD too: what curl -I, link checkers and caches send before (or instead of) a download
+    # HEAD too: what curl -I, link checkers and caches send before (or instead of) a download; a route of its own,
+    # left out of the API document (one route for both methods gives two operations one id)
     @api.get("/v1/outputs/{key:path}")
-    @api.head("/v1/outputs/{key:path}", include_in_schema=False)  # (one operation in the API document)
+    @api.head("/v1/outputs/{key:path}", include_in_schema=False)
     async def fetch_output(key: str, request: Request, expires: str | None = None, sig: str | None = None):
         from .http_errors import error_response
 
