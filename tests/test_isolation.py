@@ -3,6 +3,7 @@ fail as a whole in the router, per-sample checks while a batch runs. Fakes for t
 replica."""
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -278,6 +279,25 @@ def test_stream_yields_real_previews_for_those_who_asked(worker):
                            on_step=lambda i, n, d: (hook(i, n, d), hook_images.append(worker.engine.decode(d()))))
     final = worker.run_batch(Batch(7, (req(0, steps=2),))).results[0].image
     assert np.abs(hook_images[-1][0].astype(int) - final.astype(int)).max() <= 1
+
+
+def test_a_streamed_calls_denoise_time_covers_its_final_check(worker, monkeypatch):
+    """The final check reads the last step's output, so it waits for the steps a GPU still runs after the loop
+    launched them: that wait counts in ``denoise_s``, not between the stages (a slow check stands in for it here)."""
+    real = StepHook.__call__
+
+    def slow_final(self, step, total, *args, **kw):
+        if step == total:
+            time.sleep(0.3)
+        return real(self, step, total, *args, **kw)
+
+    monkeypatch.setattr(StepHook, "__call__", slow_final)
+    t0 = time.perf_counter()
+    result = list(worker.run_batch_stream(Batch(11, (req(0, steps=2),))))[-1]
+    wall = time.perf_counter() - t0
+    times = result.stage_times
+    assert result.results[0].ok and times.denoise_s >= 0.3
+    assert wall - times.total_s < 0.3  # what is left outside the stages is less than the check's wait
 
 
 def test_screen_without_tokenizer_still_refuses_surrogates(worker, monkeypatch):
