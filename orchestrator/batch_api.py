@@ -23,7 +23,7 @@ from zimage_common.errors import InvalidRequestError, ZImageError
 from zimage_common.messages import FailureKind
 
 from .batch_db import JobDB, creation_order
-from .batch_input import ENDPOINTS, check_file, check_metadata, check_output_expiry, is_text, printable, read_lines
+from .batch_input import COMPLETION_WINDOW_S, check_batch_body, check_file, is_text, printable, read_lines
 from .batches import JobRunner, expire_unrun
 from .file_quota import FileQuota, StorageRefused
 from .http_errors import error_response, from_exception
@@ -35,7 +35,6 @@ from .uploads import BodyReservation, BodyTooLarge, limited, parse_json, read_bo
 log = logging.getLogger(__name__)
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
-COMPLETION_WINDOW_S = {"24h": 86_400}
 MAX_LIST = 100  # GET /v1/batches?limit= (OpenAI's range: 1 to 100)
 MAX_FILES_LIST = 10_000  # GET /v1/files?limit= (OpenAI's range and default: 1 to 10,000)
 CHECK_COPIES = 3  # a line being checked is held as bytes, as text and parsed (its long string copied once more)
@@ -63,6 +62,9 @@ class JobService:
         self.runner: JobRunner | None = None
         self.running_id: str | None = None
         self._stopping = False  # the server is shutting down: a job stopped part-way resumes at the next start
+        # Jobs a cancel is finalizing off the worker (cancelled while waiting their turn): the worker leaves them
+        self._finalizing: set[str] = set()
+        self._side: set[asyncio.Task] = set()
         # Input files a POST /v1/batches is checking (on a thread): a DELETE of one is refused as in use, as for a
         # file an active batch reads. Claims and deletes go under the lock, so a file is either deleted before a
         # create finds it or in use until the batch is stored.
@@ -105,6 +107,9 @@ class JobService:
                 await self._task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
                 pass
+        for task in list(self._side):  # a job cut off while finalizing ends as it was going to at the next start
+            task.cancel()
+        await asyncio.gather(*self._side, return_exceptions=True)
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -158,23 +163,7 @@ class JobService:
         return printable(out)
 
     def create(self, body: dict, base_url: str) -> dict:
-        if not isinstance(body, dict):
-            raise InvalidRequestError("request body must be a JSON object")
-        unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata",
-                                      "output_expires_after"})
-        if unknown:
-            raise InvalidRequestError(f"unknown field(s) {', '.join(shown(k, 40) for k in unknown[:5])}",
-                                      param=str(unknown[0])[:40])
-        endpoint = body.get("endpoint")
-        if endpoint not in ENDPOINTS:
-            raise InvalidRequestError(f"endpoint {shown(endpoint)} is not one this server batches; use "
-                                      f"{' or '.join(repr(e) for e in ENDPOINTS)}", param="endpoint")
-        window = body.get("completion_window")
-        if not isinstance(window, str) or window not in COMPLETION_WINDOW_S:  # a list or object is unhashable
-            raise InvalidRequestError(f"completion_window must be \"24h\", got {shown(window)}",
-                                      param="completion_window")
-        metadata = check_metadata(body.get("metadata"))
-        check_output_expiry(body.get("output_expires_after"))
+        endpoint, window, metadata = check_batch_body(body)
         file_id = body.get("input_file_id")
         with self._files_lock:
             # (a lone surrogate, which a \u escape can make, is no id, and SQLite cannot take it)
@@ -216,8 +205,8 @@ class JobService:
         """A job was submitted or cancelled: the worker looks now instead of at its next poll."""
         self._wake.set()
 
-    def cancel(self, b: dict) -> dict:
-        if b["status"] in ("cancelling", "cancelled"):
+    async def cancel(self, b: dict) -> dict:
+        if b["status"] in ("cancelling", "cancelled") or (b.get("ending") or {}).get("status") == "cancelled":
             return b
         if b["status"] not in ("validating", "in_progress"):
             raise InvalidRequestError(f"batch {b['id']} is {b['status']}; only a validating or in-progress batch "
@@ -229,8 +218,13 @@ class JobService:
                 self.runner.stop()
             self._wake.set()
             return b
-        # Not running (waiting its turn): nothing to stop, so it ends now rather than when the jobs ahead of it do.
-        self._finalize(b, ran=False)
+        # Not running (waiting its turn): nothing to stop, so it ends now rather than when the jobs ahead of it do,
+        # in a task of its own, which a client that leaves meanwhile does not stop half-way.
+        self._finalizing.add(b["id"])
+        task = asyncio.get_running_loop().create_task(self._finalize(b, ran=False))
+        self._side.add(task)
+        task.add_done_callback(lambda t, bid=b["id"]: (self._side.discard(t), self._finalizing.discard(bid)))
+        await asyncio.shield(task)
         return self.db.batch(b["id"]) or b
 
     # ---- the worker ----------------------------------------------------------------------------------------
@@ -254,7 +248,7 @@ class JobService:
         """Run the oldest active job to its end; True when there was one and it ended, so the next may start at
         once. A job still active afterwards (the server is stopping) is looked at again at the next poll at the
         soonest, never at once: no path reruns a job in a loop."""
-        todo = [b for b in self.db.batches() if b.get("status") in ACTIVE]
+        todo = [b for b in self.db.batches() if b.get("status") in ACTIVE and b["id"] not in self._finalizing]
         if not todo:
             return False
         b = min(todo, key=creation_order)
@@ -285,7 +279,7 @@ class JobService:
         ran = expired = False
         if b["status"] in ("validating", "in_progress") and time.time() >= b["expires_at"]:
             await self._expire(b)  # its window passed before its turn (a server down that long): none ran
-            self._finalize(self.db.batch(bid) or b, ran=True, expired=True)
+            await self._finalize(self.db.batch(bid) or b, ran=True, expired=True)
             return
         if b["status"] in ("validating", "in_progress"):
             found = self.db.file(b["input_file_id"])
@@ -305,7 +299,7 @@ class JobService:
             finally:
                 self.running_id = None
             if (now := self.db.batch(bid) or b)["status"] != "in_progress":  # cancelled while it was written
-                self._finalize(now, ran=True)  # (the output is the database's: nothing ran since)
+                await self._finalize(now, ran=True)  # (the output is the database's: nothing ran since)
                 return
             sink = ServerSink(self.outputs, self.config.outputs.public_base_url or b["base_url"], output)
             dep = self.service.deployment
@@ -342,7 +336,7 @@ class JobService:
             if expired and (self.db.batch(bid) or b)["status"] == "in_progress":  # (not cancelled meanwhile)
                 # (the timer may fire as the last request ends: with none left unrun, the job completed)
                 ran, expired = True, await self._expire(b) > 0
-        self._finalize(self.db.batch(bid), ran=ran, expired=expired)
+        await self._finalize(self.db.batch(bid), ran=ran, expired=expired)
 
     async def _expire(self, b: dict) -> int:
         """``batches.expire_unrun`` on a thread, the job counting as running meanwhile (a cancel leaves its end to
@@ -354,12 +348,13 @@ class JobService:
         finally:
             self.running_id = None
 
-    def _finalize(self, b: dict, ran: bool = False, expired: bool = False) -> None:
+    async def _finalize(self, b: dict, ran: bool = False, expired: bool = False) -> None:
         """End a job that stopped: cancelled, expired, completed, or failed when it ran every line but some could
         not be recorded; left as it is (to resume at the next start) only when the server is stopping. ``ran``:
         its output file was just written by a run (else it is rewritten from the database). Output and error
-        files are made only for a job with requests done. Runs on the event loop without awaiting, so no cancel
-        comes between its steps."""
+        files are made only for a job with requests done, on a thread (an output rewritten from the database can be
+        gigabytes). The job is ``finalizing`` from before the first await, so a cancel meanwhile is refused; a
+        server stopped meanwhile ends it as it was going to at its next start."""
         bid = b["id"]
         completed, failed = self.db.counts(bid)
         total = b["request_counts"]["total"]
@@ -390,13 +385,13 @@ class JobService:
             if not ran and moved.exists() and not output.exists():  # a finalize the server stopped had moved it
                 output = moved
             elif not ran:  # written by an earlier run, if at all: the database has every committed line
-                self.db.write_records(bid, output)
+                await run_blocking(self.db.write_records, bid, output)
             self.add_file(f"{bid}_output.jsonl", "batch_output", output, out_id)
         else:  # nothing done: no output file (a run cancelled before its first line leaves an empty one)
             output.unlink(missing_ok=True)
         if failed:
             errors = self.directory / "files" / f"file-{bid}-errors.jsonl"
-            self.db.write_records(bid, errors, ok=False)
+            await run_blocking(self.db.write_records, bid, errors, False)
             error_id = self.add_file(f"{bid}_errors.jsonl", "batch_output", errors, f"file-{bid}-errors")["id"]
         final = {**b, **end, "finalizing_at": now, "output_file_id": out_id, "error_file_id": error_id,
                  "request_counts": {"total": total, "completed": completed, "failed": failed}}
@@ -581,7 +576,7 @@ def router(jobs: JobService, outputs: Outputs) -> APIRouter:
         if b is None:
             return not_found("batch", batch_id, "batch_id")
         try:
-            return jobs.public(jobs.cancel(b))
+            return jobs.public(await jobs.cancel(b))
         except ZImageError as e:
             return from_exception(e)
 

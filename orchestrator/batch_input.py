@@ -25,6 +25,7 @@ from .requests import shown
 GENERATIONS = "/v1/images/generations"
 EDITS = "/v1/images/edits"  # the JSON form: images as data: URLs (images_api.parse_json_edit)
 ENDPOINTS = (GENERATIONS, EDITS)
+COMPLETION_WINDOW_S = {"24h": 86_400}
 MAX_CUSTOM_ID = 512
 LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
 
@@ -106,6 +107,28 @@ def check_output_expiry(after) -> None:
                                   and 3600 <= after["seconds"] <= 2_592_000):
         raise InvalidRequestError("output_expires_after must be {\"anchor\": \"created_at\", \"seconds\": N} with "
                                   "N from 3600 to 2592000", param="output_expires_after")
+
+
+def check_batch_body(body) -> tuple[str, str, dict | None]:
+    """A ``POST /v1/batches`` body's fields other than its input file: (endpoint, completion_window, metadata)."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata",
+                                  "output_expires_after"})
+    if unknown:
+        raise InvalidRequestError(f"unknown field(s) {', '.join(shown(k, 40) for k in unknown[:5])}",
+                                  param=str(unknown[0])[:40])
+    endpoint = body.get("endpoint")
+    if endpoint not in ENDPOINTS:
+        raise InvalidRequestError(f"endpoint {shown(endpoint)} is not one this server batches; use "
+                                  f"{' or '.join(repr(e) for e in ENDPOINTS)}", param="endpoint")
+    window = body.get("completion_window")
+    if not isinstance(window, str) or window not in COMPLETION_WINDOW_S:  # a list or object is unhashable
+        raise InvalidRequestError(f"completion_window must be \"24h\", got {shown(window)}",
+                                  param="completion_window")
+    metadata = check_metadata(body.get("metadata"))
+    check_output_expiry(body.get("output_expires_after"))
+    return endpoint, window, metadata
 
 
 def parse_line(number: int, raw: bytes | str, endpoints: Iterable[str] = ENDPOINTS) -> Line | None:

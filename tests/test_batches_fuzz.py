@@ -337,3 +337,67 @@ def test_a_custom_id_never_writes_its_own_text_into_a_log_line(tmp_path, monkeyp
     assert out["sp ace"]["response"]["request_id"] == f"{b['id']}:line-3"
     assert out["y" * 200]["response"]["request_id"] == f"{b['id']}:line-4"
     assert not [r for r in caplog.records if "FORGED" in r.getMessage() and "\n" in r.getMessage()]
+
+
+
+def test_cancelling_a_waiting_job_with_records_rewrites_its_output_off_the_event_loop_once(tmp_path, monkeypatch):
+    """A job that waits its turn with requests already done (it ran before a restart) is ended by its cancel at
+    once, and its output is rewritten from the database: on a thread, the service answering meanwhile (a second
+    cancel included), and by that cancel alone (the worker, free again meanwhile, leaves it)."""
+    import threading
+
+    from test_batch_edge_cases import raw_line, seed_batch
+
+    from orchestrator.batch_db import JobDB
+
+    db = JobDB(tmp_path / "batches" / "batches.db")
+    now = int(time.time())
+    seed_batch(db, tmp_path / "batches", "batch_first", b"".join(raw_line(f'"a{i}"', f'"p{i}"') for i in range(60)),
+               60, now - 20)
+    seed_batch(db, tmp_path / "batches", "batch_waits", raw_line('"c1"', '"p1"') + raw_line('"c2"', '"p2"'), 2,
+               now - 10)
+    db.record("batch_waits", "c1", 1, True, False, 0.1, {"custom_id": "c1", "response": None, "error": None})
+    db.commit()
+    db.close()
+    entered, go, on_loop, rewrites = threading.Event(), threading.Event(), [], []
+    real = JobDB.write_records
+
+    def write_records(self, batch_id, path, ok=None):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(path.name)
+        except RuntimeError:  # no loop running here: a worker thread
+            pass
+        if batch_id == "batch_waits":
+            rewrites.append((path.name, ok))
+            entered.set()
+            go.wait(10)
+        return real(self, batch_id, path, ok)
+
+    monkeypatch.setattr(JobDB, "write_records", write_records)
+    with serve(tmp_path, TimedBackend(2, base_s=0.01, per_image_s=0.01)) as s:
+        cancel = f"{s.url}/v1/batches/batch_waits/cancel"
+        answers = {}
+        try:
+            s.wait_ready(timeout_s=30)
+            deadline = time.time() + 30
+            while httpx.get(f"{s.url}/v1/batches/batch_first").json()["status"] != "in_progress":
+                assert time.time() < deadline
+                time.sleep(0.02)
+            t = threading.Thread(target=lambda: answers.setdefault("first", httpx.post(cancel, timeout=30)))
+            t.start()
+            assert entered.wait(10)  # the rewrite has begun, and holds
+            assert httpx.get(f"{s.url}/v1/batches/batch_waits", timeout=5).json()["status"] == "finalizing"
+            again = httpx.post(cancel, timeout=5)
+            assert again.status_code == 200 and again.json()["status"] == "finalizing", again.text
+            assert wait_end(s, "batch_first")["status"] == "completed"  # the worker is free while it is held
+            time.sleep(0.3)
+        finally:
+            go.set()
+        t.join(30)
+        assert answers["first"].status_code == 200 and answers["first"].json()["status"] == "cancelled"
+        b = wait_end(s, "batch_waits")
+        assert b["status"] == "cancelled" and b["request_counts"] == {"total": 2, "completed": 1, "failed": 0}, b
+        out = httpx.get(f"{s.url}/v1/files/{b['output_file_id']}/content").text.splitlines()
+        assert [json.loads(x)["custom_id"] for x in out] == ["c1"]
+    assert on_loop == [] and rewrites == [("batch_waits-output.jsonl", None)]
