@@ -184,8 +184,9 @@ class ServingMixin:
             if hooks is not None:
                 hooks.close()  # every step's progress (and the final check) is in before the results are made
                 # The loop marks a call finished once it has launched the last step; the final check reads that
-                # step's output, so it waited for the GPU to run the steps launched ahead (about one at 1024x1024).
-                # That wait is the denoise's: counted there, not left between the stages.
+                # step's output, so it waited for the GPU to run the steps launched ahead (about one at 1024x1024),
+                # and for any preview still decoding. That wait is the denoise's: counted there, not left between
+                # the stages.
                 if group is not None and group.finished_at is not None:
                     group.finished_at = max(group.finished_at, time.perf_counter())
         return finish(self.engine, group, times, self._stages.run)

@@ -206,7 +206,8 @@ class JobService:
         self._wake.set()
 
     async def cancel(self, b: dict) -> dict:
-        if b["status"] in ("cancelling", "cancelled") or (b.get("ending") or {}).get("status") == "cancelled":
+        if b["status"] in ("cancelling", "cancelled") or (
+                b["status"] == "finalizing" and (b.get("ending") or {}).get("status") == "cancelled"):
             return b
         if b["status"] not in ("validating", "in_progress"):
             raise InvalidRequestError(f"batch {b['id']} is {b['status']}; only a validating or in-progress batch "
@@ -221,11 +222,19 @@ class JobService:
         # Not running (waiting its turn): nothing to stop, so it ends now rather than when the jobs ahead of it do,
         # in a task of its own, which a client that leaves meanwhile does not stop half-way.
         self._finalizing.add(b["id"])
-        task = asyncio.get_running_loop().create_task(self._finalize(b, ran=False))
+        task = asyncio.get_running_loop().create_task(self._finalize(b, ran=False), name=b["id"])
         self._side.add(task)
-        task.add_done_callback(lambda t, bid=b["id"]: (self._side.discard(t), self._finalizing.discard(bid)))
+        task.add_done_callback(self._side_done)
         await asyncio.shield(task)
         return self.db.batch(b["id"]) or b
+
+    def _side_done(self, task: asyncio.Task) -> None:
+        """A cancel's finalize ended: the worker may take the job again (a failed one it finalizes itself)."""
+        self._side.discard(task)
+        self._finalizing.discard(task.get_name())
+        if not task.cancelled() and task.exception() is not None:  # its client may have left: logged here
+            log.error("batch %s: finalizing its cancel failed; the worker ends it", task.get_name(),
+                      exc_info=task.exception())
 
     # ---- the worker ----------------------------------------------------------------------------------------
     async def _work(self) -> None:
@@ -353,8 +362,9 @@ class JobService:
         not be recorded; left as it is (to resume at the next start) only when the server is stopping. ``ran``:
         its output file was just written by a run (else it is rewritten from the database). Output and error
         files are made only for a job with requests done, on a thread (an output rewritten from the database can be
-        gigabytes). The job is ``finalizing`` from before the first await, so a cancel meanwhile is refused; a
-        server stopped meanwhile ends it as it was going to at its next start."""
+        gigabytes), and registered once both are written. The job is ``finalizing`` from before the first await, so a
+        cancel meanwhile is refused (answered with the job where it ends cancelled); a server stopped meanwhile ends
+        it as it was going to at its next start."""
         bid = b["id"]
         completed, failed = self.db.counts(bid)
         total = b["request_counts"]["total"]
@@ -378,6 +388,7 @@ class JobService:
             end = {"status": "completed", "completed_at": now}
         self.db.put_batch({**b, "status": "finalizing", "finalizing_at": now, "ending": end})
         output = self.directory / "files" / f"{bid}-output.jsonl"
+        errors = self.directory / "files" / f"file-{bid}-errors.jsonl"
         out_id = error_id = None
         if done:
             out_id = f"file-{bid}-output"
@@ -386,13 +397,15 @@ class JobService:
                 output = moved
             elif not ran:  # written by an earlier run, if at all: the database has every committed line
                 await run_blocking(self.db.write_records, bid, output)
-            self.add_file(f"{bid}_output.jsonl", "batch_output", output, out_id)
         else:  # nothing done: no output file (a run cancelled before its first line leaves an empty one)
             output.unlink(missing_ok=True)
         if failed:
-            errors = self.directory / "files" / f"file-{bid}-errors.jsonl"
             await run_blocking(self.db.write_records, bid, errors, False)
+        if done:
+            self.add_file(f"{bid}_output.jsonl", "batch_output", output, out_id)
+        if failed:
             error_id = self.add_file(f"{bid}_errors.jsonl", "batch_output", errors, f"file-{bid}-errors")["id"]
+        end = {k: int(time.time()) if k.endswith("_at") else v for k, v in end.items()}  # it ends now, files made
         final = {**b, **end, "finalizing_at": now, "output_file_id": out_id, "error_file_id": error_id,
                  "request_counts": {"total": total, "completed": completed, "failed": failed}}
         final.pop("ending", None)

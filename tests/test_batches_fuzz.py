@@ -339,7 +339,6 @@ def test_a_custom_id_never_writes_its_own_text_into_a_log_line(tmp_path, monkeyp
     assert not [r for r in caplog.records if "FORGED" in r.getMessage() and "\n" in r.getMessage()]
 
 
-
 def test_cancelling_a_waiting_job_with_records_rewrites_its_output_off_the_event_loop_once(tmp_path, monkeypatch):
     """A job that waits its turn with requests already done (it ran before a restart) is ended by its cancel at
     once, and its output is rewritten from the database: on a thread, the service answering meanwhile (a second

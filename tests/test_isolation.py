@@ -281,7 +281,7 @@ def test_stream_yields_real_previews_for_those_who_asked(worker):
     assert np.abs(hook_images[-1][0].astype(int) - final.astype(int)).max() <= 1
 
 
-def test_a_streamed_calls_denoise_time_covers_its_final_check(worker, monkeypatch):
+def test_a_calls_denoise_time_covers_its_final_check(worker, monkeypatch):
     """The final check reads the last step's output, so it waits for the steps a GPU still runs after the loop
     launched them: that wait counts in ``denoise_s``, not between the stages (a slow check stands in for it here)."""
     real = StepHook.__call__
