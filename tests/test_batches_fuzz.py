@@ -252,12 +252,36 @@ def test_an_output_is_rewritten_from_the_database_without_holding_it_all_in_memo
     db.close()
 
 
+def held_rewrites(monkeypatch, hold):
+    """``JobDB.write_records`` watched: the files it wrote on the event loop (``on_loop``), and each call that
+    ``hold(batch_id, ok, entered)`` picks (``rewrites``) held until ``go`` is set, ``entered`` set as it starts."""
+    import threading
+
+    from orchestrator.batch_db import JobDB
+
+    entered, go, on_loop, rewrites = threading.Event(), threading.Event(), [], []
+    real = JobDB.write_records
+
+    def write_records(self, batch_id, path, ok=None):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(path.name)
+        except RuntimeError:  # no loop running here: a worker thread
+            pass
+        if hold(batch_id, ok, entered.is_set()):
+            rewrites.append((path.name, ok))
+            entered.set()
+            go.wait(10)
+        return real(self, batch_id, path, ok)
+
+    monkeypatch.setattr(JobDB, "write_records", write_records)
+    return entered, go, on_loop, rewrites
+
+
 def test_a_resumed_jobs_output_is_rewritten_off_the_event_loop_and_a_cancel_meanwhile_ends_it(tmp_path, monkeypatch):
     """A job resumed after a restart first rewrites its output from its records (gigabytes for a large one): that
     used to run on the event loop, every request waiting for it. A cancel that comes meanwhile ends the job before
     it takes a line."""
-    import threading
-
     from test_batch_edge_cases import raw_line, seed_batch
 
     from orchestrator.batch_db import JobDB
@@ -269,21 +293,7 @@ def test_a_resumed_jobs_output_is_rewritten_off_the_event_loop_and_a_cancel_mean
     db.record("batch_resumed", "c1", 1, True, False, 0.1, {"custom_id": "c1", "response": None, "error": None})
     db.commit()
     db.close()
-    entered, go, on_loop = threading.Event(), threading.Event(), []
-    real = JobDB.write_records
-
-    def write_records(self, batch_id, path, ok=None):
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(path.name)
-        except RuntimeError:  # no loop running here: a worker thread
-            pass
-        if ok is None and not entered.is_set():
-            entered.set()
-            go.wait(10)
-        return real(self, batch_id, path, ok)
-
-    monkeypatch.setattr(JobDB, "write_records", write_records)
+    entered, go, on_loop, _ = held_rewrites(monkeypatch, lambda batch_id, ok, entered: ok is None and not entered)
     backend = TimedBackend(2)
     with serve(tmp_path, backend) as s:
         try:
@@ -358,22 +368,7 @@ def test_cancelling_a_waiting_job_with_records_rewrites_its_output_off_the_event
     db.record("batch_waits", "c1", 1, True, False, 0.1, {"custom_id": "c1", "response": None, "error": None})
     db.commit()
     db.close()
-    entered, go, on_loop, rewrites = threading.Event(), threading.Event(), [], []
-    real = JobDB.write_records
-
-    def write_records(self, batch_id, path, ok=None):
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(path.name)
-        except RuntimeError:  # no loop running here: a worker thread
-            pass
-        if batch_id == "batch_waits":
-            rewrites.append((path.name, ok))
-            entered.set()
-            go.wait(10)
-        return real(self, batch_id, path, ok)
-
-    monkeypatch.setattr(JobDB, "write_records", write_records)
+    entered, go, on_loop, rewrites = held_rewrites(monkeypatch, lambda batch_id, ok, entered: batch_id == "batch_waits")
     with serve(tmp_path, TimedBackend(2, base_s=0.01, per_image_s=0.01)) as s:
         cancel = f"{s.url}/v1/batches/batch_waits/cancel"
         answers = {}
