@@ -7,8 +7,7 @@ impossible to record: a line that is not a JSON object, a string in it that is n
 such as ``"\\ud800"``: SQLite and the UTF-8 output cannot hold it), a missing or repeated ``custom_id``, a method
 other than POST, a ``url`` not batched here, a body that is not an object, or too many lines. A body's own fields
 are checked when its line runs, as the HTTP API checks them, so a bad body fails that line alone. The fields of a
-``POST /v1/batches`` body that bound what a client may store (``metadata``, ``output_expires_after``) are checked
-here too."""
+``POST /v1/batches`` body are checked here too (``check_batch_body``)."""
 
 from __future__ import annotations
 
